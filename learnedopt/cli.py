@@ -1,0 +1,53 @@
+"""The ``learnedopt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .weights import PRESETS
+
+    for preset in PRESETS.values():
+        state = "trained" if preset.file else "untrained"
+        print(f"{preset.name:18s} {preset.kind:15s} {state:10s} {preset.description}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="learnedopt",
+        description="Learned optimizers for PyTorch: coordinatewise LSTM optimizers and meta-learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"learnedopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    presets = sub.add_parser("presets", help="list the named update rules and whether they are trained")
+    presets.set_defaults(func=_presets)
+    demo = sub.add_parser("demo", help="train a small model with the learned optimizers beside Adam")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

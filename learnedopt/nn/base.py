@@ -1,0 +1,88 @@
+"""The interface every coordinatewise update rule implements."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Shape of one per-coordinate state tensor: ``(*lead, n, *trail)`` for ``n`` coordinates.
+
+    The coordinate dimension is always ``len(lead)``; every rule in this library uses a single
+    leading dimension, so per-parameter states are slices ``buffer[:, start:stop]`` of a flat buffer.
+    """
+
+    lead: tuple[int, ...]
+    trail: tuple[int, ...] = ()
+
+    def shape(self, n: int) -> tuple[int, ...]:
+        return (*self.lead, n, *self.trail)
+
+
+State = dict[str, Tensor]
+
+
+class UpdateRule(nn.Module):
+    """A coordinatewise learned update rule: one small network shared by every parameter element.
+
+    Subclasses hold the meta-parameters as ``nn.Parameter``s and implement :meth:`forward` as pure
+    math on a batch of coordinates. They know nothing of optimizers: the caller owns the states.
+    """
+
+    #: Name used in weight files.
+    kind: ClassVar[str]
+    #: Whether :meth:`forward` needs the optimizee's loss.
+    needs_loss: ClassVar[bool] = False
+    #: The architecture dataclass of this rule.
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def config_dict(self) -> dict[str, Any]:
+        """The architecture as plain JSON-serialisable values."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
+
+    @classmethod
+    def from_config_dict(cls, values: dict[str, Any]) -> "UpdateRule":
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config keys: {sorted(unknown)}")
+        coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(cls.config_class(**coerced))
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        """Name and shape of each per-coordinate state tensor."""
+        raise NotImplementedError
+
+    def init_state(self, n: int, *, dtype: torch.dtype, device: torch.device | str) -> State:
+        """Fresh states for ``n`` coordinates (zeros)."""
+        return {
+            name: torch.zeros(spec.shape(n), dtype=dtype, device=device)
+            for name, spec in self.state_spec().items()
+        }
+
+    def forward(  # type: ignore[override]
+        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """Compute the step for a batch of coordinates.
+
+        Args:
+            grad: ``(n,)`` gradient of each coordinate.
+            param: ``(n,)`` current value of each coordinate.
+            state: per-coordinate states shaped as :meth:`state_spec` says, for the same ``n``.
+            loss: scalar optimizee loss, for rules with ``needs_loss``.
+
+        Returns:
+            ``(step, new_state)``: ``step`` is ``(n,)``, the change to add to the parameter; the
+            new state has the same names and shapes. Inputs are not modified.
+        """
+        raise NotImplementedError

@@ -1,0 +1,175 @@
+"""The coordinatewise LSTM optimizer of Andrychowicz et al. (2016),
+"Learning to learn by gradient descent by gradient descent"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import State, StateSpec, UpdateRule
+from .functional import lstm_cell, preprocess
+
+
+@dataclass(frozen=True)
+class CoordinateLSTMConfig:
+    """Architecture of :class:`CoordinateLSTM`. The defaults are the paper's.
+
+    Attributes:
+        hidden_size: LSTM hidden units per layer (20).
+        num_layers: stacked LSTM layers (2).
+        preprocess_p: gradient preprocessing constant ``p`` (10).
+        output_scale: the linear head's output is multiplied by this (0.1).
+        momentum_decays: extra inputs: the preprocessed exponential moving average of the
+            gradient at each of these decays (none in the paper).
+        rms_decays: extra inputs: the gradient divided by the root of its exponential moving
+            second moment at each of these decays (none in the paper).
+        param_input: extra input: the parameter value itself.
+    """
+
+    hidden_size: int = 20
+    num_layers: int = 2
+    preprocess_p: float = 10.0
+    output_scale: float = 0.1
+    momentum_decays: tuple[float, ...] = ()
+    rms_decays: tuple[float, ...] = ()
+    param_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ValueError(f"hidden_size and num_layers must be >= 1, got {self}")
+        if self.preprocess_p <= 0:
+            raise ValueError(f"preprocess_p must be positive, got {self.preprocess_p}")
+        for beta in (*self.momentum_decays, *self.rms_decays):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"decays must be in [0, 1), got {beta}")
+
+    @property
+    def num_inputs(self) -> int:
+        return 2 + 2 * len(self.momentum_decays) + len(self.rms_decays) + int(self.param_input)
+
+
+_RMS_EPS = 1e-8
+
+
+class CoordinateLSTM(UpdateRule):
+    """A stack of LSTM cells shared by every coordinate, then a linear head.
+
+    ``step = output_scale * (W_out h_top + b_out)``; the optimizer adds ``lr * step`` to the
+    parameter. Per-coordinate state: ``h`` and ``c`` of shape ``(num_layers, n, hidden_size)``,
+    plus ``m`` ``(len(momentum_decays), n)`` and ``v`` ``(len(rms_decays), n)`` when those
+    features are on.
+
+    A fresh module is initialised by :meth:`reset_parameters` (see there) so that, untrained, it
+    already behaves as sign descent with momentum rather than as a random rule.
+    """
+
+    kind = "CoordinateLSTM"
+    config_class = CoordinateLSTMConfig
+
+    def __init__(self, config: CoordinateLSTMConfig | None = None, **overrides) -> None:
+        if config is None:
+            config = CoordinateLSTMConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a config or keyword overrides, not both")
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.weight_ih = nn.ParameterList()
+        self.weight_hh = nn.ParameterList()
+        self.bias = nn.ParameterList()
+        for layer in range(config.num_layers):
+            inputs = config.num_inputs if layer == 0 else hidden
+            self.weight_ih.append(nn.Parameter(torch.empty(4 * hidden, inputs)))
+            self.weight_hh.append(nn.Parameter(torch.empty(4 * hidden, hidden)))
+            self.bias.append(nn.Parameter(torch.empty(4 * hidden)))
+        self.weight_out = nn.Parameter(torch.empty(1, hidden))
+        self.bias_out = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None, lr: float = 0.01) -> None:
+        """Initialise as sign descent with momentum, plus small random weights elsewhere.
+
+        Hidden unit 0 of layer 0 keeps an exponential average (forget gate sigmoid(2.2) = 0.9) of
+        ``tanh(2 sign g)``; unit 0 of each later layer squashes the unit below; the head reads unit
+        0 only, scaled so the step is about ``-lr * sign(momentum)``. The other units start with
+        PyTorch's usual LSTM init, U(-1/sqrt(H), 1/sqrt(H)), and do not reach the output until
+        meta-training moves the head. Deterministic for a given ``generator``.
+        """
+        hidden = self.config.hidden_size
+        bound = 1.0 / math.sqrt(hidden)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.uniform_(-bound, bound, generator=generator)
+            i, f, o, g = 0, hidden, 2 * hidden, 3 * hidden  # row of unit 0 in each gate block
+            for layer in range(self.config.num_layers):
+                w_ih, w_hh, b = self.weight_ih[layer], self.weight_hh[layer], self.bias[layer]
+                for row in (i, f, o, g):
+                    w_ih[row].zero_()
+                    w_hh[row].zero_()
+                b[i], b[o] = 5.0, 5.0
+                b[f] = math.log(0.9 / 0.1) if layer == 0 else -5.0
+                b[g] = 0.0
+                # layer 0 reads sign(g) (feature 1); later layers read unit 0 below
+                w_ih[g, 1 if layer == 0 else 0] = 2.0
+            # steady-state |h_top| under a gradient of constant sign, to calibrate the head
+            sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+            top = sig(5.0) * math.tanh(sig(5.0) * math.tanh(2.0) / (1.0 - 0.9))
+            for _ in range(1, self.config.num_layers):
+                top = sig(5.0) * math.tanh(sig(5.0) * math.tanh(2.0 * top) / (1.0 - sig(-5.0)))
+            self.weight_out.zero_()
+            self.weight_out[0, 0] = -lr / (self.config.output_scale * top)
+            self.bias_out.zero_()
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        cfg = self.config
+        spec = {
+            "h": StateSpec((cfg.num_layers,), (cfg.hidden_size,)),
+            "c": StateSpec((cfg.num_layers,), (cfg.hidden_size,)),
+        }
+        if cfg.momentum_decays:
+            spec["m"] = StateSpec((len(cfg.momentum_decays),))
+        if cfg.rms_decays:
+            spec["v"] = StateSpec((len(cfg.rms_decays),))
+        return spec
+
+    def _features(self, grad: Tensor, param: Tensor, state: State) -> tuple[Tensor, State]:
+        """Input features ``(n, num_inputs)`` and the updated moment states."""
+        cfg = self.config
+        features = [preprocess(grad, cfg.preprocess_p)]
+        new_state: State = {}
+        if cfg.momentum_decays:
+            betas = grad.new_tensor(cfg.momentum_decays).unsqueeze(1)
+            m = torch.lerp(grad.unsqueeze(0), state["m"], betas)
+            new_state["m"] = m
+            features += [preprocess(row, cfg.preprocess_p) for row in m]
+        if cfg.rms_decays:
+            betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
+            v = torch.lerp(grad.square().unsqueeze(0), state["v"], betas)
+            new_state["v"] = v
+            features.append((grad / (v.sqrt() + _RMS_EPS)).t())
+        if cfg.param_input:
+            features.append(param.unsqueeze(1))
+        return torch.cat(features, dim=1), new_state
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        x, new_state = self._features(grad, param, state)
+        hs, cs = [], []
+        for layer in range(self.config.num_layers):
+            x, c = lstm_cell(
+                x,
+                state["h"][layer],
+                state["c"][layer],
+                self.weight_ih[layer],
+                self.weight_hh[layer],
+                self.bias[layer],
+            )
+            hs.append(x)
+            cs.append(c)
+        step = torch.addmm(self.bias_out, x, self.weight_out.t()).squeeze(1) * self.config.output_scale
+        new_state["h"] = torch.stack(hs)
+        new_state["c"] = torch.stack(cs)
+        return step, new_state

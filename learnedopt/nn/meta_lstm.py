@@ -1,0 +1,104 @@
+"""The meta-learner LSTM of Ravi & Larochelle (2017), "Optimization as a Model for Few-Shot
+Learning": an LSTM whose cell state is the parameter itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import State, StateSpec, UpdateRule
+from .functional import lstm_cell, preprocess
+
+
+@dataclass(frozen=True)
+class MetaLSTMConfig:
+    """Architecture of :class:`MetaLSTMCell`. The defaults are the paper's.
+
+    Attributes:
+        hidden_size: hidden units of the first, input LSTM (20).
+        preprocess_p: preprocessing constant for the gradient and loss inputs (10).
+    """
+
+    hidden_size: int = 20
+    preprocess_p: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
+        if self.preprocess_p <= 0:
+            raise ValueError(f"preprocess_p must be positive, got {self.preprocess_p}")
+
+
+class MetaLSTMCell(UpdateRule):
+    """Ravi & Larochelle's meta-learner, shared by every coordinate.
+
+    A first LSTM (hidden ``H``) reads the preprocessed gradient and loss, ``(n, 4)``; its hidden
+    state ``x_t`` drives the meta-learner cell::
+
+        f_t = sigmoid(W_f . [x_t, theta_{t-1}, f_{t-1}] + b_f)     # learned decay
+        i_t = sigmoid(W_i . [x_t, theta_{t-1}, i_{t-1}] + b_i)     # learned step size
+        theta_t = f_t * theta_{t-1} - i_t * grad
+
+    :meth:`forward` returns ``step = theta_t - theta_{t-1}``. Per-coordinate state: ``h``, ``c``
+    of shape ``(1, n, H)`` for the first LSTM and ``fi`` ``(2, n)`` holding ``f_{t-1}, i_{t-1}``.
+    Initialised as in the paper so that it starts as plain gradient descent: forget bias
+    U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), cell weights U(-0.01, 0.01).
+    """
+
+    kind = "MetaLSTMCell"
+    needs_loss = True
+    config_class = MetaLSTMConfig
+
+    def __init__(self, config: MetaLSTMConfig | None = None, **overrides) -> None:
+        if config is None:
+            config = MetaLSTMConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a config or keyword overrides, not both")
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden, 4))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+        self.bias = nn.Parameter(torch.empty(4 * hidden))
+        # rows: forget gate, input gate; columns: x_t (H), theta_{t-1}, previous gate value
+        self.weight_fi = nn.Parameter(torch.empty(2, hidden + 2))
+        self.bias_fi = nn.Parameter(torch.empty(2))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The paper's initialisation (see the class docstring). Deterministic for a generator."""
+        bound = 1.0 / math.sqrt(self.config.hidden_size)
+        with torch.no_grad():
+            for param in (self.weight_ih, self.weight_hh, self.bias):
+                param.uniform_(-bound, bound, generator=generator)
+            self.weight_fi.uniform_(-0.01, 0.01, generator=generator)
+            self.bias_fi[0].uniform_(4.0, 6.0, generator=generator)
+            self.bias_fi[1].uniform_(-5.0, -4.0, generator=generator)
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        hidden = self.config.hidden_size
+        return {
+            "h": StateSpec((1,), (hidden,)),
+            "c": StateSpec((1,), (hidden,)),
+            "fi": StateSpec((2,)),
+        }
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        if loss is None:
+            raise ValueError("MetaLSTMCell needs the optimizee's loss")
+        p = self.config.preprocess_p
+        loss_features = preprocess(loss.reshape(1).to(grad.dtype), p)
+        x = torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
+        h, c = lstm_cell(x, state["h"][0], state["c"][0], self.weight_ih, self.weight_hh, self.bias)
+        hidden = self.config.hidden_size
+        # gate pre-activations: x_t part by one product, then the two per-row scalar terms
+        pre = torch.addmm(self.bias_fi, h, self.weight_fi[:, :hidden].t())
+        pre = pre + param.unsqueeze(1) * self.weight_fi[:, hidden] + state["fi"].t() * self.weight_fi[:, hidden + 1]
+        fi = torch.sigmoid(pre)
+        forget, input_gate = fi[:, 0], fi[:, 1]
+        step = (forget - 1.0) * param - input_gate * grad
+        return step, {"h": h.unsqueeze(0), "c": c.unsqueeze(0), "fi": fi.t()}

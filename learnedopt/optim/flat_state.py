@@ -1,0 +1,76 @@
+"""Flat state buffers: the per-parameter states of many tensors as slices of one buffer.
+
+The batched update (:func:`learnedopt.optim.update.flat_update_`) wants the states of all
+coordinates of a parameter group contiguous, so that one matrix product covers many tensors
+without gathering. ``optimizer.state[p][name]`` stays the per-parameter tensor that
+``state_dict()`` saves: it is a view into the buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..nn import State, UpdateRule
+
+
+class FlatState:
+    """Flat buffers holding the states of ``members`` in order.
+
+    Existing per-parameter states are copied in; parameters without state get the rule's initial
+    state. Afterwards ``state[p][name]`` is ``buffers[name][:, offset:offset + numel]``.
+    """
+
+    def __init__(
+        self,
+        rule: UpdateRule,
+        members: Sequence[Tensor],
+        state: MutableMapping[Tensor, dict[str, Any]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.members = list(members)
+        self.dtype = dtype
+        self.offsets: list[int] = []
+        total = 0
+        for p in self.members:
+            self.offsets.append(total)
+            total += p.numel()
+        self.buffers: State = {
+            name: torch.empty(spec.shape(total), dtype=dtype, device=device)
+            for name, spec in rule.state_spec().items()
+        }
+        self.index = {id(p): i for i, p in enumerate(self.members)}
+        for p, offset in zip(self.members, self.offsets, strict=True):
+            previous = state[p]
+            initial = None if all(k in previous for k in self.buffers) else rule.init_state(p.numel(), dtype=dtype, device=device)
+            for name, buf in self.buffers.items():
+                view = buf[:, offset : offset + p.numel()]
+                view.copy_(previous[name] if initial is None else initial[name])
+                previous[name] = view
+
+    def is_current(
+        self, members: Sequence[Tensor], state: MutableMapping[Tensor, dict[str, Any]], dtype: torch.dtype
+    ) -> bool:
+        """Whether these buffers still back exactly ``members``' states (nothing replaced them)."""
+        if dtype != self.dtype or len(members) != len(self.members):
+            return False
+        for p, q, offset in zip(members, self.members, self.offsets, strict=True):
+            if p is not q:
+                return False
+            entry = state.get(p)
+            if entry is None:
+                return False
+            for name, buf in self.buffers.items():
+                view = entry.get(name)
+                if not (
+                    isinstance(view, Tensor)
+                    and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                    and view.storage_offset() == offset * buf.stride(1)
+                    and view.shape == buf[:, offset : offset + p.numel()].shape
+                ):
+                    return False
+        return True

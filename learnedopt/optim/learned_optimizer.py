@@ -1,0 +1,329 @@
+"""``LearnedOptimizer``: the ``torch.optim.Optimizer`` that runs a coordinatewise update rule.
+
+It owns what ``torch.optim`` optimizers own (param groups, per-parameter state, ``state_dict``)
+and dispatches each step to the batched PyTorch path, the per-tensor reference, or (later) a
+fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import kernels
+from ..nn import UpdateRule
+from ..weights import fingerprint, resolve_weights
+from .flat_state import FlatState
+from .update import DEFAULT_CHUNK, flat_update_, single_tensor_update_
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+NAN_POLICIES = ("raise", "skip")
+BACKENDS = ("auto", "torch", "triton")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient (or the loss) holds NaN or Inf under ``nan_policy="raise"``."""
+
+
+class LearnedOptimizer(Optimizer):
+    """Base class of the learned optimizers; subclasses choose the update rule kind.
+
+    Per-group options (all may differ between param groups):
+        lr: multiplier of the learned step, ``param += lr * step``. The default 1.0 takes the
+            step the weights were meta-trained to take; 0 leaves parameters unchanged while the
+            rule's states still advance (so warm-up schedules that start at 0 work). LR schedulers
+            from ``torch.optim.lr_scheduler`` scale it like any learning rate.
+        maximize: ascend instead of descend.
+        state_dtype: dtype of the per-coordinate states (float32 default; bfloat16 halves their
+            memory), independent of the parameter dtype.
+        nan_policy: on a NaN/Inf gradient, ``"raise"`` raises :class:`NonFiniteGradientError`
+            naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
+            state unchanged this step.
+        backend: ``"torch"``, ``"triton"`` (fused kernels) or ``"auto"`` (Triton on CUDA when
+            available, else torch).
+        foreach: None or True for the batched path over all coordinates of a group, False for the
+            per-tensor reference.
+    """
+
+    rule_kind: ClassVar[str]
+    default_preset: ClassVar[str]
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        weights: str | os.PathLike | UpdateRule | None = None,
+        *,
+        lr: float = 1.0,
+        maximize: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        nan_policy: str = "raise",
+        backend: str = "auto",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            maximize=maximize,
+            state_dtype=state_dtype,
+            nan_policy=nan_policy,
+            backend=backend,
+            foreach=foreach,
+        )
+        _validate_options(defaults)
+        self.rule, self.weights_header = resolve_weights(
+            weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
+        )
+        self.rule.requires_grad_(False)
+        self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
+        self._flat_states: dict[tuple[int, torch.device, torch.dtype], FlatState] = {}
+        self.chunk = DEFAULT_CHUNK
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- torch.optim protocol
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_options(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters "
+                    f"(got a {p.dtype} tensor of shape {tuple(p.shape)}); optimise "
+                    "torch.view_as_real(param) as a real parameter instead"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_rule_copies", {})
+        self.__dict__.setdefault("_flat_states", {})
+        self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus ``"learned_rule"``: the kind, architecture and weight
+        hash of the update rule, checked by :meth:`load_state_dict`."""
+        state_dict = super().state_dict()
+        state_dict["learned_rule"] = fingerprint(self.rule)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; continues bit-identically.
+
+        Unlike the base class, per-coordinate states keep their saved dtype (``state_dtype``) rather
+        than being cast to the parameter dtype, and their names and shapes are checked against the
+        update rule.
+        """
+        saved_rule = state_dict.get("learned_rule")
+        if saved_rule is not None and saved_rule != fingerprint(self.rule):
+            raise ValueError(
+                f"this state was saved by an optimizer with other weights ({saved_rule['kind']}, "
+                f"sha256 {saved_rule['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
+                f"{fingerprint(self.rule)['sha256'][:12]}...); construct it with the same weights"
+            )
+        saved_state = state_dict["state"]
+        base = {k: v for k, v in state_dict.items() if k not in ("state", "learned_rule")}
+        super().load_state_dict({**base, "state": {}})
+        index_to_param = {
+            index: param
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True)
+            for index, param in zip(saved_group["params"], group["params"], strict=True)
+        }
+        spec = self.rule.state_spec()
+        for index, saved in saved_state.items():
+            param = index_to_param[index]
+            expected = {name: s.shape(param.numel()) for name, s in spec.items()}
+            got = {name: tuple(saved[name].shape) for name in expected if name in saved}
+            if got != expected:
+                raise ValueError(
+                    f"saved state of parameter {index} has {got}, expected {expected} for a "
+                    f"{tuple(param.shape)} parameter under {self.rule.kind} {self.rule.config_dict()}"
+                )
+            self.state[param] = {
+                name: value.detach().to(param.device).clone() if isinstance(value, Tensor) else value
+                for name, value in saved.items()
+            }
+        self._flat_states.clear()
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | float | None = None):
+        """Perform one optimisation step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
+            loss: the current loss, for rules that read it, when no closure is given.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        rule_loss = self._rule_loss(loss if loss is not None else closure_loss)
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, plans, strict=True)):
+            if params:
+                self._update_group(index, group, params, grads, rule_loss)
+        return closure_loss
+
+    def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
+        if not self.rule.needs_loss:
+            return None
+        if loss is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs the loss: call step(closure) with a closure that "
+                "returns it, or step(loss=loss)"
+            )
+        loss = torch.as_tensor(loss).detach()
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+        if not torch.isfinite(loss).all():
+            raise NonFiniteGradientError(f"the loss given to {type(self).__name__}.step is {loss.item()}")
+        return loss.reshape(())
+
+    def _plan(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters to update in a group and their gradients, after every input check."""
+        params, grads, positions = [], [], []
+        for position, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"({self._param_name(index, group, position)}); use a dense embedding gradient"
+                )
+            params.append(p)
+            grads.append(p.grad)
+            positions.append(position)
+        if not grads:
+            return params, grads
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()
+        if all(finite):
+            return params, grads
+        bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
+        if group["nan_policy"] == "raise":
+            raise NonFiniteGradientError(
+                f"the gradient of {self._param_name(index, group, bad[0])} contains NaN or Inf "
+                f"({len(bad)} parameter(s) affected); nan_policy='raise', so no parameter or state "
+                "was changed. Use nan_policy='skip' to skip such tensors."
+            )
+        keep = [i for i, ok in enumerate(finite) if ok]
+        return [params[i] for i in keep], [grads[i] for i in keep]
+
+    @staticmethod
+    def _param_name(index: int, group: dict[str, Any], position: int) -> str:
+        names = group.get("param_names")
+        shape = tuple(group["params"][position].shape)
+        if names:
+            return f"parameter {names[position]!r} (shape {shape})"
+        return f"param_groups[{index}]['params'][{position}] (shape {shape})"
+
+    def _update_group(
+        self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], loss: Tensor | None
+    ) -> None:
+        if _use_triton(group["backend"], params):
+            raise NotImplementedError("the fused Triton backend is not implemented yet")
+        state_dtype = group["state_dtype"]
+        partitions: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for p, g in zip(params, grads, strict=True):
+            bucket = partitions.setdefault((p.device, _compute_dtype(p)), ([], []))
+            bucket[0].append(p)
+            bucket[1].append(g)
+        for (device, compute_dtype), (ps, gs) in partitions.items():
+            rule = self._rule_on(device, compute_dtype)
+            lr = float(group["lr"])
+            loss_here = None if loss is None else loss.to(device, compute_dtype)
+            common = dict(lr=lr, loss=loss_here, maximize=group["maximize"], compute_dtype=compute_dtype)
+            if group["foreach"] is False:
+                states = [self._state_of(p, state_dtype) for p in ps]
+                single_tensor_update_(rule, ps, gs, states, **common)
+            else:
+                flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
+                order = sorted(range(len(ps)), key=lambda i: flat.index[id(ps[i])])
+                flat_update_(
+                    rule,
+                    [ps[i] for i in order],
+                    [gs[i] for i in order],
+                    flat.buffers,
+                    [flat.offsets[flat.index[id(ps[i])]] for i in order],
+                    chunk=self.chunk,
+                    **common,
+                )
+            steps = [self.state[p]["step"] for p in ps]
+            torch._foreach_add_(steps, 1.0)
+
+    def _state_of(self, p: Tensor, state_dtype: torch.dtype) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state.update(self.rule.init_state(p.numel(), dtype=state_dtype, device=p.device))
+        return state
+
+    def _flat_state(
+        self, index: int, group: dict[str, Any], device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype
+    ) -> FlatState:
+        """The group's flat buffers for one (device, compute dtype), rebuilt when stale."""
+        members = [
+            p
+            for p in group["params"]
+            if p.device == device and _compute_dtype(p) == compute_dtype and (p.grad is not None or p in self.state)
+        ]
+        for p in members:
+            self.state[p].setdefault("step", torch.tensor(0.0))
+        key = (index, device, compute_dtype)
+        flat = self._flat_states.get(key)
+        if flat is None or not flat.is_current(members, self.state, state_dtype):
+            flat = FlatState(self.rule, members, self.state, state_dtype, device)
+            self._flat_states[key] = flat
+        return flat
+
+    def _rule_on(self, device: torch.device, dtype: torch.dtype) -> UpdateRule:
+        """The update rule with its weights on ``device`` in ``dtype`` (cached copies)."""
+        first = next(self.rule.parameters())
+        if first.device == device and first.dtype == dtype:
+            return self.rule
+        key = (device, dtype)
+        if key not in self._rule_copies:
+            import copy
+
+            self._rule_copies[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype)
+        return self._rule_copies[key]
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _use_triton(backend: str, params: list[Tensor]) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return kernels.FUSED_UPDATES_AVAILABLE and all(p.is_cuda for p in params)
+
+
+def _validate_options(options: dict[str, Any]) -> None:
+    lr = options["lr"]
+    if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
+        raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
+    if options["state_dtype"] not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {options['state_dtype']} (choose from {STATE_DTYPES})")
+    if options["nan_policy"] not in NAN_POLICIES:
+        raise ValueError(f"Invalid nan_policy: {options['nan_policy']!r} (choose from {NAN_POLICIES})")
+    if options["backend"] not in BACKENDS:
+        raise ValueError(f"Invalid backend: {options['backend']!r} (choose from {BACKENDS})")
+    if options["backend"] == "triton" and not kernels.FUSED_UPDATES_AVAILABLE:
+        raise ValueError(
+            "backend='triton' is not available: the fused Triton kernels are not part of this "
+            "version yet; use backend='torch' or 'auto'"
+        )
+    if options["foreach"] not in (None, True, False):
+        raise ValueError(f"Invalid foreach: {options['foreach']!r} (None, True or False)")

@@ -1,0 +1,29 @@
+"""``MetaLSTMOptimizer``: the meta-learner LSTM of Ravi & Larochelle (2017) as an optimizer."""
+
+from __future__ import annotations
+
+from ..nn import MetaLSTMCell
+from .learned_optimizer import LearnedOptimizer
+
+
+class MetaLSTMOptimizer(LearnedOptimizer):
+    """An optimizer whose update is ``theta <- f * theta - i * grad`` with learned, per-coordinate
+    forget (decay) and input (step-size) gates.
+
+    The rule reads the loss, so pass it: ``optimizer.step(closure)`` with a closure that returns
+    the loss, or ``optimizer.step(loss=loss)``; a step without either raises ValueError.
+
+    Args:
+        params: parameters or param groups.
+        weights: a preset name, a weight file path or a :class:`~learnedopt.nn.MetaLSTMCell`.
+        lr, maximize, state_dtype, nan_policy, backend, foreach: see
+            :class:`~learnedopt.optim.learned_optimizer.LearnedOptimizer`; ``lr`` scales the
+            learned change ``theta_t - theta_{t-1}``.
+
+    Per-parameter state: ``step``, the input LSTM's ``h``, ``c`` of shape
+    ``(1, param.numel(), hidden_size)`` and ``fi`` ``(2, param.numel())``, the previous forget
+    and input gates.
+    """
+
+    rule_kind = MetaLSTMCell.kind
+    default_preset = "meta-lstm-2017"

@@ -1,0 +1,124 @@
+"""Functional learned updates, in the style of ``torch.optim.adam``'s ``_single_tensor_adam`` /
+``_multi_tensor_adam``: the optimizer classes own state and dispatch, these functions do the step.
+
+Both functions apply ``param += lr * step`` where ``step`` is the update rule's output, run the
+rule in ``compute_dtype`` whatever the parameter and state dtypes, and write the new states back
+in their storage dtype. They are meant to run under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..nn import State, UpdateRule
+
+#: Coordinates per chunk in the batched path: small enough that one chunk's gate temporaries
+#: (4 x hidden values per coordinate) stay in cache, large enough to amortise op overheads.
+DEFAULT_CHUNK = 2048
+
+
+def _signed(grad: Tensor, maximize: bool) -> Tensor:
+    return -grad if maximize else grad
+
+
+def single_tensor_update_(
+    rule: UpdateRule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[State],
+    *,
+    lr: float,
+    loss: Tensor | None,
+    maximize: bool,
+    compute_dtype: torch.dtype,
+) -> None:
+    """The plain reference: run the rule on each parameter tensor separately.
+
+    Args:
+        params, grads: parameter tensors (any shape, any strides) and their dense gradients.
+        states: for each parameter, the rule's states of shape ``spec.shape(param.numel())``;
+            updated in place.
+        lr: multiplier of the learned step (0 leaves the parameters unchanged).
+        loss: scalar optimizee loss for rules that need it.
+    """
+    names = list(rule.state_spec())
+    for param, grad, state in zip(params, grads, states, strict=True):
+        g = _signed(grad, maximize).reshape(-1).to(compute_dtype)
+        p = param.detach().reshape(-1).to(compute_dtype)
+        step, new_state = rule(g, p, {k: state[k].to(compute_dtype) for k in names}, loss)
+        for k in names:
+            state[k].copy_(new_state[k])
+        param.add_(step.view(param.shape), alpha=lr)
+
+
+def flat_update_(
+    rule: UpdateRule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: State,
+    offsets: Sequence[int],
+    *,
+    lr: float,
+    loss: Tensor | None,
+    maximize: bool,
+    compute_dtype: torch.dtype,
+    chunk: int = DEFAULT_CHUNK,
+) -> None:
+    """The batched path: run the rule over all coordinates of many tensors in cache-sized chunks.
+
+    The states of all tensors live in flat buffers: ``buffers[name]`` has shape
+    ``spec.shape(N)`` and parameter ``i``'s state is ``buffers[name][:, offsets[i]:offsets[i] +
+    params[i].numel()]``. Parameters adjacent in the buffer are processed as one run, so each LSTM
+    layer is one matrix product per chunk however many tensors a chunk spans.
+
+    Args:
+        params, grads: in increasing ``offsets`` order; gaps between them (parameters skipped this
+            step) are left untouched.
+        buffers, offsets: the flat states, updated in place.
+        chunk: coordinates per chunk.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    for run in _runs(params, offsets):
+        start = offsets[run[0]]
+        sizes = [params[i].numel() for i in run]
+        total = sum(sizes)
+        if total == 0:
+            continue
+        g = _flatten([_signed(grads[i], maximize) for i in run], compute_dtype)
+        p = _flatten([params[i].detach() for i in run], compute_dtype)
+        step = torch.empty(total, dtype=compute_dtype, device=g.device)
+        for a in range(0, total, chunk):
+            b = min(a + chunk, total)
+            views = {k: buf[:, start + a : start + b] for k, buf in buffers.items()}
+            s, new_state = rule(g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss)
+            for k, v in views.items():
+                v.copy_(new_state[k])
+            step[a:b] = s
+        for i, piece in zip(run, step.split(sizes), strict=True):
+            params[i].add_(piece.view(params[i].shape), alpha=lr)
+
+
+def _runs(params: Sequence[Tensor], offsets: Sequence[int]) -> list[list[int]]:
+    """Indices of parameters grouped into runs that are contiguous in the flat buffers."""
+    runs: list[list[int]] = []
+    end = None
+    for i, (param, offset) in enumerate(zip(params, offsets, strict=True)):
+        if end is not None and offset < end:
+            raise ValueError("parameters must be given in increasing, non-overlapping offset order")
+        if end == offset and runs:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        end = offset + param.numel()
+    return runs
+
+
+def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """One contiguous ``(sum numel,)`` vector; a view (no copy) when there is nothing to gather."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).to(dtype)
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])

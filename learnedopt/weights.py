@@ -1,0 +1,238 @@
+"""Saving, loading and naming the meta-parameters of update rules.
+
+A weight file is a safetensors file (no pickle: loading never executes code) whose metadata holds
+one JSON header under the key ``"learnedopt"``::
+
+    {"format": 1, "kind": "CoordinateLSTM", "config": {...}, "preset": "l2l-2016" | null,
+     "library_version": "0.1.0", "trained_on": "..." | null, "trained": true | false, ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
+
+FORMAT_VERSION = 1
+_HEADER_KEY = "learnedopt"
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """The chosen update rule has not been meta-trained."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named update rule: its architecture and, when trained, its shipped weight file.
+
+    Attributes:
+        name: what ``weights=`` accepts.
+        kind: the update rule class (``UpdateRule.kind``).
+        config: architecture overrides for that class.
+        file: file name in ``learnedopt/pretrained/``, or None for an untrained rule built by the
+            class's deterministic initialisation (seeded with ``seed``).
+        description: one line for ``learnedopt presets``.
+    """
+
+    name: str
+    kind: str
+    config: dict[str, Any]
+    description: str
+    file: str | None = None
+    seed: int = 0
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "l2l-2016",
+            CoordinateLSTM.kind,
+            {},
+            "Andrychowicz et al. 2016: 2-layer LSTM, hidden 20, p=10, output scale 0.1. "
+            "Untrained: initialised as sign descent with momentum (lr 0.01).",
+        ),
+        Preset(
+            "meta-lstm-2017",
+            MetaLSTMCell.kind,
+            {},
+            "Ravi & Larochelle 2017 meta-learner, hidden 20. Untrained: the paper's "
+            "initialisation, which acts as gradient descent with step ~0.01.",
+        ),
+    )
+}
+
+
+def library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_weights(
+    rule: UpdateRule,
+    path: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    trained_on: str | None = None,
+    trained: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``rule``'s meta-parameters and architecture to a safetensors file.
+
+    The write is atomic (a temporary file renamed into place), so a killed process never leaves a
+    half-written file under ``path``.
+    """
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": rule.kind,
+        "config": rule.config_dict(),
+        "preset": preset,
+        "library_version": library_version(),
+        "trained_on": trained_on,
+        "trained": trained,
+        **(extra or {}),
+    }
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a weight file, validated; raises ValueError naming what is wrong."""
+    return _open(Path(path))[0]
+
+
+def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
+    """Build the update rule stored in a weight file.
+
+    Returns:
+        ``(rule, header)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a learnedopt safetensors file, truncated, an unknown kind, tensors that do
+            not fit the stated architecture, or non-finite weights.
+    """
+    path = Path(path)
+    header, tensors = _open(path)
+    rule_class = RULES[header["kind"]]
+    try:
+        rule = rule_class.from_config_dict(header["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid {header['kind']} config in header: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise ValueError(
+            f"{path}: tensors do not match the {header['kind']} architecture {header['config']}"
+            f" (missing {missing}, unexpected {unexpected}, wrong shape {wrong})"
+        )
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{path}: weights contain NaN or Inf in {bad}")
+    rule.load_state_dict(tensors)
+    return rule, header
+
+
+def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors weight file (truncated or corrupt?): {err}") from None
+    if _HEADER_KEY not in metadata:
+        raise ValueError(f"{path}: safetensors file has no learnedopt header; not a learnedopt weight file")
+    try:
+        header = json.loads(metadata[_HEADER_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: learnedopt header is not valid JSON: {err}") from None
+    if header.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported weight format {header.get('format')!r} (this library reads {FORMAT_VERSION})")
+    if header.get("kind") not in RULES:
+        raise ValueError(f"{path}: unknown update rule kind {header.get('kind')!r}; known: {sorted(RULES)}")
+    return header, tensors
+
+
+def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
+    """The update rule of a preset, with a header like a weight file's."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    if preset.file is not None:
+        with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
+            return load_weights(path)
+    rule = RULES[preset.kind].from_config_dict(preset.config)
+    rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": preset.kind,
+        "config": rule.config_dict(),
+        "preset": name,
+        "library_version": library_version(),
+        "trained_on": None,
+        "trained": False,
+    }
+    return rule, header
+
+
+def resolve_weights(
+    weights: str | os.PathLike | UpdateRule | None, *, kind: str, default_preset: str, owner: str
+) -> tuple[UpdateRule, dict[str, Any]]:
+    """Turn a ``weights=`` argument (preset name, file path, module or None) into a rule.
+
+    Warns with :class:`UntrainedWeightsWarning` when the rule was never meta-trained, and raises
+    ValueError when it is not of the ``kind`` that ``owner`` (the optimizer's name) runs.
+    """
+    if weights is None:
+        weights = default_preset
+    if isinstance(weights, UpdateRule):
+        rule = weights
+        header = {"kind": rule.kind, "config": rule.config_dict(), "preset": None, "trained": None}
+    elif isinstance(weights, str) and weights in PRESETS:
+        rule, header = build_preset(weights)
+    elif isinstance(weights, (str, os.PathLike)):
+        if isinstance(weights, str) and not Path(weights).exists() and os.sep not in weights and not weights.endswith(".safetensors"):
+            raise ValueError(f"unknown preset {weights!r} and no such file; presets: {sorted(PRESETS)}")
+        rule, header = load_weights(weights)
+    else:
+        raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
+    if rule.kind != kind:
+        raise ValueError(f"{owner} runs a {kind} update rule, but the weights given are a {rule.kind}")
+    if header.get("trained") is False:
+        warnings.warn(
+            f"{owner} is using UNTRAINED weights (preset {header.get('preset')!r}): "
+            f"{PRESETS[header['preset']].description if header.get('preset') in PRESETS else ''} "
+            "It is not a meta-trained optimizer; pass weights= a trained file for learned behaviour.",
+            UntrainedWeightsWarning,
+            stacklevel=3,
+        )
+    return rule, header
+
+
+def fingerprint(rule: UpdateRule) -> dict[str, Any]:
+    """Identity of an update rule: its kind, architecture and a SHA-256 of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(rule.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"kind": rule.kind, "config": rule.config_dict(), "sha256": digest.hexdigest()}
