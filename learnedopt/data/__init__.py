@@ -1,0 +1,27 @@
+"""Data readers: MNIST (IDX), Omniglot, sinusoid tasks, and few-shot episode sampling.
+
+Nothing here downloads data. Loaders take a path, or find one through
+:func:`default_data_root` (the ``LEARNEDOPT_DATA`` environment variable first).
+"""
+
+from .episodes import Episode, EpisodeSampler, class_splits
+from .idx import load_mnist, read_idx, split_indices
+from .omniglot import OmniglotDataset, load_omniglot
+from .paths import DATA_ENV_VAR, default_data_root, resolve_data_dir
+from .sinusoid import SinusoidTasks, sinusoid
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "Episode",
+    "EpisodeSampler",
+    "OmniglotDataset",
+    "SinusoidTasks",
+    "class_splits",
+    "default_data_root",
+    "load_mnist",
+    "load_omniglot",
+    "read_idx",
+    "resolve_data_dir",
+    "sinusoid",
+    "split_indices",
+]

@@ -1,0 +1,184 @@
+"""Class-disjoint meta-splits and an N-way K-shot episode sampler over any labelled dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .idx import split_indices
+
+
+def class_splits(
+    num_classes: int,
+    fractions: Mapping[str, float],
+    seed: int = 0,
+    groups: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Split the class ids ``0..num_classes-1`` into disjoint parts (e.g. meta-train/valid/test).
+
+    Args:
+        num_classes: number of classes.
+        fractions: part name -> fraction, non-negative and summing to 1.
+        seed: seed of the split.
+        groups: optional int64 (num_classes,) group id of each class (e.g. an Omniglot
+            dataset's ``alphabet_of_class``). When given, whole groups are assigned to parts
+            and ``fractions`` apply to the number of groups, not classes, so no group has
+            classes in two parts.
+
+    Returns:
+        Part name -> sorted int64 tensor of class ids, in the order of ``fractions``.
+    """
+    if groups is None:
+        return split_indices(num_classes, fractions, seed)
+    groups = torch.as_tensor(groups)
+    if groups.shape != (num_classes,):
+        raise ValueError(f"groups must have shape ({num_classes},), got {tuple(groups.shape)}")
+    group_ids = torch.unique(groups)
+    group_parts = split_indices(len(group_ids), fractions, seed)
+    return {
+        name: torch.isin(groups, group_ids[part]).nonzero().flatten()
+        for name, part in group_parts.items()
+    }
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task. Examples are grouped by way: way ``j`` is class ``classes[j]``.
+
+    Attributes:
+        support_idx: int64 (n_way * k_shot,) dataset indices of the support set.
+        support_y: int64 (n_way * k_shot,) episode labels 0..n_way-1.
+        query_idx: int64 (n_way * q_query,) dataset indices of the query set.
+        query_y: int64 (n_way * q_query,) episode labels 0..n_way-1.
+        classes: int64 (n_way,) original class id of each episode label.
+    """
+
+    support_idx: torch.Tensor
+    support_y: torch.Tensor
+    query_idx: torch.Tensor
+    query_y: torch.Tensor
+    classes: torch.Tensor
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query episodes from the allowed classes of a labelled dataset.
+
+    Each episode picks ``n_way`` distinct classes uniformly (with ``same_group=True``: first a
+    group uniformly among the groups with at least ``n_way`` allowed classes, then the classes
+    from it), then ``k_shot + q_query`` distinct examples of each class uniformly. The draws
+    come from a generator owned by the sampler, so the episode sequence depends only on the
+    seed and can be resumed exactly with :meth:`state_dict` / :meth:`load_state_dict`.
+
+    Args:
+        labels: int64 (num_examples,) class id of each example.
+        classes: the class ids episodes may use (e.g. one part of :func:`class_splits`).
+        n_way: classes per episode.
+        k_shot: support examples per class.
+        q_query: query examples per class (may be 0).
+        seed: seed of the sampler's generator.
+        groups: int64 (num_classes,) group id of each class id (indexed by class id), needed
+            for ``same_group``.
+        same_group: draw all classes of an episode from one group (e.g. within-alphabet
+            Omniglot episodes).
+
+    Raises:
+        ValueError: an allowed class has fewer than ``k_shot + q_query`` examples, fewer than
+            ``n_way`` classes are allowed, or (``same_group``) no group has ``n_way`` of them.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        classes: Sequence[int] | torch.Tensor,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        groups: torch.Tensor | None = None,
+        same_group: bool = False,
+    ) -> None:
+        if n_way < 1 or k_shot < 1 or q_query < 0:
+            raise ValueError(
+                f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}"
+            )
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        classes = torch.as_tensor(classes, dtype=torch.long).flatten()
+        if len(torch.unique(classes)) != len(classes):
+            raise ValueError("classes contains duplicate class ids")
+        if len(classes) < n_way:
+            raise ValueError(
+                f"{n_way}-way episodes need {n_way} classes, only {len(classes)} are allowed"
+            )
+
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.classes = classes
+        order = torch.argsort(labels, stable=True)
+        start = torch.searchsorted(labels[order], classes)
+        end = torch.searchsorted(labels[order], classes, right=True)
+        counts = end - start
+        too_small = (counts < k_shot + q_query).nonzero().flatten()
+        if len(too_small):
+            shown = ", ".join(
+                f"class {int(classes[i])} has {int(counts[i])}" for i in too_small[:5]
+            )
+            raise ValueError(
+                f"{len(too_small)} classes have fewer than k_shot + q_query = "
+                f"{k_shot + q_query} examples ({shown}{', ...' if len(too_small) > 5 else ''})"
+            )
+        # Examples of the i-th allowed class: self._examples[i].
+        self._examples = [order[s:e] for s, e in zip(start.tolist(), end.tolist())]
+
+        # Pools of positions into self.classes that one episode may draw from.
+        if same_group:
+            if groups is None:
+                raise ValueError("same_group=True needs groups")
+            groups = torch.as_tensor(groups, dtype=torch.long)
+            if len(groups) <= int(classes.max()):
+                raise ValueError(
+                    f"groups has {len(groups)} entries but class id {int(classes.max())} is used"
+                )
+            class_groups = groups[classes]
+            pools = [(class_groups == g).nonzero().flatten() for g in torch.unique(class_groups)]
+            self._pools = [pool for pool in pools if len(pool) >= n_way]
+            if not self._pools:
+                raise ValueError(
+                    f"same_group=True: no group has {n_way} allowed classes (largest has "
+                    f"{max(len(pool) for pool in pools)})"
+                )
+        else:
+            self._pools = [torch.arange(len(classes))]
+
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def sample(self) -> Episode:
+        """Draw the next episode (see :class:`Episode` for shapes and ordering)."""
+        gen = self._generator
+        pool = self._pools[int(torch.randint(len(self._pools), (1,), generator=gen))]
+        ways = pool[torch.randperm(len(pool), generator=gen)[: self.n_way]]
+        support, query = [], []
+        for way in ways.tolist():
+            examples = self._examples[way]
+            chosen = examples[
+                torch.randperm(len(examples), generator=gen)[: self.k_shot + self.q_query]
+            ]
+            support.append(chosen[: self.k_shot])
+            query.append(chosen[self.k_shot :])
+        episode_labels = torch.arange(self.n_way)
+        return Episode(
+            support_idx=torch.cat(support),
+            support_y=episode_labels.repeat_interleave(self.k_shot),
+            query_idx=torch.cat(query),
+            query_y=episode_labels.repeat_interleave(self.q_query),
+            classes=self.classes[ways],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state; loading it makes the sampler repeat the episodes that follow."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        self._generator.set_state(state["generator"])

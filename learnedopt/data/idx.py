@@ -1,0 +1,151 @@
+"""IDX files (the MNIST format), the MNIST loader and seeded index splits."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .paths import resolve_data_dir
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+# IDX type code -> big-endian element dtype.
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file, gzip-compressed or not (detected from the gzip magic bytes).
+
+    Returns:
+        A writable native-endian array with the file's dimensions and element type
+        (uint8, int8, int16, int32, float32 or float64).
+
+    Raises:
+        ValueError: corrupt gzip stream, bad magic number, unknown type code, or a payload
+            that is shorter (truncated) or longer (trailing bytes) than the dimensions say.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
+
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic {data[:4].hex() or '(empty file)'}, expected 0000<type><ndim>"
+        )
+    type_code, ndim = data[2], data[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02X}")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise ValueError(
+            f"{path}: truncated header ({len(data)} bytes, {header_len} needed for {ndim} dims)"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[type_code]
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(data) - header_len
+    if actual < expected:
+        raise ValueError(
+            f"{path}: truncated payload ({actual} bytes, {expected} expected for shape {shape})"
+        )
+    if actual > expected:
+        raise ValueError(
+            f"{path}: {actual - expected} trailing bytes after the payload of shape {shape}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))  # copies: writable and native-endian
+
+
+def _find_file(root: Path, name: str) -> Path:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"neither {name}.gz nor {name} found in {str(root)!r}")
+
+
+def load_mnist(
+    root: str | os.PathLike[str] | None = None, split: str = "t10k"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load MNIST from ``<split>-images-idx3-ubyte[.gz]`` and ``<split>-labels-idx1-ubyte[.gz]``.
+
+    Args:
+        root: folder with the files; default ``resolve_data_dir(None, "mnist")``.
+        split: file prefix, ``"t10k"`` (10,000 test images) or ``"train"``.
+
+    Returns:
+        ``(images, labels)``: uint8 tensor (N, 28, 28) with 0 = background, and int64 (N,).
+    """
+    directory = resolve_data_dir(root, "mnist")
+    images_path = _find_file(directory, f"{split}-images-idx3-ubyte")
+    labels_path = _find_file(directory, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(
+            f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(
+            f"{labels_path}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+def split_indices(n: int, fractions: Mapping[str, float], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Split ``range(n)`` into disjoint parts by a seeded random permutation.
+
+    Part sizes are ``fraction * n`` rounded by the largest-remainder method, so they add up to
+    ``n`` exactly. The same ``(n, fractions, seed)`` always gives the same split.
+
+    Args:
+        n: number of items.
+        fractions: part name -> fraction, non-negative and summing to 1, e.g.
+            ``{"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}``.
+        seed: seed of the permutation.
+
+    Returns:
+        Part name -> sorted int64 tensor of indices, in the order of ``fractions``; together
+        the parts cover ``range(n)`` exactly once.
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if not fractions:
+        raise ValueError("fractions must name at least one part")
+    if any(f < 0 or not math.isfinite(f) for f in fractions.values()):
+        raise ValueError(f"fractions must be finite and non-negative, got {dict(fractions)}")
+    total = sum(fractions.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must sum to 1, got {total} from {dict(fractions)}")
+
+    exact = [f / total * n for f in fractions.values()]
+    sizes = [math.floor(x) for x in exact]
+    # Hand the leftover items to the largest remainders (earlier part wins a tie).
+    by_remainder = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])
+    for i in by_remainder[: n - sum(sizes)]:
+        sizes[i] += 1
+
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(n, generator=generator)
+    parts = torch.split(permutation, sizes)
+    return {name: part.sort().values for name, part in zip(fractions, parts)}

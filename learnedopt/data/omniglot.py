@@ -1,0 +1,199 @@
+"""Omniglot reader for the official layout, from folders or directly from the official zips."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from .paths import resolve_data_dir
+
+DEFAULT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+ROTATIONS = (0, 90, 180, 270)
+
+_Character = tuple[str, str]  # (alphabet, character)
+_PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class OmniglotDataset:
+    """Omniglot images with one class per character (and per rotation, if asked for).
+
+    Attributes:
+        images: float32 (num_images, 1, S, S), 1.0 = ink, 0.0 = background; grouped by
+            class, then ordered by file name.
+        labels: int64 (num_images,) class index of each image.
+        classes: (alphabet, character) of each class index. The unrotated characters come
+            first, sorted; with rotations, class ``c + r * C`` (C unrotated classes,
+            r = 1, 2, 3) is character ``c`` rotated counter-clockwise by ``90 * r`` degrees
+            and named ``"<character>@rot<degrees>"``.
+        alphabet_of_class: int64 (num_classes,) index into ``alphabets`` of each class.
+        alphabets: sorted alphabet names.
+        base_class_of_class: int64 (num_classes,) index of the unrotated class of each class
+            (itself without rotations); pass it as ``groups`` to ``class_splits`` to keep all
+            rotations of a character in one split.
+        rotation_of_class: int64 (num_classes,) rotation of each class in degrees.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[_Character]
+    alphabet_of_class: torch.Tensor
+    alphabets: list[str]
+    base_class_of_class: torch.Tensor
+    rotation_of_class: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image (1, S, S) float32, label int64 scalar)``."""
+        return self.images[index], self.labels[index]
+
+
+def _import_pillow() -> ModuleType:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading Omniglot needs Pillow: pip install learnedopt[data]") from e
+    return Image
+
+
+def _read_file(name: str) -> bytes:
+    return Path(name).read_bytes()
+
+
+def _scan(
+    source: Path, stack: ExitStack
+) -> tuple[dict[_Character, list[str]], Callable[[str], bytes]]:
+    """Character -> sorted file names in ``source``, and a function reading one file's bytes.
+
+    A folder holds ``<Alphabet>/<character>/*.png``; a zip holds the same under one top-level
+    folder (``images_background_smallN/``).
+    """
+    files: dict[_Character, list[str]] = {}
+    read: Callable[[str], bytes]
+    if source.is_dir():
+        for png in sorted(source.glob("*/*/*.png")):
+            if not png.name.startswith("."):
+                files.setdefault((png.parts[-3], png.parts[-2]), []).append(str(png))
+        read = _read_file
+        layout = "<Alphabet>/<character>/*.png"
+    elif source.is_file():
+        try:
+            archive = stack.enter_context(zipfile.ZipFile(source))
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{source}: not a readable zip file ({e})") from e
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            # Skip the resource-fork copies that macOS zip tools add.
+            if (
+                len(parts) == 4
+                and parts[3].endswith(".png")
+                and parts[0] != "__MACOSX"
+                and not parts[3].startswith(".")
+            ):
+                files.setdefault((parts[1], parts[2]), []).append(name)
+        read = archive.read
+        layout = "<top folder>/<Alphabet>/<character>/*.png"
+    else:
+        raise FileNotFoundError(f"Omniglot source {str(source)!r} does not exist")
+    if not files:
+        raise ValueError(f"{source}: no PNGs in the Omniglot layout {layout}")
+    return files, read
+
+
+def _decode(data: bytes, image_size: int | None, Image: ModuleType) -> np.ndarray:
+    """PNG bytes -> float32 (H, W) with 1.0 = ink (the PNGs store ink as black)."""
+    with Image.open(io.BytesIO(data)) as png:
+        gray = png.convert("L")
+    if image_size is not None and gray.size != (image_size, image_size):
+        gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def load_omniglot(
+    sources: _PathLike | Sequence[_PathLike] | None = None,
+    image_size: int | None = 28,
+    rotations: bool = False,
+) -> OmniglotDataset:
+    """Load Omniglot characters from official zips and/or folders.
+
+    Args:
+        sources: zips (``images_background_smallN/<Alphabet>/characterNN/*.png`` inside) or
+            folders (``<Alphabet>/characterNN/*.png``). Default: ``images_background_small1.zip``
+            and ``images_background_small2.zip`` in ``resolve_data_dir(None, "omniglot")``.
+            A character found in several sources is taken from the first one only.
+        image_size: resize the 105x105 images to ``image_size`` x ``image_size`` with
+            Pillow's LANCZOS filter on 8-bit grayscale (values then lie in [0, 1] in steps of
+            1/255); None keeps the original size and the exact 0/1 values.
+        rotations: add three classes per character, rotated by 90, 180 and 270 degrees.
+
+    Returns:
+        An :class:`OmniglotDataset`; with both default zips it has 242 characters
+        (Greek and Latin are in both) with 20 images each.
+    """
+    Image = _import_pillow()
+    if sources is None:
+        directory = resolve_data_dir(None, "omniglot")
+        sources = [directory / name for name in DEFAULT_ZIPS]
+    elif isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise ValueError("no Omniglot sources given")
+
+    with ExitStack() as stack:
+        chosen: dict[_Character, tuple[Callable[[str], bytes], list[str], Path]] = {}
+        for source in map(Path, sources):
+            files, read = _scan(source, stack)
+            for character, names in files.items():
+                chosen.setdefault(character, (read, names, source))
+
+        classes = sorted(chosen)
+        arrays, labels = [], []
+        for label, character in enumerate(classes):
+            read, names, source = chosen[character]
+            for name in names:
+                try:
+                    arrays.append(_decode(read(name), image_size, Image))
+                except (OSError, zipfile.BadZipFile) as e:
+                    raise ValueError(f"{source}: cannot read image {name} ({e})") from e
+                labels.append(label)
+
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images of different sizes {sorted(shapes)}: pass image_size")
+    images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    alphabets = sorted({alphabet for alphabet, _ in classes})
+    alphabet_of_class = torch.tensor([alphabets.index(a) for a, _ in classes], dtype=torch.long)
+
+    num_base = len(classes)
+    angles = ROTATIONS if rotations else ROTATIONS[:1]
+    all_classes = [
+        (alphabet, character if angle == 0 else f"{character}@rot{angle}")
+        for angle in angles
+        for alphabet, character in classes
+    ]
+    rotated = [images] + [torch.rot90(images, k, dims=(-2, -1)) for k in range(1, len(angles))]
+    return OmniglotDataset(
+        images=torch.cat(rotated) if rotations else images,
+        labels=torch.cat([labels_t + k * num_base for k in range(len(angles))]),
+        classes=all_classes,
+        alphabet_of_class=alphabet_of_class.repeat(len(angles)),
+        alphabets=alphabets,
+        base_class_of_class=torch.arange(num_base).repeat(len(angles)),
+        rotation_of_class=torch.tensor(angles).repeat_interleave(num_base),
+    )

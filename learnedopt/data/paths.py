@@ -1,0 +1,62 @@
+"""Where the data readers look for files when no path is given."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ENV_VAR = "LEARNEDOPT_DATA"
+
+
+def _repo_sibling_root() -> Path | None:
+    # A source checkout at <dir>/<repo>/learnedopt/data/paths.py looks in <dir>/shared/data.
+    parents = Path(__file__).resolve().parents
+    return parents[3] / "shared" / "data" if len(parents) > 3 else None
+
+
+def default_data_root() -> Path | None:
+    """The data root used when a loader is given no path, or None when there is none.
+
+    In order: the directory named by the environment variable ``LEARNEDOPT_DATA`` (returned
+    even if it does not exist, so that a wrong setting is reported rather than ignored);
+    ``../shared/data`` relative to the current working directory if it exists; the folder
+    ``shared/data`` next to the repository root if it exists.
+    """
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    cwd_root = (Path.cwd() / ".." / "shared" / "data").resolve()
+    if cwd_root.is_dir():
+        return cwd_root
+    repo_root = _repo_sibling_root()
+    if repo_root is not None and repo_root.is_dir():
+        return repo_root
+    return None
+
+
+def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
+    """``path`` if given, else ``default_data_root() / subdir``; it must be an existing directory.
+
+    Raises:
+        FileNotFoundError: the directory is missing (the message names where it looked and
+            the ``LEARNEDOPT_DATA`` environment variable).
+    """
+    if path is not None:
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(f"data directory {str(directory)!r} does not exist")
+        return directory
+    root = default_data_root()
+    if root is None:
+        raise FileNotFoundError(
+            f"no data root found for {subdir!r}: set {DATA_ENV_VAR} to a folder containing "
+            f"{subdir}/, or pass the directory explicitly (looked for ../shared/data from the "
+            "working directory and shared/data next to the repository)"
+        )
+    directory = root / subdir
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"data directory {str(directory)!r} does not exist: set {DATA_ENV_VAR} to a folder "
+            f"containing {subdir}/, or pass the directory explicitly"
+        )
+    return directory

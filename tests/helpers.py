@@ -1,0 +1,44 @@
+"""Small builders shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+
+OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
+
+
+def make_params(shapes, dtype=torch.float64, *, noncontiguous=(), seed=0) -> list[torch.Tensor]:
+    """Leaf tensors of the given shapes; indices in ``noncontiguous`` become transposed views."""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        if i in noncontiguous:
+            assert len(shape) == 2, "non-contiguous parameters are made by transposing a matrix"
+            base = torch.randn(*reversed(shape), generator=g, dtype=torch.float64).to(dtype)
+            p = base.t().detach().requires_grad_(True)
+            assert not p.is_contiguous()
+        else:
+            p = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+        params.append(p)
+    return params
+
+
+def set_grads(params, seed: int, scale: float = 1.0, skip=()) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        if i in skip:
+            p.grad = None
+            continue
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale * torch.exp(
+            torch.randn((), generator=g, dtype=torch.float64) * 2
+        )
+        p.grad = noise.to(p.dtype)
+
+
+def step(optimizer, seed_loss: float = 0.5):
+    """One step; MetaLSTMOptimizer gets a loss."""
+    if isinstance(optimizer, MetaLSTMOptimizer):
+        return optimizer.step(loss=torch.tensor(seed_loss))
+    return optimizer.step()

@@ -1,0 +1,243 @@
+"""Class-disjoint meta-splits and the N-way K-shot episode sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learnedopt.data import Episode, EpisodeSampler, class_splits
+
+FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.2, "meta_test": 0.2}
+
+
+def make_labels(counts: list[int], seed: int = 0) -> torch.Tensor:
+    """Shuffled labels with ``counts[c]`` examples of class ``c``."""
+    labels = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+
+
+def assert_partition(parts: dict[str, torch.Tensor], n: int) -> None:
+    assert torch.equal(torch.cat(list(parts.values())).sort().values, torch.arange(n))
+
+
+# class_splits -------------------------------------------------------------------------------
+
+
+def test_class_splits_disjoint_and_deterministic() -> None:
+    parts = class_splits(100, FRACTIONS, seed=1)
+    assert list(parts) == list(FRACTIONS)
+    assert [len(p) for p in parts.values()] == [60, 20, 20]
+    assert_partition(parts, 100)
+    again = class_splits(100, FRACTIONS, seed=1)
+    assert all(torch.equal(parts[k], again[k]) for k in parts)
+    assert not torch.equal(parts["meta_test"], class_splits(100, FRACTIONS, seed=2)["meta_test"])
+
+
+def test_class_splits_whole_groups() -> None:
+    # 10 groups with ids that are neither contiguous nor sorted, of different sizes.
+    group_ids = [70, 3, 12, 5, 40, 8, 99, 1, 23, 60]
+    groups = torch.tensor([g for i, g in enumerate(group_ids) for _ in range(i + 1)])
+    parts = class_splits(len(groups), FRACTIONS, seed=0, groups=groups)
+    assert_partition(parts, len(groups))
+    held = [set(groups[part].tolist()) for part in parts.values()]
+    assert [len(h) for h in held] == [6, 2, 2]  # fractions count groups, not classes
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.lists(st.integers(0, 6), min_size=1, max_size=60),
+    seed=st.integers(0, 1000),
+)
+def test_class_splits_groups_never_straddle(groups: list[int], seed: int) -> None:
+    group_tensor = torch.tensor(groups)
+    parts = class_splits(len(groups), FRACTIONS, seed=seed, groups=group_tensor)
+    assert_partition(parts, len(groups))
+    owner: dict[int, str] = {}
+    for name, part in parts.items():
+        for g in group_tensor[part].tolist():
+            assert owner.setdefault(g, name) == name
+
+
+def test_class_splits_group_shape_checked() -> None:
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        class_splits(5, FRACTIONS, groups=torch.zeros(4, dtype=torch.long))
+
+
+# EpisodeSampler -----------------------------------------------------------------------------
+
+
+def check_episode(
+    episode: Episode, labels: torch.Tensor, allowed: torch.Tensor, n: int, k: int, q: int
+) -> None:
+    assert episode.support_idx.shape == (n * k,) and episode.query_idx.shape == (n * q,)
+    for t in (
+        episode.support_idx,
+        episode.support_y,
+        episode.query_idx,
+        episode.query_y,
+        episode.classes,
+    ):
+        assert t.dtype == torch.int64
+    assert episode.support_y.tolist() == [j for j in range(n) for _ in range(k)]
+    assert episode.query_y.tolist() == [j for j in range(n) for _ in range(q)]
+    assert len(set(episode.classes.tolist())) == n
+    assert torch.isin(episode.classes, allowed).all()
+    # Relabelling: way j holds examples of class classes[j] only.
+    assert torch.equal(labels[episode.support_idx], episode.classes[episode.support_y])
+    assert torch.equal(labels[episode.query_idx], episode.classes[episode.query_y])
+    everything = torch.cat([episode.support_idx, episode.query_idx])
+    assert len(everything.unique()) == len(everything)  # support and query never overlap
+
+
+def test_episode_shapes_and_relabelling() -> None:
+    labels = make_labels([8] * 12)
+    allowed = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    sampler = EpisodeSampler(labels, allowed, n_way=5, k_shot=2, q_query=3, seed=0)
+    seen = set()
+    for _ in range(50):
+        episode = sampler.sample()
+        check_episode(episode, labels, allowed, 5, 2, 3)
+        seen.update(episode.classes.tolist())
+    assert seen == set(allowed.tolist())
+
+
+def test_zero_query_and_full_class() -> None:
+    labels = make_labels([3, 3, 3])
+    episode = EpisodeSampler(labels, [0, 1, 2], n_way=3, k_shot=3, q_query=0).sample()
+    check_episode(episode, labels, torch.arange(3), 3, 3, 0)
+    assert sorted(episode.support_idx.tolist()) == list(range(9))
+
+
+def test_determinism_and_seeds() -> None:
+    labels = make_labels([10] * 20)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        sampler = EpisodeSampler(labels, range(20), n_way=5, k_shot=1, q_query=4, seed=seed)
+        return [
+            torch.cat([e.support_idx, e.query_idx]) for e in (sampler.sample() for _ in range(10))
+        ]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(7), run(7)))
+    assert not all(torch.equal(a, b) for a, b in zip(run(7), run(8)))
+
+
+def test_resume_from_state_dict() -> None:
+    labels = make_labels([10] * 20)
+    sampler = EpisodeSampler(labels, range(20), n_way=5, k_shot=2, q_query=3, seed=1)
+    for _ in range(3):
+        sampler.sample()
+    state = sampler.state_dict()
+    expected = [sampler.sample() for _ in range(5)]
+
+    resumed = EpisodeSampler(labels, range(20), n_way=5, k_shot=2, q_query=3, seed=999)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, (resumed.sample() for _ in range(5))):
+        assert torch.equal(want.support_idx, got.support_idx)
+        assert torch.equal(want.query_idx, got.query_idx)
+        assert torch.equal(want.classes, got.classes)
+
+
+def test_state_dict_is_a_snapshot() -> None:
+    sampler = EpisodeSampler(make_labels([4] * 6), range(6), n_way=2, k_shot=1, q_query=1)
+    state = sampler.state_dict()
+    first = sampler.sample()
+    sampler.sample()
+    sampler.load_state_dict(state)
+    assert torch.equal(sampler.sample().support_idx, first.support_idx)
+
+
+def test_same_group() -> None:
+    # Group 0: classes 0-1, group 1: classes 2-6, group 2: classes 7-13.
+    groups = torch.tensor([0] * 2 + [1] * 5 + [2] * 7)
+    labels = make_labels([6] * 14)
+    allowed = torch.arange(14)
+    sampler = EpisodeSampler(
+        labels, allowed, n_way=5, k_shot=1, q_query=2, seed=3, groups=groups, same_group=True
+    )
+    used = set()
+    for _ in range(40):
+        episode = sampler.sample()
+        check_episode(episode, labels, allowed, 5, 1, 2)
+        episode_groups = set(groups[episode.classes].tolist())
+        assert len(episode_groups) == 1
+        used |= episode_groups
+    assert used == {1, 2}  # group 0 has too few classes for 5-way
+
+    mixed = EpisodeSampler(labels, allowed, n_way=5, k_shot=1, q_query=2, seed=3, groups=groups)
+    assert any(len(set(groups[mixed.sample().classes].tolist())) > 1 for _ in range(20))
+
+
+def test_same_group_counts_only_allowed_classes() -> None:
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    labels = make_labels([4] * 6)
+    sampler = EpisodeSampler(
+        labels, [0, 1, 2, 3], n_way=3, k_shot=1, q_query=1, groups=groups, same_group=True
+    )
+    for _ in range(10):
+        assert sorted(sampler.sample().classes.tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="groups has 6 entries but class id 6"):
+        EpisodeSampler(
+            make_labels([4] * 7),
+            range(7),
+            n_way=3,
+            k_shot=1,
+            q_query=1,
+            groups=groups,
+            same_group=True,
+        )
+    with pytest.raises(ValueError, match="no group has 3 allowed classes"):
+        EpisodeSampler(
+            labels, [0, 1, 3, 4], n_way=3, k_shot=1, q_query=1, groups=groups, same_group=True
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"n_way": 3, "k_shot": 2, "q_query": 3},
+            r"fewer than k_shot \+ q_query = 5 examples \(class 1 has 4\)",
+        ),
+        ({"n_way": 7, "k_shot": 1, "q_query": 1}, "7-way episodes need 7 classes, only 4"),
+        (
+            {"n_way": 2, "k_shot": 1, "q_query": 1, "same_group": True},
+            "same_group=True needs groups",
+        ),
+        ({"n_way": 0, "k_shot": 1, "q_query": 1}, "n_way >= 1"),
+        ({"n_way": 2, "k_shot": 0, "q_query": 1}, "k_shot >= 1"),
+        ({"n_way": 2, "k_shot": 1, "q_query": -1}, "q_query >= 0"),
+    ],
+)
+def test_impossible_requests(kwargs: dict, message: str) -> None:
+    labels = make_labels([6, 4, 6, 6, 6])
+    with pytest.raises(ValueError, match=message):
+        EpisodeSampler(labels, [0, 1, 2, 3], **kwargs)
+
+
+def test_missing_and_duplicate_classes() -> None:
+    labels = make_labels([5, 5])
+    with pytest.raises(ValueError, match="class 9 has 0"):
+        EpisodeSampler(labels, [0, 9], n_way=2, k_shot=1, q_query=1)
+    with pytest.raises(ValueError, match="duplicate"):
+        EpisodeSampler(labels, [0, 0, 1], n_way=2, k_shot=1, q_query=1)
+
+
+def test_sampler_over_class_split() -> None:
+    labels = make_labels([20] * 30)
+    groups = torch.arange(30) // 5
+    parts = class_splits(30, FRACTIONS, seed=0, groups=groups)
+    samplers = {
+        name: EpisodeSampler(
+            labels, part, n_way=5, k_shot=1, q_query=5, seed=0, groups=groups, same_group=True
+        )
+        for name, part in parts.items()
+    }
+    classes = {name: set() for name in parts}
+    for name, sampler in samplers.items():
+        for _ in range(20):
+            classes[name] |= set(sampler.sample().classes.tolist())
+    assert not (classes["meta_train"] & classes["meta_test"])
+    assert not (classes["meta_train"] & classes["meta_valid"])

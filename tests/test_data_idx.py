@@ -1,0 +1,255 @@
+"""IDX reading, the MNIST loader, seeded index splits and data-path resolution."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learnedopt.data import (
+    DATA_ENV_VAR,
+    default_data_root,
+    load_mnist,
+    read_idx,
+    resolve_data_dir,
+    split_indices,
+)
+from learnedopt.data import paths as paths_module
+
+TYPE_CODES = {
+    np.uint8: 0x08,
+    np.int8: 0x09,
+    np.int16: 0x0B,
+    np.int32: 0x0C,
+    np.float32: 0x0D,
+    np.float64: 0x0E,
+}
+
+
+def idx_bytes(array: np.ndarray, type_code: int | None = None) -> bytes:
+    """Encode ``array`` as IDX, written out by hand from the format description."""
+    code = TYPE_CODES[array.dtype.type] if type_code is None else type_code
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write(path: Path, data: bytes, compress: bool = False) -> Path:
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("dtype", list(TYPE_CODES), ids=lambda d: d.__name__)
+def test_round_trip(tmp_path: Path, dtype: type, compress: bool) -> None:
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = rng.integers(info.min, info.max, size=(3, 4, 5), endpoint=True).astype(dtype)
+        array.flat[:2] = [info.min, info.max]
+    else:
+        array = (rng.standard_normal((3, 4, 5)) * 1e3).astype(dtype)
+    path = write(tmp_path / "a.idx", idx_bytes(array), compress)
+
+    result = read_idx(path)
+
+    assert result.dtype == np.dtype(dtype) and result.dtype.isnative
+    assert result.shape == (3, 4, 5)
+    np.testing.assert_array_equal(result, array)
+    assert result.flags.writeable
+
+
+@pytest.mark.parametrize("shape", [(7,), (0, 28, 28), (2, 1, 3, 1)])
+def test_round_trip_shapes(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    array = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    np.testing.assert_array_equal(read_idx(write(tmp_path / "a", idx_bytes(array))), array)
+
+
+def test_mnist_header_layout(tmp_path: Path) -> None:
+    # The 16-byte header of an MNIST image file: magic 0x00000803, then N, rows, cols.
+    pixels = bytes(range(2 * 2 * 3))
+    data = bytes.fromhex("00000803") + struct.pack(">3I", 2, 2, 3) + pixels
+    result = read_idx(write(tmp_path / "images", data))
+    assert result.tolist() == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+
+
+GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
+
+
+@pytest.mark.parametrize(
+    ("data", "compress", "message"),
+    [
+        (b"", False, "bad IDX magic"),
+        (b"\x01" + GOOD[1:], False, "bad IDX magic"),
+        (b"\x00\x01" + GOOD[2:], False, "bad IDX magic"),
+        (GOOD[:2] + b"\x0a" + GOOD[3:], False, "unknown IDX type code 0x0A"),
+        (GOOD[:7], False, "truncated header"),
+        (GOOD[:-1], False, "truncated payload"),
+        (GOOD[:-1], True, "truncated payload"),
+        (GOOD + b"\x00\x00", False, "2 trailing bytes"),
+        (GOOD + b"\x00", True, "1 trailing bytes"),
+        (b"\x1f\x8b" + b"not a gzip stream at all", False, "corrupt gzip"),
+        (gzip.compress(GOOD)[:-12], False, "corrupt gzip"),
+    ],
+    ids=[
+        "empty",
+        "bad-byte0",
+        "bad-byte1",
+        "bad-type",
+        "short-header",
+        "truncated",
+        "truncated-gz",
+        "trailing",
+        "trailing-gz",
+        "garbage-gz",
+        "truncated-gz-stream",
+    ],
+)
+def test_read_idx_errors(tmp_path: Path, data: bytes, compress: bool, message: str) -> None:
+    path = write(tmp_path / "broken-file.idx", data, compress)
+    with pytest.raises(ValueError, match=message) as info:
+        read_idx(path)
+    assert "broken-file.idx" in str(info.value)
+
+
+def make_mnist(directory: Path, n: int, n_labels: int | None = None, gz: bool = True) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n_labels or n, dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    write(directory / f"t10k-images-idx3-ubyte{suffix}", idx_bytes(images), gz)
+    write(directory / f"t10k-labels-idx1-ubyte{suffix}", idx_bytes(labels), gz)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_load_mnist_generated(tmp_path: Path, gz: bool) -> None:
+    make_mnist(tmp_path, 5, gz=gz)
+    images, labels = load_mnist(tmp_path)
+    assert images.shape == (5, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (5,) and labels.dtype == torch.int64
+    rng = np.random.default_rng(1)
+    np.testing.assert_array_equal(images.numpy(), rng.integers(0, 256, (5, 28, 28), np.uint8))
+
+
+def test_load_mnist_count_mismatch(tmp_path: Path) -> None:
+    make_mnist(tmp_path, 5, n_labels=4)
+    with pytest.raises(ValueError, match="5 images but .* 4 labels"):
+        load_mnist(tmp_path)
+
+
+def test_load_mnist_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_mnist(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mnist(tmp_path / "nowhere")
+
+
+def test_load_mnist_uses_env_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mnist").mkdir()
+    make_mnist(tmp_path / "mnist", 3)
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    assert load_mnist()[0].shape == (3, 28, 28)
+
+
+# Data roots ---------------------------------------------------------------------------------
+
+
+def test_data_root_env_var_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / "mine"))
+    assert default_data_root() == tmp_path / "mine"
+
+
+def test_data_root_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    sibling = tmp_path / "elsewhere" / "shared" / "data"
+    monkeypatch.setattr(paths_module, "_repo_sibling_root", lambda: sibling)
+    assert default_data_root() is None
+
+    sibling.mkdir(parents=True)
+    assert default_data_root() == sibling
+
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert default_data_root() == (tmp_path / "shared" / "data").resolve()
+
+
+def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_data_dir(tmp_path, "mnist") == tmp_path
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    assert resolve_data_dir(None, "mnist") == tmp_path / "mnist"
+    with pytest.raises(FileNotFoundError, match=f"omniglot.*{DATA_ENV_VAR}") as info:
+        resolve_data_dir(None, "omniglot")
+    assert "\n" not in str(info.value)
+
+    monkeypatch.delenv(DATA_ENV_VAR)
+    monkeypatch.setattr(paths_module, "default_data_root", lambda: None)
+    with pytest.raises(FileNotFoundError, match=DATA_ENV_VAR):
+        resolve_data_dir(None, "mnist")
+
+
+# Index splits -------------------------------------------------------------------------------
+
+FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}
+
+
+def test_split_indices_sizes_and_determinism() -> None:
+    parts = split_indices(10_000, FRACTIONS, seed=3)
+    assert list(parts) == list(FRACTIONS)
+    assert [len(p) for p in parts.values()] == [6000, 1000, 3000]
+    assert torch.equal(torch.cat(list(parts.values())).sort().values, torch.arange(10_000))
+    again = split_indices(10_000, FRACTIONS, seed=3)
+    assert all(torch.equal(parts[k], again[k]) for k in parts)
+    other = split_indices(10_000, FRACTIONS, seed=4)
+    assert not torch.equal(parts["held_out"], other["held_out"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 500),
+    weights=st.lists(st.integers(0, 10), min_size=1, max_size=5).filter(any),
+    seed=st.integers(0, 2**31),
+)
+def test_split_indices_partition(n: int, weights: list[int], seed: int) -> None:
+    fractions = {f"part{i}": w / sum(weights) for i, w in enumerate(weights)}
+    parts = split_indices(n, fractions, seed)
+    everything = torch.cat(list(parts.values()))
+    assert torch.equal(everything.sort().values, torch.arange(n))  # disjoint and covering
+    for name, part in parts.items():
+        assert part.dtype == torch.int64
+        assert abs(len(part) - fractions[name] * n) < 1
+
+
+@pytest.mark.parametrize(
+    "fractions", [{}, {"a": 0.5, "b": 0.4}, {"a": 1.2, "b": -0.2}, {"a": float("nan")}]
+)
+def test_split_indices_rejects_bad_fractions(fractions: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        split_indices(10, fractions)
+
+
+# Real data ----------------------------------------------------------------------------------
+
+_ROOT = default_data_root()
+_MNIST = _ROOT / "mnist" if _ROOT is not None else None
+
+
+@pytest.mark.skipif(
+    _MNIST is None or not (_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"real MNIST not found (looked in {_MNIST}; set {DATA_ENV_VAR})",
+)
+def test_real_mnist() -> None:
+    images, labels = load_mnist()
+    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10_000,) and labels.dtype == torch.int64
+    assert labels.min() == 0 and labels.max() == 9
+    assert torch.equal(labels.unique(), torch.arange(10))
+    assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the well-known first labels
+    assert images.max() == 255 and images[:, 0, 0].max() == 0  # white digits on black corners

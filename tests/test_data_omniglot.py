@@ -1,0 +1,247 @@
+"""The Omniglot reader, on zips and folders generated here in the official layout."""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learnedopt.data import DATA_ENV_VAR, default_data_root, load_omniglot
+
+Image = pytest.importorskip("PIL.Image", reason="Pillow missing: pip install learnedopt[data]")
+
+SIZE = 105
+DRAWERS = 3
+
+
+def glyph_mask(alphabet: str, character: str, drawer: int, variant: int = 0) -> np.ndarray:
+    """Ink mask (True = ink) of a generated glyph: a rectangle placed by its identity."""
+    seed = sum(map(ord, alphabet + character)) + 31 * drawer + 1000 * variant
+    rng = np.random.default_rng(seed)
+    top, left = rng.integers(0, 60, size=2)
+    height, width = rng.integers(10, 40, size=2)
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[top : top + height, left : left + width] = True
+    return mask
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    image = Image.fromarray(~mask).convert("1")  # official PNGs: 1-bit, ink black (0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def character_files(alphabet: str, character: str, variant: int) -> dict[str, bytes]:
+    return {
+        f"{alphabet}/{character}/{900 + int(character[-2:]):04d}_{d:02d}.png": png_bytes(
+            glyph_mask(alphabet, character, d, variant)
+        )
+        for d in range(1, DRAWERS + 1)
+    }
+
+
+# Split 1: Alpha (1 character) and Greek (2). Split 2: Greek (the same 2, drawn differently so
+# that the test can tell which copy was used, plus a third) and Zeta (3).
+SPLIT1 = {"Alpha": ["character01"], "Greek": ["character01", "character02"]}
+SPLIT2 = {
+    "Greek": ["character01", "character02", "character03"],
+    "Zeta": ["character01", "character02", "character03"],
+}
+EXPECTED_CLASSES = [
+    ("Alpha", "character01"),
+    ("Greek", "character01"),
+    ("Greek", "character02"),
+    ("Greek", "character03"),
+    ("Zeta", "character01"),
+    ("Zeta", "character02"),
+    ("Zeta", "character03"),
+]
+
+
+def layout(alphabets: dict[str, list[str]], variant: int) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for alphabet, characters in alphabets.items():
+        for character in characters:
+            files.update(character_files(alphabet, character, variant))
+    return files
+
+
+def make_zip(path: Path, top: str, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{top}/", b"")
+        for name, data in files.items():
+            archive.writestr(f"{top}/{name}", data)
+        archive.writestr(f"__MACOSX/{top}/._junk.png", b"not a png")
+    return path
+
+
+def make_folder(path: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("omniglot")
+    return (
+        make_zip(
+            directory / "images_background_small1.zip",
+            "images_background_small1",
+            layout(SPLIT1, variant=1),
+        ),
+        make_zip(
+            directory / "images_background_small2.zip",
+            "images_background_small2",
+            layout(SPLIT2, variant=2),
+        ),
+    )
+
+
+def test_merge_deduplicates_characters(zips: tuple[Path, Path]) -> None:
+    data = load_omniglot(list(zips), image_size=None)
+
+    assert data.classes == EXPECTED_CLASSES
+    assert data.alphabets == ["Alpha", "Greek", "Zeta"]
+    assert data.alphabet_of_class.tolist() == [0, 1, 1, 1, 2, 2, 2]
+    assert data.num_classes == 7 and len(data) == 7 * DRAWERS
+    assert data.labels.dtype == torch.int64
+    assert data.labels.tolist() == [c for c in range(7) for _ in range(DRAWERS)]
+    assert torch.equal(data.base_class_of_class, torch.arange(7))
+    assert data.rotation_of_class.tolist() == [0] * 7
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_first_source_wins_and_inversion(zips: tuple[Path, Path], order: tuple[int, int]) -> None:
+    data = load_omniglot([zips[i] for i in order], image_size=None)
+    first_variant = order[0] + 1
+    assert data.images.shape == (7 * DRAWERS, 1, SIZE, SIZE)
+    assert data.images.dtype == torch.float32
+    for label, (alphabet, character) in enumerate(data.classes):
+        # Greek 1 and 2 are in both zips; everything else is in only one.
+        in_both = alphabet == "Greek" and character != "character03"
+        variant = first_variant if in_both else (1 if alphabet == "Alpha" else 2)
+        images = data.images[data.labels == label, 0]
+        for drawer, image in enumerate(images, start=1):
+            mask = glyph_mask(alphabet, character, drawer, variant)
+            assert torch.equal(image, torch.from_numpy(mask.astype(np.float32)))
+
+
+def test_folder_source_matches_zip(zips: tuple[Path, Path], tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "images_background", layout(SPLIT2, variant=2))
+    from_folder = load_omniglot([folder], image_size=20)
+    from_zip = load_omniglot(zips[1], image_size=20)
+    assert from_folder.classes == from_zip.classes
+    assert torch.equal(from_folder.labels, from_zip.labels)
+    assert torch.equal(from_folder.images, from_zip.images)
+
+
+def test_resize(zips: tuple[Path, Path]) -> None:
+    full = load_omniglot(list(zips), image_size=None)
+    small = load_omniglot(list(zips), image_size=28)
+    assert small.images.shape == (len(full), 1, 28, 28) and small.images.dtype == torch.float32
+    assert small.images.min() >= 0.0 and small.images.max() <= 1.0
+    assert torch.equal(small.labels, full.labels)
+    # Resampling keeps the ink mass (up to filter ringing) and where the ink is.
+    assert torch.allclose(small.images.mean((1, 2, 3)), full.images.mean((1, 2, 3)), atol=0.02)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(full.images, 28)
+    assert (small.images - pooled).abs().mean() < 0.05
+    assert small.images.amax((1, 2, 3)).min() > 0.9  # every rectangle is >= 10 px wide
+
+
+def test_rotations(zips: tuple[Path, Path]) -> None:
+    data = load_omniglot(list(zips), image_size=None, rotations=True)
+    base = load_omniglot(list(zips), image_size=None)
+    n = base.num_classes
+    assert data.num_classes == 4 * n and len(data) == 4 * len(base)
+    assert data.classes[:n] == base.classes
+    assert data.classes[n + 2] == ("Greek", "character02@rot90")
+    assert data.classes[3 * n] == ("Alpha", "character01@rot270")
+    assert data.alphabet_of_class.tolist() == base.alphabet_of_class.tolist() * 4
+    assert data.base_class_of_class.tolist() == list(range(n)) * 4
+    assert data.rotation_of_class.tolist() == [0] * n + [90] * n + [180] * n + [270] * n
+    assert torch.equal(data.labels.bincount(), torch.full((4 * n,), DRAWERS))
+
+    # Compare with Pillow's rotate, which turns counter-clockwise.
+    alphabet, character = base.classes[2]
+    mask = glyph_mask(alphabet, character, drawer=1, variant=1)
+    for step, angle in enumerate((90, 180, 270), start=1):
+        rotated = np.asarray(Image.fromarray(mask).rotate(angle), dtype=np.float32)
+        image = data.images[data.labels == 2 + step * n][0, 0]
+        assert torch.equal(image, torch.from_numpy(rotated))
+
+
+def test_default_sources_from_env(
+    zips: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "omniglot").mkdir()
+    for source in zips:
+        (tmp_path / "omniglot" / source.name).symlink_to(source)
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    assert load_omniglot().classes == EXPECTED_CLASSES
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.zip"):
+        load_omniglot([tmp_path / "missing.zip"])
+
+    not_zip = tmp_path / "not.zip"
+    not_zip.write_bytes(b"PK but not really a zip")
+    with pytest.raises(ValueError, match="not.zip: not a readable zip"):
+        load_omniglot([not_zip])
+
+    flat = make_zip(tmp_path / "flat.zip", "top", {"a.png": png_bytes(glyph_mask("a", "01", 1))})
+    with pytest.raises(ValueError, match="flat.zip: no PNGs in the Omniglot layout"):
+        load_omniglot([flat])
+
+    broken = make_zip(tmp_path / "broken.zip", "top", {"A/character01/1_01.png": b"garbage"})
+    with pytest.raises(ValueError, match="cannot read image top/A/character01/1_01.png"):
+        load_omniglot([broken])
+
+    with pytest.raises(ValueError, match="no Omniglot sources"):
+        load_omniglot([])
+
+
+def test_missing_pillow_message(zips: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(ImportError, match=r"pip install learnedopt\[data\]"):
+        load_omniglot(list(zips))
+
+
+# Real data ----------------------------------------------------------------------------------
+
+_ROOT = default_data_root()
+_OMNIGLOT = _ROOT / "omniglot" if _ROOT is not None else None
+_REAL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+
+
+@pytest.mark.skipif(
+    _OMNIGLOT is None or not all((_OMNIGLOT / z).is_file() for z in _REAL_ZIPS),
+    reason=f"real Omniglot zips {_REAL_ZIPS} not found (looked in {_OMNIGLOT}; set {DATA_ENV_VAR})",
+)
+def test_real_omniglot() -> None:
+    data = load_omniglot()
+    assert data.num_classes == 242
+    assert len(set(data.classes)) == 242
+    assert data.images.shape == (242 * 20, 1, 28, 28)
+    assert torch.equal(data.labels.bincount(), torch.full((242,), 20))
+    assert data.alphabets == [
+        "Balinese",
+        "Early_Aramaic",
+        "Greek",
+        "Japanese_(katakana)",
+        "Korean",
+        "Latin",
+        "Sanskrit",
+        "Tagalog",
+    ]
+    ink = data.images.mean()
+    assert 0.02 < ink < 0.25  # mostly background after inversion

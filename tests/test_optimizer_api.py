@@ -1,0 +1,142 @@
+"""The torch.optim protocol: groups, closures, schedulers, dtypes, skipping, maximize."""
+
+import pytest
+import torch
+
+from helpers import OPTIMIZERS, make_params, set_grads, step
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+
+
+def test_is_a_torch_optimizer_with_defaults() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = LSTMOptimizer(model.parameters())
+    assert isinstance(opt, torch.optim.Optimizer)
+    group = opt.param_groups[0]
+    assert group["lr"] == 1.0 and group["maximize"] is False and group["state_dtype"] == torch.float32
+    assert group["nan_policy"] == "raise" and group["backend"] == "auto"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_per_group_options_and_add_param_group(kind) -> None:
+    a, b, c = make_params([(4,), (3,), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": [a]}, {"params": [b], "lr": 0.0}])
+    opt.add_param_group({"params": [c], "state_dtype": torch.bfloat16, "maximize": True})
+    assert len(opt.param_groups) == 3
+    before = b.detach().clone()
+    set_grads([a, b, c], seed=1)
+    step(opt)
+    assert torch.equal(b, before), "lr=0 must leave the parameter unchanged"
+    assert opt.state[b]["h"].abs().sum() > 0, "states still advance at lr=0"
+    assert opt.state[c]["h"].dtype == torch.bfloat16 and opt.state[a]["h"].dtype == torch.float32
+
+
+def test_closure_is_called_with_grad_enabled_and_loss_returned() -> None:
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    for opt in (LSTMOptimizer(model.parameters()), MetaLSTMOptimizer(model.parameters())):
+        def closure():
+            assert torch.is_grad_enabled()
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_params_without_grad_are_skipped(kind, foreach) -> None:
+    params = make_params([(4,), (6,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, foreach=foreach)
+    set_grads(params, seed=0, skip={1})
+    before = params[1].detach().clone()
+    step(opt)
+    assert torch.equal(params[1], before)
+    assert params[1] not in opt.state or "h" not in opt.state[params[1]] or opt.state[params[1]]["step"] == 0
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_zero_grad(kind) -> None:
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, seed=0)
+    opt.zero_grad()
+    assert params[0].grad is None
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_maximize_equals_minimizing_the_negation(kind, foreach) -> None:
+    results = []
+    for maximize in (False, True):
+        params = make_params([(5,), (2, 3)])
+        opt = OPTIMIZERS[kind](params, maximize=maximize, foreach=foreach, state_dtype=torch.float64)
+        for t in range(3):
+            set_grads(params, seed=t, scale=-1.0 if maximize else 1.0)
+            if kind == "meta":
+                opt.step(loss=-(1.0 + t) if maximize else 1.0 + t)
+            else:
+                opt.step()
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_lr_scales_the_step_and_schedulers_work(kind) -> None:
+    deltas = []
+    for lr in (1.0, 0.25):
+        params = make_params([(50,)])
+        start = params[0].detach().clone()
+        opt = OPTIMIZERS[kind](params, lr=lr, state_dtype=torch.float64)
+        set_grads(params, seed=3)
+        step(opt)
+        deltas.append(params[0].detach() - start)
+    torch.testing.assert_close(deltas[1], 0.25 * deltas[0], rtol=1e-12, atol=1e-15)
+
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, t / 3))
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = params[0].detach().clone()
+    set_grads(params, seed=0)
+    step(opt)
+    warmup.step()
+    assert torch.equal(params[0], before), "warm-up from lr=0 leaves parameters unchanged"
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 3)
+    set_grads(params, seed=1)
+    step(opt)
+    assert not torch.equal(params[0], before)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_parameter_and_state_dtypes(kind, dtype, state_dtype) -> None:
+    params = make_params([(7,), (3, 2)], dtype=dtype)
+    reference = [p.detach().double().requires_grad_(True) for p in params]
+    opt = OPTIMIZERS[kind](params, state_dtype=state_dtype)
+    ref = OPTIMIZERS[kind](reference, state_dtype=torch.float64)
+    for t in range(3):
+        set_grads(params, seed=t)
+        for p, q in zip(params, reference):
+            q.grad = p.grad.double()
+        step(opt)
+        step(ref)
+    for p, q in zip(params, reference):
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        assert opt.state[p]["h"].dtype == state_dtype
+        # low-precision parameters and states round each step; the update is ~1e-2 per step
+        tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+        if state_dtype == torch.bfloat16:
+            tol = max(tol, 1e-3)
+        torch.testing.assert_close(p.double(), q.detach(), rtol=tol, atol=tol)
+
+
+def test_named_parameters_are_accepted() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = LSTMOptimizer(model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()

@@ -1,0 +1,131 @@
+"""Every bad input gets a clear error, and nothing is changed when it does."""
+
+import pytest
+import torch
+
+from helpers import OPTIMIZERS, make_params, set_grads, step
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_constructor_validation(cls) -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cls([])
+    with pytest.raises(ValueError, match="Invalid lr"):
+        cls(p, lr=-0.1)
+    with pytest.raises(ValueError, match="Invalid lr"):
+        cls(p, lr=float("nan"))
+    with pytest.raises(ValueError, match="Invalid backend"):
+        cls(p, backend="cuda")
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        cls(p, state_dtype=torch.int32)
+    with pytest.raises(ValueError, match="Invalid nan_policy"):
+        cls(p, nan_policy="ignore")
+    with pytest.raises(ValueError, match="Invalid lr"):
+        cls([{"params": p, "lr": -1.0}])
+
+
+def test_triton_backend_before_it_exists_is_a_clear_error() -> None:
+    from learnedopt import kernels
+
+    if kernels.FUSED_UPDATES_AVAILABLE:
+        pytest.skip("the fused kernels exist in this version")
+    with pytest.raises(ValueError, match="backend='triton' is not available"):
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)], backend="triton")
+
+
+def test_wrong_rule_kind_is_rejected() -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="runs a CoordinateLSTM update rule"):
+        LSTMOptimizer(p, weights="meta-lstm-2017")
+    with pytest.raises(ValueError, match="unknown preset"):
+        LSTMOptimizer(p, weights="no-such-preset")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_complex_parameters_are_rejected(kind) -> None:
+    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match="complex parameters"):
+        OPTIMIZERS[kind]([z])
+    opt = OPTIMIZERS[kind]([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.add_param_group({"params": [z]})
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_sparse_gradients_are_rejected(kind) -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = OPTIMIZERS[kind](emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        step(opt)
+    assert torch.equal(emb.weight, before)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_policy_raise_names_the_parameter_and_changes_nothing(kind, foreach, bad) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = OPTIMIZERS[kind]([{"params": model[0].parameters()}, {"params": model[1].parameters()}], foreach=foreach)
+    params = list(model.parameters())
+    set_grads(params, 0)
+    step(opt)
+    before = [p.detach().clone() for p in params]
+    states = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    set_grads(params, 1)
+    params[3].grad[0] = bad
+    with pytest.raises(NonFiniteGradientError, match=r"param_groups\[1\]\['params'\]\[1\]"):
+        step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in states.items())
+
+
+def test_nan_policy_raise_uses_parameter_names_when_given() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = LSTMOptimizer(model.named_parameters())
+    model(torch.randn(1, 2)).sum().backward()
+    model.bias.grad[1] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="'bias'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_nan_policy_skip_leaves_that_tensor_and_its_state(kind, foreach) -> None:
+    params = make_params([(5,), (4,), (6,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, nan_policy="skip", foreach=foreach)
+    set_grads(params, 0)
+    step(opt)
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    set_grads(params, 1)
+    params[1].grad[2] = float("inf")
+    step(opt)
+    assert torch.equal(params[1], before[1])
+    for k, v in state.items():
+        assert torch.equal(opt.state[params[1]][k], v), k
+    assert not torch.equal(params[0], before[0]) and not torch.equal(params[2], before[2])
+    for p in params:
+        assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+def test_meta_lstm_needs_the_loss() -> None:
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = MetaLSTMOptimizer(params)
+    set_grads(params, 0)
+    with pytest.raises(ValueError, match=r"needs the loss.*step\(closure\).*step\(loss=loss\)"):
+        opt.step()
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(loss=torch.ones(2))
+    with pytest.raises(NonFiniteGradientError, match="loss"):
+        opt.step(loss=float("nan"))
+    opt.step(loss=0.3)
+    assert opt.state[params[0]]["step"] == 1
+
+
+def test_integer_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="floating-point"):
+        LSTMOptimizer([torch.zeros(2, dtype=torch.int64)])

@@ -1,0 +1,77 @@
+"""The batched (flat, chunked) path against the per-tensor reference."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import OPTIMIZERS, make_params, set_grads, step
+
+
+def run(kind, shapes, foreach, *, steps=4, chunk=None, noncontiguous=(), skip_schedule=None, **options):
+    params = make_params(shapes, noncontiguous=noncontiguous)
+    opt = OPTIMIZERS[kind](params, foreach=foreach, state_dtype=torch.float64, **options)
+    if chunk is not None:
+        opt.chunk = chunk
+    for t in range(steps):
+        skip = skip_schedule(t) if skip_schedule else ()
+        set_grads(params, seed=100 + t, skip=skip)
+        step(opt, 0.5 + t)
+    return params, opt
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("chunk", [7, 2048])
+def test_batched_matches_reference_float64(kind, chunk) -> None:
+    shapes = [(5, 3), (0,), (1,), (17,), (4, 0, 2), (33, 2), (2, 2, 2)]
+    opts = dict(steps=5, noncontiguous=(5,))
+    ref_params, ref = run(kind, shapes, False, **opts)
+    params, opt = run(kind, shapes, True, chunk=chunk, **opts)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    for p, q in zip(params, ref_params):
+        for name in opt.rule.state_spec():
+            torch.testing.assert_close(opt.state[p][name], ref.state[q][name], rtol=1e-12, atol=1e-12)
+        assert opt.state[p]["step"] == ref.state[q]["step"] == 5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_batched_matches_reference_when_some_grads_are_none(kind) -> None:
+    # parameter 1 only gets a gradient from step 2 on, parameter 3 only on even steps
+    schedule = lambda t: ({1} if t < 2 else set()) | ({3} if t % 2 else set())  # noqa: E731
+    shapes = [(6,), (4, 4), (9,), (3,), (10,)]
+    ref_params, ref = run(kind, shapes, False, steps=6, skip_schedule=schedule)
+    params, opt = run(kind, shapes, True, steps=6, chunk=5, skip_schedule=schedule)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert opt.state[params[1]]["step"] == 4 and opt.state[params[3]]["step"] == 3
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5),
+    chunk=st.integers(1, 40),
+    maximize=st.booleans(),
+    lr=st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_property_batched_equals_reference(shapes, chunk, maximize, lr) -> None:
+    ref_params, _ = run("lstm", shapes, False, steps=2, maximize=maximize, lr=lr)
+    params, _ = run("lstm", shapes, True, steps=2, chunk=chunk, maximize=maximize, lr=lr)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_dtypes_in_one_group_match_reference() -> None:
+    shapes = [(8,), (5, 2), (7,)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16]
+    results = []
+    for foreach in (False, True):
+        params = [p.to(d).detach().requires_grad_(True) for p, d in zip(make_params(shapes), dtypes)]
+        opt = OPTIMIZERS["lstm"](params, foreach=foreach)
+        for t in range(3):
+            set_grads(params, seed=t)
+            opt.step()
+        results.append(params)
+    for p, q in zip(*results):
+        assert p.dtype == q.dtype
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from learnedopt.nn import preprocess
+
+
+def literal(g: torch.Tensor, p: float) -> torch.Tensor:
+    """The paper's rule, written case by case."""
+    rows = []
+    for x in g.tolist():
+        if abs(x) >= math.exp(-p):
+            rows.append((math.log(abs(x)) / p, math.copysign(1.0, x)))
+        else:
+            rows.append((-1.0, math.exp(p) * x))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("p", [10.0, 3.0])
+def test_both_sides_of_threshold(p: float) -> None:
+    t = math.exp(-p)
+    g = torch.tensor(
+        [0.0, t * 0.5, -t * 0.5, t * 0.999, -t * 0.999, t * 1.001, -t * 1.001, 1e-2, -3.0, 1e3, -1e-30],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(preprocess(g, p), literal(g, p), rtol=1e-12, atol=1e-12)
+
+
+def test_exactly_at_threshold_and_continuity() -> None:
+    p = 10.0
+    t = torch.tensor([math.exp(-p)], dtype=torch.float64)
+    torch.testing.assert_close(preprocess(t, p), torch.tensor([[-1.0, 1.0]], dtype=torch.float64))
+    below = preprocess(t * (1 - 1e-9), p)
+    above = preprocess(t * (1 + 1e-9), p)
+    assert torch.allclose(below, above, atol=1e-8)
+
+
+def test_random_magnitudes_and_dtype() -> None:
+    g = torch.randn(1000, dtype=torch.float64) * torch.logspace(-8, 2, 1000, dtype=torch.float64)
+    out = preprocess(g, 10.0)
+    assert out.shape == (1000, 2) and out.dtype == torch.float64
+    torch.testing.assert_close(out, literal(g, 10.0), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_is_finite_at_zero() -> None:
+    g = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    preprocess(g, 10.0).sum().backward()
+    assert torch.isfinite(g.grad).all()
+
+
+def test_rejects_nonpositive_p() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        preprocess(torch.ones(2), 0.0)

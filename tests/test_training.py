@@ -1,0 +1,36 @@
+"""End to end: each optimizer lowers the loss of a small MLP on generated data."""
+
+import pytest
+import torch
+
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+from learnedopt.demo import make_problem, train
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: LSTMOptimizer(p),
+        lambda p: LSTMOptimizer(p, foreach=False),
+        lambda p: LSTMOptimizer(p, state_dtype=torch.bfloat16),
+        lambda p: MetaLSTMOptimizer(p),
+    ],
+    ids=["lstm", "lstm-reference", "lstm-bf16-state", "meta-lstm"],
+)
+def test_small_mlp_loss_goes_down_in_200_steps(make) -> None:
+    x, y = make_problem(seed=0, n=256)
+    losses = train(make, x, y, steps=200)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_initial_meta_lstm_acts_as_gradient_descent() -> None:
+    """With its initial weights the meta-learner is SGD with step sigmoid(b_i) and decay sigmoid(b_f)."""
+    x, y = make_problem(seed=0, n=256)
+    meta = MetaLSTMOptimizer(torch.nn.Linear(1, 1).parameters())
+    forget, step_size = torch.sigmoid(meta.rule.bias_fi).tolist()
+    learned = train(lambda p: MetaLSTMOptimizer(p), x, y, steps=200)
+    sgd = train(lambda p: torch.optim.SGD(p, lr=step_size, weight_decay=(1 - forget) / step_size), x, y, steps=200)
+    assert learned[-1] < 0.9 * learned[0]
+    assert abs(learned[-1] - sgd[-1]) < 0.05 * sgd[0]

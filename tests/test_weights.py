@@ -1,0 +1,123 @@
+"""Weight files: round trip, presets, and clear errors on bad files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from learnedopt import (
+    CoordinateLSTM,
+    LSTMOptimizer,
+    MetaLSTMCell,
+    MetaLSTMOptimizer,
+    UntrainedWeightsWarning,
+    load_weights,
+    save_weights,
+)
+from learnedopt.weights import PRESETS, build_preset, read_header
+
+
+def test_round_trip_keeps_architecture_and_values(tmp_path) -> None:
+    rule = CoordinateLSTM(hidden_size=12, num_layers=3, momentum_decays=(0.9,), param_input=True)
+    path = tmp_path / "rule.safetensors"
+    save_weights(rule, path, trained_on="unit test", extra={"note": "x"})
+    loaded, header = load_weights(path)
+    assert isinstance(loaded, CoordinateLSTM) and loaded.config == rule.config
+    assert header["trained_on"] == "unit test" and header["note"] == "x" and header["library_version"]
+    for (k, v), (k2, v2) in zip(rule.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_optimizer_accepts_path_preset_and_module(tmp_path, recwarn) -> None:
+    rule = MetaLSTMCell()
+    path = tmp_path / "meta.safetensors"
+    save_weights(rule, path)
+    p = [torch.zeros(3, requires_grad=True)]
+    by_path = MetaLSTMOptimizer(p, weights=path)
+    by_str = MetaLSTMOptimizer(p, weights=str(path))
+    by_module = MetaLSTMOptimizer(p, weights=rule)
+    for opt in (by_path, by_str, by_module):
+        assert torch.equal(opt.rule.bias_fi, rule.bias_fi)
+    assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_untrained_default_warns_loudly(cls) -> None:
+    if PRESETS[cls.default_preset].file is not None:
+        pytest.skip("the default preset ships trained weights")
+    with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
+        cls([torch.zeros(2, requires_grad=True)])
+
+
+def test_presets_are_deterministic() -> None:
+    a, _ = build_preset("l2l-2016")
+    b, _ = build_preset("l2l-2016")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_wrong_architecture_file_is_rejected(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="runs a MetaLSTMCell update rule"):
+        MetaLSTMOptimizer(p, weights=path)
+    # header says hidden 20, tensors are hidden 8
+    small = CoordinateLSTM(hidden_size=8)
+    header = {"format": 1, "kind": "CoordinateLSTM", "config": CoordinateLSTM().config_dict(), "trained": True}
+    save_file(dict(small.state_dict()), str(path), metadata={"learnedopt": json.dumps(header)})
+    with pytest.raises(ValueError, match="do not match the CoordinateLSTM architecture"):
+        LSTMOptimizer(p, weights=path)
+
+
+def test_truncated_file_is_rejected(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_weights(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_weights(path)
+
+
+def test_nan_weights_are_rejected(tmp_path) -> None:
+    rule = CoordinateLSTM()
+    with torch.no_grad():
+        rule.bias[1][3] = float("nan")
+    path = tmp_path / "w.safetensors"
+    save_weights(rule, path)
+    with pytest.raises(ValueError, match=r"NaN or Inf in \['bias.1'\]"):
+        load_weights(path)
+
+
+def test_files_without_header_or_pickles_are_rejected_without_running_code(tmp_path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="no learnedopt header"):
+        load_weights(plain)
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle code ran')",))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_weights(evil)
+    with pytest.raises(FileNotFoundError):
+        load_weights(tmp_path / "missing.safetensors")
+
+
+def test_unknown_kind_and_format(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    for header, message in [
+        ({"format": 1, "kind": "Transformer", "config": {}}, "unknown update rule kind"),
+        ({"format": 99, "kind": "CoordinateLSTM", "config": {}}, "unsupported weight format"),
+    ]:
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": json.dumps(header)})
+        with pytest.raises(ValueError, match=message):
+            read_header(path)
