@@ -238,7 +238,8 @@ class LearnedOptimizer(Optimizer):
         for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
             lr = float(group["lr"])
-            loss_here = None if loss is None else loss.to(device, compute_dtype)
+            # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
+            loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
             common = dict(lr=lr, loss=loss_here, maximize=group["maximize"], compute_dtype=compute_dtype)
             if group["foreach"] is False:
                 states = [self._state_of(p, state_dtype) for p in ps]

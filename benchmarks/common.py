@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: timing and writing results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_call(fn: Callable[[], object], *, repeats: int = 5, min_time: float = 0.2) -> float:
+    """Median seconds per call over ``repeats`` measurements of at least ``min_time`` each."""
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        samples.append(elapsed / calls)
+    return statistics.median(samples)
+
+
+def matmul_gflops(size: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved GFLOP/s of a square ``torch.matmul`` on this machine, now."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds = time_call(lambda: torch.matmul(a, b))
+    return 2 * size**3 / seconds / 1e9
+
+
+def machine() -> dict[str, object]:
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_results(name: str, payload: dict, table: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
