@@ -4,31 +4,31 @@ import torch
 from learnedopt.nn import CoordinateLSTM, CoordinateLSTMConfig, preprocess
 
 
-def to_torch_gate_order(w: torch.Tensor, hidden: int) -> torch.Tensor:
-    """(i, f, o, g) rows -> torch.nn.LSTM's (i, f, g, o)."""
-    i, f, o, g = w.split(hidden)
-    return torch.cat([i, f, g, o])
+def lstm_equations(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """Hochreiter & Schmidhuber's LSTM with torch's gate order (i, f, g, o), written out."""
+    i, f, g, o = (x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
 
 
-def test_matches_torch_nn_lstm() -> None:
+def test_matches_the_paper_architecture_written_out() -> None:
     rule = CoordinateLSTM().double()
-    hidden, layers = 20, 2
-    reference = torch.nn.LSTM(2, hidden, num_layers=layers).double()
     with torch.no_grad():
-        for k in range(layers):
-            getattr(reference, f"weight_ih_l{k}").copy_(to_torch_gate_order(rule.weight_ih[k], hidden))
-            getattr(reference, f"weight_hh_l{k}").copy_(to_torch_gate_order(rule.weight_hh[k], hidden))
-            getattr(reference, f"bias_ih_l{k}").copy_(to_torch_gate_order(rule.bias[k], hidden))
-            getattr(reference, f"bias_hh_l{k}").zero_()
+        for param in rule.parameters():
+            param.add_(torch.randn_like(param) * 0.3)  # make every weight matter
     n = 37
     state = {name: torch.randn(spec.shape(n), dtype=torch.float64) for name, spec in rule.state_spec().items()}
-    grad = torch.randn(n, dtype=torch.float64)
-    step, new = rule(grad, torch.randn(n, dtype=torch.float64), state)
-    out, (h, c) = reference(preprocess(grad, 10.0).unsqueeze(0), (state["h"], state["c"]))
-    torch.testing.assert_close(new["h"], h)
-    torch.testing.assert_close(new["c"], c)
-    expected = (out[0] @ rule.weight_out.t() + rule.bias_out).squeeze(1) * 0.1
-    torch.testing.assert_close(step, expected)
+    grad = torch.randn(n, dtype=torch.float64) * torch.logspace(-6, 1, n, dtype=torch.float64)
+    with torch.no_grad():
+        step, new = rule(grad, torch.randn(n, dtype=torch.float64), state)
+        x = preprocess(grad, 10.0)
+        for layer in range(2):
+            weights = [getattr(rule.lstm, f"{w}_l{layer}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            x, c = lstm_equations(x, state["h"][layer], state["c"][layer], *weights)
+            torch.testing.assert_close(new["h"][layer], x, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(new["c"][layer], c, rtol=1e-12, atol=1e-12)
+        expected = 0.1 * (x @ rule.head.weight.t() + rule.head.bias).squeeze(1)
+    torch.testing.assert_close(step, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_does_not_modify_inputs_and_shapes() -> None:

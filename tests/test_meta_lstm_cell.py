@@ -8,16 +8,10 @@ from learnedopt.nn import MetaLSTMCell, preprocess
 def paper_step(rule, grad, theta, loss, h, c, f_prev, i_prev):
     """Ravi & Larochelle (2017), eqs. 2-4, transcribed coordinate by coordinate."""
     x_in = torch.cat([preprocess(grad, 10.0), preprocess(loss.reshape(1), 10.0).expand(len(grad), 2)], 1)
-    lstm = torch.nn.LSTMCell(4, 20).double()
-    i, f, o, g = rule.weight_ih.split(20)
-    ih, fh, oh, gh = rule.weight_hh.split(20)
-    bi, bf, bo, bg = rule.bias.split(20)
-    with torch.no_grad():
-        lstm.weight_ih.copy_(torch.cat([i, f, g, o]))
-        lstm.weight_hh.copy_(torch.cat([ih, fh, gh, oh]))
-        lstm.bias_ih.copy_(torch.cat([bi, bf, bg, bo]))
-        lstm.bias_hh.zero_()
-    h_new, c_new = lstm(x_in, (h, c))
+    gates = x_in @ rule.lstm.weight_ih_l0.t() + rule.lstm.bias_ih_l0 + h @ rule.lstm.weight_hh_l0.t() + rule.lstm.bias_hh_l0
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
     theta_new, f_all, i_all = [], [], []
     wf, wi = rule.weight_fi[0], rule.weight_fi[1]
     for k in range(len(grad)):

@@ -87,10 +87,10 @@ def test_truncated_file_is_rejected(tmp_path) -> None:
 def test_nan_weights_are_rejected(tmp_path) -> None:
     rule = CoordinateLSTM()
     with torch.no_grad():
-        rule.bias[1][3] = float("nan")
+        rule.lstm.bias_ih_l1[3] = float("nan")
     path = tmp_path / "w.safetensors"
     save_weights(rule, path)
-    with pytest.raises(ValueError, match=r"NaN or Inf in \['bias.1'\]"):
+    with pytest.raises(ValueError, match=r"NaN or Inf in \[.lstm.bias_ih_l1.\]"):
         load_weights(path)
 
 

@@ -2,7 +2,7 @@
 
 from .base import State, StateSpec, UpdateRule
 from .coordinate_lstm import CoordinateLSTM, CoordinateLSTMConfig
-from .functional import lstm_cell, preprocess
+from .functional import preprocess
 from .meta_lstm import MetaLSTMCell, MetaLSTMConfig
 
 RULES: dict[str, type[UpdateRule]] = {cls.kind: cls for cls in (CoordinateLSTM, MetaLSTMCell)}
@@ -16,6 +16,5 @@ __all__ = [
     "State",
     "StateSpec",
     "UpdateRule",
-    "lstm_cell",
     "preprocess",
 ]

@@ -32,30 +32,3 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     magnitude = torch.log(x.abs().clamp_min(math.exp(-p))) / p
     direction = (x * math.exp(p)).clamp(-1.0, 1.0)
     return torch.stack((magnitude, direction), dim=-1)
-
-
-def lstm_cell(
-    x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One LSTM cell step for a batch of coordinates.
-
-    Gate rows of the weights are ordered (input, forget, output, cell): the three sigmoid gates
-    first, so they are activated in one call. (``torch.nn.LSTMCell`` orders them i, f, g, o.)
-
-    Args:
-        x: ``(n, in)`` inputs.
-        h, c: ``(n, H)`` previous hidden and cell state.
-        weight_ih: ``(4H, in)``; weight_hh: ``(4H, H)``; bias: ``(4H,)``.
-
-    Returns:
-        The new ``(h, c)``, each ``(n, H)``.
-    """
-    hidden = h.shape[-1]
-    gates = torch.addmm(bias, x, weight_ih.t())
-    gates = torch.addmm(gates, h, weight_hh.t())
-    sig = torch.sigmoid(gates[:, : 3 * hidden])
-    cell_input = torch.tanh(gates[:, 3 * hidden :])
-    i, f, o = sig[:, :hidden], sig[:, hidden : 2 * hidden], sig[:, 2 * hidden :]
-    c_new = torch.addcmul(f * c, i, cell_input)
-    h_new = o * torch.tanh(c_new)
-    return h_new, c_new

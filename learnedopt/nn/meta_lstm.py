@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import lstm_cell, preprocess
+from .functional import preprocess
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,8 @@ class MetaLSTMCell(UpdateRule):
             raise TypeError("pass either a config or keyword overrides, not both")
         super().__init__(config)
         hidden = config.hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden, 4))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
-        self.bias = nn.Parameter(torch.empty(4 * hidden))
+        # the input LSTM reads (log|g|/p, sign g, log|L|/p, sign L); see CoordinateLSTM on nn.LSTM
+        self.lstm = nn.LSTM(4, hidden, 1)
         # rows: forget gate, input gate; columns: x_t (H), theta_{t-1}, previous gate value
         self.weight_fi = nn.Parameter(torch.empty(2, hidden + 2))
         self.bias_fi = nn.Parameter(torch.empty(2))
@@ -71,7 +70,7 @@ class MetaLSTMCell(UpdateRule):
         """The paper's initialisation (see the class docstring). Deterministic for a generator."""
         bound = 1.0 / math.sqrt(self.config.hidden_size)
         with torch.no_grad():
-            for param in (self.weight_ih, self.weight_hh, self.bias):
+            for param in self.lstm.parameters():
                 param.uniform_(-bound, bound, generator=generator)
             self.weight_fi.uniform_(-0.01, 0.01, generator=generator)
             self.bias_fi[0].uniform_(4.0, 6.0, generator=generator)
@@ -93,7 +92,8 @@ class MetaLSTMCell(UpdateRule):
         p = self.config.preprocess_p
         loss_features = preprocess(loss.reshape(1).to(grad.dtype), p)
         x = torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
-        h, c = lstm_cell(x, state["h"][0], state["c"][0], self.weight_ih, self.weight_hh, self.bias)
+        _, (h_all, c_all) = self.lstm(x.unsqueeze(0), (state["h"], state["c"]))
+        h = h_all[0]
         hidden = self.config.hidden_size
         # gate pre-activations: x_t part by one product, then the two per-row scalar terms
         pre = torch.addmm(self.bias_fi, h, self.weight_fi[:, :hidden].t())
@@ -101,4 +101,4 @@ class MetaLSTMCell(UpdateRule):
         fi = torch.sigmoid(pre)
         forget, input_gate = fi[:, 0], fi[:, 1]
         step = (forget - 1.0) * param - input_gate * grad
-        return step, {"h": h.unsqueeze(0), "c": c.unsqueeze(0), "fi": fi.t()}
+        return step, {"h": h_all, "c": c_all, "fi": fi.t()}

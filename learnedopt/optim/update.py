@@ -17,7 +17,7 @@ from ..nn import State, UpdateRule
 
 #: Coordinates per chunk in the batched path: small enough that one chunk's gate temporaries
 #: (4 x hidden values per coordinate) stay in cache, large enough to amortise op overheads.
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 8192
 
 
 def _signed(grad: Tensor, maximize: bool) -> Tensor:
