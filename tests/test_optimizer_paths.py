@@ -75,3 +75,16 @@ def test_mixed_dtypes_in_one_group_match_reference() -> None:
     for p, q in zip(*results):
         assert p.dtype == q.dtype
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_copy_of_the_rule_follows_in_place_weight_changes() -> None:
+    params = make_params([(5,)])
+    opt = OPTIMIZERS["lstm"](params, state_dtype=torch.float64)
+    set_grads(params, 0)
+    opt.step()
+    with torch.no_grad():
+        opt.rule.head.bias.fill_(1.0)  # every step now moves each coordinate by about +0.1
+    before = params[0].detach().clone()
+    set_grads(params, 1)
+    opt.step()
+    assert (params[0] - before).min() > 0.05

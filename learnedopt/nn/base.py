@@ -42,8 +42,13 @@ class UpdateRule(nn.Module):
     #: The architecture dataclass of this rule.
     config_class: ClassVar[type]
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        """Take an instance of ``config_class``, or keyword overrides of its defaults."""
         super().__init__()
+        if config is None:
+            config = self.config_class(**overrides)
+        elif overrides:
+            raise TypeError("pass either a config or keyword overrides, not both")
         self.config = config
 
     def config_dict(self) -> dict[str, Any]:

@@ -70,11 +70,8 @@ class CoordinateLSTM(UpdateRule):
     config_class = CoordinateLSTMConfig
 
     def __init__(self, config: CoordinateLSTMConfig | None = None, **overrides) -> None:
-        if config is None:
-            config = CoordinateLSTMConfig(**overrides)
-        elif overrides:
-            raise TypeError("pass either a config or keyword overrides, not both")
-        super().__init__(config)
+        super().__init__(config, **overrides)
+        config = self.config
         # torch's LSTM: gate rows ordered (input, forget, cell, output), weights
         # weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}; on CPU it runs oneDNN's
         # fused cell, several times faster than the same math as separate ops.

@@ -53,11 +53,8 @@ class MetaLSTMCell(UpdateRule):
     config_class = MetaLSTMConfig
 
     def __init__(self, config: MetaLSTMConfig | None = None, **overrides) -> None:
-        if config is None:
-            config = MetaLSTMConfig(**overrides)
-        elif overrides:
-            raise TypeError("pass either a config or keyword overrides, not both")
-        super().__init__(config)
+        super().__init__(config, **overrides)
+        config = self.config
         hidden = config.hidden_size
         # the input LSTM reads (log|g|/p, sign g, log|L|/p, sign L); see CoordinateLSTM on nn.LSTM
         self.lstm = nn.LSTM(4, hidden, 1)

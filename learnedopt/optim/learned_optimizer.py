@@ -7,6 +7,7 @@ fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -78,7 +79,7 @@ class LearnedOptimizer(Optimizer):
             weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
         )
         self.rule.requires_grad_(False)
-        self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
+        self._rule_copies: dict[tuple[torch.device, torch.dtype], tuple[tuple[int, ...], UpdateRule]] = {}
         self._flat_states: dict[tuple[int, torch.device, torch.dtype], FlatState] = {}
         self.chunk = DEFAULT_CHUNK
         super().__init__(params, defaults)
@@ -203,7 +204,7 @@ class LearnedOptimizer(Optimizer):
             positions.append(position)
         if not grads:
             return params, grads
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()
+        finite = _all_finite(grads)
         if all(finite):
             return params, grads
         bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
@@ -289,12 +290,26 @@ class LearnedOptimizer(Optimizer):
         first = next(self.rule.parameters())
         if first.device == device and first.dtype == dtype:
             return self.rule
-        key = (device, dtype)
-        if key not in self._rule_copies:
-            import copy
+        # a copy is stale once the rule's weights were changed in place
+        version = tuple(p._version for p in self.rule.parameters())
+        cached = self._rule_copies.get((device, dtype))
+        if cached is None or cached[0] != version:
+            cached = (version, copy.deepcopy(self.rule).to(device=device, dtype=dtype))
+            self._rule_copies[(device, dtype)] = cached
+        return cached[1]
 
-            self._rule_copies[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype)
-        return self._rule_copies[key]
+
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is free of NaN/Inf, with one host sync per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(tensors)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).tolist()
+        for i, flag in zip(indices, flags, strict=True):
+            finite[i] = flag
+    return finite
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
