@@ -129,3 +129,20 @@ def test_meta_lstm_needs_the_loss() -> None:
 def test_integer_parameters_are_rejected() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         LSTMOptimizer([torch.zeros(2, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("kind", ["meta"])
+def test_rules_that_read_the_parameter_reject_non_finite_parameters(kind) -> None:
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    with torch.no_grad():
+        params[1][0] = float("inf")
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, 0)
+    with pytest.raises(NonFiniteGradientError, match=r"gradient or value of param_groups\[0\]\['params'\]\[1\]"):
+        step(opt)
+    assert not opt.state
+    skipping = OPTIMIZERS[kind](params, nan_policy="skip")
+    step(skipping)
+    skipped = skipping.state.get(params[1], {})
+    assert all(not v.any() for v in skipped.values()), "a skipped tensor's state stays at its initial value"
+    assert all(torch.isfinite(v).all() for v in skipping.state[params[0]].values())

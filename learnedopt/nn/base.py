@@ -42,6 +42,11 @@ class UpdateRule(nn.Module):
     #: The architecture dataclass of this rule.
     config_class: ClassVar[type]
 
+    @property
+    def reads_param(self) -> bool:
+        """Whether :meth:`forward` reads the parameter values (not only the gradients)."""
+        return False
+
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         """Take an instance of ``config_class``, or keyword overrides of its defaults."""
         super().__init__()

@@ -114,6 +114,10 @@ class CoordinateLSTM(UpdateRule):
             self.head.weight[0, 0] = -lr / (self.config.output_scale * top)
             self.head.bias.zero_()
 
+    @property
+    def reads_param(self) -> bool:
+        return self.config.param_input
+
     def state_spec(self) -> dict[str, StateSpec]:
         cfg = self.config
         spec = {

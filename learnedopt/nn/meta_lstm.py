@@ -73,6 +73,10 @@ class MetaLSTMCell(UpdateRule):
             self.bias_fi[0].uniform_(4.0, 6.0, generator=generator)
             self.bias_fi[1].uniform_(-5.0, -4.0, generator=generator)
 
+    @property
+    def reads_param(self) -> bool:
+        return True  # theta_{t-1} is the cell state
+
     def state_spec(self) -> dict[str, StateSpec]:
         hidden = self.config.hidden_size
         return {

@@ -205,12 +205,16 @@ class LearnedOptimizer(Optimizer):
         if not grads:
             return params, grads
         finite = _all_finite(grads)
+        if self.rule.reads_param:
+            # a rule that reads the parameter would carry a NaN/Inf value into its state
+            finite = [a and b for a, b in zip(finite, _all_finite(params), strict=True)]
         if all(finite):
             return params, grads
         bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
         if group["nan_policy"] == "raise":
+            what = "gradient or value" if self.rule.reads_param else "gradient"
             raise NonFiniteGradientError(
-                f"the gradient of {self._param_name(index, group, bad[0])} contains NaN or Inf "
+                f"the {what} of {self._param_name(index, group, bad[0])} contains NaN or Inf "
                 f"({len(bad)} parameter(s) affected); nan_policy='raise', so no parameter or state "
                 "was changed. Use nan_policy='skip' to skip such tensors."
             )
