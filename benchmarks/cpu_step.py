@@ -16,8 +16,8 @@ import argparse
 import warnings
 
 import torch
-
 from common import matmul_gflops, time_call, write_results
+
 from learnedopt import LSTMOptimizer
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import OPTIMIZERS, make_params, set_grads, step
+
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 
 

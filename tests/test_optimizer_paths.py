@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from helpers import OPTIMIZERS, make_params, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import OPTIMIZERS, make_params, set_grads, step
 
 
 def run(kind, shapes, foreach, *, steps=4, chunk=None, noncontiguous=(), skip_schedule=None, **options):
@@ -38,7 +37,7 @@ def test_batched_matches_reference_float64(kind, chunk) -> None:
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_batched_matches_reference_when_some_grads_are_none(kind) -> None:
     # parameter 1 only gets a gradient from step 2 on, parameter 3 only on even steps
-    schedule = lambda t: ({1} if t < 2 else set()) | ({3} if t % 2 else set())  # noqa: E731
+    schedule = lambda t: ({1} if t < 2 else set()) | ({3} if t % 2 else set())
     shapes = [(6,), (4, 4), (9,), (3,), (10,)]
     ref_params, ref = run(kind, shapes, False, steps=6, skip_schedule=schedule)
     params, opt = run(kind, shapes, True, steps=6, chunk=5, skip_schedule=schedule)

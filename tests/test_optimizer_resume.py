@@ -5,8 +5,8 @@ import io
 
 import pytest
 import torch
-
 from helpers import OPTIMIZERS, make_params, set_grads, step
+
 from learnedopt import CoordinateLSTM, LSTMOptimizer
 
 
@@ -22,7 +22,7 @@ def train(opt, params, steps, first):
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_resume_is_bit_identical(kind, foreach, state_dtype, param_dtype) -> None:
     shapes = [(6, 5), (7,), (3, 3), (1,)]
-    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}]  # noqa: E731
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}]
     options = dict(foreach=foreach, state_dtype=state_dtype)
 
     params = make_params(shapes, dtype=param_dtype)

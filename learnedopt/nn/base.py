@@ -61,7 +61,7 @@ class UpdateRule(nn.Module):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
 
     @classmethod
-    def from_config_dict(cls, values: dict[str, Any]) -> "UpdateRule":
+    def from_config_dict(cls, values: dict[str, Any]) -> UpdateRule:
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = set(values) - fields
         if unknown:

@@ -106,7 +106,7 @@ class CoordinateLSTM(UpdateRule):
                 # layer 0 reads sign(g) (feature 1); later layers read unit 0 below
                 w_ih[g, 1 if layer == 0 else 0] = 2.0
             # steady-state |h_top| under a gradient of constant sign, to calibrate the head
-            sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+            sig = lambda z: 1.0 / (1.0 + math.exp(-z))
             top = sig(5.0) * math.tanh(sig(5.0) * math.tanh(2.0) / (1.0 - 0.9))
             for _ in range(1, self.config.num_layers):
                 top = sig(5.0) * math.tanh(sig(5.0) * math.tanh(2.0 * top) / (1.0 - sig(-5.0)))
