@@ -1,0 +1,198 @@
+"""MAML (Finn et al. 2017), first-order MAML, Meta-SGD and MAML++'s multi-step loss, on
+``torch.func``.
+
+The model's parameters are the learned initialisation. For a meta-batch of tasks, each task
+adapts a copy of them with a few gradient steps on its support set, and the meta-loss is the
+query loss at the adapted parameters. The tasks of a meta-batch run under ``torch.func.vmap``
+(one batched computation for all tasks) where the model allows it, else in a loop.
+
+BatchNorm: statistics are always *transductive*, as in the original MAML code. Every forward pass
+normalises with the statistics of the batch it is given (the support set while adapting, the
+query set when evaluating), and no running statistics are kept or used
+(``torch.func.replace_all_batch_norm_modules_``). Numbers reported with this class use that
+setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class MAML(nn.Module):
+    """A learned initialisation (the wrapped model's parameters) trained by MAML.
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation.
+        inner_lr: step size of the inner gradient steps (the initial value when learned).
+        inner_steps: inner gradient steps during meta-training.
+        first_order: drop the second-order terms (first-order MAML): the meta-gradient is the
+            query-loss gradient at the adapted parameters.
+        learn_inner_lr: Meta-SGD (Li et al. 2017): a learned step size for every parameter
+            element, trained with the initialisation.
+        step_loss_weights: MAML++ (Antoniou et al. 2019) multi-step loss: weight of the query loss
+            after each inner step, length ``inner_steps``. Default: only the last step counts.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy.
+        vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
+            tries ``vmap`` and falls back to the loop (with a warning) if the model cannot be
+            vmapped.
+        batchnorm: ``"transductive"`` (see the module docstring) or ``"error"``.
+
+    Usage::
+
+        maml = MAML(model, inner_lr=0.4, inner_steps=1)
+        meta_opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+        for x_s, y_s, x_q, y_q in episodes:          # each (B, N, ...) for B tasks
+            meta_opt.zero_grad()
+            maml(x_s, y_s, x_q, y_q).backward()
+            meta_opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        *,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        step_loss_weights: Sequence[float] | None = None,
+        loss_fn: LossFn | None = None,
+        vectorize: bool | str = "auto",
+        batchnorm: str = "transductive",
+    ) -> None:
+        super().__init__()
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if batchnorm == "transductive":
+            torch.func.replace_all_batch_norm_modules_(model)
+        elif batchnorm == "error":
+            if has_bn:
+                raise ValueError("the model has BatchNorm layers and batchnorm='error'")
+        else:
+            raise ValueError(f"batchnorm must be 'transductive' or 'error', got {batchnorm!r}")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        self.vectorize = vectorize
+        self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)
+        self._check_weights(inner_steps)
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self._names = names
+        # ParameterDict keys cannot contain dots
+        self.inner_lrs = nn.ParameterDict(
+            {n.replace(".", "/"): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in model.named_parameters() if p.requires_grad}
+        ) if learn_inner_lr else None
+        self.inner_lr = inner_lr
+
+    def _check_weights(self, steps: int) -> None:
+        if self.step_loss_weights is not None and len(self.step_loss_weights) != steps:
+            raise ValueError(f"step_loss_weights needs {steps} entries, got {len(self.step_loss_weights)}")
+
+    # ------------------------------------------------------------------ functional pieces
+    def initial_params(self) -> Params:
+        """The learned initialisation, as a dict of the model's trainable parameters."""
+        return {n: p for n, p in self.model.named_parameters() if n in self._names}
+
+    def _model_buffers(self) -> Params:
+        return dict(self.model.named_buffers())
+
+    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(functional_call(self.model, (params, self._model_buffers()), (x,)), y)
+
+    def _lr(self, name: str) -> Tensor | float:
+        return self.inner_lr if self.inner_lrs is None else self.inner_lrs[name.replace(".", "/")]
+
+    def _adapt_one(
+        self, params: Params, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int, batched: bool
+    ) -> tuple[Params, Tensor]:
+        """Adapt one task; returns the adapted params and the query loss after each step ``(steps,)``."""
+        query_losses = []
+        for _ in range(steps):
+            if batched:
+                grads = grad(self._loss)(params, x_s, y_s)
+            else:
+                values = torch.autograd.grad(
+                    self._loss(params, x_s, y_s),
+                    list(params.values()),
+                    create_graph=not self.first_order and torch.is_grad_enabled(),
+                )
+                grads = dict(zip(params, values, strict=True))
+            if self.first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            params = {k: p - self._lr(k) * grads[k] for k, p in params.items()}
+            query_losses.append(self._loss(params, x_q, y_q))
+        return params, torch.stack(query_losses)
+
+    def query_losses(
+        self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor, steps: int | None = None
+    ) -> Tensor:
+        """Query loss of every task after each inner step.
+
+        Args:
+            x_support, y_support: ``(B, N_support, ...)``; x_query, y_query: ``(B, N_query, ...)``.
+            steps: inner steps (default ``inner_steps``; more are fine at test time).
+
+        Returns:
+            ``(B, steps)`` losses, differentiable w.r.t. the initialisation (and the learned
+            inner step sizes) unless run under ``torch.no_grad``.
+        """
+        steps = self.inner_steps if steps is None else steps
+        params = self.initial_params()
+        if self.vectorize is not False:
+            try:
+                return self._vmapped(params, x_support, y_support, x_query, y_query, steps)
+            except RuntimeError as err:
+                if self.vectorize is True:
+                    raise
+                warnings.warn(f"MAML: vmap over tasks failed ({err}); looping over tasks", stacklevel=2)
+                self.vectorize = False
+        losses = [
+            self._adapt_one(params, xs, ys, xq, yq, steps, batched=False)[1]
+            for xs, ys, xq, yq in zip(x_support, y_support, x_query, y_query, strict=True)
+        ]
+        return torch.stack(losses)
+
+    def _vmapped(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int) -> Tensor:
+        def one(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+            return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True)[1]
+
+        return vmap(one, randomness="different")(xs, ys, xq, yq)
+
+    def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor) -> Tensor:
+        """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
+        ``step_loss_weights``-weighted query losses (MAML++)."""
+        self._check_weights(self.inner_steps)
+        losses = self.query_losses(x_support, y_support, x_query, y_query)
+        if self.step_loss_weights is None:
+            return losses[:, -1].mean()
+        weights = losses.new_tensor(self.step_loss_weights)
+        return (losses * weights).sum(dim=1).mean()
+
+    def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
+        """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``."""
+        steps = self.inner_steps if steps is None else steps
+        params = {k: v.detach() for k, v in self.initial_params().items()}
+        with torch.enable_grad():
+            for _ in range(steps):
+                params = {k: v.requires_grad_(True) for k, v in params.items()}
+                values = torch.autograd.grad(self._loss(params, x_support, y_support), list(params.values()))
+                params = {k: (p - self._lr(k) * g).detach() for (k, p), g in zip(params.items(), values, strict=True)}
+        return params
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """The model's output at ``params`` (e.g. from :meth:`adapt`)."""
+        return functional_call(self.model, (params, self._model_buffers()), (x,))

@@ -1,0 +1,133 @@
+"""Reptile (Nichol, Achiam & Schulman 2018): a learned initialisation trained by moving it towards
+the weights that ordinary training reaches on each task."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+
+class Reptile:
+    """Reptile with any ``torch.optim`` optimizer in the inner loop.
+
+    One meta-step: for each task, a working copy of the model starts from the initialisation
+    ``theta``, a fresh inner optimizer (from ``inner_optimizer``) trains it for ``inner_steps``
+    steps, giving ``phi_i``; then ``theta <- theta + eps_t * mean_i(phi_i - theta)``, where
+    ``eps_t`` is annealed linearly from ``outer_stepsize`` at step 0 to ``final_outer_stepsize`` at
+    ``total_steps``.
+
+    The inner optimizer is stepped with a closure, so optimizers that read the loss
+    (``MetaLSTMOptimizer``) work. To run a learned optimizer inside, pass its rule once so it is not
+    rebuilt per task, e.g. ``lambda p: LSTMOptimizer(p, weights=rule)``.
+
+    Args:
+        model: the network whose parameters are the initialisation (updated in place).
+        inner_steps: optimizer steps per task.
+        inner_optimizer: builds the inner optimizer from parameters; default SGD(lr=0.02).
+        outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
+            ``total_steps=None`` it stays at ``outer_stepsize``.
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_steps: int,
+        inner_optimizer: OptimizerFactory | None = None,
+        *,
+        outer_stepsize: float = 0.1,
+        final_outer_stepsize: float = 0.0,
+        total_steps: int | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if outer_stepsize < 0 or final_outer_stepsize < 0:
+            raise ValueError("outer step sizes must be >= 0")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.inner_optimizer = inner_optimizer or (lambda params: torch.optim.SGD(params, lr=0.02))
+        self.outer_stepsize = outer_stepsize
+        self.final_outer_stepsize = final_outer_stepsize
+        self.total_steps = total_steps
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.step_count = 0
+        self._worker = copy.deepcopy(model)
+
+    def current_outer_stepsize(self) -> float:
+        """``eps_t`` for the next meta-step."""
+        if self.total_steps is None:
+            return self.outer_stepsize
+        frac = min(self.step_count / self.total_steps, 1.0)
+        return (1 - frac) * self.outer_stepsize + frac * self.final_outer_stepsize
+
+    def adapt(self, batches: Sequence[tuple[Tensor, Tensor]], steps: int | None = None) -> nn.Module:
+        """A copy of the model trained from the initialisation on one task.
+
+        Args:
+            batches: ``(inputs, targets)`` minibatches, used in turn (cycled if fewer than steps).
+            steps: inner steps (default ``inner_steps``).
+
+        Returns:
+            The working copy (reused by the next call: copy it to keep it).
+        """
+        if not batches:
+            raise ValueError("a task needs at least one (inputs, targets) batch")
+        steps = self.inner_steps if steps is None else steps
+        worker = self._worker
+        worker.load_state_dict(self.model.state_dict())
+        worker.train(self.model.training)
+        optimizer = self.inner_optimizer(worker.parameters())
+        for t in range(steps):
+            x, y = batches[t % len(batches)]
+
+            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                optimizer.zero_grad()
+                loss = self.loss_fn(worker(x), y)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        return worker
+
+    def meta_step(self, tasks: Sequence[Sequence[tuple[Tensor, Tensor]]]) -> float:
+        """One Reptile update of the initialisation from a meta-batch of tasks.
+
+        Args:
+            tasks: for each task, its ``(inputs, targets)`` minibatches.
+
+        Returns:
+            The outer step size used.
+        """
+        if not tasks:
+            raise ValueError("meta_step needs at least one task")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total = [torch.zeros_like(p) for p in params]
+        for batches in tasks:
+            worker = self.adapt(batches)
+            adapted = [q for q, p in zip(worker.parameters(), self.model.parameters(), strict=True) if p.requires_grad]
+            for acc, phi, theta in zip(total, adapted, params, strict=True):
+                acc.add_(phi.detach() - theta.detach())
+        eps = self.current_outer_stepsize()
+        with torch.no_grad():
+            for theta, acc in zip(params, total, strict=True):
+                theta.add_(acc, alpha=eps / len(tasks))
+        self.step_count += 1
+        return eps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The meta-step counter (the initialisation is the model's own state dict)."""
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])

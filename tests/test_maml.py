@@ -1,0 +1,122 @@
+"""MAML: meta-gradients against a direct double-backward computation; first vs second order."""
+
+import pytest
+import torch
+from torch import nn
+
+from learnedopt.meta.maml import MAML
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def episode(tasks=3, shots=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(tasks, shots, 3, generator=g, dtype=torch.float64)
+    xq = torch.randn(tasks, shots, 3, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 2, (tasks, shots), generator=g)
+    yq = torch.randint(0, 2, (tasks, shots), generator=g)
+    return xs, ys, xq, yq
+
+
+def reference_meta_grad(model, lr, steps, data, first_order):
+    """MAML's meta-gradient with plain autograd.grad(create_graph=True), task by task."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    xs, ys, xq, yq = data
+    for b in range(xs.shape[0]):
+        fast = params
+        for _ in range(steps):
+            out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], fast)), (xs[b],))
+            g = torch.autograd.grad(nn.functional.cross_entropy(out, ys[b]), fast, create_graph=not first_order)
+            fast = [p - lr * gi for p, gi in zip(fast, g)]
+        out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], fast)), (xq[b],))
+        if first_order:
+            g = torch.autograd.grad(nn.functional.cross_entropy(out, yq[b]), fast)
+        else:
+            g = torch.autograd.grad(nn.functional.cross_entropy(out, yq[b]), params)
+        total = [t + gi / xs.shape[0] for t, gi in zip(total, g)]
+    return total
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_gradient_matches_direct_computation(vectorize, first_order, steps) -> None:
+    model = tiny_model()
+    data = episode()
+    maml = MAML(model, inner_lr=0.5, inner_steps=steps, first_order=first_order, vectorize=vectorize)
+    maml(*data).backward()
+    got = [p.grad for p in model.parameters()]
+    expected = reference_meta_grad(tiny_model(), 0.5, steps, data, first_order)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_first_order_differs_from_second_order_only_by_curvature_terms() -> None:
+    data = episode()
+    grads = {}
+    for fo in (False, True):
+        model = tiny_model()
+        MAML(model, inner_lr=0.5, inner_steps=1, first_order=fo)(*data).backward()
+        grads[fo] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert not torch.allclose(grads[False], grads[True])
+    # with a tiny inner step the Hessian term (lr * H * grad) vanishes and the two agree
+    for fo in (False, True):
+        model = tiny_model()
+        MAML(model, inner_lr=1e-7, inner_steps=1, first_order=fo)(*data).backward()
+        grads[fo] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grads[False], grads[True], rtol=1e-5, atol=1e-8)
+
+
+def test_meta_sgd_learns_per_element_step_sizes_and_multi_step_loss() -> None:
+    model = tiny_model()
+    maml = MAML(model, inner_lr=0.1, inner_steps=2, learn_inner_lr=True, step_loss_weights=[0.3, 0.7])
+    lrs = list(maml.inner_lrs.values())
+    assert {k: v.shape for k, v in maml.inner_lrs.items()} == {
+        n.replace(".", "/"): p.shape for n, p in model.named_parameters()
+    }
+    data = episode()
+    loss = maml(*data)
+    per_step = maml.query_losses(*data)
+    torch.testing.assert_close(loss, (per_step * per_step.new_tensor([0.3, 0.7])).sum(1).mean())
+    loss.backward()
+    assert all(lr.grad is not None and lr.grad.abs().sum() > 0 for lr in lrs)
+    with pytest.raises(ValueError, match="step_loss_weights needs 3"):
+        MAML(tiny_model(), inner_steps=3, step_loss_weights=[1.0])
+
+
+def test_batchnorm_is_transductive_and_vmappable() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    data = episode(tasks=2)
+    maml = MAML(model, inner_lr=0.1, inner_steps=1, vectorize=True)
+    maml(*data).backward()
+    bn = model[1]
+    assert bn.running_mean is None and bn.track_running_stats is False
+    looped = MAML(model, inner_lr=0.1, inner_steps=1, vectorize=False)
+    torch.testing.assert_close(looped.query_losses(*data), maml.query_losses(*data))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        MAML(nn.Sequential(nn.BatchNorm1d(3)), batchnorm="error")
+
+
+def test_adapt_and_predict_for_one_task() -> None:
+    model = tiny_model()
+    maml = MAML(model, inner_lr=0.5, inner_steps=1)
+    xs, ys, xq, yq = episode(tasks=1)
+    params = maml.adapt(xs[0], ys[0], steps=5)
+    before = nn.functional.cross_entropy(model(xs[0]), ys[0])
+    after = nn.functional.cross_entropy(maml.predict(params, xs[0]), ys[0])
+    assert after < before
+    assert all(not p.requires_grad for p in params.values())
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="inner_steps"):
+        MAML(tiny_model(), inner_steps=0)
+    with pytest.raises(ValueError, match="inner_lr"):
+        MAML(tiny_model(), inner_lr=-1.0)
+    with pytest.raises(ValueError, match="vectorize"):
+        MAML(tiny_model(), vectorize="yes")

@@ -1,0 +1,76 @@
+"""Reptile: the update against its definition, annealing, learned inner optimizers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+from learnedopt.meta.reptile import Reptile
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def tasks(count=3, batches=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [(torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)) for _ in range(batches)]
+        for _ in range(count)
+    ]
+
+
+def sgd_run(start: nn.Module, batches, steps, lr):
+    net = copy.deepcopy(start)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    for t in range(steps):
+        x, y = batches[t % len(batches)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def test_update_matches_definition() -> None:
+    net = model()
+    theta = [p.detach().clone() for p in net.parameters()]
+    data = tasks()
+    reptile = Reptile(net, inner_steps=5, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), outer_stepsize=0.3)
+    phis = [sgd_run(model(), batches, 5, 0.1) for batches in data]
+    eps = reptile.meta_step(data)
+    assert eps == 0.3
+    for i, p in enumerate(net.parameters()):
+        expected = theta[i] + 0.3 * torch.stack([phi[i] - theta[i] for phi in phis]).mean(0)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_outer_stepsize_is_annealed_linearly_and_resumes() -> None:
+    reptile = Reptile(model(), inner_steps=1, outer_stepsize=1.0, final_outer_stepsize=0.2, total_steps=4)
+    used = [reptile.meta_step(tasks(1, 1, seed=s)) for s in range(6)]
+    assert used == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    again = Reptile(model(), inner_steps=1, outer_stepsize=1.0, final_outer_stepsize=0.2, total_steps=4)
+    again.load_state_dict({"step_count": 2})
+    assert again.current_outer_stepsize() == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("make", [lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["lstm", "meta-lstm"])
+def test_learned_inner_optimizers_work(make) -> None:
+    net = model().float()
+    data = [[(x.float(), y) for x, y in batches] for batches in tasks()]
+    before = [p.detach().clone() for p in net.parameters()]
+    Reptile(net, inner_steps=3, inner_optimizer=make).meta_step(data)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="inner_steps"):
+        Reptile(model(), inner_steps=0)
+    reptile = Reptile(model(), inner_steps=1)
+    with pytest.raises(ValueError, match="at least one task"):
+        reptile.meta_step([])
+    with pytest.raises(ValueError, match="at least one"):
+        reptile.meta_step([[]])
