@@ -8,8 +8,8 @@ query loss at the adapted parameters. The tasks of a meta-batch run under ``torc
 
 BatchNorm: statistics are always *transductive*, as in the original MAML code. Every forward pass
 normalises with the statistics of the batch it is given (the support set while adapting, the
-query set when evaluating), and no running statistics are kept or used
-(``torch.func.replace_all_batch_norm_modules_``). Numbers reported with this class use that
+query set when evaluating), and no running statistics are kept or used: BatchNorm layers are
+replaced by :class:`BatchStatNorm` (same affine parameters). Numbers reported with this class use that
 setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
 """
 
@@ -24,6 +24,42 @@ from torch.func import functional_call, grad, vmap
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class BatchStatNorm(nn.Module):
+    """Batch normalisation with the statistics of the current batch only (transductive).
+
+    Written with plain tensor ops, so that ``torch.func.grad`` inside ``vmap`` differentiates it
+    twice exactly: PyTorch's fused batch-norm kernel gave second-order MAML meta-gradients about
+    0.2% off the autograd loop's under ``vmap`` (torch 2.13, checked in float64).
+    Input ``(N, C, *spatial)``; normalises over every dimension except ``C``.
+    """
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = source.eps
+        self.weight = source.weight  # the same Parameter objects: names and optimizers carry over
+        self.bias = source.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def replace_batchnorm_(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` in place by :class:`BatchStatNorm`."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, BatchStatNorm(child))
+        else:
+            replace_batchnorm_(child)
+    return model
 
 
 class MAML(nn.Module):
@@ -77,7 +113,7 @@ class MAML(nn.Module):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if batchnorm == "transductive":
-            torch.func.replace_all_batch_norm_modules_(model)
+            replace_batchnorm_(model)
         elif batchnorm == "error":
             if has_bn:
                 raise ValueError("the model has BatchNorm layers and batchnorm='error'")
