@@ -6,7 +6,8 @@ Nothing here downloads data. Loaders take a path, or find one through
 
 from .episodes import Episode, EpisodeSampler, class_splits
 from .idx import load_mnist, read_idx, split_indices
-from .omniglot import OmniglotDataset, load_omniglot
+from .omniglot import OmniglotDataset, load_omniglot, read_image
+from .omniglot_runs import OneShotRun, load_runs, score_runs
 from .paths import DATA_ENV_VAR, default_data_root, resolve_data_dir
 from .sinusoid import SinusoidTasks, sinusoid
 
@@ -15,13 +16,17 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "OmniglotDataset",
+    "OneShotRun",
     "SinusoidTasks",
     "class_splits",
     "default_data_root",
     "load_mnist",
     "load_omniglot",
+    "load_runs",
     "read_idx",
+    "read_image",
     "resolve_data_dir",
+    "score_runs",
     "sinusoid",
     "split_indices",
 ]

@@ -124,6 +124,12 @@ def _decode(data: bytes, image_size: int | None, Image: ModuleType) -> np.ndarra
     return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
 
 
+def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> torch.Tensor:
+    """One Omniglot PNG as a float32 ``(1, S, S)`` tensor, 1.0 = ink, resized as in
+    :func:`load_omniglot` (``image_size=None`` keeps 105x105)."""
+    return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow())).unsqueeze(0)
+
+
 def load_omniglot(
     sources: _PathLike | Sequence[_PathLike] | None = None,
     image_size: int | None = 28,

@@ -1,0 +1,96 @@
+"""The official Omniglot one-shot evaluation runs of Lake et al. (``all_runs.zip``): reader and
+scorer.
+
+Layout of each run folder ``runNN``: ``training/classJJ.png`` (20 images, one per class),
+``test/itemKK.png`` (20 images) and ``class_labels.txt``, one line per test item:
+``runNN/test/itemKK.png runNN/training/classJJ.png`` (the item and the training image of its
+class). A run is 20-way one-shot classification within one alphabet; its score is the percentage
+of the 20 test items classified wrongly, and the benchmark reports each run's error and the mean.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .omniglot import read_image
+
+
+@dataclass(frozen=True)
+class OneShotRun:
+    """One run. Attributes:
+    name: the folder name, e.g. ``run01``.
+    train_images: float32 ``(C, 1, S, S)``, one per class, in sorted file-name order.
+    test_images: float32 ``(T, 1, S, S)``, in sorted file-name order.
+    test_labels: int64 ``(T,)``: index into ``train_images`` of each test item's class.
+    """
+
+    name: str
+    train_images: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list[OneShotRun]:
+    """Read every ``run*`` folder under ``root`` (sorted by name).
+
+    Raises:
+        FileNotFoundError: no run folders, or a file named in ``class_labels.txt`` is missing.
+        ValueError: a malformed ``class_labels.txt`` or one that does not label every test item.
+    """
+    root = Path(root)
+    folders = sorted(p for p in root.glob("run*") if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"no run* folders in {root}")
+    return [_load_run(folder, image_size) for folder in folders]
+
+
+def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
+    train_files = sorted((folder / "training").glob("*.png"))
+    test_files = sorted((folder / "test").glob("*.png"))
+    if not train_files or not test_files:
+        raise FileNotFoundError(f"{folder}: needs training/*.png and test/*.png")
+    train_index = {f.name: i for i, f in enumerate(train_files)}
+    test_index = {f.name: i for i, f in enumerate(test_files)}
+    labels = [-1] * len(test_files)
+    lines = (folder / "class_labels.txt").read_text().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{folder}/class_labels.txt line {number}: expected 'test_item training_image', got {line!r}")
+        item, target = Path(parts[0]).name, Path(parts[1]).name
+        if item not in test_index or target not in train_index:
+            raise FileNotFoundError(f"{folder}/class_labels.txt line {number}: {item} or {target} not found in the run")
+        labels[test_index[item]] = train_index[target]
+    missing = [test_files[i].name for i, label in enumerate(labels) if label < 0]
+    if missing:
+        raise ValueError(f"{folder}/class_labels.txt gives no label for {missing}")
+    return OneShotRun(
+        name=folder.name,
+        train_images=torch.stack([read_image(f, image_size) for f in train_files]),
+        test_images=torch.stack([read_image(f, image_size) for f in test_files]),
+        test_labels=torch.tensor(labels, dtype=torch.int64),
+    )
+
+
+def score_runs(runs: Sequence[OneShotRun], predictions: Sequence[torch.Tensor]) -> tuple[list[float], float]:
+    """Error rate of each run in percent and their mean.
+
+    Args:
+        predictions: for each run, int64 ``(T,)`` predicted training-image index of each test item.
+    """
+    if len(runs) != len(predictions):
+        raise ValueError(f"{len(runs)} runs but {len(predictions)} prediction sets")
+    errors = []
+    for run, predicted in zip(runs, predictions, strict=True):
+        predicted = torch.as_tensor(predicted)
+        if predicted.shape != run.test_labels.shape:
+            raise ValueError(f"{run.name}: predictions of shape {tuple(predicted.shape)}, expected {tuple(run.test_labels.shape)}")
+        errors.append(100.0 * (predicted != run.test_labels).float().mean().item())
+    return errors, sum(errors) / len(errors)

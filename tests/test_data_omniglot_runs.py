@@ -1,0 +1,78 @@
+"""The one-shot runs reader and scorer on runs generated in the official layout."""
+
+import pytest
+import torch
+
+from learnedopt.data import load_runs, score_runs
+
+Image = pytest.importorskip("PIL.Image", reason="Pillow is needed to write PNGs (pip install learnedopt[data])")
+
+
+def write_png(path, ink_rows) -> None:
+    """A 105x105 1-bit image, white background, black ink on the given rows."""
+    pixels = torch.ones(105, 105, dtype=torch.uint8) * 255
+    for row in ink_rows:
+        pixels[row] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).convert("1").save(path)
+
+
+def make_runs(root, runs=2, classes=4, permutation_seed=0):
+    """Run r: class j's image has ink on row 10*j+r; test item k is class perm[k]."""
+    g = torch.Generator().manual_seed(permutation_seed)
+    truth = []
+    for r in range(1, runs + 1):
+        run = root / f"run{r:02d}"
+        perm = torch.randperm(classes, generator=g)
+        for j in range(classes):
+            write_png(run / "training" / f"class{j + 1:02d}.png", [10 * j + r])
+        lines = []
+        for k in range(classes):
+            write_png(run / "test" / f"item{k + 1:02d}.png", [10 * int(perm[k]) + r])
+            lines.append(f"run{r:02d}/test/item{k + 1:02d}.png run{r:02d}/training/class{int(perm[k]) + 1:02d}.png")
+        (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+        truth.append(perm)
+    return truth
+
+
+def test_reader_pairs_items_with_their_classes(tmp_path) -> None:
+    truth = make_runs(tmp_path)
+    runs = load_runs(tmp_path, image_size=None)
+    assert [r.name for r in runs] == ["run01", "run02"]
+    for run, perm in zip(runs, truth):
+        assert run.train_images.shape == (4, 1, 105, 105) and run.test_images.shape == (4, 1, 105, 105)
+        assert torch.equal(run.test_labels, perm)
+        # ink is 1.0: each test item shows exactly the ink of its labelled training image
+        for k in range(4):
+            assert torch.equal(run.test_images[k], run.train_images[run.test_labels[k]])
+    assert load_runs(tmp_path, image_size=28)[0].train_images.shape == (4, 1, 28, 28)
+
+
+def test_scorer_known_answers(tmp_path) -> None:
+    make_runs(tmp_path)
+    runs = load_runs(tmp_path, image_size=28)
+    perfect = [r.test_labels for r in runs]
+    half_wrong = [torch.where(torch.arange(4) < 2, (r.test_labels + 1) % 4, r.test_labels) for r in runs]
+    assert score_runs(runs, perfect) == ([0.0, 0.0], 0.0)
+    assert score_runs(runs, [perfect[0], half_wrong[1]]) == ([0.0, 50.0], 25.0)
+    with pytest.raises(ValueError, match="prediction sets"):
+        score_runs(runs, perfect[:1])
+    with pytest.raises(ValueError, match="expected"):
+        score_runs(runs, [torch.zeros(3, dtype=torch.int64)] * 2)
+
+
+def test_reader_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no run"):
+        load_runs(tmp_path)
+    make_runs(tmp_path, runs=1)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    text = labels.read_text().splitlines()
+    labels.write_text("\n".join(text[:-1]) + "\n")
+    with pytest.raises(ValueError, match="no label for"):
+        load_runs(tmp_path)
+    labels.write_text("only-one-field\n")
+    with pytest.raises(ValueError, match="expected 'test_item training_image'"):
+        load_runs(tmp_path)
+    labels.write_text("run01/test/item99.png run01/training/class01.png\n")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_runs(tmp_path)
