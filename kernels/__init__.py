@@ -1,7 +1,15 @@
 """Fused Triton kernels for the learned updates, installed as ``learnedopt.kernels``.
 
-Not implemented yet: this placeholder tells the optimizers that no fused update exists, so
-``backend="auto"`` uses the PyTorch path and ``backend="triton"`` raises a clear error.
+One kernel per module, each with its launcher:
+
+- :mod:`learnedopt.kernels.coordinate_lstm_step`: the forward step of the coordinatewise LSTM
+  rule (preprocessing, every layer, head and parameter update in one pass).
+
+Kernel modules import Triton, so they are imported only when used. Set ``TRITON_INTERPRET=1``
+before importing them to run the kernels on CPU tensors (how the tests run them).
 """
 
-FUSED_UPDATES_AVAILABLE = False
+import importlib.util
+
+#: Whether Triton is installed, so that fused updates can be attempted.
+FUSED_UPDATES_AVAILABLE = importlib.util.find_spec("triton") is not None

@@ -26,13 +26,14 @@ def test_constructor_validation(cls) -> None:
         cls([{"params": p, "lr": -1.0}])
 
 
-def test_triton_backend_before_it_exists_is_a_clear_error() -> None:
-    from learnedopt import kernels
+def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM"):
+        MetaLSTMOptimizer(p, backend="triton")
+    from learnedopt import CoordinateLSTM
 
-    if kernels.FUSED_UPDATES_AVAILABLE:
-        pytest.skip("the fused kernels exist in this version")
-    with pytest.raises(ValueError, match="backend='triton' is not available"):
-        LSTMOptimizer([torch.zeros(2, requires_grad=True)], backend="triton")
+    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM"):
+        LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,)), backend="triton")
 
 
 def test_wrong_rule_kind_is_rejected() -> None:

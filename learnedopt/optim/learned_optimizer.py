@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -17,10 +18,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..nn import UpdateRule
+from ..nn import CoordinateLSTM, UpdateRule
 from ..weights import fingerprint, resolve_weights
 from .flat_state import FlatState
-from .update import DEFAULT_CHUNK, flat_update_, single_tensor_update_
+from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NAN_POLICIES = ("raise", "skip")
@@ -45,8 +46,11 @@ class LearnedOptimizer(Optimizer):
         nan_policy: on a NaN/Inf gradient, ``"raise"`` raises :class:`NonFiniteGradientError`
             naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
             state unchanged this step.
-        backend: ``"torch"``, ``"triton"`` (fused kernels) or ``"auto"`` (Triton on CUDA when
-            available, else torch).
+        backend: ``"torch"``, ``"triton"`` (the fused kernel of
+            :mod:`learnedopt.kernels.coordinate_lstm_step`: CoordinateLSTM rules with the default
+            inputs, float32/bfloat16 states, non-float64 parameters, on CUDA or under
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel where it applies and works,
+            else torch; it never fails where the torch path works).
         foreach: None or True for the batched path over all coordinates of a group, False for the
             per-tensor reference.
     """
@@ -81,6 +85,8 @@ class LearnedOptimizer(Optimizer):
         self.rule.requires_grad_(False)
         self._rule_copies: dict[tuple[torch.device, torch.dtype], tuple[tuple[int, ...], UpdateRule]] = {}
         self._flat_states: dict[tuple[int, torch.device, torch.dtype], FlatState] = {}
+        self._packed_weights: dict[torch.device, tuple[tuple[int, ...], object]] = {}
+        self._fused_failed = False
         self.chunk = DEFAULT_CHUNK
         super().__init__(params, defaults)
 
@@ -89,6 +95,12 @@ class LearnedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_options(group)
+        if group["backend"] == "triton" and not _fused_rule(self.rule):
+            self.param_groups.pop()
+            raise ValueError(
+                f"backend='triton' has a fused kernel only for CoordinateLSTM rules with the default "
+                f"inputs; this optimizer runs {self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
+            )
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(
@@ -104,6 +116,8 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_rule_copies", {})
         self.__dict__.setdefault("_flat_states", {})
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
+        self.__dict__.setdefault("_packed_weights", {})
+        self.__dict__.setdefault("_fused_failed", False)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"learned_rule"``: the kind, architecture and weight
@@ -232,8 +246,6 @@ class LearnedOptimizer(Optimizer):
     def _update_group(
         self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], loss: Tensor | None
     ) -> None:
-        if _use_triton(group["backend"], params):
-            raise NotImplementedError("the fused Triton backend is not implemented yet")
         state_dtype = group["state_dtype"]
         partitions: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         for p, g in zip(params, grads, strict=True):
@@ -246,23 +258,60 @@ class LearnedOptimizer(Optimizer):
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
             loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
             common = dict(lr=lr, loss=loss_here, maximize=group["maximize"], compute_dtype=compute_dtype)
-            if group["foreach"] is False:
+            if self._use_fused(group["backend"], device, compute_dtype, state_dtype):
+                flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
+                ordered = _in_buffer_order(flat, ps, gs)
+                try:
+                    fused_update_(
+                        self.rule, *ordered, lr=lr, maximize=group["maximize"],
+                        weights=self._fused_weights(device), block=_fused_block(),
+                    )
+                except Exception as err:  # a kernel that fails to compile on this machine
+                    if group["backend"] == "triton":
+                        raise
+                    warnings.warn(f"fused Triton update failed ({err!r}); using the PyTorch path", stacklevel=3)
+                    self._fused_failed = True
+                    flat_update_(rule, *ordered, chunk=self.chunk, **common)
+            elif group["foreach"] is False:
                 states = [self._state_of(p, state_dtype) for p in ps]
                 single_tensor_update_(rule, ps, gs, states, **common)
             else:
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
-                order = sorted(range(len(ps)), key=lambda i: flat.index[id(ps[i])])
-                flat_update_(
-                    rule,
-                    [ps[i] for i in order],
-                    [gs[i] for i in order],
-                    flat.buffers,
-                    [flat.offsets[flat.index[id(ps[i])]] for i in order],
-                    chunk=self.chunk,
-                    **common,
-                )
+                flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
+
+    def _use_fused(self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
+        """Whether this partition runs the fused kernel; explicit ``"triton"`` raises if it cannot."""
+        if backend == "torch":
+            return False
+        if backend == "auto" and (device.type != "cuda" or self._fused_failed or not kernels.FUSED_UPDATES_AVAILABLE):
+            return False  # the interpreter is for tests: "auto" never picks it
+        problems = []
+        if not _fused_rule(self.rule):
+            problems.append(f"the rule is {self.rule.kind} {self.rule.config_dict()}")
+        if compute_dtype != torch.float32:
+            problems.append("float64 parameters")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            problems.append(f"state_dtype {state_dtype}")
+        if device.type != "cuda" and not _triton_interpreted():
+            problems.append(f"{device} tensors (needs CUDA, or TRITON_INTERPRET=1 set before import)")
+        if problems and backend == "triton":
+            raise RuntimeError(f"backend='triton' cannot run this step: {'; '.join(problems)}")
+        return not problems
+
+    def _fused_weights(self, device: torch.device) -> object:
+        """The rule's weights packed for the kernel on ``device`` (cached until they change)."""
+        from ..kernels.coordinate_lstm_step import pack_weights, rule_weights
+
+        version = tuple(p._version for p in self.rule.parameters())
+        cached = self._packed_weights.get(device)
+        if cached is None or cached[0] != version:
+            cfg = self.rule.config
+            packed = pack_weights(rule_weights(self.rule, device), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size)
+            cached = (version, packed)
+            self._packed_weights[device] = cached
+        return cached[1]
 
     def _state_of(self, p: Tensor, state_dtype: torch.dtype) -> dict[str, Any]:
         state = self.state[p]
@@ -320,12 +369,25 @@ def _compute_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _use_triton(backend: str, params: list[Tensor]) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return kernels.FUSED_UPDATES_AVAILABLE and all(p.is_cuda for p in params)
+def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Any, list[int]]:
+    """``(params, grads, buffers, offsets)`` sorted by position in the flat buffers."""
+    order = sorted(range(len(params)), key=lambda i: flat.index[id(params[i])])
+    offsets = [flat.offsets[flat.index[id(params[i])]] for i in order]
+    return [params[i] for i in order], [grads[i] for i in order], flat.buffers, offsets
+
+
+def _fused_rule(rule: UpdateRule) -> bool:
+    """Whether the fused kernel implements this rule (CoordinateLSTM with the default inputs)."""
+    return isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fused_block() -> int:
+    # the interpreter pays per program instance, a GPU per register: see the kernel's docstring
+    return 1024 if _triton_interpreted() else 64
 
 
 def _validate_options(options: dict[str, Any]) -> None:
@@ -341,9 +403,6 @@ def _validate_options(options: dict[str, Any]) -> None:
     if options["backend"] not in BACKENDS:
         raise ValueError(f"Invalid backend: {options['backend']!r} (choose from {BACKENDS})")
     if options["backend"] == "triton" and not kernels.FUSED_UPDATES_AVAILABLE:
-        raise ValueError(
-            "backend='triton' is not available: the fused Triton kernels are not part of this "
-            "version yet; use backend='torch' or 'auto'"
-        )
+        raise ValueError("backend='triton' is not available: Triton is not installed; use backend='torch' or 'auto'")
     if options["foreach"] not in (None, True, False):
         raise ValueError(f"Invalid foreach: {options['foreach']!r} (None, True or False)")

@@ -1,7 +1,8 @@
 """Functional learned updates, in the style of ``torch.optim.adam``'s ``_single_tensor_adam`` /
-``_multi_tensor_adam``: the optimizer classes own state and dispatch, these functions do the step.
+``_multi_tensor_adam`` / ``_fused_adam``: the optimizer classes own state and dispatch, these
+functions do the step.
 
-Both functions apply ``param += lr * step`` where ``step`` is the update rule's output, run the
+All three apply ``param += lr * step`` where ``step`` is the update rule's output, run the
 rule in ``compute_dtype`` whatever the parameter and state dtypes, and write the new states back
 in their storage dtype. They are meant to run under ``torch.no_grad()``.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..nn import State, UpdateRule
+from ..nn import CoordinateLSTM, State, UpdateRule
 
 #: Coordinates per chunk in the batched path: small enough that one chunk's gate temporaries
 #: (4 x hidden values per coordinate) stay in cache, large enough to amortise op overheads.
@@ -117,8 +118,71 @@ def _runs(params: Sequence[Tensor], offsets: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The tensors' dtype if they share one, else float32."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """One contiguous ``(sum numel,)`` vector; a view (no copy) when there is nothing to gather."""
     if len(tensors) == 1:
         return tensors[0].reshape(-1).to(dtype)
     return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def fused_update_(
+    rule: CoordinateLSTM,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: State,
+    offsets: Sequence[int],
+    *,
+    lr: float,
+    maximize: bool,
+    weights: object,
+    block: int,
+) -> None:
+    """The fused Triton path for :class:`CoordinateLSTM` with its default inputs.
+
+    Same layout and result as :func:`flat_update_` (fp32 math), but each run of adjacent
+    parameters is one kernel launch that reads every gradient, parameter and state once and
+    writes them once; gathering a multi-tensor run and scattering its result are one launch each.
+
+    Args:
+        weights: the rule's weights packed by ``learnedopt.kernels.coordinate_lstm_step.pack_weights``
+            on the parameters' device.
+        block: coordinates per kernel program.
+    """
+    from ..kernels.coordinate_lstm_step import coordinate_lstm_step_
+
+    cfg = rule.config
+    for run in _runs(params, offsets):
+        start = offsets[run[0]]
+        total = sum(params[i].numel() for i in run)
+        if total == 0:
+            continue
+        members = [params[i] for i in run]
+        run_grads = [grads[i] for i in run]
+        # one contiguous parameter is updated where it lies; otherwise gather, update, scatter
+        in_place = len(run) == 1 and members[0].is_contiguous()
+        flat_param = members[0].view(-1) if in_place else _flatten([p.detach() for p in members], _common_dtype(members))
+        flat_grad = _flatten(run_grads, _common_dtype(run_grads)).contiguous()
+        coordinate_lstm_step_(
+            flat_grad,
+            flat_param,
+            flat_param,
+            buffers["h"][:, start : start + total],
+            buffers["c"][:, start : start + total],
+            weights,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            preprocess_p=cfg.preprocess_p,
+            output_scale=cfg.output_scale,
+            lr=lr,
+            maximize=maximize,
+            block=block,
+        )
+        if not in_place:
+            pieces = flat_param.split([p.numel() for p in members])
+            torch._foreach_copy_(members, [piece.view(p.shape) for piece, p in zip(pieces, members, strict=True)])

@@ -1,0 +1,326 @@
+"""Time one optimizer step of the coordinatewise LSTM rule: PyTorch paths, the fused Triton
+kernel, and Adam, on one flat parameter vector of each given size.
+
+Columns (methods):
+
+* ``eager``: the optimizer's batched PyTorch path, :func:`learnedopt.optim.update.flat_update_`
+  (8192-coordinate chunks);
+* ``compiled``: the same rule under ``torch.compile``, applied to the whole range at once (the
+  chunk loop would unroll into the graph);
+* ``fused_dot`` / ``fused_sum``: ``coordinate_lstm_step_`` with ``use_dot=True`` / ``False``
+  (weights packed once, outside the timing), plus ``fused_dot_<precision>`` for each extra
+  ``--precisions`` entry;
+* ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``.
+
+For each it reports ms/step, the bytes one step must move per coordinate (gradient read,
+parameter read and write, every ``h``/``c`` state read and written: 652 B for two fp32 layers of
+20 units; Adam: gradient, parameter, two moments), the achieved GB/s as a fraction of a
+device-to-device copy measured in the same run, and the useful (unpadded) GFLOP/s as a fraction
+of a square fp32 matmul measured in the same run.
+
+The Triton columns need CUDA. On a machine without it only the CPU-capable columns run, and the
+results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
+debugging tool, thousands of times slower.
+
+    python benchmarks/kernel_bench.py [--sizes 100000 1000000 10000000] [--results-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import common
+import torch
+from common import write_results
+
+from learnedopt.nn import CoordinateLSTM
+from learnedopt.optim.update import flat_update_
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flops_per_coordinate(num_layers: int, hidden_size: int, num_inputs: int = 2) -> int:
+    """Useful multiply-adds x 2 per coordinate: 2 x 4H x (inputs + H) per layer, 2H for the head."""
+    total, inputs = 0, num_inputs
+    for _ in range(num_layers):
+        total += 2 * 4 * hidden_size * (inputs + hidden_size)
+        inputs = hidden_size
+    return total + 2 * hidden_size
+
+
+def bytes_per_coordinate(
+    num_layers: int, hidden_size: int, grad_bytes: int, param_bytes: int, state_bytes: int
+) -> int:
+    """Minimum traffic of one step per coordinate: grad in, param in/out, h and c in/out."""
+    return grad_bytes + 2 * param_bytes + 2 * 2 * num_layers * hidden_size * state_bytes
+
+
+def make_timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call: CUDA events via ``triton.testing.do_bench`` on GPUs, wall clock on CPUs."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100 * repeats, return_mode="median") / 1e3
+    return lambda fn: common.time_call(fn, repeats=repeats, min_time=0.1)
+
+
+def copy_gbps(device: torch.device, timer, mib: int) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second / 1e9)."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def matmul_gflops(device: torch.device, timer, size: int) -> float:
+    """Square fp32 ``torch.matmul`` GFLOP/s (TF32 off: the fp32 peak the kernel's FMAs can reach)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        seconds = timer(lambda: torch.matmul(a, b))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * size**3 / seconds / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="parameter counts")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=20)
+    parser.add_argument("--param-dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument(
+        "--precisions", nargs="*", default=["tf32x3"], help="extra tl.dot input precisions to time"
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="also sweep block x num_warps for fused_dot at the largest size",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results-dir", type=Path, default=None, help=f"default {common.RESULTS}")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    if args.results_dir is not None:
+        common.RESULTS = args.results_dir
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    triton_reason = None
+    if device.type != "cuda":
+        triton_reason = "no CUDA device: the Triton columns were not run (they need a GPU)"
+    elif interpreted:
+        triton_reason = "TRITON_INTERPRET is set: the Triton columns were not run (interpreter timings are meaningless)"
+    sizes = args.sizes or (
+        [100_000, 1_000_000, 10_000_000] if device.type == "cuda" else [10_000, 100_000, 1_000_000]
+    )
+    timer = make_timer(device, args.repeats)
+    torch.manual_seed(0)
+
+    L, H = args.num_layers, args.hidden_size
+    param_dtype, state_dtype = DTYPES[args.param_dtype], DTYPES[args.state_dtype]
+    rule = CoordinateLSTM(num_layers=L, hidden_size=H).to(device)
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(torch.randn_like(q) * 0.1)
+    flops = flops_per_coordinate(L, H)
+    elt = lambda dt: torch.empty(0, dtype=dt).element_size()
+    rule_bytes = bytes_per_coordinate(L, H, elt(param_dtype), elt(param_dtype), elt(state_dtype))
+    adam_bytes = elt(param_dtype) * (1 + 2 + 2 + 2)  # grad; param, exp_avg, exp_avg_sq in and out
+
+    peak_copy = copy_gbps(device, timer, 1024 if device.type == "cuda" else 128)
+    peak_flops = matmul_gflops(device, timer, 8192 if device.type == "cuda" else 2048)
+    print(
+        f"device {device}: copy {peak_copy:.1f} GB/s, fp32 matmul {peak_flops:.1f} GFLOP/s",
+        flush=True,
+    )
+    if triton_reason:
+        print(triton_reason, flush=True)
+
+    fused_mod = None
+    packed = None
+    if triton_reason is None:
+        from learnedopt.kernels import coordinate_lstm_step as fused_mod
+
+        packed = fused_mod.pack_weights(
+            fused_mod.rule_weights(rule, device), num_layers=L, hidden_size=H
+        )
+
+    rows: list[dict] = []
+    errors: dict[str, str] = {}
+    lr = 1e-3
+    for n in sizes:
+        grad = (torch.randn(n, device=device) * 1e-2).to(param_dtype)
+        param = torch.randn(n, device=device).to(param_dtype)
+        h = (torch.randn(L, n, H, device=device) * 0.1).to(state_dtype)
+        c = (torch.randn(L, n, H, device=device) * 0.1).to(state_dtype)
+        methods: dict[str, tuple[Callable[[], object], int, int]] = {}
+
+        def eager(grad=grad, param=param, h=h, c=c) -> None:
+            with torch.no_grad():
+                flat_update_(
+                    rule,
+                    [param],
+                    [grad],
+                    {"h": h, "c": c},
+                    [0],
+                    lr=lr,
+                    loss=None,
+                    maximize=False,
+                    compute_dtype=torch.float32,
+                )
+
+        methods["eager"] = (eager, rule_bytes, flops)
+
+        if not args.no_compile:
+
+            def whole(g: torch.Tensor, p: torch.Tensor, hh: torch.Tensor, cc: torch.Tensor) -> None:
+                step, new = rule(g.float(), p.float(), {"h": hh.float(), "c": cc.float()})
+                hh.copy_(new["h"])
+                cc.copy_(new["c"])
+                p.add_(step, alpha=lr)
+
+            compiled_step = torch.compile(whole)
+
+            def compiled(compiled_step=compiled_step, grad=grad, param=param, h=h, c=c) -> None:
+                with torch.no_grad():
+                    compiled_step(grad, param, h, c)
+
+            methods["compiled"] = (compiled, rule_bytes, flops)
+
+        if fused_mod is not None:
+
+            def fused(
+                use_dot: bool,
+                precision: str = "ieee",
+                block: int = args.block,
+                warps: int = args.num_warps,
+                grad=grad,
+                param=param,
+                h=h,
+                c=c,
+            ):
+                return lambda: fused_mod.coordinate_lstm_step_(
+                    grad,
+                    param,
+                    param,
+                    h,
+                    c,
+                    packed,
+                    num_layers=L,
+                    hidden_size=H,
+                    preprocess_p=rule.config.preprocess_p,
+                    output_scale=rule.config.output_scale,
+                    lr=lr,
+                    maximize=False,
+                    use_dot=use_dot,
+                    block=block,
+                    num_warps=warps,
+                    input_precision=precision,
+                )
+
+            methods["fused_dot"] = (fused(True), rule_bytes, flops)
+            methods["fused_sum"] = (fused(False), rule_bytes, flops)
+            for precision in args.precisions:
+                methods[f"fused_dot_{precision}"] = (fused(True, precision), rule_bytes, flops)
+            if args.tune and n == max(sizes):
+                for block in (32, 64, 128):
+                    for warps in (2, 4, 8):
+                        for precision in ("ieee", *args.precisions):
+                            methods[f"fused_dot_{precision}_b{block}_w{warps}"] = (
+                                fused(True, precision, block, warps),
+                                rule_bytes,
+                                flops,
+                            )
+
+        for name, kwargs in (
+            ("adam_fused", dict(fused=True)),
+            ("adam_foreach", dict(foreach=True)),
+        ):
+            p_adam = torch.randn(n, device=device).to(param_dtype).requires_grad_(True)
+            p_adam.grad = grad.clone()
+            try:
+                opt = torch.optim.Adam([p_adam], lr=lr, **kwargs)
+                opt.step()
+            except Exception as e:  # fused Adam is not implemented for every device/dtype
+                errors[f"{name} n={n}"] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            methods[name] = (opt.step, adam_bytes, 0)
+
+        for name, (fn, nbytes, nflops) in methods.items():
+            try:
+                seconds = timer(fn)
+            except Exception as e:  # e.g. torch.compile without a C++ compiler on CPU
+                errors[f"{name} n={n}"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"{name} n={n}: {errors[f'{name} n={n}']}", flush=True)
+                continue
+            gbps = nbytes * n / seconds / 1e9
+            gflops = nflops * n / seconds / 1e9
+            rows.append(
+                dict(
+                    params=n,
+                    method=name,
+                    ms=seconds * 1e3,
+                    bytes_per_coord=nbytes,
+                    gbps=gbps,
+                    fraction_of_copy=gbps / peak_copy,
+                    gflops=gflops,
+                    fraction_of_matmul=gflops / peak_flops,
+                )
+            )
+            print(rows[-1], flush=True)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    notes = [
+        f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
+        f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps.",
+        f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square fp32 matmul "
+        f"(TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: {flops}; bytes per "
+        f"coordinate: {rule_bytes} (LSTM rule), {adam_bytes} (Adam).",
+    ]
+    if triton_reason:
+        notes.append(f"**{triton_reason}.**")
+    if errors:
+        notes.append("Not timed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    table = [
+        "| params | method | ms/step | B/coord | GB/s | % of copy | GFLOP/s | % of matmul |",
+        "|---" * 8 + "|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['params']:,} | {r['method']} | {r['ms']:.3f} | {r['bytes_per_coord']} | {r['gbps']:.1f} | "
+            f"{100 * r['fraction_of_copy']:.1f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} |"
+        )
+    payload = dict(
+        device=device_name,
+        triton_columns=triton_reason or "run",
+        copy_gbps=peak_copy,
+        matmul_gflops=peak_flops,
+        config=dict(
+            num_layers=L,
+            hidden_size=H,
+            param_dtype=args.param_dtype,
+            state_dtype=args.state_dtype,
+            block=args.block,
+            num_warps=args.num_warps,
+        ),
+        rows=rows,
+        errors=errors,
+    )
+    write_results("kernel_bench", payload, "\n\n".join(notes) + "\n\n" + "\n".join(table))
+    print(f"wrote {common.RESULTS / 'kernel_bench.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Fused optimizer step of the coordinatewise LSTM update rule (:class:`learnedopt.nn.CoordinateLSTM`).
+
+Design: one launch per call over a flat range of ``N`` coordinates, in ONE pass over memory.
+Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
+
+1. loads the gradient (any float dtype, converted to fp32) and negates it under ``maximize``;
+2. preprocesses it into the two features ``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``;
+3. runs every LSTM layer (torch gate order i, f, g, o), loading that layer's ``h`` and ``c``
+   (float32 or bfloat16, converted to fp32), and stores the new ``h`` and ``c`` back in place in
+   their own dtype;
+4. applies the linear head, ``step = output_scale * (w . h_top + b)``;
+5. writes ``param_out = param + lr * step`` in the parameter's dtype.
+
+That is exactly what :meth:`CoordinateLSTM.forward` followed by ``param.add_(step, alpha=lr)``
+computes in :func:`learnedopt.optim.update.flat_update_` with ``compute_dtype=torch.float32``,
+up to the order of fp32 reductions. Only the default feature set is supported (the preprocessed
+gradient alone, ``num_inputs == 2``); the launcher raises ``ValueError`` for anything else.
+
+Layout. ``h`` and ``c`` are ``(L, N, H)`` with a contiguous ``(N, H)`` slab per layer; the layer
+stride may be larger than ``N * H``, so a coordinate range ``buf[:, a:b]`` of a bigger flat state
+buffer can be passed without a copy. The hidden size ``H`` is padded to ``HP`` (a power of two,
+at least 16, the smallest ``tl.dot`` operand) with masks: padded weight rows and columns load as
+zero, so padded units keep ``c = 0`` and ``h = sigmoid(0) * tanh(0) = 0`` and never reach the
+real ones.
+
+Products. For each layer and gate, ``(BLOCK, in) x (in, HP)``: with ``USE_DOT`` by ``tl.dot``
+(fp32 operands, ``INPUT_PRECISION`` "ieee" by default so the result is fp32-exact; "tf32x3" or
+"tf32" trade accuracy for tensor-core speed on GPUs), otherwise by a broadcast multiply and
+``tl.sum``. The four gates are four products rather than one ``(in, 4*HP)`` product because
+Triton cannot slice a register tile into column blocks; the FLOPs are the same. Layer 0's input
+has only two features, below ``tl.dot``'s minimum inner dimension of 16, so its input projection
+is always two broadcast multiply-adds; its recurrent projection uses ``tl.dot``.
+
+Activations. The portable ``tanh(x) = 2 sigmoid(2x) - 1`` is the default; ``FAST_TANH`` uses the
+PTX ``tanh.approx.f32`` instruction (about 2^-11 relative error, NVIDIA GPUs only) for tanh and
+for sigmoid (``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)``). The Triton interpreter cannot run inline
+assembly, so the switch stays off there.
+
+Rounding. fp32 -> bfloat16 stores round to nearest even with integer arithmetic rather than
+``.to(tl.bfloat16)``, because the Triton interpreter truncates that conversion while GPUs round
+to nearest even; this way both match ``torch.Tensor.to(torch.bfloat16)`` bit for bit.
+
+Register budget (H = 20 padded to 32, two layers, sm_90, compiled offline with the bundled
+ptxas; not timed, no GPU was available): with ``INPUT_PRECISION="ieee"`` the fp32 products lower
+to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8.5 KB,
+BLOCK 64 / 8 warps: 128 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
+and "tf32" at BLOCK 64 / 4 warps spill 16 B and 32 B. The launcher's default ("ieee", exact)
+is chosen for correctness, not speed: tune ``block``, ``num_warps`` and ``input_precision`` on
+the GPU with ``benchmarks/kernel_bench.py --tune``. In the interpreter every program instance costs
+tens of milliseconds, so tests there use a large BLOCK instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: Dtypes of the ``h`` and ``c`` state buffers the kernel reads and writes.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+#: Parameter dtypes (the update ``param + lr * step`` is computed in fp32; float64 parameters
+#: would lose precision in that, so they stay on the PyTorch path).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Gradient dtypes (converted to fp32, as the PyTorch path does).
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: ``tl.dot`` input precisions accepted by the launcher.
+INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def padded_hidden_size(hidden_size: int) -> int:
+    """``HP``: the hidden size rounded up to a power of two, at least 16 (``20 -> 32``)."""
+    return max(16, triton.next_power_of_2(hidden_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:
+        y = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        y = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return y
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    if FAST:
+        y = 0.5 + 0.5 * _tanh(0.5 * x, FAST)
+    else:
+        y = tl.sigmoid(x)
+    return y
+
+
+@triton.jit
+def _store_rounded(ptr, x, mask):
+    """Store fp32 ``x`` at ``ptr`` in the pointer's dtype, rounding to nearest even."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        # a NaN whose payload sits in the low half would round to inf: keep a quiet NaN instead
+        bits = tl.where(x == x, bits >> 16, 0x7FC0)
+        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _project(
+    x,
+    w_ptr,
+    gate: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``x @ W[gate*H:(gate+1)*H, :]^T`` for a row-major ``(4H, H)`` fp32 matrix ``W``.
+
+    ``x`` is ``(BLOCK, HP)`` fp32 with zeros in the padded columns; returns ``(BLOCK, HP)``.
+    """
+    k = tl.arange(0, HP)
+    j = tl.arange(0, HP)
+    # wt[k, j] = W[gate*H + j, k]: the gate's block, transposed, zero-padded to (HP, HP)
+    wt = tl.load(
+        w_ptr + (gate * H + j[None, :]) * H + k[:, None],
+        mask=(k[:, None] < H) & (j[None, :] < H),
+        other=0.0,
+    )
+    if USE_DOT:
+        y = tl.dot(x, wt, input_precision=INPUT_PRECISION)
+    else:
+        y = tl.sum(x[:, :, None] * wt[None, :, :], axis=1)
+    return y
+
+
+@triton.jit
+def _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH: tl.constexpr):
+    """One LSTM cell from the gate pre-activations; returns ``(h, c)``."""
+    c = _sigmoid(pre_f, FAST_TANH) * c + _sigmoid(pre_i, FAST_TANH) * _tanh(pre_g, FAST_TANH)
+    h = _sigmoid(pre_o, FAST_TANH) * _tanh(c, FAST_TANH)
+    return h, c
+
+
+@triton.jit
+def _zero_padding(x, H: tl.constexpr, HP: tl.constexpr):
+    """Zero the padded columns of a ``(BLOCK, HP)`` tile.
+
+    They are zero for finite inputs anyway, but an infinite gradient makes ``inf * 0 = NaN`` there,
+    which the next layer's product would spread into the real units.
+    """
+    if HP != H:
+        x = tl.where((tl.arange(0, HP) < H)[None, :], x, 0.0)
+    return x
+
+
+@triton.jit
+def coordinate_lstm_step_kernel(
+    grad_ptr,  # (N,) any float
+    param_ptr,  # (N,) fp32 / bf16 / fp16
+    param_out_ptr,  # (N,) param's dtype; may alias param_ptr
+    h_ptr,  # (L, N, H) fp32 / bf16, layer stride h_layer_stride, updated in place
+    c_ptr,  # (L, N, H) fp32 / bf16, layer stride c_layer_stride, updated in place
+    w_ih0_ptr,  # (4H, 2) fp32: layer 0 input weights
+    w_ih_ptr,  # (max(L - 1, 1), 4H, H) fp32: input weights of layers 1..L-1
+    w_hh_ptr,  # (L, 4H, H) fp32: recurrent weights
+    bias_ptr,  # (L, 4H) fp32: b_ih + b_hh
+    head_w_ptr,  # (H,) fp32
+    head_b_ptr,  # (1,) fp32
+    n_coords,
+    h_layer_stride,
+    c_layer_stride,
+    mag_floor,  # e^-p
+    p,  # preprocessing constant
+    dir_scale,  # e^p
+    output_scale,
+    lr,
+    NUM_LAYERS: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # int64: L * N * H overflows int32 from about 50M coordinates at H = 20
+    rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n_coords
+    cols = tl.arange(0, HP)
+    col_mask = cols < H
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    tile = rows[:, None] * H + cols[None, :]
+
+    # ---- preprocessing (learnedopt.nn.functional.preprocess), NaN-propagating like torch.clamp
+    g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    x_mag = tl.log(tl.maximum(tl.abs(g), mag_floor, propagate_nan=tl.PropagateNan.ALL)) / p
+    x_dir = tl.clamp(g * dir_scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+    # ---- layer 0: two input features (broadcast), recurrent product (dot or broadcast)
+    h = tl.load(h_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    pre_i = _project(h, w_hh_ptr, 0, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_f = _project(h, w_hh_ptr, 1, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_g = _project(h, w_hh_ptr, 2, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_o = _project(h, w_hh_ptr, 3, H, HP, USE_DOT, INPUT_PRECISION)
+    w_mag_i = tl.load(w_ih0_ptr + (0 * H + cols) * 2, mask=col_mask, other=0.0)
+    w_mag_f = tl.load(w_ih0_ptr + (1 * H + cols) * 2, mask=col_mask, other=0.0)
+    w_mag_g = tl.load(w_ih0_ptr + (2 * H + cols) * 2, mask=col_mask, other=0.0)
+    w_mag_o = tl.load(w_ih0_ptr + (3 * H + cols) * 2, mask=col_mask, other=0.0)
+    w_dir_i = tl.load(w_ih0_ptr + (0 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
+    w_dir_f = tl.load(w_ih0_ptr + (1 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
+    w_dir_g = tl.load(w_ih0_ptr + (2 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
+    w_dir_o = tl.load(w_ih0_ptr + (3 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
+    b_i = tl.load(bias_ptr + 0 * H + cols, mask=col_mask, other=0.0)
+    b_f = tl.load(bias_ptr + 1 * H + cols, mask=col_mask, other=0.0)
+    b_g = tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)
+    b_o = tl.load(bias_ptr + 3 * H + cols, mask=col_mask, other=0.0)
+    xm = x_mag[:, None]
+    xd = x_dir[:, None]
+    pre_i += xm * w_mag_i[None, :] + xd * w_dir_i[None, :] + b_i[None, :]
+    pre_f += xm * w_mag_f[None, :] + xd * w_dir_f[None, :] + b_f[None, :]
+    pre_g += xm * w_mag_g[None, :] + xd * w_dir_g[None, :] + b_g[None, :]
+    pre_o += xm * w_mag_o[None, :] + xd * w_dir_o[None, :] + b_o[None, :]
+    h, c = _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH)
+    h = _zero_padding(h, H, HP)
+    _store_rounded(h_ptr + tile, h, tile_mask)
+    _store_rounded(c_ptr + tile, c, tile_mask)
+
+    # ---- layers 1..L-1: input is the (BLOCK, HP) hidden state of the layer below
+    h_base = h_ptr
+    c_base = c_ptr
+    for layer in tl.static_range(1, NUM_LAYERS):
+        x = h
+        # one stride per step: layer * stride could overflow int32 where the stride does not
+        h_base += h_layer_stride
+        c_base += c_layer_stride
+        h_layer = h_base + tile
+        c_layer = c_base + tile
+        h = tl.load(h_layer, mask=tile_mask, other=0.0).to(tl.float32)
+        c = tl.load(c_layer, mask=tile_mask, other=0.0).to(tl.float32)
+        w_ih = w_ih_ptr + (layer - 1) * 4 * H * H
+        w_hh = w_hh_ptr + layer * 4 * H * H
+        bias = bias_ptr + layer * 4 * H
+        pre_i = _project(x, w_ih, 0, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_f = _project(x, w_ih, 1, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_g = _project(x, w_ih, 2, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_o = _project(x, w_ih, 3, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_i += _project(h, w_hh, 0, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_f += _project(h, w_hh, 1, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_g += _project(h, w_hh, 2, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_o += _project(h, w_hh, 3, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_i += tl.load(bias + 0 * H + cols, mask=col_mask, other=0.0)[None, :]
+        pre_f += tl.load(bias + 1 * H + cols, mask=col_mask, other=0.0)[None, :]
+        pre_g += tl.load(bias + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
+        pre_o += tl.load(bias + 3 * H + cols, mask=col_mask, other=0.0)[None, :]
+        h, c = _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH)
+        h = _zero_padding(h, H, HP)
+        _store_rounded(h_layer, h, tile_mask)
+        _store_rounded(c_layer, c, tile_mask)
+
+    # ---- head and update
+    head_w = tl.load(head_w_ptr + cols, mask=col_mask, other=0.0)
+    step = (tl.sum(h * head_w[None, :], axis=1) + tl.load(head_b_ptr)) * output_scale
+    old = tl.load(param_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    # lr == 0 must leave the parameter bit for bit (also -0.0, and under a non-finite step)
+    new = tl.where(lr == 0.0, old, old + lr * step)
+    _store_rounded(param_out_ptr + rows, new, row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+class PackedWeights(NamedTuple):
+    """The rule's weights as the kernel reads them; all fp32, contiguous, on one device.
+
+    Attributes:
+        w_ih0: ``(4H, 2)`` layer 0 input weights.
+        w_ih: ``(max(L - 1, 1), 4H, H)`` input weights of layers 1.. (a zero dummy when L = 1).
+        w_hh: ``(L, 4H, H)`` recurrent weights.
+        bias: ``(L, 4H)``, ``bias_ih + bias_hh``.
+        head_w: ``(H,)`` head weight.
+        head_b: ``(1,)`` head bias.
+    """
+
+    w_ih0: Tensor
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Tensor
+    head_w: Tensor
+    head_b: Tensor
+
+
+def rule_weights(
+    rule: torch.nn.Module, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """A :class:`CoordinateLSTM`'s ``state_dict`` as the fp32 contiguous tensors the launcher takes."""
+    return {
+        name: t.detach().to(device=device, dtype=torch.float32).contiguous()
+        for name, t in rule.state_dict().items()
+    }
+
+
+def pack_weights(
+    weights: Mapping[str, Tensor], *, num_layers: int, hidden_size: int
+) -> PackedWeights:
+    """Validate a :class:`CoordinateLSTM` ``state_dict`` and stack it for the kernel.
+
+    Args:
+        weights: ``lstm.weight_ih_l{k}`` ``(4H, in)``, ``lstm.weight_hh_l{k}`` ``(4H, H)``,
+            ``lstm.bias_ih_l{k}`` and ``lstm.bias_hh_l{k}`` ``(4H,)`` for each layer ``k``,
+            ``head.weight`` ``(1, H)`` and ``head.bias`` ``(1,)``; fp32, contiguous, one device.
+            ``in`` must be 2 for layer 0 (the default feature set) and ``H`` above.
+        num_layers, hidden_size: ``L`` and ``H``.
+
+    Raises:
+        ValueError: on a missing key, a wrong shape, dtype or device, a non-contiguous tensor, or
+            a rule with extra input features.
+    """
+    if num_layers < 1 or hidden_size < 1:
+        raise ValueError(
+            f"num_layers and hidden_size must be >= 1, got {num_layers}, {hidden_size}"
+        )
+    L, H = num_layers, hidden_size
+    expected: dict[str, tuple[int, ...]] = {}
+    for k in range(L):
+        expected[f"lstm.weight_ih_l{k}"] = (4 * H, 2 if k == 0 else H)
+        expected[f"lstm.weight_hh_l{k}"] = (4 * H, H)
+        expected[f"lstm.bias_ih_l{k}"] = (4 * H,)
+        expected[f"lstm.bias_hh_l{k}"] = (4 * H,)
+    expected["head.weight"] = (1, H)
+    expected["head.bias"] = (1,)
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ValueError(
+            f"weights lack {missing} (expected a CoordinateLSTM state_dict with {L} layers)"
+        )
+    devices = {weights[k].device for k in expected}
+    if len(devices) != 1:
+        raise ValueError(f"weights are on several devices: {sorted(map(str, devices))}")
+    w0 = weights["lstm.weight_ih_l0"]
+    if w0.dim() == 2 and w0.shape[0] == 4 * H and w0.shape[1] != 2:
+        raise ValueError(
+            f"the fused kernel supports only the default feature set (the preprocessed gradient, "
+            f"num_inputs=2); these weights have {w0.shape[1]} inputs (momentum, rms or param "
+            f"features): use the PyTorch path"
+        )
+    for name, shape in expected.items():
+        t = weights[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"weights[{name!r}] has shape {tuple(t.shape)}, expected {shape} (L={L}, H={H})"
+            )
+        if t.dtype != torch.float32:
+            raise ValueError(f"weights[{name!r}] must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"weights[{name!r}] must be contiguous")
+    w_hh = torch.stack([weights[f"lstm.weight_hh_l{k}"] for k in range(L)])
+    if L > 1:
+        w_ih = torch.stack([weights[f"lstm.weight_ih_l{k}"] for k in range(1, L)])
+    else:
+        w_ih = w_hh.new_zeros(1, 4 * H, H)
+    bias = torch.stack(
+        [weights[f"lstm.bias_ih_l{k}"] + weights[f"lstm.bias_hh_l{k}"] for k in range(L)]
+    )
+    return PackedWeights(
+        w_ih0=w0,
+        w_ih=w_ih,
+        w_hh=w_hh,
+        bias=bias,
+        head_w=weights["head.weight"].reshape(H),
+        head_b=weights["head.bias"],
+    )
+
+
+def is_interpreted() -> bool:
+    """Whether the kernel runs in the Triton interpreter (TRITON_INTERPRET set at import time)."""
+    return isinstance(coordinate_lstm_step_kernel, triton.runtime.interpreter.InterpretedFunction)
+
+
+def _check_states(name: str, t: Tensor, num_layers: int, n: int, hidden_size: int) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor")
+    if tuple(t.shape) != (num_layers, n, hidden_size):
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}, expected (L, N, H) = {(num_layers, n, hidden_size)}"
+        )
+    if t.dtype not in STATE_DTYPES:
+        raise ValueError(f"{name} must be one of {STATE_DTYPES}, got {t.dtype}")
+    if n > 0 and (t.stride(2) != 1 or (n > 1 and t.stride(1) != hidden_size)):
+        raise ValueError(
+            f"{name} must have a contiguous (N, H) slab per layer (strides (*, {hidden_size}, 1)), "
+            f"got strides {t.stride()}"
+        )
+
+
+def coordinate_lstm_step_(
+    grad: Tensor,
+    param: Tensor,
+    param_out: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Mapping[str, Tensor] | PackedWeights,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    preprocess_p: float,
+    output_scale: float,
+    lr: float,
+    maximize: bool,
+    use_dot: bool = True,
+    block: int = 64,
+    num_warps: int = 4,
+    input_precision: str = "ieee",
+    fast_tanh: bool = False,
+) -> None:
+    """One fused step of the coordinatewise LSTM rule over ``N`` flat coordinates.
+
+    Writes the new states into ``h`` and ``c`` and ``param + lr * step`` into ``param_out``.
+
+    Args:
+        grad: ``(N,)`` contiguous gradient, float16/bfloat16/float32/float64 (read as fp32).
+        param: ``(N,)`` contiguous parameter values, float16/bfloat16/float32.
+        param_out: ``(N,)`` contiguous, ``param``'s dtype; may be ``param`` itself.
+        h, c: ``(L, N, H)`` float32 or bfloat16 states, each layer a contiguous ``(N, H)`` slab
+            (any layer stride, so ``buffer[:, a:b]`` views work); updated in place.
+        weights: a :class:`CoordinateLSTM` ``state_dict`` of fp32 contiguous tensors (see
+            :func:`rule_weights`), or its :func:`pack_weights` result to skip re-stacking it.
+        num_layers, hidden_size: ``L`` and ``H`` of the rule.
+        preprocess_p: the preprocessing constant ``p`` (> 0).
+        output_scale: the head's output multiplier.
+        lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
+        maximize: negate the gradient first.
+        use_dot: ``tl.dot`` (True) or broadcast multiply + sum (False) for the layer products.
+        block: coordinates per program, a power of two >= 16.
+        num_warps: warps per program (GPU only).
+        input_precision: ``tl.dot`` precision for fp32 operands: "ieee" (exact fp32), "tf32x3"
+            or "tf32".
+        fast_tanh: use PTX ``tanh.approx.f32`` (NVIDIA GPUs only; not in the interpreter).
+
+    Raises:
+        ValueError: on any shape, dtype, device, layout or option the kernel does not support.
+    """
+    if num_layers < 1 or hidden_size < 1:
+        raise ValueError(
+            f"num_layers and hidden_size must be >= 1, got {num_layers}, {hidden_size}"
+        )
+    if not preprocess_p > 0:
+        raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(
+            f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
+        )
+    for name, t, dtypes in (("grad", grad, GRAD_DTYPES), ("param", param, PARAM_DTYPES)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous 1-D tensor, got {getattr(t, 'shape', type(t))}"
+            )
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    n = param.numel()
+    if grad.numel() != n:
+        raise ValueError(f"grad has {grad.numel()} elements, param has {n}")
+    if (
+        not isinstance(param_out, Tensor)
+        or param_out.shape != param.shape
+        or not param_out.is_contiguous()
+    ):
+        raise ValueError(f"param_out must be a contiguous tensor of shape {tuple(param.shape)}")
+    if param_out.dtype != param.dtype:
+        raise ValueError(
+            f"param_out dtype {param_out.dtype} differs from param dtype {param.dtype}"
+        )
+    _check_states("h", h, num_layers, n, hidden_size)
+    _check_states("c", c, num_layers, n, hidden_size)
+    packed = (
+        weights
+        if isinstance(weights, PackedWeights)
+        else pack_weights(weights, num_layers=num_layers, hidden_size=hidden_size)
+    )
+    if packed.w_hh.shape != (num_layers, 4 * hidden_size, hidden_size):
+        raise ValueError(
+            f"packed weights are for {tuple(packed.w_hh.shape)}, not L={num_layers}, H={hidden_size}"
+        )
+    tensors = {
+        "grad": grad,
+        "param": param,
+        "param_out": param_out,
+        "h": h,
+        "c": c,
+        "weights": packed.w_hh,
+    }
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(
+            f"all tensors must be on one device, got { {k: str(t.device) for k, t in tensors.items()} }"
+        )
+    device = devices.pop()
+    interpreted = is_interpreted()
+    if device.type == "cpu" and not interpreted:
+        raise ValueError(
+            "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
+    if fast_tanh and (interpreted or device.type != "cuda"):
+        raise ValueError(
+            "fast_tanh uses PTX inline assembly: NVIDIA GPUs only, not the interpreter"
+        )
+    if n == 0:
+        return
+
+    grid = (triton.cdiv(n, block),)
+    coordinate_lstm_step_kernel[grid](
+        grad,
+        param,
+        param_out,
+        h,
+        c,
+        packed.w_ih0,
+        packed.w_ih,
+        packed.w_hh,
+        packed.bias,
+        packed.head_w,
+        packed.head_b,
+        n,
+        h.stride(0),
+        c.stride(0),
+        math.exp(-preprocess_p),
+        float(preprocess_p),
+        math.exp(preprocess_p),
+        float(output_scale),
+        float(lr),
+        NUM_LAYERS=num_layers,
+        H=hidden_size,
+        HP=padded_hidden_size(hidden_size),
+        MAXIMIZE=bool(maximize),
+        USE_DOT=bool(use_dot),
+        INPUT_PRECISION=input_precision,
+        FAST_TANH=bool(fast_tanh),
+        BLOCK=block,
+        num_warps=num_warps,
+    )

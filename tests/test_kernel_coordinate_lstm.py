@@ -1,0 +1,405 @@
+"""The fused Triton step of the coordinatewise LSTM rule against the PyTorch path.
+
+The reference is the optimizer's own batched path, :func:`learnedopt.optim.update.flat_update_`
+with ``compute_dtype=torch.float32``: it runs :meth:`CoordinateLSTM.forward` on fp32 copies of the
+gradient, parameter and states, writes the states back in their dtype and adds ``lr * step`` to
+the parameter. The kernel must compute the same thing.
+
+On CPU (this machine, CI) the kernel runs in the Triton interpreter (``TRITON_INTERPRET=1``, set
+by ``conftest.py``); every program instance costs tens of milliseconds there, so these tests use
+``block=1024`` with 10^3-10^4 coordinates. With CUDA and ``TRITON_INTERPRET=0`` (see
+``benchmarks/run_gpu.sh``) the same tests run compiled on the GPU with the default block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
+)
+
+from learnedopt.kernels.coordinate_lstm_step import (  # noqa: E402
+    coordinate_lstm_step_,
+    is_interpreted,
+    pack_weights,
+    padded_hidden_size,
+    rule_weights,
+)
+from learnedopt.nn import CoordinateLSTM  # noqa: E402
+from learnedopt.optim.update import flat_update_  # noqa: E402
+
+INTERPRETED = is_interpreted()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+if DEVICE.type == "cpu" and not INTERPRETED:
+    pytest.skip(
+        "no CUDA device and TRITON_INTERPRET is off: nothing can run the kernel",
+        allow_module_level=True,
+    )
+#: Few, large program instances in the interpreter; the launcher's register-friendly default on GPUs.
+BLOCK = 1024 if INTERPRETED else 64
+
+# Tolerances for fp32 states and parameters. Kernel and reference do the same fp32 operations;
+# they differ only in the order of the dot-product reductions (up to 2H + 2 terms), in
+# tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1 ulp of 1, 6e-8) and in the pre-summed biases,
+# so each value differs by a few ulps: measured at most ~8e-7 absolute on |c| up to ~5, the same
+# size as the reference's own distance from a float64 computation (~6e-7). Every case here passes
+# at rtol = atol = 1e-6; the bound is 2x that. On GPUs FMA contraction, approximate exp/div and
+# cuDNN's own summation order add a few ulps more.
+FP32_TOL = dict(rtol=2e-6, atol=2e-6) if INTERPRETED else dict(rtol=2e-5, atol=2e-5)
+P = 10.0
+SCALE = 0.1
+
+
+def make_rule(num_layers: int, hidden_size: int, seed: int = 0) -> CoordinateLSTM:
+    """A rule whose every weight matters (the default init zeroes many of them)."""
+    g = torch.Generator().manual_seed(seed)
+    rule = CoordinateLSTM(
+        num_layers=num_layers, hidden_size=hidden_size, preprocess_p=P, output_scale=SCALE
+    )
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(torch.randn(q.shape, generator=g) * 0.3)
+    return rule.to(DEVICE)
+
+
+def make_inputs(
+    n: int,
+    num_layers: int,
+    hidden_size: int,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    state_dtype: torch.dtype = torch.float32,
+    seed: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad, param (n,)`` in ``param_dtype``, ``h, c (L, n, H)`` in ``state_dtype``.
+
+    Gradient magnitudes span 1e-8..10 so both branches of the preprocessing (threshold e^-10 ~
+    4.5e-5) are taken; exact zeros and the threshold itself are included.
+    """
+    g = torch.Generator().manual_seed(seed)
+    grad = (
+        torch.randn(n, generator=g, dtype=torch.float64)
+        * torch.logspace(-8, 1, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    )
+    grad[::97] = 0.0
+    grad[5::101] = torch.tensor(P).neg().exp()
+    param = torch.randn(n, generator=g, dtype=torch.float64)
+    h = torch.randn(num_layers, n, hidden_size, generator=g) * 0.5
+    c = torch.randn(num_layers, n, hidden_size, generator=g) * 1.5
+    return (
+        grad.to(DEVICE, param_dtype),
+        param.to(DEVICE, param_dtype),
+        h.to(DEVICE, state_dtype),
+        c.to(DEVICE, state_dtype),
+    )
+
+
+def reference(rule, grad, param, h, c, *, lr, maximize):
+    """What the PyTorch path writes: ``(param_out, h, c)``, in the inputs' dtypes."""
+    p, hr, cr = param.clone(), h.clone(), c.clone()
+    with torch.no_grad():
+        flat_update_(
+            rule,
+            [p],
+            [grad],
+            {"h": hr, "c": cr},
+            [0],
+            lr=lr,
+            loss=None,
+            maximize=maximize,
+            compute_dtype=torch.float32,
+        )
+    return p, hr, cr
+
+
+def fused(rule, grad, param, h, c, *, lr, maximize, use_dot=True, block=BLOCK, **kw):
+    """The kernel on copies: ``(param_out, h, c)``."""
+    cfg = rule.config
+    p_out, hk, ck = torch.empty_like(param), h.clone(), c.clone()
+    coordinate_lstm_step_(
+        grad,
+        param,
+        p_out,
+        hk,
+        ck,
+        rule_weights(rule),
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        preprocess_p=cfg.preprocess_p,
+        output_scale=cfg.output_scale,
+        lr=lr,
+        maximize=maximize,
+        use_dot=use_dot,
+        block=block,
+        **kw,
+    )
+    return p_out, hk, ck
+
+
+def assert_within_one_ulp(
+    actual: torch.Tensor, expected: torch.Tensor, max_fraction: float = 0.005
+) -> None:
+    """For 16-bit results: kernel and reference agree to ~1e-6 in fp32 before rounding, so after
+    rounding they are equal except where the fp32 value lies next to a rounding boundary; there
+    they are neighbours (bit patterns one apart). Such flips must stay rare (measured: 0.014% of
+    bf16 states, none of the bf16/fp16 parameters)."""
+    assert actual.dtype == expected.dtype and actual.element_size() == 2
+    a = actual.view(torch.int16).int()
+    e = expected.view(torch.int16).int()
+    close = ((a - e).abs() <= 1) | ((actual.float() - expected.float()).abs() <= 1e-6)
+    assert bool(close.all()), f"{int((~close).sum())} values differ by more than one ulp"
+    fraction = (a != e).float().mean().item()
+    assert fraction <= max_fraction, f"{fraction:.3%} of values differ by one ulp"
+
+
+def assert_matches(got, want) -> None:
+    for name, k, r in zip(("param", "h", "c"), got, want, strict=True):
+        assert k.dtype == r.dtype, name
+        if k.dtype == torch.float32:
+            torch.testing.assert_close(k, r, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert_within_one_ulp(k, r)
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
+@pytest.mark.parametrize("num_layers, hidden_size", [(2, 20), (1, 8), (2, 8), (1, 20)])
+@pytest.mark.parametrize("n", [1, 3001])
+def test_matches_pytorch_path(n: int, num_layers: int, hidden_size: int, use_dot: bool) -> None:
+    rule = make_rule(num_layers, hidden_size)
+    inputs = make_inputs(n, num_layers, hidden_size)
+    want = reference(rule, *inputs, lr=0.3, maximize=False)
+    got = fused(rule, *inputs, lr=0.3, maximize=False, use_dot=use_dot)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_state_and_param_dtypes(state_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    # bfloat16 states: the reference also reads them as fp32 and rounds the new ones to bfloat16,
+    # so both sides see identical inputs and round results ~1e-6 apart (assert_within_one_ulp).
+    rule = make_rule(2, 20)
+    inputs = make_inputs(2500, 2, 20, param_dtype=param_dtype, state_dtype=state_dtype)
+    want = reference(rule, *inputs, lr=0.5, maximize=False)
+    got = fused(rule, *inputs, lr=0.5, maximize=False)
+    assert_matches(got, want)
+    # the step is large enough to move even bfloat16 parameters
+    assert (got[0] != inputs[1]).float().mean() > 0.5
+
+
+def test_bfloat16_stores_round_to_nearest_even() -> None:
+    # Same bf16-exact inputs into fp32 and bf16 state buffers: the kernel computes identical fp32
+    # values, so the bf16 run must hold exactly torch's rounding of the fp32 run.
+    rule = make_rule(2, 20)
+    grad, param, h, c = make_inputs(2048, 2, 20, state_dtype=torch.bfloat16)
+    p32, h32, c32 = fused(rule, grad, param, h.float(), c.float(), lr=0.1, maximize=False)
+    p16, h16, c16 = fused(rule, grad, param, h, c, lr=0.1, maximize=False)
+    assert torch.equal(p16, p32)
+    assert torch.equal(h16, h32.to(torch.bfloat16))
+    assert torch.equal(c16, c32.to(torch.bfloat16))
+    # and the bf16 parameter store as well
+    pb = param.to(torch.bfloat16)
+    out_b, _, _ = fused(rule, grad.to(torch.bfloat16), pb, h, c, lr=0.1, maximize=False)
+    out_f, _, _ = fused(
+        rule, grad.to(torch.bfloat16).float(), pb.float(), h, c, lr=0.1, maximize=False
+    )
+    assert torch.equal(out_b, out_f.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
+def test_maximize(use_dot: bool) -> None:
+    rule = make_rule(2, 20)
+    inputs = make_inputs(1500, 2, 20)
+    want = reference(rule, *inputs, lr=0.3, maximize=True)
+    got = fused(rule, *inputs, lr=0.3, maximize=True, use_dot=use_dot)
+    assert_matches(got, want)
+    # and it is not the same as minimizing
+    assert not torch.allclose(got[0], fused(rule, *inputs, lr=0.3, maximize=False)[0])
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lr_zero_leaves_param_bitwise(param_dtype: torch.dtype) -> None:
+    rule = make_rule(2, 20)
+    grad, param, h, c = make_inputs(1100, 2, 20, param_dtype=param_dtype)
+    param[:4] = torch.tensor([-0.0, 0.0, 1e-30, -65504.0])  # -0.0 + 0 * step would become +0.0
+    p_out, hk, ck = fused(rule, grad, param, h, c, lr=0.0, maximize=False)
+    assert torch.equal(p_out.view(torch.uint8), param.view(torch.uint8))
+    _, hr, cr = reference(rule, grad, param, h, c, lr=0.0, maximize=False)
+    assert_matches((p_out, hk, ck), (param, hr, cr))  # the states still advance
+
+
+@pytest.mark.parametrize("n, block", [(100, 16), (64, 64), (1000, 256), (4096, 1024)])
+def test_blocks_and_tails(n: int, block: int) -> None:
+    # several programs with a partial last block, and exact multiples of the block
+    rule = make_rule(2, 20)
+    inputs = make_inputs(n, 2, 20)
+    assert_matches(
+        fused(rule, *inputs, lr=0.3, maximize=False, block=block),
+        reference(rule, *inputs, lr=0.3, maximize=False),
+    )
+
+
+def test_in_place_and_views_of_a_larger_buffer() -> None:
+    # param_out may be param itself; h and c may be buf[:, a:b] of bigger flat buffers (the
+    # optimizer's layout), and nothing outside [a, b) is touched.
+    rule = make_rule(2, 20)
+    grad, param, h_all, c_all = make_inputs(3000, 2, 20)
+    a, b = 700, 2900
+    want = reference(
+        rule, grad[a:b], param[a:b], h_all[:, a:b], c_all[:, a:b], lr=0.3, maximize=False
+    )
+    h_buf, c_buf, p = h_all.clone(), c_all.clone(), param[a:b].clone()
+    cfg = rule.config
+    coordinate_lstm_step_(
+        grad[a:b],
+        p,
+        p,
+        h_buf[:, a:b],
+        c_buf[:, a:b],
+        rule_weights(rule),
+        num_layers=2,
+        hidden_size=20,
+        preprocess_p=cfg.preprocess_p,
+        output_scale=cfg.output_scale,
+        lr=0.3,
+        maximize=False,
+        block=BLOCK,
+    )
+    assert_matches((p, h_buf[:, a:b], c_buf[:, a:b]), want)
+    for buf, orig in ((h_buf, h_all), (c_buf, c_all)):
+        assert torch.equal(buf[:, :a], orig[:, :a]) and torch.equal(buf[:, b:], orig[:, b:])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
+def test_non_finite_gradients_propagate_like_pytorch() -> None:
+    rule = make_rule(1, 8)
+    grad, param, h, c = make_inputs(64, 1, 8)
+    grad[[3, 10, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=DEVICE)
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=False)
+    want = reference(rule, grad, param, h, c, lr=0.3, maximize=False)
+    for k, r in zip(got, want, strict=True):
+        torch.testing.assert_close(k, r, **FP32_TOL, equal_nan=True)
+    assert got[0][3].isnan()
+
+
+def test_prepacked_weights_and_empty_range() -> None:
+    rule = make_rule(2, 20)
+    inputs = make_inputs(500, 2, 20)
+    packed = pack_weights(rule_weights(rule), num_layers=2, hidden_size=20)
+    p_out, h, c = torch.empty_like(inputs[1]), inputs[2].clone(), inputs[3].clone()
+    kw = dict(
+        num_layers=2,
+        hidden_size=20,
+        preprocess_p=P,
+        output_scale=SCALE,
+        lr=0.3,
+        maximize=False,
+        block=BLOCK,
+    )
+    coordinate_lstm_step_(inputs[0], inputs[1], p_out, h, c, packed, **kw)
+    assert_matches((p_out, h, c), reference(rule, *inputs, lr=0.3, maximize=False))
+    empty = torch.empty(0, device=DEVICE)
+    coordinate_lstm_step_(
+        empty,
+        empty,
+        empty,
+        torch.empty(2, 0, 20, device=DEVICE),
+        torch.empty(2, 0, 20, device=DEVICE),
+        packed,
+        **kw,
+    )
+    assert (
+        padded_hidden_size(20) == 32
+        and padded_hidden_size(8) == 16
+        and padded_hidden_size(64) == 64
+    )
+
+
+@pytest.mark.skipif(
+    INTERPRETED or DEVICE.type != "cuda", reason="PTX tanh.approx needs an NVIDIA GPU"
+)
+def test_fast_tanh_on_gpu() -> None:
+    # tanh.approx.f32 has ~2^-11 relative error; a few compound through two layers.
+    rule = make_rule(2, 20)
+    inputs = make_inputs(10_000, 2, 20)
+    got = fused(rule, *inputs, lr=0.3, maximize=False, fast_tanh=True)
+    want = reference(rule, *inputs, lr=0.3, maximize=False)
+    for k, r in zip(got, want, strict=True):
+        torch.testing.assert_close(k, r, rtol=1e-2, atol=5e-3)
+
+
+def _call(**overrides):
+    rule = make_rule(2, 20)
+    grad, param, h, c = make_inputs(32, 2, 20)
+    args = dict(
+        grad=grad,
+        param=param,
+        param_out=torch.empty_like(param),
+        h=h,
+        c=c,
+        weights=rule_weights(rule),
+    )
+    kw = dict(
+        num_layers=2,
+        hidden_size=20,
+        preprocess_p=P,
+        output_scale=SCALE,
+        lr=0.1,
+        maximize=False,
+        block=BLOCK,
+    )
+    for key, value in overrides.items():
+        (args if key in args else kw)[key] = value
+    coordinate_lstm_step_(*args.values(), **kw)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(h=torch.zeros(2, 31, 20)), r"h has shape"),
+        (dict(c=torch.zeros(2, 32, 20, dtype=torch.float64)), r"c must be one of"),
+        (dict(c=torch.zeros(2, 20, 32).transpose(1, 2)), r"contiguous \(N, H\) slab"),
+        (dict(grad=torch.zeros(31)), r"grad has 31 elements"),
+        (dict(grad=torch.zeros(64)[::2]), r"grad must be a contiguous 1-D"),
+        (dict(param=torch.zeros(32, dtype=torch.float64)), r"param dtype must be one of"),
+        (dict(param_out=torch.zeros(32, dtype=torch.float16)), r"param_out dtype"),
+        (dict(num_layers=1), r"h has shape"),
+        (dict(block=48), r"power of two"),
+        (dict(preprocess_p=0.0), r"preprocess_p must be positive"),
+        (dict(input_precision="bf16"), r"input_precision"),
+        (dict(fast_tanh=True), r"fast_tanh"),
+        (dict(weights={}), r"weights lack"),
+    ],
+)
+def test_invalid_arguments(overrides: dict, match: str) -> None:
+    overrides = {
+        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
+    }
+    if "fast_tanh" in overrides and not INTERPRETED:
+        pytest.skip("fast_tanh is valid on GPUs")
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+def test_rejects_extra_features_and_bad_weights() -> None:
+    rule = CoordinateLSTM(momentum_decays=(0.9,)).to(DEVICE)
+    grad, param, h, c = make_inputs(32, 2, 20)
+    kw = dict(
+        num_layers=2, hidden_size=20, preprocess_p=P, output_scale=SCALE, lr=0.1, maximize=False
+    )
+    with pytest.raises(ValueError, match="default feature set"):
+        coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, rule_weights(rule), **kw)
+    weights = rule_weights(make_rule(2, 20))
+    weights["lstm.weight_hh_l1"] = weights["lstm.weight_hh_l1"].double()
+    with pytest.raises(ValueError, match="must be float32"):
+        coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, weights, **kw)
+    weights = rule_weights(make_rule(2, 20))
+    weights["head.weight"] = weights["head.weight"].t()
+    with pytest.raises(ValueError, match="has shape"):
+        coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, weights, **kw)
+    if DEVICE.type == "cpu":
+        return
+    weights = rule_weights(make_rule(2, 20))
+    with pytest.raises(ValueError, match="one device"):
+        coordinate_lstm_step_(grad.cpu(), param, torch.empty_like(param), h, c, weights, **kw)
