@@ -2,11 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .nn import CoordinateLSTM, CoordinateLSTMConfig, MetaLSTMCell, MetaLSTMConfig, UpdateRule  # noqa: E402
-from .optim import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError  # noqa: E402
-from .weights import PRESETS, UntrainedWeightsWarning, load_weights, save_weights  # noqa: E402
+from .meta import MAML, Reptile
+from .nn import CoordinateLSTM, CoordinateLSTMConfig, MetaLSTMCell, MetaLSTMConfig, UpdateRule
+from .optim import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
+from .weights import PRESETS, UntrainedWeightsWarning, load_weights, save_weights
 
 __all__ = [
+    "MAML",
     "PRESETS",
     "CoordinateLSTM",
     "CoordinateLSTMConfig",
@@ -15,6 +17,7 @@ __all__ = [
     "MetaLSTMConfig",
     "MetaLSTMOptimizer",
     "NonFiniteGradientError",
+    "Reptile",
     "UntrainedWeightsWarning",
     "UpdateRule",
     "__version__",

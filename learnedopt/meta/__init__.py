@@ -1,0 +1,42 @@
+"""Meta-learning: the differentiable unroll of update rules, task families, the training loop,
+and learned initialisations (MAML, Reptile)."""
+
+from .maml import MAML, BatchStatNorm, replace_batchnorm_
+from .reptile import Reptile
+from .tasks import (
+    MNIST_SPLIT,
+    MNIST_SPLIT_SEED,
+    TASK_FAMILIES,
+    MnistMLPFamily,
+    QuadraticFamily,
+    Task,
+    TaskBatch,
+    TaskFamily,
+    derive_seed,
+    generator_for,
+    make_family,
+)
+from .unroll import UnrollResult, detach_all, num_coordinates, truncated_unroll, unroll
+
+__all__ = [
+    "MAML",
+    "MNIST_SPLIT",
+    "MNIST_SPLIT_SEED",
+    "TASK_FAMILIES",
+    "BatchStatNorm",
+    "MnistMLPFamily",
+    "QuadraticFamily",
+    "Reptile",
+    "Task",
+    "TaskBatch",
+    "TaskFamily",
+    "UnrollResult",
+    "derive_seed",
+    "detach_all",
+    "generator_for",
+    "make_family",
+    "num_coordinates",
+    "replace_batchnorm_",
+    "truncated_unroll",
+    "unroll",
+]

@@ -1,0 +1,677 @@
+"""``learnedopt meta-train``: meta-train an update rule by truncated backpropagation through unrolls.
+
+One *meta-step* is one episode: sample ``--meta-batch`` tasks, run ``--horizon`` optimizee steps
+in truncations of ``--unroll`` steps, and after each truncation take one Adam step on the rule's
+meta-parameters (gradient norm clipped to ``--clip``). So a meta-step makes ``ceil(H / T)``
+meta-updates, and checkpoints fall between episodes.
+
+Randomness: the rule's initialisation uses ``generator_for(seed, 0)``, meta-step ``s`` (1-based)
+draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the evaluation from
+``generator_for(seed, 2)``; nothing reads the global RNG. A step's randomness therefore depends
+only on ``(seed, s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats
+an uninterrupted run bit for bit.
+
+Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step), ``checkpoint.pt`` (atomic),
+and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..nn import RULES, UpdateRule
+from ..weights import PRESETS, build_preset, save_weights
+from .tasks import TASK_FAMILIES, TaskFamily, generator_for, make_family
+from .unroll import num_coordinates, truncated_unroll
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+WEIGHTS_NAME = "weights.safetensors"
+CARD_NAME = "MODEL_CARD.md"
+_INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM = 0, 1, 2  # generator_for(seed, stream[, step])
+
+
+class ConfigError(ValueError):
+    """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Everything that determines a meta-training run's results.
+
+    Attributes:
+        task: task family (``quadratic`` or ``mnist-mlp``).
+        rule: update rule class to start from its seeded initialisation, or None with ``preset``.
+        preset: preset whose weights to start from, or None with ``rule``.
+        unroll: truncation length T (optimizee steps per meta-update).
+        horizon: optimizee steps per episode H (>= T).
+        meta_batch: tasks per episode B.
+        meta_steps: episodes S to run in total.
+        meta_lr: Adam learning rate on the meta-parameters.
+        clip: maximum global norm of the meta-gradient.
+        seed: the root of every random draw.
+        lr: multiplier of the rule's step during the unroll.
+        second_order: keep the optimizee-gradient graph (no ``stop_optimizee_grad``).
+        data: MNIST folder for data tasks (None: the default search).
+    """
+
+    task: str = "quadratic"
+    rule: str | None = "CoordinateLSTM"
+    preset: str | None = None
+    unroll: int = 20
+    horizon: int = 100
+    meta_batch: int = 8
+    meta_steps: int = 100
+    meta_lr: float = 1e-3
+    clip: float = 1.0
+    seed: int = 0
+    lr: float = 1.0
+    second_order: bool = False
+    data: str | None = None
+
+    #: fields that may change when a run is resumed (they do not change any finished step)
+    RESUMABLE_CHANGES = ("meta_steps", "data")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting."""
+        if self.task not in TASK_FAMILIES:
+            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}")
+        if (self.rule is None) == (self.preset is None):
+            raise ConfigError("give exactly one of --rule and --preset")
+        if self.rule is not None and self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {self.preset!r}; choose from {', '.join(sorted(PRESETS))}"
+            )
+        for name in ("unroll", "horizon", "meta_batch", "meta_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        for name in ("meta_lr", "clip", "lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive number, got {value}"
+                )
+        if self.unroll > self.horizon:
+            raise ConfigError(
+                f"--unroll T={self.unroll} is longer than --horizon H={self.horizon}; need T <= H"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MetaTrainResult:
+    """What :func:`meta_train` returns.
+
+    Attributes:
+        rule: the meta-trained rule.
+        step: meta-steps completed.
+        log: one dict per meta-step of this process (as written to ``log.jsonl``).
+        finished: whether all ``meta_steps`` were run (and the final files written).
+        eval: ``{"initial": ..., "final": ...}`` mean evaluation loss, when finished.
+    """
+
+    rule: UpdateRule
+    step: int
+    log: list[dict[str, Any]]
+    finished: bool
+    eval: dict[str, float] | None = None
+
+
+# ----------------------------------------------------------------------------- the loop
+def initial_rule(config: MetaTrainConfig) -> UpdateRule:
+    """The rule a run starts from: a preset's weights, or the class's seeded initialisation."""
+    if config.preset is not None:
+        rule, _ = build_preset(config.preset)
+    else:
+        rule = RULES[config.rule]()
+        rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
+    return rule.float().requires_grad_(True)
+
+
+def episode(
+    rule: UpdateRule,
+    family: TaskFamily,
+    config: MetaTrainConfig,
+    generator: torch.Generator,
+    meta_optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[Tensor, list[float]]:
+    """One episode (see the module docstring); meta-updates only when ``meta_optimizer`` is given.
+
+    Returns:
+        ``(losses, grad_norms)``: ``(H, B)`` optimizee losses and the pre-clip meta-gradient norm
+        of each truncation.
+    """
+    tasks = family.sample_batch(config.meta_batch, generator)
+    params = tasks.init_params(generator)
+    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+    grad_norms: list[float] = []
+
+    def update(meta_loss: Tensor) -> None:
+        if not torch.isfinite(meta_loss):
+            raise FloatingPointError(f"the meta-loss is {meta_loss.item()}")
+        meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss.backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(rule.parameters(), config.clip)))
+        meta_optimizer.step()
+
+    losses = truncated_unroll(
+        rule,
+        tasks,
+        params,
+        state,
+        horizon=config.horizon,
+        truncation=config.unroll,
+        update=update if meta_optimizer is not None else None,
+        lr=config.lr,
+        stop_optimizee_grad=not config.second_order,
+    )
+    return losses, grad_norms
+
+
+def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> float:
+    """Mean optimizee loss over a fixed episode (generator ``(seed, 2)``), no meta-updates."""
+    frozen = copy.deepcopy(rule).requires_grad_(False)  # no graph through the meta-parameters
+    return float(
+        episode(frozen, family, config, generator_for(config.seed, _EVAL_STREAM))[0].mean()
+    )
+
+
+def meta_train(
+    config: MetaTrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    command: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> MetaTrainResult:
+    """Meta-train as ``learnedopt meta-train`` does (see the module docstring for the files).
+
+    Args:
+        config: the run's configuration (validated here).
+        out: output folder (created).
+        checkpoint_every: write ``checkpoint.pt`` every this many meta-steps (and at the end).
+        resume: continue from ``out/checkpoint.pt``; the config must match the checkpoint's
+            except for :attr:`MetaTrainConfig.RESUMABLE_CHANGES`.
+        command: the command line, recorded in the weight file and model card (the CLI passes
+            :func:`canonical_command`, which is the same for a run and its resumption).
+        max_steps: stop after this meta-step without writing the final files (simulates a kill).
+        progress: show a progress bar (tqdm when installed) or per-step lines on stderr.
+
+    Raises:
+        ConfigError: bad configuration, missing data, or a resume that does not fit.
+    """
+    config.validate()
+    if checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+    out = Path(out)
+    command = command or "learnedopt.meta.train.meta_train(...)"
+    family = _family(config, "meta_train")
+
+    rule = initial_rule(config)
+    initial = copy.deepcopy(rule)
+    meta_optimizer = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
+    start = 0
+    checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
+    if resume:
+        start = _load_checkpoint(checkpoint_path, config, rule, initial, meta_optimizer)
+        _truncate_log(log_path, start)
+    elif checkpoint_path.exists() or log_path.exists():
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if start > config.meta_steps:
+        raise ConfigError(
+            f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
+        )
+
+    stop = config.meta_steps if max_steps is None else min(config.meta_steps, max_steps)
+    log: list[dict[str, Any]] = []
+    running = None
+    bar = _Progress(start, config.meta_steps, progress)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        for step in range(start + 1, stop + 1):
+            began = time.perf_counter()
+            try:
+                losses, grad_norms = episode(
+                    rule,
+                    family,
+                    config,
+                    generator_for(config.seed, _TRAIN_STREAM, step),
+                    meta_optimizer,
+                )
+            except FloatingPointError as err:
+                raise ConfigError(f"meta-step {step}: {err}; lower --meta-lr or --clip") from None
+            record = {
+                "step": step,
+                "meta_loss": float(losses.mean()),
+                "final_loss": float(losses[-1].mean()),
+                "grad_norm": max(grad_norms),
+                "meta_updates": len(grad_norms),
+                "seconds": round(time.perf_counter() - began, 4),
+            }
+            log.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            running = (
+                record["meta_loss"]
+                if running is None
+                else 0.9 * running + 0.1 * record["meta_loss"]
+            )
+            bar.update(record, running)
+            if step % checkpoint_every == 0 or step == config.meta_steps:
+                _save_checkpoint(checkpoint_path, config, rule, initial, meta_optimizer, step)
+    bar.close()
+    if stop < config.meta_steps:
+        return MetaTrainResult(rule, stop, log, finished=False)
+
+    eval_family = _family(config, "meta_valid")
+    scores = {
+        "initial": evaluate(initial, eval_family, config),
+        "final": evaluate(rule, eval_family, config),
+    }
+    last = log[-1] if log else _read_log(log_path)[-1]
+    summary = {
+        "final_meta_loss": last["meta_loss"],
+        "eval_initial": scores["initial"],
+        "eval_final": scores["final"],
+    }
+    save_weights(
+        rule,
+        out / WEIGHTS_NAME,
+        preset=None,
+        trained=True,
+        trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
+        # not "config": that key of the header is the rule's architecture (load_weights reads it)
+        extra={"command": command, "meta_train_config": config.to_dict(), **summary},
+    )
+    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary)
+    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
+
+
+def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
+    try:
+        return make_family(config.task, data=config.data, split=split)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--task {config.task} needs MNIST: {err}") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints, log
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_checkpoint(
+    path: Path,
+    config: MetaTrainConfig,
+    rule: UpdateRule,
+    initial: UpdateRule,
+    meta_optimizer: torch.optim.Optimizer,
+    step: int,
+) -> None:
+    """Write the checkpoint atomically: a temporary file, then ``os.replace``."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": config.to_dict(),
+        "rule_kind": rule.kind,
+        "rule_config": rule.config_dict(),
+        "rule": rule.state_dict(),
+        "initial_rule": initial.state_dict(),
+        "meta_optimizer": meta_optimizer.state_dict(),
+        # Every generator is re-derived from (seed, key) when used, so the seed is the whole
+        # RNG state; recorded explicitly so that a reader need not know the scheme.
+        "rng": {
+            "scheme": "torch.Generator per use, seeded by derive_seed(seed, key)",
+            "seed": config.seed,
+        },
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path,
+    config: MetaTrainConfig,
+    rule: UpdateRule,
+    initial: UpdateRule,
+    meta_optimizer: torch.optim.Optimizer,
+) -> int:
+    """Restore the rule, the initial rule (for the final evaluation) and the meta-optimizer;
+    return the checkpoint's step."""
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    try:
+        payload = _load(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line report
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--resume: cannot read {path}: {first_line}") from None
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+        )
+    saved, current = payload["config"], config.to_dict()
+    changed = sorted(
+        k for k in current if k not in config.RESUMABLE_CHANGES and saved.get(k) != current[k]
+    )
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown})")
+    rule.load_state_dict(payload["rule"])
+    initial.load_state_dict(payload["initial_rule"])
+    meta_optimizer.load_state_dict(payload["meta_optimizer"])
+    return int(payload["step"])
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of meta-steps after the checkpoint (they will be run again)."""
+    kept = [r for r in _read_log(path) if r["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- progress, card
+class _Progress:
+    """A tqdm bar with the running meta-loss when tqdm is installed, else one stderr line per step."""
+
+    def __init__(self, done: int, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bar = total, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(initial=done, total=total, desc="meta-train", unit="meta-step")
+
+    def update(self, record: dict[str, Any], running: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(meta_loss=f"{record['meta_loss']:.4g}", running=f"{running:.4g}")
+            self.bar.update(1)
+        elif self.enabled:
+            print(
+                f"meta-step {record['step']}/{self.total}  meta-loss {record['meta_loss']:.4g}  "
+                f"running {running:.4g}  final {record['final_loss']:.4g}  |g| {record['grad_norm']:.3g}  "
+                f"{record['seconds']:.2f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_card(
+    path: Path,
+    config: MetaTrainConfig,
+    command: str,
+    family: TaskFamily,
+    eval_family: TaskFamily,
+    rule: UpdateRule,
+    summary: dict[str, float],
+) -> None:
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in config.to_dict().items())
+    text = f"""# Meta-trained {rule.kind}
+
+Trained with `learnedopt meta-train` (learnedopt {_version()}).
+
+## Command
+
+```
+{command}
+```
+
+## Configuration
+
+| setting | value |
+|---|---|
+{rows}
+
+Architecture: `{json.dumps(rule.config_dict())}`.
+
+One meta-step is one episode: {config.meta_batch} tasks, {config.horizon} optimizee steps in truncations
+of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
+truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
+Meta-loss: mean optimizee loss after each update.
+
+## Data
+
+Meta-training tasks: {family.describe()}.
+
+Evaluation tasks: {eval_family.describe()}.
+
+## Final metrics
+
+| metric | value |
+|---|---|
+| meta-loss of the last meta-step (mean loss over its {config.horizon} steps and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
+| evaluation episode, initial rule (mean loss) | {summary["eval_initial"]:.6g} |
+| evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
+
+The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
+run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`.
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- command line
+def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``meta-train`` subcommand on ``learnedopt``'s subparsers."""
+    parser = sub.add_parser("meta-train", help="meta-train an update rule on a task family")
+    configure_parser(parser)
+    return parser
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``meta-train`` arguments to ``parser`` and set its handler."""
+    d = MetaTrainConfig()
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--rule",
+        help=f"update rule to train from its seeded init: {', '.join(sorted(RULES))} (default {d.rule})",
+    )
+    start.add_argument(
+        "--preset", help=f"start from a preset's weights: {', '.join(sorted(PRESETS))}"
+    )
+    parser.add_argument(
+        "--task", default=d.task, help=f"task family: {', '.join(TASK_FAMILIES)} (default {d.task})"
+    )
+    parser.add_argument(
+        "--unroll",
+        type=int,
+        default=d.unroll,
+        metavar="T",
+        help=f"truncation length (default {d.unroll})",
+    )
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        default=d.horizon,
+        metavar="H",
+        help=f"optimizee steps per episode (default {d.horizon})",
+    )
+    parser.add_argument(
+        "--meta-batch",
+        type=int,
+        default=d.meta_batch,
+        metavar="B",
+        help=f"tasks per episode (default {d.meta_batch})",
+    )
+    parser.add_argument(
+        "--meta-steps",
+        type=int,
+        default=d.meta_steps,
+        metavar="S",
+        help=f"episodes to run (default {d.meta_steps})",
+    )
+    parser.add_argument(
+        "--meta-lr", type=float, default=d.meta_lr, help=f"Adam learning rate (default {d.meta_lr})"
+    )
+    parser.add_argument(
+        "--clip", type=float, default=d.clip, help=f"meta-gradient norm clip (default {d.clip})"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d.lr, help=f"multiplier of the rule's step (default {d.lr})"
+    )
+    parser.add_argument(
+        "--second-order",
+        action="store_true",
+        help="keep second-order terms (do not detach optimizee gradients)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (log, checkpoints, weights, model card)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="checkpoint every N meta-steps (default 10)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="MNIST folder for --task mnist-mlp (default: LEARNEDOPT_DATA, ../shared/data)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help=argparse.SUPPRESS
+    )  # tests: simulated kill
+    parser.set_defaults(func=run_meta_train)
+
+
+def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
+    rule = args.rule if args.rule is not None or args.preset is not None else MetaTrainConfig.rule
+    return MetaTrainConfig(
+        task=args.task,
+        rule=rule,
+        preset=args.preset,
+        unroll=args.unroll,
+        horizon=args.horizon,
+        meta_batch=args.meta_batch,
+        meta_steps=args.meta_steps,
+        meta_lr=args.meta_lr,
+        clip=args.clip,
+        seed=args.seed,
+        lr=args.lr,
+        second_order=args.second_order,
+        data=args.data,
+    )
+
+
+def canonical_command(
+    config: MetaTrainConfig, out: str | os.PathLike[str], checkpoint_every: int
+) -> str:
+    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
+    words = ["learnedopt", "meta-train"]
+    words += (
+        ["--preset", config.preset] if config.preset is not None else ["--rule", str(config.rule)]
+    )
+    for name in (
+        "task",
+        "unroll",
+        "horizon",
+        "meta_batch",
+        "meta_steps",
+        "meta_lr",
+        "clip",
+        "lr",
+        "seed",
+    ):
+        words += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
+    if config.second_order:
+        words.append("--second-order")
+    if config.data is not None:
+        words += ["--data", config.data]
+    words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
+    return shlex.join(words)
+
+
+def run_meta_train(args: argparse.Namespace) -> int:
+    """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr."""
+    config = config_from_args(args)
+    command = canonical_command(config, args.out, args.checkpoint_every)
+    try:
+        result = meta_train(
+            config,
+            args.out,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            command=command,
+            max_steps=args.stop_after,
+            progress=not args.quiet,
+        )
+    except ConfigError as err:
+        print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
+        return 2
+    if result.finished:
+        print(
+            f"wrote {Path(args.out) / WEIGHTS_NAME} and {CARD_NAME}: evaluation loss "
+            f"{result.eval['initial']:.6g} (initial rule) -> {result.eval['final']:.6g} (meta-trained)"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m learnedopt.meta.train ARGS`` (the same as ``learnedopt meta-train ARGS``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m learnedopt.meta.train", description="Meta-train an update rule."
+    )
+    configure_parser(parser)
+    return run_meta_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The functional, differentiable unroll of a learned update rule on a meta-batch of tasks.
+
+Optimizee parameters live as a dict of tensors stacked over the meta-batch: ``params[name]`` has
+shape ``(B, *shape)``, task ``b``'s tensor being ``params[name][b]``. The losses are computed by
+the tasks (with ``torch.func.functional_call`` where the optimizee is an ``nn.Module``, see
+:mod:`learnedopt.meta.tasks`), so the unroll is one graph from the rule's meta-parameters through
+every update to every loss, and ``meta_loss.backward()`` gives the meta-gradient.
+
+Coordinates are flattened task-major into one ``(n,) = (B * P,)`` batch for the rule, ``P`` being
+the number of parameter elements of one task: coordinate ``b * P + j`` is element ``j`` of task
+``b``'s parameters concatenated in ``params``' key order. Rule states follow the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..nn import State, UpdateRule
+from .tasks import TaskBatch
+
+Params = dict[str, Tensor]
+
+
+@dataclass
+class UnrollResult:
+    """What :func:`unroll` returns.
+
+    Attributes:
+        meta_loss: scalar, ``mean_{t, b} w_t * losses[t, b]``; differentiable w.r.t. the rule.
+        losses: ``(steps, B)``; ``losses[t, b]`` is task ``b``'s loss after update ``t``, i.e. at
+            the parameters produced by step ``start_step + t`` on the minibatch of step index
+            ``start_step + t + 1`` (the one the next update reads).
+        params: the parameters after the last update, ``(B, *shape)`` per name.
+        rule_state: the rule's states after the last update, ``(lead, B * P, *trail)`` per name.
+    """
+
+    meta_loss: Tensor
+    losses: Tensor
+    params: Params
+    rule_state: State
+
+
+def num_coordinates(params: Mapping[str, Tensor]) -> int:
+    """``B * P``: all parameter elements of all tasks of a stacked parameter dict."""
+    return sum(v.numel() for v in params.values())
+
+
+def unroll(
+    rule: UpdateRule,
+    task_batch: TaskBatch,
+    params: Mapping[str, Tensor],
+    rule_state: State,
+    steps: int,
+    *,
+    start_step: int = 0,
+    lr: float = 1.0,
+    stop_optimizee_grad: bool = True,
+    loss_weights: Sequence[float] | Tensor | None = None,
+) -> UnrollResult:
+    """Run ``steps`` updates of ``rule`` on every task of ``task_batch``, keeping the graph.
+
+    Each step: every task's minibatch loss at the current parameters, its gradient by
+    ``torch.autograd.grad``, one rule call over all coordinates, ``params = params + lr * step``.
+    With ``stop_optimizee_grad`` (Andrychowicz et al. 2016) the gradient and the loss the rule
+    reads are detached, so the meta-gradient has no second-order terms (no Hessian-vector
+    products); without it the gradient is built with ``create_graph=True`` and the meta-gradient
+    is exact.
+
+    Rules with ``needs_loss`` (MetaLSTMCell) read one scalar loss, so the rule is called once per
+    task on that task's slice of coordinates and states with that task's loss. Other rules are
+    called once on all ``B * P`` coordinates.
+
+    Args:
+        rule: the update rule; its dtype should match the parameters'.
+        task_batch: ``B`` tasks.
+        params: ``(B, *shape)`` per name; need not require grad (leaves are made where needed).
+        rule_state: ``(lead, B * P, *trail)`` per state name, e.g.
+            ``rule.init_state(num_coordinates(params), ...)``.
+        steps: number of updates, >= 1.
+        start_step: step index of the first update (selects the tasks' minibatches).
+        lr: multiplier of the rule's step.
+        stop_optimizee_grad: detach the optimizee gradient (and loss) the rule reads.
+        loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss;
+            default all ones.
+
+    Returns:
+        An :class:`UnrollResult`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    names = list(params)
+    batch = len(task_batch)
+    shapes = [tuple(params[k].shape[1:]) for k in names]
+    for k in names:
+        if params[k].shape[0] != batch:
+            raise ValueError(
+                f"params[{k!r}] has leading size {params[k].shape[0]}, expected B={batch}"
+            )
+    sizes = [math.prod(s) for s in shapes]
+    per_task = sum(sizes)
+
+    # The first loss needs a graph to differentiate; detached starts become fresh leaves.
+    current = {
+        k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()
+    }
+    state = dict(rule_state)
+    loss = task_batch.loss(current, start_step)
+    losses = []
+    for t in range(steps):
+        grads = torch.autograd.grad(
+            loss.sum(),
+            [current[k] for k in names],
+            retain_graph=True,  # the meta-loss backward goes through these losses later
+            create_graph=not stop_optimizee_grad,
+        )
+        flat_grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
+        flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1)
+        rule_loss = loss.detach() if stop_optimizee_grad else loss
+        step, state = _apply_rule(
+            rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss
+        )
+        new_flat = flat_param + lr * step.reshape(batch, per_task)
+        current = {
+            k: piece.reshape(batch, *shape)
+            for k, piece, shape in zip(names, new_flat.split(sizes, dim=1), shapes, strict=True)
+        }
+        loss = task_batch.loss(current, start_step + t + 1)
+        losses.append(loss)
+    stacked = torch.stack(losses)
+    if loss_weights is None:
+        meta_loss = stacked.mean()
+    else:
+        weights = torch.as_tensor(loss_weights, dtype=stacked.dtype, device=stacked.device)
+        if weights.shape != (steps,):
+            raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
+        meta_loss = (weights.unsqueeze(1) * stacked).mean()
+    return UnrollResult(meta_loss, stacked, current, state)
+
+
+def _apply_rule(
+    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor
+) -> tuple[Tensor, State]:
+    """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)``."""
+    if not rule.needs_loss:
+        return rule(grad, param, state)
+    batch = loss.shape[0]
+    per_task = grad.shape[0] // batch
+    dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
+    steps, new_states = [], []
+    for b in range(batch):
+        sl = slice(b * per_task, (b + 1) * per_task)
+        task_state = {k: v.narrow(dims[k], b * per_task, per_task) for k, v in state.items()}
+        step, new_state = rule(grad[sl], param[sl], task_state, loss[b])
+        steps.append(step)
+        new_states.append(new_state)
+    return torch.cat(steps), {k: torch.cat([s[k] for s in new_states], dim=dims[k]) for k in state}
+
+
+def detach_all(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The same dict with every tensor detached (the cut between truncations)."""
+    return {k: v.detach() for k, v in tensors.items()}
+
+
+def truncated_unroll(
+    rule: UpdateRule,
+    task_batch: TaskBatch,
+    params: Mapping[str, Tensor],
+    rule_state: State,
+    *,
+    horizon: int,
+    truncation: int,
+    update: Callable[[Tensor], None] | None = None,
+    lr: float = 1.0,
+    stop_optimizee_grad: bool = True,
+) -> Tensor:
+    """Run ``horizon`` steps as consecutive unrolls of ``truncation`` steps (the last may be shorter).
+
+    After each truncation ``update(meta_loss)`` is called (typically: backward, clip, meta-optimizer
+    step), then the parameters and rule states are detached, so no gradient crosses a truncation.
+    With ``update=None`` this only evaluates the rule.
+
+    Returns:
+        ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
+    """
+    if truncation < 1 or horizon < 1:
+        raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation}")
+    losses = []
+    params, state = dict(params), dict(rule_state)
+    for start in range(0, horizon, truncation):
+        result = unroll(
+            rule,
+            task_batch,
+            params,
+            state,
+            min(truncation, horizon - start),
+            start_step=start,
+            lr=lr,
+            stop_optimizee_grad=stop_optimizee_grad,
+        )
+        if update is not None:
+            update(result.meta_loss)
+        params, state = detach_all(result.params), detach_all(result.rule_state)
+        losses.append(result.losses.detach())
+    return torch.cat(losses)

@@ -1,0 +1,198 @@
+"""``learnedopt meta-train``: training, logs, checkpoints, exact resume, configuration errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_meta_unroll import write_fake_mnist
+
+from learnedopt import load_weights
+from learnedopt.cli import main
+from learnedopt.weights import read_header
+
+# small and fast: 4 tasks, 10 steps in truncations of 5
+FAST = [
+    "--task",
+    "quadratic",
+    "--unroll",
+    "5",
+    "--horizon",
+    "10",
+    "--meta-batch",
+    "4",
+    "--meta-lr",
+    "0.01",
+    "--quiet",
+]
+
+
+def run(out: Path, *extra: str) -> int:
+    return main(["meta-train", *FAST, "--out", str(out), *extra])
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def test_meta_train_lowers_the_meta_loss_and_writes_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "8", "--checkpoint-every", "3") == 0
+
+    log = log_lines(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(r["meta_updates"] == 2 for r in log)
+    header = read_header(out / "weights.safetensors")
+    assert header["trained"] is True and header["kind"] == "CoordinateLSTM"
+    assert (
+        header["meta_train_config"]["meta_steps"] == 8
+        and header["final_meta_loss"] == log[-1]["meta_loss"]
+    )
+    # the same fixed evaluation episode, before and after meta-training
+    assert header["eval_final"] < 0.75 * header["eval_initial"]
+    assert header["command"].startswith(
+        "learnedopt meta-train --rule CoordinateLSTM --task quadratic"
+    )
+    rule, _ = load_weights(out / "weights.safetensors")
+    assert rule.config.hidden_size == 20
+
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (
+        header["command"] in card
+        and "||W theta - y||^2" in card
+        and f"{header['eval_final']:.6g}" in card
+    )
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 8 and set(checkpoint) >= {
+        "rule",
+        "meta_optimizer",
+        "rng",
+        "config",
+    }
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path: Path) -> None:
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "6", "--checkpoint-every", "2", "--seed", "3")
+    assert run(whole, *args) == 0
+    # killed after meta-step 5: the checkpoint holds step 4, step 5 is logged but lost
+    assert run(broken, *args, "--stop-after", "5") == 0
+    assert not (broken / "weights.safetensors").exists()
+    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in log_lines(broken)] == [1, 2, 3, 4, 5]
+    assert run(broken, *args, "--resume") == 0
+
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    untimed = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in log_lines(d)]
+        for d in (whole, broken)
+    ]
+    assert untimed[0] == untimed[1]  # steps 1..6, once each
+    ha, hb = read_header(whole / "weights.safetensors"), read_header(broken / "weights.safetensors")
+    assert {k: v for k, v in ha.items() if k != "command"} == {
+        k: v for k, v in hb.items() if k != "command"
+    }
+
+
+def test_other_rules_presets_and_module_entry_point(tmp_path: Path) -> None:
+    assert run(tmp_path / "meta", "--rule", "MetaLSTMCell", "--meta-steps", "2") == 0
+    assert read_header(tmp_path / "meta" / "weights.safetensors")["kind"] == "MetaLSTMCell"
+    assert (
+        run(tmp_path / "preset", "--preset", "l2l-2016", "--meta-steps", "1", "--second-order") == 0
+    )
+    assert (
+        read_header(tmp_path / "preset" / "weights.safetensors")["meta_train_config"]["preset"]
+        == "l2l-2016"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "learnedopt.meta.train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--checkpoint-every" in result.stdout and "--stop-after" not in result.stdout
+
+
+def test_mnist_mlp_on_fake_data(tmp_path: Path) -> None:
+    data = write_fake_mnist(tmp_path / "mnist", n=60)
+    out = tmp_path / "run"
+    argv = [
+        "meta-train",
+        "--task",
+        "mnist-mlp",
+        "--data",
+        str(data),
+        "--unroll",
+        "2",
+        "--horizon",
+        "4",
+    ]
+    assert (
+        main([*argv, "--meta-batch", "2", "--meta-steps", "2", "--out", str(out), "--quiet"]) == 0
+    )
+    card = (out / "MODEL_CARD.md").read_text()
+    assert (
+        "784-20-10" in card
+        and "'meta_train' part (36 images)" in card
+        and "'meta_valid' part (6 images)" in card
+    )
+    assert len(log_lines(out)) == 2
+
+
+BAD = [
+    (["--task", "cubic"], "unknown task 'cubic'"),
+    (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),
+    (["--task", "mnist-mlp", "--data", "{tmp}/no-such-dir"], "no-such-dir"),
+    (["--unroll", "0"], "--unroll must be a positive integer, got 0"),
+    (["--horizon", "-5"], "--horizon must be a positive integer"),
+    (["--meta-batch", "0"], "--meta-batch must be a positive integer"),
+    (["--meta-steps", "0"], "--meta-steps must be a positive integer"),
+    (["--meta-lr", "0"], "--meta-lr must be a positive number"),
+    (["--clip", "-1"], "--clip must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
+    (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--rule", "SGD"], "unknown rule 'SGD'"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--resume"], "--resume: no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), BAD, ids=[m.split(" ")[0] + "|" + " ".join(e) for e, m in BAD]
+)
+def test_bad_configuration_is_one_line_and_exit_code_2(
+    tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    argv = ["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "2", "--checkpoint-every", "1", "--stop-after", "1") == 0
+    assert run(out, "--meta-steps", "2") == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert run(out, "--meta-steps", "2", "--resume", "--meta-lr", "0.5") == 2
+    assert "differs from the checkpoint's (meta_lr: 0.01 -> 0.5)" in capsys.readouterr().err
+    assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]

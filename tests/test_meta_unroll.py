@@ -1,0 +1,314 @@
+"""The functional unroll: meta-gradients, truncation, agreement with the optimizers, task families."""
+
+from __future__ import annotations
+
+import copy
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
+from learnedopt.data import DATA_ENV_VAR, default_data_root
+from learnedopt.meta import (
+    MNIST_SPLIT,
+    MnistMLPFamily,
+    QuadraticFamily,
+    Task,
+    TaskBatch,
+    generator_for,
+    make_family,
+    num_coordinates,
+    truncated_unroll,
+    unroll,
+)
+
+F64 = torch.float64
+
+
+def write_fake_mnist(directory: Path, n: int = 40, seed: int = 1) -> Path:
+    """Tiny ``t10k`` IDX files (uint8 images (n, 28, 28), labels (n,)) in ``directory``."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in (
+        ("t10k-images-idx3-ubyte", rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)),
+        ("t10k-labels-idx1-ubyte", rng.integers(0, 10, size=n, dtype=np.uint8)),
+    ):
+        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+        (directory / name).write_bytes(header + array.tobytes())
+    return directory
+
+
+def random_rule(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny float64 rule with every weight random, so its step depends on the gradient's size
+    (the default inits read only sign(g) or are near-constant, hiding second-order terms)."""
+    rule = (
+        CoordinateLSTM(hidden_size=3, num_layers=1)
+        if kind == "lstm"
+        else MetaLSTMCell(hidden_size=2)
+    )
+    rule = rule.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.uniform_(-0.6, 0.6, generator=g)
+    return rule
+
+
+def quadratic_setup(batch: int = 2, dim: int = 3, seed: int = 0):
+    g = generator_for(seed)
+    tasks = QuadraticFamily(dim=dim, dtype=F64).sample_batch(batch, g)
+    params = {k: v * 0.3 for k, v in tasks.init_params(g).items()}
+    return tasks, params
+
+
+def meta_loss_of(rule, tasks, params, steps: int, **kwargs) -> Tensor:
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    return unroll(rule, tasks, params, state, steps, **kwargs).meta_loss
+
+
+def meta_grad(rule, *args, **kwargs) -> Tensor:
+    rule.zero_grad(set_to_none=True)
+    meta_loss_of(rule, *args, **kwargs).backward()
+    return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
+
+
+# ----------------------------------------------------------------------------- meta-gradients
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_meta_gradient_matches_central_differences(kind: str) -> None:
+    rule = random_rule(kind)
+    tasks, params = quadratic_setup()
+    analytic = meta_grad(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
+
+    eps = 1e-6
+    numeric = []
+    with torch.no_grad():
+        for p in rule.parameters():
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                values = []
+                for x in (old + eps, old - eps):
+                    flat[i] = x
+                    with torch.enable_grad():
+                        values.append(
+                            meta_loss_of(
+                                rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5
+                            ).item()
+                        )
+                flat[i] = old
+                numeric.append((values[0] - values[1]) / (2 * eps))
+    numeric = torch.tensor(numeric, dtype=F64)
+    assert analytic.abs().max() > 1e-3  # a real signal, not all zeros
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+class LinearTask(Task):
+    """f(theta) = c . theta: the gradient is constant, so there are no second-order terms."""
+
+    def __init__(self, c: Tensor) -> None:
+        self.c = c
+
+    def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"w": torch.randn(self.c.shape, generator=generator, dtype=F64)}
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        return (self.c * params["w"]).sum()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_stopping_optimizee_gradients_changes_the_meta_gradient(kind: str) -> None:
+    rule = random_rule(kind, seed=1)
+    tasks, params = quadratic_setup()
+    full = meta_grad(rule, tasks, params, 4, stop_optimizee_grad=False)
+    stopped = meta_grad(rule, tasks, params, 4, stop_optimizee_grad=True)
+    assert torch.isfinite(stopped).all() and stopped.abs().max() > 1e-3
+    assert not torch.allclose(full, stopped, rtol=1e-3)  # the Hessian terms matter on a quadratic
+
+
+def test_stopping_optimizee_gradients_drops_only_second_order_terms() -> None:
+    """On a linear loss the Hessian is zero, so stopping the gradient changes nothing.
+
+    (Only for a rule that reads the gradient alone: MetaLSTMCell also reads the loss, whose
+    detached path is first-order; Ravi & Larochelle 2017 drop it too.)
+    """
+    rule = random_rule("lstm", seed=1)
+    g = generator_for(5)
+    linear = TaskBatch([LinearTask(torch.randn(2, 3, generator=g, dtype=F64)) for _ in range(2)])
+    params = linear.init_params(g)
+    full = meta_grad(rule, linear, params, 4, stop_optimizee_grad=False)
+    stopped = meta_grad(rule, linear, params, 4, stop_optimizee_grad=True)
+    assert stopped.abs().max() > 1e-3
+    torch.testing.assert_close(full, stopped, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_weights_and_result_shapes() -> None:
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup(batch=3)
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    result = unroll(rule, tasks, params, state, 4, loss_weights=[0.0, 0.0, 0.0, 4.0])
+    assert result.losses.shape == (4, 3)
+    assert result.params["theta"].shape == (3, 3)
+    assert result.rule_state["h"].shape == (1, 9, 3)
+    torch.testing.assert_close(result.meta_loss, result.losses[-1].mean())
+    with pytest.raises(ValueError, match="loss_weights"):
+        unroll(rule, tasks, params, state, 4, loss_weights=[1.0])
+    assert not params["theta"].requires_grad  # inputs untouched
+
+
+def test_truncated_unroll_continues_one_trajectory() -> None:
+    """Without meta-updates, truncations of 2 over 5 steps give the trajectory of one 5-step unroll."""
+    rule = random_rule("meta")
+    tasks, params = quadratic_setup()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    whole = unroll(rule, tasks, params, state, 5).losses.detach()
+    pieces = truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2)
+    torch.testing.assert_close(pieces, whole, rtol=1e-13, atol=0)
+
+    calls = []
+
+    def update(meta_loss: Tensor) -> None:
+        (grad,) = torch.autograd.grad(meta_loss, [next(rule.parameters())])
+        calls.append(grad)
+
+    truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, update=update)
+    assert len(calls) == 3  # 2 + 2 + 1 steps
+
+
+# ----------------------------------------------------------------------------- vs the optimizers
+def optimizer_trajectory(
+    rule, optimizer_class, task: Task, init: Mapping[str, Tensor], steps: int, lr: float
+):
+    """Run the real optimizer (per-tensor float64 path) on ``task`` from ``init``.
+
+    Returns:
+        ``(steps,)`` losses after each step (on the next step's minibatch) and the final params.
+    """
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    optimizer = optimizer_class(
+        params.values(), weights=copy.deepcopy(rule), lr=lr, state_dtype=F64, foreach=False
+    )
+    losses = []
+    for t in range(steps):
+        optimizer.zero_grad()
+        loss = task.loss(params, t)
+        loss.backward()
+        if rule.needs_loss:
+            optimizer.step(loss=loss.detach())
+        else:
+            optimizer.step()
+        losses.append(task.loss(params, t + 1).detach())
+    return torch.stack(losses), {k: v.detach() for k, v in params.items()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "optimizer_class"),
+    [("lstm", LSTMOptimizer), ("meta", MetaLSTMOptimizer)],
+    ids=["lstm", "meta"],
+)
+@pytest.mark.parametrize("family", ["quadratic", "mnist-mlp"])
+def test_unroll_follows_the_optimizer(kind, optimizer_class, family, tmp_path: Path) -> None:
+    """Two tasks unrolled as one flat batch == the optimizer run on each task on its own."""
+    rule = random_rule(kind)
+    if family == "quadratic":
+        fam = QuadraticFamily(dim=4, dtype=F64)
+    else:
+        fam = MnistMLPFamily(write_fake_mnist(tmp_path), hidden=(5,), batch_size=8, dtype=F64)
+    g = generator_for(3)
+    tasks = fam.sample_batch(2, g)
+    params = tasks.init_params(g)
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    result = unroll(rule, tasks, params, state, 4, lr=0.7)
+
+    for b, task in enumerate(tasks.tasks):
+        losses, final = optimizer_trajectory(
+            rule, optimizer_class, task, {k: v[b] for k, v in params.items()}, 4, 0.7
+        )
+        torch.testing.assert_close(result.losses[:, b].detach(), losses, rtol=1e-12, atol=1e-12)
+        for k, v in final.items():
+            assert not torch.equal(v, params[k][b])  # it moved
+            torch.testing.assert_close(result.params[k][b].detach(), v, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- task families
+def test_mlp_batch_loss_equals_per_task_losses(tmp_path: Path) -> None:
+    fam = MnistMLPFamily(write_fake_mnist(tmp_path), batch_size=16, dtype=F64)
+    g = generator_for(0)
+    tasks = fam.sample_batch(3, g)
+    params = tasks.init_params(g)
+    assert {k: tuple(v.shape) for k, v in params.items()} == {
+        "0.weight": (3, 20, 784),
+        "0.bias": (3, 20),
+        "2.weight": (3, 10, 20),
+        "2.bias": (3, 10),
+    }
+    for step in (0, 7):
+        torch.testing.assert_close(
+            tasks.loss(params, step), TaskBatch.loss(tasks, params, step), rtol=1e-12, atol=0
+        )
+
+
+def test_mnist_minibatches_depend_on_task_and_step_only(tmp_path: Path) -> None:
+    fam = MnistMLPFamily(write_fake_mnist(tmp_path, n=50), batch_size=64)
+    a, b = fam.sample_batch(2, generator_for(0)).tasks
+    again = fam.sample_batch(2, generator_for(0)).tasks[0]
+    x0, y0 = a.minibatch(3)
+    assert torch.equal(x0, again.minibatch(3)[0]) and torch.equal(y0, a.minibatch(3)[1])
+    assert not torch.equal(x0, a.minibatch(4)[0]) and not torch.equal(x0, b.minibatch(3)[0])
+    # every drawn image comes from the meta_train part: 60% of 50
+    assert len(fam.pool) == round(MNIST_SPLIT["meta_train"] * 50)
+    rows = {tuple(r.tolist()) for r in fam.inputs[fam.pool]}
+    assert all(tuple(r.tolist()) in rows for r in x0)
+    assert 0.0 <= float(x0.min()) and float(x0.max()) <= 1.0
+
+
+def test_mnist_second_order_unroll_runs(tmp_path: Path) -> None:
+    """create_graph=True through vmap(functional_call) and cross-entropy gives finite meta-grads."""
+    fam = MnistMLPFamily(write_fake_mnist(tmp_path), hidden=(5,), batch_size=8, dtype=F64)
+    g = generator_for(1)
+    tasks = fam.sample_batch(2, g)
+    grads = {
+        flag: meta_grad(
+            random_rule("lstm"),
+            tasks,
+            tasks.init_params(generator_for(2)),
+            3,
+            stop_optimizee_grad=flag,
+        )
+        for flag in (True, False)
+    }
+    assert all(torch.isfinite(v).all() for v in grads.values())
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_missing_mnist_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        make_family("mnist-mlp", data=tmp_path / "nowhere")
+    assert "nowhere" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="unknown task 'cubic'"):
+        make_family("cubic")
+
+
+_ROOT = default_data_root()
+_MNIST = _ROOT / "mnist" if _ROOT is not None else None
+
+
+@pytest.mark.skipif(
+    _MNIST is None or not (_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"real MNIST not found (looked in {_MNIST}; set {DATA_ENV_VAR} or provide ../shared/data/mnist)",
+)
+def test_real_mnist_family_split() -> None:
+    train, valid = (
+        make_family("mnist-mlp", split="meta_train"),
+        make_family("mnist-mlp", split="meta_valid"),
+    )
+    assert len(train.pool) == 6000 and len(valid.pool) == 1000
+    assert not set(train.pool.tolist()) & set(valid.pool.tolist())
+    assert "6000 images" in train.describe()
+    tasks = train.sample_batch(2, generator_for(0))
+    loss = tasks.loss(tasks.init_params(generator_for(0)), 0)
+    assert loss.shape == (2,) and 2.0 < float(loss.min()) and float(loss.max()) < 2.7  # about ln 10
