@@ -13,6 +13,12 @@ an uninterrupted run bit for bit.
 
 Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step), ``checkpoint.pt`` (atomic),
 and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
+
+``--algo`` chooses what is meta-trained: ``lstm`` (the default) is the update-rule training above;
+``maml``, ``fomaml``, ``reptile`` and ``meta-lstm`` meta-train a few-shot learner (a learned
+initialisation, and for ``meta-lstm`` also a learned update rule) on sinusoid or Omniglot tasks,
+see :mod:`learnedopt.meta.fewshot`. Every algorithm runs through :func:`train_loop`, so they share
+the progress bar, the log, the atomic checkpoints, the exact resume and the one-line errors.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -45,6 +51,8 @@ LOG_NAME = "log.jsonl"
 WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "MODEL_CARD.md"
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM = 0, 1, 2  # generator_for(seed, stream[, step])
+#: what ``--algo`` accepts: update-rule training, then the few-shot learners of fewshot.py
+ALGOS: tuple[str, ...] = ("lstm", "maml", "fomaml", "reptile", "meta-lstm")
 
 
 class ConfigError(ValueError):
@@ -200,6 +208,46 @@ def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> f
     )
 
 
+class _RuleTrainer:
+    """``--algo lstm``: one :func:`episode` per meta-step (the :class:`Trainer` of update rules)."""
+
+    def __init__(self, config: MetaTrainConfig) -> None:
+        self.config = config
+        self.family = _family(config, "meta_train")
+        self.rule = initial_rule(config)
+        self.initial = copy.deepcopy(self.rule)
+        self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
+
+    def step(self, step: int) -> dict[str, float]:
+        losses, grad_norms = episode(
+            self.rule,
+            self.family,
+            self.config,
+            generator_for(self.config.seed, _TRAIN_STREAM, step),
+            self.meta_optimizer,
+        )
+        return {
+            "meta_loss": float(losses.mean()),
+            "final_loss": float(losses[-1].mean()),
+            "grad_norm": max(grad_norms),
+            "meta_updates": len(grad_norms),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rule_kind": self.rule.kind,
+            "rule_config": self.rule.config_dict(),
+            "rule": self.rule.state_dict(),
+            "initial_rule": self.initial.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
+
 def meta_train(
     config: MetaTrainConfig,
     out: str | os.PathLike[str],
@@ -227,19 +275,111 @@ def meta_train(
         ConfigError: bad configuration, missing data, or a resume that does not fit.
     """
     config.validate()
-    if checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+    check_checkpoint_every(checkpoint_every)
     out = Path(out)
     command = command or "learnedopt.meta.train.meta_train(...)"
-    family = _family(config, "meta_train")
+    trainer = _RuleTrainer(config)
+    done, log = train_loop(
+        config,
+        trainer,
+        out,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        max_steps=max_steps,
+        progress=progress,
+    )
+    rule, family = trainer.rule, trainer.family
+    if done < config.meta_steps:
+        return MetaTrainResult(rule, done, log, finished=False)
 
-    rule = initial_rule(config)
-    initial = copy.deepcopy(rule)
-    meta_optimizer = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
+    eval_family = _family(config, "meta_valid")
+    scores = {
+        "initial": evaluate(trainer.initial, eval_family, config),
+        "final": evaluate(rule, eval_family, config),
+    }
+    summary = {
+        "final_meta_loss": last_record(out, log)["meta_loss"],
+        "eval_initial": scores["initial"],
+        "eval_final": scores["final"],
+    }
+    save_weights(
+        rule,
+        out / WEIGHTS_NAME,
+        preset=None,
+        trained=True,
+        trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
+        # not "config": that key of the header is the rule's architecture (load_weights reads it)
+        extra={"command": command, "meta_train_config": config.to_dict(), **summary},
+    )
+    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary)
+    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
+
+
+# ----------------------------------------------------------------------------- the shared loop
+class RunConfig(Protocol):
+    """What :func:`train_loop` needs of a configuration (:class:`MetaTrainConfig` and
+    :class:`learnedopt.meta.fewshot.FewShotConfig` have it)."""
+
+    meta_steps: int
+    seed: int
+    RESUMABLE_CHANGES: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Trainer(Protocol):
+    """One algorithm's meta-training state, driven by :func:`train_loop`.
+
+    ``step(s)`` runs meta-step ``s`` (1-based), drawing its randomness from ``(seed, stream, s)``
+    only, and returns the log fields of that step (``meta_loss`` first; plain numbers). Its
+    ``state_dict`` is everything a checkpoint must hold for a resumed run to repeat an
+    uninterrupted one bit for bit.
+    """
+
+    def step(self, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def check_checkpoint_every(checkpoint_every: int) -> None:
+    """Raise :class:`ConfigError` unless ``checkpoint_every`` is a positive integer."""
+    if checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+
+
+def train_loop(
+    config: RunConfig,
+    trainer: Trainer,
+    out: Path,
+    *,
+    checkpoint_every: int,
+    resume: bool,
+    max_steps: int | None,
+    progress: bool,
+    hint: str = "lower --meta-lr or --clip",
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run ``trainer``'s meta-steps up to ``config.meta_steps`` (or ``max_steps``), with the log,
+    the progress bar and the atomic checkpoints (every ``checkpoint_every`` steps and at the end).
+
+    ``out`` is created only once the configuration has passed every check, so a refused run
+    leaves nothing behind. With ``resume``, the trainer's state and the step come from
+    ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again).
+
+    Returns:
+        ``(step, log)``: the last meta-step completed and the records this call wrote.
+
+    Raises:
+        ConfigError: an existing run without ``resume``, a checkpoint that does not fit, or a
+            non-finite meta-loss (the message ends with ``hint``).
+    """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     if resume:
-        start = _load_checkpoint(checkpoint_path, config, rule, initial, meta_optimizer)
+        payload = _load_checkpoint(checkpoint_path, config)
+        trainer.load_state_dict(payload)
+        start = int(payload["step"])
         _truncate_log(log_path, start)
     elif checkpoint_path.exists() or log_path.exists():
         raise ConfigError(
@@ -259,23 +399,10 @@ def meta_train(
         for step in range(start + 1, stop + 1):
             began = time.perf_counter()
             try:
-                losses, grad_norms = episode(
-                    rule,
-                    family,
-                    config,
-                    generator_for(config.seed, _TRAIN_STREAM, step),
-                    meta_optimizer,
-                )
+                fields = trainer.step(step)
             except FloatingPointError as err:
-                raise ConfigError(f"meta-step {step}: {err}; lower --meta-lr or --clip") from None
-            record = {
-                "step": step,
-                "meta_loss": float(losses.mean()),
-                "final_loss": float(losses[-1].mean()),
-                "grad_norm": max(grad_norms),
-                "meta_updates": len(grad_norms),
-                "seconds": round(time.perf_counter() - began, 4),
-            }
+                raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
+            record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
             log.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -286,33 +413,14 @@ def meta_train(
             )
             bar.update(record, running)
             if step % checkpoint_every == 0 or step == config.meta_steps:
-                _save_checkpoint(checkpoint_path, config, rule, initial, meta_optimizer, step)
+                _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
     bar.close()
-    if stop < config.meta_steps:
-        return MetaTrainResult(rule, stop, log, finished=False)
+    return max(start, stop), log
 
-    eval_family = _family(config, "meta_valid")
-    scores = {
-        "initial": evaluate(initial, eval_family, config),
-        "final": evaluate(rule, eval_family, config),
-    }
-    last = log[-1] if log else _read_log(log_path)[-1]
-    summary = {
-        "final_meta_loss": last["meta_loss"],
-        "eval_initial": scores["initial"],
-        "eval_final": scores["final"],
-    }
-    save_weights(
-        rule,
-        out / WEIGHTS_NAME,
-        preset=None,
-        trained=True,
-        trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
-        # not "config": that key of the header is the rule's architecture (load_weights reads it)
-        extra={"command": command, "meta_train_config": config.to_dict(), **summary},
-    )
-    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary)
-    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
+
+def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The log record of the last meta-step (from ``log``, else from ``out/log.jsonl``)."""
+    return log[-1] if log else _read_log(out / LOG_NAME)[-1]
 
 
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
@@ -328,23 +436,15 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _save_checkpoint(
-    path: Path,
-    config: MetaTrainConfig,
-    rule: UpdateRule,
-    initial: UpdateRule,
-    meta_optimizer: torch.optim.Optimizer,
-    step: int,
+    path: Path, config: RunConfig, state: Mapping[str, Any], step: int
 ) -> None:
-    """Write the checkpoint atomically: a temporary file, then ``os.replace``."""
+    """Write the checkpoint (a trainer's ``state`` plus step and config) atomically: a temporary
+    file, then ``os.replace``."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "config": config.to_dict(),
-        "rule_kind": rule.kind,
-        "rule_config": rule.config_dict(),
-        "rule": rule.state_dict(),
-        "initial_rule": initial.state_dict(),
-        "meta_optimizer": meta_optimizer.state_dict(),
+        **state,
         # Every generator is re-derived from (seed, key) when used, so the seed is the whole
         # RNG state; recorded explicitly so that a reader need not know the scheme.
         "rng": {
@@ -357,15 +457,8 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
-def _load_checkpoint(
-    path: Path,
-    config: MetaTrainConfig,
-    rule: UpdateRule,
-    initial: UpdateRule,
-    meta_optimizer: torch.optim.Optimizer,
-) -> int:
-    """Restore the rule, the initial rule (for the final evaluation) and the meta-optimizer;
-    return the checkpoint's step."""
+def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
+    """The checkpoint's payload, once its format and config are checked against ``config``."""
     if not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {path}")
     try:
@@ -384,10 +477,7 @@ def _load_checkpoint(
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown})")
-    rule.load_state_dict(payload["rule"])
-    initial.load_state_dict(payload["initial_rule"])
-    meta_optimizer.load_state_dict(payload["meta_optimizer"])
-    return int(payload["step"])
+    return payload
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -425,10 +515,14 @@ class _Progress:
             self.bar.set_postfix(meta_loss=f"{record['meta_loss']:.4g}", running=f"{running:.4g}")
             self.bar.update(1)
         elif self.enabled:
+            others = "  ".join(
+                f"{k} {v:.4g}"
+                for k, v in record.items()
+                if k not in ("step", "meta_loss", "seconds", "meta_updates")
+            )
             print(
                 f"meta-step {record['step']}/{self.total}  meta-loss {record['meta_loss']:.4g}  "
-                f"running {running:.4g}  final {record['final_loss']:.4g}  |g| {record['grad_norm']:.3g}  "
-                f"{record['seconds']:.2f}s",
+                f"running {running:.4g}  {others}  {record['seconds']:.2f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -488,6 +582,11 @@ Evaluation tasks: {eval_family.describe()}.
 The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
 run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`.
 """
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -502,67 +601,87 @@ def _version() -> str:
 # ----------------------------------------------------------------------------- command line
 def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``meta-train`` subcommand on ``learnedopt``'s subparsers."""
-    parser = sub.add_parser("meta-train", help="meta-train an update rule on a task family")
+    parser = sub.add_parser(
+        "meta-train", help="meta-train an update rule, or a few-shot learner (--algo)"
+    )
     configure_parser(parser)
     return parser
 
 
+#: options only ``--algo lstm`` reads (argparse dest names); their parser default is None
+LSTM_ONLY = ("rule", "preset", "unroll", "horizon", "lr", "second_order")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``meta-train`` arguments to ``parser`` and set its handler."""
+    """Add the ``meta-train`` arguments to ``parser`` and set its handler.
+
+    Options whose default depends on ``--algo`` (or that only one algorithm reads) default to
+    None here; :func:`config_from_args` and :func:`learnedopt.meta.fewshot.config_from_args`
+    fill them in.
+    """
+    from .fewshot import add_fewshot_arguments
+
     d = MetaTrainConfig()
+    parser.add_argument(
+        "--algo",
+        default="lstm",
+        help=f"what to meta-train: {', '.join(ALGOS)} (default lstm: an update rule by truncated "
+        "unrolls; the others: a few-shot learner, see --task sinusoid|omniglot)",
+    )
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--rule",
-        help=f"update rule to train from its seeded init: {', '.join(sorted(RULES))} (default {d.rule})",
+        help=f"lstm: update rule to train from its seeded init: {', '.join(sorted(RULES))} (default {d.rule})",
     )
     start.add_argument(
-        "--preset", help=f"start from a preset's weights: {', '.join(sorted(PRESETS))}"
+        "--preset", help=f"lstm: start from a preset's weights: {', '.join(sorted(PRESETS))}"
     )
     parser.add_argument(
-        "--task", default=d.task, help=f"task family: {', '.join(TASK_FAMILIES)} (default {d.task})"
+        "--task",
+        help=f"task family: for lstm {', '.join(TASK_FAMILIES)} (default {d.task}); "
+        "for the few-shot algos sinusoid or omniglot (default sinusoid)",
     )
     parser.add_argument(
-        "--unroll",
-        type=int,
-        default=d.unroll,
-        metavar="T",
-        help=f"truncation length (default {d.unroll})",
+        "--unroll", type=int, metavar="T", help=f"lstm: truncation length (default {d.unroll})"
     )
     parser.add_argument(
         "--horizon",
         type=int,
-        default=d.horizon,
         metavar="H",
-        help=f"optimizee steps per episode (default {d.horizon})",
+        help=f"lstm: optimizee steps per episode (default {d.horizon})",
     )
     parser.add_argument(
         "--meta-batch",
         type=int,
-        default=d.meta_batch,
         metavar="B",
-        help=f"tasks per episode (default {d.meta_batch})",
+        help=f"tasks per meta-step (default {d.meta_batch} for lstm)",
     )
     parser.add_argument(
         "--meta-steps",
         type=int,
-        default=d.meta_steps,
         metavar="S",
-        help=f"episodes to run (default {d.meta_steps})",
+        help=f"meta-steps to run (default {d.meta_steps} for lstm)",
     )
     parser.add_argument(
-        "--meta-lr", type=float, default=d.meta_lr, help=f"Adam learning rate (default {d.meta_lr})"
+        "--meta-lr",
+        type=float,
+        help=f"Adam learning rate; Reptile's outer step size (default {d.meta_lr} for lstm)",
     )
     parser.add_argument(
-        "--clip", type=float, default=d.clip, help=f"meta-gradient norm clip (default {d.clip})"
+        "--clip",
+        type=float,
+        help=f"lstm, meta-lstm: meta-gradient norm clip (default {d.clip})",
     )
     parser.add_argument(
-        "--lr", type=float, default=d.lr, help=f"multiplier of the rule's step (default {d.lr})"
+        "--lr", type=float, help=f"lstm: multiplier of the rule's step (default {d.lr})"
     )
     parser.add_argument(
         "--second-order",
         action="store_true",
-        help="keep second-order terms (do not detach optimizee gradients)",
+        default=None,
+        help="lstm: keep second-order terms (do not detach optimizee gradients)",
     )
+    add_fewshot_arguments(parser)
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"
     )
@@ -583,7 +702,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         metavar="PATH",
-        help="MNIST folder for --task mnist-mlp (default: LEARNEDOPT_DATA, ../shared/data)",
+        help="MNIST folder for --task mnist-mlp, folder of the Omniglot zips for --task omniglot "
+        "(default: LEARNEDOPT_DATA, ../shared/data)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
@@ -592,21 +712,43 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_meta_train)
 
 
+def refuse_options(
+    args: argparse.Namespace, names: Sequence[str], context: str, owners: str
+) -> None:
+    """Raise :class:`ConfigError` for the first option in ``names`` that was given (not None):
+    it does not apply in ``context`` (e.g. ``"--algo lstm"``); ``owners`` says where it does."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} does not apply to {context}; it is an option of {owners}"
+            )
+
+
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
-    rule = args.rule if args.rule is not None or args.preset is not None else MetaTrainConfig.rule
+    """The ``--algo lstm`` configuration of parsed arguments (unset options: the defaults)."""
+    from .fewshot import FEWSHOT_ONLY
+
+    refuse_options(args, FEWSHOT_ONLY, "--algo lstm", "--algo " + ", ".join(ALGOS[1:]))
+    d = MetaTrainConfig()
+    rule = args.rule if args.rule is not None or args.preset is not None else d.rule
+
+    def given(name: str) -> Any:
+        value = getattr(args, name)
+        return getattr(d, name) if value is None else value
+
     return MetaTrainConfig(
-        task=args.task,
+        task=given("task"),
         rule=rule,
         preset=args.preset,
-        unroll=args.unroll,
-        horizon=args.horizon,
-        meta_batch=args.meta_batch,
-        meta_steps=args.meta_steps,
-        meta_lr=args.meta_lr,
-        clip=args.clip,
+        unroll=given("unroll"),
+        horizon=given("horizon"),
+        meta_batch=given("meta_batch"),
+        meta_steps=given("meta_steps"),
+        meta_lr=given("meta_lr"),
+        clip=given("clip"),
         seed=args.seed,
-        lr=args.lr,
-        second_order=args.second_order,
+        lr=given("lr"),
+        second_order=given("second_order"),
         data=args.data,
     )
 
@@ -641,9 +783,18 @@ def canonical_command(
 
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr."""
-    config = config_from_args(args)
-    command = canonical_command(config, args.out, args.checkpoint_every)
     try:
+        if args.algo not in ALGOS:
+            raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
+        if args.algo != "lstm":
+            from .fewshot import run_fewshot
+
+            message = run_fewshot(args)
+            if message:
+                print(message)
+            return 0
+        config = config_from_args(args)
+        command = canonical_command(config, args.out, args.checkpoint_every)
         result = meta_train(
             config,
             args.out,
@@ -667,7 +818,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m learnedopt.meta.train ARGS`` (the same as ``learnedopt meta-train ARGS``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m learnedopt.meta.train", description="Meta-train an update rule."
+        prog="python -m learnedopt.meta.train",
+        description="Meta-train an update rule or a few-shot learner.",
     )
     configure_parser(parser)
     return run_meta_train(parser.parse_args(argv))

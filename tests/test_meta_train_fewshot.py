@@ -1,0 +1,159 @@
+"""``learnedopt meta-train --algo maml|fomaml|reptile|meta-lstm``: training, artefacts, exact
+resume, Omniglot on a generated zip, configuration errors."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_data_omniglot import glyph_mask, png_bytes
+
+from learnedopt.cli import main
+from learnedopt.meta.fewshot import MODEL_NAME, load_learner
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def header(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["learnedopt_model"])
+
+
+def train(out: Path, *args: str) -> int:
+    return main(["meta-train", "--out", str(out), "--quiet", *args])
+
+
+def make_omniglot_zip(folder: Path, alphabets: int = 8, characters: int = 3, drawers: int = 3) -> Path:
+    """``images_background_small1.zip`` in the official layout: alphabets ``Script1..``, each with
+    ``characters`` characters drawn ``drawers`` times (rectangles placed by identity)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    top = "images_background_small1"
+    with zipfile.ZipFile(folder / f"{top}.zip", "w") as archive:
+        for a in range(1, alphabets + 1):
+            for c in range(1, characters + 1):
+                for d in range(1, drawers + 1):
+                    mask = glyph_mask(f"Script{a}", f"character{c:02d}", d)
+                    archive.writestr(f"{top}/Script{a}/character{c:02d}/{900 + c:04d}_{d:02d}.png", png_bytes(mask))
+    return folder
+
+
+SINE_TINY = ["--meta-batch", "2", "--val-tasks", "2", "--checkpoint-every", "2"]
+
+
+def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--algo", "maml", "--meta-steps", "12", "--meta-batch", "10", "--meta-lr", "0.01", "--val-tasks", "20"]
+    assert train(out, *args) == 0
+    head = header(out / MODEL_NAME)
+    assert head["algo"] == "maml" and head["architecture"] == {"kind": "mlp", "sizes": [1, 40, 40, 1], "activation": "relu"}
+    assert head["inner_lr"] == 0.01 and head["test_inner_steps"] == 10
+    validation = head["validation"]
+    assert validation["final"]["loss"] < 0.95 * validation["initial"]["loss"], validation
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13)) and head["final_meta_loss"] == log[-1]["meta_loss"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert head["command"] in card and "--algo maml --task sinusoid" in card
+    assert f"{validation['final']['loss']:.6g}" in card
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 12 and {"learner", "meta_optimizer", "config", "rng"} <= set(checkpoint)
+
+    learner, _ = load_learner(out / MODEL_NAME)  # rebuilds and adapts without the checkpoint
+    x = torch.linspace(-5, 5, 10).unsqueeze(1)
+    params = learner.adapt(x, torch.sin(x))
+    assert learner.predict(params, x).shape == (10, 1)
+
+
+@pytest.mark.parametrize(
+    "algo_args",
+    [
+        ["--algo", "maml", "--learn-inner-lr"],
+        ["--algo", "reptile", "--meta-batch", "2"],
+        ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
+    ],
+    ids=["maml-metasgd", "reptile", "meta-lstm"],
+)
+def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
+    args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert train(whole, *args) == 0
+    assert train(broken, *args, "--stop-after", "3") == 0  # killed after step 3: checkpoint at 2
+    assert not (broken / MODEL_NAME).exists()
+    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert train(broken, *args, "--resume") == 0
+    a, b = tensors(whole / MODEL_NAME), tensors(broken / MODEL_NAME)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    expected = {"maml": "inner_lr.", "meta-lstm": "rule.", "reptile": "model."}[algo_args[1]]
+    assert any(name.startswith(expected) for name in a)
+    ha, hb = header(whole / MODEL_NAME), header(broken / MODEL_NAME)
+    assert ha["validation"] == hb["validation"]
+
+
+@pytest.fixture(scope="module")
+def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_omniglot_zip(tmp_path_factory.mktemp("omniglot"))
+
+
+OMNIGLOT_TINY = ["--task", "omniglot", "--ways", "2", "--shots", "1", "--queries", "1", "--hidden", "4",
+                 "--meta-steps", "2", "--meta-batch", "2", "--val-tasks", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("algo", ["fomaml", "reptile", "meta-lstm"])
+def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: str) -> None:
+    out = tmp_path / algo
+    extra = ["--inner-steps", "1", "--test-inner-steps", "1"]
+    assert train(out, "--algo", algo, *OMNIGLOT_TINY, *extra, "--same-alphabet", "--data", str(omniglot_dir)) == 0
+    head = header(out / MODEL_NAME)
+    assert head["architecture"] == {"kind": "conv4", "in_channels": 1, "ways": 2, "hidden": 4, "image_size": 28}
+    split = head["omniglot_split"]
+    assert len(split["meta_train"]) == 5 and len(split["meta_valid"]) == 1 and len(split["meta_test"]) == 2
+    assert not set(split["meta_train"]) & set(split["meta_valid"] + split["meta_test"])
+    assert 0.0 <= head["validation"]["final"]["accuracy"] <= 100.0
+    card = (out / "MODEL_CARD.md").read_text()
+    held_out = ", ".join(split["meta_valid"] + split["meta_test"])
+    assert f"Held out from meta-training: {held_out}" in card and "with rotations" in card
+    assert "each episode within one alphabet" in card
+    learner, _ = load_learner(out / MODEL_NAME)
+    images = torch.rand(2, 1, 28, 28)
+    params = learner.adapt(images, torch.tensor([0, 1]))
+    assert learner.predict(params, images).shape == (2, 2)
+
+
+BAD = [
+    (["--algo", "maml", "--task", "mnist-mlp"], "--algo maml trains on --task sinusoid or omniglot, not 'mnist-mlp'"),
+    (["--algo", "nope"], "unknown algo 'nope'; choose from lstm, maml, fomaml, reptile, meta-lstm"),
+    (["--algo", "maml", "--task", "omniglot", "--data", "{tmp}/no-such-dir"], "--task omniglot needs the Omniglot zips"),
+    (["--algo", "maml", "--unroll", "5"], "--unroll does not apply to --algo maml"),
+    (["--ways", "5"], "--ways does not apply to --algo lstm"),
+    (["--algo", "maml", "--ways", "5"], "--ways does not apply to --task sinusoid"),
+    (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile"),
+    (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
+    (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
+    (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
+    (["--algo", "fomaml", "--meta-lr", "-1"], "--meta-lr must be a positive number"),
+    (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[" ".join(e) for e, _ in BAD])
+def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Path, capsys) -> None:
+    args = ["--algo", "maml", "--task", "omniglot", "--ways", "5", "--queries", "1", "--data", str(omniglot_dir)]
+    assert train(tmp_path / "run", *args) == 2
+    assert "meta_valid classes: 5-way episodes need 5 classes, only 3 are allowed" in capsys.readouterr().err
