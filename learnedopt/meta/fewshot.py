@@ -63,6 +63,7 @@ from .train import (
     ConfigError,
     check_checkpoint_every,
     last_record,
+    model_card,
     refuse_options,
     train_loop,
     write_text_atomic,
@@ -738,9 +739,6 @@ def meta_train_fewshot(
 
 
 def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
-    from .. import __version__
-
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in config.to_dict().items())
     spec = trainer.learner.spec
     metrics = "\n".join(
         f"| validation {name} after {config.test_inner_steps} inner steps | {extra['validation']['initial'][name]:.6g} "
@@ -757,41 +755,18 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
         )
     else:
         split = "Tasks are drawn fresh from the task distribution; validation tasks are a fixed draw (key (seed, 2))."
-    text = f"""# Meta-trained few-shot learner: {config.algo} on {config.task}
-
-Trained with `learnedopt meta-train` (learnedopt {__version__}). Load it with
-`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.
-
-## Command
-
-```
-{command}
-```
-
-## Configuration
-
-| setting | value |
-|---|---|
-{rows}
-
-Learner: `{json.dumps(spec.to_dict())}`.
-
-## Data
-
-Meta-training tasks: {trainer.source.describe()}.
-
-Validation tasks ({config.val_tasks}): {trainer.valid_source.describe()}.
-
-{split}
-
-## Final metrics
-
-| metric | initialisation | meta-trained |
-|---|---:|---:|
-{metrics}
-
-Mean meta-loss of the last meta-step: {extra['final_meta_loss']:.6g}. Per-step metrics are in `log.jsonl`.
-"""
+    text = model_card(
+        f"Meta-trained few-shot learner: {config.algo} on {config.task}",
+        f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.',
+        command,
+        config.to_dict(),
+        f"Learner: `{json.dumps(spec.to_dict())}`.",
+        f"Meta-training tasks: {trainer.source.describe()}.\n\n"
+        f"Validation tasks ({config.val_tasks}): {trainer.valid_source.describe()}.\n\n{split}",
+        "| metric | initialisation | meta-trained |\n|---|---:|---:|\n"
+        f"{metrics}\n\nMean meta-loss of the last meta-step: {extra['final_meta_loss']:.6g}. "
+        "Per-step metrics are in `log.jsonl`.",
+    )
     write_text_atomic(path, text)
 
 

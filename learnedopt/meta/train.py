@@ -541,10 +541,35 @@ def _write_card(
     rule: UpdateRule,
     summary: dict[str, float],
 ) -> None:
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in config.to_dict().items())
-    text = f"""# Meta-trained {rule.kind}
+    details = f"""Architecture: `{json.dumps(rule.config_dict())}`.
 
-Trained with `learnedopt meta-train` (learnedopt {_version()}).
+One meta-step is one episode: {config.meta_batch} tasks, {config.horizon} optimizee steps in truncations
+of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
+truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
+Meta-loss: mean optimizee loss after each update."""
+    data = f"""Meta-training tasks: {family.describe()}.
+
+Evaluation tasks: {eval_family.describe()}."""
+    metrics = f"""| metric | value |
+|---|---|
+| meta-loss of the last meta-step (mean loss over its {config.horizon} steps and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
+| evaluation episode, initial rule (mean loss) | {summary["eval_initial"]:.6g} |
+| evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
+
+The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
+run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`."""
+    text = model_card(f"Meta-trained {rule.kind}", "", command, config.to_dict(), details, data, metrics)
+    write_text_atomic(path, text)
+
+
+def model_card(
+    title: str, intro: str, command: str, settings: dict[str, Any], details: str, data: str, metrics: str
+) -> str:
+    """The Markdown model card every ``meta-train`` run writes (one layout for every algorithm)."""
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in settings.items())
+    return f"""# {title}
+
+Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
 
 ## Command
 
@@ -558,31 +583,16 @@ Trained with `learnedopt meta-train` (learnedopt {_version()}).
 |---|---|
 {rows}
 
-Architecture: `{json.dumps(rule.config_dict())}`.
-
-One meta-step is one episode: {config.meta_batch} tasks, {config.horizon} optimizee steps in truncations
-of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
-truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
-Meta-loss: mean optimizee loss after each update.
+{details}
 
 ## Data
 
-Meta-training tasks: {family.describe()}.
-
-Evaluation tasks: {eval_family.describe()}.
+{data}
 
 ## Final metrics
 
-| metric | value |
-|---|---|
-| meta-loss of the last meta-step (mean loss over its {config.horizon} steps and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
-| evaluation episode, initial rule (mean loss) | {summary["eval_initial"]:.6g} |
-| evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
-
-The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
-run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`.
+{metrics}
 """
-    write_text_atomic(path, text)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
