@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .meta.train import add_meta_train_parser
 
     add_meta_train_parser(sub)
+    evaluate = sub.add_parser("evaluate", help="evaluate learned optimizers or meta-trained models")
+    evaluate_sub = evaluate.add_subparsers(dest="evaluate_command", metavar="WHAT", required=True)
+    # each evaluation registers its own subcommand here
+    from .meta.fewshot import add_omniglot_runs_parser
+    add_omniglot_runs_parser(evaluate_sub)
+    from .evaluation import add_evaluate_optimizers_parser
+
+    add_evaluate_optimizers_parser(evaluate_sub)
     return parser
 
 

@@ -1,0 +1,269 @@
+"""The optimizer evaluation harness (learnedopt.evaluation): tuning, determinism, statistics, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from learnedopt import CoordinateLSTM, LSTMOptimizer, save_weights
+from learnedopt.evaluation import (
+    BASELINES,
+    DEFAULT_LEARNED,
+    FINAL_WINDOW,
+    EvalConfig,
+    Problem,
+    QuadraticProblem,
+    add_evaluate_optimizers_parser,
+    evaluate_optimizers,
+    learned_from_file,
+    make_problem,
+    run_optimizer,
+    select_lr,
+    summarize,
+    synthetic_classification,
+    tune_lr,
+    write_report,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra threads only add synchronisation cost (several times slower on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SquareProblem(Problem):
+    """f(theta) = ||theta||^2, theta_0 = (1, -2, 3): SGD's factor per step is |1 - 2 lr|."""
+
+    name, steps, description = "square", 30, "||theta||^2"
+
+    def model(self, seed: int) -> nn.Module:
+        m = nn.Module()
+        m.theta = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        return m
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        return model.theta.square().sum()
+
+
+def tiny_problem(steps: int = 15):
+    return synthetic_classification(
+        "tiny", steps, features=5, hidden=4, classes=3, examples=64, batch_size=8
+    )
+
+
+def test_select_lr_counts_nan_as_worst_and_breaks_ties_low() -> None:
+    assert select_lr({0.01: 2.0, 0.1: 1.0, 1.0: math.nan, 3.0: math.inf}) == 0.1
+    assert select_lr({1.0: math.nan, 0.1: math.nan}) == 0.1
+    assert select_lr({0.3: 1.0, 0.1: 1.0}) == 0.1
+    with pytest.raises(ValueError):
+        select_lr({})
+
+
+def test_tune_lr_picks_the_known_best_and_diverging_lrs_lose() -> None:
+    # lr 0.5 reaches the minimum in one step; lr 1 oscillates; lr 10 overflows to Inf, then NaN.
+    grid = (1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0)
+    best, scores = tune_lr(SquareProblem(), BASELINES["SGD"], grid, seeds=[0, 1])
+    assert best == 0.5
+    assert scores[0.5] == 0.0
+    assert scores[10.0] == math.inf
+    assert scores[1.0] == pytest.approx(14.0)
+    curve = run_optimizer(SquareProblem(), 0, BASELINES["SGD"], 10.0)
+    assert curve.shape == (30,) and np.isnan(curve[-1])  # the run stops at the first Inf loss
+
+
+def test_learned_optimizer_run_stops_on_nonfinite_gradient() -> None:
+    class BlowsUp(SquareProblem):
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            loss = super().loss(model, seed, step)
+            return loss * torch.tensor(math.inf) if step == 4 else loss
+
+    curve = run_optimizer(BlowsUp(), 0, DEFAULT_LEARNED[0].factory(), 1.0)
+    assert np.isfinite(curve[:4]).all() and not np.isfinite(curve[4:]).any()
+
+
+def test_minibatches_and_init_are_a_function_of_seed_and_step_only() -> None:
+    problem = tiny_problem()
+    torch.manual_seed(123)
+    a = problem.minibatch(7, 3)
+    torch.manual_seed(456)  # the global RNG plays no part
+    b = problem.minibatch(7, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(problem.minibatch(7, 4)[0], a[0])
+    assert not torch.equal(problem.minibatch(8, 3)[0], a[0])
+    m1, m2 = problem.model(7), problem.model(7)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert not torch.equal(next(problem.model(8).parameters()), next(m1.parameters()))
+
+
+def test_every_optimizer_sees_the_same_minibatch_sequence() -> None:
+    base = tiny_problem(steps=6)
+    seen: dict[str, list[Tensor]] = {}
+
+    class Recording(type(base)):
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            seen.setdefault(self.current, []).append(self.minibatch(seed, step)[0])
+            return super().loss(model, seed, step)
+
+    problem = Recording.__new__(Recording)
+    problem.__dict__.update(base.__dict__)
+    factories = {**BASELINES, **{s.label: s.factory() for s in DEFAULT_LEARNED}}
+    for label, factory in factories.items():
+        problem.current = label
+        run_optimizer(problem, 3, factory, 0.01)
+    reference = seen["SGD"]
+    assert len(reference) == 6
+    for label in factories:
+        assert all(torch.equal(x, y) for x, y in zip(seen[label], reference, strict=True)), label
+
+
+def test_summary_statistics_on_hand_made_curves() -> None:
+    steps = FINAL_WINDOW + 2
+    curves = np.array([[9.0, 9.0] + [float(v)] * FINAL_WINDOW for v in (1, 2, 3, 4, 5)])
+    diverged = np.full(steps, np.nan)
+    diverged[:3] = 1.0
+    s = summarize(np.vstack([curves, diverged]))
+    assert s["runs"] == 6 and s["nonfinite"] == 1
+    assert s["final_mean"] == pytest.approx(3.0)
+    assert s["final_std"] == pytest.approx(math.sqrt(2.5))  # sample std of 1..5
+    assert (s["final_q1"], s["final_median"], s["final_q3"]) == pytest.approx((2.0, 3.0, 4.0))
+    expected_mean = np.mean([(18 + v * FINAL_WINDOW) / steps for v in (1, 2, 3, 4, 5)])
+    assert s["mean_loss"] == pytest.approx(expected_mean)
+    assert s["curve_median"][0] == 9.0 and s["curve_median"][-1] == 3.0
+    assert s["curve_q1"][-1] == 2.0 and s["curve_q3"][-1] == 4.0
+    assert math.isnan(s["finals"][-1])
+    empty = summarize(diverged[None])
+    assert math.isnan(empty["final_mean"]) and empty["curve_median"] is None
+
+
+def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
+    config = EvalConfig(
+        problems=[tiny_problem(), QuadraticProblem("quadratic-3", 3, 12)],
+        seeds=2,
+        tuning_seeds=1,
+        lrs=(0.01, 0.1),
+        stability_steps=0,
+    )
+    report = evaluate_optimizers(config, log=lambda _: None)
+    paths = write_report(report, tmp_path)
+    assert [p.name for p in paths] == [
+        "optimizee_eval.json",
+        "optimizee_eval.md",
+        "optimizee_eval.png",
+    ]
+    data = json.loads(paths[0].read_text())
+    assert {"command", "machine", "config", "problems", "skipped", "learned", "stability"} <= set(
+        data
+    )
+    assert set(data["problems"]) == {"tiny", "quadratic-3"}
+    results = data["problems"]["tiny"]["results"]
+    assert set(results) == {*BASELINES, *(s.label for s in DEFAULT_LEARNED)}
+    for r in results.values():
+        assert {
+            "lr",
+            "final_mean",
+            "final_std",
+            "final_median",
+            "final_q1",
+            "final_q3",
+            "mean_loss",
+            "nonfinite",
+        } <= set(r)
+        assert len(r["finals"]) == 2 and len(r["curve_median"]) == 15
+        assert r["lr"] in ((0.01, 0.1) if r["kind"] == "baseline" else (1.0,))
+    assert data["learned"][DEFAULT_LEARNED[0].label]["header"]["trained"] is False
+    md = paths[1].read_text()
+    assert (
+        "## tiny" in md
+        and "## quadratic-3" in md
+        and "| optimizer | lr | final loss mean +- std |" in md
+    )
+    assert "UNTRAINED" in md
+    assert Image.open(paths[2]).size[0] > 100
+
+    written = {}
+    write_report(
+        report,
+        tmp_path / "other",
+        write_results=lambda name, payload, table: written.update(name=name, table=table),
+    )
+    assert written["name"] == "optimizee_eval" and "## tiny" in written["table"]
+    assert (tmp_path / "other" / "optimizee_eval.png").is_file()
+
+
+def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path) -> None:
+    config = EvalConfig(
+        problems=["mnist-mlp-100", tiny_problem(3)],
+        seeds=1,
+        tuning_seeds=1,
+        lrs=(0.1,),
+        stability_steps=5,
+        data=str(tmp_path),
+        include_default_learned=False,
+    )
+    report = evaluate_optimizers(config, log=lambda _: None)
+    assert (
+        "data missing" in report["skipped"]["mnist-mlp-100"]
+        and "t10k" in report["skipped"]["mnist-mlp-100"]
+    )
+    assert set(report["problems"]) == {"tiny"}
+    assert "data missing" in report["stability"]["skipped"]
+    with pytest.raises(FileNotFoundError):
+        make_problem("mnist-conv", tmp_path / "missing")
+
+
+def test_mnist_problem_reads_only_the_held_out_part() -> None:
+    from learnedopt.data import split_indices
+    from learnedopt.meta.tasks import MNIST_SPLIT, MNIST_SPLIT_SEED
+
+    try:
+        problem = make_problem("mnist-mlp-100")
+    except FileNotFoundError as err:
+        pytest.skip(f"MNIST not available: {err}")
+    parts = split_indices(10_000, MNIST_SPLIT, seed=MNIST_SPLIT_SEED)
+    assert torch.equal(problem.pool, parts["held_out"])
+    assert not set(problem.pool.tolist()) & set(parts["meta_train"].tolist())
+    x, y = problem.minibatch(0, 0)
+    assert x.shape == (128, 784) and y.shape == (128,) and 0.0 <= x.min() and x.max() <= 1.0
+    assert make_problem("mnist-conv").minibatch(0, 0)[0].shape == (128, 1, 28, 28)
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="unknown problem 'nope'; choose from .*mnist-mlp-100"):
+        EvalConfig(problems=["nope"])
+    with pytest.raises(ValueError, match="unknown problem"):
+        make_problem("nope")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        EvalConfig(seeds=0)
+    with pytest.raises(ValueError, match="lrs"):
+        EvalConfig(lrs=(0.1, -1.0))
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_optimizers_parser(parser.add_subparsers())
+    for argv, message in (
+        (["--problems", "nope"], "unknown problem 'nope'"),
+        (["--weights", str(tmp_path / "none.safetensors")], "weight file not found"),
+    ):
+        args = parser.parse_args(["optimizers", *argv, "--out", str(tmp_path)])
+        assert args.func(args) == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_weight_file_chooses_the_optimizer_by_kind(tmp_path) -> None:
+    path = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), path, trained_on="test")
+    spec = learned_from_file(path)
+    assert spec.optimizer is LSTMOptimizer and spec.header()["trained_on"] == "test"
+    curve = run_optimizer(SquareProblem(), 0, spec.factory(), 1.0, steps=3)
+    assert np.isfinite(curve).all()
