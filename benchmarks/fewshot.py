@@ -299,8 +299,10 @@ def _train_omniglot(method: str, ways: int, args, data, splits):
         reptile = Reptile(net, inner_steps=args.reptile_inner_steps, inner_optimizer=inner,
                           outer_stepsize=1.0, final_outer_stepsize=0.0, total_steps=args.iterations)
         for _ in range(args.iterations):
-            xs, ys, _, _ = _episode_batch(data, sampler, args.meta_batch)
-            reptile.meta_step([[(xs[b], ys[b])] for b in range(xs.shape[0])])
+            # Reptile has no query loss: its inner loop trains on all of a task's images
+            # (Nichol et al. train on more shots than they test with)
+            xs, ys, xq, yq = _episode_batch(data, sampler, args.meta_batch)
+            reptile.meta_step([[(torch.cat([xs[b], xq[b]]), torch.cat([ys[b], yq[b]]))] for b in range(xs.shape[0])])
 
         def adapt(x_s, y_s):
             model = reptile.adapt([(x_s, y_s)], steps=args.reptile_test_steps)
@@ -374,7 +376,8 @@ def omniglot(args: argparse.Namespace) -> None:
             table.append(f"| {names[r['method']]} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
                          f"{r['seconds_per_meta_step']:.2f} | {r['peak_rss_mb']:.0f} |")
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    write_results("fewshot_omniglot", {"config": config, "rows": rows}, "\n".join(table))
+    name = "fewshot_omniglot" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, {"config": config, "rows": rows}, "\n".join(table))
 
 
 def main() -> None:
@@ -398,9 +401,10 @@ def main() -> None:
     omn.add_argument("--hidden", type=int, default=64)
     omn.add_argument("--test-episodes", type=int, default=600)
     omn.add_argument("--reptile-inner-steps", type=int, default=5)
-    omn.add_argument("--reptile-test-steps", type=int, default=10)
+    omn.add_argument("--reptile-test-steps", type=int, default=50, help="as Nichol et al.'s eval-iters")
     omn.add_argument("--threads-per-job", type=int, default=2)
     omn.add_argument("--seed", type=int, default=0)
+    omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
     args = parser.parse_args()
     if args.threads:

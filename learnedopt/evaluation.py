@@ -48,7 +48,7 @@ from .weights import UntrainedWeightsWarning, read_header
 #: steps averaged for a run's final loss
 FINAL_WINDOW = 10
 #: default lr grid of the baselines: half-decades from 1e-4 to 1e0
-DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 1))
+DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))  # 1e-4 .. 10
 #: the --quick grid
 QUICK_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 QUICK_STEPS = 20
@@ -354,8 +354,10 @@ class LearnedSpec:
 
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
-    LearnedSpec("LSTMOptimizer (l2l-2016)", LSTMOptimizer, "l2l-2016"),
-    LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017)", MetaLSTMOptimizer, "meta-lstm-2017"),
+    LearnedSpec("LSTMOptimizer (l2l-mnist, default)", LSTMOptimizer, "l2l-mnist"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist, default)", MetaLSTMOptimizer, "meta-lstm-mnist"),
+    LearnedSpec("LSTMOptimizer (l2l-2016, untrained)", LSTMOptimizer, "l2l-2016"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained)", MetaLSTMOptimizer, "meta-lstm-2017"),
 )
 
 

@@ -70,6 +70,22 @@ PRESETS: dict[str, Preset] = {
             "Ravi & Larochelle 2017 meta-learner, hidden 20. Untrained: the paper's "
             "initialisation, which acts as gradient descent with step ~0.01.",
         ),
+        Preset(
+            "l2l-mnist",
+            CoordinateLSTM.kind,
+            {},
+            "l2l-2016's architecture meta-trained on the MNIST MLP task (meta-train split); "
+            "model card: learnedopt/pretrained/l2l-mnist.md.",
+            file="l2l-mnist.safetensors",
+        ),
+        Preset(
+            "meta-lstm-mnist",
+            MetaLSTMCell.kind,
+            {},
+            "meta-lstm-2017's architecture meta-trained on the MNIST MLP task (meta-train split); "
+            "model card: learnedopt/pretrained/meta-lstm-mnist.md.",
+            file="meta-lstm-mnist.safetensors",
+        ),
     )
 }
 
@@ -180,7 +196,8 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     preset = PRESETS[name]
     if preset.file is not None:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
-            return load_weights(path)
+            rule, header = load_weights(path)
+        return rule, {**header, "preset": name}
     rule = RULES[preset.kind].from_config_dict(preset.config)
     rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
     header = {

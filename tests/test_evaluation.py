@@ -181,7 +181,8 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         } <= set(r)
         assert len(r["finals"]) == 2 and len(r["curve_median"]) == 15
         assert r["lr"] in ((0.01, 0.1) if r["kind"] == "baseline" else (1.0,))
-    assert data["learned"][DEFAULT_LEARNED[0].label]["header"]["trained"] is False
+    trained = {spec.label: data["learned"][spec.label]["header"]["trained"] for spec in DEFAULT_LEARNED}
+    assert trained == {spec.label: "untrained" not in spec.label for spec in DEFAULT_LEARNED}
     md = paths[1].read_text()
     assert (
         "## tiny" in md

@@ -11,11 +11,13 @@ from learnedopt.demo import make_problem, train
     "make",
     [
         lambda p: LSTMOptimizer(p),
+        lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         lambda p: LSTMOptimizer(p, foreach=False),
         lambda p: LSTMOptimizer(p, state_dtype=torch.bfloat16),
         lambda p: MetaLSTMOptimizer(p),
+        lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"),
     ],
-    ids=["lstm", "lstm-reference", "lstm-bf16-state", "meta-lstm"],
+    ids=["lstm", "lstm-untrained-init", "lstm-reference", "lstm-bf16-state", "meta-lstm", "meta-lstm-untrained-init"],
 )
 def test_small_mlp_loss_goes_down_in_200_steps(make) -> None:
     x, y = make_problem(seed=0, n=256)
@@ -28,9 +30,9 @@ def test_small_mlp_loss_goes_down_in_200_steps(make) -> None:
 def test_initial_meta_lstm_acts_as_gradient_descent() -> None:
     """With its initial weights the meta-learner is SGD with step sigmoid(b_i) and decay sigmoid(b_f)."""
     x, y = make_problem(seed=0, n=256)
-    meta = MetaLSTMOptimizer(torch.nn.Linear(1, 1).parameters())
+    meta = MetaLSTMOptimizer(torch.nn.Linear(1, 1).parameters(), weights="meta-lstm-2017")
     forget, step_size = torch.sigmoid(meta.rule.bias_fi).tolist()
-    learned = train(lambda p: MetaLSTMOptimizer(p), x, y, steps=200)
+    learned = train(lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"), x, y, steps=200)
     sgd = train(lambda p: torch.optim.SGD(p, lr=step_size, weight_decay=(1 - forget) / step_size), x, y, steps=200)
     assert learned[-1] < 0.9 * learned[0]
     assert abs(learned[-1] - sgd[-1]) < 0.05 * sgd[0]

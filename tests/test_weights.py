@@ -44,12 +44,19 @@ def test_optimizer_accepts_path_preset_and_module(tmp_path, recwarn) -> None:
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 
-@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
-def test_untrained_default_warns_loudly(cls) -> None:
-    if PRESETS[cls.default_preset].file is not None:
-        pytest.skip("the default preset ships trained weights")
+@pytest.mark.parametrize(("cls", "preset"), [(LSTMOptimizer, "l2l-2016"), (MetaLSTMOptimizer, "meta-lstm-2017")])
+def test_untrained_presets_warn_loudly(cls, preset) -> None:
     with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
-        cls([torch.zeros(2, requires_grad=True)])
+        cls([torch.zeros(2, requires_grad=True)], weights=preset)
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_default_weights_are_shipped_trained_files(cls, recwarn) -> None:
+    preset = PRESETS[cls.default_preset]
+    assert preset.file is not None, "the default preset must be a meta-trained weight file"
+    opt = cls([torch.zeros(2, requires_grad=True)])
+    assert opt.weights_header["trained"] is True and opt.weights_header["trained_on"]
+    assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 
 def test_presets_are_deterministic() -> None:
