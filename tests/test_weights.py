@@ -48,9 +48,12 @@ def test_optimizer_accepts_path_preset_and_module(tmp_path, recwarn) -> None:
 def test_untrained_presets_warn_loudly(cls, preset) -> None:
     with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
         cls([torch.zeros(2, requires_grad=True)], weights=preset)
+    if cls.default_preset == preset:
+        with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
+            cls([torch.zeros(2, requires_grad=True)])
 
 
-@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+@pytest.mark.parametrize("cls", [MetaLSTMOptimizer])
 def test_default_weights_are_shipped_trained_files(cls, recwarn) -> None:
     preset = PRESETS[cls.default_preset]
     assert preset.file is not None, "the default preset must be a meta-trained weight file"
