@@ -2,7 +2,8 @@
 
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
     python benchmarks/fewshot.py higher      # needs `pip install higher`
-    python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20]
+    python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
+    python benchmarks/fewshot.py plot-omniglot
 
 Sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 ReLU. MAML and first-order MAML train with
 one inner SGD step of 0.01 on K support points and a query set of K points, meta-batch 25,
@@ -380,6 +381,31 @@ def omniglot(args: argparse.Namespace) -> None:
     write_results(name, {"config": config, "rows": rows}, "\n".join(table))
 
 
+def plot_omniglot(args: argparse.Namespace) -> None:
+    """One bar chart of every ``results/fewshot_omniglot*.json``: accuracy with its 95% CI."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for path in sorted(RESULTS.glob("fewshot_omniglot*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            for setting, acc in row["accuracy"].items():
+                bars.append((f"{row['method']}\n{setting}", acc["mean"], acc["ci95"]))
+    if not bars:
+        raise SystemExit("no fewshot_omniglot*.json results to plot")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
+    ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=3)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6, rotation=60, ha="right")
+    ax.set_ylabel("test accuracy % (95% CI)")
+    ax.set_title("Omniglot, held-out alphabets")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "fewshot_omniglot.png", dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -391,7 +417,8 @@ def main() -> None:
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
     hig.add_argument("--repeats", type=int, default=5)
-    hig.set_defaults(func=against_higher, threads=None)
+    hig.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile on Omniglot with held-out alphabets")
     omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile"])
     omn.add_argument("--ways", type=int, nargs="+", default=[5, 20])
@@ -406,6 +433,8 @@ def main() -> None:
     omn.add_argument("--seed", type=int, default=0)
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
+    plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
+    plot.set_defaults(func=plot_omniglot, threads=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -42,13 +42,14 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
     """Train the same model from the same init with each optimizer and print a loss table."""
     x, y = make_problem()
     candidates: dict[str, Callable] = {
-        "LSTMOptimizer (preset l2l-2016)": lambda p: LSTMOptimizer(p),
-        "MetaLSTMOptimizer (preset meta-lstm-2017)": lambda p: MetaLSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-2016, default)": lambda p: LSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
+        "MetaLSTMOptimizer (preset meta-lstm-2017, default)": lambda p: MetaLSTMOptimizer(p),
         "Adam (lr=1e-2)": lambda p: torch.optim.Adam(p, lr=1e-2),
     }
     results = {}
     print(f"Training a 16-64-1 MLP on generated data for {steps} full-batch steps\n")
-    print(f"{'optimizer':44s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
+    print(f"{'optimizer':50s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, make in candidates.items():
@@ -56,7 +57,7 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
             losses = train(make, x, y, steps)
             elapsed = time.perf_counter() - start
             results[name] = losses
-            print(f"{name:44s} {losses[0]:9.4f} {losses[steps // 10]:9.4f} {losses[-1]:9.4f} {elapsed:6.2f}s")
+            print(f"{name:50s} {losses[0]:9.4f} {losses[steps // 10]:9.4f} {losses[-1]:9.4f} {elapsed:6.2f}s")
     notes = sorted({str(w.message) for w in caught})
     if notes:
         print("\nWarnings:")

@@ -355,9 +355,9 @@ class LearnedSpec:
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
     LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
-    LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist, default)", MetaLSTMOptimizer, "meta-lstm-mnist"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist)", MetaLSTMOptimizer, "meta-lstm-mnist"),
     LearnedSpec("LSTMOptimizer (l2l-2016, untrained, default)", LSTMOptimizer, "l2l-2016"),
-    LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained)", MetaLSTMOptimizer, "meta-lstm-2017"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained, default)", MetaLSTMOptimizer, "meta-lstm-2017"),
 )
 
 

@@ -239,7 +239,7 @@ def resolve_weights(
         warnings.warn(
             f"{owner} is using UNTRAINED weights (preset {header.get('preset')!r}): "
             f"{PRESETS[header['preset']].description if header.get('preset') in PRESETS else ''} "
-            "It is not a meta-trained optimizer; pass weights= a trained file for learned behaviour.",
+            "It is not a meta-trained optimizer: `learnedopt presets` lists the trained ones (and their limits), or pass weights= your own trained file.",
             UntrainedWeightsWarning,
             stacklevel=3,
         )

@@ -11,13 +11,11 @@ from learnedopt.demo import make_problem, train
     "make",
     [
         lambda p: LSTMOptimizer(p),
-        lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         lambda p: LSTMOptimizer(p, foreach=False),
         lambda p: LSTMOptimizer(p, state_dtype=torch.bfloat16),
         lambda p: MetaLSTMOptimizer(p),
-        lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"),
     ],
-    ids=["lstm", "lstm-untrained-init", "lstm-reference", "lstm-bf16-state", "meta-lstm", "meta-lstm-untrained-init"],
+    ids=["lstm", "lstm-reference", "lstm-bf16-state", "meta-lstm"],
 )
 def test_small_mlp_loss_goes_down_in_200_steps(make) -> None:
     x, y = make_problem(seed=0, n=256)

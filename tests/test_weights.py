@@ -53,12 +53,14 @@ def test_untrained_presets_warn_loudly(cls, preset) -> None:
             cls([torch.zeros(2, requires_grad=True)])
 
 
-@pytest.mark.parametrize("cls", [MetaLSTMOptimizer])
-def test_default_weights_are_shipped_trained_files(cls, recwarn) -> None:
-    preset = PRESETS[cls.default_preset]
-    assert preset.file is not None, "the default preset must be a meta-trained weight file"
-    opt = cls([torch.zeros(2, requires_grad=True)])
-    assert opt.weights_header["trained"] is True and opt.weights_header["trained_on"]
+@pytest.mark.parametrize("preset", ["l2l-mnist", "meta-lstm-mnist"])
+def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
+    from learnedopt.weights import build_preset
+
+    rule, header = build_preset(preset)
+    assert PRESETS[preset].file is not None
+    assert header["trained"] is True and header["trained_on"] and header["preset"] == preset
+    assert "learnedopt meta-train" in header["command"]
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 

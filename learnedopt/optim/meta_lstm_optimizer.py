@@ -26,4 +26,4 @@ class MetaLSTMOptimizer(LearnedOptimizer):
     """
 
     rule_kind = MetaLSTMCell.kind
-    default_preset = "meta-lstm-mnist"
+    default_preset = "meta-lstm-2017"
