@@ -13,3 +13,8 @@ import importlib.util
 
 #: Whether Triton is installed, so that fused updates can be attempted.
 FUSED_UPDATES_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+#: Whether the kernels' CUDA tests (``benchmarks/run_gpu.sh``) have passed on real GPU hardware.
+#: Until they have, ``backend="auto"`` keeps the PyTorch path on CUDA too, and only an explicit
+#: ``backend="triton"`` runs the (interpreter-tested) kernels.
+GPU_VALIDATED = False

@@ -49,8 +49,9 @@ class LearnedOptimizer(Optimizer):
         backend: ``"torch"``, ``"triton"`` (the fused kernel of
             :mod:`learnedopt.kernels.coordinate_lstm_step`: CoordinateLSTM rules with the default
             inputs, float32/bfloat16 states, non-float64 parameters, on CUDA or under
-            ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel where it applies and works,
-            else torch; it never fails where the torch path works).
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel on CUDA where it applies and
+            works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
+            hardware; else torch. It never fails where the torch path works).
         foreach: None or True for the batched path over all coordinates of a group, False for the
             per-tensor reference.
     """
@@ -285,8 +286,10 @@ class LearnedOptimizer(Optimizer):
         """Whether this partition runs the fused kernel; explicit ``"triton"`` raises if it cannot."""
         if backend == "torch":
             return False
-        if backend == "auto" and (device.type != "cuda" or self._fused_failed or not kernels.FUSED_UPDATES_AVAILABLE):
-            return False  # the interpreter is for tests: "auto" never picks it
+        if backend == "auto" and (
+            device.type != "cuda" or self._fused_failed or not kernels.FUSED_UPDATES_AVAILABLE or not kernels.GPU_VALIDATED
+        ):
+            return False  # the interpreter is for tests, and an unvalidated GPU kernel is opt-in
         problems = []
         if not _fused_rule(self.rule):
             problems.append(f"the rule is {self.rule.kind} {self.rule.config_dict()}")
