@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .meta.tasks import MNIST_SPLIT, MNIST_SPLIT_SEED, generator_for
+from .meta.tasks import MNIST_SPLIT, MNIST_SPLIT_SEED, generator_for, mlp_module
 from .optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 from .weights import UntrainedWeightsWarning, read_header
 
 #: steps averaged for a run's final loss
 FINAL_WINDOW = 10
-#: default lr grid of the baselines: half-decades from 1e-4 to 1e0
-DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))  # 1e-4 .. 10
+#: default lr grid of the baselines: half-decades from 1e-4 to 10
+DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
 #: the --quick grid
 QUICK_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 QUICK_STEPS = 20
@@ -182,16 +182,6 @@ class QuadraticProblem(Problem):
         return model()
 
 
-def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
-    """Linear layers of widths ``sizes`` with ``activation`` between them; input ``(B, sizes[0])``."""
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        if i:
-            layers.append(activation())
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-    return nn.Sequential(*layers)
-
-
 def small_convnet() -> nn.Sequential:
     """Input ``(B, 1, 28, 28)``: conv 8 3x3/2 -> ReLU -> conv 16 3x3/2 -> ReLU -> linear 16*6*6 -> 10."""
     return nn.Sequential(
@@ -231,7 +221,7 @@ def synthetic_classification(
         inputs,
         labels,
         torch.arange(examples),
-        lambda: mlp((features, hidden, classes), nn.Tanh),
+        lambda: mlp_module((features, hidden, classes), nn.Tanh),
         batch_size,
     )
 
@@ -275,7 +265,7 @@ def _mnist_mlp(
 ) -> Callable[[str | None, str], Problem]:
     widths = "-".join(map(str, sizes))
     return lambda data, name: _mnist_problem(
-        name, steps, f"MLP {widths} {label}", lambda: mlp(sizes, act), False, data
+        name, steps, f"MLP {widths} {label}", lambda: mlp_module(sizes, act), False, data
     )
 
 

@@ -4,7 +4,7 @@ Nothing here downloads data. Loaders take a path, or find one through
 :func:`default_data_root` (the ``LEARNEDOPT_DATA`` environment variable first).
 """
 
-from .episodes import Episode, EpisodeSampler, class_splits
+from .episodes import Episode, EpisodeSampler, class_splits, stack_episodes
 from .idx import load_mnist, read_idx, split_indices
 from .omniglot import OmniglotDataset, load_omniglot, read_image
 from .omniglot_runs import OneShotRun, load_runs, score_runs
@@ -29,4 +29,5 @@ __all__ = [
     "score_runs",
     "sinusoid",
     "split_indices",
+    "stack_episodes",
 ]

@@ -63,6 +63,25 @@ class Episode:
     classes: torch.Tensor
 
 
+def stack_episodes(
+    images: torch.Tensor, episodes: Sequence[Episode]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A meta-batch of episodes as tensors.
+
+    Args:
+        images: ``(num_examples, *shape)`` examples indexed by the episodes.
+
+    Returns:
+        ``(x_support (B, N*K, *shape), y_support (B, N*K), x_query (B, N*Q, *shape), y_query (B, N*Q))``.
+    """
+    return (
+        torch.stack([images[e.support_idx] for e in episodes]),
+        torch.stack([e.support_y for e in episodes]),
+        torch.stack([images[e.query_idx] for e in episodes]),
+        torch.stack([e.query_y for e in episodes]),
+    )
+
+
 class EpisodeSampler:
     """Draws N-way K-shot Q-query episodes from the allowed classes of a labelled dataset.
 

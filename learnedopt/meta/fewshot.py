@@ -563,15 +563,10 @@ class OmniglotSource:
 
     def batch(self, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``size`` episodes drawn from ``seed`` (the sampler's generator is reset to it)."""
+        from ..data import stack_episodes
+
         self.sampler.load_state_dict({"generator": torch.Generator().manual_seed(seed).get_state()})
-        episodes = [self.sampler.sample() for _ in range(size)]
-        images = self.data.images
-        return (
-            torch.stack([images[e.support_idx] for e in episodes]),
-            torch.stack([e.support_y for e in episodes]),
-            torch.stack([images[e.query_idx] for e in episodes]),
-            torch.stack([e.query_y for e in episodes]),
-        )
+        return stack_episodes(self.data.images, [self.sampler.sample() for _ in range(size)])
 
     def alphabets(self) -> list[str]:
         return [self.data.alphabets[i] for i in torch.unique(self.data.alphabet_of_class[self.classes]).tolist()]
@@ -592,7 +587,7 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
     if config.task == "sinusoid":
         return (SinusoidSource(config.shots, config.queries),
                 SinusoidSource(config.shots, SINUSOID_VALID_QUERIES), {})  # fmt: skip
-    from ..data import class_splits, load_omniglot
+    from ..data import load_omniglot
     from ..data.omniglot import DEFAULT_ZIPS
 
     try:
@@ -604,18 +599,27 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
             data = load_omniglot(sources, image_size=config.image_size, rotations=True)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
-    parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
-    unrotated = data.rotation_of_class == 0
+    parts = omniglot_class_splits(data)
     train = OmniglotSource(data, parts["meta_train"], config.ways, config.shots, config.queries,
                            config.same_alphabet, "meta_train")  # fmt: skip
-    valid_classes = parts["meta_valid"][unrotated[parts["meta_valid"]]]
-    valid = OmniglotSource(data, valid_classes, config.ways, config.shots, config.queries, config.same_alphabet,
-                           "meta_valid")  # fmt: skip
+    valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
+                           config.same_alphabet, "meta_valid")  # fmt: skip
     split = {
         name: sorted({data.alphabets[i] for i in data.alphabet_of_class[part].tolist()})
         for name, part in parts.items()
     }
     return train, valid, split
+
+
+def omniglot_class_splits(data: Any) -> dict[str, Tensor]:
+    """The class ids of each part of :data:`OMNIGLOT_SPLIT` (whole alphabets, seed
+    :data:`OMNIGLOT_SPLIT_SEED`): ``meta_train`` keeps the rotated classes, ``meta_valid`` and
+    ``meta_test`` only the unrotated characters."""
+    from ..data import class_splits
+
+    parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
+    unrotated = data.rotation_of_class == 0
+    return {name: ids if name == "meta_train" else ids[unrotated[ids]] for name, ids in parts.items()}
 
 
 # ----------------------------------------------------------------------------- meta-training

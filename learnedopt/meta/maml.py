@@ -209,7 +209,7 @@ class MAML(nn.Module):
     def _vmap_pays(self, x: Tensor) -> bool:
         """``vectorize="auto"``: vmap, except convolutional models on CPU, where PyTorch runs the
         per-task weights as a grouped convolution that is slower than a loop (conv-4, 8 tasks of
-        5-way 1-shot: 660 ms against 327 ms per meta-step, measured here)."""
+        5-way 1-shot: 502 ms against 262 ms per meta-step; ``benchmarks/results/fewshot_vs_higher.md``)."""
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         return not (has_conv and x.device.type == "cpu")
 

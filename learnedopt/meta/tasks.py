@@ -165,13 +165,14 @@ MNIST_SPLIT: dict[str, float] = {"meta_train": 0.6, "meta_valid": 0.1, "held_out
 MNIST_SPLIT_SEED = 0
 
 
-def mlp_module(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of the given widths with sigmoids between them; parameter names ``"0.weight"``,
-    ``"0.bias"``, ``"2.weight"``, ... (only its structure is used, via ``functional_call``)."""
+def mlp_module(sizes: Sequence[int], activation: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
+    """Linear layers of the given widths with ``activation`` between them, on the meta device
+    (structure only: run it with ``functional_call``, or ``to_empty`` it and initialise).
+    Parameter names ``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...; input ``(B, sizes[0])``."""
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         if i:
-            layers.append(nn.Sigmoid())
+            layers.append(activation())
         layers.append(nn.Linear(fan_in, fan_out, device="meta"))
     return nn.Sequential(*layers)
 

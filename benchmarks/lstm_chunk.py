@@ -1,0 +1,76 @@
+"""Why the CPU path runs the LSTM through ``torch.nn.LSTM``: one 8,192-coordinate chunk of the
+default rule (2 layers, hidden 20), three ways, in one run.
+
+- ``nn.LSTM`` (oneDNN's fused cell, what ``CoordinateLSTM`` uses);
+- the same equations as separate PyTorch ops (addmm, sigmoid, tanh, ...);
+- those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels).
+
+    python benchmarks/lstm_chunk.py [--chunk 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import time_call, write_results  # noqa: E402
+
+from learnedopt.nn import CoordinateLSTM, preprocess  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunk", type=int, default=8192)
+    args = parser.parse_args()
+    rule = CoordinateLSTM().requires_grad_(False)
+    n = args.chunk
+    g, p = torch.randn(n) * 1e-2, torch.randn(n)
+    state = {k: torch.randn_like(v) for k, v in rule.init_state(n, dtype=torch.float32, device="cpu").items()}
+    weights = [
+        [getattr(rule.lstm, f"{w}_l{k}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")] for k in range(2)
+    ]
+
+    def separate_ops(g, h, c):
+        x = preprocess(g, 10.0)
+        hs, cs = [], []
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            i, f, gg, o = (torch.addmm(b_ih + b_hh, x, w_ih.t()) + h[k] @ w_hh.t()).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(gg)
+            x = torch.sigmoid(o) * torch.tanh(c_new)
+            hs.append(x)
+            cs.append(c_new)
+        return rule.head(x).squeeze(1) * 0.1, torch.stack(hs), torch.stack(cs)
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        compiled = torch.compile(separate_ops, dynamic=False)
+        compiled(g, state["h"], state["c"])
+        compile_seconds = time.perf_counter() - start
+        fused = rule(g, p, state)[0]
+        assert torch.allclose(fused, separate_ops(g, state["h"], state["c"])[0], atol=1e-5)
+        timings = {
+            "nn.LSTM (oneDNN fused cell)": time_call(lambda: rule(g, p, state)),
+            "separate PyTorch ops": time_call(lambda: separate_ops(g, state["h"], state["c"])),
+            "separate ops under torch.compile": time_call(lambda: compiled(g, state["h"], state["c"])),
+        }
+    flops = 2 * 4 * 20 * (2 + 20) + 2 * 4 * 20 * (20 + 20) + 2 * 20
+    rows = [dict(variant=k, ms=v * 1e3, gflops=flops * n / v / 1e9) for k, v in timings.items()]
+    for r in rows:
+        print(r)
+    table = [
+        f"One {n}-coordinate chunk of the default CoordinateLSTM forward ({flops} FLOPs per coordinate), "
+        f"{torch.get_num_threads()} threads; torch.compile took {compile_seconds:.0f} s to compile.\n",
+        "| variant | ms per chunk | GFLOP/s |",
+        "|---|---:|---:|",
+        *(f"| {r['variant']} | {r['ms']:.2f} | {r['gflops']:.1f} |" for r in rows),
+    ]
+    write_results("lstm_chunk", {"chunk": n, "compile_seconds": compile_seconds, "rows": rows}, "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
