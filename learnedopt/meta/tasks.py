@@ -65,6 +65,11 @@ class TaskBatch:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def subset(self, part: slice) -> TaskBatch:
+        """The tasks ``part`` of this batch, as a batch of the same class (a rank's share of a
+        meta-batch). Subclasses whose constructor is not ``(tasks)`` override it."""
+        return type(self)(self.tasks[part])
+
     def init_params(self, generator: torch.Generator) -> Params:
         """``(B, *shape)`` per name: each task's :meth:`Task.init_params`, in task order."""
         per_task = [task.init_params(generator) for task in self.tasks]

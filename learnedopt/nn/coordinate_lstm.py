@@ -156,5 +156,9 @@ class CoordinateLSTM(UpdateRule):
         x, new_state = self._features(grad, param, state)
         top, (h, c) = self.lstm(x.unsqueeze(0), (state["h"], state["c"]))
         new_state["h"], new_state["c"] = h, c
-        step = self.head(top[0]).squeeze(1) * self.config.output_scale
+        # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
+        # can depend on n: a coordinate's step must not depend on how coordinates were batched
+        # (chunks, tensors, FSDP shards)
+        head = (top[0] * self.head.weight[0]).sum(dim=1) + self.head.bias[0]
+        step = head * self.config.output_scale
         return step, new_state

@@ -96,8 +96,10 @@ class MetaLSTMCell(UpdateRule):
         _, (h_all, c_all) = self.lstm(x.unsqueeze(0), (state["h"], state["c"]))
         h = h_all[0]
         hidden = self.config.hidden_size
-        # gate pre-activations: x_t part by one product, then the two per-row scalar terms
-        pre = torch.addmm(self.bias_fi, h, self.weight_fi[:, :hidden].t())
+        # gate pre-activations: the h_t part as a per-row sum (not a BLAS product, whose rounding
+        # of a row can depend on the number of rows: a coordinate's update must not depend on
+        # how coordinates were batched), then the two per-row scalar terms
+        pre = self.bias_fi + (h.unsqueeze(1) * self.weight_fi[:, :hidden]).sum(dim=2)
         pre = pre + param.unsqueeze(1) * self.weight_fi[:, hidden] + state["fi"].t() * self.weight_fi[:, hidden + 1]
         fi = torch.sigmoid(pre)
         forget, input_gate = fi[:, 0], fi[:, 1]

@@ -95,12 +95,48 @@ def flat_update_(
         for a in range(0, total, chunk):
             b = min(a + chunk, total)
             views = {k: buf[:, start + a : start + b] for k, buf in buffers.items()}
-            s, new_state = rule(g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss)
+            s, new_state = _padded_rule_call(
+                rule, g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss
+            )
             for k, v in views.items():
                 v.copy_(new_state[k])
             step[a:b] = s
         for i, piece in zip(run, step.split(sizes), strict=True):
             params[i].add_(piece.view(params[i].shape), alpha=lr)
+
+
+#: Chunks are padded to a multiple of this many coordinates. PyTorch's CPU elementwise kernels
+#: run the last ``numel % vector width`` elements through a scalar loop whose transcendental
+#: functions (e.g. sigmoid's exp) can round differently from the vectorised ones; padding keeps
+#: every coordinate on the vectorised path, so a coordinate's update does not depend on where it
+#: falls in a chunk, and a step over a shard of the coordinates (FSDP) equals the unsharded step
+#: bit for bit.
+ROW_PAD = 64
+
+
+def _padded_rule_call(
+    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor | None
+) -> tuple[Tensor, State]:
+    """``rule(grad, param, state, loss)`` on ``(m,)`` coordinates, run on ``m`` rounded up to a
+    multiple of :data:`ROW_PAD` (zero padding, results cut back to ``m``)."""
+    m = grad.shape[0]
+    extra = -m % ROW_PAD
+    if extra == 0:
+        return rule(grad, param, state, loss)
+    dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
+    step, new_state = rule(
+        _pad_along(grad, 0, extra),
+        _pad_along(param, 0, extra),
+        {k: _pad_along(v, dims[k], extra) for k, v in state.items()},
+        loss,
+    )
+    return step[:m], {k: v.narrow(dims[k], 0, m) for k, v in new_state.items()}
+
+
+def _pad_along(t: Tensor, dim: int, extra: int) -> Tensor:
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _runs(params: Sequence[Tensor], offsets: Sequence[int]) -> list[list[int]]:
