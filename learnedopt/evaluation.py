@@ -41,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .meta.tasks import MNIST_SPLIT, MNIST_SPLIT_SEED, generator_for, mlp_module
+from .meta.tasks import (
+    META_TRAIN_ACTIVATIONS,
+    MNIST_SPLIT,
+    MNIST_SPLIT_SEED,
+    MLPArchitecture,
+    generator_for,
+    mlp_module,
+)
 from .optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 from .weights import UntrainedWeightsWarning, read_header
 
@@ -269,6 +276,57 @@ def _mnist_mlp(
     )
 
 
+class ScaledClassificationProblem(ClassificationProblem):
+    """A :class:`ClassificationProblem` whose minibatch inputs are multiplied by ``input_scale``
+    and whose default init is multiplied by ``init_scale`` (as in
+    :class:`~learnedopt.meta.tasks.RandomMLPTask`)."""
+
+    def __init__(self, *args: Any, input_scale: float, init_scale: float) -> None:
+        super().__init__(*args)
+        self.input_scale, self.init_scale = input_scale, init_scale
+
+    def model(self, seed: int) -> nn.Module:
+        model = super().model(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(self.init_scale)
+        return model
+
+    def minibatch(self, seed: int, step: int) -> tuple[Tensor, Tensor]:
+        x, y = super().minibatch(seed, step)
+        return x * self.input_scale, y
+
+
+#: The held-out member of ``mlp-random``: its activation is outside the family's meta-training
+#: activations; widths, batch size and scales lie inside the family's ranges.
+MLP_RANDOM_HELD_OUT = MLPArchitecture((48, 24), "elu", 64)
+MLP_RANDOM_HELD_OUT_SCALES = {"input_scale": 2.0, "init_scale": 0.7}
+
+
+def _mlp_random_held_out(data: str | None, name: str) -> Problem:
+    """A member of the ``mlp-random`` task family never seen in meta-training (held-out activation
+    ELU, MNIST's held-out images); the family's other draws are fixed to values inside its ranges."""
+    inputs, labels, pool = _mnist_held_out(data)
+    arch, scales = MLP_RANDOM_HELD_OUT, MLP_RANDOM_HELD_OUT_SCALES
+    assert arch.activation not in META_TRAIN_ACTIVATIONS
+    widths = "-".join(map(str, (784, *arch.hidden, 10)))
+    return ScaledClassificationProblem(
+        name,
+        f"mlp-random member never seen in meta-training: MLP {widths} {arch.activation} (not "
+        f"among the family's meta-training activations {', '.join(META_TRAIN_ACTIVATIONS)}), "
+        f"inputs x{scales['input_scale']:g}, default init x{scales['init_scale']:g}, on MNIST "
+        f"t10k's held_out part ({len(pool)} images, pixels/255), batch {arch.batch_size}, "
+        "cross-entropy",
+        200,
+        inputs,
+        labels,
+        pool,
+        lambda: arch.module(784, 10),
+        arch.batch_size,
+        **MLP_RANDOM_HELD_OUT_SCALES,
+    )
+
+
 #: name -> factory(data_dir, name); the MNIST factories raise FileNotFoundError without the data.
 PROBLEMS: dict[str, Callable[[str | None, str], Problem]] = {
     "mnist-mlp-100": _mnist_mlp((784, 20, 10), nn.Sigmoid, 100, "sigmoid"),
@@ -289,6 +347,7 @@ PROBLEMS: dict[str, Callable[[str | None, str], Problem]] = {
     ),
     "quadratic-20": lambda data, name: QuadraticProblem(name, 20, 100),
     "synthetic-mlp": lambda data, name: synthetic_classification(name, 200),
+    "mlp-random-held-out": _mlp_random_held_out,
 }
 DEFAULT_PROBLEMS: tuple[str, ...] = tuple(PROBLEMS)
 

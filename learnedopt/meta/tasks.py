@@ -18,6 +18,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -301,7 +302,324 @@ class MnistMLPFamily(TaskFamily):
         )
 
 
-TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp")
+# ----------------------------------------------------------------------------- randomised MLPs
+#: Activation names :class:`RandomMLPFamily` accepts, and their modules.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+#: The activations ``mlp-random`` meta-trains on; the other :data:`ACTIVATIONS` are left for
+#: held-out evaluation (:mod:`learnedopt.evaluation`'s ``mlp-random-held-out`` uses ELU).
+META_TRAIN_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "tanh", "relu", "gelu")
+#: The synthetic data set: as many examples as MNIST t10k (so the split's parts have the same
+#: sizes), their input dimension, classes, and the hidden width of the random teacher.
+SYNTHETIC_EXAMPLES = 10_000
+SYNTHETIC_FEATURES = 64
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_TEACHER_HIDDEN = 32
+
+
+@dataclass(frozen=True)
+class MLPArchitecture:
+    """What every task of one ``mlp-random`` meta-batch shares (so their parameters stack).
+
+    Attributes:
+        hidden: widths of the hidden layers, input side first.
+        activation: a key of :data:`ACTIVATIONS`, between every two linear layers.
+        batch_size: examples per minibatch.
+    """
+
+    hidden: tuple[int, ...]
+    activation: str
+    batch_size: int
+
+    def module(self, features: int, classes: int) -> nn.Sequential:
+        """The MLP ``features-hidden...-classes`` on the meta device (see :func:`mlp_module`)."""
+        return mlp_module((features, *self.hidden, classes), ACTIVATIONS[self.activation])
+
+    def __str__(self) -> str:
+        widths = "-".join(str(w) for w in self.hidden)
+        return f"hidden {widths} {self.activation}, batch {self.batch_size}"
+
+
+class RandomMLPTask(MLPTask):
+    """An :class:`MLPTask` with its inputs multiplied by ``input_scale`` and its default init by
+    ``init_scale`` (weights and biases).
+
+    Args:
+        architecture: the architecture ``module`` was built from.
+        input_scale: factor on every minibatch's inputs (dimensionless).
+        init_scale: factor on :meth:`MLPTask.init_params`' draw.
+        Others: as :class:`MLPTask`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Tensor,
+        labels: Tensor,
+        pool: Tensor,
+        seed: int,
+        *,
+        architecture: MLPArchitecture,
+        input_scale: float,
+        init_scale: float,
+    ) -> None:
+        super().__init__(module, inputs, labels, pool, architecture.batch_size, seed)
+        self.architecture, self.input_scale, self.init_scale = architecture, input_scale, init_scale
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        return {k: v * self.init_scale for k, v in super().init_params(generator).items()}
+
+    def minibatch(self, step_index: int) -> tuple[Tensor, Tensor]:
+        x, y = super().minibatch(step_index)
+        return x * self.input_scale, y
+
+
+class RandomMLPBatch(MLPBatch):
+    """``mlp-random`` tasks of one architecture and input size, batched as :class:`MLPBatch`.
+
+    Raises:
+        ValueError: tasks that are not :class:`RandomMLPTask` or do not share one architecture.
+    """
+
+    def __init__(self, tasks: Sequence[RandomMLPTask]) -> None:
+        super().__init__(tasks)
+        if not all(isinstance(t, RandomMLPTask) for t in self.tasks):
+            raise ValueError("a RandomMLPBatch holds RandomMLPTask tasks only")
+        kinds = {(t.architecture, t.inputs.shape[1:]) for t in self.tasks}
+        if len(kinds) != 1:
+            raise ValueError(
+                "the tasks of a RandomMLPBatch must share one architecture and input size, got "
+                + "; ".join(sorted(f"{a} on inputs {tuple(s)}" for a, s in kinds))
+            )
+        self.architecture: MLPArchitecture = self.tasks[0].architecture
+
+
+def synthetic_classification_data(
+    seed: int = 0,
+    *,
+    examples: int = SYNTHETIC_EXAMPLES,
+    features: int = SYNTHETIC_FEATURES,
+    classes: int = SYNTHETIC_CLASSES,
+    teacher_hidden: int = SYNTHETIC_TEACHER_HIDDEN,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """A fixed classification data set: inputs N(0, I), labelled by a random teacher network.
+
+    The teacher is ``argmax(tanh(x W1) W2)`` with ``W1`` ``(features, teacher_hidden)``
+    N(0, 1/features) and ``W2`` ``(teacher_hidden, classes)`` N(0, 1), so the classes are not
+    linearly separable.
+
+    Returns:
+        ``(inputs (examples, features), labels (examples,) int64)``, a function of the arguments.
+    """
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(examples, features, generator=g, dtype=torch.float64)
+    w1 = torch.randn(features, teacher_hidden, generator=g, dtype=torch.float64)
+    w1 = w1 / math.sqrt(features)
+    w2 = torch.randn(teacher_hidden, classes, generator=g, dtype=torch.float64)
+    labels = (torch.tanh(inputs @ w1) @ w2).argmax(dim=1)
+    return inputs.to(dtype), labels
+
+
+def _range(
+    name: str, bounds: Sequence[float], *, integer: bool, positive: bool
+) -> tuple[float, float]:
+    """``bounds`` as a checked ``(low, high)`` pair (integers >= 1, or positive finite floats)."""
+    if len(bounds) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair, got {bounds!r}")
+    low, high = bounds
+    if integer and not all(isinstance(b, int) and not isinstance(b, bool) for b in (low, high)):
+        raise ValueError(f"{name} must be integers, got {bounds!r}")
+    if not all(math.isfinite(b) for b in (low, high)) or low > high:
+        raise ValueError(f"{name} must be finite with low <= high, got {bounds!r}")
+    if (positive and low <= 0) or (integer and low < 1):
+        raise ValueError(f"{name} must be {'>= 1' if integer else '> 0'}, got {bounds!r}")
+    return low, high
+
+
+def _log_uniform(low: float, high: float, generator: torch.Generator) -> float:
+    """``exp(U(log low, log high))``."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+def _log_uniform_int(low: int, high: int, generator: torch.Generator) -> int:
+    """An integer in ``[low, high]`` with ``P(k)`` proportional to ``log((k + 1) / k)``
+    (the floor of a log-uniform draw on ``[low, high + 1)``, so both ends are as likely as
+    their neighbours)."""
+    return min(high, int(_log_uniform(low, high + 1, generator)))
+
+
+class RandomMLPFamily(TaskFamily):
+    """Randomised MLP classification tasks, for optimizers that generalise (``--task mlp-random``).
+
+    Each meta-batch draws one :class:`MLPArchitecture`: the number of hidden layers uniform in
+    ``depth``, each width log-uniform in ``width``, the activation uniform over ``activations``
+    and the minibatch size log-uniform in ``batch_size``. Each task of the batch then draws its
+    own input scale and init scale (log-uniform in ``input_scale`` and ``init_scale``) and its
+    minibatch seed. All draws come from the generator passed to :meth:`sample_batch`, in that order.
+
+    Data: MNIST t10k (pixels / 255, the part ``split`` of :data:`MNIST_SPLIT`, as
+    :class:`MnistMLPFamily`) with ``source="mnist"``; with ``source="synthetic"``,
+    :func:`synthetic_classification_data` (``synthetic_seed``), divided by the same fractions.
+    There is no silent fallback from MNIST to synthetic data: a run's model card must name the
+    data it trained on.
+
+    Args:
+        data: MNIST folder, ``source="mnist"`` only (default:
+            :func:`learnedopt.data.resolve_data_dir`'s search).
+        split: a part of :data:`MNIST_SPLIT`; meta-training reads ``"meta_train"``.
+        source: ``"mnist"`` or ``"synthetic"``.
+        depth: ``(low, high)`` hidden layers, integers >= 1.
+        width: ``(low, high)`` hidden widths, integers >= 1.
+        activations: non-empty sequence of :data:`ACTIVATIONS` keys.
+        batch_size: ``(low, high)`` examples per minibatch, integers >= 1.
+        input_scale: ``(low, high)`` factor on the inputs, > 0.
+        init_scale: ``(low, high)`` factor on PyTorch's default init, > 0.
+        synthetic_seed: seed of the synthetic data set.
+        dtype: float dtype of the inputs and parameters.
+
+    Raises:
+        ValueError: a bad argument (one-line message).
+        FileNotFoundError: ``source="mnist"`` without MNIST files.
+    """
+
+    name = "mlp-random"
+
+    def __init__(
+        self,
+        data: str | os.PathLike[str] | None = None,
+        split: str = "meta_train",
+        *,
+        source: str = "mnist",
+        depth: tuple[int, int] = (1, 3),
+        width: tuple[int, int] = (8, 64),
+        activations: Sequence[str] = META_TRAIN_ACTIVATIONS,
+        batch_size: tuple[int, int] = (32, 256),
+        input_scale: tuple[float, float] = (0.1, 10.0),
+        init_scale: tuple[float, float] = (0.5, 2.0),
+        synthetic_seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from ..data import split_indices
+
+        if split not in MNIST_SPLIT:
+            raise ValueError(f"unknown split {split!r}; parts: {sorted(MNIST_SPLIT)}")
+        if source not in ("mnist", "synthetic"):
+            raise ValueError(f"unknown source {source!r}; choose 'mnist' or 'synthetic'")
+        if source == "synthetic" and data is not None:
+            raise ValueError("data is the MNIST folder; it cannot be given with source='synthetic'")
+        self.depth = _range("depth", depth, integer=True, positive=True)
+        self.width = _range("width", width, integer=True, positive=True)
+        self.batch_size = _range("batch_size", batch_size, integer=True, positive=True)
+        self.input_scale = _range("input_scale", input_scale, integer=False, positive=True)
+        self.init_scale = _range("init_scale", init_scale, integer=False, positive=True)
+        if isinstance(activations, str) or not activations:
+            raise ValueError(
+                f"activations must be a non-empty sequence of names, got {activations!r}"
+            )
+        unknown = [a for a in activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(
+                f"unknown activation(s) {unknown}; choose from {', '.join(ACTIVATIONS)}"
+            )
+        self.activations = tuple(activations)
+        self.split, self.source, self.synthetic_seed = split, source, synthetic_seed
+
+        if source == "mnist":
+            from ..data import load_mnist
+
+            images, labels = load_mnist(data, "t10k")
+            self.inputs = images.reshape(len(images), -1).to(dtype) / 255.0
+            self.labels = labels
+        else:
+            self.inputs, self.labels = synthetic_classification_data(synthetic_seed, dtype=dtype)
+        self.pool = split_indices(len(self.inputs), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)[split]
+        if len(self.pool) == 0:
+            raise ValueError(f"the {split!r} part of {len(self.inputs)} {source} examples is empty")
+        self.classes = SYNTHETIC_CLASSES if source == "synthetic" else 10
+
+    def sample_architecture(self, generator: torch.Generator) -> MLPArchitecture:
+        """Draw depth, then each width, then the activation, then the minibatch size."""
+        depth = int(torch.randint(self.depth[0], self.depth[1] + 1, (), generator=generator))
+        hidden = tuple(_log_uniform_int(*self.width, generator) for _ in range(depth))
+        activation = self.activations[
+            int(torch.randint(len(self.activations), (), generator=generator))
+        ]
+        return MLPArchitecture(hidden, activation, _log_uniform_int(*self.batch_size, generator))
+
+    def sample_tasks(
+        self, architecture: MLPArchitecture, size: int, generator: torch.Generator
+    ) -> RandomMLPBatch:
+        """``size`` tasks of ``architecture``: per task, input scale, init scale, then seed."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        if architecture.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {architecture.activation!r}")
+        module = architecture.module(self.inputs.shape[1], self.classes)
+        tasks = []
+        for _ in range(size):
+            input_scale = _log_uniform(*self.input_scale, generator)
+            init_scale = _log_uniform(*self.init_scale, generator)
+            seed = int(torch.randint(2**62, (), generator=generator))
+            tasks.append(
+                RandomMLPTask(
+                    module,
+                    self.inputs,
+                    self.labels,
+                    self.pool,
+                    seed,
+                    architecture=architecture,
+                    input_scale=input_scale,
+                    init_scale=init_scale,
+                )
+            )
+        return RandomMLPBatch(tasks)
+
+    def sample(self, generator: torch.Generator) -> RandomMLPTask:
+        """One task with its own architecture (a batch of one)."""
+        return self.sample_batch(1, generator).tasks[0]
+
+    def sample_batch(self, size: int, generator: torch.Generator) -> RandomMLPBatch:
+        """One architecture, then ``size`` tasks of it (:meth:`sample_tasks`)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        return self.sample_tasks(self.sample_architecture(generator), size, generator)
+
+    def describe(self) -> str:
+        n = len(self.inputs)
+        split = f"split_indices({n}, {MNIST_SPLIT}, seed={MNIST_SPLIT_SEED})"
+        if self.source == "mnist":
+            data = f"MNIST t10k ({n} images, pixels/255) split by learnedopt.data.{split}"
+        else:
+            data = (
+                "synthetic data (learnedopt.meta.tasks.synthetic_classification_data("
+                f"seed={self.synthetic_seed}): {n} N(0, I) inputs of dimension "
+                f"{self.inputs.shape[1]} labelled into {self.classes} classes by a random "
+                f"{SYNTHETIC_TEACHER_HIDDEN}-unit tanh teacher), split by {split}"
+            )
+        return (
+            f"mlp-random: MLP classifiers, cross-entropy, minibatches drawn with replacement. Each "
+            f"meta-batch shares one architecture: {self.depth[0]}-{self.depth[1]} hidden layers "
+            f"(uniform), each width log-uniform in [{self.width[0]}, {self.width[1]}], activation "
+            f"uniform over {', '.join(self.activations)}, minibatch size log-uniform in "
+            f"[{self.batch_size[0]}, {self.batch_size[1]}]; each task draws its own input scale "
+            f"log-uniform in [{self.input_scale[0]:g}, {self.input_scale[1]:g}] (multiplying the "
+            f"inputs), init scale log-uniform in [{self.init_scale[0]:g}, {self.init_scale[1]:g}] "
+            f"(multiplying PyTorch's default U(+-1/sqrt(fan_in)) init) and minibatch seed. Data: "
+            f"{data}; this family reads only the {self.split!r} part ({len(self.pool)} examples)"
+        )
+
+
+TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random")
 
 
 def make_family(
@@ -319,4 +637,6 @@ def make_family(
         return QuadraticFamily(dtype=dtype)
     if name == "mnist-mlp":
         return MnistMLPFamily(data, split=split, dtype=dtype)
+    if name == "mlp-random":
+        return RandomMLPFamily(data, split=split, dtype=dtype)
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_FAMILIES)}")

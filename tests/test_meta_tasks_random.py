@@ -1,0 +1,242 @@
+"""The randomised task family ``mlp-random``: draws, stacking, batched loss, subsets, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_meta_unroll import write_fake_mnist
+
+from learnedopt import CoordinateLSTM
+from learnedopt.data import split_indices
+from learnedopt.meta import MNIST_SPLIT, MNIST_SPLIT_SEED, TaskBatch, num_coordinates, unroll
+from learnedopt.meta.tasks import (
+    META_TRAIN_ACTIVATIONS,
+    TASK_FAMILIES,
+    MLPArchitecture,
+    RandomMLPBatch,
+    RandomMLPFamily,
+    generator_for,
+    make_family,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def family() -> RandomMLPFamily:
+    """The default ranges on the synthetic data (float32, as meta-training runs)."""
+    return RandomMLPFamily(source="synthetic")
+
+
+@pytest.fixture(scope="module")
+def small64() -> RandomMLPFamily:
+    """Small float64 architectures, for exact comparisons and a cheap unroll."""
+    return RandomMLPFamily(source="synthetic", width=(3, 6), batch_size=(5, 9), dtype=F64)
+
+
+def draws(batch: RandomMLPBatch) -> list[tuple]:
+    return [(t.input_scale, t.init_scale, t.seed) for t in batch.tasks]
+
+
+def test_registered_in_the_cli_families() -> None:
+    assert "mlp-random" in TASK_FAMILIES
+    assert RandomMLPFamily.name == "mlp-random"
+
+
+def test_draws_are_a_function_of_the_generator_only(family) -> None:
+    a = family.sample_batch(4, generator_for(7))
+    torch.manual_seed(0)  # the global RNG plays no part
+    b = family.sample_batch(4, generator_for(7))
+    torch.manual_seed(1)
+    assert a.architecture == b.architecture and draws(a) == draws(b)
+    pa, pb = a.init_params(generator_for(1)), b.init_params(generator_for(1))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(a.loss(pa, 3), b.loss(pb, 3))
+    c = family.sample_batch(4, generator_for(8))
+    assert (c.architecture, draws(c)) != (a.architecture, draws(a))
+
+
+def test_a_batch_shares_one_architecture_and_tasks_differ(family) -> None:
+    batch = family.sample_batch(5, generator_for(0))
+    assert len({t.architecture for t in batch.tasks}) == 1
+    assert len({t.module for t in batch.tasks}) == 1
+    assert len(set(draws(batch))) == 5
+    assert len({t.input_scale for t in batch.tasks}) == 5
+
+
+def test_architectures_vary_and_span_the_documented_ranges(family) -> None:
+    g = generator_for(1)
+    archs = [family.sample_architecture(g) for _ in range(400)]
+    assert {len(a.hidden) for a in archs} == {1, 2, 3}
+    widths = [w for a in archs for w in a.hidden]
+    assert 8 <= min(widths) <= 9 and 56 <= max(widths) <= 64
+    # log-uniform: about as many widths in [8, 16) as in [32, 64]
+    low, high = sum(w < 16 for w in widths), sum(w >= 32 for w in widths)
+    assert 0.7 < low / high < 1.4
+    assert {a.activation for a in archs} == set(META_TRAIN_ACTIVATIONS)
+    sizes = [a.batch_size for a in archs]
+    assert 32 <= min(sizes) <= 36 and 230 <= max(sizes) <= 256
+
+    tasks = [t for _ in range(60) for t in family.sample_batch(4, g).tasks]
+    inputs = [t.input_scale for t in tasks]
+    inits = [t.init_scale for t in tasks]
+    assert 0.1 <= min(inputs) < 0.15 and 7 < max(inputs) <= 10
+    assert 0.5 <= min(inits) < 0.6 and 1.7 < max(inits) <= 2.0
+    # log-uniform in [0.1, 10]: about half the scales below 1
+    assert 0.35 < sum(s < 1 for s in inputs) / len(inputs) < 0.65
+
+
+def test_scales_reach_the_minibatch_and_the_init(small64) -> None:
+    arch = MLPArchitecture((4,), "tanh", 6)
+    task = small64.sample_tasks(arch, 1, generator_for(2)).tasks[0]
+    x, y = task.minibatch(5)
+    raw = small64.inputs[
+        task.pool[torch.randint(len(task.pool), (6,), generator=generator_for(task.seed, 5))]
+    ]
+    torch.testing.assert_close(x, raw * task.input_scale, rtol=0, atol=0)
+    assert y.shape == (6,) and x.shape == (6, small64.inputs.shape[1])
+    params = task.init_params(generator_for(3))
+    bound = task.init_scale / math.sqrt(small64.inputs.shape[1])
+    assert params["0.weight"].abs().max() <= bound
+    assert params["0.weight"].abs().max() > 0.9 * bound
+    assert set(params) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_batched_loss_equals_the_per_task_loss(small64) -> None:
+    g = generator_for(4)
+    for _ in range(4):  # several architectures and activations
+        batch = small64.sample_batch(3, g)
+        params = batch.init_params(g)
+        for step in (0, 7):
+            torch.testing.assert_close(
+                batch.loss(params, step),
+                TaskBatch.loss(batch, params, step),
+                rtol=1e-12,
+                atol=1e-12,
+            )
+
+
+def test_subset_keeps_the_class_architecture_and_losses(small64) -> None:
+    batch = small64.sample_batch(4, generator_for(5))
+    params = batch.init_params(generator_for(6))
+    part = batch.subset(slice(1, 3))
+    assert type(part) is RandomMLPBatch and len(part) == 2
+    assert part.architecture == batch.architecture and part.tasks == batch.tasks[1:3]
+    torch.testing.assert_close(
+        part.loss({k: v[1:3] for k, v in params.items()}, 2), batch.loss(params, 2)[1:3]
+    )
+
+
+def test_parameters_stack_through_the_unroll_with_a_meta_gradient(small64) -> None:
+    batch = small64.sample_batch(3, generator_for(9))
+    params = batch.init_params(generator_for(10))
+    assert all(v.shape[0] == 3 for v in params.values())
+    rule = CoordinateLSTM(hidden_size=4, num_layers=1).double()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    result = unroll(rule, batch, params, state, 3, lr=0.1)
+    assert result.losses.shape == (3, 3) and torch.isfinite(result.losses).all()
+    result.meta_loss.backward()
+    grads = [p.grad for p in rule.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_mnist_source_reads_only_the_requested_part(tmp_path) -> None:
+    root = write_fake_mnist(tmp_path / "mnist", n=50)
+    fam = make_family("mlp-random", data=root, split="meta_valid")
+    assert isinstance(fam, RandomMLPFamily) and fam.source == "mnist"
+    assert torch.equal(
+        fam.pool, split_indices(50, MNIST_SPLIT, seed=MNIST_SPLIT_SEED)["meta_valid"]
+    )
+    batch = fam.sample_batch(2, generator_for(0))
+    params = batch.init_params(generator_for(1))
+    assert params["0.weight"].shape[:2] == (2, batch.architecture.hidden[0])
+    assert params["0.weight"].shape[2] == 784
+    assert torch.isfinite(batch.loss(params, 0)).all()
+    assert "MNIST" in fam.describe() and "'meta_valid' part (5 examples)" in fam.describe()
+
+
+def test_real_mnist_meta_train_part() -> None:
+    try:
+        fam = make_family("mlp-random")
+    except FileNotFoundError as err:
+        pytest.skip(f"MNIST not available: {err}")
+    parts = split_indices(10_000, MNIST_SPLIT, seed=MNIST_SPLIT_SEED)
+    assert torch.equal(fam.pool, parts["meta_train"])
+    batch = fam.sample_batch(2, generator_for(0))
+    assert torch.isfinite(batch.loss(batch.init_params(generator_for(1)), 0)).all()
+
+
+def test_describe_states_the_ranges(family) -> None:
+    text = family.describe()
+    for fragment in (
+        "1-3 hidden layers",
+        "[8, 64]",
+        "sigmoid, tanh, relu, gelu",
+        "[32, 256]",
+        "[0.1, 10]",
+        "[0.5, 2]",
+        "synthetic",
+        "'meta_train' part (6000 examples)",
+    ):
+        assert fragment in text, fragment
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "test"}, "unknown split 'test'"),
+        ({"source": "cifar"}, "unknown source 'cifar'"),
+        ({"data": "/some/folder"}, "cannot be given with source='synthetic'"),
+        ({"width": (64, 8)}, "width must be finite with low <= high"),
+        ({"width": (0, 8)}, "width must be >= 1"),
+        ({"width": (8.0, 64.0)}, "width must be integers"),
+        ({"depth": (1, 2, 3)}, "depth must be a \\(low, high\\) pair"),
+        ({"input_scale": (0.0, 1.0)}, "input_scale must be > 0"),
+        ({"init_scale": (1.0, math.nan)}, "init_scale must be finite"),
+        ({"activations": ()}, "activations must be a non-empty sequence"),
+        ({"activations": "relu"}, "activations must be a non-empty sequence"),
+        ({"activations": ("relu", "swish")}, "unknown activation\\(s\\) \\['swish'\\]"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        RandomMLPFamily(**{"source": "synthetic", **kwargs})
+
+
+def test_bad_sizes_mixed_batches_and_missing_data(small64, tmp_path) -> None:
+    for size in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="size must be an integer >= 1"):
+            small64.sample_batch(size, generator_for(0))
+    a = small64.sample_tasks(MLPArchitecture((4,), "relu", 5), 1, generator_for(0))
+    b = small64.sample_tasks(MLPArchitecture((4,), "tanh", 5), 1, generator_for(0))
+    with pytest.raises(ValueError, match="share one architecture"):
+        RandomMLPBatch([*a.tasks, *b.tasks])
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        small64.sample_tasks(MLPArchitecture((4,), "swish", 5), 1, generator_for(0))
+    with pytest.raises(FileNotFoundError):
+        make_family("mlp-random", data=tmp_path / "missing")
+
+
+def test_evaluation_suite_has_a_held_out_family_member(tmp_path) -> None:
+    from learnedopt.evaluation import DEFAULT_PROBLEMS, MLP_RANDOM_HELD_OUT, make_problem
+
+    assert "mlp-random-held-out" in DEFAULT_PROBLEMS
+    assert MLP_RANDOM_HELD_OUT.activation not in META_TRAIN_ACTIVATIONS
+    with pytest.raises(FileNotFoundError):
+        make_problem("mlp-random-held-out", tmp_path / "missing")
+    try:
+        problem = make_problem("mlp-random-held-out")
+    except FileNotFoundError as err:
+        pytest.skip(f"MNIST not available: {err}")
+    parts = split_indices(10_000, MNIST_SPLIT, seed=MNIST_SPLIT_SEED)
+    assert torch.equal(problem.pool, parts["held_out"])
+    x, y = problem.minibatch(0, 0)
+    assert x.shape == (64, 784) and y.shape == (64,) and x.max() == pytest.approx(2.0)
+    model = problem.model(0)
+    first = model[0].weight
+    assert first.abs().max() <= 0.7 / 28 and first.abs().max() > 0.6 / 28
+    assert torch.isfinite(problem.loss(model, 0, 0))
