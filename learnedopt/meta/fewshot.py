@@ -54,6 +54,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..nn import MetaLSTMCell
+from . import distributed
+from .distributed import SINGLE, Workers
 from .maml import MAML, replace_batchnorm_
 from .reptile import Reptile
 from .tasks import TaskBatch, derive_seed, generator_for
@@ -62,6 +64,7 @@ from .train import (
     LSTM_ONLY,
     ConfigError,
     check_checkpoint_every,
+    check_shares,
     last_record,
     model_card,
     refuse_options,
@@ -624,10 +627,15 @@ def omniglot_class_splits(data: Any) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- meta-training
 class FewShotTrainer:
-    """The :class:`learnedopt.meta.train.Trainer` of the few-shot algorithms."""
+    """The :class:`learnedopt.meta.train.Trainer` of the few-shot algorithms.
 
-    def __init__(self, config: FewShotConfig) -> None:
-        self.config = config
+    With several ``workers`` every rank draws the whole meta-batch and adapts on its share of
+    the tasks; MAML and meta-lstm average the meta-gradients over the ranks, Reptile sums the
+    parameter moves, so each rank makes the update one process would make on the whole batch.
+    """
+
+    def __init__(self, config: FewShotConfig, workers: Workers = SINGLE) -> None:
+        self.config, self.workers = config, workers
         self.source, self.valid_source, self.split = make_sources(config)
         self.learner = FewShotLearner(LearnerSpec.for_config(config), seed=config.seed)
         if config.algo == "reptile":
@@ -647,23 +655,27 @@ class FewShotTrainer:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
         (MAML, meta-lstm); for Reptile, which has no meta-loss, the mean support loss at the
         initialisation before the update."""
-        config = self.config
-        x_s, y_s, x_q, y_q = self.source.batch(config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, step))
+        config, workers = self.config, self.workers
+        batch = self.source.batch(config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, step))
+        part = workers.share(config.meta_batch)
+        x_s, y_s, x_q, y_q = (t[part] for t in batch)
         if config.algo == "reptile":
             with torch.no_grad():
                 loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
-            eps = self.reptile.meta_step([[(x_s[b], y_s[b])] for b in range(len(x_s))])
-            return {"meta_loss": float(loss) / len(x_s), "outer_stepsize": eps}
+            eps = self.reptile.meta_step([[(x_s[b], y_s[b])] for b in range(len(x_s))],
+                                         all_reduce_sum_=workers.all_reduce_sum_)  # fmt: skip
+            return {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps}
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the meta-loss is {loss.item()}")
         self.meta_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.learner.meta_parameters()
+        workers.average_gradients_(params)
         # max_norm=inf measures the norm and scales the gradients by exactly 1.0
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf)
         self.meta_optimizer.step()
-        return {"meta_loss": float(loss.detach()), "grad_norm": float(norm)}
+        return {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": float(norm)}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}
@@ -709,24 +721,29 @@ def meta_train_fewshot(
     command: str | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    workers: Workers | None = None,
 ) -> FewShotResult:
     """Meta-train a few-shot learner as ``learnedopt meta-train --algo ...`` does: ``log.jsonl``,
     ``checkpoint.pt`` and at the end ``model.safetensors`` and ``MODEL_CARD.md`` in ``out``.
-    Arguments as :func:`learnedopt.meta.train.meta_train`.
+    Arguments as :func:`learnedopt.meta.train.meta_train` (ranks other than 0 return without
+    validation or files).
 
     Raises:
         ConfigError: bad configuration, missing data, or a resume that does not fit.
+        DistributedError: another rank failed.
     """
     config.validate()
     check_checkpoint_every(checkpoint_every)
+    workers = distributed.current() if workers is None else workers
+    check_shares(config.meta_batch, workers)
     out = Path(out)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
-    trainer = FewShotTrainer(config)
+    trainer = FewShotTrainer(config, workers)
     hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
     done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
-                           max_steps=max_steps, progress=progress, hint=hint)  # fmt: skip
-    if done < config.meta_steps:
-        return FewShotResult(trainer.learner, done, log, finished=False)
+                           max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
+    if done < config.meta_steps or not workers.is_main:
+        return FewShotResult(trainer.learner, done, log, finished=done >= config.meta_steps)
     initial = FewShotLearner(trainer.learner.spec, seed=config.seed)  # the same seeded draw
     validation = {"initial": trainer.validate(initial), "final": trainer.validate(trainer.learner)}
     extra = {
@@ -774,9 +791,10 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
     write_text_atomic(path, text)
 
 
-def run_fewshot(args: argparse.Namespace) -> str | None:
+def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | None:
     """``learnedopt meta-train --algo maml|fomaml|reptile|meta-lstm``: run and return the line to
-    print when finished (None when stopped early). Raises :class:`ConfigError`."""
+    print when finished (None when stopped early, or on ranks other than 0). Raises
+    :class:`ConfigError`."""
     config = config_from_args(args)
     result = meta_train_fewshot(
         config,
@@ -786,8 +804,9 @@ def run_fewshot(args: argparse.Namespace) -> str | None:
         command=canonical_command(config, args.out, args.checkpoint_every),
         max_steps=args.stop_after,
         progress=not args.quiet,
+        workers=workers,
     )
-    if not result.finished:
+    if not result.finished or result.validation is None:
         return None
     initial, final = result.validation["initial"], result.validation["final"]
     shown = ", ".join(f"{k} {initial[k]:.4g} -> {final[k]:.4g}" for k in final)

@@ -100,11 +100,19 @@ class Reptile:
             optimizer.step(closure)
         return worker
 
-    def meta_step(self, tasks: Sequence[Sequence[tuple[Tensor, Tensor]]]) -> float:
+    def meta_step(
+        self,
+        tasks: Sequence[Sequence[tuple[Tensor, Tensor]]],
+        *,
+        all_reduce_sum_: Callable[[Sequence[Tensor]], None] | None = None,
+    ) -> float:
         """One Reptile update of the initialisation from a meta-batch of tasks.
 
         Args:
             tasks: for each task, its ``(inputs, targets)`` minibatches.
+            all_reduce_sum_: for data-parallel meta-training, sums tensors over the processes in
+                place (e.g. :meth:`learnedopt.meta.distributed.Workers.all_reduce_sum_`); each
+                process passes its own tasks and the update averages over all of them.
 
         Returns:
             The outer step size used.
@@ -118,10 +126,13 @@ class Reptile:
             adapted = [q for q, p in zip(worker.parameters(), self.model.parameters(), strict=True) if p.requires_grad]
             for acc, phi, theta in zip(total, adapted, params, strict=True):
                 acc.add_(phi.detach() - theta.detach())
+        count = total[0].new_tensor([float(len(tasks))]) if total else None
+        if all_reduce_sum_ is not None and total:
+            all_reduce_sum_([*total, count])
         eps = self.current_outer_stepsize()
         with torch.no_grad():
             for theta, acc in zip(params, total, strict=True):
-                theta.add_(acc, alpha=eps / len(tasks))
+                theta.add_(acc, alpha=eps / float(count))
         self.step_count += 1
         return eps
 

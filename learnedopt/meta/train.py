@@ -42,6 +42,8 @@ from torch import Tensor
 
 from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, save_weights
+from . import distributed
+from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
 from .tasks import TASK_FAMILIES, TaskFamily, generator_for, make_family
 from .unroll import num_coordinates, truncated_unroll
 
@@ -166,15 +168,22 @@ def episode(
     config: MetaTrainConfig,
     generator: torch.Generator,
     meta_optimizer: torch.optim.Optimizer | None = None,
+    workers: Workers = SINGLE,
 ) -> tuple[Tensor, list[float]]:
     """One episode (see the module docstring); meta-updates only when ``meta_optimizer`` is given.
 
+    The whole meta-batch is drawn from ``generator`` on every rank and each rank unrolls its
+    share (:meth:`Workers.share`); the meta-gradient is averaged over the ranks before clipping,
+    so every rank takes the same meta-update, the one a single process would take.
+
     Returns:
-        ``(losses, grad_norms)``: ``(H, B)`` optimizee losses and the pre-clip meta-gradient norm
-        of each truncation.
+        ``(losses, grad_norms)``: ``(H, B / world_size)`` optimizee losses of this rank's tasks
+        and the pre-clip meta-gradient norm of each truncation.
     """
     tasks = family.sample_batch(config.meta_batch, generator)
     params = tasks.init_params(generator)
+    part = workers.share(config.meta_batch)
+    tasks, params = tasks.subset(part), {k: v[part] for k, v in params.items()}
     state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
     grad_norms: list[float] = []
 
@@ -183,6 +192,7 @@ def episode(
             raise FloatingPointError(f"the meta-loss is {meta_loss.item()}")
         meta_optimizer.zero_grad(set_to_none=True)
         meta_loss.backward()
+        workers.average_gradients_(list(rule.parameters()))
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(rule.parameters(), config.clip)))
         meta_optimizer.step()
 
@@ -211,8 +221,8 @@ def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> f
 class _RuleTrainer:
     """``--algo lstm``: one :func:`episode` per meta-step (the :class:`Trainer` of update rules)."""
 
-    def __init__(self, config: MetaTrainConfig) -> None:
-        self.config = config
+    def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
+        self.config, self.workers = config, workers
         self.family = _family(config, "meta_train")
         self.rule = initial_rule(config)
         self.initial = copy.deepcopy(self.rule)
@@ -225,10 +235,11 @@ class _RuleTrainer:
             self.config,
             generator_for(self.config.seed, _TRAIN_STREAM, step),
             self.meta_optimizer,
+            self.workers,
         )
         return {
-            "meta_loss": float(losses.mean()),
-            "final_loss": float(losses[-1].mean()),
+            "meta_loss": self.workers.mean(float(losses.mean())),
+            "final_loss": self.workers.mean(float(losses[-1].mean())),
             "grad_norm": max(grad_norms),
             "meta_updates": len(grad_norms),
         }
@@ -257,6 +268,7 @@ def meta_train(
     command: str | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    workers: Workers | None = None,
 ) -> MetaTrainResult:
     """Meta-train as ``learnedopt meta-train`` does (see the module docstring for the files).
 
@@ -270,15 +282,22 @@ def meta_train(
             :func:`canonical_command`, which is the same for a run and its resumption).
         max_steps: stop after this meta-step without writing the final files (simulates a kill).
         progress: show a progress bar (tqdm when installed) or per-step lines on stderr.
+        workers: the processes to share the meta-batch over (default
+            :func:`learnedopt.meta.distributed.current`: the initialised default process group,
+            else this process alone). Only rank 0 writes files and evaluates; the others
+            return the same rule with ``finished`` and no ``eval``.
 
     Raises:
         ConfigError: bad configuration, missing data, or a resume that does not fit.
+        DistributedError: another rank failed.
     """
     config.validate()
     check_checkpoint_every(checkpoint_every)
+    workers = distributed.current() if workers is None else workers
+    check_shares(config.meta_batch, workers)
     out = Path(out)
     command = command or "learnedopt.meta.train.meta_train(...)"
-    trainer = _RuleTrainer(config)
+    trainer = _RuleTrainer(config, workers)
     done, log = train_loop(
         config,
         trainer,
@@ -287,10 +306,11 @@ def meta_train(
         resume=resume,
         max_steps=max_steps,
         progress=progress,
+        workers=workers,
     )
     rule, family = trainer.rule, trainer.family
-    if done < config.meta_steps:
-        return MetaTrainResult(rule, done, log, finished=False)
+    if done < config.meta_steps or not workers.is_main:
+        return MetaTrainResult(rule, done, log, finished=done >= config.meta_steps)
 
     eval_family = _family(config, "meta_valid")
     scores = {
@@ -343,6 +363,14 @@ class Trainer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+def check_shares(meta_batch: int, workers: Workers) -> None:
+    """Raise :class:`ConfigError` unless the meta-batch splits evenly over the ranks."""
+    try:
+        workers.share(meta_batch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_checkpoint_every(checkpoint_every: int) -> None:
     """Raise :class:`ConfigError` unless ``checkpoint_every`` is a positive integer."""
     if checkpoint_every < 1:
@@ -359,6 +387,7 @@ def train_loop(
     max_steps: int | None,
     progress: bool,
     hint: str = "lower --meta-lr or --clip",
+    workers: Workers = SINGLE,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Run ``trainer``'s meta-steps up to ``config.meta_steps`` (or ``max_steps``), with the log,
     the progress bar and the atomic checkpoints (every ``checkpoint_every`` steps and at the end).
@@ -366,6 +395,11 @@ def train_loop(
     ``out`` is created only once the configuration has passed every check, so a refused run
     leaves nothing behind. With ``resume``, the trainer's state and the step come from
     ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again).
+
+    With several ``workers`` every rank runs the steps (the trainer shares the work out) and
+    reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the
+    progress. The ranks meet at a barrier after the checks, so no rank sees files that another
+    rank has just started writing.
 
     Returns:
         ``(step, log)``: the last meta-step completed and the records this call wrote.
@@ -380,22 +414,25 @@ def train_loop(
         payload = _load_checkpoint(checkpoint_path, config)
         trainer.load_state_dict(payload)
         start = int(payload["step"])
-        _truncate_log(log_path, start)
     elif checkpoint_path.exists() or log_path.exists():
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     if start > config.meta_steps:
         raise ConfigError(
             f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
         )
+    workers.barrier()
+    if workers.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_log(log_path, start)
 
     stop = config.meta_steps if max_steps is None else min(config.meta_steps, max_steps)
     log: list[dict[str, Any]] = []
     running = None
-    bar = _Progress(start, config.meta_steps, progress)
-    with open(log_path, "a", encoding="utf-8") as log_file:
+    bar = _Progress(start, config.meta_steps, progress and workers.is_main)
+    with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file:
         for step in range(start + 1, stop + 1):
             began = time.perf_counter()
             try:
@@ -412,7 +449,7 @@ def train_loop(
                 else 0.9 * running + 0.1 * record["meta_loss"]
             )
             bar.update(record, running)
-            if step % checkpoint_every == 0 or step == config.meta_steps:
+            if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps):
                 _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
     bar.close()
     return max(start, stop), log
@@ -715,6 +752,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="MNIST folder for --task mnist-mlp, folder of the Omniglot zips for --task omniglot "
         "(default: LEARNEDOPT_DATA, ../shared/data)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: fail the job when a rank has not reached a collective after this "
+        f"long, e.g. because it died or hangs (default {DEFAULT_TIMEOUT_S:g})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--stop-after", type=int, default=None, help=argparse.SUPPRESS
@@ -792,32 +837,58 @@ def canonical_command(
 
 
 def run_meta_train(args: argparse.Namespace) -> int:
-    """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr."""
-    try:
-        if args.algo not in ALGOS:
-            raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
-        if args.algo != "lstm":
-            from .fewshot import run_fewshot
+    """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr
+    (bad configuration), or 1 (another rank of a ``torchrun`` job failed).
 
-            message = run_fewshot(args)
-            if message:
-                print(message)
-            return 0
-        config = config_from_args(args)
-        command = canonical_command(config, args.out, args.checkpoint_every)
-        result = meta_train(
-            config,
-            args.out,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            command=command,
-            max_steps=args.stop_after,
-            progress=not args.quiet,
-        )
-    except ConfigError as err:
-        print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on CPU, see
+    :mod:`learnedopt.meta.distributed`) and leaves it at the end.
+    """
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        print(f"learnedopt meta-train: error: --dist-timeout must be a positive number of seconds, "
+              f"got {args.dist_timeout}", file=sys.stderr)  # fmt: skip
         return 2
-    if result.finished:
+    try:
+        workers = distributed.init_from_env(args.dist_timeout)
+    except (RuntimeError, ValueError) as err:
+        print(f"learnedopt meta-train: error: cannot join the torchrun job: {err}", file=sys.stderr)
+        return 1
+    try:
+        return _run(args, workers)
+    except ConfigError as err:
+        if workers.is_main:  # every rank fails the same check; one line is enough
+            print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
+        return 2
+    except DistributedError as err:
+        print(f"learnedopt meta-train: error: {err}; continue the job from the last checkpoint "
+              f"with --resume", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, workers: Workers) -> int:
+    if args.algo not in ALGOS:
+        raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
+    if args.algo != "lstm":
+        from .fewshot import run_fewshot
+
+        message = run_fewshot(args, workers)
+        if message and workers.is_main:
+            print(message)
+        return 0
+    config = config_from_args(args)
+    command = canonical_command(config, args.out, args.checkpoint_every)
+    result = meta_train(
+        config,
+        args.out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        command=command,
+        max_steps=args.stop_after,
+        progress=not args.quiet,
+        workers=workers,
+    )
+    if result.finished and workers.is_main:
         print(
             f"wrote {Path(args.out) / WEIGHTS_NAME} and {CARD_NAME}: evaluation loss "
             f"{result.eval['initial']:.6g} (initial rule) -> {result.eval['final']:.6g} (meta-trained)"

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..nn import State, UpdateRule
+from .sharding import local
 
 
 class FlatState:
@@ -38,7 +39,7 @@ class FlatState:
         total = 0
         for p in self.members:
             self.offsets.append(total)
-            total += p.numel()
+            total += local(p).numel()
         self.buffers: State = {
             name: torch.empty(spec.shape(total), dtype=dtype, device=device)
             for name, spec in rule.state_spec().items()
@@ -46,9 +47,10 @@ class FlatState:
         self.index = {id(p): i for i, p in enumerate(self.members)}
         for p, offset in zip(self.members, self.offsets, strict=True):
             previous = state[p]
-            initial = None if all(k in previous for k in self.buffers) else rule.init_state(p.numel(), dtype=dtype, device=device)
+            n = local(p).numel()
+            initial = None if all(k in previous for k in self.buffers) else rule.init_state(n, dtype=dtype, device=device)
             for name, buf in self.buffers.items():
-                view = buf[:, offset : offset + p.numel()]
+                view = buf[:, offset : offset + n]
                 view.copy_(previous[name] if initial is None else initial[name])
                 previous[name] = view
 
@@ -70,7 +72,7 @@ class FlatState:
                     isinstance(view, Tensor)
                     and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
                     and view.storage_offset() == offset * buf.stride(1)
-                    and view.shape == buf[:, offset : offset + p.numel()].shape
+                    and view.shape == buf[:, offset : offset + local(p).numel()].shape
                 ):
                     return False
         return True

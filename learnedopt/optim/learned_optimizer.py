@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from .. import kernels
 from ..nn import CoordinateLSTM, UpdateRule
 from ..weights import fingerprint, resolve_weights
+from . import sharding
 from .flat_state import FlatState
 from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
 
@@ -120,10 +121,40 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
 
+    def init_state(self) -> None:
+        """Create every parameter's initial state now (as its first step would), without
+        changing any parameter or stepping any state.
+
+        ``torch.distributed.checkpoint`` loads into the tensors of an existing state dict, and
+        its state-dict helpers otherwise initialise an optimizer by a zero-gradient step at
+        ``lr=0``, which would advance a learned optimizer's recurrent states (and
+        ``MetaLSTMOptimizer``'s step needs a loss): call this on a fresh optimizer before loading
+        a distributed checkpoint into it.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group["state_dtype"])
+        self._flat_states.clear()
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"learned_rule"``: the kind, architecture and weight
-        hash of the update rule, checked by :meth:`load_state_dict`."""
+        hash of the update rule, checked by :meth:`load_state_dict`.
+
+        A per-coordinate state has shape ``spec.shape(param.numel())``; for a parameter sharded
+        as a ``DTensor`` it is a ``DTensor`` of shape ``(*lead, *param.shape, *trail)`` sharded
+        like the parameter (see :mod:`learnedopt.optim.sharding`), for
+        ``torch.distributed.checkpoint``.
+        """
         state_dict = super().state_dict()
+        spec = self.rule.state_spec()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            param = params[index]
+            if sharding.is_sharded(param):
+                state_dict["state"][index] = {
+                    name: sharding.to_global(value, param, spec[name]) if name in spec else value
+                    for name, value in saved.items()
+                }
         state_dict["learned_rule"] = fingerprint(self.rule)
         return state_dict
 
@@ -152,7 +183,16 @@ class LearnedOptimizer(Optimizer):
         spec = self.rule.state_spec()
         for index, saved in saved_state.items():
             param = index_to_param[index]
-            expected = {name: s.shape(param.numel()) for name, s in spec.items()}
+            if sharding.is_sharded(param):
+                missing = sorted(set(spec) - set(saved))
+                if missing:
+                    raise ValueError(f"saved state of parameter {index} lacks {missing}")
+                saved = {
+                    name: sharding.to_local(value, param, spec[name], f"saved state {name!r} of parameter {index}")
+                    if name in spec else value
+                    for name, value in saved.items()
+                }  # fmt: skip
+            expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}
             got = {name: tuple(saved[name].shape) for name in expected if name in saved}
             if got != expected:
                 raise ValueError(
@@ -223,6 +263,7 @@ class LearnedOptimizer(Optimizer):
         if self.rule.reads_param:
             # a rule that reads the parameter would carry a NaN/Inf value into its state
             finite = [a and b for a, b in zip(finite, _all_finite(params), strict=True)]
+        finite = sharding.agree_finite(grads, finite)  # a sharded tensor is judged as a whole
         if all(finite):
             return params, grads
         bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
@@ -275,7 +316,8 @@ class LearnedOptimizer(Optimizer):
                     flat_update_(rule, *ordered, chunk=self.chunk, **common)
             elif group["foreach"] is False:
                 states = [self._state_of(p, state_dtype) for p in ps]
-                single_tensor_update_(rule, ps, gs, states, **common)
+                local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
+                single_tensor_update_(rule, local_ps, local_gs, states, **common)
             else:
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
                 flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
@@ -320,7 +362,7 @@ class LearnedOptimizer(Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            state.update(self.rule.init_state(p.numel(), dtype=state_dtype, device=p.device))
+            state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
         return state
 
     def _flat_state(
@@ -356,7 +398,9 @@ class LearnedOptimizer(Optimizer):
 
 
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor is free of NaN/Inf, with one host sync per device."""
+    """Whether each tensor (the local part of a ``DTensor``) is free of NaN/Inf, with one host
+    sync per device."""
+    tensors = [sharding.local(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
@@ -373,10 +417,12 @@ def _compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Any, list[int]]:
-    """``(params, grads, buffers, offsets)`` sorted by position in the flat buffers."""
+    """``(params, grads, buffers, offsets)`` sorted by position in the flat buffers (the local
+    shards of ``DTensor``s)."""
     order = sorted(range(len(params)), key=lambda i: flat.index[id(params[i])])
     offsets = [flat.offsets[flat.index[id(params[i])]] for i in order]
-    return [params[i] for i in order], [grads[i] for i in order], flat.buffers, offsets
+    local = sharding.local
+    return [local(params[i]) for i in order], [local(grads[i]) for i in order], flat.buffers, offsets
 
 
 def _fused_rule(rule: UpdateRule) -> bool:

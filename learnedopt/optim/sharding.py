@@ -1,0 +1,127 @@
+"""Parameters sharded as ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism).
+
+A learned update is coordinatewise, so the optimizer runs it on each rank's local shard, with
+the per-coordinate states of that shard kept beside it on the same rank: no communication in the
+step itself, and a sharded step equals the unsharded one coordinate for coordinate.
+
+Two things do need the other ranks:
+
+- the NaN/Inf check: a tensor is skipped or rejected as a whole (``nan_policy``), so the ranks
+  agree on its verdict with one all-reduce per device mesh;
+- checkpoints: ``state_dict()`` gives each state of a sharded parameter as a ``DTensor`` of
+  global shape ``(*lead, *param.shape, *trail)``, sharded like the parameter (its placements
+  shifted past the leading dimensions), so ``torch.distributed.checkpoint`` saves every shard
+  once and can load it back, also onto another number of ranks; ``load_state_dict`` takes such
+  ``DTensor`` states (redistributing them when their placements differ) and keeps the local part.
+
+Internally a shard's state is stored flat, ``(*lead, local numel, *trail)``, like any
+parameter's, so the batched and fused paths need not know about sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..nn import StateSpec
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a PyTorch build without torch.distributed
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (sharing its storage), else ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
+    """``finite[i]`` (this rank's verdict on ``tensors[i]``'s local part) combined over the ranks
+    holding the other parts of each ``DTensor``: finite only if finite everywhere. Plain tensors
+    keep their verdict. A collective: every rank of the meshes must call it with the same list."""
+    by_mesh: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if is_sharded(t):
+            by_mesh.setdefault(id(t.device_mesh), []).append(i)
+    finite = list(finite)
+    for indices in by_mesh.values():
+        mesh = tensors[indices[0]].device_mesh
+        flags = torch.tensor([float(finite[i]) for i in indices], device=mesh.device_type)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+        for i, flag in zip(indices, flags.tolist(), strict=True):
+            finite[i] = flag == 1.0
+    return finite
+
+
+def state_placements(param: Tensor, spec: StateSpec) -> tuple:
+    """The placements of a state of ``param`` shaped ``(*lead, *param.shape, *trail)``."""
+    shifted = []
+    for placement in param.placements:
+        if isinstance(placement, Shard):
+            shifted.append(Shard(placement.dim + len(spec.lead)))
+        elif isinstance(placement, Replicate):
+            shifted.append(placement)
+        else:
+            raise ValueError(
+                f"learned optimizers support parameters sharded with Shard/Replicate placements, "
+                f"got {param.placements}"
+            )
+    return tuple(shifted)
+
+
+def to_global(value: Tensor, param: Tensor, spec: StateSpec) -> Tensor:
+    """The ``DTensor`` view of the local flat state ``value`` ``(*lead, local numel, *trail)``
+    of the sharded ``param`` (no copy)."""
+    lead = len(spec.lead)
+    shard_shape = local(param).shape
+    global_shape = (*spec.lead, *param.shape, *spec.trail)
+    stride = torch.empty(global_shape, device="meta").stride()
+    shaped = value.reshape(*spec.lead, *shard_shape, *value.shape[lead + 1 :])
+    return DTensor.from_local(
+        shaped,
+        param.device_mesh,
+        state_placements(param, spec),
+        run_check=False,
+        shape=torch.Size(global_shape),
+        stride=stride,
+    )
+
+
+def to_local(value: Tensor, param: Tensor, spec: StateSpec, what: str) -> Tensor:
+    """The local flat state ``(*lead, local numel, *trail)`` of the sharded ``param`` from a
+    saved state: a ``DTensor`` of global shape ``(*lead, *param.shape, *trail)`` (redistributed
+    to ``param``'s sharding if needed) or an already local flat tensor.
+
+    Raises:
+        ValueError: the saved state does not fit ``param`` (``what`` names it).
+    """
+    shard = local(param)
+    flat_shape = spec.shape(shard.numel())
+    if is_sharded(value):
+        global_shape = (*spec.lead, *param.shape, *spec.trail)
+        if tuple(value.shape) != global_shape:
+            raise ValueError(
+                f"{what} has global shape {tuple(value.shape)}, expected {global_shape} for a "
+                f"sharded {tuple(param.shape)} parameter"
+            )
+        placements = state_placements(param, spec)
+        if tuple(value.placements) != placements or value.device_mesh != param.device_mesh:
+            value = value.redistribute(param.device_mesh, placements)
+        return value.to_local().reshape(flat_shape)
+    if tuple(value.shape) != flat_shape:
+        raise ValueError(
+            f"{what} is a plain {tuple(value.shape)} tensor; a sharded {tuple(param.shape)} "
+            f"parameter (local shard {tuple(shard.shape)}) needs its DTensor state (as state_dict() "
+            f"gives it) or the local {flat_shape}"
+        )
+    return value

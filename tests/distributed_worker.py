@@ -1,0 +1,189 @@
+"""The per-rank program of ``test_distributed.py``, launched with
+``python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_worker.py MODE OUT``.
+
+Modes:
+    meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
+        then :func:`fsdp_checks`.
+    kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
+    hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
+    resume OUT: the ``lstm`` run continued with ``--resume``.
+
+Not collected by pytest (no ``test_`` prefix); it imports only the library and torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+#: (name, arguments) of the meta-training runs; every run has --meta-batch 4 (2 tasks per rank)
+META_RUNS: dict[str, list[str]] = {
+    "lstm": ["--task", "quadratic", "--unroll", "3", "--horizon", "6", "--meta-steps", "4"],
+    "maml": ["--algo", "maml", "--meta-steps", "3", "--meta-lr", "0.01"],
+    "fomaml": ["--algo", "fomaml", "--meta-steps", "3", "--meta-lr", "0.01"],
+    "reptile": ["--algo", "reptile", "--meta-steps", "3", "--inner-steps", "2"],
+    "meta-lstm": ["--algo", "meta-lstm", "--meta-steps", "3", "--inner-steps", "2"],
+}
+COMMON = ["--meta-batch", "4", "--checkpoint-every", "2", "--quiet", "--seed", "3"]
+FEWSHOT_COMMON = ["--val-tasks", "2"]
+
+
+def meta_args(name: str, out: Path) -> list[str]:
+    """The ``meta-train`` arguments of run ``name`` writing to ``out``."""
+    extra = FEWSHOT_COMMON if name != "lstm" else []
+    return ["meta-train", *META_RUNS[name], *COMMON, *extra, "--out", str(out)]
+
+
+def run_cli(args: list[str]) -> int:
+    from learnedopt.cli import main
+
+    return main(args)
+
+
+def fail_at(step: int, how: str) -> None:
+    """Make rank 1 die (``how="kill"``) or stall (``"hang"``) when it starts meta-step ``step``."""
+    from learnedopt.meta import train
+
+    original = train._RuleTrainer.step
+
+    def step_or_fail(self: train._RuleTrainer, s: int) -> dict[str, float]:
+        if s == step and dist.get_rank() == 1:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return original(self, s)
+
+    train._RuleTrainer.step = step_or_fail
+
+
+# ----------------------------------------------------------------------------- FSDP
+def _model(seed: int) -> torch.nn.Module:
+    """Shapes whose first dimensions do not split evenly over 2 ranks (one rank gets 1 of 3 rows,
+    and of the (1,) bias one rank gets nothing)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    """``steps`` steps on the same data on every rank (so FSDP's averaged gradient equals the
+    one-process gradient exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def fsdp_checks(out: Path) -> dict[str, object]:
+    """For both optimizers: 3 FSDP-sharded steps against 3 unsharded steps (parameters and
+    states compared bit for bit), then a ``torch.distributed.checkpoint`` save of the sharded
+    optimizer, a load into a fresh sharded optimizer, and one more step of each."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+    from learnedopt.weights import UntrainedWeightsWarning
+
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)  # the presets' weights are fine here
+    report: dict[str, object] = {}
+    for cls in (LSTMOptimizer, MetaLSTMOptimizer):
+        name = cls.__name__
+        reference = _model(0)
+        ref_opt = cls(reference.parameters())
+        _train(reference, ref_opt, 3, seed=1)
+
+        sharded = fully_shard(_model(0))
+        opt = cls(sharded.parameters())
+        _train(sharded, opt, 3, seed=1)
+        shard_sizes = [p.to_local().numel() for p in sharded.parameters()]
+        params_equal = all(
+            torch.equal(_full(p), q) for p, q in zip(sharded.parameters(), reference.parameters(), strict=True)
+        )
+        ref_state = ref_opt.state_dict()["state"]
+        states_equal = all(
+            torch.equal(_full(value).reshape(ref_state[i][k].shape), ref_state[i][k])
+            for i, entry in opt.state_dict()["state"].items()
+            for k, value in entry.items()
+            if k != "step"
+        )
+
+        folder = out / f"dcp-{name}"
+        dcp.save({"optim": get_optimizer_state_dict(sharded, opt)}, checkpoint_id=str(folder))
+        restored_model = fully_shard(_model(0))
+        with torch.no_grad():  # the model's own checkpoint is not under test here
+            for p, q in zip(restored_model.parameters(), sharded.parameters(), strict=True):
+                p.to_local().copy_(q.to_local())
+        restored = cls(restored_model.parameters())
+        restored.init_state()
+        template = {"optim": get_optimizer_state_dict(restored_model, restored)}
+        dcp.load(template, checkpoint_id=str(folder))
+        set_optimizer_state_dict(restored_model, restored, template["optim"])
+        fresh_model = fully_shard(_model(0))  # control: the same parameters, no loaded state
+        with torch.no_grad():
+            for p, q in zip(fresh_model.parameters(), sharded.parameters(), strict=True):
+                p.to_local().copy_(q.to_local())
+        fresh = cls(fresh_model.parameters())
+        for m, o in ((sharded, opt), (restored_model, restored), (fresh_model, fresh)):
+            _train(m, o, 1, seed=2)
+        resumed_equal = all(
+            torch.equal(p.to_local(), q.to_local())
+            for p, q in zip(restored_model.parameters(), sharded.parameters(), strict=True)
+        )
+        fresh_equal = all(
+            torch.equal(p.full_tensor(), q.full_tensor())
+            for p, q in zip(fresh_model.parameters(), sharded.parameters(), strict=True)
+        )
+        report[name] = {
+            "params_equal": params_equal,
+            "states_equal": states_equal,
+            "resumed_equal": resumed_equal,
+            "fresh_equal": fresh_equal,
+            "shard_sizes": shard_sizes,
+        }
+    return report
+
+
+def main() -> int:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "meta":
+        dist.init_process_group("gloo")  # the CLI uses this group and leaves it open
+        for name in META_RUNS:
+            if run_cli(meta_args(name, out / name)) != 0:
+                return 1
+        report = fsdp_checks(out)
+        if dist.get_rank() == 0:
+            (out / "fsdp.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+        return 0
+    if mode in ("kill", "hang"):
+        fail_at(3, mode)
+        return run_cli([*meta_args("lstm", out), "--dist-timeout", "4"])
+    if mode == "resume":
+        return run_cli([*meta_args("lstm", out), "--resume"])
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
