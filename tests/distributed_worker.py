@@ -3,7 +3,7 @@
 
 Modes:
     meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
-        then :func:`fsdp_checks`.
+        then :func:`fsdp_checks` and :func:`ddp_checks` (results in ``OUT/optimizers.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     resume OUT: the ``lstm`` run continued with ``--resume``.
@@ -165,6 +165,50 @@ def fsdp_checks(out: Path) -> dict[str, object]:
     return report
 
 
+def ddp_checks() -> dict[str, bool]:
+    """For both optimizers: 3 steps of a DDP model, each rank on its own data, against one
+    process stepping with the mean of both ranks' gradients (what DDP's all-reduce gives)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+    from learnedopt.weights import UntrainedWeightsWarning
+
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)
+    report = {}
+    world = dist.get_world_size()
+    for cls in (LSTMOptimizer, MetaLSTMOptimizer):
+        model = DistributedDataParallel(_model(0))
+        opt = cls(model.parameters())
+        reference = _model(0)
+        ref_opt = cls(reference.parameters())
+        for step in range(3):
+            batches = [torch.randn(16, 6, generator=torch.Generator().manual_seed(100 * step + r)) for r in range(world)]
+            opt.zero_grad()
+            loss = model(batches[dist.get_rank()]).square().mean()
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            opt.step(loss=mean_loss / world)
+            # the reference: per-rank gradients averaged as DDP does (divide, then sum)
+            ref_opt.zero_grad()
+            grads = [torch.zeros_like(p) for p in reference.parameters()]
+            losses = []
+            for x in batches:
+                reference.zero_grad()
+                out = reference(x).square().mean()
+                out.backward()
+                losses.append(out.detach())
+                for acc, p in zip(grads, reference.parameters(), strict=True):
+                    acc.add_(p.grad / world)
+            for p, g in zip(reference.parameters(), grads, strict=True):
+                p.grad = g
+            ref_opt.step(loss=sum(losses) / world)
+        report[cls.__name__] = max(
+            float((p.detach() - q.detach()).abs().max()) for p, q in zip(model.module.parameters(), reference.parameters(), strict=True)
+        )
+    return report
+
+
 def main() -> int:
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "meta":
@@ -172,9 +216,9 @@ def main() -> int:
         for name in META_RUNS:
             if run_cli(meta_args(name, out / name)) != 0:
                 return 1
-        report = fsdp_checks(out)
+        report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks()}
         if dist.get_rank() == 0:
-            (out / "fsdp.json").write_text(json.dumps(report))
+            (out / "optimizers.json").write_text(json.dumps(report))
         dist.destroy_process_group()
         return 0
     if mode in ("kill", "hang"):

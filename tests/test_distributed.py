@@ -111,11 +111,21 @@ def test_fsdp_sharded_steps_equal_unsharded_steps_and_checkpoint(two_ranks: Path
     bit-identical parameters and states to 3 unsharded steps; the optimizer state saved with
     ``torch.distributed.checkpoint`` and loaded into a fresh sharded optimizer continues
     bit-identically, while the same fresh optimizer without the loaded state does not."""
-    report = json.loads((two_ranks / "fsdp.json").read_text())[optimizer]
+    report = json.loads((two_ranks / "optimizers.json").read_text())["fsdp"][optimizer]
     assert report["shard_sizes"] == [18, 3, 10, 2, 3, 1]  # rank 0's; rank 1 holds 12, 2, 5, 1, 0, 0
     assert report["params_equal"] and report["states_equal"]
     assert report["resumed_equal"]
     assert not report["fresh_equal"]
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_ddp_model_steps_like_one_process_on_the_averaged_gradient(two_ranks: Path, optimizer: str) -> None:
+    """A ``DistributedDataParallel`` model, each rank on its own data: 3 steps match one process
+    stepping on the mean gradient. DDP sums gradients pre-divided by the world size, in the same
+    order as the reference, so the match is exact up to the all-reduce's summation order (with
+    two ranks: none)."""
+    gap = json.loads((two_ranks / "optimizers.json").read_text())["ddp"][optimizer]
+    assert gap == 0.0
 
 
 # ----------------------------------------------------------------------------- failures

@@ -88,6 +88,32 @@ def test_meta_sgd_learns_per_element_step_sizes_and_multi_step_loss() -> None:
         MAML(tiny_model(), inner_steps=3, step_loss_weights=[1.0])
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps) -> None:
+    model = tiny_model()
+    data = episode()
+    maml = MAML(model, inner_lr=0.5, inner_steps=steps, checkpoint_steps=True)
+    maml(*data).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, steps, data, first_order=False)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_meta_sgd_with_multi_step_loss_matches_the_plain_loop() -> None:
+    grads = {}
+    for ckpt in (False, True):
+        model = tiny_model()
+        maml = MAML(model, inner_lr=0.1, inner_steps=3, learn_inner_lr=True,
+                    step_loss_weights=[0.2, 0.3, 0.5], vectorize=False, checkpoint_steps=ckpt)  # fmt: skip
+        maml(*episode()).backward()
+        grads[ckpt] = [p.grad for p in maml.parameters()]
+    assert len(grads[True]) == 2 * len(list(tiny_model().parameters()))  # init + step sizes
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="checkpoint_steps=True runs the tasks in a loop"):
+        MAML(tiny_model(), vectorize=True, checkpoint_steps=True)
+
+
 def test_batchnorm_is_transductive_and_vmappable() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 
 Params = dict[str, Tensor]
@@ -84,6 +85,12 @@ class MAML(nn.Module):
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
             loop (with a warning) if the model cannot be vmapped.
         batchnorm: ``"transductive"`` (see the module docstring) or ``"error"``.
+        checkpoint_steps: gradient checkpointing of the inner loop (second-order MAML): keep only
+            each inner step's input parameters and recompute the step's support-loss graph
+            during the meta-backward, so a meta-step's memory no longer grows with the
+            activations of every inner step (``benchmarks/results/maml_memory.md``), for about
+            one more support forward and backward per step. Runs the tasks in a loop; the
+            meta-gradient is unchanged (tested), but it cannot be differentiated twice.
 
     Usage::
 
@@ -107,6 +114,7 @@ class MAML(nn.Module):
         loss_fn: LossFn | None = None,
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
+        checkpoint_steps: bool = False,
     ) -> None:
         super().__init__()
         if inner_lr < 0:
@@ -115,6 +123,8 @@ class MAML(nn.Module):
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
+        if checkpoint_steps and vectorize is True:
+            raise ValueError("checkpoint_steps=True runs the tasks in a loop; use vectorize=False or 'auto'")
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if batchnorm == "transductive":
             replace_batchnorm_(model)
@@ -128,6 +138,7 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         self.vectorize = vectorize
+        self.checkpoint_steps = checkpoint_steps
         self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)
         self._check_weights(inner_steps)
         names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -156,52 +167,96 @@ class MAML(nn.Module):
     def _lr(self, name: str) -> Tensor | float:
         return self.inner_lr if self.inner_lrs is None else self.inner_lrs[name.replace(".", "/")]
 
+    def _inner_step(self, params: Params, x_s: Tensor, y_s: Tensor, batched: bool) -> Params:
+        """One inner gradient step on the support set, keeping the graph unless first-order."""
+        if batched:
+            grads = grad(self._loss)(params, x_s, y_s)
+        else:
+            values = torch.autograd.grad(
+                self._loss(params, x_s, y_s),
+                list(params.values()),
+                create_graph=not self.first_order and torch.is_grad_enabled(),
+            )
+            grads = dict(zip(params, values, strict=True))
+        if self.first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        return {k: p - self._lr(k) * grads[k] for k, p in params.items()}
+
+    def _checkpointed_step(self, params: Params, x_s: Tensor, y_s: Tensor) -> Params:
+        """:meth:`_inner_step` through :class:`_RecomputedStep`: only the step's input
+        parameters (and learned step sizes) are kept for the meta-backward."""
+        names = list(params)
+        lrs = [] if self.inner_lrs is None else [self.inner_lrs[k.replace(".", "/")] for k in names]
+
+        def step(values: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
+            current = dict(zip(names, values[: len(names)], strict=True))
+            grads = torch.autograd.grad(self._loss(current, x_s, y_s), list(current.values()), create_graph=create_graph)
+            rates = values[len(names) :] or [self.inner_lr] * len(names)
+            return tuple(p - lr * g for p, lr, g in zip(current.values(), rates, grads, strict=True))
+
+        outputs = _RecomputedStep.apply(step, *params.values(), *lrs)
+        return dict(zip(names, outputs, strict=True))
+
     def _adapt_one(
-        self, params: Params, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int, batched: bool
+        self,
+        params: Params,
+        x_s: Tensor,
+        y_s: Tensor,
+        x_q: Tensor,
+        y_q: Tensor,
+        steps: int,
+        batched: bool,
+        every_step: bool = True,
     ) -> tuple[Params, Tensor]:
-        """Adapt one task; returns the adapted params and the query loss after each step ``(steps,)``."""
+        """Adapt one task; returns the adapted params and the query loss after each step
+        ``(steps,)``, or after the last one only ``(1,)`` unless ``every_step``."""
         query_losses = []
-        for _ in range(steps):
-            if batched:
-                grads = grad(self._loss)(params, x_s, y_s)
+        use_checkpoint = self.checkpoint_steps and not batched and not self.first_order and torch.is_grad_enabled()
+        for t in range(steps):
+            if use_checkpoint:
+                params = self._checkpointed_step(params, x_s, y_s)
             else:
-                values = torch.autograd.grad(
-                    self._loss(params, x_s, y_s),
-                    list(params.values()),
-                    create_graph=not self.first_order and torch.is_grad_enabled(),
-                )
-                grads = dict(zip(params, values, strict=True))
-            if self.first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
-            params = {k: p - self._lr(k) * grads[k] for k, p in params.items()}
-            query_losses.append(self._loss(params, x_q, y_q))
+                params = self._inner_step(params, x_s, y_s, batched)
+            if every_step or t == steps - 1:
+                query_losses.append(self._loss(params, x_q, y_q))
         return params, torch.stack(query_losses)
 
     def query_losses(
-        self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor, steps: int | None = None
+        self,
+        x_support: Tensor,
+        y_support: Tensor,
+        x_query: Tensor,
+        y_query: Tensor,
+        steps: int | None = None,
+        *,
+        every_step: bool = True,
     ) -> Tensor:
         """Query loss of every task after each inner step.
 
         Args:
             x_support, y_support: ``(B, N_support, ...)``; x_query, y_query: ``(B, N_query, ...)``.
             steps: inner steps (default ``inner_steps``; more are fine at test time).
+            every_step: False computes only the final query loss (no graph for the others).
 
         Returns:
-            ``(B, steps)`` losses, differentiable w.r.t. the initialisation (and the learned
-            inner step sizes) unless run under ``torch.no_grad``.
+            ``(B, steps)`` losses (``(B, 1)`` without ``every_step``), differentiable w.r.t. the
+            initialisation (and the learned inner step sizes) unless run under ``torch.no_grad``.
         """
         steps = self.inner_steps if steps is None else steps
         params = self.initial_params()
-        if self.vectorize is True or (self.vectorize == "auto" and self._vmap_pays(x_support)):
+        vectorize = self.vectorize is True or (
+            self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
+        )
+        if vectorize:
             try:
-                return self._vmapped(params, x_support, y_support, x_query, y_query, steps)
+                return self._vmapped(params, x_support, y_support, x_query, y_query, steps, every_step)
             except RuntimeError as err:
                 if self.vectorize is True:
                     raise
                 warnings.warn(f"MAML: vmap over tasks failed ({err}); looping over tasks", stacklevel=2)
                 self.vectorize = False
         losses = [
-            self._adapt_one(params, xs, ys, xq, yq, steps, batched=False)[1]
+            self._adapt_one(params, xs, ys, xq, yq, steps, batched=False, every_step=every_step)[1]
             for xs, ys, xq, yq in zip(x_support, y_support, x_query, y_query, strict=True)
         ]
         return torch.stack(losses)
@@ -213,9 +268,11 @@ class MAML(nn.Module):
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         return not (has_conv and x.device.type == "cpu")
 
-    def _vmapped(self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int) -> Tensor:
+    def _vmapped(
+        self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int, every_step: bool
+    ) -> Tensor:
         def one(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
-            return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True)[1]
+            return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True, every_step=every_step)[1]
 
         return vmap(one, randomness="different")(xs, ys, xq, yq)
 
@@ -223,8 +280,9 @@ class MAML(nn.Module):
         """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
         ``step_loss_weights``-weighted query losses (MAML++)."""
         self._check_weights(self.inner_steps)
-        losses = self.query_losses(x_support, y_support, x_query, y_query)
-        if self.step_loss_weights is None:
+        multi_step = self.step_loss_weights is not None
+        losses = self.query_losses(x_support, y_support, x_query, y_query, every_step=multi_step)
+        if not multi_step:
             return losses[:, -1].mean()
         weights = losses.new_tensor(self.step_loss_weights)
         return (losses * weights).sum(dim=1).mean()
@@ -243,3 +301,33 @@ class MAML(nn.Module):
     def predict(self, params: Params, x: Tensor) -> Tensor:
         """The model's output at ``params`` (e.g. from :meth:`adapt`)."""
         return functional_call(self.model, (params, self._model_buffers()), (x,))
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """``outputs = step(inputs)`` that saves only ``inputs`` and rebuilds the step's graph in
+    backward (gradient checkpointing by hand). ``torch.utils.checkpoint`` would keep the tensors
+    saved by the graph that the step's own ``autograd.grad(create_graph=True)`` builds, which
+    are most of a second-order inner step's memory; this keeps none of them.
+
+    ``step(values, create_graph)`` returns a tuple of tensors; the forward calls it without
+    building the second-order graph (it only needs values), the backward with it, then takes
+    the vector-Jacobian product of the rebuilt step.
+    """
+
+    @staticmethod
+    def forward(ctx, step: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.step = step
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            outputs = step(leaves, False)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+            outputs = ctx.step(leaves, True)
+            grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+        return (None, *grads)
