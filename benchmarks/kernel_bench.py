@@ -10,16 +10,28 @@ Columns (methods):
 * ``fused_dot`` / ``fused_sum``: ``coordinate_lstm_step_`` with ``use_dot=True`` / ``False``
   (weights packed once, outside the timing), plus ``fused_dot_<precision>`` for each extra
   ``--precisions`` entry;
-* ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``.
+* ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``;
+* the differentiable step of meta-training (float32 states only; up to ``--backward-max-size``
+  coordinates): ``backward_autograd``, autograd's backward through the reference
+  :class:`CoordinateLSTM` (graph built once outside the timing, ``retain_graph=True``), against
+  ``backward_triton``, the backward kernel of :mod:`learnedopt.kernels.coordinate_lstm_backward`
+  (forward outputs computed once outside the timing); ``fwd_bwd_autograd`` and
+  ``fwd_bwd_triton`` time forward plus backward. Each gives gradients for the states, the
+  gradient input and all rule weights.
 
 For each it reports ms/step, the bytes one step must move per coordinate (gradient read,
 parameter read and write, every ``h``/``c`` state read and written: 652 B for two fp32 layers of
 20 units; Adam: gradient, parameter, two moments), the achieved GB/s as a fraction of a
 device-to-device copy measured in the same run, and the useful (unpadded) GFLOP/s as a fraction
-of a square fp32 matmul measured in the same run.
+of a square fp32 matmul measured in the same run. The backward columns count the minimum traffic
+of the backward kernel (gradient, ``d step``, ``d grad``; per layer the old ``h`` and ``c``, the new
+``h``, the incoming ``d h`` and ``d c`` and the outgoing ``d h`` and ``d c``: 1,132 B for two fp32
+layers of 20 units) and three times the forward's matrix FLOPs (recomputed gates, the input
+gradients and the weight gradients); the fwd_bwd columns add those of a forward that is not in
+place (gradient and step, old and new states: 1,780 B and 4x the FLOPs in all).
 
-The Triton columns need CUDA. On a machine without it only the CPU-capable columns run, and the
-results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
+The Triton columns need CUDA. On a machine without it only the CPU-capable columns (``eager``,
+``compiled``, ``adam_*``, ``backward_autograd``, ``fwd_bwd_autograd``) run, and the results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
 debugging tool, thousands of times slower.
 
     python benchmarks/kernel_bench.py [--sizes 100000 1000000 10000000] [--results-dir DIR]
@@ -60,6 +72,12 @@ def bytes_per_coordinate(
     return grad_bytes + 2 * param_bytes + 2 * 2 * num_layers * hidden_size * state_bytes
 
 
+def backward_bytes_per_coordinate(num_layers: int, hidden_size: int) -> int:
+    """Minimum traffic of the fp32 backward per coordinate: gradient, ``d step`` and ``d grad``;
+    per layer old ``h``, ``c``, new ``h``, incoming ``d h``, ``d c`` read, ``d h``, ``d c`` written."""
+    return 3 * 4 + 7 * num_layers * hidden_size * 4
+
+
 def make_timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
     """Seconds per call: CUDA events via ``triton.testing.do_bench`` on GPUs, wall clock on CPUs."""
     if device.type == "cuda":
@@ -90,6 +108,68 @@ def matmul_gflops(device: torch.device, timer, size: int) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+def backward_methods(
+    rule: CoordinateLSTM,
+    backward_mod,
+    packed,
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    flops: int,
+    bwd_bytes: int,
+) -> dict[str, tuple[Callable[[], object], int, int]]:
+    """The backward columns for one size: ``{name: (fn, bytes per coordinate, FLOPs per
+    coordinate)}``; the Triton ones only when ``backward_mod`` (CUDA) is given."""
+    num_layers, _, hidden_size = h.shape
+    # the forward, not in place: gradient in, step out, old states in, new states out
+    fwd_bwd_bytes = bwd_bytes + 2 * 4 + 4 * num_layers * hidden_size * 4
+    # copies: the in-place columns advance h and c, which the saved graphs must not see
+    grad, h, c = grad.float().clone(), h.clone(), c.clone()
+    cotangents = (torch.randn_like(grad), torch.randn_like(h), torch.randn_like(c))
+    weights = list(rule.parameters())
+
+    def reference_graph():
+        hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
+        g = grad.detach().requires_grad_(True)
+        step, new = rule(g, g, {"h": hh, "c": cc})
+        return (step, new["h"], new["c"]), [g, hh, cc, *weights]
+
+    outputs, inputs = reference_graph()
+    methods = {
+        "backward_autograd": (
+            lambda: torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True),
+            bwd_bytes,
+            3 * flops,
+        ),
+        "fwd_bwd_autograd": (
+            lambda: torch.autograd.grad(*reference_graph(), cotangents),
+            fwd_bwd_bytes,
+            4 * flops,
+        ),
+    }
+    if backward_mod is not None:
+        cfg = rule.config
+        consts = {"preprocess_p": cfg.preprocess_p, "output_scale": cfg.output_scale}
+        _, h_new, _ = backward_mod.coordinate_lstm_forward(grad, h, c, packed, **consts)
+        methods["backward_triton"] = (
+            lambda: backward_mod.coordinate_lstm_backward(
+                grad, h, c, h_new, packed, *cotangents, **consts
+            ),
+            bwd_bytes,
+            3 * flops,
+        )
+        named = dict(rule.named_parameters())
+
+        def fwd_bwd_triton() -> None:
+            g = grad.detach().requires_grad_(True)
+            hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
+            outs = backward_mod.coordinate_lstm_step(g, hh, cc, named, cfg)
+            torch.autograd.grad(outs, [g, hh, cc, *weights], cotangents)
+
+        methods["fwd_bwd_triton"] = (fwd_bwd_triton, fwd_bwd_bytes, 4 * flops)
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="parameter counts")
@@ -108,6 +188,12 @@ def main() -> None:
         help="also sweep block x num_warps for fused_dot at the largest size",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument(
+        "--backward-max-size",
+        type=int,
+        default=None,
+        help="largest size for the backward columns (default 10^7 on CUDA, 10^6 on CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results-dir", type=Path, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
@@ -149,13 +235,17 @@ def main() -> None:
         print(triton_reason, flush=True)
 
     fused_mod = None
+    backward_mod = None
     packed = None
     if triton_reason is None:
+        from learnedopt.kernels import coordinate_lstm_backward as backward_mod
         from learnedopt.kernels import coordinate_lstm_step as fused_mod
 
         packed = fused_mod.pack_weights(
             fused_mod.rule_weights(rule, device), num_layers=L, hidden_size=H
         )
+    backward_max = args.backward_max_size or (10**7 if device.type == "cuda" else 10**6)
+    bwd_bytes = backward_bytes_per_coordinate(L, H)
 
     rows: list[dict] = []
     errors: dict[str, str] = {}
@@ -244,16 +334,23 @@ def main() -> None:
                                 flops,
                             )
 
+        if state_dtype != torch.float32:
+            errors[f"backward n={n}"] = "the backward columns need float32 states"
+        elif n <= backward_max:
+            methods.update(
+                backward_methods(rule, backward_mod, packed, grad, h, c, flops, bwd_bytes)
+            )
+
         for name, kwargs in (
-            ("adam_fused", dict(fused=True)),
-            ("adam_foreach", dict(foreach=True)),
+            ("adam_fused", {"fused": True}),
+            ("adam_foreach", {"foreach": True}),
         ):
             p_adam = torch.randn(n, device=device).to(param_dtype).requires_grad_(True)
             p_adam.grad = grad.clone()
             try:
                 opt = torch.optim.Adam([p_adam], lr=lr, **kwargs)
                 opt.step()
-            except Exception as e:  # fused Adam is not implemented for every device/dtype
+            except Exception as e:  # noqa: BLE001 (fused Adam is not implemented for every device/dtype)
                 errors[f"{name} n={n}"] = f"{type(e).__name__}: {e}"[:300]
                 continue
             methods[name] = (opt.step, adam_bytes, 0)
@@ -261,33 +358,38 @@ def main() -> None:
         for name, (fn, nbytes, nflops) in methods.items():
             try:
                 seconds = timer(fn)
-            except Exception as e:  # e.g. torch.compile without a C++ compiler on CPU
+            except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a C++ compiler on CPU)
                 errors[f"{name} n={n}"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"{name} n={n}: {errors[f'{name} n={n}']}", flush=True)
                 continue
             gbps = nbytes * n / seconds / 1e9
             gflops = nflops * n / seconds / 1e9
             rows.append(
-                dict(
-                    params=n,
-                    method=name,
-                    ms=seconds * 1e3,
-                    bytes_per_coord=nbytes,
-                    gbps=gbps,
-                    fraction_of_copy=gbps / peak_copy,
-                    gflops=gflops,
-                    fraction_of_matmul=gflops / peak_flops,
-                )
+                {
+                    "params": n,
+                    "method": name,
+                    "ms": seconds * 1e3,
+                    "bytes_per_coord": nbytes,
+                    "gbps": gbps,
+                    "fraction_of_copy": gbps / peak_copy,
+                    "gflops": gflops,
+                    "fraction_of_matmul": gflops / peak_flops,
+                }
             )
             print(rows[-1], flush=True)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     notes = [
-        f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
-        f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps.",
-        f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square fp32 matmul "
-        f"(TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: {flops}; bytes per "
-        f"coordinate: {rule_bytes} (LSTM rule), {adam_bytes} (Adam).",
+        (
+            f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
+            f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps."
+        ),
+        (
+            f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square "
+            f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
+            f"{flops}; bytes per coordinate: {rule_bytes} (LSTM rule), {adam_bytes} (Adam), "
+            f"{bwd_bytes} (backward kernel)."
+        ),
     ]
     if triton_reason:
         notes.append(f"**{triton_reason}.**")
@@ -302,22 +404,23 @@ def main() -> None:
             f"| {r['params']:,} | {r['method']} | {r['ms']:.3f} | {r['bytes_per_coord']} | {r['gbps']:.1f} | "
             f"{100 * r['fraction_of_copy']:.1f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} |"
         )
-    payload = dict(
-        device=device_name,
-        triton_columns=triton_reason or "run",
-        copy_gbps=peak_copy,
-        matmul_gflops=peak_flops,
-        config=dict(
-            num_layers=L,
-            hidden_size=H,
-            param_dtype=args.param_dtype,
-            state_dtype=args.state_dtype,
-            block=args.block,
-            num_warps=args.num_warps,
-        ),
-        rows=rows,
-        errors=errors,
-    )
+    payload = {
+        "device": device_name,
+        "triton_columns": triton_reason or "run",
+        "copy_gbps": peak_copy,
+        "matmul_gflops": peak_flops,
+        "config": {
+            "num_layers": L,
+            "hidden_size": H,
+            "param_dtype": args.param_dtype,
+            "state_dtype": args.state_dtype,
+            "block": args.block,
+            "num_warps": args.num_warps,
+            "backward_max_size": backward_max,
+        },
+        "rows": rows,
+        "errors": errors,
+    }
     write_results("kernel_bench", payload, "\n\n".join(notes) + "\n\n" + "\n".join(table))
     print(f"wrote {common.RESULTS / 'kernel_bench.md'}", flush=True)
 

@@ -9,6 +9,13 @@ every update to every loss, and ``meta_loss.backward()`` gives the meta-gradient
 Coordinates are flattened task-major into one ``(n,) = (B * P,)`` batch for the rule, ``P`` being
 the number of parameter elements of one task: coordinate ``b * P + j`` is element ``j`` of task
 ``b``'s parameters concatenated in ``params``' key order. Rule states follow the same order.
+
+``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` with the default inputs is applied:
+the PyTorch module (``"torch"``) or the differentiable Triton kernels of
+:mod:`learnedopt.kernels.coordinate_lstm_backward` (``"triton"``; first-order: the meta-gradient
+needs one backward through each rule call, which is all they provide). ``"auto"`` takes the
+kernels only on CUDA once :data:`learnedopt.kernels.GPU_VALIDATED` says their CUDA tests passed on
+real hardware, and the PyTorch path otherwise; it never fails where the PyTorch path works.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..nn import State, UpdateRule
+from .. import kernels
+from ..nn import CoordinateLSTM, State, UpdateRule
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]
+
+#: Values of the ``backend`` keyword of :func:`unroll` and :func:`truncated_unroll`.
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -61,6 +72,7 @@ def unroll(
     lr: float = 1.0,
     stop_optimizee_grad: bool = True,
     loss_weights: Sequence[float] | Tensor | None = None,
+    backend: str = "auto",
 ) -> UnrollResult:
     """Run ``steps`` updates of ``rule`` on every task of ``task_batch``, keeping the graph.
 
@@ -87,10 +99,23 @@ def unroll(
         stop_optimizee_grad: detach the optimizee gradient (and loss) the rule reads.
         loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss;
             default all ones.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (see the module docstring).
+            ``"triton"`` runs each rule call as the Triton forward and backward kernels; it
+            needs a :class:`CoordinateLSTM` with the default inputs, float32 rule, parameters
+            and states, and CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), and
+            raises ``ValueError`` otherwise. The kernels give the same meta-gradient as the
+            PyTorch path to fp32 rounding, also without ``stop_optimizee_grad`` (the gradient
+            input's own graph carries the second-order terms).
 
     Returns:
         An :class:`UnrollResult`.
+
+    Raises:
+        ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
+            run this rule or these tensors, or malformed ``params`` or ``loss_weights``.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     names = list(params)
@@ -122,7 +147,7 @@ def unroll(
         flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1)
         rule_loss = loss.detach() if stop_optimizee_grad else loss
         step, state = _apply_rule(
-            rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss
+            rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss, backend
         )
         new_flat = flat_param + lr * step.reshape(batch, per_task)
         current = {
@@ -142,10 +167,69 @@ def unroll(
     return UnrollResult(meta_loss, stacked, current, state)
 
 
+def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State) -> list[str]:
+    """Why the Triton kernels cannot apply ``rule`` here (empty when they can)."""
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        return ["Triton is not installed"]
+    if not (isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2):
+        kind = f"{rule.kind} {rule.config_dict()}"
+        return [f"the kernels implement only CoordinateLSTM with the default inputs, not {kind}"]
+    problems = []
+    tensors = {
+        "gradient": grad,
+        "parameters": param,
+        **{f"state {k!r}": v for k, v in state.items()},
+    }
+    tensors.update({f"rule parameter {k!r}": v for k, v in rule.named_parameters()})
+    wrong = sorted(f"{k} ({v.dtype})" for k, v in tensors.items() if v.dtype != torch.float32)
+    if wrong:
+        problems.append("float32 only, got " + ", ".join(wrong))
+    devices = {v.device for v in tensors.values()}
+    if len(devices) != 1:
+        problems.append(f"tensors on several devices: {sorted(map(str, devices))}")
+    elif grad.device.type == "cpu":
+        from ..kernels.coordinate_lstm_step import is_interpreted
+
+        if not is_interpreted():
+            problems.append(
+                "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before "
+                "Triton is imported); otherwise use CUDA tensors"
+            )
+    elif grad.device.type != "cuda":
+        problems.append(f"{grad.device} tensors (needs CUDA)")
+    return problems
+
+
+def _use_triton(rule: UpdateRule, grad: Tensor, param: Tensor, state: State, backend: str) -> bool:
+    """Whether this rule call runs the Triton kernels; ``"triton"`` raises if they cannot."""
+    if backend == "torch":
+        return False
+    if backend == "auto" and not (
+        grad.device.type == "cuda" and kernels.FUSED_UPDATES_AVAILABLE and kernels.GPU_VALIDATED
+    ):
+        return False  # the interpreter is for tests, and an unvalidated GPU kernel is opt-in
+    problems = _triton_problems(rule, grad, param, state)
+    if problems and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this unroll: {'; '.join(problems)}")
+    return not problems
+
+
 def _apply_rule(
-    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor
+    rule: UpdateRule,
+    grad: Tensor,
+    param: Tensor,
+    state: State,
+    loss: Tensor,
+    backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)``."""
+    if _use_triton(rule, grad, param, state, backend):
+        from ..kernels.coordinate_lstm_backward import coordinate_lstm_step
+
+        step, h, c = coordinate_lstm_step(
+            grad, state["h"], state["c"], dict(rule.named_parameters()), rule.config
+        )
+        return step, {"h": h, "c": c}
     if not rule.needs_loss:
         return rule(grad, param, state)
     batch = loss.shape[0]
@@ -177,12 +261,16 @@ def truncated_unroll(
     update: Callable[[Tensor], None] | None = None,
     lr: float = 1.0,
     stop_optimizee_grad: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Run ``horizon`` steps as consecutive unrolls of ``truncation`` steps (the last may be shorter).
 
     After each truncation ``update(meta_loss)`` is called (typically: backward, clip, meta-optimizer
     step), then the parameters and rule states are detached, so no gradient crosses a truncation.
     With ``update=None`` this only evaluates the rule.
+
+    ``lr``, ``stop_optimizee_grad`` and ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``: how
+    the rule is applied) are passed to :func:`unroll`, which documents them.
 
     Returns:
         ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
@@ -201,6 +289,7 @@ def truncated_unroll(
             start_step=start,
             lr=lr,
             stop_optimizee_grad=stop_optimizee_grad,
+            backend=backend,
         )
         if update is not None:
             update(result.meta_loss)
