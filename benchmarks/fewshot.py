@@ -1,4 +1,5 @@
-"""Few-shot benchmarks: MAML, first-order MAML and Reptile against a pretrained baseline.
+"""Few-shot benchmarks: MAML, first-order MAML, Reptile (and on Omniglot meta-LSTM) against a
+pretrained baseline.
 
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
     python benchmarks/fewshot.py higher      # needs `pip install higher`
@@ -254,55 +255,32 @@ def against_higher(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- Omniglot
-OMNIGLOT_SETTINGS = {
-    # ways: (train inner steps, inner lr, test inner steps), as in the MAML paper
-    5: (1, 0.4, 3),
-    20: (5, 0.1, 5),
-}
-
-
 def _episode_batch(data, sampler, batch: int):
     return stack_episodes(data.images, [sampler.sample() for _ in range(batch)])
 
 
-def _train_omniglot(method: str, ways: int, args, data, splits):
-    """Train one method; returns (the model, an adapt(x_s, y_s) -> predict function)."""
-    from learnedopt.data import EpisodeSampler
-    from learnedopt.models import conv4
+def _train_omniglot(method: str, ways: int, args):
+    """Meta-train one method with the library's trainer (what ``learnedopt meta-train --algo
+    METHOD --task omniglot`` runs, with its paper defaults: ``fewshot_defaults``); returns an
+    ``adapt(x_s, y_s) -> predict`` function of the trained learner."""
+    import dataclasses
+    import tempfile
 
-    torch.manual_seed(args.seed)
-    net = conv4(1, ways, hidden=args.hidden)
-    steps, lr, test_steps = OMNIGLOT_SETTINGS[ways]
-    sampler = EpisodeSampler(data.labels, splits["meta_train"], ways, 1, args.queries, seed=args.seed)
-    if method in ("maml", "fomaml"):
-        maml = MAML(net, inner_lr=lr, inner_steps=steps, first_order=method == "fomaml", vectorize=True)
-        opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-        for _ in range(args.iterations):
-            opt.zero_grad()
-            maml(*_episode_batch(data, sampler, args.meta_batch)).backward()
-            opt.step()
+    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults, meta_train_fewshot
 
-        def adapt(x_s, y_s):
-            params = maml.adapt(x_s, y_s, steps=test_steps)
-            return lambda x: maml.predict(params, x)
+    values = fewshot_defaults(method, "omniglot", ways)
+    values.update(ways=ways, meta_steps=args.iterations, meta_batch=args.meta_batch, queries=args.queries,
+                  hidden=args.hidden, val_tasks=args.val_tasks)  # fmt: skip
+    config = FewShotConfig(algo=method, task="omniglot", seed=args.seed, **values)
+    with tempfile.TemporaryDirectory() as out:
+        learner = meta_train_fewshot(config, out, checkpoint_every=max(1, args.iterations // 10), progress=False).learner
 
-        return adapt
-    if method == "reptile":
-        inner = lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.0, 0.999))  # noqa: E731 (Nichol et al.)
-        reptile = Reptile(net, inner_steps=args.reptile_inner_steps, inner_optimizer=inner,
-                          outer_stepsize=1.0, final_outer_stepsize=0.0, total_steps=args.iterations)
-        for _ in range(args.iterations):
-            # Reptile has no query loss: its inner loop trains on all of a task's images
-            # (Nichol et al. train on more shots than they test with)
-            xs, ys, xq, yq = _episode_batch(data, sampler, args.meta_batch)
-            reptile.meta_step([[(torch.cat([xs[b], xq[b]]), torch.cat([ys[b], yq[b]]))] for b in range(xs.shape[0])])
+    def adapt(x_s, y_s):
+        params = learner.adapt(x_s, y_s)
+        return lambda x: learner.predict(params, x)
 
-        def adapt(x_s, y_s):
-            model = reptile.adapt([(x_s, y_s)], steps=args.reptile_test_steps)
-            return model
-
-        return adapt
-    raise ValueError(f"unknown method {method!r}")
+    adapt.config = dataclasses.asdict(config)
+    return adapt
 
 
 def _evaluate_omniglot(adapt, data, classes, ways: int, shots: int, episodes: int, seed: int, same_alphabet: bool):
@@ -326,9 +304,9 @@ def _omniglot_job(method: str, ways: int, args, queue) -> None:
 
     torch.set_num_threads(args.threads_per_job)
     data = load_omniglot(rotations=True)
-    splits = omniglot_class_splits(data)  # the library's split: the same alphabets as meta-train
+    splits = omniglot_class_splits(data)  # the library's split: the one meta-training used
     start = time.perf_counter()
-    adapt = _train_omniglot(method, ways, args, data, splits)
+    adapt = _train_omniglot(method, ways, args)
     seconds = time.perf_counter() - start
     results = {}
     for shots in (1, 5):
@@ -337,6 +315,7 @@ def _omniglot_job(method: str, ways: int, args, queue) -> None:
         results["20-way 1-shot within alphabet"] = _evaluate_omniglot(adapt, data, splits["meta_test"], 20, 1, args.test_episodes, args.seed + 2, True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(dict(method=method, ways=ways, seconds_per_meta_step=seconds / args.iterations, peak_rss_mb=peak_mb,
+                   config=adapt.config,
                    accuracy={k: {"mean": m, "ci95": c} for k, (m, c) in results.items()},
                    test_alphabets=[data.alphabets[i] for i in torch.unique(data.alphabet_of_class[splits["meta_test"]]).tolist()]))
 
@@ -355,12 +334,14 @@ def omniglot(args: argparse.Namespace) -> None:
             job.join()
             rows.append(row)
             print(row, flush=True)
-    names = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
+    names = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
+             "meta-lstm": "meta-LSTM (learned init + learned update)"}  # fmt: skip
     table = [
         f"Omniglot, meta-trained on the two small background sets with whole alphabets held out; test alphabets: "
         f"{', '.join(rows[0]['test_alphabets'])}. conv-4 ({args.hidden} filters), transductive batch statistics, "
         f"{args.iterations} meta-steps of {args.meta_batch} tasks, {args.test_episodes} test episodes per cell, "
-        "accuracy % with 95% CI.\n",
+        "accuracy % with 95% CI. Every method is trained by the library's `meta_train_fewshot` (what `learnedopt "
+        "meta-train --algo METHOD --task omniglot` runs) with its defaults (`fewshot_defaults`; settings in the JSON).\n",
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
     ]
@@ -411,16 +392,15 @@ def main() -> None:
     hig.add_argument("--repeats", type=int, default=5)
     hig.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     hig.set_defaults(func=against_higher)
-    omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile on Omniglot with held-out alphabets")
-    omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile"])
+    omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
+    omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile", "meta-lstm"])
     omn.add_argument("--ways", type=int, nargs="+", default=[5, 20])
     omn.add_argument("--iterations", type=int, default=1000)
     omn.add_argument("--meta-batch", type=int, default=8)
     omn.add_argument("--queries", type=int, default=5, help="query images per class in meta-training")
     omn.add_argument("--hidden", type=int, default=64)
     omn.add_argument("--test-episodes", type=int, default=600)
-    omn.add_argument("--reptile-inner-steps", type=int, default=5)
-    omn.add_argument("--reptile-test-steps", type=int, default=50, help="as Nichol et al.'s eval-iters")
+    omn.add_argument("--val-tasks", type=int, default=20, help="validation tasks of the trainer's end-of-run metric")
     omn.add_argument("--threads-per-job", type=int, default=2)
     omn.add_argument("--seed", type=int, default=0)
     omn.add_argument("--tag", default="", help="suffix of the results file name")

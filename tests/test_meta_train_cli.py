@@ -127,6 +127,18 @@ def test_other_rules_presets_and_module_entry_point(tmp_path: Path) -> None:
     assert "--checkpoint-every" in result.stdout and "--stop-after" not in result.stdout
 
 
+def test_rule_config_sets_the_architecture_and_is_recorded(tmp_path: Path) -> None:
+    arch = '{"momentum_decays": [0.9, 0.99], "rms_decays": [0.999], "hidden_size": 8}'
+    out = tmp_path / "rich"
+    assert run(out, "--rule-config", arch, "--meta-steps", "2") == 0
+    rule, header = load_weights(out / "weights.safetensors")
+    assert rule.config.momentum_decays == (0.9, 0.99) and rule.config.rms_decays == (0.999,)
+    assert rule.config.hidden_size == 8 and rule.config.num_inputs == 7
+    assert header["meta_train_config"]["rule_config"] == json.loads(arch)
+    # the recorded command runs the same architecture
+    assert "--rule-config" in header["command"] and '"hidden_size": 8' in header["command"]
+
+
 def test_mnist_mlp_on_fake_data(tmp_path: Path) -> None:
     data = write_fake_mnist(tmp_path / "mnist", n=60)
     out = tmp_path / "run"
@@ -169,6 +181,9 @@ BAD = [
     (["--rule", "SGD"], "unknown rule 'SGD'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--resume"], "--resume: no checkpoint at"),
+    (["--rule-config", '{"width": 3}'], "--rule-config: unknown CoordinateLSTM config keys: ['width']"),
+    (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size and num_layers must be >= 1"),
+    (["--preset", "l2l-2016", "--rule-config", "{}"], "--rule-config sets the architecture of --rule"),
 ]
 
 

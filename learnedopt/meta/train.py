@@ -66,8 +66,10 @@ class MetaTrainConfig:
     """Everything that determines a meta-training run's results.
 
     Attributes:
-        task: task family (``quadratic`` or ``mnist-mlp``).
+        task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`).
         rule: update rule class to start from its seeded initialisation, or None with ``preset``.
+        rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
+            [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
         preset: preset whose weights to start from, or None with ``rule``.
         unroll: truncation length T (optimizee steps per meta-update).
         horizon: optimizee steps per episode H (>= T).
@@ -83,6 +85,7 @@ class MetaTrainConfig:
 
     task: str = "quadratic"
     rule: str | None = "CoordinateLSTM"
+    rule_config: dict[str, Any] | None = None
     preset: str | None = None
     unroll: int = 20
     horizon: int = 100
@@ -106,6 +109,13 @@ class MetaTrainConfig:
             raise ConfigError("give exactly one of --rule and --preset")
         if self.rule is not None and self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.rule_config is not None:
+            if self.rule is None:
+                raise ConfigError("--rule-config sets the architecture of --rule; a --preset has its own")
+            try:
+                RULES[self.rule].from_config_dict(dict(self.rule_config))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"--rule-config: {err}") from None
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(
                 f"unknown preset {self.preset!r}; choose from {', '.join(sorted(PRESETS))}"
@@ -157,7 +167,7 @@ def initial_rule(config: MetaTrainConfig) -> UpdateRule:
     if config.preset is not None:
         rule, _ = build_preset(config.preset)
     else:
-        rule = RULES[config.rule]()
+        rule = RULES[config.rule].from_config_dict(dict(config.rule_config or {}))
         rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
     return rule.float().requires_grad_(True)
 
@@ -656,7 +666,7 @@ def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 #: options only ``--algo lstm`` reads (argparse dest names); their parser default is None
-LSTM_ONLY = ("rule", "preset", "unroll", "horizon", "lr", "second_order")
+LSTM_ONLY = ("rule", "rule_config", "preset", "unroll", "horizon", "lr", "second_order")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -682,6 +692,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     start.add_argument(
         "--preset", help=f"lstm: start from a preset's weights: {', '.join(sorted(PRESETS))}"
+    )
+    parser.add_argument(
+        "--rule-config",
+        type=_json_object,
+        metavar="JSON",
+        help="lstm: architecture of --rule as a JSON object of its config fields, e.g. "
+        "'{\"momentum_decays\": [0.9, 0.99], \"rms_decays\": [0.999]}' (default: the class's)",
     )
     parser.add_argument(
         "--task",
@@ -767,6 +784,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_meta_train)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
+    return value
+
+
 def refuse_options(
     args: argparse.Namespace, names: Sequence[str], context: str, owners: str
 ) -> None:
@@ -794,6 +821,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
     return MetaTrainConfig(
         task=given("task"),
         rule=rule,
+        rule_config=args.rule_config,
         preset=args.preset,
         unroll=given("unroll"),
         horizon=given("horizon"),
@@ -816,6 +844,8 @@ def canonical_command(
     words += (
         ["--preset", config.preset] if config.preset is not None else ["--rule", str(config.rule)]
     )
+    if config.rule_config is not None:
+        words += ["--rule-config", json.dumps(config.rule_config, sort_keys=True)]
     for name in (
         "task",
         "unroll",

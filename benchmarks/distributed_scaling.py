@@ -1,0 +1,97 @@
+"""Meta-training throughput on 1 and more processes: ``learnedopt meta-train`` under ``torchrun``.
+
+Each configuration runs the same meta-training job (same global ``--meta-batch``, so the same
+work per meta-step) with P processes of T threads each, launched as
+
+    python -m torch.distributed.run --standalone --nproc_per_node=P -m learnedopt.meta.train ...
+
+and reads the per-meta-step wall times that rank 0 logs in ``log.jsonl`` (the first meta-step is
+dropped as warm-up). It reports meta-steps/s and the ratios against the 1-process runs.
+
+    python benchmarks/distributed_scaling.py [--configs 1x1 1x2 2x1] [--task mnist-mlp] \
+        [--meta-batch 8] [--horizon 40] [--unroll 20] [--meta-steps 5]
+
+``PxT`` is P processes with T threads each; on a machine with more cores add e.g. ``4x1 8x1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+
+def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """One meta-training job; its per-meta-step seconds (after the first) and wall time."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+        "-m", "learnedopt.meta.train",
+        "--task", args.task, "--meta-batch", str(args.meta_batch), "--horizon", str(args.horizon),
+        "--unroll", str(args.unroll), "--meta-steps", str(args.meta_steps), "--seed", "0",
+        "--checkpoint-every", str(args.meta_steps), "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    began = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    wall = time.perf_counter() - began
+    seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
+    steady = seconds[1:] or seconds
+    return {
+        "seconds_per_meta_step": statistics.median(steady),
+        "meta_steps_per_s": 1.0 / statistics.median(steady),
+        "wall_s": wall,
+        "per_step_seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PxT: P processes of T threads")
+    parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--horizon", type=int, default=40)
+    parser.add_argument("--unroll", type=int, default=20)
+    parser.add_argument("--meta-steps", type=int, default=5)
+    args = parser.parse_args()
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs:
+            procs, threads = (int(x) for x in config.split("x"))
+            rows[config] = {"processes": procs, "threads_per_process": threads,
+                            **run(procs, threads, args, Path(tmp) / config)}  # fmt: skip
+            print(f"{config}: {rows[config]['meta_steps_per_s']:.4f} meta-steps/s", flush=True)
+
+    base = {t: r for r in rows.values() if r["processes"] == 1 for t in [r["threads_per_process"]]}
+    lines = [
+        "| processes x threads | s / meta-step | meta-steps / s | vs 1 process, same threads/process | vs 1 process, same total threads |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for config, r in rows.items():
+        same_threads = base.get(r["threads_per_process"])
+        same_total = base.get(r["processes"] * r["threads_per_process"])
+        ratio = lambda b: f"{r['meta_steps_per_s'] / b['meta_steps_per_s']:.2f}x" if b else "-"  # noqa: E731
+        r["ratio_vs_1_process_same_threads"] = same_threads and r["meta_steps_per_s"] / same_threads["meta_steps_per_s"]
+        r["ratio_vs_1_process_same_total_threads"] = same_total and r["meta_steps_per_s"] / same_total["meta_steps_per_s"]
+        lines.append(f"| {config} | {r['seconds_per_meta_step']:.3f} | {r['meta_steps_per_s']:.3f} | "
+                     f"{ratio(same_threads)} | {ratio(same_total)} |")  # fmt: skip
+    job = (f"--task {args.task} --meta-batch {args.meta_batch} (global) --horizon {args.horizon} "
+           f"--unroll {args.unroll}, {args.meta_steps} meta-steps, first dropped; median")  # fmt: skip
+    table = f"Job: {job}.\n\n" + "\n".join(lines)
+    write_results("distributed_scaling", {"job": job, "cpu_count": os.cpu_count(), "results": rows}, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
