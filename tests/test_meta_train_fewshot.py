@@ -76,8 +76,9 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
         ["--algo", "maml", "--learn-inner-lr"],
         ["--algo", "reptile", "--meta-batch", "2"],
         ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
+        ["--algo", "meta-lstm", "--rule", "CoordinateLSTM", "--inner-steps", "2", "--test-inner-steps", "2"],
     ],
-    ids=["maml-metasgd", "reptile", "meta-lstm"],
+    ids=["maml-metasgd", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
     args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
@@ -95,6 +96,11 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
     assert any(name.startswith(expected) for name in a)
     ha, hb = header(whole / MODEL_NAME), header(broken / MODEL_NAME)
     assert ha["validation"] == hb["validation"]
+    if "--rule" in algo_args:  # LSTMOptimizer's update in the inner loop, and the file says so
+        assert ha["rule"]["kind"] == "CoordinateLSTM" and "--rule CoordinateLSTM" in ha["command"]
+        learner, _ = load_learner(whole / MODEL_NAME)
+        assert type(learner.rule).__name__ == "CoordinateLSTM"
+        assert all(torch.equal(v, a[k]) for k, v in learner.tensors().items())
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,8 @@ BAD = [
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "fomaml", "--meta-lr", "-1"], "--meta-lr must be a positive number"),
     (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),
+    (["--algo", "maml", "--rule", "CoordinateLSTM"], "--rule does not apply to --algo maml"),
+    (["--algo", "meta-lstm", "--rule", "SGD"], "unknown rule 'SGD'"),
 ]
 
 

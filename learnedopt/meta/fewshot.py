@@ -9,10 +9,12 @@ Algorithms (all train the model's parameters as the learned initialisation):
   to 0 over ``--meta-steps``; inner optimizer SGD (sinusoid) or Adam with betas (0, 0.999)
   (Omniglot, Nichol et al. 2018), learning rate ``--inner-lr``.
 - ``meta-lstm``: Ravi & Larochelle 2017. The inner loop is :class:`learnedopt.nn.MetaLSTMCell`'s
-  update run by :func:`learnedopt.meta.unroll.unroll` on each task's support set, from the learned
-  initial parameters; the meta-loss is the query loss at the adapted parameters; Adam trains the
-  model's parameters and the rule's together. As in the paper, the optimizee gradients the rule
-  reads are detached (no second-order terms), and the meta-gradient norm is clipped (``--clip``).
+  update (``MetaLSTMOptimizer``'s) run by :func:`learnedopt.meta.unroll.unroll` on each task's
+  support set, from the learned initial parameters; the meta-loss is the query loss at the
+  adapted parameters; Adam trains the model's parameters and the rule's together. As in the
+  paper, the optimizee gradients the rule reads are detached (no second-order terms), and the
+  meta-gradient norm is clipped (``--clip``). ``--rule CoordinateLSTM`` puts
+  ``LSTMOptimizer``'s update in the inner loop instead.
 
 Tasks: ``sinusoid`` (K-shot regression of Finn et al. 2017, MLP 1-40-40-1 with ReLU, MSE) and
 ``omniglot`` (N-way K-shot classification, :func:`learnedopt.models.conv4`, cross-entropy).
@@ -53,7 +55,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..nn import MetaLSTMCell
+from ..nn import RULES, MetaLSTMCell, UpdateRule
 from . import distributed
 from .distributed import SINGLE, Workers
 from .maml import MAML, replace_batchnorm_
@@ -123,6 +125,8 @@ class FewShotConfig:
         val_tasks: validation tasks (a fixed draw) for the end-of-run metric.
         seed: the root of every random draw.
         data: folder of the Omniglot zips (None: the default search).
+        rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
+            ``MetaLSTMCell``); None for the other algorithms.
     """
 
     algo: str
@@ -144,6 +148,7 @@ class FewShotConfig:
     val_tasks: int
     seed: int = 0
     data: str | None = None
+    rule: str | None = None
 
     RESUMABLE_CHANGES = ("meta_steps", "data")
 
@@ -164,6 +169,10 @@ class FewShotConfig:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.rule is not None and self.algo != "meta-lstm":
+            raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
         for name in ("meta_lr", "inner_lr", "clip"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -209,7 +218,8 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     """The few-shot configuration of parsed ``meta-train`` arguments; refuses options that do not
     apply to the chosen algorithm or task."""
     algo = args.algo
-    refuse_options(args, LSTM_ONLY, f"--algo {algo}", "--algo lstm")
+    own = ("rule",) if algo == "meta-lstm" else ()
+    refuse_options(args, [n for n in LSTM_ONLY if n not in own], f"--algo {algo}", "--algo lstm")
     task = args.task or "sinusoid"
     if task not in FEWSHOT_TASKS:
         raise ConfigError(f"--algo {algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {task!r}")
@@ -226,7 +236,8 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         {k: getattr(args, k) for k in (*FEWSHOT_ONLY, "meta_batch", "meta_steps", "meta_lr", "clip")
          if getattr(args, k) is not None}
     )  # fmt: skip
-    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, **values)
+    rule = getattr(args, "rule", None) if algo == "meta-lstm" else None
+    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, **values)
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,11 +312,16 @@ class LearnerSpec:
             inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr,
             inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
-            rule={"kind": MetaLSTMCell.kind, "config": MetaLSTMCell().config_dict()} if config.algo == "meta-lstm" else None,
+            rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind]) if config.algo == "meta-lstm" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _rule_spec(rule_class: type[UpdateRule]) -> dict[str, Any]:
+    """``{"kind", "config"}`` of a rule class's default architecture."""
+    return {"kind": rule_class.kind, "config": rule_class().config_dict()}
 
 
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:
@@ -345,7 +361,7 @@ class FewShotLearner:
             self.model = build_model(spec.architecture)
         self.loss_fn = LOSSES[spec.loss]
         self.maml: MAML | None = None
-        self.rule: MetaLSTMCell | None = None
+        self.rule: UpdateRule | None = None
         if spec.algo in ("maml", "fomaml"):
             self.maml = MAML(
                 self.model,
@@ -357,7 +373,7 @@ class FewShotLearner:
                 vectorize=True,
             )
         elif spec.algo == "meta-lstm":
-            self.rule = MetaLSTMCell.from_config_dict(spec.rule["config"])
+            self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
             self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
         elif spec.algo == "reptile":
             self.reptile = Reptile(self.model, spec.inner_steps, self.inner_optimizer, loss_fn=self.loss_fn)
@@ -412,7 +428,7 @@ class FewShotLearner:
         raise ValueError(f"--algo {self.spec.algo} has no differentiable meta-loss")
 
     def _unroll(
-        self, x_s: Tensor, y_s: Tensor, x_q: Tensor | None, y_q: Tensor | None, steps: int, rule: MetaLSTMCell
+        self, x_s: Tensor, y_s: Tensor, x_q: Tensor | None, y_q: Tensor | None, steps: int, rule: UpdateRule
     ) -> UnrollResult:
         """The meta-lstm inner loop on B tasks: ``steps`` rule updates on the support sets from
         the model's parameters (shared by the tasks, so the meta-gradient reaches them); the last

@@ -688,7 +688,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--rule",
-        help=f"lstm: update rule to train from its seeded init: {', '.join(sorted(RULES))} (default {d.rule})",
+        help=f"lstm: update rule to train from its seeded init; meta-lstm: the learned inner-loop "
+        f"update (default MetaLSTMCell): {', '.join(sorted(RULES))} (default {d.rule})",
     )
     start.add_argument(
         "--preset", help=f"lstm: start from a preset's weights: {', '.join(sorted(PRESETS))}"
