@@ -1,6 +1,7 @@
 """Meta-learning: the differentiable unroll of update rules, task families, the training loop,
 and learned initialisations (MAML, Reptile)."""
 
+from .distributed import DistributedError, Workers
 from .maml import MAML, BatchStatNorm, replace_batchnorm_
 from .reptile import Reptile
 from .tasks import (
@@ -9,6 +10,7 @@ from .tasks import (
     TASK_FAMILIES,
     MnistMLPFamily,
     QuadraticFamily,
+    RandomMLPFamily,
     Task,
     TaskBatch,
     TaskFamily,
@@ -24,13 +26,16 @@ __all__ = [
     "MNIST_SPLIT_SEED",
     "TASK_FAMILIES",
     "BatchStatNorm",
+    "DistributedError",
     "MnistMLPFamily",
     "QuadraticFamily",
+    "RandomMLPFamily",
     "Reptile",
     "Task",
     "TaskBatch",
     "TaskFamily",
     "UnrollResult",
+    "Workers",
     "derive_seed",
     "detach_all",
     "generator_for",
