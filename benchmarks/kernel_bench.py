@@ -1,5 +1,6 @@
-"""Time one optimizer step of the coordinatewise LSTM rule: PyTorch paths, the fused Triton
-kernel, and Adam, on one flat parameter vector of each given size.
+"""Time one optimizer step of the coordinatewise LSTM rule and of the Ravi & Larochelle
+meta-learner: PyTorch paths, the fused Triton kernels, and Adam, on one flat parameter vector of
+each given size.
 
 Columns (methods):
 
@@ -10,6 +11,11 @@ Columns (methods):
 * ``fused_dot`` / ``fused_sum``: ``coordinate_lstm_step_`` with ``use_dot=True`` / ``False``
   (weights packed once, outside the timing), plus ``fused_dot_<precision>`` for each extra
   ``--precisions`` entry;
+* ``meta_eager`` / ``meta_compiled`` / ``meta_fused_dot`` / ``meta_fused_sum`` (and
+  ``meta_fused_dot_<precision>``): the same for :class:`MetaLSTMCell` (``MetaLSTMOptimizer``'s
+  rule, hidden ``--hidden-size``, one LSTM layer whatever ``--num-layers``), the fused columns
+  timing :func:`learnedopt.kernels.meta_lstm_step.meta_lstm_step_` with its loss features
+  preprocessed once outside the timing (the optimizer pays one host sync per step for them);
 * ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``;
 * the differentiable step of meta-training (float32 states only; up to ``--backward-max-size``
   coordinates): ``backward_autograd``, autograd's backward through the reference
@@ -21,7 +27,8 @@ Columns (methods):
 
 For each it reports ms/step, the bytes one step must move per coordinate (gradient read,
 parameter read and write, every ``h``/``c`` state read and written: 652 B for two fp32 layers of
-20 units; Adam: gradient, parameter, two moments), the achieved GB/s as a fraction of a
+20 units; the meta-learner adds its two gate states and has one layer: 348 B at 20 units; Adam:
+gradient, parameter, two moments), the achieved GB/s as a fraction of a
 device-to-device copy measured in the same run, and the useful (unpadded) GFLOP/s as a fraction
 of a square fp32 matmul measured in the same run. The backward columns count the minimum traffic
 of the backward kernel (gradient, ``d step``, ``d grad``; per layer the old ``h`` and ``c``, the new
@@ -31,7 +38,8 @@ gradients and the weight gradients); the fwd_bwd columns add those of a forward 
 place (gradient and step, old and new states: 1,780 B and 4x the FLOPs in all).
 
 The Triton columns need CUDA. On a machine without it only the CPU-capable columns (``eager``,
-``compiled``, ``adam_*``, ``backward_autograd``, ``fwd_bwd_autograd``) run, and the results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
+``compiled``, ``meta_eager``, ``meta_compiled``, ``adam_*``, ``backward_autograd``,
+``fwd_bwd_autograd``) run, and the results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
 debugging tool, thousands of times slower.
 
     python benchmarks/kernel_bench.py [--sizes 100000 1000000 10000000] [--results-dir DIR]
@@ -50,7 +58,7 @@ import common
 import torch
 from common import write_results
 
-from learnedopt.nn import CoordinateLSTM
+from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 from learnedopt.optim.update import flat_update_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +78,20 @@ def bytes_per_coordinate(
 ) -> int:
     """Minimum traffic of one step per coordinate: grad in, param in/out, h and c in/out."""
     return grad_bytes + 2 * param_bytes + 2 * 2 * num_layers * hidden_size * state_bytes
+
+
+def meta_flops_per_coordinate(hidden_size: int) -> int:
+    """Useful FLOPs per coordinate of :class:`MetaLSTMCell`: the input LSTM (4 inputs) and the
+    two gates' ``H + 2``-term dot products."""
+    return 2 * 4 * hidden_size * (4 + hidden_size) + 2 * 2 * (hidden_size + 2)
+
+
+def meta_bytes_per_coordinate(
+    hidden_size: int, grad_bytes: int, param_bytes: int, state_bytes: int
+) -> int:
+    """Minimum traffic of a :class:`MetaLSTMCell` step per coordinate: grad in, param in/out,
+    ``h``, ``c`` (H each) and ``fi`` (2) in/out."""
+    return grad_bytes + 2 * param_bytes + 2 * (2 * hidden_size + 2) * state_bytes
 
 
 def backward_bytes_per_coordinate(num_layers: int, hidden_size: int) -> int:
@@ -224,6 +246,10 @@ def main() -> None:
     elt = lambda dt: torch.empty(0, dtype=dt).element_size()
     rule_bytes = bytes_per_coordinate(L, H, elt(param_dtype), elt(param_dtype), elt(state_dtype))
     adam_bytes = elt(param_dtype) * (1 + 2 + 2 + 2)  # grad; param, exp_avg, exp_avg_sq in and out
+    meta_rule = MetaLSTMCell(hidden_size=H).to(device)
+    meta_flops = meta_flops_per_coordinate(H)
+    meta_bytes = meta_bytes_per_coordinate(H, elt(param_dtype), elt(param_dtype), elt(state_dtype))
+    meta_loss = torch.tensor(0.5, device=device)
 
     peak_copy = copy_gbps(device, timer, 1024 if device.type == "cuda" else 128)
     peak_flops = matmul_gflops(device, timer, 8192 if device.type == "cuda" else 2048)
@@ -236,14 +262,18 @@ def main() -> None:
 
     fused_mod = None
     backward_mod = None
+    meta_mod = None
     packed = None
     if triton_reason is None:
         from learnedopt.kernels import coordinate_lstm_backward as backward_mod
         from learnedopt.kernels import coordinate_lstm_step as fused_mod
+        from learnedopt.kernels import meta_lstm_step as meta_mod
 
         packed = fused_mod.pack_weights(
             fused_mod.rule_weights(rule, device), num_layers=L, hidden_size=H
         )
+        meta_packed = meta_mod.pack_weights(meta_mod.rule_weights(meta_rule, device), hidden_size=H)
+        meta_features = meta_mod.loss_features(meta_loss, meta_rule.config.preprocess_p)
     backward_max = args.backward_max_size or (10**7 if device.type == "cuda" else 10**6)
     bwd_bytes = backward_bytes_per_coordinate(L, H)
 
@@ -334,6 +364,84 @@ def main() -> None:
                                 flops,
                             )
 
+        # ---- MetaLSTMCell (MetaLSTMOptimizer's rule): own states, same gradient and parameter
+        meta_states = {
+            "h": (torch.randn(1, n, H, device=device) * 0.1).to(state_dtype),
+            "c": (torch.randn(1, n, H, device=device) * 0.1).to(state_dtype),
+            "fi": torch.rand(2, n, device=device).to(state_dtype),
+        }
+
+        def meta_eager(grad=grad, param=param, states=meta_states) -> None:
+            with torch.no_grad():
+                flat_update_(
+                    meta_rule,
+                    [param],
+                    [grad],
+                    states,
+                    [0],
+                    lr=lr,
+                    loss=meta_loss,
+                    maximize=False,
+                    compute_dtype=torch.float32,
+                )
+
+        methods["meta_eager"] = (meta_eager, meta_bytes, meta_flops)
+
+        if not args.no_compile:
+
+            def meta_whole(
+                g: torch.Tensor, p: torch.Tensor, states: dict, loss: torch.Tensor
+            ) -> None:
+                step, new = meta_rule(
+                    g.float(), p.float(), {k: v.float() for k, v in states.items()}, loss
+                )
+                for k, v in states.items():
+                    v.copy_(new[k])
+                p.add_(step, alpha=lr)
+
+            meta_compiled_step = torch.compile(meta_whole)
+
+            def meta_compiled(
+                step_fn=meta_compiled_step, grad=grad, param=param, states=meta_states
+            ) -> None:
+                with torch.no_grad():
+                    step_fn(grad, param, states, meta_loss)
+
+            methods["meta_compiled"] = (meta_compiled, meta_bytes, meta_flops)
+
+        if meta_mod is not None:
+
+            def meta_fused(
+                use_dot: bool, precision: str = "ieee", grad=grad, param=param, states=meta_states
+            ):
+                return lambda: meta_mod.meta_lstm_step_(
+                    grad,
+                    param,
+                    param,
+                    states["h"],
+                    states["c"],
+                    states["fi"],
+                    meta_packed,
+                    loss=meta_features,
+                    hidden_size=H,
+                    preprocess_p=meta_rule.config.preprocess_p,
+                    lr=lr,
+                    maximize=False,
+                    use_dot=use_dot,
+                    block=args.block,
+                    num_warps=args.num_warps,
+                    input_precision=precision,
+                )
+
+            methods["meta_fused_dot"] = (meta_fused(True), meta_bytes, meta_flops)
+            methods["meta_fused_sum"] = (meta_fused(False), meta_bytes, meta_flops)
+            for precision in args.precisions:
+                methods[f"meta_fused_dot_{precision}"] = (
+                    meta_fused(True, precision),
+                    meta_bytes,
+                    meta_flops,
+                )
+
         if state_dtype != torch.float32:
             errors[f"backward n={n}"] = "the backward columns need float32 states"
         elif n <= backward_max:
@@ -387,8 +495,9 @@ def main() -> None:
         (
             f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square "
             f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
-            f"{flops}; bytes per coordinate: {rule_bytes} (LSTM rule), {adam_bytes} (Adam), "
-            f"{bwd_bytes} (backward kernel)."
+            f"{flops} (LSTM rule), {meta_flops} (MetaLSTMCell, hidden {H}); bytes per "
+            f"coordinate: {rule_bytes} (LSTM rule), {meta_bytes} (MetaLSTMCell), {adam_bytes} "
+            f"(Adam), {bwd_bytes} (backward kernel)."
         ),
     ]
     if triton_reason:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..nn import CoordinateLSTM, UpdateRule
+from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..weights import fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState
@@ -47,9 +47,10 @@ class LearnedOptimizer(Optimizer):
         nan_policy: on a NaN/Inf gradient, ``"raise"`` raises :class:`NonFiniteGradientError`
             naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
             state unchanged this step.
-        backend: ``"torch"``, ``"triton"`` (the fused kernel of
-            :mod:`learnedopt.kernels.coordinate_lstm_step`: CoordinateLSTM rules with the default
-            inputs, float32/bfloat16 states, non-float64 parameters, on CUDA or under
+        backend: ``"torch"``, ``"triton"`` (the fused kernels of
+            :mod:`learnedopt.kernels.coordinate_lstm_step`, for CoordinateLSTM rules with the
+            default inputs, and :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
+            float32/bfloat16 states, non-float64 parameters, on CUDA or under
             ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel on CUDA where it applies and
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
             hardware; else torch. It never fails where the torch path works).
@@ -72,14 +73,14 @@ class LearnedOptimizer(Optimizer):
         backend: str = "auto",
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            maximize=maximize,
-            state_dtype=state_dtype,
-            nan_policy=nan_policy,
-            backend=backend,
-            foreach=foreach,
-        )
+        defaults = {
+            "lr": lr,
+            "maximize": maximize,
+            "state_dtype": state_dtype,
+            "nan_policy": nan_policy,
+            "backend": backend,
+            "foreach": foreach,
+        }
         _validate_options(defaults)
         self.rule, self.weights_header = resolve_weights(
             weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
@@ -101,7 +102,7 @@ class LearnedOptimizer(Optimizer):
             self.param_groups.pop()
             raise ValueError(
                 f"backend='triton' has a fused kernel only for CoordinateLSTM rules with the default "
-                f"inputs; this optimizer runs {self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
+                f"inputs and for MetaLSTMCell; this optimizer runs {self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
             )
         for p in group["params"]:
             if p.is_complex():
@@ -299,13 +300,13 @@ class LearnedOptimizer(Optimizer):
             lr = float(group["lr"])
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
             loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
-            common = dict(lr=lr, loss=loss_here, maximize=group["maximize"], compute_dtype=compute_dtype)
+            common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
             if self._use_fused(group["backend"], device, compute_dtype, state_dtype):
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
                 ordered = _in_buffer_order(flat, ps, gs)
                 try:
                     fused_update_(
-                        self.rule, *ordered, lr=lr, maximize=group["maximize"],
+                        self.rule, *ordered, lr=lr, loss=loss, maximize=group["maximize"],
                         weights=self._fused_weights(device), block=_fused_block(),
                     )
                 except Exception as err:  # a kernel that fails to compile on this machine
@@ -346,14 +347,21 @@ class LearnedOptimizer(Optimizer):
         return not problems
 
     def _fused_weights(self, device: torch.device) -> object:
-        """The rule's weights packed for the kernel on ``device`` (cached until they change)."""
-        from ..kernels.coordinate_lstm_step import pack_weights, rule_weights
-
+        """The rule's weights packed for its kernel on ``device`` (cached until they change)."""
         version = tuple(p._version for p in self.rule.parameters())
         cached = self._packed_weights.get(device)
         if cached is None or cached[0] != version:
             cfg = self.rule.config
-            packed = pack_weights(rule_weights(self.rule, device), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size)
+            if isinstance(self.rule, MetaLSTMCell):
+                from ..kernels import meta_lstm_step as kernel
+
+                packed = kernel.pack_weights(kernel.rule_weights(self.rule, device), hidden_size=cfg.hidden_size)
+            else:
+                from ..kernels import coordinate_lstm_step as kernel
+
+                packed = kernel.pack_weights(
+                    kernel.rule_weights(self.rule, device), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size
+                )
             cached = (version, packed)
             self._packed_weights[device] = cached
         return cached[1]
@@ -426,8 +434,9 @@ def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor])
 
 
 def _fused_rule(rule: UpdateRule) -> bool:
-    """Whether the fused kernel implements this rule (CoordinateLSTM with the default inputs)."""
-    return isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2
+    """Whether a fused kernel implements this rule: CoordinateLSTM with the default inputs, or
+    MetaLSTMCell (every configuration)."""
+    return (isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2) or isinstance(rule, MetaLSTMCell)
 
 
 def _triton_interpreted() -> bool:
@@ -442,7 +451,7 @@ def _fused_block() -> int:
 def _validate_options(options: dict[str, Any]) -> None:
     lr = options["lr"]
     if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
-        raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")
+        raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)
     if not float(lr) >= 0.0:
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
     if options["state_dtype"] not in STATE_DTYPES:

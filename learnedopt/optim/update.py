@@ -9,12 +9,12 @@ in their storage dtype. They are meant to run under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..nn import CoordinateLSTM, State, UpdateRule
+from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 
 #: Coordinates per chunk in the batched path: small enough that one chunk's gate temporaries
 #: (4 x hidden values per coordinate) stay in cache, large enough to amortise op overheads.
@@ -168,7 +168,7 @@ def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def fused_update_(
-    rule: CoordinateLSTM,
+    rule: CoordinateLSTM | MetaLSTMCell,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     buffers: State,
@@ -178,21 +178,24 @@ def fused_update_(
     maximize: bool,
     weights: object,
     block: int,
+    loss: Tensor | float | None = None,
 ) -> None:
-    """The fused Triton path for :class:`CoordinateLSTM` with its default inputs.
+    """The fused Triton path: :class:`CoordinateLSTM` with its default inputs, or :class:`MetaLSTMCell`.
 
     Same layout and result as :func:`flat_update_` (fp32 math), but each run of adjacent
     parameters is one kernel launch that reads every gradient, parameter and state once and
     writes them once; gathering a multi-tensor run and scattering its result are one launch each.
 
     Args:
-        weights: the rule's weights packed by ``learnedopt.kernels.coordinate_lstm_step.pack_weights``
+        weights: the rule's weights packed by its kernel module's ``pack_weights``
+            (``learnedopt.kernels.coordinate_lstm_step`` or ``learnedopt.kernels.meta_lstm_step``)
             on the parameters' device.
         block: coordinates per kernel program.
+        loss: the optimizee's scalar loss, for :class:`MetaLSTMCell` (ignored otherwise). Unlike
+            :func:`flat_update_`'s, it is NOT pre-negated: under ``maximize`` the rule sees
+            ``-grad`` and ``-loss``, the kernel negating both.
     """
-    from ..kernels.coordinate_lstm_step import coordinate_lstm_step_
-
-    cfg = rule.config
+    launch = _fused_launcher(rule, lr=lr, maximize=maximize, weights=weights, block=block, loss=loss)
     for run in _runs(params, offsets):
         start = offsets[run[0]]
         total = sum(params[i].numel() for i in run)
@@ -204,21 +207,45 @@ def fused_update_(
         in_place = len(run) == 1 and members[0].is_contiguous()
         flat_param = members[0].view(-1) if in_place else _flatten([p.detach() for p in members], _common_dtype(members))
         flat_grad = _flatten(run_grads, _common_dtype(run_grads)).contiguous()
-        coordinate_lstm_step_(
-            flat_grad,
-            flat_param,
-            flat_param,
-            buffers["h"][:, start : start + total],
-            buffers["c"][:, start : start + total],
-            weights,
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            preprocess_p=cfg.preprocess_p,
-            output_scale=cfg.output_scale,
-            lr=lr,
-            maximize=maximize,
-            block=block,
-        )
+        launch(flat_grad, flat_param, {k: buf[:, start : start + total] for k, buf in buffers.items()})
         if not in_place:
             pieces = flat_param.split([p.numel() for p in members])
             torch._foreach_copy_(members, [piece.view(p.shape) for piece, p in zip(pieces, members, strict=True)])
+
+
+def _fused_launcher(
+    rule: UpdateRule, *, lr: float, maximize: bool, weights: object, block: int, loss: Tensor | float | None
+) -> Callable[[Tensor, Tensor, State], None]:
+    """``launch(grad, param, states)``: the rule's kernel, updating one flat ``(n,)`` range of
+    coordinates in place (``param`` and the ``buffer[:, a:b]`` views in ``states``)."""
+    if isinstance(rule, MetaLSTMCell):
+        from ..kernels.meta_lstm_step import loss_features, meta_lstm_step_
+
+        if loss is None:
+            raise ValueError("MetaLSTMCell needs the optimizee's loss")
+        cfg = rule.config
+        # one value per step: preprocessed (and synced) once, not once per run
+        features = loss_features(loss, cfg.preprocess_p, maximize=maximize)
+
+        def launch(grad: Tensor, param: Tensor, states: State) -> None:
+            meta_lstm_step_(
+                grad, param, param, states["h"], states["c"], states["fi"], weights,
+                loss=features, hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p,
+                lr=lr, maximize=maximize, block=block,
+            )  # fmt: skip
+
+        return launch
+    if isinstance(rule, CoordinateLSTM):
+        from ..kernels.coordinate_lstm_step import coordinate_lstm_step_
+
+        cfg = rule.config
+
+        def launch(grad: Tensor, param: Tensor, states: State) -> None:
+            coordinate_lstm_step_(
+                grad, param, param, states["h"], states["c"], weights,
+                num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p,
+                output_scale=cfg.output_scale, lr=lr, maximize=maximize, block=block,
+            )  # fmt: skip
+
+        return launch
+    raise ValueError(f"no fused kernel for {type(rule).__name__}")
