@@ -81,6 +81,8 @@ def test_two_ranks_give_the_meta_parameters_of_one_rank(two_ranks: Path, tmp_pat
     assert [r["step"] for r in log_of(two)] == [r["step"] for r in log_of(one)]
     for a, b in zip(log_of(two), log_of(one), strict=True):
         assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-5)
+    assert "It ran on 2 processes under `torchrun`" in (two / "MODEL_CARD.md").read_text()
+    assert "processes under `torchrun`" not in (one / "MODEL_CARD.md").read_text()
     # not vacuous: meta-training moved the meta-parameters far beyond the tolerance
     initial = initial_weights(name, one)
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)

@@ -68,6 +68,7 @@ from .train import (
     check_checkpoint_every,
     check_shares,
     last_record,
+    processes_note,
     model_card,
     refuse_options,
     train_loop,
@@ -794,7 +795,8 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
         split = "Tasks are drawn fresh from the task distribution; validation tasks are a fixed draw (key (seed, 2))."
     text = model_card(
         f"Meta-trained few-shot learner: {config.algo} on {config.task}",
-        f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.',
+        f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.'
+        + processes_note(trainer.workers.world_size),
         command,
         config.to_dict(),
         f"Learner: `{json.dumps(spec.to_dict())}`.",

@@ -339,9 +339,10 @@ def meta_train(
         trained=True,
         trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
         # not "config": that key of the header is the rule's architecture (load_weights reads it)
-        extra={"command": command, "meta_train_config": config.to_dict(), **summary},
+        extra={"command": command, "meta_train_config": config.to_dict(),
+               "processes": workers.world_size, **summary},  # fmt: skip
     )
-    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary)
+    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size)
     return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
 
 
@@ -587,6 +588,7 @@ def _write_card(
     eval_family: TaskFamily,
     rule: UpdateRule,
     summary: dict[str, float],
+    processes: int,
 ) -> None:
     details = f"""Architecture: `{json.dumps(rule.config_dict())}`.
 
@@ -605,8 +607,17 @@ Evaluation tasks: {eval_family.describe()}."""
 
 The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
 run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`."""
-    text = model_card(f"Meta-trained {rule.kind}", "", command, config.to_dict(), details, data, metrics)
+    text = model_card(f"Meta-trained {rule.kind}", processes_note(processes), command, config.to_dict(), details, data, metrics)
     write_text_atomic(path, text)
+
+
+def processes_note(processes: int) -> str:
+    """The model card's note on a run spread over several ``torchrun`` processes ('' for one)."""
+    if processes == 1:
+        return ""
+    return (f" It ran on {processes} processes under `torchrun` (the command below, launched with "
+            f"`torchrun --nproc_per_node={processes} -m learnedopt.meta.train ...`); the result does not "
+            "depend on the number of processes beyond the order of floating-point sums.")  # fmt: skip
 
 
 def model_card(
