@@ -139,6 +139,23 @@ def test_rule_config_sets_the_architecture_and_is_recorded(tmp_path: Path) -> No
     assert "--rule-config" in header["command"] and '"hidden_size": 8' in header["command"]
 
 
+def test_random_horizon_draws_each_episode_length_and_resumes_exactly(tmp_path: Path) -> None:
+    args = ["--random-horizon", "--unroll", "2", "--horizon", "9", "--meta-steps", "6", "--checkpoint-every", "2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    log = log_lines(whole)
+    horizons = [r["horizon"] for r in log]
+    assert all(2 <= h <= 9 for h in horizons) and len(set(horizons)) > 1, horizons
+    assert [r["meta_updates"] for r in log] == [-(-h // 2) for h in horizons]  # ceil(h / T)
+    assert "drawn uniformly from [2, 9]" in (whole / "MODEL_CARD.md").read_text()
+    assert "--random-horizon" in read_header(whole / "weights.safetensors")["command"]
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    assert [r["horizon"] for r in log_lines(broken)] == horizons
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_mnist_mlp_on_fake_data(tmp_path: Path) -> None:
     data = write_fake_mnist(tmp_path / "mnist", n=60)
     out = tmp_path / "run"

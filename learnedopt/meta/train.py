@@ -80,6 +80,9 @@ class MetaTrainConfig:
         seed: the root of every random draw.
         lr: multiplier of the rule's step during the unroll.
         second_order: keep the optimizee-gradient graph (no ``stop_optimizee_grad``).
+        random_horizon: each training episode runs a horizon drawn uniformly from ``[T, H]``
+            (drawn after its tasks, from the same generator) rather than ``H``, so the rule is
+            not trained for one fixed run length; the evaluation episode still runs ``H``.
         data: MNIST folder for data tasks (None: the default search).
     """
 
@@ -96,6 +99,7 @@ class MetaTrainConfig:
     seed: int = 0
     lr: float = 1.0
     second_order: bool = False
+    random_horizon: bool = False
     data: str | None = None
 
     #: fields that may change when a run is resumed (they do not change any finished step)
@@ -187,11 +191,15 @@ def episode(
     so every rank takes the same meta-update, the one a single process would take.
 
     Returns:
-        ``(losses, grad_norms)``: ``(H, B / world_size)`` optimizee losses of this rank's tasks
-        and the pre-clip meta-gradient norm of each truncation.
+        ``(losses, grad_norms)``: ``(horizon, B / world_size)`` optimizee losses of this rank's
+        tasks and the pre-clip meta-gradient norm of each truncation; the horizon is ``H``, or
+        with ``random_horizon`` and a ``meta_optimizer`` a draw from ``[T, H]``.
     """
     tasks = family.sample_batch(config.meta_batch, generator)
     params = tasks.init_params(generator)
+    horizon = config.horizon
+    if config.random_horizon and meta_optimizer is not None:
+        horizon = int(torch.randint(config.unroll, config.horizon + 1, (), generator=generator))
     part = workers.share(config.meta_batch)
     tasks, params = tasks.subset(part), {k: v[part] for k, v in params.items()}
     state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
@@ -211,7 +219,7 @@ def episode(
         tasks,
         params,
         state,
-        horizon=config.horizon,
+        horizon=horizon,
         truncation=config.unroll,
         update=update if meta_optimizer is not None else None,
         lr=config.lr,
@@ -252,6 +260,7 @@ class _RuleTrainer:
             "final_loss": self.workers.mean(float(losses[-1].mean())),
             "grad_norm": max(grad_norms),
             "meta_updates": len(grad_norms),
+            "horizon": len(losses),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -592,7 +601,7 @@ def _write_card(
 ) -> None:
     details = f"""Architecture: `{json.dumps(rule.config_dict())}`.
 
-One meta-step is one episode: {config.meta_batch} tasks, {config.horizon} optimizee steps in truncations
+One meta-step is one episode: {config.meta_batch} tasks, {f"a number of optimizee steps drawn uniformly from [{config.unroll}, {config.horizon}]" if config.random_horizon else f"{config.horizon} optimizee steps"} in truncations
 of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
 truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
 Meta-loss: mean optimizee loss after each update."""
@@ -677,7 +686,7 @@ def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 #: options only ``--algo lstm`` reads (argparse dest names); their parser default is None
-LSTM_ONLY = ("rule", "rule_config", "preset", "unroll", "horizon", "lr", "second_order")
+LSTM_ONLY = ("rule", "rule_config", "preset", "unroll", "horizon", "lr", "second_order", "random_horizon")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -756,6 +765,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="lstm: keep second-order terms (do not detach optimizee gradients)",
+    )
+    parser.add_argument(
+        "--random-horizon",
+        action="store_true",
+        default=None,
+        help="lstm: each training episode runs a horizon drawn uniformly from [T, H] (default: H)",
     )
     add_fewshot_arguments(parser)
     parser.add_argument(
@@ -844,6 +859,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
         seed=args.seed,
         lr=given("lr"),
         second_order=given("second_order"),
+        random_horizon=given("random_horizon"),
         data=args.data,
     )
 
@@ -872,6 +888,8 @@ def canonical_command(
         words += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
     if config.second_order:
         words.append("--second-order")
+    if config.random_horizon:
+        words.append("--random-horizon")
     if config.data is not None:
         words += ["--data", config.data]
     words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
