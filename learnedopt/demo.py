@@ -42,7 +42,8 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
     """Train the same model from the same init with each optimizer and print a loss table."""
     x, y = make_problem()
     candidates: dict[str, Callable] = {
-        "LSTMOptimizer (preset l2l-2016, default)": lambda p: LSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-random, default)": lambda p: LSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-2016, untrained)": lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
         "MetaLSTMOptimizer (preset meta-lstm-2017, default)": lambda p: MetaLSTMOptimizer(p),
         "Adam (lr=1e-2)": lambda p: torch.optim.Adam(p, lr=1e-2),

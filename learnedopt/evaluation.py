@@ -403,9 +403,10 @@ class LearnedSpec:
 
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
+    LearnedSpec("LSTMOptimizer (l2l-random, default)", LSTMOptimizer, "l2l-random"),
     LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist)", MetaLSTMOptimizer, "meta-lstm-mnist"),
-    LearnedSpec("LSTMOptimizer (l2l-2016, untrained, default)", LSTMOptimizer, "l2l-2016"),
+    LearnedSpec("LSTMOptimizer (l2l-2016, untrained)", LSTMOptimizer, "l2l-2016"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained, default)", MetaLSTMOptimizer, "meta-lstm-2017"),
 )
 

@@ -79,6 +79,15 @@ PRESETS: dict[str, Preset] = {
             file="l2l-mnist.safetensors",
         ),
         Preset(
+            "l2l-random",
+            CoordinateLSTM.kind,
+            {},
+            "CoordinateLSTM with momentum (decays 0.5, 0.9, 0.99) and RMS-normalised gradient (0.99, 0.999) "
+            "inputs, meta-trained on the randomised MLP family mlp-random (MNIST meta-train split); "
+            "model card: learnedopt/pretrained/l2l-random.md.",
+            file="l2l-random.safetensors",
+        ),
+        Preset(
             "meta-lstm-mnist",
             MetaLSTMCell.kind,
             {},

@@ -17,11 +17,13 @@ pytestmark = pytest.mark.skipif(
 # Same fp32 math as the torch path; only the order of fp32 reductions differs (see
 # tests/test_kernel_coordinate_lstm.py), so parameters agree to ~1e-6 relative.
 TOL = dict(rtol=2e-5, atol=2e-6)
+# the kernel implements the paper's architecture (2 inputs); the default preset has richer inputs
+PAPER = "l2l-2016"
 
 
 def run(backend, shapes, dtype=torch.float32, state_dtype=torch.float32, steps=3, **options):
     params = make_params(shapes, dtype=dtype, noncontiguous=options.pop("noncontiguous", ()))
-    opt = LSTMOptimizer(params, backend=backend, state_dtype=state_dtype, **options)
+    opt = LSTMOptimizer(params, PAPER, backend=backend, state_dtype=state_dtype, **options)
     for t in range(steps):
         set_grads(params, seed=t, skip=options.get("skip", ()))
         opt.step()
@@ -50,7 +52,7 @@ def test_fused_with_low_precision_parameters_and_maximize() -> None:
 
 def test_fused_resume_is_bit_identical() -> None:
     params = make_params([(50,), (7, 3)], dtype=torch.float32)
-    opt = LSTMOptimizer(params, backend="triton")
+    opt = LSTMOptimizer(params, PAPER, backend="triton")
     for t in range(2):
         set_grads(params, seed=t)
         opt.step()
@@ -60,7 +62,7 @@ def test_fused_resume_is_bit_identical() -> None:
         set_grads(params, seed=t)
         opt.step()
     resumed = [s.clone().requires_grad_(True) for s in snapshot]
-    fresh = LSTMOptimizer(resumed, backend="triton")
+    fresh = LSTMOptimizer(resumed, PAPER, backend="triton")
     fresh.load_state_dict(saved)
     for t in range(2, 4):
         set_grads(resumed, seed=t)
@@ -71,10 +73,12 @@ def test_fused_resume_is_bit_identical() -> None:
 
 def test_explicit_triton_refuses_what_the_kernel_cannot_do() -> None:
     params = make_params([(4,)], dtype=torch.float64)
-    opt = LSTMOptimizer(params, backend="triton")
+    opt = LSTMOptimizer(params, PAPER, backend="triton")
     set_grads(params, 0)
     with pytest.raises(RuntimeError, match="float64 parameters"):
         opt.step()
+    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules with the default inputs"):
+        LSTMOptimizer(make_params([(4,)]), backend="triton")  # the default preset's richer inputs
 
 
 def test_auto_never_uses_the_interpreter() -> None:

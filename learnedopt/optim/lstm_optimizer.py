@@ -27,4 +27,4 @@ class LSTMOptimizer(LearnedOptimizer):
     """
 
     rule_kind = CoordinateLSTM.kind
-    default_preset = "l2l-2016"
+    default_preset = "l2l-random"
