@@ -86,6 +86,7 @@ from .coordinate_lstm_step import (
     _sigmoid,
     _tanh,
     _zero_padding,
+    check_launch_device,
     is_interpreted,
     pack_weights,
     padded_hidden_size,
@@ -594,20 +595,6 @@ def _block(requested: int | None, gpu_default: int, n: int) -> int:
     return min(block, max(16, triton.next_power_of_2(max(n, 1))))
 
 
-def _check_device(tensors: Mapping[str, Tensor]) -> torch.device:
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(
-            f"all tensors must be on one device, got { {k: str(t.device) for k, t in tensors.items()} }"
-        )
-    device = devices.pop()
-    if device.type == "cpu" and not is_interpreted():
-        raise ValueError(
-            "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
-        )
-    return device
-
-
 def _check_inputs(grad: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tuple[int, int]:
     """Validate; returns ``(L, H)``."""
     if not isinstance(grad, Tensor) or grad.dim() != 1:
@@ -626,7 +613,7 @@ def _check_inputs(grad: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> 
                 f"{name} must be float32 for the differentiable kernel (bfloat16 states are "
                 f"supported only by the in-place optimizer step), got {t.dtype}"
             )
-    _check_device({"grad": grad, "h": h, "c": c, **packed._asdict()})
+    check_launch_device({"grad": grad, "h": h, "c": c, **packed._asdict()})
     return num_layers, hidden
 
 
@@ -737,7 +724,7 @@ def coordinate_lstm_backward(
         raise ValueError(f"h_new, d_h_new and d_c_new must have shape {shape}")
     if tuple(d_step.shape) != (n,):
         raise ValueError(f"d_step must have shape ({n},), got {tuple(d_step.shape)}")
-    device = _check_device(
+    device = check_launch_device(
         {"grad": grad, "h_new": h_new, "d_step": d_step, "d_h_new": d_h_new, "d_c_new": d_c_new}
     )
     f32 = {"dtype": torch.float32, "device": device}

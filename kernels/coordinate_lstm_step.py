@@ -388,6 +388,29 @@ def pack_weights(
     )
 
 
+def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = False) -> torch.device:
+    """The one device of a launch's ``tensors`` (named for the error messages).
+
+    Raises:
+        ValueError: tensors on several devices, CPU tensors without the Triton interpreter, or
+            ``fast_tanh`` (PTX inline assembly) anywhere but on CUDA.
+    """
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(
+            f"all tensors must be on one device, got { {k: str(t.device) for k, t in tensors.items()} }"
+        )
+    device = devices.pop()
+    interpreted = is_interpreted()
+    if device.type == "cpu" and not interpreted:
+        raise ValueError(
+            "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
+    if fast_tanh and (interpreted or device.type != "cuda"):
+        raise ValueError("fast_tanh uses PTX inline assembly: NVIDIA GPUs only, not the interpreter")
+    return device
+
+
 def is_interpreted() -> bool:
     """Whether the kernel runs in the Triton interpreter (TRITON_INTERPRET set at import time)."""
     return isinstance(coordinate_lstm_step_kernel, triton.runtime.interpreter.InterpretedFunction)
@@ -509,21 +532,7 @@ def coordinate_lstm_step_(
         "c": c,
         "weights": packed.w_hh,
     }
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(
-            f"all tensors must be on one device, got { {k: str(t.device) for k, t in tensors.items()} }"
-        )
-    device = devices.pop()
-    interpreted = is_interpreted()
-    if device.type == "cpu" and not interpreted:
-        raise ValueError(
-            "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
-        )
-    if fast_tanh and (interpreted or device.type != "cuda"):
-        raise ValueError(
-            "fast_tanh uses PTX inline assembly: NVIDIA GPUs only, not the interpreter"
-        )
+    check_launch_device(tensors, fast_tanh=fast_tanh)
     if n == 0:
         return
 

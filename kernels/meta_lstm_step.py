@@ -91,6 +91,7 @@ from .coordinate_lstm_step import (
     _sigmoid,
     _store_rounded,
     _zero_padding,
+    check_launch_device,
     padded_hidden_size,
 )
 
@@ -475,21 +476,7 @@ def meta_lstm_step_(
         "fi": fi,
         "weights": packed.w_hh,
     }
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(
-            f"all tensors must be on one device, got { {k: str(t.device) for k, t in tensors.items()} }"
-        )
-    device = devices.pop()
-    interpreted = is_interpreted()
-    if device.type == "cpu" and not interpreted:
-        raise ValueError(
-            "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
-        )
-    if fast_tanh and (interpreted or device.type != "cuda"):
-        raise ValueError(
-            "fast_tanh uses PTX inline assembly: NVIDIA GPUs only, not the interpreter"
-        )
+    check_launch_device(tensors, fast_tanh=fast_tanh)
     if n == 0:
         return
 

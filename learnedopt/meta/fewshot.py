@@ -56,7 +56,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..nn import RULES, MetaLSTMCell, UpdateRule
-from . import distributed
 from .distributed import SINGLE, Workers
 from .maml import MAML, replace_batchnorm_
 from .reptile import Reptile
@@ -65,8 +64,7 @@ from .train import (
     CARD_NAME,
     LSTM_ONLY,
     ConfigError,
-    check_checkpoint_every,
-    check_shares,
+    check_run,
     last_record,
     processes_note,
     model_card,
@@ -749,10 +747,7 @@ def meta_train_fewshot(
         ConfigError: bad configuration, missing data, or a resume that does not fit.
         DistributedError: another rank failed.
     """
-    config.validate()
-    check_checkpoint_every(checkpoint_every)
-    workers = distributed.current() if workers is None else workers
-    check_shares(config.meta_batch, workers)
+    workers = check_run(config, checkpoint_every, workers)
     out = Path(out)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
     trainer = FewShotTrainer(config, workers)

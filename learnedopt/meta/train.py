@@ -310,10 +310,7 @@ def meta_train(
         ConfigError: bad configuration, missing data, or a resume that does not fit.
         DistributedError: another rank failed.
     """
-    config.validate()
-    check_checkpoint_every(checkpoint_every)
-    workers = distributed.current() if workers is None else workers
-    check_shares(config.meta_batch, workers)
+    workers = check_run(config, checkpoint_every, workers)
     out = Path(out)
     command = command or "learnedopt.meta.train.meta_train(...)"
     trainer = _RuleTrainer(config, workers)
@@ -381,6 +378,21 @@ class Trainer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:
+    """The checks every algorithm's run starts with: the configuration (``config.validate()``),
+    ``checkpoint_every``, and a meta-batch that splits over the workers (default:
+    :func:`learnedopt.meta.distributed.current`), which are returned.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    config.validate()
+    check_checkpoint_every(checkpoint_every)
+    workers = distributed.current() if workers is None else workers
+    check_shares(config.meta_batch, workers)
+    return workers
 
 
 def check_shares(meta_batch: int, workers: Workers) -> None:
