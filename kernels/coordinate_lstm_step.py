@@ -388,6 +388,55 @@ def pack_weights(
     )
 
 
+def check_step_arguments(
+    grad: Tensor,
+    param: Tensor,
+    param_out: Tensor,
+    *,
+    preprocess_p: float,
+    block: int,
+    num_warps: int,
+    input_precision: str,
+) -> int:
+    """The checks a fused step launcher makes of its coordinate tensors and launch options;
+    returns the number of coordinates ``n``.
+
+    Raises:
+        ValueError: the first problem found.
+    """
+    if not preprocess_p > 0:
+        raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(
+            f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
+        )
+    for name, t, dtypes in (("grad", grad, GRAD_DTYPES), ("param", param, PARAM_DTYPES)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous 1-D tensor, got {getattr(t, 'shape', type(t))}"
+            )
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    n = param.numel()
+    if grad.numel() != n:
+        raise ValueError(f"grad has {grad.numel()} elements, param has {n}")
+    if (
+        not isinstance(param_out, Tensor)
+        or param_out.shape != param.shape
+        or not param_out.is_contiguous()
+    ):
+        raise ValueError(f"param_out must be a contiguous tensor of shape {tuple(param.shape)}")
+    if param_out.dtype != param.dtype:
+        raise ValueError(
+            f"param_out dtype {param_out.dtype} differs from param dtype {param.dtype}"
+        )
+    return n
+
+
 def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = False) -> torch.device:
     """The one device of a launch's ``tensors`` (named for the error messages).
 
@@ -483,36 +532,10 @@ def coordinate_lstm_step_(
         raise ValueError(
             f"num_layers and hidden_size must be >= 1, got {num_layers}, {hidden_size}"
         )
-    if not preprocess_p > 0:
-        raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-    if num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(
-            f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
-        )
-    for name, t, dtypes in (("grad", grad, GRAD_DTYPES), ("param", param, PARAM_DTYPES)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be a contiguous 1-D tensor, got {getattr(t, 'shape', type(t))}"
-            )
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
-    n = param.numel()
-    if grad.numel() != n:
-        raise ValueError(f"grad has {grad.numel()} elements, param has {n}")
-    if (
-        not isinstance(param_out, Tensor)
-        or param_out.shape != param.shape
-        or not param_out.is_contiguous()
-    ):
-        raise ValueError(f"param_out must be a contiguous tensor of shape {tuple(param.shape)}")
-    if param_out.dtype != param.dtype:
-        raise ValueError(
-            f"param_out dtype {param_out.dtype} differs from param dtype {param.dtype}"
-        )
+    n = check_step_arguments(
+        grad, param, param_out, preprocess_p=preprocess_p, block=block, num_warps=num_warps,
+        input_precision=input_precision,
+    )
     _check_states("h", h, num_layers, n, hidden_size)
     _check_states("c", c, num_layers, n, hidden_size)
     packed = (

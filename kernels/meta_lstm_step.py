@@ -82,9 +82,6 @@ from torch import Tensor
 
 from ..nn.functional import preprocess
 from .coordinate_lstm_step import (
-    GRAD_DTYPES,
-    INPUT_PRECISIONS,
-    PARAM_DTYPES,
     STATE_DTYPES,
     _cell,
     _project,
@@ -92,6 +89,7 @@ from .coordinate_lstm_step import (
     _store_rounded,
     _zero_padding,
     check_launch_device,
+    check_step_arguments,
     padded_hidden_size,
 )
 
@@ -421,36 +419,10 @@ def meta_lstm_step_(
     """
     if hidden_size < 1:
         raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
-    if not preprocess_p > 0:
-        raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-    if num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(
-            f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
-        )
-    for name, t, dtypes in (("grad", grad, GRAD_DTYPES), ("param", param, PARAM_DTYPES)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be a contiguous 1-D tensor, got {getattr(t, 'shape', type(t))}"
-            )
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
-    n = param.numel()
-    if grad.numel() != n:
-        raise ValueError(f"grad has {grad.numel()} elements, param has {n}")
-    if (
-        not isinstance(param_out, Tensor)
-        or param_out.shape != param.shape
-        or not param_out.is_contiguous()
-    ):
-        raise ValueError(f"param_out must be a contiguous tensor of shape {tuple(param.shape)}")
-    if param_out.dtype != param.dtype:
-        raise ValueError(
-            f"param_out dtype {param_out.dtype} differs from param dtype {param.dtype}"
-        )
+    n = check_step_arguments(
+        grad, param, param_out, preprocess_p=preprocess_p, block=block, num_warps=num_warps,
+        input_precision=input_precision,
+    )
     _check_state("h", h, (1, n, hidden_size), slab=True)
     _check_state("c", c, (1, n, hidden_size), slab=True)
     _check_state("fi", fi, (2, n), slab=False)
