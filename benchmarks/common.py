@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -64,10 +65,21 @@ def _git_commit() -> str | None:
         return None
 
 
+_NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
+_NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
+
+
+def _dumps(payload: dict) -> str:
+    """Indented JSON with every list of plain numbers on one line (loss curves would otherwise
+    take a line per value)."""
+    text = json.dumps(payload, indent=2)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+
+
 def write_results(name: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
     RESULTS.mkdir(exist_ok=True)
     payload = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(_dumps(payload) + "\n")
     header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")

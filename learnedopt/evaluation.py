@@ -483,6 +483,12 @@ def tune_lr(
     return select_lr(scores), scores
 
 
+def _plot_precision(curve: np.ndarray) -> list[float]:
+    """A per-step curve rounded to 4 significant digits: enough for a plot, and a quarter of
+    the digits in the JSON report (the statistics are computed at full precision)."""
+    return [float(f"{x:.4g}") for x in curve.tolist()]
+
+
 def summarize(curves: np.ndarray) -> dict[str, Any]:
     """Statistics over seeds of ``(seeds, steps)`` loss curves (see the module docstring).
 
@@ -490,7 +496,7 @@ def summarize(curves: np.ndarray) -> dict[str, Any]:
         ``final_mean``, ``final_std`` (sample std, 0 for one run), ``final_median``, ``final_q1``,
         ``final_q3``, ``mean_loss`` (mean over seeds of each run's mean loss), ``finals`` (per seed),
         ``nonfinite`` (runs with a NaN/Inf), ``runs``, and per-step ``curve_median``, ``curve_q1``,
-        ``curve_q3`` over the finite runs (None when there is none). Statistics are NaN when no run
+        ``curve_q3`` over the finite runs, to 4 significant digits (None when there is none). Statistics are NaN when no run
         stayed finite.
     """
     curves = np.asarray(curves, dtype=np.float64)
@@ -514,9 +520,9 @@ def summarize(curves: np.ndarray) -> dict[str, Any]:
             final_q1=float(q1),
             final_q3=float(q3),
             mean_loss=float(good.mean(axis=1).mean()),
-            curve_median=cmed.tolist(),
-            curve_q1=cq1.tolist(),
-            curve_q3=cq3.tolist(),
+            curve_median=_plot_precision(cmed),
+            curve_q1=_plot_precision(cq1),
+            curve_q3=_plot_precision(cq3),
         )
     else:
         stats.update(
