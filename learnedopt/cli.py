@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -60,5 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def run() -> NoReturn:
+    """The ``learnedopt`` console script: :func:`main`, then the process exits with its status
+    (see :func:`learnedopt.meta.distributed.exit_process` for how under ``torchrun``)."""
+    from .meta.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -230,4 +230,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from learnedopt.meta.distributed import exit_process
+
+    exit_process(main())

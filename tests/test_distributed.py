@@ -98,6 +98,17 @@ def initial_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
     return FewShotLearner(learner.spec, seed=3).tensors()
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_the_status_and_the_buffered_output(world_size: str) -> None:
+    """Under torchrun (WORLD_SIZE 2) the process ends by ``os._exit``, which drops whatever
+    stdout still buffers unless it is flushed first; with output block-buffered into a pipe
+    (no PYTHONUNBUFFERED) the printed line must still arrive."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": world_size}
+    code = "from learnedopt.meta.distributed import exit_process; print('all written'); exit_process(3)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (result.returncode, result.stdout) == (3, "all written\n"), result.stderr
+
+
 def test_meta_batch_must_split_over_the_ranks() -> None:
     assert Workers(rank=1, world_size=2).share(4) == slice(2, 4)
     assert SINGLE.share(3) == slice(0, 3)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -163,11 +165,38 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Workers:
     return current()
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_all: bool = True) -> None:
     """Leave the default process group if :func:`init_from_env` created it (a group the caller
-    set up is the caller's to destroy)."""
+    set up is the caller's to destroy).
+
+    With ``wait_for_all`` every rank first waits at a barrier: a rank that tears its gloo group
+    down while another still works (rank 0 evaluates and writes the weights alone) can abort
+    in gloo's destructor. Pass ``False`` after an error, when another rank may never arrive.
+    """
     global _owns_group
     if _owns_group and dist.is_initialized():
+        if wait_for_all:
+            try:
+                current().barrier()
+            except DistributedError:
+                pass  # a rank is gone: nothing left to wait for
         dist.destroy_process_group()
     _owns_group = False
 
+
+def exit_process(code: int) -> NoReturn:
+    """End a command-line process with exit status ``code``.
+
+    In a ``torchrun`` job the process ends with :func:`os._exit` once stdout and stderr are
+    flushed, skipping the interpreter's finalisation: a ``torch.distributed`` background thread
+    that releases a tensor while the interpreter shuts down can abort the process ("terminate
+    called without an active exception", seen on a loaded 2-core machine after the run had
+    finished and written everything), and torchrun would report the finished job as failed.
+    Everything of the run is on disk by then: files are closed by their ``with`` blocks.
+    Outside ``torchrun``, :func:`sys.exit`.
+    """
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

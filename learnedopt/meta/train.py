@@ -924,8 +924,11 @@ def run_meta_train(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as err:
         print(f"learnedopt meta-train: error: cannot join the torchrun job: {err}", file=sys.stderr)
         return 1
+    finished = False
     try:
-        return _run(args, workers)
+        code = _run(args, workers)
+        finished = True
+        return code
     except ConfigError as err:
         if workers.is_main:  # every rank fails the same check; one line is enough
             print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
@@ -935,7 +938,7 @@ def run_meta_train(args: argparse.Namespace) -> int:
               f"with --resume", file=sys.stderr)  # fmt: skip
         return 1
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait_for_all=finished)
 
 
 def _run(args: argparse.Namespace, workers: Workers) -> int:
@@ -979,4 +982,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())
