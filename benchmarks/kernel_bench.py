@@ -11,6 +11,11 @@ Columns (methods):
 * ``fused_dot`` / ``fused_sum``: ``coordinate_lstm_step_`` with ``use_dot=True`` / ``False``
   (weights packed once, outside the timing), plus ``fused_dot_<precision>`` for each extra
   ``--precisions`` entry;
+* ``rich_eager`` / ``rich_compiled`` / ``rich_fused_dot`` / ``rich_fused_sum`` (and
+  ``rich_fused_dot_<precision>``): the same for the rule with the extra inputs of
+  ``LSTMOptimizer``'s default preset (``l2l-random``: momenta at decays 0.5, 0.9, 0.99 and
+  rms-normalised gradients at 0.99, 0.999, read from the preset; 10 inputs), whose ``m`` and
+  ``v`` states the step also reads and writes;
 * ``meta_eager`` / ``meta_compiled`` / ``meta_fused_dot`` / ``meta_fused_sum`` (and
   ``meta_fused_dot_<precision>``): the same for :class:`MetaLSTMCell` (``MetaLSTMOptimizer``'s
   rule, hidden ``--hidden-size``, one LSTM layer whatever ``--num-layers``), the fused columns
@@ -27,7 +32,8 @@ Columns (methods):
 
 For each it reports ms/step, the bytes one step must move per coordinate (gradient read,
 parameter read and write, every ``h``/``c`` state read and written: 652 B for two fp32 layers of
-20 units; the meta-learner adds its two gate states and has one layer: 348 B at 20 units; Adam:
+20 units, 692 B with the rich inputs' five moments; the meta-learner adds its two gate states
+and has one layer: 348 B at 20 units; Adam:
 gradient, parameter, two moments), the achieved GB/s as a fraction of a
 device-to-device copy measured in the same run, and the useful (unpadded) GFLOP/s as a fraction
 of a square fp32 matmul measured in the same run. The backward columns count the minimum traffic
@@ -38,7 +44,7 @@ gradients and the weight gradients); the fwd_bwd columns add those of a forward 
 place (gradient and step, old and new states: 1,780 B and 4x the FLOPs in all).
 
 The Triton columns need CUDA. On a machine without it only the CPU-capable columns (``eager``,
-``compiled``, ``meta_eager``, ``meta_compiled``, ``adam_*``, ``backward_autograd``,
+``compiled``, their ``rich_`` twins, ``meta_eager``, ``meta_compiled``, ``adam_*``, ``backward_autograd``,
 ``fwd_bwd_autograd``) run, and the results say so; never time in the Triton interpreter (``TRITON_INTERPRET=1``) — it is a
 debugging tool, thousands of times slower.
 
@@ -58,8 +64,10 @@ import common
 import torch
 from common import write_results
 
+from learnedopt import LSTMOptimizer
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 from learnedopt.optim.update import flat_update_
+from learnedopt.weights import build_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,10 +82,17 @@ def flops_per_coordinate(num_layers: int, hidden_size: int, num_inputs: int = 2)
 
 
 def bytes_per_coordinate(
-    num_layers: int, hidden_size: int, grad_bytes: int, param_bytes: int, state_bytes: int
+    num_layers: int,
+    hidden_size: int,
+    grad_bytes: int,
+    param_bytes: int,
+    state_bytes: int,
+    num_moments: int = 0,
 ) -> int:
-    """Minimum traffic of one step per coordinate: grad in, param in/out, h and c in/out."""
-    return grad_bytes + 2 * param_bytes + 2 * 2 * num_layers * hidden_size * state_bytes
+    """Minimum traffic of one step per coordinate: grad in, param in/out, h and c in/out, and
+    each of ``num_moments`` momentum or second-moment states (``m``, ``v``) in/out."""
+    states = 2 * num_layers * hidden_size + num_moments
+    return grad_bytes + 2 * param_bytes + 2 * states * state_bytes
 
 
 def meta_flops_per_coordinate(hidden_size: int) -> int:
@@ -128,6 +143,137 @@ def matmul_gflops(device: torch.device, timer, size: int) -> float:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return 2 * size**3 / seconds / 1e9
+
+
+def default_preset_features() -> dict[str, tuple[float, ...]]:
+    """The extra inputs of ``LSTMOptimizer``'s default preset (``l2l-random``): its
+    ``momentum_decays`` and ``rms_decays``, timed as the ``rich_*`` columns."""
+    config = build_preset(LSTMOptimizer.default_preset)[0].config
+    return {"momentum_decays": config.momentum_decays, "rms_decays": config.rms_decays}
+
+
+def make_rule(
+    num_layers: int, hidden_size: int, device: torch.device, **features
+) -> CoordinateLSTM:
+    """A :class:`CoordinateLSTM` with ``features`` (extra inputs) whose every weight is nonzero."""
+    rule = CoordinateLSTM(num_layers=num_layers, hidden_size=hidden_size, **features).to(device)
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(torch.randn_like(q) * 0.1)
+    return rule
+
+
+def lstm_states(
+    rule: CoordinateLSTM, n: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Random states of ``rule`` for ``n`` coordinates: ``h``, ``c`` and, where the rule has
+    them, momenta ``m`` and second moments ``v`` of the benchmark gradient's size."""
+    scale = {"h": 0.1, "c": 0.1, "m": 1e-2, "v": 1e-2}
+    states = {}
+    for name, spec in rule.state_spec().items():
+        x = torch.randn(spec.shape(n), device=device) * scale[name]
+        states[name] = (x.square() if name == "v" else x).to(dtype)
+    return states
+
+
+def lstm_methods(
+    prefix: str,
+    rule: CoordinateLSTM,
+    packed,
+    fused_mod,
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    states: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    *,
+    lr: float,
+    nbytes: int,
+    flops: int,
+    tune: bool,
+) -> dict[str, tuple[Callable[[], object], int, int]]:
+    """The columns of one :class:`CoordinateLSTM`, named ``prefix`` + ``eager``, ``compiled``
+    (unless ``--no-compile``) and, when ``fused_mod`` (CUDA) is given, ``fused_dot``,
+    ``fused_sum``, ``fused_dot_<precision>`` and, with ``tune``, the block x warps sweep:
+    ``{name: (fn, bytes per coordinate, FLOPs per coordinate)}``. Every column advances
+    ``states`` (and ``param``) in place."""
+    cfg = rule.config
+    methods = {}
+
+    def eager() -> None:
+        with torch.no_grad():
+            flat_update_(
+                rule,
+                [param],
+                [grad],
+                states,
+                [0],
+                lr=lr,
+                loss=None,
+                maximize=False,
+                compute_dtype=torch.float32,
+            )
+
+    methods[f"{prefix}eager"] = (eager, nbytes, flops)
+
+    if not args.no_compile:
+
+        def whole(g: torch.Tensor, p: torch.Tensor, states: dict) -> None:
+            step, new = rule(g.float(), p.float(), {k: v.float() for k, v in states.items()})
+            for k, v in states.items():
+                v.copy_(new[k])
+            p.add_(step, alpha=lr)
+
+        compiled_step = torch.compile(whole)
+
+        def compiled() -> None:
+            with torch.no_grad():
+                compiled_step(grad, param, states)
+
+        methods[f"{prefix}compiled"] = (compiled, nbytes, flops)
+
+    if fused_mod is None:
+        return methods
+
+    def fused(
+        use_dot: bool, precision: str = "ieee", block: int = args.block, warps: int = args.num_warps
+    ) -> Callable[[], None]:
+        return lambda: fused_mod.coordinate_lstm_step_(
+            grad,
+            param,
+            param,
+            states["h"],
+            states["c"],
+            packed,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            preprocess_p=cfg.preprocess_p,
+            output_scale=cfg.output_scale,
+            lr=lr,
+            maximize=False,
+            momentum_decays=cfg.momentum_decays,
+            rms_decays=cfg.rms_decays,
+            m=states.get("m"),
+            v=states.get("v"),
+            use_dot=use_dot,
+            block=block,
+            num_warps=warps,
+            input_precision=precision,
+        )
+
+    methods[f"{prefix}fused_dot"] = (fused(True), nbytes, flops)
+    methods[f"{prefix}fused_sum"] = (fused(False), nbytes, flops)
+    for precision in args.precisions:
+        methods[f"{prefix}fused_dot_{precision}"] = (fused(True, precision), nbytes, flops)
+    if tune:
+        for block in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for precision in ("ieee", *args.precisions):
+                    methods[f"{prefix}fused_dot_{precision}_b{block}_w{warps}"] = (
+                        fused(True, precision, block, warps),
+                        nbytes,
+                        flops,
+                    )
+    return methods
 
 
 def backward_methods(
@@ -207,7 +353,7 @@ def main() -> None:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="also sweep block x num_warps for fused_dot at the largest size",
+        help="also sweep block x num_warps for fused_dot and rich_fused_dot at the largest size",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument(
@@ -238,13 +384,17 @@ def main() -> None:
 
     L, H = args.num_layers, args.hidden_size
     param_dtype, state_dtype = DTYPES[args.param_dtype], DTYPES[args.state_dtype]
-    rule = CoordinateLSTM(num_layers=L, hidden_size=H).to(device)
-    with torch.no_grad():
-        for q in rule.parameters():
-            q.add_(torch.randn_like(q) * 0.1)
+    rule = make_rule(L, H, device)
+    rich_features = default_preset_features()
+    rich_rule = make_rule(L, H, device, **rich_features)
     flops = flops_per_coordinate(L, H)
+    rich_flops = flops_per_coordinate(L, H, rich_rule.config.num_inputs)
     elt = lambda dt: torch.empty(0, dtype=dt).element_size()
     rule_bytes = bytes_per_coordinate(L, H, elt(param_dtype), elt(param_dtype), elt(state_dtype))
+    num_moments = len(rich_features["momentum_decays"]) + len(rich_features["rms_decays"])
+    rich_bytes = bytes_per_coordinate(
+        L, H, elt(param_dtype), elt(param_dtype), elt(state_dtype), num_moments
+    )
     adam_bytes = elt(param_dtype) * (1 + 2 + 2 + 2)  # grad; param, exp_avg, exp_avg_sq in and out
     meta_rule = MetaLSTMCell(hidden_size=H).to(device)
     meta_flops = meta_flops_per_coordinate(H)
@@ -264,6 +414,7 @@ def main() -> None:
     backward_mod = None
     meta_mod = None
     packed = None
+    rich_packed = None
     if triton_reason is None:
         from learnedopt.kernels import coordinate_lstm_backward as backward_mod
         from learnedopt.kernels import coordinate_lstm_step as fused_mod
@@ -272,9 +423,20 @@ def main() -> None:
         packed = fused_mod.pack_weights(
             fused_mod.rule_weights(rule, device), num_layers=L, hidden_size=H
         )
+        rich_packed = fused_mod.pack_weights(
+            fused_mod.rule_weights(rich_rule, device),
+            num_layers=L,
+            hidden_size=H,
+            num_inputs=fused_mod.feature_count(**rich_features),
+        )
         meta_packed = meta_mod.pack_weights(meta_mod.rule_weights(meta_rule, device), hidden_size=H)
         meta_features = meta_mod.loss_features(meta_loss, meta_rule.config.preprocess_p)
     backward_max = args.backward_max_size or (10**7 if device.type == "cuda" else 10**6)
+    # (column prefix, rule, packed weights, bytes and FLOPs per coordinate)
+    lstm_rules = [
+        ("", rule, packed, rule_bytes, flops),
+        ("rich_", rich_rule, rich_packed, rich_bytes, rich_flops),
+    ]
     bwd_bytes = backward_bytes_per_coordinate(L, H)
 
     rows: list[dict] = []
@@ -283,86 +445,25 @@ def main() -> None:
     for n in sizes:
         grad = (torch.randn(n, device=device) * 1e-2).to(param_dtype)
         param = torch.randn(n, device=device).to(param_dtype)
-        h = (torch.randn(L, n, H, device=device) * 0.1).to(state_dtype)
-        c = (torch.randn(L, n, H, device=device) * 0.1).to(state_dtype)
         methods: dict[str, tuple[Callable[[], object], int, int]] = {}
-
-        def eager(grad=grad, param=param, h=h, c=c) -> None:
-            with torch.no_grad():
-                flat_update_(
-                    rule,
-                    [param],
-                    [grad],
-                    {"h": h, "c": c},
-                    [0],
-                    lr=lr,
-                    loss=None,
-                    maximize=False,
-                    compute_dtype=torch.float32,
-                )
-
-        methods["eager"] = (eager, rule_bytes, flops)
-
-        if not args.no_compile:
-
-            def whole(g: torch.Tensor, p: torch.Tensor, hh: torch.Tensor, cc: torch.Tensor) -> None:
-                step, new = rule(g.float(), p.float(), {"h": hh.float(), "c": cc.float()})
-                hh.copy_(new["h"])
-                cc.copy_(new["c"])
-                p.add_(step, alpha=lr)
-
-            compiled_step = torch.compile(whole)
-
-            def compiled(compiled_step=compiled_step, grad=grad, param=param, h=h, c=c) -> None:
-                with torch.no_grad():
-                    compiled_step(grad, param, h, c)
-
-            methods["compiled"] = (compiled, rule_bytes, flops)
-
-        if fused_mod is not None:
-
-            def fused(
-                use_dot: bool,
-                precision: str = "ieee",
-                block: int = args.block,
-                warps: int = args.num_warps,
-                grad=grad,
-                param=param,
-                h=h,
-                c=c,
-            ):
-                return lambda: fused_mod.coordinate_lstm_step_(
+        rule_states = {prefix: lstm_states(r, n, device, state_dtype) for prefix, r, *_ in lstm_rules}
+        for prefix, lstm_rule, lstm_packed, lstm_bytes, lstm_flops in lstm_rules:
+            methods.update(
+                lstm_methods(
+                    prefix,
+                    lstm_rule,
+                    lstm_packed,
+                    fused_mod,
                     grad,
                     param,
-                    param,
-                    h,
-                    c,
-                    packed,
-                    num_layers=L,
-                    hidden_size=H,
-                    preprocess_p=rule.config.preprocess_p,
-                    output_scale=rule.config.output_scale,
+                    rule_states[prefix],
+                    args,
                     lr=lr,
-                    maximize=False,
-                    use_dot=use_dot,
-                    block=block,
-                    num_warps=warps,
-                    input_precision=precision,
+                    nbytes=lstm_bytes,
+                    flops=lstm_flops,
+                    tune=args.tune and n == max(sizes),
                 )
-
-            methods["fused_dot"] = (fused(True), rule_bytes, flops)
-            methods["fused_sum"] = (fused(False), rule_bytes, flops)
-            for precision in args.precisions:
-                methods[f"fused_dot_{precision}"] = (fused(True, precision), rule_bytes, flops)
-            if args.tune and n == max(sizes):
-                for block in (32, 64, 128):
-                    for warps in (2, 4, 8):
-                        for precision in ("ieee", *args.precisions):
-                            methods[f"fused_dot_{precision}_b{block}_w{warps}"] = (
-                                fused(True, precision, block, warps),
-                                rule_bytes,
-                                flops,
-                            )
+            )
 
         # ---- MetaLSTMCell (MetaLSTMOptimizer's rule): own states, same gradient and parameter
         meta_states = {
@@ -445,6 +546,7 @@ def main() -> None:
         if state_dtype != torch.float32:
             errors[f"backward n={n}"] = "the backward columns need float32 states"
         elif n <= backward_max:
+            h, c = rule_states[""]["h"], rule_states[""]["c"]
             methods.update(
                 backward_methods(rule, backward_mod, packed, grad, h, c, flops, bwd_bytes)
             )
@@ -490,14 +592,18 @@ def main() -> None:
     notes = [
         (
             f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
-            f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps."
+            f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps. "
+            f"The rich_* columns run the same rule with the default preset's extra inputs "
+            f"(momentum decays {rich_features['momentum_decays']}, rms decays "
+            f"{rich_features['rms_decays']}: {rich_rule.config.num_inputs} inputs)."
         ),
         (
             f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square "
             f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
-            f"{flops} (LSTM rule), {meta_flops} (MetaLSTMCell, hidden {H}); bytes per "
-            f"coordinate: {rule_bytes} (LSTM rule), {meta_bytes} (MetaLSTMCell), {adam_bytes} "
-            f"(Adam), {bwd_bytes} (backward kernel)."
+            f"{flops} (LSTM rule), {rich_flops} (rich inputs), {meta_flops} (MetaLSTMCell, "
+            f"hidden {H}); bytes per coordinate: {rule_bytes} (LSTM rule), {rich_bytes} (rich "
+            f"inputs), {meta_bytes} (MetaLSTMCell), {adam_bytes} (Adam), {bwd_bytes} (backward "
+            f"kernel)."
         ),
     ]
     if triton_reason:
@@ -526,6 +632,7 @@ def main() -> None:
             "block": args.block,
             "num_warps": args.num_warps,
             "backward_max_size": backward_max,
+            "rich_features": rich_features,
         },
         "rows": rows,
         "errors": errors,

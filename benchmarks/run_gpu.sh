@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # For a GPU session: run the fused-kernel tests compiled on CUDA (TRITON_INTERPRET=0), then the
-# kernel benchmark. Logs and results go under $OUT:
+# kernel benchmark (the paper's rule, and as rich_* columns the default preset l2l-random's
+# momentum and rms inputs). Logs and results go under $OUT:
 #   $OUT/nvidia-smi.txt, $OUT/test_kernel_cuda.log, $OUT/kernel_bench.log,
 #   $OUT/results/kernel_bench.{json,md}, $OUT/summary.txt
 # Needs a CUDA build of torch and triton in $PYTHON (default: .venv/bin/python if present, else

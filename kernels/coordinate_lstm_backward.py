@@ -82,6 +82,7 @@ from .coordinate_lstm_step import (
     INPUT_PRECISIONS,
     PackedWeights,
     _cell,
+    _preprocess,
     _project,
     _sigmoid,
     _tanh,
@@ -179,14 +180,6 @@ def _preactivations(
     pre_g += tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
     pre_o += tl.load(bias_ptr + 3 * H + cols, mask=col_mask, other=0.0)[None, :]
     return pre_i, pre_f, pre_g, pre_o
-
-
-@triton.jit
-def _preprocess(g, mag_floor, p, dir_scale):
-    """``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``, NaN-propagating like torch."""
-    x_mag = tl.log(tl.maximum(tl.abs(g), mag_floor, propagate_nan=tl.PropagateNan.ALL)) / p
-    x_dir = tl.clamp(g * dir_scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
-    return x_mag, x_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,6 +595,11 @@ def _check_inputs(grad: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> 
     if grad.dtype not in GRAD_DTYPES:
         raise ValueError(f"grad dtype must be one of {GRAD_DTYPES}, got {grad.dtype}")
     num_layers, _, hidden = packed.w_hh.shape
+    if packed.w_ih0.shape[1] != 2:
+        raise ValueError(
+            f"the differentiable kernels support only the default feature set (num_inputs=2), "
+            f"got weights with {packed.w_ih0.shape[1]} inputs: use the PyTorch path"
+        )
     expected = (num_layers, grad.numel(), hidden)
     for name, t in (("h", h), ("c", c)):
         if not isinstance(t, Tensor) or tuple(t.shape) != expected:

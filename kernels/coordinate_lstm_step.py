@@ -5,6 +5,11 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
 
 1. loads the gradient (any float dtype, converted to fp32) and negates it under ``maximize``;
 2. preprocesses it into the two features ``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``;
+   with ``momentum_decays`` / ``rms_decays``, it also advances each moving average
+   ``m_k = lerp(g, m_k, beta_k)`` and ``v_k = lerp(g^2, v_k, beta_k)`` (states ``(M, N)`` and
+   ``(R, N)``, float32 or bfloat16, stored back in place in their dtype) and appends the features
+   ``preprocess(m_k)`` (two each) and then ``g / (sqrt(v_k) + 1e-8)``, in the order of
+   :meth:`CoordinateLSTM._features`;
 3. runs every LSTM layer (torch gate order i, f, g, o), loading that layer's ``h`` and ``c``
    (float32 or bfloat16, converted to fp32), and stores the new ``h`` and ``c`` back in place in
    their own dtype;
@@ -13,23 +18,28 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
 
 That is exactly what :meth:`CoordinateLSTM.forward` followed by ``param.add_(step, alpha=lr)``
 computes in :func:`learnedopt.optim.update.flat_update_` with ``compute_dtype=torch.float32``,
-up to the order of fp32 reductions. Only the default feature set is supported (the preprocessed
-gradient alone, ``num_inputs == 2``); the launcher raises ``ValueError`` for anything else.
+up to the order of fp32 reductions. Every feature set is supported but ``param_input`` (the
+parameter value as an input): the launcher raises ``ValueError`` for weights with that input.
+The decays are compile-time constants (one compilation per feature set), taken in fp32 as the
+PyTorch path's weight tensor holds them, and ``lerp`` uses ``torch.lerp``'s formula on either
+side of 0.5; moments and rms features use IEEE-rounded ``sqrt`` and division, as torch does.
 
 Layout. ``h`` and ``c`` are ``(L, N, H)`` with a contiguous ``(N, H)`` slab per layer; the layer
 stride may be larger than ``N * H``, so a coordinate range ``buf[:, a:b]`` of a bigger flat state
-buffer can be passed without a copy. The hidden size ``H`` is padded to ``HP`` (a power of two,
-at least 16, the smallest ``tl.dot`` operand) with masks: padded weight rows and columns load as
-zero, so padded units keep ``c = 0`` and ``h = sigmoid(0) * tanh(0) = 0`` and never reach the
-real ones.
+buffer can be passed without a copy. Likewise ``m`` and ``v`` have a contiguous ``(N,)`` row per
+decay and any row stride. The hidden size ``H`` is padded to ``HP`` (a power of two, at least
+16, the smallest ``tl.dot`` operand) with masks: padded weight rows and columns load as zero, so
+padded units keep ``c = 0`` and ``h = sigmoid(0) * tanh(0) = 0`` and never reach the real ones.
 
 Products. For each layer and gate, ``(BLOCK, in) x (in, HP)``: with ``USE_DOT`` by ``tl.dot``
 (fp32 operands, ``INPUT_PRECISION`` "ieee" by default so the result is fp32-exact; "tf32x3" or
 "tf32" trade accuracy for tensor-core speed on GPUs), otherwise by a broadcast multiply and
 ``tl.sum``. The four gates are four products rather than one ``(in, 4*HP)`` product because
 Triton cannot slice a register tile into column blocks; the FLOPs are the same. Layer 0's input
-has only two features, below ``tl.dot``'s minimum inner dimension of 16, so its input projection
-is always two broadcast multiply-adds; its recurrent projection uses ``tl.dot``.
+has ``K = 2 + 2M + R`` features (2 for the paper's rule, 10 for the default preset), below
+``tl.dot``'s minimum inner dimension of 16, so its input projection is ``K`` broadcast
+multiply-adds, unrolled over the constant feature count (the first two exactly as for ``K = 2``);
+its recurrent projection uses ``tl.dot``.
 
 Activations. The portable ``tanh(x) = 2 sigmoid(2x) - 1`` is the default; ``FAST_TANH`` uses the
 PTX ``tanh.approx.f32`` instruction (about 2^-11 relative error, NVIDIA GPUs only) for tanh and
@@ -42,18 +52,20 @@ to nearest even; this way both match ``torch.Tensor.to(torch.bfloat16)`` bit for
 
 Register budget (H = 20 padded to 32, two layers, sm_90, compiled offline with the bundled
 ptxas; not timed, no GPU was available): with ``INPUT_PRECISION="ieee"`` the fp32 products lower
-to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8.5 KB,
-BLOCK 64 / 8 warps: 128 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
-and "tf32" at BLOCK 64 / 4 warps spill 16 B and 32 B. The launcher's default ("ieee", exact)
-is chosen for correctness, not speed: tune ``block``, ``num_warps`` and ``input_precision`` on
-the GPU with ``benchmarks/kernel_bench.py --tune``. In the interpreter every program instance costs
-tens of milliseconds, so tests there use a large BLOCK instead.
+to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8,056 B,
+BLOCK 64 / 8 warps: 136 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
+and "tf32" at BLOCK 64 / 4 warps spill 8 B and 32 B. The default preset's feature set (3 momenta,
+2 rms decays) spills more: 1,248 B at BLOCK 64 / 4 warps, 360 B at 64 / 8 warps, 280 B at 32 / 4
+warps, 184 B with "tf32x3". The launcher's default ("ieee", exact) is chosen for correctness, not
+speed: tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
+``benchmarks/kernel_bench.py --tune`` (both feature sets). In the interpreter every program
+instance costs tens of milliseconds, so tests there use a large BLOCK instead.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -61,7 +73,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-#: Dtypes of the ``h`` and ``c`` state buffers the kernel reads and writes.
+from ..nn.coordinate_lstm import _RMS_EPS as RMS_EPS
+
+#: Dtypes of the ``h``, ``c``, ``m`` and ``v`` state buffers the kernel reads and writes.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 #: Parameter dtypes (the update ``param + lr * step`` is computed in fp32; float64 parameters
 #: would lose precision in that, so they stay on the PyTorch path).
@@ -113,6 +127,64 @@ def _store_rounded(ptr, x, mask):
         tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _preprocess(g, mag_floor, p, dir_scale):
+    """``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``, NaN-propagating like torch."""
+    x_mag = tl.log(tl.maximum(tl.abs(g), mag_floor, propagate_nan=tl.PropagateNan.ALL)) / p
+    x_dir = tl.clamp(g * dir_scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    return x_mag, x_dir
+
+
+@triton.jit
+def _lerp(start, end, WEIGHT: tl.constexpr):
+    """``torch.lerp(start, end, WEIGHT)`` for a constant fp32 weight, with torch's two formulas
+    (the second is the accurate one for weights near 1, and ``1 - WEIGHT`` is exact there)."""
+    if WEIGHT < 0.5:
+        y = start + WEIGHT * (end - start)
+    else:
+        y = end - (end - start) * (1.0 - WEIGHT)
+    return y
+
+
+@triton.jit
+def _input_weights(
+    w_ih0_ptr,
+    gate: tl.constexpr,
+    feature,
+    NUM_INPUTS: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+):
+    """``(1, HP)``: column ``feature`` of the gate's block of layer 0's row-major ``(4H,
+    NUM_INPUTS)`` input weights, zero-padded."""
+    cols = tl.arange(0, HP)
+    w = tl.load(w_ih0_ptr + (gate * H + cols) * NUM_INPUTS + feature, mask=cols < H, other=0.0)
+    return w[None, :]
+
+
+@triton.jit
+def _add_input(
+    pre_i,
+    pre_f,
+    pre_g,
+    pre_o,
+    x,
+    w_ih0_ptr,
+    feature,
+    NUM_INPUTS: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+):
+    """Add input feature ``feature`` of layer 0, ``x`` ``(BLOCK,)``, times its weights to the four
+    gate pre-activations ``(BLOCK, HP)``."""
+    x = x[:, None]
+    pre_i += x * _input_weights(w_ih0_ptr, 0, feature, NUM_INPUTS, H, HP)
+    pre_f += x * _input_weights(w_ih0_ptr, 1, feature, NUM_INPUTS, H, HP)
+    pre_g += x * _input_weights(w_ih0_ptr, 2, feature, NUM_INPUTS, H, HP)
+    pre_o += x * _input_weights(w_ih0_ptr, 3, feature, NUM_INPUTS, H, HP)
+    return pre_i, pre_f, pre_g, pre_o
 
 
 @triton.jit
@@ -171,7 +243,9 @@ def coordinate_lstm_step_kernel(
     param_out_ptr,  # (N,) param's dtype; may alias param_ptr
     h_ptr,  # (L, N, H) fp32 / bf16, layer stride h_layer_stride, updated in place
     c_ptr,  # (L, N, H) fp32 / bf16, layer stride c_layer_stride, updated in place
-    w_ih0_ptr,  # (4H, 2) fp32: layer 0 input weights
+    m_ptr,  # (M, N) fp32 / bf16, row stride m_stride, updated in place (unused when M = 0)
+    v_ptr,  # (R, N) fp32 / bf16, row stride v_stride, updated in place (unused when R = 0)
+    w_ih0_ptr,  # (4H, NUM_INPUTS) fp32: layer 0 input weights
     w_ih_ptr,  # (max(L - 1, 1), 4H, H) fp32: input weights of layers 1..L-1
     w_hh_ptr,  # (L, 4H, H) fp32: recurrent weights
     bias_ptr,  # (L, 4H) fp32: b_ih + b_hh
@@ -180,14 +254,20 @@ def coordinate_lstm_step_kernel(
     n_coords,
     h_layer_stride,
     c_layer_stride,
+    m_stride,
+    v_stride,
     mag_floor,  # e^-p
     p,  # preprocessing constant
     dir_scale,  # e^p
+    rms_eps,  # added to sqrt(v) in the rms features
     output_scale,
     lr,
     NUM_LAYERS: tl.constexpr,
     H: tl.constexpr,
     HP: tl.constexpr,
+    MOMENTUM_DECAYS: tl.constexpr,  # tuple of M fp32-exact floats in [0, 1)
+    RMS_DECAYS: tl.constexpr,  # tuple of R fp32-exact floats in [0, 1)
+    NUM_INPUTS: tl.constexpr,  # 2 + 2M + R
     MAXIMIZE: tl.constexpr,
     USE_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -207,34 +287,62 @@ def coordinate_lstm_step_kernel(
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
-    x_mag = tl.log(tl.maximum(tl.abs(g), mag_floor, propagate_nan=tl.PropagateNan.ALL)) / p
-    x_dir = tl.clamp(g * dir_scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    x_mag, x_dir = _preprocess(g, mag_floor, p, dir_scale)
 
-    # ---- layer 0: two input features (broadcast), recurrent product (dot or broadcast)
+    # ---- layer 0: input features (broadcast), recurrent product (dot or broadcast)
     h = tl.load(h_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
     pre_i = _project(h, w_hh_ptr, 0, H, HP, USE_DOT, INPUT_PRECISION)
     pre_f = _project(h, w_hh_ptr, 1, H, HP, USE_DOT, INPUT_PRECISION)
     pre_g = _project(h, w_hh_ptr, 2, H, HP, USE_DOT, INPUT_PRECISION)
     pre_o = _project(h, w_hh_ptr, 3, H, HP, USE_DOT, INPUT_PRECISION)
-    w_mag_i = tl.load(w_ih0_ptr + (0 * H + cols) * 2, mask=col_mask, other=0.0)
-    w_mag_f = tl.load(w_ih0_ptr + (1 * H + cols) * 2, mask=col_mask, other=0.0)
-    w_mag_g = tl.load(w_ih0_ptr + (2 * H + cols) * 2, mask=col_mask, other=0.0)
-    w_mag_o = tl.load(w_ih0_ptr + (3 * H + cols) * 2, mask=col_mask, other=0.0)
-    w_dir_i = tl.load(w_ih0_ptr + (0 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
-    w_dir_f = tl.load(w_ih0_ptr + (1 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
-    w_dir_g = tl.load(w_ih0_ptr + (2 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
-    w_dir_o = tl.load(w_ih0_ptr + (3 * H + cols) * 2 + 1, mask=col_mask, other=0.0)
     b_i = tl.load(bias_ptr + 0 * H + cols, mask=col_mask, other=0.0)
     b_f = tl.load(bias_ptr + 1 * H + cols, mask=col_mask, other=0.0)
     b_g = tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)
     b_o = tl.load(bias_ptr + 3 * H + cols, mask=col_mask, other=0.0)
+    w_mag_i = _input_weights(w_ih0_ptr, 0, 0, NUM_INPUTS, H, HP)
+    w_mag_f = _input_weights(w_ih0_ptr, 1, 0, NUM_INPUTS, H, HP)
+    w_mag_g = _input_weights(w_ih0_ptr, 2, 0, NUM_INPUTS, H, HP)
+    w_mag_o = _input_weights(w_ih0_ptr, 3, 0, NUM_INPUTS, H, HP)
+    w_dir_i = _input_weights(w_ih0_ptr, 0, 1, NUM_INPUTS, H, HP)
+    w_dir_f = _input_weights(w_ih0_ptr, 1, 1, NUM_INPUTS, H, HP)
+    w_dir_g = _input_weights(w_ih0_ptr, 2, 1, NUM_INPUTS, H, HP)
+    w_dir_o = _input_weights(w_ih0_ptr, 3, 1, NUM_INPUTS, H, HP)
     xm = x_mag[:, None]
     xd = x_dir[:, None]
-    pre_i += xm * w_mag_i[None, :] + xd * w_dir_i[None, :] + b_i[None, :]
-    pre_f += xm * w_mag_f[None, :] + xd * w_dir_f[None, :] + b_f[None, :]
-    pre_g += xm * w_mag_g[None, :] + xd * w_dir_g[None, :] + b_g[None, :]
-    pre_o += xm * w_mag_o[None, :] + xd * w_dir_o[None, :] + b_o[None, :]
+    pre_i += xm * w_mag_i + xd * w_dir_i + b_i[None, :]
+    pre_f += xm * w_mag_f + xd * w_dir_f + b_f[None, :]
+    pre_g += xm * w_mag_g + xd * w_dir_g + b_g[None, :]
+    pre_o += xm * w_mag_o + xd * w_dir_o + b_o[None, :]
+    # the extra features in CoordinateLSTM._features' order: each momentum m_k = lerp(g, m_k,
+    # beta_k), preprocessed (features 2 + 2k and 3 + 2k), then g / (sqrt(v_k) + eps) for each
+    # second moment v_k = lerp(g^2, v_k, beta_k). The new moments are stored in place and the
+    # features read their fp32 values, as on the PyTorch path.
+    m_base = m_ptr
+    for k in tl.static_range(len(MOMENTUM_DECAYS)):
+        m = tl.load(m_base + rows, mask=row_mask, other=0.0).to(tl.float32)
+        m = _lerp(g, m, MOMENTUM_DECAYS[k])
+        _store_rounded(m_base + rows, m, row_mask)
+        m_mag, m_dir = _preprocess(m, mag_floor, p, dir_scale)
+        pre_i, pre_f, pre_g, pre_o = _add_input(
+            pre_i, pre_f, pre_g, pre_o, m_mag, w_ih0_ptr, 2 + 2 * k, NUM_INPUTS, H, HP
+        )
+        pre_i, pre_f, pre_g, pre_o = _add_input(
+            pre_i, pre_f, pre_g, pre_o, m_dir, w_ih0_ptr, 3 + 2 * k, NUM_INPUTS, H, HP
+        )
+        m_base += m_stride
+    v_base = v_ptr
+    for k in tl.static_range(len(RMS_DECAYS)):
+        v = tl.load(v_base + rows, mask=row_mask, other=0.0).to(tl.float32)
+        v = _lerp(g * g, v, RMS_DECAYS[k])
+        _store_rounded(v_base + rows, v, row_mask)
+        # IEEE-rounded sqrt and division, as torch's (a GPU's default ones are approximate)
+        x_rms = tl.div_rn(g, tl.sqrt_rn(v) + rms_eps)
+        feature = 2 + 2 * len(MOMENTUM_DECAYS) + k
+        pre_i, pre_f, pre_g, pre_o = _add_input(
+            pre_i, pre_f, pre_g, pre_o, x_rms, w_ih0_ptr, feature, NUM_INPUTS, H, HP
+        )
+        v_base += v_stride
     h, c = _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH)
     h = _zero_padding(h, H, HP)
     _store_rounded(h_ptr + tile, h, tile_mask)
@@ -290,7 +398,8 @@ class PackedWeights(NamedTuple):
     """The rule's weights as the kernel reads them; all fp32, contiguous, on one device.
 
     Attributes:
-        w_ih0: ``(4H, 2)`` layer 0 input weights.
+        w_ih0: ``(4H, K)`` layer 0 input weights, ``K = 2 + 2M + R`` for ``M`` momentum and ``R``
+            rms decays.
         w_ih: ``(max(L - 1, 1), 4H, H)`` input weights of layers 1.. (a zero dummy when L = 1).
         w_hh: ``(L, 4H, H)`` recurrent weights.
         bias: ``(L, 4H)``, ``bias_ih + bias_hh``.
@@ -316,8 +425,23 @@ def rule_weights(
     }
 
 
+def feature_count(momentum_decays: Sequence[float] = (), rms_decays: Sequence[float] = ()) -> int:
+    """``K``: the input features of layer 0 the kernel computes, ``2 + 2M + R`` (the preprocessed
+    gradient, each preprocessed momentum, each rms-normalised gradient)."""
+    return 2 + 2 * len(momentum_decays) + len(rms_decays)
+
+
+def _input_count_error(got: int, expected: int) -> ValueError:
+    return ValueError(
+        f"the weights have {got} layer-0 inputs, but the feature set has {expected}: the fused "
+        f"kernel reads the preprocessed gradient (2 inputs), 2 per momentum decay and 1 per rms "
+        f"decay (pass the rule's momentum_decays and rms_decays), and never the parameter value: "
+        f"rules with param_input=True need the PyTorch path"
+    )
+
+
 def pack_weights(
-    weights: Mapping[str, Tensor], *, num_layers: int, hidden_size: int
+    weights: Mapping[str, Tensor], *, num_layers: int, hidden_size: int, num_inputs: int = 2
 ) -> PackedWeights:
     """Validate a :class:`CoordinateLSTM` ``state_dict`` and stack it for the kernel.
 
@@ -325,12 +449,14 @@ def pack_weights(
         weights: ``lstm.weight_ih_l{k}`` ``(4H, in)``, ``lstm.weight_hh_l{k}`` ``(4H, H)``,
             ``lstm.bias_ih_l{k}`` and ``lstm.bias_hh_l{k}`` ``(4H,)`` for each layer ``k``,
             ``head.weight`` ``(1, H)`` and ``head.bias`` ``(1,)``; fp32, contiguous, one device.
-            ``in`` must be 2 for layer 0 (the default feature set) and ``H`` above.
+            ``in`` must be ``num_inputs`` for layer 0 and ``H`` above.
         num_layers, hidden_size: ``L`` and ``H``.
+        num_inputs: ``K``, layer 0's input features (:func:`feature_count` of the rule's decays;
+            2, the default feature set, for the differentiable kernels).
 
     Raises:
         ValueError: on a missing key, a wrong shape, dtype or device, a non-contiguous tensor, or
-            a rule with extra input features.
+            weights with another number of input features (e.g. a rule with ``param_input``).
     """
     if num_layers < 1 or hidden_size < 1:
         raise ValueError(
@@ -339,7 +465,7 @@ def pack_weights(
     L, H = num_layers, hidden_size
     expected: dict[str, tuple[int, ...]] = {}
     for k in range(L):
-        expected[f"lstm.weight_ih_l{k}"] = (4 * H, 2 if k == 0 else H)
+        expected[f"lstm.weight_ih_l{k}"] = (4 * H, num_inputs if k == 0 else H)
         expected[f"lstm.weight_hh_l{k}"] = (4 * H, H)
         expected[f"lstm.bias_ih_l{k}"] = (4 * H,)
         expected[f"lstm.bias_hh_l{k}"] = (4 * H,)
@@ -354,12 +480,8 @@ def pack_weights(
     if len(devices) != 1:
         raise ValueError(f"weights are on several devices: {sorted(map(str, devices))}")
     w0 = weights["lstm.weight_ih_l0"]
-    if w0.dim() == 2 and w0.shape[0] == 4 * H and w0.shape[1] != 2:
-        raise ValueError(
-            f"the fused kernel supports only the default feature set (the preprocessed gradient, "
-            f"num_inputs=2); these weights have {w0.shape[1]} inputs (momentum, rms or param "
-            f"features): use the PyTorch path"
-        )
+    if w0.dim() == 2 and w0.shape[0] == 4 * H and w0.shape[1] != num_inputs:
+        raise _input_count_error(w0.shape[1], num_inputs)
     for name, shape in expected.items():
         t = weights[name]
         if tuple(t.shape) != shape:
@@ -465,20 +587,27 @@ def is_interpreted() -> bool:
     return isinstance(coordinate_lstm_step_kernel, triton.runtime.interpreter.InterpretedFunction)
 
 
-def _check_states(name: str, t: Tensor, num_layers: int, n: int, hidden_size: int) -> None:
+def _check_states(
+    name: str, t: Tensor | None, shape: tuple[int, ...], dims: str, slab: str
+) -> None:
+    """A state buffer: ``shape`` (``dims`` names it), a state dtype, and each ``t[k]`` contiguous
+    (``slab`` names it) with any stride between them, so ``buffer[:, a:b]`` views work."""
     if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a tensor")
-    if tuple(t.shape) != (num_layers, n, hidden_size):
-        raise ValueError(
-            f"{name} has shape {tuple(t.shape)}, expected (L, N, H) = {(num_layers, n, hidden_size)}"
-        )
+        raise ValueError(f"{name} must be a tensor of shape {dims} = {shape}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {dims} = {shape}")
     if t.dtype not in STATE_DTYPES:
         raise ValueError(f"{name} must be one of {STATE_DTYPES}, got {t.dtype}")
-    if n > 0 and (t.stride(2) != 1 or (n > 1 and t.stride(1) != hidden_size)):
-        raise ValueError(
-            f"{name} must have a contiguous (N, H) slab per layer (strides (*, {hidden_size}, 1)), "
-            f"got strides {t.stride()}"
-        )
+    if t.numel() > 0 and not t[0].is_contiguous():
+        raise ValueError(f"{name} must have a contiguous {slab}, got strides {t.stride()}")
+
+
+def _fp32_decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
+    """The decays rounded to fp32, as the PyTorch path's weight tensor holds them (the kernel
+    takes them as constants, and ``1 - beta`` is then exact in Python as in fp32)."""
+    if not all(0.0 <= beta < 1.0 for beta in decays):
+        raise ValueError(f"{name} must be in [0, 1), got {tuple(decays)}")
+    return tuple(torch.tensor(decays, dtype=torch.float32).tolist())
 
 
 def coordinate_lstm_step_(
@@ -495,6 +624,10 @@ def coordinate_lstm_step_(
     output_scale: float,
     lr: float,
     maximize: bool,
+    momentum_decays: Sequence[float] = (),
+    rms_decays: Sequence[float] = (),
+    m: Tensor | None = None,
+    v: Tensor | None = None,
     use_dot: bool = True,
     block: int = 64,
     num_warps: int = 4,
@@ -503,7 +636,8 @@ def coordinate_lstm_step_(
 ) -> None:
     """One fused step of the coordinatewise LSTM rule over ``N`` flat coordinates.
 
-    Writes the new states into ``h`` and ``c`` and ``param + lr * step`` into ``param_out``.
+    Writes the new states into ``h``, ``c`` (and ``m``, ``v``) and ``param + lr * step`` into
+    ``param_out``.
 
     Args:
         grad: ``(N,)`` contiguous gradient, float16/bfloat16/float32/float64 (read as fp32).
@@ -518,6 +652,11 @@ def coordinate_lstm_step_(
         output_scale: the head's output multiplier.
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: negate the gradient first.
+        momentum_decays, rms_decays: the rule's extra inputs (``CoordinateLSTMConfig``'s fields of
+            those names; ``param_input`` is not supported), ``M`` and ``R`` decays in [0, 1).
+        m: ``(M, N)`` float32 or bfloat16 momenta, each row contiguous (any row stride); updated
+            in place. Required iff ``momentum_decays`` is not empty.
+        v: ``(R, N)`` second moments for ``rms_decays``, likewise.
         use_dot: ``tl.dot`` (True) or broadcast multiply + sum (False) for the layer products.
         block: coordinates per program, a power of two >= 16.
         num_warps: warps per program (GPU only).
@@ -536,23 +675,39 @@ def coordinate_lstm_step_(
         grad, param, param_out, preprocess_p=preprocess_p, block=block, num_warps=num_warps,
         input_precision=input_precision,
     )
-    _check_states("h", h, num_layers, n, hidden_size)
-    _check_states("c", c, num_layers, n, hidden_size)
+    for name, t in (("h", h), ("c", c)):
+        _check_states(name, t, (num_layers, n, hidden_size), "(L, N, H)", "(N, H) slab per layer")
+    momentum_decays = _fp32_decays("momentum_decays", momentum_decays)
+    rms_decays = _fp32_decays("rms_decays", rms_decays)
+    moments: dict[str, Tensor] = {}
+    for name, t, decays, dims in (
+        ("m", m, momentum_decays, "(M, N)"),
+        ("v", v, rms_decays, "(R, N)"),
+    ):
+        if decays:
+            _check_states(name, t, (len(decays), n), dims, "(N,) row per decay")
+            moments[name] = t
+        elif t is not None:
+            raise ValueError(f"{name} is given, but its decays are empty")
+    k = feature_count(momentum_decays, rms_decays)
     packed = (
         weights
         if isinstance(weights, PackedWeights)
-        else pack_weights(weights, num_layers=num_layers, hidden_size=hidden_size)
+        else pack_weights(weights, num_layers=num_layers, hidden_size=hidden_size, num_inputs=k)
     )
     if packed.w_hh.shape != (num_layers, 4 * hidden_size, hidden_size):
         raise ValueError(
             f"packed weights are for {tuple(packed.w_hh.shape)}, not L={num_layers}, H={hidden_size}"
         )
+    if packed.w_ih0.shape[1] != k:
+        raise _input_count_error(packed.w_ih0.shape[1], k)
     tensors = {
         "grad": grad,
         "param": param,
         "param_out": param_out,
         "h": h,
         "c": c,
+        **moments,
         "weights": packed.w_hh,
     }
     check_launch_device(tensors, fast_tanh=fast_tanh)
@@ -566,6 +721,8 @@ def coordinate_lstm_step_(
         param_out,
         h,
         c,
+        moments.get("m", grad),  # a dummy where there are none: never read
+        moments.get("v", grad),
         packed.w_ih0,
         packed.w_ih,
         packed.w_hh,
@@ -575,14 +732,20 @@ def coordinate_lstm_step_(
         n,
         h.stride(0),
         c.stride(0),
+        m.stride(0) if momentum_decays else 0,
+        v.stride(0) if rms_decays else 0,
         math.exp(-preprocess_p),
         float(preprocess_p),
         math.exp(preprocess_p),
+        RMS_EPS,
         float(output_scale),
         float(lr),
         NUM_LAYERS=num_layers,
         H=hidden_size,
         HP=padded_hidden_size(hidden_size),
+        MOMENTUM_DECAYS=momentum_decays,
+        RMS_DECAYS=rms_decays,
+        NUM_INPUTS=k,
         MAXIMIZE=bool(maximize),
         USE_DOT=bool(use_dot),
         INPUT_PRECISION=input_precision,

@@ -52,11 +52,16 @@ P = 10.0
 SCALE = 0.1
 
 
-def make_rule(num_layers: int, hidden_size: int, seed: int = 0) -> CoordinateLSTM:
-    """A rule whose every weight matters (the default init zeroes many of them)."""
+def make_rule(num_layers: int, hidden_size: int, seed: int = 0, **features) -> CoordinateLSTM:
+    """A rule whose every weight matters (the default init zeroes many of them); ``features``:
+    ``momentum_decays``, ``rms_decays`` or ``param_input``."""
     g = torch.Generator().manual_seed(seed)
     rule = CoordinateLSTM(
-        num_layers=num_layers, hidden_size=hidden_size, preprocess_p=P, output_scale=SCALE
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        preprocess_p=P,
+        output_scale=SCALE,
+        **features,
     )
     with torch.no_grad():
         for q in rule.parameters():
@@ -96,28 +101,61 @@ def make_inputs(
     )
 
 
-def reference(rule, grad, param, h, c, *, lr, maximize):
-    """What the PyTorch path writes: ``(param_out, h, c)``, in the inputs' dtypes."""
+#: Feature sets: the paper's, the default preset's (l2l-random) and each extra kind alone (0.3
+#: takes torch.lerp's other formula, for weights below 0.5).
+FEATURES = {
+    "paper": {},
+    "l2l-random": dict(momentum_decays=(0.5, 0.9, 0.99), rms_decays=(0.99, 0.999)),
+    "momentum": dict(momentum_decays=(0.3, 0.95)),
+    "rms": dict(rms_decays=(0.9,)),
+}
+
+
+def make_moments(
+    rule: CoordinateLSTM, n: int, *, state_dtype: torch.dtype = torch.float32, seed: int = 2
+) -> dict[str, torch.Tensor]:
+    """The rule's moment states, where it has them: ``m`` ``(M, n)`` of gradient size (1e-8..10,
+    both signs), ``v`` ``(R, n)`` of squared-gradient size, with some exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-8, 1, n)[torch.randperm(n, generator=g)]
+    spec = rule.state_spec()
+    moments = {}
+    if "m" in spec:
+        moments["m"] = torch.randn(spec["m"].shape(n), generator=g) * scale
+    if "v" in spec:
+        moments["v"] = (torch.randn(spec["v"].shape(n), generator=g) * scale).square()
+        moments["v"][:, ::89] = 0.0
+    return {k: t.to(DEVICE, state_dtype) for k, t in moments.items()}
+
+
+def reference(rule, grad, param, h, c, *, lr, maximize, **moments):
+    """What the PyTorch path writes: ``(param_out, h, c, *moments)``, in the inputs' dtypes.
+
+    ``moments``: the rule's ``m`` and/or ``v`` states, in that order."""
     p, hr, cr = param.clone(), h.clone(), c.clone()
+    moments = {k: t.clone() for k, t in moments.items()}
     with torch.no_grad():
         flat_update_(
             rule,
             [p],
             [grad],
-            {"h": hr, "c": cr},
+            {"h": hr, "c": cr, **moments},
             [0],
             lr=lr,
             loss=None,
             maximize=maximize,
             compute_dtype=torch.float32,
         )
-    return p, hr, cr
+    return p, hr, cr, *moments.values()
 
 
-def fused(rule, grad, param, h, c, *, lr, maximize, use_dot=True, block=BLOCK, **kw):
-    """The kernel on copies: ``(param_out, h, c)``."""
+def fused(
+    rule, grad, param, h, c, *, lr, maximize, use_dot=True, block=BLOCK, m=None, v=None, **kw
+):
+    """The kernel on copies: ``(param_out, h, c, *moments)`` (``m`` and ``v`` where given)."""
     cfg = rule.config
     p_out, hk, ck = torch.empty_like(param), h.clone(), c.clone()
+    moments = {k: t.clone() for k, t in (("m", m), ("v", v)) if t is not None}
     coordinate_lstm_step_(
         grad,
         param,
@@ -131,11 +169,14 @@ def fused(rule, grad, param, h, c, *, lr, maximize, use_dot=True, block=BLOCK, *
         output_scale=cfg.output_scale,
         lr=lr,
         maximize=maximize,
+        momentum_decays=cfg.momentum_decays,
+        rms_decays=cfg.rms_decays,
+        **moments,
         use_dot=use_dot,
         block=block,
         **kw,
     )
-    return p_out, hk, ck
+    return p_out, hk, ck, *moments.values()
 
 
 def assert_within_one_ulp(
@@ -154,8 +195,8 @@ def assert_within_one_ulp(
     assert fraction <= max_fraction, f"{fraction:.3%} of values differ by one ulp"
 
 
-def assert_matches(got, want) -> None:
-    for name, k, r in zip(("param", "h", "c"), got, want, strict=True):
+def assert_matches(got, want, names=("param", "h", "c")) -> None:
+    for name, k, r in zip(names, got, want, strict=True):
         assert k.dtype == r.dtype, name
         if k.dtype == torch.float32:
             torch.testing.assert_close(k, r, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
@@ -172,6 +213,45 @@ def test_matches_pytorch_path(n: int, num_layers: int, hidden_size: int, use_dot
     want = reference(rule, *inputs, lr=0.3, maximize=False)
     got = fused(rule, *inputs, lr=0.3, maximize=False, use_dot=use_dot)
     assert_matches(got, want)
+
+
+@pytest.mark.parametrize(
+    "features, maximize, use_dot",
+    [
+        ("l2l-random", False, True),
+        ("l2l-random", True, False),
+        ("momentum", False, True),
+        ("rms", False, False),
+    ],
+)
+def test_momentum_and_rms_inputs_over_steps(features: str, maximize: bool, use_dot: bool) -> None:
+    # three steps with fresh gradients, each side feeding its own new h, c, m and v to the next
+    rule = make_rule(2, 20, **FEATURES[features])
+    n = 1500
+    _, param, h, c = make_inputs(n, 2, 20)
+    moments = make_moments(rule, n)
+    names = ("param", "h", "c", *moments)
+    got = want = (param, h, c, *moments.values())
+    for t in range(3):
+        grad = make_inputs(n, 2, 20, seed=10 + t)[0]
+        kw = dict(lr=0.3, maximize=maximize)
+        want = reference(rule, grad, *want[:3], **kw, **dict(zip(moments, want[3:])))
+        got = fused(rule, grad, *got[:3], **kw, use_dot=use_dot, **dict(zip(moments, got[3:])))
+        assert_matches(got, want, names)
+    for name, before, after in zip(moments, moments.values(), got[3:]):
+        assert (after != before).float().mean() > 0.99, name  # every moment moved
+
+
+def test_momentum_and_rms_inputs_with_bfloat16_states() -> None:
+    # bf16 m and v: read as fp32, the features from the unrounded fp32 moments, stored rounded
+    rule = make_rule(2, 20, **FEATURES["l2l-random"])
+    inputs = make_inputs(2000, 2, 20, state_dtype=torch.bfloat16)
+    moments = make_moments(rule, 2000, state_dtype=torch.bfloat16)
+    assert_matches(
+        fused(rule, *inputs, lr=0.5, maximize=False, **moments),
+        reference(rule, *inputs, lr=0.5, maximize=False, **moments),
+        ("param", "h", "c", *moments),
+    )
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -240,16 +320,30 @@ def test_blocks_and_tails(n: int, block: int) -> None:
     )
 
 
-def test_in_place_and_views_of_a_larger_buffer() -> None:
-    # param_out may be param itself; h and c may be buf[:, a:b] of bigger flat buffers (the
+@pytest.mark.parametrize("features", ["paper", "l2l-random"])
+def test_in_place_and_views_of_a_larger_buffer(features: str) -> None:
+    # param_out may be param itself; h, c, m and v may be buf[:, a:b] of bigger flat buffers (the
     # optimizer's layout), and nothing outside [a, b) is touched.
-    rule = make_rule(2, 20)
+    rule = make_rule(2, 20, **FEATURES[features])
     grad, param, h_all, c_all = make_inputs(3000, 2, 20)
+    moments_all = make_moments(rule, 3000)
     a, b = 700, 2900
+
+    def views(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: t[:, a:b] for k, t in buffers.items()}
+
     want = reference(
-        rule, grad[a:b], param[a:b], h_all[:, a:b], c_all[:, a:b], lr=0.3, maximize=False
+        rule,
+        grad[a:b],
+        param[a:b],
+        h_all[:, a:b],
+        c_all[:, a:b],
+        lr=0.3,
+        maximize=False,
+        **views(moments_all),
     )
     h_buf, c_buf, p = h_all.clone(), c_all.clone(), param[a:b].clone()
+    moment_bufs = {k: t.clone() for k, t in moments_all.items()}
     cfg = rule.config
     coordinate_lstm_step_(
         grad[a:b],
@@ -264,10 +358,18 @@ def test_in_place_and_views_of_a_larger_buffer() -> None:
         output_scale=cfg.output_scale,
         lr=0.3,
         maximize=False,
+        momentum_decays=cfg.momentum_decays,
+        rms_decays=cfg.rms_decays,
+        **views(moment_bufs),
         block=BLOCK,
     )
-    assert_matches((p, h_buf[:, a:b], c_buf[:, a:b]), want)
-    for buf, orig in ((h_buf, h_all), (c_buf, c_all)):
+    assert_matches(
+        (p, h_buf[:, a:b], c_buf[:, a:b], *views(moment_bufs).values()),
+        want,
+        ("param", "h", "c", *moment_bufs),
+    )
+    pairs = [(h_buf, h_all), (c_buf, c_all), *zip(moment_bufs.values(), moments_all.values())]
+    for buf, orig in pairs:
         assert torch.equal(buf[:, :a], orig[:, :a]) and torch.equal(buf[:, b:], orig[:, b:])
 
 
@@ -329,8 +431,10 @@ def test_fast_tanh_on_gpu() -> None:
         torch.testing.assert_close(k, r, rtol=1e-2, atol=5e-3)
 
 
-def _call(**overrides):
-    rule = make_rule(2, 20)
+def _call(features: str | dict = "paper", **overrides):
+    """One launch on 32 coordinates of a rule with ``features`` (a :data:`FEATURES` name or
+    config overrides), its decays and moments passed; ``overrides`` replace any argument."""
+    rule = make_rule(2, 20, **(FEATURES[features] if isinstance(features, str) else features))
     grad, param, h, c = make_inputs(32, 2, 20)
     args = dict(
         grad=grad,
@@ -348,6 +452,9 @@ def _call(**overrides):
         lr=0.1,
         maximize=False,
         block=BLOCK,
+        momentum_decays=rule.config.momentum_decays,
+        rms_decays=rule.config.rms_decays,
+        **make_moments(rule, 32),
     )
     for key, value in overrides.items():
         (args if key in args else kw)[key] = value
@@ -382,14 +489,42 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
         _call(**overrides)
 
 
-def test_rejects_extra_features_and_bad_weights() -> None:
+@pytest.mark.parametrize(
+    "features, overrides, match",
+    [
+        ("l2l-random", dict(m=None), r"m must be a tensor of shape \(M, N\) = \(3, 32\)"),
+        ("l2l-random", dict(v=torch.zeros(2, 31)), r"v has shape"),
+        ("l2l-random", dict(m=torch.zeros(3, 32, dtype=torch.float16)), r"m must be one of"),
+        ("l2l-random", dict(m=torch.zeros(32, 3).t()), r"contiguous \(N,\) row per decay"),
+        ("l2l-random", dict(rms_decays=(0.99, 1.0)), r"rms_decays must be in \[0, 1\)"),
+        ("paper", dict(m=torch.zeros(1, 32)), r"m is given, but its decays are empty"),
+        # the weights of 2 + 6 + 2 inputs, the feature set of 2 + 6
+        ("l2l-random", dict(rms_decays=(), v=None), r"10 layer-0 inputs.* has 8"),
+        # the parameter value as an input: no kernel feature
+        (dict(param_input=True), {}, r"param_input=True need the PyTorch path"),
+        (dict(momentum_decays=(0.9,), param_input=True), {}, r"5 layer-0 inputs.*param_input"),
+    ],
+)
+def test_invalid_feature_arguments(features: str | dict, overrides: dict, match: str) -> None:
+    overrides = {
+        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
+    }
+    with pytest.raises(ValueError, match=match):
+        _call(features, **overrides)
+
+
+def test_rejects_mismatched_features_and_bad_weights() -> None:
     rule = CoordinateLSTM(momentum_decays=(0.9,)).to(DEVICE)
     grad, param, h, c = make_inputs(32, 2, 20)
     kw = dict(
         num_layers=2, hidden_size=20, preprocess_p=P, output_scale=SCALE, lr=0.1, maximize=False
     )
-    with pytest.raises(ValueError, match="default feature set"):
+    # weights with momentum inputs, no momentum decays given: as a state_dict and prepacked
+    with pytest.raises(ValueError, match="4 layer-0 inputs, but the feature set has 2"):
         coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, rule_weights(rule), **kw)
+    packed = pack_weights(rule_weights(rule), num_layers=2, hidden_size=20, num_inputs=4)
+    with pytest.raises(ValueError, match="4 layer-0 inputs, but the feature set has 2"):
+        coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, packed, **kw)
     weights = rule_weights(make_rule(2, 20))
     weights["lstm.weight_hh_l1"] = weights["lstm.weight_hh_l1"].double()
     with pytest.raises(ValueError, match="must be float32"):

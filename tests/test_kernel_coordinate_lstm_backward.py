@@ -284,6 +284,11 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="default feature set"):
         extra = CoordinateLSTM(momentum_decays=(0.9,))
         coordinate_lstm_step(grad, h, c, dict(extra.named_parameters()), extra.config)
+    # weights packed for the step kernel's extra inputs, with a default config
+    extra_weights = {k: t.detach().to(DEVICE) for k, t in extra.named_parameters()}
+    packed = pack_weights(extra_weights, num_layers=2, hidden_size=20, num_inputs=4)
+    with pytest.raises(ValueError, match="default feature set"):
+        coordinate_lstm_step(grad, h, c, packed, rule.config)
     with pytest.raises(ValueError, match="power of two"):
         KernelOptions(backward_block=48)
     with pytest.raises(ValueError, match="max_programs"):

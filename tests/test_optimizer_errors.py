@@ -31,8 +31,12 @@ def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
     MetaLSTMOptimizer(p, backend="triton")  # has a kernel (tests/test_kernel_meta_lstm.py)
     from learnedopt import CoordinateLSTM
 
-    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM"):
-        LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,)), backend="triton")
+    # momentum and rms inputs have kernel features (tests/test_kernel_coordinate_lstm.py) ...
+    LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,)), backend="triton")
+    # ... the parameter value as an input has none
+    rule = CoordinateLSTM(momentum_decays=(0.9,), param_input=True)
+    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules without param_input"):
+        LSTMOptimizer(p, weights=rule, backend="triton")
 
 
 def test_wrong_rule_kind_is_rejected() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from helpers import make_params, set_grads
 from learnedopt import LSTMOptimizer, kernels
+from learnedopt.nn import CoordinateLSTM
 
 pytestmark = pytest.mark.skipif(
     not kernels.FUSED_UPDATES_AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1",
@@ -17,30 +18,76 @@ pytestmark = pytest.mark.skipif(
 # Same fp32 math as the torch path; only the order of fp32 reductions differs (see
 # tests/test_kernel_coordinate_lstm.py), so parameters agree to ~1e-6 relative.
 TOL = dict(rtol=2e-5, atol=2e-6)
-# the kernel implements the paper's architecture (2 inputs); the default preset has richer inputs
+# the paper's architecture (2 inputs), and the default preset (weights=None: l2l-random, which also
+# reads momenta and rms-normalised gradients)
 PAPER = "l2l-2016"
+DEFAULT = None
+WEIGHTS = pytest.mark.parametrize("weights", [PAPER, DEFAULT], ids=["l2l-2016", "default"])
 
 
-def run(backend, shapes, dtype=torch.float32, state_dtype=torch.float32, steps=3, **options):
+def run(
+    backend, shapes, dtype=torch.float32, state_dtype=torch.float32, steps=3, *, weights=PAPER,
+    **options,
+):
     params = make_params(shapes, dtype=dtype, noncontiguous=options.pop("noncontiguous", ()))
-    opt = LSTMOptimizer(params, PAPER, backend=backend, state_dtype=state_dtype, **options)
+    opt = LSTMOptimizer(params, weights, backend=backend, state_dtype=state_dtype, **options)
     for t in range(steps):
         set_grads(params, seed=t, skip=options.get("skip", ()))
         opt.step()
     return params, opt
 
 
+@WEIGHTS
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_fused_matches_torch_across_tensors(state_dtype) -> None:
+def test_fused_matches_torch_across_tensors(state_dtype, weights) -> None:
     shapes = [(30, 20), (1,), (0,), (257,), (8, 9)]
-    fused, fopt = run("triton", shapes, state_dtype=state_dtype, noncontiguous=(4,))
-    ref, ropt = run("torch", shapes, state_dtype=state_dtype, noncontiguous=(4,))
+    options = dict(state_dtype=state_dtype, weights=weights, noncontiguous=(4,))
+    fused, fopt = run("triton", shapes, **options)
+    ref, ropt = run("torch", shapes, **options)
     tol = TOL if state_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)  # bf16 states round each step
     for p, q in zip(fused, ref):
         torch.testing.assert_close(p, q, **tol)
+    names = set(fopt.rule.state_spec())
+    assert names == ({"h", "c"} if weights == PAPER else {"h", "c", "m", "v"})
     for p, q in zip(fused, ref):
-        assert fopt.state[p]["h"].dtype == state_dtype
-        torch.testing.assert_close(fopt.state[p]["h"].float(), ropt.state[q]["h"].float(), **tol)
+        for name in names:
+            got, want = fopt.state[p][name], ropt.state[q][name]
+            assert got.dtype == state_dtype
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_default_weights_on_a_model() -> None:
+    # LSTMOptimizer's default (l2l-random: momentum and rms inputs) training a small MLP, with
+    # gradients from real losses, so each step's parameters shape the next gradients
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+    models = {backend: copy.deepcopy(model) for backend in ("triton", "torch")}
+    opts = {b: LSTMOptimizer(m.parameters(), backend=b) for b, m in models.items()}
+    cfg = opts["triton"].rule.config
+    assert cfg.momentum_decays and cfg.rms_decays and not cfg.param_input
+    losses = {backend: [] for backend in models}
+    for _ in range(5):
+        for backend, m in models.items():
+            opts[backend].zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            opts[backend].step()
+            losses[backend].append(loss.item())
+    torch.testing.assert_close(losses["triton"], losses["torch"], **TOL)
+    # The trained rule's h and c are ill-conditioned: along the trajectory the two fp32 paths'
+    # drift up to ~3x TOL apart (measured), less than the torch path's own drift from a float64
+    # run (~12x TOL). Parameters and moments stay within 0.1x TOL.
+    loose = dict(rtol=2e-4, atol=2e-5)
+    state_tol = {"h": loose, "c": loose, "m": TOL, "v": TOL}
+    triton_, torch_ = models["triton"].parameters(), models["torch"].parameters()
+    for p, q, start in zip(triton_, torch_, model.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+        assert not torch.equal(p, start)
+        for name, tol in state_tol.items():
+            got, want = opts["triton"].state[p][name], opts["torch"].state[q][name]
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_fused_with_low_precision_parameters_and_maximize() -> None:
@@ -50,9 +97,10 @@ def test_fused_with_low_precision_parameters_and_maximize() -> None:
         torch.testing.assert_close(p.float(), q.float(), rtol=1e-2, atol=1e-3)  # one bf16 ulp
 
 
-def test_fused_resume_is_bit_identical() -> None:
+@WEIGHTS
+def test_fused_resume_is_bit_identical(weights) -> None:
     params = make_params([(50,), (7, 3)], dtype=torch.float32)
-    opt = LSTMOptimizer(params, PAPER, backend="triton")
+    opt = LSTMOptimizer(params, weights, backend="triton")
     for t in range(2):
         set_grads(params, seed=t)
         opt.step()
@@ -62,7 +110,7 @@ def test_fused_resume_is_bit_identical() -> None:
         set_grads(params, seed=t)
         opt.step()
     resumed = [s.clone().requires_grad_(True) for s in snapshot]
-    fresh = LSTMOptimizer(resumed, PAPER, backend="triton")
+    fresh = LSTMOptimizer(resumed, weights, backend="triton")
     fresh.load_state_dict(saved)
     for t in range(2, 4):
         set_grads(resumed, seed=t)
@@ -77,8 +125,13 @@ def test_explicit_triton_refuses_what_the_kernel_cannot_do() -> None:
     set_grads(params, 0)
     with pytest.raises(RuntimeError, match="float64 parameters"):
         opt.step()
-    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules with the default inputs"):
-        LSTMOptimizer(make_params([(4,)]), backend="triton")  # the default preset's richer inputs
+    rule = CoordinateLSTM(param_input=True)  # the parameter value as an input: no kernel feature
+    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules without param_input"):
+        LSTMOptimizer(make_params([(4,)]), rule, backend="triton")
+    opt = LSTMOptimizer(make_params([(4,)]), rule, backend="torch")
+    with pytest.raises(ValueError, match="without param_input"):
+        opt.add_param_group({"params": make_params([(3,)], seed=1), "backend": "triton"})
+    assert len(opt.param_groups) == 1
 
 
 def test_auto_never_uses_the_interpreter() -> None:

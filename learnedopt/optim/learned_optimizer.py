@@ -48,8 +48,9 @@ class LearnedOptimizer(Optimizer):
             naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
             state unchanged this step.
         backend: ``"torch"``, ``"triton"`` (the fused kernels of
-            :mod:`learnedopt.kernels.coordinate_lstm_step`, for CoordinateLSTM rules with the
-            default inputs, and :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
+            :mod:`learnedopt.kernels.coordinate_lstm_step`, for CoordinateLSTM rules with any
+            momentum and rms inputs but no ``param_input``, and
+            :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
             float32/bfloat16 states, non-float64 parameters, on CUDA or under
             ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel on CUDA where it applies and
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
@@ -101,8 +102,9 @@ class LearnedOptimizer(Optimizer):
         if group["backend"] == "triton" and not _fused_rule(self.rule):
             self.param_groups.pop()
             raise ValueError(
-                f"backend='triton' has a fused kernel only for CoordinateLSTM rules with the default "
-                f"inputs and for MetaLSTMCell; this optimizer runs {self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
+                f"backend='triton' has a fused kernel only for CoordinateLSTM rules without param_input "
+                f"(the parameter value as an input) and for MetaLSTMCell; this optimizer runs "
+                f"{self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
             )
         for p in group["params"]:
             if p.is_complex():
@@ -360,7 +362,10 @@ class LearnedOptimizer(Optimizer):
                 from ..kernels import coordinate_lstm_step as kernel
 
                 packed = kernel.pack_weights(
-                    kernel.rule_weights(self.rule, device), num_layers=cfg.num_layers, hidden_size=cfg.hidden_size
+                    kernel.rule_weights(self.rule, device),
+                    num_layers=cfg.num_layers,
+                    hidden_size=cfg.hidden_size,
+                    num_inputs=kernel.feature_count(cfg.momentum_decays, cfg.rms_decays),
                 )
             cached = (version, packed)
             self._packed_weights[device] = cached
@@ -434,9 +439,9 @@ def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor])
 
 
 def _fused_rule(rule: UpdateRule) -> bool:
-    """Whether a fused kernel implements this rule: CoordinateLSTM with the default inputs, or
-    MetaLSTMCell (every configuration)."""
-    return (isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2) or isinstance(rule, MetaLSTMCell)
+    """Whether a fused kernel implements this rule: CoordinateLSTM with any momentum and rms
+    inputs but not ``param_input``, or MetaLSTMCell (every configuration)."""
+    return (isinstance(rule, CoordinateLSTM) and not rule.config.param_input) or isinstance(rule, MetaLSTMCell)
 
 
 def _triton_interpreted() -> bool:
