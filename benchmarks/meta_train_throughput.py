@@ -1,10 +1,14 @@
-"""Meta-training throughput: the batched unroll engine against a per-tensor implementation.
+"""Meta-training throughput: the library's unroll against a straightforward implementation.
 
 The library's unroll (:func:`learnedopt.meta.unroll.unroll`) runs the update rule once per step
-on all coordinates of all tasks of a meta-batch. The baseline is the straightforward way: the same
-unroll, but the rule is run separately on every parameter tensor of every task (autograd through
-each call). Both compute the same meta-gradient (checked here); the script times one truncation
-(forward unroll of T steps + backward) of each, in one run.
+on all coordinates of all tasks of a meta-batch, and under autograd its LSTM step is
+:func:`learnedopt.nn.lstm_step.lstm_step` (hand-written backward, pointwise parts compiled with
+``torch.compile``). The baseline is the straightforward way: the same unroll, but the rule runs
+separately on every parameter tensor of every task, its LSTM as ``torch.nn.LSTM`` with autograd
+through it. A third row, all coordinates at once through ``torch.nn.LSTM``, separates the gain of
+batching from the gain of the LSTM step. All three compute the same meta-gradient (checked
+here); the script times one truncation (forward unroll of T steps + backward) of each, in one
+run, after one untimed warm-up truncation each (which also compiles).
 
     python benchmarks/meta_train_throughput.py [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
 """
@@ -23,6 +27,15 @@ from common import write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import CoordinateLSTM, State, UpdateRule  # noqa: E402
+from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
+
+
+class TorchLSTMRule(CoordinateLSTM):
+    """``CoordinateLSTM`` whose LSTM step is always ``torch.nn.LSTM`` (autograd through oneDNN's cell)."""
+
+    def _lstm(self, x, h, c):
+        top, (h, c) = self.lstm(x.unsqueeze(0), (h, c))
+        return top[0], h, c
 
 
 class PerTensorRule(UpdateRule):
@@ -65,6 +78,13 @@ def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor
     return time.perf_counter() - start, [p.grad.clone() for p in weights]
 
 
+IMPLEMENTATIONS = {
+    "batched": "batched unroll, `lstm_step` (learnedopt)",
+    "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
+    "per-tensor": "per-tensor rule calls, `torch.nn.LSTM` (baseline)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="mnist-mlp")
@@ -72,38 +92,51 @@ def main() -> None:
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     family = make_family(args.task, split="meta_train")
     rule = CoordinateLSTM()
-    rule.requires_grad_(True)
+    torch_rule = TorchLSTMRule(rule.config)
+    torch_rule.load_state_dict(rule.state_dict())
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
-    baseline = PerTensorRule(rule, sizes)
-    times = {"batched": [], "per-tensor": []}
+    rules = {"batched": rule, "batched-nn-lstm": torch_rule, "per-tensor": PerTensorRule(torch_rule, sizes)}
+    for r in rules.values():
+        r.requires_grad_(True)
+        truncation(r, family, args)  # warm-up (and torch.compile of the LSTM step's pointwise parts)
+    times = {name: [] for name in rules}
     grads = {}
     for _ in range(args.repeats):
-        for name, r in (("batched", rule), ("per-tensor", baseline)):
+        for name, r in rules.items():
             seconds, grads[name] = truncation(r, family, args)
             times[name].append(seconds)
-    diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads["batched"], grads["per-tensor"]))
+    reference = grads["per-tensor"]
+    diff = max(
+        ((a - b).norm() / b.norm()).item() for name in ("batched", "batched-nn-lstm") for a, b in zip(grads[name], reference)
+    )
     best = {k: min(v) for k, v in times.items()}
     row = dict(
         task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
-        coordinates=sum(sizes) * args.meta_batch, batched_s=best["batched"], per_tensor_s=best["per-tensor"],
+        coordinates=sum(sizes) * args.meta_batch, batched_s=best["batched"],
+        batched_nn_lstm_s=best["batched-nn-lstm"], per_tensor_s=best["per-tensor"],
         speedup=best["per-tensor"] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
+        compiled=compile_enabled(),
     )
     print(row)
-    table = (
+    lines = [
         f"One truncation (unroll of T={args.unroll} steps + backward) of `CoordinateLSTM` meta-training on "
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
-        f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats}, {row['threads']} threads.\n\n"
-        "| implementation | seconds / truncation | truncations / s |\n|---|---:|---:|\n"
-        f"| batched unroll (learnedopt) | {best['batched']:.2f} | {1 / best['batched']:.3f} |\n"
-        f"| per-tensor rule calls (baseline) | {best['per-tensor']:.2f} | {1 / best['per-tensor']:.3f} |\n\n"
-        f"Speed-up {row['speedup']:.2f}x; largest relative meta-gradient difference {diff:.1e}."
-    )
-    write_results("meta_train_throughput", {"rows": [row]}, table)
+        f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} after a warm-up, {row['threads']} "
+        f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
+        "| implementation | seconds / truncation | truncations / s | speed-up vs baseline |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, label in IMPLEMENTATIONS.items():
+        lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best['per-tensor'] / best[name]:.2f}x |")
+    lines.append(f"\nLargest relative meta-gradient difference from the baseline: {diff:.1e}.")
+    write_results("meta_train_throughput", {"rows": [row]}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
 from .functional import preprocess
+from .lstm_step import lstm_step
 
 
 @dataclass(frozen=True)
@@ -150,15 +151,27 @@ class CoordinateLSTM(UpdateRule):
         x = features[0] if len(features) == 1 else torch.cat(features, dim=1)
         return x, new_state
 
+    def _lstm(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of the stacked LSTM: ``x`` ``(n, num_inputs)``, ``h`` and ``c``
+        ``(num_layers, n, hidden_size)`` -> ``(top (n, hidden_size), h', c')``.
+
+        Where autograd will go through it (meta-training) the step is :func:`lstm_step`, whose
+        hand-written backward is several times faster on CPU than ``nn.LSTM``'s; the optimizer's
+        no-grad step keeps ``nn.LSTM`` (oneDNN's fused cell on CPU, the faster forward).
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *self.lstm.parameters())):
+            return lstm_step(self.lstm, x, h, c)
+        top, (h, c) = self.lstm(x.unsqueeze(0), (h, c))
+        return top[0], h, c
+
     def forward(
         self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
     ) -> tuple[Tensor, State]:
         x, new_state = self._features(grad, param, state)
-        top, (h, c) = self.lstm(x.unsqueeze(0), (state["h"], state["c"]))
-        new_state["h"], new_state["c"] = h, c
+        top, new_state["h"], new_state["c"] = self._lstm(x, state["h"], state["c"])
         # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
         # can depend on n: a coordinate's step must not depend on how coordinates were batched
         # (chunks, tensors, FSDP shards)
-        head = (top[0] * self.head.weight[0]).sum(dim=1) + self.head.bias[0]
+        head = (top * self.head.weight[0]).sum(dim=1) + self.head.bias[0]
         step = head * self.config.output_scale
         return step, new_state

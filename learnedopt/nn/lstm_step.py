@@ -1,0 +1,160 @@
+"""One time step of a stacked LSTM with a hand-written backward, for meta-training.
+
+A learned optimizer runs its LSTM for exactly one time step per optimizer step, on a batch of
+``n`` coordinates (tens of thousands to millions) with a small hidden size (20). At that shape
+an LSTM step is bound by its elementwise work, not by its matrix products, and on CPU the
+backward of ``torch.nn.LSTM`` (oneDNN's RNN primitive) costs several times its forward.
+:class:`LSTMCellStep` computes the step as two BLAS products plus ONE pointwise function
+(:func:`cell_forward`) and saves the gate activations; its backward is the closed-form LSTM
+gradient: one pointwise function (:func:`cell_backward`) plus three BLAS products.
+
+The two pointwise functions are compiled with ``torch.compile`` (one fused loop each instead of
+about fifteen passes over memory) the first time they run, which takes seconds once per process
+and dtype; set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
+compiler, an unsupported platform) they run eagerly, with one warning. Both ways compute the
+same math as ``torch.nn.LSTM`` (torch's gate order ``i, f, g, o``), equal to rounding.
+
+The backward is first order (``once_differentiable``): the meta-gradient of an unroll needs one
+backward through each rule call; differentiating that backward again raises an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pointwise part of an LSTM cell.
+
+    Args:
+        gates: ``(n, 4H)`` pre-activations, column blocks ``i, f, g, o``.
+        c: ``(n, H)`` cell state.
+
+    Returns:
+        ``(activations (n, 4H), c' (n, H), h' (n, H), tanh(c') (n, H))``.
+    """
+    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    c_new = f * c + i * g
+    tanh_c = c_new.tanh()
+    return torch.cat((i, f, g, o), dim=1), c_new, o * tanh_c, tanh_c
+
+
+def cell_backward(
+    activations: Tensor, c: Tensor, tanh_c: Tensor, grad_h: Tensor, grad_c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The gradient of :func:`cell_forward` (all ``(n, H)`` but ``activations``, ``(n, 4H)``).
+
+    Args:
+        activations, c, tanh_c: as :func:`cell_forward` took and returned them.
+        grad_h, grad_c: the loss's gradients with respect to ``h'`` and ``c'``.
+
+    Returns:
+        ``(grad of the pre-activation gates (n, 4H), grad of c (n, H))``.
+    """
+    i, f, g, o = activations.chunk(4, dim=1)
+    dc = grad_h * o * (1 - tanh_c * tanh_c) + grad_c  # directly, and through h' = o tanh(c')
+    d_gates = torch.cat(
+        (dc * g * i * (1 - i), dc * c * f * (1 - f), dc * i * (1 - g * g), grad_h * tanh_c * o * (1 - o)), dim=1
+    )
+    return d_gates, dc * f
+
+
+def compile_enabled() -> bool:
+    """Whether the pointwise functions are compiled (``LEARNEDOPT_COMPILE``, default on)."""
+    return os.environ.get("LEARNEDOPT_COMPILE", "1") != "0"
+
+
+class _Compiled:
+    """``fn`` compiled on first use (shapes dynamic), or ``fn`` itself when compiling is off or
+    fails."""
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., tuple[Tensor, ...]] | None = None
+        self.failed = False
+
+    def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+        if self.failed or not compile_enabled():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
+            self.failed = True
+            warnings.warn(
+                f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: {str(err)[:200]}); "
+                "the LSTM step runs eagerly (slower, same result)",
+                stacklevel=3,
+            )
+            return self.fn(*args)
+
+
+_cell_forward = _Compiled(cell_forward)
+_cell_backward = _Compiled(cell_backward)
+
+
+class LSTMCellStep(torch.autograd.Function):
+    """``h', c' = LSTMCell(x, (h, c))`` with the weights of one layer of a ``torch.nn.LSTM``.
+
+    Shapes: ``x`` ``(n, in)``, ``h`` and ``c`` ``(n, H)``, ``weight_ih`` ``(4H, in)``,
+    ``weight_hh`` ``(4H, H)``, ``bias`` ``(4H,)`` (``bias_ih + bias_hh``); returns ``h'``, ``c'``
+    ``(n, H)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        gates = torch.addmm(bias, x, weight_ih.t()).addmm_(h, weight_hh.t())
+        activations, c_new, h_new, tanh_c = _cell_forward(gates, c)
+        ctx.save_for_backward(x, h, c, weight_ih, weight_hh, activations, tanh_c)
+        return h_new, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_h: Tensor | None, grad_c: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, h, c, weight_ih, weight_hh, activations, tanh_c = ctx.saved_tensors
+        grad_h = torch.zeros_like(tanh_c) if grad_h is None else grad_h
+        grad_c = torch.zeros_like(tanh_c) if grad_c is None else grad_c
+        d_gates, grad_c_prev = _cell_backward(activations, c, tanh_c, grad_h, grad_c)
+        needs = ctx.needs_input_grad
+        return (
+            d_gates @ weight_ih if needs[0] else None,
+            d_gates @ weight_hh if needs[1] else None,
+            grad_c_prev if needs[2] else None,
+            d_gates.t() @ x if needs[3] else None,
+            d_gates.t() @ h if needs[4] else None,
+            d_gates.sum(dim=0) if needs[5] else None,
+        )
+
+
+def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One time step of every layer of ``lstm`` (unidirectional, with biases, no projections).
+
+    Args:
+        lstm: the module whose weights are used.
+        x: ``(n, input_size)``.
+        h, c: ``(num_layers, n, hidden_size)``.
+
+    Returns:
+        ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` and the new states
+        ``(num_layers, n, hidden_size)``, as ``lstm(x[None], (h, c))`` gives them.
+    """
+    hs, cs = [], []
+    # unbind, not h[layer]: its backward stacks the layers' gradients in one copy, where each
+    # select's backward would fill and add a zero tensor of all layers
+    for layer, (h_layer, c_layer) in enumerate(zip(h.unbind(0), c.unbind(0), strict=True)):
+        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+        weight_ih, weight_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+        x, c_new = LSTMCellStep.apply(x, h_layer, c_layer, weight_ih, weight_hh, bias)
+        hs.append(x)
+        cs.append(c_new)
+    return x, torch.stack(hs), torch.stack(cs)

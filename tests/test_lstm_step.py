@@ -1,0 +1,120 @@
+"""The hand-written LSTM step of meta-training (learnedopt.nn.lstm_step) against torch.nn.LSTM."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from learnedopt.nn import CoordinateLSTM
+from learnedopt.nn import lstm_step as lstm_step_module
+from learnedopt.nn.lstm_step import lstm_step
+
+
+def _inputs(dtype: torch.dtype, n: int = 37, inputs: int = 3, hidden: int = 5, layers: int = 2):
+    lstm = torch.nn.LSTM(inputs, hidden, layers).to(dtype)
+    x = torch.randn(n, inputs, dtype=dtype, requires_grad=True)
+    h = torch.randn(layers, n, hidden, dtype=dtype, requires_grad=True)
+    c = torch.randn(layers, n, hidden, dtype=dtype, requires_grad=True)
+    return lstm, x, h, c
+
+
+def _values_and_grads(step, lstm, x, h, c):
+    """Outputs of one step and the gradients of a loss reading all three outputs."""
+    top, h_new, c_new = step(lstm, x, h, c)
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (top, h_new, c_new)]
+    loss = sum((t * w).sum() for t, w in zip((top, h_new, c_new), weights, strict=True))
+    grads = torch.autograd.grad(loss, [x, h, c, *lstm.parameters()])
+    return (top, h_new, c_new), grads
+
+
+def _reference(lstm, x, h, c):
+    top, (h_new, c_new) = lstm(x.unsqueeze(0), (h, c))
+    return top[0], h_new, c_new
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_matches_torch_lstm_values_and_gradients_in_float64(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1" if compiled else "0")
+    lstm, x, h, c = _inputs(torch.float64)
+    values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
+    ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
+    for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_agrees_with_torch_lstm_to_rounding() -> None:
+    lstm, x, h, c = _inputs(torch.float32, n=300, inputs=2, hidden=20)
+    values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
+    ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
+    for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck() -> None:
+    lstm, x, h, c = _inputs(torch.float64, n=4, inputs=2, hidden=3)
+    weights = [p.detach().clone().requires_grad_() for p in lstm.parameters()]
+
+    def fn(x, h, c, *weights):
+        return lstm_step(_Bound(lstm, weights), x, h, c)
+
+    assert torch.autograd.gradcheck(fn, (x, h, c, *weights))
+
+
+class _Bound:
+    """An ``nn.LSTM`` look-alike whose weights are given tensors (for gradcheck)."""
+
+    def __init__(self, lstm: torch.nn.LSTM, weights) -> None:
+        self.num_layers = lstm.num_layers
+        for (name, _), w in zip(lstm.named_parameters(), weights, strict=True):
+            setattr(self, name, w)
+
+
+def test_differentiating_the_backward_again_raises() -> None:
+    lstm, x, h, c = _inputs(torch.float64)
+    x.requires_grad_(False)
+    top, _, _ = lstm_step(lstm, x, h, c)
+    weight = torch.randn(top.shape, dtype=top.dtype, requires_grad=True)  # the incoming gradient has a graph
+    (grad_h,) = torch.autograd.grad((top * weight).sum(), [h], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        grad_h.sum().backward()
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    fresh = lstm_step_module._Compiled(lstm_step_module.cell_forward)
+    monkeypatch.setattr(lstm_step_module, "_cell_forward", fresh)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    lstm, x, h, c = _inputs(torch.float64)
+    with pytest.warns(UserWarning, match="torch.compile of cell_forward failed .*no C\\+\\+ compiler"):
+        values, _ = _values_and_grads(lstm_step, lstm, x, h, c)
+    ref_values, _ = _values_and_grads(_reference, lstm, x, h, c)
+    for got, want in zip(values, ref_values, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fresh.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the eager path is kept
+        _values_and_grads(lstm_step, lstm, x, h, c)
+
+
+def test_coordinate_lstm_uses_the_step_only_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meta-training (weights requiring grad) goes through lstm_step; the optimizer's no-grad step
+    through nn.LSTM; both give the same update to rounding."""
+    calls = []
+    original = lstm_step_module.LSTMCellStep.apply
+    monkeypatch.setattr(lstm_step_module.LSTMCellStep, "apply", lambda *a: calls.append(1) or original(*a))
+    rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,))
+    grad, param = torch.randn(50), torch.randn(50)
+    state = rule.init_state(50, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        step_no_grad, _ = rule(grad, param, state)
+    assert calls == []
+    step_grad, _ = rule(grad, param, state)
+    assert len(calls) == rule.config.num_layers
+    torch.testing.assert_close(step_grad.detach(), step_no_grad, rtol=1e-5, atol=1e-7)
