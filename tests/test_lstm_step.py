@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from learnedopt.nn import CoordinateLSTM
+from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 from learnedopt.nn import lstm_step as lstm_step_module
 from learnedopt.nn.lstm_step import lstm_step
 
@@ -103,18 +103,19 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
         _values_and_grads(lstm_step, lstm, x, h, c)
 
 
-def test_coordinate_lstm_uses_the_step_only_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
+def test_rules_use_the_step_only_under_autograd(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """Meta-training (weights requiring grad) goes through lstm_step; the optimizer's no-grad step
     through nn.LSTM; both give the same update to rounding."""
     calls = []
     original = lstm_step_module.LSTMCellStep.apply
     monkeypatch.setattr(lstm_step_module.LSTMCellStep, "apply", lambda *a: calls.append(1) or original(*a))
-    rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,))
-    grad, param = torch.randn(50), torch.randn(50)
+    rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,)) if kind == "CoordinateLSTM" else MetaLSTMCell()
+    grad, param, loss = torch.randn(50), torch.randn(50), torch.tensor(0.7)
     state = rule.init_state(50, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        step_no_grad, _ = rule(grad, param, state)
+        step_no_grad, _ = rule(grad, param, state, loss)
     assert calls == []
-    step_grad, _ = rule(grad, param, state)
-    assert len(calls) == rule.config.num_layers
+    step_grad, _ = rule(grad, param, state, loss)
+    assert len(calls) == rule.lstm.num_layers
     torch.testing.assert_close(step_grad.detach(), step_no_grad, rtol=1e-5, atol=1e-7)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
 from .functional import preprocess
-from .lstm_step import lstm_step
+from .lstm_step import lstm_one_step
 
 
 @dataclass(frozen=True)
@@ -153,16 +153,9 @@ class CoordinateLSTM(UpdateRule):
 
     def _lstm(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One step of the stacked LSTM: ``x`` ``(n, num_inputs)``, ``h`` and ``c``
-        ``(num_layers, n, hidden_size)`` -> ``(top (n, hidden_size), h', c')``.
-
-        Where autograd will go through it (meta-training) the step is :func:`lstm_step`, whose
-        hand-written backward is several times faster on CPU than ``nn.LSTM``'s; the optimizer's
-        no-grad step keeps ``nn.LSTM`` (oneDNN's fused cell on CPU, the faster forward).
-        """
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *self.lstm.parameters())):
-            return lstm_step(self.lstm, x, h, c)
-        top, (h, c) = self.lstm(x.unsqueeze(0), (h, c))
-        return top[0], h, c
+        ``(num_layers, n, hidden_size)`` -> ``(top (n, hidden_size), h', c')`` (see
+        :func:`~learnedopt.nn.lstm_step.lstm_one_step`)."""
+        return lstm_one_step(self.lstm, x, h, c)
 
     def forward(
         self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None

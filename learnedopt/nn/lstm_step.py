@@ -158,3 +158,13 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
         hs.append(x)
         cs.append(c_new)
     return x, torch.stack(hs), torch.stack(cs)
+
+
+def lstm_one_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_step` where autograd will go through the step (meta-training), else ``lstm``
+    itself (oneDNN's fused cell on CPU: the faster forward, for the optimizer's no-grad step).
+    Same arguments and results as :func:`lstm_step`."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *lstm.parameters())):
+        return lstm_step(lstm, x, h, c)
+    top, (h, c) = lstm(x.unsqueeze(0), (h, c))
+    return top[0], h, c

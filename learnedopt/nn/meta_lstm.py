@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
 from .functional import preprocess
+from .lstm_step import lstm_one_step
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,7 @@ class MetaLSTMCell(UpdateRule):
         p = self.config.preprocess_p
         loss_features = preprocess(loss.reshape(1).to(grad.dtype), p)
         x = torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
-        _, (h_all, c_all) = self.lstm(x.unsqueeze(0), (state["h"], state["c"]))
-        h = h_all[0]
+        h, h_all, c_all = lstm_one_step(self.lstm, x, state["h"], state["c"])
         hidden = self.config.hidden_size
         # gate pre-activations: the h_t part as a per-row sum (not a BLAS product, whose rounding
         # of a row can depend on the number of rows: a coordinate's update must not depend on
