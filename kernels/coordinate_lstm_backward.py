@@ -57,13 +57,27 @@ the forward to ~1e-3). Runs on CUDA tensors, or on CPU tensors in the Triton int
 (``TRITON_INTERPRET=1`` set before import). Block sizes, warps and ``max_programs`` on the GPU are
 untuned defaults: no GPU was available when this was written.
 
-Register budget (H = 20 padded to 32, two layers, sm_90, compiled offline with Triton 3.9 and
-read with the bundled ``cuobjdump``; never run or timed on a GPU): the forward kernel at BLOCK
-64 / 4 warps is like the in-place one (255 registers, 872 B of stack). The backward kernel
-compiles, but reports 32 registers and 6.8 KB (BLOCK 16 / 4 warps), 9.8 KB (32 / 4), 7.8 KB
-(32 / 8), 20 KB (64 / 4) or 8.8 KB (64 / 8) of stack per thread, with or without ``USE_DOT``
-(and, at BLOCK 32, without the tile loop): heavy spilling whose cause is not yet understood.
-Profile it on a GPU before relying on its speed.
+Register budget (H = 20 padded to 32, two layers, sm_90; an OFFLINE compile only, never run or
+timed on a GPU): ``triton.compile(ASTSource(fn=coordinate_lstm_backward_kernel, signature=...,
+constexprs=...), target=GPUTarget("cuda", 90, 32), options={"num_warps": w})`` with Triton 3.9
+(``TRITON_INTERPRET`` unset), then its ``asm["ptx"]`` through the bundled ``ptxas-blackwell -v
+--regAllocOptLevel=2 --gpu-name=sm_90a`` (Triton's own flags), reading "Used N registers" and the
+stack frame. The forward kernel at BLOCK 64 / 4 warps is like the in-place one (255 registers, 872
+B of stack). The backward kernel used to report 32 registers and 6.8 KB (BLOCK 16 / 4 warps), 9.8
+KB (32 / 4, the default: 28 KB of spill stores, 47 KB of loads), 7.8 KB (32 / 8), 20 KB (64 / 4) or
+8.8 KB (64 / 8) of stack per thread. Cause: the layers' backward ran its products grouped by
+product (the four gates' ``dpre`` through ``W_hh``, then all four weight-gradient dots against
+``x``, against ``h``, then through ``W_ih``), so the four gate gradients (and, presumably, their
+copies in the dot-operand layouts) stayed live across all of it; the PTX has no ``.maxnreg`` (only
+``.reqntid``), and "32 registers" is ptxas -O3 giving up on that pressure (the same PTX at -O1: 255
+registers, 6.5 KB; ``NUM_LAYERS = 1``, without the upper-layer block: 255 registers, 248 B). The
+backward now runs gate by gate (both products and both weight-gradient dots of one gate, then the
+next; the same operations and the same order of every sum, so bit-identical in the interpreter):
+255 registers and 584 B of stack at the default BLOCK 32 / 4 warps (1.2 KB spill stores, 1.6 KB
+loads), 40 B at 16 / 4, 816 B at 32 / 8, 1.9 KB at 64 / 8, 680 B at 16 / 2; 64 / 4 still collapses
+to 32 registers (13 KB). ``USE_DOT`` off gives the same numbers. BLOCK 16 / 4 warps nearly removes
+the spill but doubles the partial-sum read-modify-writes per coordinate; the default stays 32 / 4,
+untuned: profile on a GPU before relying on its speed.
 """
 
 from __future__ import annotations
@@ -306,26 +320,6 @@ def _project_back(
 
 
 @triton.jit
-def _backprop(
-    d_i,
-    d_f,
-    d_g,
-    d_o,
-    w_ptr,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """``dpre @ W`` over the four gates: the gradient of the product's input, ``(BLOCK, HP)``."""
-    y = _project_back(d_i, w_ptr, 0, H, HP, USE_DOT, INPUT_PRECISION)
-    y += _project_back(d_f, w_ptr, 1, H, HP, USE_DOT, INPUT_PRECISION)
-    y += _project_back(d_g, w_ptr, 2, H, HP, USE_DOT, INPUT_PRECISION)
-    y += _project_back(d_o, w_ptr, 3, H, HP, USE_DOT, INPUT_PRECISION)
-    return y
-
-
-@triton.jit
 def _add_outer(
     part_ptr,
     d,
@@ -342,24 +336,6 @@ def _add_outer(
     mask = (j < H) & (k < H)
     update = tl.dot(tl.trans(d), x, input_precision=INPUT_PRECISION)
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
-
-
-@triton.jit
-def _add_weight_grads(
-    part_ptr,
-    d_i,
-    d_f,
-    d_g,
-    d_o,
-    x,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    _add_outer(part_ptr, d_i, x, 0, H, HP, INPUT_PRECISION)
-    _add_outer(part_ptr, d_f, x, 1, H, HP, INPUT_PRECISION)
-    _add_outer(part_ptr, d_g, x, 2, H, HP, INPUT_PRECISION)
-    _add_outer(part_ptr, d_o, x, 3, H, HP, INPUT_PRECISION)
 
 
 @triton.jit
@@ -464,18 +440,29 @@ def coordinate_lstm_backward_kernel(
             )
             d_i, d_f, d_g, d_o, dc = _cell_backward(pre_i, pre_f, pre_g, pre_o, c, dh, dc)
             tl.store(d_c_ptr + offset, dc, mask=tile_mask)
-            dh_old = _backprop(d_i, d_f, d_g, d_o, w_hh, H, HP, USE_DOT, INPUT_PRECISION)
-            tl.store(d_h_ptr + offset, dh_old, mask=tile_mask)
-            _add_weight_grads(
-                part_ih + (layer - 1) * 4 * H * H, d_i, d_f, d_g, d_o, x, H, HP, INPUT_PRECISION
-            )
-            _add_weight_grads(
-                part_hh + layer * 4 * H * H, d_i, d_f, d_g, d_o, h, H, HP, INPUT_PRECISION
-            )
             _add_bias_grads(part_bias + layer * 4 * H, d_i, d_f, d_g, d_o, H, HP)
-            dh = _zero_padding(
-                _backprop(d_i, d_f, d_g, d_o, w_ih, H, HP, USE_DOT, INPUT_PRECISION), H, HP
-            )
+            part_ih_l = part_ih + (layer - 1) * 4 * H * H
+            part_hh_l = part_hh + layer * 4 * H * H
+            # gate by gate, so that one gate's dot operands are live at a time (the sums keep
+            # their gate order i, f, g, o; see "Register budget" in the module docstring)
+            dh_old = _project_back(d_i, w_hh, 0, H, HP, USE_DOT, INPUT_PRECISION)
+            dh = _project_back(d_i, w_ih, 0, H, HP, USE_DOT, INPUT_PRECISION)
+            _add_outer(part_ih_l, d_i, x, 0, H, HP, INPUT_PRECISION)
+            _add_outer(part_hh_l, d_i, h, 0, H, HP, INPUT_PRECISION)
+            dh_old += _project_back(d_f, w_hh, 1, H, HP, USE_DOT, INPUT_PRECISION)
+            dh += _project_back(d_f, w_ih, 1, H, HP, USE_DOT, INPUT_PRECISION)
+            _add_outer(part_ih_l, d_f, x, 1, H, HP, INPUT_PRECISION)
+            _add_outer(part_hh_l, d_f, h, 1, H, HP, INPUT_PRECISION)
+            dh_old += _project_back(d_g, w_hh, 2, H, HP, USE_DOT, INPUT_PRECISION)
+            dh += _project_back(d_g, w_ih, 2, H, HP, USE_DOT, INPUT_PRECISION)
+            _add_outer(part_ih_l, d_g, x, 2, H, HP, INPUT_PRECISION)
+            _add_outer(part_hh_l, d_g, h, 2, H, HP, INPUT_PRECISION)
+            dh_old += _project_back(d_o, w_hh, 3, H, HP, USE_DOT, INPUT_PRECISION)
+            dh += _project_back(d_o, w_ih, 3, H, HP, USE_DOT, INPUT_PRECISION)
+            _add_outer(part_ih_l, d_o, x, 3, H, HP, INPUT_PRECISION)
+            _add_outer(part_hh_l, d_o, h, 3, H, HP, INPUT_PRECISION)
+            tl.store(d_h_ptr + offset, dh_old, mask=tile_mask)
+            dh = _zero_padding(dh, H, HP)
 
         # ---- layer 0: the two preprocessed features
         dh += tl.load(d_h_new_ptr + tile, mask=tile_mask, other=0.0)
@@ -487,10 +474,16 @@ def coordinate_lstm_backward_kernel(
         )
         d_i, d_f, d_g, d_o, dc = _cell_backward(pre_i, pre_f, pre_g, pre_o, c, dh, dc)
         tl.store(d_c_ptr + tile, dc, mask=tile_mask)
-        dh_old = _backprop(d_i, d_f, d_g, d_o, w_hh_ptr, H, HP, USE_DOT, INPUT_PRECISION)
-        tl.store(d_h_ptr + tile, dh_old, mask=tile_mask)
-        _add_weight_grads(part_hh, d_i, d_f, d_g, d_o, h, H, HP, INPUT_PRECISION)
         _add_bias_grads(part_bias, d_i, d_f, d_g, d_o, H, HP)
+        dh_old = _project_back(d_i, w_hh_ptr, 0, H, HP, USE_DOT, INPUT_PRECISION)
+        _add_outer(part_hh, d_i, h, 0, H, HP, INPUT_PRECISION)
+        dh_old += _project_back(d_f, w_hh_ptr, 1, H, HP, USE_DOT, INPUT_PRECISION)
+        _add_outer(part_hh, d_f, h, 1, H, HP, INPUT_PRECISION)
+        dh_old += _project_back(d_g, w_hh_ptr, 2, H, HP, USE_DOT, INPUT_PRECISION)
+        _add_outer(part_hh, d_g, h, 2, H, HP, INPUT_PRECISION)
+        dh_old += _project_back(d_o, w_hh_ptr, 3, H, HP, USE_DOT, INPUT_PRECISION)
+        _add_outer(part_hh, d_o, h, 3, H, HP, INPUT_PRECISION)
+        tl.store(d_h_ptr + tile, dh_old, mask=tile_mask)
         xm = x_mag[:, None]
         xd = x_dir[:, None]
         _add_vector(part_ih0 + (0 * H + cols) * 2, tl.sum(d_i * xm, axis=0), col_mask)
