@@ -35,22 +35,26 @@ def _reference(lstm, x, h, c):
     return top[0], h_new, c_new
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_matches_torch_lstm_values_and_gradients_in_float64(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "sizes", "tol", "compiled"),
+    [
+        (torch.float64, {}, 1e-12, False),
+        (torch.float64, {}, 1e-12, True),
+        (torch.float32, {"n": 300, "inputs": 2, "hidden": 20}, 1e-5, True),
+    ],
+    ids=["float64-eager", "float64-compiled", "float32-compiled"],
+)
+def test_matches_torch_lstm_values_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, sizes: dict, tol: float, compiled: bool
+) -> None:
+    """Outputs and the gradients of every input and weight agree with ``nn.LSTM``: to 1e-12 in
+    float64, to float32 rounding in float32."""
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "1" if compiled else "0")
-    lstm, x, h, c = _inputs(torch.float64)
+    lstm, x, h, c = _inputs(dtype, **sizes)
     values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
     ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
     for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_float32_agrees_with_torch_lstm_to_rounding() -> None:
-    lstm, x, h, c = _inputs(torch.float32, n=300, inputs=2, hidden=20)
-    values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
-    ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
-    for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_gradcheck() -> None:

@@ -169,9 +169,10 @@ def shutdown(*, wait_for_all: bool = True) -> None:
     """Leave the default process group if :func:`init_from_env` created it (a group the caller
     set up is the caller's to destroy).
 
-    With ``wait_for_all`` every rank first waits at a barrier: a rank that tears its gloo group
-    down while another still works (rank 0 evaluates and writes the weights alone) can abort
-    in gloo's destructor. Pass ``False`` after an error, when another rank may never arrive.
+    With ``wait_for_all`` every rank first waits at a barrier, so that no rank tears the group
+    down while another still works (rank 0 evaluates and writes the weights alone); a barrier
+    that fails (a rank is gone, or rank 0 took longer than the timeout) is ignored. Pass
+    ``False`` after an error, when another rank may never arrive.
     """
     global _owns_group
     if _owns_group and dist.is_initialized():
