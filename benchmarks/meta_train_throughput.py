@@ -10,12 +10,16 @@ batching from the gain of the LSTM step. All three compute the same meta-gradien
 here); the script times one truncation (forward unroll of T steps + backward) of each, in one
 run, after one untimed warm-up truncation each (which also compiles).
 
-    python benchmarks/meta_train_throughput.py [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
+    python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
+
+With ``--rule MetaLSTMCell`` (called once per task with that task's loss) there is no per-tensor
+row, and the baseline is the batched unroll through ``torch.nn.LSTM``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -26,16 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
-from learnedopt.nn import CoordinateLSTM, State, UpdateRule  # noqa: E402
+from learnedopt.nn import RULES, State, UpdateRule, coordinate_lstm, meta_lstm  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
 
 
-class TorchLSTMRule(CoordinateLSTM):
-    """``CoordinateLSTM`` whose LSTM step is always ``torch.nn.LSTM`` (autograd through oneDNN's cell)."""
+@contextlib.contextmanager
+def torch_lstm():
+    """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (autograd through oneDNN's
+    cell) instead of :func:`learnedopt.nn.lstm_step.lstm_step`."""
 
-    def _lstm(self, x, h, c):
-        top, (h, c) = self.lstm(x.unsqueeze(0), (h, c))
+    def through_nn_lstm(lstm, x, h, c):
+        top, (h, c) = lstm(x.unsqueeze(0), (h, c))
         return top[0], h, c
+
+    modules = (coordinate_lstm, meta_lstm)
+    originals = [m.lstm_one_step for m in modules]
+    for m in modules:
+        m.lstm_one_step = through_nn_lstm
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals, strict=True):
+            m.lstm_one_step = original
 
 
 class PerTensorRule(UpdateRule):
@@ -88,6 +104,8 @@ IMPLEMENTATIONS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--rule", default="CoordinateLSTM", choices=sorted(RULES),
+                        help="MetaLSTMCell has no per-tensor row: it runs once per task with that task's loss")  # fmt: skip
     parser.add_argument("--meta-batch", type=int, default=2)
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -96,47 +114,51 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     family = make_family(args.task, split="meta_train")
-    rule = CoordinateLSTM()
-    torch_rule = TorchLSTMRule(rule.config)
-    torch_rule.load_state_dict(rule.state_dict())
+    rule = RULES[args.rule]()
+    rule.requires_grad_(True)
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
-    rules = {"batched": rule, "batched-nn-lstm": torch_rule, "per-tensor": PerTensorRule(torch_rule, sizes)}
-    for r in rules.values():
-        r.requires_grad_(True)
-        truncation(r, family, args)  # warm-up (and torch.compile of the LSTM step's pointwise parts)
-    times = {name: [] for name in rules}
+    runs = {"batched": (rule, contextlib.nullcontext), "batched-nn-lstm": (rule, torch_lstm)}
+    if not rule.needs_loss:
+        runs["per-tensor"] = (PerTensorRule(rule, sizes), torch_lstm)
+    baseline = "per-tensor" if "per-tensor" in runs else "batched-nn-lstm"
+    for r, context in runs.values():
+        with context():
+            truncation(r, family, args)  # warm-up (and torch.compile of the LSTM step's pointwise parts)
+    times = {name: [] for name in runs}
     grads = {}
     for _ in range(args.repeats):
-        for name, r in rules.items():
-            seconds, grads[name] = truncation(r, family, args)
+        for name, (r, context) in runs.items():
+            with context():
+                seconds, grads[name] = truncation(r, family, args)
             times[name].append(seconds)
-    reference = grads["per-tensor"]
+    reference = grads[baseline]
     diff = max(
-        ((a - b).norm() / b.norm()).item() for name in ("batched", "batched-nn-lstm") for a, b in zip(grads[name], reference)
+        ((a - b).norm() / b.norm()).item() for name in runs if name != baseline for a, b in zip(grads[name], reference)
     )
     best = {k: min(v) for k, v in times.items()}
     row = dict(
-        task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
-        coordinates=sum(sizes) * args.meta_batch, batched_s=best["batched"],
-        batched_nn_lstm_s=best["batched-nn-lstm"], per_tensor_s=best["per-tensor"],
-        speedup=best["per-tensor"] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
+        task=args.task, rule=args.rule, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
+        coordinates=sum(sizes) * args.meta_batch, seconds={k: best[k] for k in runs}, baseline=baseline,
+        speedup=best[baseline] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
         compiled=compile_enabled(),
     )
     print(row)
     lines = [
-        f"One truncation (unroll of T={args.unroll} steps + backward) of `CoordinateLSTM` meta-training on "
+        f"One truncation (unroll of T={args.unroll} steps + backward) of `{args.rule}` meta-training on "
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
         f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} after a warm-up, {row['threads']} "
         f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
         "| implementation | seconds / truncation | truncations / s | speed-up vs baseline |",
         "|---|---:|---:|---:|",
     ]
-    for name, label in IMPLEMENTATIONS.items():
-        lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best['per-tensor'] / best[name]:.2f}x |")
+    for name in runs:
+        label = IMPLEMENTATIONS[name] + (" (baseline)" if name == baseline and "baseline" not in IMPLEMENTATIONS[name] else "")
+        lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best[baseline] / best[name]:.2f}x |")
     lines.append(f"\nLargest relative meta-gradient difference from the baseline: {diff:.1e}.")
-    write_results("meta_train_throughput", {"rows": [row]}, "\n".join(lines))
+    suffix = "" if args.rule == "CoordinateLSTM" else f"_{args.rule}"
+    write_results("meta_train_throughput" + suffix, {"rows": [row]}, "\n".join(lines))
 
 
 if __name__ == "__main__":
