@@ -94,6 +94,20 @@ def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor
     return time.perf_counter() - start, [p.grad.clone() for p in weights]
 
 
+def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, float]:
+    """Percent of self CPU time of the ``top`` most expensive operators in one truncation
+    (``torch.profiler``), the rest summed as ``"other"``."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        truncation(rule, family, args)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {e.key[:60]: round(100 * e.self_cpu_time_total / total, 1) for e in events[:top]}
+    shares["other"] = round(100 - sum(shares.values()), 1)
+    return shares
+
+
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
@@ -133,6 +147,11 @@ def main() -> None:
             with context():
                 seconds, grads[name] = truncation(r, family, args)
             times[name].append(seconds)
+    profiles = {}
+    for name in ("batched", "batched-nn-lstm"):
+        r, context = runs[name]
+        with context():
+            profiles[name] = profile_shares(r, family, args)
     reference = grads[baseline]
     diff = max(
         ((a - b).norm() / b.norm()).item() for name in runs if name != baseline for a, b in zip(grads[name], reference)
@@ -142,7 +161,7 @@ def main() -> None:
         task=args.task, rule=args.rule, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
         coordinates=sum(sizes) * args.meta_batch, seconds={k: best[k] for k in runs}, baseline=baseline,
         speedup=best[baseline] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
-        compiled=compile_enabled(),
+        compiled=compile_enabled(), profile_self_cpu_percent=profiles,
     )
     print(row)
     lines = [
@@ -157,6 +176,9 @@ def main() -> None:
         label = IMPLEMENTATIONS[name] + (" (baseline)" if name == baseline and "baseline" not in IMPLEMENTATIONS[name] else "")
         lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best[baseline] / best[name]:.2f}x |")
     lines.append(f"\nLargest relative meta-gradient difference from the baseline: {diff:.1e}.")
+    for name, shares in profiles.items():
+        ops = ", ".join(f"`{op}` {share}%" for op, share in shares.items())
+        lines.append(f"\nSelf CPU time in one profiled truncation, {IMPLEMENTATIONS[name]}: {ops}.")
     suffix = "" if args.rule == "CoordinateLSTM" else f"_{args.rule}"
     write_results("meta_train_throughput" + suffix, {"rows": [row]}, "\n".join(lines))
 

@@ -52,7 +52,8 @@ class CoordinateLSTMConfig:
         return 2 + 2 * len(self.momentum_decays) + len(self.rms_decays) + int(self.param_input)
 
 
-_RMS_EPS = 1e-8
+#: added to the root of the second moment in the rms-normalised gradient inputs
+RMS_EPS = 1e-8
 
 
 class CoordinateLSTM(UpdateRule):
@@ -145,23 +146,17 @@ class CoordinateLSTM(UpdateRule):
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
             v = torch.lerp(grad.square().unsqueeze(0), state["v"], betas)
             new_state["v"] = v
-            features.append((grad / (v.sqrt() + _RMS_EPS)).t())
+            features.append((grad / (v.sqrt() + RMS_EPS)).t())
         if cfg.param_input:
             features.append(param.unsqueeze(1))
         x = features[0] if len(features) == 1 else torch.cat(features, dim=1)
         return x, new_state
 
-    def _lstm(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One step of the stacked LSTM: ``x`` ``(n, num_inputs)``, ``h`` and ``c``
-        ``(num_layers, n, hidden_size)`` -> ``(top (n, hidden_size), h', c')`` (see
-        :func:`~learnedopt.nn.lstm_step.lstm_one_step`)."""
-        return lstm_one_step(self.lstm, x, h, c)
-
     def forward(
         self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
     ) -> tuple[Tensor, State]:
         x, new_state = self._features(grad, param, state)
-        top, new_state["h"], new_state["c"] = self._lstm(x, state["h"], state["c"])
+        top, new_state["h"], new_state["c"] = lstm_one_step(self.lstm, x, state["h"], state["c"])
         # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
         # can depend on n: a coordinate's step must not depend on how coordinates were batched
         # (chunks, tensors, FSDP shards)
