@@ -3,7 +3,7 @@
 A learned optimizer runs its LSTM for exactly one time step per optimizer step, on a batch of
 ``n`` coordinates (tens of thousands to millions) with a small hidden size (20). At that shape
 an LSTM step is bound by its elementwise work, not by its matrix products, and on CPU the
-backward of ``torch.nn.LSTM`` (oneDNN's RNN primitive) costs several times its forward.
+backward of ``torch.nn.LSTM`` (oneDNN's RNN primitive) costs more than twice its forward.
 :class:`LSTMCellStep` computes the step as two BLAS products plus ONE pointwise function
 (:func:`cell_forward`) and saves the gate activations; its backward is the closed-form LSTM
 gradient: one pointwise function (:func:`cell_backward`) plus three BLAS products.
