@@ -228,3 +228,19 @@ def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> 
     assert "differs from the checkpoint's (meta_lr: 0.01 -> 0.5)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "2", "--checkpoint-every", "1", "--stop-after", "1") == 0
+    path = out / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["random_horizon"]  # as written before --random-horizon was added
+    torch.save(payload, path)
+
+    assert run(out, "--meta-steps", "2", "--resume", "--random-horizon") == 2
+    assert "(random_horizon: False -> True)" in capsys.readouterr().err
+    assert run(out, "--meta-steps", "2", "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2]

@@ -539,7 +539,13 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
         )
-    saved, current = payload["config"], config.to_dict()
+    # A field added to RunConfig after the checkpoint was written is absent from it; the old
+    # run behaved as the field's default does, so the default is what it is compared with.
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
+    }
+    saved = {**defaults, **payload["config"]}
+    current = config.to_dict()
     changed = sorted(
         k for k in current if k not in config.RESUMABLE_CHANGES and saved.get(k) != current[k]
     )
