@@ -23,12 +23,13 @@ Columns (methods):
   preprocessed once outside the timing (the optimizer pays one host sync per step for them);
 * ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``;
 * the differentiable step of meta-training (float32 states only; up to ``--backward-max-size``
-  coordinates): ``backward_autograd``, autograd's backward through the reference
-  :class:`CoordinateLSTM` (graph built once outside the timing, ``retain_graph=True``), against
-  ``backward_triton``, the backward kernel of :mod:`learnedopt.kernels.coordinate_lstm_backward`
-  (forward outputs computed once outside the timing); ``fwd_bwd_autograd`` and
-  ``fwd_bwd_triton`` time forward plus backward. Each gives gradients for the states, the
-  gradient input and all rule weights.
+  coordinates), for both rules (``rich_`` prefix for the second): ``backward_autograd``,
+  autograd's backward through the reference :class:`CoordinateLSTM` (graph built once outside
+  the timing, ``retain_graph=True``), against ``backward_triton``, the backward kernel of
+  :mod:`learnedopt.kernels.coordinate_lstm_backward` on the rule's input features (forward
+  outputs computed once outside the timing); ``fwd_bwd_autograd`` and ``fwd_bwd_triton`` time
+  forward plus backward, the latter as the unroll runs it (the input features by PyTorch, then
+  both kernels). Each gives gradients for the states, the gradient input and all rule weights.
 
 For each it reports ms/step, the bytes one step must move per coordinate (gradient read,
 parameter read and write, every ``h``/``c`` state read and written: 652 B for two fp32 layers of
@@ -37,11 +38,12 @@ and has one layer: 348 B at 20 units; Adam:
 gradient, parameter, two moments), the achieved GB/s as a fraction of a
 device-to-device copy measured in the same run, and the useful (unpadded) GFLOP/s as a fraction
 of a square fp32 matmul measured in the same run. The backward columns count the minimum traffic
-of the backward kernel (gradient, ``d step``, ``d grad``; per layer the old ``h`` and ``c``, the new
-``h``, the incoming ``d h`` and ``d c`` and the outgoing ``d h`` and ``d c``: 1,132 B for two fp32
-layers of 20 units) and three times the forward's matrix FLOPs (recomputed gates, the input
-gradients and the weight gradients); the fwd_bwd columns add those of a forward that is not in
-place (gradient and step, old and new states: 1,780 B and 4x the FLOPs in all).
+of the backward kernel (the ``K`` input features and their gradients, ``d step``; per layer the
+old ``h`` and ``c``, the new ``h``, the incoming ``d h`` and ``d c`` and the outgoing ``d h`` and
+``d c``: 1,140 B for two fp32 layers of 20 units and K = 2, 1,204 B for the rich inputs' K = 10)
+and three times the forward's matrix FLOPs (recomputed gates, the input gradients and the weight
+gradients); the fwd_bwd columns add those of a forward that is not in place (features and step,
+old and new states: 1,792 B and 1,888 B, and 4x the FLOPs in all).
 
 The Triton columns need CUDA. On a machine without it only the CPU-capable columns (``eager``,
 ``compiled``, their ``rich_`` twins, ``meta_eager``, ``meta_compiled``, ``adam_*``, ``backward_autograd``,
@@ -109,10 +111,11 @@ def meta_bytes_per_coordinate(
     return grad_bytes + 2 * param_bytes + 2 * (2 * hidden_size + 2) * state_bytes
 
 
-def backward_bytes_per_coordinate(num_layers: int, hidden_size: int) -> int:
-    """Minimum traffic of the fp32 backward per coordinate: gradient, ``d step`` and ``d grad``;
-    per layer old ``h``, ``c``, new ``h``, incoming ``d h``, ``d c`` read, ``d h``, ``d c`` written."""
-    return 3 * 4 + 7 * num_layers * hidden_size * 4
+def backward_bytes_per_coordinate(num_layers: int, hidden_size: int, num_inputs: int) -> int:
+    """Minimum traffic of the fp32 backward kernel per coordinate: the ``K`` input features read
+    and their gradients written, ``d step``; per layer old ``h``, ``c``, new ``h``, incoming
+    ``d h``, ``d c`` read, ``d h``, ``d c`` written."""
+    return 2 * 4 * num_inputs + 4 + 7 * num_layers * hidden_size * 4
 
 
 def make_timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -277,29 +280,33 @@ def lstm_methods(
 
 
 def backward_methods(
+    prefix: str,
     rule: CoordinateLSTM,
     backward_mod,
-    packed,
     grad: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
+    states: dict[str, torch.Tensor],
     flops: int,
-    bwd_bytes: int,
 ) -> dict[str, tuple[Callable[[], object], int, int]]:
-    """The backward columns for one size: ``{name: (fn, bytes per coordinate, FLOPs per
-    coordinate)}``; the Triton ones only when ``backward_mod`` (CUDA) is given."""
-    num_layers, _, hidden_size = h.shape
-    # the forward, not in place: gradient in, step out, old states in, new states out
-    fwd_bwd_bytes = bwd_bytes + 2 * 4 + 4 * num_layers * hidden_size * 4
-    # copies: the in-place columns advance h and c, which the saved graphs must not see
-    grad, h, c = grad.float().clone(), h.clone(), c.clone()
+    """The backward columns of one rule for one size: ``{prefix + name: (fn, bytes per
+    coordinate, FLOPs per coordinate)}``; the Triton ones only when ``backward_mod`` (CUDA) is
+    given. ``states`` holds the rule's ``h``, ``c`` and (rich inputs) ``m``, ``v``."""
+    cfg = rule.config
+    num_layers, k = cfg.num_layers, cfg.num_inputs
+    bwd_bytes = backward_bytes_per_coordinate(num_layers, cfg.hidden_size, k)
+    # the forward, not in place: features in, step out, old states in, new states out
+    fwd_bwd_bytes = bwd_bytes + 4 * k + 4 + 4 * num_layers * cfg.hidden_size * 4
+    # copies: the in-place columns advance the states, which the saved graphs must not see
+    grad = grad.float().clone()
+    states = {name: t.float().clone() for name, t in states.items()}
+    h, c = states["h"], states["c"]
+    moments = {name: t for name, t in states.items() if name in ("m", "v")}
     cotangents = (torch.randn_like(grad), torch.randn_like(h), torch.randn_like(c))
     weights = list(rule.parameters())
 
     def reference_graph():
         hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
         g = grad.detach().requires_grad_(True)
-        step, new = rule(g, g, {"h": hh, "c": cc})
+        step, new = rule(g, g, {"h": hh, "c": cc, **moments})
         return (step, new["h"], new["c"]), [g, hh, cc, *weights]
 
     outputs, inputs = reference_graph()
@@ -316,26 +323,35 @@ def backward_methods(
         ),
     }
     if backward_mod is not None:
-        cfg = rule.config
-        consts = {"preprocess_p": cfg.preprocess_p, "output_scale": cfg.output_scale}
-        _, h_new, _ = backward_mod.coordinate_lstm_forward(grad, h, c, packed, **consts)
+        named = dict(rule.named_parameters())
+        packed = backward_mod.pack_weights(
+            {name: t.detach() for name, t in named.items()},
+            num_layers=num_layers,
+            hidden_size=cfg.hidden_size,
+            num_inputs=k,
+        )
+        with torch.no_grad():
+            x, _ = rule.features(grad, grad, moments)
+        scale = {"output_scale": cfg.output_scale}
+        _, h_new, _ = backward_mod.coordinate_lstm_forward(x, h, c, packed, **scale)
         methods["backward_triton"] = (
             lambda: backward_mod.coordinate_lstm_backward(
-                grad, h, c, h_new, packed, *cotangents, **consts
+                x, h, c, h_new, packed, *cotangents, **scale
             ),
             bwd_bytes,
             3 * flops,
         )
-        named = dict(rule.named_parameters())
 
         def fwd_bwd_triton() -> None:
+            # as the unroll's backend="triton": the features by PyTorch, then the kernels
             g = grad.detach().requires_grad_(True)
             hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
-            outs = backward_mod.coordinate_lstm_step(g, hh, cc, named, cfg)
+            xx, _ = rule.features(g, g, moments)
+            outs = backward_mod.coordinate_lstm_step(xx, hh, cc, named, cfg)
             torch.autograd.grad(outs, [g, hh, cc, *weights], cotangents)
 
         methods["fwd_bwd_triton"] = (fwd_bwd_triton, fwd_bwd_bytes, 4 * flops)
-    return methods
+    return {prefix + name: entry for name, entry in methods.items()}
 
 
 def main() -> None:
@@ -437,7 +453,6 @@ def main() -> None:
         ("", rule, packed, rule_bytes, flops),
         ("rich_", rich_rule, rich_packed, rich_bytes, rich_flops),
     ]
-    bwd_bytes = backward_bytes_per_coordinate(L, H)
 
     rows: list[dict] = []
     errors: dict[str, str] = {}
@@ -546,10 +561,10 @@ def main() -> None:
         if state_dtype != torch.float32:
             errors[f"backward n={n}"] = "the backward columns need float32 states"
         elif n <= backward_max:
-            h, c = rule_states[""]["h"], rule_states[""]["c"]
-            methods.update(
-                backward_methods(rule, backward_mod, packed, grad, h, c, flops, bwd_bytes)
-            )
+            for prefix, r, _, _, r_flops in lstm_rules:
+                methods.update(
+                    backward_methods(prefix, r, backward_mod, grad, rule_states[prefix], r_flops)
+                )
 
         for name, kwargs in (
             ("adam_fused", {"fused": True}),
@@ -602,8 +617,9 @@ def main() -> None:
             f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
             f"{flops} (LSTM rule), {rich_flops} (rich inputs), {meta_flops} (MetaLSTMCell, "
             f"hidden {H}); bytes per coordinate: {rule_bytes} (LSTM rule), {rich_bytes} (rich "
-            f"inputs), {meta_bytes} (MetaLSTMCell), {adam_bytes} (Adam), {bwd_bytes} (backward "
-            f"kernel)."
+            f"inputs), {meta_bytes} (MetaLSTMCell), {adam_bytes} (Adam), "
+            f"{backward_bytes_per_coordinate(L, H, rule.config.num_inputs)} (backward kernel), "
+            f"{backward_bytes_per_coordinate(L, H, rich_rule.config.num_inputs)} (its rich twin)."
         ),
     ]
     if triton_reason:

@@ -87,7 +87,8 @@ INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def padded_hidden_size(hidden_size: int) -> int:
-    """``HP``: the hidden size rounded up to a power of two, at least 16 (``20 -> 32``)."""
+    """``HP``: the hidden size rounded up to a power of two, at least 16 (``20 -> 32``), the
+    smallest ``tl.dot`` operand; the differentiable kernels pad their input features so too."""
     return max(16, triton.next_power_of_2(hidden_size))
 
 
@@ -192,21 +193,24 @@ def _project(
     x,
     w_ptr,
     gate: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
     H: tl.constexpr,
     HP: tl.constexpr,
     USE_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """``x @ W[gate*H:(gate+1)*H, :]^T`` for a row-major ``(4H, H)`` fp32 matrix ``W``.
+    """``x @ W[gate*H:(gate+1)*H, :]^T`` for a row-major ``(4H, K)`` fp32 matrix ``W``.
 
-    ``x`` is ``(BLOCK, HP)`` fp32 with zeros in the padded columns; returns ``(BLOCK, HP)``.
+    ``x`` is ``(BLOCK, KP)`` fp32 with zeros in the padded columns; returns ``(BLOCK, HP)``.
+    ``K = H`` for the recurrent weights and the input weights of layers above 0.
     """
-    k = tl.arange(0, HP)
+    k = tl.arange(0, KP)
     j = tl.arange(0, HP)
-    # wt[k, j] = W[gate*H + j, k]: the gate's block, transposed, zero-padded to (HP, HP)
+    # wt[k, j] = W[gate*H + j, k]: the gate's block, transposed, zero-padded to (KP, HP)
     wt = tl.load(
-        w_ptr + (gate * H + j[None, :]) * H + k[:, None],
-        mask=(k[:, None] < H) & (j[None, :] < H),
+        w_ptr + (gate * H + j[None, :]) * K + k[:, None],
+        mask=(k[:, None] < K) & (j[None, :] < H),
         other=0.0,
     )
     if USE_DOT:
@@ -292,10 +296,10 @@ def coordinate_lstm_step_kernel(
     # ---- layer 0: input features (broadcast), recurrent product (dot or broadcast)
     h = tl.load(h_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
-    pre_i = _project(h, w_hh_ptr, 0, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_f = _project(h, w_hh_ptr, 1, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_g = _project(h, w_hh_ptr, 2, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_o = _project(h, w_hh_ptr, 3, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_i = _project(h, w_hh_ptr, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_f = _project(h, w_hh_ptr, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_g = _project(h, w_hh_ptr, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_o = _project(h, w_hh_ptr, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
     b_i = tl.load(bias_ptr + 0 * H + cols, mask=col_mask, other=0.0)
     b_f = tl.load(bias_ptr + 1 * H + cols, mask=col_mask, other=0.0)
     b_g = tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)
@@ -363,14 +367,14 @@ def coordinate_lstm_step_kernel(
         w_ih = w_ih_ptr + (layer - 1) * 4 * H * H
         w_hh = w_hh_ptr + layer * 4 * H * H
         bias = bias_ptr + layer * 4 * H
-        pre_i = _project(x, w_ih, 0, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_f = _project(x, w_ih, 1, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_g = _project(x, w_ih, 2, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_o = _project(x, w_ih, 3, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_i += _project(h, w_hh, 0, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_f += _project(h, w_hh, 1, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_g += _project(h, w_hh, 2, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_o += _project(h, w_hh, 3, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_i = _project(x, w_ih, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_f = _project(x, w_ih, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_g = _project(x, w_ih, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_o = _project(x, w_ih, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_i += _project(h, w_hh, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_f += _project(h, w_hh, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_g += _project(h, w_hh, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+        pre_o += _project(h, w_hh, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
         pre_i += tl.load(bias + 0 * H + cols, mask=col_mask, other=0.0)[None, :]
         pre_f += tl.load(bias + 1 * H + cols, mask=col_mask, other=0.0)[None, :]
         pre_g += tl.load(bias + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
@@ -451,12 +455,12 @@ def pack_weights(
             ``head.weight`` ``(1, H)`` and ``head.bias`` ``(1,)``; fp32, contiguous, one device.
             ``in`` must be ``num_inputs`` for layer 0 and ``H`` above.
         num_layers, hidden_size: ``L`` and ``H``.
-        num_inputs: ``K``, layer 0's input features (:func:`feature_count` of the rule's decays;
-            2, the default feature set, for the differentiable kernels).
+        num_inputs: ``K``, layer 0's input features (the rule's ``config.num_inputs``;
+            :func:`feature_count` of its decays for the in-place step kernel).
 
     Raises:
         ValueError: on a missing key, a wrong shape, dtype or device, a non-contiguous tensor, or
-            weights with another number of input features (e.g. a rule with ``param_input``).
+            weights with another number of input features.
     """
     if num_layers < 1 or hidden_size < 1:
         raise ValueError(
@@ -481,7 +485,10 @@ def pack_weights(
         raise ValueError(f"weights are on several devices: {sorted(map(str, devices))}")
     w0 = weights["lstm.weight_ih_l0"]
     if w0.dim() == 2 and w0.shape[0] == 4 * H and w0.shape[1] != num_inputs:
-        raise _input_count_error(w0.shape[1], num_inputs)
+        raise ValueError(
+            f"the weights have {w0.shape[1]} layer-0 inputs, but num_inputs is {num_inputs} "
+            f"(the rule's config.num_inputs)"
+        )
     for name, shape in expected.items():
         t = weights[name]
         if tuple(t.shape) != shape:
@@ -690,11 +697,13 @@ def coordinate_lstm_step_(
         elif t is not None:
             raise ValueError(f"{name} is given, but its decays are empty")
     k = feature_count(momentum_decays, rms_decays)
-    packed = (
-        weights
-        if isinstance(weights, PackedWeights)
-        else pack_weights(weights, num_layers=num_layers, hidden_size=hidden_size, num_inputs=k)
-    )
+    if isinstance(weights, PackedWeights):
+        packed = weights
+    else:
+        w0 = weights.get("lstm.weight_ih_l0")
+        if isinstance(w0, Tensor) and w0.dim() == 2 and w0.shape[1] != k:
+            raise _input_count_error(w0.shape[1], k)
+        packed = pack_weights(weights, num_layers=num_layers, hidden_size=hidden_size, num_inputs=k)
     if packed.w_hh.shape != (num_layers, 4 * hidden_size, hidden_size):
         raise ValueError(
             f"packed weights are for {tuple(packed.w_hh.shape)}, not L={num_layers}, H={hidden_size}"

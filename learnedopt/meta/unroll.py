@@ -10,10 +10,12 @@ Coordinates are flattened task-major into one ``(n,) = (B * P,)`` batch for the 
 the number of parameter elements of one task: coordinate ``b * P + j`` is element ``j`` of task
 ``b``'s parameters concatenated in ``params``' key order. Rule states follow the same order.
 
-``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` with the default inputs is applied:
-the PyTorch module (``"torch"``) or the differentiable Triton kernels of
-:mod:`learnedopt.kernels.coordinate_lstm_backward` (``"triton"``; first-order: the meta-gradient
-needs one backward through each rule call, which is all they provide). ``"auto"`` takes the
+``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` (any feature set) is applied:
+the PyTorch module (``"torch"``) or its input features in PyTorch
+(:meth:`~learnedopt.nn.CoordinateLSTM.features`, a few elementwise ops differentiated by autograd)
+followed by the differentiable Triton kernels of :mod:`learnedopt.kernels.coordinate_lstm_backward`
+for the LSTM stack and head (``"triton"``; first-order: the meta-gradient needs one backward
+through each rule call, which is all they provide). ``"auto"`` takes the
 kernels only on CUDA once :data:`learnedopt.kernels.GPU_VALIDATED` says their CUDA tests passed on
 real hardware, and the PyTorch path otherwise; it never fails where the PyTorch path works.
 """
@@ -171,9 +173,8 @@ def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State
     """Why the Triton kernels cannot apply ``rule`` here (empty when they can)."""
     if not kernels.FUSED_UPDATES_AVAILABLE:
         return ["Triton is not installed"]
-    if not (isinstance(rule, CoordinateLSTM) and rule.config.num_inputs == 2):
-        kind = f"{rule.kind} {rule.config_dict()}"
-        return [f"the kernels implement only CoordinateLSTM with the default inputs, not {kind}"]
+    if not isinstance(rule, CoordinateLSTM):
+        return [f"the kernels implement only CoordinateLSTM, not {rule.kind}"]
     problems = []
     tensors = {
         "gradient": grad,
@@ -226,10 +227,11 @@ def _apply_rule(
     if _use_triton(rule, grad, param, state, backend):
         from ..kernels.coordinate_lstm_backward import coordinate_lstm_step
 
-        step, h, c = coordinate_lstm_step(
-            grad, state["h"], state["c"], dict(rule.named_parameters()), rule.config
+        x, new_state = rule.features(grad, param, state)
+        step, new_state["h"], new_state["c"] = coordinate_lstm_step(
+            x, state["h"], state["c"], dict(rule.named_parameters()), rule.config
         )
-        return step, {"h": h, "c": c}
+        return step, new_state
     if not rule.needs_loss:
         return rule(grad, param, state)
     batch = loss.shape[0]

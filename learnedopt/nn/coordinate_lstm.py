@@ -132,8 +132,18 @@ class CoordinateLSTM(UpdateRule):
             spec["v"] = StateSpec((len(cfg.rms_decays),))
         return spec
 
-    def _features(self, grad: Tensor, param: Tensor, state: State) -> tuple[Tensor, State]:
-        """Input features ``(n, num_inputs)`` and the updated moment states."""
+    def features(self, grad: Tensor, param: Tensor, state: State) -> tuple[Tensor, State]:
+        """Layer 0's input features and the advanced moment states.
+
+        Args:
+            grad, param: ``(n,)``.
+            state: the rule's state (only ``m`` and ``v`` are read).
+
+        Returns:
+            ``x`` ``(n, num_inputs)``: the preprocessed gradient (2 columns), each preprocessed
+            momentum (2 each), each rms-normalised gradient, the parameter (``param_input``), in
+            that order; and ``{"m": (M, n), "v": (R, n)}`` for the feature sets that have them.
+        """
         cfg = self.config
         features = [preprocess(grad, cfg.preprocess_p)]
         new_state: State = {}
@@ -152,14 +162,19 @@ class CoordinateLSTM(UpdateRule):
         x = features[0] if len(features) == 1 else torch.cat(features, dim=1)
         return x, new_state
 
-    def forward(
-        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        x, new_state = self._features(grad, param, state)
-        top, new_state["h"], new_state["c"] = lstm_one_step(self.lstm, x, state["h"], state["c"])
+    def step_from_features(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The LSTM stack and the head on :meth:`features`' ``x`` ``(n, num_inputs)`` and the
+        states ``h, c`` ``(num_layers, n, hidden_size)``: ``(step (n,), new_h, new_c)``."""
+        top, h, c = lstm_one_step(self.lstm, x, h, c)
         # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
         # can depend on n: a coordinate's step must not depend on how coordinates were batched
         # (chunks, tensors, FSDP shards)
         head = (top * self.head.weight[0]).sum(dim=1) + self.head.bias[0]
-        step = head * self.config.output_scale
+        return head * self.config.output_scale, h, c
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        x, new_state = self.features(grad, param, state)
+        step, new_state["h"], new_state["c"] = self.step_from_features(x, state["h"], state["c"])
         return step, new_state
