@@ -23,7 +23,8 @@ Columns (methods):
   preprocessed once outside the timing (the optimizer pays one host sync per step for them);
 * ``adam_fused`` / ``adam_foreach``: ``torch.optim.Adam(fused=True)`` / ``(foreach=True)``;
 * the differentiable step of meta-training (float32 states only; up to ``--backward-max-size``
-  coordinates), for both rules (``rich_`` prefix for the second): ``backward_autograd``,
+  coordinates), for the three rules (prefixes ``""``, ``rich_`` and ``meta_``, the last through
+  :mod:`learnedopt.kernels.meta_lstm_backward`): ``backward_autograd``,
   autograd's backward through the reference :class:`CoordinateLSTM` (graph built once outside
   the timing, ``retain_graph=True``), against ``backward_triton``, the backward kernel of
   :mod:`learnedopt.kernels.coordinate_lstm_backward` on the rule's input features (forward
@@ -43,7 +44,9 @@ old ``h`` and ``c``, the new ``h``, the incoming ``d h`` and ``d c`` and the out
 ``d c``: 1,140 B for two fp32 layers of 20 units and K = 2, 1,204 B for the rich inputs' K = 10)
 and three times the forward's matrix FLOPs (recomputed gates, the input gradients and the weight
 gradients); the fwd_bwd columns add those of a forward that is not in place (features and step,
-old and new states: 1,792 B and 1,888 B, and 4x the FLOPs in all).
+old and new states: 1,792 B and 1,888 B, and 4x the FLOPs in all). For the meta-learner: 636 B
+(features, gradient, parameter, ``h``, ``c``, ``fi``, new ``h`` and the four outputs' gradients
+read, the six inputs' gradients written) and 1,000 B with its forward, at 20 units.
 
 The Triton columns need CUDA. On a machine without it only the CPU-capable columns (``eager``,
 ``compiled``, their ``rich_`` twins, ``meta_eager``, ``meta_compiled``, ``adam_*``, ``backward_autograd``,
@@ -279,40 +282,32 @@ def lstm_methods(
     return methods
 
 
-def backward_methods(
+Graph = Callable[[], tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]]
+
+
+def differentiable_columns(
     prefix: str,
-    rule: CoordinateLSTM,
-    backward_mod,
-    grad: torch.Tensor,
-    states: dict[str, torch.Tensor],
+    reference_graph: Graph,
+    kernel_graph: Graph | None,
+    kernel_backward: Callable[[list[torch.Tensor]], object] | None,
+    *,
+    bwd_bytes: int,
+    fwd_bwd_bytes: int,
     flops: int,
 ) -> dict[str, tuple[Callable[[], object], int, int]]:
-    """The backward columns of one rule for one size: ``{prefix + name: (fn, bytes per
-    coordinate, FLOPs per coordinate)}``; the Triton ones only when ``backward_mod`` (CUDA) is
-    given. ``states`` holds the rule's ``h``, ``c`` and (rich inputs) ``m``, ``v``."""
-    cfg = rule.config
-    num_layers, k = cfg.num_layers, cfg.num_inputs
-    bwd_bytes = backward_bytes_per_coordinate(num_layers, cfg.hidden_size, k)
-    # the forward, not in place: features in, step out, old states in, new states out
-    fwd_bwd_bytes = bwd_bytes + 4 * k + 4 + 4 * num_layers * cfg.hidden_size * 4
-    # copies: the in-place columns advance the states, which the saved graphs must not see
-    grad = grad.float().clone()
-    states = {name: t.float().clone() for name, t in states.items()}
-    h, c = states["h"], states["c"]
-    moments = {name: t for name, t in states.items() if name in ("m", "v")}
-    cotangents = (torch.randn_like(grad), torch.randn_like(h), torch.randn_like(c))
-    weights = list(rule.parameters())
+    """The four columns of one rule's differentiable step: ``{prefix + name: (fn, bytes per
+    coordinate, FLOPs per coordinate)}``.
 
-    def reference_graph():
-        hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
-        g = grad.detach().requires_grad_(True)
-        step, new = rule(g, g, {"h": hh, "c": cc, **moments})
-        return (step, new["h"], new["c"]), [g, hh, cc, *weights]
-
-    outputs, inputs = reference_graph()
+    ``reference_graph()`` and ``kernel_graph()`` run the forward through autograd (the PyTorch
+    module; the rule's features then the Triton kernels, as the unroll does) and return
+    ``(outputs, leaves)``; ``kernel_backward(cotangents)`` runs the backward kernel alone on a
+    forward computed beforehand. The Triton columns only when those are given (CUDA).
+    """
+    outputs, leaves = reference_graph()
+    cotangents = [torch.randn_like(o) for o in outputs]
     methods = {
         "backward_autograd": (
-            lambda: torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True),
+            lambda: torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True),
             bwd_bytes,
             3 * flops,
         ),
@@ -322,8 +317,54 @@ def backward_methods(
             4 * flops,
         ),
     }
+    if kernel_graph is not None and kernel_backward is not None:
+        methods["backward_triton"] = (lambda: kernel_backward(cotangents), bwd_bytes, 3 * flops)
+        methods["fwd_bwd_triton"] = (
+            lambda: torch.autograd.grad(*kernel_graph(), cotangents),
+            fwd_bwd_bytes,
+            4 * flops,
+        )
+    return {prefix + name: entry for name, entry in methods.items()}
+
+
+def lstm_differentiable_columns(
+    prefix: str,
+    rule: CoordinateLSTM,
+    backward_mod,
+    grad: torch.Tensor,
+    states: dict[str, torch.Tensor],
+    flops: int,
+) -> dict[str, tuple[Callable[[], object], int, int]]:
+    """:func:`differentiable_columns` of a :class:`CoordinateLSTM` (``states``: its ``h``, ``c``
+    and, with rich inputs, ``m``, ``v``)."""
+    cfg = rule.config
+    num_layers, k = cfg.num_layers, cfg.num_inputs
+    bwd_bytes = backward_bytes_per_coordinate(num_layers, cfg.hidden_size, k)
+    # the forward, not in place: features in, step out, old states in, new states out
+    fwd_bwd_bytes = bwd_bytes + 4 * k + 4 + 4 * num_layers * cfg.hidden_size * 4
+    # copies: the in-place columns advance the states, which the saved graphs must not see
+    grad = grad.float().clone()
+    states = {name: t.float().clone() for name, t in states.items()}
+    moments = {name: t for name, t in states.items() if name in ("m", "v")}
+    weights = list(rule.parameters())
+
+    def leaves() -> list[torch.Tensor]:
+        return [t.detach().requires_grad_(True) for t in (grad, states["h"], states["c"])]
+
+    def reference_graph():
+        g, h, c = inputs = leaves()
+        step, new = rule(g, g, {"h": h, "c": c, **moments})
+        return (step, new["h"], new["c"]), [*inputs, *weights]
+
+    kernel_graph = kernel_backward = None
     if backward_mod is not None:
         named = dict(rule.named_parameters())
+
+        def kernel_graph():
+            g, h, c = inputs = leaves()
+            x, _ = rule.features(g, g, moments)
+            return backward_mod.coordinate_lstm_step(x, h, c, named, cfg), [*inputs, *weights]
+
         packed = backward_mod.pack_weights(
             {name: t.detach() for name, t in named.items()},
             num_layers=num_layers,
@@ -333,25 +374,84 @@ def backward_methods(
         with torch.no_grad():
             x, _ = rule.features(grad, grad, moments)
         scale = {"output_scale": cfg.output_scale}
+        h, c = states["h"], states["c"]
         _, h_new, _ = backward_mod.coordinate_lstm_forward(x, h, c, packed, **scale)
-        methods["backward_triton"] = (
-            lambda: backward_mod.coordinate_lstm_backward(
+
+        def kernel_backward(cotangents):
+            return backward_mod.coordinate_lstm_backward(
                 x, h, c, h_new, packed, *cotangents, **scale
-            ),
-            bwd_bytes,
-            3 * flops,
+            )
+
+    return differentiable_columns(
+        prefix,
+        reference_graph,
+        kernel_graph,
+        kernel_backward,
+        bwd_bytes=bwd_bytes,
+        fwd_bwd_bytes=fwd_bwd_bytes,
+        flops=flops,
+    )
+
+
+def meta_differentiable_columns(
+    rule: MetaLSTMCell,
+    meta_backward_mod,
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    states: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    flops: int,
+) -> dict[str, tuple[Callable[[], object], int, int]]:
+    """:func:`differentiable_columns` of a :class:`MetaLSTMCell`, prefix ``meta_``."""
+    hidden = rule.config.hidden_size
+    # x (4), grad, param, h, c, fi (2), new h, d step, d new h, d new c, d new fi (2) read;
+    # d x (4), d grad, d param, d h, d c, d fi (2) written
+    bwd_bytes = 4 * (7 * hidden + 19)
+    # the forward: x, grad, param, h, c, fi read; step, new h, c, fi written
+    fwd_bwd_bytes = bwd_bytes + 4 * (4 * hidden + 11)
+    grad, param = grad.float().clone(), param.float().clone()
+    states = {name: t.float().clone() for name, t in states.items()}
+    weights = list(rule.parameters())
+
+    def leaves() -> list[torch.Tensor]:
+        tensors = (grad, param, states["h"], states["c"], states["fi"])
+        return [t.detach().requires_grad_(True) for t in tensors]
+
+    def reference_graph():
+        g, p, h, c, fi = inputs = leaves()
+        step, new = rule(g, p, {"h": h, "c": c, "fi": fi}, loss)
+        return (step, new["h"], new["c"], new["fi"]), [*inputs, *weights]
+
+    kernel_graph = kernel_backward = None
+    if meta_backward_mod is not None:
+        named = dict(rule.named_parameters())
+
+        def kernel_graph():
+            g, p, h, c, fi = inputs = leaves()
+            x = rule.features(g, loss)
+            outputs = meta_backward_mod.meta_lstm_step(x, g, p, h, c, fi, named, rule.config)
+            return outputs, [*inputs, *weights]
+
+        packed = meta_backward_mod.pack_weights(
+            {name: t.detach() for name, t in named.items()}, hidden_size=hidden
         )
+        with torch.no_grad():
+            x = rule.features(grad, loss)
+        saved = (x, grad, param, states["h"], states["c"], states["fi"])
+        _, h_new, _, _ = meta_backward_mod.meta_lstm_forward(*saved, packed)
 
-        def fwd_bwd_triton() -> None:
-            # as the unroll's backend="triton": the features by PyTorch, then the kernels
-            g = grad.detach().requires_grad_(True)
-            hh, cc = h.detach().requires_grad_(True), c.detach().requires_grad_(True)
-            xx, _ = rule.features(g, g, moments)
-            outs = backward_mod.coordinate_lstm_step(xx, hh, cc, named, cfg)
-            torch.autograd.grad(outs, [g, hh, cc, *weights], cotangents)
+        def kernel_backward(cotangents):
+            return meta_backward_mod.meta_lstm_backward(*saved, h_new, packed, *cotangents)
 
-        methods["fwd_bwd_triton"] = (fwd_bwd_triton, fwd_bwd_bytes, 4 * flops)
-    return {prefix + name: entry for name, entry in methods.items()}
+    return differentiable_columns(
+        "meta_",
+        reference_graph,
+        kernel_graph,
+        kernel_backward,
+        bwd_bytes=bwd_bytes,
+        fwd_bwd_bytes=fwd_bwd_bytes,
+        flops=flops,
+    )
 
 
 def main() -> None:
@@ -428,11 +528,13 @@ def main() -> None:
 
     fused_mod = None
     backward_mod = None
+    meta_backward_mod = None
     meta_mod = None
     packed = None
     rich_packed = None
     if triton_reason is None:
         from learnedopt.kernels import coordinate_lstm_backward as backward_mod
+        from learnedopt.kernels import meta_lstm_backward as meta_backward_mod
         from learnedopt.kernels import coordinate_lstm_step as fused_mod
         from learnedopt.kernels import meta_lstm_step as meta_mod
 
@@ -563,8 +665,15 @@ def main() -> None:
         elif n <= backward_max:
             for prefix, r, _, _, r_flops in lstm_rules:
                 methods.update(
-                    backward_methods(prefix, r, backward_mod, grad, rule_states[prefix], r_flops)
+                    lstm_differentiable_columns(
+                        prefix, r, backward_mod, grad, rule_states[prefix], r_flops
+                    )
                 )
+            methods.update(
+                meta_differentiable_columns(
+                    meta_rule, meta_backward_mod, grad, param, meta_states, meta_loss, meta_flops
+                )
+            )
 
         for name, kwargs in (
             ("adam_fused", {"fused": True}),

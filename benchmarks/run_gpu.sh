@@ -28,7 +28,7 @@ if ! "$PY" -c "import learnedopt.kernels.coordinate_lstm_step" 2>/dev/null; then
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 fi
 
-timeout 420 "$PY" -m pytest tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py -q -ra --durations=10 2>&1 | tee "$OUT/test_kernel_cuda.log"
+timeout 420 "$PY" -m pytest tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py tests/test_kernel_meta_lstm_backward.py -q -ra --durations=10 2>&1 | tee "$OUT/test_kernel_cuda.log"
 test_rc=${PIPESTATUS[0]}
 
 (cd benchmarks && timeout 900 "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/kernel_bench.log"

@@ -4,10 +4,13 @@ One kernel per module, each with its launcher:
 
 - :mod:`learnedopt.kernels.coordinate_lstm_step`: the forward step of the coordinatewise LSTM
   rule (preprocessing, every layer, head and parameter update in one pass).
-- :mod:`learnedopt.kernels.coordinate_lstm_backward`: the same step as a differentiable
-  ``torch.autograd.Function`` (forward and backward kernels) for meta-training.
+- :mod:`learnedopt.kernels.coordinate_lstm_backward`: the rule's LSTM stack and head after its
+  input features, as a differentiable ``torch.autograd.Function`` (forward and backward kernels)
+  for meta-training.
 - :mod:`learnedopt.kernels.meta_lstm_step`: the forward step of Ravi & Larochelle's meta-learner
   (:class:`learnedopt.nn.MetaLSTMCell`: preprocessing, input LSTM, gates and parameter update).
+- :mod:`learnedopt.kernels.meta_lstm_backward`: the meta-learner's step after its input features
+  as a differentiable ``torch.autograd.Function`` (forward and backward kernels).
 
 Kernel modules import Triton, so they are imported only when used. Set ``TRITON_INTERPRET=1``
 before importing them to run the kernels on CPU tensors (how the tests run them).

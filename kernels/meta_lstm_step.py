@@ -57,8 +57,8 @@ on the PyTorch path: the update is computed in fp32); float16/bfloat16/float32/f
 float32 or bfloat16 states (each of ``h``, ``c``, ``fi`` in either); any ``N`` (masked tails);
 ``lr = 0`` leaves the parameter bit for bit. Non-contiguous parameters and several tensors per
 group are the caller's business (:func:`learnedopt.optim.update.fused_update_` gathers a run of
-tensors into one flat range). Forward only: meta-training a :class:`MetaLSTMCell` through this
-kernel (a backward kernel) is not built.
+tensors into one flat range). Forward only, in place: the differentiable step for meta-training
+is :mod:`learnedopt.kernels.meta_lstm_backward`.
 
 Register budget (H = 20 padded to 32, sm_90, compiled offline with Triton 3.9's bundled ptxas and
 read with ``cuobjdump``; never run or timed on a GPU, none was available): with

@@ -34,7 +34,7 @@ from learnedopt.meta import (
     unroll,
 )
 from learnedopt.meta.tasks import QuadraticBatch, QuadraticTask
-from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
+from learnedopt.nn import CoordinateLSTM, MetaLSTMConfig, UpdateRule
 
 INTERPRETED = is_interpreted()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
@@ -441,8 +441,21 @@ def test_unroll_backend_dispatch() -> None:
     with pytest.raises(ValueError, match="float32 only"):
         unroll(rule64, tasks64, params64, state64, 2, backend="triton")
     unroll(rule64, tasks64, params64, state64, 2, backend="auto")
-    meta = MetaLSTMCell(hidden_size=2)
-    meta_state = meta.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
-    with pytest.raises(ValueError, match="only CoordinateLSTM"):
-        unroll(meta, tasks, params, meta_state, 2, backend="triton")
-    unroll(meta, tasks, params, meta_state, 2, backend="auto")
+
+
+    class PlainSGD(UpdateRule):
+        """A rule the kernels know nothing of."""
+
+        kind = "PlainSGD"
+        config_class = MetaLSTMConfig  # any config dataclass; unused
+
+        def state_spec(self):
+            return {}
+
+        def forward(self, grad, param, state, loss=None):
+            return -grad, {}
+
+    sgd = PlainSGD()
+    with pytest.raises(ValueError, match="only CoordinateLSTM and MetaLSTMCell, not PlainSGD"):
+        unroll(sgd, tasks, params, {}, 2, backend="triton")
+    unroll(sgd, tasks, params, {}, 2, backend="auto")

@@ -10,12 +10,12 @@ Coordinates are flattened task-major into one ``(n,) = (B * P,)`` batch for the 
 the number of parameter elements of one task: coordinate ``b * P + j`` is element ``j`` of task
 ``b``'s parameters concatenated in ``params``' key order. Rule states follow the same order.
 
-``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` (any feature set) is applied:
-the PyTorch module (``"torch"``) or its input features in PyTorch
-(:meth:`~learnedopt.nn.CoordinateLSTM.features`, a few elementwise ops differentiated by autograd)
+``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` (any feature set) or a
+:class:`~learnedopt.nn.MetaLSTMCell` is applied: the PyTorch module (``"torch"``) or its input
+features in PyTorch (the rule's ``features``, a few elementwise ops differentiated by autograd)
 followed by the differentiable Triton kernels of :mod:`learnedopt.kernels.coordinate_lstm_backward`
-for the LSTM stack and head (``"triton"``; first-order: the meta-gradient needs one backward
-through each rule call, which is all they provide). ``"auto"`` takes the
+or :mod:`learnedopt.kernels.meta_lstm_backward` for the rest (``"triton"``; first-order: the
+meta-gradient needs one backward through each rule call, which is all they provide). ``"auto"`` takes the
 kernels only on CUDA once :data:`learnedopt.kernels.GPU_VALIDATED` says their CUDA tests passed on
 real hardware, and the PyTorch path otherwise; it never fails where the PyTorch path works.
 """
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..nn import CoordinateLSTM, State, UpdateRule
+from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]
@@ -173,8 +173,8 @@ def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State
     """Why the Triton kernels cannot apply ``rule`` here (empty when they can)."""
     if not kernels.FUSED_UPDATES_AVAILABLE:
         return ["Triton is not installed"]
-    if not isinstance(rule, CoordinateLSTM):
-        return [f"the kernels implement only CoordinateLSTM, not {rule.kind}"]
+    if not isinstance(rule, (CoordinateLSTM, MetaLSTMCell)):
+        return [f"the kernels implement only CoordinateLSTM and MetaLSTMCell, not {rule.kind}"]
     problems = []
     tensors = {
         "gradient": grad,
@@ -225,13 +225,7 @@ def _apply_rule(
 ) -> tuple[Tensor, State]:
     """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)``."""
     if _use_triton(rule, grad, param, state, backend):
-        from ..kernels.coordinate_lstm_backward import coordinate_lstm_step
-
-        x, new_state = rule.features(grad, param, state)
-        step, new_state["h"], new_state["c"] = coordinate_lstm_step(
-            x, state["h"], state["c"], dict(rule.named_parameters()), rule.config
-        )
-        return step, new_state
+        return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:
         return rule(grad, param, state)
     batch = loss.shape[0]
@@ -245,6 +239,31 @@ def _apply_rule(
         steps.append(step)
         new_states.append(new_state)
     return torch.cat(steps), {k: torch.cat([s[k] for s in new_states], dim=dims[k]) for k in state}
+
+
+def _apply_rule_triton(
+    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor
+) -> tuple[Tensor, State]:
+    """:func:`_apply_rule` through the differentiable Triton kernels: the rule's input features
+    by PyTorch, the rest (nearly all the work) by the kernels."""
+    weights = dict(rule.named_parameters())
+    if isinstance(rule, MetaLSTMCell):
+        from ..kernels.meta_lstm_backward import meta_lstm_step
+
+        # every coordinate sees its own task's loss
+        per_task_loss = loss.repeat_interleave(grad.shape[0] // loss.shape[0])
+        x = rule.features(grad, per_task_loss)
+        step, h, c, fi = meta_lstm_step(
+            x, grad, param, state["h"], state["c"], state["fi"], weights, rule.config
+        )
+        return step, {"h": h, "c": c, "fi": fi}
+    from ..kernels.coordinate_lstm_backward import coordinate_lstm_step
+
+    x, new_state = rule.features(grad, param, state)
+    step, new_state["h"], new_state["c"] = coordinate_lstm_step(
+        x, state["h"], state["c"], weights, rule.config
+    )
+    return step, new_state
 
 
 def detach_all(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -86,22 +86,45 @@ class MetaLSTMCell(UpdateRule):
             "fi": StateSpec((2,)),
         }
 
-    def forward(
-        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        if loss is None:
-            raise ValueError("MetaLSTMCell needs the optimizee's loss")
+    def features(self, grad: Tensor, loss: Tensor) -> Tensor:
+        """The input LSTM's features ``(n, 4)``: the preprocessed gradient ``(n,)`` and loss.
+
+        ``loss`` is one value for every coordinate (shape ``()`` or ``(1,)``) or one per
+        coordinate ``(n,)`` (several tasks batched, each coordinate with its task's loss).
+        """
         p = self.config.preprocess_p
-        loss_features = preprocess(loss.reshape(1).to(grad.dtype), p)
-        x = torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
-        h, h_all, c_all = lstm_one_step(self.lstm, x, state["h"], state["c"])
+        loss_features = preprocess(loss.to(grad.dtype).reshape(-1), p)
+        return torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
+
+    def step_from_features(
+        self, x: Tensor, grad: Tensor, param: Tensor, h: Tensor, c: Tensor, fi: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The input LSTM and the meta-learner cell on :meth:`features`' ``x`` ``(n, 4)``.
+
+        Args:
+            x: ``(n, 4)`` features; grad, param: ``(n,)``; h, c: ``(1, n, H)``; fi: ``(2, n)``
+                the previous forget and input gate values.
+
+        Returns:
+            ``(step (n,), new_h, new_c, new_fi)``.
+        """
+        h, h_all, c_all = lstm_one_step(self.lstm, x, h, c)
         hidden = self.config.hidden_size
         # gate pre-activations: the h_t part as a per-row sum (not a BLAS product, whose rounding
         # of a row can depend on the number of rows: a coordinate's update must not depend on
         # how coordinates were batched), then the two per-row scalar terms
         pre = self.bias_fi + (h.unsqueeze(1) * self.weight_fi[:, :hidden]).sum(dim=2)
-        pre = pre + param.unsqueeze(1) * self.weight_fi[:, hidden] + state["fi"].t() * self.weight_fi[:, hidden + 1]
+        pre = pre + param.unsqueeze(1) * self.weight_fi[:, hidden] + fi.t() * self.weight_fi[:, hidden + 1]
         fi = torch.sigmoid(pre)
         forget, input_gate = fi[:, 0], fi[:, 1]
         step = (forget - 1.0) * param - input_gate * grad
-        return step, {"h": h_all, "c": c_all, "fi": fi.t()}
+        return step, h_all, c_all, fi.t()
+
+    def forward(
+        self, grad: Tensor, param: Tensor, state: State, loss: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        if loss is None:
+            raise ValueError("MetaLSTMCell needs the optimizee's loss")
+        x = self.features(grad, loss.reshape(1))
+        step, h, c, fi = self.step_from_features(x, grad, param, state["h"], state["c"], state["fi"])
+        return step, {"h": h, "c": c, "fi": fi}

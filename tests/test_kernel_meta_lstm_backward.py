@@ -1,0 +1,199 @@
+"""The differentiable Triton step of :class:`MetaLSTMCell` (forward and backward kernels) against
+autograd through :meth:`MetaLSTMCell.step_from_features`, and ``unroll(..., backend="triton")``
+of a ``MetaLSTMCell`` against ``backend="torch"``.
+
+The reference runs in float64 on the same fp32-representable inputs and weights, so the measured
+error is the kernels' own. In the Triton interpreter every program instance costs milliseconds
+to tens of milliseconds: the cases use 10^3 coordinates and large blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
+)
+
+from learnedopt.kernels.coordinate_lstm_backward import KernelOptions
+from learnedopt.kernels.meta_lstm_backward import meta_lstm_step
+from learnedopt.kernels.meta_lstm_step import is_interpreted, pack_weights
+
+from learnedopt.meta import QuadraticFamily, generator_for, num_coordinates, unroll
+from learnedopt.nn import MetaLSTMCell
+
+INTERPRETED = is_interpreted()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+if DEVICE.type == "cpu" and not INTERPRETED:
+    pytest.skip(
+        "no CUDA device and TRITON_INTERPRET is off: nothing can run the kernels",
+        allow_module_level=True,
+    )
+F64 = torch.float64
+P = 10.0
+# Max-norm relative tolerance per tensor, as in test_kernel_coordinate_lstm_backward: the kernels
+# do the reference's fp32 operations in another order (a few ulps per value; the weight
+# gradients sum over N coordinates). Measured in the interpreter: at most 1.8e-6 against float64.
+# The bound is 2e-5; on GPUs FMA contraction and approximate exp/div add a few ulps.
+REL_TOL = 2e-5 if INTERPRETED else 1e-4
+NAMES = ["x", "grad", "param", "h", "c", "fi"]
+
+
+def make_rule(hidden_size: int, seed: int = 0) -> MetaLSTMCell:
+    """A float32 rule whose every weight matters, gates away from saturation."""
+    g = torch.Generator().manual_seed(seed)
+    rule = MetaLSTMCell(hidden_size=hidden_size, preprocess_p=P)
+    rule.reset_parameters(generator=g)
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(torch.randn(q.shape, generator=g) * 0.3)
+        rule.bias_fi.copy_(torch.tensor([1.0, -1.0]))
+    return rule.to(DEVICE)
+
+
+def make_inputs(rule: MetaLSTMCell, n: int, seed: int = 1):
+    """fp32 inputs ``x, grad, param, h, c, fi`` (``x`` from :meth:`MetaLSTMCell.features` with one
+    loss per coordinate) and cotangents ``d_step, d_h, d_c, d_fi``."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = rule.config.hidden_size
+    grad = torch.randn(n, generator=g) * torch.logspace(-6, 0, n)[torch.randperm(n, generator=g)]
+    loss = torch.rand(n, generator=g) * 3
+    x = rule.features(grad, loss)
+    param = torch.randn(n, generator=g)
+    h = torch.randn(1, n, hidden, generator=g) * 0.5
+    c = torch.randn(1, n, hidden, generator=g) * 1.5
+    fi = torch.rand(2, n, generator=g)
+    cotangents = [
+        torch.randn(n, generator=g),
+        torch.randn(1, n, hidden, generator=g),
+        torch.randn(1, n, hidden, generator=g),
+        torch.randn(2, n, generator=g),
+    ]
+    inputs = [x.detach(), grad, param, h, c, fi]
+    return [t.to(DEVICE) for t in inputs], [t.to(DEVICE) for t in cotangents]
+
+
+def reference(rule, inputs, cotangents):
+    ref = MetaLSTMCell(rule.config).to(DEVICE, F64)
+    ref.load_state_dict(rule.state_dict())
+    leaves = [t.double().requires_grad_(True) for t in inputs]
+    outputs = ref.step_from_features(*leaves)
+    grads = torch.autograd.grad(outputs, [*leaves, *ref.parameters()], cotangents)
+    return [o.detach() for o in outputs], list(grads)
+
+
+def triton_step(rule, inputs, cotangents, options=None, weights=None):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    outputs = meta_lstm_step(
+        *leaves, weights or dict(rule.named_parameters()), rule.config, options=options
+    )
+    grads = torch.autograd.grad(outputs, [*leaves, *rule.parameters()], cotangents)
+    return [o.detach() for o in outputs], list(grads)
+
+
+def check(rule, got, want) -> None:
+    names = ["step", "new_h", "new_c", "new_fi", *(f"d {k}" for k in NAMES)]
+    names += [f"d {k}" for k, _ in rule.named_parameters()]
+    for name, a, b in zip(names, [*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        scale = b.abs().max().item()
+        torch.testing.assert_close(
+            a.double(), b, rtol=1e-4, atol=REL_TOL * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
+@pytest.mark.parametrize("hidden_size", [20, 5])
+@pytest.mark.parametrize("n", [1, 2001])
+def test_matches_float64_autograd(n: int, hidden_size: int, use_dot: bool) -> None:
+    rule = make_rule(hidden_size)
+    inputs, cotangents = make_inputs(rule, n)
+    got = triton_step(rule, inputs, cotangents, KernelOptions(use_dot=use_dot))
+    check(rule, got, reference(rule, inputs, cotangents))
+
+
+def test_tiles_programs_and_determinism() -> None:
+    # 12 tiles over 5 programs (uneven grid-stride loops) and a tail; bit-identical reruns
+    rule = make_rule(20, seed=3)
+    inputs, cotangents = make_inputs(rule, 2900, seed=3)
+    options = KernelOptions(block=256, backward_block=256, max_programs=5)
+    first = triton_step(rule, inputs, cotangents, options)
+    check(rule, first, reference(rule, inputs, cotangents))
+    second = triton_step(rule, inputs, cotangents, options)
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+    # pre-packed weights (pack_weights of the parameters is differentiable)
+    packed = pack_weights(dict(rule.named_parameters()), hidden_size=20)
+    third = triton_step(rule, inputs, cotangents, options, weights=packed)
+    for a, b in zip(first[1], third[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_first_order_only_and_partial_outputs() -> None:
+    rule = make_rule(8)
+    inputs, (d_step, *_) = make_inputs(rule, 300)
+    x, grad, param, h, c, fi = inputs
+    param = param.requires_grad_(True)
+    weights = dict(rule.named_parameters())
+    step, *_ = meta_lstm_step(x, grad, param, h, c, fi, weights, rule.config)
+    with pytest.raises(RuntimeError, match="first order only"):
+        torch.autograd.grad((step * d_step).sum(), [param], create_graph=True)
+    # only the step used: the other outputs' gradients count as zero
+    step, *_ = meta_lstm_step(x, grad, param, h, c, fi, weights, rule.config)
+    got = torch.autograd.grad((step * d_step).sum(), [param, *rule.parameters()])
+    zeros = [torch.zeros_like(t) for t in (h, c, fi)]
+    want = reference(rule, [x, grad, param.detach(), h, c, fi], [d_step, zeros[0], zeros[1], zeros[2]])
+    for a, b in zip(got, [want[1][2], *want[1][6:]], strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=REL_TOL * b.abs().max().item())
+
+
+def test_invalid_arguments() -> None:
+    rule = make_rule(8)
+    (x, grad, param, h, c, fi), _ = make_inputs(rule, 32)
+    weights = dict(rule.named_parameters())
+    cfg = rule.config
+    with pytest.raises(ValueError, match=r"\(N, 4\) features"):
+        meta_lstm_step(x[:, :2], grad, param, h, c, fi, weights, cfg)
+    with pytest.raises(ValueError, match=r"param must have shape \(N,\) = \(32,\)"):
+        meta_lstm_step(x, grad, param[:31], h, c, fi, weights, cfg)
+    with pytest.raises(ValueError, match=r"fi must have shape \(2, 32\)"):
+        meta_lstm_step(x, grad, param, h, c, fi[:1], weights, cfg)
+    with pytest.raises(ValueError, match="h must be float32"):
+        meta_lstm_step(x, grad, param, h.bfloat16(), c, fi, weights, cfg)
+    with pytest.raises(ValueError, match="not H=20"):
+        meta_lstm_step(x, grad, param, h, c, fi, pack_weights(weights, hidden_size=8), MetaLSTMCell().config)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the task families build CPU tensors")
+@pytest.mark.parametrize("stop_optimizee_grad", [True, False], ids=["first-order", "exact"])
+def test_unroll_triton_matches_torch(stop_optimizee_grad: bool) -> None:
+    # A 3-step unroll of 3 quadratic tasks (each with its own loss) in fp32 on both paths: the
+    # meta-gradient flows through the parameter (the meta-learner's cell state) from step to
+    # step. Measured max-norm relative differences: triton - torch 2.2e-7, triton - float64
+    # 5.0e-7, torch - float64 2.8e-7; the bound is 1e-4.
+    def meta_grad(dtype, backend):
+        rule = make_rule(6, seed=4).to(dtype)
+        g = generator_for(0)
+        tasks = QuadraticFamily(dim=3, dtype=dtype).sample_batch(3, g)
+        params = {k: v * 0.3 for k, v in tasks.init_params(g).items()}
+        state = rule.init_state(num_coordinates(params), dtype=dtype, device="cpu")
+        result = unroll(
+            rule,
+            tasks,
+            params,
+            state,
+            3,
+            lr=1.0,
+            backend=backend,
+            stop_optimizee_grad=stop_optimizee_grad,
+        )
+        result.meta_loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
+
+    want = meta_grad(torch.float32, "torch")
+    got = meta_grad(torch.float32, "triton")
+    exact = meta_grad(F64, "torch")
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
