@@ -114,7 +114,9 @@ class LSTMCellStep(torch.autograd.Function):
         ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
     ) -> tuple[Tensor, Tensor]:
         gates = torch.addmm(bias, x, weight_ih.t()).addmm_(h, weight_hh.t())
-        activations, c_new, h_new, tanh_c = _cell_forward(gates, c)
+        # detached: whether c requires grad would otherwise be a guard of the compiled function,
+        # one more compilation (and, in the backward, a doubling of its variants)
+        activations, c_new, h_new, tanh_c = _cell_forward(gates, c.detach())
         ctx.save_for_backward(x, h, c, weight_ih, weight_hh, activations, tanh_c)
         return h_new, c_new
 
@@ -124,7 +126,7 @@ class LSTMCellStep(torch.autograd.Function):
         x, h, c, weight_ih, weight_hh, activations, tanh_c = ctx.saved_tensors
         grad_h = torch.zeros_like(tanh_c) if grad_h is None else grad_h
         grad_c = torch.zeros_like(tanh_c) if grad_c is None else grad_c
-        d_gates, grad_c_prev = _cell_backward(activations, c, tanh_c, grad_h, grad_c)
+        d_gates, grad_c_prev = _cell_backward(activations, c.detach(), tanh_c, grad_h, grad_c)
         needs = ctx.needs_input_grad
         return (
             d_gates @ weight_ih if needs[0] else None,
