@@ -412,6 +412,67 @@ def _layer_backward(
 
 
 @triton.jit
+def _input_layer_backward(
+    x_ptr,
+    h_ptr,
+    c_ptr,
+    d_x_ptr,
+    d_h_ptr,
+    d_c_ptr,
+    rows,
+    row_mask,
+    tile,
+    tile_mask,
+    dh,
+    dc,
+    w_ih_ptr,
+    w_hh_ptr,
+    bias_ptr,
+    part_ih_ptr,
+    part_hh_ptr,
+    part_bias_ptr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    STORE_D_X: tl.constexpr,
+):
+    """:func:`_layer_backward` of the layer that reads the ``(N, K)`` features ``x``, loading its
+    inputs and storing ``d c`` and ``d h`` of its old states and (``STORE_D_X``) ``d x``."""
+    dx, dh_old, dc = _layer_backward(
+        _load_rows(x_ptr, rows, row_mask, K, KP),
+        tl.load(h_ptr + tile, mask=tile_mask, other=0.0),
+        tl.load(c_ptr + tile, mask=tile_mask, other=0.0),
+        dh,
+        dc,
+        w_ih_ptr,
+        w_hh_ptr,
+        bias_ptr,
+        part_ih_ptr,
+        part_hh_ptr,
+        part_bias_ptr,
+        K,
+        KP,
+        H,
+        HP,
+        USE_DOT,
+        INPUT_PRECISION,
+        STORE_D_X,
+    )
+    tl.store(d_c_ptr + tile, dc, mask=tile_mask)
+    tl.store(d_h_ptr + tile, dh_old, mask=tile_mask)
+    if STORE_D_X:
+        feats = tl.arange(0, KP)
+        tl.store(
+            d_x_ptr + rows[:, None] * K + feats[None, :],
+            dx,
+            mask=row_mask[:, None] & (feats < K)[None, :],
+        )
+
+
+@triton.jit
 def coordinate_lstm_backward_kernel(
     x_ptr,  # (N, K) any float, contiguous: the forward's input features
     h_ptr,  # (L, N, H) fp32, contiguous: the forward's old states
@@ -511,10 +572,17 @@ def coordinate_lstm_backward_kernel(
         # ---- layer 0: the input features
         dh += tl.load(d_h_new_ptr + tile, mask=tile_mask, other=0.0)
         dc = tl.load(d_c_new_ptr + tile, mask=tile_mask, other=0.0)
-        dx, dh_old, dc = _layer_backward(
-            _load_rows(x_ptr, rows, row_mask, K, KP),
-            tl.load(h_ptr + tile, mask=tile_mask, other=0.0),
-            tl.load(c_ptr + tile, mask=tile_mask, other=0.0),
+        _input_layer_backward(
+            x_ptr,
+            h_ptr,
+            c_ptr,
+            d_x_ptr,
+            d_h_ptr,
+            d_c_ptr,
+            rows,
+            row_mask,
+            tile,
+            tile_mask,
             dh,
             dc,
             w_ih0_ptr,
@@ -531,15 +599,6 @@ def coordinate_lstm_backward_kernel(
             INPUT_PRECISION,
             STORE_D_X,
         )
-        tl.store(d_c_ptr + tile, dc, mask=tile_mask)
-        tl.store(d_h_ptr + tile, dh_old, mask=tile_mask)
-        if STORE_D_X:
-            feats = tl.arange(0, KP)
-            tl.store(
-                d_x_ptr + rows[:, None] * K + feats[None, :],
-                dx,
-                mask=row_mask[:, None] & (feats < K)[None, :],
-            )
         # the next tile's read-modify-write of the partial sums must see this one's stores from
         # every thread of the program
         tl.debug_barrier()

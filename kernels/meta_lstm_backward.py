@@ -23,7 +23,7 @@ to 16) and ``_cell``, then the gates with :mod:`learnedopt.kernels.meta_lstm_ste
 activations. Backward kernel: per tile of ``BLOCK`` coordinates, the gates are recomputed from the
 saved ``new_h`` (an output autograd keeps anyway), the step and gate derivatives are taken in
 registers, ``d new_h`` gets the gates' terms, and the input LSTM's backward is
-``coordinate_lstm_backward``'s ``_layer_backward`` (gate by gate, ``tl.dot`` for the products
+``coordinate_lstm_backward``'s ``_input_layer_backward`` (gate by gate, ``tl.dot`` for the products
 and the weight-gradient sums). Weight gradients are per-program partial sums (``P`` rows, no
 atomics) summed in a fixed order afterwards: deterministic.
 
@@ -54,7 +54,7 @@ from .coordinate_lstm_backward import (
     KernelOptions,
     _add_vector,
     _block,
-    _layer_backward,
+    _input_layer_backward,
     _load_rows,
     _preactivations,
 )
@@ -259,10 +259,17 @@ def meta_lstm_backward_kernel(
         # ---- the input LSTM
         dh = tl.load(d_h_new_ptr + tile, mask=tile_mask, other=0.0) + dh_f + dh_i
         dc = tl.load(d_c_new_ptr + tile, mask=tile_mask, other=0.0)
-        dx, dh_old, dc = _layer_backward(
-            _load_rows(x_ptr, rows, row_mask, K, KP),
-            tl.load(h_ptr + tile, mask=tile_mask, other=0.0),
-            tl.load(c_ptr + tile, mask=tile_mask, other=0.0),
+        _input_layer_backward(
+            x_ptr,
+            h_ptr,
+            c_ptr,
+            d_x_ptr,
+            d_h_ptr,
+            d_c_ptr,
+            rows,
+            row_mask,
+            tile,
+            tile_mask,
             dh,
             dc,
             w_ih_ptr,
@@ -279,15 +286,6 @@ def meta_lstm_backward_kernel(
             INPUT_PRECISION,
             STORE_D_X,
         )
-        tl.store(d_c_ptr + tile, dc, mask=tile_mask)
-        tl.store(d_h_ptr + tile, dh_old, mask=tile_mask)
-        if STORE_D_X:
-            feats = tl.arange(0, KP)
-            tl.store(
-                d_x_ptr + rows[:, None] * K + feats[None, :],
-                dx,
-                mask=row_mask[:, None] & (feats < K)[None, :],
-            )
         # the next tile's read-modify-write of the partial sums must see this one's stores
         tl.debug_barrier()
 
