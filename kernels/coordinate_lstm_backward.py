@@ -31,7 +31,7 @@ backward through each rule call; the optimizee's own ``create_graph`` gradients,
 w.r.t. the parameters the rule produced, never run this backward.
 
 Forward kernel. The LSTM math of :mod:`learnedopt.kernels.coordinate_lstm_step` (it reuses that
-module's ``_project`` and ``_cell``, with the portable activations), but layer 0 reads the ``K``
+module's ``_preactivations`` and ``_cell``, with the portable activations), but layer 0 reads the ``K``
 features as a zero-padded ``(BLOCK, KP)`` tile (``KP`` = ``K`` rounded up to a power of two >= 16,
 ``tl.dot``'s minimum) and projects them like any other layer input, and it writes the step (fp32,
 ``(N,)``) and the new states to fresh ``(L, N, H)`` fp32 tensors instead of updating the states
@@ -102,7 +102,7 @@ from .coordinate_lstm_step import (
     INPUT_PRECISIONS,
     PackedWeights,
     _cell,
-    _project,
+    _preactivations,
     _sigmoid,
     _tanh,
     _zero_padding,
@@ -132,39 +132,6 @@ def _load_rows(ptr, rows, row_mask, K: tl.constexpr, KP: tl.constexpr):
     cols = tl.arange(0, KP)
     mask = row_mask[:, None] & (cols < K)[None, :]
     return tl.load(ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _preactivations(
-    x,
-    h,
-    w_ih_ptr,
-    w_hh_ptr,
-    bias_ptr,
-    K: tl.constexpr,
-    KP: tl.constexpr,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """A layer's gate pre-activations ``(BLOCK, HP)`` from its input ``x`` ``(BLOCK, KP)`` (``K``
-    features for layer 0, the ``H`` units of the layer below above it) and its old ``h``."""
-    cols = tl.arange(0, HP)
-    col_mask = cols < H
-    pre_i = _project(x, w_ih_ptr, 0, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_f = _project(x, w_ih_ptr, 1, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_g = _project(x, w_ih_ptr, 2, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_o = _project(x, w_ih_ptr, 3, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_i += _project(h, w_hh_ptr, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_f += _project(h, w_hh_ptr, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_g += _project(h, w_hh_ptr, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_o += _project(h, w_hh_ptr, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-    pre_i += tl.load(bias_ptr + 0 * H + cols, mask=col_mask, other=0.0)[None, :]
-    pre_f += tl.load(bias_ptr + 1 * H + cols, mask=col_mask, other=0.0)[None, :]
-    pre_g += tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
-    pre_o += tl.load(bias_ptr + 3 * H + cols, mask=col_mask, other=0.0)[None, :]
-    return pre_i, pre_f, pre_g, pre_o
 
 
 # ----------------------------------------------------------------------------------------------

@@ -221,6 +221,39 @@ def _project(
 
 
 @triton.jit
+def _preactivations(
+    x,
+    h,
+    w_ih_ptr,
+    w_hh_ptr,
+    bias_ptr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """A layer's gate pre-activations ``(BLOCK, HP)`` from its input ``x`` ``(BLOCK, KP)`` (``K``
+    features for layer 0, the ``H`` units of the layer below above it) and its old ``h``."""
+    cols = tl.arange(0, HP)
+    col_mask = cols < H
+    pre_i = _project(x, w_ih_ptr, 0, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_f = _project(x, w_ih_ptr, 1, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_g = _project(x, w_ih_ptr, 2, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_o = _project(x, w_ih_ptr, 3, K, KP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_i += _project(h, w_hh_ptr, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_f += _project(h, w_hh_ptr, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_g += _project(h, w_hh_ptr, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_o += _project(h, w_hh_ptr, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
+    pre_i += tl.load(bias_ptr + 0 * H + cols, mask=col_mask, other=0.0)[None, :]
+    pre_f += tl.load(bias_ptr + 1 * H + cols, mask=col_mask, other=0.0)[None, :]
+    pre_g += tl.load(bias_ptr + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
+    pre_o += tl.load(bias_ptr + 3 * H + cols, mask=col_mask, other=0.0)[None, :]
+    return pre_i, pre_f, pre_g, pre_o
+
+
+@triton.jit
 def _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH: tl.constexpr):
     """One LSTM cell from the gate pre-activations; returns ``(h, c)``."""
     c = _sigmoid(pre_f, FAST_TANH) * c + _sigmoid(pre_i, FAST_TANH) * _tanh(pre_g, FAST_TANH)
@@ -367,18 +400,9 @@ def coordinate_lstm_step_kernel(
         w_ih = w_ih_ptr + (layer - 1) * 4 * H * H
         w_hh = w_hh_ptr + layer * 4 * H * H
         bias = bias_ptr + layer * 4 * H
-        pre_i = _project(x, w_ih, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_f = _project(x, w_ih, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_g = _project(x, w_ih, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_o = _project(x, w_ih, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_i += _project(h, w_hh, 0, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_f += _project(h, w_hh, 1, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_g += _project(h, w_hh, 2, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_o += _project(h, w_hh, 3, H, HP, H, HP, USE_DOT, INPUT_PRECISION)
-        pre_i += tl.load(bias + 0 * H + cols, mask=col_mask, other=0.0)[None, :]
-        pre_f += tl.load(bias + 1 * H + cols, mask=col_mask, other=0.0)[None, :]
-        pre_g += tl.load(bias + 2 * H + cols, mask=col_mask, other=0.0)[None, :]
-        pre_o += tl.load(bias + 3 * H + cols, mask=col_mask, other=0.0)[None, :]
+        pre_i, pre_f, pre_g, pre_o = _preactivations(
+            x, h, w_ih, w_hh, bias, H, HP, H, HP, USE_DOT, INPUT_PRECISION
+        )
         h, c = _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH)
         h = _zero_padding(h, H, HP)
         _store_rounded(h_layer, h, tile_mask)

@@ -56,11 +56,11 @@ from .coordinate_lstm_backward import (
     _block,
     _input_layer_backward,
     _load_rows,
-    _preactivations,
 )
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
     _cell,
+    _preactivations,
     _zero_padding,
     check_launch_device,
     padded_hidden_size,
