@@ -622,6 +622,17 @@ def _block(requested: int | None, gpu_default: int, n: int) -> int:
     return min(block, max(16, triton.next_power_of_2(max(n, 1))))
 
 
+def _backward_grid(options: KernelOptions, n: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK, P)`` of a backward launch over ``n`` coordinates: ``P`` programs walk the tiles,
+    at most ``options.max_programs`` (default 4 per SM on CUDA, one per tile elsewhere)."""
+    block = _block(options.backward_block, 32, n)
+    tiles = triton.cdiv(n, block)
+    limit = options.max_programs
+    if limit is None and device.type == "cuda":
+        limit = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return block, max(1, min(tiles, limit or tiles))
+
+
 def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tuple[int, int]:
     """Validate; returns ``(L, H)``."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -767,12 +778,7 @@ def coordinate_lstm_backward(
     d_x = torch.empty(x.shape, **f32) if need_d_x else None
     d_h, d_c = torch.empty(shape, **f32), torch.empty(shape, **f32)
 
-    block = _block(options.backward_block, 32, n)
-    tiles = triton.cdiv(n, block)
-    limit = options.max_programs
-    if limit is None and device.type == "cuda":
-        limit = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    programs = max(1, min(tiles, limit or tiles))
+    block, programs = _backward_grid(options, n, device)
     weights = [t.detach() for t in packed]
     parts = [torch.zeros((programs, *t.shape), **f32) for t in weights]
     part_head_b = parts[5].view(programs)

@@ -53,6 +53,7 @@ from torch import Tensor
 from .coordinate_lstm_backward import (
     KernelOptions,
     _add_vector,
+    _backward_grid,
     _block,
     _input_layer_backward,
     _load_rows,
@@ -452,12 +453,7 @@ def meta_lstm_backward(
     d_grad, d_param = torch.empty(n, **f32), torch.empty(n, **f32)
     d_h, d_c, d_fi = torch.empty(h.shape, **f32), torch.empty(c.shape, **f32), torch.empty(fi.shape, **f32)
 
-    block = _block(options.backward_block, 32, n)
-    tiles = triton.cdiv(n, block)
-    limit = options.max_programs
-    if limit is None and device.type == "cuda":
-        limit = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    programs = max(1, min(tiles, limit or tiles))
+    block, programs = _backward_grid(options, n, device)
     weights = [t.detach() for t in packed]
     parts = [torch.zeros((programs, *t.shape), **f32) for t in weights]
     if n > 0:
