@@ -102,12 +102,13 @@ def unroll(
         loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss;
             default all ones.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (see the module docstring).
-            ``"triton"`` runs each rule call as the Triton forward and backward kernels; it
-            needs a :class:`CoordinateLSTM` with the default inputs, float32 rule, parameters
-            and states, and CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), and
-            raises ``ValueError`` otherwise. The kernels give the same meta-gradient as the
-            PyTorch path to fp32 rounding, also without ``stop_optimizee_grad`` (the gradient
-            input's own graph carries the second-order terms).
+            ``"triton"`` runs each rule call as its input features in PyTorch, then the Triton
+            forward and backward kernels; it needs a :class:`CoordinateLSTM` (any feature set)
+            or a :class:`MetaLSTMCell`, float32 rule, parameters and states, and CUDA tensors
+            (or CPU tensors under ``TRITON_INTERPRET=1``), and raises ``ValueError``
+            otherwise. The kernels give the same meta-gradient as the PyTorch path to fp32
+            rounding, also without ``stop_optimizee_grad`` (the features' own graph carries the
+            second-order terms).
 
     Returns:
         An :class:`UnrollResult`.
