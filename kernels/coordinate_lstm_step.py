@@ -18,9 +18,9 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
 
 That is exactly what :meth:`CoordinateLSTM.forward` followed by ``param.add_(step, alpha=lr)``
 computes in :func:`learnedopt.optim.update.flat_update_` with ``compute_dtype=torch.float32``,
-up to the order of fp32 reductions. Every feature set is supported but ``param_input`` (the
-parameter value as an input): the launcher raises ``ValueError`` for weights with that input.
-The decays are compile-time constants (one compilation per feature set), taken in fp32 as the
+up to the order of fp32 reductions. Every feature set is supported; with ``param_input`` the
+parameter value (read as fp32, before the update) is the last feature, as in
+:meth:`CoordinateLSTM.features`, and is not negated under ``maximize``. The decays are compile-time constants (one compilation per feature set), taken in fp32 as the
 PyTorch path's weight tensor holds them, and ``lerp`` uses ``torch.lerp``'s formula on either
 side of 0.5; moments and rms features use IEEE-rounded ``sqrt`` and division, as torch does.
 
@@ -55,7 +55,7 @@ ptxas; not timed, no GPU was available): with ``INPUT_PRECISION="ieee"`` the fp3
 to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8,056 B,
 BLOCK 64 / 8 warps: 136 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
 and "tf32" at BLOCK 64 / 4 warps spill 8 B and 32 B. The default preset's feature set (3 momenta,
-2 rms decays) spills more: 1,248 B at BLOCK 64 / 4 warps, 360 B at 64 / 8 warps, 280 B at 32 / 4
+2 rms decays) spills more: 1,248 B at BLOCK 64 / 4 warps (1,312 B with ``param_input`` added), 360 B at 64 / 8 warps, 280 B at 32 / 4
 warps, 184 B with "tf32x3". The launcher's default ("ieee", exact) is chosen for correctness, not
 speed: tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
 ``benchmarks/kernel_bench.py --tune`` (both feature sets). In the interpreter every program
@@ -304,7 +304,8 @@ def coordinate_lstm_step_kernel(
     HP: tl.constexpr,
     MOMENTUM_DECAYS: tl.constexpr,  # tuple of M fp32-exact floats in [0, 1)
     RMS_DECAYS: tl.constexpr,  # tuple of R fp32-exact floats in [0, 1)
-    NUM_INPUTS: tl.constexpr,  # 2 + 2M + R
+    PARAM_INPUT: tl.constexpr,  # the parameter value is the last input feature
+    NUM_INPUTS: tl.constexpr,  # 2 + 2M + R (+ 1 with PARAM_INPUT)
     MAXIMIZE: tl.constexpr,
     USE_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -380,6 +381,11 @@ def coordinate_lstm_step_kernel(
             pre_i, pre_f, pre_g, pre_o, x_rms, w_ih0_ptr, feature, NUM_INPUTS, H, HP
         )
         v_base += v_stride
+    if PARAM_INPUT:
+        theta = tl.load(param_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        pre_i, pre_f, pre_g, pre_o = _add_input(
+            pre_i, pre_f, pre_g, pre_o, theta, w_ih0_ptr, NUM_INPUTS - 1, NUM_INPUTS, H, HP
+        )
     h, c = _cell(pre_i, pre_f, pre_g, pre_o, c, FAST_TANH)
     h = _zero_padding(h, H, HP)
     _store_rounded(h_ptr + tile, h, tile_mask)
@@ -453,18 +459,21 @@ def rule_weights(
     }
 
 
-def feature_count(momentum_decays: Sequence[float] = (), rms_decays: Sequence[float] = ()) -> int:
-    """``K``: the input features of layer 0 the kernel computes, ``2 + 2M + R`` (the preprocessed
-    gradient, each preprocessed momentum, each rms-normalised gradient)."""
-    return 2 + 2 * len(momentum_decays) + len(rms_decays)
+def feature_count(
+    momentum_decays: Sequence[float] = (), rms_decays: Sequence[float] = (), param_input: bool = False
+) -> int:
+    """``K``: the input features of layer 0 the kernel computes, ``2 + 2M + R (+ 1)`` (the
+    preprocessed gradient, each preprocessed momentum, each rms-normalised gradient, the
+    parameter value with ``param_input``)."""
+    return 2 + 2 * len(momentum_decays) + len(rms_decays) + int(param_input)
 
 
 def _input_count_error(got: int, expected: int) -> ValueError:
     return ValueError(
         f"the weights have {got} layer-0 inputs, but the feature set has {expected}: the fused "
-        f"kernel reads the preprocessed gradient (2 inputs), 2 per momentum decay and 1 per rms "
-        f"decay (pass the rule's momentum_decays and rms_decays), and never the parameter value: "
-        f"rules with param_input=True need the PyTorch path"
+        f"kernel reads the preprocessed gradient (2 inputs), 2 per momentum decay, 1 per rms "
+        f"decay and 1 for the parameter value (pass the rule's momentum_decays, rms_decays and "
+        f"param_input)"
     )
 
 
@@ -657,6 +666,7 @@ def coordinate_lstm_step_(
     maximize: bool,
     momentum_decays: Sequence[float] = (),
     rms_decays: Sequence[float] = (),
+    param_input: bool = False,
     m: Tensor | None = None,
     v: Tensor | None = None,
     use_dot: bool = True,
@@ -683,8 +693,8 @@ def coordinate_lstm_step_(
         output_scale: the head's output multiplier.
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: negate the gradient first.
-        momentum_decays, rms_decays: the rule's extra inputs (``CoordinateLSTMConfig``'s fields of
-            those names; ``param_input`` is not supported), ``M`` and ``R`` decays in [0, 1).
+        momentum_decays, rms_decays, param_input: the rule's extra inputs
+            (``CoordinateLSTMConfig``'s fields of those names), ``M`` and ``R`` decays in [0, 1).
         m: ``(M, N)`` float32 or bfloat16 momenta, each row contiguous (any row stride); updated
             in place. Required iff ``momentum_decays`` is not empty.
         v: ``(R, N)`` second moments for ``rms_decays``, likewise.
@@ -720,7 +730,7 @@ def coordinate_lstm_step_(
             moments[name] = t
         elif t is not None:
             raise ValueError(f"{name} is given, but its decays are empty")
-    k = feature_count(momentum_decays, rms_decays)
+    k = feature_count(momentum_decays, rms_decays, param_input)
     if isinstance(weights, PackedWeights):
         packed = weights
     else:
@@ -778,6 +788,7 @@ def coordinate_lstm_step_(
         HP=padded_hidden_size(hidden_size),
         MOMENTUM_DECAYS=momentum_decays,
         RMS_DECAYS=rms_decays,
+        PARAM_INPUT=bool(param_input),
         NUM_INPUTS=k,
         MAXIMIZE=bool(maximize),
         USE_DOT=bool(use_dot),

@@ -108,6 +108,7 @@ FEATURES = {
     "l2l-random": dict(momentum_decays=(0.5, 0.9, 0.99), rms_decays=(0.99, 0.999)),
     "momentum": dict(momentum_decays=(0.3, 0.95)),
     "rms": dict(rms_decays=(0.9,)),
+    "param": dict(momentum_decays=(0.9,), rms_decays=(0.999,), param_input=True),
 }
 
 
@@ -171,6 +172,7 @@ def fused(
         maximize=maximize,
         momentum_decays=cfg.momentum_decays,
         rms_decays=cfg.rms_decays,
+        param_input=cfg.param_input,
         **moments,
         use_dot=use_dot,
         block=block,
@@ -222,6 +224,8 @@ def test_matches_pytorch_path(n: int, num_layers: int, hidden_size: int, use_dot
         ("l2l-random", True, False),
         ("momentum", False, True),
         ("rms", False, False),
+        # the parameter value as the last input, not negated under maximize
+        ("param", True, True),
     ],
 )
 def test_momentum_and_rms_inputs_over_steps(features: str, maximize: bool, use_dot: bool) -> None:
@@ -454,6 +458,7 @@ def _call(features: str | dict = "paper", **overrides):
         block=BLOCK,
         momentum_decays=rule.config.momentum_decays,
         rms_decays=rule.config.rms_decays,
+        param_input=rule.config.param_input,
         **make_moments(rule, 32),
     )
     for key, value in overrides.items():
@@ -500,9 +505,9 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
         ("paper", dict(m=torch.zeros(1, 32)), r"m is given, but its decays are empty"),
         # the weights of 2 + 6 + 2 inputs, the feature set of 2 + 6
         ("l2l-random", dict(rms_decays=(), v=None), r"10 layer-0 inputs.* has 8"),
-        # the parameter value as an input: no kernel feature
-        (dict(param_input=True), {}, r"param_input=True need the PyTorch path"),
-        (dict(momentum_decays=(0.9,), param_input=True), {}, r"5 layer-0 inputs.*param_input"),
+        # the weights of a rule with the parameter input, the feature set without it
+        (dict(param_input=True), dict(param_input=False), r"3 layer-0 inputs.* has 2"),
+        (dict(momentum_decays=(0.9,), param_input=True), dict(param_input=False), r"5 layer-0 inputs.*param_input\)"),
     ],
 )
 def test_invalid_feature_arguments(features: str | dict, overrides: dict, match: str) -> None:

@@ -31,12 +31,36 @@ def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
     MetaLSTMOptimizer(p, backend="triton")  # has a kernel (tests/test_kernel_meta_lstm.py)
     from learnedopt import CoordinateLSTM
 
-    # momentum and rms inputs have kernel features (tests/test_kernel_coordinate_lstm.py) ...
-    LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,)), backend="triton")
-    # ... the parameter value as an input has none
-    rule = CoordinateLSTM(momentum_decays=(0.9,), param_input=True)
-    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules without param_input"):
-        LSTMOptimizer(p, weights=rule, backend="triton")
+    # every feature set has kernel features (tests/test_kernel_coordinate_lstm.py) ...
+    LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,), param_input=True), backend="triton")
+    # ... a rule kind of the user's own has no kernel
+    from learnedopt.nn import MetaLSTMConfig, UpdateRule
+    from learnedopt.optim import LearnedOptimizer
+
+    class PlainSGD(UpdateRule):
+        kind = "PlainSGD"
+        config_class = MetaLSTMConfig  # any config dataclass; unused
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def state_spec(self):
+            return {}
+
+        def forward(self, grad, param, state, loss=None):
+            return -grad * self.scale, {}
+
+    class SGDOptimizer(LearnedOptimizer):
+        rule_kind = "PlainSGD"
+        default_preset = "none"
+
+    with pytest.raises(ValueError, match="fused kernels only for CoordinateLSTM and MetaLSTMCell; this optimizer runs PlainSGD"):
+        SGDOptimizer(p, weights=PlainSGD(), backend="triton")
+    opt = SGDOptimizer(p, weights=PlainSGD(), backend="torch")
+    with pytest.raises(ValueError, match="runs PlainSGD"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "backend": "triton"})
+    assert len(opt.param_groups) == 1
 
 
 def test_wrong_rule_kind_is_rejected() -> None:

@@ -22,7 +22,23 @@ TOL = dict(rtol=2e-5, atol=2e-6)
 # reads momenta and rms-normalised gradients)
 PAPER = "l2l-2016"
 DEFAULT = None
-WEIGHTS = pytest.mark.parametrize("weights", [PAPER, DEFAULT], ids=["l2l-2016", "default"])
+
+
+def _param_input_rule() -> CoordinateLSTM:
+    """A rule that reads the parameter value, with every weight perturbed so that the parameter
+    feature reaches the step (the default init routes only unit 0, which does not read it)."""
+    g = torch.Generator().manual_seed(0)
+    rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.999,), param_input=True)
+    rule.reset_parameters(generator=g)
+    with torch.no_grad():
+        for q in rule.parameters():
+            q.add_(torch.randn(q.shape, generator=g) * 0.1)
+    return rule
+
+
+WEIGHTS = pytest.mark.parametrize(
+    "weights", [PAPER, DEFAULT, _param_input_rule()], ids=["l2l-2016", "default", "param-input"]
+)
 
 
 def run(
@@ -125,13 +141,6 @@ def test_explicit_triton_refuses_what_the_kernel_cannot_do() -> None:
     set_grads(params, 0)
     with pytest.raises(RuntimeError, match="float64 parameters"):
         opt.step()
-    rule = CoordinateLSTM(param_input=True)  # the parameter value as an input: no kernel feature
-    with pytest.raises(ValueError, match="fused kernel only for CoordinateLSTM rules without param_input"):
-        LSTMOptimizer(make_params([(4,)]), rule, backend="triton")
-    opt = LSTMOptimizer(make_params([(4,)]), rule, backend="torch")
-    with pytest.raises(ValueError, match="without param_input"):
-        opt.add_param_group({"params": make_params([(3,)], seed=1), "backend": "triton"})
-    assert len(opt.param_groups) == 1
 
 
 def test_auto_never_uses_the_interpreter() -> None:

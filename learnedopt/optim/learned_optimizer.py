@@ -49,7 +49,7 @@ class LearnedOptimizer(Optimizer):
             state unchanged this step.
         backend: ``"torch"``, ``"triton"`` (the fused kernels of
             :mod:`learnedopt.kernels.coordinate_lstm_step`, for CoordinateLSTM rules with any
-            momentum and rms inputs but no ``param_input``, and
+            feature set, and
             :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
             float32/bfloat16 states, non-float64 parameters, on CUDA or under
             ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel on CUDA where it applies and
@@ -102,9 +102,8 @@ class LearnedOptimizer(Optimizer):
         if group["backend"] == "triton" and not _fused_rule(self.rule):
             self.param_groups.pop()
             raise ValueError(
-                f"backend='triton' has a fused kernel only for CoordinateLSTM rules without param_input "
-                f"(the parameter value as an input) and for MetaLSTMCell; this optimizer runs "
-                f"{self.rule.kind} {self.rule.config_dict()}: use 'torch' or 'auto'"
+                f"backend='triton' has fused kernels only for CoordinateLSTM and MetaLSTMCell; this "
+                f"optimizer runs {self.rule.kind}: use 'torch' or 'auto'"
             )
         for p in group["params"]:
             if p.is_complex():
@@ -365,7 +364,7 @@ class LearnedOptimizer(Optimizer):
                     kernel.rule_weights(self.rule, device),
                     num_layers=cfg.num_layers,
                     hidden_size=cfg.hidden_size,
-                    num_inputs=kernel.feature_count(cfg.momentum_decays, cfg.rms_decays),
+                    num_inputs=kernel.feature_count(cfg.momentum_decays, cfg.rms_decays, cfg.param_input),
                 )
             cached = (version, packed)
             self._packed_weights[device] = cached
@@ -439,9 +438,9 @@ def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor])
 
 
 def _fused_rule(rule: UpdateRule) -> bool:
-    """Whether a fused kernel implements this rule: CoordinateLSTM with any momentum and rms
-    inputs but not ``param_input``, or MetaLSTMCell (every configuration)."""
-    return (isinstance(rule, CoordinateLSTM) and not rule.config.param_input) or isinstance(rule, MetaLSTMCell)
+    """Whether a fused kernel implements this rule: CoordinateLSTM or MetaLSTMCell, every
+    configuration."""
+    return isinstance(rule, (CoordinateLSTM, MetaLSTMCell))
 
 
 def _triton_interpreted() -> bool:

@@ -180,8 +180,8 @@ def fused_update_(
     block: int,
     loss: Tensor | float | None = None,
 ) -> None:
-    """The fused Triton path: :class:`CoordinateLSTM` (any momentum and rms inputs, not
-    ``param_input``), or :class:`MetaLSTMCell`.
+    """The fused Triton path: :class:`CoordinateLSTM` (any feature set), or
+    :class:`MetaLSTMCell`.
 
     Same layout and result as :func:`flat_update_` (fp32 math), but each run of adjacent
     parameters is one kernel launch that reads every gradient, parameter and state once and
@@ -247,7 +247,7 @@ def _fused_launcher(
                 num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p,
                 output_scale=cfg.output_scale, lr=lr, maximize=maximize,
                 momentum_decays=cfg.momentum_decays, rms_decays=cfg.rms_decays,
-                m=states.get("m"), v=states.get("v"), block=block,
+                param_input=cfg.param_input, m=states.get("m"), v=states.get("v"), block=block,
             )  # fmt: skip
 
         return launch
