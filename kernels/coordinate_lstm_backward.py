@@ -633,6 +633,29 @@ def _backward_grid(options: KernelOptions, n: int, device: torch.device) -> tupl
     return block, max(1, min(tiles, limit or tiles))
 
 
+def _check_fp32_state(name: str, t: Tensor, shape: tuple[int, ...], layout: str = "") -> None:
+    """Raise ``ValueError`` unless the state ``t`` is a float32 tensor of ``shape`` (``layout``
+    names its dimensions in the message)."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout}{shape}, got {getattr(t, 'shape', type(t))}")
+    if t.dtype != torch.float32:
+        raise ValueError(
+            f"{name} must be float32 for the differentiable kernel (bfloat16 states are "
+            f"supported only by the in-place optimizer step), got {t.dtype}"
+        )
+
+
+def _refuse_double_backward(step_name: str) -> None:
+    """Raise ``RuntimeError`` when a backward runs with ``create_graph=True``: the backward
+    kernels are opaque to autograd, so their own derivatives would be missing."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the Triton {step_name} step is differentiable to first order only: its backward "
+            "cannot run with create_graph=True (double backward, Hessian-vector products); use "
+            "the PyTorch path (backend='torch') for higher-order gradients"
+        )
+
+
 def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tuple[int, int]:
     """Validate; returns ``(L, H)``."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -647,17 +670,8 @@ def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tup
             f"x has {x.shape[1]} features per coordinate but the weights take "
             f"{packed.w_ih0.shape[1]} inputs (the rule's config.num_inputs)"
         )
-    expected = (num_layers, x.shape[0], hidden)
     for name, t in (("h", h), ("c", c)):
-        if not isinstance(t, Tensor) or tuple(t.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (L, N, H) = {expected}, got {getattr(t, 'shape', type(t))}"
-            )
-        if t.dtype != torch.float32:
-            raise ValueError(
-                f"{name} must be float32 for the differentiable kernel (bfloat16 states are "
-                f"supported only by the in-place optimizer step), got {t.dtype}"
-            )
+        _check_fp32_state(name, t, (num_layers, x.shape[0], hidden), "(L, N, H) = ")
     check_launch_device({"x": x, "h": h, "c": c, **packed._asdict()})
     return num_layers, hidden
 
@@ -855,12 +869,7 @@ class CoordinateLSTMStepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor) -> tuple:
-        if torch.is_grad_enabled():  # create_graph=True: a double backward is being prepared
-            raise RuntimeError(
-                "the Triton coordinate-LSTM step is differentiable to first order only: its "
-                "backward cannot run with create_graph=True (double backward, Hessian-vector "
-                "products); use the PyTorch path (backend='torch') for higher-order gradients"
-            )
+        _refuse_double_backward("coordinate-LSTM")  # create_graph=True: a double backward
         x, h, c, h_new, *weights = ctx.saved_tensors
         output_scale, options = ctx.constants
         d_x, d_h, d_c, d_weights = coordinate_lstm_backward(

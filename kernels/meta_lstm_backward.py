@@ -57,6 +57,8 @@ from .coordinate_lstm_backward import (
     _block,
     _input_layer_backward,
     _load_rows,
+    _check_fp32_state,
+    _refuse_double_backward,
 )
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
@@ -320,15 +322,7 @@ def _check_inputs(
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(t.shape)}")
     for name, t, shape in (("h", h, (1, n, hidden)), ("c", c, (1, n, hidden)), ("fi", fi, (2, n))):
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape}, got {getattr(t, 'shape', type(t))}"
-            )
-        if t.dtype != torch.float32:
-            raise ValueError(
-                f"{name} must be float32 for the differentiable kernel (bfloat16 states are "
-                f"supported only by the in-place optimizer step), got {t.dtype}"
-            )
+        _check_fp32_state(name, t, shape)
     check_launch_device(
         {"x": x, "grad": grad, "param": param, "h": h, "c": c, "fi": fi, **packed._asdict()}
     )
@@ -536,12 +530,7 @@ class MetaLSTMStepFunction(torch.autograd.Function):
     def backward(
         ctx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor, d_fi_new: Tensor
     ) -> tuple:
-        if torch.is_grad_enabled():  # create_graph=True: a double backward is being prepared
-            raise RuntimeError(
-                "the Triton meta-LSTM step is differentiable to first order only: its backward "
-                "cannot run with create_graph=True (double backward, Hessian-vector products); "
-                "use the PyTorch path (backend='torch') for higher-order gradients"
-            )
+        _refuse_double_backward("meta-LSTM")  # create_graph=True: a double backward
         x, grad, param, h, c, fi, h_new, *weights = ctx.saved_tensors
         d_x, d_grad, d_param, d_h, d_c, d_fi, d_weights = meta_lstm_backward(
             x,
