@@ -4,7 +4,11 @@ pretrained baseline.
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
     python benchmarks/fewshot.py higher      # needs `pip install higher`
     python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
+    python benchmarks/fewshot.py omniglot-model RUN/model.safetensors --tag NAME
     python benchmarks/fewshot.py plot-omniglot
+
+``omniglot-model`` scores a learner that ``learnedopt meta-train --task omniglot`` wrote (long
+runs belong there: they checkpoint and resume) on the same test episodes as ``omniglot``.
 
 Sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 ReLU. MAML and first-order MAML train with
 one inner SGD step of 0.01 on K support points and a query set of K points, meta-batch 25,
@@ -296,28 +300,34 @@ def _evaluate_omniglot(adapt, data, classes, ways: int, shots: int, episodes: in
     return ci95(torch.stack(accuracies) * 100)
 
 
+def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28) -> dict:
+    """Accuracy (mean, 95% CI) on the meta-test alphabets: ``ways``-way 1- and 5-shot episodes
+    mixing alphabets, and for 20 ways also 1-shot episodes within one alphabet; plus the alphabets."""
+    from learnedopt.data import load_omniglot
+
+    data = load_omniglot(image_size=image_size, rotations=True)
+    test = omniglot_class_splits(data)["meta_test"]  # the library's split: the one meta-training used
+    results = {}
+    for shots in (1, 5):
+        results[f"{ways}-way {shots}-shot"] = _evaluate_omniglot(adapt, data, test, ways, shots, episodes, seed + 1, False)
+    if ways == 20:
+        results["20-way 1-shot within alphabet"] = _evaluate_omniglot(adapt, data, test, 20, 1, episodes, seed + 2, True)
+    return dict(accuracy={k: {"mean": m, "ci95": c} for k, (m, c) in results.items()},
+                test_alphabets=[data.alphabets[i] for i in torch.unique(data.alphabet_of_class[test]).tolist()])
+
+
 def _omniglot_job(method: str, ways: int, args, queue) -> None:
     """One method and way count, in its own process so peak memory is its own."""
     import resource
 
-    from learnedopt.data import load_omniglot
-
     torch.set_num_threads(args.threads_per_job)
-    data = load_omniglot(rotations=True)
-    splits = omniglot_class_splits(data)  # the library's split: the one meta-training used
     start = time.perf_counter()
     adapt = _train_omniglot(method, ways, args)
     seconds = time.perf_counter() - start
-    results = {}
-    for shots in (1, 5):
-        results[f"{ways}-way {shots}-shot"] = _evaluate_omniglot(adapt, data, splits["meta_test"], ways, shots, args.test_episodes, args.seed + 1, False)
-    if ways == 20:
-        results["20-way 1-shot within alphabet"] = _evaluate_omniglot(adapt, data, splits["meta_test"], 20, 1, args.test_episodes, args.seed + 2, True)
+    cells = _test_cells(adapt, ways, args.test_episodes, args.seed)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(dict(method=method, ways=ways, seconds_per_meta_step=seconds / args.iterations, peak_rss_mb=peak_mb,
-                   config=adapt.config,
-                   accuracy={k: {"mean": m, "ci95": c} for k, (m, c) in results.items()},
-                   test_alphabets=[data.alphabets[i] for i in torch.unique(data.alphabet_of_class[splits["meta_test"]]).tolist()]))
+                   config=adapt.config, **cells))
 
 
 def omniglot(args: argparse.Namespace) -> None:
@@ -334,8 +344,6 @@ def omniglot(args: argparse.Namespace) -> None:
             job.join()
             rows.append(row)
             print(row, flush=True)
-    names = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
-             "meta-lstm": "meta-LSTM (learned init + learned update)"}  # fmt: skip
     table = [
         f"Omniglot, meta-trained on the two small background sets with whole alphabets held out; test alphabets: "
         f"{', '.join(rows[0]['test_alphabets'])}. conv-4 ({args.hidden} filters), transductive batch statistics, "
@@ -345,13 +353,60 @@ def omniglot(args: argparse.Namespace) -> None:
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
     ]
-    for r in rows:
-        for setting, acc in r["accuracy"].items():
-            table.append(f"| {names[r['method']]} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
-                         f"{r['seconds_per_meta_step']:.2f} | {r['peak_rss_mb']:.0f} |")
+    table += _table_rows(rows)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     name = "fewshot_omniglot" + (f"_{args.tag}" if args.tag else "")
     write_results(name, {"config": config, "rows": rows}, "\n".join(table))
+
+
+METHOD_NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
+                "meta-lstm": "meta-LSTM (learned init + learned update)"}  # fmt: skip
+
+
+def _table_rows(rows: list[dict]) -> list[str]:
+    def number(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    return [
+        f"| {METHOD_NAMES[r['method']]} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
+        f"{number(r['seconds_per_meta_step'], '.2f')} | {number(r['peak_rss_mb'], '.0f')} |"
+        for r in rows
+        for setting, acc in r["accuracy"].items()
+    ]
+
+
+def omniglot_model(args: argparse.Namespace) -> None:
+    """Score a ``learnedopt meta-train --task omniglot`` learner on the meta-test alphabets."""
+    import json
+    import statistics
+
+    from learnedopt.meta.fewshot import load_learner
+
+    learner, header = load_learner(args.model)
+    arch, config = header["architecture"], header["meta_train_config"]
+
+    def adapt(x_s, y_s):
+        params = learner.adapt(x_s, y_s)
+        return lambda x: learner.predict(params, x)
+
+    log = Path(args.model).with_name("log.jsonl")  # the run's per-step wall-clock, where it is kept
+    seconds = [json.loads(line)["seconds"] for line in log.read_text().splitlines()] if log.is_file() else []
+    row = dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
+               seconds_per_meta_step=statistics.median(seconds) if seconds else None, peak_rss_mb=None,
+               **_test_cells(adapt, arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
+    table = [
+        f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
+        f"test alphabets: {', '.join(row['test_alphabets'])}. conv-4 ({arch['hidden']} filters), transductive batch "
+        f"statistics, {config['meta_steps']} meta-steps of {config['meta_batch']} tasks"
+        f"{', each within one alphabet' if config['same_alphabet'] else ''}, adapted with {header['test_inner_steps']} "
+        f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step: median "
+        "of the run's log (peak memory not measured: training ran in its own process).\n",
+        "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
+        "|---|---|---:|---:|---:|",
+        *_table_rows([row]),
+    ]
+    write_results(f"fewshot_omniglot_{args.tag}", {"config": {k: v for k, v in vars(args).items() if k != "func"},
+                                                   "rows": [row]}, "\n".join(table))  # fmt: skip
 
 
 def plot_omniglot(args: argparse.Namespace) -> None:
@@ -405,6 +460,12 @@ def main() -> None:
     omn.add_argument("--seed", type=int, default=0)
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
+    mod = sub.add_parser("omniglot-model", help="score a `learnedopt meta-train --task omniglot` learner on the held-out alphabets")
+    mod.add_argument("model", help="the run's model.safetensors")
+    mod.add_argument("--tag", required=True, help="suffix of the results file name")
+    mod.add_argument("--test-episodes", type=int, default=600)
+    mod.add_argument("--seed", type=int, default=0)
+    mod.set_defaults(func=omniglot_model, threads=1)
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
     plot.set_defaults(func=plot_omniglot, threads=None)
     args = parser.parse_args()

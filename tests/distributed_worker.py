@@ -29,7 +29,7 @@ META_RUNS: dict[str, list[str]] = {
     "lstm": ["--task", "quadratic", "--unroll", "3", "--horizon", "6", "--meta-steps", "4"],
     "maml": ["--algo", "maml", "--meta-steps", "3", "--meta-lr", "0.01"],
     "fomaml": ["--algo", "fomaml", "--meta-steps", "3", "--meta-lr", "0.01"],
-    "reptile": ["--algo", "reptile", "--meta-steps", "3", "--inner-steps", "2"],
+    "reptile": ["--algo", "reptile", "--meta-steps", "3", "--inner-steps", "2", "--inner-batch", "4"],
     "meta-lstm": ["--algo", "meta-lstm", "--meta-steps", "3", "--inner-steps", "2"],
 }
 COMMON = ["--meta-batch", "4", "--checkpoint-every", "2", "--quiet", "--seed", "3"]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
-from learnedopt.meta.fewshot import MODEL_NAME, load_learner
+from learnedopt.meta.fewshot import MODEL_NAME, inner_minibatches, load_learner
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -115,7 +115,9 @@ OMNIGLOT_TINY = ["--task", "omniglot", "--ways", "2", "--shots", "1", "--queries
 @pytest.mark.parametrize("algo", ["fomaml", "reptile", "meta-lstm"])
 def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: str) -> None:
     out = tmp_path / algo
-    extra = ["--inner-steps", "1", "--test-inner-steps", "1"]
+    extra = ["--inner-steps", "2", "--test-inner-steps", "1"]
+    if algo == "reptile":  # Nichol et al.'s scheme: more shots in meta-training, read in minibatches
+        extra += ["--train-shots", "2", "--inner-batch", "3"]
     assert train(out, "--algo", algo, *OMNIGLOT_TINY, *extra, "--same-alphabet", "--data", str(omniglot_dir)) == 0
     head = header(out / MODEL_NAME)
     assert head["architecture"] == {"kind": "conv4", "in_channels": 1, "ways": 2, "hidden": 4, "image_size": 28}
@@ -127,6 +129,9 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
     held_out = ", ".join(split["meta_valid"] + split["meta_test"])
     assert f"Held out from meta-training: {held_out}" in card and "with rotations" in card
     assert "each episode within one alphabet" in card
+    train_shots = 2 if algo == "reptile" else 1
+    assert f"Meta-training tasks: Omniglot 2-way {train_shots}-shot 1-query" in card
+    assert "Validation tasks (2): Omniglot 2-way 1-shot 1-query" in card
     learner, _ = load_learner(out / MODEL_NAME)
     images = torch.rand(2, 1, 28, 28)
     params = learner.adapt(images, torch.tensor([0, 1]))
@@ -148,6 +153,9 @@ BAD = [
     (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),
     (["--algo", "maml", "--rule", "CoordinateLSTM"], "--rule does not apply to --algo maml"),
     (["--algo", "meta-lstm", "--rule", "SGD"], "unknown rule 'SGD'"),
+    (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
+    (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
+    (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),
 ]
 
 
@@ -165,3 +173,19 @@ def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Pat
     args = ["--algo", "maml", "--task", "omniglot", "--ways", "5", "--queries", "1", "--data", str(omniglot_dir)]
     assert train(tmp_path / "run", *args) == 2
     assert "meta_valid classes: 5-way episodes need 5 classes, only 3 are allowed" in capsys.readouterr().err
+
+
+def test_inner_minibatches_use_every_example_once_before_repeating() -> None:
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    batches = inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(0))
+    assert len(batches) == 6 and all(xb.shape == (2, 2) and yb.shape == (2,) for xb, yb in batches)
+    picks = torch.cat([yb for _, yb in batches])
+    assert sorted(picks[:5].tolist()) == [0, 1, 2, 3, 4] and sorted(picks[5:10].tolist()) == [0, 1, 2, 3, 4]
+    for xb, yb in batches:  # inputs stay paired with their targets
+        assert torch.equal(xb, x[yb])
+    again = inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
+    assert not torch.equal(torch.cat([yb for _, yb in inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(1))]), picks)
+    whole = inner_minibatches(x, y, None, 3, torch.Generator())
+    assert len(whole) == 3 and all(xb is x and yb is y for xb, yb in whole)
+    assert all(xb is x for xb, _ in inner_minibatches(x, y, 7, 2, torch.Generator()))

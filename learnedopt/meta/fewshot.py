@@ -7,7 +7,10 @@ Algorithms (all train the model's parameters as the learned initialisation):
   optimizer; ``--learn-inner-lr`` learns a step size per parameter element (Meta-SGD).
 - ``reptile``: :class:`learnedopt.meta.Reptile`, outer step size ``--meta-lr`` annealed linearly
   to 0 over ``--meta-steps``; inner optimizer SGD (sinusoid) or Adam with betas (0, 0.999)
-  (Omniglot, Nichol et al. 2018), learning rate ``--inner-lr``.
+  (Omniglot, Nichol et al. 2018), learning rate ``--inner-lr``. As in Nichol et al.'s Omniglot
+  runs, meta-training tasks have ``--train-shots`` examples per class (10), each inner step reads
+  a minibatch of ``--inner-batch`` of them (shuffled, without replacement until all are used),
+  and adapting after training takes 50 full-batch steps on the ``--shots``-shot support set.
 - ``meta-lstm``: Ravi & Larochelle 2017. The inner loop is :class:`learnedopt.nn.MetaLSTMCell`'s
   update (``MetaLSTMOptimizer``'s) run by :func:`learnedopt.meta.unroll.unroll` on each task's
   support set, from the learned initial parameters; the meta-loss is the query loss at the
@@ -81,7 +84,7 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 #: options only the few-shot algorithms read (argparse dest names)
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
-    "hidden", "image_size", "same_alphabet", "val_tasks",
+    "hidden", "image_size", "same_alphabet", "val_tasks", "train_shots", "inner_batch",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet")
 MODEL_NAME = "model.safetensors"
@@ -96,7 +99,7 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": nn.functional.mse_loss,
     "cross_entropy": nn.functional.cross_entropy,
 }
-_TRAIN_STREAM, _VALID_STREAM = 1, 2
+_TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM = 1, 2, 3
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -126,6 +129,10 @@ class FewShotConfig:
         data: folder of the Omniglot zips (None: the default search).
         rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
             ``MetaLSTMCell``); None for the other algorithms.
+        train_shots: support examples per class of the meta-training tasks (None: ``shots``);
+            validation and evaluation use ``shots``.
+        inner_batch: Reptile's examples per inner step, drawn from the support set without
+            replacement (None: the whole support set every step).
     """
 
     algo: str
@@ -148,6 +155,8 @@ class FewShotConfig:
     seed: int = 0
     data: str | None = None
     rule: str | None = None
+    train_shots: int | None = None
+    inner_batch: int | None = None
 
     RESUMABLE_CHANGES = ("meta_steps", "data")
 
@@ -161,6 +170,7 @@ class FewShotConfig:
             )
         names = ["shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
         names += ["ways", "hidden", "image_size"] if self.task == "omniglot" else []
+        names += [n for n in ("train_shots", "inner_batch") if getattr(self, n) is not None]
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -168,6 +178,8 @@ class FewShotConfig:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.inner_batch is not None and self.algo != "reptile":
+            raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.rule is not None and self.algo != "meta-lstm":
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
@@ -186,12 +198,16 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
     Reptile: Nichol et al. 2018; meta-lstm: Ravi & Larochelle 2017), scaled like the benchmarks."""
     sinusoid = task == "sinusoid"
     many_ways = (ways or 5) > 5
+    train_shots = inner_batch = None
     if algo in ("maml", "fomaml"):
         inner = (1, 0.01, 10) if sinusoid else ((5, 0.1, 5) if many_ways else (1, 0.4, 3))
         meta_lr = 1e-3
     elif algo == "reptile":
-        inner = (5, 0.02, 10) if sinusoid else (5, 1e-3, 10)
+        # Omniglot: Nichol et al.'s runs (1-shot: 10 train shots, minibatches of 10 / 20 ways)
+        inner = (5, 0.02, 10) if sinusoid else ((10, 5e-4, 50) if many_ways else (5, 1e-3, 50))
         meta_lr = 0.1 if sinusoid else 1.0
+        if not sinusoid:
+            train_shots, inner_batch = 10, (20 if many_ways else 10)
     else:
         inner, meta_lr = (5, None, 5), 1e-3
     return {
@@ -202,7 +218,7 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "inner_lr": inner[1],
         "test_inner_steps": inner[2],
         "learn_inner_lr": False,
-        "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else 8,
+        "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
         "meta_steps": 20_000 if sinusoid else 1000,
         "meta_lr": meta_lr,
         "clip": 0.25 if algo == "meta-lstm" else None,
@@ -210,6 +226,8 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "image_size": None if sinusoid else 28,
         "same_alphabet": False,
         "val_tasks": 100,
+        "train_shots": train_shots,
+        "inner_batch": inner_batch,
     }
 
 
@@ -230,6 +248,8 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
         refuse_options(args, ("learn_inner_lr",), f"--algo {algo}", "--algo maml, fomaml")
+    if algo != "reptile":
+        refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
     values = fewshot_defaults(algo, task, args.ways)
     values.update(
         {k: getattr(args, k) for k in (*FEWSHOT_ONLY, "meta_batch", "meta_steps", "meta_lr", "clip")
@@ -254,6 +274,8 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, help="omniglot: image side in pixels (default 28)")
     group.add_argument("--same-alphabet", action="store_true", default=None, help="omniglot: each episode within one alphabet")
     group.add_argument("--val-tasks", type=int, help="validation tasks for the final metric (default 100)")
+    group.add_argument("--train-shots", type=int, help="support examples per class in meta-training (default: --shots; reptile on omniglot: 10)")
+    group.add_argument("--inner-batch", type=int, help="reptile: examples per inner step (default: the whole support set; omniglot: 10, 20 for more than 5 ways)")
 
 
 def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkpoint_every: int) -> str:
@@ -602,8 +624,9 @@ class OmniglotSource:
 def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]:
     """``(meta-train source, validation source, alphabets of each split part)``; the split is
     empty for sinusoid. Raises :class:`ConfigError` when Omniglot is missing or too small."""
+    train_shots = config.train_shots or config.shots
     if config.task == "sinusoid":
-        return (SinusoidSource(config.shots, config.queries),
+        return (SinusoidSource(train_shots, config.queries),
                 SinusoidSource(config.shots, SINUSOID_VALID_QUERIES), {})  # fmt: skip
     from ..data import load_omniglot
     from ..data.omniglot import DEFAULT_ZIPS
@@ -618,7 +641,7 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
     parts = omniglot_class_splits(data)
-    train = OmniglotSource(data, parts["meta_train"], config.ways, config.shots, config.queries,
+    train = OmniglotSource(data, parts["meta_train"], config.ways, train_shots, config.queries,
                            config.same_alphabet, "meta_train")  # fmt: skip
     valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
                            config.same_alphabet, "meta_valid")  # fmt: skip
@@ -641,6 +664,21 @@ def omniglot_class_splits(data: Any) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- meta-training
+def inner_minibatches(
+    x: Tensor, y: Tensor, batch: int | None, steps: int, generator: torch.Generator
+) -> list[tuple[Tensor, Tensor]]:
+    """The ``steps`` inner minibatches of one task's support set ``x`` ``(N, ...)``, ``y`` ``(N,)``:
+    ``batch`` examples each, in a random order drawn from ``generator``, without replacement until
+    every example has been used once (then a new order); ``batch=None`` (or ``>= N``) gives the
+    whole set every step, in its own order."""
+    n = x.shape[0]
+    if batch is None or batch >= n:
+        return [(x, y)] * steps
+    orders = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch // n))])
+    picks = orders[: steps * batch].view(steps, batch)
+    return [(x[i], y[i]) for i in picks]
+
+
 class FewShotTrainer:
     """The :class:`learnedopt.meta.train.Trainer` of the few-shot algorithms.
 
@@ -677,8 +715,11 @@ class FewShotTrainer:
         if config.algo == "reptile":
             with torch.no_grad():
                 loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
-            eps = self.reptile.meta_step([[(x_s[b], y_s[b])] for b in range(len(x_s))],
-                                         all_reduce_sum_=workers.all_reduce_sum_)  # fmt: skip
+            # each task's minibatch order has its own key, so a rank's tasks do not depend on the others'
+            tasks = [inner_minibatches(x, y, config.inner_batch, config.inner_steps,
+                                       generator_for(config.seed, _MINIBATCH_STREAM, step, part.start + b))
+                     for b, (x, y) in enumerate(zip(x_s, y_s, strict=True))]  # fmt: skip
+            eps = self.reptile.meta_step(tasks, all_reduce_sum_=workers.all_reduce_sum_)
             return {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps}
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
         if not torch.isfinite(loss):
