@@ -420,9 +420,12 @@ def plot_omniglot(args: argparse.Namespace) -> None:
 
     bars = []
     for path in sorted(RESULTS.glob("fewshot_omniglot*.json")):
-        for row in json.loads(path.read_text())["rows"]:
+        run = path.stem.removeprefix("fewshot_omniglot").lstrip("_") or "default"  # the results file's tag
+        payload = json.loads(path.read_text())
+        for row in payload["rows"]:
+            steps = row["config"]["meta_steps"] if "config" in row else payload["config"]["iterations"]
             for setting, acc in row["accuracy"].items():
-                bars.append((f"{row['method']}\n{setting}", acc["mean"], acc["ci95"]))
+                bars.append((f"{row['method']}, {steps} steps [{run}]\n{setting}", acc["mean"], acc["ci95"]))
     if not bars:
         raise SystemExit("no fewshot_omniglot*.json results to plot")
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
