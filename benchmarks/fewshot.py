@@ -389,18 +389,21 @@ def omniglot_model(args: argparse.Namespace) -> None:
         params = learner.adapt(x_s, y_s)
         return lambda x: learner.predict(params, x)
 
-    log = Path(args.model).with_name("log.jsonl")  # the run's per-step wall-clock, where it is kept
-    seconds = [json.loads(line)["seconds"] for line in log.read_text().splitlines()] if log.is_file() else []
+    log = Path(args.model).with_name("log.jsonl")  # the run's per-step wall-clock and memory, where kept
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    seconds = [r["seconds"] for r in records]
+    peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     row = dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
-               seconds_per_meta_step=statistics.median(seconds) if seconds else None, peak_rss_mb=None,
+               seconds_per_meta_step=statistics.median(seconds) if seconds else None,
+               peak_rss_mb=max(peaks) if peaks else None,
                **_test_cells(adapt, arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
     table = [
         f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
         f"test alphabets: {', '.join(row['test_alphabets'])}. conv-4 ({arch['hidden']} filters), transductive batch "
         f"statistics, {config['meta_steps']} meta-steps of {config['meta_batch']} tasks"
         f"{', each within one alphabet' if config['same_alphabet'] else ''}, adapted with {header['test_inner_steps']} "
-        f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step: median "
-        "of the run's log (peak memory not measured: training ran in its own process).\n",
+        f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
+        "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version).\n",
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
         *_table_rows([row]),

@@ -14,6 +14,7 @@ from test_meta_unroll import write_fake_mnist
 
 from learnedopt import load_weights
 from learnedopt.cli import main
+from learnedopt.meta.train import MACHINE_FIELDS
 from learnedopt.weights import read_header
 
 # small and fast: 4 tasks, 10 steps in truncations of 5
@@ -98,10 +99,13 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path) -> None:
     for k in a:
         assert torch.equal(a[k], b[k]), k
     untimed = [
-        [{k: v for k, v in r.items() if k != "seconds"} for r in log_lines(d)]
+        [{k: v for k, v in r.items() if k not in MACHINE_FIELDS} for r in log_lines(d)]
         for d in (whole, broken)
     ]
     assert untimed[0] == untimed[1]  # steps 1..6, once each
+    if sys.platform != "win32":  # the process's peak memory (MiB) is logged with every step
+        peaks = [r["peak_rss_mb"] for r in log_lines(whole)]
+        assert all(50 < p < 100_000 for p in peaks) and peaks == sorted(peaks), peaks
     ha, hb = read_header(whole / "weights.safetensors"), read_header(broken / "weights.safetensors")
     assert {k: v for k, v in ha.items() if k != "command"} == {
         k: v for k, v in hb.items() if k != "command"

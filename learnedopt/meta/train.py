@@ -11,7 +11,8 @@ draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the e
 only on ``(seed, s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats
 an uninterrupted run bit for bit.
 
-Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step), ``checkpoint.pt`` (atomic),
+Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metrics, its wall-clock
+``seconds`` and ``peak_rss_mb``, the process's peak resident memory so far), ``checkpoint.pt`` (atomic),
 and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 
 ``--algo`` chooses what is meta-trained: ``lstm`` (the default) is the update-rule training above;
@@ -472,6 +473,8 @@ def train_loop(
             except FloatingPointError as err:
                 raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
             record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
+            if (peak := peak_rss_mb()) is not None:
+                record["peak_rss_mb"] = peak
             log.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -485,6 +488,20 @@ def train_loop(
                 _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
     bar.close()
     return max(start, stop), log
+
+
+#: log fields that measure the machine, not the run (they differ between a run and its resumption)
+MACHINE_FIELDS: tuple[str, ...] = ("seconds", "peak_rss_mb")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
