@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # For a GPU session: run the fused-kernel tests compiled on CUDA (TRITON_INTERPRET=0), then the
 # kernel benchmark (the paper's rule, and as rich_* columns the default preset l2l-random's
-# momentum and rms inputs). Logs and results go under $OUT:
+# momentum and rms inputs), then `learnedopt meta-train --device cuda` against the CPU run for
+# every algorithm. Logs and results go under $OUT:
 #   $OUT/nvidia-smi.txt, $OUT/test_kernel_cuda.log, $OUT/kernel_bench.log,
-#   $OUT/results/kernel_bench.{json,md}, $OUT/summary.txt
+#   $OUT/results/kernel_bench.{json,md}, $OUT/test_meta_train_cuda.log, $OUT/summary.txt
 # Needs a CUDA build of torch and triton in $PYTHON (default: .venv/bin/python if present, else
 # python3). BENCH_ARGS adds benchmark options, e.g. BENCH_ARGS="--tune --sizes 1000000 10000000".
 # Exit status: nonzero if the tests or the benchmark failed.
@@ -34,5 +35,8 @@ test_rc=${PIPESTATUS[0]}
 (cd benchmarks && timeout 900 "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/kernel_bench.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "kernel tests rc=$test_rc, benchmark rc=$bench_rc" | tee "$OUT/summary.txt"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+timeout 300 "$PY" -m pytest tests/test_meta_train_device.py -q -ra --durations=5 2>&1 | tee "$OUT/test_meta_train_cuda.log"
+meta_rc=${PIPESTATUS[0]}
+
+echo "kernel tests rc=$test_rc, benchmark rc=$bench_rc, meta-train on CUDA tests rc=$meta_rc" | tee "$OUT/summary.txt"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$meta_rc" -eq 0 ]

@@ -205,7 +205,15 @@ BAD = [
     (["--rule-config", '{"width": 3}'], "--rule-config: unknown CoordinateLSTM config keys: ['width']"),
     (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size and num_layers must be >= 1"),
     (["--preset", "l2l-2016", "--rule-config", "{}"], "--rule-config sets the architecture of --rule"),
+    (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
+    (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),
+    (["--algo", "maml", "--device", "mps"], "--device must be cpu or cuda[:N], got 'mps'"),
 ]
+if not torch.cuda.is_available():
+    BAD += [
+        (["--device", "cuda"], "--device cuda: CUDA is not available to this torch"),
+        (["--algo", "reptile", "--device", "cuda:0"], "--device cuda:0: CUDA is not available to this torch"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,8 @@ class FewShotConfig:
             validation and evaluation use ``shots``.
         inner_batch: Reptile's examples per inner step, drawn from the support set without
             replacement (None: the whole support set every step).
+        device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (tasks are drawn on the
+            CPU, so it changes results only by rounding; a run may resume on another device).
     """
 
     algo: str
@@ -157,8 +159,9 @@ class FewShotConfig:
     rule: str | None = None
     train_shots: int | None = None
     inner_batch: int | None = None
+    device: str = "cpu"
 
-    RESUMABLE_CHANGES = ("meta_steps", "data")
+    RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -256,7 +259,8 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
          if getattr(args, k) is not None}
     )  # fmt: skip
     rule = getattr(args, "rule", None) if algo == "meta-lstm" else None
-    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, **values)
+    device = args.device or FewShotConfig.device
+    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, device=device, **values)
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,7 +286,7 @@ def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkp
     """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
     words = ["learnedopt", "meta-train"]
     for key, value in config.to_dict().items():
-        if value is None or value is False:
+        if value is None or value is False or (key == "device" and value == FewShotConfig.device):
             continue
         words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
@@ -398,6 +402,13 @@ class FewShotLearner:
             self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
         elif spec.algo == "reptile":
             self.reptile = Reptile(self.model, spec.inner_steps, self.inner_optimizer, loss_fn=self.loss_fn)
+
+    def to(self, device: torch.device | str) -> FewShotLearner:
+        """Move every learned tensor to ``device`` (in place); returns ``self``."""
+        for module in (self.maml if self.maml is not None else self.model, self.rule):
+            if module is not None:
+                module.to(device)
+        return self
 
     def inner_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """Reptile's inner optimizer on ``params``."""
@@ -690,7 +701,8 @@ class FewShotTrainer:
     def __init__(self, config: FewShotConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.source, self.valid_source, self.split = make_sources(config)
-        self.learner = FewShotLearner(LearnerSpec.for_config(config), seed=config.seed)
+        self.device = torch.device(config.device)
+        self.learner = FewShotLearner(LearnerSpec.for_config(config), seed=config.seed).to(self.device)
         if config.algo == "reptile":
             self.reptile = Reptile(
                 self.learner.model,
@@ -711,7 +723,7 @@ class FewShotTrainer:
         config, workers = self.config, self.workers
         batch = self.source.batch(config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, step))
         part = workers.share(config.meta_batch)
-        x_s, y_s, x_q, y_q = (t[part] for t in batch)
+        x_s, y_s, x_q, y_q = (t[part].to(self.device) for t in batch)
         if config.algo == "reptile":
             with torch.no_grad():
                 loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
@@ -752,7 +764,7 @@ class FewShotTrainer:
         """Metrics of ``learner`` on the fixed validation tasks (``(seed, 2)``), adapted with
         ``test_inner_steps``."""
         tasks = self.valid_source.batch(self.config.val_tasks, derive_seed(self.config.seed, _VALID_STREAM))
-        return learner.evaluate(*tasks)
+        return learner.evaluate(*(t.to(self.device) for t in tasks))
 
 
 @dataclass
@@ -797,7 +809,7 @@ def meta_train_fewshot(
                            max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
     if done < config.meta_steps or not workers.is_main:
         return FewShotResult(trainer.learner, done, log, finished=done >= config.meta_steps)
-    initial = FewShotLearner(trainer.learner.spec, seed=config.seed)  # the same seeded draw
+    initial = FewShotLearner(trainer.learner.spec, seed=config.seed).to(trainer.device)  # the same seeded draw
     validation = {"initial": trainer.validate(initial), "final": trainer.validate(trainer.learner)}
     extra = {
         "task": config.task,

@@ -84,7 +84,7 @@ class Reptile:
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
         steps = self.inner_steps if steps is None else steps
-        worker = self._worker
+        worker = self._working_copy()
         worker.load_state_dict(self.model.state_dict())
         worker.train(self.model.training)
         optimizer = self.inner_optimizer(worker.parameters())
@@ -99,6 +99,13 @@ class Reptile:
 
             optimizer.step(closure)
         return worker
+
+    def _working_copy(self) -> nn.Module:
+        """The reused working copy, on the device the model is on now (it may have been moved)."""
+        first = next(self.model.parameters(), None)
+        if first is not None and next(self._worker.parameters()).device != first.device:
+            self._worker.to(first.device)
+        return self._worker
 
     def meta_step(
         self,

@@ -87,10 +87,18 @@ class TaskBatch:
 
 
 class TaskFamily(ABC):
-    """A distribution over tasks."""
+    """A distribution over tasks. Random draws use CPU generators whatever the device, so a
+    family gives the same tasks on every device; :meth:`to` moves where their data lives."""
 
     #: the name ``--task`` accepts
     name: str
+    #: where the tasks' data tensors live (initial parameters are drawn on the CPU)
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> TaskFamily:
+        """Keep the tasks' data on ``device`` from now on; returns ``self``."""
+        self.device = torch.device(device)
+        return self
 
     @abstractmethod
     def sample(self, generator: torch.Generator) -> Task:
@@ -151,7 +159,7 @@ class QuadraticFamily(TaskFamily):
     def sample(self, generator: torch.Generator) -> QuadraticTask:
         weight = torch.randn(self.dim, self.dim, generator=generator, dtype=self.dtype)
         target = torch.randn(self.dim, generator=generator, dtype=self.dtype)
-        return QuadraticTask(weight, target)
+        return QuadraticTask(weight.to(self.device), target.to(self.device))
 
     def sample_batch(self, size: int, generator: torch.Generator) -> QuadraticBatch:
         return QuadraticBatch([self.sample(generator) for _ in range(size)])
@@ -222,7 +230,7 @@ class MLPTask(Task):
         draw = torch.randint(
             len(self.pool), (self.batch_size,), generator=generator_for(self.seed, step_index)
         )
-        idx = self.pool[draw]
+        idx = self.pool[draw].to(self.inputs.device)
         return self.inputs[idx], self.labels[idx]
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
@@ -243,7 +251,20 @@ class MLPBatch(TaskBatch):
         return per_example.view(y.shape).mean(dim=1)
 
 
-class MnistMLPFamily(TaskFamily):
+class ExampleFamily(TaskFamily):
+    """A family whose tasks draw minibatches from one pool of examples, ``inputs``
+    ``(N, features)`` and ``labels`` ``(N,)``, kept on the family's device."""
+
+    inputs: Tensor
+    labels: Tensor
+
+    def to(self, device: torch.device | str) -> ExampleFamily:
+        super().to(device)
+        self.inputs, self.labels = self.inputs.to(self.device), self.labels.to(self.device)
+        return self
+
+
+class MnistMLPFamily(ExampleFamily):
     """Andrychowicz et al.'s MNIST task: an MLP 784-20-10 with sigmoid, minibatches of 128.
 
     Tasks differ in their initial parameters and minibatch sequence. Images are the 10,000 of
@@ -458,7 +479,7 @@ def _log_uniform_int(low: int, high: int, generator: torch.Generator) -> int:
     return min(high, int(_log_uniform(low, high + 1, generator)))
 
 
-class RandomMLPFamily(TaskFamily):
+class RandomMLPFamily(ExampleFamily):
     """Randomised MLP classification tasks, for optimizers that generalise (``--task mlp-random``).
 
     Each meta-batch draws one :class:`MLPArchitecture`: the number of hidden layers uniform in

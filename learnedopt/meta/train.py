@@ -85,6 +85,9 @@ class MetaTrainConfig:
             (drawn after its tasks, from the same generator) rather than ``H``, so the rule is
             not trained for one fixed run length; the evaluation episode still runs ``H``.
         data: MNIST folder for data tasks (None: the default search).
+        device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
+            CPU either way, so the device changes results only by rounding, and a run may be
+            resumed on another device.
     """
 
     task: str = "quadratic"
@@ -102,9 +105,10 @@ class MetaTrainConfig:
     second_order: bool = False
     random_horizon: bool = False
     data: str | None = None
+    device: str = "cpu"
 
     #: fields that may change when a run is resumed (they do not change any finished step)
-    RESUMABLE_CHANGES = ("meta_steps", "data")
+    RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -197,13 +201,13 @@ def episode(
         with ``random_horizon`` and a ``meta_optimizer`` a draw from ``[T, H]``.
     """
     tasks = family.sample_batch(config.meta_batch, generator)
-    params = tasks.init_params(generator)
+    params = {k: v.to(family.device) for k, v in tasks.init_params(generator).items()}
     horizon = config.horizon
     if config.random_horizon and meta_optimizer is not None:
         horizon = int(torch.randint(config.unroll, config.horizon + 1, (), generator=generator))
     part = workers.share(config.meta_batch)
     tasks, params = tasks.subset(part), {k: v[part] for k, v in params.items()}
-    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device=family.device)
     grad_norms: list[float] = []
 
     def update(meta_loss: Tensor) -> None:
@@ -243,7 +247,7 @@ class _RuleTrainer:
     def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.family = _family(config, "meta_train")
-        self.rule = initial_rule(config)
+        self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
 
@@ -390,10 +394,28 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Wo
         ConfigError: the first problem found.
     """
     config.validate()
+    check_device(config.device)
     check_checkpoint_every(checkpoint_every)
     workers = distributed.current() if workers is None else workers
     check_shares(config.meta_batch, workers)
     return workers
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a :class:`torch.device`; raises :class:`ConfigError` unless it is the CPU or
+    a CUDA device this process can use."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 def check_shares(meta_batch: int, workers: Workers) -> None:
@@ -510,8 +532,9 @@ def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
+    """The task family of ``config`` (data part ``split``) on ``config.device``."""
     try:
-        return make_family(config.task, data=config.data, split=split)
+        return make_family(config.task, data=config.data, split=split).to(config.device)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--task {config.task} needs MNIST: {err}") from None
 
@@ -839,6 +862,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="under torchrun: fail the job when a rank has not reached a collective after this "
         f"long, e.g. because it died or hangs (default {DEFAULT_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--device",
+        help=f"where meta-training runs: cpu or cuda[:N] (default {d.device}; under torchrun, cuda is "
+        "each rank's own GPU)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--stop-after", type=int, default=None, help=argparse.SUPPRESS
@@ -896,6 +924,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
         second_order=given("second_order"),
         random_horizon=given("random_horizon"),
         data=args.data,
+        device=given("device"),
     )
 
 
@@ -927,6 +956,8 @@ def canonical_command(
         words.append("--random-horizon")
     if config.data is not None:
         words += ["--data", config.data]
+    if config.device != "cpu":
+        words += ["--device", config.device]
     words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
     return shlex.join(words)
 

@@ -1,0 +1,61 @@
+"""``learnedopt meta-train --device``: task families keep their data on their device while drawing
+on the CPU; on a CUDA machine a run matches the CPU run and resumes across devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learnedopt.cli import main
+from learnedopt.meta.tasks import QuadraticFamily, RandomMLPFamily
+
+
+def test_task_families_keep_their_data_on_their_device_and_draw_the_same_tasks() -> None:
+    # the meta device holds no values but keeps devices and shapes: enough to follow the data
+    quadratic = QuadraticFamily(dim=3).to("meta")
+    batch = quadratic.sample_batch(2, torch.Generator().manual_seed(0))
+    assert batch.weight.device.type == "meta" and batch.target.device.type == "meta"
+
+    moved = RandomMLPFamily(source="synthetic").to("meta")
+    assert moved.inputs.device.type == "meta" and moved.labels.device.type == "meta"
+    on_meta = moved.sample_batch(3, torch.Generator().manual_seed(4))
+    on_cpu = RandomMLPFamily(source="synthetic").sample_batch(3, torch.Generator().manual_seed(4))
+    assert on_meta.architecture == on_cpu.architecture
+    for a, b in zip(on_meta.tasks, on_cpu.tasks, strict=True):
+        assert (a.seed, a.input_scale, a.init_scale) == (b.seed, b.input_scale, b.init_scale)
+        (xa, ya), (xb, yb) = a.minibatch(7), b.minibatch(7)
+        assert xa.device.type == ya.device.type == "meta" and xa.shape == xb.shape and ya.shape == yb.shape
+        # initial parameters are drawn on the CPU wherever the data lives
+        pa, pb = a.init_params(torch.Generator().manual_seed(1)), b.init_params(torch.Generator().manual_seed(1))
+        assert all(torch.equal(pa[k], pb[k]) for k in pb)
+
+
+RUNS = {
+    "lstm": (["--task", "quadratic", "--unroll", "3", "--horizon", "6", "--meta-batch", "2"], "weights.safetensors"),
+    "maml": (["--algo", "maml", "--meta-batch", "2", "--val-tasks", "2"], "model.safetensors"),
+    "reptile": (["--algo", "reptile", "--meta-batch", "2", "--val-tasks", "2", "--inner-batch", "4"], "model.safetensors"),
+    "meta-lstm": (["--algo", "meta-lstm", "--meta-batch", "2", "--inner-steps", "2", "--val-tasks", "2"], "model.safetensors"),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/run_gpu.sh)")
+@pytest.mark.parametrize("algo", list(RUNS))
+def test_a_cuda_run_matches_the_cpu_run_and_resumes_on_the_cpu(tmp_path: Path, algo: str) -> None:
+    extra, weights = RUNS[algo]
+    args = ["meta-train", "--quiet", "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1", *extra]
+    assert main([*args, "--out", str(tmp_path / "cpu")]) == 0
+    assert main([*args, "--out", str(tmp_path / "cuda"), "--device", "cuda"]) == 0
+    cpu, cuda = load_file(tmp_path / "cpu" / weights), load_file(tmp_path / "cuda" / weights)
+    assert cpu.keys() == cuda.keys()
+    for name in cpu:  # the same draws; float32 rounding differs between the devices
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=1e-5, msg=name)
+
+    broken = tmp_path / "broken"
+    assert main([*args, "--out", str(broken), "--device", "cuda", "--stop-after", "3"]) == 0
+    assert main([*args, "--out", str(broken), "--resume"]) == 0  # the rest on the CPU
+    resumed = load_file(broken / weights)
+    for name in cpu:
+        torch.testing.assert_close(resumed[name], cpu[name], rtol=1e-3, atol=1e-5, msg=name)
