@@ -395,7 +395,7 @@ def omniglot_model(args: argparse.Namespace) -> None:
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     row = dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
                seconds_per_meta_step=statistics.median(seconds) if seconds else None,
-               peak_rss_mb=max(peaks) if peaks else None,
+               peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
                **_test_cells(adapt, arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
     table = [
         f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
@@ -403,7 +403,10 @@ def omniglot_model(args: argparse.Namespace) -> None:
         f"statistics, {config['meta_steps']} meta-steps of {config['meta_batch']} tasks"
         f"{', each within one alphabet' if config['same_alphabet'] else ''}, adapted with {header['test_inner_steps']} "
         f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
-        "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version).\n",
+        "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version). "
+        f"The run's own end-of-training validation on its meta-valid alphabets ({config['val_tasks']} tasks of "
+        f"its training setting): accuracy {header['validation']['initial'].get('accuracy', float('nan')):.1f}% "
+        f"at the initialisation, {header['validation']['final'].get('accuracy', float('nan')):.1f}% meta-trained.\n",
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
         *_table_rows([row]),
