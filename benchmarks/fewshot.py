@@ -278,12 +278,18 @@ def _train_omniglot(method: str, ways: int, args):
     config = FewShotConfig(algo=method, task="omniglot", seed=args.seed, **values)
     with tempfile.TemporaryDirectory() as out:
         learner = meta_train_fewshot(config, out, checkpoint_every=max(1, args.iterations // 10), progress=False).learner
+    adapt = _adapter(learner)
+    adapt.config = dataclasses.asdict(config)
+    return adapt
+
+
+def _adapter(learner):
+    """``adapt(x_s, y_s) -> predict``: adapts ``learner`` on one support set, returns its predictor."""
 
     def adapt(x_s, y_s):
         params = learner.adapt(x_s, y_s)
         return lambda x: learner.predict(params, x)
 
-    adapt.config = dataclasses.asdict(config)
     return adapt
 
 
@@ -318,14 +324,14 @@ def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28
 
 def _omniglot_job(method: str, ways: int, args, queue) -> None:
     """One method and way count, in its own process so peak memory is its own."""
-    import resource
+    from learnedopt.meta.train import peak_rss_mb
 
     torch.set_num_threads(args.threads_per_job)
     start = time.perf_counter()
     adapt = _train_omniglot(method, ways, args)
     seconds = time.perf_counter() - start
     cells = _test_cells(adapt, ways, args.test_episodes, args.seed)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     queue.put(dict(method=method, ways=ways, seconds_per_meta_step=seconds / args.iterations, peak_rss_mb=peak_mb,
                    config=adapt.config, **cells))
 
@@ -384,11 +390,6 @@ def omniglot_model(args: argparse.Namespace) -> None:
 
     learner, header = load_learner(args.model)
     arch, config = header["architecture"], header["meta_train_config"]
-
-    def adapt(x_s, y_s):
-        params = learner.adapt(x_s, y_s)
-        return lambda x: learner.predict(params, x)
-
     log = Path(args.model).with_name("log.jsonl")  # the run's per-step wall-clock and memory, where kept
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seconds = [r["seconds"] for r in records]
@@ -396,7 +397,7 @@ def omniglot_model(args: argparse.Namespace) -> None:
     row = dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
                seconds_per_meta_step=statistics.median(seconds) if seconds else None,
                peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
-               **_test_cells(adapt, arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
+               **_test_cells(_adapter(learner), arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
     table = [
         f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
         f"test alphabets: {', '.join(row['test_alphabets'])}. conv-4 ({arch['hidden']} filters), transductive batch "

@@ -40,6 +40,7 @@ def cell(mode: str, steps: int, meta_batch: int, ways: int, shots: int) -> dict[
     import torch
 
     from learnedopt.meta.maml import MAML
+    from learnedopt.meta.train import peak_rss_mb
     from learnedopt.models import conv4
 
     torch.set_num_threads(1)
@@ -59,7 +60,7 @@ def cell(mode: str, steps: int, meta_batch: int, ways: int, shots: int) -> dict[
     began = time.perf_counter()
     maml(*batch).backward()
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"peak_rise_mb": peak - before, "seconds": seconds}
 
 
