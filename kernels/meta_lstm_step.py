@@ -18,7 +18,12 @@ consecutive coordinates and, entirely in registers,
 
    with the ``x_t`` part a per-row sum (``tl.sum``), as :meth:`MetaLSTMCell.forward` computes it,
    and stores ``f, i`` back into ``fi``;
-5. writes ``param_out = param + lr * step`` with ``step = (f - 1) * param - i * grad`` in the
+5. computes what the input gate scales, ``d`` (:meth:`MetaLSTMCell.direction`): the gradient
+   in the paper's configuration, or Adam's direction ``m_hat / (sqrt(v_hat) + 1e-8)`` from the
+   bias-corrected moving averages in ``m`` and ``v`` (each ``(2, N)``: the average and its weight
+   ``1 - beta^t``; ``lerp`` with torch's two formulas, IEEE-rounded division and ``sqrt``), times
+   ``step_scale``, storing the new averages in place;
+6. writes ``param_out = param + lr * step`` with ``step = (f - 1) * param - i * d`` in the
    parameter's dtype.
 
 That is what :meth:`MetaLSTMCell.forward` followed by ``param.add_(step, alpha=lr)`` computes in
@@ -45,7 +50,8 @@ fp32-exact, by default), else a broadcast multiply and ``tl.sum``. The four inpu
 below ``tl.dot``'s minimum inner dimension of 16 and are broadcast multiply-adds. Per coordinate:
 ``2 x 4H x (4 + H) + 2 x 2 x (H + 2)`` useful FLOPs (3,928 at H = 20) and ``3 + 4H + 4`` values
 moved (grad; param in/out; ``h``, ``c`` in/out; ``fi`` in/out): 348 B at H = 20 with fp32
-states and parameters, 180 B with bf16 states.
+states and parameters, 180 B with bf16 states. Adam's direction adds ``m`` and ``v`` in and out
+(8 values, 32 B in fp32) and about 20 FLOPs.
 
 Activations and rounding: as in :mod:`learnedopt.kernels.coordinate_lstm_step` (portable
 ``2 sigmoid(2x) - 1`` tanh by default, PTX ``tanh.approx.f32`` behind ``FAST_TANH`` on NVIDIA GPUs
@@ -81,9 +87,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..nn.functional import preprocess
+from ..nn.functional import RMS_EPS
 from .coordinate_lstm_step import (
     STATE_DTYPES,
     _cell,
+    _fp32_decays,
+    _lerp,
     _project,
     _sigmoid,
     _store_rounded,
@@ -161,6 +170,19 @@ def _meta_gate(
 
 
 @triton.jit
+def _debiased_ema(x, ptr, rows, row_mask, row_stride, DECAY: tl.constexpr):
+    """:func:`learnedopt.nn.functional.debiased_ema` of ``x`` on the ``(2, N)`` state at ``ptr``
+    (average, weight), stored back in place: the bias-corrected average."""
+    average = tl.load(ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    weight = tl.load(ptr + row_stride + rows, mask=row_mask, other=0.0).to(tl.float32)
+    average = _lerp(x, average, DECAY)
+    weight = _lerp(1.0, weight, DECAY)
+    _store_rounded(ptr + rows, average, row_mask)
+    _store_rounded(ptr + row_stride + rows, weight, row_mask)
+    return tl.div_rn(average, weight)
+
+
+@triton.jit
 def meta_lstm_step_kernel(
     grad_ptr,  # (N,) any float
     param_ptr,  # (N,) fp32 / bf16 / fp16
@@ -168,6 +190,8 @@ def meta_lstm_step_kernel(
     h_ptr,  # (1, N, H) fp32 / bf16, contiguous (N, H) slab, updated in place
     c_ptr,  # (1, N, H) fp32 / bf16, contiguous (N, H) slab, updated in place
     fi_ptr,  # (2, N) fp32 / bf16, unit stride along N, row stride fi_row_stride, updated in place
+    m_ptr,  # (2, N) like fi, with MOMENTUM_DECAY (else a dummy, never read)
+    v_ptr,  # (2, N) like fi, with RMS_DECAY (else a dummy, never read)
     w_ih_ptr,  # (4H, 4) fp32: input LSTM input weights
     w_hh_ptr,  # (4H, H) fp32: input LSTM recurrent weights
     bias_ptr,  # (4H,) fp32: b_ih + b_hh
@@ -175,12 +199,19 @@ def meta_lstm_step_kernel(
     b_fi_ptr,  # (2,) fp32
     n_coords,
     fi_row_stride,
+    m_row_stride,
+    v_row_stride,
     mag_floor,  # e^-p
     p,  # preprocessing constant
     dir_scale,  # e^p
     loss_mag,  # preprocessed (signed) loss, feature 0
     loss_dir,  # preprocessed (signed) loss, feature 1
+    rms_eps,  # added to sqrt(v_hat)
+    step_scale,
     lr,
+    MOMENTUM_DECAY: tl.constexpr,  # () or (beta_1,)
+    RMS_DECAY: tl.constexpr,  # () or (beta_2,)
+    SCALED: tl.constexpr,  # step_scale != 1
     H: tl.constexpr,
     HP: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -228,8 +259,16 @@ def meta_lstm_step_kernel(
     _store_rounded(fi_ptr + rows, forget, row_mask)
     _store_rounded(fi_ptr + fi_row_stride + rows, input_gate, row_mask)
 
-    # ---- update
-    step = (forget - 1.0) * theta - input_gate * g
+    # ---- what the input gate scales (MetaLSTMCell.direction), then the update
+    d = g
+    for _ in tl.static_range(len(MOMENTUM_DECAY)):
+        d = _debiased_ema(g, m_ptr, rows, row_mask, m_row_stride, MOMENTUM_DECAY[0])
+    for _ in tl.static_range(len(RMS_DECAY)):
+        second = _debiased_ema(g * g, v_ptr, rows, row_mask, v_row_stride, RMS_DECAY[0])
+        d = tl.div_rn(d, tl.sqrt_rn(second) + rms_eps)
+    if SCALED:
+        d = d * step_scale
+    step = (forget - 1.0) * theta - input_gate * d
     # lr == 0 must leave the parameter bit for bit (also -0.0, and under a non-finite step)
     new = tl.where(lr == 0.0, theta, theta + lr * step)
     _store_rounded(param_out_ptr + rows, new, row_mask)
@@ -379,6 +418,11 @@ def meta_lstm_step_(
     preprocess_p: float,
     lr: float,
     maximize: bool,
+    step_scale: float = 1.0,
+    momentum_decay: float | None = None,
+    rms_decay: float | None = None,
+    m: Tensor | None = None,
+    v: Tensor | None = None,
     use_dot: bool = True,
     block: int = 64,
     num_warps: int = 4,
@@ -387,8 +431,9 @@ def meta_lstm_step_(
 ) -> None:
     """One fused step of :class:`MetaLSTMCell` over ``N`` flat coordinates.
 
-    Writes the new states into ``h``, ``c`` and ``fi`` and ``param + lr * step`` into
-    ``param_out``, where ``step = (f - 1) * param - i * grad``.
+    Writes the new states into ``h``, ``c``, ``fi`` (and ``m``, ``v``) and ``param + lr * step``
+    into ``param_out``, where ``step = (f - 1) * param - i * d`` and ``d`` is
+    :meth:`MetaLSTMCell.direction` (``grad`` in the paper's configuration).
 
     Args:
         grad: ``(N,)`` contiguous gradient, float16/bfloat16/float32/float64 (read as fp32).
@@ -407,6 +452,11 @@ def meta_lstm_step_(
         preprocess_p: the preprocessing constant ``p`` (> 0).
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: the rule sees ``-grad`` and ``-loss`` (as ``MetaLSTMOptimizer(maximize=True)``).
+        step_scale, momentum_decay, rms_decay: the rule's :class:`~learnedopt.nn.MetaLSTMConfig`
+            fields of those names.
+        m, v: ``(2, N)`` float32 or bfloat16 moving-average states (average, weight) for
+            ``momentum_decay`` and ``rms_decay`` (required with them, else ignored), laid out like
+            ``fi``; updated in place.
         use_dot: ``tl.dot`` (True) or broadcast multiply + sum (False) for the recurrent product.
         block: coordinates per program, a power of two >= 16.
         num_warps: warps per program (GPU only).
@@ -426,6 +476,18 @@ def meta_lstm_step_(
     _check_state("h", h, (1, n, hidden_size), slab=True)
     _check_state("c", c, (1, n, hidden_size), slab=True)
     _check_state("fi", fi, (2, n), slab=False)
+    moments = {}
+    for name, decay, state in (("m", momentum_decay, m), ("v", rms_decay, v)):
+        if decay is None:
+            continue
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"{'momentum' if name == 'm' else 'rms'}_decay must be in (0, 1), got {decay}")
+        if state is None:
+            raise ValueError(f"{name} (2, N) is required with {'momentum' if name == 'm' else 'rms'}_decay")
+        _check_state(name, state, (2, n), slab=False)
+        moments[name] = state
+    if not (math.isfinite(step_scale) and step_scale > 0):
+        raise ValueError(f"step_scale must be positive and finite, got {step_scale}")
     packed = (
         weights
         if isinstance(weights, MetaPackedWeights)
@@ -446,6 +508,7 @@ def meta_lstm_step_(
         "h": h,
         "c": c,
         "fi": fi,
+        **moments,
         "weights": packed.w_hh,
     }
     check_launch_device(tensors, fast_tanh=fast_tanh)
@@ -460,6 +523,8 @@ def meta_lstm_step_(
         h,
         c,
         fi,
+        moments.get("m", fi),  # a dummy where there are none: never read
+        moments.get("v", fi),
         packed.w_ih,
         packed.w_hh,
         packed.bias,
@@ -467,12 +532,19 @@ def meta_lstm_step_(
         packed.b_fi,
         n,
         fi.stride(0),
+        moments["m"].stride(0) if "m" in moments else 0,
+        moments["v"].stride(0) if "v" in moments else 0,
         math.exp(-preprocess_p),
         float(preprocess_p),
         math.exp(preprocess_p),
         l_mag,
         l_dir,
+        RMS_EPS,
+        float(step_scale),
         float(lr),
+        MOMENTUM_DECAY=_fp32_decays("momentum_decay", () if momentum_decay is None else (momentum_decay,)),
+        RMS_DECAY=_fp32_decays("rms_decay", () if rms_decay is None else (rms_decay,)),
+        SCALED=step_scale != 1.0,
         H=hidden_size,
         HP=padded_hidden_size(hidden_size),
         MAXIMIZE=bool(maximize),

@@ -63,11 +63,19 @@ def fp32_cudnn():
     return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
 
 
-def make_rule(hidden_size: int = 20, seed: int = 0) -> MetaLSTMCell:
+#: MetaLSTMCell configurations beyond the paper's: Adam's direction (and its parts) and a scale
+DIRECTIONS = {
+    "adam": {"momentum_decay": 0.9, "rms_decay": 0.999, "step_scale": 0.25},
+    "rms": {"rms_decay": 0.3},  # a decay below 0.5 takes lerp's other formula
+    "momentum": {"momentum_decay": 0.6},
+}
+
+
+def make_rule(hidden_size: int = 20, seed: int = 0, **config) -> MetaLSTMCell:
     """A rule whose every weight matters (the paper's init makes the cell weights tiny and the
     forget gate saturate near 1, which would hide errors in the gate inputs)."""
     g = torch.Generator().manual_seed(seed)
-    rule = MetaLSTMCell(hidden_size=hidden_size, preprocess_p=P)
+    rule = MetaLSTMCell(hidden_size=hidden_size, preprocess_p=P, **config)
     rule.reset_parameters(generator=g)
     with torch.no_grad():
         for q in rule.parameters():
@@ -191,6 +199,62 @@ def test_matches_cell_forward(n: int, hidden_size: int, use_dot: bool) -> None:
         kernel_err = (k.double() - e).abs().max().item()
         reference_err = (r.double() - e).abs().max().item()
         assert kernel_err <= 2 * reference_err + 3e-7, (kernel_err, reference_err)
+
+
+def _moments(n: int, rule: MetaLSTMCell, state_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        k: v.to(DEVICE)
+        for k, v in rule.init_state(n, dtype=state_dtype, device="cpu").items()
+        if k in ("m", "v")
+    }
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_adam_direction_matches_the_optimizer_path_over_steps(
+    direction: str, state_dtype: torch.dtype
+) -> None:
+    """``momentum_decay``, ``rms_decay`` and ``step_scale``: three steps from zero moments with
+    fresh gradients (the bias correction matters most early), every state compared after each
+    step against the optimizer's PyTorch path, which rounds states as the kernel does."""
+    config = DIRECTIONS[direction]
+    rule = make_rule(**config)
+    n = 2000
+    _, param, h, c, fi = make_inputs(n, state_dtype=state_dtype)
+    moments = _moments(n, rule, state_dtype)
+    assert set(moments) == {"m", "v"} & {"m" * ("momentum_decay" in config), "v" * ("rms_decay" in config)}
+    ref = {"param": param.clone(), "h": h.clone(), "c": c.clone(), "fi": fi.clone(), **{k: v.clone() for k, v in moments.items()}}
+    cfg = rule.config
+    for t in range(3):
+        grad = make_inputs(n, seed=10 + t)[0]
+        meta_lstm_step_(
+            grad, param, param, h, c, fi, rule_weights(rule), loss=LOSS / (t + 1),
+            hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p, lr=0.5, maximize=False,
+            step_scale=cfg.step_scale, momentum_decay=cfg.momentum_decay, rms_decay=cfg.rms_decay,
+            block=BLOCK, **moments,
+        )  # fmt: skip
+        with torch.no_grad(), fp32_cudnn():
+            flat_update_(
+                rule, [ref["param"]], [grad], {k: v for k, v in ref.items() if k != "param"}, [0],
+                lr=0.5, loss=torch.tensor(LOSS / (t + 1), device=DEVICE), maximize=False,
+                compute_dtype=torch.float32,
+            )  # fmt: skip
+        got = {"param": param, "h": h, "c": c, "fi": fi, **moments}
+        for name, want in ref.items():
+            # bf16 states: a state rounded one ulp (2^-8 relative) apart where its fp32 value lies
+            # next to a rounding boundary (rare), which changes the later steps a little
+            tol = FP32_TOL if state_dtype == torch.float32 else {"rtol": 2**-7, "atol": 2e-3}
+            torch.testing.assert_close(got[name].float(), want.float(), **tol, msg=lambda m, k=name: f"step {t}, {k}: {m}")
+    # the options matter: the same weights in the paper's configuration end elsewhere
+    plain = make_rule()
+    paper_param, paper_h, paper_c, paper_fi = make_inputs(n, state_dtype=state_dtype)[1:]
+    for t in range(3):
+        meta_lstm_step_(
+            make_inputs(n, seed=10 + t)[0], paper_param, paper_param, paper_h, paper_c, paper_fi,
+            rule_weights(plain), loss=LOSS / (t + 1), hidden_size=20, preprocess_p=P, lr=0.5,
+            maximize=False, block=BLOCK,
+        )  # fmt: skip
+    assert not torch.allclose(paper_param, param)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -359,6 +423,10 @@ def _call(**overrides) -> None:
         ({"preprocess_p": -1.0}, r"preprocess_p must be positive"),
         ({"fast_tanh": True}, r"fast_tanh"),
         ({"weights": {}}, r"weights lack"),
+        ({"momentum_decay": 0.9}, r"m \(2, N\) is required with momentum_decay"),
+        ({"rms_decay": 0.999, "v": torch.zeros(2, 31)}, r"v has shape"),
+        ({"rms_decay": 1.0, "v": torch.zeros(2, 32)}, r"rms_decay must be in \(0, 1\)"),
+        ({"step_scale": 0.0}, r"step_scale must be positive"),
     ],
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:
@@ -373,7 +441,7 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
 
 # ---------------------------------------------------------------------------------- optimizer
 def run_optimizer(
-    backend, shapes, *, dtype=torch.float32, steps=3, noncontiguous=(), skip=(), **options
+    backend, shapes, *, dtype=torch.float32, steps=3, noncontiguous=(), skip=(), rule_config=None, **options
 ):
     """``steps`` steps of ``MetaLSTMOptimizer`` on fresh parameters; ``skip`` tensors get no
     gradient in step 2. Returns ``(params, optimizer)``."""
@@ -383,7 +451,7 @@ def run_optimizer(
     ]
     assert all(not params[i].is_contiguous() for i in noncontiguous)
     shadows = [torch.empty(p.shape, dtype=dtype) for p in params]  # set_grads makes CPU grads
-    opt = MetaLSTMOptimizer(params, weights=make_rule(), backend=backend, **options)
+    opt = MetaLSTMOptimizer(params, weights=make_rule(**(rule_config or {})), backend=backend, **options)
     for t in range(steps):
         set_grads(shadows, seed=t, skip=skip if t == 1 else ())
         for p, s in zip(params, shadows, strict=True):
@@ -394,9 +462,11 @@ def run_optimizer(
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize(
+    "maximize, direction", [(False, None), (True, None), (True, "adam")], ids=["min", "max", "max-adam"]
+)
 def test_optimizer_fused_matches_torch(
-    state_dtype: torch.dtype, maximize: bool, monkeypatch: pytest.MonkeyPatch
+    state_dtype: torch.dtype, maximize: bool, direction: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # several tensors in one group (one run per step, gathered and scattered), a 1-element and an
     # empty one, a non-contiguous one, and a skipped tensor in step 2 (two runs)
@@ -414,6 +484,7 @@ def test_optimizer_fused_matches_torch(
         "noncontiguous": (4,),
         "skip": (1,),
         "lr": 0.7,
+        "rule_config": DIRECTIONS.get(direction),
     }
     fused_params, fopt = run_optimizer("triton", shapes, **kw)
     # one launch per run of adjacent tensors: all 930 coordinates, then 600 + 329 around the
@@ -430,7 +501,9 @@ def test_optimizer_fused_matches_torch(
     )
     for p, q in zip(fused_params, ref_params, strict=True):
         torch.testing.assert_close(p, q, **tol)
-        for name in ("h", "c", "fi"):
+        names = ("h", "c", "fi", "m", "v") if direction else ("h", "c", "fi")
+        assert set(fopt.state[p]) == {"step", *names}
+        for name in names:
             assert fopt.state[p][name].dtype == state_dtype
             torch.testing.assert_close(
                 fopt.state[p][name].float(), ropt.state[q][name].float(), **tol

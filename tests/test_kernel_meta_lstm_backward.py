@@ -40,10 +40,10 @@ REL_TOL = 2e-5 if INTERPRETED else 1e-4
 NAMES = ["x", "grad", "param", "h", "c", "fi"]
 
 
-def make_rule(hidden_size: int, seed: int = 0) -> MetaLSTMCell:
+def make_rule(hidden_size: int, seed: int = 0, **config) -> MetaLSTMCell:
     """A float32 rule whose every weight matters, gates away from saturation."""
     g = torch.Generator().manual_seed(seed)
-    rule = MetaLSTMCell(hidden_size=hidden_size, preprocess_p=P)
+    rule = MetaLSTMCell(hidden_size=hidden_size, preprocess_p=P, **config)
     rule.reset_parameters(generator=g)
     with torch.no_grad():
         for q in rule.parameters():
@@ -166,14 +166,20 @@ def test_invalid_arguments() -> None:
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the task families build CPU tensors")
-@pytest.mark.parametrize("stop_optimizee_grad", [True, False], ids=["first-order", "exact"])
-def test_unroll_triton_matches_torch(stop_optimizee_grad: bool) -> None:
+@pytest.mark.parametrize(
+    "stop_optimizee_grad, config",
+    [(True, {}), (False, {}), (False, {"momentum_decay": 0.9, "rms_decay": 0.999, "step_scale": 0.5})],
+    ids=["first-order", "exact", "exact-adam-direction"],
+)
+def test_unroll_triton_matches_torch(stop_optimizee_grad: bool, config: dict) -> None:
     # A 3-step unroll of 3 quadratic tasks (each with its own loss) in fp32 on both paths: the
     # meta-gradient flows through the parameter (the meta-learner's cell state) from step to
     # step. Measured max-norm relative differences: triton - torch 2.2e-7, triton - float64
-    # 5.0e-7, torch - float64 2.8e-7; the bound is 1e-4.
+    # 5.0e-7, torch - float64 2.8e-7; the bound is 1e-4. With Adam's direction the kernels get
+    # MetaLSTMCell.direction's output as their gradient input, and autograd carries the
+    # meta-gradient through the moments.
     def meta_grad(dtype, backend):
-        rule = make_rule(6, seed=4).to(dtype)
+        rule = make_rule(6, seed=4, **config).to(dtype)
         g = generator_for(0)
         tasks = QuadraticFamily(dim=3, dtype=dtype).sample_batch(3, g)
         params = {k: v * 0.3 for k, v in tasks.init_params(g).items()}

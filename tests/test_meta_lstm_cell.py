@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from learnedopt.nn import MetaLSTMCell, preprocess
@@ -53,3 +54,74 @@ def test_initialisation_is_gradient_descent() -> None:
     # step = (f - 1) theta - i g with f ~ sigmoid(b_f), i ~ sigmoid(b_i)
     torch.testing.assert_close(step, (forget - 1) * theta - step_size * grad, rtol=0.1, atol=1e-4)
     assert 0.006 < step_size < 0.02 and forget > 0.98
+
+
+def _as_adam(rule: MetaLSTMCell, step_size: float) -> MetaLSTMCell:
+    """Gates that ignore their inputs: f = sigmoid(40) = 1 in float64, and
+    i = ``step_size`` / ``step_scale``."""
+    with torch.no_grad():
+        rule.weight_fi.zero_()
+        logit = math.log(step_size / (rule.config.step_scale - step_size))
+        rule.bias_fi.copy_(torch.tensor([40.0, logit], dtype=rule.bias_fi.dtype))
+    return rule
+
+
+def test_adam_direction_with_constant_gates_is_adam() -> None:
+    """With momentum and rms decays the cell writes Adam's direction: gates pinned to f = 1 and
+    i * step_scale = lr make MetaLSTMOptimizer torch.optim.Adam (eps 1e-8, no weight decay), in
+    float64 to rounding, including Adam's bias correction over the first steps."""
+    from learnedopt import MetaLSTMOptimizer
+
+    rule = _as_adam(MetaLSTMCell(momentum_decay=0.9, rms_decay=0.999, step_scale=2.0).double(), 0.05)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).double()
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).double()
+    twin.load_state_dict(model.state_dict())
+    ours = MetaLSTMOptimizer(model.parameters(), weights=rule, state_dtype=torch.float64)
+    adam = torch.optim.Adam(twin.parameters(), lr=0.05, eps=1e-8)
+    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    for _ in range(20):
+        for net, opt in ((model, ours), (twin, adam)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            opt.step(loss=loss) if opt is ours else opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(next(model.parameters()), next(iter(torch.nn.Linear(5, 7).double().parameters())))
+
+
+def test_direction_options_and_their_states() -> None:
+    grad = torch.tensor([0.3, -2.0, 0.0], dtype=torch.float64)
+    rule = MetaLSTMCell(momentum_decay=0.5, rms_decay=0.75, step_scale=3.0).double()
+    assert set(rule.state_spec()) == {"h", "c", "fi", "m", "v"}
+    state = rule.init_state(3, dtype=torch.float64, device="cpu")
+    d1, s1 = rule.direction(grad, state)
+    # first step: the bias-corrected averages are the gradient and its square: 3 * sign(g)
+    torch.testing.assert_close(d1, 3.0 * grad / (grad.abs() + 1e-8))
+    torch.testing.assert_close(s1["m"], torch.stack((0.5 * grad, torch.full_like(grad, 0.5))))
+    d2, _ = rule.direction(-grad, {**state, **s1})
+    m = (0.25 * grad - 0.5 * grad) / 0.75
+    v = (0.75 * 0.25 * grad**2 + 0.25 * grad**2) / (1 - 0.75**2)
+    torch.testing.assert_close(d2, 3.0 * m / (v.sqrt() + 1e-8))
+    # the paper's configuration: no extra state, the gradient itself
+    paper = MetaLSTMCell()
+    assert set(paper.state_spec()) == {"h", "c", "fi"}
+    d, extra = paper.direction(grad, {})
+    assert d is grad and extra == {}
+
+
+def test_configurable_gate_initialisation_and_bad_configs() -> None:
+    rule = MetaLSTMCell(forget_bias_init=(9.0, 11.0), input_bias_init=(-4.0, -3.5))
+    assert 9.0 <= rule.bias_fi[0] <= 11.0 and -4.0 <= rule.bias_fi[1] <= -3.5
+    for bad, match in [
+        ({"step_scale": 0.0}, "step_scale must be positive"),
+        ({"momentum_decay": 1.0}, r"momentum_decay must be None or in \(0, 1\)"),
+        ({"rms_decay": -0.1}, r"rms_decay must be None or in \(0, 1\)"),
+        ({"input_bias_init": (1.0, 0.0)}, "input_bias_init must be a range"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MetaLSTMCell(**bad)
+    # the config round-trips through the weight-file form
+    again = MetaLSTMCell.from_config_dict(rule.config_dict())
+    assert again.config == rule.config

@@ -254,10 +254,11 @@ def _apply_rule_triton(
         # every coordinate sees its own task's loss
         per_task_loss = loss.repeat_interleave(grad.shape[0] // loss.shape[0])
         x = rule.features(grad, per_task_loss)
+        direction, new_state = rule.direction(grad, state)
         step, h, c, fi = meta_lstm_step(
-            x, grad, param, state["h"], state["c"], state["fi"], weights, rule.config
+            x, direction, param, state["h"], state["c"], state["fi"], weights, rule.config
         )
-        return step, {"h": h, "c": c, "fi": fi}
+        return step, {"h": h, "c": c, "fi": fi, **new_state}
     from ..kernels.coordinate_lstm_backward import coordinate_lstm_step
 
     x, new_state = rule.features(grad, param, state)

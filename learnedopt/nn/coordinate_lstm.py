@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import preprocess
+from .functional import RMS_EPS, preprocess
 from .lstm_step import lstm_one_step
 
 
@@ -52,8 +52,6 @@ class CoordinateLSTMConfig:
         return 2 + 2 * len(self.momentum_decays) + len(self.rms_decays) + int(self.param_input)
 
 
-#: added to the root of the second moment in the rms-normalised gradient inputs
-RMS_EPS = 1e-8
 
 
 class CoordinateLSTM(UpdateRule):

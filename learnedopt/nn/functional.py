@@ -32,3 +32,25 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     magnitude = torch.log(x.abs().clamp_min(math.exp(-p))) / p
     direction = (x * math.exp(p)).clamp(-1.0, 1.0)
     return torch.stack((magnitude, direction), dim=-1)
+
+
+
+#: added to the root of the second moment wherever a gradient is RMS-normalised
+RMS_EPS = 1e-8
+
+
+def debiased_ema(x: Tensor, state: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """An exponential moving average with Adam's bias correction, counted per coordinate.
+
+    Args:
+        x: ``(n,)`` new values.
+        state: ``(2, n)``: the running average ``a_{t-1}`` and its weight ``w_{t-1} = 1 - decay^(t-1)``
+            (both 0 before the first value).
+        decay: ``beta`` in (0, 1).
+
+    Returns:
+        ``a_t / w_t`` ``(n,)`` (``x`` itself at the first step), and the new state ``(2, n)``:
+        ``a_t = beta a_{t-1} + (1 - beta) x``, ``w_t = beta w_{t-1} + (1 - beta)``.
+    """
+    state = torch.lerp(torch.stack((x, torch.ones_like(x))), state, decay)
+    return state[0] / state[1], state

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import preprocess
+from .functional import RMS_EPS, debiased_ema, preprocess
 from .lstm_step import lstm_one_step
 
 
@@ -21,16 +21,41 @@ class MetaLSTMConfig:
     Attributes:
         hidden_size: hidden units of the first, input LSTM (20).
         preprocess_p: preprocessing constant for the gradient and loss inputs (10).
+        step_scale: the largest step size: the cell writes ``step_scale * i_t * d_t`` with the
+            input gate ``i_t`` in (0, 1) (1, the paper).
+        momentum_decay, rms_decay: what the cell writes, ``d_t``. Both None (the paper): the
+            gradient ``g_t``. Otherwise Adam's direction: ``d_t = m_t / (sqrt(v_t) + 1e-8)``, where
+            ``m_t`` is the bias-corrected moving average of ``g`` at ``momentum_decay`` (``g_t``
+            itself when None) and ``v_t`` that of ``g^2`` at ``rms_decay`` (no division when None);
+            see :func:`~learnedopt.nn.functional.debiased_ema`. With both, the input gate is a
+            learned per-coordinate Adam step size, and the forget gate a learned weight decay.
+        forget_bias_init, input_bias_init: the ranges ``(low, high)`` of the uniform
+            initialisation of the forget and input gate biases ((4, 6) and (-5, -4), the paper).
     """
 
     hidden_size: int = 20
     preprocess_p: float = 10.0
+    step_scale: float = 1.0
+    momentum_decay: float | None = None
+    rms_decay: float | None = None
+    forget_bias_init: tuple[float, float] = (4.0, 6.0)
+    input_bias_init: tuple[float, float] = (-5.0, -4.0)
 
     def __post_init__(self) -> None:
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
         if self.preprocess_p <= 0:
             raise ValueError(f"preprocess_p must be positive, got {self.preprocess_p}")
+        if not (math.isfinite(self.step_scale) and self.step_scale > 0):
+            raise ValueError(f"step_scale must be positive and finite, got {self.step_scale}")
+        for name in ("momentum_decay", "rms_decay"):
+            decay = getattr(self, name)
+            if decay is not None and not 0.0 < decay < 1.0:
+                raise ValueError(f"{name} must be None or in (0, 1), got {decay}")
+        for name in ("forget_bias_init", "input_bias_init"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not low_high[0] <= low_high[1]:
+                raise ValueError(f"{name} must be a range (low, high) with low <= high, got {low_high}")
 
 
 class MetaLSTMCell(UpdateRule):
@@ -41,12 +66,19 @@ class MetaLSTMCell(UpdateRule):
 
         f_t = sigmoid(W_f . [x_t, theta_{t-1}, f_{t-1}] + b_f)     # learned decay
         i_t = sigmoid(W_i . [x_t, theta_{t-1}, i_{t-1}] + b_i)     # learned step size
-        theta_t = f_t * theta_{t-1} - i_t * grad
+        theta_t = f_t * theta_{t-1} - i_t * d_t
+
+    where ``d_t`` is :meth:`direction`: the gradient in the paper, optionally scaled
+    (``step_scale``) and replaced by Adam's direction (``momentum_decay``, ``rms_decay``), see
+    :class:`MetaLSTMConfig`.
 
     :meth:`forward` returns ``step = theta_t - theta_{t-1}``. Per-coordinate state: ``h``, ``c``
-    of shape ``(1, n, H)`` for the first LSTM and ``fi`` ``(2, n)`` holding ``f_{t-1}, i_{t-1}``.
+    of shape ``(1, n, H)`` for the first LSTM, ``fi`` ``(2, n)`` holding ``f_{t-1}, i_{t-1}``,
+    and with ``momentum_decay`` / ``rms_decay`` ``m`` / ``v`` ``(2, n)``, each a moving average
+    and its weight.
     Initialised as in the paper so that it starts as plain gradient descent: forget bias
-    U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), cell weights U(-0.01, 0.01).
+    U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), cell weights U(-0.01, 0.01)
+    (the bias ranges are configurable).
     """
 
     kind = "MetaLSTMCell"
@@ -71,8 +103,8 @@ class MetaLSTMCell(UpdateRule):
             for param in self.lstm.parameters():
                 param.uniform_(-bound, bound, generator=generator)
             self.weight_fi.uniform_(-0.01, 0.01, generator=generator)
-            self.bias_fi[0].uniform_(4.0, 6.0, generator=generator)
-            self.bias_fi[1].uniform_(-5.0, -4.0, generator=generator)
+            self.bias_fi[0].uniform_(*self.config.forget_bias_init, generator=generator)
+            self.bias_fi[1].uniform_(*self.config.input_bias_init, generator=generator)
 
     @property
     def reads_param(self) -> bool:
@@ -80,11 +112,16 @@ class MetaLSTMCell(UpdateRule):
 
     def state_spec(self) -> dict[str, StateSpec]:
         hidden = self.config.hidden_size
-        return {
+        spec = {
             "h": StateSpec((1,), (hidden,)),
             "c": StateSpec((1,), (hidden,)),
             "fi": StateSpec((2,)),
         }
+        if self.config.momentum_decay is not None:
+            spec["m"] = StateSpec((2,))
+        if self.config.rms_decay is not None:
+            spec["v"] = StateSpec((2,))
+        return spec
 
     def features(self, grad: Tensor, loss: Tensor) -> Tensor:
         """The input LSTM's features ``(n, 4)``: the preprocessed gradient ``(n,)`` and loss.
@@ -96,14 +133,31 @@ class MetaLSTMCell(UpdateRule):
         loss_features = preprocess(loss.to(grad.dtype).reshape(-1), p)
         return torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
 
+    def direction(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        """What the input gate scales, ``d_t`` ``(n,)``, from the gradient ``(n,)``, and the
+        advanced ``m`` and ``v`` states (an empty dict in the paper's configuration); see
+        :class:`MetaLSTMConfig`."""
+        cfg = self.config
+        new_state: State = {}
+        direction = grad
+        if cfg.momentum_decay is not None:
+            direction, new_state["m"] = debiased_ema(grad, state["m"], cfg.momentum_decay)
+        if cfg.rms_decay is not None:
+            second, new_state["v"] = debiased_ema(grad.square(), state["v"], cfg.rms_decay)
+            direction = direction / (second.sqrt() + RMS_EPS)
+        if cfg.step_scale != 1.0:
+            direction = direction * cfg.step_scale
+        return direction, new_state
+
     def step_from_features(
         self, x: Tensor, grad: Tensor, param: Tensor, h: Tensor, c: Tensor, fi: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The input LSTM and the meta-learner cell on :meth:`features`' ``x`` ``(n, 4)``.
 
         Args:
-            x: ``(n, 4)`` features; grad, param: ``(n,)``; h, c: ``(1, n, H)``; fi: ``(2, n)``
-                the previous forget and input gate values.
+            x: ``(n, 4)`` features; grad: ``(n,)`` what the input gate scales (the gradient, or
+                :meth:`direction`); param: ``(n,)``; h, c: ``(1, n, H)``; fi: ``(2, n)`` the
+                previous forget and input gate values.
 
         Returns:
             ``(step (n,), new_h, new_c, new_fi)``.
@@ -126,5 +180,6 @@ class MetaLSTMCell(UpdateRule):
         if loss is None:
             raise ValueError("MetaLSTMCell needs the optimizee's loss")
         x = self.features(grad, loss.reshape(1))
-        step, h, c, fi = self.step_from_features(x, grad, param, state["h"], state["c"], state["fi"])
-        return step, {"h": h, "c": c, "fi": fi}
+        direction, new_state = self.direction(grad, state)
+        step, h, c, fi = self.step_from_features(x, direction, param, state["h"], state["c"], state["fi"])
+        return step, {"h": h, "c": c, "fi": fi, **new_state}

@@ -232,7 +232,8 @@ def _fused_launcher(
             meta_lstm_step_(
                 grad, param, param, states["h"], states["c"], states["fi"], weights,
                 loss=features, hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p,
-                lr=lr, maximize=maximize, block=block,
+                lr=lr, maximize=maximize, step_scale=cfg.step_scale, momentum_decay=cfg.momentum_decay,
+                rms_decay=cfg.rms_decay, m=states.get("m"), v=states.get("v"), block=block,
             )  # fmt: skip
 
         return launch
