@@ -45,7 +45,8 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
         "LSTMOptimizer (preset l2l-random, default)": lambda p: LSTMOptimizer(p),
         "LSTMOptimizer (preset l2l-2016, untrained)": lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
-        "MetaLSTMOptimizer (preset meta-lstm-2017, default)": lambda p: MetaLSTMOptimizer(p),
+        "MetaLSTMOptimizer (preset meta-lstm-adam, default)": lambda p: MetaLSTMOptimizer(p),
+        "MetaLSTMOptimizer (preset meta-lstm-2017, paper)": lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"),
         "Adam (lr=1e-2)": lambda p: torch.optim.Adam(p, lr=1e-2),
     }
     results = {}

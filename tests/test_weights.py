@@ -44,7 +44,10 @@ def test_optimizer_accepts_path_preset_and_module(tmp_path, recwarn) -> None:
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 
-@pytest.mark.parametrize(("cls", "preset"), [(LSTMOptimizer, "l2l-2016"), (MetaLSTMOptimizer, "meta-lstm-2017")])
+@pytest.mark.parametrize(
+    ("cls", "preset"),
+    [(LSTMOptimizer, "l2l-2016"), (MetaLSTMOptimizer, "meta-lstm-2017"), (MetaLSTMOptimizer, "meta-lstm-adam")],
+)
 def test_untrained_presets_warn_loudly(cls, preset) -> None:
     with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
         cls([torch.zeros(2, requires_grad=True)], weights=preset)

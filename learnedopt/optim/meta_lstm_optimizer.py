@@ -22,8 +22,10 @@ class MetaLSTMOptimizer(LearnedOptimizer):
 
     Per-parameter state: ``step``, the input LSTM's ``h``, ``c`` of shape
     ``(1, param.numel(), hidden_size)`` and ``fi`` ``(2, param.numel())``, the previous forget
-    and input gates.
+    and input gates; for rules that write Adam's direction (``momentum_decay`` / ``rms_decay``
+    in :class:`~learnedopt.nn.MetaLSTMConfig`) also ``m`` / ``v`` ``(2, param.numel())``, each a
+    moving average and its bias-correction weight.
     """
 
     rule_kind = MetaLSTMCell.kind
-    default_preset = "meta-lstm-2017"
+    default_preset = "meta-lstm-adam"
