@@ -70,7 +70,8 @@ Register budget (H = 20 padded to 32, sm_90, compiled offline with Triton 3.9's 
 read with ``cuobjdump``; never run or timed on a GPU, none was available): with
 ``INPUT_PRECISION="ieee"`` BLOCK 64 / 4 warps uses 255 registers plus 296 B of spill stack
 (64 / 8 warps: 8 B; 32 / 4 warps: 254 registers, no spill; 128 / 4 warps: 7.6 KB), while
-"tf32x3" and "tf32" at 64 / 4 warps do not spill (247 and 200 registers). The launcher keeps the
+"tf32x3" and "tf32" at 64 / 4 warps do not spill (247 and 200 registers). Adam's direction
+(``meta-lstm-adam``) compiles to the same 255 registers and 296 B of stack at BLOCK 64 / 4 warps. The launcher keeps the
 other kernel's BLOCK 64 / 4 warps / "ieee" default (exact, not tuned for speed): tune on the GPU
 with ``benchmarks/kernel_bench.py``.
 """
