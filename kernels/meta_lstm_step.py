@@ -71,9 +71,9 @@ read with ``cuobjdump``; never run or timed on a GPU, none was available): with
 ``INPUT_PRECISION="ieee"`` BLOCK 64 / 4 warps uses 255 registers plus 296 B of spill stack
 (64 / 8 warps: 8 B; 32 / 4 warps: 254 registers, no spill; 128 / 4 warps: 7.6 KB), while
 "tf32x3" and "tf32" at 64 / 4 warps do not spill (247 and 200 registers). Adam's direction
-(``meta-lstm-adam``) compiles to the same 255 registers and 296 B of stack at BLOCK 64 / 4 warps. The launcher keeps the
-other kernel's BLOCK 64 / 4 warps / "ieee" default (exact, not tuned for speed): tune on the GPU
-with ``benchmarks/kernel_bench.py``.
+(``meta-lstm-adam``) compiles to the same 255 registers and 296 B of stack at BLOCK 64 / 4 warps.
+The launcher keeps the other kernel's BLOCK 64 / 4 warps / "ieee" default (exact, not tuned for
+speed): tune on the GPU with ``benchmarks/kernel_bench.py``.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..nn.functional import preprocess
-from ..nn.functional import RMS_EPS
+from ..nn.functional import RMS_EPS, preprocess
 from .coordinate_lstm_step import (
     STATE_DTYPES,
     _cell,
@@ -478,13 +477,13 @@ def meta_lstm_step_(
     _check_state("c", c, (1, n, hidden_size), slab=True)
     _check_state("fi", fi, (2, n), slab=False)
     moments = {}
-    for name, decay, state in (("m", momentum_decay, m), ("v", rms_decay, v)):
+    for name, option, decay, state in (("m", "momentum_decay", momentum_decay, m), ("v", "rms_decay", rms_decay, v)):
         if decay is None:
             continue
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"{'momentum' if name == 'm' else 'rms'}_decay must be in (0, 1), got {decay}")
+            raise ValueError(f"{option} must be in (0, 1), got {decay}")
         if state is None:
-            raise ValueError(f"{name} (2, N) is required with {'momentum' if name == 'm' else 'rms'}_decay")
+            raise ValueError(f"{name} (2, N) is required with {option}")
         _check_state(name, state, (2, n), slab=False)
         moments[name] = state
     if not (math.isfinite(step_scale) and step_scale > 0):

@@ -52,8 +52,6 @@ class CoordinateLSTMConfig:
         return 2 + 2 * len(self.momentum_decays) + len(self.rms_decays) + int(self.param_input)
 
 
-
-
 class CoordinateLSTM(UpdateRule):
     """A stack of LSTM cells shared by every coordinate, then a linear head.
 

@@ -34,7 +34,6 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     return torch.stack((magnitude, direction), dim=-1)
 
 
-
 #: added to the root of the second moment wherever a gradient is RMS-normalised
 RMS_EPS = 1e-8
 
