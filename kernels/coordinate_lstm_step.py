@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..nn.coordinate_lstm import RMS_EPS
+from ..nn.functional import RMS_EPS
 
 #: Dtypes of the ``h``, ``c``, ``m`` and ``v`` state buffers the kernel reads and writes.
 STATE_DTYPES = (torch.float32, torch.bfloat16)

@@ -256,3 +256,15 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(
     assert "(random_horizon: False -> True)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "2", "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
+    from learnedopt.meta.train import clip_meta_gradient_
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert clip_meta_gradient_([w], 1.0) == 5.0
+    torch.testing.assert_close(w.grad, torch.tensor([0.6, 0.8, 0.0]))
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.raises(FloatingPointError, match="meta-gradient norm is nan"):
+        clip_meta_gradient_([w], None)

@@ -43,13 +43,13 @@ def write_fake_mnist(directory: Path, n: int = 40, seed: int = 1) -> Path:
     return directory
 
 
-def random_rule(kind: str, seed: int = 0) -> torch.nn.Module:
+def random_rule(kind: str, seed: int = 0, **config) -> torch.nn.Module:
     """A tiny float64 rule with every weight random, so its step depends on the gradient's size
     (the default inits read only sign(g) or are near-constant, hiding second-order terms)."""
     rule = (
-        CoordinateLSTM(hidden_size=3, num_layers=1)
+        CoordinateLSTM(hidden_size=3, num_layers=1, **config)
         if kind == "lstm"
-        else MetaLSTMCell(hidden_size=2)
+        else MetaLSTMCell(hidden_size=2, **config)
     )
     rule = rule.double()
     g = torch.Generator().manual_seed(seed)
@@ -77,14 +77,8 @@ def meta_grad(rule, *args, **kwargs) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
 
 
-# ----------------------------------------------------------------------------- meta-gradients
-@pytest.mark.parametrize("kind", ["lstm", "meta"])
-def test_meta_gradient_matches_central_differences(kind: str) -> None:
-    rule = random_rule(kind)
-    tasks, params = quadratic_setup()
-    analytic = meta_grad(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
-
-    eps = 1e-6
+def central_differences(rule, *args, eps: float = 1e-6, **kwargs) -> Tensor:
+    """The meta-gradient of :func:`meta_loss_of` by central differences, weight by weight."""
     numeric = []
     with torch.no_grad():
         for p in rule.parameters():
@@ -95,15 +89,37 @@ def test_meta_gradient_matches_central_differences(kind: str) -> None:
                 for x in (old + eps, old - eps):
                     flat[i] = x
                     with torch.enable_grad():
-                        values.append(
-                            meta_loss_of(
-                                rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5
-                            ).item()
-                        )
+                        values.append(meta_loss_of(rule, *args, **kwargs).item())
                 flat[i] = old
                 numeric.append((values[0] - values[1]) / (2 * eps))
-    numeric = torch.tensor(numeric, dtype=F64)
+    return torch.tensor(numeric, dtype=F64)
+
+
+# ----------------------------------------------------------------------------- meta-gradients
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_meta_gradient_matches_central_differences(kind: str) -> None:
+    rule = random_rule(kind)
+    tasks, params = quadratic_setup()
+    analytic = meta_grad(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
+    numeric = central_differences(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
     assert analytic.abs().max() > 1e-3  # a real signal, not all zeros
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lstm-rms", "meta-adam"])
+def test_second_order_meta_gradient_is_finite_and_exact_where_a_gradient_is_zero(kind: str) -> None:
+    """RMS-normalised inputs or steps (``rms_decays``, Adam's direction) with a coordinate whose
+    gradient is exactly 0 (here a zero column of W; on MNIST, weights on always-black pixels):
+    ``sqrt``'s infinite derivative at a zero second moment once made the second-order
+    meta-gradient NaN. It must be finite and match central differences."""
+    config = {"rms_decays": (0.9,)} if kind == "lstm-rms" else {"momentum_decay": 0.9, "rms_decay": 0.99}
+    rule = random_rule("lstm" if kind == "lstm-rms" else "meta", seed=3, **config)
+    tasks, params = quadratic_setup()
+    tasks.weight[:, :, 1] = 0.0  # theta[1] never gets a gradient
+    analytic = meta_grad(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
+    assert torch.isfinite(analytic).all()
+    numeric = central_differences(rule, tasks, params, 3, stop_optimizee_grad=False, lr=0.5)
+    assert analytic.abs().max() > 1e-3
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
 
 

@@ -52,3 +52,15 @@ def test_gradient_is_finite_at_zero() -> None:
 def test_rejects_nonpositive_p() -> None:
     with pytest.raises(ValueError, match="positive"):
         preprocess(torch.ones(2), 0.0)
+
+
+def test_rms_denominator_equals_sqrt_plus_eps_and_is_differentiable_at_zero() -> None:
+    from learnedopt.nn.functional import RMS_EPS, rms_denominator
+
+    v = torch.tensor([0.0, 1e-30, 2.5, 4.0, float("inf")], requires_grad=True)
+    got = rms_denominator(v)
+    assert torch.equal(got, v.detach().sqrt() + RMS_EPS)
+    got.sum().backward()
+    # sqrt's derivative where v > 0; 0 (not inf) at v == 0
+    assert v.grad[0] == 0.0
+    torch.testing.assert_close(v.grad[2:4], 0.5 / v.detach()[2:4].sqrt())

@@ -68,6 +68,7 @@ from .train import (
     LSTM_ONLY,
     ConfigError,
     check_run,
+    clip_meta_gradient_,
     last_record,
     processes_note,
     model_card,
@@ -740,10 +741,9 @@ class FewShotTrainer:
         loss.backward()
         params = self.learner.meta_parameters()
         workers.average_gradients_(params)
-        # max_norm=inf measures the norm and scales the gradients by exactly 1.0
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip is not None else math.inf)
+        norm = clip_meta_gradient_(list(params), config.clip)
         self.meta_optimizer.step()
-        return {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": float(norm)}
+        return {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": norm}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}

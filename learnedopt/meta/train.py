@@ -216,7 +216,7 @@ def episode(
         meta_optimizer.zero_grad(set_to_none=True)
         meta_loss.backward()
         workers.average_gradients_(list(rule.parameters()))
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(rule.parameters(), config.clip)))
+        grad_norms.append(clip_meta_gradient_(list(rule.parameters()), config.clip))
         meta_optimizer.step()
 
     losses = truncated_unroll(
@@ -231,6 +231,23 @@ def episode(
         stop_optimizee_grad=not config.second_order,
     )
     return losses, grad_norms
+
+
+def clip_meta_gradient_(params: list[Tensor], clip: float | None) -> float:
+    """Clip the meta-gradient of ``params`` to norm ``clip`` (None: measure only) in place.
+
+    Returns:
+        the norm before clipping.
+
+    Raises:
+        FloatingPointError: the norm is NaN or Inf; the caller must not take the meta-step, so
+            the meta-parameters stay as they were (and the last checkpoint stays valid).
+    """
+    # max_norm=inf measures the norm and scales the gradients by exactly 1.0
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the meta-gradient norm is {norm} (the meta-parameters were left unchanged)")
+    return norm
 
 
 def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> float:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import RMS_EPS, preprocess
+from .functional import preprocess, rms_denominator
 from .lstm_step import lstm_one_step
 
 
@@ -152,7 +152,7 @@ class CoordinateLSTM(UpdateRule):
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
             v = torch.lerp(grad.square().unsqueeze(0), state["v"], betas)
             new_state["v"] = v
-            features.append((grad / (v.sqrt() + RMS_EPS)).t())
+            features.append((grad / rms_denominator(v)).t())
         if cfg.param_input:
             features.append(param.unsqueeze(1))
         x = features[0] if len(features) == 1 else torch.cat(features, dim=1)

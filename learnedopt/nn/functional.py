@@ -38,6 +38,21 @@ def preprocess(x: Tensor, p: float) -> Tensor:
 RMS_EPS = 1e-8
 
 
+def rms_denominator(second_moment: Tensor) -> Tensor:
+    """``sqrt(second_moment) + 1e-8``, the denominator of an RMS-normalised gradient ``(n,)``.
+
+    The same values as ``second_moment.sqrt() + RMS_EPS``, but differentiable at a zero second
+    moment (a coordinate whose gradients were all exactly 0, e.g. a weight on an always-zero
+    input): there ``sqrt``'s derivative is infinite and, times the zero gradient, would make the
+    meta-gradient NaN when it flows through the optimizee's gradient (``--second-order``). The
+    normalised gradient ``g / denominator`` is 0 in a neighbourhood's limit there, so the masked
+    derivative, 0, is the right one.
+    """
+    positive = second_moment > 0
+    root = torch.where(positive, second_moment, torch.ones_like(second_moment)).sqrt()
+    return torch.where(positive, root, torch.zeros_like(root)) + RMS_EPS
+
+
 def debiased_ema(x: Tensor, state: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """An exponential moving average with Adam's bias correction, counted per coordinate.
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import RMS_EPS, debiased_ema, preprocess
+from .functional import debiased_ema, preprocess, rms_denominator
 from .lstm_step import lstm_one_step
 
 
@@ -144,7 +144,7 @@ class MetaLSTMCell(UpdateRule):
             direction, new_state["m"] = debiased_ema(grad, state["m"], cfg.momentum_decay)
         if cfg.rms_decay is not None:
             second, new_state["v"] = debiased_ema(grad.square(), state["v"], cfg.rms_decay)
-            direction = direction / (second.sqrt() + RMS_EPS)
+            direction = direction / rms_denominator(second)
         if cfg.step_scale != 1.0:
             direction = direction * cfg.step_scale
         return direction, new_state
