@@ -53,14 +53,6 @@ class Preset:
     seed: int = 0
 
 
-#: the architecture and gate initialisation of the ``meta-lstm-adam`` preset
-META_LSTM_ADAM: dict[str, Any] = {
-    "momentum_decay": 0.9,
-    "rms_decay": 0.999,
-    "forget_bias_init": (9.0, 11.0),
-    "input_bias_init": (-4.0, -3.5),
-}
-
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -81,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "meta-lstm-adam",
             MetaLSTMCell.kind,
-            META_LSTM_ADAM,
+            {"momentum_decay": 0.9, "rms_decay": 0.999, "forget_bias_init": (9.0, 11.0), "input_bias_init": (-4.0, -3.5)},
             "MetaLSTMCell whose cell writes Adam's direction (momentum 0.9, RMS 0.999, bias-corrected), "
             "hidden 20. Untrained: forget bias U(9, 11), input bias U(-4, -3.5) (seed 0: 9.72, -3.62), so it starts as Adam "
             "with a step of 0.026 and a weight decay of 6e-5 per step, barely modulated by its random LSTM.",
