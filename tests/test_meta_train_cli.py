@@ -191,6 +191,7 @@ BAD = [
     (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),
     (["--task", "mnist-mlp", "--data", "{tmp}/no-such-dir"], "no-such-dir"),
     (["--unroll", "0"], "--unroll must be a positive integer, got 0"),
+    (["--loss-weighting", "final"], "unknown --loss-weighting 'final'; choose from uniform, linear"),
     (["--horizon", "-5"], "--horizon must be a positive integer"),
     (["--meta-batch", "0"], "--meta-batch must be a positive integer"),
     (["--meta-steps", "0"], "--meta-steps must be a positive integer"),
@@ -240,6 +241,19 @@ def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> 
     assert "differs from the checkpoint's (meta_lr: 0.01 -> 0.5)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+def test_linear_loss_weighting_changes_the_training_and_is_recorded(tmp_path: Path) -> None:
+    uniform, linear = tmp_path / "uniform", tmp_path / "linear"
+    assert run(uniform, "--meta-steps", "2") == 0
+    assert run(linear, "--meta-steps", "2", "--loss-weighting", "linear") == 0
+    a, b = tensors(uniform / "weights.safetensors"), tensors(linear / "weights.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    header = read_header(linear / "weights.safetensors")
+    assert header["meta_train_config"]["loss_weighting"] == "linear"
+    assert "--loss-weighting linear" in header["command"]
+    assert "--loss-weighting" not in read_header(uniform / "weights.safetensors")["command"]
+    assert "linearly weighted mean" in (linear / "MODEL_CARD.md").read_text()
 
 
 def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(

@@ -21,6 +21,7 @@ from learnedopt.meta import (
     Task,
     TaskBatch,
     generator_for,
+    horizon_loss_weights,
     make_family,
     num_coordinates,
     truncated_unroll,
@@ -193,6 +194,32 @@ def test_truncated_unroll_continues_one_trajectory() -> None:
 
     truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, update=update)
     assert len(calls) == 3  # 2 + 2 + 1 steps
+
+
+def test_horizon_loss_weights() -> None:
+    torch.testing.assert_close(horizon_loss_weights("uniform", 4), torch.ones(4))
+    linear = horizon_loss_weights("linear", 4)
+    torch.testing.assert_close(linear, torch.tensor([0.4, 0.8, 1.2, 1.6]))
+    assert float(horizon_loss_weights("linear", 37).mean()) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        horizon_loss_weights("final", 4)
+
+
+def test_truncated_unroll_gives_each_truncation_its_slice_of_the_weights() -> None:
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    weights = horizon_loss_weights("linear", 5).to(F64)
+    meta_losses = []
+    losses = truncated_unroll(
+        rule, tasks, params, state, horizon=5, truncation=2, loss_weights=weights,
+        update=lambda meta_loss: meta_losses.append(meta_loss.detach()),
+    )
+    expected = [(weights[a:b, None] * losses[a:b]).mean() for a, b in ((0, 2), (2, 4), (4, 5))]
+    torch.testing.assert_close(torch.stack(meta_losses), torch.stack(expected), rtol=1e-14, atol=0)
+    assert meta_losses[0] < losses[:2].mean() < losses[4:].mean() < meta_losses[2]  # w < 1, then > 1
+    with pytest.raises(ValueError, match=r"loss_weights must have shape \(5,\)"):
+        truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, loss_weights=weights[:4])
 
 
 # ----------------------------------------------------------------------------- vs the optimizers

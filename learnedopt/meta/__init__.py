@@ -18,9 +18,18 @@ from .tasks import (
     generator_for,
     make_family,
 )
-from .unroll import UnrollResult, detach_all, num_coordinates, truncated_unroll, unroll
+from .unroll import (
+    LOSS_WEIGHTINGS,
+    UnrollResult,
+    detach_all,
+    horizon_loss_weights,
+    num_coordinates,
+    truncated_unroll,
+    unroll,
+)
 
 __all__ = [
+    "LOSS_WEIGHTINGS",
     "MAML",
     "MNIST_SPLIT",
     "MNIST_SPLIT_SEED",
@@ -39,6 +48,7 @@ __all__ = [
     "derive_seed",
     "detach_all",
     "generator_for",
+    "horizon_loss_weights",
     "make_family",
     "num_coordinates",
     "replace_batchnorm_",

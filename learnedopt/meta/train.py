@@ -46,7 +46,7 @@ from ..weights import PRESETS, build_preset, save_weights
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
 from .tasks import TASK_FAMILIES, TaskFamily, generator_for, make_family
-from .unroll import num_coordinates, truncated_unroll
+from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -84,6 +84,10 @@ class MetaTrainConfig:
         random_horizon: each training episode runs a horizon drawn uniformly from ``[T, H]``
             (drawn after its tasks, from the same generator) rather than ``H``, so the rule is
             not trained for one fixed run length; the evaluation episode still runs ``H``.
+        loss_weighting: how each step's loss counts in the meta-loss, over the episode's whole
+            horizon (:func:`~learnedopt.meta.unroll.horizon_loss_weights`): ``"uniform"`` (the
+            run's mean loss, as in Andrychowicz et al. 2016) or ``"linear"`` (rising weights, for
+            rules judged by their final loss). The logged ``meta_loss`` stays the unweighted mean.
         data: MNIST folder for data tasks (None: the default search).
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
@@ -104,6 +108,7 @@ class MetaTrainConfig:
     lr: float = 1.0
     second_order: bool = False
     random_horizon: bool = False
+    loss_weighting: str = "uniform"
     data: str | None = None
     device: str = "cpu"
 
@@ -142,6 +147,10 @@ class MetaTrainConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be a positive number, got {value}"
                 )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(
+                f"unknown --loss-weighting {self.loss_weighting!r}; choose from {', '.join(LOSS_WEIGHTINGS)}"
+            )
         if self.unroll > self.horizon:
             raise ConfigError(
                 f"--unroll T={self.unroll} is longer than --horizon H={self.horizon}; need T <= H"
@@ -229,6 +238,7 @@ def episode(
         update=update if meta_optimizer is not None else None,
         lr=config.lr,
         stop_optimizee_grad=not config.second_order,
+        loss_weights=horizon_loss_weights(config.loss_weighting, horizon).to(family.device),
     )
     return losses, grad_norms
 
@@ -679,7 +689,7 @@ def _write_card(
 One meta-step is one episode: {config.meta_batch} tasks, {f"a number of optimizee steps drawn uniformly from [{config.unroll}, {config.horizon}]" if config.random_horizon else f"{config.horizon} optimizee steps"} in truncations
 of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
 truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
-Meta-loss: mean optimizee loss after each update."""
+Meta-loss: {"mean optimizee loss after each update" if config.loss_weighting == "uniform" else f"{config.loss_weighting}ly weighted mean of the optimizee losses after each update (`--loss-weighting {config.loss_weighting}`; the logged `meta_loss` is the unweighted mean)"}."""
     data = f"""Meta-training tasks: {family.describe()}.
 
 Evaluation tasks: {eval_family.describe()}."""
@@ -761,7 +771,17 @@ def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 #: options only ``--algo lstm`` reads (argparse dest names); their parser default is None
-LSTM_ONLY = ("rule", "rule_config", "preset", "unroll", "horizon", "lr", "second_order", "random_horizon")
+LSTM_ONLY = (
+    "rule",
+    "rule_config",
+    "preset",
+    "unroll",
+    "horizon",
+    "lr",
+    "second_order",
+    "random_horizon",
+    "loss_weighting",
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -846,6 +866,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="lstm: each training episode runs a horizon drawn uniformly from [T, H] (default: H)",
+    )
+    parser.add_argument(
+        "--loss-weighting",
+        help=f"lstm: weight of each step's loss in the meta-loss: {', '.join(LOSS_WEIGHTINGS)} "
+        f"(linear: 2t/(H+1) for step t of H, leaning toward the final loss; default {d.loss_weighting})",
     )
     add_fewshot_arguments(parser)
     parser.add_argument(
@@ -940,6 +965,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
         lr=given("lr"),
         second_order=given("second_order"),
         random_horizon=given("random_horizon"),
+        loss_weighting=given("loss_weighting"),
         data=args.data,
         device=given("device"),
     )
@@ -971,6 +997,8 @@ def canonical_command(
         words.append("--second-order")
     if config.random_horizon:
         words.append("--random-horizon")
+    if config.loss_weighting != MetaTrainConfig.loss_weighting:
+        words += ["--loss-weighting", config.loss_weighting]
     if config.data is not None:
         words += ["--data", config.data]
     if config.device != "cpu":

@@ -38,6 +38,26 @@ Params = dict[str, Tensor]
 #: Values of the ``backend`` keyword of :func:`unroll` and :func:`truncated_unroll`.
 BACKENDS = ("auto", "torch", "triton")
 
+#: Values of :func:`horizon_loss_weights`' ``weighting``.
+LOSS_WEIGHTINGS = ("uniform", "linear")
+
+
+def horizon_loss_weights(weighting: str, horizon: int) -> Tensor:
+    """``(horizon,)`` float32 weights ``w_t`` of the losses after updates ``t = 1 .. H``, mean 1.
+
+    ``"uniform"``: every ``w_t = 1`` (Andrychowicz et al. 2016: the meta-loss is the mean loss of
+    the run). ``"linear"``: ``w_t = 2 t / (H + 1)``, rising from about 0 to about 2, so the
+    meta-loss leans toward the end of the run, where a final loss is measured, while every step
+    still counts.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if weighting == "uniform":
+        return torch.ones(horizon)
+    return torch.arange(1, horizon + 1, dtype=torch.float32) * (2.0 / (horizon + 1))
+
 
 @dataclass
 class UnrollResult:
@@ -284,6 +304,7 @@ def truncated_unroll(
     update: Callable[[Tensor], None] | None = None,
     lr: float = 1.0,
     stop_optimizee_grad: bool = True,
+    loss_weights: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Run ``horizon`` steps as consecutive unrolls of ``truncation`` steps (the last may be shorter).
@@ -293,25 +314,33 @@ def truncated_unroll(
     With ``update=None`` this only evaluates the rule.
 
     ``lr``, ``stop_optimizee_grad`` and ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``: how
-    the rule is applied) are passed to :func:`unroll`, which documents them.
+    the rule is applied) are passed to :func:`unroll`, which documents them. ``loss_weights``:
+    ``(horizon,)`` weight of each step's loss over the whole run (e.g.
+    :func:`horizon_loss_weights`), each truncation's meta-loss taking its slice; default all ones.
 
     Returns:
         ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
     """
     if truncation < 1 or horizon < 1:
         raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation}")
+    if loss_weights is not None and tuple(loss_weights.shape) != (horizon,):
+        raise ValueError(
+            f"loss_weights must have shape ({horizon},), got {tuple(loss_weights.shape)}"
+        )
     losses = []
     params, state = dict(params), dict(rule_state)
     for start in range(0, horizon, truncation):
+        steps = min(truncation, horizon - start)
         result = unroll(
             rule,
             task_batch,
             params,
             state,
-            min(truncation, horizon - start),
+            steps,
             start_step=start,
             lr=lr,
             stop_optimizee_grad=stop_optimizee_grad,
+            loss_weights=None if loss_weights is None else loss_weights[start : start + steps],
             backend=backend,
         )
         if update is not None:
