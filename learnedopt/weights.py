@@ -82,8 +82,8 @@ PRESETS: dict[str, Preset] = {
             "l2l-mnist",
             CoordinateLSTM.kind,
             {},
-            "l2l-2016's architecture meta-trained on the MNIST MLP task (meta-train split); "
-            "model card: learnedopt/pretrained/l2l-mnist.md.",
+            "l2l-random fine-tuned on the MNIST MLP task (meta-train split) for 300 meta-steps with a "
+            "linearly weighted meta-loss (--loss-weighting linear); model card: learnedopt/pretrained/l2l-mnist.md.",
             file="l2l-mnist.safetensors",
         ),
         Preset(
