@@ -13,7 +13,8 @@ from safetensors import safe_open
 from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
-from learnedopt.meta.fewshot import MODEL_NAME, inner_minibatches, load_learner
+from learnedopt.data import load_omniglot
+from learnedopt.meta.fewshot import MODEL_NAME, OmniglotSource, inner_minibatches, load_learner
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -118,6 +119,8 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
     extra = ["--inner-steps", "2", "--test-inner-steps", "1"]
     if algo == "reptile":  # Nichol et al.'s scheme: more shots in meta-training, read in minibatches
         extra += ["--train-shots", "2", "--inner-batch", "3"]
+    if algo == "fomaml":
+        extra += ["--same-rotation", "--augment"]
     assert train(out, "--algo", algo, *OMNIGLOT_TINY, *extra, "--same-alphabet", "--data", str(omniglot_dir)) == 0
     head = header(out / MODEL_NAME)
     assert head["architecture"] == {"kind": "conv4", "in_channels": 1, "ways": 2, "hidden": 4, "image_size": 28}
@@ -129,6 +132,8 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
     held_out = ", ".join(split["meta_valid"] + split["meta_test"])
     assert f"Held out from meta-training: {held_out}" in card and "with rotations" in card
     assert "each episode within one alphabet" in card
+    tuned = "each episode within one rotation, every image distorted by a random affine map"
+    assert (tuned in card) == (algo == "fomaml") and ("--same-rotation --augment" in head["command"]) == (algo == "fomaml")
     train_shots = 2 if algo == "reptile" else 1
     assert f"Meta-training tasks: Omniglot 2-way {train_shots}-shot 1-query" in card
     assert "Validation tasks (2): Omniglot 2-way 1-shot 1-query" in card
@@ -145,6 +150,8 @@ BAD = [
     (["--algo", "maml", "--unroll", "5"], "--unroll does not apply to --algo maml"),
     (["--ways", "5"], "--ways does not apply to --algo lstm"),
     (["--algo", "maml", "--ways", "5"], "--ways does not apply to --task sinusoid"),
+    (["--algo", "maml", "--augment"], "--augment does not apply to --task sinusoid"),
+    (["--algo", "reptile", "--same-rotation"], "--same-rotation does not apply to --task sinusoid"),
     (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
@@ -167,6 +174,34 @@ def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path: Path, capsys, e
     assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
     assert message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_same_rotation_episodes_share_an_orientation_and_augment_distorts_them(omniglot_dir: Path) -> None:
+    data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
+    classes = torch.arange(data.num_classes)
+
+    def draws(source: OmniglotSource, n: int = 60) -> list[tuple[set[int], set[int]]]:
+        """(rotations, alphabets) of the classes of ``n`` episodes."""
+        episodes = [source.sampler.sample() for _ in range(n)]
+        return [(set(data.rotation_of_class[e.classes].tolist()), set(data.alphabet_of_class[e.classes].tolist()))
+                for e in episodes]  # fmt: skip
+
+    both = draws(OmniglotSource(data, classes, 3, 1, 1, True, "meta_train", same_rotation=True))
+    assert all(len(r) == 1 and len(a) == 1 for r, a in both)
+    assert {next(iter(r)) for r, _ in both} == {0, 90, 180, 270}
+    rotation_only = draws(OmniglotSource(data, classes, 3, 1, 1, False, "meta_train", same_rotation=True))
+    assert all(len(r) == 1 for r, _ in rotation_only) and any(len(a) > 1 for _, a in rotation_only)
+    alphabet_only = draws(OmniglotSource(data, classes, 3, 1, 1, True, "meta_train"))
+    assert all(len(a) == 1 for _, a in alphabet_only) and any(len(r) > 1 for r, _ in alphabet_only)
+
+    plain = OmniglotSource(data, classes, 3, 1, 2, False, "meta_train").batch(4, seed=7)
+    augmented = OmniglotSource(data, classes, 3, 1, 2, False, "meta_train", augment=True)
+    distorted, again = augmented.batch(4, seed=7), augmented.batch(4, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(distorted, again, strict=True))  # reproducible from the seed
+    assert torch.equal(distorted[1], plain[1]) and torch.equal(distorted[3], plain[3])  # the same episodes
+    for x_plain, x_distorted in ((plain[0], distorted[0]), (plain[2], distorted[2])):
+        changed = (x_distorted - x_plain).abs().amax((-1, -2, -3))
+        assert bool((changed > 0.05).all())  # every image, support and query, is distorted
 
 
 def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Path, capsys) -> None:

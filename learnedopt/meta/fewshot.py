@@ -85,9 +85,9 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 #: options only the few-shot algorithms read (argparse dest names)
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
-    "hidden", "image_size", "same_alphabet", "val_tasks", "train_shots", "inner_batch",
+    "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
 )  # fmt: skip
-_OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet")
+_OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment")
 MODEL_NAME = "model.safetensors"
 MODEL_FORMAT = 1
 _HEADER_KEY = "learnedopt_model"
@@ -125,6 +125,12 @@ class FewShotConfig:
         hidden: conv-4 filters (Omniglot).
         image_size: Omniglot image side in pixels.
         same_alphabet: draw every episode's classes from one alphabet.
+        same_rotation: draw every meta-training episode's classes from one rotation (0, 90, 180
+            or 270 degrees), so that, as in the unrotated validation and test episodes, its
+            characters share an orientation; with ``same_alphabet``, one rotated alphabet.
+        augment: distort every meta-training image by its own random affine map
+            (:func:`learnedopt.data.augment.random_affine`, Koch et al. 2015's ranges);
+            validation and evaluation images are never distorted.
         val_tasks: validation tasks (a fixed draw) for the end-of-run metric.
         seed: the root of every random draw.
         data: folder of the Omniglot zips (None: the default search).
@@ -161,6 +167,8 @@ class FewShotConfig:
     train_shots: int | None = None
     inner_batch: int | None = None
     device: str = "cpu"
+    same_rotation: bool = False
+    augment: bool = False
 
     RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
@@ -229,6 +237,8 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "hidden": None if sinusoid else 64,
         "image_size": None if sinusoid else 28,
         "same_alphabet": False,
+        "same_rotation": False,
+        "augment": False,
         "val_tasks": 100,
         "train_shots": train_shots,
         "inner_batch": inner_batch,
@@ -278,6 +288,10 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")
     group.add_argument("--image-size", type=int, help="omniglot: image side in pixels (default 28)")
     group.add_argument("--same-alphabet", action="store_true", default=None, help="omniglot: each episode within one alphabet")
+    group.add_argument("--same-rotation", action="store_true", default=None,
+                       help="omniglot: each training episode's characters share one rotation, as in the upright test episodes")  # fmt: skip
+    group.add_argument("--augment", action="store_true", default=None,
+                       help="omniglot: distort each training image by a random affine map (rotation, shear, scale, shift)")  # fmt: skip
     group.add_argument("--val-tasks", type=int, help="validation tasks for the final metric (default 100)")
     group.add_argument("--train-shots", type=int, help="support examples per class in meta-training (default: --shots; reptile on omniglot: 10)")
     group.add_argument("--inner-batch", type=int, help="reptile: examples per inner step (default: the whole support set; omniglot: 10, 20 for more than 5 ways)")
@@ -600,25 +614,38 @@ class SinusoidSource:
 
 class OmniglotSource:
     """N-way K-shot Q-query episodes of some Omniglot classes; images ``(B, N*K, 1, S, S)``,
-    labels ``(B, N*K)`` (0..N-1, grouped by way)."""
+    labels ``(B, N*K)`` (0..N-1, grouped by way).
+
+    ``same_alphabet`` / ``same_rotation`` draw each episode's classes from one alphabet / one
+    rotation (both: one rotated alphabet); ``augment`` distorts every image it returns by its own
+    random affine map, drawn from the batch's seed.
+    """
 
     def __init__(self, data: Any, classes: Tensor, ways: int, shots: int, queries: int, same_alphabet: bool,
-                 part: str) -> None:  # fmt: skip
+                 part: str, same_rotation: bool = False, augment: bool = False) -> None:  # fmt: skip
         from ..data import EpisodeSampler
 
         self.data, self.part, self.classes, self.same_alphabet = data, part, classes, same_alphabet
+        self.same_rotation, self.augment = same_rotation, augment
+        rotation_index = data.rotation_of_class // 90
+        groups = data.alphabet_of_class * 4 * same_alphabet + rotation_index * same_rotation
         try:
-            self.sampler = EpisodeSampler(data.labels, classes, ways, shots, queries, groups=data.alphabet_of_class,
-                                          same_group=same_alphabet)  # fmt: skip
+            self.sampler = EpisodeSampler(data.labels, classes, ways, shots, queries, groups=groups,
+                                          same_group=same_alphabet or same_rotation)  # fmt: skip
         except ValueError as err:
             raise ConfigError(f"--task omniglot, {part} classes: {err}") from None
 
     def batch(self, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``size`` episodes drawn from ``seed`` (the sampler's generator is reset to it)."""
-        from ..data import stack_episodes
+        """``size`` episodes drawn from ``seed`` (the sampler's generator is reset to it; the
+        distortions, with ``augment``, come from the key ``(seed, 1)``)."""
+        from ..data import random_affine, stack_episodes
 
         self.sampler.load_state_dict({"generator": torch.Generator().manual_seed(seed).get_state()})
-        return stack_episodes(self.data.images, [self.sampler.sample() for _ in range(size)])
+        x_s, y_s, x_q, y_q = stack_episodes(self.data.images, [self.sampler.sample() for _ in range(size)])
+        if self.augment:
+            generator = generator_for(seed, 1)
+            x_s, x_q = random_affine(x_s, generator), random_affine(x_q, generator)
+        return x_s, y_s, x_q, y_q
 
     def alphabets(self) -> list[str]:
         return [self.data.alphabets[i] for i in torch.unique(self.data.alphabet_of_class[self.classes]).tolist()]
@@ -630,6 +657,8 @@ class OmniglotSource:
             f"Omniglot {s.n_way}-way {s.k_shot}-shot {s.q_query}-query episodes from the {self.part} alphabets "
             f"({', '.join(self.alphabets())}; {len(self.classes)} classes{', with rotations' if rotated else ', unrotated'})"
             f"{', each episode within one alphabet' if self.same_alphabet else ''}"
+            f"{', each episode within one rotation' if self.same_rotation else ''}"
+            f"{', every image distorted by a random affine map' if self.augment else ''}"
         )
 
 
@@ -654,7 +683,7 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
     parts = omniglot_class_splits(data)
     train = OmniglotSource(data, parts["meta_train"], config.ways, train_shots, config.queries,
-                           config.same_alphabet, "meta_train")  # fmt: skip
+                           config.same_alphabet, "meta_train", config.same_rotation, config.augment)  # fmt: skip
     valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
                            config.same_alphabet, "meta_valid")  # fmt: skip
     split = {

@@ -1,0 +1,66 @@
+"""Random affine distortions of image batches, for few-shot meta-training on Omniglot.
+
+Lake et al.'s Omniglot comes with few drawers per character and, in the small background
+splits, few alphabets; distorting every training image a little (as the Siamese nets of Koch
+et al. 2015 did) is the usual way to make more of them. The draws come from a caller's
+generator, so a seeded run repeats them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AffineRanges:
+    """Uniform ranges of one random affine distortion (Koch et al. 2015's, by default).
+
+    Attributes:
+        rotation: largest rotation, degrees (drawn from ``[-rotation, rotation]``).
+        shear: largest shear along each axis, as a fraction of the other coordinate.
+        scale: largest relative change of each axis' scale (``1 +- scale``).
+        shift: largest translation along each axis, as a fraction of the image side.
+    """
+
+    rotation: float = 10.0
+    shear: float = 0.3
+    scale: float = 0.2
+    shift: float = 2.0 / 28.0
+
+
+def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRanges = AffineRanges()) -> Tensor:
+    """Distort each image by its own random affine map, drawn from ``ranges``.
+
+    Args:
+        images: ``(..., C, H, W)`` floating images; the background is 0 (pixels moved in from
+            outside the image are 0).
+        generator: a CPU generator; it is advanced by ``7 * N`` draws for ``N`` images.
+        ranges: the ranges of the distortion.
+
+    Returns:
+        A new tensor of the shape, dtype and device of ``images``, bilinearly resampled.
+    """
+    if images.dim() < 3 or not images.is_floating_point():
+        raise ValueError(f"random_affine needs floating images (..., C, H, W), got {tuple(images.shape)} {images.dtype}")
+    lead, (c, h, w) = images.shape[:-3], images.shape[-3:]
+    flat = images.reshape(-1, c, h, w)
+    n = flat.shape[0]
+    u = torch.rand(n, 7, generator=generator, dtype=torch.float64) * 2 - 1  # U[-1, 1]
+    angle = u[:, 0] * math.radians(ranges.rotation)
+    shear_x, shear_y = u[:, 1] * ranges.shear, u[:, 2] * ranges.shear
+    scale_x, scale_y = 1 + u[:, 3] * ranges.scale, 1 + u[:, 4] * ranges.scale
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    shear = torch.stack([torch.stack([torch.ones_like(shear_x), shear_x], -1),
+                         torch.stack([shear_y, torch.ones_like(shear_y)], -1)], -2)  # fmt: skip
+    linear = rotate @ shear @ torch.diag_embed(torch.stack([scale_x, scale_y], -1))
+    # affine_grid maps output coordinates in [-1, 1] to input coordinates; a shift of s image
+    # sides is 2 s in those units.
+    theta = torch.cat([linear, (u[:, 5:7] * 2 * ranges.shift).unsqueeze(-1)], -1)
+    grid = torch.nn.functional.affine_grid(theta.to(flat), [n, c, h, w], align_corners=False)
+    out = torch.nn.functional.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(*lead, c, h, w)

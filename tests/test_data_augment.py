@@ -1,0 +1,73 @@
+"""``learnedopt.data.random_affine``: reproducible per-image distortions within their ranges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learnedopt.data import AffineRanges, random_affine
+
+NONE = AffineRanges(rotation=0.0, shear=0.0, scale=0.0, shift=0.0)
+
+
+def blobs(n: int, side: int = 28) -> torch.Tensor:
+    """``(n, 1, side, side)`` images, each a filled 6x6 square at the centre."""
+    images = torch.zeros(n, 1, side, side, dtype=torch.float64)
+    images[..., side // 2 - 3 : side // 2 + 3, side // 2 - 3 : side // 2 + 3] = 1.0
+    return images
+
+
+def centroids(images: torch.Tensor) -> torch.Tensor:
+    """``(n, 2)`` ink centroid (row, column) of ``(n, 1, H, W)`` images, in pixels."""
+    h, w = images.shape[-2:]
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=images.dtype), torch.arange(w, dtype=images.dtype), indexing="ij")
+    mass = images.sum((-1, -2, -3))
+    return torch.stack([(images[:, 0] * rows).sum((-1, -2)) / mass, (images[:, 0] * cols).sum((-1, -2)) / mass], -1)
+
+
+def test_zero_ranges_give_the_images_back() -> None:
+    images = torch.rand(3, 2, 1, 28, 28, dtype=torch.float64)
+    out = random_affine(images, torch.Generator().manual_seed(0), NONE)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    torch.testing.assert_close(out, images, rtol=0, atol=1e-12)
+
+
+def test_the_draws_are_reproducible_and_differ_per_image() -> None:
+    images = blobs(8).float()
+    a = random_affine(images, torch.Generator().manual_seed(3))
+    b = random_affine(images, torch.Generator().manual_seed(3))
+    c = random_affine(images, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the same input image is distorted differently in each slot
+    assert all(not torch.equal(a[0], a[i]) for i in range(1, 8))
+
+
+def test_shifts_stay_within_their_range_and_use_it() -> None:
+    shift = 3.0 / 28.0
+    images = blobs(200)
+    out = random_affine(images, torch.Generator().manual_seed(0), AffineRanges(0.0, 0.0, 0.0, shift))
+    moved = centroids(out) - centroids(images)
+    assert moved.abs().max() <= 3.0 + 1e-9
+    assert moved.abs().max() > 2.5  # the draws reach near the ends of the range
+    torch.testing.assert_close(out.sum((-1, -2, -3)), images.sum((-1, -2, -3)), rtol=0, atol=1e-9)  # nothing cut off
+
+
+def test_rotations_stay_within_their_range_and_keep_the_ink() -> None:
+    images = torch.zeros(200, 1, 28, 28, dtype=torch.float64)
+    images[..., 13:15, 6:22] = 1.0  # a horizontal bar through the centre
+    out = random_affine(images, torch.Generator().manual_seed(0), AffineRanges(rotation=30.0, shear=0.0, scale=0.0, shift=0.0))
+    torch.testing.assert_close(out.sum((-1, -2, -3)), images.sum((-1, -2, -3)), rtol=0.03, atol=0)
+    # the bar's principal axis, from the second moments of its ink, is the rotation angle
+    rows, cols = torch.meshgrid(torch.arange(28.0, dtype=torch.float64), torch.arange(28.0, dtype=torch.float64), indexing="ij")
+    mass = out.sum((-1, -2, -3))
+    c = centroids(out)
+    dr, dc = rows - c[:, 0, None, None], cols - c[:, 1, None, None]
+    m_rr, m_cc, m_rc = ((out[:, 0] * m).sum((-1, -2)) / mass for m in (dr * dr, dc * dc, dr * dc))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * m_rc, m_cc - m_rr)).abs()
+    assert angle.max() <= 30.0 + 1.0 and angle.max() > 25.0
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(28, 28), torch.zeros(2, 1, 28, 28, dtype=torch.long)])
+def test_bad_images_are_refused(bad: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"random_affine needs floating images \(\.\.\., C, H, W\)"):
+        random_affine(bad, torch.Generator())
