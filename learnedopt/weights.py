@@ -96,6 +96,14 @@ PRESETS: dict[str, Preset] = {
             file="l2l-random.safetensors",
         ),
         Preset(
+            "meta-lstm-adam-mnist",
+            MetaLSTMCell.kind,
+            {},
+            "meta-lstm-adam fine-tuned on the MNIST MLP task (meta-train split) for 150 meta-steps with a "
+            "linearly weighted meta-loss (--loss-weighting linear); model card: learnedopt/pretrained/meta-lstm-adam-mnist.md.",
+            file="meta-lstm-adam-mnist.safetensors",
+        ),
+        Preset(
             "meta-lstm-mnist",
             MetaLSTMCell.kind,
             {},
