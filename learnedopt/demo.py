@@ -45,13 +45,14 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
         "LSTMOptimizer (preset l2l-random, default)": lambda p: LSTMOptimizer(p),
         "LSTMOptimizer (preset l2l-2016, untrained)": lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
-        "MetaLSTMOptimizer (preset meta-lstm-adam, default)": lambda p: MetaLSTMOptimizer(p),
+        "MetaLSTMOptimizer (preset meta-lstm-adam-mnist, default)": lambda p: MetaLSTMOptimizer(p),
+        "MetaLSTMOptimizer (preset meta-lstm-adam, untrained)": lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-adam"),
         "MetaLSTMOptimizer (preset meta-lstm-2017, paper)": lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"),
         "Adam (lr=1e-2)": lambda p: torch.optim.Adam(p, lr=1e-2),
     }
     results = {}
     print(f"Training a 16-64-1 MLP on generated data for {steps} full-batch steps\n")
-    print(f"{'optimizer':50s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
+    print(f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, make in candidates.items():
@@ -59,7 +60,7 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
             losses = train(make, x, y, steps)
             elapsed = time.perf_counter() - start
             results[name] = losses
-            print(f"{name:50s} {losses[0]:9.4f} {losses[steps // 10]:9.4f} {losses[-1]:9.4f} {elapsed:6.2f}s")
+            print(f"{name:56s} {losses[0]:9.4f} {losses[steps // 10]:9.4f} {losses[-1]:9.4f} {elapsed:6.2f}s")
     notes = sorted({str(w.message) for w in caught})
     if notes:
         print("\nWarnings:")

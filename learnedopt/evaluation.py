@@ -406,10 +406,10 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
     LearnedSpec("LSTMOptimizer (l2l-random, default)", LSTMOptimizer, "l2l-random"),
     LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist)", MetaLSTMOptimizer, "meta-lstm-mnist"),
-    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam-mnist)", MetaLSTMOptimizer, "meta-lstm-adam-mnist"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam-mnist, default)", MetaLSTMOptimizer, "meta-lstm-adam-mnist"),
     LearnedSpec("LSTMOptimizer (l2l-2016, untrained)", LSTMOptimizer, "l2l-2016"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained)", MetaLSTMOptimizer, "meta-lstm-2017"),
-    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam, untrained, default)", MetaLSTMOptimizer, "meta-lstm-adam"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam, untrained)", MetaLSTMOptimizer, "meta-lstm-adam"),
 )
 
 

@@ -56,14 +56,23 @@ def test_untrained_presets_warn_loudly(cls, preset) -> None:
             cls([torch.zeros(2, requires_grad=True)])
 
 
-@pytest.mark.parametrize("preset", ["l2l-mnist", "meta-lstm-mnist"])
+@pytest.mark.parametrize("preset", sorted(name for name, p in PRESETS.items() if p.file is not None))
 def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
-    from learnedopt.weights import build_preset
+    from importlib import resources
 
     rule, header = build_preset(preset)
-    assert PRESETS[preset].file is not None
+    card = resources.files("learnedopt.pretrained") / PRESETS[preset].file.replace(".safetensors", ".md")
+    assert card.is_file(), f"{preset} ships without its model card"
     assert header["trained"] is True and header["trained_on"] and header["preset"] == preset
     assert "learnedopt meta-train" in header["command"]
+    assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_defaults_are_trained_presets_and_load_silently(cls, recwarn) -> None:
+    opt = cls([torch.zeros(2, requires_grad=True)])
+    assert opt.weights_header["preset"] == cls.default_preset
+    assert opt.weights_header["trained"] is True
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 

@@ -28,4 +28,4 @@ class MetaLSTMOptimizer(LearnedOptimizer):
     """
 
     rule_kind = MetaLSTMCell.kind
-    default_preset = "meta-lstm-adam"
+    default_preset = "meta-lstm-adam-mnist"
