@@ -200,7 +200,10 @@ def test_horizon_loss_weights() -> None:
     torch.testing.assert_close(horizon_loss_weights("uniform", 4), torch.ones(4))
     linear = horizon_loss_weights("linear", 4)
     torch.testing.assert_close(linear, torch.tensor([0.4, 0.8, 1.2, 1.6]))
-    assert float(horizon_loss_weights("linear", 37).mean()) == pytest.approx(1.0, rel=1e-6)
+    quadratic = horizon_loss_weights("quadratic", 4)
+    torch.testing.assert_close(quadratic, torch.tensor([1.0, 4.0, 9.0, 16.0]) * (4 / 30))
+    for weighting in ("linear", "quadratic"):
+        assert float(horizon_loss_weights(weighting, 37).mean()) == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="weighting must be one of"):
         horizon_loss_weights("final", 4)
 

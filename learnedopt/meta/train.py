@@ -86,8 +86,8 @@ class MetaTrainConfig:
             not trained for one fixed run length; the evaluation episode still runs ``H``.
         loss_weighting: how each step's loss counts in the meta-loss, over the episode's whole
             horizon (:func:`~learnedopt.meta.unroll.horizon_loss_weights`): ``"uniform"`` (the
-            run's mean loss, as in Andrychowicz et al. 2016) or ``"linear"`` (rising weights, for
-            rules judged by their final loss). The logged ``meta_loss`` stays the unweighted mean.
+            run's mean loss, as in Andrychowicz et al. 2016), ``"linear"`` or ``"quadratic"``
+            (weights rising with the step, for rules judged by their final loss). The logged ``meta_loss`` stays the unweighted mean.
         data: MNIST folder for data tasks (None: the default search).
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
@@ -870,7 +870,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss-weighting",
         help=f"lstm: weight of each step's loss in the meta-loss: {', '.join(LOSS_WEIGHTINGS)} "
-        f"(linear: 2t/(H+1) for step t of H, leaning toward the final loss; default {d.loss_weighting})",
+        f"(linear: 2t/(H+1) for step t of H, leaning toward the final loss; quadratic: "
+        f"6t^2/((H+1)(2H+1)), leaning further; default {d.loss_weighting})",
     )
     add_fewshot_arguments(parser)
     parser.add_argument(

@@ -39,7 +39,7 @@ Params = dict[str, Tensor]
 BACKENDS = ("auto", "torch", "triton")
 
 #: Values of :func:`horizon_loss_weights`' ``weighting``.
-LOSS_WEIGHTINGS = ("uniform", "linear")
+LOSS_WEIGHTINGS = ("uniform", "linear", "quadratic")
 
 
 def horizon_loss_weights(weighting: str, horizon: int) -> Tensor:
@@ -48,7 +48,8 @@ def horizon_loss_weights(weighting: str, horizon: int) -> Tensor:
     ``"uniform"``: every ``w_t = 1`` (Andrychowicz et al. 2016: the meta-loss is the mean loss of
     the run). ``"linear"``: ``w_t = 2 t / (H + 1)``, rising from about 0 to about 2, so the
     meta-loss leans toward the end of the run, where a final loss is measured, while every step
-    still counts.
+    still counts. ``"quadratic"``: ``w_t = 6 t^2 / ((H + 1)(2H + 1))``, rising from about 0 to
+    about 3, leaning further toward the end.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -56,7 +57,10 @@ def horizon_loss_weights(weighting: str, horizon: int) -> Tensor:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     if weighting == "uniform":
         return torch.ones(horizon)
-    return torch.arange(1, horizon + 1, dtype=torch.float32) * (2.0 / (horizon + 1))
+    t = torch.arange(1, horizon + 1, dtype=torch.float64)
+    if weighting == "linear":
+        return (t * (2.0 / (horizon + 1))).float()
+    return (t**2 * (6.0 / ((horizon + 1) * (2 * horizon + 1)))).float()
 
 
 @dataclass
