@@ -131,6 +131,27 @@ def test_other_rules_presets_and_module_entry_point(tmp_path: Path) -> None:
     assert "--checkpoint-every" in result.stdout and "--stop-after" not in result.stdout
 
 
+def test_preset_may_be_a_weight_file_and_starts_where_that_preset_does(tmp_path: Path, capsys) -> None:
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    start = tmp_path / "start.safetensors"
+    save_weights(build_preset("l2l-2016")[0], start)
+    assert run(tmp_path / "by_name", "--preset", "l2l-2016", "--meta-steps", "2") == 0
+    assert run(tmp_path / "by_file", "--preset", str(start), "--meta-steps", "2") == 0
+    a = tensors(tmp_path / "by_name" / "weights.safetensors")
+    b = tensors(tmp_path / "by_file" / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert f"--preset {start}" in read_header(tmp_path / "by_file" / "weights.safetensors")["command"]
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a weight file")
+    assert run(tmp_path / "bad", "--preset", str(corrupt), "--meta-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable weight file" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_rule_config_sets_the_architecture_and_is_recorded(tmp_path: Path) -> None:
     arch = '{"momentum_decays": [0.9, 0.99], "rms_decays": [0.999], "hidden_size": 8}'
     out = tmp_path / "rich"
@@ -201,7 +222,8 @@ BAD = [
     (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
     (["--seed", "-1"], "--seed must be a non-negative integer"),
     (["--rule", "SGD"], "unknown rule 'SGD'"),
-    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "nope"], "unknown preset 'nope' and no such weight file"),
+    (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--rule-config", '{"width": 3}'], "--rule-config: unknown CoordinateLSTM config keys: ['width']"),
     (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size and num_layers must be >= 1"),
@@ -254,6 +276,8 @@ def test_linear_loss_weighting_changes_the_training_and_is_recorded(tmp_path: Pa
     assert "--loss-weighting linear" in header["command"]
     assert "--loss-weighting" not in read_header(uniform / "weights.safetensors")["command"]
     assert "linearly weighted mean" in (linear / "MODEL_CARD.md").read_text()
+    assert run(tmp_path / "quadratic", "--meta-steps", "1", "--loss-weighting", "quadratic") == 0
+    assert "quadratically weighted mean" in (tmp_path / "quadratic" / "MODEL_CARD.md").read_text()
 
 
 def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(

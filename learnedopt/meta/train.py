@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RULES, UpdateRule
-from ..weights import PRESETS, build_preset, save_weights
+from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
 from .tasks import TASK_FAMILIES, TaskFamily, generator_for, make_family
@@ -71,7 +71,7 @@ class MetaTrainConfig:
         rule: update rule class to start from its seeded initialisation, or None with ``preset``.
         rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
             [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
-        preset: preset whose weights to start from, or None with ``rule``.
+        preset: preset name or weight file path whose weights to start from, or None with ``rule``.
         unroll: truncation length T (optimizee steps per meta-update).
         horizon: optimizee steps per episode H (>= T).
         meta_batch: tasks per episode B.
@@ -130,9 +130,9 @@ class MetaTrainConfig:
                 RULES[self.rule].from_config_dict(dict(self.rule_config))
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"--rule-config: {err}") from None
-        if self.preset is not None and self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS and not Path(self.preset).is_file():
             raise ConfigError(
-                f"unknown preset {self.preset!r}; choose from {', '.join(sorted(PRESETS))}"
+                f"unknown preset {self.preset!r} and no such weight file; presets: {', '.join(sorted(PRESETS))}"
             )
         for name in ("unroll", "horizon", "meta_batch", "meta_steps"):
             if getattr(self, name) < 1:
@@ -179,11 +179,21 @@ class MetaTrainResult:
     eval: dict[str, float] | None = None
 
 
+#: how the model card names each non-uniform ``loss_weighting``
+_ADVERBS = {"linear": "linearly", "quadratic": "quadratically"}
+
+
 # ----------------------------------------------------------------------------- the loop
 def initial_rule(config: MetaTrainConfig) -> UpdateRule:
-    """The rule a run starts from: a preset's weights, or the class's seeded initialisation."""
-    if config.preset is not None:
+    """The rule a run starts from: a preset's or a weight file's weights, or the class's seeded
+    initialisation."""
+    if config.preset in PRESETS:
         rule, _ = build_preset(config.preset)
+    elif config.preset is not None:
+        try:
+            rule, _ = load_weights(config.preset)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"--preset {config.preset}: not a readable weight file ({err})") from None
     else:
         rule = RULES[config.rule].from_config_dict(dict(config.rule_config or {}))
         rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
@@ -689,7 +699,7 @@ def _write_card(
 One meta-step is one episode: {config.meta_batch} tasks, {f"a number of optimizee steps drawn uniformly from [{config.unroll}, {config.horizon}]" if config.random_horizon else f"{config.horizon} optimizee steps"} in truncations
 of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
 truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
-Meta-loss: {"mean optimizee loss after each update" if config.loss_weighting == "uniform" else f"{config.loss_weighting}ly weighted mean of the optimizee losses after each update (`--loss-weighting {config.loss_weighting}`; the logged `meta_loss` is the unweighted mean)"}."""
+Meta-loss: {"mean optimizee loss after each update" if config.loss_weighting == "uniform" else f"{_ADVERBS[config.loss_weighting]} weighted mean of the optimizee losses after each update (`--loss-weighting {config.loss_weighting}`; the logged `meta_loss` is the unweighted mean)"}."""
     data = f"""Meta-training tasks: {family.describe()}.
 
 Evaluation tasks: {eval_family.describe()}."""
@@ -807,7 +817,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         f"update (default MetaLSTMCell): {', '.join(sorted(RULES))} (default {d.rule})",
     )
     start.add_argument(
-        "--preset", help=f"lstm: start from a preset's weights: {', '.join(sorted(PRESETS))}"
+        "--preset",
+        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's",
     )
     parser.add_argument(
         "--rule-config",
