@@ -83,7 +83,8 @@ PRESETS: dict[str, Preset] = {
             CoordinateLSTM.kind,
             {},
             "l2l-random fine-tuned on the MNIST MLP task (meta-train split) for 300 meta-steps with a "
-            "linearly weighted meta-loss (--loss-weighting linear); model card: learnedopt/pretrained/l2l-mnist.md.",
+            "linearly weighted meta-loss (--loss-weighting linear), then 100 more with a quadratically weighted "
+            "one (--loss-weighting quadratic); model card: learnedopt/pretrained/l2l-mnist.md.",
             file="l2l-mnist.safetensors",
         ),
         Preset(
