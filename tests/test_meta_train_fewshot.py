@@ -4,6 +4,7 @@ resume, Omniglot on a generated zip, configuration errors."""
 from __future__ import annotations
 
 import json
+import shlex
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from test_data_omniglot import glyph_mask, png_bytes
 from learnedopt.cli import main
 from learnedopt.data import load_omniglot
 from learnedopt.meta.fewshot import MODEL_NAME, OmniglotSource, inner_minibatches, load_learner
+from learnedopt.nn import MetaLSTMCell
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -45,6 +47,7 @@ def make_omniglot_zip(folder: Path, alphabets: int = 8, characters: int = 3, dra
     return folder
 
 
+RULE_CONFIG = '{"input_bias_init": [-0.5, -0.3], "forget_bias_init": [9, 10]}'  # starts at step ~0.4
 SINE_TINY = ["--meta-batch", "2", "--val-tasks", "2", "--checkpoint-every", "2"]
 
 
@@ -78,8 +81,9 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
         ["--algo", "reptile", "--meta-batch", "2"],
         ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule", "CoordinateLSTM", "--inner-steps", "2", "--test-inner-steps", "2"],
+        ["--algo", "meta-lstm", "--rule-config", RULE_CONFIG, "--inner-steps", "2", "--test-inner-steps", "2"],
     ],
-    ids=["maml-metasgd", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm"],
+    ids=["maml-metasgd", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
     args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
@@ -102,6 +106,17 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
         learner, _ = load_learner(whole / MODEL_NAME)
         assert type(learner.rule).__name__ == "CoordinateLSTM"
         assert all(torch.equal(v, a[k]) for k, v in learner.tensors().items())
+    if "--rule-config" in algo_args:  # the file, its command and the rebuilt rule carry the config
+        assert ha["rule"]["config"]["input_bias_init"] == [-0.5, -0.3]
+        assert ha["rule"]["config"]["forget_bias_init"] == [9, 10]
+        words = shlex.split(ha["command"])
+        assert json.loads(words[words.index("--rule-config") + 1]) == json.loads(RULE_CONFIG)
+        learner, _ = load_learner(whole / MODEL_NAME)
+        assert learner.rule.config.input_bias_init == (-0.5, -0.3)
+        untrained = MetaLSTMCell.from_config_dict(json.loads(RULE_CONFIG))
+        untrained.reset_parameters(generator=torch.Generator().manual_seed(0))
+        forget_bias, input_bias = untrained.bias_fi.detach().tolist()
+        assert -0.5 <= input_bias <= -0.3 and 9 <= forget_bias <= 10
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +175,9 @@ BAD = [
     (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),
     (["--algo", "maml", "--rule", "CoordinateLSTM"], "--rule does not apply to --algo maml"),
     (["--algo", "meta-lstm", "--rule", "SGD"], "unknown rule 'SGD'"),
+    (["--algo", "maml", "--rule-config", "{}"], "--rule-config does not apply to --algo maml"),
+    (["--algo", "meta-lstm", "--rule-config", '{"nope": 1}'], "--rule-config: unknown MetaLSTMCell config keys: ['nope']"),
+    (["--algo", "meta-lstm", "--rule-config", '{"input_bias_init": [1, 0]}'], "--rule-config: input_bias_init must be a range"),
     (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
     (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),

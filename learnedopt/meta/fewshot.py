@@ -136,6 +136,9 @@ class FewShotConfig:
         data: folder of the Omniglot zips (None: the default search).
         rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
             ``MetaLSTMCell``); None for the other algorithms.
+        rule_config: meta-lstm: the rule's config fields that differ from its class's defaults,
+            e.g. ``{"input_bias_init": [-0.5, -0.3]}`` to start from a larger step (None: the
+            paper's); None for the other algorithms.
         train_shots: support examples per class of the meta-training tasks (None: ``shots``);
             validation and evaluation use ``shots``.
         inner_batch: Reptile's examples per inner step, drawn from the support set without
@@ -169,6 +172,7 @@ class FewShotConfig:
     device: str = "cpu"
     same_rotation: bool = False
     augment: bool = False
+    rule_config: dict[str, Any] | None = None
 
     RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
@@ -196,6 +200,13 @@ class FewShotConfig:
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.rule_config is not None:
+            if self.algo != "meta-lstm":
+                raise ConfigError(f"--rule-config sets the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
+            try:
+                RULES[self.rule or MetaLSTMCell.kind].from_config_dict(dict(self.rule_config))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"--rule-config: {err}") from None
         for name in ("meta_lr", "inner_lr", "clip"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -249,7 +260,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     """The few-shot configuration of parsed ``meta-train`` arguments; refuses options that do not
     apply to the chosen algorithm or task."""
     algo = args.algo
-    own = ("rule",) if algo == "meta-lstm" else ()
+    own = ("rule", "rule_config") if algo == "meta-lstm" else ()
     refuse_options(args, [n for n in LSTM_ONLY if n not in own], f"--algo {algo}", "--algo lstm")
     task = args.task or "sinusoid"
     if task not in FEWSHOT_TASKS:
@@ -269,9 +280,10 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         {k: getattr(args, k) for k in (*FEWSHOT_ONLY, "meta_batch", "meta_steps", "meta_lr", "clip")
          if getattr(args, k) is not None}
     )  # fmt: skip
-    rule = getattr(args, "rule", None) if algo == "meta-lstm" else None
+    rule, rule_config = (args.rule, args.rule_config) if algo == "meta-lstm" else (None, None)
     device = args.device or FewShotConfig.device
-    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, device=device, **values)
+    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config,
+                         device=device, **values)  # fmt: skip
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,7 +315,8 @@ def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkp
     for key, value in config.to_dict().items():
         if value is None or value is False or (key == "device" and value == FewShotConfig.device):
             continue
-        words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+        words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [text])
     words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
     return shlex.join(words)
 
@@ -352,16 +365,16 @@ class LearnerSpec:
             inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr,
             inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
-            rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind]) if config.algo == "meta-lstm" else None,
+            rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config) if config.algo == "meta-lstm" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _rule_spec(rule_class: type[UpdateRule]) -> dict[str, Any]:
-    """``{"kind", "config"}`` of a rule class's default architecture."""
-    return {"kind": rule_class.kind, "config": rule_class().config_dict()}
+def _rule_spec(rule_class: type[UpdateRule], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"kind", "config"}`` of a rule class's architecture: its defaults with ``overrides``."""
+    return {"kind": rule_class.kind, "config": rule_class.from_config_dict(dict(overrides or {})).config_dict()}
 
 
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:

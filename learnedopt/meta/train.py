@@ -824,7 +824,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--rule-config",
         type=_json_object,
         metavar="JSON",
-        help="lstm: architecture of --rule as a JSON object of its config fields, e.g. "
+        help="lstm, meta-lstm: architecture of --rule as a JSON object of its config fields, e.g. "
         "'{\"momentum_decays\": [0.9, 0.99], \"rms_decays\": [0.999]}' (default: the class's)",
     )
     parser.add_argument(
