@@ -67,6 +67,7 @@ from .train import (
     CARD_NAME,
     LSTM_ONLY,
     ConfigError,
+    check_rule_config,
     check_run,
     clip_meta_gradient_,
     last_record,
@@ -203,10 +204,7 @@ class FewShotConfig:
         if self.rule_config is not None:
             if self.algo != "meta-lstm":
                 raise ConfigError(f"--rule-config sets the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
-            try:
-                RULES[self.rule or MetaLSTMCell.kind].from_config_dict(dict(self.rule_config))
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"--rule-config: {err}") from None
+            check_rule_config(self.rule or MetaLSTMCell.kind, self.rule_config)
         for name in ("meta_lr", "inner_lr", "clip"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

@@ -126,10 +126,7 @@ class MetaTrainConfig:
         if self.rule_config is not None:
             if self.rule is None:
                 raise ConfigError("--rule-config sets the architecture of --rule; a --preset has its own")
-            try:
-                RULES[self.rule].from_config_dict(dict(self.rule_config))
-            except (TypeError, ValueError) as err:
-                raise ConfigError(f"--rule-config: {err}") from None
+            check_rule_config(self.rule, self.rule_config)
         if self.preset is not None and self.preset not in PRESETS and not Path(self.preset).is_file():
             raise ConfigError(
                 f"unknown preset {self.preset!r} and no such weight file; presets: {', '.join(sorted(PRESETS))}"
@@ -420,6 +417,14 @@ class Trainer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``."""
+    try:
+        RULES[rule].from_config_dict(dict(rule_config))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--rule-config: {err}") from None
 
 
 def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:
