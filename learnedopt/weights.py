@@ -82,7 +82,8 @@ PRESETS: dict[str, Preset] = {
             "l2l-mnist",
             CoordinateLSTM.kind,
             {},
-            "l2l-random fine-tuned on the MNIST MLP task (meta-train split) for 300 meta-steps with a "
+            "The previous l2l-random (benchmarks/results/l2l_random_quadratic/l2l-random-previous.safetensors) "
+            "fine-tuned on the MNIST MLP task (meta-train split) for 300 meta-steps with a "
             "linearly weighted meta-loss (--loss-weighting linear), then 100 more with a quadratically weighted "
             "one (--loss-weighting quadratic); model card: learnedopt/pretrained/l2l-mnist.md.",
             file="l2l-mnist.safetensors",
@@ -92,7 +93,8 @@ PRESETS: dict[str, Preset] = {
             CoordinateLSTM.kind,
             {},
             "CoordinateLSTM with momentum (decays 0.5, 0.9, 0.99) and RMS-normalised gradient (0.99, 0.999) "
-            "inputs, meta-trained on the randomised MLP family mlp-random (MNIST meta-train split); "
+            "inputs, meta-trained on the randomised MLP family mlp-random (MNIST meta-train split) for 200 "
+            "meta-steps, then 80 more with a quadratically weighted meta-loss (--loss-weighting quadratic); "
             "model card: learnedopt/pretrained/l2l-random.md.",
             file="l2l-random.safetensors",
         ),
