@@ -14,10 +14,13 @@ from learnedopt.meta import MNIST_SPLIT, MNIST_SPLIT_SEED, TaskBatch, num_coordi
 from learnedopt.meta.tasks import (
     META_TRAIN_ACTIVATIONS,
     TASK_FAMILIES,
+    MixtureFamily,
     MLPArchitecture,
+    QuadraticBatch,
     RandomMLPBatch,
     RandomMLPFamily,
     generator_for,
+    is_task_family,
     make_family,
 )
 
@@ -240,3 +243,61 @@ def test_evaluation_suite_has_a_held_out_family_member(tmp_path) -> None:
     first = model[0].weight
     assert first.abs().max() <= 0.7 / 28 and first.abs().max() > 0.6 / 28
     assert torch.isfinite(problem.loss(model, 0, 0))
+
+
+def test_mixture_draws_whole_batches_from_each_member_reproducibly(tmp_path) -> None:
+    root = write_fake_mnist(tmp_path / "mnist", n=50)
+    mix = make_family("mlp-random+quadratic", data=root)
+    assert isinstance(mix, MixtureFamily) and mix.name == "mlp-random+quadratic"
+    assert [m.name for m in mix.members] == ["mlp-random", "quadratic"]
+    kinds = []
+    for seed in range(12):
+        batch = mix.sample_batch(3, generator_for(seed))
+        assert isinstance(batch, (RandomMLPBatch, QuadraticBatch)) and len(batch) == 3
+        kinds.append(type(batch))
+        again = mix.sample_batch(3, generator_for(seed))
+        pa, pb = batch.init_params(generator_for(1)), again.init_params(generator_for(1))
+        assert type(again) is type(batch) and all(torch.equal(pa[k], pb[k]) for k in pa)
+        assert torch.equal(batch.loss(pa, 0), again.loss(pb, 0))
+    assert set(kinds) == {RandomMLPBatch, QuadraticBatch}  # 12 fair draws: each member appears
+    text = mix.describe()
+    assert "(1, drawn with probability 1/2) mlp-random" in text and "(2, drawn with probability 1/2) quadratic" in text
+    assert "'meta_train' part" in text
+    # the members follow the mixture to a device and read the requested data part
+    assert mix.to("cpu").members[0].device == torch.device("cpu")
+    valid = make_family("mlp-random+quadratic", data=root, split="meta_valid")
+    assert "'meta_valid' part" in valid.describe()
+
+
+def test_weighted_mixture_draws_members_in_proportion(tmp_path) -> None:
+    root = write_fake_mnist(tmp_path / "mnist", n=50)
+    mix = make_family("mlp-random:3+quadratic", data=root)
+    assert mix.name == "mlp-random:3+quadratic" and mix.weights == [3, 1]
+    assert "probability 3/4) mlp-random" in mix.describe() and "probability 1/4) quadratic" in mix.describe()
+    draws = [type(mix.sample_batch(1, generator_for(seed))) for seed in range(400)]
+    share = draws.count(RandomMLPBatch) / len(draws)
+    assert 0.68 < share < 0.82, share  # 3/4, with 400 draws' binomial spread (sd 0.022)
+    # an equal mixture draws exactly as before weights existed: one randint over the members
+    equal = make_family("mlp-random+quadratic", data=root)
+    for seed in range(20):
+        index = int(torch.randint(2, (), generator=generator_for(seed)))
+        expected = (RandomMLPBatch, QuadraticBatch)[index]
+        assert type(equal.sample_batch(1, generator_for(seed))) is expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["quadratic+quadratic", "quadratic+cubic", "quadratic+", "mlp-random:0+quadratic", "mlp-random:x+quadratic",
+     "mlp-random:3"],
+)
+def test_bad_mixtures_are_refused(name) -> None:
+    with pytest.raises(ValueError, match="unknown task"):
+        make_family(name)
+    assert not is_task_family(name)
+
+
+def test_bad_mixture_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least two families"):
+        MixtureFamily([make_family("quadratic")])
+    with pytest.raises(ValueError, match="a positive integer weight per member, got \\[1, 0\\]"):
+        MixtureFamily([make_family("quadratic"), make_family("quadratic")], [1, 0])

@@ -209,6 +209,8 @@ def test_mnist_mlp_on_fake_data(tmp_path: Path) -> None:
 
 BAD = [
     (["--task", "cubic"], "unknown task 'cubic'"),
+    (["--task", "quadratic+quadratic"], "or a mixture of them joined by '+'"),
+    (["--task", "quadratic:0+mnist-mlp"], "unknown task 'quadratic:0+mnist-mlp'"),
     (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),
     (["--task", "mnist-mlp", "--data", "{tmp}/no-such-dir"], "no-such-dir"),
     (["--unroll", "0"], "--unroll must be a positive integer, got 0"),
@@ -306,3 +308,26 @@ def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
     w.grad = torch.tensor([1.0, float("nan"), 0.0])
     with pytest.raises(FloatingPointError, match="meta-gradient norm is nan"):
         clip_meta_gradient_([w], None)
+
+
+def test_a_mixture_trains_resumes_exactly_and_describes_its_members(tmp_path: Path) -> None:
+    data = write_fake_mnist(tmp_path / "mnist", n=60)
+    args = ["--task", "mlp-random+quadratic", "--data", str(data), "--meta-steps", "6"]
+    args += ["--meta-batch", "2", "--checkpoint-every", "2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    untimed = [
+        [{k: v for k, v in r.items() if k not in MACHINE_FIELDS} for r in log_lines(d)]
+        for d in (whole, broken)
+    ]
+    assert untimed[0] == untimed[1]
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = (whole / "MODEL_CARD.md").read_text()
+    assert "mixture mlp-random+quadratic" in card and "||W theta - y||^2" in card
+    assert "the draw's tasks all come from one member" in card
+    # both members were drawn: a quadratic's loss is in the tens, a 10-class classifier's near ln 10
+    losses = [r["meta_loss"] for r in log_lines(whole)]
+    assert min(losses) < 3.0 < max(losses), losses

@@ -640,7 +640,86 @@ class RandomMLPFamily(ExampleFamily):
         )
 
 
+# ----------------------------------------------------------------------------- mixtures
+class MixtureFamily(TaskFamily):
+    """Several families, one per meta-batch: each :meth:`sample_batch` first draws a member from
+    ``generator``, with probability proportional to its weight, and then the whole batch from that
+    member (a batch is unrolled as one stack of parameters, so its tasks must share their shapes).
+    ``--task a+b`` names an equal mixture, ``--task a:3+b`` one that draws ``a`` three times as
+    often as ``b``.
+
+    Loss scales differ across members (a quadratic's loss is in the tens, a classifier's below
+    one); meta-gradient clipping bounds each meta-step whatever the member.
+
+    Args:
+        members: two or more families.
+        weights: a positive integer per member (default 1 each).
+    """
+
+    def __init__(self, members: Sequence[TaskFamily], weights: Sequence[int] | None = None) -> None:
+        if len(members) < 2:
+            raise ValueError(f"a mixture needs at least two families, got {len(members)}")
+        weights = [1] * len(members) if weights is None else list(weights)
+        if len(weights) != len(members) or any(not isinstance(w, int) or w < 1 for w in weights):
+            raise ValueError(f"a mixture needs a positive integer weight per member, got {weights}")
+        self.members, self.weights = list(members), weights
+        self.name = MIXTURE_SEPARATOR.join(
+            m.name if w == 1 else f"{m.name}{WEIGHT_SEPARATOR}{w}" for m, w in zip(self.members, weights)
+        )
+
+    def to(self, device: torch.device | str) -> MixtureFamily:
+        for member in self.members:
+            member.to(device)
+        return super().to(device)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        return self._draw(generator).sample(generator)
+
+    def sample_batch(self, size: int, generator: torch.Generator) -> TaskBatch:
+        return self._draw(generator).sample_batch(size, generator)
+
+    def _draw(self, generator: torch.Generator) -> TaskFamily:
+        ticket = int(torch.randint(sum(self.weights), (), generator=generator))
+        for member, weight in zip(self.members, self.weights):
+            if ticket < weight:
+                return member
+            ticket -= weight
+        raise AssertionError("unreachable: the ticket is below the total weight")
+
+    def describe(self) -> str:
+        total = sum(self.weights)
+        parts = "; ".join(
+            f"({i + 1}, drawn with probability {w}/{total}) {m.describe()}"
+            for i, (m, w) in enumerate(zip(self.members, self.weights))
+        )
+        return f"mixture {self.name}: each meta-batch is drawn whole from one member: {parts}"
+
+
 TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random")
+#: joins family names into a mixture's name, e.g. ``mlp-random+quadratic``
+MIXTURE_SEPARATOR = "+"
+#: gives a mixture member a weight, e.g. ``mlp-random:3+quadratic``
+WEIGHT_SEPARATOR = ":"
+
+
+def parse_mixture(name: str) -> list[tuple[str, int]] | None:
+    """``(family, weight)`` per member of a mixture name such as ``mlp-random:3+quadratic``; None
+    when ``name`` is not a valid mixture (a single family is not one)."""
+    members = []
+    for part in name.split(MIXTURE_SEPARATOR):
+        family, _, weight = part.partition(WEIGHT_SEPARATOR)
+        if family not in TASK_FAMILIES or (weight and not (weight.isdigit() and int(weight) >= 1)):
+            return None
+        members.append((family, int(weight) if weight else 1))
+    if len(members) < 2 or len({f for f, _ in members}) != len(members):
+        return None
+    return members
+
+
+def is_task_family(name: str) -> bool:
+    """Whether ``name`` is one of :data:`TASK_FAMILIES` or a mixture of distinct ones (``a+b``,
+    ``a:3+b``)."""
+    return name in TASK_FAMILIES or parse_mixture(name) is not None
 
 
 def make_family(
@@ -650,10 +729,24 @@ def make_family(
     split: str = "meta_train",
     dtype: torch.dtype = torch.float32,
 ) -> TaskFamily:
-    """The task family called ``name`` (one of :data:`TASK_FAMILIES`).
+    """The task family called ``name``: one of :data:`TASK_FAMILIES`, or several joined by ``+``
+    for a :class:`MixtureFamily` (e.g. ``mlp-random+quadratic``, or ``mlp-random:3+quadratic`` to
+    draw ``mlp-random`` three times as often).
 
     ``split`` chooses the data part of data-backed families (see :data:`MNIST_SPLIT`).
     """
+    if MIXTURE_SEPARATOR in name:
+        members = parse_mixture(name)
+        if members is None:
+            raise ValueError(
+                f"unknown task {name!r}: a mixture joins distinct families of "
+                f"{', '.join(TASK_FAMILIES)} with {MIXTURE_SEPARATOR!r}, each optionally "
+                f"weighted by a positive integer ({WEIGHT_SEPARATOR!r}, e.g. mlp-random:3+quadratic)"
+            )
+        return MixtureFamily(
+            [make_family(f, data=data, split=split, dtype=dtype) for f, _ in members],
+            [w for _, w in members],
+        )
     if name == "quadratic":
         return QuadraticFamily(dtype=dtype)
     if name == "mnist-mlp":

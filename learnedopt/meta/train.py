@@ -45,7 +45,7 @@ from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
-from .tasks import TASK_FAMILIES, TaskFamily, generator_for, make_family
+from .tasks import MIXTURE_SEPARATOR, TASK_FAMILIES, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
 CHECKPOINT_FORMAT = 1
@@ -67,7 +67,8 @@ class MetaTrainConfig:
     """Everything that determines a meta-training run's results.
 
     Attributes:
-        task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`).
+        task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`, or a mixture of
+            them joined by ``+``: :class:`~learnedopt.meta.tasks.MixtureFamily`).
         rule: update rule class to start from its seeded initialisation, or None with ``preset``.
         rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
             [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
@@ -117,8 +118,12 @@ class MetaTrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
-        if self.task not in TASK_FAMILIES:
-            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)}")
+        if not is_task_family(self.task):
+            raise ConfigError(
+                f"unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)} "
+                f"or a mixture of them joined by {MIXTURE_SEPARATOR!r} (e.g. mlp-random+quadratic, "
+                "or mlp-random:3+quadratic to draw mlp-random three times as often)"
+            )
         if (self.rule is None) == (self.preset is None):
             raise ConfigError("give exactly one of --rule and --preset")
         if self.rule is not None and self.rule not in RULES:
@@ -689,6 +694,12 @@ class _Progress:
             self.bar.close()
 
 
+_MIXTURE_EVAL_NOTE = (
+    " (from a mixture, the draw's tasks all come from one member, and its losses are on that "
+    "member's scale)"
+)
+
+
 def _write_card(
     path: Path,
     config: MetaTrainConfig,
@@ -715,7 +726,7 @@ Evaluation tasks: {eval_family.describe()}."""
 | evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
 
 The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
-run for {config.horizon} steps without meta-updates. Per-step metrics are in `{LOG_NAME}`."""
+run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`."""
     text = model_card(f"Meta-trained {rule.kind}", processes_note(processes), command, config.to_dict(), details, data, metrics)
     write_text_atomic(path, text)
 
@@ -834,7 +845,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        help=f"task family: for lstm {', '.join(TASK_FAMILIES)} (default {d.task}); "
+        help=f"task family: for lstm {', '.join(TASK_FAMILIES)}, or a mixture such as "
+        "mlp-random+quadratic (each meta-batch from one member, drawn uniformly; "
+        f"mlp-random:3+quadratic draws mlp-random three times as often; default {d.task}); "
         "for the few-shot algos sinusoid or omniglot (default sinusoid)",
     )
     parser.add_argument(

@@ -1,0 +1,85 @@
+"""The README's summary table of the held-out suite, printed from one ``optimizee_eval.json``.
+
+Each cell is ``mean final loss / mean loss over the run`` over the evaluation seeds; a value is
+bold when it is below the same value of every tuned baseline. Columns are the JSON's learned
+optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
+
+    python benchmarks/readme_table.py benchmarks/results/optimizee_eval.json \\
+        "LSTMOptimizer (l2l-random, default)=\\`l2l-random\\` (trained, default)" ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: row names of the suite's problems, in the README's order
+PROBLEM_NAMES: dict[str, str] = {
+    "mnist-mlp-100": "MNIST MLP, 100 steps",
+    "mnist-mlp-200": "MNIST MLP, 200 steps",
+    "mnist-mlp-1000": "MNIST MLP, 1000 steps",
+    "mnist-mlp-40": "40 hidden units",
+    "mnist-mlp-20-20": "two hidden layers",
+    "mnist-mlp-relu": "ReLU",
+    "mnist-conv": "conv net",
+    "quadratic-20": "quadratic, 20-dim (never seen)",
+    "synthetic-mlp": "synthetic-data MLP (never seen)",
+    "mlp-random-held-out": "`mlp-random` member with ELU (never seen)",
+}
+
+
+def fmt(x: float) -> str:
+    """Three significant digits; two in exponent form for large or tiny values."""
+    return f"{x:.2g}" if abs(x) >= 1e4 or (x != 0 and abs(x) < 1e-4) else f"{x:.3g}"
+
+
+def cell(result: Mapping[str, Any], best_final: float, best_mean: float) -> str:
+    final, mean = result["final_mean"], result["mean_loss"]
+    a = f"**{fmt(final)}**" if final < best_final else fmt(final)
+    b = f"**{fmt(mean)}**" if mean < best_mean else fmt(mean)
+    return f"{a} / {b}"
+
+
+def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table: one row per problem of ``report`` (the suite's JSON), one column per
+    ``(label, header)`` of ``columns``."""
+    head = ["problem", "best tuned baseline (lr)", "Adam (tuned)", *(h for _, h in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, problem in report["problems"].items():
+        results = problem["results"]
+        baselines = {k: v for k, v in results.items() if v["kind"] == "baseline"}
+        best = min(baselines, key=lambda k: baselines[k]["final_mean"])
+        best_final = min(v["final_mean"] for v in baselines.values())
+        best_mean = min(v["mean_loss"] for v in baselines.values())
+        b, adam = baselines[best], baselines["Adam"]
+        row = [
+            PROBLEM_NAMES.get(key, key),
+            f"{best} {fmt(b['final_mean'])} / {fmt(b['mean_loss'])} ({fmt(b['lr'])})",
+            f"{fmt(adam['final_mean'])} / {fmt(adam['mean_loss'])}",
+            *(cell(results[label], best_final, best_mean) for label, _ in columns),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", help="an optimizee_eval.json")
+    parser.add_argument("columns", nargs="+", metavar="LABEL=HEADER")
+    args = parser.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    columns = [tuple(c.split("=", 1)) for c in args.columns]
+    labels = set(report["learned"])
+    unknown = [label for label, *_ in columns if label not in labels]
+    if unknown or any(len(c) != 2 for c in columns):
+        parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
+    print(table(report, columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
