@@ -6,8 +6,9 @@ on all coordinates of all tasks of a meta-batch, and under autograd its LSTM ste
 ``torch.compile``). The baseline is the straightforward way: the same unroll, but the rule runs
 separately on every parameter tensor of every task, its LSTM as ``torch.nn.LSTM`` with autograd
 through it. A third row, all coordinates at once through ``torch.nn.LSTM``, separates the gain of
-batching from the gain of the LSTM step. All three compute the same meta-gradient (checked
-here); the script times one truncation (forward unroll of T steps + backward) of each, in one
+batching from the gain of the LSTM step, and a fourth runs the library's step with its
+pointwise functions compiled for symbolic shapes from the first call (what the library did before
+it kept the first call's shapes constant). All compute the same meta-gradient (checked here); the script times one truncation (forward unroll of T steps + backward) of each, in one
 run, after one untimed warm-up truncation each (which also compiles).
 
     python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
@@ -31,6 +32,7 @@ from common import write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, State, UpdateRule, coordinate_lstm, meta_lstm  # noqa: E402
+from learnedopt.nn import lstm_step  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
 
 
@@ -52,6 +54,32 @@ def torch_lstm():
     finally:
         for m, original in zip(modules, originals, strict=True):
             m.lstm_one_step = original
+
+
+def _forward_symbolic(*args):
+    return lstm_step.cell_forward(*args)
+
+
+def _backward_symbolic(*args):
+    return lstm_step.cell_backward(*args)
+
+
+# Own functions, not cell_forward itself: Dynamo keeps compiled code per code object, and the
+# library's constant-shape call would otherwise find this symbolic code in the same cache.
+_SYMBOLIC = (lstm_step._Compiled(_forward_symbolic, dynamic=True), lstm_step._Compiled(_backward_symbolic, dynamic=True))
+
+
+@contextlib.contextmanager
+def symbolic_shapes():
+    """Within: the LSTM step's pointwise functions run compiled with the batch size symbolic from
+    the first call (``dynamic=True``: what the library did before it kept the first call's shapes
+    constant)."""
+    originals = lstm_step._cell_forward, lstm_step._cell_backward
+    lstm_step._cell_forward, lstm_step._cell_backward = _SYMBOLIC
+    try:
+        yield
+    finally:
+        lstm_step._cell_forward, lstm_step._cell_backward = originals
 
 
 class PerTensorRule(UpdateRule):
@@ -110,6 +138,7 @@ def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, fl
 
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
+    "batched-symbolic": "batched unroll, `lstm_step` compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
     "per-tensor": "per-tensor rule calls, `torch.nn.LSTM` (baseline)",
 }
@@ -133,7 +162,10 @@ def main() -> None:
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
-    runs = {"batched": (rule, contextlib.nullcontext), "batched-nn-lstm": (rule, torch_lstm)}
+    runs = {"batched": (rule, contextlib.nullcontext)}
+    if compile_enabled():
+        runs["batched-symbolic"] = (rule, symbolic_shapes)
+    runs["batched-nn-lstm"] = (rule, torch_lstm)
     if not rule.needs_loss:
         runs["per-tensor"] = (PerTensorRule(rule, sizes), torch_lstm)
     baseline = "per-tensor" if "per-tensor" in runs else "batched-nn-lstm"

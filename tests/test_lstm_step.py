@@ -57,6 +57,36 @@ def test_matches_torch_lstm_values_and_gradients(
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
+    """The step's pointwise functions compile with constant shapes first and symbolic ones after a
+    shape change; a resumed run may use the other variant for the same shape than the run it
+    continues, so exact resume needs the two to agree to the bit."""
+    g = torch.Generator().manual_seed(1)
+    n, hidden = 1031, 20
+    gates, c = torch.randn(n, 4 * hidden, generator=g), torch.randn(n, hidden, generator=g)
+    grad_h, grad_c = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
+    results = []
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        forward = torch.compile(lstm_step_module.cell_forward, dynamic=dynamic)
+        backward = torch.compile(lstm_step_module.cell_backward, dynamic=dynamic)
+        activations, c_new, h_new, tanh_c = forward(gates, c)
+        results.append((activations, c_new, h_new, tanh_c, *backward(activations, c, tanh_c, grad_h, grad_c)))
+    torch._dynamo.reset()
+    for constant, symbolic in zip(*results, strict=True):
+        assert torch.equal(constant, symbolic)
+
+
+def test_a_new_batch_size_recompiles_and_still_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    for n in (64, 101, 7):
+        lstm, x, h, c = _inputs(torch.float32, n=n, inputs=2, hidden=20)
+        values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
+        ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
+        for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck() -> None:
     lstm, x, h, c = _inputs(torch.float64, n=4, inputs=2, hidden=3)
     weights = [p.detach().clone().requires_grad_() for p in lstm.parameters()]

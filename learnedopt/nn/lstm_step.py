@@ -72,11 +72,19 @@ def compile_enabled() -> bool:
 
 
 class _Compiled:
-    """``fn`` compiled on first use (shapes dynamic), or ``fn`` itself when compiling is off or
-    fails."""
+    """``fn`` compiled on first use, or ``fn`` itself when compiling is off or fails.
 
-    def __init__(self, fn: Callable[..., tuple[Tensor, ...]]) -> None:
+    ``dynamic`` is ``torch.compile``'s. The default (``None``) compiles the first call's shapes
+    as constants and recompiles once, with the batch size symbolic, when another shape comes. A
+    run whose coordinate count never changes (one task family of fixed architecture) keeps the
+    constant-shape code, which Inductor runs faster on CPU and which gives the same bits as the
+    symbolic-shape code (``benchmarks/meta_train_throughput.py`` times both; a test checks the
+    bits).
+    """
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], dynamic: bool | None = None) -> None:
         self.fn = fn
+        self.dynamic = dynamic
         self.compiled: Callable[..., tuple[Tensor, ...]] | None = None
         self.failed = False
 
@@ -84,7 +92,7 @@ class _Compiled:
         if self.failed or not compile_enabled():
             return self.fn(*args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
+            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
