@@ -373,8 +373,14 @@ def _table_rows(rows: list[dict]) -> list[str]:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
+    def method(row: dict) -> str:
+        rule = (row.get("config") or {}).get("rule")
+        if row["method"] == "meta-lstm" and rule not in (None, "MetaLSTMCell"):
+            return f"learned init + learned update ({rule}, `--algo meta-lstm --rule {rule}`)"
+        return METHOD_NAMES[row["method"]]
+
     return [
-        f"| {METHOD_NAMES[r['method']]} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
+        f"| {method(r)} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
         f"{number(r['seconds_per_meta_step'], '.2f')} | {number(r['peak_rss_mb'], '.0f')} |"
         for r in rows
         for setting, acc in r["accuracy"].items()
