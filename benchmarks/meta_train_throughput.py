@@ -8,8 +8,9 @@ separately on every parameter tensor of every task, its LSTM as ``torch.nn.LSTM`
 through it. A third row, all coordinates at once through ``torch.nn.LSTM``, separates the gain of
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
-it kept the first call's shapes constant). All compute the same meta-gradient (checked here); the script times one truncation (forward unroll of T steps + backward) of each, in one
-run, after one untimed warm-up truncation each (which also compiles).
+it kept the first call's shapes constant). All compute the same meta-gradient (checked here);
+the script times one truncation (forward unroll of T steps + backward) of each, in one run,
+after one untimed warm-up truncation each (which also compiles).
 
     python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
 
@@ -66,7 +67,10 @@ def _backward_symbolic(*args):
 
 # Own functions, not cell_forward itself: Dynamo keeps compiled code per code object, and the
 # library's constant-shape call would otherwise find this symbolic code in the same cache.
-_SYMBOLIC = (lstm_step._Compiled(_forward_symbolic, dynamic=True), lstm_step._Compiled(_backward_symbolic, dynamic=True))
+_SYMBOLIC = (
+    lstm_step._Compiled(_forward_symbolic, dynamic=True),
+    lstm_step._Compiled(_backward_symbolic, dynamic=True),
+)
 
 
 @contextlib.contextmanager

@@ -59,8 +59,8 @@ def test_matches_torch_lstm_values_and_gradients(
 
 def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     """The step's pointwise functions compile with constant shapes first and symbolic ones after a
-    shape change; a resumed run may use the other variant for the same shape than the run it
-    continues, so exact resume needs the two to agree to the bit."""
+    shape change. A resumed run may compute a shape with the other variant than the run it
+    continues did, so exact resume needs the two to agree to the bit."""
     g = torch.Generator().manual_seed(1)
     n, hidden = 1031, 20
     gates, c = torch.randn(n, 4 * hidden, generator=g), torch.randn(n, hidden, generator=g)

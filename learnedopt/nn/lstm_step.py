@@ -10,7 +10,7 @@ gradient: one pointwise function (:func:`cell_backward`) plus three BLAS product
 
 The two pointwise functions are compiled with ``torch.compile`` (one fused loop each instead of
 about fifteen passes over memory) the first time they run, which takes seconds once per process
-and dtype; set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
+and dtype, and once more when the batch size first changes (see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
 compiler, an unsupported platform) they run eagerly, with one warning. Both ways compute the
 same math as ``torch.nn.LSTM`` (torch's gate order ``i, f, g, o``), equal to rounding.
 
