@@ -700,6 +700,12 @@ TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random")
 MIXTURE_SEPARATOR = "+"
 #: gives a mixture member a weight, e.g. ``mlp-random:3+quadratic``
 WEIGHT_SEPARATOR = ":"
+#: the task names a family can have, for error messages
+TASK_NAME_SYNTAX = (
+    f"{', '.join(TASK_FAMILIES)} or a mixture of them joined by {MIXTURE_SEPARATOR!r} (distinct families, "
+    f"each optionally weighted by a positive integer after {WEIGHT_SEPARATOR!r}: mlp-random+quadratic, or "
+    "mlp-random:3+quadratic to draw mlp-random three times as often)"
+)
 
 
 def parse_mixture(name: str) -> list[tuple[str, int]] | None:
@@ -738,11 +744,7 @@ def make_family(
     if MIXTURE_SEPARATOR in name:
         members = parse_mixture(name)
         if members is None:
-            raise ValueError(
-                f"unknown task {name!r}: a mixture joins distinct families of "
-                f"{', '.join(TASK_FAMILIES)} with {MIXTURE_SEPARATOR!r}, each optionally "
-                f"weighted by a positive integer ({WEIGHT_SEPARATOR!r}, e.g. mlp-random:3+quadratic)"
-            )
+            raise ValueError(f"unknown task {name!r}; choose from {TASK_NAME_SYNTAX}")
         return MixtureFamily(
             [make_family(f, data=data, split=split, dtype=dtype) for f, _ in members],
             [w for _, w in members],

@@ -45,7 +45,7 @@ from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
-from .tasks import MIXTURE_SEPARATOR, TASK_FAMILIES, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
+from .tasks import TASK_FAMILIES, TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
 CHECKPOINT_FORMAT = 1
@@ -119,11 +119,7 @@ class MetaTrainConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
         if not is_task_family(self.task):
-            raise ConfigError(
-                f"unknown task {self.task!r}; choose from {', '.join(TASK_FAMILIES)} "
-                f"or a mixture of them joined by {MIXTURE_SEPARATOR!r} (e.g. mlp-random+quadratic, "
-                "or mlp-random:3+quadratic to draw mlp-random three times as often)"
-            )
+            raise ConfigError(f"unknown task {self.task!r}; choose from {TASK_NAME_SYNTAX}")
         if (self.rule is None) == (self.preset is None):
             raise ConfigError("give exactly one of --rule and --preset")
         if self.rule is not None and self.rule not in RULES:
