@@ -377,6 +377,8 @@ def _table_rows(rows: list[dict]) -> list[str]:
         rule = (row.get("config") or {}).get("rule")
         if row["method"] == "meta-lstm" and rule not in (None, "MetaLSTMCell"):
             return f"learned init + learned update ({rule}, `--algo meta-lstm --rule {rule}`)"
+        if (row.get("config") or {}).get("zero_head"):
+            return f"{METHOD_NAMES[row['method']]}, output layer zero at every task's start (`--zero-head`)"
         return METHOD_NAMES[row["method"]]
 
     return [
@@ -410,7 +412,8 @@ def omniglot_model(args: argparse.Namespace) -> None:
         f"statistics, {config['meta_steps']} meta-steps of {config['meta_batch']} tasks"
         f"{', each within one alphabet' if config['same_alphabet'] else ''}"
         f"{', each within one rotation' if config.get('same_rotation') else ''}"
-        f"{', every training image randomly distorted' if config.get('augment') else ''}, adapted with {header['test_inner_steps']} "
+        f"{', every training image randomly distorted' if config.get('augment') else ''}"
+        f"{', the output layer zero at the start of every task' if config.get('zero_head') else ''}, adapted with {header['test_inner_steps']} "
         f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
         "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version). "
         f"The run's own end-of-training validation on its meta-valid alphabets ({config['val_tasks']} tasks of "

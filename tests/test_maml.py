@@ -142,6 +142,30 @@ def test_second_order_meta_gradient_with_batchnorm_matches_autograd_reference() 
         MAML(nn.Sequential(nn.BatchNorm1d(3)), batchnorm="error")
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_zero_init_starts_every_task_at_zero_and_learns_only_the_rest(vectorize) -> None:
+    """``zero_init`` equals MAML on a model whose output layer is zero, except that the layer
+    gets no meta-gradient (it is not learned), so its zeros survive meta-training."""
+    data = episode()
+    zeroed = tiny_model()
+    maml = MAML(zeroed, inner_lr=0.5, inner_steps=2, vectorize=vectorize, zero_init=("2",))
+    assert torch.count_nonzero(zeroed[2].weight) == 0 and torch.count_nonzero(zeroed[2].bias) == 0
+    maml(*data).backward()
+    assert zeroed[2].weight.grad is None and zeroed[2].bias.grad is None
+    reference = tiny_model()
+    with torch.no_grad():
+        reference[2].weight.zero_()
+        reference[2].bias.zero_()
+    expected = reference_meta_grad(reference, 0.5, 2, data, first_order=False)
+    for p, e in zip(list(zeroed.parameters())[:2], expected[:2]):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    assert expected[2].abs().max() > 1e-3  # the reference's zero head would have been learned
+    params = maml.adapt(data[0][0], data[1][0], steps=1)
+    assert params["2.weight"].abs().max() > 0 and torch.count_nonzero(zeroed[2].weight) == 0
+    # a second zero_init by parameter name picks the same tensors
+    assert MAML(tiny_model(), zero_init=("2.weight", "2.bias"))._zero_init == maml._zero_init
+
+
 def test_adapt_and_predict_for_one_task() -> None:
     model = tiny_model()
     maml = MAML(model, inner_lr=0.5, inner_steps=1)
@@ -160,3 +184,5 @@ def test_bad_arguments() -> None:
         MAML(tiny_model(), inner_lr=-1.0)
     with pytest.raises(ValueError, match="vectorize"):
         MAML(tiny_model(), vectorize="yes")
+    with pytest.raises(ValueError, match="zero_init: 'head' names no trainable parameter"):
+        MAML(tiny_model(), zero_init=("head",))

@@ -135,7 +135,7 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
     if algo == "reptile":  # Nichol et al.'s scheme: more shots in meta-training, read in minibatches
         extra += ["--train-shots", "2", "--inner-batch", "3"]
     if algo == "fomaml":
-        extra += ["--same-rotation", "--augment"]
+        extra += ["--same-rotation", "--augment", "--zero-head"]
     assert train(out, "--algo", algo, *OMNIGLOT_TINY, *extra, "--same-alphabet", "--data", str(omniglot_dir)) == 0
     head = header(out / MODEL_NAME)
     assert head["architecture"] == {"kind": "conv4", "in_channels": 1, "ways": 2, "hidden": 4, "image_size": 28}
@@ -153,6 +153,10 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
     assert f"Meta-training tasks: Omniglot 2-way {train_shots}-shot 1-query" in card
     assert "Validation tasks (2): Omniglot 2-way 1-shot 1-query" in card
     learner, _ = load_learner(out / MODEL_NAME)
+    assert head["zero_head"] == (algo == "fomaml") and ("--zero-head" in head["command"]) == (algo == "fomaml")
+    if algo == "fomaml":  # the output layer (conv-4's last Linear) starts every task at zero
+        head_params = {k: v for k, v in learner.tensors().items() if k.startswith("model.13.")}
+        assert len(head_params) == 2 and all(torch.count_nonzero(v) == 0 for v in head_params.values())
     images = torch.rand(2, 1, 28, 28)
     params = learner.adapt(images, torch.tensor([0, 1]))
     assert learner.predict(params, images).shape == (2, 2)
@@ -170,6 +174,7 @@ BAD = [
     (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
+    (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "fomaml", "--meta-lr", "-1"], "--meta-lr must be a positive number"),
     (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),

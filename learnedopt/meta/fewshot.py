@@ -87,6 +87,7 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
+    "zero_head",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment")
 MODEL_NAME = "model.safetensors"
@@ -119,6 +120,8 @@ class FewShotConfig:
         inner_lr: inner step size (MAML, Reptile); None for meta-lstm, whose rule sets the step.
         test_inner_steps: inner steps when adapting after meta-training (validation, evaluation).
         learn_inner_lr: Meta-SGD step sizes (maml, fomaml).
+        zero_head: start every task's output layer at zero instead of a learned value (maml,
+            fomaml; ``MAML(zero_init=...)``, Kao et al. 2022's zeroing trick).
         meta_batch: tasks per meta-step.
         meta_steps: meta-steps in total.
         meta_lr: Adam learning rate; for Reptile the initial outer step size.
@@ -174,6 +177,7 @@ class FewShotConfig:
     same_rotation: bool = False
     augment: bool = False
     rule_config: dict[str, Any] | None = None
+    zero_head: bool = False
 
     RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
@@ -197,6 +201,8 @@ class FewShotConfig:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.inner_batch is not None and self.algo != "reptile":
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
+        if self.zero_head and self.algo not in ("maml", "fomaml"):
+            raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
         if self.rule is not None and self.algo != "meta-lstm":
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
@@ -239,6 +245,7 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "inner_lr": inner[1],
         "test_inner_steps": inner[2],
         "learn_inner_lr": False,
+        "zero_head": False,
         "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
         "meta_steps": 20_000 if sinusoid else 1000,
         "meta_lr": meta_lr,
@@ -270,7 +277,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     else:
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
-        refuse_options(args, ("learn_inner_lr",), f"--algo {algo}", "--algo maml, fomaml")
+        refuse_options(args, ("learn_inner_lr", "zero_head"), f"--algo {algo}", "--algo maml, fomaml")
     if algo != "reptile":
         refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
     values = fewshot_defaults(algo, task, args.ways)
@@ -295,6 +302,8 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inner-lr", type=float, help="inner step size of MAML and Reptile (default: the paper's)")
     group.add_argument("--test-inner-steps", type=int, help="inner steps when adapting after training (default: the paper's)")
     group.add_argument("--learn-inner-lr", action="store_true", default=None, help="maml, fomaml: learn a step size per parameter (Meta-SGD)")
+    group.add_argument("--zero-head", action="store_true", default=None,
+                       help="maml, fomaml: start every task's output layer at zero, not at a learned value (zeroing trick)")  # fmt: skip
     group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")
     group.add_argument("--image-size", type=int, help="omniglot: image side in pixels (default 28)")
     group.add_argument("--same-alphabet", action="store_true", default=None, help="omniglot: each episode within one alphabet")
@@ -333,6 +342,7 @@ class LearnerSpec:
         test_inner_steps: inner steps when adapting after meta-training.
         inner_lr: inner step size (None for meta-lstm).
         learn_inner_lr: whether the file holds learned step sizes (``inner_lr.*``).
+        zero_head: whether every task starts its output layer (the last ``nn.Linear``) at zero.
         inner_optimizer: Reptile's inner optimizer, ``"sgd"`` or ``"adam"`` (None otherwise).
         rule: ``{"kind": ..., "config": {...}}`` of the meta-lstm rule (None otherwise).
     """
@@ -344,6 +354,7 @@ class LearnerSpec:
     test_inner_steps: int
     inner_lr: float | None = None
     learn_inner_lr: bool = False
+    zero_head: bool = False
     inner_optimizer: str | None = None
     rule: dict[str, Any] | None = None
 
@@ -362,6 +373,7 @@ class LearnerSpec:
             test_inner_steps=config.test_inner_steps,
             inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr,
+            zero_head=config.zero_head,
             inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
             rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config) if config.algo == "meta-lstm" else None,
         )
@@ -394,6 +406,14 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"unknown architecture kind {architecture['kind']!r}")
 
 
+def output_layer_name(model: nn.Module) -> str:
+    """The module name of ``model``'s last ``nn.Linear`` (its output layer)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError("the model has no nn.Linear output layer")
+    return names[-1]
+
+
 class FewShotLearner:
     """A learned initialisation (``model``), with learned step sizes (Meta-SGD) or a learned update
     rule (meta-lstm) where the algorithm has them, and its algorithm's way of adapting to a task.
@@ -421,7 +441,8 @@ class FewShotLearner:
                 first_order=spec.algo == "fomaml",
                 learn_inner_lr=spec.learn_inner_lr,
                 loss_fn=self.loss_fn,
-                vectorize=True,
+                vectorize="auto",  # conv-4 on CPU: a loop over the tasks, faster than vmap there
+                zero_init=(output_layer_name(self.model),) if spec.zero_head else (),
             )
         elif spec.algo == "meta-lstm":
             self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])

@@ -91,6 +91,12 @@ class MAML(nn.Module):
             activations of every inner step (``benchmarks/results/maml_memory.md``), for about
             one more support forward and backward per step. Runs the tasks in a loop; the
             meta-gradient is unchanged (tested), but it cannot be differentiated twice.
+        zero_init: parameters (by name, or every parameter of a named module) that start every
+            task at zero instead of at a learned value, e.g. the output layer: Kao et al. 2022's
+            "zeroing trick". A classifier's initial head then holds no label order (the labels of
+            an episode are an arbitrary permutation), and its first inner step writes into it
+            each class's mean support feature, like a prototype. These parameters are set to zero
+            in the model and receive no meta-gradient.
 
     Usage::
 
@@ -115,6 +121,7 @@ class MAML(nn.Module):
         vectorize: bool | str = "auto",
         batchnorm: str = "transductive",
         checkpoint_steps: bool = False,
+        zero_init: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if inner_lr < 0:
@@ -143,6 +150,11 @@ class MAML(nn.Module):
         self._check_weights(inner_steps)
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         self._names = names
+        self._zero_init = _names_under(names, zero_init)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self._zero_init:
+                    p.zero_()
         # ParameterDict keys cannot contain dots
         self.inner_lrs = nn.ParameterDict(
             {n.replace(".", "/"): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in model.named_parameters() if p.requires_grad}
@@ -155,8 +167,13 @@ class MAML(nn.Module):
 
     # ------------------------------------------------------------------ functional pieces
     def initial_params(self) -> Params:
-        """The learned initialisation, as a dict of the model's trainable parameters."""
-        return {n: p for n, p in self.model.named_parameters() if n in self._names}
+        """The learned initialisation, as a dict of the model's trainable parameters (fresh zeros
+        for those of ``zero_init``, so that no meta-gradient reaches them)."""
+        return {
+            n: torch.zeros_like(p, requires_grad=True) if n in self._zero_init else p
+            for n, p in self.model.named_parameters()
+            if n in self._names
+        }
 
     def _model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
@@ -301,6 +318,20 @@ class MAML(nn.Module):
     def predict(self, params: Params, x: Tensor) -> Tensor:
         """The model's output at ``params`` (e.g. from :meth:`adapt`)."""
         return functional_call(self.model, (params, self._model_buffers()), (x,))
+
+
+def _names_under(names: Sequence[str], prefixes: Sequence[str]) -> frozenset[str]:
+    """The entries of ``names`` equal to a prefix or inside a module it names; raises ValueError
+    for a prefix that matches none."""
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    found: set[str] = set()
+    for prefix in prefixes:
+        matches = {n for n in names if n == prefix or n.startswith(prefix + ".")}
+        if not matches:
+            raise ValueError(f"zero_init: {prefix!r} names no trainable parameter or module of the model (its parameters: {', '.join(names)})")
+        found |= matches
+    return frozenset(found)
 
 
 class _RecomputedStep(torch.autograd.Function):
