@@ -94,9 +94,10 @@ class MAML(nn.Module):
         zero_init: parameters (by name, or every parameter of a named module) that start every
             task at zero instead of at a learned value, e.g. the output layer: Kao et al. 2022's
             "zeroing trick". A classifier's initial head then holds no label order (the labels of
-            an episode are an arbitrary permutation), and its first inner step writes into it
-            each class's mean support feature, like a prototype. These parameters are set to zero
-            in the model and receive no meta-gradient.
+            an episode are an arbitrary permutation), and (with cross-entropy, balanced classes)
+            its first inner step sets class c's row to ``inner_lr / N`` times c's mean support
+            feature less the mean over all classes, like a prototype. These parameters are set
+            to zero in the model and receive no meta-gradient.
 
     Usage::
 
