@@ -283,11 +283,16 @@ def _train_omniglot(method: str, ways: int, args):
     return adapt
 
 
-def _adapter(learner):
-    """``adapt(x_s, y_s) -> predict``: adapts ``learner`` on one support set, returns its predictor."""
+def _adapter(learner, steps: int | None = None, support_copies: int = 0, seed: int = 0):
+    """``adapt(x_s, y_s) -> predict``: adapts ``learner`` on one support set (``steps`` inner
+    steps, default the learner's; plus ``support_copies`` distorted copies of each image, drawn
+    from ``seed``), returns its predictor."""
+    from learnedopt.data import augment_support
+
+    generator = torch.Generator().manual_seed(seed)
 
     def adapt(x_s, y_s):
-        params = learner.adapt(x_s, y_s)
+        params = learner.adapt(*augment_support(x_s, y_s, support_copies, generator), steps)
         return lambda x: learner.predict(params, x)
 
     return adapt
@@ -306,17 +311,23 @@ def _evaluate_omniglot(adapt, data, classes, ways: int, shots: int, episodes: in
     return ci95(torch.stack(accuracies) * 100)
 
 
-def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28) -> dict:
-    """Accuracy (mean, 95% CI) on the meta-test alphabets: ``ways``-way 1- and 5-shot episodes
-    mixing alphabets, and for 20 ways also 1-shot episodes within one alphabet; plus the alphabets."""
+CELLS = ("1-shot", "5-shot", "within")
+
+
+def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28, part: str = "meta_test",
+                cells: tuple[str, ...] = CELLS) -> dict:  # fmt: skip
+    """Accuracy (mean, 95% CI) on the alphabets of ``part`` (the meta-test ones by default):
+    ``ways``-way 1- and 5-shot episodes mixing alphabets, and for 20 ways also 1-shot episodes
+    within one alphabet (those of ``cells``); plus the alphabets."""
     from learnedopt.data import load_omniglot
 
     data = load_omniglot(image_size=image_size, rotations=True)
-    test = omniglot_class_splits(data)["meta_test"]  # the library's split: the one meta-training used
+    test = omniglot_class_splits(data)[part]  # the library's split: the one meta-training used
     results = {}
     for shots in (1, 5):
-        results[f"{ways}-way {shots}-shot"] = _evaluate_omniglot(adapt, data, test, ways, shots, episodes, seed + 1, False)
-    if ways == 20:
+        if f"{shots}-shot" in cells:
+            results[f"{ways}-way {shots}-shot"] = _evaluate_omniglot(adapt, data, test, ways, shots, episodes, seed + 1, False)
+    if ways == 20 and "within" in cells:
         results["20-way 1-shot within alphabet"] = _evaluate_omniglot(adapt, data, test, 20, 1, episodes, seed + 2, True)
     return dict(accuracy={k: {"mean": m, "ci95": c} for k, (m, c) in results.items()},
                 test_alphabets=[data.alphabets[i] for i in torch.unique(data.alphabet_of_class[test]).tolist()])
@@ -373,13 +384,19 @@ def _table_rows(rows: list[dict]) -> list[str]:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    def method(row: dict) -> str:
+    def trained(row: dict) -> str:
         rule = (row.get("config") or {}).get("rule")
         if row["method"] == "meta-lstm" and rule not in (None, "MetaLSTMCell"):
             return f"learned init + learned update ({rule}, `--algo meta-lstm --rule {rule}`)"
         if (row.get("config") or {}).get("zero_head"):
             return f"{METHOD_NAMES[row['method']]}, output layer zero at every task's start (`--zero-head`)"
         return METHOD_NAMES[row["method"]]
+
+    def method(row: dict) -> str:
+        if "test_inner_steps" not in row:
+            return trained(row)
+        copies = f" plus {row['support_copies']} distorted copies of each image" if row["support_copies"] else ""
+        return f"{trained(row)}; adapted in {row['test_inner_steps']} steps on the support set{copies}"
 
     return [
         f"| {method(r)} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
@@ -389,8 +406,15 @@ def _table_rows(rows: list[dict]) -> list[str]:
     ]
 
 
+def _adaptation(text: str) -> tuple[int | None, int]:
+    """``STEPS,COPIES`` (``model,COPIES``: the model's test-time steps) -> ``(steps, copies)``."""
+    steps, _, copies = text.partition(",")
+    return (None if steps == "model" else int(steps)), int(copies or 0)
+
+
 def omniglot_model(args: argparse.Namespace) -> None:
-    """Score a ``learnedopt meta-train --task omniglot`` learner on the meta-test alphabets."""
+    """Score a ``learnedopt meta-train --task omniglot`` learner on the meta-test alphabets (or,
+    for choosing test-time settings, the meta-validation one), once per ``--adapt`` setting."""
     import json
     import statistics
 
@@ -402,29 +426,37 @@ def omniglot_model(args: argparse.Namespace) -> None:
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seconds = [r["seconds"] for r in records]
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
-    row = dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
-               seconds_per_meta_step=statistics.median(seconds) if seconds else None,
-               peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
-               **_test_cells(_adapter(learner), arch["ways"], args.test_episodes, args.seed, arch["image_size"]))  # fmt: skip
+    rows = []
+    for steps, copies in map(_adaptation, args.adapt):
+        steps = steps or header["test_inner_steps"]
+        cells = _test_cells(_adapter(learner, steps, copies, args.seed), arch["ways"], args.test_episodes, args.seed,
+                            arch["image_size"], args.part, tuple(args.cells))  # fmt: skip
+        rows.append(dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
+                         seconds_per_meta_step=statistics.median(seconds) if seconds else None,
+                         peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
+                         part=args.part, test_inner_steps=steps, support_copies=copies, **cells))  # fmt: skip
+        print(rows[-1]["test_inner_steps"], copies, rows[-1]["accuracy"], flush=True)
+    where = "meta-test" if args.part == "meta_test" else "meta-VALIDATION (for choosing test-time settings; not a test score)"
     table = [
         f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
-        f"test alphabets: {', '.join(row['test_alphabets'])}. conv-4 ({arch['hidden']} filters), transductive batch "
+        f"{where} alphabets: {', '.join(rows[0]['test_alphabets'])}. conv-4 ({arch['hidden']} filters), transductive batch "
         f"statistics, {config['meta_steps']} meta-steps of {config['meta_batch']} tasks"
         f"{', each within one alphabet' if config['same_alphabet'] else ''}"
         f"{', each within one rotation' if config.get('same_rotation') else ''}"
         f"{', every training image randomly distorted' if config.get('augment') else ''}"
-        f"{', the output layer zero at the start of every task' if config.get('zero_head') else ''}, adapted with {header['test_inner_steps']} "
-        f"inner steps; {args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
+        f"{', the output layer zero at the start of every task' if config.get('zero_head') else ''}; adapted with "
+        f"the model's {header['test_inner_steps']} test-time inner steps unless the row says otherwise; "
+        f"{args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
         "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version). "
         f"The run's own end-of-training validation on its meta-valid alphabets ({config['val_tasks']} tasks of "
         f"its training setting): accuracy {header['validation']['initial'].get('accuracy', float('nan')):.1f}% "
         f"at the initialisation, {header['validation']['final'].get('accuracy', float('nan')):.1f}% meta-trained.\n",
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
-        *_table_rows([row]),
+        *_table_rows(rows),
     ]
     write_results(f"fewshot_omniglot_{args.tag}", {"config": {k: v for k, v in vars(args).items() if k != "func"},
-                                                   "rows": [row]}, "\n".join(table))  # fmt: skip
+                                                   "rows": rows}, "\n".join(table))  # fmt: skip
 
 
 def plot_omniglot(args: argparse.Namespace) -> None:
@@ -441,6 +473,8 @@ def plot_omniglot(args: argparse.Namespace) -> None:
         run = path.stem.removeprefix("fewshot_omniglot").lstrip("_") or "default"  # the results file's tag
         payload = json.loads(path.read_text())
         for row in payload["rows"]:
+            if row.get("part", "meta_test") != "meta_test":
+                continue  # scores on the meta-validation alphabet, for choosing settings
             steps = row["config"]["meta_steps"] if "config" in row else payload["config"]["iterations"]
             for setting, acc in row["accuracy"].items():
                 bars.append((f"{row['method']}, {steps} steps [{run}]\n{setting}", acc["mean"], acc["ci95"]))
@@ -486,7 +520,14 @@ def main() -> None:
     mod.add_argument("--tag", required=True, help="suffix of the results file name")
     mod.add_argument("--test-episodes", type=int, default=600)
     mod.add_argument("--seed", type=int, default=0)
-    mod.set_defaults(func=omniglot_model, threads=1)
+    mod.add_argument("--adapt", nargs="+", default=["model,0"], metavar="STEPS,COPIES",
+                     help="test-time settings, one row each: inner steps ('model': the model's) and randomly "
+                          "distorted copies of each support image to adapt on too (default: model,0)")  # fmt: skip
+    mod.add_argument("--part", choices=["meta_test", "meta_valid"], default="meta_test",
+                     help="alphabets to score on (meta_valid: for choosing test-time settings)")
+    mod.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS), help="which cells to score (default all)")
+    mod.add_argument("--threads", type=int, default=1)
+    mod.set_defaults(func=omniglot_model)
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
     plot.set_defaults(func=plot_omniglot, threads=None)
     args = parser.parse_args()

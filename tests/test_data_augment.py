@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learnedopt.data import AffineRanges, random_affine
+from learnedopt.data import AffineRanges, augment_support, random_affine
 
 NONE = AffineRanges(rotation=0.0, shear=0.0, scale=0.0, shift=0.0)
 
@@ -71,3 +71,28 @@ def test_rotations_stay_within_their_range_and_keep_the_ink() -> None:
 def test_bad_images_are_refused(bad: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"random_affine needs floating images \(\.\.\., C, H, W\)"):
         random_affine(bad, torch.Generator())
+
+
+def test_augment_support_appends_distorted_copies_in_order_with_their_labels() -> None:
+    images, labels = torch.rand(4, 1, 28, 28, dtype=torch.float64), torch.tensor([2, 0, 3, 1])
+    out, out_labels = augment_support(images, labels, 3, torch.Generator().manual_seed(5))
+    assert out.shape == (16, 1, 28, 28) and out.dtype == images.dtype
+    assert torch.equal(out[:4], images)
+    assert torch.equal(out_labels, labels.repeat(4))
+    # copy c of image i is the ((c - 1) * N + i)-th distortion of one random_affine draw
+    expected = random_affine(images.repeat(3, 1, 1, 1), torch.Generator().manual_seed(5))
+    assert torch.equal(out[4:], expected)
+    assert not torch.allclose(out[4:8], images)
+    # with zero ranges every copy is its image
+    same, _ = augment_support(images, labels, 2, torch.Generator().manual_seed(5), NONE)
+    assert torch.allclose(same, images.repeat(3, 1, 1, 1), atol=1e-12)
+
+
+def test_augment_support_with_no_copies_is_the_identity_and_bad_input_is_named() -> None:
+    images, labels = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    out, out_labels = augment_support(images, labels, 0, torch.Generator())
+    assert out is images and out_labels is labels
+    with pytest.raises(ValueError, match="copies must be >= 0, got -1"):
+        augment_support(images, labels, -1, torch.Generator())
+    with pytest.raises(ValueError, match=r"needs images \(N, C, H, W\) and labels \(N,\)"):
+        augment_support(images, labels[:1], 1, torch.Generator())

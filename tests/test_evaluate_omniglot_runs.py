@@ -63,6 +63,28 @@ def test_errors_match_score_runs_of_the_models_predictions(tmp_path: Path, data_
     _, mean1 = score_runs(runs, predict_runs(learner, runs, steps=1))
     assert capsys.readouterr().out.splitlines()[-1] == f"mean error {mean1:.2f}% over 2 runs"
 
+    # --support-copies adapts on distorted copies too, drawn from --seed
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoint)]
+    assert main([*argv, "--support-copies", "3", "--seed", "7"]) == 0
+    _, mean3 = score_runs(runs, predict_runs(learner, runs, support_copies=3, seed=7))
+    assert capsys.readouterr().out.splitlines()[-1] == f"mean error {mean3:.2f}% over 2 runs"
+    assert main([*argv, "--support-copies", "-1"]) == 2
+    assert "--support-copies must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    from learnedopt.data import augment_support
+
+    learner, _ = load_learner(meta_train(tmp_path / "model", data_dir, ways=20))
+    make_runs(tmp_path / "runs", runs=1)
+    runs = load_runs(tmp_path / "runs", image_size=28)
+    seen = []
+    adapt = learner.adapt
+    monkeypatch.setattr(learner, "adapt", lambda x, y, steps=None: seen.append((x, y)) or adapt(x, y, steps))
+    predict_runs(learner, runs, support_copies=2, seed=3)
+    x, y = augment_support(runs[0].train_images, torch.arange(20), 2, torch.Generator().manual_seed(3))
+    assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], y) and x.shape[0] == 60
+
 
 def test_refuses_a_model_that_is_not_20_way(tmp_path: Path, data_dir: Path, capsys) -> None:
     checkpoint = meta_train(tmp_path / "model", data_dir, ways=5)

@@ -5,7 +5,7 @@ Nothing here downloads data. Loaders take a path, or find one through
 :func:`default_data_root` (the ``LEARNEDOPT_DATA`` environment variable first).
 """
 
-from .augment import AffineRanges, random_affine
+from .augment import AffineRanges, augment_support, random_affine
 from .episodes import Episode, EpisodeSampler, class_splits, stack_episodes
 from .idx import load_mnist, read_idx, split_indices
 from .omniglot import OmniglotDataset, load_omniglot, read_image
@@ -21,6 +21,7 @@ __all__ = [
     "OmniglotDataset",
     "OneShotRun",
     "SinusoidTasks",
+    "augment_support",
     "class_splits",
     "default_data_root",
     "load_mnist",

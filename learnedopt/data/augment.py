@@ -64,3 +64,33 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
     grid = torch.nn.functional.affine_grid(theta.to(flat), [n, c, h, w], align_corners=False)
     out = torch.nn.functional.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(*lead, c, h, w)
+
+
+def augment_support(
+    images: Tensor, labels: Tensor, copies: int, generator: torch.Generator, ranges: AffineRanges = AffineRanges()
+) -> tuple[Tensor, Tensor]:
+    """A few-shot support set enlarged by ``copies`` randomly distorted versions of each image.
+
+    Test-time augmentation for one-shot adaptation: the learner adapts on ``(1 + copies) * N``
+    images instead of ``N``, each distortion drawn as in :func:`random_affine`.
+
+    Args:
+        images: ``(N, C, H, W)`` floating support images (background 0).
+        labels: ``(N,)`` their labels.
+        copies: distorted versions per image, ``>= 0`` (0 returns the inputs unchanged).
+        generator: a CPU generator; advanced by ``7 * N * copies`` draws.
+        ranges: the ranges of each distortion.
+
+    Returns:
+        ``(images', labels')`` of ``(1 + copies) * N`` rows: the originals first, then copy 1
+        of every image, copy 2, and so on; ``labels'`` is ``labels`` repeated to match.
+    """
+    if copies < 0:
+        raise ValueError(f"copies must be >= 0, got {copies}")
+    if images.dim() != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"augment_support needs images (N, C, H, W) and labels (N,), got {tuple(images.shape)} "
+                         f"and {tuple(labels.shape)}")  # fmt: skip
+    if copies == 0:
+        return images, labels
+    distorted = random_affine(images.unsqueeze(0).expand(copies, *images.shape), generator, ranges)
+    return torch.cat([images, distorted.reshape(-1, *images.shape[1:])]), labels.repeat(copies + 1)

@@ -941,13 +941,20 @@ def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | No
 
 
 # ----------------------------------------------------------------------------- evaluate omniglot-runs
-def predict_runs(learner: FewShotLearner, runs: list[Any], steps: int | None = None) -> list[Tensor]:
+def predict_runs(
+    learner: FewShotLearner, runs: list[Any], steps: int | None = None, support_copies: int = 0, seed: int = 0
+) -> list[Tensor]:
     """For each one-shot run: adapt on its C training images (labels 0..C-1 in sorted file order),
-    classify its test images; returns int64 ``(T,)`` predicted training-image indices per run."""
+    with ``support_copies`` randomly distorted copies of each (:func:`~learnedopt.data.augment_support`,
+    drawn from ``seed``), classify its test images; returns int64 ``(T,)`` predicted
+    training-image indices per run."""
+    from ..data import augment_support
+
+    generator = torch.Generator().manual_seed(seed)
     predictions = []
     for run in runs:
         labels = torch.arange(run.train_images.shape[0])
-        params = learner.adapt(run.train_images, labels, steps)
+        params = learner.adapt(*augment_support(run.train_images, labels, support_copies, generator), steps)
         with torch.no_grad():
             predictions.append(learner.predict(params, run.test_images).argmax(1))
     return predictions
@@ -965,6 +972,9 @@ def add_omniglot_runs_parser(evaluate_sub: argparse._SubParsersAction) -> argpar
     parser.add_argument("--runs", required=True, metavar="DIR", help="folder holding run01 ... run20 (all_runs.zip, unpacked)")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="model.safetensors of a meta-train run")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="inner steps of adaptation (default: the model's test-time steps)")
+    parser.add_argument("--support-copies", type=int, default=0, metavar="K",
+                        help="adapt on K randomly distorted copies of each training image too (test-time augmentation; default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distortions of --support-copies (default 0)")
     parser.set_defaults(func=run_omniglot_runs)
     return parser
 
@@ -976,6 +986,8 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
     try:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+        if args.support_copies < 0:
+            raise ValueError(f"--support-copies must be >= 0, got {args.support_copies}")
         learner, _ = load_learner(args.checkpoint)
         arch = learner.spec.architecture
         if arch["kind"] != "conv4" or arch["ways"] != 20:
@@ -991,7 +1003,7 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"learnedopt evaluate omniglot-runs: error: {err}", file=sys.stderr)
         return 2
-    errors, mean = score_runs(runs, predict_runs(learner, runs, args.steps))
+    errors, mean = score_runs(runs, predict_runs(learner, runs, args.steps, args.support_copies, args.seed))
     for run, error in zip(runs, errors, strict=True):
         print(f"{run.name}  error {error:.1f}%")
     print(f"mean error {mean:.2f}% over {len(runs)} runs")
