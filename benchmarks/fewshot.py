@@ -429,12 +429,14 @@ def omniglot_model(args: argparse.Namespace) -> None:
     rows = []
     for steps, copies in map(_adaptation, args.adapt):
         steps = steps or header["test_inner_steps"]
+        start = time.perf_counter()
         cells = _test_cells(_adapter(learner, steps, copies, args.seed), arch["ways"], args.test_episodes, args.seed,
                             arch["image_size"], args.part, tuple(args.cells))  # fmt: skip
         rows.append(dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
                          seconds_per_meta_step=statistics.median(seconds) if seconds else None,
                          peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
-                         part=args.part, test_inner_steps=steps, support_copies=copies, **cells))  # fmt: skip
+                         part=args.part, test_inner_steps=steps, support_copies=copies,
+                         scoring_seconds=time.perf_counter() - start, **cells))  # fmt: skip
         print(rows[-1]["test_inner_steps"], copies, rows[-1]["accuracy"], flush=True)
     where = "meta-test" if args.part == "meta_test" else "meta-VALIDATION (for choosing test-time settings; not a test score)"
     table = [
