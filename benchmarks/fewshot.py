@@ -428,7 +428,7 @@ def omniglot_model(args: argparse.Namespace) -> None:
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     rows = []
     for steps, copies in map(_adaptation, args.adapt):
-        steps = steps or header["test_inner_steps"]
+        steps = header["test_inner_steps"] if steps is None else steps
         start = time.perf_counter()
         cells = _test_cells(_adapter(learner, steps, copies, args.seed), arch["ways"], args.test_episodes, args.seed,
                             arch["image_size"], args.part, tuple(args.cells))  # fmt: skip
