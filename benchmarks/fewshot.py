@@ -283,17 +283,17 @@ def _train_omniglot(method: str, ways: int, args):
     return adapt
 
 
-def _adapter(learner, steps: int | None = None, support_copies: int = 0, seed: int = 0):
-    """``adapt(x_s, y_s) -> predict``: adapts ``learner`` on one support set (``steps`` inner
-    steps, default the learner's; plus ``support_copies`` distorted copies of each image, drawn
-    from ``seed``), returns its predictor."""
-    from learnedopt.data import augment_support
+def _adapter(learners, steps: int | None = None, support_copies: int = 0, query_copies: int = 0, seed: int = 0):
+    """``adapt(x_s, y_s) -> predict``: the predictor of one task's class probabilities by
+    :func:`~learnedopt.meta.fewshot.classify_task` (``steps`` inner steps, default each learner's;
+    ``support_copies`` / ``query_copies`` distortions drawn from one generator seeded ``seed``;
+    several learners: an ensemble)."""
+    from learnedopt.meta.fewshot import classify_task
 
     generator = torch.Generator().manual_seed(seed)
 
     def adapt(x_s, y_s):
-        params = learner.adapt(*augment_support(x_s, y_s, support_copies, generator), steps)
-        return lambda x: learner.predict(params, x)
+        return lambda x: classify_task(learners, x_s, y_s, x, steps, support_copies, query_copies, generator)
 
     return adapt
 
@@ -396,7 +396,12 @@ def _table_rows(rows: list[dict]) -> list[str]:
         if "test_inner_steps" not in row:
             return trained(row)
         copies = f" plus {row['support_copies']} distorted copies of each image" if row["support_copies"] else ""
-        return f"{trained(row)}; adapted in {row['test_inner_steps']} steps on the support set{copies}"
+        views, members = "", ""
+        if row.get("query_copies"):
+            views = f", predictions averaged over each query image and {row['query_copies']} distorted views of it"
+        if row.get("ensemble"):
+            members = f"; ensemble of {1 + len(row['ensemble'])} learners (softmax outputs averaged)"
+        return f"{trained(row)}; adapted in {row['test_inner_steps']} steps on the support set{copies}{views}{members}"
 
     return [
         f"| {method(r)} | {setting} | {acc['mean']:.1f} +- {acc['ci95']:.1f} | "
@@ -406,10 +411,11 @@ def _table_rows(rows: list[dict]) -> list[str]:
     ]
 
 
-def _adaptation(text: str) -> tuple[int | None, int]:
-    """``STEPS,COPIES`` (``model,COPIES``: the model's test-time steps) -> ``(steps, copies)``."""
-    steps, _, copies = text.partition(",")
-    return (None if steps == "model" else int(steps)), int(copies or 0)
+def _adaptation(text: str) -> tuple[int | None, int, int]:
+    """``STEPS,COPIES[,QUERY_COPIES]`` (``model,...``: the model's test-time steps) ->
+    ``(steps, copies, query_copies)``."""
+    steps, copies, query_copies = (text.split(",") + ["0", "0"])[:3]
+    return (None if steps == "model" else int(steps)), int(copies or 0), int(query_copies or 0)
 
 
 def omniglot_model(args: argparse.Namespace) -> None:
@@ -420,24 +426,29 @@ def omniglot_model(args: argparse.Namespace) -> None:
 
     from learnedopt.meta.fewshot import load_learner
 
-    learner, header = load_learner(args.model)
+    loaded = [load_learner(path) for path in args.model]  # several: an ensemble, described by the first
+    learners, (_, header) = [learner for learner, _ in loaded], loaded[0]
     arch, config = header["architecture"], header["meta_train_config"]
-    log = Path(args.model).with_name("log.jsonl")  # the run's per-step wall-clock and memory, where kept
+    for path, (_, other) in zip(args.model[1:], loaded[1:]):
+        if other["architecture"] != arch:
+            raise SystemExit(f"{path} has another architecture than {args.model[0]}; an ensemble needs one")
+    log = Path(args.model[0]).with_name("log.jsonl")  # the run's per-step wall-clock and memory, where kept
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seconds = [r["seconds"] for r in records]
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     rows = []
-    for steps, copies in map(_adaptation, args.adapt):
+    for steps, copies, query_copies in map(_adaptation, args.adapt):
         steps = header["test_inner_steps"] if steps is None else steps
         start = time.perf_counter()
-        cells = _test_cells(_adapter(learner, steps, copies, args.seed), arch["ways"], args.test_episodes, args.seed,
+        cells = _test_cells(_adapter(learners, steps, copies, query_copies, args.seed), arch["ways"], args.test_episodes, args.seed,
                             arch["image_size"], args.part, tuple(args.cells))  # fmt: skip
         rows.append(dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
                          seconds_per_meta_step=statistics.median(seconds) if seconds else None,
                          peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],
-                         part=args.part, test_inner_steps=steps, support_copies=copies,
+                         part=args.part, test_inner_steps=steps, support_copies=copies, query_copies=query_copies,
+                         ensemble=[other["command"] for _, other in loaded[1:]],
                          scoring_seconds=time.perf_counter() - start, **cells))  # fmt: skip
-        print(rows[-1]["test_inner_steps"], copies, rows[-1]["accuracy"], flush=True)
+        print(rows[-1]["test_inner_steps"], copies, query_copies, rows[-1]["accuracy"], flush=True)
     where = "meta-test" if args.part == "meta_test" else "meta-VALIDATION (for choosing test-time settings; not a test score)"
     table = [
         f"Omniglot, meta-trained by `{header['command']}` (the two small background sets; whole alphabets held out); "
@@ -452,7 +463,11 @@ def omniglot_model(args: argparse.Namespace) -> None:
         "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version). "
         f"The run's own end-of-training validation on its meta-valid alphabets ({config['val_tasks']} tasks of "
         f"its training setting): accuracy {header['validation']['initial'].get('accuracy', float('nan')):.1f}% "
-        f"at the initialisation, {header['validation']['final'].get('accuracy', float('nan')):.1f}% meta-trained.\n",
+        f"at the initialisation, {header['validation']['final'].get('accuracy', float('nan')):.1f}% meta-trained."
+        + "".join(f" Ensembled with the learner of `{other['command']}` (its own validation "
+                  f"{other['validation']['final'].get('accuracy', float('nan')):.1f}%); s / meta-step and peak RSS "
+                  "are the first learner's." for _, other in loaded[1:])  # fmt: skip
+        + "\n",
         "| method | setting | accuracy | s / meta-step | peak RSS (MB) |",
         "|---|---|---:|---:|---:|",
         *_table_rows(rows),
@@ -518,13 +533,14 @@ def main() -> None:
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
     mod = sub.add_parser("omniglot-model", help="score a `learnedopt meta-train --task omniglot` learner on the held-out alphabets")
-    mod.add_argument("model", help="the run's model.safetensors")
+    mod.add_argument("model", nargs="+", help="the run's model.safetensors; several: an ensemble (softmax outputs averaged)")
     mod.add_argument("--tag", required=True, help="suffix of the results file name")
     mod.add_argument("--test-episodes", type=int, default=600)
     mod.add_argument("--seed", type=int, default=0)
-    mod.add_argument("--adapt", nargs="+", default=["model,0"], metavar="STEPS,COPIES",
-                     help="test-time settings, one row each: inner steps ('model': the model's) and randomly "
-                          "distorted copies of each support image to adapt on too (default: model,0)")  # fmt: skip
+    mod.add_argument("--adapt", nargs="+", default=["model,0"], metavar="STEPS,COPIES[,QUERY_COPIES]",
+                     help="test-time settings, one row each: inner steps ('model': the model's), randomly "
+                          "distorted copies of each support image to adapt on too, and distorted views of each "
+                          "query image to average the predictions over (default: model,0,0)")  # fmt: skip
     mod.add_argument("--part", choices=["meta_test", "meta_valid"], default="meta_test",
                      help="alphabets to score on (meta_valid: for choosing test-time settings)")
     mod.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS), help="which cells to score (default all)")

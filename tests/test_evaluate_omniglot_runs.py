@@ -11,7 +11,7 @@ from test_meta_train_fewshot import make_omniglot_zip
 
 from learnedopt.cli import main
 from learnedopt.data import load_runs, score_runs
-from learnedopt.meta.fewshot import MODEL_NAME, load_learner, predict_runs
+from learnedopt.meta.fewshot import MODEL_NAME, classify_task, load_learner, predict_runs
 
 TINY = ["--task", "omniglot", "--shots", "1", "--queries", "1", "--hidden", "4", "--meta-steps", "2",
         "--meta-batch", "1", "--val-tasks", "1", "--inner-steps", "1", "--test-inner-steps", "2", "--quiet"]  # fmt: skip
@@ -45,8 +45,17 @@ def meta_train(out: Path, data: Path, ways: int, algo: str = "maml") -> Path:
     return out / MODEL_NAME
 
 
-def test_errors_match_score_runs_of_the_models_predictions(tmp_path: Path, data_dir: Path, capsys) -> None:
-    checkpoint = meta_train(tmp_path / "model", data_dir, ways=20)
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path]:
+    """Tiny meta-trained models: 20-way MAML, 20-way first-order MAML, 5-way MAML."""
+    root = tmp_path_factory.mktemp("models")
+    return {"maml20": meta_train(root / "maml20", data_dir, ways=20),
+            "fomaml20": meta_train(root / "fomaml20", data_dir, ways=20, algo="fomaml"),
+            "maml5": meta_train(root / "maml5", data_dir, ways=5)}  # fmt: skip
+
+
+def test_errors_match_score_runs_of_the_models_predictions(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    checkpoint = checkpoints["maml20"]
     make_runs(tmp_path / "runs", runs=2)
     capsys.readouterr()
     assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoint)]) == 0
@@ -72,10 +81,10 @@ def test_errors_match_score_runs_of_the_models_predictions(tmp_path: Path, data_
     assert "--support-copies must be >= 0, got -1" in capsys.readouterr().err
 
 
-def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, checkpoints: dict, monkeypatch) -> None:
     from learnedopt.data import augment_support
 
-    learner, _ = load_learner(meta_train(tmp_path / "model", data_dir, ways=20))
+    learner, _ = load_learner(checkpoints["maml20"])
     make_runs(tmp_path / "runs", runs=1)
     runs = load_runs(tmp_path / "runs", image_size=28)
     seen = []
@@ -86,8 +95,8 @@ def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, data_d
     assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], y) and x.shape[0] == 60
 
 
-def test_refuses_a_model_that_is_not_20_way(tmp_path: Path, data_dir: Path, capsys) -> None:
-    checkpoint = meta_train(tmp_path / "model", data_dir, ways=5)
+def test_refuses_a_model_that_is_not_20_way(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    checkpoint = checkpoints["maml5"]
     make_runs(tmp_path / "runs", runs=1)
     capsys.readouterr()
     assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoint)]) == 2
@@ -95,3 +104,61 @@ def test_refuses_a_model_that_is_not_20_way(tmp_path: Path, data_dir: Path, caps
     assert err.count("\n") == 1 and "is a 5-way model; the one-shot runs are 20-way" in err
     assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "none")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_classify_task_averages_query_views_then_learners(tmp_path: Path, checkpoints: dict) -> None:
+    from learnedopt.data import augment_support, random_affine
+
+    first, _ = load_learner(checkpoints["maml20"])
+    second, _ = load_learner(checkpoints["fomaml20"])
+    make_runs(tmp_path / "runs", runs=1)
+    run = load_runs(tmp_path / "runs", image_size=28)[0]
+    x_s, y_s, x_q = run.train_images, torch.arange(20), run.test_images
+
+    # one learner, no copies: the softmax of adapt + predict
+    plain = classify_task(first, x_s, y_s, x_q)
+    with torch.no_grad():
+        expected = first.predict(first.adapt(x_s, y_s), x_q).softmax(-1)
+    torch.testing.assert_close(plain, expected)
+    assert not torch.allclose(classify_task(first, x_s, y_s, x_q, steps=0), plain)
+
+    # the draws: learner 1's support copies, its query views, then learner 2's
+    got = classify_task([first, second], x_s, y_s, x_q, support_copies=1, query_copies=2,
+                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    expected = 0
+    for learner in (first, second):
+        params = learner.adapt(*augment_support(x_s, y_s, 1, g))
+        with torch.no_grad():
+            views = [x_q, random_affine(x_q, g), random_affine(x_q, g)]
+            expected = expected + sum(learner.predict(params, v).softmax(-1) for v in views) / 3
+    torch.testing.assert_close(got, expected / 2)
+    assert got.shape == (20, 20) and torch.allclose(got.sum(1), torch.ones(20, dtype=got.dtype))
+
+
+def test_classify_task_refuses_bad_input(checkpoints: dict) -> None:
+    twenty, _ = load_learner(checkpoints["maml20"])
+    five, _ = load_learner(checkpoints["maml5"])
+    x = torch.rand(20, 1, 28, 28)
+    with pytest.raises(ValueError, match="at least one learner"):
+        classify_task([], x, torch.arange(20), x)
+    with pytest.raises(ValueError, match="query_copies must be >= 0, got -2"):
+        classify_task(twenty, x, torch.arange(20), x, query_copies=-2)
+    with pytest.raises(ValueError, match=r"disagree on the output shape: \(20, 20\) and \(20, 5\)"):
+        classify_task([twenty, five], x, torch.arange(20) % 5, x)
+
+
+def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    first, second = checkpoints["maml20"], checkpoints["fomaml20"]
+    make_runs(tmp_path / "runs", runs=2)
+    runs = load_runs(tmp_path / "runs", image_size=28)
+    learners = [load_learner(first)[0], load_learner(second)[0]]
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(first), str(second)]
+    assert main([*argv, "--query-copies", "2", "--support-copies", "1", "--seed", "4"]) == 0
+    _, mean = score_runs(runs, predict_runs(learners, runs, support_copies=1, seed=4, query_copies=2))
+    assert capsys.readouterr().out.splitlines()[-1] == f"mean error {mean:.2f}% over 2 runs"
+    assert main([*argv, "--query-copies", "-1"]) == 2
+    assert "--query-copies must be >= 0, got -1" in capsys.readouterr().err
+    assert main([*argv, str(checkpoints["maml5"])]) == 2
+    assert "is a 5-way model; the one-shot runs are 20-way" in capsys.readouterr().err
