@@ -4,11 +4,13 @@ pretrained baseline.
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
     python benchmarks/fewshot.py higher      # needs `pip install higher`
     python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
-    python benchmarks/fewshot.py omniglot-model RUN/model.safetensors --tag NAME
+    python benchmarks/fewshot.py omniglot-model RUN/model.safetensors [MORE.safetensors] --tag NAME \
+        [--adapt STEPS,COPIES,QUERY_COPIES ...] [--part meta_valid]
     python benchmarks/fewshot.py plot-omniglot
 
 ``omniglot-model`` scores a learner that ``learnedopt meta-train --task omniglot`` wrote (long
-runs belong there: they checkpoint and resume) on the same test episodes as ``omniglot``.
+runs belong there: they checkpoint and resume) on the same test episodes as ``omniglot``, once
+per ``--adapt`` setting; several models are scored as an ensemble (softmax outputs averaged).
 
 Sinusoid regression (Finn et al. 2017): MLP 1-40-40-1 ReLU. MAML and first-order MAML train with
 one inner SGD step of 0.01 on K support points and a query set of K points, meta-batch 25,
