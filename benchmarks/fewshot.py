@@ -210,12 +210,22 @@ def _higher_cases():
     ]
 
 
-def against_higher(args: argparse.Namespace) -> None:
-    from common import time_call
+def _meta_step_gflop(run, model: nn.Module, batch, lr: float, steps: int, loss_fn) -> float:
+    """GFLOP of one meta-step's convolutions and matrix products (forward, backward and the
+    second-order terms), counted by ``torch.utils.flop_counter``; pointwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from learnedopt import __version__  # noqa: F401  (import check)
+    with FlopCounterMode(display=False) as counter:
+        run(model, batch, lr, steps, loss_fn)
+    return counter.get_total_flops() / 1e9
+
+
+def against_higher(args: argparse.Namespace) -> None:
+    from common import matmul_gflops, time_call
 
     rows = []
+    # the best dense float32 rate this thread reaches, as the hardware limit to compare against
+    peak = matmul_gflops()
     for name, make_model, make_batch, lr, steps, loss_fn in _higher_cases():
         # equal meta-gradients, checked in float64 on the same model, data and settings
         grads = []
@@ -225,6 +235,9 @@ def against_higher(args: argparse.Namespace) -> None:
             run(model, make_batch(torch.float64), lr, steps, loss_fn)
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         rel = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+        model = make_model()
+        torch.func.replace_all_batch_norm_modules_(model)
+        gflop = _meta_step_gflop(_higher_meta_grad, model, make_batch(torch.float32), lr, steps, loss_fn)
         timings = {}
         variants = (
             ("learnedopt MAML", _ours_meta_grad),
@@ -243,24 +256,33 @@ def against_higher(args: argparse.Namespace) -> None:
 
             timings[label] = time_call(meta_step, repeats=args.repeats, min_time=0.5)
         ours, theirs = timings["learnedopt MAML"], timings["higher (task loop)"]
+        floor = gflop / peak
         rows.append(dict(case=name, ours_ms=ours * 1e3, vmap_ms=timings["learnedopt MAML, vmap"] * 1e3,
                          loop_ms=timings["learnedopt MAML, loop"] * 1e3, higher_ms=theirs * 1e3,
-                         speedup=theirs / ours, meta_grad_rel_diff=rel))
+                         speedup=theirs / ours, meta_grad_rel_diff=rel, gflop=gflop,
+                         ours_gflops=gflop / ours, floor_ms=floor * 1e3, speedup_bound=theirs / floor))
         print(rows[-1], flush=True)
     table = [
         "Second-order MAML meta-step (forward + backward, no optimizer step), float32, learnedopt's MAML "
         "with its default vectorize='auto' (vmap over tasks for the MLP; a task loop for conv-4 on CPU), median of "
         f"{args.repeats} timings, both in this run; meta-gradients compared in float64 on the same data.\n",
-        "| case | learnedopt MAML (auto) ms | forced vmap ms | forced loop ms | higher ms | speed-up (auto vs higher) | meta-gradient rel. difference |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"Hardware limit: a 2048x2048 float32 matmul ran at {peak:.1f} GFLOP/s on this thread in this run. "
+        "GFLOP counts the meta-step's convolutions and matrix products (forward, backward, second-order "
+        "terms; `torch.utils.flop_counter`), the same for every implementation. Floor = GFLOP at the matmul "
+        "rate, a lower bound on any implementation's time; the last column, higher's time over the floor, "
+        "bounds the speed-up any implementation could reach over `higher` on this thread.\n",
+        "| case | learnedopt MAML (auto) ms | forced vmap ms | forced loop ms | higher ms | speed-up (auto vs higher) "
+        "| meta-gradient rel. difference | GFLOP / meta-step | learnedopt GFLOP/s | floor ms | higher / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         table.append(f"| {r['case']} | {r['ours_ms']:.1f} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | {r['higher_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['meta_grad_rel_diff']:.1e} |")
-    write_results("fewshot_vs_higher", {"rows": rows, "threads": torch.get_num_threads()}, "\n".join(table))
+                     f"{r['speedup']:.2f}x | {r['meta_grad_rel_diff']:.1e} | {r['gflop']:.3g} | {r['ours_gflops']:.1f} | "
+                     f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x |")
+    write_results("fewshot_vs_higher", {"rows": rows, "threads": torch.get_num_threads(), "matmul_gflops": peak},
+                  "\n".join(table))
 
 
-# ---------------------------------------------------------------------------- Omniglot
 def _episode_batch(data, sampler, batch: int):
     return stack_episodes(data.images, [sampler.sample() for _ in range(batch)])
 

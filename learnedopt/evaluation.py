@@ -406,6 +406,7 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
     LearnedSpec("LSTMOptimizer (l2l-random, default)", LSTMOptimizer, "l2l-random"),
     LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
     LearnedSpec("LSTMOptimizer (l2l-mix)", LSTMOptimizer, "l2l-mix"),
+    LearnedSpec("LSTMOptimizer (l2l-short)", LSTMOptimizer, "l2l-short"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist)", MetaLSTMOptimizer, "meta-lstm-mnist"),
     LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam-mnist, default)", MetaLSTMOptimizer, "meta-lstm-adam-mnist"),
     LearnedSpec("LSTMOptimizer (l2l-2016, untrained)", LSTMOptimizer, "l2l-2016"),
