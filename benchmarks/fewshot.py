@@ -283,6 +283,7 @@ def against_higher(args: argparse.Namespace) -> None:
                   "\n".join(table))
 
 
+# ---------------------------------------------------------------------------- Omniglot
 def _episode_batch(data, sampler, batch: int):
     return stack_episodes(data.images, [sampler.sample() for _ in range(batch)])
 
