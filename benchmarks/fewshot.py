@@ -220,6 +220,13 @@ def _meta_step_gflop(run, model: nn.Module, batch, lr: float, steps: int, loss_f
     return counter.get_total_flops() / 1e9
 
 
+def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh model of the case, in ``dtype``, its BatchNorm layers without running statistics."""
+    model = make_model().to(dtype)
+    torch.func.replace_all_batch_norm_modules_(model)
+    return model
+
+
 def against_higher(args: argparse.Namespace) -> None:
     from common import matmul_gflops, time_call
 
@@ -230,14 +237,14 @@ def against_higher(args: argparse.Namespace) -> None:
         # equal meta-gradients, checked in float64 on the same model, data and settings
         grads = []
         for run in (_ours_meta_grad, _higher_meta_grad):
-            model = make_model().double()
-            torch.func.replace_all_batch_norm_modules_(model)
+            model = _functional_model(make_model, torch.float64)
             run(model, make_batch(torch.float64), lr, steps, loss_fn)
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         rel = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
-        model = make_model()
-        torch.func.replace_all_batch_norm_modules_(model)
-        gflop = _meta_step_gflop(_higher_meta_grad, model, make_batch(torch.float32), lr, steps, loss_fn)
+        gflop, gflop_ours = (
+            _meta_step_gflop(run, _functional_model(make_model), make_batch(torch.float32), lr, steps, loss_fn)
+            for run in (_higher_meta_grad, _ours_meta_grad)
+        )
         timings = {}
         variants = (
             ("learnedopt MAML", _ours_meta_grad),
@@ -246,8 +253,7 @@ def against_higher(args: argparse.Namespace) -> None:
             ("higher (task loop)", _higher_meta_grad),
         )
         for label, run in variants:
-            model = make_model()
-            torch.func.replace_all_batch_norm_modules_(model)
+            model = _functional_model(make_model)
             batch = make_batch(torch.float32)
 
             def meta_step(model=model, batch=batch, run=run) -> None:
@@ -259,7 +265,7 @@ def against_higher(args: argparse.Namespace) -> None:
         floor = gflop / peak
         rows.append(dict(case=name, ours_ms=ours * 1e3, vmap_ms=timings["learnedopt MAML, vmap"] * 1e3,
                          loop_ms=timings["learnedopt MAML, loop"] * 1e3, higher_ms=theirs * 1e3,
-                         speedup=theirs / ours, meta_grad_rel_diff=rel, gflop=gflop,
+                         speedup=theirs / ours, meta_grad_rel_diff=rel, gflop=gflop, gflop_learnedopt=gflop_ours,
                          ours_gflops=gflop / ours, floor_ms=floor * 1e3, speedup_bound=theirs / floor))
         print(rows[-1], flush=True)
     table = [
@@ -268,9 +274,10 @@ def against_higher(args: argparse.Namespace) -> None:
         f"{args.repeats} timings, both in this run; meta-gradients compared in float64 on the same data.\n",
         f"Hardware limit: a 2048x2048 float32 matmul ran at {peak:.1f} GFLOP/s on this thread in this run. "
         "GFLOP counts the meta-step's convolutions and matrix products (forward, backward, second-order "
-        "terms; `torch.utils.flop_counter`), the same for every implementation. Floor = GFLOP at the matmul "
-        "rate, a lower bound on any implementation's time; the last column, higher's time over the floor, "
-        "bounds the speed-up any implementation could reach over `higher` on this thread.\n",
+        "terms; `torch.utils.flop_counter`), counted on `higher`'s meta-step (learnedopt's: `gflop_learnedopt` "
+        "in the JSON). Floor = GFLOP at the matmul rate: the time of an implementation that ran them as fast as "
+        "that matmul; the last column, higher's time over the floor, is the speed-up over `higher` such an "
+        "implementation would reach on this thread.\n",
         "| case | learnedopt MAML (auto) ms | forced vmap ms | forced loop ms | higher ms | speed-up (auto vs higher) "
         "| meta-gradient rel. difference | GFLOP / meta-step | learnedopt GFLOP/s | floor ms | higher / floor |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
