@@ -40,6 +40,17 @@ def matmul_gflops(size: int = 2048, dtype: torch.dtype = torch.float32) -> float
     return 2 * size**3 / seconds / 1e9
 
 
+def gflop_count(fn: Callable[[], object]) -> float:
+    """GFLOP of the matrix products and convolutions one call of ``fn`` runs (forward, backward,
+    and higher-order terms when ``fn`` runs them), counted by ``torch.utils.flop_counter``;
+    pointwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def machine() -> dict[str, object]:
     try:
         cpu = next(

@@ -210,16 +210,6 @@ def _higher_cases():
     ]
 
 
-def _meta_step_gflop(run, model: nn.Module, batch, lr: float, steps: int, loss_fn) -> float:
-    """GFLOP of one meta-step's convolutions and matrix products (forward, backward and the
-    second-order terms), counted by ``torch.utils.flop_counter``; pointwise work is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        run(model, batch, lr, steps, loss_fn)
-    return counter.get_total_flops() / 1e9
-
-
 def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A fresh model of the case, in ``dtype``, its BatchNorm layers without running statistics."""
     model = make_model().to(dtype)
@@ -228,7 +218,7 @@ def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 
 def against_higher(args: argparse.Namespace) -> None:
-    from common import matmul_gflops, time_call
+    from common import gflop_count, matmul_gflops, time_call
 
     rows = []
     # the best dense float32 rate this thread reaches, as the hardware limit to compare against
@@ -242,7 +232,7 @@ def against_higher(args: argparse.Namespace) -> None:
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         rel = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
         gflop, gflop_ours = (
-            _meta_step_gflop(run, _functional_model(make_model), make_batch(torch.float32), lr, steps, loss_fn)
+            gflop_count(lambda run=run: run(_functional_model(make_model), make_batch(torch.float32), lr, steps, loss_fn))
             for run in (_higher_meta_grad, _ours_meta_grad)
         )
         timings = {}

@@ -12,6 +12,13 @@ it kept the first call's shapes constant). All compute the same meta-gradient (c
 the script times one truncation (forward unroll of T steps + backward) of each, in one run,
 after one untimed warm-up truncation each (which also compiles).
 
+Against the hardware: the library's truncation's matrix products are counted
+(``torch.utils.flop_counter``; the ``torch.nn.LSTM`` rows run oneDNN's fused cell, which the
+counter does not see, but do the same products) and a 2048x2048 matmul is timed in the same run.
+At that rate the products alone would take ``floor`` seconds, which bounds the speed-up any
+implementation of the same arithmetic could reach over the baseline (if it cannot run skinny
+products faster than a large square one).
+
     python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
 
 With ``--rule MetaLSTMCell`` (called once per task with that task's loss) there is no per-tensor
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import gflop_count, matmul_gflops, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, State, UpdateRule, coordinate_lstm, meta_lstm  # noqa: E402
@@ -193,11 +200,16 @@ def main() -> None:
         ((a - b).norm() / b.norm()).item() for name in runs if name != baseline for a, b in zip(grads[name], reference)
     )
     best = {k: min(v) for k, v in times.items()}
+    gflop = gflop_count(lambda: truncation(rule, family, args))
+    peak = matmul_gflops()
+    floor = gflop / peak
     row = dict(
         task=args.task, rule=args.rule, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
         coordinates=sum(sizes) * args.meta_batch, seconds={k: best[k] for k in runs}, baseline=baseline,
         speedup=best[baseline] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
-        compiled=compile_enabled(), profile_self_cpu_percent=profiles,
+        compiled=compile_enabled(), profile_self_cpu_percent=profiles, gflop_per_truncation=gflop,
+        matmul_gflops=peak, floor_seconds=floor, speedup_bound=best[baseline] / floor,
+        batched_gflops=gflop / best["batched"],
     )
     print(row)
     lines = [
@@ -212,6 +224,15 @@ def main() -> None:
         label = IMPLEMENTATIONS[name] + (" (baseline)" if name == baseline and "baseline" not in IMPLEMENTATIONS[name] else "")
         lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best[baseline] / best[name]:.2f}x |")
     lines.append(f"\nLargest relative meta-gradient difference from the baseline: {diff:.1e}.")
+    lines.append(
+        f"\nAgainst the hardware: one truncation's matrix products are {gflop:.2f} GFLOP (counted on the "
+        f"library's truncation by `torch.utils.flop_counter`; pointwise work not counted), and a 2048x2048 "
+        f"float32 matmul ran at {peak:.1f} GFLOP/s in this run. At that rate the products alone take "
+        f"{floor:.2f} s, so an implementation of the same arithmetic that runs these skinny products no "
+        f"faster than a large square one is at most {best[baseline] / floor:.1f}x faster than the baseline. "
+        f"The library's truncation runs at {gflop / best['batched']:.1f} GFLOP/s "
+        f"({100 * floor / best['batched']:.0f}% of that rate)."
+    )
     for name, shares in profiles.items():
         ops = ", ".join(f"`{op}` {share}%" for op, share in shares.items())
         lines.append(f"\nSelf CPU time in one profiled truncation, {IMPLEMENTATIONS[name]}: {ops}.")

@@ -619,11 +619,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def evaluate_optimizers(config: EvalConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+def evaluate_optimizers(
+    config: EvalConfig, log: Callable[[str], None] = _log, workers: int = 1
+) -> dict[str, Any]:
     """Run the harness; returns the report (JSON-serialisable) that :func:`write_report` writes.
 
     Problems whose data is missing are skipped; the report's ``skipped`` maps them to the reason.
+    ``workers > 1`` runs the problems and the stability check in that many processes (each with
+    this process's torch thread count, logging to stderr instead of ``log``); every run is a
+    function of its seed alone, so the report's numbers are those of ``workers=1``.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     learned = [
         *(DEFAULT_LEARNED if config.include_default_learned else ()),
         *map(learned_from_file, config.weights),
@@ -644,50 +651,89 @@ def evaluate_optimizers(config: EvalConfig, log: Callable[[str], None] = _log) -
         "problems": {},
         "skipped": {},
     }
-    eval_seeds = list(range(config.seeds))
+    if workers > 1 and not all(isinstance(entry, str) for entry in config.problems):
+        raise ValueError("workers > 1 needs every problem given by name (Problem objects do not pickle)")
     start = time.perf_counter()
+    problems, entries = [], []
     for entry in config.problems:
         try:
-            problem = make_problem(entry, config.data) if isinstance(entry, str) else entry
+            problems.append(_build_problem(entry, config))
         except FileNotFoundError as err:
             report["skipped"][entry] = f"data missing: {err}"
             log(f"skipping {entry}: data missing: {err}")
             continue
-        if config.steps is not None:
-            problem = problem.with_steps(config.steps)
-        n_tune = (
-            config.long_tuning_seeds
-            if problem.steps >= config.long_steps and config.long_tuning_seeds
-            else config.tuning_seeds
-        )
-        tune_seeds = [TUNING_SEED_OFFSET + i for i in range(n_tune)]
-        t0 = time.perf_counter()
-        results: dict[str, Any] = {}
-        for label, factory in BASELINES.items():
-            lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds)
-            curves = np.stack([run_optimizer(problem, s, factory, lr) for s in eval_seeds])
-            results[label] = {
-                "kind": "baseline",
-                "lr": lr,
-                "tuning_scores": {repr(k): v for k, v in scores.items()},
-                "lr_at_grid_edge": lr in (min(config.lrs), max(config.lrs)),
-            } | summarize(curves)
-            log(f"{problem.name} {label}: lr {lr:.3g}, final {results[label]['final_mean']:.4g}")
-        for spec in learned:
-            curves = np.stack([run_optimizer(problem, s, spec.factory(), 1.0) for s in eval_seeds])
-            results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
-            log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
-        report["problems"][problem.name] = {
-            "description": problem.description,
-            "steps": problem.steps,
-            "tuning_seeds": tune_seeds,
-            "eval_seeds": eval_seeds,
-            "seconds": time.perf_counter() - t0,
-            "results": results,
-        }
-    report["stability"] = _stability(config, learned, log) if config.stability_steps else None
+        entries.append(entry)
+    jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+        (_evaluate_problem, (entry, config, learned)) for entry in entries
+    ]
+    if config.stability_steps:
+        jobs.append((_stability, (config, learned)))
+    if workers == 1:
+        outputs = [job(*args, log) for job, args in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        def steps(i: int) -> int:
+            return config.stability_steps if i == len(problems) else problems[i].steps
+
+        order = sorted(range(len(jobs)), key=steps, reverse=True)  # longest first: none starts last
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        ) as pool:
+            futures = {i: pool.submit(jobs[i][0], *jobs[i][1], _log) for i in order}
+            outputs = [futures[i].result() for i in range(len(jobs))]
+    for problem, output in zip(problems, outputs, strict=False):
+        report["problems"][problem.name] = output
+    report["stability"] = outputs[-1] if config.stability_steps else None
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
+    problem = make_problem(entry, config.data) if isinstance(entry, str) else entry
+    return problem if config.steps is None else problem.with_steps(config.steps)
+
+
+def _evaluate_problem(
+    entry: str | Problem, config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """One problem's report entry: every baseline tuned and run, every learned optimizer run."""
+    problem = _build_problem(entry, config)
+    n_tune = (
+        config.long_tuning_seeds
+        if problem.steps >= config.long_steps and config.long_tuning_seeds
+        else config.tuning_seeds
+    )
+    tune_seeds = [TUNING_SEED_OFFSET + i for i in range(n_tune)]
+    eval_seeds = list(range(config.seeds))
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
+    for label, factory in BASELINES.items():
+        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds)
+        curves = np.stack([run_optimizer(problem, s, factory, lr) for s in eval_seeds])
+        results[label] = {
+            "kind": "baseline",
+            "lr": lr,
+            "tuning_scores": {repr(k): v for k, v in scores.items()},
+            "lr_at_grid_edge": lr in (min(config.lrs), max(config.lrs)),
+        } | summarize(curves)
+        log(f"{problem.name} {label}: lr {lr:.3g}, final {results[label]['final_mean']:.4g}")
+    for spec in learned:
+        curves = np.stack([run_optimizer(problem, s, spec.factory(), 1.0) for s in eval_seeds])
+        results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
+        log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
+    return {
+        "description": problem.description,
+        "steps": problem.steps,
+        "tuning_seeds": tune_seeds,
+        "eval_seeds": eval_seeds,
+        "seconds": time.perf_counter() - t0,
+        "results": results,
+    }
 
 
 def _stability(
@@ -927,6 +973,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default 1; 0 keeps torch's choice)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes running problems side by side (default 1); the numbers do not depend on it",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
@@ -966,9 +1018,12 @@ def run_cli(
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate_optimizers(config)
+    report = evaluate_optimizers(config, workers=args.workers)
     for path in write_report(report, out_dir, write_results=write_results):
         print(path)
     return 0

@@ -94,7 +94,8 @@ PRESETS: dict[str, Preset] = {
             {},
             "CoordinateLSTM with momentum (decays 0.5, 0.9, 0.99) and RMS-normalised gradient (0.99, 0.999) "
             "inputs, meta-trained on the randomised MLP family mlp-random (MNIST meta-train split) for 200 "
-            "meta-steps, then 80 more with a quadratically weighted meta-loss (--loss-weighting quadratic); "
+            "meta-steps, then twice 80 more with a quadratically weighted meta-loss (--loss-weighting quadratic; "
+            "that is l2l-short), then 32 more on horizons drawn from [20, 1000] (--random-horizon); "
             "model card: learnedopt/pretrained/l2l-random.md.",
             file="l2l-random.safetensors",
         ),
@@ -102,10 +103,10 @@ PRESETS: dict[str, Preset] = {
             "l2l-mix",
             CoordinateLSTM.kind,
             {},
-            "l2l-random fine-tuned for 80 meta-steps on a mixture of mlp-random and 10-dim quadratics "
-            "(--task mlp-random+quadratic, --loss-weighting quadratic). Opt-in: longer steps than l2l-random; "
-            "lower final loss on 7 of 10 held-out problems (the quadratic: 1.1 against 9.2), but 2.3x higher on the "
-            "ELU member of mlp-random; "
+            "The previous l2l-random (benchmarks/results/l2l_random_quadratic/weights.safetensors) fine-tuned "
+            "for 80 meta-steps on a mixture of mlp-random and 10-dim quadratics (--task mlp-random+quadratic, "
+            "--loss-weighting quadratic). Opt-in: longer steps; on the 20-dim quadratic 1.1 against l2l-random's "
+            "6.6, but 2.5x higher than l2l-random on the ELU member of mlp-random; "
             "model card: learnedopt/pretrained/l2l-mix.md.",
             file="l2l-mix.safetensors",
         ),
@@ -113,10 +114,11 @@ PRESETS: dict[str, Preset] = {
             "l2l-short",
             CoordinateLSTM.kind,
             {},
-            "l2l-random fine-tuned for 80 more meta-steps on mlp-random with the same quadratically weighted "
-            "meta-loss (seed 8). Opt-in, for runs of a few hundred steps: lower final loss than l2l-random on 8 of 10 "
-            "held-out problems, below every tuned baseline on the 100- and 200-step MNIST MLPs, but 12x higher at "
-            "1000 steps; model card: learnedopt/pretrained/l2l-short.md.",
+            "The previous l2l-random (benchmarks/results/l2l_random_quadratic/weights.safetensors) fine-tuned "
+            "for 80 more meta-steps on mlp-random with the same quadratically weighted meta-loss (seed 8); "
+            "l2l-random continues it. Opt-in, for runs of a few hundred steps: below every tuned baseline on the "
+            "100- and 200-step MNIST MLPs (l2l-random: level with Nesterov at 100, above it at 200), but 20x higher "
+            "than l2l-random at 1000 steps; model card: learnedopt/pretrained/l2l-short.md.",
             file="l2l-short.safetensors",
         ),
         Preset(

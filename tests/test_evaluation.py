@@ -268,3 +268,24 @@ def test_weight_file_chooses_the_optimizer_by_kind(tmp_path) -> None:
     assert spec.optimizer is LSTMOptimizer and spec.header()["trained_on"] == "test"
     curve = run_optimizer(SquareProblem(), 0, spec.factory(), 1.0, steps=3)
     assert np.isfinite(curve).all()
+
+
+def test_workers_give_the_same_report_as_one_process() -> None:
+    config = EvalConfig(
+        problems=["quadratic-20", "synthetic-mlp"], seeds=2, tuning_seeds=1, lrs=(0.01, 0.1), steps=12, stability_steps=0
+    )
+    one = evaluate_optimizers(config, log=lambda _: None)
+    two = evaluate_optimizers(config, log=lambda _: None, workers=2)
+    assert list(two["problems"]) == ["quadratic-20", "synthetic-mlp"]
+    for name, problem in one["problems"].items():
+        for label, result in problem["results"].items():
+            assert two["problems"][name]["results"][label]["finals"] == result["finals"], (name, label)
+            assert two["problems"][name]["results"][label]["lr"] == result["lr"]
+
+
+def test_workers_are_validated() -> None:
+    config = EvalConfig(problems=[tiny_problem()], seeds=1, tuning_seeds=1, lrs=(0.1,), stability_steps=0)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        evaluate_optimizers(config, log=lambda _: None, workers=0)
+    with pytest.raises(ValueError, match="given by name"):
+        evaluate_optimizers(config, log=lambda _: None, workers=2)

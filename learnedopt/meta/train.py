@@ -717,7 +717,7 @@ Meta-loss: {"mean optimizee loss after each update" if config.loss_weighting == 
 Evaluation tasks: {eval_family.describe()}."""
     metrics = f"""| metric | value |
 |---|---|
-| meta-loss of the last meta-step (mean loss over its {config.horizon} steps and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
+| meta-loss of the last meta-step (mean loss over its {"steps (its drawn horizon is in the log)" if config.random_horizon else f"{config.horizon} steps"} and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
 | evaluation episode, initial rule (mean loss) | {summary["eval_initial"]:.6g} |
 | evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
 
