@@ -663,8 +663,10 @@ def evaluate_optimizers(
             log(f"skipping {entry}: data missing: {err}")
             continue
         entries.append(entry)
+    # a worker builds its problem from the name (problems hold lambdas, which do not pickle)
     jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-        (_evaluate_problem, (entry, config, learned)) for entry in entries
+        (_evaluate_problem, (problem if workers == 1 else entry, config, learned))
+        for problem, entry in zip(problems, entries, strict=True)
     ]
     if config.stability_steps:
         jobs.append((_stability, (config, learned)))
@@ -701,8 +703,9 @@ def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
 def _evaluate_problem(
     entry: str | Problem, config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """One problem's report entry: every baseline tuned and run, every learned optimizer run."""
-    problem = _build_problem(entry, config)
+    """One problem's report entry: every baseline tuned and run, every learned optimizer run.
+    ``entry``: the built problem, or a name to build (in a worker process)."""
+    problem = _build_problem(entry, config) if isinstance(entry, str) else entry
     n_tune = (
         config.long_tuning_seeds
         if problem.steps >= config.long_steps and config.long_tuning_seeds
