@@ -57,6 +57,25 @@ def test_matches_torch_lstm_values_and_gradients(
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(("x_grad", "h_grad"), [(False, True), (True, False), (False, False)])
+def test_gradients_when_some_inputs_need_none(monkeypatch: pytest.MonkeyPatch, x_grad: bool, h_grad: bool) -> None:
+    """The backward computes the gradients of x and h as column slices of one product: with
+    either (or both) not needed, the others still match ``nn.LSTM`` (layer 0 of an unroll
+    reads a detached x)."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "0")
+    lstm, x, h, c = _inputs(torch.float64)
+    x.requires_grad_(x_grad)
+    h.requires_grad_(h_grad)
+    wanted = [t for t in (x, h, c, *lstm.parameters()) if t.requires_grad]
+    results = []
+    for step in (lstm_step, _reference):
+        top, h_new, c_new = step(lstm, x, h, c)
+        loss = (top * 1.5).sum() + (h_new * h_new).sum() + (c_new * torch.arange(c_new.shape[-1])).sum()
+        results.append(torch.autograd.grad(loss, wanted))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     """The step's pointwise functions compile with constant shapes first and symbolic ones after a
     shape change. A resumed run may compute a shape with the other variant than the run it
