@@ -129,7 +129,7 @@ class LSTMCellStep(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated W);
         # about as fast as a product and an in-place addmm_ into its output (benchmarks/
-        # lstm_step_parts.py: equal for layer 0, 11% slower for layer 1, about 1% of a truncation)
+        # lstm_step_parts.py: within 16% either way, about 1% of a truncation)
         weight = torch.cat((weight_ih, weight_hh), dim=1)
         gates = torch.addmm(bias, torch.cat((x, h), dim=1), weight.t())
         # detached: whether c requires grad would otherwise be a guard of the compiled function,
