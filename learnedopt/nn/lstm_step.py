@@ -43,7 +43,8 @@ def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     hidden = c.shape[1]
     # tanh(z) = 2 sigmoid(2z) - 1, so that one sigmoid runs over all 4H contiguous columns: the
     # compiled loop over separate H-wide blocks (H = 20: one full and one partial vector each)
-    # ran 2.4x slower on CPU. ``scale`` is a constant of the compiled code.
+    # ran more than 2x slower on CPU (benchmarks/lstm_step_parts.py). ``scale`` is a constant
+    # of the compiled code.
     scale = gates.new_tensor([1.0] * (2 * hidden) + [2.0] * hidden + [1.0] * hidden)
     activations = torch.sigmoid(gates * scale) * scale - (scale - 1.0)
     i, f, g, o = activations.chunk(4, dim=1)
@@ -156,7 +157,8 @@ class LSTMCellStep(torch.autograd.Function):
         if any(needs[3:]):
             # all weight gradients as one product [x, h, 1]^T d_gates, (in + H + 1, 4H): one
             # pass over d_gates where d_gates^T x, d_gates^T h and a column sum take three, and
-            # in this orientation (BLAS was 1.8x slower on d_gates^T x with x of 2 columns)
+            # in this orientation (BLAS is slow on d_gates^T x with x of 2 columns; together
+            # 2.7x faster for layer 0, 1.2x for layer 1: benchmarks/lstm_step_parts.py)
             ones = x.new_ones(x.shape[0], 1)
             grad_weight = (torch.cat((x, h, ones), dim=1).t() @ d_gates).t()
         hidden = h.shape[1]
