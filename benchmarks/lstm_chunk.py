@@ -3,9 +3,12 @@ default rule (2 layers, hidden 20), three ways, in one run.
 
 - ``nn.LSTM`` (oneDNN's fused cell, what ``CoordinateLSTM`` uses);
 - the same equations as separate PyTorch ops (addmm, sigmoid, tanh, ...);
-- those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels).
+- those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels);
+- the formulation of meta-training's LSTM step (:mod:`learnedopt.nn.lstm_step`: one gate product
+  of ``[x, h]`` per layer, then :func:`~learnedopt.nn.lstm_step.cell_forward`, one sigmoid over
+  all gate columns) under ``torch.compile``: a candidate for the optimizer's own step.
 
-    python benchmarks/lstm_chunk.py [--chunk 8192]
+    python benchmarks/lstm_chunk.py [--chunk 8192] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_call, write_results  # noqa: E402
 
 from learnedopt.nn import CoordinateLSTM, preprocess  # noqa: E402
+from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rule = CoordinateLSTM().requires_grad_(False)
     n = args.chunk
     g, p = torch.randn(n) * 1e-2, torch.randn(n)
@@ -46,17 +53,32 @@ def main() -> None:
             cs.append(c_new)
         return rule.head(x).squeeze(1) * 0.1, torch.stack(hs), torch.stack(cs)
 
+    def step_formulation(g, h, c):
+        x = preprocess(g, 10.0)
+        hs, cs = [], []
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            gates = torch.addmm(b_ih + b_hh, torch.cat((x, h[k]), 1), torch.cat((w_ih, w_hh), 1).t())
+            _, c_new, x, _ = cell_forward(gates, c[k])
+            hs.append(x)
+            cs.append(c_new)
+        return rule.head(x).squeeze(1) * 0.1, torch.stack(hs), torch.stack(cs)
+
     with torch.no_grad():
         start = time.perf_counter()
         compiled = torch.compile(separate_ops, dynamic=False)
         compiled(g, state["h"], state["c"])
         compile_seconds = time.perf_counter() - start
+        compiled_step = torch.compile(step_formulation, dynamic=False)
         fused = rule(g, p, state)[0]
         assert torch.allclose(fused, separate_ops(g, state["h"], state["c"])[0], atol=1e-5)
+        assert torch.allclose(fused, compiled_step(g, state["h"], state["c"])[0], atol=1e-5)
         timings = {
             "nn.LSTM (oneDNN fused cell)": time_call(lambda: rule(g, p, state)),
             "separate PyTorch ops": time_call(lambda: separate_ops(g, state["h"], state["c"])),
             "separate ops under torch.compile": time_call(lambda: compiled(g, state["h"], state["c"])),
+            "meta-training step's formulation under torch.compile": time_call(
+                lambda: compiled_step(g, state["h"], state["c"])
+            ),
         }
     flops = 2 * 4 * 20 * (2 + 20) + 2 * 4 * 20 * (20 + 20) + 2 * 20
     rows = [dict(variant=k, ms=v * 1e3, gflops=flops * n / v / 1e9) for k, v in timings.items()]
