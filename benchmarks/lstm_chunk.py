@@ -1,5 +1,5 @@
-"""Why the CPU path runs the LSTM through ``torch.nn.LSTM``: one 8,192-coordinate chunk of the
-default rule (2 layers, hidden 20), three ways, in one run.
+"""The CPU optimizer step's LSTM (``torch.nn.LSTM``) against other ways to run it: one
+8,192-coordinate chunk of the default rule (2 layers, hidden 20), four ways, in one run.
 
 - ``nn.LSTM`` (oneDNN's fused cell, what ``CoordinateLSTM`` uses);
 - the same equations as separate PyTorch ops (addmm, sigmoid, tanh, ...);
