@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
@@ -9,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -62,6 +63,10 @@ def machine() -> dict[str, object]:
         cpu = platform.processor()
     return {
         "cpu": cpu,
+        # the vector ISA torch's kernels dispatch to (AVX2, AVX512, ...): one model name
+        # ("AMD EPYC") has covered hosts on which oneDNN's LSTM ran 3.5x apart
+        # (results/lstm_chunk.md against results/earlier_hosts/lstm_chunk.md)
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -70,10 +75,13 @@ def machine() -> dict[str, object]:
 
 
 def _git_commit() -> str | None:
+    """The short commit hash, with ``+dirty`` when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return commit + ("+dirty" if dirty else "")
 
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
@@ -94,3 +102,25 @@ def write_results(name: str, payload: dict, table: str) -> None:
     (RESULTS / f"{name}.json").write_text(_dumps(payload) + "\n")
     header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
+
+
+@contextlib.contextmanager
+def torch_lstm() -> Iterator[None]:
+    """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (oneDNN's fused cell on CPU,
+    with autograd through it), as the optimizer's no-grad step did before it ran
+    :func:`learnedopt.nn.lstm_step.lstm_step` too, instead of ``lstm_step``."""
+    from learnedopt.nn import coordinate_lstm, meta_lstm
+
+    def through_nn_lstm(lstm, x, h, c):
+        top, (h, c) = lstm(x.unsqueeze(0), (h, c))
+        return top[0], h, c
+
+    modules = (coordinate_lstm, meta_lstm)
+    originals = [m.lstm_step for m in modules]
+    for m in modules:
+        m.lstm_step = through_nn_lstm
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals, strict=True):
+            m.lstm_step = original

@@ -2,8 +2,11 @@
 
 For each parameter count (10^4, 10^5, 10^6) and layout (one tensor, or 100 equal tensors) it
 times ``LSTMOptimizer.step()`` with ``foreach=None`` (batched) and ``foreach=False``
-(per-tensor reference), and ``torch.optim.Adam(foreach=True)``, and reports the batched path's
-matrix-product GFLOP/s as a fraction of a square ``torch.matmul`` measured in the same run.
+(per-tensor reference), the batched path with its LSTM run as ``torch.nn.LSTM`` (oneDNN's fused
+cell, what the step used before it ran :func:`learnedopt.nn.lstm_step.lstm_step`), and
+``torch.optim.Adam(foreach=True)``, and reports the batched path's matrix-product GFLOP/s as a
+fraction of a square ``torch.matmul`` measured in the same run. Each timing follows one untimed
+step (which also compiles the LSTM step's pointwise functions).
 
 FLOPs counted per coordinate: 2 x 4H x (inputs + H) per LSTM layer plus 2H for the head.
 
@@ -16,7 +19,7 @@ import argparse
 import warnings
 
 import torch
-from common import matmul_gflops, time_call, write_results
+from common import matmul_gflops, time_call, torch_lstm, write_results
 
 from learnedopt import LSTMOptimizer
 
@@ -41,6 +44,7 @@ def make_params(total: int, tensors: int) -> list[torch.Tensor]:
 def time_step(make_optimizer, total: int, tensors: int, repeats: int) -> float:
     params = make_params(total, tensors)
     optimizer = make_optimizer(params)
+    optimizer.step()
     return time_call(optimizer.step, repeats=repeats, min_time=0.1)
 
 
@@ -60,6 +64,8 @@ def main() -> None:
         for tensors in args.layouts:
             batched = time_step(lambda p: LSTMOptimizer(p), total, tensors, args.repeats)
             reference = time_step(lambda p: LSTMOptimizer(p, foreach=False), total, tensors, args.repeats)
+            with torch_lstm():
+                before = time_step(lambda p: LSTMOptimizer(p), total, tensors, args.repeats)
             adam = time_step(lambda p: torch.optim.Adam(p, foreach=True), total, tensors, args.repeats)
             gflops = flops * total / batched / 1e9
             rows.append(
@@ -68,6 +74,8 @@ def main() -> None:
                     tensors=tensors,
                     batched_ms=batched * 1e3,
                     reference_ms=reference * 1e3,
+                    batched_nn_lstm_ms=before * 1e3,
+                    speedup_vs_nn_lstm=before / batched,
                     adam_foreach_ms=adam * 1e3,
                     speedup_vs_reference=reference / batched,
                     batched_gflops=gflops,
@@ -79,13 +87,15 @@ def main() -> None:
     table = [
         f"Square fp32 `torch.matmul` (2048^3) in this run: **{peak:.1f} GFLOP/s**. "
         f"FLOPs per coordinate counted: {flops} (default preset: 2 layers, hidden 20).\n",
-        "| params | tensors | batched ms | per-tensor ms | Adam(foreach) ms | batched vs per-tensor | batched GFLOP/s | of matmul | vs Adam |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| params | tensors | batched ms | per-tensor ms | batched, `nn.LSTM` ms | Adam(foreach) ms | batched vs per-tensor "
+        "| batched vs batched `nn.LSTM` | batched GFLOP/s | of matmul | vs Adam |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         table.append(
             f"| {r['params']:,} | {r['tensors']} | {r['batched_ms']:.2f} | {r['reference_ms']:.2f} | "
-            f"{r['adam_foreach_ms']:.3f} | {r['speedup_vs_reference']:.2f}x | {r['batched_gflops']:.1f} | "
+            f"{r['batched_nn_lstm_ms']:.2f} | {r['adam_foreach_ms']:.3f} | {r['speedup_vs_reference']:.2f}x | "
+            f"{r['speedup_vs_nn_lstm']:.2f}x | {r['batched_gflops']:.1f} | "
             f"{r['fraction_of_matmul']:.0%} | {r['slowdown_vs_adam']:.0f}x slower |"
         )
     write_results("cpu_step", {"matmul_gflops": peak, "flops_per_coordinate": flops, "rows": rows}, "\n".join(table))

@@ -1,12 +1,12 @@
-"""The CPU optimizer step's LSTM (``torch.nn.LSTM``) against other ways to run it: one
-8,192-coordinate chunk of the default rule (2 layers, hidden 20), four ways, in one run.
+"""Ways to run the CPU optimizer step's LSTM: one 8,192-coordinate chunk of ``CoordinateLSTM``
+with the paper's configuration (2 layers, hidden 20, 2 inputs), five ways, in one run.
 
-- ``nn.LSTM`` (oneDNN's fused cell, what ``CoordinateLSTM`` uses);
+- the rule as it runs: :func:`learnedopt.nn.lstm_step.lstm_step` (one gate product of ``[x, h]``
+  per layer, then :func:`~learnedopt.nn.lstm_step.cell_forward` compiled);
+- ``nn.LSTM`` (oneDNN's fused cell, what the optimizer's no-grad step ran before);
 - the same equations as separate PyTorch ops (addmm, sigmoid, tanh, ...);
 - those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels);
-- the formulation of meta-training's LSTM step (:mod:`learnedopt.nn.lstm_step`: one gate product
-  of ``[x, h]`` per layer, then :func:`~learnedopt.nn.lstm_step.cell_forward`, one sigmoid over
-  all gate columns) under ``torch.compile``: a candidate for the optimizer's own step.
+- ``lstm_step``'s formulation compiled as one function (gate products included).
 
     python benchmarks/lstm_chunk.py [--chunk 8192] [--threads N]
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_call, write_results  # noqa: E402
+from common import time_call, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.nn import CoordinateLSTM, preprocess  # noqa: E402
 from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
@@ -69,14 +69,19 @@ def main() -> None:
         compiled(g, state["h"], state["c"])
         compile_seconds = time.perf_counter() - start
         compiled_step = torch.compile(step_formulation, dynamic=False)
-        fused = rule(g, p, state)[0]
+        with torch_lstm():
+            fused = rule(g, p, state)[0]
+        assert torch.allclose(fused, rule(g, p, state)[0], atol=1e-5)
         assert torch.allclose(fused, separate_ops(g, state["h"], state["c"])[0], atol=1e-5)
         assert torch.allclose(fused, compiled_step(g, state["h"], state["c"])[0], atol=1e-5)
+        with torch_lstm():
+            before = time_call(lambda: rule(g, p, state))
         timings = {
-            "nn.LSTM (oneDNN fused cell)": time_call(lambda: rule(g, p, state)),
+            "the rule as it runs (`lstm_step`)": time_call(lambda: rule(g, p, state)),
+            "nn.LSTM (oneDNN fused cell; the optimizer's step before)": before,
             "separate PyTorch ops": time_call(lambda: separate_ops(g, state["h"], state["c"])),
             "separate ops under torch.compile": time_call(lambda: compiled(g, state["h"], state["c"])),
-            "meta-training step's formulation under torch.compile": time_call(
+            "`lstm_step`'s formulation compiled as one function": time_call(
                 lambda: compiled_step(g, state["h"], state["c"])
             ),
         }
@@ -85,7 +90,7 @@ def main() -> None:
     for r in rows:
         print(r)
     table = [
-        f"One {n}-coordinate chunk of the default CoordinateLSTM forward ({flops} FLOPs per coordinate), "
+        f"One {n}-coordinate chunk of the paper-configuration CoordinateLSTM forward ({flops} FLOPs per coordinate), "
         f"{torch.get_num_threads()} threads; torch.compile took {compile_seconds:.0f} s to compile.\n",
         "| variant | ms per chunk | GFLOP/s |",
         "|---|---:|---:|",

@@ -36,32 +36,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gflop_count, matmul_gflops, write_results  # noqa: E402
+from common import gflop_count, matmul_gflops, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
-from learnedopt.nn import RULES, State, UpdateRule, coordinate_lstm, meta_lstm  # noqa: E402
+from learnedopt.nn import RULES, State, UpdateRule  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
-
-
-@contextlib.contextmanager
-def torch_lstm():
-    """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (autograd through oneDNN's
-    cell) instead of :func:`learnedopt.nn.lstm_step.lstm_step`."""
-
-    def through_nn_lstm(lstm, x, h, c):
-        top, (h, c) = lstm(x.unsqueeze(0), (h, c))
-        return top[0], h, c
-
-    modules = (coordinate_lstm, meta_lstm)
-    originals = [m.lstm_one_step for m in modules]
-    for m in modules:
-        m.lstm_one_step = through_nn_lstm
-    try:
-        yield
-    finally:
-        for m, original in zip(modules, originals, strict=True):
-            m.lstm_one_step = original
 
 
 def _forward_symbolic(*args):

@@ -90,3 +90,23 @@ def test_float64_copy_of_the_rule_follows_in_place_weight_changes() -> None:
     opt.step()
     step = opt.rule.config.output_scale * opt.param_groups[0]["lr"]
     torch.testing.assert_close(params[0] - before, torch.full_like(before, step))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_float32_step_of_a_coordinate_does_not_depend_on_the_chunking(kind) -> None:
+    """Bit for bit, in float32 with the default (compiled) LSTM step: the promise that lets a
+    sharded (FSDP) step equal the unsharded one. Chunks of 1 to 4,096 coordinates, so the
+    compiled pointwise code runs with constant and with symbolic batch sizes, and the gate
+    products with 64 rows (padded) to thousands."""
+    shapes = [(1,), (7,), (64,), (30, 40), (1928,)]
+    results = []
+    for chunk in (4096, 1, 64, 100, 777):
+        params = make_params(shapes, dtype=torch.float32)
+        opt = OPTIMIZERS[kind](params, state_dtype=torch.float32)
+        opt.chunk = chunk
+        for t in range(3):
+            set_grads(params, seed=100 + t)
+            step(opt, 0.5 + t)
+        results.append([p.detach().clone() for p in params])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))

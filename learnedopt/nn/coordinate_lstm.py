@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
 from .functional import preprocess, rms_denominator
-from .lstm_step import lstm_one_step
+from .lstm_step import lstm_step
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ class CoordinateLSTM(UpdateRule):
     def __init__(self, config: CoordinateLSTMConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         config = self.config
-        # torch's LSTM: gate rows ordered (input, forget, cell, output), weights
-        # weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}; on CPU it runs oneDNN's
-        # fused cell, several times faster than the same math as separate ops.
+        # torch's LSTM holds the weights (gate rows ordered input, forget, cell, output;
+        # weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}), so that they load and save
+        # as usual; the step runs as lstm_step, faster on CPU than the module's own forward
+        # (oneDNN's fused cell; benchmarks/lstm_chunk.py)
         self.lstm = nn.LSTM(config.num_inputs, config.hidden_size, config.num_layers)
         self.head = nn.Linear(config.hidden_size, 1)
         self.reset_parameters()
@@ -161,7 +162,7 @@ class CoordinateLSTM(UpdateRule):
     def step_from_features(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The LSTM stack and the head on :meth:`features`' ``x`` ``(n, num_inputs)`` and the
         states ``h, c`` ``(num_layers, n, hidden_size)``: ``(step (n,), new_h, new_c)``."""
-        top, h, c = lstm_one_step(self.lstm, x, h, c)
+        top, h, c = lstm_step(self.lstm, x, h, c)
         # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
         # can depend on n: a coordinate's step must not depend on how coordinates were batched
         # (chunks, tensors, FSDP shards)

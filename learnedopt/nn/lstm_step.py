@@ -1,4 +1,5 @@
-"""One time step of a stacked LSTM with a hand-written backward, for meta-training.
+"""One time step of a stacked LSTM with a hand-written backward: both rules' LSTM, in the
+optimizer's no-grad step and under autograd in meta-training.
 
 A learned optimizer runs its LSTM for exactly one time step per optimizer step, on a batch of
 ``n`` coordinates (tens of thousands to millions) with a small hidden size (20). At that shape
@@ -194,13 +195,3 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
         hs.append(x)
         cs.append(c_new)
     return x, torch.stack(hs), torch.stack(cs)
-
-
-def lstm_one_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`lstm_step` where autograd will go through the step (meta-training), else ``lstm``
-    itself (oneDNN's fused cell on CPU: the faster forward, for the optimizer's no-grad step).
-    Same arguments and results as :func:`lstm_step`."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *lstm.parameters())):
-        return lstm_step(lstm, x, h, c)
-    top, (h, c) = lstm(x.unsqueeze(0), (h, c))
-    return top[0], h, c

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
 from .functional import debiased_ema, preprocess, rms_denominator
-from .lstm_step import lstm_one_step
+from .lstm_step import lstm_step
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class MetaLSTMCell(UpdateRule):
         Returns:
             ``(step (n,), new_h, new_c, new_fi)``.
         """
-        h, h_all, c_all = lstm_one_step(self.lstm, x, h, c)
+        h, h_all, c_all = lstm_step(self.lstm, x, h, c)
         hidden = self.config.hidden_size
         # gate pre-activations: the h_t part as a per-row sum (not a BLAS product, whose rounding
         # of a row can depend on the number of rows: a coordinate's update must not depend on
