@@ -1,0 +1,81 @@
+"""The cost of an optimizer's first step: ``torch.compile`` of the LSTM step's pointwise function.
+
+Each measurement is a fresh Python process that builds a small model (``nn.Linear(100, 10)``,
+1,010 parameters), one ``LSTMOptimizer`` (the default preset) and times its first three
+``step()`` calls:
+
+- cold: an empty Inductor cache (``TORCHINDUCTOR_CACHE_DIR`` set to a new folder), as on a fresh
+  machine;
+- warm: the same cache again, as in every later process on that machine;
+- eager: ``LEARNEDOPT_COMPILE=0``, nothing compiled.
+
+    python benchmarks/first_step.py [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+CHILD = """
+import json, time, torch
+torch.set_num_threads({threads})
+from learnedopt import LSTMOptimizer
+model = torch.nn.Linear(100, 10)
+optimizer = LSTMOptimizer(model.parameters())
+model(torch.randn(4, 100)).sum().backward()
+seconds = []
+for _ in range(3):
+    start = time.perf_counter()
+    optimizer.step()
+    seconds.append(time.perf_counter() - start)
+print(json.dumps(seconds))
+"""
+
+
+def first_steps(env: dict[str, str], threads: int) -> list[float]:
+    """Seconds of the first three ``step()`` calls in a fresh process with ``env``."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(threads=threads)], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "LEARNEDOPT_COMPILE": "1"}
+        for case, case_env in (
+            ("cold Inductor cache", env),
+            ("warm Inductor cache", env),
+            ("LEARNEDOPT_COMPILE=0", {**env, "LEARNEDOPT_COMPILE": "0"}),
+        ):
+            seconds = first_steps(case_env, args.threads)
+            rows.append(dict(case=case, first_s=seconds[0], second_ms=seconds[1] * 1e3, third_ms=seconds[2] * 1e3))
+            print(rows[-1], flush=True)
+    table = [
+        "First three `LSTMOptimizer.step()` calls (default preset, `nn.Linear(100, 10)`: 1,010 parameters) "
+        f"in a fresh process each, {args.threads} thread(s).\n",
+        "| case | first step s | second step ms | third step ms |",
+        "|---|---:|---:|---:|",
+        *(f"| {r['case']} | {r['first_s']:.2f} | {r['second_ms']:.2f} | {r['third_ms']:.2f} |" for r in rows),
+    ]
+    write_results("first_step", {"threads": args.threads, "rows": rows}, "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
