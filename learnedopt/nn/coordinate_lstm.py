@@ -72,8 +72,8 @@ class CoordinateLSTM(UpdateRule):
         config = self.config
         # torch's LSTM holds the weights (gate rows ordered input, forget, cell, output;
         # weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}), so that they load and save
-        # as usual; the step runs as lstm_step, faster on CPU than the module's own forward
-        # (oneDNN's fused cell; benchmarks/lstm_chunk.py)
+        # as usual; the step runs as lstm_step, which was faster than the module's own forward
+        # (oneDNN's fused cell) on the CPU host where both were timed (benchmarks/lstm_chunk.py)
         self.lstm = nn.LSTM(config.num_inputs, config.hidden_size, config.num_layers)
         self.head = nn.Linear(config.hidden_size, 1)
         self.reset_parameters()

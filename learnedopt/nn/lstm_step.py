@@ -4,8 +4,9 @@ optimizer's no-grad step and under autograd in meta-training.
 A learned optimizer runs its LSTM for exactly one time step per optimizer step, on a batch of
 ``n`` coordinates (tens of thousands to millions) with a small hidden size (20). At that shape
 its matrix products are skinny (inner sizes of 2 to 41) and its elementwise work is bound by
-memory traffic. On CPU, ``torch.nn.LSTM`` (oneDNN's RNN primitive) ran slower than this step both
-forward (``benchmarks/lstm_chunk.py``) and backward (``benchmarks/meta_train_throughput.py``).
+memory traffic. On the CPU hosts where both were timed, ``torch.nn.LSTM`` (oneDNN's RNN
+primitive) ran slower than this step, forward (``benchmarks/lstm_chunk.py``) and forward plus
+backward (``benchmarks/meta_train_throughput.py``).
 :class:`LSTMCellStep` computes the step as one BLAS product plus ONE pointwise function
 (:func:`cell_forward`) and saves the gate activations; its backward is the closed-form LSTM
 gradient: one pointwise function (:func:`cell_backward`) plus two BLAS products.
