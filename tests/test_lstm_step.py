@@ -173,3 +173,30 @@ def test_no_grad_step_and_meta_training_step_are_the_same_bits(monkeypatch: pyte
     assert len(calls) == 2 * rule.lstm.num_layers
     assert step_grad.requires_grad
     assert torch.equal(step_grad.detach(), step_no_grad)
+
+
+def test_each_dtype_and_hidden_size_has_its_own_compiled_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo keeps a bounded number of compiled variants per code object and then runs the
+    function eagerly (slower, other rounding). Rules of many hidden sizes and dtypes in one
+    process must each keep compiled code: here with the bound lowered to 2 and hitting it made
+    an error, six kinds of input (three hidden sizes, two dtypes), each at two batch sizes."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    forward = lstm_step_module._Compiled(lstm_step_module.cell_forward)
+    kinds = [(dtype, hidden) for dtype in (torch.float32, torch.float64) for hidden in (3, 5, 7)]
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # _Compiled warns if compiling fails
+        for dtype, hidden in kinds:
+            for n in (4, 9):
+                gates, c = torch.randn(n, 4 * hidden, dtype=dtype), torch.randn(n, hidden, dtype=dtype)
+                for got, want in zip(forward(gates, c), lstm_step_module.cell_forward(gates, c), strict=True):
+                    torch.testing.assert_close(got, want)
+        assert not forward.failed
+        assert len(forward.compiled) == len(kinds)
+        # the same calls through one compiled function hit the bound: the setting above would catch it
+        single = real_compile(lstm_step_module.cell_forward, backend="eager")
+        with pytest.raises(Exception, match="recompile_limit"):
+            for dtype, hidden in kinds:
+                single(torch.randn(4, 4 * hidden, dtype=dtype), torch.randn(4, hidden, dtype=dtype))
+    torch._dynamo.reset()

@@ -13,7 +13,8 @@ gradient: one pointwise function (:func:`cell_backward`) plus two BLAS products.
 
 The two pointwise functions are compiled with ``torch.compile`` (one fused loop each instead of
 about fifteen passes over memory) the first time they run, which takes seconds once per process
-and dtype, and once more when the batch size first changes (see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
+and kind of input (device, dtype, hidden size), and once more when the batch size first changes
+(see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
 compiler, an unsupported platform) they run eagerly, with one warning. Both ways compute the
 same math as ``torch.nn.LSTM`` (torch's gate order ``i, f, g, o``), equal to rounding.
 
@@ -24,6 +25,7 @@ backward through each rule call; differentiating that backward again raises an e
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from collections.abc import Callable
 
@@ -83,6 +85,12 @@ def compile_enabled() -> bool:
 class _Compiled:
     """``fn`` compiled on first use, or ``fn`` itself when compiling is off or fails.
 
+    Each kind of input (device, dtype and every size but the first, the batch size: the hidden
+    size for both pointwise functions) gets its own compiled copy of ``fn``. Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) compiled variants per code object and runs any
+    later one eagerly, more slowly and with other rounding; a process that builds rules of
+    several hidden sizes and dtypes (a sweep, a test suite) would reach that with one copy.
+
     ``dynamic`` is ``torch.compile``'s. The default (``None``) compiles the first call's shapes
     as constants and recompiles once, with the batch size symbolic, when another shape comes. A
     run whose coordinate count never changes (one task family of fixed architecture) keeps the
@@ -94,24 +102,33 @@ class _Compiled:
     def __init__(self, fn: Callable[..., tuple[Tensor, ...]], dynamic: bool | None = None) -> None:
         self.fn = fn
         self.dynamic = dynamic
-        self.compiled: Callable[..., tuple[Tensor, ...]] | None = None
+        self.compiled: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
         self.failed = False
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
         if self.failed or not compile_enabled():
             return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
+        kind = tuple((a.device.type, a.dtype, tuple(a.shape[1:])) for a in args)
+        compiled = self.compiled.get(kind)
+        if compiled is None:
+            compiled = self.compiled[kind] = torch.compile(_with_own_code(self.fn), dynamic=self.dynamic)
         try:
-            return self.compiled(*args)
+            return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
             self.failed = True
             warnings.warn(
                 f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: {str(err)[:200]}); "
-                "the LSTM step runs eagerly (slower, same result)",
+                "the LSTM step runs eagerly (slower; the same math, other rounding)",
                 stacklevel=3,
             )
             return self.fn(*args)
+
+
+def _with_own_code(fn: Callable) -> Callable:
+    """A copy of ``fn`` with a code object of its own, so its own cache of compiled variants."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__
+    return copy
 
 
 _cell_forward = _Compiled(cell_forward)
