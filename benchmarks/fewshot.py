@@ -357,7 +357,7 @@ def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28
 
 def _omniglot_job(method: str, ways: int, args, queue) -> None:
     """One method and way count, in its own process so peak memory is its own."""
-    from learnedopt.meta.train import peak_rss_mb
+    from learnedopt.meta.loop import peak_rss_mb
 
     torch.set_num_threads(args.threads_per_job)
     start = time.perf_counter()

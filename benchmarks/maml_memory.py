@@ -40,7 +40,7 @@ def cell(mode: str, steps: int, meta_batch: int, ways: int, shots: int) -> dict[
     import torch
 
     from learnedopt.meta.maml import MAML
-    from learnedopt.meta.train import peak_rss_mb
+    from learnedopt.meta.loop import peak_rss_mb
     from learnedopt.models import conv4
 
     torch.set_num_threads(1)

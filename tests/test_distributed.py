@@ -21,8 +21,8 @@ from distributed_worker import META_RUNS, meta_args
 from safetensors.torch import load_file
 
 from learnedopt.cli import main
-from learnedopt.meta import train
-from learnedopt.meta.train import MACHINE_FIELDS
+from learnedopt.meta import loop, train
+from learnedopt.meta.loop import MACHINE_FIELDS
 from learnedopt.meta.distributed import SINGLE, Workers
 from learnedopt.meta.fewshot import FewShotLearner, load_learner
 
@@ -115,8 +115,8 @@ def test_meta_batch_must_split_over_the_ranks() -> None:
     assert SINGLE.share(3) == slice(0, 3)
     with pytest.raises(ValueError, match="--meta-batch 3 does not split evenly over 2 processes"):
         Workers(rank=0, world_size=2).share(3)
-    with pytest.raises(train.ConfigError, match="use a multiple of 2"):
-        train.check_shares(3, Workers(rank=0, world_size=2))
+    with pytest.raises(loop.ConfigError, match="use a multiple of 2"):
+        loop.check_shares(3, Workers(rank=0, world_size=2))
 
 
 # ----------------------------------------------------------------------------- FSDP

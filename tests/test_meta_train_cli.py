@@ -14,7 +14,7 @@ from test_meta_unroll import write_fake_mnist
 
 from learnedopt import load_weights
 from learnedopt.cli import main
-from learnedopt.meta.train import MACHINE_FIELDS
+from learnedopt.meta.loop import MACHINE_FIELDS
 from learnedopt.weights import read_header
 
 # small and fast: 4 tasks, 10 steps in truncations of 5
@@ -299,7 +299,7 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(
 
 
 def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
-    from learnedopt.meta.train import clip_meta_gradient_
+    from learnedopt.meta.loop import clip_meta_gradient_
 
     w = torch.nn.Parameter(torch.ones(3))
     w.grad = torch.tensor([3.0, 4.0, 0.0])

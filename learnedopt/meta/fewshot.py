@@ -60,12 +60,8 @@ from torch.func import functional_call, vmap
 
 from ..nn import RULES, MetaLSTMCell, UpdateRule
 from .distributed import SINGLE, Workers
-from .maml import MAML, replace_batchnorm_
-from .reptile import Reptile
-from .tasks import TaskBatch, derive_seed, generator_for
-from .train import (
+from .loop import (
     CARD_NAME,
-    LSTM_ONLY,
     ConfigError,
     check_rule_config,
     check_run,
@@ -77,6 +73,10 @@ from .train import (
     train_loop,
     write_text_atomic,
 )
+from .maml import MAML, replace_batchnorm_
+from .reptile import Reptile
+from .tasks import TaskBatch, derive_seed, generator_for
+from .train import LSTM_ONLY
 from .unroll import UnrollResult, num_coordinates, unroll
 
 Params = dict[str, Tensor]

@@ -18,7 +18,7 @@ and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 ``--algo`` chooses what is meta-trained: ``lstm`` (the default) is the update-rule training above;
 ``maml``, ``fomaml``, ``reptile`` and ``meta-lstm`` meta-train a few-shot learner (a learned
 initialisation, and for ``meta-lstm`` also a learned update rule) on sinusoid or Omniglot tasks,
-see :mod:`learnedopt.meta.fewshot`. Every algorithm runs through :func:`train_loop`, so they share
+see :mod:`learnedopt.meta.fewshot`. Every algorithm runs through :func:`learnedopt.meta.loop.train_loop`, so they share
 the progress bar, the log, the atomic checkpoints, the exact resume and the one-line errors.
 """
 
@@ -32,11 +32,10 @@ import math
 import os
 import shlex
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,21 +44,27 @@ from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
+from .loop import (
+    CARD_NAME,
+    LOG_NAME,
+    WEIGHTS_NAME,
+    ConfigError,
+    check_rule_config,
+    check_run,
+    clip_meta_gradient_,
+    last_record,
+    model_card,
+    processes_note,
+    refuse_options,
+    train_loop,
+    write_text_atomic,
+)
 from .tasks import TASK_FAMILIES, TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
-WEIGHTS_NAME = "weights.safetensors"
-CARD_NAME = "MODEL_CARD.md"
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM = 0, 1, 2  # generator_for(seed, stream[, step])
 #: what ``--algo`` accepts: update-rule training, then the few-shot learners of fewshot.py
 ALGOS: tuple[str, ...] = ("lstm", "maml", "fomaml", "reptile", "meta-lstm")
-
-
-class ConfigError(ValueError):
-    """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
 
 
 @dataclass(frozen=True)
@@ -251,23 +256,6 @@ def episode(
     return losses, grad_norms
 
 
-def clip_meta_gradient_(params: list[Tensor], clip: float | None) -> float:
-    """Clip the meta-gradient of ``params`` to norm ``clip`` (None: measure only) in place.
-
-    Returns:
-        the norm before clipping.
-
-    Raises:
-        FloatingPointError: the norm is NaN or Inf; the caller must not take the meta-step, so
-            the meta-parameters stay as they were (and the last checkpoint stays valid).
-    """
-    # max_norm=inf measures the norm and scales the gradients by exactly 1.0
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf))
-    if not math.isfinite(norm):
-        raise FloatingPointError(f"the meta-gradient norm is {norm} (the meta-parameters were left unchanged)")
-    return norm
-
-
 def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> float:
     """Mean optimizee loss over a fixed episode (generator ``(seed, 2)``), no meta-updates."""
     frozen = copy.deepcopy(rule).requires_grad_(False)  # no graph through the meta-parameters
@@ -392,302 +380,12 @@ def meta_train(
     return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
 
 
-# ----------------------------------------------------------------------------- the shared loop
-class RunConfig(Protocol):
-    """What :func:`train_loop` needs of a configuration (:class:`MetaTrainConfig` and
-    :class:`learnedopt.meta.fewshot.FewShotConfig` have it)."""
-
-    meta_steps: int
-    seed: int
-    RESUMABLE_CHANGES: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class Trainer(Protocol):
-    """One algorithm's meta-training state, driven by :func:`train_loop`.
-
-    ``step(s)`` runs meta-step ``s`` (1-based), drawing its randomness from ``(seed, stream, s)``
-    only, and returns the log fields of that step (``meta_loss`` first; plain numbers). Its
-    ``state_dict`` is everything a checkpoint must hold for a resumed run to repeat an
-    uninterrupted one bit for bit.
-    """
-
-    def step(self, step: int) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``."""
-    try:
-        RULES[rule].from_config_dict(dict(rule_config))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--rule-config: {err}") from None
-
-
-def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:
-    """The checks every algorithm's run starts with: the configuration (``config.validate()``),
-    ``checkpoint_every``, and a meta-batch that splits over the workers (default:
-    :func:`learnedopt.meta.distributed.current`), which are returned.
-
-    Raises:
-        ConfigError: the first problem found.
-    """
-    config.validate()
-    check_device(config.device)
-    check_checkpoint_every(checkpoint_every)
-    workers = distributed.current() if workers is None else workers
-    check_shares(config.meta_batch, workers)
-    return workers
-
-
-def check_device(device: str) -> torch.device:
-    """``device`` as a :class:`torch.device`; raises :class:`ConfigError` unless it is the CPU or
-    a CUDA device this process can use."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return parsed
-
-
-def check_shares(meta_batch: int, workers: Workers) -> None:
-    """Raise :class:`ConfigError` unless the meta-batch splits evenly over the ranks."""
-    try:
-        workers.share(meta_batch)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def check_checkpoint_every(checkpoint_every: int) -> None:
-    """Raise :class:`ConfigError` unless ``checkpoint_every`` is a positive integer."""
-    if checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
-
-
-def train_loop(
-    config: RunConfig,
-    trainer: Trainer,
-    out: Path,
-    *,
-    checkpoint_every: int,
-    resume: bool,
-    max_steps: int | None,
-    progress: bool,
-    hint: str = "lower --meta-lr or --clip",
-    workers: Workers = SINGLE,
-) -> tuple[int, list[dict[str, Any]]]:
-    """Run ``trainer``'s meta-steps up to ``config.meta_steps`` (or ``max_steps``), with the log,
-    the progress bar and the atomic checkpoints (every ``checkpoint_every`` steps and at the end).
-
-    ``out`` is created only once the configuration has passed every check, so a refused run
-    leaves nothing behind. With ``resume``, the trainer's state and the step come from
-    ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again).
-
-    With several ``workers`` every rank runs the steps (the trainer shares the work out) and
-    reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the
-    progress. The ranks meet at a barrier after the checks, so no rank sees files that another
-    rank has just started writing.
-
-    Returns:
-        ``(step, log)``: the last meta-step completed and the records this call wrote.
-
-    Raises:
-        ConfigError: an existing run without ``resume``, a checkpoint that does not fit, or a
-            non-finite meta-loss (the message ends with ``hint``).
-    """
-    start = 0
-    checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if resume:
-        payload = _load_checkpoint(checkpoint_path, config)
-        trainer.load_state_dict(payload)
-        start = int(payload["step"])
-    elif checkpoint_path.exists() or log_path.exists():
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if start > config.meta_steps:
-        raise ConfigError(
-            f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
-        )
-    workers.barrier()
-    if workers.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_log(log_path, start)
-
-    stop = config.meta_steps if max_steps is None else min(config.meta_steps, max_steps)
-    log: list[dict[str, Any]] = []
-    running = None
-    bar = _Progress(start, config.meta_steps, progress and workers.is_main)
-    with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file:
-        for step in range(start + 1, stop + 1):
-            began = time.perf_counter()
-            try:
-                fields = trainer.step(step)
-            except FloatingPointError as err:
-                raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
-            record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
-            if (peak := peak_rss_mb()) is not None:
-                record["peak_rss_mb"] = peak
-            log.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            running = (
-                record["meta_loss"]
-                if running is None
-                else 0.9 * running + 0.1 * record["meta_loss"]
-            )
-            bar.update(record, running)
-            if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps):
-                _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
-    bar.close()
-    return max(start, stop), log
-
-
-#: log fields that measure the machine, not the run (they differ between a run and its resumption)
-MACHINE_FIELDS: tuple[str, ...] = ("seconds", "peak_rss_mb")
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The log record of the last meta-step (from ``log``, else from ``out/log.jsonl``)."""
-    return log[-1] if log else _read_log(out / LOG_NAME)[-1]
-
-
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     """The task family of ``config`` (data part ``split``) on ``config.device``."""
     try:
         return make_family(config.task, data=config.data, split=split).to(config.device)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--task {config.task} needs MNIST: {err}") from None
-
-
-# ----------------------------------------------------------------------------- checkpoints, log
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _save_checkpoint(
-    path: Path, config: RunConfig, state: Mapping[str, Any], step: int
-) -> None:
-    """Write the checkpoint (a trainer's ``state`` plus step and config) atomically: a temporary
-    file, then ``os.replace``."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "config": config.to_dict(),
-        **state,
-        # Every generator is re-derived from (seed, key) when used, so the seed is the whole
-        # RNG state; recorded explicitly so that a reader need not know the scheme.
-        "rng": {
-            "scheme": "torch.Generator per use, seeded by derive_seed(seed, key)",
-            "seed": config.seed,
-        },
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
-    """The checkpoint's payload, once its format and config are checked against ``config``."""
-    if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}")
-    try:
-        payload = _load(path)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line report
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"--resume: cannot read {path}: {first_line}") from None
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(
-            f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
-        )
-    # A field added to RunConfig after the checkpoint was written is absent from it; the old
-    # run behaved as the field's default does, so the default is what it is compared with.
-    defaults = {
-        f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
-    }
-    saved = {**defaults, **payload["config"]}
-    current = config.to_dict()
-    changed = sorted(
-        k for k in current if k not in config.RESUMABLE_CHANGES and saved.get(k) != current[k]
-    )
-    if changed:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown})")
-    return payload
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of meta-steps after the checkpoint (they will be run again)."""
-    kept = [r for r in _read_log(path) if r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- progress, card
-class _Progress:
-    """A tqdm bar with the running meta-loss when tqdm is installed, else one stderr line per step."""
-
-    def __init__(self, done: int, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.bar = total, enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(initial=done, total=total, desc="meta-train", unit="meta-step")
-
-    def update(self, record: dict[str, Any], running: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(meta_loss=f"{record['meta_loss']:.4g}", running=f"{running:.4g}")
-            self.bar.update(1)
-        elif self.enabled:
-            others = "  ".join(
-                f"{k} {v:.4g}"
-                for k, v in record.items()
-                if k not in ("step", "meta_loss", "seconds", "meta_updates")
-            )
-            print(
-                f"meta-step {record['step']}/{self.total}  meta-loss {record['meta_loss']:.4g}  "
-                f"running {running:.4g}  {others}  {record['seconds']:.2f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 _MIXTURE_EVAL_NOTE = (
@@ -725,61 +423,6 @@ The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator
 run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`."""
     text = model_card(f"Meta-trained {rule.kind}", processes_note(processes), command, config.to_dict(), details, data, metrics)
     write_text_atomic(path, text)
-
-
-def processes_note(processes: int) -> str:
-    """The model card's note on a run spread over several ``torchrun`` processes ('' for one)."""
-    if processes == 1:
-        return ""
-    return (f" It ran on {processes} processes under `torchrun` (the command below, launched with "
-            f"`torchrun --nproc_per_node={processes} -m learnedopt.meta.train ...`); the result does not "
-            "depend on the number of processes beyond the order of floating-point sums.")  # fmt: skip
-
-
-def model_card(
-    title: str, intro: str, command: str, settings: dict[str, Any], details: str, data: str, metrics: str
-) -> str:
-    """The Markdown model card every ``meta-train`` run writes (one layout for every algorithm)."""
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in settings.items())
-    return f"""# {title}
-
-Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
-
-## Command
-
-```
-{command}
-```
-
-## Configuration
-
-| setting | value |
-|---|---|
-{rows}
-
-{details}
-
-## Data
-
-{data}
-
-## Final metrics
-
-{metrics}
-"""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- command line
@@ -950,18 +593,6 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
     return value
-
-
-def refuse_options(
-    args: argparse.Namespace, names: Sequence[str], context: str, owners: str
-) -> None:
-    """Raise :class:`ConfigError` for the first option in ``names`` that was given (not None):
-    it does not apply in ``context`` (e.g. ``"--algo lstm"``); ``owners`` says where it does."""
-    for name in names:
-        if getattr(args, name, None) is not None:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} does not apply to {context}; it is an option of {owners}"
-            )
 
 
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
