@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import re
 import statistics
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
+#: tensors, this library's compile switch, OpenMP threads, glibc's allocator settings
+SPEED_ENV = ("THP_MEM_ALLOC_ENABLE", "LEARNEDOPT_COMPILE", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 5, min_time: float = 0.2) -> float:
@@ -61,7 +65,7 @@ def machine() -> dict[str, object]:
         )
     except (OSError, StopIteration):
         cpu = platform.processor()
-    return {
+    info: dict[str, object] = {
         "cpu": cpu,
         # the vector ISA torch's kernels dispatch to (AVX2, AVX512, ...): one model name
         # ("AMD EPYC") has covered hosts on which oneDNN's LSTM ran 3.5x apart
@@ -72,6 +76,10 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "commit": _git_commit(),
     }
+    env = {k: os.environ[k] for k in SPEED_ENV if os.environ.get(k)}
+    if env:  # recorded only when set, so that results of default runs read as before
+        info["env"] = env
+    return info
 
 
 def _git_commit() -> str | None:

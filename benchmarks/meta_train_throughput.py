@@ -22,7 +22,10 @@ products faster than a large square one).
     python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
 
 With ``--rule MetaLSTMCell`` (called once per task with that task's loss) there is no per-tensor
-row, and the baseline is the batched unroll through ``torch.nn.LSTM``.
+row, and the baseline is the batched unroll through ``torch.nn.LSTM``. Each row also records the
+truncation's minor page faults and system CPU time; ``--tag`` names the results file of a run
+under other settings, e.g. ``THP_MEM_ALLOC_ENABLE=1 ... --tag thp`` (torch's 2 MiB pages, which
+the results' machine record notes).
 """
 
 from __future__ import annotations
@@ -113,6 +116,19 @@ def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor
     return time.perf_counter() - start, [p.grad.clone() for p in weights]
 
 
+def os_counters() -> tuple[int, float]:
+    """This process's minor page faults and system CPU seconds so far (0, 0.0 where the OS does
+    not say). A first touch of freshly mapped memory is a page fault; how often the allocator
+    returns memory to the OS and maps it again differs by host and settings
+    (``THP_MEM_ALLOC_ENABLE=1``: 2 MiB pages), and so does a truncation's time."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, float]:
     """Percent of self CPU time of the ``top`` most expensive operators in one truncation
     (``torch.profiler``), the rest summed as ``"other"``."""
@@ -145,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--tag", help="suffix of the results file name (e.g. for a run under other settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     family = make_family(args.task, split="meta_train")
@@ -164,12 +181,16 @@ def main() -> None:
         with context():
             truncation(r, family, args)  # warm-up (and torch.compile of the LSTM step's pointwise parts)
     times = {name: [] for name in runs}
+    os_costs = {name: [] for name in runs}  # (minor page faults, system CPU s) of each timed truncation
     grads = {}
     for _ in range(args.repeats):
         for name, (r, context) in runs.items():
             with context():
+                before = os_counters()
                 seconds, grads[name] = truncation(r, family, args)
+                after = os_counters()
             times[name].append(seconds)
+            os_costs[name].append((after[0] - before[0], after[1] - before[1]))
     profiles = {}
     for name in ("batched", "batched-nn-lstm"):
         r, context = runs[name]
@@ -180,6 +201,8 @@ def main() -> None:
         ((a - b).norm() / b.norm()).item() for name in runs if name != baseline for a, b in zip(grads[name], reference)
     )
     best = {k: min(v) for k, v in times.items()}
+    # of the fastest (reported) truncation of each implementation
+    faults, system = ({k: os_costs[k][v.index(best[k])][i] for k, v in times.items()} for i in (0, 1))
     gflop = gflop_count(lambda: truncation(rule, family, args))
     peak = matmul_gflops()
     floor = gflop / peak
@@ -190,6 +213,7 @@ def main() -> None:
         compiled=compile_enabled(), profile_self_cpu_percent=profiles, gflop_per_truncation=gflop,
         matmul_gflops=peak, floor_seconds=floor, speedup_bound=best[baseline] / floor,
         batched_gflops=gflop / best["batched"],
+        minor_page_faults=faults, system_seconds={k: round(v, 3) for k, v in system.items()},
     )
     print(row)
     lines = [
@@ -197,12 +221,19 @@ def main() -> None:
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
         f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} after a warm-up, {row['threads']} "
         f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
-        "| implementation | seconds / truncation | truncations / s | speed-up vs baseline |",
-        "|---|---:|---:|---:|",
+        "| implementation | seconds / truncation | truncations / s | speed-up vs baseline | minor page faults | system CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in runs:
         label = IMPLEMENTATIONS[name] + (" (baseline)" if name == baseline and "baseline" not in IMPLEMENTATIONS[name] else "")
-        lines.append(f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best[baseline] / best[name]:.2f}x |")
+        lines.append(
+            f"| {label} | {best[name]:.2f} | {1 / best[name]:.3f} | {best[baseline] / best[name]:.2f}x "
+            f"| {faults[name]:,} | {system[name]:.2f} |"
+        )
+    lines.append(
+        "\nPage faults and system CPU time are those of the reported (fastest) truncation: the kernel's "
+        "share of it, mostly mapping fresh memory on first touch."
+    )
     lines.append(f"\nLargest relative meta-gradient difference from the baseline: {diff:.1e}.")
     lines.append(
         f"\nAgainst the hardware: one truncation's matrix products are {gflop:.2f} GFLOP (counted on the "
@@ -216,7 +247,7 @@ def main() -> None:
     for name, shares in profiles.items():
         ops = ", ".join(f"`{op}` {share}%" for op, share in shares.items())
         lines.append(f"\nSelf CPU time in one profiled truncation, {IMPLEMENTATIONS[name]}: {ops}.")
-    suffix = "" if args.rule == "CoordinateLSTM" else f"_{args.rule}"
+    suffix = ("" if args.rule == "CoordinateLSTM" else f"_{args.rule}") + (f"_{args.tag}" if args.tag else "")
     write_results("meta_train_throughput" + suffix, {"rows": [row]}, "\n".join(lines))
 
 
