@@ -56,11 +56,9 @@ def clip_meta_gradient_(params: list[Tensor], clip: float | None) -> float:
 
 
 # ----------------------------------------------------------------------------- the shared loop
-
-
 class RunConfig(Protocol):
-    """What :func:`train_loop` needs of a configuration (:class:`MetaTrainConfig` and
-    :class:`learnedopt.meta.fewshot.FewShotConfig` have it)."""
+    """What :func:`train_loop` needs of a configuration (:class:`learnedopt.meta.train.MetaTrainConfig`
+    and :class:`learnedopt.meta.fewshot.FewShotConfig` have it)."""
 
     meta_steps: int
     seed: int
@@ -138,6 +136,18 @@ def check_checkpoint_every(checkpoint_every: int) -> None:
     """Raise :class:`ConfigError` unless ``checkpoint_every`` is a positive integer."""
     if checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+
+
+def refuse_options(
+    args: argparse.Namespace, names: Sequence[str], context: str, owners: str
+) -> None:
+    """Raise :class:`ConfigError` for the first option in ``names`` that was given (not None):
+    it does not apply in ``context`` (e.g. ``"--algo lstm"``); ``owners`` says where it does."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} does not apply to {context}; it is an option of {owners}"
+            )
 
 
 def train_loop(
@@ -242,8 +252,6 @@ def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- checkpoints, log
-
-
 def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -316,8 +324,6 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- progress, card
-
-
 class _Progress:
     """A tqdm bar with the running meta-loss when tqdm is installed, else one stderr line per step."""
 
@@ -406,15 +412,3 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def refuse_options(
-    args: argparse.Namespace, names: Sequence[str], context: str, owners: str
-) -> None:
-    """Raise :class:`ConfigError` for the first option in ``names`` that was given (not None):
-    it does not apply in ``context`` (e.g. ``"--algo lstm"``); ``owners`` says where it does."""
-    for name in names:
-        if getattr(args, name, None) is not None:
-            raise ConfigError(
-                f"--{name.replace('_', '-')} does not apply to {context}; it is an option of {owners}"
-            )
