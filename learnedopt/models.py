@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
 
 
 def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: int = 28, pooling: str = "stride") -> nn.Sequential:
@@ -26,3 +29,38 @@ def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: in
         size = (size + 1) // 2 if pooling == "stride" else size // 2
     layers += [nn.Flatten(), nn.Linear(hidden * size * size, n_way)]
     return nn.Sequential(*layers)
+
+
+class TinyTransformer(nn.Module):
+    """A one-block causal transformer language model (GPT-style, LayerNorm before each part).
+
+    Token and position embeddings of ``width``; causal self-attention with ``heads`` heads; an
+    MLP ``width -> 2 width -> width`` with GELU; LayerNorm and a linear head to ``vocab`` logits.
+    Input ``(B, L)`` int64 tokens with ``L <= seq_len``; output ``(B, vocab, L)``: the logits of
+    each position's next token, class dimension second as ``F.cross_entropy`` takes it.
+    """
+
+    def __init__(self, vocab: int = 16, seq_len: int = 16, width: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.token = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(seq_len, width)
+        self.norm_attention = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.norm_head = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.token(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        q, k, v = rearrange(
+            self.qkv(self.norm_attention(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads
+        )
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(rearrange(attended, "b h l d -> b l (h d)"))
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.head(self.norm_head(x)).transpose(1, 2)

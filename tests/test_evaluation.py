@@ -289,3 +289,48 @@ def test_workers_are_validated() -> None:
         evaluate_optimizers(config, log=lambda _: None, workers=0)
     with pytest.raises(ValueError, match="given by name"):
         evaluate_optimizers(config, log=lambda _: None, workers=2)
+
+
+def test_transformer_problem_is_seeded_causal_and_learnable() -> None:
+    """The opt-in transformer problem: the same seed gives the same model; a position's logits do
+    not depend on later tokens (causal attention); the minibatch labels are the inputs shifted by
+    one; a few Adam steps lower its loss. It is not part of the default suite."""
+    from learnedopt.evaluation import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
+
+    assert "transformer-markov" in EXTRA_PROBLEMS and "transformer-markov" not in DEFAULT_PROBLEMS
+    problem = make_problem("transformer-markov").with_steps(20)
+    a, b, other = problem.model(3), problem.model(3), problem.model(4)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), other.parameters(), strict=True))
+    x, y = problem.minibatch(0, 0)
+    assert x.shape == y.shape == (32, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 16
+    logits, logits_changed = a(x), a(changed)
+    assert logits.shape == (32, 16, 16)
+    torch.testing.assert_close(logits[..., :10], logits_changed[..., :10])
+    assert not torch.allclose(logits[..., 10:], logits_changed[..., 10:])
+    optimizer = torch.optim.Adam(a.parameters(), lr=0.01)
+    losses = []
+    for step in range(20):
+        optimizer.zero_grad()
+        loss = problem.loss(a, 0, step)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert max(losses[-5:]) < 0.75 * losses[0]
+
+
+def test_seeded_init_refuses_a_module_it_cannot_initialise() -> None:
+    """Problem models are built on the meta device and initialised from the seed; a module with
+    parameters of its own and no seeded init would keep uninitialised memory, so it is refused."""
+    from learnedopt.evaluation import _init_default_
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factor = nn.Parameter(torch.ones(3))
+
+    with pytest.raises(TypeError, match="no seeded init for the parameters of Scale"):
+        _init_default_(nn.Sequential(nn.Linear(3, 3), Scale()), torch.Generator().manual_seed(0))
