@@ -190,6 +190,12 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         and "| optimizer | lr | final loss mean +- std |" in md
     )
     assert "UNTRAINED" in md
+    # every row but tuned Adam's ends with its paired count over the 2 evaluation seeds
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.count("|") == 8]
+    rows = [r for r in rows if r[0] not in ("optimizer", "---")]
+    assert len(rows) == 2 * (len(BASELINES) + len(DEFAULT_LEARNED))
+    assert all((r[-1] == "-") == (r[0] == "Adam") for r in rows)
+    assert all(r[-1] in ("0/2", "1/2", "2/2") for r in rows if r[0] != "Adam")
     assert Image.open(paths[2]).size[0] > 100
 
     written = {}
@@ -334,3 +340,13 @@ def test_seeded_init_refuses_a_module_it_cannot_initialise() -> None:
 
     with pytest.raises(TypeError, match="no seeded init for the parameters of Scale"):
         _init_default_(nn.Sequential(nn.Linear(3, 3), Scale()), torch.Generator().manual_seed(0))
+
+
+def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite() -> None:
+    from learnedopt.evaluation import seeds_below
+
+    nan = float("nan")
+    assert seeds_below([1.0, 2.0, 3.0, nan, 0.5], [1.5, 1.0, 3.5, 0.1, nan]) == "2/3"
+    assert seeds_below([], []) == "0/0"
+    with pytest.raises(ValueError):
+        seeds_below([1.0], [1.0, 2.0])
