@@ -106,15 +106,19 @@ def _init_default_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """
     with torch.no_grad():
         for module in model.modules():
+            # a layer built without bias (or, for LayerNorm, without affine parameters) has None there
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 bound = 1.0 / math.sqrt(module.weight[0].numel())
                 for p in (module.weight, module.bias):
-                    p.copy_(torch.rand(p.shape, generator=generator) * (2 * bound) - bound)
+                    if p is not None:
+                        p.copy_(torch.rand(p.shape, generator=generator) * (2 * bound) - bound)
             elif isinstance(module, nn.Embedding):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
             elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+                if module.weight is not None:
+                    module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
             elif any(True for _ in module.parameters(recurse=False)):
                 raise TypeError(f"no seeded init for the parameters of {type(module).__name__}")
     return model

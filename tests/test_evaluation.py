@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 
@@ -340,6 +341,10 @@ def test_seeded_init_refuses_a_module_it_cannot_initialise() -> None:
 
     with pytest.raises(TypeError, match="no seeded init for the parameters of Scale"):
         _init_default_(nn.Sequential(nn.Linear(3, 3), Scale()), torch.Generator().manual_seed(0))
+    # layers without bias or affine parameters are initialised, not refused
+    plain = nn.Sequential(nn.Linear(3, 3, bias=False), nn.LayerNorm(3, elementwise_affine=False))
+    seeded = [_init_default_(copy.deepcopy(plain), torch.Generator().manual_seed(0))[0].weight for _ in range(2)]
+    assert torch.equal(*seeded) and seeded[0].abs().max() <= 1 / math.sqrt(3)
 
 
 def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite() -> None:
