@@ -332,7 +332,7 @@ def test_transformer_problem_is_seeded_causal_and_learnable() -> None:
 def test_seeded_init_refuses_a_module_it_cannot_initialise() -> None:
     """Problem models are built on the meta device and initialised from the seed; a module with
     parameters of its own and no seeded init would keep uninitialised memory, so it is refused."""
-    from learnedopt.evaluation import _init_default_
+    from learnedopt.evaluation.problems import _init_default_
 
     class Scale(nn.Module):
         def __init__(self) -> None:

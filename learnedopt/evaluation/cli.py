@@ -1,0 +1,141 @@
+"""``learnedopt evaluate optimizers`` and ``benchmarks/optimizee_eval.py``: arguments to report files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, evaluate_optimizers
+from .problems import PROBLEMS
+from .report import WriteResults, write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``evaluate optimizers`` arguments (shared with ``benchmarks/optimizee_eval.py``)."""
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"problems to run (default all): {', '.join(PROBLEMS)}",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="extra learned-optimizer weight files (.safetensors), run beside the presets",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="evaluation seeds per problem (default 10)"
+    )
+    parser.add_argument(
+        "--tuning-seeds", type=int, default=None, help="lr-tuning seeds per problem (default 3)"
+    )
+    parser.add_argument(
+        "--long-tuning-seeds",
+        type=int,
+        default=None,
+        help="tuning seeds for problems of >= 1000 steps (default: --tuning-seeds)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="baseline lr grid (default 1e-4 .. 1e0 in half-decades)",
+    )
+    parser.add_argument(
+        "--stability-steps",
+        type=int,
+        default=None,
+        help="steps of the learned optimizers' NaN/Inf check on the MNIST MLP (default 10000; 0 skips)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="MNIST folder (default: the LEARNEDOPT_DATA search)"
+    )
+    # The models are tiny: more threads only add synchronisation (measured 2-10x slower with 2 threads on a busy 2-core machine).
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; 0 keeps torch's choice)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes running problems side by side (default 1); the numbers do not depend on it",
+    )
+    parser.add_argument(
+        "--name",
+        default="optimizee_eval",
+        help="file name stem of the report: NAME.json, NAME.md, NAME.png (default optimizee_eval)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """An :class:`EvalConfig` from parsed :func:`add_arguments` arguments (explicit flags beat ``--quick``)."""
+    given = {
+        key: getattr(args, attr)
+        for key, attr in (
+            ("problems", "problems"),
+            ("seeds", "seeds"),
+            ("tuning_seeds", "tuning_seeds"),
+            ("long_tuning_seeds", "long_tuning_seeds"),
+            ("lrs", "lrs"),
+            ("stability_steps", "stability_steps"),
+            ("data", "data"),
+        )
+        if getattr(args, attr) is not None
+    }
+    given["weights"] = list(args.weights)
+    for path in given["weights"]:
+        if not Path(path).is_file():
+            raise ValueError(f"weight file not found: {path}")
+    return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
+
+
+def run_cli(
+    args: argparse.Namespace,
+    out_dir: str | os.PathLike[str],
+    write_results: WriteResults | None = None,
+) -> int:
+    """Parse-args-to-files: build the config, run the harness, write the report, print the paths."""
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate_optimizers(config, workers=args.workers)
+    for path in write_report(report, out_dir, name=args.name, write_results=write_results):
+        print(path)
+    return 0
+
+
+def add_evaluate_optimizers_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``optimizers`` on ``learnedopt evaluate``'s subparsers."""
+    parser = sub.add_parser(
+        "optimizers",
+        help="learned optimizers against tuned SGD/Nesterov/RMSprop/Adam on held-out optimizees",
+    )
+    add_arguments(parser)
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="output folder (default benchmarks/results)"
+    )
+    parser.set_defaults(func=lambda args: run_cli(args, args.out))
+    return parser

@@ -1,0 +1,258 @@
+"""The evaluation harness: every baseline tuned and run, every learned optimizer run, on each
+problem (in worker processes if asked), and the long stability check."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, make_problem
+from .runs import (
+    BASELINES,
+    DEFAULT_LEARNED,
+    DEFAULT_LRS,
+    FINAL_WINDOW,
+    LearnedSpec,
+    final_loss,
+    learned_from_file,
+    run_optimizer,
+    summarize,
+    tune_lr,
+)
+
+#: the --quick grid
+QUICK_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+QUICK_STEPS = 20
+# Seed offsets: tuning seeds never coincide with evaluation seeds (0 .. seeds-1).
+TUNING_SEED_OFFSET = 1_000_000
+STABILITY_SEED = 2_000_000
+
+
+@dataclass
+class EvalConfig:
+    """What :func:`evaluate_optimizers` runs.
+
+    Attributes:
+        problems: names of :data:`PROBLEMS`, or :class:`Problem` objects.
+        weights: extra learned-optimizer weight files (run beside the default presets).
+        seeds: evaluation seeds per problem (seeds ``0 .. seeds-1``).
+        tuning_seeds: lr-tuning seeds per problem (disjoint from the evaluation seeds).
+        long_tuning_seeds: tuning seeds for problems of >= ``long_steps`` steps (None: ``tuning_seeds``).
+        lrs: the baselines' lr grid.
+        stability_steps: steps of the learned optimizers' stability run on MNIST MLP 784-20-10 (0 skips).
+        steps: override every problem's step count (``--quick``), or None.
+        include_default_learned: run the preset learned optimizers.
+        data: MNIST folder (None: the default search).
+    """
+
+    problems: Sequence[str | Problem] = DEFAULT_PROBLEMS
+    weights: Sequence[str] = ()
+    seeds: int = 10
+    tuning_seeds: int = 3
+    long_tuning_seeds: int | None = None
+    long_steps: int = 1000
+    lrs: Sequence[float] = DEFAULT_LRS
+    stability_steps: int = 10_000
+    steps: int | None = None
+    include_default_learned: bool = True
+    data: str | None = None
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("seeds", "tuning_seeds"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.long_tuning_seeds is not None and self.long_tuning_seeds < 1:
+            raise ValueError(f"long_tuning_seeds must be >= 1, got {self.long_tuning_seeds}")
+        if self.stability_steps < 0:
+            raise ValueError(f"stability_steps must be >= 0, got {self.stability_steps}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+            raise ValueError(
+                f"lrs must be a non-empty list of positive finite numbers, got {list(self.lrs)}"
+            )
+        if not self.problems:
+            raise ValueError("no problems given")
+        for p in self.problems:
+            if isinstance(p, str) and p not in PROBLEMS:
+                raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> EvalConfig:
+        """``--quick``: 20 steps, 2 seeds, 1 tuning seed, 3 lrs, 100 stability steps.
+
+        By default it leaves out mnist-mlp-200 and mnist-mlp-1000, which at 20 steps are mnist-mlp-100.
+        """
+        problems = tuple(
+            p for p in DEFAULT_PROBLEMS if p not in ("mnist-mlp-200", "mnist-mlp-1000")
+        )
+        base = {
+            "problems": problems,
+            "seeds": 2,
+            "tuning_seeds": 1,
+            "lrs": QUICK_LRS,
+            "steps": QUICK_STEPS,
+            "stability_steps": 100,
+            "quick": True,
+        }
+        return cls(**{**base, **overrides})
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_optimizers(
+    config: EvalConfig, log: Callable[[str], None] = _log, workers: int = 1
+) -> dict[str, Any]:
+    """Run the harness; returns the report (JSON-serialisable) that :func:`write_report` writes.
+
+    Problems whose data is missing are skipped; the report's ``skipped`` maps them to the reason.
+    ``workers > 1`` runs the problems and the stability check in that many processes (each with
+    this process's torch thread count, logging to stderr instead of ``log``); every run is a
+    function of its seed alone, so the report's numbers are those of ``workers=1``.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    learned = [
+        *(DEFAULT_LEARNED if config.include_default_learned else ()),
+        *map(learned_from_file, config.weights),
+    ]
+    report: dict[str, Any] = {
+        "config": {k: v for k, v in asdict(config).items() if k != "problems"}
+        | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
+        "definitions": {
+            "final_loss": f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run",
+            "mean_loss": "mean training loss over all steps of a run, averaged over seeds",
+            "statistics": "over the evaluation seeds whose run stayed finite; final_std is the sample std",
+            "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf); "
+            "learned optimizers: untuned, lr=1.0",
+        },
+        "learned": {
+            spec.label: {"weights": spec.weights, "header": spec.header()} for spec in learned
+        },
+        "problems": {},
+        "skipped": {},
+    }
+    if workers > 1 and not all(isinstance(entry, str) for entry in config.problems):
+        raise ValueError("workers > 1 needs every problem given by name (Problem objects do not pickle)")
+    start = time.perf_counter()
+    problems, entries = [], []
+    for entry in config.problems:
+        try:
+            problems.append(_build_problem(entry, config))
+        except FileNotFoundError as err:
+            report["skipped"][entry] = f"data missing: {err}"
+            log(f"skipping {entry}: data missing: {err}")
+            continue
+        entries.append(entry)
+    # a worker builds its problem from the name (problems hold lambdas, which do not pickle)
+    jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+        (_evaluate_problem, (problem if workers == 1 else entry, config, learned))
+        for problem, entry in zip(problems, entries, strict=True)
+    ]
+    if config.stability_steps:
+        jobs.append((_stability, (config, learned)))
+    if workers == 1:
+        outputs = [job(*args, log) for job, args in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        def steps(i: int) -> int:
+            return config.stability_steps if i == len(problems) else problems[i].steps
+
+        order = sorted(range(len(jobs)), key=steps, reverse=True)  # longest first: none starts last
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        ) as pool:
+            futures = {i: pool.submit(jobs[i][0], *jobs[i][1], _log) for i in order}
+            outputs = [futures[i].result() for i in range(len(jobs))]
+    for problem, output in zip(problems, outputs, strict=False):
+        report["problems"][problem.name] = output
+    report["stability"] = outputs[-1] if config.stability_steps else None
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
+    problem = make_problem(entry, config.data) if isinstance(entry, str) else entry
+    return problem if config.steps is None else problem.with_steps(config.steps)
+
+
+def _evaluate_problem(
+    entry: str | Problem, config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """One problem's report entry: every baseline tuned and run, every learned optimizer run.
+    ``entry``: the built problem, or a name to build (in a worker process)."""
+    problem = _build_problem(entry, config) if isinstance(entry, str) else entry
+    n_tune = (
+        config.long_tuning_seeds
+        if problem.steps >= config.long_steps and config.long_tuning_seeds
+        else config.tuning_seeds
+    )
+    tune_seeds = [TUNING_SEED_OFFSET + i for i in range(n_tune)]
+    eval_seeds = list(range(config.seeds))
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
+    for label, factory in BASELINES.items():
+        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds)
+        curves = np.stack([run_optimizer(problem, s, factory, lr) for s in eval_seeds])
+        results[label] = {
+            "kind": "baseline",
+            "lr": lr,
+            "tuning_scores": {repr(k): v for k, v in scores.items()},
+            "lr_at_grid_edge": lr in (min(config.lrs), max(config.lrs)),
+        } | summarize(curves)
+        log(f"{problem.name} {label}: lr {lr:.3g}, final {results[label]['final_mean']:.4g}")
+    for spec in learned:
+        curves = np.stack([run_optimizer(problem, s, spec.factory(), 1.0) for s in eval_seeds])
+        results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
+        log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
+    return {
+        "description": problem.description,
+        "steps": problem.steps,
+        "tuning_seeds": tune_seeds,
+        "eval_seeds": eval_seeds,
+        "seconds": time.perf_counter() - t0,
+        "results": results,
+    }
+
+
+def _stability(
+    config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Run each learned optimizer ``stability_steps`` steps on MNIST MLP 784-20-10 (one seed)."""
+    try:
+        problem = make_problem("mnist-mlp-100", config.data).with_steps(config.stability_steps)
+    except FileNotFoundError as err:
+        log(f"skipping the stability check: data missing: {err}")
+        return {"skipped": f"data missing: {err}"}
+    out: dict[str, Any] = {
+        "problem": "MNIST MLP 784-20-10 sigmoid, held-out part, batch 128",
+        "steps": config.stability_steps,
+        "seed": STABILITY_SEED,
+        "results": {},
+    }
+    for spec in learned:
+        curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0)
+        bad = np.flatnonzero(np.isnan(curve) | ~np.isfinite(curve))
+        out["results"][spec.label] = {
+            "nonfinite": bool(len(bad)),
+            "first_nonfinite_step": int(bad[0]) if len(bad) else None,
+            "final_loss": final_loss(curve),
+            "min_loss": float(np.nanmin(curve)) if len(bad) < len(curve) else None,
+        }
+        log(f"stability {spec.label}: nonfinite={bool(len(bad))} final {final_loss(curve):.4g}")
+    return out

@@ -1,0 +1,398 @@
+"""Held-out optimizees: a :class:`Problem` builds a model from a seed and gives the loss of
+minibatch ``t``; :func:`make_problem` builds one by its ``--problems`` name.
+
+Every draw (initial parameters, minibatches, a task's data) comes from a generator seeded by
+``(seed, stream, ...)`` (:func:`learnedopt.meta.tasks.generator_for`), never from the global RNG,
+so every optimizer run on ``(problem, seed)`` starts alike and sees the same minibatches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..meta.tasks import (
+    META_TRAIN_ACTIVATIONS,
+    MNIST_SPLIT,
+    MNIST_SPLIT_SEED,
+    MLPArchitecture,
+    generator_for,
+    mlp_module,
+)
+from ..models import TinyTransformer
+
+# Second key of generator_for: which stream of a seed a generator draws.
+_INIT_STREAM, _BATCH_STREAM, _TASK_STREAM = 0, 1, 2
+
+
+class Problem(ABC):
+    """One optimizee: ``model(seed)`` builds it, ``loss(model, seed, step)`` is minibatch ``step``'s loss.
+
+    Attributes:
+        name: what ``--problems`` accepts.
+        steps: optimizer steps of one run.
+        description: one line for the report.
+    """
+
+    name: str
+    steps: int
+    description: str
+
+    @abstractmethod
+    def model(self, seed: int) -> nn.Module:
+        """A fresh model whose initial parameters are a function of ``seed`` only."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        """Scalar training loss of ``model`` on the minibatch of ``(seed, step)``; differentiable."""
+
+    def with_steps(self, steps: int) -> Problem:
+        """A copy that runs ``steps`` steps (for ``--quick``)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__, steps=steps)
+        return clone
+
+
+def _init_default_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default init, drawn from ``generator``: Linear/Conv U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    Embedding N(0, 1), LayerNorm weight 1 and bias 0.
+
+    Raises:
+        TypeError: a module holds parameters of its own and is none of these (it would keep
+            whatever memory its parameters were created in).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            # a layer built without bias (or, for LayerNorm, without affine parameters) has None there
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.copy_(torch.rand(p.shape, generator=generator) * (2 * bound) - bound)
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+            elif isinstance(module, nn.LayerNorm):
+                if module.weight is not None:
+                    module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"no seeded init for the parameters of {type(module).__name__}")
+    return model
+
+
+class ClassificationProblem(Problem):
+    """Cross-entropy of a classifier on minibatches drawn uniformly with replacement from a pool.
+
+    Args:
+        inputs: ``(N, *features)`` float examples; ``labels``: ``(N,)`` int64 classes.
+        pool: int64 indices of the examples this problem may draw (e.g. MNIST's held-out part).
+        architecture: builds the (uninitialised) model; its Linear/Conv2d layers get the default init.
+        batch_size: examples per minibatch.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        steps: int,
+        inputs: Tensor,
+        labels: Tensor,
+        pool: Tensor,
+        architecture: Callable[[], nn.Module],
+        batch_size: int,
+    ) -> None:
+        self.name, self.description, self.steps = name, description, steps
+        self.inputs, self.labels, self.pool = inputs, labels, pool
+        self.architecture, self.batch_size = architecture, batch_size
+
+    def model(self, seed: int) -> nn.Module:
+        with torch.device("meta"):
+            model = self.architecture()
+        model = model.to_empty(device="cpu")
+        return _init_default_(model, generator_for(seed, _INIT_STREAM))
+
+    def minibatch(self, seed: int, step: int) -> tuple[Tensor, Tensor]:
+        """``(batch_size, *features)`` inputs and ``(batch_size,)`` labels of ``(seed, step)``."""
+        draw = torch.randint(
+            len(self.pool), (self.batch_size,), generator=generator_for(seed, _BATCH_STREAM, step)
+        )
+        idx = self.pool[draw]
+        return self.inputs[idx], self.labels[idx]
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        x, y = self.minibatch(seed, step)
+        return F.cross_entropy(model(x), y)
+
+
+class QuadraticModel(nn.Module):
+    """``f(theta) = ||W theta - y||^2`` with ``W`` ``(d, d)`` and ``y`` ``(d,)`` buffers, ``theta`` ``(d,)``."""
+
+    def __init__(self, weight: Tensor, target: Tensor, theta: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("target", target)
+        self.theta = nn.Parameter(theta)
+
+    def forward(self) -> Tensor:
+        return (self.weight @ self.theta - self.target).square().sum()
+
+
+class QuadraticProblem(Problem):
+    """Random quadratics of dimension ``dim`` (Andrychowicz et al. 2016, section 3.1), one per seed.
+
+    ``W``, ``y`` and ``theta_0`` are i.i.d. N(0, 1); the loss is deterministic (no minibatches).
+    """
+
+    def __init__(self, name: str, dim: int, steps: int) -> None:
+        self.name, self.dim, self.steps = name, dim, steps
+        self.description = (
+            f"||W theta - y||^2, W {dim}x{dim} and y, theta_0 i.i.d. N(0, 1) per seed, no minibatches "
+            f"(meta-training uses dim 10)"
+        )
+
+    def model(self, seed: int) -> nn.Module:
+        task = generator_for(seed, _TASK_STREAM)
+        weight, target = (
+            torch.randn(self.dim, self.dim, generator=task),
+            torch.randn(self.dim, generator=task),
+        )
+        theta = torch.randn(self.dim, generator=generator_for(seed, _INIT_STREAM))
+        return QuadraticModel(weight, target, theta)
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        return model()
+
+
+def small_convnet() -> nn.Sequential:
+    """Input ``(B, 1, 28, 28)``: conv 8 3x3/2 -> ReLU -> conv 16 3x3/2 -> ReLU -> linear 16*6*6 -> 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 10),
+    )
+
+
+def synthetic_classification(
+    name: str,
+    steps: int,
+    *,
+    features: int = 16,
+    hidden: int = 32,
+    classes: int = 4,
+    examples: int = 1024,
+    batch_size: int = 64,
+    data_seed: int = 0,
+) -> ClassificationProblem:
+    """An MLP ``features-hidden-classes`` (tanh) on Gaussian inputs labelled by a fixed random teacher.
+
+    The data set (``examples`` inputs ``(examples, features)``, labels = argmax of a random linear
+    teacher) is fixed by ``data_seed``; seeds vary the initialisation and the minibatch sequence.
+    """
+    g = torch.Generator().manual_seed(data_seed)
+    inputs = torch.randn(examples, features, generator=g)
+    labels = (inputs @ torch.randn(features, classes, generator=g)).argmax(dim=1)
+    return ClassificationProblem(
+        name,
+        f"MLP {features}-{hidden}-{classes} tanh on {examples} Gaussian inputs labelled by a random linear "
+        f"teacher, batch {batch_size} (never seen in meta-training)",
+        steps,
+        inputs,
+        labels,
+        torch.arange(examples),
+        lambda: mlp_module((features, hidden, classes), nn.Tanh),
+        batch_size,
+    )
+
+
+def markov_sequences(count: int, length: int, vocab: int, generator: torch.Generator) -> Tensor:
+    """``(count, length + 1)`` int64 token sequences of one random Markov chain over ``vocab`` tokens.
+
+    The chain's transition rows are ``softmax(3 z)`` of standard normal ``z`` (most of a row's mass on
+    a few tokens), the first token uniform; the chain and the sequences come from ``generator``.
+    """
+    transition = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=generator), dim=1)
+    tokens = torch.empty(count, length + 1, dtype=torch.int64)
+    tokens[:, 0] = torch.randint(vocab, (count,), generator=generator)
+    for t in range(length):
+        tokens[:, t + 1] = torch.multinomial(transition[tokens[:, t]], 1, generator=generator).squeeze(1)
+    return tokens
+
+
+def markov_transformer(
+    name: str,
+    steps: int,
+    *,
+    vocab: int = 16,
+    seq_len: int = 16,
+    sequences: int = 2048,
+    batch_size: int = 32,
+    data_seed: int = 0,
+) -> ClassificationProblem:
+    """:class:`~learnedopt.models.TinyTransformer` learning the next token of Markov-chain text.
+
+    The sequences (:func:`markov_sequences`, fixed by ``data_seed``) are the pool; an example's
+    input is its first ``seq_len`` tokens and its labels the ``seq_len`` tokens after each; the
+    loss is the mean cross-entropy over positions. Seeds vary the initialisation and the minibatch
+    sequence. Attention, embeddings and LayerNorm appear in no meta-training task.
+    """
+    tokens = markov_sequences(sequences, seq_len, vocab, torch.Generator().manual_seed(data_seed))
+    size = sum(p.numel() for p in TinyTransformer(vocab, seq_len).parameters())
+    return ClassificationProblem(
+        name,
+        f"one-block causal transformer (width 32, 2 heads, LayerNorm first, GELU MLP; {size:,} "
+        f"parameters) predicting the next token of {sequences} sequences of {seq_len} tokens from a "
+        f"fixed random Markov chain over {vocab} tokens, batch {batch_size}, cross-entropy per token "
+        "(never seen in meta-training: no task there has attention, embeddings or LayerNorm)",
+        steps,
+        tokens[:, :-1],
+        tokens[:, 1:],
+        torch.arange(sequences),
+        lambda: TinyTransformer(vocab, seq_len),
+        batch_size,
+    )
+
+
+@cache
+def _mnist_held_out(data: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(inputs (10000, 784) in [0, 1], labels (10000,), held-out pool indices)`` of MNIST t10k."""
+    from ..data import load_mnist, split_indices
+
+    images, labels = load_mnist(data, "t10k")
+    pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)["held_out"]
+    return images.reshape(len(images), -1).float() / 255.0, labels, pool
+
+
+def _mnist_problem(
+    name: str,
+    steps: int,
+    what: str,
+    architecture: Callable[[], nn.Module],
+    image: bool,
+    data: str | None,
+) -> ClassificationProblem:
+    inputs, labels, pool = _mnist_held_out(data)
+    if image:
+        inputs = inputs.view(-1, 1, 28, 28)
+    return ClassificationProblem(
+        name,
+        f"{what} on MNIST t10k's held_out part ({len(pool)} images, pixels/255, "
+        f"split {MNIST_SPLIT} seed {MNIST_SPLIT_SEED}), batch 128, cross-entropy",
+        steps,
+        inputs,
+        labels,
+        pool,
+        architecture,
+        128,
+    )
+
+
+def _mnist_mlp(
+    sizes: tuple[int, ...], act: type[nn.Module], steps: int, label: str
+) -> Callable[[str | None, str], Problem]:
+    widths = "-".join(map(str, sizes))
+    return lambda data, name: _mnist_problem(
+        name, steps, f"MLP {widths} {label}", lambda: mlp_module(sizes, act), False, data
+    )
+
+
+class ScaledClassificationProblem(ClassificationProblem):
+    """A :class:`ClassificationProblem` whose minibatch inputs are multiplied by ``input_scale``
+    and whose default init is multiplied by ``init_scale`` (as in
+    :class:`~learnedopt.meta.tasks.RandomMLPTask`)."""
+
+    def __init__(self, *args: Any, input_scale: float, init_scale: float) -> None:
+        super().__init__(*args)
+        self.input_scale, self.init_scale = input_scale, init_scale
+
+    def model(self, seed: int) -> nn.Module:
+        model = super().model(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(self.init_scale)
+        return model
+
+    def minibatch(self, seed: int, step: int) -> tuple[Tensor, Tensor]:
+        x, y = super().minibatch(seed, step)
+        return x * self.input_scale, y
+
+
+#: The held-out member of ``mlp-random``: its activation is outside the family's meta-training
+#: activations; widths, batch size and scales lie inside the family's ranges.
+MLP_RANDOM_HELD_OUT = MLPArchitecture((48, 24), "elu", 64)
+MLP_RANDOM_HELD_OUT_SCALES = {"input_scale": 2.0, "init_scale": 0.7}
+
+
+def _mlp_random_held_out(data: str | None, name: str) -> Problem:
+    """A member of the ``mlp-random`` task family never seen in meta-training (held-out activation
+    ELU, MNIST's held-out images); the family's other draws are fixed to values inside its ranges."""
+    inputs, labels, pool = _mnist_held_out(data)
+    arch, scales = MLP_RANDOM_HELD_OUT, MLP_RANDOM_HELD_OUT_SCALES
+    assert arch.activation not in META_TRAIN_ACTIVATIONS
+    widths = "-".join(map(str, (784, *arch.hidden, 10)))
+    return ScaledClassificationProblem(
+        name,
+        f"mlp-random member never seen in meta-training: MLP {widths} {arch.activation} (not "
+        f"among the family's meta-training activations {', '.join(META_TRAIN_ACTIVATIONS)}), "
+        f"inputs x{scales['input_scale']:g}, default init x{scales['init_scale']:g}, on MNIST "
+        f"t10k's held_out part ({len(pool)} images, pixels/255), batch {arch.batch_size}, "
+        "cross-entropy",
+        200,
+        inputs,
+        labels,
+        pool,
+        lambda: arch.module(784, 10),
+        arch.batch_size,
+        **MLP_RANDOM_HELD_OUT_SCALES,
+    )
+
+
+#: name -> factory(data_dir, name); the MNIST factories raise FileNotFoundError without the data.
+PROBLEMS: dict[str, Callable[[str | None, str], Problem]] = {
+    "mnist-mlp-100": _mnist_mlp((784, 20, 10), nn.Sigmoid, 100, "sigmoid"),
+    "mnist-mlp-200": _mnist_mlp((784, 20, 10), nn.Sigmoid, 200, "sigmoid"),
+    "mnist-mlp-1000": _mnist_mlp((784, 20, 10), nn.Sigmoid, 1000, "sigmoid"),
+    "mnist-mlp-40": _mnist_mlp((784, 40, 10), nn.Sigmoid, 200, "sigmoid (40 hidden units)"),
+    "mnist-mlp-20-20": _mnist_mlp(
+        (784, 20, 20, 10), nn.Sigmoid, 200, "sigmoid (two hidden layers)"
+    ),
+    "mnist-mlp-relu": _mnist_mlp((784, 20, 10), nn.ReLU, 200, "ReLU"),
+    "mnist-conv": lambda data, name: _mnist_problem(
+        name,
+        200,
+        "conv 8 3x3/2 -> ReLU -> conv 16 3x3/2 -> ReLU -> linear 576-10",
+        small_convnet,
+        True,
+        data,
+    ),
+    "quadratic-20": lambda data, name: QuadraticProblem(name, 20, 100),
+    "synthetic-mlp": lambda data, name: synthetic_classification(name, 200),
+    "mlp-random-held-out": _mlp_random_held_out,
+    "transformer-markov": lambda data, name: markov_transformer(name, 200),
+}
+#: problems run only when named with ``--problems`` (added after the suite's reported runs)
+EXTRA_PROBLEMS: tuple[str, ...] = ("transformer-markov",)
+DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_PROBLEMS)
+
+
+def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Problem:
+    """The problem called ``name`` (a key of :data:`PROBLEMS`).
+
+    Raises:
+        ValueError: unknown name.
+        FileNotFoundError: a data-backed problem whose data is missing.
+    """
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
+    return PROBLEMS[name](None if data is None else str(data), name)

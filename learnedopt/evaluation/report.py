@@ -1,0 +1,183 @@
+"""The harness's report as files: Markdown tables, a JSON file and a plot of loss curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+def markdown_tables(report: Mapping[str, Any]) -> str:
+    """The report as Markdown: settings, one table per problem, the stability check."""
+    c = report["config"]
+    lines = [
+        "Held-out optimizee suite: learned optimizers (untuned, lr=1.0) against baselines with tuned lr.",
+        "",
+        (
+            f"- evaluation seeds: {c['seeds']} per problem (0..{c['seeds'] - 1}); "
+            f"tuning seeds: {c['tuning_seeds']} (problems of >= {c['long_steps']} steps: "
+            f"{c['long_tuning_seeds'] or c['tuning_seeds']}), disjoint from the evaluation seeds"
+        ),
+        f"- baseline lr grid: {', '.join(f'{lr:.3g}' for lr in c['lrs'])}; criterion: {report['definitions']['tuning']}",
+        "- baselines: SGD; SGD + Nesterov momentum 0.9; RMSprop (alpha 0.99); Adam (0.9, 0.999); other settings torch defaults",
+        (
+            f"- final loss: {report['definitions']['final_loss']}; {report['definitions']['statistics']}; "
+            "NaN column: runs (of all seeds) in which a NaN/Inf loss or gradient appeared"
+        ),
+        "- every optimizer sees the same initial parameters and minibatch sequence for a given seed",
+        f"- quick mode: {c['quick']}"
+        + (f" (every problem cut to {c['steps']} steps)" if c["steps"] else ""),
+        "",
+    ]
+    for label, info in report["learned"].items():
+        h = info["header"]
+        state = (
+            "UNTRAINED preset"
+            if h.get("trained") is False
+            else f"trained on {h.get('trained_on')!r}"
+        )
+        lines.append(f"- {label}: weights `{info['weights']}` ({state})")
+    for name, reason in report["skipped"].items():
+        lines.append(f"- skipped {name}: {reason}")
+    for name, prob in report["problems"].items():
+        lines += [
+            "",
+            f"## {name} ({prob['steps']} steps, {prob['seconds']:.0f} s)",
+            "",
+            prob["description"],
+            "",
+            "| optimizer | lr | final loss mean +- std | median [q1, q3] | mean loss | NaN | seeds below tuned Adam |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        adam = prob["results"].get("Adam")
+        for label, r in prob["results"].items():
+            lr = (
+                f"{r['lr']:.3g}" + (" (grid edge)" if r.get("lr_at_grid_edge") else "")
+                if r["kind"] == "baseline"
+                else "1 (untuned)"
+            )
+            lines.append(
+                f"| {label} | {lr} | {_fmt(r['final_mean'])} +- {_fmt(r['final_std'])} | "
+                f"{_fmt(r['final_median'])} [{_fmt(r['final_q1'])}, {_fmt(r['final_q3'])}] | {_fmt(r['mean_loss'])} | "
+                f"{'yes' if r['nonfinite'] else 'no'} ({r['nonfinite']}/{r['runs']}) | "
+                f"{'-' if adam is None or r is adam else seeds_below(r['finals'], adam['finals'])} |"
+            )
+    lines.append(
+        "\nSeeds below tuned Adam: on how many evaluation seeds (of those where both runs stayed finite) "
+        "a run's final loss is below tuned Adam's on the same seed, with the same initialisation and "
+        "minibatches: a paired comparison, finer than the spreads across seeds."
+    )
+    stab = report.get("stability")
+    if stab:
+        lines += ["", "## Stability check", ""]
+        if "skipped" in stab:
+            lines.append(f"Skipped: {stab['skipped']}")
+        else:
+            lines += [
+                f"{stab['problem']}, {stab['steps']} steps, seed {stab['seed']}, lr 1.0.",
+                "",
+                "| optimizer | NaN/Inf | first NaN/Inf step | final loss | min loss |",
+                "|---|---|---:|---:|---:|",
+            ]
+            for label, r in stab["results"].items():
+                lines.append(
+                    f"| {label} | {'yes' if r['nonfinite'] else 'no'} | {r['first_nonfinite_step'] if r['nonfinite'] else '-'} "
+                    f"| {_fmt(r['final_loss'])} | {_fmt(r['min_loss'])} |"
+                )
+    lines += ["", f"Total time: {report['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
+def seeds_below(finals: Sequence[float], reference: Sequence[float]) -> str:
+    """``"k/n"``: of the ``n`` seeds where both final losses are finite, ``k`` where ``finals`` is
+    below ``reference`` (both indexed by evaluation seed)."""
+    pairs = [(a, b) for a, b in zip(finals, reference, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    return f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
+
+
+def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Loss curves: per-step median and quartile band over finite seeds, one subplot per problem, log y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = report["problems"]
+    n = max(1, len(problems))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, prob) in zip(axes.flat, problems.items()):
+        for label, r in prob["results"].items():
+            if r["curve_median"] is None:
+                continue
+            steps = np.arange(len(r["curve_median"]))
+            (line,) = ax.plot(
+                steps,
+                r["curve_median"],
+                label=label,
+                lw=1.2,
+                ls="-" if r["kind"] == "baseline" else "--",
+            )
+            ax.fill_between(
+                steps, r["curve_q1"], r["curve_q3"], color=line.get_color(), alpha=0.2, lw=0
+            )
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+    for ax in list(axes.flat)[len(problems) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+WriteResults = Callable[[str, dict, str], None]
+
+
+def write_report(
+    report: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    name: str = "optimizee_eval",
+    write_results: WriteResults | None = None,
+) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``out_dir``.
+
+    ``write_results(name, payload, table)`` writes the JSON and Markdown (the benchmark passes
+    ``benchmarks/common.write_results``, which writes into its results folder); by default they are
+    written here with the command and a short machine description.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_tables(report)
+    if write_results is None:
+        payload = {
+            "command": " ".join(["learnedopt", *sys.argv[1:]]),
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        } | report
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
+        (out / f"{name}.md").write_text(header + table + "\n")
+    else:
+        write_results(name, report, table)
+    plot_curves(report, out / f"{name}.png")
+    return [out / f"{name}.{ext}" for ext in ("json", "md", "png")]

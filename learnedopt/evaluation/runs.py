@@ -1,0 +1,202 @@
+"""Optimizers under evaluation (tuned baselines, learned presets and weight files), single runs,
+lr tuning and the statistics over seeds of a set of runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
+from ..weights import UntrainedWeightsWarning, read_header
+from .problems import Problem
+
+#: steps averaged for a run's final loss
+FINAL_WINDOW = 10
+#: default lr grid of the baselines: half-decades from 1e-4 to 10
+DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+BASELINES: dict[str, OptimizerFactory] = {
+    "SGD": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "Nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "RMSprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "Adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+
+
+@dataclass(frozen=True)
+class LearnedSpec:
+    """A learned optimizer to evaluate: its label, class and ``weights=`` (preset name or file)."""
+
+    label: str
+    optimizer: type[LearnedOptimizer]
+    weights: str
+
+    def factory(self) -> OptimizerFactory:
+        def build(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore", UntrainedWeightsWarning
+                )  # reported once, in the header
+                return self.optimizer(params, weights=self.weights, lr=lr)
+
+        return build
+
+    def header(self) -> dict[str, Any]:
+        """The weights' header (kind, preset, trained, ...)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrainedWeightsWarning)
+            return dict(
+                self.optimizer([nn.Parameter(torch.zeros(1))], weights=self.weights).weights_header
+            )
+
+
+DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
+    LearnedSpec("LSTMOptimizer (l2l-random, default)", LSTMOptimizer, "l2l-random"),
+    LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
+    LearnedSpec("LSTMOptimizer (l2l-mix)", LSTMOptimizer, "l2l-mix"),
+    LearnedSpec("LSTMOptimizer (l2l-short)", LSTMOptimizer, "l2l-short"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-mnist)", MetaLSTMOptimizer, "meta-lstm-mnist"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam-mnist, default)", MetaLSTMOptimizer, "meta-lstm-adam-mnist"),
+    LearnedSpec("LSTMOptimizer (l2l-2016, untrained)", LSTMOptimizer, "l2l-2016"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-2017, untrained)", MetaLSTMOptimizer, "meta-lstm-2017"),
+    LearnedSpec("MetaLSTMOptimizer (meta-lstm-adam, untrained)", MetaLSTMOptimizer, "meta-lstm-adam"),
+)
+
+
+def learned_from_file(path: str | os.PathLike[str]) -> LearnedSpec:
+    """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind."""
+    kind = read_header(path)["kind"]
+    for cls in (LSTMOptimizer, MetaLSTMOptimizer):
+        if cls.rule_kind == kind:
+            return LearnedSpec(f"{cls.__name__} ({Path(path).name})", cls, str(path))
+    raise ValueError(f"{path}: no optimizer runs update rules of kind {kind!r}")
+
+
+
+def run_optimizer(
+    problem: Problem, seed: int, factory: OptimizerFactory, lr: float, steps: int | None = None
+) -> np.ndarray:
+    """Train ``problem.model(seed)`` with ``factory(params, lr)``.
+
+    Returns:
+        ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step
+        ``t``'s update. At the first NaN/Inf loss or gradient the run stops and the rest is NaN.
+    """
+    steps = problem.steps if steps is None else steps
+    model = problem.model(seed)
+    optimizer = factory(model.parameters(), lr)
+    learned = isinstance(optimizer, LearnedOptimizer)
+    losses = np.full(steps, np.nan)
+    for t in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = problem.loss(model, seed, t)
+        value = loss.item()
+        losses[t] = value
+        if not math.isfinite(value):
+            break
+        loss.backward()
+        if learned:
+            try:
+                optimizer.step(loss=loss.detach())
+            except NonFiniteGradientError:
+                losses[t] = np.nan  # the gradient was non-finite: flag the run
+                break
+        else:
+            optimizer.step()
+    return losses
+
+
+def final_loss(curve: np.ndarray, window: int = FINAL_WINDOW) -> float:
+    """Mean of the last ``window`` entries of a ``(steps,)`` curve (NaN if any is NaN)."""
+    return float(np.mean(curve[-window:]))
+
+
+def tuning_score(curves: Sequence[np.ndarray]) -> float:
+    """Tuning criterion: mean final loss over seeds, a non-finite run counting as +inf."""
+    if any(not np.isfinite(c).all() for c in curves):
+        return math.inf
+    return float(np.mean([final_loss(c) for c in curves]))
+
+
+def select_lr(scores: Mapping[float, float]) -> float:
+    """The lr with the lowest score (NaN counts as +inf; ties go to the smaller lr)."""
+    if not scores:
+        raise ValueError("select_lr needs at least one lr")
+    return min(sorted(scores), key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
+
+
+def tune_lr(
+    problem: Problem, factory: OptimizerFactory, lrs: Sequence[float], seeds: Sequence[int]
+) -> tuple[float, dict[float, float]]:
+    """Run every lr of ``lrs`` on ``seeds``; return the best lr and ``{lr: score}`` (:func:`tuning_score`)."""
+    scores = {
+        lr: tuning_score([run_optimizer(problem, s, factory, lr) for s in seeds]) for lr in lrs
+    }
+    return select_lr(scores), scores
+
+
+def _plot_precision(curve: np.ndarray) -> list[float]:
+    """A per-step curve rounded to 4 significant digits: enough for a plot, and a quarter of
+    the digits in the JSON report (the statistics are computed at full precision)."""
+    return [float(f"{x:.4g}") for x in curve.tolist()]
+
+
+def summarize(curves: np.ndarray) -> dict[str, Any]:
+    """Statistics over seeds of ``(seeds, steps)`` loss curves (see the module docstring).
+
+    Returns:
+        ``final_mean``, ``final_std`` (sample std, 0 for one run), ``final_median``, ``final_q1``,
+        ``final_q3``, ``mean_loss`` (mean over seeds of each run's mean loss), ``finals`` (per seed),
+        ``nonfinite`` (runs with a NaN/Inf), ``runs``, and per-step ``curve_median``, ``curve_q1``,
+        ``curve_q3`` over the finite runs, to 4 significant digits (None when there is none). Statistics are NaN when no run
+        stayed finite.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    finite = np.isfinite(curves).all(axis=1)
+    good = curves[finite]
+    finals = np.array([final_loss(c) for c in curves])
+    nan = float("nan")
+    stats: dict[str, Any] = {
+        "runs": len(curves),
+        "nonfinite": int((~finite).sum()),
+        "finals": finals.tolist(),
+    }
+    if len(good):
+        good_finals = finals[finite]
+        q1, med, q3 = np.percentile(good_finals, [25, 50, 75])
+        cq1, cmed, cq3 = np.percentile(good, [25, 50, 75], axis=0)
+        stats.update(
+            final_mean=float(good_finals.mean()),
+            final_std=float(good_finals.std(ddof=1)) if len(good) > 1 else 0.0,
+            final_median=float(med),
+            final_q1=float(q1),
+            final_q3=float(q3),
+            mean_loss=float(good.mean(axis=1).mean()),
+            curve_median=_plot_precision(cmed),
+            curve_q1=_plot_precision(cq1),
+            curve_q3=_plot_precision(cq3),
+        )
+    else:
+        stats.update(
+            final_mean=nan,
+            final_std=nan,
+            final_median=nan,
+            final_q1=nan,
+            final_q3=nan,
+            mean_loss=nan,
+            curve_median=None,
+            curve_q1=None,
+            curve_q3=None,
+        )
+    return stats
