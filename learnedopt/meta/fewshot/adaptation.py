@@ -1,0 +1,139 @@
+"""Adapting a meta-trained learner at test time (:func:`classify_task`) and ``learnedopt evaluate
+omniglot-runs``, the official 20-way one-shot runs of Lake et al."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .learner import FewShotLearner, load_learner
+
+
+def classify_task(
+    learners: FewShotLearner | Sequence[FewShotLearner],
+    x_support: Tensor,
+    y_support: Tensor,
+    x_query: Tensor,
+    steps: int | None = None,
+    support_copies: int = 0,
+    query_copies: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Class probabilities ``(Q, C)`` of ONE classification task's query images, with test-time
+    augmentation and ensembling.
+
+    Each learner adapts (``steps`` inner steps, default its own test-time steps) on the support
+    set ``x_support`` ``(N, C_in, H, W)``, ``y_support`` ``(N,)`` plus ``support_copies`` randomly
+    distorted copies of each image (:func:`~learnedopt.data.augment_support`); it then classifies
+    ``x_query`` ``(Q, C_in, H, W)`` and ``query_copies`` distorted views of it, each view a batch
+    of its own (so normalised with its own batch statistics, as the originals are). The softmax
+    outputs are averaged over the views, then over the learners (an ensemble).
+
+    Distortions are drawn from ``generator`` (default: seeded 0) in this order: the first
+    learner's support copies, its query views, then the next learner's. With one learner and no
+    copies this is the softmax of :meth:`FewShotLearner.predict` after :meth:`FewShotLearner.adapt`.
+    """
+    from ...data import augment_support, random_affine
+
+    learners = [learners] if isinstance(learners, FewShotLearner) else list(learners)
+    if not learners:
+        raise ValueError("classify_task needs at least one learner")
+    if query_copies < 0:
+        raise ValueError(f"query_copies must be >= 0, got {query_copies}")
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    total = None
+    for learner in learners:
+        with torch.enable_grad():
+            params = learner.adapt(*augment_support(x_support, y_support, support_copies, generator), steps)
+        with torch.no_grad():
+            views = [x_query] + [random_affine(x_query, generator) for _ in range(query_copies)]
+            probabilities = sum(learner.predict(params, view).softmax(-1) for view in views) / len(views)
+        if total is not None and total.shape != probabilities.shape:
+            raise ValueError(f"the learners disagree on the output shape: {tuple(total.shape)} and {tuple(probabilities.shape)}")
+        total = probabilities if total is None else total + probabilities
+    return total / len(learners)
+
+
+# ----------------------------------------------------------------------------- evaluate omniglot-runs
+def predict_runs(
+    learners: FewShotLearner | Sequence[FewShotLearner],
+    runs: list[Any],
+    steps: int | None = None,
+    support_copies: int = 0,
+    seed: int = 0,
+    query_copies: int = 0,
+) -> list[Tensor]:
+    """For each one-shot run: adapt on its C training images (labels 0..C-1 in sorted file order)
+    and classify its test images with :func:`classify_task` (``support_copies`` and
+    ``query_copies`` distortions drawn from one generator seeded ``seed``; several learners: an
+    ensemble); returns int64 ``(T,)`` predicted training-image indices per run."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        classify_task(learners, run.train_images, torch.arange(run.train_images.shape[0]), run.test_images, steps,
+                      support_copies, query_copies, generator).argmax(1)  # fmt: skip
+        for run in runs
+    ]
+
+
+def add_omniglot_runs_parser(evaluate_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``learnedopt evaluate omniglot-runs`` on the ``evaluate`` subparsers."""
+    parser = evaluate_sub.add_parser(
+        "omniglot-runs",
+        help="error rates of a meta-trained 20-way model on the official Omniglot one-shot runs",
+        description="Adapt a meta-trained 20-way few-shot model (learnedopt meta-train --algo ... "
+        "--task omniglot --ways 20) on each official one-shot run's 20 training images and "
+        "classify its 20 test images; prints each run's error rate and the mean.",
+    )
+    parser.add_argument("--runs", required=True, metavar="DIR", help="folder holding run01 ... run20 (all_runs.zip, unpacked)")
+    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                        help="model.safetensors of a meta-train run; several: an ensemble (softmax outputs averaged)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N", help="inner steps of adaptation (default: the model's test-time steps)")
+    parser.add_argument("--support-copies", type=int, default=0, metavar="K",
+                        help="adapt on K randomly distorted copies of each training image too (test-time augmentation; default 0)")
+    parser.add_argument("--query-copies", type=int, default=0, metavar="K",
+                        help="average the predictions over K randomly distorted views of the test images too (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distortions of --support-copies and --query-copies (default 0)")
+    parser.set_defaults(func=run_omniglot_runs)
+    return parser
+
+
+def run_omniglot_runs(args: argparse.Namespace) -> int:
+    """Handler of ``learnedopt evaluate omniglot-runs``: 0, or 2 after a one-line error."""
+    from ...data import load_runs, score_runs
+
+    try:
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+        for flag in ("support_copies", "query_copies"):
+            if getattr(args, flag) < 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        learners = [load_learner(checkpoint)[0] for checkpoint in args.checkpoint]
+        for checkpoint, learner in zip(args.checkpoint, learners, strict=True):
+            arch = learner.spec.architecture
+            if arch["kind"] != "conv4" or arch["ways"] != 20:
+                what = f"{arch['ways']}-way" if arch["kind"] == "conv4" else f"{arch['kind']} regression"
+                raise ValueError(
+                    f"{checkpoint} is a {what} model; the one-shot runs are 20-way "
+                    "(meta-train one with --task omniglot --ways 20)"
+                )
+        sizes = {learner.spec.architecture["image_size"] for learner in learners}
+        if len(sizes) > 1:
+            raise ValueError(f"the checkpoints take different image sizes ({sorted(sizes)}); an ensemble needs one")
+        runs = load_runs(args.runs, image_size=sizes.pop())
+        wrong = [run.name for run in runs if run.train_images.shape[0] != 20]
+        if wrong:
+            raise ValueError(f"runs {wrong} do not have 20 training images")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"learnedopt evaluate omniglot-runs: error: {err}", file=sys.stderr)
+        return 2
+    errors, mean = score_runs(runs, predict_runs(learners, runs, args.steps, args.support_copies, args.seed,
+                                                 args.query_copies))
+    for run, error in zip(runs, errors, strict=True):
+        print(f"{run.name}  error {error:.1f}%")
+    print(f"mean error {mean:.2f}% over {len(runs)} runs")
+    return 0

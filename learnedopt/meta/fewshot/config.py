@@ -1,0 +1,254 @@
+"""The configuration of a few-shot meta-training run: :class:`FewShotConfig`, the per-algorithm
+and per-task defaults, and the ``meta-train`` options only the few-shot algorithms read."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+
+from ...nn import RULES, MetaLSTMCell
+from ..loop import (
+    ConfigError,
+    check_rule_config,
+    refuse_options,
+)
+from ..train import LSTM_ONLY
+
+FEWSHOT_ALGOS: tuple[str, ...] = ("maml", "fomaml", "reptile", "meta-lstm")
+FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
+#: options only the few-shot algorithms read (argparse dest names)
+FEWSHOT_ONLY: tuple[str, ...] = (
+    "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
+    "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
+    "zero_head",
+)  # fmt: skip
+_OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment")
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """Everything that determines a few-shot meta-training run (defaults: :func:`fewshot_defaults`).
+
+    Attributes:
+        algo: ``maml``, ``fomaml``, ``reptile`` or ``meta-lstm``.
+        task: ``sinusoid`` or ``omniglot``.
+        ways: classes per Omniglot episode (None for sinusoid).
+        shots: support examples per class (points per sinusoid task).
+        queries: query examples per class (points per sinusoid task).
+        inner_steps: inner-loop steps during meta-training.
+        inner_lr: inner step size (MAML, Reptile); None for meta-lstm, whose rule sets the step.
+        test_inner_steps: inner steps when adapting after meta-training (validation, evaluation).
+        learn_inner_lr: Meta-SGD step sizes (maml, fomaml).
+        zero_head: start every task's output layer at zero instead of a learned value (maml,
+            fomaml; ``MAML(zero_init=...)``, Kao et al. 2022's zeroing trick).
+        meta_batch: tasks per meta-step.
+        meta_steps: meta-steps in total.
+        meta_lr: Adam learning rate; for Reptile the initial outer step size.
+        clip: meta-gradient norm clip (meta-lstm; None otherwise).
+        hidden: conv-4 filters (Omniglot).
+        image_size: Omniglot image side in pixels.
+        same_alphabet: draw every episode's classes from one alphabet.
+        same_rotation: draw every meta-training episode's classes from one rotation (0, 90, 180
+            or 270 degrees), so that, as in the unrotated validation and test episodes, its
+            characters share an orientation; with ``same_alphabet``, one rotated alphabet.
+        augment: distort every meta-training image by its own random affine map
+            (:func:`learnedopt.data.augment.random_affine`, Koch et al. 2015's ranges);
+            validation and evaluation images are never distorted.
+        val_tasks: validation tasks (a fixed draw) for the end-of-run metric.
+        seed: the root of every random draw.
+        data: folder of the Omniglot zips (None: the default search).
+        rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
+            ``MetaLSTMCell``); None for the other algorithms.
+        rule_config: meta-lstm: the rule's config fields that differ from its class's defaults,
+            e.g. ``{"input_bias_init": [-0.5, -0.3]}`` to start from a larger step (None: the
+            paper's); None for the other algorithms.
+        train_shots: support examples per class of the meta-training tasks (None: ``shots``);
+            validation and evaluation use ``shots``.
+        inner_batch: Reptile's examples per inner step, drawn from the support set without
+            replacement (None: the whole support set every step).
+        device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (tasks are drawn on the
+            CPU, so it changes results only by rounding; a run may resume on another device).
+    """
+
+    algo: str
+    task: str
+    ways: int | None
+    shots: int
+    queries: int
+    inner_steps: int
+    inner_lr: float | None
+    test_inner_steps: int
+    learn_inner_lr: bool
+    meta_batch: int
+    meta_steps: int
+    meta_lr: float
+    clip: float | None
+    hidden: int | None
+    image_size: int | None
+    same_alphabet: bool
+    val_tasks: int
+    seed: int = 0
+    data: str | None = None
+    rule: str | None = None
+    train_shots: int | None = None
+    inner_batch: int | None = None
+    device: str = "cpu"
+    same_rotation: bool = False
+    augment: bool = False
+    rule_config: dict[str, Any] | None = None
+    zero_head: bool = False
+
+    RESUMABLE_CHANGES = ("meta_steps", "data", "device")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting."""
+        if self.algo not in FEWSHOT_ALGOS:
+            raise ConfigError(f"unknown few-shot algo {self.algo!r}; choose from {', '.join(FEWSHOT_ALGOS)}")
+        if self.task not in FEWSHOT_TASKS:
+            raise ConfigError(
+                f"--algo {self.algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {self.task!r}"
+            )
+        names = ["shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
+        names += ["ways", "hidden", "image_size"] if self.task == "omniglot" else []
+        names += [n for n in ("train_shots", "inner_batch") if getattr(self, n) is not None]
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.task == "omniglot" and self.ways < 2:
+            raise ConfigError(f"--ways must be at least 2, got {self.ways}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.inner_batch is not None and self.algo != "reptile":
+            raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
+        if self.zero_head and self.algo not in ("maml", "fomaml"):
+            raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
+        if self.rule is not None and self.algo != "meta-lstm":
+            raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.rule_config is not None:
+            if self.algo != "meta-lstm":
+                raise ConfigError(f"--rule-config sets the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
+            check_rule_config(self.rule or MetaLSTMCell.kind, self.rule_config)
+        for name in ("meta_lr", "inner_lr", "clip"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
+    """Default settings of ``algo`` on ``task``: those of the papers (MAML: Finn et al. 2017;
+    Reptile: Nichol et al. 2018; meta-lstm: Ravi & Larochelle 2017), scaled like the benchmarks."""
+    sinusoid = task == "sinusoid"
+    many_ways = (ways or 5) > 5
+    train_shots = inner_batch = None
+    if algo in ("maml", "fomaml"):
+        inner = (1, 0.01, 10) if sinusoid else ((5, 0.1, 5) if many_ways else (1, 0.4, 3))
+        meta_lr = 1e-3
+    elif algo == "reptile":
+        # Omniglot: Nichol et al.'s runs (1-shot: 10 train shots, minibatches of 10 / 20 ways)
+        inner = (5, 0.02, 10) if sinusoid else ((10, 5e-4, 50) if many_ways else (5, 1e-3, 50))
+        meta_lr = 0.1 if sinusoid else 1.0
+        if not sinusoid:
+            train_shots, inner_batch = 10, (20 if many_ways else 10)
+    else:
+        inner, meta_lr = (5, None, 5), 1e-3
+    return {
+        "ways": None if sinusoid else 5,
+        "shots": 10 if sinusoid else 1,
+        "queries": 10 if sinusoid else 5,
+        "inner_steps": inner[0],
+        "inner_lr": inner[1],
+        "test_inner_steps": inner[2],
+        "learn_inner_lr": False,
+        "zero_head": False,
+        "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
+        "meta_steps": 20_000 if sinusoid else 1000,
+        "meta_lr": meta_lr,
+        "clip": 0.25 if algo == "meta-lstm" else None,
+        "hidden": None if sinusoid else 64,
+        "image_size": None if sinusoid else 28,
+        "same_alphabet": False,
+        "same_rotation": False,
+        "augment": False,
+        "val_tasks": 100,
+        "train_shots": train_shots,
+        "inner_batch": inner_batch,
+    }
+
+
+def config_from_args(args: argparse.Namespace) -> FewShotConfig:
+    """The few-shot configuration of parsed ``meta-train`` arguments; refuses options that do not
+    apply to the chosen algorithm or task."""
+    algo = args.algo
+    own = ("rule", "rule_config") if algo == "meta-lstm" else ()
+    refuse_options(args, [n for n in LSTM_ONLY if n not in own], f"--algo {algo}", "--algo lstm")
+    task = args.task or "sinusoid"
+    if task not in FEWSHOT_TASKS:
+        raise ConfigError(f"--algo {algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {task!r}")
+    if task == "sinusoid":
+        refuse_options(args, _OMNIGLOT_ONLY, "--task sinusoid", "--task omniglot")
+    if algo != "meta-lstm":
+        refuse_options(args, ("clip",), f"--algo {algo}", "--algo lstm, meta-lstm")
+    else:
+        refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
+    if algo not in ("maml", "fomaml"):
+        refuse_options(args, ("learn_inner_lr", "zero_head"), f"--algo {algo}", "--algo maml, fomaml")
+    if algo != "reptile":
+        refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
+    values = fewshot_defaults(algo, task, args.ways)
+    values.update(
+        {k: getattr(args, k) for k in (*FEWSHOT_ONLY, "meta_batch", "meta_steps", "meta_lr", "clip")
+         if getattr(args, k) is not None}
+    )  # fmt: skip
+    rule, rule_config = (args.rule, args.rule_config) if algo == "meta-lstm" else (None, None)
+    device = args.device or FewShotConfig.device
+    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config,
+                         device=device, **values)  # fmt: skip
+
+
+def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the few-shot algorithms to the ``meta-train`` parser (all default None:
+    unset options take :func:`fewshot_defaults`)."""
+    group = parser.add_argument_group("few-shot algorithms (--algo maml, fomaml, reptile, meta-lstm)")
+    group.add_argument("--ways", type=int, metavar="N", help="omniglot: classes per episode (default 5)")
+    group.add_argument("--shots", type=int, metavar="K", help="support examples per class (default 1; sinusoid: 10 points)")
+    group.add_argument("--queries", type=int, metavar="Q", help="query examples per class (default 5; sinusoid: 10 points)")
+    group.add_argument("--inner-steps", type=int, help="inner-loop steps in meta-training (default: the paper's)")
+    group.add_argument("--inner-lr", type=float, help="inner step size of MAML and Reptile (default: the paper's)")
+    group.add_argument("--test-inner-steps", type=int, help="inner steps when adapting after training (default: the paper's)")
+    group.add_argument("--learn-inner-lr", action="store_true", default=None, help="maml, fomaml: learn a step size per parameter (Meta-SGD)")
+    group.add_argument("--zero-head", action="store_true", default=None,
+                       help="maml, fomaml: start every task's output layer at zero, not at a learned value (zeroing trick)")  # fmt: skip
+    group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")
+    group.add_argument("--image-size", type=int, help="omniglot: image side in pixels (default 28)")
+    group.add_argument("--same-alphabet", action="store_true", default=None, help="omniglot: each episode within one alphabet")
+    group.add_argument("--same-rotation", action="store_true", default=None,
+                       help="omniglot: each training episode's characters share one rotation, as in the upright test episodes")  # fmt: skip
+    group.add_argument("--augment", action="store_true", default=None,
+                       help="omniglot: distort each training image by a random affine map (rotation, shear, scale, shift)")  # fmt: skip
+    group.add_argument("--val-tasks", type=int, help="validation tasks for the final metric (default 100)")
+    group.add_argument("--train-shots", type=int, help="support examples per class in meta-training (default: --shots; reptile on omniglot: 10)")
+    group.add_argument("--inner-batch", type=int, help="reptile: examples per inner step (default: the whole support set; omniglot: 10, 20 for more than 5 ways)")
+
+
+def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkpoint_every: int) -> str:
+    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
+    words = ["learnedopt", "meta-train"]
+    for key, value in config.to_dict().items():
+        if value is None or value is False or (key == "device" and value == FewShotConfig.device):
+            continue
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+        words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [text])
+    words += ["--out", str(out), "--checkpoint-every", str(checkpoint_every)]
+    return shlex.join(words)

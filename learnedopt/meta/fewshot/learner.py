@@ -1,0 +1,332 @@
+"""A few-shot learner (its model, learned inner step sizes and update rule) and its model file
+``model.safetensors``: tensors plus a JSON header holding everything :func:`load_learner` needs
+to rebuild and adapt it. Loading never unpickles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ...nn import RULES, MetaLSTMCell, UpdateRule
+from ..maml import MAML, replace_batchnorm_
+from ..reptile import Reptile
+from ..tasks import TaskBatch, derive_seed, generator_for
+from ..unroll import UnrollResult, num_coordinates, unroll
+from .config import FewShotConfig
+
+Params = dict[str, Tensor]
+
+MODEL_NAME = "model.safetensors"
+MODEL_FORMAT = 1
+_HEADER_KEY = "learnedopt_model"
+SINUSOID_MLP = (1, 40, 40, 1)
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": nn.functional.mse_loss,
+    "cross_entropy": nn.functional.cross_entropy,
+}
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """How to rebuild and adapt a few-shot learner (the JSON header of ``model.safetensors``).
+
+    Attributes:
+        algo: the algorithm that trained it.
+        architecture: ``{"kind": "mlp", "sizes": [...], "activation": "relu"}`` or
+            ``{"kind": "conv4", "in_channels": 1, "ways": N, "hidden": H, "image_size": S}``.
+        loss: a key of :data:`LOSSES`.
+        inner_steps: inner steps in meta-training.
+        test_inner_steps: inner steps when adapting after meta-training.
+        inner_lr: inner step size (None for meta-lstm).
+        learn_inner_lr: whether the file holds learned step sizes (``inner_lr.*``).
+        zero_head: whether every task starts its output layer (the last ``nn.Linear``) at zero.
+        inner_optimizer: Reptile's inner optimizer, ``"sgd"`` or ``"adam"`` (None otherwise).
+        rule: ``{"kind": ..., "config": {...}}`` of the meta-lstm rule (None otherwise).
+    """
+
+    algo: str
+    architecture: dict[str, Any]
+    loss: str
+    inner_steps: int
+    test_inner_steps: int
+    inner_lr: float | None = None
+    learn_inner_lr: bool = False
+    zero_head: bool = False
+    inner_optimizer: str | None = None
+    rule: dict[str, Any] | None = None
+
+    @classmethod
+    def for_config(cls, config: FewShotConfig) -> LearnerSpec:
+        if config.task == "sinusoid":
+            architecture: dict[str, Any] = {"kind": "mlp", "sizes": list(SINUSOID_MLP), "activation": "relu"}
+        else:
+            architecture = {"kind": "conv4", "in_channels": 1, "ways": config.ways, "hidden": config.hidden,
+                            "image_size": config.image_size}  # fmt: skip
+        return cls(
+            algo=config.algo,
+            architecture=architecture,
+            loss="mse" if config.task == "sinusoid" else "cross_entropy",
+            inner_steps=config.inner_steps,
+            test_inner_steps=config.test_inner_steps,
+            inner_lr=config.inner_lr,
+            learn_inner_lr=config.learn_inner_lr,
+            zero_head=config.zero_head,
+            inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
+            rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config) if config.algo == "meta-lstm" else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _rule_spec(rule_class: type[UpdateRule], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"kind", "config"}`` of a rule class's architecture: its defaults with ``overrides``."""
+    return {"kind": rule_class.kind, "config": rule_class.from_config_dict(dict(overrides or {})).config_dict()}
+
+
+def build_model(architecture: Mapping[str, Any]) -> nn.Module:
+    """The network of an architecture dict (see :class:`LearnerSpec`), BatchNorm made transductive.
+
+    Input/output: MLP ``(N, sizes[0]) -> (N, sizes[-1])``; conv-4 ``(N, C, S, S) -> (N, ways)``.
+    """
+    from ...models import conv4
+
+    if architecture["kind"] == "mlp":
+        sizes = architecture["sizes"]
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+    if architecture["kind"] == "conv4":
+        model = conv4(architecture["in_channels"], architecture["ways"], architecture["hidden"], architecture["image_size"])
+        return replace_batchnorm_(model)
+    raise ValueError(f"unknown architecture kind {architecture['kind']!r}")
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """The module name of ``model``'s last ``nn.Linear`` (its output layer)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError("the model has no nn.Linear output layer")
+    return names[-1]
+
+
+class FewShotLearner:
+    """A learned initialisation (``model``), with learned step sizes (Meta-SGD) or a learned update
+    rule (meta-lstm) where the algorithm has them, and its algorithm's way of adapting to a task.
+
+    Args:
+        spec: what to build.
+        seed: initialise the model from ``(seed, 0)`` and the rule from ``(seed, 0, 1)``; None
+            leaves PyTorch's default initialisation (e.g. before loading tensors).
+    """
+
+    def __init__(self, spec: LearnerSpec, seed: int | None = None) -> None:
+        self.spec = spec
+        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+            if seed is not None:
+                torch.manual_seed(derive_seed(seed, 0))
+            self.model = build_model(spec.architecture)
+        self.loss_fn = LOSSES[spec.loss]
+        self.maml: MAML | None = None
+        self.rule: UpdateRule | None = None
+        if spec.algo in ("maml", "fomaml"):
+            self.maml = MAML(
+                self.model,
+                inner_lr=spec.inner_lr,
+                inner_steps=spec.inner_steps,
+                first_order=spec.algo == "fomaml",
+                learn_inner_lr=spec.learn_inner_lr,
+                loss_fn=self.loss_fn,
+                vectorize="auto",  # conv-4 on CPU: a loop over the tasks, faster than vmap there
+                zero_init=(output_layer_name(self.model),) if spec.zero_head else (),
+            )
+        elif spec.algo == "meta-lstm":
+            self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
+            self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
+        elif spec.algo == "reptile":
+            self.reptile = Reptile(self.model, spec.inner_steps, self.inner_optimizer, loss_fn=self.loss_fn)
+
+    def to(self, device: torch.device | str) -> FewShotLearner:
+        """Move every learned tensor to ``device`` (in place); returns ``self``."""
+        for module in (self.maml if self.maml is not None else self.model, self.rule):
+            if module is not None:
+                module.to(device)
+        return self
+
+    def inner_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """Reptile's inner optimizer on ``params``."""
+        if self.spec.inner_optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.spec.inner_lr, betas=(0.0, 0.999))
+        return torch.optim.SGD(params, lr=self.spec.inner_lr)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """What the outer optimizer trains: the model's parameters, then learned step sizes or
+        the rule's parameters."""
+        params = list(self.model.parameters())
+        if self.maml is not None and self.maml.inner_lrs is not None:
+            params += list(self.maml.inner_lrs.parameters())
+        if self.rule is not None:
+            params += list(self.rule.parameters())
+        return params
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every learned tensor, named ``model.*``, ``inner_lr.*`` and ``rule.*``."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.maml is not None and self.maml.inner_lrs is not None:
+            out.update({f"inner_lr.{k}": v for k, v in self.maml.inner_lrs.state_dict().items()})
+        if self.rule is not None:
+            out.update({f"rule.{k}": v for k, v in self.rule.state_dict().items()})
+        return out
+
+    def load_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Load :meth:`tensors`' output; raises ValueError if the names or shapes differ."""
+        expected = {k: tuple(v.shape) for k, v in self.tensors().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            raise ValueError(
+                f"tensors do not fit the {self.spec.algo} learner (missing {sorted(set(expected) - set(found))}, "
+                f"unexpected {sorted(set(found) - set(expected))}, "
+                f"wrong shape {sorted(k for k in set(expected) & set(found) if expected[k] != found[k])})"
+            )
+        with torch.no_grad():
+            for name, value in self.tensors().items():
+                value.copy_(tensors[name])
+
+    # ---------------------------------------------------------------- inner loops
+    def meta_loss(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+        """Mean query loss after ``inner_steps`` of adaptation, differentiable w.r.t. the
+        meta-parameters (MAML, meta-lstm). Inputs ``(B, N_support, ...)`` and ``(B, N_query, ...)``."""
+        if self.maml is not None:
+            return self.maml(x_s, y_s, x_q, y_q)
+        if self.rule is not None:
+            return self._unroll(x_s, y_s, x_q, y_q, self.spec.inner_steps, self.rule).losses[-1].mean()
+        raise ValueError(f"--algo {self.spec.algo} has no differentiable meta-loss")
+
+    def _unroll(
+        self, x_s: Tensor, y_s: Tensor, x_q: Tensor | None, y_q: Tensor | None, steps: int, rule: UpdateRule
+    ) -> UnrollResult:
+        """The meta-lstm inner loop on B tasks: ``steps`` rule updates on the support sets from
+        the model's parameters (shared by the tasks, so the meta-gradient reaches them); the last
+        entry of ``losses`` is the query loss at the adapted parameters (the support loss when no
+        query set is given)."""
+        batch = _SupportQueryBatch(self.model, self.loss_fn, x_s, y_s, x_q, y_q, steps)
+        params = {k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters()}
+        state = rule.init_state(num_coordinates(params), dtype=x_s.dtype, device=x_s.device)
+        return unroll(rule, batch, params, state, steps, stop_optimizee_grad=True)
+
+    def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
+        """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)``, after ``steps``
+        (default ``test_inner_steps``) of the algorithm's inner loop."""
+        steps = self.spec.test_inner_steps if steps is None else steps
+        if self.maml is not None:
+            return self.maml.adapt(x_support, y_support, steps=steps)
+        if self.rule is not None:
+            with torch.enable_grad():
+                result = self._unroll(x_support[None], y_support[None], None, None, steps, self.rule)
+            return {k: v[0].detach() for k, v in result.params.items()}
+        worker = self.reptile.adapt([(x_support, y_support)], steps=steps)
+        return {k: v.detach().clone() for k, v in worker.named_parameters()}
+
+    def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The model's outputs at ``params`` for ``x`` ``(N, ...)`` (normalised with x's own
+        batch statistics)."""
+        return functional_call(self.model, dict(params), (x,))
+
+    def evaluate(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int | None = None) -> dict[str, float]:
+        """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
+        each on its support set. Inputs ``(B, N, ...)``."""
+        losses, correct = [], []
+        for b in range(x_s.shape[0]):
+            params = self.adapt(x_s[b], y_s[b], steps)
+            with torch.no_grad():
+                outputs = self.predict(params, x_q[b])
+                losses.append(float(self.loss_fn(outputs, y_q[b])))
+                if self.spec.loss == "cross_entropy":
+                    correct.append(float((outputs.argmax(1) == y_q[b]).float().mean()))
+        metrics = {"loss": sum(losses) / len(losses)}
+        if correct:
+            metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
+        return metrics
+
+
+class _SupportQueryBatch(TaskBatch):
+    """B few-shot tasks as a :class:`TaskBatch` for :func:`unroll`: the loss of step index
+    ``t < steps`` is each task's support loss, of step ``steps`` its query loss (one ``vmap`` of
+    ``functional_call`` over the tasks)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor, y_s: Tensor,
+                 x_q: Tensor | None, y_q: Tensor | None, steps: int) -> None:  # fmt: skip
+        # TaskBatch's per-task objects are not needed: the loss below is batched
+        self.model, self.loss_fn, self.steps = model, loss_fn, steps
+        self.support = (x_s, y_s)
+        self.query = (x_s, y_s) if x_q is None else (x_q, y_q)
+
+    def __len__(self) -> int:
+        return self.support[0].shape[0]
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        x, y = self.support if step_index < self.steps else self.query
+
+        def one(p: Params, xb: Tensor, yb: Tensor) -> Tensor:
+            return self.loss_fn(functional_call(self.model, p, (xb,)), yb)
+
+        return vmap(one)(dict(params), x, y)
+
+
+# ----------------------------------------------------------------------------- the model file
+def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``learner`` to a safetensors file with its :class:`LearnerSpec` (plus ``extra``)
+    as the JSON header; atomic (temporary file, then ``os.replace``)."""
+    from ... import __version__
+
+    header = {"format": MODEL_FORMAT, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str, Any]]:
+    """Rebuild the learner of a ``model.safetensors`` file (no unpickling).
+
+    Returns:
+        ``(learner, header)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a learnedopt few-shot model file, or tensors that do not fit its header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
+    if _HEADER_KEY not in metadata:
+        raise ValueError(f"{path}: no learnedopt few-shot model header (is it an update-rule weight file?)")
+    header = json.loads(metadata[_HEADER_KEY])
+    if header.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
+    fields = {f.name for f in dataclasses.fields(LearnerSpec)}
+    learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}))
+    try:
+        learner.load_tensors(tensors)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return learner, header

@@ -1,0 +1,132 @@
+"""Task sources of few-shot meta-training: sinusoid regression tasks and Omniglot episodes over
+classes split by whole alphabets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..loop import (
+    ConfigError,
+)
+from ..tasks import generator_for
+from .config import FewShotConfig
+
+#: Omniglot classes are split by whole alphabets (8 in the two small background sets: 5, 1, 2)
+OMNIGLOT_SPLIT: dict[str, float] = {"meta_train": 5 / 8, "meta_valid": 1 / 8, "meta_test": 2 / 8}
+OMNIGLOT_SPLIT_SEED = 0
+SINUSOID_VALID_QUERIES = 100  # query points per validation task (Finn et al. test with 100)
+
+
+class SinusoidSource:
+    """Sinusoid regression tasks (:class:`learnedopt.data.SinusoidTasks`); inputs/targets ``(B, K, 1)``."""
+
+    def __init__(self, shots: int, queries: int) -> None:
+        self.shots, self.queries = shots, queries
+
+    def batch(self, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x_support, y_support, x_query, y_query)`` of ``size`` tasks drawn from ``seed``."""
+        from ...data import SinusoidTasks
+
+        return SinusoidTasks(seed).sample_tasks(size, self.shots, self.queries)[:4]
+
+    def describe(self) -> str:
+        return (
+            f"sinusoid regression y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]; "
+            f"{self.shots} support and {self.queries} query points per task; MSE"
+        )
+
+
+class OmniglotSource:
+    """N-way K-shot Q-query episodes of some Omniglot classes; images ``(B, N*K, 1, S, S)``,
+    labels ``(B, N*K)`` (0..N-1, grouped by way).
+
+    ``same_alphabet`` / ``same_rotation`` draw each episode's classes from one alphabet / one
+    rotation (both: one rotated alphabet); ``augment`` distorts every image it returns by its own
+    random affine map, drawn from the batch's seed.
+    """
+
+    def __init__(self, data: Any, classes: Tensor, ways: int, shots: int, queries: int, same_alphabet: bool,
+                 part: str, same_rotation: bool = False, augment: bool = False) -> None:  # fmt: skip
+        from ...data import EpisodeSampler
+
+        self.data, self.part, self.classes, self.same_alphabet = data, part, classes, same_alphabet
+        self.same_rotation, self.augment = same_rotation, augment
+        rotation_index = data.rotation_of_class // 90
+        groups = data.alphabet_of_class * 4 * same_alphabet + rotation_index * same_rotation
+        try:
+            self.sampler = EpisodeSampler(data.labels, classes, ways, shots, queries, groups=groups,
+                                          same_group=same_alphabet or same_rotation)  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(f"--task omniglot, {part} classes: {err}") from None
+
+    def batch(self, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``size`` episodes drawn from ``seed`` (the sampler's generator is reset to it; the
+        distortions, with ``augment``, come from the key ``(seed, 1)``)."""
+        from ...data import random_affine, stack_episodes
+
+        self.sampler.load_state_dict({"generator": torch.Generator().manual_seed(seed).get_state()})
+        x_s, y_s, x_q, y_q = stack_episodes(self.data.images, [self.sampler.sample() for _ in range(size)])
+        if self.augment:
+            generator = generator_for(seed, 1)
+            x_s, x_q = random_affine(x_s, generator), random_affine(x_q, generator)
+        return x_s, y_s, x_q, y_q
+
+    def alphabets(self) -> list[str]:
+        return [self.data.alphabets[i] for i in torch.unique(self.data.alphabet_of_class[self.classes]).tolist()]
+
+    def describe(self) -> str:
+        rotated = bool((self.data.rotation_of_class[self.classes] != 0).any())
+        s = self.sampler
+        return (
+            f"Omniglot {s.n_way}-way {s.k_shot}-shot {s.q_query}-query episodes from the {self.part} alphabets "
+            f"({', '.join(self.alphabets())}; {len(self.classes)} classes{', with rotations' if rotated else ', unrotated'})"
+            f"{', each episode within one alphabet' if self.same_alphabet else ''}"
+            f"{', each episode within one rotation' if self.same_rotation else ''}"
+            f"{', every image distorted by a random affine map' if self.augment else ''}"
+        )
+
+
+def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]:
+    """``(meta-train source, validation source, alphabets of each split part)``; the split is
+    empty for sinusoid. Raises :class:`ConfigError` when Omniglot is missing or too small."""
+    train_shots = config.train_shots or config.shots
+    if config.task == "sinusoid":
+        return (SinusoidSource(train_shots, config.queries),
+                SinusoidSource(config.shots, SINUSOID_VALID_QUERIES), {})  # fmt: skip
+    from ...data import load_omniglot
+    from ...data.omniglot import DEFAULT_ZIPS
+
+    try:
+        if config.data is None:
+            data = load_omniglot(image_size=config.image_size, rotations=True)
+        else:
+            root = Path(config.data)
+            sources = [root / name for name in DEFAULT_ZIPS if (root / name).is_file()] or [root]
+            data = load_omniglot(sources, image_size=config.image_size, rotations=True)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
+    parts = omniglot_class_splits(data)
+    train = OmniglotSource(data, parts["meta_train"], config.ways, train_shots, config.queries,
+                           config.same_alphabet, "meta_train", config.same_rotation, config.augment)  # fmt: skip
+    valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
+                           config.same_alphabet, "meta_valid")  # fmt: skip
+    split = {
+        name: sorted({data.alphabets[i] for i in data.alphabet_of_class[part].tolist()})
+        for name, part in parts.items()
+    }
+    return train, valid, split
+
+
+def omniglot_class_splits(data: Any) -> dict[str, Tensor]:
+    """The class ids of each part of :data:`OMNIGLOT_SPLIT` (whole alphabets, seed
+    :data:`OMNIGLOT_SPLIT_SEED`): ``meta_train`` keeps the rotated classes, ``meta_valid`` and
+    ``meta_test`` only the unrotated characters."""
+    from ...data import class_splits
+
+    parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
+    unrotated = data.rotation_of_class == 0
+    return {name: ids if name == "meta_train" else ids[unrotated[ids]] for name, ids in parts.items()}

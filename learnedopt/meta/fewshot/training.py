@@ -1,0 +1,237 @@
+"""Few-shot meta-training: the trainer every ``--algo`` shares, :func:`meta_train_fewshot` and
+the ``meta-train`` entry point :func:`run_fewshot`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import SINGLE, Workers
+from ..loop import (
+    CARD_NAME,
+    check_run,
+    clip_meta_gradient_,
+    last_record,
+    processes_note,
+    model_card,
+    train_loop,
+    write_text_atomic,
+)
+from ..reptile import Reptile
+from ..tasks import derive_seed, generator_for
+from .config import FewShotConfig, canonical_command, config_from_args
+from .learner import MODEL_NAME, FewShotLearner, LearnerSpec, save_learner
+from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, make_sources
+
+_TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM = 1, 2, 3
+
+
+def inner_minibatches(
+    x: Tensor, y: Tensor, batch: int | None, steps: int, generator: torch.Generator
+) -> list[tuple[Tensor, Tensor]]:
+    """The ``steps`` inner minibatches of one task's support set ``x`` ``(N, ...)``, ``y`` ``(N,)``:
+    ``batch`` examples each, in a random order drawn from ``generator``, without replacement until
+    every example has been used once (then a new order); ``batch=None`` (or ``>= N``) gives the
+    whole set every step, in its own order."""
+    n = x.shape[0]
+    if batch is None or batch >= n:
+        return [(x, y)] * steps
+    orders = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch // n))])
+    picks = orders[: steps * batch].view(steps, batch)
+    return [(x[i], y[i]) for i in picks]
+
+
+class FewShotTrainer:
+    """The :class:`learnedopt.meta.train.Trainer` of the few-shot algorithms.
+
+    With several ``workers`` every rank draws the whole meta-batch and adapts on its share of
+    the tasks; MAML and meta-lstm average the meta-gradients over the ranks, Reptile sums the
+    parameter moves, so each rank makes the update one process would make on the whole batch.
+    """
+
+    def __init__(self, config: FewShotConfig, workers: Workers = SINGLE) -> None:
+        self.config, self.workers = config, workers
+        self.source, self.valid_source, self.split = make_sources(config)
+        self.device = torch.device(config.device)
+        self.learner = FewShotLearner(LearnerSpec.for_config(config), seed=config.seed).to(self.device)
+        if config.algo == "reptile":
+            self.reptile = Reptile(
+                self.learner.model,
+                config.inner_steps,
+                self.learner.inner_optimizer,
+                outer_stepsize=config.meta_lr,
+                final_outer_stepsize=0.0,
+                total_steps=config.meta_steps,
+                loss_fn=self.learner.loss_fn,
+            )
+        else:
+            self.meta_optimizer = torch.optim.Adam(self.learner.meta_parameters(), lr=config.meta_lr)
+
+    def step(self, step: int) -> dict[str, float]:
+        """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
+        (MAML, meta-lstm); for Reptile, which has no meta-loss, the mean support loss at the
+        initialisation before the update."""
+        config, workers = self.config, self.workers
+        batch = self.source.batch(config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, step))
+        part = workers.share(config.meta_batch)
+        x_s, y_s, x_q, y_q = (t[part].to(self.device) for t in batch)
+        if config.algo == "reptile":
+            with torch.no_grad():
+                loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
+            # each task's minibatch order has its own key, so a rank's tasks do not depend on the others'
+            tasks = [inner_minibatches(x, y, config.inner_batch, config.inner_steps,
+                                       generator_for(config.seed, _MINIBATCH_STREAM, step, part.start + b))
+                     for b, (x, y) in enumerate(zip(x_s, y_s, strict=True))]  # fmt: skip
+            eps = self.reptile.meta_step(tasks, all_reduce_sum_=workers.all_reduce_sum_)
+            return {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps}
+        loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the meta-loss is {loss.item()}")
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = self.learner.meta_parameters()
+        workers.average_gradients_(params)
+        norm = clip_meta_gradient_(list(params), config.clip)
+        self.meta_optimizer.step()
+        return {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": norm}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}
+        if self.config.algo == "reptile":
+            state["reptile"] = self.reptile.state_dict()
+        else:
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.learner.load_tensors(state["learner"])
+        if self.config.algo == "reptile":
+            self.reptile.load_state_dict(state["reptile"])
+        else:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
+    def validate(self, learner: FewShotLearner) -> dict[str, float]:
+        """Metrics of ``learner`` on the fixed validation tasks (``(seed, 2)``), adapted with
+        ``test_inner_steps``."""
+        tasks = self.valid_source.batch(self.config.val_tasks, derive_seed(self.config.seed, _VALID_STREAM))
+        return learner.evaluate(*(t.to(self.device) for t in tasks))
+
+
+@dataclass
+class FewShotResult:
+    """What :func:`meta_train_fewshot` returns: the learner, the meta-steps done, this process's
+    log records, whether the run finished, and (when finished) validation metrics
+    ``{"initial": {...}, "final": {...}}``."""
+
+    learner: FewShotLearner
+    step: int
+    log: list[dict[str, Any]]
+    finished: bool
+    validation: dict[str, dict[str, float]] | None = None
+
+
+def meta_train_fewshot(
+    config: FewShotConfig,
+    out: str | os.PathLike[str],
+    *,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    command: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    workers: Workers | None = None,
+) -> FewShotResult:
+    """Meta-train a few-shot learner as ``learnedopt meta-train --algo ...`` does: ``log.jsonl``,
+    ``checkpoint.pt`` and at the end ``model.safetensors`` and ``MODEL_CARD.md`` in ``out``.
+    Arguments as :func:`learnedopt.meta.train.meta_train` (ranks other than 0 return without
+    validation or files).
+
+    Raises:
+        ConfigError: bad configuration, missing data, or a resume that does not fit.
+        DistributedError: another rank failed.
+    """
+    workers = check_run(config, checkpoint_every, workers)
+    out = Path(out)
+    command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
+    trainer = FewShotTrainer(config, workers)
+    hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
+    done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
+                           max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
+    if done < config.meta_steps or not workers.is_main:
+        return FewShotResult(trainer.learner, done, log, finished=done >= config.meta_steps)
+    initial = FewShotLearner(trainer.learner.spec, seed=config.seed).to(trainer.device)  # the same seeded draw
+    validation = {"initial": trainer.validate(initial), "final": trainer.validate(trainer.learner)}
+    extra = {
+        "task": config.task,
+        "command": command,
+        "meta_train_config": config.to_dict(),
+        "final_meta_loss": last_record(out, log)["meta_loss"],
+        "validation": validation,
+        "omniglot_split": trainer.split or None,
+    }
+    save_learner(trainer.learner, out / MODEL_NAME, extra)
+    _write_card(out / CARD_NAME, config, command, trainer, extra)
+    return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation)
+
+
+def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
+    spec = trainer.learner.spec
+    metrics = "\n".join(
+        f"| validation {name} after {config.test_inner_steps} inner steps | {extra['validation']['initial'][name]:.6g} "
+        f"| {extra['validation']['final'][name]:.6g} |"
+        for name in extra["validation"]["final"]
+    )
+    if trainer.split:
+        split = (
+            f"Classes are split by whole alphabets (`class_splits(groups=alphabet_of_class)`, fractions "
+            f"{OMNIGLOT_SPLIT}, seed {OMNIGLOT_SPLIT_SEED}):\n\n"
+            + "\n".join(f"- {name}: {', '.join(alphabets) or '(none)'}" for name, alphabets in trainer.split.items())
+            + f"\n\nHeld out from meta-training: {', '.join(trainer.split['meta_valid'] + trainer.split['meta_test'])} "
+            "(meta_valid is used for the validation metric below; meta_test is never read)."
+        )
+    else:
+        split = "Tasks are drawn fresh from the task distribution; validation tasks are a fixed draw (key (seed, 2))."
+    text = model_card(
+        f"Meta-trained few-shot learner: {config.algo} on {config.task}",
+        f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.'
+        + processes_note(trainer.workers.world_size),
+        command,
+        config.to_dict(),
+        f"Learner: `{json.dumps(spec.to_dict())}`.",
+        f"Meta-training tasks: {trainer.source.describe()}.\n\n"
+        f"Validation tasks ({config.val_tasks}): {trainer.valid_source.describe()}.\n\n{split}",
+        "| metric | initialisation | meta-trained |\n|---|---:|---:|\n"
+        f"{metrics}\n\nMean meta-loss of the last meta-step: {extra['final_meta_loss']:.6g}. "
+        "Per-step metrics are in `log.jsonl`.",
+    )
+    write_text_atomic(path, text)
+
+
+def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | None:
+    """``learnedopt meta-train --algo maml|fomaml|reptile|meta-lstm``: run and return the line to
+    print when finished (None when stopped early, or on ranks other than 0). Raises
+    :class:`ConfigError`."""
+    config = config_from_args(args)
+    result = meta_train_fewshot(
+        config,
+        args.out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        command=canonical_command(config, args.out, args.checkpoint_every),
+        max_steps=args.stop_after,
+        progress=not args.quiet,
+        workers=workers,
+    )
+    if not result.finished or result.validation is None:
+        return None
+    initial, final = result.validation["initial"], result.validation["final"]
+    shown = ", ".join(f"{k} {initial[k]:.4g} -> {final[k]:.4g}" for k in final)
+    return f"wrote {Path(args.out) / MODEL_NAME} and {CARD_NAME}: validation {shown} (initialisation -> meta-trained)"
