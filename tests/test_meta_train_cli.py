@@ -122,13 +122,19 @@ def test_other_rules_presets_and_module_entry_point(tmp_path: Path) -> None:
         read_header(tmp_path / "preset" / "weights.safetensors")["meta_train_config"]["preset"]
         == "l2l-2016"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "learnedopt.meta.train", "--help"],
+    for module in ("learnedopt.meta.train", "learnedopt.train"):  # the name is the second
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
+        )
+        assert result.stdout.startswith(f"usage: python -m {module} ")
+        assert "--checkpoint-every" in result.stdout and "--stop-after" not in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "learnedopt.train", "--unroll", "30", "--horizon", "20", "--out", str(tmp_path / "bad")],
         capture_output=True,
         text=True,
-        check=True,
     )
-    assert "--checkpoint-every" in result.stdout and "--stop-after" not in result.stdout
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unroll" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_preset_may_be_a_weight_file_and_starts_where_that_preset_does(tmp_path: Path, capsys) -> None:

@@ -727,10 +727,11 @@ def _run(args: argparse.Namespace, workers: Workers) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m learnedopt.meta.train ARGS`` (the same as ``learnedopt meta-train ARGS``)."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m learnedopt.meta.train") -> int:
+    """``python -m learnedopt.meta.train ARGS`` (the same as ``learnedopt meta-train ARGS``);
+    ``prog`` names the command in the help and usage text."""
     parser = argparse.ArgumentParser(
-        prog="python -m learnedopt.meta.train",
+        prog=prog,
         description="Meta-train an update rule or a few-shot learner.",
     )
     configure_parser(parser)
