@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small model with the learned optimizers beside Adam")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.set_defaults(func=_demo)
-    from .meta.train import add_meta_train_parser
+    from .meta.command import add_meta_train_parser
 
     add_meta_train_parser(sub)
     evaluate = sub.add_parser("evaluate", help="evaluate learned optimizers or meta-trained models")

@@ -1,4 +1,5 @@
-"""``learnedopt meta-train``: meta-train an update rule by truncated backpropagation through unrolls.
+"""Meta-training an update rule by truncated backpropagation through unrolls (``learnedopt
+meta-train --algo lstm``).
 
 One *meta-step* is one episode: sample ``--meta-batch`` tasks, run ``--horizon`` optimizee steps
 in truncations of ``--unroll`` steps, and after each truncation take one Adam step on the rule's
@@ -15,11 +16,9 @@ Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metri
 ``seconds`` and ``peak_rss_mb``, the process's peak resident memory so far), ``checkpoint.pt`` (atomic),
 and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 
-``--algo`` chooses what is meta-trained: ``lstm`` (the default) is the update-rule training above;
-``maml``, ``fomaml``, ``reptile`` and ``meta-lstm`` meta-train a few-shot learner (a learned
-initialisation, and for ``meta-lstm`` also a learned update rule) on sinusoid or Omniglot tasks,
-see :mod:`learnedopt.meta.fewshot`. Every algorithm runs through :func:`learnedopt.meta.loop.train_loop`, so they share
-the progress bar, the log, the atomic checkpoints, the exact resume and the one-line errors.
+The command line (``learnedopt meta-train``, for this and every other algorithm) is
+:mod:`learnedopt.meta.command`; here are the update-rule training it runs for ``--algo lstm`` and
+that algorithm's arguments-to-configuration (:func:`config_from_args`, :func:`canonical_command`).
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ import json
 import math
 import os
 import shlex
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from torch import Tensor
 from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
-from .distributed import DEFAULT_TIMEOUT_S, SINGLE, DistributedError, Workers
+from .distributed import SINGLE, Workers
 from .loop import (
     CARD_NAME,
     LOG_NAME,
@@ -55,16 +53,13 @@ from .loop import (
     last_record,
     model_card,
     processes_note,
-    refuse_options,
     train_loop,
     write_text_atomic,
 )
-from .tasks import TASK_FAMILIES, TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
+from .tasks import TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM = 0, 1, 2  # generator_for(seed, stream[, step])
-#: what ``--algo`` accepts: update-rule training, then the few-shot learners of fewshot.py
-ALGOS: tuple[str, ...] = ("lstm", "maml", "fomaml", "reptile", "meta-lstm")
 
 
 @dataclass(frozen=True)
@@ -425,16 +420,7 @@ run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinst
     write_text_atomic(path, text)
 
 
-# ----------------------------------------------------------------------------- command line
-def add_meta_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the ``meta-train`` subcommand on ``learnedopt``'s subparsers."""
-    parser = sub.add_parser(
-        "meta-train", help="meta-train an update rule, or a few-shot learner (--algo)"
-    )
-    configure_parser(parser)
-    return parser
-
-
+# ----------------------------------------------------------------------------- from arguments
 #: options only ``--algo lstm`` reads (argparse dest names); their parser default is None
 LSTM_ONLY = (
     "rule",
@@ -449,157 +435,8 @@ LSTM_ONLY = (
 )
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``meta-train`` arguments to ``parser`` and set its handler.
-
-    Options whose default depends on ``--algo`` (or that only one algorithm reads) default to
-    None here; :func:`config_from_args` and :func:`learnedopt.meta.fewshot.config_from_args`
-    fill them in.
-    """
-    from .fewshot import add_fewshot_arguments
-
-    d = MetaTrainConfig()
-    parser.add_argument(
-        "--algo",
-        default="lstm",
-        help=f"what to meta-train: {', '.join(ALGOS)} (default lstm: an update rule by truncated "
-        "unrolls; the others: a few-shot learner, see --task sinusoid|omniglot)",
-    )
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument(
-        "--rule",
-        help=f"lstm: update rule to train from its seeded init; meta-lstm: the learned inner-loop "
-        f"update (default MetaLSTMCell): {', '.join(sorted(RULES))} (default {d.rule})",
-    )
-    start.add_argument(
-        "--preset",
-        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's",
-    )
-    parser.add_argument(
-        "--rule-config",
-        type=_json_object,
-        metavar="JSON",
-        help="lstm, meta-lstm: architecture of --rule as a JSON object of its config fields, e.g. "
-        "'{\"momentum_decays\": [0.9, 0.99], \"rms_decays\": [0.999]}' (default: the class's)",
-    )
-    parser.add_argument(
-        "--task",
-        help=f"task family: for lstm {', '.join(TASK_FAMILIES)}, or a mixture such as "
-        "mlp-random+quadratic (each meta-batch from one member, drawn uniformly; "
-        f"mlp-random:3+quadratic draws mlp-random three times as often; default {d.task}); "
-        "for the few-shot algos sinusoid or omniglot (default sinusoid)",
-    )
-    parser.add_argument(
-        "--unroll", type=int, metavar="T", help=f"lstm: truncation length (default {d.unroll})"
-    )
-    parser.add_argument(
-        "--horizon",
-        type=int,
-        metavar="H",
-        help=f"lstm: optimizee steps per episode (default {d.horizon})",
-    )
-    parser.add_argument(
-        "--meta-batch",
-        type=int,
-        metavar="B",
-        help=f"tasks per meta-step (default {d.meta_batch} for lstm)",
-    )
-    parser.add_argument(
-        "--meta-steps",
-        type=int,
-        metavar="S",
-        help=f"meta-steps to run (default {d.meta_steps} for lstm)",
-    )
-    parser.add_argument(
-        "--meta-lr",
-        type=float,
-        help=f"Adam learning rate; Reptile's outer step size (default {d.meta_lr} for lstm)",
-    )
-    parser.add_argument(
-        "--clip",
-        type=float,
-        help=f"lstm, meta-lstm: meta-gradient norm clip (default {d.clip})",
-    )
-    parser.add_argument(
-        "--lr", type=float, help=f"lstm: multiplier of the rule's step (default {d.lr})"
-    )
-    parser.add_argument(
-        "--second-order",
-        action="store_true",
-        default=None,
-        help="lstm: keep second-order terms (do not detach optimizee gradients)",
-    )
-    parser.add_argument(
-        "--random-horizon",
-        action="store_true",
-        default=None,
-        help="lstm: each training episode runs a horizon drawn uniformly from [T, H] (default: H)",
-    )
-    parser.add_argument(
-        "--loss-weighting",
-        help=f"lstm: weight of each step's loss in the meta-loss: {', '.join(LOSS_WEIGHTINGS)} "
-        f"(linear: 2t/(H+1) for step t of H, leaning toward the final loss; quadratic: "
-        f"6t^2/((H+1)(2H+1)), leaning further; default {d.loss_weighting})",
-    )
-    add_fewshot_arguments(parser)
-    parser.add_argument(
-        "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output folder (log, checkpoints, weights, model card)",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=10,
-        metavar="N",
-        help="checkpoint every N meta-steps (default 10)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    parser.add_argument(
-        "--data",
-        metavar="PATH",
-        help="MNIST folder for --task mnist-mlp, folder of the Omniglot zips for --task omniglot "
-        "(default: LEARNEDOPT_DATA, ../shared/data)",
-    )
-    parser.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="under torchrun: fail the job when a rank has not reached a collective after this "
-        f"long, e.g. because it died or hangs (default {DEFAULT_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--device",
-        help=f"where meta-training runs: cpu or cuda[:N] (default {d.device}; under torchrun, cuda is "
-        "each rank's own GPU)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument(
-        "--stop-after", type=int, default=None, help=argparse.SUPPRESS
-    )  # tests: simulated kill
-    parser.set_defaults(func=run_meta_train)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
-    return value
-
-
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
     """The ``--algo lstm`` configuration of parsed arguments (unset options: the defaults)."""
-    from .fewshot import FEWSHOT_ONLY
-
-    refuse_options(args, FEWSHOT_ONLY, "--algo lstm", "--algo " + ", ".join(ALGOS[1:]))
     d = MetaTrainConfig()
     rule = args.rule if args.rule is not None or args.preset is not None else d.rule
 
@@ -664,79 +501,7 @@ def canonical_command(
     return shlex.join(words)
 
 
-def run_meta_train(args: argparse.Namespace) -> int:
-    """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr
-    (bad configuration), or 1 (another rank of a ``torchrun`` job failed).
+if __name__ == "__main__":  # python -m learnedopt.meta.train: the meta-train command
+    from .command import main
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on CPU, see
-    :mod:`learnedopt.meta.distributed`) and leaves it at the end.
-    """
-    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
-        print(f"learnedopt meta-train: error: --dist-timeout must be a positive number of seconds, "
-              f"got {args.dist_timeout}", file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        workers = distributed.init_from_env(args.dist_timeout)
-    except (RuntimeError, ValueError) as err:
-        print(f"learnedopt meta-train: error: cannot join the torchrun job: {err}", file=sys.stderr)
-        return 1
-    finished = False
-    try:
-        code = _run(args, workers)
-        finished = True
-        return code
-    except ConfigError as err:
-        if workers.is_main:  # every rank fails the same check; one line is enough
-            print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
-        return 2
-    except DistributedError as err:
-        print(f"learnedopt meta-train: error: {err}; continue the job from the last checkpoint "
-              f"with --resume", file=sys.stderr)  # fmt: skip
-        return 1
-    finally:
-        distributed.shutdown(wait_for_all=finished)
-
-
-def _run(args: argparse.Namespace, workers: Workers) -> int:
-    if args.algo not in ALGOS:
-        raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
-    if args.algo != "lstm":
-        from .fewshot import run_fewshot
-
-        message = run_fewshot(args, workers)
-        if message and workers.is_main:
-            print(message)
-        return 0
-    config = config_from_args(args)
-    command = canonical_command(config, args.out, args.checkpoint_every)
-    result = meta_train(
-        config,
-        args.out,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        command=command,
-        max_steps=args.stop_after,
-        progress=not args.quiet,
-        workers=workers,
-    )
-    if result.finished and workers.is_main:
-        print(
-            f"wrote {Path(args.out) / WEIGHTS_NAME} and {CARD_NAME}: evaluation loss "
-            f"{result.eval['initial']:.6g} (initial rule) -> {result.eval['final']:.6g} (meta-trained)"
-        )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m learnedopt.meta.train") -> int:
-    """``python -m learnedopt.meta.train ARGS`` (the same as ``learnedopt meta-train ARGS``);
-    ``prog`` names the command in the help and usage text."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Meta-train an update rule or a few-shot learner.",
-    )
-    configure_parser(parser)
-    return run_meta_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
     distributed.exit_process(main())

@@ -19,7 +19,6 @@ from ..loop import (
     check_rule_config,
     refuse_options,
 )
-from ..train import LSTM_ONLY
 
 FEWSHOT_ALGOS: tuple[str, ...] = ("maml", "fomaml", "reptile", "meta-lstm")
 FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
@@ -189,10 +188,9 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     """The few-shot configuration of parsed ``meta-train`` arguments; refuses options that do not
-    apply to the chosen algorithm or task."""
+    apply to the chosen few-shot algorithm or task (:mod:`learnedopt.meta.command` has already
+    refused the update-rule-only options)."""
     algo = args.algo
-    own = ("rule", "rule_config") if algo == "meta-lstm" else ()
-    refuse_options(args, [n for n in LSTM_ONLY if n not in own], f"--algo {algo}", "--algo lstm")
     task = args.task or "sinusoid"
     if task not in FEWSHOT_TASKS:
         raise ConfigError(f"--algo {algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {task!r}")
