@@ -6,6 +6,11 @@ optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
 
     python benchmarks/readme_table.py benchmarks/results/optimizee_eval.json \\
         "LSTMOptimizer (l2l-random, default)=\\`l2l-random\\` (trained, default)" ...
+
+With ``--paired`` it prints the paired comparison instead: each cell is ``a / b``, the number of
+evaluation seeds on which the optimizer's final loss is below tuned Adam's (``a``) and below the
+best tuned baseline's (``b``) on the same seed (same initialisation, same minibatches), out of the
+seeds where both runs stayed finite.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from learnedopt.evaluation import best_baseline, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -65,10 +74,26 @@ def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of paired counts (see the module docstring): one row per problem, one
+    column per ``(label, header)``."""
+    head = ["problem", "best tuned baseline", *(h for _, h in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, problem in report["problems"].items():
+        results = problem["results"]
+        best = best_baseline(results)
+        adam, top = results["Adam"]["finals"], results[best]["finals"]
+        cells = [f"{seeds_below(results[label]['finals'], adam)} / {seeds_below(results[label]['finals'], top)}"
+                 for label, _ in columns]  # fmt: skip
+        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), best, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="an optimizee_eval.json")
     parser.add_argument("columns", nargs="+", metavar="LABEL=HEADER")
+    parser.add_argument("--paired", action="store_true", help="print the paired seed counts instead")
     args = parser.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
@@ -77,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [label for label, *_ in columns if label not in labels]
     if unknown or any(len(c) != 2 for c in columns):
         parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
-    print(table(report, columns))
+    print((paired_table if args.paired else table)(report, columns))
     return 0
 
 

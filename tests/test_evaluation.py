@@ -22,10 +22,12 @@ from learnedopt.evaluation import (
     Problem,
     QuadraticProblem,
     add_evaluate_optimizers_parser,
+    best_baseline,
     evaluate_optimizers,
     learned_from_file,
     make_problem,
     run_optimizer,
+    seeds_below,
     select_lr,
     summarize,
     synthetic_classification,
@@ -191,12 +193,19 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         and "| optimizer | lr | final loss mean +- std |" in md
     )
     assert "UNTRAINED" in md
-    # every row but tuned Adam's ends with its paired count over the 2 evaluation seeds
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.count("|") == 8]
-    rows = [r for r in rows if r[0] not in ("optimizer", "---")]
-    assert len(rows) == 2 * (len(BASELINES) + len(DEFAULT_LEARNED))
-    assert all((r[-1] == "-") == (r[0] == "Adam") for r in rows)
-    assert all(r[-1] in ("0/2", "1/2", "2/2") for r in rows if r[0] != "Adam")
+    # paired counts over the 2 evaluation seeds: against tuned Adam (every row but Adam's) and
+    # against the best tuned baseline, named above each table (every row but its own)
+    for name, prob in report["problems"].items():
+        section = md[md.index(f"## {name} ") :].split("\n## ")[0]
+        best = min(BASELINES, key=lambda b: prob["results"][b]["final_mean"])
+        assert f"Best tuned baseline: {best}." in section
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.count("|") == 9]
+        rows = [r for r in rows if r[0] not in ("optimizer", "---")]
+        assert len(rows) == len(BASELINES) + len(DEFAULT_LEARNED)
+        assert all((r[-2] == "-") == (r[0] == "Adam") and (r[-1] == "-") == (r[0] == best) for r in rows)
+        assert all(c in ("0/2", "1/2", "2/2") for r in rows for c in r[-2:] if c != "-")
+        finals = {r[0]: prob["results"][r[0]]["finals"] for r in rows}
+        assert all(r[-1] == seeds_below(finals[r[0]], finals[best]) for r in rows if r[0] != best)
     assert Image.open(paths[2]).size[0] > 100
 
     written = {}
@@ -347,9 +356,19 @@ def test_seeded_init_refuses_a_module_it_cannot_initialise() -> None:
     assert torch.equal(*seeded) and seeded[0].abs().max() <= 1 / math.sqrt(3)
 
 
-def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite() -> None:
-    from learnedopt.evaluation import seeds_below
+def test_best_baseline_is_the_lowest_finite_mean_final_loss_among_baselines() -> None:
+    nan = float("nan")
 
+    def entry(kind: str, final: float) -> dict:
+        return {"kind": kind, "final_mean": final}
+
+    results = {"SGD": entry("baseline", 0.3), "Adam": entry("baseline", nan), "Nesterov": entry("baseline", 0.2),
+               "learned": entry("learned", 0.1)}  # fmt: skip
+    assert best_baseline(results) == "Nesterov"  # the learned row and the NaN baseline do not count
+    assert best_baseline({"Adam": entry("baseline", nan), "learned": entry("learned", 0.1)}) is None
+
+
+def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite() -> None:
     nan = float("nan")
     assert seeds_below([1.0, 2.0, 3.0, nan, 0.5], [1.5, 1.0, 3.5, 0.1, nan]) == "2/3"
     assert seeds_below([], []) == "0/0"

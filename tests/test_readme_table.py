@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from readme_table import main, table  # noqa: E402
+from readme_table import main, paired_table, table  # noqa: E402
 
 
-def result(kind: str, final: float, mean: float, lr: float = 1.0) -> dict:
-    return {"kind": kind, "final_mean": final, "mean_loss": mean, "lr": lr}
+def result(kind: str, final: float, mean: float, lr: float = 1.0, finals: tuple = ()) -> dict:
+    return {"kind": kind, "final_mean": final, "mean_loss": mean, "lr": lr, "finals": list(finals)}
 
 
 REPORT = {
@@ -21,18 +21,18 @@ REPORT = {
     "problems": {
         "mnist-mlp-100": {
             "results": {
-                "SGD": result("baseline", 0.30, 0.70, 3.16),
-                "Adam": result("baseline", 0.20, 0.50, 0.0316),
-                "L (a)": result("learned", 0.15, 0.60),  # final below both, mean not below Adam
-                "L (b)": result("learned", 0.20, 0.40),  # final level with Adam: not below
+                "SGD": result("baseline", 0.30, 0.70, 3.16, (0.3, 0.3, 0.3)),
+                "Adam": result("baseline", 0.20, 0.50, 0.0316, (0.1, 0.2, 0.3)),
+                "L (a)": result("learned", 0.15, 0.60, finals=(0.05, 0.25, 0.15)),  # final below both, mean not below Adam
+                "L (b)": result("learned", 0.20, 0.40, finals=(0.2, 0.2, 0.2)),  # final level with Adam: not below
             }
         },
         "quadratic-20": {
             "results": {
-                "SGD": result("baseline", 2.0, 8.0, 0.01),
-                "Adam": result("baseline", 1.0, 22.0),
-                "L (a)": result("learned", 9.2, 36.0),
-                "L (b)": result("learned", 3.0e5, 1.0e-5),
+                "SGD": result("baseline", 2.0, 8.0, 0.01, (1.0, 3.0, 2.0)),
+                "Adam": result("baseline", 1.0, 22.0, 1.0, (0.5, 2.0, 0.5)),
+                "L (a)": result("learned", 9.2, 36.0, finals=(9.0, 1.5, float("nan"))),
+                "L (b)": result("learned", 3.0e5, 1.0e-5, finals=(3e5, 3e5, 3e5)),
             }
         },
     },
@@ -54,3 +54,12 @@ def test_unknown_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main([str(path), "L (c)=`c`"])
     assert "LABEL one of ['L (a)', 'L (b)']" in capsys.readouterr().err
+
+
+def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:
+    lines = paired_table(REPORT, [("L (a)", "`a`"), ("L (b)", "`b`")]).splitlines()
+    assert lines[0] == "| problem | best tuned baseline | `a` | `b` |"
+    # 100 steps: Adam is the best baseline; a is below it on seeds 0 and 2, b only on seed 2
+    assert lines[2] == "| MNIST MLP, 100 steps | Adam | 2/3 / 2/3 | 1/3 / 1/3 |"
+    # quadratic: a's NaN seed is left out of its counts
+    assert lines[3] == "| quadratic, 20-dim (never seen) | Adam | 1/2 / 1/2 | 0/3 / 0/3 |"

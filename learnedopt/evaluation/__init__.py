@@ -42,7 +42,7 @@ from .problems import (
     small_convnet,
     synthetic_classification,
 )
-from .report import WriteResults, markdown_tables, plot_curves, seeds_below, write_report
+from .report import WriteResults, best_baseline, markdown_tables, plot_curves, seeds_below, write_report
 from .runs import (
     BASELINES,
     DEFAULT_LEARNED,
@@ -63,6 +63,7 @@ __all__ = [
     "add_arguments",
     "add_evaluate_optimizers_parser",
     "BASELINES",
+    "best_baseline",
     "ClassificationProblem",
     "config_from_args",
     "DEFAULT_LEARNED",
