@@ -18,11 +18,25 @@ def test_console_script_help_runs() -> None:
     assert result.returncode == 0 and "learnedopt" in result.stdout
 
 
-def test_demo_runs_and_prints_each_optimizer(capsys) -> None:
+def test_demo_runs_and_prints_each_optimizer_and_only_learnedopts_warnings(capsys, monkeypatch) -> None:
+    import warnings
+
+    from learnedopt import demo
+
+    original = demo.train
+
+    def train_with_a_foreign_warning(*args, **kwargs):
+        # what torch does when torch.compile first imports torch.utils.mkldnn
+        warnings.warn_explicit("`torch.jit.script_method` is deprecated", DeprecationWarning, "/elsewhere/torch/jit/_script.py", 365)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "train", train_with_a_foreign_warning)
     assert main(["demo", "--steps", "20"]) == 0
     out = capsys.readouterr().out
     for name in ("LSTMOptimizer", "MetaLSTMOptimizer", "Adam"):
         assert name in out
+    assert "UNTRAINED weights (preset 'l2l-2016')" in out  # learnedopt's own warning is shown
+    assert "script_method" not in out
 
 
 def test_kernels_are_installed_under_learnedopt_only() -> None:
