@@ -53,9 +53,15 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
     }
     results = {}
     print(f"Training a 16-64-1 MLP on generated data for {steps} full-batch steps\n")
-    print(f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # Two steps of each first, untimed: the first step of a learned optimizer compiles its
+        # update (seconds, once per process), which would otherwise land in the first row's time.
+        start = time.perf_counter()
+        for make in candidates.values():
+            train(make, x, y, 2)
+        print(f"Warm-up, untimed: two steps of each optimizer, {time.perf_counter() - start:.1f}s (mostly compiling)\n")
+        print(f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
         for name, make in candidates.items():
             start = time.perf_counter()
             losses = train(make, x, y, steps)
