@@ -30,7 +30,7 @@ from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
 from .unroll import LOSS_WEIGHTINGS
 
-#: what ``--algo`` accepts: update-rule training, then the few-shot learners of fewshot.py
+#: what ``--algo`` accepts: update-rule training, then the few-shot learners of :mod:`learnedopt.meta.fewshot`
 ALGOS: tuple[str, ...] = ("lstm", "maml", "fomaml", "reptile", "meta-lstm")
 
 
@@ -262,6 +262,3 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m learnedopt.me
     configure_parser(parser)
     return run_meta_train(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    distributed.exit_process(main())

@@ -50,7 +50,7 @@ def inner_minibatches(
 
 
 class FewShotTrainer:
-    """The :class:`learnedopt.meta.train.Trainer` of the few-shot algorithms.
+    """The :class:`learnedopt.meta.loop.Trainer` of the few-shot algorithms.
 
     With several ``workers`` every rank draws the whole meta-batch and adapts on its share of
     the tasks; MAML and meta-lstm average the meta-gradients over the ranks, Reptile sums the
