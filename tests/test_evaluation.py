@@ -270,6 +270,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
     for argv, message in (
         (["--problems", "nope"], "unknown problem 'nope'"),
         (["--weights", str(tmp_path / "none.safetensors")], "weight file not found"),
+        (["--reuse", str(tmp_path / "none.json")], "report to reuse not found"),
     ):
         args = parser.parse_args(["optimizers", *argv, "--out", str(tmp_path)])
         assert args.func(args) == 2
@@ -284,6 +285,23 @@ def test_weight_file_chooses_the_optimizer_by_kind(tmp_path) -> None:
     assert spec.optimizer is LSTMOptimizer and spec.header()["trained_on"] == "test"
     curve = run_optimizer(SquareProblem(), 0, spec.factory(), 1.0, steps=3)
     assert np.isfinite(curve).all()
+
+
+def test_weight_files_of_one_name_get_distinct_labels_and_a_repeated_path_is_refused(tmp_path) -> None:
+    from learnedopt.evaluation import learned_from_files
+
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "weights.safetensors")
+        save_weights(CoordinateLSTM(), paths[-1], trained_on=folder)
+    other = tmp_path / "other.safetensors"
+    save_weights(CoordinateLSTM(), other, trained_on="other")
+    specs = learned_from_files([*paths, other])
+    assert [s.label for s in specs] == [f"LSTMOptimizer ({paths[0]})", f"LSTMOptimizer ({paths[1]})", "LSTMOptimizer (other.safetensors)"]
+    assert [s.header()["trained_on"] for s in specs] == ["a", "b", "other"]
+    with pytest.raises(ValueError, match="given more than once"):
+        learned_from_files([other, other])
 
 
 def test_workers_give_the_same_report_as_one_process() -> None:
@@ -374,3 +392,52 @@ def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite(
     assert seeds_below([], []) == "0/0"
     with pytest.raises(ValueError):
         seeds_below([1.0], [1.0, 2.0])
+
+
+def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_weight_files(
+    tmp_path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from learnedopt.evaluation import final_loss, harness, make_problem, markdown_tables
+
+    config = EvalConfig(problems=["quadratic-20"], seeds=2, tuning_seeds=1, lrs=(0.01, 0.1), steps=12, stability_steps=0)
+    first_path = write_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first")[0]
+    first = json.loads(first_path.read_text())
+    weights = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), weights, trained_on="test")
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a reused baseline was tuned again")
+
+    runs: list[int] = []
+    real_run = harness.run_optimizer
+    monkeypatch.setattr(harness, "tune_lr", no_tuning)
+    monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: runs.append(a[1]) or real_run(*a, **k))
+    again = evaluate_optimizers(replace(config, weights=[str(weights)], reuse=str(first_path)), log=lambda _: None)
+    results = again["problems"]["quadratic-20"]["results"]
+    spec = learned_from_file(weights)
+    assert runs == [0, 1]  # only the weight file ran, on the two evaluation seeds
+    for label, entry in first["problems"]["quadratic-20"]["results"].items():
+        assert results[label] == entry, label
+    problem = make_problem("quadratic-20").with_steps(12)
+    assert results[spec.label]["finals"] == [final_loss(real_run(problem, s, spec.factory(), 1.0)) for s in (0, 1)]
+    assert set(again["reused"]["results"]["quadratic-20"]) == {*BASELINES, *(s.label for s in DEFAULT_LEARNED)}
+    assert "reused, not rerun" in markdown_tables(again)
+
+    # a preset whose weights differ from the ones the report ran is run again
+    changed = copy.deepcopy(first)
+    changed["learned"]["LSTMOptimizer (l2l-mix)"]["sha256"] = "0" * 64
+    changed_path = tmp_path / "changed.json"
+    changed_path.write_text(json.dumps(changed))
+    runs.clear()
+    evaluate_optimizers(replace(config, reuse=str(changed_path)), log=lambda _: None)
+    assert runs == [0, 1]
+
+    # other settings: a clear error naming the one that differs
+    with pytest.raises(ValueError, match="its seeds is 2, this run's is 3"):
+        evaluate_optimizers(replace(config, seeds=3, reuse=str(first_path)), log=lambda _: None)
+    with pytest.raises(ValueError, match="its lrs is"):
+        evaluate_optimizers(replace(config, lrs=(0.1,), reuse=str(first_path)), log=lambda _: None)
+    with pytest.raises(ValueError, match="not a report of this harness"):
+        evaluate_optimizers(replace(config, reuse=str(weights)), log=lambda _: None)

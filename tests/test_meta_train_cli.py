@@ -285,7 +285,12 @@ def test_linear_loss_weighting_changes_the_training_and_is_recorded(tmp_path: Pa
     assert "--loss-weighting" not in read_header(uniform / "weights.safetensors")["command"]
     assert "linearly weighted mean" in (linear / "MODEL_CARD.md").read_text()
     assert run(tmp_path / "quadratic", "--meta-steps", "1", "--loss-weighting", "quadratic") == 0
-    assert "quadratically weighted mean" in (tmp_path / "quadratic" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "quadratic" / "MODEL_CARD.md").read_text()
+    assert "quadratically weighted mean" in card and "own horizon" not in card
+    # with random horizons the weights follow each episode's own horizon, and the card says so
+    assert run(tmp_path / "drawn", "--meta-steps", "1", "--loss-weighting", "quadratic", "--random-horizon") == 0
+    card = (tmp_path / "drawn" / "MODEL_CARD.md").read_text()
+    assert "quadratically weighted mean of the optimizee losses after each update, relative to the episode's own horizon" in card
 
 
 def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(

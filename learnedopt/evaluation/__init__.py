@@ -24,7 +24,16 @@ single runs, lr tuning, statistics), :mod:`.harness` (:func:`evaluate_optimizers
 """
 
 from .cli import add_arguments, add_evaluate_optimizers_parser, config_from_args, run_cli
-from .harness import QUICK_LRS, QUICK_STEPS, STABILITY_SEED, TUNING_SEED_OFFSET, EvalConfig, evaluate_optimizers
+from .harness import (
+    QUICK_LRS,
+    QUICK_STEPS,
+    STABILITY_SEED,
+    TUNING_SEED_OFFSET,
+    EvalConfig,
+    ReusableResults,
+    evaluate_optimizers,
+    reusable_results,
+)
 from .problems import (
     DEFAULT_PROBLEMS,
     EXTRA_PROBLEMS,
@@ -52,6 +61,7 @@ from .runs import (
     OptimizerFactory,
     final_loss,
     learned_from_file,
+    learned_from_files,
     run_optimizer,
     select_lr,
     summarize,
@@ -75,6 +85,7 @@ __all__ = [
     "final_loss",
     "FINAL_WINDOW",
     "learned_from_file",
+    "learned_from_files",
     "LearnedSpec",
     "make_problem",
     "markdown_tables",
@@ -90,6 +101,8 @@ __all__ = [
     "QuadraticProblem",
     "QUICK_LRS",
     "QUICK_STEPS",
+    "reusable_results",
+    "ReusableResults",
     "run_cli",
     "run_optimizer",
     "ScaledClassificationProblem",

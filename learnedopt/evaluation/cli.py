@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file name stem of the report: NAME.json, NAME.md, NAME.png (default optimizee_eval)",
     )
     parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="REPORT",
+        help="take the baselines' and presets' results from this earlier report (JSON) of the same "
+        "settings instead of rerunning them; --weights files always run",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
@@ -95,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             ("lrs", "lrs"),
             ("stability_steps", "stability_steps"),
             ("data", "data"),
+            ("reuse", "reuse"),
         )
         if getattr(args, attr) is not None
     }
@@ -102,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for path in given["weights"]:
         if not Path(path).is_file():
             raise ValueError(f"weight file not found: {path}")
+    if args.reuse is not None and not Path(args.reuse).is_file():
+        raise ValueError(f"report to reuse not found: {args.reuse}")
     return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
 
 

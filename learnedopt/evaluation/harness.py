@@ -3,11 +3,12 @@ problem (in worker processes if asked), and the long stability check."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .runs import (
     FINAL_WINDOW,
     LearnedSpec,
     final_loss,
-    learned_from_file,
+    learned_from_files,
     run_optimizer,
     summarize,
     tune_lr,
@@ -50,6 +51,9 @@ class EvalConfig:
         steps: override every problem's step count (``--quick``), or None.
         include_default_learned: run the preset learned optimizers.
         data: MNIST folder (None: the default search).
+        reuse: an earlier report (JSON, as :func:`write_report` writes it) of the same settings
+            whose baseline and preset results are taken instead of rerun (see
+            :func:`reusable_results`); weight files given in ``weights`` always run.
     """
 
     problems: Sequence[str | Problem] = DEFAULT_PROBLEMS
@@ -64,6 +68,7 @@ class EvalConfig:
     include_default_learned: bool = True
     data: str | None = None
     quick: bool = False
+    reuse: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("seeds", "tuning_seeds"):
@@ -124,8 +129,9 @@ def evaluate_optimizers(
         raise ValueError(f"workers must be >= 1, got {workers}")
     learned = [
         *(DEFAULT_LEARNED if config.include_default_learned else ()),
-        *map(learned_from_file, config.weights),
+        *learned_from_files(config.weights),
     ]
+    reused = reusable_results(config, learned) if config.reuse else None
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(config).items() if k != "problems"}
         | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
@@ -137,11 +143,13 @@ def evaluate_optimizers(
             "learned optimizers: untuned, lr=1.0",
         },
         "learned": {
-            spec.label: {"weights": spec.weights, "header": spec.header()} for spec in learned
+            spec.label: {"weights": spec.weights, "header": spec.header(), "sha256": spec.sha256()} for spec in learned
         },
         "problems": {},
         "skipped": {},
     }
+    if reused is not None:
+        report["reused"] = {"from": config.reuse, "commit": reused.commit, "results": {}}
     if workers > 1 and not all(isinstance(entry, str) for entry in config.problems):
         raise ValueError("workers > 1 needs every problem given by name (Problem objects do not pickle)")
     start = time.perf_counter()
@@ -155,12 +163,18 @@ def evaluate_optimizers(
             continue
         entries.append(entry)
     # a worker builds its problem from the name (problems hold lambdas, which do not pickle)
+    taken = [reused.for_problem(problem) if reused else {} for problem in problems]
+    if reused is not None:
+        report["reused"]["results"] = {p.name: list(t) for p, t in zip(problems, taken, strict=True) if t}
     jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-        (_evaluate_problem, (problem if workers == 1 else entry, config, learned))
-        for problem, entry in zip(problems, entries, strict=True)
+        (_evaluate_problem, (problem if workers == 1 else entry, config, learned, t))
+        for problem, entry, t in zip(problems, entries, taken, strict=True)
     ]
     if config.stability_steps:
-        jobs.append((_stability, (config, learned)))
+        stable = reused.stability if reused else {}
+        if reused is not None and stable:
+            report["reused"]["results"]["stability"] = list(stable)
+        jobs.append((_stability, (config, learned, stable)))
     if workers == 1:
         outputs = [job(*args, log) for job, args in jobs]
     else:
@@ -192,10 +206,15 @@ def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
 
 
 def _evaluate_problem(
-    entry: str | Problem, config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
+    entry: str | Problem,
+    config: EvalConfig,
+    learned: Sequence[LearnedSpec],
+    reused: Mapping[str, Any],
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """One problem's report entry: every baseline tuned and run, every learned optimizer run.
-    ``entry``: the built problem, or a name to build (in a worker process)."""
+    ``entry``: the built problem, or a name to build (in a worker process); ``reused``: results
+    (label -> entry) taken from an earlier report instead of run."""
     problem = _build_problem(entry, config) if isinstance(entry, str) else entry
     n_tune = (
         config.long_tuning_seeds
@@ -207,6 +226,10 @@ def _evaluate_problem(
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     for label, factory in BASELINES.items():
+        if label in reused:
+            results[label] = reused[label]
+            log(f"{problem.name} {label}: reused, final {results[label]['final_mean']:.4g}")
+            continue
         lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds)
         curves = np.stack([run_optimizer(problem, s, factory, lr) for s in eval_seeds])
         results[label] = {
@@ -217,6 +240,10 @@ def _evaluate_problem(
         } | summarize(curves)
         log(f"{problem.name} {label}: lr {lr:.3g}, final {results[label]['final_mean']:.4g}")
     for spec in learned:
+        if spec.label in reused:
+            results[spec.label] = reused[spec.label]
+            log(f"{problem.name} {spec.label}: reused, final {results[spec.label]['final_mean']:.4g}")
+            continue
         curves = np.stack([run_optimizer(problem, s, spec.factory(), 1.0) for s in eval_seeds])
         results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
         log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
@@ -231,9 +258,13 @@ def _evaluate_problem(
 
 
 def _stability(
-    config: EvalConfig, learned: Sequence[LearnedSpec], log: Callable[[str], None]
+    config: EvalConfig,
+    learned: Sequence[LearnedSpec],
+    reused: Mapping[str, Any],
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run each learned optimizer ``stability_steps`` steps on MNIST MLP 784-20-10 (one seed)."""
+    """Run each learned optimizer ``stability_steps`` steps on MNIST MLP 784-20-10 (one seed);
+    ``reused``: results (label -> entry) taken from an earlier report instead of run."""
     try:
         problem = make_problem("mnist-mlp-100", config.data).with_steps(config.stability_steps)
     except FileNotFoundError as err:
@@ -246,6 +277,10 @@ def _stability(
         "results": {},
     }
     for spec in learned:
+        if spec.label in reused:
+            out["results"][spec.label] = reused[spec.label]
+            log(f"stability {spec.label}: reused")
+            continue
         curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0)
         bad = np.flatnonzero(np.isnan(curve) | ~np.isfinite(curve))
         out["results"][spec.label] = {
@@ -256,3 +291,82 @@ def _stability(
         }
         log(f"stability {spec.label}: nonfinite={bool(len(bad))} final {final_loss(curve):.4g}")
     return out
+
+
+#: settings of a report that decide its numbers; a reused report must match every one
+_SETTINGS = ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "lrs", "steps", "quick")
+
+
+@dataclass
+class ReusableResults:
+    """Results of an earlier report that :func:`evaluate_optimizers` takes instead of rerunning.
+
+    Attributes:
+        commit: the commit the earlier report names (None when it names none).
+        problems: problem name -> (steps, description, {label: result entry}).
+        stability: label -> stability-check entry (empty when the settings differ).
+    """
+
+    commit: str | None
+    problems: dict[str, tuple[int, str, dict[str, Any]]] = field(default_factory=dict)
+    stability: dict[str, Any] = field(default_factory=dict)
+
+    def for_problem(self, problem: Problem) -> dict[str, Any]:
+        """The reusable entries of ``problem``: none unless the earlier report ran a problem of
+        that name with the same step count and description."""
+        steps, description, results = self.problems.get(problem.name, (None, None, {}))
+        return dict(results) if (steps, description) == (problem.steps, problem.description) else {}
+
+
+def reusable_results(config: EvalConfig, learned: Sequence[LearnedSpec]) -> ReusableResults:
+    """What of the report ``config.reuse`` this run may take instead of rerunning.
+
+    Every run of the harness is a function of its seed (the suite reproduces bitwise on one
+    machine and code), so an earlier report of the same settings already holds the baselines'
+    tuning and runs and the presets' runs. Taken: each baseline, and each preset of ``learned``
+    whose weights are those the earlier report ran (the same SHA-256 of kind, architecture and
+    weights; a report older than that record: the same header), on every problem of the same
+    name, step count and description; weight files (``config.weights``) always run.
+
+    Raises:
+        ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
+            grid, step override, quick mode) differs from ``config``'s (named in the message).
+    """
+    path = config.reuse
+    try:
+        old = json.loads(open(path).read())
+        old_config = old["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot reuse {path}: not a report of this harness ({type(err).__name__}: {err})") from None
+    ours = asdict(config)
+    for key in _SETTINGS:
+        theirs = old_config.get(key)
+        mine = ours[key]
+        if key == "lrs":
+            theirs, mine = [float(x) for x in theirs or ()], [float(x) for x in mine]
+        if theirs != mine:
+            raise ValueError(f"cannot reuse {path}: its {key} is {theirs!r}, this run's is {mine!r}")
+    from_files = {str(w) for w in config.weights}
+    def same_weights(spec: LearnedSpec) -> bool:
+        recorded = old.get("learned", {}).get(spec.label)
+        if spec.weights in from_files or not recorded:
+            return False
+        if "sha256" in recorded:
+            return recorded["sha256"] == spec.sha256()
+        return recorded.get("header") == _jsonable(spec.header())
+
+    presets = {spec.label for spec in learned if same_weights(spec)}
+    labels = set(BASELINES) | presets
+    reused = ReusableResults(commit=old.get("machine", {}).get("commit"))
+    for name, entry in old.get("problems", {}).items():
+        taken = {k: v for k, v in entry["results"].items() if k in labels}
+        reused.problems[name] = (entry["steps"], entry["description"], taken)
+    stability = old.get("stability") or {}
+    if old_config.get("stability_steps") == config.stability_steps and "results" in stability:
+        reused.stability = {k: v for k, v in stability["results"].items() if k in presets}
+    return reused
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from the report's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))

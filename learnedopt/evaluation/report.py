@@ -50,6 +50,12 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         lines.append(f"- {label}: weights `{info['weights']}` ({state})")
     for name, reason in report["skipped"].items():
         lines.append(f"- skipped {name}: {reason}")
+    reused = report.get("reused")
+    if reused:
+        lines.append(
+            f"- reused, not rerun: results taken from `{reused['from']}` (commit {reused['commit']}) for "
+            + ("; ".join(f"{name}: {', '.join(labels)}" for name, labels in reused["results"].items()) or "nothing")
+        )
     for name, prob in report["problems"].items():
         adam = prob["results"].get("Adam")
         best_label = best_baseline(prob["results"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
-from ..weights import UntrainedWeightsWarning, read_header
+from ..weights import UntrainedWeightsWarning, fingerprint, read_header
 from .problems import Problem
 
 #: steps averaged for a run's final loss
@@ -54,11 +54,16 @@ class LearnedSpec:
 
     def header(self) -> dict[str, Any]:
         """The weights' header (kind, preset, trained, ...)."""
+        return dict(self._probe().weights_header)
+
+    def sha256(self) -> str:
+        """The SHA-256 of the rule's kind, architecture and weights (:func:`learnedopt.weights.fingerprint`)."""
+        return fingerprint(self._probe().rule)["sha256"]
+
+    def _probe(self) -> LearnedOptimizer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UntrainedWeightsWarning)
-            return dict(
-                self.optimizer([nn.Parameter(torch.zeros(1))], weights=self.weights).weights_header
-            )
+            return self.optimizer([nn.Parameter(torch.zeros(1))], weights=self.weights)
 
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
@@ -74,13 +79,29 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
 )
 
 
-def learned_from_file(path: str | os.PathLike[str]) -> LearnedSpec:
-    """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind."""
+def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) -> LearnedSpec:
+    """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind.
+    Its label names the file by its name, or by ``path`` as given when ``label_path``."""
     kind = read_header(path)["kind"]
     for cls in (LSTMOptimizer, MetaLSTMOptimizer):
         if cls.rule_kind == kind:
-            return LearnedSpec(f"{cls.__name__} ({Path(path).name})", cls, str(path))
+            return LearnedSpec(f"{cls.__name__} ({path if label_path else Path(path).name})", cls, str(path))
     raise ValueError(f"{path}: no optimizer runs update rules of kind {kind!r}")
+
+
+def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedSpec]:
+    """:func:`learned_from_file` of each path, labelled by file name where the names differ and by
+    the paths as given where two share a name (a report keys results by label).
+
+    Raises:
+        ValueError: a path given twice.
+    """
+    seen = [str(p) for p in paths]
+    repeated = sorted({p for p in seen if seen.count(p) > 1})
+    if repeated:
+        raise ValueError(f"weight file given more than once: {', '.join(repeated)}")
+    names = [Path(p).name for p in seen]
+    return [learned_from_file(p, label_path=names.count(Path(p).name) > 1) for p in seen]
 
 
 

@@ -399,12 +399,20 @@ def _write_card(
     summary: dict[str, float],
     processes: int,
 ) -> None:
+    if config.loss_weighting == "uniform":
+        meta_loss = "mean optimizee loss after each update"
+    else:
+        meta_loss = (
+            f"{_ADVERBS[config.loss_weighting]} weighted mean of the optimizee losses after each update"
+            + (", relative to the episode's own horizon" if config.random_horizon else "")
+            + f" (`--loss-weighting {config.loss_weighting}`; the logged `meta_loss` is the unweighted mean)"
+        )
     details = f"""Architecture: `{json.dumps(rule.config_dict())}`.
 
 One meta-step is one episode: {config.meta_batch} tasks, {f"a number of optimizee steps drawn uniformly from [{config.unroll}, {config.horizon}]" if config.random_horizon else f"{config.horizon} optimizee steps"} in truncations
 of {config.unroll}, one Adam step (lr {config.meta_lr}, gradient norm clipped to {config.clip}) per
 truncation; {"second-order (exact) meta-gradients" if config.second_order else "optimizee gradients detached (first-order, as in Andrychowicz et al. 2016)"}.
-Meta-loss: {"mean optimizee loss after each update" if config.loss_weighting == "uniform" else f"{_ADVERBS[config.loss_weighting]} weighted mean of the optimizee losses after each update (`--loss-weighting {config.loss_weighting}`; the logged `meta_loss` is the unweighted mean)"}."""
+Meta-loss: {meta_loss}."""
     data = f"""Meta-training tasks: {family.describe()}.
 
 Evaluation tasks: {eval_family.describe()}."""
