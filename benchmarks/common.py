@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -15,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from learnedopt.evaluation.report import dumps_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
@@ -92,22 +92,13 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-_NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
-_NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
-
-
-def _dumps(payload: dict) -> str:
-    """Indented JSON with every list of plain numbers on one line (loss curves would otherwise
-    take a line per value)."""
-    text = json.dumps(payload, indent=2)
-    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
 
 
 def write_results(name: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
     RESULTS.mkdir(exist_ok=True)
     payload = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(_dumps(payload) + "\n")
+    (RESULTS / f"{name}.json").write_text(dumps_report(payload) + "\n")
     header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
 

@@ -165,6 +165,9 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         "optimizee_eval.png",
     ]
     data = json.loads(paths[0].read_text())
+    # each per-step curve on one line of the JSON (a line per value would double a report's size)
+    curve_lines = [line for line in paths[0].read_text().splitlines() if '"curve_median": [' in line]
+    assert curve_lines and all(line.rstrip().endswith(("],", "]")) for line in curve_lines)
     assert {"command", "machine", "config", "problems", "skipped", "learned", "stability"} <= set(
         data
     )

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
+
+_NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
+_NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
+
+
+def dumps_report(payload: Mapping[str, Any]) -> str:
+    """Indented JSON with every list of plain numbers on one line (loss curves would otherwise
+    take a line per value, more than doubling a suite report's size)."""
+    text = json.dumps(payload, indent=2)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+
 
 def _fmt(x: float) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.4g}"
@@ -194,7 +206,7 @@ def write_report(
                 "python": platform.python_version(),
             },
         } | report
-        (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out / f"{name}.json").write_text(dumps_report(payload) + "\n")
         header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
         (out / f"{name}.md").write_text(header + table + "\n")
     else:

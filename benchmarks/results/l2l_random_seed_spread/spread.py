@@ -53,6 +53,22 @@ def main(path: str) -> None:
     print("|---|---:|" + "---:|" * len(RERUNS) + "---:|---:|---:|")
     print("\n".join(rows))
     print("\nAt or below tuned Adam's mean final loss: " + ", ".join(f"{k} {v}/10" for k, v in at_or_below_adam.items()))
+    # added after the results existed: how far the reruns sit from the shipped weights' spread
+    # across evaluation seeds, and from their starting point l2l-short
+    start = "LSTMOptimizer (l2l-short)"
+    above = {name: 0 for name in RERUNS}
+    below_start = {name: 0 for name in RERUNS}
+    for problem, entry in report["problems"].items():
+        results, row = entry["results"], out[problem]
+        row["l2l_short"] = results[start]["final_mean"]
+        for name, value in row["reruns"].items():
+            above[name] += value > row["shipped"] + row["shipped_std_over_eval_seeds"]
+            below_start[name] += value < row["l2l_short"]
+    out["above_shipped_mean_plus_std"] = above
+    out["below_l2l_short"] = below_start
+    print("Above the shipped weights' mean + std over evaluation seeds: "
+          + ", ".join(f"{k} on {v}/10" for k, v in above.items()))
+    print("Below their start l2l-short: " + ", ".join(f"{k} on {v}/10" for k, v in below_start.items()))
     (Path(path).parent / "spread.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
