@@ -442,5 +442,7 @@ def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_
         evaluate_optimizers(replace(config, seeds=3, reuse=str(first_path)), log=lambda _: None)
     with pytest.raises(ValueError, match="its lrs is"):
         evaluate_optimizers(replace(config, lrs=(0.1,), reuse=str(first_path)), log=lambda _: None)
+    with pytest.raises(ValueError, match="its data is None"):
+        evaluate_optimizers(replace(config, data=str(tmp_path), reuse=str(first_path)), log=lambda _: None)
     with pytest.raises(ValueError, match="not a report of this harness"):
         evaluate_optimizers(replace(config, reuse=str(weights)), log=lambda _: None)

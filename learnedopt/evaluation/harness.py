@@ -294,7 +294,7 @@ def _stability(
 
 
 #: settings of a report that decide its numbers; a reused report must match every one
-_SETTINGS = ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "lrs", "steps", "quick")
+_SETTINGS = ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "lrs", "steps", "quick", "data")
 
 
 @dataclass
@@ -330,7 +330,7 @@ def reusable_results(config: EvalConfig, learned: Sequence[LearnedSpec]) -> Reus
 
     Raises:
         ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
-            grid, step override, quick mode) differs from ``config``'s (named in the message).
+            grid, step override, quick mode, data folder) differs from ``config``'s (named in the message).
     """
     path = config.reuse
     try:
