@@ -92,8 +92,6 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-
-
 def write_results(name: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
     RESULTS.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -334,7 +335,7 @@ def reusable_results(config: EvalConfig, learned: Sequence[LearnedSpec]) -> Reus
     """
     path = config.reuse
     try:
-        old = json.loads(open(path).read())
+        old = json.loads(Path(path).read_text())
         old_config = old["config"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot reuse {path}: not a report of this harness ({type(err).__name__}: {err})") from None

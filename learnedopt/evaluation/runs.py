@@ -96,12 +96,12 @@ def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedS
     Raises:
         ValueError: a path given twice.
     """
-    seen = [str(p) for p in paths]
-    repeated = sorted({p for p in seen if seen.count(p) > 1})
+    given = [str(p) for p in paths]
+    repeated = sorted({p for p in given if given.count(p) > 1})
     if repeated:
         raise ValueError(f"weight file given more than once: {', '.join(repeated)}")
-    names = [Path(p).name for p in seen]
-    return [learned_from_file(p, label_path=names.count(Path(p).name) > 1) for p in seen]
+    names = [Path(p).name for p in given]
+    return [learned_from_file(p, label_path=names.count(Path(p).name) > 1) for p in given]
 
 
 
