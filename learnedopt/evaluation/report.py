@@ -65,7 +65,9 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
     reused = report.get("reused")
     if reused:
         lines.append(
-            f"- reused, not rerun: results taken from `{reused['from']}` (commit {reused['commit']}) for "
+            f"- reused, not rerun: results taken from `{reused['from']}`"
+            + (f" (commit {reused['commit']})" if reused["commit"] else "")
+            + " for "
             + ("; ".join(f"{name}: {', '.join(labels)}" for name, labels in reused["results"].items()) or "nothing")
         )
     for name, prob in report["problems"].items():
