@@ -132,7 +132,8 @@ def evaluate_optimizers(
         *(DEFAULT_LEARNED if config.include_default_learned else ()),
         *learned_from_files(config.weights),
     ]
-    reused = reusable_results(config, learned) if config.reuse else None
+    records = {spec.label: spec.record() for spec in learned}
+    reused = reusable_results(config, records) if config.reuse else None
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(config).items() if k != "problems"}
         | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
@@ -143,9 +144,7 @@ def evaluate_optimizers(
             "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf); "
             "learned optimizers: untuned, lr=1.0",
         },
-        "learned": {
-            spec.label: {"weights": spec.weights, "header": spec.header(), "sha256": spec.sha256()} for spec in learned
-        },
+        "learned": records,
         "problems": {},
         "skipped": {},
     }
@@ -319,15 +318,16 @@ class ReusableResults:
         return dict(results) if (steps, description) == (problem.steps, problem.description) else {}
 
 
-def reusable_results(config: EvalConfig, learned: Sequence[LearnedSpec]) -> ReusableResults:
+def reusable_results(config: EvalConfig, records: Mapping[str, Mapping[str, Any]]) -> ReusableResults:
     """What of the report ``config.reuse`` this run may take instead of rerunning.
 
     Every run of the harness is a function of its seed (the suite reproduces bitwise on one
     machine and code), so an earlier report of the same settings already holds the baselines'
-    tuning and runs and the presets' runs. Taken: each baseline, and each preset of ``learned``
-    whose weights are those the earlier report ran (the same SHA-256 of kind, architecture and
-    weights; a report older than that record: the same header), on every problem of the same
-    name, step count and description; weight files (``config.weights``) always run.
+    tuning and runs and the presets' runs. ``records``: this run's learned optimizers, label ->
+    :meth:`LearnedSpec.record`. Taken: each baseline, and each preset whose weights are those the
+    earlier report ran (the same SHA-256 of kind, architecture and weights; a report older than
+    that record: the same header), on every problem of the same name, step count and
+    description; weight files (``config.weights``) always run.
 
     Raises:
         ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
@@ -348,15 +348,16 @@ def reusable_results(config: EvalConfig, learned: Sequence[LearnedSpec]) -> Reus
         if theirs != mine:
             raise ValueError(f"cannot reuse {path}: its {key} is {theirs!r}, this run's is {mine!r}")
     from_files = {str(w) for w in config.weights}
-    def same_weights(spec: LearnedSpec) -> bool:
-        recorded = old.get("learned", {}).get(spec.label)
-        if spec.weights in from_files or not recorded:
+
+    def same_weights(label: str, record: Mapping[str, Any]) -> bool:
+        recorded = old.get("learned", {}).get(label)
+        if record["weights"] in from_files or not recorded:
             return False
         if "sha256" in recorded:
-            return recorded["sha256"] == spec.sha256()
-        return recorded.get("header") == _jsonable(spec.header())
+            return recorded["sha256"] == record["sha256"]
+        return recorded.get("header") == _jsonable(record["header"])
 
-    presets = {spec.label for spec in learned if same_weights(spec)}
+    presets = {label for label, record in records.items() if same_weights(label, record)}
     labels = set(BASELINES) | presets
     reused = ReusableResults(commit=old.get("machine", {}).get("commit"))
     for name, entry in old.get("problems", {}).items():

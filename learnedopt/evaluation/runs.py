@@ -56,9 +56,11 @@ class LearnedSpec:
         """The weights' header (kind, preset, trained, ...)."""
         return dict(self._probe().weights_header)
 
-    def sha256(self) -> str:
-        """The SHA-256 of the rule's kind, architecture and weights (:func:`learnedopt.weights.fingerprint`)."""
-        return fingerprint(self._probe().rule)["sha256"]
+    def record(self) -> dict[str, Any]:
+        """What a report records of these weights: ``weights``, ``header`` and ``sha256`` (of the
+        rule's kind, architecture and weights, :func:`learnedopt.weights.fingerprint`)."""
+        probe = self._probe()
+        return {"weights": self.weights, "header": dict(probe.weights_header), "sha256": fingerprint(probe.rule)["sha256"]}
 
     def _probe(self) -> LearnedOptimizer:
         with warnings.catch_warnings():
