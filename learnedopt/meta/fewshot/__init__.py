@@ -22,7 +22,8 @@ Algorithms (all train the model's parameters as the learned initialisation):
 Tasks: ``sinusoid`` (K-shot regression of Finn et al. 2017, MLP 1-40-40-1 with ReLU, MSE) and
 ``omniglot`` (N-way K-shot classification, :func:`learnedopt.models.conv4`, cross-entropy).
 Omniglot classes are split by whole alphabets (:data:`OMNIGLOT_SPLIT`, seed
-:data:`OMNIGLOT_SPLIT_SEED`, so every run holds out the same alphabets); meta-training uses the
+:data:`OMNIGLOT_SPLIT_SEED`, so every run holds out the same alphabets, unless it names its
+meta-valid and meta-test alphabets: ``--valid-alphabets``, ``--test-alphabets``); meta-training uses the
 meta-train alphabets with rotated classes, validation the meta-valid alphabets unrotated, and the
 meta-test alphabets are never read. Every BatchNorm is transductive
 (:class:`learnedopt.meta.maml.BatchStatNorm`): a forward pass normalises with its own batch.
@@ -77,6 +78,7 @@ from .sources import (
     SINUSOID_VALID_QUERIES,
     make_sources,
     omniglot_class_splits,
+    parse_alphabets,
     OmniglotSource,
     SinusoidSource,
 )
@@ -112,6 +114,7 @@ __all__ = [
     "MODEL_FORMAT",
     "MODEL_NAME",
     "omniglot_class_splits",
+    "parse_alphabets",
     "OMNIGLOT_SPLIT",
     "OMNIGLOT_SPLIT_SEED",
     "OmniglotSource",

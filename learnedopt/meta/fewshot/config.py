@@ -26,9 +26,10 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
-    "zero_head",
+    "zero_head", "valid_alphabets", "test_alphabets",
 )  # fmt: skip
-_OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment")
+_OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
+                  "test_alphabets")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class FewShotConfig:
             replacement (None: the whole support set every step).
         device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (tasks are drawn on the
             CPU, so it changes results only by rounding; a run may resume on another device).
+        valid_alphabets, test_alphabets: Omniglot: comma-separated alphabet names of the
+            meta-valid and meta-test parts, the other alphabets meta-training's (both or
+            neither; None: the fixed split :data:`OMNIGLOT_SPLIT`, seed 0), e.g. to hold out
+            each alphabet once across several runs.
     """
 
     algo: str
@@ -103,6 +108,8 @@ class FewShotConfig:
     augment: bool = False
     rule_config: dict[str, Any] | None = None
     zero_head: bool = False
+    valid_alphabets: str | None = None
+    test_alphabets: str | None = None
 
     RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
@@ -128,6 +135,8 @@ class FewShotConfig:
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.zero_head and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
+        if (self.valid_alphabets is None) != (self.test_alphabets is None):
+            raise ConfigError("--valid-alphabets and --test-alphabets choose the split together: give both or neither")
         if self.rule is not None and self.algo != "meta-lstm":
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
@@ -183,6 +192,8 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "val_tasks": 100,
         "train_shots": train_shots,
         "inner_batch": inner_batch,
+        "valid_alphabets": None,
+        "test_alphabets": None,
     }
 
 
@@ -235,6 +246,10 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
                        help="omniglot: each training episode's characters share one rotation, as in the upright test episodes")  # fmt: skip
     group.add_argument("--augment", action="store_true", default=None,
                        help="omniglot: distort each training image by a random affine map (rotation, shear, scale, shift)")  # fmt: skip
+    group.add_argument("--valid-alphabets", metavar="NAMES",
+                       help="omniglot: comma-separated meta-valid alphabets (with --test-alphabets; default: the fixed split)")  # fmt: skip
+    group.add_argument("--test-alphabets", metavar="NAMES",
+                       help="omniglot: comma-separated meta-test alphabets, never read in meta-training (with --valid-alphabets)")  # fmt: skip
     group.add_argument("--val-tasks", type=int, help="validation tasks for the final metric (default 100)")
     group.add_argument("--train-shots", type=int, help="support examples per class in meta-training (default: --shots; reptile on omniglot: 10)")
     group.add_argument("--inner-batch", type=int, help="reptile: examples per inner step (default: the whole support set; omniglot: 10, 20 for more than 5 ways)")

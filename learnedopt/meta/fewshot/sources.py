@@ -3,6 +3,7 @@ classes split by whole alphabets."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,10 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
             data = load_omniglot(sources, image_size=config.image_size, rotations=True)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
-    parts = omniglot_class_splits(data)
+    try:
+        parts = omniglot_class_splits(data, parse_alphabets(config.valid_alphabets), parse_alphabets(config.test_alphabets))
+    except ValueError as err:
+        raise ConfigError(f"--task omniglot: {err}") from None
     train = OmniglotSource(data, parts["meta_train"], config.ways, train_shots, config.queries,
                            config.same_alphabet, "meta_train", config.same_rotation, config.augment)  # fmt: skip
     valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
@@ -121,12 +125,51 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
     return train, valid, split
 
 
-def omniglot_class_splits(data: Any) -> dict[str, Tensor]:
-    """The class ids of each part of :data:`OMNIGLOT_SPLIT` (whole alphabets, seed
-    :data:`OMNIGLOT_SPLIT_SEED`): ``meta_train`` keeps the rotated classes, ``meta_valid`` and
-    ``meta_test`` only the unrotated characters."""
+def parse_alphabets(text: str | None) -> list[str] | None:
+    """The alphabet names of a comma-separated ``--valid-alphabets`` / ``--test-alphabets`` value."""
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def omniglot_class_splits(
+    data: Any, valid_alphabets: Sequence[str] | None = None, test_alphabets: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """The class ids of the ``meta_train``, ``meta_valid`` and ``meta_test`` parts, split by whole
+    alphabets: those named, or (both None) :data:`OMNIGLOT_SPLIT` drawn with seed
+    :data:`OMNIGLOT_SPLIT_SEED`. ``meta_train`` (every alphabet not named) keeps the rotated
+    classes, ``meta_valid`` and ``meta_test`` only the unrotated characters.
+
+    Raises:
+        ValueError: when only one of the two lists is given, a name is not an alphabet of
+            ``data``, an alphabet is named twice, or no alphabet is left for meta-training.
+    """
     from ...data import class_splits
 
-    parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
+    if (valid_alphabets is None) != (test_alphabets is None):
+        raise ValueError("give both the meta-valid and the meta-test alphabets, or neither")
+    if valid_alphabets is None:
+        parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
+    else:
+        parts = _named_split(data, list(valid_alphabets), list(test_alphabets))
     unrotated = data.rotation_of_class == 0
     return {name: ids if name == "meta_train" else ids[unrotated[ids]] for name, ids in parts.items()}
+
+
+def _named_split(data: Any, valid: list[str], test: list[str]) -> dict[str, Tensor]:
+    unknown = [name for name in valid + test if name not in data.alphabets]
+    if unknown:
+        raise ValueError(f"no alphabet {', '.join(map(repr, unknown))} in the data; it has {', '.join(data.alphabets)}")
+    if not valid or not test:
+        raise ValueError("the meta-valid and the meta-test alphabets must each name at least one alphabet")
+    named = valid + test
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise ValueError(f"alphabet(s) {', '.join(repeated)} named twice; the split's parts must be disjoint")
+    if len(named) == len(data.alphabets):
+        raise ValueError("every alphabet is meta-valid or meta-test; none is left for meta-training")
+    index = {name: i for i, name in enumerate(data.alphabets)}
+
+    def classes(names: list[str]) -> Tensor:
+        return torch.isin(data.alphabet_of_class, torch.tensor([index[n] for n in names])).nonzero().flatten()
+
+    train = [name for name in data.alphabets if name not in named]
+    return {"meta_train": classes(train), "meta_valid": classes(valid), "meta_test": classes(test)}

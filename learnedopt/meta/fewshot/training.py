@@ -190,9 +190,12 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
         for name in extra["validation"]["final"]
     )
     if trainer.split:
+        how = (
+            "as named by `--valid-alphabets` and `--test-alphabets`" if config.test_alphabets is not None else
+            f"(`class_splits(groups=alphabet_of_class)`, fractions {OMNIGLOT_SPLIT}, seed {OMNIGLOT_SPLIT_SEED})"
+        )  # fmt: skip
         split = (
-            f"Classes are split by whole alphabets (`class_splits(groups=alphabet_of_class)`, fractions "
-            f"{OMNIGLOT_SPLIT}, seed {OMNIGLOT_SPLIT_SEED}):\n\n"
+            f"Classes are split by whole alphabets {how}:\n\n"
             + "\n".join(f"- {name}: {', '.join(alphabets) or '(none)'}" for name, alphabets in trainer.split.items())
             + f"\n\nHeld out from meta-training: {', '.join(trainer.split['meta_valid'] + trainer.split['meta_test'])} "
             "(meta_valid is used for the validation metric below; meta_test is never read)."
