@@ -15,7 +15,7 @@ from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
 from learnedopt.data import load_omniglot
-from learnedopt.meta.fewshot import MODEL_NAME, OmniglotSource, inner_minibatches, load_learner
+from learnedopt.meta.fewshot import MODEL_NAME, OmniglotSource, inner_minibatches, load_learner, omniglot_class_splits
 from learnedopt.nn import MetaLSTMCell
 
 
@@ -186,6 +186,9 @@ BAD = [
     (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
     (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),
+    (["--algo", "maml", "--valid-alphabets", "A", "--test-alphabets", "B"], "--valid-alphabets does not apply to --task sinusoid"),
+    (["--algo", "maml", "--task", "omniglot", "--test-alphabets", "Greek"],
+     "--valid-alphabets and --test-alphabets choose the split together: give both or neither"),
 ]
 
 
@@ -225,6 +228,42 @@ def test_same_rotation_episodes_share_an_orientation_and_augment_distorts_them(o
     for x_plain, x_distorted in ((plain[0], distorted[0]), (plain[2], distorted[2])):
         changed = (x_distorted - x_plain).abs().amax((-1, -2, -3))
         assert bool((changed > 0.05).all())  # every image, support and query, is distorted
+
+
+def test_named_held_out_alphabets_split_the_classes(tmp_path: Path, omniglot_dir: Path) -> None:
+    data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
+    parts = omniglot_class_splits(data, ["Script2"], ["Script5", "Script7"])
+
+    def alphabets(ids: torch.Tensor) -> set[str]:
+        return {data.alphabets[i] for i in data.alphabet_of_class[ids].tolist()}
+
+    assert alphabets(parts["meta_valid"]) == {"Script2"} and alphabets(parts["meta_test"]) == {"Script5", "Script7"}
+    assert alphabets(parts["meta_train"]) == {f"Script{i}" for i in (1, 3, 4, 6, 8)}
+    every = torch.cat(list(parts.values()))
+    assert len(every) == len(set(every.tolist()))  # disjoint
+    unrotated = data.rotation_of_class == 0
+    assert bool(unrotated[parts["meta_valid"]].all() and unrotated[parts["meta_test"]].all())
+    assert len(parts["meta_test"]) == 2 * 3 and len(parts["meta_train"]) == 5 * 3 * 4  # 3 characters, 4 rotations
+    with pytest.raises(ValueError, match="no alphabet 'Klingon' in the data; it has Script1, "):
+        omniglot_class_splits(data, ["Script2"], ["Klingon"])
+    with pytest.raises(ValueError, match="alphabet\\(s\\) Script2 named twice"):
+        omniglot_class_splits(data, ["Script2"], ["Script2", "Script3"])
+    with pytest.raises(ValueError, match="none is left for meta-training"):
+        omniglot_class_splits(data, ["Script1"], [f"Script{i}" for i in range(2, 9)])
+    with pytest.raises(ValueError, match="or neither"):
+        omniglot_class_splits(data, ["Script1"], None)
+
+    out = tmp_path / "named"
+    names = ["--valid-alphabets", "Script2", "--test-alphabets", "Script5,Script7"]
+    assert train(out, "--algo", "maml", *OMNIGLOT_TINY, *names, "--data", str(omniglot_dir)) == 0
+    head = header(out / MODEL_NAME)
+    assert head["omniglot_split"] == {"meta_train": ["Script1", "Script3", "Script4", "Script6", "Script8"],
+                                      "meta_valid": ["Script2"], "meta_test": ["Script5", "Script7"]}  # fmt: skip
+    assert head["meta_train_config"]["test_alphabets"] == "Script5,Script7"
+    assert "--valid-alphabets Script2 --test-alphabets Script5,Script7" in head["command"]
+    assert "as named by `--valid-alphabets` and `--test-alphabets`" in (out / "MODEL_CARD.md").read_text()
+    assert train(tmp_path / "bad", "--algo", "maml", *OMNIGLOT_TINY, "--valid-alphabets", "Script2",
+                 "--test-alphabets", "Script9", "--data", str(omniglot_dir)) == 2  # fmt: skip
 
 
 def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Path, capsys) -> None:
