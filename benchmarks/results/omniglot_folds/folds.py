@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 
 def main(paths: list[str]) -> None:
-    rows = [json.load(open(path))["rows"][0] for path in paths]
+    rows = [json.loads(Path(path).read_text())["rows"][0] for path in paths]
     cells = list(rows[0]["accuracy"])
     print("| fold | meta-test alphabets | " + " | ".join(cells) + " |")
     print("|---|---|" + "---:|" * len(cells))
