@@ -209,7 +209,7 @@ class LearnedOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | float | None = None):
+    def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | float | None = None) -> Tensor | None:
         """Perform one optimisation step.
 
         Args:
