@@ -559,6 +559,62 @@ def main() -> None:
     rows: list[dict] = []
     errors: dict[str, str] = {}
     lr = 1e-3
+
+    def report() -> None:
+        """Write the results so far (after each size: a timed-out run keeps what it measured)."""
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        notes = [
+            (
+                f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
+                f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps. "
+                f"The rich_* columns run the same rule with the default preset's extra inputs "
+                f"(momentum decays {rich_features['momentum_decays']}, rms decays "
+                f"{rich_features['rms_decays']}: {rich_rule.config.num_inputs} inputs)."
+            ),
+            (
+                f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square "
+                f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
+                f"{flops} (LSTM rule), {rich_flops} (rich inputs), {meta_flops} (MetaLSTMCell, "
+                f"hidden {H}); bytes per coordinate: {rule_bytes} (LSTM rule), {rich_bytes} (rich "
+                f"inputs), {meta_bytes} (MetaLSTMCell), {adam_bytes} (Adam), "
+                f"{backward_bytes_per_coordinate(L, H, rule.config.num_inputs)} (backward kernel), "
+                f"{backward_bytes_per_coordinate(L, H, rich_rule.config.num_inputs)} (its rich twin)."
+            ),
+        ]
+        if triton_reason:
+            notes.append(f"**{triton_reason}.**")
+        if errors:
+            notes.append("Not timed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        table = [
+            "| params | method | ms/step | B/coord | GB/s | % of copy | GFLOP/s | % of matmul |",
+            "|---" * 8 + "|",
+        ]
+        for r in rows:
+            table.append(
+                f"| {r['params']:,} | {r['method']} | {r['ms']:.3f} | {r['bytes_per_coord']} | {r['gbps']:.1f} | "
+                f"{100 * r['fraction_of_copy']:.1f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} |"
+            )
+        payload = {
+            "device": device_name,
+            "triton_columns": triton_reason or "run",
+            "copy_gbps": peak_copy,
+            "matmul_gflops": peak_flops,
+            "config": {
+                "num_layers": L,
+                "hidden_size": H,
+                "param_dtype": args.param_dtype,
+                "state_dtype": args.state_dtype,
+                "block": args.block,
+                "num_warps": args.num_warps,
+                "backward_max_size": backward_max,
+                "rich_features": rich_features,
+            },
+            "rows": rows,
+            "errors": errors,
+        }
+        write_results("kernel_bench", payload, "\n\n".join(notes) + "\n\n" + "\n".join(table))
+        print(f"wrote {common.RESULTS / 'kernel_bench.md'}", flush=True)
+
     for n in sizes:
         grad = (torch.randn(n, device=device) * 1e-2).to(param_dtype)
         param = torch.randn(n, device=device).to(param_dtype)
@@ -711,59 +767,7 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    notes = [
-        (
-            f"Device: **{device_name}**. Rule: {L} layers x {H} units, params {args.param_dtype}, "
-            f"states {args.state_dtype}; fused kernel block {args.block}, {args.num_warps} warps. "
-            f"The rich_* columns run the same rule with the default preset's extra inputs "
-            f"(momentum decays {rich_features['momentum_decays']}, rms decays "
-            f"{rich_features['rms_decays']}: {rich_rule.config.num_inputs} inputs)."
-        ),
-        (
-            f"Device-to-device copy in this run: **{peak_copy:.1f} GB/s** (read + write); square "
-            f"fp32 matmul (TF32 off): **{peak_flops:.1f} GFLOP/s**. Useful FLOPs per coordinate: "
-            f"{flops} (LSTM rule), {rich_flops} (rich inputs), {meta_flops} (MetaLSTMCell, "
-            f"hidden {H}); bytes per coordinate: {rule_bytes} (LSTM rule), {rich_bytes} (rich "
-            f"inputs), {meta_bytes} (MetaLSTMCell), {adam_bytes} (Adam), "
-            f"{backward_bytes_per_coordinate(L, H, rule.config.num_inputs)} (backward kernel), "
-            f"{backward_bytes_per_coordinate(L, H, rich_rule.config.num_inputs)} (its rich twin)."
-        ),
-    ]
-    if triton_reason:
-        notes.append(f"**{triton_reason}.**")
-    if errors:
-        notes.append("Not timed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    table = [
-        "| params | method | ms/step | B/coord | GB/s | % of copy | GFLOP/s | % of matmul |",
-        "|---" * 8 + "|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['params']:,} | {r['method']} | {r['ms']:.3f} | {r['bytes_per_coord']} | {r['gbps']:.1f} | "
-            f"{100 * r['fraction_of_copy']:.1f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} |"
-        )
-    payload = {
-        "device": device_name,
-        "triton_columns": triton_reason or "run",
-        "copy_gbps": peak_copy,
-        "matmul_gflops": peak_flops,
-        "config": {
-            "num_layers": L,
-            "hidden_size": H,
-            "param_dtype": args.param_dtype,
-            "state_dtype": args.state_dtype,
-            "block": args.block,
-            "num_warps": args.num_warps,
-            "backward_max_size": backward_max,
-            "rich_features": rich_features,
-        },
-        "rows": rows,
-        "errors": errors,
-    }
-    write_results("kernel_bench", payload, "\n\n".join(notes) + "\n\n" + "\n".join(table))
-    print(f"wrote {common.RESULTS / 'kernel_bench.md'}", flush=True)
+        report()
 
 
 if __name__ == "__main__":

@@ -23,5 +23,6 @@ FUSED_UPDATES_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 #: Whether the kernels' CUDA tests (``benchmarks/run_gpu.sh``) have passed on real GPU hardware.
 #: Until they have, ``backend="auto"`` keeps the PyTorch path on CUDA too, and only an explicit
-#: ``backend="triton"`` runs the (interpreter-tested) kernels.
+#: ``backend="triton"`` runs the (interpreter-tested) kernels. Their one GPU run so far (an H200,
+#: 2026-12-04) had failures: ``benchmarks/results/gpu_tests_h200.md``.
 GPU_VALIDATED = False

@@ -102,6 +102,7 @@ from .coordinate_lstm_step import (
     INPUT_PRECISIONS,
     PackedWeights,
     _cell,
+    _fp32_product_sum,
     _preactivations,
     _sigmoid,
     _tanh,
@@ -255,7 +256,7 @@ def _project_back(
     if USE_DOT:
         y = tl.dot(d, w, input_precision=INPUT_PRECISION)
     else:
-        y = tl.sum(d[:, :, None] * w[None, :, :], axis=1)
+        y = _fp32_product_sum(d, w)
     return y
 
 

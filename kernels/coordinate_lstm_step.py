@@ -34,7 +34,8 @@ padded units keep ``c = 0`` and ``h = sigmoid(0) * tanh(0) = 0`` and never reach
 Products. For each layer and gate, ``(BLOCK, in) x (in, HP)``: with ``USE_DOT`` by ``tl.dot``
 (fp32 operands, ``INPUT_PRECISION`` "ieee" by default so the result is fp32-exact; "tf32x3" or
 "tf32" trade accuracy for tensor-core speed on GPUs), otherwise by a broadcast multiply and
-``tl.sum``. The four gates are four products rather than one ``(in, 4*HP)`` product because
+``tl.sum``, written ``sum(fma(a, b, 0))`` because Triton turns ``sum(a * b)`` of broadcast
+operands into a TF32 ``tl.dot`` (it did on an H200). The four gates are four products rather than one ``(in, 4*HP)`` product because
 Triton cannot slice a register tile into column blocks; the FLOPs are the same. Layer 0's input
 has ``K = 2 + 2M + R`` features (2 for the paper's rule, 10 for the default preset), below
 ``tl.dot``'s minimum inner dimension of 16, so its input projection is ``K`` broadcast
@@ -51,13 +52,15 @@ Rounding. fp32 -> bfloat16 stores round to nearest even with integer arithmetic 
 to nearest even; this way both match ``torch.Tensor.to(torch.bfloat16)`` bit for bit.
 
 Register budget (H = 20 padded to 32, two layers, sm_90, compiled offline with the bundled
-ptxas; not timed, no GPU was available): with ``INPUT_PRECISION="ieee"`` the fp32 products lower
+ptxas by an earlier Triton; ``benchmarks/kernel_resources.py`` reports the current one): with ``INPUT_PRECISION="ieee"`` the fp32 products lower
 to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8,056 B,
 BLOCK 64 / 8 warps: 136 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
 and "tf32" at BLOCK 64 / 4 warps spill 8 B and 32 B. The default preset's feature set (3 momenta,
 2 rms decays) spills more: 1,248 B at BLOCK 64 / 4 warps (1,312 B with ``param_input`` added), 360 B at 64 / 8 warps, 280 B at 32 / 4
 warps, 184 B with "tf32x3". The launcher's default ("ieee", exact) is chosen for correctness, not
-speed: tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
+speed: on an H200 (``benchmarks/results/kernel_bench_h200.md``) it ran at 5% of the fp32 rate,
+"tf32x3" 4.1x faster, and BLOCK 64 / 2 warps (32 registers, a 15 KB stack) 7.9x slower than
+4 warps. Tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
 ``benchmarks/kernel_bench.py --tune`` (both feature sets). In the interpreter every program
 instance costs tens of milliseconds, so tests there use a large BLOCK instead.
 """
@@ -71,6 +74,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
 from ..nn.functional import RMS_EPS
@@ -189,6 +193,18 @@ def _add_input(
 
 
 @triton.jit
+def _fp32_product_sum(a, b):
+    """``sum(a[:, :, None] * b[None, :, :], axis=1)`` in fp32: ``(M, K) x (K, N) -> (M, N)``.
+
+    Written as ``fma(a, b, 0)``, which rounds like the product: Triton rewrites a sum of
+    broadcast products into ``tl.dot`` with TF32 inputs (seen on an H200: errors of 1e-4 to 1e-3),
+    which is not the fp32 arithmetic this path promises (``tests/test_kernel_compile.py``).
+    """
+    a3, b3 = tl.broadcast(a[:, :, None], b[None, :, :])
+    return tl.sum(tl.fma(a3, b3, 0.0), axis=1)
+
+
+@triton.jit
 def _project(
     x,
     w_ptr,
@@ -216,7 +232,7 @@ def _project(
     if USE_DOT:
         y = tl.dot(x, wt, input_precision=INPUT_PRECISION)
     else:
-        y = tl.sum(x[:, :, None] * wt[None, :, :], axis=1)
+        y = _fp32_product_sum(x, wt)
     return y
 
 
@@ -624,7 +640,7 @@ def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = Fals
 
 def is_interpreted() -> bool:
     """Whether the kernel runs in the Triton interpreter (TRITON_INTERPRET set at import time)."""
-    return isinstance(coordinate_lstm_step_kernel, triton.runtime.interpreter.InterpretedFunction)
+    return isinstance(coordinate_lstm_step_kernel, InterpretedFunction)
 
 
 def _check_states(

@@ -85,6 +85,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
 from ..nn.functional import RMS_EPS, preprocess
@@ -382,7 +383,7 @@ def loss_features(
 
 def is_interpreted() -> bool:
     """Whether the kernel runs in the Triton interpreter (TRITON_INTERPRET set at import time)."""
-    return isinstance(meta_lstm_step_kernel, triton.runtime.interpreter.InterpretedFunction)
+    return isinstance(meta_lstm_step_kernel, InterpretedFunction)
 
 
 def _check_state(name: str, t: Tensor, shape: tuple[int, ...], slab: bool) -> None:

@@ -20,6 +20,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
+from helpers import to_device_keeping_strides  # noqa: E402
 from learnedopt.kernels.coordinate_lstm_step import (  # noqa: E402
     coordinate_lstm_step_,
     is_interpreted,
@@ -486,7 +487,7 @@ def _call(features: str | dict = "paper", **overrides):
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:
     overrides = {
-        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
+        k: (to_device_keeping_strides(v, DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
     }
     if "fast_tanh" in overrides and not INTERPRETED:
         pytest.skip("fast_tanh is valid on GPUs")
@@ -512,7 +513,7 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
 )
 def test_invalid_feature_arguments(features: str | dict, overrides: dict, match: str) -> None:
     overrides = {
-        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
+        k: (to_device_keeping_strides(v, DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
     }
     with pytest.raises(ValueError, match=match):
         _call(features, **overrides)

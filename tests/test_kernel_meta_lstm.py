@@ -21,7 +21,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
-from helpers import make_params, set_grads
+from helpers import make_params, set_grads, to_device_keeping_strides
 from learnedopt.kernels import meta_lstm_step as meta_kernel
 from learnedopt.kernels.meta_lstm_step import (
     is_interpreted,
@@ -431,7 +431,7 @@ def _call(**overrides) -> None:
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:
     overrides = {
-        k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
+        k: (to_device_keeping_strides(v, DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()
     }
     if "fast_tanh" in overrides and not INTERPRETED:
         pytest.skip("fast_tanh is valid on GPUs")
