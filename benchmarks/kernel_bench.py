@@ -199,7 +199,7 @@ def lstm_methods(
 ) -> dict[str, tuple[Callable[[], object], int, int]]:
     """The columns of one :class:`CoordinateLSTM`, named ``prefix`` + ``eager``, ``compiled``
     (unless ``--no-compile``) and, when ``fused_mod`` (CUDA) is given, ``fused_dot``,
-    ``fused_sum``, ``fused_dot_<precision>`` and, with ``tune``, the block x warps sweep:
+    ``fused_sum``, ``fused_dot_<precision>`` and, with ``tune``, the block x warps sweep of both:
     ``{name: (fn, bytes per coordinate, FLOPs per coordinate)}``. Every column advances
     ``states`` (and ``param``) in place."""
     cfg = rule.config
@@ -279,6 +279,11 @@ def lstm_methods(
                         nbytes,
                         flops,
                     )
+                methods[f"{prefix}fused_sum_b{block}_w{warps}"] = (
+                    fused(False, block=block, warps=warps),
+                    nbytes,
+                    flops,
+                )
     return methods
 
 
@@ -469,7 +474,8 @@ def main() -> None:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="also sweep block x num_warps for fused_dot and rich_fused_dot at the largest size",
+        help="also sweep block x num_warps for fused_dot, fused_sum and their rich_ twins "
+        "at the largest size",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument(
