@@ -35,8 +35,8 @@ Products. For each layer and gate, ``(BLOCK, in) x (in, HP)``: with ``USE_DOT`` 
 (fp32 operands, ``INPUT_PRECISION`` "ieee" by default so the result is fp32-exact; "tf32x3" or
 "tf32" trade accuracy for tensor-core speed on GPUs), otherwise by a broadcast multiply and
 ``tl.sum``, written ``sum(fma(a, b, 0))`` because Triton turns ``sum(a * b)`` of broadcast
-operands into a TF32 ``tl.dot`` (it did on an H200). The four gates are four products rather than one ``(in, 4*HP)`` product because
-Triton cannot slice a register tile into column blocks; the FLOPs are the same. Layer 0's input
+operands into a TF32 ``tl.dot`` (it did on an H200). The four gates are four products rather
+than one ``(in, 4*HP)`` product because Triton cannot slice a register tile into column blocks; the FLOPs are the same. Layer 0's input
 has ``K = 2 + 2M + R`` features (2 for the paper's rule, 10 for the default preset), below
 ``tl.dot``'s minimum inner dimension of 16, so its input projection is ``K`` broadcast
 multiply-adds, unrolled over the constant feature count (the first two exactly as for ``K = 2``);
@@ -51,16 +51,16 @@ Rounding. fp32 -> bfloat16 stores round to nearest even with integer arithmetic 
 ``.to(tl.bfloat16)``, because the Triton interpreter truncates that conversion while GPUs round
 to nearest even; this way both match ``torch.Tensor.to(torch.bfloat16)`` bit for bit.
 
-Register budget (H = 20 padded to 32, two layers, sm_90, compiled offline with the bundled
-ptxas by an earlier Triton; ``benchmarks/kernel_resources.py`` reports the current one): with ``INPUT_PRECISION="ieee"`` the fp32 products lower
-to FMAs and BLOCK 64 / 4 warps uses 255 registers plus 880 B of spill stack (BLOCK 128: 8,056 B,
-BLOCK 64 / 8 warps: 136 B, BLOCK 32 / 4 warps: 120 B); "tf32x3" (tensor cores, ~fp32 accuracy)
-and "tf32" at BLOCK 64 / 4 warps spill 8 B and 32 B. The default preset's feature set (3 momenta,
-2 rms decays) spills more: 1,248 B at BLOCK 64 / 4 warps (1,312 B with ``param_input`` added), 360 B at 64 / 8 warps, 280 B at 32 / 4
-warps, 184 B with "tf32x3". The launcher's default ("ieee", exact) is chosen for correctness, not
-speed: on an H200 (``benchmarks/results/kernel_bench_h200.md``) it ran at 5% of the fp32 rate,
-"tf32x3" 4.1x faster, and BLOCK 64 / 2 warps (32 registers, a 15 KB stack) 7.9x slower than
-4 warps. Tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
+Register budget (H = 20 padded to 32, two layers, sm_90, Triton 3.6: the offline compile of
+``benchmarks/kernel_resources.py``, ``benchmarks/results/kernel_resources.md``): with
+``INPUT_PRECISION="ieee"`` the fp32 products lower to FMAs, and BLOCK 64 / 4 warps uses 255
+registers plus 488 B of spill stack per thread (744 B with the default preset's inputs), BLOCK
+32 / 8 warps no spill. The sum path at BLOCK 64 / 4 warps compiles to 32 registers and a 9-20 KB
+stack, the pattern that ran 7.9x slower on an H200 (there, for the dot path at 2 warps), and
+spills nothing at BLOCK 32 / 8 warps. The launcher's default ("ieee", exact, BLOCK 64, 4 warps)
+is chosen for correctness, not speed: on an H200 (``benchmarks/results/kernel_bench_h200.md``)
+it ran at 5% of the fp32 rate, "tf32x3" 4.1x faster, the spill-free BLOCK 32 / 8 warps 1.8x
+slower. Tune ``block``, ``num_warps`` and ``input_precision`` on the GPU with
 ``benchmarks/kernel_bench.py --tune`` (both feature sets). In the interpreter every program
 instance costs tens of milliseconds, so tests there use a large BLOCK instead.
 """
