@@ -30,6 +30,7 @@ if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 os.environ["TRITON_INTERPRET"] = "0"
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import itertools  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -117,17 +118,12 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
 
 
-def make_rule(preset: str) -> CoordinateLSTM:
-    """The coordinatewise rule of a shipped preset (random weights: only shapes matter here)."""
-    return build_preset(preset)[0]
-
-
 def coordinate_launches(
     preset: str, grid: list[tuple[bool, int, int]], differentiable: bool
 ) -> Iterator[tuple[dict, Callable[[], object]]]:
     """The rule's in-place step kernel at each ``(use_dot, block, num_warps)`` of ``grid``, then,
     with ``differentiable``, its forward and backward kernels at the launchers' defaults."""
-    rule = make_rule(preset)
+    rule: CoordinateLSTM = build_preset(preset)[0]  # its weights do not matter here, its shapes do
     cfg = rule.config
     L, H, K, n = cfg.num_layers, cfg.hidden_size, cfg.num_inputs, 256
     weights = coordinate_lstm_step.rule_weights(rule)
@@ -201,7 +197,7 @@ def main() -> int:
     parser.add_argument(
         "--defaults",
         action="store_true",
-        help="only the launchers' default block and warps (64, 4), with tl.dot and with sums",
+        help="only the step launchers' default block and warps, with tl.dot and with sums",
     )
     parser.add_argument(
         "--no-differentiable",
@@ -213,7 +209,9 @@ def main() -> int:
     if args.results_dir is not None:
         common.RESULTS = args.results_dir
     if args.defaults:
-        grid = [(True, 64, 4), (False, 64, 4)]
+        launcher = inspect.signature(coordinate_lstm_step.coordinate_lstm_step_).parameters
+        block, warps = launcher["block"].default, launcher["num_warps"].default
+        grid = [(True, block, warps), (False, block, warps)]
     else:
         grid = list(itertools.product([True, False], args.blocks, args.warps))
     differentiable = not args.no_differentiable
