@@ -57,8 +57,8 @@ def main() -> None:
         x = preprocess(g, 10.0)
         hs, cs = [], []
         for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-            gates = torch.addmm(b_ih + b_hh, torch.cat((x, h[k]), 1), torch.cat((w_ih, w_hh), 1).t())
-            _, c_new, x, _ = cell_forward(gates, c[k])
+            gates = torch.cat((x, h[k]), 1) @ torch.cat((w_ih, w_hh), 1).t()
+            _, c_new, x, _ = cell_forward(gates, b_ih + b_hh, c[k])
             hs.append(x)
             cs.append(c_new)
         return rule.head(x).squeeze(1) * 0.1, torch.stack(hs), torch.stack(cs)

@@ -7,7 +7,10 @@ its formulation choices timed against the one it replaced, at the throughput ben
   ``tanh(z) = 2 sigmoid(2z) - 1``), both compiled with constant shapes, with their largest
   difference from a float64 evaluation;
 - gate product: ``addmm`` of ``x`` then in-place ``addmm_`` of ``h`` (before) against one
-  ``addmm`` of ``[x, h]`` (concatenation included);
+  ``addmm`` of ``[x, h]`` (concatenation included), both adding the bias as the step then did;
+- gate bias: added by that ``addmm`` (before), which on CPU first copies it into every row of
+  the output, against added in the pointwise forward after a plain product (each side: product
+  and compiled pointwise forward);
 - gradients of ``x`` and ``h``: two products against one with ``[W_ih, W_hh]`` (layer 0: only
   ``h``'s, with ``W_hh`` against the same columns sliced from ``[W_ih, W_hh]``);
 - weight gradients: ``d_gates^T x``, ``d_gates^T h`` and a column sum (before) against one
@@ -33,9 +36,9 @@ from common import time_call, write_results  # noqa: E402
 from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
 
 
-def per_block_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def per_block_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pointwise forward as the library wrote it before (same outputs as ``cell_forward``)."""
-    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = (gates + bias).chunk(4, dim=1)
     i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
     c_new = f * c + i * g
     tanh_c = c_new.tanh()
@@ -60,15 +63,16 @@ def main() -> None:
                          speedup=seconds["before"] / seconds["after"]))
         print(rows[-1], flush=True)
 
-    gates, c = randn(n, 4 * hidden), randn(n, hidden)
+    gates, gate_bias, c = randn(n, 4 * hidden), randn(4 * hidden), randn(n, hidden)
     before_fn = torch.compile(per_block_forward, dynamic=False)
     after_fn = torch.compile(cell_forward, dynamic=False)
-    reference = cell_forward(gates.double(), c.double())
+    reference = cell_forward(gates.double(), gate_bias.double(), c.double())
     errors = {
-        name: max(float((a.double() - b).abs().max()) for a, b in zip(fn(gates, c), reference, strict=True))
+        name: max(float((a.double() - b).abs().max()) for a, b in zip(fn(gates, gate_bias, c), reference, strict=True))
         for name, fn in (("before", before_fn), ("after", after_fn))
     }
-    add("pointwise forward (compiled)", "either", lambda: before_fn(gates, c), lambda: after_fn(gates, c))
+    add("pointwise forward (compiled)", "either", lambda: before_fn(gates, gate_bias, c),
+        lambda: after_fn(gates, gate_bias, c))  # fmt: skip
 
     d_gates, h = randn(n, 4 * hidden), randn(n, hidden)
     for layer, inputs in (("0", 2), ("1", hidden)):
@@ -78,6 +82,10 @@ def main() -> None:
         add("gate product", layer,
             lambda: torch.addmm(bias, x, w_ih.t()).addmm_(h, w_hh.t()),
             lambda: torch.addmm(bias, torch.cat((x, h), dim=1), weight.t()))  # fmt: skip
+        xh, no_bias = torch.cat((x, h), dim=1), torch.zeros_like(bias)
+        add("gate bias", layer,
+            lambda: after_fn(torch.addmm(bias, xh, weight.t()), no_bias, c),
+            lambda: after_fn(xh @ weight.t(), bias, c))  # fmt: skip
         if layer == "0":  # an unroll's layer 0 reads a detached x: only h's gradient
             add("gradient of h", layer, lambda: d_gates @ w_hh, lambda: d_gates @ weight[:, inputs:])
         else:

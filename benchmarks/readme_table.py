@@ -10,7 +10,9 @@ optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
 With ``--paired`` it prints the paired comparison instead: each cell is ``a / b``, the number of
 evaluation seeds on which the optimizer's final loss is below tuned Adam's (``a``) and below the
 best tuned baseline's (``b``) on the same seed (same initialisation, same minibatches), out of the
-seeds where both runs stayed finite.
+seeds where both runs stayed finite. With ``--difference`` each cell is the mean over seeds of the
+optimizer's final loss minus the best tuned baseline's on the same seed, with a 95% paired bootstrap
+interval (``learnedopt.evaluation.paired_difference``), bold when the whole interval is below 0.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from learnedopt.evaluation import best_baseline, seeds_below  # noqa: E402
+from learnedopt.evaluation import best_baseline, paired_difference, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -89,11 +91,33 @@ def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) 
     return "\n".join(lines)
 
 
+def difference_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of paired differences from the best tuned baseline (see the module
+    docstring): one row per problem, one column per ``(label, header)``."""
+    head = ["problem", "best tuned baseline (final loss)", *(h for _, h in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, problem in report["problems"].items():
+        results = problem["results"]
+        best = best_baseline(results)
+        cells = []
+        for label, _ in columns:
+            d = paired_difference(results[label]["finals"], results[best]["finals"])
+            text = f"{d['mean']:+.2g} [{d['lo']:+.2g}, {d['hi']:+.2g}] (n={d['n']})"
+            cells.append(f"**{text}**" if d["hi"] < 0 else text)
+        name = f"{best} {fmt(results[best]['final_mean'])}"
+        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="an optimizee_eval.json")
     parser.add_argument("columns", nargs="+", metavar="LABEL=HEADER")
-    parser.add_argument("--paired", action="store_true", help="print the paired seed counts instead")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--paired", action="store_true", help="print the paired seed counts instead")
+    mode.add_argument(
+        "--difference", action="store_true", help="print paired differences from the best tuned baseline instead"
+    )
     args = parser.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
@@ -102,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [label for label, *_ in columns if label not in labels]
     if unknown or any(len(c) != 2 for c in columns):
         parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
-    print((paired_table if args.paired else table)(report, columns))
+    print((paired_table if args.paired else difference_table if args.difference else table)(report, columns))
     return 0
 
 

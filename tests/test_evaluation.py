@@ -26,6 +26,7 @@ from learnedopt.evaluation import (
     evaluate_optimizers,
     learned_from_file,
     make_problem,
+    paired_difference,
     run_optimizer,
     seeds_below,
     select_lr,
@@ -395,6 +396,27 @@ def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite(
     assert seeds_below([], []) == "0/0"
     with pytest.raises(ValueError):
         seeds_below([1.0], [1.0, 2.0])
+
+
+def test_paired_difference_is_the_mean_per_seed_difference_with_a_bootstrap_interval() -> None:
+    nan = float("nan")
+    # the same shift on every seed: no spread, so the interval is the point
+    shift = paired_difference([0.5, 1.5, 2.5, 3.5, nan], [1.0, 2.0, 3.0, 4.0, 1.0])
+    assert shift == {"mean": -0.5, "lo": -0.5, "hi": -0.5, "n": 4}
+    # seeds differ by far more than the optimizers do: pairing still resolves a 0.01 gap
+    rng = np.random.default_rng(3)
+    base = rng.normal(1.0, 0.5, size=100)
+    noise = rng.normal(0.0, 0.01, size=100)
+    result = paired_difference(base - 0.01 + noise, base)
+    assert result["lo"] < result["mean"] < result["hi"] < 0
+    assert result["mean"] == pytest.approx(float(np.mean(noise)) - 0.01, abs=1e-12)
+    # for 100 roughly normal pairs the percentile interval is close to mean +- 1.96 standard errors
+    half = 1.96 * np.std(noise, ddof=1) / 10
+    assert (result["hi"] - result["lo"]) / 2 == pytest.approx(half, rel=0.1)
+    assert paired_difference(base - 0.01 + noise, base) == result  # seeded: reproducible
+    assert paired_difference([nan], [1.0])["n"] == 0
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_weight_files(

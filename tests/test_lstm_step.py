@@ -83,13 +83,14 @@ def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     g = torch.Generator().manual_seed(1)
     n, hidden = 1031, 20
     gates, c = torch.randn(n, 4 * hidden, generator=g), torch.randn(n, hidden, generator=g)
+    bias = torch.randn(4 * hidden, generator=g)
     grad_h, grad_c = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
     results = []
     for dynamic in (False, True):
         torch._dynamo.reset()
         forward = torch.compile(lstm_step_module.cell_forward, dynamic=dynamic)
         backward = torch.compile(lstm_step_module.cell_backward, dynamic=dynamic)
-        activations, c_new, h_new, tanh_c = forward(gates, c)
+        activations, c_new, h_new, tanh_c = forward(gates, bias, c)
         results.append((activations, c_new, h_new, tanh_c, *backward(activations, c, tanh_c, grad_h, grad_c)))
     torch._dynamo.reset()
     for constant, symbolic in zip(*results, strict=True):
@@ -190,7 +191,9 @@ def test_each_dtype_and_hidden_size_has_its_own_compiled_code(monkeypatch: pytes
         for dtype, hidden in kinds:
             for n in (4, 9):
                 gates, c = torch.randn(n, 4 * hidden, dtype=dtype), torch.randn(n, hidden, dtype=dtype)
-                for got, want in zip(forward(gates, c), lstm_step_module.cell_forward(gates, c), strict=True):
+                bias = torch.randn(4 * hidden, dtype=dtype)
+                want = lstm_step_module.cell_forward(gates, bias, c)
+                for got, want in zip(forward(gates, bias, c), want, strict=True):
                     torch.testing.assert_close(got, want)
         assert not forward.failed
         assert len(forward.compiled) == len(kinds)
@@ -198,5 +201,6 @@ def test_each_dtype_and_hidden_size_has_its_own_compiled_code(monkeypatch: pytes
         single = real_compile(lstm_step_module.cell_forward, backend="eager")
         with pytest.raises(Exception, match="recompile_limit"):
             for dtype, hidden in kinds:
-                single(torch.randn(4, 4 * hidden, dtype=dtype), torch.randn(4, hidden, dtype=dtype))
+                single(torch.randn(4, 4 * hidden, dtype=dtype), torch.zeros(4 * hidden, dtype=dtype),
+                       torch.randn(4, hidden, dtype=dtype))  # fmt: skip
     torch._dynamo.reset()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from readme_table import main, paired_table, table  # noqa: E402
+from readme_table import difference_table, main, paired_table, table  # noqa: E402
 
 
 def result(kind: str, final: float, mean: float, lr: float = 1.0, finals: tuple = ()) -> dict:
@@ -63,3 +63,16 @@ def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:
     assert lines[2] == "| MNIST MLP, 100 steps | Adam | 2/3 / 2/3 | 1/3 / 1/3 |"
     # quadratic: a's NaN seed is left out of its counts
     assert lines[3] == "| quadratic, 20-dim (never seen) | Adam | 1/2 / 1/2 | 0/3 / 0/3 |"
+
+
+def test_differences_from_the_best_baseline_are_paired_and_bold_only_when_the_interval_is_below_zero() -> None:
+    shifted = json.loads(json.dumps(REPORT))
+    shifted["problems"]["mnist-mlp-100"]["results"]["L (b)"]["finals"] = [0.05, 0.15, 0.25]  # Adam's - 0.05
+    lines = difference_table(shifted, [("L (a)", "`a`"), ("L (b)", "`b`")]).splitlines()
+    assert lines[0] == "| problem | best tuned baseline (final loss) | `a` | `b` |"
+    a, b = lines[2].split(" | ")[2:4]
+    # a: -0.05, +0.05, -0.15 against Adam, mixed signs, so its interval straddles 0
+    assert a.startswith("-0.05 [") and a.endswith("(n=3)") and "**" not in a
+    assert b == "**-0.05 [-0.05, -0.05] (n=3)** |"
+    # quadratic: a's NaN seed is left out
+    assert lines[3].split(" | ")[2].startswith("+4 [") and "(n=2)" in lines[3]

@@ -51,7 +51,15 @@ from .problems import (
     small_convnet,
     synthetic_classification,
 )
-from .report import WriteResults, best_baseline, markdown_tables, plot_curves, seeds_below, write_report
+from .report import (
+    WriteResults,
+    best_baseline,
+    markdown_tables,
+    paired_difference,
+    plot_curves,
+    seeds_below,
+    write_report,
+)
 from .runs import (
     BASELINES,
     DEFAULT_LEARNED,
@@ -94,6 +102,7 @@ __all__ = [
     "MLP_RANDOM_HELD_OUT",
     "MLP_RANDOM_HELD_OUT_SCALES",
     "OptimizerFactory",
+    "paired_difference",
     "plot_curves",
     "Problem",
     "PROBLEMS",

@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
-def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cell_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The pointwise part of an LSTM cell.
 
     Args:
-        gates: ``(n, 4H)`` pre-activations, column blocks ``i, f, g, o``.
+        gates: ``(n, 4H)`` pre-activations without the bias, column blocks ``i, f, g, o``.
+        bias: ``(4H,)``, added to every row of ``gates``.
         c: ``(n, H)`` cell state.
 
     Returns:
@@ -50,7 +51,7 @@ def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     # ran more than 2x slower on CPU (benchmarks/lstm_step_parts.py). ``scale`` is a constant
     # of the compiled code.
     scale = gates.new_tensor([1.0] * (2 * hidden) + [2.0] * hidden + [1.0] * hidden)
-    activations = torch.sigmoid(gates * scale) * scale - (scale - 1.0)
+    activations = torch.sigmoid((gates + bias) * scale) * scale - (scale - 1.0)
     i, f, g, o = activations.chunk(4, dim=1)
     c_new = f * c + i * g
     tanh_c = 2.0 * torch.sigmoid(2.0 * c_new) - 1.0
@@ -149,12 +150,16 @@ class LSTMCellStep(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated W);
         # about as fast as a product and an in-place addmm_ into its output (benchmarks/
-        # lstm_step_parts.py: within 16% either way, about 1% of a truncation)
+        # lstm_step_parts.py: within 16% either way, about 1% of a truncation). The bias is added
+        # in the pointwise pass, not by addmm, which on CPU first copies it into every row of the
+        # output, an extra pass over (n, 4H) (benchmarks/lstm_step_parts.py, "gate bias": the
+        # product and pointwise forward 1.14-1.19x faster this way; a bitwise-equal
+        # meta-gradient where checked)
         weight = torch.cat((weight_ih, weight_hh), dim=1)
-        gates = torch.addmm(bias, torch.cat((x, h), dim=1), weight.t())
+        gates = torch.cat((x, h), dim=1) @ weight.t()
         # detached: whether c requires grad would otherwise be a guard of the compiled function,
         # one more compilation (and, in the backward, a doubling of its variants)
-        activations, c_new, h_new, tanh_c = _cell_forward(gates, c.detach())
+        activations, c_new, h_new, tanh_c = _cell_forward(gates, bias.detach(), c.detach())
         ctx.save_for_backward(x, h, c, weight, activations, tanh_c)
         return h_new, c_new
 
