@@ -2,7 +2,7 @@
 pretrained baseline.
 
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
-    python benchmarks/fewshot.py higher      # needs `pip install higher`
+    python benchmarks/fewshot.py higher [--tag NAME]   # needs `pip install higher`
     python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
     python benchmarks/fewshot.py omniglot-model RUN/model.safetensors [MORE.safetensors] --tag NAME \
         [--adapt STEPS,COPIES,QUERY_COPIES ...] [--part meta_valid]
@@ -276,8 +276,8 @@ def against_higher(args: argparse.Namespace) -> None:
         table.append(f"| {r['case']} | {r['ours_ms']:.1f} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | {r['higher_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['meta_grad_rel_diff']:.1e} | {r['gflop']:.3g} | {r['ours_gflops']:.1f} | "
                      f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x |")
-    write_results("fewshot_vs_higher", {"rows": rows, "threads": torch.get_num_threads(), "matmul_gflops": peak},
-                  "\n".join(table))
+    name = "fewshot_vs_higher" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, {"rows": rows, "threads": torch.get_num_threads(), "matmul_gflops": peak}, "\n".join(table))
 
 
 # ---------------------------------------------------------------------------- Omniglot
@@ -542,6 +542,7 @@ def main() -> None:
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
     hig.add_argument("--repeats", type=int, default=5)
     hig.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    hig.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
     omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile", "meta-lstm"])

@@ -10,7 +10,7 @@ batching from the gain of the LSTM step, and a fourth runs the library's step wi
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
 it kept the first call's shapes constant). All compute the same meta-gradient (checked here);
 the script times one truncation (forward unroll of T steps + backward) of each, in one run,
-after one untimed warm-up truncation each (which also compiles).
+after one untimed warm-up truncation each (which also compiles), the repeats of each in a row.
 
 Against the hardware: the library's truncation's matrix products are counted
 (``torch.utils.flop_counter``; the ``torch.nn.LSTM`` rows run oneDNN's fused cell, which the
@@ -48,11 +48,11 @@ from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
 
 
 def _forward_symbolic(*args):
-    return lstm_step.cell_forward(*args)
+    return lstm_step.cell_forward_into(*args)
 
 
 def _backward_symbolic(*args):
-    return lstm_step.cell_backward(*args)
+    return lstm_step.cell_backward_into(*args)
 
 
 # Own functions, not cell_forward itself: Dynamo keeps compiled code per code object, and the
@@ -183,8 +183,11 @@ def main() -> None:
     times = {name: [] for name in runs}
     os_costs = {name: [] for name in runs}  # (minor page faults, system CPU s) of each timed truncation
     grads = {}
-    for _ in range(args.repeats):
-        for name, (r, context) in runs.items():
+    # each implementation's repeats in a row: the first truncation after another implementation
+    # can pay for mapping memory that one released (tens of thousands of page faults), and the
+    # best of the repeats should not carry that
+    for name, (r, context) in runs.items():
+        for _ in range(args.repeats):
             with context():
                 before = os_counters()
                 seconds, grads[name] = truncation(r, family, args)

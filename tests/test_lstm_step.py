@@ -84,15 +84,20 @@ def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     n, hidden = 1031, 20
     gates, c = torch.randn(n, 4 * hidden, generator=g), torch.randn(n, hidden, generator=g)
     bias = torch.randn(4 * hidden, generator=g)
-    grad_h, grad_c = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
+    grad_h, grad_more, grad_c = (torch.randn(n, hidden, generator=g) for _ in range(3))
     results = []
     for dynamic in (False, True):
         torch._dynamo.reset()
-        forward = torch.compile(lstm_step_module.cell_forward, dynamic=dynamic)
-        backward = torch.compile(lstm_step_module.cell_backward, dynamic=dynamic)
-        activations, c_new, h_new, tanh_c = forward(gates, bias, c)
-        results.append((activations, c_new, h_new, tanh_c, *backward(activations, c, tanh_c, grad_h, grad_c)))
+        forward = torch.compile(lstm_step_module.cell_forward_into, dynamic=dynamic)
+        backward = torch.compile(lstm_step_module.cell_backward_into, dynamic=dynamic)
+        h_new, c_new, grad_c_prev = (torch.empty(n, hidden) for _ in range(3))
+        activations, tanh_c = forward(gates, bias, c, h_new, c_new)
+        d_gates = backward(activations, c, tanh_c, grad_h, grad_more, grad_c, grad_c_prev)
+        results.append((activations, c_new, h_new, tanh_c, d_gates, grad_c_prev))
     torch._dynamo.reset()
+    # and the compiled code writes the same values as the plain functions compute
+    want = lstm_step_module.cell_forward(gates, bias, c)
+    torch.testing.assert_close(results[0][:4], (want[0], want[1], want[2], want[3]))
     for constant, symbolic in zip(*results, strict=True):
         assert torch.equal(constant, symbolic)
 
@@ -142,11 +147,11 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    fresh = lstm_step_module._Compiled(lstm_step_module.cell_forward)
+    fresh = lstm_step_module._Compiled(lstm_step_module.cell_forward_into)
     monkeypatch.setattr(lstm_step_module, "_cell_forward", fresh)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     lstm, x, h, c = _inputs(torch.float64)
-    with pytest.warns(UserWarning, match="torch.compile of cell_forward failed .*no C\\+\\+ compiler"):
+    with pytest.warns(UserWarning, match="torch.compile of cell_forward_into failed .*no C\\+\\+ compiler"):
         values, _ = _values_and_grads(lstm_step, lstm, x, h, c)
     ref_values, _ = _values_and_grads(_reference, lstm, x, h, c)
     for got, want in zip(values, ref_values, strict=True):
@@ -162,16 +167,16 @@ def test_no_grad_step_and_meta_training_step_are_the_same_bits(monkeypatch: pyte
     """The optimizer's no-grad step and meta-training (weights requiring grad) both go through
     lstm_step, so the optimizer applies exactly the update the rule was meta-trained with."""
     calls = []
-    original = lstm_step_module.LSTMCellStep.apply
-    monkeypatch.setattr(lstm_step_module.LSTMCellStep, "apply", lambda *a: calls.append(1) or original(*a))
+    original = lstm_step_module.LSTMStackStep.apply
+    monkeypatch.setattr(lstm_step_module.LSTMStackStep, "apply", lambda *a: calls.append(1) or original(*a))
     rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,)) if kind == "CoordinateLSTM" else MetaLSTMCell()
     grad, param, loss = torch.randn(50), torch.randn(50), torch.tensor(0.7)
     state = rule.init_state(50, dtype=torch.float32, device="cpu")
     with torch.no_grad():
         step_no_grad, _ = rule(grad, param, state, loss)
-    assert len(calls) == rule.lstm.num_layers
+    assert len(calls) == 1
     step_grad, _ = rule(grad, param, state, loss)
-    assert len(calls) == 2 * rule.lstm.num_layers
+    assert len(calls) == 2
     assert step_grad.requires_grad
     assert torch.equal(step_grad.detach(), step_no_grad)
 

@@ -7,9 +7,9 @@ its matrix products are skinny (inner sizes of 2 to 41) and its elementwise work
 memory traffic. On the CPU hosts where both were timed, ``torch.nn.LSTM`` (oneDNN's RNN
 primitive) ran slower than this step, forward (``benchmarks/lstm_chunk.py``) and forward plus
 backward (``benchmarks/meta_train_throughput.py``).
-:class:`LSTMCellStep` computes the step as one BLAS product plus ONE pointwise function
+:class:`LSTMStackStep` computes each layer as one BLAS product plus ONE pointwise function
 (:func:`cell_forward`) and saves the gate activations; its backward is the closed-form LSTM
-gradient: one pointwise function (:func:`cell_backward`) plus two BLAS products.
+gradient: per layer one pointwise function (:func:`cell_backward`) plus two BLAS products.
 
 The two pointwise functions are compiled with ``torch.compile`` (one fused loop each instead of
 about fifteen passes over memory) the first time they run, which takes seconds once per process
@@ -132,68 +132,135 @@ def _with_own_code(fn: Callable) -> Callable:
     return copy
 
 
-_cell_forward = _Compiled(cell_forward)
-_cell_backward = _Compiled(cell_backward)
+def cell_forward_into(gates: Tensor, bias: Tensor, c: Tensor, h_out: Tensor, c_out: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`cell_forward` writing ``h'`` and ``c'`` into ``h_out`` and ``c_out`` ``(n, H)``
+    (compiled, in the same pass); returns ``(activations, tanh(c'))``."""
+    activations, c_new, h_new, tanh_c = cell_forward(gates, bias, c)
+    h_out.copy_(h_new)
+    c_out.copy_(c_new)
+    return activations, tanh_c
 
 
-class LSTMCellStep(torch.autograd.Function):
-    """``h', c' = LSTMCell(x, (h, c))`` with the weights of one layer of a ``torch.nn.LSTM``.
+def cell_backward_into(
+    activations: Tensor, c: Tensor, tanh_c: Tensor, grad_h: Tensor, grad_h_more: Tensor, grad_c: Tensor, grad_c_out: Tensor
+) -> Tensor:
+    """:func:`cell_backward` for ``h'``'s gradient ``grad_h + grad_h_more`` (from the next step and
+    from the layer above), writing ``c``'s gradient into ``grad_c_out``; returns the gates'
+    gradient ``(n, 4H)``."""
+    d_gates, grad_c_prev = cell_backward(activations, c, tanh_c, grad_h + grad_h_more, grad_c)
+    grad_c_out.copy_(grad_c_prev)
+    return d_gates
 
-    Shapes: ``x`` ``(n, in)``, ``h`` and ``c`` ``(n, H)``, ``weight_ih`` ``(4H, in)``,
-    ``weight_hh`` ``(4H, H)``, ``bias`` ``(4H,)`` (``bias_ih + bias_hh``); returns ``h'``, ``c'``
-    ``(n, H)``.
+
+_cell_forward = _Compiled(cell_forward_into)
+_cell_backward = _Compiled(cell_backward_into)
+
+
+class LSTMStackStep(torch.autograd.Function):
+    """One time step of every layer of a stacked LSTM: ``top, h', c' = LSTM(x, (h, c))``.
+
+    Shapes: ``x`` ``(n, in)``; ``h`` and ``c`` ``(L, n, H)``; then, per layer ``l``, its
+    ``weight_ih`` ``(4H, in_l)``, ``weight_hh`` ``(4H, H)`` and ``bias`` ``(4H,)``
+    (``bias_ih + bias_hh``). Returns ``top`` ``(n, H)`` (the last layer's ``h'``) and ``h'``,
+    ``c'`` ``(L, n, H)``.
+
+    All layers are one function so that the pointwise passes write each layer's ``h'`` and
+    ``c'`` straight into the ``(L, n, H)`` outputs, and its backward each layer's gradient of
+    ``c`` into one ``(L, n, H)`` tensor, where a function per layer needed a stack of the layers'
+    states and another of their gradients per step (``benchmarks/meta_train_throughput.py`` on an
+    Intel Xeon host: a truncation 0.64 s before, 0.60 s after; concatenations and stacks from 17%
+    to 8% of its self CPU time).
     """
 
     @staticmethod
-    def forward(
-        ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated W);
-        # about as fast as a product and an in-place addmm_ into its output (benchmarks/
-        # lstm_step_parts.py: within 16% either way, about 1% of a truncation). The bias is added
-        # in the pointwise pass, not by addmm, which on CPU first copies it into every row of the
-        # output, an extra pass over (n, 4H) (benchmarks/lstm_step_parts.py, "gate bias": the
-        # product and pointwise forward 1.14-1.19x faster this way; a bitwise-equal
-        # meta-gradient where checked)
-        weight = torch.cat((weight_ih, weight_hh), dim=1)
-        gates = torch.cat((x, h), dim=1) @ weight.t()
-        # detached: whether c requires grad would otherwise be a guard of the compiled function,
-        # one more compilation (and, in the backward, a doubling of its variants)
-        activations, c_new, h_new, tanh_c = _cell_forward(gates, bias.detach(), c.detach())
-        ctx.save_for_backward(x, h, c, weight, activations, tanh_c)
-        return h_new, c_new
+    def forward(ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        layers = h.shape[0]
+        h_new = c_new = None
+        inputs, products, activations, tanh_cs = [], [], [], []
+        layer_input = x
+        for layer in range(layers):
+            weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
+            # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated
+            # W); about as fast as a product and an in-place addmm_ into its output (benchmarks/
+            # lstm_step_parts.py: within 16% either way). The bias is added in the pointwise
+            # pass, not by addmm, which on CPU first copies it into every row of the output, an
+            # extra pass over (n, 4H) (lstm_step_parts.py, "gate bias": product and pointwise
+            # forward 1.14-1.19x faster this way; a bitwise-equal meta-gradient where checked)
+            weight = torch.cat((weight_ih, weight_hh), dim=1)
+            gates = torch.cat((layer_input, h[layer]), dim=1) @ weight.t()
+            if h_new is None:  # in the dtype of the computation, as a stack of the layers' results
+                h_new = torch.empty(h.shape, dtype=gates.dtype, device=gates.device)
+                c_new = torch.empty(c.shape, dtype=gates.dtype, device=gates.device)
+            # detached: whether c or bias requires grad would otherwise be a guard of the
+            # compiled function, one more compilation (and, in the backward, a doubling of its
+            # variants)
+            act, tanh_c = _cell_forward(gates, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
+            inputs.append(layer_input)
+            products.append(weight)
+            activations.append(act)
+            tanh_cs.append(tanh_c)
+            layer_input = h_new[layer]
+        ctx.layers = layers
+        ctx.save_for_backward(x, h, c, h_new, *products, *activations, *tanh_cs)
+        # a tensor of its own, not a view of h': a custom function's outputs must not alias
+        return h_new[-1].clone(), h_new, c_new
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_h: Tensor | None, grad_c: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, h, c, weight, activations, tanh_c = ctx.saved_tensors
-        # contiguous: a gradient that arrives as a column slice of a product (see below) would
-        # otherwise be a new stride guard, one more compilation of the pointwise backward
-        grad_h = torch.zeros_like(tanh_c) if grad_h is None else grad_h.contiguous()
-        grad_c = torch.zeros_like(tanh_c) if grad_c is None else grad_c.contiguous()
-        d_gates, grad_c_prev = _cell_backward(activations, c.detach(), tanh_c, grad_h, grad_c)
+    def backward(
+        ctx: FunctionCtx, grad_top: Tensor | None, grad_h_new: Tensor | None, grad_c_new: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        layers = ctx.layers
+        x, h, c, h_new, *rest = ctx.saved_tensors
+        products, activations, tanh_cs = rest[:layers], rest[layers : 2 * layers], rest[2 * layers :]
         needs = ctx.needs_input_grad
-        inputs = x.shape[1]
-        # the gradients of x and h as column slices of one product with the needed columns of W
-        lo, hi = (0 if needs[0] else inputs), (weight.shape[1] if needs[1] else inputs)
-        grad_xh = d_gates @ weight[:, lo:hi] if lo < hi else None
-        grad_weight = None
-        if any(needs[3:]):
-            # all weight gradients as one product [x, h, 1]^T d_gates, (in + H + 1, 4H): one
-            # pass over d_gates where d_gates^T x, d_gates^T h and a column sum take three, and
-            # in this orientation (BLAS is slow on d_gates^T x with x of 2 columns; together
-            # 2.7x faster for layer 0, 1.2x for layer 1: benchmarks/lstm_step_parts.py)
-            ones = x.new_ones(x.shape[0], 1)
-            grad_weight = (torch.cat((x, h, ones), dim=1).t() @ d_gates).t()
-        hidden = h.shape[1]
-        return (
-            grad_xh[:, :inputs] if needs[0] else None,
-            grad_xh[:, inputs - lo :] if needs[1] else None,
-            grad_c_prev if needs[2] else None,
-            grad_weight[:, :inputs] if needs[3] else None,
-            grad_weight[:, inputs : inputs + hidden] if needs[4] else None,
-            grad_weight[:, -1] if needs[5] else None,
-        )
+        hidden = h.shape[2]
+        zeros = lambda: torch.zeros_like(tanh_cs[0])  # noqa: E731 - a gradient that is None
+        grad_h = torch.empty_like(h_new) if needs[1] else None
+        grad_c = torch.empty_like(h_new)
+        grads: list[Tensor | None] = [None] * (3 + 3 * layers)
+        # the gradient of a layer's output from the layer above (for the top: from ``top``);
+        # contiguous: a column slice of a product would be a new stride guard, one more
+        # compilation of the pointwise backward
+        grad_above = zeros() if grad_top is None else grad_top.contiguous()
+        for layer in reversed(range(layers)):
+            layer_input, weight = (x if layer == 0 else h_new[layer - 1]), products[layer]
+            inputs = layer_input.shape[1]
+            d_gates = _cell_backward(
+                activations[layer],
+                c[layer].detach(),
+                tanh_cs[layer],
+                zeros() if grad_h_new is None else grad_h_new[layer].contiguous(),
+                grad_above,
+                zeros() if grad_c_new is None else grad_c_new[layer].contiguous(),
+                grad_c[layer],
+            )
+            # the gradients of the input and h as column slices of one product with the needed
+            # columns of W (layer 0 of an unroll reads a detached x)
+            needs_input = layer > 0 or needs[0]
+            lo, hi = (0 if needs_input else inputs), (weight.shape[1] if needs[1] else inputs)
+            grad_xh = d_gates @ weight[:, lo:hi] if lo < hi else None
+            if needs[1]:
+                grad_h[layer].copy_(grad_xh[:, inputs - lo :])
+            if needs_input:
+                grad_above = grad_xh[:, :inputs].contiguous()
+            if any(needs[3 + 3 * layer : 6 + 3 * layer]):
+                # all weight gradients as one product [x, h, 1]^T d_gates, (in + H + 1, 4H):
+                # one pass over d_gates where d_gates^T x, d_gates^T h and a column sum take
+                # three, and in this orientation (BLAS is slow on d_gates^T x with x of 2
+                # columns; together 2.7x faster for layer 0, 1.2x for layer 1:
+                # benchmarks/lstm_step_parts.py)
+                ones = layer_input.new_ones(layer_input.shape[0], 1)
+                grad_weight = (torch.cat((layer_input, h[layer], ones), dim=1).t() @ d_gates).t()
+                grads[3 + 3 * layer : 6 + 3 * layer] = (
+                    grad_weight[:, :inputs],
+                    grad_weight[:, inputs : inputs + hidden],
+                    grad_weight[:, -1],
+                )
+        grads[0] = grad_above if needs[0] else None
+        grads[1] = grad_h
+        grads[2] = grad_c if needs[2] else None
+        return tuple(grads)
 
 
 def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,13 +275,11 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
         ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` and the new states
         ``(num_layers, n, hidden_size)``, as ``lstm(x[None], (h, c))`` gives them.
     """
-    hs, cs = [], []
-    # unbind, not h[layer]: its backward stacks the layers' gradients in one copy, where each
-    # select's backward would fill and add a zero tensor of all layers
-    for layer, (h_layer, c_layer) in enumerate(zip(h.unbind(0), c.unbind(0), strict=True)):
-        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
-        weight_ih, weight_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
-        x, c_new = LSTMCellStep.apply(x, h_layer, c_layer, weight_ih, weight_hh, bias)
-        hs.append(x)
-        cs.append(c_new)
-    return x, torch.stack(hs), torch.stack(cs)
+    weights = []
+    for layer in range(lstm.num_layers):
+        weights += [
+            getattr(lstm, f"weight_ih_l{layer}"),
+            getattr(lstm, f"weight_hh_l{layer}"),
+            getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"),
+        ]
+    return LSTMStackStep.apply(x, h, c, *weights)
