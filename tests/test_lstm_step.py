@@ -57,6 +57,18 @@ def test_matches_torch_lstm_values_and_gradients(
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_any_number_of_layers_matches_torch_lstm(monkeypatch: pytest.MonkeyPatch, layers: int) -> None:
+    """One layer (MetaLSTMCell's input LSTM) and three: the backward's chain from each layer's
+    input gradient to the layer below, and the per-layer weight gradients, agree with ``nn.LSTM``."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "0")
+    lstm, x, h, c = _inputs(torch.float64, layers=layers)
+    values, grads = _values_and_grads(lstm_step, lstm, x, h, c)
+    ref_values, ref_grads = _values_and_grads(_reference, lstm, x, h, c)
+    for got, want in zip((*values, *grads), (*ref_values, *ref_grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(("x_grad", "h_grad"), [(False, True), (True, False), (False, False)])
 def test_gradients_when_some_inputs_need_none(monkeypatch: pytest.MonkeyPatch, x_grad: bool, h_grad: bool) -> None:
     """The backward computes the gradients of x and h as column slices of one product: with
