@@ -16,7 +16,12 @@ its formulation choices timed against the one it replaced, at the throughput ben
 - weight gradients: ``d_gates^T x``, ``d_gates^T h`` and a column sum (before) against one
   product ``[x, h, 1]^T d_gates`` (concatenation included);
 
-for layer 0 (2 inputs, the paper's preprocessed gradient) and layer 1 (20 inputs).
+for layer 0 (2 inputs, the paper's preprocessed gradient) and layer 1 (20 inputs); and
+
+- the whole two-layer step, forward and backward (the gradients of ``h``, ``c`` and every weight
+  from a loss reading ``top``, ``h'`` and ``c'``): one autograd function per layer, the layers'
+  ``h'`` and ``c'`` stacked into ``(2, n, H)`` states (before), against the library's
+  :class:`~learnedopt.nn.lstm_step.LSTMStackStep` (after), with whether the two give the same bits.
 
     python benchmarks/lstm_step_parts.py [--coordinates 31820] [--threads 1]
 """
@@ -29,11 +34,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_call, write_results  # noqa: E402
 
-from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
+from learnedopt.nn.lstm_step import cell_backward, cell_forward, lstm_step  # noqa: E402
 
 
 def per_block_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -43,6 +49,45 @@ def per_block_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, T
     c_new = f * c + i * g
     tanh_c = c_new.tanh()
     return torch.cat((i, f, g, o), dim=1), c_new, o * tanh_c, tanh_c
+
+
+class PerLayerStep(torch.autograd.Function):
+    """One layer of the step as the library wrote it before ``LSTMStackStep``: ``h', c'`` of one
+    layer, which ``per_layer_lstm_step`` stacks; the same products and pointwise functions."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, weight_ih, weight_hh, bias, forward_fn, backward_fn):
+        weight = torch.cat((weight_ih, weight_hh), dim=1)
+        gates = torch.cat((x, h), dim=1) @ weight.t()
+        activations, c_new, h_new, tanh_c = forward_fn(gates, bias.detach(), c.detach())
+        ctx.save_for_backward(x, h, c, weight, activations, tanh_c)
+        ctx.backward_fn = backward_fn
+        return h_new, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h, grad_c):
+        x, h, c, weight, activations, tanh_c = ctx.saved_tensors
+        grad_h = torch.zeros_like(tanh_c) if grad_h is None else grad_h.contiguous()
+        grad_c = torch.zeros_like(tanh_c) if grad_c is None else grad_c.contiguous()
+        d_gates, grad_c_prev = ctx.backward_fn(activations, c.detach(), tanh_c, grad_h, grad_c)
+        inputs, hidden = x.shape[1], h.shape[1]
+        grad_xh = d_gates @ weight
+        grad_weight = (torch.cat((x, h, x.new_ones(x.shape[0], 1)), dim=1).t() @ d_gates).t()
+        return (grad_xh[:, :inputs], grad_xh[:, inputs:], grad_c_prev, grad_weight[:, :inputs],
+                grad_weight[:, inputs : inputs + hidden], grad_weight[:, -1], None, None)  # fmt: skip
+
+
+def per_layer_lstm_step(lstm, x, h, c, forward_fn, backward_fn):
+    """``lstm_step`` as it was: a function per layer, then the layers' states stacked."""
+    hs, cs = [], []
+    for layer, (h_layer, c_layer) in enumerate(zip(h.unbind(0), c.unbind(0), strict=True)):
+        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+        weight_ih, weight_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+        x, c_new = PerLayerStep.apply(x, h_layer, c_layer, weight_ih, weight_hh, bias, forward_fn, backward_fn)
+        hs.append(x)
+        cs.append(c_new)
+    return x, torch.stack(hs), torch.stack(cs)
 
 
 def main() -> None:
@@ -96,6 +141,25 @@ def main() -> None:
             lambda: (d_gates.t() @ x, d_gates.t() @ h, d_gates.sum(dim=0)),
             lambda: torch.cat((x, h, x.new_ones(n, 1)), dim=1).t() @ d_gates)  # fmt: skip
 
+    # the whole two-layer step, forward and backward, as a meta-training unroll runs it (x detached)
+    lstm = torch.nn.LSTM(2, hidden, 2)
+    x, h, c = randn(n, 2), randn(2, n, hidden).requires_grad_(), randn(2, n, hidden).requires_grad_()
+    loss_weights = [randn(n, hidden), randn(2, n, hidden), randn(2, n, hidden)]
+    compiled = (torch.compile(cell_forward, dynamic=False), torch.compile(cell_backward, dynamic=False))
+
+    def step_and_gradients(step) -> list[Tensor]:
+        outputs = step(lstm, x, h, c)
+        loss = sum((t * w).sum() for t, w in zip(outputs, loss_weights, strict=True))
+        return [*outputs, *torch.autograd.grad(loss, [h, c, *lstm.parameters()])]
+
+    before_step = lambda *a: per_layer_lstm_step(*a, *compiled)  # noqa: E731
+    same_bits = all(
+        torch.equal(a, b)
+        for a, b in zip(step_and_gradients(before_step), step_and_gradients(lstm_step), strict=True)
+    )
+    add("two-layer step, forward and backward", "both",
+        lambda: step_and_gradients(before_step), lambda: step_and_gradients(lstm_step))  # fmt: skip
+
     table = [
         f"Parts of one LSTM layer step at {n:,} coordinates, hidden size {hidden}, "
         f"{torch.get_num_threads()} threads, float32; median of 5 timings each, in one run. "
@@ -106,9 +170,11 @@ def main() -> None:
           for r in rows),  # fmt: skip
         f"\nLargest absolute difference of the pointwise forward's outputs from float64: before "
         f"{errors['before']:.1e}, after {errors['after']:.1e}.",
+        f"\nThe two-layer step's outputs and gradients are {'' if same_bits else 'not '}bitwise equal "
+        "before and after.",
     ]
-    write_results("lstm_step_parts", {"coordinates": n, "hidden": hidden, "rows": rows, "float64_error": errors},
-                  "\n".join(table))  # fmt: skip
+    write_results("lstm_step_parts", {"coordinates": n, "hidden": hidden, "rows": rows, "float64_error": errors,
+                                      "two_layer_step_same_bits": same_bits}, "\n".join(table))  # fmt: skip
 
 
 if __name__ == "__main__":
