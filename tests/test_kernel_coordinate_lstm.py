@@ -198,11 +198,18 @@ def assert_within_one_ulp(
     assert fraction <= max_fraction, f"{fraction:.3%} of values differ by one ulp"
 
 
-def assert_matches(got, want, names=("param", "h", "c")) -> None:
+def assert_matches(got, want, names=("param", "h", "c"), where: str = "") -> None:
+    # every output's largest difference in the message, so that a failure on a GPU shows which
+    # state diverged first (the parameter alone does not say)
+    summary = ", ".join(
+        f"{name} {(k.float() - r.float()).abs().max().item():.2e}" for name, k, r in zip(names, got, want, strict=True)
+    )
     for name, k, r in zip(names, got, want, strict=True):
         assert k.dtype == r.dtype, name
         if k.dtype == torch.float32:
-            torch.testing.assert_close(k, r, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                k, r, **FP32_TOL, msg=lambda m, name=name: f"{name}{where}: {m}\nlargest differences: {summary}"
+            )
         else:
             assert_within_one_ulp(k, r)
 
@@ -242,7 +249,7 @@ def test_momentum_and_rms_inputs_over_steps(features: str, maximize: bool, use_d
         kw = dict(lr=0.3, maximize=maximize)
         want = reference(rule, grad, *want[:3], **kw, **dict(zip(moments, want[3:])))
         got = fused(rule, grad, *got[:3], **kw, use_dot=use_dot, **dict(zip(moments, got[3:])))
-        assert_matches(got, want, names)
+        assert_matches(got, want, names, where=f" after step {t + 1}")
     for name, before, after in zip(moments, moments.values(), got[3:]):
         assert (after != before).float().mean() > 0.99, name  # every moment moved
 
