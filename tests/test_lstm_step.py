@@ -177,20 +177,26 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
 @pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
 def test_no_grad_step_and_meta_training_step_are_the_same_bits(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """The optimizer's no-grad step and meta-training (weights requiring grad) both go through
-    lstm_step, so the optimizer applies exactly the update the rule was meta-trained with."""
+    lstm_step, so the optimizer applies exactly the update the rule was meta-trained with: step
+    and new states equal to the bit, compiled, at a size that is not a multiple of a vector."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
     calls = []
     original = lstm_step_module.LSTMStackStep.apply
     monkeypatch.setattr(lstm_step_module.LSTMStackStep, "apply", lambda *a: calls.append(1) or original(*a))
     rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,)) if kind == "CoordinateLSTM" else MetaLSTMCell()
-    grad, param, loss = torch.randn(50), torch.randn(50), torch.tensor(0.7)
-    state = rule.init_state(50, dtype=torch.float32, device="cpu")
+    n = 3001  # not a multiple of a vector width
+    grad, param, loss = torch.randn(n), torch.randn(n), torch.tensor(0.7)
+    state = rule.init_state(n, dtype=torch.float32, device="cpu")
+    state["h"].normal_()
+    state["c"].normal_()
     with torch.no_grad():
-        step_no_grad, _ = rule(grad, param, state, loss)
-    assert len(calls) == 1
-    step_grad, _ = rule(grad, param, state, loss)
+        step_no_grad, state_no_grad = rule(grad, param, state, loss)
+    step_grad, state_grad = rule(grad, param, state, loss)
     assert len(calls) == 2
     assert step_grad.requires_grad
     assert torch.equal(step_grad.detach(), step_no_grad)
+    for key in ("h", "c"):
+        assert torch.equal(state_grad[key].detach(), state_no_grad[key]), key
 
 
 def test_each_dtype_and_hidden_size_has_its_own_compiled_code(monkeypatch: pytest.MonkeyPatch) -> None:
