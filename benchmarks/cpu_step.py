@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--layouts", type=int, nargs="+", default=[1, 100], help="tensors per model")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -98,7 +99,7 @@ def main() -> None:
             f"{r['speedup_vs_nn_lstm']:.2f}x | {r['batched_gflops']:.1f} | "
             f"{r['fraction_of_matmul']:.0%} | {r['slowdown_vs_adam']:.0f}x slower |"
         )
-    write_results("cpu_step", {"matmul_gflops": peak, "flops_per_coordinate": flops, "rows": rows}, "\n".join(table))
+    write_results("cpu_step" + (f"_{args.tag}" if args.tag else ""), {"matmul_gflops": peak, "flops_per_coordinate": flops, "rows": rows}, "\n".join(table))
 
 
 if __name__ == "__main__":
