@@ -12,7 +12,8 @@ evaluation seeds on which the optimizer's final loss is below tuned Adam's (``a`
 best tuned baseline's (``b``) on the same seed (same initialisation, same minibatches), out of the
 seeds where both runs stayed finite. With ``--difference`` each cell is the mean over seeds of the
 optimizer's final loss minus the best tuned baseline's on the same seed, with a 95% paired bootstrap
-interval (``learnedopt.evaluation.paired_difference``), bold when the whole interval is below 0.
+interval (``learnedopt.evaluation.paired_difference``), bold when the whole interval is below 0;
+``--against Adam`` takes tuned Adam as the reference instead.
 """
 
 from __future__ import annotations
@@ -91,14 +92,18 @@ def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) 
     return "\n".join(lines)
 
 
-def difference_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
-    """Markdown table of paired differences from the best tuned baseline (see the module
-    docstring): one row per problem, one column per ``(label, header)``."""
-    head = ["problem", "best tuned baseline (final loss)", *(h for _, h in columns)]
+def difference_table(
+    report: Mapping[str, Any], columns: Sequence[tuple[str, str]], against: str | None = None
+) -> str:
+    """Markdown table of paired differences from the best tuned baseline, or from the baseline
+    labelled ``against`` (see the module docstring): one row per problem, one column per
+    ``(label, header)``."""
+    head = ["problem", f"{'best tuned baseline' if against is None else f'tuned {against}'} (final loss)",
+            *(h for _, h in columns)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, problem in report["problems"].items():
         results = problem["results"]
-        best = best_baseline(results)
+        best = best_baseline(results) if against is None else against
         cells = []
         for label, _ in columns:
             d = paired_difference(results[label]["finals"], results[best]["finals"])
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument(
         "--difference", action="store_true", help="print paired differences from the best tuned baseline instead"
     )
+    parser.add_argument("--against", metavar="BASELINE", help="with --difference: this baseline (e.g. Adam) instead")
     args = parser.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
@@ -126,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [label for label, *_ in columns if label not in labels]
     if unknown or any(len(c) != 2 for c in columns):
         parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
-    print((paired_table if args.paired else difference_table if args.difference else table)(report, columns))
+    if args.against and not args.difference:
+        parser.error("--against needs --difference")
+    if args.difference:
+        print(difference_table(report, columns, args.against))
+    else:
+        print((paired_table if args.paired else table)(report, columns))
     return 0
 
 

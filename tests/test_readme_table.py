@@ -76,3 +76,10 @@ def test_differences_from_the_best_baseline_are_paired_and_bold_only_when_the_in
     assert b == "**-0.05 [-0.05, -0.05] (n=3)** |"
     # quadratic: a's NaN seed is left out
     assert lines[3].split(" | ")[2].startswith("+4 [") and "(n=2)" in lines[3]
+
+
+def test_differences_against_a_named_baseline() -> None:
+    lines = difference_table(REPORT, [("L (b)", "`b`")], against="SGD").splitlines()
+    assert lines[0] == "| problem | tuned SGD (final loss) | `b` |"
+    # b - SGD on 100 steps: -0.1, -0.1, -0.1 on every seed
+    assert lines[2] == "| MNIST MLP, 100 steps | SGD 0.3 | **-0.1 [-0.1, -0.1] (n=3)** |"
