@@ -142,7 +142,7 @@ def seeds_below(finals: Sequence[float], reference: Sequence[float]) -> str:
 
 def paired_difference(
     finals: Sequence[float], reference: Sequence[float], resamples: int = 10_000, seed: int = 0
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Mean of ``finals - reference`` over the seeds where both are finite, with a 95% paired
     bootstrap percentile interval (``resamples`` resamplings of those seeds, drawn from a
     generator seeded by ``seed``, so the interval is reproducible).
