@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from learnedopt.evaluation import best_baseline, paired_difference, seeds_below  # noqa: E402
+from learnedopt.evaluation import best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -107,7 +107,7 @@ def difference_table(
         cells = []
         for label, _ in columns:
             d = paired_difference(results[label]["finals"], results[best]["finals"])
-            text = f"{d['mean']:+.2g} [{d['lo']:+.2g}, {d['hi']:+.2g}] (n={d['n']})"
+            text = f"{format_difference(d)} (n={d['n']})"
             cells.append(f"**{text}**" if d["hi"] < 0 else text)
         name = f"{best} {fmt(results[best]['final_mean'])}"
         lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), name, *cells]) + " |")

@@ -24,6 +24,7 @@ from learnedopt.evaluation import (
     add_evaluate_optimizers_parser,
     best_baseline,
     evaluate_optimizers,
+    format_difference,
     learned_from_file,
     make_problem,
     paired_difference,
@@ -203,13 +204,18 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         section = md[md.index(f"## {name} ") :].split("\n## ")[0]
         best = min(BASELINES, key=lambda b: prob["results"][b]["final_mean"])
         assert f"Best tuned baseline: {best}." in section
-        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.count("|") == 9]
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in section.splitlines() if line.count("|") == 10]
         rows = [r for r in rows if r[0] not in ("optimizer", "---")]
         assert len(rows) == len(BASELINES) + len(DEFAULT_LEARNED)
-        assert all((r[-2] == "-") == (r[0] == "Adam") and (r[-1] == "-") == (r[0] == best) for r in rows)
-        assert all(c in ("0/2", "1/2", "2/2") for r in rows for c in r[-2:] if c != "-")
+        assert all((r[-3] == "-") == (r[0] == "Adam") and (r[-2] == "-") == (r[0] == best) for r in rows)
+        assert all(c in ("0/2", "1/2", "2/2") for r in rows for c in r[-3:-1] if c != "-")
         finals = {r[0]: prob["results"][r[0]]["finals"] for r in rows}
-        assert all(r[-1] == seeds_below(finals[r[0]], finals[best]) for r in rows if r[0] != best)
+        assert all(r[-2] == seeds_below(finals[r[0]], finals[best]) for r in rows if r[0] != best)
+        # and the paired difference from the best baseline, with its interval
+        assert all((r[-1] == "-") == (r[0] == best) for r in rows)
+        assert all(
+            r[-1] == format_difference(paired_difference(finals[r[0]], finals[best])) for r in rows if r[0] != best
+        )
     assert Image.open(paths[2]).size[0] > 100
 
     written = {}

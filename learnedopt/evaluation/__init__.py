@@ -54,6 +54,7 @@ from .problems import (
 from .report import (
     WriteResults,
     best_baseline,
+    format_difference,
     markdown_tables,
     paired_difference,
     plot_curves,
@@ -91,6 +92,7 @@ __all__ = [
     "evaluate_optimizers",
     "EXTRA_PROBLEMS",
     "final_loss",
+    "format_difference",
     "FINAL_WINDOW",
     "learned_from_file",
     "learned_from_files",
