@@ -176,7 +176,7 @@ class LSTMStackStep(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         layers = h.shape[0]
         h_new = c_new = None
-        inputs, products, activations, tanh_cs = [], [], [], []
+        products, activations, tanh_cs = [], [], []
         layer_input = x
         for layer in range(layers):
             weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
@@ -195,7 +195,6 @@ class LSTMStackStep(torch.autograd.Function):
             # compiled function, one more compilation (and, in the backward, a doubling of its
             # variants)
             act, tanh_c = _cell_forward(gates, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
-            inputs.append(layer_input)
             products.append(weight)
             activations.append(act)
             tanh_cs.append(tanh_c)
