@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from learnedopt.evaluation import best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
+from learnedopt.evaluation import BASELINES, best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -134,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
     if args.against and not args.difference:
         parser.error("--against needs --difference")
+    if args.against and args.against not in BASELINES:
+        parser.error(f"--against must be one of {sorted(BASELINES)}; got {args.against!r}")
     if args.difference:
         print(difference_table(report, columns, args.against))
     else:

@@ -83,3 +83,14 @@ def test_differences_against_a_named_baseline() -> None:
     assert lines[0] == "| problem | tuned SGD (final loss) | `b` |"
     # b - SGD on 100 steps: -0.1, -0.1, -0.1 on every seed
     assert lines[2] == "| MNIST MLP, 100 steps | SGD 0.3 | **-0.1 [-0.1, -0.1] (n=3)** |"
+
+
+def test_an_unknown_baseline_to_compare_against_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(REPORT))
+    with pytest.raises(SystemExit):
+        main([str(path), "L (a)=`a`", "--difference", "--against", "Adagrad"])
+    assert "--against must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(path), "L (a)=`a`", "--against", "Adam"])
+    assert "--against needs --difference" in capsys.readouterr().err
