@@ -185,7 +185,7 @@ class LSTMStackStep(torch.autograd.Function):
             # lstm_step_parts.py: within 16% either way). The bias is added in the pointwise
             # pass, not by addmm, which on CPU first copies it into every row of the output, an
             # extra pass over (n, 4H) (lstm_step_parts.py, "gate bias": product and pointwise
-            # forward 1.14-1.19x faster this way; a bitwise-equal meta-gradient where checked)
+            # forward 1.14-1.19x faster this way; a bitwise-equal meta-gradient in a one-off check)
             weight = torch.cat((weight_ih, weight_hh), dim=1)
             gates = torch.cat((layer_input, h[layer]), dim=1) @ weight.t()
             if h_new is None:  # in the dtype of the computation, as a stack of the layers' results
