@@ -229,6 +229,8 @@ BAD = [
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
     (["--seed", "-1"], "--seed must be a non-negative integer"),
+    (["--select-every", "-1"], "--select-every must be a non-negative integer (0: no selection), got -1"),
+    (["--algo", "maml", "--select-every", "2"], "--select-every"),
     (["--rule", "SGD"], "unknown rule 'SGD'"),
     (["--preset", "nope"], "unknown preset 'nope' and no such weight file"),
     (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
@@ -307,6 +309,59 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(
     assert "(random_horizon: False -> True)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "2", "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: Path) -> None:
+    from learnedopt.meta.train import _SELECT_STREAM, MetaTrainConfig, _family, evaluate, initial_rule
+
+    args = ("--meta-steps", "6", "--checkpoint-every", "2", "--seed", "3", "--meta-lr", "1.0")
+    selecting, plain = tmp_path / "selecting", tmp_path / "plain"
+    assert run(selecting, *args, "--select-every", "2") == 0
+    assert run(plain, *args) == 0
+    log = log_lines(selecting)
+    scored = {r["step"]: r["select_loss"] for r in log if "select_loss" in r}
+    assert list(scored) == [2, 4, 6]
+    # the selection does not change the training: the same meta-losses and last weights
+    strip = lambda d: [{k: v for k, v in r.items() if k not in (*MACHINE_FIELDS, "select_loss")} for r in log_lines(d)]  # noqa: E731
+    assert strip(selecting) == strip(plain)
+    last = torch.load(selecting / "checkpoint.pt", weights_only=True)["rule"]
+    assert all(torch.equal(last[k], v) for k, v in torch.load(plain / "checkpoint.pt", weights_only=True)["rule"].items())
+
+    header = read_header(selecting / "weights.safetensors")
+    config = MetaTrainConfig(**header["meta_train_config"])
+    family = _family(config, "meta_valid")
+    score = lambda r: evaluate(r, family, config, stream=_SELECT_STREAM, weighted=True)  # noqa: E731
+    candidates = {0: score(initial_rule(config)), **scored}
+    best = min(candidates, key=lambda s: (candidates[s], s))
+    assert best == 4, candidates  # at this setting the last meta-step is worse: a real selection
+    assert header["selected_step"] == best and header["select_loss"] == candidates[best]
+    selected, _ = load_weights(selecting / "weights.safetensors")
+    assert score(selected) == candidates[best]  # the kept weights are the ones that scored so
+    assert "--select-every 2" in header["command"] and "--select-every" not in read_header(plain / "weights.safetensors")["command"]
+    card = (selecting / "MODEL_CARD.md").read_text()
+    assert f"where they scored {candidates[best]:.6g} (`--select-every 2`)" in card
+
+    # killed after meta-step 5 (the checkpoint at 4 holds the best): the same result
+    broken = tmp_path / "broken"
+    assert run(broken, *args, "--select-every", "2", "--stop-after", "5") == 0
+    assert run(broken, *args, "--select-every", "2", "--resume") == 0
+    a, b = tensors(selecting / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_header(broken / "weights.safetensors")["selected_step"] == best
+    assert [r.get("select_loss") for r in log_lines(broken)] == [r.get("select_loss") for r in log]
+
+
+def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_one(monkeypatch) -> None:
+    from learnedopt.meta import train
+
+    trainer = train._RuleTrainer(train.MetaTrainConfig(meta_batch=2, unroll=2, horizon=2, meta_steps=4, select_every=1))
+    scores = iter([2.0, float("nan"), 1.0, 1.0, 3.0])  # initial, then after meta-steps 1..4
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: next(scores))
+    for step in range(1, 5):
+        trainer.rule.lstm.weight_hh_l0.data.fill_(step)  # mark each step's weights
+        trainer._select(step)
+    assert trainer.best["step"] == 2 and trainer.best["loss"] == 1.0
+    assert trainer.selected() == 2 and float(trainer.rule.lstm.weight_hh_l0.detach()[0, 0]) == 2.0
 
 
 def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:

@@ -133,6 +133,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         f"(linear: 2t/(H+1) for step t of H, leaning toward the final loss; quadratic: "
         f"6t^2/((H+1)(2H+1)), leaning further; default {d.loss_weighting})",
     )
+    parser.add_argument(
+        "--select-every",
+        type=int,
+        metavar="N",
+        help="lstm: score the rule every N meta-steps (and before the first and at the last) on a "
+        "fixed episode of held-out tasks and keep the best weights, not the last "
+        f"(default {d.select_every}: no selection)",
+    )
     add_fewshot_arguments(parser)
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"
@@ -247,7 +255,8 @@ def _run(args: argparse.Namespace, workers: Workers) -> int:
     if result.finished and workers.is_main:
         print(
             f"wrote {Path(args.out) / WEIGHTS_NAME} and {CARD_NAME}: evaluation loss "
-            f"{result.eval['initial']:.6g} (initial rule) -> {result.eval['final']:.6g} (meta-trained)"
+            f"{result.eval['initial']:.6g} (initial rule) -> {result.eval['final']:.6g} (meta-trained"
+            + (f", selected at meta-step {result.selected_step})" if config.select_every else ")")
         )
     return 0
 

@@ -8,13 +8,24 @@ meta-updates, and checkpoints fall between episodes.
 
 Randomness: the rule's initialisation uses ``generator_for(seed, 0)``, meta-step ``s`` (1-based)
 draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the evaluation from
-``generator_for(seed, 2)``; nothing reads the global RNG. A step's randomness therefore depends
+``generator_for(seed, 2)``, the selection episode (``--select-every``) from ``generator_for(seed,
+3)``; nothing reads the global RNG. A step's randomness therefore depends
 only on ``(seed, s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats
 an uninterrupted run bit for bit.
 
-Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metrics, its wall-clock
-``seconds`` and ``peak_rss_mb``, the process's peak resident memory so far), ``checkpoint.pt`` (atomic),
-and at the end ``weights.safetensors`` and ``MODEL_CARD.md``.
+Selection (``--select-every N``): meta-training's loss is noisy from step to step and a run can
+end worse than it was some steps before (or than its start), so with ``N > 0`` the rule is scored
+every ``N`` meta-steps, at the last one and before the first, on one fixed episode of held-out
+tasks (the ``meta_valid`` split, drawn by ``generator_for(seed, 3)``: not the card's evaluation
+episode) with the meta-loss's own weighting, and the final weights are the best-scoring ones
+(the earliest on a tie; a non-finite score never wins). Selection does not change the training
+trajectory. The best weights and score are part of the checkpoint, so a resumed run selects as
+an uninterrupted one does.
+
+Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metrics, with
+``select_loss`` on selection steps; its wall-clock ``seconds``, selection included, and
+``peak_rss_mb``, the process's peak resident memory so far), ``checkpoint.pt`` (atomic), and at
+the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 
 The command line (``learnedopt meta-train``, for this and every other algorithm) is
 :mod:`learnedopt.meta.command`; here are the update-rule training it runs for ``--algo lstm`` and
@@ -59,7 +70,7 @@ from .loop import (
 from .tasks import TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
-_INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM = 0, 1, 2  # generator_for(seed, stream[, step])
+_INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,9 @@ class MetaTrainConfig:
             horizon (:func:`~learnedopt.meta.unroll.horizon_loss_weights`): ``"uniform"`` (the
             run's mean loss, as in Andrychowicz et al. 2016), ``"linear"`` or ``"quadratic"``
             (weights rising with the step, for rules judged by their final loss). The logged ``meta_loss`` stays the unweighted mean.
+        select_every: score the rule every this many meta-steps (and at the last and before the
+            first) on a fixed held-out episode and keep the best weights (module docstring);
+            0: keep the last weights.
         data: MNIST folder for data tasks (None: the default search).
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
@@ -110,6 +124,7 @@ class MetaTrainConfig:
     second_order: bool = False
     random_horizon: bool = False
     loss_weighting: str = "uniform"
+    select_every: int = 0
     data: str | None = None
     device: str = "cpu"
 
@@ -139,6 +154,10 @@ class MetaTrainConfig:
                 )
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.select_every < 0:
+            raise ConfigError(
+                f"--select-every must be a non-negative integer (0: no selection), got {self.select_every}"
+            )
         for name in ("meta_lr", "clip", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -168,6 +187,8 @@ class MetaTrainResult:
         log: one dict per meta-step of this process (as written to ``log.jsonl``).
         finished: whether all ``meta_steps`` were run (and the final files written).
         eval: ``{"initial": ..., "final": ...}`` mean evaluation loss, when finished.
+        selected_step: the meta-step whose weights ``rule`` holds (0: the initial rule); the last
+            step without ``select_every``.
     """
 
     rule: UpdateRule
@@ -175,6 +196,7 @@ class MetaTrainResult:
     log: list[dict[str, Any]]
     finished: bool
     eval: dict[str, float] | None = None
+    selected_step: int | None = None
 
 
 #: how the model card names each non-uniform ``loss_weighting``
@@ -251,12 +273,27 @@ def episode(
     return losses, grad_norms
 
 
-def evaluate(rule: UpdateRule, family: TaskFamily, config: MetaTrainConfig) -> float:
-    """Mean optimizee loss over a fixed episode (generator ``(seed, 2)``), no meta-updates."""
+def evaluate(
+    rule: UpdateRule,
+    family: TaskFamily,
+    config: MetaTrainConfig,
+    *,
+    stream: int = _EVAL_STREAM,
+    weighted: bool = False,
+    workers: Workers = SINGLE,
+) -> float:
+    """Mean optimizee loss over a fixed episode of ``config.horizon`` steps (generator ``(seed,
+    stream)``; by default the card's evaluation episode), no meta-updates.
+
+    With ``weighted`` each step's loss counts as in the meta-loss (``config.loss_weighting``).
+    With several ``workers`` each unrolls its share of the tasks and all return the same mean.
+    """
     frozen = copy.deepcopy(rule).requires_grad_(False)  # no graph through the meta-parameters
-    return float(
-        episode(frozen, family, config, generator_for(config.seed, _EVAL_STREAM))[0].mean()
-    )
+    losses = episode(frozen, family, config, generator_for(config.seed, stream), workers=workers)[0]
+    if weighted:
+        weights = horizon_loss_weights(config.loss_weighting, losses.shape[0]).to(losses.device)
+        losses = weights[:, None] * losses
+    return workers.mean(float(losses.mean()))
 
 
 class _RuleTrainer:
@@ -268,6 +305,30 @@ class _RuleTrainer:
         self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
+        self.select_family = _family(config, "meta_valid") if config.select_every else None
+        #: with selection, once scored: ``{"step", "loss", "rule"}``, the best rule so far
+        self.best: dict[str, Any] | None = None
+
+    def _score(self, rule: UpdateRule) -> float:
+        """The selection score (inf when not finite, so that it never wins)."""
+        loss = evaluate(rule, self.select_family, self.config, stream=_SELECT_STREAM, weighted=True, workers=self.workers)
+        return loss if math.isfinite(loss) else math.inf
+
+    def _select(self, step: int) -> float:
+        """Score the rule after ``step`` (the initial rule first, once) and keep the best."""
+        if self.best is None:
+            self.best = {"step": 0, "loss": self._score(self.initial), "rule": _cloned(self.initial)}
+        loss = self._score(self.rule)
+        if loss < self.best["loss"]:
+            self.best = {"step": step, "loss": loss, "rule": _cloned(self.rule)}
+        return loss
+
+    def selected(self) -> int:
+        """Load the selected weights into ``rule`` (with selection) and return their meta-step."""
+        if self.best is None:
+            return self.config.meta_steps
+        self.rule.load_state_dict(self.best["rule"])
+        return int(self.best["step"])
 
     def step(self, step: int) -> dict[str, float]:
         losses, grad_norms = episode(
@@ -278,13 +339,17 @@ class _RuleTrainer:
             self.meta_optimizer,
             self.workers,
         )
-        return {
+        record = {
             "meta_loss": self.workers.mean(float(losses.mean())),
             "final_loss": self.workers.mean(float(losses[-1].mean())),
             "grad_norm": max(grad_norms),
             "meta_updates": len(grad_norms),
             "horizon": len(losses),
         }
+        every = self.config.select_every
+        if every and (step % every == 0 or step == self.config.meta_steps):
+            record["select_loss"] = self._select(step)
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -293,12 +358,18 @@ class _RuleTrainer:
             "rule": self.rule.state_dict(),
             "initial_rule": self.initial.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
+            "best": self.best,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rule.load_state_dict(state["rule"])
         self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.best = state.get("best")  # absent from checkpoints older than selection
+
+
+def _cloned(rule: UpdateRule) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in rule.state_dict().items()}
 
 
 def meta_train(
@@ -348,8 +419,11 @@ def meta_train(
         workers=workers,
     )
     rule, family = trainer.rule, trainer.family
-    if done < config.meta_steps or not workers.is_main:
-        return MetaTrainResult(rule, done, log, finished=done >= config.meta_steps)
+    if done < config.meta_steps:
+        return MetaTrainResult(rule, done, log, finished=False)
+    selected_step = trainer.selected()
+    if not workers.is_main:
+        return MetaTrainResult(rule, done, log, finished=True, selected_step=selected_step)
 
     eval_family = _family(config, "meta_valid")
     scores = {
@@ -361,6 +435,8 @@ def meta_train(
         "eval_initial": scores["initial"],
         "eval_final": scores["final"],
     }
+    if config.select_every:
+        summary |= {"selected_step": selected_step, "select_loss": trainer.best["loss"]}
     save_weights(
         rule,
         out / WEIGHTS_NAME,
@@ -372,7 +448,7 @@ def meta_train(
                "processes": workers.world_size, **summary},  # fmt: skip
     )
     _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size)
-    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores)
+    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
 
 
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
@@ -423,9 +499,22 @@ Evaluation tasks: {eval_family.describe()}."""
 | evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
 
 The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
-run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`."""
+run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`.{_selection_note(config, summary)}"""
     text = model_card(f"Meta-trained {rule.kind}", processes_note(processes), command, config.to_dict(), details, data, metrics)
     write_text_atomic(path, text)
+
+
+def _selection_note(config: MetaTrainConfig, summary: dict[str, float]) -> str:
+    if not config.select_every:
+        return ""
+    step = int(summary["selected_step"])
+    which = "the initial rule" if step == 0 else f"those after meta-step {step} of {config.meta_steps}"
+    return f"""
+
+These weights are {which}: the best of the rules scored every {config.select_every} meta-steps
+(and before the first and at the last) on a fixed selection episode of {config.meta_batch} held-out tasks
+(generator key (seed, 3), {config.horizon} steps, the meta-loss's weighting; `select_loss` in
+the log), where they scored {summary["select_loss"]:.6g} (`--select-every {config.select_every}`)."""
 
 
 # ----------------------------------------------------------------------------- from arguments
@@ -440,6 +529,7 @@ LSTM_ONLY = (
     "second_order",
     "random_horizon",
     "loss_weighting",
+    "select_every",
 )
 
 
@@ -468,6 +558,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
         second_order=given("second_order"),
         random_horizon=given("random_horizon"),
         loss_weighting=given("loss_weighting"),
+        select_every=given("select_every"),
         data=args.data,
         device=given("device"),
     )
@@ -501,6 +592,8 @@ def canonical_command(
         words.append("--random-horizon")
     if config.loss_weighting != MetaTrainConfig.loss_weighting:
         words += ["--loss-weighting", config.loss_weighting]
+    if config.select_every:
+        words += ["--select-every", str(config.select_every)]
     if config.data is not None:
         words += ["--data", config.data]
     if config.device != "cpu":
