@@ -230,7 +230,7 @@ BAD = [
     (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
     (["--seed", "-1"], "--seed must be a non-negative integer"),
     (["--select-every", "-1"], "--select-every must be a non-negative integer (0: no selection), got -1"),
-    (["--algo", "maml", "--select-every", "2"], "--select-every"),
+    (["--algo", "maml", "--select-every", "-2"], "--select-every must be a non-negative integer"),
     (["--rule", "SGD"], "unknown rule 'SGD'"),
     (["--preset", "nope"], "unknown preset 'nope' and no such weight file"),
     (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
@@ -351,17 +351,26 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     assert [r.get("select_loss") for r in log_lines(broken)] == [r.get("select_loss") for r in log]
 
 
-def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_one(monkeypatch) -> None:
-    from learnedopt.meta import train
+def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_one() -> None:
+    from learnedopt.meta.loop import Selection
 
-    trainer = train._RuleTrainer(train.MetaTrainConfig(meta_batch=2, unroll=2, horizon=2, meta_steps=4, select_every=1))
-    scores = iter([2.0, float("nan"), 1.0, 1.0, 3.0])  # initial, then after meta-steps 1..4
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: next(scores))
-    for step in range(1, 5):
-        trainer.rule.lstm.weight_hh_l0.data.fill_(step)  # mark each step's weights
-        trainer._select(step)
-    assert trainer.best["step"] == 2 and trainer.best["loss"] == 1.0
-    assert trainer.selected() == 2 and float(trainer.rule.lstm.weight_hh_l0.detach()[0, 0]) == 2.0
+    scores = {"start": float("nan"), "w1": float("inf"), "w2": 1.0, "w3": 1.0, "w4": 0.5, "w5": 3.0}
+    selection = Selection(2, scores.__getitem__, lambda name: {"name": name})
+    assert selection.after_step(1, 5, "w1", lambda: "start") is None  # not due
+    assert selection.best is None
+    assert selection.after_step(2, 5, "w2", lambda: "start") == 1.0  # scores the start first
+    assert selection.best == {"step": 2, "score": 1.0, "weights": {"name": "w2"}}
+    assert selection.after_step(4, 5, "w3", lambda: "start") == 1.0  # a tie keeps the earlier
+    assert selection.best["step"] == 2
+    assert selection.after_step(5, 5, "w5", lambda: "start") == 3.0  # the last step is scored
+    assert selection.best["step"] == 2
+    # non-finite scores count as inf: with nothing finite, the start is kept
+    alone = Selection(1, scores.__getitem__, lambda name: {"name": name})
+    alone.after_step(1, 1, "w1", lambda: "start")
+    assert alone.best["step"] == 0 and alone.best["score"] == float("inf")
+    alone.after_step(2, 3, "w4", lambda: "start")
+    assert alone.best["step"] == 2
+    assert Selection(0, scores.__getitem__, dict).after_step(2, 2, "w2", lambda: "start") is None
 
 
 def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:

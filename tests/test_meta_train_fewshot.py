@@ -119,6 +119,33 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
         assert -0.5 <= input_bias <= -0.3 and 9 <= forget_bias <= 10
 
 
+def test_selection_keeps_the_best_validated_learner_and_resumes_exactly(tmp_path: Path) -> None:
+    args = ["--algo", "maml", "--meta-batch", "2", "--val-tasks", "4", "--checkpoint-every", "2", "--seed", "6",
+            "--meta-lr", "0.05"]  # fmt: skip
+    selecting, broken = tmp_path / "selecting", tmp_path / "broken"
+    assert train(selecting, *args, "--meta-steps", "6", "--select-every", "2") == 0
+    log = [json.loads(line) for line in (selecting / "log.jsonl").read_text().splitlines()]
+    scores = [r.get("select_loss") for r in log]
+    assert scores[0] is None and scores[2] is None and None not in scores[1::2]
+    head = header(selecting / MODEL_NAME)
+    # at this setting meta-step 2 scores best (below the initialisation, which is scored too)
+    assert head["selected_step"] == 2 and head["select_loss"] == min(scores[1::2]) == scores[1]
+    assert "--select-every 2" in head["command"]
+    # the saved learner is the one after meta-step 2: a run of 2 meta-steps (MAML's training does
+    # not depend on --meta-steps) ends with the same tensors
+    assert train(tmp_path / "two", *args, "--meta-steps", "2") == 0
+    a, b = tensors(selecting / MODEL_NAME), tensors(tmp_path / "two" / MODEL_NAME)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "--select-every" not in header(tmp_path / "two" / MODEL_NAME)["command"]
+    assert "These weights are those after meta-step 2 of 6" in (selecting / "MODEL_CARD.md").read_text()
+    # killed after meta-step 5 (the checkpoint at 4 holds the selection): the same result
+    assert train(broken, *args, "--meta-steps", "6", "--select-every", "2", "--stop-after", "5") == 0
+    assert train(broken, *args, "--meta-steps", "6", "--select-every", "2", "--resume") == 0
+    c = tensors(broken / MODEL_NAME)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert header(broken / MODEL_NAME)["selected_step"] == 2
+
+
 @pytest.fixture(scope="module")
 def omniglot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_omniglot_zip(tmp_path_factory.mktemp("omniglot"))

@@ -137,9 +137,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--select-every",
         type=int,
         metavar="N",
-        help="lstm: score the rule every N meta-steps (and before the first and at the last) on a "
-        "fixed episode of held-out tasks and keep the best weights, not the last "
-        f"(default {d.select_every}: no selection)",
+        help="score the learner every N meta-steps (and before the first and at the last) on fixed "
+        "held-out tasks (lstm: an episode of meta_valid tasks; few-shot: validation tasks) and save "
+        f"the best weights, not the last (default {d.select_every}: no selection)",
     )
     add_fewshot_arguments(parser)
     parser.add_argument(

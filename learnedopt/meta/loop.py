@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,6 +136,69 @@ def check_checkpoint_every(checkpoint_every: int) -> None:
     """Raise :class:`ConfigError` unless ``checkpoint_every`` is a positive integer."""
     if checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+
+
+def check_select_every(select_every: int) -> None:
+    """Raise :class:`ConfigError` unless ``select_every`` is a non-negative integer."""
+    if select_every < 0:
+        raise ConfigError(f"--select-every must be a non-negative integer (0: no selection), got {select_every}")
+
+
+class Selection:
+    """``--select-every N``: the best-scoring weights of a run, for a trainer to save instead of
+    its last ones.
+
+    After every ``N``-th meta-step and the last, :meth:`after_step` scores the current learner
+    (and, the first time, the initial one, as meta-step 0) and keeps a copy of its weights when
+    the score is the lowest so far: the earliest wins a tie, and a non-finite score counts as
+    ``inf``, so that any finite one beats it. The trainer puts :meth:`state_dict` in its checkpoint, so a resumed run
+    selects as an uninterrupted one does. Scoring must not touch the training's randomness or
+    state, so that selection does not change the training.
+
+    Args:
+        every: ``N``; 0 turns selection off (:meth:`after_step` does nothing).
+        score: the learner's score, lower is better; every rank must return the same number.
+        snapshot: a copy of the learner's weights (a dict of tensors).
+    """
+
+    def __init__(self, every: int, score: Callable[[Any], float], snapshot: Callable[[Any], dict[str, Tensor]]) -> None:
+        self.every, self.score, self.snapshot = every, score, snapshot
+        #: once scored: ``{"step", "score", "weights"}`` of the best learner so far
+        self.best: dict[str, Any] | None = None
+
+    def after_step(self, step: int, last_step: int, learner: Any, initial: Callable[[], Any]) -> float | None:
+        """Score ``learner`` after meta-step ``step`` when due (else None); returns its score."""
+        if not self.every or (step % self.every and step != last_step):
+            return None
+        if self.best is None:
+            self._offer(0, initial())
+        return self._offer(step, learner)
+
+    def _offer(self, step: int, learner: Any) -> float:
+        score = float(self.score(learner))
+        score = score if math.isfinite(score) else math.inf
+        if self.best is None or score < self.best["score"]:
+            self.best = {"step": step, "score": score, "weights": self.snapshot(learner)}
+        return score
+
+    def card_note(self, meta_steps: int, scored_on: str) -> str:
+        """The model card's paragraph on which weights were kept (empty without selection);
+        ``scored_on`` says what the score is."""
+        if self.best is None:
+            return ""
+        step = int(self.best["step"])
+        which = "the initial ones" if step == 0 else f"those after meta-step {step} of {meta_steps}"
+        return (
+            f"\n\nThese weights are {which}: the best-scoring of those scored every {self.every} "
+            f"meta-steps (and before the first and at the last) by {scored_on} (`select_loss` in the "
+            f"log), where they scored {self.best['score']:.6g} (`--select-every {self.every}`)."
+        )
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.best
+
+    def load_state_dict(self, best: dict[str, Any] | None) -> None:
+        self.best = best
 
 
 def refuse_options(

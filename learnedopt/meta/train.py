@@ -18,7 +18,7 @@ end worse than it was some steps before (or than its start), so with ``N > 0`` t
 every ``N`` meta-steps, at the last one and before the first, on one fixed episode of held-out
 tasks (the ``meta_valid`` split, drawn by ``generator_for(seed, 3)``: not the card's evaluation
 episode) with the meta-loss's own weighting, and the final weights are the best-scoring ones
-(the earliest on a tie; a non-finite score never wins). Selection does not change the training
+(the earliest on a tie; a non-finite score counts as infinite). Selection does not change the training
 trajectory. The best weights and score are part of the checkpoint, so a resumed run selects as
 an uninterrupted one does.
 
@@ -58,8 +58,10 @@ from .loop import (
     LOG_NAME,
     WEIGHTS_NAME,
     ConfigError,
+    Selection,
     check_rule_config,
     check_run,
+    check_select_every,
     clip_meta_gradient_,
     last_record,
     model_card,
@@ -154,10 +156,7 @@ class MetaTrainConfig:
                 )
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
-        if self.select_every < 0:
-            raise ConfigError(
-                f"--select-every must be a non-negative integer (0: no selection), got {self.select_every}"
-            )
+        check_select_every(self.select_every)
         for name in ("meta_lr", "clip", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -305,30 +304,19 @@ class _RuleTrainer:
         self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
-        self.select_family = _family(config, "meta_valid") if config.select_every else None
-        #: with selection, once scored: ``{"step", "loss", "rule"}``, the best rule so far
-        self.best: dict[str, Any] | None = None
-
-    def _score(self, rule: UpdateRule) -> float:
-        """The selection score (inf when not finite, so that it never wins)."""
-        loss = evaluate(rule, self.select_family, self.config, stream=_SELECT_STREAM, weighted=True, workers=self.workers)
-        return loss if math.isfinite(loss) else math.inf
-
-    def _select(self, step: int) -> float:
-        """Score the rule after ``step`` (the initial rule first, once) and keep the best."""
-        if self.best is None:
-            self.best = {"step": 0, "loss": self._score(self.initial), "rule": _cloned(self.initial)}
-        loss = self._score(self.rule)
-        if loss < self.best["loss"]:
-            self.best = {"step": step, "loss": loss, "rule": _cloned(self.rule)}
-        return loss
+        select_family = _family(config, "meta_valid") if config.select_every else None
+        self.selection = Selection(
+            config.select_every,
+            lambda rule: evaluate(rule, select_family, config, stream=_SELECT_STREAM, weighted=True, workers=workers),
+            lambda rule: {k: v.detach().clone() for k, v in rule.state_dict().items()},
+        )
 
     def selected(self) -> int:
         """Load the selected weights into ``rule`` (with selection) and return their meta-step."""
-        if self.best is None:
+        if self.selection.best is None:
             return self.config.meta_steps
-        self.rule.load_state_dict(self.best["rule"])
-        return int(self.best["step"])
+        self.rule.load_state_dict(self.selection.best["weights"])
+        return int(self.selection.best["step"])
 
     def step(self, step: int) -> dict[str, float]:
         losses, grad_norms = episode(
@@ -346,9 +334,9 @@ class _RuleTrainer:
             "meta_updates": len(grad_norms),
             "horizon": len(losses),
         }
-        every = self.config.select_every
-        if every and (step % every == 0 or step == self.config.meta_steps):
-            record["select_loss"] = self._select(step)
+        score = self.selection.after_step(step, self.config.meta_steps, self.rule, lambda: self.initial)
+        if score is not None:
+            record["select_loss"] = score
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -358,18 +346,14 @@ class _RuleTrainer:
             "rule": self.rule.state_dict(),
             "initial_rule": self.initial.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "best": self.best,
+            "selection": self.selection.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rule.load_state_dict(state["rule"])
         self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self.best = state.get("best")  # absent from checkpoints older than selection
-
-
-def _cloned(rule: UpdateRule) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in rule.state_dict().items()}
+        self.selection.load_state_dict(state.get("selection"))  # absent before selection existed
 
 
 def meta_train(
@@ -436,7 +420,7 @@ def meta_train(
         "eval_final": scores["final"],
     }
     if config.select_every:
-        summary |= {"selected_step": selected_step, "select_loss": trainer.best["loss"]}
+        summary |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"]}
     save_weights(
         rule,
         out / WEIGHTS_NAME,
@@ -447,7 +431,7 @@ def meta_train(
         extra={"command": command, "meta_train_config": config.to_dict(),
                "processes": workers.world_size, **summary},  # fmt: skip
     )
-    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size)
+    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size, trainer.selection)
     return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
 
 
@@ -474,7 +458,12 @@ def _write_card(
     rule: UpdateRule,
     summary: dict[str, float],
     processes: int,
+    selection: Selection,
 ) -> None:
+    scored_on = (
+        f"the loss of a fixed selection episode of {config.meta_batch} held-out tasks (generator key "
+        f"(seed, 3), {config.horizon} steps, weighted as the meta-loss)"
+    )
     if config.loss_weighting == "uniform":
         meta_loss = "mean optimizee loss after each update"
     else:
@@ -499,22 +488,9 @@ Evaluation tasks: {eval_family.describe()}."""
 | evaluation episode, meta-trained rule (mean loss) | {summary["eval_final"]:.6g} |
 
 The evaluation episode is one fixed draw of {config.meta_batch} tasks (generator key (seed, 2)),
-run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`.{_selection_note(config, summary)}"""
+run for {config.horizon} steps without meta-updates{_MIXTURE_EVAL_NOTE if isinstance(eval_family, MixtureFamily) else ""}. Per-step metrics are in `{LOG_NAME}`.{selection.card_note(config.meta_steps, scored_on)}"""
     text = model_card(f"Meta-trained {rule.kind}", processes_note(processes), command, config.to_dict(), details, data, metrics)
     write_text_atomic(path, text)
-
-
-def _selection_note(config: MetaTrainConfig, summary: dict[str, float]) -> str:
-    if not config.select_every:
-        return ""
-    step = int(summary["selected_step"])
-    which = "the initial rule" if step == 0 else f"those after meta-step {step} of {config.meta_steps}"
-    return f"""
-
-These weights are {which}: the best of the rules scored every {config.select_every} meta-steps
-(and before the first and at the last) on a fixed selection episode of {config.meta_batch} held-out tasks
-(generator key (seed, 3), {config.horizon} steps, the meta-loss's weighting; `select_loss` in
-the log), where they scored {summary["select_loss"]:.6g} (`--select-every {config.select_every}`)."""
 
 
 # ----------------------------------------------------------------------------- from arguments
@@ -529,7 +505,6 @@ LSTM_ONLY = (
     "second_order",
     "random_horizon",
     "loss_weighting",
-    "select_every",
 )
 
 

@@ -29,8 +29,8 @@ meta-test alphabets are never read. Every BatchNorm is transductive
 (:class:`learnedopt.meta.maml.BatchStatNorm`): a forward pass normalises with its own batch.
 
 Randomness: the model's initialisation comes from ``(seed, 0)`` (the meta-lstm rule's from
-``(seed, 0, 1)``), meta-step ``s``'s tasks from ``(seed, 1, s)`` and the validation tasks from
-``(seed, 2)``; nothing depends on the global RNG, so a resumed run repeats an uninterrupted one
+``(seed, 0, 1)``), meta-step ``s``'s tasks from ``(seed, 1, s)``, the validation tasks from
+``(seed, 2)`` and those that ``--select-every`` scores on from ``(seed, 4)``; nothing depends on the global RNG, so a resumed run repeats an uninterrupted one
 bit for bit.
 
 The artefact of a run is ``model.safetensors``: the model's tensors (``model.*``), learned inner

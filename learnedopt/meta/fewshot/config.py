@@ -17,6 +17,7 @@ from ...nn import RULES, MetaLSTMCell
 from ..loop import (
     ConfigError,
     check_rule_config,
+    check_select_every,
     refuse_options,
 )
 
@@ -79,6 +80,10 @@ class FewShotConfig:
             meta-valid and meta-test parts, the other alphabets meta-training's (both or
             neither; None: the fixed split :data:`OMNIGLOT_SPLIT`, seed 0), e.g. to hold out
             each alphabet once across several runs.
+        select_every: score the learner every this many meta-steps (and before the first and at
+            the last) by its mean query loss on a fixed draw of ``val_tasks`` validation tasks
+            (not the card's) and keep the best (:class:`learnedopt.meta.loop.Selection`); 0: keep
+            the last.
     """
 
     algo: str
@@ -110,6 +115,7 @@ class FewShotConfig:
     zero_head: bool = False
     valid_alphabets: str | None = None
     test_alphabets: str | None = None
+    select_every: int = 0
 
     RESUMABLE_CHANGES = ("meta_steps", "data", "device")
 
@@ -131,6 +137,7 @@ class FewShotConfig:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        check_select_every(self.select_every)
         if self.inner_batch is not None and self.algo != "reptile":
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.zero_head and self.algo not in ("maml", "fomaml"):
@@ -223,7 +230,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     rule, rule_config = (args.rule, args.rule_config) if algo == "meta-lstm" else (None, None)
     device = args.device or FewShotConfig.device
     return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config,
-                         device=device, **values)  # fmt: skip
+                         device=device, select_every=args.select_every or 0, **values)  # fmt: skip
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,7 +266,7 @@ def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkp
     """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
     words = ["learnedopt", "meta-train"]
     for key, value in config.to_dict().items():
-        if value is None or value is False or (key == "device" and value == FewShotConfig.device):
+        if value is None or value is False or (key in ("device", "select_every") and value == getattr(FewShotConfig, key)):
             continue
         text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
         words += [f"--{key.replace('_', '-')}"] + ([] if value is True else [text])

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
+    Selection,
     check_run,
     clip_meta_gradient_,
     last_record,
@@ -31,7 +32,7 @@ from .config import FewShotConfig, canonical_command, config_from_args
 from .learner import MODEL_NAME, FewShotLearner, LearnerSpec, save_learner
 from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, make_sources
 
-_TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM = 1, 2, 3
+_TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
 
 
 def inner_minibatches(
@@ -74,6 +75,23 @@ class FewShotTrainer:
             )
         else:
             self.meta_optimizer = torch.optim.Adam(self.learner.meta_parameters(), lr=config.meta_lr)
+        # every rank scores on all the tasks; the mean makes any rounding difference agree
+        self.selection = Selection(
+            config.select_every,
+            lambda learner: workers.mean(self.validate(learner, _SELECT_STREAM)["loss"]),
+            lambda learner: {k: v.detach().clone() for k, v in learner.tensors().items()},
+        )
+
+    def initial_learner(self) -> FewShotLearner:
+        """The learner before meta-training (the same seeded draw)."""
+        return FewShotLearner(self.learner.spec, seed=self.config.seed).to(self.device)
+
+    def selected(self) -> int:
+        """Load the selected weights into the learner (with selection); returns their meta-step."""
+        if self.selection.best is None:
+            return self.config.meta_steps
+        self.learner.load_tensors(self.selection.best["weights"])
+        return int(self.selection.best["step"])
 
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
@@ -91,7 +109,7 @@ class FewShotTrainer:
                                        generator_for(config.seed, _MINIBATCH_STREAM, step, part.start + b))
                      for b, (x, y) in enumerate(zip(x_s, y_s, strict=True))]  # fmt: skip
             eps = self.reptile.meta_step(tasks, all_reduce_sum_=workers.all_reduce_sum_)
-            return {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps}
+            return self._selected_after(step, {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps})
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the meta-loss is {loss.item()}")
@@ -101,7 +119,11 @@ class FewShotTrainer:
         workers.average_gradients_(params)
         norm = clip_meta_gradient_(list(params), config.clip)
         self.meta_optimizer.step()
-        return {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": norm}
+        return self._selected_after(step, {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": norm})
+
+    def _selected_after(self, step: int, record: dict[str, float]) -> dict[str, float]:
+        score = self.selection.after_step(step, self.config.meta_steps, self.learner, self.initial_learner)
+        return record if score is None else {**record, "select_loss": score}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}
@@ -109,6 +131,7 @@ class FewShotTrainer:
             state["reptile"] = self.reptile.state_dict()
         else:
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        state["selection"] = self.selection.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -117,11 +140,12 @@ class FewShotTrainer:
             self.reptile.load_state_dict(state["reptile"])
         else:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.selection.load_state_dict(state.get("selection"))  # absent before selection existed
 
-    def validate(self, learner: FewShotLearner) -> dict[str, float]:
-        """Metrics of ``learner`` on the fixed validation tasks (``(seed, 2)``), adapted with
-        ``test_inner_steps``."""
-        tasks = self.valid_source.batch(self.config.val_tasks, derive_seed(self.config.seed, _VALID_STREAM))
+    def validate(self, learner: FewShotLearner, stream: int = _VALID_STREAM) -> dict[str, float]:
+        """Metrics of ``learner`` on a fixed draw of validation tasks (``(seed, stream)``; by
+        default the card's), adapted with ``test_inner_steps``."""
+        tasks = self.valid_source.batch(self.config.val_tasks, derive_seed(self.config.seed, stream))
         return learner.evaluate(*(t.to(self.device) for t in tasks))
 
 
@@ -129,13 +153,15 @@ class FewShotTrainer:
 class FewShotResult:
     """What :func:`meta_train_fewshot` returns: the learner, the meta-steps done, this process's
     log records, whether the run finished, and (when finished) validation metrics
-    ``{"initial": {...}, "final": {...}}``."""
+    ``{"initial": {...}, "final": {...}}``, and the meta-step whose weights the learner holds
+    (0: the initialisation; the last without ``select_every``)."""
 
     learner: FewShotLearner
     step: int
     log: list[dict[str, Any]]
     finished: bool
     validation: dict[str, dict[str, float]] | None = None
+    selected_step: int | None = None
 
 
 def meta_train_fewshot(
@@ -165,10 +191,12 @@ def meta_train_fewshot(
     hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
     done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
                            max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
-    if done < config.meta_steps or not workers.is_main:
-        return FewShotResult(trainer.learner, done, log, finished=done >= config.meta_steps)
-    initial = FewShotLearner(trainer.learner.spec, seed=config.seed).to(trainer.device)  # the same seeded draw
-    validation = {"initial": trainer.validate(initial), "final": trainer.validate(trainer.learner)}
+    if done < config.meta_steps:
+        return FewShotResult(trainer.learner, done, log, finished=False)
+    selected_step = trainer.selected()
+    if not workers.is_main:
+        return FewShotResult(trainer.learner, done, log, finished=True, selected_step=selected_step)
+    validation = {"initial": trainer.validate(trainer.initial_learner()), "final": trainer.validate(trainer.learner)}
     extra = {
         "task": config.task,
         "command": command,
@@ -177,9 +205,12 @@ def meta_train_fewshot(
         "validation": validation,
         "omniglot_split": trainer.split or None,
     }
+    if config.select_every:
+        extra |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"]}
     save_learner(trainer.learner, out / MODEL_NAME, extra)
     _write_card(out / CARD_NAME, config, command, trainer, extra)
-    return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation)
+    return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation,
+                         selected_step=selected_step)  # fmt: skip
 
 
 def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
@@ -213,7 +244,9 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
         f"Validation tasks ({config.val_tasks}): {trainer.valid_source.describe()}.\n\n{split}",
         "| metric | initialisation | meta-trained |\n|---|---:|---:|\n"
         f"{metrics}\n\nMean meta-loss of the last meta-step: {extra['final_meta_loss']:.6g}. "
-        "Per-step metrics are in `log.jsonl`.",
+        "Per-step metrics are in `log.jsonl`."
+        + trainer.selection.card_note(config.meta_steps, f"the mean query loss on a fixed draw of {config.val_tasks} "
+                                      "validation tasks (key (seed, 4), not the table's), adapted as the table's"),
     )
     write_text_atomic(path, text)
 
@@ -237,4 +270,5 @@ def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | No
         return None
     initial, final = result.validation["initial"], result.validation["final"]
     shown = ", ".join(f"{k} {initial[k]:.4g} -> {final[k]:.4g}" for k in final)
-    return f"wrote {Path(args.out) / MODEL_NAME} and {CARD_NAME}: validation {shown} (initialisation -> meta-trained)"
+    selected = f", selected at meta-step {result.selected_step}" if config.select_every else ""
+    return f"wrote {Path(args.out) / MODEL_NAME} and {CARD_NAME}: validation {shown} (initialisation -> meta-trained{selected})"
