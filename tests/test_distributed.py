@@ -83,12 +83,27 @@ def test_two_ranks_give_the_meta_parameters_of_one_rank(two_ranks: Path, tmp_pat
     assert [r["step"] for r in log_of(two)] == [r["step"] for r in log_of(one)]
     for a, b in zip(log_of(two), log_of(one), strict=True):
         assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-5)
+        assert ("select_loss" in a) == ("select_loss" in b)  # --select-every runs
+        if "select_loss" in b:
+            assert a["select_loss"] == pytest.approx(b["select_loss"], rel=1e-5)
+    if "--select-every" in META_RUNS[name]:  # the ranks agreed on what to keep, as one rank does
+        selected = [read_header(folder)["selected_step"] for folder in (two, one)]
+        assert selected[0] == selected[1], selected
     assert "It ran on 2 processes under `torchrun`" in (two / "MODEL_CARD.md").read_text()
     assert "processes under `torchrun`" not in (one / "MODEL_CARD.md").read_text()
     # not vacuous: meta-training moved the meta-parameters far beyond the tolerance
     initial = initial_weights(name, one)
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
     assert moved > 1e-3
+
+
+def read_header(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    name = "weights.safetensors" if (folder / "weights.safetensors").exists() else "model.safetensors"
+    with safe_open(str(folder / name), framework="pt") as f:
+        metadata = f.metadata()
+    return json.loads(metadata.get("learnedopt") or metadata["learnedopt_model"])
 
 
 def initial_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
