@@ -339,7 +339,7 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     assert score(selected) == candidates[best]  # the kept weights are the ones that scored so
     assert "--select-every 2" in header["command"] and "--select-every" not in read_header(plain / "weights.safetensors")["command"]
     card = (selecting / "MODEL_CARD.md").read_text()
-    assert f"where they scored {candidates[best]:.6g} (`--select-every 2`)" in card
+    assert f"where they scored {candidates[best]:.6g}, the initial ones {candidates[0]:.6g} (`--select-every 2`)" in card
 
     # killed after meta-step 5 (the checkpoint at 4 holds the best): the same result
     broken = tmp_path / "broken"
@@ -360,6 +360,7 @@ def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_o
     assert selection.best is None
     assert selection.after_step(2, 5, "w2", lambda: "start") == 1.0  # scores the start first
     assert selection.best == {"step": 2, "score": 1.0, "weights": {"name": "w2"}}
+    assert selection.initial_score == float("inf")  # NaN counts as inf
     assert selection.after_step(4, 5, "w3", lambda: "start") == 1.0  # a tie keeps the earlier
     assert selection.best["step"] == 2
     assert selection.after_step(5, 5, "w5", lambda: "start") == 3.0  # the last step is scored

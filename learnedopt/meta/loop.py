@@ -165,13 +165,14 @@ class Selection:
         self.every, self.score, self.snapshot = every, score, snapshot
         #: once scored: ``{"step", "score", "weights"}`` of the best learner so far
         self.best: dict[str, Any] | None = None
+        self.initial_score: float | None = None
 
     def after_step(self, step: int, last_step: int, learner: Any, initial: Callable[[], Any]) -> float | None:
         """Score ``learner`` after meta-step ``step`` when due (else None); returns its score."""
         if not self.every or (step % self.every and step != last_step):
             return None
         if self.best is None:
-            self._offer(0, initial())
+            self.initial_score = self._offer(0, initial())
         return self._offer(step, learner)
 
     def _offer(self, step: int, learner: Any) -> float:
@@ -191,14 +192,17 @@ class Selection:
         return (
             f"\n\nThese weights are {which}: the best-scoring of those scored every {self.every} "
             f"meta-steps (and before the first and at the last) by {scored_on} (`select_loss` in the "
-            f"log), where they scored {self.best['score']:.6g} (`--select-every {self.every}`)."
+            f"log), where they scored {self.best['score']:.6g}, the initial ones {self.initial_score:.6g} "
+            f"(`--select-every {self.every}`)."
         )
 
-    def state_dict(self) -> dict[str, Any] | None:
-        return self.best
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "initial_score": self.initial_score}
 
-    def load_state_dict(self, best: dict[str, Any] | None) -> None:
-        self.best = best
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Load :meth:`state_dict`'s output (None: nothing scored yet)."""
+        self.best = None if state is None else state["best"]
+        self.initial_score = None if state is None else state["initial_score"]
 
 
 def refuse_options(

@@ -420,7 +420,8 @@ def meta_train(
         "eval_final": scores["final"],
     }
     if config.select_every:
-        summary |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"]}
+        summary |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"],
+                    "select_loss_initial": trainer.selection.initial_score}
     save_weights(
         rule,
         out / WEIGHTS_NAME,
