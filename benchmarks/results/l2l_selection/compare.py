@@ -4,7 +4,7 @@
 
 Prints, per held-out problem, the mean final loss over the evaluation seeds of each run's
 selected and last weights (``seedS_selected`` / ``seedS_last``; a run whose selection kept its
-last weights has one column of numbers for both), the range over the three seeds of each kind,
+last weights has one file, ``seedS_selected``, whose numbers fill both columns), the range over the three seeds of each kind,
 the shipped default, its start ``l2l-short`` and tuned Adam, and how many problems each file is at or
 below tuned Adam on; writes ``compare.json`` beside the report.
 """
@@ -20,8 +20,9 @@ KINDS = ("selected", "last")
 SHIPPED, START = "LSTMOptimizer (l2l-random, default)", "LSTMOptimizer (l2l-short)"
 
 
-def label(seed: int, kind: str) -> str:
-    return f"LSTMOptimizer (seed{seed}_{kind}.safetensors)"
+def label(seed: int, kind: str, results: dict) -> str:
+    name = f"LSTMOptimizer (seed{seed}_{kind}.safetensors)"
+    return name if name in results else f"LSTMOptimizer (seed{seed}_selected.safetensors)"
 
 
 def main(path: str) -> None:
@@ -33,7 +34,7 @@ def main(path: str) -> None:
     rows = [header, "|---|" + "---:|" * (len(files) + 5)]
     for problem, entry in report["problems"].items():
         results = entry["results"]
-        values = {f"seed{s}_{k}": results[label(s, k)]["final_mean"] for s, k in files}
+        values = {f"seed{s}_{k}": results[label(s, k, results)]["final_mean"] for s, k in files}
         adam = results["Adam"]["final_mean"]
         spans = {k: [min(values[f"seed{s}_{k}"] for s in SEEDS), max(values[f"seed{s}_{k}"] for s in SEEDS)] for k in KINDS}
         out["problems"][problem] = {**values, **{f"{k}_range": spans[k] for k in KINDS}, "adam": adam,
@@ -48,7 +49,8 @@ def main(path: str) -> None:
     counts = out["at_or_below_tuned_adam"]
     print("\nAt or below tuned Adam's mean final loss: " + ", ".join(f"{k} {v}/{len(report['problems'])}" for k, v in counts.items()))
     if report.get("stability") and "results" in report["stability"]:
-        out["stability"] = {f"seed{s}_{k}": report["stability"]["results"][label(s, k)] for s, k in files}
+        stability = report["stability"]["results"]
+        out["stability"] = {f"seed{s}_{k}": stability[label(s, k, stability)] for s, k in files}
     (Path(path).parent / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

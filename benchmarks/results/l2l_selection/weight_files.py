@@ -3,10 +3,10 @@
     python benchmarks/results/l2l_selection/weight_files.py RUNS_DIR OUT_DIR
 
 For each ``RUNS_DIR/seedS``: copies its ``weights.safetensors`` (the selected weights) to
-``OUT_DIR/seedS_selected.safetensors`` and writes the last meta-step's weights, from the
-checkpoint, to ``OUT_DIR/seedS_last.safetensors`` (selection does not change the training, so
-these are the weights the run would have saved without ``--select-every``). Prints each run's
-selected meta-step and whether its two files hold the same weights.
+``OUT_DIR/seedS_selected.safetensors`` and, when they differ from those, writes the last
+meta-step's weights, from the checkpoint, to ``OUT_DIR/seedS_last.safetensors`` (selection does
+not change the training, so these are the weights the run would have saved without
+``--select-every``). Prints each run's selected meta-step and whether it was the last.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def main(runs: str, out: str) -> None:
         rule, _ = load_weights(run / "weights.safetensors")
         rule.load_state_dict(last["rule"])
         shutil.copyfile(run / "weights.safetensors", Path(out) / f"{run.name}_selected.safetensors")
-        save_weights(rule, Path(out) / f"{run.name}_last.safetensors", trained_on=header["trained_on"],
-                     extra={"command": header["command"], "note": "the last meta-step's weights, from the run's checkpoint"})  # fmt: skip
         same = all(torch.equal(a, b) for a, b in zip(selected.state_dict().values(), rule.state_dict().values()))
+        if not same:
+            save_weights(rule, Path(out) / f"{run.name}_last.safetensors", trained_on=header["trained_on"],
+                         extra={"command": header["command"], "note": "the last meta-step's weights, from the run's checkpoint"})  # fmt: skip
         summary[run.name] = {"selected_step": header["selected_step"], "select_loss": header["select_loss"],
                              "selected_is_last": same}  # fmt: skip
     print(json.dumps(summary, indent=2))
