@@ -23,7 +23,7 @@ from learnedopt.weights import load_weights, read_header, save_weights
 
 def main(runs: str, out: str) -> None:
     summary = {}
-    for run in sorted(Path(runs).glob("seed*")):
+    for run in sorted(p for p in Path(runs).glob("seed*") if p.is_dir()):
         header = read_header(run / "weights.safetensors")
         selected, _ = load_weights(run / "weights.safetensors")
         last = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
