@@ -231,6 +231,9 @@ BAD = [
     (["--seed", "-1"], "--seed must be a non-negative integer"),
     (["--select-every", "-1"], "--select-every must be a non-negative integer (0: no selection), got -1"),
     (["--algo", "maml", "--select-every", "-2"], "--select-every must be a non-negative integer"),
+    (["--select-every", "1", "--select-tasks", "0"], "--select-tasks must be a positive integer, got 0"),
+    (["--select-tasks", "8"], "--select-tasks sizes the selection episode of --select-every; give --select-every too"),
+    (["--algo", "maml", "--select-tasks", "8"], "--select-tasks"),
     (["--rule", "SGD"], "unknown rule 'SGD'"),
     (["--preset", "nope"], "unknown preset 'nope' and no such weight file"),
     (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
@@ -349,6 +352,31 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_header(broken / "weights.safetensors")["selected_step"] == best
     assert [r.get("select_loss") for r in log_lines(broken)] == [r.get("select_loss") for r in log]
+
+
+def test_select_tasks_sizes_the_selection_episode(tmp_path: Path) -> None:
+    from learnedopt.meta.train import _SELECT_STREAM, MetaTrainConfig, _family, evaluate
+
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "2", "--select-every", "1", "--select-tasks", "6") == 0
+    header = read_header(out / "weights.safetensors")
+    config = MetaTrainConfig(**header["meta_train_config"])
+    assert config.select_tasks == 6 and "--select-every 1 --select-tasks 6" in header["command"]
+    selected, _ = load_weights(out / "weights.safetensors")
+    family = _family(config, "meta_valid")
+    score = lambda tasks: evaluate(selected, family, config, stream=_SELECT_STREAM, weighted=True, tasks=tasks)  # noqa: E731
+    assert score(6) == header["select_loss"] != score(4)  # 6 tasks scored, not the meta-batch's 4
+    assert "a fixed selection episode of 6 held-out tasks" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_select_tasks_must_split_over_the_ranks() -> None:
+    from learnedopt.meta.distributed import Workers
+    from learnedopt.meta.loop import ConfigError
+    from learnedopt.meta.train import MetaTrainConfig, _RuleTrainer
+
+    config = MetaTrainConfig(meta_batch=4, unroll=2, horizon=2, select_every=1, select_tasks=3)
+    with pytest.raises(ConfigError, match="--select-tasks 3 does not split evenly over 2 processes; use a multiple of 2"):
+        _RuleTrainer(config, Workers(rank=0, world_size=2))
 
 
 def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_one() -> None:

@@ -141,6 +141,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "held-out tasks (lstm: an episode of meta_valid tasks; few-shot: validation tasks) and save "
         f"the best weights, not the last (default {d.select_every}: no selection)",
     )
+    parser.add_argument(
+        "--select-tasks",
+        type=int,
+        metavar="K",
+        help="lstm: tasks of the --select-every episode (default: --meta-batch; few-shot algorithms "
+        "score on --val-tasks)",
+    )
     add_fewshot_arguments(parser)
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"

@@ -16,8 +16,8 @@ an uninterrupted run bit for bit.
 Selection (``--select-every N``): meta-training's loss is noisy from step to step and a run can
 end worse than it was some steps before (or than its start), so with ``N > 0`` the rule is scored
 every ``N`` meta-steps, at the last one and before the first, on one fixed episode of held-out
-tasks (the ``meta_valid`` split, drawn by ``generator_for(seed, 3)``: not the card's evaluation
-episode) with the meta-loss's own weighting, and the final weights are the best-scoring ones
+tasks (``--select-tasks`` of the ``meta_valid`` split, drawn by ``generator_for(seed, 3)``: not
+the card's evaluation episode) with the meta-loss's own weighting, and the final weights are the best-scoring ones
 (the earliest on a tie; a non-finite score counts as infinite). Selection does not change the training
 trajectory. The best weights and score are part of the checkpoint, so a resumed run selects as
 an uninterrupted one does.
@@ -105,6 +105,8 @@ class MetaTrainConfig:
         select_every: score the rule every this many meta-steps (and at the last and before the
             first) on a fixed held-out episode and keep the best weights (module docstring);
             0: keep the last weights.
+        select_tasks: tasks of that selection episode (None: ``meta_batch``); a small draw is a
+            noisy score (``benchmarks/results/l2l_selection/``).
         data: MNIST folder for data tasks (None: the default search).
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
@@ -127,6 +129,7 @@ class MetaTrainConfig:
     random_horizon: bool = False
     loss_weighting: str = "uniform"
     select_every: int = 0
+    select_tasks: int | None = None
     data: str | None = None
     device: str = "cpu"
 
@@ -157,6 +160,11 @@ class MetaTrainConfig:
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         check_select_every(self.select_every)
+        if self.select_tasks is not None:
+            if self.select_tasks < 1:
+                raise ConfigError(f"--select-tasks must be a positive integer, got {self.select_tasks}")
+            if not self.select_every:
+                raise ConfigError("--select-tasks sizes the selection episode of --select-every; give --select-every too")
         for name in ("meta_lr", "clip", "lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -226,8 +234,10 @@ def episode(
     generator: torch.Generator,
     meta_optimizer: torch.optim.Optimizer | None = None,
     workers: Workers = SINGLE,
+    tasks: int | None = None,
 ) -> tuple[Tensor, list[float]]:
-    """One episode (see the module docstring); meta-updates only when ``meta_optimizer`` is given.
+    """One episode (see the module docstring) of ``tasks`` tasks (None: ``config.meta_batch``);
+    meta-updates only when ``meta_optimizer`` is given.
 
     The whole meta-batch is drawn from ``generator`` on every rank and each rank unrolls its
     share (:meth:`Workers.share`); the meta-gradient is averaged over the ranks before clipping,
@@ -238,13 +248,14 @@ def episode(
         tasks and the pre-clip meta-gradient norm of each truncation; the horizon is ``H``, or
         with ``random_horizon`` and a ``meta_optimizer`` a draw from ``[T, H]``.
     """
-    tasks = family.sample_batch(config.meta_batch, generator)
-    params = {k: v.to(family.device) for k, v in tasks.init_params(generator).items()}
+    count = config.meta_batch if tasks is None else tasks
+    batch = family.sample_batch(count, generator)
+    params = {k: v.to(family.device) for k, v in batch.init_params(generator).items()}
     horizon = config.horizon
     if config.random_horizon and meta_optimizer is not None:
         horizon = int(torch.randint(config.unroll, config.horizon + 1, (), generator=generator))
-    part = workers.share(config.meta_batch)
-    tasks, params = tasks.subset(part), {k: v[part] for k, v in params.items()}
+    part = workers.share(count)
+    batch, params = batch.subset(part), {k: v[part] for k, v in params.items()}
     state = rule.init_state(num_coordinates(params), dtype=torch.float32, device=family.device)
     grad_norms: list[float] = []
 
@@ -259,7 +270,7 @@ def episode(
 
     losses = truncated_unroll(
         rule,
-        tasks,
+        batch,
         params,
         state,
         horizon=horizon,
@@ -280,15 +291,17 @@ def evaluate(
     stream: int = _EVAL_STREAM,
     weighted: bool = False,
     workers: Workers = SINGLE,
+    tasks: int | None = None,
 ) -> float:
-    """Mean optimizee loss over a fixed episode of ``config.horizon`` steps (generator ``(seed,
-    stream)``; by default the card's evaluation episode), no meta-updates.
+    """Mean optimizee loss over a fixed episode of ``tasks`` tasks (None: ``config.meta_batch``)
+    and ``config.horizon`` steps (generator ``(seed, stream)``; by default the card's evaluation
+    episode), no meta-updates.
 
     With ``weighted`` each step's loss counts as in the meta-loss (``config.loss_weighting``).
     With several ``workers`` each unrolls its share of the tasks and all return the same mean.
     """
     frozen = copy.deepcopy(rule).requires_grad_(False)  # no graph through the meta-parameters
-    losses = episode(frozen, family, config, generator_for(config.seed, stream), workers=workers)[0]
+    losses = episode(frozen, family, config, generator_for(config.seed, stream), workers=workers, tasks=tasks)[0]
     if weighted:
         weights = horizon_loss_weights(config.loss_weighting, losses.shape[0]).to(losses.device)
         losses = weights[:, None] * losses
@@ -305,9 +318,15 @@ class _RuleTrainer:
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         select_family = _family(config, "meta_valid") if config.select_every else None
+        if config.select_every and select_tasks(config) % workers.world_size:
+            raise ConfigError(
+                f"--select-tasks {select_tasks(config)} does not split evenly over {workers.world_size} "
+                f"processes; use a multiple of {workers.world_size}"
+            )
         self.selection = Selection(
             config.select_every,
-            lambda rule: evaluate(rule, select_family, config, stream=_SELECT_STREAM, weighted=True, workers=workers),
+            lambda rule: evaluate(rule, select_family, config, stream=_SELECT_STREAM, weighted=True, workers=workers,
+                                  tasks=select_tasks(config)),  # fmt: skip
             lambda rule: {k: v.detach().clone() for k, v in rule.state_dict().items()},
         )
 
@@ -436,6 +455,11 @@ def meta_train(
     return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
 
 
+def select_tasks(config: MetaTrainConfig) -> int:
+    """The number of tasks of the selection episode."""
+    return config.meta_batch if config.select_tasks is None else config.select_tasks
+
+
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     """The task family of ``config`` (data part ``split``) on ``config.device``."""
     try:
@@ -462,7 +486,7 @@ def _write_card(
     selection: Selection,
 ) -> None:
     scored_on = (
-        f"the loss of a fixed selection episode of {config.meta_batch} held-out tasks (generator key "
+        f"the loss of a fixed selection episode of {select_tasks(config)} held-out tasks (generator key "
         f"(seed, 3), {config.horizon} steps, weighted as the meta-loss)"
     )
     if config.loss_weighting == "uniform":
@@ -506,6 +530,7 @@ LSTM_ONLY = (
     "second_order",
     "random_horizon",
     "loss_weighting",
+    "select_tasks",
 )
 
 
@@ -535,6 +560,7 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
         random_horizon=given("random_horizon"),
         loss_weighting=given("loss_weighting"),
         select_every=given("select_every"),
+        select_tasks=args.select_tasks,
         data=args.data,
         device=given("device"),
     )
@@ -570,6 +596,8 @@ def canonical_command(
         words += ["--loss-weighting", config.loss_weighting]
     if config.select_every:
         words += ["--select-every", str(config.select_every)]
+    if config.select_tasks is not None:
+        words += ["--select-tasks", str(config.select_tasks)]
     if config.data is not None:
         words += ["--data", config.data]
     if config.device != "cpu":
