@@ -151,9 +151,9 @@ class Selection:
     After every ``N``-th meta-step and the last, :meth:`after_step` scores the current learner
     (and, the first time, the initial one, as meta-step 0) and keeps a copy of its weights when
     the score is the lowest so far: the earliest wins a tie, and a non-finite score counts as
-    ``inf``, so that any finite one beats it. The trainer puts :meth:`state_dict` in its checkpoint, so a resumed run
-    selects as an uninterrupted one does. Scoring must not touch the training's randomness or
-    state, so that selection does not change the training.
+    ``inf``, so that any finite one beats it. The trainer puts :meth:`state_dict` in its
+    checkpoint, so a resumed run selects as an uninterrupted one does. Scoring must not touch the
+    training's randomness or state, so that selection does not change the training.
 
     Args:
         every: ``N``; 0 turns selection off (:meth:`after_step` does nothing).
@@ -181,6 +181,14 @@ class Selection:
         if self.best is None or score < self.best["score"]:
             self.best = {"step": step, "score": score, "weights": self.snapshot(learner)}
         return score
+
+    def restore_best(self, load: Callable[[dict[str, Tensor]], None], last_step: int) -> int:
+        """Hand the best weights to ``load`` and return their meta-step (0: the initial ones);
+        without selection load nothing and return ``last_step``."""
+        if self.best is None:
+            return last_step
+        load(self.best["weights"])
+        return int(self.best["step"])
 
     def card_note(self, meta_steps: int, scored_on: str) -> str:
         """The model card's paragraph on which weights were kept (empty without selection);

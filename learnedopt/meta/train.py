@@ -9,18 +9,18 @@ meta-updates, and checkpoints fall between episodes.
 Randomness: the rule's initialisation uses ``generator_for(seed, 0)``, meta-step ``s`` (1-based)
 draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the evaluation from
 ``generator_for(seed, 2)``, the selection episode (``--select-every``) from ``generator_for(seed,
-3)``; nothing reads the global RNG. A step's randomness therefore depends
-only on ``(seed, s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats
-an uninterrupted run bit for bit.
+3)``; nothing reads the global RNG. A step's randomness therefore depends only on ``(seed, s)``,
+and resuming from a checkpoint (meta-parameters, Adam state, step) repeats an uninterrupted run
+bit for bit.
 
 Selection (``--select-every N``): meta-training's loss is noisy from step to step and a run can
 end worse than it was some steps before (or than its start), so with ``N > 0`` the rule is scored
 every ``N`` meta-steps, at the last one and before the first, on one fixed episode of held-out
 tasks (``--select-tasks`` of the ``meta_valid`` split, drawn by ``generator_for(seed, 3)``: not
-the card's evaluation episode) with the meta-loss's own weighting, and the final weights are the best-scoring ones
-(the earliest on a tie; a non-finite score counts as infinite). Selection does not change the training
-trajectory. The best weights and score are part of the checkpoint, so a resumed run selects as
-an uninterrupted one does.
+the card's evaluation episode) with the meta-loss's own weighting, and the final weights are the
+best-scoring ones (:class:`~learnedopt.meta.loop.Selection`). Selection does not change the
+training trajectory. The best weights and score are part of the checkpoint, so a resumed run
+selects as an uninterrupted one does.
 
 Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metrics, with
 ``select_loss`` on selection steps; its wall-clock ``seconds``, selection included, and
@@ -330,13 +330,6 @@ class _RuleTrainer:
             lambda rule: {k: v.detach().clone() for k, v in rule.state_dict().items()},
         )
 
-    def selected(self) -> int:
-        """Load the selected weights into ``rule`` (with selection) and return their meta-step."""
-        if self.selection.best is None:
-            return self.config.meta_steps
-        self.rule.load_state_dict(self.selection.best["weights"])
-        return int(self.selection.best["step"])
-
     def step(self, step: int) -> dict[str, float]:
         losses, grad_norms = episode(
             self.rule,
@@ -424,7 +417,7 @@ def meta_train(
     rule, family = trainer.rule, trainer.family
     if done < config.meta_steps:
         return MetaTrainResult(rule, done, log, finished=False)
-    selected_step = trainer.selected()
+    selected_step = trainer.selection.restore_best(rule.load_state_dict, config.meta_steps)
     if not workers.is_main:
         return MetaTrainResult(rule, done, log, finished=True, selected_step=selected_step)
 

@@ -30,8 +30,8 @@ meta-test alphabets are never read. Every BatchNorm is transductive
 
 Randomness: the model's initialisation comes from ``(seed, 0)`` (the meta-lstm rule's from
 ``(seed, 0, 1)``), meta-step ``s``'s tasks from ``(seed, 1, s)``, the validation tasks from
-``(seed, 2)`` and those that ``--select-every`` scores on from ``(seed, 4)``; nothing depends on the global RNG, so a resumed run repeats an uninterrupted one
-bit for bit.
+``(seed, 2)`` and those that ``--select-every`` scores on from ``(seed, 4)``; nothing depends on
+the global RNG, so a resumed run repeats an uninterrupted one bit for bit.
 
 The artefact of a run is ``model.safetensors``: the model's tensors (``model.*``), learned inner
 step sizes (``inner_lr.*``) and rule weights (``rule.*``), with a JSON header in the safetensors

@@ -86,12 +86,6 @@ class FewShotTrainer:
         """The learner before meta-training (the same seeded draw)."""
         return FewShotLearner(self.learner.spec, seed=self.config.seed).to(self.device)
 
-    def selected(self) -> int:
-        """Load the selected weights into the learner (with selection); returns their meta-step."""
-        if self.selection.best is None:
-            return self.config.meta_steps
-        self.learner.load_tensors(self.selection.best["weights"])
-        return int(self.selection.best["step"])
 
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
@@ -193,7 +187,7 @@ def meta_train_fewshot(
                            max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
     if done < config.meta_steps:
         return FewShotResult(trainer.learner, done, log, finished=False)
-    selected_step = trainer.selected()
+    selected_step = trainer.selection.restore_best(trainer.learner.load_tensors, config.meta_steps)
     if not workers.is_main:
         return FewShotResult(trainer.learner, done, log, finished=True, selected_step=selected_step)
     validation = {"initial": trainer.validate(trainer.initial_learner()), "final": trainer.validate(trainer.learner)}
