@@ -190,6 +190,13 @@ class Selection:
         load(self.best["weights"])
         return int(self.best["step"])
 
+    def header_fields(self) -> dict[str, Any]:
+        """What a weight file's header records of the selection (empty without it)."""
+        if self.best is None:
+            return {}
+        return {"selected_step": int(self.best["step"]), "select_loss": self.best["score"],
+                "select_loss_initial": self.initial_score}  # fmt: skip
+
     def card_note(self, meta_steps: int, scored_on: str) -> str:
         """The model card's paragraph on which weights were kept (empty without selection);
         ``scored_on`` says what the score is."""

@@ -431,9 +431,7 @@ def meta_train(
         "eval_initial": scores["initial"],
         "eval_final": scores["final"],
     }
-    if config.select_every:
-        summary |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"],
-                    "select_loss_initial": trainer.selection.initial_score}
+    summary |= trainer.selection.header_fields()
     save_weights(
         rule,
         out / WEIGHTS_NAME,

@@ -199,9 +199,7 @@ def meta_train_fewshot(
         "validation": validation,
         "omniglot_split": trainer.split or None,
     }
-    if config.select_every:
-        extra |= {"selected_step": selected_step, "select_loss": trainer.selection.best["score"],
-                  "select_loss_initial": trainer.selection.initial_score}
+    extra |= trainer.selection.header_fields()
     save_learner(trainer.learner, out / MODEL_NAME, extra)
     _write_card(out / CARD_NAME, config, command, trainer, extra)
     return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation,
