@@ -23,6 +23,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average_weights(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .weights import average_weights, save_weights
+
+    try:
+        rule, members = average_weights(args.files)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"learnedopt average-weights: error: {err}", file=sys.stderr)
+        return 2
+    trained_on = "average of " + "; ".join(str(m["trained_on"]) for m in members)
+    command = shlex.join(["learnedopt", "average-weights", *map(str, args.files), "--out", str(args.out)])
+    save_weights(rule, args.out, trained_on=trained_on, extra={"command": command, "averaged_from": members})
+    print(f"wrote {args.out}: the mean of {len(members)} weight files")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -37,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small model with the learned optimizers beside Adam")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.set_defaults(func=_demo)
+    average = sub.add_parser(
+        "average-weights",
+        help="write the uniform average of weight files of one architecture (runs fine-tuned from one start)",
+    )
+    average.add_argument("files", nargs="+", metavar="FILE", help="weight files (.safetensors) or trained preset names")
+    average.add_argument("--out", required=True, help="the averaged weight file to write")
+    average.set_defaults(func=_average_weights)
     from .meta.command import add_meta_train_parser
 
     add_meta_train_parser(sub)

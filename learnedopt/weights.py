@@ -304,3 +304,43 @@ def fingerprint(rule: UpdateRule) -> dict[str, Any]:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return {"kind": rule.kind, "config": rule.config_dict(), "sha256": digest.hexdigest()}
+
+
+def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[dict[str, Any]]]:
+    """The uniform average of several weight files of one architecture (a "model soup").
+
+    Each tensor of the result is the mean of that tensor over the files, summed in float64 and
+    stored in float32, so the result does not depend on the order of ``paths``. Meaningful for
+    runs fine-tuned from one starting point; the runs' files are not otherwise checked for that.
+
+    Args:
+        paths: one or more weight files (see :func:`load_weights`) or preset names.
+
+    Returns:
+        ``(rule, members)``: the averaged rule, and for each file its path, SHA-256 (of the
+        weights, as :func:`fingerprint`), ``trained_on`` and ``command``.
+
+    Raises:
+        ValueError: no files, an untrained preset, or files of different kinds or architectures
+            (the message names the first that differs).
+    """
+    if not paths:
+        raise ValueError("average_weights needs at least one weight file")
+    rules, members = [], []
+    for path in paths:
+        rule, header = build_preset(str(path)) if str(path) in PRESETS else load_weights(path)
+        if header.get("trained") is False:
+            raise ValueError(f"{path}: untrained weights (preset {header.get('preset')!r}); average trained runs")
+        if rules and (rule.kind, rule.config_dict()) != (rules[0].kind, rules[0].config_dict()):
+            raise ValueError(
+                f"{path} is a {rule.kind} {rule.config_dict()}, but {paths[0]} is a {rules[0].kind} "
+                f"{rules[0].config_dict()}: only weights of one architecture can be averaged"
+            )
+        rules.append(rule)
+        members.append({"path": str(path), "sha256": fingerprint(rule)["sha256"],
+                        "trained_on": header.get("trained_on"), "command": header.get("command")})  # fmt: skip
+    states = [r.state_dict() for r in rules]
+    mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
+    average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
+    average.load_state_dict(mean)
+    return average, members
