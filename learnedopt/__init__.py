@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .meta import MAML, Reptile
 from .nn import CoordinateLSTM, CoordinateLSTMConfig, MetaLSTMCell, MetaLSTMConfig, UpdateRule
 from .optim import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
-from .weights import PRESETS, UntrainedWeightsWarning, load_weights, save_weights
+from .weights import PRESETS, UntrainedWeightsWarning, average_weights, load_weights, save_weights
 
 __all__ = [
     "MAML",
@@ -21,6 +21,7 @@ __all__ = [
     "UntrainedWeightsWarning",
     "UpdateRule",
     "__version__",
+    "average_weights",
     "load_weights",
     "save_weights",
 ]

@@ -145,3 +145,59 @@ def test_unknown_kind_and_format(tmp_path) -> None:
         save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": json.dumps(header)})
         with pytest.raises(ValueError, match=message):
             read_header(path)
+
+
+def _trained_file(path, seed: int, **config) -> CoordinateLSTM:
+    rule = CoordinateLSTM(**config)
+    rule.reset_parameters(generator=torch.Generator().manual_seed(seed))
+    save_weights(rule, path, trained_on=f"unit test {seed}", extra={"command": f"train --seed {seed}"})
+    return rule
+
+
+def test_average_weights_is_the_mean_and_records_its_members(tmp_path, capsys) -> None:
+    from learnedopt.cli import main
+    from learnedopt.weights import fingerprint
+
+    rules = [_trained_file(tmp_path / f"r{s}.safetensors", s, hidden_size=6) for s in (1, 2, 3)]
+    paths = [str(tmp_path / f"r{s}.safetensors") for s in (1, 2, 3)]
+    out = tmp_path / "soup.safetensors"
+    assert main(["average-weights", *paths, "--out", str(out)]) == 0
+    soup, header = load_weights(out)
+    for name, tensor in soup.state_dict().items():
+        expected = sum(r.state_dict()[name].double() for r in rules) / 3
+        torch.testing.assert_close(tensor, expected.float(), rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(soup.state_dict().values(), rules[0].state_dict().values()))
+    assert [m["path"] for m in header["averaged_from"]] == paths
+    assert [m["sha256"] for m in header["averaged_from"]] == [fingerprint(r)["sha256"] for r in rules]
+    assert [m["command"] for m in header["averaged_from"]] == ["train --seed 1", "train --seed 2", "train --seed 3"]
+    assert header["command"].startswith("learnedopt average-weights ") and header["trained"] is True
+    assert "unit test 2" in header["trained_on"]
+    # the order of the files does not change a bit; one file gives itself back
+    assert main(["average-weights", *reversed(paths), "--out", str(tmp_path / "rev.safetensors")]) == 0
+    reordered, _ = load_weights(tmp_path / "rev.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(soup.state_dict().values(), reordered.state_dict().values()))
+    assert main(["average-weights", paths[0], "--out", str(tmp_path / "one.safetensors")]) == 0
+    one, _ = load_weights(tmp_path / "one.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), rules[0].state_dict().values()))
+    # the averaged file drives the optimizer like any weight file
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    LSTMOptimizer([p], weights=out).step()
+    assert torch.isfinite(p).all()
+
+
+def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_path, capsys) -> None:
+    from learnedopt.cli import main
+
+    _trained_file(tmp_path / "a.safetensors", 1, hidden_size=6)
+    _trained_file(tmp_path / "b.safetensors", 2, hidden_size=8)
+    cases = [
+        ([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], "only weights of one architecture"),
+        ([str(tmp_path / "a.safetensors"), "l2l-2016"], "untrained weights (preset 'l2l-2016')"),
+        ([str(tmp_path / "a.safetensors"), str(tmp_path / "missing.safetensors")], "weight file not found"),
+    ]
+    for files, message in cases:
+        assert main(["average-weights", *files, "--out", str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("learnedopt average-weights: error: ") and message in err and err.count("\n") == 1
+        assert not (tmp_path / "out.safetensors").exists()
