@@ -5,7 +5,7 @@ bold when it is below the same value of every tuned baseline. Columns are the JS
 optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
 
     python benchmarks/readme_table.py benchmarks/results/optimizee_eval.json \\
-        "LSTMOptimizer (l2l-random, default)=\\`l2l-random\\` (trained, default)" ...
+        "LSTMOptimizer (l2l-blend, default)=\\`l2l-blend\\` (trained, default)" ...
 
 With ``--paired`` it prints the paired comparison instead: each cell is ``a / b``, the number of
 evaluation seeds on which the optimizer's final loss is below tuned Adam's (``a``) and below the

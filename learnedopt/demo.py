@@ -43,7 +43,7 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
     """Train the same model from the same init with each optimizer and print a loss table."""
     x, y = make_problem()
     candidates: dict[str, Callable] = {
-        "LSTMOptimizer (preset l2l-random, default)": lambda p: LSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-blend, default)": lambda p: LSTMOptimizer(p),
         "LSTMOptimizer (preset l2l-2016, untrained)": lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
         "MetaLSTMOptimizer (preset meta-lstm-adam-mnist, default)": lambda p: MetaLSTMOptimizer(p),

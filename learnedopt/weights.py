@@ -96,8 +96,19 @@ PRESETS: dict[str, Preset] = {
             "inputs, meta-trained on the randomised MLP family mlp-random (MNIST meta-train split) for 200 "
             "meta-steps, then twice 80 more with a quadratically weighted meta-loss (--loss-weighting quadratic; "
             "that is l2l-short), then 32 more on horizons drawn from [20, 1000] (--random-horizon); "
-            "model card: learnedopt/pretrained/l2l-random.md.",
+            "model card: learnedopt/pretrained/l2l-random.md. The default until l2l-blend, which averages it with "
+            "l2l-short; opt-in now, for runs of thousands of steps (1000 MNIST steps and the 20-dim quadratic).",
             file="l2l-random.safetensors",
+        ),
+        Preset(
+            "l2l-blend",
+            CoordinateLSTM.kind,
+            {},
+            "LSTMOptimizer's default: the weight-wise mean of l2l-short and l2l-random (learnedopt average-weights "
+            "l2l-short l2l-random), the start and the end of l2l-random's last fine-tune. Momentum and RMS-normalised "
+            "gradient inputs, as l2l-random; at or below tuned Adam on 9 of the 10 held-out problems (not the "
+            "quadratic); model card: learnedopt/pretrained/l2l-blend.md.",
+            file="l2l-blend.safetensors",
         ),
         Preset(
             "l2l-mix",
@@ -117,7 +128,7 @@ PRESETS: dict[str, Preset] = {
             "The previous l2l-random (benchmarks/results/l2l_random_quadratic/weights.safetensors) fine-tuned "
             "for 80 more meta-steps on mlp-random with the same quadratically weighted meta-loss (seed 8); "
             "l2l-random continues it. Opt-in, for runs of a few hundred steps: below every tuned baseline on the "
-            "100- and 200-step MNIST MLPs (l2l-random: level with Nesterov at 100, above it at 200), but 20x higher "
+            "100- and 200-step MNIST MLPs (l2l-random, the former default: level with Nesterov at 100, above it at 200), but 20x higher "
             "than l2l-random at 1000 steps; model card: learnedopt/pretrained/l2l-short.md.",
             file="l2l-short.safetensors",
         ),

@@ -102,7 +102,7 @@ def make_inputs(
     )
 
 
-#: Feature sets: the paper's, the default preset's (l2l-random) and each extra kind alone (0.3
+#: Feature sets: the paper's, the default preset's (l2l-blend; l2l-random's architecture) and each extra kind alone (0.3
 #: takes torch.lerp's other formula, for weights below 0.5).
 FEATURES = {
     "paper": {},

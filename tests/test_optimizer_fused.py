@@ -73,7 +73,7 @@ def test_fused_matches_torch_across_tensors(state_dtype, weights) -> None:
 
 
 def test_default_weights_on_a_model() -> None:
-    # LSTMOptimizer's default (l2l-random: momentum and rms inputs) training a small MLP, with
+    # LSTMOptimizer's default (l2l-blend: momentum and rms inputs) training a small MLP, with
     # gradients from real losses, so each step's parameters shape the next gradients
     torch.manual_seed(0)
     nn = torch.nn

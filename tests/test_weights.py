@@ -64,7 +64,12 @@ def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
     card = resources.files("learnedopt.pretrained") / PRESETS[preset].file.replace(".safetensors", ".md")
     assert card.is_file(), f"{preset} ships without its model card"
     assert header["trained"] is True and header["trained_on"] and header["preset"] == preset
-    assert "learnedopt meta-train" in header["command"]
+    if "averaged_from" in header:  # an average of meta-trained presets: each member's command is recorded
+        assert header["command"].startswith("learnedopt average-weights ")
+        assert len(header["averaged_from"]) > 1
+        assert all("learnedopt meta-train" in member["command"] for member in header["averaged_from"])
+    else:
+        assert "learnedopt meta-train" in header["command"]
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
 
 

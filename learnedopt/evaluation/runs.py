@@ -69,7 +69,8 @@ class LearnedSpec:
 
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
-    LearnedSpec("LSTMOptimizer (l2l-random, default)", LSTMOptimizer, "l2l-random"),
+    LearnedSpec("LSTMOptimizer (l2l-blend, default)", LSTMOptimizer, "l2l-blend"),
+    LearnedSpec("LSTMOptimizer (l2l-random)", LSTMOptimizer, "l2l-random"),
     LearnedSpec("LSTMOptimizer (l2l-mnist)", LSTMOptimizer, "l2l-mnist"),
     LearnedSpec("LSTMOptimizer (l2l-mix)", LSTMOptimizer, "l2l-mix"),
     LearnedSpec("LSTMOptimizer (l2l-short)", LSTMOptimizer, "l2l-short"),

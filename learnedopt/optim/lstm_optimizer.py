@@ -27,4 +27,4 @@ class LSTMOptimizer(LearnedOptimizer):
     """
 
     rule_kind = CoordinateLSTM.kind
-    default_preset = "l2l-random"
+    default_preset = "l2l-blend"
