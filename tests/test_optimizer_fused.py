@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 # Same fp32 math as the torch path; only the order of fp32 reductions differs (see
 # tests/test_kernel_coordinate_lstm.py), so parameters agree to ~1e-6 relative.
 TOL = dict(rtol=2e-5, atol=2e-6)
-# the paper's architecture (2 inputs), and the default preset (weights=None: l2l-random, which also
+# the paper's architecture (2 inputs), and the default preset (weights=None: l2l-blend, which also
 # reads momenta and rms-normalised gradients)
 PAPER = "l2l-2016"
 DEFAULT = None
