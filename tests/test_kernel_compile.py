@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from learnedopt import LSTMOptimizer
+
 pytest.importorskip("triton", reason="the fused kernels need Triton")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ def test_every_step_kernel_compiles_for_sm90(compiled: dict) -> None:
         (rule, kernel, use_dot)
         for rule, kernel in (
             ("l2l-2016", "coordinate_lstm_step_kernel"),
-            ("l2l-random", "coordinate_lstm_step_kernel"),
+            (LSTMOptimizer.default_preset, "coordinate_lstm_step_kernel"),  # momentum and rms inputs
             ("meta-lstm", "meta_lstm_step_kernel"),
         )
         for use_dot in (True, False)
