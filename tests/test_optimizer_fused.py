@@ -74,36 +74,48 @@ def test_fused_matches_torch_across_tensors(state_dtype, weights) -> None:
 
 def test_default_weights_on_a_model() -> None:
     # LSTMOptimizer's default (l2l-blend: momentum and rms inputs) training a small MLP, with
-    # gradients from real losses, so each step's parameters shape the next gradients
+    # gradients from real losses, so each step's parameters shape the next gradients; beside the
+    # two float32 paths, the PyTorch path in float64 (parameters and states) as the reference
     torch.manual_seed(0)
     nn = torch.nn
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     x, y = torch.randn(64, 6), torch.randn(64, 1)
     models = {backend: copy.deepcopy(model) for backend in ("triton", "torch")}
-    opts = {b: LSTMOptimizer(m.parameters(), backend=b) for b, m in models.items()}
+    models["float64"] = copy.deepcopy(model).double()
+    opts = {b: LSTMOptimizer(m.parameters(), backend=b) for b, m in models.items() if b != "float64"}
+    opts["float64"] = LSTMOptimizer(models["float64"].parameters(), backend="torch", state_dtype=torch.float64)
     cfg = opts["triton"].rule.config
     assert cfg.momentum_decays and cfg.rms_decays and not cfg.param_input
     losses = {backend: [] for backend in models}
     for _ in range(5):
         for backend, m in models.items():
             opts[backend].zero_grad()
-            loss = torch.nn.functional.mse_loss(m(x), y)
+            dtype = next(m.parameters()).dtype
+            loss = torch.nn.functional.mse_loss(m(x.to(dtype)), y.to(dtype))
             loss.backward()
             opts[backend].step()
             losses[backend].append(loss.item())
     torch.testing.assert_close(losses["triton"], losses["torch"], **TOL)
-    # The trained rule's h and c are ill-conditioned: along the trajectory the two fp32 paths'
-    # drift up to ~3x TOL apart (measured), less than the torch path's own drift from a float64
-    # run (~12x TOL). Parameters and moments stay within 0.1x TOL.
-    loose = dict(rtol=2e-4, atol=2e-5)
-    state_tol = {"h": loose, "c": loose, "m": TOL, "v": TOL}
-    triton_, torch_ = models["triton"].parameters(), models["torch"].parameters()
+    triton_, torch_ = list(models["triton"].parameters()), list(models["torch"].parameters())
     for p, q, start in zip(triton_, torch_, model.parameters()):
         torch.testing.assert_close(p, q, **TOL)
         assert not torch.equal(p, start)
-        for name, tol in state_tol.items():
-            got, want = opts["triton"].state[p][name], opts["torch"].state[q][name]
-            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+        for name in ("m", "v"):
+            torch.testing.assert_close(opts["triton"].state[p][name], opts["torch"].state[q][name], **TOL)
+    # The trained rule's h and c are ill-conditioned: along the trajectory each float32 path drifts
+    # from the float64 run by up to ~5e-4 (measured), and which of the two ends nearer depends on
+    # the weights (the kernel 3x further on h with l2l-blend, 1.2x nearer with l2l-random). So the
+    # kernel is held to the PyTorch path's own accuracy: no more than 4x its distance from float64.
+    for name in ("h", "c"):
+        def distance(path: str, params: list) -> float:
+            return max(
+                (opts[path].state[a][name].double() - opts["float64"].state[b][name]).abs().max().item()
+                for a, b in zip(params, models["float64"].parameters())
+            )
+
+        kernel, reference = distance("triton", triton_), distance("torch", torch_)
+        assert 0 < reference < 1e-3, (name, reference)
+        assert kernel <= 4 * reference, f"{name}: the kernel is {kernel:.2e} from float64, the PyTorch path {reference:.2e}"
 
 
 def test_fused_with_low_precision_parameters_and_maximize() -> None:
