@@ -12,7 +12,7 @@ def _presets(args: argparse.Namespace) -> int:
 
     for preset in PRESETS.values():
         state = "trained" if preset.file else "untrained"
-        print(f"{preset.name:18s} {preset.kind:15s} {state:10s} {preset.description}")
+        print(f"{preset.name:21s} {preset.kind:15s} {state:10s} {preset.description}")
     return 0
 
 
