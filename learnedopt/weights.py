@@ -321,8 +321,10 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
     """The uniform average of several weight files of one architecture (a "model soup").
 
     Each tensor of the result is the mean of that tensor over the files, summed in float64 and
-    stored in float32, so the result does not depend on the order of ``paths``. Meaningful for
-    runs fine-tuned from one starting point; the runs' files are not otherwise checked for that.
+    stored in float32. The float64 sum of one element's float32 values is exact unless they
+    differ in scale by more than about 2**27, so the order of ``paths`` does not change the
+    result. Meaningful for runs fine-tuned from one starting point; the files are not otherwise
+    checked for that.
 
     Args:
         paths: one or more weight files (see :func:`load_weights`) or preset names.
