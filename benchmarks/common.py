@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from learnedopt.evaluation.report import dumps_report
+from learnedopt.evaluation.report import cpu_name, dumps_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
@@ -57,16 +57,8 @@ def gflop_count(fn: Callable[[], object]) -> float:
 
 
 def machine() -> dict[str, object]:
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor()
     info: dict[str, object] = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         # the vector ISA torch's kernels dispatch to (AVX2, AVX512, ...): one model name
         # ("AMD EPYC") has covered hosts on which oneDNN's LSTM ran 3.5x apart
         # (results/lstm_chunk.md against results/earlier_hosts/lstm_chunk.md)

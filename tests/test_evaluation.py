@@ -173,6 +173,10 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
     assert {"command", "machine", "config", "problems", "skipped", "learned", "stability"} <= set(
         data
     )
+    # the CPU by its model name where the OS gives one (platform.processor() is empty on Linux)
+    from learnedopt.evaluation.report import cpu_name
+
+    assert data["machine"]["cpu"] == cpu_name() and data["machine"]["isa"]
     assert set(data["problems"]) == {"tiny", "quadratic-3"}
     results = data["problems"]["tiny"]["results"]
     assert set(results) == {*BASELINES, *(s.label for s in DEFAULT_LEARNED)}

@@ -218,6 +218,19 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
 WriteResults = Callable[[str, dict, str], None]
 
 
+def cpu_name() -> str:
+    """The CPU's model name: ``/proc/cpuinfo``'s where there is one (Linux; ``platform.processor()``
+    is empty there), else ``platform.processor()`` or the architecture."""
+    try:
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def write_report(
     report: dict[str, Any],
     out_dir: str | os.PathLike[str],
@@ -237,7 +250,8 @@ def write_report(
         payload = {
             "command": " ".join(["learnedopt", *sys.argv[1:]]),
             "machine": {
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": cpu_name(),
+                "isa": torch.backends.cpu.get_cpu_capability(),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
