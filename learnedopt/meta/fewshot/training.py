@@ -86,7 +86,6 @@ class FewShotTrainer:
         """The learner before meta-training (the same seeded draw)."""
         return FewShotLearner(self.learner.spec, seed=self.config.seed).to(self.device)
 
-
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
         (MAML, meta-lstm); for Reptile, which has no meta-loss, the mean support loss at the
