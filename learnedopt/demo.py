@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .evaluation.problems import regression_data
 from .optim import LSTMOptimizer, MetaLSTMOptimizer
 
 
 def make_problem(seed: int = 0, n: int = 512, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generated regression data: ``y = sin(x @ w)`` with ``x`` ``(n, dim)``, ``y`` ``(n, 1)``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    w = torch.randn(dim, 1, generator=g) / dim**0.5
-    return x, torch.sin(3 * x @ w)
+    """Generated regression data: ``y = sin(3 x @ w)`` with ``x`` ``(n, dim)``, ``y`` ``(n, 1)``
+    (:func:`learnedopt.evaluation.problems.regression_data`; the evaluation suite's
+    ``regression-1000`` problem draws data of the same kind for each seed)."""
+    return regression_data(torch.Generator().manual_seed(seed), n, dim)
 
 
 def train(make_optimizer: Callable, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 1) -> list[float]:

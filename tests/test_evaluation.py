@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, save_weights
@@ -95,6 +96,59 @@ def test_learned_optimizer_run_stops_on_nonfinite_gradient() -> None:
 
     curve = run_optimizer(BlowsUp(), 0, DEFAULT_LEARNED[0].factory(), 1.0)
     assert np.isfinite(curve[:4]).all() and not np.isfinite(curve[4:]).any()
+
+
+class LrRecorder(torch.optim.SGD):
+    """SGD that records its group's lr at every step."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_cosine_schedule_scales_every_optimizers_lr_at_each_step() -> None:
+    made: list[torch.optim.Optimizer] = []
+
+    def recording(params, lr):
+        made.append(LrRecorder(params, lr))
+        return made[-1]
+
+    problem = SquareProblem()
+    cosine = run_optimizer(problem, 0, recording, 0.2, schedule="cosine")
+    want = [0.2 * 0.5 * (1 + math.cos(math.pi * t / problem.steps)) for t in range(problem.steps)]
+    assert made[-1].seen == pytest.approx(want, rel=1e-15)
+    assert made[-1].seen[0] == 0.2 and made[-1].seen[-1] < 0.2 * 0.01
+    # SGD on ||theta||^2 multiplies theta by (1 - 2 lr_t) at step t: the losses follow the schedule
+    theta2 = 14.0 * np.cumprod([1.0] + [(1 - 2 * lr) ** 2 for lr in want[:-1]])
+    np.testing.assert_allclose(cosine, theta2, rtol=1e-5)
+    constant = run_optimizer(problem, 0, recording, 0.2)
+    assert made[-1].seen == [0.2] * problem.steps
+    np.testing.assert_array_equal(constant, run_optimizer(problem, 0, BASELINES["SGD"], 0.2))
+
+    # a learned optimizer's lr (1.0, the factor on its learned step) follows the same factors
+    learned: list[torch.optim.Optimizer] = []
+
+    def learned_recording(params, lr):
+        learned.append(LSTMOptimizer(params, lr=lr))
+        real_step = learned[-1].step
+        learned[-1].seen = []
+
+        def step(*args, **kwargs):
+            learned[-1].seen.append(learned[-1].param_groups[0]["lr"])
+            return real_step(*args, **kwargs)
+
+        learned[-1].step = step
+        return learned[-1]
+
+    run_optimizer(problem, 0, learned_recording, 1.0, steps=6, schedule="cosine")
+    assert learned[-1].seen == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)], rel=1e-15)
+
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'; choose from constant, cosine"):
+        run_optimizer(problem, 0, BASELINES["SGD"], 0.1, schedule="linear")
 
 
 def test_minibatches_and_init_are_a_function_of_seed_and_step_only() -> None:
@@ -278,6 +332,10 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
         EvalConfig(seeds=0)
     with pytest.raises(ValueError, match="lrs"):
         EvalConfig(lrs=(0.1, -1.0))
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        EvalConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="unknown preset l2l-nope; the suite's presets are l2l-blend, "):
+        EvalConfig(presets=["l2l-blend", "l2l-nope"])
 
     parser = argparse.ArgumentParser()
     add_evaluate_optimizers_parser(parser.add_subparsers())
@@ -285,6 +343,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
         (["--problems", "nope"], "unknown problem 'nope'"),
         (["--weights", str(tmp_path / "none.safetensors")], "weight file not found"),
         (["--reuse", str(tmp_path / "none.json")], "report to reuse not found"),
+        (["--presets", "l2l-nope"], "unknown preset l2l-nope"),
     ):
         args = parser.parse_args(["optimizers", *argv, "--out", str(tmp_path)])
         assert args.func(args) == 2
@@ -478,3 +537,40 @@ def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_
         evaluate_optimizers(replace(config, data=str(tmp_path), reuse=str(first_path)), log=lambda _: None)
     with pytest.raises(ValueError, match="not a report of this harness"):
         evaluate_optimizers(replace(config, reuse=str(weights)), log=lambda _: None)
+    with pytest.raises(ValueError, match="its lr_schedule is 'constant', this run's is 'cosine'"):
+        evaluate_optimizers(replace(config, lr_schedule="cosine", reuse=str(first_path)), log=lambda _: None)
+    # a report from before the schedule setting ran constant lrs: reusable by a constant run only
+    older = copy.deepcopy(first)
+    del older["config"]["lr_schedule"]
+    older_path = tmp_path / "older.json"
+    older_path.write_text(json.dumps(older))
+    runs.clear()
+    evaluate_optimizers(replace(config, reuse=str(older_path)), log=lambda _: None)
+    assert runs == []
+    # --presets: only the named presets run (here taken from the report), beside the baselines
+    only = evaluate_optimizers(replace(config, presets=["l2l-blend"], reuse=str(first_path)), log=lambda _: None)
+    assert list(only["learned"]) == [DEFAULT_LEARNED[0].label] and DEFAULT_LEARNED[0].weights == "l2l-blend"
+    assert set(only["problems"]["quadratic-20"]["results"]) == {*BASELINES, DEFAULT_LEARNED[0].label}
+    with pytest.raises(ValueError, match="its lr_schedule is 'constant'"):
+        evaluate_optimizers(replace(config, lr_schedule="cosine", reuse=str(older_path)), log=lambda _: None)
+
+
+def test_regression_problem_is_full_batch_and_a_function_of_the_seed() -> None:
+    from learnedopt.demo import make_problem as demo_data
+    from learnedopt.evaluation.problems import RegressionProblem, regression_data
+
+    problem = make_problem("regression-1000")
+    assert isinstance(problem, RegressionProblem) and problem.steps == 1000
+    assert "regression-1000" not in EvalConfig().problems  # run only when named
+    a, b = problem.model(3), problem.model(3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    x3, y3 = problem.data(3)
+    assert x3.shape == (512, 16) and y3.shape == (512, 1) and not torch.equal(x3, problem.data(4)[0])
+    # no minibatches: the loss of given parameters is the same at every step
+    assert problem.loss(a, 3, 0).item() == problem.loss(a, 3, 999).item()
+    assert torch.equal(problem.loss(a, 3, 0), F.mse_loss(a(x3), y3))
+    # the demo's data is the same draw from its own seeded generator
+    g = torch.Generator().manual_seed(0)
+    assert all(torch.equal(u, v) for u, v in zip(demo_data(0), regression_data(g), strict=True))
+    curve = run_optimizer(problem, 3, BASELINES["Adam"], 0.01, steps=200)
+    assert curve[-1] < 0.2 * curve[0]

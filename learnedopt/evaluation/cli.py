@@ -12,6 +12,7 @@ import torch
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, evaluate_optimizers
 from .problems import PROBLEMS
 from .report import WriteResults, write_report
+from .runs import LR_SCHEDULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="steps of the learned optimizers' NaN/Inf check on the MNIST MLP (default 10000; 0 skips)",
+    )
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these of the suite's learned presets (default all; e.g. l2l-blend meta-lstm-adam-mnist)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=sorted(LR_SCHEDULES),
+        default=None,
+        help="lr schedule of every run, baselines (tuned under it) and learned optimizers alike: "
+        "constant (default) or cosine, (1 + cos(pi t / T)) / 2 at step t of T",
     )
     parser.add_argument(
         "--data", default=None, help="MNIST folder (default: the LEARNEDOPT_DATA search)"
@@ -103,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             ("stability_steps", "stability_steps"),
             ("data", "data"),
             ("reuse", "reuse"),
+            ("presets", "presets"),
+            ("lr_schedule", "lr_schedule"),
         )
         if getattr(args, attr) is not None
     }

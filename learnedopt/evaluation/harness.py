@@ -21,7 +21,9 @@ from .runs import (
     DEFAULT_LEARNED,
     DEFAULT_LRS,
     FINAL_WINDOW,
+    LR_SCHEDULE_FORMULAS,
     LearnedSpec,
+    check_lr_schedule,
     final_loss,
     learned_from_files,
     run_optimizer,
@@ -51,6 +53,9 @@ class EvalConfig:
         stability_steps: steps of the learned optimizers' stability run on MNIST MLP 784-20-10 (0 skips).
         steps: override every problem's step count (``--quick``), or None.
         include_default_learned: run the preset learned optimizers.
+        presets: which of them, by preset name (None: all of :data:`DEFAULT_LEARNED`).
+        lr_schedule: a name of :data:`~learnedopt.evaluation.runs.LR_SCHEDULES`, applied alike to every run: the baselines
+            are tuned and run under it, the learned optimizers run with it on their lr of 1.0.
         data: MNIST folder (None: the default search).
         reuse: an earlier report (JSON, as :func:`write_report` writes it) of the same settings
             whose baseline and preset results are taken instead of rerun (see
@@ -67,6 +72,8 @@ class EvalConfig:
     stability_steps: int = 10_000
     steps: int | None = None
     include_default_learned: bool = True
+    presets: Sequence[str] | None = None
+    lr_schedule: str = "constant"
     data: str | None = None
     quick: bool = False
     reuse: str | None = None
@@ -87,6 +94,11 @@ class EvalConfig:
             )
         if not self.problems:
             raise ValueError("no problems given")
+        check_lr_schedule(self.lr_schedule)
+        known = [spec.weights for spec in DEFAULT_LEARNED]
+        unknown = [name for name in self.presets or () if name not in known]
+        if unknown:
+            raise ValueError(f"unknown preset {', '.join(unknown)}; the suite's presets are {', '.join(known)}")
         for p in self.problems:
             if isinstance(p, str) and p not in PROBLEMS:
                 raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
@@ -128,10 +140,10 @@ def evaluate_optimizers(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    learned = [
-        *(DEFAULT_LEARNED if config.include_default_learned else ()),
-        *learned_from_files(config.weights),
+    presets = [
+        spec for spec in DEFAULT_LEARNED if config.include_default_learned and (config.presets is None or spec.weights in config.presets)
     ]
+    learned = [*presets, *learned_from_files(config.weights)]
     records = {spec.label: spec.record() for spec in learned}
     reused = reusable_results(config, records) if config.reuse else None
     report: dict[str, Any] = {
@@ -143,6 +155,10 @@ def evaluate_optimizers(
             "statistics": "over the evaluation seeds whose run stayed finite; final_std is the sample std",
             "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf); "
             "learned optimizers: untuned, lr=1.0",
+            "lr_schedule": "constant lr"
+            if config.lr_schedule == "constant"
+            else f"{config.lr_schedule}: at step t of a T-step run every optimizer's lr (the learned ones' 1.0) is multiplied by "
+            + LR_SCHEDULE_FORMULAS[config.lr_schedule],
         },
         "learned": records,
         "problems": {},
@@ -230,8 +246,8 @@ def _evaluate_problem(
             results[label] = reused[label]
             log(f"{problem.name} {label}: reused, final {results[label]['final_mean']:.4g}")
             continue
-        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds)
-        curves = np.stack([run_optimizer(problem, s, factory, lr) for s in eval_seeds])
+        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds, config.lr_schedule)
+        curves = np.stack([run_optimizer(problem, s, factory, lr, schedule=config.lr_schedule) for s in eval_seeds])
         results[label] = {
             "kind": "baseline",
             "lr": lr,
@@ -244,7 +260,9 @@ def _evaluate_problem(
             results[spec.label] = reused[spec.label]
             log(f"{problem.name} {spec.label}: reused, final {results[spec.label]['final_mean']:.4g}")
             continue
-        curves = np.stack([run_optimizer(problem, s, spec.factory(), 1.0) for s in eval_seeds])
+        curves = np.stack(
+            [run_optimizer(problem, s, spec.factory(), 1.0, schedule=config.lr_schedule) for s in eval_seeds]
+        )
         results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
         log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
     return {
@@ -281,7 +299,7 @@ def _stability(
             out["results"][spec.label] = reused[spec.label]
             log(f"stability {spec.label}: reused")
             continue
-        curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0)
+        curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0, schedule=config.lr_schedule)
         bad = np.flatnonzero(np.isnan(curve) | ~np.isfinite(curve))
         out["results"][spec.label] = {
             "nonfinite": bool(len(bad)),
@@ -294,7 +312,9 @@ def _stability(
 
 
 #: settings of a report that decide its numbers; a reused report must match every one
-_SETTINGS = ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "lrs", "steps", "quick", "data")
+_SETTINGS = ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "lrs", "steps", "quick", "data", "lr_schedule")
+#: what a report from before a setting existed ran
+_SETTING_BEFORE = {"lr_schedule": "constant"}
 
 
 @dataclass
@@ -341,7 +361,7 @@ def reusable_results(config: EvalConfig, records: Mapping[str, Mapping[str, Any]
         raise ValueError(f"cannot reuse {path}: not a report of this harness ({type(err).__name__}: {err})") from None
     ours = asdict(config)
     for key in _SETTINGS:
-        theirs = old_config.get(key)
+        theirs = old_config.get(key, _SETTING_BEFORE.get(key))
         mine = ours[key]
         if key == "lrs":
             theirs, mine = [float(x) for x in theirs or ()], [float(x) for x in mine]

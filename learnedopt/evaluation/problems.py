@@ -172,6 +172,42 @@ class QuadraticProblem(Problem):
         return model()
 
 
+def regression_data(generator: torch.Generator, n: int = 512, dim: int = 16) -> tuple[Tensor, Tensor]:
+    """Inputs ``x`` ``(n, dim)`` i.i.d. N(0, 1) and targets ``y = sin(3 x w)`` ``(n, 1)``, with
+    ``w`` ``(dim, 1)`` i.i.d. N(0, 1/dim), drawn from ``generator`` in that order (the demo's data)."""
+    x = torch.randn(n, dim, generator=generator)
+    w = torch.randn(dim, 1, generator=generator) / dim**0.5
+    return x, torch.sin(3 * x @ w)
+
+
+class RegressionProblem(Problem):
+    """Full-batch regression of ``sin(3 x w)`` (:func:`regression_data`, one draw per seed) by a
+    ``dim``-64-1 tanh MLP with the default init, mean squared error over all ``n`` points: a
+    deterministic loss, like the quadratic, which a rule trained on minibatches never saw."""
+
+    def __init__(self, name: str, steps: int, n: int = 512, dim: int = 16) -> None:
+        self.name, self.steps, self.n, self.dim = name, steps, n, dim
+        self._data: dict[int, tuple[Tensor, Tensor]] = {}
+        self.description = (
+            f"full-batch regression: y = sin(3 x w), x ({n}, {dim}) and w N(0, 1/{dim}) drawn per seed, "
+            f"MLP {dim}-64-1 tanh, mean squared error over all {n} points, no minibatches (the demo's problem)"
+        )
+
+    def data(self, seed: int) -> tuple[Tensor, Tensor]:
+        """``(x (n, dim), y (n, 1))`` of ``seed``."""
+        if seed not in self._data:
+            self._data[seed] = regression_data(generator_for(seed, _TASK_STREAM), self.n, self.dim)
+        return self._data[seed]
+
+    def model(self, seed: int) -> nn.Module:
+        model = nn.Sequential(nn.Linear(self.dim, 64), nn.Tanh(), nn.Linear(64, 1))
+        return _init_default_(model, generator_for(seed, _INIT_STREAM))
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        x, y = self.data(seed)
+        return F.mse_loss(model(x), y)
+
+
 def small_convnet() -> nn.Sequential:
     """Input ``(B, 1, 28, 28)``: conv 8 3x3/2 -> ReLU -> conv 16 3x3/2 -> ReLU -> linear 16*6*6 -> 10."""
     return nn.Sequential(
@@ -380,9 +416,10 @@ PROBLEMS: dict[str, Callable[[str | None, str], Problem]] = {
     "synthetic-mlp": lambda data, name: synthetic_classification(name, 200),
     "mlp-random-held-out": _mlp_random_held_out,
     "transformer-markov": lambda data, name: markov_transformer(name, 200),
+    "regression-1000": lambda data, name: RegressionProblem(name, 1000),
 }
 #: problems run only when named with ``--problems`` (added after the suite's reported runs)
-EXTRA_PROBLEMS: tuple[str, ...] = ("transformer-markov",)
+EXTRA_PROBLEMS: tuple[str, ...] = ("transformer-markov", "regression-1000")
 DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_PROBLEMS)
 
 

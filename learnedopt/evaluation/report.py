@@ -42,6 +42,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             f"{c['long_tuning_seeds'] or c['tuning_seeds']}), disjoint from the evaluation seeds"
         ),
         f"- baseline lr grid: {', '.join(f'{lr:.3g}' for lr in c['lrs'])}; criterion: {report['definitions']['tuning']}",
+        f"- lr schedule: {report['definitions'].get('lr_schedule', 'constant lr')}",
         "- baselines: SGD; SGD + Nesterov momentum 0.9; RMSprop (alpha 0.99); Adam (0.9, 0.999); other settings torch defaults",
         (
             f"- final loss: {report['definitions']['final_loss']}; {report['definitions']['statistics']}; "

@@ -26,6 +26,21 @@ DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
+#: lr schedules of a run: ``(t, steps) -> `` the factor on the run's lr at step ``t`` (0-based) of
+#: ``steps``. ``cosine`` decays to 0 over the run (Loshchilov & Hutter 2017, without restarts).
+LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda t, steps: 1.0,
+    "cosine": lambda t, steps: 0.5 * (1.0 + math.cos(math.pi * t / steps)),
+}
+#: each schedule's factor at step ``t`` of ``T``, as a report states it
+LR_SCHEDULE_FORMULAS: dict[str, str] = {"constant": "1", "cosine": "(1 + cos(pi t / T)) / 2"}
+
+
+def check_lr_schedule(schedule: str) -> None:
+    """Raise ``ValueError`` naming the choices when ``schedule`` is not in :data:`LR_SCHEDULES`."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+
 BASELINES: dict[str, OptimizerFactory] = {
     "SGD": lambda params, lr: torch.optim.SGD(params, lr=lr),
     "Nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
@@ -109,20 +124,33 @@ def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedS
 
 
 def run_optimizer(
-    problem: Problem, seed: int, factory: OptimizerFactory, lr: float, steps: int | None = None
+    problem: Problem,
+    seed: int,
+    factory: OptimizerFactory,
+    lr: float,
+    steps: int | None = None,
+    schedule: str = "constant",
 ) -> np.ndarray:
     """Train ``problem.model(seed)`` with ``factory(params, lr)``.
+
+    ``schedule`` (:data:`LR_SCHEDULES`) sets every param group's lr to ``lr`` times its factor
+    before each step (for a learned optimizer, whose ``lr`` multiplies its learned step, too).
 
     Returns:
         ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step
         ``t``'s update. At the first NaN/Inf loss or gradient the run stops and the rest is NaN.
     """
+    check_lr_schedule(schedule)
     steps = problem.steps if steps is None else steps
     model = problem.model(seed)
     optimizer = factory(model.parameters(), lr)
     learned = isinstance(optimizer, LearnedOptimizer)
+    factor = None if schedule == "constant" else LR_SCHEDULES[schedule]
     losses = np.full(steps, np.nan)
     for t in range(steps):
+        if factor is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor(t, steps)
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(model, seed, t)
         value = loss.item()
@@ -161,11 +189,17 @@ def select_lr(scores: Mapping[float, float]) -> float:
 
 
 def tune_lr(
-    problem: Problem, factory: OptimizerFactory, lrs: Sequence[float], seeds: Sequence[int]
+    problem: Problem,
+    factory: OptimizerFactory,
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    schedule: str = "constant",
 ) -> tuple[float, dict[float, float]]:
-    """Run every lr of ``lrs`` on ``seeds``; return the best lr and ``{lr: score}`` (:func:`tuning_score`)."""
+    """Run every lr of ``lrs`` on ``seeds`` (under ``schedule``); return the best lr and
+    ``{lr: score}`` (:func:`tuning_score`)."""
     scores = {
-        lr: tuning_score([run_optimizer(problem, s, factory, lr) for s in seeds]) for lr in lrs
+        lr: tuning_score([run_optimizer(problem, s, factory, lr, schedule=schedule) for s in seeds])
+        for lr in lrs
     }
     return select_lr(scores), scores
 
