@@ -1,0 +1,77 @@
+"""Every `learnedopt ...` (and `torchrun ... -m learnedopt.meta.train ...`) command the README and
+the shipped model cards print parses with today's command-line parser: no stale flag, no wrong
+choice. Commands in fenced blocks must be complete; an inline mention in prose (e.g.
+``learnedopt meta-train --device cuda``) may leave out required arguments."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from learnedopt.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "learnedopt" / "pretrained").glob("*.md"))]
+
+
+def documented_commands(text: str) -> list[tuple[str, bool]]:
+    """``(command, in a fenced block)`` for each line or inline code span that starts a command;
+    line continuations joined, shell redirections and ``&&`` chains cut off."""
+    text = text.replace("\\\n", " ")
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    candidates = [(line, True) for block in blocks for line in block.splitlines()]
+    prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    candidates += [(span, False) for span in re.findall(r"`([^`\n]+)`", prose)]
+    commands = []
+    for line, fenced in candidates:
+        line = line.split(" && ")[-1] if " && learnedopt" in line else line
+        line = re.split(r" > | \| |\s#", line.strip())[0]
+        if line.startswith(("learnedopt ", "torchrun ")) and "<" not in line and "..." not in line:
+            commands.append((line, fenced))
+    return commands
+
+
+def argv_of(command: str) -> list[str] | None:
+    """The arguments ``learnedopt``'s parser takes for ``command`` (None: not a learnedopt command)."""
+    words = shlex.split(command)
+    if words[0] == "torchrun":
+        module = words[words.index("-m") + 1] if "-m" in words[:-1] else None
+        if module not in ("learnedopt.meta.train", "learnedopt.train"):
+            return None
+        return ["meta-train", *words[words.index("-m") + 2 :]]
+    return words[1:]
+
+
+CASES = [
+    pytest.param(command, fenced, id=f"{path.name}:{command[:60]}")
+    for path in DOCUMENTS
+    for command, fenced in documented_commands(path.read_text())
+]
+
+
+def test_the_documents_print_commands() -> None:
+    # the extraction finds the commands it should: the README's meta-train runs, the cards' commands
+    assert len(CASES) > 20
+    cards = {p.name for p in DOCUMENTS[1:]}
+    with_command = {c.id.split(":")[0] for c in CASES}
+    assert {"l2l-blend.md", "l2l-random.md", "meta-lstm-adam-mnist.md"} <= with_command & cards
+
+
+@pytest.mark.parametrize("command, fenced", CASES)
+def test_documented_command_parses(command: str, fenced: bool) -> None:
+    argv = argv_of(command)
+    if argv is None:
+        pytest.skip(f"not a learnedopt command: {command}")
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        message = errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else ""
+        if exit_.code and (fenced or "arguments are required" not in message):
+            pytest.fail(f"{command!r} does not parse: {message}")
