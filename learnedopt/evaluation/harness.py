@@ -54,8 +54,9 @@ class EvalConfig:
         steps: override every problem's step count (``--quick``), or None.
         include_default_learned: run the preset learned optimizers.
         presets: which of them, by preset name (None: all of :data:`DEFAULT_LEARNED`).
-        lr_schedule: a name of :data:`~learnedopt.evaluation.runs.LR_SCHEDULES`, applied alike to every run: the baselines
-            are tuned and run under it, the learned optimizers run with it on their lr of 1.0.
+        lr_schedule: a name of :data:`~learnedopt.evaluation.runs.LR_SCHEDULES`, applied alike to
+            every run: the baselines are tuned and run under it, the learned optimizers run with
+            it on their lr of 1.0.
         data: MNIST folder (None: the default search).
         reuse: an earlier report (JSON, as :func:`write_report` writes it) of the same settings
             whose baseline and preset results are taken instead of rerun (see
@@ -140,9 +141,8 @@ def evaluate_optimizers(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    presets = [
-        spec for spec in DEFAULT_LEARNED if config.include_default_learned and (config.presets is None or spec.weights in config.presets)
-    ]
+    wanted = config.presets if config.include_default_learned else ()
+    presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
     learned = [*presets, *learned_from_files(config.weights)]
     records = {spec.label: spec.record() for spec in learned}
     reused = reusable_results(config, records) if config.reuse else None
