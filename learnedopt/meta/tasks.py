@@ -191,6 +191,17 @@ def mlp_module(sizes: Sequence[int], activation: type[nn.Module] = nn.Sigmoid) -
     return nn.Sequential(*layers)
 
 
+def default_linear_init(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> Params:
+    """PyTorch's default ``nn.Linear`` init of ``module``'s parameters (an MLP of :func:`mlp_module`),
+    drawn from ``generator``: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    params = {}
+    for name, p in module.named_parameters():
+        fan_in = module.get_submodule(name.rsplit(".", 1)[0]).in_features
+        bound = 1.0 / math.sqrt(fan_in)
+        params[name] = (torch.rand(p.shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+    return params
+
+
 class MLPTask(Task):
     """Classification by an MLP on a fixed pool of examples, cross-entropy on random minibatches.
 
@@ -215,15 +226,8 @@ class MLPTask(Task):
         self.batch_size, self.seed = batch_size, seed
 
     def init_params(self, generator: torch.Generator) -> Params:
-        """PyTorch's default ``nn.Linear`` init: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        params = {}
-        for name, p in self.module.named_parameters():
-            fan_in = self.module.get_submodule(name.rsplit(".", 1)[0]).in_features
-            bound = 1.0 / math.sqrt(fan_in)
-            params[name] = (
-                torch.rand(p.shape, generator=generator, dtype=self.inputs.dtype) * 2 - 1
-            ) * bound
-        return params
+        """PyTorch's default ``nn.Linear`` init (:func:`default_linear_init`)."""
+        return default_linear_init(self.module, generator, self.inputs.dtype)
 
     def minibatch(self, step_index: int) -> tuple[Tensor, Tensor]:
         """``(batch_size, features)`` inputs and ``(batch_size,)`` labels of step ``step_index``."""
@@ -640,6 +644,119 @@ class RandomMLPFamily(ExampleFamily):
         )
 
 
+# ----------------------------------------------------------------------------- regression
+class RegressionTask(Task):
+    """Full-batch regression by an MLP: mean squared error over all ``n`` points at every step
+    (no minibatches, a deterministic loss, like the quadratic).
+
+    Args:
+        module: the MLP, ``features`` inputs to 1 output (see :func:`mlp_module`).
+        inputs: ``(n, features)``; ``targets``: ``(n, 1)``.
+        init_scale: factor on the default init (weights and biases).
+    """
+
+    def __init__(self, module: nn.Module, inputs: Tensor, targets: Tensor, init_scale: float) -> None:
+        self.module, self.inputs, self.targets, self.init_scale = module, inputs, targets, init_scale
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        init = default_linear_init(self.module, generator, self.inputs.dtype)
+        return {k: v * self.init_scale for k, v in init.items()}
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        return F.mse_loss(functional_call(self.module, dict(params), (self.inputs,)), self.targets)
+
+
+class RegressionBatch(TaskBatch):
+    """Regression tasks of one architecture and size, run as one ``vmap`` over the tasks."""
+
+    def __init__(self, tasks: Sequence[RegressionTask]) -> None:
+        super().__init__(tasks)
+        self.inputs = torch.stack([t.inputs for t in tasks])  # (B, n, features)
+        self.targets = torch.stack([t.targets for t in tasks])  # (B, n, 1)
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        module = self.tasks[0].module
+        predictions = vmap(lambda p, x: functional_call(module, p, (x,)))(dict(params), self.inputs)
+        return (predictions - self.targets).square().mean(dim=(1, 2))
+
+
+class RegressionFamily(TaskFamily):
+    """Random full-batch regressions, for rules that must also converge where no minibatch noise
+    sets a floor (``--task regression``).
+
+    Each meta-batch draws its input dimension log-uniform in ``features``, then, as ``mlp-random``
+    does, its hidden layers (number uniform in ``depth``, widths log-uniform in ``width``, the
+    activation uniform over ``activations``). Each task then draws ``points`` inputs ``x`` i.i.d.
+    N(0, 1), a direction ``w`` i.i.d. N(0, 1/features), a frequency log-uniform in ``frequency``
+    (targets ``y = sin(frequency * x w)``) and an init scale log-uniform in ``init_scale``, from
+    the generator passed to :meth:`sample_batch`, in that order. The data is generated, so the
+    family has no split: meta-training and its evaluation episode differ by their generators.
+    ``regression-1000`` of ``learnedopt evaluate optimizers`` (16 inputs, one hidden layer of 64
+    tanh units, frequency 3, 512 points) is a member.
+    """
+
+    name = "regression"
+
+    def __init__(
+        self,
+        *,
+        points: int = 512,
+        features: tuple[int, int] = (4, 32),
+        depth: tuple[int, int] = (1, 2),
+        width: tuple[int, int] = (16, 128),
+        activations: Sequence[str] = META_TRAIN_ACTIVATIONS,
+        frequency: tuple[float, float] = (1.0, 4.0),
+        init_scale: tuple[float, float] = (0.5, 2.0),
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+            raise ValueError(f"points must be an integer >= 1, got {points!r}")
+        self.points, self.dtype = points, dtype
+        self.features = _range("features", features, integer=True, positive=True)
+        self.depth = _range("depth", depth, integer=True, positive=True)
+        self.width = _range("width", width, integer=True, positive=True)
+        self.frequency = _range("frequency", frequency, integer=False, positive=True)
+        self.init_scale = _range("init_scale", init_scale, integer=False, positive=True)
+        unknown = [a for a in activations if a not in ACTIVATIONS]
+        if isinstance(activations, str) or not activations or unknown:
+            raise ValueError(f"activations must be a non-empty sequence of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        self.activations = tuple(activations)
+
+    def sample(self, generator: torch.Generator) -> RegressionTask:
+        """One task with its own architecture (a batch of one)."""
+        return self.sample_batch(1, generator).tasks[0]
+
+    def sample_batch(self, size: int, generator: torch.Generator) -> RegressionBatch:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        features = _log_uniform_int(*self.features, generator)
+        depth = int(torch.randint(self.depth[0], self.depth[1] + 1, (), generator=generator))
+        hidden = tuple(_log_uniform_int(*self.width, generator) for _ in range(depth))
+        activation = self.activations[int(torch.randint(len(self.activations), (), generator=generator))]
+        module = mlp_module((features, *hidden, 1), ACTIVATIONS[activation])
+        tasks = []
+        for _ in range(size):
+            x = torch.randn(self.points, features, generator=generator, dtype=self.dtype)
+            w = torch.randn(features, 1, generator=generator, dtype=self.dtype) / math.sqrt(features)
+            frequency = _log_uniform(*self.frequency, generator)
+            init_scale = _log_uniform(*self.init_scale, generator)
+            y = torch.sin(frequency * (x @ w))
+            tasks.append(RegressionTask(module, x.to(self.device), y.to(self.device), init_scale))
+        return RegressionBatch(tasks)
+
+    def describe(self) -> str:
+        return (
+            f"regression: full-batch regression of y = sin(frequency * x w) by an MLP, mean squared error "
+            f"over all {self.points} points (no minibatches). Each meta-batch shares its input dimension "
+            f"(log-uniform in [{self.features[0]}, {self.features[1]}]) and architecture: "
+            f"{self.depth[0]}-{self.depth[1]} hidden layers (uniform), each width log-uniform in "
+            f"[{self.width[0]}, {self.width[1]}], activation uniform over {', '.join(self.activations)}; each "
+            f"task draws x i.i.d. N(0, 1), w i.i.d. N(0, 1/dim), frequency log-uniform in "
+            f"[{self.frequency[0]:g}, {self.frequency[1]:g}] and an init scale log-uniform in "
+            f"[{self.init_scale[0]:g}, {self.init_scale[1]:g}] (multiplying PyTorch's default init); generated data"
+        )
+
+
 # ----------------------------------------------------------------------------- mixtures
 class MixtureFamily(TaskFamily):
     """Several families, one per meta-batch: each :meth:`sample_batch` first draws a member from
@@ -695,7 +812,7 @@ class MixtureFamily(TaskFamily):
         return f"mixture {self.name}: each meta-batch is drawn whole from one member: {parts}"
 
 
-TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random")
+TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random", "regression")
 #: joins family names into a mixture's name, e.g. ``mlp-random+quadratic``
 MIXTURE_SEPARATOR = "+"
 #: gives a mixture member a weight, e.g. ``mlp-random:3+quadratic``
@@ -755,4 +872,6 @@ def make_family(
         return MnistMLPFamily(data, split=split, dtype=dtype)
     if name == "mlp-random":
         return RandomMLPFamily(data, split=split, dtype=dtype)
+    if name == "regression":
+        return RegressionFamily(dtype=dtype)
     raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_FAMILIES)}")
