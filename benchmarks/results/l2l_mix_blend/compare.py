@@ -1,13 +1,17 @@
 """Clauses 1-4 of this folder's decision (README.md), written before the runs' results.
 
-    python benchmarks/results/l2l_mix_blend/compare.py
+    python benchmarks/results/l2l_mix_blend/compare.py [--dir DIR --candidate NAME=LABEL ... --beside LABEL]
 
-Reads ``optimizee_eval.json`` (the suite) and ``optimizee_eval_regression.json`` here; prints each
-candidate's mean final loss beside the default's, l2l-mix's and tuned Adam's, and the clauses.
+Reads ``optimizee_eval.json`` (the suite) and ``optimizee_eval_regression.json`` in ``DIR`` (default:
+this folder); prints each candidate's mean final loss beside the default's, the ``--beside``
+preset's (default l2l-mix) and tuned Adam's, and the clauses; writes ``DIR/compare.json``. With
+``--dir`` and ``--candidate`` it checks the same clauses for another folder's candidates
+(``../l2l_blend_regression/`` uses it so).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,17 +25,25 @@ FULL_BATCH = ("quadratic-20", "regression-1000")
 
 
 def main() -> None:
-    suite = json.loads((HERE / "optimizee_eval.json").read_text())
-    problems = suite["problems"] | json.loads((HERE / "optimizee_eval_regression.json").read_text())["problems"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=HERE)
+    parser.add_argument("--candidate", action="append", metavar="NAME=LABEL", help="default: third and half")
+    parser.add_argument("--beside", default=MIX, help="a preset's label shown beside (default l2l-mix)")
+    args = parser.parse_args()
+    candidates = dict(c.split("=", 1) for c in args.candidate) if args.candidate else CANDIDATES
+    here = args.dir
+    suite = json.loads((here / "optimizee_eval.json").read_text())
+    problems = suite["problems"] | json.loads((here / "optimizee_eval_regression.json").read_text())["problems"]
     stat = lambda p, label: (problems[p]["results"][label]["final_mean"], problems[p]["results"][label]["final_std"])  # noqa: E731
-    print("| problem | tuned Adam | l2l-blend (default) | l2l-mix | third | half |")
-    print("|---|---:|---:|---:|---:|---:|")
+    beside = args.beside.removeprefix("LSTMOptimizer (").removesuffix(")")
+    print(f"| problem | tuned Adam | l2l-blend (default) | {beside} | " + " | ".join(candidates) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(candidates))
     for p in (*SUITE, "regression-1000"):
-        cells = [f"{m:.4g} ± {s:.2g}" for m, s in (stat(p, "Adam"), stat(p, DEFAULT), stat(p, MIX), *(stat(p, c) for c in CANDIDATES.values()))]
+        cells = [f"{m:.4g} ± {s:.2g}" for m, s in (stat(p, "Adam"), stat(p, DEFAULT), stat(p, args.beside), *(stat(p, c) for c in candidates.values()))]
         print(f"| {p} | " + " | ".join(cells) + " |")
     verdicts = {}
     default_count = sum(stat(p, DEFAULT)[0] <= stat(p, "Adam")[0] for p in SUITE)
-    for name, label in CANDIDATES.items():
+    for name, label in candidates.items():
         stability = suite["stability"]["results"][label]
         count = sum(stat(p, label)[0] <= stat(p, "Adam")[0] for p in SUITE)
         worse = [p for p in SUITE if stat(p, label)[0] - stat(p, DEFAULT)[0] > max(stat(p, label)[1], stat(p, DEFAULT)[1])]
@@ -46,7 +58,7 @@ def main() -> None:
         print(f"\n{name}: 10,000-step final {stability['final_loss']:.3g}")
         for clause, ok in clauses.items():
             print(f"  {'PASS' if ok else 'FAIL'} {clause}")
-    (HERE / "compare.json").write_text(json.dumps(verdicts, indent=1) + "\n")
+    (here / "compare.json").write_text(json.dumps(verdicts, indent=1) + "\n")
 
 
 if __name__ == "__main__":
