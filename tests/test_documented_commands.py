@@ -51,6 +51,7 @@ CASES = [
     pytest.param(command, fenced, id=f"{path.name}:{command[:60]}")
     for path in DOCUMENTS
     for command, fenced in documented_commands(path.read_text())
+    if argv_of(command) is not None  # e.g. "torchrun -m" named in prose
 ]
 
 
@@ -65,8 +66,6 @@ def test_the_documents_print_commands() -> None:
 @pytest.mark.parametrize("command, fenced", CASES)
 def test_documented_command_parses(command: str, fenced: bool) -> None:
     argv = argv_of(command)
-    if argv is None:
-        pytest.skip(f"not a learnedopt command: {command}")
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
