@@ -19,7 +19,10 @@ At that rate the products alone would take ``floor`` seconds, which bounds the s
 implementation of the same arithmetic could reach over the baseline (if it cannot run skinny
 products faster than a large square one).
 
-    python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
+    python benchmarks/meta_train_throughput.py [--rule CoordinateLSTM | --preset NAME] [--task mnist-mlp] [--meta-batch 2] [--unroll 20]
+
+``--preset`` times a preset's rule (its architecture and weights; e.g. the default ``l2l-blend``,
+whose LSTM also reads momenta and RMS-normalised gradients) instead of ``--rule``'s paper default.
 
 With ``--rule MetaLSTMCell`` (called once per task with that task's loss) there is no per-tensor
 row, and the baseline is the batched unroll through ``torch.nn.LSTM``. Each row also records the
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--task", default="mnist-mlp")
     parser.add_argument("--rule", default="CoordinateLSTM", choices=sorted(RULES),
                         help="MetaLSTMCell has no per-tensor row: it runs once per task with that task's loss")  # fmt: skip
+    parser.add_argument("--preset", default=None, help="time this preset's rule (architecture and weights) instead of --rule's default")
     parser.add_argument("--meta-batch", type=int, default=2)
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -165,7 +169,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     family = make_family(args.task, split="meta_train")
-    rule = RULES[args.rule]()
+    if args.preset:
+        from learnedopt.weights import build_preset
+
+        rule = build_preset(args.preset)[0]
+        args.rule = rule.kind
+    else:
+        rule = RULES[args.rule]()
     rule.requires_grad_(True)
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
@@ -210,7 +220,7 @@ def main() -> None:
     peak = matmul_gflops()
     floor = gflop / peak
     row = dict(
-        task=args.task, rule=args.rule, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
+        task=args.task, rule=args.rule, preset=args.preset, meta_batch=args.meta_batch, unroll=args.unroll, tensors_per_task=len(sizes),
         coordinates=sum(sizes) * args.meta_batch, seconds={k: best[k] for k in runs}, baseline=baseline,
         speedup=best[baseline] / best["batched"], meta_grad_rel_diff=diff, threads=torch.get_num_threads(),
         compiled=compile_enabled(), profile_self_cpu_percent=profiles, gflop_per_truncation=gflop,
@@ -220,7 +230,9 @@ def main() -> None:
     )
     print(row)
     lines = [
-        f"One truncation (unroll of T={args.unroll} steps + backward) of `{args.rule}` meta-training on "
+        f"One truncation (unroll of T={args.unroll} steps + backward) of `{args.rule}`"
+        + (f" (preset `{args.preset}`: {rule.config})" if args.preset else "")
+        + " meta-training on "
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
         f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} after a warm-up, {row['threads']} "
         f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
@@ -250,7 +262,9 @@ def main() -> None:
     for name, shares in profiles.items():
         ops = ", ".join(f"`{op}` {share}%" for op, share in shares.items())
         lines.append(f"\nSelf CPU time in one profiled truncation, {IMPLEMENTATIONS[name]}: {ops}.")
-    suffix = ("" if args.rule == "CoordinateLSTM" else f"_{args.rule}") + (f"_{args.tag}" if args.tag else "")
+    suffix = (f"_{args.preset}" if args.preset else "" if args.rule == "CoordinateLSTM" else f"_{args.rule}") + (
+        f"_{args.tag}" if args.tag else ""
+    )
     write_results("meta_train_throughput" + suffix, {"rows": [row]}, "\n".join(lines))
 
 
