@@ -13,7 +13,7 @@ Columns (methods):
   ``--precisions`` entry;
 * ``rich_eager`` / ``rich_compiled`` / ``rich_fused_dot`` / ``rich_fused_sum`` (and
   ``rich_fused_dot_<precision>``): the same for the rule with the extra inputs of
-  ``LSTMOptimizer``'s default preset (``l2l-random``: momenta at decays 0.5, 0.9, 0.99 and
+  ``LSTMOptimizer``'s default preset (``l2l-blend``, as ``l2l-random``: momenta at decays 0.5, 0.9, 0.99 and
   rms-normalised gradients at 0.99, 0.999, read from the preset; 10 inputs), whose ``m`` and
   ``v`` states the step also reads and writes;
 * ``meta_eager`` / ``meta_compiled`` / ``meta_fused_dot`` / ``meta_fused_sum`` (and
@@ -152,7 +152,7 @@ def matmul_gflops(device: torch.device, timer, size: int) -> float:
 
 
 def default_preset_features() -> dict[str, tuple[float, ...]]:
-    """The extra inputs of ``LSTMOptimizer``'s default preset (``l2l-random``): its
+    """The extra inputs of ``LSTMOptimizer``'s default preset (``l2l-blend``, as ``l2l-random``): its
     ``momentum_decays`` and ``rms_decays``, timed as the ``rich_*`` columns."""
     config = build_preset(LSTMOptimizer.default_preset)[0].config
     return {"momentum_decays": config.momentum_decays, "rms_decays": config.rms_decays}

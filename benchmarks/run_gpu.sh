@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For a GPU session: run the fused-kernel tests compiled on CUDA (TRITON_INTERPRET=0), then the
-# kernel benchmark (the paper's rule, and as rich_* columns the default preset l2l-random's
+# kernel benchmark (the paper's rule, and as rich_* columns the default preset l2l-blend's (as l2l-random's)
 # momentum and rms inputs), then `learnedopt meta-train --device cuda` against the CPU run for
 # every algorithm. Logs and results go under $OUT:
 #   $OUT/nvidia-smi.txt (with the install's output), $OUT/test_kernel_cuda.log, $OUT/failures.log,
