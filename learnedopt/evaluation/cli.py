@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(LR_SCHEDULES),
         default=None,
         help="lr schedule of every run, baselines (tuned under it) and learned optimizers alike: "
-        "constant (default) or cosine, (1 + cos(pi t / T)) / 2 at step t of T",
+        f"constant (default) or cosine, {LR_SCHEDULES['cosine'].formula} at step t of T",
     )
     parser.add_argument(
         "--data", default=None, help="MNIST folder (default: the LEARNEDOPT_DATA search)"

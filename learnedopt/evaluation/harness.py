@@ -21,7 +21,7 @@ from .runs import (
     DEFAULT_LEARNED,
     DEFAULT_LRS,
     FINAL_WINDOW,
-    LR_SCHEDULE_FORMULAS,
+    LR_SCHEDULES,
     LearnedSpec,
     check_lr_schedule,
     final_loss,
@@ -158,7 +158,7 @@ def evaluate_optimizers(
             "lr_schedule": "constant lr"
             if config.lr_schedule == "constant"
             else f"{config.lr_schedule}: at step t of a T-step run every optimizer's lr (the learned ones' 1.0) is multiplied by "
-            + LR_SCHEDULE_FORMULAS[config.lr_schedule],
+            + LR_SCHEDULES[config.lr_schedule].formula,
         },
         "learned": records,
         "problems": {},

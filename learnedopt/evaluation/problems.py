@@ -26,6 +26,7 @@ from ..meta.tasks import (
     MLPArchitecture,
     generator_for,
     mlp_module,
+    regression_draw,
 )
 from ..models import TinyTransformer
 
@@ -175,8 +176,7 @@ class QuadraticProblem(Problem):
 def regression_data(generator: torch.Generator, n: int = 512, dim: int = 16) -> tuple[Tensor, Tensor]:
     """Inputs ``x`` ``(n, dim)`` i.i.d. N(0, 1) and targets ``y = sin(3 x w)`` ``(n, 1)``, with
     ``w`` ``(dim, 1)`` i.i.d. N(0, 1/dim), drawn from ``generator`` in that order (the demo's data)."""
-    x = torch.randn(n, dim, generator=generator)
-    w = torch.randn(dim, 1, generator=generator) / dim**0.5
+    x, w = regression_draw(generator, n, dim)
     return x, torch.sin(3 * x @ w)
 
 

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,14 +26,20 @@ DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
-#: lr schedules of a run: ``(t, steps) -> `` the factor on the run's lr at step ``t`` (0-based) of
-#: ``steps``. ``cosine`` decays to 0 over the run (Loshchilov & Hutter 2017, without restarts).
-LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
-    "constant": lambda t, steps: 1.0,
-    "cosine": lambda t, steps: 0.5 * (1.0 + math.cos(math.pi * t / steps)),
+class LRSchedule(NamedTuple):
+    """An lr schedule of a run: ``factor(t, steps)``, the factor on the run's lr at step ``t``
+    (0-based) of ``steps``, and ``formula``, that factor at step ``t`` of ``T`` as reports state it."""
+
+    factor: Callable[[int, int], float]
+    formula: str
+
+
+#: the lr schedules by name; ``cosine`` decays to 0 over the run (Loshchilov & Hutter 2017,
+#: without restarts)
+LR_SCHEDULES: dict[str, LRSchedule] = {
+    "constant": LRSchedule(lambda t, steps: 1.0, "1"),
+    "cosine": LRSchedule(lambda t, steps: 0.5 * (1.0 + math.cos(math.pi * t / steps)), "(1 + cos(pi t / T)) / 2"),
 }
-#: each schedule's factor at step ``t`` of ``T``, as a report states it
-LR_SCHEDULE_FORMULAS: dict[str, str] = {"constant": "1", "cosine": "(1 + cos(pi t / T)) / 2"}
 
 
 def check_lr_schedule(schedule: str) -> None:
@@ -145,7 +151,7 @@ def run_optimizer(
     model = problem.model(seed)
     optimizer = factory(model.parameters(), lr)
     learned = isinstance(optimizer, LearnedOptimizer)
-    factor = None if schedule == "constant" else LR_SCHEDULES[schedule]
+    factor = None if schedule == "constant" else LR_SCHEDULES[schedule].factor
     losses = np.full(steps, np.nan)
     for t in range(steps):
         if factor is not None:

@@ -645,6 +645,17 @@ class RandomMLPFamily(ExampleFamily):
 
 
 # ----------------------------------------------------------------------------- regression
+def regression_draw(
+    generator: torch.Generator, points: int, features: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Inputs ``x`` ``(points, features)`` i.i.d. N(0, 1), then a direction ``w`` ``(features, 1)``
+    i.i.d. N(0, 1/features), drawn from ``generator`` in that order; a regression's targets are
+    ``sin(frequency * x w)``."""
+    x = torch.randn(points, features, generator=generator, dtype=dtype)
+    w = torch.randn(features, 1, generator=generator, dtype=dtype) / math.sqrt(features)
+    return x, w
+
+
 class RegressionTask(Task):
     """Full-batch regression by an MLP: mean squared error over all ``n`` points at every step
     (no minibatches, a deterministic loss, like the quadratic).
@@ -736,8 +747,7 @@ class RegressionFamily(TaskFamily):
         module = mlp_module((features, *hidden, 1), ACTIVATIONS[activation])
         tasks = []
         for _ in range(size):
-            x = torch.randn(self.points, features, generator=generator, dtype=self.dtype)
-            w = torch.randn(features, 1, generator=generator, dtype=self.dtype) / math.sqrt(features)
+            x, w = regression_draw(generator, self.points, features, self.dtype)
             frequency = _log_uniform(*self.frequency, generator)
             init_scale = _log_uniform(*self.init_scale, generator)
             y = torch.sin(frequency * (x @ w))
