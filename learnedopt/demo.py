@@ -72,8 +72,8 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
         "\nThis is a full-batch problem, unlike the minibatch tasks the rules were meta-trained on. The"
         "\ndefault l2l-blend leads early, then stalls at a floor that Adam goes below: on 10 draws of this"
         "\nkind of problem run for 1000 steps (regression-1000), 0.011 against tuned Adam's 1.4e-5. A smaller"
-        "\nlr, the factor on the learned step, lowers that floor: 4.9e-5 at lr=0.03 (README, 'Full-batch"
-        "\nproblems, and a cosine lr schedule')."
+        "\nlr, the factor on the learned step, lowers that floor: 4.9e-5 at lr=0.03 (README: Results,"
+        "\n'Full-batch problems')."
     )
     # only learnedopt's own warnings: torch's internal deprecation notices (e.g. on importing
     # torch.utils.mkldnn under torch.compile) say nothing about the optimizers compared here

@@ -1,5 +1,5 @@
-"""Every `learnedopt ...` (and `torchrun ... -m learnedopt.meta.train ...`) command the README and
-the shipped model cards print parses with today's command-line parser: no stale flag, no wrong
+"""Every `learnedopt ...` (and `torchrun ... -m learnedopt.meta.train ...`) command the README, the
+full results account (``benchmarks/results/README.md``) and the shipped model cards print parses with today's command-line parser: no stale flag, no wrong
 choice. Commands in fenced blocks must be complete; an inline mention in prose (e.g.
 ``learnedopt meta-train --device cuda``) may leave out required arguments."""
 
@@ -16,7 +16,8 @@ import pytest
 from learnedopt.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "learnedopt" / "pretrained").glob("*.md"))]
+CARDS = sorted((ROOT / "learnedopt" / "pretrained").glob("*.md"))
+DOCUMENTS = [ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md", *CARDS]
 
 
 def documented_commands(text: str) -> list[tuple[str, bool]]:
@@ -48,7 +49,7 @@ def argv_of(command: str) -> list[str] | None:
 
 
 CASES = [
-    pytest.param(command, fenced, id=f"{path.name}:{command[:60]}")
+    pytest.param(command, fenced, id=f"{path.relative_to(ROOT)}:{command[:60]}")
     for path in DOCUMENTS
     for command, fenced in documented_commands(path.read_text())
     if argv_of(command) is not None  # e.g. "torchrun -m" named in prose
@@ -58,9 +59,11 @@ CASES = [
 def test_the_documents_print_commands() -> None:
     # the extraction finds the commands it should: the README's meta-train runs, the cards' commands
     assert len(CASES) > 20
-    cards = {p.name for p in DOCUMENTS[1:]}
     with_command = {c.id.split(":")[0] for c in CASES}
-    assert {"l2l-blend.md", "l2l-random.md", "meta-lstm-adam-mnist.md"} <= with_command & cards
+    cards = {str(p.relative_to(ROOT)) for p in CARDS}
+    wanted = {f"learnedopt/pretrained/{name}.md" for name in ("l2l-blend", "l2l-random", "meta-lstm-adam-mnist")}
+    assert wanted <= with_command & cards
+    assert {"README.md", "benchmarks/results/README.md"} <= with_command
 
 
 @pytest.mark.parametrize("command, fenced", CASES)
