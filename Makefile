@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   creates .venv, installs learnedopt, trains a small model with LSTMOptimizer beside Adam
+#   make demo   creates .venv, installs learnedopt, trains two small MLPs with the learned optimizers beside tuned baselines
 #   make test   creates .venv, installs learnedopt with its test tools, runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -19,7 +19,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps)
+    run_demo(steps=args.steps, minibatch_steps=args.minibatch_steps, data=args.data)
     return 0
 
 
@@ -52,8 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     presets = sub.add_parser("presets", help="list the named update rules and whether they are trained")
     presets.set_defaults(func=_presets)
-    demo = sub.add_parser("demo", help="train a small model with the learned optimizers beside Adam")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo = sub.add_parser(
+        "demo", help="train small models with the learned optimizers beside tuned baselines: a minibatch and a full-batch problem"
+    )
+    demo.add_argument("--steps", type=int, default=300, help="the full-batch problem's steps (default 300)")
+    demo.add_argument(
+        "--minibatch-steps", type=int, default=None, help="the minibatch problem's steps (default: its own, 200)"
+    )
+    demo.add_argument(
+        "--data",
+        default=None,
+        help="folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data); without MNIST the "
+        "minibatch problem is an MLP on generated data",
+    )
     demo.set_defaults(func=_demo)
     average = sub.add_parser(
         "average-weights",

@@ -1,4 +1,5 @@
-"""A short demo: train one small model with LSTMOptimizer, MetaLSTMOptimizer and Adam."""
+"""A short demo: the learned optimizers beside tuned baselines, first on a minibatch problem of
+the kind they were meta-trained for, then on a full-batch regression, where they are weaker."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .evaluation.problems import regression_data
+from .evaluation.problems import Problem, make_problem as make_suite_problem, regression_data
+from .evaluation.runs import BASELINES, OptimizerFactory, final_loss, run_optimizer
 from .optim import LSTMOptimizer, MetaLSTMOptimizer
+
+#: the baselines' learning rates as the held-out suite tuned them (on its tuning seeds) for the
+#: demo's minibatch problems, from ``benchmarks/results/optimizee_eval_blend.json`` (a test
+#: checks them against it)
+TUNED_LRS: dict[str, dict[str, float]] = {
+    "mnist-mlp-200": {"Nesterov": 1.0, "Adam": 10**-1.5},
+    "synthetic-mlp": {"Nesterov": 10**-0.5, "Adam": 10**-1.5},
+}
 
 
 def make_problem(seed: int = 0, n: int = 512, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +49,60 @@ def train(make_optimizer: Callable, x: torch.Tensor, y: torch.Tensor, steps: int
     return losses
 
 
-def run_demo(steps: int = 300) -> dict[str, list[float]]:
-    """Train the same model from the same init with each optimizer and print a loss table."""
+def minibatch_problem(data: str | Path | None = None) -> Problem:
+    """The paper's MNIST MLP for 200 steps (the suite's ``mnist-mlp-200``) when the MNIST files
+    are found (``data``, else ``LEARNEDOPT_DATA``, else ``../shared/data``), else the suite's
+    ``synthetic-mlp`` (an MLP on generated classification data, 200 steps)."""
+    try:
+        return make_suite_problem("mnist-mlp-200", data)
+    except FileNotFoundError:
+        return make_suite_problem("synthetic-mlp")
+
+
+def _row(name: str, losses: list[float], elapsed: float) -> str:
+    early = len(losses) // 10
+    return f"{name:56s} {losses[0]:9.4f} {losses[early]:9.4f} {final_loss(losses):9.4f} {elapsed:6.2f}s"
+
+
+def _header(steps: int) -> str:
+    """The loss table's header; "final" is the mean of the last 10 losses, as the suite reports."""
+    return f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final10':>9s} {'time':>7s}"
+
+
+def run_minibatch(problem: Problem, steps: int | None = None, seed: int = 0) -> dict[str, list[float]]:
+    """Train ``problem``'s model (seed ``seed``: its init and minibatches) with each default
+    learned optimizer, untuned, and with tuned Nesterov and Adam; print a loss table ("final10":
+    the mean of the last 10 losses, as the suite reports)."""
+    steps = problem.steps if steps is None else steps
+    lrs = TUNED_LRS[problem.name]
+    candidates: dict[str, tuple[OptimizerFactory, float]] = {
+        "LSTMOptimizer (preset l2l-blend, default)": (lambda p, lr: LSTMOptimizer(p, lr=lr), 1.0),
+        "MetaLSTMOptimizer (preset meta-lstm-adam-mnist, default)": (lambda p, lr: MetaLSTMOptimizer(p, lr=lr), 1.0),
+        **{f"{name} (tuned lr={lrs[name]:.3g})": (BASELINES[name], lrs[name]) for name in ("Nesterov", "Adam")},
+    }
+    print(f"1. A minibatch problem, like those the rules were meta-trained on: {problem.description}, {steps} steps\n")
+    for factory, lr in candidates.values():  # untimed: the first step of a learned optimizer compiles
+        run_optimizer(problem, seed, factory, lr, steps=2)
+    print(_header(steps))
+    results = {}
+    for name, (factory, lr) in candidates.items():
+        start = time.perf_counter()
+        results[name] = run_optimizer(problem, seed, factory, lr, steps).tolist()
+        print(_row(name, results[name], time.perf_counter() - start))
+    print(
+        f"\nOne seed. The README's Results table has {problem.name} and nine other held-out problems over"
+        "\n10 seeds each, every baseline's lr tuned on its own seeds; the learned optimizers run untuned."
+    )
+    return results
+
+
+def run_regression(steps: int = 300) -> dict[str, list[float]]:
+    """Train the same 16-64-1 MLP from the same init, full-batch, with each optimizer; print a
+    loss table."""
     x, y = make_problem()
     candidates: dict[str, Callable] = {
         "LSTMOptimizer (preset l2l-blend, default)": lambda p: LSTMOptimizer(p),
+        "LSTMOptimizer (preset l2l-blend, default, lr=0.03)": lambda p: LSTMOptimizer(p, lr=0.03),
         "LSTMOptimizer (preset l2l-2016, untrained)": lambda p: LSTMOptimizer(p, weights="l2l-2016"),
         "LSTMOptimizer (preset l2l-mnist, meta-trained)": lambda p: LSTMOptimizer(p, weights="l2l-mnist"),
         "MetaLSTMOptimizer (preset meta-lstm-adam-mnist, default)": lambda p: MetaLSTMOptimizer(p),
@@ -51,30 +110,36 @@ def run_demo(steps: int = 300) -> dict[str, list[float]]:
         "MetaLSTMOptimizer (preset meta-lstm-2017, paper)": lambda p: MetaLSTMOptimizer(p, weights="meta-lstm-2017"),
         "Adam (lr=1e-2)": lambda p: torch.optim.Adam(p, lr=1e-2),
     }
+    print(f"2. A full-batch problem: a 16-64-1 tanh MLP regressing generated data, {steps} full-batch steps\n")
+    for make in candidates.values():  # untimed, as above
+        train(make, x, y, 2)
+    print(_header(steps))
     results = {}
-    print(f"Training a 16-64-1 MLP on generated data for {steps} full-batch steps\n")
+    for name, make in candidates.items():
+        start = time.perf_counter()
+        results[name] = train(make, x, y, steps)
+        print(_row(name, results[name], time.perf_counter() - start))
+    print(
+        "\nThe rules were meta-trained on minibatch tasks only. Here the default l2l-blend leads early,"
+        "\nthen stalls at a floor that Adam goes below: on 10 draws of this kind of problem run for 1000"
+        "\nsteps (regression-1000), 0.011 against tuned Adam's 1.4e-5. Its lr, the factor on the learned"
+        "\nstep, sets that floor: at lr=0.03 it ends there at 4.9e-5 (README: Results, 'Full-batch problems')."
+    )
+    return results
+
+
+def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | Path | None = None) -> dict[str, dict[str, list[float]]]:
+    """Both parts: :func:`run_minibatch` on :func:`minibatch_problem` (``minibatch_steps``: its
+    steps, default the problem's 200) and :func:`run_regression` (``steps``); learnedopt's own
+    warnings (e.g. of untrained presets) are printed once at the end."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # Two steps of each first, untimed: the first step of a learned optimizer compiles its
-        # update (seconds, once per process), which would otherwise land in the first row's time.
-        start = time.perf_counter()
-        for make in candidates.values():
-            train(make, x, y, 2)
-        print(f"Warm-up, untimed: two steps of each optimizer, {time.perf_counter() - start:.1f}s (mostly compiling)\n")
-        print(f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final':>9s} {'time':>7s}")
-        for name, make in candidates.items():
-            start = time.perf_counter()
-            losses = train(make, x, y, steps)
-            elapsed = time.perf_counter() - start
-            results[name] = losses
-            print(f"{name:56s} {losses[0]:9.4f} {losses[steps // 10]:9.4f} {losses[-1]:9.4f} {elapsed:6.2f}s")
-    print(
-        "\nThis is a full-batch problem, unlike the minibatch tasks the rules were meta-trained on. The"
-        "\ndefault l2l-blend leads early, then stalls at a floor that Adam goes below: on 10 draws of this"
-        "\nkind of problem run for 1000 steps (regression-1000), 0.011 against tuned Adam's 1.4e-5. A smaller"
-        "\nlr, the factor on the learned step, lowers that floor: 4.9e-5 at lr=0.03 (README: Results,"
-        "\n'Full-batch problems')."
-    )
+        problem = minibatch_problem(data)
+        if problem.name != "mnist-mlp-200":
+            print("(MNIST not found: pass --data or set LEARNEDOPT_DATA; generated data instead)\n")
+        results = {"minibatch": run_minibatch(problem, minibatch_steps)}
+        print()
+        results["full-batch"] = run_regression(steps)
     # only learnedopt's own warnings: torch's internal deprecation notices (e.g. on importing
     # torch.utils.mkldnn under torch.compile) say nothing about the optimizers compared here
     package = Path(__file__).resolve().parent

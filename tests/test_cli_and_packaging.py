@@ -1,6 +1,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 from learnedopt.cli import main
 
@@ -31,10 +32,11 @@ def test_demo_runs_and_prints_each_optimizer_and_only_learnedopts_warnings(capsy
         return original(*args, **kwargs)
 
     monkeypatch.setattr(demo, "train", train_with_a_foreign_warning)
-    assert main(["demo", "--steps", "20"]) == 0
+    assert main(["demo", "--steps", "20", "--minibatch-steps", "12"]) == 0
     out = capsys.readouterr().out
-    for name in ("LSTMOptimizer", "MetaLSTMOptimizer", "Adam"):
+    for name in ("LSTMOptimizer", "MetaLSTMOptimizer", "Adam", "Nesterov (tuned"):
         assert name in out
+    assert "1. A minibatch problem" in out and "2. A full-batch problem" in out
     assert "UNTRAINED weights (preset 'l2l-2016')" in out  # learnedopt's own warning is shown
     assert "script_method" not in out
 
@@ -44,3 +46,22 @@ def test_kernels_are_installed_under_learnedopt_only() -> None:
 
     assert learnedopt.kernels.__name__ == "learnedopt.kernels"
     assert importlib.util.find_spec("kernels") is None or "learnedopt" not in str(importlib.util.find_spec("kernels").origin)
+
+
+def test_demo_baselines_use_the_suites_tuned_learning_rates() -> None:
+    import json
+    import math
+
+    from learnedopt.demo import TUNED_LRS
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/optimizee_eval_blend.json").read_text())
+    for problem, lrs in TUNED_LRS.items():
+        for name, lr in lrs.items():
+            assert math.isclose(lr, report["problems"][problem]["results"][name]["lr"], rel_tol=1e-12), (problem, name)
+
+
+def test_demo_falls_back_to_generated_data_without_mnist(tmp_path, monkeypatch) -> None:
+    from learnedopt.demo import minibatch_problem
+
+    monkeypatch.delenv("LEARNEDOPT_DATA", raising=False)
+    assert minibatch_problem(tmp_path).name == "synthetic-mlp"  # a folder without mnist/
