@@ -56,6 +56,17 @@ def gflop_count(fn: Callable[[], object]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def self_cpu_ms(fn: Callable[[], object]) -> dict[str, float]:
+    """Self CPU milliseconds of each operator in one call of ``fn`` (``torch.profiler``), most
+    expensive first (the profiler's own overhead included, so compare shares, not sums)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in events}
+
+
 def machine() -> dict[str, object]:
     info: dict[str, object] = {
         "cpu": cpu_name(),

@@ -210,6 +210,13 @@ def _higher_cases():
     ]
 
 
+def _conv_share(self_ms: dict[str, float]) -> float:
+    """The share of self CPU time spent in convolution operators (forward, backward and their
+    derivatives: every operator whose name contains "conv")."""
+    total = sum(self_ms.values())
+    return sum(ms for name, ms in self_ms.items() if "conv" in name.lower()) / total
+
+
 def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A fresh model of the case, in ``dtype``, its BatchNorm layers without running statistics."""
     model = make_model().to(dtype)
@@ -218,7 +225,7 @@ def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 
 def against_higher(args: argparse.Namespace) -> None:
-    from common import gflop_count, matmul_gflops, time_call
+    from common import gflop_count, matmul_gflops, self_cpu_ms, time_call
 
     rows = []
     # the best dense float32 rate this thread reaches, as the hardware limit to compare against
@@ -235,7 +242,7 @@ def against_higher(args: argparse.Namespace) -> None:
             gflop_count(lambda run=run: run(_functional_model(make_model), make_batch(torch.float32), lr, steps, loss_fn))
             for run in (_higher_meta_grad, _ours_meta_grad)
         )
-        timings = {}
+        timings, conv_shares = {}, {}
         variants = (
             ("learnedopt MAML", _ours_meta_grad),
             ("learnedopt MAML, vmap", lambda *a: _ours_meta_grad(*a, vectorize=True)),
@@ -251,12 +258,19 @@ def against_higher(args: argparse.Namespace) -> None:
                 run(model, batch, lr, steps, loss_fn)
 
             timings[label] = time_call(meta_step, repeats=args.repeats, min_time=0.5)
+            if label in ("learnedopt MAML", "higher (task loop)"):
+                conv_shares[label] = _conv_share(self_cpu_ms(meta_step))
         ours, theirs = timings["learnedopt MAML"], timings["higher (task loop)"]
         floor = gflop / peak
+        # Amdahl: were everything but its convolutions free, learnedopt's meta-step would take
+        # ours * share; no batching or fusing of the rest beats higher by more than this
+        conv_bound = theirs / (ours * conv_shares["learnedopt MAML"]) if conv_shares["learnedopt MAML"] else None
         rows.append(dict(case=name, ours_ms=ours * 1e3, vmap_ms=timings["learnedopt MAML, vmap"] * 1e3,
                          loop_ms=timings["learnedopt MAML, loop"] * 1e3, higher_ms=theirs * 1e3,
                          speedup=theirs / ours, meta_grad_rel_diff=rel, gflop=gflop, gflop_learnedopt=gflop_ours,
-                         ours_gflops=gflop / ours, floor_ms=floor * 1e3, speedup_bound=theirs / floor))
+                         ours_gflops=gflop / ours, floor_ms=floor * 1e3, speedup_bound=theirs / floor,
+                         conv_share=conv_shares["learnedopt MAML"], higher_conv_share=conv_shares["higher (task loop)"],
+                         conv_bound=conv_bound))
         print(rows[-1], flush=True)
     table = [
         "Second-order MAML meta-step (forward + backward, no optimizer step), float32, learnedopt's MAML "
@@ -268,14 +282,22 @@ def against_higher(args: argparse.Namespace) -> None:
         "in the JSON). Floor = GFLOP at the matmul rate: the time of an implementation that ran them as fast as "
         "that matmul; the last column, higher's time over the floor, is the speed-up over `higher` such an "
         "implementation would reach on this thread.\n",
+        "Convolutions' share: the share of self CPU time in convolution operators (forward, backward, "
+        "double backward; any operator whose name contains 'conv') in one profiled meta-step of each "
+        "(`torch.profiler`). Bound if only convolutions cost: higher's time over learnedopt's time "
+        "times its share, the speed-up over `higher` if everything but the convolutions took no time "
+        "(Amdahl), which batching the tasks or fusing the rest cannot pass without faster convolutions.\n",
         "| case | learnedopt MAML (auto) ms | forced vmap ms | forced loop ms | higher ms | speed-up (auto vs higher) "
-        "| meta-gradient rel. difference | GFLOP / meta-step | learnedopt GFLOP/s | floor ms | higher / floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| meta-gradient rel. difference | GFLOP / meta-step | learnedopt GFLOP/s | floor ms | higher / floor "
+        "| convolutions' share, learnedopt / higher | bound if only convolutions cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        bound = "-" if r["conv_bound"] is None else f"{r['conv_bound']:.2f}x"
         table.append(f"| {r['case']} | {r['ours_ms']:.1f} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | {r['higher_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['meta_grad_rel_diff']:.1e} | {r['gflop']:.3g} | {r['ours_gflops']:.1f} | "
-                     f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x |")
+                     f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x | "
+                     f"{100 * r['conv_share']:.0f}% / {100 * r['higher_conv_share']:.0f}% | {bound} |")
     name = "fewshot_vs_higher" + (f"_{args.tag}" if args.tag else "")
     write_results(name, {"rows": rows, "threads": torch.get_num_threads(), "matmul_gflops": peak}, "\n".join(table))
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gflop_count, matmul_gflops, torch_lstm, write_results  # noqa: E402
+from common import gflop_count, matmul_gflops, self_cpu_ms, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, State, UpdateRule  # noqa: E402
@@ -135,13 +135,9 @@ def os_counters() -> tuple[int, float]:
 def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, float]:
     """Percent of self CPU time of the ``top`` most expensive operators in one truncation
     (``torch.profiler``), the rest summed as ``"other"``."""
-    from torch.profiler import profile
-
-    with profile() as prof:
-        truncation(rule, family, args)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    shares = {e.key[:60]: round(100 * e.self_cpu_time_total / total, 1) for e in events[:top]}
+    times = self_cpu_ms(lambda: truncation(rule, family, args))
+    total = sum(times.values())
+    shares = {name[:60]: round(100 * ms / total, 1) for name, ms in list(times.items())[:top]}
     shares["other"] = round(100 - sum(shares.values()), 1)
     return shares
 
