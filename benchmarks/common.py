@@ -38,10 +38,17 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, min_time: float = 0
     return statistics.median(samples)
 
 
-def matmul_gflops(size: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved GFLOP/s of a square ``torch.matmul`` on this machine, now."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    seconds = time_call(lambda: torch.matmul(a, b))
+def matmul_gflops(size: int = 2048, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """Achieved GFLOP/s of a square ``torch.matmul`` on ``device``, now (random inputs; on CUDA
+    synchronized after each product, in float32 without TF32 unless torch allows it)."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+
+    def product() -> None:
+        torch.matmul(a, b)
+        if a.device.type == "cuda":
+            torch.cuda.synchronize(a.device)
+
+    seconds = time_call(product)
     return 2 * size**3 / seconds / 1e9
 
 

@@ -2,7 +2,7 @@
 pretrained baseline.
 
     python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
-    python benchmarks/fewshot.py higher [--tag NAME]   # needs `pip install higher`
+    python benchmarks/fewshot.py higher [--tag NAME] [--device cuda]   # needs `pip install higher`
     python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
     python benchmarks/fewshot.py omniglot-model RUN/model.safetensors [MORE.safetensors] --tag NAME \
         [--adapt STEPS,COPIES,QUERY_COPIES ...] [--part meta_valid]
@@ -217,9 +217,10 @@ def _conv_share(self_ms: dict[str, float]) -> float:
     return sum(ms for name, ms in self_ms.items() if "conv" in name.lower()) / total
 
 
-def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A fresh model of the case, in ``dtype``, its BatchNorm layers without running statistics."""
-    model = make_model().to(dtype)
+def _functional_model(make_model, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A fresh model of the case, in ``dtype`` on ``device``, its BatchNorm layers without running
+    statistics."""
+    model = make_model().to(device=device, dtype=dtype)
     torch.func.replace_all_batch_norm_modules_(model)
     return model
 
@@ -227,19 +228,28 @@ def _functional_model(make_model, dtype: torch.dtype = torch.float32) -> nn.Modu
 def against_higher(args: argparse.Namespace) -> None:
     from common import gflop_count, matmul_gflops, self_cpu_ms, time_call
 
-    rows = []
-    # the best dense float32 rate this thread reaches, as the hardware limit to compare against
-    peak = matmul_gflops()
-    for name, make_model, make_batch, lr, steps, loss_fn in _higher_cases():
+    import common
+
+    if args.results_dir is not None:
+        common.RESULTS = args.results_dir
+    rows, device = [], args.device
+    cuda = torch.device(device).type == "cuda"
+    # the best dense float32 rate this thread (or GPU) reaches, as the hardware limit to compare against
+    peak = matmul_gflops(device=device)
+    for name, make_model, make_cpu_batch, lr, steps, loss_fn in _higher_cases():
+
+        def make_batch(dtype, make_cpu_batch=make_cpu_batch):
+            return tuple(t.to(device) for t in make_cpu_batch(dtype))
+
         # equal meta-gradients, checked in float64 on the same model, data and settings
         grads = []
         for run in (_ours_meta_grad, _higher_meta_grad):
-            model = _functional_model(make_model, torch.float64)
+            model = _functional_model(make_model, torch.float64, device)
             run(model, make_batch(torch.float64), lr, steps, loss_fn)
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         rel = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
         gflop, gflop_ours = (
-            gflop_count(lambda run=run: run(_functional_model(make_model), make_batch(torch.float32), lr, steps, loss_fn))
+            gflop_count(lambda run=run: run(_functional_model(make_model, device=device), make_batch(torch.float32), lr, steps, loss_fn))
             for run in (_higher_meta_grad, _ours_meta_grad)
         )
         timings, conv_shares = {}, {}
@@ -250,33 +260,37 @@ def against_higher(args: argparse.Namespace) -> None:
             ("higher (task loop)", _higher_meta_grad),
         )
         for label, run in variants:
-            model = _functional_model(make_model)
+            model = _functional_model(make_model, device=device)
             batch = make_batch(torch.float32)
 
             def meta_step(model=model, batch=batch, run=run) -> None:
                 model.zero_grad()
                 run(model, batch, lr, steps, loss_fn)
+                if cuda:  # the host clock times the device's work only once it is done
+                    torch.cuda.synchronize(device)
 
             timings[label] = time_call(meta_step, repeats=args.repeats, min_time=0.5)
-            if label in ("learnedopt MAML", "higher (task loop)"):
+            if not cuda and label in ("learnedopt MAML", "higher (task loop)"):  # CPU time: a CPU's profile
                 conv_shares[label] = _conv_share(self_cpu_ms(meta_step))
         ours, theirs = timings["learnedopt MAML"], timings["higher (task loop)"]
         floor = gflop / peak
         # Amdahl: were everything but its convolutions free, learnedopt's meta-step would take
         # ours * share; no batching or fusing of the rest beats higher by more than this
-        conv_bound = theirs / (ours * conv_shares["learnedopt MAML"]) if conv_shares["learnedopt MAML"] else None
+        share = conv_shares.get("learnedopt MAML")
+        conv_bound = theirs / (ours * share) if share else None
         rows.append(dict(case=name, ours_ms=ours * 1e3, vmap_ms=timings["learnedopt MAML, vmap"] * 1e3,
                          loop_ms=timings["learnedopt MAML, loop"] * 1e3, higher_ms=theirs * 1e3,
                          speedup=theirs / ours, meta_grad_rel_diff=rel, gflop=gflop, gflop_learnedopt=gflop_ours,
                          ours_gflops=gflop / ours, floor_ms=floor * 1e3, speedup_bound=theirs / floor,
-                         conv_share=conv_shares["learnedopt MAML"], higher_conv_share=conv_shares["higher (task loop)"],
+                         conv_share=share, higher_conv_share=conv_shares.get("higher (task loop)"),
                          conv_bound=conv_bound))
         print(rows[-1], flush=True)
     table = [
         "Second-order MAML meta-step (forward + backward, no optimizer step), float32, learnedopt's MAML "
         "with its default vectorize='auto' (vmap over tasks for the MLP; a task loop for conv-4 on CPU), median of "
         f"{args.repeats} timings, both in this run; meta-gradients compared in float64 on the same data.\n",
-        f"Hardware limit: a 2048x2048 float32 matmul ran at {peak:.1f} GFLOP/s on this thread in this run. "
+        f"Device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}.\n",
+        f"Hardware limit: a 2048x2048 float32 matmul ran at {peak:.1f} GFLOP/s on this {'GPU' if cuda else 'thread'} in this run. "
         "GFLOP counts the meta-step's convolutions and matrix products (forward, backward, second-order "
         "terms; `torch.utils.flop_counter`), counted on `higher`'s meta-step (learnedopt's: `gflop_learnedopt` "
         "in the JSON). Floor = GFLOP at the matmul rate: the time of an implementation that ran them as fast as "
@@ -294,12 +308,16 @@ def against_higher(args: argparse.Namespace) -> None:
     ]
     for r in rows:
         bound = "-" if r["conv_bound"] is None else f"{r['conv_bound']:.2f}x"
+        shares = "-" if r["conv_share"] is None else f"{100 * r['conv_share']:.0f}% / {100 * r['higher_conv_share']:.0f}%"
         table.append(f"| {r['case']} | {r['ours_ms']:.1f} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | {r['higher_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['meta_grad_rel_diff']:.1e} | {r['gflop']:.3g} | {r['ours_gflops']:.1f} | "
                      f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x | "
-                     f"{100 * r['conv_share']:.0f}% / {100 * r['higher_conv_share']:.0f}% | {bound} |")
+                     f"{shares} | {bound} |")
     name = "fewshot_vs_higher" + (f"_{args.tag}" if args.tag else "")
-    write_results(name, {"rows": rows, "threads": torch.get_num_threads(), "matmul_gflops": peak}, "\n".join(table))
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    common.write_results(
+        name, {"rows": rows, "device": device_name, "threads": torch.get_num_threads(), "matmul_gflops": peak}, "\n".join(table)
+    )
 
 
 # ---------------------------------------------------------------------------- Omniglot
@@ -565,6 +583,8 @@ def main() -> None:
     hig.add_argument("--repeats", type=int, default=5)
     hig.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     hig.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
+    hig.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu; on CUDA no convolution shares)")
+    hig.add_argument("--results-dir", type=Path, default=None, help="where to write the results (default benchmarks/results)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
     omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile", "meta-lstm"])

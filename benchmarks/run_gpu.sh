@@ -2,17 +2,22 @@
 # For a GPU session: run the fused-kernel tests compiled on CUDA (TRITON_INTERPRET=0), then the
 # kernel benchmark (the paper's rule, and as rich_* columns the default preset l2l-blend's (as l2l-random's)
 # momentum and rms inputs), then `learnedopt meta-train --device cuda` against the CPU run for
-# every algorithm. Logs and results go under $OUT:
-#   $OUT/nvidia-smi.txt (with the install's output), $OUT/test_kernel_cuda.log, $OUT/failures.log,
-#   $OUT/kernel_bench.log, $OUT/results/kernel_bench.{json,md}, $OUT/test_meta_train_cuda.log,
-#   $OUT/summary.txt (8 files: the device tool brings back at most 8)
+# every algorithm, then MAML's meta-step against `higher` on CUDA (`fewshot.py higher --device
+# cuda`; skipped when `higher` is missing: the GPU image has no `higher`, so carry its wheel,
+# `python3 -m pip download --no-deps higher==0.2.1 -d .whl` here with `/.whl/` in
+# .git/info/exclude, and name `.whl` in the device call's carry; the script installs it). Logs and
+# results go under $OUT:
+#   $OUT/nvidia-smi.txt (with the installs' output), $OUT/run.log (every part's output, in
+#   order), $OUT/failures.log, $OUT/results/kernel_bench.{json,md},
+#   $OUT/results/fewshot_vs_higher_gpu.{json,md}, $OUT/summary.txt (8 files: the device tool
+#   brings back at most 8)
 # Needs a CUDA build of torch and triton in $PYTHON (default: .venv/bin/python if present, else
 # python3). BENCH_ARGS replaces the benchmark options (default "--no-compile --tune": no
 # torch.compile columns, whose compilation costs minutes, and the block x warps sweep).
 # The kernel tests run on PYTEST_WORKERS processes (default 12) where pytest-xdist is installed:
 # they are dominated by Triton's compilations (a backward kernel takes tens of seconds).
-# TEST_TIMEOUT, BENCH_TIMEOUT, META_TIMEOUT (seconds) bound the three parts, so that the whole
-# script fits a short GPU lease (default 200 + 220 + 90).
+# TEST_TIMEOUT, BENCH_TIMEOUT, META_TIMEOUT, HIGHER_TIMEOUT (seconds) bound the four parts, so
+# that the whole script fits a short GPU lease (default 200 + 220 + 90 + 60).
 # Exit status: nonzero if the tests or the benchmark failed.
 set -uo pipefail
 : "${OUT:?set OUT to a writable folder}"
@@ -40,14 +45,31 @@ fi
 workers=()
 if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${PYTEST_WORKERS:-12}"); fi
 
-timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${workers[@]}" -p no:benchmark tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py tests/test_kernel_meta_lstm_backward.py -q -ra --durations=10 2>&1 | tee "$OUT/test_kernel_cuda.log"
+LOG="$OUT/run.log"
+echo "== kernel tests on CUDA" | tee "$LOG"
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${workers[@]}" -p no:benchmark tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py tests/test_kernel_meta_lstm_backward.py -q -ra --durations=10 2>&1 | tee -a "$LOG"
 test_rc=${PIPESTATUS[0]}
 
-(cd benchmarks && timeout "${BENCH_TIMEOUT:-220}" "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:---no-compile --tune}) 2>&1 | tee "$OUT/kernel_bench.log"
+echo "== kernel benchmark" | tee -a "$LOG"
+(cd benchmarks && timeout "${BENCH_TIMEOUT:-220}" "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:---no-compile --tune}) 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
-timeout "${META_TIMEOUT:-90}" "$PY" -m pytest tests/test_meta_train_device.py -q -ra --durations=5 2>&1 | tee "$OUT/test_meta_train_cuda.log"
+echo "== meta-train on CUDA against CPU" | tee -a "$LOG"
+timeout "${META_TIMEOUT:-90}" "$PY" -m pytest tests/test_meta_train_device.py -q -ra --durations=5 2>&1 | tee -a "$LOG"
 meta_rc=${PIPESTATUS[0]}
 
-echo "kernel tests rc=$test_rc, benchmark rc=$bench_rc, meta-train on CUDA tests rc=$meta_rc" | tee "$OUT/summary.txt"
+echo "== MAML against higher on CUDA" | tee -a "$LOG"
+if ! "$PY" -c "import higher" 2>/dev/null && ls .whl/higher-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-higher .whl/higher-*.whl >> "$OUT/nvidia-smi.txt" 2>&1
+    export PYTHONPATH="/tmp/site-higher${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if "$PY" -c "import higher" 2>/dev/null; then
+    (cd benchmarks && timeout "${HIGHER_TIMEOUT:-60}" "$PY" fewshot.py higher --device cuda --repeats 3 --tag gpu --results-dir "$OUT/results") 2>&1 | tee -a "$LOG"
+    higher_rc=${PIPESTATUS[0]}
+else
+    echo "higher is not installed: skipped (see this script's header)" | tee -a "$LOG"
+    higher_rc=skipped
+fi
+
+echo "kernel tests rc=$test_rc, benchmark rc=$bench_rc, meta-train on CUDA tests rc=$meta_rc, MAML against higher rc=$higher_rc" | tee "$OUT/summary.txt"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$meta_rc" -eq 0 ]
