@@ -105,6 +105,29 @@ class PerTensorRule(UpdateRule):
         return torch.cat(steps), {k: torch.cat([s[k] for s in states], dim=dims[k]) for k in state}
 
 
+class WithoutLSTM(UpdateRule):
+    """``inner``'s features (a :class:`CoordinateLSTM`'s) with its LSTM stack and head replaced by
+    one linear map per coordinate: every cost of the unroll but the LSTM's. Its truncation's time
+    bounds what any implementation of the LSTM could gain (Amdahl: the LSTM for free)."""
+
+    kind = "WithoutLSTM"
+
+    def __init__(self, inner: UpdateRule) -> None:
+        torch.nn.Module.__init__(self)
+        self.config = inner.config
+        self._features = inner.features  # not a submodule: its LSTM's weights get no gradient here
+        self.weight = torch.nn.Parameter(torch.full((inner.lstm.input_size,), 1e-3))
+        self._spec = inner.state_spec()
+
+    def state_spec(self):
+        return self._spec
+
+    def forward(self, grad, param, state: State, loss=None):
+        x, new_state = self._features(grad, param, state)
+        new_state["h"], new_state["c"] = state["h"], state["c"]
+        return (x @ self.weight) * self.config.output_scale, new_state
+
+
 def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor]]:
     """Seconds for one truncation (unroll + backward) and the meta-gradient."""
     g = generator_for(args.seed, 1, 1)
@@ -147,6 +170,7 @@ IMPLEMENTATIONS = {
     "batched-symbolic": "batched unroll, `lstm_step` compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
     "per-tensor": "per-tensor rule calls, `torch.nn.LSTM` (baseline)",
+    "without-lstm": "batched unroll, the LSTM replaced by a linear step (all the work but the LSTM's)",
 }
 
 
@@ -183,6 +207,8 @@ def main() -> None:
     if not rule.needs_loss:
         runs["per-tensor"] = (PerTensorRule(rule, sizes), torch_lstm)
     baseline = "per-tensor" if "per-tensor" in runs else "batched-nn-lstm"
+    if hasattr(rule, "features") and hasattr(rule, "lstm"):  # a CoordinateLSTM
+        runs["without-lstm"] = (WithoutLSTM(rule), contextlib.nullcontext)
     for r, context in runs.values():
         with context():
             truncation(r, family, args)  # warm-up (and torch.compile of the LSTM step's pointwise parts)
@@ -207,7 +233,10 @@ def main() -> None:
             profiles[name] = profile_shares(r, family, args)
     reference = grads[baseline]
     diff = max(
-        ((a - b).norm() / b.norm()).item() for name in runs if name != baseline for a, b in zip(grads[name], reference)
+        ((a - b).norm() / b.norm()).item()
+        for name in runs
+        if name not in (baseline, "without-lstm")
+        for a, b in zip(grads[name], reference)
     )
     best = {k: min(v) for k, v in times.items()}
     # of the fastest (reported) truncation of each implementation
@@ -222,6 +251,7 @@ def main() -> None:
         compiled=compile_enabled(), profile_self_cpu_percent=profiles, gflop_per_truncation=gflop,
         matmul_gflops=peak, floor_seconds=floor, speedup_bound=best[baseline] / floor,
         batched_gflops=gflop / best["batched"],
+        free_lstm_bound=best[baseline] / best["without-lstm"] if "without-lstm" in best else None,
         minor_page_faults=faults, system_seconds={k: round(v, 3) for k, v in system.items()},
     )
     print(row)
@@ -255,6 +285,14 @@ def main() -> None:
         f"The library's truncation runs at {gflop / best['batched']:.1f} GFLOP/s "
         f"({100 * floor / best['batched']:.0f}% of that rate)."
     )
+    if row["free_lstm_bound"] is not None:
+        lines.append(
+            f"\nWithout the LSTM: the same unroll with the LSTM stack and head replaced by one linear map per "
+            f"coordinate (the features, the optimizee's forward and backward, the updates, the meta-loss and "
+            f"its backward) takes {best['without-lstm']:.2f} s, so an implementation whose LSTM cost nothing "
+            f"would be {row['free_lstm_bound']:.1f}x faster than the baseline (Amdahl); the library's LSTM "
+            f"takes the other {best['batched'] - best['without-lstm']:.2f} s of its truncation."
+        )
     for name, shares in profiles.items():
         ops = ", ".join(f"`{op}` {share}%" for op, share in shares.items())
         lines.append(f"\nSelf CPU time in one profiled truncation, {IMPLEMENTATIONS[name]}: {ops}.")
