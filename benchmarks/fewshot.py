@@ -226,9 +226,8 @@ def _functional_model(make_model, dtype: torch.dtype = torch.float32, device: st
 
 
 def against_higher(args: argparse.Namespace) -> None:
-    from common import gflop_count, matmul_gflops, self_cpu_ms, time_call
-
     import common
+    from common import gflop_count, matmul_gflops, self_cpu_ms, time_call
 
     if args.results_dir is not None:
         common.RESULTS = args.results_dir
