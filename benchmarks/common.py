@@ -111,23 +111,46 @@ def write_results(name: str, payload: dict, table: str) -> None:
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
 
 
-@contextlib.contextmanager
-def torch_lstm() -> Iterator[None]:
-    """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (oneDNN's fused cell on CPU,
-    with autograd through it), as the optimizer's no-grad step did before it ran
-    :func:`learnedopt.nn.lstm_step.lstm_step` too, instead of ``lstm_step``."""
-    from learnedopt.nn import coordinate_lstm, meta_lstm
+def through_nn_lstm(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """:func:`learnedopt.nn.lstm_step.lstm_step`'s contract, run as ``torch.nn.LSTM`` (oneDNN's
+    fused cell on CPU, with its own fused backward)."""
+    top, (h, c) = lstm(x.unsqueeze(0), (h, c))
+    return top[0], h, c
 
-    def through_nn_lstm(lstm, x, h, c):
-        top, (h, c) = lstm(x.unsqueeze(0), (h, c))
-        return top[0], h, c
+
+def through_cell_ops(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """:func:`learnedopt.nn.lstm_step.lstm_step`'s contract, run as the textbook LSTM cell in plain
+    torch ops (two ``linear`` products, ``sigmoid``/``tanh`` per gate) with autograd through them."""
+    hs, cs, layer_input = [], [], x
+    for layer in range(lstm.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (getattr(lstm, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        gates = torch.nn.functional.linear(layer_input, w_ih, b_ih) + torch.nn.functional.linear(h[layer], w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+        layer_input = torch.sigmoid(o) * torch.tanh(c_new)
+        hs.append(layer_input)
+        cs.append(c_new)
+    return layer_input, torch.stack(hs), torch.stack(cs)
+
+
+@contextlib.contextmanager
+def lstm_step_as(step: Callable) -> Iterator[None]:
+    """Within: both rules run their LSTM step as ``step`` (:func:`through_nn_lstm`: as the
+    optimizer's no-grad step did before it ran :func:`learnedopt.nn.lstm_step.lstm_step` too;
+    :func:`through_cell_ops`) instead of ``lstm_step``."""
+    from learnedopt.nn import coordinate_lstm, meta_lstm
 
     modules = (coordinate_lstm, meta_lstm)
     originals = [m.lstm_step for m in modules]
     for m in modules:
-        m.lstm_step = through_nn_lstm
+        m.lstm_step = step
     try:
         yield
     finally:
         for m, original in zip(modules, originals, strict=True):
             m.lstm_step = original
+
+
+def torch_lstm() -> contextlib.AbstractContextManager[None]:
+    """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (:func:`through_nn_lstm`)."""
+    return lstm_step_as(through_nn_lstm)

@@ -8,7 +8,11 @@ separately on every parameter tensor of every task, its LSTM as ``torch.nn.LSTM`
 through it. A third row, all coordinates at once through ``torch.nn.LSTM``, separates the gain of
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
-it kept the first call's shapes constant). All compute the same meta-gradient (checked here);
+it kept the first call's shapes constant). Two more rows: the per-tensor baseline with its LSTM
+written as the textbook cell in plain torch ops under autograd (slower than ``torch.nn.LSTM``'s
+fused cell and backward, so the baseline stays the ``torch.nn.LSTM`` one), and the batched unroll
+with the LSTM replaced by a linear step (the work besides the LSTM's). All but the last compute
+the same meta-gradient (checked here);
 the script times one truncation (forward unroll of T steps + backward) of each, in one run,
 after one untimed warm-up truncation each (which also compiles), the repeats of each in a row.
 
@@ -42,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gflop_count, matmul_gflops, self_cpu_ms, torch_lstm, write_results  # noqa: E402
+from common import gflop_count, lstm_step_as, matmul_gflops, self_cpu_ms, through_cell_ops, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, State, UpdateRule  # noqa: E402
@@ -170,6 +174,7 @@ IMPLEMENTATIONS = {
     "batched-symbolic": "batched unroll, `lstm_step` compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
     "per-tensor": "per-tensor rule calls, `torch.nn.LSTM` (baseline)",
+    "per-tensor-cell-ops": "per-tensor rule calls, the textbook LSTM cell in plain torch ops with autograd",
     "without-lstm": "batched unroll, the LSTM replaced by a linear step (all the work but the LSTM's)",
 }
 
@@ -206,6 +211,7 @@ def main() -> None:
     runs["batched-nn-lstm"] = (rule, torch_lstm)
     if not rule.needs_loss:
         runs["per-tensor"] = (PerTensorRule(rule, sizes), torch_lstm)
+        runs["per-tensor-cell-ops"] = (PerTensorRule(rule, sizes), lambda: lstm_step_as(through_cell_ops))
     baseline = "per-tensor" if "per-tensor" in runs else "batched-nn-lstm"
     if hasattr(rule, "features") and hasattr(rule, "lstm"):  # a CoordinateLSTM
         runs["without-lstm"] = (WithoutLSTM(rule), contextlib.nullcontext)
