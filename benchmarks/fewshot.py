@@ -284,11 +284,12 @@ def against_higher(args: argparse.Namespace) -> None:
                          conv_share=share, higher_conv_share=conv_shares.get("higher (task loop)"),
                          conv_bound=conv_bound))
         print(rows[-1], flush=True)
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     table = [
         "Second-order MAML meta-step (forward + backward, no optimizer step), float32, learnedopt's MAML "
         "with its default vectorize='auto' (vmap over tasks for the MLP; a task loop for conv-4 on CPU), median of "
         f"{args.repeats} timings, both in this run; meta-gradients compared in float64 on the same data.\n",
-        f"Device: {torch.cuda.get_device_name(device) if cuda else 'cpu'}.\n",
+        f"Device: {device_name}.\n",
         f"Hardware limit: a 2048x2048 float32 matmul ran at {peak:.1f} GFLOP/s on this {'GPU' if cuda else 'thread'} in this run. "
         "GFLOP counts the meta-step's convolutions and matrix products (forward, backward, second-order "
         "terms; `torch.utils.flop_counter`), counted on `higher`'s meta-step (learnedopt's: `gflop_learnedopt` "
@@ -313,7 +314,6 @@ def against_higher(args: argparse.Namespace) -> None:
                      f"{r['floor_ms']:.2g} | {r['speedup_bound']:.1f}x | "
                      f"{shares} | {bound} |")
     name = "fewshot_vs_higher" + (f"_{args.tag}" if args.tag else "")
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     common.write_results(
         name, {"rows": rows, "device": device_name, "threads": torch.get_num_threads(), "matmul_gflops": peak}, "\n".join(table)
     )
