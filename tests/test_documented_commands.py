@@ -1,7 +1,8 @@
 """Every `learnedopt ...` (and `torchrun ... -m learnedopt.meta.train ...`) command the README, the
-full results account (``benchmarks/results/README.md``) and the shipped model cards print parses with today's command-line parser: no stale flag, no wrong
-choice. Commands in fenced blocks must be complete; an inline mention in prose (e.g.
-``learnedopt meta-train --device cuda``) may leave out required arguments."""
+full results account (``benchmarks/results/README.md``) and the shipped model cards print parses
+with today's command-line parser: no stale flag, no wrong choice. Commands in fenced blocks must
+be complete; an inline mention in prose (e.g. ``learnedopt meta-train --device cuda``) may leave
+out required arguments."""
 
 from __future__ import annotations
 
