@@ -107,8 +107,9 @@ PRESETS: dict[str, Preset] = {
             "LSTMOptimizer's default: the weight-wise mean of l2l-short and l2l-random (learnedopt average-weights "
             "l2l-short l2l-random), the start and the end of l2l-random's last fine-tune. Momentum and RMS-normalised "
             "gradient inputs, as l2l-random; at or below tuned Adam on 9 of the 10 held-out problems (not the "
-            "quadratic). On full-batch problems it stalls at a floor set by its step: lower lr there (the demo's "
-            "regression over 1000 steps: 0.011 at lr 1, 4.9e-5 at lr 0.03, tuned Adam 1.4e-5); model card: "
+            "quadratic). On full-batch problems its untuned step is off, so tune lr there: lower on the demo's "
+            "regression over 1000 steps (0.011 at lr 1, 4.9e-5 at lr 0.03, tuned Adam 1.4e-5), higher on the "
+            "20-dim quadratic (7.2 at lr 1, 2.6 at lr 10, tuned Adam 1.04); model card: "
             "learnedopt/pretrained/l2l-blend.md.",
             file="l2l-blend.safetensors",
         ),
