@@ -8,10 +8,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .evaluation.problems import Problem, make_problem as make_suite_problem, regression_data
+from .evaluation.problems import Problem, regression_data
+from .evaluation.problems import make_problem as make_suite_problem
 from .evaluation.runs import BASELINES, OptimizerFactory, final_loss, run_optimizer
 from .optim import LSTMOptimizer, MetaLSTMOptimizer
 
@@ -61,11 +63,11 @@ def minibatch_problem(data: str | Path | None = None) -> Problem:
 
 def _row(name: str, losses: list[float], elapsed: float) -> str:
     early = len(losses) // 10
-    return f"{name:56s} {losses[0]:9.4f} {losses[early]:9.4f} {final_loss(losses):9.4f} {elapsed:6.2f}s"
+    return f"{name:56s} {losses[0]:9.4f} {losses[early]:9.4f} {final_loss(np.asarray(losses)):9.4f} {elapsed:6.2f}s"
 
 
 def _header(steps: int) -> str:
-    """The loss table's header; "final" is the mean of the last 10 losses, as the suite reports."""
+    """The loss table's header; "final10" is the mean of the last 10 losses, as the suite reports."""
     return f"{'optimizer':56s} {'loss@0':>9s} {'loss@' + str(steps // 10):>9s} {'final10':>9s} {'time':>7s}"
 
 
