@@ -31,6 +31,46 @@ def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: in
     return nn.Sequential(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """``relu(x + BN(conv(relu(BN(conv(x))))))``: two 3x3 convolutions of ``channels``, each
+    followed by BatchNorm, around an identity skip (He et al. 2016's basic block). Shape-preserving:
+    ``(B, channels, H, W) -> (B, channels, H, W)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(x + self.norm2(self.conv2(y)))
+
+
+def small_resnet(in_channels: int = 1, classes: int = 10, width: int = 16) -> nn.Sequential:
+    """A small residual network with BatchNorm for ``(B, in_channels, 28, 28)`` images.
+
+    A stride-2 3x3 stem to ``width`` channels at 14x14 (conv, BatchNorm, ReLU), one
+    :class:`ResidualBlock`, a stride-2 3x3 convolution to ``2 width`` channels at 7x7 (conv,
+    BatchNorm, ReLU), another block, global average pooling and a linear layer to ``classes``
+    logits ``(B, classes)``.
+    """
+
+    def down(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *down(in_channels, width),
+        ResidualBlock(width),
+        *down(width, 2 * width),
+        ResidualBlock(2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
+    )
+
+
 class TinyTransformer(nn.Module):
     """A one-block causal transformer language model (GPT-style, LayerNorm before each part).
 

@@ -574,3 +574,42 @@ def test_regression_problem_is_full_batch_and_a_function_of_the_seed() -> None:
     assert all(torch.equal(u, v) for u, v in zip(demo_data(0), regression_data(g), strict=True))
     curve = run_optimizer(problem, 3, BASELINES["Adam"], 0.01, steps=200)
     assert curve[-1] < 0.2 * curve[0]
+
+
+@pytest.mark.parametrize("name", ["mnist-mlp-wide", "mnist-resnet-bn", "mnist-autoencoder"])
+def test_unseen_architecture_problems_are_seeded_and_learnable(tmp_path, name) -> None:
+    """The opt-in problems of architectures no meta-training task has (a wide MLP, a residual
+    BatchNorm convnet, an autoencoder): the same seed gives the same model and minibatches, their
+    BatchNorm layers start at weight 1, bias 0 and reset running statistics, and tuned-ish Adam
+    lowers the loss in a few steps."""
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation.problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
+
+    assert name in EXTRA_PROBLEMS and name not in DEFAULT_PROBLEMS
+    problem = make_problem(name, write_fake_mnist(tmp_path / "mnist", n=200))
+    a, b = problem.model(3), problem.model(3)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(next(a.parameters()), next(problem.model(4).parameters()))
+    norms = [m for m in a.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bool(norms) == (name == "mnist-resnet-bn")
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
+        assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+        assert torch.equal(norm.running_var, torch.ones_like(norm.running_var)) and norm.num_batches_tracked == 0
+    x, y = problem.minibatch(0, 5)
+    assert torch.equal(x, problem.minibatch(0, 5)[0]) and len(x) == problem.batch_size
+    if name == "mnist-autoencoder":  # the loss is the reconstruction's squared error; labels unused
+        assert torch.allclose(problem.loss(a, 0, 5), F.mse_loss(a(x), x))
+    else:
+        assert torch.allclose(problem.loss(a, 0, 5), F.cross_entropy(a(x), y))
+    optimizer = torch.optim.Adam(a.parameters(), lr=0.003)
+    losses = []
+    for step in range(25):
+        optimizer.zero_grad()
+        loss = problem.loss(a, 0, step % 2)  # two minibatches, to see learning in few steps
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # the fake images are uniform noise: an autoencoder can learn little more than their mean
+    assert max(losses[-4:]) < (0.95 if name == "mnist-autoencoder" else 0.8) * losses[0], losses

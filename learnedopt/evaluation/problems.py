@@ -28,7 +28,7 @@ from ..meta.tasks import (
     mlp_module,
     regression_draw,
 )
-from ..models import TinyTransformer
+from ..models import TinyTransformer, small_resnet
 
 # Second key of generator_for: which stream of a seed a generator draws.
 _INIT_STREAM, _BATCH_STREAM, _TASK_STREAM = 0, 1, 2
@@ -64,7 +64,8 @@ class Problem(ABC):
 
 def _init_default_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """PyTorch's default init, drawn from ``generator``: Linear/Conv U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    Embedding N(0, 1), LayerNorm weight 1 and bias 0.
+    Embedding N(0, 1), LayerNorm and BatchNorm weight 1 and bias 0 (BatchNorm's running statistics
+    reset).
 
     Raises:
         TypeError: a module holds parameters of its own and is none of these (it would keep
@@ -80,11 +81,13 @@ def _init_default_(model: nn.Module, generator: torch.Generator) -> nn.Module:
                         p.copy_(torch.rand(p.shape, generator=generator) * (2 * bound) - bound)
             elif isinstance(module, nn.Embedding):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
                 if module.weight is not None:
                     module.weight.fill_(1.0)
                 if module.bias is not None:
                     module.bias.zero_()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()  # built on the meta device: the buffers hold garbage
             elif any(True for _ in module.parameters(recurse=False)):
                 raise TypeError(f"no seeded init for the parameters of {type(module).__name__}")
     return model
@@ -132,6 +135,15 @@ class ClassificationProblem(Problem):
     def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
         x, y = self.minibatch(seed, step)
         return F.cross_entropy(model(x), y)
+
+
+class ReconstructionProblem(ClassificationProblem):
+    """A :class:`ClassificationProblem`'s pool and minibatches with the labels unused: the loss is
+    the mean squared error of the model's output ``(batch_size, *features)`` against its input."""
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        x, _ = self.minibatch(seed, step)
+        return F.mse_loss(model(x), x)
 
 
 class QuadraticModel(nn.Module):
@@ -317,20 +329,23 @@ def _mnist_problem(
     architecture: Callable[[], nn.Module],
     image: bool,
     data: str | None,
+    batch_size: int = 128,
+    kind: type[ClassificationProblem] = ClassificationProblem,
 ) -> ClassificationProblem:
     inputs, labels, pool = _mnist_held_out(data)
     if image:
         inputs = inputs.view(-1, 1, 28, 28)
-    return ClassificationProblem(
+    loss = "squared error of the reconstruction" if kind is ReconstructionProblem else "cross-entropy"
+    return kind(
         name,
         f"{what} on MNIST t10k's held_out part ({len(pool)} images, pixels/255, "
-        f"split {MNIST_SPLIT} seed {MNIST_SPLIT_SEED}), batch 128, cross-entropy",
+        f"split {MNIST_SPLIT} seed {MNIST_SPLIT_SEED}), batch {batch_size}, {loss}",
         steps,
         inputs,
         labels,
         pool,
         architecture,
-        128,
+        batch_size,
     )
 
 
@@ -417,9 +432,37 @@ PROBLEMS: dict[str, Callable[[str | None, str], Problem]] = {
     "mlp-random-held-out": _mlp_random_held_out,
     "transformer-markov": lambda data, name: markov_transformer(name, 200),
     "regression-1000": lambda data, name: RegressionProblem(name, 1000),
+    "mnist-mlp-wide": _mnist_mlp(
+        (784, 256, 256, 10), nn.ReLU, 500, "ReLU (4x meta-training's widest layer, 269,322 parameters)"
+    ),
+    "mnist-resnet-bn": lambda data, name: _mnist_problem(
+        name,
+        200,
+        "residual conv net with BatchNorm (models.small_resnet: stem 16 3x3/2, basic block, "
+        "32 3x3/2, basic block, average pool, linear; BatchNorm in training mode)",
+        small_resnet,
+        True,
+        data,
+        batch_size=64,
+    ),
+    "mnist-autoencoder": lambda data, name: _mnist_problem(
+        name,
+        500,
+        "autoencoder MLP 784-128-32-128-784, ReLU, sigmoid output",
+        lambda: nn.Sequential(mlp_module((784, 128, 32, 128, 784), nn.ReLU), nn.Sigmoid()),
+        False,
+        data,
+        kind=ReconstructionProblem,
+    ),
 }
 #: problems run only when named with ``--problems`` (added after the suite's reported runs)
-EXTRA_PROBLEMS: tuple[str, ...] = ("transformer-markov", "regression-1000")
+EXTRA_PROBLEMS: tuple[str, ...] = (
+    "transformer-markov",
+    "regression-1000",
+    "mnist-mlp-wide",
+    "mnist-resnet-bn",
+    "mnist-autoencoder",
+)
 DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_PROBLEMS)
 
 
