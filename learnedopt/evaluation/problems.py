@@ -103,6 +103,9 @@ class ClassificationProblem(Problem):
         batch_size: examples per minibatch.
     """
 
+    #: how the loss reads in a problem's description
+    loss_description = "cross-entropy"
+
     def __init__(
         self,
         name: str,
@@ -140,6 +143,8 @@ class ClassificationProblem(Problem):
 class ReconstructionProblem(ClassificationProblem):
     """A :class:`ClassificationProblem`'s pool and minibatches with the labels unused: the loss is
     the mean squared error of the model's output ``(batch_size, *features)`` against its input."""
+
+    loss_description = "squared error of the reconstruction"
 
     def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
         x, _ = self.minibatch(seed, step)
@@ -335,11 +340,10 @@ def _mnist_problem(
     inputs, labels, pool = _mnist_held_out(data)
     if image:
         inputs = inputs.view(-1, 1, 28, 28)
-    loss = "squared error of the reconstruction" if kind is ReconstructionProblem else "cross-entropy"
     return kind(
         name,
         f"{what} on MNIST t10k's held_out part ({len(pool)} images, pixels/255, "
-        f"split {MNIST_SPLIT} seed {MNIST_SPLIT_SEED}), batch {batch_size}, {loss}",
+        f"split {MNIST_SPLIT} seed {MNIST_SPLIT_SEED}), batch {batch_size}, {kind.loss_description}",
         steps,
         inputs,
         labels,
