@@ -248,6 +248,10 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         header = json.loads(metadata[_HEADER_KEY])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: learnedopt header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: learnedopt header is a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.get("config"), dict):
+        raise ValueError(f"{path}: learnedopt header has no architecture config (a 'config' object)")
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported weight format {header.get('format')!r} (this library reads {FORMAT_VERSION})")
     if header.get("kind") not in RULES:
@@ -300,7 +304,8 @@ def resolve_weights(
     else:
         raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
     if rule.kind != kind:
-        raise ValueError(f"{owner} runs a {kind} update rule, but the weights given are a {rule.kind}")
+        given = "" if isinstance(weights, UpdateRule) else f" ({os.fspath(weights)})"
+        raise ValueError(f"{owner} runs a {kind} update rule, but the weights given{given} are a {rule.kind}")
     if header.get("trained") is False:
         warnings.warn(
             f"{owner} is using UNTRAINED weights (preset {header.get('preset')!r}): "

@@ -140,3 +140,15 @@ def test_named_parameters_are_accepted() -> None:
     assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
     model(torch.randn(3, 2)).sum().backward()
     opt.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_changing_state_dtype_mid_run_converts_the_states(foreach) -> None:
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    set_grads(params, 1)
+    opt.step()
+    assert {opt.state[p][name].dtype for p in params for name in ("h", "c", "m", "v")} == {torch.bfloat16}

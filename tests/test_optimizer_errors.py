@@ -174,3 +174,48 @@ def test_rules_that_read_the_parameter_reject_non_finite_parameters(kind) -> Non
     skipped = skipping.state.get(params[1], {})
     assert all(not v.any() for v in skipped.values()), "a skipped tensor's state stays at its initial value"
     assert all(torch.isfinite(v).all() for v in skipping.state[params[0]].values())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_rejected_param_group_is_not_kept(kind) -> None:
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([params[0]])
+    for bad, message in (({"lr": -1.0}, "Invalid lr"), ({"nan_policy": "bogus"}, "Invalid nan_policy")):
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group({"params": [params[1]], **bad})
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [params[1]], "lr": 0.5})  # the corrected group is accepted
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
+    assert len(opt.param_groups) == 2
+
+
+def test_weights_per_param_group_and_repeated_parameters_are_errors() -> None:
+    a, b = make_params([(3,), (2,)], dtype=torch.float32)
+    with pytest.raises(ValueError, match="weights cannot differ between param groups"):
+        LSTMOptimizer([{"params": [a], "weights": "l2l-mnist"}, {"params": [b]}])
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="appears more than once"):
+        LSTMOptimizer([a, b, a])
+
+
+def test_a_triton_group_that_cannot_run_fails_before_any_group_is_updated() -> None:
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    a, b = make_params([(3,), (2,)], dtype=torch.float64)  # the kernels take no float64 parameters
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b], "backend": "triton"}])
+    set_grads([a, b], 0)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this step: float64"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state
+
+
+def test_a_module_given_as_weights_is_not_changed() -> None:
+    from learnedopt import CoordinateLSTM
+
+    rule = CoordinateLSTM()
+    LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=rule)
+    assert all(p.requires_grad for p in rule.parameters())

@@ -87,3 +87,60 @@ def test_load_does_not_alias_the_given_state() -> None:
     set_grads(params, 1)
     fresh.step()
     assert torch.equal(sd["state"][0]["h"], snapshot)
+
+
+def _snapshot(opt) -> dict:
+    return copy.deepcopy({"groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                          "state": {i: dict(s) for i, s in enumerate(opt.state.values())}})
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_rejected_load_leaves_the_optimizer_as_it_was(kind) -> None:
+    params = make_params([(4,), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, lr=0.5)
+    for t in range(2):
+        set_grads(params, t)
+        step(opt)
+    other_params = make_params([(4,), (6,)], dtype=torch.float32, seed=1)
+    other = OPTIMIZERS[kind](other_params, lr=0.01)
+    set_grads(other_params, 5)
+    step(other)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="saved state of parameter 1"):  # the second tensor's shape differs
+        opt.load_state_dict(other.state_dict())
+    after = _snapshot(opt)
+    assert after["groups"] == before["groups"]
+    assert before["state"].keys() == after["state"].keys()
+    for i, state in before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][i][name], value), (i, name)
+    bad_lr = copy.deepcopy(opt.state_dict())
+    bad_lr["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.load_state_dict(bad_lr)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_load_state_dict_hooks_see_the_whole_state_as_in_torch_optim() -> None:
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = LSTMOptimizer(params)
+    seen = {}
+
+    def pre_hook(optimizer, state_dict):
+        seen["pre"] = sorted(state_dict["state"])
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["step"] = torch.tensor(100.0)
+        return state_dict
+
+    def post_hook(optimizer):
+        seen["post"] = [s["step"].item() for s in optimizer.state.values()]
+
+    fresh.register_load_state_dict_pre_hook(pre_hook)
+    fresh.register_load_state_dict_post_hook(post_hook)
+    fresh.load_state_dict(saved)
+    assert seen == {"pre": [0], "post": [100.0]}
+    assert fresh.state[params[0]]["step"].item() == 100.0

@@ -146,6 +146,9 @@ def test_unknown_kind_and_format(tmp_path) -> None:
     for header, message in [
         ({"format": 1, "kind": "Transformer", "config": {}}, "unknown update rule kind"),
         ({"format": 99, "kind": "CoordinateLSTM", "config": {}}, "unsupported weight format"),
+        ({"format": 1, "kind": "CoordinateLSTM"}, "no architecture config"),
+        ({"format": 1, "kind": "CoordinateLSTM", "config": None}, "no architecture config"),
+        (["format", 1], "header is a JSON list, not an object"),
     ]:
         save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": json.dumps(header)})
         with pytest.raises(ValueError, match=message):

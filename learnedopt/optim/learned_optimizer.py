@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import defaultdict
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -86,7 +87,8 @@ class LearnedOptimizer(Optimizer):
         self.rule, self.weights_header = resolve_weights(
             weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
         )
-        self.rule.requires_grad_(False)
+        if not isinstance(weights, UpdateRule):  # a module the caller passed stays as it was
+            self.rule.requires_grad_(False)
         self._rule_copies: dict[tuple[torch.device, torch.dtype], tuple[tuple[int, ...], UpdateRule]] = {}
         self._flat_states: dict[tuple[int, torch.device, torch.dtype], FlatState] = {}
         self._packed_weights: dict[torch.device, tuple[tuple[int, ...], object]] = {}
@@ -96,11 +98,26 @@ class LearnedOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- torch.optim protocol
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "weights" in param_group:
+            raise ValueError(
+                f"weights cannot differ between param groups: one {type(self).__name__} runs one update "
+                "rule; build a second optimizer for the parameters that need other weights"
+            )
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a rejected group is not kept, as when torch.optim rejects one
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
         _validate_options(group)
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            # torch.optim only warns (an error in a future release); the flat state needs each once
+            raise ValueError(
+                f"{type(self).__name__}: a parameter appears more than once in one parameter group; give each parameter once"
+            )
         if group["backend"] == "triton" and not _fused_rule(self.rule):
-            self.param_groups.pop()
             raise ValueError(
                 f"backend='triton' has fused kernels only for CoordinateLSTM and MetaLSTMCell; this "
                 f"optimizer runs {self.rule.kind}: use 'torch' or 'auto'"
@@ -165,8 +182,15 @@ class LearnedOptimizer(Optimizer):
 
         Unlike the base class, per-coordinate states keep their saved dtype (``state_dtype``) rather
         than being cast to the parameter dtype, and their names and shapes are checked against the
-        update rule.
+        update rule. Everything is checked before anything is changed: a rejected state dict
+        leaves the optimizer as it was. Load-state-dict pre-hooks see (and may replace) the whole
+        state dict, post-hooks the loaded optimizer, as in ``torch.optim``.
         """
+        state_dict = state_dict.copy()  # shallow, as torch.optim's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_rule = state_dict.get("learned_rule")
         if saved_rule is not None and saved_rule != fingerprint(self.rule):
             raise ValueError(
@@ -174,38 +198,57 @@ class LearnedOptimizer(Optimizer):
                 f"sha256 {saved_rule['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
                 f"{fingerprint(self.rule)['sha256'][:12]}...); construct it with the same weights"
             )
-        saved_state = state_dict["state"]
-        base = {k: v for k, v in state_dict.items() if k not in ("state", "learned_rule")}
-        super().load_state_dict({**base, "state": {}})
-        index_to_param = {
-            index: param
-            for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True)
-            for index, param in zip(saved_group["params"], group["params"], strict=True)
-        }
-        spec = self.rule.state_spec()
-        for index, saved in saved_state.items():
-            param = index_to_param[index]
-            if sharding.is_sharded(param):
-                missing = sorted(set(spec) - set(saved))
-                if missing:
-                    raise ValueError(f"saved state of parameter {index} lacks {missing}")
-                saved = {
-                    name: sharding.to_local(value, param, spec[name], f"saved state {name!r} of parameter {index}")
-                    if name in spec else value
-                    for name, value in saved.items()
-                }  # fmt: skip
-            expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}
-            got = {name: tuple(saved[name].shape) for name in expected if name in saved}
-            if got != expected:
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        index_to_param = {}
+        for number, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved_group["params"]) != len(group["params"]):
                 raise ValueError(
-                    f"saved state of parameter {index} has {got}, expected {expected} for a "
-                    f"{tuple(param.shape)} parameter under {self.rule.kind} {self.rule.config_dict()}"
+                    f"loaded state dict's parameter group {number} has {len(saved_group['params'])} "
+                    f"parameters, this optimizer's {len(group['params'])}"
                 )
-            self.state[param] = {
-                name: value.detach().to(param.device).clone() if isinstance(value, Tensor) else value
-                for name, value in saved.items()
-            }
+            index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
+            _validate_options({**self.defaults, **saved_group})
+        state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
+        for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
+            saved_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved_group:
+                saved_group["param_names"] = group["param_names"]
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
         self._flat_states.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_state(self, index: int, index_to_param: dict[int, Tensor], saved: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """``(param, state)`` for one parameter's saved state, checked against the update rule and
+        copied onto the parameter's device in its saved dtypes."""
+        param = index_to_param.get(index)
+        if param is None:
+            raise ValueError(f"loaded state dict has a state for parameter index {index}, which no parameter group lists")
+        spec = self.rule.state_spec()
+        if sharding.is_sharded(param):
+            missing = sorted(set(spec) - set(saved))
+            if missing:
+                raise ValueError(f"saved state of parameter {index} lacks {missing}")
+            saved = {
+                name: sharding.to_local(value, param, spec[name], f"saved state {name!r} of parameter {index}")
+                if name in spec else value
+                for name, value in saved.items()
+            }  # fmt: skip
+        expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}
+        got = {name: tuple(saved[name].shape) for name in expected if name in saved}
+        if got != expected:
+            raise ValueError(
+                f"saved state of parameter {index} has {got}, expected {expected} for a "
+                f"{tuple(param.shape)} parameter under {self.rule.kind} {self.rule.config_dict()}"
+            )
+        return param, {
+            name: value.detach().to(param.device).clone() if isinstance(value, Tensor) else value
+            for name, value in saved.items()
+        }
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -225,6 +268,10 @@ class LearnedOptimizer(Optimizer):
                 closure_loss = closure()
         rule_loss = self._rule_loss(loss if loss is not None else closure_loss)
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        # a backend='triton' group that cannot run raises here, before any group is updated
+        for group, (params, grads) in zip(self.param_groups, plans, strict=True):
+            for device, compute_dtype in _partitions(params, grads):
+                self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"])
         for index, (group, (params, grads)) in enumerate(zip(self.param_groups, plans, strict=True)):
             if params:
                 self._update_group(index, group, params, grads, rule_loss)
@@ -291,12 +338,7 @@ class LearnedOptimizer(Optimizer):
         self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], loss: Tensor | None
     ) -> None:
         state_dtype = group["state_dtype"]
-        partitions: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for p, g in zip(params, grads, strict=True):
-            bucket = partitions.setdefault((p.device, _compute_dtype(p)), ([], []))
-            bucket[0].append(p)
-            bucket[1].append(g)
-        for (device, compute_dtype), (ps, gs) in partitions.items():
+        for (device, compute_dtype), (ps, gs) in _partitions(params, grads).items():
             rule = self._rule_on(device, compute_dtype)
             lr = float(group["lr"])
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
@@ -375,6 +417,10 @@ class LearnedOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
+        for name in self.rule.state_spec():  # a group's state_dtype changed since: as the flat path does
+            value = state.get(name)
+            if isinstance(value, Tensor) and value.dtype != state_dtype:
+                state[name] = value.to(state_dtype)
         return state
 
     def _flat_state(
@@ -426,6 +472,16 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _partitions(params: list[Tensor], grads: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
+    """``params`` and their ``grads`` grouped by (device, compute dtype), the unit of one update."""
+    partitions: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for p, g in zip(params, grads, strict=True):
+        bucket = partitions.setdefault((p.device, _compute_dtype(p)), ([], []))
+        bucket[0].append(p)
+        bucket[1].append(g)
+    return partitions
 
 
 def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Any, list[int]]:
