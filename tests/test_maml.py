@@ -186,3 +186,68 @@ def test_bad_arguments() -> None:
         MAML(tiny_model(), vectorize="yes")
     with pytest.raises(ValueError, match="zero_init: 'head' names no trainable parameter"):
         MAML(tiny_model(), zero_init=("head",))
+
+
+class WithUnusedHead(nn.Module):
+    """A model with a parameter its output does not use (an auxiliary head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.aux_head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("mode", [{"vectorize": True}, {"vectorize": False}, {"vectorize": False, "checkpoint_steps": True}])
+def test_parameters_the_loss_does_not_use_get_zero_inner_gradient(mode) -> None:
+    model = WithUnusedHead().double()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, **mode)
+    maml(*episode()).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, 2, episode(), first_order=False)
+    for p, e in zip(model.body.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    adapted = maml.adapt(episode()[0][0], episode()[1][0])
+    assert torch.equal(adapted["aux_head.weight"], model.aux_head.weight.detach())
+
+
+def test_query_losses_under_no_grad_equal_the_graph_ones_on_the_loop_path() -> None:
+    maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=2, vectorize=False)
+    with_graph = maml.query_losses(*episode())
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            losses = maml.query_losses(*episode())
+        assert not losses.requires_grad
+        torch.testing.assert_close(losses, with_graph.detach(), rtol=0, atol=0)
+
+
+def test_checkpointed_steps_pass_the_meta_gradient_to_the_support_inputs_and_keep_dropout_masks() -> None:
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        encoder = nn.Linear(3, 3).double()
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 2)).double()
+        maml = MAML(model, inner_lr=0.5, inner_steps=2, vectorize=False, checkpoint_steps=ckpt)
+        xs, ys, xq, yq = episode()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        maml(encoder(xs), ys, encoder(xq), yq).backward()
+        grads[ckpt] = [p.grad for p in (*encoder.parameters(), *model.parameters())]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    temperature = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    maml = MAML(tiny_model(), inner_lr=0.5, checkpoint_steps=True,
+                loss_fn=lambda out, y: nn.functional.cross_entropy(out * temperature, y))  # fmt: skip
+    with pytest.raises(RuntimeError, match="requires grad but is not one of MAML's parameters"):
+        maml(*episode())
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_layer_frozen_after_construction_is_not_adapted(vectorize) -> None:
+    model = tiny_model()
+    maml = MAML(model, inner_lr=0.5, vectorize=vectorize)
+    model[0].requires_grad_(False)  # head-only adaptation (ANIL), chosen after wrapping
+    maml(*episode()).backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
+    assert set(maml.adapt(episode()[0][0], episode()[1][0])) == {"2.weight", "2.bias"}

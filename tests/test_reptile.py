@@ -74,3 +74,21 @@ def test_bad_arguments() -> None:
         reptile.meta_step([])
     with pytest.raises(ValueError, match="at least one"):
         reptile.meta_step([[]])
+
+
+def test_the_working_copy_follows_later_changes_to_the_model() -> None:
+    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 2)).double()
+    reptile = Reptile(net, inner_steps=2, outer_stepsize=1.0)
+    net[0].requires_grad_(False)  # frozen after construction: not trained in the inner loop
+    net[1].eval()  # a submodule's mode is the model's, not the top module's
+    net[2].eval()
+    frozen = net[0].weight.detach().clone()
+    worker = reptile.adapt(tasks()[0])
+    assert torch.equal(worker[0].weight, frozen)
+    assert [m.training for m in worker.modules()] == [m.training for m in net.modules()]
+    assert torch.equal(worker[1].running_mean, net[1].running_mean)
+    net.float()  # and a new dtype
+    data = [[(x.float(), y) for x, y in batches] for batches in tasks()]
+    before = net[3].weight.detach().clone()
+    reptile.meta_step(data)
+    assert not torch.equal(net[3].weight, before) and torch.equal(net[0].weight, frozen.float())

@@ -90,7 +90,10 @@ class MAML(nn.Module):
             during the meta-backward, so a meta-step's memory no longer grows with the
             activations of every inner step (``benchmarks/results/maml_memory.md``), for about
             one more support forward and backward per step. Runs the tasks in a loop; the
-            meta-gradient is unchanged (tested), but it cannot be differentiated twice.
+            meta-gradient is unchanged (tested; also to the support inputs, and with dropout: the
+            random state is replayed), but it cannot be differentiated twice, and a loss that
+            reaches a tensor requiring grad outside the model's parameters and the support set
+            (e.g. one ``loss_fn`` holds) is refused with an error, since its gradient would be lost.
         zero_init: parameters (by name, or every parameter of a named module) that start every
             task at zero instead of at a learned value, e.g. the output layer: Kao et al. 2022's
             "zeroing trick". A classifier's initial head then holds no label order (the labels of
@@ -134,6 +137,8 @@ class MAML(nn.Module):
         if checkpoint_steps and vectorize is True:
             raise ValueError("checkpoint_steps=True runs the tasks in a loop; use vectorize=False or 'auto'")
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if isinstance(model, nn.modules.batchnorm._BatchNorm):
+            raise ValueError("the model is a single BatchNorm layer, which cannot be replaced in place; wrap it in nn.Sequential")
         if batchnorm == "transductive":
             replace_batchnorm_(model)
         elif batchnorm == "error":
@@ -149,9 +154,7 @@ class MAML(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)
         self._check_weights(inner_steps)
-        names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self._names = names
-        self._zero_init = _names_under(names, zero_init)
+        self._zero_init = _names_under(self._names(), zero_init)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._zero_init:
@@ -167,13 +170,18 @@ class MAML(nn.Module):
             raise ValueError(f"step_loss_weights needs {steps} entries, got {len(self.step_loss_weights)}")
 
     # ------------------------------------------------------------------ functional pieces
+    def _names(self) -> list[str]:
+        """The model's parameters that adapt: those that require grad now (a layer frozen or
+        unfrozen after construction, as for head-only adaptation, counts as it is now)."""
+        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+
     def initial_params(self) -> Params:
         """The learned initialisation, as a dict of the model's trainable parameters (fresh zeros
         for those of ``zero_init``, so that no meta-gradient reaches them)."""
         return {
             n: torch.zeros_like(p, requires_grad=True) if n in self._zero_init else p
             for n, p in self.model.named_parameters()
-            if n in self._names
+            if p.requires_grad
         }
 
     def _model_buffers(self) -> Params:
@@ -183,36 +191,66 @@ class MAML(nn.Module):
         return self.loss_fn(functional_call(self.model, (params, self._model_buffers()), (x,)), y)
 
     def _lr(self, name: str) -> Tensor | float:
-        return self.inner_lr if self.inner_lrs is None else self.inner_lrs[name.replace(".", "/")]
+        if self.inner_lrs is None:
+            return self.inner_lr
+        key = name.replace(".", "/")
+        if key not in self.inner_lrs:
+            raise ValueError(
+                f"learn_inner_lr: parameter {name!r} requires grad but had none when MAML was built, so it "
+                "has no learned step size; set requires_grad before building MAML"
+            )
+        return self.inner_lrs[key]
+
+    def _support_grads(self, params: Params, x_s: Tensor, y_s: Tensor, create_graph: bool) -> Params:
+        """The support loss's gradient at ``params`` (zeros for parameters it does not use).
+
+        Under ``torch.no_grad`` or ``inference_mode`` (evaluation) the step's own gradient is
+        still taken, on detached copies: the result then carries no graph."""
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            values = torch.autograd.grad(
+                self._loss(params, x_s, y_s), list(params.values()), create_graph=create_graph, allow_unused=True
+            )
+        else:
+            with torch.inference_mode(False), torch.enable_grad():
+                normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731 - autograd saves no inference tensors
+                leaves = {k: normal(v).detach().requires_grad_(True) for k, v in params.items()}
+                values = torch.autograd.grad(self._loss(leaves, normal(x_s), normal(y_s)), list(leaves.values()), allow_unused=True)
+        return _zero_filled(params, values)
 
     def _inner_step(self, params: Params, x_s: Tensor, y_s: Tensor, batched: bool) -> Params:
         """One inner gradient step on the support set, keeping the graph unless first-order."""
         if batched:
             grads = grad(self._loss)(params, x_s, y_s)
         else:
-            values = torch.autograd.grad(
-                self._loss(params, x_s, y_s),
-                list(params.values()),
-                create_graph=not self.first_order and torch.is_grad_enabled(),
-            )
-            grads = dict(zip(params, values, strict=True))
+            grads = self._support_grads(params, x_s, y_s, create_graph=not self.first_order)
         if self.first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         return {k: p - self._lr(k) * grads[k] for k, p in params.items()}
 
     def _checkpointed_step(self, params: Params, x_s: Tensor, y_s: Tensor) -> Params:
-        """:meth:`_inner_step` through :class:`_RecomputedStep`: only the step's input
-        parameters (and learned step sizes) are kept for the meta-backward."""
+        """:meth:`_inner_step` through :class:`_RecomputedStep`: only the step's inputs (the
+        parameters, learned step sizes and the support set) are kept for the meta-backward."""
         names = list(params)
-        lrs = [] if self.inner_lrs is None else [self.inner_lrs[k.replace(".", "/")] for k in names]
+        lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
+        data = [x_s, y_s]
 
         def step(values: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
             current = dict(zip(names, values[: len(names)], strict=True))
-            grads = torch.autograd.grad(self._loss(current, x_s, y_s), list(current.values()), create_graph=create_graph)
-            rates = values[len(names) :] or [self.inner_lr] * len(names)
-            return tuple(p - lr * g for p, lr, g in zip(current.values(), rates, grads, strict=True))
+            rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
+            x, y = values[len(names) + len(lrs) :]
+            loss = self._loss(current, x, y)
+            outside = _leaves_outside([loss], values)
+            if outside:
+                raise RuntimeError(
+                    "MAML(checkpoint_steps=True): the support loss uses a tensor that requires grad but is not one "
+                    f"of MAML's parameters (shape {tuple(outside[0].shape)}: held by loss_fn, or by a module outside "
+                    "the model); its meta-gradient through a checkpointed step would be lost. Use "
+                    "checkpoint_steps=False, or make it a parameter of the model."
+                )
+            grads = _zero_filled(current, torch.autograd.grad(loss, list(current.values()), create_graph=create_graph, allow_unused=True))
+            return tuple(p - lr * g for p, lr, g in zip(current.values(), rates, grads.values(), strict=True))
 
-        outputs = _RecomputedStep.apply(step, *params.values(), *lrs)
+        outputs = _RecomputedStep.apply(step, *params.values(), *lrs, *data)
         return dict(zip(names, outputs, strict=True))
 
     def _adapt_one(
@@ -309,11 +347,10 @@ class MAML(nn.Module):
         """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``."""
         steps = self.inner_steps if steps is None else steps
         params = {k: v.detach() for k, v in self.initial_params().items()}
-        with torch.enable_grad():
+        with torch.no_grad():
             for _ in range(steps):
-                params = {k: v.requires_grad_(True) for k, v in params.items()}
-                values = torch.autograd.grad(self._loss(params, x_support, y_support), list(params.values()))
-                params = {k: (p - self._lr(k) * g).detach() for (k, p), g in zip(params.items(), values, strict=True)}
+                grads = self._support_grads(params, x_support, y_support, create_graph=False)
+                params = {k: p - self._lr(k) * grads[k] for k, p in params.items()}
         return params
 
     def predict(self, params: Params, x: Tensor) -> Tensor:
@@ -343,23 +380,59 @@ class _RecomputedStep(torch.autograd.Function):
 
     ``step(values, create_graph)`` returns a tuple of tensors; the forward calls it without
     building the second-order graph (it only needs values), the backward with it, then takes
-    the vector-Jacobian product of the rebuilt step.
+    the vector-Jacobian product of the rebuilt step. The random number generators are restored
+    for the rebuild, so a model with dropout draws the same masks (as ``torch.utils.checkpoint``
+    does). Gradients flow to ``inputs`` only: ``step`` must check that it reaches no other
+    tensor that requires grad (:func:`_leaves_outside`), whose gradient would be lost.
     """
 
     @staticmethod
     def forward(ctx, step: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
         ctx.step = step
         ctx.save_for_backward(*inputs)
+        ctx.devices = sorted({t.device for t in inputs if t.device.type == "cuda"}, key=str)
+        ctx.rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.wants = [t.requires_grad for t in inputs]  # the support set only when something upstream learns
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            leaves = [_leaf(t, wants) for t, wants in zip(inputs, ctx.wants, strict=True)]
             outputs = step(leaves, False)
         return tuple(o.detach() for o in outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            for device, state in zip(ctx.devices, ctx.rng[1], strict=True):
+                torch.cuda.set_rng_state(state, device)
+            leaves = [_leaf(t, wants) for t, wants in zip(ctx.saved_tensors, ctx.wants, strict=True)]
             outputs = ctx.step(leaves, True)
-            grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
-        return (None, *grads)
+            learning = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
+        return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
+
+
+def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:
+    """``grads`` by name, zeros for the parameters the loss does not use (``allow_unused``)."""
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads, strict=True)}
+
+
+def _leaf(t: Tensor, requires_grad: bool) -> Tensor:
+    """A detached copy of ``t``, requiring grad as ``t`` did."""
+    return t.detach().requires_grad_(requires_grad)
+
+
+def _leaves_outside(outputs: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[Tensor]:
+    """Tensors requiring grad that ``outputs``' graph reaches, other than ``leaves``."""
+    own = {id(t) for t in leaves}
+    seen, stack, outside = set(), [o.grad_fn for o in outputs if o.grad_fn is not None], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if variable is not None and id(variable) not in own:
+            outside.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return outside

@@ -86,7 +86,6 @@ class Reptile:
         steps = self.inner_steps if steps is None else steps
         worker = self._working_copy()
         worker.load_state_dict(self.model.state_dict())
-        worker.train(self.model.training)
         optimizer = self.inner_optimizer(worker.parameters())
         for t in range(steps):
             x, y = batches[t % len(batches)]
@@ -101,10 +100,15 @@ class Reptile:
         return worker
 
     def _working_copy(self) -> nn.Module:
-        """The reused working copy, on the device the model is on now (it may have been moved)."""
-        first = next(self.model.parameters(), None)
-        if first is not None and next(self._worker.parameters()).device != first.device:
-            self._worker.to(first.device)
+        """The reused working copy, matching the model as it is now: a fresh copy when the model's
+        tensors changed device, dtype or shape since, and each module's train/eval mode and each
+        parameter's ``requires_grad`` copied (a layer frozen or unfrozen after construction)."""
+        if _layout(self._worker) != _layout(self.model):
+            self._worker = copy.deepcopy(self.model)
+        for mine, theirs in zip(self._worker.modules(), self.model.modules(), strict=True):
+            mine.training = theirs.training
+        for mine, theirs in zip(self._worker.parameters(), self.model.parameters(), strict=True):
+            mine.requires_grad_(theirs.requires_grad)
         return self._worker
 
     def meta_step(
@@ -149,3 +153,9 @@ class Reptile:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
+
+
+def _layout(model: nn.Module) -> list[tuple[str, torch.device, torch.dtype, torch.Size]]:
+    """Every parameter and buffer's name, device, dtype and shape."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, t.device, t.dtype, t.shape) for name, t in tensors]
