@@ -271,7 +271,7 @@ def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> 
     out = tmp_path / "run"
     assert run(out, "--meta-steps", "2", "--checkpoint-every", "1", "--stop-after", "1") == 0
     assert run(out, "--meta-steps", "2") == 2
-    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert "already holds a run (checkpoint.pt, log.jsonl); pass --resume" in capsys.readouterr().err
     assert run(out, "--meta-steps", "2", "--resume", "--meta-lr", "0.5") == 2
     assert "differs from the checkpoint's (meta_lr: 0.01 -> 0.5)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
@@ -325,7 +325,7 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     scored = {r["step"]: r["select_loss"] for r in log if "select_loss" in r}
     assert list(scored) == [2, 4, 6]
     # the selection does not change the training: the same meta-losses and last weights
-    strip = lambda d: [{k: v for k, v in r.items() if k not in (*MACHINE_FIELDS, "select_loss")} for r in log_lines(d)]  # noqa: E731
+    strip = lambda d: [{k: v for k, v in r.items() if k not in (*MACHINE_FIELDS, "select_loss", "select_loss_initial")} for r in log_lines(d)]  # noqa: E731
     assert strip(selecting) == strip(plain)
     last = torch.load(selecting / "checkpoint.pt", weights_only=True)["rule"]
     assert all(torch.equal(last[k], v) for k, v in torch.load(plain / "checkpoint.pt", weights_only=True)["rule"].items())
@@ -335,6 +335,7 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     family = _family(config, "meta_valid")
     score = lambda r: evaluate(r, family, config, stream=_SELECT_STREAM, weighted=True)  # noqa: E731
     candidates = {0: score(initial_rule(config)), **scored}
+    assert [r["select_loss_initial"] for r in log if "select_loss_initial" in r] == [candidates[0]]  # logged once
     best = min(candidates, key=lambda s: (candidates[s], s))
     assert best == 4, candidates  # at this setting the last meta-step is worse: a real selection
     assert header["selected_step"] == best and header["select_loss"] == candidates[best]
@@ -384,14 +385,15 @@ def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_o
 
     scores = {"start": float("nan"), "w1": float("inf"), "w2": 1.0, "w3": 1.0, "w4": 0.5, "w5": 3.0}
     selection = Selection(2, scores.__getitem__, lambda name: {"name": name})
-    assert selection.after_step(1, 5, "w1", lambda: "start") is None  # not due
+    assert selection.after_step(1, 5, "w1", lambda: "start") == {}  # not due
     assert selection.best is None
-    assert selection.after_step(2, 5, "w2", lambda: "start") == 1.0  # scores the start first
+    # scores the start first, and logs its score too
+    assert selection.after_step(2, 5, "w2", lambda: "start") == {"select_loss_initial": float("inf"), "select_loss": 1.0}
     assert selection.best == {"step": 2, "score": 1.0, "weights": {"name": "w2"}}
     assert selection.initial_score == float("inf")  # NaN counts as inf
-    assert selection.after_step(4, 5, "w3", lambda: "start") == 1.0  # a tie keeps the earlier
+    assert selection.after_step(4, 5, "w3", lambda: "start") == {"select_loss": 1.0}  # a tie keeps the earlier
     assert selection.best["step"] == 2
-    assert selection.after_step(5, 5, "w5", lambda: "start") == 3.0  # the last step is scored
+    assert selection.after_step(5, 5, "w5", lambda: "start") == {"select_loss": 3.0}  # the last step is scored
     assert selection.best["step"] == 2
     # non-finite scores count as inf: with nothing finite, the start is kept
     alone = Selection(1, scores.__getitem__, lambda name: {"name": name})
@@ -399,7 +401,7 @@ def test_selection_prefers_the_earliest_of_equal_scores_and_never_a_non_finite_o
     assert alone.best["step"] == 0 and alone.best["score"] == float("inf")
     alone.after_step(2, 3, "w4", lambda: "start")
     assert alone.best["step"] == 2
-    assert Selection(0, scores.__getitem__, dict).after_step(2, 2, "w2", lambda: "start") is None
+    assert Selection(0, scores.__getitem__, dict).after_step(2, 2, "w2", lambda: "start") == {}
 
 
 def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
@@ -435,3 +437,71 @@ def test_a_mixture_trains_resumes_exactly_and_describes_its_members(tmp_path: Pa
     # both members were drawn: a quadratic's loss is in the tens, a 10-class classifier's near ln 10
     losses = [r["meta_loss"] for r in log_lines(whole)]
     assert min(losses) < 3.0 < max(losses), losses
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path: Path, capsys) -> None:
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "4", "--checkpoint-every", "3", "--seed", "2")
+    assert run(whole, *args) == 0
+    assert run(broken, *args, "--stop-after", "2") == 0  # no checkpoint yet, two log lines
+    assert not (broken / "checkpoint.pt").exists()
+    assert run(broken, *args) == 2
+    assert "--resume starts it again" in capsys.readouterr().err
+    with open(broken / "log.jsonl", "a") as log:  # and killed while writing a third line
+        log.write('{"step": 3, "meta_lo')
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log_lines(broken)] == [1, 2, 3, 4]
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(out, *args, "--stop-after", "3") == 0
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "meta_')
+    assert run(out, *args, "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+
+
+def test_folders_that_hold_results_or_are_files_are_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "1") == 0
+    for name in ("checkpoint.pt", "log.jsonl"):  # a finished run's weights and card remain
+        (out / name).unlink()
+    before = (out / "weights.safetensors").read_bytes()
+    assert run(out, "--meta-steps", "1", "--seed", "1") == 2
+    assert "already holds a run (weights.safetensors, MODEL_CARD.md)" in capsys.readouterr().err
+    assert (out / "weights.safetensors").read_bytes() == before
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert run(a_file, "--meta-steps", "1") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert run(a_file / "below", "--meta-steps", "1") == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+
+
+def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("not json\n" + "\n".join(lines) + "\n")
+    assert run(out, *args, "--resume") == 2
+    assert "line 1 is not a log record" in capsys.readouterr().err
+    (out / "log.jsonl").write_text("\n".join(lines) + "\n")
+    for payload, message in (([1, 2], "not a learnedopt meta-train checkpoint"),
+                             ({k: v for k, v in good.items() if k != "meta_optimizer"}, "does not hold this run's state")):  # fmt: skip
+        torch.save(payload, out / "checkpoint.pt")
+        assert run(out, *args, "--resume") == 2
+        assert message in capsys.readouterr().err
+    torch.save(good, out / "checkpoint.pt")
+    assert run(out, *args, "--resume") == 0
+
+
+def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_path: Path, capsys) -> None:
+    assert run(tmp_path / "run", "--meta-steps", "2", "--lr", "1e30") == 2
+    err = capsys.readouterr().err
+    assert "meta-step 1:" in err and "the meta-parameters are still the initial ones" in err and "--lr" in err

@@ -313,3 +313,21 @@ def test_inner_minibatches_use_every_example_once_before_repeating() -> None:
     whole = inner_minibatches(x, y, None, 3, torch.Generator())
     assert len(whole) == 3 and all(xb is x and yb is y for xb, yb in whole)
     assert all(xb is x for xb, _ in inner_minibatches(x, y, 7, 2, torch.Generator()))
+
+
+def test_a_diverging_reptile_run_stops_with_one_line_and_no_files(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(out, *SINE_TINY, "--algo", "reptile", "--task", "sinusoid", "--meta-steps", "5", "--inner-lr", "1e6") == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and "--inner-lr" in err and len(err.strip().splitlines()) == 1
+    assert not (out / MODEL_NAME).exists()
+
+
+@pytest.mark.parametrize("fixing", [["--algo", "reptile"], ["--algo", "maml", "--select-every", "2"]], ids=["reptile", "selection"])
+def test_meta_steps_that_shape_the_run_cannot_change_on_resume(tmp_path: Path, capsys, fixing: list[str]) -> None:
+    out = tmp_path / "run"
+    args = [*SINE_TINY, "--task", "sinusoid", *fixing]
+    assert train(out, *args, "--meta-steps", "4", "--stop-after", "2") == 0
+    assert train(out, *args, "--meta-steps", "6", "--resume") == 2
+    assert "meta_steps: 4 -> 6" in capsys.readouterr().err
+    assert train(out, *args, "--meta-steps", "4", "--resume") == 0

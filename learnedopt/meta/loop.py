@@ -32,6 +32,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "MODEL_CARD.md"
+#: the files a finished run leaves (the update rule's weights, a few-shot learner's model, the card)
+RESULT_NAMES = (WEIGHTS_NAME, "model.safetensors", CARD_NAME)
 
 
 class ConfigError(ValueError):
@@ -62,9 +64,12 @@ class RunConfig(Protocol):
 
     meta_steps: int
     seed: int
-    RESUMABLE_CHANGES: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]: ...
+
+    def resumable_changes(self) -> tuple[str, ...]:
+        """The fields that may differ between a checkpoint's config and the resuming run's."""
+        ...
 
 
 class Trainer(Protocol):
@@ -167,13 +172,16 @@ class Selection:
         self.best: dict[str, Any] | None = None
         self.initial_score: float | None = None
 
-    def after_step(self, step: int, last_step: int, learner: Any, initial: Callable[[], Any]) -> float | None:
-        """Score ``learner`` after meta-step ``step`` when due (else None); returns its score."""
+    def after_step(self, step: int, last_step: int, learner: Any, initial: Callable[[], Any]) -> dict[str, float]:
+        """Score ``learner`` after meta-step ``step`` when due; returns the log fields:
+        ``select_loss`` (its score), with ``select_loss_initial`` the first time (the initial
+        learner's, scored then), or nothing when not due."""
         if not self.every or (step % self.every and step != last_step):
-            return None
+            return {}
+        fields = {}
         if self.best is None:
-            self.initial_score = self._offer(0, initial())
-        return self._offer(step, learner)
+            self.initial_score = fields["select_loss_initial"] = self._offer(0, initial())
+        return {**fields, "select_loss": self._offer(step, learner)}
 
     def _offer(self, step: int, learner: Any) -> float:
         score = float(self.score(learner))
@@ -207,8 +215,8 @@ class Selection:
         return (
             f"\n\nThese weights are {which}: the best-scoring of those scored every {self.every} "
             f"meta-steps (and before the first and at the last) by {scored_on} (`select_loss` in the "
-            f"log), where they scored {self.best['score']:.6g}, the initial ones {self.initial_score:.6g} "
-            f"(`--select-every {self.every}`)."
+            f"log, `select_loss_initial` for the initial ones), where they scored {self.best['score']:.6g}, "
+            f"the initial ones {self.initial_score:.6g} (`--select-every {self.every}`)."
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -265,23 +273,42 @@ def train_loop(
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if resume:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    started_only = resume and not checkpoint_path.exists() and log_path.is_file()
+    if started_only:
+        # killed before its first checkpoint: nothing to continue from, nothing to lose by
+        # running it again from the start
+        if workers.is_main:
+            print(f"--resume: {out} has a log but no checkpoint yet (the run stopped before its first); "
+                  "starting it again from meta-step 0", file=sys.stderr)  # fmt: skip
+    elif resume:
         payload = _load_checkpoint(checkpoint_path, config)
-        trainer.load_state_dict(payload)
+        try:
+            trainer.load_state_dict(payload)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: {err})") from None
         start = int(payload["step"])
-    elif checkpoint_path.exists() or log_path.exists():
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
+    else:
+        held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
+        if held:
+            how = (" (it stopped before its first checkpoint: --resume starts it again)"
+                   if held == [LOG_NAME] else "")  # fmt: skip
+            raise ConfigError(
+                f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it{how} or choose another --out"
+            )
     if start > config.meta_steps:
         raise ConfigError(
             f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
         )
-    workers.barrier()
     if workers.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_log(log_path, start)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    workers.barrier()
+    if workers.is_main and resume:
+        _truncate_log(log_path, start)
 
     stop = config.meta_steps if max_steps is None else min(config.meta_steps, max_steps)
     log: list[dict[str, Any]] = []
@@ -293,6 +320,11 @@ def train_loop(
             try:
                 fields = trainer.step(step)
             except FloatingPointError as err:
+                if step == 1:  # no meta-update yet: the task or the inner settings diverge
+                    raise ConfigError(
+                        f"meta-step 1: {err}; the meta-parameters are still the initial ones, so lower the "
+                        "optimizee's step size (--lr, --inner-lr) or check the task"
+                    ) from None
                 raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
             record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
             if (peak := peak_rss_mb()) is not None:
@@ -369,6 +401,8 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line report
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"--resume: cannot read {path}: {first_line}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("step"), int):
+        raise ConfigError(f"--resume: {path} is not a learnedopt meta-train checkpoint (no config and step)")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
@@ -381,25 +415,40 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     saved = {**defaults, **payload["config"]}
     current = config.to_dict()
     changed = sorted(
-        k for k in current if k not in config.RESUMABLE_CHANGES and saved.get(k) != current[k]
+        k for k in current if k not in config.resumable_changes() and saved.get(k) != current[k]
     )
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown})")
+        why = ("; --meta-steps is fixed once a run anneals over it (reptile) or scores its last step (--select-every)"
+               if "meta_steps" in changed else "")  # fmt: skip
+        raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown}){why}")
     return payload
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The log's records. A last line cut short (a run killed while writing it) is dropped: it
+    is a meta-step after the last checkpoint, run again on resume."""
     if not path.is_file():
         return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path}: line {number} is not a log record (the log is damaged)") from None
+    return records
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of meta-steps after the checkpoint (they will be run again)."""
+    """Drop log lines of meta-steps after the checkpoint (they will be run again); warn when
+    records up to the checkpoint are missing (a deleted or cut log: the run still resumes)."""
     kept = [r for r in _read_log(path) if r["step"] <= step]
+    if [r["step"] for r in kept] != list(range(1, step + 1)):
+        print(f"warning: {path} lacks records of meta-steps up to the checkpoint's ({step}); "
+              "the resumed run appends to what is there", file=sys.stderr)  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -127,6 +127,9 @@ class Reptile:
 
         Returns:
             The outer step size used.
+
+        Raises:
+            FloatingPointError: a task's trained weights are not finite; nothing is changed.
         """
         if not tasks:
             raise ValueError("meta_step needs at least one task")
@@ -140,6 +143,10 @@ class Reptile:
         count = total[0].new_tensor([float(len(tasks))]) if total else None
         if all_reduce_sum_ is not None and total:
             all_reduce_sum_([*total, count])
+        if total and not bool(torch.stack([torch.isfinite(acc).all() for acc in total]).all()):
+            raise FloatingPointError(
+                "a task's trained weights hold NaN or Inf (the initialisation was left unchanged)"
+            )
         eps = self.current_outer_stepsize()
         with torch.no_grad():
             for theta, acc in zip(params, total, strict=True):

@@ -133,8 +133,11 @@ class MetaTrainConfig:
     data: str | None = None
     device: str = "cpu"
 
-    #: fields that may change when a run is resumed (they do not change any finished step)
-    RESUMABLE_CHANGES = ("meta_steps", "data", "device")
+    def resumable_changes(self) -> tuple[str, ...]:
+        """The fields that may change when a run is resumed (they change no finished step):
+        the data folder, the device, and ``meta_steps`` unless ``select_every`` scores its last
+        step."""
+        return ("data", "device") if self.select_every > 0 else ("meta_steps", "data", "device")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -346,10 +349,7 @@ class _RuleTrainer:
             "meta_updates": len(grad_norms),
             "horizon": len(losses),
         }
-        score = self.selection.after_step(step, self.config.meta_steps, self.rule, lambda: self.initial)
-        if score is not None:
-            record["select_loss"] = score
-        return record
+        return {**record, **self.selection.after_step(step, self.config.meta_steps, self.rule, lambda: self.initial)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -386,7 +386,7 @@ def meta_train(
         out: output folder (created).
         checkpoint_every: write ``checkpoint.pt`` every this many meta-steps (and at the end).
         resume: continue from ``out/checkpoint.pt``; the config must match the checkpoint's
-            except for :attr:`MetaTrainConfig.RESUMABLE_CHANGES`.
+            except for :meth:`MetaTrainConfig.resumable_changes`.
         command: the command line, recorded in the weight file and model card (the CLI passes
             :func:`canonical_command`, which is the same for a run and its resumption).
         max_steps: stop after this meta-step without writing the final files (simulates a kill).

@@ -97,6 +97,8 @@ class FewShotTrainer:
         if config.algo == "reptile":
             with torch.no_grad():
                 loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the support loss at the initialisation is {float(loss)}")
             # each task's minibatch order has its own key, so a rank's tasks do not depend on the others'
             tasks = [inner_minibatches(x, y, config.inner_batch, config.inner_steps,
                                        generator_for(config.seed, _MINIBATCH_STREAM, step, part.start + b))
@@ -115,8 +117,7 @@ class FewShotTrainer:
         return self._selected_after(step, {"meta_loss": workers.mean(float(loss.detach())), "grad_norm": norm})
 
     def _selected_after(self, step: int, record: dict[str, float]) -> dict[str, float]:
-        score = self.selection.after_step(step, self.config.meta_steps, self.learner, self.initial_learner)
-        return record if score is None else {**record, "select_loss": score}
+        return {**record, **self.selection.after_step(step, self.config.meta_steps, self.learner, self.initial_learner)}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}
@@ -181,7 +182,10 @@ def meta_train_fewshot(
     out = Path(out)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
     trainer = FewShotTrainer(config, workers)
-    hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
+    if config.algo == "reptile":
+        hint = "lower --inner-lr, or --meta-lr (Reptile's outer step size)"
+    else:
+        hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
     done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
                            max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
     if done < config.meta_steps:
