@@ -97,7 +97,7 @@ def test_the_working_copy_follows_later_changes_to_the_model() -> None:
 def test_non_finite_trained_weights_raise_and_leave_the_initialisation() -> None:
     net = model()
     before = [p.detach().clone() for p in net.parameters()]
-    reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=1e300))
+    reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")))
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         reptile.meta_step(tasks())
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
