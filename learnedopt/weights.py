@@ -121,7 +121,7 @@ PRESETS: dict[str, Preset] = {
             "The previous l2l-random (benchmarks/results/l2l_random_quadratic/weights.safetensors) fine-tuned "
             "for 80 meta-steps on a mixture of mlp-random and 10-dim quadratics (--task mlp-random+quadratic, "
             "--loss-weighting quadratic). Opt-in: longer steps; on the 20-dim quadratic 1.1 against l2l-random's "
-            "6.6, but 2.5x higher than l2l-random on the ELU member of mlp-random; "
+            "6.6, but 2.3x higher than l2l-random on the ELU member of mlp-random; "
             "model card: learnedopt/pretrained/l2l-mix.md.",
             file="l2l-mix.safetensors",
         ),
@@ -132,7 +132,7 @@ PRESETS: dict[str, Preset] = {
             "The previous l2l-random (benchmarks/results/l2l_random_quadratic/weights.safetensors) fine-tuned "
             "for 80 more meta-steps on mlp-random with the same quadratically weighted meta-loss (seed 8); "
             "l2l-random continues it. Opt-in, for runs of a few hundred steps: below every tuned baseline on the "
-            "100- and 200-step MNIST MLPs (l2l-random, the former default: level with Nesterov at 100, above it at 200), but 20x higher "
+            "100- and 200-step MNIST MLPs (l2l-random, the former default: level with Nesterov at 100, above it at 200), but 11x higher "
             "than l2l-random at 1000 steps; model card: learnedopt/pretrained/l2l-short.md.",
             file="l2l-short.safetensors",
         ),

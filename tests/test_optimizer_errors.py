@@ -219,3 +219,20 @@ def test_a_module_given_as_weights_is_not_changed() -> None:
     rule = CoordinateLSTM()
     LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=rule)
     assert all(p.requires_grad for p in rule.parameters())
+
+
+def test_a_non_finite_loss_under_skip_skips_the_whole_step() -> None:
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = MetaLSTMOptimizer(params, nan_policy="skip")
+    set_grads(params, 0)
+    opt.step(loss=0.3)
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    set_grads(params, 1)
+    opt.step(loss=float("inf"))  # every coordinate reads the loss: nothing can step
+    for p, b, state in zip(params, before, states, strict=True):
+        assert torch.equal(p, b)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    mixed = MetaLSTMOptimizer([{"params": [params[0]]}, {"params": [params[1]], "nan_policy": "skip"}])
+    with pytest.raises(NonFiniteGradientError, match="nan_policy='raise'"):
+        mixed.step(loss=float("nan"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, evaluate_optimizers
-from .problems import PROBLEMS
+from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .report import WriteResults, write_report
 from .runs import LR_SCHEDULES
 
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help=f"problems to run (default all): {', '.join(PROBLEMS)}",
+        help=f"problems to run (default the suite: {', '.join(DEFAULT_PROBLEMS)}; only when named: {', '.join(EXTRA_PROBLEMS)})",
     )
     parser.add_argument(
         "--weights",
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs="+",
         default=None,
-        help="baseline lr grid (default 1e-4 .. 1e0 in half-decades)",
+        help="baseline lr grid (default 1e-4 .. 10 in half-decades, 11 values)",
     )
     parser.add_argument(
         "--stability-steps",

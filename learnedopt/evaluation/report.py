@@ -238,7 +238,8 @@ def write_report(
     name: str = "optimizee_eval",
     write_results: WriteResults | None = None,
 ) -> list[Path]:
-    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``out_dir``.
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` (the last only with matplotlib
+    installed) into ``out_dir``; returns the paths written.
 
     ``write_results(name, payload, table)`` writes the JSON and Markdown (the benchmark passes
     ``benchmarks/common.write_results``, which writes into its results folder); by default they are
@@ -263,5 +264,9 @@ def write_report(
         (out / f"{name}.md").write_text(header + table + "\n")
     else:
         write_results(name, report, table)
-    plot_curves(report, out / f"{name}.png")
+    try:
+        plot_curves(report, out / f"{name}.png")
+    except ImportError:  # matplotlib is the optional `plots` extra: the tables do not need it
+        print(f"note: matplotlib is not installed, so {name}.png was not drawn (pip install matplotlib)", file=sys.stderr)
+        return [out / f"{name}.{ext}" for ext in ("json", "md")]
     return [out / f"{name}.{ext}" for ext in ("json", "md", "png")]

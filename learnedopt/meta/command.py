@@ -110,7 +110,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip",
         type=float,
-        help=f"lstm, meta-lstm: meta-gradient norm clip (default {d.clip})",
+        help=f"lstm, meta-lstm: meta-gradient norm clip (default {d.clip} for lstm, 0.25 for meta-lstm)",
     )
     parser.add_argument(
         "--lr", type=float, help=f"lstm: multiplier of the rule's step (default {d.lr})"

@@ -267,6 +267,13 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         rule_loss = self._rule_loss(loss if loss is not None else closure_loss)
+        if rule_loss is not None and not bool(torch.isfinite(rule_loss)):
+            if any(group["nan_policy"] == "raise" for group in self.param_groups):
+                raise NonFiniteGradientError(
+                    f"the loss given to {type(self).__name__}.step is {rule_loss.item()}; nan_policy='raise', so "
+                    "no parameter or state was changed"
+                )
+            return closure_loss  # nan_policy='skip' everywhere: every tensor reads the loss, so all are skipped
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         # a backend='triton' group that cannot run raises here, before any group is updated
         for group, (params, grads) in zip(self.param_groups, plans, strict=True):
@@ -288,8 +295,6 @@ class LearnedOptimizer(Optimizer):
         loss = torch.as_tensor(loss).detach()
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-        if not torch.isfinite(loss).all():
-            raise NonFiniteGradientError(f"the loss given to {type(self).__name__}.step is {loss.item()}")
         return loss.reshape(())
 
     def _plan(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
