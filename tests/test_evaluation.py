@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -220,6 +221,9 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
         "optimizee_eval.md",
         "optimizee_eval.png",
     ]
+    with pytest.MonkeyPatch.context() as patch:  # matplotlib is an optional extra: the tables need none
+        patch.setitem(sys.modules, "matplotlib", None)
+        assert [p.name for p in write_report(report, tmp_path / "no_plots")] == ["optimizee_eval.json", "optimizee_eval.md"]
     data = json.loads(paths[0].read_text())
     # each per-step curve on one line of the JSON (a line per value would double a report's size)
     curve_lines = [line for line in paths[0].read_text().splitlines() if '"curve_median": [' in line]
