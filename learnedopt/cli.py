@@ -19,8 +19,21 @@ def _presets(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, minibatch_steps=args.minibatch_steps, data=args.data)
+    import sys
+
+    try:
+        run_demo(steps=args.steps, minibatch_steps=args.minibatch_steps, data=args.data)
+    except (FileNotFoundError, ValueError) as err:  # a --data folder without (valid) MNIST
+        print(f"learnedopt demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _average_weights(args: argparse.Namespace) -> int:
@@ -36,7 +49,11 @@ def _average_weights(args: argparse.Namespace) -> int:
         return 2
     trained_on = "average of " + "; ".join(str(m["trained_on"]) for m in members)
     command = shlex.join(["learnedopt", "average-weights", *map(str, args.files), "--out", str(args.out)])
-    save_weights(rule, args.out, trained_on=trained_on, extra={"command": command, "averaged_from": members})
+    try:
+        save_weights(rule, args.out, trained_on=trained_on, extra={"command": command, "averaged_from": members})
+    except Exception as err:  # noqa: BLE001 - any unwritable --out (missing folder, a directory, ...) in one line
+        print(f"learnedopt average-weights: error: cannot write {args.out}: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: the mean of {len(members)} weight files")
     return 0
 
@@ -55,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train small models with the learned optimizers beside tuned baselines: a minibatch and a full-batch problem"
     )
-    demo.add_argument("--steps", type=int, default=300, help="the full-batch problem's steps (default 300)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="the full-batch problem's steps (default 300)")
     demo.add_argument(
-        "--minibatch-steps", type=int, default=None, help="the minibatch problem's steps (default: its own, 200)"
+        "--minibatch-steps", type=_positive_int, default=None, help="the minibatch problem's steps (default: its own, 200)"
     )
     demo.add_argument(
         "--data",
         default=None,
-        help="folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data); without MNIST the "
-        "minibatch problem is an MLP on generated data",
+        help="the MNIST folder, or a folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data; "
+        "where none is found, the minibatch problem is an MLP on generated data)",
     )
     demo.set_defaults(func=_demo)
     average = sub.add_parser(

@@ -54,10 +54,13 @@ def train(make_optimizer: Callable, x: torch.Tensor, y: torch.Tensor, steps: int
 def minibatch_problem(data: str | Path | None = None) -> Problem:
     """The paper's MNIST MLP for 200 steps (the suite's ``mnist-mlp-200``) when the MNIST files
     are found (``data``, else ``LEARNEDOPT_DATA``, else ``../shared/data``), else the suite's
-    ``synthetic-mlp`` (an MLP on generated classification data, 200 steps)."""
+    ``synthetic-mlp`` (an MLP on generated classification data, 200 steps). A ``data`` folder
+    given explicitly must hold MNIST (FileNotFoundError otherwise)."""
     try:
         return make_suite_problem("mnist-mlp-200", data)
     except FileNotFoundError:
+        if data is not None:
+            raise
         return make_suite_problem("synthetic-mlp")
 
 

@@ -6,6 +6,7 @@ Modes:
         then :func:`fsdp_checks` and :func:`ddp_checks` (results in ``OUT/optimizers.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
+    nan OUT: the same, rank 1's meta-loss is NaN at meta-step 3 (rank 0's is finite).
     resume OUT: the ``lstm`` run continued with ``--resume``.
 
 Not collected by pytest (no ``test_`` prefix); it imports only the library and torch.
@@ -62,6 +63,27 @@ def fail_at(step: int, how: str) -> None:
         return original(self, s)
 
     train._RuleTrainer.step = step_or_fail
+
+
+def nan_at(step: int) -> None:
+    """Make rank 1's meta-loss NaN in meta-step ``step`` (a diverging task in its share)."""
+    from learnedopt.meta import train
+
+    original_unroll, original_step = train.truncated_unroll, train._RuleTrainer.step
+    current = {"step": 0}
+
+    def step_noting(self: train._RuleTrainer, s: int) -> dict[str, float]:
+        current["step"] = s
+        return original_step(self, s)
+
+    def unroll(*args, update=None, **kwargs):  # noqa: ANN002, ANN003 - the wrapped function's
+        if update is not None and current["step"] == step and dist.get_rank() == 1:
+            real = update
+            update = lambda loss: real(loss * float("nan"))  # noqa: E731
+        return original_unroll(*args, update=update, **kwargs)
+
+    train._RuleTrainer.step = step_noting
+    train.truncated_unroll = unroll
 
 
 # ----------------------------------------------------------------------------- FSDP
@@ -155,13 +177,27 @@ def fsdp_checks(out: Path) -> dict[str, object]:
             torch.equal(p.full_tensor(), q.full_tensor())
             for p, q in zip(fresh_model.parameters(), sharded.parameters(), strict=True)
         )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        full = get_optimizer_state_dict(sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         report[name] = {
             "params_equal": params_equal,
             "states_equal": states_equal,
             "resumed_equal": resumed_equal,
             "fresh_equal": fresh_equal,
             "shard_sizes": shard_sizes,
+            "full_state_dict_shapes": [list(v["h"].shape) for v in full.get("state", {}).values()],  # rank 0 only
         }
+        if cls is MetaLSTMOptimizer:  # a NaN loss on one rank only: every rank skips, none waits
+            skipping = cls(sharded.parameters(), nan_policy="skip")
+            _train(sharded, skipping, 1, seed=3)
+            before = [p.to_local().clone() for p in sharded.parameters()]
+            loss = torch.nn.functional.mse_loss(sharded(torch.ones(4, 6)), torch.zeros(4, 1))
+            loss.backward()
+            skipping.step(loss=float("nan") if dist.get_rank() == 1 else loss.item())
+            report[name]["one_rank_nan_loss_skipped"] = all(
+                torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True)
+            )
     return report
 
 
@@ -224,6 +260,9 @@ def main() -> int:
     if mode in ("kill", "hang"):
         fail_at(3, mode)
         return run_cli([*meta_args("lstm", out), "--dist-timeout", "4"])
+    if mode == "nan":
+        nan_at(3)
+        return run_cli([*meta_args("lstm", out), "--dist-timeout", "20"])
     if mode == "resume":
         return run_cli([*meta_args("lstm", out), "--resume"])
     raise SystemExit(f"unknown mode {mode!r}")

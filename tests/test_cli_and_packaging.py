@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from learnedopt.cli import main
 
 
@@ -63,5 +65,19 @@ def test_demo_baselines_use_the_suites_tuned_learning_rates() -> None:
 def test_demo_falls_back_to_generated_data_without_mnist(tmp_path, monkeypatch) -> None:
     from learnedopt.demo import minibatch_problem
 
-    monkeypatch.delenv("LEARNEDOPT_DATA", raising=False)
-    assert minibatch_problem(tmp_path).name == "synthetic-mlp"  # a folder without mnist/
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("LEARNEDOPT_DATA", str(tmp_path))  # the default search finds no MNIST files
+    assert minibatch_problem().name == "synthetic-mlp"
+    with pytest.raises(FileNotFoundError, match="t10k"):  # a folder named explicitly must hold MNIST
+        minibatch_problem(tmp_path)
+
+
+def test_demo_and_average_weights_refuse_bad_arguments_in_one_line(tmp_path, capsys) -> None:
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    assert main(["demo", "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["average-weights", "l2l-short", "l2l-random", "--out", str(tmp_path)]) == 2  # a folder
+    assert "cannot write" in capsys.readouterr().err

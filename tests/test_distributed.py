@@ -146,6 +146,12 @@ def test_fsdp_sharded_steps_equal_unsharded_steps_and_checkpoint(two_ranks: Path
     assert report["params_equal"] and report["states_equal"]
     assert report["resumed_equal"]
     assert not report["fresh_equal"]
+    # torch.distributed.checkpoint's consolidated form works too (state_dtype is saved by name)
+    layers = 2 if optimizer == "LSTMOptimizer" else 1
+    shapes = [[5, 6], [5], [3, 5], [3], [1, 3], [1]]
+    assert report["full_state_dict_shapes"] == [[layers, *shape, 20] for shape in shapes]
+    if optimizer == "MetaLSTMOptimizer":  # a NaN loss on one rank: both skip together, no hang
+        assert report["one_rank_nan_loss_skipped"]
 
 
 @pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
@@ -197,3 +203,13 @@ def test_a_stalled_rank_fails_the_job_after_the_timeout(tmp_path: Path) -> None:
     assert seconds < 60, f"the job took {seconds:.0f} s to fail"
     assert "rank 0 of 2: a collective failed (another rank died, or did not arrive within 4 s)" in result.stderr
     assert "continue the job from the last checkpoint with --resume" in result.stderr
+
+
+def test_a_non_finite_meta_loss_on_one_rank_stops_every_rank_with_its_reason(tmp_path: Path) -> None:
+    """Rank 1's meta-loss is NaN at meta-step 3, rank 0's finite: both ranks see the verdict
+    and stop with the meta-training error (not a collective timeout)."""
+    result, _ = torchrun("nan", tmp_path / "lstm")
+    assert result.returncode != 0, tail(result)
+    assert "meta-step 3: the meta-loss is not finite on every rank" in result.stderr, tail(result)
+    assert "a collective failed" not in result.stderr, tail(result)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -290,14 +291,15 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
     assert (tmp_path / "other" / "optimizee_eval.png").is_file()
 
 
-def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path) -> None:
+def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("LEARNEDOPT_DATA", str(tmp_path))  # the default search finds no MNIST files
     config = EvalConfig(
         problems=["mnist-mlp-100", tiny_problem(3)],
         seeds=1,
         tuning_seeds=1,
         lrs=(0.1,),
         stability_steps=5,
-        data=str(tmp_path),
         include_default_learned=False,
     )
     report = evaluate_optimizers(config, log=lambda _: None)
@@ -307,8 +309,12 @@ def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path) -> 
     )
     assert set(report["problems"]) == {"tiny"}
     assert "data missing" in report["stability"]["skipped"]
+    assert report["mnist_sha256"] is None
     with pytest.raises(FileNotFoundError):
         make_problem("mnist-conv", tmp_path / "missing")
+    # a folder named explicitly must hold MNIST: an error before any run, not a skipped problem
+    with pytest.raises(ValueError, match="t10k"):
+        evaluate_optimizers(dataclasses.replace(config, data=str(tmp_path)), log=lambda _: None)
 
 
 def test_mnist_problem_reads_only_the_held_out_part() -> None:
@@ -537,8 +543,6 @@ def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_
         evaluate_optimizers(replace(config, seeds=3, reuse=str(first_path)), log=lambda _: None)
     with pytest.raises(ValueError, match="its lrs is"):
         evaluate_optimizers(replace(config, lrs=(0.1,), reuse=str(first_path)), log=lambda _: None)
-    with pytest.raises(ValueError, match="its data is None"):
-        evaluate_optimizers(replace(config, data=str(tmp_path), reuse=str(first_path)), log=lambda _: None)
     with pytest.raises(ValueError, match="not a report of this harness"):
         evaluate_optimizers(replace(config, reuse=str(weights)), log=lambda _: None)
     with pytest.raises(ValueError, match="its lr_schedule is 'constant', this run's is 'cosine'"):
@@ -617,3 +621,45 @@ def test_unseen_architecture_problems_are_seeded_and_learnable(tmp_path, name) -
         losses.append(loss.item())
     # the fake images are uniform noise: an autoencoder can learn little more than their mean
     assert max(losses[-4:]) < (0.95 if name == "mnist-autoencoder" else 0.8) * losses[0], losses
+
+
+def test_reuse_compares_the_mnist_files_by_content_not_by_folder(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation import harness
+
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=5, stability_steps=0,
+                        data=str(write_fake_mnist(tmp_path / "a" / "mnist")), include_default_learned=False)  # fmt: skip
+    first = write_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first")[0]
+    assert json.loads(first.read_text())["mnist_sha256"] == harness.mnist_sha256(config.data)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same files elsewhere, named by their root
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a reused baseline was tuned again"))
+    evaluate_optimizers(dataclasses.replace(config, data=str(tmp_path / "copy"), reuse=str(first)), log=lambda _: None)
+    other = write_fake_mnist(tmp_path / "b" / "mnist", seed=2)
+    with pytest.raises(ValueError, match="ran on other MNIST files"):
+        evaluate_optimizers(dataclasses.replace(config, data=str(other), reuse=str(first)), log=lambda _: None)
+
+
+
+def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypatch) -> None:
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    base = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not weights")
+    (tmp_path / "odd.json").write_text('{"config": {}, "problems": {"quadratic-20": {}}}')
+    for extra, message in [
+        (["--out", str(a_file)], "is a file, not a folder"),
+        (["--out", str(tmp_path), "--name", "sub/x"], "file name stem"),
+        (["--out", str(tmp_path), "--threads", "-2"], "--threads must be >= 0"),
+        (["--out", str(tmp_path), "--weights", str(a_file)], "a_file"),
+        (["--out", str(tmp_path), "--reuse", str(tmp_path / "odd.json")], "cannot reuse"),
+        (["--out", str(tmp_path), "--data", str(tmp_path / "missing")], "does not exist"),
+    ]:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)

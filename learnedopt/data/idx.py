@@ -109,6 +109,10 @@ def load_mnist(
         raise ValueError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{images_path}: MNIST images are 28x28, got {images.shape[1]}x{images.shape[2]}")
+    if labels.size and int(labels.max()) > 9:
+        raise ValueError(f"{labels_path}: MNIST labels are digits 0-9, found {int(labels.max())}")
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 

@@ -35,7 +35,8 @@ def default_data_root() -> Path | None:
 
 
 def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
-    """``path`` if given, else ``default_data_root() / subdir``; it must be an existing directory.
+    """``path`` if given (the folder itself, or a data root holding ``subdir/``), else
+    ``default_data_root() / subdir``; it must be an existing directory.
 
     Raises:
         FileNotFoundError: the directory is missing (the message names where it looked and
@@ -45,7 +46,7 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
         directory = Path(path).expanduser()
         if not directory.is_dir():
             raise FileNotFoundError(f"data directory {str(directory)!r} does not exist")
-        return directory
+        return directory / subdir if (directory / subdir).is_dir() else directory
     root = default_data_root()
     if root is None:
         raise FileNotFoundError(

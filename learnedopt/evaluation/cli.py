@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, evaluate_optimizers
+from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .report import WriteResults, write_report
 from .runs import LR_SCHEDULES
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"constant (default) or cosine, {LR_SCHEDULES['cosine'].formula} at step t of T",
     )
     parser.add_argument(
-        "--data", default=None, help="MNIST folder (default: the LEARNEDOPT_DATA search)"
+        "--data", default=None, help="the MNIST folder, or a folder with mnist/ (default: the LEARNEDOPT_DATA search)"
     )
     # The models are tiny: more threads only add synchronisation (measured 2-10x slower with 2 threads on a busy 2-core machine).
     parser.add_argument(
@@ -137,14 +137,23 @@ def run_cli(
     out_dir: str | os.PathLike[str],
     write_results: WriteResults | None = None,
 ) -> int:
-    """Parse-args-to-files: build the config, run the harness, write the report, print the paths."""
+    """Parse-args-to-files: build the config, run the harness, write the report, print the paths.
+
+    Every check that can fail runs before the first training run (a bad setting, weight file,
+    report to reuse, data folder or output folder is one line on stderr and exit code 2), so
+    that no compute is lost to it."""
     try:
         config = config_from_args(args)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
+        if Path(args.name).name != args.name or args.name in ("", ".", ".."):
+            raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
+        _check_out_dir(Path(out_dir))
+        check_config(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +161,18 @@ def run_cli(
     for path in write_report(report, out_dir, name=args.name, write_results=write_results):
         print(path)
     return 0
+
+
+def _check_out_dir(out: Path) -> None:
+    """Create ``out`` now, so that a folder that cannot hold the report fails before the runs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
 
 
 def add_evaluate_optimizers_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -162,7 +183,7 @@ def add_evaluate_optimizers_parser(sub: argparse._SubParsersAction) -> argparse.
     )
     add_arguments(parser)
     parser.add_argument(
-        "--out", default="benchmarks/results", help="output folder (default benchmarks/results)"
+        "--out", default=".", help="output folder (default: the current directory)"
     )
     parser.set_defaults(func=lambda args: run_cli(args, args.out))
     return parser

@@ -3,6 +3,7 @@ problem (in worker processes if asked), and the long stability check."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -141,11 +142,7 @@ def evaluate_optimizers(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    wanted = config.presets if config.include_default_learned else ()
-    presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
-    learned = [*presets, *learned_from_files(config.weights)]
-    records = {spec.label: spec.record() for spec in learned}
-    reused = reusable_results(config, records) if config.reuse else None
+    learned, records, data_sha256, reused = _setup(config)
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(config).items() if k != "problems"}
         | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
@@ -161,6 +158,7 @@ def evaluate_optimizers(
             + LR_SCHEDULES[config.lr_schedule].formula,
         },
         "learned": records,
+        "mnist_sha256": data_sha256,
         "problems": {},
         "skipped": {},
     }
@@ -338,7 +336,52 @@ class ReusableResults:
         return dict(results) if (steps, description) == (problem.steps, problem.description) else {}
 
 
-def reusable_results(config: EvalConfig, records: Mapping[str, Mapping[str, Any]]) -> ReusableResults:
+def check_config(config: EvalConfig) -> None:
+    """The checks :func:`evaluate_optimizers` starts with, before any run: the weight files, the
+    report to reuse and an explicitly named data folder.
+
+    Raises:
+        ValueError: the first problem found (a one-line message).
+    """
+    _setup(config)
+
+
+def _setup(config: EvalConfig) -> tuple[list[LearnedSpec], dict[str, Any], str | None, ReusableResults | None]:
+    """``(learned specs, their records, the MNIST files' SHA-256, what to reuse)`` of a run."""
+    wanted = config.presets if config.include_default_learned else ()
+    presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
+    learned = [*presets, *learned_from_files(config.weights)]
+    records = {spec.label: spec.record() for spec in learned}
+    if config.data is not None:  # a folder named explicitly must hold MNIST: no silent skipping
+        from ..data import load_mnist
+
+        try:
+            load_mnist(config.data)
+        except FileNotFoundError as err:
+            raise ValueError(f"data: {err}") from None
+    data_sha256 = mnist_sha256(config.data)
+    reused = reusable_results(config, records, data_sha256) if config.reuse else None
+    return learned, records, data_sha256, reused
+
+
+def mnist_sha256(data: str | None) -> str | None:
+    """SHA-256 of the MNIST images and labels the problems read (from ``data`` or the default
+    search; as decoded, so a gzipped and a plain copy agree), or None where there are none: what
+    a reused report's numbers depend on, wherever the folder is."""
+    from ..data import load_mnist
+
+    try:
+        images, labels = load_mnist(data)
+    except FileNotFoundError:
+        return None
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reusable_results(
+    config: EvalConfig, records: Mapping[str, Mapping[str, Any]], data_sha256: str | None = None
+) -> ReusableResults:
     """What of the report ``config.reuse`` this run may take instead of rerunning.
 
     Every run of the harness is a function of its seed (the suite reproduces bitwise on one
@@ -351,8 +394,19 @@ def reusable_results(config: EvalConfig, records: Mapping[str, Mapping[str, Any]
 
     Raises:
         ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
-            grid, step override, quick mode, data folder) differs from ``config``'s (named in the message).
+            grid, step override, quick mode, the MNIST files by content: ``data_sha256`` against
+            the report's; in a report from before that was recorded, the data folder's name)
+            differs from ``config``'s (named in the message).
     """
+    try:
+        return _reusable_results(config, records, data_sha256)
+    except (KeyError, TypeError, AttributeError) as err:  # a JSON file of another shape
+        raise ValueError(f"cannot reuse {config.reuse}: not a report of this harness ({type(err).__name__}: {err})") from None
+
+
+def _reusable_results(
+    config: EvalConfig, records: Mapping[str, Mapping[str, Any]], data_sha256: str | None
+) -> ReusableResults:
     path = config.reuse
     try:
         old = json.loads(Path(path).read_text())
@@ -360,7 +414,12 @@ def reusable_results(config: EvalConfig, records: Mapping[str, Mapping[str, Any]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"cannot reuse {path}: not a report of this harness ({type(err).__name__}: {err})") from None
     ours = asdict(config)
+    if "mnist_sha256" in old:  # the files' content decides, not how the folder was named
+        if old["mnist_sha256"] != data_sha256:
+            raise ValueError(f"cannot reuse {path}: it ran on other MNIST files (SHA-256 {str(old['mnist_sha256'])[:12]}, these {str(data_sha256)[:12]})")
     for key in _SETTINGS:
+        if key == "data" and "mnist_sha256" in old:
+            continue
         theirs = old_config.get(key, _SETTING_BEFORE.get(key))
         mine = ours[key]
         if key == "lrs":

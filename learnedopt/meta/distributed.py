@@ -100,6 +100,12 @@ class Workers:
         self._all_reduce(total)
         return float(total) / self.world_size
 
+    def all_finite(self, value: Tensor) -> bool:
+        """Whether ``value`` is free of NaN/Inf on every rank: one collective, the same answer on
+        all, so that every rank stops together where one rank's value is not finite."""
+        finite = bool(torch.isfinite(value).all())
+        return finite if self.world_size == 1 else self.mean(float(finite)) == 1.0
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.world_size > 1:
@@ -201,3 +207,12 @@ def exit_process(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def non_finite_message(what: str, value: Tensor | float, workers: Workers) -> str:
+    """``"the meta-loss is nan"``, or on several ranks which rank's value this is (the verdict,
+    :meth:`Workers.all_finite`, is shared: this rank's own value may be finite)."""
+    value = float(torch.as_tensor(value).detach())
+    if workers.world_size == 1:
+        return f"{what} is {value}"
+    return f"{what} is not finite on every rank (rank {workers.rank}'s: {value})"

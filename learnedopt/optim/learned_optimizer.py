@@ -174,6 +174,8 @@ class LearnedOptimizer(Optimizer):
                     name: sharding.to_global(value, param, spec[name]) if name in spec else value
                     for name, value in saved.items()
                 }
+        for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
+            group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
         state_dict["learned_rule"] = fingerprint(self.rule)
         return state_dict
 
@@ -211,6 +213,7 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
+            saved_group["state_dtype"] = _state_dtype(saved_group.get("state_dtype", self.defaults["state_dtype"]))
             _validate_options({**self.defaults, **saved_group})
         state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
@@ -267,7 +270,7 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         rule_loss = self._rule_loss(loss if loss is not None else closure_loss)
-        if rule_loss is not None and not bool(torch.isfinite(rule_loss)):
+        if rule_loss is not None and not self._loss_finite(rule_loss):
             if any(group["nan_policy"] == "raise" for group in self.param_groups):
                 raise NonFiniteGradientError(
                     f"the loss given to {type(self).__name__}.step is {rule_loss.item()}; nan_policy='raise', so "
@@ -296,6 +299,13 @@ class LearnedOptimizer(Optimizer):
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
         return loss.reshape(())
+
+    def _loss_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite, agreed over the ranks that hold parts of a sharded
+        parameter (a collective there), so that all of them skip or raise together."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        finite = bool(torch.isfinite(loss))
+        return all(sharding.agree_finite(params, [finite] * len(params)))
 
     def _plan(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters to update in a group and their gradients, after every input check."""
@@ -473,6 +483,16 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
         for i, flag in zip(indices, flags, strict=True):
             finite[i] = flag
     return finite
+
+
+def _state_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A group's ``state_dtype`` from a state dict: the dtype, or its name (as :meth:`LearnedOptimizer.state_dict` writes it)."""
+    if isinstance(value, str):
+        named = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"Invalid state_dtype: {value!r}")
+        return named
+    return value
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
