@@ -317,12 +317,19 @@ def markov_transformer(
     )
 
 
-@cache
 def _mnist_held_out(data: str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(inputs (10000, 784) in [0, 1], labels (10000,), held-out pool indices)`` of MNIST t10k."""
+    """``(inputs (10000, 784) in [0, 1], labels (10000,), held-out pool indices)`` of MNIST t10k,
+    read once per folder (the one ``data`` names or the default search finds now)."""
+    from ..data.paths import resolve_data_dir
+
+    return _mnist_held_out_at(str(resolve_data_dir(data, "mnist")))
+
+
+@cache
+def _mnist_held_out_at(directory: str) -> tuple[Tensor, Tensor, Tensor]:
     from ..data import load_mnist, split_indices
 
-    images, labels = load_mnist(data, "t10k")
+    images, labels = load_mnist(directory, "t10k")
     pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)["held_out"]
     return images.reshape(len(images), -1).float() / 255.0, labels, pool
 
