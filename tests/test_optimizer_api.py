@@ -152,3 +152,51 @@ def test_changing_state_dtype_mid_run_converts_the_states(foreach) -> None:
     set_grads(params, 1)
     opt.step()
     assert {opt.state[p][name].dtype for p in params for name in ("h", "c", "m", "v")} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_like_the_original(kind, how) -> None:
+    import copy
+    import io
+
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, 0)
+    step(opt)
+    if how == "deepcopy":
+        params_copy, opt_copy = copy.deepcopy((params, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((params, opt), buffer)
+        buffer.seek(0)
+        params_copy, opt_copy = torch.load(buffer, weights_only=False)
+    for ps, o in ((params, opt), (params_copy, opt_copy)):
+        set_grads(ps, 1)
+        step(o)
+    for p, q in zip(params, params_copy, strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], opt_copy.state[q][k]) for k in opt.state[p])
+
+
+def test_float16_states_saturate_instead_of_overflowing() -> None:
+    params = make_params([(2,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, state_dtype=torch.float16)
+    for scale in (3000.0, 0.1, 0.1):  # a gradient whose square exceeds float16's 65504, then small ones
+        params[0].grad = torch.full((2,), scale)
+        opt.step()
+    assert all(torch.isfinite(v).all() for v in opt.state[params[0]].values())
+    assert torch.isfinite(params[0]).all() and params[0].abs().max() < 10
+
+
+@pytest.mark.parametrize("option, value", [("lr", -1.0), ("lr", None), ("nan_policy", "bogus"), ("state_dtype", torch.int32)])
+def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, value) -> None:
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    before = params[0].detach().clone()
+    opt.param_groups[0][option] = value
+    with pytest.raises(ValueError, match=f"Invalid {option}"):
+        opt.step()
+    assert torch.equal(params[0], before)

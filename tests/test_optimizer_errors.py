@@ -236,3 +236,12 @@ def test_a_non_finite_loss_under_skip_skips_the_whole_step() -> None:
     mixed = MetaLSTMOptimizer([{"params": [params[0]]}, {"params": [params[1]], "nan_policy": "skip"}])
     with pytest.raises(NonFiniteGradientError, match="nan_policy='raise'"):
         mixed.step(loss=float("nan"))
+
+
+def test_a_tensor_skipped_before_its_first_step_gets_no_state() -> None:
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, nan_policy="skip")
+    set_grads(params, 0)
+    params[1].grad[0] = float("nan")
+    opt.step()
+    assert params[1] not in opt.state and sorted(opt.state_dict()["state"]) == [0]

@@ -132,6 +132,11 @@ class LearnedOptimizer(Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
+        # rule. The caches (flat buffers indexed by parameter identity, rule copies) are rebuilt.
+        return {**super().__getstate__(), "rule": self.rule, "weights_header": self.weights_header, "chunk": self.chunk}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_rule_copies", {})
@@ -265,6 +270,9 @@ class LearnedOptimizer(Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        for group in self.param_groups:  # options may have been changed in param_groups since
+            group["state_dtype"] = _state_dtype(group["state_dtype"])
+            _validate_options(group)
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -360,7 +368,7 @@ class LearnedOptimizer(Optimizer):
             loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
             common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
             if self._use_fused(group["backend"], device, compute_dtype, state_dtype):
-                flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
+                flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
                 ordered = _in_buffer_order(flat, ps, gs)
                 try:
                     fused_update_(
@@ -378,7 +386,7 @@ class LearnedOptimizer(Optimizer):
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
                 single_tensor_update_(rule, local_ps, local_gs, states, **common)
             else:
-                flat = self._flat_state(index, group, device, compute_dtype, state_dtype)
+                flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
                 flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
@@ -439,13 +447,21 @@ class LearnedOptimizer(Optimizer):
         return state
 
     def _flat_state(
-        self, index: int, group: dict[str, Any], device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype
+        self,
+        index: int,
+        group: dict[str, Any],
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        state_dtype: torch.dtype,
+        stepping: list[Tensor],
     ) -> FlatState:
-        """The group's flat buffers for one (device, compute dtype), rebuilt when stale."""
+        """The group's flat buffers for one (device, compute dtype), rebuilt when stale: the
+        parameters with state and those ``stepping`` now (not one skipped for a NaN gradient)."""
+        new = {id(p) for p in stepping}
         members = [
             p
             for p in group["params"]
-            if p.device == device and _compute_dtype(p) == compute_dtype and (p.grad is not None or p in self.state)
+            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or p in self.state)
         ]
         for p in members:
             self.state[p].setdefault("step", torch.tensor(0.0))

@@ -51,8 +51,21 @@ def single_tensor_update_(
         p = param.detach().reshape(-1).to(compute_dtype)
         step, new_state = rule(g, p, {k: state[k].to(compute_dtype) for k in names}, loss)
         for k in names:
-            state[k].copy_(new_state[k])
+            _store_(state[k], new_state[k])
         param.add_(step.view(param.shape), alpha=lr)
+
+
+#: the largest float16; a state stored in float16 saturates there
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _store_(target: Tensor, value: Tensor) -> None:
+    """Write a rule's new state into its buffer. Into float16 (largest value 65504) it saturates,
+    so that the square of a gradient over 256 does not become Inf there, and NaN at the next
+    moving average (``lerp`` of Inf)."""
+    if target.dtype == torch.float16:
+        value = value.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+    target.copy_(value)
 
 
 def flat_update_(
@@ -99,7 +112,7 @@ def flat_update_(
                 rule, g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss
             )
             for k, v in views.items():
-                v.copy_(new_state[k])
+                _store_(v, new_state[k])
             step[a:b] = s
         for i, piece in zip(run, step.split(sizes), strict=True):
             params[i].add_(piece.view(params[i].shape), alpha=lr)
