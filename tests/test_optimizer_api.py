@@ -200,3 +200,15 @@ def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, va
     with pytest.raises(ValueError, match=f"Invalid {option}"):
         opt.step()
     assert torch.equal(params[0], before)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_lr_zero_leaves_parameters_even_where_the_step_overflows(foreach) -> None:
+    from learnedopt.nn import MetaLSTMCell
+
+    rule = MetaLSTMCell(hidden_size=4, step_scale=3.0)  # step_scale * a gradient of 2e38 overflows float32
+    param = torch.tensor([0.5, 1.0], requires_grad=True)
+    opt = MetaLSTMOptimizer([param], rule, foreach=foreach, lr=0.0)
+    param.grad = torch.tensor([2e38, 1.0])
+    opt.step(loss=1.0)
+    assert param.tolist() == [0.5, 1.0]

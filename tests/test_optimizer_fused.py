@@ -159,3 +159,34 @@ def test_auto_never_uses_the_interpreter() -> None:
     auto, _ = run("auto", [(6,)])
     torch_, _ = run("torch", [(6,)])
     assert torch.equal(auto[0], torch_[0])
+
+
+def test_a_strided_1d_parameter_alone_in_its_run() -> None:
+    results = []
+    for backend in ("triton", "torch"):
+        param = torch.linspace(-1, 1, 20)[::2].requires_grad_(True)  # a 1-D view with stride 2
+        assert not param.is_contiguous()
+        opt = LSTMOptimizer([param], PAPER, backend=backend)
+        for t in range(2):
+            param.grad = torch.linspace(-0.5, 0.5, 10) * (t + 1)
+            opt.step()
+        results.append(param.detach().clone())
+    torch.testing.assert_close(results[0], results[1], **TOL)
+
+
+def test_weights_replaced_through_data_reach_the_kernel() -> None:
+    rule = CoordinateLSTM()
+    params = make_params([(6,)], dtype=torch.float32)
+    fused = LSTMOptimizer(params, rule, backend="triton")
+    set_grads(params, 0)
+    fused.step()
+    new = [q.detach() + 0.05 for q in rule.parameters()]
+    torch.nn.utils.vector_to_parameters(torch.cat([q.reshape(-1) for q in new]), rule.parameters())  # sets .data
+    reference_params = [p.detach().clone().requires_grad_(True) for p in params]
+    reference = LSTMOptimizer(reference_params, copy.deepcopy(rule), backend="torch")
+    reference.load_state_dict(fused.state_dict())
+    set_grads(params, 1)
+    set_grads(reference_params, 1)
+    fused.step()
+    reference.step()
+    torch.testing.assert_close(params[0], reference_params[0], **TOL)

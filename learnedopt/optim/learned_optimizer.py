@@ -414,7 +414,7 @@ class LearnedOptimizer(Optimizer):
 
     def _fused_weights(self, device: torch.device) -> object:
         """The rule's weights packed for its kernel on ``device`` (cached until they change)."""
-        version = tuple(p._version for p in self.rule.parameters())
+        version = self._rule_version()
         cached = self._packed_weights.get(device)
         if cached is None or cached[0] != version:
             cfg = self.rule.config
@@ -472,13 +472,19 @@ class LearnedOptimizer(Optimizer):
             self._flat_states[key] = flat
         return flat
 
+    def _rule_version(self) -> tuple[tuple[int, int], ...]:
+        """Changes whenever the rule's weights do: in place (the version counter) or replaced
+        (``p.data = ...``, ``vector_to_parameters``: the storage). Caches of the weights in
+        another form (packed for a kernel, copied to another device or dtype) key on it. An
+        in-place change through ``p.data`` bumps neither, as for any module."""
+        return tuple((p._version, p.data_ptr()) for p in self.rule.parameters())
+
     def _rule_on(self, device: torch.device, dtype: torch.dtype) -> UpdateRule:
         """The update rule with its weights on ``device`` in ``dtype`` (cached copies)."""
         first = next(self.rule.parameters())
         if first.device == device and first.dtype == dtype:
             return self.rule
-        # a copy is stale once the rule's weights were changed in place
-        version = tuple(p._version for p in self.rule.parameters())
+        version = self._rule_version()
         cached = self._rule_copies.get((device, dtype))
         if cached is None or cached[0] != version:
             cached = (version, copy.deepcopy(self.rule).to(device=device, dtype=dtype))

@@ -52,7 +52,8 @@ def single_tensor_update_(
         step, new_state = rule(g, p, {k: state[k].to(compute_dtype) for k in names}, loss)
         for k in names:
             _store_(state[k], new_state[k])
-        param.add_(step.view(param.shape), alpha=lr)
+        if lr != 0:  # lr 0 leaves the parameter as it is, even where the step is not finite
+            param.add_(step.view(param.shape), alpha=lr)
 
 
 #: the largest float16; a state stored in float16 saturates there
@@ -114,8 +115,9 @@ def flat_update_(
             for k, v in views.items():
                 _store_(v, new_state[k])
             step[a:b] = s
-        for i, piece in zip(run, step.split(sizes), strict=True):
-            params[i].add_(piece.view(params[i].shape), alpha=lr)
+        if lr != 0:  # as in single_tensor_update_
+            for i, piece in zip(run, step.split(sizes), strict=True):
+                params[i].add_(piece.view(params[i].shape), alpha=lr)
 
 
 #: Chunks are padded to a multiple of this many coordinates. PyTorch's CPU elementwise kernels
@@ -219,7 +221,7 @@ def fused_update_(
         run_grads = [grads[i] for i in run]
         # one contiguous parameter is updated where it lies; otherwise gather, update, scatter
         in_place = len(run) == 1 and members[0].is_contiguous()
-        flat_param = members[0].view(-1) if in_place else _flatten([p.detach() for p in members], _common_dtype(members))
+        flat_param = members[0].view(-1) if in_place else _flatten([p.detach() for p in members], _common_dtype(members)).contiguous()
         flat_grad = _flatten(run_grads, _common_dtype(run_grads)).contiguous()
         launch(flat_grad, flat_param, {k: buf[:, start : start + total] for k, buf in buffers.items()})
         if not in_place:
