@@ -17,9 +17,9 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     import sys
+
+    from .demo import run_demo
 
     try:
         run_demo(steps=args.steps, minibatch_steps=args.minibatch_steps, data=args.data)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import defaultdict
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
