@@ -352,27 +352,26 @@ def _setup(config: EvalConfig) -> tuple[list[LearnedSpec], dict[str, Any], str |
     presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
     learned = [*presets, *learned_from_files(config.weights)]
     records = {spec.label: spec.record() for spec in learned}
-    if config.data is not None:  # a folder named explicitly must hold MNIST: no silent skipping
-        from ..data import load_mnist
-
-        try:
-            load_mnist(config.data)
-        except FileNotFoundError as err:
-            raise ValueError(f"data: {err}") from None
-    data_sha256 = mnist_sha256(config.data)
+    try:  # a folder named explicitly must hold MNIST: no silent skipping
+        data_sha256 = mnist_sha256(config.data, required=config.data is not None)
+    except FileNotFoundError as err:
+        raise ValueError(f"data: {err}") from None
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return learned, records, data_sha256, reused
 
 
-def mnist_sha256(data: str | None) -> str | None:
+def mnist_sha256(data: str | None, *, required: bool = False) -> str | None:
     """SHA-256 of the MNIST images and labels the problems read (from ``data`` or the default
-    search; as decoded, so a gzipped and a plain copy agree), or None where there are none: what
-    a reused report's numbers depend on, wherever the folder is."""
+    search; as decoded, so a gzipped and a plain copy agree), or None where there are none
+    (FileNotFoundError if ``required``): what a reused report's numbers depend on, wherever the
+    folder is."""
     from ..data import load_mnist
 
     try:
         images, labels = load_mnist(data)
     except FileNotFoundError:
+        if required:
+            raise
         return None
     digest = hashlib.sha256(images.numpy().tobytes())
     digest.update(labels.numpy().tobytes())

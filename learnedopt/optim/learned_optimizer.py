@@ -285,14 +285,13 @@ class LearnedOptimizer(Optimizer):
                     "no parameter or state was changed"
                 )
             return closure_loss  # nan_policy='skip' everywhere: every tensor reads the loss, so all are skipped
-        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        plans = [_partitions(*self._plan(index, group)) for index, group in enumerate(self.param_groups)]
         # a backend='triton' group that cannot run raises here, before any group is updated
-        for group, (params, grads) in zip(self.param_groups, plans, strict=True):
-            for device, compute_dtype in _partitions(params, grads):
+        for group, partitions in zip(self.param_groups, plans, strict=True):
+            for device, compute_dtype in partitions:
                 self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"])
-        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, plans, strict=True)):
-            if params:
-                self._update_group(index, group, params, grads, rule_loss)
+        for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+            self._update_group(index, group, partitions, rule_loss)
         return closure_loss
 
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
@@ -357,11 +356,10 @@ class LearnedOptimizer(Optimizer):
             return f"parameter {names[position]!r} (shape {shape})"
         return f"param_groups[{index}]['params'][{position}] (shape {shape})"
 
-    def _update_group(
-        self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], loss: Tensor | None
-    ) -> None:
+    def _update_group(self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None) -> None:
+        """Update group ``index``'s parameters, given as :func:`_partitions` of its plan."""
         state_dtype = group["state_dtype"]
-        for (device, compute_dtype), (ps, gs) in _partitions(params, grads).items():
+        for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
             lr = float(group["lr"])
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
@@ -521,9 +519,13 @@ def _compute_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _partitions(params: list[Tensor], grads: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]:
+#: (device, compute dtype) -> (parameters, their gradients): the units of one step's update
+Partitions = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
+
+
+def _partitions(params: list[Tensor], grads: list[Tensor]) -> Partitions:
     """``params`` and their ``grads`` grouped by (device, compute dtype), the unit of one update."""
-    partitions: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    partitions: Partitions = {}
     for p, g in zip(params, grads, strict=True):
         bucket = partitions.setdefault((p.device, _compute_dtype(p)), ([], []))
         bucket[0].append(p)
