@@ -153,6 +153,7 @@ def fsdp_checks(out: Path) -> dict[str, object]:
 
         folder = out / f"dcp-{name}"
         dcp.save({"optim": get_optimizer_state_dict(sharded, opt)}, checkpoint_id=str(folder))
+        at_save = [p.full_tensor().clone() for p in sharded.parameters()]
         restored_model = fully_shard(_model(0))
         with torch.no_grad():  # the model's own checkpoint is not under test here
             for p, q in zip(restored_model.parameters(), sharded.parameters(), strict=True):
@@ -167,8 +168,20 @@ def fsdp_checks(out: Path) -> dict[str, object]:
             for p, q in zip(fresh_model.parameters(), sharded.parameters(), strict=True):
                 p.to_local().copy_(q.to_local())
         fresh = cls(fresh_model.parameters())
-        for m, o in ((sharded, opt), (restored_model, restored), (fresh_model, fresh)):
+        plain_model = _model(0)  # the same checkpoint into an unsharded model on every rank
+        with torch.no_grad():
+            for p, q in zip(plain_model.parameters(), at_save, strict=True):
+                p.copy_(q)
+        plain = cls(plain_model.parameters())
+        plain.init_state()
+        plain_template = {"optim": get_optimizer_state_dict(plain_model, plain)}
+        dcp.load(plain_template, checkpoint_id=str(folder))
+        set_optimizer_state_dict(plain_model, plain, plain_template["optim"])
+        for m, o in ((sharded, opt), (restored_model, restored), (fresh_model, fresh), (plain_model, plain)):
             _train(m, o, 1, seed=2)
+        plain_equal = all(
+            torch.equal(p, q.full_tensor()) for p, q in zip(plain_model.parameters(), sharded.parameters(), strict=True)
+        )
         resumed_equal = all(
             torch.equal(p.to_local(), q.to_local())
             for p, q in zip(restored_model.parameters(), sharded.parameters(), strict=True)
@@ -185,6 +198,7 @@ def fsdp_checks(out: Path) -> dict[str, object]:
             "states_equal": states_equal,
             "resumed_equal": resumed_equal,
             "fresh_equal": fresh_equal,
+            "plain_resumed_equal": plain_equal,
             "shard_sizes": shard_sizes,
             "full_state_dict_shapes": [list(v["h"].shape) for v in full.get("state", {}).values()],  # rank 0 only
         }

@@ -146,6 +146,7 @@ def test_fsdp_sharded_steps_equal_unsharded_steps_and_checkpoint(two_ranks: Path
     assert report["params_equal"] and report["states_equal"]
     assert report["resumed_equal"]
     assert not report["fresh_equal"]
+    assert report["plain_resumed_equal"]  # the sharded checkpoint continues in an unsharded model too
     # torch.distributed.checkpoint's consolidated form works too (state_dtype is saved by name)
     layers = 2 if optimizer == "LSTMOptimizer" else 1
     shapes = [[5, 6], [5], [3, 5], [3], [1, 3], [1]]

@@ -54,8 +54,16 @@ def test_state_dict_holds_per_parameter_states_and_rule_fingerprint() -> None:
     opt.step()
     sd = opt.state_dict()
     assert set(sd["state"]) == {0, 1}
-    assert sd["state"][1]["h"].shape == (2, 6, 20)
+    assert sd["state"][1]["h"].shape == (2, 2, 3, 20)  # (layers, *param.shape, hidden), as Adam's have the param's
+    assert opt.state[params[1]]["h"].shape == (2, 6, 20)  # the optimizer's own: flat coordinates
     assert sd["learned_rule"]["kind"] == "CoordinateLSTM" and len(sd["learned_rule"]["sha256"]) == 64
+    # a state dict of earlier versions, with flat states, loads into the same states
+    flat = copy.deepcopy(sd)
+    flat["state"] = {i: {k: v.reshape(opt.state[params[i]][k].shape) for k, v in entry.items()} for i, entry in flat["state"].items()}
+    for saved in (sd, flat):
+        fresh = LSTMOptimizer(params)
+        fresh.load_state_dict(copy.deepcopy(saved))
+        assert all(torch.equal(fresh.state[p][k], opt.state[p][k]) for p in params for k in opt.state[p])
 
 
 def test_loading_into_an_optimizer_with_other_weights_fails() -> None:

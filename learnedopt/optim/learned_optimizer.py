@@ -164,10 +164,12 @@ class LearnedOptimizer(Optimizer):
         """``torch.optim`` state dict plus ``"learned_rule"``: the kind, architecture and weight
         hash of the update rule, checked by :meth:`load_state_dict`.
 
-        A per-coordinate state has shape ``spec.shape(param.numel())``; for a parameter sharded
-        as a ``DTensor`` it is a ``DTensor`` of shape ``(*lead, *param.shape, *trail)`` sharded
-        like the parameter (see :mod:`learnedopt.optim.sharding`), for
-        ``torch.distributed.checkpoint``.
+        A per-coordinate state has the parameter's shape inside the rule's: ``(*lead,
+        *param.shape, *trail)`` (a view of ``optimizer.state[p]``'s ``(*lead, param.numel(),
+        *trail)``, as Adam's states have their parameter's shape); for a parameter sharded as a
+        ``DTensor`` it is a ``DTensor`` of that global shape sharded like the parameter (see
+        :mod:`learnedopt.optim.sharding`). So ``torch.distributed.checkpoint`` moves states
+        between sharded and unsharded models, and any number of ranks.
         """
         state_dict = super().state_dict()
         spec = self.rule.state_spec()
@@ -175,10 +177,12 @@ class LearnedOptimizer(Optimizer):
         for index, saved in state_dict["state"].items():
             param = params[index]
             if sharding.is_sharded(param):
-                state_dict["state"][index] = {
-                    name: sharding.to_global(value, param, spec[name]) if name in spec else value
-                    for name, value in saved.items()
-                }
+                shaped = lambda value, s, param=param: sharding.to_global(value, param, s)  # noqa: E731
+            else:
+                shaped = lambda value, s, param=param: value.view(*s.lead, *param.shape, *s.trail)  # noqa: E731
+            state_dict["state"][index] = {
+                name: shaped(value, spec[name]) if name in spec else value for name, value in saved.items()
+            }
         for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
             group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
         state_dict["learned_rule"] = fingerprint(self.rule)
@@ -244,6 +248,13 @@ class LearnedOptimizer(Optimizer):
             saved = {
                 name: sharding.to_local(value, param, spec[name], f"saved state {name!r} of parameter {index}")
                 if name in spec else value
+                for name, value in saved.items()
+            }  # fmt: skip
+        else:  # the parameter-shaped form state_dict() writes, or the flat one of earlier versions
+            saved = {
+                name: value.reshape(spec[name].shape(param.numel()))
+                if name in spec and isinstance(value, Tensor) and tuple(value.shape) == (*spec[name].lead, *param.shape, *spec[name].trail)
+                else value
                 for name, value in saved.items()
             }  # fmt: skip
         expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}

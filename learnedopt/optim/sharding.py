@@ -11,7 +11,8 @@ Two things do need the other ranks:
 - checkpoints: ``state_dict()`` gives each state of a sharded parameter as a ``DTensor`` of
   global shape ``(*lead, *param.shape, *trail)``, sharded like the parameter (its placements
   shifted past the leading dimensions), so ``torch.distributed.checkpoint`` saves every shard
-  once and can load it back, also onto another number of ranks; ``load_state_dict`` takes such
+  once and can load it back, also onto another number of ranks or (an unsharded parameter's
+  state has that global shape too) into an unsharded model; ``load_state_dict`` takes such
   ``DTensor`` states (redistributing them when their placements differ) and keeps the local part.
 
 Internally a shard's state is stored flat, ``(*lead, local numel, *trail)``, like any
