@@ -1,4 +1,5 @@
-"""Where the data readers look for files when no path is given."""
+"""Where the data readers look for files when no path is given, and the output folders the
+commands write to."""
 
 from __future__ import annotations
 
@@ -61,3 +62,23 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
             f"containing {subdir}/, or pass the directory explicitly"
         )
     return directory
+
+
+def create_output_folder(out: str | os.PathLike[str]) -> Path:
+    """Create the folder ``out`` (and its parents) now, so that one that cannot be written fails
+    before any work is done; returns it.
+
+    Raises:
+        ValueError: ``out`` is a file, cannot be created, or is not writable (the message names it).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    return out
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.paths import create_output_folder
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .report import WriteResults, write_report
@@ -150,29 +151,17 @@ def run_cli(
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
         if Path(args.name).name != args.name or args.name in ("", ".", ".."):
             raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
-        _check_out_dir(Path(out_dir))
-        check_config(config)
+        create_output_folder(out_dir)
+        setup = check_config(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate_optimizers(config, workers=args.workers)
+    report = evaluate_optimizers(config, workers=args.workers, setup=setup)
     for path in write_report(report, out_dir, name=args.name, write_results=write_results):
         print(path)
     return 0
-
-
-def _check_out_dir(out: Path) -> None:
-    """Create ``out`` now, so that a folder that cannot hold the report fails before the runs."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
 
 
 def add_evaluate_optimizers_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -131,9 +131,12 @@ def _log(message: str) -> None:
 
 
 def evaluate_optimizers(
-    config: EvalConfig, log: Callable[[str], None] = _log, workers: int = 1
+    config: EvalConfig, log: Callable[[str], None] = _log, workers: int = 1, setup: RunSetup | None = None
 ) -> dict[str, Any]:
     """Run the harness; returns the report (JSON-serialisable) that :func:`write_report` writes.
+
+    ``setup``: what :func:`check_config` returned for ``config``, if called before (else it is
+    done here).
 
     Problems whose data is missing are skipped; the report's ``skipped`` maps them to the reason.
     ``workers > 1`` runs the problems and the stability check in that many processes (each with
@@ -142,7 +145,7 @@ def evaluate_optimizers(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    learned, records, data_sha256, reused = _setup(config)
+    learned, records, data_sha256, reused = setup or check_config(config)
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(config).items() if k != "problems"}
         | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
@@ -336,18 +339,24 @@ class ReusableResults:
         return dict(results) if (steps, description) == (problem.steps, problem.description) else {}
 
 
-def check_config(config: EvalConfig) -> None:
+class RunSetup(NamedTuple):
+    """What a run is set up from: the learned optimizers, their report records, the MNIST files'
+    SHA-256 (None without them) and the results to reuse (None without ``--reuse``)."""
+
+    learned: list[LearnedSpec]
+    records: dict[str, Any]
+    data_sha256: str | None
+    reused: ReusableResults | None
+
+
+def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: the weight files, the
-    report to reuse and an explicitly named data folder.
+    report to reuse and an explicitly named data folder; returns what they read, for
+    :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
         ValueError: the first problem found (a one-line message).
     """
-    _setup(config)
-
-
-def _setup(config: EvalConfig) -> tuple[list[LearnedSpec], dict[str, Any], str | None, ReusableResults | None]:
-    """``(learned specs, their records, the MNIST files' SHA-256, what to reuse)`` of a run."""
     wanted = config.presets if config.include_default_learned else ()
     presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
     learned = [*presets, *learned_from_files(config.weights)]
@@ -357,7 +366,7 @@ def _setup(config: EvalConfig) -> tuple[list[LearnedSpec], dict[str, Any], str |
     except FileNotFoundError as err:
         raise ValueError(f"data: {err}") from None
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
-    return learned, records, data_sha256, reused
+    return RunSetup(learned, records, data_sha256, reused)
 
 
 def mnist_sha256(data: str | None, *, required: bool = False) -> str | None:

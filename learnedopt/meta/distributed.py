@@ -100,11 +100,16 @@ class Workers:
         self._all_reduce(total)
         return float(total) / self.world_size
 
-    def all_finite(self, value: Tensor) -> bool:
-        """Whether ``value`` is free of NaN/Inf on every rank: one collective, the same answer on
-        all, so that every rank stops together where one rank's value is not finite."""
+    def require_finite(self, what: str, value: Tensor | float) -> None:
+        """Raise FloatingPointError on every rank where ``value`` holds NaN/Inf on any rank (one
+        collective, so that the ranks stop together), naming ``what`` and this rank's value."""
+        value = torch.as_tensor(value).detach()
         finite = bool(torch.isfinite(value).all())
-        return finite if self.world_size == 1 else self.mean(float(finite)) == 1.0
+        if self.world_size == 1:
+            if not finite:
+                raise FloatingPointError(f"{what} is {float(value)}")
+        elif self.mean(float(finite)) != 1.0:
+            raise FloatingPointError(f"{what} is not finite on every rank (rank {self.rank}'s: {float(value)})")
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
@@ -207,12 +212,3 @@ def exit_process(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def non_finite_message(what: str, value: Tensor | float, workers: Workers) -> str:
-    """``"the meta-loss is nan"``, or on several ranks which rank's value this is (the verdict,
-    :meth:`Workers.all_finite`, is shared: this rank's own value may be finite)."""
-    value = float(torch.as_tensor(value).detach())
-    if workers.world_size == 1:
-        return f"{what} is {value}"
-    return f"{what} is not finite on every rank (rank {workers.rank}'s: {value})"

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..data.paths import create_output_folder
 from ..nn import RULES
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -273,8 +274,6 @@ def train_loop(
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
     started_only = resume and not checkpoint_path.exists() and log_path.is_file()
     if started_only:
         # killed before its first checkpoint: nothing to continue from, nothing to lose by
@@ -303,9 +302,9 @@ def train_loop(
         )
     if workers.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+            create_output_folder(out)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     workers.barrier()
     if workers.is_main and resume:
         _truncate_log(log_path, start)

@@ -52,7 +52,7 @@ from torch import Tensor
 from ..nn import RULES, UpdateRule
 from ..weights import PRESETS, build_preset, load_weights, save_weights
 from . import distributed
-from .distributed import SINGLE, Workers, non_finite_message
+from .distributed import SINGLE, Workers
 from .loop import (
     CARD_NAME,
     LOG_NAME,
@@ -263,8 +263,7 @@ def episode(
     grad_norms: list[float] = []
 
     def update(meta_loss: Tensor) -> None:
-        if not workers.all_finite(meta_loss):
-            raise FloatingPointError(non_finite_message("the meta-loss", meta_loss, workers))
+        workers.require_finite("the meta-loss", meta_loss)
         meta_optimizer.zero_grad(set_to_none=True)
         meta_loss.backward()
         workers.average_gradients_(list(rule.parameters()))

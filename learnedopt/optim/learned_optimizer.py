@@ -222,8 +222,9 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
-            saved_group["state_dtype"] = _state_dtype(saved_group.get("state_dtype", self.defaults["state_dtype"]))
-            _validate_options({**self.defaults, **saved_group})
+            for key, value in self.defaults.items():  # a key this version added since the save
+                saved_group.setdefault(key, value)
+            _validate_options(saved_group)
         state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
             saved_group["params"] = group["params"]
@@ -282,7 +283,6 @@ class LearnedOptimizer(Optimizer):
             The closure's loss, or None.
         """
         for group in self.param_groups:  # options may have been changed in param_groups since
-            group["state_dtype"] = _state_dtype(group["state_dtype"])
             _validate_options(group)
         closure_loss = None
         if closure is not None:
@@ -516,16 +516,6 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
     return finite
 
 
-def _state_dtype(value: torch.dtype | str) -> torch.dtype:
-    """A group's ``state_dtype`` from a state dict: the dtype, or its name (as :meth:`LearnedOptimizer.state_dict` writes it)."""
-    if isinstance(value, str):
-        named = getattr(torch, value.removeprefix("torch."), None)
-        if not isinstance(named, torch.dtype):
-            raise ValueError(f"Invalid state_dtype: {value!r}")
-        return named
-    return value
-
-
 def _compute_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
@@ -569,6 +559,10 @@ def _fused_block() -> int:
 
 
 def _validate_options(options: dict[str, Any]) -> None:
+    """Raise ValueError for the first invalid option; a ``state_dtype`` given by name (as
+    :meth:`LearnedOptimizer.state_dict` writes it) becomes the dtype, in place."""
+    if isinstance(options["state_dtype"], str):
+        options["state_dtype"] = getattr(torch, options["state_dtype"].removeprefix("torch."), options["state_dtype"])
     lr = options["lr"]
     if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
         raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import SINGLE, Workers, non_finite_message
+from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
     Selection,
@@ -97,8 +97,7 @@ class FewShotTrainer:
         if config.algo == "reptile":
             with torch.no_grad():
                 loss = sum(self.learner.loss_fn(self.learner.model(x), y) for x, y in zip(x_s, y_s, strict=True))
-            if not workers.all_finite(torch.as_tensor(loss)):
-                raise FloatingPointError(non_finite_message("the support loss at the initialisation", loss, workers))
+            workers.require_finite("the support loss at the initialisation", loss)
             # each task's minibatch order has its own key, so a rank's tasks do not depend on the others'
             tasks = [inner_minibatches(x, y, config.inner_batch, config.inner_steps,
                                        generator_for(config.seed, _MINIBATCH_STREAM, step, part.start + b))
@@ -106,8 +105,7 @@ class FewShotTrainer:
             eps = self.reptile.meta_step(tasks, all_reduce_sum_=workers.all_reduce_sum_)
             return self._selected_after(step, {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps})
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
-        if not workers.all_finite(loss):
-            raise FloatingPointError(non_finite_message("the meta-loss", loss, workers))
+        workers.require_finite("the meta-loss", loss)
         self.meta_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.learner.meta_parameters()
