@@ -154,6 +154,14 @@ def _lerp(start, end, WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _bounded_square(g):
+    """:func:`learnedopt.nn.functional.bounded_square` in fp32: ``g * g`` saturated at fp32's
+    largest finite value (a ``where``, not ``minimum``, so that NaN stays NaN as in torch)."""
+    gg = g * g
+    return tl.where(gg > 3.4028234663852886e38, 3.4028234663852886e38, gg)
+
+
+@triton.jit
 def _input_weights(
     w_ih0_ptr,
     gate: tl.constexpr,
@@ -388,7 +396,7 @@ def coordinate_lstm_step_kernel(
     v_base = v_ptr
     for k in tl.static_range(len(RMS_DECAYS)):
         v = tl.load(v_base + rows, mask=row_mask, other=0.0).to(tl.float32)
-        v = _lerp(g * g, v, RMS_DECAYS[k])
+        v = _lerp(_bounded_square(g), v, RMS_DECAYS[k])
         _store_rounded(v_base + rows, v, row_mask)
         # IEEE-rounded sqrt and division, as torch's (a GPU's default ones are approximate)
         x_rms = tl.div_rn(g, tl.sqrt_rn(v) + rms_eps)

@@ -91,6 +91,7 @@ from torch import Tensor
 from ..nn.functional import RMS_EPS, preprocess
 from .coordinate_lstm_step import (
     STATE_DTYPES,
+    _bounded_square,
     _cell,
     _fp32_decays,
     _lerp,
@@ -265,7 +266,7 @@ def meta_lstm_step_kernel(
     for _ in tl.static_range(len(MOMENTUM_DECAY)):
         d = _debiased_ema(g, m_ptr, rows, row_mask, m_row_stride, MOMENTUM_DECAY[0])
     for _ in tl.static_range(len(RMS_DECAY)):
-        second = _debiased_ema(g * g, v_ptr, rows, row_mask, v_row_stride, RMS_DECAY[0])
+        second = _debiased_ema(_bounded_square(g), v_ptr, rows, row_mask, v_row_stride, RMS_DECAY[0])
         d = tl.div_rn(d, tl.sqrt_rn(second) + rms_eps)
     if SCALED:
         d = d * step_scale

@@ -212,3 +212,50 @@ def test_lr_zero_leaves_parameters_even_where_the_step_overflows(foreach) -> Non
     param.grad = torch.tensor([2e38, 1.0])
     opt.step(loss=1.0)
     assert param.tolist() == [0.5, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_finite_gradient_whose_square_overflows_leaves_the_states_finite(kind, backend) -> None:
+    """A float32 gradient over sqrt(max) ~ 1.8e19 squares to Inf; the second moments must saturate
+    rather than hold Inf (which turns NaN at the next step and stays so), on both backends."""
+    from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
+
+    rule = CoordinateLSTM(rms_decays=(0.5, 0.99)) if kind == "lstm" else MetaLSTMCell(rms_decay=0.9)
+    results = {}
+    for run_backend in ("torch", backend):
+        param = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+        opt = OPTIMIZERS[kind]([param], rule, backend=run_backend, lr=1e-3)
+        for grad in ([3e19, -1.0, 1e-3], [1.0, 1.0, 1.0], [-0.5, 2.0, 1.0]):
+            param.grad = torch.tensor(grad)
+            step(opt)
+            assert all(torch.isfinite(s).all() for s in opt.state[param].values()), opt.state[param]
+        assert torch.isfinite(param).all()
+        results[run_backend] = param.detach().clone()
+    torch.testing.assert_close(results[backend], results["torch"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_steps_on_meta_tensors_give_states_of_the_right_shapes(monkeypatch, kind, foreach) -> None:
+    """A shape-only run (a model built on the ``meta`` device), as torch.optim.Adam allows: no
+    finiteness check can read values there, and the step must not switch compiling off for the
+    real tensors that follow (a failed compile of meta tensors did)."""
+    import learnedopt.nn.lstm_step as lstm_step_module
+
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    forward = lstm_step_module._Compiled(lstm_step_module.cell_forward_into)
+    monkeypatch.setattr(lstm_step_module, "_cell_forward", forward)
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt = OPTIMIZERS[kind](model.parameters(), foreach=foreach)
+    for _ in range(2):
+        opt.step(loss=torch.tensor(1.0, device="meta")) if kind == "meta" else opt.step()
+    hidden = opt.rule.config.hidden_size
+    for p in model.parameters():
+        assert opt.state[p]["h"].is_meta and opt.state[p]["h"].shape[1:] == (p.numel(), hidden)
+        assert int(opt.state[p]["step"]) == 2
+    assert not forward.failed

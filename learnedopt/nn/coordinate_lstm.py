@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import preprocess, rms_denominator
+from .functional import bounded_square, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -151,7 +151,7 @@ class CoordinateLSTM(UpdateRule):
             features += [preprocess(row, cfg.preprocess_p) for row in m]
         if cfg.rms_decays:
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
-            v = torch.lerp(grad.square().unsqueeze(0), state["v"], betas)
+            v = torch.lerp(bounded_square(grad).unsqueeze(0), state["v"], betas)
             new_state["v"] = v
             features.append((grad / rms_denominator(v)).t())
         if cfg.param_input:

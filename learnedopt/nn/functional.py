@@ -53,6 +53,17 @@ def rms_denominator(second_moment: Tensor) -> Tensor:
     return torch.where(positive, root, torch.zeros_like(root)) + RMS_EPS
 
 
+def bounded_square(x: Tensor) -> Tensor:
+    """``x ** 2`` ``(n,)``, saturated at the dtype's largest finite value.
+
+    A finite gradient over ``sqrt(max)`` (about 1.8e19 in float32) squares to Inf, and a second
+    moment that once held Inf turns NaN at the next ``lerp`` (``Inf - Inf``) and stays NaN: a
+    finite gradient must not corrupt the state for the rest of the run. Saturated, the second
+    moment stays finite and the normalised gradient of that step is ``g / sqrt(max)``. NaN stays NaN.
+    """
+    return x.square().clamp_max(torch.finfo(x.dtype).max)
+
+
 def debiased_ema(x: Tensor, state: Tensor, decay: float) -> tuple[Tensor, Tensor]:
     """An exponential moving average with Adam's bias correction, counted per coordinate.
 

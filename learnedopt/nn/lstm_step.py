@@ -107,7 +107,9 @@ class _Compiled:
         self.failed = False
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
-        if self.failed or not compile_enabled():
+        # meta tensors (shape-only runs) have nothing to compile for, and a failed compile would
+        # turn compiling off for the real tensors too
+        if self.failed or not compile_enabled() or args[0].is_meta:
             return self.fn(*args)
         kind = tuple((a.device.type, a.dtype, tuple(a.shape[1:])) for a in args)
         compiled = self.compiled.get(kind)

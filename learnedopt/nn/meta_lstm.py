@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule
-from .functional import debiased_ema, preprocess, rms_denominator
+from .functional import bounded_square, debiased_ema, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -143,7 +143,7 @@ class MetaLSTMCell(UpdateRule):
         if cfg.momentum_decay is not None:
             direction, new_state["m"] = debiased_ema(grad, state["m"], cfg.momentum_decay)
         if cfg.rms_decay is not None:
-            second, new_state["v"] = debiased_ema(grad.square(), state["v"], cfg.rms_decay)
+            second, new_state["v"] = debiased_ema(bounded_square(grad), state["v"], cfg.rms_decay)
             direction = direction / rms_denominator(second)
         if cfg.step_scale != 1.0:
             direction = direction * cfg.step_scale

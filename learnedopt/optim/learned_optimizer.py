@@ -322,7 +322,7 @@ class LearnedOptimizer(Optimizer):
         """Whether the loss is finite, agreed over the ranks that hold parts of a sharded
         parameter (a collective there), so that all of them skip or raise together."""
         params = [p for group in self.param_groups for p in group["params"]]
-        finite = bool(torch.isfinite(loss))
+        finite = loss.is_meta or bool(torch.isfinite(loss))
         return all(sharding.agree_finite(params, [finite] * len(params)))
 
     def _plan(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -503,11 +503,12 @@ class LearnedOptimizer(Optimizer):
 
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
     """Whether each tensor (the local part of a ``DTensor``) is free of NaN/Inf, with one host
-    sync per device."""
+    sync per device. ``meta`` tensors hold no values to check (shape-only runs)."""
     tensors = [sharding.local(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+        if not t.is_meta:
+            by_device.setdefault(t.device, []).append(i)
     finite = [True] * len(tensors)
     for indices in by_device.values():
         flags = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).tolist()
