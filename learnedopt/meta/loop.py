@@ -31,10 +31,11 @@ from .distributed import SINGLE, Workers
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
-WEIGHTS_NAME = "weights.safetensors"
+WEIGHTS_NAME = "weights.safetensors"  # an update rule's run
+MODEL_NAME = "model.safetensors"  # a few-shot learner's run
 CARD_NAME = "MODEL_CARD.md"
-#: the files a finished run leaves (the update rule's weights, a few-shot learner's model, the card)
-RESULT_NAMES = (WEIGHTS_NAME, "model.safetensors", CARD_NAME)
+#: the files a finished run leaves
+RESULT_NAMES = (WEIGHTS_NAME, MODEL_NAME, CARD_NAME)
 
 
 class ConfigError(ValueError):
@@ -68,8 +69,10 @@ class RunConfig(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
-    def resumable_changes(self) -> tuple[str, ...]:
-        """The fields that may differ between a checkpoint's config and the resuming run's."""
+    @property
+    def meta_steps_shape_the_run(self) -> bool:
+        """Whether ``meta_steps`` changes finished steps (an annealed outer step, a score of the
+        last step), so that a resumed run may not change it."""
         ...
 
 
@@ -413,9 +416,9 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     }
     saved = {**defaults, **payload["config"]}
     current = config.to_dict()
-    changed = sorted(
-        k for k in current if k not in config.resumable_changes() and saved.get(k) != current[k]
-    )
+    # what changes no finished step: where the data is read, the device, and mostly the length
+    resumable = ("data", "device") if config.meta_steps_shape_the_run else ("meta_steps", "data", "device")
+    changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         why = ("; --meta-steps is fixed once a run anneals over it (reptile) or scores its last step (--select-every)"

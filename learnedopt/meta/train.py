@@ -133,11 +133,10 @@ class MetaTrainConfig:
     data: str | None = None
     device: str = "cpu"
 
-    def resumable_changes(self) -> tuple[str, ...]:
-        """The fields that may change when a run is resumed (they change no finished step):
-        the data folder, the device, and ``meta_steps`` unless ``select_every`` scores its last
-        step."""
-        return ("data", "device") if self.select_every > 0 else ("meta_steps", "data", "device")
+    @property
+    def meta_steps_shape_the_run(self) -> bool:
+        """``select_every`` scores the last step."""
+        return self.select_every > 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -385,7 +384,8 @@ def meta_train(
         out: output folder (created).
         checkpoint_every: write ``checkpoint.pt`` every this many meta-steps (and at the end).
         resume: continue from ``out/checkpoint.pt``; the config must match the checkpoint's
-            except for :meth:`MetaTrainConfig.resumable_changes`.
+            except for the data folder, the device and ``meta_steps`` (unless
+            :attr:`MetaTrainConfig.meta_steps_shape_the_run`).
         command: the command line, recorded in the weight file and model card (the CLI passes
             :func:`canonical_command`, which is the same for a run and its resumption).
         max_steps: stop after this meta-step without writing the final files (simulates a kill).

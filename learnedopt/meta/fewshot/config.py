@@ -117,12 +117,10 @@ class FewShotConfig:
     test_alphabets: str | None = None
     select_every: int = 0
 
-    def resumable_changes(self) -> tuple[str, ...]:
-        """The fields that may change when a run is resumed (they change no finished step):
-        the data folder, the device, and ``meta_steps`` unless Reptile anneals its outer step
-        over it or ``select_every`` scores its last step."""
-        fixed_length = self.algo == "reptile" or self.select_every > 0
-        return ("data", "device") if fixed_length else ("meta_steps", "data", "device")
+    @property
+    def meta_steps_shape_the_run(self) -> bool:
+        """Reptile anneals its outer step over ``meta_steps``; ``select_every`` scores the last step."""
+        return self.algo == "reptile" or self.select_every > 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""

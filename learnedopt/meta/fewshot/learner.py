@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
+from ..loop import MODEL_NAME
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -27,7 +28,6 @@ from .config import FewShotConfig
 
 Params = dict[str, Tensor]
 
-MODEL_NAME = "model.safetensors"
 MODEL_FORMAT = 1
 _HEADER_KEY = "learnedopt_model"
 SINUSOID_MLP = (1, 40, 40, 1)
