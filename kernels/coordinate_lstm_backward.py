@@ -91,6 +91,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -112,6 +113,9 @@ from .coordinate_lstm_step import (
     pack_weights,
     padded_hidden_size,
 )
+
+if TYPE_CHECKING:  # the configs are plain dataclasses; the kernels only read their fields
+    from ..nn import CoordinateLSTMConfig
 
 __all__ = [
     "CoordinateLSTMStepFunction",
@@ -894,7 +898,7 @@ def coordinate_lstm_step(
     h: Tensor,
     c: Tensor,
     weights: Mapping[str, Tensor] | PackedWeights,
-    config,
+    config: CoordinateLSTMConfig,
     *,
     options: KernelOptions | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -44,6 +44,7 @@ BLOCK 32 / 4 warps (112 B at 32 / 8, 136 B at 16 / 4; 64 / 4 collapses to 32 reg
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -69,6 +70,9 @@ from .coordinate_lstm_step import (
     padded_hidden_size,
 )
 from .meta_lstm_step import MetaPackedWeights, _meta_gate, pack_weights
+
+if TYPE_CHECKING:  # the configs are plain dataclasses; the kernels only read their fields
+    from ..nn import MetaLSTMConfig
 
 __all__ = [
     "MetaLSTMStepFunction",
@@ -559,7 +563,7 @@ def meta_lstm_step(
     c: Tensor,
     fi: Tensor,
     weights: Mapping[str, Tensor] | MetaPackedWeights,
-    config,
+    config: MetaLSTMConfig,
     *,
     options: KernelOptions | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
