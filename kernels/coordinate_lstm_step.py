@@ -9,7 +9,7 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
    ``m_k = lerp(g, m_k, beta_k)`` and ``v_k = lerp(g^2, v_k, beta_k)`` (states ``(M, N)`` and
    ``(R, N)``, float32 or bfloat16, stored back in place in their dtype) and appends the features
    ``preprocess(m_k)`` (two each) and then ``g / (sqrt(v_k) + 1e-8)``, in the order of
-   :meth:`CoordinateLSTM._features`;
+   :meth:`CoordinateLSTM.features`;
 3. runs every LSTM layer (torch gate order i, f, g, o), loading that layer's ``h`` and ``c``
    (float32 or bfloat16, converted to fp32), and stores the new ``h`` and ``c`` back in place in
    their own dtype;
@@ -376,7 +376,7 @@ def coordinate_lstm_step_kernel(
     pre_f += xm * w_mag_f + xd * w_dir_f + b_f[None, :]
     pre_g += xm * w_mag_g + xd * w_dir_g + b_g[None, :]
     pre_o += xm * w_mag_o + xd * w_dir_o + b_o[None, :]
-    # the extra features in CoordinateLSTM._features' order: each momentum m_k = lerp(g, m_k,
+    # the extra features in CoordinateLSTM.features' order: each momentum m_k = lerp(g, m_k,
     # beta_k), preprocessed (features 2 + 2k and 3 + 2k), then g / (sqrt(v_k) + eps) for each
     # second moment v_k = lerp(g^2, v_k, beta_k). The new moments are stored in place and the
     # features read their fp32 values, as on the PyTorch path.

@@ -162,3 +162,29 @@ def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys
     assert "--query-copies must be >= 0, got -1" in capsys.readouterr().err
     assert main([*argv, str(checkpoints["maml5"])]) == 2
     assert "is a 5-way model; the one-shot runs are 20-way" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "is a JSON list, not an object"),
+        ('{"format": 1}', "does not describe a learner"),  # the spec's fields are missing
+        ("bad-loss", "does not describe a learner"),  # a valid spec but an unknown loss
+    ],
+)
+def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict, header: str, message: str) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(checkpoints["maml5"]), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    if header == "bad-loss":
+        header = json.dumps({**json.loads(metadata["learnedopt_model"]), "loss": "nope"})
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={"learnedopt_model": header})
+    with pytest.raises(ValueError, match=f"{path.name}: .*{message}"):
+        load_learner(path)

@@ -100,6 +100,24 @@ def test_learned_optimizer_run_stops_on_nonfinite_gradient() -> None:
     assert np.isfinite(curve[:4]).all() and not np.isfinite(curve[4:]).any()
 
 
+@pytest.mark.parametrize("at_step", [2, 4])  # 4: the last step, whose update no loss would see
+def test_a_nonfinite_gradient_stops_baselines_and_learned_optimizers_alike(at_step: int) -> None:
+    """A finite loss with a NaN gradient (d sqrt|x| at 0) at step ``at_step``: every optimizer's
+    run ends there, so the NaN column counts it for all (a baseline used to apply the NaN step,
+    and a NaN gradient at the last step went unseen)."""
+
+    class NanGradient(SquareProblem):
+        steps = 5
+
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            loss = super().loss(model, seed, step)
+            return loss + model.theta[0].mul(0).abs().sqrt() if step == at_step else loss
+
+    for factory, lr in ((BASELINES["SGD"], 0.1), (BASELINES["Adam"], 0.01), (DEFAULT_LEARNED[0].factory(), 1.0)):
+        curve = run_optimizer(NanGradient(), 0, factory, lr)
+        assert np.isfinite(curve[:at_step]).all() and np.isnan(curve[at_step:]).all(), (factory, curve)
+
+
 class LrRecorder(torch.optim.SGD):
     """SGD that records its group's lr at every step."""
 

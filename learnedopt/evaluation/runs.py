@@ -144,7 +144,9 @@ def run_optimizer(
 
     Returns:
         ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step
-        ``t``'s update. At the first NaN/Inf loss or gradient the run stops and the rest is NaN.
+        ``t``'s update. A NaN/Inf loss or gradient at step ``t`` stops the run, no update taken:
+        entries ``t`` onwards are NaN (also entry ``t`` when only the gradient was non-finite), for
+        learned optimizers and baselines alike.
     """
     check_lr_schedule(schedule)
     steps = problem.steps if steps is None else steps
@@ -164,15 +166,25 @@ def run_optimizer(
         if not math.isfinite(value):
             break
         loss.backward()
-        if learned:
-            try:
-                optimizer.step(loss=loss.detach())
-            except NonFiniteGradientError:
-                losses[t] = np.nan  # the gradient was non-finite: flag the run
-                break
-        else:
-            optimizer.step()
+        try:
+            if learned:
+                optimizer.step(loss=loss.detach())  # raises on a non-finite gradient, changing nothing
+            else:
+                _require_finite_gradients(optimizer)
+                optimizer.step()
+        except NonFiniteGradientError:
+            losses[t] = np.nan  # flag the run
+            break
     return losses
+
+
+def _require_finite_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Raise :class:`NonFiniteGradientError` as a learned optimizer's step does, so that a
+    baseline's run stops at the same step (its step would apply the NaN; after the last step,
+    unseen by any loss)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        raise NonFiniteGradientError("a gradient holds NaN or Inf")
 
 
 def final_loss(curve: np.ndarray, window: int = FINAL_WINDOW) -> float:

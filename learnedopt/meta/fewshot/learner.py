@@ -320,11 +320,21 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
         raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
     if _HEADER_KEY not in metadata:
         raise ValueError(f"{path}: no learnedopt few-shot model header (is it an update-rule weight file?)")
-    header = json.loads(metadata[_HEADER_KEY])
+    try:
+        header = json.loads(metadata[_HEADER_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the few-shot model header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the few-shot model header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
     fields = {f.name for f in dataclasses.fields(LearnerSpec)}
-    learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}))
+    try:
+        learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}))
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"
+        ) from None
     try:
         learner.load_tensors(tensors)
     except ValueError as err:
