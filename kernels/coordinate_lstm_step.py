@@ -6,7 +6,7 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
 1. loads the gradient (any float dtype, converted to fp32) and negates it under ``maximize``;
 2. preprocesses it into the two features ``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``;
    with ``momentum_decays`` / ``rms_decays``, it also advances each moving average
-   ``m_k = lerp(g, m_k, beta_k)`` and ``v_k = lerp(g^2, v_k, beta_k)`` (states ``(M, N)`` and
+   ``m_k = lerp(g, m_k, beta_k)`` and ``v_k = lerp(min(g^2, fp32 max), v_k, beta_k)`` (states ``(M, N)`` and
    ``(R, N)``, float32 or bfloat16, stored back in place in their dtype) and appends the features
    ``preprocess(m_k)`` (two each) and then ``g / (sqrt(v_k) + 1e-8)``, in the order of
    :meth:`CoordinateLSTM.features`;
