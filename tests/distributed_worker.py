@@ -202,16 +202,30 @@ def fsdp_checks(out: Path) -> dict[str, object]:
             "shard_sizes": shard_sizes,
             "full_state_dict_shapes": [list(v["h"].shape) for v in full.get("state", {}).values()],  # rank 0 only
         }
+        skipping = cls(sharded.parameters(), nan_policy="skip")
+        _train(sharded, skipping, 1, seed=3)
+        params = list(sharded.parameters())
         if cls is MetaLSTMOptimizer:  # a NaN loss on one rank only: every rank skips, none waits
-            skipping = cls(sharded.parameters(), nan_policy="skip")
-            _train(sharded, skipping, 1, seed=3)
-            before = [p.to_local().clone() for p in sharded.parameters()]
+            before = [p.to_local().clone() for p in params]
+            skipping.zero_grad()
             loss = torch.nn.functional.mse_loss(sharded(torch.ones(4, 6)), torch.zeros(4, 1))
             loss.backward()
             skipping.step(loss=float("nan") if dist.get_rank() == 1 else loss.item())
             report[name]["one_rank_nan_loss_skipped"] = all(
-                torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True)
+                torch.equal(p.to_local(), b) for p, b in zip(params, before, strict=True)
             )
+        # a NaN in rank 1's shard of the first gradient: the tensor is skipped as a whole (rank 0's
+        # shard too), the others step
+        before = [p.to_local().clone() for p in params]
+        skipping.zero_grad()
+        loss = torch.nn.functional.mse_loss(sharded(torch.ones(4, 6)), torch.zeros(4, 1))
+        loss.backward()
+        if dist.get_rank() == 1:
+            params[0].grad.to_local()[0] = float("nan")
+        skipping.step(loss=loss.item()) if cls is MetaLSTMOptimizer else skipping.step()
+        report[name]["one_shard_nan_skips_the_whole_tensor"] = torch.equal(params[0].to_local(), before[0]) and any(
+            not torch.equal(p.to_local(), b) for p, b in zip(params[1:], before[1:], strict=True)
+        )
     return report
 
 

@@ -153,6 +153,7 @@ def test_fsdp_sharded_steps_equal_unsharded_steps_and_checkpoint(two_ranks: Path
     assert report["full_state_dict_shapes"] == [[layers, *shape, 20] for shape in shapes]
     if optimizer == "MetaLSTMOptimizer":  # a NaN loss on one rank: both skip together, no hang
         assert report["one_rank_nan_loss_skipped"]
+    assert report["one_shard_nan_skips_the_whole_tensor"]  # under nan_policy="skip"
 
 
 @pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])

@@ -177,6 +177,10 @@ def test_a_copied_optimizer_continues_like_the_original(kind, how) -> None:
     for p, q in zip(params, params_copy, strict=True):
         assert torch.equal(p, q)
         assert all(torch.equal(opt.state[p][k], opt_copy.state[q][k]) for k in opt.state[p])
+    # every attribute the step reads is there, also those of paths this CPU run does not take
+    # (the fused path's on CUDA): caches dropped by the copy are rebuilt empty
+    ours = set(vars(OPTIMIZERS[kind](params))) - set(vars(torch.optim.SGD(params)))
+    assert ours and ours <= set(vars(opt_copy))
 
 
 def test_float16_states_saturate_instead_of_overflowing() -> None:

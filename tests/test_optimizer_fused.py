@@ -125,6 +125,23 @@ def test_fused_with_low_precision_parameters_and_maximize() -> None:
         torch.testing.assert_close(p.float(), q.float(), rtol=1e-2, atol=1e-3)  # one bf16 ulp
 
 
+def test_fused_run_of_mixed_parameter_dtypes_keeps_each_dtype_s_precision() -> None:
+    """float32 and bfloat16 parameters side by side in one run are gathered into one float32
+    vector: the float32 parameter must not be rounded through bfloat16 on the way."""
+    results = {}
+    for backend in ("triton", "torch"):
+        wide, narrow = make_params([(40,), (3, 5)], dtype=torch.float32)
+        narrow = narrow.detach().to(torch.bfloat16).requires_grad_(True)
+        opt = LSTMOptimizer([wide, narrow], PAPER, backend=backend)
+        for t in range(3):
+            set_grads([wide, narrow], seed=t)
+            opt.step()
+        results[backend] = (wide, narrow)
+    (fw, fn), (rw, rn) = results["triton"], results["torch"]
+    torch.testing.assert_close(fw, rw, **TOL)
+    torch.testing.assert_close(fn.float(), rn.float(), rtol=1e-2, atol=1e-3)  # one bf16 ulp
+
+
 @WEIGHTS
 def test_fused_resume_is_bit_identical(weights) -> None:
     params = make_params([(50,), (7, 3)], dtype=torch.float32)

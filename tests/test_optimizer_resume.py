@@ -152,3 +152,34 @@ def test_load_state_dict_hooks_see_the_whole_state_as_in_torch_optim() -> None:
     fresh.load_state_dict(saved)
     assert seen == {"pre": [0], "post": [100.0]}
     assert fresh.state[params[0]]["step"].item() == 100.0
+
+
+def test_a_state_dict_from_before_a_group_option_existed_loads_with_its_default() -> None:
+    """A checkpoint of an earlier version lacks group keys added since (``backend``,
+    ``foreach``, ...): they take the loading optimizer's defaults."""
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, lr=0.5)
+    train(opt, params, 2, first=0)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["backend"], group["foreach"]
+    fresh = LSTMOptimizer([p.detach().clone().requires_grad_(True) for p in params], lr=1.0, backend="torch", foreach=False)
+    fresh.load_state_dict(saved)
+    group = fresh.param_groups[0]
+    assert group["backend"] == "torch" and group["foreach"] is False and group["lr"] == 0.5
+
+
+def test_loading_an_unnamed_state_dict_keeps_the_parameter_names() -> None:
+    """An optimizer built from ``named_parameters()`` keeps its names when it loads a state dict
+    saved without them, so its errors still name the parameter."""
+    model = torch.nn.Linear(3, 2)
+    unnamed = LSTMOptimizer(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    unnamed.step()
+    named = LSTMOptimizer(model.named_parameters())
+    named.load_state_dict(unnamed.state_dict())
+    assert named.param_groups[0]["param_names"] == ["weight", "bias"]
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(Exception, match="'weight'"):
+        named.step()
