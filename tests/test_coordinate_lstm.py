@@ -60,6 +60,12 @@ def test_untrained_init_is_sign_descent_with_momentum() -> None:
         for _ in range(60):
             step, state = rule(grad, torch.zeros(n), state)
     torch.testing.assert_close(step, -0.01 * grad.sign(), rtol=0.02, atol=0)
+    # and a zero gradient (a weight on an always-zero input) gets no step, however long
+    state = rule.init_state(2, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        for _ in range(50):
+            step, state = rule(torch.zeros(2), torch.zeros(2), state)
+            assert step.abs().max() < 1e-6
 
 
 def test_config_validation() -> None:

@@ -118,6 +118,8 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
         ({"step_scale": 0.0}, "step_scale must be positive"),
         ({"momentum_decay": 1.0}, r"momentum_decay must be None or in \(0, 1\)"),
         ({"rms_decay": -0.1}, r"rms_decay must be None or in \(0, 1\)"),
+        ({"momentum_decay": 0.0}, r"momentum_decay must be None or in \(0, 1\)"),  # the open interval
+        ({"rms_decay": 0.0}, r"rms_decay must be None or in \(0, 1\)"),
         ({"input_bias_init": (1.0, 0.0)}, "input_bias_init must be a range"),
     ]:
         with pytest.raises(ValueError, match=match):
