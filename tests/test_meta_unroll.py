@@ -147,6 +147,49 @@ def test_stopping_optimizee_gradients_changes_the_meta_gradient(kind: str) -> No
     assert not torch.allclose(full, stopped, rtol=1e-3)  # the Hessian terms matter on a quadratic
 
 
+def test_initial_parameters_that_require_grad_get_their_meta_gradient() -> None:
+    """A learned initialisation (MAML-style, or Ravi & Larochelle's c_0) passed as leaves that
+    require grad gets the exact meta-gradient (central differences, with the second-order terms)."""
+    rule = random_rule("lstm", seed=4)
+    tasks, params = quadratic_setup()
+    start = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    meta_loss_of(rule, tasks, start, 3, stop_optimizee_grad=False, lr=0.5).backward()
+    (name,) = start
+    numeric = torch.zeros_like(params[name])
+    eps = 1e-6
+    with torch.no_grad():
+        for i in range(numeric.numel()):
+            values = []
+            for sign in (1, -1):
+                moved = params[name].clone()
+                moved.view(-1)[i] += sign * eps
+                with torch.enable_grad():
+                    values.append(meta_loss_of(rule, tasks, {name: moved}, 3, stop_optimizee_grad=False, lr=0.5).item())
+            numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
+    assert start[name].grad is not None and numeric.abs().max() > 1e-3
+    torch.testing.assert_close(start[name].grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_stopping_optimizee_gradients_hands_the_rule_constant_gradient_and_loss(stop: bool) -> None:
+    """Under ``stop_optimizee_grad`` the rule's gradient and loss inputs are constants (the
+    meta-gradient flows through the parameters and the rule's states only); without it both
+    carry the optimizee's graph."""
+    rule = random_rule("meta", seed=2)
+    tasks, params = quadratic_setup()
+    seen = []
+    forward = rule.forward
+
+    def recording(grad, param, state, loss=None):  # noqa: ANN001, ANN202 - the wrapped signature
+        seen.append((grad.requires_grad, loss.requires_grad))
+        return forward(grad, param, state, loss)
+
+    rule.forward = recording
+    meta_loss_of(rule, tasks, params, 3, stop_optimizee_grad=stop).backward()
+    assert len(seen) == 3 * 2  # a call per task per step
+    assert all(flags == (not stop, not stop) for flags in seen), seen
+
+
 def test_stopping_optimizee_gradients_drops_only_second_order_terms() -> None:
     """On a linear loss the Hessian is zero, so stopping the gradient changes nothing.
 
