@@ -177,6 +177,50 @@ def test_adapt_and_predict_for_one_task() -> None:
     assert all(not p.requires_grad for p in params.values())
 
 
+def test_adapt_uses_the_learned_step_sizes() -> None:
+    """Meta-SGD: adapting after meta-training steps each element by its learned step size,
+    as the inner loop of meta-training did (here against a plain autograd computation)."""
+    model = tiny_model()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, learn_inner_lr=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lr in maml.inner_lrs.values():
+            lr.uniform_(0.05, 0.9, generator=g)
+    xs, ys, _, _ = episode(tasks=1)
+    got = maml.adapt(xs[0], ys[0])
+    names = [n for n, _ in model.named_parameters()]
+    fast = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    for _ in range(2):
+        out = torch.func.functional_call(model, dict(zip(names, fast)), (xs[0],))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(out, ys[0]), fast)
+        fast = [(p - maml.inner_lrs[n.replace(".", "/")].detach() * gp).detach().requires_grad_(True)
+                for n, p, gp in zip(names, fast, grads)]  # fmt: skip
+    for n, p in zip(names, fast, strict=True):
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_first_order_with_checkpointed_steps_stays_first_order() -> None:
+    data = episode()
+    grads = {}
+    for ckpt in (False, True):
+        model = tiny_model()
+        MAML(model, inner_lr=0.5, inner_steps=2, first_order=True, vectorize=False, checkpoint_steps=ckpt)(*data).backward()
+        grads[ckpt] = [p.grad for p in model.parameters()]
+    expected = reference_meta_grad(tiny_model(), 0.5, 2, data, first_order=True)
+    for a, b, e in zip(grads[True], grads[False], expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, e, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_init_by_module_name_takes_that_module_only() -> None:
+    """``zero_init=("1",)`` names module ``1``, not ``10``, ``11``, ... (a prefix of their names)."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+    maml = MAML(model, zero_init=("1",))
+    assert maml._zero_init == {"1.weight", "1.bias"}
+    zeroed = {n for n, p in maml.initial_params().items() if not p.any()}
+    assert zeroed == {"1.weight", "1.bias"}
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="inner_steps"):
         MAML(tiny_model(), inner_steps=0)
