@@ -505,3 +505,55 @@ def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_pat
     assert run(tmp_path / "run", "--meta-steps", "2", "--lr", "1e30") == 2
     err = capsys.readouterr().err
     assert "meta-step 1:" in err and "the meta-parameters are still the initial ones" in err and "--lr" in err
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "2") == 0
+    before = tensors(out / "weights.safetensors")
+    assert run(out, "--meta-steps", "2", "--resume") == 0
+    after = tensors(out / "weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_unroll_equal_to_horizon_is_one_truncation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "1", "--unroll", "10", "--horizon", "10") == 0  # T <= H, here T = H
+    assert [r["meta_updates"] for r in log_lines(out)] == [1]
+
+
+def test_random_horizons_reach_both_ends_of_the_range(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--random-horizon", "--unroll", "2", "--horizon", "3", "--meta-steps", "12") == 0
+    assert {r["horizon"] for r in log_lines(out)} == {2, 3}  # [T, H], H included
+
+
+def test_select_every_fixes_meta_steps_on_resume(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ("--select-every", "2", "--checkpoint-every", "2")
+    assert run(out, "--meta-steps", "4", *args, "--stop-after", "2") == 0
+    assert run(out, "--meta-steps", "6", *args, "--resume") == 2
+    assert "meta_steps: 4 -> 6" in capsys.readouterr().err
+
+
+def test_evaluation_episode_weighting_and_fixed_horizon() -> None:
+    """``evaluate`` runs the whole horizon H even under ``random_horizon`` (the card's numbers
+    compare like with like), and ``weighted`` weights each step's loss as the meta-loss does."""
+    import dataclasses
+
+    from learnedopt.meta import horizon_loss_weights
+    from learnedopt.meta.tasks import generator_for
+    from learnedopt.meta.train import _EVAL_STREAM, MetaTrainConfig, _family, episode, evaluate, initial_rule
+
+    config = MetaTrainConfig(unroll=2, horizon=6, meta_batch=2, loss_weighting="linear")
+    family, rule = _family(config, "meta_train"), initial_rule(config)
+    drawn = dataclasses.replace(config, random_horizon=True)
+    assert evaluate(rule, family, drawn) == evaluate(rule, family, config)
+    for seed in range(6):  # without a meta-optimizer (evaluation) no horizon is drawn
+        assert episode(rule, family, drawn, generator_for(seed, _EVAL_STREAM))[0].shape[0] == 6
+    losses = episode(rule.requires_grad_(False), family, config, generator_for(config.seed, _EVAL_STREAM))[0]
+    assert losses.shape[0] == 6
+    weighted = (horizon_loss_weights("linear", 6)[:, None] * losses).mean().item()
+    assert evaluate(rule, family, config, weighted=True) == pytest.approx(weighted, rel=1e-6)
+    assert weighted != pytest.approx(losses.mean().item(), rel=1e-3)
