@@ -23,7 +23,11 @@ pytest.importorskip(
 )
 
 from helpers import to_device_keeping_strides  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from learnedopt.kernels.coordinate_lstm_step import (  # noqa: E402
+    _store_rounded,
     coordinate_lstm_step_,
     is_interpreted,
     pack_weights,
@@ -592,3 +596,24 @@ def test_rejects_mismatched_features_and_bad_weights() -> None:
     weights = rule_weights(make_rule(2, 20))
     with pytest.raises(ValueError, match="one device"):
         coordinate_lstm_step_(grad.cpu(), param, torch.empty_like(param), h, c, weights, **kw)
+
+
+@triton.jit
+def _store_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    _store_rounded(out_ptr + offsets, tl.load(x_ptr + offsets), offsets < N)
+
+
+def test_bfloat16_stores_keep_every_nan_a_nan_and_round_the_rest_to_nearest_even() -> None:
+    """Rounding fp32 to bf16 by adding to the bits would turn a NaN whose payload is in the low
+    half (CUDA's canonical 0x7FFFFFFF, a signalling 0x7F800001) into -0.0 or Inf: a corrupted
+    state would look clean. (The interpreter's arithmetic canonicalises NaNs, so the store is
+    called directly here, on the exact bits.)"""
+    nan_bits = [0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF, 0x7FC00000]
+    numbers = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -3.3e38, 1e-40])  # ties to even, overflow, subnormal
+    bits = torch.tensor(nan_bits, dtype=torch.int64).to(torch.int32)  # wraps to the same 32 bits
+    x = torch.cat([bits.view(torch.float32), numbers]).to(DEVICE)
+    out = torch.empty(8, dtype=torch.bfloat16, device=DEVICE)
+    _store_kernel[(1,)](x, out, N=8)
+    assert torch.isnan(out[:4]).all(), out[:4]
+    assert torch.equal(out[4:].cpu(), numbers.to(torch.bfloat16))

@@ -206,16 +206,23 @@ def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, va
     assert torch.equal(params[0], before)
 
 
-@pytest.mark.parametrize("foreach", [None, False])
-def test_lr_zero_leaves_parameters_even_where_the_step_overflows(foreach) -> None:
-    from learnedopt.nn import MetaLSTMCell
+@pytest.mark.parametrize("backend, foreach", [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_lr_zero_leaves_parameters_even_where_the_step_overflows(kind, backend, foreach) -> None:
+    """lr=0 keeps every parameter bit for bit (-0.0 too), even where the step is Inf or NaN."""
+    from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 
-    rule = MetaLSTMCell(hidden_size=4, step_scale=3.0)  # step_scale * a gradient of 2e38 overflows float32
-    param = torch.tensor([0.5, 1.0], requires_grad=True)
-    opt = MetaLSTMOptimizer([param], rule, foreach=foreach, lr=0.0)
-    param.grad = torch.tensor([2e38, 1.0])
-    opt.step(loss=1.0)
-    assert param.tolist() == [0.5, 1.0]
+    if kind == "meta":
+        rule = MetaLSTMCell(hidden_size=4, step_scale=3.0)  # step_scale * a gradient of 2e38 overflows float32
+    else:
+        rule = CoordinateLSTM(hidden_size=4, num_layers=1)
+        with torch.no_grad():
+            rule.head.bias.fill_(float("inf"))  # an infinite step everywhere
+    param = torch.tensor([0.5, 1.0, -0.0], requires_grad=True)
+    opt = OPTIMIZERS[kind]([param], rule, backend=backend, foreach=foreach, lr=0.0)
+    param.grad = torch.tensor([2e38, 1.0, 1.0])
+    step(opt)
+    assert param.tolist() == [0.5, 1.0, 0.0] and torch.signbit(param[2])
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
