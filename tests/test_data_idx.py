@@ -142,6 +142,17 @@ def test_load_mnist_count_mismatch(tmp_path: Path) -> None:
         load_mnist(tmp_path)
 
 
+def test_load_mnist_refuses_a_label_above_9(tmp_path: Path) -> None:
+    make_mnist(tmp_path, 3)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    write(labels, idx_bytes(np.array([0, 9, 10], np.uint8)), compress=True)
+    with pytest.raises(ValueError, match="MNIST labels are digits 0-9, found 10") as info:
+        load_mnist(tmp_path)
+    assert str(labels) in str(info.value)
+    write(labels, idx_bytes(np.array([0, 9, 9], np.uint8)), compress=True)
+    assert load_mnist(tmp_path)[1].tolist() == [0, 9, 9]
+
+
 def test_load_mnist_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
         load_mnist(tmp_path)
@@ -233,6 +244,12 @@ def test_split_indices_partition(n: int, weights: list[int], seed: int) -> None:
 def test_split_indices_rejects_bad_fractions(fractions: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         split_indices(10, fractions)
+
+
+@pytest.mark.parametrize("fractions", [{"a": 0.6, "b": 0.37}, {"a": 0.6, "b": 0.4 - 1e-5}])
+def test_split_indices_rejects_fractions_slightly_off_1(fractions: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="fractions must sum to 1, got 0.9"):
+        split_indices(100, fractions)
 
 
 # Real data ----------------------------------------------------------------------------------

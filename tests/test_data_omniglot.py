@@ -156,6 +156,28 @@ def test_resize(zips: tuple[Path, Path]) -> None:
     assert small.images.amax((1, 2, 3)).min() > 0.9  # every rectangle is >= 10 px wide
 
 
+def test_resize_is_lanczos_on_8bit_grayscale(zips: tuple[Path, Path]) -> None:
+    data = load_omniglot(zips[0], image_size=28)
+    alphabet, character = data.classes[0]
+    for drawer, image in enumerate(data.images[data.labels == 0, 0], start=1):
+        with Image.open(io.BytesIO(png_bytes(glyph_mask(alphabet, character, drawer, 1)))) as png:
+            gray = png.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+        expected = 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
+        assert torch.equal(image, torch.from_numpy(expected))
+
+
+def test_zip_skips_appledouble_files(zips: tuple[Path, Path], tmp_path: Path) -> None:
+    """macOS zip tools add ``._<name>`` metadata files beside the images: not PNGs, so skipped."""
+    files = layout(SPLIT1, variant=1)
+    appledouble = b"\x00\x05\x16\x07" + bytes(28)  # the header of a macOS metadata file
+    junk = {str(Path(name).with_name(f"._{Path(name).name}")): appledouble for name in files}
+    with_junk = make_zip(tmp_path / "junk.zip", "images_background_small1", files | junk)
+    data, clean = load_omniglot(with_junk, image_size=None), load_omniglot(zips[0], image_size=None)
+    assert data.classes == clean.classes == EXPECTED_CLASSES[:3]
+    assert torch.equal(data.labels, clean.labels) and len(data) == 3 * DRAWERS
+    assert torch.equal(data.images, clean.images)
+
+
 def test_rotations(zips: tuple[Path, Path]) -> None:
     data = load_omniglot(list(zips), image_size=None, rotations=True)
     base = load_omniglot(list(zips), image_size=None)

@@ -1,5 +1,7 @@
 """The one-shot runs reader and scorer on runs generated in the official layout."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,4 +77,16 @@ def test_reader_errors(tmp_path) -> None:
         load_runs(tmp_path)
     labels.write_text("run01/test/item99.png run01/training/class01.png\n")
     with pytest.raises(FileNotFoundError, match="not found"):
+        load_runs(tmp_path)
+
+
+def test_reader_refuses_a_label_line_with_extra_fields(tmp_path: Path) -> None:
+    """Every test item keeps its label, so only the field count can flag the line."""
+    make_runs(tmp_path, runs=1)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    lines[1] += " run01/training/class01.png"
+    labels.write_text("\n".join(lines) + "\n")
+    message = r"class_labels.txt line 2: expected 'test_item training_image', got 'run01/test/item02"
+    with pytest.raises(ValueError, match=message):
         load_runs(tmp_path)

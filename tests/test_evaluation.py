@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -681,3 +682,153 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def record_seeds(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Record the seed of every run the harness starts: ``tuning`` (inside ``tune_lr``) and
+    ``eval`` (the harness's own runs)."""
+    from learnedopt.evaluation import harness, runs
+
+    seen: dict[str, list[int]] = {"tuning": [], "eval": []}
+    real_run = runs.run_optimizer
+
+    def recorder(kind: str):
+        return lambda *a, **k: seen[kind].append(a[1]) or real_run(*a, **k)
+
+    monkeypatch.setattr(runs, "run_optimizer", recorder("tuning"))
+    monkeypatch.setattr(harness, "run_optimizer", recorder("eval"))
+    return seen
+
+
+def save_report(report: dict, path: Path) -> str:
+    """The report's JSON as ``write_report`` writes it, without the tables and plot."""
+    from learnedopt.evaluation.report import dumps_report
+
+    path.write_text(dumps_report(report))
+    return str(path)
+
+
+def test_long_tuning_seeds_apply_from_exactly_long_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_seeds(monkeypatch)
+    config = EvalConfig(problems=[QuadraticProblem("at", 3, 12)], seeds=1, tuning_seeds=1,
+                        long_tuning_seeds=2, long_steps=12, lrs=(0.1,), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    tuned = evaluate_optimizers(config, log=lambda _: None)["problems"]["at"]["tuning_seeds"]
+    assert len(tuned) == 2 and seen["tuning"] == tuned * len(BASELINES)
+    below = dataclasses.replace(config, problems=[QuadraticProblem("below", 3, 11)])
+    entry = evaluate_optimizers(below, log=lambda _: None)["problems"]["below"]
+    assert len(entry["tuning_seeds"]) == 1
+
+
+def test_lr_at_the_bottom_of_the_grid_is_flagged_as_at_its_edge() -> None:
+    # lr 30 and 3000 diverge for every baseline: each picks the grid's smallest lr
+    config = EvalConfig(problems=[QuadraticProblem("quadratic-3", 3, 12)], seeds=1, tuning_seeds=1,
+                        lrs=(0.03, 30.0, 3000.0), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    results = evaluate_optimizers(config, log=lambda _: None)["problems"]["quadratic-3"]["results"]
+    assert {label: (r["lr"], r["lr_at_grid_edge"]) for label, r in results.items()} == {
+        label: (0.03, True) for label in BASELINES
+    }
+
+
+def test_stability_check_reports_the_first_nonfinite_step(tmp_path: Path) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation import harness
+
+    class NanAfterFourSteps(torch.optim.SGD):
+        """SGD that turns the parameters NaN at its 4th step: step 4's loss is the first NaN."""
+
+        calls = 0
+
+        def step(self, closure=None):
+            super().step(closure)
+            self.calls += 1
+            if self.calls == 4:
+                with torch.no_grad():
+                    for p in self.param_groups[0]["params"]:
+                        p.fill_(math.nan)
+
+    class Spec:
+        label = "nan-after-4"
+
+        def factory(self):
+            return lambda params, lr: NanAfterFourSteps(params, lr=0.01)
+
+    data = str(write_fake_mnist(tmp_path / "mnist"))
+    config = EvalConfig(problems=["quadratic-20"], stability_steps=10, data=data)
+    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["nan-after-4"]
+    assert result["nonfinite"] is True and result["first_nonfinite_step"] == 4
+    assert math.isfinite(result["min_loss"]) and math.isnan(result["final_loss"])
+
+
+def test_reuse_skips_a_problem_whose_description_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=5,
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    same = save_report(report, tmp_path / "same.json")
+    report["problems"]["quadratic-20"]["description"] = "an older definition of quadratic-20"
+    changed = save_report(report, tmp_path / "changed.json")
+    seen = record_seeds(monkeypatch)
+    rerun = evaluate_optimizers(dataclasses.replace(config, reuse=changed), log=lambda _: None)
+    assert rerun["reused"]["results"] == {} and seen["eval"] == [0] * len(BASELINES)
+    seen["eval"].clear()
+    reused = evaluate_optimizers(dataclasses.replace(config, reuse=same), log=lambda _: None)
+    assert set(reused["reused"]["results"]["quadratic-20"]) == set(BASELINES) and seen["eval"] == []
+
+
+def test_reuse_reruns_weight_files_even_when_the_report_ran_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), weights, trained_on="test")
+    config = EvalConfig(problems=["quadratic-20"], weights=[str(weights)], seeds=2, tuning_seeds=1,
+                        lrs=(0.1,), steps=5, stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    first = evaluate_optimizers(config, log=lambda _: None)
+    assert learned_from_file(weights).label in first["problems"]["quadratic-20"]["results"]
+    seen = record_seeds(monkeypatch)
+    reuse = save_report(first, tmp_path / "first.json")
+    again = evaluate_optimizers(dataclasses.replace(config, reuse=reuse), log=lambda _: None)
+    assert set(again["reused"]["results"]["quadratic-20"]) == set(BASELINES)
+    assert seen == {"tuning": [], "eval": [0, 1]}  # only the weight file ran, on both seeds
+
+
+def test_reuse_takes_no_stability_results_of_another_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation.harness import STABILITY_SEED
+
+    data = str(write_fake_mnist(tmp_path / "mnist"))
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=3,
+                        stability_steps=3, presets=["l2l-blend"], data=data)  # fmt: skip
+    first = save_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first.json")
+    seen = record_seeds(monkeypatch)
+    same = evaluate_optimizers(dataclasses.replace(config, reuse=first), log=lambda _: None)
+    assert same["reused"]["results"]["stability"] == [DEFAULT_LEARNED[0].label]
+    assert seen["eval"] == []
+    longer = dataclasses.replace(config, stability_steps=4, reuse=first)
+    report = evaluate_optimizers(longer, log=lambda _: None)
+    assert "stability" not in report["reused"]["results"] and seen["eval"] == [STABILITY_SEED]
+    assert report["stability"]["steps"] == 4
+
+
+def test_tuning_seeds_are_disjoint_from_evaluation_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_seeds(monkeypatch)
+    config = EvalConfig(problems=[QuadraticProblem("quadratic-3", 3, 5)], seeds=3, tuning_seeds=3,
+                        lrs=(0.1,), stability_steps=0, include_default_learned=False)  # fmt: skip
+    entry = evaluate_optimizers(config, log=lambda _: None)["problems"]["quadratic-3"]
+    assert len(set(entry["tuning_seeds"])) == 3
+    assert seen["tuning"] == entry["tuning_seeds"] * len(BASELINES)
+    assert seen["eval"] == entry["eval_seeds"] * len(BASELINES) == [0, 1, 2] * len(BASELINES)
+    assert not set(seen["tuning"]) & set(seen["eval"])
+
+
+def test_eval_config_refuses_zero_steps() -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        EvalConfig(steps=0)
+    assert EvalConfig(steps=1).steps == 1
