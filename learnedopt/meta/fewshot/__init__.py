@@ -59,10 +59,10 @@ from .config import (
     fewshot_defaults,
     FewShotConfig,
 )
+from ..loop import MODEL_NAME
 from .learner import (
     LOSSES,
     MODEL_FORMAT,
-    MODEL_NAME,
     SINUSOID_MLP,
     build_model,
     FewShotLearner,

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ..loop import MODEL_NAME
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
+    MODEL_NAME,
     Selection,
     check_run,
     clip_meta_gradient_,
@@ -29,7 +30,7 @@ from ..loop import (
 from ..reptile import Reptile
 from ..tasks import derive_seed, generator_for
 from .config import FewShotConfig, canonical_command, config_from_args
-from .learner import MODEL_NAME, FewShotLearner, LearnerSpec, save_learner
+from .learner import FewShotLearner, LearnerSpec, save_learner
 from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, make_sources
 
 _TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
