@@ -43,6 +43,7 @@ file), :mod:`.sources` (sinusoid and Omniglot tasks), :mod:`.training` (meta-tra
 :mod:`.adaptation` (test-time adaptation, ``evaluate omniglot-runs``).
 """
 
+from ..loop import MODEL_NAME
 from .adaptation import (
     add_omniglot_runs_parser,
     classify_task,
@@ -59,7 +60,6 @@ from .config import (
     fewshot_defaults,
     FewShotConfig,
 )
-from ..loop import MODEL_NAME
 from .learner import (
     LOSSES,
     MODEL_FORMAT,
