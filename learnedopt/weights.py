@@ -233,23 +233,43 @@ def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
     return rule, header
 
 
-def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def open_with_header(
+    path: Path, header_key: str, what: str, missing_header: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A safetensors file's tensors and its JSON header object (the metadata entry
+    ``header_key``), for the library's file formats (weight files, few-shot model files).
+
+    Args:
+        what: the kind of file, for messages (``"weight file"``).
+        missing_header: the message's end when the file has no such header.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, no header, or a header that is not a JSON object.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors weight file (truncated or corrupt?): {err}") from None
-    if _HEADER_KEY not in metadata:
-        raise ValueError(f"{path}: safetensors file has no learnedopt header; not a learnedopt weight file")
+        raise ValueError(f"{path}: not a readable safetensors {what} (truncated or corrupt?): {err}") from None
+    if header_key not in metadata:
+        raise ValueError(f"{path}: {missing_header}")
     try:
-        header = json.loads(metadata[_HEADER_KEY])
+        header = json.loads(metadata[header_key])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: learnedopt header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: learnedopt header is a JSON {type(header).__name__}, not an object")
+    return header, tensors
+
+
+def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    header, tensors = open_with_header(
+        path, _HEADER_KEY, "weight file", "safetensors file has no learnedopt header; not a learnedopt weight file"
+    )
     if not isinstance(header.get("config"), dict):
         raise ValueError(f"{path}: learnedopt header has no architecture config (a 'config' object)")
     if header.get("format") != FORMAT_VERSION:

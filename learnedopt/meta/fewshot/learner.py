@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
+from ...weights import open_with_header
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -309,22 +309,9 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
         ValueError: not a learnedopt few-shot model file, or tensors that do not fit its header.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
-    if _HEADER_KEY not in metadata:
-        raise ValueError(f"{path}: no learnedopt few-shot model header (is it an update-rule weight file?)")
-    try:
-        header = json.loads(metadata[_HEADER_KEY])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the few-shot model header is not valid JSON: {err}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the few-shot model header is a JSON {type(header).__name__}, not an object")
+    header, tensors = open_with_header(
+        path, _HEADER_KEY, "model file", "no learnedopt few-shot model header (is it an update-rule weight file?)"
+    )
     if header.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
     fields = {f.name for f in dataclasses.fields(LearnerSpec)}
