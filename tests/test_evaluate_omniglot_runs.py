@@ -11,7 +11,15 @@ from test_meta_train_fewshot import make_omniglot_zip
 
 from learnedopt.cli import main
 from learnedopt.data import load_runs, score_runs
-from learnedopt.meta.fewshot import MODEL_NAME, classify_task, load_learner, predict_runs
+from learnedopt.meta.fewshot import (
+    MODEL_NAME,
+    FewShotLearner,
+    LearnerSpec,
+    classify_task,
+    load_learner,
+    predict_runs,
+    save_learner,
+)
 
 TINY = ["--task", "omniglot", "--shots", "1", "--queries", "1", "--hidden", "4", "--meta-steps", "2",
         "--meta-batch", "1", "--val-tasks", "1", "--inner-steps", "1", "--test-inner-steps", "2", "--quiet"]  # fmt: skip
@@ -37,6 +45,19 @@ def make_runs(root: Path, runs: int) -> None:
             write_png(run / "test" / f"item{k + 1:02d}.png", [5 * j + r])
             lines.append(f"run{r:02d}/test/item{k + 1:02d}.png run{r:02d}/training/class{j + 1:02d}.png")
         (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+
+
+def drop_last_class(run: Path) -> None:
+    """Remove a run's 20th training image and the test items labelled with it."""
+    kept = []
+    for line in (run / "class_labels.txt").read_text().splitlines():
+        item, target = line.split()
+        if target.endswith("class20.png"):
+            (run.parent / item).unlink()
+        else:
+            kept.append(line)
+    (run / "training" / "class20.png").unlink()
+    (run / "class_labels.txt").write_text("\n".join(kept) + "\n")
 
 
 def meta_train(out: Path, data: Path, ways: int, algo: str = "maml") -> Path:
@@ -93,6 +114,52 @@ def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, checkp
     predict_runs(learner, runs, support_copies=2, seed=3)
     x, y = augment_support(runs[0].train_images, torch.arange(20), 2, torch.Generator().manual_seed(3))
     assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], y) and x.shape[0] == 60
+
+
+def test_predict_runs_draws_every_runs_distortions_from_one_generator(tmp_path: Path, checkpoints: dict, monkeypatch) -> None:
+    import learnedopt.data
+
+    learner, _ = load_learner(checkpoints["maml20"])
+    make_runs(tmp_path / "runs", runs=1)
+    run = load_runs(tmp_path / "runs", image_size=28)[0]
+    real, seen = learnedopt.data.augment_support, []
+    monkeypatch.setattr(learnedopt.data, "augment_support", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    predict_runs(learner, [run, run], support_copies=1, seed=3)
+    g = torch.Generator().manual_seed(3)
+    first, second = (real(run.train_images, torch.arange(20), 1, g)[0] for _ in range(2))
+    assert len(seen) == 2 and torch.equal(seen[0][0], first) and torch.equal(seen[1][0], second)
+    assert not torch.equal(seen[0][0][20:], seen[1][0][20:])  # the same run, distorted anew
+
+
+def test_cli_refuses_steps_below_1(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    make_runs(tmp_path / "runs", runs=1)
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
+    assert main([*argv, "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "learnedopt evaluate omniglot-runs: error: --steps must be a positive integer, got 0\n"
+
+
+def test_cli_refuses_an_ensemble_of_image_sizes(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    spec = LearnerSpec(algo="maml", architecture={"kind": "conv4", "in_channels": 1, "ways": 20, "hidden": 4, "image_size": 14},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    save_learner(FewShotLearner(spec, seed=0), tmp_path / "small.safetensors")
+    make_runs(tmp_path / "runs", runs=1)
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs")]
+    assert main([*argv, "--checkpoint", str(checkpoints["maml20"]), str(tmp_path / "small.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the checkpoints take different image sizes ([14, 28]); an ensemble needs one" in err
+
+
+def test_cli_refuses_a_run_without_20_training_images(tmp_path: Path, checkpoints: dict, capsys) -> None:
+    make_runs(tmp_path / "runs", runs=2)
+    drop_last_class(tmp_path / "runs" / "run02")
+    assert [run.train_images.shape[0] for run in load_runs(tmp_path / "runs")] == [20, 19]
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "runs ['run02'] do not have 20 training images" in out.err
 
 
 def test_refuses_a_model_that_is_not_20_way(tmp_path: Path, checkpoints: dict, capsys) -> None:
@@ -171,6 +238,7 @@ def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys
         ("[1]", "is a JSON list, not an object"),
         ('{"format": 1}', "does not describe a learner"),  # the spec's fields are missing
         ("bad-loss", "does not describe a learner"),  # a valid spec but an unknown loss
+        ("format-2", r"unsupported model format 2 \(this library reads 1\)"),  # a valid spec of a newer format
     ],
 )
 def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict, header: str, message: str) -> None:
@@ -184,6 +252,8 @@ def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     if header == "bad-loss":
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), "loss": "nope"})
+    if header == "format-2":
+        header = json.dumps({**json.loads(metadata["learnedopt_model"]), "format": 2})
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata={"learnedopt_model": header})
     with pytest.raises(ValueError, match=f"{path.name}: .*{message}"):

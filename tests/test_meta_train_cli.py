@@ -244,6 +244,7 @@ BAD = [
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
     (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),
     (["--algo", "maml", "--device", "mps"], "--device must be cpu or cuda[:N], got 'mps'"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
 ]
 if not torch.cuda.is_available():
     BAD += [
@@ -265,6 +266,25 @@ def test_bad_configuration_is_one_line_and_exit_code_2(
     assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
     assert message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_rule_config_that_is_not_a_json_object_is_an_argument_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "run", "--meta-steps", "1", "--rule-config", "[1, 2]")
+    assert exit_info.value.code == 2
+    assert "argument --rule-config: expected a JSON object, got [1, 2]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_every_defaults_to_the_documented_10() -> None:
+    import argparse
+
+    from learnedopt.meta.command import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert "checkpoint every N meta-steps (default 10)" in " ".join(parser.format_help().split())
+    assert parser.parse_args(["--out", "run"]).checkpoint_every == 10
 
 
 def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> None:
@@ -414,6 +434,17 @@ def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
     w.grad = torch.tensor([1.0, float("nan"), 0.0])
     with pytest.raises(FloatingPointError, match="meta-gradient norm is nan"):
         clip_meta_gradient_([w], None)
+
+
+def test_a_single_process_stops_on_a_non_finite_value() -> None:
+    from learnedopt.meta.distributed import SINGLE
+
+    SINGLE.require_finite("the meta-loss", torch.tensor([1.0, -2.0]))
+    SINGLE.require_finite("the meta-loss", 3.5)
+    with pytest.raises(FloatingPointError, match="^the meta-loss is nan$"):
+        SINGLE.require_finite("the meta-loss", float("nan"))
+    with pytest.raises(FloatingPointError, match="^the support loss is inf$"):
+        SINGLE.require_finite("the support loss", torch.tensor(float("inf")))
 
 
 def test_a_mixture_trains_resumes_exactly_and_describes_its_members(tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ resume, Omniglot on a generated zip, configuration errors."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,23 @@ from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
 from learnedopt.data import load_omniglot
-from learnedopt.meta.fewshot import MODEL_NAME, OmniglotSource, inner_minibatches, load_learner, omniglot_class_splits
+from learnedopt.meta.fewshot import (
+    MODEL_NAME,
+    FewShotConfig,
+    FewShotLearner,
+    FewShotTrainer,
+    LearnerSpec,
+    OmniglotSource,
+    fewshot_defaults,
+    inner_minibatches,
+    load_learner,
+    make_sources,
+    omniglot_class_splits,
+    parse_alphabets,
+)
+from learnedopt.meta.fewshot.training import _TRAIN_STREAM
+from learnedopt.meta.loop import ConfigError
+from learnedopt.meta.tasks import derive_seed
 from learnedopt.nn import MetaLSTMCell
 
 
@@ -45,6 +63,11 @@ def make_omniglot_zip(folder: Path, alphabets: int = 8, characters: int = 3, dra
                     mask = glyph_mask(f"Script{a}", f"character{c:02d}", d)
                     archive.writestr(f"{top}/Script{a}/character{c:02d}/{900 + c:04d}_{d:02d}.png", png_bytes(mask))
     return folder
+
+
+def config(algo: str, task: str = "sinusoid", **changes: Any) -> FewShotConfig:
+    """``algo``'s default configuration on ``task``, with ``changes``."""
+    return FewShotConfig(algo=algo, task=task, **{**fewshot_defaults(algo, task, changes.get("ways")), **changes})
 
 
 RULE_CONFIG = '{"input_bias_init": [-0.5, -0.3], "forget_bias_init": [9, 10]}'  # starts at step ~0.4
@@ -203,6 +226,9 @@ BAD = [
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
+    (["--algo", "maml", "--task", "omniglot", "--ways", "1", "--data", "{tmp}/no-such-dir"], "--ways must be at least 2, got 1"),
+    (["--algo", "reptile", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--algo", "maml", "--inner-lr", "0"], "--inner-lr must be a positive number, got 0.0"),
     (["--algo", "fomaml", "--meta-lr", "-1"], "--meta-lr must be a positive number"),
     (["--algo", "maml", "--resume"], "--resume: no checkpoint at"),
     (["--algo", "maml", "--rule", "CoordinateLSTM"], "--rule does not apply to --algo maml"),
@@ -331,3 +357,155 @@ def test_meta_steps_that_shape_the_run_cannot_change_on_resume(tmp_path: Path, c
     assert train(out, *args, "--meta-steps", "6", "--resume") == 2
     assert "meta_steps: 4 -> 6" in capsys.readouterr().err
     assert train(out, *args, "--meta-steps", "4", "--resume") == 0
+
+
+def test_a_finished_run_prints_its_files_and_validation(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(out, "--algo", "maml", *SINE_TINY, "--meta-steps", "1") == 0
+    validation = header(out / MODEL_NAME)["validation"]
+    shown = f"loss {validation['initial']['loss']:.4g} -> {validation['final']['loss']:.4g}"
+    assert capsys.readouterr().out == (
+        f"wrote {out / MODEL_NAME} and MODEL_CARD.md: validation {shown} (initialisation -> meta-trained)\n"
+    )
+
+
+def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:
+    """The command line refuses ``--zero-head`` first; the API's configuration must too."""
+    for algo in ("reptile", "meta-lstm"):
+        with pytest.raises(ConfigError, match=f"--zero-head sets how MAML starts each task's output layer, not --algo {algo}'s"):
+            config(algo, zero_head=True).validate()
+    config("fomaml", zero_head=True).validate()
+
+
+# the documented defaults ("the papers', scaled like the benchmarks"): README (Reptile on Omniglot),
+# benchmarks/fewshot.py's docstring (sinusoid), the settings of its Omniglot results, which train
+# with fewshot_defaults (MAML, meta-lstm), and the --val-tasks and --clip help
+DOCUMENTED_DEFAULTS: dict[tuple[str, str, int | None], dict[str, Any]] = {
+    ("maml", "sinusoid", None): {"inner_steps": 1, "inner_lr": 0.01, "test_inner_steps": 10, "meta_batch": 25,
+                                 "meta_lr": 1e-3, "shots": 10, "queries": 10},
+    ("reptile", "sinusoid", None): {"inner_steps": 5, "inner_lr": 0.02, "meta_batch": 1, "meta_lr": 0.1},
+    ("maml", "omniglot", 5): {"inner_steps": 1, "inner_lr": 0.4, "test_inner_steps": 3, "train_shots": None},
+    ("maml", "omniglot", 20): {"inner_steps": 5, "inner_lr": 0.1, "test_inner_steps": 5, "train_shots": None},
+    ("reptile", "omniglot", 5): {"inner_steps": 5, "inner_lr": 1e-3, "test_inner_steps": 50, "train_shots": 10,
+                                 "inner_batch": 10, "meta_batch": 5, "meta_lr": 1.0},
+    ("reptile", "omniglot", 20): {"inner_steps": 10, "inner_lr": 5e-4, "test_inner_steps": 50, "train_shots": 10,
+                                  "inner_batch": 20, "meta_batch": 5, "meta_lr": 1.0},
+    ("meta-lstm", "omniglot", 5): {"inner_steps": 5, "inner_lr": None, "test_inner_steps": 5, "clip": 0.25},
+}  # fmt: skip
+
+
+def test_fewshot_defaults_are_the_documented_ones() -> None:
+    for (algo, task, ways), expected in DOCUMENTED_DEFAULTS.items():
+        for variant in ("maml", "fomaml") if algo == "maml" else (algo,):
+            defaults = fewshot_defaults(variant, task, ways)
+            assert {k: defaults[k] for k in expected} == expected, (variant, task, ways)
+            assert defaults["val_tasks"] == 100, (variant, task, ways)
+            assert defaults["clip"] == (0.25 if algo == "meta-lstm" else None)
+    for algo in ("maml", "fomaml", "reptile", "meta-lstm"):  # --ways defaults to 5
+        assert fewshot_defaults(algo, "omniglot", None) == fewshot_defaults(algo, "omniglot", 5)
+
+
+def test_reptile_inner_optimizer_is_sgd_on_sinusoid_and_adam_on_omniglot() -> None:
+    assert LearnerSpec.for_config(config("reptile")).inner_optimizer == "sgd"
+    assert LearnerSpec.for_config(config("reptile", "omniglot", hidden=4)).inner_optimizer == "adam"
+    assert LearnerSpec.for_config(config("maml")).inner_optimizer is None
+
+
+def test_reptile_inner_adam_has_beta1_zero() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adam = FewShotLearner(LearnerSpec.for_config(config("reptile", "omniglot", hidden=4))).inner_optimizer(params)
+    assert type(adam) is torch.optim.Adam
+    assert adam.defaults["betas"] == (0.0, 0.999) and adam.defaults["lr"] == 1e-3
+    sgd = FewShotLearner(LearnerSpec.for_config(config("reptile"))).inner_optimizer(params)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["lr"] == 0.02 and sgd.defaults["momentum"] == 0
+
+
+def test_evaluate_reports_the_accuracy_in_percent() -> None:
+    spec = LearnerSpec(algo="maml", architecture={"kind": "mlp", "sizes": [2, 2], "activation": "relu"},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.1)  # fmt: skip
+    learner = FewShotLearner(spec, seed=0)
+    with torch.no_grad():  # the identity: input i is classified as class i
+        learner.model[0].weight.copy_(torch.eye(2))
+        learner.model[0].bias.zero_()
+    x = 5 * torch.eye(2).expand(2, 2, 2)
+    labels = torch.tensor([[0, 1], [0, 0]])  # the second task's second query is labelled wrongly
+    assert learner.evaluate(x, torch.tensor([[0, 1], [0, 1]]), x, labels, steps=0)["accuracy"] == 75.0
+
+
+def test_meta_lstm_meta_loss_is_the_query_loss_after_adapting() -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config("meta-lstm", inner_steps=2, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    loss = learner.meta_loss(x_s, y_s, x_q, y_q)
+    with torch.no_grad():
+        per_task = [learner.loss_fn(learner.predict(learner.adapt(x_s[b], y_s[b]), x_q[b]), y_q[b]) for b in range(2)]
+    torch.testing.assert_close(loss.detach(), torch.stack(per_task).mean())
+    assert float(learner.meta_loss(x_s, y_s, x_q, y_q + 1).detach()) != pytest.approx(float(loss.detach()), rel=1e-3)
+
+
+def test_meta_sgd_step_sizes_are_meta_trained() -> None:
+    trainer = FewShotTrainer(config("maml", learn_inner_lr=True, meta_batch=2, val_tasks=1))
+    before = {k: v.clone() for k, v in trainer.learner.tensors().items() if k.startswith("inner_lr.")}
+    assert len(before) == 6  # a weight and a bias per layer
+    trainer.step(0)
+    after = trainer.learner.tensors()
+    assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_load_tensors_refuses_a_wrongly_shaped_tensor() -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config("maml")), seed=0)
+    before = {k: v.clone() for k, v in learner.tensors().items()}
+    wrong = {**before, "model.0.bias": torch.full((1,), 7.0)}  # (1,) broadcasts to the (40,) bias
+    with pytest.raises(ValueError, match=re.escape("missing [], unexpected [], wrong shape ['model.0.bias']")):
+        learner.load_tensors(wrong)
+    assert all(torch.equal(v, before[k]) for k, v in learner.tensors().items())
+
+
+def test_inner_minibatches_as_large_as_the_support_set_keep_its_order() -> None:
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    batches = inner_minibatches(x, y, 5, 3, torch.Generator().manual_seed(0))
+    assert len(batches) == 3 and all(xb is x and yb is y for xb, yb in batches)
+
+
+def test_reptile_logs_the_mean_support_loss_over_the_meta_batch() -> None:
+    trainer = FewShotTrainer(config("reptile", meta_batch=4, val_tasks=1))
+    x_s, y_s, _, _ = trainer.source.batch(4, derive_seed(0, _TRAIN_STREAM, 0))
+    with torch.no_grad():
+        losses = [float(torch.nn.functional.mse_loss(trainer.learner.model(x), y)) for x, y in zip(x_s, y_s, strict=True)]
+    assert trainer.step(0)["meta_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
+def test_meta_lstm_clips_the_meta_gradient() -> None:
+    trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2, clip=1e-3))
+    record = trainer.step(0)
+    grads = [p.grad for p in trainer.learner.meta_parameters() if p.grad is not None]
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:
+    trainer = FewShotTrainer(config("reptile", meta_steps=4, meta_lr=0.1, val_tasks=1))
+    assert [trainer.step(s)["outer_stepsize"] for s in range(4)] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    assert trainer.reptile.current_outer_stepsize() == 0.0
+
+
+def test_parse_alphabets_splits_at_commas_and_strips_spaces() -> None:
+    assert parse_alphabets("Greek, Latin") == ["Greek", "Latin"]
+    assert parse_alphabets(" Japanese_(katakana) ,Latin,, ") == ["Japanese_(katakana)", "Latin"]
+    assert parse_alphabets(None) is None
+
+
+def test_the_default_omniglot_data_is_loaded_with_rotations(omniglot_dir: Path, monkeypatch) -> None:
+    import learnedopt.data
+
+    real, calls = learnedopt.data.load_omniglot, []
+
+    def default_data(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return real(omniglot_dir / "images_background_small1.zip", **kwargs)
+
+    monkeypatch.setattr(learnedopt.data, "load_omniglot", default_data)
+    train_source, _, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4))  # no data folder given
+    assert calls == [((), {"image_size": 28, "rotations": True})]
+    assert "with rotations" in train_source.describe()

@@ -56,6 +56,18 @@ def test_outer_stepsize_is_annealed_linearly_and_resumes() -> None:
     assert again.current_outer_stepsize() == pytest.approx(0.6)
 
 
+def test_adapt_runs_the_steps_it_is_given() -> None:
+    data = tasks(1, batches=2)[0]
+    reptile = Reptile(model(), inner_steps=1, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    one = [p.detach().clone() for p in reptile.adapt(data, steps=1).parameters()]
+    three = [p.detach().clone() for p in reptile.adapt(data, steps=3).parameters()]
+    for got, expected in zip(three, sgd_run(model(), data, 3, 0.1), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert all(not torch.equal(a, b) for a, b in zip(one, three, strict=True))
+    default = [p.detach() for p in reptile.adapt(data).parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(default, one, strict=True))  # steps=None: inner_steps
+
+
 @pytest.mark.parametrize("make", [lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["lstm", "meta-lstm"])
 def test_learned_inner_optimizers_work(make) -> None:
     net = model().float()
@@ -69,6 +81,12 @@ def test_learned_inner_optimizers_work(make) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="inner_steps"):
         Reptile(model(), inner_steps=0)
+    with pytest.raises(ValueError, match="outer step sizes must be >= 0"):
+        Reptile(model(), inner_steps=1, outer_stepsize=-0.1)
+    with pytest.raises(ValueError, match="outer step sizes must be >= 0"):
+        Reptile(model(), inner_steps=1, final_outer_stepsize=-0.5, total_steps=4)
+    with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
+        Reptile(model(), inner_steps=1, total_steps=0)
     reptile = Reptile(model(), inner_steps=1)
     with pytest.raises(ValueError, match="at least one task"):
         reptile.meta_step([])
