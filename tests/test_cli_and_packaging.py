@@ -16,6 +16,17 @@ def test_help_and_presets(capsys) -> None:
     assert "l2l-2016" in out and "meta-lstm-2017" in out
 
 
+def test_presets_lists_which_presets_are_trained(capsys) -> None:
+    assert main(["presets"]) == 0
+    rows = [line.split(maxsplit=3) for line in capsys.readouterr().out.splitlines()]
+    states = {name: state for name, _, state, _ in rows}
+    assert set(states.values()) == {"trained", "untrained"} and len(states) >= 10
+    # the README's presets table: these three are not meta-trained, every other preset is
+    untrained = {name for name, state in states.items() if state == "untrained"}
+    assert untrained == {"l2l-2016", "meta-lstm-2017", "meta-lstm-adam"}
+    assert states["l2l-blend"] == states["meta-lstm-adam-mnist"] == "trained"
+
+
 def test_console_script_help_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "learnedopt", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "learnedopt" in result.stdout
@@ -41,6 +52,17 @@ def test_demo_runs_and_prints_each_optimizer_and_only_learnedopts_warnings(capsy
     assert "1. A minibatch problem" in out and "2. A full-batch problem" in out
     assert "UNTRAINED weights (preset 'l2l-2016')" in out  # learnedopt's own warning is shown
     assert "script_method" not in out
+
+
+def test_demo_table_row_shows_the_loss_at_a_tenth_of_the_steps() -> None:
+    from learnedopt.demo import _header, _row
+
+    losses = [float(v) for v in range(100, 0, -1)]  # loss 100 - t at step t
+    header, row = _header(100).split(), _row("SGD", losses, 1.5).split()
+    assert header == ["optimizer", "loss@0", "loss@10", "final10", "time"]
+    # loss@0, loss@10 and the mean of the last 10 losses (10 .. 1)
+    assert row == ["SGD", "100.0000", "90.0000", "5.5000", "1.50s"]
+    assert _row("SGD", losses[:35], 0.0).split()[2] == "97.0000"  # step 35 // 10
 
 
 def test_kernels_are_installed_under_learnedopt_only() -> None:

@@ -96,3 +96,42 @@ def test_augment_support_with_no_copies_is_the_identity_and_bad_input_is_named()
         augment_support(images, labels, -1, torch.Generator())
     with pytest.raises(ValueError, match=r"needs images \(N, C, H, W\) and labels \(N,\)"):
         augment_support(images, labels[:1], 1, torch.Generator())
+
+
+def drawn_thetas(monkeypatch: pytest.MonkeyPatch, ranges: AffineRanges, n: int = 2000) -> torch.Tensor:
+    """The ``(n, 2, 3)`` affine matrices ``random_affine`` hands to ``affine_grid`` for ``n`` images."""
+    seen: list[torch.Tensor] = []
+    grid = torch.nn.functional.affine_grid
+
+    def spy(theta: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(theta.clone())
+        return grid(theta, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "affine_grid", spy)
+    random_affine(torch.rand(n, 1, 4, 4, dtype=torch.float64), torch.Generator().manual_seed(0), ranges)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def assert_independent_uniforms(a: torch.Tensor, b: torch.Tensor, centre: float, half_width: float) -> None:
+    """``a`` and ``b`` are uncorrelated draws that fill ``[centre - half_width, centre + half_width]``."""
+    for x in (a, b):
+        assert (x - centre).abs().max() <= half_width + 1e-12
+        assert x.max() > centre + 0.97 * half_width and x.min() < centre - 0.97 * half_width
+    assert not torch.equal(a, b)
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.1
+
+
+def test_the_two_shears_are_drawn_independently_over_their_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    theta = drawn_thetas(monkeypatch, AffineRanges(rotation=0.0, shear=0.3, scale=0.0, shift=0.0))
+    # pure shear: [[1, shear_x, 0], [shear_y, 1, 0]]
+    torch.testing.assert_close(theta[:, 0, 0], torch.ones(len(theta), dtype=theta.dtype), rtol=0, atol=1e-12)
+    torch.testing.assert_close(theta[:, 1, 1], torch.ones(len(theta), dtype=theta.dtype), rtol=0, atol=1e-12)
+    assert_independent_uniforms(theta[:, 0, 1], theta[:, 1, 0], 0.0, 0.3)
+
+
+def test_the_two_scales_are_drawn_independently_over_their_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    theta = drawn_thetas(monkeypatch, AffineRanges(rotation=0.0, shear=0.0, scale=0.2, shift=0.0))
+    # pure scale: [[scale_x, 0, 0], [0, scale_y, 0]]
+    assert theta[:, 0, 1].abs().max() < 1e-12 and theta[:, 1, 0].abs().max() < 1e-12
+    assert_independent_uniforms(theta[:, 0, 0], theta[:, 1, 1], 1.0, 0.2)

@@ -194,6 +194,18 @@ def test_same_group_counts_only_allowed_classes() -> None:
         )
 
 
+def test_episode_labels_go_to_the_classes_in_random_order() -> None:
+    """Label 0 must not always name the smallest class id: a learner could exploit the order."""
+    labels = make_labels([4] * 3)
+    sampler = EpisodeSampler(labels, range(3), n_way=3, k_shot=1, q_query=1, seed=0)
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(600):
+        order = tuple(sampler.sample().classes.tolist())
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 6  # every assignment of the 3 labels to the 3 classes, about 100 times each
+    assert all(60 <= c <= 140 for c in counts.values()), counts
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

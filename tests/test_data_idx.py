@@ -206,6 +206,13 @@ def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         resolve_data_dir(None, "mnist")
 
 
+def test_resolve_data_dir_prefers_the_subfolder_of_a_given_root(tmp_path: Path) -> None:
+    (tmp_path / "mnist").mkdir()
+    assert resolve_data_dir(tmp_path, "mnist") == tmp_path / "mnist"
+    assert resolve_data_dir(tmp_path / "mnist", "mnist") == tmp_path / "mnist"  # the folder itself
+    assert resolve_data_dir(tmp_path, "omniglot") == tmp_path
+
+
 # Index splits -------------------------------------------------------------------------------
 
 FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}

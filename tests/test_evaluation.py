@@ -488,6 +488,86 @@ def test_best_baseline_is_the_lowest_finite_mean_final_loss_among_baselines() ->
     assert best_baseline({"Adam": entry("baseline", nan), "learned": entry("learned", 0.1)}) is None
 
 
+def hand_made_report(results: dict[str, dict], learned: dict[str, dict] | None = None) -> dict:
+    """A minimal report of one problem ``p`` for ``markdown_tables``."""
+    config = {"seeds": 2, "tuning_seeds": 1, "long_steps": 1000, "long_tuning_seeds": None, "lrs": [0.1, 10.0],
+              "quick": False, "steps": None}  # fmt: skip
+    return {
+        "config": config,
+        "definitions": {"tuning": "t", "final_loss": "f", "statistics": "s"},
+        "learned": learned or {},
+        "skipped": {},
+        "seconds": 1.0,
+        "problems": {"p": {"steps": 10, "seconds": 1.0, "description": "d", "results": results}},
+    }
+
+
+def hand_made_result(kind: str, mean: float, lr: float = 1.0, edge: bool = False) -> dict:
+    """One optimizer's statistics, every seed ending at ``mean``."""
+    stats = dict.fromkeys(("final_mean", "final_median", "final_q1", "final_q3", "mean_loss"), mean)
+    return {"kind": kind, "lr": lr, "lr_at_grid_edge": edge, "final_std": 0.0, "nonfinite": 0, "runs": 2,
+            "finals": [mean, mean], **stats}  # fmt: skip
+
+
+def test_markdown_calls_untrained_only_the_headers_that_say_so() -> None:
+    from learnedopt.evaluation import markdown_tables
+
+    learned = {
+        # a weight file's header has no "trained" key
+        "mine": {"header": {"kind": "CoordinateLSTM", "trained_on": "quadratic"}, "weights": "mine.safetensors"},
+        "preset": {"header": {"kind": "CoordinateLSTM", "trained": False}, "weights": "l2l-2016"},
+        "trained": {"header": {"kind": "CoordinateLSTM", "trained": True, "trained_on": "mlp"}, "weights": "l2l-blend"},
+    }
+    results = {label: hand_made_result("learned", 0.4) for label in learned}
+    lines = markdown_tables(hand_made_report(results, learned)).splitlines()
+    assert "- mine: weights `mine.safetensors` (trained on 'quadratic')" in lines
+    assert "- preset: weights `l2l-2016` (UNTRAINED preset)" in lines
+    assert "- trained: weights `l2l-blend` (trained on 'mlp')" in lines
+
+
+def test_markdown_flags_a_tuned_lr_at_the_grid_edge() -> None:
+    from learnedopt.evaluation import markdown_tables
+
+    results = {"SGD": hand_made_result("baseline", 0.5, lr=10.0, edge=True),
+               "Adam": hand_made_result("baseline", 0.7, lr=0.3),
+               "mine": hand_made_result("learned", 0.4)}  # fmt: skip
+    lines = markdown_tables(hand_made_report(results)).splitlines()
+    lrs = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines if line.startswith("| ")}
+    assert (lrs["SGD"], lrs["Adam"], lrs["mine"]) == ("10 (grid edge)", "0.3", "1 (untuned)")
+
+
+def test_a_single_finite_baseline_is_the_best_tuned_baseline() -> None:
+    from learnedopt.evaluation import markdown_tables
+
+    results = {"SGD": hand_made_result("baseline", 0.5), "Adam": hand_made_result("baseline", float("nan")),
+               "mine": hand_made_result("learned", 0.1)}  # fmt: skip
+    assert best_baseline(results) == "SGD"
+    assert best_baseline({"Adam": {"kind": "baseline", "final_mean": 2.0}}) == "Adam"
+    assert "Best tuned baseline: SGD." in markdown_tables(hand_made_report(results)).splitlines()
+
+
+def test_the_default_lr_grid_is_half_decades_from_1e_4_to_10() -> None:
+    from learnedopt.evaluation import DEFAULT_LRS
+
+    assert len(DEFAULT_LRS) == 11 and EvalConfig().lrs == DEFAULT_LRS
+    half_decades = [1e-4, 3.162e-4, 1e-3, 3.162e-3, 1e-2, 3.162e-2, 0.1, 0.3162, 1.0, 3.162, 10.0]
+    np.testing.assert_allclose(DEFAULT_LRS, half_decades, rtol=1e-4)
+    assert DEFAULT_LRS[0] == pytest.approx(1e-4, rel=1e-12) and DEFAULT_LRS[-1] == pytest.approx(10.0, rel=1e-12)
+
+
+def test_baselines_have_the_documented_settings() -> None:
+    # "SGD; SGD + Nesterov momentum 0.9; RMSprop (alpha 0.99); Adam (0.9, 0.999); other settings torch defaults"
+    params = [nn.Parameter(torch.zeros(2))]
+    groups = {name: factory(params, 0.3).param_groups[0] for name, factory in BASELINES.items()}
+    assert list(groups) == ["SGD", "Nesterov", "RMSprop", "Adam"] and all(g["lr"] == 0.3 for g in groups.values())
+    assert isinstance(BASELINES["Nesterov"](params, 0.3), torch.optim.SGD)
+    nesterov = groups["Nesterov"]
+    assert (nesterov["momentum"], nesterov["nesterov"], nesterov["dampening"]) == (0.9, True, 0)
+    assert (groups["SGD"]["momentum"], groups["SGD"]["nesterov"]) == (0, False)
+    assert groups["RMSprop"]["alpha"] == 0.99 and groups["RMSprop"]["momentum"] == 0
+    assert groups["Adam"]["betas"] == (0.9, 0.999)
+
+
 def test_seeds_below_is_a_paired_count_over_seeds_where_both_runs_stayed_finite() -> None:
     nan = float("nan")
     assert seeds_below([1.0, 2.0, 3.0, nan, 0.5], [1.5, 1.0, 3.5, 0.1, nan]) == "2/3"
@@ -675,6 +755,7 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(a_file)], "is a file, not a folder"),
         (["--out", str(tmp_path), "--name", "sub/x"], "file name stem"),
         (["--out", str(tmp_path), "--threads", "-2"], "--threads must be >= 0"),
+        (["--out", str(tmp_path), "--workers", "0"], "--workers must be >= 1, got 0"),
         (["--out", str(tmp_path), "--weights", str(a_file)], "a_file"),
         (["--out", str(tmp_path), "--reuse", str(tmp_path / "odd.json")], "cannot reuse"),
         (["--out", str(tmp_path), "--data", str(tmp_path / "missing")], "does not exist"),
@@ -682,6 +763,21 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+    # --threads 0 keeps torch's choice: it passes the checks and the run starts
+    class Started(Exception):
+        pass
+
+    def start(*args: object, **kwargs: object) -> None:
+        raise Started
+
+    from learnedopt.evaluation import cli as evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", start)
+    threads = torch.get_num_threads()
+    with pytest.raises(Started):
+        main([*base, "--out", str(tmp_path), "--threads", "0"])
+    assert torch.get_num_threads() == threads and capsys.readouterr().err == ""
 
 
 def record_seeds(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:

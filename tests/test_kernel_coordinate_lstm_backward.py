@@ -22,6 +22,7 @@ pytest.importorskip(
 from learnedopt.kernels.coordinate_lstm_backward import (
     CoordinateLSTMStepFunction,
     KernelOptions,
+    coordinate_lstm_backward,
     coordinate_lstm_step,
 )
 from learnedopt.kernels.coordinate_lstm_step import is_interpreted, pack_weights
@@ -375,6 +376,22 @@ def test_invalid_arguments() -> None:
         KernelOptions(backward_block=48)
     with pytest.raises(ValueError, match="max_programs"):
         KernelOptions(max_programs=0)
+    with pytest.raises(ValueError, match="num_warps must be a power of two, got 3"):
+        KernelOptions(num_warps=3)
+    with pytest.raises(ValueError, match="input_precision must be one of .*got 'fp8'"):
+        KernelOptions(input_precision="fp8")
+
+
+def test_backward_refuses_output_gradients_of_another_shape() -> None:
+    rule = make_rule(2, 8)
+    grad, h, c, d_step, d_h, d_c = make_inputs(40, 2, 8)
+    x, _ = rule.features(grad, grad, {})
+    packed = pack_weights(dict(rule.named_parameters()), num_layers=2, hidden_size=8)
+    args = (x.detach(), h, c, h, packed)  # h stands for h_new: only shapes are checked before the launch
+    with pytest.raises(ValueError, match=r"d_step must have shape \(40,\), got \(10,\)"):
+        coordinate_lstm_backward(*args, d_step[:10], d_h, d_c, output_scale=rule.config.output_scale)
+    with pytest.raises(ValueError, match=r"d_h_new and d_c_new must have shape \(2, 40, 8\)"):
+        coordinate_lstm_backward(*args, d_step, d_h, d_c[:1], output_scale=rule.config.output_scale)
 
 
 # ----------------------------------------------------------------------------- the unroll

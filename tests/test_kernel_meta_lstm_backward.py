@@ -17,7 +17,7 @@ pytest.importorskip(
 )
 
 from learnedopt.kernels.coordinate_lstm_backward import KernelOptions
-from learnedopt.kernels.meta_lstm_backward import meta_lstm_step
+from learnedopt.kernels.meta_lstm_backward import meta_lstm_backward, meta_lstm_forward, meta_lstm_step
 from learnedopt.kernels.meta_lstm_step import is_interpreted, pack_weights
 
 from learnedopt.meta import QuadraticFamily, generator_for, num_coordinates, unroll
@@ -163,6 +163,31 @@ def test_invalid_arguments() -> None:
         meta_lstm_step(x, grad, param, h.bfloat16(), c, fi, weights, cfg)
     with pytest.raises(ValueError, match="not H=20"):
         meta_lstm_step(x, grad, param, h, c, fi, pack_weights(weights, hidden_size=8), MetaLSTMCell().config)
+
+
+def test_backward_refuses_output_gradients_of_another_shape() -> None:
+    rule = make_rule(8)
+    (x, grad, param, h, c, fi), (d_step, d_h, d_c, d_fi) = make_inputs(rule, 40)
+    packed = pack_weights(dict(rule.named_parameters()), hidden_size=8)
+    inputs = (x, grad, param, h, c, fi, h, packed)  # h stands for h_new: only shapes are checked before the launch
+    with pytest.raises(ValueError, match=r"d_fi_new must have shape \(2, 40\), got \(1, 40\)"):
+        meta_lstm_backward(*inputs, d_step, d_h, d_c, d_fi[:1])
+    with pytest.raises(ValueError, match=r"d_step must have shape \(40,\), got \(10,\)"):
+        meta_lstm_backward(*inputs, d_step[:10], d_h, d_c, d_fi)
+
+
+def test_backward_gives_the_gradients_of_x_grad_and_param_in_their_dtypes() -> None:
+    rule = make_rule(8)
+    (x, grad, param, h, c, fi), cotangents = make_inputs(rule, 40)
+    packed = pack_weights(dict(rule.named_parameters()), hidden_size=8)
+    _, h_new, _, _ = meta_lstm_forward(x, grad, param, h, c, fi, packed)
+    want = meta_lstm_backward(x, grad, param, h, c, fi, h_new, packed, *cotangents)
+    # the fp32 values are exact in float64 and, as fp32 is what the kernel reads, give the same result
+    got = meta_lstm_backward(x.double(), grad.double(), param.double(), h, c, fi, h_new, packed, *cotangents)
+    for name, a, b in zip(("d_x", "d_grad", "d_param"), got[:3], want[:3], strict=True):
+        assert a.dtype == F64 and b.dtype == torch.float32, name
+        assert torch.equal(a, b.double()), name
+    assert all(t.dtype == torch.float32 for t in got[3:6])
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the task families build CPU tensors")

@@ -91,6 +91,16 @@ def test_architectures_vary_and_span_the_documented_ranges(family) -> None:
     assert 0.35 < sum(s < 1 for s in inputs) / len(inputs) < 0.65
 
 
+def test_log_uniform_integers_reach_both_ends_in_the_documented_proportions() -> None:
+    # an integer in [low, high] has P(k) proportional to log((k + 1) / k): 1/2, 0.29, 0.21 on [1, 3]
+    family = RandomMLPFamily(source="synthetic", depth=(1, 1), width=(1, 3))
+    g = generator_for(2)
+    widths = torch.tensor([family.sample_architecture(g).hidden[0] for _ in range(3000)])
+    counts = torch.bincount(widths, minlength=4)[1:] / len(widths)
+    expected = torch.tensor([math.log((k + 1) / k) for k in (1, 2, 3)]) / math.log(4)
+    torch.testing.assert_close(counts, expected.float(), rtol=0, atol=0.03)
+
+
 def test_scales_reach_the_minibatch_and_the_init(small64) -> None:
     arch = MLPArchitecture((4,), "tanh", 6)
     task = small64.sample_tasks(arch, 1, generator_for(2)).tasks[0]

@@ -8,13 +8,18 @@ import torch
 from learnedopt import CoordinateLSTM
 from learnedopt.evaluation import make_problem
 from learnedopt.meta import num_coordinates, unroll
+from learnedopt.meta import tasks as tasks_module
 from learnedopt.meta.tasks import (
+    ACTIVATIONS,
+    META_TRAIN_ACTIVATIONS,
     TASK_FAMILIES,
     MixtureFamily,
     RegressionBatch,
     RegressionFamily,
     generator_for,
     make_family,
+    regression_draw,
+    synthetic_classification_data,
 )
 
 F64 = torch.float64
@@ -35,6 +40,75 @@ def test_draws_are_seeded_share_one_architecture_and_differ_per_task() -> None:
     assert params["0.weight"].shape[0] == 3 and params["0.weight"].shape[2] == features
     other = family.sample_batch(3, generator_for(5, 1))
     assert (other.inputs.shape != a.inputs.shape) or not torch.equal(other.inputs, a.inputs)
+
+
+def test_architectures_vary_and_span_the_documented_ranges() -> None:
+    family = RegressionFamily(points=2)
+    g = generator_for(1)
+    modules = [family.sample(g).module for _ in range(400)]
+    linears = [[m for m in module if isinstance(m, torch.nn.Linear)] for module in modules]
+    assert {len(layers) - 1 for layers in linears} == {1, 2}  # hidden layers uniform in (1, 2)
+    features = [layers[0].in_features for layers in linears]
+    assert 4 <= min(features) <= 5 and 28 <= max(features) <= 32
+    widths = [layer.out_features for layers in linears for layer in layers[:-1]]
+    assert 16 <= min(widths) <= 18 and 112 <= max(widths) <= 128
+    assert all(layers[-1].out_features == 1 for layers in linears)
+    drawn = {type(m) for module in modules for m in module if not isinstance(m, torch.nn.Linear)}
+    assert drawn == {ACTIVATIONS[a] for a in META_TRAIN_ACTIVATIONS}
+
+
+def test_targets_are_the_sine_of_a_frequency_drawn_log_uniformly(monkeypatch: pytest.MonkeyPatch) -> None:
+    directions: list[torch.Tensor] = []
+
+    def draw(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = regression_draw(*args, **kwargs)
+        directions.append(w)
+        return x, w
+
+    monkeypatch.setattr(tasks_module, "regression_draw", draw)
+    family = RegressionFamily(points=256, width=(2, 2), dtype=F64)
+    g = generator_for(3)
+    tasks = [t for _ in range(60) for t in family.sample_batch(4, g).tasks]
+    frequencies = []
+    for task, w in zip(tasks, directions, strict=True):
+        t = (task.inputs @ w).squeeze(1)
+        near = t.abs() < 0.35  # frequency * t within (-pi/2, pi/2), where asin inverts sin
+        frequency = float((torch.asin(task.targets.squeeze(1)[near]) / t[near]).median())
+        torch.testing.assert_close(task.targets.squeeze(1), torch.sin(frequency * t), rtol=0, atol=1e-9)
+        frequencies.append(frequency)
+    assert 1.0 - 1e-9 <= min(frequencies) < 1.1 and 3.6 < max(frequencies) <= 4.0 + 1e-9
+    # log-uniform in [1, 4]: about half the frequencies below 2
+    assert 0.35 < sum(f < 2 for f in frequencies) / len(frequencies) < 0.65
+
+
+def test_regression_draw_scales_the_direction_by_one_over_the_dimension() -> None:
+    x, w = regression_draw(generator_for(0), 64, 4096, F64)
+    assert x.shape == (64, 4096) and w.shape == (4096, 1)
+    assert 0.97 < float(x.var()) < 1.03 and abs(float(x.mean())) < 0.01
+    # w i.i.d. N(0, 1/features), so x w is about N(0, 1) whatever the dimension
+    assert 0.85 < float(w.var()) * 4096 < 1.15 and abs(float(w.mean())) * 64 < 0.1
+    assert 0.85 < float(w.square().sum()) < 1.15
+
+
+def test_the_synthetic_teacher_is_nearly_but_not_exactly_linear() -> None:
+    """The teacher's first layer is N(0, 1/features), so its tanh sees unit-variance inputs and
+    bends the classes a little: a linear classifier fits most of the labels, not all of them
+    (unscaled, tanh saturates into a sign and a linear fit gets about 60%)."""
+    inputs, labels = synthetic_classification_data(0, dtype=F64)
+    assert inputs.shape == (10_000, 64) and labels.shape == (10_000,)
+    features = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=F64)], 1)
+    weight = torch.zeros(65, 10, dtype=F64, requires_grad=True)
+    fit = torch.optim.LBFGS([weight], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        fit.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weight, labels)
+        loss.backward()
+        return loss
+
+    fit.step(closure)
+    accuracy = float(((features @ weight).argmax(1) == labels).double().mean())
+    assert 0.72 < accuracy < 0.92
 
 
 def test_batched_loss_is_each_tasks_full_batch_mse_at_every_step() -> None:

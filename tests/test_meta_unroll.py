@@ -374,6 +374,12 @@ def test_mnist_second_order_unroll_runs(tmp_path: Path) -> None:
     assert not torch.allclose(grads[True], grads[False])
 
 
+@pytest.mark.parametrize("dim", [0, -1])
+def test_a_quadratic_needs_a_dimension(dim: int) -> None:
+    with pytest.raises(ValueError, match=f"dim must be >= 1, got {dim}"):
+        QuadraticFamily(dim=dim)
+
+
 def test_missing_mnist_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         make_family("mnist-mlp", data=tmp_path / "nowhere")

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -87,6 +88,26 @@ def test_untrained_presets_are_deterministic(preset: str) -> None:
     torch.manual_seed(1)  # the global generator must play no part
     b, _ = build_preset(preset)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_meta_lstm_adam_starts_at_the_gate_biases_its_description_states() -> None:
+    description = PRESETS["meta-lstm-adam"].description
+    stated = re.search(r"\(seed 0: (-?[\d.]+), (-?[\d.]+)\)", description)
+    assert stated and "step of 0.026 and a weight decay of 6e-5" in description
+    rule, _ = build_preset("meta-lstm-adam")
+    forget, step = rule.bias_fi.tolist()
+    assert (round(forget, 2), round(step, 2)) == (float(stated[1]), float(stated[2])) == (9.72, -3.62)
+    assert round(torch.sigmoid(torch.tensor(step)).item(), 3) == 0.026
+    assert f"{1 - torch.sigmoid(torch.tensor(forget, dtype=torch.float64)).item():.0e}" == "6e-05"
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_a_missing_safetensors_file_is_file_not_found_not_an_unknown_preset(cls, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="weight file not found: mine.safetensors"):
+        cls([torch.zeros(2, requires_grad=True)], weights="mine.safetensors")
+    with pytest.raises(ValueError, match="unknown preset 'mine' and no such file"):
+        cls([torch.zeros(2, requires_grad=True)], weights="mine")
 
 
 def test_wrong_architecture_file_is_rejected(tmp_path) -> None:
