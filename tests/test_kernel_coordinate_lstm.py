@@ -430,6 +430,44 @@ def test_in_place_and_views_of_a_larger_buffer(features: str) -> None:
         assert torch.equal(buf[:, :a], orig[:, :a]) and torch.equal(buf[:, b:], orig[:, b:])
 
 
+@pytest.mark.parametrize("wide", ["h", "c"])
+def test_h_and_c_with_different_layer_strides(wide: str) -> None:
+    # h and c are read and written with their own layer strides: one of them a coordinate range
+    # of a wider buffer (layer stride 3nH), the other contiguous (nH), gives bit for bit the
+    # all-contiguous step, and the wider buffer is untouched outside the range
+    rule = make_rule(2, 20)
+    n = 40
+    grad, param, h, c = make_inputs(n, 2, 20)
+    want = fused(rule, grad, param, h, c, lr=0.3, maximize=False)
+    # the contiguous one backed by spare layers: a launch with the other's stride reads there
+    states = {k: torch.zeros(8, n, 20, device=DEVICE)[:2].copy_(t) for k, t in (("h", h), ("c", c))}
+    big = torch.randn(2, 3 * n, 20, device=DEVICE)
+    big[:, n : 2 * n] = states[wide]
+    before = big.clone()
+    states[wide] = big[:, n : 2 * n]
+    assert states[wide].stride(0) == 3 * n * 20 and states["c" if wide == "h" else "h"].is_contiguous()
+    p_out = torch.empty_like(param)
+    cfg = rule.config
+    coordinate_lstm_step_(
+        grad,
+        param,
+        p_out,
+        states["h"],
+        states["c"],
+        rule_weights(rule),
+        num_layers=2,
+        hidden_size=20,
+        preprocess_p=cfg.preprocess_p,
+        output_scale=cfg.output_scale,
+        lr=0.3,
+        maximize=False,
+        block=BLOCK,
+    )
+    for name, k, r in zip(("param", "h", "c"), (p_out, states["h"], states["c"]), want, strict=True):
+        assert torch.equal(k, r), name
+    assert torch.equal(big[:, :n], before[:, :n]) and torch.equal(big[:, 2 * n :], before[:, 2 * n :])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
 def test_non_finite_gradients_propagate_like_pytorch() -> None:
     rule = make_rule(1, 8)
@@ -529,8 +567,13 @@ def _call(features: str | dict = "paper", **overrides):
         (dict(grad=torch.zeros(64)[::2]), r"grad must be a contiguous 1-D"),
         (dict(param=torch.zeros(32, dtype=torch.float64)), r"param dtype must be one of"),
         (dict(param_out=torch.zeros(32, dtype=torch.float16)), r"param_out dtype"),
+        # too short: a view of a longer buffer, so that a launch that skipped the check would
+        # write past its end into memory it owns rather than crash
+        (dict(param_out=torch.zeros(64)[:31]), r"param_out must be a contiguous tensor of shape \(32,\)"),
         (dict(num_layers=1), r"h has shape"),
         (dict(block=48), r"power of two"),
+        (dict(block=8), r"block must be a power of two >= 16, got 8"),
+        (dict(num_warps=3), r"num_warps must be a power of two, got 3"),
         (dict(preprocess_p=0.0), r"preprocess_p must be positive"),
         (dict(input_precision="bf16"), r"input_precision"),
         (dict(fast_tanh=True), r"fast_tanh"),
@@ -591,6 +634,17 @@ def test_rejects_mismatched_features_and_bad_weights() -> None:
     weights["head.weight"] = weights["head.weight"].t()
     with pytest.raises(ValueError, match="has shape"):
         coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, weights, **kw)
+    # the right shape and values, column-major: the kernel indexes rows as contiguous
+    weights = rule_weights(make_rule(2, 20))
+    weights["lstm.weight_ih_l0"] = weights["lstm.weight_ih_l0"].t().contiguous().t()
+    with pytest.raises(ValueError, match=r"weights\['lstm.weight_ih_l0'\] must be contiguous"):
+        coordinate_lstm_step_(grad, param, torch.empty_like(param), h, c, weights, **kw)
+    # weights packed for two layers, a one-layer step (h and c of one layer)
+    packed = pack_weights(rule_weights(make_rule(2, 20)), num_layers=2, hidden_size=20)
+    with pytest.raises(ValueError, match=r"packed weights are for \(2, 80, 20\), not L=1, H=20"):
+        coordinate_lstm_step_(
+            grad, param, torch.empty_like(param), h[:1], c[:1], packed, **{**kw, "num_layers": 1}
+        )
     if DEVICE.type == "cpu":
         return
     weights = rule_weights(make_rule(2, 20))

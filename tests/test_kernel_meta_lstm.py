@@ -415,6 +415,8 @@ def _call(**overrides) -> None:
         ({"fi": torch.zeros(32, 2).t()}, r"fi must have unit stride"),
         ({"fi": torch.zeros(2, 32, dtype=torch.float16)}, r"fi must be one of"),
         ({"c": torch.zeros(1, 20, 32).transpose(1, 2)}, r"contiguous \(N, H\) slab"),
+        # unit stride along H, but rows 2H apart: the first H columns of a wider buffer
+        ({"h": torch.zeros(1, 32, 40)[:, :, :20]}, r"h must have a contiguous \(N, H\) slab"),
         ({"grad": torch.zeros(64)[::2]}, r"grad must be a contiguous 1-D"),
         ({"param": torch.zeros(32, dtype=torch.float64)}, r"param dtype must be one of"),
         ({"loss": torch.zeros(2)}, r"loss must be a scalar"),
@@ -437,6 +439,55 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
         pytest.skip("fast_tanh is valid on GPUs")
     with pytest.raises(ValueError, match=match):
         _call(**overrides)
+
+
+def test_rejects_mismatched_and_non_contiguous_weights() -> None:
+    # weights packed for H=20 given to an H=8 step (larger, so that a launch that skipped the
+    # check would read garbage, not past their end), and a weight with the right shape and
+    # values stored column-major (the kernel indexes its rows as contiguous)
+    packed = pack_weights(rule_weights(make_rule()), hidden_size=20)
+    states = {k: torch.zeros(1, 32, 8, device=DEVICE) for k in ("h", "c")}
+    with pytest.raises(ValueError, match=r"packed weights are for \(80, 20\), not H=8"):
+        _call(weights=packed, hidden_size=8, **states)
+    weights = rule_weights(make_rule())
+    weights["lstm.weight_ih_l0"] = weights["lstm.weight_ih_l0"].t().contiguous().t()
+    with pytest.raises(ValueError, match=r"weights\['lstm.weight_ih_l0'\] must be contiguous"):
+        _call(weights=weights)
+
+
+@pytest.mark.parametrize("wide", ["m", "v"])
+def test_moments_with_their_own_row_strides(wide: str) -> None:
+    # m and v are read and written with their own row strides, not fi's: one of them a coordinate
+    # range of a wider (2, 3n) buffer, fi and the other contiguous, gives bit for bit the
+    # all-contiguous step, and the wider buffer is untouched outside the range
+    rule = make_rule(**DIRECTIONS["adam"])
+    cfg = rule.config
+    n = 40
+    grad, param, h, c, fi = make_inputs(n)
+    g = torch.Generator().manual_seed(3)
+    moments = {"m": torch.randn(2, n, generator=g).to(DEVICE), "v": torch.rand(2, n, generator=g).to(DEVICE)}
+
+    def step(m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        p_out, hk, ck, fk = torch.empty_like(param), h.clone(), c.clone(), fi.clone()
+        meta_lstm_step_(
+            grad, param, p_out, hk, ck, fk, rule_weights(rule), loss=LOSS, hidden_size=20,
+            preprocess_p=P, lr=0.3, maximize=False, step_scale=cfg.step_scale,
+            momentum_decay=cfg.momentum_decay, rms_decay=cfg.rms_decay, m=m, v=v, block=BLOCK,
+        )  # fmt: skip
+        return p_out, hk, ck, fk, m, v
+
+    want = step(*(t.clone() for t in moments.values()))
+    big = torch.rand(2, 3 * n, device=DEVICE)
+    big[:, n : 2 * n] = moments[wide]
+    before = big.clone()
+    views = {k: t.clone() for k, t in moments.items()}
+    views[wide] = big[:, n : 2 * n]
+    assert views[wide].stride(0) == 3 * n != fi.stride(0)
+    got = step(views["m"], views["v"])
+    for name, k, r in zip(("param", "h", "c", "fi", "m", "v"), got, want, strict=True):
+        assert torch.equal(k, r), name
+    assert not torch.equal(got[4 if wide == "m" else 5], moments[wide])  # the moment moved
+    assert torch.equal(big[:, :n], before[:, :n]) and torch.equal(big[:, 2 * n :], before[:, 2 * n :])
 
 
 # ---------------------------------------------------------------------------------- optimizer
