@@ -83,3 +83,12 @@ def test_config_round_trip() -> None:
     assert again.config == rule.config
     with pytest.raises(ValueError, match="unknown"):
         CoordinateLSTM.from_config_dict({"hidden": 3})
+
+
+def test_a_zero_momentum_decay_is_allowed() -> None:
+    # the documented range of the decays is [0, 1): 0 is a momentum that is the gradient itself
+    assert CoordinateLSTMConfig(momentum_decays=(0.0,), rms_decays=(0.0,)).momentum_decays == (0.0,)
+    rule = CoordinateLSTM(momentum_decays=(0.0,))
+    assert rule.config.momentum_decays == (0.0,)
+    with pytest.raises(ValueError, match=r"decays must be in \[0, 1\)"):
+        CoordinateLSTMConfig(momentum_decays=(-0.1,))

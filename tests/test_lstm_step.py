@@ -227,3 +227,14 @@ def test_each_dtype_and_hidden_size_has_its_own_compiled_code(monkeypatch: pytes
                 single(torch.randn(4, 4 * hidden, dtype=dtype), torch.zeros(4 * hidden, dtype=dtype),
                        torch.randn(4, hidden, dtype=dtype))  # fmt: skip
     torch._dynamo.reset()
+
+
+def test_top_is_not_a_view_of_the_new_hidden_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "0")
+    lstm, x, h, c = _inputs(torch.float64, n=4)
+    with torch.no_grad():
+        top, h_new, _ = lstm_step(lstm, x, h, c)
+        before = h_new.clone()
+        assert torch.equal(top, h_new[-1])
+        top.add_(1.0)
+    assert torch.equal(h_new, before)

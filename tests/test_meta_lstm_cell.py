@@ -127,3 +127,8 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
     # the config round-trips through the weight-file form
     again = MetaLSTMCell.from_config_dict(rule.config_dict())
     assert again.config == rule.config
+
+
+def test_a_gate_bias_range_of_one_value_is_that_value() -> None:
+    rule = MetaLSTMCell(forget_bias_init=(5.0, 5.0))
+    assert rule.bias_fi[0].item() == 5.0

@@ -270,3 +270,15 @@ def test_steps_on_meta_tensors_give_states_of_the_right_shapes(monkeypatch, kind
         assert opt.state[p]["h"].is_meta and opt.state[p]["h"].shape[1:] == (p.numel(), hidden)
         assert int(opt.state[p]["step"]) == 2
     assert not forward.failed
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_init_state_gives_states_in_the_group_state_dtype(kind) -> None:
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, state_dtype=torch.bfloat16)
+    opt.init_state()
+    spec = opt.rule.state_spec()
+    assert spec
+    for p in params:
+        assert set(spec) <= set(opt.state[p])
+        assert all(opt.state[p][name].dtype == torch.bfloat16 for name in spec)

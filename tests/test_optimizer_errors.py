@@ -7,6 +7,32 @@ from helpers import OPTIMIZERS, make_params, set_grads, step
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 
 
+def _plain_sgd_classes():
+    """A rule kind of the user's own (plain SGD, no fused kernel) and its optimizer class."""
+    from learnedopt.nn import MetaLSTMConfig, UpdateRule
+    from learnedopt.optim import LearnedOptimizer
+
+    class PlainSGD(UpdateRule):
+        kind = "PlainSGD"
+        config_class = MetaLSTMConfig  # any config dataclass; unused
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def state_spec(self):
+            return {}
+
+        def forward(self, grad, param, state, loss=None):
+            return -grad * self.scale, {}
+
+    class SGDOptimizer(LearnedOptimizer):
+        rule_kind = "PlainSGD"
+        default_preset = "none"
+
+    return PlainSGD, SGDOptimizer
+
+
 @pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
 def test_constructor_validation(cls) -> None:
     p = [torch.zeros(2, requires_grad=True)]
@@ -34,27 +60,7 @@ def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
     # every feature set has kernel features (tests/test_kernel_coordinate_lstm.py) ...
     LSTMOptimizer(p, weights=CoordinateLSTM(momentum_decays=(0.9,), param_input=True), backend="triton")
     # ... a rule kind of the user's own has no kernel
-    from learnedopt.nn import MetaLSTMConfig, UpdateRule
-    from learnedopt.optim import LearnedOptimizer
-
-    class PlainSGD(UpdateRule):
-        kind = "PlainSGD"
-        config_class = MetaLSTMConfig  # any config dataclass; unused
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(1))
-
-        def state_spec(self):
-            return {}
-
-        def forward(self, grad, param, state, loss=None):
-            return -grad * self.scale, {}
-
-    class SGDOptimizer(LearnedOptimizer):
-        rule_kind = "PlainSGD"
-        default_preset = "none"
-
+    PlainSGD, SGDOptimizer = _plain_sgd_classes()
     with pytest.raises(ValueError, match="fused kernels only for CoordinateLSTM and MetaLSTMCell; this optimizer runs PlainSGD"):
         SGDOptimizer(p, weights=PlainSGD(), backend="triton")
     opt = SGDOptimizer(p, weights=PlainSGD(), backend="torch")
@@ -245,3 +251,107 @@ def test_a_tensor_skipped_before_its_first_step_gets_no_state() -> None:
     params[1].grad[0] = float("nan")
     opt.step()
     assert params[1] not in opt.state and sorted(opt.state_dict()["state"]) == [0]
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_a_bool_lr_is_rejected(cls) -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="Invalid lr: True"):
+        cls(p, lr=True)
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_an_invalid_foreach_is_rejected_at_construction(cls) -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="Invalid foreach: 'no'"):
+        cls(p, foreach="no")
+
+
+def test_a_triton_group_with_float16_states_fails_before_any_group_is_updated() -> None:
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    a, b = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [a], "backend": "torch"}, {"params": [b], "backend": "triton", "state_dtype": torch.float16}])
+    set_grads([a, b], 0)
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run this step: state_dtype torch\.float16"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+
+def test_nan_policy_raise_names_the_first_bad_parameter() -> None:
+    params = make_params([(3,), (2,), (4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    params[0].grad[1] = float("nan")
+    params[2].grad[0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"of param_groups\[0\]\['params'\]\[0\] \(shape \(3,\)\) contains NaN or Inf \(2 parameter\(s\) affected\)"):
+        opt.step()
+
+
+def test_a_triton_backend_set_later_for_a_rule_without_kernel_fails_at_the_step() -> None:
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    PlainSGD, SGDOptimizer = _plain_sgd_classes()
+    p = torch.ones(3, requires_grad=True)
+    opt = SGDOptimizer([p], weights=PlainSGD(), backend="torch")
+    opt.param_groups[0]["backend"] = "triton"  # past add_param_group's check
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this step: the rule is PlainSGD"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_fails_before_any_group_is_updated() -> None:
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        pytest.skip("Triton is not installed")
+    script = """
+import torch
+from learnedopt import LSTMOptimizer
+a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+opt = LSTMOptimizer([{"params": [a], "backend": "torch"}, {"params": [b], "backend": "triton"}])
+a.grad, b.grad = torch.ones(3), torch.ones(2)
+try:
+    opt.step()
+except RuntimeError as err:
+    print("raised:", err)
+print("unchanged:", torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(2)) and not opt.state)
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "raised: backend='triton' cannot run this step: cpu tensors (needs CUDA" in out.stdout
+    assert "unchanged: True" in out.stdout
+
+
+def test_a_coordinate_lstm_that_reads_the_parameter_rejects_non_finite_parameters() -> None:
+    from learnedopt import CoordinateLSTM
+
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    with torch.no_grad():
+        params[1][0] = float("inf")
+    opt = LSTMOptimizer(params, weights=CoordinateLSTM(param_input=True))
+    set_grads(params, 0)
+    with pytest.raises(NonFiniteGradientError, match=r"gradient or value of param_groups\[0\]\['params'\]\[1\]"):
+        opt.step()
+    assert not opt.state
+
+
+def test_a_non_finite_closure_loss_under_skip_is_returned() -> None:
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = MetaLSTMOptimizer(params, nan_policy="skip")
+    set_grads(params, 0)
+    before = params[0].detach().clone()
+    loss = torch.tensor(float("inf"))
+    assert opt.step(lambda: loss) is loss
+    assert torch.equal(params[0], before)

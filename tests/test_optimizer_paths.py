@@ -110,3 +110,56 @@ def test_float32_step_of_a_coordinate_does_not_depend_on_the_chunking(kind) -> N
         results.append([p.detach().clone() for p in params])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_flat_update_rejects_overlapping_offsets() -> None:
+    from learnedopt.optim.update import flat_update_
+
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = OPTIMIZERS["lstm"](params)
+    buffers = opt.rule.init_state(5, dtype=torch.float32, device="cpu")
+    before = [p.detach().clone() for p in params]
+    grads = [torch.ones_like(p) for p in params]
+    with pytest.raises(ValueError, match="increasing, non-overlapping offset order"), torch.no_grad():
+        # the second tensor would start inside the first one's coordinates [0, 3)
+        flat_update_(opt.rule, params, grads, buffers, [0, 2], lr=1.0, loss=None, maximize=False, compute_dtype=torch.float32)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_auto_backend_falls_back_to_torch_once_the_fused_update_fails(monkeypatch) -> None:
+    """``backend="auto"`` never fails where the torch path works: a fused update that raises
+    (a kernel that fails to compile) gives a warning and the PyTorch step, and later steps
+    do not try the fused path again. Forced on CPU: the fused path is made to look usable (as
+    on a validated CUDA device) and its update to raise."""
+    import learnedopt.optim.learned_optimizer as lo
+    from learnedopt import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_UPDATES_AVAILABLE", True)
+    monkeypatch.setattr(kernels, "GPU_VALIDATED", True)
+    original = lo.LearnedOptimizer._use_fused
+    monkeypatch.setattr(
+        lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
+    )
+    monkeypatch.setattr(lo.LearnedOptimizer, "_fused_weights", lambda self, device: None)
+    calls = []
+
+    def failing_fused_update(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("kernel failed to compile")
+
+    monkeypatch.setattr(lo, "fused_update_", failing_fused_update)
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    reference = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = OPTIMIZERS["lstm"](params, backend="auto")
+    ref = OPTIMIZERS["lstm"](reference, backend="torch")
+    for t in range(2):
+        set_grads(params, t)
+        set_grads(reference, t)
+        if t == 0:
+            with pytest.warns(UserWarning, match="fused Triton update failed .*kernel failed to compile.*using the PyTorch path"):
+                opt.step()
+        else:
+            opt.step()
+        ref.step()
+        assert all(torch.equal(p, r) for p, r in zip(params, reference, strict=True))
+    assert len(calls) == 1, "after one failure the fused path is not tried again"

@@ -183,3 +183,42 @@ def test_loading_an_unnamed_state_dict_keeps_the_parameter_names() -> None:
     model.weight.grad = torch.full_like(model.weight, float("nan"))
     with pytest.raises(Exception, match="'weight'"):
         named.step()
+
+
+def test_state_dict_writes_the_state_dtype_by_name() -> None:
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, state_dtype=torch.bfloat16)
+    set_grads(params, 0)
+    opt.step()
+    assert opt.state_dict()["param_groups"][0]["state_dtype"] == "bfloat16"
+    assert opt.param_groups[0]["state_dtype"] is torch.bfloat16  # the optimizer's own group keeps the dtype
+
+
+def test_a_state_for_a_parameter_no_group_lists_is_rejected() -> None:
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][7] = sd["state"][0]
+    fresh = LSTMOptimizer(params)
+    with pytest.raises(ValueError, match="state for parameter index 7, which no parameter group lists"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
+def test_load_state_dict_does_not_modify_the_given_dict() -> None:
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, state_dtype=torch.bfloat16)
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["foreach"]  # as from a version before the option: filled in on load
+    saved = copy.deepcopy(sd)
+    fresh = LSTMOptimizer(params)
+    fresh.load_state_dict(sd)
+    group, saved_group = sd["param_groups"][0], saved["param_groups"][0]
+    assert group["state_dtype"] == "bfloat16" and "foreach" not in group
+    assert all(type(i) is int for i in group["params"]) and group["params"] == [0, 1]
+    assert set(group) == set(saved_group) and group == saved_group
+    assert fresh.param_groups[0]["state_dtype"] is torch.bfloat16
