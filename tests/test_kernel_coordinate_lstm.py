@@ -159,19 +159,16 @@ def reference(rule, grad, param, h, c, *, lr, maximize, compute_dtype=torch.floa
     return p, hr, cr, *moments.values()
 
 
-def fused(
-    rule, grad, param, h, c, *, lr, maximize, use_dot=True, block=BLOCK, m=None, v=None, **kw
-):
-    """The kernel on copies: ``(param_out, h, c, *moments)`` (``m`` and ``v`` where given)."""
+def launch(rule, grad, param, param_out, h, c, *, lr, maximize, use_dot=True, block=BLOCK, **kw) -> None:
+    """The kernel with ``rule``'s weights and config, in place on the given tensors (``kw``:
+    ``m``, ``v`` and other launch options)."""
     cfg = rule.config
-    p_out, hk, ck = torch.empty_like(param), h.clone(), c.clone()
-    moments = {k: t.clone() for k, t in (("m", m), ("v", v)) if t is not None}
     coordinate_lstm_step_(
         grad,
         param,
-        p_out,
-        hk,
-        ck,
+        param_out,
+        h,
+        c,
         rule_weights(rule),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -182,11 +179,17 @@ def fused(
         momentum_decays=cfg.momentum_decays,
         rms_decays=cfg.rms_decays,
         param_input=cfg.param_input,
-        **moments,
         use_dot=use_dot,
         block=block,
         **kw,
     )
+
+
+def fused(rule, grad, param, h, c, *, lr, maximize, m=None, v=None, **kw):
+    """The kernel on copies: ``(param_out, h, c, *moments)`` (``m`` and ``v`` where given)."""
+    p_out, hk, ck = torch.empty_like(param), h.clone(), c.clone()
+    moments = {k: t.clone() for k, t in (("m", m), ("v", v)) if t is not None}
+    launch(rule, grad, param, p_out, hk, ck, lr=lr, maximize=maximize, **moments, **kw)
     return p_out, hk, ck, *moments.values()
 
 
@@ -401,25 +404,7 @@ def test_in_place_and_views_of_a_larger_buffer(features: str) -> None:
     )
     h_buf, c_buf, p = h_all.clone(), c_all.clone(), param[a:b].clone()
     moment_bufs = {k: t.clone() for k, t in moments_all.items()}
-    cfg = rule.config
-    coordinate_lstm_step_(
-        grad[a:b],
-        p,
-        p,
-        h_buf[:, a:b],
-        c_buf[:, a:b],
-        rule_weights(rule),
-        num_layers=2,
-        hidden_size=20,
-        preprocess_p=cfg.preprocess_p,
-        output_scale=cfg.output_scale,
-        lr=0.3,
-        maximize=False,
-        momentum_decays=cfg.momentum_decays,
-        rms_decays=cfg.rms_decays,
-        **views(moment_bufs),
-        block=BLOCK,
-    )
+    launch(rule, grad[a:b], p, p, h_buf[:, a:b], c_buf[:, a:b], lr=0.3, maximize=False, **views(moment_bufs))
     assert_matches(
         (p, h_buf[:, a:b], c_buf[:, a:b], *views(moment_bufs).values()),
         want,
@@ -447,22 +432,7 @@ def test_h_and_c_with_different_layer_strides(wide: str) -> None:
     states[wide] = big[:, n : 2 * n]
     assert states[wide].stride(0) == 3 * n * 20 and states["c" if wide == "h" else "h"].is_contiguous()
     p_out = torch.empty_like(param)
-    cfg = rule.config
-    coordinate_lstm_step_(
-        grad,
-        param,
-        p_out,
-        states["h"],
-        states["c"],
-        rule_weights(rule),
-        num_layers=2,
-        hidden_size=20,
-        preprocess_p=cfg.preprocess_p,
-        output_scale=cfg.output_scale,
-        lr=0.3,
-        maximize=False,
-        block=BLOCK,
-    )
+    launch(rule, grad, param, p_out, states["h"], states["c"], lr=0.3, maximize=False)
     for name, k, r in zip(("param", "h", "c"), (p_out, states["h"], states["c"]), want, strict=True):
         assert torch.equal(k, r), name
     assert torch.equal(big[:, :n], before[:, :n]) and torch.equal(big[:, 2 * n :], before[:, 2 * n :])
