@@ -741,7 +741,6 @@ def test_reuse_compares_the_mnist_files_by_content_not_by_folder(tmp_path, monke
         evaluate_optimizers(dataclasses.replace(config, data=str(other), reuse=str(first)), log=lambda _: None)
 
 
-
 def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypatch) -> None:
     from learnedopt.cli import main
     from learnedopt.evaluation import harness

@@ -128,7 +128,6 @@ def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedS
     return [learned_from_file(p, label_path=names.count(Path(p).name) > 1) for p in given]
 
 
-
 def run_optimizer(
     problem: Problem,
     seed: int,
