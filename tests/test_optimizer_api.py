@@ -1,5 +1,8 @@
 """The torch.optim protocol: groups, closures, schedulers, dtypes, skipping, maximize."""
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 from helpers import OPTIMIZERS, make_params, set_grads, step
@@ -282,3 +285,49 @@ def test_init_state_gives_states_in_the_group_state_dtype(kind) -> None:
     for p in params:
         assert set(spec) <= set(opt.state[p])
         assert all(opt.state[p][name].dtype == torch.bfloat16 for name in spec)
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5)])
+def test_numpy_and_tensor_learning_rates_work_as_in_torch_optim(lr) -> None:
+    """A scheduler's lambda may return a numpy scalar; torch.optim takes any real number."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    opt = LSTMOptimizer([p], lr=lr)
+    reference_p = torch.nn.Parameter(p.detach().clone())
+    reference = LSTMOptimizer([reference_p], lr=float(lr))
+    for o, q in ((opt, p), (reference, reference_p)):
+        q.grad = torch.linspace(0.5, -0.5, 6)
+        o.step()
+    assert torch.equal(p, reference_p)
+
+
+@pytest.mark.parametrize("lr", [True, "0.1", torch.tensor([0.1, 0.2]), np.float32(-0.1), None])
+def test_invalid_learning_rates_are_rejected(lr) -> None:
+    with pytest.raises(ValueError, match="Invalid lr"):
+        LSTMOptimizer([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def test_a_numpy_warm_up_schedule_runs() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([p])
+    warm = np.linspace(0, 1, 5, dtype=np.float32)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warm[min(t, 4)])
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.75)
+    assert not torch.equal(p.detach(), torch.ones(3))  # lr 0.25 and 0.5 steps moved it
+
+
+def test_groups_added_after_a_load_or_unpickle_carry_only_the_optimizer_options() -> None:
+    """torch.optim's __setstate__ adds its own ``differentiable`` option to the defaults; a
+    learned optimizer has no such option."""
+    first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([first])
+    keys = set(opt.param_groups[0])
+    opt.load_state_dict(opt.state_dict())
+    copied = pickle.loads(pickle.dumps(opt))
+    for o in (opt, copied):
+        o.add_param_group({"params": [second if o is opt else torch.nn.Parameter(torch.ones(3))]})
+        assert set(o.param_groups[-1]) == keys
+        assert "differentiable" not in o.defaults

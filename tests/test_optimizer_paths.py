@@ -6,6 +6,8 @@ from helpers import OPTIMIZERS, make_params, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from learnedopt import LSTMOptimizer
+
 
 def run(kind, shapes, foreach, *, steps=4, chunk=None, noncontiguous=(), skip_schedule=None, **options):
     params = make_params(shapes, noncontiguous=noncontiguous)
@@ -163,3 +165,57 @@ def test_auto_backend_falls_back_to_torch_once_the_fused_update_fails(monkeypatc
         ref.step()
         assert all(torch.equal(p, r) for p, r in zip(params, reference, strict=True))
     assert len(calls) == 1, "after one failure the fused path is not tried again"
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("old_size", [1, 3])
+def test_a_resized_parameter_is_rejected_not_given_broadcast_states(foreach, old_size) -> None:
+    """``p.data = bigger`` after a step: Adam fails on its state's shape; the batched path used
+    to broadcast a one-element state to every new element (or fail in ``copy_``)."""
+    p, q = torch.nn.Parameter(torch.randn(old_size)), torch.nn.Parameter(torch.randn(3))
+    opt = LSTMOptimizer([p, q], foreach=foreach)
+    p.grad, q.grad = torch.ones(old_size), torch.ones(3)
+    opt.step()
+    p.data = torch.randn(5)
+    p.grad = torch.ones(5)
+    with pytest.raises(ValueError, match=rf"has shape \(2, {old_size}, 20\), but its 5 element\(s\) need \(2, 5, 20\)"):
+        opt.step()
+    del opt.state[p]  # what the message advises: a fresh state
+    opt.step()
+    assert opt.state[p]["h"].shape == (2, 5, 20)
+
+
+def test_moving_parameters_to_another_dtype_drops_the_old_flat_buffers() -> None:
+    """After ``model.double()`` (or a move to another device) the group's states live in a new
+    flat buffer; the old one must not stay referenced (a second copy of every state)."""
+    model = torch.nn.Linear(8, 4)
+    opt = LSTMOptimizer(model.parameters())
+
+    def train_step():
+        opt.zero_grad()
+        model(torch.randn(2, 8, dtype=model.weight.dtype)).pow(2).mean().backward()
+        opt.step()
+
+    train_step()
+    assert [key[2] for key in opt._flat_states] == [torch.float32]
+    model.double()
+    train_step()
+    assert [key[2] for key in opt._flat_states] == [torch.float64]
+    model.float()
+    train_step()
+    assert [key[2] for key in opt._flat_states] == [torch.float32]
+    buffers = next(iter(opt._flat_states.values())).buffers
+    for p in model.parameters():
+        assert opt.state[p]["h"].untyped_storage().data_ptr() == buffers["h"].untyped_storage().data_ptr()
+
+
+def test_a_group_with_two_dtypes_keeps_both_flat_buffers() -> None:
+    """Both buffers back live states: neither is dropped as stale when the other is rebuilt."""
+    single, double = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    extra = torch.nn.Parameter(torch.ones(4))
+    opt = LSTMOptimizer([single, double, extra])
+    single.grad, double.grad = torch.ones(3), torch.ones(2, dtype=torch.float64)
+    opt.step()
+    extra.grad = torch.ones(4)  # a new member of the float32 buffer: it is rebuilt
+    opt.step()
+    assert sorted(str(key[2]) for key in opt._flat_states) == ["torch.float32", "torch.float64"]

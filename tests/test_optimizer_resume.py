@@ -222,3 +222,67 @@ def test_load_state_dict_does_not_modify_the_given_dict() -> None:
     assert all(type(i) is int for i in group["params"]) and group["params"] == [0, 1]
     assert set(group) == set(saved_group) and group == saved_group
     assert fresh.param_groups[0]["state_dtype"] is torch.bfloat16
+
+
+def test_state_dict_post_hooks_see_and_may_replace_the_finished_dict_as_in_torch_optim() -> None:
+    """A post-hook sees the dict state_dict() returns without hooks (parameter-shaped states,
+    the rule's fingerprint, the dtype by name), and what it returns is the result."""
+    params = make_params([(2, 3)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    plain = opt.state_dict()
+    seen = {}
+
+    def rekey(optimizer, state_dict):
+        seen["h"] = tuple(state_dict["state"][0]["h"].shape)
+        seen["rule"] = state_dict.get("learned_rule")
+        seen["dtype"] = state_dict["param_groups"][0]["state_dtype"]
+        return {**state_dict, "state": {"weight": state_dict["state"][0]}}
+
+    opt.register_state_dict_post_hook(rekey)
+    hooked = opt.state_dict()
+    assert seen == {"h": tuple(plain["state"][0]["h"].shape), "rule": plain["learned_rule"], "dtype": "float32"}
+    assert seen["h"] == (2, 2, 3, 20)
+    assert list(hooked["state"]) == ["weight"]
+    assert torch.equal(hooked["state"]["weight"]["h"], plain["state"][0]["h"])
+
+
+@pytest.mark.parametrize("saved_step", [3, 3.0, torch.tensor(3), torch.tensor(3.0, dtype=torch.float64)])
+def test_a_saved_step_of_another_type_loads_as_the_float32_count(saved_step) -> None:
+    """As torch.optim converts a number; the next step then counts on from it (it used to fail
+    after the parameters had changed)."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = saved_step
+    fresh = LSTMOptimizer(params)
+    fresh.load_state_dict(saved)
+    loaded = fresh.state[params[0]]["step"]
+    assert loaded.dtype == torch.float32 and loaded.item() == 3.0
+    fresh.step()
+    assert fresh.state[params[0]]["step"].item() == 4.0
+
+
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("step", "3", "saved 'step' of parameter 0 must be a non-negative number"),
+    ("step", -1.0, "saved 'step' of parameter 0"),
+    ("step", torch.tensor([1.0, 2.0]), "saved 'step' of parameter 0"),
+    ("step", True, "saved 'step' of parameter 0"),
+    ("h", [[0.0]], r"saved state \['h'\] of parameter 0 must be tensors"),
+])  # fmt: skip
+def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value, match) -> None:
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0][name] = value
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    after = _snapshot(opt)
+    for n, v in before["state"][0].items():
+        assert torch.equal(after["state"][0][n], v), n

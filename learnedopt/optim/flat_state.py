@@ -49,6 +49,8 @@ class FlatState:
             previous = state[p]
             n = local(p).numel()
             initial = None if all(k in previous for k in self.buffers) else rule.init_state(n, dtype=dtype, device=device)
+            if initial is None:
+                check_state_shapes(rule, previous, n)
             for name, buf in self.buffers.items():
                 view = buf[:, offset : offset + n]
                 view.copy_(previous[name] if initial is None else initial[name])
@@ -76,3 +78,16 @@ class FlatState:
                 ):
                     return False
         return True
+
+
+def check_state_shapes(rule: UpdateRule, state: dict[str, Any], numel: int) -> None:
+    """Raise ValueError if a parameter's states do not fit its ``numel`` coordinates: it was
+    resized (``p.data = ...``) since they were made (copying them would broadcast or fail)."""
+    for name, spec in rule.state_spec().items():
+        value = state.get(name)
+        if isinstance(value, Tensor) and tuple(value.shape) != spec.shape(numel):
+            raise ValueError(
+                f"the state {name!r} of a parameter has shape {tuple(value.shape)}, but its {numel} "
+                f"element(s) need {spec.shape(numel)}: the parameter changed size since its state was "
+                "created; give it a fresh state (del optimizer.state[param]) or a new optimizer"
+            )

@@ -8,6 +8,7 @@ fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import warnings
 from collections import defaultdict
@@ -22,7 +23,7 @@ from .. import kernels
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..weights import fingerprint, resolve_weights
 from . import sharding
-from .flat_state import FlatState
+from .flat_state import FlatState, check_state_shapes
 from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -139,6 +140,9 @@ class LearnedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch.optim adds this option of its own optimizers here; a learned step is never
+        # differentiable, and groups added later would carry the key
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_rule_copies", {})
         self.__dict__.setdefault("_flat_states", {})
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
@@ -169,9 +173,16 @@ class LearnedOptimizer(Optimizer):
         *trail)``, as Adam's states have their parameter's shape); for a parameter sharded as a
         ``DTensor`` it is a ``DTensor`` of that global shape sharded like the parameter (see
         :mod:`learnedopt.optim.sharding`). So ``torch.distributed.checkpoint`` moves states
-        between sharded and unsharded models, and any number of ranks.
+        between sharded and unsharded models, and any number of ranks. State-dict post-hooks
+        see (and may replace) this finished dict, as in ``torch.optim``.
         """
-        state_dict = super().state_dict()
+        # torch.optim runs the post-hooks inside its state_dict(); they must see the finished dict
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = type(post_hooks)()
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         spec = self.rule.state_spec()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
@@ -186,6 +197,10 @@ class LearnedOptimizer(Optimizer):
         for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
             group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
         state_dict["learned_rule"] = fingerprint(self.rule)
+        for post_hook in post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -242,6 +257,10 @@ class LearnedOptimizer(Optimizer):
         if param is None:
             raise ValueError(f"loaded state dict has a state for parameter index {index}, which no parameter group lists")
         spec = self.rule.state_spec()
+        saved = {**saved, "step": _loaded_step(saved.get("step"), index)} if "step" in saved else saved
+        not_tensors = sorted(name for name in spec if name in saved and not isinstance(saved[name], Tensor))
+        if not_tensors:
+            raise ValueError(f"saved state {not_tensors} of parameter {index} must be tensors")
         if sharding.is_sharded(param):
             missing = sorted(set(spec) - set(saved))
             if missing:
@@ -449,6 +468,7 @@ class LearnedOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
+        check_state_shapes(self.rule, state, sharding.local(p).numel())
         for name in self.rule.state_spec():  # a group's state_dtype changed since: as the flat path does
             value = state.get(name)
             if isinstance(value, Tensor) and value.dtype != state_dtype:
@@ -479,6 +499,12 @@ class LearnedOptimizer(Optimizer):
         if flat is None or not flat.is_current(members, self.state, state_dtype):
             flat = FlatState(self.rule, members, self.state, state_dtype, device)
             self._flat_states[key] = flat
+            # buffers of this group that no longer back their members' states (the parameters
+            # moved to another device or dtype) would otherwise be kept alive here
+            for other in [k for k, f in self._flat_states.items() if k[0] == index and k != key]:
+                stale = self._flat_states[other]
+                if not stale.is_current(stale.members, self.state, stale.dtype):
+                    del self._flat_states[other]
         return flat
 
     def _rule_version(self) -> tuple[tuple[int, int], ...]:
@@ -554,6 +580,15 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _loaded_step(step: Any, index: int) -> Tensor:
+    """A saved step count as the float32 scalar tensor a step increments (torch.optim's
+    optimizers convert a number the same way); anything else is rejected before loading."""
+    value = step.item() if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() else step
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"saved 'step' of parameter {index} must be a non-negative number, got {step!r}")
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 def _fused_block() -> int:
     # the interpreter pays per program instance, a GPU per register: see the kernel's docstring
     return 1024 if _triton_interpreted() else 64
@@ -565,7 +600,8 @@ def _validate_options(options: dict[str, Any]) -> None:
     if isinstance(options["state_dtype"], str):
         options["state_dtype"] = getattr(torch, options["state_dtype"].removeprefix("torch."), options["state_dtype"])
     lr = options["lr"]
-    if not isinstance(lr, (float, int, Tensor)) or isinstance(lr, bool):
+    # any real number (numpy's too: a scheduler's lambda may return one), as torch.optim takes
+    if not isinstance(lr, (numbers.Real, Tensor)) or isinstance(lr, bool) or (isinstance(lr, Tensor) and lr.numel() != 1):
         raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)
     if not float(lr) >= 0.0:
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
