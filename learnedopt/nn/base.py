@@ -16,13 +16,24 @@ class StateSpec:
 
     The coordinate dimension is always ``len(lead)``; every rule in this library uses a single
     leading dimension, so per-parameter states are slices ``buffer[:, start:stop]`` of a flat buffer.
+
+    ``moving_average`` marks an exponential moving average (and its bias-correction weight):
+    stored in at least float32 whatever narrower dtype the caller asks for, because a bfloat16
+    average ``x + (1 - decay) * (target - x)`` stops moving once its change is under half a unit
+    in the last place of ``x`` (a decay of 0.999 holds a constant gradient's square at a third
+    of its value).
     """
 
     lead: tuple[int, ...]
     trail: tuple[int, ...] = ()
+    moving_average: bool = False
 
     def shape(self, n: int) -> tuple[int, ...]:
         return (*self.lead, n, *self.trail)
+
+    def dtype(self, state_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this state is stored in when the caller asks for ``state_dtype``."""
+        return torch.promote_types(state_dtype, torch.float32) if self.moving_average else state_dtype
 
 
 State = dict[str, Tensor]
@@ -74,9 +85,10 @@ class UpdateRule(nn.Module):
         raise NotImplementedError
 
     def init_state(self, n: int, *, dtype: torch.dtype, device: torch.device | str) -> State:
-        """Fresh states for ``n`` coordinates (zeros)."""
+        """Fresh states for ``n`` coordinates (zeros), in ``dtype`` (moving averages in at least
+        float32: :class:`StateSpec`)."""
         return {
-            name: torch.zeros(spec.shape(n), dtype=dtype, device=device)
+            name: torch.zeros(spec.shape(n), dtype=spec.dtype(dtype), device=device)
             for name, spec in self.state_spec().items()
         }
 

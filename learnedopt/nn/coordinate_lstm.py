@@ -124,9 +124,9 @@ class CoordinateLSTM(UpdateRule):
             "c": StateSpec((cfg.num_layers,), (cfg.hidden_size,)),
         }
         if cfg.momentum_decays:
-            spec["m"] = StateSpec((len(cfg.momentum_decays),))
+            spec["m"] = StateSpec((len(cfg.momentum_decays),), moving_average=True)
         if cfg.rms_decays:
-            spec["v"] = StateSpec((len(cfg.rms_decays),))
+            spec["v"] = StateSpec((len(cfg.rms_decays),), moving_average=True)
         return spec
 
     def features(self, grad: Tensor, param: Tensor, state: State) -> tuple[Tensor, State]:

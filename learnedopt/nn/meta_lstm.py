@@ -118,9 +118,9 @@ class MetaLSTMCell(UpdateRule):
             "fi": StateSpec((2,)),
         }
         if self.config.momentum_decay is not None:
-            spec["m"] = StateSpec((2,))
+            spec["m"] = StateSpec((2,), moving_average=True)
         if self.config.rms_decay is not None:
-            spec["v"] = StateSpec((2,))
+            spec["v"] = StateSpec((2,), moving_average=True)
         return spec
 
     def features(self, grad: Tensor, loss: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ class FlatState:
             self.offsets.append(total)
             total += local(p).numel()
         self.buffers: State = {
-            name: torch.empty(spec.shape(total), dtype=dtype, device=device)
+            name: torch.empty(spec.shape(total), dtype=spec.dtype(dtype), device=device)
             for name, spec in rule.state_spec().items()
         }
         self.index = {id(p): i for i, p in enumerate(self.members)}

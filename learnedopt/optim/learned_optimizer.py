@@ -469,10 +469,10 @@ class LearnedOptimizer(Optimizer):
             state["step"] = torch.tensor(0.0)
             state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
         check_state_shapes(self.rule, state, sharding.local(p).numel())
-        for name in self.rule.state_spec():  # a group's state_dtype changed since: as the flat path does
+        for name, spec in self.rule.state_spec().items():  # a group's state_dtype changed since: as the flat path does
             value = state.get(name)
-            if isinstance(value, Tensor) and value.dtype != state_dtype:
-                state[name] = value.to(state_dtype)
+            if isinstance(value, Tensor) and value.dtype != spec.dtype(state_dtype):
+                state[name] = value.to(spec.dtype(state_dtype))
         return state
 
     def _flat_state(
