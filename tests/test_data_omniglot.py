@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from learnedopt.data import DATA_ENV_VAR, default_data_root, load_omniglot
+from learnedopt.data.omniglot import read_image
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow missing: pip install learnedopt[data]")
 
@@ -229,6 +230,32 @@ def test_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no Omniglot sources"):
         load_omniglot([])
+
+
+def damaged(data: bytes, offset: int, value: int) -> bytes:
+    return data[:offset] + bytes([value]) + data[offset + 1 :]
+
+
+@pytest.mark.parametrize(("offset", "value", "pillow_error"), [
+    (11, 0, "ValueError"),  # the header chunk's length: "Truncated IHDR chunk"
+    (36, 0, "SyntaxError"),  # the image data's length: "broken PNG file"
+    (11, 14, "UnidentifiedImageError"),
+])  # fmt: skip
+def test_a_damaged_png_gives_a_value_error_naming_it(tmp_path: Path, offset: int, value: int, pillow_error: str) -> None:
+    """Pillow reports damaged PNGs as OSError, SyntaxError or ValueError by which byte is
+    wrong; each must reach the caller as one ValueError that names the file (the command
+    line prints it as one line)."""
+    good = png_bytes(glyph_mask("A", "01", 1))
+    folder = tmp_path / "folder"
+    (folder / "A" / "character01").mkdir(parents=True)
+    (folder / "A" / "character01" / "1_01.png").write_bytes(damaged(good, offset, value))
+    with pytest.raises(ValueError, match=rf"folder: cannot read image .*1_01.png \({pillow_error}: "):
+        load_omniglot([folder])
+    broken = make_zip(tmp_path / "broken.zip", "top", {"A/character01/1_01.png": damaged(good, offset, value)})
+    with pytest.raises(ValueError, match=rf"broken.zip: cannot read image top/A/character01/1_01.png \({pillow_error}"):
+        load_omniglot([broken])
+    with pytest.raises(ValueError, match=rf"cannot read image .*1_01.png \({pillow_error}"):
+        read_image(folder / "A" / "character01" / "1_01.png")
 
 
 def test_missing_pillow_message(zips: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

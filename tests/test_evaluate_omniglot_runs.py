@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,24 @@ def test_cli_refuses_steps_below_1(tmp_path: Path, checkpoints: dict, capsys) ->
     argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
     assert main([*argv, "--steps", "0"]) == 2
     assert capsys.readouterr().err == "learnedopt evaluate omniglot-runs: error: --steps must be a positive integer, got 0\n"
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("image", "cannot read image .*class05.png"),
+    ("seed", r"--seed must lie in torch.Generator's range, -2\*\*63 to 2\*\*64 - 1, got 99999999999999999999"),
+])  # fmt: skip
+def test_cli_reports_an_unreadable_image_or_seed_in_one_line(tmp_path: Path, checkpoints: dict, capsys, damage: str, message: str) -> None:
+    make_runs(tmp_path / "runs", runs=1)
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
+    if damage == "image":
+        (tmp_path / "runs" / "run01" / "training" / "class05.png").write_bytes(b"garbage")
+    else:
+        argv += ["--seed", "99999999999999999999"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("learnedopt evaluate omniglot-runs: error: ")
+    assert re.search(message, err), err
 
 
 def test_cli_refuses_an_ensemble_of_image_sizes(tmp_path: Path, checkpoints: dict, capsys) -> None:

@@ -522,6 +522,11 @@ def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: P
     (out / "log.jsonl").write_text("not json\n" + "\n".join(lines) + "\n")
     assert run(out, *args, "--resume") == 2
     assert "line 1 is not a log record" in capsys.readouterr().err
+    for edited in ('{"not": "a step"}', '[1, 2]', '{"step": "2"}'):  # valid JSON, no meta-step's record
+        (out / "log.jsonl").write_text("\n".join([lines[0], edited, *lines[1:]]) + "\n")
+        assert run(out, *args, "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and 'line 2 is not a log record (no integer "step"' in err, err
     (out / "log.jsonl").write_text("\n".join(lines) + "\n")
     for payload, message in (([1, 2], "not a learnedopt meta-train checkpoint"),
                              ({k: v for k, v in good.items() if k != "meta_optimizer"}, "does not hold this run's state")):  # fmt: skip

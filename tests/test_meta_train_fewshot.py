@@ -496,6 +496,18 @@ def test_parse_alphabets_splits_at_commas_and_strips_spaces() -> None:
     assert parse_alphabets(None) is None
 
 
+def test_data_may_name_a_data_root_holding_omniglot(omniglot_dir: Path, tmp_path: Path) -> None:
+    """``--data`` takes the data root (``LEARNEDOPT_DATA``'s folder, holding ``omniglot/``) as
+    it does for MNIST, and reads the same images as from the zips' own folder."""
+    root = tmp_path / "data"
+    (root / "omniglot").mkdir(parents=True)
+    (root / "omniglot" / "images_background_small1.zip").write_bytes((omniglot_dir / "images_background_small1.zip").read_bytes())
+    from_root, _, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4, data=str(root)))
+    direct, _, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4, data=str(omniglot_dir)))
+    assert from_root.describe() == direct.describe()
+    assert torch.equal(from_root.data.images, direct.data.images)
+
+
 def test_the_default_omniglot_data_is_loaded_with_rotations(omniglot_dir: Path, monkeypatch) -> None:
     import learnedopt.data
 

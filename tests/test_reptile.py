@@ -112,6 +112,25 @@ def test_the_working_copy_follows_later_changes_to_the_model() -> None:
     assert not torch.equal(net[3].weight, before) and torch.equal(net[0].weight, frozen.float())
 
 
+def test_the_inner_loop_trains_the_model_as_it_is_now_with_swapped_or_changed_layers() -> None:
+    """A layer swapped after construction (same parameters, another activation or more
+    modules) or a changed attribute is what the inner loop trains: the trained copy equals an
+    inner loop run by hand on a copy of the model as it is now."""
+    net = model()
+    reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    batches = tasks()[0]
+    for change in (lambda: net.__setitem__(1, nn.ReLU()),
+                   lambda: net.__setitem__(1, nn.Sequential(nn.Tanh(), nn.Identity())),
+                   lambda: net.__setitem__(1, nn.Dropout(0.0)),
+                   lambda: setattr(net[1], "p", 1.0)):  # fmt: skip
+        change()
+        worker = reptile.adapt(batches)
+        expected = sgd_run(net, batches, 3, 0.1)
+        for got, want in zip(worker.parameters(), expected, strict=True):
+            torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+        assert worker is not reptile.adapt(batches)  # each call returns a copy of its own
+
+
 def test_non_finite_trained_weights_raise_and_leave_the_initialisation() -> None:
     net = model()
     before = [p.detach().clone() for p in net.parameters()]

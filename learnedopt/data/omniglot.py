@@ -115,10 +115,15 @@ def _scan(
     return files, read
 
 
-def _decode(data: bytes, image_size: int | None, Image: ModuleType) -> np.ndarray:
-    """PNG bytes -> float32 (H, W) with 1.0 = ink (the PNGs store ink as black)."""
-    with Image.open(io.BytesIO(data)) as png:
-        gray = png.convert("L")
+def _decode(data: bytes, image_size: int | None, Image: ModuleType, name: str) -> np.ndarray:
+    """PNG bytes -> float32 (H, W) with 1.0 = ink (the PNGs store ink as black); a ValueError
+    that names ``name`` for bytes Pillow cannot decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as png:
+            gray = png.convert("L")
+    # Pillow reports a damaged PNG as any of these, depending on which byte is wrong
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {name} ({type(e).__name__}: {e})") from e
     if image_size is not None and gray.size != (image_size, image_size):
         gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
@@ -127,7 +132,7 @@ def _decode(data: bytes, image_size: int | None, Image: ModuleType) -> np.ndarra
 def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> torch.Tensor:
     """One Omniglot PNG as a float32 ``(1, S, S)`` tensor, 1.0 = ink, resized as in
     :func:`load_omniglot` (``image_size=None`` keeps 105x105)."""
-    return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow())).unsqueeze(0)
+    return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow(), str(path))).unsqueeze(0)
 
 
 def load_omniglot(
@@ -173,9 +178,11 @@ def load_omniglot(
             read, names, source = chosen[character]
             for name in names:
                 try:
-                    arrays.append(_decode(read(name), image_size, Image))
-                except (OSError, zipfile.BadZipFile) as e:
+                    arrays.append(_decode(read(name), image_size, Image, name))
+                except (OSError, zipfile.BadZipFile) as e:  # reading the zip member
                     raise ValueError(f"{source}: cannot read image {name} ({e})") from e
+                except ValueError as e:
+                    raise ValueError(f"{source}: {e}") from e
                 labels.append(label)
 
     shapes = {a.shape for a in arrays}

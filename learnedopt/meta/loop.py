@@ -436,11 +436,15 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
             raise ConfigError(f"{path}: line {number} is not a log record (the log is damaged)") from None
+        # valid JSON but no meta-step's record: an edited log, never a kill's partial line
+        if not (isinstance(record, dict) and type(record.get("step")) is int):
+            raise ConfigError(f"{path}: line {number} is not a log record (no integer \"step\"; the log is damaged)")
+        records.append(record)
     return records
 
 

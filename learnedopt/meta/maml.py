@@ -44,6 +44,12 @@ class BatchStatNorm(nn.Module):
         self.bias = source.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.numel() == x.shape[1]:
+            # the fused kernel refuses this; under vmap the plain ops would give 0 everywhere
+            raise ValueError(
+                f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
+                f"shape {tuple(x.shape)} (one example): give the task more than one support example"
+            )
         if not torch._C._functorch.is_functorch_wrapped_tensor(x):
             # outside torch.func transforms the fused kernel is exact and faster (same statistics)
             return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
@@ -299,23 +305,29 @@ class MAML(nn.Module):
             initialisation (and the learned inner step sizes) unless run under ``torch.no_grad``.
         """
         steps = self.inner_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
         params = self.initial_params()
         vectorize = self.vectorize is True or (
             self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
         )
+        vmap_error = None
         if vectorize:
             try:
                 return self._vmapped(params, x_support, y_support, x_query, y_query, steps, every_step)
             except RuntimeError as err:
                 if self.vectorize is True:
                     raise
-                warnings.warn(f"MAML: vmap over tasks failed ({err}); looping over tasks", stacklevel=2)
-                self.vectorize = False
-        losses = [
+                vmap_error = err
+        # a bad input (mismatched shapes) fails here too, with its own message, and leaves vmap on
+        losses = torch.stack([
             self._adapt_one(params, xs, ys, xq, yq, steps, batched=False, every_step=every_step)[1]
             for xs, ys, xq, yq in zip(x_support, y_support, x_query, y_query, strict=True)
-        ]
-        return torch.stack(losses)
+        ])  # fmt: skip
+        if vmap_error is not None:  # the model itself does not run under vmap: loop from now on
+            warnings.warn(f"MAML: vmap over tasks failed ({vmap_error}); looping over tasks", stacklevel=2)
+            self.vectorize = False
+        return losses
 
     def _vmap_pays(self, x: Tensor) -> bool:
         """``vectorize="auto"``: vmap, except convolutional models on CPU, where PyTorch runs the
@@ -346,6 +358,8 @@ class MAML(nn.Module):
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
         """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``."""
         steps = self.inner_steps if steps is None else steps
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
         params = {k: v.detach() for k, v in self.initial_params().items()}
         with torch.no_grad():
             for _ in range(steps):

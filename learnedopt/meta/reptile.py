@@ -62,7 +62,6 @@ class Reptile:
         self.total_steps = total_steps
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.step_count = 0
-        self._worker = copy.deepcopy(model)
 
     def current_outer_stepsize(self) -> float:
         """``eps_t`` for the next meta-step."""
@@ -79,13 +78,17 @@ class Reptile:
             steps: inner steps (default ``inner_steps``).
 
         Returns:
-            The working copy (reused by the next call: copy it to keep it).
+            A fresh copy of the model as it is now (its modules, their settings and its
+            initialisation), trained on the task.
         """
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
         steps = self.inner_steps if steps is None else steps
-        worker = self._working_copy()
-        worker.load_state_dict(self.model.state_dict())
+        # a copy per task, not one reused: it follows every later change to the model (a swapped
+        # layer, a module's attribute, a frozen parameter), and costs little beside the inner loop
+        worker = copy.deepcopy(self.model)
+        for p in worker.parameters():
+            p.grad = None
         optimizer = self.inner_optimizer(worker.parameters())
         for t in range(steps):
             x, y = batches[t % len(batches)]
@@ -98,18 +101,6 @@ class Reptile:
 
             optimizer.step(closure)
         return worker
-
-    def _working_copy(self) -> nn.Module:
-        """The reused working copy, matching the model as it is now: a fresh copy when the model's
-        tensors changed device, dtype or shape since, and each module's train/eval mode and each
-        parameter's ``requires_grad`` copied (a layer frozen or unfrozen after construction)."""
-        if _layout(self._worker) != _layout(self.model):
-            self._worker = copy.deepcopy(self.model)
-        for mine, theirs in zip(self._worker.modules(), self.model.modules(), strict=True):
-            mine.training = theirs.training
-        for mine, theirs in zip(self._worker.parameters(), self.model.parameters(), strict=True):
-            mine.requires_grad_(theirs.requires_grad)
-        return self._worker
 
     def meta_step(
         self,
@@ -160,9 +151,3 @@ class Reptile:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
-
-
-def _layout(model: nn.Module) -> list[tuple[str, torch.device, torch.dtype, torch.Size]]:
-    """Every parameter and buffer's name, device, dtype and shape."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [(name, t.device, t.dtype, t.shape) for name, t in tensors]

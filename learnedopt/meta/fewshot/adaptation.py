@@ -109,6 +109,8 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
     try:
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+        if not -(2**63) <= args.seed < 2**64:
+            raise ValueError(f"--seed must lie in torch.Generator's range, -2**63 to 2**64 - 1, got {args.seed}")
         for flag in ("support_copies", "query_copies"):
             if getattr(args, flag) < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -128,7 +130,7 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
         wrong = [run.name for run in runs if run.train_images.shape[0] != 20]
         if wrong:
             raise ValueError(f"runs {wrong} do not have 20 training images")
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: a missing or unreadable file
         print(f"learnedopt evaluate omniglot-runs: error: {err}", file=sys.stderr)
         return 2
     errors, mean = score_runs(runs, predict_runs(learners, runs, args.steps, args.support_copies, args.seed,

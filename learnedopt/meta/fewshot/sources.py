@@ -106,6 +106,8 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
             data = load_omniglot(image_size=config.image_size, rotations=True)
         else:
             root = Path(config.data)
+            if not any((root / name).is_file() for name in DEFAULT_ZIPS) and (root / "omniglot").is_dir():
+                root = root / "omniglot"  # a data root holding omniglot/, as --data takes one for MNIST
             sources = [root / name for name in DEFAULT_ZIPS if (root / name).is_file()] or [root]
             data = load_omniglot(sources, image_size=config.image_size, rotations=True)
     except (FileNotFoundError, ValueError, ImportError) as err:
