@@ -190,7 +190,8 @@ def test_a_copied_optimizer_continues_like_the_original(kind, how) -> None:
 def test_float16_states_saturate_instead_of_overflowing() -> None:
     params = make_params([(2,)], dtype=torch.float32)
     opt = LSTMOptimizer(params, state_dtype=torch.float16)
-    for scale in (3000.0, 0.1, 0.1):  # a gradient whose square exceeds float16's 65504, then small ones
+    # a gradient whose square exceeds float16's 65504 (v is kept in float32), then small ones
+    for scale in (3000.0, 0.1, 0.1):
         params[0].grad = torch.full((2,), scale)
         opt.step()
     assert all(torch.isfinite(v).all() for v in opt.state[params[0]].values())

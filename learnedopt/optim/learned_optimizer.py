@@ -44,8 +44,9 @@ class LearnedOptimizer(Optimizer):
             rule's states still advance (so warm-up schedules that start at 0 work). LR schedulers
             from ``torch.optim.lr_scheduler`` scale it like any learning rate.
         maximize: ascend instead of descend.
-        state_dtype: dtype of the per-coordinate states (float32 default; bfloat16 halves their
-            memory), independent of the parameter dtype.
+        state_dtype: dtype of the per-coordinate LSTM states (float32 default; bfloat16 halves
+            their memory; the moving averages ``m`` and ``v`` stay float32), independent of the
+            parameter dtype.
         nan_policy: on a NaN/Inf gradient, ``"raise"`` raises :class:`NonFiniteGradientError`
             naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
             state unchanged this step.
