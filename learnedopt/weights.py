@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import write_atomically
 from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
 
 FORMAT_VERSION = 1
@@ -187,10 +188,15 @@ def save_weights(
         **(extra or {}),
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
-    os.replace(tmp, path)
+    save_with_header(path, _HEADER_KEY, header, tensors)
+
+
+def save_with_header(
+    path: str | os.PathLike, header_key: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write ``tensors`` and the JSON ``header`` (metadata entry ``header_key``) as a safetensors
+    file, atomically: the writer of :func:`open_with_header`'s formats."""
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={header_key: json.dumps(header)}))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -226,10 +232,14 @@ def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
             f"{path}: tensors do not match the {header['kind']} architecture {header['config']}"
             f" (missing {missing}, unexpected {unexpected}, wrong shape {wrong})"
         )
-    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
-    if bad:
-        raise ValueError(f"{path}: weights contain NaN or Inf in {bad}")
+    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if not_float:
+        raise ValueError(f"{path}: weights {not_float} are not floating-point tensors")
     rule.load_state_dict(tensors)
+    # checked in the rule's float32: a float64 1e300 is finite in the file but Inf there
+    bad = sorted(k for k, v in rule.state_dict().items() if not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{path}: weights contain NaN or Inf (in float32) in {bad}")
     return rule, header
 
 

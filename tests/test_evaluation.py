@@ -637,6 +637,15 @@ def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_
     evaluate_optimizers(replace(config, reuse=str(changed_path)), log=lambda _: None)
     assert runs == [0, 1]
 
+    # so is one whose tensors are the same but whose architecture constants differ (an earlier
+    # release's preset with another output scale): the tensors' hash alone cannot tell them apart
+    changed = copy.deepcopy(first)
+    changed["learned"]["LSTMOptimizer (l2l-mix)"]["header"]["config"]["output_scale"] = 1.0
+    changed_path.write_text(json.dumps(changed))
+    runs.clear()
+    evaluate_optimizers(replace(config, reuse=str(changed_path)), log=lambda _: None)
+    assert runs == [0, 1]
+
     # other settings: a clear error naming the one that differs
     with pytest.raises(ValueError, match="its seeds is 2, this run's is 3"):
         evaluate_optimizers(replace(config, seeds=3, reuse=str(first_path)), log=lambda _: None)
@@ -927,3 +936,39 @@ def test_eval_config_refuses_zero_steps() -> None:
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         EvalConfig(steps=0)
     assert EvalConfig(steps=1).steps == 1
+
+
+def test_loss_curve_plot_keeps_one_colour_per_optimizer_and_a_legend_of_all(tmp_path: Path, monkeypatch) -> None:
+    """SGD has no finite run on the first problem: its line on the second must still have its
+    own colour (not the next one of that subplot's cycle), and the legend must list it, and an
+    optimizer with no finite run anywhere, marked as such."""
+    import matplotlib.pyplot as plt
+
+    from learnedopt.evaluation.report import plot_curves
+
+    def result(kind: str, curve: list[float] | None) -> dict:
+        band = None if curve is None else [0.9 * v for v in curve]
+        return {"kind": kind, "curve_median": curve, "curve_q1": band, "curve_q3": band}
+
+    curve = [1.0, 0.5, 0.25]
+    report = {"problems": {
+        "first": {"results": {"SGD": result("baseline", None), "Adam": result("baseline", curve),
+                              "learned": result("learned", curve), "gone": result("learned", None)}},
+        "second": {"results": {"SGD": result("baseline", curve), "Adam": result("baseline", curve),
+                               "learned": result("learned", curve), "gone": result("learned", None)}},
+    }}  # fmt: skip
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_curves(report, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    (figure,) = figures
+    legend = {text.get_text(): handle for text, handle in zip(figure.legends[0].get_texts(), figure.legends[0].legend_handles)}
+    assert list(legend) == ["SGD", "Adam", "learned", "gone (no finite run)"]
+    colours = {label: handle.get_color() for label, handle in legend.items()}
+    assert len(set(map(str, colours.values()))) == 4
+    for ax in figure.axes[:2]:
+        for line in ax.get_lines():
+            assert line.get_color() == colours[line.get_label()], (ax.get_title(), line.get_label())
+            assert line.get_linestyle() == ("-" if line.get_label() in ("SGD", "Adam") else "--")
+    assert [line.get_label() for line in figure.axes[1].get_lines()] == ["SGD", "Adam", "learned"]
+    close(figure)

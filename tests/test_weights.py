@@ -232,3 +232,61 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
         err = capsys.readouterr().err
         assert err.startswith("learnedopt average-weights: error: ") and message in err and err.count("\n") == 1
         assert not (tmp_path / "out.safetensors").exists()
+
+
+def _with_header_changes(source, target, **changes) -> None:
+    header = read_header(source)
+    header["config"] = {**header["config"], **changes}
+    tensors = {name: tensor for name, tensor in load_weights(source)[0].state_dict().items()}
+    save_file(tensors, str(target), metadata={"learnedopt": json.dumps(header)})
+
+
+@pytest.mark.parametrize(("cls", "change", "message"), [
+    (CoordinateLSTM, {"output_scale": float("nan")}, "output_scale must be finite"),
+    (CoordinateLSTM, {"output_scale": float("inf")}, "output_scale must be finite"),
+    (CoordinateLSTM, {"preprocess_p": float("nan")}, "preprocess_p must be positive and finite"),
+    (CoordinateLSTM, {"preprocess_p": float("inf")}, "preprocess_p must be positive and finite"),
+    (MetaLSTMCell, {"preprocess_p": float("nan")}, "preprocess_p must be positive and finite"),
+])  # fmt: skip
+def test_a_header_with_a_non_finite_architecture_constant_is_rejected(tmp_path, cls, change, message) -> None:
+    """The weights are finite, but a NaN output scale in the header used to load and turn
+    every step into NaN."""
+    good = tmp_path / "good.safetensors"
+    save_weights(cls(), good)
+    bad = tmp_path / "bad.safetensors"
+    _with_header_changes(good, bad, **change)
+    with pytest.raises(ValueError, match=rf"bad.safetensors: invalid {cls.kind} config in header: {message}"):
+        load_weights(bad)
+
+
+@pytest.mark.parametrize(("value", "dtype", "message"), [
+    (1e300, torch.float64, r"NaN or Inf \(in float32\) in \['head.bias'\]"),  # finite in the file, Inf as float32
+    (1, torch.int64, r"weights \['head.bias'\] are not floating-point tensors"),
+])  # fmt: skip
+def test_weights_that_are_not_finite_float32_values_are_rejected(tmp_path, value, dtype, message) -> None:
+    good = tmp_path / "good.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    tensors = dict(load_weights(good)[0].state_dict())
+    tensors["head.bias"] = torch.full_like(tensors["head.bias"], value, dtype=dtype)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"learnedopt": json.dumps(read_header(good))})
+    with pytest.raises(ValueError, match=message):
+        load_weights(bad)
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_files_get_the_umask_permissions(tmp_path) -> None:
+    """safetensors writes owner-only files; a weight file is shared like any other output. A
+    write onto a folder fails and leaves nothing beside it."""
+    import os
+
+    path = tmp_path / "w.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(OSError):
+        save_weights(CoordinateLSTM(), folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "w.safetensors"]
+    assert list(folder.iterdir()) == []

@@ -396,8 +396,8 @@ def reusable_results(
     machine and code), so an earlier report of the same settings already holds the baselines'
     tuning and runs and the presets' runs. ``records``: this run's learned optimizers, label ->
     :meth:`LearnedSpec.record`. Taken: each baseline, and each preset whose weights are those the
-    earlier report ran (the same SHA-256 of kind, architecture and weights; a report older than
-    that record: the same header), on every problem of the same name, step count and
+    earlier report ran (the same SHA-256 of the weight tensors and the same kind and architecture
+    in the header; a report older than that record: the same header), on every problem of the same name, step count and
     description; weight files (``config.weights``) always run.
 
     Raises:
@@ -440,9 +440,11 @@ def _reusable_results(
         recorded = old.get("learned", {}).get(label)
         if record["weights"] in from_files or not recorded:
             return False
-        if "sha256" in recorded:
-            return recorded["sha256"] == record["sha256"]
-        return recorded.get("header") == _jsonable(record["header"])
+        header = _jsonable(record["header"])
+        if "sha256" in recorded:  # the tensors' hash; the kind and architecture are the header's
+            architecture = lambda h: (h.get("kind"), h.get("config"))  # noqa: E731
+            return recorded["sha256"] == record["sha256"] and architecture(recorded.get("header") or {}) == architecture(header)
+        return recorded.get("header") == header
 
     presets = {label for label, record in records.items() if same_weights(label, record)}
     labels = set(BASELINES) | presets

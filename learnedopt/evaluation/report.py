@@ -182,36 +182,44 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     problems = report["problems"]
+    # one colour and line style per optimizer across all subplots, and a legend of every one,
+    # whether or not it has a finite run in the first problem
+    kinds = {label: r["kind"] for prob in problems.values() for label, r in prob["results"].items()}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(kinds) > len(palette):
+        palette = [plt.get_cmap("tab20")(i) for i in range(20)]
+    style = {
+        label: {"color": palette[i % len(palette)], "ls": "-" if kind == "baseline" else "--"}
+        for i, (label, kind) in enumerate(kinds.items())
+    }
+    plotted = set()
     n = max(1, len(problems))
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, prob) in zip(axes.flat, problems.items()):
         for label, r in prob["results"].items():
-            if r["curve_median"] is None:
+            if r["curve_median"] is None:  # no finite run on this problem
                 continue
+            plotted.add(label)
             steps = np.arange(len(r["curve_median"]))
-            (line,) = ax.plot(
-                steps,
-                r["curve_median"],
-                label=label,
-                lw=1.2,
-                ls="-" if r["kind"] == "baseline" else "--",
-            )
-            ax.fill_between(
-                steps, r["curve_q1"], r["curve_q3"], color=line.get_color(), alpha=0.2, lw=0
-            )
+            ax.plot(steps, r["curve_median"], label=label, lw=1.2, **style[label])
+            ax.fill_between(steps, r["curve_q1"], r["curve_q3"], color=style[label]["color"], alpha=0.2, lw=0)
         ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
     for ax in list(axes.flat)[len(problems) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3) or 1, fontsize=8)
-    fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
+    handles = [
+        Line2D([], [], lw=1.2, label=label if label in plotted else f"{label} (no finite run)", **style[label])
+        for label in style
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(handles) / 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

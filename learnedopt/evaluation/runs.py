@@ -78,8 +78,8 @@ class LearnedSpec:
         return dict(self._probe().weights_header)
 
     def record(self) -> dict[str, Any]:
-        """What a report records of these weights: ``weights``, ``header`` and ``sha256`` (of the
-        rule's kind, architecture and weights, :func:`learnedopt.weights.fingerprint`)."""
+        """What a report records of these weights: ``weights``, ``header`` (with the kind and
+        architecture) and ``sha256`` (of the weight tensors, :func:`learnedopt.weights.fingerprint`)."""
         probe = self._probe()
         return {"weights": self.weights, "header": dict(probe.weights_header), "sha256": fingerprint(probe.rule)["sha256"]}
 

@@ -105,11 +105,13 @@ class Workers:
         collective, so that the ranks stop together), naming ``what`` and this rank's value."""
         value = torch.as_tensor(value).detach()
         finite = bool(torch.isfinite(value).all())
+        # a scalar as a number; a tensor of several values as torch prints it
+        shown = float(value) if value.numel() == 1 else value.cpu().tolist()
         if self.world_size == 1:
             if not finite:
-                raise FloatingPointError(f"{what} is {float(value)}")
+                raise FloatingPointError(f"{what} is {shown}")
         elif self.mean(float(finite)) != 1.0:
-            raise FloatingPointError(f"{what} is not finite on every rank (rank {self.rank}'s: {float(value)})")
+            raise FloatingPointError(f"{what} is not finite on every rank (rank {self.rank}'s: {shown})")
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..data.paths import create_output_folder
+from ..files import write_atomically
 from ..nn import RULES
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -389,9 +390,7 @@ def _save_checkpoint(
             "seed": config.seed,
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
@@ -455,9 +454,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if [r["step"] for r in kept] != list(range(1, step + 1)):
         print(f"warning: {path} lacks records of meta-steps up to the checkpoint's ({step}); "
               "the resumed run appends to what is there", file=sys.stderr)  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------- progress, card
@@ -540,9 +537,7 @@ Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _version() -> str:

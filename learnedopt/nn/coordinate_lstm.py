@@ -41,8 +41,10 @@ class CoordinateLSTMConfig:
     def __post_init__(self) -> None:
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError(f"hidden_size and num_layers must be >= 1, got {self}")
-        if self.preprocess_p <= 0:
-            raise ValueError(f"preprocess_p must be positive, got {self.preprocess_p}")
+        if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
+            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
+        if not math.isfinite(self.output_scale):
+            raise ValueError(f"output_scale must be finite, got {self.output_scale}")
         for beta in (*self.momentum_decays, *self.rms_decays):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"decays must be in [0, 1), got {beta}")

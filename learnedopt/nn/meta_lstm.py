@@ -44,8 +44,8 @@ class MetaLSTMConfig:
     def __post_init__(self) -> None:
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
-        if self.preprocess_p <= 0:
-            raise ValueError(f"preprocess_p must be positive, got {self.preprocess_p}")
+        if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
+            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
         if not (math.isfinite(self.step_scale) and self.step_scale > 0):
             raise ValueError(f"step_scale must be positive and finite, got {self.step_scale}")
         for name in ("momentum_decay", "rms_decay"):

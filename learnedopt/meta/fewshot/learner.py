@@ -5,7 +5,6 @@ to rebuild and adapt it. Loading never unpickles."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import open_with_header
+from ...weights import open_with_header, save_with_header
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -292,10 +290,7 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
 
     header = {"format": MODEL_FORMAT, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
-    os.replace(tmp, path)
+    save_with_header(path, _HEADER_KEY, header, tensors)
 
 
 def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str, Any]]:
