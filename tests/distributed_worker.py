@@ -3,7 +3,8 @@
 
 Modes:
     meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
-        then :func:`fsdp_checks` and :func:`ddp_checks` (results in ``OUT/optimizers.json``).
+        then :func:`fsdp_checks`, :func:`ddp_checks` and :func:`sharding_checks` (results in
+        ``OUT/optimizers.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     nan OUT: the same, rank 1's meta-loss is NaN at meta-step 3 (rank 0's is finite).
@@ -229,6 +230,66 @@ def fsdp_checks(out: Path) -> dict[str, object]:
     return report
 
 
+def sharding_checks() -> dict[str, bool]:
+    """What FSDP's 1-D mesh and equal placements do not reach, on both ranks (all ranks must
+    agree for a True):
+
+    - ``replicated_state_loads``: an optimizer state dict whose ``DTensor`` states were
+      redistributed to ``Replicate`` loads back into the sharded optimizer as its own local states;
+    - ``verdict_spans_every_mesh_dim``: on a ``(1, 2)`` mesh (the ranks differ on its second
+      dimension) a NaN in rank 1's part makes the tensor non-finite on both ranks;
+    - ``meshes_judged_apart``: a tensor on a 1-rank sub-mesh keeps its own rank's verdict when
+      judged together with one on the 2-rank mesh.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from learnedopt import LSTMOptimizer
+    from learnedopt.optim import sharding
+    from learnedopt.weights import UntrainedWeightsWarning
+
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)
+    model = fully_shard(_model(0))
+    opt = LSTMOptimizer(model.parameters())
+    _train(model, opt, 1, seed=4)
+    saved = opt.state_dict()
+    replicated = {
+        **saved,
+        "state": {
+            index: {k: v.redistribute(v.device_mesh, [Replicate()]) if sharding.is_sharded(v) else v for k, v in entry.items()}
+            for index, entry in saved["state"].items()
+        },
+    }
+    loaded = LSTMOptimizer(model.parameters())
+    try:
+        loaded.load_state_dict(replicated)
+    except (ValueError, RuntimeError) as err:  # reported, so that the other checks still run
+        print(f"rank {dist.get_rank()}: the replicated state did not load: {err}", file=sys.stderr)
+        replicated_state_loads = False
+    else:
+        replicated_state_loads = all(
+            torch.equal(loaded.state[p][k], v)
+            for p in model.parameters()
+            for k, v in opt.state[p].items()
+            if isinstance(v, torch.Tensor) and k != "step"
+        )
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("outer", "inner"))
+    across = distribute_tensor(torch.zeros(4, 3), mesh, [Replicate(), Shard(0)])
+    own = distribute_tensor(torch.zeros(3), mesh["outer"], [Replicate()])  # a 1-rank mesh
+    verdict = sharding.agree_finite([across, own], [rank != 1, rank != 1])
+    mine = {
+        "replicated_state_loads": replicated_state_loads,
+        "verdict_spans_every_mesh_dim": verdict[0] is False,
+        "meshes_judged_apart": verdict[1] is (rank != 1),
+    }
+    everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    return {key: all(r[key] for r in everyone) for key in mine}
+
+
 def ddp_checks() -> dict[str, bool]:
     """For both optimizers: 3 steps of a DDP model, each rank on its own data, against one
     process stepping with the mean of both ranks' gradients (what DDP's all-reduce gives)."""
@@ -280,7 +341,7 @@ def main() -> int:
         for name in META_RUNS:
             if run_cli(meta_args(name, out / name)) != 0:
                 return 1
-        report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks()}
+        report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks(), "sharding": sharding_checks()}
         if dist.get_rank() == 0:
             (out / "optimizers.json").write_text(json.dumps(report))
         dist.destroy_process_group()
