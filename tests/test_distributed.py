@@ -292,13 +292,14 @@ def test_a_non_finite_value_on_any_rank_stops_every_rank(monkeypatch: pytest.Mon
         Workers(rank=0, world_size=2).require_finite("the support loss", 1.0)
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="BUG: require_finite formats the value with float(), which raises ValueError for a tensor of 2+ elements",
-)  # fmt: skip
-def test_one_non_finite_element_of_a_tensor_is_enough_to_stop() -> None:
-    with pytest.raises(FloatingPointError, match="the meta-loss is"):
+def test_one_non_finite_element_of_a_tensor_is_enough_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message shows a tensor of several values as a list (``float()`` of it raised a
+    ValueError instead of the FloatingPointError)."""
+    with pytest.raises(FloatingPointError, match=r"^the meta-loss is \[1.0, nan\]$"):
         SINGLE.require_finite("the meta-loss", torch.tensor([1.0, float("nan")]))
+    _OtherRank(monkeypatch, torch.ones_like)  # the other rank: finite
+    with pytest.raises(FloatingPointError, match=r"\(rank 0's: \[inf, 2.0\]\)$"):
+        Workers(rank=0, world_size=2).require_finite("the meta-loss", torch.tensor([float("inf"), 2.0]))
 
 
 def test_a_failed_collective_names_the_rank_the_timeout_and_the_first_line_of_the_cause(
