@@ -404,6 +404,14 @@ def test_weight_files_of_one_name_get_distinct_labels_and_a_repeated_path_is_ref
     assert [s.header()["trained_on"] for s in specs] == ["a", "b", "other"]
     with pytest.raises(ValueError, match="given more than once"):
         learned_from_files([other, other])
+    with pytest.raises(ValueError, match="weight file given more than once: .*other.safetensors"):
+        learned_from_files([other, tmp_path / "a" / ".." / "other.safetensors"])  # one file, two spellings
+
+
+def test_a_problem_given_twice_is_refused_before_any_run() -> None:
+    """A report keys its results by problem name: the second run would be lost."""
+    with pytest.raises(ValueError, match="problem given more than once: quadratic-20"):
+        EvalConfig(problems=["quadratic-20", "synthetic-mlp", "quadratic-20"])
 
 
 def test_workers_give_the_same_report_as_one_process() -> None:

@@ -104,6 +104,10 @@ class EvalConfig:
         for p in self.problems:
             if isinstance(p, str) and p not in PROBLEMS:
                 raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
+        names = [p if isinstance(p, str) else p.name for p in self.problems]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # a report keys results by problem name: the second would run for nothing
+            raise ValueError(f"problem given more than once: {', '.join(repeated)}")
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> EvalConfig:

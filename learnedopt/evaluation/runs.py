@@ -118,10 +118,11 @@ def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedS
     the paths as given where two share a name (a report keys results by label).
 
     Raises:
-        ValueError: a path given twice.
+        ValueError: a file given twice (also as two spellings of one path).
     """
     given = [str(p) for p in paths]
-    repeated = sorted({p for p in given if given.count(p) > 1})
+    real = [os.path.realpath(p) for p in given]
+    repeated = sorted({p for p, r in zip(given, real, strict=True) if real.count(r) > 1})
     if repeated:
         raise ValueError(f"weight file given more than once: {', '.join(repeated)}")
     names = [Path(p).name for p in given]
