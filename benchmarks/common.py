@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -11,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -100,6 +103,33 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def nan_note(nonfinite: int) -> str:
+    """What a results cell adds for runs (of its seeds) in which a NaN/Inf appeared: ``" (k NaN)"``,
+    or nothing when every run stayed finite (its statistics are over the finite runs only)."""
+    return f" ({nonfinite} NaN)" if nonfinite else ""
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with status 2 and the one-line ``PROG: error: MESSAGE`` on stderr (as argparse's own
+    errors, without the usage lines)."""
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in the file at ``path``.
+
+    Raises:
+        ValueError: a one-line message when the file is missing, unreadable or not JSON.
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file: {err}") from None
 
 
 def write_results(name: str, payload: dict, table: str) -> None:

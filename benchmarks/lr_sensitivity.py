@@ -7,33 +7,83 @@ result beside the tuned baselines of a committed suite report (same problems, sa
     python benchmarks/lr_sensitivity.py --weights l2l-random --lrs 0.5 1 2 4 10 \\
         --problems quadratic-20 mnist-mlp-relu synthetic-mlp --name lr_sensitivity_l2l_random
 
-Writes ``results/NAME.json`` and ``results/NAME.md``.
+Writes ``results/NAME.json`` and ``results/NAME.md``. Before any run it checks that the reference
+report ran each problem for the same number of steps on the same number of seeds, with a constant
+lr (this script's schedule) and, where it records them, the same MNIST files (by content).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
 
 from learnedopt import LSTMOptimizer  # noqa: E402
 from learnedopt.evaluation import (  # noqa: E402
     BASELINES,
     LearnedSpec,
+    Problem,
     best_baseline,
     learned_from_file,
     make_problem,
     run_optimizer,
     summarize,
 )
+from learnedopt.evaluation.harness import mnist_sha256  # noqa: E402
+
+
+def check_reference(
+    report: Any, path: Path, problems: Mapping[str, Problem], seeds: int, data: str | None
+) -> dict[str, dict[str, Any]]:
+    """Each of ``problems``' results in the suite report ``report`` (read from ``path``), after
+    checking that they are comparable with this script's runs: the same step count and number of
+    evaluation seeds per problem, a constant lr schedule, and the same MNIST files (by content)
+    where the report records them and they are here.
+
+    Raises:
+        ValueError: a one-line message naming the first difference.
+    """
+    if not (isinstance(report, dict) and isinstance(report.get("problems"), dict)):
+        raise ValueError(f"{path} is not a suite report (an optimizee_eval.json with 'problems')")
+    config = report.get("config") or {}
+    schedule = config.get("lr_schedule", "constant")  # reports from before the setting ran constant
+    if schedule != "constant":
+        raise ValueError(f"{path} ran an lr schedule of {schedule!r}; this script runs a constant lr")
+    recorded = report.get("mnist_sha256")
+    if isinstance(recorded, str):
+        ours = mnist_sha256(data)
+        if ours is not None and ours != recorded:
+            raise ValueError(f"{path} ran on other MNIST files (SHA-256 {recorded[:12]}, these {ours[:12]})")
+    tuned = {}
+    for name, problem in problems.items():
+        entry = report["problems"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("results"), dict):
+            raise ValueError(f"{path} has no results for {name}; it ran {', '.join(report['problems']) or 'no problem'}")
+        if entry.get("steps") != problem.steps:
+            raise ValueError(f"{path} ran {name} for {entry.get('steps')} steps, not {problem.steps}")
+        results = entry["results"]
+        missing = [b for b in BASELINES if b not in results]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)} results on {name}")
+        for b in BASELINES:
+            if not isinstance(results[b], dict) or not {"lr", "final_mean", "final_std", "kind"} <= results[b].keys():
+                raise ValueError(f"{path} is not a suite report: its {b} entry on {name} lacks lr, final_mean, final_std or kind")
+            if results[b].get("runs") != seeds:
+                raise ValueError(f"{path} ran {results[b].get('runs')} seeds on {name}, not {seeds}")
+        if "eval_seeds" in entry and list(entry["eval_seeds"]) != list(range(seeds)):
+            raise ValueError(f"{path} ran {name} on evaluation seeds {entry['eval_seeds']}, not 0..{seeds - 1}")
+        tuned[name] = results
+    return tuned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,23 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None)
     parser.add_argument("--name", required=True)
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        fail(parser, f"--seeds must be >= 1, got {args.seeds}")
+    bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
+    if bad:
+        fail(parser, f"--lrs must be positive and finite, got {' '.join(f'{lr:g}' for lr in bad)}")
+    try:  # every input checked before any run
+        spec = learned_from_file(args.weights) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
+        spec.header()  # the weights load
+        problems = {name: make_problem(name, args.data) for name in args.problems}
+        reference = check_reference(read_json(args.reference), args.reference, problems, args.seeds, args.data)
+    except (OSError, ValueError) as err:
+        fail(parser, str(err))
     torch.set_num_threads(1)
-    spec = learned_from_file(args.weights) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
-    reference = json.loads(args.reference.read_text())["problems"]
     start = time.perf_counter()
     rows: dict[str, dict] = {}
-    for name in args.problems:
-        problem = make_problem(name, args.data)
+    for name, problem in problems.items():
         runs = {}
         for lr in args.lrs:
             curves = np.stack([run_optimizer(problem, s, spec.factory(), lr) for s in range(args.seeds)])
             stats = summarize(curves)
             runs[repr(lr)] = {k: stats[k] for k in ("final_mean", "final_std", "finals", "nonfinite")}
             print(f"{name} lr {lr:g}: {stats['final_mean']:.4g}", flush=True)
-        tuned = reference[name]["results"]
+        tuned = reference[name]
         best = best_baseline(tuned)
-        if tuned["Adam"]["runs"] != args.seeds:
-            raise SystemExit(f"{args.reference} ran {tuned['Adam']['runs']} seeds on {name}, not {args.seeds}")
         rows[name] = {"learned": runs,
                       "tuned": {b: {k: tuned[b][k] for k in ("lr", "final_mean", "final_std")} for b in BASELINES},
                       "best_baseline": best}  # fmt: skip
@@ -77,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|" + "---:|" * (len(args.lrs) + 2),
     ]
     for name, row in rows.items():
-        cells = [f"{r['final_mean']:.3g} +- {r['final_std']:.2g}" + (f" ({r['nonfinite']} NaN)" if r["nonfinite"] else "")
-                 for r in row["learned"].values()]  # fmt: skip
-        adam, best = row["tuned"]["Adam"], row["tuned"][row["best_baseline"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | "
-                     f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g}) |")  # fmt: skip
+        cells = [f"{r['final_mean']:.3g} +- {r['final_std']:.2g}{nan_note(r['nonfinite'])}" for r in row["learned"].values()]
+        adam, best = row["tuned"]["Adam"], row["tuned"].get(row["best_baseline"])
+        best_cell = "none (no baseline run stayed finite)" if best is None else \
+            f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g})"  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | {best_cell} |")
     write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "seeds": args.seeds,
                               "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines))  # fmt: skip
     print(f"wrote {RESULTS / args.name}.json and .md")

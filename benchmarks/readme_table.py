@@ -1,8 +1,10 @@
 """The README's summary table of the held-out suite, printed from one ``optimizee_eval.json``.
 
-Each cell is ``mean final loss / mean loss over the run`` over the evaluation seeds; a value is
-bold when it is below the same value of every tuned baseline. Columns are the JSON's learned
-optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
+Each cell is ``mean final loss / mean loss over the run`` over the evaluation seeds whose run
+stayed finite, followed by ``(k NaN)`` when a NaN/Inf appeared in ``k`` of the runs; a value is
+bold when it is below the same value of every tuned baseline that stayed finite, and the cell has
+no NaN run. The best tuned baseline is the one with the lowest finite mean final loss. Columns are
+the JSON's learned optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
 
     python benchmarks/readme_table.py benchmarks/results/optimizee_eval.json \\
         "LSTMOptimizer (l2l-blend, default)=\\`l2l-blend\\` (trained, default)" ...
@@ -10,7 +12,8 @@ optimizers, in the order given (``LABEL=HEADER``, the label as in the JSON):
 With ``--paired`` it prints the paired comparison instead: each cell is ``a / b``, the number of
 evaluation seeds on which the optimizer's final loss is below tuned Adam's (``a``) and below the
 best tuned baseline's (``b``) on the same seed (same initialisation, same minibatches), out of the
-seeds where both runs stayed finite. With ``--difference`` each cell is the mean over seeds of the
+seeds where both runs stayed finite, followed by ``(k NaN)`` when the optimizer's run diverged on
+``k`` seeds. With ``--difference`` each cell is the mean over seeds of the
 optimizer's final loss minus the best tuned baseline's on the same seed, with a 95% paired bootstrap
 interval (``learnedopt.evaluation.paired_difference``), bold when the whole interval is below 0;
 ``--against Adam`` takes tuned Adam as the reference instead.
@@ -19,13 +22,16 @@ interval (``learnedopt.evaluation.paired_difference``), bold when the whole inte
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fail, nan_note, read_json  # noqa: E402
+
 from learnedopt.evaluation import BASELINES, best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
@@ -49,10 +55,18 @@ def fmt(x: float) -> str:
 
 
 def cell(result: Mapping[str, Any], best_final: float, best_mean: float) -> str:
-    final, mean = result["final_mean"], result["mean_loss"]
-    a = f"**{fmt(final)}**" if final < best_final else fmt(final)
-    b = f"**{fmt(mean)}**" if mean < best_mean else fmt(mean)
-    return f"{a} / {b}"
+    """``final / mean`` of one result, each bold when below ``best_final`` / ``best_mean`` (the
+    tuned baselines' finite minimums) and no run of the result diverged; ``(k NaN)`` after it
+    when ``k`` runs did."""
+    final, mean, nonfinite = result["final_mean"], result["mean_loss"], result.get("nonfinite", 0)
+    a = f"**{fmt(final)}**" if not nonfinite and final < best_final else fmt(final)
+    b = f"**{fmt(mean)}**" if not nonfinite and mean < best_mean else fmt(mean)
+    return f"{a} / {b}{nan_note(nonfinite)}"
+
+
+def finite_min(values: Iterable[float]) -> float:
+    """The smallest finite value of ``values`` (NaN when there is none: nothing compares below it)."""
+    return min((v for v in values if math.isfinite(v)), default=math.nan)
 
 
 def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
@@ -63,14 +77,19 @@ def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
     for key, problem in report["problems"].items():
         results = problem["results"]
         baselines = {k: v for k, v in results.items() if v["kind"] == "baseline"}
-        best = min(baselines, key=lambda k: baselines[k]["final_mean"])
-        best_final = min(v["final_mean"] for v in baselines.values())
-        best_mean = min(v["mean_loss"] for v in baselines.values())
-        b, adam = baselines[best], baselines["Adam"]
+        best = best_baseline(results)
+        best_final = finite_min(v["final_mean"] for v in baselines.values())
+        best_mean = finite_min(v["mean_loss"] for v in baselines.values())
+        adam = baselines["Adam"]
+        if best is None:
+            best_cell = "none (no baseline run stayed finite)"
+        else:
+            b = baselines[best]
+            best_cell = f"{best} {fmt(b['final_mean'])} / {fmt(b['mean_loss'])}{nan_note(b.get('nonfinite', 0))} ({fmt(b['lr'])})"
         row = [
             PROBLEM_NAMES.get(key, key),
-            f"{best} {fmt(b['final_mean'])} / {fmt(b['mean_loss'])} ({fmt(b['lr'])})",
-            f"{fmt(adam['final_mean'])} / {fmt(adam['mean_loss'])}",
+            best_cell,
+            f"{fmt(adam['final_mean'])} / {fmt(adam['mean_loss'])}{nan_note(adam.get('nonfinite', 0))}",
             *(cell(results[label], best_final, best_mean) for label, _ in columns),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -85,10 +104,13 @@ def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) 
     for key, problem in report["problems"].items():
         results = problem["results"]
         best = best_baseline(results)
-        adam, top = results["Adam"]["finals"], results[best]["finals"]
-        cells = [f"{seeds_below(results[label]['finals'], adam)} / {seeds_below(results[label]['finals'], top)}"
-                 for label, _ in columns]  # fmt: skip
-        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), best, *cells]) + " |")
+        adam = results["Adam"]["finals"]
+        cells = []
+        for label, _ in columns:
+            r = results[label]
+            top = "-" if best is None else seeds_below(r["finals"], results[best]["finals"])
+            cells.append(f"{seeds_below(r['finals'], adam)} / {top}{nan_note(r.get('nonfinite', 0))}")
+        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), best or "none", *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -104,6 +126,10 @@ def difference_table(
     for key, problem in report["problems"].items():
         results = problem["results"]
         best = best_baseline(results) if against is None else against
+        if best is None:
+            name = "none (no baseline run stayed finite)"
+            lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), name, *("-" for _ in columns)]) + " |")
+            continue
         cells = []
         for label, _ in columns:
             d = paired_difference(results[label]["finals"], results[best]["finals"])
@@ -125,8 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--against", metavar="BASELINE", help="with --difference: this baseline (e.g. Adam) instead")
     args = parser.parse_args(argv)
-    with open(args.report) as f:
-        report = json.load(f)
+    try:
+        report = read_json(args.report)
+    except ValueError as err:
+        fail(parser, str(err))
+    if not (isinstance(report, dict) and isinstance(report.get("learned"), dict) and isinstance(report.get("problems"), dict)):
+        fail(parser, f"{args.report} is not a suite report (an optimizee_eval.json with 'learned' and 'problems')")
     columns = [tuple(c.split("=", 1)) for c in args.columns]
     labels = set(report["learned"])
     unknown = [label for label, *_ in columns if label not in labels]

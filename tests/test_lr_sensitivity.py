@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -16,11 +17,29 @@ from learnedopt import LSTMOptimizer  # noqa: E402
 from learnedopt.evaluation import BASELINES, make_problem, run_optimizer  # noqa: E402
 
 
-def reference(path: Path, seeds: int) -> Path:
+def reference(path: Path, seeds: int, steps: int = 100, **report) -> Path:
+    """A suite report of the tuned baselines on quadratic-20 (100 steps), with ``report``'s keys added."""
     entry = {"lr": 0.1, "final_mean": 1.0, "final_std": 0.5, "runs": seeds, "kind": "baseline"}
     results = {b: dict(entry, final_mean=1.0 + i) for i, b in enumerate(BASELINES)}
-    path.write_text(json.dumps({"problems": {"quadratic-20": {"results": results}}}))
+    path.write_text(json.dumps({"problems": {"quadratic-20": {"steps": steps, "results": results}}, **report}))
     return path
+
+
+def no_run(*args, **kwargs):
+    raise AssertionError("a run started before the inputs were checked")
+
+
+def refused(tmp_path: Path, monkeypatch, capsys, *args: str) -> str:
+    """``main(args)``'s one-line error (exit status 2), checking that nothing ran or was written."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", no_run)
+    with pytest.raises(SystemExit) as exit_:
+        lr_sensitivity.main([*args, "--name", "out"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: " in err
+    assert not (tmp_path / "out.json").exists()
+    return err
 
 
 def test_each_lr_column_is_the_suite_run_at_that_lr(tmp_path: Path, monkeypatch) -> None:
@@ -40,10 +59,69 @@ def test_each_lr_column_is_the_suite_run_at_that_lr(tmp_path: Path, monkeypatch)
     assert "| quadratic-20 |" in md and "tuned Adam (lr)" in md
 
 
-def test_a_reference_with_other_seeds_is_refused(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
+def test_a_reference_with_other_seeds_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     ref = reference(tmp_path / "suite.json", seeds=10)
-    with pytest.raises(SystemExit, match="ran 10 seeds on quadratic-20, not 2"):
-        lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref),
-                             "--name", "out"])  # fmt: skip
-    assert not (tmp_path / "out.json").exists()
+    err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
+                  "--reference", str(ref))  # fmt: skip
+    assert "ran 10 seeds on quadratic-20, not 2" in err
+
+
+@pytest.mark.parametrize(
+    ("problem", "steps", "report", "message"),
+    [
+        ("synthetic-mlp", 100, {}, "has no results for synthetic-mlp; it ran quadratic-20"),
+        ("quadratic-20", 50, {}, "ran quadratic-20 for 50 steps, not 100"),
+        ("quadratic-20", 100, {"config": {"lr_schedule": "cosine"}}, "lr schedule of 'cosine'"),
+        ("quadratic-20", 100, {"mnist_sha256": "0" * 64}, "ran on other MNIST files"),
+    ],
+)
+def test_a_reference_that_ran_something_else_is_refused_before_any_run(
+    tmp_path: Path, monkeypatch, capsys, problem: str, steps: int, report: dict, message: str
+) -> None:
+    monkeypatch.setattr(lr_sensitivity, "mnist_sha256", lambda data: "f" * 64)
+    ref = reference(tmp_path / "suite.json", seeds=2, steps=steps, **report)
+    err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", problem, "--seeds", "2",
+                  "--reference", str(ref))  # fmt: skip
+    assert message in err
+
+
+def test_a_reference_of_the_same_settings_is_taken(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "mnist_sha256", lambda data: "f" * 64)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: np.full(problem.steps, 0.5))
+    ref = reference(tmp_path / "suite.json", seeds=2, config={"lr_schedule": "constant"}, mnist_sha256="f" * 64)
+    assert lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref),
+                                "--name", "out"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "out.json").read_text())["problems"]["quadratic-20"]["learned"]["1.0"]["final_mean"] == 0.5
+
+
+def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    curves = iter([np.full(100, np.nan), np.full(100, 0.5)])
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: next(curves))
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", "out"])
+    assert "| quadratic-20 | 0.5 +- 0 (1 NaN) |" in (tmp_path / "out.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--lrs", "-1"], "--lrs must be positive and finite, got -1"),
+        (["--lrs", "1", "nan"], "--lrs must be positive and finite, got nan"),
+    ],
+)
+def test_bad_seeds_or_lrs_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args: list, message: str) -> None:
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    err = refused(tmp_path, monkeypatch, capsys, "--problems", "quadratic-20", "--reference", str(ref), *args)
+    assert message in err
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[]"])
+def test_a_missing_or_malformed_reference_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys, content) -> None:
+    ref = tmp_path / "suite.json"
+    if content is not None:
+        ref.write_text(content)
+    err = refused(tmp_path, monkeypatch, capsys, "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref))
+    assert str(ref) in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from readme_table import difference_table, main, paired_table, table  # noqa: E4
 
 
 def result(kind: str, final: float, mean: float, lr: float = 1.0, finals: tuple = ()) -> dict:
-    return {"kind": kind, "final_mean": final, "mean_loss": mean, "lr": lr, "finals": list(finals)}
+    """An entry as ``summarize()`` writes it: ``nonfinite`` counts the seeds whose run diverged."""
+    return {"kind": kind, "final_mean": final, "mean_loss": mean, "lr": lr, "finals": list(finals),
+            "nonfinite": sum(not math.isfinite(f) for f in finals)}  # fmt: skip
 
 
 REPORT = {
@@ -44,7 +47,7 @@ def test_best_baseline_adam_and_bold_only_below_every_baseline() -> None:
     assert lines[0] == "| problem | best tuned baseline (lr) | Adam (tuned) | `a` | `b` |"
     assert lines[2] == "| MNIST MLP, 100 steps | Adam 0.2 / 0.5 (0.0316) | 0.2 / 0.5 | **0.15** / 0.6 | 0.2 / **0.4** |"
     assert lines[3] == (
-        "| quadratic, 20-dim (never seen) | Adam 1 / 22 (1) | 1 / 22 | 9.2 / 36 | 3e+05 / **1e-05** |"
+        "| quadratic, 20-dim (never seen) | Adam 1 / 22 (1) | 1 / 22 | 9.2 / 36 (1 NaN) | 3e+05 / **1e-05** |"
     )
 
 
@@ -61,8 +64,8 @@ def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:
     assert lines[0] == "| problem | best tuned baseline | `a` | `b` |"
     # 100 steps: Adam is the best baseline; a is below it on seeds 0 and 2, b only on seed 2
     assert lines[2] == "| MNIST MLP, 100 steps | Adam | 2/3 / 2/3 | 1/3 / 1/3 |"
-    # quadratic: a's NaN seed is left out of its counts
-    assert lines[3] == "| quadratic, 20-dim (never seen) | Adam | 1/2 / 1/2 | 0/3 / 0/3 |"
+    # quadratic: a's NaN seed is left out of its counts, and shown
+    assert lines[3] == "| quadratic, 20-dim (never seen) | Adam | 1/2 / 1/2 (1 NaN) | 0/3 / 0/3 |"
 
 
 def test_differences_from_the_best_baseline_are_paired_and_bold_only_when_the_interval_is_below_zero() -> None:
@@ -94,3 +97,44 @@ def test_an_unknown_baseline_to_compare_against_is_a_clear_error(tmp_path: Path,
     with pytest.raises(SystemExit):
         main([str(path), "L (a)=`a`", "--against", "Adam"])
     assert "--against needs --difference" in capsys.readouterr().err
+
+
+NAN = float("nan")
+
+
+def test_a_diverged_baseline_is_never_the_best_and_the_minimums_are_over_finite_values() -> None:
+    # SGD diverged on every seed (NaN statistics, as summarize() writes them) and comes first
+    report = {"learned": {"L (a)": {}}, "problems": {"quadratic-20": {"results": {
+        "SGD": result("baseline", NAN, NAN, 1.0, (NAN, NAN)),
+        "Adam": result("baseline", 1.0, 22.0, 1.0, (0.5, 1.5)),
+        "L (a)": result("learned", 0.5, 20.0, finals=(0.25, 0.75)),
+    }}}}  # fmt: skip
+    lines = table(report, [("L (a)", "`a`")]).splitlines()
+    assert lines[2] == "| quadratic, 20-dim (never seen) | Adam 1 / 22 (1) | 1 / 22 | **0.5** / **20** |"
+    assert paired_table(report, [("L (a)", "`a`")]).splitlines()[2] == "| quadratic, 20-dim (never seen) | Adam | 2/2 / 2/2 |"
+
+
+def test_a_run_that_diverged_on_a_seed_is_marked_and_never_bold() -> None:
+    # diverged on seed 0; summarize() takes its statistics over the finite seed alone
+    report = {"learned": {"L (a)": {}}, "problems": {"quadratic-20": {"results": {
+        "SGD": result("baseline", 2.0, 8.0, 0.01, (1.0, 3.0)),
+        "Adam": result("baseline", 1.0, 22.0, 1.0, (0.5, 1.5)),
+        "L (a)": result("learned", 0.2, 5.0, finals=(NAN, 0.2)),
+    }}}}  # fmt: skip
+    assert report["problems"]["quadratic-20"]["results"]["L (a)"]["nonfinite"] == 1
+    lines = table(report, [("L (a)", "`a`")]).splitlines()
+    assert lines[2] == "| quadratic, 20-dim (never seen) | Adam 1 / 22 (1) | 1 / 22 | 0.2 / 5 (1 NaN) |"
+    lines = paired_table(report, [("L (a)", "`a`")]).splitlines()
+    assert lines[2] == "| quadratic, 20-dim (never seen) | Adam | 1/1 / 1/1 (1 NaN) |"
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[1, 2]", '{"learned": {}}'])
+def test_a_missing_or_malformed_report_is_a_one_line_error(tmp_path: Path, capsys, content: str | None) -> None:
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "L (a)=`a`"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and str(path) in err
