@@ -142,7 +142,7 @@ def test_nan_weights_are_rejected(tmp_path) -> None:
         rule.lstm.bias_ih_l1[3] = float("nan")
     path = tmp_path / "w.safetensors"
     save_weights(rule, path)
-    with pytest.raises(ValueError, match=r"NaN or Inf in \[.lstm.bias_ih_l1.\]"):
+    with pytest.raises(ValueError, match=r"NaN or Inf \(in float32\) in \[.lstm.bias_ih_l1.\]"):
         load_weights(path)
 
 
