@@ -148,9 +148,39 @@ def test_differentiating_the_backward_again_raises() -> None:
     x.requires_grad_(False)
     top, _, _ = lstm_step(lstm, x, h, c)
     weight = torch.randn(top.shape, dtype=top.dtype, requires_grad=True)  # the incoming gradient has a graph
-    (grad_h,) = torch.autograd.grad((top * weight).sum(), [h], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        grad_h.sum().backward()
+    with pytest.raises(RuntimeError, match="first-order backward: it cannot be differentiated twice"):
+        torch.autograd.grad((top * weight).sum(), [h], create_graph=True)
+
+
+def test_a_hessian_vector_product_through_a_rule_raises_instead_of_dropping_the_lstm() -> None:
+    """torch.autograd.grad with inputs skipped once_differentiable's error node: the second
+    derivative came back without the LSTM's share (as large an error as the value)."""
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM(hidden_size=3).double()
+    state = rule.init_state(4, dtype=torch.float64, device="cpu")
+    grad = torch.randn(4, dtype=torch.float64)
+    params = list(rule.parameters())
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(rule(grad, grad, state)[0].square().sum(), params, create_graph=True)
+    first = torch.autograd.grad(rule(grad, grad, state)[0].square().sum(), params)  # first order works
+    assert all(torch.isfinite(g).all() for g in first)
+
+
+def test_torch_func_transforms_raise_a_clear_error() -> None:
+    from torch.func import functional_call, vmap
+
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM(hidden_size=4)
+    state = rule.init_state(5, dtype=torch.float32, device="cpu")
+    params = {k: v.detach() for k, v in rule.named_parameters()}
+    loss = lambda p: functional_call(rule, p, (torch.randn(5), torch.randn(5), state))[0].sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+        torch.func.grad(loss)(params)
+    batched = {k: v.expand(2, *v.shape) for k, v in state.items()}
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+        vmap(lambda g, s: rule(g, g, s)[0])(torch.randn(2, 5), batched)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -239,7 +239,12 @@ BAD = [
     (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--rule-config", '{"width": 3}'], "--rule-config: unknown CoordinateLSTM config keys: ['width']"),
-    (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size and num_layers must be >= 1"),
+    (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size must be an integer >= 1, got 0"),
+    # JSON true is not the integer 1 (it trained a 1-unit rule, or crashed after creating the folder)
+    (["--rule-config", '{"num_layers": true}'], "--rule-config: num_layers must be an integer >= 1, got True"),
+    (["--rule-config", '{"hidden_size": true}'], "--rule-config: hidden_size must be an integer >= 1, got True"),
+    (["--rule-config", '{"param_input": 1}'], "--rule-config: param_input must be true or false, got 1"),
+    (["--rule", "MetaLSTMCell", "--rule-config", '{"hidden_size": true}'], "hidden_size must be an integer >= 1, got True"),
     (["--preset", "l2l-2016", "--rule-config", "{}"], "--rule-config sets the architecture of --rule"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
     (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -407,3 +408,14 @@ def test_real_mnist_family_split() -> None:
     tasks = train.sample_batch(2, generator_for(0))
     loss = tasks.loss(tasks.init_params(generator_for(0)), 0)
     assert loss.shape == (2,) and 2.0 < float(loss.min()) and float(loss.max()) < 2.7  # about ln 10
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),  # gave NaN losses
+    ({"batch_size": -1}, "batch_size must be an integer >= 1, got -1"),
+    ({"hidden": (0,)}, "hidden width must be an integer >= 1, got 0"),  # a ZeroDivisionError
+    ({"hidden": (20, True)}, "hidden width must be an integer >= 1, got True"),
+])  # fmt: skip
+def test_mnist_mlp_family_refuses_bad_sizes(tmp_path, options, message) -> None:
+    with pytest.raises(ValueError, match=f"MnistMLPFamily: {re.escape(message)}"):
+        MnistMLPFamily(write_fake_mnist(tmp_path), **options)

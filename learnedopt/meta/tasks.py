@@ -297,6 +297,9 @@ class MnistMLPFamily(ExampleFamily):
     ) -> None:
         from ..data import load_mnist, split_indices
 
+        for what, value in (("batch_size", batch_size), *(("hidden width", width) for width in hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MnistMLPFamily: {what} must be an integer >= 1, got {value!r}")
         if split not in MNIST_SPLIT:
             raise ValueError(f"unknown MNIST split {split!r}; parts: {sorted(MNIST_SPLIT)}")
         images, labels = load_mnist(data, "t10k")

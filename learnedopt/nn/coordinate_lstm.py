@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,12 @@ class CoordinateLSTMConfig:
     param_input: bool = False
 
     def __post_init__(self) -> None:
-        if self.hidden_size < 1 or self.num_layers < 1:
-            raise ValueError(f"hidden_size and num_layers must be >= 1, got {self}")
+        for name in ("hidden_size", "num_layers"):  # a JSON true would pass as the integer 1
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if type(self.param_input) is not bool:
+            raise ValueError(f"param_input must be true or false, got {self.param_input!r}")
         if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
             raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
         if not math.isfinite(self.output_scale):

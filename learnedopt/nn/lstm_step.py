@@ -18,8 +18,10 @@ and kind of input (device, dtype, hidden size), and once more when the batch siz
 compiler, an unsupported platform) they run eagerly, with one warning. Both ways compute the
 same math as ``torch.nn.LSTM`` (torch's gate order ``i, f, g, o``), equal to rounding.
 
-The backward is first order (``once_differentiable``): the meta-gradient of an unroll needs one
-backward through each rule call; differentiating that backward again raises an error.
+The backward is first order: the meta-gradient of an unroll needs one backward through each rule
+call; differentiating that backward again (``create_graph=True`` through it) raises an error, and
+so do ``torch.func`` transforms (``grad``, ``vmap``), which this ``autograd.Function`` does not
+support.
 """
 
 from __future__ import annotations
@@ -207,8 +209,23 @@ class LSTMStackStep(torch.autograd.Function):
         return h_new[-1].clone(), h_new, c_new
 
     @staticmethod
-    @once_differentiable
     def backward(
+        ctx: FunctionCtx, grad_top: Tensor | None, grad_h_new: Tensor | None, grad_c_new: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            # create_graph=True: a derivative of this backward is wanted. once_differentiable alone
+            # raises only in a later .backward(); torch.autograd.grad with inputs skips its error
+            # node and returned second derivatives without the LSTM's share, silently wrong
+            raise RuntimeError(
+                "learnedopt.nn.lstm_step has a first-order backward: it cannot be differentiated "
+                "twice (create_graph=True through the update rule's LSTM; e.g. a Hessian-vector "
+                "product with respect to the rule's weights)"
+            )
+        return LSTMStackStep._first_order_backward(ctx, grad_top, grad_h_new, grad_c_new)
+
+    @staticmethod
+    @once_differentiable
+    def _first_order_backward(
         ctx: FunctionCtx, grad_top: Tensor | None, grad_h_new: Tensor | None, grad_c_new: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         layers = ctx.layers
@@ -283,4 +300,10 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
             getattr(lstm, f"weight_hh_l{layer}"),
             getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"),
         ]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, h, c, *weights)):
+        raise RuntimeError(
+            "learnedopt.nn.lstm_step (the update rules' LSTM) does not run under torch.func "
+            "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
+            "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
+        )
     return LSTMStackStep.apply(x, h, c, *weights)
