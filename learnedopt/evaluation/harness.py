@@ -400,9 +400,10 @@ def reusable_results(
     machine and code), so an earlier report of the same settings already holds the baselines'
     tuning and runs and the presets' runs. ``records``: this run's learned optimizers, label ->
     :meth:`LearnedSpec.record`. Taken: each baseline, and each preset whose weights are those the
-    earlier report ran (the same SHA-256 of the weight tensors and the same kind and architecture
-    in the header; a report older than that record: the same header), on every problem of the same name, step count and
-    description; weight files (``config.weights``) always run.
+    earlier report ran (the same SHA-256 of the weight tensors and the same kind and
+    architecture in the header; a report older than that record: the same header), on every
+    problem of the same name, step count and description; weight files (``config.weights``)
+    always run.
 
     Raises:
         ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
@@ -446,8 +447,10 @@ def _reusable_results(
             return False
         header = _jsonable(record["header"])
         if "sha256" in recorded:  # the tensors' hash; the kind and architecture are the header's
-            architecture = lambda h: (h.get("kind"), h.get("config"))  # noqa: E731
-            return recorded["sha256"] == record["sha256"] and architecture(recorded.get("header") or {}) == architecture(header)
+            old_header = recorded.get("header") or {}
+            return recorded["sha256"] == record["sha256"] and all(
+                old_header.get(key) == header.get(key) for key in ("kind", "config")
+            )
         return recorded.get("header") == header
 
     presets = {label for label, record in records.items() if same_weights(label, record)}

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..nn.base import check_positive_integer
+
 Params = dict[str, Tensor]
 
 
@@ -298,8 +300,7 @@ class MnistMLPFamily(ExampleFamily):
         from ..data import load_mnist, split_indices
 
         for what, value in (("batch_size", batch_size), *(("hidden width", width) for width in hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MnistMLPFamily: {what} must be an integer >= 1, got {value!r}")
+            check_positive_integer(f"MnistMLPFamily: {what}", value)
         if split not in MNIST_SPLIT:
             raise ValueError(f"unknown MNIST split {split!r}; parts: {sorted(MNIST_SPLIT)}")
         images, labels = load_mnist(data, "t10k")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +38,13 @@ class StateSpec:
 
 
 State = dict[str, Tensor]
+
+
+def check_positive_integer(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is an integer >= 1; a bool (JSON ``true``) is not one,
+    though Python would count it as 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class UpdateRule(nn.Module):

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule
+from .base import State, StateSpec, UpdateRule, check_positive_integer
 from .functional import bounded_square, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -40,10 +39,8 @@ class CoordinateLSTMConfig:
     param_input: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers"):  # a JSON true would pass as the integer 1
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("hidden_size", "num_layers"):
+            check_positive_integer(name, getattr(self, name))
         if type(self.param_input) is not bool:
             raise ValueError(f"param_input must be true or false, got {self.param_input!r}")
         if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):

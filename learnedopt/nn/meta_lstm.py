@@ -4,13 +4,12 @@ Learning": an LSTM whose cell state is the parameter itself."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule
+from .base import State, StateSpec, UpdateRule, check_positive_integer
 from .functional import bounded_square, debiased_ema, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -43,9 +42,7 @@ class MetaLSTMConfig:
     input_bias_init: tuple[float, float] = (-5.0, -4.0)
 
     def __post_init__(self) -> None:
-        hidden = self.hidden_size  # a JSON true would pass as the integer 1
-        if not isinstance(hidden, numbers.Integral) or isinstance(hidden, bool) or hidden < 1:
-            raise ValueError(f"hidden_size must be an integer >= 1, got {self.hidden_size!r}")
+        check_positive_integer("hidden_size", self.hidden_size)
         if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
             raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
         if not (math.isfinite(self.step_scale) and self.step_scale > 0):
