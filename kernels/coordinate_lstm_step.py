@@ -623,6 +623,33 @@ def check_step_arguments(
     return n
 
 
+def check_no_overlap(written: Mapping[str, Tensor], read: Mapping[str, Tensor]) -> None:
+    """Raise ValueError if a buffer the kernel writes in place (each ``(K, ...)`` with a
+    contiguous ``t[k]``) overlaps itself or the memory of another argument: programs would read
+    values another has already overwritten. ``param_out`` may be ``param`` itself (an in-place
+    update); any other sharing, even partial, is refused.
+    """
+
+    def span(t: Tensor) -> tuple[int, int]:
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    live = {name: t for name, t in {**written, **read}.items() if t.numel() > 0}
+    for name, t in written.items():
+        if t.numel() > 0 and t.dim() > 1 and t.shape[0] > 1 and t.stride(0) < t[0].numel():
+            raise ValueError(f"{name}'s slabs overlap (strides {t.stride()}): each must have memory of its own")
+    names = list(live)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if a not in written and b not in written:
+                continue
+            if {a, b} == {"param", "param_out"} and live[a].data_ptr() == live[b].data_ptr():
+                continue  # the in-place update
+            (a0, a1), (b0, b1) = span(live[a]), span(live[b])
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{a} and {b} share memory; the kernel writes {a if a in written else b} in place")
+
+
 def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = False) -> torch.device:
     """The one device of a launch's ``tensors`` (named for the error messages).
 
@@ -655,7 +682,8 @@ def _check_states(
     name: str, t: Tensor | None, shape: tuple[int, ...], dims: str, slab: str
 ) -> None:
     """A state buffer: ``shape`` (``dims`` names it), a state dtype, and each ``t[k]`` contiguous
-    (``slab`` names it) with any stride between them, so ``buffer[:, a:b]`` views work."""
+    (``slab`` names it) with any stride between them, so ``buffer[:, a:b]`` views work (that
+    they do not overlap is :func:`check_no_overlap`'s)."""
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a tensor of shape {dims} = {shape}")
     if tuple(t.shape) != shape:
@@ -709,7 +737,9 @@ def coordinate_lstm_step_(
         param: ``(N,)`` contiguous parameter values, float16/bfloat16/float32.
         param_out: ``(N,)`` contiguous, ``param``'s dtype; may be ``param`` itself.
         h, c: ``(L, N, H)`` float32 or bfloat16 states, each layer a contiguous ``(N, H)`` slab
-            (any layer stride, so ``buffer[:, a:b]`` views work); updated in place.
+            (any layer stride that keeps the layers apart, so ``buffer[:, a:b]`` views work); updated
+            in place. No in-place buffer may share memory with another argument (``param_out``
+            may be ``param``).
         weights: a :class:`CoordinateLSTM` ``state_dict`` of fp32 contiguous tensors (see
             :func:`rule_weights`), or its :func:`pack_weights` result to skip re-stacking it.
         num_layers, hidden_size: ``L`` and ``H`` of the rule.
@@ -778,6 +808,7 @@ def coordinate_lstm_step_(
         "weights": packed.w_hh,
     }
     check_launch_device(tensors, fast_tanh=fast_tanh)
+    check_no_overlap({"param_out": param_out, "h": h, "c": c, **moments}, {"grad": grad, "param": param})
     if n == 0:
         return
 

@@ -100,6 +100,7 @@ from .coordinate_lstm_step import (
     _store_rounded,
     _zero_padding,
     check_launch_device,
+    check_no_overlap,
     check_step_arguments,
     padded_hidden_size,
 )
@@ -444,7 +445,8 @@ def meta_lstm_step_(
         h, c: ``(1, N, H)`` float32 or bfloat16 states of the input LSTM, each a contiguous
             ``(N, H)`` slab (``buffer[:, a:b]`` views work); updated in place.
         fi: ``(2, N)`` float32 or bfloat16 previous forget and input gates, unit stride along
-            ``N`` (any row stride); updated in place.
+            ``N`` (any row stride that keeps the rows apart); updated in place. No in-place
+            buffer may share memory with another argument (``param_out`` may be ``param``).
         weights: a :class:`MetaLSTMCell` ``state_dict`` of fp32 contiguous tensors (see
             :func:`rule_weights`), or its :func:`pack_weights` result to skip re-packing it.
         loss: the optimizee's loss (a float or one-element tensor; not negated by the caller), or
@@ -514,6 +516,7 @@ def meta_lstm_step_(
         "weights": packed.w_hh,
     }
     check_launch_device(tensors, fast_tanh=fast_tanh)
+    check_no_overlap({"param_out": param_out, "h": h, "c": c, "fi": fi, **moments}, {"grad": grad, "param": param})
     if n == 0:
         return
 

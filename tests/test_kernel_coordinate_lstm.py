@@ -584,6 +584,31 @@ def test_invalid_feature_arguments(features: str | dict, overrides: dict, match:
         _call(features, **overrides)
 
 
+def test_overlapping_in_place_buffers_are_refused() -> None:
+    """A buffer the kernel writes that shares memory with another argument (or its own layers or
+    rows) was accepted, and programs read values others had overwritten (h is c: parameters
+    1e-2 off; param_out one element past param: 2.3 off). Only param_out is param may alias."""
+    grad, param, h, c = make_inputs(32, 2, 20)
+    shifted = torch.cat([param, param[:1]])
+    moments = make_moments(make_rule(2, 20, **FEATURES["l2l-random"]), 32)
+    cases = [
+        ("paper", dict(h=h, c=h), r"h and c share memory"),
+        ("paper", dict(h=h[:1].clone().expand(2, 32, 20)), r"h's slabs overlap"),
+        ("paper", dict(h=h.flatten().as_strided((2, 32, 20), (20, 20, 1))), r"h's slabs overlap"),
+        ("paper", dict(param=shifted[:32], param_out=shifted[1:]), r"param_out and param share memory"),
+        ("paper", dict(grad=grad, param_out=grad), r"param_out and grad share memory"),
+        ("l2l-random", dict(m=moments["m"][:1].clone().expand(3, 32)), r"m's slabs overlap"),
+        ("l2l-random", dict(v=moments["v"], m=moments["v"].new_zeros(3, 32), c=c), None),  # separate: fine
+    ]
+    for features, overrides, match in cases:
+        if match is None:
+            _call(features, **overrides)
+            continue
+        with pytest.raises(ValueError, match=match):
+            _call(features, **overrides)
+    _call("paper", param=param, param_out=param)  # the in-place update itself
+
+
 def test_rejects_mismatched_features_and_bad_weights() -> None:
     rule = CoordinateLSTM(momentum_decays=(0.9,)).to(DEVICE)
     grad, param, h, c = make_inputs(32, 2, 20)

@@ -441,6 +441,19 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
         _call(**overrides)
 
 
+def test_overlapping_in_place_buffers_are_refused() -> None:
+    """As for the coordinate kernel: h is c put parameters 0.27 off, and fi's two rows sharing
+    memory let the input gate overwrite the forget gate. Only param_out is param may alias."""
+    grad, param, h, c, fi = make_inputs(32)
+    with pytest.raises(ValueError, match="h and c share memory"):
+        _call(h=h, c=h)
+    with pytest.raises(ValueError, match="fi's slabs overlap"):
+        _call(fi=fi[:1].clone().expand(2, 32))
+    with pytest.raises(ValueError, match="param_out and fi share memory"):
+        _call(fi=fi, param_out=fi[0])
+    _call(param=param, param_out=param)  # the in-place update itself
+
+
 def test_rejects_mismatched_and_non_contiguous_weights() -> None:
     # weights packed for H=20 given to an H=8 step (larger, so that a launch that skipped the
     # check would read garbage, not past their end), and a weight with the right shape and
