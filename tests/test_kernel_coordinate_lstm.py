@@ -450,6 +450,20 @@ def test_non_finite_gradients_propagate_like_pytorch() -> None:
     assert got[0][3].isnan()
 
 
+def test_a_nan_or_negative_second_moment_propagates_like_pytorch() -> None:
+    """The kernel's sqrt gives NaN there; the reference used to map it to its epsilon."""
+    rule = make_rule(1, 8, rms_decays=(0.9,))
+    grad, param, h, c = make_inputs(48, 1, 8)
+    moments = make_moments(rule, 48)
+    moments["v"][:, 31] = float("nan")
+    moments["v"][:, 7] = -1.0
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    want = reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    for k, r in zip(got, want, strict=True):
+        torch.testing.assert_close(k, r, **FP32_TOL, equal_nan=True)
+    assert got[0][[7, 31]].isnan().all() and want[0][[7, 31]].isnan().all()
+
+
 def test_prepacked_weights_and_empty_range() -> None:
     rule = make_rule(2, 20)
     inputs = make_inputs(500, 2, 20)

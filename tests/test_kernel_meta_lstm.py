@@ -209,6 +209,30 @@ def _moments(n: int, rule: MetaLSTMCell, state_dtype: torch.dtype) -> dict[str, 
     }
 
 
+def test_a_nan_or_negative_second_moment_propagates_like_pytorch() -> None:
+    """The kernel's sqrt gives NaN there; the optimizer's PyTorch path used to divide by its
+    epsilon instead, a huge finite step."""
+    rule = make_rule(**DIRECTIONS["rms"])
+    n = 16
+    grad, param, h, c, fi = make_inputs(n)
+    moments = _moments(n, rule, torch.float32)
+    moments["v"][0, 7] = float("nan")
+    moments["v"][0, 3] = -100.0
+    ref = {"param": param.clone(), "h": h.clone(), "c": c.clone(), "fi": fi.clone(), **{k: v.clone() for k, v in moments.items()}}
+    cfg = rule.config
+    meta_lstm_step_(
+        grad, param, param, h, c, fi, rule_weights(rule), loss=LOSS, hidden_size=cfg.hidden_size,
+        preprocess_p=cfg.preprocess_p, lr=0.5, maximize=False, rms_decay=cfg.rms_decay, block=BLOCK, **moments,
+    )  # fmt: skip
+    with torch.no_grad(), fp32_cudnn():
+        flat_update_(
+            rule, [ref["param"]], [grad], {k: v for k, v in ref.items() if k != "param"}, [0], lr=0.5,
+            loss=torch.tensor(LOSS, device=DEVICE), maximize=False, compute_dtype=torch.float32,
+        )  # fmt: skip
+    torch.testing.assert_close(param, ref["param"], **FP32_TOL, equal_nan=True)
+    assert param[[3, 7]].isnan().all() and param[[0, 1, 2, 4, 5, 6]].isfinite().all()
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_adam_direction_matches_the_optimizer_path_over_steps(

@@ -64,3 +64,12 @@ def test_rms_denominator_equals_sqrt_plus_eps_and_is_differentiable_at_zero() ->
     # sqrt's derivative where v > 0; 0 (not inf) at v == 0
     assert v.grad[0] == 0.0
     torch.testing.assert_close(v.grad[2:4], 0.5 / v.detach()[2:4].sqrt())
+
+
+def test_rms_denominator_of_a_nan_or_negative_second_moment_is_nan() -> None:
+    """A corrupted state shows as NaN, as in the fused kernels, not as a denominator of 1e-8
+    (which turned the normalised gradient into a huge finite number)."""
+    from learnedopt.nn.functional import rms_denominator
+
+    got = rms_denominator(torch.tensor([float("nan"), -1.0, 0.0, 4.0]))
+    assert got[:2].isnan().all() and got[2:].isfinite().all()

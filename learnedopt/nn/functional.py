@@ -46,9 +46,10 @@ def rms_denominator(second_moment: Tensor) -> Tensor:
     input): there ``sqrt``'s derivative is infinite and, times the zero gradient, would make the
     meta-gradient NaN when it flows through the optimizee's gradient (``--second-order``). The
     normalised gradient ``g / denominator`` is 0 in a neighbourhood's limit there, so the masked
-    derivative, 0, is the right one.
+    derivative, 0, is the right one. A NaN or negative second moment (a corrupted state) gives
+    NaN, as ``sqrt`` and the fused kernels do, rather than a silent ``1e-8``.
     """
-    positive = second_moment > 0
+    positive = second_moment != 0
     root = torch.where(positive, second_moment, torch.ones_like(second_moment)).sqrt()
     return torch.where(positive, root, torch.zeros_like(root)) + RMS_EPS
 
