@@ -96,10 +96,13 @@ def test_demo_falls_back_to_generated_data_without_mnist(tmp_path, monkeypatch) 
 
 def test_demo_and_average_weights_refuse_bad_arguments_in_one_line(tmp_path, capsys) -> None:
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--steps", "0"])
-    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    for value in ("0", "x"):  # not "invalid _positive_int value": argparse's message names the function
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--steps", value])
+        assert exit_info.value.code == 2
+        assert f"argument --steps: must be a positive integer, got '{value}'" in capsys.readouterr().err
     assert main(["demo", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["average-weights", "l2l-short", "l2l-random", "--out", str(tmp_path)]) == 2  # a folder
     assert "cannot write" in capsys.readouterr().err
+    assert not tmp_path.with_name(tmp_path.name + ".tmp").exists()  # no half-written file left beside it
