@@ -105,6 +105,10 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+#: what a results cell names as the best tuned baseline when none of them stayed finite
+NO_FINITE_BASELINE = "none (no baseline run stayed finite)"
+
+
 def nan_note(nonfinite: int) -> str:
     """What a results cell adds for runs (of its seeds) in which a NaN/Inf appeared: ``" (k NaN)"``,
     or nothing when every run stayed finite (its statistics are over the finite runs only)."""

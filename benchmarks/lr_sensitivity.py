@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
+from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
 
 from learnedopt import LSTMOptimizer  # noqa: E402
 from learnedopt.evaluation import (  # noqa: E402
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         cells = [f"{r['final_mean']:.3g} +- {r['final_std']:.2g}{nan_note(r['nonfinite'])}" for r in row["learned"].values()]
         adam, best = row["tuned"]["Adam"], row["tuned"].get(row["best_baseline"])
-        best_cell = "none (no baseline run stayed finite)" if best is None else \
+        best_cell = NO_FINITE_BASELINE if best is None else \
             f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g})"  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | {best_cell} |")
     write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "seeds": args.seeds,

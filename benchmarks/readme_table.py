@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, nan_note, read_json  # noqa: E402
+from common import NO_FINITE_BASELINE, fail, nan_note, read_json  # noqa: E402
 
 from learnedopt.evaluation import BASELINES, best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
 
@@ -64,6 +64,11 @@ def cell(result: Mapping[str, Any], best_final: float, best_mean: float) -> str:
     return f"{a} / {b}{nan_note(nonfinite)}"
 
 
+def values(result: Mapping[str, Any]) -> str:
+    """``final / mean`` of one result, unbolded, with its ``(k NaN)``."""
+    return f"{fmt(result['final_mean'])} / {fmt(result['mean_loss'])}{nan_note(result.get('nonfinite', 0))}"
+
+
 def finite_min(values: Iterable[float]) -> float:
     """The smallest finite value of ``values`` (NaN when there is none: nothing compares below it)."""
     return min((v for v in values if math.isfinite(v)), default=math.nan)
@@ -81,15 +86,11 @@ def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
         best_final = finite_min(v["final_mean"] for v in baselines.values())
         best_mean = finite_min(v["mean_loss"] for v in baselines.values())
         adam = baselines["Adam"]
-        if best is None:
-            best_cell = "none (no baseline run stayed finite)"
-        else:
-            b = baselines[best]
-            best_cell = f"{best} {fmt(b['final_mean'])} / {fmt(b['mean_loss'])}{nan_note(b.get('nonfinite', 0))} ({fmt(b['lr'])})"
+        best_cell = NO_FINITE_BASELINE if best is None else f"{best} {values(baselines[best])} ({fmt(baselines[best]['lr'])})"
         row = [
             PROBLEM_NAMES.get(key, key),
             best_cell,
-            f"{fmt(adam['final_mean'])} / {fmt(adam['mean_loss'])}{nan_note(adam.get('nonfinite', 0))}",
+            values(adam),
             *(cell(results[label], best_final, best_mean) for label, _ in columns),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -127,8 +128,7 @@ def difference_table(
         results = problem["results"]
         best = best_baseline(results) if against is None else against
         if best is None:
-            name = "none (no baseline run stayed finite)"
-            lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), name, *("-" for _ in columns)]) + " |")
+            lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), NO_FINITE_BASELINE, *("-" for _ in columns)]) + " |")
             continue
         cells = []
         for label, _ in columns:
