@@ -160,6 +160,15 @@ def test_load_mnist_missing(tmp_path: Path) -> None:
         load_mnist(tmp_path / "nowhere")
 
 
+def test_load_mnist_given_a_file_says_so(tmp_path: Path) -> None:
+    """A user who passes the images file itself must not be told that it does not exist."""
+    make_mnist(tmp_path, 3)
+    images = next(tmp_path.glob("t10k-images-idx3-ubyte*"))
+    with pytest.raises(FileNotFoundError, match="is a file: pass the folder that holds it") as info:
+        load_mnist(images)
+    assert "does not exist" not in str(info.value)
+
+
 def test_load_mnist_uses_env_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mnist").mkdir()
     make_mnist(tmp_path / "mnist", 3)

@@ -40,11 +40,15 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
     ``default_data_root() / subdir``; it must be an existing directory.
 
     Raises:
-        FileNotFoundError: the directory is missing (the message names where it looked and
-            the ``LEARNEDOPT_DATA`` environment variable).
+        FileNotFoundError: the directory is missing, or ``path`` is a file (the message names
+            where it looked and the ``LEARNEDOPT_DATA`` environment variable).
     """
     if path is not None:
         directory = Path(path).expanduser()
+        if directory.is_file():
+            raise FileNotFoundError(
+                f"data directory {str(directory)!r} is a file: pass the folder that holds it"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"data directory {str(directory)!r} does not exist")
         return directory / subdir if (directory / subdir).is_dir() else directory
