@@ -90,3 +90,27 @@ def test_reader_refuses_a_label_line_with_extra_fields(tmp_path: Path) -> None:
     message = r"class_labels.txt line 2: expected 'test_item training_image', got 'run01/test/item02"
     with pytest.raises(ValueError, match=message):
         load_runs(tmp_path)
+
+
+def test_reader_skips_hidden_files_as_the_omniglot_reader_does(tmp_path: Path) -> None:
+    """A run folder copied from a Mac holds ``._*.png`` AppleDouble files (not images); like
+    ``load_omniglot``, the reader skips hidden files instead of refusing the run."""
+    truth = make_runs(tmp_path, runs=1)
+    run = tmp_path / "run01"
+    (run / "training" / "._class01.png").write_bytes(b"Mac resource fork, not a PNG")
+    (run / "test" / "._item01.png").write_bytes(b"Mac resource fork, not a PNG")
+    (loaded,) = load_runs(tmp_path, image_size=None)
+    assert loaded.train_images.shape[0] == 4 and loaded.test_images.shape[0] == 4
+    assert torch.equal(loaded.test_labels, truth[0])
+
+
+def test_reader_refuses_a_test_item_labelled_twice(tmp_path: Path) -> None:
+    """A second line for one item would silently overwrite its label."""
+    make_runs(tmp_path, runs=1)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    item = lines[0].split()[0]
+    lines.append(f"{item} run01/training/class04.png")
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 5: item01.png is labelled a second time"):
+        load_runs(tmp_path)

@@ -36,11 +36,14 @@ class OneShotRun:
 
 
 def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list[OneShotRun]:
-    """Read every ``run*`` folder under ``root`` (sorted by name).
+    """Read every ``run*`` folder under ``root`` (sorted by name). Hidden files (names starting
+    with ``.``, such as the ``._*.png`` copies macOS leaves) are skipped, as by
+    :func:`~learnedopt.data.load_omniglot`.
 
     Raises:
         FileNotFoundError: no run folders, or a file named in ``class_labels.txt`` is missing.
-        ValueError: a malformed ``class_labels.txt`` or one that does not label every test item.
+        ValueError: a malformed ``class_labels.txt``, one that labels a test item twice, or one
+            that does not label every test item.
     """
     root = Path(root)
     folders = sorted(p for p in root.glob("run*") if p.is_dir())
@@ -50,8 +53,8 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
 
 
 def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
-    train_files = sorted((folder / "training").glob("*.png"))
-    test_files = sorted((folder / "test").glob("*.png"))
+    train_files = sorted(f for f in (folder / "training").glob("*.png") if not f.name.startswith("."))
+    test_files = sorted(f for f in (folder / "test").glob("*.png") if not f.name.startswith("."))
     if not train_files or not test_files:
         raise FileNotFoundError(f"{folder}: needs training/*.png and test/*.png")
     train_index = {f.name: i for i, f in enumerate(train_files)}
@@ -67,6 +70,8 @@ def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
         item, target = Path(parts[0]).name, Path(parts[1]).name
         if item not in test_index or target not in train_index:
             raise FileNotFoundError(f"{folder}/class_labels.txt line {number}: {item} or {target} not found in the run")
+        if labels[test_index[item]] >= 0:
+            raise ValueError(f"{folder}/class_labels.txt line {number}: {item} is labelled a second time")
         labels[test_index[item]] = train_index[target]
     missing = [test_files[i].name for i, label in enumerate(labels) if label < 0]
     if missing:
