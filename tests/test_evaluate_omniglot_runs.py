@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,18 @@ def test_cli_reports_an_unreadable_image_or_seed_in_one_line(tmp_path: Path, che
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("learnedopt evaluate omniglot-runs: error: ")
     assert re.search(message, err), err
+
+
+def test_cli_without_pillow_says_so_in_one_line(tmp_path: Path, checkpoints: dict, capsys, monkeypatch) -> None:
+    """Reading the runs' PNGs needs Pillow (the ``data`` extra): its absence is one line, as in meta-train."""
+    make_runs(tmp_path / "runs", runs=1)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "learnedopt evaluate omniglot-runs: error: reading Omniglot needs Pillow: pip install learnedopt[data]\n"
 
 
 def test_cli_refuses_an_ensemble_of_image_sizes(tmp_path: Path, checkpoints: dict, capsys) -> None:

@@ -130,7 +130,7 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
         wrong = [run.name for run in runs if run.train_images.shape[0] != 20]
         if wrong:
             raise ValueError(f"runs {wrong} do not have 20 training images")
-    except (OSError, ValueError) as err:  # OSError: a missing or unreadable file
+    except (OSError, ValueError, ImportError) as err:  # OSError: a missing or unreadable file; ImportError: no Pillow
         print(f"learnedopt evaluate omniglot-runs: error: {err}", file=sys.stderr)
         return 2
     errors, mean = score_runs(runs, predict_runs(learners, runs, args.steps, args.support_copies, args.seed,
