@@ -194,6 +194,15 @@ def test_same_group_counts_only_allowed_classes() -> None:
         )
 
 
+def test_same_group_refuses_a_negative_class_id() -> None:
+    """groups[-1] is the last class's group: a class -1 would silently join it."""
+    labels = torch.tensor([-1] * 4 + [0] * 4 + [1] * 4 + [2] * 4)
+    with pytest.raises(ValueError, match="class id -1 is negative"):
+        EpisodeSampler(labels, [-1, 0, 1, 2], n_way=2, k_shot=1, q_query=1,
+                       groups=torch.tensor([0, 0, 1]), same_group=True)  # fmt: skip
+    EpisodeSampler(labels, [-1, 0, 1, 2], n_way=2, k_shot=1, q_query=1)  # without groups it is just a label
+
+
 def test_episode_labels_go_to_the_classes_in_random_order() -> None:
     """Label 0 must not always name the smallest class id: a learner could exploit the order."""
     labels = make_labels([4] * 3)

@@ -159,6 +159,10 @@ class EpisodeSampler:
                 raise ValueError(
                     f"groups has {len(groups)} entries but class id {int(classes.max())} is used"
                 )
+            if int(classes.min()) < 0:  # groups[-1] would silently name the last class's group
+                raise ValueError(
+                    f"groups is indexed by class id, but class id {int(classes.min())} is negative"
+                )
             class_groups = groups[classes]
             pools = [(class_groups == g).nonzero().flatten() for g in torch.unique(class_groups)]
             self._pools = [pool for pool in pools if len(pool) >= n_way]
