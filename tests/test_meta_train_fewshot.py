@@ -377,6 +377,28 @@ def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:
     config("fomaml", zero_head=True).validate()
 
 
+@pytest.mark.parametrize(
+    ("algo", "task", "changes", "message"),
+    [
+        ("reptile", "sinusoid", {"learn_inner_lr": True}, "--learn-inner-lr learns MAML's inner step sizes (Meta-SGD), not --algo reptile's"),
+        ("meta-lstm", "sinusoid", {"learn_inner_lr": True}, "--learn-inner-lr learns MAML's inner step sizes (Meta-SGD), not --algo meta-lstm's"),
+        ("meta-lstm", "sinusoid", {"inner_lr": 0.5}, "--inner-lr sets the inner step size of MAML and Reptile, not --algo meta-lstm's"),
+        ("reptile", "sinusoid", {"clip": 1.0}, "--clip clips a meta-gradient, and --algo reptile has none"),
+        ("maml", "sinusoid", {"augment": True}, "--augment is an Omniglot setting; --task sinusoid does not read it"),
+        ("maml", "sinusoid", {"hidden": 8}, "--hidden is an Omniglot setting"),
+        ("fomaml", "sinusoid", {"same_alphabet": True}, "--same-alphabet is an Omniglot setting"),
+    ],
+)
+def test_the_api_refuses_settings_its_run_would_ignore(algo: str, task: str, changes: dict, message: str) -> None:
+    """The command line refuses these options; a configuration built in Python must too, or the
+    run ignores them while the model file records them (a Reptile file saying learn_inner_lr)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config(algo, task, **changes).validate()
+    config("maml", learn_inner_lr=True).validate()
+    config("meta-lstm", clip=0.5).validate()
+    config("reptile", "omniglot", augment=True, same_alphabet=True).validate()
+
+
 # the documented defaults ("the papers', scaled like the benchmarks"): README (Reptile on Omniglot),
 # benchmarks/fewshot.py's docstring (sinusoid), the settings of its Omniglot results, which train
 # with fewshot_defaults (MAML, meta-lstm), and the --val-tasks and --clip help

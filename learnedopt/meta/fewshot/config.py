@@ -145,6 +145,18 @@ class FewShotConfig:
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.zero_head and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
+        # the command line refuses these first; the API's configuration must too, or the run
+        # ignores them while the model file and card record them
+        if self.learn_inner_lr and self.algo not in ("maml", "fomaml"):
+            raise ConfigError(f"--learn-inner-lr learns MAML's inner step sizes (Meta-SGD), not --algo {self.algo}'s")
+        if self.inner_lr is not None and self.algo == "meta-lstm":
+            raise ConfigError("--inner-lr sets the inner step size of MAML and Reptile, not --algo meta-lstm's (its rule learns the step)")
+        if self.clip is not None and self.algo == "reptile":
+            raise ConfigError("--clip clips a meta-gradient, and --algo reptile has none (its outer step is --meta-lr)")
+        if self.task == "sinusoid":
+            given = [name for name in _OMNIGLOT_ONLY if getattr(self, name) is not None and getattr(self, name) is not False]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} is an Omniglot setting; --task sinusoid does not read it")
         if (self.valid_alphabets is None) != (self.test_alphabets is None):
             raise ConfigError("--valid-alphabets and --test-alphabets choose the split together: give both or neither")
         if self.rule is not None and self.algo != "meta-lstm":
