@@ -271,6 +271,10 @@ def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys
         ('{"format": 1}', "does not describe a learner"),  # the spec's fields are missing
         ("bad-loss", "does not describe a learner"),  # a valid spec but an unknown loss
         ("format-2", r"unsupported model format 2 \(this library reads 1\)"),  # a valid spec of a newer format
+        # an algorithm or inner optimizer this library does not know: refused at loading, not an
+        # AttributeError (or a silent SGD) when the learner first adapts
+        ('{"algo": "anil"}', "does not describe a learner .*unknown few-shot algo 'anil'"),
+        ('{"algo": "reptile", "inner_optimizer": "rmsprop"}', "does not describe a learner .*inner optimizer must be 'sgd' or 'adam'"),
     ],
 )
 def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict, header: str, message: str) -> None:
@@ -286,6 +290,8 @@ def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), "loss": "nope"})
     if header == "format-2":
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), "format": 2})
+    if header.startswith('{"algo"'):
+        header = json.dumps({**json.loads(metadata["learnedopt_model"]), **json.loads(header)})
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata={"learnedopt_model": header})
     with pytest.raises(ValueError, match=f"{path.name}: .*{message}"):

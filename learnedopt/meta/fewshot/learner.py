@@ -21,7 +21,7 @@ from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, num_coordinates, unroll
-from .config import FewShotConfig
+from .config import FEWSHOT_ALGOS, FewShotConfig
 
 Params = dict[str, Tensor]
 
@@ -130,6 +130,10 @@ class FewShotLearner:
     """
 
     def __init__(self, spec: LearnerSpec, seed: int | None = None) -> None:
+        if spec.algo not in FEWSHOT_ALGOS:  # e.g. a model file's header naming another algorithm
+            raise ValueError(f"unknown few-shot algo {spec.algo!r}; this library adapts {', '.join(FEWSHOT_ALGOS)}")
+        if spec.algo == "reptile" and spec.inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"Reptile's inner optimizer must be 'sgd' or 'adam', got {spec.inner_optimizer!r}")
         self.spec = spec
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             if seed is not None:
