@@ -226,6 +226,9 @@ def test_bad_arguments() -> None:
         MAML(tiny_model(), inner_steps=0)
     with pytest.raises(ValueError, match="inner_lr"):
         MAML(tiny_model(), inner_lr=-1.0)
+    for bad in (float("nan"), float("inf")):  # NaN passed the >= 0 check and made every meta-loss NaN
+        with pytest.raises(ValueError, match="inner_lr must be >= 0 and finite"):
+            MAML(tiny_model(), inner_lr=bad)
     with pytest.raises(ValueError, match="vectorize"):
         MAML(tiny_model(), vectorize="yes")
     with pytest.raises(ValueError, match="zero_init: 'head' names no trainable parameter"):

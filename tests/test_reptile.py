@@ -85,6 +85,11 @@ def test_bad_arguments() -> None:
         Reptile(model(), inner_steps=1, outer_stepsize=-0.1)
     with pytest.raises(ValueError, match="outer step sizes must be >= 0"):
         Reptile(model(), inner_steps=1, final_outer_stepsize=-0.5, total_steps=4)
+    for bad in (float("nan"), float("inf")):  # a NaN step passed the check and made the initialisation NaN
+        with pytest.raises(ValueError, match="outer step sizes must be >= 0 and finite"):
+            Reptile(model(), inner_steps=1, outer_stepsize=bad)
+        with pytest.raises(ValueError, match="outer step sizes must be >= 0 and finite"):
+            Reptile(model(), inner_steps=1, final_outer_stepsize=bad, total_steps=4)
     with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
         Reptile(model(), inner_steps=1, total_steps=0)
     reptile = Reptile(model(), inner_steps=1)

@@ -15,6 +15,7 @@ setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -134,8 +135,8 @@ class MAML(nn.Module):
         zero_init: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        if inner_lr < 0:
-            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if not (math.isfinite(inner_lr) and inner_lr >= 0):  # NaN fails every comparison
+            raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr}")
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if vectorize not in (True, False, "auto"):

@@ -4,6 +4,7 @@ the weights that ordinary training reaches on each task."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -50,8 +51,8 @@ class Reptile:
     ) -> None:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-        if outer_stepsize < 0 or final_outer_stepsize < 0:
-            raise ValueError("outer step sizes must be >= 0")
+        if not all(math.isfinite(eps) and eps >= 0 for eps in (outer_stepsize, final_outer_stepsize)):
+            raise ValueError(f"outer step sizes must be >= 0 and finite, got {outer_stepsize} and {final_outer_stepsize}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.model = model
