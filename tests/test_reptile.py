@@ -109,7 +109,7 @@ def test_the_working_copy_follows_later_changes_to_the_model() -> None:
     worker = reptile.adapt(tasks()[0])
     assert torch.equal(worker[0].weight, frozen)
     assert [m.training for m in worker.modules()] == [m.training for m in net.modules()]
-    assert torch.equal(worker[1].running_mean, net[1].running_mean)
+    assert type(worker[1]) is type(net[1])  # the transductive BatchStatNorm that replaced BatchNorm1d
     net.float()  # and a new dtype
     data = [[(x.float(), y) for x, y in batches] for batches in tasks()]
     before = net[3].weight.detach().clone()
@@ -144,3 +144,24 @@ def test_non_finite_trained_weights_raise_and_leave_the_initialisation() -> None
         reptile.meta_step(tasks())
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
     assert reptile.step_count == 0
+
+
+def test_batchnorm_is_transductive_so_eval_mode_uses_the_batch_statistics() -> None:
+    # Each task's copy would update its own running statistics and drop them, leaving the
+    # initialisation's at mean 0 / variance 1: eval() mode then normalised with those
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    reptile = Reptile(net, inner_steps=2, outer_stepsize=0.5)
+    data = [[(5.0 + 3.0 * x, y) for x, y in batches] for batches in tasks()]
+    reptile.meta_step(data)
+    x = data[0][0][0]
+    trained = net(x)
+    net.eval()
+    torch.testing.assert_close(net(x), trained, rtol=0, atol=0)
+    hidden = net[0](x)
+    expected = net[2]((hidden - hidden.mean(0)) / torch.sqrt(hidden.var(0, unbiased=False) + 1e-5) * net[1].weight + net[1].bias)
+    torch.testing.assert_close(trained, expected)
+    with pytest.raises(ValueError, match="batchnorm='error'"):
+        Reptile(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), inner_steps=1, batchnorm="error")
+    with pytest.raises(ValueError, match="batchnorm must be"):
+        Reptile(model(), inner_steps=1, batchnorm="running")

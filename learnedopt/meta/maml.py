@@ -74,6 +74,20 @@ def replace_batchnorm_(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_batchnorm_policy_(model: nn.Module, batchnorm: str) -> nn.Module:
+    """``batchnorm="transductive"``: replace ``model``'s BatchNorm layers in place by
+    :class:`BatchStatNorm`; ``"error"``: refuse a model with BatchNorm layers."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise ValueError("the model is a single BatchNorm layer, which cannot be replaced in place; wrap it in nn.Sequential")
+    if batchnorm == "transductive":
+        return replace_batchnorm_(model)
+    if batchnorm != "error":
+        raise ValueError(f"batchnorm must be 'transductive' or 'error', got {batchnorm!r}")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("the model has BatchNorm layers and batchnorm='error'")
+    return model
+
+
 class MAML(nn.Module):
     """A learned initialisation (the wrapped model's parameters) trained by MAML.
 
@@ -143,16 +157,7 @@ class MAML(nn.Module):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         if checkpoint_steps and vectorize is True:
             raise ValueError("checkpoint_steps=True runs the tasks in a loop; use vectorize=False or 'auto'")
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if isinstance(model, nn.modules.batchnorm._BatchNorm):
-            raise ValueError("the model is a single BatchNorm layer, which cannot be replaced in place; wrap it in nn.Sequential")
-        if batchnorm == "transductive":
-            replace_batchnorm_(model)
-        elif batchnorm == "error":
-            if has_bn:
-                raise ValueError("the model has BatchNorm layers and batchnorm='error'")
-        else:
-            raise ValueError(f"batchnorm must be 'transductive' or 'error', got {batchnorm!r}")
+        apply_batchnorm_policy_(model, batchnorm)
         self.model = model
         self.inner_steps = inner_steps
         self.first_order = first_order

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from learnedopt.meta.maml import apply_batchnorm_policy_
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -25,6 +27,12 @@ class Reptile:
     ``eps_t`` is annealed linearly from ``outer_stepsize`` at step 0 to ``final_outer_stepsize`` at
     ``total_steps``.
 
+    BatchNorm: as in Nichol et al.'s code, statistics are *transductive*: BatchNorm layers are
+    replaced in place by :class:`~learnedopt.meta.maml.BatchStatNorm` (the same affine parameters),
+    which normalises every batch with its own statistics, in training and in ``eval()`` mode
+    alike, and keeps no running statistics (which Reptile would not learn: each task's copy
+    would update its own and drop them). ``batchnorm="error"`` refuses models with BatchNorm.
+
     The inner optimizer is stepped with a closure, so optimizers that read the loss
     (``MetaLSTMOptimizer``) work. To run a learned optimizer inside, pass its rule once so it is not
     rebuilt per task, e.g. ``lambda p: LSTMOptimizer(p, weights=rule)``.
@@ -36,6 +44,7 @@ class Reptile:
         outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
             ``total_steps=None`` it stays at ``outer_stepsize``.
         loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+        batchnorm: ``"transductive"`` (default) or ``"error"``, as above.
     """
 
     def __init__(
@@ -48,6 +57,7 @@ class Reptile:
         final_outer_stepsize: float = 0.0,
         total_steps: int | None = None,
         loss_fn: LossFn | None = None,
+        batchnorm: str = "transductive",
     ) -> None:
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -55,7 +65,7 @@ class Reptile:
             raise ValueError(f"outer step sizes must be >= 0 and finite, got {outer_stepsize} and {final_outer_stepsize}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        self.model = model
+        self.model = apply_batchnorm_policy_(model, batchnorm)
         self.inner_steps = inner_steps
         self.inner_optimizer = inner_optimizer or (lambda params: torch.optim.SGD(params, lr=0.02))
         self.outer_stepsize = outer_stepsize
