@@ -409,3 +409,55 @@ def test_a_sharded_parameter_refuses_a_saved_state_of_another_shape() -> None:
             sharding.to_local(torch.randn(2, 5, 6, 4), param, spec, "h")
     finally:
         dist.destroy_process_group()
+
+
+def _readme_checkpoint_round_trip(build, make_optimizer, folder: Path) -> tuple:
+    """The README's ``torch.distributed.checkpoint`` recipe in one process (no process group):
+    2 steps, save, load into a fresh model and optimizer; returns both (model, optimizer) pairs
+    after one more step of each on the same data."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        optimizer.zero_grad()
+        loss = model(torch.randn(5, 3, generator=g)).square().mean()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+
+    model = build()
+    optimizer = make_optimizer(model)
+    for seed in range(2):
+        train(model, optimizer, seed)
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+    restored_model = build()
+    with torch.no_grad():
+        for p, q in zip(restored_model.parameters(), model.parameters(), strict=True):
+            p.copy_(q)
+    restored = make_optimizer(restored_model)
+    restored.init_state()
+    state = {"optim": get_optimizer_state_dict(restored_model, restored)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(restored_model, restored, state["optim"])
+    for m, o in ((model, optimizer), (restored_model, restored)):
+        train(m, o, 2)
+    return (model, optimizer), (restored_model, restored)
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_the_readme_checkpoint_recipe_works_with_a_frozen_parameter(tmp_path: Path, optimizer: str) -> None:
+    """A frozen layer gets no gradient, so no step gives it a state and the checkpoint holds
+    none; ``init_state()`` gave it one, and ``dcp.load`` then failed with "Missing key in
+    checkpoint state_dict". Now it is skipped, and the loaded optimizer continues exactly."""
+    import learnedopt
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        model[0].requires_grad_(False)
+        return model
+
+    cls = getattr(learnedopt, optimizer)
+    (model, _), (restored_model, restored) = _readme_checkpoint_round_trip(build, lambda m: cls(m.parameters()), tmp_path)
+    assert [p in restored.state for p in restored_model.parameters()] == [False, False, True, True]
+    assert all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))

@@ -151,18 +151,21 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_fused_failed", False)
 
     def init_state(self) -> None:
-        """Create every parameter's initial state now (as its first step would), without
-        changing any parameter or stepping any state.
+        """Create the initial state of every parameter that requires grad now (as its first
+        step would), without changing any parameter or stepping any state.
 
         ``torch.distributed.checkpoint`` loads into the tensors of an existing state dict, and
         its state-dict helpers otherwise initialise an optimizer by a zero-gradient step at
         ``lr=0``, which would advance a learned optimizer's recurrent states (and
         ``MetaLSTMOptimizer``'s step needs a loss): call this on a fresh optimizer before loading
-        a distributed checkpoint into it.
+        a distributed checkpoint into it. A frozen parameter (``requires_grad=False``) gets no
+        gradient, so no step gave it a state and no checkpoint holds one: it gets none here
+        either (as with torch's own initialisation), else the loader would look for it.
         """
         for group in self.param_groups:
             for p in group["params"]:
-                self._state_of(p, group["state_dtype"])
+                if p.requires_grad:
+                    self._state_of(p, group["state_dtype"])
         self._flat_states.clear()
 
     def state_dict(self) -> dict[str, Any]:
