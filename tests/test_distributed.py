@@ -461,3 +461,38 @@ def test_the_readme_checkpoint_recipe_works_with_a_frozen_parameter(tmp_path: Pa
     (model, _), (restored_model, restored) = _readme_checkpoint_round_trip(build, lambda m: cls(m.parameters()), tmp_path)
     assert [p in restored.state for p in restored_model.parameters()] == [False, False, True, True]
     assert all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))
+
+
+def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_path: Path) -> None:
+    """``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``, so the rule's
+    fingerprint at the top of ``state_dict()`` was dropped and the README's recipe loaded the
+    states of one rule's weights into an optimizer running another's. The param groups' copy
+    of the fingerprint keeps the check; the same weights still load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from learnedopt import LSTMOptimizer
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2)
+
+    model = build()
+    optimizer = LSTMOptimizer(model.parameters(), weights="l2l-short")
+    model(torch.ones(4, 3)).square().mean().backward()
+    optimizer.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(tmp_path))
+    for weights in ("l2l-random", "l2l-short"):  # the same architecture, other weights; the same
+        fresh_model = build()
+        fresh = LSTMOptimizer(fresh_model.parameters(), weights=weights)
+        fresh.init_state()
+        state = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        if weights == "l2l-random":
+            with pytest.raises(ValueError, match="saved by an optimizer with other weights"):
+                set_optimizer_state_dict(fresh_model, fresh, state["optim"])
+        else:
+            set_optimizer_state_dict(fresh_model, fresh, state["optim"])
+            assert "learned_rule" not in fresh.param_groups[0]  # not kept as a group option
+            assert all(torch.equal(fresh.state[p]["h"], optimizer.state[q]["h"])
+                       for p, q in zip(fresh_model.parameters(), model.parameters(), strict=True))  # fmt: skip

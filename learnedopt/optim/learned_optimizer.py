@@ -8,6 +8,7 @@ fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
 from __future__ import annotations
 
 import copy
+import json
 import numbers
 import os
 import warnings
@@ -170,7 +171,10 @@ class LearnedOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"learned_rule"``: the kind, architecture and weight
-        hash of the update rule, checked by :meth:`load_state_dict`.
+        hash of the update rule, checked by :meth:`load_state_dict`. Each param group holds it
+        too, as a JSON string (``"learned_rule"``), because
+        ``torch.distributed.checkpoint.state_dict``'s helpers keep only ``state`` and
+        ``param_groups``: so a distributed checkpoint is checked as well.
 
         A per-coordinate state has the parameter's shape inside the rule's: ``(*lead,
         *param.shape, *trail)`` (a view of ``optimizer.state[p]``'s ``(*lead, param.numel(),
@@ -198,9 +202,11 @@ class LearnedOptimizer(Optimizer):
             state_dict["state"][index] = {
                 name: shaped(value, spec[name]) if name in spec else value for name, value in saved.items()
             }
+        rule = fingerprint(self.rule)
         for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
             group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
-        state_dict["learned_rule"] = fingerprint(self.rule)
+            group["learned_rule"] = json.dumps(rule, sort_keys=True)
+        state_dict["learned_rule"] = rule
         for post_hook in post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -221,8 +227,8 @@ class LearnedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_rule = state_dict.get("learned_rule")
-        if saved_rule is not None and saved_rule != fingerprint(self.rule):
+        saved_rule = _saved_rule(state_dict)
+        if saved_rule is not None and saved_rule != _as_json(fingerprint(self.rule)):
             raise ValueError(
                 f"this state was saved by an optimizer with other weights ({saved_rule['kind']}, "
                 f"sha256 {saved_rule['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
@@ -241,6 +247,7 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
+            saved_group.pop("learned_rule", None)  # checked above; not a group option
             for key, value in self.defaults.items():  # a key this version added since the save
                 saved_group.setdefault(key, value)
             _validate_options(saved_group)
@@ -582,6 +589,24 @@ def _fused_rule(rule: UpdateRule) -> bool:
 
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _saved_rule(state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The fingerprint of the rule a state dict was saved under: its own ``"learned_rule"``, or
+    (where ``torch.distributed.checkpoint``'s helpers dropped that) the first param group's JSON
+    copy; None in a state dict of an earlier version, which had neither."""
+    saved = state_dict.get("learned_rule")
+    if saved is None:
+        groups = state_dict.get("param_groups") or [{}]
+        text = groups[0].get("learned_rule") if isinstance(groups[0], dict) else None
+        saved = json.loads(text) if isinstance(text, str) else None
+    return None if saved is None else _as_json(saved)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as read back from JSON (tuples become lists), so that a fingerprint read from
+    the JSON copy compares equal to the rule's own."""
+    return json.loads(json.dumps(value, sort_keys=True))
 
 
 def _loaded_step(step: Any, index: int) -> Tensor:
