@@ -496,3 +496,27 @@ def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_pa
             assert "learned_rule" not in fresh.param_groups[0]  # not kept as a group option
             assert all(torch.equal(fresh.state[p]["h"], optimizer.state[q]["h"])
                        for p, q in zip(fresh_model.parameters(), model.parameters(), strict=True))  # fmt: skip
+
+
+def test_meta_lstm_optimizer_takes_a_dtensor_loss_as_its_value() -> None:
+    """Under tensor parallelism the loss is a ``DTensor`` (replicated: the same on every rank);
+    ``step(loss=...)`` failed inside the update with "got mixed torch.Tensor and DTensor". It
+    now steps as with the plain loss (here on a one-process mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from learnedopt import MetaLSTMOptimizer
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 6)) for _ in range(2)]
+        optimizers = [MetaLSTMOptimizer([p]) for p in params]
+        losses = [torch.tensor(0.75), distribute_tensor(torch.tensor(0.75), mesh, [Replicate()])]
+        for p, optimizer, loss in zip(params, optimizers, losses, strict=True):
+            p.grad = torch.linspace(0.5, -0.5, 6)
+            optimizer.step(loss=loss)
+        assert torch.equal(params[1], params[0]) and not torch.equal(params[0], torch.linspace(-1, 1, 6))
+    finally:
+        dist.destroy_process_group()

@@ -307,7 +307,8 @@ class LearnedOptimizer(Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
-            loss: the current loss, for rules that read it, when no closure is given.
+            loss: the current loss, for rules that read it, when no closure is given: a
+                number or a one-element tensor (a ``DTensor`` is read as its full value).
 
         Returns:
             The closure's loss, or None.
@@ -344,6 +345,8 @@ class LearnedOptimizer(Optimizer):
                 "returns it, or step(loss=loss)"
             )
         loss = torch.as_tensor(loss).detach()
+        if sharding.is_sharded(loss):  # a DTensor loss (tensor parallelism): the same value on every rank
+            loss = loss.full_tensor()
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
         return loss.reshape(())
