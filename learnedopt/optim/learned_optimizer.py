@@ -7,6 +7,7 @@ fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import numbers
@@ -332,8 +333,11 @@ class LearnedOptimizer(Optimizer):
         for group, partitions in zip(self.param_groups, plans, strict=True):
             for device, compute_dtype in partitions:
                 self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"])
-        for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-            self._update_group(index, group, partitions, rule_loss)
+        # the user's autocast region (often the whole training step) must not run the rule's matrix
+        # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
+        with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
+            for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+                self._update_group(index, group, partitions, rule_loss)
         return closure_loss
 
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
@@ -555,6 +559,15 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
         for i, flag in zip(indices, flags, strict=True):
             finite[i] = flag
     return finite
+
+
+def _without_autocast(device_types: set[str]) -> contextlib.ExitStack:
+    """A context with autocast off for each of ``device_types`` (those autocast exists for)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted(device_types):
+        if torch.amp.is_autocast_available(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
