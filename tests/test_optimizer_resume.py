@@ -287,3 +287,22 @@ def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value
     after = _snapshot(opt)
     for n, v in before["state"][0].items():
         assert torch.equal(after["state"][0][n], v), n
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_reading_the_state_of_a_parameter_without_one_keeps_it_stateless_and_loadable(foreach) -> None:
+    """``optimizer.state`` is a defaultdict, as in torch.optim: reading a frozen parameter's entry
+    (as code that moves states between devices does) leaves ``{}`` there. The state dict holding it
+    loads (it was rejected: "has {}, expected ..."), and the batched path gives that parameter no
+    LSTM states (it allocated them, as if it had stepped)."""
+    trained, frozen = make_params([(3, 2), (4,)], dtype=torch.float32)
+    opt = LSTMOptimizer([trained, frozen], foreach=foreach)
+    set_grads([trained], seed=0)
+    opt.step()
+    assert opt.state[frozen] == {}
+    set_grads([trained], seed=1)
+    opt.step()
+    assert opt.state[frozen] == {}
+    fresh = LSTMOptimizer([trained, frozen], foreach=foreach)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[frozen] == {} and torch.equal(fresh.state[trained]["h"], opt.state[trained]["h"])

@@ -268,6 +268,8 @@ class LearnedOptimizer(Optimizer):
         param = index_to_param.get(index)
         if param is None:
             raise ValueError(f"loaded state dict has a state for parameter index {index}, which no parameter group lists")
+        if not saved:  # an entry that reading optimizer.state[p] (a defaultdict) made: no state yet
+            return param, {}
         spec = self.rule.state_spec()
         saved = {**saved, "step": _loaded_step(saved.get("step"), index)} if "step" in saved else saved
         not_tensors = sorted(name for name in spec if name in saved and not isinstance(saved[name], Tensor))
@@ -508,7 +510,7 @@ class LearnedOptimizer(Optimizer):
         members = [
             p
             for p in group["params"]
-            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or p in self.state)
+            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or self.state.get(p))
         ]
         for p in members:
             self.state[p].setdefault("step", torch.tensor(0.0))
