@@ -375,3 +375,25 @@ def test_a_step_inside_an_autocast_region_runs_the_rule_in_float32(kind, foreach
     for p, q in zip(p0, p1):
         assert torch.equal(p, q)
         assert torch.equal(opt0.state[p]["h"], opt1.state[q]["h"])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_schedule_decaying_to_zero_that_rounds_below_it_steps_at_lr_zero(kind, foreach) -> None:
+    """``LinearLR(end_factor=0)`` ends at -3.3e-18 here (rounding), where torch.optim steps on;
+    the learned optimizers raised "Invalid lr" at the last steps of training."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, lr=0.3, foreach=foreach)
+    decay = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.15, end_factor=0.0, total_iters=3)
+    for t in range(3):
+        set_grads(params, seed=t)
+        step(opt)
+        decay.step()
+    assert -1e-16 < opt.param_groups[0]["lr"] < 0
+    before, h = params[0].detach().clone(), opt.state[params[0]]["h"].clone()
+    set_grads(params, seed=3)
+    step(opt)
+    assert torch.equal(params[0], before) and not torch.equal(opt.state[params[0]]["h"], h)
+    opt.param_groups[0]["lr"] = -1e-3  # a negative lr that no rounding explains is still an error
+    with pytest.raises(ValueError, match="Invalid lr"):
+        step(opt)

@@ -411,7 +411,7 @@ class LearnedOptimizer(Optimizer):
         state_dtype = group["state_dtype"]
         for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
-            lr = float(group["lr"])
+            lr = max(float(group["lr"]), 0.0)  # an LR scheduler's rounding error below 0 steps as 0
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
             loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
             common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
@@ -636,6 +636,18 @@ def _loaded_step(step: Any, index: int) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
+#: relative to a group's ``initial_lr``: a schedule decaying to 0 that lands below it by less is taken as 0
+SCHEDULER_ROUNDING = 16 * torch.finfo(torch.float64).eps
+
+
+def _scheduler_rounding(lr: float, options: dict[str, Any]) -> bool:
+    """Whether a negative ``lr`` is an LR scheduler's rounding error around 0 (``LinearLR`` with
+    ``end_factor=0`` ends at about -1e-17 for many settings; torch.optim steps with it): within
+    :data:`SCHEDULER_ROUNDING` of the ``initial_lr`` that schedulers record in each group."""
+    initial = options.get("initial_lr")
+    return initial is not None and -lr <= SCHEDULER_ROUNDING * abs(float(initial))
+
+
 def _fused_block() -> int:
     # the interpreter pays per program instance, a GPU per register: see the kernel's docstring
     return 1024 if _triton_interpreted() else 64
@@ -650,7 +662,7 @@ def _validate_options(options: dict[str, Any]) -> None:
     # any real number (numpy's too: a scheduler's lambda may return one), as torch.optim takes
     if not isinstance(lr, (numbers.Real, Tensor)) or isinstance(lr, bool) or (isinstance(lr, Tensor) and lr.numel() != 1):
         raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)
-    if not float(lr) >= 0.0:
+    if not (float(lr) >= 0.0 or _scheduler_rounding(float(lr), options)):
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
     if options["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {options['state_dtype']} (choose from {STATE_DTYPES})")
