@@ -185,6 +185,24 @@ def test_a_resized_parameter_is_rejected_not_given_broadcast_states(foreach, old
     assert opt.state[p]["h"].shape == (2, 5, 20)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_grown_parameter_last_in_its_flat_buffer_is_rejected(kind) -> None:
+    """The buffer's slice for the last member is cut short at the buffer's end, so a grown last
+    member looked current: a RuntimeError from inside the rule, after the states of the chunks
+    before it had advanced."""
+    p, q = make_params([(70,), (3,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([p, q])
+    opt.chunk = 64
+    set_grads([p, q], seed=0)
+    step(opt)
+    q.data = torch.randn(5)
+    set_grads([p, q], seed=1)
+    h = opt.state[p]["h"].clone()
+    with pytest.raises(ValueError, match=r"has shape \(\d, 3, 20\), but its 5 element\(s\)"):
+        step(opt)
+    assert torch.equal(opt.state[p]["h"], h)
+
+
 def test_moving_parameters_to_another_dtype_drops_the_old_flat_buffers() -> None:
     """After ``model.double()`` (or a move to another device) the group's states live in a new
     flat buffer; the old one must not stay referenced (a second copy of every state)."""

@@ -74,7 +74,9 @@ class FlatState:
                     isinstance(view, Tensor)
                     and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
                     and view.storage_offset() == offset * buf.stride(1)
-                    and view.shape == buf[:, offset : offset + local(p).numel()].shape
+                    # not the slice's shape: a slice past the buffer's end is cut short, so a last
+                    # member grown since (p.data = bigger) would pass with its old states
+                    and view.shape == (buf.shape[0], local(p).numel(), *buf.shape[2:])
                 ):
                     return False
         return True
