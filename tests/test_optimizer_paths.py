@@ -203,6 +203,22 @@ def test_a_grown_parameter_last_in_its_flat_buffer_is_rejected(kind) -> None:
     assert torch.equal(opt.state[p]["h"], h)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_resized_parameter_fails_the_step_before_any_group_is_updated(foreach) -> None:
+    """The first group stepped before the second's resized parameter raised; stepping again after
+    ``del optimizer.state[param]`` (what the message advises) applied its gradient twice."""
+    p, q = make_params([(4,), (3,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [p]}, {"params": [q]}], foreach=foreach)
+    set_grads([p, q], seed=0)
+    opt.step()
+    q.data = torch.randn(5)
+    set_grads([p, q], seed=1)
+    before, h = p.detach().clone(), opt.state[p]["h"].clone()
+    with pytest.raises(ValueError, match="changed size since its state was created"):
+        opt.step()
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["h"], h) and opt.state[p]["step"] == 1
+
+
 def test_moving_parameters_to_another_dtype_drops_the_old_flat_buffers() -> None:
     """After ``model.double()`` (or a move to another device) the group's states live in a new
     flat buffer; the old one must not stay referenced (a second copy of every state)."""

@@ -331,10 +331,13 @@ class LearnedOptimizer(Optimizer):
                 )
             return closure_loss  # nan_policy='skip' everywhere: every tensor reads the loss, so all are skipped
         plans = [_partitions(*self._plan(index, group)) for index, group in enumerate(self.param_groups)]
-        # a backend='triton' group that cannot run raises here, before any group is updated
+        # a backend='triton' group that cannot run, or a parameter resized since its state was
+        # made, raises here, before any group is updated
         for group, partitions in zip(self.param_groups, plans, strict=True):
-            for device, compute_dtype in partitions:
+            for (device, compute_dtype), (ps, _) in partitions.items():
                 self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"])
+                for p in ps:
+                    check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
         # the user's autocast region (often the whole training step) must not run the rule's matrix
         # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
         with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
