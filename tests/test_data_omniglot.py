@@ -211,6 +211,19 @@ def test_default_sources_from_env(
     assert load_omniglot().classes == EXPECTED_CLASSES
 
 
+def test_a_folder_holding_the_official_zips_stands_for_them(zips: tuple[Path, Path], tmp_path: Path) -> None:
+    # as meta-train --data takes it: the zips' folder, or a data root holding omniglot/
+    expected = load_omniglot(list(zips), image_size=None)
+    for folder in (zips[0].parent, zips[0].parent.parent):
+        if folder == zips[0].parent.parent:
+            (tmp_path / "omniglot").symlink_to(zips[0].parent)
+            folder = tmp_path
+        got = load_omniglot(folder, image_size=None)
+        assert got.classes == expected.classes and torch.equal(got.images, expected.images)
+    layout_root = make_folder(tmp_path / "layout" / "omniglot", layout(SPLIT1, variant=1))
+    assert load_omniglot(layout_root.parent, image_size=None).classes == load_omniglot(layout_root, image_size=None).classes
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.zip"):
         load_omniglot([tmp_path / "missing.zip"])

@@ -541,5 +541,5 @@ def test_the_default_omniglot_data_is_loaded_with_rotations(omniglot_dir: Path, 
 
     monkeypatch.setattr(learnedopt.data, "load_omniglot", default_data)
     train_source, _, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4))  # no data folder given
-    assert calls == [((), {"image_size": 28, "rotations": True})]
+    assert calls == [((None,), {"image_size": 28, "rotations": True})]  # None: the default search
     assert "with rotations" in train_source.describe()

@@ -135,6 +135,17 @@ def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> tor
     return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow(), str(path))).unsqueeze(0)
 
 
+def _official_zips_in(source: Path) -> list[Path]:
+    """``source``, or the official zips it holds (itself or in its ``omniglot/``) if a folder."""
+    if not source.is_dir():
+        return [source]
+    for folder in (source, source / "omniglot"):
+        zips = [folder / name for name in DEFAULT_ZIPS if (folder / name).is_file()]
+        if zips:
+            return zips
+    return [source / "omniglot"] if (source / "omniglot").is_dir() else [source]
+
+
 def load_omniglot(
     sources: _PathLike | Sequence[_PathLike] | None = None,
     image_size: int | None = 28,
@@ -144,8 +155,10 @@ def load_omniglot(
 
     Args:
         sources: zips (``images_background_smallN/<Alphabet>/characterNN/*.png`` inside) or
-            folders (``<Alphabet>/characterNN/*.png``). Default: ``images_background_small1.zip``
-            and ``images_background_small2.zip`` in ``resolve_data_dir(None, "omniglot")``.
+            folders (``<Alphabet>/characterNN/*.png``). A folder holding the official zips
+            (``images_background_small1.zip``, ``images_background_small2.zip``) stands for
+            them, and one holding ``omniglot/`` (a data root) for that. Default: those zips in
+            ``resolve_data_dir(None, "omniglot")``.
             A character found in several sources is taken from the first one only.
         image_size: resize the 105x105 images to ``image_size`` x ``image_size`` with
             Pillow's LANCZOS filter on 8-bit grayscale (values then lie in [0, 1] in steps of
@@ -164,6 +177,7 @@ def load_omniglot(
         sources = [sources]
     if not sources:
         raise ValueError("no Omniglot sources given")
+    sources = [path for source in sources for path in _official_zips_in(Path(source))]
 
     with ExitStack() as stack:
         chosen: dict[_Character, tuple[Callable[[str], bytes], list[str], Path]] = {}

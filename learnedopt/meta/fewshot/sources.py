@@ -4,7 +4,6 @@ classes split by whole alphabets."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,17 +98,9 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
         return (SinusoidSource(train_shots, config.queries),
                 SinusoidSource(config.shots, SINUSOID_VALID_QUERIES), {})  # fmt: skip
     from ...data import load_omniglot
-    from ...data.omniglot import DEFAULT_ZIPS
 
     try:
-        if config.data is None:
-            data = load_omniglot(image_size=config.image_size, rotations=True)
-        else:
-            root = Path(config.data)
-            if not any((root / name).is_file() for name in DEFAULT_ZIPS) and (root / "omniglot").is_dir():
-                root = root / "omniglot"  # a data root holding omniglot/, as --data takes one for MNIST
-            sources = [root / name for name in DEFAULT_ZIPS if (root / name).is_file()] or [root]
-            data = load_omniglot(sources, image_size=config.image_size, rotations=True)
+        data = load_omniglot(config.data, image_size=config.image_size, rotations=True)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
     try:
