@@ -52,6 +52,15 @@ def test_shifts_stay_within_their_range_and_use_it() -> None:
     torch.testing.assert_close(out.sum((-1, -2, -3)), images.sum((-1, -2, -3)), rtol=0, atol=1e-9)  # nothing cut off
 
 
+def test_pixels_moved_in_from_outside_are_background() -> None:
+    # an image inked to its edges: a shift brings background (0), not copies of the edge, into view
+    images = torch.ones(20, 1, 28, 28, dtype=torch.float64)
+    out = random_affine(images, torch.Generator().manual_seed(0), AffineRanges(0.0, 0.0, 0.0, 3.0 / 28.0))
+    lost = images.sum((-1, -2, -3)) - out.sum((-1, -2, -3))
+    assert bool((lost > 0).all()) and lost.max() > 28 * 2.5  # up to 3 columns and 3 rows of ink shifted out
+    assert out.min() == 0.0
+
+
 def test_rotations_stay_within_their_range_and_keep_the_ink() -> None:
     images = torch.zeros(200, 1, 28, 28, dtype=torch.float64)
     images[..., 13:15, 6:22] = 1.0  # a horizontal bar through the centre

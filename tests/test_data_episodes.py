@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learnedopt.data import Episode, EpisodeSampler, class_splits
+from learnedopt.data import Episode, EpisodeSampler, class_splits, stack_episodes
 
 FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.2, "meta_test": 0.2}
 
@@ -109,6 +109,28 @@ def test_zero_query_and_full_class() -> None:
     episode = EpisodeSampler(labels, [0, 1, 2], n_way=3, k_shot=3, q_query=0).sample()
     check_episode(episode, labels, torch.arange(3), 3, 3, 0)
     assert sorted(episode.support_idx.tolist()) == list(range(9))
+
+
+def test_examples_are_drawn_from_the_whole_class() -> None:
+    # k_shot + q_query = 2 of 10 examples per class: over many episodes every example is used,
+    # in support and in query, not only the first ones in dataset order
+    labels = make_labels([10] * 5)
+    sampler = EpisodeSampler(labels, range(5), n_way=5, k_shot=1, q_query=1, seed=0)
+    episodes = [sampler.sample() for _ in range(100)]
+    assert set(torch.cat([e.support_idx for e in episodes]).tolist()) == set(range(50))
+    assert set(torch.cat([e.query_idx for e in episodes]).tolist()) == set(range(50))
+
+
+def test_stack_episodes_gathers_each_episodes_support_and_query() -> None:
+    labels = make_labels([6] * 4)
+    images = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1).expand(-1, 2, 3)  # image i is all i
+    sampler = EpisodeSampler(labels, range(4), n_way=3, k_shot=2, q_query=2, seed=0)
+    episodes = [sampler.sample() for _ in range(3)]
+    x_s, y_s, x_q, y_q = stack_episodes(images, episodes)
+    assert x_s.shape == x_q.shape == (3, 6, 2, 3) and y_s.shape == y_q.shape == (3, 6)
+    for b, e in enumerate(episodes):
+        assert torch.equal(x_s[b, :, 0, 0], e.support_idx.float()) and torch.equal(y_s[b], e.support_y)
+        assert torch.equal(x_q[b, :, 0, 0], e.query_idx.float()) and torch.equal(y_q[b], e.query_y)
 
 
 def test_determinism_and_seeds() -> None:

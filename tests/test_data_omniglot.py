@@ -144,6 +144,24 @@ def test_folder_source_matches_zip(zips: tuple[Path, Path], tmp_path: Path) -> N
     assert torch.equal(from_folder.images, from_zip.images)
 
 
+def test_classes_are_sorted_whatever_the_order_of_the_sources(zips: tuple[Path, Path]) -> None:
+    # the second source's Greek and Zeta come first here, yet Alpha (first source) sorts first
+    data = load_omniglot([zips[1], zips[0]], image_size=None)
+    assert data.classes == EXPECTED_CLASSES
+    assert data.alphabet_of_class.tolist() == [0, 1, 1, 1, 2, 2, 2]
+
+
+def test_folder_skips_appledouble_files(tmp_path: Path) -> None:
+    """As in a zip, ``._<name>`` metadata files beside a folder's images are skipped."""
+    files = layout(SPLIT1, variant=1)
+    appledouble = b"\x00\x05\x16\x07" + bytes(28)
+    junk = {str(Path(name).with_name(f"._{Path(name).name}")): appledouble for name in files}
+    data = load_omniglot(make_folder(tmp_path / "junk", files | junk), image_size=None)
+    clean = load_omniglot(make_folder(tmp_path / "clean", files), image_size=None)
+    assert data.classes == clean.classes == EXPECTED_CLASSES[:3]
+    assert torch.equal(data.labels, clean.labels) and torch.equal(data.images, clean.images)
+
+
 def test_resize(zips: tuple[Path, Path]) -> None:
     full = load_omniglot(list(zips), image_size=None)
     small = load_omniglot(list(zips), image_size=28)

@@ -63,6 +63,16 @@ def test_scorer_known_answers(tmp_path) -> None:
         score_runs(runs, [torch.zeros(3, dtype=torch.int64)] * 2)
 
 
+def test_scorer_means_the_runs_not_the_items(tmp_path) -> None:
+    """The benchmark's mean is over runs: a run of 2 items weighs as much as one of 4."""
+    make_runs(tmp_path / "a", runs=1, classes=2)
+    make_runs(tmp_path / "b", runs=1, classes=4)
+    runs = load_runs(tmp_path / "a", image_size=28) + load_runs(tmp_path / "b", image_size=28)
+    all_wrong = (runs[0].test_labels + 1) % 2
+    errors, mean = score_runs(runs, [all_wrong, runs[1].test_labels])
+    assert errors == [100.0, 0.0] and mean == 50.0  # pooled over the 6 items it would be 33.3
+
+
 def test_reader_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no run"):
         load_runs(tmp_path)
