@@ -104,6 +104,16 @@ def test_errors_match_score_runs_of_the_models_predictions(tmp_path: Path, check
     assert "--support-copies must be >= 0, got -1" in capsys.readouterr().err
 
 
+def test_predict_runs_picks_the_most_probable_class_of_each_test_item(tmp_path: Path, checkpoints: dict) -> None:
+    learner, _ = load_learner(checkpoints["maml20"])
+    make_runs(tmp_path / "runs", runs=2)
+    runs = load_runs(tmp_path / "runs", image_size=28)
+    predictions = predict_runs(learner, runs)
+    for run, predicted in zip(runs, predictions, strict=True):
+        probabilities = classify_task(learner, run.train_images, torch.arange(20), run.test_images)
+        assert torch.equal(predicted, probabilities.argmax(1))  # per test item (row), over the 20 classes
+
+
 def test_predict_runs_adapts_on_the_augmented_support_set(tmp_path: Path, checkpoints: dict, monkeypatch) -> None:
     from learnedopt.data import augment_support
 

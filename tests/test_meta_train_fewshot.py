@@ -29,7 +29,9 @@ from learnedopt.meta.fewshot import (
     load_learner,
     make_sources,
     omniglot_class_splits,
+    output_layer_name,
     parse_alphabets,
+    save_learner,
 )
 from learnedopt.meta.fewshot.training import _TRAIN_STREAM
 from learnedopt.meta.loop import ConfigError
@@ -336,6 +338,7 @@ def test_inner_minibatches_use_every_example_once_before_repeating() -> None:
     again = inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(0))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     assert not torch.equal(torch.cat([yb for _, yb in inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(1))]), picks)
+    assert not torch.equal(picks[:5], picks[5:10])  # each pass over the set has a new order
     whole = inner_minibatches(x, y, None, 3, torch.Generator())
     assert len(whole) == 3 and all(xb is x and yb is y for xb, yb in whole)
     assert all(xb is x for xb, _ in inner_minibatches(x, y, 7, 2, torch.Generator()))
@@ -543,3 +546,78 @@ def test_the_default_omniglot_data_is_loaded_with_rotations(omniglot_dir: Path, 
     train_source, _, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4))  # no data folder given
     assert calls == [((None,), {"image_size": 28, "rotations": True})]  # None: the default search
     assert "with rotations" in train_source.describe()
+
+
+def test_adaptation_takes_test_inner_steps_unless_told() -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config("maml", inner_steps=1, test_inner_steps=3)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(1, 10, 1, generator=g) for _ in range(4))
+    default, three, one = learner.adapt(x_s[0], y_s[0]), learner.adapt(x_s[0], y_s[0], 3), learner.adapt(x_s[0], y_s[0], 1)
+    assert all(torch.equal(default[k], three[k]) for k in default) and not all(torch.equal(default[k], one[k]) for k in default)
+    for steps, params in ((1, one), (None, three)):  # evaluate adapts with the steps it is given
+        with torch.no_grad():
+            expected = float(learner.loss_fn(learner.predict(params, x_q[0]), y_q[0]))
+        assert learner.evaluate(x_s, y_s, x_q, y_q, steps=steps)["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("changes", [
+    {"algo": "maml", "zero_head": True, "learn_inner_lr": True, "inner_steps": 2, "test_inner_steps": 4, "inner_lr": 0.05},
+    {"algo": "reptile", "inner_steps": 2, "test_inner_steps": 3},
+    {"algo": "meta-lstm", "inner_steps": 2, "test_inner_steps": 3},
+])  # fmt: skip
+def test_the_model_file_keeps_the_whole_spec_and_the_adaptation(tmp_path: Path, changes: dict) -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config(**changes)), seed=0)
+    save_learner(learner, tmp_path / MODEL_NAME)
+    loaded, _ = load_learner(tmp_path / MODEL_NAME)
+    assert loaded.spec == learner.spec
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 1, generator=g), torch.randn(10, 1, generator=g)
+    want, got = learner.adapt(x, y), loaded.adapt(x, y)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_zero_head_zeroes_the_output_layer_of_the_mlp() -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config("maml", zero_head=True)), seed=0)
+    assert output_layer_name(learner.model) == "4"  # Linear 0, ReLU 1, Linear 2, ReLU 3, Linear 4
+    params = learner.adapt(torch.randn(5, 1), torch.randn(5, 1), steps=0)
+    assert torch.equal(learner.predict(params, torch.randn(7, 1)), torch.zeros(7, 1))
+
+
+def test_maml_keeps_the_second_order_terms_that_fomaml_drops() -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randn(2, 10, 1, generator=g) for _ in range(4)]
+
+    def meta_gradient(algo: str) -> torch.Tensor:
+        learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=2)), seed=0)
+        learner.meta_loss(*batch).backward()
+        return torch.cat([p.grad.flatten() for p in learner.meta_parameters()])
+
+    second, first = meta_gradient("maml"), meta_gradient("fomaml")
+    assert not torch.allclose(second, first, rtol=1e-3, atol=1e-6)
+
+
+def test_support_and_query_distortions_are_drawn_apart(omniglot_dir: Path, monkeypatch) -> None:
+    """``augment``: each image its own map, so a query image does not repeat its support
+    counterpart's distortion."""
+    import learnedopt.data
+
+    data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
+    real, states = learnedopt.data.random_affine, []
+    monkeypatch.setattr(learnedopt.data, "random_affine", lambda x, g, *a: states.append(g.get_state()) or real(x, g, *a))
+    OmniglotSource(data, torch.arange(data.num_classes), 3, 1, 1, False, "meta_train", augment=True).batch(2, seed=7)
+    assert len(states) == 2 and not torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("names", [{}, {"valid_alphabets": "Script2", "test_alphabets": "Script5,Script7"}])
+def test_the_sources_draw_only_from_their_part_and_validation_is_never_distorted(omniglot_dir: Path, names: dict) -> None:
+    settings = dict(ways=2, queries=1, hidden=4, data=str(omniglot_dir), **names)
+    train_source, valid_source, split = make_sources(config("maml", "omniglot", augment=True, **settings))
+    data = train_source.data
+
+    def alphabets(ids: torch.Tensor) -> list[str]:
+        return sorted({data.alphabets[i] for i in data.alphabet_of_class[ids].tolist()})
+
+    assert alphabets(train_source.classes) == split["meta_train"] and alphabets(valid_source.classes) == split["meta_valid"]
+    assert not set(split["meta_test"]) & set(alphabets(train_source.classes) + alphabets(valid_source.classes))
+    _, plain_valid, _ = make_sources(config("maml", "omniglot", **settings))
+    assert all(torch.equal(a, b) for a, b in zip(valid_source.batch(3, 5), plain_valid.batch(3, 5), strict=True))
