@@ -193,6 +193,18 @@ def test_cli_refuses_an_ensemble_of_image_sizes(tmp_path: Path, checkpoints: dic
     assert err.count("\n") == 1 and "the checkpoints take different image sizes ([14, 28]); an ensemble needs one" in err
 
 
+def test_cli_reads_the_runs_at_the_models_image_size(tmp_path: Path, capsys) -> None:
+    spec = LearnerSpec(algo="maml", architecture={"kind": "conv4", "in_channels": 1, "ways": 20, "hidden": 4, "image_size": 14},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    save_learner(FewShotLearner(spec, seed=0), tmp_path / "small.safetensors")
+    make_runs(tmp_path / "runs", runs=1)
+    capsys.readouterr()
+    assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "small.safetensors")]) == 0
+    runs = load_runs(tmp_path / "runs", image_size=14)
+    _, mean = score_runs(runs, predict_runs(load_learner(tmp_path / "small.safetensors")[0], runs))
+    assert capsys.readouterr().out.splitlines()[-1] == f"mean error {mean:.2f}% over 1 runs"
+
+
 def test_cli_refuses_a_run_without_20_training_images(tmp_path: Path, checkpoints: dict, capsys) -> None:
     make_runs(tmp_path / "runs", runs=2)
     drop_last_class(tmp_path / "runs" / "run02")

@@ -35,7 +35,7 @@ from learnedopt.meta.fewshot import (
 )
 from learnedopt.meta.fewshot.training import _TRAIN_STREAM
 from learnedopt.meta.loop import ConfigError
-from learnedopt.meta.tasks import derive_seed
+from learnedopt.meta.tasks import derive_seed, generator_for
 from learnedopt.nn import MetaLSTMCell
 
 
@@ -94,6 +94,10 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
     assert checkpoint["step"] == 12 and {"learner", "meta_optimizer", "config", "rng"} <= set(checkpoint)
 
     learner, _ = load_learner(out / MODEL_NAME)  # rebuilds and adapts without the checkpoint
+    # the card's validation is on the fixed draw of key (seed, 2), for both learners
+    trainer = FewShotTrainer(config("maml", meta_steps=12, meta_batch=10, meta_lr=0.01, val_tasks=20))
+    assert trainer.validate(learner)["loss"] == pytest.approx(validation["final"]["loss"], rel=1e-5)
+    assert trainer.validate(trainer.initial_learner())["loss"] == pytest.approx(validation["initial"]["loss"], rel=1e-5)
     x = torch.linspace(-5, 5, 10).unsqueeze(1)
     params = learner.adapt(x, torch.sin(x))
     assert learner.predict(params, x).shape == (10, 1)
@@ -548,12 +552,15 @@ def test_the_default_omniglot_data_is_loaded_with_rotations(omniglot_dir: Path, 
     assert "with rotations" in train_source.describe()
 
 
-def test_adaptation_takes_test_inner_steps_unless_told() -> None:
-    learner = FewShotLearner(LearnerSpec.for_config(config("maml", inner_steps=1, test_inner_steps=3)), seed=0)
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_adaptation_takes_test_inner_steps_unless_told(algo: str) -> None:
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=3)), seed=0)
     g = torch.Generator().manual_seed(0)
     x_s, y_s, x_q, y_q = (torch.randn(1, 10, 1, generator=g) for _ in range(4))
     default, three, one = learner.adapt(x_s[0], y_s[0]), learner.adapt(x_s[0], y_s[0], 3), learner.adapt(x_s[0], y_s[0], 1)
     assert all(torch.equal(default[k], three[k]) for k in default) and not all(torch.equal(default[k], one[k]) for k in default)
+    initial = dict(learner.model.named_parameters())
+    assert not all(torch.equal(one[k], initial[k]) for k in one)  # the adapted parameters, not the initial ones
     for steps, params in ((1, one), (None, three)):  # evaluate adapts with the steps it is given
         with torch.no_grad():
             expected = float(learner.loss_fn(learner.predict(params, x_q[0]), y_q[0]))
@@ -604,8 +611,17 @@ def test_support_and_query_distortions_are_drawn_apart(omniglot_dir: Path, monke
     data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
     real, states = learnedopt.data.random_affine, []
     monkeypatch.setattr(learnedopt.data, "random_affine", lambda x, g, *a: states.append(g.get_state()) or real(x, g, *a))
-    OmniglotSource(data, torch.arange(data.num_classes), 3, 1, 1, False, "meta_train", augment=True).batch(2, seed=7)
+    source = OmniglotSource(data, torch.arange(data.num_classes), 3, 1, 1, False, "meta_train", augment=True)
+    distorted = source.batch(2, seed=7)
     assert len(states) == 2 and not torch.equal(states[0], states[1])
+    # the batch's seed keys the distortions as well as the episodes: (seed, 1)
+    plain_source = OmniglotSource(data, torch.arange(data.num_classes), 3, 1, 1, False, "meta_train")
+    plain = plain_source.batch(2, seed=7)
+    g = generator_for(7, 1)
+    assert torch.equal(distorted[0], real(plain[0], g)) and torch.equal(distorted[2], real(plain[2], g))
+    # and every seed draws its own episodes
+    supports = [plain_source.batch(2, seed=s)[0] for s in range(4)]
+    assert all(not torch.equal(supports[i], supports[j]) for i in range(4) for j in range(i))
 
 
 @pytest.mark.parametrize("names", [{}, {"valid_alphabets": "Script2", "test_alphabets": "Script5,Script7"}])
@@ -621,3 +637,36 @@ def test_the_sources_draw_only_from_their_part_and_validation_is_never_distorted
     assert not set(split["meta_test"]) & set(alphabets(train_source.classes) + alphabets(valid_source.classes))
     _, plain_valid, _ = make_sources(config("maml", "omniglot", **settings))
     assert all(torch.equal(a, b) for a, b in zip(valid_source.batch(3, 5), plain_valid.batch(3, 5), strict=True))
+
+
+def test_reptile_inner_minibatches_have_their_size_and_a_key_per_task_and_step(monkeypatch) -> None:
+    import learnedopt.meta.fewshot.training as training
+
+    real, states, sizes = training.inner_minibatches, [], []
+
+    def spy(x: torch.Tensor, y: torch.Tensor, batch: int | None, steps: int, generator: torch.Generator) -> list:
+        states.append(generator.get_state())
+        batches = real(x, y, batch, steps, generator)
+        sizes.extend(len(yb) for _, yb in batches)
+        return batches
+
+    monkeypatch.setattr(training, "inner_minibatches", spy)
+    trainer = FewShotTrainer(config("reptile", inner_batch=4, meta_batch=2, val_tasks=1))
+    trainer.step(0)
+    trainer.step(1)
+    assert len(states) == 4 and set(sizes) == {4}
+    assert all(not torch.equal(states[i], states[j]) for i in range(4) for j in range(i))
+
+
+def test_validation_keeps_the_support_size_when_meta_training_has_more_shots() -> None:
+    train_source, valid_source, _ = make_sources(config("maml", shots=5, train_shots=8))
+    assert train_source.batch(2, 0)[0].shape == (2, 8, 1) and valid_source.batch(2, 0)[0].shape == (2, 5, 1)
+
+
+def test_same_alphabet_holds_for_the_validation_episodes(omniglot_dir: Path) -> None:
+    names = {"valid_alphabets": "Script2,Script3", "test_alphabets": "Script5"}
+    _, valid_source, _ = make_sources(config("maml", "omniglot", ways=2, queries=1, hidden=4, data=str(omniglot_dir),
+                                             same_alphabet=True, **names))  # fmt: skip
+    data = valid_source.data
+    alphabets = [set(data.alphabet_of_class[valid_source.sampler.sample().classes].tolist()) for _ in range(30)]
+    assert all(len(a) == 1 for a in alphabets) and set().union(*alphabets) == {1, 2}
