@@ -121,6 +121,30 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
 
 
+def positive_int(text: str) -> int:
+    """``type=`` of an argparse option that counts something (sizes, repeats, threads, steps): an
+    int of at least 1, else argparse's one-line ``argument --X: ...`` error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def require_equal_gradients(what: str, rel_diff: float, tolerance: float) -> None:
+    """Exit with status 1 and a one-line error, before anything is written, when the relative
+    difference ``rel_diff`` of two meta-gradients that should be equal is above ``tolerance`` or
+    not finite (a NaN on either side): a benchmark must not time and report two implementations
+    that compute different things."""
+    if not rel_diff <= tolerance:  # NaN fails too
+        raise SystemExit(
+            f"{Path(sys.argv[0]).name}: error: {what}: relative meta-gradient difference {rel_diff:.1e} "
+            f"(tolerance {tolerance:.0e}): the implementations do not compute the same meta-gradient; nothing written"
+        )
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """The JSON value in the file at ``path``.
 

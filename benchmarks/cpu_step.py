@@ -10,7 +10,7 @@ step (which also compiles the LSTM step's pointwise functions).
 
 FLOPs counted per coordinate: 2 x 4H x (inputs + H) per LSTM layer plus 2H for the head.
 
-    python benchmarks/cpu_step.py [--sizes 10000 100000 1000000] [--quick]
+    python benchmarks/cpu_step.py [--sizes 10000 100000 1000000] [--layouts 1 100] [--repeats 5] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import warnings
 
 import torch
-from common import matmul_gflops, time_call, torch_lstm, write_results
+from common import fail, matmul_gflops, positive_int, time_call, torch_lstm, write_results
 
 from learnedopt import LSTMOptimizer
 
@@ -50,11 +50,15 @@ def time_step(make_optimizer, total: int, tensors: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--layouts", type=int, nargs="+", default=[1, 100], help="tensors per model")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--layouts", type=positive_int, nargs="+", default=[1, 100], help="tensors per model")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()
+    uneven = [(total, tensors) for total in args.sizes for tensors in args.layouts if total % tensors]
+    if uneven:
+        total, tensors = uneven[0]
+        fail(parser, f"--sizes {total} does not split into {tensors} equal tensors (--layouts); every size must be a multiple of every layout")
     warnings.simplefilter("ignore")
 
     peak = matmul_gflops()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -55,15 +55,25 @@ def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[s
     }
 
 
+def pxt(text: str) -> str:
+    """``type=`` of ``--configs``: ``PxT`` with P processes and T threads each, both >= 1."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PxT (P processes of T threads, both >= 1, e.g. 2x1)")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PxT: P processes of T threads")
+    parser.add_argument("--configs", type=pxt, nargs="+", default=["1x1", "1x2", "2x1"], help="PxT: P processes of T threads")
     parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--meta-batch", type=int, default=8)
-    parser.add_argument("--horizon", type=int, default=40)
-    parser.add_argument("--unroll", type=int, default=20)
-    parser.add_argument("--meta-steps", type=int, default=5)
+    parser.add_argument("--meta-batch", type=positive_int, default=8)
+    parser.add_argument("--horizon", type=positive_int, default=40)
+    parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--meta-steps", type=positive_int, default=5)
     args = parser.parse_args()
+    if len(set(args.configs)) < len(args.configs):
+        parser.error(f"argument --configs: each configuration once, got {' '.join(args.configs)}")
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,10 @@ pretrained baseline.
         [--adapt STEPS,COPIES,QUERY_COPIES ...] [--part meta_valid]
     python benchmarks/fewshot.py plot-omniglot
 
+``higher`` first checks, in float64, that learnedopt's MAML and ``higher`` give the same
+meta-gradient on each case, and exits with an error, writing nothing, when they differ by more
+than ``HIGHER_TOLERANCE`` relative.
+
 ``omniglot-model`` scores a learner that ``learnedopt meta-train --task omniglot`` wrote (long
 runs belong there: they checkpoint and resume) on the same test episodes as ``omniglot``, once
 per ``--adapt`` setting; several models are scored as an ensemble (softmax outputs averaged).
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, positive_int, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -225,28 +229,41 @@ def _functional_model(make_model, dtype: torch.dtype = torch.float32, device: st
     return model
 
 
+#: largest relative difference of learnedopt's and higher's float64 meta-gradients that counts as
+#: equal (the recorded runs: 2e-16; a wrong meta-gradient differs by far more)
+HIGHER_TOLERANCE = 1e-9
+
+
+def _meta_grad_difference(make_model, make_batch, lr: float, steps: int, loss_fn, device: str = "cpu") -> float:
+    """``|ours - higher's| / |higher's|`` (2-norms over all the model's parameters) of the two MAML
+    meta-gradients, computed in float64 from the same initial model and batch (NaN when either is
+    not finite)."""
+    grads = []
+    for run in (_ours_meta_grad, _higher_meta_grad):
+        model = _functional_model(make_model, torch.float64, device)
+        run(model, make_batch(torch.float64), lr, steps, loss_fn)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+
+
 def against_higher(args: argparse.Namespace) -> None:
     import common
-    from common import gflop_count, matmul_gflops, self_cpu_ms, time_call
+    from common import gflop_count, matmul_gflops, require_equal_gradients, self_cpu_ms, time_call
 
     if args.results_dir is not None:
         common.RESULTS = args.results_dir
     rows, device = [], args.device
     cuda = torch.device(device).type == "cuda"
+    cases = [(*case, lambda dtype, make=case[2]: tuple(t.to(device) for t in make(dtype))) for case in _higher_cases()]
+    # equal meta-gradients, checked in float64 on the same model, data and settings, before any timing
+    rels = {}
+    for name, make_model, _, lr, steps, loss_fn, make_batch in cases:
+        rels[name] = _meta_grad_difference(make_model, make_batch, lr, steps, loss_fn, device)
+        require_equal_gradients(f"MAML against higher on {name}", rels[name], HIGHER_TOLERANCE)
     # the best dense float32 rate this thread (or GPU) reaches, as the hardware limit to compare against
     peak = matmul_gflops(device=device)
-    for name, make_model, make_cpu_batch, lr, steps, loss_fn in _higher_cases():
-
-        def make_batch(dtype, make_cpu_batch=make_cpu_batch):
-            return tuple(t.to(device) for t in make_cpu_batch(dtype))
-
-        # equal meta-gradients, checked in float64 on the same model, data and settings
-        grads = []
-        for run in (_ours_meta_grad, _higher_meta_grad):
-            model = _functional_model(make_model, torch.float64, device)
-            run(model, make_batch(torch.float64), lr, steps, loss_fn)
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        rel = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+    for name, make_model, _, lr, steps, loss_fn, make_batch in cases:
+        rel = rels[name]
         gflop, gflop_ours = (
             gflop_count(lambda run=run: run(_functional_model(make_model, device=device), make_batch(torch.float32), lr, steps, loss_fn))
             for run in (_higher_meta_grad, _ours_meta_grad)
@@ -579,8 +596,8 @@ def main() -> None:
     sin.add_argument("--seed", type=int, default=0)
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
-    hig.add_argument("--repeats", type=int, default=5)
-    hig.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    hig.add_argument("--repeats", type=positive_int, default=5)
+    hig.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     hig.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     hig.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu; on CUDA no convolution shares)")
     hig.add_argument("--results-dir", type=Path, default=None, help="where to write the results (default benchmarks/results)")
@@ -615,6 +632,11 @@ def main() -> None:
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
     plot.set_defaults(func=plot_omniglot, threads=None)
     args = parser.parse_args()
+    if args.benchmark == "higher":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            hig.error(f"argument --device: not a torch device: {args.device!r} (cpu or cuda[:N])")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.func(args)

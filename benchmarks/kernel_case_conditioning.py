@@ -18,6 +18,7 @@ something else on those coordinates.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import sys
@@ -84,6 +85,8 @@ def run(rule, maximize: bool, *, dtype=torch.float32, grad_ulps: int = 0, noise:
 
 
 def main() -> None:
+    # no options: refuse any (a stray --help or typo must not rerun and overwrite the results)
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     torch.set_num_threads(1)
     rows = []
     for features, maximize in CASES:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_call, torch_lstm, write_results  # noqa: E402
+from common import positive_int, time_call, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.nn import CoordinateLSTM, preprocess  # noqa: E402
 from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
@@ -29,8 +29,8 @@ from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunk", type=int, default=8192)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--chunk", type=positive_int, default=8192)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

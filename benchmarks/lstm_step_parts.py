@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_call, write_results  # noqa: E402
+from common import positive_int, time_call, write_results  # noqa: E402
 
 from learnedopt.nn.lstm_step import cell_backward, cell_forward, lstm_step  # noqa: E402
 
@@ -92,9 +92,9 @@ def per_layer_lstm_step(lstm, x, h, c, forward_fn, backward_fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--coordinates", type=int, default=31820)
-    parser.add_argument("--hidden", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--coordinates", type=positive_int, default=31820)
+    parser.add_argument("--hidden", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, hidden = args.coordinates, args.hidden

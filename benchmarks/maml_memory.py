@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 MODES = {
     "second-order": {"first_order": False, "checkpoint_steps": False},
@@ -66,10 +66,10 @@ def cell(mode: str, steps: int, meta_batch: int, ways: int, shots: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10])
-    parser.add_argument("--meta-batch", type=int, default=4)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--meta-batch", type=positive_int, default=4)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=5)
     parser.add_argument("--cell", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:

@@ -1,0 +1,121 @@
+"""The benchmark scripts' own checks: the meta-gradient comparisons of ``meta_train_throughput.py``
+and ``fewshot.py higher`` fail when one side computes something else, and every script refuses a
+bad option with a one-line error before it runs anything."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import meta_train_throughput  # noqa: E402
+
+TINY = ["--task", "quadratic", "--meta-batch", "1", "--unroll", "2", "--repeats", "1"]
+
+
+def run_main(module, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    module.main()
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch) -> Path:
+    """Results written under ``tmp_path``, pointwise LSTM parts eager (no compile time)."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "0")
+    return tmp_path
+
+
+def test_meta_train_throughput_writes_agreeing_json_and_markdown(results: Path, monkeypatch) -> None:
+    run_main(meta_train_throughput, monkeypatch, *TINY, "--tag", "t")
+    row = json.loads((results / "meta_train_throughput_t.json").read_text())["rows"][0]
+    md = (results / "meta_train_throughput_t.md").read_text()
+    assert row["meta_grad_rel_diff"] <= meta_train_throughput.TOLERANCE
+    assert "cpu" in json.loads((results / "meta_train_throughput_t.json").read_text())["machine"]
+    seconds = row["seconds"]
+    speedups = [float(x) for x in re.findall(r"\| [\d.]+ \| [\d.]+ \| ([\d.]+)x \|", md)]
+    assert speedups == [round(seconds[row["baseline"]] / s, 2) for s in seconds.values()]
+
+
+@pytest.mark.parametrize("wrong", ["scaled", "nan"])
+def test_meta_train_throughput_refuses_different_meta_gradients(results: Path, monkeypatch, wrong: str) -> None:
+    # the per-tensor baseline's LSTM (torch.nn.LSTM) computes something else
+    original = common.through_nn_lstm
+
+    def broken(lstm, x, h, c):
+        top, h, c = original(lstm, x, h, c)
+        return top * (1.1 if wrong == "scaled" else math.nan), h, c
+
+    monkeypatch.setattr(common, "through_nn_lstm", broken)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(meta_train_throughput, monkeypatch, *TINY)
+    assert "do not compute the same meta-gradient" in str(exit_.value.code)
+    assert list(results.iterdir()) == []
+
+
+def test_meta_gradient_difference_does_not_hide_a_nan() -> None:
+    g = [torch.ones(3)]
+    grads = {"per-tensor": g, "batched": [torch.full((3,), math.nan)], "batched-nn-lstm": [g[0] * (1 + 1e-7)]}
+    assert math.isnan(meta_train_throughput.meta_gradient_difference(grads, "per-tensor"))
+    grads["batched"] = [g[0] * (1 + 1e-2)]
+    assert meta_train_throughput.meta_gradient_difference(grads, "per-tensor") == pytest.approx(1e-2)
+
+
+def test_fewshot_higher_refuses_different_meta_gradients(results: Path, monkeypatch) -> None:
+    pytest.importorskip("higher")
+    import fewshot
+
+    original = fewshot._ours_meta_grad
+    monkeypatch.setattr(fewshot, "_ours_meta_grad", lambda model, batch, lr, *a, **k: original(model, batch, lr * 1.05, *a, **k))
+    monkeypatch.setattr(common, "time_call", lambda *a, **k: pytest.fail("timed before the meta-gradients were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fewshot, monkeypatch, "higher", "--repeats", "1", "--threads", "1", "--results-dir", str(results))
+    assert "do not compute the same meta-gradient" in str(exit_.value.code)
+    assert list(results.iterdir()) == []
+
+
+def test_fewshot_higher_meta_gradients_agree() -> None:
+    pytest.importorskip("higher")
+    import fewshot
+
+    for name, make_model, make_batch, lr, steps, loss_fn in fewshot._higher_cases():
+        assert fewshot._meta_grad_difference(make_model, make_batch, lr, steps, loss_fn) <= fewshot.HIGHER_TOLERANCE, name
+
+
+BAD_OPTIONS = [
+    ("cpu_step", ["--layouts", "0"]),
+    ("cpu_step", ["--repeats", "0"]),
+    ("cpu_step", ["--sizes", "150", "--layouts", "1", "100"]),  # ran 100 parameters, reported 150
+    ("lstm_chunk", ["--chunk", "0"]),  # wrote a table of 0 GFLOP/s over the committed one
+    ("lstm_chunk", ["--threads", "0"]),
+    ("lstm_step_parts", ["--coordinates", "0"]),
+    ("first_step", ["--threads", "0"]),
+    ("maml_memory", ["--steps", "0"]),
+    ("distributed_scaling", ["--configs", "1y1"]),
+    ("distributed_scaling", ["--configs", "0x1"]),
+    ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
+    ("meta_train_throughput", ["--repeats", "0"]),
+    ("meta_train_throughput", ["--task", "bogus"]),
+    ("fewshot", ["higher", "--repeats", "0"]),
+    ("fewshot", ["higher", "--device", "bogus"]),
+    ("kernel_case_conditioning", ["--help-me"]),  # took no options: ran and overwrote its results
+]
+
+
+@pytest.mark.parametrize("script, argv", BAD_OPTIONS, ids=[f"{s} {' '.join(a)}" for s, a in BAD_OPTIONS])
+def test_bad_option_is_refused_in_one_line(script: str, argv: list[str], results: Path, monkeypatch, capsys) -> None:
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "write_results", lambda *a, **k: pytest.fail("wrote results"), raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, monkeypatch, *argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"{script}.py") and "error: " in error, error
