@@ -119,3 +119,34 @@ def test_bad_option_is_refused_in_one_line(script: str, argv: list[str], results
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"{script}.py") and "error: " in error, error
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# every check passes (CUDA, the kernels, xdist, higher); each run is recorded with its directory
+echo "$PWD :: $*" >> "$CALLS"
+case "$*" in *fewshot.py*) exit "$HIGHER_RC" ;; esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("higher_rc", [0, 1])
+def test_run_gpu_writes_under_a_relative_out_and_fails_with_higher(tmp_path: Path, higher_rc: int) -> None:
+    import os
+    import subprocess
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    env = {**os.environ, "PYTHON": str(python), "OUT": "out", "CALLS": str(calls), "HIGHER_RC": str(higher_rc)}
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    runs = calls.read_text().splitlines()
+    bench = next(line for line in runs if "kernel_bench.py" in line)
+    higher = next(line for line in runs if "fewshot.py higher" in line)
+    results = tmp_path / "out" / "results"
+    for line in (bench, higher):  # the results go under $OUT, taken from the caller's directory
+        words = line.split()
+        assert Path(words[words.index("--results-dir") + 1]) == results, line
+    assert (tmp_path / "out" / "summary.txt").is_file()
+    assert (done.returncode != 0) == bool(higher_rc), done.stdout[-2000:]
