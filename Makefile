@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,data,plots]"
+	$(BIN)/python -m pip install -q -e ".[dev,data,plots,bench]"
 	touch $@
 
 env: $(VENV)/.installed
