@@ -980,3 +980,234 @@ def test_loss_curve_plot_keeps_one_colour_per_optimizer_and_a_legend_of_all(tmp_
             assert line.get_linestyle() == ("-" if line.get_label() in ("SGD", "Adam") else "--")
     assert [line.get_label() for line in figure.axes[1].get_lines()] == ["SGD", "Adam", "learned"]
     close(figure)
+
+
+def test_tuning_score_is_the_mean_final_loss_over_the_tuning_seeds() -> None:
+    """The criterion is the mean over seeds (not the median, not one seed) of each run's final
+    loss, the mean of its last FINAL_WINDOW steps; tune_lr scores each lr by it and picks the lowest."""
+    from learnedopt.evaluation import tuning_score
+
+    def ending_at(final: float) -> np.ndarray:
+        return np.array([100.0] * 5 + [final] * FINAL_WINDOW)
+
+    assert tuning_score([ending_at(1.0), ending_at(2.0), ending_at(6.0)]) == pytest.approx(3.0)
+    problem = tiny_problem(steps=12)
+    seeds = [5, 6, 7]
+    best, scores = tune_lr(problem, BASELINES["SGD"], (0.01, 1.0), seeds)
+    for lr, score in scores.items():
+        runs = [run_optimizer(problem, s, BASELINES["SGD"], lr) for s in seeds]
+        assert score == pytest.approx(np.mean([np.mean(c[-FINAL_WINDOW:]) for c in runs]), rel=1e-12)
+    assert best == min(scores, key=scores.get)
+
+
+def test_summary_counts_a_run_that_ends_in_inf_as_nonfinite_and_leaves_it_out() -> None:
+    """run_optimizer stops at an Inf loss: at the last step the curve ends in Inf, not NaN. Such a
+    run is counted in ``nonfinite`` and left out of the statistics, as is a run with a NaN
+    anywhere (the statistics are over the runs that stayed finite)."""
+    window = [1.0] * FINAL_WINDOW
+    ends_inf = np.array([1.0, *window[:-1], math.inf])
+    nan_inside = np.array([math.nan, *window])
+    s = summarize(np.vstack([[2.0, *window], [2.0, *[3.0] * FINAL_WINDOW], ends_inf, nan_inside]))
+    assert s["nonfinite"] == 2 and s["runs"] == 4
+    assert s["final_mean"] == pytest.approx(2.0) and s["final_std"] == pytest.approx(math.sqrt(2.0))
+
+
+def test_the_cosine_schedule_reaches_the_tuning_and_every_run_of_the_harness() -> None:
+    """With ``lr_schedule="cosine"`` the baselines are tuned and evaluated under it and the
+    learned optimizers run under it: every number is that of run_optimizer(..., schedule="cosine")."""
+    from learnedopt.evaluation import final_loss
+    from learnedopt.evaluation.harness import TUNING_SEED_OFFSET
+
+    problem = tiny_problem(steps=12)
+    config = EvalConfig(problems=[problem], seeds=2, tuning_seeds=1, lrs=(0.1, 1.0), stability_steps=0,
+                        presets=["l2l-blend"], lr_schedule="cosine")  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    results = report["problems"]["tiny"]["results"]
+    assert report["definitions"]["final_loss"] == f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run"
+    assert report["definitions"]["lr_schedule"].endswith("(1 + cos(pi t / T)) / 2")
+    assert report["stability"] is None  # stability_steps=0: no check ran
+
+    def finals(factory, lr: float, seeds) -> list[float]:
+        return [final_loss(run_optimizer(problem, s, factory, lr, schedule="cosine")) for s in seeds]
+
+    for label in ("SGD", "Adam"):
+        r = results[label]
+        scores = {lr: finals(BASELINES[label], lr, [TUNING_SEED_OFFSET])[0] for lr in (0.1, 1.0)}
+        assert r["tuning_scores"] == {repr(lr): pytest.approx(v, rel=1e-12) for lr, v in scores.items()}, label
+        assert r["finals"] == finals(BASELINES[label], r["lr"], [0, 1]), label
+    learned = results[DEFAULT_LEARNED[0].label]
+    assert learned["finals"] == finals(DEFAULT_LEARNED[0].factory(), 1.0, [0, 1])
+
+
+def test_lr_at_the_top_of_the_grid_is_flagged_as_at_its_edge() -> None:
+    # SquareProblem: SGD's loss shrinks by (1 - 2 lr)^2 per step, fastest at the grid's top, 0.3;
+    # 0.03 is neither edge of (0.001, 0.03, 0.3) and wins nothing here
+    config = EvalConfig(problems=[SquareProblem()], seeds=1, tuning_seeds=1, lrs=(0.001, 0.03, 0.3),
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    sgd = evaluate_optimizers(config, log=lambda _: None)["problems"]["square"]["results"]["SGD"]
+    assert (sgd["lr"], sgd["lr_at_grid_edge"]) == (0.3, True)
+    # lr 0.5 reaches the minimum in one step: inside the grid, not flagged
+    inside = dataclasses.replace(config, lrs=(0.1, 0.5, 1.0))
+    sgd = evaluate_optimizers(inside, log=lambda _: None)["problems"]["square"]["results"]["SGD"]
+    assert (sgd["lr"], sgd["lr_at_grid_edge"]) == (0.5, False)
+
+
+def test_stability_check_reports_the_full_length_run_and_its_lowest_loss(tmp_path: Path) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation import final_loss, harness
+
+    class Spec:
+        label = "sgd"
+
+        def factory(self):
+            return BASELINES["SGD"]
+
+    data = str(write_fake_mnist(tmp_path / "mnist"))
+    config = EvalConfig(problems=["quadratic-20"], stability_steps=12, data=data)
+    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["sgd"]
+    curve = run_optimizer(make_problem("mnist-mlp-100", data), harness.STABILITY_SEED, BASELINES["SGD"], 1.0, steps=12)
+    assert result == {"nonfinite": False, "first_nonfinite_step": None, "final_loss": final_loss(curve),
+                      "min_loss": float(curve.min())}  # fmt: skip
+    assert curve.min() < curve.max()
+
+
+def test_reuse_refuses_a_report_of_other_settings_naming_the_setting(tmp_path: Path) -> None:
+    """Every setting a report's numbers depend on must match (README: seeds, tuning seeds, lr
+    grid, step counts, lr schedule, MNIST files)."""
+    from learnedopt.evaluation import reusable_results
+
+    base = EvalConfig(problems=["quadratic-20"], seeds=2, tuning_seeds=1, lrs=(0.1,), steps=5, stability_steps=0,
+                      include_default_learned=False)  # fmt: skip
+    path = tmp_path / "report.json"
+    for key, theirs in [("seeds", 3), ("tuning_seeds", 2), ("long_tuning_seeds", 4), ("long_steps", 50),
+                        ("lrs", [0.1, 1.0]), ("steps", 6), ("quick", True), ("lr_schedule", "cosine")]:  # fmt: skip
+        path.write_text(json.dumps({"config": {**dataclasses.asdict(base), key: theirs}, "problems": {}}))
+        with pytest.raises(ValueError, match=f"its {key} is "):
+            reusable_results(dataclasses.replace(base, reuse=str(path)), {})
+    # the same settings: taken
+    path.write_text(json.dumps({"config": dataclasses.asdict(base), "problems": {}}))
+    assert reusable_results(dataclasses.replace(base, reuse=str(path)), {}).problems == {}
+    # a report that ran on MNIST files is not taken by a run that has none
+    path.write_text(json.dumps({"config": dataclasses.asdict(base), "problems": {}, "mnist_sha256": "f" * 64}))
+    with pytest.raises(ValueError, match="ran on other MNIST files"):
+        reusable_results(dataclasses.replace(base, reuse=str(path)), {}, None)
+
+
+def test_reuse_skips_a_problem_whose_step_count_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A problem redefined with another step count (the description of quadratic-20 does not
+    name its steps) is rerun, not taken from the report."""
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=5, stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    report["problems"]["quadratic-20"]["steps"] = 4
+    changed = save_report(report, tmp_path / "changed.json")
+    seen = record_seeds(monkeypatch)
+    rerun = evaluate_optimizers(dataclasses.replace(config, reuse=changed), log=lambda _: None)
+    assert rerun["reused"]["results"] == {} and seen["eval"] == [0] * len(BASELINES)
+
+
+def harness_problems() -> dict:
+    from learnedopt.evaluation import problems
+
+    return problems.PROBLEMS
+
+
+def test_reuse_reruns_the_stability_check_of_weight_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    from learnedopt.evaluation.harness import STABILITY_SEED
+
+    weights = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), weights, trained_on="test")
+    config = EvalConfig(problems=["quadratic-20"], weights=[str(weights)], seeds=1, tuning_seeds=1, lrs=(0.1,),
+                        steps=3, stability_steps=3, presets=["l2l-blend"],
+                        data=str(write_fake_mnist(tmp_path / "mnist")))  # fmt: skip
+    first = save_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first.json")
+    seen = record_seeds(monkeypatch)
+    again = evaluate_optimizers(dataclasses.replace(config, reuse=first), log=lambda _: None)
+    assert again["reused"]["results"]["stability"] == [DEFAULT_LEARNED[0].label]
+    assert seen["eval"] == [0, STABILITY_SEED]  # the weight file's problem run and stability run
+
+
+def test_eval_config_refuses_settings_that_would_run_nothing_or_nonsense() -> None:
+    for kwargs, message in [
+        ({"tuning_seeds": 0}, "tuning_seeds must be >= 1, got 0"),
+        ({"long_tuning_seeds": 0}, "long_tuning_seeds must be >= 1, got 0"),
+        ({"stability_steps": -1}, "stability_steps must be >= 0, got -1"),
+        ({"lrs": (0.1, 0.0)}, "lrs must be a non-empty list of positive finite numbers"),
+        ({"lrs": ()}, "lrs must be a non-empty list"),
+        ({"lrs": (0.1, math.inf)}, "lrs must be a non-empty list of positive finite numbers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(**kwargs)
+
+
+def test_quick_config_is_the_documented_smoke_run_and_explicit_settings_beat_it() -> None:
+    from learnedopt.evaluation import DEFAULT_PROBLEMS
+
+    quick = EvalConfig.quick_config()
+    assert (quick.steps, quick.seeds, quick.tuning_seeds, tuple(quick.lrs), quick.stability_steps, quick.quick) == (
+        20, 2, 1, (1e-3, 1e-2, 1e-1), 100, True)  # fmt: skip
+    assert list(quick.problems) == [p for p in DEFAULT_PROBLEMS if p not in ("mnist-mlp-200", "mnist-mlp-1000")]
+    mine = EvalConfig.quick_config(seeds=5, problems=["quadratic-20"], stability_steps=0)
+    assert (mine.seeds, list(mine.problems), mine.stability_steps, mine.steps) == (5, ["quadratic-20"], 0, 20)
+
+
+def test_workers_file_each_problems_results_under_its_own_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers run the longest problem first; the results must still go to the problem that
+    produced them. (An in-process pool stands in for the worker processes: the order of the
+    jobs, not the processes, is under test; test_workers_give_the_same_report_as_one_process runs real ones.)"""
+    import concurrent.futures
+
+    class InProcessPool:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def submit(self, fn, *args):
+            future = concurrent.futures.Future()
+            future.set_result(fn(*args))
+            return future
+
+    monkeypatch.setitem(harness_problems(), "short", lambda data, name: QuadraticProblem(name, 3, 5))
+    monkeypatch.setitem(harness_problems(), "long", lambda data, name: QuadraticProblem(name, 3, 12))
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcessPool)
+    config = EvalConfig(problems=["short", "long"], seeds=1, tuning_seeds=1, lrs=(0.1,), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None, workers=2)
+    assert {name: p["steps"] for name, p in report["problems"].items()} == {"short": 5, "long": 12}
+    assert {name: len(p["results"]["SGD"]["curve_median"]) for name, p in report["problems"].items()} == {"short": 5, "long": 12}
+
+
+def test_markdown_puts_each_statistic_in_its_own_column() -> None:
+    """Distinct values in every field of a result, so that a column showing another field (or
+    the quartiles swapped, or a paired count taken the wrong way round) shows up."""
+    from learnedopt.evaluation import markdown_tables
+
+    nan = float("nan")
+    adam = {"kind": "baseline", "lr": 0.1, "lr_at_grid_edge": False, "final_mean": 1.0, "final_std": 0.1,
+            "final_median": 0.9, "final_q1": 0.8, "final_q3": 1.2, "mean_loss": 3.0, "nonfinite": 1, "runs": 3,
+            "finals": [1.0, 1.0, nan]}  # fmt: skip
+    mine = {"kind": "learned", "lr": 1.0, "final_mean": 0.5, "final_std": 0.05, "final_median": 0.45,
+            "final_q1": 0.4, "final_q3": 0.6, "mean_loss": 2.0, "nonfinite": 0, "runs": 3,
+            "finals": [0.5, 1.0, 2.0]}  # fmt: skip
+    report = hand_made_report({"Adam": adam, "mine": mine})
+    report["config"].update(seeds=3, tuning_seeds=2, long_tuning_seeds=5)
+    report["stability"] = {"problem": "P", "steps": 10, "seed": 7, "results": {
+        "a": {"nonfinite": True, "first_nonfinite_step": 4, "final_loss": nan, "min_loss": 0.25},
+        "b": {"nonfinite": False, "first_nonfinite_step": None, "final_loss": 0.5, "min_loss": 0.125}}}  # fmt: skip
+    lines = markdown_tables(report).splitlines()
+    assert "- evaluation seeds: 3 per problem (0..2); tuning seeds: 2 (problems of >= 1000 steps: 5), disjoint from the evaluation seeds" in lines
+    assert "| Adam | 0.1 | 1 +- 0.1 | 0.9 [0.8, 1.2] | 3 | yes (1/3) | - | - | - |" in lines
+    # against Adam on the two seeds where both are finite: 0.5 < 1.0 is below, 1.0 = 1.0 is not
+    difference = format_difference(paired_difference(mine["finals"], adam["finals"]))
+    assert f"| mine | 1 (untuned) | 0.5 +- 0.05 | 0.45 [0.4, 0.6] | 2 | no (0/3) | 1/2 | 1/2 | {difference} |" in lines
+    assert difference == "-0.25 [-0.5, +0]"
+    assert "| a | yes | 4 | nan | 0.25 |" in lines and "| b | no | - | 0.5 | 0.125 |" in lines
+    assert seeds_below([1.0, 2.0], [1.0, 2.5]) == "1/2"  # a tie is not below
