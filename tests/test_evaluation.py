@@ -1211,3 +1211,104 @@ def test_markdown_puts_each_statistic_in_its_own_column() -> None:
     assert difference == "-0.25 [-0.5, +0]"
     assert "| a | yes | 4 | nan | 0.25 |" in lines and "| b | no | - | 0.5 | 0.125 |" in lines
     assert seeds_below([1.0, 2.0], [1.0, 2.5]) == "1/2"  # a tie is not below
+
+
+def test_quadratic_draws_w_y_and_theta_0_from_separate_streams() -> None:
+    """W, y and theta_0 are independent draws: theta_0 shares no entry with W or y (as it would,
+    drawn from a second generator seeded like theirs)."""
+    model = make_problem("quadratic-20").model(3)
+    theta, drawn = model.theta.detach(), torch.cat([model.weight.flatten(), model.target])
+    assert not (theta[:, None] == drawn[None, :]).any()
+
+
+def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from learnedopt.evaluation import cli as evaluate_cli
+    from learnedopt.evaluation import config_from_args
+
+    weights = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), weights, trained_on="test")
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    parser = argparse.ArgumentParser()
+    add_evaluate_optimizers_parser(parser.add_subparsers())
+    args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "synthetic-mlp", "--weights", str(weights),
+                              "--seeds", "3", "--tuning-seeds", "2", "--long-tuning-seeds", "4", "--lrs", "0.1", "1",
+                              "--stability-steps", "7", "--presets", "l2l-blend", "--lr-schedule", "cosine",
+                              "--data", "folder", "--reuse", str(old), "--out", str(tmp_path)])  # fmt: skip
+    config = config_from_args(args)
+    assert (list(config.problems), list(config.weights), config.seeds, config.tuning_seeds, config.long_tuning_seeds,
+            list(config.lrs), config.stability_steps, list(config.presets), config.lr_schedule, config.data,
+            config.reuse, config.quick, config.steps) == (
+        ["quadratic-20", "synthetic-mlp"], [str(weights)], 3, 2, 4, [0.1, 1.0], 7, ["l2l-blend"], "cosine", "folder",
+        str(old), False, None)  # fmt: skip
+    quick = config_from_args(parser.parse_args(["optimizers", "--quick", "--seeds", "5"]))
+    assert (quick.quick, quick.steps, quick.seeds, quick.tuning_seeds) == (True, 20, 5, 1)
+
+    # --workers, --threads and --name reach the harness, torch and the report's files
+    seen: dict = {}
+    monkeypatch.setattr(evaluate_cli, "check_config", lambda config: None)
+    monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", lambda config, **kw: seen.update(kw) or {"a": "report"})
+    monkeypatch.setattr(evaluate_cli, "write_report", lambda report, out, name, write_results: seen.update(name=name) or [])
+    args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "--workers", "3", "--threads", "2",
+                              "--name", "mine", "--out", str(tmp_path)])  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert args.func(args) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert (seen["workers"], seen["name"]) == (3, "mine")
+
+
+def test_seeded_init_draws_from_pytorchs_default_bounds() -> None:
+    """Linear and Conv2d weights and biases are U(-b, b) with b = 1/sqrt(fan_in), fan_in counting
+    a conv's kernel (in_channels * kh * kw), as PyTorch's default init."""
+    from learnedopt.evaluation.problems import _init_default_
+
+    model = _init_default_(nn.Sequential(nn.Conv2d(2, 8, 3), nn.Flatten(), nn.Linear(50, 40)),
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    for layer, fan_in in ((model[0], 2 * 3 * 3), (model[2], 50)):
+        bound = 1 / math.sqrt(fan_in)
+        for p in (layer.weight, layer.bias):
+            assert p.abs().max() <= bound and p.abs().max() > 0.75 * bound, (layer, fan_in)
+    # Embedding: N(0, 1)
+    embedding = _init_default_(nn.Embedding(100, 10), torch.Generator().manual_seed(0)).weight
+    assert abs(embedding.mean().item()) < 0.1 and abs(embedding.std().item() - 1) < 0.1
+
+
+def test_each_suite_problem_is_what_its_name_and_the_readme_say(tmp_path: Path) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    data = write_fake_mnist(tmp_path / "mnist")
+    problems = {name: make_problem(name, data) for name in ("mnist-mlp-100", "mnist-mlp-200", "mnist-mlp-1000",
+                                                             "mnist-mlp-40", "mnist-mlp-20-20", "mnist-mlp-relu",
+                                                             "quadratic-20")}  # fmt: skip
+    assert {name: p.steps for name, p in problems.items()} == {
+        "mnist-mlp-100": 100, "mnist-mlp-200": 200, "mnist-mlp-1000": 1000, "mnist-mlp-40": 200,
+        "mnist-mlp-20-20": 200, "mnist-mlp-relu": 200, "quadratic-20": 100}  # fmt: skip
+    assert problems["quadratic-20"].model(0).theta.shape == (20,)
+
+    def layers(name: str) -> list:
+        model = problems[name].model(0)
+        return [(m.in_features, m.out_features) if isinstance(m, nn.Linear) else type(m).__name__
+                for m in model.modules() if not list(m.children())]  # fmt: skip
+
+    assert layers("mnist-mlp-100") == [(784, 20), "Sigmoid", (20, 10)]
+    assert layers("mnist-mlp-relu") == [(784, 20), "ReLU", (20, 10)]
+    assert layers("mnist-mlp-40") == [(784, 40), "Sigmoid", (40, 10)]
+    assert layers("mnist-mlp-20-20") == [(784, 20), "Sigmoid", (20, 20), "Sigmoid", (20, 10)]
+
+
+def test_minibatches_draw_from_the_whole_pool() -> None:
+    problem = tiny_problem()
+    drawn = torch.cat([problem.minibatch(0, step)[0] for step in range(200)])
+    assert len(torch.unique(drawn, dim=0)) == len(problem.pool) == 64
+
+
+def test_a_step_override_cuts_every_problem_and_leaves_the_original() -> None:
+    problem = make_problem("quadratic-20")
+    assert problem.with_steps(7).steps == 7 and problem.steps == 100
+    config = EvalConfig(problems=["quadratic-20"], steps=4, seeds=1, tuning_seeds=1, lrs=(0.1,), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    entry = evaluate_optimizers(config, log=lambda _: None)["problems"]["quadratic-20"]
+    assert entry["steps"] == 4 and all(len(r["curve_median"]) == 4 for r in entry["results"].values())
