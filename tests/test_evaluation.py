@@ -1258,6 +1258,9 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
     finally:
         torch.set_num_threads(threads)
     assert (seen["workers"], seen["name"]) == (3, "mine")
+    # -1 is refused like any negative thread count (torch would raise on it after the checks)
+    args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "--threads", "-1", "--out", str(tmp_path)])
+    assert args.func(args) == 2
 
 
 def test_seeded_init_draws_from_pytorchs_default_bounds() -> None:
