@@ -208,3 +208,45 @@ def test_weights_replaced_through_data_reach_the_kernel() -> None:
     fused.step()
     reference.step()
     torch.testing.assert_close(params[0], reference_params[0], **TOL)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("saved_under, loaded_under", [("triton", "torch"), ("torch", "triton")])
+def test_a_state_resumes_on_the_loading_optimizer_s_backend(kind, saved_under, loaded_under, monkeypatch) -> None:
+    """A state saved under one backend continues on the loading optimizer's backend (the saved
+    group's ``backend`` used to replace it), equal to rounding to a run on the saved one; a
+    ``state_dict`` has the same keys, shapes and dtypes under both."""
+    import learnedopt.optim.learned_optimizer as lo
+    from learnedopt import MetaLSTMOptimizer
+
+    cls = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}[kind]
+    weights = DEFAULT if kind == "lstm" else None
+    calls = []
+    real = lo.fused_update_
+    monkeypatch.setattr(lo, "fused_update_", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+
+    def train(opt, params, first):
+        for t in range(first, first + 2):
+            set_grads(params, seed=t)
+            opt.step(loss=1.0 / (t + 1)) if kind == "meta" else opt.step()
+
+    params = make_params([(6, 5), (7,)], dtype=torch.float32, noncontiguous=(0,))
+    opt = cls(params, weights, backend=saved_under, state_dtype=torch.bfloat16)
+    train(opt, params, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_(True) for p in params]
+    train(opt, params, 2)
+    fresh = cls(resumed, weights, backend=loaded_under, state_dtype=torch.bfloat16)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["backend"] == loaded_under
+    calls.clear()
+    train(fresh, resumed, 2)
+    assert len(calls) == (2 if loaded_under == "triton" else 0)
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(p, q, **TOL)
+    ours, theirs = fresh.state_dict()["state"], opt.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for index, state in ours.items():
+        for name, value in state.items():
+            assert value.shape == theirs[index][name].shape and value.dtype == theirs[index][name].dtype, name
+            torch.testing.assert_close(value.float(), theirs[index][name].float(), rtol=2e-2, atol=2e-3)

@@ -155,6 +155,33 @@ def test_load_state_dict_hooks_see_the_whole_state_as_in_torch_optim() -> None:
     assert fresh.state[params[0]]["step"].item() == 100.0
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_state_saved_under_triton_resumes_where_triton_is_missing(kind, monkeypatch) -> None:
+    """``backend`` is where the step runs, not part of the state: a checkpoint written under
+    ``backend="triton"`` on a GPU machine loads into a PyTorch-path optimizer on a machine without
+    Triton (it used to raise "Triton is not installed" there, or, with Triton but no CUDA, switch
+    the optimizer to the kernel and fail at its next step), and continues as that path does."""
+    from learnedopt import kernels
+
+    params = make_params([(4,), (3, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, backend="torch")
+    train(opt, params, 2, first=0)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group["backend"] = "triton"  # as the GPU run wrote it
+    resumed = [p.detach().clone().requires_grad_(True) for p in params]
+    train(opt, params, 2, first=2)
+
+    monkeypatch.setattr(kernels, "FUSED_UPDATES_AVAILABLE", False)  # a machine without Triton
+    fresh = OPTIMIZERS[kind](resumed, backend="torch")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["backend"] == "torch"
+    assert fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # the other options are the saved ones
+    train(fresh, resumed, 2, first=2)
+    for p, q in zip(params, resumed, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_a_state_dict_from_before_a_group_option_existed_loads_with_its_default() -> None:
     """A checkpoint of an earlier version lacks group keys added since (``backend``,
     ``foreach``, ...): they take the loading optimizer's defaults."""

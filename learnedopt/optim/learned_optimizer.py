@@ -219,8 +219,10 @@ class LearnedOptimizer(Optimizer):
 
         Unlike the base class, per-coordinate states keep their saved dtype (``state_dtype``) rather
         than being cast to the parameter dtype, and their names and shapes are checked against the
-        update rule. Everything is checked before anything is changed: a rejected state dict
-        leaves the optimizer as it was. Load-state-dict pre-hooks see (and may replace) the whole
+        update rule. Each group keeps this optimizer's ``backend`` (the other options are the
+        saved ones): a state saved under ``backend="triton"`` resumes on the PyTorch path of a
+        machine without CUDA or Triton, equal to rounding. Everything is checked before anything is
+        changed: a rejected state dict leaves the optimizer as it was. Load-state-dict pre-hooks see (and may replace) the whole
         state dict, post-hooks the loaded optimizer, as in ``torch.optim``.
         """
         state_dict = state_dict.copy()  # shallow, as torch.optim's
@@ -251,6 +253,9 @@ class LearnedOptimizer(Optimizer):
             saved_group.pop("learned_rule", None)  # checked above; not a group option
             for key, value in self.defaults.items():  # a key this version added since the save
                 saved_group.setdefault(key, value)
+            # where the step runs is this machine's choice, not the saved run's: a checkpoint
+            # written under backend='triton' on a GPU must resume where there is no CUDA or Triton
+            saved_group["backend"] = group["backend"]
             _validate_options(saved_group)
         state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
