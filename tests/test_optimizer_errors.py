@@ -306,7 +306,11 @@ def test_a_triton_backend_set_later_for_a_rule_without_kernel_fails_at_the_step(
     assert torch.equal(p, torch.ones(3)) and not opt.state
 
 
-def test_triton_on_cpu_tensors_without_the_interpreter_fails_before_any_group_is_updated() -> None:
+@pytest.mark.parametrize("interpret", ["0", "false", "off"])
+def test_triton_on_cpu_tensors_without_the_interpreter_fails_before_any_group_is_updated(interpret) -> None:
+    """Whatever value turns Triton's interpreter off (Triton reads "false" and "off" as off; the
+    optimizer used to take any value but "0" as on, update the torch group, then fail in the
+    kernel's launcher with a ValueError) is refused before any group is updated."""
     from learnedopt import kernels
 
     if not kernels.FUSED_UPDATES_AVAILABLE:
@@ -327,7 +331,7 @@ print("unchanged:", torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "raised: backend='triton' cannot run this step: cpu tensors (needs CUDA" in out.stdout

@@ -614,7 +614,14 @@ def _fused_rule(rule: UpdateRule) -> bool:
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run in Triton's interpreter, as the kernel modules were built: Triton
+    reads ``TRITON_INTERPRET`` when ``@triton.jit`` runs, in its own way (``"false"`` or ``"off"``
+    is off), so the variable as it is now can say otherwise."""
+    if not kernels.FUSED_UPDATES_AVAILABLE:
+        return False
+    from ..kernels.coordinate_lstm_step import is_interpreted
+
+    return is_interpreted()
 
 
 def _saved_rule(state_dict: dict[str, Any]) -> dict[str, Any] | None:
