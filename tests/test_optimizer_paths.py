@@ -1,5 +1,8 @@
 """The batched (flat, chunked) path against the per-tensor reference."""
 
+import os
+import warnings
+
 import pytest
 import torch
 from helpers import OPTIMIZERS, make_params, set_grads, step
@@ -165,6 +168,50 @@ def test_auto_backend_falls_back_to_torch_once_the_fused_update_fails(monkeypatc
         ref.step()
         assert all(torch.equal(p, r) for p, r in zip(params, reference, strict=True))
     assert len(calls) == 1, "after one failure the fused path is not tried again"
+
+
+def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_twice(monkeypatch) -> None:
+    """A kernel variant that fails to compile for a later run of the group (Triton compiles one
+    per dtype and alignment) leaves the runs before it updated: the fallback must update only the
+    rest (it re-ran the whole group, so the first run's parameters and states moved twice). Forced
+    on CPU as above, with the real kernel in the interpreter failing on its second launch."""
+    import learnedopt.optim.learned_optimizer as lo
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton in interpreter mode")
+    import learnedopt.kernels.coordinate_lstm_step as kernel
+
+    monkeypatch.setattr(kernels, "GPU_VALIDATED", True)
+    original = lo.LearnedOptimizer._use_fused
+    monkeypatch.setattr(
+        lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
+    )
+    real, launches = kernel.coordinate_lstm_step_, []
+
+    def second_launch_fails(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 3:
+            raise RuntimeError("this variant failed to compile")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "coordinate_lstm_step_", second_launch_fails)
+    results = {}
+    for backend in ("auto", "torch"):
+        params = make_params([(5,), (3,), (4,)], dtype=torch.float32)
+        opt = OPTIMIZERS["lstm"](params, "l2l-2016", backend=backend)
+        for t in range(2):  # step 2 skips the middle tensor: two runs, the kernel fails on the second
+            set_grads(params, t, skip=(1,) if t == 1 else ())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+        results[backend] = params, opt
+    assert len(launches) == 3
+    (fused, fopt), (ref, ropt) = results["auto"], results["torch"]
+    for p, q in zip(fused, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+        if q in ropt.state:
+            torch.testing.assert_close(fopt.state[p]["h"], ropt.state[q]["h"], rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("foreach", [None, False])

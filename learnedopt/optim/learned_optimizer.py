@@ -426,17 +426,24 @@ class LearnedOptimizer(Optimizer):
             if self._use_fused(group["backend"], device, compute_dtype, state_dtype):
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
                 ordered = _in_buffer_order(flat, ps, gs)
+                done: list[int] = []
                 try:
                     fused_update_(
                         self.rule, *ordered, lr=lr, loss=loss, maximize=group["maximize"],
-                        weights=self._fused_weights(device), block=_fused_block(),
+                        weights=self._fused_weights(device), block=_fused_block(), done=done,
                     )
                 except Exception as err:  # a kernel that fails to compile on this machine
                     if group["backend"] == "triton":
                         raise
                     warnings.warn(f"fused Triton update failed ({err!r}); using the PyTorch path", stacklevel=3)
                     self._fused_failed = True
-                    flat_update_(rule, *ordered, chunk=self.chunk, **common)
+                    # the runs the kernel already updated must not be stepped a second time
+                    ordered_ps, ordered_gs, buffers, offsets = ordered
+                    rest = sorted(set(range(len(ordered_ps))) - set(done))
+                    flat_update_(
+                        rule, [ordered_ps[i] for i in rest], [ordered_gs[i] for i in rest], buffers,
+                        [offsets[i] for i in rest], chunk=self.chunk, **common,
+                    )  # fmt: skip
             elif group["foreach"] is False:
                 states = [self._state_of(p, state_dtype) for p in ps]
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]

@@ -194,6 +194,7 @@ def fused_update_(
     weights: object,
     block: int,
     loss: Tensor | float | None = None,
+    done: list[int] | None = None,
 ) -> None:
     """The fused Triton path: :class:`CoordinateLSTM` (any feature set), or
     :class:`MetaLSTMCell`.
@@ -210,6 +211,9 @@ def fused_update_(
         loss: the optimizee's scalar loss, for :class:`MetaLSTMCell` (ignored otherwise). Unlike
             :func:`flat_update_`'s, it is NOT pre-negated: under ``maximize`` the rule sees
             ``-grad`` and ``-loss``, the kernel negating both.
+        done: if given, the indices into ``params`` of the tensors updated are appended to it as
+            each run finishes, so that a caller whose launch failed part-way (a kernel variant that
+            does not compile) can update the rest, and only the rest, another way.
     """
     launch = _fused_launcher(rule, lr=lr, maximize=maximize, weights=weights, block=block, loss=loss)
     for run in _runs(params, offsets):
@@ -227,6 +231,8 @@ def fused_update_(
         if not in_place:
             pieces = flat_param.split([p.numel() for p in members])
             torch._foreach_copy_(members, [piece.view(p.shape) for piece, p in zip(pieces, members, strict=True)])
+        if done is not None:
+            done.extend(run)
 
 
 def _fused_launcher(
