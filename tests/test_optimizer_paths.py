@@ -300,3 +300,30 @@ def test_a_group_with_two_dtypes_keeps_both_flat_buffers() -> None:
     extra.grad = torch.ones(4)  # a new member of the float32 buffer: it is rebuilt
     opt.step()
     assert sorted(str(key[2]) for key in opt._flat_states) == ["torch.float32", "torch.float64"]
+
+
+def test_auto_keeps_foreach_false_to_the_per_tensor_reference(monkeypatch) -> None:
+    """Once the kernel is validated, backend='auto' runs it on CUDA; foreach=False asks for the
+    per-tensor reference and must get it (forced on CPU as above), where an explicit
+    backend='triton' runs the kernel."""
+    import learnedopt.optim.learned_optimizer as lo
+    from learnedopt import kernels
+
+    if not kernels.FUSED_UPDATES_AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton in interpreter mode")
+    import learnedopt.kernels.coordinate_lstm_step as kernel
+
+    monkeypatch.setattr(kernels, "GPU_VALIDATED", True)
+    original = lo.LearnedOptimizer._use_fused
+    monkeypatch.setattr(
+        lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
+    )
+    real, launches = kernel.coordinate_lstm_step_, []
+    monkeypatch.setattr(kernel, "coordinate_lstm_step_", lambda *a, **k: launches.append(1) or real(*a, **k))
+    for backend, foreach, launched in (("auto", False, False), ("auto", None, True), ("triton", False, True)):
+        launches.clear()
+        params = make_params([(5,), (3,)], dtype=torch.float32)
+        opt = OPTIMIZERS["lstm"](params, "l2l-2016", backend=backend, foreach=foreach)
+        set_grads(params, 0)
+        opt.step()
+        assert bool(launches) == launched, (backend, foreach)

@@ -61,7 +61,8 @@ class LearnedOptimizer(Optimizer):
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
             hardware; else torch. It never fails where the torch path works).
         foreach: None or True for the batched path over all coordinates of a group, False for the
-            per-tensor reference.
+            per-tensor reference (which ``backend="auto"`` then keeps to; an explicit
+            ``backend="triton"`` runs the kernel).
     """
 
     rule_kind: ClassVar[str]
@@ -340,7 +341,7 @@ class LearnedOptimizer(Optimizer):
         # made, raises here, before any group is updated
         for group, partitions in zip(self.param_groups, plans, strict=True):
             for (device, compute_dtype), (ps, _) in partitions.items():
-                self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"])
+                self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"], group["foreach"])
                 for p in ps:
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
         # the user's autocast region (often the whole training step) must not run the rule's matrix
@@ -423,7 +424,7 @@ class LearnedOptimizer(Optimizer):
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
             loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
             common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
-            if self._use_fused(group["backend"], device, compute_dtype, state_dtype):
+            if self._use_fused(group["backend"], device, compute_dtype, state_dtype, group["foreach"]):
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
                 ordered = _in_buffer_order(flat, ps, gs)
                 done: list[int] = []
@@ -454,9 +455,12 @@ class LearnedOptimizer(Optimizer):
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
 
-    def _use_fused(self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
-        """Whether this partition runs the fused kernel; explicit ``"triton"`` raises if it cannot."""
-        if backend == "torch":
+    def _use_fused(
+        self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype, foreach: bool | None = None
+    ) -> bool:
+        """Whether this partition runs the fused kernel; explicit ``"triton"`` raises if it cannot,
+        and ``"auto"`` leaves ``foreach=False`` to the per-tensor reference it asks for."""
+        if backend == "torch" or (backend == "auto" and foreach is False):
             return False
         if backend == "auto" and (
             device.type != "cuda" or self._fused_failed or not kernels.FUSED_UPDATES_AVAILABLE or not kernels.GPU_VALIDATED
