@@ -170,11 +170,9 @@ def test_auto_backend_falls_back_to_torch_once_the_fused_update_fails(monkeypatc
     assert len(calls) == 1, "after one failure the fused path is not tried again"
 
 
-def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_twice(monkeypatch) -> None:
-    """A kernel variant that fails to compile for a later run of the group (Triton compiles one
-    per dtype and alignment) leaves the runs before it updated: the fallback must update only the
-    rest (it re-ran the whole group, so the first run's parameters and states moved twice). Forced
-    on CPU as above, with the real kernel in the interpreter failing on its second launch."""
+def validated_kernel_on_cpu(monkeypatch):
+    """backend='auto' as on CUDA with a validated kernel, forced on CPU through Triton's
+    interpreter: returns the kernel module, whose launcher a test may wrap."""
     import learnedopt.optim.learned_optimizer as lo
     from learnedopt import kernels
 
@@ -187,6 +185,15 @@ def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_tw
     monkeypatch.setattr(
         lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
     )
+    return kernel
+
+
+def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_twice(monkeypatch) -> None:
+    """A kernel variant that fails to compile for a later run of the group (Triton compiles one
+    per dtype and alignment) leaves the runs before it updated: the fallback must update only the
+    rest (it re-ran the whole group, so the first run's parameters and states moved twice). Forced
+    on CPU as above, with the real kernel in the interpreter failing on its second launch."""
+    kernel = validated_kernel_on_cpu(monkeypatch)
     real, launches = kernel.coordinate_lstm_step_, []
 
     def second_launch_fails(*args, **kwargs):
@@ -306,18 +313,7 @@ def test_auto_keeps_foreach_false_to_the_per_tensor_reference(monkeypatch) -> No
     """Once the kernel is validated, backend='auto' runs it on CUDA; foreach=False asks for the
     per-tensor reference and must get it (forced on CPU as above), where an explicit
     backend='triton' runs the kernel."""
-    import learnedopt.optim.learned_optimizer as lo
-    from learnedopt import kernels
-
-    if not kernels.FUSED_UPDATES_AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs Triton in interpreter mode")
-    import learnedopt.kernels.coordinate_lstm_step as kernel
-
-    monkeypatch.setattr(kernels, "GPU_VALIDATED", True)
-    original = lo.LearnedOptimizer._use_fused
-    monkeypatch.setattr(
-        lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
-    )
+    kernel = validated_kernel_on_cpu(monkeypatch)
     real, launches = kernel.coordinate_lstm_step_, []
     monkeypatch.setattr(kernel, "coordinate_lstm_step_", lambda *a, **k: launches.append(1) or real(*a, **k))
     for backend, foreach, launched in (("auto", False, False), ("auto", None, True), ("triton", False, True)):
