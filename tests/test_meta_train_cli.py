@@ -491,6 +491,31 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     assert [r["step"] for r in log_lines(broken)] == [1, 2, 3, 4]
 
 
+def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
+    """A second run in the folder of one still running (a ``--resume`` of a run thought dead) is
+    refused before it writes: unlocked, it rewrote the log under the first run, whose later lines
+    were lost, and the two wrote the same temporary checkpoint (one crashed with a traceback)."""
+    import os
+
+    fcntl = pytest.importorskip("fcntl")  # POSIX
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    held = os.open(out, os.O_RDONLY)  # what a running meta-train holds
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run(out, *args, "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "in use by another meta-train process" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        os.close(held)  # the first run ends (a kill releases the lock too)
+    assert run(out, *args, "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+    assert run(out, *args, "--resume") == 0  # the finished run released it
+
+
 def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ("--meta-steps", "4", "--checkpoint-every", "2")

@@ -148,6 +148,26 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
         assert -0.5 <= input_bias <= -0.3 and 9 <= forget_bias <= 10
 
 
+def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
+    """A ``--resume`` while the run is still going is refused before it writes anything."""
+    import os
+
+    fcntl = pytest.importorskip("fcntl")  # POSIX
+    out, args = tmp_path / "run", [*SINE_TINY, "--algo", "maml", "--meta-steps", "3"]
+    assert train(out, *args, "--stop-after", "2") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    held = os.open(out, os.O_RDONLY)  # what the running meta-train holds
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train(out, *args, "--resume") == 2
+        assert "in use by another meta-train process" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        os.close(held)
+    assert train(out, *args, "--resume") == 0
+    assert (out / MODEL_NAME).exists()
+
+
 def test_selection_keeps_the_best_validated_learner_and_resumes_exactly(tmp_path: Path) -> None:
     args = ["--algo", "maml", "--meta-batch", "2", "--val-tasks", "4", "--checkpoint-every", "2", "--seed", "6",
             "--meta-lr", "0.05"]  # fmt: skip

@@ -245,6 +245,57 @@ def refuse_options(
             )
 
 
+class OutputLock:
+    """An exclusive lock on a run's ``--out`` folder while a process writes to it, so that a
+    second run there (a ``--resume`` of a run thought dead, a job launched twice) is refused
+    before it writes anything: two writers would rewrite the log under each other, losing
+    records, and write the same temporary files.
+
+    It is ``flock`` on the folder, which the OS releases when the process ends, killed or not,
+    so no stale lock outlives a run. Where there is no such lock (Windows, a network filesystem
+    that refuses it) runs are not locked. Use it as a context manager around the whole run
+    (:func:`train_loop` acquires it once the folder exists; the final files are written after).
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def acquire(self, out: Path) -> None:
+        """Lock the existing folder ``out``.
+
+        Raises:
+            ConfigError: another process holds it.
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"{out} is in use by another meta-train process (a run there, or its --resume, is still "
+                "running); wait for it to end or stop it, then --resume"
+            ) from None
+        except OSError:  # a filesystem without flock: run unlocked
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def train_loop(
     config: RunConfig,
     trainer: Trainer,
@@ -256,6 +307,7 @@ def train_loop(
     progress: bool,
     hint: str = "lower --meta-lr or --clip",
     workers: Workers = SINGLE,
+    lock: OutputLock | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Run ``trainer``'s meta-steps up to ``config.meta_steps`` (or ``max_steps``), with the log,
     the progress bar and the atomic checkpoints (every ``checkpoint_every`` steps and at the end).
@@ -267,14 +319,16 @@ def train_loop(
     With several ``workers`` every rank runs the steps (the trainer shares the work out) and
     reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the
     progress. The ranks meet at a barrier after the checks, so no rank sees files that another
-    rank has just started writing.
+    rank has just started writing. Rank 0 acquires ``lock`` (an :class:`OutputLock` the caller
+    releases after writing the final files) once ``out`` exists, before writing anything.
 
     Returns:
         ``(step, log)``: the last meta-step completed and the records this call wrote.
 
     Raises:
-        ConfigError: an existing run without ``resume``, a checkpoint that does not fit, or a
-            non-finite meta-loss (the message ends with ``hint``).
+        ConfigError: an existing run without ``resume``, a checkpoint that does not fit, a
+            folder another process is writing to, or a non-finite meta-loss (the message ends
+            with ``hint``).
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
@@ -309,6 +363,8 @@ def train_loop(
             create_output_folder(out)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if lock is not None:
+            lock.acquire(out)
     workers.barrier()
     if workers.is_main and resume:
         _truncate_log(log_path, start)

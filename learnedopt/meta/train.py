@@ -58,6 +58,7 @@ from .loop import (
     LOG_NAME,
     WEIGHTS_NAME,
     ConfigError,
+    OutputLock,
     Selection,
     check_rule_config,
     check_run,
@@ -403,46 +404,48 @@ def meta_train(
     out = Path(out)
     command = command or "learnedopt.meta.train.meta_train(...)"
     trainer = _RuleTrainer(config, workers)
-    done, log = train_loop(
-        config,
-        trainer,
-        out,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        max_steps=max_steps,
-        progress=progress,
-        workers=workers,
-    )
-    rule, family = trainer.rule, trainer.family
-    if done < config.meta_steps:
-        return MetaTrainResult(rule, done, log, finished=False)
-    selected_step = trainer.selection.restore_best(rule.load_state_dict, config.meta_steps)
-    if not workers.is_main:
-        return MetaTrainResult(rule, done, log, finished=True, selected_step=selected_step)
+    with OutputLock() as lock:  # held until the final files are written
+        done, log = train_loop(
+            config,
+            trainer,
+            out,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            max_steps=max_steps,
+            progress=progress,
+            workers=workers,
+            lock=lock,
+        )
+        rule, family = trainer.rule, trainer.family
+        if done < config.meta_steps:
+            return MetaTrainResult(rule, done, log, finished=False)
+        selected_step = trainer.selection.restore_best(rule.load_state_dict, config.meta_steps)
+        if not workers.is_main:
+            return MetaTrainResult(rule, done, log, finished=True, selected_step=selected_step)
 
-    eval_family = _family(config, "meta_valid")
-    scores = {
-        "initial": evaluate(trainer.initial, eval_family, config),
-        "final": evaluate(rule, eval_family, config),
-    }
-    summary = {
-        "final_meta_loss": last_record(out, log)["meta_loss"],
-        "eval_initial": scores["initial"],
-        "eval_final": scores["final"],
-    }
-    summary |= trainer.selection.header_fields()
-    save_weights(
-        rule,
-        out / WEIGHTS_NAME,
-        preset=None,
-        trained=True,
-        trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
-        # not "config": that key of the header is the rule's architecture (load_weights reads it)
-        extra={"command": command, "meta_train_config": config.to_dict(),
-               "processes": workers.world_size, **summary},  # fmt: skip
-    )
-    _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size, trainer.selection)
-    return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
+        eval_family = _family(config, "meta_valid")
+        scores = {
+            "initial": evaluate(trainer.initial, eval_family, config),
+            "final": evaluate(rule, eval_family, config),
+        }
+        summary = {
+            "final_meta_loss": last_record(out, log)["meta_loss"],
+            "eval_initial": scores["initial"],
+            "eval_final": scores["final"],
+        }
+        summary |= trainer.selection.header_fields()
+        save_weights(
+            rule,
+            out / WEIGHTS_NAME,
+            preset=None,
+            trained=True,
+            trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
+            # not "config": that key of the header is the rule's architecture (load_weights reads it)
+            extra={"command": command, "meta_train_config": config.to_dict(),
+                   "processes": workers.world_size, **summary},  # fmt: skip
+        )
+        _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size, trainer.selection)
+        return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
 
 
 def select_tasks(config: MetaTrainConfig) -> int:

@@ -18,6 +18,7 @@ from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
     MODEL_NAME,
+    OutputLock,
     Selection,
     check_run,
     clip_meta_gradient_,
@@ -185,27 +186,29 @@ def meta_train_fewshot(
         hint = "lower --inner-lr, or --meta-lr (Reptile's outer step size)"
     else:
         hint = "lower --meta-lr" + (" or --clip" if config.clip is not None else "")
-    done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
-                           max_steps=max_steps, progress=progress, hint=hint, workers=workers)  # fmt: skip
-    if done < config.meta_steps:
-        return FewShotResult(trainer.learner, done, log, finished=False)
-    selected_step = trainer.selection.restore_best(trainer.learner.load_tensors, config.meta_steps)
-    if not workers.is_main:
-        return FewShotResult(trainer.learner, done, log, finished=True, selected_step=selected_step)
-    validation = {"initial": trainer.validate(trainer.initial_learner()), "final": trainer.validate(trainer.learner)}
-    extra = {
-        "task": config.task,
-        "command": command,
-        "meta_train_config": config.to_dict(),
-        "final_meta_loss": last_record(out, log)["meta_loss"],
-        "validation": validation,
-        "omniglot_split": trainer.split or None,
-    }
-    extra |= trainer.selection.header_fields()
-    save_learner(trainer.learner, out / MODEL_NAME, extra)
-    _write_card(out / CARD_NAME, config, command, trainer, extra)
-    return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation,
-                         selected_step=selected_step)  # fmt: skip
+    with OutputLock() as lock:  # held until the final files are written
+        done, log = train_loop(config, trainer, out, checkpoint_every=checkpoint_every, resume=resume,
+                               max_steps=max_steps, progress=progress, hint=hint, workers=workers,
+                               lock=lock)  # fmt: skip
+        if done < config.meta_steps:
+            return FewShotResult(trainer.learner, done, log, finished=False)
+        selected_step = trainer.selection.restore_best(trainer.learner.load_tensors, config.meta_steps)
+        if not workers.is_main:
+            return FewShotResult(trainer.learner, done, log, finished=True, selected_step=selected_step)
+        validation = {"initial": trainer.validate(trainer.initial_learner()), "final": trainer.validate(trainer.learner)}
+        extra = {
+            "task": config.task,
+            "command": command,
+            "meta_train_config": config.to_dict(),
+            "final_meta_loss": last_record(out, log)["meta_loss"],
+            "validation": validation,
+            "omniglot_split": trainer.split or None,
+        }
+        extra |= trainer.selection.header_fields()
+        save_learner(trainer.learner, out / MODEL_NAME, extra)
+        _write_card(out / CARD_NAME, config, command, trainer, extra)
+        return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation,
+                             selected_step=selected_step)  # fmt: skip
 
 
 def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
