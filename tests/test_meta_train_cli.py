@@ -567,6 +567,35 @@ def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: P
     assert run(out, *args, "--resume") == 0
 
 
+def test_a_damaged_or_cut_checkpoint_is_a_one_line_error_not_a_silent_resume(tmp_path: Path, capsys) -> None:
+    """torch.load does not check the zip archive's CRC-32s: a checkpoint with a flipped bit in a
+    tensor resumed silently from the damaged values, and a cut one gave torch's messages
+    (``[Errno 22] Invalid argument``, or advice to load with ``weights_only=False``)."""
+    import zipfile
+
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    with zipfile.ZipFile(out / "checkpoint.pt") as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    # the stored tensor's first byte: after the local header (30 bytes, name, extra field)
+    extra = int.from_bytes(good[member.header_offset + 28 : member.header_offset + 30], "little")
+    at = member.header_offset + 30 + len(member.filename.encode()) + extra
+    damaged = bytearray(good)
+    damaged[at] ^= 0x10
+    for data, message in ((bytes(damaged), "data/0 fails its CRC-32 check"),
+                          (good[: len(good) // 2], "not a complete checkpoint"),
+                          (b"", "not a complete checkpoint")):  # fmt: skip
+        (out / "checkpoint.pt").write_bytes(data)
+        assert run(out, *args, "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not (out / "weights.safetensors").exists()
+    (out / "checkpoint.pt").write_bytes(good)
+    assert run(out, *args, "--resume") == 0
+
+
 def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_path: Path, capsys) -> None:
     assert run(tmp_path / "run", "--meta-steps", "2", "--lr", "1e30") == 2
     err = capsys.readouterr().err

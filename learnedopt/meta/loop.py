@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -453,6 +454,15 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     """The checkpoint's payload, once its format and config are checked against ``config``."""
     if not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {path}")
+    # torch.save writes a zip archive with a CRC-32 per entry, which torch.load does not check:
+    # a damaged tensor would load, and the run resume from its wrong values
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ConfigError(f"--resume: cannot read {path}: not a complete checkpoint (cut short or damaged: {err})") from None
+    if damaged is not None:
+        raise ConfigError(f"--resume: {path} is damaged: its entry {damaged} fails its CRC-32 check")
     try:
         payload = _load(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line report
