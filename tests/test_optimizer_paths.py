@@ -273,6 +273,22 @@ def test_a_resized_parameter_fails_the_step_before_any_group_is_updated(foreach)
     assert torch.equal(p, before) and torch.equal(opt.state[p]["h"], h) and opt.state[p]["step"] == 1
 
 
+
+def test_a_resized_parameter_without_a_gradient_fails_the_step_before_any_group_is_updated() -> None:
+    """The batched path rebuilds a group's flat buffers from the states of all its parameters, one
+    without a gradient this step too: a resized one of those raised only there, after the
+    earlier groups had stepped."""
+    p, q, r = make_params([(4,), (3,), (1,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [p]}, {"params": [q, r]}])
+    set_grads([p, q, r], seed=0)
+    opt.step()
+    r.data, r.grad = torch.randn(5), None
+    set_grads([p, q], seed=1)
+    before, h = p.detach().clone(), opt.state[p]["h"].clone()
+    with pytest.raises(ValueError, match="changed size since its state was created"):
+        opt.step()
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["h"], h) and opt.state[p]["step"] == 1
+
 def test_moving_parameters_to_another_dtype_drops_the_old_flat_buffers() -> None:
     """After ``model.double()`` (or a move to another device) the group's states live in a new
     flat buffer; the old one must not stay referenced (a second copy of every state)."""

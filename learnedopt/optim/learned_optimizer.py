@@ -341,8 +341,11 @@ class LearnedOptimizer(Optimizer):
         # made, raises here, before any group is updated
         for group, partitions in zip(self.param_groups, plans, strict=True):
             for (device, compute_dtype), (ps, _) in partitions.items():
-                self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"], group["foreach"])
-                for p in ps:
+                fused = self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"], group["foreach"])
+                # the batched paths copy the states of every parameter with one into their flat
+                # buffers, a parameter without a gradient now too; the per-tensor path only ``ps``'
+                held = ps if group["foreach"] is False and not fused else self._flat_members(group, device, compute_dtype, ps)
+                for p in held:
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
         # the user's autocast region (often the whole training step) must not run the rule's matrix
         # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
@@ -525,12 +528,7 @@ class LearnedOptimizer(Optimizer):
     ) -> FlatState:
         """The group's flat buffers for one (device, compute dtype), rebuilt when stale: the
         parameters with state and those ``stepping`` now (not one skipped for a NaN gradient)."""
-        new = {id(p) for p in stepping}
-        members = [
-            p
-            for p in group["params"]
-            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or self.state.get(p))
-        ]
+        members = self._flat_members(group, device, compute_dtype, stepping)
         for p in members:
             self.state[p].setdefault("step", torch.tensor(0.0))
         key = (index, device, compute_dtype)
@@ -545,6 +543,18 @@ class LearnedOptimizer(Optimizer):
                 if not stale.is_current(stale.members, self.state, stale.dtype):
                     del self._flat_states[other]
         return flat
+
+    def _flat_members(
+        self, group: dict[str, Any], device: torch.device, compute_dtype: torch.dtype, stepping: list[Tensor]
+    ) -> list[Tensor]:
+        """The parameters of a group whose states its flat buffers for one (device, compute dtype)
+        hold, in group order: those with a state and those ``stepping`` now."""
+        new = {id(p) for p in stepping}
+        return [
+            p
+            for p in group["params"]
+            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or self.state.get(p))
+        ]
 
     def _rule_version(self) -> tuple[tuple[int, int], ...]:
         """Changes whenever the rule's weights do: in place (the version counter) or replaced
