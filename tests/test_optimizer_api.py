@@ -291,6 +291,16 @@ def test_init_state_gives_states_in_the_group_state_dtype(kind) -> None:
     assert any(s.moving_average for s in spec.values())  # both default presets have m and v
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_init_state_gives_a_frozen_parameter_no_state(kind) -> None:
+    trained, frozen = make_params([(3,), (2,)], dtype=torch.float32)
+    frozen.requires_grad_(False)
+    opt = OPTIMIZERS[kind]([trained, frozen])
+    opt.init_state()
+    assert "h" in opt.state[trained] and not opt.state.get(frozen)
+    assert int(opt.state[trained]["step"]) == 0
+
+
 @pytest.mark.parametrize("lr", [np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5)])
 def test_numpy_and_tensor_learning_rates_work_as_in_torch_optim(lr) -> None:
     """A scheduler's lambda may return a numpy scalar; torch.optim takes any real number."""
@@ -397,3 +407,16 @@ def test_a_schedule_decaying_to_zero_that_rounds_below_it_steps_at_lr_zero(kind,
     opt.param_groups[0]["lr"] = -1e-3  # a negative lr that no rounding explains is still an error
     with pytest.raises(ValueError, match="Invalid lr"):
         step(opt)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_an_lr_rounded_below_zero_leaves_zero_valued_coordinates_at_zero(kind, foreach) -> None:
+    """The rounding error is stepped as lr 0, not as -1e-17: a coordinate at 0.0 (where even that
+    tiny step shows) stays exactly 0.0."""
+    param = torch.zeros(4, requires_grad=True)
+    opt = OPTIMIZERS[kind]([param], foreach=foreach)
+    opt.param_groups[0].update(initial_lr=1.0, lr=-1e-17)
+    set_grads([param], seed=0)
+    step(opt)
+    assert torch.equal(param, torch.zeros(4)) and int(opt.state[param]["step"]) == 1

@@ -210,6 +210,23 @@ def test_weights_replaced_through_data_reach_the_kernel() -> None:
     torch.testing.assert_close(params[0], reference_params[0], **TOL)
 
 
+def test_an_explicit_triton_backend_raises_when_the_kernel_fails(monkeypatch) -> None:
+    """Only ``backend="auto"`` falls back to the PyTorch path; ``"triton"`` asked for the kernel."""
+    import learnedopt.optim.learned_optimizer as lo
+
+    def failing_fused_update(*args, **kwargs):
+        raise RuntimeError("kernel failed to compile")
+
+    monkeypatch.setattr(lo, "fused_update_", failing_fused_update)
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = LSTMOptimizer(params, backend="triton")
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match="kernel failed to compile"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("saved_under, loaded_under", [("triton", "torch"), ("torch", "triton")])
 def test_a_state_resumes_on_the_loading_optimizer_s_backend(kind, saved_under, loaded_under, monkeypatch) -> None:

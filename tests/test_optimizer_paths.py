@@ -51,6 +51,52 @@ def test_batched_matches_reference_when_some_grads_are_none(kind) -> None:
     assert opt.state[params[1]]["step"] == 4 and opt.state[params[3]]["step"] == 3
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_batched_path_leaves_a_skipped_one_element_tensor_between_two_others(kind) -> None:
+    """The tensors on either side of a one-coordinate gap in the flat buffers are two runs, each
+    updating only its own coordinates."""
+    schedule = lambda t: {1} if t % 2 else set()
+    shapes = [(4,), (1,), (5,)]
+    ref_params, ref = run(kind, shapes, False, steps=4, skip_schedule=schedule)
+    params, opt = run(kind, shapes, True, steps=4, skip_schedule=schedule)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        for name in opt.rule.state_spec():
+            torch.testing.assert_close(opt.state[p][name], ref.state[q][name], rtol=1e-12, atol=1e-12)
+
+
+def test_flat_update_rejects_a_chunk_below_one() -> None:
+    opt = LSTMOptimizer(make_params([(3,)], dtype=torch.float32))
+    opt.chunk = 0
+    set_grads(opt.param_groups[0]["params"], seed=0)
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_states_swapped_between_parameters_are_the_ones_stepped(kind) -> None:
+    """The flat buffers are rebuilt when a parameter's state entry no longer views its own slice
+    (here: two parameters' states exchanged), not stepped from the slices they held before."""
+    params = make_params([(3,), (3,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, seed=0)
+    step(opt)
+    a, b = params
+    saved = opt.state_dict()
+    saved["state"][0], saved["state"][1] = saved["state"][1], saved["state"][0]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = OPTIMIZERS[kind](ref_params)
+    ref.load_state_dict(saved)
+    opt.state[a], opt.state[b] = opt.state[b], opt.state[a]
+    for ps in (params, ref_params):
+        set_grads(ps, seed=1)
+    step(opt)
+    step(ref)
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["h"], ref.state[q]["h"])
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5),

@@ -84,6 +84,21 @@ def test_loading_into_an_optimizer_with_other_weights_fails() -> None:
         wide.load_state_dict(sd)
 
 
+def test_the_param_groups_copy_of_the_fingerprint_is_checked_without_the_top_level_one() -> None:
+    """``torch.distributed.checkpoint``'s helpers keep only ``state`` and ``param_groups``."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["learned_rule"]
+    other_rule = CoordinateLSTM()
+    other_rule.reset_parameters(torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="saved by an optimizer with other weights"):
+        LSTMOptimizer(params, weights=other_rule).load_state_dict(sd)
+    LSTMOptimizer(params).load_state_dict(sd)
+
+
 def test_load_does_not_alias_the_given_state() -> None:
     params = make_params([(4,)], dtype=torch.float32)
     opt = LSTMOptimizer(params)
@@ -299,6 +314,7 @@ def test_a_saved_step_of_another_type_loads_as_the_float32_count(saved_step) -> 
     ("step", -1.0, "saved 'step' of parameter 0"),
     ("step", torch.tensor([1.0, 2.0]), "saved 'step' of parameter 0"),
     ("step", True, "saved 'step' of parameter 0"),
+    ("step", float("nan"), "saved 'step' of parameter 0"),
     ("h", [[0.0]], r"saved state \['h'\] of parameter 0 must be tensors"),
 ])  # fmt: skip
 def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value, match) -> None:
@@ -314,6 +330,20 @@ def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value
     after = _snapshot(opt)
     for n, v in before["state"][0].items():
         assert torch.equal(after["state"][0][n], v), n
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_saved_state_missing_one_of_the_rule_s_states_is_rejected(foreach) -> None:
+    """It would otherwise load, and the batched path would silently restart every state of that
+    parameter (the per-tensor one fail with a KeyError)."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0]["c"]
+    with pytest.raises(ValueError, match="saved state of parameter 0 has"):
+        LSTMOptimizer(params, foreach=foreach).load_state_dict(saved)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
