@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
@@ -51,3 +56,17 @@ def to_device_keeping_strides(t: torch.Tensor, device: torch.device) -> torch.Te
         return t
     out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
     return out.copy_(t)
+
+
+@contextlib.contextmanager
+def folder_locked_by_another_run(out: Path) -> Iterator[None]:
+    """Hold the lock a running meta-train holds on its ``--out`` folder ``out`` (POSIX only:
+    callers skip without ``fcntl``); released on exit, as a run's end or kill releases it."""
+    import fcntl
+
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(held)

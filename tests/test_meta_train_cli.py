@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from helpers import folder_locked_by_another_run
 from test_meta_unroll import write_fake_mnist
 
 from learnedopt import load_weights
@@ -495,22 +496,16 @@ def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -
     """A second run in the folder of one still running (a ``--resume`` of a run thought dead) is
     refused before it writes: unlocked, it rewrote the log under the first run, whose later lines
     were lost, and the two wrote the same temporary checkpoint (one crashed with a traceback)."""
-    import os
-
-    fcntl = pytest.importorskip("fcntl")  # POSIX
+    pytest.importorskip("fcntl")  # POSIX
     out = tmp_path / "run"
     args = ("--meta-steps", "3", "--checkpoint-every", "1")
     assert run(out, *args, "--stop-after", "2") == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    held = os.open(out, os.O_RDONLY)  # what a running meta-train holds
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with folder_locked_by_another_run(out):
         assert run(out, *args, "--resume") == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "in use by another meta-train process" in err, err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    finally:
-        os.close(held)  # the first run ends (a kill releases the lock too)
     assert run(out, *args, "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
     assert run(out, *args, "--resume") == 0  # the finished run released it

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
+from helpers import folder_locked_by_another_run
 from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
@@ -150,20 +151,14 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
 
 def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
     """A ``--resume`` while the run is still going is refused before it writes anything."""
-    import os
-
-    fcntl = pytest.importorskip("fcntl")  # POSIX
+    pytest.importorskip("fcntl")  # POSIX
     out, args = tmp_path / "run", [*SINE_TINY, "--algo", "maml", "--meta-steps", "3"]
     assert train(out, *args, "--stop-after", "2") == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    held = os.open(out, os.O_RDONLY)  # what the running meta-train holds
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with folder_locked_by_another_run(out):
         assert train(out, *args, "--resume") == 2
         assert "in use by another meta-train process" in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    finally:
-        os.close(held)
     assert train(out, *args, "--resume") == 0
     assert (out / MODEL_NAME).exists()
 
