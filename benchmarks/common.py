@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
 from learnedopt.evaluation.report import cpu_name, dumps_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,18 +120,6 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 and the one-line ``PROG: error: MESSAGE`` on stderr (as argparse's own
     errors, without the usage lines)."""
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
-
-
-def positive_int(text: str) -> int:
-    """``type=`` of an argparse option that counts something (sizes, repeats, threads, steps): an
-    int of at least 1, else argparse's one-line ``argument --X: ...`` error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def require_equal_gradients(what: str, rel_diff: float, tolerance: float) -> None:

@@ -29,7 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """``type=`` of an argparse option that counts something (steps, sizes, repeats): an int of at
+    least 1, else argparse's one-line ``argument --X: must be a positive integer`` error."""
     try:
         value = int(text)
     except ValueError:
@@ -75,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train small models with the learned optimizers beside tuned baselines: a minibatch and a full-batch problem"
     )
-    demo.add_argument("--steps", type=_positive_int, default=300, help="the full-batch problem's steps (default 300)")
+    demo.add_argument("--steps", type=positive_int, default=300, help="the full-batch problem's steps (default 300)")
     demo.add_argument(
-        "--minibatch-steps", type=_positive_int, default=None, help="the minibatch problem's steps (default: its own, 200)"
+        "--minibatch-steps", type=positive_int, default=None, help="the minibatch problem's steps (default: its own, 200)"
     )
     demo.add_argument(
         "--data",
