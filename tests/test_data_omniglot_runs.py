@@ -61,6 +61,8 @@ def test_scorer_known_answers(tmp_path) -> None:
         score_runs(runs, perfect[:1])
     with pytest.raises(ValueError, match="expected"):
         score_runs(runs, [torch.zeros(3, dtype=torch.int64)] * 2)
+    with pytest.raises(ValueError, match="no runs to score"):
+        score_runs([], [])
 
 
 def test_scorer_means_the_runs_not_the_items(tmp_path) -> None:

@@ -92,6 +92,8 @@ def score_runs(runs: Sequence[OneShotRun], predictions: Sequence[torch.Tensor]) 
     """
     if len(runs) != len(predictions):
         raise ValueError(f"{len(runs)} runs but {len(predictions)} prediction sets")
+    if not runs:
+        raise ValueError("no runs to score: the mean error of zero runs is undefined")
     errors = []
     for run, predicted in zip(runs, predictions, strict=True):
         predicted = torch.as_tensor(predicted)
