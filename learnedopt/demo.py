@@ -137,6 +137,12 @@ def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | P
     """Both parts: :func:`run_minibatch` on :func:`minibatch_problem` (``minibatch_steps``: its
     steps, default the problem's 200) and :func:`run_regression` (``steps``); learnedopt's own
     warnings (e.g. of untrained presets) are printed once at the end."""
+    for option, count in (("steps", steps), ("minibatch_steps", minibatch_steps)):
+        if count is not None and count < 10:
+            raise ValueError(
+                f"{option} must be at least 10, got {count}: the tables show the loss at a tenth of the "
+                "steps and the mean of the last 10"
+            )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         problem = minibatch_problem(data)

@@ -65,6 +65,14 @@ def test_demo_table_row_shows_the_loss_at_a_tenth_of_the_steps() -> None:
     assert _row("SGD", losses[:35], 0.0).split()[2] == "97.0000"  # step 35 // 10
 
 
+@pytest.mark.parametrize("option", ["--steps", "--minibatch-steps"])
+def test_demo_refuses_fewer_steps_than_its_table_reports(option, capsys) -> None:
+    """Under 10 steps, "loss@<steps // 10>" would be a second loss@0 and "final10" a mean of fewer."""
+    assert main(["demo", option, "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("learnedopt demo: error:") and "at least 10, got 9" in err and "\n" not in err
+
+
 def test_kernels_are_installed_under_learnedopt_only() -> None:
     import learnedopt.kernels
 
