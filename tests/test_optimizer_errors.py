@@ -1,5 +1,7 @@
 """Every bad input gets a clear error, and nothing is changed when it does."""
 
+import re
+
 import pytest
 import torch
 from helpers import OPTIMIZERS, make_params, set_grads, step
@@ -42,6 +44,8 @@ def test_constructor_validation(cls) -> None:
         cls(p, lr=-0.1)
     with pytest.raises(ValueError, match="Invalid lr"):
         cls(p, lr=float("nan"))
+    with pytest.raises(ValueError, match="Invalid lr: inf .must be finite"):
+        cls(p, lr=float("inf"))
     with pytest.raises(ValueError, match="Invalid backend"):
         cls(p, backend="cuda")
     with pytest.raises(ValueError, match="Invalid state_dtype"):
@@ -359,3 +363,18 @@ def test_a_non_finite_closure_loss_under_skip_is_returned() -> None:
     loss = torch.tensor(float("inf"))
     assert opt.step(lambda: loss) is loss
     assert torch.equal(params[0], before)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(("dtype", "lr"), [(torch.float32, 1e39), (torch.float16, 1e5)])
+def test_an_lr_beyond_the_parameters_dtype_fails_before_any_group_is_updated(kind, foreach, dtype, lr) -> None:
+    """``param.add_(step, alpha=lr)`` cannot convert such an lr to the parameter's dtype: it raised
+    from inside the update of the second group, after the first group and its states had stepped."""
+    a, b = (p.detach().to(dtype).requires_grad_() for p in make_params([(3,), (2,)]))
+    opt = OPTIMIZERS[kind]([{"params": [a]}, {"params": [b], "lr": lr}], foreach=foreach)
+    set_grads([a, b], 0)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=re.escape(f"Invalid lr: {lr} is above the largest {dtype}")):
+        step(opt)
+    assert torch.equal(a, before) and not opt.state

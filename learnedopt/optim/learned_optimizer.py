@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import numbers
 import os
 import warnings
@@ -347,6 +348,7 @@ class LearnedOptimizer(Optimizer):
                 held = ps if group["foreach"] is False and not fused else self._flat_members(group, device, compute_dtype, ps)
                 for p in held:
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
+                _check_lr_fits(float(group["lr"]), ps)
         # the user's autocast region (often the whole training step) must not run the rule's matrix
         # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
         with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
@@ -684,6 +686,19 @@ def _scheduler_rounding(lr: float, options: dict[str, Any]) -> bool:
     return initial is not None and -lr <= SCHEDULER_ROUNDING * abs(float(initial))
 
 
+def _check_lr_fits(lr: float, params: list[Tensor]) -> None:
+    """Raise ValueError where ``lr`` exceeds the largest value of a parameter's dtype: the update
+    ``param.add_(step, alpha=lr)`` converts it to that dtype and would fail part-way through the
+    step (e.g. lr 1e5 for float16), after other tensors and states had been updated."""
+    for dtype in {p.dtype for p in params}:
+        largest = torch.finfo(dtype).max
+        if lr > largest:
+            raise ValueError(
+                f"Invalid lr: {lr} is above the largest {dtype} value ({largest:.4g}), the dtype of "
+                "parameters it updates; no parameter or state was changed"
+            )
+
+
 def _fused_block() -> int:
     # the interpreter pays per program instance, a GPU per register: see the kernel's docstring
     return 1024 if _triton_interpreted() else 64
@@ -700,6 +715,8 @@ def _validate_options(options: dict[str, Any]) -> None:
         raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)
     if not (float(lr) >= 0.0 or _scheduler_rounding(float(lr), options)):
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
+    if not math.isfinite(float(lr)):
+        raise ValueError(f"Invalid lr: {float(lr)} (must be finite; it multiplies the learned step)")
     if options["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {options['state_dtype']} (choose from {STATE_DTYPES})")
     if options["nan_policy"] not in NAN_POLICIES:
