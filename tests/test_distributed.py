@@ -411,10 +411,10 @@ def test_a_sharded_parameter_refuses_a_saved_state_of_another_shape() -> None:
         dist.destroy_process_group()
 
 
-def _readme_checkpoint_round_trip(build, make_optimizer, folder: Path) -> tuple:
+def _readme_checkpoint_round_trip(build, make_optimizer, folder: Path, planner=None) -> tuple:
     """The README's ``torch.distributed.checkpoint`` recipe in one process (no process group):
-    2 steps, save, load into a fresh model and optimizer; returns both (model, optimizer) pairs
-    after one more step of each on the same data."""
+    2 steps, save, load (with ``planner``) into a fresh model and optimizer; returns both
+    (model, optimizer) pairs after one more step of each on the same data."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -437,7 +437,7 @@ def _readme_checkpoint_round_trip(build, make_optimizer, folder: Path) -> tuple:
     restored = make_optimizer(restored_model)
     restored.init_state()
     state = {"optim": get_optimizer_state_dict(restored_model, restored)}
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), planner=planner)
     set_optimizer_state_dict(restored_model, restored, state["optim"])
     for m, o in ((model, optimizer), (restored_model, restored)):
         train(m, o, 2)
@@ -461,6 +461,46 @@ def test_the_readme_checkpoint_recipe_works_with_a_frozen_parameter(tmp_path: Pa
     (model, _), (restored_model, restored) = _readme_checkpoint_round_trip(build, lambda m: cls(m.parameters()), tmp_path)
     assert [p in restored.state for p in restored_model.parameters()] == [False, False, True, True]
     assert all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_the_readme_checkpoint_recipe_with_a_partial_load_for_a_parameter_without_gradients(
+    tmp_path: Path, optimizer: str
+) -> None:
+    """A trainable parameter that the loss never used had no gradient, so no state in the
+    checkpoint (as with torch.optim), while ``init_state()`` gives it one: the strict load fails
+    with "Missing key", and the README's partial load keeps the fresh state its first step would
+    make. Training then continues exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    import learnedopt
+
+    class WithUnusedHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.unused = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return WithUnusedHead()
+
+    cls = getattr(learnedopt, optimizer)
+    with pytest.raises(dcp.api.CheckpointException, match="Missing key"):
+        _readme_checkpoint_round_trip(build, lambda m: cls(m.parameters()), tmp_path / "strict")
+    (model, optimizer_), (restored_model, restored) = _readme_checkpoint_round_trip(
+        build, lambda m: cls(m.parameters()), tmp_path / "partial", dcp.DefaultLoadPlanner(allow_partial_load=True)
+    )
+    assert all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))
+    fresh = cls(build().unused.parameters())
+    fresh.init_state()
+    for p, q in zip(restored_model.unused.parameters(), fresh.param_groups[0]["params"], strict=True):
+        assert restored.state[p].keys() == fresh.state[q].keys()
+        assert all(torch.equal(restored.state[p][k], fresh.state[q][k]) for k in fresh.state[q])
+    for p, q in zip(restored_model.body.parameters(), model.body.parameters(), strict=True):
+        assert all(torch.equal(restored.state[p][k], optimizer_.state[q][k]) for k in optimizer_.state[q])
 
 
 def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_path: Path) -> None:
