@@ -503,13 +503,16 @@ def test_the_readme_checkpoint_recipe_with_a_partial_load_for_a_parameter_withou
         assert all(torch.equal(restored.state[p][k], optimizer_.state[q][k]) for k in optimizer_.state[q])
 
 
-def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_path: Path, flatten: bool) -> None:
     """``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``, so the rule's
     fingerprint at the top of ``state_dict()`` was dropped and the README's recipe loaded the
     states of one rule's weights into an optimizer running another's. The param groups' copy
-    of the fingerprint keeps the check; the same weights still load."""
+    of the fingerprint keeps the check; the same weights still load. With
+    ``flatten_optimizer_state_dict`` torch rebuilds each loaded group from the keys of the live
+    groups, which did not hold the copy: it loaded other weights' states in silence."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
     from learnedopt import LSTMOptimizer
 
@@ -517,23 +520,24 @@ def test_a_distributed_checkpoint_refuses_an_optimizer_with_other_weights(tmp_pa
         torch.manual_seed(0)
         return torch.nn.Linear(3, 2)
 
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model = build()
     optimizer = LSTMOptimizer(model.parameters(), weights="l2l-short")
     model(torch.ones(4, 3)).square().mean().backward()
     optimizer.step()
-    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(tmp_path))
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer, options=options)}, checkpoint_id=str(tmp_path))
     for weights in ("l2l-random", "l2l-short"):  # the same architecture, other weights; the same
         fresh_model = build()
         fresh = LSTMOptimizer(fresh_model.parameters(), weights=weights)
         fresh.init_state()
-        state = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+        state = {"optim": get_optimizer_state_dict(fresh_model, fresh, options=options)}
         dcp.load(state, checkpoint_id=str(tmp_path))
         if weights == "l2l-random":
             with pytest.raises(ValueError, match="saved by an optimizer with other weights"):
-                set_optimizer_state_dict(fresh_model, fresh, state["optim"])
+                set_optimizer_state_dict(fresh_model, fresh, state["optim"], options=options)
         else:
-            set_optimizer_state_dict(fresh_model, fresh, state["optim"])
-            assert "learned_rule" not in fresh.param_groups[0]  # not kept as a group option
+            set_optimizer_state_dict(fresh_model, fresh, state["optim"], options=options)
+            assert json.loads(fresh.param_groups[0]["learned_rule"]) == fresh.state_dict()["learned_rule"]
             assert all(torch.equal(fresh.state[p]["h"], optimizer.state[q]["h"])
                        for p, q in zip(fresh_model.parameters(), model.parameters(), strict=True))  # fmt: skip
 

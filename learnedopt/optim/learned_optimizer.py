@@ -115,6 +115,14 @@ class LearnedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group is not kept, as when torch.optim rejects one
             raise
+        self.param_groups[-1]["learned_rule"] = self._rule_json()
+
+    def _rule_json(self) -> str:
+        """The rule's fingerprint as the JSON string each param group carries (see
+        :meth:`state_dict`): ``torch.distributed.checkpoint``'s ``flatten_optimizer_state_dict``
+        rebuilds a loaded group from the keys of the live groups, so the live groups hold the key
+        too, or the saved fingerprint would not reach :meth:`load_state_dict`."""
+        return json.dumps(fingerprint(self.rule), sort_keys=True)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         _validate_options(group)
@@ -153,6 +161,8 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
+        for group in self.param_groups:  # pickled by an earlier version, without the key
+            group.setdefault("learned_rule", self._rule_json())
 
     def init_state(self) -> None:
         """Create the initial state of every parameter that requires grad now (as its first
@@ -205,11 +215,11 @@ class LearnedOptimizer(Optimizer):
             state_dict["state"][index] = {
                 name: shaped(value, spec[name]) if name in spec else value for name, value in saved.items()
             }
-        rule = fingerprint(self.rule)
+        rule_json = self._rule_json()  # the weights now, which a caller may have changed in place
         for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
             group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
-            group["learned_rule"] = json.dumps(rule, sort_keys=True)
-        state_dict["learned_rule"] = rule
+            group["learned_rule"] = rule_json
+        state_dict["learned_rule"] = json.loads(rule_json)
         for post_hook in post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -252,7 +262,7 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
-            saved_group.pop("learned_rule", None)  # checked above; not a group option
+            saved_group["learned_rule"] = self._rule_json()  # checked above
             for key, value in self.defaults.items():  # a key this version added since the save
                 saved_group.setdefault(key, value)
             # where the step runs is this machine's choice, not the saved run's: a checkpoint
