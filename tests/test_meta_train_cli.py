@@ -220,6 +220,8 @@ BAD = [
     (["--task", "quadratic:0+mnist-mlp"], "unknown task 'quadratic:0+mnist-mlp'"),
     (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),
     (["--task", "mnist-mlp", "--data", "{tmp}/no-such-dir"], "no-such-dir"),
+    # a weight of non-ASCII digits passed str.isdigit() and crashed int() with a traceback
+    (["--task", "quadratic:\u00b3+regression"], "unknown task 'quadratic:\u00b3+regression'"),
     (["--unroll", "0"], "--unroll must be a positive integer, got 0"),
     (["--loss-weighting", "final"], "unknown --loss-weighting 'final'; choose from uniform, linear"),
     (["--horizon", "-5"], "--horizon must be a positive integer"),
