@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -304,6 +305,16 @@ def test_bad_mixtures_are_refused(name) -> None:
     with pytest.raises(ValueError, match="unknown task"):
         make_family(name)
     assert not is_task_family(name)
+
+
+def test_data_is_refused_by_families_that_read_none(tmp_path) -> None:
+    for name in ("quadratic", "regression", "quadratic+regression"):
+        with pytest.raises(ValueError, match=re.escape(f"task {name!r} reads none")):
+            make_family(name, data=tmp_path)
+    # in a mixture, the folder goes to the members that read it
+    root = write_fake_mnist(tmp_path / "mnist", n=50)
+    mix = make_family("regression+mlp-random", data=root)
+    assert "MNIST" in mix.members[1].describe()
 
 
 def test_bad_mixture_arguments_are_refused() -> None:

@@ -220,6 +220,9 @@ BAD = [
     (["--task", "quadratic:0+mnist-mlp"], "unknown task 'quadratic:0+mnist-mlp'"),
     (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),
     (["--task", "mnist-mlp", "--data", "{tmp}/no-such-dir"], "no-such-dir"),
+    # no family of these reads data: --data was ignored, yet written into the card's command
+    (["--data", "{tmp}"], "--data is the MNIST folder of --task mnist-mlp and mlp-random; --task quadratic reads none"),
+    (["--task", "regression+quadratic", "--data", "{tmp}"], "--task regression+quadratic reads none"),
     # a weight of non-ASCII digits passed str.isdigit() and crashed int() with a traceback
     (["--task", "quadratic:\u00b3+regression"], "unknown task 'quadratic:\u00b3+regression'"),
     (["--unroll", "0"], "--unroll must be a positive integer, got 0"),

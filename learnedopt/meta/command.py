@@ -169,7 +169,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         metavar="PATH",
-        help="MNIST folder (or a folder holding mnist/) for --task mnist-mlp, folder of the Omniglot zips (or a folder holding omniglot/) for --task omniglot "
+        help="MNIST folder (or a folder holding mnist/) for --task mnist-mlp and mlp-random (and mixtures with them), folder of the Omniglot zips (or a folder holding omniglot/) for --task omniglot "
         "(default: LEARNEDOPT_DATA, ../shared/data)",
     )
     parser.add_argument(

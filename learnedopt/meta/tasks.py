@@ -827,6 +827,8 @@ class MixtureFamily(TaskFamily):
 
 
 TASK_FAMILIES: tuple[str, ...] = ("quadratic", "mnist-mlp", "mlp-random", "regression")
+#: the families that read the MNIST folder (``data=``, ``--data``); the others generate their tasks
+DATA_FAMILIES: tuple[str, ...] = ("mnist-mlp", "mlp-random")
 #: joins family names into a mixture's name, e.g. ``mlp-random+quadratic``
 MIXTURE_SEPARATOR = "+"
 #: gives a mixture member a weight, e.g. ``mlp-random:3+quadratic``
@@ -860,6 +862,12 @@ def is_task_family(name: str) -> bool:
     return name in TASK_FAMILIES or parse_mixture(name) is not None
 
 
+def reads_data(name: str) -> bool:
+    """Whether the task ``name`` (a family, or a mixture as :func:`is_task_family` accepts) reads
+    the MNIST folder: it is, or has a member in, :data:`DATA_FAMILIES`."""
+    return any(family in DATA_FAMILIES for family, _ in parse_mixture(name) or [(name, 1)])
+
+
 def make_family(
     name: str,
     *,
@@ -871,14 +879,17 @@ def make_family(
     for a :class:`MixtureFamily` (e.g. ``mlp-random+quadratic``, or ``mlp-random:3+quadratic`` to
     draw ``mlp-random`` three times as often).
 
-    ``split`` chooses the data part of data-backed families (see :data:`MNIST_SPLIT`).
+    ``split`` chooses the data part of data-backed families (see :data:`MNIST_SPLIT`); ``data``
+    is their MNIST folder, and is refused by a task that reads none (it would be ignored).
     """
+    if data is not None and is_task_family(name) and not reads_data(name):
+        raise ValueError(f"data is the MNIST folder of {' and '.join(DATA_FAMILIES)}; task {name!r} reads none")
     if MIXTURE_SEPARATOR in name:
         members = parse_mixture(name)
         if members is None:
             raise ValueError(f"unknown task {name!r}; choose from {TASK_NAME_SYNTAX}")
         return MixtureFamily(
-            [make_family(f, data=data, split=split, dtype=dtype) for f, _ in members],
+            [make_family(f, data=data if f in DATA_FAMILIES else None, split=split, dtype=dtype) for f, _ in members],
             [w for _, w in members],
         )
     if name == "quadratic":

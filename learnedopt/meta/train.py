@@ -70,7 +70,16 @@ from .loop import (
     train_loop,
     write_text_atomic,
 )
-from .tasks import TASK_NAME_SYNTAX, MixtureFamily, TaskFamily, generator_for, is_task_family, make_family
+from .tasks import (
+    DATA_FAMILIES,
+    TASK_NAME_SYNTAX,
+    MixtureFamily,
+    TaskFamily,
+    generator_for,
+    is_task_family,
+    make_family,
+    reads_data,
+)
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
@@ -108,7 +117,8 @@ class MetaTrainConfig:
             0: keep the last weights.
         select_tasks: tasks of that selection episode (None: ``meta_batch``); a small draw is a
             noisy score (``benchmarks/results/l2l_selection/``).
-        data: MNIST folder for data tasks (None: the default search).
+        data: MNIST folder of the tasks that read it (:data:`~learnedopt.meta.tasks.DATA_FAMILIES`;
+            None: the default search); refused for tasks that read none.
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
             resumed on another device.
@@ -143,6 +153,10 @@ class MetaTrainConfig:
         """Raise :class:`ConfigError` naming the first bad setting."""
         if not is_task_family(self.task):
             raise ConfigError(f"unknown task {self.task!r}; choose from {TASK_NAME_SYNTAX}")
+        if self.data is not None and not reads_data(self.task):
+            raise ConfigError(
+                f"--data is the MNIST folder of --task {' and '.join(DATA_FAMILIES)}; --task {self.task} reads none"
+            )
         if (self.rule is None) == (self.preset is None):
             raise ConfigError("give exactly one of --rule and --preset")
         if self.rule is not None and self.rule not in RULES:
