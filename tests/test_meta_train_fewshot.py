@@ -242,6 +242,8 @@ BAD = [
     (["--algo", "maml", "--ways", "5"], "--ways does not apply to --task sinusoid"),
     (["--algo", "maml", "--augment"], "--augment does not apply to --task sinusoid"),
     (["--algo", "reptile", "--same-rotation"], "--same-rotation does not apply to --task sinusoid"),
+    # the sinusoid tasks are generated: --data was ignored, yet recorded in the card's command
+    (["--algo", "maml", "--data", "{tmp}"], "--data does not apply to --task sinusoid"),
     (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
@@ -409,6 +411,7 @@ def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:
         ("maml", "sinusoid", {"augment": True}, "--augment is an Omniglot setting; --task sinusoid does not read it"),
         ("maml", "sinusoid", {"hidden": 8}, "--hidden is an Omniglot setting"),
         ("fomaml", "sinusoid", {"same_alphabet": True}, "--same-alphabet is an Omniglot setting"),
+        ("reptile", "sinusoid", {"data": "/some/folder"}, "--data is an Omniglot setting"),
     ],
 )
 def test_the_api_refuses_settings_its_run_would_ignore(algo: str, task: str, changes: dict, message: str) -> None:

@@ -30,7 +30,7 @@ FEWSHOT_ONLY: tuple[str, ...] = (
     "zero_head", "valid_alphabets", "test_alphabets",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
-                  "test_alphabets")  # fmt: skip
+                  "test_alphabets", "data")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class FewShotConfig:
             validation and evaluation images are never distorted.
         val_tasks: validation tasks (a fixed draw) for the end-of-run metric.
         seed: the root of every random draw.
-        data: folder of the Omniglot zips (None: the default search).
+        data: folder of the Omniglot zips (None: the default search); omniglot only.
         rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
             ``MetaLSTMCell``); None for the other algorithms.
         rule_config: meta-lstm: the rule's config fields that differ from its class's defaults,
