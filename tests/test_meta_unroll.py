@@ -375,10 +375,32 @@ def test_mnist_second_order_unroll_runs(tmp_path: Path) -> None:
     assert not torch.allclose(grads[True], grads[False])
 
 
-@pytest.mark.parametrize("dim", [0, -1])
+@pytest.mark.parametrize("dim", [0, -1, 2.5, True])  # 2.5: randn's TypeError; True: a 1-dim quadratic
 def test_a_quadratic_needs_a_dimension(dim: int) -> None:
-    with pytest.raises(ValueError, match=f"dim must be >= 1, got {dim}"):
+    with pytest.raises(ValueError, match=f"QuadraticFamily: dim must be an integer >= 1, got {dim}"):
         QuadraticFamily(dim=dim)
+
+
+@pytest.mark.parametrize("name", ["quadratic", "mnist-mlp", "mlp-random", "regression"])
+def test_families_refuse_what_they_cannot_draw(name: str, tmp_path: Path) -> None:
+    data = write_fake_mnist(tmp_path) if name in ("mnist-mlp", "mlp-random") else None
+    # an integer dtype: mnist-mlp's parameters came out float32, the others raised torch's
+    # "normal_kernel_cpu not implemented for 'Long'"
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype, got torch\.int64"):
+        make_family(name, data=data, dtype=torch.int64)
+    family = make_family(name, data=data)
+    for size in (0, -1, 2.0, True):  # 2.0: quadratic and mnist-mlp raised range()'s TypeError
+        with pytest.raises(ValueError, match=f"size must be an integer >= 1, got {size}"):
+            family.sample_batch(size, generator_for(0))
+    # quadratic and regression read no data part, but a misspelt one is still a mistake
+    with pytest.raises(ValueError, match="unknown split 'meta-train'"):
+        make_family(name, data=data, split="meta-train")
+
+
+def test_mnist_mlp_family_needs_a_sequence_of_hidden_widths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="hidden must be a sequence of widths, got 20"):  # was: int is not iterable
+        MnistMLPFamily(write_fake_mnist(tmp_path), hidden=20)
+    assert MnistMLPFamily(write_fake_mnist(tmp_path), hidden=()).sizes == (784, 10)  # logistic regression
 
 
 def test_missing_mnist_is_one_clear_line(tmp_path: Path) -> None:

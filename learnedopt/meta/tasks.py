@@ -45,6 +45,13 @@ def generator_for(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
+def _check_float_dtype(owner: str, dtype: torch.dtype) -> None:
+    """Raise ValueError unless ``dtype``, that of a family's data and parameters, is a floating-point
+    dtype (an integer one has no random normal draws, and MNIST's pixels / 255 come out float32)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{owner}: dtype must be a floating-point dtype, got {dtype!r}")
+
+
 class Task(ABC):
     """One optimizee: initial parameters and a minibatch loss."""
 
@@ -108,6 +115,7 @@ class TaskFamily(ABC):
 
     def sample_batch(self, size: int, generator: torch.Generator) -> TaskBatch:
         """Draw ``size`` tasks (in order, from ``generator``)."""
+        check_positive_integer("size", size)
         return TaskBatch([self.sample(generator) for _ in range(size)])
 
     @abstractmethod
@@ -154,8 +162,8 @@ class QuadraticFamily(TaskFamily):
     name = "quadratic"
 
     def __init__(self, dim: int = 10, dtype: torch.dtype = torch.float32) -> None:
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        check_positive_integer("QuadraticFamily: dim", dim)
+        _check_float_dtype("QuadraticFamily", dtype)
         self.dim, self.dtype = dim, dtype
 
     def sample(self, generator: torch.Generator) -> QuadraticTask:
@@ -164,6 +172,7 @@ class QuadraticFamily(TaskFamily):
         return QuadraticTask(weight.to(self.device), target.to(self.device))
 
     def sample_batch(self, size: int, generator: torch.Generator) -> QuadraticBatch:
+        check_positive_integer("size", size)
         return QuadraticBatch([self.sample(generator) for _ in range(size)])
 
     def describe(self) -> str:
@@ -299,6 +308,9 @@ class MnistMLPFamily(ExampleFamily):
     ) -> None:
         from ..data import load_mnist, split_indices
 
+        if isinstance(hidden, str) or not isinstance(hidden, Sequence):
+            raise ValueError(f"MnistMLPFamily: hidden must be a sequence of widths, got {hidden!r}")
+        _check_float_dtype("MnistMLPFamily", dtype)
         for what, value in (("batch_size", batch_size), *(("hidden width", width) for width in hidden)):
             check_positive_integer(f"MnistMLPFamily: {what}", value)
         if split not in MNIST_SPLIT:
@@ -319,6 +331,7 @@ class MnistMLPFamily(ExampleFamily):
         return MLPTask(self.module, self.inputs, self.labels, self.pool, self.batch_size, seed)
 
     def sample_batch(self, size: int, generator: torch.Generator) -> MLPBatch:
+        check_positive_integer("size", size)
         return MLPBatch([self.sample(generator) for _ in range(size)])
 
     def describe(self) -> str:
@@ -546,6 +559,7 @@ class RandomMLPFamily(ExampleFamily):
             raise ValueError(f"unknown source {source!r}; choose 'mnist' or 'synthetic'")
         if source == "synthetic" and data is not None:
             raise ValueError("data is the MNIST folder; it cannot be given with source='synthetic'")
+        _check_float_dtype("RandomMLPFamily", dtype)
         self.depth = _range("depth", depth, integer=True, positive=True)
         self.width = _range("width", width, integer=True, positive=True)
         self.batch_size = _range("batch_size", batch_size, integer=True, positive=True)
@@ -589,8 +603,7 @@ class RandomMLPFamily(ExampleFamily):
         self, architecture: MLPArchitecture, size: int, generator: torch.Generator
     ) -> RandomMLPBatch:
         """``size`` tasks of ``architecture``: per task, input scale, init scale, then seed."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        check_positive_integer("size", size)
         if architecture.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {architecture.activation!r}")
         module = architecture.module(self.inputs.shape[1], self.classes)
@@ -619,8 +632,7 @@ class RandomMLPFamily(ExampleFamily):
 
     def sample_batch(self, size: int, generator: torch.Generator) -> RandomMLPBatch:
         """One architecture, then ``size`` tasks of it (:meth:`sample_tasks`)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        check_positive_integer("size", size)
         return self.sample_tasks(self.sample_architecture(generator), size, generator)
 
     def describe(self) -> str:
@@ -726,6 +738,7 @@ class RegressionFamily(TaskFamily):
     ) -> None:
         if isinstance(points, bool) or not isinstance(points, int) or points < 1:
             raise ValueError(f"points must be an integer >= 1, got {points!r}")
+        _check_float_dtype("RegressionFamily", dtype)
         self.points, self.dtype = points, dtype
         self.features = _range("features", features, integer=True, positive=True)
         self.depth = _range("depth", depth, integer=True, positive=True)
@@ -742,8 +755,7 @@ class RegressionFamily(TaskFamily):
         return self.sample_batch(1, generator).tasks[0]
 
     def sample_batch(self, size: int, generator: torch.Generator) -> RegressionBatch:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        check_positive_integer("size", size)
         features = _log_uniform_int(*self.features, generator)
         depth = int(torch.randint(self.depth[0], self.depth[1] + 1, (), generator=generator))
         hidden = tuple(_log_uniform_int(*self.width, generator) for _ in range(depth))
@@ -882,6 +894,8 @@ def make_family(
     ``split`` chooses the data part of data-backed families (see :data:`MNIST_SPLIT`); ``data``
     is their MNIST folder, and is refused by a task that reads none (it would be ignored).
     """
+    if split not in MNIST_SPLIT:
+        raise ValueError(f"unknown split {split!r}; parts: {sorted(MNIST_SPLIT)}")
     if data is not None and is_task_family(name) and not reads_data(name):
         raise ValueError(f"data is the MNIST folder of {' and '.join(DATA_FAMILIES)}; task {name!r} reads none")
     if MIXTURE_SEPARATOR in name:
