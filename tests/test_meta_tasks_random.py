@@ -221,6 +221,15 @@ def test_bad_arguments_raise_clear_errors(kwargs, message) -> None:
         RandomMLPFamily(**{"source": "synthetic", **kwargs})
 
 
+def test_synthetic_seed_is_refused_with_mnist(tmp_path) -> None:
+    root = write_fake_mnist(tmp_path / "mnist", n=50)
+    # it was ignored: the MNIST family drew the same tasks whatever the seed
+    with pytest.raises(ValueError, match="synthetic_seed seeds the synthetic data; it cannot be given with source='mnist'"):
+        RandomMLPFamily(root, synthetic_seed=3)
+    assert "synthetic_classification_data(seed=0)" in RandomMLPFamily(source="synthetic").describe()
+    assert "seed=3" in RandomMLPFamily(source="synthetic", synthetic_seed=3).describe()
+
+
 def test_bad_sizes_mixed_batches_and_missing_data(small64, tmp_path) -> None:
     for size in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="size must be an integer >= 1"):

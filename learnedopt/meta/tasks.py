@@ -526,7 +526,7 @@ class RandomMLPFamily(ExampleFamily):
         batch_size: ``(low, high)`` examples per minibatch, integers >= 1.
         input_scale: ``(low, high)`` factor on the inputs, > 0.
         init_scale: ``(low, high)`` factor on PyTorch's default init, > 0.
-        synthetic_seed: seed of the synthetic data set.
+        synthetic_seed: seed of the synthetic data set, ``source="synthetic"`` only (default 0).
         dtype: float dtype of the inputs and parameters.
 
     Raises:
@@ -548,7 +548,7 @@ class RandomMLPFamily(ExampleFamily):
         batch_size: tuple[int, int] = (32, 256),
         input_scale: tuple[float, float] = (0.1, 10.0),
         init_scale: tuple[float, float] = (0.5, 2.0),
-        synthetic_seed: int = 0,
+        synthetic_seed: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         from ..data import split_indices
@@ -559,6 +559,8 @@ class RandomMLPFamily(ExampleFamily):
             raise ValueError(f"unknown source {source!r}; choose 'mnist' or 'synthetic'")
         if source == "synthetic" and data is not None:
             raise ValueError("data is the MNIST folder; it cannot be given with source='synthetic'")
+        if source == "mnist" and synthetic_seed is not None:
+            raise ValueError("synthetic_seed seeds the synthetic data; it cannot be given with source='mnist'")
         _check_float_dtype("RandomMLPFamily", dtype)
         self.depth = _range("depth", depth, integer=True, positive=True)
         self.width = _range("width", width, integer=True, positive=True)
@@ -575,7 +577,8 @@ class RandomMLPFamily(ExampleFamily):
                 f"unknown activation(s) {unknown}; choose from {', '.join(ACTIVATIONS)}"
             )
         self.activations = tuple(activations)
-        self.split, self.source, self.synthetic_seed = split, source, synthetic_seed
+        self.split, self.source = split, source
+        self.synthetic_seed = 0 if synthetic_seed is None else synthetic_seed
 
         if source == "mnist":
             from ..data import load_mnist
@@ -584,7 +587,7 @@ class RandomMLPFamily(ExampleFamily):
             self.inputs = images.reshape(len(images), -1).to(dtype) / 255.0
             self.labels = labels
         else:
-            self.inputs, self.labels = synthetic_classification_data(synthetic_seed, dtype=dtype)
+            self.inputs, self.labels = synthetic_classification_data(self.synthetic_seed, dtype=dtype)
         self.pool = split_indices(len(self.inputs), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)[split]
         if len(self.pool) == 0:
             raise ValueError(f"the {split!r} part of {len(self.inputs)} {source} examples is empty")
