@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .nn.base import check_positive_integer
+
 
 def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: int = 28, pooling: str = "stride") -> nn.Sequential:
     """The 4-block convolutional network of the MAML paper (Finn et al. 2017, after Vinyals et al.).
@@ -15,9 +17,16 @@ def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: in
     resolution, by a stride-2 convolution (``pooling="stride"``, the MAML paper's Omniglot choice)
     or 2x2 max-pooling (``"max"``, its MiniImagenet choice). A linear layer maps the flattened
     features to ``n_way`` logits. Input ``(N, in_channels, image_size, image_size)``.
+
+    Raises:
+        ValueError: an unknown ``pooling``, an ``image_size`` below 1, or, with ``"max"``, below
+            16 (a fourth 2x2 pooling of a 1x1 map leaves nothing).
     """
     if pooling not in ("stride", "max"):
         raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
+    check_positive_integer("conv4: image_size", image_size)
+    if pooling == "max" and image_size < 16:
+        raise ValueError(f"conv4: image_size {image_size} is too small for 4 halvings by max-pooling; it needs at least 16")
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
     for _ in range(4):
@@ -82,6 +91,7 @@ class TinyTransformer(nn.Module):
 
     def __init__(self, vocab: int = 16, seq_len: int = 16, width: int = 32, heads: int = 2) -> None:
         super().__init__()
+        check_positive_integer("TinyTransformer: heads", heads)
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.heads = heads
@@ -96,6 +106,12 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(width, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"TinyTransformer takes (B, L) tokens, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.position.num_embeddings:
+            raise ValueError(
+                f"TinyTransformer: {tokens.shape[1]} tokens per sequence, more than its seq_len {self.position.num_embeddings}"
+            )
         x = self.token(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
         q, k, v = rearrange(
             self.qkv(self.norm_attention(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads
