@@ -403,6 +403,27 @@ def test_mnist_mlp_family_needs_a_sequence_of_hidden_widths(tmp_path: Path) -> N
     assert MnistMLPFamily(write_fake_mnist(tmp_path), hidden=()).sizes == (784, 10)  # logistic regression
 
 
+def test_the_mnist_split_is_pinned() -> None:
+    """The parts are a seeded ``torch.randperm``, so a torch whose randperm draws differently would
+    move images between them without any error: the shipped weights, meta-trained on the old
+    ``meta_train`` part, would then be evaluated on ``held_out`` images they were trained on. The
+    digests are of the int64 indices with torch 2.13; if this fails, the split must be kept
+    (e.g. stored as a file), not re-drawn."""
+    import hashlib
+
+    from learnedopt.data import split_indices
+    from learnedopt.meta import MNIST_SPLIT_SEED
+
+    digests = {
+        "meta_train": "8699b879c0bc11efa087da379b89810370555023b707c7193740410a4e5263b8",
+        "meta_valid": "bf8eeb163c4f1e87d71744638fe3da3babcbe739f3a2ee320853a767158a9370",
+        "held_out": "90a53818edc64c5e4fd5295c10a40816cc0c2ca253903a72963575ea0f9e2722",
+    }
+    parts = split_indices(10_000, MNIST_SPLIT, seed=MNIST_SPLIT_SEED)
+    found = {k: hashlib.sha256(v.numpy().astype("<i8").tobytes()).hexdigest() for k, v in parts.items()}
+    assert found == digests, f"the MNIST split moved under torch {torch.__version__}"
+
+
 def test_missing_mnist_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         make_family("mnist-mlp", data=tmp_path / "nowhere")
