@@ -312,6 +312,21 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     return rule, header
 
 
+def load_named_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
+    """The rule of a preset name (a ``str`` in :data:`PRESETS`) or of a weight file.
+
+    Raises:
+        ValueError: a string that is neither a preset nor a file and does not look like a path
+            (no separator, no ``.safetensors``): most likely a misspelt preset, so the message
+            lists the presets. Else as :func:`load_weights`.
+    """
+    if isinstance(name, str) and name in PRESETS:
+        return build_preset(name)
+    if isinstance(name, str) and not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors"):
+        raise ValueError(f"unknown preset {name!r} and no such file; presets: {sorted(PRESETS)}")
+    return load_weights(name)
+
+
 def resolve_weights(
     weights: str | os.PathLike | UpdateRule | None, *, kind: str, default_preset: str, owner: str
 ) -> tuple[UpdateRule, dict[str, Any]]:
@@ -325,12 +340,8 @@ def resolve_weights(
     if isinstance(weights, UpdateRule):
         rule = weights
         header = {"kind": rule.kind, "config": rule.config_dict(), "preset": None, "trained": None}
-    elif isinstance(weights, str) and weights in PRESETS:
-        rule, header = build_preset(weights)
     elif isinstance(weights, (str, os.PathLike)):
-        if isinstance(weights, str) and not Path(weights).exists() and os.sep not in weights and not weights.endswith(".safetensors"):
-            raise ValueError(f"unknown preset {weights!r} and no such file; presets: {sorted(PRESETS)}")
-        rule, header = load_weights(weights)
+        rule, header = load_named_weights(weights)
     else:
         raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
     if rule.kind != kind:
@@ -373,14 +384,14 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
         weights, as :func:`fingerprint`), ``trained_on`` and ``command``.
 
     Raises:
-        ValueError: no files, an untrained preset, or files of different kinds or architectures
+        ValueError: no files, a misspelt preset, an untrained preset, or files of different kinds or architectures
             (the message names the first that differs).
     """
     if not paths:
         raise ValueError("average_weights needs at least one weight file")
     rules, members = [], []
     for path in paths:
-        rule, header = build_preset(str(path)) if str(path) in PRESETS else load_weights(path)
+        rule, header = load_named_weights(str(path))
         if header.get("trained") is False:
             raise ValueError(f"{path}: untrained weights (preset {header.get('preset')!r}); average trained runs")
         if rules and (rule.kind, rule.config_dict()) != (rules[0].kind, rules[0].config_dict()):

@@ -226,6 +226,8 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], "only weights of one architecture"),
         ([str(tmp_path / "a.safetensors"), "l2l-2016"], "untrained weights (preset 'l2l-2016')"),
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "missing.safetensors")], "weight file not found"),
+        # a misspelt preset said only "weight file not found: l2l-shrt"
+        ([str(tmp_path / "a.safetensors"), "l2l-shrt"], "unknown preset 'l2l-shrt' and no such file; presets: ["),
     ]
     for files, message in cases:
         assert main(["average-weights", *files, "--out", str(tmp_path / "out.safetensors")]) == 2
