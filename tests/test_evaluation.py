@@ -371,6 +371,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
     for argv, message in (
         (["--problems", "nope"], "unknown problem 'nope'"),
         (["--weights", str(tmp_path / "none.safetensors")], "weight file not found"),
+        (["--weights", "l2l-blend"], "weight file not found: l2l-blend (a preset: give it to --presets)"),
         (["--reuse", str(tmp_path / "none.json")], "report to reuse not found"),
         (["--presets", "l2l-nope"], "unknown preset l2l-nope"),
     ):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.paths import create_output_folder
+from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .report import WriteResults, write_report
@@ -127,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     given["weights"] = list(args.weights)
     for path in given["weights"]:
         if not Path(path).is_file():
-            raise ValueError(f"weight file not found: {path}")
+            hint = " (a preset: give it to --presets)" if path in PRESETS else ""
+            raise ValueError(f"weight file not found: {path}{hint}")
     if args.reuse is not None and not Path(args.reuse).is_file():
         raise ValueError(f"report to reuse not found: {args.reuse}")
     return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
