@@ -221,6 +221,21 @@ def test_loss_weights_and_result_shapes() -> None:
     assert not params["theta"].requires_grad  # inputs untouched
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_unroll_refuses_a_rule_parameters_and_states_of_different_dtypes_or_devices(kind: str) -> None:
+    # each raised torch's "expected m1 and m2 to have the same dtype" or "expected dtype double
+    # for `end`", naming no tensor; a float64 family (dtype=) beside a float32 rule is the likely case
+    rule = random_rule(kind)
+    tasks, params = quadratic_setup(batch=2)
+    n = num_coordinates(params)
+    with pytest.raises(ValueError, match=r"one dtype .*: torch\.float64 \(params\['theta'\]\), torch\.float32 \(rule weight '.+'\)"):
+        unroll(rule.float(), tasks, params, rule.init_state(n, dtype=F64, device="cpu"), 2)
+    with pytest.raises(ValueError, match=r"one dtype .*: torch\.float64 \(params\['theta'\]\), torch\.float32 \(state '.+'\)"):
+        unroll(rule.double(), tasks, params, rule.init_state(n, dtype=torch.float32, device="cpu"), 2)
+    with pytest.raises(ValueError, match=r"one device .* meta \(params\['theta'\]\), cpu \(state"):
+        unroll(rule, tasks, {k: v.to("meta") for k, v in params.items()}, rule.init_state(n, dtype=F64, device="cpu"), 2)
+
+
 def test_truncated_unroll_continues_one_trajectory() -> None:
     """Without meta-updates, truncations of 2 over 5 steps give the trajectory of one 5-step unroll."""
     rule = random_rule("meta")

@@ -114,7 +114,7 @@ def unroll(
     called once on all ``B * P`` coordinates.
 
     Args:
-        rule: the update rule; its dtype should match the parameters'.
+        rule: the update rule; its dtype and device must be the parameters' (and the states').
         task_batch: ``B`` tasks.
         params: ``(B, *shape)`` per name; need not require grad (leaves are made where needed).
         rule_state: ``(lead, B * P, *trail)`` per state name, e.g.
@@ -139,7 +139,8 @@ def unroll(
 
     Raises:
         ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
-            run this rule or these tensors, or malformed ``params`` or ``loss_weights``.
+            run this rule or these tensors, malformed ``params`` or ``loss_weights``, or
+            parameters, states and rule weights of more than one dtype or device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -153,6 +154,7 @@ def unroll(
             raise ValueError(
                 f"params[{k!r}] has leading size {params[k].shape[0]}, expected B={batch}"
             )
+    _check_one_dtype_and_device(rule, params, rule_state)
     sizes = [math.prod(s) for s in shapes]
     per_task = sum(sizes)
 
@@ -192,6 +194,21 @@ def unroll(
             raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
         meta_loss = (weights.unsqueeze(1) * stacked).mean()
     return UnrollResult(meta_loss, stacked, current, state)
+
+
+def _check_one_dtype_and_device(rule: UpdateRule, params: Mapping[str, Tensor], state: State) -> None:
+    """Raise ValueError unless the parameters, the floating-point states and the rule's weights
+    share one dtype and one device (torch's own error, from deep in the rule, names neither side)."""
+    tensors = {f"params[{k!r}]": v for k, v in params.items()}
+    tensors.update({f"state {k!r}": v for k, v in state.items() if v.is_floating_point()})
+    tensors.update({f"rule weight {k!r}": v for k, v in rule.named_parameters()})
+    for what in ("dtype", "device"):
+        first: dict[str, str] = {}  # each value, and the first tensor that has it
+        for name, tensor in tensors.items():
+            first.setdefault(str(getattr(tensor, what)), name)
+        if len(first) > 1:
+            found = ", ".join(f"{value} ({name})" for value, name in first.items())
+            raise ValueError(f"unroll needs one {what} for the parameters, the rule's states and its weights, got: {found}")
 
 
 def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State) -> list[str]:
