@@ -308,7 +308,8 @@ def test_weighted_mixture_draws_members_in_proportion(tmp_path) -> None:
 @pytest.mark.parametrize(
     "name",
     ["quadratic+quadratic", "quadratic+cubic", "quadratic+", "mlp-random:0+quadratic", "mlp-random:x+quadratic",
-     "mlp-random:3", "mlp-random:\u00b3+quadratic", "mlp-random:\u0663+quadratic"],
+     "mlp-random:3", "mlp-random:\u00b3+quadratic", "mlp-random:\u0663+quadratic",
+     "mlp-random:+quadratic"],
 )
 def test_bad_mixtures_are_refused(name) -> None:
     with pytest.raises(ValueError, match="unknown task"):

@@ -861,9 +861,9 @@ def parse_mixture(name: str) -> list[tuple[str, int]] | None:
     when ``name`` is not a valid mixture (a single family is not one)."""
     members = []
     for part in name.split(MIXTURE_SEPARATOR):
-        family, _, weight = part.partition(WEIGHT_SEPARATOR)
+        family, separator, weight = part.partition(WEIGHT_SEPARATOR)
         # ASCII digits only: str.isdigit() also holds for "³", which int() refuses
-        if family not in TASK_FAMILIES or (weight and not (weight.isascii() and weight.isdigit() and int(weight) >= 1)):
+        if family not in TASK_FAMILIES or (separator and not (weight.isascii() and weight.isdigit() and int(weight) >= 1)):
             return None
         members.append((family, int(weight) if weight else 1))
     if len(members) < 2 or len({f for f, _ in members}) != len(members):
