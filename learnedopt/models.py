@@ -10,6 +10,13 @@ from torch import Tensor, nn
 from .nn.base import check_positive_integer
 
 
+def _check_sizes(owner: str, **sizes: int) -> None:
+    """Raise ValueError naming the first of ``sizes`` that is not an integer >= 1 (a zero width
+    builds a model of empty layers without any error)."""
+    for name, value in sizes.items():
+        check_positive_integer(f"{owner}: {name}", value)
+
+
 def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: int = 28, pooling: str = "stride") -> nn.Sequential:
     """The 4-block convolutional network of the MAML paper (Finn et al. 2017, after Vinyals et al.).
 
@@ -19,12 +26,12 @@ def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: in
     features to ``n_way`` logits. Input ``(N, in_channels, image_size, image_size)``.
 
     Raises:
-        ValueError: an unknown ``pooling``, an ``image_size`` below 1, or, with ``"max"``, below
-            16 (a fourth 2x2 pooling of a 1x1 map leaves nothing).
+        ValueError: an unknown ``pooling``, a size below 1, or, with ``"max"``, an ``image_size``
+            below 16 (a fourth 2x2 pooling of a 1x1 map leaves nothing).
     """
     if pooling not in ("stride", "max"):
         raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
-    check_positive_integer("conv4: image_size", image_size)
+    _check_sizes("conv4", in_channels=in_channels, n_way=n_way, hidden=hidden, image_size=image_size)
     if pooling == "max" and image_size < 16:
         raise ValueError(f"conv4: image_size {image_size} is too small for 4 halvings by max-pooling; it needs at least 16")
     layers: list[nn.Module] = []
@@ -65,6 +72,7 @@ def small_resnet(in_channels: int = 1, classes: int = 10, width: int = 16) -> nn
     BatchNorm, ReLU), another block, global average pooling and a linear layer to ``classes``
     logits ``(B, classes)``.
     """
+    _check_sizes("small_resnet", in_channels=in_channels, classes=classes, width=width)
 
     def down(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -91,7 +99,7 @@ class TinyTransformer(nn.Module):
 
     def __init__(self, vocab: int = 16, seq_len: int = 16, width: int = 32, heads: int = 2) -> None:
         super().__init__()
-        check_positive_integer("TinyTransformer: heads", heads)
+        _check_sizes("TinyTransformer", vocab=vocab, seq_len=seq_len, width=width, heads=heads)
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.heads = heads

@@ -30,6 +30,25 @@ def test_conv4_refuses_images_too_small_for_four_max_poolings(size: int) -> None
         conv4(image_size=0)
 
 
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: conv4(hidden=0), "conv4: hidden must be an integer >= 1, got 0"),  # a RuntimeError in forward
+        (lambda: conv4(n_way=0), "conv4: n_way must be an integer >= 1, got 0"),  # (B, 0) logits
+        (lambda: conv4(in_channels=0), "conv4: in_channels must be an integer >= 1, got 0"),
+        (lambda: small_resnet(width=0), "small_resnet: width must be an integer >= 1, got 0"),
+        (lambda: small_resnet(classes=0), "small_resnet: classes must be an integer >= 1, got 0"),
+        (lambda: TinyTransformer(vocab=0), "TinyTransformer: vocab must be an integer >= 1, got 0"),
+        (lambda: TinyTransformer(seq_len=0), "TinyTransformer: seq_len must be an integer >= 1, got 0"),
+        (lambda: TinyTransformer(width=0), "TinyTransformer: width must be an integer >= 1, got 0"),
+    ],
+)
+def test_zero_sizes_are_refused(build, message: str) -> None:
+    """Each built a model of empty layers without an error."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
 def test_small_resnet_takes_one_image_and_float64() -> None:
     out = small_resnet(width=4).double()(torch.randn(1, 1, 28, 28, dtype=torch.float64))
     assert out.shape == (1, 10) and out.dtype == torch.float64
