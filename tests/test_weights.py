@@ -62,6 +62,7 @@ def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
     from importlib import resources
 
     rule, header = build_preset(preset)
+    assert rule.kind == PRESETS[preset].kind  # what `learnedopt presets` lists is the file's rule
     card = resources.files("learnedopt.pretrained") / PRESETS[preset].file.replace(".safetensors", ".md")
     assert card.is_file(), f"{preset} ships without its model card"
     assert header["trained"] is True and header["trained_on"] and header["preset"] == preset
@@ -72,6 +73,19 @@ def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
     else:
         assert "learnedopt meta-train" in header["command"]
     assert not [w for w in recwarn if issubclass(w.category, UntrainedWeightsWarning)]
+
+
+def test_averaged_presets_are_the_mean_of_the_members_shipped_now() -> None:
+    """The README calls l2l-blend the weight-wise mean of l2l-short and l2l-random: a member
+    re-trained without re-averaging would leave that claim, and the header's record, false."""
+    from learnedopt.weights import average_weights, fingerprint
+
+    averaged = [n for n, p in PRESETS.items() if p.file is not None and "averaged_from" in build_preset(n)[1]]
+    assert "l2l-blend" in averaged
+    for name in averaged:
+        members = [m["path"] for m in build_preset(name)[1]["averaged_from"]]
+        assert all(m in PRESETS for m in members), members
+        assert fingerprint(average_weights(members)[0]) == fingerprint(build_preset(name)[0]), name
 
 
 @pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
