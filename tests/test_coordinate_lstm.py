@@ -77,6 +77,28 @@ def test_config_validation() -> None:
         CoordinateLSTM(CoordinateLSTMConfig(), hidden_size=3)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"hidden_size": True}, "hidden_size must be an integer >= 1"),  # JSON true, though Python counts it as 1
+    ({"hidden_size": 2.5}, "hidden_size must be an integer >= 1"),
+    ({"num_layers": 0}, "num_layers must be an integer >= 1"),
+    ({"param_input": 1}, "param_input must be true or false"),
+    ({"preprocess_p": 0.0}, "preprocess_p must be positive and finite"),
+    ({"rms_decays": (0.9, 1.0)}, r"rms_decays: decays must be in \[0, 1\)"),
+    # values of the wrong type, as a hand-edited weight-file header has them: a ValueError naming
+    # the field, not a TypeError from inside the checks ("Value after * must be an iterable")
+    ({"momentum_decays": 0.9}, "momentum_decays must be a list of decays, got 0.9"),
+    ({"rms_decays": ("0.9",)}, r"rms_decays: decays must be in \[0, 1\), got '0.9'"),
+    ({"preprocess_p": "10"}, "preprocess_p must be positive and finite, got '10'"),
+    ({"preprocess_p": True}, "preprocess_p must be positive and finite, got True"),
+    ({"output_scale": None}, "output_scale must be finite, got None"),
+])  # fmt: skip
+def test_config_rejects_each_bad_value_naming_it(change: dict, message: str) -> None:
+    """Each field is checked where the config is made (a weight file's header included), not
+    later by torch.nn.LSTM or at the first step, with a ValueError naming it."""
+    with pytest.raises(ValueError, match=message):
+        CoordinateLSTMConfig(**change)
+
+
 def test_config_round_trip() -> None:
     rule = CoordinateLSTM(hidden_size=8, num_layers=1, momentum_decays=(0.9,))
     again = CoordinateLSTM.from_config_dict(rule.config_dict())

@@ -121,6 +121,16 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
         ({"momentum_decay": 0.0}, r"momentum_decay must be None or in \(0, 1\)"),  # the open interval
         ({"rms_decay": 0.0}, r"rms_decay must be None or in \(0, 1\)"),
         ({"input_bias_init": (1.0, 0.0)}, "input_bias_init must be a range"),
+        ({"forget_bias_init": (4.0, 5.0, 6.0)}, "forget_bias_init must be a range"),
+        ({"hidden_size": 0}, "hidden_size must be an integer >= 1"),
+        ({"step_scale": math.inf}, "step_scale must be positive and finite"),
+        ({"preprocess_p": math.inf}, "preprocess_p must be positive and finite"),
+        # the wrong types (a hand-edited header): a ValueError naming the field, not a TypeError
+        ({"forget_bias_init": 5.0}, "forget_bias_init must be a range"),
+        ({"input_bias_init": ("a", "b")}, "input_bias_init must be a range"),
+        ({"forget_bias_init": (0.0, math.inf)}, "forget_bias_init must be a range"),
+        ({"momentum_decay": "0.9"}, r"momentum_decay must be None or in \(0, 1\), got '0.9'"),
+        ({"step_scale": None}, "step_scale must be positive and finite, got None"),
     ]:
         with pytest.raises(ValueError, match=match):
             MetaLSTMCell(**bad)

@@ -275,6 +275,21 @@ def test_a_header_with_a_non_finite_architecture_constant_is_rejected(tmp_path, 
         load_weights(bad)
 
 
+def test_a_header_config_value_of_the_wrong_type_is_a_value_error_naming_the_file(tmp_path) -> None:
+    """A decay list written as one number, or a number as a string: the error names the file
+    and the field (it was a TypeError from inside the checks, "Value after * must be an
+    iterable, not float")."""
+    good = tmp_path / "good.safetensors"
+    save_weights(CoordinateLSTM(momentum_decays=(0.9,)), good)
+    bad = tmp_path / "bad.safetensors"
+    _with_header_changes(good, bad, momentum_decays=0.9)
+    with pytest.raises(ValueError, match=r"bad.safetensors: invalid CoordinateLSTM config in header: momentum_decays must"):
+        load_weights(bad)
+    _with_header_changes(good, bad, output_scale="0.1")
+    with pytest.raises(ValueError, match=r"bad.safetensors: invalid CoordinateLSTM config in header: output_scale must"):
+        load_weights(bad)
+
+
 @pytest.mark.parametrize(("value", "dtype", "message"), [
     (1e300, torch.float64, r"NaN or Inf \(in float32\) in \['head.bias'\]"),  # finite in the file, Inf as float32
     (1, torch.int64, r"weights \['head.bias'\] are not floating-point tensors"),

@@ -47,6 +47,12 @@ def check_positive_integer(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number; a bool (JSON ``true``) or a string (``"0.9"`` in a
+    hand-edited weight-file header) is not one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class UpdateRule(nn.Module):
     """A coordinatewise learned update rule: one small network shared by every parameter element.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_positive_integer
+from .base import State, StateSpec, UpdateRule, check_positive_integer, is_number
 from .functional import bounded_square, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -43,13 +43,17 @@ class CoordinateLSTMConfig:
             check_positive_integer(name, getattr(self, name))
         if type(self.param_input) is not bool:
             raise ValueError(f"param_input must be true or false, got {self.param_input!r}")
-        if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
-            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
-        if not math.isfinite(self.output_scale):
-            raise ValueError(f"output_scale must be finite, got {self.output_scale}")
-        for beta in (*self.momentum_decays, *self.rms_decays):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"decays must be in [0, 1), got {beta}")
+        if not (is_number(self.preprocess_p) and math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
+            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p!r}")
+        if not (is_number(self.output_scale) and math.isfinite(self.output_scale)):
+            raise ValueError(f"output_scale must be finite, got {self.output_scale!r}")
+        for name in ("momentum_decays", "rms_decays"):
+            decays = getattr(self, name)
+            if not isinstance(decays, (tuple, list)):
+                raise ValueError(f"{name} must be a list of decays, got {decays!r}")
+            for beta in decays:
+                if not (is_number(beta) and 0.0 <= beta < 1.0):
+                    raise ValueError(f"{name}: decays must be in [0, 1), got {beta!r}")
 
     @property
     def num_inputs(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_positive_integer
+from .base import State, StateSpec, UpdateRule, check_positive_integer, is_number
 from .functional import bounded_square, debiased_ema, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -43,18 +43,23 @@ class MetaLSTMConfig:
 
     def __post_init__(self) -> None:
         check_positive_integer("hidden_size", self.hidden_size)
-        if not (math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
-            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p}")
-        if not (math.isfinite(self.step_scale) and self.step_scale > 0):
-            raise ValueError(f"step_scale must be positive and finite, got {self.step_scale}")
+        for name in ("preprocess_p", "step_scale"):
+            value = getattr(self, name)
+            if not (is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive and finite, got {value!r}")
         for name in ("momentum_decay", "rms_decay"):
             decay = getattr(self, name)
-            if decay is not None and not 0.0 < decay < 1.0:
-                raise ValueError(f"{name} must be None or in (0, 1), got {decay}")
+            if decay is not None and not (is_number(decay) and 0.0 < decay < 1.0):
+                raise ValueError(f"{name} must be None or in (0, 1), got {decay!r}")
         for name in ("forget_bias_init", "input_bias_init"):
             low_high = getattr(self, name)
-            if len(low_high) != 2 or not low_high[0] <= low_high[1]:
-                raise ValueError(f"{name} must be a range (low, high) with low <= high, got {low_high}")
+            if not (
+                isinstance(low_high, (tuple, list))
+                and len(low_high) == 2
+                and all(is_number(v) and math.isfinite(v) for v in low_high)
+                and low_high[0] <= low_high[1]
+            ):
+                raise ValueError(f"{name} must be a range (low, high) of finite numbers with low <= high, got {low_high!r}")
 
 
 class MetaLSTMCell(UpdateRule):
