@@ -250,6 +250,8 @@ BAD = [
     (["--rule-config", '{"num_layers": true}'], "--rule-config: num_layers must be an integer >= 1, got True"),
     (["--rule-config", '{"hidden_size": true}'], "--rule-config: hidden_size must be an integer >= 1, got True"),
     (["--rule-config", '{"param_input": 1}'], "--rule-config: param_input must be true or false, got 1"),
+    # a number where a list belongs: it said "Value after * must be an iterable, not float"
+    (["--rule-config", '{"momentum_decays": 0.9}'], "--rule-config: momentum_decays must be a list of decays, got 0.9"),
     (["--rule", "MetaLSTMCell", "--rule-config", '{"hidden_size": true}'], "hidden_size must be an integer >= 1, got True"),
     (["--preset", "l2l-2016", "--rule-config", "{}"], "--rule-config sets the architecture of --rule"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
