@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -29,6 +31,25 @@ def test_matches_the_paper_architecture_written_out() -> None:
             torch.testing.assert_close(new["c"][layer], c, rtol=1e-12, atol=1e-12)
         expected = 0.1 * (x @ rule.head.weight.t() + rule.head.bias).squeeze(1)
     torch.testing.assert_close(step, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_every_optional_input_feature_written_out() -> None:
+    """Layer 0's inputs with every feature set on, two decays each, from non-zero states: the
+    preprocessed gradient, each preprocessed momentum, each RMS-normalised gradient, the
+    parameter, in that order, each moment at its own decay."""
+    rule = CoordinateLSTM(momentum_decays=(0.5, 0.9), rms_decays=(0.99, 0.9), param_input=True).double()
+    n = 13
+    g = torch.Generator().manual_seed(3)
+    grad, param = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    m, v = torch.randn(2, n, generator=g, dtype=torch.float64), torch.rand(2, n, generator=g, dtype=torch.float64)
+    x, new = rule.features(grad, param, {"m": m, "v": v})
+    m_want = torch.stack([0.5 * m[0] + 0.5 * grad, 0.9 * m[1] + 0.1 * grad])
+    v_want = torch.stack([0.99 * v[0] + 0.01 * grad**2, 0.9 * v[1] + 0.1 * grad**2])
+    columns = [preprocess(grad, 10.0), preprocess(m_want[0], 10.0), preprocess(m_want[1], 10.0),
+               (grad / (v_want[0].sqrt() + 1e-8))[:, None], (grad / (v_want[1].sqrt() + 1e-8))[:, None], param[:, None]]  # fmt: skip
+    torch.testing.assert_close(x, torch.cat(columns, dim=1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new["m"], m_want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new["v"], v_want, rtol=1e-12, atol=1e-12)
 
 
 def test_does_not_modify_inputs_and_shapes() -> None:
@@ -68,6 +89,36 @@ def test_untrained_init_is_sign_descent_with_momentum() -> None:
             assert step.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize(("layers", "lr", "output_scale"), [(1, 0.01, 0.1), (2, 0.03, 0.1), (3, 0.01, 0.5)])
+def test_untrained_steady_step_is_exactly_lr_times_sign(layers: int, lr: float, output_scale: float) -> None:
+    """The head is calibrated on the steady state of the initialised stack under a gradient of
+    constant sign: there the step is ``-lr sign(g)`` to float64 rounding, for any depth."""
+    rule = CoordinateLSTM(num_layers=layers, output_scale=output_scale).double()
+    rule.reset_parameters(torch.Generator().manual_seed(0), lr=lr)
+    grad = torch.tensor([1e-4, 1.0, -1e-3, -1.0], dtype=torch.float64)
+    state = rule.init_state(4, dtype=torch.float64, device="cpu")
+    with torch.no_grad():
+        for _ in range(300):
+            step, state = rule(grad, torch.zeros(4, dtype=torch.float64), state)
+    torch.testing.assert_close(step, -lr * grad.sign(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
+def test_init_state_keeps_moving_averages_in_at_least_float32(kind: str) -> None:
+    """``init_state`` in a narrow dtype: the LSTM states in it, the moving averages (whose
+    bfloat16 updates stall) in float32; in float64 all float64."""
+    from learnedopt.nn import MetaLSTMCell
+
+    rule = CoordinateLSTM(momentum_decays=(0.9,), rms_decays=(0.99,)) if kind == "CoordinateLSTM" else MetaLSTMCell(
+        momentum_decay=0.9, rms_decay=0.99
+    )
+    for dtype, averages in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
+        state = rule.init_state(3, dtype=dtype, device="cpu")
+        assert {k: v.dtype for k, v in state.items()} == {
+            k: averages if k in ("m", "v") else dtype for k in rule.state_spec()
+        }, dtype
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         CoordinateLSTMConfig(hidden_size=0)
@@ -103,6 +154,8 @@ def test_config_round_trip() -> None:
     rule = CoordinateLSTM(hidden_size=8, num_layers=1, momentum_decays=(0.9,))
     again = CoordinateLSTM.from_config_dict(rule.config_dict())
     assert again.config == rule.config
+    # plain JSON values: equal to the config a weight-file or report header gives back
+    assert json.loads(json.dumps(rule.config_dict())) == rule.config_dict()
     with pytest.raises(ValueError, match="unknown"):
         CoordinateLSTM.from_config_dict({"hidden": 3})
 

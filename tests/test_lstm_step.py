@@ -88,6 +88,24 @@ def test_gradients_when_some_inputs_need_none(monkeypatch: pytest.MonkeyPatch, x
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("trained", ["bias_hh_l1", "weight_hh_l0", "bias_ih_l0"])
+def test_gradients_of_one_trainable_weight_among_frozen_ones(monkeypatch: pytest.MonkeyPatch, trained: str) -> None:
+    """Only one weight of the stack requires grad (the others frozen, and no input): its
+    gradient still matches ``nn.LSTM``, whichever of a layer's three weight inputs it feeds."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "0")
+    lstm, x, h, c = _inputs(torch.float64)
+    for name, param in lstm.named_parameters():
+        param.requires_grad_(name == trained)
+    for t in (x, h, c):
+        t.requires_grad_(False)
+    results = []
+    for step in (lstm_step, _reference):
+        top, h_new, c_new = step(lstm, x, h, c)
+        loss = (top * 1.5).sum() + (h_new * h_new).sum() + (c_new * c_new).sum()
+        results.append(torch.autograd.grad(loss, [getattr(lstm, trained)]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
 def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     """The step's pointwise functions compile with constant shapes first and symbolic ones after a
     shape change. A resumed run may compute a shape with the other variant than the run it

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -42,6 +43,24 @@ def test_matches_paper_equations_float64() -> None:
     torch.testing.assert_close(new["fi"], torch.stack([f_ref, i_ref]).double())
 
 
+def test_the_loss_is_read_in_the_gradient_dtype_and_required() -> None:
+    """A loss of another dtype than the rule's (a float64 optimizee's loss, a float32 loss for a
+    float64 rule) gives the step of that loss converted to the rule's dtype; no loss is a clear
+    error."""
+    n = 7
+    for dtype, loss_dtype in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        rule = MetaLSTMCell().to(dtype)
+        grad, theta = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+        state = rule.init_state(n, dtype=dtype, device="cpu")
+        loss = torch.tensor(0.37, dtype=loss_dtype)
+        with torch.no_grad():
+            step, _ = rule(grad, theta, state, loss)
+            want, _ = rule(grad, theta, state, loss.to(dtype))
+        assert step.dtype == dtype and torch.equal(step, want)
+    with pytest.raises(ValueError, match="MetaLSTMCell needs the optimizee's loss"):
+        rule(grad, theta, state)
+
+
 def test_initialisation_is_gradient_descent() -> None:
     rule = MetaLSTMCell()
     assert 4.0 <= rule.bias_fi[0] <= 6.0 and -5.0 <= rule.bias_fi[1] <= -4.0
@@ -54,6 +73,9 @@ def test_initialisation_is_gradient_descent() -> None:
     # step = (f - 1) theta - i g with f ~ sigmoid(b_f), i ~ sigmoid(b_i)
     torch.testing.assert_close(step, (forget - 1) * theta - step_size * grad, rtol=0.1, atol=1e-4)
     assert 0.006 < step_size < 0.02 and forget > 0.98
+    # the input LSTM: PyTorch's usual U(-1/sqrt(H), 1/sqrt(H)), spanning the range
+    lstm = torch.cat([p.flatten() for p in rule.lstm.parameters()])
+    assert 0.9 / math.sqrt(20) < lstm.abs().max() <= 1 / math.sqrt(20)
 
 
 def _as_adam(rule: MetaLSTMCell, step_size: float) -> MetaLSTMCell:
@@ -137,6 +159,7 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
     # the config round-trips through the weight-file form
     again = MetaLSTMCell.from_config_dict(rule.config_dict())
     assert again.config == rule.config
+    assert json.loads(json.dumps(rule.config_dict())) == rule.config_dict()  # plain JSON values
 
 
 def test_a_gate_bias_range_of_one_value_is_that_value() -> None:

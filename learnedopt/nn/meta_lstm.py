@@ -82,7 +82,8 @@ class MetaLSTMCell(UpdateRule):
     and its weight.
     Initialised as in the paper so that it starts as plain gradient descent: forget bias
     U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), cell weights U(-0.01, 0.01)
-    (the bias ranges are configurable).
+    (the bias ranges are configurable); the input LSTM has PyTorch's usual LSTM initialisation,
+    U(-1/sqrt(H), 1/sqrt(H)).
     """
 
     kind = "MetaLSTMCell"
