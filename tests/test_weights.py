@@ -32,6 +32,18 @@ def test_round_trip_keeps_architecture_and_values(tmp_path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_file_saved_as_untrained_warns_and_is_not_averaged(tmp_path) -> None:
+    from learnedopt.weights import average_weights
+
+    path = tmp_path / "init.safetensors"
+    save_weights(CoordinateLSTM(), path, trained=False)
+    assert read_header(path)["trained"] is False
+    with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED"):
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=path)
+    with pytest.raises(ValueError, match="init.safetensors: untrained weights"):
+        average_weights([path])
+
+
 def test_optimizer_accepts_path_preset_and_module(tmp_path, recwarn) -> None:
     rule = MetaLSTMCell()
     path = tmp_path / "meta.safetensors"
@@ -185,11 +197,15 @@ def test_unknown_kind_and_format(tmp_path) -> None:
         ({"format": 99, "kind": "CoordinateLSTM", "config": {}}, "unsupported weight format"),
         ({"format": 1, "kind": "CoordinateLSTM"}, "no architecture config"),
         ({"format": 1, "kind": "CoordinateLSTM", "config": None}, "no architecture config"),
+        ({"kind": "CoordinateLSTM", "config": {}}, "unsupported weight format None"),
         (["format", 1], "header is a JSON list, not an object"),
     ]:
         save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": json.dumps(header)})
         with pytest.raises(ValueError, match=message):
             read_header(path)
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": '{"format": 1, "kind": '})
+    with pytest.raises(ValueError, match="w.safetensors: learnedopt header is not valid JSON"):
+        read_header(path)
 
 
 def _trained_file(path, seed: int, **config) -> CoordinateLSTM:
@@ -250,6 +266,13 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
         assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_average_weights_of_no_files_is_refused() -> None:
+    from learnedopt.weights import average_weights
+
+    with pytest.raises(ValueError, match="average_weights needs at least one weight file"):
+        average_weights([])
+
+
 def _with_header_changes(source, target, **changes) -> None:
     header = read_header(source)
     header["config"] = {**header["config"], **changes}
@@ -288,6 +311,23 @@ def test_a_header_config_value_of_the_wrong_type_is_a_value_error_naming_the_fil
     _with_header_changes(good, bad, output_scale="0.1")
     with pytest.raises(ValueError, match=r"bad.safetensors: invalid CoordinateLSTM config in header: output_scale must"):
         load_weights(bad)
+
+
+def test_a_file_has_the_fingerprint_of_the_rule_it_was_saved_from(tmp_path) -> None:
+    """The fingerprint is of the weights as a file holds them (float32): a float64 rule, its file,
+    and a float32 copy of it are one identity, so a resume check against the file accepts them."""
+    from learnedopt.weights import fingerprint
+
+    rule = CoordinateLSTM(hidden_size=4).double()
+    with torch.no_grad():
+        for param in rule.parameters():
+            param.copy_(param.float())  # values a float32 file holds exactly
+    save_weights(rule, tmp_path / "w.safetensors")
+    loaded, _ = load_weights(tmp_path / "w.safetensors")
+    assert fingerprint(loaded) == fingerprint(rule) == fingerprint(rule.float())
+    with torch.no_grad():
+        loaded.head.bias.add_(1.0)
+    assert fingerprint(loaded)["sha256"] != fingerprint(rule)["sha256"]
 
 
 @pytest.mark.parametrize(("value", "dtype", "message"), [
