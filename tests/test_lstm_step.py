@@ -286,3 +286,21 @@ def test_top_is_not_a_view_of_the_new_hidden_state(monkeypatch: pytest.MonkeyPat
         assert torch.equal(top, h_new[-1])
         top.add_(1.0)
     assert torch.equal(h_new, before)
+
+
+@pytest.mark.parametrize(("value", "compiled"), [("0", False), ("false", False), ("OFF", False), ("no", False),
+                                                 ("1", True), ("true", True), ("", True)])  # fmt: skip
+def test_compile_switch_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch, value: str, compiled: bool) -> None:
+    """``LEARNEDOPT_COMPILE=false`` compiled: only ``0`` turned it off."""
+    from learnedopt.nn.lstm_step import compile_enabled
+
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", value)
+    assert compile_enabled() is compiled
+
+
+def test_compile_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from learnedopt.nn.lstm_step import compile_enabled
+
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "eager")
+    with pytest.raises(ValueError, match="LEARNEDOPT_COMPILE='eager': use 1"):
+        compile_enabled()

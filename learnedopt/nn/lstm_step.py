@@ -81,8 +81,14 @@ def cell_backward(
 
 
 def compile_enabled() -> bool:
-    """Whether the pointwise functions are compiled (``LEARNEDOPT_COMPILE``, default on)."""
-    return os.environ.get("LEARNEDOPT_COMPILE", "1") != "0"
+    """Whether the pointwise functions are compiled (``LEARNEDOPT_COMPILE``, default on; ``0``,
+    ``false``, ``off`` or ``no``, in any case, turn it off; any other value raises ValueError)."""
+    value = os.environ.get("LEARNEDOPT_COMPILE", "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    raise ValueError(f"LEARNEDOPT_COMPILE={value!r}: use 1 (compile the LSTM step, the default) or 0 (run it eagerly)")
 
 
 class _Compiled:
