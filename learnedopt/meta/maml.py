@@ -15,6 +15,7 @@ setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -61,6 +63,40 @@ class BatchStatNorm(nn.Module):
         out = (x - mean) * torch.rsqrt(var + self.eps)
         if self.weight is not None:
             out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+class _AffineAfterNorm(TorchFunctionMode):
+    """Runs ``F.layer_norm``, ``F.instance_norm`` and ``F.batch_norm`` without their weight and
+    bias, then applies them with plain ops.
+
+    Under ``vmap``, these kernels' second-order gradients with a weight are wrong (the batching
+    rule of their backward, pytorch/functorch#534): second-order MAML meta-gradients through
+    ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d`` or ``F.batch_norm`` came out 1-4% off the
+    autograd loop's (torch 2.13, float64), silently. Without the affine parameters they are exact.
+    """
+
+    _FUNCTIONS = {
+        nn.functional.layer_norm: "trailing",
+        nn.functional.instance_norm: "channel",
+        nn.functional.batch_norm: "channel",
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        where = self._FUNCTIONS.get(func)
+        if where is None:
+            return func(*args, **kwargs)
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        weight, bias = bound.arguments.pop("weight", None), bound.arguments.pop("bias", None)
+        out = func(*bound.args, **bound.kwargs)
+        if where == "channel":  # (C,) against an input (N, C, *spatial); layer_norm's broadcast as they are
+            shape = [1, -1] + [1] * (out.dim() - 2)
+            weight, bias = (None if t is None else t.view(shape) for t in (weight, bias))
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
         return out
 
 
@@ -348,7 +384,8 @@ class MAML(nn.Module):
         def one(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
             return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True, every_step=every_step)[1]
 
-        return vmap(one, randomness="different")(xs, ys, xq, yq)
+        with _AffineAfterNorm():
+            return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor) -> Tensor:
         """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
