@@ -585,6 +585,23 @@ def test_adaptation_takes_test_inner_steps_unless_told(algo: str) -> None:
         assert learner.evaluate(x_s, y_s, x_q, y_q, steps=steps)["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_a_frozen_layer_is_neither_adapted_nor_meta_trained(algo: str) -> None:
+    """A layer with requires_grad=False (head-only adaptation) stays as it is, as in MAML and
+    Reptile; meta-lstm's inner loop updated every parameter of the model."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=2, test_inner_steps=2)), seed=0)
+    learner.model[0].requires_grad_(False)
+    frozen = {f"0.{k}": v.detach().clone() for k, v in learner.model[0].named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    adapted = learner.adapt(x_s[0], y_s[0])
+    assert all(torch.equal(adapted.get(k, v), v) for k, v in frozen.items())
+    assert not torch.equal(adapted["4.weight"], learner.model[4].weight)
+    if algo != "reptile":
+        learner.meta_loss(x_s, y_s, x_q, y_q).backward()
+        assert learner.model[0].weight.grad is None and learner.model[4].weight.grad is not None
+
+
 @pytest.mark.parametrize("changes", [
     {"algo": "maml", "zero_head": True, "learn_inner_lr": True, "inner_steps": 2, "test_inner_steps": 4, "inner_lr": 0.05},
     {"algo": "reptile", "inner_steps": 2, "test_inner_steps": 3},

@@ -219,11 +219,13 @@ class FewShotLearner:
         self, x_s: Tensor, y_s: Tensor, x_q: Tensor | None, y_q: Tensor | None, steps: int, rule: UpdateRule
     ) -> UnrollResult:
         """The meta-lstm inner loop on B tasks: ``steps`` rule updates on the support sets from
-        the model's parameters (shared by the tasks, so the meta-gradient reaches them); the last
-        entry of ``losses`` is the query loss at the adapted parameters (the support loss when no
-        query set is given)."""
+        the model's parameters that require grad (shared by the tasks, so the meta-gradient
+        reaches them; a frozen layer keeps its values, as in MAML); the last entry of ``losses``
+        is the query loss at the adapted parameters (the support loss when no query set is given)."""
         batch = _SupportQueryBatch(self.model, self.loss_fn, x_s, y_s, x_q, y_q, steps)
-        params = {k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters()}
+        params = {
+            k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters() if p.requires_grad
+        }
         state = rule.init_state(num_coordinates(params), dtype=x_s.dtype, device=x_s.device)
         return unroll(rule, batch, params, state, steps, stop_optimizee_grad=True)
 
