@@ -345,6 +345,19 @@ def test_a_layer_frozen_after_construction_is_not_adapted(vectorize) -> None:
     assert set(maml.adapt(episode()[0][0], episode()[1][0])) == {"2.weight", "2.bias"}
 
 
+@pytest.mark.parametrize("mode", [{"vectorize": True}, {"vectorize": False}, {"vectorize": False, "checkpoint_steps": True}])
+def test_a_model_with_every_parameter_frozen_is_refused_by_name(mode) -> None:
+    """vmap returned a loss without a graph (backward then failed with 'element 0 of tensors does
+    not require grad'), the loop raised torch's '`inputs` argument to `grad()` cannot be empty'."""
+    model = tiny_model().requires_grad_(False)
+    maml = MAML(model, inner_lr=0.5, **mode)
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        maml(*episode())
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        maml.adapt(episode()[0][0], episode()[1][0])
+    assert maml.adapt(episode()[0][0], episode()[1][0], steps=0) == {}  # nothing to adapt, and no step asked
+
+
 class ReadsAValue(nn.Module):
     """Reads a value with ``.item()``: fine in a loop over tasks, a RuntimeError under vmap."""
 

@@ -232,6 +232,13 @@ class MAML(nn.Module):
             if p.requires_grad
         }
 
+    def _adaptable_params(self) -> Params:
+        """:meth:`initial_params`; raises ValueError when there is none to adapt."""
+        params = self.initial_params()
+        if not params:
+            raise ValueError("MAML: no parameter of the model requires grad, so an inner step has nothing to adapt")
+        return params
+
     def _model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
@@ -349,7 +356,7 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
-        params = self.initial_params()
+        params = self._adaptable_params()
         vectorize = self.vectorize is True or (
             self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
         )
@@ -403,7 +410,8 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        params = {k: v.detach() for k, v in self.initial_params().items()}
+        initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation
+        params = {k: v.detach() for k, v in initial.items()}
         with torch.no_grad():
             for _ in range(steps):
                 grads = self._support_grads(params, x_support, y_support, create_graph=False)
