@@ -416,3 +416,14 @@ def test_batchnorm_refuses_a_one_example_batch_on_every_path(vectorize) -> None:
                 inner_lr=0.1, vectorize=vectorize)  # fmt: skip
     images = torch.randn(2, 1, 1, 4, 4, dtype=torch.float64)  # one example, but 2x2 values per channel
     assert torch.isfinite(conv(images, ys, images, yq))
+
+
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+def test_inputs_that_are_not_one_tensor_of_tasks_are_refused_on_every_path(vectorize) -> None:
+    """A list of per-task tensors ran in the task loop but failed, or ran the model on stacked
+    fields, under vmap; a tuple or dict batched over tasks did the reverse."""
+    xs, ys, xq, yq = episode(tasks=2)
+    maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=1, vectorize=vectorize)
+    for bad in (list(xs), tuple(xs), {"x": xs}):
+        with pytest.raises(TypeError, match=f"got x_support of type {type(bad).__name__}"):
+            maml(bad, ys, xq, yq)

@@ -357,6 +357,15 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
+        for name, value in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query), ("y_query", y_query)):
+            if not isinstance(value, Tensor):
+                # vmap would read a tuple or dict as fields batched over tasks, the task loop as one
+                # entry per task: the two paths would disagree on what it means
+                raise TypeError(
+                    f"MAML takes each of the support and query inputs as one (B, N, ...) tensor of B "
+                    f"tasks, got {name} of type {type(value).__name__}; for tasks of different sizes, "
+                    "call it once per size"
+                )
         params = self._adaptable_params()
         vectorize = self.vectorize is True or (
             self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
