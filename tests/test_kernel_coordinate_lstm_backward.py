@@ -10,6 +10,7 @@ costs milliseconds to tens of milliseconds: the cases use 10^3-10^4 coordinates 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -458,6 +459,12 @@ def test_unroll_backend_dispatch() -> None:
     with pytest.raises(ValueError, match="float32 only"):
         unroll(rule64, tasks64, params64, state64, 2, backend="triton")
     unroll(rule64, tasks64, params64, state64, 2, backend="auto")
+    # not float32 in any other way either (bfloat16 states), nor the rule on another device
+    state16 = rule.init_state(num_coordinates(params), dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match=r"float32 only, got state 'c' \(torch.bfloat16\), state 'h'"):
+        unroll(rule, tasks, params, state16, 2, backend="triton")
+    with pytest.raises(ValueError, match=r"tensors on several devices: \['cpu', 'meta'\]"):
+        unroll(copy.deepcopy(rule).to("meta"), tasks, params, state, 2, backend="triton")
 
 
     class PlainSGD(UpdateRule):

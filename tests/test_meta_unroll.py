@@ -219,6 +219,10 @@ def test_loss_weights_and_result_shapes() -> None:
     with pytest.raises(ValueError, match="loss_weights"):
         unroll(rule, tasks, params, state, 4, loss_weights=[1.0])
     assert not params["theta"].requires_grad  # inputs untouched
+    # unweighted: the mean over every step and task (Andrychowicz et al. 2016)
+    plain = unroll(rule, tasks, params, state, 4)
+    torch.testing.assert_close(plain.meta_loss, plain.losses.mean())
+    assert plain.losses[-1].mean().item() != pytest.approx(plain.losses.mean().item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
@@ -236,14 +240,51 @@ def test_unroll_refuses_a_rule_parameters_and_states_of_different_dtypes_or_devi
         unroll(rule, tasks, {k: v.to("meta") for k, v in params.items()}, rule.init_state(n, dtype=F64, device="cpu"), 2)
 
 
-def test_truncated_unroll_continues_one_trajectory() -> None:
-    """Without meta-updates, truncations of 2 over 5 steps give the trajectory of one 5-step unroll."""
+def test_unrolls_refuse_no_steps_and_parameters_of_another_meta_batch() -> None:
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup(batch=3)
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        unroll(rule, tasks, params, state, 0)
+    for rows in (2, 4):  # fewer or more tasks' parameters than tasks
+        wrong = {"theta": torch.zeros(rows, 3, dtype=F64)}
+        with pytest.raises(ValueError, match=rf"params\['theta'\] has leading size {rows}, expected B=3"):
+            unroll(rule, tasks, wrong, rule.init_state(3 * rows, dtype=F64, device="cpu"), 2)
+    for horizon, truncation in ((0, 1), (2, 0)):
+        with pytest.raises(ValueError, match=rf"horizon and truncation must be >= 1, got {horizon}, {truncation}"):
+            truncated_unroll(rule, tasks, params, state, horizon=horizon, truncation=truncation)
+
+
+class DriftingTask(Task):
+    """f_t(theta) = |theta - t c|^2: step index t's minibatch moves the minimum, as a data task's
+    minibatches move its loss."""
+
+    def __init__(self, c: Tensor) -> None:
+        self.c = c
+
+    def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"w": torch.randn(self.c.shape, generator=generator, dtype=F64)}
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        return ((params["w"] - step_index * self.c) ** 2).sum()
+
+
+@pytest.mark.parametrize("family", ["quadratic", "drifting"])
+def test_truncated_unroll_continues_one_trajectory(family: str) -> None:
+    """Without meta-updates, truncations of 2 over 5 steps give the trajectory of one 5-step
+    unroll, minibatches included (each truncation goes on at its step index)."""
     rule = random_rule("meta")
-    tasks, params = quadratic_setup()
+    if family == "quadratic":
+        tasks, params = quadratic_setup()
+    else:
+        g = generator_for(6)
+        tasks = TaskBatch([DriftingTask(torch.randn(3, generator=g, dtype=F64)) for _ in range(2)])
+        params = tasks.init_params(g)
     state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
     whole = unroll(rule, tasks, params, state, 5).losses.detach()
     pieces = truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2)
     torch.testing.assert_close(pieces, whole, rtol=1e-13, atol=0)
+    assert not pieces.requires_grad  # no truncation's graph is kept alive by the losses
 
     calls = []
 
@@ -265,6 +306,9 @@ def test_horizon_loss_weights() -> None:
         assert float(horizon_loss_weights(weighting, 37).mean()) == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="weighting must be one of"):
         horizon_loss_weights("final", 4)
+    for weighting in ("uniform", "linear", "quadratic"):
+        with pytest.raises(ValueError, match="horizon must be >= 1, got 0"):
+            horizon_loss_weights(weighting, 0)
 
 
 def test_truncated_unroll_gives_each_truncation_its_slice_of_the_weights() -> None:
