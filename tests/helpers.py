@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,13 +59,11 @@ def to_device_keeping_strides(t: torch.Tensor, device: torch.device) -> torch.Te
 
 @contextlib.contextmanager
 def folder_locked_by_another_run(out: Path) -> Iterator[None]:
-    """Hold the lock a running meta-train holds on its ``--out`` folder ``out`` (POSIX only:
-    callers skip without ``fcntl``); released on exit, as a run's end or kill releases it."""
-    import fcntl
+    """Hold the lock a running meta-train holds on its ``--out`` folder ``out``, taken as the run
+    takes it (POSIX only: callers skip without ``fcntl``); released on exit, as a run's end or
+    kill releases it."""
+    from learnedopt.meta.loop import OutputLock
 
-    held = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with OutputLock() as lock:
+        lock.acquire(out)
         yield
-    finally:
-        os.close(held)

@@ -453,6 +453,13 @@ def test_unroll_backend_dispatch() -> None:
     losses_t = truncated_unroll(rule, tasks, params, state, backend="triton", **kw)
     losses_p = truncated_unroll(rule, tasks, params, state, backend="torch", **kw)
     torch.testing.assert_close(losses_t, losses_p, rtol=1e-5, atol=1e-6)
+    # "torch" runs the PyTorch module even where the kernels could run (here: interpreted)
+    calls = []
+    forward = rule.forward
+    rule.forward = lambda *args: calls.append(1) or forward(*args)
+    unroll(rule, tasks, params, state, 2, backend="torch")
+    del rule.forward
+    assert len(calls) == 2
     # "triton" refuses what the kernels cannot run; "auto" falls back to PyTorch on CPU
     rule64, tasks64, params64 = unroll_setup(F64)
     state64 = rule64.init_state(num_coordinates(params64), dtype=F64, device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from helpers import folder_locked_by_another_run
-from test_meta_unroll import write_fake_mnist
+from test_meta_unroll import random_rule, write_fake_mnist
 
 from learnedopt import load_weights
 from learnedopt.cli import main
@@ -74,6 +75,9 @@ def test_meta_train_lowers_the_meta_loss_and_writes_its_files(tmp_path: Path) ->
         and "||W theta - y||^2" in card
         and f"{header['eval_final']:.6g}" in card
     )
+    for name, value in header["meta_train_config"].items():  # every setting has its row
+        assert f"| `{name}` | `{value!r}` |" in card, name
+    assert "one Adam step (lr 0.01, gradient norm clipped to 1.0) per\ntruncation; optimizee gradients detached" in card
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 8 and set(checkpoint) >= {
         "rule",
@@ -91,7 +95,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path) -> None:
     # killed after meta-step 5: the checkpoint holds step 4, step 5 is logged but lost
     assert run(broken, *args, "--stop-after", "5") == 0
     assert not (broken / "weights.safetensors").exists()
-    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 4
+    checkpoint = torch.load(broken / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 4 and checkpoint["rng"]["seed"] == 3  # every draw derives from the seed
     assert [r["step"] for r in log_lines(broken)] == [1, 2, 3, 4, 5]
     assert run(broken, *args, "--resume") == 0
 
@@ -123,6 +128,7 @@ def test_other_rules_presets_and_module_entry_point(tmp_path: Path) -> None:
         read_header(tmp_path / "preset" / "weights.safetensors")["meta_train_config"]["preset"]
         == "l2l-2016"
     )
+    assert "truncation; second-order (exact) meta-gradients." in (tmp_path / "preset" / "MODEL_CARD.md").read_text()
     for module in ("learnedopt.meta.train", "learnedopt.train"):  # the issue's name is the second
         result = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
@@ -231,6 +237,7 @@ BAD = [
     (["--meta-batch", "0"], "--meta-batch must be a positive integer"),
     (["--meta-steps", "0"], "--meta-steps must be a positive integer"),
     (["--meta-lr", "0"], "--meta-lr must be a positive number"),
+    (["--meta-lr", "inf"], "--meta-lr must be a positive number, got inf"),
     (["--clip", "-1"], "--clip must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be a positive integer"),
@@ -258,6 +265,9 @@ BAD = [
     (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),
     (["--algo", "maml", "--device", "mps"], "--device must be cpu or cuda[:N], got 'mps'"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
+    (["--dist-timeout", "inf"], "--dist-timeout must be a positive number of seconds, got inf"),
+    # an option of the other kind of algorithm is refused even at a value that reads as false
+    (["--algo", "maml", "--horizon", "0"], "--horizon does not apply to --algo maml; it is an option of --algo lstm"),
 ]
 if not torch.cuda.is_available():
     BAD += [
@@ -372,6 +382,7 @@ def test_selection_keeps_the_best_scored_weights_and_resumes_exactly(tmp_path: P
     best = min(candidates, key=lambda s: (candidates[s], s))
     assert best == 4, candidates  # at this setting the last meta-step is worse: a real selection
     assert header["selected_step"] == best and header["select_loss"] == candidates[best]
+    assert header["select_loss_initial"] == candidates[0]
     selected, _ = load_weights(selecting / "weights.safetensors")
     assert score(selected) == candidates[best]  # the kept weights are the ones that scored so
     assert "--select-every 2" in header["command"] and "--select-every" not in read_header(plain / "weights.safetensors")["command"]
@@ -447,6 +458,9 @@ def test_a_non_finite_meta_gradient_stops_before_the_meta_step() -> None:
     w.grad = torch.tensor([1.0, float("nan"), 0.0])
     with pytest.raises(FloatingPointError, match="meta-gradient norm is nan"):
         clip_meta_gradient_([w], None)
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])  # clipped, it would be [0, nan, 0]
+    with pytest.raises(FloatingPointError, match="meta-gradient norm is inf"):
+        clip_meta_gradient_([w], 1.0)
 
 
 def test_a_single_process_stops_on_a_non_finite_value() -> None:
@@ -518,7 +532,7 @@ def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -
     assert run(out, *args, "--resume") == 0  # the finished run released it
 
 
-def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     args = ("--meta-steps", "4", "--checkpoint-every", "2")
     assert run(out, *args, "--stop-after", "3") == 0
@@ -526,6 +540,21 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
         log.write('{"step": 4, "meta_')
     assert run(out, *args, "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+    assert capsys.readouterr().err == ""  # nothing up to the checkpoint was missing
+
+
+def test_a_resume_warns_when_the_log_lacks_records_up_to_the_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "2")
+    assert run(out, *args, "--stop-after", "2") == 0
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text(lines[1] + "\n")  # step 1's record lost
+    assert run(out, *args, "--resume") == 0
+    assert capsys.readouterr().err == (
+        f"warning: {out / 'log.jsonl'} lacks records of meta-steps up to the checkpoint's (2); "
+        "the resumed run appends to what is there\n"
+    )
+    assert [r["step"] for r in log_lines(out)] == [2, 3]
 
 
 def test_folders_that_hold_results_or_are_files_are_refused(tmp_path: Path, capsys) -> None:
@@ -554,7 +583,7 @@ def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: P
     (out / "log.jsonl").write_text("not json\n" + "\n".join(lines) + "\n")
     assert run(out, *args, "--resume") == 2
     assert "line 1 is not a log record" in capsys.readouterr().err
-    for edited in ('{"not": "a step"}', '[1, 2]', '{"step": "2"}'):  # valid JSON, no meta-step's record
+    for edited in ('{"not": "a step"}', '[1, 2]', '{"step": "2"}', '{"step": true}'):  # valid JSON, no meta-step's record
         (out / "log.jsonl").write_text("\n".join([lines[0], edited, *lines[1:]]) + "\n")
         assert run(out, *args, "--resume") == 2
         err = capsys.readouterr().err
@@ -654,3 +683,241 @@ def test_evaluation_episode_weighting_and_fixed_horizon() -> None:
     weighted = (horizon_loss_weights("linear", 6)[:, None] * losses).mean().item()
     assert evaluate(rule, family, config, weighted=True) == pytest.approx(weighted, rel=1e-6)
     assert weighted != pytest.approx(losses.mean().item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_an_episode_takes_one_clipped_step_per_truncation_on_that_truncations_meta_gradient(second_order: bool) -> None:
+    """``episode`` with a meta-optimizer is truncated backpropagation through the unroll: after
+    each truncation one step on the meta-gradient of that truncation's meta-loss alone (weighted
+    by ``--loss-weighting``, first- or second-order by ``--second-order``, with the optimizee's
+    ``--lr``), clipped to norm ``--clip``. Checked against the procedure written out, with plain
+    SGD as the meta-optimizer so that every part of the step shows in the new weights, and a rule
+    with random weights, whose step depends on the gradient's size (the initial rule's hides the
+    second-order terms)."""
+    import copy
+
+    from learnedopt.meta.tasks import generator_for
+    from learnedopt.meta.train import _TRAIN_STREAM, MetaTrainConfig, _family, episode
+    from learnedopt.meta.unroll import horizon_loss_weights, num_coordinates, truncated_unroll
+
+    config = MetaTrainConfig(unroll=2, horizon=5, meta_batch=2, clip=0.05, lr=0.5,
+                             loss_weighting="linear", second_order=second_order)  # fmt: skip
+    family = _family(config, "meta_train")
+    rule = random_rule("lstm", seed=1).float()
+    reference = copy.deepcopy(rule)
+    weights = list(reference.parameters())
+    _, norms = episode(rule, family, config, generator_for(0, _TRAIN_STREAM, 1), torch.optim.SGD(rule.parameters(), lr=1.0))
+
+    generator = generator_for(0, _TRAIN_STREAM, 1)
+    tasks = family.sample_batch(config.meta_batch, generator)
+    params = tasks.init_params(generator)
+    expected_norms = []
+
+    def update(meta_loss: torch.Tensor) -> None:
+        grads = torch.autograd.grad(meta_loss, weights)
+        norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+        expected_norms.append(norm)
+        with torch.no_grad():
+            for w, g in zip(weights, grads, strict=True):
+                w -= g * min(1.0, config.clip / norm)
+
+    truncated_unroll(reference, tasks, params, reference.init_state(num_coordinates(params), dtype=torch.float32, device="cpu"), horizon=5, truncation=2,
+                     update=update, lr=0.5, stop_optimizee_grad=not second_order,
+                     loss_weights=horizon_loss_weights("linear", 5))  # fmt: skip
+    assert len(norms) == 3 and min(expected_norms) > 2 * config.clip  # every step is clipped
+    assert norms == pytest.approx(expected_norms, rel=1e-5)
+    for got, want in zip(rule.parameters(), weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", [False, True])
+def test_the_recorded_command_runs_the_same_configuration(preset: bool) -> None:
+    """The command a weight file and a model card record (``canonical_command``), parsed as
+    ``learnedopt meta-train`` parses it, gives back the run's configuration, every setting away
+    from its default included, and its output folder and checkpoint interval."""
+    import argparse
+    import shlex
+
+    from learnedopt.meta.command import configure_parser
+    from learnedopt.meta.train import MetaTrainConfig, canonical_command, config_from_args
+
+    start = {"rule": None, "preset": "l2l-2016"} if preset else {
+        "rule": "MetaLSTMCell", "rule_config": {"hidden_size": 4, "momentum_decay": 0.9}}  # fmt: skip
+    config = MetaTrainConfig(**start, task="mlp-random+quadratic:2", unroll=3, horizon=7, meta_batch=6, meta_steps=9,
+                             meta_lr=0.02, clip=0.3, seed=5, lr=0.7, second_order=True, random_horizon=True,
+                             loss_weighting="quadratic", select_every=2, select_tasks=4, data="/some where/data",
+                             device="cuda:1")  # fmt: skip
+    changed = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
+    assert changed == {f.name for f in dataclasses.fields(config)} - ({"rule_config"} if preset else {"preset"})
+    words = shlex.split(canonical_command(config, "/runs/my run", 4))
+    assert words[:2] == ["learnedopt", "meta-train"]
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(words[2:])
+    assert config_from_args(args) == config
+    assert (args.out, args.checkpoint_every, args.algo) == ("/runs/my run", 4, "lstm")
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_whole(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint is written beside the old one and renamed over it: a write that fails half-way
+    (a full disk, a kill) leaves the last checkpoint as it was, and the run resumes from it."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "1") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    save = torch.save
+
+    def full_disk(payload, file) -> None:  # noqa: ANN001 - torch.save's signature
+        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run(out, *args, "--resume")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", save)
+    assert run(out, *args, "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+class ScriptedTrainer:
+    """A :class:`~learnedopt.meta.loop.Trainer` whose meta-step ``s`` reports ``losses[s - 1]``
+    (a float, or an exception to raise) and records the steps already in ``out``'s log."""
+
+    def __init__(self, out: Path, losses: list) -> None:
+        self.out, self.losses, self.logged = out, losses, []
+
+    def step(self, step: int) -> dict[str, float]:
+        log = self.out / "log.jsonl"
+        self.logged.append([json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else [])
+        loss = self.losses[step - 1]
+        if isinstance(loss, Exception):
+            raise loss
+        return {"meta_loss": loss}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:  # noqa: ANN001 - the protocol's signature
+        pass
+
+
+def scripted_run(out: Path, losses: list, progress: bool = False) -> ScriptedTrainer:
+    from learnedopt.meta.loop import train_loop
+    from learnedopt.meta.train import MetaTrainConfig
+
+    trainer = ScriptedTrainer(out, losses)
+    train_loop(MetaTrainConfig(meta_steps=len(losses)), trainer, out, checkpoint_every=10, resume=False,
+               max_steps=None, progress=progress)  # fmt: skip
+    return trainer
+
+
+def test_each_meta_step_is_in_the_log_before_the_next_begins(tmp_path: Path) -> None:
+    """The log is flushed after every record, so a run killed during a meta-step has logged every
+    step before it."""
+    assert scripted_run(tmp_path / "run", [1.0, 2.0, 3.0, 4.0]).logged == [[], [1], [1, 2], [1, 2, 3]]
+
+
+def test_the_progress_lines_show_the_running_mean_of_the_meta_loss(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain lines, not tqdm's bar
+    scripted_run(tmp_path / "run", [1.0, 2.0, 3.0], progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    # an exponential moving average with weight 0.1 on the newest step: 1, 1.1, 1.29
+    assert [line.split("  ")[:3] for line in lines] == [
+        ["meta-step 1/3", "meta-loss 1", "running 1"],
+        ["meta-step 2/3", "meta-loss 2", "running 1.1"],
+        ["meta-step 3/3", "meta-loss 3", "running 1.29"],
+    ]
+
+
+def test_divergence_after_the_first_meta_step_blames_the_meta_settings(tmp_path: Path) -> None:
+    from learnedopt.meta.loop import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^meta-step 2: the meta-loss is nan; lower --meta-lr or --clip$"):
+        scripted_run(tmp_path / "run", [1.0, FloatingPointError("the meta-loss is nan")])
+
+
+def test_a_resume_may_change_only_the_data_folder_the_device_and_the_length(tmp_path: Path) -> None:
+    """Every other setting changes the finished steps, so a resume with it changed is refused;
+    ``--meta-steps`` too once the run scores its last step (``--select-every``)."""
+    from learnedopt.meta.loop import ConfigError, _load_checkpoint, _save_checkpoint
+    from learnedopt.meta.train import MetaTrainConfig
+
+    other = {"task": "mnist-mlp", "rule": "MetaLSTMCell", "rule_config": {"hidden_size": 3}, "preset": "l2l-2016",
+             "unroll": 3, "horizon": 50, "meta_batch": 4, "meta_steps": 7, "meta_lr": 0.5, "clip": 2.0, "seed": 1,
+             "lr": 0.5, "second_order": True, "random_horizon": True, "loss_weighting": "linear", "select_every": 3,
+             "select_tasks": 3, "data": "/elsewhere", "device": "cuda"}  # fmt: skip
+    assert set(other) == {f.name for f in dataclasses.fields(MetaTrainConfig)}
+    for base, free in ((MetaTrainConfig(), {"data", "device", "meta_steps"}), (MetaTrainConfig(select_every=2), {"data", "device"})):
+        path = tmp_path / f"checkpoint{base.select_every}.pt"
+        _save_checkpoint(path, base, {}, 1)
+        resumable = set()
+        for name, value in other.items():
+            try:
+                _load_checkpoint(path, dataclasses.replace(base, **{name: value}))
+            except ConfigError as err:
+                assert f"the configuration differs from the checkpoint's ({name}: " in str(err)
+            else:
+                resumable.add(name)
+        assert resumable == free
+
+
+def test_a_finished_run_prints_its_files_and_evaluation_and_nothing_else_when_quiet(tmp_path: Path, capsys) -> None:
+    for out, extra, selected in ((tmp_path / "plain", (), ""), (tmp_path / "selecting", ("--select-every", "1"), None)):
+        assert run(out, "--meta-steps", "2", *extra) == 0
+        header = read_header(out / "weights.safetensors")
+        if selected is None:
+            selected = f", selected at meta-step {header['selected_step']}"
+        assert capsys.readouterr() == (
+            f"wrote {out / 'weights.safetensors'} and MODEL_CARD.md: evaluation loss {header['eval_initial']:.6g} "
+            f"(initial rule) -> {header['eval_final']:.6g} (meta-trained{selected})\n",
+            "",  # --quiet: no progress on stderr
+        )
+    # without --quiet, a line per meta-step on stderr (tqdm's bar where it is installed)
+    main(["meta-train", *[a for a in FAST if a != "--quiet"], "--meta-steps", "2", "--out", str(tmp_path / "loud")])
+    assert capsys.readouterr().err
+
+
+def test_the_result_names_the_meta_step_of_its_weights(tmp_path: Path) -> None:
+    from learnedopt.meta.train import MetaTrainConfig, meta_train
+
+    config = MetaTrainConfig(unroll=2, horizon=2, meta_batch=2, meta_steps=3)
+    result = meta_train(config, tmp_path / "last", progress=False)
+    assert result.finished and result.step == 3 and result.selected_step == 3  # no selection: the last
+    # a resume told to stop before its checkpoint's step runs nothing and reports where the run is
+    again = meta_train(config, tmp_path / "last", resume=True, max_steps=1, progress=False)
+    assert again.finished and again.step == 3 and again.log == []
+    selected = meta_train(dataclasses.replace(config, select_every=1), tmp_path / "best", progress=False)
+    assert selected.selected_step == read_header(tmp_path / "best" / "weights.safetensors")["selected_step"]
+
+
+def test_the_api_takes_exactly_one_starting_point() -> None:
+    """``MetaTrainConfig`` is public: a rule and a preset both given (the command line's
+    exclusive options cannot say so) is refused, not trained from the preset alone."""
+    from learnedopt.meta.loop import ConfigError
+    from learnedopt.meta.train import MetaTrainConfig
+
+    for rule, preset in (("CoordinateLSTM", "l2l-2016"), (None, None)):
+        with pytest.raises(ConfigError, match="^give exactly one of --rule and --preset$"):
+            MetaTrainConfig(rule=rule, preset=preset).validate()
+    MetaTrainConfig(rule=None, preset="l2l-2016").validate()
+
+
+def test_a_meta_steps_log_fields_describe_its_episode() -> None:
+    """``meta_loss``: the mean loss over the episode's steps and tasks; ``final_loss``: its last
+    step's; ``grad_norm``: the largest pre-clip meta-gradient norm of its truncations;
+    ``meta_updates``: their number; ``horizon``: its steps."""
+    import copy
+
+    from learnedopt.meta.tasks import generator_for
+    from learnedopt.meta.train import _TRAIN_STREAM, MetaTrainConfig, _RuleTrainer, episode
+
+    config = MetaTrainConfig(unroll=2, horizon=5, meta_batch=2, meta_steps=1)
+    trainer = _RuleTrainer(config)
+    rule = copy.deepcopy(trainer.rule)
+    losses, norms = episode(rule, trainer.family, config, generator_for(0, _TRAIN_STREAM, 1),
+                            torch.optim.Adam(rule.parameters(), lr=config.meta_lr))  # fmt: skip
+    assert trainer.step(1) == {"meta_loss": float(losses.mean()), "final_loss": float(losses[-1].mean()),
+                               "grad_norm": max(norms), "meta_updates": 3, "horizon": 5}  # fmt: skip
+    assert max(norms) != norms[-1] and float(losses[-1].mean()) < float(losses[0].mean())  # fields that differ
