@@ -921,3 +921,18 @@ def test_a_meta_steps_log_fields_describe_its_episode() -> None:
     assert trainer.step(1) == {"meta_loss": float(losses.mean()), "final_loss": float(losses[-1].mean()),
                                "grad_norm": max(norms), "meta_updates": 3, "horizon": 5}  # fmt: skip
     assert max(norms) != norms[-1] and float(losses[-1].mean()) < float(losses[0].mean())  # fields that differ
+
+
+def test_data_without_evaluation_tasks_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    """Three MNIST images leave the ``meta_valid`` part (10%) empty. The run trained every
+    meta-step, then failed at the final evaluation, leaving a checkpoint and a log without
+    weights, which a rerun refused and a ``--resume`` failed on again after its training; now
+    the problem is found before anything is written."""
+    data = write_fake_mnist(tmp_path / "mnist", n=3)
+    out = tmp_path / "run"
+    argv = ["meta-train", "--task", "mnist-mlp", "--data", str(data), "--unroll", "2", "--horizon", "2",
+            "--meta-batch", "2", "--meta-steps", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the 'meta_valid' part of 3 MNIST images is empty" in err, err
+    assert not out.exists()

@@ -330,10 +330,13 @@ class _RuleTrainer:
     def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.family = _family(config, "meta_train")
+        # the final evaluation's tasks, built now so that data without them is refused before
+        # the run rather than after it
+        self.eval_family = _family(config, "meta_valid")
         self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
-        select_family = _family(config, "meta_valid") if config.select_every else None
+        select_family = self.eval_family if config.select_every else None
         if config.select_every and select_tasks(config) % workers.world_size:
             raise ConfigError(
                 f"--select-tasks {select_tasks(config)} does not split evenly over {workers.world_size} "
@@ -437,7 +440,7 @@ def meta_train(
         if not workers.is_main:
             return MetaTrainResult(rule, done, log, finished=True, selected_step=selected_step)
 
-        eval_family = _family(config, "meta_valid")
+        eval_family = trainer.eval_family
         scores = {
             "initial": evaluate(trainer.initial, eval_family, config),
             "final": evaluate(rule, eval_family, config),
