@@ -93,6 +93,8 @@ def test_two_ranks_give_the_meta_parameters_of_one_rank(two_ranks: Path, tmp_pat
         assert selected[0] == selected[1], selected
     assert "It ran on 2 processes under `torchrun`" in (two / "MODEL_CARD.md").read_text()
     assert "processes under `torchrun`" not in (one / "MODEL_CARD.md").read_text()
+    if name == "lstm":  # an update rule's weight file records them too
+        assert (read_header(two)["processes"], read_header(one)["processes"]) == (2, 1)
     # not vacuous: meta-training moved the meta-parameters far beyond the tolerance
     initial = initial_weights(name, one)
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
@@ -327,6 +329,46 @@ def test_the_barrier_waits_for_the_other_ranks_only_when_there_are_some(monkeypa
     assert other.barriers == 0
     Workers(rank=1, world_size=2).barrier()
     assert other.barriers == 1
+
+
+def test_each_rank_unrolls_its_share_of_the_meta_batch() -> None:
+    """Every rank draws the whole meta-batch and unrolls only its contiguous share: rank ``r`` of
+    2 the tasks ``2r, 2r + 1`` of 4, whose losses are those of one process's episode."""
+    from learnedopt.meta.tasks import generator_for
+
+    config = train.MetaTrainConfig(unroll=2, horizon=3, meta_batch=4)
+    family, rule = train._family(config, "meta_train"), train.initial_rule(config).requires_grad_(False)
+    whole, _ = train.episode(rule, family, config, generator_for(0, 2))
+    for rank in (0, 1):
+        part, _ = train.episode(rule, family, config, generator_for(0, 2), workers=Workers(rank=rank, world_size=2))
+        assert part.shape == (3, 2)
+        torch.testing.assert_close(part, whole[:, 2 * rank : 2 * rank + 2], rtol=1e-6, atol=0)
+
+
+def test_a_failed_collective_ends_the_command_with_code_1_and_no_final_barrier(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+) -> None:
+    """Another rank died or hung: ``meta-train`` exits with code 1 (not a configuration's 2)
+    and one line pointing at ``--resume``, and leaves the group without the final barrier,
+    which the missing rank would never reach."""
+    from learnedopt.meta import command, distributed
+
+    waits = []
+    monkeypatch.setattr(distributed, "shutdown", lambda *, wait_for_all: waits.append(wait_for_all))
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - meta_train's signature
+        raise DistributedError("rank 0 of 2: a collective failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(command, "meta_train", failing)
+        assert main(["meta-train", "--quiet", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == (
+        "learnedopt meta-train: error: rank 0 of 2: a collective failed; continue the job from the last "
+        "checkpoint with --resume\n"
+    )
+    assert waits == [False]
+    assert main(["meta-train", "--quiet", "--out", str(tmp_path / "done"), *"--unroll 1 --horizon 1 --meta-batch 2 --meta-steps 1".split()]) == 0
+    assert waits == [False, True]  # a finished run waits for every rank before leaving
 
 
 def test_shutdown_leaves_only_the_group_init_from_env_created(monkeypatch: pytest.MonkeyPatch) -> None:
