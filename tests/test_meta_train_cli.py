@@ -590,6 +590,7 @@ def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: P
         assert err.count("\n") == 1 and 'line 2 is not a log record (no integer "step"' in err, err
     (out / "log.jsonl").write_text("\n".join(lines) + "\n")
     for payload, message in (([1, 2], "not a learnedopt meta-train checkpoint"),
+                             ({**good, "format": 2}, "has checkpoint format 2, expected 1"),
                              ({k: v for k, v in good.items() if k != "meta_optimizer"}, "does not hold this run's state")):  # fmt: skip
         torch.save(payload, out / "checkpoint.pt")
         assert run(out, *args, "--resume") == 2
