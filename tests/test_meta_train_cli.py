@@ -937,3 +937,23 @@ def test_data_without_evaluation_tasks_is_refused_before_training(tmp_path: Path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the 'meta_valid' part of 3 MNIST images is empty" in err, err
     assert not out.exists()
+
+
+def test_a_resume_compares_with_the_rule_the_run_started_from(tmp_path: Path) -> None:
+    """The weight file a run started from may change before its ``--resume``: the final
+    evaluation still compares with the rule the run started from, which the checkpoint keeps."""
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    start, (rule, _) = tmp_path / "start.safetensors", build_preset("l2l-2016")
+    save_weights(rule, start)
+    args = ("--preset", str(start), "--meta-steps", "2", "--checkpoint-every", "1")
+    assert run(tmp_path / "whole", *args) == 0
+    assert run(tmp_path / "broken", *args, "--stop-after", "1") == 0
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.mul_(0.5)
+    save_weights(rule, start)  # overwritten in between
+    assert run(tmp_path / "broken", *args, "--resume") == 0
+    ha, hb = (read_header(tmp_path / d / "weights.safetensors") for d in ("whole", "broken"))
+    assert (ha["eval_initial"], ha["eval_final"]) == (hb["eval_initial"], hb["eval_final"])
