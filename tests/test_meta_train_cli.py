@@ -957,3 +957,16 @@ def test_a_resume_compares_with_the_rule_the_run_started_from(tmp_path: Path) ->
     assert run(tmp_path / "broken", *args, "--resume") == 0
     ha, hb = (read_header(tmp_path / d / "weights.safetensors") for d in ("whole", "broken"))
     assert (ha["eval_initial"], ha["eval_final"]) == (hb["eval_initial"], hb["eval_final"])
+
+
+def test_model_card_rows_keep_two_cells_when_a_value_holds_a_pipe() -> None:
+    """A "|" in a setting (a data path) split its Markdown row into more cells."""
+    import re
+
+    from learnedopt.meta.loop import model_card
+
+    card = model_card("t", "", "cmd", {"data": "/d/a|b", "steps": 3}, "", "", "")
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows)
+    assert r"/d/a\|b" in rows[0]

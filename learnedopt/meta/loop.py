@@ -572,7 +572,7 @@ def model_card(
     title: str, intro: str, command: str, settings: dict[str, Any], details: str, data: str, metrics: str
 ) -> str:
     """The Markdown model card every ``meta-train`` run writes (one layout for every algorithm)."""
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in settings.items())
+    rows = "\n".join(f"| `{_cell(k)}` | `{_cell(repr(v))}` |" for k, v in settings.items())
     return f"""# {title}
 
 Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
@@ -599,6 +599,12 @@ Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
 
 {metrics}
 """
+
+
+def _cell(text: str) -> str:
+    """``text`` for a Markdown table's cell: a "|" ends the cell even inside a code span (a data
+    path such as ``/data/a|b`` split the card's row) unless escaped."""
+    return text.replace("|", "\\|")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
