@@ -420,3 +420,21 @@ def test_an_lr_rounded_below_zero_leaves_zero_valued_coordinates_at_zero(kind, f
     set_grads([param], seed=0)
     step(opt)
     assert torch.equal(param, torch.zeros(4)) and int(opt.state[param]["step"]) == 1
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_python_number_loss_is_read_in_float64(foreach) -> None:
+    """``step(loss=loss.item())`` equals ``step(loss=loss)`` for a float64 model: the number was
+    rounded to float32 first (the float64 parameters then ended 1e-11 apart), and a finite loss
+    above float32's largest value was called "inf" and rejected."""
+    runs = []
+    for loss in (0.1, torch.tensor(0.1, dtype=torch.float64), 1e39, torch.tensor(1e39, dtype=torch.float64)):
+        params = make_params([(7,), (2, 3)])
+        opt = MetaLSTMOptimizer(params, foreach=foreach, state_dtype=torch.float64)
+        for t in range(3):
+            set_grads(params, seed=t)
+            opt.step(loss=loss)
+        runs.append(params)
+    for number, tensor in (runs[0:2], runs[2:4]):
+        for p, q in zip(number, tensor, strict=True):
+            assert torch.equal(p, q)

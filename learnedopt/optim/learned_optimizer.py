@@ -328,7 +328,8 @@ class LearnedOptimizer(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
             loss: the current loss, for rules that read it, when no closure is given: a
-                number or a one-element tensor (a ``DTensor`` is read as its full value).
+                number (read in float64) or a one-element tensor (a ``DTensor`` is read as its
+                full value).
 
         Returns:
             The closure's loss, or None.
@@ -374,7 +375,9 @@ class LearnedOptimizer(Optimizer):
                 f"{type(self).__name__}.step needs the loss: call step(closure) with a closure that "
                 "returns it, or step(loss=loss)"
             )
-        loss = torch.as_tensor(loss).detach()
+        # a Python number is a double: read in float64 (as_tensor would round it to float32), so
+        # float64 parameters' math sees it exactly and a finite one is never called Inf
+        loss = torch.as_tensor(loss, dtype=None if isinstance(loss, Tensor) else torch.float64).detach()
         if sharding.is_sharded(loss):  # a DTensor loss (tensor parallelism): the same value on every rank
             loss = loss.full_tensor()
         if loss.numel() != 1:
