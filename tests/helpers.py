@@ -20,13 +20,39 @@ def make_params(shapes, dtype=torch.float64, *, noncontiguous=(), seed=0) -> lis
     for i, shape in enumerate(shapes):
         if i in noncontiguous:
             assert len(shape) == 2, "non-contiguous parameters are made by transposing a matrix"
-            base = torch.randn(*reversed(shape), generator=g, dtype=torch.float64).to(dtype)
+            base = torch.randn(tuple(reversed(shape)), generator=g, dtype=torch.float64).to(dtype)
             p = base.t().detach().requires_grad_(True)
             assert not p.is_contiguous()
         else:
-            p = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+            p = torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
         params.append(p)
     return params
+
+
+def make_mixed_params(specs, seed=0) -> list[torch.Tensor]:
+    """Leaf tensors from ``(shape, dtype, layout)`` specs: layout ``"t"`` is a transposed matrix,
+    ``"cl"`` a channels_last 4-d tensor, anything else contiguous."""
+    params = []
+    for i, (shape, dtype, layout) in enumerate(specs):
+        (p,) = make_params([shape], dtype=dtype, noncontiguous=(0,) if layout == "t" else (), seed=seed + i)
+        if layout == "cl":
+            p = p.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        params.append(p)
+    return params
+
+
+def param_specs(max_size: int = 4):
+    """Hypothesis strategy: lists of ``make_mixed_params`` specs, with 0-dim, empty and
+    one-element tensors, non-contiguous layouts and every parameter dtype."""
+    from hypothesis import strategies as st
+
+    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    spec = st.one_of(
+        st.tuples(st.sampled_from([(), (0,), (1,), (4, 0), *[(n,) for n in range(2, 21)]]), dtypes, st.just("c")),
+        st.tuples(st.tuples(st.integers(2, 5), st.integers(2, 5)), dtypes, st.just("t")),
+        st.tuples(st.just((2, 3, 2, 2)), dtypes, st.just("cl")),
+    )
+    return st.lists(spec, min_size=1, max_size=max_size)
 
 
 def set_grads(params, seed: int, scale: float = 1.0, skip=()) -> None:

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_params, set_grads, step
+from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -385,3 +385,35 @@ def test_auto_keeps_foreach_false_to_the_per_tensor_reference(monkeypatch) -> No
         set_grads(params, 0)
         opt.step()
         assert bool(launches) == launched, (backend, foreach)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["lstm", "meta"]),
+    specs=param_specs(5),
+    chunks=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    state_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    data=st.data(),
+)
+def test_property_grouping_order_and_chunking_do_not_change_a_step(kind, specs, chunks, state_dtype, data) -> None:
+    """Bit for bit on the batched path: the parameters split into other param groups, listed in
+    another order and chunked otherwise (0-dim, empty, transposed, channels_last, mixed dtypes,
+    some gradients None) step exactly as in one group."""
+    n = len(specs)
+    group_of = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    order = data.draw(st.permutations(range(n)))
+    skips = data.draw(st.lists(st.sets(st.integers(0, n - 1)), min_size=3, max_size=3))
+    runs = []
+    for groups, chunk, foreach in (([list(range(n))], chunks[0], None), ([[i for i in order if group_of[i] == k] for k in range(3)], chunks[1], True)):
+        params = make_mixed_params(specs)
+        opt = OPTIMIZERS[kind]([{"params": [params[i] for i in g]} for g in groups if g], foreach=foreach, state_dtype=state_dtype)
+        opt.chunk = chunk
+        for t, skip in enumerate(skips):
+            set_grads(params, seed=t, skip=skip)
+            step(opt, 0.5 + t)
+        runs.append((params, opt))
+    (params, opt), (others, other) = runs
+    for p, q in zip(params, others, strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == other.state[q].keys()
+        assert all(torch.equal(value, other.state[q][name]) for name, value in opt.state[p].items())

@@ -5,7 +5,9 @@ import io
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_params, set_grads, step
+from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer
 
@@ -363,3 +365,51 @@ def test_reading_the_state_of_a_parameter_without_one_keeps_it_stateless_and_loa
     fresh = LSTMOptimizer([trained, frozen], foreach=foreach)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.state[frozen] == {} and torch.equal(fresh.state[trained]["h"], opt.state[trained]["h"])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["lstm", "meta"]),
+    specs=param_specs(4),
+    how=st.sampled_from(["torch.save", "deepcopy"]),
+    foreach=st.sampled_from([None, False]),
+    state_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    data=st.data(),
+)
+def test_property_resume_at_any_step_is_bit_identical(kind, specs, how, foreach, state_dtype, data) -> None:
+    """Saved after any step (the first included) through ``torch.save`` or a deep copy of the
+    optimizer, of any parameter layout and dtype, some gradients None: the resumed run ends
+    equal to the uninterrupted one, parameters and states."""
+    n, steps = len(specs), 4
+    saved_at = data.draw(st.integers(0, steps))
+    split = data.draw(st.integers(0, n))
+    skips = data.draw(st.lists(st.sets(st.integers(0, n - 1)), min_size=steps, max_size=steps))
+    groups = lambda ps: [g for g in ({"params": ps[:split]}, {"params": ps[split:], "lr": 0.5}) if g["params"]]
+    params = make_mixed_params(specs)
+    opt = OPTIMIZERS[kind](groups(params), foreach=foreach, state_dtype=state_dtype)
+    opt.chunk = 5
+    for t in range(steps):
+        if t == saved_at:
+            break
+        set_grads(params, seed=t, skip=skips[t])
+        step(opt, 0.5 + t)
+    if how == "deepcopy":
+        resumed_opt = copy.deepcopy(opt)
+        resumed = [p for group in resumed_opt.param_groups for p in group["params"]]
+    else:
+        buffer = io.BytesIO()
+        torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        resumed = [p.requires_grad_(True) for p in saved["params"]]
+        resumed_opt = OPTIMIZERS[kind](groups(resumed))
+        resumed_opt.chunk = 5
+        resumed_opt.load_state_dict(saved["opt"])
+    for t in range(saved_at, steps):
+        for ps, o in ((params, opt), (resumed, resumed_opt)):
+            set_grads(ps, seed=t, skip=skips[t])
+            step(o, 0.5 + t)
+    for p, q in zip(params, resumed, strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == resumed_opt.state[q].keys()
+        assert all(torch.equal(value, resumed_opt.state[q][name]) for name, value in opt.state[p].items())
