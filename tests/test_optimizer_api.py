@@ -198,6 +198,22 @@ def test_float16_states_saturate_instead_of_overflowing() -> None:
     assert torch.isfinite(params[0]).all() and params[0].abs().max() < 10
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_float32_states_of_float64_parameters_saturate_instead_of_overflowing(kind, foreach, state_dtype) -> None:
+    """The math runs in float64 for float64 parameters, so a finite gradient of 1e30 squares to
+    1e60 there; stored into the float32 second moment (the default states), it became Inf, and the
+    next step turned the states and the parameter NaN."""
+    param = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = OPTIMIZERS[kind]([param], foreach=foreach, state_dtype=state_dtype)
+    for grad in ([1e30, 1.0, -1e200], [1.0, 1.0, 1.0], [-0.5, 2.0, 1.0]):
+        param.grad = torch.tensor(grad, dtype=torch.float64)
+        step(opt)
+        assert all(torch.isfinite(s).all() for s in opt.state[param].values()), opt.state[param]
+    assert torch.isfinite(param).all()
+
+
 @pytest.mark.parametrize("option, value", [("lr", -1.0), ("lr", None), ("nan_policy", "bogus"), ("state_dtype", torch.int32)])
 def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, value) -> None:
     params = make_params([(3,)], dtype=torch.float32)

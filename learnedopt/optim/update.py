@@ -9,6 +9,8 @@ in their storage dtype. They are meant to run under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,17 +58,23 @@ def single_tensor_update_(
             param.add_(step.view(param.shape), alpha=lr)
 
 
-#: the largest float16; a state stored in float16 saturates there
-_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
-
-
 def _store_(target: Tensor, value: Tensor) -> None:
-    """Write a rule's new state into its buffer. Into float16 (largest value 65504) it saturates,
-    so that the square of a gradient over 256 does not become Inf there, and NaN at the next
-    moving average (``lerp`` of Inf)."""
-    if target.dtype == torch.float16:
-        value = value.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+    """Write a rule's new state into its buffer. Into a dtype of a narrower exponent range than
+    the math's it saturates at that dtype's largest value, so that a square that fits the math
+    dtype does not become Inf there, and NaN at the next moving average (``lerp`` of Inf): float16
+    (65504: a gradient over 256), or float32 from the float64 math of float64 parameters (3.4e38:
+    a gradient over 1.8e19). bfloat16 shares float32's range, so float32 math needs no clamp."""
+    if _max_exponent(target.dtype) < _max_exponent(value.dtype):
+        largest = torch.finfo(target.dtype).max
+        value = value.clamp(-largest, largest)
     target.copy_(value)
+
+
+@functools.cache
+def _max_exponent(dtype: torch.dtype) -> int:
+    """The binary exponent of ``dtype``'s largest value (16 for float16, 128 for bfloat16 and
+    float32, 1024 for float64)."""
+    return math.frexp(torch.finfo(dtype).max)[1]
 
 
 def flat_update_(
