@@ -68,6 +68,28 @@ def test_zero_grad(kind) -> None:
     assert params[0].grad is None
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_zero_gradient_is_a_step_and_a_none_gradient_is_none(kind, foreach) -> None:
+    """As in torch.optim: ``zero_grad(set_to_none=False)`` leaves zero gradients, which step (the
+    states advance and the learned step of a zero gradient moves the parameter); ``None`` skips."""
+    params = make_params([(4,), (2, 3)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, foreach=foreach)
+    set_grads(params, seed=0)
+    step(opt)
+    opt.zero_grad(set_to_none=False)
+    before = [(p.detach().clone(), opt.state[p]["h"].clone()) for p in params]
+    step(opt)
+    for p, (value, h) in zip(params, before, strict=True):
+        assert int(opt.state[p]["step"]) == 2
+        assert not torch.equal(opt.state[p]["h"], h) and not torch.equal(p, value)
+    opt.zero_grad()
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    step(opt)
+    for p, (value, state) in zip(params, before, strict=True):
+        assert torch.equal(p, value) and all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_maximize_equals_minimizing_the_negation(kind, foreach) -> None:
