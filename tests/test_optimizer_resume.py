@@ -349,6 +349,20 @@ def test_a_saved_state_missing_one_of_the_rule_s_states_is_rejected(foreach) -> 
 
 
 @pytest.mark.parametrize("foreach", [False, True])
+def test_a_saved_state_missing_its_step_is_rejected(foreach) -> None:
+    """It loaded, and then the batched path continued from the loaded states while the
+    per-tensor one silently restarted them (a state without ``step`` is a new one there)."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0]["step"]
+    with pytest.raises(ValueError, match="saved state of parameter 0 lacks 'step'"):
+        LSTMOptimizer(params, foreach=foreach).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
 def test_reading_the_state_of_a_parameter_without_one_keeps_it_stateless_and_loadable(foreach) -> None:
     """``optimizer.state`` is a defaultdict, as in torch.optim: reading a frozen parameter's entry
     (as code that moves states between devices does) leaves ``{}`` there. The state dict holding it

@@ -288,7 +288,9 @@ class LearnedOptimizer(Optimizer):
         if not saved:  # an entry that reading optimizer.state[p] (a defaultdict) made: no state yet
             return param, {}
         spec = self.rule.state_spec()
-        saved = {**saved, "step": _loaded_step(saved.get("step"), index)} if "step" in saved else saved
+        if "step" not in saved:  # the per-tensor path would restart such a state, the batched one not
+            raise ValueError(f"saved state of parameter {index} lacks 'step' (it holds {sorted(saved)})")
+        saved = {**saved, "step": _loaded_step(saved["step"], index)}
         not_tensors = sorted(name for name in spec if name in saved and not isinstance(saved[name], Tensor))
         if not_tensors:
             raise ValueError(f"saved state {not_tensors} of parameter {index} must be tensors")
