@@ -4,7 +4,9 @@ import re
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_params, set_grads, step
+from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 
@@ -378,3 +380,37 @@ def test_an_lr_beyond_the_parameters_dtype_fails_before_any_group_is_updated(kin
     with pytest.raises(ValueError, match=re.escape(f"Invalid lr: {lr} is above the largest {dtype}")):
         step(opt)
     assert torch.equal(a, before) and not opt.state
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["lstm", "meta"]),
+    specs=param_specs(4).filter(lambda specs: any(torch.Size(shape).numel() for shape, _, _ in specs)),
+    foreach=st.sampled_from([None, False]),
+    data=st.data(),
+)
+def test_property_a_skipped_non_finite_gradient_steps_as_no_gradient(kind, specs, foreach, data) -> None:
+    """Under ``nan_policy="skip"``, a NaN or Inf in one tensor's gradient at any step (its first
+    included) is, bit for bit, that tensor having no gradient then: the others step alike."""
+    steps = 3
+    bad = data.draw(st.sampled_from([i for i, (shape, _, _) in enumerate(specs) if torch.Size(shape).numel()]))
+    bad_step = data.draw(st.integers(0, steps - 1))
+    value = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    runs = []
+    for poisoned in (True, False):
+        params = make_mixed_params(specs)
+        opt = OPTIMIZERS[kind](params, nan_policy="skip", foreach=foreach)
+        opt.chunk = 5
+        for t in range(steps):
+            set_grads(params, seed=t)
+            if t == bad_step and poisoned:
+                params[bad].grad[(0,) * params[bad].dim()] = value
+            elif t == bad_step:
+                params[bad].grad = None
+            step(opt, 0.5 + t)
+        runs.append((params, opt))
+    (params, opt), (others, other) = runs
+    for p, q in zip(params, others, strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == other.state[q].keys()
+        assert all(torch.equal(v, other.state[q][name]) for name, v in opt.state[p].items())
