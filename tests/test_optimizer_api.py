@@ -220,6 +220,24 @@ def test_float16_states_saturate_instead_of_overflowing() -> None:
     assert torch.isfinite(params[0]).all() and params[0].abs().max() < 10
 
 
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize("loss", [1e39, torch.tensor(-1e300, dtype=torch.float64)])
+def test_a_finite_loss_beyond_float32_saturates_for_float32_math(loss, backend, foreach) -> None:
+    """A finite float64 loss over float32's largest value became Inf in the float32 math, and a
+    rule with a zero weight on the loss input turned every parameter and state NaN (0 * Inf)."""
+    from learnedopt.nn import MetaLSTMCell
+
+    rule = MetaLSTMCell(hidden_size=4)
+    with torch.no_grad():
+        rule.lstm.weight_ih_l0[:, 2] = 0.0  # the preprocessed loss's magnitude is input 2
+    param = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    opt = MetaLSTMOptimizer([param], rule, backend=backend, foreach=foreach)
+    param.grad = torch.tensor([1.0, -0.5, 0.25])
+    opt.step(loss=loss)
+    assert torch.isfinite(param).all()
+    assert all(torch.isfinite(s).all() for s in opt.state[param].values()), opt.state[param]
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])

@@ -441,8 +441,9 @@ class LearnedOptimizer(Optimizer):
         for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
             lr = max(float(group["lr"]), 0.0)  # an LR scheduler's rounding error below 0 steps as 0
+            loss_math = None if loss is None else _saturated(loss.to(device), compute_dtype)
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
-            loss_here = None if loss is None else loss.to(device, compute_dtype) * (-1 if group["maximize"] else 1)
+            loss_here = None if loss_math is None else loss_math * (-1 if group["maximize"] else 1)
             common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
             if self._use_fused(group["backend"], device, compute_dtype, state_dtype, group["foreach"]):
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
@@ -450,7 +451,7 @@ class LearnedOptimizer(Optimizer):
                 done: list[int] = []
                 try:
                     fused_update_(
-                        self.rule, *ordered, lr=lr, loss=loss, maximize=group["maximize"],
+                        self.rule, *ordered, lr=lr, loss=loss_math, maximize=group["maximize"],
                         weights=self._fused_weights(device), block=_fused_block(), done=done,
                     )
                 except Exception as err:  # a kernel that fails to compile on this machine
@@ -616,6 +617,13 @@ def _without_autocast(device_types: set[str]) -> contextlib.ExitStack:
         if torch.amp.is_autocast_available(device_type):
             stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
+
+
+def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` in ``dtype``, a finite value beyond its range saturated at its largest (a float64
+    loss over 3.4e38 would be Inf in float32 math, and a rule's zero weight on it NaN)."""
+    largest = torch.finfo(dtype).max
+    return value.to(torch.promote_types(value.dtype, dtype)).clamp(-largest, largest).to(dtype)
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
