@@ -74,6 +74,14 @@ def step(optimizer, seed_loss: float = 0.5):
     return optimizer.step()
 
 
+def assert_same_params_and_states(params, optimizer, others, other) -> None:
+    """``params`` equal ``others`` and ``optimizer``'s states equal ``other``'s, bit for bit."""
+    for p, q in zip(params, others, strict=True):
+        assert torch.equal(p, q)
+        assert optimizer.state[p].keys() == other.state[q].keys()
+        assert all(torch.equal(value, other.state[q][name]) for name, value in optimizer.state[p].items())
+
+
 def to_device_keeping_strides(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device`` with its strides: ``Tensor.to`` makes a non-contiguous view contiguous
     when it copies, which would hide the very layout a test passes on purpose."""

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -410,7 +410,4 @@ def test_property_a_skipped_non_finite_gradient_steps_as_no_gradient(kind, specs
             step(opt, 0.5 + t)
         runs.append((params, opt))
     (params, opt), (others, other) = runs
-    for p, q in zip(params, others, strict=True):
-        assert torch.equal(p, q)
-        assert opt.state[p].keys() == other.state[q].keys()
-        assert all(torch.equal(v, other.state[q][name]) for name, v in opt.state[p].items())
+    assert_same_params_and_states(params, opt, others, other)

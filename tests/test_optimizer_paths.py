@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -413,7 +413,4 @@ def test_property_grouping_order_and_chunking_do_not_change_a_step(kind, specs, 
             step(opt, 0.5 + t)
         runs.append((params, opt))
     (params, opt), (others, other) = runs
-    for p, q in zip(params, others, strict=True):
-        assert torch.equal(p, q)
-        assert opt.state[p].keys() == other.state[q].keys()
-        assert all(torch.equal(value, other.state[q][name]) for name, value in opt.state[p].items())
+    assert_same_params_and_states(params, opt, others, other)

@@ -335,30 +335,20 @@ def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_a_saved_state_missing_one_of_the_rule_s_states_is_rejected(foreach) -> None:
-    """It would otherwise load, and the batched path would silently restart every state of that
-    parameter (the per-tensor one fail with a KeyError)."""
+@pytest.mark.parametrize(("missing", "message"), [("c", "saved state of parameter 0 has"),
+                                                  ("step", "saved state of parameter 0 lacks 'step'")])  # fmt: skip
+def test_a_saved_state_missing_one_of_its_entries_is_rejected(foreach, missing, message) -> None:
+    """It would otherwise load. A missing rule state (``c``): the batched path would silently
+    restart every state of that parameter, the per-tensor one fail with a KeyError. A missing
+    ``step``: the batched path continued from the loaded states while the per-tensor one
+    silently restarted them (a state without ``step`` is a new one there)."""
     params = make_params([(4,)], dtype=torch.float32)
     opt = LSTMOptimizer(params, foreach=foreach)
     set_grads(params, 0)
     opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    del saved["state"][0]["c"]
-    with pytest.raises(ValueError, match="saved state of parameter 0 has"):
-        LSTMOptimizer(params, foreach=foreach).load_state_dict(saved)
-
-
-@pytest.mark.parametrize("foreach", [False, True])
-def test_a_saved_state_missing_its_step_is_rejected(foreach) -> None:
-    """It loaded, and then the batched path continued from the loaded states while the
-    per-tensor one silently restarted them (a state without ``step`` is a new one there)."""
-    params = make_params([(4,)], dtype=torch.float32)
-    opt = LSTMOptimizer(params, foreach=foreach)
-    set_grads(params, 0)
-    opt.step()
-    saved = copy.deepcopy(opt.state_dict())
-    del saved["state"][0]["step"]
-    with pytest.raises(ValueError, match="saved state of parameter 0 lacks 'step'"):
+    del saved["state"][0][missing]
+    with pytest.raises(ValueError, match=message):
         LSTMOptimizer(params, foreach=foreach).load_state_dict(saved)
 
 
