@@ -227,10 +227,8 @@ def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State
     wrong = sorted(f"{k} ({v.dtype})" for k, v in tensors.items() if v.dtype != torch.float32)
     if wrong:
         problems.append("float32 only, got " + ", ".join(wrong))
-    devices = {v.device for v in tensors.values()}
-    if len(devices) != 1:
-        problems.append(f"tensors on several devices: {sorted(map(str, devices))}")
-    elif grad.device.type == "cpu":
+    # one device for all of them: unroll checked that first (_check_one_dtype_and_device)
+    if grad.device.type == "cpu":
         from ..kernels.coordinate_lstm_step import is_interpreted
 
         if not is_interpreted():
