@@ -165,3 +165,27 @@ def test_batchnorm_is_transductive_so_eval_mode_uses_the_batch_statistics() -> N
         Reptile(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), inner_steps=1, batchnorm="error")
     with pytest.raises(ValueError, match="batchnorm must be"):
         Reptile(model(), inner_steps=1, batchnorm="running")
+
+
+def test_a_meta_step_moves_the_parameters_and_keeps_other_buffers() -> None:
+    """As the README says: buffers other than BatchNorm's (here InstanceNorm's running
+    statistics, which each task's copy updates) are not meta-learned and keep their values."""
+
+    class WithInstanceNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+            self.norm = torch.nn.InstanceNorm1d(1, track_running_stats=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.norm(self.a(x).unsqueeze(1)).squeeze(1))
+
+    torch.manual_seed(0)
+    model = WithInstanceNorm()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    tasks = [[(torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g))] * 2 for _ in range(2)]
+    Reptile(model, inner_steps=2).meta_step(tasks)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(not torch.equal(v, params[k]) for k, v in model.named_parameters())

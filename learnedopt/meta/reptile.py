@@ -32,6 +32,9 @@ class Reptile:
     which normalises every batch with its own statistics, in training and in ``eval()`` mode
     alike, and keeps no running statistics (which Reptile would not learn: each task's copy
     would update its own and drop them). ``batchnorm="error"`` refuses models with BatchNorm.
+    Other buffers are not meta-learned: a meta-step moves only the parameters, so a buffer that
+    the copies update in their forward (an ``InstanceNorm`` with running statistics, a counter)
+    keeps its value.
 
     The inner optimizer is stepped with a closure, so optimizers that read the loss
     (``MetaLSTMOptimizer``) work. To run a learned optimizer inside, pass its rule once so it is not
