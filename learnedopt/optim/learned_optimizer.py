@@ -242,12 +242,13 @@ class LearnedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_rule = _saved_rule(state_dict)
-        if saved_rule is not None and saved_rule != _as_json(fingerprint(self.rule)):
+        saved_rule, rule_json = _saved_rule(state_dict), self._rule_json()
+        rule = json.loads(rule_json)
+        if saved_rule is not None and saved_rule != rule:
             raise ValueError(
                 f"this state was saved by an optimizer with other weights ({saved_rule['kind']}, "
                 f"sha256 {saved_rule['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
-                f"{fingerprint(self.rule)['sha256'][:12]}...); construct it with the same weights"
+                f"{rule['sha256'][:12]}...); construct it with the same weights"
             )
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
@@ -262,7 +263,7 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
-            saved_group["learned_rule"] = self._rule_json()  # checked above
+            saved_group["learned_rule"] = rule_json  # checked above
             for key, value in self.defaults.items():  # a key this version added since the save
                 saved_group.setdefault(key, value)
             # where the step runs is this machine's choice, not the saved run's: a checkpoint
