@@ -154,6 +154,22 @@ class FunctionalBatchNorm(nn.Module):
         return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True)
 
 
+class DirectNorm(nn.Module):
+    """``torch.layer_norm`` (affine parameters by keyword) or ``torch.batch_norm`` (by position)
+    called directly, not through ``torch.nn.functional``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.bias = nn.Parameter(torch.linspace(-0.2, 0.2, 4))
+
+    def forward(self, x):
+        if self.kind == "layer_norm":
+            return torch.layer_norm(x, (4,), weight=self.weight, bias=self.bias)
+        return torch.batch_norm(x, self.weight, self.bias, None, None, True, 0.1, 1e-5, False)
+
+
 class InstanceNormOfFeatures(nn.InstanceNorm1d):
     """InstanceNorm1d with affine parameters, over 2 channels of 2 features each."""
 
@@ -164,15 +180,18 @@ class InstanceNormOfFeatures(nn.InstanceNorm1d):
         return super().forward(x.view(-1, 2, 2)).view(-1, 4)
 
 
-@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(4), InstanceNormOfFeatures, lambda: FunctionalBatchNorm(4)],
-                         ids=["layer_norm", "instance_norm", "functional_batch_norm"])  # fmt: skip
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(4), InstanceNormOfFeatures, lambda: FunctionalBatchNorm(4),
+                                  lambda: DirectNorm("layer_norm"), lambda: DirectNorm("batch_norm")],
+                         ids=["layer_norm", "instance_norm", "functional_batch_norm",
+                              "torch_layer_norm", "torch_batch_norm"])  # fmt: skip
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_second_order_meta_gradient_through_affine_normalisation_matches_autograd_reference(
     norm, vectorize, first_order
 ) -> None:
     """Under vmap, PyTorch's layer_norm, instance_norm and batch_norm kernels with a weight gave
-    second-order meta-gradients 1-2% off (float64), silently; the loop was exact. First-order
+    second-order meta-gradients 1-2% off (float64), silently, whether called through
+    ``torch.nn.functional`` or ``torch`` directly; the loop was exact. First-order
     MAML, which runs vmap without the workaround, is exact too."""
 
     def make():

@@ -16,7 +16,6 @@ setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -68,29 +67,44 @@ class BatchStatNorm(nn.Module):
 
 
 class _AffineAfterNorm(TorchFunctionMode):
-    """Runs ``F.layer_norm``, ``F.instance_norm`` and ``F.batch_norm`` without their weight and
-    bias, then applies them with plain ops.
+    """Runs ``layer_norm``, ``instance_norm`` and ``batch_norm`` (``torch.nn.functional``'s and
+    ``torch``'s own) without their weight and bias, then applies them with plain ops.
 
     Under ``vmap``, these kernels' second-order gradients with a weight are wrong (the batching
     rule of their backward, pytorch/functorch#534): second-order MAML meta-gradients through
-    ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d`` or ``F.batch_norm`` came out 1-4% off the
-    autograd loop's (torch 2.13, float64), silently. Without the affine parameters they are exact.
+    ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d``, ``F.batch_norm`` or a direct
+    ``torch.layer_norm`` came out 1-4% off the autograd loop's (torch 2.13, float64), silently.
+    Without the affine parameters they are exact. (``group_norm`` and ``rms_norm`` are exact.)
     """
 
+    # function -> (where the affine parameters broadcast, position of the weight; the bias follows it)
     _FUNCTIONS = {
-        nn.functional.layer_norm: "trailing",
-        nn.functional.instance_norm: "channel",
-        nn.functional.batch_norm: "channel",
+        nn.functional.layer_norm: ("trailing", 2),
+        torch.layer_norm: ("trailing", 2),
+        nn.functional.instance_norm: ("channel", 3),
+        torch.instance_norm: ("channel", 1),
+        nn.functional.batch_norm: ("channel", 3),
+        torch.batch_norm: ("channel", 1),
     }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        where = self._FUNCTIONS.get(func)
-        if where is None:
+        kwargs = dict(kwargs or {})
+        found = self._FUNCTIONS.get(func)
+        if found is None:
             return func(*args, **kwargs)
-        bound = inspect.signature(func).bind(*args, **kwargs)
-        weight, bias = bound.arguments.pop("weight", None), bound.arguments.pop("bias", None)
-        out = func(*bound.args, **bound.kwargs)
+        where, weight_at = found
+        args = list(args)
+        affine = []
+        for name, at in (("weight", weight_at), ("bias", weight_at + 1)):
+            if name in kwargs:
+                affine.append(kwargs.pop(name))
+            elif at < len(args):
+                affine.append(args[at])
+                args[at] = None
+            else:
+                affine.append(None)
+        out = func(*args, **kwargs)
+        weight, bias = affine
         if where == "channel":  # (C,) against an input (N, C, *spatial); layer_norm's broadcast as they are
             shape = [1, -1] + [1] * (out.dim() - 2)
             weight, bias = (None if t is None else t.view(shape) for t in (weight, bias))
