@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from learnedopt.meta.maml import MAML
+from learnedopt.models import TinyTransformer
 
 
 def tiny_model() -> nn.Module:
@@ -206,6 +207,28 @@ def test_second_order_meta_gradient_through_affine_normalisation_matches_autogra
     model = make()
     MAML(model, inner_lr=0.5, inner_steps=2, vectorize=vectorize, first_order=first_order)(*data).backward()
     expected = reference_meta_grad(make(), 0.5, 2, data, first_order=first_order)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [{"vectorize": True}, {"vectorize": False}, {"vectorize": False, "checkpoint_steps": True}])
+def test_second_order_meta_gradient_through_attention_matches_autograd_reference(mode) -> None:
+    """``F.scaled_dot_product_attention``'s fused CPU kernel has no double backward: second-order
+    MAML through it raised "derivative for ..._flash_attention_for_cpu_backward is not
+    implemented", on every path. MAML runs it by the math backend; the reference takes the same
+    second-order gradient by autograd under that backend."""
+
+    def make():
+        torch.manual_seed(0)
+        return TinyTransformer(vocab=5, seq_len=4, width=8, heads=2).double()
+
+    g = torch.Generator().manual_seed(2)
+    xs, xq = (torch.randint(0, 5, (2, 3, 4), generator=g) for _ in range(2))
+    data = (xs, xs.roll(-1, dims=2), xq, xq.roll(-1, dims=2))  # next-token targets
+    model = make()
+    MAML(model, inner_lr=0.5, inner_steps=2, **mode)(*data).backward()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = reference_meta_grad(make(), 0.5, 2, data, first_order=False)
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 

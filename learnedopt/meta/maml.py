@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
@@ -113,6 +114,14 @@ class _AffineAfterNorm(TorchFunctionMode):
         if bias is not None:
             out = out + bias
         return out
+
+
+def _twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Runs ``F.scaled_dot_product_attention`` by its math backend while ``enabled``. Its fused
+    kernels (flash attention on CPU, flash and memory-efficient on CUDA) have no double backward
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), so second-order MAML through attention needs it."""
+    return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
 
 
 def replace_batchnorm_(model: nn.Module) -> nn.Module:
@@ -308,7 +317,8 @@ class MAML(nn.Module):
             current = dict(zip(names, values[: len(names)], strict=True))
             rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
             x, y = values[len(names) + len(lrs) :]
-            loss = self._loss(current, x, y)
+            with _twice_differentiable_attention(create_graph):
+                loss = self._loss(current, x, y)
             outside = _leaves_outside([loss], values)
             if outside:
                 raise RuntimeError(
@@ -380,6 +390,12 @@ class MAML(nn.Module):
                     f"tasks, got {name} of type {type(value).__name__}; for tasks of different sizes, "
                     "call it once per size"
                 )
+        with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
+            return self._query_losses(x_support, y_support, x_query, y_query, steps, every_step)
+
+    def _query_losses(
+        self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor, steps: int, every_step: bool
+    ) -> Tensor:
         params = self._adaptable_params()
         vectorize = self.vectorize is True or (
             self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
