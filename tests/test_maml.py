@@ -100,6 +100,40 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps) -> None:
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
+class RunningMean(nn.Module):
+    """Centres by the batch mean and tracks a running mean and a call count in place, as
+    BatchNorm does in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(4, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.running_mean.mul_(0.5).add_(0.5 * x.mean(0))
+            self.calls += 1
+        return x - x.mean(0)
+
+
+def test_checkpointed_inner_loop_updates_buffers_as_the_plain_one() -> None:
+    """The checkpointed step's rebuild in backward runs the model again: it updated a running
+    statistic a second time (10 forward calls instead of 6 here), and saw its later value."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), RunningMean(), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    data = episode(tasks=2)
+    plain, checkpointed = make(), make()
+    MAML(plain, inner_lr=0.5, inner_steps=2, vectorize=False)(*data).backward()
+    MAML(checkpointed, inner_lr=0.5, inner_steps=2, vectorize=False, checkpoint_steps=True)(*data).backward()
+    assert int(checkpointed[1].calls) == int(plain[1].calls) == 2 * (2 + 1)
+    torch.testing.assert_close(checkpointed[1].running_mean, plain[1].running_mean, rtol=0, atol=0)
+    for p, e in zip(checkpointed.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_checkpointed_meta_sgd_with_multi_step_loss_matches_the_plain_loop() -> None:
     grads = {}
     for ckpt in (False, True):

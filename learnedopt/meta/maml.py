@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -312,12 +312,17 @@ class MAML(nn.Module):
         names = list(params)
         lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
         data = [x_s, y_s]
+        buffers = self._model_buffers()
+        # the buffers as the forward saw them: the rebuild in backward runs the model again, which
+        # must neither see nor leave their later values (a second running-statistics update)
+        buffers_at_forward = {k: b.clone() for k, b in buffers.items()}
 
         def step(values: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
             current = dict(zip(names, values[: len(names)], strict=True))
             rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
             x, y = values[len(names) + len(lrs) :]
-            with _twice_differentiable_attention(create_graph):
+            rebuild = _buffers_set_to(buffers, buffers_at_forward) if create_graph else contextlib.nullcontext()
+            with _twice_differentiable_attention(create_graph), rebuild:
                 loss = self._loss(current, x, y)
             outside = _leaves_outside([loss], values)
             if outside:
@@ -518,6 +523,22 @@ class _RecomputedStep(torch.autograd.Function):
             learning = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
         return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
+
+
+@contextlib.contextmanager
+def _buffers_set_to(buffers: Params, values: Params) -> Iterator[None]:
+    """Sets ``buffers`` (a module's own tensors) to ``values`` in place for the block, then back to
+    what they held before it, whatever the block did to them."""
+    with torch.no_grad():
+        before = {k: b.clone() for k, b in buffers.items()}
+        for k, b in buffers.items():
+            b.copy_(values[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(before[k])
 
 
 def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:
