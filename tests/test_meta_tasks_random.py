@@ -332,3 +332,7 @@ def test_bad_mixture_arguments_are_refused() -> None:
         MixtureFamily([make_family("quadratic")])
     with pytest.raises(ValueError, match="a positive integer weight per member, got \\[1, 0\\]"):
         MixtureFamily([make_family("quadratic"), make_family("quadratic")], [1, 0])
+    with pytest.raises(ValueError, match="a mixture's weights must sum to at most 1,000,000, got \\[1000000, 1\\]"):
+        MixtureFamily([make_family("quadratic"), make_family("quadratic")], [10**6, 1])
+    with pytest.raises(ValueError, match="a mixture needs a weight per member, got 1 for 2"):
+        MixtureFamily([make_family("quadratic"), make_family("quadratic")], [1])

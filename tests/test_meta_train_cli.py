@@ -231,6 +231,8 @@ BAD = [
     (["--task", "regression+quadratic", "--data", "{tmp}"], "--task regression+quadratic reads none"),
     # a weight of non-ASCII digits passed str.isdigit() and crashed int() with a traceback
     (["--task", "quadratic:\u00b3+regression"], "unknown task 'quadratic:\u00b3+regression'"),
+    # a weight beyond int64 crashed torch.randint with "Overflow when unpacking long long"
+    (["--task", "quadratic:99999999999999999999999+regression"], "--task quadratic:99999999999999999999999+regression: a mixture's weights must sum to at most 1,000,000"),
     (["--unroll", "0"], "--unroll must be a positive integer, got 0"),
     (["--loss-weighting", "final"], "unknown --loss-weighting 'final'; choose from uniform, linear"),
     (["--horizon", "-5"], "--horizon must be a positive integer"),

@@ -806,8 +806,9 @@ class MixtureFamily(TaskFamily):
         if len(members) < 2:
             raise ValueError(f"a mixture needs at least two families, got {len(members)}")
         weights = [1] * len(members) if weights is None else list(weights)
-        if len(weights) != len(members) or any(not isinstance(w, int) or w < 1 for w in weights):
-            raise ValueError(f"a mixture needs a positive integer weight per member, got {weights}")
+        if len(weights) != len(members):
+            raise ValueError(f"a mixture needs a weight per member, got {len(weights)} for {len(members)}")
+        check_mixture_weights(weights)
         self.members, self.weights = list(members), weights
         self.name = MIXTURE_SEPARATOR.join(
             m.name if w == 1 else f"{m.name}{WEIGHT_SEPARATOR}{w}" for m, w in zip(self.members, weights)
@@ -848,6 +849,8 @@ DATA_FAMILIES: tuple[str, ...] = ("mnist-mlp", "mlp-random")
 MIXTURE_SEPARATOR = "+"
 #: gives a mixture member a weight, e.g. ``mlp-random:3+quadratic``
 WEIGHT_SEPARATOR = ":"
+#: the largest total weight of a mixture (its member is drawn by one ``torch.randint`` below it)
+MAX_MIXTURE_WEIGHT = 10**6
 #: the task names a family can have, for error messages
 TASK_NAME_SYNTAX = (
     f"{', '.join(TASK_FAMILIES)} or a mixture of them joined by {MIXTURE_SEPARATOR!r} (distinct families, "
@@ -869,6 +872,15 @@ def parse_mixture(name: str) -> list[tuple[str, int]] | None:
     if len(members) < 2 or len({f for f, _ in members}) != len(members):
         return None
     return members
+
+
+def check_mixture_weights(weights: Sequence[int]) -> None:
+    """Raise ValueError unless ``weights`` are positive integers summing to at most
+    :data:`MAX_MIXTURE_WEIGHT`."""
+    if any(not isinstance(w, int) or w < 1 for w in weights):
+        raise ValueError(f"a mixture needs a positive integer weight per member, got {list(weights)}")
+    if sum(weights) > MAX_MIXTURE_WEIGHT:
+        raise ValueError(f"a mixture's weights must sum to at most {MAX_MIXTURE_WEIGHT:,}, got {list(weights)}")
 
 
 def is_task_family(name: str) -> bool:

@@ -75,9 +75,11 @@ from .tasks import (
     TASK_NAME_SYNTAX,
     MixtureFamily,
     TaskFamily,
+    check_mixture_weights,
     generator_for,
     is_task_family,
     make_family,
+    parse_mixture,
     reads_data,
 )
 from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
@@ -153,6 +155,10 @@ class MetaTrainConfig:
         """Raise :class:`ConfigError` naming the first bad setting."""
         if not is_task_family(self.task):
             raise ConfigError(f"unknown task {self.task!r}; choose from {TASK_NAME_SYNTAX}")
+        try:
+            check_mixture_weights([w for _, w in parse_mixture(self.task) or []])
+        except ValueError as err:
+            raise ConfigError(f"--task {self.task}: {err}") from None
         if self.data is not None and not reads_data(self.task):
             raise ConfigError(
                 f"--data is the MNIST folder of --task {' and '.join(DATA_FAMILIES)}; --task {self.task} reads none"
