@@ -89,6 +89,8 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         (b"\x00\x01" + GOOD[2:], False, "bad IDX magic"),
         (GOOD[:2] + b"\x0a" + GOOD[3:], False, "unknown IDX type code 0x0A"),
         (GOOD[:7], False, "truncated header"),
+        (GOOD[:11], False, "truncated header"),  # one byte short of the second dimension
+        (b"\x1f\x00" + GOOD[2:], False, "bad IDX magic"),  # only half of gzip's magic
         (GOOD[:-1], False, "truncated payload"),
         (GOOD[:-1], True, "truncated payload"),
         (GOOD + b"\x00\x00", False, "2 trailing bytes"),
@@ -102,6 +104,8 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         "bad-byte1",
         "bad-type",
         "short-header",
+        "header-one-byte-short",
+        "half-gzip-magic",
         "truncated",
         "truncated-gz",
         "trailing",
@@ -134,6 +138,20 @@ def test_load_mnist_generated(tmp_path: Path, gz: bool) -> None:
     assert labels.shape == (5,) and labels.dtype == torch.int64
     rng = np.random.default_rng(1)
     np.testing.assert_array_equal(images.numpy(), rng.integers(0, 256, (5, 28, 28), np.uint8))
+
+
+def test_read_idx_of_zero_dimensions_is_one_value(tmp_path: Path) -> None:
+    value = np.array(-7, dtype=np.int32)
+    read = read_idx(write(tmp_path / "scalar.idx", idx_bytes(value)))
+    assert read.shape == () and read.dtype == np.int32 and int(read) == -7
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 27), (2, 27, 28)])
+def test_load_mnist_refuses_images_not_28x28(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(np.zeros(shape, dtype=np.uint8)))
+    write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.zeros(2, dtype=np.uint8)))
+    with pytest.raises(ValueError, match=f"MNIST images are 28x28, got {shape[1]}x{shape[2]}"):
+        load_mnist(tmp_path)
 
 
 def test_load_mnist_count_mismatch(tmp_path: Path) -> None:
@@ -227,6 +245,21 @@ def test_resolve_data_dir_prefers_the_subfolder_of_a_given_root(tmp_path: Path) 
 FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}
 
 
+def test_create_output_folder_makes_it_or_names_why_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = paths_module.create_output_folder(tmp_path / "a" / "b")
+    assert made == tmp_path / "a" / "b" and made.is_dir()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        paths_module.create_output_folder(a_file)
+    with pytest.raises(ValueError, match="cannot create the folder"):
+        paths_module.create_output_folder(a_file / "below")
+    # root may write anywhere, so the permission check is exercised through os.access
+    monkeypatch.setattr(paths_module.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="the folder is not writable"):
+        paths_module.create_output_folder(made)
+
+
 def test_split_indices_sizes_and_determinism() -> None:
     parts = split_indices(10_000, FRACTIONS, seed=3)
     assert list(parts) == list(FRACTIONS)
@@ -251,6 +284,7 @@ def test_split_indices_partition(n: int, weights: list[int], seed: int) -> None:
     assert torch.equal(everything.sort().values, torch.arange(n))  # disjoint and covering
     for name, part in parts.items():
         assert part.dtype == torch.int64
+        assert torch.equal(part, part.sort().values)  # sorted, as documented
         assert abs(len(part) - fractions[name] * n) < 1
 
 
@@ -260,6 +294,12 @@ def test_split_indices_partition(n: int, weights: list[int], seed: int) -> None:
 def test_split_indices_rejects_bad_fractions(fractions: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         split_indices(10, fractions)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_split_indices_names_a_non_finite_fraction(bad: float) -> None:
+    with pytest.raises(ValueError, match="fractions must be finite and non-negative"):
+        split_indices(10, {"a": bad, "b": 0.5})
 
 
 @pytest.mark.parametrize("fractions", [{"a": 0.6, "b": 0.37}, {"a": 0.6, "b": 0.4 - 1e-5}])

@@ -26,10 +26,11 @@ def test_shapes_ranges_and_targets() -> None:
 
 
 def test_ranges_are_covered() -> None:
-    x, _, _, _, amplitude, phase = SinusoidTasks(seed=1).sample_tasks(5000, 2, 0)
+    x, _, x_query, _, amplitude, phase = SinusoidTasks(seed=1).sample_tasks(5000, 2, 2)
     assert amplitude.min() < 0.2 and amplitude.max() > 4.9
     assert phase.min() < 0.05 and phase.max() > math.pi - 0.05
-    assert x.min() < -4.99 and x.max() > 4.99
+    for points in (x, x_query):
+        assert points.min() < -4.99 and points.max() > 4.99
     assert abs(amplitude.mean() - 2.55) < 0.1
 
 
