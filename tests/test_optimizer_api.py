@@ -443,6 +443,47 @@ def test_a_step_inside_an_autocast_region_runs_the_rule_in_float32(kind, foreach
         assert torch.equal(opt0.state[p]["h"], opt1.state[q]["h"])
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_grad_scaler_steps_as_unscaled_training_and_skips_overflowing_steps(kind) -> None:
+    """Mixed-precision training's ``torch.amp.GradScaler``: ``scaler.step(opt, loss=...)``
+    unscales the gradients (by a power of two, exactly) and then steps, so the run equals plain
+    training bit for bit; a step whose scaled gradients overflow is skipped, states and all."""
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    plain, scaled = make(), make()
+    plain_opt, scaled_opt = OPTIMIZERS[kind](plain.parameters()), OPTIMIZERS[kind](scaled.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(4):
+        for model, opt in ((plain, plain_opt), (scaled, scaled_opt)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if opt is plain_opt:
+                loss.backward()
+                opt.step(loss=loss)
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt, loss=loss)
+                scaler.update()
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(plain_opt.state[p]["h"], scaled_opt.state[q]["h"])
+
+    before = [p.detach().clone() for p in scaled.parameters()]
+    states = [{k: v.clone() for k, v in scaled_opt.state[p].items()} for p in scaled.parameters()]
+    scaled_opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(scaled(x), y)
+    scaler.scale(loss * 1e38).backward()  # the scaled gradients overflow float32
+    scaler.step(scaled_opt, loss=loss)
+    scaler.update()
+    assert scaler.get_scale() == 512.0  # the overflow was seen, and the scale halved
+    for p, b, state in zip(scaled.parameters(), before, states, strict=True):
+        assert torch.equal(p, b)
+        assert all(torch.equal(scaled_opt.state[p][k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_a_schedule_decaying_to_zero_that_rounds_below_it_steps_at_lr_zero(kind, foreach) -> None:
