@@ -160,14 +160,17 @@ def test_batchnorm_is_transductive_and_vmappable() -> None:
     torch.testing.assert_close(looped.query_losses(*data), maml.query_losses(*data))
 
 
-def test_second_order_meta_gradient_with_batchnorm_matches_autograd_reference() -> None:
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_second_order_meta_gradient_with_batchnorm_matches_autograd_reference(vectorize) -> None:
+    """Also with the BatchNorm's own eps (0.5 here), which both paths must keep."""
+
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=0.5), nn.ReLU(), nn.Linear(4, 2)).double()
 
     data = episode(tasks=3)
     model = make()
-    MAML(model, inner_lr=0.5, inner_steps=2, vectorize=True)(*data).backward()
+    MAML(model, inner_lr=0.5, inner_steps=2, vectorize=vectorize)(*data).backward()
     reference = make()
     torch.func.replace_all_batch_norm_modules_(reference)  # PyTorch's own BN, batch statistics
     expected = reference_meta_grad(reference, 0.5, 2, data, first_order=False)
@@ -503,3 +506,96 @@ def test_inputs_that_are_not_one_tensor_of_tasks_are_refused_on_every_path(vecto
     for bad in (list(xs), tuple(xs), {"x": xs}):
         with pytest.raises(TypeError, match=f"got x_support of type {type(bad).__name__}"):
             maml(bad, ys, xq, yq)
+
+
+def test_convolutional_batchnorm_in_a_nested_module_under_vmap_matches_autograd_reference() -> None:
+    """BatchStatNorm's plain-op path (vmap) normalises a (N, C, H, W) input over N, H and W, as
+    the fused kernel of the loop does; a BatchNorm inside a submodule is replaced too. Only
+    (N, C) inputs were checked, so a per-position normalisation under vmap went unseen."""
+
+    def make():
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        return nn.Sequential(block, nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).double()
+
+    g = torch.Generator().manual_seed(2)
+    xs, xq = (torch.randn(2, 3, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ys, yq = (torch.randint(0, 2, (2, 3), generator=g) for _ in range(2))
+    model = make()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, vectorize=True)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    maml(xs, ys, xq, yq).backward()
+    reference = make()
+    torch.func.replace_all_batch_norm_modules_(reference)  # PyTorch's own BN, batch statistics
+    expected = reference_meta_grad(reference, 0.5, 2, (xs, ys, xq, yq), first_order=False)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_draws_each_tasks_own_dropout_masks() -> None:
+    """``randomness="different"``: as in the loop, every task of a meta-batch draws its own
+    dropout masks, so identical tasks get different query losses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2)).double()
+    xs, ys, xq, yq = (t[:1].expand(4, *t.shape[1:]) for t in episode())  # one task, four times
+    losses = MAML(model, inner_lr=0.5, inner_steps=1, vectorize=True).query_losses(xs, ys, xq, yq)
+    assert len(set(losses[:, 0].tolist())) == 4
+
+
+def test_meta_sgd_starts_at_inner_lr_and_its_step_sizes_get_the_meta_gradient() -> None:
+    """One Meta-SGD step ``theta' = theta - alpha * g_s(theta)``: dL_q/d alpha is
+    ``-g_q(theta') * g_s(theta)`` elementwise (float64 reference); at the start alpha is
+    inner_lr everywhere, so the meta-loss and the initialisation's meta-gradient are MAML's."""
+    data = episode(tasks=2)
+    maml_sgd = MAML(tiny_model(), inner_lr=0.3, inner_steps=1, learn_inner_lr=True)
+    plain_model = tiny_model()
+    plain = MAML(plain_model, inner_lr=0.3, inner_steps=1)
+    loss, plain_loss = maml_sgd(*data), plain(*data)
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    loss.backward()
+    plain_loss.backward()
+    for p, q in zip(maml_sgd.model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    xs, ys, xq, yq = data
+    for b in range(xs.shape[0]):
+        support = nn.functional.cross_entropy(torch.func.functional_call(model, params, (xs[b],)), ys[b])
+        g_s = dict(zip(names, torch.autograd.grad(support, list(params.values())), strict=True))
+        adapted = {n: (p - 0.3 * g_s[n]).detach().requires_grad_(True) for n, p in params.items()}
+        query = nn.functional.cross_entropy(torch.func.functional_call(model, adapted, (xq[b],)), yq[b])
+        g_q = dict(zip(names, torch.autograd.grad(query, list(adapted.values())), strict=True))
+        for n in names:
+            expected[n] -= g_q[n] * g_s[n] / xs.shape[0]
+    for n in names:
+        torch.testing.assert_close(maml_sgd.inner_lrs[n.replace(".", "/")].grad, expected[n], rtol=1e-10, atol=1e-12)
+
+
+def test_meta_sgd_has_step_sizes_only_for_the_parameters_that_adapt_when_built() -> None:
+    model = tiny_model()
+    model[0].requires_grad_(False)
+    maml = MAML(model, inner_lr=0.3, learn_inner_lr=True)
+    assert set(maml.inner_lrs) == {"2/weight", "2/bias"}
+    model[0].requires_grad_(True)
+    with pytest.raises(ValueError, match="parameter '0.weight' requires grad but had none when MAML was built"):
+        maml(*episode())
+
+
+def test_zero_init_refuses_a_frozen_layer() -> None:
+    """A frozen layer does not adapt: zeroing it would silently zero a fixed part of the model."""
+    model = tiny_model()
+    model[2].requires_grad_(False)
+    with pytest.raises(ValueError, match="zero_init: '2' names no trainable parameter"):
+        MAML(model, zero_init=("2",))
+    assert model[2].weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_query_losses_without_every_step_are_the_last_column(vectorize) -> None:
+    maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=3, vectorize=vectorize)
+    every = maml.query_losses(*episode())
+    last = maml.query_losses(*episode(), every_step=False)
+    assert every.shape == (3, 3) and last.shape == (3, 1)
+    torch.testing.assert_close(last[:, 0], every[:, -1], rtol=1e-12, atol=1e-14)
