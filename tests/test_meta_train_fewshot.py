@@ -524,11 +524,20 @@ def test_reptile_logs_the_mean_support_loss_over_the_meta_batch() -> None:
 
 def test_meta_lstm_clips_the_meta_gradient() -> None:
     trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2, clip=1e-3))
+    norms, step = [], trainer.meta_optimizer.step
+
+    def grad_norm() -> float:
+        grads = [p.grad for p in trainer.learner.meta_parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def spied_step(*args: Any, **kwargs: Any) -> Any:
+        norms.append(grad_norm())  # what Adam steps with
+        return step(*args, **kwargs)
+
+    trainer.meta_optimizer.step = spied_step
     record = trainer.step(0)
-    grads = [p.grad for p in trainer.learner.meta_parameters() if p.grad is not None]
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
-    assert norm == pytest.approx(1e-3, rel=1e-4)
+    assert norms == [pytest.approx(1e-3, rel=1e-4)]  # clipped before the step, not after it
 
 
 def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:
@@ -705,3 +714,63 @@ def test_same_alphabet_holds_for_the_validation_episodes(omniglot_dir: Path) -> 
     data = valid_source.data
     alphabets = [set(data.alphabet_of_class[valid_source.sampler.sample().classes].tolist()) for _ in range(30)]
     assert all(len(a) == 1 for a in alphabets) and set().union(*alphabets) == {1, 2}
+
+
+def test_meta_lstm_meta_gradient_reads_detached_support_gradients() -> None:
+    """As in Ravi & Larochelle: the rule reads the support gradients and losses as constants,
+    so the meta-gradient (of the initialisation and of the rule) is that of :func:`unroll`
+    with ``stop_optimizee_grad=True`` run by hand on the support-then-query losses, not the
+    exact one that keeps the second-order terms."""
+    from learnedopt.meta.tasks import TaskBatch
+    from learnedopt.meta.unroll import num_coordinates, unroll
+
+    class SupportThenQuery(TaskBatch):
+        def __init__(self, model: torch.nn.Module, data: list[torch.Tensor], steps: int) -> None:
+            self.model, self.data, self.steps = model, data, steps
+
+        def __len__(self) -> int:
+            return self.data[0].shape[0]
+
+        def loss(self, params: dict, step_index: int) -> torch.Tensor:
+            x, y = self.data[:2] if step_index < self.steps else self.data[2:]
+            return torch.stack([torch.nn.functional.mse_loss(
+                torch.func.functional_call(self.model, {k: v[b] for k, v in params.items()}, (x[b],)), y[b])
+                for b in range(len(self))])  # fmt: skip
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 10, 1, generator=g) for _ in range(4)]
+    learner = FewShotLearner(LearnerSpec.for_config(config("meta-lstm", inner_steps=2, test_inner_steps=2)), seed=0)
+    meta_parameters = learner.meta_parameters()
+    got = torch.autograd.grad(learner.meta_loss(*data), meta_parameters)
+
+    def by_hand(stop: bool) -> tuple[torch.Tensor, ...]:
+        params = {k: p.unsqueeze(0).expand(2, *p.shape) for k, p in learner.model.named_parameters()}
+        state = learner.rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+        result = unroll(learner.rule, SupportThenQuery(learner.model, data, 2), params, state, 2, stop_optimizee_grad=stop)
+        return torch.autograd.grad(result.losses[-1].mean(), meta_parameters)
+
+    detached, exact = by_hand(True), by_hand(False)
+    for a, b in zip(got, detached, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(got, exact, strict=True))
+
+
+def test_same_alphabet_and_same_rotation_keep_every_rotated_alphabet_apart_with_50_alphabets() -> None:
+    """Omniglot's 50 alphabets, each rotated 4 ways: a group per (alphabet, rotation). Rotations
+    in degrees rather than quarter turns in the group id made alphabet a at 180 degrees and
+    alphabet a + 45 upright one group; the generated test zips have only 8 alphabets."""
+    from types import SimpleNamespace
+
+    alphabet_of_base = torch.arange(50).repeat_interleave(2)  # 2 characters per alphabet
+    angles = torch.tensor([0, 90, 180, 270])
+    data = SimpleNamespace(
+        alphabet_of_class=alphabet_of_base.repeat(4),
+        rotation_of_class=angles.repeat_interleave(len(alphabet_of_base)),
+        labels=torch.arange(4 * len(alphabet_of_base)).repeat_interleave(2),  # 2 drawings per class
+    )
+    classes = torch.arange(4 * len(alphabet_of_base))
+    source = OmniglotSource(data, classes, 2, 1, 1, True, "meta_train", same_rotation=True)
+    for _ in range(1000):
+        ways = source.sampler.sample().classes
+        assert len(set(data.alphabet_of_class[ways].tolist())) == 1
+        assert len(set(data.rotation_of_class[ways].tolist())) == 1
