@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from learnedopt.meta.maml import MAML
+from learnedopt.meta.maml import MAML, multi_step_loss_weights
 from learnedopt.models import TinyTransformer
 
 
@@ -599,3 +599,28 @@ def test_query_losses_without_every_step_are_the_last_column(vectorize) -> None:
     last = maml.query_losses(*episode(), every_step=False)
     assert every.shape == (3, 3) and last.shape == (3, 1)
     torch.testing.assert_close(last[:, 0], every[:, -1], rtol=1e-12, atol=1e-14)
+
+
+def test_multi_step_loss_weights_anneal_as_maml_plus_plus() -> None:
+    """Antoniou et al.'s per-step importance vector at epoch e of E annealing epochs, 5 steps:
+    non-final max(1/5 - e/(5E), 0.03/5), final min(1/5 + 4e/(5E), 1 - 4 * 0.03/5); then the
+    last step alone."""
+    assert multi_step_loss_weights(5, 0.0) == pytest.approx([0.2] * 5)
+    assert multi_step_loss_weights(5, 0.3) == pytest.approx([0.14] * 4 + [0.44])
+    assert multi_step_loss_weights(5, 0.99) == pytest.approx([0.006] * 4 + [0.976])
+    assert multi_step_loss_weights(5, 1.0) is None and multi_step_loss_weights(5, 7.5) is None
+    assert multi_step_loss_weights(1, 0.4) == pytest.approx([1.0])
+    for progress in (0.0, 0.1, 0.5, 0.97, 0.999):
+        assert sum(multi_step_loss_weights(3, progress)) == pytest.approx(1.0)
+    for bad, message in (((0, 0.5), "steps must be >= 1"), ((3, -0.1), "progress must be"),
+                         ((3, float("nan")), "progress must be"), ((3, 0.5, 1.5), "floor must be in")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            multi_step_loss_weights(*bad)
+    # MAML takes them between meta-steps
+    maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=3)
+    data = episode()
+    maml.step_loss_weights = multi_step_loss_weights(3, 0.5)
+    losses = maml.query_losses(*data)
+    torch.testing.assert_close(maml(*data), (losses * losses.new_tensor(maml.step_loss_weights)).sum(1).mean())
+    maml.step_loss_weights = multi_step_loss_weights(3, 1.0)
+    torch.testing.assert_close(maml(*data), losses[:, -1].mean())

@@ -108,12 +108,13 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
     "algo_args",
     [
         ["--algo", "maml", "--learn-inner-lr"],
+        ["--algo", "maml", "--learn-inner-lr", "--inner-steps", "2", "--multi-step-loss", "3"],
         ["--algo", "reptile", "--meta-batch", "2"],
         ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule", "CoordinateLSTM", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule-config", RULE_CONFIG, "--inner-steps", "2", "--test-inner-steps", "2"],
     ],
-    ids=["maml-metasgd", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config"],
+    ids=["maml-metasgd", "maml-multi-step-loss", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
     args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
@@ -260,6 +261,8 @@ BAD = [
     (["--algo", "meta-lstm", "--rule-config", '{"nope": 1}'], "--rule-config: unknown MetaLSTMCell config keys: ['nope']"),
     (["--algo", "meta-lstm", "--rule-config", '{"input_bias_init": [1, 0]}'], "--rule-config: input_bias_init must be a range"),
     (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
+    (["--algo", "reptile", "--multi-step-loss", "2"], "--multi-step-loss does not apply to --algo reptile"),
+    (["--algo", "maml", "--multi-step-loss", "0"], "--multi-step-loss must be a positive integer, got 0"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
     (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),
     (["--algo", "maml", "--valid-alphabets", "A", "--test-alphabets", "B"], "--valid-alphabets does not apply to --task sinusoid"),
@@ -408,6 +411,7 @@ def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:
         ("meta-lstm", "sinusoid", {"learn_inner_lr": True}, "--learn-inner-lr learns MAML's inner step sizes (Meta-SGD), not --algo meta-lstm's"),
         ("meta-lstm", "sinusoid", {"inner_lr": 0.5}, "--inner-lr sets the inner step size of MAML and Reptile, not --algo meta-lstm's"),
         ("reptile", "sinusoid", {"clip": 1.0}, "--clip clips a meta-gradient, and --algo reptile has none"),
+        ("meta-lstm", "sinusoid", {"multi_step_loss": 5}, "--multi-step-loss weighs MAML's query losses after each inner step, not --algo meta-lstm's"),
         ("maml", "sinusoid", {"augment": True}, "--augment is an Omniglot setting; --task sinusoid does not read it"),
         ("maml", "sinusoid", {"hidden": 8}, "--hidden is an Omniglot setting"),
         ("fomaml", "sinusoid", {"same_alphabet": True}, "--same-alphabet is an Omniglot setting"),
@@ -538,6 +542,25 @@ def test_meta_lstm_clips_the_meta_gradient() -> None:
     record = trainer.step(0)
     assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
     assert norms == [pytest.approx(1e-3, rel=1e-4)]  # clipped before the step, not after it
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_multi_step_loss_weighs_every_inner_step_then_anneals_to_the_last(algo: str) -> None:
+    """``--multi-step-loss 2`` with 3 inner steps: meta-step 0 weighs the query loss after each
+    step alike, meta-step 1 mostly the last, and from meta-step 2 on only the last counts."""
+    trainer = FewShotTrainer(config(algo, inner_steps=3, multi_step_loss=2, meta_batch=2, val_tasks=1))
+    plain = FewShotTrainer(config(algo, inner_steps=3, meta_batch=2, val_tasks=1))
+    weights = [[1 / 3] * 3, [1 / 6, 1 / 6, 2 / 3], [0, 0, 1]]
+    for step, w in enumerate(weights):
+        batch = trainer.source.batch(2, derive_seed(0, _TRAIN_STREAM, step))
+        with torch.no_grad():
+            losses = trainer.learner.maml.query_losses(*batch)
+        if step == 0:  # the same seed: the same initialisation and tasks
+            last = float(losses[:, -1].mean())
+            assert plain.step(0)["meta_loss"] == pytest.approx(last, rel=1e-5)
+            assert abs(float(losses.mean()) - last) > 1e-3 * last  # the weighting shows
+        expected = float((losses * losses.new_tensor(w)).sum(1).mean())
+        assert trainer.step(step)["meta_loss"] == pytest.approx(expected, rel=1e-5), step
 
 
 def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:

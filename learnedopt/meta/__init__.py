@@ -2,7 +2,7 @@
 and learned initialisations (MAML, Reptile)."""
 
 from .distributed import DistributedError, Workers
-from .maml import MAML, BatchStatNorm, replace_batchnorm_
+from .maml import MAML, BatchStatNorm, multi_step_loss_weights, replace_batchnorm_
 from .reptile import Reptile
 from .tasks import (
     MNIST_SPLIT,
@@ -54,6 +54,7 @@ __all__ = [
     "generator_for",
     "horizon_loss_weights",
     "make_family",
+    "multi_step_loss_weights",
     "num_coordinates",
     "replace_batchnorm_",
     "truncated_unroll",

@@ -161,6 +161,8 @@ class MAML(nn.Module):
             element, trained with the initialisation.
         step_loss_weights: MAML++ (Antoniou et al. 2019) multi-step loss: weight of the query loss
             after each inner step, length ``inner_steps``. Default: only the last step counts.
+            An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
+            gives MAML++'s annealed weights.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy.
         vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
@@ -469,6 +471,35 @@ class MAML(nn.Module):
     def predict(self, params: Params, x: Tensor) -> Tensor:
         """The model's output at ``params`` (e.g. from :meth:`adapt`)."""
         return functional_call(self.model, (params, self._model_buffers()), (x,))
+
+
+def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) -> list[float] | None:
+    """MAML++'s annealed multi-step loss (Antoniou et al. 2019, "multi-step loss optimisation"):
+    the ``step_loss_weights`` for a point ``progress`` of the annealing period.
+
+    At ``progress`` 0 every inner step's query loss weighs ``1 / steps``; the weights of all but
+    the last step then fall linearly, to ``floor / steps`` at most at ``progress`` 1, and the last
+    step takes the rest (the weights always sum to 1). From ``progress`` 1 on it returns None:
+    only the last step counts, as in MAML. MAML++ anneals over its first 10 of 100 epochs; set
+    ``maml.step_loss_weights = multi_step_loss_weights(maml.inner_steps, step / anneal_steps)``
+    before each meta-step.
+
+    Args:
+        steps: inner steps.
+        progress: the fraction of the annealing period done, ``>= 0``.
+        floor: the non-final steps' smallest weight, in units of ``1 / steps``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(progress) and progress >= 0):
+        raise ValueError(f"progress must be a finite number >= 0, got {progress}")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor must be in [0, 1], got {floor}")
+    if progress >= 1:
+        return None
+    non_final = max((1 - progress) / steps, floor / steps)
+    final = min((1 + progress * (steps - 1)) / steps, 1 - (steps - 1) * floor / steps)
+    return [non_final] * (steps - 1) + [final]
 
 
 def _names_under(names: Sequence[str], prefixes: Sequence[str]) -> frozenset[str]:

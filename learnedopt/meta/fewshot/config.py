@@ -27,7 +27,7 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
-    "zero_head", "valid_alphabets", "test_alphabets",
+    "zero_head", "valid_alphabets", "test_alphabets", "multi_step_loss",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
                   "test_alphabets", "data")  # fmt: skip
@@ -49,6 +49,9 @@ class FewShotConfig:
         learn_inner_lr: Meta-SGD step sizes (maml, fomaml).
         zero_head: start every task's output layer at zero instead of a learned value (maml,
             fomaml; ``MAML(zero_init=...)``, Kao et al. 2022's zeroing trick).
+        multi_step_loss: maml, fomaml: MAML++'s annealed multi-step loss over the first this many
+            meta-steps (:func:`learnedopt.meta.maml.multi_step_loss_weights`; the logged
+            meta-loss is then the weighted one); None: the last inner step's loss only.
         meta_batch: tasks per meta-step.
         meta_steps: meta-steps in total.
         meta_lr: Adam learning rate; for Reptile the initial outer step size.
@@ -116,6 +119,7 @@ class FewShotConfig:
     valid_alphabets: str | None = None
     test_alphabets: str | None = None
     select_every: int = 0
+    multi_step_loss: int | None = None
 
     @property
     def meta_steps_shape_the_run(self) -> bool:
@@ -132,7 +136,7 @@ class FewShotConfig:
             )
         names = ["shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
         names += ["ways", "hidden", "image_size"] if self.task == "omniglot" else []
-        names += [n for n in ("train_shots", "inner_batch") if getattr(self, n) is not None]
+        names += [n for n in ("train_shots", "inner_batch", "multi_step_loss") if getattr(self, n) is not None]
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -145,6 +149,8 @@ class FewShotConfig:
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.zero_head and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
+        if self.multi_step_loss is not None and self.algo not in ("maml", "fomaml"):
+            raise ConfigError(f"--multi-step-loss weighs MAML's query losses after each inner step, not --algo {self.algo}'s")
         # the command line refuses these first; the API's configuration must too, or the run
         # ignores them while the model file and card record them
         if self.learn_inner_lr and self.algo not in ("maml", "fomaml"):
@@ -202,6 +208,7 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "test_inner_steps": inner[2],
         "learn_inner_lr": False,
         "zero_head": False,
+        "multi_step_loss": None,
         "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
         "meta_steps": 20_000 if sinusoid else 1000,
         "meta_lr": meta_lr,
@@ -234,7 +241,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     else:
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
-        refuse_options(args, ("learn_inner_lr", "zero_head"), f"--algo {algo}", "--algo maml, fomaml")
+        refuse_options(args, ("learn_inner_lr", "zero_head", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
     if algo != "reptile":
         refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
     values = fewshot_defaults(algo, task, args.ways)
@@ -261,6 +268,8 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learn-inner-lr", action="store_true", default=None, help="maml, fomaml: learn a step size per parameter (Meta-SGD)")
     group.add_argument("--zero-head", action="store_true", default=None,
                        help="maml, fomaml: start every task's output layer at zero, not at a learned value (zeroing trick)")  # fmt: skip
+    group.add_argument("--multi-step-loss", type=int, metavar="STEPS",
+                       help="maml, fomaml: MAML++'s multi-step loss, annealed to the last inner step's over the first STEPS meta-steps")  # fmt: skip
     group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")
     group.add_argument("--image-size", type=int, help="omniglot: image side in pixels (default 28)")
     group.add_argument("--same-alphabet", action="store_true", default=None, help="omniglot: each episode within one alphabet")

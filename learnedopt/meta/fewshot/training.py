@@ -28,6 +28,7 @@ from ..loop import (
     train_loop,
     write_text_atomic,
 )
+from ..maml import multi_step_loss_weights
 from ..reptile import Reptile
 from ..tasks import derive_seed, generator_for
 from .config import FewShotConfig, canonical_command, config_from_args
@@ -106,6 +107,8 @@ class FewShotTrainer:
                      for b, (x, y) in enumerate(zip(x_s, y_s, strict=True))]  # fmt: skip
             eps = self.reptile.meta_step(tasks, all_reduce_sum_=workers.all_reduce_sum_)
             return self._selected_after(step, {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps})
+        if config.multi_step_loss is not None:
+            self.learner.maml.step_loss_weights = multi_step_loss_weights(config.inner_steps, step / config.multi_step_loss)
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
         workers.require_finite("the meta-loss", loss)
         self.meta_optimizer.zero_grad(set_to_none=True)
