@@ -1,8 +1,8 @@
 """``LearnedOptimizer``: the ``torch.optim.Optimizer`` that runs a coordinatewise update rule.
 
 It owns what ``torch.optim`` optimizers own (param groups, per-parameter state, ``state_dict``)
-and dispatches each step to the batched PyTorch path, the per-tensor reference, or (later) a
-fused Triton kernel. The rule itself (:mod:`learnedopt.nn`) is pure math.
+and dispatches each step to the batched PyTorch path, the per-tensor reference, or a fused
+Triton kernel (``backend``). The rule itself (:mod:`learnedopt.nn`) is pure math.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LearnedOptimizer(Optimizer):
             from ``torch.optim.lr_scheduler`` scale it like any learning rate.
         maximize: ascend instead of descend.
         state_dtype: dtype of the per-coordinate LSTM states (float32 default; bfloat16 halves
-            their memory; the moving averages ``m`` and ``v`` stay float32), independent of the
+            their memory; the moving averages ``m`` and ``v`` stay in at least float32), independent of the
             parameter dtype.
         nan_policy: on a NaN/Inf gradient, ``"raise"`` raises :class:`NonFiniteGradientError`
             naming the parameter before anything is changed; ``"skip"`` leaves that tensor and its
