@@ -21,8 +21,8 @@ class StateSpec:
     ``moving_average`` marks an exponential moving average (and its bias-correction weight):
     stored in at least float32 whatever narrower dtype the caller asks for, because a bfloat16
     average ``x + (1 - decay) * (target - x)`` stops moving once its change is under half a unit
-    in the last place of ``x`` (a decay of 0.999 holds a constant gradient's square at a third
-    of its value).
+    in the last place of ``x`` (a decay of 0.999 holds a constant gradient's square at a fifth
+    to a third of its value, depending on where the value falls within its power of two).
     """
 
     lead: tuple[int, ...]
@@ -30,6 +30,7 @@ class StateSpec:
     moving_average: bool = False
 
     def shape(self, n: int) -> tuple[int, ...]:
+        """The state's shape for ``n`` coordinates, ``(*lead, n, *trail)``."""
         return (*self.lead, n, *self.trail)
 
     def dtype(self, state_dtype: torch.dtype) -> torch.dtype:
@@ -87,6 +88,8 @@ class UpdateRule(nn.Module):
 
     @classmethod
     def from_config_dict(cls, values: dict[str, Any]) -> UpdateRule:
+        """A fresh rule of the architecture :meth:`config_dict` wrote (lists become tuples);
+        raises ValueError for an unknown key or an invalid value."""
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = set(values) - fields
         if unknown:

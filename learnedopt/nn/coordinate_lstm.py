@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,7 @@ class CoordinateLSTMConfig:
 
     @property
     def num_inputs(self) -> int:
+        """Features per coordinate of layer 0's input (2 in the paper)."""
         return 2 + 2 * len(self.momentum_decays) + len(self.rms_decays) + int(self.param_input)
 
 
@@ -75,7 +77,7 @@ class CoordinateLSTM(UpdateRule):
     kind = "CoordinateLSTM"
     config_class = CoordinateLSTMConfig
 
-    def __init__(self, config: CoordinateLSTMConfig | None = None, **overrides) -> None:
+    def __init__(self, config: CoordinateLSTMConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         config = self.config
         # torch's LSTM holds the weights (gate rows ordered input, forget, cell, output;

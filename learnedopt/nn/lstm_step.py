@@ -3,8 +3,9 @@ optimizer's no-grad step and under autograd in meta-training.
 
 A learned optimizer runs its LSTM for exactly one time step per optimizer step, on a batch of
 ``n`` coordinates (tens of thousands to millions) with a small hidden size (20). At that shape
-its matrix products are skinny (inner sizes of 2 to 41) and its elementwise work is bound by
-memory traffic. On the CPU hosts where both were timed, ``torch.nn.LSTM`` (oneDNN's RNN
+its matrix products are skinny (``(n, 22 or 40)`` by ``(22 or 40, 4H = 80)`` in the paper's
+two-layer configuration, and their transposes) and its elementwise work is bound by memory
+traffic. On the CPU hosts where both were timed, ``torch.nn.LSTM`` (oneDNN's RNN
 primitive) ran slower than this step, forward (``benchmarks/lstm_chunk.py``) and forward plus
 backward (``benchmarks/meta_train_throughput.py``).
 :class:`LSTMStackStep` computes each layer as one BLAS product plus ONE pointwise function
@@ -195,7 +196,7 @@ class LSTMStackStep(torch.autograd.Function):
             # lstm_step_parts.py: within 16% either way). The bias is added in the pointwise
             # pass, not by addmm, which on CPU first copies it into every row of the output, an
             # extra pass over (n, 4H) (lstm_step_parts.py, "gate bias": product and pointwise
-            # forward 1.14-1.19x faster this way; a bitwise-equal meta-gradient in a one-off check)
+            # forward 1.15-1.19x faster this way; a bitwise-equal meta-gradient in a one-off check)
             weight = torch.cat((weight_ih, weight_hh), dim=1)
             gates = torch.cat((layer_input, h[layer]), dim=1) @ weight.t()
             if h_new is None:  # in the dtype of the computation, as a stack of the layers' results
@@ -272,8 +273,9 @@ class LSTMStackStep(torch.autograd.Function):
                 # all weight gradients as one product [x, h, 1]^T d_gates, (in + H + 1, 4H):
                 # one pass over d_gates where d_gates^T x, d_gates^T h and a column sum take
                 # three, and in this orientation (BLAS is slow on d_gates^T x with x of 2
-                # columns; together 2.7x faster for layer 0, 1.2x for layer 1:
-                # benchmarks/lstm_step_parts.py)
+                # columns; together 2.1x faster for layer 0, 1.4x for layer 1 on an Intel Xeon
+                # host, 2.7x and 1.2x on an AMD EPYC one: benchmarks/lstm_step_parts.py,
+                # results/lstm_step_parts.md and results/earlier_hosts/lstm_step_parts.md)
                 ones = layer_input.new_ones(layer_input.shape[0], 1)
                 grad_weight = (torch.cat((layer_input, h[layer], ones), dim=1).t() @ d_gates).t()
                 grads[3 + 3 * layer : 6 + 3 * layer] = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +91,7 @@ class MetaLSTMCell(UpdateRule):
     needs_loss = True
     config_class = MetaLSTMConfig
 
-    def __init__(self, config: MetaLSTMConfig | None = None, **overrides) -> None:
+    def __init__(self, config: MetaLSTMConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         config = self.config
         hidden = config.hidden_size
