@@ -226,6 +226,7 @@ class Selection:
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """The best learner so far (step, score, weights) and the initial score, for a checkpoint."""
         return {"best": self.best, "initial_score": self.initial_score}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -286,6 +287,7 @@ class OutputLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Unlock the folder (nothing when not locked)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -405,8 +407,6 @@ def train_loop(
 
 
 #: log fields that measure the machine, not the run (they differ between a run and its resumption)
-
-
 MACHINE_FIELDS: tuple[str, ...] = ("seconds", "peak_rss_mb")
 
 

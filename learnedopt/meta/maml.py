@@ -35,8 +35,8 @@ class BatchStatNorm(nn.Module):
     """Batch normalisation with the statistics of the current batch only (transductive).
 
     Under ``vmap`` it is written with plain tensor ops, so that ``torch.func.grad`` differentiates it
-    twice exactly: PyTorch's fused batch-norm kernel gave second-order MAML meta-gradients about
-    0.2% off the autograd loop's under ``vmap`` (torch 2.13, checked in float64). Outside ``vmap``
+    twice exactly: PyTorch's fused batch-norm kernel gave second-order MAML meta-gradients 0.2% to
+    0.9% off the autograd loop's under ``vmap`` (relative norm, small MLPs, torch 2.13, float64). Outside ``vmap``
     it calls that fused kernel, which is exact there and faster.
     Input ``(N, C, *spatial)``; normalises over every dimension except ``C``.
     """
@@ -74,7 +74,7 @@ class _AffineAfterNorm(TorchFunctionMode):
     Under ``vmap``, these kernels' second-order gradients with a weight are wrong (the batching
     rule of their backward, pytorch/functorch#534): second-order MAML meta-gradients through
     ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d``, ``F.batch_norm`` or a direct
-    ``torch.layer_norm`` came out 1-4% off the autograd loop's (torch 2.13, float64), silently.
+    ``torch.layer_norm`` came out 0.5-4% off the autograd loop's (torch 2.13, float64), silently.
     Without the affine parameters they are exact. (``group_norm`` and ``rms_norm`` are exact.)
     """
 
@@ -428,7 +428,9 @@ class MAML(nn.Module):
     def _vmap_pays(self, x: Tensor) -> bool:
         """``vectorize="auto"``: vmap, except convolutional models on CPU, where PyTorch runs the
         per-task weights as a grouped convolution that is slower than a loop (conv-4, 8 tasks of
-        5-way 1-shot: 502 ms against 262 ms per meta-step; ``benchmarks/results/fewshot_vs_higher.md``)."""
+        5-way 1-shot, second-order: 569 ms against 481 ms per meta-step in
+        ``benchmarks/results/fewshot_vs_higher.md``, 549 against 265 on an earlier host,
+        ``benchmarks/results/earlier_hosts/fewshot_vs_higher.md``)."""
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         return not (has_conv and x.device.type == "cpu")
 

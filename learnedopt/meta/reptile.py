@@ -164,4 +164,5 @@ class Reptile:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the meta-step counter from :meth:`state_dict`'s output."""
         self.step_count = int(state["step_count"])

@@ -288,11 +288,14 @@ class MnistMLPFamily(ExampleFamily):
 
     Args:
         data: MNIST folder (default: :func:`learnedopt.data.resolve_data_dir`'s search).
-        split: ``"meta_train"`` (meta-training) or ``"meta_valid"`` (evaluation).
+        split: a part of :data:`MNIST_SPLIT`: ``"meta_train"`` (meta-training), ``"meta_valid"``
+            (evaluation) or ``"held_out"``.
         hidden: widths of the hidden layers.
         batch_size: examples per minibatch.
+        dtype: float dtype of the inputs and parameters.
 
     Raises:
+        ValueError: a bad argument (one-line message).
         FileNotFoundError: no MNIST folder / files (one-line message).
     """
 
@@ -794,8 +797,8 @@ class MixtureFamily(TaskFamily):
     ``--task a+b`` names an equal mixture, ``--task a:3+b`` one that draws ``a`` three times as
     often as ``b``.
 
-    Loss scales differ across members (a quadratic's loss is in the tens, a classifier's below
-    one); meta-gradient clipping bounds each meta-step whatever the member.
+    Loss scales differ across members (a 10-dim quadratic's loss starts near 100, a 10-class
+    classifier's near 2.3); meta-gradient clipping bounds each meta-step whatever the member.
 
     Args:
         members: two or more families.

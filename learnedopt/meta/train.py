@@ -331,7 +331,8 @@ def evaluate(
 
 
 class _RuleTrainer:
-    """``--algo lstm``: one :func:`episode` per meta-step (the :class:`Trainer` of update rules)."""
+    """``--algo lstm``: one :func:`episode` per meta-step (the
+    :class:`~learnedopt.meta.loop.Trainer` of update rules)."""
 
     def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
@@ -585,7 +586,10 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
 def canonical_command(
     config: MetaTrainConfig, out: str | os.PathLike[str], checkpoint_every: int
 ) -> str:
-    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
+    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch: every setting
+    explicit except those left at a default that means "off" or "as before" (no ``--rule-config``,
+    ``--second-order``, ``--random-horizon``, ``--select-every``, ``--select-tasks`` or ``--data``;
+    ``--loss-weighting uniform`` and ``--device cpu`` omitted)."""
     words = ["learnedopt", "meta-train"]
     words += (
         ["--preset", config.preset] if config.preset is not None else ["--rule", str(config.rule)]

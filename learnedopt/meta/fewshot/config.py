@@ -81,7 +81,8 @@ class FewShotConfig:
             CPU, so it changes results only by rounding; a run may resume on another device).
         valid_alphabets, test_alphabets: Omniglot: comma-separated alphabet names of the
             meta-valid and meta-test parts, the other alphabets meta-training's (both or
-            neither; None: the fixed split :data:`OMNIGLOT_SPLIT`, seed 0), e.g. to hold out
+            neither; None: the fixed split :data:`~learnedopt.meta.fewshot.sources.OMNIGLOT_SPLIT`,
+            seed 0), e.g. to hold out
             each alphabet once across several runs.
         select_every: score the learner every this many meta-steps (and before the first and at
             the last) by its mean query loss on a fixed draw of ``val_tasks`` validation tasks
@@ -287,7 +288,9 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def canonical_command(config: FewShotConfig, out: str | os.PathLike[str], checkpoint_every: int) -> str:
-    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch, every setting explicit."""
+    """The ``learnedopt meta-train`` command line that runs ``config`` from scratch: every setting
+    explicit except those that are None or False and the default ``--device cpu`` and
+    ``--select-every 0``."""
     words = ["learnedopt", "meta-train"]
     for key, value in config.to_dict().items():
         if value is None or value is False or (key in ("device", "select_every") and value == getattr(FewShotConfig, key)):

@@ -65,6 +65,7 @@ class LearnerSpec:
 
     @classmethod
     def for_config(cls, config: FewShotConfig) -> LearnerSpec:
+        """The learner a run of ``config`` trains."""
         if config.task == "sinusoid":
             architecture: dict[str, Any] = {"kind": "mlp", "sizes": list(SINUSOID_MLP), "activation": "relu"}
         else:

@@ -76,6 +76,7 @@ class OmniglotSource:
         return x_s, y_s, x_q, y_q
 
     def alphabets(self) -> list[str]:
+        """The names of the alphabets this source's classes come from, sorted."""
         return [self.data.alphabets[i] for i in torch.unique(self.data.alphabet_of_class[self.classes]).tolist()]
 
     def describe(self) -> str:

@@ -255,7 +255,7 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
 def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | None:
     """``learnedopt meta-train --algo maml|fomaml|reptile|meta-lstm``: run and return the line to
     print when finished (None when stopped early, or on ranks other than 0). Raises
-    :class:`ConfigError`."""
+    :class:`~learnedopt.meta.loop.ConfigError`."""
     config = config_from_args(args)
     result = meta_train_fewshot(
         config,
