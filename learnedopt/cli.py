@@ -64,6 +64,7 @@ def _average_weights(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``learnedopt`` argument parser with every subcommand registered."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``learnedopt ARGV`` (default: ``sys.argv[1:]``) and return its exit status (0 after
+    printing the help when no command is given)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -158,6 +158,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def library_version() -> str:
+    """``learnedopt.__version__``, as weight-file headers record it."""
     from . import __version__
 
     return __version__

@@ -53,6 +53,7 @@ class OmniglotDataset:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (4 per character with rotations, else 1)."""
         return len(self.classes)
 
     def __len__(self) -> int:
