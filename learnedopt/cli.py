@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data",
         default=None,
-        help="the MNIST folder, or a folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data; "
+        help="the MNIST folder, or a folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data, then shared/data "
+        "beside the repository; "
         "where none is found, the minibatch problem is an MLP on generated data)",
     )
     demo.set_defaults(func=_demo)
