@@ -55,7 +55,9 @@ class FewShotConfig:
         meta_batch: tasks per meta-step.
         meta_steps: meta-steps in total.
         meta_lr: Adam learning rate; for Reptile the initial outer step size.
-        clip: meta-gradient norm clip (meta-lstm; None otherwise).
+        clip: meta-gradient norm clip, None for none (the command line takes it for meta-lstm only,
+            default 0.25; maml and fomaml apply one given here; reptile, without a
+            meta-gradient, refuses it).
         hidden: conv-4 filters (Omniglot).
         image_size: Omniglot image side in pixels.
         same_alphabet: draw every episode's classes from one alphabet.
