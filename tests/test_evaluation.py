@@ -390,6 +390,24 @@ def test_weight_file_chooses_the_optimizer_by_kind(tmp_path) -> None:
     assert np.isfinite(curve).all()
 
 
+def test_a_weight_file_named_like_a_preset_runs_the_file_not_the_preset(tmp_path, monkeypatch) -> None:
+    """``--weights l2l-random`` naming a file ``l2l-random`` in the working directory: the optimizer
+    given ``weights="l2l-random"`` builds the preset of that name, so the spec must name the file
+    unmistakably, and its label must differ from the preset's (a report keys results by label)."""
+    from learnedopt.evaluation.harness import check_config
+
+    monkeypatch.chdir(tmp_path)
+    save_weights(CoordinateLSTM(), "l2l-random", trained_on="my file")
+    (tmp_path / "sub").mkdir()
+    save_weights(CoordinateLSTM(), tmp_path / "sub" / "l2l-mix", trained_on="my other file")
+    spec = learned_from_file("l2l-random")
+    assert spec.header()["trained_on"] == "my file"
+    config = EvalConfig(problems=["quadratic-20"], weights=["l2l-random", "sub/l2l-mix"], presets=["l2l-random", "l2l-mix"])
+    records = check_config(config).records
+    assert len(records) == 4, list(records)
+    assert [r["header"]["trained_on"] for r in records.values()][2:] == ["my file", "my other file"]
+
+
 def test_weight_files_of_one_name_get_distinct_labels_and_a_repeated_path_is_refused(tmp_path) -> None:
     from learnedopt.evaluation import learned_from_files
 
@@ -907,6 +925,17 @@ def test_reuse_reruns_weight_files_even_when_the_report_ran_them(
     again = evaluate_optimizers(dataclasses.replace(config, reuse=reuse), log=lambda _: None)
     assert set(again["reused"]["results"]["quadratic-20"]) == set(BASELINES)
     assert seen == {"tuning": [], "eval": [0, 1]}  # only the weight file ran, on both seeds
+
+
+def test_reuse_reruns_a_weight_file_named_like_a_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    save_weights(CoordinateLSTM(), "l2l-random", trained_on="my file")
+    config = EvalConfig(problems=["quadratic-20"], weights=["l2l-random"], seeds=1, tuning_seeds=1, lrs=(0.1,),
+                        steps=3, stability_steps=0, include_default_learned=False)  # fmt: skip
+    reuse = save_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first.json")
+    seen = record_seeds(monkeypatch)
+    again = evaluate_optimizers(dataclasses.replace(config, reuse=reuse), log=lambda _: None)
+    assert set(again["reused"]["results"]["quadratic-20"]) == set(BASELINES) and seen["eval"] == [0]
 
 
 def test_reuse_takes_no_stability_results_of_another_length(

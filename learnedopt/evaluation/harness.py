@@ -439,11 +439,11 @@ def _reusable_results(
             theirs, mine = [float(x) for x in theirs or ()], [float(x) for x in mine]
         if theirs != mine:
             raise ValueError(f"cannot reuse {path}: its {key} is {theirs!r}, this run's is {mine!r}")
-    from_files = {str(w) for w in config.weights}
+    preset_names = {spec.weights for spec in DEFAULT_LEARNED}  # a weight file's spec never names one
 
     def same_weights(label: str, record: Mapping[str, Any]) -> bool:
         recorded = old.get("learned", {}).get(label)
-        if record["weights"] in from_files or not recorded:
+        if record["weights"] not in preset_names or not recorded:
             return False
         header = _jsonable(record["header"])
         if "sha256" in recorded:  # the tensors' hash; the kind and architecture are the header's

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
-from ..weights import UntrainedWeightsWarning, fingerprint, read_header
+from ..weights import PRESETS, UntrainedWeightsWarning, fingerprint, read_header
 from .problems import Problem
 
 #: steps averaged for a run's final loss
@@ -105,11 +105,16 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
 
 def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) -> LearnedSpec:
     """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind.
-    Its label names the file by its name, or by ``path`` as given when ``label_path``."""
+    Its label names the file by its name, or by ``path`` as given when ``label_path`` or when the
+    name is a preset's (whose label it would take)."""
     kind = read_header(path)["kind"]
+    weights = str(path)
+    if weights in PRESETS:  # as weights=, a bare preset name builds the preset, not this file
+        weights = os.path.join(os.curdir, weights)
+    shown = weights if label_path or Path(weights).name in PRESETS else Path(weights).name
     for cls in (LSTMOptimizer, MetaLSTMOptimizer):
         if cls.rule_kind == kind:
-            return LearnedSpec(f"{cls.__name__} ({path if label_path else Path(path).name})", cls, str(path))
+            return LearnedSpec(f"{cls.__name__} ({shown})", cls, weights)
     raise ValueError(f"{path}: no optimizer runs update rules of kind {kind!r}")
 
 
