@@ -75,6 +75,7 @@ def test_select_lr_counts_nan_as_worst_and_breaks_ties_low() -> None:
     assert select_lr({0.01: 2.0, 0.1: 1.0, 1.0: math.nan, 3.0: math.inf}) == 0.1
     assert select_lr({1.0: math.nan, 0.1: math.nan}) == 0.1
     assert select_lr({0.3: 1.0, 0.1: 1.0}) == 0.1
+    assert select_lr({0.01: math.nan, 0.1: 1.0}) == 0.1  # a NaN at the smallest lr loses too
     with pytest.raises(ValueError):
         select_lr({})
 
@@ -117,6 +118,25 @@ def test_a_nonfinite_gradient_stops_baselines_and_learned_optimizers_alike(at_st
     for factory, lr in ((BASELINES["SGD"], 0.1), (BASELINES["Adam"], 0.01), (DEFAULT_LEARNED[0].factory(), 1.0)):
         curve = run_optimizer(NanGradient(), 0, factory, lr)
         assert np.isfinite(curve[:at_step]).all() and np.isnan(curve[at_step:]).all(), (factory, curve)
+
+
+def test_a_nonfinite_gradient_in_any_parameter_stops_a_baseline() -> None:
+    """Only the second of two parameters gets a NaN gradient (at step 1): the run stops there."""
+
+    class TwoParameters(SquareProblem):
+        steps = 4
+
+        def model(self, seed: int) -> nn.Module:
+            m = super().model(seed)
+            m.other = nn.Parameter(torch.ones(2))
+            return m
+
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            loss = super().loss(model, seed, step) + model.other.square().sum()
+            return loss + model.other[0].mul(0).abs().sqrt() if step == 1 else loss
+
+    curve = run_optimizer(TwoParameters(), 0, BASELINES["SGD"], 0.1)
+    assert np.isfinite(curve[:1]).all() and np.isnan(curve[1:]).all(), curve
 
 
 class LrRecorder(torch.optim.SGD):
@@ -1021,6 +1041,9 @@ def test_tuning_score_is_the_mean_final_loss_over_the_tuning_seeds() -> None:
         return np.array([100.0] * 5 + [final] * FINAL_WINDOW)
 
     assert tuning_score([ending_at(1.0), ending_at(2.0), ending_at(6.0)]) == pytest.approx(3.0)
+    diverged = ending_at(1.0)
+    diverged[3] = math.nan  # the rest of such a run is NaN; one non-finite step is enough
+    assert tuning_score([ending_at(1.0), diverged]) == math.inf  # one diverged seed of several
     problem = tiny_problem(steps=12)
     seeds = [5, 6, 7]
     best, scores = tune_lr(problem, BASELINES["SGD"], (0.01, 1.0), seeds)
@@ -1028,6 +1051,12 @@ def test_tuning_score_is_the_mean_final_loss_over_the_tuning_seeds() -> None:
         runs = [run_optimizer(problem, s, BASELINES["SGD"], lr) for s in seeds]
         assert score == pytest.approx(np.mean([np.mean(c[-FINAL_WINDOW:]) for c in runs]), rel=1e-12)
     assert best == min(scores, key=scores.get)
+
+
+def test_summary_means_are_means_over_seeds_not_medians() -> None:
+    """Skewed across seeds (1, 2, 6): the means (3) and the median (2) differ."""
+    s = summarize(np.array([[v] * FINAL_WINDOW for v in (1.0, 2.0, 6.0)]))
+    assert (s["final_mean"], s["mean_loss"], s["final_median"]) == (3.0, 3.0, 2.0)
 
 
 def test_summary_counts_a_run_that_ends_in_inf_as_nonfinite_and_leaves_it_out() -> None:
