@@ -913,6 +913,28 @@ def test_stability_check_reports_the_first_nonfinite_step(tmp_path: Path) -> Non
     assert math.isfinite(result["min_loss"]) and math.isnan(result["final_loss"])
 
 
+def test_stability_check_counts_an_inf_loss_as_the_first_nonfinite_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stops at an Inf loss, which its curve keeps (the steps after it are NaN): that step is
+    the first non-finite one."""
+    from learnedopt.evaluation import harness
+
+    class InfAtStep3(SquareProblem):
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            loss = super().loss(model, seed, step)
+            return loss * math.inf if step == 3 else loss
+
+    class Spec:
+        label = "sgd"
+
+        def factory(self):
+            return BASELINES["SGD"]
+
+    monkeypatch.setattr(harness, "make_problem", lambda name, data: InfAtStep3())
+    config = EvalConfig(problems=["quadratic-20"], stability_steps=8)
+    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["sgd"]
+    assert result["nonfinite"] is True and result["first_nonfinite_step"] == 3
+
+
 def test_reuse_skips_a_problem_whose_description_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1147,6 +1169,10 @@ def test_reuse_refuses_a_report_of_other_settings_naming_the_setting(tmp_path: P
     # the same settings: taken
     path.write_text(json.dumps({"config": dataclasses.asdict(base), "problems": {}}))
     assert reusable_results(dataclasses.replace(base, reuse=str(path)), {}).problems == {}
+    # a report from before the MNIST files' SHA-256 was recorded: its data setting must match
+    path.write_text(json.dumps({"config": {**dataclasses.asdict(base), "data": "elsewhere"}, "problems": {}}))
+    with pytest.raises(ValueError, match="its data is 'elsewhere', this run's is None"):
+        reusable_results(dataclasses.replace(base, reuse=str(path)), {})
     # a report that ran on MNIST files is not taken by a run that has none
     path.write_text(json.dumps({"config": dataclasses.asdict(base), "problems": {}, "mnist_sha256": "f" * 64}))
     with pytest.raises(ValueError, match="ran on other MNIST files"):
@@ -1342,12 +1368,16 @@ def test_each_suite_problem_is_what_its_name_and_the_readme_say(tmp_path: Path) 
     from test_meta_unroll import write_fake_mnist
 
     data = write_fake_mnist(tmp_path / "mnist")
-    problems = {name: make_problem(name, data) for name in ("mnist-mlp-100", "mnist-mlp-200", "mnist-mlp-1000",
-                                                             "mnist-mlp-40", "mnist-mlp-20-20", "mnist-mlp-relu",
-                                                             "quadratic-20")}  # fmt: skip
+    from learnedopt.evaluation import DEFAULT_PROBLEMS
+
+    problems = {name: make_problem(name, data) for name in DEFAULT_PROBLEMS}
     assert {name: p.steps for name, p in problems.items()} == {
         "mnist-mlp-100": 100, "mnist-mlp-200": 200, "mnist-mlp-1000": 1000, "mnist-mlp-40": 200,
-        "mnist-mlp-20-20": 200, "mnist-mlp-relu": 200, "quadratic-20": 100}  # fmt: skip
+        "mnist-mlp-20-20": 200, "mnist-mlp-relu": 200, "mnist-conv": 200, "quadratic-20": 100,
+        "synthetic-mlp": 200, "mlp-random-held-out": 200}  # fmt: skip
+    assert {name: p.batch_size for name, p in problems.items() if hasattr(p, "batch_size")} == {
+        **dict.fromkeys(["mnist-mlp-100", "mnist-mlp-200", "mnist-mlp-1000", "mnist-mlp-40", "mnist-mlp-20-20",
+                         "mnist-mlp-relu", "mnist-conv"], 128), "synthetic-mlp": 64, "mlp-random-held-out": 64}  # fmt: skip
     assert problems["quadratic-20"].model(0).theta.shape == (20,)
 
     def layers(name: str) -> list:
@@ -1359,6 +1389,10 @@ def test_each_suite_problem_is_what_its_name_and_the_readme_say(tmp_path: Path) 
     assert layers("mnist-mlp-relu") == [(784, 20), "ReLU", (20, 10)]
     assert layers("mnist-mlp-40") == [(784, 40), "Sigmoid", (40, 10)]
     assert layers("mnist-mlp-20-20") == [(784, 20), "Sigmoid", (20, 20), "Sigmoid", (20, 10)]
+    assert layers("synthetic-mlp") == [(16, 32), "Tanh", (32, 4)]
+    assert layers("mlp-random-held-out") == [(784, 48), "ELU", (48, 24), "ELU", (24, 10)]
+    assert [type(m).__name__ for m in problems["mnist-conv"].model(0) if not list(m.children())] == [
+        "Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear"]  # fmt: skip
 
 
 def test_minibatches_draw_from_the_whole_pool() -> None:
