@@ -159,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(parser, f"{args.report} is not a suite report (an optimizee_eval.json with 'learned' and 'problems')")
     columns = [tuple(c.split("=", 1)) for c in args.columns]
     labels = set(report["learned"])
-    unknown = [label for label, *_ in columns if label not in labels]
-    if unknown or any(len(c) != 2 for c in columns):
-        parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {unknown}")
+    bad = [given for given, c in zip(args.columns, columns, strict=True) if len(c) != 2 or c[0] not in labels]
+    if bad:
+        parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {bad}")
     if args.against and not args.difference:
         parser.error("--against needs --difference")
     if args.against and args.against not in BASELINES:

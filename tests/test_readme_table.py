@@ -56,7 +56,10 @@ def test_unknown_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
     path.write_text(json.dumps(REPORT))
     with pytest.raises(SystemExit):
         main([str(path), "L (c)=`c`"])
-    assert "LABEL one of ['L (a)', 'L (b)']" in capsys.readouterr().err
+    assert "LABEL one of ['L (a)', 'L (b)']; got ['L (c)=`c`']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a known label without its header
+        main([str(path), "L (a)"])
+    assert "columns must be LABEL=HEADER with LABEL one of ['L (a)', 'L (b)']; got ['L (a)']" in capsys.readouterr().err
 
 
 def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:
