@@ -1223,6 +1223,10 @@ def test_eval_config_refuses_settings_that_would_run_nothing_or_nonsense() -> No
         ({"lrs": (0.1, 0.0)}, "lrs must be a non-empty list of positive finite numbers"),
         ({"lrs": ()}, "lrs must be a non-empty list"),
         ({"lrs": (0.1, math.inf)}, "lrs must be a non-empty list of positive finite numbers"),
+        # evaluation seeds 0.., tuning seeds from 1,000,000, the stability seed 2,000,000: never shared
+        ({"seeds": 1_000_001}, "seeds must be <= 1000000 \\(the tuning seeds start there\\), got 1000001"),
+        ({"tuning_seeds": 1_000_001}, "tuning_seeds must be <= 1000000 \\(the stability seed follows\\)"),
+        ({"long_tuning_seeds": 1_000_001}, "long_tuning_seeds must be <= 1000000"),
     ]:
         with pytest.raises(ValueError, match=message):
             EvalConfig(**kwargs)

@@ -86,6 +86,14 @@ class EvalConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.long_tuning_seeds is not None and self.long_tuning_seeds < 1:
             raise ValueError(f"long_tuning_seeds must be >= 1, got {self.long_tuning_seeds}")
+        # the seed ranges must not meet: evaluation 0.., tuning TUNING_SEED_OFFSET.., stability STABILITY_SEED
+        if self.seeds > TUNING_SEED_OFFSET:
+            raise ValueError(f"seeds must be <= {TUNING_SEED_OFFSET} (the tuning seeds start there), got {self.seeds}")
+        for key in ("tuning_seeds", "long_tuning_seeds"):
+            if (getattr(self, key) or 0) > STABILITY_SEED - TUNING_SEED_OFFSET:
+                raise ValueError(
+                    f"{key} must be <= {STABILITY_SEED - TUNING_SEED_OFFSET} (the stability seed follows), got {getattr(self, key)}"
+                )
         if self.stability_steps < 0:
             raise ValueError(f"stability_steps must be >= 0, got {self.stability_steps}")
         if self.steps is not None and self.steps < 1:
