@@ -71,6 +71,16 @@ def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:
     assert lines[3] == "| quadratic, 20-dim (never seen) | Adam | 1/2 / 1/2 (1 NaN) | 0/3 / 0/3 |"
 
 
+def test_paired_counts_against_adam_when_another_baseline_is_the_best() -> None:
+    report = {"learned": {"L (a)": {}}, "problems": {"quadratic-20": {"results": {
+        "SGD": result("baseline", 0.5, 8.0, 0.01, (0.4, 0.5, 0.6)),
+        "Adam": result("baseline", 1.0, 22.0, 1.0, (1.0, 1.0, 1.0)),
+        "L (a)": result("learned", 0.45, 5.0, finals=(0.45, 0.2, 0.7)),
+    }}}}  # fmt: skip
+    # below Adam on every seed; below SGD, the best, on the second only
+    assert paired_table(report, [("L (a)", "`a`")]).splitlines()[2] == "| quadratic, 20-dim (never seen) | SGD | 3/3 / 1/3 |"
+
+
 def test_differences_from_the_best_baseline_are_paired_and_bold_only_when_the_interval_is_below_zero() -> None:
     shifted = json.loads(json.dumps(REPORT))
     shifted["problems"]["mnist-mlp-100"]["results"]["L (b)"]["finals"] = [0.05, 0.15, 0.25]  # Adam's - 0.05
