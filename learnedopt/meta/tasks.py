@@ -34,7 +34,11 @@ Params = dict[str, Tensor]
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixed from non-negative integer keys (e.g. ``(seed, step)``) by numpy's SeedSequence.
 
-    Distinct key tuples give unrelated seeds, so generators seeded this way are independent.
+    Key tuples that differ other than by trailing zeros give unrelated seeds, so generators seeded
+    this way are independent. Trailing zeros do not count (SeedSequence pads its entropy with
+    zeros): ``(5, 1)`` and ``(5, 1, 0)`` give one seed. The library's streams are laid out so that
+    no two of its uses meet this way (e.g. a stream keyed ``(seed, 1, step)`` beside no
+    ``(seed, 1)``); changing the mixing would change every seeded result on record.
     """
     words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
