@@ -1,8 +1,8 @@
 """Fused optimizer step of Ravi & Larochelle's meta-learner (:class:`learnedopt.nn.MetaLSTMCell`).
 
 Design: one launch per call over a flat range of ``N`` coordinates, in ONE pass over memory, like
-:mod:`learnedopt.kernels.coordinate_lstm_step` (whose jit helpers ``_project``, ``_cell``,
-``_sigmoid``, ``_zero_padding`` and ``_store_rounded`` it reuses). Each program takes ``BLOCK``
+:mod:`learnedopt.kernels.coordinate_lstm_step` (whose jit helpers ``_preprocess``, ``_project``,
+``_cell``, ``_sigmoid``, ``_zero_padding`` and ``_store_rounded`` it reuses). Each program takes ``BLOCK``
 consecutive coordinates and, entirely in registers,
 
 1. loads the gradient (any float dtype, converted to fp32) and negates it under ``maximize``;
@@ -95,6 +95,7 @@ from .coordinate_lstm_step import (
     _cell,
     _fp32_decays,
     _lerp,
+    _preprocess,
     _project,
     _sigmoid,
     _store_rounded,
@@ -234,8 +235,7 @@ def meta_lstm_step_kernel(
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
-    x_mag = tl.log(tl.maximum(tl.abs(g), mag_floor, propagate_nan=tl.PropagateNan.ALL)) / p
-    x_dir = tl.clamp(g * dir_scale, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    x_mag, x_dir = _preprocess(g, mag_floor, p, dir_scale)
 
     # ---- the input LSTM, one layer
     h = tl.load(h_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
