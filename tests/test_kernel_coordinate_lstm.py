@@ -232,7 +232,8 @@ def assert_matches(got, want, names=("param", "h", "c"), where: str = "", exact=
 
 
 @pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "sum"])
-@pytest.mark.parametrize("num_layers, hidden_size", [(2, 20), (1, 8), (2, 8), (1, 20)])
+# three layers: the input weights of layer 2 lie past those of layer 1
+@pytest.mark.parametrize("num_layers, hidden_size", [(2, 20), (1, 8), (2, 8), (1, 20), (3, 5)])
 @pytest.mark.parametrize("n", [1, 3001])
 def test_matches_pytorch_path(n: int, num_layers: int, hidden_size: int, use_dot: bool) -> None:
     rule = make_rule(num_layers, hidden_size)
@@ -362,7 +363,11 @@ def test_maximize(use_dot: bool) -> None:
 def test_lr_zero_leaves_param_bitwise(param_dtype: torch.dtype) -> None:
     rule = make_rule(2, 20)
     grad, param, h, c = make_inputs(1100, 2, 20, param_dtype=param_dtype)
-    param[:4] = torch.tensor([-0.0, 0.0, 1e-30, -65504.0])  # -0.0 + 0 * step would become +0.0
+    # -0.0 + 0 * step would become +0.0 where the step is positive: -0.0 on every 10th coordinate
+    param[::10] = -0.0
+    param[1:4] = torch.tensor([0.0, 1e-30, -65504.0])
+    steps = reference(rule, grad, param.float(), h, c, lr=1.0, maximize=False)[0][::10]  # -0.0 + step
+    assert (steps > 0).any() and (steps < 0).any()
     p_out, hk, ck = fused(rule, grad, param, h, c, lr=0.0, maximize=False)
     assert torch.equal(p_out.view(torch.uint8), param.view(torch.uint8))
     _, hr, cr = reference(rule, grad, param, h, c, lr=0.0, maximize=False)
@@ -415,26 +420,31 @@ def test_in_place_and_views_of_a_larger_buffer(features: str) -> None:
         assert torch.equal(buf[:, :a], orig[:, :a]) and torch.equal(buf[:, b:], orig[:, b:])
 
 
-@pytest.mark.parametrize("wide", ["h", "c"])
-def test_h_and_c_with_different_layer_strides(wide: str) -> None:
-    # h and c are read and written with their own layer strides: one of them a coordinate range
-    # of a wider buffer (layer stride 3nH), the other contiguous (nH), gives bit for bit the
-    # all-contiguous step, and the wider buffer is untouched outside the range
-    rule = make_rule(2, 20)
+@pytest.mark.parametrize("wide", ["h", "c", "m", "v"])
+def test_states_with_their_own_strides(wide: str) -> None:
+    # h, c, m and v are each read and written with their own layer or row stride: one of them a
+    # coordinate range of a wider buffer (stride 3n per layer or decay), the others contiguous,
+    # gives bit for bit the all-contiguous step, and the wider buffer is untouched outside the range
+    rule = make_rule(2, 20, **FEATURES["l2l-random"])
     n = 40
     grad, param, h, c = make_inputs(n, 2, 20)
-    want = fused(rule, grad, param, h, c, lr=0.3, maximize=False)
-    # the contiguous one backed by spare layers: a launch with the other's stride reads there
-    states = {k: torch.zeros(8, n, 20, device=DEVICE)[:2].copy_(t) for k, t in (("h", h), ("c", c))}
-    big = torch.randn(2, 3 * n, 20, device=DEVICE)
+    states = {"h": h, "c": c, **make_moments(rule, n)}
+    want = fused(rule, grad, param, **states, lr=0.3, maximize=False)
+    # the contiguous ones backed by spare rows: a launch with another's stride reads there
+    views = {
+        k: torch.zeros(8, *t.shape[1:], device=DEVICE)[: t.shape[0]].copy_(t) for k, t in states.items()
+    }
+    big = torch.randn(states[wide].shape[0], 3 * n, *states[wide].shape[2:], device=DEVICE)
     big[:, n : 2 * n] = states[wide]
     before = big.clone()
-    states[wide] = big[:, n : 2 * n]
-    assert states[wide].stride(0) == 3 * n * 20 and states["c" if wide == "h" else "h"].is_contiguous()
+    views[wide] = big[:, n : 2 * n]
+    assert views[wide].stride(0) == 3 * views[wide][0].numel()
+    assert all(t.is_contiguous() for k, t in views.items() if k != wide)
     p_out = torch.empty_like(param)
-    launch(rule, grad, param, p_out, states["h"], states["c"], lr=0.3, maximize=False)
-    for name, k, r in zip(("param", "h", "c"), (p_out, states["h"], states["c"]), want, strict=True):
+    launch(rule, grad, param, p_out, **views, lr=0.3, maximize=False)
+    for name, k, r in zip(("param", *views), (p_out, *views.values()), want, strict=True):
         assert torch.equal(k, r), name
+    assert not torch.equal(views[wide], states[wide])  # the state moved
     assert torch.equal(big[:, :n], before[:, :n]) and torch.equal(big[:, 2 * n :], before[:, 2 * n :])
 
 
@@ -604,6 +614,8 @@ def test_overlapping_in_place_buffers_are_refused() -> None:
     1e-2 off; param_out one element past param: 2.3 off). Only param_out is param may alias."""
     grad, param, h, c = make_inputs(32, 2, 20)
     shifted = torch.cat([param, param[:1]])
+    one_shared = torch.cat([grad, grad[:31]])
+    adjacent = grad.new_zeros(64)
     moments = make_moments(make_rule(2, 20, **FEATURES["l2l-random"]), 32)
     cases = [
         ("paper", dict(h=h, c=h), r"h and c share memory"),
@@ -611,6 +623,10 @@ def test_overlapping_in_place_buffers_are_refused() -> None:
         ("paper", dict(h=h.flatten().as_strided((2, 32, 20), (20, 20, 1))), r"h's slabs overlap"),
         ("paper", dict(param=shifted[:32], param_out=shifted[1:]), r"param_out and param share memory"),
         ("paper", dict(grad=grad, param_out=grad), r"param_out and grad share memory"),
+        # one element in common: the last of one is the first of the other
+        ("paper", dict(grad=one_shared[:32], param_out=one_shared[31:]), r"param_out and grad share memory"),
+        ("paper", dict(grad=adjacent[:32], param_out=adjacent[32:]), None),  # touching: fine
+        ("paper", dict(h=h.flatten().as_strided((2, 32, 20), (639, 20, 1))), r"h's slabs overlap"),  # by one
         ("l2l-random", dict(m=moments["m"][:1].clone().expand(3, 32)), r"m's slabs overlap"),
         ("l2l-random", dict(v=moments["v"], m=moments["v"].new_zeros(3, 32), c=c), None),  # separate: fine
     ]
@@ -680,3 +696,30 @@ def test_bfloat16_stores_keep_every_nan_a_nan_and_round_the_rest_to_nearest_even
     _store_kernel[(1,)](x, out, N=8)
     assert torch.isnan(out[:4]).all(), out[:4]
     assert torch.equal(out[4:].cpu(), numbers.to(torch.bfloat16))
+
+
+def test_moments_at_decay_one_half_are_torch_lerp_bit_for_bit() -> None:
+    # torch.lerp takes its second formula, end - (end - start) (1 - w), from w = 0.5 on; at 0.5
+    # the product is exact, so the kernel's moments equal the PyTorch path's bit for bit (the
+    # first formula rounds differently on about half of the coordinates)
+    rule = make_rule(1, 8, momentum_decays=(0.5,), rms_decays=(0.5,))
+    grad, param, h, c = make_inputs(2000, 1, 8)
+    moments = make_moments(rule, 2000)
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    want = reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    for name, k, r in zip(moments, got[3:], want[3:], strict=True):
+        assert torch.equal(k, r), name
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # numpy, in the interpreter
+def test_huge_finite_gradients_saturate_the_second_moment_like_pytorch() -> None:
+    # g^2 of a finite gradient over ~1.8e19 overflows fp32: it saturates at the largest finite
+    # value (learnedopt.nn.functional.bounded_square), so v stays finite and g / sqrt(v) is not 0
+    rule = make_rule(1, 8, rms_decays=(0.9,))
+    grad, param, h, c = make_inputs(64, 1, 8)
+    grad[[3, 10, 20]] = torch.tensor([1e20, -3e38, 2e19], device=DEVICE)
+    moments = make_moments(rule, 64)
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    want = reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
+    assert_matches(got, want, ("param", "h", "c", "v"))
+    assert got[3].isfinite().all() and got[0].isfinite().all()

@@ -209,6 +209,26 @@ def _moments(n: int, rule: MetaLSTMCell, state_dtype: torch.dtype) -> dict[str, 
     }
 
 
+def _step_both_ways(rule, grad, param, h, c, fi, moments) -> tuple[dict, dict]:
+    """One step of the kernel and one of the optimizer's PyTorch path (``flat_update_``, fp32),
+    each on its own copies of the states: ``(kernel, reference)``, dicts of the new states."""
+    got = {"param": param.clone(), "h": h.clone(), "c": c.clone(), "fi": fi.clone(), **{k: v.clone() for k, v in moments.items()}}
+    ref = {k: v.clone() for k, v in got.items()}
+    cfg = rule.config
+    meta_lstm_step_(
+        grad, got["param"], got["param"], got["h"], got["c"], got["fi"], rule_weights(rule), loss=LOSS,
+        hidden_size=cfg.hidden_size, preprocess_p=cfg.preprocess_p, lr=0.5, maximize=False,
+        step_scale=cfg.step_scale, momentum_decay=cfg.momentum_decay, rms_decay=cfg.rms_decay, block=BLOCK,
+        **{k: got[k] for k in moments},
+    )  # fmt: skip
+    with torch.no_grad(), fp32_cudnn():
+        flat_update_(
+            rule, [ref["param"]], [grad], {k: v for k, v in ref.items() if k != "param"}, [0], lr=0.5,
+            loss=torch.tensor(LOSS, device=DEVICE), maximize=False, compute_dtype=torch.float32,
+        )  # fmt: skip
+    return got, ref
+
+
 def test_a_nan_or_negative_second_moment_propagates_like_pytorch() -> None:
     """The kernel's sqrt gives NaN there; the optimizer's PyTorch path used to divide by its
     epsilon instead, a huge finite step."""
@@ -218,19 +238,23 @@ def test_a_nan_or_negative_second_moment_propagates_like_pytorch() -> None:
     moments = _moments(n, rule, torch.float32)
     moments["v"][0, 7] = float("nan")
     moments["v"][0, 3] = -100.0
-    ref = {"param": param.clone(), "h": h.clone(), "c": c.clone(), "fi": fi.clone(), **{k: v.clone() for k, v in moments.items()}}
-    cfg = rule.config
-    meta_lstm_step_(
-        grad, param, param, h, c, fi, rule_weights(rule), loss=LOSS, hidden_size=cfg.hidden_size,
-        preprocess_p=cfg.preprocess_p, lr=0.5, maximize=False, rms_decay=cfg.rms_decay, block=BLOCK, **moments,
-    )  # fmt: skip
-    with torch.no_grad(), fp32_cudnn():
-        flat_update_(
-            rule, [ref["param"]], [grad], {k: v for k, v in ref.items() if k != "param"}, [0], lr=0.5,
-            loss=torch.tensor(LOSS, device=DEVICE), maximize=False, compute_dtype=torch.float32,
-        )  # fmt: skip
-    torch.testing.assert_close(param, ref["param"], **FP32_TOL, equal_nan=True)
-    assert param[[3, 7]].isnan().all() and param[[0, 1, 2, 4, 5, 6]].isfinite().all()
+    got, ref = _step_both_ways(rule, grad, param, h, c, fi, moments)
+    torch.testing.assert_close(got["param"], ref["param"], **FP32_TOL, equal_nan=True)
+    assert got["param"][[3, 7]].isnan().all() and got["param"][[0, 1, 2, 4, 5, 6]].isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # numpy, in the interpreter
+def test_huge_finite_gradients_saturate_the_second_moment_like_pytorch() -> None:
+    # g^2 over the fp32 range saturates at its largest finite value, as the PyTorch path's
+    # bounded_square does: the second moment stays finite and the step is not zero
+    rule = make_rule(**DIRECTIONS["adam"])
+    n = 16
+    grad, param, h, c, fi = make_inputs(n)
+    grad[[3, 7, 11]] = torch.tensor([1e20, -3e38, 2e19], device=DEVICE)
+    got, ref = _step_both_ways(rule, grad, param, h, c, fi, _moments(n, rule, torch.float32))
+    for name, want in ref.items():
+        torch.testing.assert_close(got[name], want, **FP32_TOL, msg=lambda m, k=name: f"{k}: {m}")
+    assert got["v"].isfinite().all() and got["param"].isfinite().all()
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -452,7 +476,9 @@ def _call(**overrides) -> None:
         ({"momentum_decay": 0.9}, r"m \(2, N\) is required with momentum_decay"),
         ({"rms_decay": 0.999, "v": torch.zeros(2, 31)}, r"v has shape"),
         ({"rms_decay": 1.0, "v": torch.zeros(2, 32)}, r"rms_decay must be in \(0, 1\)"),
+        ({"momentum_decay": 0.0, "m": torch.zeros(2, 32)}, r"momentum_decay must be in \(0, 1\)"),
         ({"step_scale": 0.0}, r"step_scale must be positive"),
+        ({"step_scale": float("inf")}, r"step_scale must be positive and finite"),
     ],
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:
@@ -475,6 +501,8 @@ def test_overlapping_in_place_buffers_are_refused() -> None:
         _call(fi=fi[:1].clone().expand(2, 32))
     with pytest.raises(ValueError, match="param_out and fi share memory"):
         _call(fi=fi, param_out=fi[0])
+    with pytest.raises(ValueError, match="fi and m share memory"):
+        _call(fi=fi, momentum_decay=0.9, m=fi)
     _call(param=param, param_out=param)  # the in-place update itself
 
 
@@ -489,6 +517,10 @@ def test_rejects_mismatched_and_non_contiguous_weights() -> None:
     weights = rule_weights(make_rule())
     weights["lstm.weight_ih_l0"] = weights["lstm.weight_ih_l0"].t().contiguous().t()
     with pytest.raises(ValueError, match=r"weights\['lstm.weight_ih_l0'\] must be contiguous"):
+        _call(weights=weights)
+    # a weight elsewhere ("meta" tensors: a second device on any machine)
+    weights = {**rule_weights(make_rule()), "bias_fi": torch.zeros(2, device="meta")}
+    with pytest.raises(ValueError, match="weights are on several devices"):
         _call(weights=weights)
 
 
