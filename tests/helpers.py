@@ -101,3 +101,11 @@ def folder_locked_by_another_run(out: Path) -> Iterator[None]:
     with OutputLock() as lock:
         lock.acquire(out)
         yield
+
+
+def strided_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with the same values and no contiguous layout: its last two dimensions
+    stored transposed, or, for 1-D ``t``, every other element of a buffer twice its length."""
+    if t.dim() == 1:
+        return torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t)
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -20,10 +20,14 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
+from helpers import strided_like  # noqa: E402
+from learnedopt.kernels import coordinate_lstm_backward as coordinate_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import (
     CoordinateLSTMStepFunction,
     KernelOptions,
+    _backward_grid,
     coordinate_lstm_backward,
+    coordinate_lstm_forward,
     coordinate_lstm_step,
 )
 from learnedopt.kernels.coordinate_lstm_step import is_interpreted, pack_weights
@@ -302,6 +306,19 @@ def test_directional_derivative_of_its_own_forward() -> None:
     assert abs(analytic - numeric) <= 2e-3 * abs(numeric)
 
 
+def test_options_reach_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    for name in ("coordinate_lstm_forward", "coordinate_lstm_backward"):
+        real = getattr(coordinate_backward_module, name)
+        monkeypatch.setattr(
+            coordinate_backward_module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw)
+        )
+    rule = make_rule(1, 8)
+    options = KernelOptions(use_dot=False, block=16, backward_block=32, max_programs=1)
+    kernel_step(rule, make_features(40, 2), *make_inputs(40, 1, 8)[1:], options=options)
+    assert seen == [options, options]
+
+
 def test_double_backward_raises_and_partial_requires_grad() -> None:
     rule = make_rule(1, 8)
     grad, h, c, d_step, d_h, d_c = make_inputs(100, 1, 8)
@@ -324,6 +341,13 @@ def test_double_backward_raises_and_partial_requires_grad() -> None:
     got = torch.autograd.grad((step * d_step).sum(), [h, *rule.parameters()])
     for a, b in zip(got, [want[1][1], *want[1][3:]], strict=True):
         assert_rel_close(a, b, "partial")
+    # x requiring grad, h and c not: d x still comes back
+    xr = x.detach().requires_grad_(True)
+    step, _, _ = coordinate_lstm_step(xr, h.detach(), c, weights, rule.config)
+    (got,) = torch.autograd.grad((step * d_step).sum(), [xr])
+    zeros = torch.zeros_like(d_h)
+    want = kernel_reference(rule, x.detach(), h.detach(), c, d_step, zeros, zeros)
+    assert_rel_close(got, want[1][0], "d x alone")
     # under no_grad it is a plain forward
     with torch.no_grad():
         out = coordinate_lstm_step(x, h, c, weights, rule.config)
@@ -363,6 +387,8 @@ def test_invalid_arguments() -> None:
         coordinate_lstm_step(x, h[:1], c, weights, rule.config)
     with pytest.raises(ValueError, match="2-D"):
         coordinate_lstm_step(grad, h, c, weights, rule.config)
+    with pytest.raises(ValueError, match="x dtype must be one of .*got torch.int32"):
+        coordinate_lstm_step(x.int(), h, c, weights, rule.config)
     with pytest.raises(ValueError, match="x has 3 features per coordinate but the weights take 2"):
         coordinate_lstm_step(torch.cat([x, x[:, :1]], dim=1), h, c, weights, rule.config)
     # weights of another feature set than the config's
@@ -375,12 +401,23 @@ def test_invalid_arguments() -> None:
         coordinate_lstm_step(x, h, c, packed, rule.config)
     with pytest.raises(ValueError, match="power of two"):
         KernelOptions(backward_block=48)
+    with pytest.raises(ValueError, match="block must be a power of two >= 16, got 8"):
+        KernelOptions(block=8)
     with pytest.raises(ValueError, match="max_programs"):
         KernelOptions(max_programs=0)
     with pytest.raises(ValueError, match="num_warps must be a power of two, got 3"):
         KernelOptions(num_warps=3)
     with pytest.raises(ValueError, match="input_precision must be one of .*got 'fp8'"):
         KernelOptions(input_precision="fp8")
+
+
+def test_backward_programs_are_bounded_by_max_programs() -> None:
+    # (BLOCK, P): P programs walk the tiles, at most max_programs of them and at most one per tile
+    cpu = torch.device("cpu")
+    assert _backward_grid(KernelOptions(backward_block=16, max_programs=3), 1000, cpu) == (16, 3)
+    assert _backward_grid(KernelOptions(backward_block=16, max_programs=3), 40, cpu) == (16, 3)
+    assert _backward_grid(KernelOptions(backward_block=16, max_programs=8), 40, cpu) == (16, 3)
+    assert _backward_grid(KernelOptions(backward_block=16), 1000, cpu) == (16, 63)
 
 
 def test_backward_refuses_output_gradients_of_another_shape() -> None:
@@ -393,6 +430,35 @@ def test_backward_refuses_output_gradients_of_another_shape() -> None:
         coordinate_lstm_backward(*args, d_step[:10], d_h, d_c, output_scale=rule.config.output_scale)
     with pytest.raises(ValueError, match=r"d_h_new and d_c_new must have shape \(2, 40, 8\)"):
         coordinate_lstm_backward(*args, d_step, d_h, d_c[:1], output_scale=rule.config.output_scale)
+
+
+def test_non_contiguous_inputs_and_output_gradients() -> None:
+    # x, h, c and the outputs' gradients in other layouts (an unroll's expand or transpose
+    # backward hands such gradients on) give bit for bit the contiguous result
+    rule = make_rule(2, 8, **FEATURES["rich"])
+    _, h, c, d_step, d_h, d_c = make_inputs(300, 2, 8)
+    x = make_features(300, rule.config.num_inputs)
+    want = kernel_step(rule, x, h, c, d_step, d_h, d_c)
+    strided = [strided_like(t) for t in (x, h, c, d_step, d_h, d_c)]
+    assert not any(t.is_contiguous() for t in strided)
+    got = kernel_step(rule, *strided)
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_backward_gives_the_gradient_of_x_in_its_dtype() -> None:
+    rule = make_rule(1, 8)
+    grad, h, c, d_step, d_h, d_c = make_inputs(40, 1, 8)
+    x, _ = rule.features(grad, grad, {})
+    packed = pack_weights(dict(rule.named_parameters()), num_layers=1, hidden_size=8)
+    _, h_new, _ = coordinate_lstm_forward(x.detach(), h, c, packed, output_scale=rule.config.output_scale)
+    kw = {"output_scale": rule.config.output_scale}
+    want = coordinate_lstm_backward(x.detach(), h, c, h_new, packed, d_step, d_h, d_c, **kw)
+    got = coordinate_lstm_backward(x.detach().double(), h, c, h_new, packed, d_step, d_h, d_c, **kw)
+    assert got[0].dtype == F64 and torch.equal(got[0], want[0].double())
+    assert got[1].dtype == got[2].dtype == torch.float32
+    # and none where it is not needed
+    assert coordinate_lstm_backward(x.detach(), h, c, h_new, packed, d_step, d_h, d_c, need_d_x=False, **kw)[0] is None
 
 
 # ----------------------------------------------------------------------------- the unroll

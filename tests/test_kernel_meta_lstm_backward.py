@@ -16,6 +16,8 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
+from helpers import strided_like  # noqa: E402
+from learnedopt.kernels import meta_lstm_backward as meta_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import KernelOptions
 from learnedopt.kernels.meta_lstm_backward import meta_lstm_backward, meta_lstm_forward, meta_lstm_step
 from learnedopt.kernels.meta_lstm_step import is_interpreted, pack_weights
@@ -130,6 +132,20 @@ def test_tiles_programs_and_determinism() -> None:
         assert torch.equal(a, b)
 
 
+def test_options_reach_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    for name in ("meta_lstm_forward", "meta_lstm_backward"):
+        real = getattr(meta_backward_module, name)
+        monkeypatch.setattr(
+            meta_backward_module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw)
+        )
+    rule = make_rule(5)
+    inputs, cotangents = make_inputs(rule, 40)
+    options = KernelOptions(use_dot=False, block=16, backward_block=32, max_programs=1)
+    triton_step(rule, inputs, cotangents, options)
+    assert seen == [options, options]
+
+
 def test_first_order_only_and_partial_outputs() -> None:
     rule = make_rule(8)
     inputs, (d_step, *_) = make_inputs(rule, 300)
@@ -146,6 +162,11 @@ def test_first_order_only_and_partial_outputs() -> None:
     want = reference(rule, [x, grad, param.detach(), h, c, fi], [d_step, zeros[0], zeros[1], zeros[2]])
     for a, b in zip(got, [want[1][2], *want[1][6:]], strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=REL_TOL * b.abs().max().item())
+    # x requiring grad, param not: d x still comes back
+    xr = x.detach().requires_grad_(True)
+    step, *_ = meta_lstm_step(xr, grad, param.detach(), h, c, fi, weights, rule.config)
+    (got,) = torch.autograd.grad((step * d_step).sum(), [xr])
+    torch.testing.assert_close(got.double(), want[1][0], rtol=1e-4, atol=REL_TOL * want[1][0].abs().max().item())
 
 
 def test_invalid_arguments() -> None:
@@ -174,6 +195,18 @@ def test_backward_refuses_output_gradients_of_another_shape() -> None:
         meta_lstm_backward(*inputs, d_step, d_h, d_c, d_fi[:1])
     with pytest.raises(ValueError, match=r"d_step must have shape \(40,\), got \(10,\)"):
         meta_lstm_backward(*inputs, d_step[:10], d_h, d_c, d_fi)
+
+
+def test_non_contiguous_inputs_and_output_gradients() -> None:
+    # every input and output gradient in another layout gives bit for bit the contiguous result
+    rule = make_rule(8)
+    inputs, cotangents = make_inputs(rule, 300)
+    want = triton_step(rule, inputs, cotangents)
+    strided = [strided_like(t) for t in (*inputs, *cotangents)]
+    assert not any(t.is_contiguous() for t in strided)
+    got = triton_step(rule, strided[:6], strided[6:])
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_backward_gives_the_gradients_of_x_grad_and_param_in_their_dtypes() -> None:
