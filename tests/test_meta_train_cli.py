@@ -972,3 +972,74 @@ def test_model_card_rows_keep_two_cells_when_a_value_holds_a_pipe() -> None:
     assert len(rows) == 2
     assert all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows)
     assert r"/d/a\|b" in rows[0]
+
+
+def interrupt_at(monkeypatch, at: int) -> None:  # noqa: ANN001 - pytest's fixture
+    """Make meta-step ``at`` of the next run raise KeyboardInterrupt, as Ctrl-C there does."""
+    from learnedopt.meta import train
+
+    step = train._RuleTrainer.step
+
+    def interrupted(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
+        if s == at:
+            raise KeyboardInterrupt
+        return step(self, s)
+
+    monkeypatch.setattr(train._RuleTrainer, "step", interrupted)
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume_continues_exactly(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "6", "--checkpoint-every", "2", "--seed", "3")
+    assert run(whole, *args) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 5)
+        assert run(broken, *args) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"learnedopt meta-train: interrupted during meta-step 5 of 6; the checkpoint in {broken} is at "
+        "meta-step 4: continue with --resume (meta-step 5 runs again)\n"
+    )
+    assert main(["meta-train", *FAST[:-1], "--out", str(broken), *args, "--resume"]) == 0
+    assert f"--resume: continuing {broken} from its checkpoint at meta-step 4" in capsys.readouterr().err
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log_lines(broken)] == list(range(1, 7))
+
+
+def test_ctrl_c_before_the_first_checkpoint_or_the_first_step_says_what_resume_does(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 2)
+    assert run(out, "--meta-steps", "4", "--checkpoint-every", "3") == 130
+    assert capsys.readouterr().err == (
+        "learnedopt meta-train: interrupted during meta-step 2 of 4, before the run's first checkpoint: "
+        "--resume starts it again from meta-step 0\n"
+    )
+    from learnedopt.meta import train
+
+    def ctrl_c(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - any signature
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_loop", ctrl_c)  # Ctrl-C while building the run
+    fresh = tmp_path / "fresh"
+    assert run(fresh, "--meta-steps", "4") == 130
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: interrupted before the run wrote anything to {fresh}: run the command "
+        "again, without --resume\n"
+    )
+    assert run(out, "--meta-steps", "4", "--resume") == 130
+    assert f"interrupted; continue the run in {out} with --resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_names_both_places_resume_may_continue_from(tmp_path: Path) -> None:
+    from learnedopt.meta.loop import interrupted_message
+
+    assert interrupted_message(tmp_path, 6, 9, 3, saving=True) == (
+        f"interrupted during meta-step 6 of 9, while writing its checkpoint to {tmp_path}: continue with "
+        "--resume (from meta-step 6, or 3 if that write did not finish)"
+    )
+    assert interrupted_message(tmp_path, 9, 9, 3, saving=False).endswith("(meta-steps 4 to 9 run again)")

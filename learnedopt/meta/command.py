@@ -25,7 +25,7 @@ from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
 from .fewshot import FEWSHOT_ONLY, add_fewshot_arguments, run_fewshot
-from .loop import CARD_NAME, WEIGHTS_NAME, ConfigError, refuse_options
+from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, refuse_options
 from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
 from .unroll import LOSS_WEIGHTINGS
@@ -204,7 +204,8 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr
-    (bad configuration), or 1 (another rank of a ``torchrun`` job failed).
+    (bad configuration), or 1 (another rank of a ``torchrun`` job failed), or 130 after Ctrl-C, with
+    one line that says where ``--resume`` continues from.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on CPU, see
     :mod:`learnedopt.meta.distributed`) and leaves it at the end.
@@ -231,8 +232,22 @@ def run_meta_train(args: argparse.Namespace) -> int:
         print(f"learnedopt meta-train: error: {err}; continue the job from the last checkpoint "
               f"with --resume", file=sys.stderr)  # fmt: skip
         return 1
+    except KeyboardInterrupt as err:
+        if workers.is_main:
+            print(f"learnedopt meta-train: {_interrupted(err, Path(args.out))}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
     finally:
         distributed.shutdown(wait_for_all=finished)
+
+
+def _interrupted(err: KeyboardInterrupt, out: Path) -> str:
+    """The one line for Ctrl-C: :class:`RunInterrupted`'s own (during the meta-steps), else what
+    ``out`` holds, so the user knows whether ``--resume`` has anything to continue."""
+    if isinstance(err, RunInterrupted):
+        return str(err)
+    if (out / CHECKPOINT_NAME).exists() or (out / LOG_NAME).exists():
+        return f"interrupted; continue the run in {out} with --resume"
+    return f"interrupted before the run wrote anything to {out}: run the command again, without --resume"
 
 
 def _run(args: argparse.Namespace, workers: Workers) -> int:

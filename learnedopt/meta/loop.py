@@ -44,6 +44,26 @@ class ConfigError(ValueError):
     """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the meta-steps; its message says where ``--resume`` continues from.
+    A ``KeyboardInterrupt``, so a caller that stops on Ctrl-C still does; the CLI prints it on
+    one line and exits with code 130."""
+
+
+def interrupted_message(out: Path, step: int, total: int, saved: int | None, saving: bool) -> str:
+    """What a run stopped by Ctrl-C during meta-step ``step`` tells its user: the meta-step of
+    the checkpoint in ``out`` (``saved``, ``None`` before the first; while ``saving`` the new one
+    may or may not have replaced it) and what ``--resume`` runs again."""
+    where = f"interrupted during meta-step {step} of {total}"
+    if saved is None and not saving:
+        return f"{where}, before the run's first checkpoint: --resume starts it again from meta-step 0"
+    if saving:
+        return (f"{where}, while writing its checkpoint to {out}: continue with --resume (from meta-step {step}, "
+                f"or {saved or 0} if that write did not finish)")  # fmt: skip
+    again = f" (meta-step {step} runs again)" if step == saved + 1 else f" (meta-steps {saved + 1} to {step} run again)"
+    return f"{where}; the checkpoint in {out} is at meta-step {saved}: continue with --resume{again}"
+
+
 def clip_meta_gradient_(params: list[Tensor], clip: float | None) -> float:
     """Clip the meta-gradient of ``params`` to norm ``clip`` (None: measure only) in place.
 
@@ -376,32 +396,42 @@ def train_loop(
     log: list[dict[str, Any]] = []
     running = None
     bar = _Progress(start, config.meta_steps, progress and workers.is_main)
-    with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file:
-        for step in range(start + 1, stop + 1):
-            began = time.perf_counter()
-            try:
-                fields = trainer.step(step)
-            except FloatingPointError as err:
-                if step == 1:  # no meta-update yet: the task or the inner settings diverge
-                    raise ConfigError(
-                        f"meta-step 1: {err}; the meta-parameters are still the initial ones, so lower the "
-                        "optimizee's step size (--lr, --inner-lr) or check the task"
-                    ) from None
-                raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
-            record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
-            if (peak := peak_rss_mb()) is not None:
-                record["peak_rss_mb"] = peak
-            log.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            running = (
-                record["meta_loss"]
-                if running is None
-                else 0.9 * running + 0.1 * record["meta_loss"]
-            )
-            bar.update(record, running)
-            if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps):
-                _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
+    if resume and start and progress and workers.is_main:
+        print(f"--resume: continuing {out} from its checkpoint at meta-step {start}", file=sys.stderr)
+    # the checkpoint on disk (None: none yet) and whether one is being written, for Ctrl-C's message
+    saved, saving, step = (start or None), False, start + 1
+    try:
+        with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file:
+            for step in range(start + 1, stop + 1):
+                began = time.perf_counter()
+                try:
+                    fields = trainer.step(step)
+                except FloatingPointError as err:
+                    if step == 1:  # no meta-update yet: the task or the inner settings diverge
+                        raise ConfigError(
+                            f"meta-step 1: {err}; the meta-parameters are still the initial ones, so lower the "
+                            "optimizee's step size (--lr, --inner-lr) or check the task"
+                        ) from None
+                    raise ConfigError(f"meta-step {step}: {err}; {hint}") from None
+                record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
+                if (peak := peak_rss_mb()) is not None:
+                    record["peak_rss_mb"] = peak
+                log.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                running = (
+                    record["meta_loss"]
+                    if running is None
+                    else 0.9 * running + 0.1 * record["meta_loss"]
+                )
+                bar.update(record, running)
+                if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps):
+                    saving = True
+                    _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
+                    saved, saving = step, False
+    except KeyboardInterrupt:
+        bar.close()
+        raise RunInterrupted(interrupted_message(out, step, config.meta_steps, saved, saving)) from None
     bar.close()
     return max(start, stop), log
 
