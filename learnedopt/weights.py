@@ -27,6 +27,15 @@ from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "learnedopt"
+MODEL_HEADER_KEY = "learnedopt_model"  # a few-shot model file's (learnedopt.meta.fewshot)
+#: each of the library's file formats by its header key, for an error naming the file given
+#: where the other format is expected
+FILE_FORMATS = {
+    _HEADER_KEY: "an update rule's weight file (weights.safetensors of meta-train --algo lstm)",
+    MODEL_HEADER_KEY: "a few-shot model file (model.safetensors of meta-train --algo maml, fomaml, reptile "
+    "or meta-lstm); a meta-lstm model's learned update is learnedopt.meta.fewshot.load_learner(path)[0].rule, "
+    "which save_weights writes as a weight file",
+}
 
 
 class UntrainedWeightsWarning(UserWarning):
@@ -267,7 +276,8 @@ def open_with_header(
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{path}: not a readable safetensors {what} (truncated or corrupt?): {err}") from None
     if header_key not in metadata:
-        raise ValueError(f"{path}: {missing_header}")
+        other = next((kind for key, kind in FILE_FORMATS.items() if key != header_key and key in metadata), None)
+        raise ValueError(f"{path}: {missing_header}" if other is None else f"{path}: not a {what} but {other}")
     try:
         header = json.loads(metadata[header_key])
     except json.JSONDecodeError as err:

@@ -361,3 +361,28 @@ def test_a_failed_save_leaves_no_temporary_file_and_files_get_the_umask_permissi
         save_weights(CoordinateLSTM(), folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "w.safetensors"]
     assert list(folder.iterdir()) == []
+
+
+def test_a_few_shot_model_file_given_as_weights_and_the_reverse_say_which_file_they_are(tmp_path) -> None:
+    """Both formats are learnedopt files: "not a learnedopt weight file" sent the user of a
+    meta-lstm run's model.safetensors looking for another file; the message names what the
+    file is and how to get its learned update."""
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+    from learnedopt.meta.fewshot import FewShotConfig, FewShotLearner, LearnerSpec, load_learner, save_learner
+    from learnedopt.meta.fewshot.config import fewshot_defaults
+
+    model = tmp_path / "model.safetensors"
+    config = FewShotConfig(algo="meta-lstm", task="sinusoid", **fewshot_defaults("meta-lstm", "sinusoid", None))
+    save_learner(FewShotLearner(LearnerSpec.for_config(config), seed=0), model)
+    for make in (load_weights, lambda p: LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=p)):
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a weight file but a few-shot model file \(.*\); a meta-lstm "
+                           r"model's learned update is learnedopt\.meta\.fewshot\.load_learner\(path\)\[0\]\.rule"):
+            make(model)
+    rule = load_learner(model)[0].rule  # the way the message gives
+    save_weights(rule, tmp_path / "rule.safetensors")
+    MetaLSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=str(tmp_path / "rule.safetensors"))
+
+    weights = tmp_path / "weights.safetensors"
+    save_weights(CoordinateLSTM(), weights)
+    with pytest.raises(ValueError, match=r"weights\.safetensors: not a few-shot model file but an update rule's weight file \(.*\)$"):
+        load_learner(weights)

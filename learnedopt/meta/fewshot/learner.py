@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import open_with_header, save_with_header
+from ...weights import MODEL_HEADER_KEY, open_with_header, save_with_header
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -26,7 +26,7 @@ from .config import FEWSHOT_ALGOS, FewShotConfig
 Params = dict[str, Tensor]
 
 MODEL_FORMAT = 1
-_HEADER_KEY = "learnedopt_model"
+_HEADER_KEY = MODEL_HEADER_KEY
 SINUSOID_MLP = (1, 40, 40, 1)
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": nn.functional.mse_loss,
@@ -312,7 +312,7 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
     """
     path = Path(path)
     header, tensors = open_with_header(
-        path, _HEADER_KEY, "model file", "no learnedopt few-shot model header (is it an update-rule weight file?)"
+        path, _HEADER_KEY, "few-shot model file", "no learnedopt few-shot model header"
     )
     if header.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
