@@ -222,6 +222,9 @@ def test_mnist_mlp_on_fake_data(tmp_path: Path) -> None:
 
 BAD = [
     (["--task", "cubic"], "unknown task 'cubic'"),
+    # the README's few-shot command without its --algo: the mistake is the algorithm, not the task
+    (["--task", "sinusoid"], "--task sinusoid is a few-shot task: meta-train it with --algo maml, fomaml, reptile, meta-lstm"),
+    (["--task", "omniglot", "--ways", "20"], "--task omniglot is a few-shot task: meta-train it with --algo maml"),
     (["--task", "quadratic+quadratic"], "or a mixture of them joined by '+'"),
     (["--task", "quadratic:0+mnist-mlp"], "unknown task 'quadratic:0+mnist-mlp'"),
     (["--unroll", "20", "--horizon", "10"], "--unroll T=20 is longer than --horizon H=10"),

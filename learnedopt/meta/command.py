@@ -24,7 +24,7 @@ from ..nn import RULES
 from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
-from .fewshot import FEWSHOT_ONLY, add_fewshot_arguments, run_fewshot
+from .fewshot import FEWSHOT_ONLY, FEWSHOT_TASKS, add_fewshot_arguments, run_fewshot
 from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, refuse_options
 from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
@@ -261,6 +261,11 @@ def _run(args: argparse.Namespace, workers: Workers) -> int:
         if message and workers.is_main:
             print(message)
         return 0
+    if args.task in FEWSHOT_TASKS:  # before the options it refuses, which would name a lesser mistake
+        raise ConfigError(
+            f"--task {args.task} is a few-shot task: meta-train it with --algo {', '.join(ALGOS[1:])} "
+            f"(the default --algo lstm trains update rules on {', '.join(TASK_FAMILIES)})"
+        )
     refuse_options(args, FEWSHOT_ONLY, "--algo lstm", "--algo " + ", ".join(ALGOS[1:]))
     config = config_from_args(args)
     command = canonical_command(config, args.out, args.checkpoint_every)
