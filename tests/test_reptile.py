@@ -189,3 +189,18 @@ def test_a_meta_step_moves_the_parameters_and_keeps_other_buffers() -> None:
     Reptile(model, inner_steps=2).meta_step(tasks)
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
     assert all(not torch.equal(v, params[k]) for k, v in model.named_parameters())
+
+
+def test_a_task_given_as_one_pair_not_a_list_of_batches_is_refused_with_the_shape_to_use() -> None:
+    """``meta_step([(x, y)])`` reads each pair as a task of batches ``x`` and ``y``: with a
+    two-row ``x`` it trained on x's rows as (inputs, targets) without a word."""
+    reptile = Reptile(nn.Linear(3, 3), inner_steps=1, loss_fn=nn.functional.mse_loss)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)  # x[0] runs through the model, x[1] is its target
+    before = [p.clone() for p in reptile.model.parameters()]
+    with pytest.raises(TypeError, match=r"its item 0 is a Tensor of shape \(2, 3\); for one batch per task pass "
+                       r"\[\(x, y\)\], and to meta_step a list of such tasks: \[\[\(x1, y1\)\]"):
+        reptile.meta_step([(x, y)])
+    assert all(torch.equal(a, b) for a, b in zip(before, reptile.model.parameters()))
+    with pytest.raises(TypeError, match="its item 1 is a str"):
+        reptile.adapt([(x, y), "batch"])
+    reptile.meta_step([[(x, y)]])  # the shape the message gives

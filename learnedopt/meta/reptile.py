@@ -97,6 +97,16 @@ class Reptile:
         """
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
+        for i, batch in enumerate(batches):
+            # a task given as one (x, y) pair would be read as batches x and y, and a row of x
+            # unpacked as an (inputs, targets) pair: silently wrong where x has two rows
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                found = (f"a Tensor of shape {tuple(batch.shape)}" if isinstance(batch, Tensor)
+                         else f"a {type(batch).__name__}")  # fmt: skip
+                raise TypeError(
+                    f"a task is a sequence of (inputs, targets) batches, but its item {i} is {found}; for one batch "
+                    "per task pass [(x, y)], and to meta_step a list of such tasks: [[(x1, y1)], [(x2, y2)], ...]"
+                )
         steps = self.inner_steps if steps is None else steps
         # a copy per task, not one reused: it follows every later change to the model (a swapped
         # layer, a module's attribute, a frozen parameter), and costs little beside the inner loop
