@@ -273,6 +273,20 @@ def test_an_invalid_foreach_is_rejected_at_construction(cls) -> None:
         cls(p, foreach="no")
 
 
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_a_maximize_that_is_not_a_bool_is_rejected_at_construction_and_at_the_next_step(cls) -> None:
+    """``maximize="False"`` (a config file's string) is truthy: it ascended without a word."""
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid maximize: 'False' \\(True or False\\)"):
+        cls([p], maximize="False")
+    optimizer = cls([p], maximize=0)  # 0 and 1 are False and True, as bools are
+    optimizer.param_groups[0]["maximize"] = "no"
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="Invalid maximize: 'no'"):
+        optimizer.step(loss=torch.tensor(1.0))
+    assert torch.equal(p, torch.zeros(2))
+
+
 def test_a_triton_group_with_float16_states_fails_before_any_group_is_updated() -> None:
     from learnedopt import kernels
 

@@ -751,3 +751,6 @@ def _validate_options(options: dict[str, Any]) -> None:
         raise ValueError("backend='triton' is not available: Triton is not installed; use backend='torch' or 'auto'")
     if options["foreach"] not in (None, True, False):
         raise ValueError(f"Invalid foreach: {options['foreach']!r} (None, True or False)")
+    # a string from a config file, "false" or "no", is truthy and would silently ascend
+    if options["maximize"] not in (True, False):
+        raise ValueError(f"Invalid maximize: {options['maximize']!r} (True or False)")
