@@ -126,3 +126,13 @@ def test_reader_refuses_a_test_item_labelled_twice(tmp_path: Path) -> None:
     labels.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"line 5: item01.png is labelled a second time"):
         load_runs(tmp_path)
+
+
+def test_a_missing_folder_or_the_zip_itself_is_named_as_such(tmp_path: Path) -> None:
+    """``--runs all_runs`` before unpacking, or ``--runs all_runs.zip``, said "no run* folders in"
+    it, as if the folder existed and held something else."""
+    with pytest.raises(FileNotFoundError, match=r"^no such folder: .*all_runs; give the folder that holds run01"):
+        load_runs(tmp_path / "all_runs")
+    (tmp_path / "all_runs.zip").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=r"all_runs\.zip is a file, not a folder; give .*all_runs\.zip unpacked"):
+        load_runs(tmp_path / "all_runs.zip")

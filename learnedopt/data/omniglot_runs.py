@@ -41,14 +41,19 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
     :func:`~learnedopt.data.load_omniglot`.
 
     Raises:
-        FileNotFoundError: no run folders, or a file named in ``class_labels.txt`` is missing.
+        FileNotFoundError: no such folder, a file, no run folders in it, or a file named in ``class_labels.txt`` is missing.
         ValueError: a malformed ``class_labels.txt``, one that labels a test item twice, or one
             that does not label every test item.
     """
     root = Path(root)
+    expected = "the folder that holds run01 ... run20 (all_runs.zip unpacked)"
+    if not root.exists():
+        raise FileNotFoundError(f"no such folder: {root}; give {expected}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is a file, not a folder; give {expected}")
     folders = sorted(p for p in root.glob("run*") if p.is_dir())
     if not folders:
-        raise FileNotFoundError(f"no run* folders in {root}")
+        raise FileNotFoundError(f"no run* folders in {root}; give {expected}")
     return [_load_run(folder, image_size) for folder in folders]
 
 
