@@ -201,7 +201,7 @@ OMNIGLOT_TINY = ["--task", "omniglot", "--ways", "2", "--shots", "1", "--queries
 
 
 @pytest.mark.parametrize("algo", ["fomaml", "reptile", "meta-lstm"])
-def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: str) -> None:
+def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: str, capsys) -> None:
     out = tmp_path / algo
     extra = ["--inner-steps", "2", "--test-inner-steps", "1"]
     if algo == "reptile":  # Nichol et al.'s scheme: more shots in meta-training, read in minibatches
@@ -210,6 +210,9 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
         extra += ["--same-rotation", "--augment", "--zero-head"]
     assert train(out, "--algo", algo, *OMNIGLOT_TINY, *extra, "--same-alphabet", "--data", str(omniglot_dir)) == 0
     head = header(out / MODEL_NAME)
+    accuracy = {k: head["validation"][k]["accuracy"] for k in ("initial", "final")}
+    assert "accuracy (%) after 1 inner steps" in (out / "MODEL_CARD.md").read_text()  # a percentage, so said
+    assert f"accuracy {accuracy['initial']:.4g}% -> {accuracy['final']:.4g}%" in capsys.readouterr().out
     assert head["architecture"] == {"kind": "conv4", "in_channels": 1, "ways": 2, "hidden": 4, "image_size": 28}
     split = head["omniglot_split"]
     assert len(split["meta_train"]) == 5 and len(split["meta_valid"]) == 1 and len(split["meta_test"]) == 2

@@ -214,10 +214,15 @@ def meta_train_fewshot(
                              selected_step=selected_step)  # fmt: skip
 
 
+#: the unit of each validation metric that has one, for the card and the final line
+METRIC_UNITS = {"accuracy": "%"}
+
+
 def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
     spec = trainer.learner.spec
     metrics = "\n".join(
-        f"| validation {name} after {config.test_inner_steps} inner steps | {extra['validation']['initial'][name]:.6g} "
+        f"| validation {name}{f' ({METRIC_UNITS[name]})' if name in METRIC_UNITS else ''} after "
+        f"{config.test_inner_steps} inner steps | {extra['validation']['initial'][name]:.6g} "
         f"| {extra['validation']['final'][name]:.6g} |"
         for name in extra["validation"]["final"]
     )
@@ -270,6 +275,8 @@ def run_fewshot(args: argparse.Namespace, workers: Workers = SINGLE) -> str | No
     if not result.finished or result.validation is None:
         return None
     initial, final = result.validation["initial"], result.validation["final"]
-    shown = ", ".join(f"{k} {initial[k]:.4g} -> {final[k]:.4g}" for k in final)
+    shown = ", ".join(
+        f"{k} {initial[k]:.4g}{METRIC_UNITS.get(k, '')} -> {final[k]:.4g}{METRIC_UNITS.get(k, '')}" for k in final
+    )
     selected = f", selected at meta-step {result.selected_step}" if config.select_every else ""
     return f"wrote {Path(args.out) / MODEL_NAME} and {CARD_NAME}: validation {shown} (initialisation -> meta-trained{selected})"
