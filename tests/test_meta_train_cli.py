@@ -1046,3 +1046,27 @@ def test_ctrl_c_while_a_checkpoint_is_written_names_both_places_resume_may_conti
         "--resume (from meta-step 6, or 3 if that write did not finish)"
     )
     assert interrupted_message(tmp_path, 9, 9, 3, saving=False).endswith("(meta-steps 4 to 9 run again)")
+
+
+@pytest.mark.parametrize(("option", "field"), [("--meta-batch", "meta_batch"), ("--meta-steps", "meta_steps"),
+                                               ("--meta-lr", "meta_lr")])  # fmt: skip
+def test_the_help_gives_the_few_shot_defaults_a_run_takes(option: str, field: str, capsys) -> None:
+    """The help gave these defaults for --algo lstm alone; a few-shot run takes others (20,000
+    meta-steps on the sinusoid), which a user learnt only from the card."""
+    import argparse
+    import re
+
+    from learnedopt.meta.command import configure_parser
+    from learnedopt.meta.fewshot import config_from_args as fewshot_config
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    said = re.search(rf"{option} \S+ ([^\[][^)]*)\)", text).group(1)  # its help, not the usage line
+    for task in ("sinusoid", "omniglot"):
+        for algo in ("maml", "fomaml", "reptile", "meta-lstm"):
+            value = getattr(fewshot_config(parser.parse_args(["--algo", algo, "--task", task, "--out", "x"])), field)
+            part = said[said.index(f"{task}:"):].split(";")[0]
+            assert f" {value:g}" in part and (algo in part or "/" not in part), (algo, task, said)

@@ -24,7 +24,7 @@ from ..nn import RULES
 from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
-from .fewshot import FEWSHOT_ONLY, FEWSHOT_TASKS, add_fewshot_arguments, run_fewshot
+from .fewshot import FEWSHOT_ONLY, FEWSHOT_TASKS, add_fewshot_arguments, fewshot_defaults, run_fewshot
 from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, refuse_options
 from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
@@ -60,8 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--rule",
-        help=f"lstm: update rule to train from its seeded init; meta-lstm: the learned inner-loop "
-        f"update (default MetaLSTMCell): {', '.join(sorted(RULES))} (default {d.rule})",
+        help=f"the update rule, {' or '.join(sorted(RULES))}: for lstm the rule to train from its seeded "
+        f"init (default {d.rule}); for meta-lstm the learned inner-loop update (default MetaLSTMCell)",
     )
     start.add_argument(
         "--preset",
@@ -94,18 +94,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--meta-batch",
         type=int,
         metavar="B",
-        help=f"tasks per meta-step (default {d.meta_batch} for lstm)",
+        help=f"tasks per meta-step (default {d.meta_batch} for lstm; {_fewshot_default('meta_batch')})",
     )
     parser.add_argument(
         "--meta-steps",
         type=int,
         metavar="S",
-        help=f"meta-steps to run (default {d.meta_steps} for lstm)",
+        help=f"meta-steps to run (default {d.meta_steps} for lstm; {_fewshot_default('meta_steps')})",
     )
     parser.add_argument(
         "--meta-lr",
         type=float,
-        help=f"Adam learning rate; Reptile's outer step size (default {d.meta_lr} for lstm)",
+        help=f"Adam learning rate; Reptile's outer step size (default {d.meta_lr} for lstm; "
+        f"{_fewshot_default('meta_lr')})",
     )
     parser.add_argument(
         "--clip",
@@ -190,6 +191,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--stop-after", type=int, default=None, help=argparse.SUPPRESS
     )  # tests: simulated kill
     parser.set_defaults(func=run_meta_train)
+
+
+def _fewshot_default(field: str) -> str:
+    """The few-shot algorithms' defaults of ``field`` for the help, from
+    :func:`~learnedopt.meta.fewshot.fewshot_defaults` itself, so the two cannot disagree."""
+    parts = []
+    for task in FEWSHOT_TASKS:
+        by_algo: dict[Any, list[str]] = {}
+        for algo in ALGOS[1:]:
+            by_algo.setdefault(fewshot_defaults(algo, task, None)[field], []).append(algo)
+        if len(by_algo) == 1:
+            parts.append(f"{task}: {next(iter(by_algo)):g}")
+        else:
+            parts.append(f"{task}: " + ", ".join(f"{'/'.join(algos)} {value:g}" for value, algos in by_algo.items()))
+    return "; ".join(parts)
 
 
 def _json_object(text: str) -> dict[str, Any]:
