@@ -134,16 +134,24 @@ def run_regression(steps: int = 300) -> dict[str, list[float]]:
     return results
 
 
+#: the fewest steps of either problem: the tables show the loss at a tenth of the steps and the
+#: mean of the last 10
+MIN_STEPS = 10
+
+
+def too_few_steps(count: int) -> str:
+    """Why ``count`` steps are refused (the end of the message after the option's name)."""
+    return (f"must be at least {MIN_STEPS}, got {count}: the tables show the loss at a tenth of the steps "
+            f"and the mean of the last {MIN_STEPS}")  # fmt: skip
+
+
 def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | Path | None = None) -> dict[str, dict[str, list[float]]]:
     """Both parts: :func:`run_minibatch` on :func:`minibatch_problem` (``minibatch_steps``: its
     steps, default the problem's 200) and :func:`run_regression` (``steps``); learnedopt's own
     warnings (e.g. of untrained presets) are printed once at the end."""
     for option, count in (("steps", steps), ("minibatch_steps", minibatch_steps)):
-        if count is not None and count < 10:
-            raise ValueError(
-                f"{option} must be at least 10, got {count}: the tables show the loss at a tenth of the "
-                "steps and the mean of the last 10"
-            )
+        if count is not None and count < MIN_STEPS:
+            raise ValueError(f"{option} {too_few_steps(count)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         problem = minibatch_problem(data)

@@ -70,7 +70,7 @@ def test_demo_refuses_fewer_steps_than_its_table_reports(option, capsys) -> None
     """Under 10 steps, "loss@<steps // 10>" would be a second loss@0 and "final10" a mean of fewer."""
     assert main(["demo", option, "9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("learnedopt demo: error:") and "at least 10, got 9" in err and "\n" not in err
+    assert err.startswith(f"learnedopt demo: error: {option} must be at least 10, got 9") and "\n" not in err
 
 
 def test_kernels_are_installed_under_learnedopt_only() -> None:
