@@ -1010,6 +1010,8 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume_continues_exactly(
     a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in log_lines(broken)] == list(range(1, 7))
+    assert main(["meta-train", *FAST[:-1], "--out", str(broken), *args, "--resume"]) == 0
+    assert f"--resume: {broken} has run all its 6 meta-steps; writing its results again" in capsys.readouterr().err
 
 
 def test_ctrl_c_before_the_first_checkpoint_or_the_first_step_says_what_resume_does(

@@ -397,7 +397,8 @@ def train_loop(
     running = None
     bar = _Progress(start, config.meta_steps, progress and workers.is_main)
     if resume and start and progress and workers.is_main:
-        print(f"--resume: continuing {out} from its checkpoint at meta-step {start}", file=sys.stderr)
+        print(f"--resume: {out} has run all its {start} meta-steps; writing its results again" if start == config.meta_steps
+              else f"--resume: continuing {out} from its checkpoint at meta-step {start}", file=sys.stderr)  # fmt: skip
     # the checkpoint on disk (None: none yet) and whether one is being written, for Ctrl-C's message
     saved, saving, step = (start or None), False, start + 1
     try:
