@@ -624,3 +624,18 @@ def test_multi_step_loss_weights_anneal_as_maml_plus_plus() -> None:
     torch.testing.assert_close(maml(*data), (losses * losses.new_tensor(maml.step_loss_weights)).sum(1).mean())
     maml.step_loss_weights = multi_step_loss_weights(3, 1.0)
     torch.testing.assert_close(maml(*data), losses[:, -1].mean())
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_default_cross_entropy_refuses_a_one_output_model_instead_of_a_zero_meta_loss(vectorize: bool) -> None:
+    """The README's sinusoid model without ``loss_fn=mse_loss``: cross-entropy over one output is
+    0 whatever the targets, so MAML meta-trained on a zero loss and zero meta-gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    x_s, y_s, x_q, y_q = torch.randn(2, 5, 1), torch.randn(2, 5, 1), torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    with pytest.raises(ValueError, match=r"cross-entropy, is 0 over a model with one output.*loss_fn=nn\.functional\.mse_loss"):
+        MAML(model, inner_lr=0.01, vectorize=vectorize)(x_s, y_s, x_q, y_q)
+    classifier = nn.Linear(1, 3)  # more than one class: the default as before
+    labels = torch.randint(0, 3, (2, 5))
+    expected = MAML(classifier, inner_lr=0.01, loss_fn=nn.functional.cross_entropy, vectorize=vectorize)(x_s, labels, x_q, labels)
+    assert torch.equal(MAML(classifier, inner_lr=0.01, vectorize=vectorize)(x_s, labels, x_q, labels), expected)

@@ -204,3 +204,10 @@ def test_a_task_given_as_one_pair_not_a_list_of_batches_is_refused_with_the_shap
     with pytest.raises(TypeError, match="its item 1 is a str"):
         reptile.adapt([(x, y), "batch"])
     reptile.meta_step([[(x, y)]])  # the shape the message gives
+
+
+def test_the_default_cross_entropy_refuses_a_one_output_model() -> None:
+    """Cross-entropy over one output is 0 whatever the targets: no inner step moved the copy."""
+    reptile = Reptile(nn.Linear(3, 1), inner_steps=1)
+    with pytest.raises(ValueError, match="cross-entropy, is 0 over a model with one output"):
+        reptile.meta_step([[(torch.randn(4, 3), torch.randn(4, 1))]])

@@ -31,6 +31,19 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
+    class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
+    meta-trained on a zero loss without a word)."""
+    classes = outputs.shape[1] if outputs.dim() >= 2 else outputs.shape[0] if outputs.dim() == 1 else None
+    if classes == 1:
+        raise ValueError(
+            "the default loss_fn, cross-entropy, is 0 over a model with one output whatever the targets: "
+            "pass loss_fn, e.g. loss_fn=nn.functional.mse_loss for regression"
+        )
+    return nn.functional.cross_entropy(outputs, targets)
+
+
 class BatchStatNorm(nn.Module):
     """Batch normalisation with the statistics of the current batch only (transductive).
 
@@ -163,7 +176,7 @@ class MAML(nn.Module):
             after each inner step, length ``inner_steps``. Default: only the last step counts.
             An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
             gives MAML++'s annealed weights.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (:func:`default_loss`).
         vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
             loop (with a warning) if the model cannot be vmapped.
@@ -223,7 +236,7 @@ class MAML(nn.Module):
         self.model = model
         self.inner_steps = inner_steps
         self.first_order = first_order
-        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        self.loss_fn: LossFn = loss_fn or default_loss
         self.vectorize = vectorize
         self.checkpoint_steps = checkpoint_steps
         self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)

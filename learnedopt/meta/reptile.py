@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .maml import apply_batchnorm_policy_
+from .maml import apply_batchnorm_policy_, default_loss
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -46,7 +46,7 @@ class Reptile:
         inner_optimizer: builds the inner optimizer from parameters; default SGD(lr=0.02).
         outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
             ``total_steps=None`` it stays at ``outer_stepsize``.
-        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy (:func:`~learnedopt.meta.maml.default_loss`).
         batchnorm: ``"transductive"`` (default) or ``"error"``, as above.
     """
 
@@ -74,7 +74,7 @@ class Reptile:
         self.outer_stepsize = outer_stepsize
         self.final_outer_stepsize = final_outer_stepsize
         self.total_steps = total_steps
-        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.loss_fn = loss_fn or default_loss
         self.step_count = 0
 
     def current_outer_stepsize(self) -> float:
