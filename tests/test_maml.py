@@ -639,3 +639,11 @@ def test_the_default_cross_entropy_refuses_a_one_output_model_instead_of_a_zero_
     labels = torch.randint(0, 3, (2, 5))
     expected = MAML(classifier, inner_lr=0.01, loss_fn=nn.functional.cross_entropy, vectorize=vectorize)(x_s, labels, x_q, labels)
     assert torch.equal(MAML(classifier, inner_lr=0.01, vectorize=vectorize)(x_s, labels, x_q, labels), expected)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_inputs_of_different_task_counts_are_refused_naming_each_shape(vectorize: bool) -> None:
+    maml = MAML(nn.Linear(1, 1), inner_lr=0.1, loss_fn=nn.functional.mse_loss, vectorize=vectorize)
+    x = torch.randn(3, 5, 1)
+    with pytest.raises(ValueError, match=r"same B tasks, got x_support \(3, 5, 1\), y_support \(2, 5, 1\), "):
+        maml(x, x[:2], x, x)

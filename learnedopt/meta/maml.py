@@ -410,6 +410,11 @@ class MAML(nn.Module):
                     f"tasks, got {name} of type {type(value).__name__}; for tasks of different sizes, "
                     "call it once per size"
                 )
+        inputs = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
+        if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
+            # vmap's message and the task loop's name none of them
+            sizes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in inputs.items())
+            raise ValueError(f"MAML takes (B, N, ...) tensors of the same B tasks, got {sizes}")
         with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(x_support, y_support, x_query, y_query, steps, every_step)
 
