@@ -27,6 +27,7 @@ from torch import Tensor
 from ..data.paths import create_output_folder
 from ..files import write_atomically
 from ..nn import RULES
+from ..nn.lstm_step import compile_enabled
 from . import distributed
 from .distributed import SINGLE, Workers
 
@@ -124,7 +125,7 @@ def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
 
 def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:
     """The checks every algorithm's run starts with: the configuration (``config.validate()``),
-    ``checkpoint_every``, and a meta-batch that splits over the workers (default:
+    ``checkpoint_every``, ``LEARNEDOPT_COMPILE``, and a meta-batch that splits over the workers (default:
     :func:`learnedopt.meta.distributed.current`), which are returned.
 
     Raises:
@@ -133,6 +134,10 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Wo
     config.validate()
     check_device(config.device)
     check_checkpoint_every(checkpoint_every)
+    try:  # read at the first LSTM step: a bad value stopped meta-step 1 with a traceback, a log begun
+        compile_enabled()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     workers = distributed.current() if workers is None else workers
     check_shares(config.meta_batch, workers)
     return workers
