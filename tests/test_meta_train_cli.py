@@ -255,7 +255,7 @@ BAD = [
     (["--rule", "SGD"], "unknown rule 'SGD'"),
     (["--preset", "nope"], "unknown preset 'nope' and no such weight file"),
     (["--preset", "{tmp}/missing.safetensors"], "and no such weight file"),
-    (["--resume"], "--resume: no checkpoint at"),
+    (["--resume"], "checkpoint.pt, nor a log: nothing to continue; run the command without --resume"),
     (["--rule-config", '{"width": 3}'], "--rule-config: unknown CoordinateLSTM config keys: ['width']"),
     (["--rule-config", '{"hidden_size": 0}'], "--rule-config: hidden_size must be an integer >= 1, got 0"),
     # JSON true is not the integer 1 (it trained a 1-unit rule, or crashed after creating the folder)

@@ -489,7 +489,7 @@ def _save_checkpoint(
 def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     """The checkpoint's payload, once its format and config are checked against ``config``."""
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}")
+        raise ConfigError(f"--resume: no checkpoint at {path}, nor a log: nothing to continue; run the command without --resume")
     # torch.save writes a zip archive with a CRC-32 per entry, which torch.load does not check:
     # a damaged tensor would load, and the run resume from its wrong values
     try:
