@@ -425,3 +425,16 @@ def test_property_a_skipped_non_finite_gradient_steps_as_no_gradient(kind, specs
         runs.append((params, opt))
     (params, opt), (others, other) = runs
     assert_same_params_and_states(params, opt, others, other)
+
+
+def test_an_adam_state_dict_is_refused_as_not_a_learned_optimizers() -> None:
+    """It said "saved state of parameter 0 has {}, expected {...}", naming no cause."""
+    model = torch.nn.Linear(3, 2)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    adam.step()
+    optimizer = LSTMOptimizer(model.parameters())
+    with pytest.raises(ValueError, match=r"parameter 0 holds \['exp_avg', 'exp_avg_sq', 'step'\], none of this "
+                       r"CoordinateLSTM rule's states \[.*'c', 'h'.*\]: it was not saved by a learned optimizer"):
+        optimizer.load_state_dict(adam.state_dict())
+    assert not optimizer.state

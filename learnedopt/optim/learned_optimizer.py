@@ -313,6 +313,12 @@ class LearnedOptimizer(Optimizer):
             }  # fmt: skip
         expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}
         got = {name: tuple(saved[name].shape) for name in expected if name in saved}
+        if not got:  # e.g. torch.optim.Adam's exp_avg and exp_avg_sq: "has {}" named no cause
+            raise ValueError(
+                f"saved state of parameter {index} holds {sorted(saved)}, none of this {self.rule.kind} rule's "
+                f"states {sorted(spec)}: it was not saved by a learned optimizer (a learned optimizer's states "
+                "start afresh: skip load_state_dict to switch from another optimizer)"
+            )
         if got != expected:
             raise ValueError(
                 f"saved state of parameter {index} has {got}, expected {expected} for a "
