@@ -253,6 +253,17 @@ def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
     return rule, header
 
 
+def folder_note(path: str | os.PathLike) -> str:
+    """For a message about a file that ``path`` should name: where it is a folder (a run's
+    ``--out``), that, with the ``.safetensors`` files it holds; else empty."""
+    path = Path(path)
+    if not path.is_dir():
+        return ""
+    inside = sorted(f.name for f in path.glob("*.safetensors"))
+    give = "give it" if len(inside) == 1 else "give one of them"
+    return f" ({path} is a folder" + (f" holding {', '.join(inside)}: {give})" if inside else ")")
+
+
 def open_with_header(
     path: Path, header_key: str, what: str, missing_header: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -268,7 +279,7 @@ def open_with_header(
         ValueError: unreadable, no header, or a header that is not a JSON object.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}{folder_note(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -386,3 +386,19 @@ def test_a_few_shot_model_file_given_as_weights_and_the_reverse_say_which_file_t
     save_weights(CoordinateLSTM(), weights)
     with pytest.raises(ValueError, match=r"weights\.safetensors: not a few-shot model file but an update rule's weight file \(.*\)$"):
         load_learner(weights)
+
+
+def test_a_run_folder_given_for_its_weight_file_names_the_files_it_holds(tmp_path, capsys) -> None:
+    """``weights="runs/x"`` (the --out, not its weights.safetensors) said "weight file not found"."""
+    from learnedopt import LSTMOptimizer
+    from learnedopt.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not found: .*run \(.*run is a folder\)$"):
+        load_weights(run)
+    save_weights(CoordinateLSTM(), run / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"run is a folder holding weights\.safetensors: give it\)$"):
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=str(run))
+    assert main(["meta-train", "--preset", str(run), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "run is a folder holding weights.safetensors: give it); presets:" in capsys.readouterr().err

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RULES, UpdateRule
-from ..weights import PRESETS, build_preset, load_weights, save_weights
+from ..weights import PRESETS, build_preset, folder_note, load_weights, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
 from .loop import (
@@ -173,7 +173,8 @@ class MetaTrainConfig:
             check_rule_config(self.rule, self.rule_config)
         if self.preset is not None and self.preset not in PRESETS and not Path(self.preset).is_file():
             raise ConfigError(
-                f"unknown preset {self.preset!r} and no such weight file; presets: {', '.join(sorted(PRESETS))}"
+                f"unknown preset {self.preset!r} and no such weight file{folder_note(self.preset)}; presets: "
+                f"{', '.join(sorted(PRESETS))}"
             )
         for name in ("unroll", "horizon", "meta_batch", "meta_steps"):
             if getattr(self, name) < 1:
