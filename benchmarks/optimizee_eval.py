@@ -23,7 +23,7 @@ from learnedopt.evaluation import add_arguments, run_cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
-    return run_cli(parser.parse_args(), RESULTS, write_results=write_results)
+    return run_cli(parser.parse_args(), RESULTS, write_results=write_results, prog=parser.prog)
 
 
 if __name__ == "__main__":

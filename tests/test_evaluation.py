@@ -814,10 +814,26 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--weights", str(a_file)], "a_file"),
         (["--out", str(tmp_path), "--reuse", str(tmp_path / "odd.json")], "cannot reuse"),
         (["--out", str(tmp_path), "--data", str(tmp_path / "missing")], "does not exist"),
+        # EvalConfig's own checks name the option, not the field
+        (["--out", str(tmp_path), "--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--out", str(tmp_path), "--tuning-seeds", "0"], "--tuning-seeds must be >= 1, got 0"),
     ]:
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert err.startswith("learnedopt evaluate optimizers: error: "), err
+
+    # Ctrl-C during the runs: one line and exit code 130, not a traceback
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    from learnedopt.evaluation import cli as evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", interrupt)
+    assert main([*base, "--out", str(tmp_path / "stopped")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "learnedopt evaluate optimizers: interrupted; no report was written (it is written once every run is done)"
+    )
 
     # --threads 0 keeps torch's choice: it passes the checks and the run starts
     class Started(Exception):
@@ -825,8 +841,6 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
 
     def start(*args: object, **kwargs: object) -> None:
         raise Started
-
-    from learnedopt.evaluation import cli as evaluate_cli
 
     monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", start)
     threads = torch.get_num_threads()

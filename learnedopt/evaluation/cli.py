@@ -132,19 +132,27 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             raise ValueError(f"weight file not found: {path}{hint}")
     if args.reuse is not None and not Path(args.reuse).is_file():
         raise ValueError(f"report to reuse not found: {args.reuse}")
-    return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
+    try:
+        return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
+    except ValueError as err:  # EvalConfig names its field ("seeds must be >= 1"): name the option
+        field, _, rest = str(err).partition(" ")
+        if field in given:
+            raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
+        raise
 
 
 def run_cli(
     args: argparse.Namespace,
     out_dir: str | os.PathLike[str],
     write_results: WriteResults | None = None,
+    *,
+    prog: str = "learnedopt evaluate optimizers",
 ) -> int:
     """Parse-args-to-files: build the config, run the harness, write the report, print the paths.
 
     Every check that can fail runs before the first training run (a bad setting, weight file,
-    report to reuse, data folder or output folder is one line on stderr and exit code 2), so
-    that no compute is lost to it."""
+    report to reuse, data folder or output folder is one line ``"<prog>: error: ..."`` on stderr
+    and exit code 2), so that no compute is lost to it."""
     try:
         config = config_from_args(args)
         if args.workers < 1:
@@ -156,11 +164,15 @@ def run_cli(
         create_output_folder(out_dir)
         setup = check_config(config)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate_optimizers(config, workers=args.workers, setup=setup)
+    try:
+        report = evaluate_optimizers(config, workers=args.workers, setup=setup)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no report was written (it is written once every run is done)", file=sys.stderr)
+        return 130
     for path in write_report(report, out_dir, name=args.name, write_results=write_results):
         print(path)
     return 0
