@@ -370,9 +370,11 @@ def resolve_weights(
         given = "" if isinstance(weights, UpdateRule) else f" ({os.fspath(weights)})"
         raise ValueError(f"{owner} runs a {kind} update rule, but the weights given{given} are a {rule.kind}")
     if header.get("trained") is False:
+        preset = header.get("preset")
+        source = (f"preset {preset!r}): {PRESETS[preset].description}" if preset in PRESETS
+                  else f"{os.fspath(weights)}, saved with trained=False).")  # fmt: skip
         warnings.warn(
-            f"{owner} is using UNTRAINED weights (preset {header.get('preset')!r}): "
-            f"{PRESETS[header['preset']].description if header.get('preset') in PRESETS else ''} "
+            f"{owner} is using UNTRAINED weights ({source} "
             "It is not a meta-trained optimizer: `learnedopt presets` lists the trained ones (and their limits), or pass weights= your own trained file.",
             UntrainedWeightsWarning,
             stacklevel=3,

@@ -69,6 +69,17 @@ def test_untrained_presets_warn_loudly(cls, preset) -> None:
             cls([torch.zeros(2, requires_grad=True)])
 
 
+def test_a_file_saved_untrained_warns_naming_the_file(tmp_path) -> None:
+    """It said "(preset None):  It is not ..." for a file of one's own."""
+    path = tmp_path / "mine.safetensors"
+    save_weights(CoordinateLSTM(hidden_size=4), path, trained=False)
+    with pytest.warns(UntrainedWeightsWarning) as caught:
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=path)
+    message = str(caught[0].message)
+    assert message.startswith(f"LSTMOptimizer is using UNTRAINED weights ({path}, saved with trained=False). It is not")
+    assert "preset None" not in message
+
+
 @pytest.mark.parametrize("preset", sorted(name for name, p in PRESETS.items() if p.file is not None))
 def test_shipped_trained_presets_load_without_warning(preset, recwarn) -> None:
     from importlib import resources
