@@ -408,8 +408,8 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
         weights, as :func:`fingerprint`), ``trained_on`` and ``command``.
 
     Raises:
-        ValueError: no files, a misspelt preset, an untrained preset, or files of different kinds or architectures
-            (the message names the first that differs).
+        ValueError: no files, a misspelt preset, an untrained preset, the same weights twice, or
+            files of different kinds or architectures (the message names the first that differs).
     """
     if not paths:
         raise ValueError("average_weights needs at least one weight file")
@@ -423,8 +423,12 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
                 f"{path} is a {rule.kind} {rule.config_dict()}, but {paths[0]} is a {rules[0].kind} "
                 f"{rules[0].config_dict()}: only weights of one architecture can be averaged"
             )
+        sha256 = fingerprint(rule)["sha256"]
+        twin = next((m["path"] for m in members if m["sha256"] == sha256), None)
+        if twin is not None:
+            raise ValueError(f"{path} holds the same weights as {twin}: given twice, they would weigh double in the average")
         rules.append(rule)
-        members.append({"path": str(path), "sha256": fingerprint(rule)["sha256"],
+        members.append({"path": str(path), "sha256": sha256,
                         "trained_on": header.get("trained_on"), "command": header.get("command")})  # fmt: skip
     states = [r.state_dict() for r in rules]
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}

@@ -263,12 +263,17 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
 
     _trained_file(tmp_path / "a.safetensors", 1, hidden_size=6)
     _trained_file(tmp_path / "b.safetensors", 2, hidden_size=8)
+    (tmp_path / "copy.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
     cases = [
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], "only weights of one architecture"),
         ([str(tmp_path / "a.safetensors"), "l2l-2016"], "untrained weights (preset 'l2l-2016')"),
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "missing.safetensors")], "weight file not found"),
         # a misspelt preset said only "weight file not found: l2l-shrt"
         ([str(tmp_path / "a.safetensors"), "l2l-shrt"], "unknown preset 'l2l-shrt' and no such file; presets: ["),
+        # the same weights twice (by path, or a copy) weighed double, silently
+        ([str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors")], "holds the same weights as"),
+        ([str(tmp_path / "a.safetensors"), str(tmp_path / "copy.safetensors")],
+         f"{tmp_path / 'copy.safetensors'} holds the same weights as {tmp_path / 'a.safetensors'}: given twice"),
     ]
     for files, message in cases:
         assert main(["average-weights", *files, "--out", str(tmp_path / "out.safetensors")]) == 2
