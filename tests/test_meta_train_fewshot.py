@@ -113,8 +113,9 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
         ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule", "CoordinateLSTM", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule-config", RULE_CONFIG, "--inner-steps", "2", "--test-inner-steps", "2"],
+        ["--algo", "meta-lstm", "--preset", "meta-lstm-adam", "--inner-steps", "2", "--test-inner-steps", "2"],
     ],
-    ids=["maml-metasgd", "maml-multi-step-loss", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config"],
+    ids=["maml-metasgd", "maml-multi-step-loss", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config", "meta-lstm-preset"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
     args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
@@ -264,6 +265,9 @@ BAD = [
     (["--algo", "meta-lstm", "--rule-config", '{"nope": 1}'], "--rule-config: unknown MetaLSTMCell config keys: ['nope']"),
     (["--algo", "meta-lstm", "--rule-config", '{"input_bias_init": [1, 0]}'], "--rule-config: input_bias_init must be a range"),
     (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
+    (["--algo", "maml", "--preset", "meta-lstm-adam"], "--preset does not apply to --algo maml; it is an option of --algo lstm, meta-lstm"),
+    (["--algo", "meta-lstm", "--preset", "l2l-shrt"], "--preset: unknown preset 'l2l-shrt'"),
+    (["--algo", "meta-lstm", "--preset", "meta-lstm-adam", "--rule-config", "{}"], "--preset brings its rule's architecture and weights"),
     (["--algo", "reptile", "--multi-step-loss", "2"], "--multi-step-loss does not apply to --algo reptile"),
     (["--algo", "maml", "--multi-step-loss", "0"], "--multi-step-loss must be a positive integer, got 0"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
@@ -564,6 +568,29 @@ def test_multi_step_loss_weighs_every_inner_step_then_anneals_to_the_last(algo: 
             assert abs(float(losses.mean()) - last) > 1e-3 * last  # the weighting shows
         expected = float((losses * losses.new_tensor(w)).sum(1).mean())
         assert trainer.step(step)["meta_loss"] == pytest.approx(expected, rel=1e-5), step
+
+
+@pytest.mark.parametrize("preset", ["meta-lstm-adam", "l2l-blend"])
+def test_meta_lstm_starts_its_learned_update_from_a_preset(preset: str, tmp_path: Path) -> None:
+    """``--preset`` gives meta-lstm's rule the preset's architecture and weights (the seeded
+    initialisation otherwise), in training and in the initial learner validation compares with;
+    the model file keeps the trained rule, not the preset."""
+    from learnedopt.weights import build_preset
+
+    start = build_preset(preset)[0]
+    trainer = FewShotTrainer(config("meta-lstm", preset=preset, meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
+    for learner in (trainer.learner, trainer.initial_learner()):
+        assert learner.rule.kind == start.kind and learner.rule.config_dict() == start.config_dict()
+        for name, value in start.state_dict().items():
+            assert torch.equal(learner.rule.state_dict()[name], value), name
+    seeded = FewShotTrainer(config("meta-lstm", rule=start.kind, meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
+    assert not all(torch.equal(a, b) for a, b in zip(seeded.learner.rule.state_dict().values(), start.state_dict().values()))
+    trainer.step(0)
+    path = tmp_path / "model.safetensors"
+    save_learner(trainer.learner, path)
+    loaded, _ = load_learner(path)
+    assert all(torch.equal(v, trainer.learner.tensors()[k]) for k, v in loaded.tensors().items())
+    assert not torch.equal(loaded.rule.state_dict()[next(iter(start.state_dict()))], next(iter(start.state_dict().values())))
 
 
 def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:

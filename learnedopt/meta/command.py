@@ -65,7 +65,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     start.add_argument(
         "--preset",
-        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's",
+        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's; "
+        "meta-lstm: start the learned inner-loop update from them",
     )
     parser.add_argument(
         "--rule-config",
@@ -271,8 +272,10 @@ def _run(args: argparse.Namespace, workers: Workers) -> int:
         raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
     if args.algo != "lstm":
         # meta-lstm's inner loop is an update rule: --rule and --rule-config are its options too
-        own = ("rule", "rule_config") if args.algo == "meta-lstm" else ()
-        refuse_options(args, [n for n in LSTM_ONLY if n not in own], f"--algo {args.algo}", "--algo lstm")
+        rule_options = ("rule", "rule_config", "preset")
+        if args.algo != "meta-lstm":
+            refuse_options(args, rule_options, f"--algo {args.algo}", "--algo lstm, meta-lstm")
+        refuse_options(args, [n for n in LSTM_ONLY if n not in rule_options], f"--algo {args.algo}", "--algo lstm")
         message = run_fewshot(args, workers)
         if message and workers.is_main:
             print(message)

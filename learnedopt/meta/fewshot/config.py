@@ -14,6 +14,7 @@ from typing import Any
 
 
 from ...nn import RULES, MetaLSTMCell
+from ...weights import load_named_weights
 from ..loop import (
     ConfigError,
     check_rule_config,
@@ -72,6 +73,8 @@ class FewShotConfig:
         data: folder of the Omniglot zips (None: the default search); omniglot only.
         rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
             ``MetaLSTMCell``); None for the other algorithms.
+        preset: meta-lstm: a preset or weight file whose rule (architecture and weights) the
+            learned update starts from, instead of ``rule``'s seeded initialisation.
         rule_config: meta-lstm: the rule's config fields that differ from its class's defaults,
             e.g. ``{"input_bias_init": [-0.5, -0.3]}`` to start from a larger step (None: the
             paper's); None for the other algorithms.
@@ -123,6 +126,7 @@ class FewShotConfig:
     test_alphabets: str | None = None
     select_every: int = 0
     multi_step_loss: int | None = None
+    preset: str | None = None
 
     @property
     def meta_steps_shape_the_run(self) -> bool:
@@ -172,6 +176,15 @@ class FewShotConfig:
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.preset is not None:
+            if self.algo != "meta-lstm":
+                raise ConfigError(f"--preset starts the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
+            if self.rule is not None or self.rule_config is not None:
+                raise ConfigError("--preset brings its rule's architecture and weights: give --rule and --rule-config, or --preset")
+            try:
+                load_named_weights(self.preset)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"--preset: {err}") from None
         if self.rule_config is not None:
             if self.algo != "meta-lstm":
                 raise ConfigError(f"--rule-config sets the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
@@ -252,9 +265,9 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         {k: getattr(args, k) for k in (*FEWSHOT_ONLY, "meta_batch", "meta_steps", "meta_lr", "clip")
          if getattr(args, k) is not None}
     )  # fmt: skip
-    rule, rule_config = (args.rule, args.rule_config) if algo == "meta-lstm" else (None, None)
+    rule, rule_config, preset = (args.rule, args.rule_config, args.preset) if algo == "meta-lstm" else (None, None, None)
     device = args.device or FewShotConfig.device
-    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config,
+    return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config, preset=preset,
                          device=device, select_every=args.select_every or 0, **values)  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import MODEL_HEADER_KEY, open_with_header, save_with_header
+from ...weights import MODEL_HEADER_KEY, load_named_weights, open_with_header, save_with_header
 from ..maml import MAML, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -50,6 +50,8 @@ class LearnerSpec:
         zero_head: whether every task starts its output layer (the last ``nn.Linear``) at zero.
         inner_optimizer: Reptile's inner optimizer, ``"sgd"`` or ``"adam"`` (None otherwise).
         rule: ``{"kind": ..., "config": {...}}`` of the meta-lstm rule (None otherwise).
+        rule_start: meta-lstm: the preset or weight file whose weights the rule starts from (None:
+            its seeded initialisation); read only when a learner is initialised, not loaded.
     """
 
     algo: str
@@ -62,6 +64,7 @@ class LearnerSpec:
     zero_head: bool = False
     inner_optimizer: str | None = None
     rule: dict[str, Any] | None = None
+    rule_start: str | None = None
 
     @classmethod
     def for_config(cls, config: FewShotConfig) -> LearnerSpec:
@@ -81,11 +84,20 @@ class LearnerSpec:
             learn_inner_lr=config.learn_inner_lr,
             zero_head=config.zero_head,
             inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
-            rule=_rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config) if config.algo == "meta-lstm" else None,
+            rule=_start_rule_spec(config) if config.algo == "meta-lstm" else None,
+            rule_start=config.preset,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _start_rule_spec(config: FewShotConfig) -> dict[str, Any]:
+    """``{"kind", "config"}`` of meta-lstm's rule: its ``--preset``'s, or its class's with ``--rule-config``."""
+    if config.preset is not None:
+        rule = load_named_weights(config.preset)[0]
+        return {"kind": rule.kind, "config": rule.config_dict()}
+    return _rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config)
 
 
 def _rule_spec(rule_class: type[UpdateRule], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -126,8 +138,9 @@ class FewShotLearner:
 
     Args:
         spec: what to build.
-        seed: initialise the model from ``(seed, 0)`` and the rule from ``(seed, 0, 1)``; None
-            leaves PyTorch's default initialisation (e.g. before loading tensors).
+        seed: initialise the model from ``(seed, 0)`` and the rule from ``(seed, 0, 1)`` (or from
+            ``spec.rule_start``'s weights); None leaves PyTorch's default initialisation (e.g.
+            before loading tensors).
     """
 
     def __init__(self, spec: LearnerSpec, seed: int | None = None) -> None:
@@ -157,6 +170,8 @@ class FewShotLearner:
         elif spec.algo == "meta-lstm":
             self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
             self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
+            if spec.rule_start is not None and seed is not None:
+                self.rule.load_state_dict(load_named_weights(spec.rule_start)[0].state_dict())
         elif spec.algo == "reptile":
             self.reptile = Reptile(self.model, spec.inner_steps, self.inner_optimizer, loss_fn=self.loss_fn)
 
