@@ -109,3 +109,12 @@ def strided_like(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 1:
         return torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t)
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def record_options(monkeypatch, module, names) -> list:
+    """Wrap ``module``'s functions ``names`` to record the ``options=`` each call is given."""
+    seen = []
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw))
+    return seen

@@ -20,7 +20,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
-from helpers import strided_like  # noqa: E402
+from helpers import record_options, strided_like  # noqa: E402
 from learnedopt.kernels import coordinate_lstm_backward as coordinate_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import (
     CoordinateLSTMStepFunction,
@@ -307,12 +307,7 @@ def test_directional_derivative_of_its_own_forward() -> None:
 
 
 def test_options_reach_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    for name in ("coordinate_lstm_forward", "coordinate_lstm_backward"):
-        real = getattr(coordinate_backward_module, name)
-        monkeypatch.setattr(
-            coordinate_backward_module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw)
-        )
+    seen = record_options(monkeypatch, coordinate_backward_module, ("coordinate_lstm_forward", "coordinate_lstm_backward"))
     rule = make_rule(1, 8)
     options = KernelOptions(use_dot=False, block=16, backward_block=32, max_programs=1)
     kernel_step(rule, make_features(40, 2), *make_inputs(40, 1, 8)[1:], options=options)

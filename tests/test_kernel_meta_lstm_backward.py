@@ -16,7 +16,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
-from helpers import strided_like  # noqa: E402
+from helpers import record_options, strided_like  # noqa: E402
 from learnedopt.kernels import meta_lstm_backward as meta_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import KernelOptions
 from learnedopt.kernels.meta_lstm_backward import meta_lstm_backward, meta_lstm_forward, meta_lstm_step
@@ -133,12 +133,7 @@ def test_tiles_programs_and_determinism() -> None:
 
 
 def test_options_reach_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    for name in ("meta_lstm_forward", "meta_lstm_backward"):
-        real = getattr(meta_backward_module, name)
-        monkeypatch.setattr(
-            meta_backward_module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw)
-        )
+    seen = record_options(monkeypatch, meta_backward_module, ("meta_lstm_forward", "meta_lstm_backward"))
     rule = make_rule(5)
     inputs, cotangents = make_inputs(rule, 40)
     options = KernelOptions(use_dot=False, block=16, backward_block=32, max_programs=1)
