@@ -535,3 +535,40 @@ def test_a_python_number_loss_is_read_in_float64(foreach) -> None:
     for number, tensor in (runs[0:2], runs[2:4]):
         for p, q in zip(number, tensor, strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_moving_average_converted_mid_run_keeps_at_least_float32(foreach) -> None:
+    """From float64 states to bfloat16 ones, ``m`` and ``v`` become float32 (their storage dtype
+    for bfloat16), not bfloat16, on the per-tensor path as on the batched one."""
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach, state_dtype=torch.float64)
+    set_grads(params, 0)
+    opt.step()
+    assert {opt.state[p][name].dtype for p in params for name in ("m", "v")} == {torch.float64}
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    set_grads(params, 1)
+    opt.step()
+    assert {opt.state[p][name].dtype for p in params for name in ("h", "c")} == {torch.bfloat16}
+    assert {opt.state[p][name].dtype for p in params for name in ("m", "v")} == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16"])
+def test_a_state_dtype_given_by_name_is_the_dtype(name) -> None:
+    """``state_dict()`` writes ``"bfloat16"``; ``str(torch.bfloat16)`` is ``"torch.bfloat16"``."""
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, state_dtype=name)
+    assert opt.param_groups[0]["state_dtype"] is torch.bfloat16
+
+
+def test_an_optimizer_pickled_without_the_groups_fingerprint_gets_it_back() -> None:
+    """Param groups pickled by an earlier version lack ``"learned_rule"``, which a flattened
+    distributed checkpoint needs in the live groups."""
+    import json
+
+    from learnedopt.weights import fingerprint
+
+    opt = LSTMOptimizer(make_params([(3,)], dtype=torch.float32))
+    del opt.param_groups[0]["learned_rule"]
+    restored = pickle.loads(pickle.dumps(opt))
+    assert json.loads(restored.param_groups[0]["learned_rule"]) == fingerprint(restored.rule)

@@ -438,3 +438,15 @@ def test_an_adam_state_dict_is_refused_as_not_a_learned_optimizers() -> None:
                        r"CoordinateLSTM rule's states \[.*'c', 'h'.*\]: it was not saved by a learned optimizer"):
         optimizer.load_state_dict(adam.state_dict())
     assert not optimizer.state
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_an_lr_equal_to_the_parameters_dtype_largest_value_is_accepted(kind, foreach) -> None:
+    """Only an lr above the dtype's largest value is refused: the largest itself converts."""
+    (a,) = (p.detach().to(torch.float16).requires_grad_() for p in make_params([(3,)]))
+    opt = OPTIMIZERS[kind]([a], lr=torch.finfo(torch.float16).max, foreach=foreach)
+    set_grads([a], 0)
+    before = a.detach().clone()
+    step(opt)
+    assert not torch.equal(a, before) and opt.state[a]["step"] == 1
