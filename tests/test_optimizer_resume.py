@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -417,3 +418,57 @@ def test_property_resume_at_any_step_is_bit_identical(kind, specs, how, foreach,
         assert torch.equal(p, q)
         assert opt.state[p].keys() == resumed_opt.state[q].keys()
         assert all(torch.equal(value, resumed_opt.state[q][name]) for name, value in opt.state[p].items())
+
+
+def test_the_param_groups_copy_of_the_fingerprint_names_the_weights_at_save_time() -> None:
+    """A distributed checkpoint keeps only the groups' copy of the fingerprint, so it must name
+    the weights as they are when ``state_dict()`` runs (a caller may change them in place), not
+    those the optimizer was built with."""
+    rule = CoordinateLSTM()
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, rule)
+    set_grads(params, 0)
+    opt.step()
+    with torch.no_grad():
+        next(rule.parameters()).add_(0.5)
+    sd = copy.deepcopy(opt.state_dict())
+    assert json.loads(sd["param_groups"][0]["learned_rule"]) == sd["learned_rule"]
+    del sd["learned_rule"]
+    LSTMOptimizer(params, copy.deepcopy(rule)).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_load_does_not_alias_the_given_state_on_either_path(foreach) -> None:
+    """The per-tensor path updates the loaded state tensors in place: they must be copies."""
+    params = make_params([(4,), (2, 3)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    snapshot = copy.deepcopy(sd["state"])
+    fresh = LSTMOptimizer(params, foreach=foreach)
+    fresh.load_state_dict(sd)
+    set_grads(params, 1)
+    fresh.step()
+    assert all(torch.equal(value, snapshot[i][name]) for i, state in sd["state"].items() for name, value in state.items())
+
+
+def test_a_saved_state_of_a_parameter_of_another_shape_and_the_same_size_is_rejected() -> None:
+    """A (3, 2) parameter's states do not fit a (2, 3) parameter, though they hold as many values."""
+    (a,) = make_params([(3, 2)], dtype=torch.float32)
+    opt = LSTMOptimizer([a])
+    set_grads([a], 0)
+    opt.step()
+    b = a.detach().t().contiguous().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"saved state of parameter 0 has .* expected .* for a \(2, 3\) parameter"):
+        LSTMOptimizer([b]).load_state_dict(opt.state_dict())
+
+
+def test_a_state_dict_with_other_group_or_parameter_counts_is_rejected_by_name() -> None:
+    params = make_params([(4,), (3,)], dtype=torch.float32)
+    saved = LSTMOptimizer([{"params": params[:1]}, {"params": params[1:]}]).state_dict()
+    with pytest.raises(ValueError, match="loaded state dict has 2 parameter groups, this optimizer 1"):
+        LSTMOptimizer(params).load_state_dict(saved)
+    saved = LSTMOptimizer(params).state_dict()
+    with pytest.raises(ValueError, match="parameter group 0 has 2 parameters, this optimizer's 1"):
+        LSTMOptimizer(params[:1]).load_state_dict(saved)
