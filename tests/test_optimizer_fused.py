@@ -267,3 +267,20 @@ def test_a_state_resumes_on_the_loading_optimizer_s_backend(kind, saved_under, l
         for name, value in state.items():
             assert value.shape == theirs[index][name].shape and value.dtype == theirs[index][name].dtype, name
             torch.testing.assert_close(value.float(), theirs[index][name].float(), rtol=2e-2, atol=2e-3)
+
+
+def test_meta_lstm_fused_under_maximize_matches_torch() -> None:
+    """Under ``maximize`` the MetaLSTMCell rule sees ``-grad`` and ``-loss``; the kernel negates
+    the loss itself, so it must get the loss as given (negated beforehand too, it read ``+loss``)."""
+    from learnedopt import MetaLSTMOptimizer
+
+    results = {}
+    for backend in ("triton", "torch"):
+        params = make_params([(6, 5), (7,)], dtype=torch.float32)
+        opt = MetaLSTMOptimizer(params, backend=backend, maximize=True)
+        for t in range(3):
+            set_grads(params, seed=t)
+            opt.step(loss=2.0 / (t + 1))
+        results[backend] = params
+    for p, q in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(p, q, **TOL)
