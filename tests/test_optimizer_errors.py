@@ -450,3 +450,19 @@ def test_an_lr_equal_to_the_parameters_dtype_largest_value_is_accepted(kind, for
     before = a.detach().clone()
     step(opt)
     assert not torch.equal(a, before) and opt.state[a]["step"] == 1
+
+
+def test_an_lr_beyond_the_dtype_of_a_parameter_not_stepped_now_is_accepted() -> None:
+    """The lr is checked against the parameters it updates: a float16 parameter without a
+    gradient this step (its states still in the flat buffers) does not refuse an lr of 1e5 for
+    the float32 parameter that steps."""
+    wide, narrow = make_params([(3,), (2,)], dtype=torch.float32)
+    narrow = narrow.detach().to(torch.float16).requires_grad_()
+    opt = LSTMOptimizer([wide, narrow])
+    set_grads([wide, narrow], 0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 1e5
+    set_grads([wide, narrow], 1, skip={1})
+    before = narrow.detach().clone()
+    opt.step()
+    assert torch.equal(narrow, before) and opt.state[wide]["step"] == 2 and opt.state[narrow]["step"] == 1
