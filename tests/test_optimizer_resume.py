@@ -472,3 +472,23 @@ def test_a_state_dict_with_other_group_or_parameter_counts_is_rejected_by_name()
     saved = LSTMOptimizer(params).state_dict()
     with pytest.raises(ValueError, match="parameter group 0 has 2 parameters, this optimizer's 1"):
         LSTMOptimizer(params[:1]).load_state_dict(saved)
+
+
+def test_a_load_state_dict_pre_hook_editing_in_place_leaves_the_callers_dict_as_in_torch_optim() -> None:
+    """``torch.optim`` hands pre-hooks a shallow copy: a hook that replaces a top-level entry
+    in place changes what is loaded, not the caller's dict."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    saved = opt.state_dict()
+    groups = saved["param_groups"]
+
+    def pre_hook(optimizer, state_dict):
+        state_dict["param_groups"] = [{**group, "lr": 0.25} for group in state_dict["param_groups"]]
+
+    fresh = LSTMOptimizer(params)
+    fresh.register_load_state_dict_pre_hook(pre_hook)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 0.25
+    assert saved["param_groups"] is groups and groups[0]["lr"] == 1.0
