@@ -336,9 +336,9 @@ class LearnedOptimizer(Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
-            loss: the current loss, for rules that read it, when no closure is given: a
-                number (read in float64) or a one-element tensor (a ``DTensor`` is read as its
-                full value).
+            loss: the current loss, for rules that read it: a number (read in float64) or a
+                one-element tensor (a ``DTensor`` is read as its full value). Given with a
+                closure, the rule reads this one, and the closure's loss is still returned.
 
         Returns:
             The closure's loss, or None.
