@@ -47,6 +47,19 @@ def test_closure_is_called_with_grad_enabled_and_loss_returned() -> None:
         assert isinstance(loss, torch.Tensor) and loss.ndim == 0
 
 
+def test_given_a_closure_and_a_loss_the_rule_reads_the_loss_and_step_returns_the_closures() -> None:
+    def run(use_closure: bool):
+        params = make_params([(5,)])
+        opt = MetaLSTMOptimizer(params)
+        set_grads(params, seed=0)
+        returned = opt.step((lambda: torch.tensor(7.0)) if use_closure else None, loss=torch.tensor(0.25))
+        return params[0].detach(), returned
+
+    with_closure, returned = run(True)
+    loss_only, _ = run(False)
+    assert torch.equal(with_closure, loss_only) and float(returned) == 7.0
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_params_without_grad_are_skipped(kind, foreach) -> None:
