@@ -401,7 +401,8 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
-        for name, value in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query), ("y_query", y_query)):
+        inputs = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
+        for name, value in inputs.items():
             if not isinstance(value, Tensor):
                 # vmap would read a tuple or dict as fields batched over tasks, the task loop as one
                 # entry per task: the two paths would disagree on what it means
@@ -410,7 +411,6 @@ class MAML(nn.Module):
                     f"tasks, got {name} of type {type(value).__name__}; for tasks of different sizes, "
                     "call it once per size"
                 )
-        inputs = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
         if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
             # vmap's message and the task loop's name none of them
             sizes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in inputs.items())

@@ -26,7 +26,6 @@ from .config import FEWSHOT_ALGOS, FewShotConfig
 Params = dict[str, Tensor]
 
 MODEL_FORMAT = 1
-_HEADER_KEY = MODEL_HEADER_KEY
 SINUSOID_MLP = (1, 40, 40, 1)
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": nn.functional.mse_loss,
@@ -312,7 +311,7 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
 
     header = {"format": MODEL_FORMAT, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
-    save_with_header(path, _HEADER_KEY, header, tensors)
+    save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
 def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str, Any]]:
@@ -327,7 +326,7 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
     """
     path = Path(path)
     header, tensors = open_with_header(
-        path, _HEADER_KEY, "few-shot model file", "no learnedopt few-shot model header"
+        path, MODEL_HEADER_KEY, "few-shot model file", "no learnedopt few-shot model header"
     )
     if header.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
