@@ -249,7 +249,7 @@ BAD = [
     (["--algo", "reptile", "--same-rotation"], "--same-rotation does not apply to --task sinusoid"),
     # the sinusoid tasks are generated: --data was ignored, yet recorded in the card's command
     (["--algo", "maml", "--data", "{tmp}"], "--data does not apply to --task sinusoid"),
-    (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile"),
+    (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile (it has no meta-gradient)"),
     (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
@@ -533,8 +533,9 @@ def test_reptile_logs_the_mean_support_loss_over_the_meta_batch() -> None:
     assert trainer.step(0)["meta_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
-def test_meta_lstm_clips_the_meta_gradient() -> None:
-    trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2, clip=1e-3))
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "meta-lstm"])
+def test_clip_bounds_the_meta_gradient_adam_steps_with(algo: str) -> None:
+    trainer = FewShotTrainer(config(algo, meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2, clip=1e-3))
     norms, step = [], trainer.meta_optimizer.step
 
     def grad_norm() -> float:
@@ -549,6 +550,16 @@ def test_meta_lstm_clips_the_meta_gradient() -> None:
     record = trainer.step(0)
     assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
     assert norms == [pytest.approx(1e-3, rel=1e-4)]  # clipped before the step, not after it
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_meta_train_takes_clip_for_maml(tmp_path: Path, algo: str) -> None:
+    """``--clip`` reaches MAML's trainer from the command line (it was refused there, though the
+    trainer applied it), and the card's command repeats it."""
+    out = tmp_path / "run"
+    assert train(out, "--algo", algo, *SINE_TINY, "--meta-steps", "1", "--clip", "0.001") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["clip"] == 0.001
+    assert "--clip 0.001" in header(out / MODEL_NAME)["command"]
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])

@@ -112,7 +112,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip",
         type=float,
-        help=f"lstm, meta-lstm: meta-gradient norm clip (default {d.clip} for lstm, 0.25 for meta-lstm)",
+        help=f"lstm, maml, fomaml, meta-lstm: meta-gradient norm clip (default {d.clip} for lstm, "
+        "0.25 for meta-lstm, none for maml and fomaml)",
     )
     parser.add_argument(
         "--lr", type=float, help=f"lstm: multiplier of the rule's step (default {d.lr})"

@@ -56,9 +56,8 @@ class FewShotConfig:
         meta_batch: tasks per meta-step.
         meta_steps: meta-steps in total.
         meta_lr: Adam learning rate; for Reptile the initial outer step size.
-        clip: meta-gradient norm clip, None for none (the command line takes it for meta-lstm only,
-            default 0.25; maml and fomaml apply one given here; reptile, without a
-            meta-gradient, refuses it).
+        clip: meta-gradient norm clip, None for none (default 0.25 for meta-lstm, none for maml
+            and fomaml; reptile, without a meta-gradient, refuses it).
         hidden: conv-4 filters (Omniglot).
         image_size: Omniglot image side in pixels.
         same_alphabet: draw every episode's classes from one alphabet.
@@ -252,9 +251,9 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         raise ConfigError(f"--algo {algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {task!r}")
     if task == "sinusoid":
         refuse_options(args, _OMNIGLOT_ONLY, "--task sinusoid", "--task omniglot")
-    if algo != "meta-lstm":
-        refuse_options(args, ("clip",), f"--algo {algo}", "--algo lstm, meta-lstm")
-    else:
+    if algo == "reptile":
+        refuse_options(args, ("clip",), "--algo reptile (it has no meta-gradient)", "--algo lstm, maml, fomaml, meta-lstm")
+    if algo == "meta-lstm":
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
         refuse_options(args, ("learn_inner_lr", "zero_head", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
