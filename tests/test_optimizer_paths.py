@@ -267,6 +267,41 @@ def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_tw
             torch.testing.assert_close(fopt.state[p]["h"], ropt.state[q]["h"], rtol=2e-5, atol=2e-6)
 
 
+def test_explicit_triton_finishes_a_step_whose_kernel_failed_part_way_then_raises(monkeypatch) -> None:
+    """``backend="triton"`` raised from inside the group, leaving the runs before the failing one
+    stepped and the rest (and any later group) not, with no step counted. It now finishes the step
+    on the PyTorch path, so the optimizer stays a consistent one-step-later state, then raises."""
+    kernel = validated_kernel_on_cpu(monkeypatch)
+    real, launches = kernel.coordinate_lstm_step_, []
+
+    def third_launch_fails(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 3:
+            raise RuntimeError("this variant failed to compile")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "coordinate_lstm_step_", third_launch_fails)
+    results = {}
+    for backend in ("triton", "torch"):
+        params = make_params([(5,), (3,), (4,), (2,)], dtype=torch.float32)
+        groups = [{"params": params[:3]}, {"params": params[3:]}]
+        opt = OPTIMIZERS["lstm"](groups, "l2l-2016", backend=backend)
+        for t in range(2):  # step 2 skips the middle tensor of group 0: the kernel fails on its second run
+            set_grads(params, t, skip=(1,) if t == 1 else ())
+            if backend == "triton" and t == 1:
+                with pytest.raises(RuntimeError, match=r"^backend='triton': the fused kernel failed .*variant failed to compile.*finished on the PyTorch path"):
+                    opt.step()
+            else:
+                opt.step()
+        results[backend] = params, opt
+    assert len(launches) == 4  # the later group still ran its kernel
+    (fused, fopt), (ref, ropt) = results["triton"], results["torch"]
+    for p, q in zip(fused, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+        assert float(fopt.state[p]["step"]) == float(ropt.state[q]["step"])
+        torch.testing.assert_close(fopt.state[p]["h"], ropt.state[q]["h"], rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("old_size", [1, 3])
 def test_a_resized_parameter_is_rejected_not_given_broadcast_states(foreach, old_size) -> None:

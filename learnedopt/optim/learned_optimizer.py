@@ -58,7 +58,8 @@ class LearnedOptimizer(Optimizer):
             feature set, and
             :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
             float32/bfloat16 states, non-float64 parameters, on CUDA or under
-            ``TRITON_INTERPRET=1``) or ``"auto"`` (the fused kernel on CUDA where it applies and
+            ``TRITON_INTERPRET=1``; a kernel that fails part-way through a step raises
+            ``RuntimeError`` once the PyTorch path has finished the step) or ``"auto"`` (the fused kernel on CUDA where it applies and
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
             hardware; else torch. It never fails where the torch path works).
         foreach: None or True for the batched path over all coordinates of a group, False for the
@@ -371,9 +372,17 @@ class LearnedOptimizer(Optimizer):
                 _check_lr_fits(float(group["lr"]), ps)
         # the user's autocast region (often the whole training step) must not run the rule's matrix
         # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
+        kernel_failures: list[Exception] = []
         with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
             for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                self._update_group(index, group, partitions, rule_loss)
+                self._update_group(index, group, partitions, rule_loss, kernel_failures)
+        if kernel_failures:
+            # raised only now, so that the step is whole: no group left behind, no tensor stepped twice
+            raise RuntimeError(
+                f"backend='triton': the fused kernel failed ({kernel_failures[0]!r}); this step was finished on the "
+                "PyTorch path, so every parameter and state took it once. Later steps try the kernel again; "
+                "backend='auto' falls back to the PyTorch path without raising"
+            ) from kernel_failures[0]
         return closure_loss
 
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
@@ -442,8 +451,12 @@ class LearnedOptimizer(Optimizer):
             return f"parameter {names[position]!r} (shape {shape})"
         return f"param_groups[{index}]['params'][{position}] (shape {shape})"
 
-    def _update_group(self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None) -> None:
-        """Update group ``index``'s parameters, given as :func:`_partitions` of its plan."""
+    def _update_group(
+        self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None, kernel_failures: list[Exception]
+    ) -> None:
+        """Update group ``index``'s parameters, given as :func:`_partitions` of its plan. A fused
+        kernel that fails is replaced by the PyTorch path for the tensors it had not updated; under
+        ``backend="triton"`` its error is appended to ``kernel_failures`` for the caller to raise."""
         state_dtype = group["state_dtype"]
         for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
@@ -463,9 +476,10 @@ class LearnedOptimizer(Optimizer):
                     )
                 except Exception as err:  # a kernel that fails to compile on this machine
                     if group["backend"] == "triton":
-                        raise
-                    warnings.warn(f"fused Triton update failed ({err!r}); using the PyTorch path", stacklevel=3)
-                    self._fused_failed = True
+                        kernel_failures.append(err)
+                    else:
+                        warnings.warn(f"fused Triton update failed ({err!r}); using the PyTorch path", stacklevel=3)
+                        self._fused_failed = True
                     # the runs the kernel already updated must not be stepped a second time
                     ordered_ps, ordered_gs, buffers, offsets = ordered
                     rest = sorted(set(range(len(ordered_ps))) - set(done))
