@@ -7,6 +7,7 @@ Modes:
         ``OUT/optimizers.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
+    term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
     nan OUT: the same, rank 1's meta-loss is NaN at meta-step 3 (rank 0's is finite).
     resume OUT: the ``lstm`` run continued with ``--resume``.
 
@@ -51,13 +52,17 @@ def run_cli(args: list[str]) -> int:
 
 
 def fail_at(step: int, how: str) -> None:
-    """Make rank 1 die (``how="kill"``) or stall (``"hang"``) when it starts meta-step ``step``."""
+    """Make rank 1 die (``how="kill"``), stall (``"hang"``) or get SIGTERM (``"term"``) when it
+    starts meta-step ``step``."""
     from learnedopt.meta import train
 
     original = train._RuleTrainer.step
 
     def step_or_fail(self: train._RuleTrainer, s: int) -> dict[str, float]:
         if s == step and dist.get_rank() == 1:
+            if how == "term":  # to rank 1 alone, as a preempted node's processes get it
+                os.kill(os.getpid(), signal.SIGTERM)
+                return original(self, s)
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)
@@ -346,7 +351,7 @@ def main() -> int:
             (out / "optimizers.json").write_text(json.dumps(report))
         dist.destroy_process_group()
         return 0
-    if mode in ("kill", "hang"):
+    if mode in ("kill", "hang", "term"):
         fail_at(3, mode)
         return run_cli([*meta_args("lstm", out), "--dist-timeout", "4"])
     if mode == "nan":

@@ -210,6 +210,20 @@ def test_a_killed_rank_fails_the_job_fast_and_resume_continues_exactly(two_ranks
     assert measured(log_of(out)) == measured(log_of(two_ranks / "lstm"))
 
 
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_meta_step(tmp_path: Path) -> None:
+    """Rank 1 alone gets SIGTERM during meta-step 3 (the checkpoints are every 2): both ranks
+    finish step 3, rank 0 checkpoints it, and both stop with code 143 instead of rank 0 waiting
+    in the next collective for a rank that has gone."""
+    out = tmp_path / "lstm"
+    result, seconds = torchrun("term", out)
+    assert result.returncode != 0, tail(result)
+    assert seconds < 60, f"the job took {seconds:.0f} s to stop"
+    assert "stopped by SIGTERM after meta-step 3 of 4" in result.stderr, tail(result)
+    assert "exitcode  : 143" in result.stderr and "a collective failed" not in result.stderr, tail(result)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3]
+
+
 def test_a_stalled_rank_fails_the_job_after_the_timeout(tmp_path: Path) -> None:
     """Rank 1 stops answering at meta-step 3 (alive, so torchrun does not notice): rank 0's
     all-reduce gives up after ``--dist-timeout 4`` and the job ends with one clear line."""
@@ -279,6 +293,17 @@ def test_sums_and_means_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     two.all_reduce_sum_([])  # nothing to sum: no collective (and no torch.cat of nothing)
     assert len(other.reduced) == 1
     assert two.mean(4.0) == 7.0
+
+
+def test_a_flag_on_any_rank_is_seen_by_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM reaching one rank stops every rank after the same meta-step: ``any`` agrees."""
+    assert Workers().any(True) and not Workers().any(False)  # one process: no collective
+    other = _OtherRank(monkeypatch, torch.zeros_like)  # the other rank's flag: false
+    assert Workers(rank=0, world_size=2).any(True)
+    assert not Workers(rank=0, world_size=2).any(False)
+    _OtherRank(monkeypatch, torch.ones_like)  # the other rank's flag: true
+    assert Workers(rank=1, world_size=2).any(False)
+    assert len(other.reduced) == 2
 
 
 def test_a_non_finite_value_on_any_rank_stops_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1014,6 +1014,81 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume_continues_exactly(
     assert f"--resume: {broken} has run all its 6 meta-steps; writing its results again" in capsys.readouterr().err
 
 
+def terminate_at(monkeypatch, at: int) -> None:  # noqa: ANN001 - pytest's fixture
+    """Send this process SIGTERM during meta-step ``at`` of the next run, once the run's handler
+    is in place (without one, SIGTERM would end the test session: the test fails instead)."""
+    import signal
+
+    from learnedopt.meta import train
+
+    step = train._RuleTrainer.step
+
+    def terminated(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
+        if s == at:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no SIGTERM handler during the meta-steps"
+            signal.raise_signal(signal.SIGTERM)
+        return step(self, s)
+
+    monkeypatch.setattr(train._RuleTrainer, "step", terminated)
+
+
+def test_sigterm_finishes_the_meta_step_checkpoints_it_and_resume_runs_nothing_again(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A scheduler's preemption (SIGTERM, then SIGKILL after a grace period) lost every meta-step
+    since the last checkpoint: the process ended at once. The step in progress now finishes and
+    is checkpointed, the command exits with 143, and ``--resume`` ends as an uninterrupted run."""
+    import signal
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "6", "--checkpoint-every", "4", "--seed", "3")
+    assert run(whole, *args) == 0
+    with monkeypatch.context() as patch:
+        terminate_at(patch, 3)
+        assert run(broken, *args) == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: stopped by SIGTERM after meta-step 3 of 6, checkpointed in {broken}: --resume "
+        "continues from meta-step 4, running nothing again\n"
+    )
+    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in log_lines(broken)] == [1, 2, 3]
+    assert not (broken / "weights.safetensors").exists()
+    assert main(["meta-train", *FAST[:-1], "--out", str(broken), *args, "--resume"]) == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["meta_loss"] for r in log_lines(broken)] == [r["meta_loss"] for r in log_lines(whole)]
+    with monkeypatch.context() as patch:  # during the last meta-step: --resume writes the results
+        terminate_at(patch, 2)
+        assert run(tmp_path / "last", "--meta-steps", "2") == 143
+    assert "after meta-step 2 of 2, checkpointed in" in capsys.readouterr().err
+
+
+def test_sigterm_handled_by_the_caller_is_left_to_the_caller(tmp_path: Path, monkeypatch) -> None:
+    """A program that calls meta-training with its own SIGTERM handler keeps it: the run does
+    not replace it, and is not stopped by it."""
+    import signal
+
+    from learnedopt.meta import train
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        step = train._RuleTrainer.step
+
+        def terminated(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
+            if s == 2:
+                signal.raise_signal(signal.SIGTERM)
+            return step(self, s)
+
+        monkeypatch.setattr(train._RuleTrainer, "step", terminated)
+        assert run(tmp_path / "run", "--meta-steps", "3") == 0
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_before_the_first_checkpoint_or_the_first_step_says_what_resume_does(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:

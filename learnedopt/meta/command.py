@@ -25,7 +25,7 @@ from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
 from .fewshot import FEWSHOT_ONLY, FEWSHOT_TASKS, add_fewshot_arguments, fewshot_defaults, run_fewshot
-from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, refuse_options
+from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, RunTerminated, refuse_options
 from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
 from .unroll import LOSS_WEIGHTINGS
@@ -223,7 +223,8 @@ def _json_object(text: str) -> dict[str, Any]:
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr
     (bad configuration), or 1 (another rank of a ``torchrun`` job failed), or 130 after Ctrl-C, with
-    one line that says where ``--resume`` continues from.
+    one line that says where ``--resume`` continues from, or 143 after SIGTERM, once the meta-step
+    in progress is finished and checkpointed.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on CPU, see
     :mod:`learnedopt.meta.distributed`) and leaves it at the end.
@@ -250,6 +251,10 @@ def run_meta_train(args: argparse.Namespace) -> int:
         print(f"learnedopt meta-train: error: {err}; continue the job from the last checkpoint "
               f"with --resume", file=sys.stderr)  # fmt: skip
         return 1
+    except RunTerminated as err:
+        if workers.is_main:
+            print(f"learnedopt meta-train: {err}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt as err:
         if workers.is_main:
             print(f"learnedopt meta-train: {_interrupted(err, Path(args.out))}", file=sys.stderr)

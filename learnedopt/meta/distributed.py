@@ -100,6 +100,12 @@ class Workers:
         self._all_reduce(total)
         return float(total) / self.world_size
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one collective under several ranks)."""
+        if self.world_size == 1:
+            return flag
+        return self.mean(float(flag)) > 0.0
+
     def require_finite(self, what: str, value: Tensor | float) -> None:
         """Raise FloatingPointError on every rank where ``value`` holds NaN/Inf on any rank (one
         collective, so that the ranks stop together), naming ``what`` and this rank's value."""

@@ -13,11 +13,14 @@ import argparse
 import dataclasses
 import json
 import math
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +52,46 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) during the meta-steps; its message says where ``--resume`` continues from.
     A ``KeyboardInterrupt``, so a caller that stops on Ctrl-C still does; the CLI prints it on
     one line and exits with code 130."""
+
+
+class RunTerminated(RuntimeError):
+    """SIGTERM (a scheduler's preemption, ``kill``, ``torchrun`` stopping its workers) during the
+    meta-steps: the run finished the meta-step it was in, checkpointed it and stopped, so
+    ``--resume`` runs nothing again. The CLI prints its message on one line and exits with code 143."""
+
+
+def terminated_message(out: Path, step: int, total: int) -> str:
+    """What a run stopped by SIGTERM after meta-step ``step`` (checkpointed there) tells its user."""
+    then = "writes its results" if step == total else f"continues from meta-step {step + 1}"
+    return (f"stopped by SIGTERM after meta-step {step} of {total}, checkpointed in {out}: --resume {then}, "
+            "running nothing again")  # fmt: skip
+
+
+class _TerminationRequest:
+    """Whether SIGTERM has arrived since :func:`_catch_sigterm` began."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def _catch_sigterm() -> Iterator[_TerminationRequest]:
+    """Within the block, SIGTERM sets the request's flag instead of ending the process, so the
+    meta-step in progress can finish and be checkpointed. Only where SIGTERM has its default
+    action and this is the main thread (Python's rule for handlers): a handler or SIG_IGN the
+    caller installed is left alone. The previous action is restored on exit."""
+    request = _TerminationRequest()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield request
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        request.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def interrupted_message(out: Path, step: int, total: int, saved: int | None, saving: bool) -> str:
@@ -353,10 +396,15 @@ def train_loop(
     Returns:
         ``(step, log)``: the last meta-step completed and the records this call wrote.
 
+    SIGTERM (where nothing else handles it) lets the meta-step in progress finish, checkpoints
+    it and raises :class:`RunTerminated`; Ctrl-C stops at once and raises :class:`RunInterrupted`.
+
     Raises:
         ConfigError: an existing run without ``resume``, a checkpoint that does not fit, a
             folder another process is writing to, or a non-finite meta-loss (the message ends
             with ``hint``).
+        RunTerminated: SIGTERM arrived; the checkpoint holds the last meta-step.
+        RunInterrupted: Ctrl-C during the meta-steps.
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
@@ -407,7 +455,7 @@ def train_loop(
     # the checkpoint on disk (None: none yet) and whether one is being written, for Ctrl-C's message
     saved, saving, step = (start or None), False, start + 1
     try:
-        with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file:
+        with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file, _catch_sigterm() as term:
             for step in range(start + 1, stop + 1):
                 began = time.perf_counter()
                 try:
@@ -431,10 +479,16 @@ def train_loop(
                     else 0.9 * running + 0.1 * record["meta_loss"]
                 )
                 bar.update(record, running)
-                if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps):
+                # the ranks stop together: a rank that stopped alone would leave the others waiting
+                # in a collective (one more per meta-step, under torchrun only)
+                terminating = workers.any(term.requested)
+                if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps or terminating):
                     saving = True
                     _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
                     saved, saving = step, False
+                if terminating:
+                    bar.close()
+                    raise RunTerminated(terminated_message(out, step, config.meta_steps))
     except KeyboardInterrupt:
         bar.close()
         raise RunInterrupted(interrupted_message(out, step, config.meta_steps, saved, saving)) from None

@@ -424,6 +424,8 @@ def meta_train(
     Raises:
         ConfigError: bad configuration, missing data, or a resume that does not fit.
         DistributedError: another rank failed.
+        RunTerminated: SIGTERM arrived (see :func:`~learnedopt.meta.loop.train_loop`); the
+            checkpoint holds the meta-step that was in progress.
     """
     workers = check_run(config, checkpoint_every, workers)
     out = Path(out)
