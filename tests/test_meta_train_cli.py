@@ -1164,3 +1164,102 @@ def test_a_bad_learnedopt_compile_is_a_one_line_error_before_the_run_writes(
         "or 0 (run it eagerly)\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- --task module:Class
+OWN_TASKS = '''
+import torch
+import torch.nn.functional as F
+from learnedopt.meta import Task, TaskFamily
+
+
+class Logistic(Task):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def init_params(self, generator):
+        return {"w": torch.zeros(self.x.shape[1]), "b": torch.zeros(())}
+
+    def loss(self, params, step_index):
+        return F.binary_cross_entropy_with_logits(self.x @ params["w"] + params["b"], self.y)
+
+
+class LogisticFamily(TaskFamily):
+    name = "logistic"
+    splits = []  # the split of every instance made, in order
+
+    def __init__(self, split):
+        LogisticFamily.splits.append(split)
+        self.scale = 3.0 if split == "meta_train" else 1.0
+
+    def sample(self, generator):
+        x = torch.randn(64, 5, generator=generator) * self.scale
+        return Logistic(x, (x @ torch.randn(5, generator=generator) > 0).float())
+
+    def describe(self):
+        return "logistic regression on 64 Gaussian points in 5 dimensions"
+
+
+def make_with_data(data):
+    family = LogisticFamily("meta_train")
+    family.data = data
+    return family
+
+
+def not_a_family():
+    return 3
+'''
+
+
+@pytest.fixture
+def own_tasks(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
+    """An importable module of the user's own task family; returns its module name."""
+    name = f"own_tasks_{abs(hash(str(tmp_path)))}"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{name}.py").write_text(OWN_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: Path, own_tasks: str) -> None:
+    """``--task module:Class``: the run trains on the user's family (its meta_train split; the
+    validation on its meta_valid one), its card describes it, and --resume rebuilds it exactly."""
+    import importlib
+
+    task = f"{own_tasks}:LogisticFamily"
+    args = ("--task", task, "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    family = importlib.import_module(own_tasks).LogisticFamily
+    assert family.splits == ["meta_train", "meta_valid"]
+    assert "logistic regression on 64 Gaussian points" in (whole / "MODEL_CARD.md").read_text()
+    assert f"--task {task}" in read_header(whole / "weights.safetensors")["command"]
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a factory that takes data gets --data; the class, which does not, refuses it
+    assert run(tmp_path / "data", "--task", f"{own_tasks}:make_with_data", "--data", str(tmp_path), "--meta-steps", "1") == 0
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "message"),
+    [
+        ("no_such_module_xyz:Family", (), "--task no_such_module_xyz:Family: cannot import 'no_such_module_xyz' "
+         "(ModuleNotFoundError: No module named 'no_such_module_xyz'); it must be importable"),
+        ("{mod}:Missing", (), "--task {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
+        ("{mod}:not_a_family", (), "--task {mod}:not_a_family: {mod}:not_a_family() gave a int, not a learnedopt.meta.TaskFamily"),
+        ("{mod}:LogisticFamily", ("--data", "."), "--task {mod}:LogisticFamily: {mod}:LogisticFamily takes no data "
+         "parameter, so --data would be ignored"),
+        ("{mod}:1x", (), "unknown task '{mod}:1x'"),
+    ],
+)
+def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything_is_written(
+    tmp_path: Path, own_tasks: str, capsys, task: str, extra: tuple[str, ...], message: str
+) -> None:
+    out = tmp_path / "run"
+    assert run(out, "--task", task.format(mod=own_tasks), *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"learnedopt meta-train: error: {message.format(mod=own_tasks)}"), err
+    assert err.count("\n") == 1 and not out.exists()

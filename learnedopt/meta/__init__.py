@@ -18,6 +18,7 @@ from .tasks import (
     TaskFamily,
     derive_seed,
     generator_for,
+    import_family,
     make_family,
 )
 from .unroll import (
@@ -53,6 +54,7 @@ __all__ = [
     "detach_all",
     "generator_for",
     "horizon_loss_weights",
+    "import_family",
     "make_family",
     "multi_step_loss_weights",
     "num_coordinates",

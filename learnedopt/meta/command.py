@@ -79,7 +79,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--task",
         help=f"task family: for lstm {', '.join(TASK_FAMILIES)}, or a mixture such as "
         "mlp-random+quadratic (each meta-batch from one member, drawn uniformly; "
-        f"mlp-random:3+quadratic draws mlp-random three times as often; default {d.task}); "
+        f"mlp-random:3+quadratic draws mlp-random three times as often; default {d.task}), or your "
+        "own TaskFamily as module:Class; "
         "for the few-shot algos sinusoid or omniglot (default sinusoid)",
     )
     parser.add_argument(

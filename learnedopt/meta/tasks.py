@@ -13,6 +13,8 @@ of the next), and a run resumed from a checkpoint sees exactly the minibatches i
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
 import math
 import os
@@ -862,8 +864,61 @@ MAX_MIXTURE_WEIGHT = 10**6
 TASK_NAME_SYNTAX = (
     f"{', '.join(TASK_FAMILIES)} or a mixture of them joined by {MIXTURE_SEPARATOR!r} (distinct families, "
     f"each optionally weighted by a positive integer after {WEIGHT_SEPARATOR!r}: mlp-random+quadratic, or "
-    "mlp-random:3+quadratic to draw mlp-random three times as often)"
+    "mlp-random:3+quadratic to draw mlp-random three times as often), or your own TaskFamily class "
+    "as module:Class (e.g. mytasks:LogisticFamily)"
 )
+
+
+def imported_family_path(name: str) -> tuple[str, str] | None:
+    """``(module, attribute)`` of a task name in Python's entry-point syntax, ``package.module:Class``
+    (a :class:`TaskFamily` subclass, or any callable returning a family); None for other names (a
+    mixture member's weight, ``mlp-random:3``, is a number, not a name)."""
+    module, separator, attribute = name.partition(WEIGHT_SEPARATOR)
+    if not separator or not attribute.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        return None
+    return module, attribute
+
+
+def import_family(name: str, *, data: str | os.PathLike[str] | None = None, split: str = "meta_train") -> TaskFamily:
+    """The family of an imported task name (:func:`imported_family_path`): its class (or factory)
+    called with ``split=`` if it takes that parameter (``"meta_train"`` for meta-training,
+    ``"meta_valid"`` for the run's validation and selection; a family without it draws both from
+    one distribution, with different seeds) and ``data=`` if given.
+
+    Raises:
+        ValueError: the module does not import, lacks the name, the callable refuses ``data``,
+            or what it returns is not a :class:`TaskFamily`.
+    """
+    path = imported_family_path(name)
+    if path is None:
+        raise ValueError(f"{name!r} is not a module:Class name")
+    module_name, attribute = path
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"cannot import {module_name!r} ({type(err).__name__}: {err}); it must be importable: the "
+            "learnedopt command does not search the current folder, so run from the module's folder with "
+            "PYTHONPATH=. or python -m learnedopt.train"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"module {module_name!r} has no class or function {attribute!r}")
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: call it as it is
+        parameters = {}
+    kwargs: dict[str, object] = {}
+    if "split" in parameters:
+        kwargs["split"] = split
+    if data is not None:
+        if "data" not in parameters:
+            raise ValueError(f"{name} takes no data parameter, so --data would be ignored")
+        kwargs["data"] = data
+    family = factory(**kwargs)
+    if not isinstance(family, TaskFamily):
+        raise ValueError(f"{name}() gave a {type(family).__name__}, not a learnedopt.meta.TaskFamily")
+    return family
 
 
 def parse_mixture(name: str) -> list[tuple[str, int]] | None:
@@ -891,14 +946,18 @@ def check_mixture_weights(weights: Sequence[int]) -> None:
 
 
 def is_task_family(name: str) -> bool:
-    """Whether ``name`` is one of :data:`TASK_FAMILIES` or a mixture of distinct ones (``a+b``,
-    ``a:3+b``)."""
-    return name in TASK_FAMILIES or parse_mixture(name) is not None
+    """Whether ``name`` is one of :data:`TASK_FAMILIES`, a mixture of distinct ones (``a+b``,
+    ``a:3+b``), or has the form of an imported family (``module:Class``; whether it imports is
+    known once :func:`make_family` imports it)."""
+    return name in TASK_FAMILIES or parse_mixture(name) is not None or imported_family_path(name) is not None
 
 
 def reads_data(name: str) -> bool:
     """Whether the task ``name`` (a family, or a mixture as :func:`is_task_family` accepts) reads
-    the MNIST folder: it is, or has a member in, :data:`DATA_FAMILIES`."""
+    the MNIST folder: it is, or has a member in, :data:`DATA_FAMILIES`. An imported family may
+    read a data folder of its own: :func:`import_family` checks that it takes ``data``."""
+    if imported_family_path(name) is not None:
+        return True
     return any(family in DATA_FAMILIES for family, _ in parse_mixture(name) or [(name, 1)])
 
 
@@ -909,9 +968,10 @@ def make_family(
     split: str = "meta_train",
     dtype: torch.dtype = torch.float32,
 ) -> TaskFamily:
-    """The task family called ``name``: one of :data:`TASK_FAMILIES`, or several joined by ``+``
+    """The task family called ``name``: one of :data:`TASK_FAMILIES`, several joined by ``+``
     for a :class:`MixtureFamily` (e.g. ``mlp-random+quadratic``, or ``mlp-random:3+quadratic`` to
-    draw ``mlp-random`` three times as often).
+    draw ``mlp-random`` three times as often), or your own as ``module:Class``
+    (:func:`import_family`; ``dtype`` does not apply to it).
 
     ``split`` chooses the data part of data-backed families (see :data:`MNIST_SPLIT`); ``data``
     is their MNIST folder, and is refused by a task that reads none (it would be ignored).
@@ -920,6 +980,8 @@ def make_family(
         raise ValueError(f"unknown split {split!r}; parts: {sorted(MNIST_SPLIT)}")
     if data is not None and is_task_family(name) and not reads_data(name):
         raise ValueError(f"data is the MNIST folder of {' and '.join(DATA_FAMILIES)}; task {name!r} reads none")
+    if imported_family_path(name) is not None:
+        return import_family(name, data=data, split=split)
     if MIXTURE_SEPARATOR in name:
         members = parse_mixture(name)
         if members is None:

@@ -77,6 +77,7 @@ from .tasks import (
     TaskFamily,
     check_mixture_weights,
     generator_for,
+    imported_family_path,
     is_task_family,
     make_family,
     parse_mixture,
@@ -92,8 +93,9 @@ class MetaTrainConfig:
     """Everything that determines a meta-training run's results.
 
     Attributes:
-        task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`, or a mixture of
-            them joined by ``+``: :class:`~learnedopt.meta.tasks.MixtureFamily`).
+        task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`, a mixture of
+            them joined by ``+``: :class:`~learnedopt.meta.tasks.MixtureFamily`, or your own as
+            ``module:Class``: :func:`~learnedopt.meta.tasks.import_family`).
         rule: update rule class to start from its seeded initialisation, or None with ``preset``.
         rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
             [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
@@ -485,7 +487,8 @@ def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     try:
         return make_family(config.task, data=config.data, split=split).to(config.device)
     except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"--task {config.task} needs MNIST: {err}") from None
+        needs = "" if imported_family_path(config.task) else " needs MNIST"
+        raise ConfigError(f"--task {config.task}{needs}: {err}") from None
 
 
 _MIXTURE_EVAL_NOTE = (
