@@ -977,29 +977,45 @@ def test_model_card_rows_keep_two_cells_when_a_value_holds_a_pipe() -> None:
     assert r"/d/a\|b" in rows[0]
 
 
-def interrupt_at(monkeypatch, at: int) -> None:  # noqa: ANN001 - pytest's fixture
-    """Make meta-step ``at`` of the next run raise KeyboardInterrupt, as Ctrl-C there does."""
+def at_meta_step(monkeypatch, at: int, action) -> None:  # noqa: ANN001 - pytest's fixture, a callable
+    """Call ``action()`` when meta-step ``at`` of the next run begins."""
     from learnedopt.meta import train
 
     step = train._RuleTrainer.step
 
-    def interrupted(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
+    def step_with_action(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
         if s == at:
-            raise KeyboardInterrupt
+            action()
         return step(self, s)
 
-    monkeypatch.setattr(train._RuleTrainer, "step", interrupted)
+    monkeypatch.setattr(train._RuleTrainer, "step", step_with_action)
+
+
+def interrupt_at(monkeypatch, at: int) -> None:  # noqa: ANN001 - pytest's fixture
+    """Make meta-step ``at`` of the next run raise KeyboardInterrupt, as Ctrl-C there does."""
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    at_meta_step(monkeypatch, at, ctrl_c)
+
+
+def whole_and_stopped_runs(tmp_path: Path, monkeypatch, stop, at: int, checkpoint_every: int, code: int):  # noqa: ANN001
+    """A 6-step run, and the same run stopped by ``stop(monkeypatch, at)`` (exit ``code``):
+    their folders and the arguments that continue the stopped one."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "6", "--checkpoint-every", str(checkpoint_every), "--seed", "3")
+    assert run(whole, *args) == 0
+    with monkeypatch.context() as patch:
+        stop(patch, at)
+        assert run(broken, *args) == code
+    return whole, broken, args
 
 
 def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume_continues_exactly(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    args = ("--meta-steps", "6", "--checkpoint-every", "2", "--seed", "3")
-    assert run(whole, *args) == 0
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, 5)
-        assert run(broken, *args) == 130
+    whole, broken, args = whole_and_stopped_runs(tmp_path, monkeypatch, interrupt_at, 5, 2, 130)
     err = capsys.readouterr().err
     assert err == (
         f"learnedopt meta-train: interrupted during meta-step 5 of 6; the checkpoint in {broken} is at "
@@ -1019,17 +1035,11 @@ def terminate_at(monkeypatch, at: int) -> None:  # noqa: ANN001 - pytest's fixtu
     is in place (without one, SIGTERM would end the test session: the test fails instead)."""
     import signal
 
-    from learnedopt.meta import train
+    def sigterm() -> None:
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no SIGTERM handler during the meta-steps"
+        signal.raise_signal(signal.SIGTERM)
 
-    step = train._RuleTrainer.step
-
-    def terminated(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
-        if s == at:
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no SIGTERM handler during the meta-steps"
-            signal.raise_signal(signal.SIGTERM)
-        return step(self, s)
-
-    monkeypatch.setattr(train._RuleTrainer, "step", terminated)
+    at_meta_step(monkeypatch, at, sigterm)
 
 
 def test_sigterm_finishes_the_meta_step_checkpoints_it_and_resume_runs_nothing_again(
@@ -1040,12 +1050,7 @@ def test_sigterm_finishes_the_meta_step_checkpoints_it_and_resume_runs_nothing_a
     is checkpointed, the command exits with 143, and ``--resume`` ends as an uninterrupted run."""
     import signal
 
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    args = ("--meta-steps", "6", "--checkpoint-every", "4", "--seed", "3")
-    assert run(whole, *args) == 0
-    with monkeypatch.context() as patch:
-        terminate_at(patch, 3)
-        assert run(broken, *args) == 143
+    whole, broken, args = whole_and_stopped_runs(tmp_path, monkeypatch, terminate_at, 3, 4, 143)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
     assert capsys.readouterr().err == (
         f"learnedopt meta-train: stopped by SIGTERM after meta-step 3 of 6, checkpointed in {broken}: --resume "
@@ -1069,19 +1074,10 @@ def test_sigterm_handled_by_the_caller_is_left_to_the_caller(tmp_path: Path, mon
     not replace it, and is not stopped by it."""
     import signal
 
-    from learnedopt.meta import train
-
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
-        step = train._RuleTrainer.step
-
-        def terminated(self, s: int) -> dict[str, float]:  # noqa: ANN001 - the trainer
-            if s == 2:
-                signal.raise_signal(signal.SIGTERM)
-            return step(self, s)
-
-        monkeypatch.setattr(train._RuleTrainer, "step", terminated)
+        at_meta_step(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))
         assert run(tmp_path / "run", "--meta-steps", "3") == 0
         assert seen == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

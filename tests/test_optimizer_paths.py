@@ -234,21 +234,29 @@ def validated_kernel_on_cpu(monkeypatch):
     return kernel
 
 
+def kernel_launch_fails(monkeypatch, failing: int) -> list[int]:  # noqa: ANN001 - pytest's fixture
+    """The real kernel in the interpreter (as :func:`validated_kernel_on_cpu`), whose launch
+    number ``failing`` raises as a variant that fails to compile; returns the list that counts
+    the launches."""
+    kernel = validated_kernel_on_cpu(monkeypatch)
+    real, launches = kernel.coordinate_lstm_step_, []
+
+    def one_launch_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the kernel's
+        launches.append(1)
+        if len(launches) == failing:
+            raise RuntimeError("this variant failed to compile")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "coordinate_lstm_step_", one_launch_fails)
+    return launches
+
+
 def test_auto_fallback_after_a_part_way_kernel_failure_does_not_step_a_tensor_twice(monkeypatch) -> None:
     """A kernel variant that fails to compile for a later run of the group (Triton compiles one
     per dtype and alignment) leaves the runs before it updated: the fallback must update only the
     rest (it re-ran the whole group, so the first run's parameters and states moved twice). Forced
     on CPU as above, with the real kernel in the interpreter failing on its second launch."""
-    kernel = validated_kernel_on_cpu(monkeypatch)
-    real, launches = kernel.coordinate_lstm_step_, []
-
-    def second_launch_fails(*args, **kwargs):
-        launches.append(1)
-        if len(launches) == 3:
-            raise RuntimeError("this variant failed to compile")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "coordinate_lstm_step_", second_launch_fails)
+    launches = kernel_launch_fails(monkeypatch, 3)
     results = {}
     for backend in ("auto", "torch"):
         params = make_params([(5,), (3,), (4,)], dtype=torch.float32)
@@ -271,16 +279,7 @@ def test_explicit_triton_finishes_a_step_whose_kernel_failed_part_way_then_raise
     """``backend="triton"`` raised from inside the group, leaving the runs before the failing one
     stepped and the rest (and any later group) not, with no step counted. It now finishes the step
     on the PyTorch path, so the optimizer stays a consistent one-step-later state, then raises."""
-    kernel = validated_kernel_on_cpu(monkeypatch)
-    real, launches = kernel.coordinate_lstm_step_, []
-
-    def third_launch_fails(*args, **kwargs):
-        launches.append(1)
-        if len(launches) == 3:
-            raise RuntimeError("this variant failed to compile")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernel, "coordinate_lstm_step_", third_launch_fails)
+    launches = kernel_launch_fails(monkeypatch, 3)
     results = {}
     for backend in ("triton", "torch"):
         params = make_params([(5,), (3,), (4,), (2,)], dtype=torch.float32)
