@@ -1426,3 +1426,98 @@ def test_a_step_override_cuts_every_problem_and_leaves_the_original() -> None:
                         include_default_learned=False)  # fmt: skip
     entry = evaluate_optimizers(config, log=lambda _: None)["problems"]["quadratic-20"]
     assert entry["steps"] == 4 and all(len(r["curve_median"]) == 4 for r in entry["results"].values())
+
+
+# ----------------------------------------------------------------------------- --problems module:Class
+OWN_PROBLEMS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+from learnedopt.evaluation import Problem
+
+
+class LinearRegression(Problem):
+    steps = 6
+    description = "linear regression, 64 points in 8 dimensions"
+
+    def __init__(self, data=None):
+        self.data = data
+
+    def model(self, seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Linear(8, 1)
+
+    def loss(self, model, seed, step):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 8, generator=g)
+        return F.mse_loss(model(x), x @ torch.randn(8, 1, generator=g))
+
+
+def not_a_problem():
+    return 3
+
+
+class NoSteps(LinearRegression):
+    steps = 0
+
+
+def broken():
+    raise RuntimeError("never built")
+'''
+
+
+@pytest.fixture
+def own_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of the user's own problems; returns its module name."""
+    name = f"own_problems_{abs(hash(str(tmp_path)))}"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{name}.py").write_text(OWN_PROBLEMS)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path: Path, own_problems: str) -> None:
+    """``--problems module:Class``: the harness runs the user's Problem under that name, each
+    optimizer's curve the same as a direct run of it, and hands ``data`` to a problem that takes it."""
+    from learnedopt.evaluation.harness import _evaluate_problem, check_config
+
+    name = f"{own_problems}:LinearRegression"
+    problem = make_problem(name, data=tmp_path)
+    assert problem.name == name and problem.data == str(tmp_path) and problem.steps == 6
+    config = EvalConfig(problems=[name], seeds=2, tuning_seeds=1, lrs=(0.1,), stability_steps=0, presets=["l2l-blend"])
+    learned = check_config(config).learned
+    output = _evaluate_problem(name, config, learned, {}, lambda line: None)
+    assert output["description"] == "linear regression, 64 points in 8 dimensions" and output["steps"] == 6
+    adam = output["results"]["Adam"]
+    direct = [run_optimizer(make_problem(name), seed, BASELINES["Adam"], 0.1, steps=6) for seed in (0, 1)]
+    assert adam["final_mean"] == pytest.approx(float(np.mean([c[-10:].mean() for c in direct])), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ("not_a_problem", "{mod}:not_a_problem() gave a int, not a learnedopt.evaluation.Problem"),
+        ("NoSteps", "{mod}:NoSteps: a Problem needs steps (a positive integer) and description (a string), got 0"),
+        ("Missing", "problem {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
+        ("broken", "never built"),
+    ],
+)
+def test_an_own_problem_that_cannot_be_used_is_refused_before_any_run(
+    tmp_path: Path, own_problems: str, capsys, monkeypatch: pytest.MonkeyPatch, attribute: str, message: str
+) -> None:
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    argv = ["evaluate", "optimizers", "--problems", f"{own_problems}:{attribute}", "--seeds", "1",
+            "--stability-steps", "0", "--out", str(tmp_path / "out")]  # fmt: skip
+    if attribute == "broken":  # the user's own code failing is the user's traceback, not a one-line error
+        with pytest.raises(RuntimeError, match=message):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("learnedopt evaluate optimizers: error: ") and message.format(mod=own_problems) in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help=f"problems to run (default the suite: {', '.join(DEFAULT_PROBLEMS)}; only when named: {', '.join(EXTRA_PROBLEMS)})",
+        help=f"problems to run (default the suite: {', '.join(DEFAULT_PROBLEMS)}; only when named: {', '.join(EXTRA_PROBLEMS)}; "
+        "or your own learnedopt.evaluation.Problem as module:Class)",
     )
     parser.add_argument(
         "--weights",
@@ -161,8 +162,8 @@ def run_cli(
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
         if Path(args.name).name != args.name or args.name in ("", ".", ".."):
             raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
-        create_output_folder(out_dir)
         setup = check_config(config)
+        create_output_folder(out_dir)  # after the checks, so that a refused run leaves no folder
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

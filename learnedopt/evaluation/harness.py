@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, make_problem
 from .runs import (
     BASELINES,
@@ -110,8 +111,8 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown preset {', '.join(unknown)}; the suite's presets are {', '.join(known)}")
         for p in self.problems:
-            if isinstance(p, str) and p not in PROBLEMS:
-                raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}")
+            if isinstance(p, str) and p not in PROBLEMS and entry_point_path(p) is None:
+                raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}, or your own as module:Class")
         names = [p if isinstance(p, str) else p.name for p in self.problems]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:  # a report keys results by problem name: the second would run for nothing
@@ -363,7 +364,8 @@ class RunSetup(NamedTuple):
 
 def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: the weight files, the
-    report to reuse and an explicitly named data folder; returns what they read, for
+    report to reuse, an explicitly named data folder and your own problems (``module:Class``,
+    built once here to see that they import and are problems); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
@@ -377,6 +379,9 @@ def check_config(config: EvalConfig) -> RunSetup:
         data_sha256 = mnist_sha256(config.data, required=config.data is not None)
     except FileNotFoundError as err:
         raise ValueError(f"data: {err}") from None
+    for problem in config.problems:
+        if isinstance(problem, str) and entry_point_path(problem) is not None:
+            make_problem(problem, config.data)
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return RunSetup(learned, records, data_sha256, reused)
 

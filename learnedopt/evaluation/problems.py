@@ -29,6 +29,7 @@ from ..meta.tasks import (
     regression_draw,
 )
 from ..models import TinyTransformer, small_resnet
+from ..plugins import entry_point_path, load_entry_point, takes_parameter
 
 # Second key of generator_for: which stream of a seed a generator draws.
 _INIT_STREAM, _BATCH_STREAM, _TASK_STREAM = 0, 1, 2
@@ -478,12 +479,31 @@ DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_
 
 
 def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Problem:
-    """The problem called ``name`` (a key of :data:`PROBLEMS`).
+    """The problem called ``name``: a key of :data:`PROBLEMS`, or your own as ``module:Class`` (a
+    :class:`Problem` subclass, or a function returning one, called with ``data=`` if it takes
+    that parameter; the problem is renamed ``name``, the key of its results in a report).
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or an own problem that does not import or is not a
+            :class:`Problem` with a positive integer ``steps`` and a ``description``.
         FileNotFoundError: a data-backed problem whose data is missing.
     """
+    if entry_point_path(name) is not None:
+        try:
+            factory = load_entry_point(name)
+        except ValueError as err:
+            raise ValueError(f"problem {name}: {err}") from None
+        problem = factory(**({"data": str(data)} if data is not None and takes_parameter(factory, "data") else {}))
+        if not isinstance(problem, Problem):
+            raise ValueError(f"{name}() gave a {type(problem).__name__}, not a learnedopt.evaluation.Problem")
+        steps, description = getattr(problem, "steps", None), getattr(problem, "description", None)
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1) or not isinstance(description, str):
+            raise ValueError(
+                f"{name}: a Problem needs steps (a positive integer) and description (a string), "
+                f"got {steps!r} and {description!r}"
+            )
+        problem.name = name
+        return problem
     if name not in PROBLEMS:
-        raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
+        raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}, or your own as module:Class")
     return PROBLEMS[name](None if data is None else str(data), name)
