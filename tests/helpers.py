@@ -118,3 +118,16 @@ def record_options(monkeypatch, module, names) -> list:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, **kw: seen.append(kw["options"]) or real(*a, **kw))
     return seen
+
+
+def importable_module(tmp_path: Path, monkeypatch, prefix: str, source: str) -> Iterator[str]:  # noqa: ANN001 - pytest's fixture
+    """A module of ``source`` that ``import`` finds (a file in ``tmp_path`` on ``sys.path``), for
+    a fixture to yield: its name, unique to ``tmp_path``; forgotten by ``sys.modules`` after."""
+    import sys
+
+    name = f"{prefix}_{abs(hash(str(tmp_path)))}"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    yield name
+    sys.modules.pop(name, None)

@@ -17,6 +17,8 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import importable_module
+
 from learnedopt import CoordinateLSTM, LSTMOptimizer, save_weights
 from learnedopt.evaluation import (
     BASELINES,
@@ -1470,12 +1472,7 @@ def broken():
 @pytest.fixture
 def own_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """An importable module of the user's own problems; returns its module name."""
-    name = f"own_problems_{abs(hash(str(tmp_path)))}"
-    (tmp_path / "modules").mkdir()
-    (tmp_path / "modules" / f"{name}.py").write_text(OWN_PROBLEMS)
-    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    yield name
-    sys.modules.pop(name, None)
+    yield from importable_module(tmp_path, monkeypatch, "own_problems", OWN_PROBLEMS)
 
 
 def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path: Path, own_problems: str) -> None:

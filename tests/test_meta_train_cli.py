@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import folder_locked_by_another_run
+from helpers import folder_locked_by_another_run, importable_module
 from test_meta_unroll import random_rule, write_fake_mnist
 
 from learnedopt import load_weights
@@ -1210,12 +1210,7 @@ def not_a_family():
 @pytest.fixture
 def own_tasks(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
     """An importable module of the user's own task family; returns its module name."""
-    name = f"own_tasks_{abs(hash(str(tmp_path)))}"
-    (tmp_path / "modules").mkdir()
-    (tmp_path / "modules" / f"{name}.py").write_text(OWN_TASKS)
-    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    yield name
-    sys.modules.pop(name, None)
+    yield from importable_module(tmp_path, monkeypatch, "own_tasks", OWN_TASKS)
 
 
 def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: Path, own_tasks: str) -> None:
