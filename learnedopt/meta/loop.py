@@ -10,10 +10,10 @@ behave the same on the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
-import contextlib
 import os
 import signal
 import sys
