@@ -1204,13 +1204,40 @@ def make_with_data(data):
 
 def not_a_family():
     return 3
+
+
+# what a user gets wrong: each is refused in one line before the run writes anything
+class NoDescribe(TaskFamily):
+    name = "no-describe"
+
+    def sample(self, generator):
+        return LogisticFamily("meta_train").sample(generator)
+
+
+class NeedsWidth(LogisticFamily):
+    def __init__(self, width, split="meta_train"):
+        super().__init__(split)
+
+
+def broken_factory():
+    raise RuntimeError("cannot reach the data server")
+
 '''
 
 
 @pytest.fixture
 def own_tasks(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
     """An importable module of the user's own task family; returns its module name."""
-    yield from importable_module(tmp_path, monkeypatch, "own_tasks", OWN_TASKS)
+    name = f"own_tasks_{abs(hash(str(tmp_path)))}"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{name}.py").write_text(OWN_TASKS)
+    (tmp_path / "modules" / f"{name}_raises.py").write_text('raise RuntimeError("set MYTASKS_DATA first")\n')
+    (tmp_path / "modules" / f"{name}_syntax.py").write_text("def f(:\n")
+    (tmp_path / "modules" / f"{name}_needs.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    yield name
+    for module in (name, f"{name}_raises", f"{name}_syntax", f"{name}_needs"):
+        sys.modules.pop(module, None)
 
 
 def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: Path, own_tasks: str) -> None:
@@ -1244,6 +1271,23 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
         ("{mod}:LogisticFamily", ("--data", "."), "--task {mod}:LogisticFamily: {mod}:LogisticFamily takes no data "
          "parameter, so --data would be ignored"),
         ("{mod}:1x", (), "unknown task '{mod}:1x'"),
+        # a module that raises on import: a traceback (only ImportError was caught)
+        ("{mod}_raises:F", (), "--task {mod}_raises:F: importing '{mod}_raises' failed: RuntimeError: set MYTASKS_DATA first\n"),
+        ("{mod}_syntax:F", (), "--task {mod}_syntax:F: importing '{mod}_syntax' failed: SyntaxError: invalid syntax "
+         "({mod}_syntax.py, line 1)\n"),
+        # the module imports, a module it needs does not: not the advice to set PYTHONPATH
+        ("{mod}_needs:F", (), "--task {mod}_needs:F: importing '{mod}_needs' failed: ModuleNotFoundError: No module "
+         "named 'no_such_dependency_xyz'\n"),
+        # constructors that cannot be called as they are: a TypeError traceback
+        ("{mod}:Logistic", (), "--task {mod}:Logistic: {mod}:Logistic is a Task (one optimizee); --task takes the "
+         "TaskFamily that samples it\n"),
+        ("{mod}:NoDescribe", (), "--task {mod}:NoDescribe: {mod}:NoDescribe does not define describe, which every "
+         "TaskFamily must\n"),
+        ("{mod}:NeedsWidth", (), "--task {mod}:NeedsWidth: {mod}:NeedsWidth needs width, which it is not given (it is "
+         "called with split= if it takes it and data= with --data): give them defaults, or point --task at a "
+         "function that builds the family\n"),
+        ("{mod}:broken_factory", (), "--task {mod}:broken_factory: {mod}:broken_factory() raised RuntimeError: cannot "
+         "reach the data server\n"),
     ],
 )
 def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything_is_written(

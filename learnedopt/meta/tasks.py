@@ -886,8 +886,10 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
     one distribution, with different seeds) and ``data=`` if given.
 
     Raises:
-        ValueError: the module does not import, lacks the name, the callable refuses ``data``,
-            or what it returns is not a :class:`TaskFamily`.
+        ValueError: the module does not import (whatever it raises: ImportError, SyntaxError, ...),
+            lacks the name, names a :class:`Task` or an abstract class, the callable refuses
+            ``data``, needs arguments it is not given, raises, or what it returns is not a
+            :class:`TaskFamily`.
     """
     path = imported_family_path(name)
     if path is None:
@@ -895,15 +897,25 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
     module_name, attribute = path
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name is not None and not (module_name == err.name or module_name.startswith(err.name + ".")):
+            # the module was found; a module it imports was not
+            raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {err}") from None
         raise ValueError(
             f"cannot import {module_name!r} ({type(err).__name__}: {err}); it must be importable: the "
             "learnedopt command does not search the current folder, so run from the module's folder with "
             "PYTHONPATH=. or python -m learnedopt.train"
         ) from None
+    except Exception as err:  # noqa: BLE001 - the user's module: SyntaxError, RuntimeError, ...
+        raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {_one_line(err)}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ValueError(f"module {module_name!r} has no class or function {attribute!r}")
+    if inspect.isclass(factory) and issubclass(factory, Task):
+        raise ValueError(f"{name} is a Task (one optimizee); --task takes the TaskFamily that samples it")
+    if inspect.isabstract(factory):
+        missing = ", ".join(sorted(getattr(factory, "__abstractmethods__", ())))
+        raise ValueError(f"{name} does not define {missing}, which every TaskFamily must")
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: call it as it is
@@ -915,10 +927,30 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
         if "data" not in parameters:
             raise ValueError(f"{name} takes no data parameter, so --data would be ignored")
         kwargs["data"] = data
-    family = factory(**kwargs)
+    needed = [
+        p.name
+        for p in parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in kwargs
+    ]
+    if needed:
+        raise ValueError(
+            f"{name} needs {', '.join(needed)}, which it is not given (it is called with split= if it takes it "
+            "and data= with --data): give them defaults, or point --task at a function that builds the family"
+        )
+    try:
+        family = factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's constructor
+        raise ValueError(f"{name}() raised {type(err).__name__}: {_one_line(err)}") from None
     if not isinstance(family, TaskFamily):
         raise ValueError(f"{name}() gave a {type(family).__name__}, not a learnedopt.meta.TaskFamily")
     return family
+
+
+def _one_line(err: BaseException) -> str:
+    """``str(err)`` on one line (a traceback-free message for a one-line error)."""
+    return " ".join(str(err).split())
 
 
 def parse_mixture(name: str) -> list[tuple[str, int]] | None:
