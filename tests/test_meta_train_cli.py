@@ -1288,6 +1288,12 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "function that builds the family\n"),
         ("{mod}:broken_factory", (), "--task {mod}:broken_factory: {mod}:broken_factory() raised RuntimeError: cannot "
          "reach the data server\n"),
+        # the README says an imported family cannot be a mixture member; the error said "unknown task"
+        ("{mod}:LogisticFamily+quadratic", (), "--task {mod}:LogisticFamily+quadratic: your own family "
+         "{mod}:LogisticFamily cannot be a mixture member (mixtures are of the built-in families); to mix, have your "
+         "family draw from several\n"),
+        ("quadratic+{mod}:LogisticFamily:2", (), "--task quadratic+{mod}:LogisticFamily:2: your own family "
+         "{mod}:LogisticFamily cannot be a mixture member"),
     ],
 )
 def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything_is_written(
@@ -1298,3 +1304,11 @@ def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything
     err = capsys.readouterr().err
     assert err.startswith(f"learnedopt meta-train: error: {message.format(mod=own_tasks)}"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_make_family_names_an_imported_mixture_member() -> None:
+    from learnedopt.meta import make_family
+
+    with pytest.raises(ValueError, match=r"^'quadratic\+mytasks:Logistic:3': your own family mytasks:Logistic cannot be a "
+                       r"mixture member \(mixtures are of the built-in families\)"):
+        make_family("quadratic+mytasks:Logistic:3")

@@ -869,6 +869,13 @@ TASK_NAME_SYNTAX = (
 )
 
 
+#: why a mixture refuses an imported member (``{member}``: its name)
+IMPORTED_NOT_MIXED = (
+    "your own family {member} cannot be a mixture member (mixtures are of the built-in families); "
+    "to mix, have your family draw from several"
+)
+
+
 def imported_family_path(name: str) -> tuple[str, str] | None:
     """``(module, attribute)`` of a task name in Python's entry-point syntax, ``package.module:Class``
     (a :class:`TaskFamily` subclass, or any callable returning a family); None for other names (a
@@ -977,6 +984,20 @@ def check_mixture_weights(weights: Sequence[int]) -> None:
         raise ValueError(f"a mixture's weights must sum to at most {MAX_MIXTURE_WEIGHT:,}, got {list(weights)}")
 
 
+def imported_mixture_member(name: str) -> str | None:
+    """The first member of the mixture-like ``name`` (``a+b``) that is an imported family
+    (``module:Class``, possibly weighted: ``module:Class:2``), which a mixture cannot hold; None
+    when there is none."""
+    if MIXTURE_SEPARATOR not in name:
+        return None
+    for part in name.split(MIXTURE_SEPARATOR):
+        family, _, weight = part.rpartition(WEIGHT_SEPARATOR)
+        member = family if weight.isascii() and weight.isdigit() else part
+        if imported_family_path(member) is not None:
+            return member
+    return None
+
+
 def is_task_family(name: str) -> bool:
     """Whether ``name`` is one of :data:`TASK_FAMILIES`, a mixture of distinct ones (``a+b``,
     ``a:3+b``), or has the form of an imported family (``module:Class``; whether it imports is
@@ -1015,6 +1036,8 @@ def make_family(
     if imported_family_path(name) is not None:
         return import_family(name, data=data, split=split)
     if MIXTURE_SEPARATOR in name:
+        if (member := imported_mixture_member(name)) is not None:
+            raise ValueError(f"{name!r}: {IMPORTED_NOT_MIXED.format(member=member)}")
         members = parse_mixture(name)
         if members is None:
             raise ValueError(f"unknown task {name!r}; choose from {TASK_NAME_SYNTAX}")

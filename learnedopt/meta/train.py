@@ -72,12 +72,14 @@ from .loop import (
 )
 from .tasks import (
     DATA_FAMILIES,
+    IMPORTED_NOT_MIXED,
     TASK_NAME_SYNTAX,
     MixtureFamily,
     TaskFamily,
     check_mixture_weights,
     generator_for,
     imported_family_path,
+    imported_mixture_member,
     is_task_family,
     make_family,
     parse_mixture,
@@ -155,6 +157,8 @@ class MetaTrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
+        if (member := imported_mixture_member(self.task)) is not None:
+            raise ConfigError(f"--task {self.task}: {IMPORTED_NOT_MIXED.format(member=member)}")
         if not is_task_family(self.task):
             raise ConfigError(f"unknown task {self.task!r}; choose from {TASK_NAME_SYNTAX}")
         try:
