@@ -521,3 +521,141 @@ def test_real_mnist_family_split() -> None:
 def test_mnist_mlp_family_refuses_bad_sizes(tmp_path, options, message) -> None:
     with pytest.raises(ValueError, match=f"MnistMLPFamily: {re.escape(message)}"):
         MnistMLPFamily(write_fake_mnist(tmp_path), **options)
+
+
+# ----------------------------------------------------------------------------- the user's own tasks
+class OwnTask(Task):
+    """``mean((x w - y)^2)`` on fixed data; the variants below get one thing wrong each."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"w": torch.zeros(self.x.shape[1], dtype=F64), "b": torch.zeros((), dtype=F64)}
+
+    def per_example(self, params: Mapping[str, Tensor]) -> Tensor:
+        return (self.x @ params["w"] + params["b"] - self.y).square()
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        return self.per_example(params).mean()
+
+
+def own_batch(task_class: type[OwnTask], size: int = 2) -> TaskBatch:
+    g = generator_for(7)
+    return TaskBatch([task_class(torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64))
+                      for _ in range(size)])  # fmt: skip
+
+
+class PerExampleLoss(OwnTask):
+    def loss(self, params, step_index):
+        return self.per_example(params)
+
+
+class ShapeOneLoss(OwnTask):
+    def loss(self, params, step_index):
+        return self.per_example(params).mean().reshape(1)
+
+
+class DetachedLoss(OwnTask):
+    def loss(self, params, step_index):
+        return self.per_example({k: v.detach() for k, v in params.items()}).mean()
+
+
+class UnusedBias(OwnTask):
+    def loss(self, params, step_index):
+        return (self.x @ params["w"] - self.y).square().mean()
+
+
+@pytest.mark.parametrize(
+    ("task_class", "message"),
+    [
+        # these two ran: the (B, 6) losses were summed into a gradient 6 times the task's, and
+        # their mean taken as the meta-loss
+        (PerExampleLoss, "task 0's loss at step 0 is a tensor of shape (6,) and dtype torch.float64: Task.loss must "
+         "return a scalar floating-point tensor computed from params (reduce per-example losses, e.g. with .mean())"),
+        (ShapeOneLoss, "task 0's loss at step 0 is a tensor of shape (1,) and dtype torch.float64"),
+        # these two raised autograd's RuntimeError, naming neither the task nor the parameter
+        (DetachedLoss, "the task batch's loss at step 0 has no gradient: it must be computed from the params it is "
+         "given (not detached, not through .item() or numpy)"),
+        (UnusedBias, "the task batch's loss at step 0 does not depend on params ['b']: every parameter init_params "
+         "returns must take part in the loss"),
+    ],
+)
+def test_an_unroll_refuses_a_task_loss_that_is_not_a_differentiable_scalar(task_class, message: str) -> None:
+    rule = random_rule("lstm")
+    tasks = own_batch(task_class)
+    params = tasks.init_params(generator_for(0))
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        truncated_unroll(rule, tasks, params, state, horizon=2, truncation=1)
+
+
+def test_an_unroll_refuses_a_task_batch_loss_of_another_shape() -> None:
+    """A TaskBatch subclass's batched loss must be (B,): a (B, N) one was summed silently."""
+
+    class RowsBatch(TaskBatch):
+        def loss(self, params, step_index):
+            return torch.stack([t.per_example({k: v[b] for k, v in params.items()}) for b, t in enumerate(self.tasks)])
+
+    tasks = RowsBatch(own_batch(OwnTask).tasks)
+    rule = random_rule("lstm")
+    params = tasks.init_params(generator_for(0))
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match=re.escape(
+        "the task batch's loss at step 0 has shape (2, 6) and dtype torch.float64: it must be (2,) floating-point "
+        "losses, one scalar per task"
+    )):  # fmt: skip
+        unroll(rule, tasks, params, state, 1)
+
+
+class IntegerParams(OwnTask):
+    def init_params(self, generator):
+        return {"w": torch.zeros(self.x.shape[1], dtype=torch.int64), "b": torch.zeros((), dtype=F64)}
+
+
+class ShapeByDraw(OwnTask):
+    def init_params(self, generator):
+        return {"w": torch.zeros(int(torch.randint(2, 4, (), generator=generator)), dtype=F64), "b": torch.zeros((), dtype=F64)}
+
+
+class KeysByDraw(OwnTask):
+    def init_params(self, generator):
+        name = "b" if int(torch.randint(2, (), generator=generator)) else "c"
+        return {"w": torch.zeros(self.x.shape[1], dtype=F64), name: torch.zeros((), dtype=F64)}
+
+
+class ListParams(OwnTask):
+    def init_params(self, generator):
+        return [torch.zeros(3, dtype=F64)]
+
+
+@pytest.mark.parametrize(
+    ("task_class", "message"),
+    [
+        (IntegerParams, "task 0's init_params gives 'w' as torch.int64: parameters must be floating-point"),
+        (ShapeByDraw, "task 1's init_params gives 'w' of shape (2,), float64 on cpu, task 0's of shape (3,), float64 "
+         "on cpu: the tasks of a batch are unrolled as one stack, so they need the same names, shapes and dtype"),
+        (KeysByDraw, "task 1's init_params has parameters ['c', 'w'], task 0's ['b', 'w']"),
+        (ListParams, "task 0's init_params gave a list: it must return a dict of parameter name -> tensor"),
+    ],
+)
+def test_a_task_batch_refuses_initial_parameters_it_cannot_stack(task_class, message: str) -> None:
+    """Different shapes raised torch.stack's error, different names a KeyError (or, with the first
+    task's names a subset, dropped the others silently), integers went on to the unroll."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        own_batch(task_class).init_params(generator_for(3))
+
+
+class ParameterParams(OwnTask):
+    def init_params(self, generator):
+        return {k: torch.nn.Parameter(v) for k, v in super().init_params(generator).items()}
+
+
+def test_initial_parameters_given_as_nn_parameters_are_stacked_detached() -> None:
+    """Parameters (or tensors that require grad) from init_params came out of the stack with a
+    graph back to them, so every meta-gradient backward also filled their .grad."""
+    tasks = own_batch(ParameterParams)
+    params = tasks.init_params(generator_for(0))
+    assert all(not v.requires_grad and v.grad_fn is None for v in params.values())
+    plain = own_batch(OwnTask).init_params(generator_for(0))
+    assert all(torch.equal(params[k], plain[k]) for k in plain)

@@ -87,18 +87,72 @@ class TaskBatch:
         return type(self)(self.tasks[part])
 
     def init_params(self, generator: torch.Generator) -> Params:
-        """``(B, *shape)`` per name: each task's :meth:`Task.init_params`, in task order."""
-        per_task = [task.init_params(generator) for task in self.tasks]
-        return {k: torch.stack([p[k] for p in per_task]) for k in per_task[0]}
+        """``(B, *shape)`` per name: each task's :meth:`Task.init_params`, in task order, stacked
+        (so copied, and detached: the initial parameters are a starting point, not meta-parameters).
+
+        Raises:
+            ValueError: a task's parameters are not a non-empty dict of floating-point tensors, or
+                differ from the first task's in names, shapes, dtype or device (a batch is one stack).
+        """
+        per_task = [_checked_params(task.init_params(generator), b) for b, task in enumerate(self.tasks)]
+        first = per_task[0]
+        for b, params in enumerate(per_task[1:], 1):
+            if set(params) != set(first):
+                raise ValueError(
+                    f"task {b}'s init_params has parameters {sorted(params)}, task 0's {sorted(first)}: the tasks of a "
+                    "batch are unrolled as one stack, so they need the same names, shapes and dtype"
+                )
+            for k, v in params.items():
+                ref = first[k]
+                if (v.shape, v.dtype, v.device) != (ref.shape, ref.dtype, ref.device):
+                    raise ValueError(
+                        f"task {b}'s init_params gives {k!r} {_describe_tensor(v)}, task 0's {_describe_tensor(ref)}: the "
+                        "tasks of a batch are unrolled as one stack, so they need the same names, shapes and dtype "
+                        "(draw differently shaped tasks in different batches, in TaskFamily.sample_batch)"
+                    )
+        return {k: torch.stack([p[k] for p in per_task]).detach() for k in first}
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
-        """``(B,)`` losses; ``params`` is ``(B, *shape)`` per name."""
-        return torch.stack(
-            [
-                task.loss({k: v[b] for k, v in params.items()}, step_index)
-                for b, task in enumerate(self.tasks)
-            ]
-        )
+        """``(B,)`` losses; ``params`` is ``(B, *shape)`` per name.
+
+        Raises:
+            ValueError: a task's :meth:`Task.loss` is not a 0-dim floating-point tensor.
+        """
+        losses = []
+        for b, task in enumerate(self.tasks):
+            loss = task.loss({k: v[b] for k, v in params.items()}, step_index)
+            if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+                got = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
+                       else f"a {type(loss).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"task {b}'s loss at step {step_index} is {got}: Task.loss must return a scalar floating-point "
+                    "tensor computed from params (reduce per-example losses, e.g. with .mean())"
+                )
+            losses.append(loss)
+        return torch.stack(losses)
+
+
+def _describe_tensor(t: Tensor) -> str:
+    """``"of shape (3, 4), float32 on cpu"``, for error messages."""
+    return f"of shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def _checked_params(params: object, index: int) -> Params:
+    """Task ``index``'s :meth:`Task.init_params` result, once checked to be a non-empty dict of
+    floating-point tensors by name; raises ValueError naming what is wrong."""
+    if not isinstance(params, Mapping) or not params:
+        got = "an empty dict" if isinstance(params, Mapping) else f"a {type(params).__name__}"
+        raise ValueError(f"task {index}'s init_params gave {got}: it must return a dict of parameter name -> tensor")
+    for k, v in params.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise ValueError(
+                f"task {index}'s init_params gave {k!r}: {type(v).__name__}: it must return a dict of parameter name (str) -> tensor"
+            )
+        if not v.is_floating_point():
+            raise ValueError(
+                f"task {index}'s init_params gives {k!r} as {v.dtype}: parameters must be floating-point (the rule's dtype)"
+            )
+    return dict(params)
 
 
 class TaskFamily(ABC):

@@ -146,6 +146,8 @@ def unroll(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not params:
+        raise ValueError("params is empty: the tasks need at least one parameter tensor")
     names = list(params)
     batch = len(task_batch)
     shapes = [tuple(params[k].shape[1:]) for k in names]
@@ -163,12 +165,13 @@ def unroll(
         k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()
     }
     state = dict(rule_state)
-    loss = task_batch.loss(current, start_step)
+    loss = _checked_loss(task_batch, current, start_step)
     losses = []
     for t in range(steps):
-        grads = torch.autograd.grad(
-            loss.sum(),
-            [current[k] for k in names],
+        grads = _optimizee_grads(
+            loss,
+            current,
+            start_step + t,
             retain_graph=True,  # the meta-loss backward goes through these losses later
             create_graph=not stop_optimizee_grad,
         )
@@ -183,7 +186,7 @@ def unroll(
             k: piece.reshape(batch, *shape)
             for k, piece, shape in zip(names, new_flat.split(sizes, dim=1), shapes, strict=True)
         }
-        loss = task_batch.loss(current, start_step + t + 1)
+        loss = _checked_loss(task_batch, current, start_step + t + 1)
         losses.append(loss)
     stacked = torch.stack(losses)
     if loss_weights is None:
@@ -194,6 +197,48 @@ def unroll(
             raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
         meta_loss = (weights.unsqueeze(1) * stacked).mean()
     return UnrollResult(meta_loss, stacked, current, state)
+
+
+def _checked_loss(task_batch: TaskBatch, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+    """``task_batch.loss(params, step_index)``, once checked to be ``(B,)`` floating-point losses on
+    the parameters' device with a gradient path; raises ValueError naming what is wrong (a
+    ``(B, N)`` loss would otherwise be summed into a gradient N times too large, and a loss
+    without a graph fail deep in autograd)."""
+    loss = task_batch.loss(params, step_index)
+    batch = len(task_batch)
+    if not isinstance(loss, Tensor) or tuple(loss.shape) != (batch,) or not loss.is_floating_point():
+        got = (f"shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
+               else f"a {type(loss).__name__}")  # fmt: skip
+        raise ValueError(
+            f"the task batch's loss at step {step_index} has {got}: it must be ({batch},) floating-point losses, one "
+            "scalar per task"
+        )
+    device = next(iter(params.values())).device
+    if loss.device != device:
+        raise ValueError(f"the task batch's loss at step {step_index} is on {loss.device}, the parameters on {device}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the task batch's loss at step {step_index} has no gradient: it must be computed from the params it is "
+            "given (not detached, not through .item() or numpy)"
+        )
+    return loss
+
+
+def _optimizee_grads(
+    loss: Tensor, params: Mapping[str, Tensor], step_index: int, *, retain_graph: bool, create_graph: bool
+) -> list[Tensor]:
+    """The gradient of ``loss.sum()`` for each of ``params`` (in their order); raises ValueError
+    naming a parameter the loss does not use (its gradient would be None)."""
+    grads = torch.autograd.grad(
+        loss.sum(), list(params.values()), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+    )
+    unused = [k for k, g in zip(params, grads, strict=True) if g is None]
+    if unused:
+        raise ValueError(
+            f"the task batch's loss at step {step_index} does not depend on params {unused}: every parameter "
+            "init_params returns must take part in the loss"
+        )
+    return list(grads)
 
 
 def _check_one_dtype_and_device(rule: UpdateRule, params: Mapping[str, Tensor], state: State) -> None:
