@@ -1222,6 +1222,81 @@ class NeedsWidth(LogisticFamily):
 def broken_factory():
     raise RuntimeError("cannot reach the data server")
 
+
+class Variant(LogisticFamily):
+    task = Logistic
+
+    def __init__(self, split="meta_train"):
+        self.scale = 3.0
+
+    def sample(self, generator):
+        task = super().sample(generator)
+        task.__class__ = self.task
+        return task
+
+
+class PerExample(Logistic):
+    def loss(self, params, step_index):
+        return F.binary_cross_entropy_with_logits(self.x @ params["w"] + params["b"], self.y, reduction="none")
+
+
+class PerExampleFamily(Variant):
+    task = PerExample
+
+
+class NaNLoss(Logistic):
+    def loss(self, params, step_index):
+        return super().loss(params, step_index) * float("nan")
+
+
+class NaNFamily(Variant):
+    task = NaNLoss
+
+
+class Float64(Logistic):
+    def init_params(self, generator):
+        return {k: v.double() for k, v in super().init_params(generator).items()}
+
+
+class Float64Family(Variant):
+    task = Float64
+
+
+class UnusedBias(Logistic):
+    def loss(self, params, step_index):
+        return F.binary_cross_entropy_with_logits(self.x @ params["w"], self.y)
+
+
+class UnusedFamily(Variant):
+    task = UnusedBias
+
+
+class OtherDevice(Logistic):
+    def loss(self, params, step_index):
+        return F.binary_cross_entropy_with_logits(self.x.to("meta") @ params["w"] + params["b"], self.y.to("meta"))
+
+
+class OtherDeviceFamily(Variant):
+    task = OtherDevice
+
+
+class DrawnWidth(Logistic):
+    def init_params(self, generator):
+        return {"w": torch.zeros(int(torch.randint(3, 6, (), generator=generator))), "b": torch.zeros(())}
+
+
+class DrawnWidthFamily(Variant):
+    task = DrawnWidth
+
+
+class NotATaskFamily(Variant):
+    def sample(self, generator):
+        return {"w": torch.zeros(5)}
+
+
+class DescribeRaises(Variant):
+    def describe(self):
+        raise KeyError("width")
 '''
 
 
@@ -1294,6 +1369,24 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "family draw from several\n"),
         ("quadratic+{mod}:LogisticFamily:2", (), "--task quadratic+{mod}:LogisticFamily:2: your own family "
          "{mod}:LogisticFamily cannot be a mixture member"),
+        # tasks that cannot be unrolled: a traceback (or no error at all) after the log was begun
+        ("{mod}:PerExampleFamily", (), "--task {mod}:PerExampleFamily: the first meta-training tasks: task 0's loss "
+         "at step 0 is a tensor of shape (64,) and dtype torch.float32: Task.loss must return a scalar floating-point "
+         "tensor computed from params (reduce per-example losses, e.g. with .mean())\n"),
+        ("{mod}:NaNFamily", (), "--task {mod}:NaNFamily: the first meta-training tasks: the loss at step 0 is nan for "
+         "task 0 (of 4): check the task's loss and initial parameters\n"),
+        ("{mod}:Float64Family", (), "--task {mod}:Float64Family: the first meta-training tasks: the initial "
+         "params['w'] are torch.float64; the rule runs in torch.float32, so they must be too\n"),
+        ("{mod}:UnusedFamily", (), "--task {mod}:UnusedFamily: the first meta-training tasks: the task batch's loss "
+         "at step 0 does not depend on params ['b']: every parameter init_params returns must take part in the loss\n"),
+        ("{mod}:OtherDeviceFamily", (), "--task {mod}:OtherDeviceFamily: the first meta-training tasks: RuntimeError: "),
+        ("{mod}:DrawnWidthFamily", (), "--task {mod}:DrawnWidthFamily: the first meta-training tasks: task 1's "
+         "init_params gives 'w' of shape (5,), float32 on cpu, task 0's of shape (3,), float32 on cpu: the tasks of a "
+         "batch are unrolled as one stack"),
+        ("{mod}:NotATaskFamily", (), "--task {mod}:NotATaskFamily: the first meta-training tasks: sample gave a dict, "
+         "not a learnedopt.meta.Task\n"),
+        # the card is written at the end: this lost it after the whole run
+        ("{mod}:DescribeRaises", (), "--task {mod}:DescribeRaises: describe(): KeyError: 'width'\n"),
     ],
 )
 def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything_is_written(

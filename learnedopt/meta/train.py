@@ -75,6 +75,8 @@ from .tasks import (
     IMPORTED_NOT_MIXED,
     TASK_NAME_SYNTAX,
     MixtureFamily,
+    Task,
+    TaskBatch,
     TaskFamily,
     check_mixture_weights,
     generator_for,
@@ -85,7 +87,7 @@ from .tasks import (
     parse_mixture,
     reads_data,
 )
-from .unroll import LOSS_WEIGHTINGS, horizon_loss_weights, num_coordinates, truncated_unroll
+from .unroll import LOSS_WEIGHTINGS, check_task_batch, horizon_loss_weights, num_coordinates, truncated_unroll
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
 
@@ -347,6 +349,10 @@ class _RuleTrainer:
         # the final evaluation's tasks, built now so that data without them is refused before
         # the run rather than after it
         self.eval_family = _family(config, "meta_valid")
+        # the tasks of meta-step 1 and of the evaluation, tried now, so that a family that cannot be
+        # unrolled is refused before the run writes anything rather than as a traceback in it
+        _check_family(self.family, config, generator_for(config.seed, _TRAIN_STREAM, 1), "meta-training")
+        _check_family(self.eval_family, config, generator_for(config.seed, _EVAL_STREAM), "evaluation")
         self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
@@ -493,6 +499,31 @@ def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     except (FileNotFoundError, ValueError) as err:
         needs = "" if imported_family_path(config.task) else " needs MNIST"
         raise ConfigError(f"--task {config.task}{needs}: {err}") from None
+
+
+def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
+    """Raise :class:`ConfigError` unless ``family`` describes itself and its meta-batch drawn from
+    ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``."""
+    stage = "describe()"
+    try:
+        description = family.describe()
+        if not isinstance(description, str) or not description.strip():
+            raise ValueError(f"describe() must return a paragraph for the model card, got {description!r}")
+        stage = f"the first {role} tasks"
+        batch = family.sample_batch(config.meta_batch, generator)
+        if not isinstance(batch, TaskBatch):
+            raise ValueError(f"sample_batch gave a {type(batch).__name__}, not a TaskBatch")
+        if not all(isinstance(task, Task) for task in batch.tasks):
+            kinds = sorted({type(task).__name__ for task in batch.tasks if not isinstance(task, Task)})
+            raise ValueError(f"sample gave a {', '.join(kinds)}, not a learnedopt.meta.Task")
+        params = {k: v.to(family.device) for k, v in batch.init_params(generator).items()}
+        check_task_batch(batch, params, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
+        on_device = (f" (on --device {config.device}: a family's tasks must keep their data on family.device, "
+                     "where TaskFamily.to puts it)") if config.device != "cpu" else ""  # fmt: skip
+        message = " ".join(str(err).split())
+        shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
+        raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
 
 
 _MIXTURE_EVAL_NOTE = (

@@ -241,6 +241,36 @@ def _optimizee_grads(
     return list(grads)
 
 
+def check_task_batch(task_batch: TaskBatch, params: Mapping[str, Tensor], *, dtype: torch.dtype) -> Tensor:
+    """Check, before a run, that ``task_batch`` with initial ``params`` (``(B, *shape)`` per name,
+    on the device the run uses) can be unrolled by a rule of ``dtype``: one float dtype, ``(B,)``
+    losses with a gradient for every parameter, and finite losses at step 0.
+
+    Returns:
+        The ``(B,)`` losses at step 0, detached.
+
+    Raises:
+        ValueError: the first problem found, in one line.
+    """
+    batch = len(task_batch)
+    if not params:
+        raise ValueError("params is empty: the tasks need at least one parameter tensor")
+    for k, v in params.items():
+        if v.dtype != dtype:
+            raise ValueError(f"the initial params[{k!r}] are {v.dtype}; the rule runs in {dtype}, so they must be too")
+        if v.dim() == 0 or v.shape[0] != batch:
+            raise ValueError(f"params[{k!r}] has shape {tuple(v.shape)}, expected (B={batch}, *shape)")
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    loss = _checked_loss(task_batch, leaves, 0)
+    _optimizee_grads(loss, leaves, 0, retain_graph=False, create_graph=False)
+    loss = loss.detach()
+    bad = (~torch.isfinite(loss)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the loss at step 0 is {float(loss[bad[0]])} for task {bad[0]} (of {batch}): check the task's "
+                         "loss and initial parameters")  # fmt: skip
+    return loss
+
+
 def _check_one_dtype_and_device(rule: UpdateRule, params: Mapping[str, Tensor], state: State) -> None:
     """Raise ValueError unless the parameters, the floating-point states and the rule's weights
     share one dtype and one device (torch's own error, from deep in the rule, names neither side)."""
