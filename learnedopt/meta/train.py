@@ -478,7 +478,7 @@ def meta_train(
             out / WEIGHTS_NAME,
             preset=None,
             trained=True,
-            trained_on=f"{config.task}, {config.meta_steps} meta-steps, seed {config.seed}",
+            trained_on=f"{_task_name(config.task, family)}, {config.meta_steps} meta-steps, seed {config.seed}",
             # not "config": that key of the header is the rule's architecture (load_weights reads it)
             extra={"command": command, "meta_train_config": config.to_dict(),
                    "processes": workers.world_size, **summary},  # fmt: skip
@@ -499,6 +499,12 @@ def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     except (FileNotFoundError, ValueError) as err:
         needs = "" if imported_family_path(config.task) else " needs MNIST"
         raise ConfigError(f"--task {config.task}{needs}: {err}") from None
+
+
+def _task_name(task: str, family: TaskFamily) -> str:
+    """How a weight file's ``trained_on`` names the task: a built-in family by its name, the user's
+    own (``module:Class``, which means nothing where the module is not) with its description."""
+    return f"{task} ({family.describe()})" if imported_family_path(task) is not None else task
 
 
 def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
