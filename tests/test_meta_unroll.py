@@ -659,3 +659,13 @@ def test_initial_parameters_given_as_nn_parameters_are_stacked_detached() -> Non
     assert all(not v.requires_grad and v.grad_fn is None for v in params.values())
     plain = own_batch(OwnTask).init_params(generator_for(0))
     assert all(torch.equal(params[k], plain[k]) for k in plain)
+
+
+def test_an_unroll_under_no_grad_says_so_rather_than_blame_the_task() -> None:
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with torch.no_grad(), pytest.raises(ValueError, match=re.escape(
+        "unroll differentiates the tasks' losses: call it with autograd enabled, not under torch.no_grad()"
+    )):  # fmt: skip
+        unroll(rule, tasks, params, state, 1)

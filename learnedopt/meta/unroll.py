@@ -139,8 +139,10 @@ def unroll(
 
     Raises:
         ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
-            run this rule or these tensors, malformed ``params`` or ``loss_weights``, or
-            parameters, states and rule weights of more than one dtype or device.
+            run this rule or these tensors, malformed ``params`` or ``loss_weights``,
+            parameters, states and rule weights of more than one dtype or device, a call under
+            ``torch.no_grad()``, or task losses that are not ``(B,)`` on the parameters' device
+            with a gradient for every parameter.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -148,6 +150,8 @@ def unroll(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
+    if not torch.is_grad_enabled():  # else every task would be blamed for a loss without a gradient
+        raise ValueError("unroll differentiates the tasks' losses: call it with autograd enabled, not under torch.no_grad()")
     names = list(params)
     batch = len(task_batch)
     shapes = [tuple(params[k].shape[1:]) for k in names]
