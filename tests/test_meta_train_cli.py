@@ -1297,6 +1297,11 @@ class NotATaskFamily(Variant):
 class DescribeRaises(Variant):
     def describe(self):
         raise KeyError("width")
+
+
+class ToReturnsNothing(LogisticFamily):
+    def to(self, device):
+        self.device = torch.device(device)
 '''
 
 
@@ -1390,6 +1395,9 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "not a learnedopt.meta.Task\n"),
         # the card is written at the end: this lost it after the whole run
         ("{mod}:DescribeRaises", (), "--task {mod}:DescribeRaises: describe(): KeyError: 'width'\n"),
+        # blamed describe() for the None that to() returned
+        ("{mod}:ToReturnsNothing", (), "--task {mod}:ToReturnsNothing: ToReturnsNothing.to() returned NoneType: it must "
+         "return the family (self)\n"),
     ],
 )
 def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything_is_written(

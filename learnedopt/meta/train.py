@@ -495,10 +495,16 @@ def select_tasks(config: MetaTrainConfig) -> int:
 def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     """The task family of ``config`` (data part ``split``) on ``config.device``."""
     try:
-        return make_family(config.task, data=config.data, split=split).to(config.device)
+        family = make_family(config.task, data=config.data, split=split)
     except (FileNotFoundError, ValueError) as err:
         needs = "" if imported_family_path(config.task) else " needs MNIST"
         raise ConfigError(f"--task {config.task}{needs}: {err}") from None
+    moved = family.to(config.device)
+    if not isinstance(moved, TaskFamily):  # an override of to() that forgot its return
+        raise ConfigError(
+            f"--task {config.task}: {type(family).__name__}.to() returned {type(moved).__name__}: it must return the family (self)"
+        )
+    return moved
 
 
 def _task_name(task: str, family: TaskFamily) -> str:
