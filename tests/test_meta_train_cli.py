@@ -1299,6 +1299,11 @@ class DescribeRaises(Variant):
         raise KeyError("width")
 
 
+class DescribesNothing(Variant):
+    def describe(self):
+        return ""
+
+
 class ToReturnsNothing(LogisticFamily):
     def to(self, device):
         self.device = torch.device(device)
@@ -1395,6 +1400,8 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "not a learnedopt.meta.Task\n"),
         # the card is written at the end: this lost it after the whole run
         ("{mod}:DescribeRaises", (), "--task {mod}:DescribeRaises: describe(): KeyError: 'width'\n"),
+        ("{mod}:DescribesNothing", ("--device", "cpu"), "--task {mod}:DescribesNothing: describe(): it must return a "
+         "paragraph for the model card, got ''\n"),
         # blamed describe() for the None that to() returned
         ("{mod}:ToReturnsNothing", (), "--task {mod}:ToReturnsNothing: ToReturnsNothing.to() returned NoneType: it must "
          "return the family (self)\n"),

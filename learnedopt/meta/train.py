@@ -515,12 +515,13 @@ def _task_name(task: str, family: TaskFamily) -> str:
 
 def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
     """Raise :class:`ConfigError` unless ``family`` describes itself and its meta-batch drawn from
-    ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``."""
+    ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``.
+    Every rank checks the whole meta-batch, not its share, so that all fail or pass together."""
     stage = "describe()"
     try:
         description = family.describe()
         if not isinstance(description, str) or not description.strip():
-            raise ValueError(f"describe() must return a paragraph for the model card, got {description!r}")
+            raise ValueError(f"it must return a paragraph for the model card, got {description!r}")
         stage = f"the first {role} tasks"
         batch = family.sample_batch(config.meta_batch, generator)
         if not isinstance(batch, TaskBatch):
@@ -532,7 +533,7 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
         check_task_batch(batch, params, dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
         on_device = (f" (on --device {config.device}: a family's tasks must keep their data on family.device, "
-                     "where TaskFamily.to puts it)") if config.device != "cpu" else ""  # fmt: skip
+                     "where TaskFamily.to puts it)") if config.device != "cpu" and stage != "describe()" else ""  # fmt: skip
         message = " ".join(str(err).split())
         shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
         raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
