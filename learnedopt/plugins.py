@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 SEPARATOR = ":"
@@ -24,9 +24,10 @@ def load_entry_point(name: str) -> Callable[..., Any]:
     """The callable (a class or a function) that ``name`` names, its module imported.
 
     Raises:
-        ValueError: ``name`` is not in entry-point syntax, its module does not import (the
-            message says why, and that the module must be on the import path), or has no
-            callable of that name.
+        ValueError: ``name`` is not in entry-point syntax, its module is not found (the message
+            says it must be on the import path), fails to import (whatever it raises: a
+            SyntaxError, a missing dependency, its own RuntimeError), or has no callable of
+            that name.
     """
     path = entry_point_path(name)
     if path is None:
@@ -34,14 +35,17 @@ def load_entry_point(name: str) -> Callable[..., Any]:
     module_name, attribute = path
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name is not None and not (module_name == err.name or module_name.startswith(err.name + ".")):
+            # the module was found; a module it imports was not
+            raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {err}") from None
         raise ValueError(
             f"cannot import {module_name!r} ({type(err).__name__}: {err}); it must be importable: the "
             "learnedopt command does not search the current folder, so run from the module's folder with "
             "PYTHONPATH=. (or python -m learnedopt)"
         ) from None
-    except Exception as err:  # the module's own code failed: a SyntaxError, a RuntimeError at import
-        raise ValueError(f"importing {module_name!r} raised {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the user's module: SyntaxError, RuntimeError, ...
+        raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {one_line(err)}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ValueError(f"module {module_name!r} has no class or function {attribute!r}")
@@ -51,8 +55,42 @@ def load_entry_point(name: str) -> Callable[..., Any]:
 def takes_parameter(factory: Callable[..., Any], parameter: str) -> bool:
     """Whether ``factory`` can be called with the keyword argument ``parameter`` (a ``**kwargs``
     takes any)."""
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature
-        return False
+    parameters = _parameters(factory)
     return parameter in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def call_entry_point(name: str, factory: Callable[..., Any], kwargs: Mapping[str, Any], passes: str) -> Any:
+    """``factory(**kwargs)``, the callable :func:`load_entry_point` gave for ``name``.
+
+    Raises:
+        ValueError: it needs arguments that ``kwargs`` lacks (the message names them and says
+            what it is called with: ``passes``), or it raised (its message on one line).
+    """
+    needed = [
+        p.name
+        for p in _parameters(factory).values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in kwargs
+    ]
+    if needed:
+        raise ValueError(
+            f"{name} needs {', '.join(needed)}, which it is not given ({passes}): give them defaults, or name a "
+            "function that builds it"
+        )
+    try:
+        return factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's constructor
+        raise ValueError(f"{name}() raised {type(err).__name__}: {one_line(err)}") from None
+
+
+def one_line(err: BaseException) -> str:
+    """``str(err)`` on one line (a traceback-free message for a one-line error)."""
+    return " ".join(str(err).split())
+
+
+def _parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        return {}

@@ -120,14 +120,20 @@ def record_options(monkeypatch, module, names) -> list:
     return seen
 
 
-def importable_module(tmp_path: Path, monkeypatch, prefix: str, source: str) -> Iterator[str]:  # noqa: ANN001 - pytest's fixture
+def importable_module(
+    tmp_path: Path, monkeypatch, prefix: str, source: str, siblings: dict[str, str] | None = None  # noqa: ANN001 - pytest's fixture
+) -> Iterator[str]:
     """A module of ``source`` that ``import`` finds (a file in ``tmp_path`` on ``sys.path``), for
-    a fixture to yield: its name, unique to ``tmp_path``; forgotten by ``sys.modules`` after."""
+    a fixture to yield: its name, unique to ``tmp_path``; ``siblings`` maps suffixes to the
+    sources of more modules, named ``<name>_<suffix>``. All are forgotten by ``sys.modules`` after."""
     import sys
 
     name = f"{prefix}_{abs(hash(str(tmp_path)))}"
+    modules = {name: source, **{f"{name}_{suffix}": text for suffix, text in (siblings or {}).items()}}
     (tmp_path / "modules").mkdir()
-    (tmp_path / "modules" / f"{name}.py").write_text(source)
+    for module, text in modules.items():
+        (tmp_path / "modules" / f"{module}.py").write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path / "modules"))
     yield name
-    sys.modules.pop(name, None)
+    for module in modules:
+        sys.modules.pop(module, None)

@@ -1313,16 +1313,12 @@ class ToReturnsNothing(LogisticFamily):
 @pytest.fixture
 def own_tasks(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
     """An importable module of the user's own task family; returns its module name."""
-    name = f"own_tasks_{abs(hash(str(tmp_path)))}"
-    (tmp_path / "modules").mkdir()
-    (tmp_path / "modules" / f"{name}.py").write_text(OWN_TASKS)
-    (tmp_path / "modules" / f"{name}_raises.py").write_text('raise RuntimeError("set MYTASKS_DATA first")\n')
-    (tmp_path / "modules" / f"{name}_syntax.py").write_text("def f(:\n")
-    (tmp_path / "modules" / f"{name}_needs.py").write_text("import no_such_dependency_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    yield name
-    for module in (name, f"{name}_raises", f"{name}_syntax", f"{name}_needs"):
-        sys.modules.pop(module, None)
+    siblings = {
+        "raises": 'raise RuntimeError("set MYTASKS_DATA first")\n',
+        "syntax": "def f(:\n",
+        "needs": "import no_such_dependency_xyz\n",
+    }
+    yield from importable_module(tmp_path, monkeypatch, "own_tasks", OWN_TASKS, siblings)
 
 
 def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: Path, own_tasks: str) -> None:
@@ -1372,8 +1368,8 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
         ("{mod}:NoDescribe", (), "--task {mod}:NoDescribe: {mod}:NoDescribe does not define describe, which every "
          "TaskFamily must\n"),
         ("{mod}:NeedsWidth", (), "--task {mod}:NeedsWidth: {mod}:NeedsWidth needs width, which it is not given (it is "
-         "called with split= if it takes it and data= with --data): give them defaults, or point --task at a "
-         "function that builds the family\n"),
+         "called with split= if it takes it and data= with --data): give them defaults, or name a "
+         "function that builds it\n"),
         ("{mod}:broken_factory", (), "--task {mod}:broken_factory: {mod}:broken_factory() raised RuntimeError: cannot "
          "reach the data server\n"),
         # the README says an imported family cannot be a mixture member; the error said "unknown task"

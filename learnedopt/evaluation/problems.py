@@ -29,7 +29,7 @@ from ..meta.tasks import (
     regression_draw,
 )
 from ..models import TinyTransformer, small_resnet
-from ..plugins import entry_point_path, load_entry_point, takes_parameter
+from ..plugins import call_entry_point, entry_point_path, load_entry_point, takes_parameter
 
 # Second key of generator_for: which stream of a seed a generator draws.
 _INIT_STREAM, _BATCH_STREAM, _TASK_STREAM = 0, 1, 2
@@ -491,9 +491,10 @@ def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Probl
     if entry_point_path(name) is not None:
         try:
             factory = load_entry_point(name)
+            kwargs = {"data": str(data)} if data is not None and takes_parameter(factory, "data") else {}
+            problem = call_entry_point(name, factory, kwargs, "it is called with data= if it takes it")
         except ValueError as err:
             raise ValueError(f"problem {name}: {err}") from None
-        problem = factory(**({"data": str(data)} if data is not None and takes_parameter(factory, "data") else {}))
         if not isinstance(problem, Problem):
             raise ValueError(f"{name}() gave a {type(problem).__name__}, not a learnedopt.evaluation.Problem")
         steps, description = getattr(problem, "steps", None), getattr(problem, "description", None)

@@ -13,7 +13,6 @@ of the next), and a run resumed from a checkpoint sees exactly the minibatches i
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import math
@@ -29,6 +28,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..nn.base import check_positive_integer
+from ..plugins import (
+    call_entry_point,
+    entry_point_path,
+    load_entry_point,
+    takes_parameter,
+)
 
 Params = dict[str, Tensor]
 
@@ -934,10 +939,7 @@ def imported_family_path(name: str) -> tuple[str, str] | None:
     """``(module, attribute)`` of a task name in Python's entry-point syntax, ``package.module:Class``
     (a :class:`TaskFamily` subclass, or any callable returning a family); None for other names (a
     mixture member's weight, ``mlp-random:3``, is a number, not a name)."""
-    module, separator, attribute = name.partition(WEIGHT_SEPARATOR)
-    if not separator or not attribute.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
-        return None
-    return module, attribute
+    return entry_point_path(name)
 
 
 def import_family(name: str, *, data: str | os.PathLike[str] | None = None, split: str = "meta_train") -> TaskFamily:
@@ -952,66 +954,23 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
             ``data``, needs arguments it is not given, raises, or what it returns is not a
             :class:`TaskFamily`.
     """
-    path = imported_family_path(name)
-    if path is None:
-        raise ValueError(f"{name!r} is not a module:Class name")
-    module_name, attribute = path
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and not (module_name == err.name or module_name.startswith(err.name + ".")):
-            # the module was found; a module it imports was not
-            raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {err}") from None
-        raise ValueError(
-            f"cannot import {module_name!r} ({type(err).__name__}: {err}); it must be importable: the "
-            "learnedopt command does not search the current folder, so run from the module's folder with "
-            "PYTHONPATH=. or python -m learnedopt.train"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - the user's module: SyntaxError, RuntimeError, ...
-        raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {_one_line(err)}") from None
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ValueError(f"module {module_name!r} has no class or function {attribute!r}")
+    factory = load_entry_point(name)
     if inspect.isclass(factory) and issubclass(factory, Task):
         raise ValueError(f"{name} is a Task (one optimizee); --task takes the TaskFamily that samples it")
     if inspect.isabstract(factory):
         missing = ", ".join(sorted(getattr(factory, "__abstractmethods__", ())))
         raise ValueError(f"{name} does not define {missing}, which every TaskFamily must")
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: call it as it is
-        parameters = {}
     kwargs: dict[str, object] = {}
-    if "split" in parameters:
+    if takes_parameter(factory, "split"):
         kwargs["split"] = split
     if data is not None:
-        if "data" not in parameters:
+        if not takes_parameter(factory, "data"):
             raise ValueError(f"{name} takes no data parameter, so --data would be ignored")
         kwargs["data"] = data
-    needed = [
-        p.name
-        for p in parameters.values()
-        if p.default is inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        and p.name not in kwargs
-    ]
-    if needed:
-        raise ValueError(
-            f"{name} needs {', '.join(needed)}, which it is not given (it is called with split= if it takes it "
-            "and data= with --data): give them defaults, or point --task at a function that builds the family"
-        )
-    try:
-        family = factory(**kwargs)
-    except Exception as err:  # noqa: BLE001 - the user's constructor
-        raise ValueError(f"{name}() raised {type(err).__name__}: {_one_line(err)}") from None
+    family = call_entry_point(name, factory, kwargs, "it is called with split= if it takes it and data= with --data")
     if not isinstance(family, TaskFamily):
         raise ValueError(f"{name}() gave a {type(family).__name__}, not a learnedopt.meta.TaskFamily")
     return family
-
-
-def _one_line(err: BaseException) -> str:
-    """``str(err)`` on one line (a traceback-free message for a one-line error)."""
-    return " ".join(str(err).split())
 
 
 def parse_mixture(name: str) -> list[tuple[str, int]] | None:
