@@ -1332,7 +1332,10 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
     assert run(whole, *args) == 0
     family = importlib.import_module(own_tasks).LogisticFamily
     assert family.splits == ["meta_train", "meta_valid"]
-    assert "logistic regression on 64 Gaussian points" in (whole / "MODEL_CARD.md").read_text()
+    card = (whole / "MODEL_CARD.md").read_text()
+    assert "logistic regression on 64 Gaussian points" in card
+    assert (f"The family is your own `{task}`, built with split='meta_train' for training and split='meta_valid' "
+            f"for evaluation. The command above needs its module `{own_tasks}` importable") in card  # fmt: skip
     header = read_header(whole / "weights.safetensors")
     assert f"--task {task}" in header["command"]
     # the module path alone means nothing where the module is not: the header says what it was

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RULES, UpdateRule
+from ..plugins import load_entry_point, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -87,7 +88,13 @@ from .tasks import (
     parse_mixture,
     reads_data,
 )
-from .unroll import LOSS_WEIGHTINGS, check_task_batch, horizon_loss_weights, num_coordinates, truncated_unroll
+from .unroll import (
+    LOSS_WEIGHTINGS,
+    check_task_batch,
+    horizon_loss_weights,
+    num_coordinates,
+    truncated_unroll,
+)
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
 
@@ -577,6 +584,13 @@ Meta-loss: {meta_loss}."""
     data = f"""Meta-training tasks: {family.describe()}.
 
 Evaluation tasks: {eval_family.describe()}."""
+    imported = imported_family_path(config.task)
+    if imported is not None:
+        split = ("built with split='meta_train' for training and split='meta_valid' for evaluation"
+                 if takes_parameter(load_entry_point(config.task), "split")
+                 else "taking no split, so the evaluation tasks are other draws from the training distribution")  # fmt: skip
+        data += (f"\n\nThe family is your own `{config.task}`, {split}. The command above needs its module "
+                 f"`{imported[0]}` importable (e.g. `PYTHONPATH=.` in its folder).")  # fmt: skip
     metrics = f"""| metric | value |
 |---|---|
 | meta-loss of the last meta-step (mean loss over its {"steps (its drawn horizon is in the log)" if config.random_horizon else f"{config.horizon} steps"} and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |
