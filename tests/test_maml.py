@@ -647,3 +647,18 @@ def test_inputs_of_different_task_counts_are_refused_naming_each_shape(vectorize
     x = torch.randn(3, 5, 1)
     with pytest.raises(ValueError, match=r"same B tasks, got x_support \(3, 5, 1\), y_support \(2, 5, 1\), "):
         maml(x, x[:2], x, x)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_one_tasks_labels_given_as_a_meta_batch_are_refused_not_read_as_one_example_tasks(vectorize: bool) -> None:
+    """``maml(x, y, x_q, y_q)`` with ONE task's ``(N, C)`` inputs and ``(N,)`` labels (the form
+    :meth:`MAML.adapt` takes) read as N tasks of one unbatched example each: cross-entropy accepts
+    an unbatched ``(C,)`` logit and ``()`` label, so it meta-trained, silently, on the wrong tasks."""
+    torch.manual_seed(0)
+    maml = MAML(nn.Linear(4, 3), inner_lr=0.1, vectorize=vectorize)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"got y_support of shape \(6,\): one target per task\. For one task, add the task dimension"):
+        maml(x, y, x, y)
+    with pytest.raises(ValueError, match=r"got y_query of shape \(1,\)"):
+        maml(x[None], y[None], x[None], y[:1])
+    assert torch.isfinite(maml(x[None], y[None], x[None], y[None]))  # the same task with its task dimension

@@ -415,6 +415,15 @@ class MAML(nn.Module):
             # vmap's message and the task loop's name none of them
             sizes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in inputs.items())
             raise ValueError(f"MAML takes (B, N, ...) tensors of the same B tasks, got {sizes}")
+        for name in ("y_support", "y_query"):
+            if inputs[name].dim() < 2:
+                # one task's (N,) labels read as B = N tasks of one unbatched example each: the
+                # loss would be finite and the meta-learning silently wrong
+                raise ValueError(
+                    f"MAML takes (B, N, ...) tensors of B tasks of N examples, got {name} of shape "
+                    f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
+                    "dimension (x[None], y[None]) or adapt it with adapt()"
+                )
         with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(x_support, y_support, x_query, y_query, steps, every_step)
 
