@@ -16,6 +16,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -58,8 +59,9 @@ class LearnedOptimizer(Optimizer):
             feature set, and
             :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
             float32/bfloat16 states, non-float64 parameters, on CUDA or under
-            ``TRITON_INTERPRET=1``; a kernel that fails part-way through a step raises
-            ``RuntimeError`` once the PyTorch path has finished the step) or ``"auto"`` (the fused kernel on CUDA where it applies and
+            ``TRITON_INTERPRET=1``; a kernel that fails raises ``RuntimeError``: at once if
+            nothing of the step was updated, else once the PyTorch path has finished the step)
+            or ``"auto"`` (the fused kernel on CUDA where it applies and
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
             hardware; else torch. It never fails where the torch path works).
         foreach: None or True for the batched path over all coordinates of a group, False for the
@@ -372,17 +374,17 @@ class LearnedOptimizer(Optimizer):
                 _check_lr_fits(float(group["lr"]), ps)
         # the user's autocast region (often the whole training step) must not run the rule's matrix
         # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
-        kernel_failures: list[Exception] = []
+        progress = _StepProgress()
         with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
             for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                self._update_group(index, group, partitions, rule_loss, kernel_failures)
-        if kernel_failures:
+                self._update_group(index, group, partitions, rule_loss, progress)
+        if progress.kernel_failures:
             # raised only now, so that the step is whole: no group left behind, no tensor stepped twice
             raise RuntimeError(
-                f"backend='triton': the fused kernel failed ({kernel_failures[0]!r}); this step was finished on the "
-                "PyTorch path, so every parameter and state took it once. Later steps try the kernel again; "
-                "backend='auto' falls back to the PyTorch path without raising"
-            ) from kernel_failures[0]
+                f"backend='triton': the fused kernel failed ({progress.kernel_failures[0]!r}) after this step had begun; "
+                "it was finished on the PyTorch path, so every parameter and state took it once. Later steps try "
+                "the kernel again; backend='auto' falls back to the PyTorch path without raising"
+            ) from progress.kernel_failures[0]
         return closure_loss
 
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
@@ -452,11 +454,13 @@ class LearnedOptimizer(Optimizer):
         return f"param_groups[{index}]['params'][{position}] (shape {shape})"
 
     def _update_group(
-        self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None, kernel_failures: list[Exception]
+        self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None, progress: _StepProgress
     ) -> None:
         """Update group ``index``'s parameters, given as :func:`_partitions` of its plan. A fused
-        kernel that fails is replaced by the PyTorch path for the tensors it had not updated; under
-        ``backend="triton"`` its error is appended to ``kernel_failures`` for the caller to raise."""
+        kernel that fails is replaced by the PyTorch path for the tensors it had not updated. Under
+        ``backend="triton"`` a failure before anything of this step was updated raises at once;
+        a later one is appended to ``progress.kernel_failures`` for the caller to raise once the
+        step is finished."""
         state_dtype = group["state_dtype"]
         for (device, compute_dtype), (ps, gs) in partitions.items():
             rule = self._rule_on(device, compute_dtype)
@@ -476,7 +480,11 @@ class LearnedOptimizer(Optimizer):
                     )
                 except Exception as err:  # a kernel that fails to compile on this machine
                     if group["backend"] == "triton":
-                        kernel_failures.append(err)
+                        if not done and not progress.updated:
+                            raise RuntimeError(
+                                f"backend='triton': the fused kernel failed ({err!r}); no parameter or state was changed"
+                            ) from err
+                        progress.kernel_failures.append(err)
                     else:
                         warnings.warn(f"fused Triton update failed ({err!r}); using the PyTorch path", stacklevel=3)
                         self._fused_failed = True
@@ -496,6 +504,7 @@ class LearnedOptimizer(Optimizer):
                 flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
+            progress.updated = True
 
     def _use_fused(
         self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype, foreach: bool | None = None
@@ -672,6 +681,15 @@ def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor])
     offsets = [flat.offsets[flat.index[id(params[i])]] for i in order]
     local = sharding.local
     return [local(params[i]) for i in order], [local(grads[i]) for i in order], flat.buffers, offsets
+
+
+@dataclass
+class _StepProgress:
+    """How far one ``step()`` has gone: whether any partition was updated, and the errors of
+    ``backend="triton"`` kernels that failed after that (the step finished on the PyTorch path)."""
+
+    updated: bool = False
+    kernel_failures: list[Exception] = field(default_factory=list)
 
 
 def _fused_rule(rule: UpdateRule) -> bool:
