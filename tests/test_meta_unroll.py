@@ -566,6 +566,11 @@ class UnusedBias(OwnTask):
         return (self.x @ params["w"] - self.y).square().mean()
 
 
+class CountLoss(OwnTask):
+    def loss(self, params, step_index):
+        return (self.per_example(params) > 1.0).sum()
+
+
 @pytest.mark.parametrize(
     ("task_class", "message"),
     [
@@ -574,6 +579,8 @@ class UnusedBias(OwnTask):
         (PerExampleLoss, "task 0's loss at step 0 is a tensor of shape (6,) and dtype torch.float64: Task.loss must "
          "return a scalar floating-point tensor computed from params (reduce per-example losses, e.g. with .mean())"),
         (ShapeOneLoss, "task 0's loss at step 0 is a tensor of shape (1,) and dtype torch.float64"),
+        (CountLoss, "task 0's loss at step 0 is a tensor of shape () and dtype torch.int64: Task.loss must return a "
+         "scalar floating-point tensor"),
         # these two raised autograd's RuntimeError, naming neither the task nor the parameter
         (DetachedLoss, "the task batch's loss at step 0 has no gradient: it must be computed from the params it is "
          "given (not detached, not through .item() or numpy)"),
@@ -607,6 +614,24 @@ def test_an_unroll_refuses_a_task_batch_loss_of_another_shape() -> None:
     )):  # fmt: skip
         unroll(rule, tasks, params, state, 1)
 
+    class CountsBatch(TaskBatch):
+        def loss(self, params, step_index):
+            return torch.stack([(t.per_example({k: v[b] for k, v in params.items()}) > 1.0).sum()
+                                for b, t in enumerate(self.tasks)])  # fmt: skip
+
+    with pytest.raises(ValueError, match=re.escape(
+        "the task batch's loss at step 0 has shape (2,) and dtype torch.int64: it must be (2,) floating-point losses"
+    )):  # fmt: skip
+        unroll(rule, CountsBatch(tasks.tasks), params, state, 1)
+
+
+def test_an_unroll_refuses_no_parameters() -> None:
+    rule = random_rule("lstm")
+    tasks = own_batch(OwnTask)
+    state = rule.init_state(1, dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match=r"^params is empty: the tasks need at least one parameter tensor$"):
+        unroll(rule, tasks, {}, state, 1)
+
 
 class IntegerParams(OwnTask):
     def init_params(self, generator):
@@ -629,6 +654,22 @@ class ListParams(OwnTask):
         return [torch.zeros(3, dtype=F64)]
 
 
+class DtypeByDraw(OwnTask):
+    def init_params(self, generator):
+        dtype = F64 if int(torch.randint(2, (), generator=generator)) else torch.float32
+        return {"w": torch.zeros(self.x.shape[1], dtype=dtype), "b": torch.zeros((), dtype=F64)}
+
+
+class EmptyParams(OwnTask):
+    def init_params(self, generator):
+        return {}
+
+
+class IndexedParams(OwnTask):
+    def init_params(self, generator):
+        return {0: torch.zeros(self.x.shape[1], dtype=F64)}
+
+
 @pytest.mark.parametrize(
     ("task_class", "message"),
     [
@@ -637,6 +678,10 @@ class ListParams(OwnTask):
          "on cpu: the tasks of a batch are unrolled as one stack, so they need the same names, shapes and dtype"),
         (KeysByDraw, "task 1's init_params has parameters ['c', 'w'], task 0's ['b', 'w']"),
         (ListParams, "task 0's init_params gave a list: it must return a dict of parameter name -> tensor"),
+        # torch.stack promoted the float32 draws to float64 silently
+        (DtypeByDraw, "task 1's init_params gives 'w' of shape (3,), float32 on cpu, task 0's of shape (3,), float64 on cpu"),
+        (EmptyParams, "task 0's init_params gave an empty dict: it must return a dict of parameter name -> tensor"),
+        (IndexedParams, "task 0's init_params gave 0: Tensor: it must return a dict of parameter name (str) -> tensor"),
     ],
 )
 def test_a_task_batch_refuses_initial_parameters_it_cannot_stack(task_class, message: str) -> None:
@@ -669,3 +714,41 @@ def test_an_unroll_under_no_grad_says_so_rather_than_blame_the_task() -> None:
         "unroll differentiates the tasks' losses: call it with autograd enabled, not under torch.no_grad()"
     )):  # fmt: skip
         unroll(rule, tasks, params, state, 1)
+
+
+class LossOnMeta(TaskBatch):
+    def loss(self, params, step_index):
+        return super().loss(params, step_index).to("meta")
+
+
+class NaNSecond(OwnTask):
+    def loss(self, params, step_index):
+        return super().loss(params, step_index) * (float("nan") if self.x[0, 0] == self.nan_at else 1.0)
+
+
+def test_check_task_batch_returns_the_first_losses_or_names_the_first_problem() -> None:
+    """What a run checks before it writes anything: each refusal names the parameter, task or
+    device at fault; a batch that passes gives its detached step-0 losses."""
+    from learnedopt.meta.unroll import check_task_batch
+
+    tasks = own_batch(OwnTask, size=3)
+    params = tasks.init_params(generator_for(0))
+    losses = check_task_batch(tasks, params, dtype=F64)
+    assert torch.equal(losses, tasks.loss(params, 0)) and not losses.requires_grad
+    assert losses.shape == (3,)
+
+    def refused(message: str, batch: TaskBatch = tasks, given=params, dtype=F64) -> None:  # noqa: ANN001
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_task_batch(batch, given, dtype=dtype)
+
+    refused("params is empty: the tasks need at least one parameter tensor", given={})
+    refused("the initial params['w'] are torch.float64; the rule runs in torch.float32, so they must be too",
+            dtype=torch.float32)  # fmt: skip
+    refused("params['w'] has shape (2, 3), expected (B=3, *shape)", given={k: v[:2] for k, v in params.items()})
+    refused("params['b'] has shape (), expected (B=3, *shape)", given={**params, "b": params["b"][0]})
+    refused("the task batch's loss at step 0 is on meta, the parameters on cpu", batch=LossOnMeta(tasks.tasks))
+    refused("the task batch's loss at step 0 does not depend on params ['b']", batch=own_batch(UnusedBias, size=3))
+    nan_batch = own_batch(NaNSecond, size=3)
+    for task in nan_batch.tasks:
+        task.nan_at = nan_batch.tasks[1].x[0, 0]
+    refused("the loss at step 0 is nan for task 1 (of 3): check the task's loss and initial parameters", batch=nan_batch)
