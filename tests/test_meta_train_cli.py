@@ -1066,7 +1066,35 @@ def test_sigterm_finishes_the_meta_step_checkpoints_it_and_resume_runs_nothing_a
     with monkeypatch.context() as patch:  # during the last meta-step: --resume writes the results
         terminate_at(patch, 2)
         assert run(tmp_path / "last", "--meta-steps", "2") == 143
-    assert "after meta-step 2 of 2, checkpointed in" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(
+        f"\nlearnedopt meta-train: stopped by SIGTERM after meta-step 2 of 2, checkpointed in {tmp_path / 'last'}: "
+        "--resume writes its results, running nothing again\n"
+    )
+
+
+def test_sigterm_closes_the_progress_bar_before_its_message(tmp_path: Path, monkeypatch) -> None:
+    """tqdm's bar is closed (its line ended) before the one-line message, as on Ctrl-C."""
+    from learnedopt.meta import loop
+
+    closed: list[int] = []
+    monkeypatch.setattr(loop._Progress, "close", lambda self: closed.append(1))
+    terminate_at(monkeypatch, 2)
+    assert run(tmp_path / "run", "--meta-steps", "3") == 143
+    assert closed == [1]
+
+
+def test_meta_train_runs_in_a_thread_that_cannot_handle_signals(tmp_path: Path) -> None:
+    """Python lets only the main thread install a signal handler: a run in another thread (a
+    notebook's or a service's worker) trains without one rather than failing."""
+    import signal
+    import threading
+
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(run(tmp_path / "run", "--meta-steps", "2")))
+    thread.start()
+    thread.join()
+    assert codes == [0] and [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_sigterm_handled_by_the_caller_is_left_to_the_caller(tmp_path: Path, monkeypatch) -> None:
@@ -1304,6 +1332,19 @@ class DescribesNothing(Variant):
         return ""
 
 
+class BadValidation(LogisticFamily):
+    def sample(self, generator):
+        task = super().sample(generator)
+        if self.scale == 1.0:  # the meta_valid split's tasks
+            task.__class__ = NaNLoss
+        return task
+
+
+class ListBatches(Variant):
+    def sample_batch(self, size, generator):
+        return [self.sample(generator) for _ in range(size)]
+
+
 class ToReturnsNothing(LogisticFamily):
     def to(self, device):
         self.device = torch.device(device)
@@ -1397,6 +1438,11 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "batch are unrolled as one stack"),
         ("{mod}:NotATaskFamily", (), "--task {mod}:NotATaskFamily: the first meta-training tasks: sample gave a dict, "
          "not a learnedopt.meta.Task\n"),
+        # the evaluation's tasks (split='meta_valid') are checked too: they are used only after the run
+        ("{mod}:BadValidation", (), "--task {mod}:BadValidation: the first evaluation tasks: the loss at step 0 is nan "
+         "for task 0 (of 4): check the task's loss and initial parameters\n"),
+        ("{mod}:ListBatches", (), "--task {mod}:ListBatches: the first meta-training tasks: sample_batch gave a list, "
+         "not a TaskBatch\n"),
         # the card is written at the end: this lost it after the whole run
         ("{mod}:DescribeRaises", (), "--task {mod}:DescribeRaises: describe(): KeyError: 'width'\n"),
         ("{mod}:DescribesNothing", ("--device", "cpu"), "--task {mod}:DescribesNothing: describe(): it must return a "
@@ -1414,6 +1460,27 @@ def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything
     err = capsys.readouterr().err
     assert err.startswith(f"learnedopt meta-train: error: {message.format(mod=own_tasks)}"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_the_device_hint_is_for_the_tasks_not_for_describe(own_tasks: str) -> None:
+    """On another device than the CPU a task failure may be data left on the CPU (the hint says
+    where a family's data belongs); a describe() failure is not (no hint)."""
+    import importlib
+
+    from learnedopt.meta import train
+    from learnedopt.meta.loop import ConfigError
+    from learnedopt.meta.train import MetaTrainConfig
+
+    module = importlib.import_module(own_tasks)
+    config = MetaTrainConfig(task=f"{own_tasks}:X", device="cuda", meta_batch=2)
+    hint = (" (on --device cuda: a family's tasks must keep their data on family.device, where TaskFamily.to puts "
+            "it)")  # fmt: skip
+    with pytest.raises(ConfigError) as raised:
+        train._check_family(module.DescribeRaises(), config, torch.Generator(), "meta-training")
+    assert str(raised.value) == f"--task {own_tasks}:X: describe(): KeyError: 'width'"
+    with pytest.raises(ConfigError) as raised:
+        train._check_family(module.NaNFamily(), config, torch.Generator(), "meta-training")
+    assert str(raised.value).endswith(f"check the task's loss and initial parameters{hint}")
 
 
 def test_make_family_names_an_imported_mixture_member() -> None:
