@@ -1464,6 +1464,19 @@ class NoSteps(LinearRegression):
     steps = 0
 
 
+class BoolSteps(LinearRegression):
+    steps = True
+
+
+class NoDescription(LinearRegression):
+    description = None
+
+
+class Dataless(LinearRegression):
+    def __init__(self):
+        self.data = "none given"
+
+
 def broken():
     raise RuntimeError("never built")
 '''
@@ -1490,6 +1503,8 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
     adam = output["results"]["Adam"]
     direct = [run_optimizer(make_problem(name), seed, BASELINES["Adam"], 0.1, steps=6) for seed in (0, 1)]
     assert adam["final_mean"] == pytest.approx(float(np.mean([c[-10:].mean() for c in direct])), rel=1e-12)
+    # a problem that takes no data is built without it, not refused
+    assert make_problem(f"{own_problems}:Dataless", data=tmp_path).data == "none given"
 
 
 @pytest.mark.parametrize(
@@ -1497,6 +1512,9 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
     [
         ("not_a_problem", "{mod}:not_a_problem() gave a int, not a learnedopt.evaluation.Problem"),
         ("NoSteps", "{mod}:NoSteps: a Problem needs steps (a positive integer) and description (a string), got 0"),
+        ("BoolSteps", "{mod}:BoolSteps: a Problem needs steps (a positive integer) and description (a string), got True"),
+        ("NoDescription", "{mod}:NoDescription: a Problem needs steps (a positive integer) and description (a string), "
+         "got 6 and None"),
         ("Missing", "problem {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
         ("broken", "problem {mod}:broken: {mod}:broken() raised RuntimeError: never built"),
     ],
