@@ -301,6 +301,44 @@ def test_explicit_triton_finishes_a_step_whose_kernel_failed_part_way_then_raise
         torch.testing.assert_close(fopt.state[p]["h"], ropt.state[q]["h"], rtol=2e-5, atol=2e-6)
 
 
+def test_explicit_triton_names_the_first_kernel_failure_of_a_step(monkeypatch) -> None:
+    """Two groups whose kernels both fail: the step finishes, and the error is the first one,
+    chained as its cause."""
+    kernel = validated_kernel_on_cpu(monkeypatch)
+    launches: list[int] = []
+
+    def every_launch_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the kernel's
+        launches.append(1)
+        raise RuntimeError(f"launch {len(launches)} failed")
+
+    monkeypatch.setattr(kernel, "coordinate_lstm_step_", every_launch_fails)
+    params = make_params([(5,), (2,)], dtype=torch.float32)
+    opt = OPTIMIZERS["lstm"]([{"params": params[:1]}, {"params": params[1:]}], "l2l-2016", backend="triton")
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match=r"^backend='triton': the fused kernel failed \(RuntimeError\('launch 1 failed'\)\)") as raised:
+        opt.step()
+    assert len(launches) == 2 and str(raised.value.__cause__) == "launch 1 failed"
+    assert all(float(opt.state[p]["step"]) == 1.0 for p in params)
+
+
+def test_an_explicit_triton_failure_leaves_auto_groups_on_the_kernel(monkeypatch) -> None:
+    """A failure under backend='triton' raises rather than falling back for good: a group of the
+    same optimizer on backend='auto' keeps its kernel, this step and the next, and so does the
+    'triton' group on the next step."""
+    launches = kernel_launch_fails(monkeypatch, 1)
+    params = make_params([(5,), (2,)], dtype=torch.float32)
+    opt = OPTIMIZERS["lstm"]([{"params": params[:1], "backend": "triton"}, {"params": params[1:], "backend": "auto"}],
+                             "l2l-2016")  # fmt: skip
+    for t in range(2):
+        set_grads(params, t)
+        if t == 0:
+            with pytest.raises(RuntimeError, match=r"^backend='triton': the fused kernel failed"):
+                opt.step()
+        else:
+            opt.step()
+    assert len(launches) == 4
+
+
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("old_size", [1, 3])
 def test_a_resized_parameter_is_rejected_not_given_broadcast_states(foreach, old_size) -> None:
