@@ -562,6 +562,15 @@ def test_meta_train_takes_clip_for_maml(tmp_path: Path, algo: str) -> None:
     assert "--clip 0.001" in header(out / MODEL_NAME)["command"]
 
 
+@pytest.mark.parametrize(("algo", "clip"), [("maml", None), ("fomaml", None), ("meta-lstm", 0.25)])
+def test_the_default_clip_is_none_for_maml_and_a_quarter_for_meta_lstm(algo: str, clip: float | None) -> None:
+    from learnedopt.cli import build_parser
+    from learnedopt.meta.fewshot.config import config_from_args
+
+    args = build_parser().parse_args(["meta-train", "--algo", algo, "--out", "unused"])
+    assert config_from_args(args).clip == clip
+
+
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])
 def test_multi_step_loss_weighs_every_inner_step_then_anneals_to_the_last(algo: str) -> None:
     """``--multi-step-loss 2`` with 3 inner steps: meta-step 0 weighs the query loss after each
