@@ -935,15 +935,8 @@ IMPORTED_NOT_MIXED = (
 )
 
 
-def imported_family_path(name: str) -> tuple[str, str] | None:
-    """``(module, attribute)`` of a task name in Python's entry-point syntax, ``package.module:Class``
-    (a :class:`TaskFamily` subclass, or any callable returning a family); None for other names (a
-    mixture member's weight, ``mlp-random:3``, is a number, not a name)."""
-    return entry_point_path(name)
-
-
 def import_family(name: str, *, data: str | os.PathLike[str] | None = None, split: str = "meta_train") -> TaskFamily:
-    """The family of an imported task name (:func:`imported_family_path`): its class (or factory)
+    """The family of an imported task name (``module:Class``, :func:`learnedopt.plugins.entry_point_path`): its class (or factory)
     called with ``split=`` if it takes that parameter (``"meta_train"`` for meta-training,
     ``"meta_valid"`` for the run's validation and selection; a family without it draws both from
     one distribution, with different seeds) and ``data=`` if given.
@@ -1006,7 +999,7 @@ def imported_mixture_member(name: str) -> str | None:
     for part in name.split(MIXTURE_SEPARATOR):
         family, _, weight = part.rpartition(WEIGHT_SEPARATOR)
         member = family if weight.isascii() and weight.isdigit() else part
-        if imported_family_path(member) is not None:
+        if entry_point_path(member) is not None:
             return member
     return None
 
@@ -1015,14 +1008,14 @@ def is_task_family(name: str) -> bool:
     """Whether ``name`` is one of :data:`TASK_FAMILIES`, a mixture of distinct ones (``a+b``,
     ``a:3+b``), or has the form of an imported family (``module:Class``; whether it imports is
     known once :func:`make_family` imports it)."""
-    return name in TASK_FAMILIES or parse_mixture(name) is not None or imported_family_path(name) is not None
+    return name in TASK_FAMILIES or parse_mixture(name) is not None or entry_point_path(name) is not None
 
 
 def reads_data(name: str) -> bool:
     """Whether the task ``name`` (a family, or a mixture as :func:`is_task_family` accepts) reads
     the MNIST folder: it is, or has a member in, :data:`DATA_FAMILIES`. An imported family may
     read a data folder of its own: :func:`import_family` checks that it takes ``data``."""
-    if imported_family_path(name) is not None:
+    if entry_point_path(name) is not None:
         return True
     return any(family in DATA_FAMILIES for family, _ in parse_mixture(name) or [(name, 1)])
 
@@ -1046,7 +1039,7 @@ def make_family(
         raise ValueError(f"unknown split {split!r}; parts: {sorted(MNIST_SPLIT)}")
     if data is not None and is_task_family(name) and not reads_data(name):
         raise ValueError(f"data is the MNIST folder of {' and '.join(DATA_FAMILIES)}; task {name!r} reads none")
-    if imported_family_path(name) is not None:
+    if entry_point_path(name) is not None:
         return import_family(name, data=data, split=split)
     if MIXTURE_SEPARATOR in name:
         if (member := imported_mixture_member(name)) is not None:

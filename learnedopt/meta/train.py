@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RULES, UpdateRule
-from ..plugins import load_entry_point, takes_parameter
+from ..plugins import entry_point_path, load_entry_point, one_line, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -81,7 +81,6 @@ from .tasks import (
     TaskFamily,
     check_mixture_weights,
     generator_for,
-    imported_family_path,
     imported_mixture_member,
     is_task_family,
     make_family,
@@ -504,7 +503,7 @@ def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
     try:
         family = make_family(config.task, data=config.data, split=split)
     except (FileNotFoundError, ValueError) as err:
-        needs = "" if imported_family_path(config.task) else " needs MNIST"
+        needs = "" if entry_point_path(config.task) else " needs MNIST"
         raise ConfigError(f"--task {config.task}{needs}: {err}") from None
     moved = family.to(config.device)
     if not isinstance(moved, TaskFamily):  # an override of to() that forgot its return
@@ -517,7 +516,7 @@ def _family(config: MetaTrainConfig, split: str) -> TaskFamily:
 def _task_name(task: str, family: TaskFamily) -> str:
     """How a weight file's ``trained_on`` names the task: a built-in family by its name, the user's
     own (``module:Class``, which means nothing where the module is not) with its description."""
-    return f"{task} ({family.describe()})" if imported_family_path(task) is not None else task
+    return f"{task} ({family.describe()})" if entry_point_path(task) is not None else task
 
 
 def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
@@ -541,7 +540,7 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
     except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
         on_device = (f" (on --device {config.device}: a family's tasks must keep their data on family.device, "
                      "where TaskFamily.to puts it)") if config.device != "cpu" and stage != "describe()" else ""  # fmt: skip
-        message = " ".join(str(err).split())
+        message = one_line(err)
         shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
         raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
 
@@ -584,7 +583,7 @@ Meta-loss: {meta_loss}."""
     data = f"""Meta-training tasks: {family.describe()}.
 
 Evaluation tasks: {eval_family.describe()}."""
-    imported = imported_family_path(config.task)
+    imported = entry_point_path(config.task)
     if imported is not None:
         split = ("built with split='meta_train' for training and split='meta_valid' for evaluation"
                  if takes_parameter(load_entry_point(config.task), "split")
