@@ -83,7 +83,8 @@ def cell_backward(
 
 def compile_enabled() -> bool:
     """Whether the pointwise functions are compiled (``LEARNEDOPT_COMPILE``, default on; ``0``,
-    ``false``, ``off`` or ``no``, in any case, turn it off; any other value raises ValueError)."""
+    ``false``, ``off`` or ``no``, in any case, turn it off, ``1``, ``true``, ``on``, ``yes`` or
+    empty leave it on; any other value raises ValueError)."""
     value = os.environ.get("LEARNEDOPT_COMPILE", "1").strip().lower()
     if value in ("0", "false", "off", "no"):
         return False
