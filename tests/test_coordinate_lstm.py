@@ -133,21 +133,40 @@ def test_config_validation() -> None:
     ({"hidden_size": 2.5}, "hidden_size must be an integer >= 1"),
     ({"num_layers": 0}, "num_layers must be an integer >= 1"),
     ({"param_input": 1}, "param_input must be true or false"),
-    ({"preprocess_p": 0.0}, "preprocess_p must be positive and finite"),
+    ({"preprocess_p": 0.0}, r"preprocess_p must be in \(0, 87.34\]"),
+    ({"preprocess_p": 88.0}, r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got 88.0"),
+    ({"output_scale": 1e39}, "output_scale must be finite in float32, got 1e"),
     ({"rms_decays": (0.9, 1.0)}, r"rms_decays: decays must be in \[0, 1\)"),
     # values of the wrong type, as a hand-edited weight-file header has them: a ValueError naming
     # the field, not a TypeError from inside the checks ("Value after * must be an iterable")
     ({"momentum_decays": 0.9}, "momentum_decays must be a list of decays, got 0.9"),
     ({"rms_decays": ("0.9",)}, r"rms_decays: decays must be in \[0, 1\), got '0.9'"),
-    ({"preprocess_p": "10"}, "preprocess_p must be positive and finite, got '10'"),
-    ({"preprocess_p": True}, "preprocess_p must be positive and finite, got True"),
-    ({"output_scale": None}, "output_scale must be finite, got None"),
+    ({"preprocess_p": "10"}, r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got '10'"),
+    ({"preprocess_p": True}, r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got True"),
+    ({"output_scale": None}, "output_scale must be finite in float32, got None"),
 ])  # fmt: skip
 def test_config_rejects_each_bad_value_naming_it(change: dict, message: str) -> None:
     """Each field is checked where the config is made (a weight file's header included), not
     later by torch.nn.LSTM or at the first step, with a ValueError naming it."""
     with pytest.raises(ValueError, match=message):
         CoordinateLSTMConfig(**change)
+
+
+def test_the_largest_preprocessing_constant_keeps_every_step_finite() -> None:
+    """At p = MAX_PREPROCESS_P the features of a zero, a subnormal, a tiny and a large gradient are
+    finite, and so is a step (p = 100, accepted before, gave a zero gradient the feature
+    0 * e^100 = 0 * Inf = NaN; p = 1e6 raised OverflowError at the first step)."""
+    from learnedopt.nn.base import MAX_PREPROCESS_P
+
+    grad = torch.tensor([0.0, -1e-45, 1e-30, -3.0, 1e30])
+    features = preprocess(grad, MAX_PREPROCESS_P)
+    assert torch.isfinite(features).all(), features
+    assert features[0].tolist() == [-1.0, 0.0]
+    rule = CoordinateLSTM(preprocess_p=MAX_PREPROCESS_P)
+    state = {name: torch.zeros(spec.shape(5)) for name, spec in rule.state_spec().items()}
+    with torch.no_grad():
+        step, _ = rule(grad, torch.ones(5), state)
+    assert torch.isfinite(step).all(), step
 
 
 def test_config_round_trip() -> None:

@@ -146,13 +146,13 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
         ({"forget_bias_init": (4.0, 5.0, 6.0)}, "forget_bias_init must be a range"),
         ({"hidden_size": 0}, "hidden_size must be an integer >= 1"),
         ({"step_scale": math.inf}, "step_scale must be positive and finite"),
-        ({"preprocess_p": math.inf}, "preprocess_p must be positive and finite"),
+        ({"preprocess_p": math.inf}, "preprocess_p must be in \\(0, 87.34\\]"),
         # the wrong types (a hand-edited header): a ValueError naming the field, not a TypeError
         ({"forget_bias_init": 5.0}, "forget_bias_init must be a range"),
         ({"input_bias_init": ("a", "b")}, "input_bias_init must be a range"),
         ({"forget_bias_init": (0.0, math.inf)}, "forget_bias_init must be a range"),
         ({"momentum_decay": "0.9"}, r"momentum_decay must be None or in \(0, 1\), got '0.9'"),
-        ({"step_scale": None}, "step_scale must be positive and finite, got None"),
+        ({"step_scale": None}, "step_scale must be positive and finite in float32, got None"),
     ]:
         with pytest.raises(ValueError, match=match):
             MetaLSTMCell(**bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +53,26 @@ def is_number(value: Any) -> bool:
     """Whether ``value`` is a real number; a bool (JSON ``true``) or a string (``"0.9"`` in a
     hand-edited weight-file header) is not one."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def finite_in_float32(value: Any) -> bool:
+    """Whether ``value`` is a real number (see :func:`is_number`) that is finite in float32, the
+    dtype of the rules' math: a weight-file header's ``1e300`` is a finite JSON double, but an
+    output scale of it set every float32 parameter to -Inf at the first step."""
+    return is_number(value) and math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
+
+
+#: The largest preprocessing constant ``p``: the gradient preprocessing (``nn.functional.preprocess``)
+#: multiplies by ``e^p`` and clamps at ``e^-p``, which must be a normal float32 number (a ``p`` of
+#: 100 made a zero gradient's feature ``0 * e^100 = 0 * Inf = NaN``).
+MAX_PREPROCESS_P = -math.log(torch.finfo(torch.float32).tiny)
+
+
+def check_preprocess_p(value: Any) -> None:
+    """Raise ValueError unless ``value`` is a preprocessing constant in ``(0, MAX_PREPROCESS_P]``
+    (about 87.3; the papers use 10)."""
+    if not (is_number(value) and 0 < value <= MAX_PREPROCESS_P):
+        raise ValueError(f"preprocess_p must be in (0, {MAX_PREPROCESS_P:.4g}] (e^p finite in float32), got {value!r}")
 
 
 class UpdateRule(nn.Module):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_positive_integer, is_number
+from .base import State, StateSpec, UpdateRule, check_positive_integer, check_preprocess_p, finite_in_float32, is_number
 from .functional import bounded_square, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -44,10 +44,9 @@ class CoordinateLSTMConfig:
             check_positive_integer(name, getattr(self, name))
         if type(self.param_input) is not bool:
             raise ValueError(f"param_input must be true or false, got {self.param_input!r}")
-        if not (is_number(self.preprocess_p) and math.isfinite(self.preprocess_p) and self.preprocess_p > 0):
-            raise ValueError(f"preprocess_p must be positive and finite, got {self.preprocess_p!r}")
-        if not (is_number(self.output_scale) and math.isfinite(self.output_scale)):
-            raise ValueError(f"output_scale must be finite, got {self.output_scale!r}")
+        check_preprocess_p(self.preprocess_p)
+        if not finite_in_float32(self.output_scale):
+            raise ValueError(f"output_scale must be finite in float32, got {self.output_scale!r}")
         for name in ("momentum_decays", "rms_decays"):
             decays = getattr(self, name)
             if not isinstance(decays, (tuple, list)):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_positive_integer, is_number
+from .base import State, StateSpec, UpdateRule, check_positive_integer, check_preprocess_p, finite_in_float32, is_number
 from .functional import bounded_square, debiased_ema, preprocess, rms_denominator
 from .lstm_step import lstm_step
 
@@ -44,10 +44,9 @@ class MetaLSTMConfig:
 
     def __post_init__(self) -> None:
         check_positive_integer("hidden_size", self.hidden_size)
-        for name in ("preprocess_p", "step_scale"):
-            value = getattr(self, name)
-            if not (is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        check_preprocess_p(self.preprocess_p)
+        if not (finite_in_float32(self.step_scale) and self.step_scale > 0):
+            raise ValueError(f"step_scale must be positive and finite in float32, got {self.step_scale!r}")
         for name in ("momentum_decay", "rms_decay"):
             decay = getattr(self, name)
             if decay is not None and not (is_number(decay) and 0.0 < decay < 1.0):
@@ -57,10 +56,10 @@ class MetaLSTMConfig:
             if not (
                 isinstance(low_high, (tuple, list))
                 and len(low_high) == 2
-                and all(is_number(v) and math.isfinite(v) for v in low_high)
+                and all(finite_in_float32(v) for v in low_high)
                 and low_high[0] <= low_high[1]
             ):
-                raise ValueError(f"{name} must be a range (low, high) of finite numbers with low <= high, got {low_high!r}")
+                raise ValueError(f"{name} must be a range (low, high) of finite numbers in float32 with low <= high, got {low_high!r}")
 
 
 class MetaLSTMCell(UpdateRule):
