@@ -333,6 +333,10 @@ class LearnedOptimizer(Optimizer):
         }
 
     # ---------------------------------------------------------------- the step
+    # Dynamo does not trace the step (a graph break, as at torch.optim's zero_grad): its input
+    # checks read values on the host, and traced, MetaLSTMOptimizer's step raised Dynamo's
+    # InternalTorchDynamoError. It runs as it does eagerly, its LSTM's pointwise functions compiled.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | float | None = None) -> Tensor | None:
         """Perform one optimisation step.
@@ -342,6 +346,9 @@ class LearnedOptimizer(Optimizer):
             loss: the current loss, for rules that read it: a number (read in float64) or a
                 one-element tensor (a ``DTensor`` is read as its full value). Given with a
                 closure, the rule reads this one, and the closure's loss is still returned.
+
+        Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
+        graph break: it runs as it does eagerly, the closure too.
 
         Returns:
             The closure's loss, or None.
