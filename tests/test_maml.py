@@ -134,6 +134,33 @@ def test_checkpointed_inner_loop_updates_buffers_as_the_plain_one() -> None:
         torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-14)
 
 
+class Masked(nn.Module):
+    """A fixed mask buffer multiplied into the hidden layer: autograd saves it for the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, 0.5]))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)) * self.mask)
+
+
+def test_checkpointed_inner_loop_leaves_buffers_the_graph_saved_untouched() -> None:
+    """The rebuild in backward wrote the forward's buffer values into the model's own buffers and
+    back: a buffer the rest of the meta-graph had saved (here a mask multiplied in) was then
+    'modified by an inplace operation' and the meta-backward raised."""
+    grads = {}
+    for ckpt in (False, True):
+        model = Masked().double()
+        MAML(model, inner_lr=0.5, inner_steps=2, vectorize=False, checkpoint_steps=ckpt)(*episode()).backward()
+        grads[ckpt] = [p.grad for p in model.parameters()]
+        assert torch.equal(model.mask, Masked().double().mask)
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_checkpointed_meta_sgd_with_multi_step_loss_matches_the_plain_loop() -> None:
     grads = {}
     for ckpt in (False, True):

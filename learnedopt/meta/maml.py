@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -281,8 +281,10 @@ class MAML(nn.Module):
     def _model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(functional_call(self.model, (params, self._model_buffers()), (x,)), y)
+    def _loss(self, params: Params, x: Tensor, y: Tensor, buffers: Params | None = None) -> Tensor:
+        """The loss at ``params``, with the model's own buffers unless ``buffers`` are given."""
+        buffers = self._model_buffers() if buffers is None else buffers
+        return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
 
     def _lr(self, name: str) -> Tensor | float:
         if self.inner_lrs is None:
@@ -327,18 +329,19 @@ class MAML(nn.Module):
         names = list(params)
         lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
         data = [x_s, y_s]
-        buffers = self._model_buffers()
-        # the buffers as the forward saw them: the rebuild in backward runs the model again, which
-        # must neither see nor leave their later values (a second running-statistics update)
-        buffers_at_forward = {k: b.clone() for k, b in buffers.items()}
+        # the buffers as the forward saw them: the rebuild in backward runs the model again on copies
+        # of these, so it neither sees nor leaves their later values (a second running-statistics
+        # update), nor writes to the model's own buffers, which the rest of the meta-graph may have
+        # saved for its backward (a buffer mask or scale multiplied in the forward)
+        buffers_at_forward = {k: b.clone() for k, b in self._model_buffers().items()}
 
         def step(values: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
             current = dict(zip(names, values[: len(names)], strict=True))
             rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
             x, y = values[len(names) + len(lrs) :]
-            rebuild = _buffers_set_to(buffers, buffers_at_forward) if create_graph else contextlib.nullcontext()
-            with _twice_differentiable_attention(create_graph), rebuild:
-                loss = self._loss(current, x, y)
+            buffers = {k: b.clone() for k, b in buffers_at_forward.items()} if create_graph else None
+            with _twice_differentiable_attention(create_graph):
+                loss = self._loss(current, x, y, buffers)
             outside = _leaves_outside([loss], values)
             if outside:
                 raise RuntimeError(
@@ -583,22 +586,6 @@ class _RecomputedStep(torch.autograd.Function):
             learning = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
         return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
-
-
-@contextlib.contextmanager
-def _buffers_set_to(buffers: Params, values: Params) -> Iterator[None]:
-    """Sets ``buffers`` (a module's own tensors) to ``values`` in place for the block, then back to
-    what they held before it, whatever the block did to them."""
-    with torch.no_grad():
-        before = {k: b.clone() for k, b in buffers.items()}
-        for k, b in buffers.items():
-            b.copy_(values[k])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, b in buffers.items():
-                b.copy_(before[k])
 
 
 def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:
