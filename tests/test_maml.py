@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from learnedopt.meta import Reptile
 from learnedopt.meta.maml import MAML, multi_step_loss_weights
 from learnedopt.models import TinyTransformer
 
@@ -666,6 +667,37 @@ def test_the_default_cross_entropy_refuses_a_one_output_model_instead_of_a_zero_
     labels = torch.randint(0, 3, (2, 5))
     expected = MAML(classifier, inner_lr=0.01, loss_fn=nn.functional.cross_entropy, vectorize=vectorize)(x_s, labels, x_q, labels)
     assert torch.equal(MAML(classifier, inner_lr=0.01, vectorize=vectorize)(x_s, labels, x_q, labels), expected)
+
+
+class LogitsAndFeatures(nn.Module):
+    """A model whose forward returns a tuple (logits, features), or a dict of them."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.as_dict, self.body, self.head = as_dict, nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = torch.tanh(self.body(x))
+        return {"logits": self.head(features), "features": features} if self.as_dict else (self.head(features), features)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_model_returning_a_tuple_or_dict_takes_a_loss_fn_and_the_default_names_it(vectorize: bool, as_dict: bool) -> None:
+    """The default cross-entropy failed on such outputs with 'tuple' object has no attribute 'dim'."""
+    pick = (lambda out: out["logits"]) if as_dict else (lambda out: out[0])
+    maml = MAML(LogitsAndFeatures(as_dict).double(), inner_lr=0.5, vectorize=vectorize,
+                loss_fn=lambda out, y: nn.functional.cross_entropy(pick(out), y))  # fmt: skip
+    maml(*episode()).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, 1, episode(), first_order=False)
+    for p, e in zip(maml.model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    kind = "dict" if as_dict else "tuple"
+    with pytest.raises(TypeError, match=f"takes the model's output as one tensor of logits, got a {kind}: pass loss_fn"):
+        MAML(LogitsAndFeatures(as_dict).double(), vectorize=vectorize)(*episode())
+    with pytest.raises(TypeError, match=f"got a {kind}: pass loss_fn"):
+        Reptile(LogitsAndFeatures(as_dict).double(), inner_steps=1).meta_step([[(episode()[0][0], episode()[1][0])]])
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

@@ -34,7 +34,14 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
     class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
-    meta-trained on a zero loss without a word)."""
+    meta-trained on a zero loss without a word), and outputs that are not one tensor of logits
+    (a model returning a tuple or dict needs a ``loss_fn`` that picks from it)."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the default loss_fn, cross-entropy, takes the model's output as one tensor of logits, got a "
+            f"{type(outputs).__name__}: pass loss_fn(outputs, targets) that reads it, e.g. "
+            "loss_fn=lambda outputs, y: nn.functional.cross_entropy(outputs[0], y)"
+        )
     classes = outputs.shape[1] if outputs.dim() >= 2 else outputs.shape[0] if outputs.dim() == 1 else None
     if classes == 1:
         raise ValueError(
