@@ -560,6 +560,51 @@ def test_convolutional_batchnorm_in_a_nested_module_under_vmap_matches_autograd_
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+class TiedWithBatchNorm(nn.Module):
+    """One weight in two layers (tied, as an embedding and its output layer), BatchNorm between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm, self.out = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3)
+        self.out.weight = self.inp.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_meta_gradient_of_tied_weights_with_meta_sgd_matches_central_differences(vectorize: bool) -> None:
+    """Independent of autograd: the second-order meta-gradient (tied weights, transductive
+    BatchNorm, learned per-element step sizes, multi-step loss) by central differences, float64."""
+    g = torch.Generator().manual_seed(1)
+    xs, xq = torch.randn(2, 6, 3, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    ys, yq = torch.randint(0, 3, (2, 6), generator=g), torch.randint(0, 3, (2, 6), generator=g)
+    maml = MAML(TiedWithBatchNorm().double(), inner_lr=0.4, inner_steps=2, learn_inner_lr=True,
+                step_loss_weights=[0.3, 0.7], vectorize=vectorize)  # fmt: skip
+    with torch.no_grad():
+        for rate in maml.inner_lrs.values():
+            rate.add_(torch.rand(rate.shape, generator=g, dtype=torch.float64) * 0.2)
+    maml(xs, ys, xq, yq).backward()
+    params = list(maml.parameters())
+    assert len(params) == 2 * 5  # the tied weight once, and its one step size
+    analytic = torch.cat([p.grad.reshape(-1) for p in params])
+    numeric, eps = [], 1e-6
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old, values = flat[i].item(), []
+                for moved in (old + eps, old - eps):
+                    flat[i] = moved
+                    with torch.enable_grad():
+                        values.append(maml(xs, ys, xq, yq).item())
+                flat[i] = old
+                numeric.append((values[0] - values[1]) / (2 * eps))
+    assert analytic.abs().max() > 1e-2
+    torch.testing.assert_close(analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
 def test_vmap_draws_each_tasks_own_dropout_masks() -> None:
     """``randomness="different"``: as in the loop, every task of a meta-batch draws its own
     dropout masks, so identical tasks get different query losses."""
