@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import struct
@@ -706,12 +707,26 @@ def test_initial_parameters_given_as_nn_parameters_are_stacked_detached() -> Non
     assert all(torch.equal(params[k], plain[k]) for k in plain)
 
 
-def test_an_unroll_under_no_grad_says_so_rather_than_blame_the_task() -> None:
+def inference_mode_with_grad_enabled() -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+@pytest.mark.parametrize(
+    ("context", "mode"),
+    [(torch.no_grad, "torch.no_grad()"), (torch.inference_mode, "torch.inference_mode()"),
+     (inference_mode_with_grad_enabled, "torch.inference_mode()")],  # fmt: skip
+)
+def test_an_unroll_under_no_grad_says_so_rather_than_blame_the_task(context, mode: str) -> None:
+    """Under inference_mode with enable_grad (grad mode on, no graphs) the task was blamed: 'the
+    task batch's loss at step 0 has no gradient: it must be computed from the params'."""
     rule = random_rule("lstm")
     tasks, params = quadratic_setup()
     state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
-    with torch.no_grad(), pytest.raises(ValueError, match=re.escape(
-        "unroll differentiates the tasks' losses: call it with autograd enabled, not under torch.no_grad()"
+    with context(), pytest.raises(ValueError, match=re.escape(
+        f"unroll differentiates the tasks' losses: call it with autograd enabled, not under {mode}"
     )):  # fmt: skip
         unroll(rule, tasks, params, state, 1)
 

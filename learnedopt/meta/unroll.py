@@ -141,8 +141,8 @@ def unroll(
         ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params`` or ``loss_weights``,
             parameters, states and rule weights of more than one dtype or device, a call under
-            ``torch.no_grad()``, or task losses that are not ``(B,)`` on the parameters' device
-            with a gradient for every parameter.
+            ``torch.no_grad()`` or ``torch.inference_mode()``, or task losses that are not
+            ``(B,)`` on the parameters' device with a gradient for every parameter.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -150,8 +150,11 @@ def unroll(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
-    if not torch.is_grad_enabled():  # else every task would be blamed for a loss without a gradient
-        raise ValueError("unroll differentiates the tasks' losses: call it with autograd enabled, not under torch.no_grad()")
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        # else every task would be blamed for a loss without a gradient (torch.enable_grad() inside
+        # inference_mode turns grad mode on, but every tensor made there still has no graph)
+        mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+        raise ValueError(f"unroll differentiates the tasks' losses: call it with autograd enabled, not under {mode}")
     names = list(params)
     batch = len(task_batch)
     shapes = [tuple(params[k].shape[1:]) for k in names]
