@@ -668,6 +668,20 @@ def test_adaptation_takes_test_inner_steps_unless_told(algo: str) -> None:
 
 
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_adaptation_under_no_grad_and_inference_mode_is_the_one_outside(algo: str) -> None:
+    """MAML adapted under ``torch.inference_mode()``; Reptile's and meta-lstm's adaptation failed
+    there ('element 0 of tensors does not require grad', and the unroll's refusal)."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(1, 10, 1, generator=g) for _ in range(4))
+    expected = learner.evaluate(x_s, y_s, x_q, y_q)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            inside = [t.clone() for t in (x_s, y_s, x_q, y_q)]  # inference tensors, under inference_mode
+            assert learner.evaluate(*inside) == expected
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
 def test_a_frozen_layer_is_neither_adapted_nor_meta_trained(algo: str) -> None:
     """A layer with requires_grad=False (head-only adaptation) stays as it is, as in MAML and
     Reptile; meta-lstm's inner loop updated every parameter of the model."""

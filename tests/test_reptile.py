@@ -68,6 +68,20 @@ def test_adapt_runs_the_steps_it_is_given() -> None:
     assert all(torch.equal(a, b) for a, b in zip(default, one, strict=True))  # steps=None: inner_steps
 
 
+def test_adapt_under_no_grad_and_inference_mode_trains_as_outside() -> None:
+    """Under ``torch.inference_mode()`` (evaluation, as MAML.adapt allows) the copy's loss had no
+    graph: 'element 0 of tensors does not require grad and does not have a grad_fn'."""
+    data = tasks(1, batches=2)[0]
+    reptile = Reptile(model(), inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    expected = sgd_run(model(), data, 3, 0.1)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            inside = [(x.clone(), y.clone()) for x, y in data]  # inference tensors, under inference_mode
+            worker = reptile.adapt(inside)
+        for got, want in zip(worker.parameters(), expected, strict=True):
+            torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("make", [lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["lstm", "meta-lstm"])
 def test_learned_inner_optimizers_work(make) -> None:
     net = model().float()

@@ -93,7 +93,8 @@ class Reptile:
 
         Returns:
             A fresh copy of the model as it is now (its modules, their settings and its
-            initialisation), trained on the task.
+            initialisation), trained on the task; also under ``torch.no_grad`` or
+            ``inference_mode`` (evaluation), as :meth:`MAML.adapt <learnedopt.meta.MAML.adapt>`.
         """
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
@@ -108,22 +109,25 @@ class Reptile:
                     "per task pass [(x, y)], and to meta_step a list of such tasks: [[(x1, y1)], [(x2, y2)], ...]"
                 )
         steps = self.inner_steps if steps is None else steps
-        # a copy per task, not one reused: it follows every later change to the model (a swapped
-        # layer, a module's attribute, a frozen parameter), and costs little beside the inner loop
-        worker = copy.deepcopy(self.model)
-        for p in worker.parameters():
-            p.grad = None
-        optimizer = self.inner_optimizer(worker.parameters())
-        for t in range(steps):
-            x, y = batches[t % len(batches)]
+        # inference_mode's tensors have no graph and autograd saves none of them: train outside it
+        normal = lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t  # noqa: E731
+        with torch.inference_mode(False), torch.enable_grad():
+            # a copy per task, not one reused: it follows every later change to the model (a swapped
+            # layer, a module's attribute, a frozen parameter), and costs little beside the inner loop
+            worker = copy.deepcopy(self.model)
+            for p in worker.parameters():
+                p.grad = None
+            optimizer = self.inner_optimizer(worker.parameters())
+            for t in range(steps):
+                x, y = (normal(v) for v in batches[t % len(batches)])
 
-            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-                optimizer.zero_grad()
-                loss = self.loss_fn(worker(x), y)
-                loss.backward()
-                return loss
+                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                    optimizer.zero_grad()
+                    loss = self.loss_fn(worker(x), y)
+                    loss.backward()
+                    return loss
 
-            optimizer.step(closure)
+                optimizer.step(closure)
         return worker
 
     def meta_step(

@@ -251,8 +251,11 @@ class FewShotLearner:
         if self.maml is not None:
             return self.maml.adapt(x_support, y_support, steps=steps)
         if self.rule is not None:
-            with torch.enable_grad():
-                result = self._unroll(x_support[None], y_support[None], None, None, steps, self.rule)
+            # the unroll differentiates the support losses: outside no_grad and inference_mode, whose
+            # tensors autograd cannot save
+            normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731
+            with torch.inference_mode(False), torch.enable_grad():
+                result = self._unroll(normal(x_support)[None], normal(y_support)[None], None, None, steps, self.rule)
             return {k: v[0].detach() for k, v in result.params.items()}
         worker = self.reptile.adapt([(x_support, y_support)], steps=steps)
         return {k: v.detach().clone() for k, v in worker.named_parameters()}
