@@ -1,5 +1,7 @@
 """MAML: meta-gradients against a direct double-backward computation; first vs second order."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -663,6 +665,23 @@ def test_zero_init_refuses_a_frozen_layer() -> None:
     with pytest.raises(ValueError, match="zero_init: '2' names no trainable parameter"):
         MAML(model, zero_init=("2",))
     assert model[2].weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("zero_init", "named", "other"), [
+    (("out",), "out.weight", "inp.weight"), (("out.weight",), "out.weight", "inp.weight"), (("inp",), "inp.weight", "out.weight"),
+])  # fmt: skip
+def test_zero_init_refuses_a_layer_tied_to_one_it_does_not_name(zero_init, named: str, other: str) -> None:
+    """A tied weight has one name in named_parameters(): zero_init=("out",) zeroed only the output
+    layer's bias and left its (tied) weight learned, silently; ("inp",) zeroed the output layer's
+    weight with it."""
+    model = TiedWithBatchNorm()
+    with pytest.raises(ValueError, match=re.escape(
+        f"zero_init: {named!r} is the same parameter as {other!r} (tied weights), which zero_init does not name"
+    )):  # fmt: skip
+        MAML(model, zero_init=zero_init)
+    assert model.inp.weight.abs().sum() > 0 and model.out.bias.abs().sum() > 0
+    maml = MAML(model, zero_init=("inp", "out"))  # both names of the tied weight: both zero
+    assert maml._zero_init == {"inp.weight", "inp.bias", "out.bias"} and model.out.weight.abs().sum() == 0
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

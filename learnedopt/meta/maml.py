@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -203,7 +203,8 @@ class MAML(nn.Module):
             an episode are an arbitrary permutation), and (with cross-entropy, balanced classes)
             its first inner step sets class c's row to ``inner_lr / N`` times c's mean support
             feature less the mean over all classes, like a prototype. These parameters are set
-            to zero in the model and receive no meta-gradient.
+            to zero in the model and receive no meta-gradient. A parameter tied to another
+            layer's (one ``nn.Parameter`` under two names) must be named under both or neither.
 
     Usage::
 
@@ -248,7 +249,7 @@ class MAML(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)
         self._check_weights(inner_steps)
-        self._zero_init = _names_under(self._names(), zero_init)
+        self._zero_init = _names_under(self._names(), zero_init, _tied_names(model))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._zero_init:
@@ -541,18 +542,42 @@ def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) ->
     return [non_final] * (steps - 1) + [final]
 
 
-def _names_under(names: Sequence[str], prefixes: Sequence[str]) -> frozenset[str]:
+def _names_under(names: Sequence[str], prefixes: Sequence[str], tied: Mapping[str, str] | None = None) -> frozenset[str]:
     """The entries of ``names`` equal to a prefix or inside a module it names; raises ValueError
-    for a prefix that matches none."""
+    for a prefix that matches none, or where the prefixes name a parameter under one of its names
+    and not another (``tied``: each further name of a parameter -> its name in ``names``)."""
     if isinstance(prefixes, str):
         prefixes = (prefixes,)
+    under = lambda n, prefix: n == prefix or n.startswith(prefix + ".")  # noqa: E731
     found: set[str] = set()
     for prefix in prefixes:
-        matches = {n for n in names if n == prefix or n.startswith(prefix + ".")}
-        if not matches:
+        matches = {n for n in names if under(n, prefix)}
+        if not matches and not any(under(alias, prefix) for alias in tied or {}):
             raise ValueError(f"zero_init: {prefix!r} names no trainable parameter or module of the model (its parameters: {', '.join(names)})")
         found |= matches
+    for alias, name in (tied or {}).items():
+        alias_named = any(under(alias, prefix) for prefix in prefixes)
+        if alias_named != (name in found):
+            # only the first name counts: a layer named under the other one silently stayed learned,
+            # and zeroing the first zeroes the layer that shares it, which was not named
+            named, other = (alias, name) if alias_named else (name, alias)
+            raise ValueError(
+                f"zero_init: {named!r} is the same parameter as {other!r} (tied weights), which zero_init does not "
+                "name: zeroing one zeroes both; name both or neither"
+            )
     return frozenset(found)
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Each further name of a trainable parameter that ``model`` holds under several names (tied
+    weights) -> its first name, the one ``named_parameters()`` gives."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            tied.update({name: first[id(p)]} if id(p) in first else {})
+            first.setdefault(id(p), name)
+    return tied
 
 
 class _RecomputedStep(torch.autograd.Function):
