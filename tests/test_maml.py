@@ -210,6 +210,49 @@ def test_second_order_meta_gradient_with_batchnorm_matches_autograd_reference(ve
         MAML(nn.Sequential(nn.BatchNorm1d(3)), batchnorm="error")
 
 
+def pretrained_with_batchnorm() -> nn.Module:
+    """A network whose BatchNorm holds running statistics far from 0 and 1 (a pretrained one's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=0.5), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        model[1].running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+    model[1].num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_running_batchnorm_normalises_with_the_kept_statistics(vectorize) -> None:
+    """batchnorm='running' (inductive): the second-order meta-gradient equals the autograd
+    reference through PyTorch's BatchNorm in eval() mode, the statistics stay as they were, and
+    the state dict keeps the original keys, so a pretrained checkpoint still loads."""
+    data = episode(tasks=3)
+    model = pretrained_with_batchnorm()
+    keys = list(model.state_dict())
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, vectorize=vectorize, batchnorm="running")
+    assert list(model.state_dict()) == keys
+    model.load_state_dict(pretrained_with_batchnorm().state_dict())
+    maml(*data).backward()
+    reference = pretrained_with_batchnorm().eval()
+    expected = reference_meta_grad(reference, 0.5, 2, data, first_order=False)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+    for name, buffer in pretrained_with_batchnorm().named_buffers():
+        assert torch.equal(model.get_buffer(name), buffer), name
+    # each example normalised on its own: a query's prediction does not depend on the others
+    x = data[2][0]
+    torch.testing.assert_close(model(x)[:1], model(x[:1]), rtol=0, atol=0)
+
+
+def test_running_batchnorm_refuses_a_layer_without_statistics_leaving_the_model_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="has none \\(track_running_stats=False\\): use batchnorm='transductive'"):
+        MAML(model, batchnorm="running")
+    assert isinstance(model[1], nn.BatchNorm1d)
+    with pytest.raises(ValueError, match="batchnorm must be one of 'transductive', 'running', 'error', got 'eval'"):
+        MAML(tiny_model(), batchnorm="eval")
+
+
 class FunctionalBatchNorm(nn.Module):
     """``F.batch_norm`` called in ``forward``, with affine parameters of its own."""
 

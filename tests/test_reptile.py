@@ -178,7 +178,26 @@ def test_batchnorm_is_transductive_so_eval_mode_uses_the_batch_statistics() -> N
     with pytest.raises(ValueError, match="batchnorm='error'"):
         Reptile(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), inner_steps=1, batchnorm="error")
     with pytest.raises(ValueError, match="batchnorm must be"):
-        Reptile(model(), inner_steps=1, batchnorm="running")
+        Reptile(model(), inner_steps=1, batchnorm="inductive")
+
+
+def test_running_batchnorm_keeps_the_statistics_through_meta_steps() -> None:
+    """batchnorm='running': every task's copy normalises with the statistics the layer holds, in
+    training too, and a meta-step leaves them as they were."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+        net[1].running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 4.0]))
+    mean, var = net[1].running_mean.clone(), net[1].running_var.clone()
+    reptile = Reptile(net, inner_steps=2, outer_stepsize=0.5, batchnorm="running")
+    data = [[(5.0 + 3.0 * x, y) for x, y in batches] for batches in tasks()]
+    reptile.meta_step(data)
+    assert torch.equal(net[1].running_mean, mean) and torch.equal(net[1].running_var, var)
+    x = data[0][0][0]
+    hidden = net[0](x)
+    expected = net[2]((hidden - mean) / torch.sqrt(var + 1e-5) * net[1].weight + net[1].bias)
+    torch.testing.assert_close(net(x), expected)
 
 
 def test_a_meta_step_moves_the_parameters_and_keeps_other_buffers() -> None:

@@ -2,7 +2,7 @@
 and learned initialisations (MAML, Reptile)."""
 
 from .distributed import DistributedError, Workers
-from .maml import MAML, BatchStatNorm, multi_step_loss_weights, replace_batchnorm_
+from .maml import MAML, BatchStatNorm, RunningStatNorm, multi_step_loss_weights, replace_batchnorm_
 from .reptile import Reptile
 from .tasks import (
     MNIST_SPLIT,
@@ -45,6 +45,7 @@ __all__ = [
     "RandomMLPFamily",
     "RegressionFamily",
     "Reptile",
+    "RunningStatNorm",
     "Task",
     "TaskBatch",
     "TaskFamily",

@@ -10,7 +10,9 @@ BatchNorm: statistics are always *transductive*, as in the original MAML code. E
 normalises with the statistics of the batch it is given (the support set while adapting, the
 query set when evaluating), and no running statistics are kept or used: BatchNorm layers are
 replaced by :class:`BatchStatNorm` (same affine parameters). Numbers reported with this class use that
-setting. ``batchnorm="error"`` refuses models with BatchNorm instead.
+setting. ``batchnorm="running"`` is the inductive alternative: every example is normalised with the
+running statistics the layer holds (a pretrained network's), which stay as they are, by
+:class:`RunningStatNorm`. ``batchnorm="error"`` refuses models with BatchNorm instead.
 """
 
 from __future__ import annotations
@@ -87,6 +89,46 @@ class BatchStatNorm(nn.Module):
         return out
 
 
+class RunningStatNorm(nn.Module):
+    """Batch normalisation with the running statistics a BatchNorm layer holds (inductive): every
+    example is normalised on its own, as in ``eval()`` mode, and the statistics are never updated,
+    in training or evaluation; for a pretrained network whose statistics should be kept.
+
+    It holds the layer's own ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` (the same tensors, under the same names, so a checkpoint of the
+    original model still loads). Written with plain tensor ops, which ``torch.func`` differentiates
+    twice exactly under ``vmap`` (see :class:`BatchStatNorm`). Input ``(N, C, *spatial)``.
+    """
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.check(source)
+        self.eps = source.eps
+        self.weight = source.weight  # the same Parameter objects: names and optimizers carry over
+        self.bias = source.bias
+        self.register_buffer("running_mean", source.running_mean)
+        self.register_buffer("running_var", source.running_var)
+        self.register_buffer("num_batches_tracked", source.num_batches_tracked)
+
+    @staticmethod
+    def check(source: nn.modules.batchnorm._BatchNorm) -> None:
+        """Raise ValueError unless ``source`` holds running statistics."""
+        if source.running_mean is None or source.running_var is None:
+            raise ValueError(
+                f"batchnorm='running' normalises with the layer's running statistics, but this {type(source).__name__} "
+                "has none (track_running_stats=False): use batchnorm='transductive'"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm takes an input (N, C, *spatial), got shape {tuple(x.shape)}")
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        out = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
 class _AffineAfterNorm(TorchFunctionMode):
     """Runs ``layer_norm``, ``instance_norm`` and ``batch_norm`` (``torch.nn.functional``'s and
     ``torch``'s own) without their weight and bias, then applies them with plain ops.
@@ -144,25 +186,40 @@ def _twice_differentiable_attention(enabled: bool = True) -> contextlib.Abstract
     return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
 
 
-def replace_batchnorm_(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer of ``model`` in place by :class:`BatchStatNorm`."""
+def replace_batchnorm_(model: nn.Module, by: type[nn.Module] = BatchStatNorm) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` in place by ``by(layer)``
+    (:class:`BatchStatNorm` or :class:`RunningStatNorm`)."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, BatchStatNorm(child))
+            setattr(model, name, by(child))
         else:
-            replace_batchnorm_(child)
+            replace_batchnorm_(child, by)
     return model
+
+
+#: ``batchnorm=`` policy -> what replaces a BatchNorm layer (None: the model may have none)
+BATCHNORM_POLICIES: dict[str, type[nn.Module] | None] = {
+    "transductive": BatchStatNorm,
+    "running": RunningStatNorm,
+    "error": None,
+}
 
 
 def apply_batchnorm_policy_(model: nn.Module, batchnorm: str) -> nn.Module:
     """``batchnorm="transductive"``: replace ``model``'s BatchNorm layers in place by
-    :class:`BatchStatNorm`; ``"error"``: refuse a model with BatchNorm layers."""
+    :class:`BatchStatNorm`; ``"running"``: by :class:`RunningStatNorm`; ``"error"``: refuse a model
+    with BatchNorm layers."""
+    if batchnorm not in BATCHNORM_POLICIES:
+        raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_POLICIES))}, got {batchnorm!r}")
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
         raise ValueError("the model is a single BatchNorm layer, which cannot be replaced in place; wrap it in nn.Sequential")
-    if batchnorm == "transductive":
-        return replace_batchnorm_(model)
-    if batchnorm != "error":
-        raise ValueError(f"batchnorm must be 'transductive' or 'error', got {batchnorm!r}")
+    replacement = BATCHNORM_POLICIES[batchnorm]
+    if replacement is not None:
+        if replacement is RunningStatNorm:  # every layer checked first: a refused model stays as it was
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    RunningStatNorm.check(m)
+        return replace_batchnorm_(model, replacement)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ValueError("the model has BatchNorm layers and batchnorm='error'")
     return model
@@ -187,7 +244,9 @@ class MAML(nn.Module):
         vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
             loop (with a warning) if the model cannot be vmapped.
-        batchnorm: ``"transductive"`` (see the module docstring) or ``"error"``.
+        batchnorm: ``"transductive"`` (see the module docstring), ``"running"`` (each example
+            normalised with the layer's running statistics, kept as they are: a pretrained
+            network's) or ``"error"``.
         checkpoint_steps: gradient checkpointing of the inner loop (second-order MAML): keep only
             each inner step's input parameters and recompute the step's support-loss graph
             during the meta-backward, so a meta-step's memory no longer grows with the

@@ -31,7 +31,10 @@ class Reptile:
     replaced in place by :class:`~learnedopt.meta.maml.BatchStatNorm` (the same affine parameters),
     which normalises every batch with its own statistics, in training and in ``eval()`` mode
     alike, and keeps no running statistics (which Reptile would not learn: each task's copy
-    would update its own and drop them). ``batchnorm="error"`` refuses models with BatchNorm.
+    would update its own and drop them). ``batchnorm="running"`` replaces them by
+    :class:`~learnedopt.meta.maml.RunningStatNorm` instead, which normalises every example with
+    the running statistics the layer holds (a pretrained network's), kept as they are.
+    ``batchnorm="error"`` refuses models with BatchNorm.
     Other buffers are not meta-learned: a meta-step moves only the parameters, so a buffer that
     the copies update in their forward (an ``InstanceNorm`` with running statistics, a counter)
     keeps its value.
