@@ -284,3 +284,47 @@ def test_sampler_over_class_split() -> None:
             classes[name] |= set(sampler.sample().classes.tolist())
     assert not (classes["meta_train"] & classes["meta_test"])
     assert not (classes["meta_train"] & classes["meta_valid"])
+
+
+class LabelledImages:
+    """A torchvision-style dataset: ``__getitem__`` gives ``(image, label)``."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.zeros(1, 4, 4), int(self.labels[index])
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "message"),
+    [
+        # torch.as_tensor's own "too many dimensions 'str'"
+        (["cat", "dog"] * 3, TypeError, r"labels must be integer ids.*map string labels to ids first"),
+        # read item by item, images and all, then "only integer tensors of a single element ..."
+        (LabelledImages(torch.tensor([0, 1] * 3)), TypeError, r"got LabelledImages; for a dataset, pass its labels"),
+        # flattened into 2N "labels" whose indices ran past the images ("class 2 has 0" or IndexError)
+        (torch.eye(2).repeat(3, 1), ValueError, r"labels must be a 1-D tensor .* shape \(6, 2\) \(one-hot"),
+        # cast to int64: 0.5 and 1.5 became classes 0 and 1 in silence
+        (torch.tensor([0.5, 1.5] * 3), ValueError, r"labels must be integer ids, got the non-integral value 0.5"),
+    ],
+)
+def test_labels_that_are_not_integer_class_ids_are_refused_in_one_line(labels, error, message) -> None:
+    with pytest.raises(error, match=message):
+        EpisodeSampler(labels, [0, 1], n_way=2, k_shot=1, q_query=1)
+
+
+def test_users_labels_in_the_forms_they_come_in() -> None:
+    """Class ids with gaps, as a list, a numpy array, (N, 1) or whole floats; classes as a set."""
+    ids = [3, 7, 100, 2**40]
+    labels = torch.tensor(ids).repeat_interleave(3)
+    expected = EpisodeSampler(labels, ids, 3, 1, 2, seed=5).sample()
+    for form in (labels.tolist(), labels.numpy(), labels[:, None], labels.double()):
+        episode = EpisodeSampler(form, set(ids), 3, 1, 2, seed=5).sample()  # a set: taken sorted
+        assert torch.equal(episode.classes, expected.classes)
+        assert torch.equal(episode.support_idx, expected.support_idx)
+        assert torch.equal(episode.query_idx, expected.query_idx)
+        assert torch.equal(labels[episode.query_idx], episode.classes.repeat_interleave(2))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .idx import split_indices
@@ -42,6 +43,37 @@ def class_splits(
         name: torch.isin(groups, group_ids[part]).nonzero().flatten()
         for name, part in group_parts.items()
     }
+
+
+def _class_ids(values: Any, name: str) -> torch.Tensor:
+    """``values`` (a tensor, array or sequence of integer ids; a set is sorted) as an int64 1-D
+    tensor, or a one-line error naming ``name``: strings, a dataset object, one-hot rows or
+    non-integral floats are refused, not cast (``torch.as_tensor`` truncates 0.5 to class 0)."""
+    if isinstance(values, (set, frozenset)):
+        values = sorted(values)
+    if not isinstance(values, (torch.Tensor, np.ndarray, list, tuple, range)):
+        # a dataset object would be iterated item by item (images and all), then fail obscurely
+        raise TypeError(
+            f"{name} must be a tensor, array or list of integer ids, got {type(values).__name__}"
+            + ("; for a dataset, pass its labels (dataset.labels, torchvision's dataset.targets)" if name == "labels" else "")
+        )
+    try:
+        ids = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"{name} must be integer ids, but torch cannot read this {type(values).__name__} as numbers ({e}); map "
+            "string labels to ids first, e.g. by {c: i for i, c in enumerate(sorted(set(names)))}"
+        ) from None
+    if sum(size != 1 for size in ids.shape) > 1:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of ids, one per entry, got shape {tuple(ids.shape)}"
+            + (" (one-hot labels? pass labels.argmax(1))" if name == "labels" else "")
+        )
+    ids = ids.flatten()
+    if ids.is_floating_point() and not bool((ids == ids.round()).all()):  # NaN too
+        bad = ids[ids != ids.round()][0].item()
+        raise ValueError(f"{name} must be integer ids, got the non-integral value {bad}")
+    return ids.long()
 
 
 @dataclass(frozen=True)
@@ -92,8 +124,10 @@ class EpisodeSampler:
     seed and can be resumed exactly with :meth:`state_dict` / :meth:`load_state_dict`.
 
     Args:
-        labels: int64 (num_examples,) class id of each example.
-        classes: the class ids episodes may use (e.g. one part of :func:`class_splits`).
+        labels: int64 (num_examples,) class id of each example, any integers (gaps allowed), as a
+            tensor, array or list; map string labels to integer ids first.
+        classes: the class ids episodes may use (e.g. one part of :func:`class_splits`); a set is
+            taken in sorted order.
         n_way: classes per episode.
         k_shot: support examples per class.
         q_query: query examples per class (may be 0).
@@ -105,7 +139,9 @@ class EpisodeSampler:
 
     Raises:
         ValueError: an allowed class has fewer than ``k_shot + q_query`` examples, fewer than
-            ``n_way`` classes are allowed, or (``same_group``) no group has ``n_way`` of them.
+            ``n_way`` classes are allowed, or (``same_group``) no group has ``n_way`` of them;
+            labels of two dimensions (one-hot) or non-integral floats.
+        TypeError: labels, classes or groups that are not integer ids (strings, a dataset).
     """
 
     def __init__(
@@ -123,8 +159,8 @@ class EpisodeSampler:
             raise ValueError(
                 f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}"
             )
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        classes = torch.as_tensor(classes, dtype=torch.long).flatten()
+        labels = _class_ids(labels, "labels")
+        classes = _class_ids(classes, "classes")
         if len(torch.unique(classes)) != len(classes):
             raise ValueError("classes contains duplicate class ids")
         if len(classes) < n_way:
@@ -154,7 +190,7 @@ class EpisodeSampler:
         if same_group:
             if groups is None:
                 raise ValueError("same_group=True needs groups")
-            groups = torch.as_tensor(groups, dtype=torch.long)
+            groups = _class_ids(groups, "groups")
             if len(groups) <= int(classes.max()):
                 raise ValueError(
                     f"groups has {len(groups)} entries but class id {int(classes.max())} is used"
