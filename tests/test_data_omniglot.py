@@ -325,3 +325,23 @@ def test_real_omniglot() -> None:
     ]
     ink = data.images.mean()
     assert 0.02 < ink < 0.25  # mostly background after inversion
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_transparent_background_is_background_not_ink(tmp_path: Path, mode: str) -> None:
+    """Glyphs drawn in an editor are often saved as black ink on a transparent background whose
+    hidden colour is black too; dropping the alpha channel read every pixel as ink (mean 1.0)."""
+    mask = glyph_mask("A", "01", 1)
+    alpha = Image.fromarray(mask.astype(np.uint8) * 255)  # opaque ink, transparent elsewhere
+    if mode == "P":  # a palette image with a transparent palette entry
+        image = Image.fromarray(mask.astype(np.uint8)).convert("P")
+        image.putpalette([0, 0, 0, 0, 0, 0])
+    else:
+        image = Image.new(mode, (SIZE, SIZE), 0)
+        image.putalpha(alpha)
+    path = tmp_path / "glyph.png"
+    image.save(path, **({"transparency": 0} if mode == "P" else {}))
+    assert torch.equal(read_image(path, image_size=None)[0], torch.from_numpy(mask).float())
+    (tmp_path / "plain.png").write_bytes(png_bytes(mask))  # and an opaque RGB copy reads the same
+    Image.open(tmp_path / "plain.png").convert("RGB").save(tmp_path / "rgb.png")
+    assert torch.equal(read_image(tmp_path / "rgb.png", image_size=None)[0], torch.from_numpy(mask).float())

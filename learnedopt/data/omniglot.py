@@ -118,10 +118,17 @@ def _scan(
 
 def _decode(data: bytes, image_size: int | None, Image: ModuleType, name: str) -> np.ndarray:
     """PNG bytes -> float32 (H, W) with 1.0 = ink (the PNGs store ink as black); a ValueError
-    that names ``name`` for bytes Pillow cannot decode."""
+    that names ``name`` for bytes Pillow cannot decode. Any mode is read (1-bit, grayscale, RGB,
+    16-bit); transparent pixels are background (white)."""
     try:
         with Image.open(io.BytesIO(data)) as png:
-            gray = png.convert("L")
+            if png.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in png.info:
+                # convert("L") drops the alpha channel, so a transparent background (often stored
+                # as black) would read as ink: lay the image on white first
+                rgba = png.convert("RGBA")
+                gray = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
+            else:
+                gray = png.convert("L")
     # Pillow reports a damaged PNG as any of these, depending on which byte is wrong
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {name} ({type(e).__name__}: {e})") from e
