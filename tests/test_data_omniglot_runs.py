@@ -136,3 +136,20 @@ def test_a_missing_folder_or_the_zip_itself_is_named_as_such(tmp_path: Path) -> 
     (tmp_path / "all_runs.zip").write_bytes(b"PK")
     with pytest.raises(FileNotFoundError, match=r"all_runs\.zip is a file, not a folder; give .*all_runs\.zip unpacked"):
         load_runs(tmp_path / "all_runs.zip")
+
+
+def test_class_labels_as_windows_tools_write_them(tmp_path: Path) -> None:
+    """CRLF endings, a UTF-8 byte-order mark, trailing blank lines and UTF-16 (Windows
+    PowerShell 5's ``>``) read alike; other bytes are one ValueError naming the file (it was
+    UnicodeDecodeError's "'utf-8' codec can't decode byte 0xff", naming no file)."""
+    truth = make_runs(tmp_path, runs=1)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    bare = "\n".join(" ".join(Path(p).name for p in line.split()) for line in labels.read_text().splitlines())
+    for text, encoding in [(bare.replace("\n", "\r\n") + "\r\n\r\n", "utf-8"), (bare, "utf-8-sig"),
+                           (labels.read_text(), "utf-16"), (bare, "utf-16-be")]:  # fmt: skip
+        data = text.encode(encoding)
+        labels.write_bytes(b"\xfe\xff" + data if encoding == "utf-16-be" else data)
+        assert torch.equal(load_runs(tmp_path)[0].test_labels, truth[0]), encoding
+    labels.write_bytes(b"item01.png class01.png\n\xff\xfe\x00 not text")
+    with pytest.raises(ValueError, match=r"run01/class_labels.txt is not UTF-8 or UTF-16 text \('utf-8' codec"):
+        load_runs(tmp_path)

@@ -42,8 +42,9 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
 
     Raises:
         FileNotFoundError: no such folder, a file, no run folders in it, or a file named in ``class_labels.txt`` is missing.
-        ValueError: a malformed ``class_labels.txt``, one that labels a test item twice, or one
-            that does not label every test item.
+        ValueError: a malformed ``class_labels.txt`` (or one neither UTF-8 nor UTF-16 with a
+            byte-order mark), one that labels a test item twice, or one that does not label
+            every test item.
     """
     root = Path(root)
     expected = "the folder that holds run01 ... run20 (all_runs.zip unpacked)"
@@ -65,7 +66,12 @@ def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
     train_index = {f.name: i for i, f in enumerate(train_files)}
     test_index = {f.name: i for i, f in enumerate(test_files)}
     labels = [-1] * len(test_files)
-    lines = (folder / "class_labels.txt").read_text().split("\n")
+    raw = (folder / "class_labels.txt").read_bytes()
+    try:  # UTF-16 with a byte-order mark is what Windows PowerShell 5's ">" writes
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{folder}/class_labels.txt is not UTF-8 or UTF-16 text ({e})") from None
+    lines = text.splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
