@@ -828,3 +828,19 @@ def test_one_tasks_labels_given_as_a_meta_batch_are_refused_not_read_as_one_exam
     with pytest.raises(ValueError, match=r"got y_query of shape \(1,\)"):
         maml(x[None], y[None], x[None], y[:1])
     assert torch.isfinite(maml(x[None], y[None], x[None], y[None]))  # the same task with its task dimension
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_an_empty_support_or_query_set_is_refused_not_a_nan_meta_loss(vectorize: bool) -> None:
+    """``EpisodeSampler(..., q_query=0)`` (for Reptile) gives ``(B, 0, ...)`` query tensors, and
+    ``SinusoidTasks.sample_tasks(k_shot=0)`` an empty support set: the mean loss over no examples
+    is NaN, so the meta-loss, or every adapted parameter, was NaN without a word."""
+    maml = MAML(nn.Linear(4, 3), inner_lr=0.1, vectorize=vectorize)
+    x, y = torch.randn(2, 6, 4), torch.randint(0, 3, (2, 6))
+    with pytest.raises(ValueError, match=r"one query example per task, got x_query \(2, 0, 4\), y_query \(2, 0\) \(episodes"):
+        maml(x, y, x[:, :0], y[:, :0])
+    with pytest.raises(ValueError, match=r"got x_support \(2, 0, 4\), y_support \(2, 0\)"):
+        maml.query_losses(x[:, :0], y[:, :0], x, y)
+    with pytest.raises(ValueError, match=r"adapt needs at least one support example, got x_support of shape \(0, 4\)"):
+        maml.adapt(x[0, :0], y[0, :0])
+    assert maml.adapt(x[0, :0], y[0, :0], steps=0).keys() == maml.adapt(x[0], y[0]).keys()  # no step: the initialisation

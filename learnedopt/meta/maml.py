@@ -494,6 +494,13 @@ class MAML(nn.Module):
                     f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
                     "dimension (x[None], y[None]) or adapt it with adapt()"
                 )
+        empty = [f"{name} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
+        if empty:
+            # the mean loss over no examples is NaN: the inner step or the meta-loss went NaN in silence
+            raise ValueError(
+                f"MAML needs at least one support and one query example per task, got {', '.join(empty)} "
+                "(episodes drawn with q_query=0 have no query set)"
+            )
         with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(x_support, y_support, x_query, y_query, steps, every_step)
 
@@ -559,6 +566,8 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps and isinstance(x_support, Tensor) and x_support.dim() and not len(x_support):
+            raise ValueError(f"adapt needs at least one support example, got x_support of shape {tuple(x_support.shape)}")
         initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation
         params = {k: v.detach() for k, v in initial.items()}
         with torch.no_grad():
