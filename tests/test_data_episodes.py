@@ -66,6 +66,17 @@ def test_class_splits_group_shape_checked() -> None:
         class_splits(5, FRACTIONS, groups=torch.zeros(4, dtype=torch.long))
 
 
+def test_class_splits_refuses_group_names_pointing_at_a_sorted_mapping() -> None:
+    """Alphabet names as groups raised torch's "too many dimensions 'str'"; ids mapped through a
+    set would split differently under each PYTHONHASHSEED, so the message says sorted."""
+    names = ["Greek", "Latin", "Korean", "Tamil", "Greek"]
+    with pytest.raises(TypeError, match=r"groups must be integer ids.*enumerate\(sorted\(set\(names\)\)\)"):
+        class_splits(5, FRACTIONS, groups=names)
+    ids = {name: i for i, name in enumerate(sorted(set(names)))}
+    parts = class_splits(5, FRACTIONS, groups=[ids[name] for name in names])
+    assert torch.equal(parts["meta_train"], class_splits(5, FRACTIONS, groups=torch.tensor([0, 2, 1, 3, 0]))["meta_train"])
+
+
 # EpisodeSampler -----------------------------------------------------------------------------
 
 

@@ -25,16 +25,17 @@ def class_splits(
         fractions: part name -> fraction, non-negative and summing to 1.
         seed: seed of the split.
         groups: optional int64 (num_classes,) group id of each class (e.g. an Omniglot
-            dataset's ``alphabet_of_class``). When given, whole groups are assigned to parts
-            and ``fractions`` apply to the number of groups, not classes, so no group has
-            classes in two parts.
+            dataset's ``alphabet_of_class``; map group names to ids in sorted order, not through
+            a set, whose order changes with PYTHONHASHSEED). When given, whole groups are
+            assigned to parts and ``fractions`` apply to the number of groups, not classes, so
+            no group has classes in two parts.
 
     Returns:
         Part name -> sorted int64 tensor of class ids, in the order of ``fractions``.
     """
     if groups is None:
         return split_indices(num_classes, fractions, seed)
-    groups = torch.as_tensor(groups)
+    groups = _class_ids(groups, "groups")
     if groups.shape != (num_classes,):
         raise ValueError(f"groups must have shape ({num_classes},), got {tuple(groups.shape)}")
     group_ids = torch.unique(groups)
