@@ -329,11 +329,16 @@ def test_labels_that_are_not_integer_class_ids_are_refused_in_one_line(labels, e
 
 
 def test_users_labels_in_the_forms_they_come_in() -> None:
-    """Class ids with gaps, as a list, a numpy array, (N, 1) or whole floats; classes as a set."""
+    """Class ids with gaps, as a list, a numpy array, (N, 1), whole floats or an array-like;
+    classes as a set."""
     ids = [3, 7, 100, 2**40]
     labels = torch.tensor(ids).repeat_interleave(3)
     expected = EpisodeSampler(labels, ids, 3, 1, 2, seed=5).sample()
-    for form in (labels.tolist(), labels.numpy(), labels[:, None], labels.double()):
+    class Column:  # an array-like, as a pandas column is
+        def __array__(self, dtype=None, copy=None):
+            return labels.numpy()
+
+    for form in (labels.tolist(), labels.numpy(), labels[:, None], labels.double(), Column()):
         episode = EpisodeSampler(form, set(ids), 3, 1, 2, seed=5).sample()  # a set: taken sorted
         assert torch.equal(episode.classes, expected.classes)
         assert torch.equal(episode.support_idx, expected.support_idx)

@@ -47,11 +47,13 @@ def class_splits(
 
 
 def _class_ids(values: Any, name: str) -> torch.Tensor:
-    """``values`` (a tensor, array or sequence of integer ids; a set is sorted) as an int64 1-D
+    """``values`` (a tensor, array-like or sequence of integer ids; a set is sorted) as an int64 1-D
     tensor, or a one-line error naming ``name``: strings, a dataset object, one-hot rows or
     non-integral floats are refused, not cast (``torch.as_tensor`` truncates 0.5 to class 0)."""
     if isinstance(values, (set, frozenset)):
         values = sorted(values)
+    elif hasattr(values, "__array__") and not isinstance(values, torch.Tensor):  # e.g. a pandas column
+        values = np.asarray(values)
     if not isinstance(values, (torch.Tensor, np.ndarray, list, tuple, range)):
         # a dataset object would be iterated item by item (images and all), then fail obscurely
         raise TypeError(
