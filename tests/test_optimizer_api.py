@@ -60,6 +60,34 @@ def test_given_a_closure_and_a_loss_the_rule_reads_the_loss_and_step_returns_the
     assert torch.equal(with_closure, loss_only) and float(returned) == 7.0
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_step_hooks_run_around_the_step_and_a_pre_hook_may_change_the_gradients(kind) -> None:
+    """torch.optim's step hooks: a pre-hook that clips the gradients (as a training library's
+    does) steps as clipping by hand does, bit for bit; the post-hook runs after, once a step."""
+
+    def run(hooked: bool):
+        params = make_params([(3, 4), (5,)])
+        opt = OPTIMIZERS[kind](params)
+        seen = []
+        if hooked:
+            def clip(o, args, kwargs) -> None:
+                torch.nn.utils.clip_grad_norm_(params, 0.1)
+
+            opt.register_step_pre_hook(clip)
+            opt.register_step_post_hook(lambda o, args, kwargs: seen.append(int(o.state[params[0]]["step"])))
+        for t in range(3):
+            set_grads(params, seed=t)
+            if not hooked:
+                torch.nn.utils.clip_grad_norm_(params, 0.1)
+            step(opt)
+        return params, opt, seen
+
+    hooked, hooked_opt, seen = run(True)
+    by_hand, by_hand_opt, _ = run(False)
+    assert_same_params_and_states(hooked, hooked_opt, by_hand, by_hand_opt)
+    assert seen == [1, 2, 3]
+
+
 @pytest.mark.parametrize("how", ["training step", "optimizer.step"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_under_torch_compile_the_step_is_a_graph_break_equal_to_eager(kind, how) -> None:
