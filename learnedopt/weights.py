@@ -307,7 +307,10 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported weight format {header.get('format')!r} (this library reads {FORMAT_VERSION})")
     if header.get("kind") not in RULES:
-        raise ValueError(f"{path}: unknown update rule kind {header.get('kind')!r}; known: {sorted(RULES)}")
+        raise ValueError(
+            f"{path}: unknown update rule kind {header.get('kind')!r}; known: {sorted(RULES)} (a rule class of your "
+            "own loads once registered: learnedopt.nn.register_rule(YourRule))"
+        )
     return header, tensors
 
 
@@ -350,7 +353,7 @@ def load_named_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, A
 
 
 def resolve_weights(
-    weights: str | os.PathLike | UpdateRule | None, *, kind: str, default_preset: str, owner: str
+    weights: str | os.PathLike | UpdateRule | None, *, kind: str, default_preset: str | None, owner: str
 ) -> tuple[UpdateRule, dict[str, Any]]:
     """Turn a ``weights=`` argument (preset name, file path, module or None) into a rule.
 
@@ -358,6 +361,8 @@ def resolve_weights(
     ValueError when it is not of the ``kind`` that ``owner`` (the optimizer's name) runs.
     """
     if weights is None:
+        if default_preset is None:
+            raise ValueError(f"{owner} has no default weights: pass weights=, a {kind} rule or its weight file")
         weights = default_preset
     if isinstance(weights, UpdateRule):
         rule = weights
@@ -368,7 +373,10 @@ def resolve_weights(
         raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
     if rule.kind != kind:
         given = "" if isinstance(weights, UpdateRule) else f" ({os.fspath(weights)})"
-        raise ValueError(f"{owner} runs a {kind} update rule, but the weights given{given} are a {rule.kind}")
+        own = "" if rule.kind in (CoordinateLSTM.kind, MetaLSTMCell.kind) else (
+            f" (a rule of your own runs in a subclass of learnedopt.optim.LearnedOptimizer with rule_kind = {rule.kind!r})"
+        )
+        raise ValueError(f"{owner} runs a {kind} update rule, but the weights given{given} are a {rule.kind}{own}")
     if header.get("trained") is False:
         preset = header.get("preset")
         source = (f"preset {preset!r}): {PRESETS[preset].description}" if preset in PRESETS

@@ -80,6 +80,15 @@ class UpdateRule(nn.Module):
 
     Subclasses hold the meta-parameters as ``nn.Parameter``s and implement :meth:`forward` as pure
     math on a batch of coordinates. They know nothing of optimizers: the caller owns the states.
+
+    A rule of your own sets ``kind`` (its name in weight files, its own: not a library rule's),
+    ``config_class`` (a dataclass of its architecture, JSON values; ``__init__`` takes one or its
+    fields as keywords), ``needs_loss`` if :meth:`forward` reads the loss, ``reads_param`` if it
+    reads the parameter, and defines :meth:`state_spec` and :meth:`forward`. Coordinate ``i``'s
+    step and new states must depend only on row ``i`` of the inputs (and the loss): the optimizer
+    runs the rule on chunks of coordinates from many tensors, padded with zero rows.
+    ``learnedopt.nn.register_rule`` lets its weight files load; ``learnedopt.optim.LearnedOptimizer``
+    subclassed with ``rule_kind = kind`` runs it as an optimizer.
     """
 
     #: Name used in weight files.

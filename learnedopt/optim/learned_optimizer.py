@@ -69,8 +69,10 @@ class LearnedOptimizer(Optimizer):
             ``backend="triton"`` runs the kernel).
     """
 
+    #: The ``UpdateRule.kind`` this optimizer runs; a subclass for a rule of your own sets it.
     rule_kind: ClassVar[str]
-    default_preset: ClassVar[str]
+    #: The preset used when no ``weights`` are given; None: ``weights`` must be given.
+    default_preset: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -93,6 +95,11 @@ class LearnedOptimizer(Optimizer):
             "foreach": foreach,
         }
         _validate_options(defaults)
+        if not isinstance(getattr(type(self), "rule_kind", None), str):
+            raise TypeError(
+                f"{type(self).__name__} sets no rule_kind: use LSTMOptimizer or MetaLSTMOptimizer, or for a rule of your "
+                "own a subclass of LearnedOptimizer with rule_kind = YourRule.kind"
+            )
         self.rule, self.weights_header = resolve_weights(
             weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
         )

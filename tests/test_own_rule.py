@@ -1,0 +1,170 @@
+"""An update rule of the user's own (an ``UpdateRule`` subclass) in the library's machinery: the
+optimizer's paths, state dicts, weight files and the registry, and the unroll's meta-gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMOptimizer, UpdateRule, load_weights, save_weights
+from learnedopt.meta import Task, TaskFamily, num_coordinates, unroll
+from learnedopt.nn import RULES, StateSpec, register_rule
+from learnedopt.optim import LearnedOptimizer
+
+
+@dataclass(frozen=True)
+class MomentumConfig:
+    beta: float = 0.9
+    lead: tuple[int, ...] = (1,)  # the momentum state's leading dimensions
+    trail: tuple[int, ...] = ()
+
+
+class LearnedMomentum(UpdateRule):
+    """``m = beta * m + g``, step ``-lr * m`` with a learned ``lr``; the momentum is stored
+    repeated over the state's ``lead`` and ``trail`` dimensions (every copy the same)."""
+
+    kind = "TestLearnedMomentum"
+    config_class = MomentumConfig
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.lr = nn.Parameter(torch.tensor(0.1))
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"m": StateSpec(self.config.lead, self.config.trail)}
+
+    def forward(self, grad, param, state, loss=None):  # noqa: ANN001, ANN201
+        dim = len(self.config.lead)
+        m = self.config.beta * state["m"] + grad.reshape((1,) * dim + (-1,) + (1,) * len(self.config.trail))
+        first = m[(0,) * dim].reshape(grad.shape[0], -1)[:, 0]  # (n,): one copy
+        return -self.lr * first, {"m": m}
+
+
+class LossGatedSGD(UpdateRule):
+    """``step = -exp(a) * sigmoid(b * log(loss)) * grad``: reads the loss, keeps no state."""
+
+    kind = "TestLossGatedSGD"
+    needs_loss = True
+    config_class = MomentumConfig  # unused
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.ab = nn.Parameter(torch.tensor([-1.0, 0.5]))
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {}
+
+    def forward(self, grad, param, state, loss=None):  # noqa: ANN001, ANN201
+        gate = torch.sigmoid(self.ab[1] * torch.log(loss.reshape(())))
+        return -torch.exp(self.ab[0]) * gate * grad, {}
+
+
+class MomentumOptimizer(LearnedOptimizer):
+    rule_kind = LearnedMomentum.kind
+
+
+class LossGatedOptimizer(LearnedOptimizer):
+    rule_kind = LossGatedSGD.kind
+
+
+@pytest.fixture
+def rules_registry() -> Iterator[dict]:
+    """``RULES``, restored after the test to what it held before, whatever the test registered."""
+    saved = dict(RULES)
+    yield RULES
+    RULES.clear()
+    RULES.update(saved)
+
+
+def test_own_rule_meta_gradient_equals_finite_differences() -> None:
+    """Through ``unroll`` (exact meta-gradient, float64), the own rules' meta-gradient matches
+    central differences on a tiny quadratic."""
+
+    class Quadratic(Task):
+        def __init__(self, scale: torch.Tensor, target: torch.Tensor) -> None:
+            self.scale, self.target = scale, target
+
+        def init_params(self, generator):  # noqa: ANN001, ANN201
+            return {"x": torch.zeros(3, dtype=torch.float64)}
+
+        def loss(self, params, step_index):  # noqa: ANN001, ANN201
+            return 0.5 * (self.scale * (params["x"] - self.target) ** 2).sum() + 0.1
+
+    class Quadratics(TaskFamily):
+        name = "quadratics"
+
+        def sample(self, generator):  # noqa: ANN001, ANN201
+            return Quadratic(torch.rand(3, generator=generator, dtype=torch.float64) + 0.5,
+                             torch.randn(3, generator=generator, dtype=torch.float64))  # fmt: skip
+
+        def describe(self) -> str:
+            return "3-dimensional quadratics"
+
+    gen = torch.Generator().manual_seed(0)
+    tasks = Quadratics().sample_batch(2, gen)
+    params = tasks.init_params(gen)
+    for rule in (LearnedMomentum(lead=()).double(), LossGatedSGD().double()):
+
+        def meta_loss(rule=rule) -> torch.Tensor:  # noqa: ANN001
+            state = rule.init_state(num_coordinates(params), dtype=torch.float64, device="cpu")
+            return unroll(rule, tasks, params, state, 4, stop_optimizee_grad=False).meta_loss
+
+        meta_loss().backward()
+        for weight in rule.parameters():
+            assert weight.grad is not None and weight.grad.abs().sum() > 0
+            for i in range(weight.numel()):
+                flat, eps = weight.data.view(-1), 1e-6
+                old = flat[i].item()
+                flat[i] = old + eps
+                plus = meta_loss().item()
+                flat[i] = old - eps
+                minus = meta_loss().item()
+                flat[i] = old
+                assert weight.grad.view(-1)[i].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-6)
+
+
+def test_own_rule_weight_files_load_once_registered(tmp_path, rules_registry) -> None:  # noqa: ANN001
+    rule = LearnedMomentum(beta=0.5)
+    with torch.no_grad():
+        rule.lr.fill_(0.25)
+    path = tmp_path / "momentum.safetensors"
+    save_weights(rule, path, trained_on="nothing")
+    with pytest.raises(ValueError, match=r"unknown update rule kind 'TestLearnedMomentum'.*register_rule\(YourRule\)"):
+        load_weights(path)
+    assert register_rule(LearnedMomentum) is LearnedMomentum
+    register_rule(LearnedMomentum)  # again: no error
+    loaded, header = load_weights(path)
+    assert type(loaded) is LearnedMomentum and loaded.config == rule.config and loaded.lr.item() == 0.25
+    assert MomentumOptimizer([nn.Parameter(torch.zeros(2))], weights=path).rule.config.beta == 0.5
+    with pytest.raises(ValueError, match=r"LSTMOptimizer runs a CoordinateLSTM update rule, but the weights given .*"
+                                         r"are a TestLearnedMomentum \(a rule of your own runs in a subclass of "
+                                         r"learnedopt\.optim\.LearnedOptimizer with rule_kind = 'TestLearnedMomentum'\)"):  # fmt: skip
+        LSTMOptimizer([nn.Parameter(torch.zeros(2))], weights=path)
+
+    class Impostor(LearnedMomentum):
+        kind = "TestLearnedMomentum"
+
+    with pytest.raises(ValueError, match=r"rule kind 'TestLearnedMomentum' is already .*LearnedMomentum's: give Impostor"):
+        register_rule(Impostor)
+    with pytest.raises(ValueError, match="is already .*CoordinateLSTM's"):
+        register_rule(type("CoordinateLSTMVariant", (LearnedMomentum,), {"kind": "CoordinateLSTM"}))
+    with pytest.raises(TypeError, match="must set its own kind"):
+        register_rule(type("NoKind", (LearnedMomentum,), {}))
+    with pytest.raises(TypeError, match="takes an UpdateRule subclass"):
+        register_rule(nn.Linear)
+    assert RULES["TestLearnedMomentum"] is LearnedMomentum and RULES["CoordinateLSTM"] is CoordinateLSTM
+
+
+def test_optimizer_classes_without_a_rule_kind_or_default_weights_say_so() -> None:
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TypeError, match="LearnedOptimizer sets no rule_kind: use LSTMOptimizer or MetaLSTMOptimizer"):
+        LearnedOptimizer(params, weights=LearnedMomentum())
+    with pytest.raises(ValueError, match="MomentumOptimizer has no default weights: pass weights="):
+        MomentumOptimizer(params)
+    with pytest.raises(ValueError, match=r"MetaLSTMOptimizer runs a MetaLSTMCell update rule, but the weights given are a "
+                                         r"TestLossGatedSGD \(a rule of your own"):  # fmt: skip
+        MetaLSTMOptimizer(params, weights=LossGatedSGD())
