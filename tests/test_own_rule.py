@@ -3,6 +3,7 @@ optimizer's paths, state dicts, weight files and the registry, and the unroll's 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -78,6 +79,57 @@ def rules_registry() -> Iterator[dict]:
     yield RULES
     RULES.clear()
     RULES.update(saved)
+
+
+def _train(optimizer_class, rule, steps, *, foreach=None, chunk=None, state=None, model=None):  # noqa: ANN001, ANN202
+    """``steps`` steps on a small regression model (a fixed one unless ``model``), two groups."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, generator=gen), torch.randn(16, 2, generator=gen)
+    if model is None:
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    groups = [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}]
+    optimizer = optimizer_class(groups, weights=rule, foreach=foreach)
+    if chunk is not None:
+        optimizer.chunk = chunk
+    if state is not None:
+        optimizer.load_state_dict(state)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step(loss=loss)
+    return model, optimizer
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_stateless_rule_that_reads_the_loss_resumes_and_copies() -> None:
+    """A rule without per-coordinate states saves only ``step``; its own state dict loads (it was
+    refused as 'not saved by a learned optimizer') and resumes bit for bit; copies continue alike."""
+    rule = LossGatedSGD()
+    whole, _ = _train(LossGatedOptimizer, rule, 6)
+    reference, _ = _train(LossGatedOptimizer, rule, 6, foreach=False)
+    assert _same(whole, reference)
+    half, optimizer = _train(LossGatedOptimizer, rule, 3)
+    assert set(optimizer.state_dict()["state"][0]) == {"step"}
+    resumed, _ = _train(LossGatedOptimizer, rule, 3, state=optimizer.state_dict(), model=half)
+    assert _same(resumed, whole)
+    with pytest.raises(ValueError, match=r"LossGatedOptimizer\.step needs the loss"):
+        optimizer.step()
+    model_copy, optimizer_copy = copy.deepcopy((resumed, optimizer))
+    assert optimizer_copy.rule is not rule and isinstance(optimizer_copy.rule, LossGatedSGD)
+    x = torch.randn(4, 3)
+    for model, opt in ((resumed, optimizer), (model_copy, optimizer_copy)):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step(loss=loss)
+    assert _same(resumed, model_copy)
 
 
 def test_own_rule_meta_gradient_equals_finite_differences() -> None:

@@ -323,7 +323,8 @@ class LearnedOptimizer(Optimizer):
             }  # fmt: skip
         expected = {name: s.shape(sharding.local(param).numel()) for name, s in spec.items()}
         got = {name: tuple(saved[name].shape) for name in expected if name in saved}
-        if not got:  # e.g. torch.optim.Adam's exp_avg and exp_avg_sq: "has {}" named no cause
+        if spec and not got:  # e.g. torch.optim.Adam's exp_avg and exp_avg_sq: "has {}" named no cause
+            # (a rule without per-coordinate states, e.g. a learned SGD, saves only 'step')
             raise ValueError(
                 f"saved state of parameter {index} holds {sorted(saved)}, none of this {self.rule.kind} rule's "
                 f"states {sorted(spec)}: it was not saved by a learned optimizer (a learned optimizer's states "
