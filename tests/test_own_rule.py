@@ -4,6 +4,7 @@ optimizer's paths, state dicts, weight files and the registry, and the unroll's 
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,6 +107,41 @@ def _train(optimizer_class, rule, steps, *, foreach=None, chunk=None, state=None
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("lead", "trail"), [((), ()), ((1,), ()), ((2, 3), (2,))])
+def test_own_rule_paths_agree_and_resume_bit_for_bit(lead, trail) -> None:  # noqa: ANN001
+    """A state of no leading dimension (``StateSpec(())``, an ``(n,)`` momentum) or of several:
+    the batched path (which raised IndexError for ``()``) equals the per-tensor one, in chunks
+    that span tensors too, and a saved state dict resumes bit for bit."""
+    rule = LearnedMomentum(lead=lead, trail=trail)
+    reference, _ = _train(MomentumOptimizer, rule, 6, foreach=False)
+    batched, _ = _train(MomentumOptimizer, rule, 6)
+    chunked, _ = _train(MomentumOptimizer, rule, 6, chunk=7)
+    assert _same(reference, batched) and _same(reference, chunked)
+    half, optimizer = _train(MomentumOptimizer, rule, 3)
+    assert optimizer.state_dict()["state"][0]["m"].shape == (*lead, 5, 3, *trail)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed, _ = _train(MomentumOptimizer, rule, 3, state=torch.load(buffer, weights_only=True), model=half)
+    assert _same(resumed, batched)
+
+
+def test_plain_momentum_as_own_rule_matches_torch_sgd() -> None:
+    """The ``(n,)`` momentum rule is SGD with momentum, to rounding."""
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(7))]
+    ours = [nn.Parameter(p.detach().clone()) for p in params]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    learned = MomentumOptimizer(ours, weights=LearnedMomentum(lead=()))
+    for _ in range(4):
+        for p, q in zip(params, ours, strict=True):
+            p.grad = torch.sin(p.detach())
+            q.grad = torch.sin(q.detach())
+        sgd.step()
+        learned.step()
+    for p, q in zip(params, ours, strict=True):
+        torch.testing.assert_close(q, p)
 
 
 def test_stateless_rule_that_reads_the_loss_resumes_and_copies() -> None:

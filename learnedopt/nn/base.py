@@ -16,8 +16,9 @@ from torch import Tensor, nn
 class StateSpec:
     """Shape of one per-coordinate state tensor: ``(*lead, n, *trail)`` for ``n`` coordinates.
 
-    The coordinate dimension is always ``len(lead)``; every rule in this library uses a single
-    leading dimension, so per-parameter states are slices ``buffer[:, start:stop]`` of a flat buffer.
+    The coordinate dimension is always ``len(lead)``, and per-parameter states are slices along it
+    of a flat buffer: ``buffer[:, start:stop]`` for the library's rules' single leading dimension;
+    ``StateSpec(())`` is an ``(n,)`` state, e.g. a momentum.
 
     ``moving_average`` marks an exponential moving average (and its bias-correction weight):
     stored in at least float32 whatever narrower dtype the caller asks for, because a bfloat16

@@ -22,7 +22,9 @@ class FlatState:
     """Flat buffers holding the states of ``members`` in order.
 
     Existing per-parameter states are copied in; parameters without state get the rule's initial
-    state. Afterwards ``state[p][name]`` is ``buffers[name][:, offset:offset + numel]``.
+    state. Afterwards ``state[p][name]`` is the slice ``offset:offset + numel`` of
+    ``buffers[name]`` along its coordinate dimension, ``dims[name]`` (``len(spec.lead)``:
+    ``buffers[name][:, offset:offset + numel]`` for the library's rules' one leading dimension).
     """
 
     def __init__(
@@ -40,10 +42,9 @@ class FlatState:
         for p in self.members:
             self.offsets.append(total)
             total += local(p).numel()
-        self.buffers: State = {
-            name: torch.empty(spec.shape(total), dtype=spec.dtype(dtype), device=device)
-            for name, spec in rule.state_spec().items()
-        }
+        spec = rule.state_spec()
+        self.buffers: State = {name: torch.empty(s.shape(total), dtype=s.dtype(dtype), device=device) for name, s in spec.items()}
+        self.dims = {name: len(s.lead) for name, s in spec.items()}
         self.index = {id(p): i for i, p in enumerate(self.members)}
         for p, offset in zip(self.members, self.offsets, strict=True):
             previous = state[p]
@@ -52,7 +53,7 @@ class FlatState:
             if initial is None:
                 check_state_shapes(rule, previous, n)
             for name, buf in self.buffers.items():
-                view = buf[:, offset : offset + n]
+                view = buf.narrow(self.dims[name], offset, n)
                 view.copy_(previous[name] if initial is None else initial[name])
                 previous[name] = view
 
@@ -70,13 +71,14 @@ class FlatState:
                 return False
             for name, buf in self.buffers.items():
                 view = entry.get(name)
+                dim = self.dims[name]
                 if not (
                     isinstance(view, Tensor)
                     and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-                    and view.storage_offset() == offset * buf.stride(1)
+                    and view.storage_offset() == offset * buf.stride(dim)
                     # not the slice's shape: a slice past the buffer's end is cut short, so a last
                     # member grown since (p.data = bigger) would pass with its old states
-                    and view.shape == (buf.shape[0], local(p).numel(), *buf.shape[2:])
+                    and view.shape == (*buf.shape[:dim], local(p).numel(), *buf.shape[dim + 1 :])
                 ):
                     return False
         return True

@@ -93,8 +93,9 @@ def flat_update_(
     """The batched path: run the rule over all coordinates of many tensors in cache-sized chunks.
 
     The states of all tensors live in flat buffers: ``buffers[name]`` has shape
-    ``spec.shape(N)`` and parameter ``i``'s state is ``buffers[name][:, offsets[i]:offsets[i] +
-    params[i].numel()]``. Parameters adjacent in the buffer are processed as one run, so each LSTM
+    ``spec.shape(N)`` and parameter ``i``'s state is its slice ``offsets[i]:offsets[i] +
+    params[i].numel()`` along the coordinate dimension ``len(spec.lead)`` (``buffers[name][:,
+    offsets[i]:offsets[i] + params[i].numel()]`` for one leading dimension). Parameters adjacent in the buffer are processed as one run, so each LSTM
     layer is one matrix product per chunk however many tensors a chunk spans.
 
     Args:
@@ -105,6 +106,7 @@ def flat_update_(
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
     for run in _runs(params, offsets):
         start = offsets[run[0]]
         sizes = [params[i].numel() for i in run]
@@ -116,7 +118,7 @@ def flat_update_(
         step = torch.empty(total, dtype=compute_dtype, device=g.device)
         for a in range(0, total, chunk):
             b = min(a + chunk, total)
-            views = {k: buf[:, start + a : start + b] for k, buf in buffers.items()}
+            views = {k: buf.narrow(dims[k], start + a, b - a) for k, buf in buffers.items()}
             s, new_state = _padded_rule_call(
                 rule, g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss
             )
