@@ -185,8 +185,16 @@ def save_weights(
     """Write ``rule``'s meta-parameters and architecture to a safetensors file.
 
     The write is atomic (a temporary file renamed into place), so a killed process never leaves a
-    half-written file under ``path``.
+    half-written file under ``path``. A rule whose ``kind`` belongs to another registered class
+    (a subclass of ``CoordinateLSTM`` that kept its kind) is refused with ValueError: the file
+    would load as that class.
     """
+    held = RULES.get(rule.kind)
+    if held is not None and (held.__module__, held.__qualname__) != (type(rule).__module__, type(rule).__qualname__):
+        raise ValueError(
+            f"{type(rule).__name__} has the kind {rule.kind!r} of {held.__qualname__}, so its file would load as a "
+            f"{held.__qualname__}: give {type(rule).__name__} a kind of its own (and learnedopt.nn.register_rule it)"
+        )
     header = {
         "format": FORMAT_VERSION,
         "kind": rule.kind,

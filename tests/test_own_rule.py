@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMOptimizer, UpdateRule, load_weights, save_weights
+from learnedopt import kernels
 from learnedopt.meta import Task, TaskFamily, num_coordinates, unroll
 from learnedopt.nn import RULES, StateSpec, register_rule
 from learnedopt.optim import LearnedOptimizer
@@ -256,3 +257,33 @@ def test_optimizer_classes_without_a_rule_kind_or_default_weights_say_so() -> No
     with pytest.raises(ValueError, match=r"MetaLSTMOptimizer runs a MetaLSTMCell update rule, but the weights given are a "
                                          r"TestLossGatedSGD \(a rule of your own"):  # fmt: skip
         MetaLSTMOptimizer(params, weights=LossGatedSGD())
+
+
+class HalvedLSTM(CoordinateLSTM):
+    """A variant of the library's rule that keeps its kind: the paper's LSTM, half its step."""
+
+    def forward(self, grad, param, state, loss=None):  # noqa: ANN001, ANN201
+        step, new_state = super().forward(grad, param, state, loss)
+        return 0.5 * step, new_state
+
+
+def test_subclass_keeping_a_library_kind_is_not_saved_as_that_rule(tmp_path) -> None:  # noqa: ANN001
+    """Its file would load as a plain CoordinateLSTM, another rule than the one saved."""
+    with pytest.raises(ValueError, match=r"HalvedLSTM has the kind 'CoordinateLSTM' of CoordinateLSTM, so its file would "
+                                         r"load as a CoordinateLSTM: give HalvedLSTM a kind of its own"):  # fmt: skip
+        save_weights(HalvedLSTM(), tmp_path / "halved.safetensors")
+    assert not (tmp_path / "halved.safetensors").exists()
+
+
+@pytest.mark.skipif(not kernels.FUSED_UPDATES_AVAILABLE, reason="needs Triton")
+def test_subclass_of_a_library_rule_is_not_run_by_its_kernel() -> None:
+    """The kernels run CoordinateLSTM's own math, not a subclass's forward (a half step): both the
+    optimizer and the unroll refuse backend='triton' for it (the optimizer took twice the step)."""
+    params = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"fused kernels only for CoordinateLSTM and MetaLSTMCell; this optimizer runs "
+                                         r"HalvedLSTM \(kind CoordinateLSTM\)"):  # fmt: skip
+        LSTMOptimizer(params, weights=HalvedLSTM(), backend="triton")
+    from learnedopt.meta.unroll import _triton_problems
+
+    problems = _triton_problems(HalvedLSTM(), torch.zeros(3), torch.zeros(3), {})
+    assert problems == ["the kernels implement only CoordinateLSTM and MetaLSTMCell, not HalvedLSTM"]

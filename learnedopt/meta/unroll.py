@@ -297,8 +297,8 @@ def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State
     """Why the Triton kernels cannot apply ``rule`` here (empty when they can)."""
     if not kernels.FUSED_UPDATES_AVAILABLE:
         return ["Triton is not installed"]
-    if not isinstance(rule, (CoordinateLSTM, MetaLSTMCell)):
-        return [f"the kernels implement only CoordinateLSTM and MetaLSTMCell, not {rule.kind}"]
+    if type(rule) not in (CoordinateLSTM, MetaLSTMCell):  # a subclass's own forward they would not run
+        return [f"the kernels implement only CoordinateLSTM and MetaLSTMCell, not {type(rule).__name__}"]
     problems = []
     tensors = {
         "gradient": grad,

@@ -144,7 +144,7 @@ class LearnedOptimizer(Optimizer):
         if group["backend"] == "triton" and not _fused_rule(self.rule):
             raise ValueError(
                 f"backend='triton' has fused kernels only for CoordinateLSTM and MetaLSTMCell; this "
-                f"optimizer runs {self.rule.kind}: use 'torch' or 'auto'"
+                f"optimizer runs {_rule_name(self.rule)}: use 'torch' or 'auto'"
             )
         for p in group["params"]:
             if p.is_complex():
@@ -534,7 +534,7 @@ class LearnedOptimizer(Optimizer):
             return False  # the interpreter is for tests, and an unvalidated GPU kernel is opt-in
         problems = []
         if not _fused_rule(self.rule):
-            problems.append(f"the rule is {self.rule.kind} {self.rule.config_dict()}")
+            problems.append(f"the rule is {_rule_name(self.rule)} {self.rule.config_dict()}")
         if compute_dtype != torch.float32:
             problems.append("float64 parameters")
         if state_dtype not in (torch.float32, torch.bfloat16):
@@ -709,8 +709,14 @@ class _StepProgress:
 
 def _fused_rule(rule: UpdateRule) -> bool:
     """Whether a fused kernel implements this rule: CoordinateLSTM or MetaLSTMCell, every
-    configuration."""
-    return isinstance(rule, (CoordinateLSTM, MetaLSTMCell))
+    configuration; not a subclass of them, whose own ``forward`` the kernels would not run."""
+    return type(rule) in (CoordinateLSTM, MetaLSTMCell)
+
+
+def _rule_name(rule: UpdateRule) -> str:
+    """The rule's kind, and its class where that is another (a subclass keeping its base's kind)."""
+    name = type(rule).__name__
+    return rule.kind if name == rule.kind else f"{name} (kind {rule.kind})"
 
 
 def _triton_interpreted() -> bool:
