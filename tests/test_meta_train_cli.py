@@ -1489,3 +1489,106 @@ def test_make_family_names_an_imported_mixture_member() -> None:
     with pytest.raises(ValueError, match=r"^'quadratic\+mytasks:Logistic:3': your own family mytasks:Logistic cannot be a "
                        r"mixture member \(mixtures are of the built-in families\)"):
         make_family("quadratic+mytasks:Logistic:3")
+
+
+OWN_RULE = '''
+from dataclasses import dataclass
+
+import torch
+from learnedopt import CoordinateLSTM, UpdateRule
+from learnedopt.nn import StateSpec
+
+
+@dataclass(frozen=True)
+class MomentumMLPConfig:
+    hidden: int = 4
+    beta: float = 0.9
+
+
+class MomentumMLP(UpdateRule):
+    kind = "CliMomentumMLP"
+    config_class = MomentumMLPConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(2, self.config.hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(self.config.hidden, 1))
+
+    def state_spec(self):
+        return {"m": StateSpec((1,), moving_average=True)}
+
+    def forward(self, grad, param, state, loss=None):
+        m = torch.lerp(grad, state["m"], self.config.beta)
+        return 0.01 * (self.mlp(torch.stack([grad, m[0]], dim=1))[:, 0] - m[0]), {"m": m}
+
+
+class Halved(CoordinateLSTM):  # keeps CoordinateLSTM's kind
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return 0.5 * step, new_state
+
+
+class NotARule:
+    pass
+'''
+
+
+@pytest.fixture
+def own_rule(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
+    """An importable module of the user's own update rules; returns its module name. The rule
+    kinds a run registers are forgotten after the test."""
+    from learnedopt.nn import RULES
+
+    saved = dict(RULES)
+    yield from importable_module(tmp_path, monkeypatch, "own_rule", OWN_RULE)
+    RULES.clear()
+    RULES.update(saved)
+
+
+def test_meta_train_imports_an_update_rule_given_as_module_colon_class(tmp_path: Path, own_rule: str) -> None:
+    """``--rule module:Class``: the run trains the user's rule, seeded by --seed, writes a weight
+    file of its kind (loadable once the class is registered, as the run did), says so in its
+    card, and --resume continues it exactly; --rule-config sets its architecture."""
+    import importlib
+
+    rule = f"{own_rule}:MomentumMLP"
+    args = ("--rule", rule, "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    header = read_header(whole / "weights.safetensors")
+    assert header["kind"] == "CliMomentumMLP" and f"--rule {rule}" in header["command"]
+    loaded, _ = load_weights(whole / "weights.safetensors")
+    assert type(loaded) is importlib.import_module(own_rule).MomentumMLP
+    card = (whole / "MODEL_CARD.md").read_text()
+    assert f"The rule is your own `{rule}`, initialised by its constructor under the seed." in card
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = [r["meta_loss"] for r in log_lines(whole)]
+    assert first[-1] < first[0]
+    assert run(tmp_path / "wide", "--rule", rule, "--rule-config", '{"hidden": 6}', "--meta-steps", "1") == 0
+    assert read_header(tmp_path / "wide" / "weights.safetensors")["config"] == {"hidden": 6, "beta": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--rule", "no_such_module_xyz:Rule"], "--rule no_such_module_xyz:Rule: cannot import 'no_such_module_xyz'"),
+        (["--rule", "{mod}:Missing"], "--rule {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
+        (["--rule", "{mod}:NotARule"], "--rule {mod}:NotARule: register_rule takes an UpdateRule subclass"),
+        (["--rule", "{mod}:Halved"], "--rule {mod}:Halved: Halved must set its own kind"),
+        (["--rule", "{mod}:MomentumMLP", "--rule-config", '{"width": 3}'],
+         "--rule-config: unknown CliMomentumMLP config keys: ['width']"),
+        (["--rule", "{mod}.1:Rule"], "unknown rule '{mod}.1:Rule'; choose from CoordinateLSTM, MetaLSTMCell, or your own "
+         "UpdateRule as module:Class"),
+        (["--algo", "meta-lstm", "--task", "sinusoid", "--rule", "{mod}:MomentumMLP"],
+         "(your own rule as module:Class is for --algo lstm)"),
+    ],
+)
+def test_a_bad_own_rule_is_one_line_and_exit_code_2(tmp_path: Path, capsys, own_rule: str, extra, message) -> None:  # noqa: ANN001
+    argv = ["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet"]
+    assert main(argv + [e.replace("{mod}", own_rule) for e in extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("{mod}", own_rule) in err, err
+    assert not (tmp_path / "run").exists()

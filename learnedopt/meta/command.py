@@ -61,7 +61,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     start.add_argument(
         "--rule",
         help=f"the update rule, {' or '.join(sorted(RULES))}: for lstm the rule to train from its seeded "
-        f"init (default {d.rule}); for meta-lstm the learned inner-loop update (default MetaLSTMCell)",
+        f"init (default {d.rule}), or your own UpdateRule as module:Class; for meta-lstm the learned inner-loop "
+        "update (default MetaLSTMCell)",
     )
     start.add_argument(
         "--preset",

@@ -29,8 +29,9 @@ from torch import Tensor
 
 from ..data.paths import create_output_folder
 from ..files import write_atomically
-from ..nn import RULES
+from ..nn import RULES, UpdateRule, register_rule
 from ..nn.lstm_step import compile_enabled
+from ..plugins import entry_point_path, load_entry_point, one_line
 from . import distributed
 from .distributed import SINGLE, Workers
 
@@ -158,10 +159,30 @@ class Trainer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``."""
+def rule_class(name: str) -> type[UpdateRule]:
+    """The update-rule class ``--rule`` names: a kind of :data:`~learnedopt.nn.RULES`, or your own
+    ``UpdateRule`` subclass as ``module:Class``, imported and registered
+    (:func:`~learnedopt.nn.register_rule`, so that its weight files load in this process).
+
+    Raises:
+        ConfigError: an unknown kind, a module that fails to import, or a class that is not an
+            ``UpdateRule`` with a kind of its own and a dataclass config.
+    """
+    if name in RULES:
+        return RULES[name]
+    if entry_point_path(name) is None:
+        raise ConfigError(f"unknown rule {name!r}; choose from {', '.join(sorted(RULES))}, or your own UpdateRule as module:Class")
     try:
-        RULES[rule].from_config_dict(dict(rule_config))
+        return register_rule(load_entry_point(name))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--rule {name}: {one_line(err)}") from None
+
+
+def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``
+    (a ``module:Class`` too: :func:`rule_class`)."""
+    try:
+        rule_class(rule).from_config_dict(dict(rule_config))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--rule-config: {err}") from None
 

@@ -68,6 +68,7 @@ from .loop import (
     last_record,
     model_card,
     processes_note,
+    rule_class,
     train_loop,
     write_text_atomic,
 )
@@ -80,6 +81,7 @@ from .tasks import (
     TaskBatch,
     TaskFamily,
     check_mixture_weights,
+    derive_seed,
     generator_for,
     imported_mixture_member,
     is_task_family,
@@ -179,8 +181,8 @@ class MetaTrainConfig:
             )
         if (self.rule is None) == (self.preset is None):
             raise ConfigError("give exactly one of --rule and --preset")
-        if self.rule is not None and self.rule not in RULES:
-            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+        if self.rule is not None:
+            rule_class(self.rule)
         if self.rule_config is not None:
             if self.rule is None:
                 raise ConfigError("--rule-config sets the architecture of --rule; a --preset has its own")
@@ -259,9 +261,13 @@ def initial_rule(config: MetaTrainConfig) -> UpdateRule:
             rule, _ = load_weights(config.preset)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"--preset {config.preset}: not a readable weight file ({err})") from None
-    else:
+    elif config.rule in RULES and entry_point_path(config.rule) is None:
         rule = RULES[config.rule].from_config_dict(dict(config.rule_config or {}))
         rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
+    else:  # your own module:Class, initialised by its constructor under the run's seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, _INIT_STREAM))
+            rule = rule_class(config.rule).from_config_dict(dict(config.rule_config or {}))
     return rule.float().requires_grad_(True)
 
 
@@ -590,6 +596,11 @@ Evaluation tasks: {eval_family.describe()}."""
                  else "taking no split, so the evaluation tasks are other draws from the training distribution")  # fmt: skip
         data += (f"\n\nThe family is your own `{config.task}`, {split}. The command above needs its module "
                  f"`{imported[0]}` importable (e.g. `PYTHONPATH=.` in its folder).")  # fmt: skip
+    own_rule = None if config.rule is None else entry_point_path(config.rule)
+    if own_rule is not None:
+        details += (f"\n\nThe rule is your own `{config.rule}`, initialised by its constructor under the seed. The command "
+                    f"above needs its module `{own_rule[0]}` importable, and its weight file loads where the class is "
+                    "registered (`learnedopt.nn.register_rule`).")  # fmt: skip
     metrics = f"""| metric | value |
 |---|---|
 | meta-loss of the last meta-step (mean loss over its {"steps (its drawn horizon is in the log)" if config.random_horizon else f"{config.horizon} steps"} and {config.meta_batch} tasks) | {summary["final_meta_loss"]:.6g} |

@@ -174,7 +174,8 @@ class FewShotConfig:
         if self.rule is not None and self.algo != "meta-lstm":
             raise ConfigError(f"--rule chooses the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
         if self.rule is not None and self.rule not in RULES:
-            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}")
+            own = " (your own rule as module:Class is for --algo lstm)" if ":" in self.rule else ""
+            raise ConfigError(f"unknown rule {self.rule!r}; choose from {', '.join(sorted(RULES))}{own}")
         if self.preset is not None:
             if self.algo != "meta-lstm":
                 raise ConfigError(f"--preset starts the learned update of --algo meta-lstm (and lstm), not --algo {self.algo}")
