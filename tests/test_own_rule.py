@@ -287,3 +287,36 @@ def test_subclass_of_a_library_rule_is_not_run_by_its_kernel() -> None:
 
     problems = _triton_problems(HalvedLSTM(), torch.zeros(3), torch.zeros(3), {})
     assert problems == ["the kernels implement only CoordinateLSTM and MetaLSTMCell, not HalvedLSTM"]
+
+
+def test_own_rule_takes_the_optimizer_options_and_pickles() -> None:
+    """``maximize`` (the rule sees ``-grad``), ``nan_policy='skip'``, a ``state_dtype`` and a
+    pickle round trip, on the ``(n,)`` momentum rule that is SGD with momentum."""
+    import pickle
+
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(7))]
+    ours = [nn.Parameter(p.detach().clone()) for p in params]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, maximize=True)
+    learned = MomentumOptimizer(ours, weights=LearnedMomentum(lead=()), maximize=True, nan_policy="skip",
+                                state_dtype=torch.float64)  # fmt: skip
+    for step in range(4):
+        if step == 2:  # pickled mid-run: the copy continues as the original would
+            ours_copy, learned_copy = pickle.loads(pickle.dumps((ours, learned)))
+        for p, q in zip(params, ours, strict=True):
+            p.grad = torch.sin(p.detach())
+            q.grad = torch.sin(q.detach())
+        sgd.step()
+        learned.step()
+    assert learned.state[ours[0]]["m"].dtype == torch.float64
+    for p, q in zip(params, ours, strict=True):
+        torch.testing.assert_close(q, p)
+    for step in (2, 3):
+        for q in ours_copy:
+            q.grad = torch.sin(q.detach())
+        learned_copy.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, ours_copy, strict=True))
+    ours[0].grad = torch.full((4, 3), float("nan"))
+    ours[1].grad = torch.ones(7)
+    before = [q.detach().clone() for q in ours]
+    learned.step()  # the NaN tensor is skipped, the other steps
+    assert torch.equal(ours[0], before[0]) and not torch.equal(ours[1], before[1])
