@@ -8,6 +8,7 @@ last section tests the collectives' wrappers and the sharding helpers in this on
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -629,5 +630,55 @@ def test_meta_lstm_optimizer_takes_a_dtensor_loss_as_its_value() -> None:
             p.grad = torch.linspace(0.5, -0.5, 6)
             optimizer.step(loss=loss)
         assert torch.equal(params[1], params[0]) and not torch.equal(params[0], torch.linspace(-1, 1, 6))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_zero_redundancy_optimizer_resumes_exactly_from_its_consolidated_state_dict(optimizer: str) -> None:
+    """``ZeroRedundancyOptimizer.load_state_dict`` puts each saved state into its local
+    optimizer's ``state[p]`` itself, in the parameter's shape that ``state_dict()`` gives,
+    ``(layers, *param.shape, hidden)``, not through ``load_state_dict``: the next step raised "the
+    parameter changed size since its state was created" for every parameter of more than one
+    dimension. Now the step takes such states, and training continues exactly (on one rank
+    here; ``step(loss=...)`` reaches the optimizer through ZeRO's ``**kwargs``)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import learnedopt
+
+    cls = getattr(learnedopt, optimizer)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+    def train(model: torch.nn.Module, zero: ZeroRedundancyOptimizer, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        zero.zero_grad()
+        loss = model(torch.randn(5, 3, generator=g)).square().mean()
+        loss.backward()
+        zero.step(loss=loss.detach())
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
+        for seed in range(2):
+            train(model, zero, seed)
+        zero.consolidate_state_dict()
+        saved = copy.deepcopy(zero.state_dict())
+        restored_model = build()
+        with torch.no_grad():
+            for p, q in zip(restored_model.parameters(), model.parameters(), strict=True):
+                p.copy_(q)
+        restored = ZeroRedundancyOptimizer(restored_model.parameters(), optimizer_class=cls)
+        restored.load_state_dict(saved)
+        for m, o in ((model, zero), (restored_model, restored)):
+            train(m, o, 2)
+        assert all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))
+        assert all(torch.equal(restored.optim.state[p][k], zero.optim.state[q][k])
+                   for p, q in zip(restored_model.parameters(), model.parameters(), strict=True)
+                   for k in zero.optim.state[q])  # fmt: skip
     finally:
         dist.destroy_process_group()

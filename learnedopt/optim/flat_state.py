@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..nn import State, UpdateRule
-from .sharding import local
+from .sharding import is_sharded, local
 
 
 class FlatState:
@@ -82,6 +82,23 @@ class FlatState:
                 ):
                     return False
         return True
+
+
+def flatten_parameter_shaped(rule: UpdateRule, state: dict[str, Any], param: Tensor) -> None:
+    """Give the states in ``state`` that have the form ``state_dict()`` writes, ``(*lead,
+    *param.shape, *trail)``, the flat form ``(*lead, param.numel(), *trail)`` the step keeps, in
+    place (a view where it can be). Such states reach ``optimizer.state[param]`` without
+    ``load_state_dict`` where a wrapper loads them itself (``ZeroRedundancyOptimizer``)."""
+    shape = local(param).shape
+    for name, spec in rule.state_spec().items():
+        value = state.get(name)
+        if (
+            isinstance(value, Tensor)
+            and not is_sharded(value)
+            and tuple(value.shape) == (*spec.lead, *shape, *spec.trail)
+            and tuple(value.shape) != spec.shape(shape.numel())
+        ):
+            state[name] = value.reshape(spec.shape(shape.numel()))
 
 
 def check_state_shapes(rule: UpdateRule, state: dict[str, Any], numel: int) -> None:

@@ -27,7 +27,7 @@ from .. import kernels
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..weights import fingerprint, resolve_weights
 from . import sharding
-from .flat_state import FlatState, check_state_shapes
+from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
 from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -385,6 +385,8 @@ class LearnedOptimizer(Optimizer):
                 # buffers, a parameter without a gradient now too; the per-tensor path only ``ps``'
                 held = ps if group["foreach"] is False and not fused else self._flat_members(group, device, compute_dtype, ps)
                 for p in held:
+                    if p in self.state:
+                        flatten_parameter_shaped(self.rule, self.state[p], p)
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
                 _check_lr_fits(float(group["lr"]), ps)
         # the user's autocast region (often the whole training step) must not run the rule's matrix
@@ -573,6 +575,7 @@ class LearnedOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
+        flatten_parameter_shaped(self.rule, state, p)
         check_state_shapes(self.rule, state, sharding.local(p).numel())
         for name, spec in self.rule.state_spec().items():  # a group's state_dtype changed since: as the flat path does
             value = state.get(name)
