@@ -123,7 +123,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def fsdp_checks(out: Path) -> dict[str, object]:
     """For both optimizers: 3 FSDP-sharded steps against 3 unsharded steps (parameters and
     states compared bit for bit), then a ``torch.distributed.checkpoint`` save of the sharded
-    optimizer, a load into a fresh sharded optimizer, and one more step of each."""
+    optimizer (in ``OUT/dcp-NAME``, with the parameters and full states at the save and the
+    parameters after the next step in ``OUT/dcp-NAME.pt``), a load into a fresh sharded
+    optimizer, and one more step of each."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
@@ -160,6 +162,7 @@ def fsdp_checks(out: Path) -> dict[str, object]:
         folder = out / f"dcp-{name}"
         dcp.save({"optim": get_optimizer_state_dict(sharded, opt)}, checkpoint_id=str(folder))
         at_save = [p.full_tensor().clone() for p in sharded.parameters()]
+        states_at_save = {i: {k: _full(v).clone() for k, v in entry.items()} for i, entry in opt.state_dict()["state"].items()}
         restored_model = fully_shard(_model(0))
         with torch.no_grad():  # the model's own checkpoint is not under test here
             for p, q in zip(restored_model.parameters(), sharded.parameters(), strict=True):
@@ -185,6 +188,9 @@ def fsdp_checks(out: Path) -> dict[str, object]:
         set_optimizer_state_dict(plain_model, plain, plain_template["optim"])
         for m, o in ((sharded, opt), (restored_model, restored), (fresh_model, fresh), (plain_model, plain)):
             _train(m, o, 1, seed=2)
+        after = [p.full_tensor() for p in sharded.parameters()]
+        if dist.get_rank() == 0:  # for the test that loads the checkpoint in one process
+            torch.save({"params": at_save, "states": states_at_save, "after": after}, out / f"dcp-{name}.pt")
         plain_equal = all(
             torch.equal(p, q.full_tensor()) for p, q in zip(plain_model.parameters(), sharded.parameters(), strict=True)
         )

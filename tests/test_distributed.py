@@ -171,6 +171,35 @@ def test_ddp_model_steps_like_one_process_on_the_averaged_gradient(two_ranks: Pa
     assert gap == 0.0
 
 
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_a_two_rank_fsdp_checkpoint_loads_in_one_process_without_a_process_group(two_ranks: Path, optimizer: str) -> None:
+    """The worker's ``torch.distributed.checkpoint`` of a 2-rank FSDP optimizer, loaded by the
+    README's recipe into an unsharded model in this one process (no process group), gives
+    the states saved, bit for bit, and the next step gives the parameters the 2 ranks reached."""
+    import torch.distributed.checkpoint as dcp
+    from distributed_worker import _model, _train
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    import learnedopt
+
+    assert not dist.is_initialized()
+    reference = torch.load(two_ranks / f"dcp-{optimizer}.pt", weights_only=True)
+    model = _model(0)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference["params"], strict=True):
+            p.copy_(q)
+    opt = getattr(learnedopt, optimizer)(model.parameters())
+    opt.init_state()
+    state = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(two_ranks / f"dcp-{optimizer}"))
+    set_optimizer_state_dict(model, opt, state["optim"])
+    loaded = opt.state_dict()["state"]
+    assert {i: set(entry) for i, entry in loaded.items()} == {i: set(entry) for i, entry in reference["states"].items()}
+    assert all(torch.equal(loaded[i][k], v) for i, entry in reference["states"].items() for k, v in entry.items())
+    _train(model, opt, 1, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference["after"], strict=True))
+
+
 def test_sharded_states_load_from_other_placements_and_nan_verdicts_follow_the_meshes(two_ranks: Path) -> None:
     """Beyond FSDP's one 1-D mesh (see ``sharding_checks`` in the worker): a state dict with
     replicated states loads into the sharded optimizer (redistributed to its shards); the NaN
