@@ -711,3 +711,26 @@ def test_zero_redundancy_optimizer_resumes_exactly_from_its_consolidated_state_d
                    for k in zero.optim.state[q])  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_passes_the_optimizers_weights() -> None:
+    """ZeroRedundancyOptimizer adds every keyword argument to each param group it gives the
+    optimizer, ``weights`` too, which was refused as "weights cannot differ between param
+    groups": a learned optimizer under ZeRO could only run its default weights."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from learnedopt import LSTMOptimizer
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 6)) for _ in range(2)]
+        zero = ZeroRedundancyOptimizer([params[0]], optimizer_class=LSTMOptimizer, weights="l2l-short")
+        plain = LSTMOptimizer([params[1]], weights="l2l-short")
+        for p, optimizer in zip(params, (zero, plain), strict=True):
+            p.grad = torch.linspace(0.5, -0.5, 6)
+            optimizer.step()
+        assert zero.optim.weights_header == plain.weights_header
+        assert torch.equal(params[0], params[1]) and not torch.equal(params[0], torch.linspace(-1, 1, 6))
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 
 
 def _plain_sgd_classes():
@@ -209,6 +209,20 @@ def test_weights_per_param_group_and_repeated_parameters_are_errors() -> None:
         LSTMOptimizer([{"params": [a], "weights": "l2l-mnist"}, {"params": [b]}])
     with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="appears more than once"):
         LSTMOptimizer([a, b, a])
+
+
+def test_a_param_group_may_repeat_the_optimizers_own_weights() -> None:
+    """Wrappers that build the optimizer from per-group options (ZeroRedundancyOptimizer adds
+    each keyword argument to every group) give a group the constructor's ``weights`` again: the
+    same weights are accepted, other ones are still an error."""
+    a, b = make_params([(3,), (2,)], dtype=torch.float32)
+    rule = CoordinateLSTM()
+    for weights, again in (("l2l-mnist", "l2l-mnist"), (None, LSTMOptimizer.default_preset), (rule, rule)):
+        opt = LSTMOptimizer([{"params": [a], "weights": again}, {"params": [b]}], weights=weights)
+        assert all("weights" not in group for group in opt.param_groups)
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "weights": again})
+    with pytest.raises(ValueError, match="weights cannot differ between param groups"):
+        LSTMOptimizer([{"params": [a], "weights": CoordinateLSTM()}], weights=rule)
 
 
 def test_a_triton_group_that_cannot_run_fails_before_any_group_is_updated() -> None:

@@ -110,15 +110,20 @@ class LearnedOptimizer(Optimizer):
         self._packed_weights: dict[torch.device, tuple[tuple[int, ...], object]] = {}
         self._fused_failed = False
         self.chunk = DEFAULT_CHUNK
+        self._weights_argument = weights  # a group may name these again (see add_param_group)
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- torch.optim protocol
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "weights" in param_group:
-            raise ValueError(
-                f"weights cannot differ between param groups: one {type(self).__name__} runs one update "
-                "rule; build a second optimizer for the parameters that need other weights"
-            )
+            # wrappers that build the optimizer from per-group options give a group the
+            # constructor's weights again (ZeroRedundancyOptimizer adds every keyword argument)
+            if not self._same_weights(param_group["weights"], self._weights_argument):
+                raise ValueError(
+                    f"weights cannot differ between param groups: one {type(self).__name__} runs one update "
+                    "rule; build a second optimizer for the parameters that need other weights"
+                )
+            param_group = {key: value for key, value in param_group.items() if key != "weights"}
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
@@ -126,6 +131,14 @@ class LearnedOptimizer(Optimizer):
             self.param_groups.pop()  # a rejected group is not kept, as when torch.optim rejects one
             raise
         self.param_groups[-1]["learned_rule"] = self._rule_json()
+
+    def _same_weights(self, a: Any, b: Any) -> bool:
+        """Whether two ``weights=`` arguments name the same weights: the same module, or the
+        same preset name or path (None is the default preset)."""
+        a, b = (self.default_preset if w is None else w for w in (a, b))
+        if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+            return os.fspath(a) == os.fspath(b)
+        return a is b
 
     def _rule_json(self) -> str:
         """The rule's fingerprint as the JSON string each param group carries (see
@@ -159,7 +172,13 @@ class LearnedOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
         # rule. The caches (flat buffers indexed by parameter identity, rule copies) are rebuilt.
-        return {**super().__getstate__(), "rule": self.rule, "weights_header": self.weights_header, "chunk": self.chunk}
+        return {
+            **super().__getstate__(),
+            "rule": self.rule,
+            "weights_header": self.weights_header,
+            "chunk": self.chunk,
+            "_weights_argument": self._weights_argument,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -171,6 +190,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
+        self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
         for group in self.param_groups:  # pickled by an earlier version, without the key
             group.setdefault("learned_rule", self._rule_json())
 
