@@ -734,3 +734,36 @@ def test_zero_redundancy_optimizer_passes_the_optimizers_weights() -> None:
         assert torch.equal(params[0], params[1]) and not torch.equal(params[0], torch.linspace(-1, 1, 6))
     finally:
         dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_refuses_a_state_of_other_weights_at_the_next_step() -> None:
+    """ZeroRedundancyOptimizer.load_state_dict assigns the saved states itself, so the
+    optimizer's check of the rule's fingerprint did not run: the states of one rule's weights
+    were loaded into an optimizer running another's and stepped in silence. The saved groups'
+    fingerprints it copies are checked at the next step, before anything is changed."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from learnedopt import LSTMOptimizer
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        zero = ZeroRedundancyOptimizer([param], optimizer_class=LSTMOptimizer, weights="l2l-short")
+        param.grad = torch.linspace(0.5, -0.5, 6)
+        zero.step()
+        zero.consolidate_state_dict()
+        saved = copy.deepcopy(zero.state_dict())
+        for weights in ("l2l-random", "l2l-short"):  # the same architecture, other weights; the same
+            loaded = ZeroRedundancyOptimizer([param], optimizer_class=LSTMOptimizer, weights=weights)
+            loaded.load_state_dict(copy.deepcopy(saved))
+            before = param.detach().clone()
+            if weights == "l2l-random":
+                with pytest.raises(ValueError, match="param group 0 holds the state of an optimizer with other weights"):
+                    loaded.step()
+                assert torch.equal(param, before)
+            else:
+                loaded.step()
+                assert not torch.equal(param, before)
+    finally:
+        dist.destroy_process_group()

@@ -111,6 +111,7 @@ class LearnedOptimizer(Optimizer):
         self._fused_failed = False
         self.chunk = DEFAULT_CHUNK
         self._weights_argument = weights  # a group may name these again (see add_param_group)
+        self._rule_jsons: set[str] = set()  # the fingerprints this optimizer wrote into its groups
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- torch.optim protocol
@@ -130,7 +131,8 @@ class LearnedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group is not kept, as when torch.optim rejects one
             raise
-        self.param_groups[-1]["learned_rule"] = self._rule_json()
+        self.param_groups[-1]["learned_rule"] = rule_json = self._rule_json()
+        self._rule_jsons.add(rule_json)
 
     def _same_weights(self, a: Any, b: Any) -> bool:
         """Whether two ``weights=`` arguments name the same weights: the same module, or the
@@ -193,6 +195,9 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
         for group in self.param_groups:  # pickled by an earlier version, without the key
             group.setdefault("learned_rule", self._rule_json())
+        # this optimizer's own groups (pickled, or as load_state_dict checked them)
+        rule_jsons = self.__dict__.setdefault("_rule_jsons", set())
+        rule_jsons.update(group["learned_rule"] for group in self.param_groups if isinstance(group["learned_rule"], str))
 
     def init_state(self) -> None:
         """Create the initial state of every parameter that requires grad now (as its first
@@ -383,6 +388,7 @@ class LearnedOptimizer(Optimizer):
         """
         for group in self.param_groups:  # options may have been changed in param_groups since
             _validate_options(group)
+        self._check_group_fingerprints()
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -423,6 +429,25 @@ class LearnedOptimizer(Optimizer):
                 "the kernel again; backend='auto' falls back to the PyTorch path without raising"
             ) from progress.kernel_failures[0]
         return closure_loss
+
+    def _check_group_fingerprints(self) -> None:
+        """Raise ValueError where a param group's ``"learned_rule"`` that this optimizer did not
+        write names other weights: a wrapper loaded a state around :meth:`load_state_dict`
+        (``ZeroRedundancyOptimizer.load_state_dict`` assigns the states and copies the saved
+        groups' options itself). One that names these weights is taken as this optimizer's."""
+        for number, group in enumerate(self.param_groups):
+            text = group.get("learned_rule")
+            if not isinstance(text, str) or text in self._rule_jsons:
+                continue
+            saved, rule = _as_json(json.loads(text)), json.loads(self._rule_json())
+            if saved != rule:
+                raise ValueError(
+                    f"param group {number} holds the state of an optimizer with other weights ({saved['kind']}, "
+                    f"sha256 {saved['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
+                    f"{rule['sha256'][:12]}...), loaded without load_state_dict (as ZeroRedundancyOptimizer loads); "
+                    "construct it with the same weights. No parameter or state was changed by this step"
+                )
+            self._rule_jsons.add(text)
 
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
         if not self.rule.needs_loss:
