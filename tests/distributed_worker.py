@@ -3,8 +3,8 @@
 
 Modes:
     meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
-        then :func:`fsdp_checks`, :func:`ddp_checks` and :func:`sharding_checks` (results in
-        ``OUT/optimizers.json``).
+        then :func:`fsdp_checks`, :func:`ddp_checks`, :func:`sharding_checks` and
+        :func:`zero_checks` (results in ``OUT/optimizers.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
@@ -345,6 +345,64 @@ def ddp_checks() -> dict[str, bool]:
     return report
 
 
+def zero_checks() -> dict[str, object]:
+    """For both optimizers under ``ZeroRedundancyOptimizer`` of a DDP model, each rank on its own
+    data: 3 steps against the same optimizer stepping the whole DDP model (the largest
+    difference); which ranks own parameters; then ``consolidate_state_dict`` and ``state_dict``
+    on rank 0, loaded into a fresh ZeRO optimizer on both ranks, and one more step of each
+    (equal on every rank for a True)."""
+    import copy
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+    from learnedopt.weights import UntrainedWeightsWarning
+
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        optimizer.step(loss=mean_loss / world)  # ZeRO passes step's keywords to the optimizer
+
+    report: dict[str, object] = {}
+    for cls in (LSTMOptimizer, MetaLSTMOptimizer):
+        model = DistributedDataParallel(_model(0))
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
+        whole = DistributedDataParallel(_model(0))
+        whole_opt = cls(whole.parameters())
+        for step in range(3):
+            train(model, zero, step)
+            train(whole, whole_opt, step)
+        gap = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), whole.parameters(), strict=True))
+        zero.consolidate_state_dict(to=0)
+        saved = [copy.deepcopy(zero.state_dict()) if rank == 0 else None]  # live views otherwise
+        dist.broadcast_object_list(saved, src=0)
+        restored_model = DistributedDataParallel(_model(0))
+        with torch.no_grad():
+            for p, q in zip(restored_model.parameters(), model.parameters(), strict=True):
+                p.copy_(q)
+        restored = ZeroRedundancyOptimizer(restored_model.parameters(), optimizer_class=cls)
+        restored.load_state_dict(saved[0])
+        train(model, zero, 3)
+        train(restored_model, restored, 3)
+        resumed = all(torch.equal(p, q) for p, q in zip(restored_model.parameters(), model.parameters(), strict=True))
+        everyone: list[object] = [None] * world
+        dist.all_gather_object(everyone, (gap, resumed))
+        report[cls.__name__] = {
+            "gap": max(g for g, _ in everyone),
+            "owners": sorted(set(zero._param_to_rank.values())),
+            "resumed_equal": all(r for _, r in everyone),
+        }
+    return report
+
+
 def main() -> int:
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "meta":
@@ -352,7 +410,7 @@ def main() -> int:
         for name in META_RUNS:
             if run_cli(meta_args(name, out / name)) != 0:
                 return 1
-        report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks(), "sharding": sharding_checks()}
+        report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks(), "sharding": sharding_checks(), "zero": zero_checks()}
         if dist.get_rank() == 0:
             (out / "optimizers.json").write_text(json.dumps(report))
         dist.destroy_process_group()

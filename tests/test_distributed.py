@@ -200,6 +200,16 @@ def test_a_two_rank_fsdp_checkpoint_loads_in_one_process_without_a_process_group
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference["after"], strict=True))
 
 
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_zero_redundancy_optimizer_on_two_ranks_steps_like_the_whole_model_and_resumes(two_ranks: Path, optimizer: str) -> None:
+    """``ZeroRedundancyOptimizer`` on 2 ranks, each owning some parameters (see ``zero_checks``
+    in the worker): 3 steps give the parameters of the optimizer stepping the whole DDP model,
+    bit for bit, and the state consolidated on rank 0 loads on both ranks and continues
+    exactly (the load raised "the parameter changed size" before)."""
+    report = json.loads((two_ranks / "optimizers.json").read_text())["zero"][optimizer]
+    assert report == {"gap": 0.0, "owners": [0, 1], "resumed_equal": True}
+
+
 def test_sharded_states_load_from_other_placements_and_nan_verdicts_follow_the_meshes(two_ranks: Path) -> None:
     """Beyond FSDP's one 1-D mesh (see ``sharding_checks`` in the worker): a state dict with
     replicated states loads into the sharded optimizer (redistributed to its shards); the NaN
