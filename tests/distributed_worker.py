@@ -250,7 +250,11 @@ def sharding_checks() -> dict[str, bool]:
     - ``verdict_spans_every_mesh_dim``: on a ``(1, 2)`` mesh (the ranks differ on its second
       dimension) a NaN in rank 1's part makes the tensor non-finite on both ranks;
     - ``meshes_judged_apart``: a tensor on a 1-rank sub-mesh keeps its own rank's verdict when
-      judged together with one on the 2-rank mesh.
+      judged together with one on the 2-rank mesh;
+    - ``strided_states_equal``: a parameter with FSDP2's ``_StridedShard`` placement (what it
+      gives a dimension that tensor parallelism shards too; here rows 0, 1, 4, 5 on rank 0) steps
+      like the full tensor, and ``state_dict()`` gives its states (a ValueError before), equal to
+      the full tensor's and loading back into a fresh optimizer.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -291,10 +295,35 @@ def sharding_checks() -> dict[str, bool]:
     across = distribute_tensor(torch.zeros(4, 3), mesh, [Replicate(), Shard(0)])
     own = distribute_tensor(torch.zeros(3), mesh["outer"], [Replicate()])  # a 1-rank mesh
     verdict = sharding.agree_finite([across, own], [rank != 1, rank != 1])
+
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    strided = [_StridedShard(0, split_factor=2)]
+    values, grad = torch.linspace(-1, 1, 24).reshape(8, 3), torch.linspace(0.5, -0.5, 24).reshape(8, 3).flip(0)
+    param, plain = torch.nn.Parameter(distribute_tensor(values, mesh["inner"], strided)), torch.nn.Parameter(values.clone())
+    param.grad, plain.grad = distribute_tensor(grad, mesh["inner"], strided), grad.clone()
+    strided_opt, plain_opt = LSTMOptimizer([param]), LSTMOptimizer([plain])
+    strided_opt.step()
+    plain_opt.step()
+    try:
+        saved = strided_opt.state_dict()
+    except ValueError as err:  # reported, so that the other checks still run
+        print(f"rank {rank}: no state_dict for a _StridedShard parameter: {err}", file=sys.stderr)
+        strided_states_equal = False
+    else:
+        reloaded = LSTMOptimizer([param])
+        reloaded.load_state_dict(saved)
+        strided_states_equal = torch.equal(param.full_tensor(), plain) and all(
+            torch.equal(value.full_tensor(), plain_opt.state_dict()["state"][0][k])
+            and torch.equal(reloaded.state[param][k], strided_opt.state[param][k])
+            for k, value in saved["state"][0].items()
+            if k != "step"
+        )
     mine = {
         "replicated_state_loads": replicated_state_loads,
         "verdict_spans_every_mesh_dim": verdict[0] is False,
         "meshes_judged_apart": verdict[1] is (rank != 1),
+        "strided_states_equal": strided_states_equal,
     }
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)

@@ -214,9 +214,16 @@ def test_sharded_states_load_from_other_placements_and_nan_verdicts_follow_the_m
     """Beyond FSDP's one 1-D mesh (see ``sharding_checks`` in the worker): a state dict with
     replicated states loads into the sharded optimizer (redistributed to its shards); the NaN
     verdict on a 2-D mesh reaches the rank that differs on its second dimension; tensors on
-    different meshes are judged over their own mesh each."""
+    different meshes are judged over their own mesh each; a parameter with FSDP2's
+    ``_StridedShard`` placement (FSDP over tensor parallelism) gives its states in
+    ``state_dict()`` (a ValueError before), as the full tensor's."""
     report = json.loads((two_ranks / "optimizers.json").read_text())["sharding"]
-    assert report == {"replicated_state_loads": True, "verdict_spans_every_mesh_dim": True, "meshes_judged_apart": True}
+    assert report == {
+        "replicated_state_loads": True,
+        "verdict_spans_every_mesh_dim": True,
+        "meshes_judged_apart": True,
+        "strided_states_equal": True,
+    }
 
 
 # ----------------------------------------------------------------------------- failures
@@ -474,10 +481,11 @@ def test_shutdown_leaves_only_the_group_init_from_env_created(monkeypatch: pytes
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:
     """A state ``(*lead, *param.shape, *trail)`` is sharded on the parameter's dimension moved by
     ``len(lead)`` (not by ``len(trail)``); a replicated dimension stays replicated; a partial
-    (pending-sum) parameter is refused."""
+    (pending-sum) parameter is refused; FSDP2's ``_StridedShard`` keeps its split factor."""
     from types import SimpleNamespace
 
     from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     from learnedopt.nn import StateSpec
     from learnedopt.optim.sharding import state_placements
@@ -485,7 +493,9 @@ def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_repl
     param = SimpleNamespace(placements=(Replicate(), Shard(1)))  # 2-D mesh: HSDP-like
     assert state_placements(param, StateSpec((2,))) == (Replicate(), Shard(2))
     assert state_placements(param, StateSpec((2, 3), (20,))) == (Replicate(), Shard(3))
-    with pytest.raises(ValueError, match="Shard/Replicate placements, got"):
+    strided = SimpleNamespace(placements=(_StridedShard(0, split_factor=2), Shard(0)))  # FSDP2 over TP
+    assert state_placements(strided, StateSpec((2,), (20,))) == (_StridedShard(1, split_factor=2), Shard(1))
+    with pytest.raises(ValueError, match="Shard/_StridedShard/Replicate placements, got"):
         state_placements(SimpleNamespace(placements=(Shard(0), Partial())), StateSpec((1,), (4,)))
 
 

@@ -31,8 +31,9 @@ from ..nn import StateSpec
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # a PyTorch build without torch.distributed
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = _StridedShard = None  # type: ignore[assignment,misc]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -70,12 +71,14 @@ def state_placements(param: Tensor, spec: StateSpec) -> tuple:
     for placement in param.placements:
         if isinstance(placement, Shard):
             shifted.append(Shard(placement.dim + len(spec.lead)))
+        elif isinstance(placement, _StridedShard):  # FSDP2's over a dimension TP shards too
+            shifted.append(_StridedShard(placement.dim + len(spec.lead), split_factor=placement.split_factor))
         elif isinstance(placement, Replicate):
             shifted.append(placement)
         else:
             raise ValueError(
-                f"learned optimizers support parameters sharded with Shard/Replicate placements, "
-                f"got {param.placements}"
+                f"learned optimizers support parameters sharded with Shard/_StridedShard/Replicate "
+                f"placements, got {param.placements}"
             )
     return tuple(shifted)
 
