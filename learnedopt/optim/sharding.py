@@ -31,9 +31,12 @@ from ..nn import StateSpec
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # a PyTorch build without torch.distributed
-    DTensor = Replicate = Shard = _StridedShard = None  # type: ignore[assignment,misc]
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+try:  # FSDP2's placement of a dimension that tensor parallelism shards too (private to PyTorch)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:
+    _StridedShard = None  # type: ignore[assignment,misc]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -71,7 +74,7 @@ def state_placements(param: Tensor, spec: StateSpec) -> tuple:
     for placement in param.placements:
         if isinstance(placement, Shard):
             shifted.append(Shard(placement.dim + len(spec.lead)))
-        elif isinstance(placement, _StridedShard):  # FSDP2's over a dimension TP shards too
+        elif _StridedShard is not None and isinstance(placement, _StridedShard):
             shifted.append(_StridedShard(placement.dim + len(spec.lead), split_factor=placement.split_factor))
         elif isinstance(placement, Replicate):
             shifted.append(placement)
