@@ -32,7 +32,7 @@ def _run(code: str, namespace: dict | None = None) -> dict:
 
 def test_every_example_is_run_here() -> None:
     markers = ("LSTMOptimizer(model.parameters())", 'save_weights(rule, "rule.safetensors"', "MAML(model", "dcp.save(",
-               "class LogisticFamily(TaskFamily)", "class MomentumMLP(UpdateRule)")
+               "class LogisticFamily(TaskFamily)", "class MomentumMLP(UpdateRule)", "learned_step(rule, params, grads")
     assert len(_examples()) == len(markers)
     for marker in markers:
         _example(marker)
@@ -75,6 +75,26 @@ def test_maml_example_adapts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     adapted = mse(maml.predict(ns["fast"], x_q[0]), y_q[0])
     unadapted = mse(maml.predict(maml.adapt(x_s[0], y_s[0], steps=0), x_q[0]), y_q[0])
     assert adapted < unadapted
+
+
+def test_learned_step_example_gives_the_rule_and_the_initialisation_meta_gradients() -> None:
+    """The inner-loop example's query loss backward reaches every weight of the rule and every
+    initial parameter (finite, not all zero); its inner loop lowered the support loss, left the
+    model's own parameters as they were, and its state has the shapes its comment says."""
+    ns = _run(_example("learned_step(rule, params, grads"))
+    rule, model = ns["rule"], ns["model"]
+    for name, p in [*rule.named_parameters(), *model.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+    assert {k: tuple(v.shape) for k, v in ns["state"].items()} == {"h": (2, 5, 20), "c": (2, 5, 20)}
+    mse = torch.nn.functional.mse_loss
+    with torch.no_grad():
+        start = mse(model(ns["x_s"]), ns["y_s"])
+        adapted = mse(torch.func.functional_call(model, ns["params"], (ns["x_s"],)), ns["y_s"])
+    assert adapted < start
+    torch.manual_seed(0)
+    fresh = torch.nn.Linear(4, 1)  # as the example built the model: the steps did not change it
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters(), strict=True))
+    assert not any(torch.equal(ns["params"][k], p) for k, p in model.named_parameters())
 
 
 def test_own_task_family_example_meta_trains_a_rule_that_beats_its_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,10 @@ Coordinates are flattened task-major into one ``(n,) = (B * P,)`` batch for the 
 the number of parameter elements of one task: coordinate ``b * P + j`` is element ``j`` of task
 ``b``'s parameters concatenated in ``params``' key order. Rule states follow the same order.
 
+:func:`learned_step` is one such update of one optimizee's parameter dict (not stacked), for an
+inner loop of your own (``torch.func.functional_call``, ``torch.autograd.grad``) without tasks;
+:func:`init_rule_state` gives its first states.
+
 ``backend`` picks how a :class:`~learnedopt.nn.CoordinateLSTM` (any feature set) or a
 :class:`~learnedopt.nn.MetaLSTMCell` is applied: the PyTorch module (``"torch"``) or its input
 features in PyTorch (the rule's ``features``, a few elementwise ops differentiated by autograd)
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
+from ..nn.base import is_number
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]
@@ -85,6 +90,159 @@ class UnrollResult:
 def num_coordinates(params: Mapping[str, Tensor]) -> int:
     """``B * P``: all parameter elements of all tasks of a stacked parameter dict."""
     return sum(v.numel() for v in params.values())
+
+
+def init_rule_state(rule: UpdateRule, params: Mapping[str, Tensor]) -> State:
+    """The rule's initial states for every coordinate of ``params``, for :func:`learned_step`.
+
+    Args:
+        rule: the update rule.
+        params: one optimizee's parameters, any shapes, of one floating-point dtype and device.
+
+    Returns:
+        ``rule.init_state(P, ...)``: ``(*lead, P, *trail)`` per state name (:meth:`UpdateRule.state_spec`),
+        ``P`` being the number of elements of all tensors of ``params``, coordinate ``j`` the
+        ``j``-th element of their concatenation in dict order; zeros in the parameters' dtype
+        (moving averages in at least float32, see :class:`~learnedopt.nn.StateSpec`) on their device.
+
+    Raises:
+        ValueError: ``params`` is empty, not floating-point, or of more than one dtype or device.
+    """
+    first = _check_params(params, "init_rule_state")
+    return rule.init_state(num_coordinates(params), dtype=first.dtype, device=first.device)
+
+
+def learned_step(
+    rule: UpdateRule,
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],
+    state: State,
+    *,
+    loss: Tensor | float | None = None,
+    lr: float = 1.0,
+    backend: str = "auto",
+) -> tuple[dict[str, Tensor], State]:
+    """One differentiable learned update of one optimizee: ``params + lr * step``.
+
+    The update ``LSTMOptimizer`` / ``MetaLSTMOptimizer`` take (``lr`` as theirs, not maximising)
+    and one step of :func:`unroll`, as a pure function for an inner loop of your own: nothing is
+    detached or changed in place, so the new parameters are differentiable with respect to the
+    rule's weights, the old parameters, the states, the loss and the gradients (build them with
+    ``torch.autograd.grad(..., create_graph=True)`` for the second-order terms). No NaN check is
+    made (the optimizers' ``nan_policy``), and the rule's weights are not copied to the
+    parameters' dtype or device: they must be in them already.
+
+    Args:
+        rule: the update rule, its weights in the parameters' dtype and on their device.
+        params: one optimizee's parameters, any shapes; coordinate ``j`` is the ``j``-th element of
+            their concatenation in dict order.
+        grads: the gradient of the loss for each of ``params``, same names and shapes.
+        state: the rule's states, ``(*lead, P, *trail)`` per name for the ``P`` coordinates of
+            ``params``: :func:`init_rule_state` at the first step, then what the last step returned.
+        loss: the optimizee's loss, for rules with ``needs_loss`` (MetaLSTMCell): a number or a
+            one-element tensor on the parameters' device (the rule reads it in their dtype,
+            saturated at its largest value, as the optimizers do); ignored by other rules.
+        lr: multiplier of the rule's step.
+        backend: ``"torch"``, ``"triton"`` or ``"auto"``, as for :func:`unroll`.
+
+    Returns:
+        ``(new_params, new_state)``: a dict of the same names, shapes and order as ``params``,
+        and the states after the step, shaped as ``state``.
+
+    Raises:
+        ValueError: an unknown ``backend``; ``params`` empty or not floating-point; ``grads``
+            whose names or shapes are not ``params``'; states of other names or shapes than the
+            rule's for ``P`` coordinates; parameters, gradients, states and rule weights of more
+            than one dtype or device; no loss for a rule that needs it, or a loss that is not one
+            real number on the parameters' device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    first = _check_params(params, "learned_step")
+    names = list(params)
+    missing, extra = [k for k in names if k not in grads], [k for k in grads if k not in params]
+    if missing or extra:
+        raise ValueError(f"grads must have the names of params: missing {missing}, not in params {extra}")
+    for k in names:
+        grad = grads[k]
+        if not isinstance(grad, Tensor):
+            raise ValueError(f"grads[{k!r}] is {grad!r}, not a tensor (a parameter the loss does not use has no gradient)")  # noqa: TRY004 (one error for every malformed input)
+        if grad.shape != params[k].shape:
+            raise ValueError(f"grads[{k!r}] has shape {tuple(grad.shape)}, params[{k!r}] {tuple(params[k].shape)}")
+    n = num_coordinates(params)
+    _check_state(rule, state, n)
+    _check_one_dtype_and_device(rule, params, state, grads=grads, caller="learned_step")
+    rule_loss = _step_loss(rule, loss, first)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat_param = torch.cat([params[k].reshape(-1) for k in names])
+    flat_grad = torch.cat([grads[k].reshape(-1) for k in names])
+    step, new_state = _apply_rule(rule, flat_grad, flat_param, dict(state), rule_loss, backend)
+    new_flat = flat_param + lr * step
+    new_params = {
+        k: piece.reshape(shape) for k, piece, shape in zip(names, new_flat.split(sizes), shapes, strict=True)
+    }
+    return new_params, new_state
+
+
+def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
+    """The first of one optimizee's ``params``, once checked to be floating-point tensors of one
+    dtype and device; raises ValueError naming what is wrong."""
+    if not params:
+        raise ValueError(f"{caller}: params is empty: give at least one parameter tensor")
+    for k, v in params.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            got = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{caller}: params[{k!r}] is {got}: learned updates need floating-point tensors")
+    first_name, first = next(iter(params.items()))
+    for what in ("dtype", "device"):
+        for k, v in params.items():
+            if getattr(v, what) != getattr(first, what):
+                raise ValueError(
+                    f"{caller}: params[{k!r}] is {getattr(v, what)}, params[{first_name!r}] "
+                    f"{getattr(first, what)}: the parameters need one {what}"
+                )
+    return first
+
+
+def _check_state(rule: UpdateRule, state: State, n: int) -> None:
+    """Raise ValueError unless ``state`` has the rule's state names, each of its shape for ``n``
+    coordinates (states made for other parameters would broadcast or fail deep in the rule)."""
+    spec = rule.state_spec()
+    if set(state) != set(spec):
+        raise ValueError(
+            f"the state has {sorted(state)}, the {type(rule).__name__} rule's states are {sorted(spec)}: "
+            "start from init_rule_state(rule, params)"
+        )
+    for k, s in spec.items():
+        value = state[k]
+        if not isinstance(value, Tensor) or tuple(value.shape) != s.shape(n):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"state {k!r} has shape {got}, the {n} coordinates of params need {s.shape(n)}: "
+                "start from init_rule_state(rule, params)"
+            )
+
+
+def _step_loss(rule: UpdateRule, loss: Tensor | float | None, param: Tensor) -> Tensor | None:
+    """The ``(1,)`` loss the rule reads, in ``param``'s dtype and saturated at its largest value
+    (a float64 loss over 3.4e38 is Inf in float32, as the optimizers' ``step(loss=...)`` reads
+    it); None for a rule without ``needs_loss``. Raises ValueError for a missing or malformed loss."""
+    if not rule.needs_loss:
+        return None
+    if loss is None:
+        raise ValueError(f"{type(rule).__name__} reads the optimizee's loss: pass learned_step(..., loss=loss)")
+    if is_number(loss):
+        loss = torch.tensor(float(loss), dtype=torch.float64, device=param.device)
+    elif not isinstance(loss, Tensor) or loss.is_complex() or loss.dtype == torch.bool:
+        raise ValueError(f"the loss must be a real number or a one-element tensor, got {loss!r}")
+    if loss.numel() != 1:
+        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+    if loss.device != param.device:
+        raise ValueError(f"the loss is on {loss.device}, the parameters on {param.device}")
+    largest = torch.finfo(param.dtype).max
+    loss = loss.to(torch.promote_types(loss.dtype, param.dtype)).clamp(-largest, largest)
+    return loss.to(param.dtype).reshape(1)
 
 
 def unroll(
@@ -278,10 +436,19 @@ def check_task_batch(task_batch: TaskBatch, params: Mapping[str, Tensor], *, dty
     return loss
 
 
-def _check_one_dtype_and_device(rule: UpdateRule, params: Mapping[str, Tensor], state: State) -> None:
-    """Raise ValueError unless the parameters, the floating-point states and the rule's weights
-    share one dtype and one device (torch's own error, from deep in the rule, names neither side)."""
+def _check_one_dtype_and_device(
+    rule: UpdateRule,
+    params: Mapping[str, Tensor],
+    state: State,
+    *,
+    grads: Mapping[str, Tensor] | None = None,
+    caller: str = "unroll",
+) -> None:
+    """Raise ValueError unless the parameters, their ``grads`` (where given), the floating-point
+    states and the rule's weights share one dtype and one device (torch's own error, from deep in
+    the rule, names neither side)."""
     tensors = {f"params[{k!r}]": v for k, v in params.items()}
+    tensors.update({f"grads[{k!r}]": v for k, v in (grads or {}).items()})
     tensors.update({f"state {k!r}": v for k, v in state.items() if v.is_floating_point()})
     tensors.update({f"rule weight {k!r}": v for k, v in rule.named_parameters()})
     for what in ("dtype", "device"):
@@ -290,7 +457,8 @@ def _check_one_dtype_and_device(rule: UpdateRule, params: Mapping[str, Tensor], 
             first.setdefault(str(getattr(tensor, what)), name)
         if len(first) > 1:
             found = ", ".join(f"{value} ({name})" for value, name in first.items())
-            raise ValueError(f"unroll needs one {what} for the parameters, the rule's states and its weights, got: {found}")
+            inputs = "the parameters, their gradients," if grads is not None else "the parameters,"
+            raise ValueError(f"{caller} needs one {what} for {inputs} the rule's states and its weights, got: {found}")
 
 
 def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State) -> list[str]:
@@ -333,7 +501,7 @@ def _use_triton(rule: UpdateRule, grad: Tensor, param: Tensor, state: State, bac
         return False  # the interpreter is for tests, and an unvalidated GPU kernel is opt-in
     problems = _triton_problems(rule, grad, param, state)
     if problems and backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this unroll: {'; '.join(problems)}")
+        raise ValueError(f"backend='triton' cannot run this update: {'; '.join(problems)}")
     return not problems
 
 
@@ -342,10 +510,11 @@ def _apply_rule(
     grad: Tensor,
     param: Tensor,
     state: State,
-    loss: Tensor,
+    loss: Tensor | None,
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
-    """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)``."""
+    """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)`` (None: a rule without
+    ``needs_loss``, which does not read it)."""
     if _use_triton(rule, grad, param, state, backend):
         return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:
@@ -364,7 +533,7 @@ def _apply_rule(
 
 
 def _apply_rule_triton(
-    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor
+    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor | None
 ) -> tuple[Tensor, State]:
     """:func:`_apply_rule` through the differentiable Triton kernels: the rule's input features
     by PyTorch, the rest (nearly all the work) by the kernels."""

@@ -1,0 +1,384 @@
+"""``learned_step`` and ``init_rule_state``: the functional, differentiable learned update of one
+optimizee's parameter dict, against the optimizers, the unroll and central differences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytest
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
+from learnedopt.meta import QuadraticFamily, generator_for, init_rule_state, learned_step, unroll
+from learnedopt.meta.unroll import num_coordinates
+
+F64 = torch.float64
+OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
+
+
+def random_rule(kind: str, seed: int = 0) -> CoordinateLSTM | MetaLSTMCell:
+    """A tiny float64 rule with every weight random, so its step depends on the gradient's size
+    (the default inits read only sign(g) or are near-constant, hiding second-order terms)."""
+    rule = CoordinateLSTM(hidden_size=3, num_layers=1) if kind == "lstm" else MetaLSTMCell(hidden_size=2)
+    rule = rule.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.uniform_(-0.6, 0.6, generator=g)
+    return rule
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """A 3-4-1 float64 MLP (21 coordinates in 4 tensors)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+
+
+def grads_of(loss: Tensor, params: Mapping[str, Tensor], *, create_graph: bool) -> dict[str, Tensor]:
+    """``{name: d loss / d params[name]}``; the loss's graph is kept (a meta-loss reads it later)."""
+    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, create_graph=create_graph)
+    return dict(zip(params, grads, strict=True))
+
+
+def flat_states(rule, optimizer, params: list[Tensor]) -> dict[str, Tensor]:
+    """The optimizer's per-parameter states concatenated along the coordinate dimension, in
+    ``params``' order: the layout of ``learned_step``'s state."""
+    return {
+        name: torch.cat([optimizer.state[p][name] for p in params], dim=len(spec.lead))
+        for name, spec in rule.state_spec().items()
+    }
+
+
+# ----------------------------------------------------------------------------- the same step
+@pytest.mark.parametrize("foreach", [None, False], ids=["batched", "per-tensor"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_learned_steps_follow_the_optimizer(kind: str, foreach: bool | None) -> None:
+    """Three ``learned_step``s on a tiny model equal three steps of the optimizer run by the same
+    rule module on the same gradients (and, for MetaLSTMOptimizer, the same loss), parameters
+    and states, in float64 (the optimizer's fused ``add_(step, alpha=lr)`` and its chunk padding
+    round differently, by about 1e-17)."""
+    rule = random_rule(kind)
+    model = tiny_model()
+    x = torch.randn(8, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    start = {k: v.clone() for k, v in params.items()}
+    optimizer = OPTIMIZERS[kind](model.parameters(), weights=rule, lr=0.7, state_dtype=F64, foreach=foreach)
+    state = init_rule_state(rule, params)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        grads = {k: v.grad.clone() for k, v in model.named_parameters()}
+        optimizer.step(loss=loss.detach())  # LSTMOptimizer ignores it, as learned_step does
+        params, state = learned_step(rule, params, grads, state, loss=loss.detach(), lr=0.7)
+    assert list(params) == [k for k, _ in model.named_parameters()]
+    for k, p in model.named_parameters():
+        assert not torch.equal(p.detach(), start[k])  # it moved
+        torch.testing.assert_close(params[k], p.detach(), rtol=1e-12, atol=1e-12)
+    expected = flat_states(rule, optimizer, list(model.parameters()))
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_learned_steps_equal_an_unroll_of_one_task(kind: str, stop: bool) -> None:
+    """``learned_step`` in a loop over one task is ``unroll`` on a one-task TaskBatch bit for
+    bit: losses, parameters, states and the meta-gradient of the rule's weights (with the
+    gradient and loss detached as ``stop_optimizee_grad`` does, or with their graph)."""
+    rule = random_rule(kind)
+    g = generator_for(3)
+    tasks = QuadraticFamily(dim=4, dtype=F64).sample_batch(1, g)
+    stacked = tasks.init_params(g)
+    (task,) = tasks.tasks
+    result = unroll(rule, tasks, stacked, rule.init_state(num_coordinates(stacked), dtype=F64, device="cpu"),
+                    4, lr=0.7, stop_optimizee_grad=stop)  # fmt: skip
+    expected_grad = torch.autograd.grad(result.meta_loss, list(rule.parameters()))
+
+    params = {k: v[0].detach().requires_grad_(True) for k, v in stacked.items()}
+    state = init_rule_state(rule, params)
+    loss, losses = task.loss(params, 0), []
+    for t in range(4):
+        grads = grads_of(loss, params, create_graph=not stop)
+        params, state = learned_step(rule, params, grads, state, loss=loss.detach() if stop else loss, lr=0.7)
+        loss = task.loss(params, t + 1)
+        losses.append(loss)
+    assert torch.equal(torch.stack(losses).detach(), result.losses[:, 0].detach())
+    for k, v in result.params.items():
+        assert torch.equal(params[k].detach(), v[0].detach())
+    for k, v in result.rule_state.items():
+        assert torch.equal(state[k].detach(), v.detach())
+    got_grad = torch.autograd.grad(torch.stack(losses).mean(), list(rule.parameters()))
+    for got, expected in zip(got_grad, expected_grad, strict=True):
+        assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- gradients
+def quadratic_problem(
+    seed: int = 0, dtype: torch.dtype = F64, device: str = "cpu"
+) -> tuple[dict[str, Tensor], Callable[[Mapping[str, Tensor]], Tensor]]:
+    """A tiny least-squares problem ``|W w + b - y|^2`` over two tensors, ``w`` (2, 2) and ``b``
+    (2,), and its starting point (drawn in float64, then cast)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.randn(5, *shape, generator=g, dtype=F64).to(dtype=dtype, device=device) for shape in ((2, 2), (2,)))
+
+    def loss_fn(params: Mapping[str, Tensor]) -> Tensor:
+        return ((x @ params["w"]).sum(dim=2) + params["b"] - y).square().mean()
+
+    start = {k: 0.5 * torch.randn(shape, generator=g, dtype=F64).to(dtype=dtype, device=device) for k, shape in (("w", (2, 2)), ("b", (2,)))}
+    return start, loss_fn
+
+
+def inner_loop(rule, params: Mapping[str, Tensor], loss_fn, steps: int, *, lr: float = 0.5) -> Tensor:
+    """The mean loss after each of ``steps`` learned steps from ``params``, the gradients built
+    with ``create_graph=True`` and the loss passed with its graph: every second-order term kept."""
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves to differentiate
+    state = init_rule_state(rule, params)
+    losses = []
+    loss = loss_fn(params)
+    for _ in range(steps):
+        grads = grads_of(loss, params, create_graph=True)
+        params, state = learned_step(rule, params, grads, state, loss=loss, lr=lr)
+        loss = loss_fn(params)
+        losses.append(loss)
+    return torch.stack(losses).mean()
+
+
+def central_difference(f: Callable[[], float], tensor: Tensor, eps: float = 1e-6) -> Tensor:
+    """``d f / d tensor`` by central differences, element by element (``tensor`` is moved in place
+    and put back)."""
+    numeric = torch.zeros_like(tensor)
+    with torch.no_grad():
+        flat = tensor.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            values = []
+            for value in (old + eps, old - eps):
+                flat[i] = value
+                with torch.enable_grad():
+                    values.append(f())
+            flat[i] = old
+            numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
+    return numeric
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_meta_gradient_of_the_rule_through_learned_steps_matches_central_differences(kind: str) -> None:
+    rule = random_rule(kind, seed=1)
+    start, loss_fn = quadratic_problem()
+    analytic = torch.autograd.grad(inner_loop(rule, start, loss_fn, 3), list(rule.parameters()))
+    assert max(a.abs().max().item() for a in analytic) > 1e-3  # a real signal, not all zeros
+    for weight, got in zip(rule.parameters(), analytic, strict=True):
+        numeric = central_difference(lambda: inner_loop(rule, start, loss_fn, 3).item(), weight)
+        torch.testing.assert_close(got, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_maml_style_gradient_of_the_initial_parameters_matches_central_differences(kind: str) -> None:
+    """A learned initialisation adapted by learned steps (``functional_call``, gradients with
+    ``create_graph=True``): the query loss's gradient with respect to the initial parameters
+    has the second-order terms, and equals central differences; without ``create_graph`` it
+    differs (the Hessian terms matter)."""
+    rule = random_rule(kind, seed=2)
+    model = torch.nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(4)
+    x_s, y_s, x_q, y_q = (torch.randn(6, n, generator=g, dtype=F64) for n in (3, 2, 3, 2))
+    init = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+
+    def query_loss(params: Mapping[str, Tensor], create_graph: bool = True) -> Tensor:
+        state = init_rule_state(rule, params)
+        for _ in range(2):
+            loss = torch.nn.functional.mse_loss(functional_call(model, params, (x_s,)), y_s)
+            grads = grads_of(loss, params, create_graph=create_graph)
+            params, state = learned_step(rule, params, grads, state, loss=loss if create_graph else loss.detach(), lr=0.5)
+        return torch.nn.functional.mse_loss(functional_call(model, params, (x_q,)), y_q)
+
+    analytic = torch.autograd.grad(query_loss(init), list(init.values()))
+    first_order = torch.autograd.grad(query_loss(init, create_graph=False), list(init.values()))
+    assert max(a.abs().max().item() for a in analytic) > 1e-3
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(analytic, first_order, strict=True))
+    for (name, tensor), got in zip(init.items(), analytic, strict=True):
+        numeric = central_difference(lambda: query_loss(init).item(), tensor)
+        torch.testing.assert_close(got, numeric, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradients_reach_the_given_gradients_and_states() -> None:
+    """Nothing is detached: the new parameters depend on the gradients and the states given."""
+    rule = random_rule("lstm")
+    start, _ = quadratic_problem()
+    grads = {k: torch.randn_like(v).requires_grad_(True) for k, v in start.items()}
+    state = {k: (0.1 * torch.randn_like(v)).requires_grad_(True) for k, v in init_rule_state(rule, start).items()}
+    new, new_state = learned_step(rule, start, grads, state)
+    out = sum(v.sum() for v in new.values()) + sum(v.sum() for v in new_state.values())
+    for what in (*grads.values(), *state.values()):
+        (d,) = torch.autograd.grad(out, what, retain_graph=True)
+        assert d.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------- the functions themselves
+def test_init_rule_state_is_the_rules_initial_state_for_every_coordinate() -> None:
+    for rule in (CoordinateLSTM(hidden_size=4, num_layers=2, momentum_decays=(0.9,)), MetaLSTMCell(hidden_size=3).double()):
+        dtype = next(rule.parameters()).dtype
+        params = {"a": torch.zeros(2, 3, dtype=dtype), "b": torch.zeros((), dtype=dtype), "c": torch.zeros(0, dtype=dtype)}
+        state = init_rule_state(rule, params)
+        expected = rule.init_state(7, dtype=dtype, device="cpu")
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            assert state[name].dtype == value.dtype and torch.equal(state[name], value)
+
+
+def test_a_step_is_pure_and_keeps_names_shapes_and_order() -> None:
+    """Inputs are not changed; the result has the parameters' names, order, shapes and dtype
+    (0-dim and empty tensors too); a rule without ``needs_loss`` ignores a loss; a number is
+    the same loss as a tensor; under ``torch.no_grad()`` it runs without a graph."""
+    params = {"z": torch.randn(3, 2), "s": torch.tensor(0.5), "e": torch.zeros(0, 4), "a": torch.randn(4)}
+    grads = {k: torch.randn_like(v) for k, v in reversed(params.items())}  # any order of names
+    before = {k: v.clone() for k, v in params.items()}
+    for rule in (CoordinateLSTM(), MetaLSTMCell()):
+        state = init_rule_state(rule, params)
+        saved = {k: v.clone() for k, v in state.items()}
+        new, new_state = learned_step(rule, params, grads, state, loss=0.25, lr=0.5)
+        assert list(new) == list(params)
+        assert all(new[k].shape == v.shape and new[k].dtype == v.dtype for k, v in params.items())
+        assert all(new_state[k].shape == v.shape for k, v in state.items())
+        assert all(torch.equal(params[k], v) for k, v in before.items())
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+        again, again_state = learned_step(rule, params, grads, state, loss=torch.tensor(0.25), lr=0.5)
+        assert all(torch.equal(again[k], v) for k, v in new.items())
+        assert all(torch.equal(again_state[k], v) for k, v in new_state.items())
+        with torch.no_grad():
+            quiet, _ = learned_step(rule, params, grads, state, loss=0.25, lr=0.5)
+        assert all(torch.equal(quiet[k], v) for k, v in new.items())
+    plain, _ = learned_step(CoordinateLSTM(), params, grads, init_rule_state(CoordinateLSTM(), params))
+    assert set(plain) == set(params)
+
+
+def test_a_huge_loss_is_saturated_as_the_optimizer_reads_it() -> None:
+    """A float64 loss over float32's range is read as float32's largest value, as
+    ``MetaLSTMOptimizer.step(loss=...)`` reads it (not Inf)."""
+    rule = MetaLSTMCell()
+    model = torch.nn.Linear(3, 1)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    for k, p in model.named_parameters():
+        p.grad = grads[k].clone()
+    optimizer = MetaLSTMOptimizer(model.parameters(), weights=rule, foreach=False)
+    optimizer.step(loss=1e39)
+    new, _ = learned_step(rule, params, grads, init_rule_state(rule, params), loss=1e39)
+    for k, p in model.named_parameters():
+        assert torch.isfinite(new[k]).all()
+        torch.testing.assert_close(new[k], p.detach())
+
+
+# ----------------------------------------------------------------------------- errors
+def _setup(kind: str = "lstm") -> tuple:
+    rule = random_rule(kind)
+    params = {"w": torch.randn(2, 3, dtype=F64), "b": torch.randn(2, dtype=F64)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    return rule, params, grads, init_rule_state(rule, params)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r, p, g, s: (r, p, {"w": g["w"]}, s, {}), r"grads must have the names of params: missing \['b'\], not in params \[\]"),
+        (lambda r, p, g, s: (r, p, {**g, "x": g["b"]}, s, {}), r"grads must have the names of params: missing \[\], not in params \['x'\]"),
+        (lambda r, p, g, s: (r, p, {**g, "w": g["w"].t()}, s, {}), r"grads\['w'\] has shape \(3, 2\), params\['w'\] \(2, 3\)"),
+        (lambda r, p, g, s: (r, p, {**g, "b": None}, s, {}), r"grads\['b'\] is None, not a tensor \(a parameter the loss does not use"),
+        (lambda r, p, g, s: (r, p, {**g, "b": g["b"].float()}, s, {}),
+         (r"learned_step needs one dtype for the parameters, their gradients, the rule's states and its weights, got: "
+          r"torch\.float64 \(params\['w'\]\), torch\.float32 \(grads\['b'\]\)")),
+        (lambda r, p, g, s: (r.float(), p, g, s, {}),
+         r"one dtype .*: torch\.float64 \(params\['w'\]\), torch\.float32 \(rule weight '.+'\)"),
+        (lambda r, p, g, s: (r, p, g, {k: v.float() for k, v in s.items()}, {}),
+         r"one dtype .*: torch\.float64 \(params\['w'\]\), torch\.float32 \(state 'h'\)"),
+        (lambda r, p, g, s: (r, {k: v.to("meta") for k, v in p.items()}, {k: v.to("meta") for k, v in g.items()}, s, {}),
+         r"learned_step needs one device .*: meta \(params\['w'\]\), cpu \(state 'h'\)"),
+        (lambda r, p, g, s: (r, p, g, init_rule_state(r, {"w": p["w"]}), {}),
+         r"state 'h' has shape \(1, 6, 3\), the 8 coordinates of params need \(1, 8, 3\): start from init_rule_state"),
+        (lambda r, p, g, s: (r, p, g, {"h": s["h"]}, {}),
+         r"the state has \['h'\], the CoordinateLSTM rule's states are \['c', 'h'\]: start from init_rule_state"),
+        (lambda r, p, g, s: (r, {}, {}, s, {}), r"learned_step: params is empty"),
+        (lambda r, p, g, s: (r, {**p, "n": torch.ones(2, dtype=torch.int64)}, g, s, {}),
+         r"learned_step: params\['n'\] is torch\.int64: learned updates need floating-point tensors"),
+        (lambda r, p, g, s: (r, p, g, s, {"backend": "cuda"}), r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'"),
+    ],
+    ids=["grads-missing", "grads-extra", "grads-shape", "grads-none", "grads-dtype", "rule-dtype", "state-dtype",
+         "device", "state-shape", "state-names", "no-params", "int-params", "backend"],
+)
+def test_learned_step_refuses_in_one_line(change, message: str) -> None:
+    rule, params, grads, state, options = change(*_setup())
+    with pytest.raises(ValueError, match=message) as info:
+        learned_step(rule, params, grads, state, **options)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (None, r"MetaLSTMCell reads the optimizee's loss: pass learned_step\(\.\.\., loss=loss\)"),
+        (torch.ones(2, dtype=F64), r"the loss must be a scalar, got shape \(2,\)"),
+        (torch.ones((), dtype=F64, device="meta"), r"the loss is on meta, the parameters on cpu"),
+        ("0.5", r"the loss must be a real number or a one-element tensor, got '0\.5'"),
+        (True, r"the loss must be a real number or a one-element tensor, got True"),
+    ],
+    ids=["none", "vector", "device", "string", "bool"],
+)
+def test_learned_step_refuses_a_missing_or_malformed_loss(loss, message: str) -> None:
+    rule, params, grads, state = _setup("meta")
+    with pytest.raises(ValueError, match=message):
+        learned_step(rule, params, grads, state, loss=loss)
+    learned_step(rule, params, grads, state, loss=torch.ones(1, 1, dtype=F64))  # one element is a scalar
+
+
+def test_init_rule_state_refuses_parameters_it_cannot_give_states() -> None:
+    rule = CoordinateLSTM()
+    with pytest.raises(ValueError, match=r"init_rule_state: params is empty"):
+        init_rule_state(rule, {})
+    with pytest.raises(ValueError, match=r"params\['b'\] is torch\.float64, params\['a'\] torch\.float32: the parameters need one dtype"):
+        init_rule_state(rule, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=F64)})
+    with pytest.raises(ValueError, match=r"params\['b'\] is meta, params\['a'\] cpu: the parameters need one device"):
+        init_rule_state(rule, {"a": torch.zeros(2), "b": torch.zeros(2, device="meta")})
+    with pytest.raises(ValueError, match=r"params\['a'\] is list: learned updates need floating-point tensors"):
+        init_rule_state(rule, {"a": [1.0]})
+
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_the_triton_backend_takes_the_same_step_and_meta_gradient(kind: str) -> None:
+    """``backend="triton"`` (the differentiable kernels; interpreted on CPU) gives the PyTorch
+    path's parameters, states and gradients with respect to the rule's weights and the initial
+    parameters, to float32 rounding; float64 is refused in one line naming the backend."""
+    pytest.importorskip("triton", reason="the kernels need Triton")
+    from learnedopt.kernels.coordinate_lstm_step import is_interpreted
+
+    if not (is_interpreted() or torch.cuda.is_available()):
+        pytest.skip("no CUDA device and TRITON_INTERPRET is off: nothing can run the kernels")
+    device = "cpu" if is_interpreted() else "cuda"
+    rule = random_rule(kind).float().to(device)
+    start, loss_fn = quadratic_problem(dtype=torch.float32, device=device)
+    results = {}
+    for backend in ("torch", "triton"):
+        params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+        current, state, losses = dict(params), init_rule_state(rule, params), []
+        loss = loss_fn(current)
+        for _ in range(2):
+            grads = grads_of(loss, current, create_graph=True)
+            current, state = learned_step(rule, current, grads, state, loss=loss, lr=0.5, backend=backend)
+            loss = loss_fn(current)
+            losses.append(loss)
+        meta = torch.autograd.grad(torch.stack(losses).mean(), [*rule.parameters(), *params.values()])
+        results[backend] = (current, state, meta)
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        if isinstance(got, dict):
+            got, expected = list(got.values()), list(expected.values())
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-6)
+    double = random_rule(kind)
+    params64, _ = quadratic_problem()
+    grads64 = {k: torch.ones_like(v) for k, v in params64.items()}
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this update: float32 only"):
+        learned_step(double, params64, grads64, init_rule_state(double, params64), loss=1.0, backend="triton")
