@@ -103,7 +103,9 @@ def init_rule_state(rule: UpdateRule, params: Mapping[str, Tensor]) -> State:
         ``rule.init_state(P, ...)``: ``(*lead, P, *trail)`` per state name (:meth:`UpdateRule.state_spec`),
         ``P`` being the number of elements of all tensors of ``params``, coordinate ``j`` the
         ``j``-th element of their concatenation in dict order; zeros in the parameters' dtype
-        (moving averages in at least float32, see :class:`~learnedopt.nn.StateSpec`) on their device.
+        on their device. Moving averages are in at least float32 (:class:`~learnedopt.nn.StateSpec`),
+        which :func:`learned_step` refuses beside float16 or bfloat16 parameters: a rule with
+        them runs there in float32 or float64 only (as the optimizers' math does).
 
     Raises:
         ValueError: ``params`` is empty, not floating-point, or of more than one dtype or device.
