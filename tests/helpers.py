@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -137,3 +137,21 @@ def importable_module(
     yield name
     for module in modules:
         sys.modules.pop(module, None)
+
+
+def central_difference(f: Callable[[], float], tensor: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``d f / d tensor`` by central differences, element by element: ``tensor`` (a leaf, e.g. a
+    weight) is moved in place and put back; ``f`` runs with grad enabled."""
+    numeric = torch.zeros_like(tensor)
+    with torch.no_grad():
+        flat = tensor.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            values = []
+            for value in (old + eps, old - eps):
+                flat[i] = value
+                with torch.enable_grad():
+                    values.append(f())
+            flat[i] = old
+            numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
+    return numeric

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import pytest
 import torch
 from torch import Tensor
+from helpers import central_difference
 from torch.func import functional_call
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
@@ -145,24 +146,6 @@ def inner_loop(rule, params: Mapping[str, Tensor], loss_fn, steps: int, *, lr: f
         loss = loss_fn(params)
         losses.append(loss)
     return torch.stack(losses).mean()
-
-
-def central_difference(f: Callable[[], float], tensor: Tensor, eps: float = 1e-6) -> Tensor:
-    """``d f / d tensor`` by central differences, element by element (``tensor`` is moved in place
-    and put back)."""
-    numeric = torch.zeros_like(tensor)
-    with torch.no_grad():
-        flat = tensor.view(-1)
-        for i in range(flat.numel()):
-            old = flat[i].item()
-            values = []
-            for value in (old + eps, old - eps):
-                flat[i] = value
-                with torch.enable_grad():
-                    values.append(f())
-            flat[i] = old
-            numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
-    return numeric
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])

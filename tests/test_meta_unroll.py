@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import central_difference
 from torch import Tensor
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
@@ -80,22 +81,10 @@ def meta_grad(rule, *args, **kwargs) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
 
 
-def central_differences(rule, *args, eps: float = 1e-6, **kwargs) -> Tensor:
+def central_differences(rule, *args, **kwargs) -> Tensor:
     """The meta-gradient of :func:`meta_loss_of` by central differences, weight by weight."""
-    numeric = []
-    with torch.no_grad():
-        for p in rule.parameters():
-            flat = p.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                values = []
-                for x in (old + eps, old - eps):
-                    flat[i] = x
-                    with torch.enable_grad():
-                        values.append(meta_loss_of(rule, *args, **kwargs).item())
-                flat[i] = old
-                numeric.append((values[0] - values[1]) / (2 * eps))
-    return torch.tensor(numeric, dtype=F64)
+    numeric = [central_difference(lambda: meta_loss_of(rule, *args, **kwargs).item(), p) for p in rule.parameters()]
+    return torch.cat([n.reshape(-1) for n in numeric]).to(F64)
 
 
 # ----------------------------------------------------------------------------- meta-gradients
