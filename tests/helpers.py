@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
 
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
 
@@ -155,3 +155,16 @@ def central_difference(f: Callable[[], float], tensor: torch.Tensor, eps: float 
             flat[i] = old
             numeric.view(-1)[i] = (values[0] - values[1]) / (2 * eps)
     return numeric
+
+
+def random_rule(kind: str, seed: int = 0, **config) -> CoordinateLSTM | MetaLSTMCell:
+    """A tiny float64 rule (``kind`` "lstm" or "meta") with every weight random, so its step
+    depends on the gradient's size (the default inits read only sign(g) or are near-constant,
+    hiding second-order terms)."""
+    rule = CoordinateLSTM(hidden_size=3, num_layers=1, **config) if kind == "lstm" else MetaLSTMCell(hidden_size=2, **config)
+    rule = rule.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.uniform_(-0.6, 0.6, generator=g)
+    return rule

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import pytest
 import torch
 from torch import Tensor
-from helpers import central_difference
+from helpers import central_difference, random_rule
 from torch.func import functional_call
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
@@ -17,18 +17,6 @@ from learnedopt.meta.unroll import num_coordinates
 
 F64 = torch.float64
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
-
-
-def random_rule(kind: str, seed: int = 0) -> CoordinateLSTM | MetaLSTMCell:
-    """A tiny float64 rule with every weight random, so its step depends on the gradient's size
-    (the default inits read only sign(g) or are near-constant, hiding second-order terms)."""
-    rule = CoordinateLSTM(hidden_size=3, num_layers=1) if kind == "lstm" else MetaLSTMCell(hidden_size=2)
-    rule = rule.double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in rule.parameters():
-            p.uniform_(-0.6, 0.6, generator=g)
-    return rule
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:

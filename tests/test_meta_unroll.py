@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import central_difference
+from helpers import central_difference, random_rule
 from torch import Tensor
 
-from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
 from learnedopt.data import DATA_ENV_VAR, default_data_root
 from learnedopt.meta import (
     MNIST_SPLIT,
@@ -45,22 +45,6 @@ def write_fake_mnist(directory: Path, n: int = 40, seed: int = 1) -> Path:
         header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
         (directory / name).write_bytes(header + array.tobytes())
     return directory
-
-
-def random_rule(kind: str, seed: int = 0, **config) -> torch.nn.Module:
-    """A tiny float64 rule with every weight random, so its step depends on the gradient's size
-    (the default inits read only sign(g) or are near-constant, hiding second-order terms)."""
-    rule = (
-        CoordinateLSTM(hidden_size=3, num_layers=1, **config)
-        if kind == "lstm"
-        else MetaLSTMCell(hidden_size=2, **config)
-    )
-    rule = rule.double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in rule.parameters():
-            p.uniform_(-0.6, 0.6, generator=g)
-    return rule
 
 
 def quadratic_setup(batch: int = 2, dim: int = 3, seed: int = 0):
