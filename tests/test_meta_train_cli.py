@@ -1072,6 +1072,40 @@ def test_sigterm_finishes_the_meta_step_checkpoints_it_and_resume_runs_nothing_a
     )
 
 
+def test_sigterm_while_the_last_checkpoint_is_written_stops_before_the_final_files(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """SIGTERM that arrived after the last meta-step's check, while its checkpoint was written,
+    was swallowed: the run went on to its final evaluation and exited 0. It now stops there
+    (143), and ``--resume`` writes the results, running nothing again."""
+    from learnedopt.meta import loop
+
+    save = loop._save_checkpoint
+
+    def save_then_sigterm(path, config, state, step):  # noqa: ANN001, ANN202 - _save_checkpoint's
+        save(path, config, state, step)
+        if step == config.meta_steps:
+            import signal
+
+            signal.raise_signal(signal.SIGTERM)
+
+    out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "2", "--seed", "3")
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_save_checkpoint", save_then_sigterm)
+        assert run(out, *args) == 143
+    assert capsys.readouterr().err.endswith(
+        f"learnedopt meta-train: stopped by SIGTERM after meta-step 3 of 3, checkpointed in {out}: "
+        "--resume writes its results, running nothing again\n"
+    )
+    assert not (out / "weights.safetensors").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert run(out, *args, "--resume") == 0
+    assert run(tmp_path / "whole", *args) == 0
+    a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
 def test_sigterm_closes_the_progress_bar_before_its_message(tmp_path: Path, monkeypatch) -> None:
     """tqdm's bar is closed (its line ended) before the one-line message, as on Ctrl-C."""
     from learnedopt.meta import loop

@@ -510,6 +510,11 @@ def train_loop(
                 if terminating:
                     bar.close()
                     raise RunTerminated(terminated_message(out, step, config.meta_steps))
+            # SIGTERM after the last meta-step's check (while its checkpoint was written) stops the
+            # run here, before its final evaluation, as it would have one meta-step earlier
+            if stop == config.meta_steps and workers.any(term.requested):
+                bar.close()
+                raise RunTerminated(terminated_message(out, stop, config.meta_steps))
     except KeyboardInterrupt:
         bar.close()
         raise RunInterrupted(interrupted_message(out, step, config.meta_steps, saved, saving)) from None
