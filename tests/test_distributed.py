@@ -331,6 +331,20 @@ def test_gradients_are_averaged_over_the_ranks_and_a_missing_one_counts_as_zero(
     assert len(other.reduced) == 1
 
 
+def test_a_frozen_parameter_takes_no_part_in_gradient_averaging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen rule parameter keeps ``grad=None`` on every rank (a zero gradient would let AdamW's
+    weight decay move it) and is not reduced."""
+    other = _OtherRank(monkeypatch, torch.ones_like)
+    a, frozen = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    a.grad = torch.full((3,), 3.0)
+    Workers(rank=0, world_size=2).average_gradients_([a, frozen])
+    assert frozen.grad is None and other.reduced[0].numel() == 3
+    torch.testing.assert_close(a.grad, torch.full((3,), 2.0), rtol=0, atol=0)
+    meta_optimizer = torch.optim.AdamW([a, frozen], lr=0.1, weight_decay=0.5)
+    meta_optimizer.step()
+    assert torch.equal(frozen, torch.ones(2))
+
+
 def test_sums_and_means_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     other = _OtherRank(monkeypatch, lambda t: torch.full_like(t, 10.0))
     x, y = torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])

@@ -82,9 +82,14 @@ class Workers:
             t.copy_(piece.view_as(t))
 
     def average_gradients_(self, params: Sequence[Tensor]) -> None:
-        """Replace each parameter's ``.grad`` by its mean over the ranks (missing: zeros)."""
+        """Replace each parameter's ``.grad`` by its mean over the ranks (missing: zeros).
+
+        A frozen parameter (``requires_grad=False``, the same on every rank) is left out and keeps
+        ``.grad is None``: a zero gradient would make a meta-optimizer with weight decay or
+        momentum move it."""
         if self.world_size == 1:
             return
+        params = [p for p in params if p.requires_grad]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
