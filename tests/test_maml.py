@@ -26,22 +26,25 @@ def episode(tasks=3, shots=5, seed=1):
     return xs, ys, xq, yq
 
 
-def reference_meta_grad(model, lr, steps, data, first_order):
-    """MAML's meta-gradient with plain autograd.grad(create_graph=True), task by task."""
+def reference_meta_grad(model, lr, steps, data, first_order, adapted=None):
+    """MAML's meta-gradient with plain autograd.grad(create_graph=True), task by task; only the
+    parameters named in ``adapted`` (default all) take inner steps, the rest enter as they are."""
+    names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
+    inner = [i for i, n in enumerate(names) if adapted is None or n in adapted]
     total = [torch.zeros_like(p) for p in params]
     xs, ys, xq, yq = data
     for b in range(xs.shape[0]):
-        fast = params
+        fast = list(params)
         for _ in range(steps):
-            out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], fast)), (xs[b],))
-            g = torch.autograd.grad(nn.functional.cross_entropy(out, ys[b]), fast, create_graph=not first_order)
-            fast = [p - lr * gi for p, gi in zip(fast, g)]
-        out = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], fast)), (xq[b],))
-        if first_order:
-            g = torch.autograd.grad(nn.functional.cross_entropy(out, yq[b]), fast)
-        else:
-            g = torch.autograd.grad(nn.functional.cross_entropy(out, yq[b]), params)
+            out = torch.func.functional_call(model, dict(zip(names, fast)), (xs[b],))
+            g = torch.autograd.grad(nn.functional.cross_entropy(out, ys[b]), [fast[i] for i in inner], create_graph=not first_order)
+            for i, gi in zip(inner, g):
+                fast[i] = fast[i] - lr * gi
+        if first_order:  # the query gradient at the adapted values, their path back to params dropped
+            fast = [f.detach().requires_grad_() if i in inner else f for i, f in enumerate(fast)]
+        out = torch.func.functional_call(model, dict(zip(names, fast)), (xq[b],))
+        g = torch.autograd.grad(nn.functional.cross_entropy(out, yq[b]), fast if first_order else params)
         total = [t + gi / xs.shape[0] for t, gi in zip(total, g)]
     return total
 
@@ -366,6 +369,43 @@ def test_zero_init_starts_every_task_at_zero_and_learns_only_the_rest(vectorize)
     assert params["2.weight"].abs().max() > 0 and torch.count_nonzero(zeroed[2].weight) == 0
     # a second zero_init by parameter name picks the same tensors
     assert MAML(tiny_model(), zero_init=("2.weight", "2.bias"))._zero_init == maml._zero_init
+
+
+@pytest.mark.parametrize(
+    "mode, first_order", [("vmap", False), ("vmap", True), ("loop", False), ("loop", True), ("checkpointed", False)]
+)
+def test_adapt_only_adapts_the_named_layer_and_meta_learns_the_rest(mode: str, first_order: bool) -> None:
+    """ANIL: only the head takes inner steps; the body's meta-gradient (direct, and through the
+    head's inner steps unless first order) matches plain autograd on every path."""
+    data = episode()
+    model = tiny_model()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order, adapt_only=("2",),
+                vectorize=mode == "vmap", checkpoint_steps=mode == "checkpointed")  # fmt: skip
+    assert list(maml.initial_params()) == ["2.weight", "2.bias"]
+    maml(*data).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, 2, data, first_order, adapted={"2.weight", "2.bias"})
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    assert expected[0].abs().max() > 1e-3  # the body is meta-learned
+    everything = reference_meta_grad(tiny_model(), 0.5, 2, data, first_order)
+    assert (everything[0] - expected[0]).abs().max() > 1e-3  # and differs from adapting it too
+    fast = maml.adapt(data[0][0], data[1][0])
+    assert set(fast) == {"2.weight", "2.bias"} and not torch.equal(fast["2.weight"], model[2].weight)
+    assert maml.predict(fast, data[2][0]).shape == (5, 2)
+
+
+def test_adapt_only_with_meta_sgd_and_zero_init_and_its_refusals() -> None:
+    maml = MAML(tiny_model(), adapt_only=("2",), learn_inner_lr=True, zero_init=("2",))
+    assert sorted(maml.inner_lrs) == ["2/bias", "2/weight"]
+    with pytest.raises(ValueError, match=r"zero_init names parameters that adapt_only does not adapt: 0\.bias, 0\.weight"):
+        MAML(tiny_model(), adapt_only=("2",), zero_init=("0",))
+    with pytest.raises(ValueError, match=r"adapt_only: 'head' names no trainable parameter"):
+        MAML(tiny_model(), adapt_only=("head",))
+    model = tiny_model()
+    maml = MAML(model, adapt_only=("2",))
+    model[2].requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of adapt_only requires grad"):
+        maml(*episode())
 
 
 def test_adapt_and_predict_for_one_task() -> None:

@@ -253,6 +253,7 @@ BAD = [
     (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
+    (["--algo", "reptile", "--head-only"], "--head-only does not apply to --algo reptile"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "maml", "--task", "omniglot", "--ways", "1", "--data", "{tmp}/no-such-dir"], "--ways must be at least 2, got 1"),
     (["--algo", "reptile", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
@@ -409,6 +410,24 @@ def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:
         with pytest.raises(ConfigError, match=f"--zero-head sets how MAML starts each task's output layer, not --algo {algo}'s"):
             config(algo, zero_head=True).validate()
     config("fomaml", zero_head=True).validate()
+    for algo in ("reptile", "meta-lstm"):
+        with pytest.raises(ConfigError, match=f"--head-only sets which layers MAML's inner loop adapts, not --algo {algo}'s"):
+            config(algo, head_only=True).validate()
+
+
+def test_head_only_adapts_the_output_layer_alone_and_meta_learns_the_rest(tmp_path: Path) -> None:
+    """``--head-only`` (ANIL): a sinusoid run records it in its command and model file; the
+    loaded learner adapts only the last layer, and its meta-gradient reaches the body."""
+    out = tmp_path / "anil"
+    assert train(out, "--algo", "maml", "--meta-steps", "2", "--meta-batch", "2", "--val-tasks", "2", "--head-only") == 0
+    head = header(out / MODEL_NAME)
+    assert head["head_only"] is True and "--head-only" in head["command"]
+    learner, _ = load_learner(out / MODEL_NAME)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    assert set(learner.adapt(x_s[0], y_s[0])) == {"4.weight", "4.bias"}
+    learner.meta_loss(x_s, y_s, x_q, y_q).backward()
+    assert learner.model[0].weight.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""MAML (Finn et al. 2017), first-order MAML, Meta-SGD and MAML++'s multi-step loss, on
-``torch.func``.
+"""MAML (Finn et al. 2017), first-order MAML, Meta-SGD, MAML++'s multi-step loss and ANIL's
+head-only adaptation, on ``torch.func``.
 
 The model's parameters are the learned initialisation. For a meta-batch of tasks, each task
 adapts a copy of them with a few gradient steps on its support set, and the meta-loss is the
@@ -264,6 +264,13 @@ class MAML(nn.Module):
             feature less the mean over all classes, like a prototype. These parameters are set
             to zero in the model and receive no meta-gradient. A parameter tied to another
             layer's (one ``nn.Parameter`` under two names) must be named under both or neither.
+        adapt_only: the parameters (by name, or every parameter of a named module) that the inner
+            loop adapts; the model's other trainable parameters are meta-learned as well but
+            held at their meta-learned values while a task adapts. ANIL (Raghu et al. 2020,
+            "almost no inner loop"): ``adapt_only=("head",)`` adapts the output layer alone on
+            each task, over a body that is only meta-learned. Default: every trainable parameter
+            adapts. ``zero_init`` and the learned step sizes of ``learn_inner_lr`` cover adapted
+            parameters only.
 
     Usage::
 
@@ -289,6 +296,7 @@ class MAML(nn.Module):
         batchnorm: str = "transductive",
         checkpoint_steps: bool = False,
         zero_init: Sequence[str] = (),
+        adapt_only: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not (math.isfinite(inner_lr) and inner_lr >= 0):  # NaN fails every comparison
@@ -308,14 +316,21 @@ class MAML(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.step_loss_weights = None if step_loss_weights is None else list(step_loss_weights)
         self._check_weights(inner_steps)
-        self._zero_init = _names_under(self._names(), zero_init, _tied_names(model))
+        tied = _tied_names(model)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self._adapt_only = None if adapt_only is None else _names_under(trainable, adapt_only, tied, "adapt_only")
+        self._zero_init = _names_under(trainable, zero_init, tied)
+        fixed_zero = sorted(self._zero_init - self._adapted_set(trainable))
+        if fixed_zero:
+            # zero at every task's start, not meta-learned and not adapted: it would stay zero for good
+            raise ValueError(f"zero_init names parameters that adapt_only does not adapt: {', '.join(fixed_zero)}")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._zero_init:
                     p.zero_()
         # ParameterDict keys cannot contain dots
         self.inner_lrs = nn.ParameterDict(
-            {n.replace(".", "/"): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in model.named_parameters() if p.requires_grad}
+            {n.replace(".", "/"): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in model.named_parameters() if n in self._names()}
         ) if learn_inner_lr else None
         self.inner_lr = inner_lr
 
@@ -324,25 +339,38 @@ class MAML(nn.Module):
             raise ValueError(f"step_loss_weights needs {steps} entries, got {len(self.step_loss_weights)}")
 
     # ------------------------------------------------------------------ functional pieces
+    def _adapted_set(self, names: Sequence[str]) -> frozenset[str]:
+        """Those of ``names`` that ``adapt_only`` lets adapt."""
+        return frozenset(names) if self._adapt_only is None else self._adapt_only & frozenset(names)
+
     def _names(self) -> list[str]:
-        """The model's parameters that adapt: those that require grad now (a layer frozen or
-        unfrozen after construction, as for head-only adaptation, counts as it is now)."""
-        return [name for name, p in self.model.named_parameters() if p.requires_grad]
+        """The model's parameters that adapt: those of ``adapt_only`` that require grad now (a
+        layer frozen or unfrozen after construction counts as it is now)."""
+        adapted = self._adapted_set([name for name, p in self.model.named_parameters() if p.requires_grad])
+        return [name for name, _ in self.model.named_parameters() if name in adapted]
 
     def initial_params(self) -> Params:
-        """The learned initialisation, as a dict of the model's trainable parameters (fresh zeros
-        for those of ``zero_init``, so that no meta-gradient reaches them)."""
+        """The learned initialisation of the adapted parameters, as a dict (fresh zeros for those
+        of ``zero_init``, so that no meta-gradient reaches them). The model's other parameters
+        enter every forward as the model holds them."""
+        names = set(self._names())
         return {
             n: torch.zeros_like(p, requires_grad=True) if n in self._zero_init else p
             for n, p in self.model.named_parameters()
-            if p.requires_grad
+            if n in names
         }
+
+    def _fixed_params(self) -> Params:
+        """The trainable parameters that ``adapt_only`` holds fixed in the inner loop."""
+        adapted = set(self._names())
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in adapted}
 
     def _adaptable_params(self) -> Params:
         """:meth:`initial_params`; raises ValueError when there is none to adapt."""
         params = self.initial_params()
         if not params:
-            raise ValueError("MAML: no parameter of the model requires grad, so an inner step has nothing to adapt")
+            what = "no parameter of adapt_only" if self._adapt_only is not None else "no parameter of the model"
+            raise ValueError(f"MAML: {what} requires grad, so an inner step has nothing to adapt")
         return params
 
     def _model_buffers(self) -> Params:
@@ -394,6 +422,7 @@ class MAML(nn.Module):
         """:meth:`_inner_step` through :class:`_RecomputedStep`: only the step's inputs (the
         parameters, learned step sizes and the support set) are kept for the meta-backward."""
         names = list(params)
+        fixed = self._fixed_params()  # inputs of the step, so that their meta-gradient reaches them
         lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
         data = [x_s, y_s]
         # the buffers as the forward saw them: the rebuild in backward runs the model again on copies
@@ -405,10 +434,11 @@ class MAML(nn.Module):
         def step(values: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
             current = dict(zip(names, values[: len(names)], strict=True))
             rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
-            x, y = values[len(names) + len(lrs) :]
+            held = dict(zip(fixed, values[len(names) + len(lrs) : len(names) + len(lrs) + len(fixed)], strict=True))
+            x, y = values[len(names) + len(lrs) + len(fixed) :]
             buffers = {k: b.clone() for k, b in buffers_at_forward.items()} if create_graph else None
             with _twice_differentiable_attention(create_graph):
-                loss = self._loss(current, x, y, buffers)
+                loss = self._loss({**current, **held}, x, y, buffers)
             outside = _leaves_outside([loss], values)
             if outside:
                 raise RuntimeError(
@@ -420,7 +450,7 @@ class MAML(nn.Module):
             grads = _zero_filled(current, torch.autograd.grad(loss, list(current.values()), create_graph=create_graph, allow_unused=True))
             return tuple(p - lr * g for p, lr, g in zip(current.values(), rates, grads.values(), strict=True))
 
-        outputs = _RecomputedStep.apply(step, *params.values(), *lrs, *data)
+        outputs = _RecomputedStep.apply(step, *params.values(), *lrs, *fixed.values(), *data)
         return dict(zip(names, outputs, strict=True))
 
     def _adapt_one(
@@ -610,7 +640,9 @@ def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) ->
     return [non_final] * (steps - 1) + [final]
 
 
-def _names_under(names: Sequence[str], prefixes: Sequence[str], tied: Mapping[str, str] | None = None) -> frozenset[str]:
+def _names_under(
+    names: Sequence[str], prefixes: Sequence[str], tied: Mapping[str, str] | None = None, option: str = "zero_init"
+) -> frozenset[str]:
     """The entries of ``names`` equal to a prefix or inside a module it names; raises ValueError
     for a prefix that matches none, or where the prefixes name a parameter under one of its names
     and not another (``tied``: each further name of a parameter -> its name in ``names``)."""
@@ -621,7 +653,7 @@ def _names_under(names: Sequence[str], prefixes: Sequence[str], tied: Mapping[st
     for prefix in prefixes:
         matches = {n for n in names if under(n, prefix)}
         if not matches and not any(under(alias, prefix) for alias in tied or {}):
-            raise ValueError(f"zero_init: {prefix!r} names no trainable parameter or module of the model (its parameters: {', '.join(names)})")
+            raise ValueError(f"{option}: {prefix!r} names no trainable parameter or module of the model (its parameters: {', '.join(names)})")
         found |= matches
     for alias, name in (tied or {}).items():
         alias_named = any(under(alias, prefix) for prefix in prefixes)
@@ -630,8 +662,8 @@ def _names_under(names: Sequence[str], prefixes: Sequence[str], tied: Mapping[st
             # and zeroing the first zeroes the layer that shares it, which was not named
             named, other = (alias, name) if alias_named else (name, alias)
             raise ValueError(
-                f"zero_init: {named!r} is the same parameter as {other!r} (tied weights), which zero_init does not "
-                "name: zeroing one zeroes both; name both or neither"
+                f"{option}: {named!r} is the same parameter as {other!r} (tied weights), which {option} does not "
+                f"name: {'zeroing one zeroes both' if option == 'zero_init' else 'adapting one adapts both'}; name both or neither"
             )
     return frozenset(found)
 

@@ -28,7 +28,7 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
-    "zero_head", "valid_alphabets", "test_alphabets", "multi_step_loss",
+    "zero_head", "head_only", "valid_alphabets", "test_alphabets", "multi_step_loss",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
                   "test_alphabets", "data")  # fmt: skip
@@ -50,6 +50,9 @@ class FewShotConfig:
         learn_inner_lr: Meta-SGD step sizes (maml, fomaml).
         zero_head: start every task's output layer at zero instead of a learned value (maml,
             fomaml; ``MAML(zero_init=...)``, Kao et al. 2022's zeroing trick).
+        head_only: adapt only the output layer in the inner loop; the rest of the network is
+            meta-learned but not adapted (maml, fomaml; ``MAML(adapt_only=...)``, ANIL, Raghu et
+            al. 2020).
         multi_step_loss: maml, fomaml: MAML++'s annealed multi-step loss over the first this many
             meta-steps (:func:`learnedopt.meta.maml.multi_step_loss_weights`; the logged
             meta-loss is then the weighted one); None: the last inner step's loss only.
@@ -121,6 +124,7 @@ class FewShotConfig:
     augment: bool = False
     rule_config: dict[str, Any] | None = None
     zero_head: bool = False
+    head_only: bool = False
     valid_alphabets: str | None = None
     test_alphabets: str | None = None
     select_every: int = 0
@@ -155,6 +159,8 @@ class FewShotConfig:
             raise ConfigError(f"--inner-batch sets Reptile's inner minibatch, not --algo {self.algo}'s (its inner steps read the whole support set)")
         if self.zero_head and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
+        if self.head_only and self.algo not in ("maml", "fomaml"):
+            raise ConfigError(f"--head-only sets which layers MAML's inner loop adapts, not --algo {self.algo}'s")
         if self.multi_step_loss is not None and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--multi-step-loss weighs MAML's query losses after each inner step, not --algo {self.algo}'s")
         # the command line refuses these first; the API's configuration must too, or the run
@@ -224,6 +230,7 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "test_inner_steps": inner[2],
         "learn_inner_lr": False,
         "zero_head": False,
+        "head_only": False,
         "multi_step_loss": None,
         "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
         "meta_steps": 20_000 if sinusoid else 1000,
@@ -257,7 +264,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     if algo == "meta-lstm":
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
-        refuse_options(args, ("learn_inner_lr", "zero_head", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
+        refuse_options(args, ("learn_inner_lr", "zero_head", "head_only", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
     if algo != "reptile":
         refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
     values = fewshot_defaults(algo, task, args.ways)
@@ -284,6 +291,8 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learn-inner-lr", action="store_true", default=None, help="maml, fomaml: learn a step size per parameter (Meta-SGD)")
     group.add_argument("--zero-head", action="store_true", default=None,
                        help="maml, fomaml: start every task's output layer at zero, not at a learned value (zeroing trick)")  # fmt: skip
+    group.add_argument("--head-only", action="store_true", default=None,
+                       help="maml, fomaml: adapt only the output layer in the inner loop; the rest is meta-learned only (ANIL)")  # fmt: skip
     group.add_argument("--multi-step-loss", type=int, metavar="STEPS",
                        help="maml, fomaml: MAML++'s multi-step loss, annealed to the last inner step's over the first STEPS meta-steps")  # fmt: skip
     group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")

@@ -47,6 +47,7 @@ class LearnerSpec:
         inner_lr: inner step size (None for meta-lstm).
         learn_inner_lr: whether the file holds learned step sizes (``inner_lr.*``).
         zero_head: whether every task starts its output layer (the last ``nn.Linear``) at zero.
+        head_only: whether the inner loop adapts the output layer alone (ANIL).
         inner_optimizer: Reptile's inner optimizer, ``"sgd"`` or ``"adam"`` (None otherwise).
         rule: ``{"kind": ..., "config": {...}}`` of the meta-lstm rule (None otherwise).
         rule_start: meta-lstm: the preset or weight file whose weights the rule starts from (None:
@@ -61,6 +62,7 @@ class LearnerSpec:
     inner_lr: float | None = None
     learn_inner_lr: bool = False
     zero_head: bool = False
+    head_only: bool = False
     inner_optimizer: str | None = None
     rule: dict[str, Any] | None = None
     rule_start: str | None = None
@@ -82,6 +84,7 @@ class LearnerSpec:
             inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr,
             zero_head=config.zero_head,
+            head_only=config.head_only,
             inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
             rule=_start_rule_spec(config) if config.algo == "meta-lstm" else None,
             rule_start=config.preset,
@@ -165,6 +168,7 @@ class FewShotLearner:
                 loss_fn=self.loss_fn,
                 vectorize="auto",  # conv-4 on CPU: a loop over the tasks, faster than vmap there
                 zero_init=(output_layer_name(self.model),) if spec.zero_head else (),
+                adapt_only=(output_layer_name(self.model),) if spec.head_only else None,
             )
         elif spec.algo == "meta-lstm":
             self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
