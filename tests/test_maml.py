@@ -612,14 +612,18 @@ def test_batchnorm_refuses_a_one_example_batch_on_every_path(vectorize) -> None:
 
 
 @pytest.mark.parametrize("vectorize", [True, False, "auto"])
-def test_inputs_that_are_not_one_tensor_of_tasks_are_refused_on_every_path(vectorize) -> None:
+def test_per_task_lists_and_inputs_that_are_not_tensors_are_refused_on_every_path(vectorize) -> None:
     """A list of per-task tensors ran in the task loop but failed, or ran the model on stacked
-    fields, under vmap; a tuple or dict batched over tasks did the reverse."""
+    fields, under vmap. A tuple, list or dict now holds the model's arguments, batched over
+    tasks on every path (tests/test_maml_inputs.py): one of per-task tensors is refused by its
+    shapes."""
     xs, ys, xq, yq = episode(tasks=2)
     maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=1, vectorize=vectorize)
-    for bad in (list(xs), tuple(xs), {"x": xs}):
-        with pytest.raises(TypeError, match=f"got x_support of type {type(bad).__name__}"):
+    for bad in (list(xs), tuple(xs)):
+        with pytest.raises(ValueError, match=re.escape("same B tasks, got x_support[0] (5, 3), y_support (2, 5)")):
             maml(bad, ys, xq, yq)
+    with pytest.raises(TypeError, match="got x_support of type ndarray"):
+        maml(xs.numpy(), ys, xq, yq)
 
 
 def test_convolutional_batchnorm_in_a_nested_module_under_vmap_matches_autograd_reference() -> None:

@@ -21,8 +21,10 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
@@ -31,6 +33,60 @@ from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: a model's inputs (or a loss's targets): one tensor, or a tuple or list (the model's positional
+#: arguments) or dict (its keyword arguments) of tensors, also nested, with the same leading dims
+Inputs = Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+def model_arguments(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of the model called on ``inputs``: one tensor is its
+    one argument, a tuple's or list's entries its positional ones (``model(*inputs)``), a dict's
+    its keyword ones (``model(**inputs)``, as a Hugging Face model takes ``input_ids`` and
+    ``attention_mask``)."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs, Tensor, str]:
+    """Check a tuple, list or dict of inputs (or targets): tensors only, not empty, all with the
+    same first ``dims`` sizes (2: ``(B, N)``, tasks and examples; 1: ``(N,)``, examples).
+
+    Returns the inputs (a mapping as a plain dict, which ``vmap`` and ``torch.utils._pytree`` map
+    over), their first tensor, which stands for them all in the caller's own checks, and that
+    tensor's name for messages, e.g. ``x_support['attention_mask']``. One tensor is returned as
+    it is, unchecked, named ``name``. Raises TypeError or ValueError naming the input at fault.
+    """
+    if isinstance(inputs, Tensor):
+        return inputs, inputs, name
+    if isinstance(inputs, Mapping):
+        inputs = dict(inputs)
+    elif not isinstance(inputs, (tuple, list)):
+        layout = "(B, N, ...) tensor of B tasks" if dims == 2 else "(N, ...) tensor"
+        raise TypeError(
+            f"{who} takes {name} as one {layout}, or a tuple, list or dict of them (the model's positional or "
+            f"keyword arguments), got {name} of type {type(inputs).__name__}"
+        )
+    leaves = pytree.tree_flatten_with_path(inputs)[0]
+    if not leaves:
+        raise ValueError(f"{who} takes {name} as a tuple, list or dict of tensors, got an empty {type(inputs).__name__}")
+    named = [(name + pytree.keystr(path), leaf) for path, leaf in leaves]
+    for label, leaf in named:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{who} takes {name} as a tuple, list or dict of tensors, got {label} of type {type(leaf).__name__}")
+    layout, leading = ("(B, N, ...)", "(B, N)") if dims == 2 else ("(N, ...)", "(N,)")
+    first_label, first = named[0]
+    for label, leaf in named:
+        if leaf.dim() < dims:
+            raise ValueError(f"{who} takes every tensor of {name} as {layout}, got {label} of shape {tuple(leaf.shape)}")
+        if leaf.shape[:dims] != first.shape[:dims]:
+            raise ValueError(
+                f"{who} takes the tensors of {name} with the same leading {leading} sizes, got "
+                f"{first_label} of shape {tuple(first.shape)} and {label} of shape {tuple(leaf.shape)}"
+            )
+    return inputs, first, first_label
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -280,6 +336,11 @@ class MAML(nn.Module):
             meta_opt.zero_grad()
             maml(x_s, y_s, x_q, y_q).backward()
             meta_opt.step()
+
+    A model with several inputs takes each input as a tuple or list (its positional arguments)
+    or dict (its keyword arguments) of ``(B, N, ...)`` tensors, e.g.
+    ``maml({"input_ids": ids_s, "attention_mask": mask_s}, y_s, {...}, y_q)``
+    (:meth:`query_losses`).
     """
 
     def __init__(
@@ -376,10 +437,10 @@ class MAML(nn.Module):
     def _model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def _loss(self, params: Params, x: Tensor, y: Tensor, buffers: Params | None = None) -> Tensor:
+    def _loss(self, params: Params, x: Inputs, y: Inputs, buffers: Params | None = None) -> Tensor:
         """The loss at ``params``, with the model's own buffers unless ``buffers`` are given."""
         buffers = self._model_buffers() if buffers is None else buffers
-        return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
+        return self.loss_fn(functional_call(self.model, (params, buffers), *model_arguments(x)), y)
 
     def _lr(self, name: str) -> Tensor | float:
         if self.inner_lrs is None:
@@ -392,7 +453,7 @@ class MAML(nn.Module):
             )
         return self.inner_lrs[key]
 
-    def _support_grads(self, params: Params, x_s: Tensor, y_s: Tensor, create_graph: bool) -> Params:
+    def _support_grads(self, params: Params, x_s: Inputs, y_s: Inputs, create_graph: bool) -> Params:
         """The support loss's gradient at ``params`` (zeros for parameters it does not use).
 
         Under ``torch.no_grad`` or ``inference_mode`` (evaluation) the step's own gradient is
@@ -405,10 +466,11 @@ class MAML(nn.Module):
             with torch.inference_mode(False), torch.enable_grad():
                 normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731 - autograd saves no inference tensors
                 leaves = {k: normal(v).detach().requires_grad_(True) for k, v in params.items()}
-                values = torch.autograd.grad(self._loss(leaves, normal(x_s), normal(y_s)), list(leaves.values()), allow_unused=True)
+                x_s, y_s = pytree.tree_map(normal, (x_s, y_s))
+                values = torch.autograd.grad(self._loss(leaves, x_s, y_s), list(leaves.values()), allow_unused=True)
         return _zero_filled(params, values)
 
-    def _inner_step(self, params: Params, x_s: Tensor, y_s: Tensor, batched: bool) -> Params:
+    def _inner_step(self, params: Params, x_s: Inputs, y_s: Inputs, batched: bool) -> Params:
         """One inner gradient step on the support set, keeping the graph unless first-order."""
         if batched:
             grads = grad(self._loss)(params, x_s, y_s)
@@ -418,13 +480,13 @@ class MAML(nn.Module):
             grads = {k: g.detach() for k, g in grads.items()}
         return {k: p - self._lr(k) * grads[k] for k, p in params.items()}
 
-    def _checkpointed_step(self, params: Params, x_s: Tensor, y_s: Tensor) -> Params:
+    def _checkpointed_step(self, params: Params, x_s: Inputs, y_s: Inputs) -> Params:
         """:meth:`_inner_step` through :class:`_RecomputedStep`: only the step's inputs (the
         parameters, learned step sizes and the support set) are kept for the meta-backward."""
         names = list(params)
         fixed = self._fixed_params()  # inputs of the step, so that their meta-gradient reaches them
         lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
-        data = [x_s, y_s]
+        data, layout = pytree.tree_flatten((x_s, y_s))  # the support set's tensors, each an input of the step
         # the buffers as the forward saw them: the rebuild in backward runs the model again on copies
         # of these, so it neither sees nor leaves their later values (a second running-statistics
         # update), nor writes to the model's own buffers, which the rest of the meta-graph may have
@@ -435,7 +497,7 @@ class MAML(nn.Module):
             current = dict(zip(names, values[: len(names)], strict=True))
             rates = values[len(names) : len(names) + len(lrs)] or [self.inner_lr] * len(names)
             held = dict(zip(fixed, values[len(names) + len(lrs) : len(names) + len(lrs) + len(fixed)], strict=True))
-            x, y = values[len(names) + len(lrs) + len(fixed) :]
+            x, y = pytree.tree_unflatten(list(values[len(names) + len(lrs) + len(fixed) :]), layout)
             buffers = {k: b.clone() for k, b in buffers_at_forward.items()} if create_graph else None
             with _twice_differentiable_attention(create_graph):
                 loss = self._loss({**current, **held}, x, y, buffers)
@@ -456,10 +518,10 @@ class MAML(nn.Module):
     def _adapt_one(
         self,
         params: Params,
-        x_s: Tensor,
-        y_s: Tensor,
-        x_q: Tensor,
-        y_q: Tensor,
+        x_s: Inputs,
+        y_s: Inputs,
+        x_q: Inputs,
+        y_q: Inputs,
         steps: int,
         batched: bool,
         every_step: bool = True,
@@ -479,10 +541,10 @@ class MAML(nn.Module):
 
     def query_losses(
         self,
-        x_support: Tensor,
-        y_support: Tensor,
-        x_query: Tensor,
-        y_query: Tensor,
+        x_support: Inputs,
+        y_support: Inputs,
+        x_query: Inputs,
+        y_query: Inputs,
         steps: int | None = None,
         *,
         every_step: bool = True,
@@ -491,6 +553,10 @@ class MAML(nn.Module):
 
         Args:
             x_support, y_support: ``(B, N_support, ...)``; x_query, y_query: ``(B, N_query, ...)``.
+                Each may also be a tuple or list (the model's positional arguments, ``model(*x)``)
+                or dict (its keyword arguments, ``model(**x)``) of such tensors, which
+                ``loss_fn`` receives as they are for targets; all of one input share ``B`` and
+                ``N``.
             steps: inner steps (default ``inner_steps``; more are fine at test time).
             every_step: False computes only the final query loss (no graph for the others).
 
@@ -501,19 +567,15 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
-        inputs = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
-        for name, value in inputs.items():
-            if not isinstance(value, Tensor):
-                # vmap would read a tuple or dict as fields batched over tasks, the task loop as one
-                # entry per task: the two paths would disagree on what it means
-                raise TypeError(
-                    f"MAML takes each of the support and query inputs as one (B, N, ...) tensor of B "
-                    f"tasks, got {name} of type {type(value).__name__}; for tasks of different sizes, "
-                    "call it once per size"
-                )
+        given = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
+        # a tuple, list or dict holds the model's arguments (or targets) batched over tasks, on every
+        # path: vmap maps over its tensors, the task loop indexes each; it is never a list of tasks
+        checked = {name: check_inputs(value, name, 2, "MAML") for name, value in given.items()}
+        inputs = {name: first for name, (_, first, _) in checked.items()}  # each one's first tensor
+        labels = {name: label for name, (_, _, label) in checked.items()}
         if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
             # vmap's message and the task loop's name none of them
-            sizes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in inputs.items())
+            sizes = ", ".join(f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items())
             raise ValueError(f"MAML takes (B, N, ...) tensors of the same B tasks, got {sizes}")
         for name in ("y_support", "y_query"):
             if inputs[name].dim() < 2:
@@ -524,7 +586,7 @@ class MAML(nn.Module):
                     f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
                     "dimension (x[None], y[None]) or adapt it with adapt()"
                 )
-        empty = [f"{name} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
+        empty = [f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
         if empty:
             # the mean loss over no examples is NaN: the inner step or the meta-loss went NaN in silence
             raise ValueError(
@@ -532,10 +594,10 @@ class MAML(nn.Module):
                 "(episodes drawn with q_query=0 have no query set)"
             )
         with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
-            return self._query_losses(x_support, y_support, x_query, y_query, steps, every_step)
+            return self._query_losses(*(value for value, _, _ in checked.values()), steps, every_step)
 
     def _query_losses(
-        self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor, steps: int, every_step: bool
+        self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs, steps: int, every_step: bool
     ) -> Tensor:
         params = self._adaptable_params()
         vectorize = self.vectorize is True or (
@@ -550,28 +612,29 @@ class MAML(nn.Module):
                     raise
                 vmap_error = err
         # a bad input (mismatched shapes) fails here too, with its own message, and leaves vmap on
+        data = (x_support, y_support, x_query, y_query)
         losses = torch.stack([
-            self._adapt_one(params, xs, ys, xq, yq, steps, batched=False, every_step=every_step)[1]
-            for xs, ys, xq, yq in zip(x_support, y_support, x_query, y_query, strict=True)
+            self._adapt_one(params, *pytree.tree_map(lambda t: t[b], data), steps, batched=False, every_step=every_step)[1]
+            for b in range(len(pytree.tree_leaves(y_support)[0]))  # the B tasks (query_losses checked they agree)
         ])  # fmt: skip
         if vmap_error is not None:  # the model itself does not run under vmap: loop from now on
             warnings.warn(f"MAML: vmap over tasks failed ({vmap_error}); looping over tasks", stacklevel=2)
             self.vectorize = False
         return losses
 
-    def _vmap_pays(self, x: Tensor) -> bool:
+    def _vmap_pays(self, x: Inputs) -> bool:
         """``vectorize="auto"``: vmap, except convolutional models on CPU, where PyTorch runs the
         per-task weights as a grouped convolution that is slower than a loop (conv-4, 8 tasks of
         5-way 1-shot, second-order: 569 ms against 481 ms per meta-step in
         ``benchmarks/results/fewshot_vs_higher.md``, 549 against 265 on an earlier host,
         ``benchmarks/results/earlier_hosts/fewshot_vs_higher.md``)."""
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
-        return not (has_conv and x.device.type == "cpu")
+        return not (has_conv and pytree.tree_leaves(x)[0].device.type == "cpu")
 
     def _vmapped(
-        self, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, steps: int, every_step: bool
+        self, params: Params, xs: Inputs, ys: Inputs, xq: Inputs, yq: Inputs, steps: int, every_step: bool
     ) -> Tensor:
-        def one(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+        def one(x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs) -> Tensor:
             return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True, every_step=every_step)[1]
 
         # only second-order meta-gradients go through the faulty rule, and the mode costs a Python
@@ -580,9 +643,9 @@ class MAML(nn.Module):
         with _AffineAfterNorm() if second_order else contextlib.nullcontext():
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
-    def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor) -> Tensor:
+    def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
         """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
-        ``step_loss_weights``-weighted query losses (MAML++)."""
+        ``step_loss_weights``-weighted query losses (MAML++). Inputs as :meth:`query_losses`."""
         self._check_weights(self.inner_steps)
         multi_step = self.step_loss_weights is not None
         losses = self.query_losses(x_support, y_support, x_query, y_query, every_step=multi_step)
@@ -591,13 +654,16 @@ class MAML(nn.Module):
         weights = losses.new_tensor(self.step_loss_weights)
         return (losses * weights).sum(dim=1).mean()
 
-    def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
-        """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``."""
+    def adapt(self, x_support: Inputs, y_support: Inputs, steps: int | None = None) -> Params:
+        """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``, or a
+        tuple, list or dict of such tensors, as in :meth:`query_losses`."""
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        if steps and isinstance(x_support, Tensor) and x_support.dim() and not len(x_support):
-            raise ValueError(f"adapt needs at least one support example, got x_support of shape {tuple(x_support.shape)}")
+        x_support, first, label = check_inputs(x_support, "x_support", 1, "MAML")
+        y_support = check_inputs(y_support, "y_support", 1, "MAML")[0]
+        if steps and first.dim() and not len(first):
+            raise ValueError(f"adapt needs at least one support example, got {label} of shape {tuple(first.shape)}")
         initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation
         params = {k: v.detach() for k, v in initial.items()}
         with torch.no_grad():
@@ -606,9 +672,11 @@ class MAML(nn.Module):
                 params = {k: p - self._lr(k) * grads[k] for k, p in params.items()}
         return params
 
-    def predict(self, params: Params, x: Tensor) -> Tensor:
-        """The model's output at ``params`` (e.g. from :meth:`adapt`)."""
-        return functional_call(self.model, (params, self._model_buffers()), (x,))
+    def predict(self, params: Params, x: Inputs) -> Tensor:
+        """The model's output at ``params`` (e.g. from :meth:`adapt`) for one task's inputs
+        ``x`` ``(N, ...)``, or a tuple, list or dict of them (``model(*x)``, ``model(**x)``)."""
+        x = check_inputs(x, "x", 1, "MAML")[0]
+        return functional_call(self.model, (params, self._model_buffers()), *model_arguments(x))
 
 
 def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) -> list[float] | None:

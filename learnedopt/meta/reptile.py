@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .maml import apply_batchnorm_policy_, default_loss
+from .maml import Inputs, apply_batchnorm_policy_, check_inputs, default_loss, model_arguments
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -87,11 +88,16 @@ class Reptile:
         frac = min(self.step_count / self.total_steps, 1.0)
         return (1 - frac) * self.outer_stepsize + frac * self.final_outer_stepsize
 
-    def adapt(self, batches: Sequence[tuple[Tensor, Tensor]], steps: int | None = None) -> nn.Module:
+    def adapt(self, batches: Sequence[tuple[Inputs, Inputs]], steps: int | None = None) -> nn.Module:
         """A copy of the model trained from the initialisation on one task.
 
         Args:
             batches: ``(inputs, targets)`` minibatches, used in turn (cycled if fewer than steps).
+                ``inputs`` is one tensor ``(N, ...)``, the model's one argument, or a tuple or
+                list (its positional arguments, ``model(*inputs)``) or dict (its keyword
+                arguments, ``model(**inputs)``) of tensors with the same ``N``, as in
+                :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>`; ``targets`` go
+                to ``loss_fn`` as they are.
             steps: inner steps (default ``inner_steps``).
 
         Returns:
@@ -111,6 +117,8 @@ class Reptile:
                     f"a task is a sequence of (inputs, targets) batches, but its item {i} is {found}; for one batch "
                     "per task pass [(x, y)], and to meta_step a list of such tasks: [[(x1, y1)], [(x2, y2)], ...]"
                 )
+            if isinstance(batch[0], (tuple, list, Mapping)):  # any other input is the model's one argument
+                check_inputs(batch[0], "inputs", 1, f"Reptile (batch {i})")
         steps = self.inner_steps if steps is None else steps
         # inference_mode's tensors have no graph and autograd saves none of them: train outside it
         normal = lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t  # noqa: E731
@@ -122,11 +130,12 @@ class Reptile:
                 p.grad = None
             optimizer = self.inner_optimizer(worker.parameters())
             for t in range(steps):
-                x, y = (normal(v) for v in batches[t % len(batches)])
+                x, y = pytree.tree_map(normal, tuple(batches[t % len(batches)]))
+                args, kwargs = model_arguments(x)
 
-                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                def closure(args: tuple = args, kwargs: dict = kwargs, y: Inputs = y) -> Tensor:
                     optimizer.zero_grad()
-                    loss = self.loss_fn(worker(x), y)
+                    loss = self.loss_fn(worker(*args, **kwargs), y)
                     loss.backward()
                     return loss
 
@@ -135,14 +144,14 @@ class Reptile:
 
     def meta_step(
         self,
-        tasks: Sequence[Sequence[tuple[Tensor, Tensor]]],
+        tasks: Sequence[Sequence[tuple[Inputs, Inputs]]],
         *,
         all_reduce_sum_: Callable[[Sequence[Tensor]], None] | None = None,
     ) -> float:
         """One Reptile update of the initialisation from a meta-batch of tasks.
 
         Args:
-            tasks: for each task, its ``(inputs, targets)`` minibatches.
+            tasks: for each task, its ``(inputs, targets)`` minibatches (see :meth:`adapt`).
             all_reduce_sum_: for data-parallel meta-training, sums tensors over the processes in
                 place (e.g. :meth:`learnedopt.meta.distributed.Workers.all_reduce_sum_`); each
                 process passes its own tasks and the update averages over all of them.

@@ -1,0 +1,208 @@
+"""MAML and Reptile with several model inputs: a tuple or list (positional arguments) or dict
+(keyword arguments) of tensors against the same model taking them packed in one tensor."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from learnedopt.meta import Reptile
+from learnedopt.meta.maml import MAML
+
+
+class TwoInputs(nn.Module):
+    """``forward(features (N, 3), mask (N,))``, as a token model takes ids and an attention mask;
+    ``packed=True`` takes both in one ``(N, 4)`` tensor and splits it."""
+
+    def __init__(self, packed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.packed = packed
+        self.double()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            features, mask = features[..., :3], features[..., 3]
+        return self.head(torch.tanh(self.body(features)) * mask[..., None])
+
+
+class OneTupleArgument(nn.Module):
+    """``forward((features, mask))``: a model taking one tuple, given as ``((features, mask),)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoInputs()
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.inner(*pair)
+
+
+def packed_episode(tasks=3, shots=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs, xq = (torch.cat([torch.randn(tasks, shots, 3, generator=g, dtype=torch.float64),
+                         torch.rand(tasks, shots, 1, generator=g, dtype=torch.float64)], dim=-1) for _ in range(2))  # fmt: skip
+    ys, yq = (torch.randint(0, 2, (tasks, shots), generator=g) for _ in range(2))
+    return xs, ys, xq, yq
+
+
+def split(x: torch.Tensor, kind: str):
+    """A packed ``(..., 4)`` input as the two-input model's arguments."""
+    features, mask = x[..., :3], x[..., 3]
+    return {"tuple": (features, mask), "list": [features, mask], "dict": {"features": features, "mask": mask},
+            "nested": ((features, mask),)}[kind]  # fmt: skip
+
+
+def meta_gradients(kind: str, maml_kwargs: dict, steps: int = 2):
+    """The initialisation's and the support inputs' meta-gradients, and the query losses."""
+    xs, ys, xq, yq = packed_episode()
+    xs.requires_grad_(True)
+    model = OneTupleArgument() if kind == "nested" else TwoInputs(packed=kind == "packed")
+    maml = MAML(model, inner_lr=0.5, inner_steps=steps, **maml_kwargs)
+    x_s, x_q = (xs, xq) if kind == "packed" else (split(xs, kind), split(xq, kind))
+    losses = maml.query_losses(x_s, ys, x_q, yq)
+    losses[:, -1].mean().backward()
+    return [p.grad for p in model.parameters()], xs.grad, losses.detach()
+
+
+PATHS = {
+    "vmap": {"vectorize": True},
+    "loop": {"vectorize": False},
+    "checkpointed": {"vectorize": False, "checkpoint_steps": True},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "nested"])
+def test_meta_gradients_with_several_inputs_equal_the_packed_models(path, first_order, kind) -> None:
+    options = {**PATHS[path], "first_order": first_order}
+    got_grads, got_input_grad, got_losses = meta_gradients(kind, options)
+    want_grads, want_input_grad, want_losses = meta_gradients("packed", options)
+    assert torch.equal(got_losses, want_losses)  # the same operations on the same values: bit for bit
+    assert all(torch.equal(got, want) for got, want in zip(got_grads, want_grads, strict=True))
+    if first_order:  # no meta-gradient reaches the support set
+        assert got_input_grad is None and want_input_grad is None
+    else:  # the packed tensor's gradient sums its slices' in another order
+        torch.testing.assert_close(got_input_grad, want_input_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_every_path_gives_the_same_meta_gradient_with_dict_inputs() -> None:
+    vmapped, looped, checkpointed = (meta_gradients("dict", options)[0] for options in PATHS.values())
+    for a, b, c in zip(vmapped, looped, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_targets_may_be_a_dict_for_a_loss_that_reads_it(vectorize) -> None:
+    xs, ys, xq, yq = packed_episode()
+    loss = nn.functional.cross_entropy
+    grads = []
+    for as_dict in (False, True):
+        model = TwoInputs(packed=True)
+        maml = MAML(model, inner_lr=0.5, inner_steps=2, vectorize=vectorize,
+                    loss_fn=(lambda out, y: loss(out, y["label"])) if as_dict else loss)  # fmt: skip
+        wrap = (lambda y: {"label": y}) if as_dict else (lambda y: y)
+        maml(xs, wrap(ys), xq, wrap(yq)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_adapt_and_predict_take_one_tasks_inputs(kind) -> None:
+    xs, ys, xq, _ = packed_episode(tasks=1)
+    packed, several = MAML(TwoInputs(packed=True), inner_lr=0.5), MAML(TwoInputs(), inner_lr=0.5)
+    want = packed.adapt(xs[0], ys[0], steps=3)
+    for context in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with context():
+            x_s, x_q = split(xs[0].clone(), kind), split(xq[0].clone(), kind)  # inference tensors in inference_mode
+            got = several.adapt(x_s, ys[0].clone(), steps=3)
+            out = several.predict(got, x_q)
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p, rtol=0, atol=0)
+        torch.testing.assert_close(out, packed.predict(want, xq[0]), rtol=0, atol=0)
+
+
+def packed_reptile_tasks(count=3, batches=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [(torch.cat([torch.randn(8, 3, generator=g, dtype=torch.float64), torch.rand(8, 1, generator=g, dtype=torch.float64)], -1),
+          torch.randint(0, 2, (8,), generator=g)) for _ in range(batches)]
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_reptile_update_with_several_inputs_equals_the_packed_models(kind) -> None:
+    data = packed_reptile_tasks()
+    optimizer = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    packed, several = TwoInputs(packed=True), TwoInputs()
+    Reptile(packed, inner_steps=3, inner_optimizer=optimizer, outer_stepsize=0.3).meta_step(data)
+    reptile = Reptile(several, inner_steps=3, inner_optimizer=optimizer, outer_stepsize=0.3)
+    reptile.meta_step([[(split(x, kind), y) for x, y in batches] for batches in data])
+    for got, want in zip(several.parameters(), packed.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.inference_mode():
+        batches = [(split(x.clone(), kind), y.clone()) for x, y in data[0]]
+        worker = reptile.adapt(batches)
+    expected = Reptile(packed, inner_steps=3, inner_optimizer=optimizer).adapt(data[0])
+    for got, want in zip(worker.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+def test_maml_refuses_bad_input_structures_naming_the_tensor(vectorize) -> None:
+    xs, ys, xq, yq = packed_episode(tasks=2)
+    features, mask = split(xs, "tuple")
+    maml = MAML(TwoInputs(), inner_lr=0.5, vectorize=vectorize)
+    cases = [
+        ({"features": features, "mask": True}, TypeError, "MAML takes x_support as a tuple, list or dict of tensors, "
+         "got x_support['mask'] of type bool"),
+        ((), ValueError, "MAML takes x_support as a tuple, list or dict of tensors, got an empty tuple"),
+        ({}, ValueError, "got an empty dict"),
+        ((features, mask[:, :3]), ValueError, "MAML takes the tensors of x_support with the same leading (B, N) sizes, "
+         "got x_support[0] of shape (2, 5, 3) and x_support[1] of shape (2, 3)"),
+        ((features, mask[0]), ValueError, "MAML takes every tensor of x_support as (B, N, ...), got x_support[1] of shape (5,)"),
+        ([features[0], features[1]], ValueError, "MAML takes (B, N, ...) tensors of the same B tasks, got x_support[0] (5, 3), "
+         "y_support (2, 5)"),  # a list of per-task tensors
+        (xs.numpy(), TypeError, "MAML takes x_support as one (B, N, ...) tensor of B tasks, or a tuple, list or dict of them "
+         "(the model's positional or keyword arguments), got x_support of type ndarray"),
+    ]  # fmt: skip
+    for bad, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            maml(bad, ys, split(xq, "tuple"), yq)
+    with pytest.raises(ValueError, match=re.escape("got x_support[0] (2, 5, 3), y_support (2, 5), x_query[0] (1, 5, 3)")):
+        maml(split(xs, "tuple"), ys, split(xq[:1], "tuple"), yq)
+    with pytest.raises(ValueError, match=re.escape("at least one support and one query example per task, got x_query['features'] (2, 0, 3)")):
+        maml(split(xs, "dict"), ys, split(xq[:, :0], "dict"), yq)
+    assert maml.vectorize == vectorize
+
+
+def test_adapt_predict_and_reptile_refuse_bad_input_structures() -> None:
+    xs, ys, _, _ = packed_episode(tasks=1)
+    features, mask = split(xs[0], "tuple")
+    maml = MAML(TwoInputs(), inner_lr=0.5)
+    with pytest.raises(ValueError, match=re.escape("MAML takes the tensors of x_support with the same leading (N,) sizes, "
+                                                   "got x_support['features'] of shape (5, 3) and x_support['mask'] of shape (4,)")):
+        maml.adapt({"features": features, "mask": mask[:4]}, ys[0])
+    with pytest.raises(TypeError, match=re.escape("got x_support[1] of type float")):
+        maml.adapt((features, 1.0), ys[0])
+    with pytest.raises(ValueError, match=re.escape("adapt needs at least one support example, got x_support[0] of shape (0, 3)")):
+        maml.adapt((features[:0], mask[:0]), ys[0][:0])
+    with pytest.raises(ValueError, match=re.escape("MAML takes x as a tuple, list or dict of tensors, got an empty list")):
+        maml.predict(maml.initial_params(), [])
+    with pytest.raises(ValueError, match=re.escape("MAML takes every tensor of x as (N, ...), got x[1] of shape ()")):
+        maml.predict(maml.initial_params(), (features, mask[0]))
+    reptile = Reptile(TwoInputs(), inner_steps=1)
+    with pytest.raises(ValueError, match=re.escape("Reptile (batch 1) takes the tensors of inputs with the same leading (N,) "
+                                                   "sizes, got inputs[0] of shape (5, 3) and inputs[1] of shape (4,)")):
+        reptile.adapt([((features, mask), ys[0]), ((features, mask[:4]), ys[0])])
+    with pytest.raises(TypeError, match=re.escape("Reptile (batch 0) takes inputs as a tuple, list or dict of tensors, "
+                                                  "got inputs['mask'] of type NoneType")):
+        reptile.meta_step([[({"features": features, "mask": None}, ys[0])]])
+    with pytest.raises(ValueError, match=re.escape("got an empty dict")):
+        reptile.adapt([({}, ys[0])])
