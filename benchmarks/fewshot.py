@@ -468,9 +468,12 @@ def _table_rows(rows: list[dict]) -> list[str]:
         rule = (row.get("config") or {}).get("rule")
         if row["method"] == "meta-lstm" and rule not in (None, "MetaLSTMCell"):
             return f"learned init + learned update ({rule}, `--algo meta-lstm --rule {rule}`)"
+        name = METHOD_NAMES[row["method"]]
+        if (row.get("config") or {}).get("head_only"):
+            name = f"ANIL ({name} adapting only the output layer, `--head-only`)"
         if (row.get("config") or {}).get("zero_head"):
-            return f"{METHOD_NAMES[row['method']]}, output layer zero at every task's start (`--zero-head`)"
-        return METHOD_NAMES[row["method"]]
+            return f"{name}, output layer zero at every task's start (`--zero-head`)"
+        return name
 
     def method(row: dict) -> str:
         if "test_inner_steps" not in row:
@@ -537,7 +540,8 @@ def omniglot_model(args: argparse.Namespace) -> None:
         f"{', each within one alphabet' if config['same_alphabet'] else ''}"
         f"{', each within one rotation' if config.get('same_rotation') else ''}"
         f"{', every training image randomly distorted' if config.get('augment') else ''}"
-        f"{', the output layer zero at the start of every task' if config.get('zero_head') else ''}; adapted with "
+        f"{', the output layer zero at the start of every task' if config.get('zero_head') else ''}"
+        f"{', only the output layer adapted in the inner loop (ANIL)' if config.get('head_only') else ''}; adapted with "
         f"the model's {header['test_inner_steps']} test-time inner steps unless the row says otherwise; "
         f"{args.test_episodes} test episodes per cell, accuracy % with 95% CI. s / meta-step and peak "
         "RSS of the training process: median and maximum of the run's log (n/a: not logged by that version). "
