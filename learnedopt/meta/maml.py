@@ -89,6 +89,13 @@ def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs
     return inputs, first, first_label
 
 
+def outside_inference(inputs: Any) -> Any:
+    """``inputs`` (a tensor, or a tuple, list or dict of them) with every ``inference_mode`` tensor
+    cloned into a normal one: autograd saves no inference tensors, so a differentiated inner loop
+    run for evaluation under ``inference_mode`` reads such copies. Anything else as it is."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, inputs)
+
+
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
     class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
@@ -464,9 +471,8 @@ class MAML(nn.Module):
             )
         else:
             with torch.inference_mode(False), torch.enable_grad():
-                normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731 - autograd saves no inference tensors
-                leaves = {k: normal(v).detach().requires_grad_(True) for k, v in params.items()}
-                x_s, y_s = pytree.tree_map(normal, (x_s, y_s))
+                leaves = {k: v.detach().requires_grad_(True) for k, v in outside_inference(params).items()}
+                x_s, y_s = outside_inference((x_s, y_s))
                 values = torch.autograd.grad(self._loss(leaves, x_s, y_s), list(leaves.values()), allow_unused=True)
         return _zero_filled(params, values)
 

@@ -9,11 +9,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .maml import Inputs, apply_batchnorm_policy_, check_inputs, default_loss, model_arguments
+from .maml import Inputs, apply_batchnorm_policy_, check_inputs, default_loss, model_arguments, outside_inference
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -121,7 +120,6 @@ class Reptile:
                 check_inputs(batch[0], "inputs", 1, f"Reptile (batch {i})")
         steps = self.inner_steps if steps is None else steps
         # inference_mode's tensors have no graph and autograd saves none of them: train outside it
-        normal = lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t  # noqa: E731
         with torch.inference_mode(False), torch.enable_grad():
             # a copy per task, not one reused: it follows every later change to the model (a swapped
             # layer, a module's attribute, a frozen parameter), and costs little beside the inner loop
@@ -130,7 +128,7 @@ class Reptile:
                 p.grad = None
             optimizer = self.inner_optimizer(worker.parameters())
             for t in range(steps):
-                x, y = pytree.tree_map(normal, tuple(batches[t % len(batches)]))
+                x, y = outside_inference(tuple(batches[t % len(batches)]))
                 args, kwargs = model_arguments(x)
 
                 def closure(args: tuple = args, kwargs: dict = kwargs, y: Inputs = y) -> Tensor:

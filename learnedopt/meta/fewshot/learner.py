@@ -17,7 +17,7 @@ from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, load_named_weights, open_with_header, save_with_header
-from ..maml import MAML, replace_batchnorm_
+from ..maml import MAML, outside_inference, replace_batchnorm_
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, num_coordinates, unroll
@@ -255,11 +255,10 @@ class FewShotLearner:
         if self.maml is not None:
             return self.maml.adapt(x_support, y_support, steps=steps)
         if self.rule is not None:
-            # the unroll differentiates the support losses: outside no_grad and inference_mode, whose
-            # tensors autograd cannot save
-            normal = lambda t: t.clone() if t.is_inference() else t  # noqa: E731
+            # the unroll differentiates the support losses: outside no_grad and inference_mode
             with torch.inference_mode(False), torch.enable_grad():
-                result = self._unroll(normal(x_support)[None], normal(y_support)[None], None, None, steps, self.rule)
+                x_support, y_support = outside_inference((x_support, y_support))
+                result = self._unroll(x_support[None], y_support[None], None, None, steps, self.rule)
             return {k: v[0].detach() for k, v in result.params.items()}
         worker = self.reptile.adapt([(x_support, y_support)], steps=steps)
         return {k: v.detach().clone() for k, v in worker.named_parameters()}
