@@ -305,6 +305,87 @@ def test_learned_step_refuses_a_missing_or_malformed_loss(loss, message: str) ->
     learned_step(rule, params, grads, state, loss=torch.ones(1, 1, dtype=F64))  # one element is a scalar
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def _spoil(tensor: Tensor, value: float) -> Tensor:
+    """A copy of ``tensor`` with ``value`` at its last element."""
+    spoilt = tensor.clone()
+    spoilt.view(-1)[-1] = value
+    return spoilt
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "spoil", "message"),
+    [
+        ("lstm", {}, {"grad": ("b", NAN)}, r"the gradient of params\['b'\] \(shape \(2,\)\) contains NaN or Inf \(1 tensor"),
+        ("lstm", {}, {"grad": ("w", INF), "value": ("w", NAN)},
+         r"the gradient of params\['w'\] \(shape \(2, 3\)\) contains NaN or Inf \(1 tensor"),
+        ("lstm", {"param_input": True}, {"value": ("b", -INF)},
+         r"the value of params\['b'\] \(shape \(2,\)\) contains NaN or Inf \(1 tensor"),
+        ("lstm", {"param_input": True}, {"grad": ("w", NAN), "value": ("b", NAN)},
+         r"the gradient of params\['w'\] \(shape \(2, 3\)\) contains NaN or Inf \(2 tensor"),
+        ("meta", {}, {"loss": INF}, r"the loss is inf"),
+        ("meta", {}, {"loss": NAN}, r"the loss is nan"),
+        ("meta", {}, {"grad": ("b", NAN)}, r"the gradient of params\['b'\] \(shape \(2,\)\) contains NaN or Inf"),
+    ],
+    ids=["grad-nan", "grad-inf", "read-value", "grad-and-value", "loss-inf", "loss-nan", "meta-grad"],
+)
+def test_nan_policy_raise_stops_what_the_optimizers_stop_naming_it(kind: str, config: dict, spoil: dict, message: str) -> None:
+    """``nan_policy="raise"`` raises NonFiniteGradientError, naming the input, exactly where the
+    optimizer with ``nan_policy="raise"`` on the same rule and inputs raises; by default
+    (``None``, as ``unroll``) the NaN/Inf flows into the step unchecked."""
+    from learnedopt import NonFiniteGradientError
+
+    rule = random_rule(kind, **config)
+    params = {"w": torch.randn(2, 3, dtype=F64), "b": torch.randn(2, dtype=F64)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    loss = spoil.get("loss", 0.5)
+    if "grad" in spoil:
+        grads[spoil["grad"][0]] = _spoil(grads[spoil["grad"][0]], spoil["grad"][1])
+    if "value" in spoil:
+        params[spoil["value"][0]] = _spoil(params[spoil["value"][0]], spoil["value"][1])
+    state = init_rule_state(rule, params)
+    with pytest.raises(NonFiniteGradientError, match=f"^learned_step: {message}") as info:
+        learned_step(rule, params, grads, state, loss=loss, nan_policy="raise")
+    assert "\n" not in str(info.value) and "nan_policy='raise', so nothing was computed" in str(info.value)
+    leaves = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    for leaf, grad in zip(leaves, grads.values(), strict=True):
+        leaf.grad = grad.clone()
+    optimizer = OPTIMIZERS[kind](leaves, weights=rule, state_dtype=F64, nan_policy="raise")
+    with pytest.raises(NonFiniteGradientError):
+        optimizer.step(loss=loss)
+    new, _ = learned_step(rule, params, grads, state, loss=loss)  # the default: no check
+    # the NaN reaches the step (an Inf loss is read saturated at the largest float64)
+    assert all(torch.isfinite(v).all() for v in new.values()) == (loss == INF)
+
+
+def test_nan_policy_raise_passes_what_the_rule_does_not_read_and_changes_no_step() -> None:
+    """A NaN parameter value is not checked for a rule that does not read values (the
+    optimizers' check too); where every input is finite, the step is the unchecked one, bit for bit."""
+    rule, params, grads, state = _setup()
+    checked = learned_step(rule, params, grads, state, nan_policy="raise")
+    unchecked = learned_step(rule, params, grads, state)
+    for a, b in zip(checked, unchecked, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    nan_value = {**params, "b": _spoil(params["b"], NAN)}
+    new, _ = learned_step(rule, nan_value, grads, state, nan_policy="raise")
+    assert torch.isnan(new["b"][-1]) and torch.isfinite(new["w"]).all()
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ("skip", r"nan_policy must be None or 'raise', got 'skip' \('skip' is the optimizers': a functional step returns every"),
+        ("Raise", r"nan_policy must be None or 'raise', got 'Raise'$"),
+    ],
+)
+def test_learned_step_refuses_an_unknown_nan_policy(policy: str, message: str) -> None:
+    rule, params, grads, state = _setup()
+    with pytest.raises(ValueError, match=message):
+        learned_step(rule, params, grads, state, nan_policy=policy)
+
+
 def test_init_rule_state_refuses_parameters_it_cannot_give_states() -> None:
     rule = CoordinateLSTM()
     with pytest.raises(ValueError, match=r"init_rule_state: params is empty"):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 from ..nn.base import is_number
 from .tasks import TaskBatch
@@ -42,6 +43,9 @@ Params = dict[str, Tensor]
 
 #: Values of the ``backend`` keyword of :func:`unroll` and :func:`truncated_unroll`.
 BACKENDS = ("auto", "torch", "triton")
+
+#: Values of :func:`learned_step`'s ``nan_policy``: no check, or :class:`NonFiniteGradientError`.
+NAN_POLICIES = (None, "raise")
 
 #: Values of :func:`horizon_loss_weights`' ``weighting``.
 LOSS_WEIGHTINGS = ("uniform", "linear", "quadratic")
@@ -123,6 +127,7 @@ def learned_step(
     loss: Tensor | float | None = None,
     lr: float = 1.0,
     backend: str = "auto",
+    nan_policy: str | None = None,
 ) -> tuple[dict[str, Tensor], State]:
     """One differentiable learned update of one optimizee: ``params + lr * step``.
 
@@ -130,8 +135,9 @@ def learned_step(
     and one step of :func:`unroll`, as a pure function for an inner loop of your own: nothing is
     detached or changed in place, so the new parameters are differentiable with respect to the
     rule's weights, the old parameters, the states, the loss and the gradients (build them with
-    ``torch.autograd.grad(..., create_graph=True)`` for the second-order terms). No NaN check is
-    made (the optimizers' ``nan_policy``), and the rule's weights are not copied to the
+    ``torch.autograd.grad(..., create_graph=True)`` for the second-order terms). As in
+    :func:`unroll`, a NaN or Inf gradient flows into the step unchecked unless
+    ``nan_policy="raise"`` asks for the check. The rule's weights are not copied to the
     parameters' dtype or device: they must be in them already.
 
     Args:
@@ -146,6 +152,13 @@ def learned_step(
             saturated at its largest value, as the optimizers do); ignored by other rules.
         lr: multiplier of the rule's step.
         backend: ``"torch"``, ``"triton"`` or ``"auto"``, as for :func:`unroll`.
+        nan_policy: None (default): no check, as in :func:`unroll`, whose NaN or Inf reaches the
+            meta-loss and its gradient (which ``meta-train`` refuses to step on). ``"raise"``:
+            the optimizers' check before the rule runs (one host sync): a NaN or Inf loss the
+            rule reads, gradient, or parameter value of a rule that reads them
+            (``reads_param``) raises :class:`~learnedopt.NonFiniteGradientError` naming it.
+            ``"skip"`` (the optimizers' other policy) is refused: a functional step returns
+            every parameter's update.
 
     Returns:
         ``(new_params, new_state)``: a dict of the same names, shapes and order as ``params``,
@@ -156,10 +169,16 @@ def learned_step(
             whose names or shapes are not ``params``'; states of other names or shapes than the
             rule's for ``P`` coordinates; parameters, gradients, states and rule weights of more
             than one dtype or device; no loss for a rule that needs it, or a loss that is not one
-            real number on the parameters' device.
+            real number on the parameters' device; a ``nan_policy`` other than None and
+            ``"raise"``.
+        NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
+            rule), gradient or (read by the rule) parameter value; nothing is computed.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if nan_policy not in NAN_POLICIES:
+        skip = " ('skip' is the optimizers': a functional step returns every parameter's update)" if nan_policy == "skip" else ""
+        raise ValueError(f"nan_policy must be None or 'raise', got {nan_policy!r}{skip}")
     first = _check_params(params, "learned_step")
     names = list(params)
     missing, extra = [k for k in names if k not in grads], [k for k in grads if k not in params]
@@ -175,6 +194,8 @@ def learned_step(
     _check_state(rule, state, n)
     _check_one_dtype_and_device(rule, params, state, grads=grads, caller="learned_step")
     rule_loss = _step_loss(rule, loss, first)
+    if nan_policy == "raise":
+        _require_finite(rule, params, grads, loss)
     shapes = [params[k].shape for k in names]
     sizes = [params[k].numel() for k in names]
     flat_param = torch.cat([params[k].reshape(-1) for k in names])
@@ -185,6 +206,30 @@ def learned_step(
         k: piece.reshape(shape) for k, piece, shape in zip(names, new_flat.split(sizes), shapes, strict=True)
     }
     return new_params, new_state
+
+
+def _require_finite(
+    rule: UpdateRule, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], loss: Tensor | float | None
+) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first NaN or Inf among what ``rule``
+    reads: the ``loss`` as given (checked by :func:`_step_loss`; before saturation, so an Inf is
+    not read as the largest float, as the optimizers check it), the ``grads``, and the ``params``
+    where the rule reads them; as the optimizers' ``nan_policy="raise"`` does."""
+    if rule.needs_loss:
+        value = loss if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+        if not bool(torch.isfinite(value).all()):
+            raise NonFiniteGradientError(f"learned_step: the loss is {value.item()}; nan_policy='raise', so nothing was computed")
+    checked = [(f"the gradient of params[{k!r}]", grads[k]) for k in params]
+    if rule.reads_param:  # a rule that reads the parameter would carry a NaN/Inf value into its state
+        checked += [(f"the value of params[{k!r}]", params[k]) for k in params]
+    flags = torch.stack([torch.isfinite(t).all() for _, t in checked]).tolist()
+    bad = [(what, t) for (what, t), ok in zip(checked, flags, strict=True) if not ok]
+    if bad:
+        what, tensor = bad[0]
+        raise NonFiniteGradientError(
+            f"learned_step: {what} (shape {tuple(tensor.shape)}) contains NaN or Inf ({len(bad)} tensor(s) affected); "
+            "nan_policy='raise', so nothing was computed"
+        )
 
 
 def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:

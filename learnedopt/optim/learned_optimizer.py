@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels
+from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..weights import fingerprint, resolve_weights
 from . import sharding
@@ -33,10 +34,6 @@ from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_up
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NAN_POLICIES = ("raise", "skip")
 BACKENDS = ("auto", "torch", "triton")
-
-
-class NonFiniteGradientError(RuntimeError):
-    """A gradient (or the loss) holds NaN or Inf under ``nan_policy="raise"``."""
 
 
 class LearnedOptimizer(Optimizer):
