@@ -4,7 +4,8 @@ A weight file is a safetensors file (no pickle: loading never executes code) who
 one JSON header under the key ``"learnedopt"``::
 
     {"format": 1, "kind": "CoordinateLSTM", "config": {...}, "preset": "l2l-2016" | null,
-     "library_version": "0.1.0", "trained_on": "..." | null, "trained": true | false, ...}
+     "library_version": "0.1.0", "trained_on": "..." | null, "trained": true | false,
+     "rule_class": "package.module:Class" (a rule of your own whose class imports by that name), ...}
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from safetensors.torch import save_file
 
 from .files import write_atomically
 from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
+from .plugins import entry_point_path
 
 FORMAT_VERSION = 1
+#: the library's rule kinds, whose classes every process has
+LIBRARY_KINDS = (CoordinateLSTM.kind, MetaLSTMCell.kind)
 _HEADER_KEY = "learnedopt"
 MODEL_HEADER_KEY = "learnedopt_model"  # a few-shot model file's (learnedopt.meta.fewshot)
 #: each of the library's file formats by its header key, for an error naming the file given
@@ -187,7 +191,10 @@ def save_weights(
     The write is atomic (a temporary file renamed into place), so a killed process never leaves a
     half-written file under ``path``. A rule whose ``kind`` belongs to another registered class
     (a subclass of ``CoordinateLSTM`` that kept its kind) is refused with ValueError: the file
-    would load as that class.
+    would load as that class. For a rule of your own, the header records where its class imports
+    from (``rule_class``, ``module:Class``; not for a class of ``__main__`` or one nested in a
+    function or class), which the messages about its unregistered kind name. Nothing imports it
+    from there by itself: loading a file never runs code.
     """
     held = RULES.get(rule.kind)
     if held is not None and (held.__module__, held.__qualname__) != (type(rule).__module__, type(rule).__qualname__):
@@ -195,10 +202,12 @@ def save_weights(
             f"{type(rule).__name__} has the kind {rule.kind!r} of {held.__qualname__}, so its file would load as a "
             f"{held.__qualname__}: give {type(rule).__name__} a kind of its own (and learnedopt.nn.register_rule it)"
         )
+    importable = class_path(type(rule)) if rule.kind not in LIBRARY_KINDS else None
     header = {
         "format": FORMAT_VERSION,
         "kind": rule.kind,
         "config": rule.config_dict(),
+        **({"rule_class": importable} if importable is not None else {}),
         "preset": preset,
         "library_version": library_version(),
         "trained_on": trained_on,
@@ -217,9 +226,29 @@ def save_with_header(
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={header_key: json.dumps(header)}))
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a weight file, validated; raises ValueError naming what is wrong."""
-    return _open(Path(path))[0]
+def class_path(cls: type) -> str | None:
+    """``cls`` as ``module:Class``, the name :func:`learnedopt.plugins.load_entry_point` imports it
+    by; None for a class that cannot be imported by name (of ``__main__``, or nested in a
+    function or another class)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    return path if cls.__module__ != "__main__" and entry_point_path(path) is not None else None
+
+
+def recorded_rule_class(header: dict[str, Any]) -> str | None:
+    """Where a weight file's header says its rule's class imports from (``module:Class``):
+    ``rule_class`` (:func:`save_weights`), or in a file that ``meta-train --rule module:Class``
+    wrote before that was recorded, that option; None where it says neither."""
+    recorded = header.get("rule_class")
+    if recorded is None and isinstance(header.get("meta_train_config"), dict):
+        recorded = header["meta_train_config"].get("rule")
+    return recorded if isinstance(recorded, str) and entry_point_path(recorded) is not None else None
+
+
+def read_header(path: str | os.PathLike, *, registered: bool = True) -> dict[str, Any]:
+    """The JSON header of a weight file, validated; raises ValueError naming what is wrong.
+    ``registered=False`` takes a rule kind no class is registered for in this process (e.g. to
+    read which class the file records, :func:`recorded_rule_class`)."""
+    return _open(Path(path), registered=registered)[0]
 
 
 def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
@@ -306,7 +335,7 @@ def open_with_header(
     return header, tensors
 
 
-def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _open(path: Path, *, registered: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     header, tensors = open_with_header(
         path, _HEADER_KEY, "weight file", "safetensors file has no learnedopt header; not a learnedopt weight file"
     )
@@ -314,10 +343,14 @@ def _open(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise ValueError(f"{path}: learnedopt header has no architecture config (a 'config' object)")
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported weight format {header.get('format')!r} (this library reads {FORMAT_VERSION})")
-    if header.get("kind") not in RULES:
+    if not isinstance(header.get("kind"), str):
+        raise ValueError(f"{path}: learnedopt header has no rule kind (a 'kind' string)")
+    if registered and header["kind"] not in RULES:
+        recorded = recorded_rule_class(header)
         raise ValueError(
             f"{path}: unknown update rule kind {header.get('kind')!r}; known: {sorted(RULES)} (a rule class of your "
-            "own loads once registered: learnedopt.nn.register_rule(YourRule))"
+            "own loads once registered: learnedopt.nn.register_rule(YourRule)"
+            + (f"; this file records its class as {recorded}" if recorded else "") + ")"
         )
     return header, tensors
 

@@ -139,6 +139,20 @@ def importable_module(
         sys.modules.pop(module, None)
 
 
+def own_rule_module(
+    tmp_path: Path, monkeypatch, source: str, siblings: dict[str, str] | None = None  # noqa: ANN001 - pytest's fixture
+) -> Iterator[str]:
+    """:func:`importable_module` of ``source`` (e.g. :data:`OWN_RULE`) and its ``siblings``, for a
+    fixture to yield: the rule kinds registered while it is in use (:data:`learnedopt.nn.RULES`)
+    are forgotten after."""
+    from learnedopt.nn import RULES
+
+    saved = dict(RULES)
+    yield from importable_module(tmp_path, monkeypatch, "own_rule", source, siblings)
+    RULES.clear()
+    RULES.update(saved)
+
+
 def central_difference(f: Callable[[], float], tensor: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``d f / d tensor`` by central differences, element by element: ``tensor`` (a leaf, e.g. a
     weight) is moved in place and put back; ``f`` runs with grad enabled."""
@@ -168,3 +182,48 @@ def random_rule(kind: str, seed: int = 0, **config) -> CoordinateLSTM | MetaLSTM
         for p in rule.parameters():
             p.uniform_(-0.6, 0.6, generator=g)
     return rule
+
+
+#: the source of a module of the user's own update rules (``--rule module:MomentumMLP`` of
+#: ``meta-train``, ``--rules`` of ``evaluate optimizers``): ``MomentumMLP``, a tiny rule of its own
+#: kind, not registered on import; ``Halved``, which keeps CoordinateLSTM's kind; ``NotARule``.
+OWN_RULE = '''
+from dataclasses import dataclass
+
+import torch
+from learnedopt import CoordinateLSTM, UpdateRule
+from learnedopt.nn import StateSpec
+
+
+@dataclass(frozen=True)
+class MomentumMLPConfig:
+    hidden: int = 4
+    beta: float = 0.9
+
+
+class MomentumMLP(UpdateRule):
+    kind = "CliMomentumMLP"
+    config_class = MomentumMLPConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(2, self.config.hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(self.config.hidden, 1))
+
+    def state_spec(self):
+        return {"m": StateSpec((1,), moving_average=True)}
+
+    def forward(self, grad, param, state, loss=None):
+        m = torch.lerp(grad, state["m"], self.config.beta)
+        return 0.01 * (self.mlp(torch.stack([grad, m[0]], dim=1))[:, 0] - m[0]), {"m": m}
+
+
+class Halved(CoordinateLSTM):  # keeps CoordinateLSTM's kind
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return 0.5 * step, new_state
+
+
+class NotARule:
+    pass
+'''

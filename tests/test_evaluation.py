@@ -17,7 +17,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers import importable_module
+from helpers import OWN_RULE, importable_module, own_rule_module
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, save_weights
 from learnedopt.evaluation import (
@@ -1339,8 +1339,9 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
     args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "synthetic-mlp", "--weights", str(weights),
                               "--seeds", "3", "--tuning-seeds", "2", "--long-tuning-seeds", "4", "--lrs", "0.1", "1",
                               "--stability-steps", "7", "--presets", "l2l-blend", "--lr-schedule", "cosine",
-                              "--data", "folder", "--reuse", str(old), "--out", str(tmp_path)])  # fmt: skip
+                              "--data", "folder", "--reuse", str(old), "--rules", "mine:Rule", "--out", str(tmp_path)])  # fmt: skip
     config = config_from_args(args)
+    assert list(config.rules) == ["mine:Rule"]
     assert (list(config.problems), list(config.weights), config.seeds, config.tuning_seeds, config.long_tuning_seeds,
             list(config.lrs), config.stability_steps, list(config.presets), config.lr_schedule, config.data,
             config.reuse, config.quick, config.steps) == (
@@ -1532,3 +1533,132 @@ def test_an_own_problem_that_cannot_be_used_is_refused_before_any_run(
     err = capsys.readouterr().err
     assert err.startswith("learnedopt evaluate optimizers: error: ") and message.format(mod=own_problems) in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- --rules module:Class
+#: OWN_RULE's MomentumMLP with an optimizer class of its own, and (of another kind) with two,
+#: which is refused
+WITH_OPTIMIZER = OWN_RULE + """
+from learnedopt.optim import LearnedOptimizer
+
+
+class MomentumMLPOptimizer(LearnedOptimizer):
+    rule_kind = MomentumMLP.kind
+"""
+WITH_TWO_OPTIMIZERS = WITH_OPTIMIZER.replace('"CliMomentumMLP"', '"CliMomentumMLP2"') + """
+
+class Another(LearnedOptimizer):
+    rule_kind = MomentumMLP.kind
+"""
+
+
+@pytest.fixture
+def own_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of the user's own update rules (``tests/helpers.py``'s ``OWN_RULE``,
+    none registered on import), with siblings ``<name>_optimizer`` (an optimizer class of its own)
+    and ``<name>_two`` (two); returns its name. The kinds a test registers are forgotten after."""
+    yield from own_rule_module(tmp_path, monkeypatch, OWN_RULE, {"optimizer": WITH_OPTIMIZER, "two": WITH_TWO_OPTIMIZERS})
+
+
+def _own_weights(module: str, path: Path) -> nn.Module:
+    """Save ``module``'s MomentumMLP (seeded, hidden 3) as a weight file; returns the rule."""
+    import importlib
+
+    torch.manual_seed(0)
+    rule = importlib.import_module(module).MomentumMLP(hidden=3)
+    save_weights(rule, path, trained_on="nothing")
+    return rule
+
+
+def test_an_own_rules_weight_file_runs_with_rules_also_in_worker_processes(tmp_path: Path, own_rule: str) -> None:
+    """``--weights FILE --rules module:Class``: the rule's class is imported and registered (in
+    the worker process too: the run is in one with ``--workers 2``), the file runs in a
+    LearnedOptimizer made for its kind, labelled by it, its curve that of a direct run in this
+    process; the report names the rule's class."""
+    from learnedopt.cli import main
+    from learnedopt.evaluation.runs import final_loss, own_rule_optimizer
+    from learnedopt.weights import read_header
+
+    weights = tmp_path / "mine.safetensors"
+    rule = _own_weights(own_rule, weights)
+    assert read_header(weights, registered=False)["rule_class"] == f"{own_rule}:MomentumMLP"
+    argv = ["evaluate", "optimizers", "--quick", "--problems", "quadratic-20", "--seeds", "2", "--lrs", "0.1",
+            "--stability-steps", "0", "--presets", "l2l-blend", "--weights", str(weights),
+            "--rules", f"{own_rule}:MomentumMLP", "--workers", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "optimizee_eval.json").read_text())
+    label = "LearnedOptimizer[MomentumMLP] (mine.safetensors)"
+    assert report["learned"][label]["rule"] == f"{own_rule}:MomentumMLP"
+    assert report["config"]["rules"] == [f"{own_rule}:MomentumMLP"]
+    optimizer = own_rule_optimizer(type(rule))
+    problem = make_problem("quadratic-20").with_steps(20)
+    direct = [final_loss(run_optimizer(problem, seed, lambda p, lr: optimizer(p, weights=rule, lr=lr), 1.0)) for seed in (0, 1)]
+    assert report["problems"]["quadratic-20"]["results"][label]["finals"] == direct
+    md = (tmp_path / "out" / "optimizee_eval.md").read_text()
+    assert f"- {label}: weights `{weights}`, your own rule `{own_rule}:MomentumMLP` (trained on 'nothing')" in md
+
+
+def test_an_own_rule_runs_in_the_optimizer_class_its_module_defines(tmp_path: Path, own_rule: str) -> None:
+    import importlib
+
+    from learnedopt.evaluation.harness import check_config
+
+    weights = tmp_path / "mine.safetensors"
+    _own_weights(f"{own_rule}_optimizer", weights)
+    config = EvalConfig(problems=["quadratic-20"], weights=[str(weights)], rules=[f"{own_rule}_optimizer:MomentumMLP"],
+                        presets=["l2l-blend"])  # fmt: skip
+    spec = check_config(config).learned[-1]
+    assert spec.label == "MomentumMLPOptimizer (mine.safetensors)"
+    assert spec.optimizer is importlib.import_module(f"{own_rule}_optimizer").MomentumMLPOptimizer
+    assert np.isfinite(run_optimizer(SquareProblem(), 0, spec.factory(), 1.0, steps=3)).all()
+    _own_weights(f"{own_rule}_two", weights)
+    with pytest.raises(ValueError, match=rf"module {own_rule}_two defines 2 optimizers of rule kind 'CliMomentumMLP2' "
+                                         r"\(Another, MomentumMLPOptimizer\): keep one"):  # fmt: skip
+        check_config(dataclasses.replace(config, rules=[f"{own_rule}_two:MomentumMLP"]))
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ([], "{weights}: its update rule kind 'CliMomentumMLP' is your own and not imported: give --rules {mod}:MomentumMLP "
+         "(as the file records it)"),
+        (["{mod}:Missing"], "rule {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
+        (["no_such_module_xyz:Rule"], "rule no_such_module_xyz:Rule: cannot import 'no_such_module_xyz'"),
+        (["{mod}:NotARule"], "rule {mod}:NotARule: register_rule takes an UpdateRule subclass"),
+        (["{mod}:Halved"], "rule {mod}:Halved: Halved must set its own kind"),
+        (["CoordinateLSTM"], "--rules takes your own UpdateRule classes as module:Class, got 'CoordinateLSTM' (the library's "
+         "rules need none)"),
+    ],
+    ids=["not-given", "missing-class", "missing-module", "not-a-rule", "library-kind", "not-module-class"],
+)
+def test_an_own_rule_that_cannot_run_is_refused_in_one_line_before_any_run(
+    tmp_path: Path, own_rule: str, capsys, monkeypatch: pytest.MonkeyPatch, rules: list[str], message: str  # noqa: ANN001
+) -> None:
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    weights = tmp_path / "mine.safetensors"
+    _own_weights(own_rule, weights)
+    given = ["--rules", *(r.format(mod=own_rule) for r in rules)] if rules else []
+    argv = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0",
+            "--weights", str(weights), *given, "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("learnedopt evaluate optimizers: error: ") and message.format(mod=own_rule, weights=weights) in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_rule_class_a_weight_file_records() -> None:
+    """``save_weights``'s ``rule_class``, else (older files) the ``--rule module:Class`` of
+    ``meta-train``; a library kind's rule, or a class of ``__main__``, records none."""
+    from learnedopt.weights import class_path, recorded_rule_class
+
+    assert recorded_rule_class({"rule_class": "mine:Rule", "meta_train_config": {"rule": "other:Rule"}}) == "mine:Rule"
+    assert recorded_rule_class({"meta_train_config": {"rule": "mine:Rule"}}) == "mine:Rule"
+    assert recorded_rule_class({"meta_train_config": {"rule": "CoordinateLSTM"}}) is None
+    assert recorded_rule_class({"rule_class": 3}) is None
+    assert class_path(CoordinateLSTM) == "learnedopt.nn.coordinate_lstm:CoordinateLSTM"
+    assert class_path(type("Local", (), {"__module__": "__main__"})) is None
+    assert class_path(type("Outer.Inner", (), {"__qualname__": "Outer.Inner", "__module__": "mod"})) is None
+

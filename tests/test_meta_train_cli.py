@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import folder_locked_by_another_run, importable_module
+from helpers import OWN_RULE, folder_locked_by_another_run, importable_module, own_rule_module
 from test_meta_unroll import random_rule, write_fake_mnist
 
 from learnedopt import load_weights
@@ -899,14 +899,16 @@ def test_the_result_names_the_meta_step_of_its_weights(tmp_path: Path) -> None:
 
 
 def test_the_api_takes_exactly_one_starting_point() -> None:
-    """``MetaTrainConfig`` is public: a rule and a preset both given (the command line's
-    exclusive options cannot say so) is refused, not trained from the preset alone."""
+    """``MetaTrainConfig`` is public: a library rule and a preset both given (on the command line
+    too) is refused, not trained from the preset alone."""
     from learnedopt.meta.loop import ConfigError
     from learnedopt.meta.train import MetaTrainConfig
 
-    for rule, preset in (("CoordinateLSTM", "l2l-2016"), (None, None)):
-        with pytest.raises(ConfigError, match="^give exactly one of --rule and --preset$"):
-            MetaTrainConfig(rule=rule, preset=preset).validate()
+    with pytest.raises(ConfigError, match="^give exactly one of --rule and --preset$"):
+        MetaTrainConfig(rule=None, preset=None).validate()
+    with pytest.raises(ConfigError, match=r"^give exactly one of --rule and --preset \(both only for a weight file of your own "
+                                          r"rule, whose class --rule module:Class names\)$"):  # fmt: skip
+        MetaTrainConfig(rule="CoordinateLSTM", preset="l2l-2016").validate()
     MetaTrainConfig(rule=None, preset="l2l-2016").validate()
 
 
@@ -1525,58 +1527,11 @@ def test_make_family_names_an_imported_mixture_member() -> None:
         make_family("quadratic+mytasks:Logistic:3")
 
 
-OWN_RULE = '''
-from dataclasses import dataclass
-
-import torch
-from learnedopt import CoordinateLSTM, UpdateRule
-from learnedopt.nn import StateSpec
-
-
-@dataclass(frozen=True)
-class MomentumMLPConfig:
-    hidden: int = 4
-    beta: float = 0.9
-
-
-class MomentumMLP(UpdateRule):
-    kind = "CliMomentumMLP"
-    config_class = MomentumMLPConfig
-
-    def __init__(self, config=None, **overrides):
-        super().__init__(config, **overrides)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(2, self.config.hidden), torch.nn.Tanh(),
-                                       torch.nn.Linear(self.config.hidden, 1))
-
-    def state_spec(self):
-        return {"m": StateSpec((1,), moving_average=True)}
-
-    def forward(self, grad, param, state, loss=None):
-        m = torch.lerp(grad, state["m"], self.config.beta)
-        return 0.01 * (self.mlp(torch.stack([grad, m[0]], dim=1))[:, 0] - m[0]), {"m": m}
-
-
-class Halved(CoordinateLSTM):  # keeps CoordinateLSTM's kind
-    def forward(self, grad, param, state, loss=None):
-        step, new_state = super().forward(grad, param, state, loss)
-        return 0.5 * step, new_state
-
-
-class NotARule:
-    pass
-'''
-
-
 @pytest.fixture
 def own_rule(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
     """An importable module of the user's own update rules; returns its module name. The rule
     kinds a run registers are forgotten after the test."""
-    from learnedopt.nn import RULES
-
-    saved = dict(RULES)
-    yield from importable_module(tmp_path, monkeypatch, "own_rule", OWN_RULE)
-    RULES.clear()
-    RULES.update(saved)
+    yield from own_rule_module(tmp_path, monkeypatch, OWN_RULE)
 
 
 def test_meta_train_imports_an_update_rule_given_as_module_colon_class(tmp_path: Path, own_rule: str) -> None:
@@ -1603,6 +1558,68 @@ def test_meta_train_imports_an_update_rule_given_as_module_colon_class(tmp_path:
     assert first[-1] < first[0]
     assert run(tmp_path / "wide", "--rule", rule, "--rule-config", '{"hidden": 6}', "--meta-steps", "1") == 0
     assert read_header(tmp_path / "wide" / "weights.safetensors")["config"] == {"hidden": 6, "beta": 0.9}
+
+
+def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly(tmp_path: Path, own_rule: str) -> None:
+    """``--rule module:Class --preset FILE``: a run starts from the file's architecture and
+    weights (a run of the rule's own), writes a file of its kind and a card that says so, and
+    --resume continues it bit for bit."""
+    rule = f"{own_rule}:MomentumMLP"
+    first = tmp_path / "first"
+    assert run(first, "--rule", rule, "--rule-config", '{"hidden": 3}', "--meta-steps", "2", "--seed", "1") == 0
+    preset = str(first / "weights.safetensors")
+    args = ("--rule", rule, "--preset", preset, "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "2")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    start = torch.load(whole / "checkpoint.pt", weights_only=True)["initial_rule"]
+    saved = tensors(first / "weights.safetensors")
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    header = read_header(whole / "weights.safetensors")
+    assert header["kind"] == "CliMomentumMLP" and header["config"] == {"hidden": 3, "beta": 0.9}
+    assert header["rule_class"] == rule and f"--rule {rule} --preset {preset}" in header["command"]
+    card = (whole / "MODEL_CARD.md").read_text()
+    assert f"The rule is your own `{rule}`, started from the architecture and weights of `{preset}`." in card
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], saved[k]) for k in a)  # it trained
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "{weights}"], "--preset {weights} is a weight file of your own rule kind 'CliMomentumMLP': name its "
+         "class, --rule {mod}:MomentumMLP (as the file records it)"),
+        (["--rule", "{mod}:MomentumMLP", "--preset", "l2l-2016"],
+         "--preset l2l-2016 holds a CoordinateLSTM rule, but --rule {mod}:MomentumMLP is a CliMomentumMLP"),
+        (["--rule", "{mod}:MomentumMLP", "--preset", "{weights}", "--rule-config", '{"hidden": 3}'],
+         "--rule-config sets the architecture of --rule; a --preset has its own"),
+        (["--rule", "CoordinateLSTM", "--preset", "{weights}"], "give exactly one of --rule and --preset (both only for"),
+        (["--algo", "meta-lstm", "--task", "sinusoid", "--rule", "MetaLSTMCell", "--preset", "meta-lstm-2017"],
+         "--preset brings its rule's architecture and weights: give --rule and --rule-config, or --preset"),
+    ],
+    ids=["own-kind-without-rule", "other-kind", "rule-config", "library-rule", "meta-lstm"],
+)
+def test_a_preset_that_does_not_fit_its_rule_is_one_line_and_exit_code_2(
+    tmp_path: Path, capsys, own_rule: str, extra, message  # noqa: ANN001
+) -> None:
+    """Checked before the run writes anything; a weight file of your own kind names the class it
+    records."""
+    import importlib
+
+    from learnedopt import save_weights
+
+    weights = tmp_path / "own.safetensors"
+    save_weights(importlib.import_module(own_rule).MomentumMLP(), weights)
+    def fill(text: str) -> str:
+        return text.replace("{mod}", own_rule).replace("{weights}", str(weights))
+
+    argv = ["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet"]
+    assert main(argv + [fill(e) for e in extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fill(message) in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra learned-optimizer weight files (.safetensors), run beside the presets",
     )
     parser.add_argument(
+        "--rules",
+        nargs="+",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="your own UpdateRule classes that --weights files of their kinds need, as module:Class "
+        "(as meta-train --rule took them), imported and registered before the run (the module must be importable)",
+    )
+    parser.add_argument(
         "--seeds", type=int, default=None, help="evaluation seeds per problem (default 10)"
     )
     parser.add_argument(
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         if getattr(args, attr) is not None
     }
     given["weights"] = list(args.weights)
+    given["rules"] = list(args.rules)
     for path in given["weights"]:
         if not Path(path).is_file():
             hint = " (a preset: give it to --presets)" if path in PRESETS else ""

@@ -27,6 +27,7 @@ from .runs import (
     LearnedSpec,
     check_lr_schedule,
     final_loss,
+    import_rules,
     learned_from_files,
     run_optimizer,
     summarize,
@@ -48,6 +49,8 @@ class EvalConfig:
     Attributes:
         problems: names of :data:`PROBLEMS`, or :class:`Problem` objects.
         weights: extra learned-optimizer weight files (run beside the default presets).
+        rules: your own update-rule classes as ``module:Class``, imported and registered (in
+            every worker process too) so that ``weights`` files of their kinds run.
         seeds: evaluation seeds per problem (seeds ``0 .. seeds-1``).
         tuning_seeds: lr-tuning seeds per problem (disjoint from the evaluation seeds).
         long_tuning_seeds: tuning seeds for problems of >= ``long_steps`` steps (None: ``tuning_seeds``).
@@ -67,6 +70,7 @@ class EvalConfig:
 
     problems: Sequence[str | Problem] = DEFAULT_PROBLEMS
     weights: Sequence[str] = ()
+    rules: Sequence[str] = ()
     seeds: int = 10
     tuning_seeds: int = 3
     long_tuning_seeds: int | None = None
@@ -105,6 +109,11 @@ class EvalConfig:
             )
         if not self.problems:
             raise ValueError("no problems given")
+        for name in self.rules:
+            if entry_point_path(name) is None:
+                raise ValueError(
+                    f"rules takes your own UpdateRule classes as module:Class, got {name!r} (the library's rules need none)"
+                )
         check_lr_schedule(self.lr_schedule)
         known = [spec.weights for spec in DEFAULT_LEARNED]
         unknown = [name for name in self.presets or () if name not in known]
@@ -363,9 +372,10 @@ class RunSetup(NamedTuple):
 
 
 def check_config(config: EvalConfig) -> RunSetup:
-    """The checks :func:`evaluate_optimizers` starts with, before any run: the weight files, the
-    report to reuse, an explicitly named data folder and your own problems (``module:Class``,
-    built once here to see that they import and are problems); returns what they read, for
+    """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
+    (``module:Class``, imported and registered here), the weight files, the report to reuse, an
+    explicitly named data folder and your own problems (``module:Class``, built once here to see
+    that they import and are problems); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
@@ -373,6 +383,7 @@ def check_config(config: EvalConfig) -> RunSetup:
     """
     wanted = config.presets if config.include_default_learned else ()
     presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
+    import_rules(config.rules)
     learned = [*presets, *learned_from_files(config.weights)]
     records = {spec.label: spec.record() for spec in learned}
     try:  # a folder named explicitly must hold MNIST: no silent skipping

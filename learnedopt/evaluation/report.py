@@ -60,7 +60,8 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             if h.get("trained") is False
             else f"trained on {h.get('trained_on')!r}"
         )
-        lines.append(f"- {label}: weights `{info['weights']}` ({state})")
+        rule = f", your own rule `{info['rule']}`" if info.get("rule") else ""
+        lines.append(f"- {label}: weights `{info['weights']}`{rule} ({state})")
     for name, reason in report["skipped"].items():
         lines.append(f"- skipped {name}: {reason}")
     reused = report.get("reused")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn import RULES, UpdateRule, register_rule
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
-from ..weights import PRESETS, UntrainedWeightsWarning, fingerprint, read_header
+from ..plugins import load_entry_point, one_line
+from ..weights import PRESETS, UntrainedWeightsWarning, class_path, fingerprint, read_header, recorded_rule_class
 from .problems import Problem
 
 #: steps averaged for a run's final loss
@@ -57,19 +60,39 @@ BASELINES: dict[str, OptimizerFactory] = {
 
 @dataclass(frozen=True)
 class LearnedSpec:
-    """A learned optimizer to evaluate: its label, class and ``weights=`` (preset name or file)."""
+    """A learned optimizer to evaluate: its label, class and ``weights=`` (preset name or file).
+
+    Attributes:
+        rule: for a rule of your own, its class as ``module:Class``, imported and registered
+            wherever the spec builds its optimizer (a worker process too); None for the library's.
+        optimizer: None with ``rule``: a ``LearnedOptimizer`` subclass made for the rule's kind
+            (:func:`own_rule_optimizer`), for a rule whose module defines none.
+    """
 
     label: str
-    optimizer: type[LearnedOptimizer]
+    optimizer: type[LearnedOptimizer] | None
     weights: str
+    rule: str | None = None
+
+    def optimizer_class(self) -> type[LearnedOptimizer]:
+        """The optimizer class, the rule of your own imported and registered first."""
+        if self.rule is not None:
+            rule_class = register_rule(load_entry_point(self.rule))
+            if self.optimizer is None:
+                return own_rule_optimizer(rule_class)
+        if self.optimizer is None:
+            raise ValueError(f"{self.label}: a LearnedSpec without an optimizer class needs its rule (module:Class)")
+        return self.optimizer
 
     def factory(self) -> OptimizerFactory:
+        optimizer = self.optimizer_class()
+
         def build(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
             with warnings.catch_warnings():
                 warnings.simplefilter(
                     "ignore", UntrainedWeightsWarning
                 )  # reported once, in the header
-                return self.optimizer(params, weights=self.weights, lr=lr)
+                return optimizer(params, weights=self.weights, lr=lr)
 
         return build
 
@@ -81,12 +104,60 @@ class LearnedSpec:
         """What a report records of these weights: ``weights``, ``header`` (with the kind and
         architecture) and ``sha256`` (of the weight tensors, :func:`learnedopt.weights.fingerprint`)."""
         probe = self._probe()
-        return {"weights": self.weights, "header": dict(probe.weights_header), "sha256": fingerprint(probe.rule)["sha256"]}
+        own = {} if self.rule is None else {"rule": self.rule}
+        return {"weights": self.weights, "header": dict(probe.weights_header), "sha256": fingerprint(probe.rule)["sha256"], **own}
 
     def _probe(self) -> LearnedOptimizer:
+        optimizer = self.optimizer_class()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UntrainedWeightsWarning)
-            return self.optimizer([nn.Parameter(torch.zeros(1))], weights=self.weights)
+            return optimizer([nn.Parameter(torch.zeros(1))], weights=self.weights)
+
+
+_OWN_RULE_OPTIMIZERS: dict[type[UpdateRule], type[LearnedOptimizer]] = {}
+
+
+def own_rule_optimizer(rule_class: type[UpdateRule]) -> type[LearnedOptimizer]:
+    """A ``LearnedOptimizer`` subclass that runs ``rule_class``'s kind, named
+    ``LearnedOptimizer[RuleClass]`` (made once per class and process): what the README's own
+    optimizer class does, for a rule whose module defines none."""
+    if rule_class not in _OWN_RULE_OPTIMIZERS:
+        name = f"LearnedOptimizer[{rule_class.__name__}]"
+        _OWN_RULE_OPTIMIZERS[rule_class] = type(name, (LearnedOptimizer,), {"rule_kind": rule_class.kind, "__module__": __name__})
+    return _OWN_RULE_OPTIMIZERS[rule_class]
+
+
+def import_rules(names: Sequence[str]) -> list[type[UpdateRule]]:
+    """Import and register (:func:`learnedopt.nn.register_rule`) each of your own rule classes
+    named ``module:Class``, so that weight files of their kinds load.
+
+    Raises:
+        ValueError: one that fails to import, or is not an ``UpdateRule`` with a kind of its own
+            (the message names it).
+    """
+    classes = []
+    for name in names:
+        try:
+            classes.append(register_rule(load_entry_point(name)))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"rule {name}: {one_line(err)}") from None
+    return classes
+
+
+def _own_optimizer_of(rule_class: type[UpdateRule]) -> type[LearnedOptimizer] | None:
+    """The ``LearnedOptimizer`` subclass that the rule's module defines for its kind, if one."""
+    module = sys.modules.get(rule_class.__module__)
+    found = sorted(
+        {v for v in vars(module).values() if isinstance(v, type) and issubclass(v, LearnedOptimizer)
+         and getattr(v, "rule_kind", None) == rule_class.kind} if module is not None else set(),
+        key=lambda cls: cls.__name__,
+    )  # fmt: skip
+    if len(found) > 1:
+        raise ValueError(
+            f"module {rule_class.__module__} defines {len(found)} optimizers of rule kind {rule_class.kind!r} "
+            f"({', '.join(cls.__name__ for cls in found)}): keep one"
+        )
+    return found[0] if found else None
 
 
 DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
@@ -106,8 +177,20 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
 def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) -> LearnedSpec:
     """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind.
     Its label names the file by its name, or by ``path`` as given when ``label_path`` or when the
-    name is a preset's (whose label it would take)."""
-    kind = read_header(path)["kind"]
+    name is a preset's (whose label it would take).
+
+    A kind of your own must be registered (:func:`import_rules`); it runs in the
+    ``LearnedOptimizer`` subclass for it that its rule's module defines, else in
+    :func:`own_rule_optimizer`'s, and the spec names the rule's class so that worker processes
+    import it too.
+
+    Raises:
+        ValueError: not a weight file; a kind no class is registered for (the message names the
+            class the file records, if it does); a rule class that cannot be imported by name;
+            a module that defines several optimizers of the kind.
+    """
+    header = read_header(path, registered=False)
+    kind = header["kind"]
     weights = str(path)
     if weights in PRESETS:  # as weights=, a bare preset name builds the preset, not this file
         weights = os.path.join(os.curdir, weights)
@@ -115,7 +198,19 @@ def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) ->
     for cls in (LSTMOptimizer, MetaLSTMOptimizer):
         if cls.rule_kind == kind:
             return LearnedSpec(f"{cls.__name__} ({shown})", cls, weights)
-    raise ValueError(f"{path}: no optimizer runs update rules of kind {kind!r}")
+    rule_class = RULES.get(kind)
+    if rule_class is None:
+        recorded = recorded_rule_class(header)
+        give = f"--rules {recorded} (as the file records it)" if recorded else "--rules module:Class naming its UpdateRule class"
+        raise ValueError(f"{path}: its update rule kind {kind!r} is your own and not imported: give {give}")
+    entry = class_path(rule_class)
+    if entry is None:
+        raise ValueError(
+            f"{path}: its rule class {rule_class.__module__}.{rule_class.__qualname__} cannot be imported by name "
+            "(define it at the top level of a module other than __main__)"
+        )
+    optimizer = _own_optimizer_of(rule_class)
+    return LearnedSpec(f"{(optimizer or own_rule_optimizer(rule_class)).__name__} ({shown})", optimizer, weights, rule=entry)
 
 
 def learned_from_files(paths: Sequence[str | os.PathLike[str]]) -> list[LearnedSpec]:

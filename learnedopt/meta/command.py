@@ -57,17 +57,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"what to meta-train: {', '.join(ALGOS)} (default lstm: an update rule by truncated "
         "unrolls; the others: a few-shot learner, see --task sinusoid|omniglot)",
     )
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument(
+    # --rule and --preset exclude each other (MetaTrainConfig.validate), but for a weight file of your
+    # own rule, whose class --rule module:Class names
+    parser.add_argument(
         "--rule",
         help=f"the update rule, {' or '.join(sorted(RULES))}: for lstm the rule to train from its seeded "
-        f"init (default {d.rule}), or your own UpdateRule as module:Class; for meta-lstm the learned inner-loop "
-        "update (default MetaLSTMCell)",
+        f"init (default {d.rule}), or your own UpdateRule as module:Class (with --preset: the class of its weight "
+        "file); for meta-lstm the learned inner-loop update (default MetaLSTMCell)",
     )
-    start.add_argument(
+    parser.add_argument(
         "--preset",
-        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's; "
-        "meta-lstm: start the learned inner-loop update from them",
+        help=f"lstm: start from a preset's weights ({', '.join(sorted(PRESETS))}) or a weight file's (of your own "
+        "rule: with --rule module:Class); meta-lstm: start the learned inner-loop update from them",
     )
     parser.add_argument(
         "--rule-config",

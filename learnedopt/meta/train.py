@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..nn import RULES, UpdateRule
 from ..plugins import entry_point_path, load_entry_point, one_line, takes_parameter
-from ..weights import PRESETS, build_preset, folder_note, load_weights, save_weights
+from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
 from .loop import (
@@ -108,10 +108,12 @@ class MetaTrainConfig:
         task: task family (one of :data:`~learnedopt.meta.tasks.TASK_FAMILIES`, a mixture of
             them joined by ``+``: :class:`~learnedopt.meta.tasks.MixtureFamily`, or your own as
             ``module:Class``: :func:`~learnedopt.meta.tasks.import_family`).
-        rule: update rule class to start from its seeded initialisation, or None with ``preset``.
+        rule: update rule class to start from its seeded initialisation, or None with ``preset``;
+            with ``preset`` too only your own class (``module:Class``), of the preset file's kind.
         rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
             [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
-        preset: preset name or weight file path whose weights to start from, or None with ``rule``.
+        preset: preset name or weight file path whose weights (and architecture) to start from,
+            or None with ``rule``; a file of your own rule's kind needs its class as ``rule``.
         unroll: truncation length T (optimizee steps per meta-update).
         horizon: optimizee steps per episode H (>= T).
         meta_batch: tasks per episode B.
@@ -179,19 +181,21 @@ class MetaTrainConfig:
             raise ConfigError(
                 f"--data is the MNIST folder of --task {' and '.join(DATA_FAMILIES)}; --task {self.task} reads none"
             )
-        if (self.rule is None) == (self.preset is None):
+        if self.rule is None and self.preset is None:
             raise ConfigError("give exactly one of --rule and --preset")
+        if self.rule is not None and self.preset is not None and entry_point_path(self.rule) is None:
+            raise ConfigError(
+                "give exactly one of --rule and --preset (both only for a weight file of your own rule, whose class "
+                "--rule module:Class names)"
+            )
         if self.rule is not None:
             rule_class(self.rule)
         if self.rule_config is not None:
-            if self.rule is None:
+            if self.preset is not None:
                 raise ConfigError("--rule-config sets the architecture of --rule; a --preset has its own")
             check_rule_config(self.rule, self.rule_config)
-        if self.preset is not None and self.preset not in PRESETS and not Path(self.preset).is_file():
-            raise ConfigError(
-                f"unknown preset {self.preset!r} and no such weight file{folder_note(self.preset)}; presets: "
-                f"{', '.join(sorted(PRESETS))}"
-            )
+        if self.preset is not None:
+            _check_preset(self.preset, self.rule)
         for name in ("unroll", "horizon", "meta_batch", "meta_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -251,12 +255,40 @@ _ADVERBS = {"linear": "linearly", "quadratic": "quadratically"}
 
 
 # ----------------------------------------------------------------------------- the loop
+def _check_preset(preset: str, rule: str | None) -> None:
+    """Raise :class:`ConfigError` unless ``preset`` is a preset or a readable weight file of a
+    registered kind: ``rule``'s (your own ``module:Class``, imported by :func:`rule_class`) where
+    given; where not, a kind of your own is refused with the ``--rule`` that names its class."""
+    if preset in PRESETS:
+        kind = PRESETS[preset].kind
+    elif not Path(preset).is_file():
+        raise ConfigError(
+            f"unknown preset {preset!r} and no such weight file{folder_note(preset)}; presets: {', '.join(sorted(PRESETS))}"
+        )
+    else:
+        try:
+            header = read_header(preset, registered=False)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--preset {preset}: not a readable weight file ({err})") from None
+        kind = header["kind"]
+        if rule is None and kind not in RULES:
+            recorded = recorded_rule_class(header)
+            raise ConfigError(
+                f"--preset {preset} is a weight file of your own rule kind {kind!r}: name its class, "
+                + (f"--rule {recorded} (as the file records it)" if recorded else "--rule module:Class")
+            )
+    if rule is not None and rule_class(rule).kind != kind:
+        raise ConfigError(f"--preset {preset} holds a {kind} rule, but --rule {rule} is a {rule_class(rule).kind}")
+
+
 def initial_rule(config: MetaTrainConfig) -> UpdateRule:
-    """The rule a run starts from: a preset's or a weight file's weights, or the class's seeded
-    initialisation."""
+    """The rule a run starts from: a preset's or a weight file's weights (of your own rule: its
+    class ``config.rule`` registered first), or the class's seeded initialisation."""
     if config.preset in PRESETS:
         rule, _ = build_preset(config.preset)
     elif config.preset is not None:
+        if config.rule is not None:
+            rule_class(config.rule)  # registered, so that the file of its kind loads
         try:
             rule, _ = load_weights(config.preset)
         except (OSError, ValueError, KeyError) as err:
@@ -598,7 +630,9 @@ Evaluation tasks: {eval_family.describe()}."""
                  f"`{imported[0]}` importable (e.g. `PYTHONPATH=.` in its folder).")  # fmt: skip
     own_rule = None if config.rule is None else entry_point_path(config.rule)
     if own_rule is not None:
-        details += (f"\n\nThe rule is your own `{config.rule}`, initialised by its constructor under the seed. The command "
+        start = ("initialised by its constructor under the seed" if config.preset is None
+                 else f"started from the architecture and weights of `{config.preset}`")  # fmt: skip
+        details += (f"\n\nThe rule is your own `{config.rule}`, {start}. The command "
                     f"above needs its module `{own_rule[0]}` importable, and its weight file loads where the class is "
                     "registered (`learnedopt.nn.register_rule`).")  # fmt: skip
     metrics = f"""| metric | value |
@@ -669,9 +703,10 @@ def canonical_command(
     ``--second-order``, ``--random-horizon``, ``--select-every``, ``--select-tasks`` or ``--data``;
     ``--loss-weighting uniform`` and ``--device cpu`` omitted)."""
     words = ["learnedopt", "meta-train"]
-    words += (
-        ["--preset", config.preset] if config.preset is not None else ["--rule", str(config.rule)]
-    )
+    if config.rule is not None:  # both for a weight file of your own rule
+        words += ["--rule", config.rule]
+    if config.preset is not None:
+        words += ["--preset", config.preset]
     if config.rule_config is not None:
         words += ["--rule-config", json.dumps(config.rule_config, sort_keys=True)]
     for name in (
