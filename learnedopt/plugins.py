@@ -1,5 +1,6 @@
 """Your own code named on the command line as ``package.module:attribute``, Python's entry-point
-syntax: ``meta-train --task`` takes a task family so, ``evaluate optimizers --problems`` a problem."""
+syntax: ``meta-train --task`` takes a task family so, ``meta-train --rule`` and ``evaluate optimizers
+--rules`` an update rule, ``evaluate optimizers --problems`` a problem."""
 
 from __future__ import annotations
 
