@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def log_lines(out: Path) -> list[dict]:
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def resumed_equals_whole(whole: Path, broken: Path, args: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run ``args`` into ``broken``, stopped after 3 meta-steps and resumed; assert its weights
+    equal those of the uninterrupted run in ``whole`` bit for bit, and return them."""
+    assert run(broken, *args, "--stop-after", "3") == 0
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
 
 
 def test_meta_train_lowers_the_meta_loss_and_writes_its_files(tmp_path: Path) -> None:
@@ -1417,10 +1428,7 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
     assert f"--task {task}" in header["command"]
     # the module path alone means nothing where the module is not: the header says what it was
     assert header["trained_on"] == f"{task} (logistic regression on 64 Gaussian points in 5 dimensions), 4 meta-steps, seed 1"
-    assert run(broken, *args, "--stop-after", "3") == 0
-    assert run(broken, *args, "--resume") == 0
-    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_equals_whole(whole, broken, args)
     # a factory that takes data gets --data; the class, which does not, refuses it
     assert run(tmp_path / "data", "--task", f"{own_tasks}:make_with_data", "--data", str(tmp_path), "--meta-steps", "1") == 0
 
@@ -1550,10 +1558,7 @@ def test_meta_train_imports_an_update_rule_given_as_module_colon_class(tmp_path:
     assert type(loaded) is importlib.import_module(own_rule).MomentumMLP
     card = (whole / "MODEL_CARD.md").read_text()
     assert f"The rule is your own `{rule}`, initialised by its constructor under the seed." in card
-    assert run(broken, *args, "--stop-after", "3") == 0
-    assert run(broken, *args, "--resume") == 0
-    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed_equals_whole(whole, broken, args)
     first = [r["meta_loss"] for r in log_lines(whole)]
     assert first[-1] < first[0]
     assert run(tmp_path / "wide", "--rule", rule, "--rule-config", '{"hidden": 6}', "--meta-steps", "1") == 0
@@ -1579,10 +1584,7 @@ def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly
     assert header["rule_class"] == rule and f"--rule {rule} --preset {preset}" in header["command"]
     card = (whole / "MODEL_CARD.md").read_text()
     assert f"The rule is your own `{rule}`, started from the architecture and weights of `{preset}`." in card
-    assert run(broken, *args, "--stop-after", "3") == 0
-    assert run(broken, *args, "--resume") == 0
-    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = resumed_equals_whole(whole, broken, args)
     assert not all(torch.equal(a[k], saved[k]) for k in a)  # it trained
 
 
