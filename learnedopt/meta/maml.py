@@ -241,6 +241,47 @@ class _AffineAfterNorm(TorchFunctionMode):
         return out
 
 
+class _PaddingRowWithoutGradient(TorchFunctionMode):
+    """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) as
+    an embedding without one, of the weight with its padding row detached: the same output, and no
+    gradient to that row.
+
+    Under ``vmap`` over per-task weights, the embedding's batching rule looks the tasks' indices
+    up in one table of the stacked weights, where ``padding_idx`` is the first task's row only:
+    a backward outside ``vmap`` (MAML's meta-gradient) gave every other task's padding row a
+    gradient, and meta-gradients of ``nn.Embedding(..., padding_idx=0)`` came out 40% off the
+    loop's, first- and second-order (torch 2.13, float64), silently.
+    """
+
+    # function -> (position of the weight, position of padding_idx, its value for "none")
+    _FUNCTIONS = {nn.functional.embedding: (1, 2, None), torch.embedding: (0, 2, -1)}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        found = self._FUNCTIONS.get(func)
+        if found is None:
+            return func(*args, **kwargs)
+        weight_at, padding_at, none = found
+        args = list(args)
+        if "padding_idx" in kwargs:
+            padding, kwargs["padding_idx"] = kwargs["padding_idx"], none
+        elif padding_at < len(args):
+            padding, args[padding_at] = args[padding_at], none
+        else:
+            padding = none
+        # torch.embedding's -1 is "none"; F.embedding counts a negative index from the end
+        if padding is None or (func is torch.embedding and padding < 0):
+            return func(*args, **kwargs)
+        weight = kwargs["weight"] if "weight" in kwargs else args[weight_at]
+        rows = torch.arange(weight.shape[0], device=weight.device)
+        weight = torch.where((rows == padding % weight.shape[0]).unsqueeze(1), weight.detach(), weight)
+        if "weight" in kwargs:
+            kwargs["weight"] = weight
+        else:
+            args[weight_at] = weight
+        return func(*args, **kwargs)
+
+
 def _twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractContextManager:
     """Runs ``F.scaled_dot_product_attention`` by its math backend while ``enabled``. Its fused
     kernels (flash attention on CPU, flash and memory-efficient on CUDA) have no double backward
@@ -646,7 +687,7 @@ class MAML(nn.Module):
         # only second-order meta-gradients go through the faulty rule, and the mode costs a Python
         # call per op of the vmapped forward
         second_order = not self.first_order and torch.is_grad_enabled()
-        with _AffineAfterNorm() if second_order else contextlib.nullcontext():
+        with _AffineAfterNorm() if second_order else contextlib.nullcontext(), _PaddingRowWithoutGradient():
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
