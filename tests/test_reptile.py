@@ -92,6 +92,17 @@ def test_learned_inner_optimizers_work(make) -> None:
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("make", [None, lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["sgd", "lstm", "meta-lstm"])
+def test_a_meta_step_on_the_meta_device_runs_shapes_only(make) -> None:
+    """Shape-only runs on ``meta`` tensors, which the learned optimizers take: the check for
+    non-finite trained weights read their values and raised "Tensor.item() cannot be called on
+    meta tensors"."""
+    net = model().to("meta")
+    data = [[(x.to("meta"), y.to("meta")) for x, y in batches] for batches in tasks(count=2, batches=1)]
+    assert Reptile(net, inner_steps=2, inner_optimizer=make).meta_step(data) == 0.1
+    assert [(p.device.type, p.shape) for p in net.parameters()] == [("meta", p.shape) for p in model().parameters()]
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="inner_steps"):
         Reptile(model(), inner_steps=0)

@@ -172,14 +172,15 @@ class Reptile:
         count = total[0].new_tensor([float(len(tasks))]) if total else None
         if all_reduce_sum_ is not None and total:
             all_reduce_sum_([*total, count])
-        if total and not bool(torch.stack([torch.isfinite(acc).all() for acc in total]).all()):
+        shape_only = bool(total) and total[0].is_meta  # meta tensors, as the learned optimizers take: no values to read
+        if total and not shape_only and not bool(torch.stack([torch.isfinite(acc).all() for acc in total]).all()):
             raise FloatingPointError(
                 "a task's trained weights hold NaN or Inf (the initialisation was left unchanged)"
             )
         eps = self.current_outer_stepsize()
         with torch.no_grad():
             for theta, acc in zip(params, total, strict=True):
-                theta.add_(acc, alpha=eps / float(count))
+                theta.add_(acc, alpha=eps / (len(tasks) if shape_only else float(count)))
         self.step_count += 1
         return eps
 
