@@ -800,6 +800,27 @@ def test_zero_init_refuses_a_layer_tied_to_one_it_does_not_name(zero_init, named
     assert maml._zero_init == {"inp.weight", "inp.bias", "out.bias"} and model.out.weight.abs().sum() == 0
 
 
+@pytest.mark.parametrize(
+    ("reparametrize", "name"),
+    [
+        (nn.utils.parametrizations.weight_norm, "2.parametrizations.weight.original0"),
+        (nn.utils.parametrizations.orthogonal, "2.parametrizations.weight.original"),
+        (nn.utils.spectral_norm, "2.weight_orig"),  # the deprecated hook form
+    ],
+    ids=["weight_norm", "orthogonal", "old_spectral_norm"],
+)
+def test_zero_init_refuses_a_reparametrized_layer_leaving_the_model_as_it_was(reparametrize, name: str) -> None:
+    """Zeroing the inputs of a reparametrized weight does not zero the weight: weight_norm's and
+    spectral_norm's were NaN, and every meta-loss NaN."""
+    model = tiny_model()
+    reparametrize(model[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"zero_init: '{re.escape(name)}' is an input of the reparametrized '2.weight'"):
+        MAML(model, zero_init=("2",))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    MAML(model, zero_init=("0",))  # another layer is zeroed as before
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_query_losses_without_every_step_are_the_last_column(vectorize) -> None:
     maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=3, vectorize=vectorize)

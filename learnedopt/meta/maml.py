@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
@@ -367,7 +370,9 @@ class MAML(nn.Module):
             its first inner step sets class c's row to ``inner_lr / N`` times c's mean support
             feature less the mean over all classes, like a prototype. These parameters are set
             to zero in the model and receive no meta-gradient. A parameter tied to another
-            layer's (one ``nn.Parameter`` under two names) must be named under both or neither.
+            layer's (one ``nn.Parameter`` under two names) must be named under both or neither; a
+            layer reparametrized by ``weight_norm``, ``spectral_norm`` or
+            ``torch.nn.utils.parametrize`` is refused (its weight need not be zero at zero inputs).
         adapt_only: the parameters (by name, or every parameter of a named module) that the inner
             loop adapts; the model's other trainable parameters are meta-learned as well but
             held at their meta-learned values while a task adapts. ANIL (Raghu et al. 2020,
@@ -433,6 +438,14 @@ class MAML(nn.Module):
         if fixed_zero:
             # zero at every task's start, not meta-learned and not adapted: it would stay zero for good
             raise ValueError(f"zero_init names parameters that adapt_only does not adapt: {', '.join(fixed_zero)}")
+        reparametrized = _reparametrized(model)
+        refused = sorted(self._zero_init & reparametrized.keys())
+        if refused:  # before anything is zeroed: a refused model stays as it was
+            raise ValueError(
+                f"zero_init: {refused[0]!r} is an input of the reparametrized {reparametrized[refused[0]]!r} (weight_norm, "
+                "spectral_norm or torch.nn.utils.parametrize), which zero inputs need not make zero (weight_norm's "
+                "and spectral_norm's are NaN): leave that layer out of zero_init, or remove its reparametrization"
+            )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._zero_init:
@@ -781,6 +794,23 @@ def _names_under(
                 f"name: {'zeroing one zeroes both' if option == 'zero_init' else 'adapting one adapts both'}; name both or neither"
             )
     return frozenset(found)
+
+
+def _reparametrized(model: nn.Module) -> dict[str, str]:
+    """Each parameter of ``model`` that is an input of a reparametrized tensor -> that tensor's
+    name: ``torch.nn.utils.parametrize``'s (``parametrizations.weight.original``, and the
+    parametrizations' own parameters), and the deprecated ``torch.nn.utils.weight_norm``'s
+    (``weight_g``, ``weight_v``) and ``spectral_norm``'s (``weight_orig``)."""
+    found: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if parametrize.is_parametrized(module):
+            for tensor, parametrizations in module.parametrizations.items():
+                found.update({f"{dot}parametrizations.{tensor}.{n}": f"{dot}{tensor}" for n, _ in parametrizations.named_parameters()})
+        for hook in module._forward_pre_hooks.values():
+            inputs = {WeightNorm: ("_g", "_v"), SpectralNorm: ("_orig",)}.get(type(hook), ())
+            found.update({f"{dot}{hook.name}{suffix}": f"{dot}{hook.name}" for suffix in inputs})
+    return found
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:
