@@ -576,6 +576,37 @@ def test_a_model_vmap_cannot_run_falls_back_to_the_loop_once_and_for_all() -> No
     assert torch.equal(losses, looped.query_losses(*data))
 
 
+class LastStateOfGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_a_recurrent_model_runs_in_the_loop_with_the_autograd_meta_gradient() -> None:
+    """``nn.GRU`` (as ``nn.LSTM`` and ``nn.RNN``) does not run under ``vmap`` (PyTorch 2.13), as
+    the README says: ``"auto"`` warns, loops, and takes the second-order meta-gradient exactly."""
+
+    def make():
+        torch.manual_seed(0)
+        return LastStateOfGRU().double()
+
+    g = torch.Generator().manual_seed(0)
+    xs, xq = (torch.randn(2, 3, 4, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    data = (xs, torch.randint(0, 2, (2, 3), generator=g), xq, torch.randint(0, 2, (2, 3), generator=g))
+    model = make()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2)
+    with pytest.warns(UserWarning, match="vmap over tasks failed"):
+        maml(*data).backward()
+    assert maml.vectorize is False
+    expected = reference_meta_grad(make(), 0.5, 2, data, first_order=False)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
 def test_a_bad_call_raises_its_error_and_leaves_vmap_on(recwarn) -> None:
     """A user's mistake fails in the loop as under vmap: it says nothing about the model, so
     later calls still run vmapped (9x faster on the sinusoid MLP)."""
