@@ -607,6 +607,21 @@ def test_a_recurrent_model_runs_in_the_loop_with_the_autograd_meta_gradient() ->
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+def test_a_lazy_module_not_yet_initialised_is_refused_by_name(vectorize) -> None:
+    """vmap (also under "auto") failed inside the lazy module's hook: "in_features inferred from
+    input: 3 is not equal to in_features from self.weight: 0"."""
+    data = episode()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LazyLinear(2)).double()
+    maml = MAML(model, inner_lr=0.5, vectorize=vectorize)
+    for call in (lambda: maml(*data), lambda: maml.adapt(data[0][0], data[1][0])):
+        with pytest.raises(ValueError, match=r"parameter '2.weight' is not initialised yet \(a lazy module\)"):
+            call()
+    model(data[0][0])  # initialised: MAML runs
+    maml(*data).backward()
+    assert model[2].weight.grad.shape == (2, 4)
+
+
 def test_a_bad_call_raises_its_error_and_leaves_vmap_on(recwarn) -> None:
     """A user's mistake fails in the loop as under vmap: it says nothing about the model, so
     later calls still run vmapped (9x faster on the sinusoid MLP)."""

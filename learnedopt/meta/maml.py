@@ -488,11 +488,20 @@ class MAML(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in adapted}
 
     def _adaptable_params(self) -> Params:
-        """:meth:`initial_params`; raises ValueError when there is none to adapt."""
+        """:meth:`initial_params`; raises ValueError when there is none to adapt, or one is a lazy
+        module's, not yet initialised."""
         params = self.initial_params()
         if not params:
             what = "no parameter of adapt_only" if self._adapt_only is not None else "no parameter of the model"
             raise ValueError(f"MAML: {what} requires grad, so an inner step has nothing to adapt")
+        lazy = [name for name, p in params.items() if nn.parameter.is_lazy(p)]
+        if lazy:
+            # the lazy module's hook, run on the tensors functional_call swaps in, failed under vmap with
+            # "in_features inferred from input: 3 is not equal to in_features from self.weight: 0"
+            raise ValueError(
+                f"MAML: parameter {lazy[0]!r} is not initialised yet (a lazy module): run the model on one batch "
+                "before meta-training, e.g. model(x_support[0])"
+            )
         return params
 
     def _model_buffers(self) -> Params:
