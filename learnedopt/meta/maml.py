@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
@@ -291,6 +292,49 @@ def _twice_differentiable_attention(enabled: bool = True) -> contextlib.Abstract
     ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
     implemented"), so second-order MAML through attention needs it."""
     return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
+
+
+class _PlainWeightNorm(TorchFunctionMode):
+    """Runs ``torch._weight_norm`` (weight normalisation: ``torch.nn.utils.parametrizations``'
+    and the deprecated ``torch.nn.utils.weight_norm``'s) by plain ops: ``v * (g / norm)``, the
+    norm over every dimension but ``dim`` (over all for ``dim=-1``), as its unfused branch.
+
+    The fused kernel it takes for ``dim`` 0 or the last has a wrong double backward (its
+    ``gradgradcheck`` fails; torch 2.13): second-order MAML meta-gradients through
+    ``weight_norm`` came out 28% off those of a plain model computing the same weight, on every
+    path, silently. The plain ops are exact (``norm_except_dim`` would be too, but has no
+    batching rule: ``vmap`` would loop over it).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch._weight_norm:
+            return func(*args, **(kwargs or {}))
+        bound = {**dict(zip(("v", "g", "dim"), args)), **(kwargs or {})}
+        v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
+        if dim == -1:
+            return v * (g / torch.linalg.vector_norm(v))
+        dim %= v.dim()
+        shape = [-1 if d == dim else 1 for d in range(v.dim())]
+        return v * (g / torch.linalg.vector_norm(v.movedim(dim, 0).reshape(v.shape[dim], -1), dim=1).view(shape))
+
+
+def _has_weight_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises a weight by ``torch._weight_norm`` (either ``weight_norm``)."""
+    return any(
+        isinstance(m, _WeightNorm) or any(isinstance(hook, WeightNorm) for hook in m._forward_pre_hooks.values())
+        for m in model.modules()
+    )
+
+
+def _twice_differentiable(model: nn.Module, enabled: bool) -> contextlib.ExitStack:
+    """While ``enabled`` (a second-order graph is built): attention by its math backend
+    (:func:`_twice_differentiable_attention`), and where ``model`` has weight normalisation,
+    that by plain ops (:class:`_PlainWeightNorm`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_twice_differentiable_attention(enabled))
+    if enabled and _has_weight_norm(model):
+        stack.enter_context(_PlainWeightNorm())
+    return stack
 
 
 def replace_batchnorm_(model: nn.Module, by: type[nn.Module] = BatchStatNorm) -> nn.Module:
@@ -568,7 +612,7 @@ class MAML(nn.Module):
             held = dict(zip(fixed, values[len(names) + len(lrs) : len(names) + len(lrs) + len(fixed)], strict=True))
             x, y = pytree.tree_unflatten(list(values[len(names) + len(lrs) + len(fixed) :]), layout)
             buffers = {k: b.clone() for k, b in buffers_at_forward.items()} if create_graph else None
-            with _twice_differentiable_attention(create_graph):
+            with _twice_differentiable(self.model, create_graph):
                 loss = self._loss({**current, **held}, x, y, buffers)
             outside = _leaves_outside([loss], values)
             if outside:
@@ -662,7 +706,7 @@ class MAML(nn.Module):
                 f"MAML needs at least one support and one query example per task, got {', '.join(empty)} "
                 "(episodes drawn with q_query=0 have no query set)"
             )
-        with _twice_differentiable_attention(not self.first_order and torch.is_grad_enabled()):
+        with _twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(*(value for value, _, _ in checked.values()), steps, every_step)
 
     def _query_losses(
