@@ -348,6 +348,22 @@ def test_second_order_meta_gradient_through_attention_matches_autograd_reference
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_maml_refuses_to_run_inside_parametrize_cached(vectorize: bool) -> None:
+    """Inside ``parametrize.cached()`` the first parametrized weight computed was kept for every
+    inner step and task: the meta-loss and meta-gradient came out silently wrong."""
+    data = episode()
+    model = tiny_model()
+    nn.utils.parametrizations.orthogonal(model[2])
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, vectorize=vectorize)
+    expected = maml(*data)
+    with nn.utils.parametrize.cached():
+        for call in (lambda: maml(*data), lambda: maml.adapt(data[0][0], data[1][0])):
+            with pytest.raises(RuntimeError, match=r"cannot run inside torch.nn.utils.parametrize.cached\(\)"):
+                call()
+    assert torch.equal(maml(*data), expected)  # outside it runs as before
+
+
 class RowNormalisedFirstLayer(nn.Module):
     """``tiny_model()`` with its first weight ``g * v / |v|`` (per row) by plain ops: what
     ``weight_norm`` computes, without ``torch._weight_norm``."""

@@ -533,7 +533,14 @@ class MAML(nn.Module):
 
     def _adaptable_params(self) -> Params:
         """:meth:`initial_params`; raises ValueError when there is none to adapt, or one is a lazy
-        module's, not yet initialised."""
+        module's, not yet initialised, and RuntimeError inside ``parametrize.cached()``."""
+        if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in self.model.modules()):
+            # the cache keeps the weight computed from the first parameters functional_call gives it:
+            # every later inner step and task ran with it (meta-loss and meta-gradient silently wrong)
+            raise RuntimeError(
+                "MAML cannot run inside torch.nn.utils.parametrize.cached(): the cache would keep a parametrized "
+                "weight of the first parameters it sees for every inner step and task; call MAML outside it"
+            )
         params = self.initial_params()
         if not params:
             what = "no parameter of adapt_only" if self._adapt_only is not None else "no parameter of the model"
