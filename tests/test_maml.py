@@ -864,6 +864,32 @@ def test_meta_sgd_starts_at_inner_lr_and_its_step_sizes_get_the_meta_gradient() 
         torch.testing.assert_close(maml_sgd.inner_lrs[n.replace(".", "/")].grad, expected[n], rtol=1e-10, atol=1e-12)
 
 
+class ComplexLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 2, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return (x.to(self.weight.dtype) @ self.weight).abs()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_meta_sgd_step_sizes_of_a_complex_parameter_are_real(vectorize: bool) -> None:
+    """A complex parameter's learned step sizes were complex, and meta-training gave them an
+    imaginary part: the inner update rotated the gradient instead of stepping along it."""
+    xs, ys, xq, yq = episode(tasks=2)
+    model = ComplexLinear()
+    maml = MAML(model, inner_lr=0.3, inner_steps=1, learn_inner_lr=True, vectorize=vectorize)
+    assert maml.inner_lrs["weight"].dtype == torch.float64
+    maml(xs, ys, xq, yq).backward()
+    w, lr = model.weight.detach().requires_grad_(), torch.full((3, 2), 0.3, dtype=torch.float64, requires_grad=True)
+    loss = lambda p, x, y: nn.functional.cross_entropy((x.to(p.dtype) @ p).abs(), y)  # noqa: E731
+    meta_loss = sum(loss(w - lr * torch.autograd.grad(loss(w, xs[b], ys[b]), w, create_graph=True)[0], xq[b], yq[b]) for b in range(2)) / 2
+    expected = torch.autograd.grad(meta_loss, (w, lr))
+    torch.testing.assert_close(model.weight.grad, expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maml.inner_lrs["weight"].grad, expected[1], rtol=1e-10, atol=1e-12)
+
+
 def test_meta_sgd_has_step_sizes_only_for_the_parameters_that_adapt_when_built() -> None:
     model = tiny_model()
     model[0].requires_grad_(False)

@@ -386,7 +386,7 @@ class MAML(nn.Module):
         first_order: drop the second-order terms (first-order MAML): the meta-gradient is the
             query-loss gradient at the adapted parameters.
         learn_inner_lr: Meta-SGD (Li et al. 2017): a learned step size for every parameter
-            element, trained with the initialisation.
+            element (real, for a complex parameter too), trained with the initialisation.
         step_loss_weights: MAML++ (Antoniou et al. 2019) multi-step loss: weight of the query loss
             after each inner step, length ``inner_steps``. Default: only the last step counts.
             An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
@@ -494,9 +494,10 @@ class MAML(nn.Module):
             for name, p in model.named_parameters():
                 if name in self._zero_init:
                     p.zero_()
-        # ParameterDict keys cannot contain dots
+        # ParameterDict keys cannot contain dots; a complex parameter's step sizes are real (a complex
+        # one, meta-learned, rotated the gradient: no longer a step along it)
         self.inner_lrs = nn.ParameterDict(
-            {n.replace(".", "/"): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in model.named_parameters() if n in self._names()}
+            {n.replace(".", "/"): nn.Parameter(torch.full_like(p.real, inner_lr)) for n, p in model.named_parameters() if n in self._names()}
         ) if learn_inner_lr else None
         self.inner_lr = inner_lr
 
