@@ -246,9 +246,8 @@ class _AffineAfterNorm(TorchFunctionMode):
 
 
 class _PaddingRowWithoutGradient(TorchFunctionMode):
-    """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) as
-    an embedding without one, of the weight with its padding row detached: the same output, and no
-    gradient to that row.
+    """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) on
+    the weight with its padding row detached: the same output, and no gradient to that row.
 
     Under ``vmap`` over per-task weights, the embedding's batching rule looks the tasks' indices
     up in one table of the stacked weights, where ``padding_idx`` is the first task's row only:
@@ -257,28 +256,23 @@ class _PaddingRowWithoutGradient(TorchFunctionMode):
     loop's, first- and second-order (torch 2.13, float64), silently.
     """
 
-    # function -> (position of the weight, position of padding_idx, its value for "none")
-    _FUNCTIONS = {nn.functional.embedding: (1, 2, None), torch.embedding: (0, 2, -1)}
+    # function -> (position of the weight, position of padding_idx); torch.embedding's -1 is "none"
+    _FUNCTIONS = {nn.functional.embedding: (1, 2), torch.embedding: (0, 2)}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         found = self._FUNCTIONS.get(func)
         if found is None:
             return func(*args, **kwargs)
-        weight_at, padding_at, none = found
-        args = list(args)
-        if "padding_idx" in kwargs:
-            padding, kwargs["padding_idx"] = kwargs["padding_idx"], none
-        elif padding_at < len(args):
-            padding, args[padding_at] = args[padding_at], none
-        else:
-            padding = none
-        # torch.embedding's -1 is "none"; F.embedding counts a negative index from the end
+        weight_at, padding_at = found
+        padding = kwargs.get("padding_idx", args[padding_at] if padding_at < len(args) else None)
         if padding is None or (func is torch.embedding and padding < 0):
             return func(*args, **kwargs)
+        args = list(args)
         weight = kwargs["weight"] if "weight" in kwargs else args[weight_at]
-        rows = torch.arange(weight.shape[0], device=weight.device)
-        weight = torch.where((rows == padding % weight.shape[0]).unsqueeze(1), weight.detach(), weight)
+        row = padding + weight.shape[0] if padding < 0 else padding  # F.embedding counts from the end
+        padding_row = torch.arange(weight.shape[0], device=weight.device) == row
+        weight = torch.where(padding_row.unsqueeze(1), weight.detach(), weight)
         if "weight" in kwargs:
             kwargs["weight"] = weight
         else:
