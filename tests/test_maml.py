@@ -676,6 +676,35 @@ def test_a_lazy_module_not_yet_initialised_is_refused_by_name(vectorize) -> None
     assert model[2].weight.grad.shape == (2, 4)
 
 
+def test_the_fallback_to_the_loop_starts_from_the_buffers_the_failed_vmap_found() -> None:
+    """spectral_norm's power iteration updates its buffers in place at the first (shared)
+    parameters, then fails under vmap at the per-task ones: the loop ran from the updated
+    buffers, and the first meta-step's loss and meta-gradient differed from
+    ``vectorize=False``'s (2e-3 here)."""
+
+    def make():
+        model = tiny_model()
+        torch.manual_seed(1)
+        nn.utils.spectral_norm(model[0])
+        return model
+
+    data = episode()
+    looped = make()
+    expected = MAML(looped, inner_lr=0.5, inner_steps=2, vectorize=False)(*data)
+    expected.backward()
+    model = make()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2)
+    with pytest.warns(UserWarning, match="vmap over tasks failed"):
+        loss = maml(*data)
+    loss.backward()
+    assert maml.vectorize is False
+    assert loss.item() == expected.item()
+    for (name, b), c in zip(model.named_buffers(), looped.buffers(), strict=True):
+        assert torch.equal(b, c), name
+    for p, q in zip(model.parameters(), looped.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 def test_a_bad_call_raises_its_error_and_leaves_vmap_on(recwarn) -> None:
     """A user's mistake fails in the loop as under vmap: it says nothing about the model, so
     later calls still run vmapped (9x faster on the sinusoid MLP)."""

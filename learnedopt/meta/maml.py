@@ -720,12 +720,19 @@ class MAML(nn.Module):
         )
         vmap_error = None
         if vectorize:
+            # an attempt that fails part-way may have updated buffers in place (spectral_norm's power
+            # iteration at the first, shared, parameters): the loop starts from them as they were
+            buffers = {} if self.vectorize is True else {k: b.clone() for k, b in self._model_buffers().items()}
             try:
                 return self._vmapped(params, x_support, y_support, x_query, y_query, steps, every_step)
             except RuntimeError as err:
                 if self.vectorize is True:
                     raise
                 vmap_error = err
+                with torch.no_grad():
+                    for name, value in self._model_buffers().items():
+                        if name in buffers:
+                            value.copy_(buffers[name])
         # a bad input (mismatched shapes) fails here too, with its own message, and leaves vmap on
         data = (x_support, y_support, x_query, y_query)
         losses = torch.stack([
