@@ -808,16 +808,19 @@ class BagOfEmbeddings(nn.Module):
         return self.head(self.embedding(tokens).mean(-2))
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["module", "functional"])
+@pytest.mark.parametrize("direct", [False, True, "sequential"], ids=["module", "functional", "sequential"])
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_an_embeddings_padding_row_gets_no_meta_gradient_on_every_path(first_order: bool, vectorize: bool, direct: bool) -> None:
+def test_an_embeddings_padding_row_gets_no_meta_gradient_on_every_path(first_order: bool, vectorize: bool, direct) -> None:
     """Under ``vmap`` the embedding looks up per-task weights in one stacked table, where
     ``padding_idx`` was the first task's row only: every other task's padding row got a
-    meta-gradient, 40% off the autograd loop's, silently. MAML keeps that row out of the graph."""
+    meta-gradient, 40% off the autograd loop's, silently. MAML keeps that row out of the graph,
+    also in a model of torch.nn's layers alone (where only an ``nn.Embedding`` turns the fix on)."""
 
     def make():
         torch.manual_seed(0)
+        if direct == "sequential":
+            return nn.Sequential(nn.Embedding(6, 3, padding_idx=0), nn.Flatten(), nn.Linear(15, 2)).double()
         return BagOfEmbeddings(direct).double()
 
     g = torch.Generator().manual_seed(0)
@@ -826,7 +829,7 @@ def test_an_embeddings_padding_row_gets_no_meta_gradient_on_every_path(first_ord
     model = make()
     MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order, vectorize=vectorize)(*data).backward()
     expected = reference_meta_grad(make(), 0.5, 2, data, first_order=first_order)
-    assert expected[0][-1 if direct else 0].abs().max() == 0  # the reference: none to the padding row
+    assert expected[0][-1 if direct is True else 0].abs().max() == 0  # the reference: none to the padding row
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
