@@ -1,8 +1,9 @@
 """Meta-learning: the differentiable unroll of update rules, task families, the training loop,
 and learned initialisations (MAML, Reptile)."""
 
+from .batchnorm import BatchStatNorm, RunningStatNorm, replace_batchnorm_
 from .distributed import DistributedError, Workers
-from .maml import MAML, BatchStatNorm, RunningStatNorm, multi_step_loss_weights, replace_batchnorm_
+from .maml import MAML, multi_step_loss_weights
 from .reptile import Reptile
 from .tasks import (
     MNIST_SPLIT,

@@ -6,13 +6,10 @@ adapts a copy of them with a few gradient steps on its support set, and the meta
 query loss at the adapted parameters. The tasks of a meta-batch run under ``torch.func.vmap``
 (one batched computation for all tasks) where the model allows it, else in a loop.
 
-BatchNorm: statistics are always *transductive*, as in the original MAML code. Every forward pass
-normalises with the statistics of the batch it is given (the support set while adapting, the
-query set when evaluating), and no running statistics are kept or used: BatchNorm layers are
-replaced by :class:`BatchStatNorm` (same affine parameters). Numbers reported with this class use that
-setting. ``batchnorm="running"`` is the inductive alternative: every example is normalised with the
-running statistics the layer holds (a pretrained network's), which stay as they are, by
-:class:`RunningStatNorm`. ``batchnorm="error"`` refuses models with BatchNorm instead.
+BatchNorm is transductive by default, as in the original MAML code (:mod:`.batchnorm`: every
+forward pass normalises with the statistics of its own batch; numbers reported with this class
+use that setting); ``batchnorm="running"`` is the inductive alternative, ``"error"`` refuses
+models with BatchNorm.
 """
 
 from __future__ import annotations
@@ -21,364 +18,43 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
-from torch.overrides import TorchFunctionMode
+
+from .autograd_fixes import (
+    AffineAfterNorm,
+    PaddingRowWithoutGradient,
+    may_embed,
+    twice_differentiable,
+)
+from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, replace_batchnorm_
+from .model_calls import (
+    Inputs,
+    LossFn,
+    check_inputs,
+    default_loss,
+    model_arguments,
+    outside_inference,
+)
+
+__all__ = [
+    "MAML",
+    "BatchStatNorm",
+    "RunningStatNorm",
+    "apply_batchnorm_policy_",
+    "default_loss",
+    "multi_step_loss_weights",
+    "replace_batchnorm_",
+]
 
 Params = dict[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
-#: a model's inputs (or a loss's targets): one tensor, or a tuple or list (the model's positional
-#: arguments) or dict (its keyword arguments) of tensors, also nested, with the same leading dims
-Inputs = Tensor | Sequence[Any] | Mapping[str, Any]
-
-
-def model_arguments(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The positional and keyword arguments of the model called on ``inputs``: one tensor is its
-    one argument, a tuple's or list's entries its positional ones (``model(*inputs)``), a dict's
-    its keyword ones (``model(**inputs)``, as a Hugging Face model takes ``input_ids`` and
-    ``attention_mask``)."""
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
-def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs, Tensor, str]:
-    """Check a tuple, list or dict of inputs (or targets): tensors only, not empty, all with the
-    same first ``dims`` sizes (2: ``(B, N)``, tasks and examples; 1: ``(N,)``, examples).
-
-    Returns the inputs (a mapping as a plain dict, which ``vmap`` and ``torch.utils._pytree`` map
-    over), their first tensor, which stands for them all in the caller's own checks, and that
-    tensor's name for messages, e.g. ``x_support['attention_mask']``. One tensor is returned as
-    it is, unchecked, named ``name``. Raises TypeError or ValueError naming the input at fault.
-    """
-    if isinstance(inputs, Tensor):
-        return inputs, inputs, name
-    if isinstance(inputs, Mapping):
-        inputs = dict(inputs)
-    elif not isinstance(inputs, (tuple, list)):
-        layout = "(B, N, ...) tensor of B tasks" if dims == 2 else "(N, ...) tensor"
-        raise TypeError(
-            f"{who} takes {name} as one {layout}, or a tuple, list or dict of them (the model's positional or "
-            f"keyword arguments), got {name} of type {type(inputs).__name__}"
-        )
-    leaves = pytree.tree_flatten_with_path(inputs)[0]
-    if not leaves:
-        raise ValueError(f"{who} takes {name} as a tuple, list or dict of tensors, got an empty {type(inputs).__name__}")
-    named = [(name + pytree.keystr(path), leaf) for path, leaf in leaves]
-    for label, leaf in named:
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"{who} takes {name} as a tuple, list or dict of tensors, got {label} of type {type(leaf).__name__}")
-    layout, leading = ("(B, N, ...)", "(B, N)") if dims == 2 else ("(N, ...)", "(N,)")
-    first_label, first = named[0]
-    for label, leaf in named:
-        if leaf.dim() < dims:
-            raise ValueError(f"{who} takes every tensor of {name} as {layout}, got {label} of shape {tuple(leaf.shape)}")
-        if leaf.shape[:dims] != first.shape[:dims]:
-            raise ValueError(
-                f"{who} takes the tensors of {name} with the same leading {leading} sizes, got "
-                f"{first_label} of shape {tuple(first.shape)} and {label} of shape {tuple(leaf.shape)}"
-            )
-    return inputs, first, first_label
-
-
-def outside_inference(inputs: Any) -> Any:
-    """``inputs`` (a tensor, or a tuple, list or dict of them) with every ``inference_mode`` tensor
-    cloned into a normal one: autograd saves no inference tensors, so a differentiated inner loop
-    run for evaluation under ``inference_mode`` reads such copies. Anything else as it is."""
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, inputs)
-
-
-def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
-    class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
-    meta-trained on a zero loss without a word), and outputs that are not one tensor of logits
-    (a model returning a tuple or dict needs a ``loss_fn`` that picks from it)."""
-    if not isinstance(outputs, Tensor):
-        raise TypeError(
-            f"the default loss_fn, cross-entropy, takes the model's output as one tensor of logits, got a "
-            f"{type(outputs).__name__}: pass loss_fn(outputs, targets) that reads it, e.g. "
-            "loss_fn=lambda outputs, y: nn.functional.cross_entropy(outputs[0], y)"
-        )
-    classes = outputs.shape[1] if outputs.dim() >= 2 else outputs.shape[0] if outputs.dim() == 1 else None
-    if classes == 1:
-        raise ValueError(
-            "the default loss_fn, cross-entropy, is 0 over a model with one output whatever the targets: "
-            "pass loss_fn, e.g. loss_fn=nn.functional.mse_loss for regression"
-        )
-    return nn.functional.cross_entropy(outputs, targets)
-
-
-class BatchStatNorm(nn.Module):
-    """Batch normalisation with the statistics of the current batch only (transductive).
-
-    Under ``vmap`` it is written with plain tensor ops, so that ``torch.func.grad`` differentiates it
-    twice exactly: PyTorch's fused batch-norm kernel gave second-order MAML meta-gradients 0.2% to
-    0.9% off the autograd loop's under ``vmap`` (relative norm, small MLPs, torch 2.13, float64). Outside ``vmap``
-    it calls that fused kernel, which is exact there and faster.
-    Input ``(N, C, *spatial)``; normalises over every dimension except ``C``.
-    """
-
-    def __init__(self, source: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.eps = source.eps
-        self.weight = source.weight  # the same Parameter objects: names and optimizers carry over
-        self.bias = source.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2 or x.numel() == x.shape[1]:
-            # the fused kernel refuses this; under vmap the plain ops would give 0 everywhere
-            raise ValueError(
-                f"BatchNorm with batch statistics needs more than 1 value per channel, got input of "
-                f"shape {tuple(x.shape)} (one example): give the task more than one support example"
-            )
-        if not torch._C._functorch.is_functorch_wrapped_tensor(x):
-            # outside torch.func transforms the fused kernel is exact and faster (same statistics)
-            return nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
-
-
-class RunningStatNorm(nn.Module):
-    """Batch normalisation with the running statistics a BatchNorm layer holds (inductive): every
-    example is normalised on its own, as in ``eval()`` mode, and the statistics are never updated,
-    in training or evaluation; for a pretrained network whose statistics should be kept.
-
-    It holds the layer's own ``weight``, ``bias``, ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` (the same tensors, under the same names, so a checkpoint of the
-    original model still loads). Written with plain tensor ops, which ``torch.func`` differentiates
-    twice exactly under ``vmap`` (see :class:`BatchStatNorm`). Input ``(N, C, *spatial)``.
-    """
-
-    def __init__(self, source: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        self.check(source)
-        self.eps = source.eps
-        self.weight = source.weight  # the same Parameter objects: names and optimizers carry over
-        self.bias = source.bias
-        self.register_buffer("running_mean", source.running_mean)
-        self.register_buffer("running_var", source.running_var)
-        self.register_buffer("num_batches_tracked", source.num_batches_tracked)
-
-    @staticmethod
-    def check(source: nn.modules.batchnorm._BatchNorm) -> None:
-        """Raise ValueError unless ``source`` holds running statistics."""
-        if source.running_mean is None or source.running_var is None:
-            raise ValueError(
-                f"batchnorm='running' normalises with the layer's running statistics, but this {type(source).__name__} "
-                "has none (track_running_stats=False): use batchnorm='transductive'"
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2:
-            raise ValueError(f"BatchNorm takes an input (N, C, *spatial), got shape {tuple(x.shape)}")
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        out = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
-
-
-class _AffineAfterNorm(TorchFunctionMode):
-    """Runs ``layer_norm``, ``instance_norm`` and ``batch_norm`` (``torch.nn.functional``'s and
-    ``torch``'s own) without their weight and bias, then applies them with plain ops.
-
-    Under ``vmap``, these kernels' second-order gradients with a weight are wrong (the batching
-    rule of their backward, pytorch/functorch#534): second-order MAML meta-gradients through
-    ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d``, ``F.batch_norm`` or a direct
-    ``torch.layer_norm`` came out 0.5-4% off the autograd loop's (torch 2.13, float64), silently.
-    Without the affine parameters they are exact. (``group_norm`` and ``rms_norm`` are exact.)
-    """
-
-    # function -> (where the affine parameters broadcast, position of the weight; the bias follows it)
-    _FUNCTIONS = {
-        nn.functional.layer_norm: ("trailing", 2),
-        torch.layer_norm: ("trailing", 2),
-        nn.functional.instance_norm: ("channel", 3),
-        torch.instance_norm: ("channel", 1),
-        nn.functional.batch_norm: ("channel", 3),
-        torch.batch_norm: ("channel", 1),
-    }
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        found = self._FUNCTIONS.get(func)
-        if found is None:
-            return func(*args, **kwargs)
-        where, weight_at = found
-        args = list(args)
-        affine = []
-        for name, at in (("weight", weight_at), ("bias", weight_at + 1)):
-            if name in kwargs:
-                affine.append(kwargs.pop(name))
-            elif at < len(args):
-                affine.append(args[at])
-                args[at] = None
-            else:
-                affine.append(None)
-        out = func(*args, **kwargs)
-        weight, bias = affine
-        if where == "channel":  # (C,) against an input (N, C, *spatial); layer_norm's broadcast as they are
-            shape = [1, -1] + [1] * (out.dim() - 2)
-            weight, bias = (None if t is None else t.view(shape) for t in (weight, bias))
-        if weight is not None:
-            out = out * weight
-        if bias is not None:
-            out = out + bias
-        return out
-
-
-class _PaddingRowWithoutGradient(TorchFunctionMode):
-    """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) on
-    the weight with its padding row detached: the same output, and no gradient to that row.
-
-    Under ``vmap`` over per-task weights, the embedding's batching rule looks the tasks' indices
-    up in one table of the stacked weights, where ``padding_idx`` is the first task's row only:
-    a backward outside ``vmap`` (MAML's meta-gradient) gave every other task's padding row a
-    gradient, and meta-gradients of ``nn.Embedding(..., padding_idx=0)`` came out 40% off the
-    loop's, first- and second-order (torch 2.13, float64), silently.
-    """
-
-    # function -> (position of the weight, position of padding_idx); torch.embedding's -1 is "none"
-    _FUNCTIONS = {nn.functional.embedding: (1, 2), torch.embedding: (0, 2)}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        found = self._FUNCTIONS.get(func)
-        if found is None:
-            return func(*args, **kwargs)
-        weight_at, padding_at = found
-        padding = kwargs.get("padding_idx", args[padding_at] if padding_at < len(args) else None)
-        if padding is None or (func is torch.embedding and padding < 0):
-            return func(*args, **kwargs)
-        args = list(args)
-        weight = kwargs["weight"] if "weight" in kwargs else args[weight_at]
-        row = padding + weight.shape[0] if padding < 0 else padding  # F.embedding counts from the end
-        padding_row = torch.arange(weight.shape[0], device=weight.device) == row
-        weight = torch.where(padding_row.unsqueeze(1), weight.detach(), weight)
-        if "weight" in kwargs:
-            kwargs["weight"] = weight
-        else:
-            args[weight_at] = weight
-        return func(*args, **kwargs)
-
-
-def _may_embed(model: nn.Module) -> bool:
-    """Whether ``model`` may call an embedding (so a padding index): it has an ``nn.Embedding``,
-    or a module of a class of its own, whose forward could call ``F.embedding``. A model of
-    ``torch.nn``'s other layers (and MAML's batch-norm replacements) cannot."""
-    own = (BatchStatNorm, RunningStatNorm)
-    return any(
-        isinstance(m, nn.Embedding) or not (type(m).__module__.startswith("torch.nn.") or isinstance(m, own))
-        for m in model.modules()
-    )
-
-
-def _twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Runs ``F.scaled_dot_product_attention`` by its math backend while ``enabled``. Its fused
-    kernels (flash attention on CPU, flash and memory-efficient on CUDA) have no double backward
-    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented"), so second-order MAML through attention needs it."""
-    return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
-
-
-class _PlainWeightNorm(TorchFunctionMode):
-    """Runs ``torch._weight_norm`` (weight normalisation: ``torch.nn.utils.parametrizations``'
-    and the deprecated ``torch.nn.utils.weight_norm``'s) by plain ops: ``v * (g / norm)``, the
-    norm over every dimension but ``dim`` (over all for ``dim=-1``), as its unfused branch.
-
-    The fused kernel it takes for ``dim`` 0 or the last has a wrong double backward (its
-    ``gradgradcheck`` fails; torch 2.13): second-order MAML meta-gradients through
-    ``weight_norm`` came out 28% off those of a plain model computing the same weight, on every
-    path, silently. The plain ops are exact (``norm_except_dim`` would be too, but has no
-    batching rule: ``vmap`` would loop over it).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is not torch._weight_norm:
-            return func(*args, **(kwargs or {}))
-        bound = {**dict(zip(("v", "g", "dim"), args)), **(kwargs or {})}
-        v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
-        if dim == -1:
-            return v * (g / torch.linalg.vector_norm(v))
-        dim %= v.dim()
-        shape = [-1 if d == dim else 1 for d in range(v.dim())]
-        return v * (g / torch.linalg.vector_norm(v.movedim(dim, 0).reshape(v.shape[dim], -1), dim=1).view(shape))
-
-
-def _has_weight_norm(model: nn.Module) -> bool:
-    """Whether ``model`` normalises a weight by ``torch._weight_norm`` (either ``weight_norm``)."""
-    return any(
-        isinstance(m, _WeightNorm) or any(isinstance(hook, WeightNorm) for hook in m._forward_pre_hooks.values())
-        for m in model.modules()
-    )
-
-
-def _twice_differentiable(model: nn.Module, enabled: bool) -> contextlib.ExitStack:
-    """While ``enabled`` (a second-order graph is built): attention by its math backend
-    (:func:`_twice_differentiable_attention`), and where ``model`` has weight normalisation,
-    that by plain ops (:class:`_PlainWeightNorm`)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(_twice_differentiable_attention(enabled))
-    if enabled and _has_weight_norm(model):
-        stack.enter_context(_PlainWeightNorm())
-    return stack
-
-
-def replace_batchnorm_(model: nn.Module, by: type[nn.Module] = BatchStatNorm) -> nn.Module:
-    """Replace every BatchNorm layer of ``model`` in place by ``by(layer)``
-    (:class:`BatchStatNorm` or :class:`RunningStatNorm`)."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, by(child))
-        else:
-            replace_batchnorm_(child, by)
-    return model
-
-
-#: ``batchnorm=`` policy -> what replaces a BatchNorm layer (None: the model may have none)
-BATCHNORM_POLICIES: dict[str, type[nn.Module] | None] = {
-    "transductive": BatchStatNorm,
-    "running": RunningStatNorm,
-    "error": None,
-}
-
-
-def apply_batchnorm_policy_(model: nn.Module, batchnorm: str) -> nn.Module:
-    """``batchnorm="transductive"``: replace ``model``'s BatchNorm layers in place by
-    :class:`BatchStatNorm`; ``"running"``: by :class:`RunningStatNorm`; ``"error"``: refuse a model
-    with BatchNorm layers."""
-    if batchnorm not in BATCHNORM_POLICIES:
-        raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_POLICIES))}, got {batchnorm!r}")
-    if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        raise ValueError("the model is a single BatchNorm layer, which cannot be replaced in place; wrap it in nn.Sequential")
-    replacement = BATCHNORM_POLICIES[batchnorm]
-    if replacement is not None:
-        if replacement is RunningStatNorm:  # every layer checked first: a refused model stays as it was
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    RunningStatNorm.check(m)
-        return replace_batchnorm_(model, replacement)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("the model has BatchNorm layers and batchnorm='error'")
-    return model
 
 
 class MAML(nn.Module):
@@ -625,7 +301,7 @@ class MAML(nn.Module):
             held = dict(zip(fixed, values[len(names) + len(lrs) : len(names) + len(lrs) + len(fixed)], strict=True))
             x, y = pytree.tree_unflatten(list(values[len(names) + len(lrs) + len(fixed) :]), layout)
             buffers = {k: b.clone() for k, b in buffers_at_forward.items()} if create_graph else None
-            with _twice_differentiable(self.model, create_graph):
+            with twice_differentiable(self.model, create_graph):
                 loss = self._loss({**current, **held}, x, y, buffers)
             outside = _leaves_outside([loss], values)
             if outside:
@@ -719,7 +395,7 @@ class MAML(nn.Module):
                 f"MAML needs at least one support and one query example per task, got {', '.join(empty)} "
                 "(episodes drawn with q_query=0 have no query set)"
             )
-        with _twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
+        with twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(*(value for value, _, _ in checked.values()), steps, every_step)
 
     def _query_losses(
@@ -773,8 +449,8 @@ class MAML(nn.Module):
         # only second-order meta-gradients go through the faulty rule, and each mode costs a Python
         # call per op of the vmapped forward (10-20% of a sinusoid MLP's meta-step for the padding one)
         second_order = not self.first_order and torch.is_grad_enabled()
-        padding = _PaddingRowWithoutGradient() if _may_embed(self.model) else contextlib.nullcontext()
-        with _AffineAfterNorm() if second_order else contextlib.nullcontext(), padding:
+        padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
+        with AffineAfterNorm() if second_order else contextlib.nullcontext(), padding:
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .maml import Inputs, apply_batchnorm_policy_, check_inputs, default_loss, model_arguments, outside_inference
+from .batchnorm import apply_batchnorm_policy_
+from .model_calls import Inputs, check_inputs, default_loss, model_arguments, outside_inference
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -28,11 +29,11 @@ class Reptile:
     ``total_steps``.
 
     BatchNorm: as in Nichol et al.'s code, statistics are *transductive*: BatchNorm layers are
-    replaced in place by :class:`~learnedopt.meta.maml.BatchStatNorm` (the same affine parameters),
+    replaced in place by :class:`~learnedopt.meta.batchnorm.BatchStatNorm` (the same affine parameters),
     which normalises every batch with its own statistics, in training and in ``eval()`` mode
     alike, and keeps no running statistics (which Reptile would not learn: each task's copy
     would update its own and drop them). ``batchnorm="running"`` replaces them by
-    :class:`~learnedopt.meta.maml.RunningStatNorm` instead, which normalises every example with
+    :class:`~learnedopt.meta.batchnorm.RunningStatNorm` instead, which normalises every example with
     the running statistics the layer holds (a pretrained network's), kept as they are.
     ``batchnorm="error"`` refuses models with BatchNorm.
     Other buffers are not meta-learned: a meta-step moves only the parameters, so a buffer that
@@ -49,7 +50,7 @@ class Reptile:
         inner_optimizer: builds the inner optimizer from parameters; default SGD(lr=0.02).
         outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
             ``total_steps=None`` it stays at ``outer_stepsize``.
-        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy (:func:`~learnedopt.meta.maml.default_loss`).
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy (:func:`~learnedopt.meta.model_calls.default_loss`).
         batchnorm: ``"transductive"`` (default) or ``"error"``, as above.
     """
 

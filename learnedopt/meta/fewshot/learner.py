@@ -17,7 +17,9 @@ from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, load_named_weights, open_with_header, save_with_header
-from ..maml import MAML, outside_inference, replace_batchnorm_
+from ..batchnorm import replace_batchnorm_
+from ..maml import MAML
+from ..model_calls import outside_inference
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, num_coordinates, unroll

@@ -1,0 +1,162 @@
+"""PyTorch functions whose gradients under ``vmap`` or whose double backward are wrong or missing
+(torch 2.13), and the function modes and backends MAML runs them through instead, each exact
+(tested against the autograd loop or a plain-ops model in tests/test_maml.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
+
+from .batchnorm import BatchStatNorm, RunningStatNorm
+
+
+class AffineAfterNorm(TorchFunctionMode):
+    """Runs ``layer_norm``, ``instance_norm`` and ``batch_norm`` (``torch.nn.functional``'s and
+    ``torch``'s own) without their weight and bias, then applies them with plain ops.
+
+    Under ``vmap``, these kernels' second-order gradients with a weight are wrong (the batching
+    rule of their backward, pytorch/functorch#534): second-order MAML meta-gradients through
+    ``nn.LayerNorm``, an affine ``nn.InstanceNorm1d``, ``F.batch_norm`` or a direct
+    ``torch.layer_norm`` came out 0.5-4% off the autograd loop's (torch 2.13, float64), silently.
+    Without the affine parameters they are exact. (``group_norm`` and ``rms_norm`` are exact.)
+    """
+
+    # function -> (where the affine parameters broadcast, position of the weight; the bias follows it)
+    _FUNCTIONS = {
+        nn.functional.layer_norm: ("trailing", 2),
+        torch.layer_norm: ("trailing", 2),
+        nn.functional.instance_norm: ("channel", 3),
+        torch.instance_norm: ("channel", 1),
+        nn.functional.batch_norm: ("channel", 3),
+        torch.batch_norm: ("channel", 1),
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        found = self._FUNCTIONS.get(func)
+        if found is None:
+            return func(*args, **kwargs)
+        where, weight_at = found
+        args = list(args)
+        affine = []
+        for name, at in (("weight", weight_at), ("bias", weight_at + 1)):
+            if name in kwargs:
+                affine.append(kwargs.pop(name))
+            elif at < len(args):
+                affine.append(args[at])
+                args[at] = None
+            else:
+                affine.append(None)
+        out = func(*args, **kwargs)
+        weight, bias = affine
+        if where == "channel":  # (C,) against an input (N, C, *spatial); layer_norm's broadcast as they are
+            shape = [1, -1] + [1] * (out.dim() - 2)
+            weight, bias = (None if t is None else t.view(shape) for t in (weight, bias))
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
+        return out
+
+
+class PaddingRowWithoutGradient(TorchFunctionMode):
+    """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) on
+    the weight with its padding row detached: the same output, and no gradient to that row.
+
+    Under ``vmap`` over per-task weights, the embedding's batching rule looks the tasks' indices
+    up in one table of the stacked weights, where ``padding_idx`` is the first task's row only:
+    a backward outside ``vmap`` (MAML's meta-gradient) gave every other task's padding row a
+    gradient, and meta-gradients of ``nn.Embedding(..., padding_idx=0)`` came out 40% off the
+    loop's, first- and second-order (torch 2.13, float64), silently.
+    """
+
+    # function -> (position of the weight, position of padding_idx); torch.embedding's -1 is "none"
+    _FUNCTIONS = {nn.functional.embedding: (1, 2), torch.embedding: (0, 2)}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        found = self._FUNCTIONS.get(func)
+        if found is None:
+            return func(*args, **kwargs)
+        weight_at, padding_at = found
+        padding = kwargs.get("padding_idx", args[padding_at] if padding_at < len(args) else None)
+        if padding is None or (func is torch.embedding and padding < 0):
+            return func(*args, **kwargs)
+        args = list(args)
+        weight = kwargs["weight"] if "weight" in kwargs else args[weight_at]
+        row = padding + weight.shape[0] if padding < 0 else padding  # F.embedding counts from the end
+        padding_row = torch.arange(weight.shape[0], device=weight.device) == row
+        weight = torch.where(padding_row.unsqueeze(1), weight.detach(), weight)
+        if "weight" in kwargs:
+            kwargs["weight"] = weight
+        else:
+            args[weight_at] = weight
+        return func(*args, **kwargs)
+
+
+def may_embed(model: nn.Module) -> bool:
+    """Whether ``model`` may call an embedding (so a padding index): it has an ``nn.Embedding``,
+    or a module of a class of its own, whose forward could call ``F.embedding``. A model of
+    ``torch.nn``'s other layers (and MAML's batch-norm replacements) cannot."""
+    own = (BatchStatNorm, RunningStatNorm)
+    return any(
+        isinstance(m, nn.Embedding) or not (type(m).__module__.startswith("torch.nn.") or isinstance(m, own))
+        for m in model.modules()
+    )
+
+
+def twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Runs ``F.scaled_dot_product_attention`` by its math backend while ``enabled``. Its fused
+    kernels (flash attention on CPU, flash and memory-efficient on CUDA) have no double backward
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), so second-order MAML through attention needs it."""
+    return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
+
+
+class PlainWeightNorm(TorchFunctionMode):
+    """Runs ``torch._weight_norm`` (weight normalisation: ``torch.nn.utils.parametrizations``'
+    and the deprecated ``torch.nn.utils.weight_norm``'s) by plain ops: ``v * (g / norm)``, the
+    norm over every dimension but ``dim`` (over all for ``dim=-1``), as its unfused branch.
+
+    The fused kernel it takes for ``dim`` 0 or the last has a wrong double backward (its
+    ``gradgradcheck`` fails; torch 2.13): second-order MAML meta-gradients through
+    ``weight_norm`` came out 28% off those of a plain model computing the same weight, on every
+    path, silently. The plain ops are exact (``norm_except_dim`` would be too, but has no
+    batching rule: ``vmap`` would loop over it).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch._weight_norm:
+            return func(*args, **(kwargs or {}))
+        bound = {**dict(zip(("v", "g", "dim"), args)), **(kwargs or {})}
+        v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
+        if dim == -1:
+            return v * (g / torch.linalg.vector_norm(v))
+        dim %= v.dim()
+        shape = [-1 if d == dim else 1 for d in range(v.dim())]
+        return v * (g / torch.linalg.vector_norm(v.movedim(dim, 0).reshape(v.shape[dim], -1), dim=1).view(shape))
+
+
+def has_weight_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises a weight by ``torch._weight_norm`` (either ``weight_norm``)."""
+    return any(
+        isinstance(m, _WeightNorm) or any(isinstance(hook, WeightNorm) for hook in m._forward_pre_hooks.values())
+        for m in model.modules()
+    )
+
+
+def twice_differentiable(model: nn.Module, enabled: bool) -> contextlib.ExitStack:
+    """While ``enabled`` (a second-order graph is built): attention by its math backend
+    (:func:`twice_differentiable_attention`), and where ``model`` has weight normalisation,
+    that by plain ops (:class:`PlainWeightNorm`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(twice_differentiable_attention(enabled))
+    if enabled and has_weight_norm(model):
+        stack.enter_context(PlainWeightNorm())
+    return stack

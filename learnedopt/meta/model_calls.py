@@ -1,0 +1,94 @@
+"""How MAML and Reptile call a model on a task's data and score it: the forms a model's inputs
+take (one tensor, or a tuple, list or dict of tensors: its positional or keyword arguments), their
+checks, and the default loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+#: a model's inputs (or a loss's targets): one tensor, or a tuple or list (the model's positional
+#: arguments) or dict (its keyword arguments) of tensors, also nested, with the same leading dims
+Inputs = Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+def model_arguments(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of the model called on ``inputs``: one tensor is its
+    one argument, a tuple's or list's entries its positional ones (``model(*inputs)``), a dict's
+    its keyword ones (``model(**inputs)``, as a Hugging Face model takes ``input_ids`` and
+    ``attention_mask``)."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs, Tensor, str]:
+    """Check a tuple, list or dict of inputs (or targets): tensors only, not empty, all with the
+    same first ``dims`` sizes (2: ``(B, N)``, tasks and examples; 1: ``(N,)``, examples).
+
+    Returns the inputs (a mapping as a plain dict, which ``vmap`` and ``torch.utils._pytree`` map
+    over), their first tensor, which stands for them all in the caller's own checks, and that
+    tensor's name for messages, e.g. ``x_support['attention_mask']``. One tensor is returned as
+    it is, unchecked, named ``name``. Raises TypeError or ValueError naming the input at fault.
+    """
+    if isinstance(inputs, Tensor):
+        return inputs, inputs, name
+    if isinstance(inputs, Mapping):
+        inputs = dict(inputs)
+    elif not isinstance(inputs, (tuple, list)):
+        layout = "(B, N, ...) tensor of B tasks" if dims == 2 else "(N, ...) tensor"
+        raise TypeError(
+            f"{who} takes {name} as one {layout}, or a tuple, list or dict of them (the model's positional or "
+            f"keyword arguments), got {name} of type {type(inputs).__name__}"
+        )
+    leaves = pytree.tree_flatten_with_path(inputs)[0]
+    if not leaves:
+        raise ValueError(f"{who} takes {name} as a tuple, list or dict of tensors, got an empty {type(inputs).__name__}")
+    named = [(name + pytree.keystr(path), leaf) for path, leaf in leaves]
+    for label, leaf in named:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{who} takes {name} as a tuple, list or dict of tensors, got {label} of type {type(leaf).__name__}")
+    layout, leading = ("(B, N, ...)", "(B, N)") if dims == 2 else ("(N, ...)", "(N,)")
+    first_label, first = named[0]
+    for label, leaf in named:
+        if leaf.dim() < dims:
+            raise ValueError(f"{who} takes every tensor of {name} as {layout}, got {label} of shape {tuple(leaf.shape)}")
+        if leaf.shape[:dims] != first.shape[:dims]:
+            raise ValueError(
+                f"{who} takes the tensors of {name} with the same leading {leading} sizes, got "
+                f"{first_label} of shape {tuple(first.shape)} and {label} of shape {tuple(leaf.shape)}"
+            )
+    return inputs, first, first_label
+
+
+def outside_inference(inputs: Any) -> Any:
+    """``inputs`` (a tensor, or a tuple, list or dict of them) with every ``inference_mode`` tensor
+    cloned into a normal one: autograd saves no inference tensors, so a differentiated inner loop
+    run for evaluation under ``inference_mode`` reads such copies. Anything else as it is."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, inputs)
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
+    class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
+    meta-trained on a zero loss without a word), and outputs that are not one tensor of logits
+    (a model returning a tuple or dict needs a ``loss_fn`` that picks from it)."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the default loss_fn, cross-entropy, takes the model's output as one tensor of logits, got a "
+            f"{type(outputs).__name__}: pass loss_fn(outputs, targets) that reads it, e.g. "
+            "loss_fn=lambda outputs, y: nn.functional.cross_entropy(outputs[0], y)"
+        )
+    classes = outputs.shape[1] if outputs.dim() >= 2 else outputs.shape[0] if outputs.dim() == 1 else None
+    if classes == 1:
+        raise ValueError(
+            "the default loss_fn, cross-entropy, is 0 over a model with one output whatever the targets: "
+            "pass loss_fn, e.g. loss_fn=nn.functional.mse_loss for regression"
+        )
+    return nn.functional.cross_entropy(outputs, targets)
