@@ -119,6 +119,16 @@ def test_default_weights_on_a_model() -> None:
         assert kernel <= 4 * reference, f"{name}: the kernel is {kernel:.2e} from float64, the PyTorch path {reference:.2e}"
 
 
+def test_fused_weight_decay_matches_torch() -> None:
+    shapes = [(30, 20), (1,), (257,)]
+    fused, _ = run("triton", shapes, weights=DEFAULT, weight_decay=0.05, lr=0.5)
+    ref, _ = run("torch", shapes, weights=DEFAULT, weight_decay=0.05, lr=0.5)
+    plain, _ = run("torch", shapes, weights=DEFAULT, lr=0.5)
+    for p, q, r in zip(fused, ref, plain, strict=True):
+        torch.testing.assert_close(p, q, **TOL)
+        assert not torch.allclose(q, r, **TOL)
+
+
 def test_fused_with_low_precision_parameters_and_maximize() -> None:
     fused, _ = run("triton", [(40,), (3, 5)], dtype=torch.bfloat16, maximize=True)
     ref, _ = run("torch", [(40,), (3, 5)], dtype=torch.bfloat16, maximize=True)

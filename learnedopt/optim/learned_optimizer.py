@@ -45,6 +45,10 @@ class LearnedOptimizer(Optimizer):
             rule's states still advance (so warm-up schedules that start at 0 work). LR schedulers
             from ``torch.optim.lr_scheduler`` scale it like any learning rate.
         maximize: ascend instead of descend.
+        weight_decay: decoupled weight decay (as AdamW's): after the learned step every stepped
+            parameter is multiplied by ``1 - lr * weight_decay``; 0 (the default) for none. The
+            shipped rules were meta-trained without it. AdamW multiplies before its step instead;
+            the two differ by ``lr * weight_decay`` times the step.
         state_dtype: dtype of the per-coordinate LSTM states (float32 default; bfloat16 halves
             their memory; the moving averages ``m`` and ``v`` stay in at least float32), independent of the
             parameter dtype.
@@ -78,6 +82,7 @@ class LearnedOptimizer(Optimizer):
         *,
         lr: float = 1.0,
         maximize: bool = False,
+        weight_decay: float = 0.0,
         state_dtype: torch.dtype = torch.float32,
         nan_policy: str = "raise",
         backend: str = "auto",
@@ -86,6 +91,7 @@ class LearnedOptimizer(Optimizer):
         defaults = {
             "lr": lr,
             "maximize": maximize,
+            "weight_decay": weight_decay,
             "state_dtype": state_dtype,
             "nan_policy": nan_policy,
             "backend": backend,
@@ -561,6 +567,11 @@ class LearnedOptimizer(Optimizer):
             else:
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
                 flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
+            if group["weight_decay"] and lr:
+                # after the step, not before as AdamW: a kernel that fails at its first launch
+                # must leave every parameter as it was
+                with torch.no_grad():
+                    torch._foreach_mul_([sharding.local(p) for p in ps], 1.0 - lr * float(group["weight_decay"]))
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
             progress.updated = True
@@ -845,6 +856,10 @@ def _validate_options(options: dict[str, Any]) -> None:
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
     if not math.isfinite(float(lr)):
         raise ValueError(f"Invalid lr: {float(lr)} (must be finite; it multiplies the learned step)")
+    # groups saved or pickled before the option existed decay nothing
+    decay = options.setdefault("weight_decay", 0.0)
+    if not isinstance(decay, numbers.Real) or isinstance(decay, bool) or not (math.isfinite(decay) and decay >= 0):
+        raise ValueError(f"Invalid weight_decay: {decay!r} (a finite number >= 0)")
     if options["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {options['state_dtype']} (choose from {STATE_DTYPES})")
     if options["nan_policy"] not in NAN_POLICIES:

@@ -19,7 +19,7 @@ class LSTMOptimizer(LearnedOptimizer):
         params: parameters or param groups (as for any ``torch.optim`` optimizer).
         weights: a preset name (see ``learnedopt presets``), a weight file path, or a
             :class:`~learnedopt.nn.CoordinateLSTM`. Default: the library's default preset.
-        lr, maximize, state_dtype, nan_policy, backend, foreach: see
+        lr, maximize, weight_decay, state_dtype, nan_policy, backend, foreach: see
             :class:`~learnedopt.optim.learned_optimizer.LearnedOptimizer`.
 
     Per-parameter state: ``step`` and the LSTM's ``h``, ``c`` of shape

@@ -16,7 +16,7 @@ class MetaLSTMOptimizer(LearnedOptimizer):
     Args:
         params: parameters or param groups.
         weights: a preset name, a weight file path or a :class:`~learnedopt.nn.MetaLSTMCell`.
-        lr, maximize, state_dtype, nan_policy, backend, foreach: see
+        lr, maximize, weight_decay, state_dtype, nan_policy, backend, foreach: see
             :class:`~learnedopt.optim.learned_optimizer.LearnedOptimizer`; ``lr`` scales the
             learned change ``theta_t - theta_{t-1}``.
 

@@ -1,0 +1,103 @@
+"""``weight_decay``: decoupled weight decay after the learned step, on every path."""
+
+import math
+
+import pytest
+import torch
+from helpers import OPTIMIZERS, make_params, set_grads, step
+
+SHAPES = [(5, 3), (7,), (1,), (4, 2)]
+
+
+def decayed_run(kind, foreach, lr, *, steps=4, by_hand=False, nan_at=None, nan_policy="raise"):
+    """Two groups (weight decay 0.1 and 0): the optimizer's own decay, or none and the same
+    multiplication done by hand after each step (the definition)."""
+    params = make_params(SHAPES)
+    decays = (0.0, 0.0) if by_hand else (0.1, 0.0)
+    groups = [{"params": params[:3], "weight_decay": decays[0]}, {"params": params[3:], "weight_decay": decays[1]}]
+    opt = OPTIMIZERS[kind](groups, lr=lr, foreach=foreach, state_dtype=torch.float64, nan_policy=nan_policy)
+    for t in range(steps):
+        set_grads(params, seed=10 + t)
+        if nan_at is not None and t == nan_at:
+            params[1].grad[0] = math.nan
+        before = [p.detach().clone() for p in params]
+        step(opt, 0.5 + t)
+        if by_hand:
+            with torch.no_grad():
+                for i, p in enumerate(params[:3]):
+                    if not (nan_at == t and i == 1):  # a skipped tensor takes no step, and no decay
+                        p.mul_(1.0 - lr * 0.1)
+        if nan_at == t:
+            assert torch.equal(params[1], before[1])
+    return params, opt
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("lr", [1.0, 0.3])
+def test_weight_decay_multiplies_each_stepped_parameter_after_the_learned_step(kind, foreach, lr) -> None:
+    """Bit for bit the learned step followed by ``p *= 1 - lr * weight_decay``, group by group
+    (the second group has none); the rule reads the decayed values at the next step, as
+    MetaLSTMOptimizer's, which reads the parameter, shows."""
+    got, opt = decayed_run(kind, foreach, lr)
+    want, ref = decayed_run(kind, foreach, lr, by_hand=True)
+    for p, q in zip(got, want, strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][name], ref.state[q][name]) for name in opt.rule.state_spec())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_tensor_skipped_for_a_nan_gradient_is_not_decayed(kind) -> None:
+    got, _ = decayed_run(kind, None, 1.0, nan_at=2, nan_policy="skip")
+    want, _ = decayed_run(kind, None, 1.0, nan_at=2, nan_policy="skip", by_hand=True)
+    for p, q in zip(got, want, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lr_zero_decays_nothing_and_a_resumed_run_continues_exactly() -> None:
+    params = make_params(SHAPES)
+    opt = OPTIMIZERS["lstm"](params, lr=0.0, weight_decay=0.5)
+    before = [p.detach().clone() for p in params]
+    set_grads(params, seed=0)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+    def run(resume_at=None):
+        params = make_params(SHAPES)
+        opt = OPTIMIZERS["lstm"](params, weight_decay=0.05)
+        for t in range(4):
+            if t == resume_at:
+                saved = opt.state_dict()
+                opt = OPTIMIZERS["lstm"](params)  # weight_decay comes back with the state
+                opt.load_state_dict(saved)
+                assert opt.param_groups[0]["weight_decay"] == 0.05
+            set_grads(params, seed=t)
+            opt.step()
+        return params
+
+    assert all(torch.equal(p, q) for p, q in zip(run(), run(resume_at=2), strict=True))
+
+
+def test_a_state_saved_before_the_option_existed_loads_and_decays_nothing() -> None:
+    params = make_params(SHAPES)
+    opt = OPTIMIZERS["lstm"](params)
+    set_grads(params, seed=0)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["weight_decay"]
+    other = OPTIMIZERS["lstm"](make_params(SHAPES))
+    other.load_state_dict(saved)
+    set_grads(other.param_groups[0]["params"], seed=1)
+    other.step()
+    assert other.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, True, "0.01"])
+def test_a_bad_weight_decay_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match="Invalid weight_decay"):
+        OPTIMIZERS["lstm"](make_params(SHAPES), weight_decay=bad)
+    opt = OPTIMIZERS["lstm"](make_params(SHAPES))
+    opt.param_groups[0]["weight_decay"] = bad
+    with pytest.raises(ValueError, match="Invalid weight_decay"):
+        opt.step()
