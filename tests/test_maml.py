@@ -401,6 +401,33 @@ def test_second_order_meta_gradient_through_weight_norm_matches_a_plain_model(re
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", ["model", "submodule"])
+@pytest.mark.parametrize("mode", [{"vectorize": True}, {"vectorize": False}, {"vectorize": False, "checkpoint_steps": True},
+                                  {"vectorize": False, "first_order": True}])  # fmt: skip
+def test_a_compiled_model_gives_the_plain_models_meta_gradient(compiled, mode) -> None:
+    """torch.compile has no double backward: second-order MAML's task loop through a compiled
+    model raised "torch.compile with aot_autograd does not currently support double backward" in
+    the meta-backward. MAML runs it eagerly there and under vmap (which Dynamo does not trace)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()  # compiled torch.nn layers share one code object, and its limit of 8 compilations
+    data = episode()
+    model = tiny_model()
+    if compiled == "model":
+        model = torch.compile(model, backend="aot_eager")  # aot_autograd, as the default backend, without its C++ build
+    else:
+        model[0] = torch.compile(model[0], backend="aot_eager")
+    MAML(model, inner_lr=0.5, inner_steps=2, **mode)(*data).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, 2, data, first_order=mode.get("first_order", False))
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+    # under vmap, Dynamo used to give up on the compiled layer's forward for good: every compiled
+    # torch.nn layer of the process ran eagerly after the first vmapped meta-step
+    counter = CompileCounter()
+    torch.compile(nn.Linear(2, 2).double(), backend=counter)(torch.ones(1, 2, dtype=torch.float64))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_zero_init_starts_every_task_at_zero_and_learns_only_the_rest(vectorize) -> None:
     """``zero_init`` equals MAML on a model whose output layer is zero, except that the layer

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -151,12 +152,24 @@ def has_weight_norm(model: nn.Module) -> bool:
     )
 
 
+def compiled_eagerly(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Runs the ``torch.compile``'d modules of ``model`` (``torch.compile(model)``, or a compiled
+    submodule) eagerly while ``enabled``. torch.compile has no double backward ("torch.compile
+    with aot_autograd does not currently support double backward", raised in the meta-backward)
+    and does not trace under ``vmap``: Dynamo then runs the forward eagerly and skips its code
+    for good, so every compiled ``torch.nn`` layer of the process ran uncompiled afterwards."""
+    dynamo = sys.modules.get("torch._dynamo")  # imported by torch.compile: without it nothing is compiled
+    compiled = enabled and dynamo is not None and any(isinstance(m, dynamo.eval_frame.OptimizedModule) for m in model.modules())
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
 def twice_differentiable(model: nn.Module, enabled: bool) -> contextlib.ExitStack:
     """While ``enabled`` (a second-order graph is built): attention by its math backend
-    (:func:`twice_differentiable_attention`), and where ``model`` has weight normalisation,
-    that by plain ops (:class:`PlainWeightNorm`)."""
+    (:func:`twice_differentiable_attention`), where ``model`` has weight normalisation, that by
+    plain ops (:class:`PlainWeightNorm`), and its compiled modules eagerly (:func:`compiled_eagerly`)."""
     stack = contextlib.ExitStack()
     stack.enter_context(twice_differentiable_attention(enabled))
     if enabled and has_weight_norm(model):
         stack.enter_context(PlainWeightNorm())
+    stack.enter_context(compiled_eagerly(model, enabled))
     return stack

@@ -31,6 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,
+    compiled_eagerly,
     may_embed,
     twice_differentiable,
 )
@@ -450,7 +451,7 @@ class MAML(nn.Module):
         # call per op of the vmapped forward (10-20% of a sinusoid MLP's meta-step for the padding one)
         second_order = not self.first_order and torch.is_grad_enabled()
         padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
-        with AffineAfterNorm() if second_order else contextlib.nullcontext(), padding:
+        with AffineAfterNorm() if second_order else contextlib.nullcontext(), padding, compiled_eagerly(self.model):
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
