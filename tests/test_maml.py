@@ -475,6 +475,21 @@ def test_adapt_only_adapts_the_named_layer_and_meta_learns_the_rest(mode: str, f
     assert maml.predict(fast, data[2][0]).shape == (5, 2)
 
 
+def test_adapt_only_adapts_a_parameter_of_its_modules_unfrozen_after_wrapping() -> None:
+    """requires_grad counts as it is at each call: a bias frozen when MAML was built and unfrozen
+    after adapts with the rest of its layer (it was held fixed, as if outside adapt_only)."""
+    data = episode()
+    model = tiny_model()
+    model[2].bias.requires_grad_(False)
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, adapt_only=("2",))
+    model[2].bias.requires_grad_(True)
+    assert list(maml.initial_params()) == ["2.weight", "2.bias"]
+    maml(*data).backward()
+    expected = reference_meta_grad(tiny_model(), 0.5, 2, data, False, adapted={"2.weight", "2.bias"})
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
 def test_adapt_only_with_meta_sgd_and_zero_init_and_its_refusals() -> None:
     maml = MAML(tiny_model(), adapt_only=("2",), learn_inner_lr=True, zero_init=("2",))
     assert sorted(maml.inner_lrs) == ["2/bias", "2/weight"]

@@ -158,7 +158,9 @@ class MAML(nn.Module):
         self._check_weights(inner_steps)
         tied = _tied_names(model)
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        self._adapt_only = None if adapt_only is None else _names_under(trainable, adapt_only, tied, "adapt_only")
+        # frozen parameters of the named modules too: one unfrozen later adapts, as without adapt_only
+        named = [name for name, _ in model.named_parameters()]
+        self._adapt_only = None if adapt_only is None else _names_under(named, adapt_only, tied, "adapt_only")
         self._zero_init = _names_under(trainable, zero_init, tied)
         fixed_zero = sorted(self._zero_init - self._adapted_set(trainable))
         if fixed_zero:
