@@ -292,7 +292,7 @@ def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys
         ("[1]", "is a JSON list, not an object"),
         ('{"format": 1}', "does not describe a learner"),  # the spec's fields are missing
         ("bad-loss", "does not describe a learner"),  # a valid spec but an unknown loss
-        ("format-2", r"unsupported model format 2 \(this library reads 1\)"),  # a valid spec of a newer format
+        ("format-3", r"unsupported model format 3 \(this library reads 1 and 2\)"),  # a valid spec of a newer format
         # an algorithm or inner optimizer this library does not know: refused at loading, not an
         # AttributeError (or a silent SGD) when the learner first adapts
         ('{"algo": "anil"}', "does not describe a learner .*unknown few-shot algo 'anil'"),
@@ -310,8 +310,8 @@ def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     if header == "bad-loss":
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), "loss": "nope"})
-    if header == "format-2":
-        header = json.dumps({**json.loads(metadata["learnedopt_model"]), "format": 2})
+    if header == "format-3":
+        header = json.dumps({**json.loads(metadata["learnedopt_model"]), "format": 3})
     if header.startswith('{"algo"'):
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), **json.loads(header)})
     path = tmp_path / "bad.safetensors"

@@ -420,8 +420,11 @@ def test_head_only_adapts_the_output_layer_alone_and_meta_learns_the_rest(tmp_pa
     loaded learner adapts only the last layer, and its meta-gradient reaches the body."""
     out = tmp_path / "anil"
     assert train(out, "--algo", "maml", "--meta-steps", "2", "--meta-batch", "2", "--val-tasks", "2", "--head-only") == 0
+    assert train(tmp_path / "plain", "--algo", "maml", "--meta-steps", "1", "--meta-batch", "2", "--val-tasks", "2") == 0
     head = header(out / MODEL_NAME)
     assert head["head_only"] is True and "--head-only" in head["command"]
+    # format 2, which a reader of format 1 (that would adapt every layer) refuses; others stay 1
+    assert head["format"] == 2 and header(tmp_path / "plain" / MODEL_NAME)["format"] == 1
     learner, _ = load_learner(out / MODEL_NAME)
     g = torch.Generator().manual_seed(0)
     x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))

@@ -27,7 +27,10 @@ from .config import FEWSHOT_ALGOS, FewShotConfig
 
 Params = dict[str, Tensor]
 
-MODEL_FORMAT = 1
+#: the newest model-file format: 2 adds ``head_only``, which a reader of format 1 would ignore
+#: (adapting every layer of an ANIL learner); a file without it is still written as format 1
+MODEL_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 SINUSOID_MLP = (1, 40, 40, 1)
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": nn.functional.mse_loss,
@@ -317,7 +320,8 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     as the JSON header; atomic (temporary file, then ``os.replace``)."""
     from ... import __version__
 
-    header = {"format": MODEL_FORMAT, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
+    file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
+    header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
@@ -336,8 +340,11 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
     header, tensors = open_with_header(
         path, MODEL_HEADER_KEY, "few-shot model file", "no learnedopt few-shot model header"
     )
-    if header.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (this library reads {MODEL_FORMAT})")
+    if header.get("format") not in READABLE_FORMATS:
+        raise ValueError(
+            f"{path}: unsupported model format {header.get('format')!r} (this library reads "
+            f"{' and '.join(map(str, READABLE_FORMATS))})"
+        )
     fields = {f.name for f in dataclasses.fields(LearnerSpec)}
     try:
         learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}))
