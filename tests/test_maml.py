@@ -1,5 +1,6 @@
 """MAML: meta-gradients against a direct double-backward computation; first vs second order."""
 
+import copy
 import re
 import warnings
 
@@ -488,6 +489,28 @@ def test_adapt_only_adapts_a_parameter_of_its_modules_unfrozen_after_wrapping() 
     expected = reference_meta_grad(tiny_model(), 0.5, 2, data, False, adapted={"2.weight", "2.bias"})
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_anil_runs_a_fixed_body_once_per_task_and_a_changing_one_every_step(vectorize: bool) -> None:
+    """An ``nn.Sequential`` whose first layers are not adapted: their outputs are computed once
+    per task (support and query), not at every inner step, with plain autograd's meta-gradient;
+    a body with dropout, whose outputs change from call to call, runs at every step."""
+    data = episode()
+    for dropout, calls_per_call in ((False, 2), (True, 4)):  # 3 inner steps and the query: 4
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0) if dropout else nn.Identity(), nn.Tanh(), nn.Linear(4, 2)).double()
+        calls = []
+        model[0].register_forward_hook(lambda *args: calls.append(1))
+        maml = MAML(model, inner_lr=0.5, inner_steps=3, adapt_only=("3",), vectorize=vectorize)
+        maml(*data).backward()
+        assert len(calls) == calls_per_call * (1 if vectorize else 3)  # vmap: one call for the 3 tasks
+        expected = reference_meta_grad(copy.deepcopy(model), 0.5, 3, data, first_order=False, adapted={"3.weight", "3.bias"})
+        for p, e in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+        calls.clear()
+        maml.adapt(data[0][0], data[1][0], steps=5)
+        assert len(calls) == (1 if not dropout else 5)
 
 
 def test_adapt_only_with_meta_sgd_and_zero_init_and_its_refusals() -> None:

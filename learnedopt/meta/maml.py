@@ -243,10 +243,35 @@ class MAML(nn.Module):
     def _model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def _loss(self, params: Params, x: Inputs, y: Inputs, buffers: Params | None = None) -> Tensor:
-        """The loss at ``params``, with the model's own buffers unless ``buffers`` are given."""
-        buffers = self._model_buffers() if buffers is None else buffers
-        return self.loss_fn(functional_call(self.model, (params, buffers), *model_arguments(x)), y)
+    def _loss(
+        self, params: Params, x: Inputs, y: Inputs, buffers: Params | None = None, model: nn.Module | None = None
+    ) -> Tensor:
+        """The loss at ``params``, with the model's own buffers unless ``buffers`` are given; of
+        ``model``, a trailing part of the model (:meth:`_fixed_body`'s head), where given."""
+        model = self.model if model is None else model
+        buffers = dict(model.named_buffers()) if buffers is None else buffers
+        return self.loss_fn(functional_call(model, (params, buffers), *model_arguments(x)), y)
+
+    def _fixed_body(self) -> tuple[nn.Module, nn.Module] | None:
+        """``(body, head)`` where the inner loop can run on the body's outputs, computed once per
+        task: an ``nn.Sequential`` model whose first modules hold no adapted parameter (``adapt_only``,
+        as ANIL's head) and compute the same outputs at every call (``torch.nn``'s layers and
+        the batch-norm replacements, no dropout, no buffer a forward updates). Else None: every
+        inner step runs the whole model. The body's outputs carry its meta-gradient as its
+        repeated calls would, so the result is the same to rounding (tested); the inner loop
+        saves a forward and backward of the body per step."""
+        if self._adapt_only is None or not isinstance(self.model, nn.Sequential):
+            return None
+        adapted = set(self._names())
+        first = next((i for i, m in enumerate(self.model) if any(f"{i}.{n}" in adapted for n, _ in m.named_parameters())), 0)
+        body = self.model[:first]
+        for m in body.modules():
+            plain = type(m).__module__.startswith("torch.nn.") or isinstance(m, (BatchStatNorm, RunningStatNorm))
+            if not plain or isinstance(m, nn.modules.dropout._DropoutNd) or (
+                not isinstance(m, RunningStatNorm) and any(True for _ in m.buffers(recurse=False))
+            ):
+                return None
+        return (body, self.model[first:]) if first else None
 
     def _lr(self, name: str) -> Tensor | float:
         if self.inner_lrs is None:
@@ -259,28 +284,31 @@ class MAML(nn.Module):
             )
         return self.inner_lrs[key]
 
-    def _support_grads(self, params: Params, x_s: Inputs, y_s: Inputs, create_graph: bool) -> Params:
+    def _support_grads(
+        self, params: Params, x_s: Inputs, y_s: Inputs, create_graph: bool, model: nn.Module | None = None
+    ) -> Params:
         """The support loss's gradient at ``params`` (zeros for parameters it does not use).
 
         Under ``torch.no_grad`` or ``inference_mode`` (evaluation) the step's own gradient is
         still taken, on detached copies: the result then carries no graph."""
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             values = torch.autograd.grad(
-                self._loss(params, x_s, y_s), list(params.values()), create_graph=create_graph, allow_unused=True
+                self._loss(params, x_s, y_s, model=model), list(params.values()), create_graph=create_graph, allow_unused=True
             )
         else:
             with torch.inference_mode(False), torch.enable_grad():
                 leaves = {k: v.detach().requires_grad_(True) for k, v in outside_inference(params).items()}
                 x_s, y_s = outside_inference((x_s, y_s))
-                values = torch.autograd.grad(self._loss(leaves, x_s, y_s), list(leaves.values()), allow_unused=True)
+                values = torch.autograd.grad(self._loss(leaves, x_s, y_s, model=model), list(leaves.values()), allow_unused=True)
         return _zero_filled(params, values)
 
-    def _inner_step(self, params: Params, x_s: Inputs, y_s: Inputs, batched: bool) -> Params:
-        """One inner gradient step on the support set, keeping the graph unless first-order."""
+    def _inner_step(self, params: Params, x_s: Inputs, y_s: Inputs, batched: bool, model: nn.Module | None = None) -> Params:
+        """One inner gradient step on the support set (of ``model``, a head, where given),
+        keeping the graph unless first-order."""
         if batched:
-            grads = grad(self._loss)(params, x_s, y_s)
+            grads = grad(self._loss)(params, x_s, y_s, None, model)
         else:
-            grads = self._support_grads(params, x_s, y_s, create_graph=not self.first_order)
+            grads = self._support_grads(params, x_s, y_s, create_graph=not self.first_order, model=model)
         if self.first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         return {k: p - self._lr(k) * grads[k] for k, p in params.items()}
@@ -335,13 +363,18 @@ class MAML(nn.Module):
         ``(steps,)``, or after the last one only ``(1,)`` unless ``every_step``."""
         query_losses = []
         use_checkpoint = self.checkpoint_steps and not batched and not self.first_order and torch.is_grad_enabled()
+        split = None if use_checkpoint else self._fixed_body()
+        head = None
+        if split is not None:  # the body's outputs once, then the inner loop on the head alone
+            body, head = split
+            x_s, x_q = (body(*args, **kwargs) for args, kwargs in map(model_arguments, (x_s, x_q)))
         for t in range(steps):
             if use_checkpoint:
                 params = self._checkpointed_step(params, x_s, y_s)
             else:
-                params = self._inner_step(params, x_s, y_s, batched)
+                params = self._inner_step(params, x_s, y_s, batched, head)
             if every_step or t == steps - 1:
-                query_losses.append(self._loss(params, x_q, y_q))
+                query_losses.append(self._loss(params, x_q, y_q, model=head))
         return params, torch.stack(query_losses)
 
     def query_losses(
@@ -479,9 +512,13 @@ class MAML(nn.Module):
             raise ValueError(f"adapt needs at least one support example, got {label} of shape {tuple(first.shape)}")
         initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation
         params = {k: v.detach() for k, v in initial.items()}
+        split = self._fixed_body() if steps else None
         with torch.no_grad():
+            if split is not None:
+                args, kwargs = model_arguments(x_support)
+                x_support = split[0](*args, **kwargs)
             for _ in range(steps):
-                grads = self._support_grads(params, x_support, y_support, create_graph=False)
+                grads = self._support_grads(params, x_support, y_support, create_graph=False, model=split and split[1])
                 params = {k: p - self._lr(k) * grads[k] for k, p in params.items()}
         return params
 
