@@ -513,6 +513,26 @@ def test_anil_runs_a_fixed_body_once_per_task_and_a_changing_one_every_step(vect
         assert len(calls) == (1 if not dropout else 5)
 
 
+def test_adapt_only_with_meta_sgd_gives_the_same_meta_gradient_on_every_path() -> None:
+    """ANIL with learned step sizes: the checkpointed step takes the adapted parameters, their
+    step sizes and the fixed body as its inputs; the body's and the step sizes' meta-gradients
+    equal the loop's and vmap's."""
+    grads = []
+    for options in ({"vectorize": False}, {"vectorize": True}, {"vectorize": False, "checkpoint_steps": True}):
+        maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=2, learn_inner_lr=True, adapt_only=("2",), **options)
+        with torch.no_grad():
+            for i, rate in enumerate(maml.inner_lrs.values()):
+                rate.add_(torch.linspace(-0.2, 0.2, rate.numel(), dtype=rate.dtype).view_as(rate) * (i + 1))
+        maml(*episode()).backward()
+        grads.append({n: p.grad for n, p in maml.named_parameters()})
+    assert set(grads[0]) == {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias",
+                             "inner_lrs.2/weight", "inner_lrs.2/bias"}  # fmt: skip
+    assert grads[0]["model.0.weight"].abs().max() > 1e-3 and grads[0]["inner_lrs.2/weight"].abs().max() > 1e-3
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-10, atol=1e-12)
+
+
 def test_adapt_only_with_meta_sgd_and_zero_init_and_its_refusals() -> None:
     maml = MAML(tiny_model(), adapt_only=("2",), learn_inner_lr=True, zero_init=("2",))
     assert sorted(maml.inner_lrs) == ["2/bias", "2/weight"]
@@ -1042,6 +1062,21 @@ def test_zero_init_refuses_a_reparametrized_layer_leaving_the_model_as_it_was(re
         MAML(model, zero_init=("2",))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     MAML(model, zero_init=("0",))  # another layer is zeroed as before
+
+
+@pytest.mark.parametrize(("adapt_only", "named", "other"), [
+    (("out",), "out.weight", "inp.weight"), (("inp.weight",), "inp.weight", "out.weight"),
+])  # fmt: skip
+def test_adapt_only_refuses_a_layer_tied_to_one_it_does_not_name(adapt_only, named: str, other: str) -> None:
+    """adapt_only=("out",) would adapt the input layer's weight too (the same tensor), and
+    ("inp.weight",) the output layer's: both are refused; naming both layers adapts the weight once."""
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapt_only: {named!r} is the same parameter as {other!r} (tied weights), which adapt_only does not "
+        "name: adapting one adapts both; name both or neither"
+    )):  # fmt: skip
+        MAML(TiedWithBatchNorm(), adapt_only=adapt_only)
+    maml = MAML(TiedWithBatchNorm(), adapt_only=("inp", "out"))
+    assert list(maml.initial_params()) == ["inp.weight", "inp.bias", "out.bias"]
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
