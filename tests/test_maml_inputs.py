@@ -2,6 +2,7 @@
 (keyword arguments) of tensors against the same model taking them packed in one tensor."""
 
 import re
+from collections import UserDict
 
 import pytest
 import torch
@@ -152,6 +153,28 @@ def test_reptile_update_with_several_inputs_equals_the_packed_models(kind) -> No
     expected = Reptile(packed, inner_steps=3, inner_optimizer=optimizer).adapt(data[0])
     for got, want in zip(worker.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_mapping_that_is_not_a_dict_is_read_as_one(path) -> None:
+    """A UserDict (as a tokenizer's BatchEncoding) is a Mapping that vmap and pytree do not map
+    over: MAML, adapt and Reptile (also under inference_mode) read it as the dict it holds."""
+    xs, ys, xq, yq = packed_episode()
+    losses = [MAML(TwoInputs(), inner_lr=0.5, **PATHS[path]).query_losses(wrap(split(xs, "dict")), ys, wrap(split(xq, "dict")), yq)
+              for wrap in (dict, UserDict)]  # fmt: skip
+    assert torch.equal(losses[1], losses[0])
+    maml = MAML(TwoInputs(), inner_lr=0.5)
+    with torch.inference_mode():
+        got = maml.adapt(UserDict(split(xs[0].clone(), "dict")), ys[0].clone())
+    for name, p in maml.adapt(split(xs[0], "dict"), ys[0]).items():
+        assert torch.equal(got[name], p)
+    data = packed_reptile_tasks()[0]
+    reptile = Reptile(TwoInputs(), inner_steps=3)
+    want = reptile.adapt([(split(x, "dict"), y) for x, y in data])
+    with torch.inference_mode():
+        worker = reptile.adapt([(UserDict(split(x.clone(), "dict")), y.clone()) for x, y in data])
+    for got, expected in zip(worker.parameters(), want.parameters(), strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("vectorize", [True, False, "auto"])

@@ -107,6 +107,7 @@ class Reptile:
         """
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
+        checked = []
         for i, batch in enumerate(batches):
             # a task given as one (x, y) pair would be read as batches x and y, and a row of x
             # unpacked as an (inputs, targets) pair: silently wrong where x has two rows
@@ -117,8 +118,11 @@ class Reptile:
                     f"a task is a sequence of (inputs, targets) batches, but its item {i} is {found}; for one batch "
                     "per task pass [(x, y)], and to meta_step a list of such tasks: [[(x1, y1)], [(x2, y2)], ...]"
                 )
-            if isinstance(batch[0], (tuple, list, Mapping)):  # any other input is the model's one argument
-                check_inputs(batch[0], "inputs", 1, f"Reptile (batch {i})")
+            x, y = batch
+            if isinstance(x, (tuple, list, Mapping)):  # any other input is the model's one argument
+                # a mapping as a plain dict (a UserDict, e.g. a tokenizer's output): outside_inference maps over it
+                x = check_inputs(x, "inputs", 1, f"Reptile (batch {i})")[0]
+            checked.append((x, y))
         steps = self.inner_steps if steps is None else steps
         # inference_mode's tensors have no graph and autograd saves none of them: train outside it
         with torch.inference_mode(False), torch.enable_grad():
@@ -129,7 +133,7 @@ class Reptile:
                 p.grad = None
             optimizer = self.inner_optimizer(worker.parameters())
             for t in range(steps):
-                x, y = outside_inference(tuple(batches[t % len(batches)]))
+                x, y = outside_inference(checked[t % len(checked)])
                 args, kwargs = model_arguments(x)
 
                 def closure(args: tuple = args, kwargs: dict = kwargs, y: Inputs = y) -> Tensor:
