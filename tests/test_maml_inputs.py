@@ -53,6 +53,7 @@ def split(x: torch.Tensor, kind: str):
     """A packed ``(..., 4)`` input as the two-input model's arguments."""
     features, mask = x[..., :3], x[..., 3]
     return {"tuple": (features, mask), "list": [features, mask], "dict": {"features": features, "mask": mask},
+            "reordered": {"mask": mask, "features": features},  # keyword arguments by name, not by order
             "nested": ((features, mask),)}[kind]  # fmt: skip
 
 
@@ -77,7 +78,7 @@ PATHS = {
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "nested"])
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "reordered", "nested"])
 def test_meta_gradients_with_several_inputs_equal_the_packed_models(path, first_order, kind) -> None:
     options = {**PATHS[path], "first_order": first_order}
     got_grads, got_input_grad, got_losses = meta_gradients(kind, options)
@@ -113,7 +114,7 @@ def test_targets_may_be_a_dict_for_a_loss_that_reads_it(vectorize) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("kind", ["tuple", "dict", "reordered"])
 def test_adapt_and_predict_take_one_tasks_inputs(kind) -> None:
     xs, ys, xq, _ = packed_episode(tasks=1)
     packed, several = MAML(TwoInputs(packed=True), inner_lr=0.5), MAML(TwoInputs(), inner_lr=0.5)
@@ -137,7 +138,7 @@ def packed_reptile_tasks(count=3, batches=2, seed=0):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("kind", ["tuple", "dict", "reordered"])
 def test_reptile_update_with_several_inputs_equals_the_packed_models(kind) -> None:
     data = packed_reptile_tasks()
     optimizer = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
@@ -214,6 +215,9 @@ def test_adapt_predict_and_reptile_refuse_bad_input_structures() -> None:
         maml.adapt({"features": features, "mask": mask[:4]}, ys[0])
     with pytest.raises(TypeError, match=re.escape("got x_support[1] of type float")):
         maml.adapt((features, 1.0), ys[0])
+    with pytest.raises(ValueError, match=re.escape("MAML takes the tensors of y_support with the same leading (N,) sizes, "
+                                                   "got y_support['label'] of shape (5,) and y_support['weight'] of shape (4,)")):
+        maml.adapt((features, mask), {"label": ys[0], "weight": mask[:4]})
     with pytest.raises(ValueError, match=re.escape("adapt needs at least one support example, got x_support[0] of shape (0, 3)")):
         maml.adapt((features[:0], mask[:0]), ys[0][:0])
     with pytest.raises(ValueError, match=re.escape("MAML takes x as a tuple, list or dict of tensors, got an empty list")):
