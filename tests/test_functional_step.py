@@ -280,10 +280,11 @@ def _setup(kind: str = "lstm") -> tuple:
     ids=["grads-missing", "grads-extra", "grads-shape", "grads-none", "grads-dtype", "rule-dtype", "state-dtype",
          "device", "state-shape", "state-names", "no-params", "int-params", "backend"],
 )
-def test_learned_step_refuses_in_one_line(change, message: str) -> None:
+@pytest.mark.parametrize("nan_policy", [None, "raise"])  # the inputs are checked before their values
+def test_learned_step_refuses_in_one_line(change, message: str, nan_policy: str | None) -> None:
     rule, params, grads, state, options = change(*_setup())
     with pytest.raises(ValueError, match=message) as info:
-        learned_step(rule, params, grads, state, **options)
+        learned_step(rule, params, grads, state, nan_policy=nan_policy, **options)
     assert "\n" not in str(info.value)
 
 
@@ -298,10 +299,11 @@ def test_learned_step_refuses_in_one_line(change, message: str) -> None:
     ],
     ids=["none", "vector", "device", "string", "bool"],
 )
-def test_learned_step_refuses_a_missing_or_malformed_loss(loss, message: str) -> None:
+@pytest.mark.parametrize("nan_policy", [None, "raise"])
+def test_learned_step_refuses_a_missing_or_malformed_loss(loss, message: str, nan_policy: str | None) -> None:
     rule, params, grads, state = _setup("meta")
     with pytest.raises(ValueError, match=message):
-        learned_step(rule, params, grads, state, loss=loss)
+        learned_step(rule, params, grads, state, loss=loss, nan_policy=nan_policy)
     learned_step(rule, params, grads, state, loss=torch.ones(1, 1, dtype=F64))  # one element is a scalar
 
 
@@ -346,6 +348,7 @@ def test_nan_policy_raise_stops_what_the_optimizers_stop_naming_it(kind: str, co
     if "value" in spoil:
         params[spoil["value"][0]] = _spoil(params[spoil["value"][0]], spoil["value"][1])
     state = init_rule_state(rule, params)
+    assert issubclass(NonFiniteGradientError, RuntimeError)  # as before it moved to learnedopt.errors
     with pytest.raises(NonFiniteGradientError, match=f"^learned_step: {message}") as info:
         learned_step(rule, params, grads, state, loss=loss, nan_policy="raise")
     assert "\n" not in str(info.value) and "nan_policy='raise', so nothing was computed" in str(info.value)
@@ -368,6 +371,16 @@ def test_nan_policy_raise_passes_what_the_rule_does_not_read_and_changes_no_step
     unchecked = learned_step(rule, params, grads, state)
     for a, b in zip(checked, unchecked, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finite Python loss beyond float32's range is read in float64, as the optimizers read it
+    rule, params, grads, state = _setup("meta")
+    checked = learned_step(rule, params, grads, state, loss=1e300, nan_policy="raise")
+    unchecked = learned_step(rule, params, grads, state, loss=1e300)
+    assert all(torch.equal(checked[0][k], unchecked[0][k]) for k in params)
+    leaves = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    for leaf, grad in zip(leaves, grads.values(), strict=True):
+        leaf.grad = grad.clone()
+    MetaLSTMOptimizer(leaves, weights=rule, state_dtype=F64, nan_policy="raise").step(loss=1e300)
+    rule, params, grads, state = _setup()
     nan_value = {**params, "b": _spoil(params["b"], NAN)}
     new, _ = learned_step(rule, nan_value, grads, state, nan_policy="raise")
     assert torch.isnan(new["b"][-1]) and torch.isfinite(new["w"]).all()
