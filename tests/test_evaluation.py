@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -1649,10 +1650,34 @@ def test_an_own_rule_that_cannot_run_is_refused_in_one_line_before_any_run(
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_the_rule_class_a_weight_file_records() -> None:
+def test_a_registered_rule_class_that_cannot_be_imported_by_name_is_refused(tmp_path: Path, own_rule: str) -> None:
+    """A class nested in a function runs here but not in a worker process, which imports the
+    rule by name: its weight file is refused, naming the class."""
+    import importlib
+
+    from learnedopt.evaluation.runs import learned_from_file
+    from learnedopt.nn import register_rule
+
+    class Nested(importlib.import_module(own_rule).MomentumMLP):
+        kind = "CliNestedMomentumMLP"
+
+    register_rule(Nested)
+    weights = tmp_path / "nested.safetensors"
+    save_weights(Nested(), weights)
+    with pytest.raises(ValueError, match=re.escape(
+        f"{weights}: its rule class {__name__}.{Nested.__qualname__} cannot be imported by name (define it at the top "
+        "level of a module other than __main__)"
+    )):  # fmt: skip
+        learned_from_file(weights)
+
+
+def test_the_rule_class_a_weight_file_records(tmp_path: Path) -> None:
     """``save_weights``'s ``rule_class``, else (older files) the ``--rule module:Class`` of
     ``meta-train``; a library kind's rule, or a class of ``__main__``, records none."""
-    from learnedopt.weights import class_path, recorded_rule_class
+    from learnedopt.weights import class_path, read_header, recorded_rule_class
+
+    save_weights(CoordinateLSTM(), tmp_path / "library.safetensors")
+    assert "rule_class" not in read_header(tmp_path / "library.safetensors")
 
     assert recorded_rule_class({"rule_class": "mine:Rule", "meta_train_config": {"rule": "other:Rule"}}) == "mine:Rule"
     assert recorded_rule_class({"meta_train_config": {"rule": "mine:Rule"}}) == "mine:Rule"

@@ -1588,6 +1588,24 @@ def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly
     assert not all(torch.equal(a[k], saved[k]) for k in a)  # it trained
 
 
+def test_initial_rule_registers_the_own_rule_whose_weight_file_it_starts_from(tmp_path: Path, own_rule: str) -> None:
+    """``initial_rule`` on its own (no ``validate`` before it) imports and registers ``--rule``'s
+    class, so that the weight file of its kind loads."""
+    import importlib
+
+    from learnedopt import save_weights
+    from learnedopt.meta.train import MetaTrainConfig, initial_rule
+    from learnedopt.nn import RULES
+
+    torch.manual_seed(0)
+    saved = importlib.import_module(own_rule).MomentumMLP(hidden=3)
+    save_weights(saved, tmp_path / "own.safetensors")
+    assert saved.kind not in RULES
+    rule = initial_rule(MetaTrainConfig(rule=f"{own_rule}:MomentumMLP", preset=str(tmp_path / "own.safetensors")))
+    assert type(rule) is type(saved) and rule.config == saved.config
+    assert all(torch.equal(a, b) for a, b in zip(rule.state_dict().values(), saved.state_dict().values(), strict=True))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -1595,13 +1613,15 @@ def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly
          "class, --rule {mod}:MomentumMLP (as the file records it)"),
         (["--rule", "{mod}:MomentumMLP", "--preset", "l2l-2016"],
          "--preset l2l-2016 holds a CoordinateLSTM rule, but --rule {mod}:MomentumMLP is a CliMomentumMLP"),
+        (["--rule", "{mod}:MomentumMLP", "--preset", "{other}"],  # another own kind, not imported
+         "--preset {other} holds a CliOtherMLP rule, but --rule {mod}:MomentumMLP is a CliMomentumMLP"),
         (["--rule", "{mod}:MomentumMLP", "--preset", "{weights}", "--rule-config", '{"hidden": 3}'],
          "--rule-config sets the architecture of --rule; a --preset has its own"),
         (["--rule", "CoordinateLSTM", "--preset", "{weights}"], "give exactly one of --rule and --preset (both only for"),
         (["--algo", "meta-lstm", "--task", "sinusoid", "--rule", "MetaLSTMCell", "--preset", "meta-lstm-2017"],
          "--preset brings its rule's architecture and weights: give --rule and --rule-config, or --preset"),
     ],
-    ids=["own-kind-without-rule", "other-kind", "rule-config", "library-rule", "meta-lstm"],
+    ids=["own-kind-without-rule", "other-kind", "other-own-kind", "rule-config", "library-rule", "meta-lstm"],
 )
 def test_a_preset_that_does_not_fit_its_rule_is_one_line_and_exit_code_2(
     tmp_path: Path, capsys, own_rule: str, extra, message  # noqa: ANN001
@@ -1612,10 +1632,13 @@ def test_a_preset_that_does_not_fit_its_rule_is_one_line_and_exit_code_2(
 
     from learnedopt import save_weights
 
-    weights = tmp_path / "own.safetensors"
-    save_weights(importlib.import_module(own_rule).MomentumMLP(), weights)
+    weights, other = tmp_path / "own.safetensors", tmp_path / "other.safetensors"
+    momentum_mlp = importlib.import_module(own_rule).MomentumMLP
+    save_weights(momentum_mlp(), weights)
+    save_weights(type("OtherMLP", (momentum_mlp,), {"kind": "CliOtherMLP"})(), other)
+
     def fill(text: str) -> str:
-        return text.replace("{mod}", own_rule).replace("{weights}", str(weights))
+        return text.replace("{mod}", own_rule).replace("{weights}", str(weights)).replace("{other}", str(other))
 
     argv = ["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet"]
     assert main(argv + [fill(e) for e in extra]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -216,7 +217,9 @@ def test_own_rule_weight_files_load_once_registered(tmp_path, rules_registry) ->
         rule.lr.fill_(0.25)
     path = tmp_path / "momentum.safetensors"
     save_weights(rule, path, trained_on="nothing")
-    with pytest.raises(ValueError, match=r"unknown update rule kind 'TestLearnedMomentum'.*register_rule\(YourRule\)"):
+    recorded = f"{LearnedMomentum.__module__}:LearnedMomentum"  # where its class imports from
+    with pytest.raises(ValueError, match=r"unknown update rule kind 'TestLearnedMomentum'.*register_rule\(YourRule\); "
+                                         rf"this file records its class as {re.escape(recorded)}\)$"):  # fmt: skip
         load_weights(path)
     assert register_rule(LearnedMomentum) is LearnedMomentum
     register_rule(LearnedMomentum)  # again: no error

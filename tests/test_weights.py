@@ -210,10 +210,15 @@ def test_unknown_kind_and_format(tmp_path) -> None:
         ({"format": 1, "kind": "CoordinateLSTM", "config": None}, "no architecture config"),
         ({"kind": "CoordinateLSTM", "config": {}}, "unsupported weight format None"),
         (["format", 1], "header is a JSON list, not an object"),
+        ({"format": 1, "config": {}}, r"learnedopt header has no rule kind \(a 'kind' string\)"),
+        ({"format": 1, "kind": 3, "config": {}}, r"learnedopt header has no rule kind \(a 'kind' string\)"),
     ]:
         save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": json.dumps(header)})
         with pytest.raises(ValueError, match=message):
             read_header(path)
+        if "unknown update rule kind" not in message:  # what is wrong but the kind's class, also unregistered
+            with pytest.raises(ValueError, match=message):
+                read_header(path, registered=False)
     save_file({"x": torch.zeros(1)}, str(path), metadata={"learnedopt": '{"format": 1, "kind": '})
     with pytest.raises(ValueError, match="w.safetensors: learnedopt header is not valid JSON"):
         read_header(path)
