@@ -17,7 +17,22 @@ from torch.overrides import TorchFunctionMode
 from .batchnorm import BatchStatNorm, RunningStatNorm
 
 
-class AffineAfterNorm(TorchFunctionMode):
+class _Rewrite(TorchFunctionMode):
+    """A function mode that runs the functions of ``_FUNCTIONS`` (function -> what
+    :meth:`rewrite` needs to know of its arguments) by :meth:`rewrite`, every other as it is."""
+
+    _FUNCTIONS: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in self._FUNCTIONS:
+            return func(*args, **(kwargs or {}))
+        return self.rewrite(func, self._FUNCTIONS[func], list(args), dict(kwargs or {}))
+
+    def rewrite(self, func, found, args: list, kwargs: dict):  # noqa: ANN201 - the function's own result
+        raise NotImplementedError
+
+
+class AffineAfterNorm(_Rewrite):
     """Runs ``layer_norm``, ``instance_norm`` and ``batch_norm`` (``torch.nn.functional``'s and
     ``torch``'s own) without their weight and bias, then applies them with plain ops.
 
@@ -38,13 +53,8 @@ class AffineAfterNorm(TorchFunctionMode):
         torch.batch_norm: ("channel", 1),
     }
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        found = self._FUNCTIONS.get(func)
-        if found is None:
-            return func(*args, **kwargs)
+    def rewrite(self, func, found, args: list, kwargs: dict):  # noqa: ANN201
         where, weight_at = found
-        args = list(args)
         affine = []
         for name, at in (("weight", weight_at), ("bias", weight_at + 1)):
             if name in kwargs:
@@ -66,7 +76,7 @@ class AffineAfterNorm(TorchFunctionMode):
         return out
 
 
-class PaddingRowWithoutGradient(TorchFunctionMode):
+class PaddingRowWithoutGradient(_Rewrite):
     """Runs ``embedding`` with a ``padding_idx`` (``torch.nn.functional``'s and ``torch``'s own) on
     the weight with its padding row detached: the same output, and no gradient to that row.
 
@@ -80,16 +90,11 @@ class PaddingRowWithoutGradient(TorchFunctionMode):
     # function -> (position of the weight, position of padding_idx); torch.embedding's -1 is "none"
     _FUNCTIONS = {nn.functional.embedding: (1, 2), torch.embedding: (0, 2)}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        found = self._FUNCTIONS.get(func)
-        if found is None:
-            return func(*args, **kwargs)
+    def rewrite(self, func, found, args: list, kwargs: dict):  # noqa: ANN201
         weight_at, padding_at = found
         padding = kwargs.get("padding_idx", args[padding_at] if padding_at < len(args) else None)
         if padding is None or (func is torch.embedding and padding < 0):
             return func(*args, **kwargs)
-        args = list(args)
         weight = kwargs["weight"] if "weight" in kwargs else args[weight_at]
         row = padding + weight.shape[0] if padding < 0 else padding  # F.embedding counts from the end
         padding_row = torch.arange(weight.shape[0], device=weight.device) == row
@@ -120,7 +125,7 @@ def twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractC
     return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
 
 
-class PlainWeightNorm(TorchFunctionMode):
+class PlainWeightNorm(_Rewrite):
     """Runs ``torch._weight_norm`` (weight normalisation: ``torch.nn.utils.parametrizations``'
     and the deprecated ``torch.nn.utils.weight_norm``'s) by plain ops: ``v * (g / norm)``, the
     norm over every dimension but ``dim`` (over all for ``dim=-1``), as its unfused branch.
@@ -132,10 +137,10 @@ class PlainWeightNorm(TorchFunctionMode):
     batching rule: ``vmap`` would loop over it).
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is not torch._weight_norm:
-            return func(*args, **(kwargs or {}))
-        bound = {**dict(zip(("v", "g", "dim"), args)), **(kwargs or {})}
+    _FUNCTIONS = {torch._weight_norm: None}
+
+    def rewrite(self, func, found, args: list, kwargs: dict):  # noqa: ANN201
+        bound = {**dict(zip(("v", "g", "dim"), args)), **kwargs}
         v, g, dim = bound["v"], bound["g"], bound.get("dim", 0)
         if dim == -1:
             return v * (g / torch.linalg.vector_norm(v))
