@@ -109,13 +109,14 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
     [
         ["--algo", "maml", "--learn-inner-lr"],
         ["--algo", "maml", "--learn-inner-lr", "--inner-steps", "2", "--multi-step-loss", "3"],
+        ["--algo", "maml", "--learn-inner-lr", "--first-order-until", "2"],
         ["--algo", "reptile", "--meta-batch", "2"],
         ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule", "CoordinateLSTM", "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--rule-config", RULE_CONFIG, "--inner-steps", "2", "--test-inner-steps", "2"],
         ["--algo", "meta-lstm", "--preset", "meta-lstm-adam", "--inner-steps", "2", "--test-inner-steps", "2"],
     ],
-    ids=["maml-metasgd", "maml-multi-step-loss", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config", "meta-lstm-preset"],
+    ids=["maml-metasgd", "maml-multi-step-loss", "maml-first-order-until", "reptile", "meta-lstm", "meta-lstm-coordinate-lstm", "meta-lstm-rule-config", "meta-lstm-preset"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: list[str]) -> None:
     args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", *algo_args]
@@ -254,6 +255,8 @@ BAD = [
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--head-only"], "--head-only does not apply to --algo reptile"),
+    (["--algo", "fomaml", "--first-order-until", "3"], "--first-order-until does not apply to --algo fomaml"),
+    (["--algo", "maml", "--first-order-until", "0"], "--first-order-until must be a positive integer, got 0"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "maml", "--task", "omniglot", "--ways", "1", "--data", "{tmp}/no-such-dir"], "--ways must be at least 2, got 1"),
     (["--algo", "reptile", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
@@ -402,6 +405,32 @@ def test_a_finished_run_prints_its_files_and_validation(tmp_path: Path, capsys) 
     assert capsys.readouterr().out == (
         f"wrote {out / MODEL_NAME} and MODEL_CARD.md: validation {shown} (initialisation -> meta-trained)\n"
     )
+
+
+def test_first_order_until_takes_first_order_meta_steps_then_second_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAML++'s derivative-order annealing: meta-steps 1 and 2 of ``first_order_until=2`` are
+    first-order MAML's, bit for bit (the same learner as fomaml's after step 1), the rest
+    second-order; the API's configuration refuses it for the other algorithms."""
+    from learnedopt.meta.maml import MAML
+
+    orders: list[bool] = []
+    query_losses = MAML.query_losses
+    monkeypatch.setattr(MAML, "query_losses", lambda self, *a, **k: orders.append(self.first_order) or query_losses(self, *a, **k))
+    annealed = FewShotTrainer(config("maml", first_order_until=2, meta_batch=2, val_tasks=2))
+    for step in (1, 2, 3):
+        annealed.step(step)
+        if step == 1:
+            after_one = {k: v.clone() for k, v in annealed.learner.tensors().items()}
+    assert orders == [True, True, False]
+    first_order = FewShotTrainer(config("fomaml", meta_batch=2, val_tasks=2))
+    first_order.step(1)
+    assert all(torch.equal(v, after_one[k]) for k, v in first_order.learner.tensors().items())
+    second_order = FewShotTrainer(config("maml", meta_batch=2, val_tasks=2))
+    second_order.step(1)
+    assert not all(torch.equal(v, after_one[k]) for k, v in second_order.learner.tensors().items())
+    for algo in ("fomaml", "reptile", "meta-lstm"):
+        with pytest.raises(ConfigError, match=f"--first-order-until anneals MAML's meta-gradient from first to second order, not --algo {algo}'s"):
+            config(algo, first_order_until=2).validate()
 
 
 def test_zero_head_is_refused_for_algorithms_without_a_maml_head() -> None:

@@ -28,7 +28,7 @@ FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
-    "zero_head", "head_only", "valid_alphabets", "test_alphabets", "multi_step_loss",
+    "zero_head", "head_only", "valid_alphabets", "test_alphabets", "multi_step_loss", "first_order_until",
 )  # fmt: skip
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
                   "test_alphabets", "data")  # fmt: skip
@@ -56,6 +56,9 @@ class FewShotConfig:
         multi_step_loss: maml, fomaml: MAML++'s annealed multi-step loss over the first this many
             meta-steps (:func:`learnedopt.meta.maml.multi_step_loss_weights`; the logged
             meta-loss is then the weighted one); None: the last inner step's loss only.
+        first_order_until: maml: first-order meta-gradients for the first this many meta-steps,
+            second-order after (MAML++'s derivative-order annealing); None: second-order
+            throughout.
         meta_batch: tasks per meta-step.
         meta_steps: meta-steps in total.
         meta_lr: Adam learning rate; for Reptile the initial outer step size.
@@ -129,6 +132,7 @@ class FewShotConfig:
     test_alphabets: str | None = None
     select_every: int = 0
     multi_step_loss: int | None = None
+    first_order_until: int | None = None
     preset: str | None = None
 
     @property
@@ -146,7 +150,7 @@ class FewShotConfig:
             )
         names = ["shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
         names += ["ways", "hidden", "image_size"] if self.task == "omniglot" else []
-        names += [n for n in ("train_shots", "inner_batch", "multi_step_loss") if getattr(self, n) is not None]
+        names += [n for n in ("train_shots", "inner_batch", "multi_step_loss", "first_order_until") if getattr(self, n) is not None]
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -161,6 +165,11 @@ class FewShotConfig:
             raise ConfigError(f"--zero-head sets how MAML starts each task's output layer, not --algo {self.algo}'s")
         if self.head_only and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--head-only sets which layers MAML's inner loop adapts, not --algo {self.algo}'s")
+        if self.first_order_until is not None and self.algo != "maml":
+            raise ConfigError(
+                f"--first-order-until anneals MAML's meta-gradient from first to second order, not --algo {self.algo}'s"
+                + (" (first-order throughout)" if self.algo == "fomaml" else "")
+            )
         if self.multi_step_loss is not None and self.algo not in ("maml", "fomaml"):
             raise ConfigError(f"--multi-step-loss weighs MAML's query losses after each inner step, not --algo {self.algo}'s")
         # the command line refuses these first; the API's configuration must too, or the run
@@ -232,6 +241,7 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         "zero_head": False,
         "head_only": False,
         "multi_step_loss": None,
+        "first_order_until": None,
         "meta_batch": (1 if algo == "reptile" else 25) if sinusoid else (5 if algo == "reptile" else 8),
         "meta_steps": 20_000 if sinusoid else 1000,
         "meta_lr": meta_lr,
@@ -265,6 +275,8 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
         refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
         refuse_options(args, ("learn_inner_lr", "zero_head", "head_only", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
+    if algo != "maml":
+        refuse_options(args, ("first_order_until",), f"--algo {algo}", "--algo maml")
     if algo != "reptile":
         refuse_options(args, ("inner_batch",), f"--algo {algo}", "--algo reptile")
     values = fewshot_defaults(algo, task, args.ways)
@@ -293,6 +305,8 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
                        help="maml, fomaml: start every task's output layer at zero, not at a learned value (zeroing trick)")  # fmt: skip
     group.add_argument("--head-only", action="store_true", default=None,
                        help="maml, fomaml: adapt only the output layer in the inner loop; the rest is meta-learned only (ANIL)")  # fmt: skip
+    group.add_argument("--first-order-until", type=int, metavar="STEPS",
+                       help="maml: first-order meta-gradients for the first STEPS meta-steps, then second-order (MAML++)")  # fmt: skip
     group.add_argument("--multi-step-loss", type=int, metavar="STEPS",
                        help="maml, fomaml: MAML++'s multi-step loss, annealed to the last inner step's over the first STEPS meta-steps")  # fmt: skip
     group.add_argument("--hidden", type=int, help="omniglot: conv-4 filters (default 64)")

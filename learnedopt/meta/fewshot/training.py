@@ -109,6 +109,8 @@ class FewShotTrainer:
             return self._selected_after(step, {"meta_loss": workers.mean(float(loss) / len(x_s)), "outer_stepsize": eps})
         if config.multi_step_loss is not None:
             self.learner.maml.step_loss_weights = multi_step_loss_weights(config.inner_steps, step / config.multi_step_loss)
+        if config.first_order_until is not None:  # MAML++'s derivative-order annealing
+            self.learner.maml.first_order = step <= config.first_order_until
         loss = self.learner.meta_loss(x_s, y_s, x_q, y_q)
         workers.require_finite("the meta-loss", loss)
         self.meta_optimizer.zero_grad(set_to_none=True)
