@@ -1,6 +1,7 @@
 """MAML: meta-gradients against a direct double-backward computation; first vs second order."""
 
 import copy
+from collections import OrderedDict
 import re
 import warnings
 
@@ -511,6 +512,12 @@ def test_anil_runs_a_fixed_body_once_per_task_and_a_changing_one_every_step(vect
         calls.clear()
         maml.adapt(data[0][0], data[1][0], steps=5)
         assert len(calls) == (1 if not dropout else 5)
+    # a Sequential of named layers too
+    named = nn.Sequential(OrderedDict(body=nn.Linear(3, 4), act=nn.Tanh(), head=nn.Linear(4, 2))).double()
+    calls = []
+    named.body.register_forward_hook(lambda *args: calls.append(1))
+    MAML(named, inner_lr=0.5, inner_steps=3, adapt_only=("head",), vectorize=vectorize)(*data).backward()
+    assert len(calls) == 2 * (1 if vectorize else 3)
 
 
 def test_adapt_only_with_meta_sgd_gives_the_same_meta_gradient_on_every_path() -> None:

@@ -263,7 +263,10 @@ class MAML(nn.Module):
         if self._adapt_only is None or not isinstance(self.model, nn.Sequential):
             return None
         adapted = set(self._names())
-        first = next((i for i, m in enumerate(self.model) if any(f"{i}.{n}" in adapted for n, _ in m.named_parameters())), 0)
+        first = next(
+            (i for i, (name, m) in enumerate(self.model.named_children()) if any(f"{name}.{n}" in adapted for n, _ in m.named_parameters())),
+            0,
+        )
         body = self.model[:first]
         for m in body.modules():
             plain = type(m).__module__.startswith("torch.nn.") or isinstance(m, (BatchStatNorm, RunningStatNorm))
