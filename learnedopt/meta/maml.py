@@ -105,7 +105,10 @@ class MAML(nn.Module):
             "almost no inner loop"): ``adapt_only=("head",)`` adapts the output layer alone on
             each task, over a body that is only meta-learned. Default: every trainable parameter
             adapts. ``zero_init`` and the learned step sizes of ``learn_inner_lr`` cover adapted
-            parameters only.
+            parameters only. In an ``nn.Sequential`` model, leading layers that hold no adapted
+            parameter run once per task, not at every inner step, where they are ``torch.nn``'s
+            own (or the batch-norm replacements), without dropout or buffers, and the steps are
+            not checkpointed (same meta-gradient).
 
     Usage::
 
@@ -505,7 +508,11 @@ class MAML(nn.Module):
 
     def adapt(self, x_support: Inputs, y_support: Inputs, steps: int | None = None) -> Params:
         """Adapted parameters for ONE task (no meta-graph): ``x_support`` ``(N, ...)``, or a
-        tuple, list or dict of such tensors, as in :meth:`query_losses`."""
+        tuple, list or dict of such tensors, as in :meth:`query_losses`; ``y_support`` ``(N, ...)``.
+
+        Returns the parameters that adapt (name -> tensor of the parameter's shape; under
+        ``adapt_only`` those alone, the others staying the model's), for :meth:`predict`; at
+        ``steps=0`` the initialisation."""
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")

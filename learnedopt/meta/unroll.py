@@ -154,11 +154,11 @@ def learned_step(
         backend: ``"torch"``, ``"triton"`` or ``"auto"``, as for :func:`unroll`.
         nan_policy: None (default): no check, as in :func:`unroll`, whose NaN or Inf reaches the
             meta-loss and its gradient (which ``meta-train`` refuses to step on). ``"raise"``:
-            the optimizers' check before the rule runs (one host sync): a NaN or Inf loss the
-            rule reads, gradient, or parameter value of a rule that reads them
-            (``reads_param``) raises :class:`~learnedopt.NonFiniteGradientError` naming it.
-            ``"skip"`` (the optimizers' other policy) is refused: a functional step returns
-            every parameter's update.
+            the optimizers' check before the rule runs (a host sync, and one more for a loss
+            tensor the rule reads): a NaN or Inf loss the rule reads, gradient, or parameter
+            value of a rule that reads them (``reads_param``) raises
+            :class:`~learnedopt.NonFiniteGradientError` naming it. ``"skip"`` (the optimizers'
+            other policy) is refused: a functional step returns every parameter's update.
 
     Returns:
         ``(new_params, new_state)``: a dict of the same names, shapes and order as ``params``,

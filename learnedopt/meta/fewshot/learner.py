@@ -334,7 +334,8 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a learnedopt few-shot model file, or tensors that do not fit its header.
+        ValueError: not a learnedopt few-shot model file, a format other than 1 and 2 (2: a
+            ``head_only`` learner's), or tensors that do not fit its header.
     """
     path = Path(path)
     header, tensors = open_with_header(
