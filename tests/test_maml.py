@@ -520,6 +520,22 @@ def test_anil_runs_a_fixed_body_once_per_task_and_a_changing_one_every_step(vect
     assert len(calls) == 2 * (1 if vectorize else 3)
 
 
+def test_anil_runs_a_body_with_a_random_activation_at_every_step() -> None:
+    """``nn.RReLU`` draws its slopes at every call in training, as dropout draws its mask: a
+    body holding one is not run once per task (each inner step saw the same draw)."""
+    data = episode()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.Linear(4, 2)).double()
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    maml = MAML(model, inner_lr=0.5, inner_steps=3, adapt_only=("2",), vectorize=False)
+    maml.adapt(data[0][0], data[1][0], steps=5)
+    assert len(calls) == 5
+    calls.clear()
+    maml(*data).backward()
+    assert len(calls) == 4 * 3  # 3 inner steps and the query, for each of the 3 tasks
+
+
 def test_adapt_only_with_meta_sgd_gives_the_same_meta_gradient_on_every_path() -> None:
     """ANIL with learned step sizes: the checkpointed step takes the adapted parameters, their
     step sizes and the fixed body as its inputs; the body's and the step sizes' meta-gradients

@@ -107,8 +107,8 @@ class MAML(nn.Module):
             adapts. ``zero_init`` and the learned step sizes of ``learn_inner_lr`` cover adapted
             parameters only. In an ``nn.Sequential`` model, leading layers that hold no adapted
             parameter run once per task, not at every inner step, where they are ``torch.nn``'s
-            own (or the batch-norm replacements), without dropout or buffers, and the steps are
-            not checkpointed (same meta-gradient).
+            own (or the batch-norm replacements), without dropout, ``nn.RReLU`` or buffers, and
+            the steps are not checkpointed (same meta-gradient).
 
     Usage::
 
@@ -259,7 +259,8 @@ class MAML(nn.Module):
         """``(body, head)`` where the inner loop can run on the body's outputs, computed once per
         task: an ``nn.Sequential`` model whose first modules hold no adapted parameter (``adapt_only``,
         as ANIL's head) and compute the same outputs at every call (``torch.nn``'s layers and
-        the batch-norm replacements, no dropout, no buffer a forward updates). Else None: every
+        the batch-norm replacements; no dropout, no ``nn.RReLU``, no buffer but the running
+        statistics that ``RunningStatNorm`` keeps as they are). Else None: every
         inner step runs the whole model. The body's outputs carry its meta-gradient as its
         repeated calls would, so the result is the same to rounding (tested); the inner loop
         saves a forward and backward of the body per step."""
@@ -273,7 +274,8 @@ class MAML(nn.Module):
         body = self.model[:first]
         for m in body.modules():
             plain = type(m).__module__.startswith("torch.nn.") or isinstance(m, (BatchStatNorm, RunningStatNorm))
-            if not plain or isinstance(m, nn.modules.dropout._DropoutNd) or (
+            # dropout and RReLU draw at every call in training: each inner step must see its own draw
+            if not plain or isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or (
                 not isinstance(m, RunningStatNorm) and any(True for _ in m.buffers(recurse=False))
             ):
                 return None
