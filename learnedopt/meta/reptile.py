@@ -13,9 +13,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .batchnorm import apply_batchnorm_policy_
-from .model_calls import Inputs, check_inputs, default_loss, model_arguments, outside_inference
+from .model_calls import Inputs, LossFn, check_inputs, default_loss, model_arguments, outside_inference
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
 
