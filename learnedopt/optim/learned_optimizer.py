@@ -302,6 +302,8 @@ class LearnedOptimizer(Optimizer):
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
             saved_group["learned_rule"] = rule_json  # checked above
+            # the saved run decayed nothing; not this optimizer's decay, which changes the update
+            saved_group.setdefault("weight_decay", 0.0)
             for key, value in self.defaults.items():  # a key this version added since the save
                 saved_group.setdefault(key, value)
             # where the step runs is this machine's choice, not the saved run's: a checkpoint
