@@ -536,6 +536,67 @@ def test_anil_runs_a_body_with_a_random_activation_at_every_step() -> None:
     assert len(calls) == 4 * 3  # 3 inner steps and the query, for each of the 3 tasks
 
 
+class _Shift(nn.Module):
+    """A module of a class of its own: nothing tells MAML that its outputs are fixed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0
+
+
+class _BodyAndHead(nn.Module):
+    """Not an ``nn.Sequential``: MAML cannot split it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    ("case", "calls_per_task"),
+    [("one-layer-body", 2), ("frozen-layer-of-adapt-only", 2), ("spectral-norm", 4), ("own-module", 4), ("not-sequential", 4)],
+)
+def test_anil_caches_exactly_the_bodies_whose_outputs_are_fixed(case: str, calls_per_task: int) -> None:
+    """The first layer's forwards per task over 3 inner steps and the query (2: the body's
+    outputs once for the support and once for the query set; 4: at every step): a body of one
+    layer and a frozen layer of ``adapt_only`` before the head are cached; spectral norm's power
+    iteration (a buffer each forward updates), a module of the user's own class and a model that
+    is not an ``nn.Sequential`` run at every step. The meta-gradient (and spectral norm's vector)
+    is plain autograd's."""
+    data = episode()
+    torch.manual_seed(0)
+    adapt_only: tuple[str, ...] = ("2",)
+    if case == "one-layer-body":
+        model, adapt_only = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), ("1",)
+    elif case == "frozen-layer-of-adapt-only":
+        model, adapt_only = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), ("0", "2")
+        model[0].requires_grad_(False)  # held fixed now, as if outside adapt_only
+    elif case == "spectral-norm":
+        model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2))
+    elif case == "own-module":
+        model = nn.Sequential(nn.Linear(3, 4), _Shift(), nn.Linear(4, 2))
+    else:
+        model, adapt_only = _BodyAndHead(), ("head",)
+    model = model.double()
+    reference = copy.deepcopy(model)
+    first = model.body if case == "not-sequential" else model[0]
+    calls = []
+    first.register_forward_hook(lambda *args: calls.append(1))
+    maml = MAML(model, inner_lr=0.5, inner_steps=3, adapt_only=adapt_only, vectorize=False)
+    maml(*data).backward()
+    assert len(calls) == calls_per_task * 3
+    if case == "frozen-layer-of-adapt-only":
+        return
+    head = "head" if case == "not-sequential" else adapt_only[0]
+    expected = reference_meta_grad(reference, 0.5, 3, data, first_order=False, adapted={f"{head}.weight", f"{head}.bias"})
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    if case == "spectral-norm":
+        assert torch.equal(model[0].weight_u, reference[0].weight_u)
+
+
 def test_adapt_only_with_meta_sgd_gives_the_same_meta_gradient_on_every_path() -> None:
     """ANIL with learned step sizes: the checkpointed step takes the adapted parameters, their
     step sizes and the fixed body as its inputs; the body's and the step sizes' meta-gradients
