@@ -293,6 +293,7 @@ def test_cli_ensemble_and_query_copies(tmp_path: Path, checkpoints: dict, capsys
         ('{"format": 1}', "does not describe a learner"),  # the spec's fields are missing
         ("bad-loss", "does not describe a learner"),  # a valid spec but an unknown loss
         ("format-3", r"unsupported model format 3 \(this library reads 1 and 2\)"),  # a valid spec of a newer format
+        ("no-format", r"unsupported model format None \(this library reads 1 and 2\)"),  # a valid spec without one
         # an algorithm or inner optimizer this library does not know: refused at loading, not an
         # AttributeError (or a silent SGD) when the learner first adapts
         ('{"algo": "anil"}', "does not describe a learner .*unknown few-shot algo 'anil'"),
@@ -314,6 +315,8 @@ def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), "format": 3})
     if header.startswith('{"algo"'):
         header = json.dumps({**json.loads(metadata["learnedopt_model"]), **json.loads(header)})
+    elif header == "no-format":
+        header = json.dumps({k: v for k, v in json.loads(metadata["learnedopt_model"]).items() if k != "format"})
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path), metadata={"learnedopt_model": header})
     with pytest.raises(ValueError, match=f"{path.name}: .*{message}"):
