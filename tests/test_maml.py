@@ -367,38 +367,45 @@ def test_maml_refuses_to_run_inside_parametrize_cached(vectorize: bool) -> None:
 
 
 class RowNormalisedFirstLayer(nn.Module):
-    """``tiny_model()`` with its first weight ``g * v / |v|`` (per row) by plain ops: what
-    ``weight_norm`` computes, without ``torch._weight_norm``."""
+    """``tiny_model()`` with its first weight ``g * v / |v|`` by plain ops, the norm over every
+    dimension but ``dim`` (per row for 0, per column for 1, of the whole weight for None): what
+    ``weight_norm(..., dim=dim)`` computes, without ``torch._weight_norm``."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
         net = tiny_model()
-        self.g = nn.Parameter(net[0].weight.detach().norm(dim=1, keepdim=True))
+        self.over = None if dim is None else 1 - dim  # the weight is 2-D
+        self.g = nn.Parameter(self.norm(net[0].weight.detach()))
         self.v = nn.Parameter(net[0].weight.detach().clone())
         self.bias, self.rest = net[0].bias, net[1:]
 
+    def norm(self, v: torch.Tensor) -> torch.Tensor:
+        return v.norm() if self.over is None else v.norm(dim=self.over, keepdim=True)
+
     def forward(self, x):
-        return self.rest(nn.functional.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.bias))
+        return self.rest(nn.functional.linear(x, self.g * self.v / self.norm(self.v), self.bias))
 
 
-def deprecated_weight_norm(module: nn.Module) -> None:
+def deprecated_weight_norm(module: nn.Module, dim: int | None = 0) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        nn.utils.weight_norm(module)
+        nn.utils.weight_norm(module, dim=dim)
 
 
 @pytest.mark.parametrize("reparametrize", [nn.utils.parametrizations.weight_norm, deprecated_weight_norm],
                          ids=["parametrization", "deprecated_hook"])  # fmt: skip
 @pytest.mark.parametrize("mode", [{"vectorize": True}, {"vectorize": False}, {"vectorize": False, "checkpoint_steps": True}])
-def test_second_order_meta_gradient_through_weight_norm_matches_a_plain_model(reparametrize, mode) -> None:
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_second_order_meta_gradient_through_weight_norm_matches_a_plain_model(reparametrize, mode, dim) -> None:
     """``torch._weight_norm``'s fused kernel has a wrong double backward: the second-order
     meta-gradient through ``weight_norm`` was 28% off that of the same model written with plain
-    ops (checked here by the autograd loop), on every path."""
+    ops (checked here by the autograd loop), on every path, for a norm per row, per column
+    and of the whole weight."""
     data = episode()
     model = tiny_model()
-    reparametrize(model[0])
+    reparametrize(model[0], dim=dim)
     MAML(model, inner_lr=0.5, inner_steps=2, **mode)(*data).backward()
-    g, v, bias, *rest = reference_meta_grad(RowNormalisedFirstLayer(), 0.5, 2, data, first_order=False)
+    g, v, bias, *rest = reference_meta_grad(RowNormalisedFirstLayer(dim), 0.5, 2, data, first_order=False)
     for p, e in zip(model.parameters(), [bias, g, v, *rest], strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
@@ -999,6 +1006,44 @@ def test_an_embeddings_padding_row_gets_no_meta_gradient_on_every_path(first_ord
     MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order, vectorize=vectorize)(*data).backward()
     expected = reference_meta_grad(make(), 0.5, 2, data, first_order=first_order)
     assert expected[0][-1 if direct is True else 0].abs().max() == 0  # the reference: none to the padding row
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+class TableLookup(nn.Module):
+    """A table of its own (no ``nn.Embedding``) looked up with a padding row: by ``F.embedding``
+    with every argument a keyword (which reaches a function mode with the weight by position), or
+    by ``torch.embedding`` with ``padding_idx`` 0 by position or every argument a keyword."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.call = call
+        self.table = nn.Parameter(torch.randn(6, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        if self.call == "keywords":
+            rows = nn.functional.embedding(input=tokens, weight=self.table, padding_idx=2)
+        elif self.call == "torch.embedding":
+            rows = torch.embedding(self.table, tokens, 0)
+        else:
+            rows = torch.embedding(weight=self.table, indices=tokens, padding_idx=0)
+        return self.head(rows.mean(-2))
+
+
+@pytest.mark.parametrize("call", ["keywords", "torch.embedding", "torch.embedding-keywords"])
+def test_a_padding_row_of_a_table_of_its_own_gets_no_meta_gradient_under_vmap(call: str) -> None:
+    """The padding fix also covers a module of the user's own class without an ``nn.Embedding``,
+    a weight and ``padding_idx`` given by keyword, and ``torch.embedding`` itself (whose 0 is a
+    padding row and -1 none)."""
+    g = torch.Generator().manual_seed(0)
+    xs, xq = (torch.randint(0, 6, (3, 4, 5), generator=g) for _ in range(2))
+    data = (xs, torch.randint(0, 2, (3, 4), generator=g), xq, torch.randint(0, 2, (3, 4), generator=g))
+    model = TableLookup(call).double()
+    MAML(model, inner_lr=0.5, inner_steps=2, vectorize=True)(*data).backward()
+    expected = reference_meta_grad(TableLookup(call).double(), 0.5, 2, data, first_order=False)
+    assert expected[0][2 if call == "keywords" else 0].abs().max() == 0  # the reference: none to the padding row
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
