@@ -343,6 +343,11 @@ def test_a_frozen_parameter_takes_no_part_in_gradient_averaging(monkeypatch: pyt
     meta_optimizer = torch.optim.AdamW([a, frozen], lr=0.1, weight_decay=0.5)
     meta_optimizer.step()
     assert torch.equal(frozen, torch.ones(2))
+    # one frozen with a gradient left from before (on this rank only) is left out too: the ranks
+    # must reduce the same tensors, which requires_grad, the same on every rank, decides
+    frozen.grad = torch.full((2,), 5.0)
+    Workers(rank=0, world_size=2).average_gradients_([a, frozen])
+    assert other.reduced[1].numel() == 3 and torch.equal(frozen.grad, torch.full((2,), 5.0))
 
 
 def test_sums_and_means_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
