@@ -30,8 +30,9 @@ import torch.distributed as dist
 #: (name, arguments) of the meta-training runs; every run has --meta-batch 4 (2 tasks per rank)
 META_RUNS: dict[str, list[str]] = {
     "lstm": ["--task", "quadratic", "--unroll", "3", "--horizon", "6", "--meta-steps", "4", "--select-every", "2"],
-    "maml": ["--algo", "maml", "--meta-steps", "3", "--meta-lr", "0.01"],
-    "fomaml": ["--algo", "fomaml", "--meta-steps", "3", "--meta-lr", "0.01", "--select-every", "2"],
+    # first-order meta-steps 1 and 2, second-order 3
+    "maml": ["--algo", "maml", "--meta-steps", "3", "--meta-lr", "0.01", "--first-order-until", "2"],
+    "fomaml": ["--algo", "fomaml", "--meta-steps", "3", "--meta-lr", "0.01", "--select-every", "2", "--head-only"],
     "reptile": ["--algo", "reptile", "--meta-steps", "3", "--inner-steps", "2", "--inner-batch", "4"],
     "meta-lstm": ["--algo", "meta-lstm", "--meta-steps", "3", "--inner-steps", "2"],
 }
