@@ -414,7 +414,7 @@ def resolve_weights(
         raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
     if rule.kind != kind:
         given = "" if isinstance(weights, UpdateRule) else f" ({os.fspath(weights)})"
-        own = "" if rule.kind in (CoordinateLSTM.kind, MetaLSTMCell.kind) else (
+        own = "" if rule.kind in LIBRARY_KINDS else (
             f" (a rule of your own runs in a subclass of learnedopt.optim.LearnedOptimizer with rule_kind = {rule.kind!r})"
         )
         raise ValueError(f"{owner} runs a {kind} update rule, but the weights given{given} are a {rule.kind}{own}")

@@ -14,7 +14,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from .batchnorm import BatchStatNorm, RunningStatNorm
+from .batchnorm import is_library_layer
 
 
 class _Rewrite(TorchFunctionMode):
@@ -110,11 +110,7 @@ def may_embed(model: nn.Module) -> bool:
     """Whether ``model`` may call an embedding (so a padding index): it has an ``nn.Embedding``,
     or a module of a class of its own, whose forward could call ``F.embedding``. A model of
     ``torch.nn``'s other layers (and MAML's batch-norm replacements) cannot."""
-    own = (BatchStatNorm, RunningStatNorm)
-    return any(
-        isinstance(m, nn.Embedding) or not (type(m).__module__.startswith("torch.nn.") or isinstance(m, own))
-        for m in model.modules()
-    )
+    return any(isinstance(m, nn.Embedding) or not is_library_layer(m) for m in model.modules())
 
 
 def twice_differentiable_attention(enabled: bool = True) -> contextlib.AbstractContextManager:

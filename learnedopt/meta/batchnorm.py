@@ -98,6 +98,12 @@ def replace_batchnorm_(model: nn.Module, by: type[nn.Module] = BatchStatNorm) ->
     return model
 
 
+def is_library_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``torch.nn``'s own layers or a batch-norm replacement here: no
+    code of the user's runs in its forward."""
+    return type(module).__module__.startswith("torch.nn.") or isinstance(module, (BatchStatNorm, RunningStatNorm))
+
+
 #: ``batchnorm=`` policy -> what replaces a BatchNorm layer (None: the model may have none)
 BATCHNORM_POLICIES: dict[str, type[nn.Module] | None] = {
     "transductive": BatchStatNorm,

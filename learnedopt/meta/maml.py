@@ -35,7 +35,7 @@ from .autograd_fixes import (
     may_embed,
     twice_differentiable,
 )
-from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, replace_batchnorm_
+from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, is_library_layer, replace_batchnorm_
 from .model_calls import (
     Inputs,
     LossFn,
@@ -273,9 +273,8 @@ class MAML(nn.Module):
         )
         body = self.model[:first]
         for m in body.modules():
-            plain = type(m).__module__.startswith("torch.nn.") or isinstance(m, (BatchStatNorm, RunningStatNorm))
             # dropout and RReLU draw at every call in training: each inner step must see its own draw
-            if not plain or isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or (
+            if not is_library_layer(m) or isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or (
                 not isinstance(m, RunningStatNorm) and any(True for _ in m.buffers(recurse=False))
             ):
                 return None
