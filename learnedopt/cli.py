@@ -128,10 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> NoReturn:
     """The ``learnedopt`` console script: :func:`main`, then the process exits with its status
-    (see :func:`learnedopt.meta.distributed.exit_process` for how under ``torchrun``)."""
+    (see :func:`learnedopt.meta.distributed.exit_process` for how under ``torchrun``); status 1,
+    with no traceback, when the reader of its output closed the pipe early."""
+    import os
+    import sys
+
     from .meta.distributed import exit_process
 
-    exit_process(main())
+    try:
+        status = main()
+        sys.stdout.flush()  # here, so that a reader gone by now is caught below, not at exit
+    except BrokenPipeError:
+        # the reader of the output has gone (`learnedopt presets | head -3`): end quietly, as Unix
+        # tools do, instead of a traceback; stdout goes to devnull so that the interpreter's final
+        # flush of what is left does not raise again (the recipe of Python's `signal` docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    exit_process(status)
 
 
 if __name__ == "__main__":

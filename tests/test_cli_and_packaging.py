@@ -32,6 +32,17 @@ def test_console_script_help_runs() -> None:
     assert result.returncode == 0 and "learnedopt" in result.stdout
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback() -> None:
+    # as `learnedopt presets | head -3`: the pipe's read end is closed before the first write
+    process = subprocess.Popen(
+        [sys.executable, "-m", "learnedopt", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert stderr == ""
+
+
 def test_demo_runs_and_prints_each_optimizer_and_only_learnedopts_warnings(capsys, monkeypatch) -> None:
     import warnings
 
@@ -78,6 +89,40 @@ def test_kernels_are_installed_under_learnedopt_only() -> None:
 
     assert learnedopt.kernels.__name__ == "learnedopt.kernels"
     assert importlib.util.find_spec("kernels") is None or "learnedopt" not in str(importlib.util.find_spec("kernels").origin)
+
+
+def test_the_wheel_holds_every_module_the_kernels_the_weights_and_the_license(tmp_path) -> None:
+    # pyproject.toml lists the packages by hand: a subpackage left out of that list works in the
+    # editable install the tests run on and is missing from an installed wheel
+    import zipfile
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    # built from a copy: setuptools reuses a build/ folder, whose stale files would hide a package left out
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("learnedopt", "kernels"):
+        shutil.copytree(root / folder, source / folder, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("learnedopt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernels = root / "kernels"
+    expected = {
+        *(p.relative_to(root).as_posix() for p in (root / "learnedopt").rglob("*.py") if kernels.resolve() not in p.resolve().parents),
+        *(f"learnedopt/kernels/{p.relative_to(kernels).as_posix()}" for p in kernels.rglob("*.py")),
+        *(p.relative_to(root).as_posix() for p in (root / "learnedopt" / "pretrained").iterdir() if p.suffix in (".md", ".safetensors")),
+    }
+    assert expected - names == set()
+    assert any(n.startswith("learnedopt/kernels/") for n in names)
+    assert not any(n.startswith("kernels/") for n in names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def test_demo_baselines_use_the_suites_tuned_learning_rates() -> None:
