@@ -304,3 +304,35 @@ def test_compile_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "eager")
     with pytest.raises(ValueError, match="LEARNEDOPT_COMPILE='eager': use 1"):
         compile_enabled()
+
+
+def test_steps_and_meta_training_run_with_warnings_as_errors() -> None:
+    # a fresh process, where the first compile imports the parts of torch that warn of torch's own
+    # deprecations: under `-W error` (pytest's `filterwarnings = error`) that failed every step
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+from learnedopt.meta import generator_for, make_family, num_coordinates, unroll
+from learnedopt.nn import CoordinateLSTM
+model = torch.nn.Linear(4, 2)
+for kind in (LSTMOptimizer, MetaLSTMOptimizer):
+    optimizer = kind(model.parameters())
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model(torch.randn(3, 4)).square().mean()
+        loss.backward()
+        optimizer.step(loss=loss) if kind is MetaLSTMOptimizer else optimizer.step()
+rule = CoordinateLSTM()
+g = generator_for(0, 1, 1)
+tasks = make_family("quadratic", split="meta_train").sample_batch(2, g)
+params = tasks.init_params(g)
+state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+unroll(rule, tasks, params, state, 2).meta_loss.backward()
+"""
+    env = {**os.environ, "LEARNEDOPT_COMPILE": "1"}
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
