@@ -17,6 +17,8 @@ from learnedopt.meta.unroll import num_coordinates
 
 F64 = torch.float64
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
+#: each rule kind's configuration with moving-average states (momenta, RMS), always float32 or wider
+MOVING_AVERAGES = {"lstm": {"momentum_decays": (0.9,), "rms_decays": (0.999,)}, "meta": {"momentum_decay": 0.9, "rms_decay": 0.999}}
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -72,19 +74,78 @@ def test_learned_steps_follow_the_optimizer(kind: str, foreach: bool | None) -> 
         torch.testing.assert_close(state[name], value, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stop", [True, False], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("foreach", [None, False], ids=["batched", "per-tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
-def test_learned_steps_equal_an_unroll_of_one_task(kind: str, stop: bool) -> None:
+def test_half_precision_learned_steps_follow_the_optimizer(kind: str, dtype: torch.dtype, foreach: bool | None) -> None:
+    """bfloat16 and float16 parameters step as in the optimizer: the rule (float32, with
+    moving-average states, which stay float32) runs in float32 on the parameters and gradients
+    read in float32, and the new parameters are rounded back to their dtype. On the batched path
+    (64 coordinates, one unpadded chunk) parameters and states equal the optimizer's bit for bit;
+    the per-tensor path runs the rule on each tensor's rows, its states equal to float32 rounding.
+    ``learned_step`` refused these parameters beside the float32 moving averages."""
+    rule = random_rule(kind, **MOVING_AVERAGES[kind]).float()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 8).to(dtype)  # 64 coordinates
+    x = torch.randn(16, 7, generator=torch.Generator().manual_seed(1)).to(dtype)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    start = {k: v.clone() for k, v in params.items()}
+    optimizer = OPTIMIZERS[kind](model.parameters(), weights=rule, lr=0.7, foreach=foreach)
+    state = init_rule_state(rule, params)
+    assert {v.dtype for v in state.values()} == {torch.float32}  # the optimizer's default state_dtype
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        grads = {k: v.grad.clone() for k, v in model.named_parameters()}
+        optimizer.step(loss=loss.detach())
+        params, state = learned_step(rule, params, grads, state, loss=loss.detach(), lr=0.7)
+    expected = flat_states(rule, optimizer, list(model.parameters()))
+    for k, p in model.named_parameters():
+        assert params[k].dtype == dtype
+        assert not torch.equal(p.detach(), start[k])
+        torch.testing.assert_close(params[k], p.detach(), rtol=0, atol=0)
+    for name, value in expected.items():
+        tolerance = {"rtol": 0, "atol": 0} if foreach is None else {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(state[name], value, **tolerance)
+
+
+def test_half_precision_parameters_need_a_float32_rule_and_states() -> None:
+    """Beside bfloat16 parameters, a bfloat16 rule or states (init_rule_state made them so
+    before) are refused in one line that says the math is float32; so are mixed parameters."""
+    rule = CoordinateLSTM(hidden_size=3, num_layers=1, **MOVING_AVERAGES["lstm"])
+    params = {"w": torch.randn(2, 3).bfloat16(), "b": torch.randn(2).bfloat16()}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    state = init_rule_state(rule, params)
+    message = (r"learned_step runs the update of torch\.bfloat16 parameters in torch\.float32, as the optimizers do: the rule's "
+               r"states and its weights must be torch\.float32 \(init_rule_state makes such states; rule\.float\(\)\), got: ")
+    with pytest.raises(ValueError, match=message + r"torch\.bfloat16 \(state 'h'\), torch\.bfloat16 \(state 'c'\)$"):
+        learned_step(rule, params, grads, {k: v.bfloat16() if k in "hc" else v for k, v in state.items()})
+    with pytest.raises(ValueError, match=message + r"torch\.bfloat16 \(rule weight 'lstm\.weight_ih_l0'\)"):
+        learned_step(rule.bfloat16(), params, grads, state)
+    rule.float()
+    with pytest.raises(ValueError, match=r"learned_step needs one dtype for the parameters, their gradients, got: "
+                                         r"torch\.bfloat16 \(params\['w'\]\), torch\.float32 \(grads\['b'\]\)"):
+        learned_step(rule, params, {**grads, "b": grads["b"].float()}, state)
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16, torch.float16], ids=["float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_learned_steps_equal_an_unroll_of_one_task(kind: str, dtype: torch.dtype, stop: bool) -> None:
     """``learned_step`` in a loop over one task is ``unroll`` on a one-task TaskBatch bit for
     bit: losses, parameters, states and the meta-gradient of the rule's weights (with the
-    gradient and loss detached as ``stop_optimizee_grad`` does, or with their graph)."""
-    rule = random_rule(kind)
+    gradient and loss detached as ``stop_optimizee_grad`` does, or with their graph); in float64,
+    and for half-precision parameters with the float32 rule (moving averages included)."""
+    rule = random_rule(kind) if dtype == F64 else random_rule(kind, **MOVING_AVERAGES[kind]).float()
     g = generator_for(3)
-    tasks = QuadraticFamily(dim=4, dtype=F64).sample_batch(1, g)
+    tasks = QuadraticFamily(dim=4, dtype=dtype).sample_batch(1, g)
     stacked = tasks.init_params(g)
     (task,) = tasks.tasks
-    result = unroll(rule, tasks, stacked, rule.init_state(num_coordinates(stacked), dtype=F64, device="cpu"),
+    state_dtype = next(rule.parameters()).dtype
+    result = unroll(rule, tasks, stacked, rule.init_state(num_coordinates(stacked), dtype=state_dtype, device="cpu"),
                     4, lr=0.7, stop_optimizee_grad=stop)  # fmt: skip
+    assert {v.dtype for v in result.params.values()} == {dtype}
     expected_grad = torch.autograd.grad(result.meta_loss, list(rule.parameters()))
 
     params = {k: v[0].detach().requires_grad_(True) for k, v in stacked.items()}

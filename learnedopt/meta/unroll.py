@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..nn.base import is_number
+from ..nn.base import is_number, math_dtype
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]
@@ -106,16 +106,16 @@ def init_rule_state(rule: UpdateRule, params: Mapping[str, Tensor]) -> State:
     Returns:
         ``rule.init_state(P, ...)``: ``(*lead, P, *trail)`` per state name (:meth:`UpdateRule.state_spec`),
         ``P`` being the number of elements of all tensors of ``params``, coordinate ``j`` the
-        ``j``-th element of their concatenation in dict order; zeros in the parameters' dtype
-        on their device. Moving averages are in at least float32 (:class:`~learnedopt.nn.StateSpec`),
-        which :func:`learned_step` refuses beside float16 or bfloat16 parameters: a rule with
-        them runs there in float32 or float64 only (as the optimizers' math does).
+        ``j``-th element of their concatenation in dict order; zeros on their device, in the
+        dtype the rule's math runs in (:func:`~learnedopt.nn.base.math_dtype`): float64 for
+        float64 parameters, float32 for float32, bfloat16 and float16 ones (as the optimizers'
+        default ``state_dtype``).
 
     Raises:
         ValueError: ``params`` is empty, not floating-point, or of more than one dtype or device.
     """
     first = _check_params(params, "init_rule_state")
-    return rule.init_state(num_coordinates(params), dtype=first.dtype, device=first.device)
+    return rule.init_state(num_coordinates(params), dtype=math_dtype(first.dtype), device=first.device)
 
 
 def learned_step(
@@ -137,18 +137,22 @@ def learned_step(
     rule's weights, the old parameters, the states, the loss and the gradients (build them with
     ``torch.autograd.grad(..., create_graph=True)`` for the second-order terms). As in
     :func:`unroll`, a NaN or Inf gradient flows into the step unchecked unless
-    ``nan_policy="raise"`` asks for the check. The rule's weights are not copied to the
-    parameters' dtype or device: they must be in them already.
+    ``nan_policy="raise"`` asks for the check. As in the optimizers, the rule runs in float64 for
+    float64 parameters and in float32 for float32, bfloat16 and float16 ones
+    (:func:`~learnedopt.nn.base.math_dtype`), the new parameters being rounded back to their
+    dtype. The rule's weights are not copied to that dtype or the parameters' device: they must
+    be in them already.
 
     Args:
-        rule: the update rule, its weights in the parameters' dtype and on their device.
+        rule: the update rule, its weights in the math dtype and on the parameters' device.
         params: one optimizee's parameters, any shapes; coordinate ``j`` is the ``j``-th element of
             their concatenation in dict order.
-        grads: the gradient of the loss for each of ``params``, same names and shapes.
-        state: the rule's states, ``(*lead, P, *trail)`` per name for the ``P`` coordinates of
-            ``params``: :func:`init_rule_state` at the first step, then what the last step returned.
+        grads: the gradient of the loss for each of ``params``, same names, shapes and dtype.
+        state: the rule's states, in the math dtype, ``(*lead, P, *trail)`` per name for the
+            ``P`` coordinates of ``params``: :func:`init_rule_state` at the first step, then what
+            the last step returned.
         loss: the optimizee's loss, for rules with ``needs_loss`` (MetaLSTMCell): a number or a
-            one-element tensor on the parameters' device (the rule reads it in their dtype,
+            one-element tensor on the parameters' device (the rule reads it in the math dtype,
             saturated at its largest value, as the optimizers do); ignored by other rules.
         lr: multiplier of the rule's step.
         backend: ``"torch"``, ``"triton"`` or ``"auto"``, as for :func:`unroll`.
@@ -167,10 +171,10 @@ def learned_step(
     Raises:
         ValueError: an unknown ``backend``; ``params`` empty or not floating-point; ``grads``
             whose names or shapes are not ``params``'; states of other names or shapes than the
-            rule's for ``P`` coordinates; parameters, gradients, states and rule weights of more
-            than one dtype or device; no loss for a rule that needs it, or a loss that is not one
-            real number on the parameters' device; a ``nan_policy`` other than None and
-            ``"raise"``.
+            rule's for ``P`` coordinates; parameters and gradients of more than one dtype, states
+            or rule weights not in the math dtype, or any of them on more than one device; no
+            loss for a rule that needs it, or a loss that is not one real number on the
+            parameters' device; a ``nan_policy`` other than None and ``"raise"``.
         NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
             rule), gradient or (read by the rule) parameter value; nothing is computed.
     """
@@ -193,15 +197,16 @@ def learned_step(
     n = num_coordinates(params)
     _check_state(rule, state, n)
     _check_one_dtype_and_device(rule, params, state, grads=grads, caller="learned_step")
-    rule_loss = _step_loss(rule, loss, first)
+    compute = math_dtype(first.dtype)
+    rule_loss = _step_loss(rule, loss, first.device, compute)
     if nan_policy == "raise":
         _require_finite(rule, params, grads, loss)
     shapes = [params[k].shape for k in names]
     sizes = [params[k].numel() for k in names]
-    flat_param = torch.cat([params[k].reshape(-1) for k in names])
-    flat_grad = torch.cat([grads[k].reshape(-1) for k in names])
+    flat_param = torch.cat([params[k].reshape(-1) for k in names]).to(compute)  # no copy or graph node for float32, float64
+    flat_grad = torch.cat([grads[k].reshape(-1) for k in names]).to(compute)
     step, new_state = _apply_rule(rule, flat_grad, flat_param, dict(state), rule_loss, backend)
-    new_flat = flat_param + lr * step
+    new_flat = (flat_param + lr * step).to(first.dtype)
     new_params = {
         k: piece.reshape(shape) for k, piece, shape in zip(names, new_flat.split(sizes), shapes, strict=True)
     }
@@ -271,25 +276,25 @@ def _check_state(rule: UpdateRule, state: State, n: int) -> None:
             )
 
 
-def _step_loss(rule: UpdateRule, loss: Tensor | float | None, param: Tensor) -> Tensor | None:
-    """The ``(1,)`` loss the rule reads, in ``param``'s dtype and saturated at its largest value
-    (a float64 loss over 3.4e38 is Inf in float32, as the optimizers' ``step(loss=...)`` reads
-    it); None for a rule without ``needs_loss``. Raises ValueError for a missing or malformed loss."""
+def _step_loss(rule: UpdateRule, loss: Tensor | float | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """The ``(1,)`` loss the rule reads, on ``device`` in ``dtype`` (the math's), saturated at
+    its largest value (a float64 loss over 3.4e38 is Inf in float32, as the optimizers'
+    ``step(loss=...)`` reads it); None for a rule without ``needs_loss``. Raises ValueError for a missing or malformed loss."""
     if not rule.needs_loss:
         return None
     if loss is None:
         raise ValueError(f"{type(rule).__name__} reads the optimizee's loss: pass learned_step(..., loss=loss)")
     if is_number(loss):
-        loss = torch.tensor(float(loss), dtype=torch.float64, device=param.device)
+        loss = torch.tensor(float(loss), dtype=torch.float64, device=device)
     elif not isinstance(loss, Tensor) or loss.is_complex() or loss.dtype == torch.bool:
         raise ValueError(f"the loss must be a real number or a one-element tensor, got {loss!r}")
     if loss.numel() != 1:
         raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-    if loss.device != param.device:
-        raise ValueError(f"the loss is on {loss.device}, the parameters on {param.device}")
-    largest = torch.finfo(param.dtype).max
-    loss = loss.to(torch.promote_types(loss.dtype, param.dtype)).clamp(-largest, largest)
-    return loss.to(param.dtype).reshape(1)
+    if loss.device != device:
+        raise ValueError(f"the loss is on {loss.device}, the parameters on {device}")
+    largest = torch.finfo(dtype).max
+    loss = loss.to(torch.promote_types(loss.dtype, dtype)).clamp(-largest, largest)
+    return loss.to(dtype).reshape(1)
 
 
 def unroll(
@@ -319,7 +324,9 @@ def unroll(
     called once on all ``B * P`` coordinates.
 
     Args:
-        rule: the update rule; its dtype and device must be the parameters' (and the states').
+        rule: the update rule; its dtype must be the parameters' math dtype (theirs for float32
+            and float64, float32 for bfloat16 and float16, as in :func:`learned_step`), its device
+            theirs; so must the states' be.
         task_batch: ``B`` tasks.
         params: ``(B, *shape)`` per name; need not require grad (leaves are made where needed).
         rule_state: ``(lead, B * P, *trail)`` per state name, e.g.
@@ -345,7 +352,8 @@ def unroll(
     Raises:
         ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params`` or ``loss_weights``,
-            parameters, states and rule weights of more than one dtype or device, a call under
+            parameters of more than one dtype, states or rule weights not in their math dtype,
+            any of them on more than one device, a call under
             ``torch.no_grad()`` or ``torch.inference_mode()``, or task losses that are not
             ``(B,)`` on the parameters' device with a gradient for every parameter.
     """
@@ -369,6 +377,8 @@ def unroll(
                 f"params[{k!r}] has leading size {params[k].shape[0]}, expected B={batch}"
             )
     _check_one_dtype_and_device(rule, params, rule_state)
+    dtype = next(iter(params.values())).dtype
+    compute = math_dtype(dtype)
     sizes = [math.prod(s) for s in shapes]
     per_task = sum(sizes)
 
@@ -387,13 +397,13 @@ def unroll(
             retain_graph=True,  # the meta-loss backward goes through these losses later
             create_graph=not stop_optimizee_grad,
         )
-        flat_grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
-        flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1)
-        rule_loss = loss.detach() if stop_optimizee_grad else loss
+        flat_grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1).to(compute)
+        flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1).to(compute)
+        rule_loss = (loss.detach() if stop_optimizee_grad else loss).to(compute)
         step, state = _apply_rule(
             rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss, backend
         )
-        new_flat = flat_param + lr * step.reshape(batch, per_task)
+        new_flat = (flat_param + lr * step.reshape(batch, per_task)).to(dtype)
         current = {
             k: piece.reshape(batch, *shape)
             for k, piece, shape in zip(names, new_flat.split(sizes, dim=1), shapes, strict=True)
@@ -491,21 +501,41 @@ def _check_one_dtype_and_device(
     grads: Mapping[str, Tensor] | None = None,
     caller: str = "unroll",
 ) -> None:
-    """Raise ValueError unless the parameters, their ``grads`` (where given), the floating-point
-    states and the rule's weights share one dtype and one device (torch's own error, from deep in
-    the rule, names neither side)."""
-    tensors = {f"params[{k!r}]": v for k, v in params.items()}
-    tensors.update({f"grads[{k!r}]": v for k, v in (grads or {}).items()})
-    tensors.update({f"state {k!r}": v for k, v in state.items() if v.is_floating_point()})
-    tensors.update({f"rule weight {k!r}": v for k, v in rule.named_parameters()})
-    for what in ("dtype", "device"):
-        first: dict[str, str] = {}  # each value, and the first tensor that has it
-        for name, tensor in tensors.items():
-            first.setdefault(str(getattr(tensor, what)), name)
-        if len(first) > 1:
-            found = ", ".join(f"{value} ({name})" for value, name in first.items())
-            inputs = "the parameters, their gradients," if grads is not None else "the parameters,"
-            raise ValueError(f"{caller} needs one {what} for {inputs} the rule's states and its weights, got: {found}")
+    """Raise ValueError unless the parameters and their ``grads`` (where given) share one dtype,
+    the floating-point states and the rule's weights are in the math dtype of that dtype (the
+    same dtype for float32 and float64 parameters, float32 for bfloat16 and float16 ones), and all
+    share one device (torch's own error, from deep in the rule, names neither side)."""
+    optimizee = {f"params[{k!r}]": v for k, v in params.items()}
+    optimizee.update({f"grads[{k!r}]": v for k, v in (grads or {}).items()})
+    rule_side = {f"state {k!r}": v for k, v in state.items() if v.is_floating_point()}
+    rule_side.update({f"rule weight {k!r}": v for k, v in rule.named_parameters()})
+    inputs = "the parameters, their gradients," if grads is not None else "the parameters,"
+    tensors = {**optimizee, **rule_side}
+    param_dtype = next(iter(params.values())).dtype
+    compute = math_dtype(param_dtype)
+    if compute == param_dtype:
+        _require_one(tensors, "dtype", f"{caller} needs one dtype for {inputs} the rule's states and its weights")
+    else:
+        _require_one(optimizee, "dtype", f"{caller} needs one dtype for {inputs.removesuffix(',')}")
+        wrong = {name: t for name, t in rule_side.items() if t.dtype != compute}
+        if wrong:
+            found = ", ".join(f"{t.dtype} ({name})" for name, t in list(wrong.items())[:3])
+            raise ValueError(
+                f"{caller} runs the update of {param_dtype} parameters in {compute}, as the optimizers do: the rule's "
+                f"states and its weights must be {compute} (init_rule_state makes such states; rule.float()), got: {found}"
+            )
+    _require_one(tensors, "device", f"{caller} needs one device for {inputs} the rule's states and its weights")
+
+
+def _require_one(tensors: Mapping[str, Tensor], what: str, message: str) -> None:
+    """Raise ValueError(``message: value (first tensor with it), ...``) unless every tensor has
+    the same ``what`` (``"dtype"`` or ``"device"``)."""
+    first: dict[str, str] = {}  # each value, and the first tensor that has it
+    for name, tensor in tensors.items():
+        first.setdefault(str(getattr(tensor, what)), name)
+    if len(first) > 1:
+        found = ", ".join(f"{value} ({name})" for value, name in first.items())
+        raise ValueError(f"{message}, got: {found}")
 
 
 def _triton_problems(rule: UpdateRule, grad: Tensor, param: Tensor, state: State) -> list[str]:

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
+from ..nn.base import math_dtype
 from ..weights import fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
@@ -730,7 +731,7 @@ def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return math_dtype(p.dtype)
 
 
 #: (device, compute dtype) -> (parameters, their gradients): the units of one step's update
