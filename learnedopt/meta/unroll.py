@@ -36,7 +36,8 @@ from torch import Tensor
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..nn.base import is_number, math_dtype
+from ..nn.base import is_number
+from ..nn.precision import math_dtype, without_autocast
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]
@@ -107,7 +108,7 @@ def init_rule_state(rule: UpdateRule, params: Mapping[str, Tensor]) -> State:
         ``rule.init_state(P, ...)``: ``(*lead, P, *trail)`` per state name (:meth:`UpdateRule.state_spec`),
         ``P`` being the number of elements of all tensors of ``params``, coordinate ``j`` the
         ``j``-th element of their concatenation in dict order; zeros on their device, in the
-        dtype the rule's math runs in (:func:`~learnedopt.nn.base.math_dtype`): float64 for
+        dtype the rule's math runs in (:func:`~learnedopt.nn.precision.math_dtype`): float64 for
         float64 parameters, float32 for float32, bfloat16 and float16 ones (as the optimizers'
         default ``state_dtype``).
 
@@ -139,7 +140,7 @@ def learned_step(
     :func:`unroll`, a NaN or Inf gradient flows into the step unchecked unless
     ``nan_policy="raise"`` asks for the check. As in the optimizers, the rule runs in float64 for
     float64 parameters and in float32 for float32, bfloat16 and float16 ones
-    (:func:`~learnedopt.nn.base.math_dtype`), the new parameters being rounded back to their
+    (:func:`~learnedopt.nn.precision.math_dtype`), the new parameters being rounded back to their
     dtype. The rule's weights are not copied to that dtype or the parameters' device: they must
     be in them already.
 
@@ -591,7 +592,15 @@ def _apply_rule(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)`` (None: a rule without
-    ``needs_loss``, which does not read it)."""
+    ``needs_loss``, which does not read it). The rule runs in the dtype of its inputs (the
+    math dtype) also inside an autocast region, as in the optimizers."""
+    with without_autocast({grad.device.type}):
+        return _apply_rule_in_math_dtype(rule, grad, param, state, loss, backend)
+
+
+def _apply_rule_in_math_dtype(
+    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor | None, backend: str
+) -> tuple[Tensor, State]:
     if _use_triton(rule, grad, param, state, backend):
         return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:

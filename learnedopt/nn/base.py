@@ -43,14 +43,6 @@ class StateSpec:
 State = dict[str, Tensor]
 
 
-def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a rule's math runs in for parameters of ``param_dtype``: float64 for float64,
-    float32 for every other (float32, bfloat16, float16: an LSTM's gates and a moving average
-    lose too much in a half-precision dtype). The optimizers and :func:`learnedopt.meta.learned_step`
-    alike read the parameters and gradients in it and write the parameters back in their own dtype."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
 def check_positive_integer(name: str, value: Any) -> None:
     """Raise ValueError unless ``value`` is an integer >= 1; a bool (JSON ``true``) is not one,
     though Python would count it as 1."""

@@ -7,7 +7,6 @@ Triton kernel (``backend``). The rule itself (:mod:`learnedopt.nn`) is pure math
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -26,7 +25,7 @@ from torch.optim import Optimizer
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
-from ..nn.base import math_dtype
+from ..nn.precision import math_dtype, without_autocast
 from ..weights import fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
@@ -421,10 +420,8 @@ class LearnedOptimizer(Optimizer):
                         flatten_parameter_shaped(self.rule, self.state[p], p)
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
                 _check_lr_fits(float(group["lr"]), ps)
-        # the user's autocast region (often the whole training step) must not run the rule's matrix
-        # products in float16/bfloat16: it runs in float32 (float64), as it was meta-trained
         progress = _StepProgress()
-        with _without_autocast({device.type for partitions in plans for device, _ in partitions}):
+        with without_autocast({device.type for partitions in plans for device, _ in partitions}):
             for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
                 self._update_group(index, group, partitions, rule_loss, progress)
         if progress.kernel_failures:
@@ -712,15 +709,6 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
         for i, flag in zip(indices, flags, strict=True):
             finite[i] = flag
     return finite
-
-
-def _without_autocast(device_types: set[str]) -> contextlib.ExitStack:
-    """A context with autocast off for each of ``device_types`` (those autocast exists for)."""
-    stack = contextlib.ExitStack()
-    for device_type in sorted(device_types):
-        if torch.amp.is_autocast_available(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
 
 
 def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
