@@ -145,10 +145,15 @@ class PlainWeightNorm(_Rewrite):
         return v * (g / torch.linalg.vector_norm(v.movedim(dim, 0).reshape(v.shape[dim], -1), dim=1).view(shape))
 
 
-def has_weight_norm(model: nn.Module) -> bool:
-    """Whether ``model`` normalises a weight by ``torch._weight_norm`` (either ``weight_norm``)."""
+def may_normalise_weights(model: nn.Module) -> bool:
+    """Whether ``model`` may call ``torch._weight_norm``: it has weight normalisation (either
+    ``weight_norm``), or a module of a class of its own, whose forward could call it directly
+    (second-order meta-gradients through such a call were 7% off, silently). A model of
+    ``torch.nn``'s other layers (and MAML's batch-norm replacements) cannot."""
     return any(
-        isinstance(m, _WeightNorm) or any(isinstance(hook, WeightNorm) for hook in m._forward_pre_hooks.values())
+        isinstance(m, _WeightNorm)
+        or any(isinstance(hook, WeightNorm) for hook in m._forward_pre_hooks.values())
+        or not is_library_layer(m)
         for m in model.modules()
     )
 
@@ -166,11 +171,12 @@ def compiled_eagerly(model: nn.Module, enabled: bool = True) -> contextlib.Abstr
 
 def twice_differentiable(model: nn.Module, enabled: bool) -> contextlib.ExitStack:
     """While ``enabled`` (a second-order graph is built): attention by its math backend
-    (:func:`twice_differentiable_attention`), where ``model`` has weight normalisation, that by
-    plain ops (:class:`PlainWeightNorm`), and its compiled modules eagerly (:func:`compiled_eagerly`)."""
+    (:func:`twice_differentiable_attention`), where ``model`` may normalise a weight
+    (:func:`may_normalise_weights`), that by plain ops (:class:`PlainWeightNorm`), and its compiled
+    modules eagerly (:func:`compiled_eagerly`)."""
     stack = contextlib.ExitStack()
     stack.enter_context(twice_differentiable_attention(enabled))
-    if enabled and has_weight_norm(model):
+    if enabled and may_normalise_weights(model):
         stack.enter_context(PlainWeightNorm())
     stack.enter_context(compiled_eagerly(model, enabled))
     return stack
