@@ -1,5 +1,6 @@
 """Reptile: the update against its definition, annealing, learned inner optimizers."""
 
+import collections
 import copy
 
 import pytest
@@ -80,6 +81,26 @@ def test_adapt_under_no_grad_and_inference_mode_trains_as_outside() -> None:
             worker = reptile.adapt(inside)
         for got, want in zip(worker.parameters(), expected, strict=True):
             torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_adapt_under_inference_mode_takes_targets_in_a_user_dict() -> None:
+    """Targets in a ``collections.UserDict`` (not a dict: ``torch.utils._pytree`` does not enter
+    it) made under ``inference_mode`` are copied out of it too, and ``loss_fn`` gets a UserDict
+    as given: autograd raised "Inference tensors cannot be saved for backward"."""
+    data = tasks(1, batches=2)[0]
+    seen = set()
+
+    def loss_fn(outputs, targets):
+        seen.add(type(targets))
+        return nn.functional.cross_entropy(outputs, targets["labels"])
+
+    reptile = Reptile(model(), inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), loss_fn=loss_fn)
+    with torch.inference_mode():
+        inside = [(x.clone(), collections.UserDict(labels=y.clone())) for x, y in data]
+        worker = reptile.adapt(inside)
+    assert seen == {collections.UserDict}
+    for got, want in zip(worker.parameters(), sgd_run(model(), data, 3, 0.1), strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("make", [lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["lstm", "meta-lstm"])

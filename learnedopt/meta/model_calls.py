@@ -4,7 +4,8 @@ checks, and the default loss."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch.utils._pytree as pytree
@@ -68,10 +69,26 @@ def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs
 
 
 def outside_inference(inputs: Any) -> Any:
-    """``inputs`` (a tensor, or a tuple, list or dict of them) with every ``inference_mode`` tensor
-    cloned into a normal one: autograd saves no inference tensors, so a differentiated inner loop
-    run for evaluation under ``inference_mode`` reads such copies. Anything else as it is."""
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, inputs)
+    """``inputs`` (a tensor, or a tuple, list or mapping of them) with every ``inference_mode``
+    tensor cloned into a normal one: autograd saves no inference tensors, so a differentiated
+    inner loop run for evaluation under ``inference_mode`` reads such copies. Anything else as
+    it is. A mapping that is not a dict (a ``UserDict``, such as a tokenizer's ``BatchEncoding``),
+    which ``torch.utils._pytree`` does not enter, is copied with its type (as a dict if it cannot
+    be written to): Reptile's targets reach ``loss_fn`` as they were given."""
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.clone() if value.is_inference() else value
+        if isinstance(value, Mapping) and not isinstance(value, dict):
+            values = {k: outside_inference(v) for k, v in value.items()}
+            if not isinstance(value, MutableMapping):
+                return values
+            mapping = copy.copy(value)
+            mapping.update(values)
+            return mapping
+        return value
+
+    return pytree.tree_map(leaf, inputs)
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
