@@ -410,6 +410,25 @@ def test_second_order_meta_gradient_through_weight_norm_matches_a_plain_model(re
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
+def test_vmap_inside_autocast_through_layer_norm_gives_the_loops_meta_gradient(first_order: bool) -> None:
+    """Inside ``torch.autocast`` (CPU, bfloat16) the tasks run under ``vmap`` through
+    ``nn.LayerNorm``, first-order too: its batched backward raised "expected scalar type BFloat16
+    but found Float" there (``vectorize="auto"`` fell back to the loop for good, with a warning).
+    The meta-gradient is the task loop's under the same autocast, to bfloat16 rounding."""
+    data = tuple(t.float() if t.is_floating_point() else t for t in episode())
+    grads = []
+    for vectorize in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order, vectorize=vectorize)(*data)
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert grads[1].abs().max() > 1e-2
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.02, atol=0.02 * float(grads[1].abs().max()))
+
+
 class DirectWeightNorm(RowNormalisedFirstLayer):
     """:class:`RowNormalisedFirstLayer` whose forward calls ``torch._weight_norm`` itself, as a
     model of the user's own may, with no ``weight_norm`` module or hook for MAML to find."""

@@ -492,8 +492,12 @@ class MAML(nn.Module):
         # only second-order meta-gradients go through the faulty rule, and each mode costs a Python
         # call per op of the vmapped forward (10-20% of a sinusoid MLP's meta-step for the padding one)
         second_order = not self.first_order and torch.is_grad_enabled()
+        # under autocast the norms' batched backward fails at the first order too ("expected scalar
+        # type BFloat16 but found Float": the low-precision input beside the float32 weight)
+        autocast = torch.is_autocast_enabled(pytree.tree_leaves(xs)[0].device.type)
         padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
-        with AffineAfterNorm() if second_order else contextlib.nullcontext(), padding, compiled_eagerly(self.model):
+        norms = AffineAfterNorm() if second_order or autocast else contextlib.nullcontext()
+        with norms, padding, compiled_eagerly(self.model):
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
