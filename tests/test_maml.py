@@ -1154,6 +1154,29 @@ def test_meta_sgd_starts_at_inner_lr_and_its_step_sizes_get_the_meta_gradient() 
         torch.testing.assert_close(maml_sgd.inner_lrs[n.replace(".", "/")].grad, expected[n], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_learned_step_sizes_follow_the_maml_module_not_its_model_alone(dtype: torch.dtype, vectorize: bool) -> None:
+    """Meta-SGD's step sizes are made in the model's dtype when MAML is built. Converting the
+    model alone after that is refused in one line, in meta-training and in ``adapt``: a bfloat16
+    model's step came out float32 ("mat1 and mat2 must have the same dtype" in the next forward),
+    and a float64 model ran with float32 step sizes, silently. Converting the MAML module works."""
+    data = tuple(t.to(dtype) if t.is_floating_point() else t for t in episode())
+    maml = MAML(tiny_model(), inner_lr=0.3, inner_steps=2, learn_inner_lr=True, vectorize=vectorize)  # float64
+    maml.model.to(dtype)
+    message = (rf"learn_inner_lr: parameter '0\.weight' is {dtype} on cpu, its learned step sizes torch\.float64 on cpu, "
+               r"as the model was when MAML was built: convert or move the MAML module \(maml\.to\(\.\.\.\)\), which holds both")
+    for call in (lambda: maml(*data), lambda: maml.adapt(data[0][0], data[1][0])):
+        with pytest.raises(ValueError, match=message):
+            call()
+    maml.to(dtype)
+    loss = maml(*data)
+    loss.backward()
+    assert loss.dtype == dtype
+    assert {p.grad.dtype for p in maml.parameters()} == {dtype}
+    assert {v.dtype for v in maml.adapt(data[0][0], data[1][0]).values()} == {dtype}
+
+
 class ComplexLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -68,7 +68,9 @@ class MAML(nn.Module):
         first_order: drop the second-order terms (first-order MAML): the meta-gradient is the
             query-loss gradient at the adapted parameters.
         learn_inner_lr: Meta-SGD (Li et al. 2017): a learned step size for every parameter
-            element (real, for a complex parameter too), trained with the initialisation.
+            element (real, for a complex parameter too), trained with the initialisation; made
+            in the model's dtype and on its device, so convert or move this module, not the
+            model alone (refused with a ValueError).
         step_loss_weights: MAML++ (Antoniou et al. 2019) multi-step loss: weight of the query loss
             after each inner step, length ``inner_steps``. Default: only the last step counts.
             An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
@@ -220,8 +222,9 @@ class MAML(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in adapted}
 
     def _adaptable_params(self) -> Params:
-        """:meth:`initial_params`; raises ValueError when there is none to adapt, or one is a lazy
-        module's, not yet initialised, and RuntimeError inside ``parametrize.cached()``."""
+        """:meth:`initial_params`; raises ValueError when there is none to adapt, one is a lazy
+        module's, not yet initialised, or its learned step sizes are of another dtype or device,
+        and RuntimeError inside ``parametrize.cached()``."""
         if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in self.model.modules()):
             # the cache keeps the weight computed from the first parameters functional_call gives it:
             # every later inner step and task ran with it (meta-loss and meta-gradient silently wrong)
@@ -241,6 +244,16 @@ class MAML(nn.Module):
                 f"MAML: parameter {lazy[0]!r} is not initialised yet (a lazy module): run the model on one batch "
                 "before meta-training, e.g. model(x_support[0])"
             )
+        for name, p in params.items() if self.inner_lrs is not None else ():
+            rate = self._lr(name)
+            if (rate.dtype, rate.device) != (p.real.dtype, p.device):
+                # the step promoted a bfloat16 parameter to float32 ("mat1 and mat2 must have the same
+                # dtype" in the next forward), or ran a float64 one with float32 step sizes, silently
+                raise ValueError(
+                    f"learn_inner_lr: parameter {name!r} is {p.dtype} on {p.device}, its learned step sizes {rate.dtype} "
+                    f"on {rate.device}, as the model was when MAML was built: convert or move the MAML module "
+                    "(maml.to(...)), which holds both, not only its model"
+                )
         return params
 
     def _model_buffers(self) -> Params:
