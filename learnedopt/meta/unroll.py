@@ -280,7 +280,8 @@ def _check_state(rule: UpdateRule, state: State, n: int) -> None:
 def _step_loss(rule: UpdateRule, loss: Tensor | float | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
     """The ``(1,)`` loss the rule reads, on ``device`` in ``dtype`` (the math's), saturated at
     its largest value (a float64 loss over 3.4e38 is Inf in float32, as the optimizers'
-    ``step(loss=...)`` reads it); None for a rule without ``needs_loss``. Raises ValueError for a missing or malformed loss."""
+    ``step(loss=...)`` reads it); None for a rule without ``needs_loss``. Raises ValueError for
+    a missing or malformed loss."""
     if not rule.needs_loss:
         return None
     if loss is None:
@@ -601,6 +602,7 @@ def _apply_rule(
 def _apply_rule_in_math_dtype(
     rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor | None, backend: str
 ) -> tuple[Tensor, State]:
+    """:func:`_apply_rule` with autocast off: the Triton kernels or the rule's module."""
     if _use_triton(rule, grad, param, state, backend):
         return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:
