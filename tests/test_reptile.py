@@ -192,6 +192,17 @@ def test_non_finite_trained_weights_raise_and_leave_the_initialisation() -> None
     assert reptile.step_count == 0
 
 
+def test_non_finite_weights_of_a_half_precision_model_name_its_dtype() -> None:
+    # float16 Adam: the second moment of a small gradient underflows to 0 and eps=1e-8 is 0 too
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).half()
+    reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    x, y = torch.randn(4, 3).half(), torch.randint(0, 2, (4,))
+    with pytest.raises(FloatingPointError, match="NaN or Inf .*the model is torch.float16.*eps"):
+        reptile.meta_step([[(x, y)]])
+    assert reptile.step_count == 0
+
+
 def test_batchnorm_is_transductive_so_eval_mode_uses_the_batch_statistics() -> None:
     # Each task's copy would update its own running statistics and drop them, leaving the
     # initialisation's at mean 0 / variance 1: eval() mode then normalised with those

@@ -178,8 +178,14 @@ class Reptile:
             all_reduce_sum_([*total, count])
         shape_only = bool(total) and total[0].is_meta  # meta tensors, as the learned optimizers take: no values to read
         if total and not shape_only and not bool(torch.stack([torch.isfinite(acc).all() for acc in total]).all()):
+            half = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+            hint = (
+                f"; the model is {', '.join(half)}, where an inner optimizer's small numbers can round to 0 "
+                "(torch.optim.Adam's eps=1e-8 is 0 in float16, so a zero second moment divides by 0): "
+                "train in float32, or give the inner optimizer a larger eps" if half else ""
+            )
             raise FloatingPointError(
-                "a task's trained weights hold NaN or Inf (the initialisation was left unchanged)"
+                f"a task's trained weights hold NaN or Inf (the initialisation was left unchanged){hint}"
             )
         eps = self.current_outer_stepsize()
         with torch.no_grad():
