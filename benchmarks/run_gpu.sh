@@ -16,8 +16,9 @@
 # torch.compile columns, whose compilation costs minutes, and the block x warps sweep).
 # The kernel tests run on PYTEST_WORKERS processes (default 12) where pytest-xdist is installed:
 # they are dominated by Triton's compilations (a backward kernel takes tens of seconds).
-# TEST_TIMEOUT, BENCH_TIMEOUT, META_TIMEOUT, HIGHER_TIMEOUT (seconds) bound the four parts, so
-# that the whole script fits a short GPU lease (default 200 + 220 + 90 + 60).
+# PRIORITY_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT, META_TIMEOUT, HIGHER_TIMEOUT (seconds) bound the
+# five parts (the kernel tests that failed on the H200 run first, alone), so that the whole script
+# fits a short GPU lease (default 120 + 200 + 220 + 90 + 60).
 # Exit status: nonzero if the tests, the benchmark or the comparison with higher (when it ran: it
 # exits nonzero when the meta-gradients differ) failed; every part runs either way.
 set -uo pipefail
@@ -49,9 +50,18 @@ workers=()
 if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${PYTEST_WORKERS:-12}"); fi
 
 LOG="$OUT/run.log"
-echo "== kernel tests on CUDA" | tee "$LOG"
-timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${workers[@]}" -p no:benchmark tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py tests/test_kernel_meta_lstm_backward.py -q -ra --durations=10 2>&1 | tee -a "$LOG"
+KERNEL_TESTS=(tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_lstm_backward.py tests/test_kernel_meta_lstm.py tests/test_kernel_meta_lstm_backward.py)
+# first, alone, the tests that failed on the H200 (benchmarks/results/gpu_tests_h200.md): the "sum"
+# variants (fixed since, not re-run on a GPU) and the default preset's inputs (unexplained), so
+# that a lease cut short still answers them; then every other kernel test
+PRIORITY="momentum_and_rms_inputs or sum"
+echo "== kernel tests on CUDA: those that failed on the H200" | tee "$LOG"
+timeout "${PRIORITY_TIMEOUT:-120}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -q -ra --durations=5 2>&1 | tee -a "$LOG"
+priority_rc=${PIPESTATUS[0]}
+echo "== kernel tests on CUDA: the others" | tee -a "$LOG"
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "not ($PRIORITY)" -q -ra --durations=10 2>&1 | tee -a "$LOG"
 test_rc=${PIPESTATUS[0]}
+[ "$priority_rc" -eq 0 ] || test_rc=$priority_rc
 
 echo "== kernel benchmark" | tee -a "$LOG"
 (cd benchmarks && timeout "${BENCH_TIMEOUT:-220}" "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:---no-compile --tune}) 2>&1 | tee -a "$LOG"
