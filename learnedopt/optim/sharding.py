@@ -21,7 +21,9 @@ parameter's, so the batched and fused paths need not know about sharding.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -29,19 +31,24 @@ from torch import Tensor
 
 from ..nn import StateSpec
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # a PyTorch build without torch.distributed
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
-try:  # FSDP2's placement of a dimension that tensor parallelism shards too (private to PyTorch)
-    from torch.distributed.tensor.placement_types import _StridedShard
-except ImportError:
-    _StridedShard = None  # type: ignore[assignment,misc]
+# torch.distributed.tensor is imported where a DTensor is first needed, not with the library:
+# it took 0.5 s of `import learnedopt`'s 0.6 s, for users that shard nothing. No tensor can be a
+# DTensor before that module is imported, since DTensor is defined in it.
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _dtensor() -> ModuleType:
+    """``torch.distributed.tensor`` (imported now if it was not)."""
+    import torch.distributed.tensor
+
+    return torch.distributed.tensor
 
 
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a ``DTensor``."""
-    return DTensor is not None and isinstance(t, DTensor)
+    module = sys.modules.get(_DTENSOR_MODULE)
+    dtensor = getattr(module, "DTensor", None)  # None too while the module is being imported
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -70,6 +77,12 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
 
 def state_placements(param: Tensor, spec: StateSpec) -> tuple:
     """The placements of a state of ``param`` shaped ``(*lead, *param.shape, *trail)``."""
+    placements = _dtensor()
+    Shard, Replicate = placements.Shard, placements.Replicate  # noqa: N806 - the classes' own names
+    try:  # FSDP2's placement of a dimension that tensor parallelism shards too (private to PyTorch)
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        _StridedShard = None  # noqa: N806
     shifted = []
     for placement in param.placements:
         if isinstance(placement, Shard):
@@ -94,7 +107,7 @@ def to_global(value: Tensor, param: Tensor, spec: StateSpec) -> Tensor:
     global_shape = (*spec.lead, *param.shape, *spec.trail)
     stride = torch.empty(global_shape, device="meta").stride()
     shaped = value.reshape(*spec.lead, *shard_shape, *value.shape[lead + 1 :])
-    return DTensor.from_local(
+    return _dtensor().DTensor.from_local(
         shaped,
         param.device_mesh,
         state_placements(param, spec),
