@@ -422,6 +422,19 @@ def test_init_state_gives_states_in_the_group_state_dtype(kind) -> None:
     assert any(s.moving_average for s in spec.values())  # both default presets have m and v
 
 
+@pytest.mark.parametrize(
+    ("kind", "state_dtype", "bytes_per_element"),
+    [("lstm", torch.float32, 340), ("lstm", torch.bfloat16, 180), ("meta", torch.float32, 184), ("meta", torch.bfloat16, 100)],
+)
+def test_state_memory_per_parameter_element_is_the_readmes(kind, state_dtype, bytes_per_element) -> None:
+    # the README's figures for the default presets, against Adam's 8
+    params = make_params([(50, 20), (7,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, state_dtype=state_dtype)
+    opt.init_state()
+    total = sum(t.numel() * t.element_size() for p in params for name, t in opt.state[p].items() if name != "step")
+    assert total == bytes_per_element * sum(p.numel() for p in params)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_init_state_gives_a_frozen_parameter_no_state(kind) -> None:
     trained, frozen = make_params([(3,), (2,)], dtype=torch.float32)
