@@ -332,7 +332,15 @@ def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> 
     assert run(out, "--meta-steps", "2") == 2
     assert "already holds a run (checkpoint.pt, log.jsonl); pass --resume" in capsys.readouterr().err
     assert run(out, "--meta-steps", "2", "--resume", "--meta-lr", "0.5") == 2
-    assert "differs from the checkpoint's (meta_lr: 0.01 -> 0.5)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the option's own name
+    assert err.count("\n") == 1 and "differs from the checkpoint's (--meta-lr: 0.01 -> 0.5)" in err, err
+    # another algorithm's run differs in a dozen settings (each of the two configurations lacks
+    # some of the other's): the one to name is --algo
+    fewshot = ["--algo", "maml", "--task", "sinusoid", "--meta-batch", "2", "--meta-steps", "2", "--quiet"]
+    assert main(["meta-train", *fewshot, "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"learnedopt meta-train: error: --resume: {out / 'checkpoint.pt'} is a checkpoint "
+                                       "of --algo lstm, not --algo maml: resume it with its own --algo, or choose "
+                                       "another --out\n")  # fmt: skip
     assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
 
@@ -874,7 +882,7 @@ def test_a_resume_may_change_only_the_data_folder_the_device_and_the_length(tmp_
             try:
                 _load_checkpoint(path, dataclasses.replace(base, **{name: value}))
             except ConfigError as err:
-                assert f"the configuration differs from the checkpoint's ({name}: " in str(err)
+                assert f"the configuration differs from the checkpoint's (--{name.replace('_', '-')}: " in str(err)
             else:
                 resumable.add(name)
         assert resumable == free

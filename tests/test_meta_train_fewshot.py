@@ -393,7 +393,7 @@ def test_meta_steps_that_shape_the_run_cannot_change_on_resume(tmp_path: Path, c
     args = [*SINE_TINY, "--task", "sinusoid", *fixing]
     assert train(out, *args, "--meta-steps", "4", "--stop-after", "2") == 0
     assert train(out, *args, "--meta-steps", "6", "--resume") == 2
-    assert "meta_steps: 4 -> 6" in capsys.readouterr().err
+    assert "--meta-steps: 4 -> 6" in capsys.readouterr().err
     assert train(out, *args, "--meta-steps", "4", "--resume") == 0
 
 

@@ -590,18 +590,25 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
         )
+    current = config.to_dict()
+    # another algorithm's checkpoint differs in most settings: name the one that matters
+    # (MetaTrainConfig, the configuration of --algo lstm, has no "algo")
+    algos = payload["config"].get("algo", "lstm"), current.get("algo", "lstm")
+    if algos[0] != algos[1]:
+        raise ConfigError(f"--resume: {path} is a checkpoint of --algo {algos[0]}, not --algo {algos[1]}: "
+                          "resume it with its own --algo, or choose another --out")  # fmt: skip
     # A field added to RunConfig after the checkpoint was written is absent from it; the old
     # run behaved as the field's default does, so the default is what it is compared with.
     defaults = {
         f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
     }
     saved = {**defaults, **payload["config"]}
-    current = config.to_dict()
     # what changes no finished step: where the data is read, the device, and mostly the length
     resumable = ("data", "device") if config.meta_steps_shape_the_run else ("meta_steps", "data", "device")
     changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
     if changed:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        # each field is the option of the same name
+        shown = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         why = ("; --meta-steps is fixed once a run anneals over it (reptile) or scores its last step (--select-every)"
                if "meta_steps" in changed else "")  # fmt: skip
         raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown}){why}")
