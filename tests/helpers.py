@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
@@ -101,6 +102,56 @@ def folder_locked_by_another_run(out: Path) -> Iterator[None]:
     with OutputLock() as lock:
         lock.acquire(out)
         yield
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL of a run: nothing in the library catches it or cleans up after it."""
+
+
+@contextlib.contextmanager
+def killed_at_write(n: int, cut: bool) -> Iterator[list[int]]:
+    """Within the block, kill (raise :class:`Killed`) a meta-train run at its ``n``-th file write
+    (checkpoints, the log's truncation on resume, weights or model file, model card): with
+    ``cut`` half-way through writing the temporary file, which is left behind as a kill leaves
+    it; else just after the rename. Yields a list whose item counts the writes."""
+    from learnedopt import files, weights
+    from learnedopt.meta import loop
+
+    count = [0]
+
+    def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+        count[0] += 1
+        if count[0] != n:
+            return files.write_atomically(path, write)
+        if cut:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            write(tmp)
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+        else:
+            files.write_atomically(path, write)
+        raise Killed(f"write {n}, {'during' if cut else 'after'} {Path(path).name}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (loop, weights):
+            patch.setattr(module, "write_atomically", write_atomically)
+        yield count
+
+
+def run_files(out: Path) -> dict[str, object]:
+    """What a meta-train run leaves in ``out`` and a resumed run must repeat: every file's bytes,
+    but the log's records without their machine fields, and no checkpoint."""
+    import json
+
+    from learnedopt.meta.loop import CHECKPOINT_NAME, LOG_NAME, MACHINE_FIELDS
+
+    found: dict[str, object] = {}
+    for path in sorted(out.iterdir()):
+        if path.name == LOG_NAME:
+            found[path.name] = [{k: v for k, v in json.loads(line).items() if k not in MACHINE_FIELDS}
+                                for line in path.read_text().splitlines()]  # fmt: skip
+        elif path.name != CHECKPOINT_NAME:
+            found[path.name] = path.read_bytes()
+    return found
 
 
 def strided_like(t: torch.Tensor) -> torch.Tensor:

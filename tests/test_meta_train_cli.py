@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import OWN_RULE, folder_locked_by_another_run, importable_module, own_rule_module
+from helpers import (
+    OWN_RULE,
+    Killed,
+    folder_locked_by_another_run,
+    importable_module,
+    killed_at_write,
+    own_rule_module,
+    run_files,
+)
 from test_meta_unroll import random_rule, write_fake_mnist
 
 from learnedopt import load_weights
@@ -666,6 +675,33 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     after = tensors(out / "weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(tmp_path: Path, capsys) -> None:
+    """A kill during or after each write of a run (the checkpoints, with the best weights of
+    --select-every; the final weights and card) and, for the start-up, a kill that left only
+    the folder: the run ends with the files of one never killed, and no temporary file."""
+    out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "2", "--select-every", "2")
+    with killed_at_write(0, cut=False) as writes:  # none killed: counted
+        assert run(out, *args) == 0
+    assert writes == [4]  # checkpoints at meta-steps 2 and 3, the weights, the card
+    whole = run_files(out)
+    for n in range(1, writes[0] + 1):
+        for cut in (True, False):
+            shutil.rmtree(out)
+            with killed_at_write(n, cut), pytest.raises(Killed):
+                run(out, *args)
+            assert run(out, *args, "--resume") == 0
+            assert run_files(out) == whole, (n, cut)
+    assert run(out, *args, "--resume") == 0  # a finished run: its results written again, the same
+    assert run_files(out) == whole
+    shutil.rmtree(out)
+    out.mkdir()  # killed once the folder existed, before the log: nothing to resume, run it again
+    capsys.readouterr()
+    assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (f"learnedopt meta-train: error: --resume: no checkpoint at {out / 'checkpoint.pt'}, "
+                                       "nor a log: nothing to continue; run the command without --resume\n")  # fmt: skip
+    assert run(out, *args) == 0 and run_files(out) == whole
 
 
 def test_unroll_equal_to_horizon_is_one_truncation(tmp_path: Path) -> None:
