@@ -721,7 +721,7 @@ def test_select_every_fixes_meta_steps_on_resume(tmp_path: Path, capsys) -> None
     args = ("--select-every", "2", "--checkpoint-every", "2")
     assert run(out, "--meta-steps", "4", *args, "--stop-after", "2") == 0
     assert run(out, "--meta-steps", "6", *args, "--resume") == 2
-    assert "meta_steps: 4 -> 6" in capsys.readouterr().err
+    assert "--meta-steps: 4 -> 6" in capsys.readouterr().err
 
 
 def test_evaluation_episode_weighting_and_fixed_horizon() -> None:
