@@ -590,6 +590,24 @@ def test_a_resume_warns_when_the_log_lacks_records_up_to_the_checkpoint(tmp_path
     assert [r["step"] for r in log_lines(out)] == [2, 3]
 
 
+def test_a_resume_that_only_writes_the_results_needs_the_last_steps_record(tmp_path: Path, capsys) -> None:
+    """The results report the last meta-step's meta-loss, read from the log when the resume runs
+    no step: a log without it gave step 2's loss as the final one of 3, and no log an IndexError."""
+    out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "3")
+    assert run(out, *args) == 0
+    before, lines = (out / "weights.safetensors").read_bytes(), (out / "log.jsonl").read_text().splitlines()
+    for kept in (lines[:2], []):
+        (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+        assert run(out, *args, "--resume") == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1] == (f"learnedopt meta-train: error: --resume: {out / 'log.jsonl'} lacks the record of meta-step "
+                           "3, the last, whose meta-loss the results report: restore the log, or run the command "
+                           "again without --resume in another --out")  # fmt: skip
+        assert (out / "weights.safetensors").read_bytes() == before
+    (out / "log.jsonl").write_text("".join(line + "\n" for line in lines))
+    assert run(out, *args, "--resume") == 0 and (out / "weights.safetensors").read_bytes() == before
+
+
 def test_folders_that_hold_results_or_are_files_are_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert run(out, "--meta-steps", "1") == 0

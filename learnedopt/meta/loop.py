@@ -536,9 +536,21 @@ def peak_rss_mb() -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
-def last_record(out: Path, log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The log record of the last meta-step (from ``log``, else from ``out/log.jsonl``)."""
-    return log[-1] if log else _read_log(out / LOG_NAME)[-1]
+def last_record(out: Path, log: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The log record of meta-step ``step``, the last (from ``log``, else from ``out/log.jsonl``).
+
+    Raises:
+        ConfigError: ``out/log.jsonl`` lacks it (cut or edited: a kill never loses a checkpointed
+            step's record, which is written first), so the results cannot report its meta-loss.
+    """
+    if log:
+        return log[-1]
+    path = out / LOG_NAME
+    for record in _read_log(path):
+        if record["step"] == step:
+            return record
+    raise ConfigError(f"--resume: {path} lacks the record of meta-step {step}, the last, whose meta-loss the results "
+                      "report: restore the log, or run the command again without --resume in another --out")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- checkpoints, log

@@ -512,7 +512,7 @@ def meta_train(
             "final": evaluate(rule, eval_family, config),
         }
         summary = {
-            "final_meta_loss": last_record(out, log)["meta_loss"],
+            "final_meta_loss": last_record(out, log, config.meta_steps)["meta_loss"],
             "eval_initial": scores["initial"],
             "eval_final": scores["final"],
         }

@@ -207,7 +207,7 @@ def meta_train_fewshot(
             "task": config.task,
             "command": command,
             "meta_train_config": config.to_dict(),
-            "final_meta_loss": last_record(out, log)["meta_loss"],
+            "final_meta_loss": last_record(out, log, config.meta_steps)["meta_loss"],
             "validation": validation,
             "omniglot_split": trainer.split or None,
         }
