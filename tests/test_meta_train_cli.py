@@ -385,7 +385,7 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(
     torch.save(payload, path)
 
     assert run(out, "--meta-steps", "2", "--resume", "--random-horizon") == 2
-    assert "(random_horizon: False -> True)" in capsys.readouterr().err
+    assert "(--random-horizon: False -> True)" in capsys.readouterr().err
     assert run(out, "--meta-steps", "2", "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2]
 
