@@ -13,17 +13,36 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
 
     If ``write`` or the rename fails (a full disk, ``path`` a folder), the temporary file is
     removed and the error raised; ``path`` is unchanged. The file gets the permissions a new file
-    gets from the umask (``safetensors`` writes owner-only files).
+    gets from the umask (``safetensors`` writes owner-only files). The temporary file's contents
+    reach the disk (``fsync``) before the rename, and the rename before this returns (the folder's
+    ``fsync``, where the OS allows it), so that an OS crash or power loss right after leaves the old
+    file or the new one, not an empty one under the new name (a killed process cannot, either way).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        _sync(tmp, os.O_RDWR)  # writable: Windows syncs only a handle that may write
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync(path.parent, getattr(os, "O_DIRECTORY", 0), required=False)
+
+
+def _sync(path: Path, flags: int, required: bool = True) -> None:
+    """``fsync`` the file or folder ``path``. For a folder (``required=False``) a failure is
+    ignored: Windows cannot open one, and some file systems refuse to sync one."""
+    try:
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if required:
+            raise
 
 
 def _umask() -> int:

@@ -392,6 +392,39 @@ def test_a_failed_save_leaves_no_temporary_file_and_files_get_the_umask_permissi
     assert list(folder.iterdir()) == []
 
 
+def test_an_atomic_write_reaches_the_disk_before_its_rename_and_the_rename_before_it_returns(tmp_path, monkeypatch) -> None:
+    """An OS crash or power loss after a rename whose file was not yet synced can leave an empty
+    file under the new name (a checkpoint that --resume refuses): fsync the file, then rename,
+    then fsync the folder."""
+    import os
+
+    from learnedopt import files
+
+    events = []
+    opened: dict[int, str] = {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = os.path.basename(os.fspath(path))
+        return fd
+
+    def fsync(fd):
+        events.append(("fsync", opened[fd]))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(os.fspath(dst))))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files.write_atomically(tmp_path / "checkpoint.pt", lambda tmp: tmp.write_bytes(b"state"))
+    assert events == [("fsync", "checkpoint.pt.tmp"), ("replace", "checkpoint.pt"), ("fsync", tmp_path.name)]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"state"
+
+
 def test_a_few_shot_model_file_given_as_weights_and_the_reverse_say_which_file_they_are(tmp_path) -> None:
     """Both formats are learnedopt files: "not a learnedopt weight file" sent the user of a
     meta-lstm run's model.safetensors looking for another file; the message names what the
