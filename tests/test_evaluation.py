@@ -95,6 +95,16 @@ def test_tune_lr_picks_the_known_best_and_diverging_lrs_lose() -> None:
     assert curve.shape == (30,) and np.isnan(curve[-1])  # the run stops at the first Inf loss
 
 
+def test_the_loss_that_overflows_is_recorded_as_inf_and_the_steps_after_it_as_nan() -> None:
+    # SGD at lr 10 on ||theta||^2 multiplies theta by -19 per step: the loss is 14 * 361^t until
+    # it overflows float32; that step's entry is the Inf measured, the rest NaN (no step was taken)
+    curve = run_optimizer(SquareProblem(), 0, BASELINES["SGD"], 10.0)
+    exact = 14.0 * 361.0 ** np.arange(30)
+    first = int(np.argmax(exact > np.finfo(np.float32).max))
+    np.testing.assert_allclose(curve[:first], exact[:first], rtol=1e-5)
+    assert curve[first] == math.inf and np.isnan(curve[first + 1 :]).all()
+
+
 def test_learned_optimizer_run_stops_on_nonfinite_gradient() -> None:
     class BlowsUp(SquareProblem):
         def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
@@ -209,6 +219,17 @@ def test_minibatches_and_init_are_a_function_of_seed_and_step_only() -> None:
     assert not torch.equal(next(problem.model(8).parameters()), next(m1.parameters()))
 
 
+def test_the_minibatch_sequences_of_different_seeds_do_not_overlap() -> None:
+    # a seed's batch at step t + 1 must not be the next seed's batch at step t (as with generators
+    # keyed by seed + step): the evaluation seeds would then see shifted copies of one sequence
+    problem = tiny_problem()
+    batches = {(seed, step): problem.minibatch(seed, step)[0] for seed in range(4) for step in range(4)}
+    keys = list(batches)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.equal(batches[a], batches[b]), (a, b)
+
+
 def test_every_optimizer_sees_the_same_minibatch_sequence() -> None:
     base = tiny_problem(steps=6)
     seen: dict[str, list[Tensor]] = {}
@@ -247,6 +268,16 @@ def test_summary_statistics_on_hand_made_curves() -> None:
     assert math.isnan(s["finals"][-1])
     empty = summarize(diverged[None])
     assert math.isnan(empty["final_mean"]) and empty["curve_median"] is None
+
+
+def test_per_step_curve_quartiles_leave_out_the_runs_that_diverged() -> None:
+    # a run that diverged at step 1 starts far above the others: its first step must not move the
+    # per-step median and quartiles, which are over the finite runs only
+    finite = np.array([[1.0, 0.5, 0.25], [2.0, 1.0, 0.5], [3.0, 1.5, 0.75], [4.0, 2.0, 1.0]])
+    diverged = np.array([[100.0, np.nan, np.nan]])
+    s = summarize(np.vstack([finite, diverged]))
+    for key, q in (("curve_q1", 25), ("curve_median", 50), ("curve_q3", 75)):
+        assert s[key] == pytest.approx([float(np.percentile(finite[:, t], q)) for t in range(3)], rel=1e-3), key
 
 
 def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
@@ -645,6 +676,15 @@ def test_paired_difference_is_the_mean_per_seed_difference_with_a_bootstrap_inte
     assert paired_difference([nan], [1.0])["n"] == 0
     with pytest.raises(ValueError):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_paired_bootstrap_resamples_every_seed() -> None:
+    # two pairs, differences 0 and 1: a resample of two seeds has mean 0, 0.5 or 1 with probabilities
+    # 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles of 10,000 resamples are 0 and 1
+    d = paired_difference([1.0, 3.0], [1.0, 2.0])
+    assert d == {"mean": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+    # and the same with the two seeds in the other order (no seed is left out of the resampling)
+    assert paired_difference([3.0, 1.0], [2.0, 1.0]) == d
 
 
 def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_weight_files(
@@ -1150,6 +1190,18 @@ def test_lr_at_the_top_of_the_grid_is_flagged_as_at_its_edge() -> None:
     assert (sgd["lr"], sgd["lr_at_grid_edge"]) == (0.5, False)
 
 
+def test_the_grid_edge_is_the_grids_smallest_or_largest_lr_in_whatever_order_the_lrs_are_given() -> None:
+    # as test_lr_at_the_top_of_the_grid_is_flagged_as_at_its_edge, with --lrs given unsorted: SGD picks
+    # the largest lr, 0.3, listed in the middle; then 0.5, the largest lr but one, listed last
+    config = EvalConfig(problems=[SquareProblem()], seeds=1, tuning_seeds=1, lrs=(0.001, 0.3, 0.03),
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    sgd = evaluate_optimizers(config, log=lambda _: None)["problems"]["square"]["results"]["SGD"]
+    assert (sgd["lr"], sgd["lr_at_grid_edge"]) == (max(config.lrs), True)
+    inside = dataclasses.replace(config, lrs=(0.1, 1.0, 0.5))
+    sgd = evaluate_optimizers(inside, log=lambda _: None)["problems"]["square"]["results"]["SGD"]
+    assert sgd["lr"] == 0.5 and min(inside.lrs) < 0.5 < max(inside.lrs) and not sgd["lr_at_grid_edge"]
+
+
 def test_stability_check_reports_the_full_length_run_and_its_lowest_loss(tmp_path: Path) -> None:
     from test_meta_unroll import write_fake_mnist
 
@@ -1325,6 +1377,22 @@ def test_quadratic_draws_w_y_and_theta_0_from_separate_streams() -> None:
     model = make_problem("quadratic-20").model(3)
     theta, drawn = model.theta.detach(), torch.cat([model.weight.flatten(), model.target])
     assert not (theta[:, None] == drawn[None, :]).any()
+
+
+def test_a_scaled_problem_scales_the_inputs_and_the_default_init() -> None:
+    from learnedopt.evaluation import ScaledClassificationProblem
+
+    plain = tiny_problem()
+    args = ("scaled", "d", plain.steps, plain.inputs, plain.labels, plain.pool, plain.architecture, plain.batch_size)
+    scaled = ScaledClassificationProblem(*args, input_scale=2.0, init_scale=0.7)
+    for seed, step in ((0, 0), (3, 5)):
+        (x, y), (x0, y0) = scaled.minibatch(seed, step), plain.minibatch(seed, step)
+        assert torch.equal(x, 2.0 * x0) and torch.equal(y, y0)
+    for p, p0 in zip(scaled.model(4).parameters(), plain.model(4).parameters(), strict=True):
+        assert torch.equal(p, 0.7 * p0)
+    x, y = plain.minibatch(1, 2)
+    model = scaled.model(1)
+    assert scaled.loss(model, 1, 2).item() == pytest.approx(F.cross_entropy(model(2.0 * x), y).item())
 
 
 def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
