@@ -66,6 +66,16 @@ def test_a_reference_with_other_seeds_is_refused(tmp_path: Path, monkeypatch, ca
     assert "ran 10 seeds on quadratic-20, not 2" in err
 
 
+def test_a_reference_that_ran_other_evaluation_seeds_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    ref = tmp_path / "suite.json"
+    report = json.loads(reference(ref, seeds=2).read_text())
+    report["problems"]["quadratic-20"]["eval_seeds"] = [1, 2]  # as many seeds, but not this script's 0..1
+    ref.write_text(json.dumps(report))
+    err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
+                  "--reference", str(ref))  # fmt: skip
+    assert "ran quadratic-20 on evaluation seeds [1, 2], not 0..1" in err
+
+
 @pytest.mark.parametrize(
     ("problem", "steps", "report", "message"),
     [
@@ -93,6 +103,23 @@ def test_a_reference_of_the_same_settings_is_taken(tmp_path: Path, monkeypatch) 
     assert lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref),
                                 "--name", "out"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "out.json").read_text())["problems"]["quadratic-20"]["learned"]["1.0"]["final_mean"] == 0.5
+
+
+def test_a_baseline_that_diverged_on_every_seed_is_never_the_best(tmp_path: Path, monkeypatch) -> None:
+    # the first baseline's statistics are NaN (no finite run), as summarize() writes them
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: np.full(problem.steps, 0.5))
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    report = json.loads(ref.read_text())
+    results = report["problems"]["quadratic-20"]["results"]
+    first = next(iter(BASELINES))
+    results[first]["final_mean"] = float("nan")
+    ref.write_text(json.dumps(report))
+    lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", "out"])
+    finite = {b: r["final_mean"] for b, r in results.items() if r["final_mean"] == r["final_mean"]}
+    assert first not in finite
+    best = json.loads((tmp_path / "out.json").read_text())["problems"]["quadratic-20"]["best_baseline"]
+    assert best == min(finite, key=finite.get)
 
 
 def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> None:

@@ -51,6 +51,20 @@ def test_best_baseline_adam_and_bold_only_below_every_baseline() -> None:
     )
 
 
+def test_a_mean_loss_is_bold_only_below_every_baselines_mean_not_only_the_best_baselines() -> None:
+    # Adam is the best baseline by final loss, but SGD has the lower mean loss over the run: a mean
+    # between the two is below Adam's and not below every baseline's, so it is not bold
+    report = {"learned": {"L (a)": {}}, "problems": {"quadratic-20": {"results": {
+        "SGD": result("baseline", 2.0, 8.0, 0.01, (1.0, 3.0)),
+        "Adam": result("baseline", 1.0, 22.0, 1.0, (0.5, 1.5)),
+        "L (a)": result("learned", 3.0, 10.0, finals=(3.0, 3.0)),
+    }}}}  # fmt: skip
+    results = report["problems"]["quadratic-20"]["results"]
+    every_mean = min(r["mean_loss"] for r in results.values() if r["kind"] == "baseline")
+    assert every_mean < results["L (a)"]["mean_loss"] < results["Adam"]["mean_loss"]
+    assert table(report, [("L (a)", "`a`")]).splitlines()[2].endswith("| 3 / 10 |")
+
+
 def test_unknown_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
     path = tmp_path / "report.json"
     path.write_text(json.dumps(REPORT))
@@ -79,6 +93,16 @@ def test_paired_counts_against_adam_when_another_baseline_is_the_best() -> None:
     }}}}  # fmt: skip
     # below Adam on every seed; below SGD, the best, on the second only
     assert paired_table(report, [("L (a)", "`a`")]).splitlines()[2] == "| quadratic, 20-dim (never seen) | SGD | 3/3 / 1/3 |"
+
+
+def test_the_adam_column_is_tuned_adams_when_another_baseline_is_the_best() -> None:
+    report = {"learned": {"L (a)": {}}, "problems": {"quadratic-20": {"results": {
+        "SGD": result("baseline", 0.5, 8.0, 0.01, (0.4, 0.6)),
+        "Adam": result("baseline", 1.0, 22.0, 1.0, (1.0, 1.0)),
+        "L (a)": result("learned", 0.45, 5.0, finals=(0.45, 0.45)),
+    }}}}  # fmt: skip
+    cells = table(report, [("L (a)", "`a`")]).splitlines()[2].split(" | ")
+    assert cells[1:3] == ["SGD 0.5 / 8 (0.01)", "1 / 22"]
 
 
 def test_differences_from_the_best_baseline_are_paired_and_bold_only_when_the_interval_is_below_zero() -> None:
