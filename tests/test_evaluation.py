@@ -205,6 +205,27 @@ def test_cosine_schedule_scales_every_optimizers_lr_at_each_step() -> None:
         run_optimizer(problem, 0, BASELINES["SGD"], 0.1, schedule="linear")
 
 
+def test_the_schedule_scales_every_param_group() -> None:
+    made: list[torch.optim.Optimizer] = []
+
+    def two_groups(params, lr):
+        params = list(params)
+        made.append(torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=lr))
+        return made[-1]
+
+    class TwoParameters(SquareProblem):
+        steps = 4
+
+        def model(self, seed: int) -> nn.Module:
+            m = super().model(seed)
+            m.other = nn.Parameter(torch.ones(2))
+            return m
+
+    run_optimizer(TwoParameters(), 0, two_groups, 0.2, schedule="cosine")
+    want = 0.2 * 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor at the last step, t = 3 of T = 4
+    assert [g["lr"] for g in made[-1].param_groups] == pytest.approx([want, want], rel=1e-15)
+
+
 def test_minibatches_and_init_are_a_function_of_seed_and_step_only() -> None:
     problem = tiny_problem()
     torch.manual_seed(123)
@@ -404,6 +425,17 @@ def test_mnist_problem_reads_only_the_held_out_part() -> None:
     x, y = problem.minibatch(0, 0)
     assert x.shape == (128, 784) and y.shape == (128,) and 0.0 <= x.min() and x.max() <= 1.0
     assert make_problem("mnist-conv").minibatch(0, 0)[0].shape == (128, 1, 28, 28)
+
+
+def test_the_mnist_problems_read_the_data_folder_they_are_given(tmp_path: Path) -> None:
+    from test_meta_unroll import write_fake_mnist
+
+    folder = write_fake_mnist(tmp_path / "mnist", n=60, seed=7)
+    raw = (folder / "t10k-images-idx3-ubyte").read_bytes()[16:]  # after the IDX header
+    images = torch.tensor(np.frombuffer(raw, dtype=np.uint8).reshape(60, 784).astype(np.float32)) / 255.0
+    for name in ("mnist-mlp-100", "mlp-random-held-out"):
+        problem = make_problem(name, folder)
+        assert torch.equal(problem.inputs, images), name
 
 
 def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
@@ -759,6 +791,25 @@ def test_reuse_takes_baselines_and_presets_from_an_earlier_report_and_runs_only_
     assert set(only["problems"]["quadratic-20"]["results"]) == {*BASELINES, DEFAULT_LEARNED[0].label}
     with pytest.raises(ValueError, match="its lr_schedule is 'constant'"):
         evaluate_optimizers(replace(config, lr_schedule="cosine", reuse=str(older_path)), log=lambda _: None)
+
+
+def test_reuse_of_a_report_from_before_weight_hashes_compares_the_presets_headers(tmp_path: Path) -> None:
+    # a report that recorded no SHA-256 of the weights: a preset is reused only if its header is
+    # the one the report recorded
+    from dataclasses import replace
+
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=12,
+                        stability_steps=0, presets=["l2l-blend", "l2l-mix"])  # fmt: skip
+    report = json.loads(write_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first")[0].read_text())
+    for record in report["learned"].values():
+        del record["sha256"]
+    mix = "LSTMOptimizer (l2l-mix)"
+    report["learned"][mix]["header"]["trained_on"] = "something else"
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(report))
+    again = evaluate_optimizers(replace(config, reuse=str(older)), log=lambda _: None)
+    assert set(again["reused"]["results"]["quadratic-20"]) == {*BASELINES, DEFAULT_LEARNED[0].label}
+    assert mix not in again["reused"]["results"]["quadratic-20"]
 
 
 def test_regression_problem_is_full_batch_and_a_function_of_the_seed() -> None:

@@ -106,6 +106,23 @@ def test_the_report_counts_diverged_seeds_and_a_seed_diverged_in_one_run_differs
     assert "| quadratic-20 | 0.3 +- 0.14 | 0.5 +- 0 (1 NaN) | inf |" in md
 
 
+def test_both_files_run_on_the_suites_evaluation_seeds_in_order(tmp_path: Path, monkeypatch) -> None:
+    # each file runs on seeds 0..n-1 (the suite's evaluation seeds) and finals[i] is seed i's
+    a = weight_file(tmp_path / "a.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=0.25)
+    seen = []
+
+    def run(problem, seed, factory, lr):
+        seen.append(seed)
+        return np.full(20, 1.0 + seed)
+
+    monkeypatch.setattr(reproduction_check, "run_optimizer", run)
+    run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "3", "--out", str(tmp_path / "out"))
+    assert seen == [0, 1, 2] * 2
+    row = json.loads((tmp_path / "out" / "reproduction.json").read_text())["problems"]["quadratic-20"]
+    assert row["shipped"]["finals"] == row["rerun"]["finals"] == [1.0, 2.0, 3.0]
+
+
 def test_seeds_that_diverged_in_both_runs_are_left_out_of_the_largest_difference() -> None:
     nan = float("nan")
     assert reproduction_check.max_seed_diff([nan, 0.2, 0.4], [nan, 0.25, 0.3]) == pytest.approx(0.1)
