@@ -36,9 +36,8 @@ from learnedopt.nn import RULES, lstm_step  # noqa: E402
 
 
 def fused_layer(layer_input, h, weight, bias, c, h_out, c_out):
-    """One layer's gate product and pointwise forward as one function for Inductor to fuse."""
-    xh = torch.cat((layer_input, h), dim=1)
-    gates = torch.bmm(xh[None], weight.t()[None])[0]
+    """:func:`learnedopt.nn.lstm_step._layer_forward` as one function for Inductor to fuse."""
+    gates = torch.bmm(torch.cat((layer_input, h), dim=1)[None], weight.t()[None])[0]
     activations, c_new, h_new, tanh_c = lstm_step.cell_forward(gates, bias, c)
     h_out.copy_(h_new)
     c_out.copy_(c_new)
@@ -48,25 +47,6 @@ def fused_layer(layer_input, h, weight, bias, c, h_out, c_out):
 _fused = torch.compile(
     fused_layer, dynamic=False, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 )
-
-
-def fused_forward(ctx, x, h, c, *weights):
-    """:meth:`LSTMStackStep.forward` with each layer's product and pointwise pass fused."""
-    layers = h.shape[0]
-    h_new, c_new = torch.empty(h.shape, dtype=x.dtype), torch.empty(c.shape, dtype=x.dtype)
-    products, activations, tanh_cs = [], [], []
-    layer_input = x
-    for layer in range(layers):
-        weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
-        weight = torch.cat((weight_ih, weight_hh), dim=1)
-        act, tanh_c = _fused(layer_input, h[layer], weight, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
-        products.append(weight)
-        activations.append(act)
-        tanh_cs.append(tanh_c)
-        layer_input = h_new[layer]
-    ctx.layers = layers
-    ctx.save_for_backward(x, h, c, h_new, *products, *activations, *tanh_cs)
-    return h_new[-1].clone(), h_new, c_new
 
 
 def main() -> None:
@@ -85,10 +65,10 @@ def main() -> None:
     else:
         rule = RULES["CoordinateLSTM"]()
     family = make_family("mnist-mlp", split="meta_train")
-    library_forward = lstm_step.LSTMStackStep.forward
+    library_layer = lstm_step._layer_forward
 
     def truncation(fused: bool) -> tuple[float, list[torch.Tensor]]:
-        lstm_step.LSTMStackStep.forward = staticmethod(fused_forward if fused else library_forward)
+        lstm_step._layer_forward = _fused if fused else library_layer
         try:
             g = generator_for(0, 1, 1)
             tasks = family.sample_batch(args.meta_batch, g)
@@ -100,7 +80,7 @@ def main() -> None:
             unroll(rule, tasks, params, state, args.unroll).meta_loss.backward()
             return time.perf_counter() - start, [p.grad.clone() for p in rule.parameters()]
         finally:
-            lstm_step.LSTMStackStep.forward = staticmethod(library_forward)
+            lstm_step._layer_forward = library_layer
 
     grads = {}
     for fused in (False, True):  # warm-up: compiles

@@ -174,6 +174,23 @@ _cell_forward = _Compiled(cell_forward_into)
 _cell_backward = _Compiled(cell_backward_into)
 
 
+def _layer_forward(
+    layer_input: Tensor, h: Tensor, weight: Tensor, bias: Tensor, c: Tensor, h_out: Tensor, c_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One layer of :class:`LSTMStackStep`'s forward: the gates ``[x, h] @ weight^T`` ``(n, 4H)``,
+    then :func:`cell_forward_into` (compiled) with ``bias`` ``(4H,)``, writing ``h'`` and ``c'``
+    into ``h_out`` and ``c_out``; returns ``(activations, tanh(c'))``.
+
+    The bias is added in the pointwise pass, not by ``addmm``, which on CPU first copies it into
+    every row of the output, an extra pass over ``(n, 4H)`` (``benchmarks/lstm_step_parts.py``,
+    "gate bias": product and pointwise forward 1.15-1.19x faster this way; a bitwise-equal
+    meta-gradient in a one-off check). (``benchmarks/lstm_fused_gemm.py`` replaces this function
+    by a candidate that fuses the two.)
+    """
+    gates = torch.cat((layer_input, h), dim=1) @ weight.t()
+    return _cell_forward(gates, bias, c, h_out, c_out)
+
+
 class LSTMStackStep(torch.autograd.Function):
     """One time step of every layer of a stacked LSTM: ``top, h', c' = LSTM(x, (h, c))``.
 
@@ -193,26 +210,23 @@ class LSTMStackStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         layers = h.shape[0]
-        h_new = c_new = None
+        # in the dtype of the computation (the products refuse a weight of another), as a stack
+        # of the layers' results
+        dtype = torch.promote_types(x.dtype, h.dtype)
+        h_new = torch.empty(h.shape, dtype=dtype, device=h.device)
+        c_new = torch.empty(c.shape, dtype=dtype, device=c.device)
         products, activations, tanh_cs = [], [], []
         layer_input = x
         for layer in range(layers):
             weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
             # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated
             # W); about as fast as a product and an in-place addmm_ into its output (benchmarks/
-            # lstm_step_parts.py: within 16% either way). The bias is added in the pointwise
-            # pass, not by addmm, which on CPU first copies it into every row of the output, an
-            # extra pass over (n, 4H) (lstm_step_parts.py, "gate bias": product and pointwise
-            # forward 1.15-1.19x faster this way; a bitwise-equal meta-gradient in a one-off check)
+            # lstm_step_parts.py: within 16% either way)
             weight = torch.cat((weight_ih, weight_hh), dim=1)
-            gates = torch.cat((layer_input, h[layer]), dim=1) @ weight.t()
-            if h_new is None:  # in the dtype of the computation, as a stack of the layers' results
-                h_new = torch.empty(h.shape, dtype=gates.dtype, device=gates.device)
-                c_new = torch.empty(c.shape, dtype=gates.dtype, device=gates.device)
             # detached: whether c or bias requires grad would otherwise be a guard of the
             # compiled function, one more compilation (and, in the backward, a doubling of its
             # variants)
-            act, tanh_c = _cell_forward(gates, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
+            act, tanh_c = _layer_forward(layer_input, h[layer], weight, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
             products.append(weight)
             activations.append(act)
             tanh_cs.append(tanh_c)
