@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,27 @@ def killed_at_write(n: int, cut: bool) -> Iterator[list[int]]:
         for module in (loop, weights):
             patch.setattr(module, "write_atomically", write_atomically)
         yield count
+
+
+def assert_killed_at_any_write_resumes(out: Path, run: Callable[..., int], args: Sequence[str], writes: int) -> dict[str, object]:
+    """Run ``run(out, *args)`` (a meta-train entry point returning its exit status) once whole,
+    checking it makes ``writes`` file writes; then, for each write, killed during and after it
+    and resumed with ``--resume``: the resumed run leaves the whole run's files (:func:`run_files`),
+    which are returned."""
+    import shutil
+
+    with killed_at_write(0, cut=False) as count:  # none killed: counted
+        assert run(out, *args) == 0
+    assert count == [writes]
+    whole = run_files(out)
+    for n in range(1, writes + 1):
+        for cut in (True, False):
+            shutil.rmtree(out)
+            with killed_at_write(n, cut), pytest.raises(Killed):
+                run(out, *args)
+            assert run(out, *args, "--resume") == 0
+            assert run_files(out) == whole, (n, cut)
+    return whole
 
 
 def run_files(out: Path) -> dict[str, object]:

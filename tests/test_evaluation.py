@@ -68,6 +68,18 @@ class SquareProblem(Problem):
         return model.theta.square().sum()
 
 
+class TwoParameters(SquareProblem):
+    """:class:`SquareProblem` over 4 steps with a second parameter, ``other`` (two ones), that
+    its loss does not read."""
+
+    steps = 4
+
+    def model(self, seed: int) -> nn.Module:
+        m = super().model(seed)
+        m.other = nn.Parameter(torch.ones(2))
+        return m
+
+
 def tiny_problem(steps: int = 15):
     return synthetic_classification(
         "tiny", steps, features=5, hidden=4, classes=3, examples=64, batch_size=8
@@ -136,19 +148,12 @@ def test_a_nonfinite_gradient_stops_baselines_and_learned_optimizers_alike(at_st
 def test_a_nonfinite_gradient_in_any_parameter_stops_a_baseline() -> None:
     """Only the second of two parameters gets a NaN gradient (at step 1): the run stops there."""
 
-    class TwoParameters(SquareProblem):
-        steps = 4
-
-        def model(self, seed: int) -> nn.Module:
-            m = super().model(seed)
-            m.other = nn.Parameter(torch.ones(2))
-            return m
-
+    class NanInTheSecond(TwoParameters):
         def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
             loss = super().loss(model, seed, step) + model.other.square().sum()
             return loss + model.other[0].mul(0).abs().sqrt() if step == 1 else loss
 
-    curve = run_optimizer(TwoParameters(), 0, BASELINES["SGD"], 0.1)
+    curve = run_optimizer(NanInTheSecond(), 0, BASELINES["SGD"], 0.1)
     assert np.isfinite(curve[:1]).all() and np.isnan(curve[1:]).all(), curve
 
 
@@ -212,14 +217,6 @@ def test_the_schedule_scales_every_param_group() -> None:
         params = list(params)
         made.append(torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=lr))
         return made[-1]
-
-    class TwoParameters(SquareProblem):
-        steps = 4
-
-        def model(self, seed: int) -> nn.Module:
-            m = super().model(seed)
-            m.other = nn.Parameter(torch.ones(2))
-            return m
 
     run_optimizer(TwoParameters(), 0, two_groups, 0.2, schedule="cosine")
     want = 0.2 * 0.5 * (1 + math.cos(math.pi * 3 / 4))  # the factor at the last step, t = 3 of T = 4

@@ -15,10 +15,9 @@ import torch
 from safetensors import safe_open
 from helpers import (
     OWN_RULE,
-    Killed,
+    assert_killed_at_any_write_resumes,
     folder_locked_by_another_run,
     importable_module,
-    killed_at_write,
     own_rule_module,
     run_files,
 )
@@ -700,17 +699,8 @@ def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(
     --select-every; the final weights and card) and, for the start-up, a kill that left only
     the folder: the run ends with the files of one never killed, and no temporary file."""
     out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "2", "--select-every", "2")
-    with killed_at_write(0, cut=False) as writes:  # none killed: counted
-        assert run(out, *args) == 0
-    assert writes == [4]  # checkpoints at meta-steps 2 and 3, the weights, the card
-    whole = run_files(out)
-    for n in range(1, writes[0] + 1):
-        for cut in (True, False):
-            shutil.rmtree(out)
-            with killed_at_write(n, cut), pytest.raises(Killed):
-                run(out, *args)
-            assert run(out, *args, "--resume") == 0
-            assert run_files(out) == whole, (n, cut)
+    # 4 writes: checkpoints at meta-steps 2 and 3, the weights, the card
+    whole = assert_killed_at_any_write_resumes(out, run, args, writes=4)
     assert run(out, *args, "--resume") == 0  # a finished run: its results written again, the same
     assert run_files(out) == whole
     shutil.rmtree(out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import Killed, folder_locked_by_another_run, killed_at_write, run_files
+from helpers import assert_killed_at_any_write_resumes, folder_locked_by_another_run
 from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
@@ -172,17 +171,8 @@ def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(
     --select-every and Reptile's annealing step), the model file or the card, the resumed run
     ends with the files of one never killed."""
     out, args = tmp_path / "run", [*SINE_TINY, "--algo", "reptile", "--meta-steps", "3", "--select-every", "2"]
-    with killed_at_write(0, cut=False) as writes:
-        assert train(out, *args) == 0
-    assert writes == [4]  # checkpoints at meta-steps 2 and 3, the model file, the card
-    whole = run_files(out)
-    for n in range(1, writes[0] + 1):
-        for cut in (True, False):
-            shutil.rmtree(out)
-            with killed_at_write(n, cut), pytest.raises(Killed):
-                train(out, *args)
-            assert train(out, *args, "--resume") == 0
-            assert run_files(out) == whole, (n, cut)
+    # 4 writes: checkpoints at meta-steps 2 and 3, the model file, the card
+    assert_killed_at_any_write_resumes(out, train, args, writes=4)
 
 
 def test_selection_keeps_the_best_validated_learner_and_resumes_exactly(tmp_path: Path) -> None:
