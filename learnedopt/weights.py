@@ -251,18 +251,29 @@ def read_header(path: str | os.PathLike, *, registered: bool = True) -> dict[str
     return _open(Path(path), registered=registered)[0]
 
 
-def load_weights(path: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
-    """Build the update rule stored in a weight file.
+def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
+    """Build the update rule of a preset (a ``str`` in :data:`PRESETS`) or of a weight file, as
+    the optimizers' ``weights=`` takes them.
 
     Returns:
-        ``(rule, header)``.
+        ``(rule, header)``; a preset's header is like a weight file's, with its name in ``preset``.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a learnedopt safetensors file, truncated, an unknown kind, tensors that do
-            not fit the stated architecture, or non-finite weights.
+        ValueError: a string that is neither a preset nor a file and does not look like a path
+            (no separator, no ``.safetensors``): most likely a misspelt preset, so the message
+            lists the presets. Not a learnedopt safetensors file, truncated, an unknown kind,
+            tensors that do not fit the stated architecture, or non-finite weights.
     """
-    path = Path(path)
+    if isinstance(name, str) and name in PRESETS:
+        return build_preset(name)
+    if isinstance(name, str) and not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors"):
+        raise ValueError(f"unknown preset {name!r} and no such file; presets: {sorted(PRESETS)}")
+    return _load_file(Path(name))
+
+
+def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
+    """The rule stored in the weight file ``path`` (errors as :func:`load_weights`)."""
     header, tensors = _open(path)
     rule_class = RULES[header["kind"]]
     try:
@@ -362,7 +373,7 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     preset = PRESETS[name]
     if preset.file is not None:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
-            rule, header = load_weights(path)
+            rule, header = _load_file(path)
         return rule, {**header, "preset": name}
     rule = RULES[preset.kind].from_config_dict(preset.config)
     rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
@@ -376,21 +387,6 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
         "trained": False,
     }
     return rule, header
-
-
-def load_named_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
-    """The rule of a preset name (a ``str`` in :data:`PRESETS`) or of a weight file.
-
-    Raises:
-        ValueError: a string that is neither a preset nor a file and does not look like a path
-            (no separator, no ``.safetensors``): most likely a misspelt preset, so the message
-            lists the presets. Else as :func:`load_weights`.
-    """
-    if isinstance(name, str) and name in PRESETS:
-        return build_preset(name)
-    if isinstance(name, str) and not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors"):
-        raise ValueError(f"unknown preset {name!r} and no such file; presets: {sorted(PRESETS)}")
-    return load_weights(name)
 
 
 def resolve_weights(
@@ -409,7 +405,7 @@ def resolve_weights(
         rule = weights
         header = {"kind": rule.kind, "config": rule.config_dict(), "preset": None, "trained": None}
     elif isinstance(weights, (str, os.PathLike)):
-        rule, header = load_named_weights(weights)
+        rule, header = load_weights(weights)
     else:
         raise TypeError(f"weights must be a preset name, a path or an UpdateRule, got {type(weights).__name__}")
     if rule.kind != kind:
@@ -464,7 +460,7 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
         raise ValueError("average_weights needs at least one weight file")
     rules, members = [], []
     for path in paths:
-        rule, header = load_named_weights(str(path))
+        rule, header = load_weights(str(path))
         if header.get("trained") is False:
             raise ValueError(f"{path}: untrained weights (preset {header.get('preset')!r}); average trained runs")
         if rules and (rule.kind, rule.config_dict()) != (rules[0].kind, rules[0].config_dict()):

@@ -464,3 +464,16 @@ def test_a_run_folder_given_for_its_weight_file_names_the_files_it_holds(tmp_pat
         LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=str(run))
     assert main(["meta-train", "--preset", str(run), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "run is a folder holding weights.safetensors: give it); presets:" in capsys.readouterr().err
+
+
+def test_load_weights_takes_a_preset_name_as_weights_does() -> None:
+    """``load_weights("l2l-blend")`` said "weight file not found: l2l-blend", so the rule to pass
+    once to ``Reptile(inner_optimizer=lambda p: LSTMOptimizer(p, weights=rule))`` (as its docstring
+    advises) could not be had by the preset's name (found by the user study)."""
+    rule, header = load_weights("l2l-blend")
+    optimizer = LSTMOptimizer([torch.zeros(2, requires_grad=True)])
+    assert header["preset"] == "l2l-blend" and header["trained"] is True
+    assert all(torch.equal(a, b) for a, b in zip(rule.state_dict().values(), optimizer.rule.state_dict().values()))
+    assert load_weights("meta-lstm-2017")[1]["trained"] is False
+    with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
+        load_weights("l2l-blnd")

@@ -14,7 +14,7 @@ from typing import Any
 
 
 from ...nn import RULES, MetaLSTMCell
-from ...weights import load_named_weights
+from ...weights import load_weights
 from ..loop import (
     ConfigError,
     check_rule_config,
@@ -197,7 +197,7 @@ class FewShotConfig:
             if self.rule is not None or self.rule_config is not None:
                 raise ConfigError("--preset brings its rule's architecture and weights: give --rule and --rule-config, or --preset")
             try:
-                load_named_weights(self.preset)
+                load_weights(self.preset)
             except (ValueError, OSError) as err:
                 raise ConfigError(f"--preset: {err}") from None
         if self.rule_config is not None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import MODEL_HEADER_KEY, load_named_weights, open_with_header, save_with_header
+from ...weights import MODEL_HEADER_KEY, load_weights, open_with_header, save_with_header
 from ..batchnorm import replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import outside_inference
@@ -102,7 +102,7 @@ class LearnerSpec:
 def _start_rule_spec(config: FewShotConfig) -> dict[str, Any]:
     """``{"kind", "config"}`` of meta-lstm's rule: its ``--preset``'s, or its class's with ``--rule-config``."""
     if config.preset is not None:
-        rule = load_named_weights(config.preset)[0]
+        rule = load_weights(config.preset)[0]
         return {"kind": rule.kind, "config": rule.config_dict()}
     return _rule_spec(RULES[config.rule or MetaLSTMCell.kind], config.rule_config)
 
@@ -179,7 +179,7 @@ class FewShotLearner:
             self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
             self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
             if spec.rule_start is not None and seed is not None:
-                self.rule.load_state_dict(load_named_weights(spec.rule_start)[0].state_dict())
+                self.rule.load_state_dict(load_weights(spec.rule_start)[0].state_dict())
         elif spec.algo == "reptile":
             self.reptile = Reptile(self.model, spec.inner_steps, self.inner_optimizer, loss_fn=self.loss_fn)
 
