@@ -50,7 +50,7 @@ class Reptile:
         outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
             ``total_steps=None`` it stays at ``outer_stepsize``.
         loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy (:func:`~learnedopt.meta.model_calls.default_loss`).
-        batchnorm: ``"transductive"`` (default) or ``"error"``, as above.
+        batchnorm: ``"transductive"`` (default), ``"running"`` or ``"error"``, as above.
     """
 
     def __init__(
