@@ -1597,6 +1597,21 @@ class Dataless(LinearRegression):
 
 def broken():
     raise RuntimeError("never built")
+
+
+class PerExample(LinearRegression):  # a traceback from the first run's loss.item() before the check
+    def loss(self, model, seed, step):
+        return super().loss(model, seed, step).expand(64)
+
+
+class Detached(LinearRegression):  # a traceback from loss.backward()
+    def loss(self, model, seed, step):
+        return super().loss(model, seed, step).detach()
+
+
+class NotAModule(LinearRegression):
+    def model(self, seed):
+        return torch.zeros(3, requires_grad=True)
 '''
 
 
@@ -1635,6 +1650,10 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
          "got 6 and None"),
         ("Missing", "problem {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
         ("broken", "problem {mod}:broken: {mod}:broken() raised RuntimeError: never built"),
+        ("PerExample", "{mod}:PerExample: loss(model, seed, step) gave a tensor of shape (64,) and dtype "
+         "torch.float32; it must be the minibatch's scalar floating-point loss (reduce per-example losses"),
+        ("Detached", "{mod}:Detached: loss(model, 0, 0) has no gradient"),
+        ("NotAModule", "{mod}:NotAModule: model(seed) must return an nn.Module, got a Tensor"),
     ],
 )
 def test_an_own_problem_that_cannot_be_used_is_refused_before_any_run(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..plugins import entry_point_path
-from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, make_problem
+from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .runs import (
     BASELINES,
     DEFAULT_LEARNED,
@@ -375,7 +375,7 @@ def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
     (``module:Class``, imported and registered here), the weight files, the report to reuse, an
     explicitly named data folder and your own problems (``module:Class``, built once here to see
-    that they import and are problems); returns what they read, for
+    that they import, are problems and give a scalar loss with a gradient at seed 0, step 0); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
@@ -392,7 +392,7 @@ def check_config(config: EvalConfig) -> RunSetup:
         raise ValueError(f"data: {err}") from None
     for problem in config.problems:
         if isinstance(problem, str) and entry_point_path(problem) is not None:
-            make_problem(problem, config.data)
+            check_problem(make_problem(problem, config.data))
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return RunSetup(learned, records, data_sha256, reused)
 

@@ -478,6 +478,35 @@ EXTRA_PROBLEMS: tuple[str, ...] = (
 DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_PROBLEMS)
 
 
+def check_problem(problem: Problem) -> None:
+    """Refuse, in one line, a problem whose runs would fail part-way with a traceback: its
+    ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, or its
+    ``loss(model, 0, 0)`` is not a one-element floating-point tensor with a gradient for them
+    (e.g. per-example losses, left unreduced). Runs in a fork of the global RNG, so a problem
+    that seeds it leaves the runs as they would be without the check.
+
+    Raises:
+        ValueError: naming the problem and what is wrong.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = problem.model(0)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{problem.name}: model(seed) must return an nn.Module, got a {type(model).__name__}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or not all(p.is_floating_point() for p in params):
+            raise ValueError(f"{problem.name}: model(0) has no trainable floating-point parameters to optimize")
+        loss = problem.loss(model, 0, 0)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            got = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
+                   else f"a {type(loss).__name__}")  # fmt: skip
+            raise ValueError(
+                f"{problem.name}: loss(model, seed, step) gave {got}; it must be the minibatch's scalar "
+                "floating-point loss (reduce per-example losses, e.g. with .mean())"
+            )
+        if not loss.requires_grad:
+            raise ValueError(f"{problem.name}: loss(model, 0, 0) has no gradient: compute it from model's parameters")
+
+
 def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Problem:
     """The problem called ``name``: a key of :data:`PROBLEMS`, or your own as ``module:Class`` (a
     :class:`Problem` subclass, or a function returning one, called with ``data=`` if it takes
