@@ -1466,6 +1466,12 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
         str(old), False, None)  # fmt: skip
     quick = config_from_args(parser.parse_args(["optimizers", "--quick", "--seeds", "5"]))
     assert (quick.quick, quick.steps, quick.seeds, quick.tuning_seeds) == (True, 20, 5, 1)
+    # the MNIST stability check: by default with any of the suite's problems, not for one's own alone
+    stability = lambda *flags: config_from_args(parser.parse_args(["optimizers", *flags])).stability_steps  # noqa: E731
+    assert stability() == stability("--problems", "quadratic-20", "mine:Problem") == 10_000
+    assert stability("--problems", "mine:Problem", "pkg.other:make") == 0
+    assert stability("--problems", "mine:Problem", "--stability-steps", "50") == 50
+    assert stability("--problems", "mine:Problem", "--quick") == 0
 
     # --workers, --threads and --name reach the harness, torch and the report's files
     seen: dict = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.paths import create_output_folder
+from ..plugins import entry_point_path
 from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stability-steps",
         type=int,
         default=None,
-        help="steps of the learned optimizers' NaN/Inf check on the MNIST MLP (default 10000; 0 skips)",
+        help="steps of the learned optimizers' NaN/Inf check on the MNIST MLP (default 10000, or 0 when "
+        "--problems names only problems of your own; 0 skips)",
     )
     parser.add_argument(
         "--presets",
@@ -134,6 +136,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         )
         if getattr(args, attr) is not None
     }
+    if "stability_steps" not in given and "problems" in given and all(entry_point_path(p) for p in given["problems"]):
+        # the check trains the suite's MNIST MLP for minutes per learned optimizer: a run of one's
+        # own problems alone does not ask for it
+        given["stability_steps"] = 0
     given["weights"] = list(args.weights)
     given["rules"] = list(args.rules)
     for path in given["weights"]:
