@@ -1446,6 +1446,7 @@ def test_a_scaled_problem_scales_the_inputs_and_the_default_init() -> None:
 def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from learnedopt.evaluation import cli as evaluate_cli
     from learnedopt.evaluation import config_from_args
+    from learnedopt.evaluation.harness import check_config
 
     weights = tmp_path / "rule.safetensors"
     save_weights(CoordinateLSTM(), weights, trained_on="test")
@@ -1466,6 +1467,9 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
         str(old), False, None)  # fmt: skip
     quick = config_from_args(parser.parse_args(["optimizers", "--quick", "--seeds", "5"]))
     assert (quick.quick, quick.steps, quick.seeds, quick.tuning_seeds) == (True, 20, 5, 1)
+    # --presets with no name: none of the suite's presets, only the weight files
+    none = config_from_args(parser.parse_args(["optimizers", "--problems", "quadratic-20", "--presets", "--weights", str(weights)]))
+    assert list(none.presets) == [] and [spec.label for spec in check_config(none).learned] == [f"LSTMOptimizer ({weights.name})"]
     # the MNIST stability check: by default with any of the suite's problems, not for one's own alone
     stability = lambda *flags: config_from_args(parser.parse_args(["optimizers", *flags])).stability_steps  # noqa: E731
     assert stability() == stability("--problems", "quadratic-20", "mine:Problem") == 10_000

@@ -71,10 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--presets",
-        nargs="+",
+        nargs="*",
         default=None,
         metavar="NAME",
-        help="run only these of the suite's learned presets (default all; e.g. l2l-blend meta-lstm-adam-mnist)",
+        help="run only these of the suite's learned presets (default all; e.g. l2l-blend meta-lstm-adam-mnist); "
+        "--presets with no name runs none, e.g. to evaluate only --weights files",
     )
     parser.add_argument(
         "--lr-schedule",
