@@ -436,6 +436,15 @@ def fingerprint(rule: UpdateRule) -> dict[str, Any]:
     return {"kind": rule.kind, "config": rule.config_dict(), "sha256": digest.hexdigest()}
 
 
+def describe_fingerprint(rule: dict[str, Any]) -> str:
+    """``rule`` (a :func:`fingerprint`) in words for a message: its kind and the preset whose
+    weights it has (``"CoordinateLSTM, preset l2l-mix"``), else the start of its SHA-256."""
+    for name, preset in PRESETS.items():  # only on an error's path: builds each preset once
+        if preset.kind == rule.get("kind") and fingerprint(build_preset(name)[0]) == rule:
+            return f"{rule['kind']}, preset {name}"
+    return f"{rule.get('kind')}, sha256 {str(rule.get('sha256'))[:12]}..."
+
+
 def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[dict[str, Any]]]:
     """The uniform average of several weight files of one architecture (a "model soup").
 

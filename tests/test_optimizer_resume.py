@@ -77,8 +77,12 @@ def test_loading_into_an_optimizer_with_other_weights_fails() -> None:
     other_rule = CoordinateLSTM()
     other_rule.reset_parameters(torch.Generator().manual_seed(1))
     other = LSTMOptimizer(params, weights=other_rule)
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(ValueError, match=r"other weights \(CoordinateLSTM, preset l2l-blend\) than this one's "
+                                          r"\(CoordinateLSTM, sha256 [0-9a-f]{12}\.\.\.\)"):
         other.load_state_dict(opt.state_dict())
+    # a preset's state is named by the preset: the message says which weights to build it with
+    with pytest.raises(ValueError, match=r"\(CoordinateLSTM, preset l2l-mix\) than this one's \(CoordinateLSTM, preset l2l-blend\)"):
+        LSTMOptimizer(params).load_state_dict(LSTMOptimizer(params, weights="l2l-mix").state_dict())
     wide = LSTMOptimizer(params, weights=CoordinateLSTM(hidden_size=8))
     sd = copy.deepcopy(opt.state_dict())
     del sd["learned_rule"]  # as from an earlier version, without the fingerprint: the shapes are checked

@@ -26,7 +26,7 @@ from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..nn.precision import math_dtype, without_autocast
-from ..weights import fingerprint, resolve_weights
+from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
 from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
@@ -284,9 +284,8 @@ class LearnedOptimizer(Optimizer):
         rule = json.loads(rule_json)
         if saved_rule is not None and saved_rule != rule:
             raise ValueError(
-                f"this state was saved by an optimizer with other weights ({saved_rule['kind']}, "
-                f"sha256 {saved_rule['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
-                f"{rule['sha256'][:12]}...); construct it with the same weights"
+                f"this state was saved by an optimizer with other weights ({describe_fingerprint(saved_rule)}) than "
+                f"this one's ({describe_fingerprint(rule)}); construct it with the same weights"
             )
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
@@ -445,10 +444,10 @@ class LearnedOptimizer(Optimizer):
             saved, rule = _as_json(json.loads(text)), json.loads(self._rule_json())
             if saved != rule:
                 raise ValueError(
-                    f"param group {number} holds the state of an optimizer with other weights ({saved['kind']}, "
-                    f"sha256 {saved['sha256'][:12]}...) than this one's ({self.rule.kind}, sha256 "
-                    f"{rule['sha256'][:12]}...), loaded without load_state_dict (as ZeroRedundancyOptimizer loads); "
-                    "construct it with the same weights. No parameter or state was changed by this step"
+                    f"param group {number} holds the state of an optimizer with other weights ({describe_fingerprint(saved)}) "
+                    f"than this one's ({describe_fingerprint(rule)}), loaded without load_state_dict (as "
+                    "ZeroRedundancyOptimizer loads); construct it with the same weights. No parameter or state was "
+                    "changed by this step"
                 )
             self._rule_jsons.add(text)
 
