@@ -1036,8 +1036,11 @@ def test_stability_check_counts_an_inf_loss_as_the_first_nonfinite_step(monkeypa
 
     monkeypatch.setattr(harness, "make_problem", lambda name, data: InfAtStep3())
     config = EvalConfig(problems=["quadratic-20"], stability_steps=8)
-    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["sgd"]
+    lines: list[str] = []
+    result = harness._stability(config, [Spec()], {}, lines.append)["results"]["sgd"]
     assert result["nonfinite"] is True and result["first_nonfinite_step"] == 3
+    # each run is announced before it starts (minutes at the default length), then its outcome
+    assert lines[0] == "stability sgd: 8 steps on the MNIST MLP ..." and lines[1].startswith("stability sgd: nonfinite=True")
 
 
 def test_reuse_skips_a_problem_whose_description_changed(

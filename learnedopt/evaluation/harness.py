@@ -322,6 +322,8 @@ def _stability(
             out["results"][spec.label] = reused[spec.label]
             log(f"stability {spec.label}: reused")
             continue
+        # minutes per optimizer at the default 10,000 steps: say so before, not only after
+        log(f"stability {spec.label}: {config.stability_steps} steps on the MNIST MLP ...")
         curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0, schedule=config.lr_schedule)
         bad = np.flatnonzero(np.isnan(curve) | ~np.isfinite(curve))
         out["results"][spec.label] = {
