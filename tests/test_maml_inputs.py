@@ -3,6 +3,7 @@
 
 import re
 from collections import UserDict
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -176,6 +177,45 @@ def test_a_mapping_that_is_not_a_dict_is_read_as_one(path) -> None:
         worker = reptile.adapt([(UserDict(split(x.clone(), "dict")), y.clone()) for x, y in data])
     for got, expected in zip(worker.parameters(), want.parameters(), strict=True):
         assert torch.equal(got, expected)
+
+
+class ReadOnlyMapping(Mapping):
+    """A Mapping with no way to write to it (no ``update``, no ``__setitem__``)."""
+
+    def __init__(self, items: dict) -> None:
+        self._items = items
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class OwnDict(dict):
+    """A dict subclass of the user's own: ``torch.utils._pytree`` does not enter it."""
+
+
+def test_inputs_are_copied_out_of_inference_mode_leaving_the_given_mappings_as_they_are() -> None:
+    """``outside_inference`` clones the inference tensors in a mapping that pytree does not enter
+    (a UserDict, a dict subclass; nested ones too) into a copy of its type, a read-only one into
+    a dict, and leaves the given mappings holding their own tensors (a mutant that wrote to the
+    UserDict, or one that failed on the read-only mapping's missing ``update``, went unnoticed).
+    A dict subclass was left as it was, its inference tensors uncopied."""
+    from learnedopt.meta.model_calls import outside_inference
+
+    with torch.inference_mode():
+        t = torch.arange(3.0)
+    user, read_only, own = UserDict(a=t, b=[t, 2]), ReadOnlyMapping({"a": t}), OwnDict(a=t)
+    out_user, out_read_only, out_own = outside_inference((user, read_only, own))
+    assert type(out_user) is UserDict and type(out_read_only) is dict and type(out_own) is OwnDict
+    for got in (out_user["a"], out_user["b"][0], out_read_only["a"], out_own["a"]):
+        assert not got.is_inference() and torch.equal(got, t)
+    assert out_user["b"][1] == 2
+    assert user["a"] is t and user["b"][0] is t and read_only["a"] is t and own["a"] is t
 
 
 @pytest.mark.parametrize("vectorize", [True, False, "auto"])

@@ -83,10 +83,16 @@ def test_adapt_under_no_grad_and_inference_mode_trains_as_outside() -> None:
             torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
 
 
-def test_adapt_under_inference_mode_takes_targets_in_a_user_dict() -> None:
-    """Targets in a ``collections.UserDict`` (not a dict: ``torch.utils._pytree`` does not enter
-    it) made under ``inference_mode`` are copied out of it too, and ``loss_fn`` gets a UserDict
-    as given: autograd raised "Inference tensors cannot be saved for backward"."""
+class Targets(dict):
+    """A dict subclass of the user's own, which ``torch.utils._pytree`` does not enter either."""
+
+
+@pytest.mark.parametrize("mapping", [collections.UserDict, Targets])
+def test_adapt_under_inference_mode_takes_targets_in_a_user_dict(mapping: type) -> None:
+    """Targets in a ``collections.UserDict`` or a dict subclass (``torch.utils._pytree`` enters
+    neither) made under ``inference_mode`` are copied out of it too, and ``loss_fn`` gets the
+    mapping's type as given: autograd raised "Inference tensors cannot be saved for backward"
+    (for a dict subclass still after the UserDict's was fixed)."""
     data = tasks(1, batches=2)[0]
     seen = set()
 
@@ -96,9 +102,9 @@ def test_adapt_under_inference_mode_takes_targets_in_a_user_dict() -> None:
 
     reptile = Reptile(model(), inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), loss_fn=loss_fn)
     with torch.inference_mode():
-        inside = [(x.clone(), collections.UserDict(labels=y.clone())) for x, y in data]
+        inside = [(x.clone(), mapping(labels=y.clone())) for x, y in data]
         worker = reptile.adapt(inside)
-    assert seen == {collections.UserDict}
+    assert seen == {mapping}
     for got, want in zip(worker.parameters(), sgd_run(model(), data, 3, 0.1), strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
 

@@ -72,14 +72,14 @@ def outside_inference(inputs: Any) -> Any:
     """``inputs`` (a tensor, or a tuple, list or mapping of them) with every ``inference_mode``
     tensor cloned into a normal one: autograd saves no inference tensors, so a differentiated
     inner loop run for evaluation under ``inference_mode`` reads such copies. Anything else as
-    it is. A mapping that is not a dict (a ``UserDict``, such as a tokenizer's ``BatchEncoding``),
-    which ``torch.utils._pytree`` does not enter, is copied with its type (as a dict if it cannot
-    be written to): Reptile's targets reach ``loss_fn`` as they were given."""
+    it is. A mapping that ``torch.utils._pytree`` does not enter (a ``UserDict``, such as a
+    tokenizer's ``BatchEncoding``, or a dict subclass of the user's own) is copied with its type
+    (as a dict if it cannot be written to): Reptile's targets reach ``loss_fn`` as they were given."""
 
     def leaf(value: Any) -> Any:
         if isinstance(value, Tensor):
             return value.clone() if value.is_inference() else value
-        if isinstance(value, Mapping) and not isinstance(value, dict):
+        if isinstance(value, Mapping):  # a leaf: pytree maps over dict, OrderedDict and defaultdict only
             values = {k: outside_inference(v) for k, v in value.items()}
             if not isinstance(value, MutableMapping):
                 return values
