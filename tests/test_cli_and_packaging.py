@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,17 @@ def test_console_script_help_runs() -> None:
     assert result.returncode == 0 and "learnedopt" in result.stdout
 
 
-def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback() -> None:
-    # as `learnedopt presets | head -3`: the pipe's read end is closed before the first write
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback(buffered: bool) -> None:
+    # as `learnedopt presets | head -3`: the pipe's read end is closed before the first write.
+    # Buffered (a pipe's default) the output is written at the end, where the interpreter's own
+    # flush at exit printed "Exception ignored ... BrokenPipeError" and exited with status 120;
+    # under PYTHONUNBUFFERED (set in some environments) each print raises inside the command
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [sys.executable, "-m", "learnedopt", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "learnedopt", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     process.stdout.close()
     stderr = process.stderr.read().decode()
@@ -167,6 +175,8 @@ def test_importing_the_library_leaves_dtensor_for_when_a_parameter_is_sharded() 
     script = (
         "import sys, torch, learnedopt, learnedopt.meta, learnedopt.evaluation, learnedopt.data, learnedopt.cli\n"
         "learnedopt.cli.build_parser()\n"
+        "from learnedopt.optim import sharding\n"
+        "assert not sharding.is_sharded(torch.zeros(1))  # no DTensor yet: a plain tensor, asked without importing it\n"
         "assert 'torch.distributed.tensor' not in sys.modules, 'imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -110,6 +110,33 @@ def test_half_precision_learned_steps_follow_the_optimizer(kind: str, dtype: tor
         torch.testing.assert_close(state[name], value, **tolerance)
 
 
+@pytest.mark.parametrize("loss", [0.7123456, 1e6], ids=["between-half-values", "beyond-float16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_parameters_step_on_the_loss_read_in_float32(dtype: torch.dtype, loss: float) -> None:
+    """Beside bfloat16 or float16 parameters MetaLSTMCell reads a loss given as a number in
+    float32, as MetaLSTMOptimizer does, not rounded to the parameters' dtype (0.7123456 is no
+    bfloat16 value, 1e6 beyond float16's largest, 65504): the steps equal the optimizer's bit
+    for bit."""
+    rule = random_rule("meta", **MOVING_AVERAGES["meta"]).float()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 8).to(dtype)  # 64 coordinates: the optimizer's batched path, one chunk
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(dtype) for k, v in params.items()}
+    optimizer = MetaLSTMOptimizer(model.parameters(), weights=rule, lr=0.7)
+    for k, p in model.named_parameters():
+        p.grad = grads[k].clone()
+    optimizer.step(loss=loss)
+    stepped, state = learned_step(rule, params, grads, init_rule_state(rule, params), loss=loss, lr=0.7)
+    for k, p in model.named_parameters():
+        assert torch.equal(stepped[k], p.detach())
+    for name, value in flat_states(rule, optimizer, list(model.parameters())).items():
+        assert torch.equal(state[name], value)
+    largest = torch.finfo(dtype).max
+    in_dtype = torch.tensor(loss).clamp(-largest, largest).to(dtype).float()  # what a rule in the parameters' dtype read
+    _, rounded = learned_step(rule, params, grads, init_rule_state(rule, params), loss=in_dtype, lr=0.7)
+    assert not torch.equal(rounded["h"], state["h"])  # the test tells the two apart
+
+
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_an_autocast_region_does_not_change_the_step(kind: str, autocast_dtype: torch.dtype) -> None:
@@ -138,8 +165,8 @@ def test_an_autocast_region_does_not_change_the_step(kind: str, autocast_dtype: 
 
 
 def test_half_precision_parameters_need_a_float32_rule_and_states() -> None:
-    """Beside bfloat16 parameters, a bfloat16 rule or states (init_rule_state made them so
-    before) are refused in one line that says the math is float32; so are mixed parameters."""
+    """Beside bfloat16 parameters, a bfloat16 or float64 rule or states (init_rule_state made them
+    bfloat16 before) are refused in one line that says the math is float32; so are mixed parameters."""
     rule = CoordinateLSTM(hidden_size=3, num_layers=1, **MOVING_AVERAGES["lstm"])
     params = {"w": torch.randn(2, 3).bfloat16(), "b": torch.randn(2).bfloat16()}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
@@ -150,10 +177,42 @@ def test_half_precision_parameters_need_a_float32_rule_and_states() -> None:
         learned_step(rule, params, grads, {k: v.bfloat16() if k in "hc" else v for k, v in state.items()})
     with pytest.raises(ValueError, match=message + r"torch\.bfloat16 \(rule weight 'lstm\.weight_ih_l0'\)"):
         learned_step(rule.bfloat16(), params, grads, state)
+    # nor float64, wider than the math: torch's "mat1 and mat2 must have the same dtype" came from deep in the rule
+    with pytest.raises(ValueError, match=message + r"torch\.float64 \(rule weight 'lstm\.weight_ih_l0'\)"):
+        learned_step(rule.double(), params, grads, state)
     rule.float()
+    with pytest.raises(ValueError, match=message + r"torch\.float64 \(state 'h'\), torch\.float64 \(state 'c'\)"):
+        learned_step(rule, params, grads, {k: v.double() for k, v in state.items()})
     with pytest.raises(ValueError, match=r"learned_step needs one dtype for the parameters, their gradients, got: "
                                          r"torch\.bfloat16 \(params\['w'\]\), torch\.float32 \(grads\['b'\]\)"):
         learned_step(rule, params, {**grads, "b": grads["b"].float()}, state)
+
+
+class LossDtypes(MetaLSTMCell):
+    """MetaLSTMCell noting the dtype of each loss it reads, as a rule of one's own may use it
+    as it comes (MetaLSTMCell itself converts it to the gradient's dtype)."""
+
+    def forward(self, grad, param, state, loss=None):
+        self.seen.add((grad.dtype, loss.dtype))
+        return super().forward(grad, param, state, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_a_rule_reads_the_loss_of_half_precision_parameters_in_float32(dtype: torch.dtype) -> None:
+    """``unroll`` and ``learned_step`` hand the rule the loss in the math dtype, float32, as the
+    gradients and parameters, not in the parameters' dtype."""
+    rule = LossDtypes(hidden_size=2).float()
+    rule.seen = set()
+    g = generator_for(3)
+    tasks = QuadraticFamily(dim=4, dtype=dtype).sample_batch(2, g)
+    params = tasks.init_params(g)
+    unroll(rule, tasks, params, rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu"), 2)
+    assert rule.seen == {(torch.float32, torch.float32)}
+    rule.seen = set()
+    one = {k: v[0] for k, v in params.items()}
+    learned_step(rule, one, {k: torch.ones_like(v) for k, v in one.items()}, init_rule_state(rule, one),
+                 loss=torch.tensor(0.5, dtype=dtype))  # fmt: skip
+    assert rule.seen == {(torch.float32, torch.float32)}
 
 
 @pytest.mark.parametrize("stop", [True, False], ids=["first-order", "second-order"])

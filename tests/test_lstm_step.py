@@ -222,6 +222,40 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
         _values_and_grads(lstm_step, lstm, x, h, c)
 
 
+def test_compiling_hides_only_torchs_own_deprecation_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a function is compiled (``torch.compile``, and its first call, where Dynamo and
+    Inductor run) the DeprecationWarnings of torch's modules are ignored; a warning of another
+    kind, or a DeprecationWarning of another module, still reaches the user, and later calls
+    hide nothing."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+
+    def warn(category, module):
+        warnings.warn_explicit(f"{category.__name__} of {module}", category, "file.py", 1, module=module)
+
+    def fake_compile(fn, **kwargs):
+        warn(DeprecationWarning, "torch.utils.mkldnn")  # as torch.jit.script_method's, on import
+
+        def compiled(*args):
+            warn(DeprecationWarning, "torch._dynamo.fake")  # while the first call compiles
+            warn(UserWarning, "torch._inductor.fake")
+            warn(DeprecationWarning, "user_code")
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fresh = lstm_step_module._Compiled(lambda x: (x + 1,))
+    x = torch.zeros(2, 3)
+    for expected in (["UserWarning of torch._inductor.fake", "DeprecationWarning of user_code"],
+                     ["DeprecationWarning of torch._dynamo.fake", "UserWarning of torch._inductor.fake",
+                      "DeprecationWarning of user_code"]):  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert torch.equal(fresh(x)[0], x + 1)
+        assert [str(w.message) for w in caught] == expected
+    assert not fresh.failed
+
+
 @pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
 def test_no_grad_step_and_meta_training_step_are_the_same_bits(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """The optimizer's no-grad step and meta-training (weights requiring grad) both go through

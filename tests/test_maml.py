@@ -1177,6 +1177,21 @@ def test_learned_step_sizes_follow_the_maml_module_not_its_model_alone(dtype: to
     assert {v.dtype for v in maml.adapt(data[0][0], data[1][0]).values()} == {dtype}
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_learned_step_sizes_on_another_device_than_the_model_are_refused(vectorize: bool) -> None:
+    """The check of Meta-SGD's step sizes compares the device too: a model moved alone (here to
+    the meta device, as a model moved to a GPU without its MAML module) is refused in one line
+    before any step, not failed inside it with torch's "Expected all tensors to be on the same device"."""
+    maml = MAML(tiny_model(), inner_lr=0.3, inner_steps=2, learn_inner_lr=True, vectorize=vectorize)
+    maml.model.to("meta")
+    data = tuple(t.to("meta") for t in episode())
+    message = (r"learn_inner_lr: parameter '0\.weight' is torch\.float64 on meta, its learned step sizes torch\.float64 "
+               r"on cpu, as the model was when MAML was built: convert or move the MAML module")
+    for call in (lambda: maml(*data), lambda: maml.adapt(data[0][0], data[1][0])):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 class ComplexLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -192,10 +192,19 @@ def test_non_finite_trained_weights_raise_and_leave_the_initialisation() -> None
     net = model()
     before = [p.detach().clone() for p in net.parameters()]
     reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")))
-    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+    # a float64 model: no hint of half precision
+    with pytest.raises(FloatingPointError, match=r"^a task's trained weights hold NaN or Inf \(the initialisation was left unchanged\)$"):
         reptile.meta_step(tasks())
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
     assert reptile.step_count == 0
+
+
+def test_non_finite_weights_of_a_bfloat16_model_name_its_dtype() -> None:
+    net = model().bfloat16()
+    reptile = Reptile(net, inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")))
+    data = [[(x.bfloat16(), y) for x, y in batches] for batches in tasks()]
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf .*; the model is torch\.bfloat16, where"):
+        reptile.meta_step(data)
 
 
 def test_non_finite_weights_of_a_half_precision_model_name_its_dtype() -> None:

@@ -425,6 +425,44 @@ def test_an_atomic_write_reaches_the_disk_before_its_rename_and_the_rename_befor
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"state"
 
 
+@pytest.mark.parametrize("failing", ["file", "folder"])
+def test_an_atomic_write_fails_when_its_file_cannot_be_synced_not_when_its_folder_cannot(tmp_path, monkeypatch, failing) -> None:
+    """An fsync of the temporary file that fails (EIO: the data may not be on the disk) fails the
+    write, leaving the old file and no temporary one; the folder's, which some file systems
+    refuse, is skipped: the file is written."""
+    import errno
+    import os
+
+    from learnedopt import files
+
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+    opened: dict[int, str] = {}
+    real_open, real_fsync = os.open, os.fsync
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = "file" if os.fspath(path).endswith(".tmp") else "folder"
+        return fd
+
+    def fsync(fd):
+        if opened[fd] == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    write = lambda tmp: tmp.write_bytes(b"new")  # noqa: E731
+    if failing == "file":
+        with pytest.raises(OSError, match="Input/output error"):
+            files.write_atomically(target, write)
+        assert target.read_bytes() == b"old"
+    else:
+        files.write_atomically(target, write)
+        assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
 def test_a_few_shot_model_file_given_as_weights_and_the_reverse_say_which_file_they_are(tmp_path) -> None:
     """Both formats are learnedopt files: "not a learnedopt weight file" sent the user of a
     meta-lstm run's model.safetensors looking for another file; the message names what the
