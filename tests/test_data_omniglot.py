@@ -345,3 +345,12 @@ def test_a_transparent_background_is_background_not_ink(tmp_path: Path, mode: st
     (tmp_path / "plain.png").write_bytes(png_bytes(mask))  # and an opaque RGB copy reads the same
     Image.open(tmp_path / "plain.png").convert("RGB").save(tmp_path / "rgb.png")
     assert torch.equal(read_image(tmp_path / "rgb.png", image_size=None)[0], torch.from_numpy(mask).float())
+
+
+def test_repr_is_a_summary_and_comparing_does_not_raise(zips: tuple[Path, Path]) -> None:
+    # found by the user study: print(load_omniglot()) printed every tensor and class name (tens of
+    # thousands of characters), and data == other raised "Boolean value of Tensor ... is ambiguous"
+    data = load_omniglot(list(zips), rotations=True, image_size=14)
+    assert repr(data) == ("OmniglotDataset(84 images of 1x14x14, 28 classes (7 characters, rotations [0, 90, 180, 270]), "
+                          "alphabets ['Alpha', 'Greek', 'Zeta'])")  # fmt: skip
+    assert data == data and data != load_omniglot(list(zips), rotations=True, image_size=14)

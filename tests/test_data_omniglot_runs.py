@@ -153,3 +153,11 @@ def test_class_labels_as_windows_tools_write_them(tmp_path: Path) -> None:
     labels.write_bytes(b"item01.png class01.png\n\xff\xfe\x00 not text")
     with pytest.raises(ValueError, match=r"run01/class_labels.txt is not UTF-8 or UTF-16 text \('utf-8' codec"):
         load_runs(tmp_path)
+
+
+def test_run_repr_is_a_summary_and_comparing_does_not_raise(tmp_path: Path) -> None:
+    # found by the user study: a run's repr printed its images' tensors, and == raised
+    make_runs(tmp_path)
+    runs = load_runs(tmp_path, image_size=28)
+    assert repr(runs[0]) == "OneShotRun('run01', 4 training and 4 test images of 1x28x28)"
+    assert runs[0] == runs[0] and runs[0] != load_runs(tmp_path, image_size=28)[0]

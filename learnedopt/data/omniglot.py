@@ -23,7 +23,7 @@ _Character = tuple[str, str]  # (alphabet, character)
 _PathLike = str | os.PathLike[str]
 
 
-@dataclass
+@dataclass(repr=False, eq=False)  # the generated ones print every tensor, or fail comparing them
 class OmniglotDataset:
     """Omniglot images with one class per character (and per rotation, if asked for).
 
@@ -62,6 +62,12 @@ class OmniglotDataset:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image (1, S, S) float32, label int64 scalar)``."""
         return self.images[index], self.labels[index]
+
+    def __repr__(self) -> str:
+        rotations = sorted(set(self.rotation_of_class.tolist()))
+        return (f"OmniglotDataset({len(self)} images of {'x'.join(map(str, self.images.shape[1:]))}, "
+                f"{self.num_classes} classes ({len(set(self.base_class_of_class.tolist()))} characters, "
+                f"rotations {rotations}), alphabets {self.alphabets})")
 
 
 def _import_pillow() -> ModuleType:

@@ -20,7 +20,7 @@ import torch
 from .omniglot import read_image
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False, eq=False)  # the generated ones print every tensor, or fail comparing them
 class OneShotRun:
     """One run. Attributes:
     name: the folder name, e.g. ``run01``.
@@ -33,6 +33,10 @@ class OneShotRun:
     train_images: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+
+    def __repr__(self) -> str:
+        return (f"OneShotRun({self.name!r}, {len(self.train_images)} training and {len(self.test_images)} test images "
+                f"of {'x'.join(map(str, self.train_images.shape[1:]))})")
 
 
 def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list[OneShotRun]:
