@@ -321,3 +321,29 @@ def test_load_learner_names_a_malformed_header(tmp_path: Path, checkpoints: dict
     save_file(tensors, str(path), metadata={"learnedopt_model": header})
     with pytest.raises(ValueError, match=f"{path.name}: .*{message}"):
         load_learner(path)
+
+
+def test_learner_names_inputs_of_another_shape_or_dtype() -> None:
+    # found by the user study: 105x105 images (load_omniglot(image_size=None)) given to a learner
+    # meta-trained at 28x28 failed deep in its linear layer, "mat1 and mat2 shapes cannot be multiplied"
+    spec = LearnerSpec(algo="maml", architecture={"kind": "conv4", "in_channels": 1, "ways": 5, "hidden": 4, "image_size": 14},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    learner = FewShotLearner(spec, seed=0)
+    y = torch.arange(5)
+    with pytest.raises(ValueError, match=re.escape("x_support has examples of shape (1, 28, 28); this learner's model takes "
+                                                   "(1, 14, 14), as (N, 1, 14, 14) (meta-trained with --image-size 14")):
+        learner.adapt(torch.rand(5, 1, 28, 28), y)
+    params = learner.adapt(torch.rand(5, 1, 14, 14), y)
+    with pytest.raises(ValueError, match=re.escape("x has examples of shape (14, 14); this learner's model takes (1, 14, 14)")):
+        learner.predict(params, torch.rand(5, 14, 14))
+    with pytest.raises(ValueError, match=re.escape("x_support has examples of shape (1, 28, 28)")):
+        classify_task(learner, torch.rand(5, 1, 28, 28), y, torch.rand(5, 1, 14, 14))
+    with pytest.raises(TypeError, match=re.escape("x_support is torch.uint8; the model takes floating-point inputs (images as floats")):
+        learner.adapt(torch.zeros(5, 1, 14, 14, dtype=torch.uint8), y)
+    assert learner.predict(params, torch.rand(3, 1, 14, 14)).shape == (3, 5)
+
+    mlp = FewShotLearner(LearnerSpec(algo="maml", architecture={"kind": "mlp", "sizes": [1, 8, 1], "activation": "relu"},
+                                     loss="mse", inner_steps=1, test_inner_steps=1, inner_lr=0.01), seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("x_support has examples of shape (); this learner's model takes (1,), as (N, 1)") + "$"):
+        mlp.adapt(torch.rand(10), torch.rand(10, 1))
+    assert mlp.predict(mlp.adapt(torch.rand(10, 1), torch.rand(10, 1)), torch.rand(4, 1)).shape == (4, 1)

@@ -98,6 +98,13 @@ class LearnerSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one input example: ``(sizes[0],)`` for an MLP, ``(C, S, S)`` for conv-4."""
+        if self.architecture["kind"] == "mlp":
+            return (self.architecture["sizes"][0],)
+        size = self.architecture["image_size"]
+        return (self.architecture["in_channels"], size, size)
+
 
 def _start_rule_spec(config: FewShotConfig) -> dict[str, Any]:
     """``{"kind", "config"}`` of meta-lstm's rule: its ``--preset``'s, or its class's with ``--rule-config``."""
@@ -256,6 +263,7 @@ class FewShotLearner:
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
         """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)``, after ``steps``
         (default ``test_inner_steps``) of the algorithm's inner loop."""
+        self._check_examples("x_support", x_support)
         steps = self.spec.test_inner_steps if steps is None else steps
         if self.maml is not None:
             return self.maml.adapt(x_support, y_support, steps=steps)
@@ -271,7 +279,25 @@ class FewShotLearner:
     def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """The model's outputs at ``params`` for ``x`` ``(N, ...)`` (normalised with x's own
         batch statistics)."""
+        self._check_examples("x", x)
         return functional_call(self.model, dict(params), (x,))
+
+    def _check_examples(self, name: str, x: Tensor) -> None:
+        """Refuse inputs the model would fail on with a shape or dtype error from deep inside it
+        (e.g. 105x105 Omniglot images for a learner meta-trained at 28x28)."""
+        shape = self.spec.example_shape()
+        if tuple(x.shape[1:]) != shape:
+            hint = ""
+            if self.spec.architecture["kind"] == "conv4":
+                size = shape[-1]
+                hint = (f" (meta-trained with --image-size {size}: load the images at that size, e.g."
+                        f" load_omniglot(image_size={size}) or load_runs(..., image_size={size}))")
+            raise ValueError(f"{name} has examples of shape {tuple(x.shape[1:])}; this learner's model takes {shape}, "
+                             f"as (N, {', '.join(map(str, shape))}){hint}")
+        if not x.is_floating_point():
+            hint = " (images as floats in [0, 1], e.g. uint8 pixels / 255)" if self.spec.architecture["kind"] == "conv4" else ""
+            raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
+
 
     def evaluate(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int | None = None) -> dict[str, float]:
         """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
