@@ -144,6 +144,15 @@ def test_stack_episodes_gathers_each_episodes_support_and_query() -> None:
         assert torch.equal(x_q[b, :, 0, 0], e.query_idx.float()) and torch.equal(y_q[b], e.query_y)
 
 
+def test_stack_episodes_refuses_episodes_of_different_sizes() -> None:
+    labels = make_labels([6] * 4)
+    images = torch.zeros(len(labels), 2)
+    three = EpisodeSampler(labels, range(4), n_way=3, k_shot=1, q_query=2, seed=0).sample()
+    two = EpisodeSampler(labels, range(4), n_way=2, k_shot=1, q_query=2, seed=0).sample()
+    with pytest.raises(ValueError, match=r"episodes of one size, got \(support, query\) sizes \[\(2, 4\), \(3, 6\)\]"):
+        stack_episodes(images, [three, two])
+
+
 def test_determinism_and_seeds() -> None:
     labels = make_labels([10] * 20)
 

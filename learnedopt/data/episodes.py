@@ -108,7 +108,16 @@ def stack_episodes(
 
     Returns:
         ``(x_support (B, N*K, *shape), y_support (B, N*K), x_query (B, N*Q, *shape), y_query (B, N*Q))``.
+
+    Raises:
+        ValueError: the episodes differ in their numbers of support or query examples.
     """
+    sizes = sorted({(len(e.support_idx), len(e.query_idx)) for e in episodes})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"stack_episodes needs episodes of one size, got (support, query) sizes {sizes}: "
+            "draw them from one sampler (one n_way, k_shot, q_query)"
+        )
     return (
         torch.stack([images[e.support_idx] for e in episodes]),
         torch.stack([e.support_y for e in episodes]),

@@ -45,6 +45,16 @@ def classify_task(
         raise ValueError("classify_task needs at least one learner")
     if query_copies < 0:
         raise ValueError(f"query_copies must be >= 0, got {query_copies}")
+    task_ways = int(y_support.max()) + 1 if y_support.numel() else 0
+    for learner in learners:
+        ways = learner.spec.architecture.get("ways")
+        if ways is not None and ways != task_ways:
+            # its output layer has a unit per class of the tasks it was trained on: the units of
+            # classes this task lacks are not adapted, and the argmax could pick one
+            raise ValueError(
+                f"a {ways}-way learner cannot classify a task of {task_ways} classes (support labels 0..{task_ways - 1}): "
+                f"use a learner meta-trained with --ways {task_ways}"
+            )
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     total = None
     for learner in learners:
