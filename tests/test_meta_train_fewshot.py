@@ -368,7 +368,11 @@ def test_named_held_out_alphabets_split_the_classes(tmp_path: Path, omniglot_dir
 def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Path, capsys) -> None:
     args = ["--algo", "maml", "--task", "omniglot", "--ways", "5", "--queries", "1", "--data", str(omniglot_dir)]
     assert train(tmp_path / "run", *args) == 2
-    assert "meta_valid classes: 5-way episodes need 5 classes, only 3 are allowed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "meta_valid classes: 5-way episodes need 5 classes, only 3 are allowed" in err
+    # which alphabets the part holds, and how to name others (the part's alphabet(s) in the generated data)
+    assert re.search(r"\(classes per alphabet: (Script\d 3)\); name other alphabets with --valid-alphabets or ask "
+                     r"for fewer --ways$", err.strip())
 
 
 def test_inner_minibatches_use_every_example_once_before_repeating() -> None:

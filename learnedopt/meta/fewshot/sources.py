@@ -3,6 +3,8 @@ classes split by whole alphabets."""
 
 from __future__ import annotations
 
+import collections
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +63,13 @@ class OmniglotSource:
             self.sampler = EpisodeSampler(data.labels, classes, ways, shots, queries, groups=groups,
                                           same_group=same_alphabet or same_rotation)  # fmt: skip
         except ValueError as err:
-            raise ConfigError(f"--task omniglot, {part} classes: {err}") from None
+            counts = collections.Counter(data.alphabets[int(a)] for a in data.alphabet_of_class[classes])
+            listed = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+            option = {"meta_valid": "--valid-alphabets", "meta_test": "--test-alphabets"}.get(part)
+            where = f"name other alphabets with {option} or ask" if option else "ask"
+            raise ConfigError(
+                f"--task omniglot, {part} classes: {err} (classes per alphabet: {listed}); {where} for fewer --ways"
+            ) from None
 
     def batch(self, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``size`` episodes drawn from ``seed`` (the sampler's generator is reset to it; the
