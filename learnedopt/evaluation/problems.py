@@ -24,6 +24,7 @@ from ..meta.tasks import (
     MNIST_SPLIT,
     MNIST_SPLIT_SEED,
     MLPArchitecture,
+    describe_value,
     generator_for,
     mlp_module,
     regression_draw,
@@ -497,10 +498,8 @@ def check_problem(problem: Problem) -> None:
             raise ValueError(f"{problem.name}: model(0) has no trainable floating-point parameters to optimize")
         loss = problem.loss(model, 0, 0)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            got = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
-                   else f"a {type(loss).__name__}")  # fmt: skip
             raise ValueError(
-                f"{problem.name}: loss(model, seed, step) gave {got}; it must be the minibatch's scalar "
+                f"{problem.name}: loss(model, seed, step) gave {describe_value(loss)}; it must be the minibatch's scalar "
                 "floating-point loss (reduce per-example losses, e.g. with .mean())"
             )
         if not loss.requires_grad:

@@ -127,14 +127,20 @@ class TaskBatch:
         for b, task in enumerate(self.tasks):
             loss = task.loss({k: v[b] for k, v in params.items()}, step_index)
             if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
-                got = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
-                       else f"a {type(loss).__name__}")  # fmt: skip
                 raise ValueError(
-                    f"task {b}'s loss at step {step_index} is {got}: Task.loss must return a scalar floating-point "
+                    f"task {b}'s loss at step {step_index} is {describe_value(loss)}: Task.loss must return a scalar floating-point "
                     "tensor computed from params (reduce per-example losses, e.g. with .mean())"
                 )
             losses.append(loss)
         return torch.stack(losses)
+
+
+def describe_value(value: object) -> str:
+    """``"a tensor of shape (8,) and dtype torch.float32"``, or ``"a list"`` for a value that is not
+    a tensor: what a user's function returned, for error messages."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
 
 
 def _describe_tensor(t: Tensor) -> str:
