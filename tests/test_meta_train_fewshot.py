@@ -132,6 +132,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, algo_args: l
         assert torch.equal(a[name], b[name]), name
     expected = {"maml": "inner_lr.", "meta-lstm": "rule.", "reptile": "model."}[algo_args[1]]
     assert any(name.startswith(expected) for name in a)
+    if "--learn-inner-lr" in algo_args:
+        assert (whole / "MODEL_CARD.md").read_text().startswith("# Meta-trained few-shot learner: maml (Meta-SGD) on sinusoid\n")
     ha, hb = header(whole / MODEL_NAME), header(broken / MODEL_NAME)
     assert ha["validation"] == hb["validation"]
     if "--rule" in algo_args:  # LSTMOptimizer's update in the inner loop, and the file says so
@@ -467,6 +469,9 @@ def test_head_only_adapts_the_output_layer_alone_and_meta_learns_the_rest(tmp_pa
     assert train(tmp_path / "plain", "--algo", "maml", "--meta-steps", "1", "--meta-batch", "2", "--val-tasks", "2") == 0
     head = header(out / MODEL_NAME)
     assert head["head_only"] is True and "--head-only" in head["command"]
+    # the card's title names the variant (it said "maml" alone)
+    assert (out / "MODEL_CARD.md").read_text().startswith("# Meta-trained few-shot learner: maml (ANIL) on sinusoid\n")
+    assert (tmp_path / "plain" / "MODEL_CARD.md").read_text().startswith("# Meta-trained few-shot learner: maml on sinusoid\n")
     # format 2, which a reader of format 1 (that would adapt every layer) refuses; others stay 1
     assert head["format"] == 2 and header(tmp_path / "plain" / MODEL_NAME)["format"] == 1
     learner, _ = load_learner(out / MODEL_NAME)

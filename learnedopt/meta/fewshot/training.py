@@ -222,6 +222,13 @@ def meta_train_fewshot(
 METRIC_UNITS = {"accuracy": "%"}
 
 
+def _variants(config: FewShotConfig) -> str:
+    """The variants of ``config.algo`` a run uses, for its card's title: ``" (ANIL, Meta-SGD)"``,
+    or ``""`` for the plain algorithm."""
+    names = [name for name, used in (("ANIL", config.head_only), ("Meta-SGD", config.learn_inner_lr)) if used]
+    return f" ({', '.join(names)})" if names else ""
+
+
 def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewShotTrainer, extra: Mapping[str, Any]) -> None:
     spec = trainer.learner.spec
     metrics = "\n".join(
@@ -244,7 +251,7 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
     else:
         split = "Tasks are drawn fresh from the task distribution; validation tasks are a fixed draw (key (seed, 2))."
     text = model_card(
-        f"Meta-trained few-shot learner: {config.algo} on {config.task}",
+        f"Meta-trained few-shot learner: {config.algo}{_variants(config)} on {config.task}",
         f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.'
         + processes_note(trainer.workers.world_size),
         command,
