@@ -1123,6 +1123,20 @@ def test_vmap_draws_each_tasks_own_dropout_masks() -> None:
     assert len(set(losses[:, 0].tolist())) == 4
 
 
+def test_step_sizes_are_given_by_parameter_name() -> None:
+    """``step_sizes()``: the learned tensors themselves (``inner_lrs`` spells the names with
+    ``/``), for the adapted parameters only (ANIL); ``inner_lr`` without Meta-SGD."""
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    maml = MAML(model, inner_lr=0.3, inner_steps=1, learn_inner_lr=True)
+    sizes = maml.step_sizes()
+    assert list(sizes) == names
+    assert all(sizes[n] is maml.inner_lrs[n.replace(".", "/")] for n in names)
+    assert MAML(tiny_model(), inner_lr=0.3, inner_steps=1).step_sizes() == dict.fromkeys(names, 0.3)
+    last = names[-2].rsplit(".", 1)[0]  # the output layer's module
+    assert list(MAML(tiny_model(), inner_lr=0.3, inner_steps=1, adapt_only=(last,)).step_sizes()) == names[-2:]
+
+
 def test_meta_sgd_starts_at_inner_lr_and_its_step_sizes_get_the_meta_gradient() -> None:
     """One Meta-SGD step ``theta' = theta - alpha * g_s(theta)``: dL_q/d alpha is
     ``-g_q(theta') * g_s(theta)`` elementwise (float64 reference); at the start alpha is

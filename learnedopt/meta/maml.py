@@ -293,6 +293,17 @@ class MAML(nn.Module):
                 return None
         return (body, self.model[first:]) if first else None
 
+    def step_sizes(self) -> dict[str, Tensor | float]:
+        """The inner step size of each parameter the inner loop adapts, by its name in the model
+        (as ``model.named_parameters()`` gives it): with ``learn_inner_lr``, the learned tensor of
+        the parameter's shape (the one ``inner_lrs`` holds under the name with ``/`` for ``.``,
+        since ``nn.ParameterDict`` keys cannot hold dots), else ``inner_lr``.
+
+        Raises:
+            ValueError: a parameter adapts that had no step size made when MAML was built.
+        """
+        return {name: self._lr(name) for name in self._names()}
+
     def _lr(self, name: str) -> Tensor | float:
         if self.inner_lrs is None:
             return self.inner_lr
