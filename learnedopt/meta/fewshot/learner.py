@@ -298,7 +298,6 @@ class FewShotLearner:
             hint = " (images as floats in [0, 1], e.g. uint8 pixels / 255)" if self.spec.architecture["kind"] == "conv4" else ""
             raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
 
-
     def evaluate(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int | None = None) -> dict[str, float]:
         """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
         each on its support set. Inputs ``(B, N, ...)``."""
