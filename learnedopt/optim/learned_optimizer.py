@@ -671,7 +671,7 @@ class LearnedOptimizer(Optimizer):
         return [
             p
             for p in group["params"]
-            if p.device == device and _compute_dtype(p) == compute_dtype and (id(p) in new or self.state.get(p))
+            if p.device == device and math_dtype(p.dtype) == compute_dtype and (id(p) in new or self.state.get(p))
         ]
 
     def _rule_version(self) -> tuple[tuple[int, int], ...]:
@@ -717,10 +717,6 @@ def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
     return value.to(torch.promote_types(value.dtype, dtype)).clamp(-largest, largest).to(dtype)
 
 
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return math_dtype(p.dtype)
-
-
 #: (device, compute dtype) -> (parameters, their gradients): the units of one step's update
 Partitions = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
 
@@ -729,7 +725,7 @@ def _partitions(params: list[Tensor], grads: list[Tensor]) -> Partitions:
     """``params`` and their ``grads`` grouped by (device, compute dtype), the unit of one update."""
     partitions: Partitions = {}
     for p, g in zip(params, grads, strict=True):
-        bucket = partitions.setdefault((p.device, _compute_dtype(p)), ([], []))
+        bucket = partitions.setdefault((p.device, math_dtype(p.dtype)), ([], []))
         bucket[0].append(p)
         bucket[1].append(g)
     return partitions
