@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,21 @@ _SYMBOLIC = (
 
 
 @contextlib.contextmanager
+def without_cpu_kernel():
+    """Within: the LSTM step runs as BLAS products and compiled pointwise functions, not as the
+    fused CPU kernel :mod:`learnedopt.kernels.lstm_layer_cpu` (what the library did before it)."""
+    before = os.environ.get("LEARNEDOPT_CPU_KERNEL")
+    os.environ["LEARNEDOPT_CPU_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LEARNEDOPT_CPU_KERNEL"]
+        else:
+            os.environ["LEARNEDOPT_CPU_KERNEL"] = before
+
+
+@contextlib.contextmanager
 def symbolic_shapes():
     """Within: the LSTM step's pointwise functions run compiled with the batch size symbolic from
     the first call (``dynamic=True``: what the library did before it kept the first call's shapes
@@ -92,7 +108,8 @@ def symbolic_shapes():
     originals = lstm_step._cell_forward, lstm_step._cell_backward
     lstm_step._cell_forward, lstm_step._cell_backward = _SYMBOLIC
     try:
-        yield
+        with without_cpu_kernel():
+            yield
     finally:
         lstm_step._cell_forward, lstm_step._cell_backward = originals
 
@@ -206,7 +223,8 @@ def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, fl
 
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
-    "batched-symbolic": "batched unroll, `lstm_step` compiled with symbolic shapes",
+    "batched-products": "batched unroll, `lstm_step` as BLAS products and compiled pointwise code (the library before its fused CPU kernel)",
+    "batched-symbolic": "the same, compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
     "per-tensor": "per-tensor rule calls, `torch.nn.LSTM` (baseline)",
     "per-tensor-cell-ops": "per-tensor rule calls, the textbook LSTM cell in plain torch ops with autograd",
@@ -243,7 +261,7 @@ def main() -> None:
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
-    runs = {"batched": (rule, contextlib.nullcontext)}
+    runs = {"batched": (rule, contextlib.nullcontext), "batched-products": (rule, without_cpu_kernel)}
     if compile_enabled():
         runs["batched-symbolic"] = (rule, symbolic_shapes)
     runs["batched-nn-lstm"] = (rule, torch_lstm)
@@ -280,7 +298,8 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     # of the fastest (reported) truncation of each implementation
     faults, system = ({k: os_costs[k][v.index(best[k])][i] for k, v in times.items()} for i in (0, 1))
-    gflop = gflop_count(lambda: truncation(rule, family, args))
+    with without_cpu_kernel():  # the fused kernel's products are not torch operators to count
+        gflop = gflop_count(lambda: truncation(rule, family, args))
     peak = matmul_gflops()
     floor = gflop / peak
     row = dict(

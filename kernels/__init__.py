@@ -1,6 +1,6 @@
-"""Fused Triton kernels for the learned updates, installed as ``learnedopt.kernels``.
+"""Fused kernels for the learned updates, installed as ``learnedopt.kernels``.
 
-One kernel per module, each with its launcher:
+One kernel per module, each with its launcher. For CUDA (Triton):
 
 - :mod:`learnedopt.kernels.coordinate_lstm_step`: the forward step of the coordinatewise LSTM
   rule (preprocessing, every layer, head and parameter update in one pass).
@@ -12,7 +12,12 @@ One kernel per module, each with its launcher:
 - :mod:`learnedopt.kernels.meta_lstm_backward`: the meta-learner's step after its input features
   as a differentiable ``torch.autograd.Function`` (forward and backward kernels).
 
-Kernel modules import Triton, so they are imported only when used. Set ``TRITON_INTERPRET=1``
+For the CPU (C++, compiled at first use):
+
+- :mod:`learnedopt.kernels.lstm_layer_cpu`: one LSTM layer's step, forward and backward, for the
+  LSTM step of both rules (:mod:`learnedopt.nn.lstm_step`) on float32 CPU tensors.
+
+The Triton kernel modules import Triton, so they are imported only when used. Set ``TRITON_INTERPRET=1``
 before importing them to run the kernels on CPU tensors (how the tests run them).
 """
 

@@ -99,7 +99,7 @@ def test_kernels_are_installed_under_learnedopt_only() -> None:
     assert importlib.util.find_spec("kernels") is None or "learnedopt" not in str(importlib.util.find_spec("kernels").origin)
 
 
-def test_the_wheel_holds_every_module_the_kernels_the_weights_and_the_license(tmp_path) -> None:
+def test_the_wheel_holds_every_module_the_kernels_their_sources_the_weights_and_the_license(tmp_path) -> None:
     # pyproject.toml lists the packages by hand: a subpackage left out of that list works in the
     # editable install the tests run on and is missing from an installed wheel
     import zipfile
@@ -125,6 +125,7 @@ def test_the_wheel_holds_every_module_the_kernels_the_weights_and_the_license(tm
     expected = {
         *(p.relative_to(root).as_posix() for p in (root / "learnedopt").rglob("*.py") if kernels.resolve() not in p.resolve().parents),
         *(f"learnedopt/kernels/{p.relative_to(kernels).as_posix()}" for p in kernels.rglob("*.py")),
+        *(f"learnedopt/kernels/{p.relative_to(kernels).as_posix()}" for p in kernels.rglob("*.cpp")),  # compiled at first use
         *(p.relative_to(root).as_posix() for p in (root / "learnedopt" / "pretrained").iterdir() if p.suffix in (".md", ".safetensors")),
     }
     assert expected - names == set()

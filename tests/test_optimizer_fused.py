@@ -63,6 +63,11 @@ def test_fused_matches_torch_across_tensors(state_dtype, weights) -> None:
     tol = TOL if state_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)  # bf16 states round each step
     for p, q in zip(fused, ref):
         torch.testing.assert_close(p, q, **tol)
+    # where the two paths' float32 math rounds a bf16 state to neighbouring values (1 ulp, up to
+    # 2^-8 relative), that coordinate's later states differ by more than their own ulp: after 3
+    # steps up to 4e-4 at a state of 0.004 (seen when the PyTorch path's LSTM became the fused
+    # CPU kernel; as many states differed as before, 21 of 74,400)
+    tol = TOL if state_dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     spec = fopt.rule.state_spec()
     assert set(spec) == ({"h", "c"} if weights == PAPER else {"h", "c", "m", "v"})
     for p, q in zip(fused, ref):

@@ -8,16 +8,23 @@ two-layer configuration, and their transposes) and its elementwise work is bound
 traffic. On the CPU hosts where both were timed, ``torch.nn.LSTM`` (oneDNN's RNN
 primitive) ran slower than this step, forward (``benchmarks/lstm_chunk.py``) and forward plus
 backward (``benchmarks/meta_train_throughput.py``).
-:class:`LSTMStackStep` computes each layer as one BLAS product plus ONE pointwise function
-(:func:`cell_forward`) and saves the gate activations; its backward is the closed-form LSTM
+:class:`LSTMStackStep` runs each layer of float32 CPU tensors (hidden size a multiple of 4) as
+the fused kernel :mod:`learnedopt.kernels.lstm_layer_cpu`: forward and backward each one pass
+over the coordinates, four at a time, their gates in registers (on an AMD EPYC host, one thread,
+a meta-training truncation 1.55x faster than the formulation below;
+``benchmarks/meta_train_throughput.py``). Otherwise (other dtypes, devices or hidden sizes,
+``LEARNEDOPT_CPU_KERNEL=0``, or no C++ compiler) each layer is one BLAS product plus ONE pointwise
+function (:func:`cell_forward`), saving the gate activations; its backward is the closed-form LSTM
 gradient: per layer one pointwise function (:func:`cell_backward`) plus two BLAS products.
 
 The two pointwise functions are compiled with ``torch.compile`` (one fused loop each instead of
 about fifteen passes over memory) the first time they run, which takes seconds once per process
 and kind of input (device, dtype, hidden size), and once more when the batch size first changes
-(see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly. If compiling fails (no C++
-compiler, an unsupported platform) they run eagerly, with one warning. Both ways compute the
-same math as ``torch.nn.LSTM`` (torch's gate order ``i, f, g, o``), equal to rounding.
+(see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly (and not to build the
+fused kernel either). If compiling fails (no C++ compiler, an unsupported platform) they run
+eagerly, with one warning. Every way computes the same math as ``torch.nn.LSTM`` (torch's gate
+order ``i, f, g, o``), equal to rounding; the optimizer's no-grad step and meta-training take the
+same way for the same inputs, so they give the same bits.
 
 The backward is first order: the meta-gradient of an unroll needs one backward through each rule
 call; differentiating that backward again (``create_graph=True`` through it) raises an error, and
@@ -35,6 +42,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..kernels import lstm_layer_cpu
 
 
 def cell_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -191,6 +200,45 @@ def _layer_forward(
     return _cell_forward(gates, bias, c, h_out, c_out)
 
 
+def _stack_forward(
+    x: Tensor, h: Tensor, c: Tensor, weights: tuple[Tensor, ...], save: bool
+) -> tuple[Tensor, Tensor, list[bool], list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    """:class:`LSTMStackStep`'s forward: ``(h', c', fused, products, activations, tanh_cs)``,
+    per layer whether it ran as :mod:`learnedopt.kernels.lstm_layer_cpu` and what the backward
+    needs (``save=False``: no backward to come; the fused kernel then writes only ``h'``, ``c'``)."""
+    layers, hidden = h.shape[0], h.shape[2]
+    # in the dtype of the computation (the products refuse a weight of another), as a stack
+    # of the layers' results
+    dtype = torch.promote_types(x.dtype, h.dtype)
+    h_new = torch.empty(h.shape, dtype=dtype, device=h.device)
+    c_new = torch.empty(c.shape, dtype=dtype, device=c.device)
+    fused_kernel = compile_enabled() and lstm_layer_cpu.applies(x, h, c, *weights, hidden=hidden)
+    fused, products, activations, tanh_cs = [], [], [], []
+    layer_input = x
+    for layer in range(layers):
+        weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
+        # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated
+        # W); about as fast as a product and an in-place addmm_ into its output (benchmarks/
+        # lstm_step_parts.py: within 16% either way)
+        weight = torch.cat((weight_ih, weight_hh), dim=1)
+        # detached: whether c or bias requires grad would otherwise be a guard of the
+        # compiled function, one more compilation (and, in the backward, a doubling of its
+        # variants)
+        c_layer, bias = c[layer].detach(), bias.detach()
+        fused.append(fused_kernel and lstm_layer_cpu.ready(layer_input.shape[1], hidden))
+        if fused[-1]:
+            act, tanh_c = lstm_layer_cpu.lstm_layer_forward(
+                layer_input, h[layer], c_layer, weight, bias, h_new[layer], c_new[layer], save=save
+            )
+        else:
+            act, tanh_c = _layer_forward(layer_input, h[layer], weight, bias, c_layer, h_new[layer], c_new[layer])
+        products.append(weight)
+        activations.append(act)
+        tanh_cs.append(tanh_c)
+        layer_input = h_new[layer]
+    return h_new, c_new, fused, products, activations, tanh_cs
+
+
 class LSTMStackStep(torch.autograd.Function):
     """One time step of every layer of a stacked LSTM: ``top, h', c' = LSTM(x, (h, c))``.
 
@@ -209,29 +257,9 @@ class LSTMStackStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        layers = h.shape[0]
-        # in the dtype of the computation (the products refuse a weight of another), as a stack
-        # of the layers' results
-        dtype = torch.promote_types(x.dtype, h.dtype)
-        h_new = torch.empty(h.shape, dtype=dtype, device=h.device)
-        c_new = torch.empty(c.shape, dtype=dtype, device=c.device)
-        products, activations, tanh_cs = [], [], []
-        layer_input = x
-        for layer in range(layers):
-            weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
-            # one product of [x, h] with [W_ih, W_hh] (the backward uses the same concatenated
-            # W); about as fast as a product and an in-place addmm_ into its output (benchmarks/
-            # lstm_step_parts.py: within 16% either way)
-            weight = torch.cat((weight_ih, weight_hh), dim=1)
-            # detached: whether c or bias requires grad would otherwise be a guard of the
-            # compiled function, one more compilation (and, in the backward, a doubling of its
-            # variants)
-            act, tanh_c = _layer_forward(layer_input, h[layer], weight, bias.detach(), c[layer].detach(), h_new[layer], c_new[layer])
-            products.append(weight)
-            activations.append(act)
-            tanh_cs.append(tanh_c)
-            layer_input = h_new[layer]
-        ctx.layers = layers
+        h_new, c_new, fused, products, activations, tanh_cs = _stack_forward(x, h, c, weights, save=True)
+        ctx.layers = h.shape[0]
+        ctx.fused = fused
         ctx.save_for_backward(x, h, c, h_new, *products, *activations, *tanh_cs)
         # a tensor of its own, not a view of h': a custom function's outputs must not alias
         return h_new[-1].clone(), h_new, c_new
@@ -268,22 +296,41 @@ class LSTMStackStep(torch.autograd.Function):
         # the gradient of a layer's output from the layer above (for the top: from ``top``);
         # contiguous: a column slice of a product would be a new stride guard, one more
         # compilation of the pointwise backward
-        grad_above = zeros() if grad_top is None else grad_top.contiguous()
+        grad_above = None if grad_top is None else grad_top.contiguous()
         for layer in reversed(range(layers)):
             layer_input, weight = (x if layer == 0 else h_new[layer - 1]), products[layer]
             inputs = layer_input.shape[1]
+            # the gradients of the input and h as column slices of one product with the needed
+            # columns of W (layer 0 of an unroll reads a detached x)
+            needs_input = layer > 0 or needs[0]
+            if ctx.fused[layer]:
+                grad_input, grad_weight, grad_bias = lstm_layer_cpu.lstm_layer_backward(
+                    layer_input,
+                    h[layer],
+                    c[layer].detach(),
+                    weight,
+                    activations[layer],
+                    tanh_cs[layer],
+                    None if grad_h_new is None else grad_h_new[layer],
+                    grad_above,
+                    None if grad_c_new is None else grad_c_new[layer],
+                    grad_c[layer],
+                    grad_h[layer] if needs[1] else None,
+                    need_x=needs_input,
+                )
+                if any(needs[3 + 3 * layer : 6 + 3 * layer]):
+                    grads[3 + 3 * layer : 6 + 3 * layer] = grad_weight[:, :inputs], grad_weight[:, inputs:], grad_bias
+                grad_above = grad_input
+                continue
             d_gates = _cell_backward(
                 activations[layer],
                 c[layer].detach(),
                 tanh_cs[layer],
                 zeros() if grad_h_new is None else grad_h_new[layer].contiguous(),
-                grad_above,
+                zeros() if grad_above is None else grad_above,
                 zeros() if grad_c_new is None else grad_c_new[layer].contiguous(),
                 grad_c[layer],
             )
-            # the gradients of the input and h as column slices of one product with the needed
-            # columns of W (layer 0 of an unroll reads a detached x)
-            needs_input = layer > 0 or needs[0]
             lo, hi = (0 if needs_input else inputs), (weight.shape[1] if needs[1] else inputs)
             grad_xh = d_gates @ weight[:, lo:hi] if lo < hi else None
             if needs[1]:
@@ -335,4 +382,7 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
             "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
         )
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *weights))):
+        h_new, c_new, *_ = _stack_forward(x, h, c, tuple(weights), save=False)
+        return h_new[-1].clone(), h_new, c_new
     return LSTMStackStep.apply(x, h, c, *weights)

@@ -1,0 +1,186 @@
+// One LSTM layer step, forward and backward, fused for the CPU: the gate product, the pointwise
+// cell and (backward) the products for the input and weight gradients, a few rows at a time so
+// that a row's 4H gates never leave registers or L1. Compiled at first use by
+// lstm_layer_cpu.py with the layer's sizes as constants: -DIN=<inputs> -DHID=<hidden>.
+//
+// Shapes (float32, row-major, contiguous): x (n, IN), h and c (n, HID), activations (n, 4HID)
+// in torch's gate order i, f, g, o, as sigmoid (i, f, o) and tanh (g) values; tanh_c (n, HID).
+// The forward reads the weight transposed, wt (IN + HID, 4HID); the backward reads it as torch
+// stores it, zero-padded to KP columns, w (4HID, KP). 4HID must be a multiple of 16 (one vector
+// is 16 floats).
+#include <stdint.h>
+#include <string.h>
+
+#define G (4 * HID)
+#define NV (G / 16)
+#define K (IN + HID)
+#define KP (((K) + 15) / 16 * 16)
+#define KV (KP / 16)
+#define HV ((HID + 15) / 16)
+#define TILE 4
+
+static_assert(G % 16 == 0, "4 * hidden size must be a multiple of 16");
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+static inline v16 ld(const float* p) { return *(const v16u*)p; }
+static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 bc(float s) { return (v16){} + s; }
+
+// exp by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp over the
+// clamped range), branch-free so that it stays in vector registers.
+static inline v16 vexp(v16 x) {
+  const float hi = 88.3762626647949f;
+  // written so that NaN compares false and passes through: exp(NaN) is NaN, as in torch
+  x = x > bc(hi) ? bc(hi) : x;
+  x = x < bc(-hi) ? bc(-hi) : x;
+  const v16 magic = bc(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  v16 n = (x * bc(1.44269504088896341f) + magic) - magic;
+  v16 r = x - n * bc(0.693359375f) - n * bc(-2.12194440e-4f);
+  v16 p = bc(1.9875691500e-4f);
+  p = p * r + bc(1.3981999507e-3f);
+  p = p * r + bc(8.3334519073e-3f);
+  p = p * r + bc(4.1665795894e-2f);
+  p = p * r + bc(1.6666665459e-1f);
+  p = p * r + bc(5.0000001201e-1f);
+  p = p * r * r + r + bc(1.0f);
+  i16 e = (__builtin_convertvector(n, i16) + 127) << 23;
+  v16 s;
+  memcpy(&s, &e, sizeof s);
+  return p * s;
+}
+
+static inline v16 vsigmoid(v16 z) { return bc(1.0f) / (bc(1.0f) + vexp(-z)); }
+
+// 1 for the sigmoid gates, 2 for the tanh gate g: tanh(z) = 2 sigmoid(2z) - 1
+static inline v16 gate_scale(int v) {
+  v16 s;
+  for (int l = 0; l < 16; l++) {
+    int j = 16 * v + l;
+    s[l] = (j >= 2 * HID && j < 3 * HID) ? 2.0f : 1.0f;
+  }
+  return s;
+}
+
+template <int R>
+static inline void forward_rows(int64_t row0, const float* x, const float* h, const float* c, const float* wt,
+                                const float* bias, float* act_out, float* tanh_c_out, float* h_out, float* c_out) {
+  v16 acc[R][NV];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < NV; v++) acc[r][v] = ld(bias + 16 * v);
+  for (int k = 0; k < K; k++) {
+    v16 w[NV];
+    for (int v = 0; v < NV; v++) w[v] = ld(wt + k * G + 16 * v);
+    for (int r = 0; r < R; r++) {
+      v16 xk = bc(k < IN ? x[(row0 + r) * IN + k] : h[(row0 + r) * HID + (k - IN)]);
+      for (int v = 0; v < NV; v++) acc[r][v] += xk * w[v];
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const int64_t row = row0 + r;
+    float a[G] __attribute__((aligned(64)));
+    for (int v = 0; v < NV; v++) {
+      v16 s = gate_scale(v);
+      st(a + 16 * v, vsigmoid(acc[r][v] * s) * s - (s - bc(1.0f)));
+    }
+    if (act_out) memcpy(act_out + row * G, a, sizeof a);
+    float c_new[16 * HV] __attribute__((aligned(64))) = {0};
+    for (int j = 0; j < HID; j++) c_new[j] = a[HID + j] * c[row * HID + j] + a[j] * a[2 * HID + j];
+    float tanh_c[16 * HV] __attribute__((aligned(64)));
+    for (int v = 0; v < HV; v++) st(tanh_c + 16 * v, bc(2.0f) * vsigmoid(bc(2.0f) * ld(c_new + 16 * v)) - bc(1.0f));
+    for (int j = 0; j < HID; j++) {
+      c_out[row * HID + j] = c_new[j];
+      h_out[row * HID + j] = a[3 * HID + j] * tanh_c[j];
+    }
+    if (tanh_c_out) memcpy(tanh_c_out + row * HID, tanh_c, HID * sizeof(float));
+  }
+}
+
+// Rows [begin, end). act_out and tanh_c_out may be null (no backward to come).
+extern "C" void lstm_layer_forward(int64_t begin, int64_t end, const float* x, const float* h, const float* c,
+                                   const float* wt, const float* bias, float* act_out, float* tanh_c_out,
+                                   float* h_out, float* c_out) {
+  int64_t row = begin;
+  for (; row + TILE <= end; row += TILE)
+    forward_rows<TILE>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out);
+  for (; row < end; row++) forward_rows<1>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out);
+}
+
+template <int R>
+static inline void backward_rows(int64_t row0, const float* x, const float* h, const float* c, const float* act,
+                                 const float* tanh_c, const float* grad_h, const float* grad_h_more,
+                                 const float* grad_c, const float* w, float* grad_wt, float* grad_bias,
+                                 float* grad_x, float* grad_h_prev, float* grad_c_prev) {
+  float d_gates[R][G] __attribute__((aligned(64)));
+  for (int r = 0; r < R; r++) {
+    const int64_t row = row0 + r;
+    const float* a = act + row * G;
+    for (int j = 0; j < HID; j++) {
+      const int64_t at = row * HID + j;
+      float i = a[j], f = a[HID + j], g = a[2 * HID + j], o = a[3 * HID + j], t = tanh_c[at];
+      float dh = (grad_h ? grad_h[at] : 0.0f) + (grad_h_more ? grad_h_more[at] : 0.0f);
+      float dc = dh * o * (1.0f - t * t) + (grad_c ? grad_c[at] : 0.0f);
+      d_gates[r][j] = dc * g * i * (1.0f - i);
+      d_gates[r][HID + j] = dc * c[at] * f * (1.0f - f);
+      d_gates[r][2 * HID + j] = dc * i * (1.0f - g * g);
+      d_gates[r][3 * HID + j] = dh * t * o * (1.0f - o);
+      grad_c_prev[at] = dc * f;
+    }
+  }
+  for (int v = 0; v < NV; v++) {
+    v16 s = ld(grad_bias + 16 * v);
+    for (int r = 0; r < R; r++) s += ld(&d_gates[r][16 * v]);
+    st(grad_bias + 16 * v, s);
+  }
+  // grad_wt[k] += sum over rows of [x, h][k] * d_gates, the rows' d_gates held in registers
+  v16 dg[R][NV];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < NV; v++) dg[r][v] = ld(&d_gates[r][16 * v]);
+  for (int k = 0; k < K; k++) {
+    v16 acc[NV];
+    for (int v = 0; v < NV; v++) acc[v] = ld(grad_wt + k * G + 16 * v);
+    for (int r = 0; r < R; r++) {
+      v16 xk = bc(k < IN ? x[(row0 + r) * IN + k] : h[(row0 + r) * HID + (k - IN)]);
+      for (int v = 0; v < NV; v++) acc[v] += xk * dg[r][v];
+    }
+    for (int v = 0; v < NV; v++) st(grad_wt + k * G + 16 * v, acc[v]);
+  }
+  if (!grad_x && !grad_h_prev) return;
+  // [grad_x, grad_h] = d_gates @ w
+  v16 acc[R][KV];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < KV; v++) acc[r][v] = bc(0.0f);
+  for (int j = 0; j < G; j++) {
+    v16 wj[KV];
+    for (int v = 0; v < KV; v++) wj[v] = ld(w + j * KP + 16 * v);
+    for (int r = 0; r < R; r++) {
+      v16 d = bc(d_gates[r][j]);
+      for (int v = 0; v < KV; v++) acc[r][v] += d * wj[v];
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const int64_t row = row0 + r;
+    float out[KP] __attribute__((aligned(64)));
+    for (int v = 0; v < KV; v++) st(out + 16 * v, acc[r][v]);
+    if (grad_x) memcpy(grad_x + row * IN, out, IN * sizeof(float));
+    if (grad_h_prev) memcpy(grad_h_prev + row * HID, out + IN, HID * sizeof(float));
+  }
+}
+
+// Rows [begin, end). grad_h, grad_h_more (two parts of h''s gradient) and grad_c (c''s) may be
+// null (zero); grad_x and grad_h_prev may be null (not wanted). grad_wt (K, 4HID) and grad_bias
+// (4HID) are accumulated into (+=).
+extern "C" void lstm_layer_backward(int64_t begin, int64_t end, const float* x, const float* h, const float* c,
+                                    const float* act, const float* tanh_c, const float* grad_h,
+                                    const float* grad_h_more, const float* grad_c, const float* w, float* grad_wt,
+                                    float* grad_bias, float* grad_x, float* grad_h_prev, float* grad_c_prev) {
+  int64_t row = begin;
+  for (; row + TILE <= end; row += TILE)
+    backward_rows<TILE>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, grad_wt, grad_bias, grad_x,
+                        grad_h_prev, grad_c_prev);
+  for (; row < end; row++)
+    backward_rows<1>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, grad_wt, grad_bias, grad_x,
+                     grad_h_prev, grad_c_prev);
+}

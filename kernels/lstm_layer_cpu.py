@@ -1,0 +1,278 @@
+"""One LSTM layer step, forward and backward, as fused CPU code (``lstm_layer_cpu.cpp``).
+
+An update rule's LSTM runs one time step on ``n`` coordinates (tens of thousands to millions)
+with a small hidden size ``H`` (20). Run as separate operations, each step writes and rereads
+its ``(n, 4H)`` gates several times (the product, the pointwise cell, its gradient, two more
+products), and at that shape the passes over memory, not the arithmetic, set the time. This
+kernel does a layer's whole forward, or whole backward, for four rows at a time, their gates in
+vector registers: the forward reads ``x``, ``h``, ``c`` and writes ``h'``, ``c'`` (and, for the
+backward, the gate activations and ``tanh(c')``); the backward reads those and writes the
+gradients of ``x``, ``h`` and ``c``, accumulating the weight and bias gradients.
+
+Same math as ``torch.nn.LSTM`` (gate order ``i, f, g, o``) for float32 CPU tensors with ``4H`` a
+multiple of 16, equal to rounding: ``exp`` is a polynomial of about 1 ulp and the products sum
+in another order than BLAS's. The library's step (:mod:`learnedopt.nn.lstm_step`) uses it where
+:func:`applies` and falls back to BLAS products and compiled pointwise code otherwise.
+
+Build: compiled at first use per ``(inputs, hidden)`` with the C++ compiler that
+``torch.compile`` also needs (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
+(``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``), about
+0.5 s each. If no compiler works, :func:`applies` is False from then on, with one warning.
+``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
+
+Threads: rows are split into ``torch.get_num_threads()`` contiguous parts run on a thread pool
+(the compiled code releases the GIL), each accumulating its own weight gradient, summed in a
+fixed order: results depend on the thread count but not on timing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
+#: Rows per part below which a call is not split over threads.
+MIN_ROWS_PER_THREAD = 4096
+_TILE = 4  # the kernel's rows at a time: thread parts start at multiples of it
+
+_libraries: dict[tuple[int, int], ctypes.CDLL] = {}
+_failed = False
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def enabled() -> bool:
+    """``LEARNEDOPT_CPU_KERNEL``: ``1`` (default) or ``0``; any other value raises ValueError."""
+    value = os.environ.get("LEARNEDOPT_CPU_KERNEL", "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    raise ValueError(f"LEARNEDOPT_CPU_KERNEL={value!r}: use 1 (the fused CPU LSTM layer, the default) or 0 (off)")
+
+
+def applies(*tensors: Tensor, hidden: int) -> bool:
+    """Whether the kernel can run a layer of hidden size ``hidden`` on ``tensors``: all float32
+    CPU tensors, ``4 * hidden`` a multiple of 16, enabled and not failed to build."""
+    return (
+        not _failed
+        and (4 * hidden) % 16 == 0
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and enabled()
+    )
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$LEARNEDOPT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/learnedopt``, else ``~/.cache/learnedopt``."""
+    if os.environ.get("LEARNEDOPT_CACHE_DIR"):
+        return Path(os.environ["LEARNEDOPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "learnedopt"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and flags where Linux says them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(inputs: int, hidden: int) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
+    source = SOURCE.read_bytes()
+    errors = []
+    # -march=native where the compiler takes it (gcc, clang on x86), else the default target
+    for arch in (["-march=native"], ["-mcpu=native"], []):
+        flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *arch, f"-DIN={inputs}", f"-DHID={hidden}"]
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+        folder = cache_dir()
+        path = folder / f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            # compiled beside its final name, then renamed: processes building it at once each
+            # rename a complete file
+            fd, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
+            if done.returncode != 0:
+                os.unlink(temporary)
+                lines = done.stderr.strip().splitlines()
+                errors.append(next((line for line in lines if "error" in line), f"status {done.returncode}"))
+                continue
+            os.replace(temporary, path)
+        library = ctypes.CDLL(str(path))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        library.lstm_layer_forward.argtypes = [size, size] + [pointer] * 9
+        library.lstm_layer_forward.restype = None
+        library.lstm_layer_backward.argtypes = [size, size] + [pointer] * 14
+        library.lstm_layer_backward.restype = None
+        return library
+    raise RuntimeError(f"{compiler} failed: {errors[0]}")
+
+
+def ready(inputs: int, hidden: int) -> bool:
+    """Whether the kernel for a layer of these sizes is built, building it if need be. If it
+    cannot be built: False, and :func:`applies` False from then on, with one warning."""
+    global _failed
+    with _lock:
+        if (inputs, hidden) not in _libraries and not _failed:
+            try:
+                _libraries[inputs, hidden] = _build(inputs, hidden)
+            except (OSError, RuntimeError) as err:
+                _failed = True
+                warnings.warn(
+                    f"the fused CPU LSTM layer could not be built ({err}); the LSTM step runs as "
+                    "BLAS products and compiled pointwise code (slower; the same math, other rounding)",
+                    stacklevel=4,
+                )
+        return (inputs, hidden) in _libraries
+
+
+def _built(inputs: int, hidden: int) -> ctypes.CDLL:
+    if (inputs, hidden) not in _libraries:
+        raise RuntimeError(f"lstm_layer_cpu: no kernel built for {inputs} inputs and hidden size {hidden} (call ready() first)")
+    return _libraries[inputs, hidden]
+
+
+def _reset_after_fork() -> None:
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    threads = max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
+    step = -(-n // threads // _TILE) * _TILE if threads > 1 else n
+    return [(begin, min(begin + step, n)) for begin in range(0, n, max(step, 1))] or [(0, 0)]
+
+
+def _run(function: ctypes._CFuncPtr, parts: list[tuple[int, int]], args_of: list[list]) -> None:
+    """``function(begin, end, *args)`` for each part, in parallel when there are several."""
+    global _pool
+    if len(parts) == 1:
+        function(*parts[0], *args_of[0])
+        return
+    if _pool is None or _pool._max_workers < len(parts):
+        _pool = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="learnedopt-lstm")
+    for future in [_pool.submit(function, *part, *args) for part, args in zip(parts, args_of)]:
+        future.result()
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _checked(t: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
+    if tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(f"lstm_layer_cpu: {name} must be contiguous of shape {shape}, got {tuple(t.shape)}")
+    return t
+
+
+def lstm_layer_forward(
+    x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, h_out: Tensor, c_out: Tensor, *, save: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """One step of one layer: ``h', c' = LSTMCell(x, (h, c))``, written into ``h_out``, ``c_out``.
+
+    Args:
+        x: ``(n, in)``; h, c: ``(n, H)``.
+        weight: ``(4H, in + H)``, ``[weight_ih, weight_hh]``; bias: ``(4H,)``.
+        h_out, c_out: contiguous ``(n, H)`` outputs.
+        save: also return what :func:`lstm_layer_backward` needs.
+
+    Returns:
+        ``(activations (n, 4H), tanh(c') (n, H))`` when ``save``, else ``(None, None)``.
+
+    Raises:
+        RuntimeError: the kernel for these sizes is not built (:func:`ready` was False).
+    """
+    n, inputs = x.shape
+    hidden = h.shape[1]
+    library = _built(inputs, hidden)
+    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    for t, name in ((h, "h"), (c, "c"), (h_out, "h_out"), (c_out, "c_out")):
+        _checked(t, (n, hidden), name)
+    _checked(weight, (4 * hidden, inputs + hidden), "weight")
+    weight_t = weight.detach().t().contiguous()
+    bias = _checked(bias.detach().contiguous(), (4 * hidden,), "bias")
+    act = x.new_empty(n, 4 * hidden) if save else None
+    tanh_c = x.new_empty(n, hidden) if save else None
+    parts = _parts(n)
+    args = [_pointer(t) for t in (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out)]
+    _run(library.lstm_layer_forward, parts, [args] * len(parts))
+    return act, tanh_c
+
+
+def lstm_layer_backward(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight: Tensor,
+    activations: Tensor,
+    tanh_c: Tensor,
+    grad_h: Tensor | None,
+    grad_h_more: Tensor | None,
+    grad_c: Tensor | None,
+    grad_c_out: Tensor,
+    grad_h_out: Tensor | None,
+    need_x: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The gradient of :func:`lstm_layer_forward` (its inputs, outputs and saved tensors).
+
+    Args:
+        grad_h, grad_h_more: two parts of ``h'``'s gradient ``(n, H)`` (None: zero).
+        grad_c: ``c'``'s gradient ``(n, H)`` (None: zero).
+        grad_c_out: contiguous ``(n, H)``, written with ``c``'s gradient.
+        grad_h_out: contiguous ``(n, H)`` written with ``h``'s gradient, or None (not wanted).
+        need_x: whether to compute ``x``'s gradient.
+
+    Returns:
+        ``(grad_x (n, in) or None, grad_weight (4H, in + H), grad_bias (4H,))``.
+    """
+    n, inputs = x.shape
+    hidden = h.shape[1]
+    library = _built(inputs, hidden)
+    gates, width = 4 * hidden, inputs + hidden
+    padded = -(-width // 16) * 16
+    weight_padded = x.new_zeros(gates, padded)
+    weight_padded[:, :width] = weight.detach()
+    _checked(grad_c_out, (n, hidden), "grad_c_out")
+    if grad_h_out is not None:
+        _checked(grad_h_out, (n, hidden), "grad_h_out")
+    grads = [None if g is None else _checked(g.contiguous(), (n, hidden), "a gradient") for g in (grad_h, grad_h_more, grad_c)]
+    grad_x = x.new_empty(n, inputs) if need_x else None
+    parts = _parts(n)
+    grad_weight_t = x.new_zeros(len(parts), width, gates)
+    grad_bias = x.new_zeros(len(parts), gates)
+    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    common = [_pointer(t) for t in (x, h, c, activations, tanh_c, *grads, weight_padded)]
+    outputs = [_pointer(t) for t in (grad_x, grad_h_out, grad_c_out)]
+    args_of = [[*common, _pointer(grad_weight_t[i]), _pointer(grad_bias[i]), *outputs] for i in range(len(parts))]
+    _run(library.lstm_layer_backward, parts, args_of)
+    return grad_x, grad_weight_t.sum(0).t(), grad_bias.sum(0)

@@ -1,0 +1,201 @@
+"""The fused CPU LSTM layer (learnedopt.kernels.lstm_layer_cpu) against torch.nn.LSTM in float64,
+its thread split, its build cache and fallback, and the LSTM step's use of it."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from learnedopt.kernels import lstm_layer_cpu
+from learnedopt.nn.lstm_step import lstm_step
+
+
+def _layer(inputs: int, hidden: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cell = torch.nn.LSTMCell(inputs, hidden)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x, h, c = (torch.randn(n, size, generator=g) for size in (inputs, hidden, hidden))
+    grads = [torch.randn(n, hidden, generator=g) for _ in range(3)]  # of h' (two parts) and c'
+    return cell, x, h, c, grads
+
+
+def _reference(cell, x, h, c, grads):
+    """Values and gradients of the layer in float64 by autograd through ``nn.LSTMCell``."""
+    cell = copy.deepcopy(cell).double().requires_grad_(True)
+    x, h, c = (t.double().requires_grad_(True) for t in (x, h, c))
+    h_new, c_new = cell(x, (h, c))
+    grad_h, grad_more, grad_c = (g.double() for g in grads)
+    dx, dh, dc, dw_ih, dw_hh, db, _ = torch.autograd.grad(
+        (h_new, c_new), (x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh), (grad_h + grad_more, grad_c)
+    )
+    return h_new, c_new, dx, dh, dc, torch.cat((dw_ih, dw_hh), dim=1), db
+
+
+def _kernel(cell, x, h, c, grads):
+    n, hidden = h.shape
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    h_new, c_new = torch.empty(n, hidden), torch.empty(n, hidden)
+    assert lstm_layer_cpu.ready(x.shape[1], hidden)
+    act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=True)
+    dc, dh = torch.empty(n, hidden), torch.empty(n, hidden)
+    dx, dw, db = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, *grads, dc, dh, need_x=True)
+    return h_new, c_new, dx, dh, dc, dw, db
+
+
+@pytest.mark.parametrize(
+    ("inputs", "hidden", "n"),
+    [(2, 20, 37), (10, 20, 4), (20, 20, 5), (1, 4, 3), (3, 8, 1), (2, 20, 0)],
+)
+def test_matches_torch_lstm_cell_in_float64(inputs: int, hidden: int, n: int) -> None:
+    """Both directions to float32 rounding of the float64 values (exp by polynomial, products
+    summed in another order), at row counts below, at and past the kernel's tile of four."""
+    cell, x, h, c, grads = _layer(inputs, hidden, n)
+    got = _kernel(cell, x, h, c, grads)
+    want = _reference(cell, x, h, c, grads)
+    names = ["h'", "c'", "x grad", "h grad", "c grad", "weight grad", "bias grad"]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item() if b.numel() else 1.0), msg=name)
+
+
+def test_optional_gradients_and_no_saving() -> None:
+    """Absent gradients count as zero; unwanted outputs are not written; ``save=False`` gives
+    the same ``h'``, ``c'`` and nothing to save."""
+    cell, x, h, c, grads = _layer(2, 20, 9)
+    full = _kernel(cell, x, h, c, [grads[0], torch.zeros_like(grads[1]), torch.zeros_like(grads[2])])
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    h_new, c_new = torch.empty(9, 20), torch.empty(9, 20)
+    assert lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=False) == (None, None)
+    assert torch.equal(h_new, full[0]) and torch.equal(c_new, full[1])
+    act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=True)
+    dc = torch.empty(9, 20)
+    dx, dw, db = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, grads[0], None, None, dc, None, need_x=False)
+    assert dx is None
+    assert torch.equal(dc, full[4]) and torch.equal(dw, full[5]) and torch.equal(db, full[6])
+
+
+def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over several threads the rows are split into parts with their own weight gradient, summed
+    in a fixed order: equal to one thread's results to rounding, and the same bits every run."""
+    cell, x, h, c, grads = _layer(10, 20, 203)
+    one = _kernel(cell, x, h, c, grads)
+    monkeypatch.setattr(lstm_layer_cpu, "MIN_ROWS_PER_THREAD", 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert [b - a for a, b in lstm_layer_cpu._parts(203)] == [68, 68, 67]
+        split = _kernel(cell, x, h, c, grads)
+        again = _kernel(cell, x, h, c, grads)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, name in zip(split, one, ["h'", "c'", "dx", "dh", "dc", "dw", "db"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hidden", "device", "applies"),
+    [(torch.float32, 20, "cpu", True), (torch.float64, 20, "cpu", False), (torch.float32, 10, "cpu", False),
+     (torch.bfloat16, 20, "cpu", False), (torch.float32, 20, "meta", False)],
+)  # fmt: skip
+def test_applies_to_float32_cpu_tensors_of_a_hidden_size_divisible_by_4(dtype, hidden, device, applies) -> None:
+    t = torch.empty(3, hidden, dtype=dtype, device=device)
+    assert lstm_layer_cpu.applies(t, hidden=hidden) is applies
+
+
+@pytest.mark.parametrize(("value", "on"), [("0", False), ("off", False), ("1", True), ("", True)])
+def test_switch(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", value)
+    assert lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20) is on
+
+
+def test_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LEARNEDOPT_CPU_KERNEL='fast'"):
+        lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20)
+
+
+def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    assert lstm_layer_cpu.ready(7, 4)
+    built = list(tmp_path.glob("lstm_layer_cpu_7_4_*.so"))
+    assert len(built) == 1
+    # a new process (here: an empty in-memory table) loads the file without compiling
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert lstm_layer_cpu.ready(7, 4)
+    assert list(tmp_path.iterdir()) == built  # no temporary file left
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Without a working compiler the step runs as products and pointwise code, with the same
+    results to rounding, one warning, and no second try."""
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_compiler", lambda: None)
+    lstm = torch.nn.LSTM(2, 20, 2)
+    x, h, c = torch.randn(5, 2), torch.randn(2, 5, 20, requires_grad=True), torch.randn(2, 5, 20)
+    with pytest.warns(UserWarning, match="fused CPU LSTM layer could not be built .*no C\\+\\+ compiler found"):
+        top, _, _ = lstm_step(lstm, x, h, c)
+    assert not lstm_layer_cpu.applies(x, hidden=20)
+    want = lstm(x[None], (h, c))[0][0]
+    torch.testing.assert_close(top, want, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstm_step(lstm, x, h, c)[0].sum().backward()
+
+
+def test_compiler_error_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(lstm_layer_cpu, "SOURCE", broken)
+    with pytest.warns(UserWarning, match="could not be built .*failed: .*error"):
+        assert not lstm_layer_cpu.ready(2, 20)
+    assert not any(tmp_path.glob("*.so"))
+
+
+def test_lstm_step_uses_the_kernel_and_matches_the_products_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-layer step through the kernel (both layers) against the same step with the kernel
+    off: values and every gradient to float32 rounding."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    calls = []
+    original = lstm_layer_cpu.lstm_layer_backward
+    monkeypatch.setattr(lstm_layer_cpu, "lstm_layer_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    lstm = torch.nn.LSTM(10, 20, 2)
+    x = torch.randn(301, 10, requires_grad=True)
+    h, c = torch.randn(2, 301, 20, requires_grad=True), torch.randn(2, 301, 20, requires_grad=True)
+    g = [torch.randn(301, 20), torch.randn(2, 301, 20), torch.randn(2, 301, 20)]
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", switch)
+        outs = lstm_step(lstm, x, h, c)
+        grads = torch.autograd.grad(outs, (x, h, c, *lstm.parameters()), g)
+        results[switch] = (*outs, *grads)
+    assert len(calls) == 2  # one per layer, with the kernel on only
+    for a, b in zip(results["1"], results["0"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_inputs_give_what_torch_gives() -> None:
+    """NaN stays NaN (a clamp that compared NaN to its bounds turned it into a finite value),
+    infinities and huge values saturate the gates as in torch, row by row."""
+    cell, x, h, c, grads = _layer(2, 20, 6)
+    x[1, 0], x[2, 0], x[3, 1], x[4, 0], h[5, 3] = float("nan"), float("inf"), -float("inf"), 1e30, float("nan")
+    got = _kernel(cell, x, h, c, grads)
+    want = _reference(cell, x, h, c, grads)
+    for name, a, b in zip(["h'", "c'", "x grad", "h grad", "c grad"], got, want):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
