@@ -152,7 +152,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 def write_results(name: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
     RESULTS.mkdir(exist_ok=True)
-    payload = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **payload}
+    # optimizee_eval.py --resume gives the report of the command without it
+    payload = {"command": " ".join(["python", *(arg for arg in sys.argv if arg != "--resume")]), "machine": machine(), **payload}
     (RESULTS / f"{name}.json").write_text(dumps_report(payload) + "\n")
     header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")

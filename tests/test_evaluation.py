@@ -923,7 +923,8 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
     monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", interrupt)
     assert main([*base, "--out", str(tmp_path / "stopped")]) == 130
     assert capsys.readouterr().err.strip() == (
-        "learnedopt evaluate optimizers: interrupted; no report was written (it is written once every run is done)"
+        "learnedopt evaluate optimizers: interrupted; no report was written (it is written once every run is done); "
+        "no run had finished"
     )
 
     # --threads 0 keeps torch's choice: it passes the checks and the run starts
@@ -1013,7 +1014,7 @@ def test_stability_check_reports_the_first_nonfinite_step(tmp_path: Path) -> Non
 
     data = str(write_fake_mnist(tmp_path / "mnist"))
     config = EvalConfig(problems=["quadratic-20"], stability_steps=10, data=data)
-    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["nan-after-4"]
+    result = harness._stability(config, [Spec()], {}, None, lambda _: None)["results"]["nan-after-4"]
     assert result["nonfinite"] is True and result["first_nonfinite_step"] == 4
     assert math.isfinite(result["min_loss"]) and math.isnan(result["final_loss"])
 
@@ -1037,7 +1038,7 @@ def test_stability_check_counts_an_inf_loss_as_the_first_nonfinite_step(monkeypa
     monkeypatch.setattr(harness, "make_problem", lambda name, data: InfAtStep3())
     config = EvalConfig(problems=["quadratic-20"], stability_steps=8)
     lines: list[str] = []
-    result = harness._stability(config, [Spec()], {}, lines.append)["results"]["sgd"]
+    result = harness._stability(config, [Spec()], {}, None, lines.append)["results"]["sgd"]
     assert result["nonfinite"] is True and result["first_nonfinite_step"] == 3
     # each run is announced before it starts (minutes at the default length), then its outcome
     assert lines[0] == "stability sgd: 8 steps on the MNIST MLP ..." and lines[1].startswith("stability sgd: nonfinite=True")
@@ -1266,7 +1267,7 @@ def test_stability_check_reports_the_full_length_run_and_its_lowest_loss(tmp_pat
 
     data = str(write_fake_mnist(tmp_path / "mnist"))
     config = EvalConfig(problems=["quadratic-20"], stability_steps=12, data=data)
-    result = harness._stability(config, [Spec()], {}, lambda _: None)["results"]["sgd"]
+    result = harness._stability(config, [Spec()], {}, None, lambda _: None)["results"]["sgd"]
     curve = run_optimizer(make_problem("mnist-mlp-100", data), harness.STABILITY_SEED, BASELINES["SGD"], 1.0, steps=12)
     assert result == {"nonfinite": False, "first_nonfinite_step": None, "final_loss": final_loss(curve),
                       "min_loss": float(curve.min())}  # fmt: skip
@@ -1483,6 +1484,7 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
     # --workers, --threads and --name reach the harness, torch and the report's files
     seen: dict = {}
     monkeypatch.setattr(evaluate_cli, "check_config", lambda config: None)
+    monkeypatch.setattr(evaluate_cli, "run_settings", lambda config, setup: {})
     monkeypatch.setattr(evaluate_cli, "evaluate_optimizers", lambda config, **kw: seen.update(kw) or {"a": "report"})
     monkeypatch.setattr(evaluate_cli, "write_report", lambda report, out, name, write_results: seen.update(name=name) or [])
     args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "--workers", "3", "--threads", "2",
@@ -1493,7 +1495,7 @@ def test_every_evaluate_optimizers_flag_reaches_the_run(tmp_path: Path, monkeypa
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert (seen["workers"], seen["name"]) == (3, "mine")
+    assert (seen["workers"], seen["name"], seen["records"].folder) == (3, "mine", tmp_path / "mine.runs")
     # -1 is refused like any negative thread count (torch would raise on it after the checks)
     args = parser.parse_args(["optimizers", "--problems", "quadratic-20", "--threads", "-1", "--out", str(tmp_path)])
     assert args.func(args) == 2
@@ -1644,7 +1646,7 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
     assert problem.name == name and problem.data == str(tmp_path) and problem.steps == 6
     config = EvalConfig(problems=[name], seeds=2, tuning_seeds=1, lrs=(0.1,), stability_steps=0, presets=["l2l-blend"])
     learned = check_config(config).learned
-    output = _evaluate_problem(name, config, learned, {}, lambda line: None)
+    output = _evaluate_problem(name, config, learned, {}, None, lambda line: None)
     assert output["description"] == "linear regression, 64 points in 8 dimensions" and output["steps"] == 6
     adam = output["results"]["Adam"]
     direct = [run_optimizer(make_problem(name), seed, BASELINES["Adam"], 0.1, steps=6) for seed in (0, 1)]

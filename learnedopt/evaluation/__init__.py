@@ -20,7 +20,8 @@ Definitions used in every report:
 
 Modules, in the order data flows: :mod:`.problems` (the optimizees), :mod:`.runs` (optimizers,
 single runs, lr tuning, statistics), :mod:`.harness` (:func:`evaluate_optimizers`),
-:mod:`.report` (Markdown, JSON, plot) and :mod:`.cli`.
+:mod:`.report` (Markdown, JSON, plot), :mod:`.records` (each finished run, kept for ``--resume``)
+and :mod:`.cli`.
 """
 
 from .cli import add_arguments, add_evaluate_optimizers_parser, config_from_args, run_cli
@@ -52,6 +53,7 @@ from .problems import (
     small_convnet,
     synthetic_classification,
 )
+from .records import RunRecords, records_folder
 from .report import (
     WriteResults,
     best_baseline,
@@ -116,9 +118,11 @@ __all__ = [
     "ReconstructionProblem",
     "QUICK_LRS",
     "QUICK_STEPS",
+    "records_folder",
     "reusable_results",
     "ReusableResults",
     "run_cli",
+    "RunRecords",
     "run_optimizer",
     "ScaledClassificationProblem",
     "seeds_below",

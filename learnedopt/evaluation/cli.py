@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from ..data.paths import create_output_folder
+from ..meta.loop import OutputLock
 from ..plugins import entry_point_path
 from ..weights import PRESETS
-from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers
+from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers, run_settings
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
+from .records import RecordError, RunRecords, records_folder
 from .report import WriteResults, write_report
 from .runs import LR_SCHEDULES
 
@@ -113,6 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "settings instead of rerunning them; --weights files always run",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished evaluation of this --name in this output folder (killed, stopped or "
+        "failed), running only the runs it had not finished; the settings must be the same",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
@@ -168,8 +177,14 @@ def run_cli(
     """Parse-args-to-files: build the config, run the harness, write the report, print the paths.
 
     Every check that can fail runs before the first training run (a bad setting, weight file,
-    report to reuse, data folder or output folder is one line ``"<prog>: error: ..."`` on stderr
-    and exit code 2), so that no compute is lost to it."""
+    report to reuse, data folder or output folder, or records of runs that do not fit
+    ``--resume``, is one line ``"<prog>: error: ..."`` on stderr and exit code 2), so that no
+    compute is lost to it.
+
+    Each training run is recorded in ``<out_dir>/<name>.runs`` as it ends
+    (:class:`~learnedopt.evaluation.records.RunRecords`); ``args.resume`` takes the recorded runs
+    instead of running them again. The folder is removed once the report is written."""
+    lock = OutputLock("evaluate optimizers")
     try:
         config = config_from_args(args)
         if args.workers < 1:
@@ -179,19 +194,35 @@ def run_cli(
         if Path(args.name).name != args.name or args.name in ("", ".", ".."):
             raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
         setup = check_config(config)
+        records = RunRecords(records_folder(out_dir, args.name))
+        settings = run_settings(config, setup)
+        records.check(settings, args.resume)
         create_output_folder(out_dir)  # after the checks, so that a refused run leaves no folder
+        records.folder.mkdir(exist_ok=True)
+        lock.acquire(records.folder)  # two processes would run every run twice, writing the same files
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        report = evaluate_optimizers(config, workers=args.workers, setup=setup)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no report was written (it is written once every run is done)", file=sys.stderr)
-        return 130
-    for path in write_report(report, out_dir, name=args.name, write_results=write_results):
-        print(path)
+    with lock:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.resume:
+            print(f"--resume: continuing from the {records.count()} runs recorded in {records.folder}", file=sys.stderr)
+        records.begin(settings)
+        try:
+            report = evaluate_optimizers(config, workers=args.workers, setup=setup, records=records)
+        except KeyboardInterrupt:
+            done = records.count()
+            kept = (f"the {done} runs finished are recorded in {records.folder}: --resume continues from them" if done
+                    else "no run had finished")  # fmt: skip
+            print(f"{prog}: interrupted; no report was written (it is written once every run is done); {kept}", file=sys.stderr)
+            return 130
+        except RecordError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        for path in write_report(report, out_dir, name=args.name, write_results=write_results):
+            print(path)
+        shutil.rmtree(records.folder)  # the report holds what they were kept for
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
+from .records import RunRecords
 from .runs import (
     BASELINES,
     DEFAULT_LEARNED,
@@ -25,6 +26,7 @@ from .runs import (
     FINAL_WINDOW,
     LR_SCHEDULES,
     LearnedSpec,
+    OptimizerFactory,
     check_lr_schedule,
     final_loss,
     import_rules,
@@ -152,13 +154,36 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def report_config(config: EvalConfig) -> dict[str, Any]:
+    """The report's ``config``: ``config``'s fields, problems by name."""
+    return {k: v for k, v in asdict(config).items() if k != "problems"} | {
+        "problems": [p if isinstance(p, str) else p.name for p in config.problems]
+    }
+
+
+def run_settings(config: EvalConfig, setup: RunSetup) -> dict[str, Any]:
+    """What a run's numbers depend on besides the code, for :meth:`RunRecords.check`: the report's
+    config, the MNIST files' SHA-256 and each learned optimizer's weights' SHA-256."""
+    return {
+        "config": report_config(config),
+        "mnist_sha256": setup.data_sha256,
+        "weights_sha256": {label: record["sha256"] for label, record in setup.records.items()},
+    }
+
+
 def evaluate_optimizers(
-    config: EvalConfig, log: Callable[[str], None] = _log, workers: int = 1, setup: RunSetup | None = None
+    config: EvalConfig,
+    log: Callable[[str], None] = _log,
+    workers: int = 1,
+    setup: RunSetup | None = None,
+    records: RunRecords | None = None,
 ) -> dict[str, Any]:
     """Run the harness; returns the report (JSON-serialisable) that :func:`write_report` writes.
 
     ``setup``: what :func:`check_config` returned for ``config``, if called before (else it is
-    done here).
+    done here). ``records``: where each training run's curve is recorded as it ends and taken
+    from instead of run when already recorded (a resumed evaluation; a :class:`RunRecords`
+    checked and begun); the report is the same either way.
 
     Problems whose data is missing are skipped; the report's ``skipped`` maps them to the reason.
     ``workers > 1`` runs the problems and the stability check in that many processes (each with
@@ -167,10 +192,9 @@ def evaluate_optimizers(
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    learned, records, data_sha256, reused = setup or check_config(config)
+    learned, learned_records, data_sha256, reused = setup or check_config(config)
     report: dict[str, Any] = {
-        "config": {k: v for k, v in asdict(config).items() if k != "problems"}
-        | {"problems": [p if isinstance(p, str) else p.name for p in config.problems]},
+        "config": report_config(config),
         "definitions": {
             "final_loss": f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run",
             "mean_loss": "mean training loss over all steps of a run, averaged over seeds",
@@ -182,7 +206,7 @@ def evaluate_optimizers(
             else f"{config.lr_schedule}: at step t of a T-step run every optimizer's lr (the learned ones' 1.0) is multiplied by "
             + LR_SCHEDULES[config.lr_schedule].formula,
         },
-        "learned": records,
+        "learned": learned_records,
         "mnist_sha256": data_sha256,
         "problems": {},
         "skipped": {},
@@ -206,14 +230,14 @@ def evaluate_optimizers(
     if reused is not None:
         report["reused"]["results"] = {p.name: list(t) for p, t in zip(problems, taken, strict=True) if t}
     jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-        (_evaluate_problem, (problem if workers == 1 else entry, config, learned, t))
+        (_evaluate_problem, (problem if workers == 1 else entry, config, learned, t, records))
         for problem, entry, t in zip(problems, entries, taken, strict=True)
     ]
     if config.stability_steps:
         stable = reused.stability if reused else {}
         if reused is not None and stable:
             report["reused"]["results"]["stability"] = list(stable)
-        jobs.append((_stability, (config, learned, stable)))
+        jobs.append((_stability, (config, learned, stable, records)))
     if workers == 1:
         outputs = [job(*args, log) for job, args in jobs]
     else:
@@ -244,16 +268,32 @@ def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
     return problem if config.steps is None else problem.with_steps(config.steps)
 
 
+def _run(
+    records: RunRecords | None, problem: Problem, label: str, seed: int, factory: OptimizerFactory, lr: float, schedule: str
+) -> np.ndarray:
+    """:func:`run_optimizer`'s curve, taken from ``records`` where recorded, else run (and recorded)."""
+    if records is None:
+        return run_optimizer(problem, seed, factory, lr, schedule=schedule)
+    key = records.key(problem, label, lr, seed, schedule)
+    curve = records.load(key)
+    if curve is None:
+        curve = run_optimizer(problem, seed, factory, lr, schedule=schedule)
+        records.save(key, curve)
+    return curve
+
+
 def _evaluate_problem(
     entry: str | Problem,
     config: EvalConfig,
     learned: Sequence[LearnedSpec],
     reused: Mapping[str, Any],
+    records: RunRecords | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """One problem's report entry: every baseline tuned and run, every learned optimizer run.
     ``entry``: the built problem, or a name to build (in a worker process); ``reused``: results
-    (label -> entry) taken from an earlier report instead of run."""
+    (label -> entry) taken from an earlier report instead of run; ``records``: see
+    :func:`evaluate_optimizers`."""
     problem = _build_problem(entry, config) if isinstance(entry, str) else entry
     n_tune = (
         config.long_tuning_seeds
@@ -269,8 +309,12 @@ def _evaluate_problem(
             results[label] = reused[label]
             log(f"{problem.name} {label}: reused, final {results[label]['final_mean']:.4g}")
             continue
-        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds, config.lr_schedule)
-        curves = np.stack([run_optimizer(problem, s, factory, lr, schedule=config.lr_schedule) for s in eval_seeds])
+        def run(lr: float, seed: int, label: str = label, factory: OptimizerFactory = factory) -> np.ndarray:
+            return _run(records, problem, label, seed, factory, lr, config.lr_schedule)
+
+        # without records, tune_lr's own runs (as before)
+        lr, scores = tune_lr(problem, factory, config.lrs, tune_seeds, config.lr_schedule, run=None if records is None else run)
+        curves = np.stack([run(lr, s) for s in eval_seeds])
         results[label] = {
             "kind": "baseline",
             "lr": lr,
@@ -284,7 +328,7 @@ def _evaluate_problem(
             log(f"{problem.name} {spec.label}: reused, final {results[spec.label]['final_mean']:.4g}")
             continue
         curves = np.stack(
-            [run_optimizer(problem, s, spec.factory(), 1.0, schedule=config.lr_schedule) for s in eval_seeds]
+            [_run(records, problem, spec.label, s, spec.factory(), 1.0, config.lr_schedule) for s in eval_seeds]
         )
         results[spec.label] = {"kind": "learned", "lr": 1.0} | summarize(curves)
         log(f"{problem.name} {spec.label}: final {results[spec.label]['final_mean']:.4g}")
@@ -302,10 +346,12 @@ def _stability(
     config: EvalConfig,
     learned: Sequence[LearnedSpec],
     reused: Mapping[str, Any],
+    records: RunRecords | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run each learned optimizer ``stability_steps`` steps on MNIST MLP 784-20-10 (one seed);
-    ``reused``: results (label -> entry) taken from an earlier report instead of run."""
+    ``reused``: results (label -> entry) taken from an earlier report instead of run;
+    ``records``: see :func:`evaluate_optimizers`."""
     try:
         problem = make_problem("mnist-mlp-100", config.data).with_steps(config.stability_steps)
     except FileNotFoundError as err:
@@ -324,7 +370,7 @@ def _stability(
             continue
         # minutes per optimizer at the default 10,000 steps: say so before, not only after
         log(f"stability {spec.label}: {config.stability_steps} steps on the MNIST MLP ...")
-        curve = run_optimizer(problem, STABILITY_SEED, spec.factory(), 1.0, schedule=config.lr_schedule)
+        curve = _run(records, problem, spec.label, STABILITY_SEED, spec.factory(), 1.0, config.lr_schedule)
         bad = np.flatnonzero(np.isnan(curve) | ~np.isfinite(curve))
         out["results"][spec.label] = {
             "nonfinite": bool(len(bad)),

@@ -259,7 +259,8 @@ def write_report(
     table = markdown_tables(report)
     if write_results is None:
         payload = {
-            "command": " ".join(["learnedopt", *sys.argv[1:]]),
+            # a resumed run reports what the uninterrupted command does, as it gives the same report
+            "command": " ".join(["learnedopt", *(arg for arg in sys.argv[1:] if arg != "--resume")]),
             "machine": {
                 "cpu": cpu_name(),
                 "isa": torch.backends.cpu.get_cpu_capability(),

@@ -312,13 +312,16 @@ def tune_lr(
     lrs: Sequence[float],
     seeds: Sequence[int],
     schedule: str = "constant",
+    run: Callable[[float, int], np.ndarray] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """Run every lr of ``lrs`` on ``seeds`` (under ``schedule``); return the best lr and
-    ``{lr: score}`` (:func:`tuning_score`)."""
-    scores = {
-        lr: tuning_score([run_optimizer(problem, s, factory, lr, schedule=schedule) for s in seeds])
-        for lr in lrs
-    }
+    ``{lr: score}`` (:func:`tuning_score`). ``run(lr, seed)``, if given, gives each run's curve
+    instead of :func:`run_optimizer` (the harness's recorded runs)."""
+    if run is None:
+        def run(lr: float, seed: int) -> np.ndarray:
+            return run_optimizer(problem, seed, factory, lr, schedule=schedule)
+
+    scores = {lr: tuning_score([run(lr, s) for s in seeds]) for lr in lrs}
     return select_lr(scores), scores
 
 

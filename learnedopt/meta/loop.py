@@ -346,10 +346,12 @@ class OutputLock:
     so no stale lock outlives a run. Where there is no such lock (Windows, a network filesystem
     that refuses it) runs are not locked. Use it as a context manager around the whole run
     (:func:`train_loop` acquires it once the folder exists; the final files are written after).
+    ``command`` names what runs there in the refusal (``evaluate optimizers`` locks its records folder).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "meta-train") -> None:
         self._fd: int | None = None
+        self.command = command
 
     def acquire(self, out: Path) -> None:
         """Lock the existing folder ``out``.
@@ -367,7 +369,7 @@ class OutputLock:
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(
-                f"{out} is in use by another meta-train process (a run there, or its --resume, is still "
+                f"{out} is in use by another {self.command} process (a run there, or its --resume, is still "
                 "running); wait for it to end or stop it, then --resume"
             ) from None
         except OSError:  # a filesystem without flock: run unlocked

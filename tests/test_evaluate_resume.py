@@ -1,0 +1,221 @@
+"""``learnedopt evaluate optimizers --resume``: each training run recorded as it ends, a killed
+evaluation continued to the report of an uninterrupted one, and a changed configuration refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import folder_locked_by_another_run, importable_module
+
+from learnedopt.evaluation import QuadraticProblem, add_evaluate_optimizers_parser, harness
+from learnedopt.evaluation.records import RunRecords, records_folder
+from learnedopt.evaluation.report import dumps_report
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_OPTIMIZER = harness.run_optimizer
+#: two problems by name, cut to 20 steps; the four baselines and one preset; 2 seeds, 1 tuning seed, 2 lrs
+ARGS = ["--quick", "--problems", "quadratic-20", "synthetic-mlp", "--presets", "l2l-blend", "--lrs", "0.01", "0.1",
+        "--stability-steps", "12"]  # fmt: skip
+#: runs of ARGS: per problem 4 baselines x (2 lrs x 1 tuning seed + 2 seeds) + 2 of the preset; 1 stability run
+RUNS = 2 * (4 * (2 + 2) + 2) + 1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _stability_without_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stability check trains the MNIST MLP: a quadratic stands in for it (no data needed)."""
+    real = harness.make_problem
+
+    def make_problem(name, data=None):  # noqa: ANN001, ANN202 - make_problem's own signature
+        return QuadraticProblem("stand-in", 3, 5) if name == "mnist-mlp-100" else real(name, data)
+
+    monkeypatch.setattr(harness, "make_problem", make_problem)
+
+
+def evaluate(argv: list[str], out: Path) -> int:
+    """``learnedopt evaluate optimizers ARGV --out OUT`` in this process; its exit code."""
+    parser = argparse.ArgumentParser()
+    add_evaluate_optimizers_parser(parser.add_subparsers())
+    args = parser.parse_args(["optimizers", *argv, "--out", str(out)])
+    return args.func(args)
+
+
+def count_runs(monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> list[int]:
+    """Count the harness's training runs (a one-item list); with ``stop_after``, Ctrl-C arrives
+    as run ``stop_after + 1`` starts."""
+    done = [0]
+    real = RUN_OPTIMIZER
+
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - run_optimizer's own
+        if done[0] == stop_after:
+            raise KeyboardInterrupt
+        done[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_optimizer", run)
+    return done
+
+
+def report_without_times(path: Path) -> str:
+    """The report's JSON text with its wall-clock fields (``seconds``) removed."""
+
+    def strip(value):  # noqa: ANN001, ANN202
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        return value
+
+    # NaN and Infinity kept as their tokens: a float NaN is unequal to itself
+    return dumps_report(strip(json.loads(path.read_text(), parse_constant=lambda token: token)))
+
+
+@pytest.mark.parametrize(("stop_after", "workers"), [(1, 1), (13, 2), (RUNS - 1, 1)])
+def test_a_killed_evaluation_resumes_to_the_report_of_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop_after: int, workers: int
+) -> None:
+    # stopped after its first run, in the middle of a baseline's lr tuning (resumed in worker
+    # processes, which read and write the records too), before the stability run
+    argv = ARGS if workers == 1 else [*ARGS, "--stability-steps", "0"]  # workers make the real stability problem
+    assert evaluate(argv, tmp_path / "whole") == 0
+    assert not records_folder(tmp_path / "whole", "optimizee_eval").exists()  # removed with the report written
+    capsys.readouterr()
+
+    done = count_runs(monkeypatch, stop_after=stop_after)
+    assert evaluate(argv, tmp_path / "resumed") == 130
+    err = capsys.readouterr().err
+    folder = records_folder(tmp_path / "resumed", "optimizee_eval")
+    assert f"the {stop_after} runs finished are recorded in {folder}: --resume continues from them" in err
+    assert RunRecords(folder).count() == stop_after and not (tmp_path / "resumed" / "optimizee_eval.json").exists()
+
+    done = count_runs(monkeypatch)
+    assert evaluate([*argv, "--resume", "--workers", str(workers)], tmp_path / "resumed") == 0
+    if workers == 1:  # the count sees this process's runs
+        assert done[0] == RUNS - stop_after  # only the runs not recorded
+    assert f"--resume: continuing from the {stop_after} runs recorded in {folder}" in capsys.readouterr().err
+    whole, resumed = (report_without_times(tmp_path / out / "optimizee_eval.json") for out in ("whole", "resumed"))
+    assert resumed == whole
+    assert not folder.exists()
+
+
+def test_a_resume_of_another_configuration_is_refused_naming_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    count_runs(monkeypatch, stop_after=5)
+    assert evaluate(ARGS, tmp_path) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: pytest.fail("a run started"))
+    folder = records_folder(tmp_path, "optimizee_eval")
+    for argv, message in (
+        ([*ARGS, "--seeds", "3", "--resume"], "--resume: the configuration differs from the recorded runs' (--seeds: 2 -> 3)"),
+        ([*ARGS, "--lrs", "0.01", "0.2", "--resume"], "(--lrs: [0.01, 0.1] -> [0.01, 0.2])"),
+        ([*ARGS, "--lr-schedule", "cosine", "--resume"], "(--lr-schedule: 'constant' -> 'cosine')"),
+        ([*ARGS, "--presets", "--resume"], "(--presets: ['l2l-blend'] -> [])"),
+        # a run of this name and folder without --resume would start again over 5 finished runs
+        (ARGS, f"{folder} holds the runs of an unfinished evaluation (5 recorded): pass --resume to continue it"),
+        ([*ARGS, "--resume", "--name", "other"], f"--resume: no unfinished evaluation to continue ({tmp_path / 'other.runs'} does not exist"),
+    ):  # fmt: skip
+        assert evaluate(argv, tmp_path) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    assert RunRecords(folder).count() == 5
+    if sys.platform != "win32":  # a second process on the same records (launched twice, or a --resume of a live run)
+        with folder_locked_by_another_run(folder):
+            assert evaluate([*ARGS, "--resume"], tmp_path) == 2
+        assert f"{folder} is in use by another evaluate optimizers process" in capsys.readouterr().err
+    # the weights and the MNIST files by content: the same paths may hold other ones
+    records = RunRecords(folder)
+    saved = json.loads((folder / "settings.json").read_text())
+    settings = {k: v for k, v in saved.items() if k != "format"}
+    records.check(settings, resume=True)
+    label = "LSTMOptimizer (l2l-blend, default)"
+    other = {**settings, "weights_sha256": {label: "f" * 64}}
+    with pytest.raises(ValueError, match=re.escape(f"--resume: the weights of {label} differ from those the recorded runs used (SHA-256 ")):
+        records.check(other, resume=True)
+    with pytest.raises(ValueError, match="--resume: the recorded runs read other MNIST files"):
+        records.check({**settings, "mnist_sha256": "0" * 64}, resume=True)
+    # where MNIST is read from may change; what it holds decides
+    records.check({**settings, "config": {**settings["config"], "data": "elsewhere"}}, resume=True)
+
+
+def test_a_damaged_record_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    count_runs(monkeypatch, stop_after=2)
+    assert evaluate(ARGS, tmp_path) == 130
+    monkeypatch.setattr(harness, "run_optimizer", RUN_OPTIMIZER)
+    folder = records_folder(tmp_path, "optimizee_eval")
+    damaged = sorted(p for p in folder.glob("*.json") if p.name != "settings.json")[0]
+    damaged.write_text(damaged.read_text()[:50])
+    capsys.readouterr()
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"error: {damaged} is not a run record (JSONDecodeError" in err and "remove it, and --resume runs it again" in err
+    assert err.count("\n") == 2  # the --resume line and the error
+
+
+KILLED = '''
+import os
+import signal
+
+from learnedopt.evaluation import QuadraticProblem
+
+
+class Killed(QuadraticProblem):
+    """quadratic-4 of 8 steps whose process SIGKILLs itself as it builds its KILL_AT-th model."""
+
+    built = 0
+
+    def __init__(self):
+        super().__init__("killed", 4, 8)
+
+    def model(self, seed):
+        type(self).built += 1
+        if type(self).built == int(os.environ.get("KILL_AT", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().model(seed)
+'''
+
+
+@pytest.fixture
+def killed_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of :data:`KILLED`; returns its name."""
+    yield from importable_module(tmp_path, monkeypatch, "killed_problem", KILLED)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX's")
+def test_an_evaluation_killed_by_sigkill_resumes_to_the_uninterrupted_report(tmp_path: Path, killed_problem: str) -> None:
+    module = killed_problem
+    argv = ["--problems", f"{module}:Killed", "--seeds", "2", "--tuning-seeds", "1", "--lrs", "0.01", "0.1", "--presets"]
+    runs = 4 * (2 + 2)  # 4 baselines x (2 lrs x 1 tuning seed + 2 seeds); no stability check for one's own problem
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "modules"), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "KILL_AT": "10"}  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-m", "learnedopt", "evaluate", "optimizers", *argv, "--out", str(tmp_path / "resumed")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # the 10th model: the one its check builds, then 8 runs ended and recorded, the 9th killed
+    folder = records_folder(tmp_path / "resumed", "optimizee_eval")
+    assert RunRecords(folder).count() == 8 and not list(folder.glob("*.tmp"))
+
+    assert evaluate([*argv, "--resume"], tmp_path / "resumed") == 0
+    assert sys.modules[module].Killed.built == 1 + runs - 8  # the check's model, and one per run not recorded
+    assert evaluate(argv, tmp_path / "whole") == 0
+    whole, resumed = (report_without_times(tmp_path / out / "optimizee_eval.json") for out in ("whole", "resumed"))
+    assert resumed == whole
