@@ -53,12 +53,30 @@ def test_class_splits_whole_groups() -> None:
 )
 def test_class_splits_groups_never_straddle(groups: list[int], seed: int) -> None:
     group_tensor = torch.tensor(groups)
+    if len(set(groups)) < 4:  # 3 groups by 0.6/0.2/0.2 are 2, 1 and 0: an empty part is refused
+        with pytest.raises(ValueError, match=f"splitting {len(set(groups))} groups by .* empty"):
+            class_splits(len(groups), FRACTIONS, seed=seed, groups=group_tensor)
+        return
     parts = class_splits(len(groups), FRACTIONS, seed=seed, groups=group_tensor)
+    assert all(len(part) for part in parts.values())
     assert_partition(parts, len(groups))
     owner: dict[int, str] = {}
     for name, part in parts.items():
         for g in group_tensor[part].tolist():
             assert owner.setdefault(g, name) == name
+
+
+def test_class_splits_refuses_a_part_that_would_get_no_class_or_group() -> None:
+    """20 classes by 0.8/0.175/0.025 gave meta_test no class, and alphabets by Omniglot's 5/8,
+    1/8, 2/8 (4 alphabets) no meta-valid alphabet: refused only when an episode sampler met the empty part."""
+    fractions = {"meta_train": 0.8, "meta_valid": 0.175, "meta_test": 0.025}
+    with pytest.raises(ValueError, match=r"splitting 20 classes by .* leaves part 'meta_test' \(fraction 0.025\) empty"):
+        class_splits(20, fractions)
+    omniglot = {"meta_train": 5 / 8, "meta_valid": 1 / 8, "meta_test": 2 / 8}
+    groups = torch.arange(40) // 10  # 4 groups (alphabets) of 10 classes: 2.5, 0.5 and 1 groups
+    with pytest.raises(ValueError, match=r"splitting 4 groups by .* leaves part 'meta_valid' \(fraction 0.125\) empty: it needs more groups"):
+        class_splits(40, omniglot, groups=groups)
+    assert [len(p) for p in class_splits(80, omniglot, groups=torch.arange(80) // 10).values()] == [50, 10, 20]
 
 
 def test_class_splits_group_shape_checked() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -279,7 +280,13 @@ def test_split_indices_sizes_and_determinism() -> None:
 )
 def test_split_indices_partition(n: int, weights: list[int], seed: int) -> None:
     fractions = {f"part{i}": w / sum(weights) for i, w in enumerate(weights)}
-    parts = split_indices(n, fractions, seed)
+    parts = split_indices(n, fractions, seed, allow_empty=True)
+    empty = any(f > 0 and not len(parts[name]) for name, f in fractions.items())
+    try:
+        split_indices(n, fractions, seed)
+        assert not empty
+    except ValueError as err:  # only for a part of a positive fraction that would be empty, of less than 1 item exact
+        assert empty and "empty" in str(err) and any(f > 0 and f * n < 1 for f in fractions.values()), err
     everything = torch.cat(list(parts.values()))
     assert torch.equal(everything.sort().values, torch.arange(n))  # disjoint and covering
     for name, part in parts.items():
@@ -300,6 +307,21 @@ def test_split_indices_rejects_bad_fractions(fractions: dict[str, float]) -> Non
 def test_split_indices_names_a_non_finite_fraction(bad: float) -> None:
     with pytest.raises(ValueError, match="fractions must be finite and non-negative"):
         split_indices(10, {"a": bad, "b": 0.5})
+
+
+def test_split_indices_refuses_a_positive_fraction_that_would_get_no_item() -> None:
+    """10 items by 0.8/0.15/0.05: meta_test would get none (0.5 rounds to 0 beside 8.0 and 1.5),
+    which an episode sampler or validation set of that part refused only far from the split."""
+    fractions = {"meta_train": 0.8, "meta_valid": 0.15, "meta_test": 0.05}
+    message = re.escape(f"splitting 10 items by {fractions} leaves part 'meta_test' (fraction 0.05) empty: it needs more items")
+    with pytest.raises(ValueError, match=message):
+        split_indices(10, fractions)
+    with pytest.raises(ValueError, match=r"leaves parts 'b' \(fraction 0.25\), 'c' \(fraction 0.25\) empty: they need"):
+        split_indices(1, {"a": 0.5, "b": 0.25, "c": 0.25})
+    assert [len(p) for p in split_indices(20, fractions).values()] == [16, 3, 1]  # 20 items suffice
+    assert [len(p) for p in split_indices(10, {"a": 1.0, "none": 0.0}).values()] == [10, 0]  # empty on purpose
+    # a caller that reads one part and checks it itself may take the rounding as it falls
+    assert [len(p) for p in split_indices(10, fractions, allow_empty=True).values()] == [8, 2, 0]
 
 
 @pytest.mark.parametrize("fractions", [{"a": 0.6, "b": 0.37}, {"a": 0.6, "b": 0.4 - 1e-5}])

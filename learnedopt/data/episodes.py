@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .idx import split_indices
+from .idx import _split
 
 
 def class_splits(
@@ -32,14 +32,19 @@ def class_splits(
 
     Returns:
         Part name -> sorted int64 tensor of class ids, in the order of ``fractions``.
+
+    Raises:
+        ValueError: bad fractions or groups, or a part of a positive fraction that would get no
+            class (no group, with ``groups``); the message names the part, its fraction and the
+            number of classes (groups) split.
     """
     if groups is None:
-        return split_indices(num_classes, fractions, seed)
+        return _split(num_classes, fractions, seed, "classes")
     groups = _class_ids(groups, "groups")
     if groups.shape != (num_classes,):
         raise ValueError(f"groups must have shape ({num_classes},), got {tuple(groups.shape)}")
     group_ids = torch.unique(groups)
-    group_parts = split_indices(len(group_ids), fractions, seed)
+    group_parts = _split(len(group_ids), fractions, seed, "groups")
     return {
         name: torch.isin(groups, group_ids[part]).nonzero().flatten()
         for name, part in group_parts.items()

@@ -116,7 +116,9 @@ def load_mnist(
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
-def split_indices(n: int, fractions: Mapping[str, float], seed: int = 0) -> dict[str, torch.Tensor]:
+def split_indices(
+    n: int, fractions: Mapping[str, float], seed: int = 0, *, allow_empty: bool = False
+) -> dict[str, torch.Tensor]:
     """Split ``range(n)`` into disjoint parts by a seeded random permutation.
 
     Part sizes are ``fraction * n`` rounded by the largest-remainder method, so they add up to
@@ -125,13 +127,29 @@ def split_indices(n: int, fractions: Mapping[str, float], seed: int = 0) -> dict
     Args:
         n: number of items.
         fractions: part name -> fraction, non-negative and summing to 1, e.g.
-            ``{"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}``.
+            ``{"meta_train": 0.6, "meta_valid": 0.1, "held_out": 0.3}``. A part of fraction 0 is
+            empty; one of a positive fraction is not, unless ``allow_empty`` (see Raises).
         seed: seed of the permutation.
+        allow_empty: let a part of a positive fraction be empty when ``fraction * n`` rounds to
+            0, for a caller that reads one part and checks it itself (the MNIST task families on
+            a few images read ``meta_train`` though ``meta_valid`` is empty).
 
     Returns:
         Part name -> sorted int64 tensor of indices, in the order of ``fractions``; together
         the parts cover ``range(n)`` exactly once.
+
+    Raises:
+        ValueError: bad fractions, or (without ``allow_empty``) a part of a positive fraction
+            that would get no item (``fraction * n`` rounds to 0: too few items for that
+            fraction); the message names the part, its fraction and ``n``.
     """
+    return _split(n, fractions, seed, "items", allow_empty)
+
+
+def _split(
+    n: int, fractions: Mapping[str, float], seed: int, unit: str, allow_empty: bool = False
+) -> dict[str, torch.Tensor]:
+    """:func:`split_indices`, its errors counting ``n`` in ``unit`` (``"items"``, ``"classes"``, ``"groups"``)."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     if not fractions:
@@ -148,6 +166,16 @@ def split_indices(n: int, fractions: Mapping[str, float], seed: int = 0) -> dict
     by_remainder = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])
     for i in by_remainder[: n - sum(sizes)]:
         sizes[i] += 1
+    # an empty part of a positive fraction would surface only where it is used (an episode
+    # sampler with no class, a validation set of no example), far from its cause
+    empty = [(name, f) for (name, f), size in zip(fractions.items(), sizes) if f > 0 and size == 0]
+    if empty and not allow_empty:
+        shown = ", ".join(f"{name!r} (fraction {f:g})" for name, f in empty)
+        raise ValueError(
+            f"splitting {n} {unit} by {dict(fractions)} leaves part{'s' * (len(empty) > 1)} {shown} empty: "
+            f"{'they need' if len(empty) > 1 else 'it needs'} more {unit} "
+            f"(a fraction f gets at least one of n when f * n >= 1), or fraction 0 to be empty"
+        )
 
     generator = torch.Generator().manual_seed(seed)
     permutation = torch.randperm(n, generator=generator)

@@ -332,7 +332,7 @@ def _mnist_held_out_at(directory: str) -> tuple[Tensor, Tensor, Tensor]:
     from ..data import load_mnist, split_indices
 
     images, labels = load_mnist(directory, "t10k")
-    pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)["held_out"]
+    pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED, allow_empty=True)["held_out"]  # held_out only
     return images.reshape(len(images), -1).float() / 255.0, labels, pool
 
 

@@ -393,7 +393,8 @@ class MnistMLPFamily(ExampleFamily):
         self.inputs = images.reshape(len(images), -1).to(dtype) / 255.0
         self.labels = labels
         self.split = split
-        self.pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)[split]
+        # a few images leave meta_valid empty; the part read is checked here, naming its family
+        self.pool = split_indices(len(images), MNIST_SPLIT, seed=MNIST_SPLIT_SEED, allow_empty=True)[split]
         if len(self.pool) == 0:
             raise ValueError(f"the {split!r} part of {len(images)} MNIST images is empty")
         self.sizes = (self.inputs.shape[1], *hidden, 10)
@@ -662,7 +663,7 @@ class RandomMLPFamily(ExampleFamily):
             self.labels = labels
         else:
             self.inputs, self.labels = synthetic_classification_data(self.synthetic_seed, dtype=dtype)
-        self.pool = split_indices(len(self.inputs), MNIST_SPLIT, seed=MNIST_SPLIT_SEED)[split]
+        self.pool = split_indices(len(self.inputs), MNIST_SPLIT, seed=MNIST_SPLIT_SEED, allow_empty=True)[split]
         if len(self.pool) == 0:
             raise ValueError(f"the {split!r} part of {len(self.inputs)} {source} examples is empty")
         self.classes = SYNTHETIC_CLASSES if source == "synthetic" else 10
