@@ -92,6 +92,8 @@ def test_a_killed_evaluation_resumes_to_the_report_of_an_uninterrupted_one(
     # stopped after its first run, in the middle of a baseline's lr tuning (resumed in worker
     # processes, which read and write the records too), before the stability run
     argv = ARGS if workers == 1 else [*ARGS, "--stability-steps", "0"]  # workers make the real stability problem
+    command = ["learnedopt", "evaluate", "optimizers", *argv, *(["--workers", "2"] if workers == 2 else [])]
+    monkeypatch.setattr(sys, "argv", command)  # the report's command, as the shell gave it
     assert evaluate(argv, tmp_path / "whole") == 0
     assert not records_folder(tmp_path / "whole", "optimizee_eval").exists()  # removed with the report written
     capsys.readouterr()
@@ -104,6 +106,7 @@ def test_a_killed_evaluation_resumes_to_the_report_of_an_uninterrupted_one(
     assert RunRecords(folder).count() == stop_after and not (tmp_path / "resumed" / "optimizee_eval.json").exists()
 
     done = count_runs(monkeypatch)
+    monkeypatch.setattr(sys, "argv", [*command, "--resume"])  # reported as the command without it
     assert evaluate([*argv, "--resume", "--workers", str(workers)], tmp_path / "resumed") == 0
     if workers == 1:  # the count sees this process's runs
         assert done[0] == RUNS - stop_after  # only the runs not recorded
