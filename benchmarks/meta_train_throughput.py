@@ -269,7 +269,7 @@ def main() -> None:
         runs["per-tensor"] = (PerTensorRule(rule, sizes), torch_lstm)
         runs["per-tensor-cell-ops"] = (PerTensorRule(rule, sizes), lambda: lstm_step_as(through_cell_ops))
     baseline = "per-tensor" if "per-tensor" in runs else "batched-nn-lstm"
-    if hasattr(rule, "features") and hasattr(rule, "lstm"):  # a CoordinateLSTM
+    if rule.kind == "CoordinateLSTM":  # its features(grad, param, state); MetaLSTMCell's take the loss too
         runs["without-lstm"] = (WithoutLSTM(rule), contextlib.nullcontext)
     for r, context in runs.values():
         with context():

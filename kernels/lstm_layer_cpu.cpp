@@ -104,14 +104,34 @@ static inline void forward_rows(int64_t row0, const float* x, const float* h, co
   }
 }
 
-// Rows [begin, end). act_out and tanh_c_out may be null (no backward to come).
-extern "C" void lstm_layer_forward(int64_t begin, int64_t end, const float* x, const float* h, const float* c,
-                                   const float* wt, const float* bias, float* act_out, float* tanh_c_out,
-                                   float* h_out, float* c_out) {
+// The rows of part p of `parts` contiguous parts (each a multiple of TILE rows but the last).
+static inline void part_rows(int64_t n, int parts, int p, int64_t* begin, int64_t* end) {
+  int64_t step = (n + parts - 1) / parts;
+  step = (step + TILE - 1) / TILE * TILE;
+  *begin = p * step < n ? p * step : n;
+  *end = *begin + step < n ? *begin + step : n;
+}
+
+static void forward_range(int64_t begin, int64_t end, const float* x, const float* h, const float* c,
+                          const float* wt, const float* bias, float* act_out, float* tanh_c_out, float* h_out,
+                          float* c_out) {
   int64_t row = begin;
   for (; row + TILE <= end; row += TILE)
     forward_rows<TILE>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out);
   for (; row < end; row++) forward_rows<1>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out);
+}
+
+// n rows in `parts` parts, one OpenMP thread each. act_out and tanh_c_out may be null (no
+// backward to come).
+extern "C" void lstm_layer_forward(int64_t n, int parts, const float* x, const float* h, const float* c,
+                                   const float* wt, const float* bias, float* act_out, float* tanh_c_out,
+                                   float* h_out, float* c_out) {
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+  for (int p = 0; p < parts; p++) {
+    int64_t begin, end;
+    part_rows(n, parts, p, &begin, &end);
+    forward_range(begin, end, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out);
+  }
 }
 
 template <int R>
@@ -175,18 +195,26 @@ static inline void backward_rows(int64_t row0, const float* x, const float* h, c
   }
 }
 
-// Rows [begin, end). grad_h, grad_h_more (two parts of h''s gradient) and grad_c (c''s) may be
-// null (zero); grad_x and grad_h_prev may be null (not wanted). grad_wt (K, 4HID) and grad_bias
-// (4HID) are accumulated into (+=).
-extern "C" void lstm_layer_backward(int64_t begin, int64_t end, const float* x, const float* h, const float* c,
+// n rows in `parts` parts, one OpenMP thread each. grad_h, grad_h_more (two parts of h''s
+// gradient) and grad_c (c''s) may be null (zero); grad_x and grad_h_prev may be null (not
+// wanted). Part p accumulates (+=) its rows' weight and bias gradients into grad_wt + p K 4HID
+// (a (K, 4HID) block) and grad_bias + p 4HID.
+extern "C" void lstm_layer_backward(int64_t n, int parts, const float* x, const float* h, const float* c,
                                     const float* act, const float* tanh_c, const float* grad_h,
                                     const float* grad_h_more, const float* grad_c, const float* w, float* grad_wt,
                                     float* grad_bias, float* grad_x, float* grad_h_prev, float* grad_c_prev) {
-  int64_t row = begin;
-  for (; row + TILE <= end; row += TILE)
-    backward_rows<TILE>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, grad_wt, grad_bias, grad_x,
-                        grad_h_prev, grad_c_prev);
-  for (; row < end; row++)
-    backward_rows<1>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, grad_wt, grad_bias, grad_x,
-                     grad_h_prev, grad_c_prev);
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+  for (int p = 0; p < parts; p++) {
+    int64_t begin, end;
+    part_rows(n, parts, p, &begin, &end);
+    float* gw = grad_wt + (int64_t)p * K * G;
+    float* gb = grad_bias + (int64_t)p * G;
+    int64_t row = begin;
+    for (; row + TILE <= end; row += TILE)
+      backward_rows<TILE>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
+                          grad_c_prev);
+    for (; row < end; row++)
+      backward_rows<1>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
+                       grad_c_prev);
+  }
 }

@@ -20,9 +20,13 @@ Build: compiled at first use per ``(inputs, hidden)`` with the C++ compiler that
 0.5 s each. If no compiler works, :func:`applies` is False from then on, with one warning.
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
 
-Threads: rows are split into ``torch.get_num_threads()`` contiguous parts run on a thread pool
-(the compiled code releases the GIL), each accumulating its own weight gradient, summed in a
-fixed order: results depend on the thread count but not on timing.
+Threads: rows are split into ``torch.get_num_threads()`` contiguous parts (at least
+:data:`MIN_ROWS_PER_THREAD` rows each), run by OpenMP threads, each accumulating its own weight
+gradient, summed in a fixed order: results depend on the thread count but not on timing. The
+kernel links the ``libgomp.so.1`` that torch has loaded where torch's Linux wheels ship it under
+that name, so that both share one team of threads: with two teams, the threads torch's last
+operation left spinning would take the cores from the kernel's. Where OpenMP does not build, one
+thread runs it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,12 +48,9 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 #: Rows per part below which a call is not split over threads.
 MIN_ROWS_PER_THREAD = 4096
-_TILE = 4  # the kernel's rows at a time: thread parts start at multiples of it
-
 _libraries: dict[tuple[int, int], ctypes.CDLL] = {}
 _failed = False
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
 def enabled() -> bool:
@@ -106,9 +106,11 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     source = SOURCE.read_bytes()
     errors = []
-    # -march=native where the compiler takes it (gcc, clang on x86), else the default target
-    for arch in (["-march=native"], ["-mcpu=native"], []):
-        flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *arch, f"-DIN={inputs}", f"-DHID={hidden}"]
+    # -march=native where the compiler takes it (gcc, clang on x86), else the default target;
+    # OpenMP where it builds
+    variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
+    for variant in variants:
+        flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}"]
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
         folder = cache_dir()
         path = folder / f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
@@ -127,9 +129,9 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
             os.replace(temporary, path)
         library = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        library.lstm_layer_forward.argtypes = [size, size] + [pointer] * 9
+        library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 9
         library.lstm_layer_forward.restype = None
-        library.lstm_layer_backward.argtypes = [size, size] + [pointer] * 14
+        library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 14
         library.lstm_layer_backward.restype = None
         return library
     raise RuntimeError(f"{compiler} failed: {errors[0]}")
@@ -159,30 +161,9 @@ def _built(inputs: int, hidden: int) -> ctypes.CDLL:
     return _libraries[inputs, hidden]
 
 
-def _reset_after_fork() -> None:
-    global _pool, _lock
-    _pool, _lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _parts(n: int) -> list[tuple[int, int]]:
-    threads = max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
-    step = -(-n // threads // _TILE) * _TILE if threads > 1 else n
-    return [(begin, min(begin + step, n)) for begin in range(0, n, max(step, 1))] or [(0, 0)]
-
-
-def _run(function: ctypes._CFuncPtr, parts: list[tuple[int, int]], args_of: list[list]) -> None:
-    """``function(begin, end, *args)`` for each part, in parallel when there are several."""
-    global _pool
-    if len(parts) == 1:
-        function(*parts[0], *args_of[0])
-        return
-    if _pool is None or _pool._max_workers < len(parts):
-        _pool = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="learnedopt-lstm")
-    for future in [_pool.submit(function, *part, *args) for part, args in zip(parts, args_of)]:
-        future.result()
+def _parts(n: int) -> int:
+    """Into how many parts (threads) the kernel splits ``n`` rows."""
+    return max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
 
 
 def _pointer(t: Tensor | None) -> int | None:
@@ -223,9 +204,7 @@ def lstm_layer_forward(
     bias = _checked(bias.detach().contiguous(), (4 * hidden,), "bias")
     act = x.new_empty(n, 4 * hidden) if save else None
     tanh_c = x.new_empty(n, hidden) if save else None
-    parts = _parts(n)
-    args = [_pointer(t) for t in (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out)]
-    _run(library.lstm_layer_forward, parts, [args] * len(parts))
+    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out)))
     return act, tanh_c
 
 
@@ -268,11 +247,10 @@ def lstm_layer_backward(
     grads = [None if g is None else _checked(g.contiguous(), (n, hidden), "a gradient") for g in (grad_h, grad_h_more, grad_c)]
     grad_x = x.new_empty(n, inputs) if need_x else None
     parts = _parts(n)
-    grad_weight_t = x.new_zeros(len(parts), width, gates)
-    grad_bias = x.new_zeros(len(parts), gates)
+    grad_weight_t = x.new_zeros(parts, width, gates)
+    grad_bias = x.new_zeros(parts, gates)
     x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
-    common = [_pointer(t) for t in (x, h, c, activations, tanh_c, *grads, weight_padded)]
-    outputs = [_pointer(t) for t in (grad_x, grad_h_out, grad_c_out)]
-    args_of = [[*common, _pointer(grad_weight_t[i]), _pointer(grad_bias[i]), *outputs] for i in range(len(parts))]
-    _run(library.lstm_layer_backward, parts, args_of)
+    tensors = (x, h, c, activations, tanh_c, *grads, weight_padded, grad_weight_t, grad_bias, grad_x, grad_h_out, grad_c_out)
+    library.lstm_layer_backward(n, parts, *(_pointer(t) for t in tensors))
+    # summed in a fixed order, so the same bits for the same number of parts
     return grad_x, grad_weight_t.sum(0).t(), grad_bias.sum(0)

