@@ -199,6 +199,21 @@ def lstm_step_as(step: Callable) -> Iterator[None]:
             m.lstm_step = original
 
 
+@contextlib.contextmanager
+def without_cpu_kernel() -> Iterator[None]:
+    """Within: the LSTM step runs as BLAS products and compiled pointwise functions, not as the
+    fused CPU kernel :mod:`learnedopt.kernels.lstm_layer_cpu` (what the library did before it)."""
+    before = os.environ.get("LEARNEDOPT_CPU_KERNEL")
+    os.environ["LEARNEDOPT_CPU_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LEARNEDOPT_CPU_KERNEL"]
+        else:
+            os.environ["LEARNEDOPT_CPU_KERNEL"] = before
+
+
 def torch_lstm() -> contextlib.AbstractContextManager[None]:
     """Within: both rules run their LSTM step as ``torch.nn.LSTM`` (:func:`through_nn_lstm`)."""
     return lstm_step_as(through_nn_lstm)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ from common import (  # noqa: E402
     self_cpu_ms,
     through_cell_ops,
     torch_lstm,
+    without_cpu_kernel,
     write_results,
 )
 
@@ -83,21 +83,6 @@ _SYMBOLIC = (
     lstm_step._Compiled(_forward_symbolic, dynamic=True),
     lstm_step._Compiled(_backward_symbolic, dynamic=True),
 )
-
-
-@contextlib.contextmanager
-def without_cpu_kernel():
-    """Within: the LSTM step runs as BLAS products and compiled pointwise functions, not as the
-    fused CPU kernel :mod:`learnedopt.kernels.lstm_layer_cpu` (what the library did before it)."""
-    before = os.environ.get("LEARNEDOPT_CPU_KERNEL")
-    os.environ["LEARNEDOPT_CPU_KERNEL"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LEARNEDOPT_CPU_KERNEL"]
-        else:
-            os.environ["LEARNEDOPT_CPU_KERNEL"] = before
 
 
 @contextlib.contextmanager

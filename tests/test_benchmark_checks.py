@@ -97,6 +97,8 @@ BAD_OPTIONS = [
     ("lstm_chunk", ["--chunk", "0"]),  # wrote a table of 0 GFLOP/s over the committed one
     ("lstm_chunk", ["--threads", "0"]),
     ("lstm_step_parts", ["--coordinates", "0"]),
+    ("lstm_layer_cpu", ["--hidden", "5"]),  # the kernel takes 4 x hidden in vectors of 16
+    ("lstm_layer_cpu", ["--threads", "0"]),
     ("first_step", ["--threads", "0"]),
     ("maml_memory", ["--steps", "0"]),
     ("distributed_scaling", ["--configs", "1y1"]),

@@ -10,9 +10,9 @@ primitive) ran slower than this step, forward (``benchmarks/lstm_chunk.py``) and
 backward (``benchmarks/meta_train_throughput.py``).
 :class:`LSTMStackStep` runs each layer of float32 CPU tensors (hidden size a multiple of 4) as
 the fused kernel :mod:`learnedopt.kernels.lstm_layer_cpu`: forward and backward each one pass
-over the coordinates, four at a time, their gates in registers (on an AMD EPYC host, one thread,
-a meta-training truncation 1.55x faster than the formulation below;
-``benchmarks/meta_train_throughput.py``). Otherwise (other dtypes, devices or hidden sizes,
+over the coordinates, four at a time, their gates in registers (on an AMD EPYC host, a
+meta-training truncation 1.49x to 1.60x faster than the formulation below;
+``benchmarks/results/meta_train_throughput_*fused.md``). Otherwise (other dtypes, devices or hidden sizes,
 ``LEARNEDOPT_CPU_KERNEL=0``, or no C++ compiler) each layer is one BLAS product plus ONE pointwise
 function (:func:`cell_forward`), saving the gate activations; its backward is the closed-form LSTM
 gradient: per layer one pointwise function (:func:`cell_backward`) plus two BLAS products.
