@@ -12,6 +12,12 @@ import torch
 from learnedopt.kernels import lstm_layer_cpu
 from learnedopt.nn.lstm_step import lstm_step
 
+# the library falls back without a compiler (tested below with the compiler hidden); the kernel's
+# own tests need one, as torch.compile's do
+needs_compiler = pytest.mark.skipif(
+    lstm_layer_cpu._compiler() is None, reason="no C++ compiler ($CXX, c++, g++, clang++): the kernel cannot be built here"
+)
+
 
 def _layer(inputs: int, hidden: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -48,6 +54,7 @@ def _kernel(cell, x, h, c, grads):
     return h_new, c_new, dx, dh, dc, dw, db
 
 
+@needs_compiler
 @pytest.mark.parametrize(
     ("inputs", "hidden", "n"),
     [(2, 20, 37), (10, 20, 4), (20, 20, 5), (1, 4, 3), (3, 8, 1), (2, 20, 0)],
@@ -64,6 +71,7 @@ def test_matches_torch_lstm_cell_in_float64(inputs: int, hidden: int, n: int) ->
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item() if b.numel() else 1.0), msg=name)
 
 
+@needs_compiler
 def test_optional_gradients_and_no_saving() -> None:
     """Absent gradients count as zero; unwanted outputs are not written; ``save=False`` gives
     the same ``h'``, ``c'`` and nothing to save."""
@@ -81,6 +89,7 @@ def test_optional_gradients_and_no_saving() -> None:
     assert torch.equal(dc, full[4]) and torch.equal(dw, full[5]) and torch.equal(db, full[6])
 
 
+@needs_compiler
 def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -> None:
     """Over several threads the rows are split into parts with their own weight gradient, summed
     in a fixed order: equal to one thread's results to rounding, and the same bits every run."""
@@ -122,6 +131,7 @@ def test_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> Non
         lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20)
 
 
+@needs_compiler
 def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
@@ -155,6 +165,7 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch
         lstm_step(lstm, x, h, c)[0].sum().backward()
 
 
+@needs_compiler
 def test_compiler_error_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
@@ -167,6 +178,7 @@ def test_compiler_error_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
     assert not any(tmp_path.glob("*.so"))
 
 
+@needs_compiler
 def test_lstm_step_uses_the_kernel_and_matches_the_products_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A two-layer step through the kernel (both layers) against the same step with the kernel
     off: values and every gradient to float32 rounding."""
@@ -189,6 +201,7 @@ def test_lstm_step_uses_the_kernel_and_matches_the_products_path(monkeypatch: py
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
 def test_non_finite_inputs_give_what_torch_gives() -> None:
     """NaN stays NaN (a clamp that compared NaN to its bounds turned it into a finite value),
     infinities and huge values saturate the gates as in torch, row by row."""
