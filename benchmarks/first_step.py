@@ -1,12 +1,16 @@
-"""The cost of an optimizer's first step: ``torch.compile`` of the LSTM step's pointwise function.
+"""The cost of an optimizer's first step: building the LSTM step's fused CPU kernel
+(:mod:`learnedopt.kernels.lstm_layer_cpu`), or, with it off, ``torch.compile`` of the step's
+pointwise functions.
 
 Each measurement is a fresh Python process that builds a small model (``nn.Linear(100, 10)``,
 1,010 parameters), one ``LSTMOptimizer`` (the default preset) and times its first three
 ``step()`` calls:
 
-- cold: an empty Inductor cache (``TORCHINDUCTOR_CACHE_DIR`` set to a new folder), as on a fresh
-  machine;
-- warm: the same cache again, as in every later process on that machine;
+- cold: empty caches (``LEARNEDOPT_CACHE_DIR`` and ``TORCHINDUCTOR_CACHE_DIR`` set to new
+  folders), as on a fresh machine;
+- warm: the same caches again, as in every later process on that machine;
+- the same two with the kernel off (``LEARNEDOPT_CPU_KERNEL=0``, a new Inductor cache): what the
+  first step cost before the kernel;
 - eager: ``LEARNEDOPT_COMPILE=0``, nothing compiled.
 
     python benchmarks/first_step.py [--threads 1]
@@ -57,11 +61,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "LEARNEDOPT_COMPILE": "1"}
+    with tempfile.TemporaryDirectory() as kernels, tempfile.TemporaryDirectory() as inductor, tempfile.TemporaryDirectory() as inductor_off:
+        env = {**os.environ, "LEARNEDOPT_CACHE_DIR": kernels, "TORCHINDUCTOR_CACHE_DIR": inductor, "LEARNEDOPT_COMPILE": "1"}
+        env.pop("LEARNEDOPT_CPU_KERNEL", None)
+        off = {**env, "LEARNEDOPT_CPU_KERNEL": "0", "TORCHINDUCTOR_CACHE_DIR": inductor_off}
         for case, case_env in (
-            ("cold Inductor cache", env),
-            ("warm Inductor cache", env),
+            ("cold caches", env),
+            ("warm caches", env),
+            ("fused kernel off (LEARNEDOPT_CPU_KERNEL=0), cold Inductor cache", off),
+            ("fused kernel off, warm Inductor cache", off),
             ("LEARNEDOPT_COMPILE=0", {**env, "LEARNEDOPT_COMPILE": "0"}),
         ):
             seconds = first_steps(case_env, args.threads)

@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..switches import env_switch
+
 SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 #: Rows per part below which a call is not split over threads.
 MIN_ROWS_PER_THREAD = 4096
@@ -55,12 +57,7 @@ _lock = threading.Lock()
 
 def enabled() -> bool:
     """``LEARNEDOPT_CPU_KERNEL``: ``1`` (default) or ``0``; any other value raises ValueError."""
-    value = os.environ.get("LEARNEDOPT_CPU_KERNEL", "1").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes", ""):
-        return True
-    raise ValueError(f"LEARNEDOPT_CPU_KERNEL={value!r}: use 1 (the fused CPU LSTM layer, the default) or 0 (off)")
+    return env_switch("LEARNEDOPT_CPU_KERNEL", on="the fused CPU LSTM layer", off="the LSTM step without it")
 
 
 def applies(*tensors: Tensor, hidden: int) -> bool:

@@ -1837,3 +1837,21 @@ def test_the_rule_class_a_weight_file_records(tmp_path: Path) -> None:
     assert class_path(type("Local", (), {"__module__": "__main__"})) is None
     assert class_path(type("Outer.Inner", (), {"__qualname__": "Outer.Inner", "__module__": "mod"})) is None
 
+
+
+@pytest.mark.parametrize("variable", ["LEARNEDOPT_COMPILE", "LEARNEDOPT_CPU_KERNEL"])
+def test_a_bad_lstm_step_switch_is_refused_in_one_line_before_any_run(
+    tmp_path: Path, variable: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read at the first learned step otherwise: a traceback minutes into the suite."""
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setenv(variable, "maybe")
+    argv = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"learnedopt evaluate optimizers: error: {variable}='maybe': " + err.split("'maybe': ")[1]
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

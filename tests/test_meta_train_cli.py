@@ -1272,20 +1272,24 @@ def test_the_help_gives_the_few_shot_defaults_a_run_takes(option: str, field: st
             assert f" {value:g}" in part and (algo in part or "/" not in part), (algo, task, said)
 
 
-@pytest.mark.parametrize("algo", ["lstm", "maml"])
+@pytest.mark.parametrize(
+    ("algo", "variable", "meaning"),
+    [
+        ("lstm", "LEARNEDOPT_COMPILE", "use 1 (compile the LSTM step, the default) or 0 (run it eagerly)"),
+        ("maml", "LEARNEDOPT_COMPILE", "use 1 (compile the LSTM step, the default) or 0 (run it eagerly)"),
+        ("lstm", "LEARNEDOPT_CPU_KERNEL", "use 1 (the fused CPU LSTM layer, the default) or 0 (the LSTM step without it)"),
+    ],
+)
 def test_a_bad_learnedopt_compile_is_a_one_line_error_before_the_run_writes(
-    algo: str, tmp_path: Path, capsys, monkeypatch
+    algo: str, variable: str, meaning: str, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """It was read at the first LSTM step: a traceback in meta-step 1, and a log that made the
     corrected command refuse the folder without --resume."""
-    monkeypatch.setenv("LEARNEDOPT_COMPILE", "maybe")
+    monkeypatch.setenv(variable, "maybe")
     extra = [] if algo == "lstm" else ["--algo", "maml", "--task", "sinusoid", "--meta-batch", "2", "--val-tasks", "2"]
     argv = ["meta-train", *(FAST if algo == "lstm" else ["--quiet"]), *extra, "--meta-steps", "1"]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err == (
-        "learnedopt meta-train: error: LEARNEDOPT_COMPILE='maybe': use 1 (compile the LSTM step, the default) "
-        "or 0 (run it eagerly)\n"
-    )
+    assert capsys.readouterr().err == f"learnedopt meta-train: error: {variable}='maybe': {meaning}\n"
     assert not (tmp_path / "run").exists()
 
 

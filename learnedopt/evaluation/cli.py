@@ -12,6 +12,7 @@ import torch
 
 from ..data.paths import create_output_folder
 from ..meta.loop import OutputLock
+from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path
 from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers, run_settings
@@ -158,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             raise ValueError(f"weight file not found: {path}{hint}")
     if args.reuse is not None and not Path(args.reuse).is_file():
         raise ValueError(f"report to reuse not found: {args.reuse}")
+    check_settings()  # LEARNEDOPT_COMPILE, LEARNEDOPT_CPU_KERNEL: read at the first step otherwise
     try:
         return EvalConfig.quick_config(**given) if args.quick else EvalConfig(**given)
     except ValueError as err:  # EvalConfig names its field ("seeds must be >= 1"): name the option

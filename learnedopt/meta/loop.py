@@ -30,7 +30,7 @@ from torch import Tensor
 from ..data.paths import create_output_folder
 from ..files import write_atomically
 from ..nn import RULES, UpdateRule, register_rule
-from ..nn.lstm_step import compile_enabled
+from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path, load_entry_point, one_line
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -199,7 +199,7 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Wo
     check_device(config.device)
     check_checkpoint_every(checkpoint_every)
     try:  # read at the first LSTM step: a bad value stopped meta-step 1 with a traceback, a log begun
-        compile_enabled()
+        check_settings()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     workers = distributed.current() if workers is None else workers

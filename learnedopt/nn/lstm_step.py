@@ -34,7 +34,6 @@ support.
 
 from __future__ import annotations
 
-import os
 import types
 import warnings
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..kernels import lstm_layer_cpu
+from ..switches import env_switch
 
 
 def cell_forward(gates: Tensor, bias: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -94,12 +94,14 @@ def compile_enabled() -> bool:
     """Whether the pointwise functions are compiled (``LEARNEDOPT_COMPILE``, default on; ``0``,
     ``false``, ``off`` or ``no``, in any case, turn it off, ``1``, ``true``, ``on``, ``yes`` or
     empty leave it on; any other value raises ValueError)."""
-    value = os.environ.get("LEARNEDOPT_COMPILE", "1").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes", ""):
-        return True
-    raise ValueError(f"LEARNEDOPT_COMPILE={value!r}: use 1 (compile the LSTM step, the default) or 0 (run it eagerly)")
+    return env_switch("LEARNEDOPT_COMPILE", on="compile the LSTM step", off="run it eagerly")
+
+
+def check_settings() -> None:
+    """Read the step's switches now (``LEARNEDOPT_COMPILE``, ``LEARNEDOPT_CPU_KERNEL``), so that
+    a bad value is refused before a run starts; raises ValueError naming it."""
+    compile_enabled()
+    lstm_layer_cpu.enabled()
 
 
 class _Compiled:
