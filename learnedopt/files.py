@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None], *, unique: bool = False) -> None:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``.
+
+    The temporary file is ``<name>.tmp``, so that the next write replaces what a killed one left.
+    With ``unique`` it is ``<name>.<pid>-<random>.tmp``, for a file that several processes may
+    write at once (an evaluation's worker processes, a stale one among them): each renames a whole
+    file of its own, where with one name a writer would rename a file another is still writing.
 
     If ``write`` or the rename fails (a full disk, ``path`` a folder), the temporary file is
     removed and the error raised; ``path`` is unchanged. The file gets the permissions a new file
@@ -19,7 +25,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
     file or the new one, not an empty one under the new name (a killed process cannot, either way).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if unique else f"{path.name}.tmp")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())

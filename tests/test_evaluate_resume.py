@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,106 @@ def test_an_evaluation_killed_by_sigkill_resumes_to_the_uninterrupted_report(tmp
     assert evaluate(argv, tmp_path / "whole") == 0
     whole, resumed = (report_without_times(tmp_path / out / "optimizee_eval.json") for out in ("whole", "resumed"))
     assert resumed == whole
+
+
+def test_two_processes_writing_one_record_at_once_each_rename_a_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker of a killed evaluation may still be writing the record that a worker of its
+    ``--resume`` writes. Here the other writes the whole record between this one's write and its
+    rename: with one temporary name for both, this rename found no file (its own was renamed by
+    the other) and failed the run; in the other order a rename took a file still being written."""
+    records = RunRecords(tmp_path)
+    key = records.key(QuadraticProblem("q", 3, 5), "Adam", 0.1, 0, "constant")
+    curve = torch.arange(5.0, dtype=torch.float64).numpy()
+    real_replace = os.replace
+
+    def replace(src, dst):  # noqa: ANN001, ANN202 - os.replace's own
+        monkeypatch.setattr(os, "replace", real_replace)
+        records.save(key, curve)  # the other process's write, whole
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    records.save(key, curve)
+    assert records.load(key).tolist() == curve.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [records.path(key).name]
+
+
+SLOW = '''
+import os
+import time
+from pathlib import Path
+
+from learnedopt.evaluation import QuadraticProblem
+
+
+class Slow(QuadraticProblem):
+    """quadratic-4 of 400 steps of 50 ms each; a process that builds a model of it creates the
+    file $PIDS/<its pid>."""
+
+    def __init__(self, name="slow"):
+        super().__init__(name, 4, 400)
+
+    def model(self, seed):
+        (Path(os.environ["PIDS"]) / str(os.getpid())).touch()
+        return super().model(seed)
+
+    def loss(self, model, seed, step):
+        time.sleep(0.05)
+        return super().loss(model, seed, step)
+
+
+class Slow2(Slow):
+    def __init__(self):
+        super().__init__("slow-2")
+'''
+
+
+@pytest.fixture
+def slow_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of :data:`SLOW`; returns its name."""
+    yield from importable_module(tmp_path, monkeypatch, "slow_problem", SLOW)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the processes' states from /proc (Linux)")
+def test_the_workers_of_an_evaluation_killed_by_sigkill_end_with_it(tmp_path: Path, slow_problem: str) -> None:
+    """Orphaned workers went on running (and recording) runs beside the ``--resume`` of their
+    evaluation; they end within seconds of their parent, here killed mid-run."""
+    module = slow_problem
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    argv = ["--problems", f"{module}:Slow", f"{module}:Slow2", "--seeds", "1", "--tuning-seeds", "1", "--lrs", "0.1",
+            "--presets", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "modules"), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "PIDS": str(pids)}  # fmt: skip
+    with (tmp_path / "stderr").open("w") as stderr:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "learnedopt", "evaluate", "optimizers", *argv, "--out", str(tmp_path / "out")],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            workers = {int(p.name) for p in pids.iterdir()} - {parent.pid}  # the parent builds one to check it
+        assert len(workers) == 2, (tmp_path / "stderr").read_text()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if running(pid)], "workers outlived their killed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -3,10 +3,14 @@ problem (in worker processes if asked), and the long stability check."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -187,8 +191,9 @@ def evaluate_optimizers(
 
     Problems whose data is missing are skipped; the report's ``skipped`` maps them to the reason.
     ``workers > 1`` runs the problems and the stability check in that many processes (each with
-    this process's torch thread count, logging to stderr instead of ``log``); every run is a
-    function of its seed alone, so the report's numbers are those of ``workers=1``.
+    this process's torch thread count, logging to stderr instead of ``log``, and ending when this
+    process ends, killed or not); every run is a function of its seed alone, so the report's
+    numbers are those of ``workers=1``.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -248,11 +253,13 @@ def evaluate_optimizers(
             return config.stability_steps if i == len(problems) else problems[i].steps
 
         order = sorted(range(len(jobs)), key=steps, reverse=True)  # longest first: none starts last
+        # PR_SET_PDEATHSIG (_end_with_parent) fires when the thread that started a worker ends: the
+        # pool starts them in submit, in this thread, which outlives the pool
         with ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
+            initializer=_start_worker,
+            initargs=(torch.get_num_threads(), os.getpid()),
         ) as pool:
             futures = {i: pool.submit(jobs[i][0], *jobs[i][1], _log) for i in order}
             outputs = [futures[i].result() for i in range(len(jobs))]
@@ -261,6 +268,48 @@ def evaluate_optimizers(
     report["stability"] = outputs[-1] if config.stability_steps else None
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+#: seconds between a worker's checks that its parent lives, where the OS cannot signal its death
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _start_worker(threads: int, parent: int) -> None:
+    """A worker process's initializer: ``threads`` torch threads, and :func:`_end_with_parent`."""
+    torch.set_num_threads(threads)
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process as soon as the process ``parent`` (its parent) ends, killed or not.
+
+    A worker outliving a killed evaluation would go on running, and recording, runs beside the
+    ``--resume`` of it, which the parent's lock on the records folder no longer stops. On Linux
+    the kernel SIGKILLs it when the parent dies (``PR_SET_PDEATHSIG``); elsewhere a daemon thread
+    sees its parent change (``os.getppid``) within :data:`PARENT_POLL_S` seconds.
+    """
+    if sys.platform.startswith("linux") and _parent_death_signal(signal.SIGKILL):
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; False where it cannot."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    args = (ctypes.c_ulong(sig), *(ctypes.c_ulong(0) for _ in range(3)))  # unsigned long, as the kernel reads them
+    return prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) == 0
 
 
 def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:

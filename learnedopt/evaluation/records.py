@@ -91,9 +91,10 @@ class RunRecords:
         return curve
 
     def save(self, key: Mapping[str, Any], curve: np.ndarray) -> None:
-        """Record ``curve``, the run of ``key``, atomically."""
+        """Record ``curve``, the run of ``key``, atomically, through a temporary file of this
+        process's own: a worker of a killed evaluation may still be writing the same record."""
         text = json.dumps({"key": dict(key), "curve": np.asarray(curve, dtype=np.float64).tolist()})
-        write_atomically(self.path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_atomically(self.path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"), unique=True)
 
     def count(self) -> int:
         """How many runs are recorded."""
