@@ -326,3 +326,16 @@ def test_the_workers_of_an_evaluation_killed_by_sigkill_end_with_it(tmp_path: Pa
         for pid in workers:
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_recorded_stability_run_is_reported_read_back_not_announced_as_run(tmp_path: Path) -> None:
+    """A resumed evaluation announced "10000 steps on the MNIST MLP ..." for a stability run it
+    only reads back from the records."""
+    config = harness.EvalConfig(problems=["quadratic-20"], stability_steps=5)
+    learned = [spec for spec in harness.DEFAULT_LEARNED if spec.weights == "l2l-blend"]
+    logs: list[list[str]] = [[], []]
+    first, again = (harness._stability(config, learned, {}, RunRecords(tmp_path), log.append) for log in logs)
+    label = learned[0].label
+    assert logs[0][0] == f"stability {label}: 5 steps on the MNIST MLP ..."
+    assert logs[1][0] == f"stability {label}: 5 steps on the MNIST MLP: recorded, read back (not run again)"
+    assert again == first and len(logs[1]) == 2  # and the result line
