@@ -339,3 +339,41 @@ def test_a_recorded_stability_run_is_reported_read_back_not_announced_as_run(tmp
     assert logs[0][0] == f"stability {label}: 5 steps on the MNIST MLP ..."
     assert logs[1][0] == f"stability {label}: 5 steps on the MNIST MLP: recorded, read back (not run again)"
     assert again == first and len(logs[1]) == 2  # and the result line
+
+
+ORPHAN = """
+import os, sys, time
+from learnedopt.evaluation import harness
+if sys.argv[1] == "poll":  # the way where there is no PR_SET_PDEATHSIG
+    harness._parent_death_signal = lambda sig: False
+harness._end_with_parent(os.getppid())
+print(os.getpid(), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("way", ["pdeathsig", "poll"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the processes' states from /proc (Linux)")
+def test_a_process_that_asked_to_end_with_its_parent_ends_when_it_is_killed(tmp_path: Path, way: str) -> None:
+    """Both ways of :func:`harness._end_with_parent`: the kernel's signal, and the thread that
+    polls ``os.getppid`` (the one of systems without it, tried here on Linux)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = [sys.executable, "-c", ORPHAN, way]
+    # the parent: starts the child, passes on its pid, and waits
+    parent_code = f"import subprocess, sys, time; subprocess.Popen({child!r}); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid = int(parent.stdout.readline())
+        assert running(pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(pid), "the child outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        if pid is not None and running(pid):
+            os.kill(pid, signal.SIGKILL)
