@@ -410,6 +410,25 @@ def test_second_order_meta_gradient_through_weight_norm_matches_a_plain_model(re
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("reparametrize", [nn.utils.parametrizations.weight_norm, deprecated_weight_norm],
+                         ids=["parametrization", "deprecated_hook"])  # fmt: skip
+def test_first_order_under_vmap_through_weight_norm_runs_batched_with_the_loops_meta_gradient(reparametrize) -> None:
+    """``torch._weight_norm`` has no batching rule: first-order MAML under ``vmap`` ran it task by
+    task behind PyTorch's "performance drop" warning. It runs by plain ops there now: no
+    warning, and the meta-gradient of the task loop."""
+    data = episode()
+    grads = []
+    for vectorize in (True, False):
+        model = tiny_model()
+        reparametrize(model[0], dim=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fallback's warning, or vmap's failure warning
+            MAML(model, inner_lr=0.5, inner_steps=2, first_order=True, vectorize=vectorize)(*data).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
 def test_vmap_inside_autocast_through_layer_norm_gives_the_loops_meta_gradient(first_order: bool) -> None:
     """Inside ``torch.autocast`` (CPU, bfloat16) the tasks run under ``vmap`` through

@@ -31,8 +31,10 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,
+    PlainWeightNorm,
     compiled_eagerly,
     may_embed,
+    may_normalise_weights,
     twice_differentiable,
 )
 from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, is_library_layer, replace_batchnorm_
@@ -521,7 +523,10 @@ class MAML(nn.Module):
         autocast = torch.is_autocast_enabled(pytree.tree_leaves(xs)[0].device.type)
         padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
         norms = AffineAfterNorm() if second_order or autocast else contextlib.nullcontext()
-        with norms, padding, compiled_eagerly(self.model):
+        # torch._weight_norm has no batching rule: vmap ran it task by task, with PyTorch's
+        # "performance drop" warning (second order has the plain ops already)
+        weight_norm = PlainWeightNorm() if not second_order and may_normalise_weights(self.model) else contextlib.nullcontext()
+        with norms, padding, weight_norm, compiled_eagerly(self.model):
             return vmap(one, randomness="different")(xs, ys, xq, yq)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
