@@ -1,5 +1,7 @@
 """Your own code named on the command line as ``package.module:attribute``, Python's entry-point
-syntax: ``meta-train --task`` takes a task family so, ``meta-train --rule`` and ``evaluate optimizers
+syntax: ``meta-train --task`` takes a task family so (for ``--algo lstm`` a
+:class:`~learnedopt.meta.TaskFamily`, for the few-shot algorithms a
+:class:`~learnedopt.meta.fewshot.FewShotFamily`), ``meta-train --rule`` and ``evaluate optimizers
 --rules`` an update rule, ``evaluate optimizers --problems`` a problem."""
 
 from __future__ import annotations

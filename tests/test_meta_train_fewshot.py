@@ -251,7 +251,7 @@ def test_omniglot_on_a_generated_zip(tmp_path: Path, omniglot_dir: Path, algo: s
 
 
 BAD = [
-    (["--algo", "maml", "--task", "mnist-mlp"], "--algo maml trains on --task sinusoid or omniglot, not 'mnist-mlp'"),
+    (["--algo", "maml", "--task", "mnist-mlp"], "--algo maml trains on --task sinusoid or omniglot, or your own few-shot family as module:attribute (e.g. mytasks:LineFamily), not 'mnist-mlp'"),
     (["--algo", "nope"], "unknown algo 'nope'; choose from lstm, maml, fomaml, reptile, meta-lstm"),
     (["--algo", "maml", "--task", "omniglot", "--data", "{tmp}/no-such-dir"], "--task omniglot needs the Omniglot zips"),
     (["--algo", "maml", "--unroll", "5"], "--unroll does not apply to --algo maml"),

@@ -32,7 +32,8 @@ def _run(code: str, namespace: dict | None = None) -> dict:
 
 def test_every_example_is_run_here() -> None:
     markers = ("LSTMOptimizer(model.parameters())", 'save_weights(rule, "rule.safetensors"', "MAML(model", "dcp.save(",
-               "class LogisticFamily(TaskFamily)", "class MomentumMLP(UpdateRule)", "learned_step(rule, params, grads")
+               "class LogisticFamily(TaskFamily)", "class MomentumMLP(UpdateRule)", "learned_step(rule, params, grads",
+               "class LineFamily:")
     assert len(_examples()) == len(markers)
     for marker in markers:
         _example(marker)
@@ -171,3 +172,30 @@ def test_own_rule_example_meta_trains_it_and_its_file_loads(tmp_path: Path, monk
     optimizer.step()
     after = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
     torch.testing.assert_close(after - before, expected)
+
+
+def test_own_fewshot_family_example_meta_trains_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's lines.py, run by the README's command (3 meta-steps): the card names the
+    family and describes its tasks, and the model file's learner, rebuilt by the family's
+    model(), adapts to a line and predicts (N, 1)."""
+    import sys
+
+    from learnedopt.cli import main
+    from learnedopt.meta.fewshot import load_learner
+
+    (tmp_path / "lines.py").write_text(_example("class LineFamily:"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "runs" / "lines"
+    args = ["meta-train", "--algo", "maml", "--task", "lines:LineFamily", "--meta-steps", "3", "--meta-batch", "4",
+            "--val-tasks", "4", "--out", str(out), "--quiet"]
+    try:
+        assert main(args) == 0
+        card = (out / "MODEL_CARD.md").read_text()
+        assert "The family is your own `lines:LineFamily`" in card
+        assert "lines y = a x + b, a, b ~ N(0, 1), x ~ U[-5, 5]; 5 support, 10 query points" in card
+        learner, head = load_learner(out / "model.safetensors")
+        assert head["architecture"] == {"kind": "own", "family": "lines:LineFamily"}
+        x = torch.linspace(-5, 5, 5).unsqueeze(1)
+        assert learner.predict(learner.adapt(x, 2 * x + 1), x).shape == (5, 1)
+    finally:
+        sys.modules.pop("lines", None)

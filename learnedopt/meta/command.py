@@ -83,7 +83,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "mlp-random+quadratic (each meta-batch from one member, drawn uniformly; "
         f"mlp-random:3+quadratic draws mlp-random three times as often; default {d.task}), or your "
         "own TaskFamily as module:Class; "
-        "for the few-shot algos sinusoid or omniglot (default sinusoid)",
+        "for the few-shot algos sinusoid or omniglot (default sinusoid), or your own FewShotFamily "
+        "as module:attribute",
     )
     parser.add_argument(
         "--unroll", type=int, metavar="T", help=f"lstm: truncation length (default {d.unroll})"

@@ -969,7 +969,9 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
         kwargs["data"] = data
     family = call_entry_point(name, factory, kwargs, "it is called with split= if it takes it and data= with --data")
     if not isinstance(family, TaskFamily):
-        raise ValueError(f"{name}() gave a {type(family).__name__}, not a learnedopt.meta.TaskFamily")
+        fewshot = all(hasattr(family, member) for member in ("sample", "model", "loss", "describe"))
+        hint = " (a few-shot family, with sample, model and loss, is for --algo maml, fomaml, reptile, meta-lstm)"
+        raise ValueError(f"{name}() gave a {type(family).__name__}, not a learnedopt.meta.TaskFamily{hint if fewshot else ''}")
     return family
 
 

@@ -19,8 +19,10 @@ Algorithms (all train the model's parameters as the learned initialisation):
   meta-gradient norm is clipped (``--clip``). ``--rule CoordinateLSTM`` puts
   ``LSTMOptimizer``'s update in the inner loop instead.
 
-Tasks: ``sinusoid`` (K-shot regression of Finn et al. 2017, MLP 1-40-40-1 with ReLU, MSE) and
-``omniglot`` (N-way K-shot classification, :func:`learnedopt.models.conv4`, cross-entropy).
+Tasks: ``sinusoid`` (K-shot regression of Finn et al. 2017, MLP 1-40-40-1 with ReLU, MSE),
+``omniglot`` (N-way K-shot classification, :func:`learnedopt.models.conv4`, cross-entropy), and
+your own :class:`FewShotFamily` named as ``module:attribute`` (its tasks, network and loss;
+:mod:`.family`).
 Omniglot classes are split by whole alphabets (:data:`OMNIGLOT_SPLIT`, seed
 :data:`OMNIGLOT_SPLIT_SEED`, so every run holds out the same alphabets, unless it names its
 meta-valid and meta-test alphabets: ``--valid-alphabets``, ``--test-alphabets``); meta-training uses the
@@ -39,7 +41,8 @@ metadata (key ``"learnedopt_model"``) holding everything :func:`load_learner` ne
 adapt the learner. Loading never unpickles.
 
 Modules: :mod:`.config` (the run's configuration), :mod:`.learner` (the learner and its model
-file), :mod:`.sources` (sinusoid and Omniglot tasks), :mod:`.training` (meta-training) and
+file), :mod:`.sources` (sinusoid and Omniglot tasks), :mod:`.family` (your own task family),
+:mod:`.training` (meta-training) and
 :mod:`.adaptation` (test-time adaptation, ``evaluate omniglot-runs``).
 """
 
@@ -60,6 +63,7 @@ from .config import (
     fewshot_defaults,
     FewShotConfig,
 )
+from .family import FamilySource, FewShotFamily, import_fewshot_family
 from .learner import (
     LOSSES,
     MODEL_FORMAT,
@@ -101,10 +105,13 @@ __all__ = [
     "fewshot_defaults",
     "FEWSHOT_ONLY",
     "FEWSHOT_TASKS",
+    "FamilySource",
     "FewShotConfig",
+    "FewShotFamily",
     "FewShotLearner",
     "FewShotResult",
     "FewShotTrainer",
+    "import_fewshot_family",
     "inner_minibatches",
     "LearnerSpec",
     "load_learner",

@@ -128,7 +128,8 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
         for checkpoint, learner in zip(args.checkpoint, learners, strict=True):
             arch = learner.spec.architecture
             if arch["kind"] != "conv4" or arch["ways"] != 20:
-                what = f"{arch['ways']}-way" if arch["kind"] == "conv4" else f"{arch['kind']} regression"
+                what = (f"{arch['ways']}-way" if arch["kind"] == "conv4" else f"{arch['kind']} regression"
+                        if arch["kind"] == "mlp" else f"{arch.get('family')} (your own family's)")  # fmt: skip
                 raise ValueError(
                     f"{checkpoint} is a {what} model; the one-shot runs are 20-way "
                     "(meta-train one with --task omniglot --ways 20)"

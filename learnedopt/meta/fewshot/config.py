@@ -14,6 +14,7 @@ from typing import Any
 
 
 from ...nn import RULES, MetaLSTMCell
+from ...plugins import entry_point_path
 from ...weights import load_weights
 from ..loop import (
     ConfigError,
@@ -24,6 +25,8 @@ from ..loop import (
 
 FEWSHOT_ALGOS: tuple[str, ...] = ("maml", "fomaml", "reptile", "meta-lstm")
 FEWSHOT_TASKS: tuple[str, ...] = ("sinusoid", "omniglot")
+#: the task names the few-shot algorithms take, for error messages
+TASK_SYNTAX = f"{' or '.join(FEWSHOT_TASKS)}, or your own few-shot family as module:attribute (e.g. mytasks:LineFamily)"
 #: options only the few-shot algorithms read (argparse dest names)
 FEWSHOT_ONLY: tuple[str, ...] = (
     "ways", "shots", "queries", "inner_steps", "inner_lr", "test_inner_steps", "learn_inner_lr",
@@ -40,10 +43,13 @@ class FewShotConfig:
 
     Attributes:
         algo: ``maml``, ``fomaml``, ``reptile`` or ``meta-lstm``.
-        task: ``sinusoid`` or ``omniglot``.
-        ways: classes per Omniglot episode (None for sinusoid).
-        shots: support examples per class (points per sinusoid task).
-        queries: query examples per class (points per sinusoid task).
+        task: ``sinusoid``, ``omniglot``, or your own
+            :class:`~learnedopt.meta.fewshot.FewShotFamily` as ``module:attribute``.
+        ways: classes per Omniglot episode (None for sinusoid and your own family).
+        shots: support examples per class (points per sinusoid task); your own family: given to
+            it as ``shots=`` (None: not given, the family's own size).
+        queries: query examples per class (points per sinusoid task); your own family: as
+            ``shots``.
         inner_steps: inner-loop steps during meta-training.
         inner_lr: inner step size (MAML, Reptile); None for meta-lstm, whose rule sets the step.
         test_inner_steps: inner steps when adapting after meta-training (validation, evaluation).
@@ -103,8 +109,8 @@ class FewShotConfig:
     algo: str
     task: str
     ways: int | None
-    shots: int
-    queries: int
+    shots: int | None
+    queries: int | None
     inner_steps: int
     inner_lr: float | None
     test_inner_steps: int
@@ -144,13 +150,15 @@ class FewShotConfig:
         """Raise :class:`ConfigError` naming the first bad setting."""
         if self.algo not in FEWSHOT_ALGOS:
             raise ConfigError(f"unknown few-shot algo {self.algo!r}; choose from {', '.join(FEWSHOT_ALGOS)}")
-        if self.task not in FEWSHOT_TASKS:
-            raise ConfigError(
-                f"--algo {self.algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {self.task!r}"
-            )
-        names = ["shots", "queries", "inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
+        own = entry_point_path(self.task) is not None
+        if self.task not in FEWSHOT_TASKS and not own:
+            raise ConfigError(f"--algo {self.algo} trains on --task {TASK_SYNTAX}, not {self.task!r}")
+        names = ["inner_steps", "test_inner_steps", "meta_batch", "meta_steps", "val_tasks"]
         names += ["ways", "hidden", "image_size"] if self.task == "omniglot" else []
-        names += [n for n in ("train_shots", "inner_batch", "multi_step_loss", "first_order_until") if getattr(self, n) is not None]
+        optional = ("shots", "queries", "train_shots", "inner_batch", "multi_step_loss", "first_order_until")
+        names += [n for n in optional if getattr(self, n) is not None]
+        if not own and (self.shots is None or self.queries is None):
+            raise ConfigError(f"--task {self.task} needs --shots and --queries, got {self.shots} and {self.queries}")
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -180,10 +188,11 @@ class FewShotConfig:
             raise ConfigError("--inner-lr sets the inner step size of MAML and Reptile, not --algo meta-lstm's (its rule learns the step)")
         if self.clip is not None and self.algo == "reptile":
             raise ConfigError("--clip clips a meta-gradient, and --algo reptile has none (its outer step is --meta-lr)")
-        if self.task == "sinusoid":
-            given = [name for name in _OMNIGLOT_ONLY if getattr(self, name) is not None and getattr(self, name) is not False]
+        if self.task != "omniglot":
+            given = [name for name in _OMNIGLOT_ONLY if getattr(self, name) is not None and getattr(self, name) is not False
+                     and not (own and name == "data")]  # fmt: skip
             if given:
-                raise ConfigError(f"--{given[0].replace('_', '-')} is an Omniglot setting; --task sinusoid does not read it")
+                raise ConfigError(f"--{given[0].replace('_', '-')} is an Omniglot setting; --task {self.task} does not read it")
         if (self.valid_alphabets is None) != (self.test_alphabets is None):
             raise ConfigError("--valid-alphabets and --test-alphabets choose the split together: give both or neither")
         if self.rule is not None and self.algo != "meta-lstm":
@@ -215,8 +224,11 @@ class FewShotConfig:
 
 def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
     """Default settings of ``algo`` on ``task``: those of the papers (MAML: Finn et al. 2017;
-    Reptile: Nichol et al. 2018; meta-lstm: Ravi & Larochelle 2017), scaled like the benchmarks."""
-    sinusoid = task == "sinusoid"
+    Reptile: Nichol et al. 2018; meta-lstm: Ravi & Larochelle 2017), scaled like the benchmarks.
+    Your own family (``module:attribute``) takes sinusoid's, but no ``shots`` and ``queries``
+    (the family's own sizes)."""
+    own = entry_point_path(task) is not None
+    sinusoid = task != "omniglot"
     many_ways = (ways or 5) > 5
     train_shots = inner_batch = None
     if algo in ("maml", "fomaml"):
@@ -232,8 +244,8 @@ def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
         inner, meta_lr = (5, None, 5), 1e-3
     return {
         "ways": None if sinusoid else 5,
-        "shots": 10 if sinusoid else 1,
-        "queries": 10 if sinusoid else 5,
+        "shots": None if own else (10 if sinusoid else 1),
+        "queries": None if own else (10 if sinusoid else 5),
         "inner_steps": inner[0],
         "inner_lr": inner[1],
         "test_inner_steps": inner[2],
@@ -265,10 +277,13 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     refused the update-rule-only options)."""
     algo = args.algo
     task = args.task or "sinusoid"
-    if task not in FEWSHOT_TASKS:
-        raise ConfigError(f"--algo {algo} trains on --task {' or '.join(FEWSHOT_TASKS)}, not {task!r}")
+    own = entry_point_path(task) is not None
+    if task not in FEWSHOT_TASKS and not own:
+        raise ConfigError(f"--algo {algo} trains on --task {TASK_SYNTAX}, not {task!r}")
     if task == "sinusoid":
         refuse_options(args, _OMNIGLOT_ONLY, "--task sinusoid", "--task omniglot")
+    if own:  # --data goes to the family, which refuses it if it takes none
+        refuse_options(args, [n for n in _OMNIGLOT_ONLY if n != "data"], f"--task {task} (your own family)", "--task omniglot")
     if algo == "reptile":
         refuse_options(args, ("clip",), "--algo reptile (it has no meta-gradient)", "--algo lstm, maml, fomaml, meta-lstm")
     if algo == "meta-lstm":

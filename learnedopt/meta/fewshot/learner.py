@@ -24,6 +24,7 @@ from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, num_coordinates, unroll
 from .config import FEWSHOT_ALGOS, FewShotConfig
+from .family import LOSSES, OWN_KIND, family_loss, family_model, import_fewshot_family, is_own_task
 
 Params = dict[str, Tensor]
 
@@ -32,10 +33,6 @@ Params = dict[str, Tensor]
 MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 SINUSOID_MLP = (1, 40, 40, 1)
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": nn.functional.mse_loss,
-    "cross_entropy": nn.functional.cross_entropy,
-}
 
 
 @dataclass(frozen=True)
@@ -44,9 +41,12 @@ class LearnerSpec:
 
     Attributes:
         algo: the algorithm that trained it.
-        architecture: ``{"kind": "mlp", "sizes": [...], "activation": "relu"}`` or
-            ``{"kind": "conv4", "in_channels": 1, "ways": N, "hidden": H, "image_size": S}``.
-        loss: a key of :data:`LOSSES`.
+        architecture: ``{"kind": "mlp", "sizes": [...], "activation": "relu"}``,
+            ``{"kind": "conv4", "in_channels": 1, "ways": N, "hidden": H, "image_size": S}``, or
+            ``{"kind": "own", "family": "module:attribute"}``: the network of your own
+            :class:`~learnedopt.meta.fewshot.FewShotFamily`, whose ``model()`` builds it (so the
+            module must be importable where the learner is built or loaded).
+        loss: a key of :data:`LOSSES`, or ``"own"``: your own family's callable ``loss``.
         inner_steps: inner steps in meta-training.
         test_inner_steps: inner steps when adapting after meta-training.
         inner_lr: inner step size (None for meta-lstm).
@@ -73,24 +73,29 @@ class LearnerSpec:
     rule_start: str | None = None
 
     @classmethod
-    def for_config(cls, config: FewShotConfig) -> LearnerSpec:
-        """The learner a run of ``config`` trains."""
-        if config.task == "sinusoid":
-            architecture: dict[str, Any] = {"kind": "mlp", "sizes": list(SINUSOID_MLP), "activation": "relu"}
+    def for_config(cls, config: FewShotConfig, family: Any = None) -> LearnerSpec:
+        """The learner a run of ``config`` trains (``family``: your own task's
+        :class:`~learnedopt.meta.fewshot.FewShotFamily`, for its loss; imported if not given)."""
+        loss = "mse" if config.task == "sinusoid" else "cross_entropy"
+        if is_own_task(config.task):
+            architecture: dict[str, Any] = {"kind": OWN_KIND, "family": config.task}
+            loss = family_loss(family if family is not None else import_fewshot_family(config.task))[0]
+        elif config.task == "sinusoid":
+            architecture = {"kind": "mlp", "sizes": list(SINUSOID_MLP), "activation": "relu"}
         else:
             architecture = {"kind": "conv4", "in_channels": 1, "ways": config.ways, "hidden": config.hidden,
                             "image_size": config.image_size}  # fmt: skip
         return cls(
             algo=config.algo,
             architecture=architecture,
-            loss="mse" if config.task == "sinusoid" else "cross_entropy",
+            loss=loss,
             inner_steps=config.inner_steps,
             test_inner_steps=config.test_inner_steps,
             inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr,
             zero_head=config.zero_head,
             head_only=config.head_only,
-            inner_optimizer=("sgd" if config.task == "sinusoid" else "adam") if config.algo == "reptile" else None,
+            inner_optimizer=("adam" if config.task == "omniglot" else "sgd") if config.algo == "reptile" else None,
             rule=_start_rule_spec(config) if config.algo == "meta-lstm" else None,
             rule_start=config.preset,
         )
@@ -98,8 +103,11 @@ class LearnerSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def example_shape(self) -> tuple[int, ...]:
-        """The shape of one input example: ``(sizes[0],)`` for an MLP, ``(C, S, S)`` for conv-4."""
+    def example_shape(self) -> tuple[int, ...] | None:
+        """The shape of one input example: ``(sizes[0],)`` for an MLP, ``(C, S, S)`` for conv-4;
+        None for your own family's network, whose inputs only it knows."""
+        if self.architecture["kind"] == OWN_KIND:
+            return None
         if self.architecture["kind"] == "mlp":
             return (self.architecture["sizes"][0],)
         size = self.architecture["image_size"]
@@ -155,19 +163,29 @@ class FewShotLearner:
         seed: initialise the model from ``(seed, 0)`` and the rule from ``(seed, 0, 1)`` (or from
             ``spec.rule_start``'s weights); None leaves PyTorch's default initialisation (e.g.
             before loading tensors).
+        family: for a spec of your own family (architecture kind ``"own"``), the family whose
+            ``model()`` and ``loss`` the learner uses; None imports it (``split="meta_train"``,
+            no other arguments).
+
+    Raises:
+        ValueError: an unknown algorithm or Reptile inner optimizer, or your own family that
+            does not import or build (one line).
     """
 
-    def __init__(self, spec: LearnerSpec, seed: int | None = None) -> None:
+    def __init__(self, spec: LearnerSpec, seed: int | None = None, family: Any = None) -> None:
         if spec.algo not in FEWSHOT_ALGOS:  # e.g. a model file's header naming another algorithm
             raise ValueError(f"unknown few-shot algo {spec.algo!r}; this library adapts {', '.join(FEWSHOT_ALGOS)}")
         if spec.algo == "reptile" and spec.inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"Reptile's inner optimizer must be 'sgd' or 'adam', got {spec.inner_optimizer!r}")
         self.spec = spec
+        own = spec.architecture["kind"] == OWN_KIND
+        if own and family is None:
+            family = import_fewshot_family(spec.architecture["family"])
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             if seed is not None:
                 torch.manual_seed(derive_seed(seed, 0))
-            self.model = build_model(spec.architecture)
-        self.loss_fn = LOSSES[spec.loss]
+            self.model = family_model(spec.architecture["family"], family) if own else build_model(spec.architecture)
+        self.loss_fn = family_loss(family)[1] if own else LOSSES[spec.loss]
         self.maml: MAML | None = None
         self.rule: UpdateRule | None = None
         if spec.algo in ("maml", "fomaml"):
@@ -286,6 +304,8 @@ class FewShotLearner:
         """Refuse inputs the model would fail on with a shape or dtype error from deep inside it
         (e.g. 105x105 Omniglot images for a learner meta-trained at 28x28)."""
         shape = self.spec.example_shape()
+        if shape is None:  # your own family's network takes what it takes
+            return
         if tuple(x.shape[1:]) != shape:
             hint = ""
             if self.spec.architecture["kind"] == "conv4":
@@ -360,7 +380,8 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a learnedopt few-shot model file, a format other than 1 and 2 (2: a
-            ``head_only`` learner's), or tensors that do not fit its header.
+            ``head_only`` learner's), tensors that do not fit its header, or (a learner of your
+            own family, ``module:attribute``) a family that does not import or build.
     """
     path = Path(path)
     header, tensors = open_with_header(
@@ -372,8 +393,15 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
             f"{' and '.join(map(str, READABLE_FORMATS))})"
         )
     fields = {f.name for f in dataclasses.fields(LearnerSpec)}
+    family = None
+    architecture = header.get("architecture")
+    if isinstance(architecture, dict) and architecture.get("kind") == OWN_KIND:
+        try:
+            family = import_fewshot_family(str(architecture.get("family")))
+        except ValueError as err:
+            raise ValueError(f"{path}: the learner's network is built by your own few-shot family: {err}") from None
     try:
-        learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}))
+        learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}), family=family)
     except (TypeError, KeyError, ValueError, AttributeError) as err:
         raise ValueError(
             f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"

@@ -16,6 +16,7 @@ from ..loop import (
 )
 from ..tasks import generator_for
 from .config import FewShotConfig
+from .family import FamilySource, import_fewshot_family, is_own_task
 
 #: Omniglot classes are split by whole alphabets (8 in the two small background sets: 5, 1, 2)
 OMNIGLOT_SPLIT: dict[str, float] = {"meta_train": 5 / 8, "meta_valid": 1 / 8, "meta_test": 2 / 8}
@@ -101,8 +102,19 @@ class OmniglotSource:
 
 def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]:
     """``(meta-train source, validation source, alphabets of each split part)``; the split is
-    empty for sinusoid. Raises :class:`ConfigError` when Omniglot is missing or too small."""
+    empty for sinusoid and your own family (a :class:`FamilySource` of each split). Raises
+    :class:`ConfigError` when Omniglot is missing or too small, or your own family does not build."""
     train_shots = config.train_shots or config.shots
+    if is_own_task(config.task):
+        try:
+            sources = tuple(
+                FamilySource(config.task, import_fewshot_family(config.task, split=split, shots=shots,
+                                                                queries=config.queries, data=config.data))
+                for split, shots in (("meta_train", train_shots), ("meta_valid", config.shots))
+            )  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(f"--task {config.task}: {err}") from None
+        return sources[0], sources[1], {}
     if config.task == "sinusoid":
         return (SinusoidSource(train_shots, config.queries),
                 SinusoidSource(config.shots, SINUSOID_VALID_QUERIES), {})  # fmt: skip

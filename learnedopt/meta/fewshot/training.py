@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...plugins import entry_point_path, load_entry_point, takes_parameter
 from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
+    ConfigError,
     MODEL_NAME,
     OutputLock,
     Selection,
@@ -32,6 +34,7 @@ from ..maml import multi_step_loss_weights
 from ..reptile import Reptile
 from ..tasks import derive_seed, generator_for
 from .config import FewShotConfig, canonical_command, config_from_args
+from .family import FamilySource, check_family_source
 from .learner import FewShotLearner, LearnerSpec, save_learner
 from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, make_sources
 
@@ -65,7 +68,26 @@ class FewShotTrainer:
         self.config, self.workers = config, workers
         self.source, self.valid_source, self.split = make_sources(config)
         self.device = torch.device(config.device)
-        self.learner = FewShotLearner(LearnerSpec.for_config(config), seed=config.seed).to(self.device)
+        # your own family builds the network and names the loss; None for the built-in tasks
+        self.family = self.source.family if isinstance(self.source, FamilySource) else None
+        try:
+            self.learner = FewShotLearner(LearnerSpec.for_config(config, self.family), seed=config.seed,
+                                          family=self.family).to(self.device)  # fmt: skip
+        except ValueError as err:  # your own model: one MAML or the output layer refuse
+            if self.family is None:
+                raise
+            raise ConfigError(f"--task {config.task}: {err}") from None
+        if self.family is not None:
+            # meta-step 1's tasks and the validation tasks, tried now, so that a family that does not
+            # fit is refused before the run writes anything rather than as a traceback in it
+            for source, size, seed, role in (
+                (self.source, config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, 1), "meta-training"),
+                (self.valid_source, config.val_tasks, derive_seed(config.seed, _VALID_STREAM), "validation"),
+            ):
+                try:
+                    check_family_source(source, size, seed, role, self.learner.model, self.learner.loss_fn, self.device)
+                except ValueError as err:
+                    raise ConfigError(f"--task {config.task}: {err}") from None
         if config.algo == "reptile":
             self.reptile = Reptile(
                 self.learner.model,
@@ -87,7 +109,7 @@ class FewShotTrainer:
 
     def initial_learner(self) -> FewShotLearner:
         """The learner before meta-training (the same seeded draw)."""
-        return FewShotLearner(self.learner.spec, seed=self.config.seed).to(self.device)
+        return FewShotLearner(self.learner.spec, seed=self.config.seed, family=self.family).to(self.device)
 
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
@@ -250,6 +272,13 @@ def _write_card(path: Path, config: FewShotConfig, command: str, trainer: FewSho
         )
     else:
         split = "Tasks are drawn fresh from the task distribution; validation tasks are a fixed draw (key (seed, 2))."
+    if trainer.family is not None:
+        splits = ("built with split='meta_train' for meta-training and split='meta_valid' for validation"
+                  if takes_parameter(load_entry_point(config.task), "split")
+                  else "taking no split, so the validation tasks are other draws from the meta-training distribution")  # fmt: skip
+        split += (f"\n\nThe family is your own `{config.task}`, {splits}. The command above, and `load_learner`, "
+                  f"which calls its `model()` to rebuild the network, need its module `{entry_point_path(config.task)[0]}` "
+                  "importable (e.g. `PYTHONPATH=.` in its folder).")  # fmt: skip
     text = model_card(
         f"Meta-trained few-shot learner: {config.algo}{_variants(config)} on {config.task}",
         f' Load it with\n`learnedopt.meta.fewshot.load_learner("{MODEL_NAME}")`.'

@@ -1,0 +1,261 @@
+"""``meta-train --algo maml|fomaml|reptile|meta-lstm --task module:attribute``: a few-shot task
+family of your own (:class:`learnedopt.meta.fewshot.FewShotFamily`) through the command line, its
+model file and card, exact resume, and the one-line refusals of a family that does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_killed_at_any_write_resumes, importable_module
+from test_meta_train_fewshot import header, tensors, train
+
+from learnedopt.cli import main
+from learnedopt.meta.fewshot import MODEL_NAME, FewShotFamily, load_learner
+
+FAMILIES = '''
+import torch
+from torch import nn
+from learnedopt.meta import TaskFamily
+
+
+class LineFamily:
+    """y = a x + b per task, a ~ U[-2, 2], b ~ U[-1, 1], x ~ U[-3, 3]."""
+
+    loss = "mse"
+
+    def __init__(self, split="meta_train", shots=4, queries=3):
+        self.split, self.shots, self.queries = split, shots, queries
+
+    def sample(self, size, generator):
+        a = torch.rand(size, 1, 1, generator=generator) * 4 - 2
+        b = torch.rand(size, 1, 1, generator=generator) * 2 - 1
+        x = torch.rand(size, self.shots + self.queries, 1, generator=generator) * 6 - 3
+        y = a * x + b
+        return x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:]
+
+    def model(self):
+        return nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def describe(self):
+        return f"lines y = a x + b ({self.split}, {self.shots} support, {self.queries} query points)"
+
+
+class OwnLossLine(LineFamily):
+    def loss(self, outputs, targets):
+        return (outputs - targets).abs().mean()
+
+
+class SteeperLine(LineFamily):
+    pass
+
+
+def line_without_split():
+    family = LineFamily()
+    del family.split
+    family.describe = lambda: "lines"
+    return family
+
+
+class NoShots(LineFamily):
+    def __init__(self):
+        super().__init__()
+
+
+class NoSample:
+    loss = "mse"
+
+    def model(self):
+        return nn.Linear(1, 1)
+
+    def describe(self):
+        return "nothing"
+
+
+class UnknownLoss(LineFamily):
+    loss = "l1"
+
+
+class NotAModule(LineFamily):
+    def model(self):
+        return [nn.Linear(1, 1)]
+
+
+class TooFewTasks(LineFamily):
+    def sample(self, size, generator):
+        return tuple(t[:1] for t in super().sample(size, generator))
+
+
+class PerExampleLoss(LineFamily):
+    def loss(self, outputs, targets):
+        return (outputs - targets) ** 2
+
+
+class WrongInputs(LineFamily):
+    def model(self):
+        return nn.Linear(3, 1)
+
+
+class EmptyDescription(LineFamily):
+    def describe(self):
+        return ""
+
+
+class NeedsPath:
+    def __init__(self, path):
+        pass
+
+
+class RuleTasks(TaskFamily):
+    def sample(self, generator):
+        raise NotImplementedError
+
+    def describe(self):
+        return "update-rule tasks"
+'''
+
+
+@pytest.fixture
+def families(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    yield from importable_module(tmp_path, monkeypatch, "own_fewshot", FAMILIES)
+
+
+TINY = ["--meta-steps", "3", "--meta-batch", "2", "--val-tasks", "3", "--checkpoint-every", "2"]
+
+
+@pytest.mark.parametrize(
+    "algo_args",
+    [["--algo", "maml"], ["--algo", "fomaml"], ["--algo", "reptile"], ["--algo", "maml", "--learn-inner-lr"],
+     ["--algo", "meta-lstm", "--inner-steps", "2", "--test-inner-steps", "2"]],
+    ids=["maml", "fomaml", "reptile", "maml-metasgd", "meta-lstm"],
+)  # fmt: skip
+def test_own_family_meta_trains_writes_its_files_and_reloads(tmp_path: Path, families: str, algo_args: list[str], capsys) -> None:
+    out, task = tmp_path / "run", f"{families}:LineFamily"
+    assert train(out, "--task", task, *TINY, *algo_args) == 0
+    assert "validation loss" in capsys.readouterr().out
+    head = header(out / MODEL_NAME)
+    assert head["task"] == task and head["architecture"] == {"kind": "own", "family": task} and head["loss"] == "mse"
+    assert head["meta_train_config"]["task"] == task and f"--task {task}" in head["command"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"on {task}\n" in card and f"The family is your own `{task}`, built with split='meta_train'" in card
+    assert "lines y = a x + b (meta_train, 4 support, 3 query points)" in card  # its describe(), of each split
+    assert "lines y = a x + b (meta_valid, 4 support, 3 query points)" in card
+    learner, _ = load_learner(out / MODEL_NAME)  # the family's model(), rebuilt
+    saved = tensors(out / MODEL_NAME)
+    assert learner.tensors().keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in learner.tensors().items())
+    x = torch.linspace(-3, 3, 4).unsqueeze(1)
+    assert learner.predict(learner.adapt(x, 2 * x), x).shape == (4, 1)
+
+
+def test_a_callable_loss_is_the_learners_and_shots_and_queries_reach_the_family(tmp_path: Path, families: str) -> None:
+    out, task = tmp_path / "run", f"{families}:OwnLossLine"
+    args = ["--algo", "maml", "--task", task, *TINY, "--shots", "2", "--train-shots", "5", "--queries", "6"]
+    assert train(out, *args) == 0
+    head = header(out / MODEL_NAME)
+    assert head["loss"] == "own"
+    card = (out / "MODEL_CARD.md").read_text()
+    # meta-training reads --train-shots, validation --shots
+    assert "(meta_train, 5 support, 6 query points)" in card and "(meta_valid, 2 support, 6 query points)" in card
+    learner, _ = load_learner(out / MODEL_NAME)
+    outputs, targets = torch.zeros(3, 1), torch.full((3, 1), 2.0)
+    assert float(learner.loss_fn(outputs, targets)) == 2.0  # |.|, not the MSE's 4
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_resume_of_an_own_family_run_is_bit_identical(tmp_path: Path, families: str, algo: str) -> None:
+    args = ["--algo", algo, "--task", f"{families}:LineFamily", *TINY, "--meta-steps", "4", "--seed", "3"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert train(whole, *args) == 0
+    assert train(broken, *args, "--stop-after", "3") == 0  # checkpoint at 2
+    assert not (broken / MODEL_NAME).exists()
+    assert train(broken, *args, "--resume") == 0
+    a, b = tensors(whole / MODEL_NAME), tensors(broken / MODEL_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert header(whole / MODEL_NAME)["validation"] == header(broken / MODEL_NAME)["validation"]
+
+
+def test_an_own_family_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(tmp_path: Path, families: str) -> None:
+    # 4 writes: checkpoints at meta-steps 2 and 3, the model file, the card
+    assert_killed_at_any_write_resumes(tmp_path / "run", train, ["--algo", "maml", "--task", f"{families}:LineFamily", *TINY], writes=4)
+
+
+def test_resume_refuses_another_family(tmp_path: Path, families: str, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(out, "--algo", "maml", "--task", f"{families}:LineFamily", *TINY, "--stop-after", "2") == 0
+    capsys.readouterr()
+    assert train(out, "--algo", "maml", "--task", f"{families}:SteeperLine", *TINY, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"--task: '{families}:LineFamily' -> '{families}:SteeperLine'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_family_without_split_draws_validation_from_the_same_distribution(tmp_path: Path, families: str) -> None:
+    out = tmp_path / "run"
+    assert train(out, "--algo", "reptile", "--task", f"{families}:line_without_split", *TINY) == 0
+    assert "taking no split, so the validation tasks are other draws" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_the_line_family_is_a_few_shot_family(families: str) -> None:
+    import importlib
+
+    module = importlib.import_module(families)
+    assert isinstance(module.LineFamily(), FewShotFamily) and not isinstance(module.NoSample(), FewShotFamily)
+
+
+BAD = [
+    (["--task", "{m}:NoSample"], "{m}:NoSample() gave a NoSample without sample, which a few-shot family must have"),
+    (["--task", "{m}:UnknownLoss"], "{m}:UnknownLoss: loss 'l1' is not one of 'mse', 'cross_entropy'; give a callable for another"),
+    (["--task", "{m}:NotAModule"], "{m}:NotAModule: model() gave a list, not a torch.nn.Module"),
+    (["--task", "{m}:TooFewTasks"], "sample() of the first meta-training tasks: x_support has shape (1, 4, 1); it must be (2, N, ...)"),
+    (["--task", "{m}:PerExampleLoss"], "the loss of the model on the first meta-training task's support set: it must be a scalar tensor"),
+    (["--task", "{m}:WrongInputs"], "the loss of the model on the first meta-training task's support set: RuntimeError: mat1 and mat2"),
+    (["--task", "{m}:EmptyDescription"], "describe(): it must return a sentence for the model card, got ''"),
+    (["--task", "{m}:NeedsPath"], "{m}:NeedsPath needs path, which it is not given"),
+    (["--task", "{m}:RuleTasks"], "{m}:RuleTasks() gave a TaskFamily, whose tasks train update rules (--algo lstm)"),
+    (["--task", "{m}:NoShots", "--shots", "3"], "{m}:NoShots takes no shots parameter, so --shots would be ignored"),
+    (["--task", "{m}:LineFamily", "--data", "."], "{m}:LineFamily takes no data parameter, so --data would be ignored"),
+    (["--task", "{m}:LineFamily", "--ways", "5"], "--ways does not apply to --task {m}:LineFamily (your own family)"),
+    (["--task", "{m}:Missing"], "module '{m}' has no class or function 'Missing'"),
+    (["--task", "no_such_module_here:Family"], "cannot import 'no_such_module_here'"),
+    (["--task", "{m}:LineFamily", "--shots", "0"], "--shots must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[e[1].split(":")[-1] if ":" in e[1] else e[1] for e, _ in BAD])
+def test_a_family_that_does_not_fit_is_refused_in_one_line_before_anything_is_written(
+    tmp_path: Path, families: str, capsys, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    extra = [e.replace("{m}", families) for e in extra]
+    assert main(["meta-train", "--algo", "maml", "--out", str(out), "--quiet", *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{m}", families) in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("learnedopt meta-train: error: ")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_file_whose_family_is_gone_is_refused_in_one_line(tmp_path: Path, families: str) -> None:
+    import sys
+
+    out = tmp_path / "run"
+    assert train(out, "--algo", "maml", "--task", f"{families}:LineFamily", *TINY) == 0
+    (tmp_path / "modules" / f"{families}.py").unlink()
+    sys.modules.pop(families)
+    with pytest.raises(ValueError, match=rf"the learner's network is built by your own few-shot family: cannot import '{families}'"):
+        load_learner(out / MODEL_NAME)
+
+
+def test_update_rule_training_points_a_few_shot_family_to_the_few_shot_algorithms(tmp_path: Path, families: str, capsys) -> None:
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--quiet", "--task", f"{families}:LineFamily"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{families}:LineFamily() gave a LineFamily, not a learnedopt.meta.TaskFamily (a few-shot family, with sample, "
+            "model and loss, is for --algo maml, fomaml, reptile, meta-lstm)") in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_omniglot_runs_refuses_a_learner_of_an_own_family(tmp_path: Path, families: str, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(out, "--algo", "maml", "--task", f"{families}:LineFamily", *TINY) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path), "--checkpoint", str(out / MODEL_NAME)]) == 2
+    err = capsys.readouterr().err
+    assert f"is a {families}:LineFamily (your own family's) model; the one-shot runs are 20-way" in err
