@@ -87,6 +87,11 @@ class TooFewTasks(LineFamily):
         return tuple(t[:1] for t in super().sample(size, generator))
 
 
+class GlobalRandom(LineFamily):
+    def sample(self, size, generator):
+        return super().sample(size, torch.Generator().manual_seed(int(torch.randint(1000, ()))))
+
+
 class PerExampleLoss(LineFamily):
     def loss(self, outputs, targets):
         return (outputs - targets) ** 2
@@ -207,6 +212,8 @@ BAD = [
     (["--task", "{m}:UnknownLoss"], "{m}:UnknownLoss: loss 'l1' is not one of 'mse', 'cross_entropy'; give a callable for another"),
     (["--task", "{m}:NotAModule"], "{m}:NotAModule: model() gave a list, not a torch.nn.Module"),
     (["--task", "{m}:TooFewTasks"], "sample() of the first meta-training tasks: x_support has shape (1, 4, 1); it must be (2, N, ...)"),
+    (["--task", "{m}:GlobalRandom"], "sample() of the first meta-training tasks: two draws from the same seed differ: draw only "
+     "from the generator it is given"),
     (["--task", "{m}:PerExampleLoss"], "the loss of the model on the first meta-training task's support set: it must be a scalar tensor"),
     (["--task", "{m}:WrongInputs"], "the loss of the model on the first meta-training task's support set: RuntimeError: mat1 and mat2"),
     (["--task", "{m}:EmptyDescription"], "describe(): it must return a sentence for the model card, got ''"),
@@ -259,3 +266,19 @@ def test_evaluate_omniglot_runs_refuses_a_learner_of_an_own_family(tmp_path: Pat
     assert main(["evaluate", "omniglot-runs", "--runs", str(tmp_path), "--checkpoint", str(out / MODEL_NAME)]) == 2
     err = capsys.readouterr().err
     assert f"is a {families}:LineFamily (your own family's) model; the one-shot runs are 20-way" in err
+
+
+def test_the_python_api_takes_an_own_family_with_sinusoids_defaults(tmp_path: Path, families: str) -> None:
+    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults, meta_train_fewshot
+
+    task = f"{families}:LineFamily"
+    defaults = fewshot_defaults("reptile", task, None)
+    sinusoid = fewshot_defaults("reptile", "sinusoid", None)
+    assert defaults["shots"] is None and defaults["queries"] is None and defaults["ways"] is None
+    assert {k: v for k, v in defaults.items() if k not in ("shots", "queries")} == {
+        k: v for k, v in sinusoid.items() if k not in ("shots", "queries")
+    }
+    config = FewShotConfig(algo="reptile", task=task, **{**defaults, "meta_steps": 2, "val_tasks": 2})
+    result = meta_train_fewshot(config, tmp_path / "run", progress=False)
+    assert result.finished and result.learner.spec.inner_optimizer == "sgd"
+    assert header(tmp_path / "run" / MODEL_NAME)["architecture"] == {"kind": "own", "family": task}

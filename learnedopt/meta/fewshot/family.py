@@ -159,7 +159,8 @@ def check_family_source(
     device: torch.device,
 ) -> None:
     """Raise ValueError (one line, naming the stage) unless ``source`` describes itself, its
-    ``size`` tasks of ``seed`` have the documented shapes, and ``model`` with ``loss_fn`` gives
+    ``size`` tasks of ``seed`` have the documented shapes and are drawn again the same from that
+    seed, and ``model`` with ``loss_fn`` gives
     a finite scalar loss on the first task's support set (on ``device``)."""
     stage = "describe()"
     try:
@@ -178,6 +179,13 @@ def check_family_source(
         for x, y, part in ((batch[0], batch[1], "support"), (batch[2], batch[3], "query")):
             if x.shape[1] != y.shape[1]:
                 raise ValueError(f"the {part} inputs have {x.shape[1]} examples per task and the targets {y.shape[1]}")
+        # a resumed run draws its tasks again from their seeds: they must be the same
+        again = source.batch(size, seed)
+        if len(again) != 4 or not all(isinstance(t, Tensor) and a.shape == t.shape and torch.equal(a, t) for a, t in zip(batch, again)):
+            raise ValueError(
+                "two draws from the same seed differ: draw only from the generator it is given (not from torch's, "
+                "numpy's or Python's global random state), so that --resume repeats the run"
+            )
         stage = f"the loss of the model on the first {role} task's support set"
         with torch.no_grad():  # on a copy: a forward may update buffers, which the run's first step must find as built
             loss = loss_fn(copy.deepcopy(model)(batch[0][0].to(device)), batch[1][0].to(device))
