@@ -97,3 +97,12 @@ def _parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: called as it is
         return {}
+
+
+def checked_description(described: Any, what: str = "sentence") -> str:
+    """``described.describe()`` of one's own task family or source, which goes in the model card;
+    ValueError unless it is a non-empty string."""
+    description = described.describe()
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"it must return a {what} for the model card, got {description!r}")
+    return description

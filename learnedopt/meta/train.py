@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RULES, UpdateRule
-from ..plugins import entry_point_path, load_entry_point, one_line, takes_parameter
+from ..plugins import checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -563,9 +563,7 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
     Every rank checks the whole meta-batch, not its share, so that all fail or pass together."""
     stage = "describe()"
     try:
-        description = family.describe()
-        if not isinstance(description, str) or not description.strip():
-            raise ValueError(f"it must return a paragraph for the model card, got {description!r}")
+        checked_description(family, "paragraph")
         stage = f"the first {role} tasks"
         batch = family.sample_batch(config.meta_batch, generator)
         if not isinstance(batch, TaskBatch):

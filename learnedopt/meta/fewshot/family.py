@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ...plugins import call_entry_point, entry_point_path, load_entry_point, one_line, takes_parameter
+from ...plugins import call_entry_point, checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
 from ..tasks import TaskFamily
 
 #: the losses a learner names in its model file; a family's ``loss`` may name one of them
@@ -164,9 +164,7 @@ def check_family_source(
     a finite scalar loss on the first task's support set (on ``device``)."""
     stage = "describe()"
     try:
-        description = source.describe()
-        if not isinstance(description, str) or not description.strip():
-            raise ValueError(f"it must return a sentence for the model card, got {description!r}")
+        checked_description(source)
         stage = f"sample() of the first {role} tasks"
         batch = source.batch(size, seed)
         if len(batch) != 4 or not all(isinstance(t, Tensor) for t in batch):
