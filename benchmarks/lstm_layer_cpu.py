@@ -9,7 +9,10 @@ the rate of a square ``torch.matmul`` measured in the same run (the products' FL
 width, ``K`` rounded up to 16). What a part takes beyond that is its pointwise work (the
 sigmoids, the cell) and memory traffic.
 
-    python benchmarks/lstm_layer_cpu.py [--coordinates 31820] [--threads 1] [--repeats 15]
+    python benchmarks/lstm_layer_cpu.py [--coordinates 31820] [--threads 1] [--repeats 15] [--lanes 8|16 --tag NAME]
+
+``--lanes`` builds the kernel with that vector width for the backward's input-gradient product
+(the launcher picks 16 on Intel CPUs with AVX-512, else 8).
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ def main() -> None:
     parser.add_argument("--inputs", type=positive_int, nargs="+", default=[2, 20], help="each layer's inputs")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--lanes", type=int, choices=(8, 16), help="the input-gradient product's vector width (default: the launcher's pick)")
+    parser.add_argument("--tag", help="suffix of the results file name")
     args = parser.parse_args()
+    if args.lanes is not None:
+        lstm_layer_cpu._product_lanes = lambda: args.lanes
     n, hidden = args.coordinates, args.hidden
     if (4 * hidden) % 16:
         fail(parser, f"--hidden {hidden}: the kernel needs 4 x hidden a multiple of 16")
@@ -73,7 +80,8 @@ def main() -> None:
             rows.append(dict(inputs=inputs, part=name, ms=seconds * 1e3, gflop=gflop, floor_ms=floor * 1e3, of_rate=floor / seconds))
             print(rows[-1], flush=True)
     table = [
-        f"Each layer of the fused CPU LSTM layer at {n:,} coordinates, hidden size {hidden}, {args.threads} thread(s); "
+        f"Each layer of the fused CPU LSTM layer at {n:,} coordinates, hidden size {hidden}, {args.threads} thread(s), "
+        f"the input-gradient product in vectors of {lstm_layer_cpu._product_lanes()} floats; "
         f"a square fp32 `torch.matmul` ran at {peak:.1f} GFLOP/s in this run. 'products at that rate': the time "
         "the part's matrix products would take at it (the backward's input-gradient product at its vector width).\n",
         "| inputs | part | ms | products at that rate, ms | share of the part |",
@@ -81,7 +89,8 @@ def main() -> None:
     ]
     for r in rows:
         table.append(f"| {r['inputs']} | {r['part']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {r['of_rate']:.0%} |")
-    write_results("lstm_layer_cpu", {"matmul_gflops": peak, "coordinates": n, "hidden": hidden, "threads": args.threads, "rows": rows}, "\n".join(table))
+    name = "lstm_layer_cpu" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, {"lanes": lstm_layer_cpu._product_lanes(), "matmul_gflops": peak, "coordinates": n, "hidden": hidden, "threads": args.threads, "rows": rows}, "\n".join(table))
 
 
 if __name__ == "__main__":

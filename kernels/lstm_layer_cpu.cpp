@@ -16,8 +16,13 @@
 #define K (IN + HID)
 #define KP (((K) + 15) / 16 * 16)
 #define KV (KP / 16)
-#define HV ((HID + 15) / 16)
 #define TILE 4
+// The input-gradient product's vector width: 8 pads its K columns less than 16 (K = 22: 24
+// against 32) and costs no more where a 16-float operation takes two 8-float slots (AMD's
+// AVX-512, AVX2); Intel's AVX-512 runs 16 floats in one slot. lstm_layer_cpu.py picks it.
+#ifndef XL
+#define XL 16
+#endif
 
 static_assert(G % 16 == 0, "4 * hidden size must be a multiple of 16");
 
@@ -174,22 +179,25 @@ static inline void backward_rows(int64_t row0, const float* x, const float* h, c
     for (int v = 0; v < NV; v++) st(grad_wt + k * G + 16 * v, acc[v]);
   }
   if (!grad_x && !grad_h_prev) return;
-  // [grad_x, grad_h] = d_gates @ w
-  v16 acc[R][KV];
+  // [grad_x, grad_h] = d_gates @ w, in vectors of XL floats (the columns rounded up to XL)
+  typedef float vx __attribute__((vector_size(4 * XL)));
+  typedef float vxu __attribute__((vector_size(4 * XL), aligned(4)));
+  constexpr int KX = (K + XL - 1) / XL;
+  vx acc[R][KX];
   for (int r = 0; r < R; r++)
-    for (int v = 0; v < KV; v++) acc[r][v] = bc(0.0f);
+    for (int v = 0; v < KX; v++) acc[r][v] = (vx){};
   for (int j = 0; j < G; j++) {
-    v16 wj[KV];
-    for (int v = 0; v < KV; v++) wj[v] = ld(w + j * KP + 16 * v);
+    vx wj[KX];
+    for (int v = 0; v < KX; v++) wj[v] = *(const vxu*)(w + j * KP + XL * v);
     for (int r = 0; r < R; r++) {
-      v16 d = bc(d_gates[r][j]);
-      for (int v = 0; v < KV; v++) acc[r][v] += d * wj[v];
+      vx d = (vx){} + d_gates[r][j];
+      for (int v = 0; v < KX; v++) acc[r][v] += d * wj[v];
     }
   }
   for (int r = 0; r < R; r++) {
     const int64_t row = row0 + r;
     float out[KP] __attribute__((aligned(64)));
-    for (int v = 0; v < KV; v++) st(out + 16 * v, acc[r][v]);
+    for (int v = 0; v < KX; v++) *(vxu*)(out + XL * v) = acc[r][v];
     if (grad_x) memcpy(grad_x + row * IN, out, IN * sizeof(float));
     if (grad_h_prev) memcpy(grad_h_prev + row * HID, out + IN, HID * sizeof(float));
   }
