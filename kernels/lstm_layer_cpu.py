@@ -17,7 +17,10 @@ in another order than BLAS's. The library's step (:mod:`learnedopt.nn.lstm_step`
 Build: compiled at first use per ``(inputs, hidden)`` with the C++ compiler that
 ``torch.compile`` also needs (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 (``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``), about
-0.5 s each. If no compiler works, :func:`applies` is False from then on, with one warning.
+0.5 s each, with its SHA-256 beside it: a file that does not match (truncated by a crash, a
+partial copy) is built again, never loaded. Where that folder cannot be written, each process
+builds into a temporary folder, with one warning. If no compiler works, :func:`applies` is False
+from then on, with one warning.
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
 
 Threads: rows are split into ``torch.get_num_threads()`` contiguous parts (at least
@@ -52,6 +55,7 @@ SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 MIN_ROWS_PER_THREAD = 4096
 _libraries: dict[tuple[int, int], ctypes.CDLL] = {}
 _failed = False
+_warned_unwritable = False
 _lock = threading.Lock()
 
 
@@ -106,41 +110,105 @@ def _compiler() -> str | None:
     return None
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 9
+    library.lstm_layer_forward.restype = None
+    library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 14
+    library.lstm_layer_backward.restype = None
+    return library
+
+
+def _compile(compiler: str, flags: list[str], folder: Path, path: Path) -> str | None:
+    """Compile into ``path`` (in ``folder``) with its digest beside it, ``path.sha256``; returns
+    the compiler's first error line, or None when built."""
+    # compiled beside its final name, then renamed: processes building it at once each rename a
+    # complete file; the digest, renamed last, vouches for it
+    fd, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            return next((line for line in lines if "error" in line), f"status {done.returncode}")
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        digest = _digest(Path(temporary))
+        os.replace(temporary, path)
+        fd, temporary = tempfile.mkstemp(suffix=".sha256", dir=folder)
+        with os.fdopen(fd, "w") as file:
+            file.write(digest)
+        os.replace(temporary, f"{path}.sha256")
+        return None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is a kernel this module built whole: loading a truncated or otherwise
+    damaged file (a crash before the disk had it, a partial copy) can kill the process (SIGBUS)."""
+    try:
+        return Path(f"{path}.sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def _build(inputs: int, hidden: int) -> ctypes.CDLL:
+    global _warned_unwritable
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     source = SOURCE.read_bytes()
     errors = []
-    # -march=native where the compiler takes it (gcc, clang on x86), else the default target;
-    # OpenMP where it builds
-    variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
-    for variant in variants:
-        flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}", f"-DXL={_product_lanes()}"]
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
-        folder = cache_dir()
-        path = folder / f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            # compiled beside its final name, then renamed: processes building it at once each
-            # rename a complete file
-            fd, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
-            if done.returncode != 0:
-                os.unlink(temporary)
-                lines = done.stderr.strip().splitlines()
-                errors.append(next((line for line in lines if "error" in line), f"status {done.returncode}"))
-                continue
-            os.replace(temporary, path)
-        library = ctypes.CDLL(str(path))
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 9
-        library.lstm_layer_forward.restype = None
-        library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 14
-        library.lstm_layer_backward.restype = None
-        return library
-    raise RuntimeError(f"{compiler} failed: {errors[0]}")
+    folder, scratch = cache_dir(), None
+    try:
+        # -march=native where the compiler takes it (gcc, clang on x86), else the default
+        # target; OpenMP where it builds
+        variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
+        for variant in variants:
+            flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}", f"-DXL={_product_lanes()}"]
+            key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+            name = f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
+            if not _intact(folder / name):
+                if scratch is None and not _writable(folder):
+                    # an unwritable cache (a read-only home, HOME unset in a container): built
+                    # for this process only, in a folder removed once loaded
+                    if not _warned_unwritable:
+                        _warned_unwritable = True
+                        warnings.warn(
+                            f"lstm_layer_cpu: cannot write the kernel cache {folder}; building into a "
+                            "temporary folder, again in every process: set LEARNEDOPT_CACHE_DIR to a "
+                            "writable folder to keep the build",
+                            stacklevel=5,
+                        )
+                    scratch = tempfile.TemporaryDirectory(prefix="learnedopt-")
+                    folder = Path(scratch.name)
+                error = _compile(compiler, flags, folder, folder / name)
+                if error is not None:
+                    errors.append(error)
+                    continue
+            return _load(folder / name)
+        raise RuntimeError(f"{compiler} failed: {errors[0]}")
+    finally:
+        if scratch is not None:
+            scratch.cleanup()  # the loaded library stays mapped
 
 
 def ready(inputs: int, hidden: int) -> bool:

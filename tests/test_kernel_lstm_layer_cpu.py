@@ -4,7 +4,12 @@ its thread split, its build cache and fallback, and the LSTM step's use of it.""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +147,50 @@ def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.Monkey
     monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
     monkeypatch.setattr(lstm_layer_cpu.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
     assert lstm_layer_cpu.ready(7, 4)
-    assert list(tmp_path.iterdir()) == built  # no temporary file left
+    # no temporary file left; the digest that vouches for the build beside it
+    assert sorted(tmp_path.iterdir()) == [built[0], tmp_path / f"{built[0].name}.sha256"]
+
+
+def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
+    """A truncated kernel under its final name (a crash before the disk had it, a partial copy
+    of a cache) is built again, not loaded: loading it killed every process (SIGBUS)."""
+    script = (
+        "import sys; from learnedopt.kernels import lstm_layer_cpu as k; "
+        "sys.exit(0 if k.ready(5, 8) else 3)"
+    )
+    env = {**os.environ, "LEARNEDOPT_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = lambda: subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    (built,) = tmp_path.glob("lstm_layer_cpu_5_8_*.so")
+    whole = built.read_bytes()
+    built.write_bytes(whole[: len(whole) // 2])
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert built.read_bytes() == whole
+
+
+def test_an_unwritable_cache_builds_into_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A cache folder that cannot be made (here: under a file; a read-only home) still gives the
+    kernel, built for this process, with one warning naming the folder and the variable."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_warned_unwritable", False, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lstm_layer_cpu.ready(3, 4) and lstm_layer_cpu.ready(4, 4)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert str(blocker / "cache") in messages[0] and "LEARNEDOPT_CACHE_DIR" in messages[0]
+    assert list((tmp_path / "tmp").iterdir()) == []  # the temporary folder removed once loaded
+    cell, x, h, c, grads = _layer(3, 4, 6)
+    for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
