@@ -114,6 +114,63 @@ def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -
     assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
 
 
+@pytest.mark.parametrize(("n", "parts"), [(13, 3), (9, 2), (17, 4), (5, 4), (1, 3), (33, 4)])
+def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> None:
+    """Split into ``parts`` (each a multiple of 4 rows but the last), every row is computed once
+    and part ``p``'s weight and bias gradient block is exactly the gradient of its own rows: a
+    split that dropped a row (13 rows in 3 parts of 4) or parts sharing one block (a race
+    between threads) would not be."""
+    cell, x, h, c, grads = _layer(5, 8, n)
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    assert lstm_layer_cpu.ready(5, 8)
+    library = lstm_layer_cpu._built(5, 8)
+    h_new, c_new = torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
+    act, tanh_c = torch.full((n, 32), float("nan")), torch.full((n, 8), float("nan"))
+    weight_t = weight.t().contiguous()
+    library.lstm_layer_forward(n, parts, *(t.data_ptr() for t in (x, h, c, weight_t, bias, act, tanh_c, h_new, c_new)))
+    whole = _kernel(cell, x, h, c, grads)  # one part
+    assert torch.equal(h_new, whole[0]) and torch.equal(c_new, whole[1])
+    padded = torch.zeros(32, 16)
+    padded[:, :13] = weight
+    grad_wt, grad_bias = torch.zeros(parts, 13, 32), torch.zeros(parts, 32)
+    grad_x, grad_h, grad_c = torch.full((n, 5), float("nan")), torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
+    tensors = (x, h, c, act, tanh_c, *grads, padded, grad_wt, grad_bias, grad_x, grad_h, grad_c)
+    library.lstm_layer_backward(n, parts, *(t.data_ptr() for t in tensors))
+    assert torch.equal(grad_x, whole[2]) and torch.equal(grad_h, whole[3]) and torch.equal(grad_c, whole[4])
+    step = -(-(-(-n // parts)) // 4) * 4
+    for p in range(parts):
+        rows = slice(min(p * step, n), min(p * step + step, n))
+        if rows.start == rows.stop:
+            assert not grad_wt[p].any() and not grad_bias[p].any()
+            continue
+        own = _kernel(cell, x[rows], h[rows], c[rows], [g[rows] for g in grads])
+        assert torch.equal(grad_wt[p].t(), own[5]) and torch.equal(grad_bias[p], own[6]), p
+
+
+def test_activations_are_torchs_to_a_few_ulp() -> None:
+    """The gates' sigmoid and tanh (through the kernel's polynomial exp) over the whole float
+    range, to a few float32 ulp of float64 (pre-activations exact: one input of weight 1): the
+    comparisons through products and gradients leave room for an exp off by 1e-6."""
+    z = torch.cat((torch.linspace(-100, 100, 2001), torch.tensor([-88.5, -88.3, -87.0, 88.5, 1e-3, -1e-3, 0.0])))
+    cell = torch.nn.LSTMCell(1, 4)
+    with torch.no_grad():
+        cell.weight_ih.fill_(1.0)
+        cell.weight_hh.zero_()
+        cell.bias_ih.zero_()
+        cell.bias_hh.zero_()
+    n = z.numel()
+    h, c = torch.zeros(n, 4), torch.zeros(n, 4)
+    assert lstm_layer_cpu.ready(1, 4)
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    act, _ = lstm_layer_cpu.lstm_layer_forward(z[:, None], h, c, weight, torch.zeros(16), torch.empty(n, 4), torch.empty(n, 4), save=True)
+    sigmoid, tanh = torch.sigmoid(z.double()), torch.tanh(z.double())
+    want = torch.stack((sigmoid, sigmoid, tanh, sigmoid), dim=1).repeat_interleave(4, dim=1)
+    # sigmoid: relative; tanh = 2 sigmoid(2z) - 1 loses relative precision near 0: absolute
+    torch.testing.assert_close(act[:, [0, 4, 12]].double(), want[:, [0, 4, 12]], rtol=5e-7, atol=1e-38)
+    torch.testing.assert_close(act[:, 8].double(), want[:, 8], rtol=5e-7, atol=2e-7)
+
+
 @pytest.mark.parametrize(
     ("dtype", "hidden", "device", "applies"),
     [(torch.float32, 20, "cpu", True), (torch.float64, 20, "cpu", False), (torch.float32, 10, "cpu", False),
