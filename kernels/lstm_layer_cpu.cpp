@@ -38,6 +38,10 @@ static inline v16 bc(float s) { return (v16){} + s; }
 // clamped range), branch-free so that it stays in vector registers.
 static inline v16 vexp(v16 x) {
   const float hi = 88.3762626647949f;
+  // past log(FLT_MAX) exp overflows to inf, as torch's does, so that a sigmoid gate saturates
+  // to exactly 0, not to exp(-hi) = 4e-39: a forget gate of 0 times an infinite c is NaN in
+  // torch, and 4e-39 times c = 1e36 is 4e-3
+  const auto overflow = x > bc(88.72283935546875f);
   // written so that NaN compares false and passes through: exp(NaN) is NaN, as in torch
   x = x > bc(hi) ? bc(hi) : x;
   x = x < bc(-hi) ? bc(-hi) : x;
@@ -54,7 +58,7 @@ static inline v16 vexp(v16 x) {
   i16 e = (__builtin_convertvector(n, i16) + 127) << 23;
   v16 s;
   memcpy(&s, &e, sizeof s);
-  return p * s;
+  return overflow ? bc(__builtin_inff()) : p * s;
 }
 
 static inline v16 vsigmoid(v16 z) { return bc(1.0f) / (bc(1.0f) + vexp(-z)); }

@@ -317,3 +317,20 @@ def test_non_finite_inputs_give_what_torch_gives() -> None:
     for name, a, b in zip(["h'", "c'", "x grad", "h grad", "c grad"], got, want):
         assert torch.equal(a.isnan(), b.isnan()), name
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
+
+
+def test_a_saturated_gate_is_exactly_zero_as_in_torch() -> None:
+    """A gate whose pre-activation is past exp's float32 range is 0, as torch's sigmoid gives:
+    with an infinite ``c`` the forget gate times ``c`` is NaN in torch, so in the kernel too (a
+    gate clamped to 4e-39 made it infinite, and added 4e-3 to ``c'`` for ``c`` = 1e36)."""
+    cell, x, h, c, grads = _layer(2, 20, 8)
+    x[1, 0], c[1] = -1e30, float("inf")
+    x[2, 0], c[2] = 1e30, -float("inf")
+    # (not so large that the backward's float32 products overflow, as torch's would in float32)
+    x[3, 0], c[3] = -1e30, 1e36
+    x[4, 0], c[4] = 1e30, -1e36
+    got = _kernel(cell, x, h, c, grads)
+    want = _reference(cell, x, h, c, grads)
+    for name, a, b in zip(["h'", "c'", "x grad", "h grad", "c grad"], got, want):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        torch.testing.assert_close(a.double(), b.to(torch.float32).double(), rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
