@@ -29,7 +29,9 @@ gradient, summed in a fixed order: results depend on the thread count but not on
 kernel links the ``libgomp.so.1`` that torch has loaded where torch's Linux wheels ship it under
 that name, so that both share one team of threads: with two teams, the threads torch's last
 operation left spinning would take the cores from the kernel's. Where OpenMP does not build, one
-thread runs it.
+thread runs it, and so in a forked child (``multiprocessing``'s ``fork``), where GNU OpenMP's
+threads of the parent are gone and a parallel region would wait for them forever (torch's own
+operations do, unless the child calls ``torch.set_num_threads(1)``, as DataLoader workers do).
 """
 
 from __future__ import annotations
@@ -236,8 +238,22 @@ def _built(inputs: int, hidden: int) -> ctypes.CDLL:
 
 
 def _parts(n: int) -> int:
-    """Into how many parts (threads) the kernel splits ``n`` rows."""
+    """Into how many parts (threads) the kernel splits ``n`` rows: one in a forked child."""
+    if _forked:
+        return 1
     return max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
+
+
+def _after_fork_in_child() -> None:
+    # GNU OpenMP's threads do not survive fork(): a parallel region in a child of a process
+    # that had started them waits for them forever (Hogwild training, a forked DataLoader worker)
+    global _forked
+    _forked = True
+
+
+_forked = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pointer(t: Tensor | None) -> int | None:

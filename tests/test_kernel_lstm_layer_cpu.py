@@ -334,3 +334,43 @@ def test_a_saturated_gate_is_exactly_zero_as_in_torch() -> None:
     for name, a, b in zip(["h'", "c'", "x grad", "h grad", "c grad"], got, want):
         assert torch.equal(a.isnan(), b.isnan()), name
         torch.testing.assert_close(a.double(), b.to(torch.float32).double(), rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
+
+
+_FORKED_CHILD = """
+import os, sys, torch
+from learnedopt.kernels import lstm_layer_cpu as k
+sys.path.insert(0, {tests!r})
+from test_kernel_lstm_layer_cpu import _layer, _kernel
+cell, x, h, c, grads = _layer(2, 8, 64)
+one = _kernel(cell, x, h, c, grads)
+k.MIN_ROWS_PER_THREAD = 8
+torch.set_num_threads(2)
+assert k._parts(64) == 2
+_kernel(cell, x, h, c, grads)  # GNU OpenMP's threads started in the parent
+pid = os.fork()
+if pid == 0:
+    same = all(torch.equal(a, b) for a, b in zip(_kernel(cell, x, h, c, grads), one))
+    os._exit(0 if same else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_kernel_on_one_thread() -> None:
+    """A process that ran the kernel on two threads, then forked (Hogwild training, a forked
+    DataLoader worker): the child's kernel call waited forever for OpenMP threads that do not
+    exist in the child; now it runs on one thread, with one thread's results."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FORKED_CHILD.format(tests=tests)], env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the hung child too
+        process.communicate()
+        pytest.fail("the forked child hung in the kernel")
+    assert process.returncode == 0, output[-2000:]
