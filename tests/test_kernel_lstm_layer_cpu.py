@@ -114,6 +114,19 @@ def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -
     assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
 
 
+def test_threads_only_for_enough_rows_per_thread() -> None:
+    """Rows are split over torch's threads only in parts of at least MIN_ROWS_PER_THREAD (a
+    thread's start costs more than a few rows), never over more parts than threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        rows = lstm_layer_cpu.MIN_ROWS_PER_THREAD
+        got = [lstm_layer_cpu._parts(n) for n in (0, 1, rows - 1, rows, 2 * rows - 1, 2 * rows, 3 * rows + 5, 100 * rows)]
+    finally:
+        torch.set_num_threads(threads)
+    assert got == [1, 1, 1, 1, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize(("n", "parts"), [(13, 3), (9, 2), (17, 4), (5, 4), (1, 3), (33, 4)])
 def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> None:
     """Split into ``parts`` (each a multiple of 4 rows but the last), every row is computed once
