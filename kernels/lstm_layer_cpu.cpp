@@ -9,6 +9,7 @@
 // stores it, zero-padded to KP columns, w (4HID, KP). 4HID must be a multiple of 16 (one vector
 // is 16 floats).
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define G (4 * HID)
@@ -23,6 +24,9 @@
 #ifndef XL
 #define XL 16
 #endif
+// rows whose weight gradient is summed on its own before it is added to the part's (a multiple
+// of TILE, so that a part's tiles do not depend on where its blocks start)
+#define BLOCK 1024
 
 static_assert(G % 16 == 0, "4 * hidden size must be a multiple of 16");
 
@@ -221,12 +225,28 @@ extern "C" void lstm_layer_backward(int64_t n, int parts, const float* x, const 
     part_rows(n, parts, p, &begin, &end);
     float* gw = grad_wt + (int64_t)p * K * G;
     float* gb = grad_bias + (int64_t)p * G;
-    int64_t row = begin;
-    for (; row + TILE <= end; row += TILE)
-      backward_rows<TILE>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
-                          grad_c_prev);
-    for (; row < end; row++)
-      backward_rows<1>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
-                       grad_c_prev);
+    // summed in blocks of BLOCK rows, then the blocks' sums: one running float32 sum over a
+    // million rows put the bias gradient 1e-3 off (relative; BLAS's sum 2e-7). The block sums
+    // into gw, gb (a separate buffer there ran 3% slower), then moves to total.
+    float* total = static_cast<float*>(malloc(sizeof(float) * (K + 1) * G));
+    memcpy(total, gw, sizeof(float) * K * G);
+    memcpy(total + K * G, gb, sizeof(float) * G);
+    memset(gw, 0, sizeof(float) * K * G);
+    memset(gb, 0, sizeof(float) * G);
+    for (int64_t block = begin; block < end; block += BLOCK) {
+      const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
+      int64_t row = block;
+      for (; row + TILE <= stop; row += TILE)
+        backward_rows<TILE>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
+                            grad_c_prev);
+      for (; row < stop; row++)
+        backward_rows<1>(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, w, gw, gb, grad_x, grad_h_prev,
+                         grad_c_prev);
+      for (int64_t k = 0; k < (int64_t)K * G; k++) total[k] += gw[k], gw[k] = 0.0f;
+      for (int j = 0; j < G; j++) total[K * G + j] += gb[j], gb[j] = 0.0f;
+    }
+    memcpy(gw, total, sizeof(float) * K * G);
+    memcpy(gb, total + K * G, sizeof(float) * G);
+    free(total);
   }
 }
