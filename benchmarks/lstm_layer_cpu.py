@@ -6,19 +6,21 @@ backward, and not), backward (with the input gradient, and with no input gradien
 skips one of its three products), and sets each against the time its fused multiply-adds take at
 the rate of a square ``torch.matmul`` measured in the same run (the products' FLOPs: ``2 x n x
 4H x K`` each, ``K`` = inputs + H, the backward's input-gradient product counted at its vector
-width, ``K`` rounded up to 16). What a part takes beyond that is its pointwise work (the
+width, ``K`` rounded up to its 8 or 16 lanes). What a part takes beyond that is its pointwise work (the
 sigmoids, the cell) and memory traffic.
 
-    python benchmarks/lstm_layer_cpu.py [--coordinates 31820] [--threads 1] [--repeats 15] [--lanes 8|16 --tag NAME]
+A second table times that backward with its input-gradient product in vectors of 8 and of 16
+floats (the kernel's ``XL``; the launcher picks 16 on Intel CPUs with AVX-512, else 8), the two
+builds alternated call by call, best of ``--repeats`` rounds each.
 
-``--lanes`` builds the kernel with that vector width for the backward's input-gradient product
-(the launcher picks 16 on Intel CPUs with AVX-512, else 8).
+    python benchmarks/lstm_layer_cpu.py [--coordinates 31820] [--threads 1] [--repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,18 +38,14 @@ def main() -> None:
     parser.add_argument("--inputs", type=positive_int, nargs="+", default=[2, 20], help="each layer's inputs")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=15)
-    parser.add_argument("--lanes", type=int, choices=(8, 16), help="the input-gradient product's vector width (default: the launcher's pick)")
-    parser.add_argument("--tag", help="suffix of the results file name")
     args = parser.parse_args()
-    if args.lanes is not None:
-        lstm_layer_cpu._product_lanes = lambda: args.lanes
     n, hidden = args.coordinates, args.hidden
     if (4 * hidden) % 16:
         fail(parser, f"--hidden {hidden}: the kernel needs 4 x hidden a multiple of 16")
     torch.set_num_threads(args.threads)
     peak = matmul_gflops()
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows, lane_rows = [], []
     for inputs in args.inputs:
         if not lstm_layer_cpu.ready(inputs, hidden):
             fail(parser, "the kernel could not be built here (see the warning)")
@@ -61,7 +59,8 @@ def main() -> None:
         act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_out, c_out, save=True)
         width = inputs + hidden
         product = 2 * n * 4 * hidden * width / 1e9  # GFLOP of one (n, K) x (K, 4H) product
-        padded = 2 * n * 4 * hidden * (-(-width // 16) * 16) / 1e9
+        lanes = lstm_layer_cpu._product_lanes()
+        padded = 2 * n * 4 * hidden * (-(-width // lanes) * lanes) / 1e9
         parts = {
             "forward, saving for the backward": (
                 lambda: lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_out, c_out, save=True), product),
@@ -79,6 +78,18 @@ def main() -> None:
             floor = gflop / peak
             rows.append(dict(inputs=inputs, part=name, ms=seconds * 1e3, gflop=gflop, floor_ms=floor * 1e3, of_rate=floor / seconds))
             print(rows[-1], flush=True)
+        builds = {lanes: built_with(lanes, inputs, hidden) for lanes in (8, 16)}
+        best = {lanes: float("inf") for lanes in builds}
+        backward = parts["backward, input and h gradients"][0]
+        for _ in range(args.repeats):
+            for lanes, library in builds.items():
+                lstm_layer_cpu._libraries[inputs, hidden] = library
+                start = time.perf_counter()
+                backward()
+                best[lanes] = min(best[lanes], time.perf_counter() - start)
+        del lstm_layer_cpu._libraries[inputs, hidden]
+        lane_rows.append(dict(inputs=inputs, ms_8=best[8] * 1e3, ms_16=best[16] * 1e3, speedup_8=best[16] / best[8]))
+        print(lane_rows[-1], flush=True)
     table = [
         f"Each layer of the fused CPU LSTM layer at {n:,} coordinates, hidden size {hidden}, {args.threads} thread(s), "
         f"the input-gradient product in vectors of {lstm_layer_cpu._product_lanes()} floats; "
@@ -89,8 +100,31 @@ def main() -> None:
     ]
     for r in rows:
         table.append(f"| {r['inputs']} | {r['part']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {r['of_rate']:.0%} |")
-    name = "lstm_layer_cpu" + (f"_{args.tag}" if args.tag else "")
-    write_results(name, {"lanes": lstm_layer_cpu._product_lanes(), "matmul_gflops": peak, "coordinates": n, "hidden": hidden, "threads": args.threads, "rows": rows}, "\n".join(table))
+    table += [
+        "\nThe backward (input and h gradients) with its input-gradient product in vectors of 8 and of 16 floats, "
+        f"alternated, best of {args.repeats} each:\n",
+        "| inputs | 8 lanes ms | 16 lanes ms | 8 lanes faster by |",
+        "|---:|---:|---:|---:|",
+        *(f"| {r['inputs']} | {r['ms_8']:.2f} | {r['ms_16']:.2f} | {r['speedup_8']:.2f}x |" for r in lane_rows),
+    ]
+    payload = {"lanes": lstm_layer_cpu._product_lanes(), "matmul_gflops": peak, "coordinates": n, "hidden": hidden,
+               "threads": args.threads, "rows": rows, "lanes_rows": lane_rows}  # fmt: skip
+    write_results("lstm_layer_cpu", payload, "\n".join(table))
+
+
+def built_with(lanes: int, inputs: int, hidden: int):  # noqa: ANN201 - a ctypes library
+    """The kernel for ``(inputs, hidden)`` built with ``XL = lanes``, leaving the launcher as it was."""
+    pick, saved = lstm_layer_cpu._product_lanes, dict(lstm_layer_cpu._libraries)
+    lstm_layer_cpu._product_lanes = lambda: lanes
+    lstm_layer_cpu._libraries.clear()
+    try:
+        if not lstm_layer_cpu.ready(inputs, hidden):
+            raise SystemExit("lstm_layer_cpu.py: the kernel could not be built here (see the warning)")
+        return lstm_layer_cpu._libraries[inputs, hidden]
+    finally:
+        lstm_layer_cpu._product_lanes = pick
+        lstm_layer_cpu._libraries.clear()
+        lstm_layer_cpu._libraries.update(saved)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ backward (``benchmarks/meta_train_throughput.py``).
 :class:`LSTMStackStep` runs each layer of float32 CPU tensors (hidden size a multiple of 4) as
 the fused kernel :mod:`learnedopt.kernels.lstm_layer_cpu`: forward and backward each one pass
 over the coordinates, four at a time, their gates in registers (on an AMD EPYC host, a
-meta-training truncation 1.49x to 1.60x faster than the formulation below;
+meta-training truncation 1.30x to 1.64x faster than the formulation below;
 ``benchmarks/results/meta_train_throughput_*fused.md``). Otherwise (other dtypes, devices or hidden sizes,
 ``LEARNEDOPT_CPU_KERNEL=0``, or no C++ compiler) each layer is one BLAS product plus ONE pointwise
 function (:func:`cell_forward`), saving the gate activations; its backward is the closed-form LSTM
