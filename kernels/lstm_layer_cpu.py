@@ -16,8 +16,9 @@ in another order than BLAS's. The library's step (:mod:`learnedopt.nn.lstm_step`
 
 Build: compiled at first use per ``(inputs, hidden)`` with the C++ compiler that
 ``torch.compile`` also needs (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
-(``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``), about
-0.5 s each, with its SHA-256 beside it: a file that does not match (truncated by a crash, a
+(``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``; the
+first step of a process with empty caches, building two, took 0.96 s:
+``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
 partial copy) is built again, never loaded. Where that folder cannot be written, each process
 builds into a temporary folder, with one warning. If no compiler works, :func:`applies` is False
 from then on, with one warning.

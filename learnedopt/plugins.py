@@ -62,6 +62,23 @@ def takes_parameter(factory: Callable[..., Any], parameter: str) -> bool:
     return parameter in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
+def family_arguments(name: str, factory: Callable[..., Any], split: str, given: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
+    """The keyword arguments a task family's ``factory`` is called with: ``split=`` if it takes
+    that parameter, and each ``parameter: (value, option)`` of ``given`` whose value is not None.
+
+    Raises:
+        ValueError: ``factory`` does not take a given parameter (its option would be ignored).
+    """
+    kwargs: dict[str, Any] = {"split": split} if takes_parameter(factory, "split") else {}
+    for parameter, (value, option) in given.items():
+        if value is None:
+            continue
+        if not takes_parameter(factory, parameter):
+            raise ValueError(f"{name} takes no {parameter} parameter, so {option} would be ignored")
+        kwargs[parameter] = value
+    return kwargs
+
+
 def call_entry_point(name: str, factory: Callable[..., Any], kwargs: Mapping[str, Any], passes: str) -> Any:
     """``factory(**kwargs)``, the callable :func:`load_entry_point` gave for ``name``.
 

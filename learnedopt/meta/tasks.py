@@ -31,8 +31,8 @@ from ..nn.base import check_positive_integer
 from ..plugins import (
     call_entry_point,
     entry_point_path,
+    family_arguments,
     load_entry_point,
-    takes_parameter,
 )
 
 Params = dict[str, Tensor]
@@ -960,13 +960,7 @@ def import_family(name: str, *, data: str | os.PathLike[str] | None = None, spli
     if inspect.isabstract(factory):
         missing = ", ".join(sorted(getattr(factory, "__abstractmethods__", ())))
         raise ValueError(f"{name} does not define {missing}, which every TaskFamily must")
-    kwargs: dict[str, object] = {}
-    if takes_parameter(factory, "split"):
-        kwargs["split"] = split
-    if data is not None:
-        if not takes_parameter(factory, "data"):
-            raise ValueError(f"{name} takes no data parameter, so --data would be ignored")
-        kwargs["data"] = data
+    kwargs = family_arguments(name, factory, split, {"data": (data, "--data")})
     family = call_entry_point(name, factory, kwargs, "it is called with split= if it takes it and data= with --data")
     if not isinstance(family, TaskFamily):
         fewshot = all(hasattr(family, member) for member in ("sample", "model", "loss", "describe"))

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ...plugins import call_entry_point, checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
+from ...plugins import call_entry_point, checked_description, entry_point_path, family_arguments, load_entry_point, one_line
 from ..tasks import TaskFamily
 
 #: the losses a learner names in its model file; a family's ``loss`` may name one of them
@@ -87,15 +87,8 @@ def import_fewshot_family(
             unknown loss (one line each).
     """
     factory = load_entry_point(name)
-    kwargs: dict[str, Any] = {}
-    if takes_parameter(factory, "split"):
-        kwargs["split"] = split
-    for parameter, value, option in (("shots", shots, "--shots"), ("queries", queries, "--queries"), ("data", data, "--data")):
-        if value is None:
-            continue
-        if not takes_parameter(factory, parameter):
-            raise ValueError(f"{name} takes no {parameter} parameter, so {option} would be ignored")
-        kwargs[parameter] = value
+    given = {"shots": (shots, "--shots"), "queries": (queries, "--queries"), "data": (data, "--data")}
+    kwargs = family_arguments(name, factory, split, given)
     passes = "it is called with split= if it takes it, and shots=, queries=, data= with --shots, --queries, --data"
     family = call_entry_point(name, factory, kwargs, passes)
     if isinstance(family, TaskFamily):
