@@ -188,10 +188,16 @@ def lstm_step_as(step: Callable) -> Iterator[None]:
     :func:`through_cell_ops`) instead of ``lstm_step``."""
     from learnedopt.nn import coordinate_lstm, meta_lstm
 
+    from learnedopt.nn.lstm_step import linear_head
+
+    def step_and_head(lstm, x, h, c, head=None):
+        top, h, c = step(lstm, x, h, c)
+        return (top if head is None else linear_head(top, head.weight, head.bias)), h, c
+
     modules = (coordinate_lstm, meta_lstm)
     originals = [m.lstm_step for m in modules]
     for m in modules:
-        m.lstm_step = step
+        m.lstm_step = step_and_head
     try:
         yield
     finally:

@@ -8,7 +8,8 @@ separately on every parameter tensor of every task, its LSTM as ``torch.nn.LSTM`
 through it. A third row, all coordinates at once through ``torch.nn.LSTM``, separates the gain of
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
-it kept the first call's shapes constant). Two more rows: the per-tensor baseline with its LSTM
+it kept the first call's shapes constant). For ``CoordinateLSTM``, a row with its linear head in
+torch operations after the LSTM step (before the head joined the fused kernel). Two more rows: the per-tensor baseline with its LSTM
 written as the textbook cell in plain torch ops under autograd (another reading of "a
 straightforward implementation"; on the Intel Xeon host as fast as the ``torch.nn.LSTM`` one,
 which stays the baseline), and the batched unroll
@@ -208,6 +209,7 @@ def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, fl
 
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
+    "batched-torch-head": "batched unroll, `lstm_step` with the rule's linear head in torch operations (the library before the head joined the kernel)",
     "batched-products": "batched unroll, `lstm_step` as BLAS products and compiled pointwise code (the library before its fused CPU kernel)",
     "batched-symbolic": "the same, compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
@@ -246,7 +248,10 @@ def main() -> None:
     g = generator_for(args.seed, 1, 1)
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
-    runs = {"batched": (rule, contextlib.nullcontext), "batched-products": (rule, without_cpu_kernel)}
+    runs = {"batched": (rule, contextlib.nullcontext)}
+    if rule.kind == "CoordinateLSTM":  # the rule with a head
+        runs["batched-torch-head"] = (rule, lambda: lstm_step_as(lstm_step.lstm_step))
+    runs["batched-products"] = (rule, without_cpu_kernel)
     if compile_enabled():
         runs["batched-symbolic"] = (rule, symbolic_shapes)
     runs["batched-nn-lstm"] = (rule, torch_lstm)

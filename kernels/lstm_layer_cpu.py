@@ -41,6 +41,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -56,6 +57,10 @@ from ..switches import env_switch
 SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 #: Rows per part below which a call is not split over threads.
 MIN_ROWS_PER_THREAD = 4096
+#: Saved activations (the forward's for its backward) of more bytes than this are written with
+#: streaming stores, past the caches, where the CPU has them (AVX-512): they are read only one
+#: unroll later, and a plain store first reads each cache line it writes.
+STREAM_BYTES = 4 << 20
 _libraries: dict[tuple[int, int], ctypes.CDLL] = {}
 _failed = False
 _warned_unwritable = False
@@ -106,10 +111,13 @@ def _product_lanes() -> int:
     return 16 if "GenuineIntel" in identity and "avx512f" in identity.split() else 8
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CXX`` (a command line, e.g. ``ccache g++``), else the first of
+    ``c++``, ``g++``, ``clang++`` on the PATH; None if none is found."""
+    for command in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        words = shlex.split(command) if command else []
+        if words and shutil.which(words[0]):
+            return [shutil.which(words[0]), *words[1:]]
     return None
 
 
@@ -120,14 +128,14 @@ def _digest(path: Path) -> str:
 def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 9
+    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 12 + [ctypes.c_int]
     library.lstm_layer_forward.restype = None
-    library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 14
+    library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 16
     library.lstm_layer_backward.restype = None
     return library
 
 
-def _compile(compiler: str, flags: list[str], folder: Path, path: Path) -> str | None:
+def _compile(compiler: list[str], flags: list[str], folder: Path, path: Path) -> str | None:
     """Compile into ``path`` (in ``folder``) with its digest beside it, ``path.sha256``; returns
     the compiler's first error line, or None when built."""
     # compiled beside its final name, then renamed: processes building it at once each rename a
@@ -135,7 +143,7 @@ def _compile(compiler: str, flags: list[str], folder: Path, path: Path) -> str |
     fd, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
+        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines()
             return next((line for line in lines if "error" in line), f"status {done.returncode}")
@@ -187,7 +195,7 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
         variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
         for variant in variants:
             flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}", f"-DXL={_product_lanes()}"]
-            key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+            key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
             name = f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
             if not _intact(folder / name):
                 if scratch is None and not _writable(folder):
@@ -208,7 +216,7 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
                     errors.append(error)
                     continue
             return _load(folder / name)
-        raise RuntimeError(f"{compiler} failed: {errors[0]}")
+        raise RuntimeError(f"{' '.join(compiler)} failed: {errors[0]}")
     finally:
         if scratch is not None:
             scratch.cleanup()  # the loaded library stays mapped
@@ -268,18 +276,32 @@ def _checked(t: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
 
 
 def lstm_layer_forward(
-    x: Tensor, h: Tensor, c: Tensor, weight: Tensor, bias: Tensor, h_out: Tensor, c_out: Tensor, *, save: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """One step of one layer: ``h', c' = LSTMCell(x, (h, c))``, written into ``h_out``, ``c_out``.
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    h_out: Tensor,
+    c_out: Tensor,
+    *,
+    save: bool,
+    head_weight: Tensor | None = None,
+    head_bias: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One step of one layer: ``h', c' = LSTMCell(x, (h, c))``, written into ``h_out``, ``c_out``,
+    and optionally a linear head on ``h'``.
 
     Args:
         x: ``(n, in)``; h, c: ``(n, H)``.
         weight: ``(4H, in + H)``, ``[weight_ih, weight_hh]``; bias: ``(4H,)``.
         h_out, c_out: contiguous ``(n, H)`` outputs.
         save: also return what :func:`lstm_layer_backward` needs.
+        head_weight, head_bias: ``(H,)`` and ``(1,)``, or None (no head). Each row's head,
+            ``h' . head_weight + head_bias``, sums in the same order whatever ``n``.
 
     Returns:
-        ``(activations (n, 4H), tanh(c') (n, H))`` when ``save``, else ``(None, None)``.
+        ``(activations (n, 4H), tanh(c') (n, H))`` when ``save``, else ``(None, None)``; then the
+        head ``(n,)`` or None.
 
     Raises:
         RuntimeError: the kernel for these sizes is not built (:func:`ready` was False).
@@ -295,8 +317,15 @@ def lstm_layer_forward(
     bias = _checked(bias.detach().contiguous(), (4 * hidden,), "bias")
     act = x.new_empty(n, 4 * hidden) if save else None
     tanh_c = x.new_empty(n, hidden) if save else None
-    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out)))
-    return act, tanh_c
+    head = None
+    if head_weight is not None:
+        head_weight = _checked(head_weight.detach().reshape(-1).contiguous(), (hidden,), "head_weight")
+        head_bias = _checked(head_bias.detach().reshape(-1).contiguous(), (1,), "head_bias")
+        head = x.new_empty(n)
+    tensors = (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out, head_weight, head_bias, head)
+    stream = save and n * 4 * hidden * x.element_size() > STREAM_BYTES
+    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in tensors), int(stream))
+    return act, tanh_c, head
 
 
 def lstm_layer_backward(
@@ -312,7 +341,9 @@ def lstm_layer_backward(
     grad_c_out: Tensor,
     grad_h_out: Tensor | None,
     need_x: bool,
-) -> tuple[Tensor | None, Tensor, Tensor]:
+    grad_head: Tensor | None = None,
+    head_weight: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The gradient of :func:`lstm_layer_forward` (its inputs, outputs and saved tensors).
 
     Args:
@@ -321,9 +352,12 @@ def lstm_layer_backward(
         grad_c_out: contiguous ``(n, H)``, written with ``c``'s gradient.
         grad_h_out: contiguous ``(n, H)`` written with ``h``'s gradient, or None (not wanted).
         need_x: whether to compute ``x``'s gradient.
+        grad_head, head_weight: the head's gradient ``(n,)`` (None: zero) and the forward's
+            ``head_weight`` (None: the forward had no head).
 
     Returns:
-        ``(grad_x (n, in) or None, grad_weight (4H, in + H), grad_bias (4H,))``.
+        ``(grad_x (n, in) or None, grad_weight (4H, in + H), grad_bias (4H,), grad_head_weight
+        (H,), grad_head_bias (1,))``, the last two None without a head.
     """
     n, inputs = x.shape
     hidden = h.shape[1]
@@ -337,11 +371,20 @@ def lstm_layer_backward(
         _checked(grad_h_out, (n, hidden), "grad_h_out")
     grads = [None if g is None else _checked(g.contiguous(), (n, hidden), "a gradient") for g in (grad_h, grad_h_more, grad_c)]
     grad_x = x.new_empty(n, inputs) if need_x else None
+    if head_weight is not None:
+        head_weight = _checked(head_weight.detach().reshape(-1).contiguous(), (hidden,), "head_weight")
+        if grad_head is not None:
+            grad_head = _checked(grad_head.contiguous(), (n,), "grad_head")
+    else:
+        grad_head = None
     parts = _parts(n)
     grad_weight_t = x.new_zeros(parts, width, gates)
-    grad_bias = x.new_zeros(parts, gates)
+    # per part: the bias's gradient (4H), the head weight's (H), the head bias's (1)
+    grad_sums = x.new_zeros(parts, gates + hidden + 1)
     x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
-    tensors = (x, h, c, activations, tanh_c, *grads, weight_padded, grad_weight_t, grad_bias, grad_x, grad_h_out, grad_c_out)
+    tensors = (x, h, c, activations, tanh_c, *grads, grad_head, head_weight, weight_padded, grad_weight_t, grad_sums, grad_x, grad_h_out, grad_c_out)
     library.lstm_layer_backward(n, parts, *(_pointer(t) for t in tensors))
     # summed in a fixed order, so the same bits for the same number of parts
-    return grad_x, grad_weight_t.sum(0).t(), grad_bias.sum(0)
+    sums = grad_sums.sum(0)
+    head_grads = (sums[gates:-1], sums[-1:]) if head_weight is not None else (None, None)
+    return grad_x, grad_weight_t.sum(0).t(), sums[:gates], *head_grads

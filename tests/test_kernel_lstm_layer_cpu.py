@@ -35,28 +35,47 @@ def _layer(inputs: int, hidden: int, n: int, seed: int = 0):
     return cell, x, h, c, grads
 
 
-def _reference(cell, x, h, c, grads):
-    """Values and gradients of the layer in float64 by autograd through ``nn.LSTMCell``."""
+def _head(hidden: int, n: int, seed: int = 1):
+    """A linear head's weight (1, H), bias (1,) and a gradient of its output (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, hidden, generator=g), torch.randn(1, generator=g), torch.randn(n, generator=g)
+
+
+def _reference(cell, x, h, c, grads, head=None):
+    """Values and gradients of the layer in float64 by autograd through ``nn.LSTMCell`` (with
+    ``head``: then the head's output, weight and bias gradients)."""
     cell = copy.deepcopy(cell).double().requires_grad_(True)
     x, h, c = (t.double().requires_grad_(True) for t in (x, h, c))
     h_new, c_new = cell(x, (h, c))
     grad_h, grad_more, grad_c = (g.double() for g in grads)
-    dx, dh, dc, dw_ih, dw_hh, db, _ = torch.autograd.grad(
-        (h_new, c_new), (x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh), (grad_h + grad_more, grad_c)
-    )
-    return h_new, c_new, dx, dh, dc, torch.cat((dw_ih, dw_hh), dim=1), db
+    outputs, output_grads, wrt = [h_new, c_new], [grad_h + grad_more, grad_c], [x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    if head is not None:
+        head_weight, head_bias = (t.double().requires_grad_(True) for t in head[:2])
+        out = h_new @ head_weight[0] + head_bias
+        outputs.append(out)
+        output_grads.append(head[2].double())
+        wrt += [head_weight, head_bias]
+    dx, dh, dc, dw_ih, dw_hh, db, _, *head_grads = torch.autograd.grad(outputs, wrt, output_grads)
+    results = (h_new, c_new, dx, dh, dc, torch.cat((dw_ih, dw_hh), dim=1), db)
+    return results if head is None else (*results, out, *head_grads)
 
 
-def _kernel(cell, x, h, c, grads):
+def _kernel(cell, x, h, c, grads, head=None):
     n, hidden = h.shape
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
     bias = (cell.bias_ih + cell.bias_hh).detach()
     h_new, c_new = torch.empty(n, hidden), torch.empty(n, hidden)
     assert lstm_layer_cpu.ready(x.shape[1], hidden)
-    act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=True)
+    head_weight, head_bias, grad_head = (None, None, None) if head is None else head
+    act, tanh_c, out = lstm_layer_cpu.lstm_layer_forward(
+        x, h, c, weight, bias, h_new, c_new, save=True, head_weight=head_weight, head_bias=head_bias
+    )
     dc, dh = torch.empty(n, hidden), torch.empty(n, hidden)
-    dx, dw, db = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, *grads, dc, dh, need_x=True)
-    return h_new, c_new, dx, dh, dc, dw, db
+    dx, dw, db, dhw, dhb = lstm_layer_cpu.lstm_layer_backward(
+        x, h, c, weight, act, tanh_c, *grads, dc, dh, need_x=True, grad_head=grad_head, head_weight=head_weight
+    )
+    results = (h_new, c_new, dx, dh, dc, dw, db)
+    return results if head is None else (*results, out, dhw.reshape(1, -1), dhb)
 
 
 @needs_compiler
@@ -77,6 +96,49 @@ def test_matches_torch_lstm_cell_in_float64(inputs: int, hidden: int, n: int) ->
 
 
 @needs_compiler
+@pytest.mark.parametrize(("inputs", "hidden", "n"), [(2, 20, 37), (20, 20, 6), (1, 4, 3), (3, 8, 0)])
+def test_head_matches_torch_in_float64(inputs: int, hidden: int, n: int) -> None:
+    """With a linear head on h' (the update rule's output), computed in the same pass: its
+    value, and every gradient with its gradient flowing into h' as well, to float32 rounding."""
+    cell, x, h, c, grads = _layer(inputs, hidden, n)
+    head = _head(hidden, n)
+    got = _kernel(cell, x, h, c, grads, head)
+    want = _reference(cell, x, h, c, grads, head)
+    names = ["h'", "c'", "x grad", "h grad", "c grad", "weight grad", "bias grad", "head", "head weight grad", "head bias grad"]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item() if b.numel() else 1.0), msg=name)
+
+
+@needs_compiler
+def test_a_rows_results_do_not_depend_on_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinate's step must not depend on how coordinates were batched: rows computed within
+    20,001 rows (saved activations written with streaming stores) and within a batch of 37 of them
+    starting at another tile offset give the same bits, head included."""
+    monkeypatch.setattr(lstm_layer_cpu, "STREAM_BYTES", 100 * 80 * 4)  # streamed past 100 rows
+    n = 20_001
+    cell, x, h, c, grads = _layer(2, 20, n)
+    head_weight, head_bias, _ = _head(20, n)
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    assert lstm_layer_cpu.ready(2, 20)
+
+    def forward(rows: slice):
+        count = rows.stop - rows.start
+        h_new, c_new = torch.empty(count, 20), torch.empty(count, 20)
+        saved = lstm_layer_cpu.lstm_layer_forward(
+            x[rows], h[rows], c[rows], weight, bias, h_new, c_new, save=True, head_weight=head_weight, head_bias=head_bias
+        )
+        return h_new, c_new, *saved
+
+    whole = forward(slice(0, n))
+    for start in (0, 5, n - 37):
+        part = forward(slice(start, start + 37))
+        for name, a, b in zip(["h'", "c'", "activations", "tanh(c')", "head"], part, whole, strict=True):
+            assert torch.equal(a, b[start : start + 37]), (name, start)
+
+
+@needs_compiler
 def test_optional_gradients_and_no_saving() -> None:
     """Absent gradients count as zero; unwanted outputs are not written; ``save=False`` gives
     the same ``h'``, ``c'`` and nothing to save."""
@@ -85,12 +147,23 @@ def test_optional_gradients_and_no_saving() -> None:
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
     bias = (cell.bias_ih + cell.bias_hh).detach()
     h_new, c_new = torch.empty(9, 20), torch.empty(9, 20)
-    assert lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=False) == (None, None)
+    assert lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=False) == (None, None, None)
     assert torch.equal(h_new, full[0]) and torch.equal(c_new, full[1])
-    act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=True)
+    head_weight, head_bias, _ = _head(20, 9)
+    *nothing, head = lstm_layer_cpu.lstm_layer_forward(
+        x, h, c, weight, bias, h_new, c_new, save=False, head_weight=head_weight, head_bias=head_bias
+    )
+    assert nothing == [None, None] and torch.equal(h_new, full[0])
+    torch.testing.assert_close(head, h_new @ head_weight[0] + head_bias)
+    act, tanh_c, _ = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, h_new, c_new, save=True)
     dc = torch.empty(9, 20)
-    dx, dw, db = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, grads[0], None, None, dc, None, need_x=False)
-    assert dx is None
+    dx, dw, db, dhw, dhb = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, grads[0], None, None, dc, None, need_x=False)
+    assert dx is None and dhw is None and dhb is None
+    # a head whose gradient is absent adds nothing to h''s, and its own gradients are zero
+    with_head = lstm_layer_cpu.lstm_layer_backward(
+        x, h, c, weight, act, tanh_c, grads[0], None, None, dc, None, need_x=False, head_weight=head_weight
+    )
+    assert torch.equal(with_head[1], dw) and not with_head[3].any() and not with_head[4].any()
     assert torch.equal(dc, full[4]) and torch.equal(dw, full[5]) and torch.equal(db, full[6])
 
 
@@ -134,31 +207,35 @@ def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> Non
     split that dropped a row (13 rows in 3 parts of 4) or parts sharing one block (a race
     between threads) would not be."""
     cell, x, h, c, grads = _layer(5, 8, n)
+    head_weight, head_bias, grad_head = _head(8, n)
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
     bias = (cell.bias_ih + cell.bias_hh).detach()
     assert lstm_layer_cpu.ready(5, 8)
     library = lstm_layer_cpu._built(5, 8)
     h_new, c_new = torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
-    act, tanh_c = torch.full((n, 32), float("nan")), torch.full((n, 8), float("nan"))
+    act, tanh_c, out = torch.full((n, 32), float("nan")), torch.full((n, 8), float("nan")), torch.full((n,), float("nan"))
     weight_t = weight.t().contiguous()
-    library.lstm_layer_forward(n, parts, *(t.data_ptr() for t in (x, h, c, weight_t, bias, act, tanh_c, h_new, c_new)))
-    whole = _kernel(cell, x, h, c, grads)  # one part
-    assert torch.equal(h_new, whole[0]) and torch.equal(c_new, whole[1])
+    forward = (x, h, c, weight_t, bias, act, tanh_c, h_new, c_new, head_weight, head_bias, out)
+    library.lstm_layer_forward(n, parts, *(t.data_ptr() for t in forward), 0)
+    head = (head_weight, head_bias, grad_head)
+    whole = _kernel(cell, x, h, c, grads, head)  # one part
+    assert torch.equal(h_new, whole[0]) and torch.equal(c_new, whole[1]) and torch.equal(out, whole[7])
     padded = torch.zeros(32, 16)
     padded[:, :13] = weight
-    grad_wt, grad_bias = torch.zeros(parts, 13, 32), torch.zeros(parts, 32)
+    # per part: the weight gradient, and the bias's (32), head weight's (8), head bias's (1)
+    grad_wt, grad_sums = torch.zeros(parts, 13, 32), torch.zeros(parts, 32 + 8 + 1)
     grad_x, grad_h, grad_c = torch.full((n, 5), float("nan")), torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
-    tensors = (x, h, c, act, tanh_c, *grads, padded, grad_wt, grad_bias, grad_x, grad_h, grad_c)
+    tensors = (x, h, c, act, tanh_c, *grads, grad_head, head_weight, padded, grad_wt, grad_sums, grad_x, grad_h, grad_c)
     library.lstm_layer_backward(n, parts, *(t.data_ptr() for t in tensors))
     assert torch.equal(grad_x, whole[2]) and torch.equal(grad_h, whole[3]) and torch.equal(grad_c, whole[4])
     step = -(-(-(-n // parts)) // 4) * 4
     for p in range(parts):
         rows = slice(min(p * step, n), min(p * step + step, n))
         if rows.start == rows.stop:
-            assert not grad_wt[p].any() and not grad_bias[p].any()
+            assert not grad_wt[p].any() and not grad_sums[p].any()
             continue
-        own = _kernel(cell, x[rows], h[rows], c[rows], [g[rows] for g in grads])
-        assert torch.equal(grad_wt[p].t(), own[5]) and torch.equal(grad_bias[p], own[6]), p
+        own = _kernel(cell, x[rows], h[rows], c[rows], [g[rows] for g in grads], (head_weight, head_bias, grad_head[rows]))
+        assert torch.equal(grad_wt[p].t(), own[5]) and torch.equal(grad_sums[p], torch.cat((own[6], own[8][0], own[9]))), p
 
 
 def test_activations_are_torchs_to_a_few_ulp() -> None:
@@ -176,7 +253,7 @@ def test_activations_are_torchs_to_a_few_ulp() -> None:
     h, c = torch.zeros(n, 4), torch.zeros(n, 4)
     assert lstm_layer_cpu.ready(1, 4)
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
-    act, _ = lstm_layer_cpu.lstm_layer_forward(z[:, None], h, c, weight, torch.zeros(16), torch.empty(n, 4), torch.empty(n, 4), save=True)
+    act, _, _ = lstm_layer_cpu.lstm_layer_forward(z[:, None], h, c, weight, torch.zeros(16), torch.empty(n, 4), torch.empty(n, 4), save=True)
     sigmoid, tanh = torch.sigmoid(z.double()), torch.tanh(z.double())
     want = torch.stack((sigmoid, sigmoid, tanh, sigmoid), dim=1).repeat_interleave(4, dim=1)
     # sigmoid: relative; tanh = 2 sigmoid(2z) - 1 loses relative precision near 0: absolute
@@ -219,6 +296,23 @@ def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.Monkey
     assert lstm_layer_cpu.ready(7, 4)
     # no temporary file left; the digest that vouches for the build beside it
     assert sorted(tmp_path.iterdir()) == [built[0], tmp_path / f"{built[0].name}.sha256"]
+
+
+@needs_compiler
+def test_cxx_may_be_a_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``CXX="ccache g++"`` (a wrapper and its arguments, as build tools take it) builds through
+    that command; it was looked up as one file name, not found, and passed over."""
+    log = tmp_path / "args"
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {log}\nshift\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    compiler = lstm_layer_cpu._compiler()[0]
+    monkeypatch.setenv("CXX", f"{wrapper} --marker {compiler}")
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    assert lstm_layer_cpu._compiler() == [str(wrapper), "--marker", compiler]
+    assert lstm_layer_cpu.ready(7, 4)
+    assert log.read_text().splitlines()[:2] == ["--marker", compiler]
 
 
 def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
@@ -297,24 +391,31 @@ def test_compiler_error_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
 
 
 @needs_compiler
-def test_lstm_step_uses_the_kernel_and_matches_the_products_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A two-layer step through the kernel (both layers) against the same step with the kernel
-    off: values and every gradient to float32 rounding."""
+@pytest.mark.parametrize("with_head", [False, True])
+def test_lstm_step_uses_the_kernel_and_matches_the_products_path(monkeypatch: pytest.MonkeyPatch, with_head: bool) -> None:
+    """A two-layer step through the kernel (both layers; with a linear head, computed by the top
+    layer's kernel) against the same step with the kernel off (the head in torch operations):
+    values and every gradient to float32 rounding."""
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
     calls = []
     original = lstm_layer_cpu.lstm_layer_backward
-    monkeypatch.setattr(lstm_layer_cpu, "lstm_layer_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(lstm_layer_cpu, "lstm_layer_backward", lambda *a, **k: calls.append(k.get("head_weight") is not None) or original(*a, **k))
     lstm = torch.nn.LSTM(10, 20, 2)
+    head = torch.nn.Linear(20, 1) if with_head else None
+    weights = (*lstm.parameters(), *(head.parameters() if with_head else ()))
     x = torch.randn(301, 10, requires_grad=True)
     h, c = torch.randn(2, 301, 20, requires_grad=True), torch.randn(2, 301, 20, requires_grad=True)
-    g = [torch.randn(301, 20), torch.randn(2, 301, 20), torch.randn(2, 301, 20)]
+    g = [torch.randn(301) if with_head else torch.randn(301, 20), torch.randn(2, 301, 20), torch.randn(2, 301, 20)]
     results = {}
     for switch in ("1", "0"):
         monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", switch)
-        outs = lstm_step(lstm, x, h, c)
-        grads = torch.autograd.grad(outs, (x, h, c, *lstm.parameters()), g)
+        outs = lstm_step(lstm, x, h, c, head=head)
+        assert outs[0].shape == g[0].shape
+        grads = torch.autograd.grad(outs, (x, h, c, *weights), g)
         results[switch] = (*outs, *grads)
-    assert len(calls) == 2  # one per layer, with the kernel on only
+        with torch.no_grad():  # the optimizer's step: the same values
+            assert all(torch.equal(a, b) for a, b in zip(lstm_step(lstm, x, h, c, head=head), outs))
+    assert calls == [with_head, False]  # one per layer (the top first), with the kernel on only
     for a, b in zip(results["1"], results["0"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -399,13 +500,20 @@ def test_weight_gradient_sums_many_rows_as_precisely_as_blas() -> None:
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
     bias = (cell.bias_ih + cell.bias_hh).detach()
     assert lstm_layer_cpu.ready(20, 20)
-    act, tanh_c = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, torch.empty(n, 20), torch.empty(n, 20), save=True)
-    _, dw, db = lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, *grads, torch.empty(n, 20), None, need_x=False)
+    head_weight, _, grad_head = _head(20, n)
+    act, tanh_c, _ = lstm_layer_cpu.lstm_layer_forward(x, h, c, weight, bias, torch.empty(n, 20), torch.empty(n, 20), save=True)
+    _, dw, db, dhw, dhb = lstm_layer_cpu.lstm_layer_backward(
+        x, h, c, weight, act, tanh_c, *grads, torch.empty(n, 20), None, need_x=False, grad_head=grad_head.abs(), head_weight=head_weight
+    )
     # the same sums in float64 from the kernel's own activations: only the summation differs
     i, f, g, o = act.double().chunk(4, dim=1)
-    t, dh = tanh_c.double(), grads[0].double() + grads[1].double()
+    d_head = grad_head.abs().double()
+    t, dh = tanh_c.double(), grads[0].double() + grads[1].double() + d_head[:, None] * head_weight.double()
     dc = dh * o * (1 - t * t) + grads[2].double()
     d_gates = torch.cat((dc * g * i * (1 - i), dc * c.double() * f * (1 - f), dc * i * (1 - g * g), dh * t * o * (1 - o)), dim=1)
     want_w, want_b = d_gates.t() @ torch.cat((x, h), dim=1).double(), d_gates.sum(0)
     torch.testing.assert_close(dw.double(), want_w, rtol=0, atol=3e-6 * want_w.abs().max().item())
     torch.testing.assert_close(db.double(), want_b, rtol=0, atol=3e-6 * want_b.abs().max().item())
+    want_hw, want_hb = d_head @ (o * t), d_head.sum(0, keepdim=True)
+    torch.testing.assert_close(dhw.double(), want_hw, rtol=0, atol=3e-6 * want_hw.abs().max().item())
+    torch.testing.assert_close(dhb.double(), want_hb, rtol=0, atol=3e-6 * want_hb.abs().max().item())

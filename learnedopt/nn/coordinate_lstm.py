@@ -171,11 +171,8 @@ class CoordinateLSTM(UpdateRule):
     def step_from_features(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The LSTM stack and the head on :meth:`features`' ``x`` ``(n, num_inputs)`` and the
         states ``h, c`` ``(num_layers, n, hidden_size)``: ``(step (n,), new_h, new_c)``."""
-        top, h, c = lstm_step(self.lstm, x, h, c)
-        # the head as a per-row sum, not a (n, H) x (H, 1) BLAS product, whose rounding of a row
-        # can depend on n: a coordinate's step must not depend on how coordinates were batched
-        # (chunks, tensors, FSDP shards)
-        head = (top * self.head.weight[0]).sum(dim=1) + self.head.bias[0]
+        # the head (a per-row sum, whatever the batching) in the LSTM's own pass where it can
+        head, h, c = lstm_step(self.lstm, x, h, c, head=self.head)
         return head * self.config.output_scale, h, c
 
     def forward(

@@ -202,20 +202,43 @@ def _layer_forward(
     return _cell_forward(gates, bias, c, h_out, c_out)
 
 
-def _stack_forward(
-    x: Tensor, h: Tensor, c: Tensor, weights: tuple[Tensor, ...], save: bool
-) -> tuple[Tensor, Tensor, list[bool], list[Tensor], list[Tensor | None], list[Tensor | None]]:
-    """:class:`LSTMStackStep`'s forward: ``(h', c', fused, products, activations, tanh_cs)``,
-    per layer whether it ran as :mod:`learnedopt.kernels.lstm_layer_cpu` and what the backward
-    needs (``save=False``: no backward to come; the fused kernel then writes only ``h'``, ``c'``)."""
+def linear_head(top: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A linear map of each row of ``top`` ``(n, H)`` to one number: ``(n,)``, with ``weight``
+    ``(1, H)`` and ``bias`` ``(1,)`` (an ``nn.Linear(H, 1)``'s).
+
+    A per-row sum, not a ``(n, H) x (H, 1)`` BLAS product, whose rounding of a row can depend on
+    ``n``: a coordinate's step must not depend on how coordinates were batched (chunks, tensors,
+    FSDP shards)."""
+    return (top * weight[0]).sum(dim=1) + bias[0]
+
+
+def _fused_layers(x: Tensor, h: Tensor, c: Tensor, weights: tuple[Tensor, ...]) -> list[bool]:
+    """Per layer, whether it runs as :mod:`learnedopt.kernels.lstm_layer_cpu` (building it if
+    need be)."""
     layers, hidden = h.shape[0], h.shape[2]
+    if not (compile_enabled() and lstm_layer_cpu.applies(x, h, c, *weights, hidden=hidden)):
+        return [False] * layers
+    return [lstm_layer_cpu.ready(weights[3 * layer].shape[1], hidden) for layer in range(layers)]
+
+
+def _stack_forward(
+    x: Tensor, h: Tensor, c: Tensor, weights: tuple[Tensor, ...], save: bool, head: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, list[bool], list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    """:class:`LSTMStackStep`'s forward: ``(h', c', head, fused, products, activations,
+    tanh_cs)``, per layer whether it ran as :mod:`learnedopt.kernels.lstm_layer_cpu` and what the
+    backward needs (``save=False``: no backward to come; the fused kernel then writes only ``h'``,
+    ``c'``). ``head``: a linear head's ``(weight (1, H), bias (1,))``, computed by the top layer's
+    fused kernel (which must apply); the head's output ``(n,)`` is None without."""
+    layers = h.shape[0]
     # in the dtype of the computation (the products refuse a weight of another), as a stack
     # of the layers' results
     dtype = torch.promote_types(x.dtype, h.dtype)
     h_new = torch.empty(h.shape, dtype=dtype, device=h.device)
     c_new = torch.empty(c.shape, dtype=dtype, device=c.device)
-    fused_kernel = compile_enabled() and lstm_layer_cpu.applies(x, h, c, *weights, hidden=hidden)
-    fused, products, activations, tanh_cs = [], [], [], []
+    fused = _fused_layers(x, h, c, weights)
+    if head is not None and not fused[-1]:
+        raise RuntimeError("lstm_step: a fused head needs the top layer to run as the fused CPU kernel")
+    products, activations, tanh_cs, head_out = [], [], [], None
     layer_input = x
     for layer in range(layers):
         weight_ih, weight_hh, bias = weights[3 * layer : 3 * layer + 3]
@@ -227,27 +250,32 @@ def _stack_forward(
         # compiled function, one more compilation (and, in the backward, a doubling of its
         # variants)
         c_layer, bias = c[layer].detach(), bias.detach()
-        fused.append(fused_kernel and lstm_layer_cpu.ready(layer_input.shape[1], hidden))
-        if fused[-1]:
-            act, tanh_c = lstm_layer_cpu.lstm_layer_forward(
-                layer_input, h[layer], c_layer, weight, bias, h_new[layer], c_new[layer], save=save
-            )
+        if fused[layer]:
+            top_head = head if layer == layers - 1 and head is not None else (None, None)
+            act, tanh_c, out = lstm_layer_cpu.lstm_layer_forward(
+                layer_input, h[layer], c_layer, weight, bias, h_new[layer], c_new[layer], save=save,
+                head_weight=top_head[0], head_bias=top_head[1],
+            )  # fmt: skip
+            head_out = out if out is not None else head_out
         else:
             act, tanh_c = _layer_forward(layer_input, h[layer], weight, bias, c_layer, h_new[layer], c_new[layer])
         products.append(weight)
         activations.append(act)
         tanh_cs.append(tanh_c)
         layer_input = h_new[layer]
-    return h_new, c_new, fused, products, activations, tanh_cs
+    return h_new, c_new, head_out, fused, products, activations, tanh_cs
 
 
 class LSTMStackStep(torch.autograd.Function):
     """One time step of every layer of a stacked LSTM: ``top, h', c' = LSTM(x, (h, c))``.
 
-    Shapes: ``x`` ``(n, in)``; ``h`` and ``c`` ``(L, n, H)``; then, per layer ``l``, its
-    ``weight_ih`` ``(4H, in_l)``, ``weight_hh`` ``(4H, H)`` and ``bias`` ``(4H,)``
-    (``bias_ih + bias_hh``). Returns ``top`` ``(n, H)`` (the last layer's ``h'``) and ``h'``,
-    ``c'`` ``(L, n, H)``.
+    Shapes: ``x`` ``(n, in)``; ``h`` and ``c`` ``(L, n, H)``; a linear head's ``weight`` ``(1,
+    H)`` and ``bias`` ``(1,)``, or None and None; then, per layer ``l``, its ``weight_ih`` ``(4H,
+    in_l)``, ``weight_hh`` ``(4H, H)`` and ``bias`` ``(4H,)`` (``bias_ih + bias_hh``). Returns
+    ``top`` ``(n, H)`` (the last layer's ``h'``; with a head, the head's output ``(n,)``) and
+    ``h'``, ``c'`` ``(L, n, H)``. A head needs the top layer fused (:func:`_fused_layers`): its
+    kernel computes the head in the same pass, where the same per-row sum in torch operations
+    (:func:`linear_head`) with its backward cost about a tenth of a truncation.
 
     All layers are one function so that the pointwise passes write each layer's ``h'`` and
     ``c'`` straight into the ``(L, n, H)`` outputs, and its backward each layer's gradient of
@@ -258,13 +286,23 @@ class LSTMStackStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, h: Tensor, c: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h_new, c_new, fused, products, activations, tanh_cs = _stack_forward(x, h, c, weights, save=True)
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        head_weight: Tensor | None,
+        head_bias: Tensor | None,
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        head = None if head_weight is None else (head_weight, head_bias)
+        h_new, c_new, head_out, fused, products, activations, tanh_cs = _stack_forward(x, h, c, weights, save=True, head=head)
         ctx.layers = h.shape[0]
         ctx.fused = fused
-        ctx.save_for_backward(x, h, c, h_new, *products, *activations, *tanh_cs)
+        ctx.head_shapes = None if head is None else (head_weight.shape, head_bias.shape)
+        ctx.save_for_backward(x, h, c, h_new, head_weight, *products, *activations, *tanh_cs)
         # a tensor of its own, not a view of h': a custom function's outputs must not alias
-        return h_new[-1].clone(), h_new, c_new
+        return (h_new[-1].clone() if head_out is None else head_out), h_new, c_new
 
     @staticmethod
     def backward(
@@ -287,18 +325,19 @@ class LSTMStackStep(torch.autograd.Function):
         ctx: FunctionCtx, grad_top: Tensor | None, grad_h_new: Tensor | None, grad_c_new: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         layers = ctx.layers
-        x, h, c, h_new, *rest = ctx.saved_tensors
+        x, h, c, h_new, head_weight, *rest = ctx.saved_tensors
         products, activations, tanh_cs = rest[:layers], rest[layers : 2 * layers], rest[2 * layers :]
         needs = ctx.needs_input_grad
         hidden = h.shape[2]
         zeros = lambda: torch.zeros_like(tanh_cs[0])  # noqa: E731 - a gradient that is None
         grad_h = torch.empty_like(h_new) if needs[1] else None
         grad_c = torch.empty_like(h_new)
-        grads: list[Tensor | None] = [None] * (3 + 3 * layers)
-        # the gradient of a layer's output from the layer above (for the top: from ``top``);
-        # contiguous: a column slice of a product would be a new stride guard, one more
-        # compilation of the pointwise backward
-        grad_above = None if grad_top is None else grad_top.contiguous()
+        grads: list[Tensor | None] = [None] * (5 + 3 * layers)
+        # the gradient of a layer's output from the layer above (for the top: from ``top``, or
+        # the head's, which the top layer's kernel takes); contiguous: a column slice of a
+        # product would be a new stride guard, one more compilation of the pointwise backward
+        grad_head = None if ctx.head_shapes is None or grad_top is None else grad_top.contiguous()
+        grad_above = None if ctx.head_shapes is not None or grad_top is None else grad_top.contiguous()
         for layer in reversed(range(layers)):
             layer_input, weight = (x if layer == 0 else h_new[layer - 1]), products[layer]
             inputs = layer_input.shape[1]
@@ -306,7 +345,8 @@ class LSTMStackStep(torch.autograd.Function):
             # columns of W (layer 0 of an unroll reads a detached x)
             needs_input = layer > 0 or needs[0]
             if ctx.fused[layer]:
-                grad_input, grad_weight, grad_bias = lstm_layer_cpu.lstm_layer_backward(
+                top_head = layer == layers - 1 and ctx.head_shapes is not None
+                grad_input, grad_weight, grad_bias, grad_head_weight, grad_head_bias = lstm_layer_cpu.lstm_layer_backward(
                     layer_input,
                     h[layer],
                     c[layer].detach(),
@@ -319,9 +359,14 @@ class LSTMStackStep(torch.autograd.Function):
                     grad_c[layer],
                     grad_h[layer] if needs[1] else None,
                     need_x=needs_input,
+                    grad_head=grad_head if top_head else None,
+                    head_weight=head_weight if top_head else None,
                 )
-                if any(needs[3 + 3 * layer : 6 + 3 * layer]):
-                    grads[3 + 3 * layer : 6 + 3 * layer] = grad_weight[:, :inputs], grad_weight[:, inputs:], grad_bias
+                if top_head:
+                    grads[3] = grad_head_weight.reshape(ctx.head_shapes[0]) if needs[3] else None
+                    grads[4] = grad_head_bias.reshape(ctx.head_shapes[1]) if needs[4] else None
+                if any(needs[5 + 3 * layer : 8 + 3 * layer]):
+                    grads[5 + 3 * layer : 8 + 3 * layer] = grad_weight[:, :inputs], grad_weight[:, inputs:], grad_bias
                 grad_above = grad_input
                 continue
             d_gates = _cell_backward(
@@ -339,7 +384,7 @@ class LSTMStackStep(torch.autograd.Function):
                 grad_h[layer].copy_(grad_xh[:, inputs - lo :])
             if needs_input:
                 grad_above = grad_xh[:, :inputs].contiguous()
-            if any(needs[3 + 3 * layer : 6 + 3 * layer]):
+            if any(needs[5 + 3 * layer : 8 + 3 * layer]):
                 # all weight gradients as one product [x, h, 1]^T d_gates, (in + H + 1, 4H):
                 # one pass over d_gates where d_gates^T x, d_gates^T h and a column sum take
                 # three, and in this orientation (BLAS is slow on d_gates^T x with x of 2
@@ -348,7 +393,7 @@ class LSTMStackStep(torch.autograd.Function):
                 # results/lstm_step_parts.md and results/earlier_hosts/lstm_step_parts.md)
                 ones = layer_input.new_ones(layer_input.shape[0], 1)
                 grad_weight = (torch.cat((layer_input, h[layer], ones), dim=1).t() @ d_gates).t()
-                grads[3 + 3 * layer : 6 + 3 * layer] = (
+                grads[5 + 3 * layer : 8 + 3 * layer] = (
                     grad_weight[:, :inputs],
                     grad_weight[:, inputs : inputs + hidden],
                     grad_weight[:, -1],
@@ -359,17 +404,23 @@ class LSTMStackStep(torch.autograd.Function):
         return tuple(grads)
 
 
-def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One time step of every layer of ``lstm`` (unidirectional, with biases, no projections).
+def lstm_step(
+    lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor, head: nn.Linear | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One time step of every layer of ``lstm`` (unidirectional, with biases, no projections),
+    and optionally a linear head on its output.
 
     Args:
         lstm: the module whose weights are used.
         x: ``(n, input_size)``.
         h, c: ``(num_layers, n, hidden_size)``.
+        head: an ``nn.Linear(hidden_size, 1)`` applied to each row of the output as
+            :func:`linear_head` does (the fused CPU kernel computes it in the top layer's pass).
 
     Returns:
-        ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` and the new states
-        ``(num_layers, n, hidden_size)``, as ``lstm(x[None], (h, c))`` gives them.
+        ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` (with ``head``: the
+        head's ``(n,)``) and the new states ``(num_layers, n, hidden_size)``, as ``lstm(x[None],
+        (h, c))`` gives them.
     """
     weights = []
     for layer in range(lstm.num_layers):
@@ -384,7 +435,17 @@ def lstm_step(lstm: nn.LSTM, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, T
             "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
         )
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *weights))):
-        h_new, c_new, *_ = _stack_forward(x, h, c, tuple(weights), save=False)
-        return h_new[-1].clone(), h_new, c_new
-    return LSTMStackStep.apply(x, h, c, *weights)
+    fused_head = (
+        head is not None
+        and lstm_layer_cpu.applies(head.weight, head.bias, hidden=h.shape[2])
+        and _fused_layers(x, h, c, tuple(weights))[-1]
+    )
+    head_weights = (head.weight, head.bias) if fused_head else (None, None)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *weights, *head_weights) if t is not None)):
+        h_new, c_new, head_out, *_ = _stack_forward(x, h, c, tuple(weights), save=False, head=head_weights if fused_head else None)
+        top = h_new[-1].clone() if head_out is None else head_out
+    else:
+        top, h_new, c_new = LSTMStackStep.apply(x, h, c, *head_weights, *weights)
+    if head is not None and not fused_head:
+        top = linear_head(top, head.weight, head.bias)
+    return top, h_new, c_new
