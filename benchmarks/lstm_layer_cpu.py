@@ -11,10 +11,7 @@ sigmoids, the cell) and memory traffic.
 
 A second table times that backward with its input-gradient product in vectors of 8 and of 16
 floats (the kernel's ``XL``; the launcher picks 16 on Intel CPUs with AVX-512, else 8), the two
-builds alternated call by call, best of ``--repeats`` rounds each. A third times the forward
-that saves for the backward with its saved activations written by streaming stores and by plain
-ones (``lstm_layer_cpu.STREAM_BYTES``), each over 20 calls whose outputs are kept, as an
-unroll's are.
+builds alternated call by call, best of ``--repeats`` rounds each.
 
     python benchmarks/lstm_layer_cpu.py [--coordinates 31820] [--threads 1] [--repeats 15] [--tag NAME]
 """
@@ -49,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = matmul_gflops()
     g = torch.Generator().manual_seed(0)
-    rows, lane_rows, stream_rows = [], [], []
+    rows, lane_rows = [], []
     for inputs in args.inputs:
         if not lstm_layer_cpu.ready(inputs, hidden):
             fail(parser, "the kernel could not be built here (see the warning)")
@@ -90,8 +87,6 @@ def main() -> None:
             floor = gflop / peak
             rows.append(dict(inputs=inputs, part=name, ms=seconds * 1e3, gflop=gflop, floor_ms=floor * 1e3, of_rate=floor / seconds))
             print(rows[-1], flush=True)
-        stream_rows.append(dict(inputs=inputs, **streamed_and_not(parts["forward, saving for the backward"][0], args.repeats)))
-        print(stream_rows[-1], flush=True)
         builds = {lanes: built_with(lanes, inputs, hidden) for lanes in (8, 16)}
         best = {lanes: float("inf") for lanes in builds}
         backward = parts["backward, input and h gradients"][0]
@@ -120,38 +115,10 @@ def main() -> None:
         "| inputs | 8 lanes ms | 16 lanes ms | 8 lanes faster by |",
         "|---:|---:|---:|---:|",
         *(f"| {r['inputs']} | {r['ms_8']:.2f} | {r['ms_16']:.2f} | {r['speedup_8']:.2f}x |" for r in lane_rows),
-        f"\nThe forward saving for the backward, called {UNROLL} times in a row keeping each call's saved activations (as an "
-        "unroll keeps them for its backward), with the activations written by streaming stores (the default for more than "
-        f"{lstm_layer_cpu.STREAM_BYTES // 2**20} MiB where the CPU has AVX-512) and by plain stores, alternated, best of "
-        f"{args.repeats} each (ms per call):\n",
-        "| inputs | streaming stores ms | plain stores ms | streaming faster by |",
-        "|---:|---:|---:|---:|",
-        *(f"| {r['inputs']} | {r['ms_stream']:.2f} | {r['ms_plain']:.2f} | {r['speedup_stream']:.2f}x |" for r in stream_rows),
     ]
     payload = {"lanes": lstm_layer_cpu._product_lanes(), "matmul_gflops": peak, "coordinates": n, "hidden": hidden,
-               "threads": args.threads, "rows": rows, "lanes_rows": lane_rows, "stream_rows": stream_rows}  # fmt: skip
+               "threads": args.threads, "rows": rows, "lanes_rows": lane_rows}  # fmt: skip
     write_results("lstm_layer_cpu" + (f"_{args.tag}" if args.tag else ""), payload, "\n".join(table))
-
-
-UNROLL = 20
-
-
-def streamed_and_not(forward, repeats: int) -> dict[str, float]:
-    """Milliseconds per call of ``forward`` (saving), UNROLL calls in a row keeping their saved
-    activations, with streaming stores and with plain ones, alternated; best of ``repeats``."""
-    threshold = lstm_layer_cpu.STREAM_BYTES
-    best = {"stream": float("inf"), "plain": float("inf")}
-    try:
-        for _ in range(repeats):
-            for kind in best:
-                lstm_layer_cpu.STREAM_BYTES = threshold if kind == "stream" else float("inf")
-                start = time.perf_counter()
-                kept = [forward() for _ in range(UNROLL)]
-                best[kind] = min(best[kind], (time.perf_counter() - start) / UNROLL)
-                del kept
-    finally:
-        lstm_layer_cpu.STREAM_BYTES = threshold
-    return dict(ms_stream=best["stream"] * 1e3, ms_plain=best["plain"] * 1e3, speedup_stream=best["plain"] / best["stream"])
 
 
 def built_with(lanes: int, inputs: int, hidden: int):  # noqa: ANN201 - a ctypes library

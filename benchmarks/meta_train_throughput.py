@@ -17,7 +17,9 @@ with the LSTM replaced by a linear step (the work besides the LSTM's). All but t
 the same meta-gradient (checked here: the script exits with an error, writing nothing, when one
 differs from the baseline's by more than ``TOLERANCE`` relative);
 the script times one truncation (forward unroll of T steps + backward) of each, in one run,
-after one untimed warm-up truncation each (which also compiles), the repeats of each in a row.
+after one untimed warm-up truncation each (which also compiles), in rounds of one timed
+truncation of each implementation (each right after an untimed one of its own), best of
+``--repeats`` rounds.
 
 Against the hardware: the library's truncation's matrix products are counted
 (``torch.utils.flop_counter``; the ``torch.nn.LSTM`` rows run oneDNN's fused cell, which the
@@ -267,12 +269,16 @@ def main() -> None:
     times = {name: [] for name in runs}
     os_costs = {name: [] for name in runs}  # (minor page faults, system CPU s) of each timed truncation
     grads = {}
-    # each implementation's repeats in a row: the first truncation after another implementation
-    # can pay for mapping memory that one released (tens of thousands of page faults), and the
-    # best of the repeats should not carry that
-    for name, (r, context) in runs.items():
-        for _ in range(args.repeats):
+    # round by round, each implementation once per round, so that a slow spell of a shared
+    # machine (minutes long on the VMs these ran on: one row's seven repeats in a row came out
+    # 1.3x slower than in the run before) falls on every row alike; each timed truncation right
+    # after an untimed one of the same implementation, since the first truncation after another
+    # implementation can pay for mapping memory that one released (tens of thousands of page
+    # faults), and the best of the repeats should not carry that
+    for _ in range(args.repeats):
+        for name, (r, context) in runs.items():
             with context():
+                truncation(r, family, args)
                 before = os_counters()
                 seconds, grads[name] = truncation(r, family, args)
                 after = os_counters()
@@ -308,7 +314,7 @@ def main() -> None:
         + (f" (preset `{args.preset}`: {rule.config})" if args.preset else "")
         + " meta-training on "
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
-        f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} after a warm-up, {row['threads']} "
+        f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} rounds (implementations alternated) after a warm-up, {row['threads']} "
         f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
         "| implementation | seconds / truncation | truncations / s | speed-up vs baseline | minor page faults | system CPU s |",
         "|---|---:|---:|---:|---:|---:|",

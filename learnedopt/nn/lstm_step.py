@@ -12,7 +12,9 @@ backward (``benchmarks/meta_train_throughput.py``).
 the fused kernel :mod:`learnedopt.kernels.lstm_layer_cpu`: forward and backward each one pass
 over the coordinates, four at a time, their gates in registers (on an AMD EPYC host, a
 meta-training truncation 1.30x to 1.64x faster than the formulation below;
-``benchmarks/results/meta_train_throughput_*fused.md``). Otherwise (other dtypes, devices or hidden sizes,
+``benchmarks/results/meta_train_throughput_*fused.md``); given a linear head (CoordinateLSTM's
+output layer, :func:`lstm_step`'s ``head``), the top layer's kernel applies it in the same pass,
+forward and backward. Otherwise (other dtypes, devices or hidden sizes,
 ``LEARNEDOPT_CPU_KERNEL=0``, or no C++ compiler) each layer is one BLAS product plus ONE pointwise
 function (:func:`cell_forward`), saving the gate activations; its backward is the closed-form LSTM
 gradient: per layer one pointwise function (:func:`cell_backward`) plus two BLAS products.
