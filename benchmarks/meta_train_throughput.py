@@ -9,9 +9,7 @@ through it. A third row, all coordinates at once through ``torch.nn.LSTM``, sepa
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
 it kept the first call's shapes constant). For ``CoordinateLSTM``, a row with its linear head in
-torch operations after the LSTM step (before the head joined the fused kernel), and, on a CPU with
-AVX-512, one whose kernel writes the activations it saves by plain stores, not streaming ones
-(``lstm_layer_cpu.STREAM_BYTES``). Two more rows: the per-tensor baseline with its LSTM
+torch operations after the LSTM step (before the head joined the fused kernel). Two more rows: the per-tensor baseline with its LSTM
 written as the textbook cell in plain torch ops under autograd (another reading of "a
 straightforward implementation"; on the Intel Xeon host as fast as the ``torch.nn.LSTM`` one,
 which stays the baseline), and the batched unroll
@@ -68,7 +66,6 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, State, UpdateRule  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
@@ -175,18 +172,6 @@ def meta_gradient_difference(grads: dict[str, list[torch.Tensor]], baseline: str
     return max(diffs, default=0.0) if all(math.isfinite(d) for d in diffs) else math.nan
 
 
-@contextlib.contextmanager
-def plain_stores():
-    """Within: the fused kernel writes the activations it saves for the backward with plain
-    stores (through the caches), not streaming ones."""
-    threshold = lstm_layer_cpu.STREAM_BYTES
-    lstm_layer_cpu.STREAM_BYTES = math.inf
-    try:
-        yield
-    finally:
-        lstm_layer_cpu.STREAM_BYTES = threshold
-
-
 def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor]]:
     """Seconds for one truncation (unroll + backward) and the meta-gradient."""
     g = generator_for(args.seed, 1, 1)
@@ -226,7 +211,6 @@ def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, fl
 
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
-    "batched-plain-stores": "batched unroll, `lstm_step` with the saved activations written by plain stores, not streaming ones",
     "batched-torch-head": "batched unroll, `lstm_step` with the rule's linear head in torch operations (the library before the head joined the kernel)",
     "batched-products": "batched unroll, `lstm_step` as BLAS products and compiled pointwise code (the library before its fused CPU kernel)",
     "batched-symbolic": "the same, compiled with symbolic shapes",
@@ -267,8 +251,6 @@ def main() -> None:
     params = family.sample_batch(args.meta_batch, g).init_params(g)
     sizes = [v[0].numel() for v in params.values()]
     runs = {"batched": (rule, contextlib.nullcontext)}
-    if lstm_layer_cpu.streams():
-        runs["batched-plain-stores"] = (rule, plain_stores)
     if rule.kind == "CoordinateLSTM":  # the rule with a head
         runs["batched-torch-head"] = (rule, lambda: lstm_step_as(lstm_step.lstm_step))
     runs["batched-products"] = (rule, without_cpu_kernel)

@@ -12,9 +12,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #define G (4 * HID)
 #define NV (G / 16)
@@ -85,26 +82,10 @@ static inline v16 gate_scale(int v) {
   return s;
 }
 
-// n floats from src to dst (both 64-byte aligned, n a multiple of 16) with streaming stores,
-// where AVX-512 has them: the activations saved for the backward are read one whole unroll later,
-// long gone from the caches, and a plain store first reads each line it writes (a meta-training
-// truncation faster by the ratio of two rows of benchmarks/results/meta_train_throughput_*.md).
-#if defined(__AVX512F__)
-#define CAN_STREAM true
-static inline void store_saved(float* dst, const float* src, int n) {
-  for (int v = 0; v < n / 16; v++) _mm512_stream_ps(dst + 16 * v, ld(src + 16 * v));
-}
-static inline void end_stores() { _mm_sfence(); }
-#else
-#define CAN_STREAM false
-static inline void store_saved(float* dst, const float* src, int n) { memcpy(dst, src, n * sizeof(float)); }
-static inline void end_stores() {}
-#endif
-
 template <int R>
 static inline void forward_rows(int64_t row0, const float* x, const float* h, const float* c, const float* wt,
                                 const float* bias, float* act_out, float* tanh_c_out, float* h_out, float* c_out,
-                                const float* head_w, const float* head_b, float* head_out, bool stream) {
+                                const float* head_w, const float* head_b, float* head_out) {
   v16 acc[R][NV];
   for (int r = 0; r < R; r++)
     for (int v = 0; v < NV; v++) acc[r][v] = ld(bias + 16 * v);
@@ -147,15 +128,6 @@ static inline void forward_rows(int64_t row0, const float* x, const float* h, co
     for (int r = 0; r < R; r++) head_out[row0 + r] = head[r] + *head_b;
   }
   if (!act_out) return;
-  // a full tile's rows are contiguous and, from an aligned start, 64-byte aligned (4 rows of
-  // tanh(c'): 320 bytes)
-  const bool aligned = R == TILE && ((uintptr_t)(act_out + row0 * G) & 63) == 0 &&
-                       ((uintptr_t)(tanh_c_out + row0 * HID) & 63) == 0;
-  if (aligned && stream) {
-    store_saved(act_out + row0 * G, a[0], R * G);
-    store_saved(tanh_c_out + row0 * HID, tanh_c, R * HID);
-    return;
-  }
   for (int r = 0; r < R; r++) {
     memcpy(act_out + (row0 + r) * G, a[r], sizeof a[r]);
     memcpy(tanh_c_out + (row0 + r) * HID, tanh_c + r * HID, HID * sizeof(float));
@@ -171,24 +143,20 @@ static inline void part_rows(int64_t n, int parts, int p, int64_t* begin, int64_
 }
 
 // n rows in `parts` parts, one OpenMP thread each. act_out and tanh_c_out may be null (no
-// backward to come); head_w, head_b and head_out too (no head). stream: write the activations
-// with streaming stores (where the CPU has them; the launcher asks for it when they are larger
-// than the caches).
+// backward to come); head_w, head_b and head_out too (no head).
 extern "C" void lstm_layer_forward(int64_t n, int parts, const float* x, const float* h, const float* c,
                                    const float* wt, const float* bias, float* act_out, float* tanh_c_out,
                                    float* h_out, float* c_out, const float* head_w, const float* head_b,
-                                   float* head_out, int stream_saved) {
-  const bool stream = CAN_STREAM && stream_saved;
+                                   float* head_out) {
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
   for (int p = 0; p < parts; p++) {
     int64_t begin, end;
     part_rows(n, parts, p, &begin, &end);
     int64_t row = begin;
     for (; row + TILE <= end; row += TILE)
-      forward_rows<TILE>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out, head_w, head_b, head_out, stream);
+      forward_rows<TILE>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out, head_w, head_b, head_out);
     for (; row < end; row++)
-      forward_rows<1>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out, head_w, head_b, head_out, stream);
-    end_stores();
+      forward_rows<1>(row, x, h, c, wt, bias, act_out, tanh_c_out, h_out, c_out, head_w, head_b, head_out);
   }
 }
 

@@ -6,9 +6,8 @@ its ``(n, 4H)`` gates several times (the product, the pointwise cell, its gradie
 products), and at that shape the passes over memory, not the arithmetic, set the time. This
 kernel does a layer's whole forward, or whole backward, for four rows at a time, their gates in
 vector registers: the forward reads ``x``, ``h``, ``c`` and writes ``h'``, ``c'`` (and, for the
-backward, the gate activations and ``tanh(c')``, past the caches with streaming stores where the
-CPU has them (AVX-512) and they exceed :data:`STREAM_BYTES`); the backward reads those and writes
-the gradients of ``x``, ``h`` and ``c``, accumulating the weight and bias gradients. Optionally the
+backward, the gate activations and ``tanh(c')``); the backward reads those and writes the
+gradients of ``x``, ``h`` and ``c``, accumulating the weight and bias gradients. Optionally the
 forward also applies a linear head to ``h'`` (the update rule's output layer, one number per row)
 and the backward takes the head's gradient, so that the rule's output needs no pass of its own.
 
@@ -61,15 +60,6 @@ from ..switches import env_switch
 SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 #: Rows per part below which a call is not split over threads.
 MIN_ROWS_PER_THREAD = 4096
-#: Saved activations (the forward's for its backward) of more bytes than this are written with
-#: streaming stores, past the caches, where the CPU has them (AVX-512): they are read only one
-#: unroll later, and a plain store first reads each cache line it writes.
-STREAM_BYTES = 4 << 20
-
-
-def streams() -> bool:
-    """Whether this CPU's build writes saved activations with streaming stores (AVX-512)."""
-    return "avx512f" in _cpu_identity().split()
 _libraries: dict[tuple[int, int], ctypes.CDLL] = {}
 _failed = False
 _warned_unwritable = False
@@ -137,7 +127,7 @@ def _digest(path: Path) -> str:
 def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 12 + [ctypes.c_int]
+    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 12
     library.lstm_layer_forward.restype = None
     library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 16
     library.lstm_layer_backward.restype = None
@@ -332,8 +322,7 @@ def lstm_layer_forward(
         head_bias = _checked(head_bias.detach().reshape(-1).contiguous(), (1,), "head_bias")
         head = x.new_empty(n)
     tensors = (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out, head_weight, head_bias, head)
-    stream = save and n * 4 * hidden * x.element_size() > STREAM_BYTES
-    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in tensors), int(stream))
+    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in tensors))
     return act, tanh_c, head
 
 
