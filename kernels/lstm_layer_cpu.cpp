@@ -170,7 +170,8 @@ static inline void backward_rows(int64_t row0, const float* x, const float* h, c
   float d_gates[R][G] __attribute__((aligned(64)));
   // h''s and c''s gradients gathered first into local rows, so that the main loop has no test
   // of an absent (null) gradient: with one, the compiler's vectorised loop ran only where every
-  // gradient was given (with grad_h_more null, as under a head, the backward took 1.2x longer)
+  // gradient was given (with grad_h_more null, as under a head, the backward took 1.2x longer in
+  // an unrecorded A/B)
   float head_weight[HID], head_sum[HID + 1] = {0};
   if (HEAD) memcpy(head_weight, head_w, sizeof head_weight);
   for (int r = 0; r < R; r++) {

@@ -104,7 +104,7 @@ def _cpu_identity() -> str:
 def _product_lanes() -> int:
     """The kernel's ``XL``: 16 on Intel CPUs with AVX-512, which run 16 floats in one slot, else 8
     (a 16-float operation takes two slots, and 8 wastes less padding: on an AMD EPYC (AVX-512)
-    host the backward with input gradients ran 1.07x and 1.04x faster for layers of 2 and 20
+    host the backward with input gradients ran 1.09x and 1.03x faster for layers of 2 and 20
     inputs, ``benchmarks/results/lstm_layer_cpu.md``)."""
     identity = _cpu_identity()
     return 16 if "GenuineIntel" in identity and "avx512f" in identity.split() else 8

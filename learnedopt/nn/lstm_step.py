@@ -277,7 +277,9 @@ class LSTMStackStep(torch.autograd.Function):
     ``top`` ``(n, H)`` (the last layer's ``h'``; with a head, the head's output ``(n,)``) and
     ``h'``, ``c'`` ``(L, n, H)``. A head needs the top layer fused (:func:`_fused_layers`): its
     kernel computes the head in the same pass, where the same per-row sum in torch operations
-    (:func:`linear_head`) with its backward cost about a tenth of a truncation.
+    (:func:`linear_head`) and its backward are passes of their own over ``(n, H)`` (a
+    meta-training truncation 1.02x to 1.08x faster in five of six runs, 0.97x in one,
+    ``benchmarks/results/meta_train_throughput_*head*.md``).
 
     All layers are one function so that the pointwise passes write each layer's ``h'`` and
     ``c'`` straight into the ``(L, n, H)`` outputs, and its backward each layer's gradient of
