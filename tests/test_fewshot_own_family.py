@@ -15,6 +15,8 @@ from learnedopt.cli import main
 from learnedopt.meta.fewshot import MODEL_NAME, FewShotFamily, load_learner
 
 FAMILIES = '''
+from pathlib import Path
+
 import torch
 from torch import nn
 from learnedopt.meta import TaskFamily
@@ -110,6 +112,18 @@ class EmptyDescription(LineFamily):
 class NeedsPath:
     def __init__(self, path):
         pass
+
+
+class FromFolder(LineFamily):
+    """Needs its data folder, which sets its network's width: a model file must rebuild it with
+    the run's folder, or one given in its place."""
+
+    def __init__(self, data, split="meta_train", shots=4, queries=3):
+        super().__init__(split, shots, queries)
+        self.width = int((Path(data) / "width.txt").read_text())
+
+    def model(self):
+        return nn.Sequential(nn.Linear(1, self.width), nn.ReLU(), nn.Linear(self.width, 1))
 
 
 class RuleTasks(TaskFamily):
@@ -239,6 +253,25 @@ def test_a_family_that_does_not_fit_is_refused_in_one_line_before_anything_is_wr
     assert message.replace("{m}", families) in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("learnedopt meta-train: error: ")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_file_rebuilds_a_family_with_the_runs_shots_and_data_folder(tmp_path: Path, families: str) -> None:
+    """A family that needs ``data=`` (here for its network's width) is rebuilt by load_learner
+    with the run's --data and shots (it failed: "needs data, which it is not given"), or with a
+    folder given in place of a moved one."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "width.txt").write_text("5")
+    out = tmp_path / "run"
+    assert train(out, "--algo", "maml", "--task", f"{families}:FromFolder", "--data", str(folder), "--shots", "3", *TINY) == 0
+    saved = tensors(out / MODEL_NAME)
+    learner, _ = load_learner(out / MODEL_NAME)
+    assert all(torch.equal(v, saved[k]) for k, v in learner.tensors().items())
+    moved = folder.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match="No such file"):
+        load_learner(out / MODEL_NAME)
+    learner, _ = load_learner(out / MODEL_NAME, data=moved)
+    assert all(torch.equal(v, saved[k]) for k, v in learner.tensors().items())
 
 
 def test_a_model_file_whose_family_is_gone_is_refused_in_one_line(tmp_path: Path, families: str) -> None:

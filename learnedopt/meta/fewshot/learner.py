@@ -371,8 +371,15 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
-def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str, Any]]:
+def load_learner(
+    path: str | os.PathLike[str], *, data: str | os.PathLike[str] | None = None
+) -> tuple[FewShotLearner, dict[str, Any]]:
     """Rebuild the learner of a ``model.safetensors`` file (no unpickling).
+
+    A learner of your own few-shot family (``module:attribute``) gets its network from the
+    family's ``model()``: the family is built as the run built its meta-training tasks, with the
+    run's ``shots=``, ``queries=`` and ``data=`` (those it was given), ``data`` here replacing
+    the run's folder (moved, or on another machine).
 
     Returns:
         ``(learner, header)``.
@@ -381,7 +388,7 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
         FileNotFoundError: no such file.
         ValueError: not a learnedopt few-shot model file, a format other than 1 and 2 (2: a
             ``head_only`` learner's), tensors that do not fit its header, or (a learner of your
-            own family, ``module:attribute``) a family that does not import or build.
+            own family) a family that does not import or build.
     """
     path = Path(path)
     header, tensors = open_with_header(
@@ -396,8 +403,15 @@ def load_learner(path: str | os.PathLike[str]) -> tuple[FewShotLearner, dict[str
     family = None
     architecture = header.get("architecture")
     if isinstance(architecture, dict) and architecture.get("kind") == OWN_KIND:
+        run = header.get("meta_train_config")
+        run = run if isinstance(run, dict) else {}  # a file written by save_learner alone has none
         try:
-            family = import_fewshot_family(str(architecture.get("family")))
+            family = import_fewshot_family(
+                str(architecture.get("family")),
+                shots=run.get("train_shots") or run.get("shots"),
+                queries=run.get("queries"),
+                data=str(data) if data is not None else run.get("data"),
+            )
         except ValueError as err:
             raise ValueError(f"{path}: the learner's network is built by your own few-shot family: {err}") from None
     try:
