@@ -201,6 +201,32 @@ def test_torch_func_transforms_raise_a_clear_error() -> None:
         vmap(lambda g, s: rule(g, g, s)[0])(torch.randn(2, 5), batched)
 
 
+def test_vmap_over_only_the_heads_weights_runs_the_head_in_torch() -> None:
+    """The LSTM's tensors outside the transform (no wrapped tensor reaches the LSTM): the head,
+    batched by ``vmap``, must not go to the fused kernel (which read its missing storage: "Cannot
+    access data pointer"); it runs in torch operations, as before the kernel took the head."""
+    from torch.func import functional_call, vmap
+
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM(hidden_size=8).requires_grad_(False)
+    x, h, c = torch.randn(9, rule.config.num_inputs), torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    head_weights = torch.randn(3, 1, 8)
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rule = rule
+
+        def forward(self) -> torch.Tensor:
+            return self.rule.step_from_features(x, h, c)[0]
+
+    steps = vmap(lambda w: functional_call(Step(), {"rule.head.weight": w}, ()))(head_weights)
+    for weight, got in zip(head_weights, steps, strict=True):
+        rule.head.weight.copy_(weight)
+        torch.testing.assert_close(got, rule.step_from_features(x, h, c)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
 

@@ -419,7 +419,8 @@ def lstm_step(
         x: ``(n, input_size)``.
         h, c: ``(num_layers, n, hidden_size)``.
         head: an ``nn.Linear(hidden_size, 1)`` applied to each row of the output as
-            :func:`linear_head` does (the fused CPU kernel computes it in the top layer's pass).
+            :func:`linear_head` does (the fused CPU kernel computes it in the top layer's pass;
+            a head whose weights a ``torch.func`` transform wraps, in torch operations).
 
     Returns:
         ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` (with ``head``: the
@@ -439,8 +440,11 @@ def lstm_step(
             "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
         )
+    # a head under a torch.func transform (vmap over the head's weights alone: no wrapped tensor
+    # reaches the LSTM) runs in torch operations, which the transform can follow
     fused_head = (
         head is not None
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (head.weight, head.bias))
         and lstm_layer_cpu.applies(head.weight, head.bias, hidden=h.shape[2])
         and _fused_layers(x, h, c, tuple(weights))[-1]
     )
