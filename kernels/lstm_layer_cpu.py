@@ -112,9 +112,13 @@ def _product_lanes() -> int:
 
 def _compiler() -> list[str] | None:
     """The compiler's command: ``$CXX`` (a command line, e.g. ``ccache g++``), else the first of
-    ``c++``, ``g++``, ``clang++`` on the PATH; None if none is found."""
+    ``c++``, ``g++``, ``clang++`` on the PATH (a ``$CXX`` that names no program there, or does
+    not split as a command line, is passed over); None if none is found."""
     for command in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        words = shlex.split(command) if command else []
+        try:
+            words = shlex.split(command) if command else []
+        except ValueError:  # an unclosed quote
+            words = []
         if words and shutil.which(words[0]):
             return [shutil.which(words[0]), *words[1:]]
     return None

@@ -314,6 +314,18 @@ def test_cxx_may_be_a_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
     assert log.read_text().splitlines()[:2] == ["--marker", compiler]
 
 
+@needs_compiler
+def test_a_cxx_that_is_not_a_command_line_is_passed_over(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A ``CXX`` that does not split as a command line (an unclosed quote) is passed over like one
+    that names no program: it raised shlex's ValueError out of every step of a rule."""
+    compiler = lstm_layer_cpu._compiler()
+    monkeypatch.setenv("CXX", 'g++ -DNAME="unclosed')
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    assert lstm_layer_cpu._compiler() == compiler
+    assert lstm_layer_cpu.ready(7, 4)
+
+
 def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
     """A truncated kernel under its final name (a crash before the disk had it, a partial copy
     of a cache) is built again, not loaded: loading it killed every process (SIGBUS)."""
