@@ -227,6 +227,26 @@ def test_vmap_over_only_the_heads_weights_runs_the_head_in_torch() -> None:
         torch.testing.assert_close(got, rule.step_from_features(x, h, c)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_forward_mode_tangents_of_the_heads_weights_are_kept() -> None:
+    """A head weight that is a forward-mode dual (``torch.autograd.forward_ad``), the LSTM frozen:
+    the step's tangent is the head's (the fused kernel read the primal only and returned no
+    tangent, silently; the head in torch operations keeps it, as before the kernel took it)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM(hidden_size=8).requires_grad_(False)
+    x, h, c = torch.randn(9, rule.config.num_inputs), torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    weight, tangent = rule.head.weight.detach().clone(), torch.randn(1, 8)
+    with fwAD.dual_level():
+        del rule.head.weight
+        rule.head.weight = fwAD.make_dual(weight, tangent)
+        got = fwAD.unpack_dual(rule.step_from_features(x, h, c)[0]).tangent
+    assert got is not None
+    top = rule.lstm(x[None], (h, c))[0][0]
+    torch.testing.assert_close(got, (top * tangent[0]).sum(1) * rule.config.output_scale, rtol=1e-5, atol=1e-6)
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
 

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..kernels import lstm_layer_cpu
@@ -420,7 +421,8 @@ def lstm_step(
         h, c: ``(num_layers, n, hidden_size)``.
         head: an ``nn.Linear(hidden_size, 1)`` applied to each row of the output as
             :func:`linear_head` does (the fused CPU kernel computes it in the top layer's pass;
-            a head whose weights a ``torch.func`` transform wraps, in torch operations).
+            a head whose weights a ``torch.func`` transform wraps or that carry forward-mode
+            tangents, in torch operations).
 
     Returns:
         ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` (with ``head``: the
@@ -441,10 +443,12 @@ def lstm_step(
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
         )
     # a head under a torch.func transform (vmap over the head's weights alone: no wrapped tensor
-    # reaches the LSTM) runs in torch operations, which the transform can follow
+    # reaches the LSTM) or with forward-mode tangents (torch.autograd.forward_ad duals, which the
+    # kernel would drop) runs in torch operations, which follow both
     fused_head = (
         head is not None
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (head.weight, head.bias))
+        and not any(forward_ad.unpack_dual(t).tangent is not None for t in (head.weight, head.bias))
         and lstm_layer_cpu.applies(head.weight, head.bias, hidden=h.shape[2])
         and _fused_layers(x, h, c, tuple(weights))[-1]
     )
