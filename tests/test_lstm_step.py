@@ -247,6 +247,26 @@ def test_forward_mode_tangents_of_the_heads_weights_are_kept() -> None:
     torch.testing.assert_close(got, (top * tangent[0]).sum(1) * rule.config.output_scale, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dual", ["x", "weight"])
+def test_forward_mode_tangents_into_the_lstm_raise(dual: str) -> None:
+    """A forward-mode dual (``torch.autograd.forward_ad``) among the LSTM's inputs or weights:
+    the step's outputs came back without a tangent (kernel on or off), silently."""
+    import torch.autograd.forward_ad as fwAD
+
+    lstm, x, h, c = _inputs(torch.float32, hidden=8)
+    lstm.requires_grad_(False)
+    x, h, c = x.detach(), h.detach(), c.detach()
+    with fwAD.dual_level():
+        if dual == "x":
+            x = fwAD.make_dual(x, torch.randn_like(x))
+        else:
+            weight = lstm.weight_hh_l0.detach().clone()
+            del lstm.weight_hh_l0
+            lstm.weight_hh_l0 = fwAD.make_dual(weight, torch.randn_like(weight))
+        with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+            lstm_step(lstm, x, h, c)
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
 

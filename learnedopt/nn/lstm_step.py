@@ -31,7 +31,8 @@ same way for the same inputs, so they give the same bits.
 The backward is first order: the meta-gradient of an unroll needs one backward through each rule
 call; differentiating that backward again (``create_graph=True`` through it) raises an error, and
 so do ``torch.func`` transforms (``grad``, ``vmap``), which this ``autograd.Function`` does not
-support.
+support, and forward-mode dual tensors (``torch.autograd.forward_ad``) among the LSTM's inputs or
+weights (a head's tangents are kept: :func:`lstm_step` then runs the head in torch).
 """
 
 from __future__ import annotations
@@ -441,6 +442,13 @@ def lstm_step(
             "learnedopt.nn.lstm_step (the update rules' LSTM) does not run under torch.func "
             "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
+        )
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in (x, h, c, *weights)):
+        # the outputs would come back without a tangent: a sum with other terms silently lacks
+        # the LSTM's share
+        raise RuntimeError(
+            "learnedopt.nn.lstm_step (the update rules' LSTM) has no forward-mode derivative "
+            "(torch.autograd.forward_ad dual tensors): use torch.autograd.grad"
         )
     # a head under a torch.func transform (vmap over the head's weights alone: no wrapped tensor
     # reaches the LSTM) or with forward-mode tangents (torch.autograd.forward_ad duals, which the
