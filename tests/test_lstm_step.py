@@ -201,6 +201,21 @@ def test_torch_func_transforms_raise_a_clear_error() -> None:
         vmap(lambda g, s: rule(g, g, s)[0])(torch.randn(2, 5), batched)
 
 
+def test_a_head_that_alone_needs_gradients_has_second_derivatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the LSTM frozen and only the head trainable, the head runs in torch operations, so a
+    second derivative through it works (the fused step's backward is first order: with the head
+    in the kernel it raised), equal to the kernel-off path's."""
+    lstm, head = torch.nn.LSTM(3, 8, 2).requires_grad_(False), torch.nn.Linear(8, 1)
+    x, h, c = torch.randn(11, 3), torch.randn(2, 11, 8), torch.randn(2, 11, 8)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", switch)
+        out = lstm_step(lstm, x, h, c, head=head)[0]
+        (g,) = torch.autograd.grad((out**3).sum(), head.weight, create_graph=True)
+        results.append(torch.autograd.grad(g.sum(), head.weight)[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
 def test_vmap_over_only_the_heads_weights_runs_the_head_in_torch() -> None:
     """The LSTM's tensors outside the transform (no wrapped tensor reaches the LSTM): the head,
     batched by ``vmap``, must not go to the fused kernel (which read its missing storage: "Cannot

@@ -26,7 +26,9 @@ and kind of input (device, dtype, hidden size), and once more when the batch siz
 fused kernel either). If compiling fails (no C++ compiler, an unsupported platform) they run
 eagerly, with one warning. Every way computes the same math as ``torch.nn.LSTM`` (torch's gate
 order ``i, f, g, o``), equal to rounding; the optimizer's no-grad step and meta-training take the
-same way for the same inputs, so they give the same bits.
+same way for the same inputs, so they give the same bits (one exception: a head that alone needs
+gradients, the LSTM frozen, runs in torch operations under autograd, so that it has derivatives
+of any order; the no-grad step's head in the kernel then differs from it by rounding).
 
 The backward is first order: the meta-gradient of an unroll needs one backward through each rule
 call; differentiating that backward again (``create_graph=True`` through it) raises an error, and
@@ -423,7 +425,7 @@ def lstm_step(
         head: an ``nn.Linear(hidden_size, 1)`` applied to each row of the output as
             :func:`linear_head` does (the fused CPU kernel computes it in the top layer's pass;
             a head whose weights a ``torch.func`` transform wraps or that carry forward-mode
-            tangents, in torch operations).
+            tangents, or that alone needs gradients, in torch operations).
 
     Returns:
         ``(top, h', c')``: the last layer's output ``(n, hidden_size)`` (with ``head``: the
@@ -452,16 +454,21 @@ def lstm_step(
         )
     # a head under a torch.func transform (vmap over the head's weights alone: no wrapped tensor
     # reaches the LSTM) or with forward-mode tangents (torch.autograd.forward_ad duals, which the
-    # kernel would drop) runs in torch operations, which follow both
+    # kernel would drop) runs in torch operations, which follow both; so does a head that alone
+    # needs gradients (the LSTM frozen), whose derivatives of any order torch gives, where the
+    # fused step's backward is first order
+    grad = torch.is_grad_enabled()
+    lstm_needs_grad = grad and any(t.requires_grad for t in (x, h, c, *weights))
     fused_head = (
         head is not None
+        and (lstm_needs_grad or not (grad and (head.weight.requires_grad or head.bias.requires_grad)))
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (head.weight, head.bias))
         and not any(forward_ad.unpack_dual(t).tangent is not None for t in (head.weight, head.bias))
         and lstm_layer_cpu.applies(head.weight, head.bias, hidden=h.shape[2])
         and _fused_layers(x, h, c, tuple(weights))[-1]
     )
     head_weights = (head.weight, head.bias) if fused_head else (None, None)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, *weights, *head_weights) if t is not None)):
+    if not (lstm_needs_grad or (grad and fused_head and any(t.requires_grad for t in head_weights))):
         h_new, c_new, head_out, *_ = _stack_forward(x, h, c, tuple(weights), save=False, head=head_weights if fused_head else None)
         top = h_new[-1].clone() if head_out is None else head_out
     else:
