@@ -201,6 +201,20 @@ def test_torch_func_transforms_raise_a_clear_error() -> None:
         vmap(lambda g, s: rule(g, g, s)[0])(torch.randn(2, 5), batched)
 
 
+@pytest.mark.parametrize(("head", "message"), [
+    (torch.nn.Linear(8, 2), r"nn.Linear\(8, 1\) with a bias .*got a weight of shape \(2, 8\)$"),
+    (torch.nn.Linear(8, 1, bias=False), r"got a weight of shape \(1, 8\) and no bias"),
+    (torch.nn.Linear(4, 1), r"got a weight of shape \(1, 4\)"),
+])  # fmt: skip
+def test_a_head_other_than_one_output_with_a_bias_is_refused(head: torch.nn.Linear, message: str) -> None:
+    """A wider head had its first output used in torch and was refused by the kernel; one
+    without a bias raised AttributeError: both paths now refuse them in one line."""
+    lstm = torch.nn.LSTM(3, 8, 2)
+    x, h, c = torch.randn(5, 3), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=message):
+        lstm_step(lstm, x, h, c, head=head)
+
+
 def test_a_head_that_alone_needs_gradients_has_second_derivatives(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the LSTM frozen and only the head trainable, the head runs in torch operations, so a
     second derivative through it works (the fused step's backward is first order: with the head

@@ -445,6 +445,13 @@ def lstm_step(
             "transforms (grad, vmap, jvp, jacrev): its hand-written backward is a classic "
             "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
         )
+    hidden = h.shape[2]
+    if head is not None and (tuple(head.weight.shape) != (1, hidden) or head.bias is None):
+        # the torch path read only the first output of a wider head, the kernel refused it
+        raise ValueError(
+            f"lstm_step: the head must be an nn.Linear({hidden}, 1) with a bias (one step per coordinate), got a weight of "
+            f"shape {tuple(head.weight.shape)}" + (" and no bias" if head.bias is None else "")
+        )
     if any(forward_ad.unpack_dual(t).tangent is not None for t in (x, h, c, *weights)):
         # the outputs would come back without a tangent: a sum with other terms silently lacks
         # the LSTM's share
@@ -464,7 +471,7 @@ def lstm_step(
         and (lstm_needs_grad or not (grad and (head.weight.requires_grad or head.bias.requires_grad)))
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (head.weight, head.bias))
         and not any(forward_ad.unpack_dual(t).tangent is not None for t in (head.weight, head.bias))
-        and lstm_layer_cpu.applies(head.weight, head.bias, hidden=h.shape[2])
+        and lstm_layer_cpu.applies(head.weight, head.bias, hidden=hidden)
         and _fused_layers(x, h, c, tuple(weights))[-1]
     )
     head_weights = (head.weight, head.bias) if fused_head else (None, None)
