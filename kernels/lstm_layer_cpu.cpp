@@ -276,11 +276,11 @@ extern "C" void lstm_layer_backward(int64_t n, int parts, const float* x, const 
     memcpy(total + K * G, gb, sizeof(float) * NSUM);
     memset(gw, 0, sizeof(float) * K * G);
     memset(gb, 0, sizeof(float) * NSUM);
+    const auto rows = grad_head ? backward_rows<TILE, true> : backward_rows<TILE, false>;
+    const auto one_row = grad_head ? backward_rows<1, true> : backward_rows<1, false>;
     for (int64_t block = begin; block < end; block += BLOCK) {
       const int64_t stop = block + BLOCK < end ? block + BLOCK : end;
       int64_t row = block;
-      const auto rows = grad_head ? backward_rows<TILE, true> : backward_rows<TILE, false>;
-      const auto one_row = grad_head ? backward_rows<1, true> : backward_rows<1, false>;
       for (; row + TILE <= stop; row += TILE)
         rows(row, x, h, c, act, tanh_c, grad_h, grad_h_more, grad_c, grad_head, head_w, w, gw, gb, grad_x, grad_h_prev,
              grad_c_prev);
