@@ -271,7 +271,7 @@ def main() -> None:
     grads = {}
     # round by round, each implementation once per round, so that a slow spell of a shared
     # machine (minutes long on the VMs these ran on: one row's seven repeats in a row came out
-    # 1.3x slower than in the run before) falls on every row alike; each timed truncation right
+    # 1.3x slower than in the run before, files not kept) falls on every row alike; each timed truncation right
     # after an untimed one of the same implementation, since the first truncation after another
     # implementation can pay for mapping memory that one released (tens of thousands of page
     # faults), and the best of the repeats should not carry that
