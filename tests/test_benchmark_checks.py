@@ -152,3 +152,35 @@ def test_run_gpu_writes_under_a_relative_out_and_fails_with_higher(tmp_path: Pat
         assert Path(words[words.index("--results-dir") + 1]) == results, line
     assert (tmp_path / "out" / "summary.txt").is_file()
     assert (done.returncode != 0) == bool(higher_rc), done.stdout[-2000:]
+
+
+def test_kernel_ab_tells_same_bits_from_other_rounding(tmp_path: Path, monkeypatch) -> None:
+    """``kernel_ab.py`` loads two kernel builds side by side: the working tree's source against
+    itself gives the same meta-gradient bits; a source whose sigmoid is off by 1e-7 does not."""
+    import kernel_ab
+
+    from learnedopt.kernels import lstm_layer_cpu
+
+    results = tmp_path
+    monkeypatch.setattr(common, "RESULTS", results)
+    monkeypatch.delenv("LEARNEDOPT_COMPILE", raising=False)  # the kernel runs where the step may compile
+
+    source = lstm_layer_cpu.SOURCE.read_text()
+    sigmoid = "bc(1.0f) / (bc(1.0f) + vexp(-z))"
+    assert sigmoid in source
+    for name, baseline, same in (("same", source, True), ("other", source.replace(sigmoid, f"({sigmoid} + bc(1e-7f))"), False)):
+        monkeypatch.setattr(kernel_ab, "source_at", lambda revision, text=baseline: text)
+        run_main(kernel_ab, monkeypatch, "--against", "REV", "--task", "quadratic", "--unroll", "2", "--rounds", "1", "--tag", name)
+        row = json.loads((results / f"kernel_ab_{name}.json").read_text())["rows"][0]
+        assert row["same_meta_gradient_bits"] is same
+        assert ("the same bits" in (results / f"kernel_ab_{name}.md").read_text()) is same
+    assert lstm_layer_cpu.SOURCE.read_text() == source  # the working tree's kernel is back in use
+
+
+def test_kernel_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
+    import kernel_ab
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(kernel_ab, monkeypatch, "--against", "no-such-revision-xyz", "--task", "quadratic")
+    assert exit_.value.code == 2
+    assert "no kernels/lstm_layer_cpu.cpp at 'no-such-revision-xyz'" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""A change to the fused CPU LSTM kernel, measured: its source at another git revision against the
+working tree's, on meta-training truncations, in one process.
+
+Both builds of ``kernels/lstm_layer_cpu.cpp`` are loaded side by side and the library's
+truncation (the unroll of ``--unroll`` steps and its backward, as in
+``meta_train_throughput.py``'s "batched" row) runs with one and then the other, in rounds of one
+timed truncation each (each right after an untimed one of its own), best of ``--rounds``: the
+shared machines these ran on have slow spells minutes long, which a run of one build and then a
+run of the other would put on one side. The script also says whether the two meta-gradients are
+the same bits (a change that only reorders the machine's work should keep them).
+
+    python benchmarks/kernel_ab.py --against REV [--preset NAME] [--threads 1] [--rounds 9] [--tag NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fail, positive_int, write_results  # noqa: E402
+
+from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
+from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
+from learnedopt.nn import RULES, UpdateRule  # noqa: E402
+
+SOURCE_PATH = "kernels/lstm_layer_cpu.cpp"
+
+
+def source_at(revision: str) -> str:
+    """The kernel's source at a git revision (a one-line error where git does not have it)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["git", "show", f"{revision}:{SOURCE_PATH}"], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"no {SOURCE_PATH} at {revision!r}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'git failed'}")
+    return done.stdout
+
+
+def truncation(rule: UpdateRule, family, unroll_steps: int) -> tuple[float, list[torch.Tensor]]:
+    """Seconds for one truncation (unroll + backward) on meta-batch 2, and the meta-gradient."""
+    g = generator_for(0, 1, 1)
+    tasks = family.sample_batch(2, g)
+    params = tasks.init_params(g)
+    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+    for p in rule.parameters():
+        p.grad = None
+    start = time.perf_counter()
+    unroll(rule, tasks, params, state, unroll_steps).meta_loss.backward()
+    return time.perf_counter() - start, [p.grad.clone() for p in rule.parameters()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--against", required=True, help="git revision whose kernel source is the baseline")
+    parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
+    parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--tag", help="suffix of the results file name")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        baseline_source = source_at(args.against)
+        family = make_family(args.task, split="meta_train")
+        if args.preset:
+            from learnedopt.weights import build_preset
+
+            rule = build_preset(args.preset)[0]
+        else:
+            torch.manual_seed(0)
+            rule = RULES["CoordinateLSTM"]()
+    except (OSError, ValueError) as err:
+        fail(parser, str(err))
+    rule.requires_grad_(True)
+    builds = {}
+    with tempfile.TemporaryDirectory() as folder:
+        baseline_path = Path(folder) / "lstm_layer_cpu.cpp"
+        baseline_path.write_text(baseline_source)
+        working_tree = lstm_layer_cpu.SOURCE
+        for name, source in (("baseline", baseline_path), ("working tree", working_tree)):
+            lstm_layer_cpu.SOURCE = source
+            lstm_layer_cpu._libraries.clear()
+            truncation(rule, family, args.unroll)  # builds this source's kernels, and warms up
+            builds[name] = dict(lstm_layer_cpu._libraries)
+            if not builds[name]:
+                fail(parser, "the fused CPU LSTM kernel did not run (LEARNEDOPT_CPU_KERNEL=0, no compiler, or a build error)")
+        lstm_layer_cpu.SOURCE = working_tree
+    times = {name: [] for name in builds}
+    grads = {}
+    for _ in range(args.rounds):
+        for name, libraries in builds.items():
+            lstm_layer_cpu._libraries.clear()
+            lstm_layer_cpu._libraries.update(libraries)
+            truncation(rule, family, args.unroll)
+            seconds, grads[name] = truncation(rule, family, args.unroll)
+            times[name].append(seconds)
+    lstm_layer_cpu._libraries.clear()
+    lstm_layer_cpu._libraries.update(builds["working tree"])
+    same_bits = all(torch.equal(a, b) for a, b in zip(grads["baseline"], grads["working tree"], strict=True))
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    speedup = best["baseline"] / best["working tree"]
+    row = dict(
+        against=args.against, preset=args.preset, task=args.task, unroll=args.unroll, rounds=args.rounds,
+        threads=torch.get_num_threads(), best_seconds=best, median_seconds=median, seconds=times,
+        speedup=speedup, median_speedup=median["baseline"] / median["working tree"], same_meta_gradient_bits=same_bits,
+    )
+    print(row)
+    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
+    lines = [
+        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
+        f"meta-batch 2, {row['threads']} thread(s): the kernel source at `{args.against}` against the working "
+        f"tree's, loaded side by side and alternated, {args.rounds} rounds.\n",
+        "| kernel source | best s | median s |",
+        "|---|---:|---:|",
+        *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in builds),
+        f"\nWorking tree faster by {speedup:.2f}x (best), {row['median_speedup']:.2f}x (median); meta-gradients "
+        + ("the same bits." if same_bits else "differ (other rounding)."),
+    ]
+    write_results("kernel_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
