@@ -134,8 +134,8 @@ class ClassificationProblem(Problem):
         draw = torch.randint(
             len(self.pool), (self.batch_size,), generator=generator_for(seed, _BATCH_STREAM, step)
         )
-        idx = self.pool[draw]
-        return self.inputs[idx], self.labels[idx]
+        idx = self.pool[draw].to(self.inputs.device)
+        return self.inputs.index_select(0, idx), self.labels.index_select(0, idx)  # as MLPTask.minibatch
 
     def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
         x, y = self.minibatch(seed, step)
