@@ -277,7 +277,8 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     header, tensors = _open(path)
     rule_class = RULES[header["kind"]]
     try:
-        rule = rule_class.from_config_dict(header["config"])
+        with torch.device("cpu"):  # see build_preset
+            rule = rule_class.from_config_dict(header["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid {header['kind']} config in header: {err}") from None
     expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
@@ -375,7 +376,11 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
             rule, header = _load_file(path)
         return rule, {**header, "preset": name}
-    rule = RULES[preset.kind].from_config_dict(preset.config)
+    # on the CPU whatever the default device: weights built under ``with torch.device("meta")``
+    # (a shape-only run, as torch.optim allows) would hold no values, and the CPU generator
+    # cannot initialise another device's tensors
+    with torch.device("cpu"):
+        rule = RULES[preset.kind].from_config_dict(preset.config)
     rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
     header = {
         "format": FORMAT_VERSION,
@@ -486,6 +491,7 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
                         "trained_on": header.get("trained_on"), "command": header.get("command")})  # fmt: skip
     states = [r.state_dict() for r in rules]
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
-    average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
+    with torch.device("cpu"):  # see build_preset
+        average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
     average.load_state_dict(mean)
     return average, members

@@ -1,13 +1,14 @@
 """The torch.optim protocol: groups, closures, schedulers, dtypes, skipping, maximize."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step
 
-from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, UntrainedWeightsWarning
 
 
 def test_is_a_torch_optimizer_with_defaults() -> None:
@@ -406,6 +407,44 @@ def test_steps_on_meta_tensors_give_states_of_the_right_shapes(monkeypatch, kind
         assert opt.state[p]["h"].is_meta and opt.state[p]["h"].shape[1:] == (p.numel(), hidden)
         assert int(opt.state[p]["step"]) == 2
     assert not forward.failed
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("trained", [True, False])
+def test_an_optimizer_built_and_stepped_under_a_default_meta_device_works_as_adam(kind, trained) -> None:
+    """``with torch.device("meta")`` around the whole run (a shape-only memory estimate), or
+    around the optimizer of real CPU parameters, as torch.optim.Adam allows: the rule's weights,
+    the step count and a loss given as a number stay real CPU values, as Adam's count does. They
+    were made on the default device: the weights' finiteness check read meta tensors, an
+    untrained preset's meta weights could not be copied, and a count on ``meta`` had no value."""
+    weights = None if trained else {"lstm": "l2l-2016", "meta": "meta-lstm-adam"}[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWeightsWarning)
+        with torch.device("meta"):
+            model = torch.nn.Linear(4, 3)
+            opt = OPTIMIZERS[kind](model.parameters(), weights=weights)
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = torch.empty_like(p)
+                opt.step(loss=1.0) if kind == "meta" else opt.step()
+        assert not any(w.is_meta for w in opt.rule.parameters())
+        for p in model.parameters():
+            assert opt.state[p]["h"].is_meta and opt.state[p]["h"].shape[1] == p.numel()
+            assert int(opt.state[p]["step"]) == 2
+
+        params, reference_params = make_params([(3,), (2, 2)], dtype=torch.float32), make_params([(3,), (2, 2)], dtype=torch.float32)
+        reference = OPTIMIZERS[kind](reference_params, weights=weights)
+        with torch.device("meta"):
+            opt = OPTIMIZERS[kind](params, weights=weights)
+        for seed in range(2):
+            set_grads(params, seed=seed)
+            set_grads(reference_params, seed=seed)
+            with torch.device("meta"):
+                opt.step(loss=0.5) if kind == "meta" else opt.step()
+            reference.step(loss=0.5) if kind == "meta" else reference.step()
+    assert_same_params_and_states(params, opt, reference_params, reference)
+    for p in params:
+        assert opt.state[p]["step"].device.type == "cpu" and int(opt.state[p]["step"]) == 2
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])

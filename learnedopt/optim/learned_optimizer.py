@@ -460,8 +460,12 @@ class LearnedOptimizer(Optimizer):
                 "returns it, or step(loss=loss)"
             )
         # a Python number is a double: read in float64 (as_tensor would round it to float32), so
-        # float64 parameters' math sees it exactly and a finite one is never called Inf
-        loss = torch.as_tensor(loss, dtype=None if isinstance(loss, Tensor) else torch.float64).detach()
+        # float64 parameters' math sees it exactly and a finite one is never called Inf; on the
+        # CPU, not the default device (``with torch.device("meta")`` would drop its value)
+        if isinstance(loss, Tensor):
+            loss = loss.detach()
+        else:
+            loss = torch.as_tensor(loss, dtype=torch.float64, device="cpu")
         if sharding.is_sharded(loss):  # a DTensor loss (tensor parallelism): the same value on every rank
             loss = loss.full_tensor()
         if loss.numel() != 1:
@@ -625,7 +629,7 @@ class LearnedOptimizer(Optimizer):
     def _state_of(self, p: Tensor, state_dtype: torch.dtype) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = _new_step()
             state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
         flatten_parameter_shaped(self.rule, state, p)
         check_state_shapes(self.rule, state, sharding.local(p).numel())
@@ -648,7 +652,7 @@ class LearnedOptimizer(Optimizer):
         parameters with state and those ``stepping`` now (not one skipped for a NaN gradient)."""
         members = self._flat_members(group, device, compute_dtype, stepping)
         for p in members:
-            self.state[p].setdefault("step", torch.tensor(0.0))
+            self.state[p].setdefault("step", _new_step())
         key = (index, device, compute_dtype)
         flat = self._flat_states.get(key)
         if flat is None or not flat.is_current(members, self.state, state_dtype):
@@ -796,7 +800,15 @@ def _loaded_step(step: Any, index: int) -> Tensor:
     value = step.item() if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() else step
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"saved 'step' of parameter {index} must be a non-negative number, got {step!r}")
-    return torch.tensor(float(value), dtype=torch.float32)
+    return torch.tensor(float(value), dtype=torch.float32, device="cpu")
+
+
+def _new_step() -> Tensor:
+    """A parameter's step count before its first step: a float32 scalar on the CPU, as
+    ``torch.optim.Adam`` hosts it, whatever the default device (a count on the ``meta`` device
+    that ``with torch.device("meta")`` sets would hold no value) or dtype (a loaded count is
+    float32 too)."""
+    return torch.zeros((), dtype=torch.float32, device="cpu")
 
 
 #: relative to a group's ``initial_lr``: a schedule decaying to 0 that lands below it by less is taken as 0
