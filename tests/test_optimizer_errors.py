@@ -211,6 +211,44 @@ def test_weights_per_param_group_and_repeated_parameters_are_errors() -> None:
         LSTMOptimizer([a, b, a])
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize(
+    ("appended", "message"),
+    [
+        ("same group", "appears more than once in one parameter group"),
+        ("earlier group", r"a parameter of param_groups\[1\] appears in an earlier parameter group"),
+        ("complex", "does not support complex parameters"),
+        ("integer", "needs floating-point parameters, got torch.int64"),
+    ],
+)
+def test_a_parameter_appended_to_a_group_later_is_checked_at_the_next_step(kind, foreach, appended, message) -> None:
+    """``param_groups[i]["params"]`` may be changed, as options may: a parameter appended twice
+    or to a second group was stepped twice (the batched path raised part-way, after the first
+    group's update), a complex one as its real part, an integer one failed in ``torch.finfo``."""
+    a, b = make_params([(3,), (4,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": [a]}, {"params": [b]}], foreach=foreach)
+    set_grads([a, b], seed=0)
+    step(opt)
+    extra = {
+        "same group": b,
+        "earlier group": a,
+        "complex": torch.zeros(2, dtype=torch.complex64, requires_grad=True),
+        "integer": torch.zeros(2, dtype=torch.int64),
+    }[appended]
+    if appended == "complex":
+        extra.grad = torch.ones(2, dtype=torch.complex64)
+    opt.param_groups[1]["params"].append(extra)
+    reference_params = [p.detach().clone() for p in (a, b)]
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in (a, b)}
+    set_grads([a, b], seed=1)
+    with pytest.raises(ValueError, match=message):
+        step(opt)
+    for p, before in zip((a, b), reference_params, strict=True):
+        assert torch.equal(p, before)
+        assert all(torch.equal(v, states[id(p)][k]) for k, v in opt.state[p].items())
+
+
 def test_a_param_group_may_repeat_the_optimizers_own_weights() -> None:
     """Wrappers that build the optimizer from per-group options (ZeroRedundancyOptimizer adds
     each keyword argument to every group) give a group the constructor's ``weights`` again: the

@@ -154,15 +154,21 @@ class LearnedOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         _validate_options(group)
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
-            # torch.optim only warns (an error in a future release); the flat state needs each once
-            raise ValueError(
-                f"{type(self).__name__}: a parameter appears more than once in one parameter group; give each parameter once"
-            )
         if group["backend"] == "triton" and not _fused_rule(self.rule):
             raise ValueError(
                 f"backend='triton' has fused kernels only for CoordinateLSTM and MetaLSTMCell; this "
                 f"optimizer runs {_rule_name(self.rule)}: use 'torch' or 'auto'"
+            )
+        self._check_params(group)
+
+    def _check_params(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for a parameter of ``group`` listed twice in it, complex or not
+        floating-point: checked when the group is added, and at each step, since a parameter
+        appended to ``group["params"]`` later would be stepped twice, or as its real part."""
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            # torch.optim only warns (an error in a future release); the flat state needs each once
+            raise ValueError(
+                f"{type(self).__name__}: a parameter appears more than once in one parameter group; give each parameter once"
             )
         for p in group["params"]:
             if p.is_complex():
@@ -390,8 +396,17 @@ class LearnedOptimizer(Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        for group in self.param_groups:  # options may have been changed in param_groups since
+        seen: set[int] = set()
+        for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
+            self._check_params(group)
+            ids = {id(p) for p in group["params"]}
+            if not seen.isdisjoint(ids):  # torch.optim checks this only in add_param_group
+                raise ValueError(
+                    f"a parameter of param_groups[{number}] appears in an earlier parameter group too; give each "
+                    "parameter to one group. No parameter or state was changed by this step"
+                )
+            seen |= ids
         self._check_group_fingerprints()
         closure_loss = None
         if closure is not None:
