@@ -166,6 +166,21 @@ def test_meta_lstm_needs_the_loss() -> None:
     assert opt.state[params[0]]["step"] == 1
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("loss", [torch.tensor(0.5), 0.5])
+def test_a_loss_passed_as_the_closure_is_a_clear_error(kind, loss) -> None:
+    """``step(loss)`` for ``step(loss=loss)``: Python's "'Tensor' object is not callable" named no
+    cause."""
+    params = make_params([(3,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, seed=0)
+    before = params[0].detach().clone()
+    advice = r"pass the loss as step\(loss=loss\)" if kind == "meta" else r"its rule reads no loss: call step\(\)"
+    with pytest.raises(TypeError, match=f"step's first argument is a closure .*got a {type(loss).__name__}; {advice}"):
+        opt.step(loss)
+    assert torch.equal(params[0], before) and not opt.state
+
+
 def test_integer_parameters_are_rejected() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         LSTMOptimizer([torch.zeros(2, dtype=torch.int64)])

@@ -396,6 +396,12 @@ class LearnedOptimizer(Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        if closure is not None and not callable(closure):  # step(loss) for step(loss=loss): "not callable" named no cause
+            raise TypeError(
+                f"{type(self).__name__}.step's first argument is a closure (a callable returning the loss), got a "
+                f"{type(closure).__name__}; "
+                + ("pass the loss as step(loss=loss)" if self.rule.needs_loss else "its rule reads no loss: call step()")
+            )
         seen: set[int] = set()
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
