@@ -256,7 +256,8 @@ def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
     the optimizers' ``weights=`` takes them.
 
     Returns:
-        ``(rule, header)``; a preset's header is like a weight file's, with its name in ``preset``.
+        ``(rule, header)``: the rule with its weights on the CPU (whatever the
+        default device); a preset's header is like a weight file's, with its name in ``preset``.
 
     Raises:
         FileNotFoundError: no such file.
