@@ -186,6 +186,31 @@ def test_integer_parameters_are_rejected() -> None:
         LSTMOptimizer([torch.zeros(2, dtype=torch.int64)])
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_parameters_are_rejected_before_anything_changes(kind, foreach, dtype) -> None:
+    """A float8 parameter failed in torch's ``isfinite`` or type promotion, for e5m2 after the
+    float32 parameters of its group had been stepped; the README lists the dtypes that work."""
+    message = rf"updates float32, float64, bfloat16 or float16 parameters, got {dtype} \(shape \(4,\)\)"
+    with pytest.raises(ValueError, match=message):
+        OPTIMIZERS[kind](make_params([(3,)], dtype=torch.float32) + [torch.zeros(4, dtype=dtype)], foreach=foreach)
+    # converted after construction (module.to(dtype)): refused at the next step
+    a, b = make_params([(3,), (4,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([a, b], foreach=foreach)
+    set_grads([a, b], seed=0)
+    step(opt)
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in (a, b)}
+    b.data = b.data.to(dtype)
+    b.grad = torch.ones(4).to(dtype)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        step(opt)
+    assert torch.equal(a, before)
+    for p in (a, b):
+        assert all(torch.equal(v, states[id(p)][k]) for k, v in opt.state[p].items())
+
+
 @pytest.mark.parametrize("kind", ["meta"])
 def test_rules_that_read_the_parameter_reject_non_finite_parameters(kind) -> None:
     params = make_params([(4,), (3,)], dtype=torch.float32)

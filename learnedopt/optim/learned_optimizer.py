@@ -32,6 +32,8 @@ from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
 from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: the parameter dtypes a step can update (float8 ones: torch has no isfinite or promotion for them)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NAN_POLICIES = ("raise", "skip")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -162,9 +164,10 @@ class LearnedOptimizer(Optimizer):
         self._check_params(group)
 
     def _check_params(self, group: dict[str, Any]) -> None:
-        """Raise ValueError for a parameter of ``group`` listed twice in it, complex or not
-        floating-point: checked when the group is added, and at each step, since a parameter
-        appended to ``group["params"]`` later would be stepped twice, or as its real part."""
+        """Raise ValueError for a parameter of ``group`` listed twice in it, complex or of another
+        dtype than :data:`PARAM_DTYPES`: checked when the group is added, and at each step, since a
+        parameter appended to ``group["params"]`` later (or converted since: ``module.to(dtype)``)
+        would be stepped twice, as its real part, or fail part-way through the step."""
         if len({id(p) for p in group["params"]}) != len(group["params"]):
             # torch.optim only warns (an error in a future release); the flat state needs each once
             raise ValueError(
@@ -179,6 +182,11 @@ class LearnedOptimizer(Optimizer):
                 )
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+            if p.dtype not in PARAM_DTYPES:
+                raise ValueError(
+                    f"{type(self).__name__} updates float32, float64, bfloat16 or float16 parameters, got {p.dtype} "
+                    f"(shape {tuple(p.shape)})"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
