@@ -448,6 +448,41 @@ def test_an_optimizer_built_and_stepped_under_a_default_meta_device_works_as_ada
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("inside", ["step", "init_state", "load_state_dict"])
+def test_states_made_inside_inference_mode_keep_stepping_outside_it(kind, foreach, inside) -> None:
+    """A step, ``init_state()`` or ``load_state_dict()`` inside ``torch.inference_mode()`` made
+    inference-tensor states (a step count, a loaded state), which the next step outside it could
+    not update in place: it raised part-way, after the first group's update. They are now made
+    outside it, and the run equals one that never entered it, bit for bit."""
+    params, reference_params = make_params([(3,), (2, 2)], dtype=torch.float32), make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": [params[0]]}, {"params": [params[1]]}], foreach=foreach)
+    reference = OPTIMIZERS[kind]([{"params": [reference_params[0]]}, {"params": [reference_params[1]]}], foreach=foreach)
+    set_grads(params[:1], seed=0)
+    set_grads(reference_params[:1], seed=0)
+    step(opt)
+    step(reference)
+    with torch.inference_mode():
+        if inside == "step":
+            set_grads(params, seed=1)
+            set_grads(reference_params, seed=1)
+            step(opt)
+        elif inside == "init_state":
+            opt.init_state()
+        else:
+            opt.load_state_dict(opt.state_dict())
+    if inside == "step":
+        step(reference)
+    for seed in (2, 3):
+        set_grads(params, seed=seed)
+        set_grads(reference_params, seed=seed)
+        step(opt)
+        step(reference)
+    assert_same_params_and_states(params, opt, reference_params, reference)
+    assert not any(value.is_inference() for p in params for value in opt.state[p].values())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_init_state_gives_states_in_the_group_state_dtype(kind) -> None:
     params = make_params([(3,), (2, 2)], dtype=torch.float32)
     opt = OPTIMIZERS[kind](params, state_dtype=torch.bfloat16)

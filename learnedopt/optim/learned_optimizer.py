@@ -7,6 +7,7 @@ Triton kernel (``backend``). The rule itself (:mod:`learnedopt.nn`) is pure math
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -14,7 +15,7 @@ import numbers
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +37,19 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NAN_POLICIES = ("raise", "skip")
 BACKENDS = ("auto", "torch", "triton")
+
+
+@contextlib.contextmanager
+def _outside_inference_mode() -> Iterator[None]:
+    """Leave ``torch.inference_mode`` (keeping grad mode off, as it is there) for code that
+    creates or updates the optimizer's states: a state made in inference mode is an inference
+    tensor, whose in-place update after it (a step outside the block) raised part-way through
+    that step, once earlier tensors had been updated. Parameters updated in place stay as they are."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) alone turns grad mode on
+        yield
 
 
 class LearnedOptimizer(Optimizer):
@@ -216,6 +230,7 @@ class LearnedOptimizer(Optimizer):
         rule_jsons = self.__dict__.setdefault("_rule_jsons", set())
         rule_jsons.update(group["learned_rule"] for group in self.param_groups if isinstance(group["learned_rule"], str))
 
+    @_outside_inference_mode()
     def init_state(self) -> None:
         """Create the initial state of every parameter that requires grad now (as its first
         step would), without changing any parameter or stepping any state.
@@ -278,6 +293,7 @@ class LearnedOptimizer(Optimizer):
                 state_dict = result
         return state_dict
 
+    @_outside_inference_mode()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; continues bit-identically.
 
@@ -434,6 +450,13 @@ class LearnedOptimizer(Optimizer):
                     "no parameter or state was changed"
                 )
             return closure_loss  # nan_policy='skip' everywhere: every tensor reads the loss, so all are skipped
+        self._apply_step(rule_loss)
+        return closure_loss
+
+    @_outside_inference_mode()
+    def _apply_step(self, rule_loss: Tensor | None) -> None:
+        """The step after its input checks: every group's update, out of inference mode (see
+        :func:`_outside_inference_mode`)."""
         plans = [_partitions(*self._plan(index, group)) for index, group in enumerate(self.param_groups)]
         # a backend='triton' group that cannot run, or a parameter resized since its state was
         # made, raises here, before any group is updated
@@ -459,7 +482,6 @@ class LearnedOptimizer(Optimizer):
                 "it was finished on the PyTorch path, so every parameter and state took it once. Later steps try "
                 "the kernel again; backend='auto' falls back to the PyTorch path without raising"
             ) from progress.kernel_failures[0]
-        return closure_loss
 
     def _check_group_fingerprints(self) -> None:
         """Raise ValueError where a param group's ``"learned_rule"`` that this optimizer did not
