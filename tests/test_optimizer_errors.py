@@ -105,6 +105,23 @@ def test_sparse_gradients_are_rejected(kind) -> None:
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_gradients_of_another_kind_are_rejected_before_anything_changes(kind, dtype) -> None:
+    # p.grad_dtype = None lets a gradient's dtype differ from its parameter's: a complex one was
+    # stepped as its real part, a float8 one failed inside torch's isfinite
+    first, p = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    p.grad_dtype = None
+    opt = OPTIMIZERS[kind]([first, p])
+    first.grad = torch.randn(4)
+    p.grad = torch.randn(3).to(dtype)
+    before = [first.detach().clone(), p.detach().clone()]
+    with pytest.raises(RuntimeError, match=rf"the gradient of .* is {dtype}; .* reads float32"):
+        step(opt)
+    assert all(torch.equal(a, b) for a, b in zip((first, p), before))
+    assert not opt.state
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_policy_raise_names_the_parameter_and_changes_nothing(kind, foreach, bad) -> None:

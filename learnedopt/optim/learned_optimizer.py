@@ -541,6 +541,12 @@ class LearnedOptimizer(Optimizer):
                     f"{type(self).__name__} does not support sparse gradients "
                     f"({self._param_name(index, group, position)}); use a dense embedding gradient"
                 )
+            if p.grad.dtype not in PARAM_DTYPES:  # only where p.grad_dtype = None lets it differ from p's
+                raise RuntimeError(
+                    f"the gradient of {self._param_name(index, group, position)} is {p.grad.dtype}; "
+                    f"{type(self).__name__} reads float32, float64, bfloat16 or float16 gradients (a complex one "
+                    "would be read as its real part)"
+                )
             params.append(p)
             grads.append(p.grad)
             positions.append(position)
