@@ -699,7 +699,7 @@ def _fp32_decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
     takes them as constants, and ``1 - beta`` is then exact in Python as in fp32)."""
     if not all(0.0 <= beta < 1.0 for beta in decays):
         raise ValueError(f"{name} must be in [0, 1), got {tuple(decays)}")
-    return tuple(torch.tensor(decays, dtype=torch.float32).tolist())
+    return tuple(torch.tensor(decays, dtype=torch.float32, device="cpu").tolist())
 
 
 def coordinate_lstm_step_(

@@ -376,7 +376,7 @@ def loss_features(
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         loss = loss.detach().reshape(1).to("cpu", torch.float32)
     else:
-        loss = torch.tensor([float(loss)], dtype=torch.float32)
+        loss = torch.tensor([float(loss)], dtype=torch.float32, device="cpu")
     if maximize:
         loss = -loss
     magnitude, direction = preprocess(loss, preprocess_p)[0].tolist()

@@ -448,6 +448,23 @@ def test_an_optimizer_built_and_stepped_under_a_default_meta_device_works_as_ada
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_the_triton_step_under_a_default_meta_device_works(kind) -> None:
+    """The same under ``backend="triton"`` (Triton's interpreter here): its launchers read the
+    momentum decays (the default ``l2l-blend``'s) and a number loss through tensors made on the
+    default device, which ``with torch.device("meta")`` left without values."""
+    params, reference_params = make_params([(3,), (2, 2)], dtype=torch.float32), make_params([(3,), (2, 2)], dtype=torch.float32)
+    reference = OPTIMIZERS[kind](reference_params, backend="triton")
+    opt = OPTIMIZERS[kind](params, backend="triton")
+    for seed in range(2):
+        set_grads(params, seed=seed)
+        set_grads(reference_params, seed=seed)
+        with torch.device("meta"):
+            opt.step(loss=0.5) if kind == "meta" else opt.step()
+        reference.step(loss=0.5) if kind == "meta" else reference.step()
+    assert_same_params_and_states(params, opt, reference_params, reference)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("inside", ["step", "init_state", "load_state_dict"])
 def test_states_made_inside_inference_mode_keep_stepping_outside_it(kind, foreach, inside) -> None:
