@@ -1724,3 +1724,19 @@ def test_a_bad_own_rule_is_one_line_and_exit_code_2(tmp_path: Path, capsys, own_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.replace("{mod}", own_rule) in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_other_mnist_files_is_refused_and_a_copy_of_them_resumes(tmp_path: Path, capsys) -> None:
+    """--data may move on --resume (where the files are), not change what they hold: the steps run
+    before the checkpoint read the first files, so the run would be neither one nor the other."""
+    first, other = write_fake_mnist(tmp_path / "a", n=60), write_fake_mnist(tmp_path / "b", n=60, seed=2)
+    argv = ["meta-train", "--task", "mnist-mlp", "--unroll", "2", "--horizon", "4", "--meta-batch", "2",
+            "--meta-steps", "2", "--checkpoint-every", "1", "--quiet", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main([*argv, "--data", str(first), "--stop-after", "1"]) == 0
+    assert main([*argv, "--data", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume: the checkpoint's run read other MNIST files" in err, err
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1]  # nothing was run or written
+    moved = shutil.copytree(first, tmp_path / "moved")
+    assert main([*argv, "--data", str(moved), "--resume"]) == 0
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -181,3 +182,19 @@ def _split(
     permutation = torch.randperm(n, generator=generator)
     parts = torch.split(permutation, sizes)
     return {name: part.sort().values for name, part in zip(fractions, parts)}
+
+
+def mnist_sha256(data: str | os.PathLike[str] | None, *, required: bool = False) -> str | None:
+    """SHA-256 (hex) of the ``t10k`` MNIST images and labels (from ``data`` or the default search;
+    as decoded, so a gzipped and a plain copy agree), or None where there are none
+    (FileNotFoundError if ``required``): what a run's numbers depend on, wherever the folder is
+    (an evaluation report, a ``meta-train`` checkpoint)."""
+    try:
+        images, labels = load_mnist(data)
+    except FileNotFoundError:
+        if required:
+            raise
+        return None
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()

@@ -4,7 +4,6 @@ problem (in worker processes if asked), and the long stability check."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..data.idx import mnist_sha256
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .records import RunRecords
@@ -497,24 +497,6 @@ def check_config(config: EvalConfig) -> RunSetup:
             check_problem(make_problem(problem, config.data))
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return RunSetup(learned, records, data_sha256, reused)
-
-
-def mnist_sha256(data: str | None, *, required: bool = False) -> str | None:
-    """SHA-256 of the MNIST images and labels the problems read (from ``data`` or the default
-    search; as decoded, so a gzipped and a plain copy agree), or None where there are none
-    (FileNotFoundError if ``required``): what a reused report's numbers depend on, wherever the
-    folder is."""
-    from ..data import load_mnist
-
-    try:
-        images, labels = load_mnist(data)
-    except FileNotFoundError:
-        if required:
-            raise
-        return None
-    digest = hashlib.sha256(images.numpy().tobytes())
-    digest.update(labels.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def reusable_results(

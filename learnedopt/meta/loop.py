@@ -442,6 +442,8 @@ def train_loop(
         payload = _load_checkpoint(checkpoint_path, config)
         try:
             trainer.load_state_dict(payload)
+        except ConfigError:  # the trainer's own one-line refusal
+            raise
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
             raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: {err})") from None
         start = int(payload["step"])

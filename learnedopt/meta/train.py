@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data.idx import mnist_sha256
 from ..nn import RULES, UpdateRule
 from ..plugins import checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
@@ -390,6 +391,8 @@ class _RuleTrainer:
     def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.family = _family(config, "meta_train")
+        # the content of the MNIST files the built-in families read, so that --resume refuses others
+        self.data_sha256 = mnist_sha256(config.data) if reads_data(config.task) and entry_point_path(config.task) is None else None
         # the final evaluation's tasks, built now so that data without them is refused before
         # the run rather than after it
         self.eval_family = _family(config, "meta_valid")
@@ -439,9 +442,19 @@ class _RuleTrainer:
             "initial_rule": self.initial.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "selection": self.selection.state_dict(),
+            "data_sha256": self.data_sha256,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # --data may name another folder on --resume, not other images: the steps before the
+        # checkpoint read the first ones (absent from older checkpoints: not checked)
+        saved = state.get("data_sha256")
+        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
+            raise ConfigError(
+                f"--resume: the checkpoint's run read other MNIST files (SHA-256 {saved[:12]}) than those "
+                f"{'in --data ' + self.config.data if self.config.data else 'found'} (SHA-256 {self.data_sha256[:12]}): "
+                "resume it on the files it began with"
+            )
         self.rule.load_state_dict(state["rule"])
         self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
