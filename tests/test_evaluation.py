@@ -1855,3 +1855,27 @@ def test_a_bad_lstm_step_switch_is_refused_in_one_line_before_any_run(
     err = capsys.readouterr().err
     assert err == f"learnedopt evaluate optimizers: error: {variable}='maybe': " + err.split("'maybe': ")[1]
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_report_is_written_atomically_so_a_failed_write_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    # a kill or a full disk while the report was written over a previous one (same --out and
+    # --name) left it cut short: each file now goes through a temporary file and a rename
+    config = EvalConfig(problems=[QuadraticProblem("quadratic-3", 3, 12)], seeds=2, tuning_seeds=1, lrs=(0.1,),
+                        stability_steps=0)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    for ext in ("json", "md", "png"):
+        (tmp_path / f"optimizee_eval.{ext}").write_text(f"previous {ext}\n")
+
+    def no_rename(src, dst):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("learnedopt.files.os.replace", no_rename)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizee_eval.json", "optimizee_eval.md", "optimizee_eval.png"]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"optimizee_eval.{ext}").read_text() == f"previous {ext}\n"
+    monkeypatch.undo()
+    paths = write_report(report, tmp_path)
+    assert json.loads(paths[0].read_text())["problems"].keys() == {"quadratic-3"}
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_atomically
+
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
 _NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
 
@@ -221,7 +223,7 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3) or 1, fontsize=8)
     fig.tight_layout(rect=(0, 0.02 + 0.03 * math.ceil(len(handles) / 3), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the format by name: a temporary file's suffix is .tmp
     plt.close(fig)
 
 
@@ -269,13 +271,16 @@ def write_report(
                 "python": platform.python_version(),
             },
         } | report
-        (out / f"{name}.json").write_text(dumps_report(payload) + "\n")
+        # each file through a temporary one and a rename: a kill or a full disk while a report is
+        # written over an earlier one (same --out and --name) leaves that one whole
+        text = dumps_report(payload) + "\n"
+        write_atomically(out / f"{name}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
-        (out / f"{name}.md").write_text(header + table + "\n")
+        write_atomically(out / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n", encoding="utf-8"))
     else:
         write_results(name, report, table)
     try:
-        plot_curves(report, out / f"{name}.png")
+        write_atomically(out / f"{name}.png", lambda tmp: plot_curves(report, tmp))
     except ImportError:  # matplotlib is the optional `plots` extra: the tables do not need it
         print(f"note: matplotlib is not installed, so {name}.png was not drawn (pip install matplotlib)", file=sys.stderr)
         return [out / f"{name}.{ext}" for ext in ("json", "md")]
