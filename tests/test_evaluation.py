@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -1879,3 +1880,15 @@ def test_a_report_is_written_atomically_so_a_failed_write_keeps_the_previous_one
     paths = write_report(report, tmp_path)
     assert json.loads(paths[0].read_text())["problems"].keys() == {"quadratic-3"}
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_reports_command_is_quoted_for_the_shell(tmp_path, monkeypatch) -> None:
+    # joined with spaces, a --data or --out with a space in it read back as two arguments
+    config = EvalConfig(problems=[QuadraticProblem("quadratic-3", 3, 12)], seeds=1, tuning_seeds=1, lrs=(0.1,),
+                        stability_steps=0)  # fmt: skip
+    argv = ["learnedopt", "evaluate", "optimizers", "--out", str(tmp_path / "my runs"), "--name", "it's", "--resume"]
+    monkeypatch.setattr(sys, "argv", argv)
+    path = write_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "my runs", name="it's")[0]
+    command = json.loads(path.read_text())["command"]
+    assert shlex.split(command) == ["learnedopt", *argv[1:-1]]  # --resume left out, as before
+    assert f"Command: `{command}`" in path.with_suffix(".md").read_text()

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -262,7 +263,7 @@ def write_report(
     if write_results is None:
         payload = {
             # a resumed run reports what the uninterrupted command does, as it gives the same report
-            "command": " ".join(["learnedopt", *(arg for arg in sys.argv[1:] if arg != "--resume")]),
+            "command": shlex.join(["learnedopt", *(arg for arg in sys.argv[1:] if arg != "--resume")]),
             "machine": {
                 "cpu": cpu_name(),
                 "isa": torch.backends.cpu.get_cpu_capability(),
