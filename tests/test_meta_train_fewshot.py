@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -932,3 +933,19 @@ def test_same_alphabet_and_same_rotation_keep_every_rotated_alphabet_apart_with_
         ways = source.sampler.sample().classes
         assert len(set(data.alphabet_of_class[ways].tolist())) == 1
         assert len(set(data.rotation_of_class[ways].tolist())) == 1
+
+
+def test_resume_on_other_omniglot_images_is_refused_and_a_copy_of_them_resumes(
+    tmp_path: Path, omniglot_dir: Path, capsys
+) -> None:
+    """As for MNIST under --algo lstm: --data may move on --resume, not change the images."""
+    other = make_omniglot_zip(tmp_path / "other", drawers=4)
+    argv = ["--algo", "fomaml", *OMNIGLOT_TINY, "--inner-steps", "1", "--test-inner-steps", "1", "--checkpoint-every", "1"]
+    out = tmp_path / "run"
+    assert train(out, *argv, "--data", str(omniglot_dir), "--stop-after", "1") == 0
+    assert train(out, *argv, "--data", str(other), "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume: the checkpoint's run read other Omniglot images" in err, err
+    moved = shutil.copytree(omniglot_dir, tmp_path / "moved")
+    assert train(out, *argv, "--data", str(moved), "--resume") == 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]

@@ -4,6 +4,8 @@ classes split by whole alphabets."""
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 
 from collections.abc import Sequence
 from typing import Any
@@ -98,6 +100,15 @@ class OmniglotSource:
             f"{', each episode within one rotation' if self.same_rotation else ''}"
             f"{', every image distorted by a random affine map' if self.augment else ''}"
         )
+
+
+def omniglot_sha256(data: Any) -> str:
+    """SHA-256 (hex) of an :class:`~learnedopt.data.OmniglotDataset` as decoded: its images, labels
+    and class names, so that a copy of the zips elsewhere agrees and other images do not."""
+    digest = hashlib.sha256(data.images.contiguous().numpy().tobytes())
+    digest.update(data.labels.numpy().tobytes())
+    digest.update(json.dumps([list(c) for c in data.classes]).encode())
+    return digest.hexdigest()
 
 
 def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]:

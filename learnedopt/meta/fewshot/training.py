@@ -36,7 +36,7 @@ from ..tasks import derive_seed, generator_for
 from .config import FewShotConfig, canonical_command, config_from_args
 from .family import FamilySource, check_family_source
 from .learner import FewShotLearner, LearnerSpec, save_learner
-from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, make_sources
+from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, OmniglotSource, make_sources, omniglot_sha256
 
 _TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
 
@@ -67,6 +67,8 @@ class FewShotTrainer:
     def __init__(self, config: FewShotConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.source, self.valid_source, self.split = make_sources(config)
+        # what the Omniglot images decode to, so that --resume refuses other ones under --data
+        self.data_sha256 = omniglot_sha256(self.source.data) if isinstance(self.source, OmniglotSource) else None
         self.device = torch.device(config.device)
         # your own family builds the network and names the loss; None for the built-in tasks
         self.family = self.source.family if isinstance(self.source, FamilySource) else None
@@ -153,9 +155,19 @@ class FewShotTrainer:
         else:
             state["meta_optimizer"] = self.meta_optimizer.state_dict()
         state["selection"] = self.selection.state_dict()
+        state["data_sha256"] = self.data_sha256
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # --data may name another folder on --resume, not other images: the steps before the
+        # checkpoint read the first ones (absent from older checkpoints: not checked)
+        saved = state.get("data_sha256")
+        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
+            raise ConfigError(
+                f"--resume: the checkpoint's run read other Omniglot images (SHA-256 {saved[:12]}) than those "
+                f"{'in --data ' + self.config.data if self.config.data else 'found'} (SHA-256 {self.data_sha256[:12]}): "
+                "resume it on the files it began with"
+            )
         self.learner.load_tensors(state["learner"])
         if self.config.algo == "reptile":
             self.reptile.load_state_dict(state["reptile"])
