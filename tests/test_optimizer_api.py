@@ -1,5 +1,6 @@
 """The torch.optim protocol: groups, closures, schedulers, dtypes, skipping, maximize."""
 
+import contextlib
 import pickle
 import warnings
 
@@ -432,17 +433,7 @@ def test_an_optimizer_built_and_stepped_under_a_default_meta_device_works_as_ada
             assert opt.state[p]["h"].is_meta and opt.state[p]["h"].shape[1] == p.numel()
             assert int(opt.state[p]["step"]) == 2
 
-        params, reference_params = make_params([(3,), (2, 2)], dtype=torch.float32), make_params([(3,), (2, 2)], dtype=torch.float32)
-        reference = OPTIMIZERS[kind](reference_params, weights=weights)
-        with torch.device("meta"):
-            opt = OPTIMIZERS[kind](params, weights=weights)
-        for seed in range(2):
-            set_grads(params, seed=seed)
-            set_grads(reference_params, seed=seed)
-            with torch.device("meta"):
-                opt.step(loss=0.5) if kind == "meta" else opt.step()
-            reference.step(loss=0.5) if kind == "meta" else reference.step()
-    assert_same_params_and_states(params, opt, reference_params, reference)
+        params, opt = _two_steps_under_meta_device_as_without(kind, build_under_meta=True, weights=weights)
     for p in params:
         assert opt.state[p]["step"].device.type == "cpu" and int(opt.state[p]["step"]) == 2
 
@@ -452,9 +443,17 @@ def test_the_triton_step_under_a_default_meta_device_works(kind) -> None:
     """The same under ``backend="triton"`` (Triton's interpreter here): its launchers read the
     momentum decays (the default ``l2l-blend``'s) and a number loss through tensors made on the
     default device, which ``with torch.device("meta")`` left without values."""
+    _two_steps_under_meta_device_as_without(kind, build_under_meta=False, backend="triton")
+
+
+def _two_steps_under_meta_device_as_without(kind: str, *, build_under_meta: bool, **options):
+    """Two steps of CPU parameters under ``with torch.device("meta")`` (the optimizer built
+    under it too where ``build_under_meta``), asserted equal to two steps without; ``(params,
+    optimizer)``."""
     params, reference_params = make_params([(3,), (2, 2)], dtype=torch.float32), make_params([(3,), (2, 2)], dtype=torch.float32)
-    reference = OPTIMIZERS[kind](reference_params, backend="triton")
-    opt = OPTIMIZERS[kind](params, backend="triton")
+    reference = OPTIMIZERS[kind](reference_params, **options)
+    with torch.device("meta") if build_under_meta else contextlib.nullcontext():
+        opt = OPTIMIZERS[kind](params, **options)
     for seed in range(2):
         set_grads(params, seed=seed)
         set_grads(reference_params, seed=seed)
@@ -462,6 +461,7 @@ def test_the_triton_step_under_a_default_meta_device_works(kind) -> None:
             opt.step(loss=0.5) if kind == "meta" else opt.step()
         reference.step(loss=0.5) if kind == "meta" else reference.step()
     assert_same_params_and_states(params, opt, reference_params, reference)
+    return params, opt
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])

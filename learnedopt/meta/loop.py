@@ -49,6 +49,19 @@ class ConfigError(ValueError):
     """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
 
 
+def refuse_other_data(saved: str | None, current: str | None, what: str, data: str | None) -> None:
+    """Raise ConfigError where a checkpoint's run read data of SHA-256 ``saved`` and ``--resume``
+    finds other data (``current``): ``--data`` may name another folder on resume, not other
+    files, since the steps before the checkpoint read the first ones. ``what``: e.g. "MNIST
+    files"; ``data``: the ``--data`` given. Not checked where either is None (a checkpoint from
+    before the hash was recorded, a run that reads no data files)."""
+    if saved is not None and current is not None and saved != current:
+        raise ConfigError(
+            f"--resume: the checkpoint's run read other {what} (SHA-256 {saved[:12]}) than those "
+            f"{'in --data ' + data if data else 'found'} (SHA-256 {current[:12]}): resume it on the files it began with"
+        )
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) during the meta-steps; its message says where ``--resume`` continues from.
     A ``KeyboardInterrupt``, so a caller that stops on Ctrl-C still does; the CLI prints it on

@@ -69,6 +69,7 @@ from .loop import (
     last_record,
     model_card,
     processes_note,
+    refuse_other_data,
     rule_class,
     train_loop,
     write_text_atomic,
@@ -446,15 +447,7 @@ class _RuleTrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # --data may name another folder on --resume, not other images: the steps before the
-        # checkpoint read the first ones (absent from older checkpoints: not checked)
-        saved = state.get("data_sha256")
-        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
-            raise ConfigError(
-                f"--resume: the checkpoint's run read other MNIST files (SHA-256 {saved[:12]}) than those "
-                f"{'in --data ' + self.config.data if self.config.data else 'found'} (SHA-256 {self.data_sha256[:12]}): "
-                "resume it on the files it began with"
-            )
+        refuse_other_data(state.get("data_sha256"), self.data_sha256, "MNIST files", self.config.data)
         self.rule.load_state_dict(state["rule"])
         self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])

@@ -26,6 +26,7 @@ from ..loop import (
     clip_meta_gradient_,
     last_record,
     processes_note,
+    refuse_other_data,
     model_card,
     train_loop,
     write_text_atomic,
@@ -159,15 +160,7 @@ class FewShotTrainer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # --data may name another folder on --resume, not other images: the steps before the
-        # checkpoint read the first ones (absent from older checkpoints: not checked)
-        saved = state.get("data_sha256")
-        if saved is not None and self.data_sha256 is not None and saved != self.data_sha256:
-            raise ConfigError(
-                f"--resume: the checkpoint's run read other Omniglot images (SHA-256 {saved[:12]}) than those "
-                f"{'in --data ' + self.config.data if self.config.data else 'found'} (SHA-256 {self.data_sha256[:12]}): "
-                "resume it on the files it began with"
-            )
+        refuse_other_data(state.get("data_sha256"), self.data_sha256, "Omniglot images", self.config.data)
         self.learner.load_tensors(state["learner"])
         if self.config.algo == "reptile":
             self.reptile.load_state_dict(state["reptile"])
