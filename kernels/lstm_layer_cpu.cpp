@@ -40,8 +40,9 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 
 // Keeps a vector in a register. GCC folds a weight vector's loads into the multiply-adds that
 // use it, one load per row where the source loads it once per tile of rows; the input-gradient
-// product then ran 2x slower (AMD EPYC, AVX-512; 29% off the backward). Where the vector does
-// not fit one register (or the constraint is not x86's), a no-op.
+// product then ran at about half the rate of the others (AMD EPYC, AVX-512; the layer's backward
+// 1.2x-1.7x slower, benchmarks/results/README.md). Where the vector does not fit one register
+// (or the constraint is not x86's), a no-op.
 #if defined(__GNUC__) && (defined(__AVX512F__) || (defined(__AVX__) && XL == 8))
 #define IN_REGISTER(v) asm volatile("" : "+v"(v))
 #else
