@@ -9,7 +9,7 @@ shared machines these ran on have slow spells minutes long, which a run of one b
 run of the other would put on one side. The script also says whether the two meta-gradients are
 the same bits (a change that only reorders the machine's work should keep them).
 
-    python benchmarks/kernel_ab.py --against REV [--preset NAME] [--threads 1] [--rounds 9] [--tag NAME]
+    python benchmarks/kernel_ab.py --against REV [--preset NAME] [--meta-batch 2] [--unroll 20] [--threads 1] [--rounds 9] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fail, positive_int, write_results  # noqa: E402
+from meta_train_throughput import truncation  # noqa: E402
 
 from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
-from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
-from learnedopt.nn import RULES, UpdateRule  # noqa: E402
+from learnedopt.meta import make_family  # noqa: E402
+from learnedopt.nn import RULES  # noqa: E402
 
 SOURCE_PATH = "kernels/lstm_layer_cpu.cpp"
 
@@ -42,25 +42,14 @@ def source_at(revision: str) -> str:
     return done.stdout
 
 
-def truncation(rule: UpdateRule, family, unroll_steps: int) -> tuple[float, list[torch.Tensor]]:
-    """Seconds for one truncation (unroll + backward) on meta-batch 2, and the meta-gradient."""
-    g = generator_for(0, 1, 1)
-    tasks = family.sample_batch(2, g)
-    params = tasks.init_params(g)
-    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
-    for p in rule.parameters():
-        p.grad = None
-    start = time.perf_counter()
-    unroll(rule, tasks, params, state, unroll_steps).meta_loss.backward()
-    return time.perf_counter() - start, [p.grad.clone() for p in rule.parameters()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", required=True, help="git revision whose kernel source is the baseline")
     parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
     parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--meta-batch", type=positive_int, default=2)
     parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--tag", help="suffix of the results file name")
@@ -87,7 +76,7 @@ def main() -> None:
         for name, source in (("baseline", baseline_path), ("working tree", working_tree)):
             lstm_layer_cpu.SOURCE = source
             lstm_layer_cpu._libraries.clear()
-            truncation(rule, family, args.unroll)  # builds this source's kernels, and warms up
+            truncation(rule, family, args)  # builds this source's kernels, and warms up
             builds[name] = dict(lstm_layer_cpu._libraries)
             if not builds[name]:
                 fail(parser, "the fused CPU LSTM kernel did not run (LEARNEDOPT_CPU_KERNEL=0, no compiler, or a build error)")
@@ -98,8 +87,8 @@ def main() -> None:
         for name, libraries in builds.items():
             lstm_layer_cpu._libraries.clear()
             lstm_layer_cpu._libraries.update(libraries)
-            truncation(rule, family, args.unroll)
-            seconds, grads[name] = truncation(rule, family, args.unroll)
+            truncation(rule, family, args)
+            seconds, grads[name] = truncation(rule, family, args)
             times[name].append(seconds)
     lstm_layer_cpu._libraries.clear()
     lstm_layer_cpu._libraries.update(builds["working tree"])
@@ -108,7 +97,7 @@ def main() -> None:
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     speedup = best["baseline"] / best["working tree"]
     row = dict(
-        against=args.against, preset=args.preset, task=args.task, unroll=args.unroll, rounds=args.rounds,
+        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
         threads=torch.get_num_threads(), best_seconds=best, median_seconds=median, seconds=times,
         speedup=speedup, median_speedup=median["baseline"] / median["working tree"], same_meta_gradient_bits=same_bits,
     )
@@ -116,7 +105,7 @@ def main() -> None:
     what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
     lines = [
         f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
-        f"meta-batch 2, {row['threads']} thread(s): the kernel source at `{args.against}` against the working "
+        f"meta-batch {args.meta_batch}, {row['threads']} thread(s): the kernel source at `{args.against}` against the working "
         f"tree's, loaded side by side and alternated, {args.rounds} rounds.\n",
         "| kernel source | best s | median s |",
         "|---|---:|---:|",

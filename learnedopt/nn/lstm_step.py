@@ -475,7 +475,7 @@ def lstm_step(
         and _fused_layers(x, h, c, tuple(weights))[-1]
     )
     head_weights = (head.weight, head.bias) if fused_head else (None, None)
-    if not (lstm_needs_grad or (grad and fused_head and any(t.requires_grad for t in head_weights))):
+    if not lstm_needs_grad:  # a fused head that needs gradients is one where the LSTM does too
         h_new, c_new, head_out, *_ = _stack_forward(x, h, c, tuple(weights), save=False, head=head_weights if fused_head else None)
         top = h_new[-1].clone() if head_out is None else head_out
     else:

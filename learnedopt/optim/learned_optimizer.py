@@ -35,6 +35,7 @@ from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_up
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: the parameter dtypes a step can update (float8 ones: torch has no isfinite or promotion for them)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_PARAM_DTYPE_NAMES = "float32, float64, bfloat16 or float16"
 NAN_POLICIES = ("raise", "skip")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -177,12 +178,14 @@ class LearnedOptimizer(Optimizer):
             )
         self._check_params(group)
 
-    def _check_params(self, group: dict[str, Any]) -> None:
+    def _check_params(self, group: dict[str, Any]) -> set[int]:
         """Raise ValueError for a parameter of ``group`` listed twice in it, complex or of another
         dtype than :data:`PARAM_DTYPES`: checked when the group is added, and at each step, since a
         parameter appended to ``group["params"]`` later (or converted since: ``module.to(dtype)``)
-        would be stepped twice, as its real part, or fail part-way through the step."""
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
+        would be stepped twice, as its real part, or fail part-way through the step. Returns the
+        ids of the group's parameters."""
+        ids = {id(p) for p in group["params"]}
+        if len(ids) != len(group["params"]):
             # torch.optim only warns (an error in a future release); the flat state needs each once
             raise ValueError(
                 f"{type(self).__name__}: a parameter appears more than once in one parameter group; give each parameter once"
@@ -198,9 +201,10 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
             if p.dtype not in PARAM_DTYPES:
                 raise ValueError(
-                    f"{type(self).__name__} updates float32, float64, bfloat16 or float16 parameters, got {p.dtype} "
+                    f"{type(self).__name__} updates {_PARAM_DTYPE_NAMES} parameters, got {p.dtype} "
                     f"(shape {tuple(p.shape)})"
                 )
+        return ids
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
@@ -429,8 +433,7 @@ class LearnedOptimizer(Optimizer):
         seen: set[int] = set()
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
-            self._check_params(group)
-            ids = {id(p) for p in group["params"]}
+            ids = self._check_params(group)
             if not seen.isdisjoint(ids):  # torch.optim checks this only in add_param_group
                 raise ValueError(
                     f"a parameter of param_groups[{number}] appears in an earlier parameter group too; give each "
@@ -544,7 +547,7 @@ class LearnedOptimizer(Optimizer):
             if p.grad.dtype not in PARAM_DTYPES:  # only where p.grad_dtype = None lets it differ from p's
                 raise RuntimeError(
                     f"the gradient of {self._param_name(index, group, position)} is {p.grad.dtype}; "
-                    f"{type(self).__name__} reads float32, float64, bfloat16 or float16 gradients (a complex one "
+                    f"{type(self).__name__} reads {_PARAM_DTYPE_NAMES} gradients (a complex one "
                     "would be read as its real part)"
                 )
             params.append(p)
