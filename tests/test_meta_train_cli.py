@@ -184,6 +184,44 @@ def test_preset_may_be_a_weight_file_and_starts_where_that_preset_does(tmp_path:
     assert not (tmp_path / "bad").exists()
 
 
+def test_resume_needs_no_preset_file_the_run_keeps_a_copy(tmp_path: Path, capsys) -> None:
+    """A killed run started from a ``--preset`` weight file resumes with the same command after
+    the file was removed, or replaced by another rule's weights: it reads the copy in its folder,
+    and ends as the uninterrupted run did."""
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    start = tmp_path / "mine.safetensors"
+    save_weights(build_preset("l2l-2016")[0], start)
+    args = ("--preset", str(start), "--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(tmp_path / "whole", *args) == 0
+    for case in ("removed", "replaced"):
+        broken = tmp_path / case
+        assert run(broken, *args, "--stop-after", "3") == 0
+        assert (broken / "start.safetensors").read_bytes() == start.read_bytes()
+        kept = start.read_bytes()
+        start.unlink()
+        if case == "replaced":  # another architecture: the rule could not even load the checkpoint
+            save_weights(build_preset("meta-lstm-adam")[0], start)
+        assert run(broken, *args, "--resume") == 0, capsys.readouterr().err
+        a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(broken / "weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ha, hb = read_header(tmp_path / "whole" / "weights.safetensors"), read_header(broken / "weights.safetensors")
+        assert {k: v for k, v in ha.items() if k != "command"} == {k: v for k, v in hb.items() if k != "command"}
+        assert hb["meta_train_config"]["preset"] == str(start)  # as given, not the copy
+        start.write_bytes(kept)
+
+    # a run from before runs kept a copy, its file gone: one line saying what to do
+    old = tmp_path / "old"
+    assert run(old, *args, "--stop-after", "3") == 0
+    (old / "start.safetensors").unlink()
+    start.unlink()
+    capsys.readouterr()
+    assert run(old, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--preset {start} is gone and {old} keeps no copy of it" in err, err
+
+
 def test_rule_config_sets_the_architecture_and_is_recorded(tmp_path: Path) -> None:
     arch = '{"momentum_decays": [0.9, 0.99], "rms_decays": [0.999], "hidden_size": 8}'
     out = tmp_path / "rich"

@@ -685,6 +685,38 @@ def test_meta_lstm_starts_its_learned_update_from_a_preset(preset: str, tmp_path
     assert not torch.equal(loaded.rule.state_dict()[next(iter(start.state_dict()))], next(iter(start.state_dict().values())))
 
 
+def test_meta_lstm_from_a_preset_file_needs_it_only_at_the_start(tmp_path: Path) -> None:
+    """The initial learner that validation compares with is kept from the start (its ``--preset``
+    file was read again at the end, failing a run whose file had moved), and a killed run resumes
+    from the copy of the file in its folder; both end as the uninterrupted run, whose model file
+    records ``--preset`` as given."""
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    start = tmp_path / "mine.safetensors"
+    save_weights(build_preset("meta-lstm-adam")[0], start)
+    args = [*SINE_TINY, "--meta-steps", "4", "--seed", "5", "--algo", "meta-lstm", "--preset", str(start),
+            "--inner-steps", "2", "--test-inner-steps", "2"]  # fmt: skip
+    assert train(tmp_path / "whole", *args) == 0
+    trainer = FewShotTrainer(config("meta-lstm", preset=str(start), meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
+    kept = start.read_bytes()
+    start.unlink()
+    trainer.step(0)
+    initial = trainer.initial_learner()
+    for name, value in build_preset("meta-lstm-adam")[0].state_dict().items():
+        assert torch.equal(initial.rule.state_dict()[name], value), name
+    start.write_bytes(kept)
+
+    broken = tmp_path / "broken"
+    assert train(broken, *args, "--stop-after", "3") == 0
+    start.unlink()
+    assert train(broken, *args, "--resume") == 0
+    a, b = tensors(tmp_path / "whole" / MODEL_NAME), tensors(broken / MODEL_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = header(tmp_path / "whole" / MODEL_NAME), header(broken / MODEL_NAME)
+    assert ha["validation"] == hb["validation"] and ha["rule_start"] == hb["rule_start"] == str(start)
+
+
 def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:
     trainer = FewShotTrainer(config("reptile", meta_steps=4, meta_lr=0.1, val_tasks=1))
     assert [trainer.step(s)["outer_stepsize"] for s in range(4)] == pytest.approx([0.1, 0.075, 0.05, 0.025])

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from ..files import write_atomically
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path, load_entry_point, one_line
+from ..weights import PRESETS
 from . import distributed
 from .distributed import SINGLE, Workers
 
@@ -41,6 +43,8 @@ LOG_NAME = "log.jsonl"
 WEIGHTS_NAME = "weights.safetensors"  # an update rule's run
 MODEL_NAME = "model.safetensors"  # a few-shot learner's run
 CARD_NAME = "MODEL_CARD.md"
+#: a copy of the run's ``--preset`` weight file, which ``--resume`` reads in its place
+START_NAME = "start.safetensors"
 #: the files a finished run leaves
 RESULT_NAMES = (WEIGHTS_NAME, MODEL_NAME, CARD_NAME)
 
@@ -154,6 +158,9 @@ class RunConfig(Protocol):
         """Whether ``meta_steps`` changes finished steps (an annealed outer step, a score of the
         last step), so that a resumed run may not change it."""
         ...
+
+
+C = TypeVar("C", bound=RunConfig)
 
 
 class Trainer(Protocol):
@@ -403,6 +410,36 @@ class OutputLock:
         self.release()
 
 
+def _start_file(config: RunConfig) -> str | None:
+    """The weight file a run's ``--preset`` names (None: no ``--preset``, or a preset's name)."""
+    preset = getattr(config, "preset", None)
+    return None if preset is None or preset in PRESETS else preset
+
+
+def resumable_config(config: C, out: Path, resume: bool) -> C:
+    """``config`` as a run in ``out`` builds its rule from: on ``--resume``, with its ``--preset``
+    weight file read from the copy the run keeps in ``out`` (:data:`START_NAME`, written by
+    :func:`train_loop`), so that the file may have moved or changed since the run began. The
+    checkpoint is still compared with ``config`` itself, and the files record ``config``.
+
+    Raises:
+        ConfigError: ``--resume`` of a run that keeps no copy (begun before runs kept one) whose
+            ``--preset`` file is gone.
+    """
+    start = _start_file(config)
+    if not resume or start is None:
+        return config
+    copy = out / START_NAME
+    if copy.is_file():
+        return dataclasses.replace(config, preset=str(copy))
+    if not Path(start).is_file() and (out / CHECKPOINT_NAME).is_file():
+        raise ConfigError(
+            f"--resume: the run's --preset {start} is gone and {out} keeps no copy of it (the run began before "
+            "runs kept one): put the file back at that path"
+        )
+    return config
+
+
 def train_loop(
     config: RunConfig,
     trainer: Trainer,
@@ -420,7 +457,8 @@ def train_loop(
     the progress bar and the atomic checkpoints (every ``checkpoint_every`` steps and at the end).
 
     ``out`` is created only once the configuration has passed every check, so a refused run
-    leaves nothing behind. With ``resume``, the trainer's state and the step come from
+    leaves nothing behind. A ``--preset`` weight file (``config.preset``, where the config has one)
+    is copied into it (:data:`START_NAME`; see :func:`resumable_config`). With ``resume``, the trainer's state and the step come from
     ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again).
 
     With several ``workers`` every rank runs the steps (the trainer shares the work out) and
@@ -479,6 +517,10 @@ def train_loop(
             raise ConfigError(str(err)) from None
         if lock is not None:
             lock.acquire(out)
+        start_file = _start_file(config)
+        if start_file is not None and not (resume and (out / START_NAME).is_file()):
+            # read by --resume in place of the file, which may have moved by then
+            write_atomically(out / START_NAME, lambda tmp: shutil.copyfile(start_file, tmp))
     workers.barrier()
     if workers.is_main and resume:
         _truncate_log(log_path, start)

@@ -70,6 +70,7 @@ from .loop import (
     model_card,
     processes_note,
     refuse_other_data,
+    resumable_config,
     rule_class,
     train_loop,
     write_text_atomic,
@@ -489,10 +490,11 @@ def meta_train(
         RunTerminated: SIGTERM arrived (see :func:`~learnedopt.meta.loop.train_loop`); the
             checkpoint holds the meta-step that was in progress.
     """
-    workers = check_run(config, checkpoint_every, workers)
     out = Path(out)
+    built = resumable_config(config, out, resume)
+    workers = check_run(built, checkpoint_every, workers)
     command = command or "learnedopt.meta.train.meta_train(...)"
-    trainer = _RuleTrainer(config, workers)
+    trainer = _RuleTrainer(built, workers)
     with OutputLock() as lock:  # held until the final files are written
         done, log = train_loop(
             config,

@@ -4,6 +4,7 @@ the ``meta-train`` entry point :func:`run_fewshot`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from ..loop import (
     last_record,
     processes_note,
     refuse_other_data,
+    resumable_config,
     model_card,
     train_loop,
     write_text_atomic,
@@ -80,6 +82,7 @@ class FewShotTrainer:
             if self.family is None:
                 raise
             raise ConfigError(f"--task {config.task}: {err}") from None
+        self._initial_tensors = {k: v.detach().clone() for k, v in self.learner.tensors().items()}
         if self.family is not None:
             # meta-step 1's tasks and the validation tasks, tried now, so that a family that does not
             # fit is refused before the run writes anything rather than as a traceback in it
@@ -111,8 +114,12 @@ class FewShotTrainer:
         )
 
     def initial_learner(self) -> FewShotLearner:
-        """The learner before meta-training (the same seeded draw)."""
-        return FewShotLearner(self.learner.spec, seed=self.config.seed, family=self.family).to(self.device)
+        """The learner before meta-training (kept from the start, so that a ``--preset`` file that
+        has moved since is not read again)."""
+        with torch.random.fork_rng(devices=[]):  # an unseeded learner draws from the global RNG
+            learner = FewShotLearner(self.learner.spec, family=self.family).to(self.device)
+        learner.load_tensors(self._initial_tensors)
+        return learner
 
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
@@ -212,10 +219,13 @@ def meta_train_fewshot(
         RunTerminated: SIGTERM arrived (see :func:`~learnedopt.meta.loop.train_loop`); the
             checkpoint holds the meta-step that was in progress.
     """
-    workers = check_run(config, checkpoint_every, workers)
     out = Path(out)
+    built = resumable_config(config, out, resume)
+    workers = check_run(built, checkpoint_every, workers)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
-    trainer = FewShotTrainer(config, workers)
+    trainer = FewShotTrainer(built, workers)
+    # the model file records --preset as given, not the copy a resumed run read it from
+    trainer.learner.spec = dataclasses.replace(trainer.learner.spec, rule_start=config.preset)
     if config.algo == "reptile":
         hint = "lower --inner-lr, or --meta-lr (Reptile's outer step size)"
     else:
