@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -538,6 +539,34 @@ def test_workers_are_validated() -> None:
         evaluate_optimizers(config, log=lambda _: None, workers=2)
 
 
+def test_more_workers_than_jobs_start_one_process_per_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers beyond the jobs starts no more processes (ProcessPoolExecutor's queue, sized by
+    max_workers, overflowed a C int with an OverflowError traceback at 2**31 and beyond)."""
+    import concurrent.futures
+
+    sizes: list[int] = []
+
+    class Inline:  # the pool, running each job at once in this process
+        def __init__(self, max_workers: int, **kwargs: object) -> None:
+            sizes.append(max_workers)
+
+        def __enter__(self) -> Inline:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def submit(self, fn, *args):  # noqa: ANN001, ANN002, ANN202 - Executor.submit's own
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(fn(*args))
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Inline)
+    config = EvalConfig(problems=["quadratic-20"], seeds=1, tuning_seeds=1, lrs=(0.1,), steps=5, stability_steps=0, presets=[])
+    report = evaluate_optimizers(config, log=lambda _: None, workers=10**22)
+    assert sizes == [1] and list(report["problems"]) == ["quadratic-20"]
+
+
 def test_transformer_problem_is_seeded_causal_and_learnable() -> None:
     """The opt-in transformer problem: the same seed gives the same model; a position's logits do
     not depend on later tokens (causal attention); the minibatch labels are the inputs shifted by
@@ -903,6 +932,12 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--name", "sub/x"], "file name stem"),
         (["--out", str(tmp_path), "--threads", "-2"], "--threads must be >= 0"),
         (["--out", str(tmp_path), "--workers", "0"], "--workers must be >= 1, got 0"),
+        # threads beyond the CPUs only slow the run, and at 10**5 their stacks exhausted memory;
+        # at 2**63 torch.set_num_threads raised "Overflow when unpacking long"
+        (["--out", str(tmp_path), "--threads", str(os.cpu_count() + 1)], f"--threads must be <= {os.cpu_count()}, this machine's CPU count"),
+        (["--out", str(tmp_path), "--threads", "10000000000000000000000"], "--threads must be <= "),
+        # a run's (steps,) loss curve: numpy failed allocating 22 GiB, or "Maximum allowed dimension exceeded"
+        (["--out", str(tmp_path), "--stability-steps", "3000000000"], "--stability-steps must be <= 2,147,483,647 (2**31 - 1"),
         (["--out", str(tmp_path), "--weights", str(a_file)], "a_file"),
         (["--out", str(tmp_path), "--reuse", str(tmp_path / "odd.json")], "cannot reuse"),
         (["--out", str(tmp_path), "--data", str(tmp_path / "missing")], "does not exist"),

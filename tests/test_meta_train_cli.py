@@ -307,6 +307,19 @@ BAD = [
     (["--select-every", "-1"], "--select-every must be a non-negative integer (0: no selection), got -1"),
     (["--algo", "maml", "--select-every", "-2"], "--select-every must be a non-negative integer"),
     (["--select-every", "1", "--select-tasks", "0"], "--select-tasks must be a positive integer, got 0"),
+    # counts too large to ever run: a traceback from torch, or terabytes allocated before the first step
+    (["--horizon", "100000000000000000000"], "--horizon 100000000000000000000 and --meta-batch 8: an episode's (H, B) losses would have 800,000,000,000,000,000,000 elements; a run's tensors have at most 2,147,483,647 (2**31 - 1)"),
+    (["--meta-batch", "100000000000000000000000"], "--horizon 100 and --meta-batch 100000000000000000000000: an episode's (H, B) losses"),
+    (["--horizon", "1000000000"], "--horizon 1000000000 and --meta-batch 8: an episode's (H, B) losses would have 8,000,000,000 elements"),
+    (["--meta-batch", "300000000", "--horizon", "2", "--unroll", "1"],
+     "--task quadratic and --meta-batch 300000000: the rule's (B * P,) coordinates (P = 10 parameters per task) would have 3,000,000,000 elements"),
+    (["--select-every", "1", "--select-tasks", "300000000", "--horizon", "2", "--unroll", "1"],
+     "--task quadratic and --select-tasks 300000000: the rule's (B * P,) coordinates"),
+    (["--select-every", "1", "--select-tasks", "10000000000"], "--horizon 100 and --select-tasks 10000000000: the selection episode's (H, K) losses"),
+    # num_layers built layers for hours; a width too large for memory failed in torch with a traceback
+    (["--rule-config", '{"num_layers": 100000000000}'], "--rule-config: num_layers must be at most 2,147,483,647 (2**31 - 1"),
+    (["--rule-config", '{"hidden_size": 100000000}'], "--rule-config: CoordinateLSTM cannot be built: "),
+    (["--algo", "meta-lstm", "--rule-config", '{"hidden_size": 100000000000}'], "--rule-config: hidden_size must be at most 2,147,483,647"),
     (["--select-tasks", "8"], "--select-tasks sizes the selection episode of --select-every; give --select-every too"),
     (["--algo", "maml", "--select-tasks", "8"], "--select-tasks"),
     (["--rule", "SGD"], "unknown rule 'SGD'"),
@@ -351,6 +364,20 @@ def test_bad_configuration_is_one_line_and_exit_code_2(
     assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
     assert message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_counts_up_to_the_element_limit_are_accepted() -> None:
+    """The limit is on what a run allocates, not on how long it runs: a million meta-steps (or
+    10**30) pass, and so does an episode's (H, B) losses of exactly 2**31 - 1 elements; one more
+    is refused."""
+    from learnedopt.meta.loop import MAX_ELEMENTS, ConfigError
+    from learnedopt.meta.train import MetaTrainConfig
+
+    MetaTrainConfig(meta_steps=10**6).validate()
+    MetaTrainConfig(meta_steps=10**30, select_every=10**30).validate()
+    MetaTrainConfig(horizon=MAX_ELEMENTS, meta_batch=1).validate()
+    with pytest.raises(ConfigError, match=r"--horizon 2147483648 and --meta-batch 1: an episode's \(H, B\) losses"):
+        MetaTrainConfig(horizon=MAX_ELEMENTS + 1, meta_batch=1).validate()
 
 
 def test_rule_config_that_is_not_a_json_object_is_an_argument_error(tmp_path: Path, capsys) -> None:

@@ -288,6 +288,20 @@ BAD = [
     (["--algo", "maml", "--multi-step-loss", "0"], "--multi-step-loss must be a positive integer, got 0"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),
     (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),
+    # counts too large to ever run: a traceback from torch, or terabytes allocated before the first step
+    (["--algo", "maml", "--shots", "10000000000000000000000"],
+     "--meta-batch 25 and --shots 10000000000000000000000: the tasks' examples would have 250,000,000,000,000,000,000,000 elements; a run's tensors have at most 2,147,483,647 (2**31 - 1)"),
+    (["--algo", "fomaml", "--queries", "3000000000"], "--meta-batch 25 and --queries 3000000000: the tasks' examples"),
+    (["--algo", "maml", "--meta-batch", "300000000"], "--meta-batch 300000000 and --shots 10: the tasks' examples would have 3,000,000,000 elements"),
+    (["--algo", "maml", "--val-tasks", "30000000"], "--val-tasks 30000000 and validation queries 100: the tasks' examples would have 3,000,000,000 elements"),
+    (["--algo", "reptile", "--train-shots", "3000000000"], "--meta-batch 1 and --train-shots 3000000000: the tasks' examples"),
+    (["--algo", "maml", "--inner-steps", "3000000000"], "--inner-steps 3000000000: an inner loop's per-step losses would have 3,000,000,000 elements"),
+    (["--algo", "meta-lstm", "--test-inner-steps", "10000000000000000000000"], "--test-inner-steps 10000000000000000000000: an inner loop's per-step losses"),
+    (["--algo", "reptile", "--inner-batch", "1000000000"], "--inner-steps 5 and --inner-batch 1000000000: Reptile's (steps, batch) inner minibatches"),
+    (["--algo", "maml", "--task", "omniglot", "--image-size", "10000000000000000000000", "--data", "{tmp}/no-such-dir"],
+     "--meta-batch 8 and --shots 1 (with --ways 5 and --image-size 10000000000000000000000): the tasks' examples"),
+    (["--algo", "maml", "--task", "omniglot", "--hidden", "100000", "--data", "{tmp}/no-such-dir"],
+     "--hidden 100000: the conv-4's (hidden, hidden, 3, 3) weights would have 90,000,000,000 elements"),
     (["--algo", "maml", "--valid-alphabets", "A", "--test-alphabets", "B"], "--valid-alphabets does not apply to --task sinusoid"),
     (["--algo", "maml", "--task", "omniglot", "--test-alphabets", "Greek"],
      "--valid-alphabets and --test-alphabets choose the split together: give both or neither"),
@@ -302,6 +316,26 @@ def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path: Path, capsys, e
     assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
     assert message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_fewshot_counts_up_to_the_element_limit_are_accepted() -> None:
+    """Counts of meta-steps size no tensor: any number passes; the examples of a draw may reach
+    exactly 2**31 - 1 elements, one more is refused."""
+    from learnedopt.meta.loop import MAX_ELEMENTS
+
+    def config(algo: str = "maml", task: str = "sinusoid", **changes: Any) -> FewShotConfig:
+        return FewShotConfig(algo=algo, task=task, **{**fewshot_defaults(algo, task, None), **changes})
+
+    config(meta_steps=10**30, multi_step_loss=10**30, first_order_until=10**30).validate()
+    config(meta_batch=MAX_ELEMENTS, shots=1, queries=1, val_tasks=1).validate()
+    with pytest.raises(ConfigError, match="--meta-batch 2147483648 and --shots 1: the tasks' examples would have 2,147,483,648"):
+        config(meta_batch=MAX_ELEMENTS + 1, shots=1, queries=1).validate()
+    # Omniglot: (tasks, ways * examples, 1, S, S) images
+    omniglot = fewshot_defaults("maml", "omniglot", None)
+    assert omniglot["meta_batch"] * omniglot["ways"] * omniglot["queries"] == 200
+    config(task="omniglot", image_size=3276, val_tasks=1).validate()  # 200 * 3276**2 = 2,146,435,200
+    with pytest.raises(ConfigError, match=r"--meta-batch 8 and --queries 5 \(with --ways 5 and --image-size 3277\)"):
+        config(task="omniglot", image_size=3277, val_tasks=1).validate()
 
 
 def test_same_rotation_episodes_share_an_orientation_and_augment_distorts_them(omniglot_dir: Path) -> None:

@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1; 0 keeps torch's choice)",
+        help="torch CPU threads, at most the machine's CPU count (default 1; 0 keeps torch's choice)",
     )
     parser.add_argument(
         "--workers",
@@ -193,6 +193,8 @@ def run_cli(
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if args.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
+        if args.threads > (cpus := os.cpu_count() or 1):  # each thread's stack is allocated: 10**5 exhausted memory
+            raise ValueError(f"--threads must be <= {cpus}, this machine's CPU count (more only add synchronisation), got {args.threads}")
         if Path(args.name).name != args.name or args.name in ("", ".", ".."):
             raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
         setup = check_config(config)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.idx import mnist_sha256
+from ..meta.loop import MAX_ELEMENTS
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .records import RunRecords
@@ -109,6 +110,10 @@ class EvalConfig:
             raise ValueError(f"stability_steps must be >= 0, got {self.stability_steps}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for key in ("stability_steps", "steps"):  # a run's (steps,) loss curve is one array
+            if (getattr(self, key) or 0) > MAX_ELEMENTS:
+                raise ValueError(f"{key} must be <= {MAX_ELEMENTS:,} (2**31 - 1, the most elements of a run's loss curve), "
+                                 f"got {getattr(self, key)}")  # fmt: skip
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
             raise ValueError(
                 f"lrs must be a non-empty list of positive finite numbers, got {list(self.lrs)}"
@@ -256,7 +261,7 @@ def evaluate_optimizers(
         # PR_SET_PDEATHSIG (_end_with_parent) fires when the thread that started a worker ends: the
         # pool starts them in submit, in this thread, which outlives the pool
         with ProcessPoolExecutor(
-            workers,
+            min(workers, max(len(jobs), 1)),  # a process per job at most: more would start none
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
             initargs=(torch.get_num_threads(), os.getpid()),

@@ -198,13 +198,40 @@ def rule_class(name: str) -> type[UpdateRule]:
         raise ConfigError(f"--rule {name}: {one_line(err)}") from None
 
 
+#: The most elements a tensor of a run may have: 2**31 - 1, the largest 32-bit signed integer (the
+#: index type of many of torch's kernels and C interfaces). A float32 tensor of that many is 8 GiB
+#: and a run keeps several, so no run that fits a machine is refused; beyond it an option's count
+#: failed deep in torch or numpy with a traceback, or tried to allocate terabytes before the first
+#: step. Counts of meta-steps (``--meta-steps``, ``--checkpoint-every``, ...) size no tensor and
+#: have no bound.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def check_elements(options: str, elements: int, tensor: str) -> None:
+    """Raise :class:`ConfigError` where ``tensor``, which the settings ``options`` size (e.g.
+    ``"--horizon 100 and --meta-batch 8"``), would have more than :data:`MAX_ELEMENTS` elements."""
+    if elements > MAX_ELEMENTS:
+        raise ConfigError(
+            f"{options}: {tensor} would have {elements:,} elements; a run's tensors have at most "
+            f"{MAX_ELEMENTS:,} (2**31 - 1)"
+        )
+
+
 def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``
-    (a ``module:Class`` too: :func:`rule_class`)."""
+    (a ``module:Class`` too: :func:`rule_class`): one the class refuses, a count (``hidden_size``,
+    ``num_layers``, ...) beyond :data:`MAX_ELEMENTS`, which built layers for hours or failed in
+    torch with a traceback, or one whose weights cannot be allocated."""
+    for key, value in rule_config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_ELEMENTS:
+            raise ConfigError(f"--rule-config: {key} must be at most {MAX_ELEMENTS:,} (2**31 - 1, the most elements of a "
+                              f"run's tensors), got {value}")  # fmt: skip
     try:
         rule_class(rule).from_config_dict(dict(rule_config))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--rule-config: {err}") from None
+    except RuntimeError as err:  # torch's allocator: weights too large for this machine
+        raise ConfigError(f"--rule-config: {rule} cannot be built: {one_line(err)}") from None
 
 
 def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:

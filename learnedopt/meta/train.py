@@ -62,6 +62,7 @@ from .loop import (
     ConfigError,
     OutputLock,
     Selection,
+    check_elements,
     check_rule_config,
     check_run,
     check_select_every,
@@ -226,6 +227,11 @@ class MetaTrainConfig:
             raise ConfigError(
                 f"--unroll T={self.unroll} is longer than --horizon H={self.horizon}; need T <= H"
             )
+        check_elements(f"--horizon {self.horizon} and --meta-batch {self.meta_batch}", self.horizon * self.meta_batch,
+                       "an episode's (H, B) losses")  # fmt: skip
+        if self.select_tasks is not None:
+            check_elements(f"--horizon {self.horizon} and --select-tasks {self.select_tasks}",
+                           self.horizon * self.select_tasks, "the selection episode's (H, K) losses")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -566,27 +572,56 @@ def _task_name(task: str, family: TaskFamily) -> str:
 
 
 def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
-    """Raise :class:`ConfigError` unless ``family`` describes itself and its meta-batch drawn from
+    """Raise :class:`ConfigError` unless ``family`` describes itself, the rule's coordinates of its
+    meta-batch fit a tensor (:func:`_check_coordinates`), and the meta-batch drawn from
     ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``.
     Every rank checks the whole meta-batch, not its share, so that all fail or pass together."""
     stage = "describe()"
     try:
         checked_description(family, "paragraph")
         stage = f"the first {role} tasks"
-        batch = family.sample_batch(config.meta_batch, generator)
-        if not isinstance(batch, TaskBatch):
-            raise ValueError(f"sample_batch gave a {type(batch).__name__}, not a TaskBatch")
-        if not all(isinstance(task, Task) for task in batch.tasks):
-            kinds = sorted({type(task).__name__ for task in batch.tasks if not isinstance(task, Task)})
-            raise ValueError(f"sample gave a {', '.join(kinds)}, not a learnedopt.meta.Task")
-        params = {k: v.to(family.device) for k, v in batch.init_params(generator).items()}
+        _check_coordinates(family, config, generator)
+        batch, params = _draw(family, config.meta_batch, generator)
         check_task_batch(batch, params, dtype=torch.float32)
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
         on_device = (f" (on --device {config.device}: a family's tasks must keep their data on family.device, "
                      "where TaskFamily.to puts it)") if config.device != "cpu" and stage != "describe()" else ""  # fmt: skip
         message = one_line(err)
         shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
         raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
+
+
+def _check_coordinates(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator) -> None:
+    """Raise :class:`ConfigError` where the rule's ``(B * P,)`` coordinates of a meta-batch (and
+    of the selection episode's ``--select-tasks``) would exceed :data:`~learnedopt.meta.loop.MAX_ELEMENTS`,
+    ``P`` being the parameter count of one task of the draw ``generator`` (a copy: it is not
+    advanced), drawn alone so that a meta-batch too large to allocate is not."""
+    probe = torch.Generator().set_state(generator.get_state())
+    try:
+        per_task = num_coordinates(_draw(family, 1, probe)[1])
+    except Exception:  # noqa: BLE001 - e.g. a family of your own that needs two tasks: the whole draw says what fails
+        return
+    counts = {"--meta-batch": config.meta_batch}
+    if config.select_every and config.select_tasks is not None:
+        counts["--select-tasks"] = config.select_tasks
+    for option, count in counts.items():
+        check_elements(f"--task {config.task} and {option} {count}", count * per_task,
+                       f"the rule's (B * P,) coordinates (P = {per_task:,} parameters per task)")  # fmt: skip
+
+
+def _draw(family: TaskFamily, count: int, generator: torch.Generator) -> tuple[TaskBatch, dict[str, Tensor]]:
+    """``count`` tasks of ``family`` and their initial parameters (``(count, *shape)`` per name, on
+    ``family.device``) drawn from ``generator``; raises ``ValueError`` where the family gives
+    something else than :class:`~learnedopt.meta.TaskBatch` of :class:`~learnedopt.meta.Task`."""
+    batch = family.sample_batch(count, generator)
+    if not isinstance(batch, TaskBatch):
+        raise ValueError(f"sample_batch gave a {type(batch).__name__}, not a TaskBatch")
+    if not all(isinstance(task, Task) for task in batch.tasks):
+        kinds = sorted({type(task).__name__ for task in batch.tasks if not isinstance(task, Task)})
+        raise ValueError(f"sample gave a {', '.join(kinds)}, not a learnedopt.meta.Task")
+    return batch, {k: v.to(family.device) for k, v in batch.init_params(generator).items()}
 
 
 _MIXTURE_EVAL_NOTE = (

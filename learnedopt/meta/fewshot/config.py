@@ -18,6 +18,7 @@ from ...plugins import entry_point_path
 from ...weights import load_weights
 from ..loop import (
     ConfigError,
+    check_elements,
     check_rule_config,
     check_select_every,
     refuse_options,
@@ -33,6 +34,7 @@ FEWSHOT_ONLY: tuple[str, ...] = (
     "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "val_tasks", "train_shots", "inner_batch",
     "zero_head", "head_only", "valid_alphabets", "test_alphabets", "multi_step_loss", "first_order_until",
 )  # fmt: skip
+SINUSOID_VALID_QUERIES = 100  # query points per validation task (Finn et al.'s code tests on K: noisier)
 _OMNIGLOT_ONLY = ("ways", "hidden", "image_size", "same_alphabet", "same_rotation", "augment", "valid_alphabets",
                   "test_alphabets", "data")  # fmt: skip
 
@@ -164,6 +166,7 @@ class FewShotConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.task == "omniglot" and self.ways < 2:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
+        self._check_sizes()
         if self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         check_select_every(self.select_every)
@@ -217,6 +220,32 @@ class FewShotConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+    def _check_sizes(self) -> None:
+        """Raise :class:`ConfigError` where the counts (positive already) would size a tensor of a
+        meta-step beyond :data:`~learnedopt.meta.loop.MAX_ELEMENTS`: the inner loops' per-step
+        losses and minibatches, a meta-batch's or the validation draw's examples (Omniglot:
+        ``(tasks, ways * examples, 1, S, S)`` images), the conv-4's ``(hidden, hidden, 3, 3)``
+        weights. Counts of meta-steps (``meta_steps``, ``multi_step_loss``, ...) size none."""
+        for name in ("inner_steps", "test_inner_steps"):
+            check_elements(f"--{name.replace('_', '-')} {getattr(self, name)}", getattr(self, name),
+                           "an inner loop's per-step losses")  # fmt: skip
+        if self.inner_batch is not None:
+            check_elements(f"--inner-steps {self.inner_steps} and --inner-batch {self.inner_batch}",
+                           self.inner_steps * self.inner_batch, "Reptile's (steps, batch) inner minibatches")  # fmt: skip
+        omniglot = self.task == "omniglot"
+        pixels, ways = (self.image_size**2, self.ways) if omniglot else (1, 1)
+        train_shots = ("--train-shots", self.train_shots) if self.train_shots is not None else ("--shots", self.shots)
+        valid_queries = ("validation queries", SINUSOID_VALID_QUERIES) if self.task == "sinusoid" else ("--queries", self.queries)
+        draws = [(("--meta-batch", self.meta_batch), examples) for examples in (train_shots, ("--queries", self.queries))]
+        draws += [(("--val-tasks", self.val_tasks), examples) for examples in (("--shots", self.shots), valid_queries)]
+        for (tasks_option, tasks), (examples_option, examples) in draws:
+            options = f"{tasks_option} {tasks}" + ("" if examples is None else f" and {examples_option} {examples}")
+            examples = examples or 1  # None: your own family's own size, at least one example
+            options += f" (with --ways {ways} and --image-size {self.image_size})" if omniglot else ""
+            check_elements(options, tasks * ways * examples * pixels, "the tasks' examples")
+        if omniglot:
+            check_elements(f"--hidden {self.hidden}", self.hidden**2 * 9, "the conv-4's (hidden, hidden, 3, 3) weights")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,13 +17,12 @@ from ..loop import (
     ConfigError,
 )
 from ..tasks import generator_for
-from .config import FewShotConfig
+from .config import SINUSOID_VALID_QUERIES, FewShotConfig
 from .family import FamilySource, import_fewshot_family, is_own_task
 
 #: Omniglot classes are split by whole alphabets (8 in the two small background sets: 5, 1, 2)
 OMNIGLOT_SPLIT: dict[str, float] = {"meta_train": 5 / 8, "meta_valid": 1 / 8, "meta_test": 2 / 8}
 OMNIGLOT_SPLIT_SEED = 0
-SINUSOID_VALID_QUERIES = 100  # query points per validation task (Finn et al.'s code tests on K: noisier)
 
 
 class SinusoidSource:
