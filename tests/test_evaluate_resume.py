@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,60 @@ def test_a_resume_of_another_configuration_is_refused_naming_the_option(
         records.check({**settings, "mnist_sha256": "0" * 64}, resume=True)
     # where MNIST is read from may change; what it holds decides
     records.check({**settings, "config": {**settings["config"], "data": "elsewhere"}}, resume=True)
+
+
+def test_a_kill_after_the_report_before_removing_its_runs_leaves_no_unfinished_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed between writing the report and removing NAME.runs/: the plain command again was
+    refused as an unfinished evaluation. Its report is whole and newer than every record, so the
+    runs are stale: the plain command removes them and runs afresh (and --resume still rewrites the
+    report from them); runs recorded after a report are an unfinished evaluation's, still refused."""
+    from learnedopt.evaluation import cli as evaluate_cli
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path: object) -> None:
+        raise Killed
+
+    folder = records_folder(tmp_path, "optimizee_eval")
+    report = tmp_path / "optimizee_eval.json"
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(evaluate_cli.shutil, "rmtree", killed)
+    with pytest.raises(Killed):
+        evaluate(ARGS, tmp_path)
+    monkeypatch.setattr(evaluate_cli.shutil, "rmtree", rmtree)
+    assert RunRecords(folder).count() == RUNS and report.is_file() and report.with_suffix(".md").is_file()
+    first = report_without_times(report)
+    capsys.readouterr()
+
+    done = count_runs(monkeypatch)
+    assert evaluate(ARGS, tmp_path) == 0
+    assert done[0] == RUNS  # all run again, none taken from the stale records
+    err = capsys.readouterr().err
+    assert f"removed the {RUNS} runs in {folder}: {report} was written from them (its evaluation was stopped before it removed them)" in err
+    assert not folder.exists() and report_without_times(report) == first
+
+    # the same kill, then --resume: the report again from the records, nothing run
+    monkeypatch.setattr(evaluate_cli.shutil, "rmtree", killed)
+    with pytest.raises(Killed):
+        evaluate(ARGS, tmp_path)
+    monkeypatch.setattr(evaluate_cli.shutil, "rmtree", rmtree)
+    done = count_runs(monkeypatch)
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 0
+    assert done[0] == 0 and not folder.exists() and report_without_times(report) == first
+
+    # an evaluation killed after recording runs newer than a report of the same name is unfinished
+    count_runs(monkeypatch, stop_after=3)
+    assert evaluate(ARGS, tmp_path) == 130
+    capsys.readouterr()
+    assert evaluate(ARGS, tmp_path) == 2
+    assert f"{folder} holds the runs of an unfinished evaluation (3 recorded): pass --resume" in capsys.readouterr().err
+    # as is one whose report was cut short by the kill
+    report.write_text(report.read_text()[:100])
+    os.utime(report.with_suffix(".md"))
+    assert evaluate(ARGS, tmp_path) == 2
 
 
 def test_a_damaged_record_is_refused_in_one_line(

@@ -185,7 +185,9 @@ def run_cli(
 
     Each training run is recorded in ``<out_dir>/<name>.runs`` as it ends
     (:class:`~learnedopt.evaluation.records.RunRecords`); ``args.resume`` takes the recorded runs
-    instead of running them again. The folder is removed once the report is written."""
+    instead of running them again. The folder is removed once the report is written; where a kill
+    came between the two, the report is whole and newer than every record, and a run without
+    ``args.resume`` removes the stale runs and starts afresh (:meth:`RunRecords.reported_in`)."""
     lock = OutputLock("evaluate optimizers")
     try:
         config = config_from_args(args)
@@ -200,7 +202,8 @@ def run_cli(
         setup = check_config(config)
         records = RunRecords(records_folder(out_dir, args.name))
         settings = run_settings(config, setup)
-        records.check(settings, args.resume)
+        report_path = Path(out_dir) / f"{args.name}.json"
+        stale = records.check(settings, args.resume, report_path)
         create_output_folder(out_dir)  # after the checks, so that a refused run leaves no folder
         records.folder.mkdir(exist_ok=True)
         lock.acquire(records.folder)  # two processes would run every run twice, writing the same files
@@ -208,6 +211,10 @@ def run_cli(
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     with lock:
+        if stale:  # killed between writing the report and removing its runs: this run starts afresh
+            print(f"removed the {records.count()} runs in {records.folder}: {report_path} was written from them "
+                  "(its evaluation was stopped before it removed them)", file=sys.stderr)  # fmt: skip
+            records.clear()
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.resume:

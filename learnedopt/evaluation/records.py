@@ -100,17 +100,25 @@ class RunRecords:
         """How many runs are recorded."""
         return sum(1 for p in self.folder.glob("*.json") if p.name != SETTINGS_NAME) if self.folder.is_dir() else 0
 
-    def check(self, settings: Mapping[str, Any], resume: bool) -> None:
+    def check(self, settings: Mapping[str, Any], resume: bool, report: Path | None = None) -> bool:
         """The checks before an evaluation's first run (nothing is written): with ``resume``, that
         runs are recorded under the same ``settings`` (the
-        :func:`~learnedopt.evaluation.harness.run_settings` of this run); without, that none are.
+        :func:`~learnedopt.evaluation.harness.run_settings` of this run); without, that none are,
+        unless they are stale: :meth:`reported_in` ``report`` (the ``<name>.json`` this
+        evaluation writes).
+
+        Returns:
+            Whether the folder holds stale runs, for the caller to :meth:`clear` (always False
+            with ``resume``, which reads them).
 
         Raises:
-            ValueError: one line: runs recorded and no ``resume``; ``resume`` and no records; a
-                recorded setting that differs from this run's (named as its option).
+            ValueError: one line: runs recorded, not stale, and no ``resume``; ``resume`` and no
+                records; a recorded setting that differs from this run's (named as its option).
         """
         saved_path = self.folder / SETTINGS_NAME
         if not resume:
+            if self.count() and report is not None and self.reported_in(report):
+                return True
             if self.count():  # a folder of no runs (killed before the first ended) loses nothing
                 raise ValueError(
                     f"{self.folder} holds the runs of an unfinished evaluation ({self.count()} recorded): pass --resume "
@@ -131,6 +139,26 @@ class RunRecords:
                 ) from None
         elif self.count():  # the settings are written before the first run: someone removed them
             raise ValueError(f"--resume: {self.folder} holds runs but not their {SETTINGS_NAME}: remove the folder to start again")
+        return False
+
+    def reported_in(self, report: Path) -> bool:
+        """Whether ``report`` (``<name>.json``, its ``<name>.md`` beside it) is a whole report
+        written after every file of the folder: the evaluation that recorded these runs wrote its
+        report from them and was killed before it removed them, so they are stale. (An evaluation
+        that records runs after a report was written, killed or not, leaves newer files.)"""
+        try:
+            newest = max((p.stat().st_mtime_ns for p in self.folder.iterdir()), default=0)
+            written = min(path.stat().st_mtime_ns for path in (report, report.with_suffix(".md")))
+            whole = isinstance(json.loads(report.read_text(encoding="utf-8")).get("problems"), dict)
+        except (OSError, ValueError, AttributeError):  # missing, unreadable, or cut short by the kill
+            return False
+        return whole and written >= newest
+
+    def clear(self) -> None:
+        """Remove every record and the settings, keeping the folder (which the running evaluation
+        has locked)."""
+        for path in self.folder.iterdir():
+            path.unlink()
 
     def begin(self, settings: Mapping[str, Any]) -> None:
         """Create the folder and record ``settings`` (after :meth:`check`, before the first run)."""
