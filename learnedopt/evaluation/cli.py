@@ -21,6 +21,11 @@ from .records import RecordError, RunRecords, records_folder
 from .report import WriteResults, write_report
 from .runs import LR_SCHEDULES
 
+#: ``--threads``' bound where the machine has fewer CPUs: more than that many threads on fewer
+#: cores only oversubscribe (allowed, so that a run recorded on a larger machine reruns), and each
+#: thread reserves a stack (10**5 exhausted memory)
+MAX_THREADS = 1024
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``evaluate optimizers`` arguments (shared with ``benchmarks/optimizee_eval.py``)."""
@@ -96,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads, at most the machine's CPU count (default 1; 0 keeps torch's choice)",
+        help=f"torch CPU threads, at most {MAX_THREADS} or the CPU count if larger (default 1; 0 keeps torch's choice)",
     )
     parser.add_argument(
         "--workers",
@@ -195,8 +200,8 @@ def run_cli(
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if args.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
-        if args.threads > (cpus := os.cpu_count() or 1):  # each thread's stack is allocated: 10**5 exhausted memory
-            raise ValueError(f"--threads must be <= {cpus}, this machine's CPU count (more only add synchronisation), got {args.threads}")
+        if args.threads > (most := max(MAX_THREADS, os.cpu_count() or 1)):  # each thread reserves a stack: 10**5 exhausted memory
+            raise ValueError(f"--threads must be <= {most}, got {args.threads}")
         if Path(args.name).name != args.name or args.name in ("", ".", ".."):
             raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
         setup = check_config(config)
