@@ -211,6 +211,17 @@ def test_resume_needs_no_preset_file_the_run_keeps_a_copy(tmp_path: Path, capsys
         assert hb["meta_train_config"]["preset"] == str(start)  # as given, not the copy
         start.write_bytes(kept)
 
+    # killed before its first checkpoint: --resume starts again from the copy
+    early = tmp_path / "early"
+    assert run(early, *args, "--stop-after", "1") == 0
+    assert not (early / "checkpoint.pt").exists()
+    kept = start.read_bytes()
+    start.unlink()
+    assert run(early, *args, "--resume") == 0, capsys.readouterr().err
+    a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(early / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start.write_bytes(kept)
+
     # a run from before runs kept a copy, its file gone: one line saying what to do
     old = tmp_path / "old"
     assert run(old, *args, "--stop-after", "3") == 0
