@@ -10,10 +10,12 @@ one JSON header under the key ``"learnedopt"``::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -278,7 +280,7 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     header, tensors = _open(path)
     rule_class = RULES[header["kind"]]
     try:
-        with torch.device("cpu"):  # see build_preset
+        with _cpu_float32():
             rule = rule_class.from_config_dict(header["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid {header['kind']} config in header: {err}") from None
@@ -368,6 +370,23 @@ def _open(path: Path, *, registered: bool = True) -> tuple[dict[str, Any], dict[
     return header, tensors
 
 
+@contextlib.contextmanager
+def _cpu_float32() -> Iterator[None]:
+    """Build a rule's weights on the CPU in float32, whatever the defaults: under ``with
+    torch.device("meta")`` (a shape-only run, as torch.optim allows) they would hold no values,
+    and the CPU generator cannot initialise another device's tensors; under
+    ``torch.set_default_dtype(torch.float64)`` an untrained preset drew other weights (whose
+    saved states a float32-default process refused as "other weights"), and a file's weights
+    were checked for finiteness in float64, not in the float32 the steps use."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     """The update rule of a preset, with a header like a weight file's."""
     if name not in PRESETS:
@@ -377,12 +396,9 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
             rule, header = _load_file(path)
         return rule, {**header, "preset": name}
-    # on the CPU whatever the default device: weights built under ``with torch.device("meta")``
-    # (a shape-only run, as torch.optim allows) would hold no values, and the CPU generator
-    # cannot initialise another device's tensors
-    with torch.device("cpu"):
+    with _cpu_float32():
         rule = RULES[preset.kind].from_config_dict(preset.config)
-    rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
+        rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
     header = {
         "format": FORMAT_VERSION,
         "kind": preset.kind,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, make_mixed_params, make_params, param_specs, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -496,3 +496,27 @@ def test_a_load_state_dict_pre_hook_editing_in_place_leaves_the_callers_dict_as_
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["lr"] == 0.25
     assert saved["param_groups"] is groups and groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("weights", ["l2l-2016", "meta-lstm-adam", "meta-lstm-2017", None])
+def test_a_state_saved_under_a_float64_default_dtype_loads_under_float32_and_steps_alike(weights) -> None:
+    """``torch.set_default_dtype(torch.float64)`` does not change a preset's weights: an
+    untrained preset drew other initial weights under it, so its steps differed and its state
+    was refused by a process with the float32 default as "saved under other weights"."""
+    kind = "meta" if weights is not None and weights.startswith("meta") else "lstm"
+    runs = []
+    for default in (torch.float64, torch.float32):
+        params = make_params([(6, 5), (7,)], dtype=torch.float32)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            opt = OPTIMIZERS[kind](params, weights=weights)
+        finally:
+            torch.set_default_dtype(previous)
+        assert all(w.dtype == torch.float32 for w in opt.rule.parameters())
+        train(opt, params, 3, first=0)
+        runs.append((params, opt))
+    (params, opt), (other_params, other) = runs
+    assert_same_params_and_states(params, opt, other_params, other)
+    fresh = OPTIMIZERS[kind](other_params, weights=weights)
+    fresh.load_state_dict(opt.state_dict())
