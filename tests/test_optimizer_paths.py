@@ -433,6 +433,23 @@ def test_moving_parameters_to_another_dtype_drops_the_old_flat_buffers() -> None
         assert opt.state[p]["h"].untyped_storage().data_ptr() == buffers["h"].untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_removing_a_param_group_drops_the_flat_buffers_of_the_groups_after_it(kind) -> None:
+    """After ``param_groups.pop(0)`` the former group 1 is group 0 and its states move to that
+    index's new buffer; its old buffer, under index 1, stayed referenced (a second copy of
+    every state of the group)."""
+    params = make_params([(4, 3), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": params[:1]}, {"params": params[1:]}])
+    set_grads(params, seed=0)
+    step(opt)
+    opt.param_groups.pop(0)
+    set_grads(params, seed=1)
+    step(opt)
+    assert [key[0] for key in opt._flat_states] == [0]
+    buffers = opt._flat_states[0, torch.device("cpu"), torch.float32].buffers
+    assert opt.state[params[1]]["h"].untyped_storage().data_ptr() == buffers["h"].untyped_storage().data_ptr()
+
+
 def test_a_group_with_two_dtypes_keeps_both_flat_buffers() -> None:
     """Both buffers back live states: neither is dropped as stale when the other is rebuilt."""
     single, double = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.float64))

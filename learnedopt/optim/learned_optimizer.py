@@ -718,9 +718,10 @@ class LearnedOptimizer(Optimizer):
         if flat is None or not flat.is_current(members, self.state, state_dtype):
             flat = FlatState(self.rule, members, self.state, state_dtype, device)
             self._flat_states[key] = flat
-            # buffers of this group that no longer back their members' states (the parameters
-            # moved to another device or dtype) would otherwise be kept alive here
-            for other in [k for k, f in self._flat_states.items() if k[0] == index and k != key]:
+            # buffers that no longer back their members' states would otherwise be kept alive
+            # here: the parameters moved to another device or dtype, or to another group index
+            # (a param group removed from param_groups: its successors' old buffers)
+            for other in [k for k in self._flat_states if k != key]:
                 stale = self._flat_states[other]
                 if not stale.is_current(stale.members, self.state, stale.dtype):
                     del self._flat_states[other]
