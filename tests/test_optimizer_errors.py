@@ -58,6 +58,15 @@ def test_constructor_validation(cls) -> None:
         cls([{"params": p, "lr": -1.0}])
 
 
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+@pytest.mark.parametrize("lr", [1e-3, 1, torch.tensor(0.01)])
+def test_a_learning_rate_given_where_the_weights_go_is_a_clear_error(cls, lr) -> None:
+    """``torch.optim.Adam(params, 1e-3)`` takes ``lr`` second; here ``weights`` is second, and
+    the error named only the weights ("weights must be a preset name, ..., got float")."""
+    with pytest.raises(TypeError, match=rf"second argument is weights .*got .*; give a learning rate by keyword: {cls.__name__}\(params, lr=\.\.\.\)"):
+        cls([torch.zeros(2, requires_grad=True)], lr)
+
+
 def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
     p = [torch.zeros(2, requires_grad=True)]
     MetaLSTMOptimizer(p, backend="triton")  # has a kernel (tests/test_kernel_meta_lstm.py)

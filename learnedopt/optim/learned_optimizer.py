@@ -120,6 +120,11 @@ class LearnedOptimizer(Optimizer):
                 f"{type(self).__name__} sets no rule_kind: use LSTMOptimizer or MetaLSTMOptimizer, or for a rule of your "
                 "own a subclass of LearnedOptimizer with rule_kind = YourRule.kind"
             )
+        if isinstance(weights, (numbers.Real, Tensor)):  # Adam(params, 1e-3) ported: its lr lands in weights
+            raise TypeError(
+                f"{type(self).__name__}'s second argument is weights (a preset name, a weight file or an UpdateRule), "
+                f"got {weights!r}; give a learning rate by keyword: {type(self).__name__}(params, lr=...)"
+            )
         self.rule, self.weights_header = resolve_weights(
             weights, kind=self.rule_kind, default_preset=self.default_preset, owner=type(self).__name__
         )
