@@ -559,6 +559,25 @@ def test_an_adam_state_dict_is_refused_as_not_a_learned_optimizers() -> None:
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("other", ["sgd", "unstepped adam"])
+def test_a_state_dict_of_another_optimizer_without_states_is_refused(kind, other) -> None:
+    """SGD without momentum (or Adam before its first step) saves no states, so nothing told its
+    state dict from a learned optimizer's: it loaded, and the optimizer stepped at SGD's lr."""
+    model = torch.nn.Linear(3, 2)
+    if other == "sgd":
+        saved = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4)
+        model(torch.randn(4, 3)).sum().backward()
+        saved.step()
+    else:
+        saved = torch.optim.Adam(model.parameters())
+    optimizer = OPTIMIZERS[kind](model.parameters())
+    with pytest.raises(ValueError, match=r"parameter group 0 holds \[.*'lr'.*\], no 'state_dtype', and the dict no "
+                       r"'learned_rule': it was not saved by a learned optimizer"):
+        optimizer.load_state_dict(saved.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 1.0 and "betas" not in optimizer.param_groups[0]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("foreach", [False, True])
 def test_an_lr_equal_to_the_parameters_dtype_largest_value_is_accepted(kind, foreach) -> None:
     """Only an lr above the dtype's largest value is refused: the largest itself converts."""

@@ -349,6 +349,16 @@ class LearnedOptimizer(Optimizer):
             saved_group["backend"] = group["backend"]
             _validate_options(saved_group)
         state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
+        # every version wrote both; without them, and without states to tell (SGD's, or an unstepped
+        # Adam's), another optimizer's lr (and weight_decay) were loaded in silence
+        foreign = [number for number, group in enumerate(state_dict["param_groups"]) if "state_dtype" not in group]
+        if saved_rule is None and foreign:
+            options = sorted(set(state_dict["param_groups"][foreign[0]]) - {"params", "param_names"})
+            raise ValueError(
+                f"loaded state dict's parameter group {foreign[0]} holds {options}, no 'state_dtype', and the dict no "
+                "'learned_rule': it was not saved by a learned optimizer (a learned optimizer's states start afresh: "
+                "skip load_state_dict to switch from another optimizer)"
+            )
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
             saved_group["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved_group:
