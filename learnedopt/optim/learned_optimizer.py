@@ -524,9 +524,15 @@ class LearnedOptimizer(Optimizer):
         if not self.rule.needs_loss:
             return None
         if loss is None:
+            # torch.distributed.checkpoint's state_dict helpers step an optimizer with no state yet
+            # to give it one, with no loss
+            fresh = "" if self.state else (
+                "; to give a fresh optimizer its state without a step (as torch's checkpoint helpers "
+                "get_optimizer_state_dict and set_optimizer_state_dict need), call init_state() first"
+            )
             raise ValueError(
                 f"{type(self).__name__}.step needs the loss: call step(closure) with a closure that "
-                "returns it, or step(loss=loss)"
+                f"returns it, or step(loss=loss){fresh}"
             )
         # a Python number is a double: read in float64 (as_tensor would round it to float32), so
         # float64 parameters' math sees it exactly and a finite one is never called Inf; on the
