@@ -515,3 +515,46 @@ def test_load_weights_takes_a_preset_name_as_weights_does() -> None:
     assert load_weights("meta-lstm-2017")[1]["trained"] is False
     with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
         load_weights("l2l-blnd")
+
+
+def test_a_header_stating_a_far_larger_architecture_than_its_tensors_is_refused_before_building_it(tmp_path) -> None:
+    """hidden_size 100000 over the tensors of hidden 20: the rule was built first, a 160 GB
+    allocation and a raw RuntimeError from torch's allocator (num_layers 10**6: no answer)."""
+    good = tmp_path / "good.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    bad = tmp_path / "bad.safetensors"
+    for change in ({"hidden_size": 100_000}, {"num_layers": 100_000}):
+        _with_header_changes(good, bad, **change)
+        with pytest.raises(ValueError, match=r"bad.safetensors: tensors do not match the CoordinateLSTM architecture"):
+            load_weights(bad)
+
+
+@pytest.mark.parametrize("config", [{}, {"hidden_size": 3, "num_layers": 1}, {"num_layers": 3, "momentum_decays": [0.9],
+                                    "rms_decays": [0.99, 0.999], "param_input": True}])  # fmt: skip
+def test_coordinate_lstm_weight_shapes_are_those_of_the_rule_it_builds(config) -> None:
+    from learnedopt.nn.base import UpdateRule
+
+    rule = CoordinateLSTM.from_config_dict(config)
+    built = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+    assert CoordinateLSTM.weight_shapes(config) == built == UpdateRule.weight_shapes.__func__(CoordinateLSTM, config)
+    assert list(CoordinateLSTM.weight_shapes(config)) == list(built)  # the file's order, too
+    meta = MetaLSTMCell.from_config_dict({"hidden_size": 5})
+    assert MetaLSTMCell.weight_shapes({"hidden_size": 5}) == {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trained": "no"}, r"header's 'trained' must be true or false or null, got 'no'"),
+    ({"trained": False, "preset": ["l2l-2016"]}, r"header's 'preset' must be a preset's name or null, got \['l2l-2016'\]"),
+    ({"format": True}, r"unsupported weight format True"),
+])  # fmt: skip
+def test_header_fields_of_the_wrong_type_are_refused_naming_the_file(tmp_path, change, message) -> None:
+    """"trained": "no" loaded as trained (no warning), a list as the preset of an untrained file
+    was a bare "unhashable type: 'list'" TypeError from the optimizer, and format true read as 1."""
+    good = tmp_path / "good.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    bad = tmp_path / "bad.safetensors"
+    tensors = dict(load_weights(good)[0].state_dict())
+    save_file(tensors, str(bad), metadata={"learnedopt": json.dumps({**read_header(good), **change})})
+    for load in (load_weights, lambda p: LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=p)):
+        with pytest.raises(ValueError, match=rf"bad.safetensors: .*{message}"):
+            load(bad)

@@ -118,15 +118,30 @@ class UpdateRule(nn.Module):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
 
     @classmethod
-    def from_config_dict(cls, values: dict[str, Any]) -> UpdateRule:
-        """A fresh rule of the architecture :meth:`config_dict` wrote (lists become tuples);
-        raises ValueError for an unknown key or an invalid value."""
+    def config_from_dict(cls, values: dict[str, Any]) -> Any:
+        """The ``config_class`` instance of the architecture :meth:`config_dict` wrote (lists
+        become tuples); raises ValueError for an unknown key or an invalid value."""
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = set(values) - fields
         if unknown:
             raise ValueError(f"unknown {cls.kind} config keys: {sorted(unknown)}")
-        coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(cls.config_class(**coerced))
+        return cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @classmethod
+    def from_config_dict(cls, values: dict[str, Any]) -> UpdateRule:
+        """A fresh rule of the architecture :meth:`config_dict` wrote (lists become tuples);
+        raises ValueError for an unknown key or an invalid value."""
+        return cls(cls.config_from_dict(values))
+
+    @classmethod
+    def weight_shapes(cls, values: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shape of each ``state_dict`` tensor of ``from_config_dict(values)``, without
+        allocating its weights (this builds the rule on the meta device; a rule whose
+        construction costs time in its size overrides it with the arithmetic). Raises as
+        :meth:`from_config_dict`."""
+        with torch.device("meta"):
+            rule = cls.from_config_dict(values)
+        return {k: tuple(v.shape) for k, v in rule.state_dict().items()}
 
     def state_spec(self) -> dict[str, StateSpec]:
         """Name and shape of each per-coordinate state tensor."""
