@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 #: the library's rule kinds, whose classes every process has
 LIBRARY_KINDS = (CoordinateLSTM.kind, MetaLSTMCell.kind)
 _HEADER_KEY = "learnedopt"
+#: the keys of a weight file's header that save_weights writes itself (``extra=`` may not)
+RESERVED_HEADER_KEYS = ("format", "kind", "config", "rule_class", "preset", "library_version", "trained_on", "trained")
 MODEL_HEADER_KEY = "learnedopt_model"  # a few-shot model file's (learnedopt.meta.fewshot)
 #: each of the library's file formats by its header key, for an error naming the file given
 #: where the other format is expected
@@ -196,7 +198,8 @@ def save_weights(
     would load as that class. For a rule of your own, the header records where its class imports
     from (``rule_class``, ``module:Class``; not for a class of ``__main__`` or one nested in a
     function or class), which the messages about its unregistered kind name. Nothing imports it
-    from there by itself: loading a file never runs code.
+    from there by itself: loading a file never runs code. ``extra`` adds header keys other than
+    :data:`RESERVED_HEADER_KEYS` (ValueError).
     """
     held = RULES.get(rule.kind)
     if held is not None and (held.__module__, held.__qualname__) != (type(rule).__module__, type(rule).__qualname__):
@@ -205,6 +208,11 @@ def save_weights(
             f"{held.__qualname__}: give {type(rule).__name__} a kind of its own (and learnedopt.nn.register_rule it)"
         )
     importable = class_path(type(rule)) if rule.kind not in LIBRARY_KINDS else None
+    # extra came last and replaced these: extra={"config": ...} wrote a file that loads as
+    # another architecture or not at all
+    clashes = sorted(set(extra or {}) & set(RESERVED_HEADER_KEYS))
+    if clashes:
+        raise ValueError(f"extra header keys {clashes} are the weight file's own; reserved: {list(RESERVED_HEADER_KEYS)}")
     header = {
         "format": FORMAT_VERSION,
         "kind": rule.kind,

@@ -558,3 +558,16 @@ def test_header_fields_of_the_wrong_type_are_refused_naming_the_file(tmp_path, c
     for load in (load_weights, lambda p: LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=p)):
         with pytest.raises(ValueError, match=rf"bad.safetensors: .*{message}"):
             load(bad)
+
+
+@pytest.mark.parametrize("key", ["format", "kind", "config", "trained"])
+def test_extra_header_keys_may_not_replace_the_files_own(tmp_path, key) -> None:
+    """``extra={"config": ...}`` (meta-train's config, say) replaced the architecture and wrote a
+    file that did not load; ``extra={"trained": ...}`` silently overrode the argument."""
+    from learnedopt.weights import RESERVED_HEADER_KEYS
+
+    with pytest.raises(ValueError, match=rf"extra header keys \['{key}'\] are the weight file's own; reserved: \["):
+        save_weights(CoordinateLSTM(), tmp_path / "w.safetensors", extra={key: 2, "command": "x"})
+    assert not (tmp_path / "w.safetensors").exists()
+    save_weights(CoordinateLSTM(), tmp_path / "w.safetensors", extra={"command": "x"})
+    assert set(RESERVED_HEADER_KEYS) <= set(read_header(tmp_path / "w.safetensors")) | {"rule_class"}
