@@ -278,7 +278,8 @@ def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
     """
     if isinstance(name, str) and name in PRESETS:
         return build_preset(name)
-    if isinstance(name, str) and not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors"):
+    # "" is not the current folder (Path("") is ".")
+    if isinstance(name, str) and (not name or not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors")):
         raise ValueError(f"unknown preset {name!r} and no such file; presets: {sorted(PRESETS)}")
     return _load_file(Path(name))
 
@@ -310,10 +311,16 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
         raise ValueError(f"{path}: weights {not_float} are not floating-point tensors")
     rule.load_state_dict(tensors)
     # checked in the rule's float32: a float64 1e300 is finite in the file but Inf there
-    bad = sorted(k for k, v in rule.state_dict().items() if not torch.isfinite(v).all())
+    bad = not_finite(rule)
     if bad:
         raise ValueError(f"{path}: weights contain NaN or Inf (in float32) in {bad}")
     return rule, header
+
+
+def not_finite(rule: UpdateRule) -> list[str]:
+    """The names of ``rule``'s ``state_dict`` tensors holding a NaN or an Inf, sorted (none
+    checked on the meta device, where there are no values)."""
+    return sorted(k for k, v in rule.state_dict().items() if v.device.type != "meta" and not torch.isfinite(v).all())
 
 
 def folder_note(path: str | os.PathLike) -> str:
@@ -442,6 +449,9 @@ def resolve_weights(
     if isinstance(weights, UpdateRule):
         rule = weights
         header = {"kind": rule.kind, "config": rule.config_dict(), "preset": None, "trained": None}
+        bad = not_finite(rule)
+        if bad:  # as load_weights refuses them in a file: every step would turn the parameters NaN
+            raise ValueError(f"{owner}: the {rule.kind} given as weights has NaN or Inf in {bad}")
     elif isinstance(weights, (str, os.PathLike)):
         rule, header = load_weights(weights)
     else:

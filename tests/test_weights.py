@@ -571,3 +571,23 @@ def test_extra_header_keys_may_not_replace_the_files_own(tmp_path, key) -> None:
     assert not (tmp_path / "w.safetensors").exists()
     save_weights(CoordinateLSTM(), tmp_path / "w.safetensors", extra={"command": "x"})
     assert set(RESERVED_HEADER_KEYS) <= set(read_header(tmp_path / "w.safetensors")) | {"rule_class"}
+
+
+@pytest.mark.parametrize(("cls", "rule", "name"), [
+    (LSTMOptimizer, CoordinateLSTM(), "head.bias"),
+    (MetaLSTMOptimizer, MetaLSTMCell(), "bias_fi"),
+])  # fmt: skip
+def test_a_module_with_non_finite_weights_is_refused_as_its_file_is(cls, rule, name) -> None:
+    """The file of such a rule is refused; the module itself was taken, and its first step turned
+    every parameter NaN."""
+    with torch.no_grad():
+        rule.get_parameter(name).view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: the {rule.kind} given as weights has NaN or Inf in \['{name}'\]$"):
+        cls([torch.zeros(2, requires_grad=True)], weights=rule)
+
+
+def test_an_empty_weights_string_is_an_unknown_preset_not_the_current_folder() -> None:
+    """``weights=""`` said "weight file not found: . (. is a folder)"."""
+    for load in (load_weights, lambda w: LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=w)):
+        with pytest.raises(ValueError, match=r"unknown preset '' and no such file; presets: \["):
+            load("")
