@@ -594,3 +594,33 @@ def test_the_triton_backend_takes_the_same_step_and_meta_gradient(kind: str) -> 
     grads64 = {k: torch.ones_like(v) for k, v in params64.items()}
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this update: float32 only"):
         learned_step(double, params64, grads64, init_rule_state(double, params64), loss=1.0, backend="triton")
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), "1", None, True, torch.tensor([1.0, 2.0]), torch.tensor(1)])
+def test_learned_step_and_unroll_refuse_an_lr_that_is_not_a_finite_number(lr) -> None:
+    """A NaN lr stepped every parameter to NaN in silence, and "1" was a TypeError about indexing."""
+    rule = CoordinateLSTM(hidden_size=4)
+    params = {"w": torch.randn(3), "b": torch.randn(2)}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    message = r"lr must be a finite real number or a one-element floating-point tensor, got "
+    with pytest.raises(ValueError, match=rf"^learned_step: {message}"):
+        learned_step(rule, params, grads, init_rule_state(rule, params), lr=lr)
+    g = generator_for(3)
+    tasks = QuadraticFamily(dim=4).sample_batch(2, g)
+    start = tasks.init_params(g)
+    with pytest.raises(ValueError, match=rf"^unroll: {message}"):
+        unroll(rule, tasks, start, rule.init_state(num_coordinates(start), dtype=torch.float32, device="cpu"), 1, lr=lr)
+    learned_step(rule, params, grads, init_rule_state(rule, params), lr=torch.tensor(0.5, requires_grad=True))
+
+
+def test_learned_step_takes_params_and_grads_as_dicts_only() -> None:
+    """A list of tensors, as torch.optim takes them, was an AttributeError ('list' has no 'items')."""
+    rule = CoordinateLSTM(hidden_size=4)
+    params = {"w": torch.randn(3)}
+    state = init_rule_state(rule, params)
+    with pytest.raises(TypeError, match=r"^learned_step: params must be a dict of names to tensors .*, got a list$"):
+        learned_step(rule, [params["w"]], [torch.ones(3)], state)
+    with pytest.raises(TypeError, match=r"^learned_step: grads must be a dict with the names of params, got a list$"):
+        learned_step(rule, params, [torch.ones(3)], state)
+    with pytest.raises(TypeError, match=r"^init_rule_state: params must be a dict"):
+        init_rule_state(rule, [params["w"]])

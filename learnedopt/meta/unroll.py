@@ -175,7 +175,9 @@ def learned_step(
             rule's for ``P`` coordinates; parameters and gradients of more than one dtype, states
             or rule weights not in the math dtype, or any of them on more than one device; no
             loss for a rule that needs it, or a loss that is not one real number on the
-            parameters' device; a ``nan_policy`` other than None and ``"raise"``.
+            parameters' device; a ``nan_policy`` other than None and ``"raise"``; an ``lr`` that
+            is not a finite number or a one-element floating-point tensor.
+        TypeError: ``params`` or ``grads`` not a dict (a mapping) of names to tensors.
         NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
             rule), gradient or (read by the rule) parameter value; nothing is computed.
     """
@@ -185,6 +187,9 @@ def learned_step(
         skip = " ('skip' is the optimizers': a functional step returns every parameter's update)" if nan_policy == "skip" else ""
         raise ValueError(f"nan_policy must be None or 'raise', got {nan_policy!r}{skip}")
     first = _check_params(params, "learned_step")
+    _check_lr(lr, "learned_step")
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"learned_step: grads must be a dict with the names of params, got a {type(grads).__name__}")
     names = list(params)
     missing, extra = [k for k in names if k not in grads], [k for k in grads if k not in params]
     if missing or extra:
@@ -241,6 +246,9 @@ def _require_finite(
 def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
     """The first of one optimizee's ``params``, once checked to be floating-point tensors of one
     dtype and device; raises ValueError naming what is wrong."""
+    if not isinstance(params, Mapping):  # a list of tensors (torch.optim's params) had no .items()
+        raise TypeError(f"{caller}: params must be a dict of names to tensors (as torch.func.functional_call takes), "
+                        f"got a {type(params).__name__}")  # fmt: skip
     if not params:
         raise ValueError(f"{caller}: params is empty: give at least one parameter tensor")
     for k, v in params.items():
@@ -256,6 +264,17 @@ def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
                     f"{getattr(first, what)}: the parameters need one {what}"
                 )
     return first
+
+
+def _check_lr(lr: float | Tensor, caller: str) -> None:
+    """Raise ValueError unless ``lr`` is a finite real number or a one-element floating-point
+    tensor (whose value is not checked: that would be a host sync)."""
+    if isinstance(lr, Tensor):
+        ok = lr.is_floating_point() and lr.numel() == 1
+    else:
+        ok = is_number(lr) and math.isfinite(lr)
+    if not ok:
+        raise ValueError(f"{caller}: lr must be a finite real number or a one-element floating-point tensor, got {lr!r}")
 
 
 def _check_state(rule: UpdateRule, state: State, n: int) -> None:
@@ -352,7 +371,7 @@ def unroll(
         An :class:`UnrollResult`.
 
     Raises:
-        ValueError: on ``steps < 1``, an unknown ``backend``, a ``"triton"`` backend that cannot
+        ValueError: on ``steps < 1``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params`` or ``loss_weights``,
             parameters of more than one dtype, states or rule weights not in their math dtype,
             any of them on more than one device, a call under
@@ -365,6 +384,7 @@ def unroll(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
+    _check_lr(lr, "unroll")
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         # else every task would be blamed for a loss without a gradient (torch.enable_grad() inside
         # inference_mode turns grad mode on, but every tensor made there still has no graph)
