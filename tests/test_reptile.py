@@ -302,3 +302,31 @@ def test_the_default_cross_entropy_refuses_a_one_output_model() -> None:
     reptile = Reptile(nn.Linear(3, 1), inner_steps=1)
     with pytest.raises(ValueError, match="cross-entropy, is 0 over a model with one output"):
         reptile.meta_step([[(torch.randn(4, 3), torch.randn(4, 1))]])
+
+
+def test_reptile_refuses_what_maml_refuses_for_its_steps_and_a_frozen_model() -> None:
+    """adapt(steps=-1) returned the model untrained in silence (MAML.adapt refuses it), 1.5 inner
+    steps were a TypeError from range(), an optimizer given for its factory was "'SGD' object is
+    not callable" at the first adapt, and a frozen model failed in the loss's backward."""
+    from learnedopt.meta import MAML
+
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    task = [(torch.ones(4, 2), torch.ones(4, 1))]
+    reptile = Reptile(nn.Linear(2, 1), 1, sgd, loss_fn=nn.functional.mse_loss)
+    maml = MAML(nn.Linear(2, 1), loss_fn=nn.functional.mse_loss)
+    for steps in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^steps must be >= 0 and an integer, got {steps!r}$"):
+            reptile.adapt(task, steps=steps)
+        with pytest.raises(ValueError, match=rf"^steps must be >= 0 and an integer, got {steps!r}$"):
+            maml.adapt(*task[0], steps=steps)
+    for inner_steps in (1.5, True, 0):
+        with pytest.raises(ValueError, match=rf"^inner_steps must be an integer >= 1, got {inner_steps!r}$"):
+            Reptile(nn.Linear(2, 1), inner_steps, sgd)
+        with pytest.raises(ValueError, match=rf"^inner_steps must be an integer >= 1, got {inner_steps!r}$"):
+            MAML(nn.Linear(2, 1), inner_steps=inner_steps)
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=r"inner_optimizer is a function of the parameters .* got a SGD$"):
+        Reptile(model, 1, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^Reptile: no parameter of the model requires grad"):
+        Reptile(model, 1, sgd, loss_fn=nn.functional.mse_loss).adapt(task)

@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ..nn.base import check_positive_integer
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,
@@ -42,6 +43,7 @@ from .model_calls import (
     Inputs,
     LossFn,
     check_inputs,
+    check_steps,
     default_loss,
     model_arguments,
     outside_inference,
@@ -150,8 +152,7 @@ class MAML(nn.Module):
         super().__init__()
         if not (math.isfinite(inner_lr) and inner_lr >= 0):  # NaN fails every comparison
             raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr}")
-        if inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        check_positive_integer("inner_steps", inner_steps)
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         if checkpoint_steps and vectorize is True:
@@ -550,8 +551,7 @@ class MAML(nn.Module):
         ``adapt_only`` those alone, the others staying the model's), for :meth:`predict`; at
         ``steps=0`` the initialisation."""
         steps = self.inner_steps if steps is None else steps
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        check_steps(steps)
         x_support, first, label = check_inputs(x_support, "x_support", 1, "MAML")
         y_support = check_inputs(y_support, "y_support", 1, "MAML")[0]
         if steps and first.dim() and not len(first):

@@ -5,6 +5,7 @@ checks, and the default loss."""
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -109,3 +110,10 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
             "pass loss_fn, e.g. loss_fn=nn.functional.mse_loss for regression"
         )
     return nn.functional.cross_entropy(outputs, targets)
+
+
+def check_steps(steps: object) -> None:
+    """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0; a bool
+    is not one, though Python would count it."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be >= 0 and an integer, got {steps!r}")

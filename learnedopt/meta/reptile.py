@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..nn.base import check_positive_integer
 from .batchnorm import apply_batchnorm_policy_
-from .model_calls import Inputs, LossFn, check_inputs, default_loss, model_arguments, outside_inference
+from .model_calls import Inputs, LossFn, check_inputs, check_steps, default_loss, model_arguments, outside_inference
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -65,8 +66,12 @@ class Reptile:
         loss_fn: LossFn | None = None,
         batchnorm: str = "transductive",
     ) -> None:
-        if inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        check_positive_integer("inner_steps", inner_steps)
+        if inner_optimizer is not None and not callable(inner_optimizer):  # an optimizer, not its factory
+            raise TypeError(
+                "inner_optimizer is a function of the parameters that returns an optimizer, e.g. "
+                f"lambda params: torch.optim.SGD(params, lr=0.02), got a {type(inner_optimizer).__name__}"
+            )
         if not all(math.isfinite(eps) and eps >= 0 for eps in (outer_stepsize, final_outer_stepsize)):
             raise ValueError(f"outer step sizes must be >= 0 and finite, got {outer_stepsize} and {final_outer_stepsize}")
         if total_steps is not None and total_steps < 1:
@@ -123,6 +128,9 @@ class Reptile:
                 x = check_inputs(x, "inputs", 1, f"Reptile (batch {i})")[0]
             checked.append((x, y))
         steps = self.inner_steps if steps is None else steps
+        check_steps(steps)
+        if not any(p.requires_grad for p in self.model.parameters()):  # else an optimizer of no gradients
+            raise ValueError("Reptile: no parameter of the model requires grad, so an inner step has nothing to adapt")
         # inference_mode's tensors have no graph and autograd saves none of them: train outside it
         with torch.inference_mode(False), torch.enable_grad():
             # a copy per task, not one reused: it follows every later change to the model (a swapped
