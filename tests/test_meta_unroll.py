@@ -740,3 +740,26 @@ def test_check_task_batch_returns_the_first_losses_or_names_the_first_problem() 
     for task in nan_batch.tasks:
         task.nan_at = nan_batch.tasks[1].x[0, 0]
     refused("the loss at step 0 is nan for task 1 (of 3): check the task's loss and initial parameters", batch=nan_batch)
+
+
+def test_an_unroll_names_what_is_wrong_with_its_params_and_counts() -> None:
+    """Integer params were torch's "only Tensors of floating point dtype can require gradients",
+    a list "only integer tensors of a single element can be converted to an index", params of
+    other names a bare KeyError('theta'), and 1.5 steps "'float' object cannot be interpreted as
+    an integer" (a bool counted as one step)."""
+    rule = random_rule("lstm").float()
+    g = generator_for(3)
+    tasks = QuadraticFamily(dim=4).sample_batch(2, g)
+    params = tasks.init_params(g)
+    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"^unroll: params\['theta'\] is torch.int64: learned updates need floating-point"):
+        unroll(rule, tasks, {k: v.long() for k, v in params.items()}, state, 1)
+    with pytest.raises(TypeError, match=r"^unroll: params must be a dict of names to tensors .*, got a list$"):
+        unroll(rule, tasks, list(params.values()), state, 1)
+    with pytest.raises(ValueError, match=re.escape("loss at step 0 reads params['theta'], which is not among the params given ['x']")):
+        unroll(rule, tasks, {"x": params["theta"]}, state, 1)
+    for steps in (1.5, True):
+        with pytest.raises(ValueError, match=rf"^steps must be >= 1, got {steps!r} \(an integer\)$"):
+            unroll(rule, tasks, params, state, steps)
+        with pytest.raises(ValueError, match=rf"^horizon and truncation must be >= 1, got {steps!r}, 1 \(integers\)$"):
+            truncated_unroll(rule, tasks, params, state, horizon=steps, truncation=1)

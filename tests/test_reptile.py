@@ -315,9 +315,9 @@ def test_reptile_refuses_what_maml_refuses_for_its_steps_and_a_frozen_model() ->
     reptile = Reptile(nn.Linear(2, 1), 1, sgd, loss_fn=nn.functional.mse_loss)
     maml = MAML(nn.Linear(2, 1), loss_fn=nn.functional.mse_loss)
     for steps in (-1, 1.5, True):
-        with pytest.raises(ValueError, match=rf"^steps must be >= 0 and an integer, got {steps!r}$"):
+        with pytest.raises(ValueError, match=rf"^steps must be >= 0, got {steps!r} \(an integer\)$"):
             reptile.adapt(task, steps=steps)
-        with pytest.raises(ValueError, match=rf"^steps must be >= 0 and an integer, got {steps!r}$"):
+        with pytest.raises(ValueError, match=rf"^steps must be >= 0, got {steps!r} \(an integer\)$"):
             maml.adapt(*task[0], steps=steps)
     for inner_steps in (1.5, True, 0):
         with pytest.raises(ValueError, match=rf"^inner_steps must be an integer >= 1, got {inner_steps!r}$"):

@@ -116,4 +116,4 @@ def check_steps(steps: object) -> None:
     """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0; a bool
     is not one, though Python would count it."""
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be >= 0 and an integer, got {steps!r}")
+        raise ValueError(f"steps must be >= 0, got {steps!r} (an integer)")

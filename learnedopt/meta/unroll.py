@@ -27,6 +27,7 @@ real hardware, and the PyTorch path otherwise; it never fails where the PyTorch 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -246,15 +247,9 @@ def _require_finite(
 def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
     """The first of one optimizee's ``params``, once checked to be floating-point tensors of one
     dtype and device; raises ValueError naming what is wrong."""
-    if not isinstance(params, Mapping):  # a list of tensors (torch.optim's params) had no .items()
-        raise TypeError(f"{caller}: params must be a dict of names to tensors (as torch.func.functional_call takes), "
-                        f"got a {type(params).__name__}")  # fmt: skip
     if not params:
         raise ValueError(f"{caller}: params is empty: give at least one parameter tensor")
-    for k, v in params.items():
-        if not isinstance(v, Tensor) or not v.is_floating_point():
-            got = v.dtype if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(f"{caller}: params[{k!r}] is {got}: learned updates need floating-point tensors")
+    _check_float_tensors(params, caller)
     first_name, first = next(iter(params.items()))
     for what in ("dtype", "device"):
         for k, v in params.items():
@@ -264,6 +259,18 @@ def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
                     f"{getattr(first, what)}: the parameters need one {what}"
                 )
     return first
+
+
+def _check_float_tensors(params: Mapping[str, Tensor], caller: str) -> None:
+    """Raise TypeError unless ``params`` is a mapping (a list of tensors, as torch.optim takes
+    them, had no ``.items()``), ValueError unless its values are floating-point tensors."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{caller}: params must be a dict of names to tensors (as torch.func.functional_call takes), "
+                        f"got a {type(params).__name__}")  # fmt: skip
+    for k, v in params.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            got = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{caller}: params[{k!r}] is {got}: learned updates need floating-point tensors")
 
 
 def _check_lr(lr: float | Tensor, caller: str) -> None:
@@ -380,10 +387,11 @@ def unroll(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not params:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
+    if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
+    _check_float_tensors(params, "unroll")  # an integer tensor was torch's "only Tensors of floating point dtype can require gradients"
     _check_lr(lr, "unroll")
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         # else every task would be blamed for a loss without a gradient (torch.enable_grad() inside
@@ -448,7 +456,16 @@ def _checked_loss(task_batch: TaskBatch, params: Mapping[str, Tensor], step_inde
     the parameters' device with a gradient path; raises ValueError naming what is wrong (a
     ``(B, N)`` loss would otherwise be summed into a gradient N times too large, and a loss
     without a graph fail deep in autograd)."""
-    loss = task_batch.loss(params, step_index)
+    try:
+        loss = task_batch.loss(params, step_index)
+    except KeyError as err:  # params of other names than the loss reads: a bare KeyError('theta')
+        name = err.args[0] if err.args else None
+        if not isinstance(name, str) or name in params:
+            raise
+        raise ValueError(
+            f"the task batch's loss at step {step_index} reads params[{name!r}], which is not among the params "
+            f"given {list(params)}: give the names its init_params returns"
+        ) from err
     batch = len(task_batch)
     if not isinstance(loss, Tensor) or tuple(loss.shape) != (batch,) or not loss.is_floating_point():
         got = (f"shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, Tensor)
@@ -699,8 +716,8 @@ def truncated_unroll(
     Returns:
         ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
     """
-    if truncation < 1 or horizon < 1:
-        raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation}")
+    if any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in (horizon, truncation)):
+        raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation} (integers)")
     if loss_weights is not None and tuple(loss_weights.shape) != (horizon,):
         raise ValueError(
             f"loss_weights must have shape ({horizon},), got {tuple(loss_weights.shape)}"
