@@ -513,6 +513,8 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
         ValueError: no files, a misspelt preset, an untrained preset, the same weights twice, or
             files of different kinds or architectures (the message names the first that differs).
     """
+    if isinstance(paths, (str, os.PathLike)):  # else read as a list of its characters ("/" a folder)
+        raise TypeError(f"average_weights takes a list of weight files or presets, got one {type(paths).__name__}: [{paths!r}]")
     if not paths:
         raise ValueError("average_weights needs at least one weight file")
     rules, members = [], []

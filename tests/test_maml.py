@@ -1440,3 +1440,10 @@ def test_an_empty_support_or_query_set_is_refused_not_a_nan_meta_loss(vectorize:
     with pytest.raises(ValueError, match=r"adapt needs at least one support example, got x_support of shape \(0, 4\)"):
         maml.adapt(x[0, :0], y[0, :0])
     assert maml.adapt(x[0, :0], y[0, :0], steps=0).keys() == maml.adapt(x[0], y[0]).keys()  # no step: the initialisation
+
+
+@pytest.mark.parametrize("inner_lr", ["0.1", None, True])
+def test_an_inner_lr_that_is_not_a_number_is_a_value_error_naming_it(inner_lr) -> None:
+    """A string was math.isfinite's TypeError "must be real number, not str", which named nothing."""
+    with pytest.raises(ValueError, match=rf"^inner_lr must be >= 0 and finite, got {re.escape(repr(inner_lr))}$"):
+        MAML(nn.Linear(2, 1), inner_lr=inner_lr)

@@ -591,3 +591,14 @@ def test_an_empty_weights_string_is_an_unknown_preset_not_the_current_folder() -
     for load in (load_weights, lambda w: LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=w)):
         with pytest.raises(ValueError, match=r"unknown preset '' and no such file; presets: \["):
             load("")
+
+
+def test_average_weights_of_one_path_not_in_a_list_says_so(tmp_path) -> None:
+    """average_weights("run/weights.safetensors") read the string as files "r", "u", ...: "weight
+    file not found: r" (or "/ is a folder")."""
+    from learnedopt.weights import average_weights
+
+    _trained_file(tmp_path / "w.safetensors", 1)
+    for given in (str(tmp_path / "w.safetensors"), tmp_path / "w.safetensors"):
+        with pytest.raises(TypeError, match=r"^average_weights takes a list of weight files or presets, got one "):
+            average_weights(given)

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..nn.base import check_positive_integer
+from ..nn.base import check_positive_integer, is_number
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,
@@ -150,8 +150,9 @@ class MAML(nn.Module):
         adapt_only: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if not (math.isfinite(inner_lr) and inner_lr >= 0):  # NaN fails every comparison
-            raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr}")
+        # a string was math.isfinite's "must be real number, not str"; NaN fails every comparison
+        if not ((is_number(inner_lr) or isinstance(inner_lr, Tensor)) and math.isfinite(inner_lr) and inner_lr >= 0):
+            raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
         check_positive_integer("inner_steps", inner_steps)
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
