@@ -17,14 +17,21 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
     write at once (an evaluation's worker processes, a stale one among them): each renames a whole
     file of its own, where with one name a writer would rename a file another is still writing.
 
-    If ``write`` or the rename fails (a full disk, ``path`` a folder), the temporary file is
-    removed and the error raised; ``path`` is unchanged. The file gets the permissions a new file
+    ``path`` a folder, or in a folder that does not exist, is an OSError naming it, before any
+    write. If ``write`` or the rename fails (a full disk), the temporary file is removed and the
+    error raised; ``path`` is unchanged. The file gets the permissions a new file
     gets from the umask (``safetensors`` writes owner-only files). The temporary file's contents
     reach the disk (``fsync``) before the rename, and the rename before this returns (the folder's
     ``fsync``, where the OS allows it), so that an OS crash or power loss right after leaves the old
     file or the new one, not an empty one under the new name (a killed process cannot, either way).
     """
     path = Path(path)
+    # before the write: safetensors' own error named only the temporary file (".../.tmpXb3k"), and
+    # a folder took a whole file's write before its rename failed
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"no such folder: {path.parent} (to write {path.name} in)")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file")
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if unique else f"{path.name}.tmp")
     try:
         write(tmp)

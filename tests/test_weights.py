@@ -602,3 +602,13 @@ def test_average_weights_of_one_path_not_in_a_list_says_so(tmp_path) -> None:
     for given in (str(tmp_path / "w.safetensors"), tmp_path / "w.safetensors"):
         with pytest.raises(TypeError, match=r"^average_weights takes a list of weight files or presets, got one "):
             average_weights(given)
+
+
+def test_a_save_into_a_missing_folder_or_onto_a_folder_names_the_path(tmp_path) -> None:
+    """The missing folder was safetensors' SafetensorError (not an OSError) naming only the
+    temporary file, "I/O error: No such file or directory ... at path .../nodir/.tmpXb3k"."""
+    with pytest.raises(FileNotFoundError, match=rf"^no such folder: {re.escape(str(tmp_path / 'nodir'))} \(to write w.safetensors in\)$"):
+        save_weights(CoordinateLSTM(), tmp_path / "nodir" / "w.safetensors")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"folder is a folder, not a file$"):
+        save_weights(CoordinateLSTM(), tmp_path / "folder")
