@@ -325,8 +325,11 @@ def not_finite(rule: UpdateRule) -> list[str]:
 
 def folder_note(path: str | os.PathLike) -> str:
     """For a message about a file that ``path`` should name: where it is a folder (a run's
-    ``--out``), that, with the ``.safetensors`` files it holds; else empty."""
+    ``--out``), that, with the ``.safetensors`` files it holds; where it is a symbolic link that
+    leads nowhere (a loop, or a missing target: it "exists" as a link), that; else empty."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f" ({path} is a symbolic link to {os.readlink(path)}, which does not resolve to a file)"
     if not path.is_dir():
         return ""
     inside = sorted(f.name for f in path.glob("*.safetensors"))

@@ -612,3 +612,14 @@ def test_a_save_into_a_missing_folder_or_onto_a_folder_names_the_path(tmp_path) 
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError, match=r"folder is a folder, not a file$"):
         save_weights(CoordinateLSTM(), tmp_path / "folder")
+
+
+def test_a_symbolic_link_that_leads_nowhere_says_so(tmp_path) -> None:
+    """A link loop or a dangling link said only "weight file not found", though `ls` lists it."""
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "deleted.safetensors")
+    for name, target in (("a", "b"), ("gone", "deleted")):
+        with pytest.raises(FileNotFoundError, match=rf"{name}.safetensors is a symbolic link to .*{target}.safetensors, which does "
+                           r"not resolve to a file\)$"):
+            load_weights(tmp_path / f"{name}.safetensors")
