@@ -529,6 +529,25 @@ def test_a_header_stating_a_far_larger_architecture_than_its_tensors_is_refused_
             load_weights(bad)
 
 
+def test_a_rule_that_cannot_say_its_shapes_without_building_still_loads_and_is_checked(tmp_path, monkeypatch) -> None:
+    """A rule of your own whose constructor fails on the meta device (where the default
+    ``weight_shapes`` builds it): its files load as before, compared once the rule is built."""
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    saved = CoordinateLSTM()
+    save_weights(saved, good)
+    _with_header_changes(good, bad, hidden_size=8)
+
+    def fails_on_meta(cls, values):
+        raise NotImplementedError("Cannot copy out of meta tensor")
+
+    monkeypatch.setattr(CoordinateLSTM, "weight_shapes", classmethod(fails_on_meta))
+    rule, _ = load_weights(good)
+    assert rule.state_dict().keys() == saved.state_dict().keys()
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in rule.state_dict().items())
+    with pytest.raises(ValueError, match=r"bad.safetensors: tensors do not match the CoordinateLSTM architecture"):
+        load_weights(bad)
+
+
 @pytest.mark.parametrize("config", [{}, {"hidden_size": 3, "num_layers": 1}, {"num_layers": 3, "momentum_decays": [0.9],
                                     "rms_decays": [0.99, 0.999], "param_input": True}])  # fmt: skip
 def test_coordinate_lstm_weight_shapes_are_those_of_the_rule_it_builds(config) -> None:
