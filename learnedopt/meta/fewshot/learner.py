@@ -4,6 +4,7 @@ to rebuild and adapt it. Loading never unpickles."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -414,13 +415,29 @@ def load_learner(
             )
         except ValueError as err:
             raise ValueError(f"{path}: the learner's network is built by your own few-shot family: {err}") from None
+
+    def build(device: str | None) -> FewShotLearner:
+        try:
+            with torch.device(device) if device else contextlib.nullcontext():
+                return FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}), family=family)
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"
+            ) from None
+
+    # the shapes first, on the meta device (no memory): a header stating a rule of hidden size
+    # 100000 over small tensors made the learner allocate 160 GB (a raw allocator error) before
+    # they were compared
     try:
-        learner = FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}), family=family)
-    except (TypeError, KeyError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"
-        ) from None
+        probe = build("meta")
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - a network of your own that cannot be built there: compared once built
+        probe = None
     try:
+        if probe is not None:
+            probe.load_tensors(tensors)  # the comparison; meta tensors take no values
+        learner = build(None)
         learner.load_tensors(tensors)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
