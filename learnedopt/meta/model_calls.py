@@ -5,12 +5,13 @@ checks, and the default loss."""
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+
+from ..nn.base import is_integer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: a model's inputs (or a loss's targets): one tensor, or a tuple or list (the model's positional
@@ -113,7 +114,7 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def check_steps(steps: object) -> None:
-    """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0; a bool
-    is not one, though Python would count it."""
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+    """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0
+    (:func:`~learnedopt.nn.base.is_integer`)."""
+    if not is_integer(steps) or steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r} (an integer)")

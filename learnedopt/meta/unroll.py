@@ -27,7 +27,6 @@ real hardware, and the PyTorch path otherwise; it never fails where the PyTorch 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from torch import Tensor
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..nn.base import is_number
+from ..nn.base import is_integer, is_number
 from ..nn.precision import math_dtype, without_autocast
 from .tasks import TaskBatch
 
@@ -387,7 +386,7 @@ def unroll(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
     if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
@@ -716,7 +715,7 @@ def truncated_unroll(
     Returns:
         ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
     """
-    if any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in (horizon, truncation)):
+    if any(not is_integer(n) or n < 1 for n in (horizon, truncation)):
         raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation} (integers)")
     if loss_weights is not None and tuple(loss_weights.shape) != (horizon,):
         raise ValueError(

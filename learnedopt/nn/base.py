@@ -44,10 +44,15 @@ State = dict[str, Tensor]
 
 
 def check_positive_integer(name: str, value: Any) -> None:
-    """Raise ValueError unless ``value`` is an integer >= 1; a bool (JSON ``true``) is not one,
-    though Python would count it as 1."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    """Raise ValueError unless ``value`` is an integer >= 1 (:func:`is_integer`)."""
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer; a bool (JSON ``true``) is not one, though Python would
+    count it as 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
