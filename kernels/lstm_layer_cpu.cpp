@@ -12,6 +12,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define G (4 * HID)
 #define NV (G / 16)
@@ -55,16 +58,8 @@ static inline void st(float* p, v16 v) { *(v16u*)p = v; }
 static inline v16 bc(float s) { return s - (v16){}; }
 
 // exp by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp over the
-// clamped range), branch-free so that it stays in vector registers.
-static inline v16 vexp(v16 x) {
-  const float hi = 88.3762626647949f;
-  // past log(FLT_MAX) exp overflows to inf, as torch's does, so that a sigmoid gate saturates
-  // to exactly 0, not to exp(-hi) = 4e-39: a forget gate of 0 times an infinite c is NaN in
-  // torch, and 4e-39 times c = 1e36 is 4e-3
-  const auto overflow = x > bc(88.72283935546875f);
-  // written so that NaN compares false and passes through: exp(NaN) is NaN, as in torch
-  x = x > bc(hi) ? bc(hi) : x;
-  x = x < bc(-hi) ? bc(-hi) : x;
+// clamped range), branch-free so that it stays in vector registers: exp(x) = p 2^n, p returned.
+static inline v16 exp_reduced(v16 x, v16* n_out) {
   const v16 magic = bc(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   v16 n = (x * bc(1.44269504088896341f) + magic) - magic;
   v16 r = x - n * bc(0.693359375f) - n * bc(-2.12194440e-4f);
@@ -74,12 +69,40 @@ static inline v16 vexp(v16 x) {
   p = p * r + bc(4.1665795894e-2f);
   p = p * r + bc(1.6666665459e-1f);
   p = p * r + bc(5.0000001201e-1f);
-  p = p * r * r + r + bc(1.0f);
+  *n_out = n;
+  return p * r * r + r + bc(1.0f);
+}
+
+#ifdef __AVX512F__
+// vscalefps multiplies by 2^n with IEEE overflow to inf and underflow to 0 and lets NaN
+// through: the bits of the version below wherever that one does not clamp (|x| < 88.37), and
+// exact where it did, without its integer exponent arithmetic and overflow select
+// (benchmarks/results/kernel_ab_scalef.md)
+static inline v16 vexp(v16 x) {
+  // past +-104, 2^n alone over- or underflows; max(-104, x) and min(104, x) keep NaN
+  x = (v16)_mm512_min_ps((__m512)bc(104.0f), _mm512_max_ps((__m512)bc(-104.0f), (__m512)x));
+  v16 n;
+  const v16 p = exp_reduced(x, &n);
+  return (v16)_mm512_scalef_ps((__m512)p, (__m512)n);
+}
+#else
+static inline v16 vexp(v16 x) {
+  const float hi = 88.3762626647949f;
+  // past log(FLT_MAX) exp overflows to inf, as torch's does, so that a sigmoid gate saturates
+  // to exactly 0, not to exp(-hi) = 4e-39: a forget gate of 0 times an infinite c is NaN in
+  // torch, and 4e-39 times c = 1e36 is 4e-3
+  const auto overflow = x > bc(88.72283935546875f);
+  // written so that NaN compares false and passes through: exp(NaN) is NaN, as in torch
+  x = x > bc(hi) ? bc(hi) : x;
+  x = x < bc(-hi) ? bc(-hi) : x;
+  v16 n;
+  const v16 p = exp_reduced(x, &n);
   i16 e = (__builtin_convertvector(n, i16) + 127) << 23;
   v16 s;
   memcpy(&s, &e, sizeof s);
   return overflow ? bc(__builtin_inff()) : p * s;
 }
+#endif
 
 static inline v16 vsigmoid(v16 z) { return bc(1.0f) / (bc(1.0f) + vexp(-z)); }
 
