@@ -184,6 +184,11 @@ def _intact(path: Path) -> bool:
         return False
 
 
+def _flags(inputs: int, hidden: int, variant: list[str]) -> list[str]:
+    """The compiler's flags for a layer of these sizes, ``variant`` (target and OpenMP flags) among them."""
+    return ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}", f"-DXL={_product_lanes()}"]
+
+
 def _build(inputs: int, hidden: int) -> ctypes.CDLL:
     global _warned_unwritable
     compiler = _compiler()
@@ -197,7 +202,7 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
         # target; OpenMP where it builds
         variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
         for variant in variants:
-            flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", *variant, f"-DIN={inputs}", f"-DHID={hidden}", f"-DXL={_product_lanes()}"]
+            flags = _flags(inputs, hidden, variant)
             key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
             name = f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
             if not _intact(folder / name):

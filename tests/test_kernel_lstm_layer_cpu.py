@@ -528,3 +528,22 @@ def test_weight_gradient_sums_many_rows_as_precisely_as_blas() -> None:
     want_hw, want_hb = d_head @ (o * t), d_head.sum(0, keepdim=True)
     torch.testing.assert_close(dhw.double(), want_hw, rtol=0, atol=3e-6 * want_hw.abs().max().item())
     torch.testing.assert_close(dhb.double(), want_hb, rtol=0, atol=3e-6 * want_hb.abs().max().item())
+
+
+@needs_compiler
+@pytest.mark.skipif("avx512f" not in lstm_layer_cpu._cpu_identity().split(), reason="no AVX-512 here: the kernel's exp has one version on this CPU")
+def test_avx512_exp_gives_the_generic_versions_bits(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AVX-512, exp scales by ``vscalefps`` instead of building 2^n from integer bits: the same
+    bits as the generic version wherever that one does not clamp, torch's values at the extremes."""
+    inputs, hidden = 2, 20
+    path = tmp_path / "generic.so"
+    flags = lstm_layer_cpu._flags(inputs, hidden, ["-march=native", "-mno-avx512f"])
+    assert lstm_layer_cpu._compile(lstm_layer_cpu._compiler(), flags, tmp_path, path) is None
+    generic = lstm_layer_cpu._load(path)
+    assert lstm_layer_cpu.ready(inputs, hidden)
+    cell, x, h, c, grads = _layer(inputs, hidden, 37)
+    x = x * 20  # gate pre-activations out to about +-50
+    native = _kernel(cell, x, h, c, grads)
+    monkeypatch.setitem(lstm_layer_cpu._libraries, (inputs, hidden), generic)
+    for a, b in zip(native, _kernel(cell, x, h, c, grads), strict=True):
+        assert torch.equal(a, b)
