@@ -302,6 +302,20 @@ def test_truncated_unroll_gives_each_truncation_its_slice_of_the_weights() -> No
         truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, loss_weights=weights[:4])
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_unrolls_refuse_non_finite_or_negative_loss_weights_before_any_step(bad: float) -> None:
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match=r"loss_weights must be finite and >= 0, got .* at index 1"):
+        unroll(rule, tasks, params, state, 2, loss_weights=[1.0, bad])
+    updates = []
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, bad], dtype=F64)
+    with pytest.raises(ValueError, match=r"loss_weights must be finite and >= 0, got .* at index 4"):
+        truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, loss_weights=weights, update=updates.append)
+    assert updates == []  # refused before the first truncation's update, not at the last one
+
 # ----------------------------------------------------------------------------- vs the optimizers
 def optimizer_trajectory(
     rule, optimizer_class, task: Task, init: Mapping[str, Tensor], steps: int, lr: float

@@ -283,6 +283,26 @@ def _check_lr(lr: float | Tensor, caller: str) -> None:
         raise ValueError(f"{caller}: lr must be a finite real number or a one-element floating-point tensor, got {lr!r}")
 
 
+def _check_loss_weights(loss_weights: Sequence[float] | Tensor | None, steps: int) -> Tensor | None:
+    """``loss_weights`` as a ``(steps,)`` tensor (None stays None), once checked to be real,
+    finite and ``>= 0``; raises ValueError naming the first bad weight (a NaN made the meta-loss
+    NaN, a negative weight rewarded a high loss)."""
+    if loss_weights is None:
+        return None
+    weights = torch.as_tensor(loss_weights)
+    if tuple(weights.shape) != (steps,):
+        raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
+    if weights.is_complex():
+        raise ValueError(f"loss_weights must be real numbers, got {weights.dtype}")
+    bad = (~torch.isfinite(weights) | (weights < 0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"loss_weights must be finite and >= 0, got {weights[bad[0]].item()} at index {bad[0]} "
+            f"({len(bad)} bad weight(s))"
+        )
+    return weights
+
+
 def _check_state(rule: UpdateRule, state: State, n: int) -> None:
     """Raise ValueError unless ``state`` has the rule's state names, each of its shape for ``n``
     coordinates (states made for other parameters would broadcast or fail deep in the rule)."""
@@ -362,8 +382,8 @@ def unroll(
         start_step: step index of the first update (selects the tasks' minibatches).
         lr: multiplier of the rule's step.
         stop_optimizee_grad: detach the optimizee gradient (and loss) the rule reads.
-        loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss;
-            default all ones.
+        loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss,
+            finite and ``>= 0``; default all ones.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (see the module docstring).
             ``"triton"`` runs each rule call as its input features in PyTorch, then the Triton
             forward and backward kernels; it needs a :class:`CoordinateLSTM` (any feature set)
@@ -378,7 +398,7 @@ def unroll(
 
     Raises:
         ValueError: on ``steps < 1``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
-            run this rule or these tensors, malformed ``params`` or ``loss_weights``,
+            run this rule or these tensors, malformed ``params``, ``loss_weights`` of another shape, NaN, Inf or < 0,
             parameters of more than one dtype, states or rule weights not in their math dtype,
             any of them on more than one device, a call under
             ``torch.no_grad()`` or ``torch.inference_mode()``, or task losses that are not
@@ -388,6 +408,7 @@ def unroll(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
+    weights = _check_loss_weights(loss_weights, steps)  # before the steps run, not after them
     if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
     _check_float_tensors(params, "unroll")  # an integer tensor was torch's "only Tensors of floating point dtype can require gradients"
@@ -440,13 +461,10 @@ def unroll(
         loss = _checked_loss(task_batch, current, start_step + t + 1)
         losses.append(loss)
     stacked = torch.stack(losses)
-    if loss_weights is None:
+    if weights is None:
         meta_loss = stacked.mean()
     else:
-        weights = torch.as_tensor(loss_weights, dtype=stacked.dtype, device=stacked.device)
-        if weights.shape != (steps,):
-            raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
-        meta_loss = (weights.unsqueeze(1) * stacked).mean()
+        meta_loss = (weights.to(stacked.dtype).to(stacked.device).unsqueeze(1) * stacked).mean()
     return UnrollResult(meta_loss, stacked, current, state)
 
 
@@ -698,7 +716,7 @@ def truncated_unroll(
     update: Callable[[Tensor], None] | None = None,
     lr: float = 1.0,
     stop_optimizee_grad: bool = True,
-    loss_weights: Tensor | None = None,
+    loss_weights: Sequence[float] | Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Run ``horizon`` steps as consecutive unrolls of ``truncation`` steps (the last may be shorter).
@@ -710,17 +728,15 @@ def truncated_unroll(
     ``lr``, ``stop_optimizee_grad`` and ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``: how
     the rule is applied) are passed to :func:`unroll`, which documents them. ``loss_weights``:
     ``(horizon,)`` weight of each step's loss over the whole run (e.g.
-    :func:`horizon_loss_weights`), each truncation's meta-loss taking its slice; default all ones.
+    :func:`horizon_loss_weights`), finite and ``>= 0``, each truncation's meta-loss taking its
+    slice; default all ones.
 
     Returns:
         ``(horizon, B)`` detached losses (see :attr:`UnrollResult.losses`).
     """
     if any(not is_integer(n) or n < 1 for n in (horizon, truncation)):
         raise ValueError(f"horizon and truncation must be >= 1, got {horizon}, {truncation} (integers)")
-    if loss_weights is not None and tuple(loss_weights.shape) != (horizon,):
-        raise ValueError(
-            f"loss_weights must have shape ({horizon},), got {tuple(loss_weights.shape)}"
-        )
+    loss_weights = _check_loss_weights(loss_weights, horizon)  # all of them, before the first update
     losses = []
     params, state = dict(params), dict(rule_state)
     for start in range(0, horizon, truncation):
