@@ -255,10 +255,13 @@ def recorded_rule_class(header: dict[str, Any]) -> str | None:
 
 
 def read_header(path: str | os.PathLike, *, registered: bool = True) -> dict[str, Any]:
-    """The JSON header of a weight file, validated; raises ValueError naming what is wrong.
-    ``registered=False`` takes a rule kind no class is registered for in this process (e.g. to
-    read which class the file records, :func:`recorded_rule_class`)."""
-    return _open(Path(path), registered=registered)[0]
+    """The JSON header of a weight file, validated, or of a preset (a ``str`` in :data:`PRESETS`,
+    the header :func:`load_weights` returns for it), as :func:`load_weights` resolves ``path``;
+    raises ValueError naming what is wrong. ``registered=False`` takes a rule kind no class is
+    registered for in this process (e.g. to read which class the file records,
+    :func:`recorded_rule_class`)."""
+    source = _preset_or_file(path)
+    return build_preset(source.name)[1] if isinstance(source, Preset) else _open(source, registered=registered)[0]
 
 
 def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
@@ -276,12 +279,19 @@ def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
             lists the presets. Not a learnedopt safetensors file, truncated, an unknown kind,
             tensors that do not fit the stated architecture, or non-finite weights.
     """
+    source = _preset_or_file(name)
+    return build_preset(source.name) if isinstance(source, Preset) else _load_file(source)
+
+
+def _preset_or_file(name: str | os.PathLike) -> Preset | Path:
+    """The preset a ``str`` in :data:`PRESETS` names (before a file of that name), else the weight
+    file's path; raises ValueError as :func:`load_weights` does for a misspelt preset."""
     if isinstance(name, str) and name in PRESETS:
-        return build_preset(name)
+        return PRESETS[name]
     # "" is not the current folder (Path("") is ".")
     if isinstance(name, str) and (not name or not Path(name).exists() and os.sep not in name and not name.endswith(".safetensors")):
         raise ValueError(f"unknown preset {name!r} and no such file; presets: {sorted(PRESETS)}")
-    return _load_file(Path(name))
+    return Path(name)
 
 
 def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:

@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -516,6 +517,19 @@ def test_load_weights_takes_a_preset_name_as_weights_does() -> None:
     with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
         load_weights("l2l-blnd")
 
+
+def test_read_header_takes_a_preset_name_as_load_weights_does(tmp_path, monkeypatch) -> None:
+    """``read_header("l2l-blend")`` said "weight file not found: l2l-blend" where ``load_weights``
+    built the preset; a preset's name still wins over a file of that name, as in ``load_weights``."""
+    for name in ("l2l-blend", "meta-lstm-2017"):  # a shipped file's, an untrained preset's
+        assert read_header(name) == load_weights(name)[1]
+    assert read_header("l2l-blend")["preset"] == "l2l-blend"
+    monkeypatch.chdir(tmp_path)
+    save_weights(MetaLSTMCell(), "l2l-blend")
+    assert read_header("l2l-blend")["kind"] == "CoordinateLSTM"
+    assert read_header(Path("l2l-blend"))["kind"] == "MetaLSTMCell"  # a path is a file
+    with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
+        read_header("l2l-blnd")
 
 def test_a_header_stating_a_far_larger_architecture_than_its_tensors_is_refused_before_building_it(tmp_path) -> None:
     """hidden_size 100000 over the tensors of hidden 20: the rule was built first, a 160 GB

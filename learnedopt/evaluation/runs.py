@@ -189,11 +189,11 @@ def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) ->
             class the file records, if it does); a rule class that cannot be imported by name;
             a module that defines several optimizers of the kind.
     """
-    header = read_header(path, registered=False)
-    kind = header["kind"]
     weights = str(path)
     if weights in PRESETS:  # as weights=, a bare preset name builds the preset, not this file
         weights = os.path.join(os.curdir, weights)
+    header = read_header(weights, registered=False)  # the file's, as read_header takes a preset's name too
+    kind = header["kind"]
     shown = weights if label_path or Path(weights).name in PRESETS else Path(weights).name
     for cls in (LSTMOptimizer, MetaLSTMOptimizer):
         if cls.rule_kind == kind:
