@@ -224,8 +224,22 @@ def save_weights(
         "trained": trained,
         **(extra or {}),
     }
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _weight_values(rule, "save").items()}
     save_with_header(path, _HEADER_KEY, header, tensors)
+
+
+def _weight_values(rule: UpdateRule, to: str) -> dict[str, torch.Tensor]:
+    """``rule.state_dict()``; raises ValueError where a tensor of it is on the meta device, which
+    holds shapes but no values (copying one out was torch's raw "Cannot copy out of meta tensor")."""
+    state = rule.state_dict()
+    on_meta = sorted(k for k, v in state.items() if v.device.type == "meta")
+    if on_meta:
+        raise ValueError(
+            f"the {rule.kind} has no weights to {to}: {len(on_meta)} of its {len(state)} tensors ({on_meta[0]!r} first) "
+            "live on the meta device (torch.device('meta')), which holds shapes but no values; build the rule on a real "
+            "device, or give it values (rule.to_empty(device='cpu'), then load_state_dict)"
+        )
+    return state
 
 
 def save_with_header(
@@ -460,7 +474,8 @@ def resolve_weights(
     """Turn a ``weights=`` argument (preset name, file path, module or None) into a rule.
 
     Warns with :class:`UntrainedWeightsWarning` when the rule was never meta-trained, and raises
-    ValueError when it is not of the ``kind`` that ``owner`` (the optimizer's name) runs.
+    ValueError when it is not of the ``kind`` that ``owner`` (the optimizer's name) runs, or is a
+    module on the meta device (no values to step with).
     """
     if weights is None:
         if default_preset is None:
@@ -468,6 +483,7 @@ def resolve_weights(
         weights = default_preset
     if isinstance(weights, UpdateRule):
         rule = weights
+        _weight_values(rule, f"step {owner}'s parameters with")  # else the fingerprint's message
         header = {"kind": rule.kind, "config": rule.config_dict(), "preset": None, "trained": None}
         bad = not_finite(rule)
         if bad:  # as load_weights refuses them in a file: every step would turn the parameters NaN
@@ -498,7 +514,7 @@ def resolve_weights(
 def fingerprint(rule: UpdateRule) -> dict[str, Any]:
     """Identity of an update rule: its kind, architecture and a SHA-256 of its weights."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(rule.state_dict().items()):
+    for name, tensor in sorted(_weight_values(rule, "fingerprint").items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return {"kind": rule.kind, "config": rule.config_dict(), "sha256": digest.hexdigest()}

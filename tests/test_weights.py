@@ -531,6 +531,25 @@ def test_read_header_takes_a_preset_name_as_load_weights_does(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
         read_header("l2l-blnd")
 
+def test_a_rule_on_the_meta_device_is_refused_by_name_where_its_values_are_needed(tmp_path) -> None:
+    """``fingerprint``, ``save_weights`` and ``weights=`` of a rule built under
+    ``torch.device("meta")`` raised torch's raw "Cannot copy out of meta tensor; no data!"."""
+    from learnedopt.weights import fingerprint
+
+    with torch.device("meta"):
+        rule = CoordinateLSTM()
+    meta = r"the CoordinateLSTM has no weights to {}: 10 of its 10 tensors \('head.bias' first\) live on the meta device"
+    with pytest.raises(ValueError, match=meta.format("fingerprint")):
+        fingerprint(rule)
+    with pytest.raises(ValueError, match=meta.format("save")):
+        save_weights(rule, tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=meta.format("step LSTMOptimizer's parameters with")):
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)], weights=rule)
+    rule.to_empty(device="cpu").load_state_dict(CoordinateLSTM().state_dict())  # as the message advises
+    save_weights(rule, tmp_path / "w.safetensors")
+    assert fingerprint(load_weights(tmp_path / "w.safetensors")[0]) == fingerprint(rule)
+
 def test_a_header_stating_a_far_larger_architecture_than_its_tensors_is_refused_before_building_it(tmp_path) -> None:
     """hidden_size 100000 over the tensors of hidden 20: the rule was built first, a 160 GB
     allocation and a raw RuntimeError from torch's allocator (num_layers 10**6: no answer)."""
