@@ -273,3 +273,35 @@ def test_adapt_predict_and_reptile_refuse_bad_input_structures() -> None:
         reptile.meta_step([[({"features": features, "mask": None}, ys[0])]])
     with pytest.raises(ValueError, match=re.escape("got an empty dict")):
         reptile.adapt([({}, ys[0])])
+
+
+def token_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(15, 2)).double()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_integer_token_ids_adapt_and_predict_and_a_float_layer_fails_as_the_model_alone(vectorize) -> None:
+    """Integer inputs are a model's own business: token ids into an ``nn.Embedding`` adapt in MAML
+    and Reptile (also under ``inference_mode``); ids into a layer that takes floats fail with the
+    model's own dtype error, as calling the model does, and no check of MAML's stands in the way."""
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 6, (8, 5), generator=g), torch.randint(0, 2, (8,), generator=g)
+    maml = MAML(token_model(), inner_lr=0.5, vectorize=vectorize)
+    loss = lambda params: nn.functional.cross_entropy(maml.predict(params, ids), labels)  # noqa: E731
+    for context in (torch.enable_grad, torch.inference_mode):
+        with context():
+            assert loss(maml.adapt(ids, labels, steps=3)) < loss(maml.adapt(ids, labels, steps=0))
+    maml(ids[None], labels[None], ids[None], labels[None]).backward()
+    assert maml.model[0].weight.grad.abs().sum() > 0
+    reptile = Reptile(token_model(), inner_steps=3, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    with torch.inference_mode():
+        worker = reptile.adapt([(ids, labels)])
+        assert nn.functional.cross_entropy(worker(ids), labels) < nn.functional.cross_entropy(reptile.model(ids), labels)
+    floats_only = nn.Linear(5, 2).double()
+    with pytest.raises(RuntimeError) as alone:
+        floats_only(ids)
+    with pytest.raises(RuntimeError, match=re.escape(str(alone.value))):
+        MAML(floats_only, vectorize=vectorize).adapt(ids, labels)
+    with pytest.raises(RuntimeError, match=re.escape(str(alone.value))):
+        Reptile(floats_only, inner_steps=1).adapt([(ids, labels)])
