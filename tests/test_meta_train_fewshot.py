@@ -607,6 +607,43 @@ def test_meta_lstm_meta_loss_is_the_query_loss_after_adapting() -> None:
     assert float(learner.meta_loss(x_s, y_s, x_q, y_q + 1).detach()) != pytest.approx(float(loss.detach()), rel=1e-3)
 
 
+class TokenIds:
+    """A few-shot family of your own over integer inputs: 5 token ids (vocabulary 6) per example,
+    into an ``nn.Embedding``; class 1 where token 3 occurs more often than token 4."""
+
+    loss = "cross_entropy"
+
+    def sample(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.randint(0, 6, (size, 7, 5), generator=generator)
+        y = ((x == 3).sum(-1) > (x == 4).sum(-1)).long()
+        return x[:, :4], y[:, :4], x[:, 4:], y[:, 4:]
+
+    def model(self) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Embedding(6, 3), torch.nn.Flatten(), torch.nn.Linear(15, 2))
+
+
+def test_meta_lstm_adapts_integer_inputs_with_its_states_in_the_parameters_dtype(monkeypatch) -> None:
+    """Token ids are inputs a model of your own may take: the meta-lstm inner loop made its rule's
+    states in the inputs' dtype (int64 here), which only worked because zeros promote (and the
+    Triton path refuses them); they are in the parameters' math dtype, as ``init_rule_state`` makes them."""
+    from learnedopt.meta.fewshot import learner as learner_module
+
+    seen = []
+
+    def spy(rule, task_batch, params, rule_state, *args, **kwargs):
+        seen.append({k: v.dtype for k, v in rule_state.items()})
+        return unroll(rule, task_batch, params, rule_state, *args, **kwargs)
+
+    unroll = learner_module.unroll
+    monkeypatch.setattr(learner_module, "unroll", spy)
+    family = TokenIds()
+    spec = LearnerSpec.for_config(config("meta-lstm", "tests:TokenIds", inner_steps=2, test_inner_steps=2), family=family)
+    learner = FewShotLearner(spec, seed=0, family=family)
+    x_s, y_s, x_q, y_q = family.sample(2, torch.Generator().manual_seed(0))
+    assert torch.isfinite(learner.meta_loss(x_s, y_s, x_q, y_q))
+    assert learner.predict(learner.adapt(x_s[0], y_s[0]), x_q[0]).shape == (3, 2)
+    assert len(seen) == 2 and all(dtype == torch.float32 for states in seen for dtype in states.values()), seen
+
 def test_meta_sgd_step_sizes_are_meta_trained() -> None:
     trainer = FewShotTrainer(config("maml", learn_inner_lr=True, meta_batch=2, val_tasks=1))
     before = {k: v.clone() for k, v in trainer.learner.tensors().items() if k.startswith("inner_lr.")}

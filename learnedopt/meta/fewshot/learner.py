@@ -23,7 +23,7 @@ from ..maml import MAML
 from ..model_calls import outside_inference
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
-from ..unroll import UnrollResult, num_coordinates, unroll
+from ..unroll import UnrollResult, init_rule_state, unroll
 from .config import FEWSHOT_ALGOS, FewShotConfig
 from .family import LOSSES, OWN_KIND, family_loss, family_model, import_fewshot_family, is_own_task
 
@@ -276,8 +276,8 @@ class FewShotLearner:
         params = {
             k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters() if p.requires_grad
         }
-        state = rule.init_state(num_coordinates(params), dtype=x_s.dtype, device=x_s.device)
-        return unroll(rule, batch, params, state, steps, stop_optimizee_grad=True)
+        # the parameters' dtype, not the inputs': token ids made int64 states (refused by the Triton path)
+        return unroll(rule, batch, params, init_rule_state(rule, params), steps, stop_optimizee_grad=True)
 
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
         """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)``, after ``steps``
