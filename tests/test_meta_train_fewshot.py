@@ -644,6 +644,7 @@ def test_meta_lstm_adapts_integer_inputs_with_its_states_in_the_parameters_dtype
     assert learner.predict(learner.adapt(x_s[0], y_s[0]), x_q[0]).shape == (3, 2)
     assert len(seen) == 2 and all(dtype == torch.float32 for states in seen for dtype in states.values()), seen
 
+
 def test_meta_sgd_step_sizes_are_meta_trained() -> None:
     trainer = FewShotTrainer(config("maml", learn_inner_lr=True, meta_batch=2, val_tasks=1))
     before = {k: v.clone() for k, v in trainer.learner.tensors().items() if k.startswith("inner_lr.")}

@@ -316,6 +316,7 @@ def test_unrolls_refuse_non_finite_or_negative_loss_weights_before_any_step(bad:
         truncated_unroll(rule, tasks, params, state, horizon=5, truncation=2, loss_weights=weights, update=updates.append)
     assert updates == []  # refused before the first truncation's update, not at the last one
 
+
 # ----------------------------------------------------------------------------- vs the optimizers
 def optimizer_trajectory(
     rule, optimizer_class, task: Task, init: Mapping[str, Tensor], steps: int, lr: float

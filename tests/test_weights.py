@@ -531,6 +531,7 @@ def test_read_header_takes_a_preset_name_as_load_weights_does(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
         read_header("l2l-blnd")
 
+
 def test_a_rule_on_the_meta_device_is_refused_by_name_where_its_values_are_needed(tmp_path) -> None:
     """``fingerprint``, ``save_weights`` and ``weights=`` of a rule built under
     ``torch.device("meta")`` raised torch's raw "Cannot copy out of meta tensor; no data!"."""
@@ -549,6 +550,7 @@ def test_a_rule_on_the_meta_device_is_refused_by_name_where_its_values_are_neede
     rule.to_empty(device="cpu").load_state_dict(CoordinateLSTM().state_dict())  # as the message advises
     save_weights(rule, tmp_path / "w.safetensors")
     assert fingerprint(load_weights(tmp_path / "w.safetensors")[0]) == fingerprint(rule)
+
 
 def test_a_header_stating_a_far_larger_architecture_than_its_tensors_is_refused_before_building_it(tmp_path) -> None:
     """hidden_size 100000 over the tensors of hidden 20: the rule was built first, a 160 GB
