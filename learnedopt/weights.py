@@ -313,14 +313,23 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     header, tensors = _open(path)
     rule_class = RULES[header["kind"]]
     # the shapes before the rule: a header stating hidden_size 100000 over small tensors made
-    # the rule allocate 160 GB (a raw allocator error) before they were compared
+    # the rule allocate 160 GB (a raw allocator error) before they were compared; and the count
+    # before the shapes: listing those of a header's 10**9 layers took hours
+    count = expected = None
     try:
-        with _cpu_float32():
-            expected = rule_class.weight_shapes(header["config"])
+        count = rule_class.weight_count(header["config"])
+        if count is None or count == len(tensors):
+            with _cpu_float32():
+                expected = rule_class.weight_shapes(header["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid {header['kind']} config in header: {err}") from None
     except Exception:  # noqa: BLE001 - a rule of your own that cannot be built on the meta device
         expected = None
+    if count is not None and count != len(tensors):
+        raise ValueError(
+            f"{path}: tensors do not match the {header['kind']} architecture {header['config']}: it has "
+            f"{count} weight tensors, the file {len(tensors)}"
+        )
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     with _cpu_float32():
         rule = rule_class.from_config_dict(header["config"]) if expected is None else None

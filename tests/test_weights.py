@@ -592,8 +592,35 @@ def test_coordinate_lstm_weight_shapes_are_those_of_the_rule_it_builds(config) -
     built = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
     assert CoordinateLSTM.weight_shapes(config) == built == UpdateRule.weight_shapes.__func__(CoordinateLSTM, config)
     assert list(CoordinateLSTM.weight_shapes(config)) == list(built)  # the file's order, too
-    meta = MetaLSTMCell.from_config_dict({"hidden_size": 5})
-    assert MetaLSTMCell.weight_shapes({"hidden_size": 5}) == {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    assert CoordinateLSTM.weight_count(config) == len(built)
+    for values in ({"hidden_size": 5}, {"momentum_decay": 0.9, "rms_decay": 0.999}):
+        built = {k: tuple(v.shape) for k, v in MetaLSTMCell.from_config_dict(values).state_dict().items()}
+        assert list(MetaLSTMCell.weight_shapes(values).items()) == list(built.items())
+        assert UpdateRule.weight_shapes.__func__(MetaLSTMCell, values) == built
+
+
+def test_an_implausibly_large_header_is_refused_at_once(tmp_path, monkeypatch) -> None:
+    """num_layers 10**9 over two layers' tensors: the 4 * 10**9 expected shapes were listed (hours)
+    before any was compared; a MetaLSTMCell of hidden size 10**12 overflowed torch's size
+    calculation on the meta device, so the rule was built on the CPU: a raw allocator error."""
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    _with_header_changes(good, bad, num_layers=10**9)
+
+    def listed(cls, values):
+        raise ValueError("weight_shapes listed the layers")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CoordinateLSTM, "weight_shapes", classmethod(listed))
+        with pytest.raises(ValueError, match=r"bad.safetensors: tensors do not match the CoordinateLSTM architecture "
+                                             r"\{.*\}: it has 4000000002 weight tensors, the file 10$"):  # fmt: skip
+            load_weights(bad)
+    save_weights(MetaLSTMCell(), good)
+    _with_header_changes(good, bad, hidden_size=10**12)
+    wrong = "'lstm.bias_hh_l0', 'lstm.bias_ih_l0', 'lstm.weight_hh_l0', 'lstm.weight_ih_l0', 'weight_fi'"
+    with pytest.raises(ValueError, match=r"bad.safetensors: tensors do not match the MetaLSTMCell architecture "
+                                         rf".*\(missing \[\], unexpected \[\], wrong shape \[{wrong}\]\)$"):  # fmt: skip
+        load_weights(bad)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -148,6 +148,15 @@ class UpdateRule(nn.Module):
             rule = cls.from_config_dict(values)
         return {k: tuple(v.shape) for k, v in rule.state_dict().items()}
 
+    @classmethod
+    def weight_count(cls, values: dict[str, Any]) -> int | None:
+        """The number of ``state_dict`` tensors of ``from_config_dict(values)``, where it grows
+        with the architecture (a count of layers) and a rule can say it at once: a weight file
+        stating 10**9 layers over a few tensors is refused by it before :meth:`weight_shapes`
+        lists them. None (this default): known only from :meth:`weight_shapes`. Raises as
+        :meth:`from_config_dict`."""
+        return None
+
     def state_spec(self) -> dict[str, StateSpec]:
         """Name and shape of each per-coordinate state tensor."""
         raise NotImplementedError

@@ -100,6 +100,11 @@ class CoordinateLSTM(UpdateRule):
                        f"lstm.bias_ih_l{layer}": (gates,), f"lstm.bias_hh_l{layer}": (gates,)}  # fmt: skip
         return shapes | {"head.weight": (1, config.hidden_size), "head.bias": (1,)}
 
+    @classmethod
+    def weight_count(cls, values: dict[str, Any]) -> int:
+        """As :meth:`UpdateRule.weight_count`: four LSTM tensors per layer, and the head's two."""
+        return 4 * cls.config_from_dict(values).num_layers + 2
+
     def reset_parameters(self, generator: torch.Generator | None = None, lr: float = 0.01) -> None:
         """Initialise as sign descent with momentum, plus small random weights elsewhere.
 

@@ -101,6 +101,15 @@ class MetaLSTMCell(UpdateRule):
         self.bias_fi = nn.Parameter(torch.empty(2))
         self.reset_parameters()
 
+    @classmethod
+    def weight_shapes(cls, values: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """As :meth:`UpdateRule.weight_shapes`, by arithmetic: a hidden size of 10**9 overflowed
+        torch's size calculation even on the meta device."""
+        hidden = cls.config_from_dict(values).hidden_size
+        gates = 4 * hidden
+        return {"weight_fi": (2, hidden + 2), "bias_fi": (2,), "lstm.weight_ih_l0": (gates, 4),
+                "lstm.weight_hh_l0": (gates, hidden), "lstm.bias_ih_l0": (gates,), "lstm.bias_hh_l0": (gates,)}  # fmt: skip
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The paper's initialisation (see the class docstring). Deterministic for a generator."""
         bound = 1.0 / math.sqrt(self.config.hidden_size)
