@@ -97,6 +97,12 @@ def test_meta_sgd_learns_per_element_step_sizes_and_multi_step_loss() -> None:
     assert all(lr.grad is not None and lr.grad.abs().sum() > 0 for lr in lrs)
     with pytest.raises(ValueError, match="step_loss_weights needs 3"):
         MAML(tiny_model(), inner_steps=3, step_loss_weights=[1.0])
+    for bad in (float("nan"), float("inf"), -0.5):  # a NaN meta-loss; a reward for a high query loss
+        with pytest.raises(ValueError, match=rf"step_loss_weights must be finite and >= 0, got {bad} at index 1"):
+            MAML(tiny_model(), inner_steps=2, step_loss_weights=[0.5, bad])
+        maml.step_loss_weights = [bad, 1.0]  # an attribute, checked at each meta-step
+        with pytest.raises(ValueError, match=rf"step_loss_weights must be finite and >= 0, got {bad} at index 0"):
+            maml(*data)
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -78,7 +78,8 @@ class MAML(nn.Module):
             in the model's dtype and on its device, so convert or move this module, not the
             model alone (refused with a ValueError).
         step_loss_weights: MAML++ (Antoniou et al. 2019) multi-step loss: weight of the query loss
-            after each inner step, length ``inner_steps``. Default: only the last step counts.
+            after each inner step, length ``inner_steps``, finite and ``>= 0``. Default: only the
+            last step counts.
             An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
             gives MAML++'s annealed weights.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (:func:`default_loss`).
@@ -197,8 +198,15 @@ class MAML(nn.Module):
         self.inner_lr = inner_lr
 
     def _check_weights(self, steps: int) -> None:
-        if self.step_loss_weights is not None and len(self.step_loss_weights) != steps:
-            raise ValueError(f"step_loss_weights needs {steps} entries, got {len(self.step_loss_weights)}")
+        weights = self.step_loss_weights
+        if weights is None:
+            return
+        if len(weights) != steps:
+            raise ValueError(f"step_loss_weights needs {steps} entries, got {len(weights)}")
+        # a NaN made the meta-loss NaN; a negative weight rewarded a high query loss
+        bad = [i for i, w in enumerate(weights) if not (math.isfinite(float(w)) and float(w) >= 0)]
+        if bad:
+            raise ValueError(f"step_loss_weights must be finite and >= 0, got {weights[bad[0]]} at index {bad[0]}")
 
     # ------------------------------------------------------------------ functional pieces
     def _adapted_set(self, names: Sequence[str]) -> frozenset[str]:
