@@ -312,37 +312,11 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     """The rule stored in the weight file ``path`` (errors as :func:`load_weights`)."""
     header, tensors = _open(path)
     rule_class = RULES[header["kind"]]
-    # the shapes before the rule: a header stating hidden_size 100000 over small tensors made
-    # the rule allocate 160 GB (a raw allocator error) before they were compared; and the count
-    # before the shapes: listing those of a header's 10**9 layers took hours
-    count = expected = None
-    try:
-        count = rule_class.weight_count(header["config"])
-        if count is None or count == len(tensors):
-            with _cpu_float32():
-                expected = rule_class.weight_shapes(header["config"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: invalid {header['kind']} config in header: {err}") from None
-    except Exception:  # noqa: BLE001 - a rule of your own that cannot be built on the meta device
-        expected = None
-    if count is not None and count != len(tensors):
-        raise ValueError(
-            f"{path}: tensors do not match the {header['kind']} architecture {header['config']}: it has "
-            f"{count} weight tensors, the file {len(tensors)}"
-        )
     found = {k: tuple(v.shape) for k, v in tensors.items()}
-    with _cpu_float32():
-        rule = rule_class.from_config_dict(header["config"]) if expected is None else None
-    if rule is not None:  # compared once built, as before weight_shapes
-        expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        raise ValueError(
-            f"{path}: tensors do not match the {header['kind']} architecture {header['config']}"
-            f" (missing {missing}, unexpected {unexpected}, wrong shape {wrong})"
-        )
+    try:
+        rule = check_rule_shapes(header["kind"], header["config"], found)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if rule is None:
         with _cpu_float32():
             rule = rule_class.from_config_dict(header["config"])
@@ -355,6 +329,44 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     if bad:
         raise ValueError(f"{path}: weights contain NaN or Inf (in float32) in {bad}")
     return rule, header
+
+
+def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[int, ...]]) -> UpdateRule | None:
+    """Compare the ``state_dict`` shapes ``found`` (name -> shape) with those of the rule of
+    ``kind`` and ``config``, without building it where the rule can say them
+    (:meth:`UpdateRule.weight_count`, :meth:`UpdateRule.weight_shapes`); raises ValueError naming
+    the difference, or an invalid config. Returns the rule where it had to be built to compare
+    (a rule of your own that cannot be built on the meta device), else None.
+
+    The count before the shapes, the shapes before the rule: a header stating hidden_size 100000
+    over small tensors made the rule allocate 160 GB (a raw allocator error) before they were
+    compared, and listing the shapes of a header's 10**9 layers took hours."""
+    rule_class = RULES[kind]
+    rule = count = expected = None
+    try:
+        count = rule_class.weight_count(config)
+        if count is None or count == len(found):
+            with _cpu_float32():
+                expected = rule_class.weight_shapes(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid {kind} config in header: {err}") from None
+    except Exception:  # noqa: BLE001 - a rule of your own that cannot be built on the meta device
+        expected = None
+    if count is not None and count != len(found):
+        raise ValueError(f"tensors do not match the {kind} architecture {config}: it has {count} weight tensors, the file {len(found)}")
+    if expected is None:  # compared once built, as before weight_shapes
+        with _cpu_float32():
+            rule = rule_class.from_config_dict(config)
+        expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise ValueError(
+            f"tensors do not match the {kind} architecture {config}"
+            f" (missing {missing}, unexpected {unexpected}, wrong shape {wrong})"
+        )
+    return rule
 
 
 def not_finite(rule: UpdateRule) -> list[str]:

@@ -789,18 +789,20 @@ def test_meta_lstm_from_a_preset_file_needs_it_only_at_the_start(tmp_path: Path)
     assert ha["validation"] == hb["validation"] and ha["rule_start"] == hb["rule_start"] == str(start)
 
 
-def test_a_model_header_stating_a_far_larger_rule_than_its_tensors_is_refused_before_building_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hidden", [100_000, 10**12])
+def test_a_model_header_stating_a_far_larger_rule_than_its_tensors_is_refused_before_building_it(tmp_path: Path, hidden: int) -> None:
     """A meta-lstm model file whose header states a rule of hidden size 100000 over hidden-20
-    tensors: the learner was built first, a 160 GB allocation and a raw RuntimeError."""
+    tensors: the learner was built first, a 160 GB allocation and a raw RuntimeError; of hidden
+    size 10**12, whose sizes overflow even on the meta device, a raw allocator error after that."""
     from safetensors.torch import save_file
 
     trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     save_learner(trainer.learner, good)
     changed = header(good)
-    changed["rule"]["config"]["hidden_size"] = 100_000
+    changed["rule"]["config"]["hidden_size"] = hidden
     save_file(tensors(good), str(bad), metadata={"learnedopt_model": json.dumps(changed)})
-    with pytest.raises(ValueError, match=r"bad.safetensors: tensors do not fit the meta-lstm learner .*wrong shape \['rule\."):
+    with pytest.raises(ValueError, match=r"bad.safetensors: its update rule: tensors do not match the MetaLSTMCell architecture .*wrong shape \['lstm.bias_hh_l0'"):
         load_learner(bad)
     learner, _ = load_learner(good)  # the real learner still loads, its tensors those saved
     assert all(torch.equal(v, trainer.learner.tensors()[k]) for k, v in learner.tensors().items())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import MODEL_HEADER_KEY, load_weights, open_with_header, save_with_header
+from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import outside_inference
@@ -425,9 +425,17 @@ def load_learner(
                 f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"
             ) from None
 
-    # the shapes first, on the meta device (no memory): a header stating a rule of hidden size
-    # 100000 over small tensors made the learner allocate 160 GB (a raw allocator error) before
-    # they were compared
+    # the rule's shapes first, without building it (a header stating 10**9 layers took hours
+    # to build even on the meta device), then the learner's on the meta device (no memory): a
+    # header stating a rule of hidden size 100000 over small tensors made the learner allocate
+    # 160 GB (a raw allocator error) before they were compared
+    rule = header.get("rule")
+    if isinstance(rule, dict) and rule.get("kind") in RULES and isinstance(rule.get("config"), dict):
+        found = {k.removeprefix("rule."): tuple(v.shape) for k, v in tensors.items() if k.startswith("rule.")}
+        try:
+            check_rule_shapes(rule["kind"], rule["config"], found)
+        except ValueError as err:
+            raise ValueError(f"{path}: its update rule: {err}") from None
     try:
         probe = build("meta")
     except ValueError:
