@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         (GOOD + b"\x00", True, "1 trailing bytes"),
         (b"\x1f\x8b" + b"not a gzip stream at all", False, "corrupt gzip"),
         (gzip.compress(GOOD)[:-12], False, "corrupt gzip"),
+        (bytes([0, 0, 8, 65]) + b"\x00\x00\x00\x01" * 65 + b"\x07", False, "65 dimensions in the IDX header"),
     ],
     ids=[
         "empty",
@@ -113,6 +115,7 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         "trailing-gz",
         "garbage-gz",
         "truncated-gz-stream",
+        "too-many-dims",
     ],
 )
 def test_read_idx_errors(tmp_path: Path, data: bytes, compress: bool, message: str) -> None:
@@ -120,6 +123,24 @@ def test_read_idx_errors(tmp_path: Path, data: bytes, compress: bool, message: s
     with pytest.raises(ValueError, match=message) as info:
         read_idx(path)
     assert "broken-file.idx" in str(info.value)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_read_idx_checks_the_header_before_holding_the_payload(tmp_path: Path, compress: bool) -> None:
+    # a header claiming 10**9 images over a tiny file, and one image followed by a gzip stream
+    # that inflates to 100 MB: both refused without holding what they claim or inflate to
+    huge = struct.pack(">4B3I", 0, 0, 8, 3, 10**9, 28, 28) + bytes(100)
+    bomb = struct.pack(">4BI", 0, 0, 8, 1, 1) + bytes(1 + 100_000_000)
+    for name, data, message in (("huge", huge, "truncated payload"), ("bomb", bomb, "100000000 trailing bytes")):
+        path = write(tmp_path / name, data, compress or name == "bomb")
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=message):
+                read_idx(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20_000_000, f"{name}: {peak} bytes held"
 
 
 def make_mnist(directory: Path, n: int, n_labels: int | None = None, gz: bool = True) -> None:

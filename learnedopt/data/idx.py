@@ -9,6 +9,7 @@ import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ import torch
 from .paths import resolve_data_dir
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20  # bytes read at a time
+_MAX_NDIM = 64  # numpy's limit; an IDX header may claim up to 255
 
 # IDX type code -> big-endian element dtype.
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -31,47 +34,75 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file, gzip-compressed or not (detected from the gzip magic bytes).
 
+    The header is checked before the payload is read, and the payload is read in bounded chunks,
+    so a header claiming more data than the file holds (or a gzip stream that decompresses to far
+    more) is refused without first allocating what it claims.
+
     Returns:
         A writable native-endian array with the file's dimensions and element type
         (uint8, int8, int16, int32, float32 or float64).
 
     Raises:
-        ValueError: corrupt gzip stream, bad magic number, unknown type code, or a payload
-            that is shorter (truncated) or longer (trailing bytes) than the dimensions say.
+        ValueError: corrupt gzip stream, bad magic number, unknown type code, more dimensions
+            than numpy takes, or a payload that is shorter (truncated) or longer (trailing
+            bytes) than the dimensions say.
     """
     path = Path(path)
-    data = path.read_bytes()
-    if data[:2] == _GZIP_MAGIC:
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
+            if not compressed:
+                return _read_idx_stream(raw, path, os.fstat(raw.fileno()).st_size)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return _read_idx_stream(stream, path, None)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            if not compressed:
+                raise
             raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
 
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+
+def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> np.ndarray:
+    """:func:`read_idx` of an open (possibly decompressing) ``stream``; ``size`` is its length in
+    bytes where known (a plain file), None for a gzip stream."""
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise ValueError(
-            f"{path}: bad IDX magic {data[:4].hex() or '(empty file)'}, expected 0000<type><ndim>"
+            f"{path}: bad IDX magic {magic.hex() or '(empty file)'}, expected 0000<type><ndim>"
         )
-    type_code, ndim = data[2], data[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02X}")
     header_len = 4 + 4 * ndim
-    if len(data) < header_len:
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(
-            f"{path}: truncated header ({len(data)} bytes, {header_len} needed for {ndim} dims)"
+            f"{path}: truncated header ({4 + len(dims)} bytes, {header_len} needed for {ndim} dims)"
         )
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    if ndim > _MAX_NDIM:
+        raise ValueError(f"{path}: {ndim} dimensions in the IDX header, numpy takes at most {_MAX_NDIM}")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     dtype = _IDX_DTYPES[type_code]
     expected = math.prod(shape) * dtype.itemsize
-    actual = len(data) - header_len
-    if actual < expected:
+    if size is not None and size - header_len < expected:  # before reading (allocating) it
         raise ValueError(
-            f"{path}: truncated payload ({actual} bytes, {expected} expected for shape {shape})"
+            f"{path}: truncated payload ({size - header_len} bytes, {expected} expected for shape {shape})"
         )
-    if actual > expected:
-        raise ValueError(
-            f"{path}: {actual - expected} trailing bytes after the payload of shape {shape}"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    payload = bytearray()
+    while len(payload) < expected:
+        chunk = stream.read(min(expected - len(payload), _CHUNK))
+        if not chunk:
+            raise ValueError(
+                f"{path}: truncated payload ({len(payload)} bytes, {expected} expected for shape {shape})"
+            )
+        payload += chunk
+    # counted in chunks, not read whole: a stream may decompress to far more than its file holds
+    trailing = 0
+    while chunk := stream.read(_CHUNK):
+        trailing += len(chunk)
+    if trailing:
+        raise ValueError(f"{path}: {trailing} trailing bytes after the payload of shape {shape}")
+    array = np.frombuffer(payload, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="))  # copies: writable and native-endian
 
 
