@@ -354,3 +354,21 @@ def test_repr_is_a_summary_and_comparing_does_not_raise(zips: tuple[Path, Path])
     assert repr(data) == ("OmniglotDataset(84 images of 1x14x14, 28 classes (7 characters, rotations [0, 90, 180, 270]), "
                           "alphabets ['Alpha', 'Greek', 'Zeta'])")  # fmt: skip
     assert data == data and data != load_omniglot(list(zips), rotations=True, image_size=14)
+
+
+@pytest.mark.parametrize("image_size", [0, -3, 28.5, "28", True])
+def test_an_image_size_that_is_not_a_positive_integer_is_refused_before_reading(tmp_path: Path, image_size: object) -> None:
+    # Pillow's "height and width must be > 0" was reported as the source's fault; a float or
+    # string failed deep in Pillow's resize
+    source = make_zip(tmp_path / "s.zip", "top", character_files("A", "character01", 0))
+    with pytest.raises(ValueError, match=rf"image_size must be an integer >= 1 or None .*got {image_size!r}"):
+        load_omniglot(source, image_size=image_size)
+    png = make_folder(tmp_path / "folder", {"1.png": png_bytes(glyph_mask("A", "01", 1))}) / "1.png"
+    with pytest.raises(ValueError, match="image_size must be an integer >= 1"):
+        read_image(png, image_size=image_size)
+
+
+@pytest.mark.parametrize("sources", [b"images.zip", 5, [b"images.zip"]])
+def test_sources_that_are_not_paths_are_refused_in_one_line(sources: object) -> None:
+    with pytest.raises(TypeError, match="sources must be a path or a list of paths"):
+        load_omniglot(sources)

@@ -10,10 +10,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..nn.base import is_integer
 from .paths import resolve_data_dir
 
 DEFAULT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
@@ -143,9 +145,17 @@ def _decode(data: bytes, image_size: int | None, Image: ModuleType, name: str) -
     return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
 
 
+def _check_image_size(image_size: Any) -> None:
+    """ValueError unless ``image_size`` is None or an integer >= 1 (Pillow's own error for 0
+    reads as the image's fault, and a float passes until the first resize)."""
+    if image_size is not None and (not is_integer(image_size) or image_size < 1):
+        raise ValueError(f"image_size must be an integer >= 1 or None (keep the original size), got {image_size!r}")
+
+
 def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> torch.Tensor:
     """One Omniglot PNG as a float32 ``(1, S, S)`` tensor, 1.0 = ink, resized as in
     :func:`load_omniglot` (``image_size=None`` keeps 105x105)."""
+    _check_image_size(image_size)
     return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow(), str(path))).unsqueeze(0)
 
 
@@ -184,11 +194,16 @@ def load_omniglot(
         (Greek and Latin are in both) with 20 images each.
     """
     Image = _import_pillow()
+    _check_image_size(image_size)
     if sources is None:
         directory = resolve_data_dir(None, "omniglot")
         sources = [directory / name for name in DEFAULT_ZIPS]
     elif isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    elif not isinstance(sources, Sequence) or isinstance(sources, bytes) or not all(
+        isinstance(source, (str, os.PathLike)) for source in sources
+    ):  # bytes would be taken as a sequence of ints
+        raise TypeError(f"sources must be a path or a list of paths (str or os.PathLike), got {sources!r}")
     if not sources:
         raise ValueError("no Omniglot sources given")
     sources = [path for source in sources for path in _official_zips_in(Path(source))]
