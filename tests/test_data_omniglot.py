@@ -368,6 +368,15 @@ def test_an_image_size_that_is_not_a_positive_integer_is_refused_before_reading(
         read_image(png, image_size=image_size)
 
 
+def test_rotations_of_images_that_are_not_square_are_refused_in_one_line(tmp_path: Path) -> None:
+    wide = png_bytes(np.zeros((80, 105), dtype=bool))
+    source = make_zip(tmp_path / "wide.zip", "top", {"A/character01/1_01.png": wide})
+    assert load_omniglot(source, image_size=None).images.shape == (1, 1, 80, 105)
+    with pytest.raises(ValueError, match="rotations need square images, these are 80x105 .*: pass image_size"):
+        load_omniglot(source, image_size=None, rotations=True)
+    assert load_omniglot(source, image_size=28, rotations=True).images.shape == (4, 1, 28, 28)
+
+
 @pytest.mark.parametrize("sources", [b"images.zip", 5, [b"images.zip"]])
 def test_sources_that_are_not_paths_are_refused_in_one_line(sources: object) -> None:
     with pytest.raises(TypeError, match="sources must be a path or a list of paths"):

@@ -231,6 +231,9 @@ def load_omniglot(
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"images of different sizes {sorted(shapes)}: pass image_size")
+    (height, width), = shapes
+    if rotations and height != width:
+        raise ValueError(f"rotations need square images, these are {height}x{width} (height x width): pass image_size")
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
     labels_t = torch.tensor(labels, dtype=torch.long)
     alphabets = sorted({alphabet for alphabet, _ in classes})
