@@ -377,6 +377,16 @@ def test_rotations_of_images_that_are_not_square_are_refused_in_one_line(tmp_pat
     assert load_omniglot(source, image_size=28, rotations=True).images.shape == (4, 1, 28, 28)
 
 
+def test_a_zip_holding_a_member_twice_is_refused(tmp_path: Path) -> None:
+    # zipfile reads the last copy under that name each time: the character got the same image twice
+    path = tmp_path / "twice.zip"
+    with zipfile.ZipFile(path, "w") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr("top/A/character01/1_01.png", png_bytes(glyph_mask("A", "01", 1)))
+        archive.writestr("top/A/character01/1_01.png", png_bytes(glyph_mask("A", "01", 2)))
+    with pytest.raises(ValueError, match="twice.zip: the zip holds top/A/character01/1_01.png 2 times"):
+        load_omniglot(path)
+
+
 @pytest.mark.parametrize("sources", [b"images.zip", 5, [b"images.zip"]])
 def test_sources_that_are_not_paths_are_refused_in_one_line(sources: object) -> None:
     with pytest.raises(TypeError, match="sources must be a path or a list of paths"):

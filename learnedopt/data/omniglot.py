@@ -105,7 +105,11 @@ def _scan(
             archive = stack.enter_context(zipfile.ZipFile(source))
         except zipfile.BadZipFile as e:
             raise ValueError(f"{source}: not a readable zip file ({e})") from e
-        for name in sorted(archive.namelist()):
+        names = archive.namelist()
+        if len(set(names)) != len(names):  # archive.read would give the last copy for each of them
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"{source}: the zip holds {duplicate} {names.count(duplicate)} times")
+        for name in sorted(names):
             parts = name.split("/")
             # Skip the resource-fork copies that macOS zip tools add.
             if (
