@@ -290,6 +290,11 @@ def test_episode_labels_go_to_the_classes_in_random_order() -> None:
         ({"n_way": 0, "k_shot": 1, "q_query": 1}, "n_way >= 1"),
         ({"n_way": 2, "k_shot": 0, "q_query": 1}, "k_shot >= 1"),
         ({"n_way": 2, "k_shot": 1, "q_query": -1}, "q_query >= 0"),
+        ({"n_way": 2.5, "k_shot": 1, "q_query": 1}, "need integers n_way >= 1.*got 2.5, 1, 1"),
+        ({"n_way": 2, "k_shot": 1.0, "q_query": 1}, "need integers.*got 2, 1.0, 1"),
+        ({"n_way": 2, "k_shot": 1, "q_query": 0.5}, "need integers.*got 2, 1, 0.5"),
+        ({"n_way": "2", "k_shot": 1, "q_query": 1}, "need integers.*got '2', 1, 1"),
+        ({"n_way": True, "k_shot": 1, "q_query": 1}, "need integers.*got True, 1, 1"),
     ],
 )
 def test_impossible_requests(kwargs: dict, message: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..nn.base import is_integer
 from .idx import _split
 
 
@@ -155,7 +156,8 @@ class EpisodeSampler:
             Omniglot episodes).
 
     Raises:
-        ValueError: an allowed class has fewer than ``k_shot + q_query`` examples, fewer than
+        ValueError: ``n_way``, ``k_shot`` or ``q_query`` not an integer in its range, an allowed
+            class has fewer than ``k_shot + q_query`` examples, fewer than
             ``n_way`` classes are allowed, or (``same_group``) no group has ``n_way`` of them;
             labels of two dimensions (one-hot) or non-integral floats.
         TypeError: labels, classes or groups that are not integer ids (strings, a dataset).
@@ -172,9 +174,10 @@ class EpisodeSampler:
         groups: torch.Tensor | None = None,
         same_group: bool = False,
     ) -> None:
-        if n_way < 1 or k_shot < 1 or q_query < 0:
+        # a float passed here failed only at sample(), as a slice index
+        if not all(map(is_integer, (n_way, k_shot, q_query))) or n_way < 1 or k_shot < 1 or q_query < 0:
             raise ValueError(
-                f"need n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way}, {k_shot}, {q_query}"
+                f"need integers n_way >= 1, k_shot >= 1, q_query >= 0; got {n_way!r}, {k_shot!r}, {q_query!r}"
             )
         labels = _class_ids(labels, "labels")
         classes = _class_ids(classes, "classes")
