@@ -144,3 +144,20 @@ def test_the_two_scales_are_drawn_independently_over_their_range(monkeypatch: py
     # pure scale: [[scale_x, 0, 0], [0, scale_y, 0]]
     assert theta[:, 0, 1].abs().max() < 1e-12 and theta[:, 1, 0].abs().max() < 1e-12
     assert_independent_uniforms(theta[:, 0, 0], theta[:, 1, 1], 1.0, 0.2)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("rotation", float("nan")), ("shear", float("inf")), ("shift", -0.1), ("scale", -0.2), ("rotation", "10"),
+    ("scale", True),
+])  # fmt: skip
+def test_affine_ranges_that_are_not_finite_non_negative_numbers_are_refused(field: str, value: object) -> None:
+    # NaN and Inf made every distorted image NaN, silently
+    with pytest.raises(ValueError, match=rf"AffineRanges.{field} must be a finite number >= 0, got {value!r}"):
+        AffineRanges(**{field: value})
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_a_scale_range_reaching_zero_is_refused(scale: float) -> None:
+    # 1 +- scale could draw a zero (collapsed) or negative (mirrored) scale
+    with pytest.raises(ValueError, match=rf"AffineRanges.scale must be < 1 .*got {scale}"):
+        AffineRanges(scale=scale)

@@ -8,16 +8,21 @@ generator, so a seeded run repeats them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..nn.base import is_number
+
 
 @dataclass(frozen=True)
 class AffineRanges:
     """Uniform ranges of one random affine distortion (Koch et al. 2015's, by default).
+
+    Each is a finite number >= 0, and ``scale < 1`` (else ValueError).
 
     Attributes:
         rotation: largest rotation, degrees (drawn from ``[-rotation, rotation]``).
@@ -30,6 +35,16 @@ class AffineRanges:
     shear: float = 0.3
     scale: float = 0.2
     shift: float = 2.0 / 28.0
+
+    def __post_init__(self) -> None:
+        # NaN or Inf made every image NaN, and a scale of 1 or more can draw a zero or negative
+        # scale (a collapsed or mirrored glyph): both silently, at every draw
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not is_number(value) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"AffineRanges.{field.name} must be a finite number >= 0, got {value!r}")
+        if self.scale >= 1:
+            raise ValueError(f"AffineRanges.scale must be < 1 (1 +- scale stays positive), got {self.scale!r}")
 
 
 def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRanges = AffineRanges()) -> Tensor:
