@@ -101,7 +101,7 @@ def test_augment_support_with_no_copies_is_the_identity_and_bad_input_is_named()
     images, labels = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
     out, out_labels = augment_support(images, labels, 0, torch.Generator())
     assert out is images and out_labels is labels
-    with pytest.raises(ValueError, match="copies must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="copies must be an integer >= 0, got -1"):
         augment_support(images, labels, -1, torch.Generator())
     with pytest.raises(ValueError, match=r"needs images \(N, C, H, W\) and labels \(N,\)"):
         augment_support(images, labels[:1], 1, torch.Generator())
@@ -144,6 +144,12 @@ def test_the_two_scales_are_drawn_independently_over_their_range(monkeypatch: py
     # pure scale: [[scale_x, 0, 0], [0, scale_y, 0]]
     assert theta[:, 0, 1].abs().max() < 1e-12 and theta[:, 1, 0].abs().max() < 1e-12
     assert_independent_uniforms(theta[:, 0, 0], theta[:, 1, 1], 1.0, 0.2)
+
+
+@pytest.mark.parametrize("copies", [1.5, True, "2"])
+def test_augment_support_refuses_copies_that_are_not_an_integer(copies: object) -> None:
+    with pytest.raises(ValueError, match=f"copies must be an integer >= 0, got {copies!r}"):
+        augment_support(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), copies, torch.Generator())
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..nn.base import is_number
+from ..nn.base import is_integer, is_number
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ def augment_support(
         ``(images', labels')`` of ``(1 + copies) * N`` rows: the originals first, then copy 1
         of every image, copy 2, and so on; ``labels'`` is ``labels`` repeated to match.
     """
-    if copies < 0:
-        raise ValueError(f"copies must be >= 0, got {copies}")
+    if not is_integer(copies) or copies < 0:
+        raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
     if images.dim() != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"augment_support needs images (N, C, H, W) and labels (N,), got {tuple(images.shape)} "
                          f"and {tuple(labels.shape)}")  # fmt: skip
