@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from learnedopt.data import SinusoidTasks, sinusoid
@@ -57,3 +58,16 @@ def test_determinism_and_resume() -> None:
     for want, got in zip(expected, (resumed.sample_tasks(2, 4, 4) for _ in range(3))):
         for left, right in zip(want, got):
             assert torch.equal(left, right)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((-1, 5, 5), "batch must be an integer >= 0, got -1"),
+    ((2, -1, 5), "k_shot must be an integer >= 0, got -1"),
+    ((2, 5, -1), "q_query must be an integer >= 0, got -1"),
+    ((2.5, 5, 5), "batch must be an integer >= 0, got 2.5"),
+    ((2, "5", 5), "k_shot must be an integer >= 0, got '5'"),
+    ((2, 5, True), "q_query must be an integer >= 0, got True"),
+])  # fmt: skip
+def test_bad_sizes_are_named_in_one_line(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SinusoidTasks(0).sample_tasks(*args)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..nn.base import is_integer
+
 
 def sinusoid(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """``amplitude * sin(x - phase)``, broadcasting (e.g. x (B, K, 1) with amplitude (B, 1, 1))."""
@@ -39,7 +41,14 @@ class SinusoidTasks:
         Returns:
             ``(x_support, y_support, x_query, y_query, amplitude, phase)``, all float32:
             x/y_support (B, K, 1), x/y_query (B, Q, 1), amplitude (B,), phase (B,).
+
+        Raises:
+            ValueError: ``batch``, ``k_shot`` or ``q_query`` is not an integer >= 0.
         """
+        # torch's own errors ("negative dimension", "invalid combination of arguments") name none
+        for name, value in (("batch", batch), ("k_shot", k_shot), ("q_query", q_query)):
+            if not is_integer(value) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         amplitude = self._uniform((batch,), *self.AMPLITUDE_RANGE)
         phase = self._uniform((batch,), *self.PHASE_RANGE)
         x_support = self._uniform((batch, k_shot, 1), *self.X_RANGE)
