@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learnedopt.data import Episode, EpisodeSampler, class_splits, stack_episodes
+from learnedopt.data import Episode, EpisodeSampler, class_splits, split_indices, stack_episodes
 
 FRACTIONS = {"meta_train": 0.6, "meta_valid": 0.2, "meta_test": 0.2}
 
@@ -376,3 +376,11 @@ def test_users_labels_in_the_forms_they_come_in() -> None:
         assert torch.equal(episode.support_idx, expected.support_idx)
         assert torch.equal(episode.query_idx, expected.query_idx)
         assert torch.equal(labels[episode.query_idx], episode.classes.repeat_interleave(2))
+
+
+@pytest.mark.parametrize("n", [-3, 5.5, "5", True])
+def test_a_count_that_is_not_a_non_negative_integer_is_named(n: object) -> None:
+    with pytest.raises(ValueError, match=rf"the number of classes must be an integer >= 0, got {n!r}"):
+        class_splits(n, {"a": 1.0})
+    with pytest.raises(ValueError, match=rf"the number of items must be an integer >= 0, got {n!r}"):
+        split_indices(n, {"a": 1.0})

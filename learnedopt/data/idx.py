@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from ..nn.base import is_integer
 from .paths import resolve_data_dir
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -182,8 +183,8 @@ def _split(
     n: int, fractions: Mapping[str, float], seed: int, unit: str, allow_empty: bool = False
 ) -> dict[str, torch.Tensor]:
     """:func:`split_indices`, its errors counting ``n`` in ``unit`` (``"items"``, ``"classes"``, ``"groups"``)."""
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+    if not is_integer(n) or n < 0:  # a float failed in torch.split, far from its cause
+        raise ValueError(f"the number of {unit} must be an integer >= 0, got {n!r}")
     if not fractions:
         raise ValueError("fractions must name at least one part")
     if any(f < 0 or not math.isfinite(f) for f in fractions.values()):
