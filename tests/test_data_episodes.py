@@ -384,3 +384,8 @@ def test_a_count_that_is_not_a_non_negative_integer_is_named(n: object) -> None:
         class_splits(n, {"a": 1.0})
     with pytest.raises(ValueError, match=rf"the number of items must be an integer >= 0, got {n!r}"):
         split_indices(n, {"a": 1.0})
+
+
+def test_stack_episodes_of_no_episode_is_named() -> None:
+    with pytest.raises(ValueError, match="stack_episodes needs at least one episode, got none"):
+        stack_episodes(torch.zeros(3, 2), [])

@@ -116,8 +116,10 @@ def stack_episodes(
         ``(x_support (B, N*K, *shape), y_support (B, N*K), x_query (B, N*Q, *shape), y_query (B, N*Q))``.
 
     Raises:
-        ValueError: the episodes differ in their numbers of support or query examples.
+        ValueError: no episodes, or episodes that differ in their numbers of support or query examples.
     """
+    if not episodes:  # torch.stack's "expects a non-empty TensorList" named none of this
+        raise ValueError("stack_episodes needs at least one episode, got none")
     sizes = sorted({(len(e.support_idx), len(e.query_idx)) for e in episodes})
     if len(sizes) > 1:
         raise ValueError(
