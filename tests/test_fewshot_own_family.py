@@ -94,6 +94,12 @@ class GlobalRandom(LineFamily):
         return super().sample(size, torch.Generator().manual_seed(int(torch.randint(1000, ()))))
 
 
+class NanTargets(LineFamily):
+    def sample(self, size, generator):
+        x_s, y_s, x_q, y_q = super().sample(size, generator)
+        return x_s, y_s.index_fill(1, torch.tensor([0]), float("nan")), x_q, y_q
+
+
 class PerExampleLoss(LineFamily):
     def loss(self, outputs, targets):
         return (outputs - targets) ** 2
@@ -228,6 +234,7 @@ BAD = [
     (["--task", "{m}:TooFewTasks"], "sample() of the first meta-training tasks: x_support has shape (1, 4, 1); it must be (2, N, ...)"),
     (["--task", "{m}:GlobalRandom"], "sample() of the first meta-training tasks: two draws from the same seed differ: draw only "
      "from the generator it is given"),
+    (["--task", "{m}:NanTargets"], "sample() of the first meta-training tasks: y_support holds 2 NaN or infinite values"),
     (["--task", "{m}:PerExampleLoss"], "the loss of the model on the first meta-training task's support set: it must be a scalar tensor"),
     (["--task", "{m}:WrongInputs"], "the loss of the model on the first meta-training task's support set: RuntimeError: mat1 and mat2"),
     (["--task", "{m}:EmptyDescription"], "describe(): it must return a sentence for the model card, got ''"),

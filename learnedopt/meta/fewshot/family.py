@@ -152,8 +152,8 @@ def check_family_source(
     device: torch.device,
 ) -> None:
     """Raise ValueError (one line, naming the stage) unless ``source`` describes itself, its
-    ``size`` tasks of ``seed`` have the documented shapes and are drawn again the same from that
-    seed, and ``model`` with ``loss_fn`` gives
+    ``size`` tasks of ``seed`` have the documented shapes, hold no NaN or infinite value, and are
+    drawn again the same from that seed, and ``model`` with ``loss_fn`` gives
     a finite scalar loss on the first task's support set (on ``device``)."""
     stage = "describe()"
     try:
@@ -167,6 +167,10 @@ def check_family_source(
         for tensor_name, t in zip(names, batch, strict=True):
             if t.dim() < 2 or t.shape[0] != size or t.shape[1] < 1:
                 raise ValueError(f"{tensor_name} has shape {tuple(t.shape)}; it must be ({size}, N, ...): {size} tasks of N >= 1 examples")
+            # checked before the second draw: NaN != NaN read as "two draws from the same seed differ"
+            if (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all()):
+                bad = int((~t.isfinite()).sum())
+                raise ValueError(f"{tensor_name} holds {bad} NaN or infinite value{'s' * (bad > 1)}")
         for x, y, part in ((batch[0], batch[1], "support"), (batch[2], batch[3], "query")):
             if x.shape[1] != y.shape[1]:
                 raise ValueError(f"the {part} inputs have {x.shape[1]} examples per task and the targets {y.shape[1]}")
