@@ -298,4 +298,68 @@ class Halved(CoordinateLSTM):  # keeps CoordinateLSTM's kind
 
 class NotARule:
     pass
+
+
+class IntegerStep(MomentumMLP):  # rounded every update to zero: a run that trained nothing
+    kind = "CliIntegerStep"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step.long(), new_state
+
+
+class ShortStep(MomentumMLP):
+    kind = "CliShortStep"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step[:-1], new_state
+
+
+class StateOfOtherShape(MomentumMLP):  # broadcasting hid it
+    kind = "CliStateOfOtherShape"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step, {"m": new_state["m"][:, :1]}
+
+
+class StepOnly(MomentumMLP):
+    kind = "CliStepOnly"
+
+    def forward(self, grad, param, state, loss=None):
+        return super().forward(grad, param, state, loss)[0]
+
+
+class NaNStep(MomentumMLP):
+    kind = "CliNaNStep"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step * float("nan"), new_state
+
+
+class NoMetaParameters(UpdateRule):
+    kind = "CliNoMetaParameters"
+    config_class = MomentumMLPConfig
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, param, state, loss=None):
+        return -0.01 * grad, {}
+
+
+class SpecOfTuples(MomentumMLP):
+    kind = "CliSpecOfTuples"
+
+    def state_spec(self):
+        return {"m": (1,)}
+
+
+class ConstructorRaises(MomentumMLP):
+    kind = "CliConstructorRaises"
+
+    def __init__(self, config=None, **overrides):
+        raise RuntimeError("no such\\nlayer")
 '''

@@ -1792,6 +1792,21 @@ def test_a_preset_that_does_not_fit_its_rule_is_one_line_and_exit_code_2(
          "UpdateRule as module:Class"),
         (["--algo", "meta-lstm", "--task", "sinusoid", "--rule", "{mod}:MomentumMLP"],
          "(your own rule as module:Class is for --algo lstm)"),
+        # its first forward, tried before the run: these trained nothing, silently, or failed in the unroll
+        (["--rule", "{mod}:IntegerStep"], "--rule {mod}:IntegerStep: forward's step must be a floating (3,) tensor for 3 "
+         "coordinates, got a (3,) int64 tensor"),
+        (["--rule", "{mod}:ShortStep"], "--rule {mod}:ShortStep: forward's step must be a floating (3,) tensor for 3 "
+         "coordinates, got a (2,) float32 tensor"),
+        (["--rule", "{mod}:StateOfOtherShape"], "--rule {mod}:StateOfOtherShape: forward's new state 'm' must be a floating "
+         "(1, 3) tensor for 3 coordinates (state_spec), got a (1, 1) float32 tensor"),
+        (["--rule", "{mod}:StepOnly"], "--rule {mod}:StepOnly: forward must return (step, new_state), a tensor and a dict; "
+         "got a (3,) float32 tensor"),
+        (["--rule", "{mod}:NaNStep"], "--rule {mod}:NaNStep: forward's step on 3 random gradients holds NaN or Inf"),
+        (["--rule", "{mod}:NoMetaParameters"], "--rule {mod}:NoMetaParameters: it has no nn.Parameter to meta-train"),
+        (["--rule", "{mod}:SpecOfTuples"], "--rule {mod}:SpecOfTuples: state_spec() must return a dict of name -> "
+         "StateSpec, got {'m': (1,)}"),
+        (["--rule", "{mod}:ConstructorRaises"], "--rule {mod}:ConstructorRaises: building it raised RuntimeError: no such "
+         "layer"),
     ],
 )
 def test_a_bad_own_rule_is_one_line_and_exit_code_2(tmp_path: Path, capsys, own_rule: str, extra, message) -> None:  # noqa: ANN001

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ..data.idx import mnist_sha256
 from ..nn import RULES, UpdateRule
+from ..nn.base import check_rule_call
 from ..plugins import checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
 from . import distributed
@@ -308,8 +309,20 @@ def initial_rule(config: MetaTrainConfig) -> UpdateRule:
     else:  # your own module:Class, initialised by its constructor under the run's seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, _INIT_STREAM))
-            rule = rule_class(config.rule).from_config_dict(dict(config.rule_config or {}))
-    return rule.float().requires_grad_(True)
+            cls = rule_class(config.rule)
+            try:
+                rule = cls.from_config_dict(dict(config.rule_config or {}))
+            except Exception as err:  # noqa: BLE001 - the user's constructor: any failure is one line
+                raise ConfigError(f"--rule {config.rule}: building it raised {type(err).__name__}: {one_line(err)}") from None
+    rule = rule.float().requires_grad_(True)
+    if config.rule is not None and entry_point_path(config.rule) is not None:
+        # tried now, so that a rule of your own that breaks its contract is refused before the run
+        # writes anything, not met as a traceback in the unroll or as a run that trains nothing
+        try:
+            check_rule_call(rule)
+        except ValueError as err:
+            raise ConfigError(f"--rule {config.rule}: {one_line(err)}") from None
+    return rule
 
 
 def episode(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..plugins import one_line
 
 
 @dataclass(frozen=True)
@@ -185,3 +188,54 @@ class UpdateRule(nn.Module):
             new state has the same names and shapes. Inputs are not modified.
         """
         raise NotImplementedError
+
+
+def check_rule_call(rule: UpdateRule, n: int = 3) -> None:
+    """Raise ValueError (one line) unless ``rule`` has meta-parameters and one call of its
+    :meth:`~UpdateRule.forward` on ``n`` float32 coordinates (random gradients and parameters, the
+    initial states, a loss of 1 where it reads one; its own generator, not the global one) gives
+    what that method documents: a floating ``(n,)`` step, finite, and the states of
+    :meth:`~UpdateRule.state_spec`, each of its shape and floating.
+
+    For a rule of one's own, before a run: an integer step (every update rounded to zero), or
+    a state of another shape that broadcasting hid, trained silently; a step of another shape
+    failed deep in the unroll with a traceback.
+    """
+    if not any(True for _ in rule.parameters()):
+        raise ValueError("it has no nn.Parameter to meta-train")
+    device = next(rule.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    grad, param = torch.randn(2, n, generator=generator).to(device)
+    spec = rule.state_spec()
+    if not isinstance(spec, Mapping) or not all(isinstance(v, StateSpec) for v in spec.values()):
+        raise ValueError(f"state_spec() must return a dict of name -> StateSpec, got {spec!r}")
+    state = rule.init_state(n, dtype=torch.float32, device=device)
+    loss = torch.ones((), device=device) if rule.needs_loss else None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the run's draws stay as they were
+            out = rule(grad, param, state, loss) if rule.needs_loss else rule(grad, param, state)
+    except Exception as err:  # noqa: BLE001 - the rule's own code: any failure is one line
+        raise ValueError(f"forward raised {type(err).__name__}: {one_line(err)}") from None
+    if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[1], Mapping):
+        raise ValueError(f"forward must return (step, new_state), a tensor and a dict; got {_kind(out)}")
+    step, new_state = out
+    if not isinstance(step, Tensor) or not step.is_floating_point() or step.shape != (n,):
+        raise ValueError(f"forward's step must be a floating ({n},) tensor for {n} coordinates, got {_kind(step)}")
+    if not bool(step.isfinite().all()):
+        raise ValueError(f"forward's step on {n} random gradients holds NaN or Inf: {step.tolist()}")
+    if set(new_state) != set(spec):
+        raise ValueError(f"forward's new state has the names {sorted(new_state)}, state_spec() {sorted(spec)}")
+    for name, value in new_state.items():
+        expected = spec[name].shape(n)
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.shape != expected:
+            raise ValueError(f"forward's new state {name!r} must be a floating {expected} tensor for {n} coordinates "
+                             f"(state_spec), got {_kind(value)}")  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    """``value`` as an error names it: a tensor by its shape and dtype, anything else by its type."""
+    if isinstance(value, Tensor):
+        return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}: ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
