@@ -162,6 +162,18 @@ def test_folder_skips_appledouble_files(tmp_path: Path) -> None:
     assert torch.equal(data.labels, clean.labels) and torch.equal(data.images, clean.images)
 
 
+def test_hidden_folders_are_not_alphabets_or_characters(tmp_path: Path) -> None:
+    """A Jupyter ``.ipynb_checkpoints`` or a ``.git`` folder among the alphabets was read as an
+    alphabet or a character of its own, in a folder and in a zip."""
+    files = layout(SPLIT1, variant=1)
+    png = next(iter(files.values()))
+    hidden = {"Alpha/.ipynb_checkpoints/0901_01.png": png, ".git/objects/0901_01.png": png}
+    data = load_omniglot(make_folder(tmp_path / "hidden", files | hidden), image_size=None)
+    zipped = load_omniglot(make_zip(tmp_path / "hidden.zip", "top", files | hidden), image_size=None)
+    assert data.classes == zipped.classes == EXPECTED_CLASSES[:3]
+    assert data.alphabets == zipped.alphabets == ["Alpha", "Greek"]
+
+
 def test_resize(zips: tuple[Path, Path]) -> None:
     full = load_omniglot(list(zips), image_size=None)
     small = load_omniglot(list(zips), image_size=28)

@@ -84,19 +84,27 @@ def _read_file(name: str) -> bytes:
     return Path(name).read_bytes()
 
 
+def _hidden(parts: Sequence[str]) -> bool:
+    """Whether ``<alphabet>/<character>/<file>`` has a hidden part: the ``._*.png`` copies macOS
+    leaves, or a folder such as ``.ipynb_checkpoints`` or ``.git``, which read as an alphabet or a
+    character of their own."""
+    return any(part.startswith(".") for part in parts)
+
+
 def _scan(
     source: Path, stack: ExitStack
 ) -> tuple[dict[_Character, list[str]], Callable[[str], bytes]]:
     """Character -> sorted file names in ``source``, and a function reading one file's bytes.
 
     A folder holds ``<Alphabet>/<character>/*.png``; a zip holds the same under one top-level
-    folder (``images_background_smallN/``).
+    folder (``images_background_smallN/``). Hidden files and folders (names starting with ``.``)
+    are skipped.
     """
     files: dict[_Character, list[str]] = {}
     read: Callable[[str], bytes]
     if source.is_dir():
         for png in sorted(source.glob("*/*/*.png")):
-            if not png.name.startswith("."):
+            if not _hidden(png.parts[-3:]):
                 files.setdefault((png.parts[-3], png.parts[-2]), []).append(str(png))
         read = _read_file
         layout = "<Alphabet>/<character>/*.png"
@@ -112,12 +120,7 @@ def _scan(
         for name in sorted(names):
             parts = name.split("/")
             # Skip the resource-fork copies that macOS zip tools add.
-            if (
-                len(parts) == 4
-                and parts[3].endswith(".png")
-                and parts[0] != "__MACOSX"
-                and not parts[3].startswith(".")
-            ):
+            if len(parts) == 4 and parts[3].endswith(".png") and parts[0] != "__MACOSX" and not _hidden(parts[1:]):
                 files.setdefault((parts[1], parts[2]), []).append(name)
         read = archive.read
         layout = "<top folder>/<Alphabet>/<character>/*.png"
