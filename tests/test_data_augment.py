@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -167,3 +169,19 @@ def test_a_scale_range_reaching_zero_is_refused(scale: float) -> None:
     # 1 +- scale could draw a zero (collapsed) or negative (mirrored) scale
     with pytest.raises(ValueError, match=rf"AffineRanges.scale must be < 1 .*got {scale}"):
         AffineRanges(scale=scale)
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 8, 8), (2, 0, 1, 8, 8), (3, 1, 0, 0)])
+def test_a_batch_of_no_image_or_no_pixel_comes_back_as_it_is(shape: tuple[int, ...]) -> None:
+    # affine_grid's "Expected non-zero, positive output size", or a reshape error, before
+    images, generator = torch.rand(shape), torch.Generator().manual_seed(0)
+    out = random_affine(images, generator)
+    assert out.shape == images.shape and out is not images
+    # advanced by 7 draws per image, as for any batch
+    advanced = not torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert advanced == (math.prod(shape[:-3]) > 0)
+
+
+def test_ranges_that_are_not_affine_ranges_are_refused() -> None:
+    with pytest.raises(TypeError, match="ranges must be an AffineRanges, got dict"):
+        random_affine(torch.rand(1, 1, 4, 4), torch.Generator(), {"rotation": 5.0})

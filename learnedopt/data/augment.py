@@ -61,10 +61,14 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
     """
     if images.dim() < 3 or not images.is_floating_point():
         raise ValueError(f"random_affine needs floating images (..., C, H, W), got {tuple(images.shape)} {images.dtype}")
+    if not isinstance(ranges, AffineRanges):
+        raise TypeError(f"ranges must be an AffineRanges, got {type(ranges).__name__}")
     lead, (c, h, w) = images.shape[:-3], images.shape[-3:]
-    flat = images.reshape(-1, c, h, w)
-    n = flat.shape[0]
+    n = math.prod(lead)
+    flat = images.reshape(n, c, h, w)  # not -1: ambiguous for images of no pixel
     u = torch.rand(n, 7, generator=generator, dtype=torch.float64) * 2 - 1  # U[-1, 1]
+    if images.numel() == 0:  # affine_grid refuses an empty size; nothing to move
+        return images.clone()
     angle = u[:, 0] * math.radians(ranges.rotation)
     shear_x, shear_y = u[:, 1] * ranges.shear, u[:, 2] * ranges.shear
     scale_x, scale_y = 1 + u[:, 3] * ranges.scale, 1 + u[:, 4] * ranges.scale
