@@ -403,3 +403,26 @@ def test_a_zip_holding_a_member_twice_is_refused(tmp_path: Path) -> None:
 def test_sources_that_are_not_paths_are_refused_in_one_line(sources: object) -> None:
     with pytest.raises(TypeError, match="sources must be a path or a list of paths"):
         load_omniglot(sources)
+
+
+def test_a_zip_member_that_cannot_be_read_is_named_in_one_value_error(tmp_path: Path) -> None:
+    # an encrypted member was zipfile's RuntimeError, a damaged deflate stream zlib.error and an
+    # unknown compression method NotImplementedError, none naming the zip
+    png = png_bytes(glyph_mask("A", "01", 1))
+    path = tmp_path / "good.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("top/A/character01/1_01.png", png)
+    good = bytearray(path.read_bytes())
+    data_start = 30 + len("top/A/character01/1_01.png")
+    central = good.rfind(b"PK\x01\x02")
+    encrypted, damaged, method = bytearray(good), bytearray(good), bytearray(good)
+    for flags in (6, central + 8):  # the general-purpose flag, bit 0: encrypted
+        encrypted[flags] |= 1
+    damaged[data_start + 2 : data_start + 40] = bytes(b ^ 0xFF for b in damaged[data_start + 2 : data_start + 40])
+    for field in (8, central + 10):  # the compression method
+        method[field : field + 2] = (99).to_bytes(2, "little")
+    for name, data, error in (("encrypted", encrypted, "RuntimeError: .*encrypted"), ("damaged", damaged, "error: "),
+                              ("method", method, "NotImplementedError: ")):  # fmt: skip
+        (tmp_path / f"{name}.zip").write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name}.zip: cannot read image top/A/character01/1_01.png \({error}"):
+            load_omniglot(tmp_path / f"{name}.zip")

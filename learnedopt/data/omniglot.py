@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -228,9 +229,13 @@ def load_omniglot(
             read, names, source = chosen[character]
             for name in names:
                 try:
-                    arrays.append(_decode(read(name), image_size, Image, name))
-                except (OSError, zipfile.BadZipFile) as e:  # reading the zip member
-                    raise ValueError(f"{source}: cannot read image {name} ({e})") from e
+                    data = read(name)
+                # a file, or a zip member that is damaged (BadZipFile, zlib.error), encrypted
+                # (RuntimeError) or compressed by a method zipfile lacks (NotImplementedError)
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+                    raise ValueError(f"{source}: cannot read image {name} ({type(e).__name__}: {e})") from e
+                try:
+                    arrays.append(_decode(data, image_size, Image, name))
                 except ValueError as e:
                     raise ValueError(f"{source}: {e}") from e
                 labels.append(label)
