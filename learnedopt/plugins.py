@@ -29,8 +29,8 @@ def load_entry_point(name: str) -> Callable[..., Any]:
     Raises:
         ValueError: ``name`` is not in entry-point syntax, its module is not found (the message
             says it must be on the import path), fails to import (whatever it raises: a
-            SyntaxError, a missing dependency, its own RuntimeError), or has no callable of
-            that name.
+            SyntaxError, a missing dependency, its own RuntimeError, a SystemExit of script code
+            run at import), or has no callable of that name.
     """
     path = entry_point_path(name)
     if path is None:
@@ -49,6 +49,13 @@ def load_entry_point(name: str) -> Callable[..., Any]:
         ) from None
     except Exception as err:  # noqa: BLE001 - the user's module: SyntaxError, RuntimeError, ...
         raise ValueError(f"importing {module_name!r} failed: {type(err).__name__}: {one_line(err)}") from None
+    except SystemExit as err:
+        # a script's code run at import (its argparse reading learnedopt's arguments, its sys.exit):
+        # sys.exit(0) ended the command with success, having done nothing
+        raise ValueError(
+            f"importing {module_name!r} exited (SystemExit: {err.code!r}): it runs a script when imported; put that "
+            "code under if __name__ == \"__main__\":"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ValueError(f"module {module_name!r} has no class or function {attribute!r}")

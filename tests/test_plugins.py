@@ -22,7 +22,11 @@ def two_line_error():
 
 @pytest.fixture
 def plugin(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
-    yield from importable_module(tmp_path, monkeypatch, "plugin", PLUGIN, {"bad": 'raise RuntimeError("set\\nDATA")\n'})
+    yield from importable_module(tmp_path, monkeypatch, "plugin", PLUGIN, {
+        "bad": 'raise RuntimeError("set\\nDATA")\n',
+        "script": "import sys\nsys.exit(0)\n",  # a script without a main guard
+        "parses": "import argparse\nargparse.ArgumentParser().parse_args(['--lr', '1'])\n",
+    })
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,13 @@ def test_errors_of_the_users_code_are_one_line(plugin: str) -> None:
     assert "\n" not in str(raised.value)
     with pytest.raises(ValueError, match=re.escape(f"importing '{plugin}_bad' failed: RuntimeError: set DATA")):
         load_entry_point(f"{plugin}_bad:F")
+
+
+@pytest.mark.parametrize(("suffix", "code"), [("script", "0"), ("parses", "2")])
+def test_a_module_that_exits_when_imported_is_named_not_obeyed(plugin: str, suffix: str, code: str) -> None:
+    # sys.exit(0) at import ended `learnedopt meta-train` with success, having done nothing
+    with pytest.raises(ValueError, match=re.escape(
+        f"importing '{plugin}_{suffix}' exited (SystemExit: {code}): it runs a script when imported; put that code "
+        'under if __name__ == "__main__":'
+    )):  # fmt: skip
+        load_entry_point(f"{plugin}_{suffix}:F")
