@@ -1836,6 +1836,30 @@ def test_an_own_rule_that_cannot_run_is_refused_in_one_line_before_any_run(
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("rule", "message"), [
+    ("IntegerStep", "forward's step must be a floating (3,) tensor for 3 coordinates, got a (3,) int64 tensor"),
+    ("ShortStep", "forward's step must be a floating (3,) tensor for 3 coordinates, got a (2,) float32 tensor"),
+])  # fmt: skip
+def test_an_own_rule_whose_forward_breaks_its_contract_is_refused_before_any_run(
+    tmp_path: Path, own_rule: str, capsys, monkeypatch: pytest.MonkeyPatch, rule: str, message: str  # noqa: ANN001
+) -> None:
+    """An integer step was evaluated as a rule that never moves; a short one failed mid-run with a traceback."""
+    import importlib
+
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    weights = tmp_path / "mine.safetensors"
+    save_weights(getattr(importlib.import_module(own_rule), rule)(hidden=3), weights, trained_on="nothing")
+    argv = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0",
+            "--weights", str(weights), "--rules", f"{own_rule}:{rule}", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"learnedopt evaluate optimizers: error: {weights}: its rule {own_rule}:{rule}: {message}\n", err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_registered_rule_class_that_cannot_be_imported_by_name_is_refused(tmp_path: Path, own_rule: str) -> None:
     """A class nested in a function runs here but not in a worker process, which imports the
     rule by name: its weight file is refused, naming the class."""

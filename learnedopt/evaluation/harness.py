@@ -480,7 +480,7 @@ class RunSetup(NamedTuple):
 
 def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
-    (``module:Class``, imported and registered here), the weight files, the report to reuse, an
+    (``module:Class``, imported and registered here, their ``forward`` tried once), the weight files, the report to reuse, an
     explicitly named data folder and your own problems (``module:Class``, built once here to see
     that they import, are problems and give a scalar loss with a gradient at seed 0, step 0); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
@@ -492,6 +492,8 @@ def check_config(config: EvalConfig) -> RunSetup:
     presets = [spec for spec in DEFAULT_LEARNED if wanted is None or spec.weights in wanted]
     import_rules(config.rules)
     learned = [*presets, *learned_from_files(config.weights)]
+    for spec in learned:
+        spec.check_rule()
     records = {spec.label: spec.record() for spec in learned}
     try:  # a folder named explicitly must hold MNIST: no silent skipping
         data_sha256 = mnist_sha256(config.data, required=config.data is not None)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import RULES, UpdateRule, register_rule
+from ..nn.base import check_rule_call
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 from ..plugins import load_entry_point, one_line
 from ..weights import PRESETS, UntrainedWeightsWarning, class_path, fingerprint, read_header, recorded_rule_class
@@ -106,6 +107,18 @@ class LearnedSpec:
         probe = self._probe()
         own = {} if self.rule is None else {"rule": self.rule}
         return {"weights": self.weights, "header": dict(probe.weights_header), "sha256": fingerprint(probe.rule)["sha256"], **own}
+
+    def check_rule(self) -> None:
+        """For a rule of your own, its ``forward`` tried once before any run
+        (:func:`~learnedopt.nn.base.check_rule_call`), as ``meta-train --rule`` does: a step of
+        another shape failed mid-evaluation with a traceback, an integer one was evaluated as a
+        rule that never moves. ValueError naming the file and the rule."""
+        if self.rule is None:
+            return
+        try:
+            check_rule_call(self._probe().rule)
+        except ValueError as err:
+            raise ValueError(f"{self.weights}: its rule {self.rule}: {one_line(err)}") from None
 
     def _probe(self) -> LearnedOptimizer:
         optimizer = self.optimizer_class()
