@@ -161,3 +161,14 @@ def test_run_repr_is_a_summary_and_comparing_does_not_raise(tmp_path: Path) -> N
     runs = load_runs(tmp_path, image_size=28)
     assert repr(runs[0]) == "OneShotRun('run01', 4 training and 4 test images of 1x28x28)"
     assert runs[0] == runs[0] and runs[0] != load_runs(tmp_path, image_size=28)[0]
+
+
+@pytest.mark.parametrize("item", ["item02.png", "item01.png"])
+def test_images_of_different_sizes_in_a_run_are_named_at_their_original_size(tmp_path: Path, item: str) -> None:
+    """With ``image_size=None``, a test item of another size than the training images was read as
+    it is (two test items of different sizes failed in torch.stack); resized, they are one size."""
+    make_runs(tmp_path, runs=1, classes=2)
+    Image.new("1", (80, 105), 1).save(tmp_path / "run01" / "test" / item)
+    with pytest.raises(ValueError, match=rf"run01: test/{item} is 105x80, training/class01.png 105x105: pass image_size"):
+        load_runs(tmp_path, image_size=None)
+    assert load_runs(tmp_path, image_size=28)[0].test_images.shape == (2, 1, 28, 28)

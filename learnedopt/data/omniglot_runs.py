@@ -48,7 +48,7 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
         FileNotFoundError: no such folder, a file, no run folders in it, or a file named in ``class_labels.txt`` is missing.
         ValueError: a malformed ``class_labels.txt`` (or one neither UTF-8 nor UTF-16 with a
             byte-order mark), one that labels a test item twice, or one that does not label
-            every test item.
+            every test item; with ``image_size=None``, images of different sizes in a run.
     """
     root = Path(root)
     expected = "the folder that holds run01 ... run20 (all_runs.zip unpacked)"
@@ -91,10 +91,19 @@ def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
     missing = [test_files[i].name for i, label in enumerate(labels) if label < 0]
     if missing:
         raise ValueError(f"{folder}/class_labels.txt gives no label for {missing}")
+    images = {f: read_image(f, image_size) for f in train_files + test_files}
+    # with image_size=None, a test item of another size than the training images was read as it
+    # is (and one of another size than the other test items failed in torch.stack)
+    first = train_files[0]
+    other = next((f for f, image in images.items() if image.shape != images[first].shape), None)
+    if other is not None:
+        size = "x".join(map(str, images[other].shape[1:]))
+        raise ValueError(f"{folder}: {other.relative_to(folder)} is {size}, {first.relative_to(folder)} "
+                         f"{'x'.join(map(str, images[first].shape[1:]))}: pass image_size")  # fmt: skip
     return OneShotRun(
         name=folder.name,
-        train_images=torch.stack([read_image(f, image_size) for f in train_files]),
-        test_images=torch.stack([read_image(f, image_size) for f in test_files]),
+        train_images=torch.stack([images[f] for f in train_files]),
+        test_images=torch.stack([images[f] for f in test_files]),
         test_labels=torch.tensor(labels, dtype=torch.int64),
     )
 
