@@ -324,7 +324,7 @@ def test_split_indices_rejects_bad_fractions(fractions: dict[str, float]) -> Non
         split_indices(10, fractions)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.5", None, True])  # a string failed in "<", True was 1
 def test_split_indices_names_a_non_finite_fraction(bad: float) -> None:
     with pytest.raises(ValueError, match="fractions must be finite and non-negative"):
         split_indices(10, {"a": bad, "b": 0.5})

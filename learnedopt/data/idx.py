@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from ..nn.base import is_integer
+from ..nn.base import is_integer, is_number
 from .paths import resolve_data_dir
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -187,8 +187,8 @@ def _split(
         raise ValueError(f"the number of {unit} must be an integer >= 0, got {n!r}")
     if not fractions:
         raise ValueError("fractions must name at least one part")
-    if any(f < 0 or not math.isfinite(f) for f in fractions.values()):
-        raise ValueError(f"fractions must be finite and non-negative, got {dict(fractions)}")
+    if any(not is_number(f) or f < 0 or not math.isfinite(f) for f in fractions.values()):  # "0.5" failed in "<"
+        raise ValueError(f"fractions must be finite and non-negative numbers, got {dict(fractions)}")
     total = sum(fractions.values())
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must sum to 1, got {total} from {dict(fractions)}")
