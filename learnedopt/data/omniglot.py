@@ -200,6 +200,14 @@ def load_omniglot(
     Returns:
         An :class:`OmniglotDataset`; with both default zips it has 242 characters
         (Greek and Latin are in both) with 20 images each.
+
+    Raises:
+        FileNotFoundError: a source that does not exist.
+        TypeError: ``sources`` that are not paths.
+        ValueError: an ``image_size`` that is not an integer >= 1 or None; a source that is not
+            a readable zip, holds a member twice or no PNG in the layout; an image that cannot
+            be read or decoded (the message names the source and the file); images of different
+            sizes, or not square with ``rotations``, without ``image_size``.
     """
     Image = _import_pillow()
     _check_image_size(image_size)
