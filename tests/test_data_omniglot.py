@@ -426,3 +426,26 @@ def test_a_zip_member_that_cannot_be_read_is_named_in_one_value_error(tmp_path: 
         (tmp_path / f"{name}.zip").write_bytes(data)
         with pytest.raises(ValueError, match=rf"{name}.zip: cannot read image top/A/character01/1_01.png \({error}"):
             load_omniglot(tmp_path / f"{name}.zip")
+
+
+@pytest.mark.parametrize(("stray", "shown"), [
+    ("Beta/0901_01.png", "Beta/0901_01.png"),  # an alphabet without its character folders
+    ("Greek/character01/sub/0901_01.png", "Greek/character01/sub/0901_01.png"),  # a level too deep
+    ("0901_01.png", "0901_01.png"),
+])  # fmt: skip
+def test_pngs_outside_the_layout_are_refused_not_left_out(tmp_path: Path, stray: str, shown: str) -> None:
+    """An alphabet a level too high or too deep beside the others was left out, silently."""
+    png = png_bytes(glyph_mask("A", "01", 1))
+    files = layout(SPLIT1, variant=1) | {stray: png}
+    with pytest.raises(ValueError, match=rf"folder: 1 PNG is outside the Omniglot layout .* and would be left out, e\.g\. {shown}"):
+        load_omniglot(make_folder(tmp_path / "folder", files))
+    with pytest.raises(ValueError, match=rf"s\.zip: 1 PNG is outside the Omniglot layout .* e\.g\. top/{shown}"):
+        load_omniglot(make_zip(tmp_path / "s.zip", "top", files))
+
+
+def test_a_source_with_no_png_in_the_layout_names_one_it_found(tmp_path: Path) -> None:
+    # e.g. the folder above the unzipped images_background/
+    files = {f"images_background/{name}": data for name, data in layout(SPLIT1, variant=1).items()}
+    with pytest.raises(ValueError, match=r"up: no PNGs in the Omniglot layout <Alphabet>/<character>/\*\.png \(found "
+                                         r"images_background/Alpha/character01/0901_01\.png and 8 more outside it\)"):
+        load_omniglot(make_folder(tmp_path / "up", files))

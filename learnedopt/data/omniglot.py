@@ -102,11 +102,15 @@ def _scan(
     are skipped.
     """
     files: dict[_Character, list[str]] = {}
+    stray: list[str] = []  # PNGs one level off the layout, which would be left out
     read: Callable[[str], bytes]
     if source.is_dir():
         for png in sorted(source.glob("*/*/*.png")):
             if not _hidden(png.parts[-3:]):
                 files.setdefault((png.parts[-3], png.parts[-2]), []).append(str(png))
+        for pattern in ("*.png", "*/*.png", "*/*/*/*.png"):
+            relative = (png.relative_to(source) for png in source.glob(pattern))
+            stray += sorted(str(r) for r in relative if not _hidden(r.parts) and r.parts[0] != "__MACOSX")
         read = _read_file
         layout = "<Alphabet>/<character>/*.png"
     elif source.is_file():
@@ -121,14 +125,24 @@ def _scan(
         for name in sorted(names):
             parts = name.split("/")
             # Skip the resource-fork copies that macOS zip tools add.
-            if len(parts) == 4 and parts[3].endswith(".png") and parts[0] != "__MACOSX" and not _hidden(parts[1:]):
+            if not parts[-1].endswith(".png") or parts[0] == "__MACOSX" or _hidden(parts[1:]):
+                continue
+            if len(parts) == 4:
                 files.setdefault((parts[1], parts[2]), []).append(name)
+            else:
+                stray.append(name)
         read = archive.read
         layout = "<top folder>/<Alphabet>/<character>/*.png"
     else:
         raise FileNotFoundError(f"Omniglot source {str(source)!r} does not exist")
     if not files:
-        raise ValueError(f"{source}: no PNGs in the Omniglot layout {layout}")
+        found = f" (found {stray[0]}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''} outside it)" if stray else ""
+        raise ValueError(f"{source}: no PNGs in the Omniglot layout {layout}{found}")
+    if stray:  # an alphabet or character a level too high or too deep was left out silently
+        raise ValueError(
+            f"{source}: {len(stray)} PNG{'s are' if len(stray) > 1 else ' is'} outside the Omniglot layout {layout} "
+            f"and would be left out, e.g. {stray[0]}"
+        )
     return files, read
 
 
@@ -205,7 +219,8 @@ def load_omniglot(
         FileNotFoundError: a source that does not exist.
         TypeError: ``sources`` that are not paths.
         ValueError: an ``image_size`` that is not an integer >= 1 or None; a source that is not
-            a readable zip, holds a member twice or no PNG in the layout; an image that cannot
+            a readable zip, holds a member twice, no PNG in the layout or PNGs a level off it
+            (which would be left out); an image that cannot
             be read or decoded (the message names the source and the file); images of different
             sizes, or not square with ``rotations``, without ``image_size``.
     """
