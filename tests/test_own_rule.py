@@ -317,3 +317,15 @@ def test_own_rule_takes_the_optimizer_options_and_pickles() -> None:
     before = [q.detach().clone() for q in ours]
     learned.step()  # the NaN tensor is skipped, the other steps
     assert torch.equal(ours[0], before[0]) and not torch.equal(ours[1], before[1])
+
+
+def test_the_rules_of_the_library_and_these_pass_the_check_of_a_first_forward() -> None:
+    """``check_rule_call``, which ``meta-train --rule`` and ``evaluate optimizers --rules`` run on a
+    rule of one's own, refuses none that keeps the contract (states with lead and trail
+    dimensions, a rule reading the loss)."""
+    from learnedopt.nn.base import check_rule_call
+    from learnedopt.weights import PRESETS, build_preset
+
+    rules = [LearnedMomentum(lead=(2,), trail=(3,)), LossGatedSGD(), *(build_preset(name)[0] for name in sorted(PRESETS))]
+    for rule in rules:
+        check_rule_call(rule)
