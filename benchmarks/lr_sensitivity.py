@@ -34,6 +34,7 @@ from learnedopt.evaluation import (  # noqa: E402
     LearnedSpec,
     Problem,
     best_baseline,
+    check_report_name,
     learned_from_file,
     make_problem,
     run_optimizer,
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         fail(parser, f"--lrs must be positive and finite, got {' '.join(f'{lr:g}' for lr in bad)}")
     try:  # every input checked before any run
+        check_report_name(RESULTS, args.name, ("json", "md"))
         spec = learned_from_file(args.weights) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
         spec.header()  # the weights load
         problems = {name: make_problem(name, args.data) for name in args.problems}

@@ -927,9 +927,15 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
     a_file = tmp_path / "a_file"
     a_file.write_text("not weights")
     (tmp_path / "odd.json").write_text('{"config": {}, "problems": {"quadratic-20": {}}}')
+    (tmp_path / "md_folder" / "optimizee_eval.md").mkdir(parents=True)
+    (tmp_path / "runs_file.runs").write_text("")
     for extra, message in [
         (["--out", str(a_file)], "is a file, not a folder"),
         (["--out", str(tmp_path), "--name", "sub/x"], "file name stem"),
+        # these were tracebacks when the report was written, after every run (the JSON written, not the .md)
+        (["--out", str(tmp_path / "md_folder")], "optimizee_eval.md is a folder, where the report's md file would be written"),
+        (["--out", str(tmp_path), "--name", "x" * 250], "--name is too long: 250 bytes"),
+        (["--out", str(tmp_path), "--name", "runs_file"], "runs_file.runs is a file, where this evaluation records its runs"),
         (["--out", str(tmp_path), "--threads", "-2"], "--threads must be >= 0"),
         (["--out", str(tmp_path), "--workers", "0"], "--workers must be >= 1, got 0"),
         # at 10**5 threads their stacks exhausted memory; at 2**63 torch.set_num_threads raised

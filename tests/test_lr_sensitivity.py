@@ -42,6 +42,20 @@ def refused(tmp_path: Path, monkeypatch, capsys, *args: str) -> str:
     return err
 
 
+def test_a_name_that_is_not_a_file_name_stem_is_refused_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    # "" wrote results/.json and said it wrote results.json; "a/b" was a traceback after every run
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", no_run)
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    for name, message in (("", "--name is a file name stem, not a path: ''"), ("a/b", "not a path: 'a/b'"),
+                          ("x" * 250, "--name is too long")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", name])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.json"]
+
+
 def test_each_lr_column_is_the_suite_run_at_that_lr(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     ref = reference(tmp_path / "suite.json", seeds=2)

@@ -57,6 +57,7 @@ from .records import RunRecords, records_folder
 from .report import (
     WriteResults,
     best_baseline,
+    check_report_name,
     format_difference,
     markdown_tables,
     paired_difference,
@@ -87,6 +88,7 @@ __all__ = [
     "add_evaluate_optimizers_parser",
     "BASELINES",
     "best_baseline",
+    "check_report_name",
     "ClassificationProblem",
     "config_from_args",
     "DEFAULT_LEARNED",

@@ -18,7 +18,7 @@ from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers, run_settings
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .records import RecordError, RunRecords, records_folder
-from .report import WriteResults, write_report
+from .report import WriteResults, check_report_name, write_report
 from .runs import LR_SCHEDULES
 
 #: ``--threads``' bound where the machine has fewer CPUs: more than that many threads on fewer
@@ -202,8 +202,7 @@ def run_cli(
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
         if args.threads > (most := max(MAX_THREADS, os.cpu_count() or 1)):  # each thread reserves a stack: 10**5 exhausted memory
             raise ValueError(f"--threads must be <= {most}, got {args.threads}")
-        if Path(args.name).name != args.name or args.name in ("", ".", ".."):
-            raise ValueError(f"--name is a file name stem, not a path: {args.name!r}")
+        check_report_name(out_dir, args.name)
         setup = check_config(config)
         records = RunRecords(records_folder(out_dir, args.name))
         settings = run_settings(config, setup)

@@ -112,10 +112,12 @@ class RunRecords:
             with ``resume``, which reads them).
 
         Raises:
-            ValueError: one line: runs recorded, not stale, and no ``resume``; ``resume`` and no
+            ValueError: one line: the folder a file; runs recorded, not stale, and no ``resume``; ``resume`` and no
                 records; a recorded setting that differs from this run's (named as its option).
         """
         saved_path = self.folder / SETTINGS_NAME
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"{self.folder} is a file, where this evaluation records its runs: remove it, or give another --name")
         if not resume:
             if self.count() and report is not None and self.reported_in(report):
                 return True
