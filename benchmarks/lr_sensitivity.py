@@ -41,6 +41,7 @@ from learnedopt.evaluation import (  # noqa: E402
     summarize,
 )
 from learnedopt.evaluation.harness import mnist_sha256  # noqa: E402
+from learnedopt.nn.base import is_number  # noqa: E402
 
 
 def check_reference(
@@ -77,8 +78,10 @@ def check_reference(
         if missing:
             raise ValueError(f"{path} has no {', '.join(missing)} results on {name}")
         for b in BASELINES:
-            if not isinstance(results[b], dict) or not {"lr", "final_mean", "final_std", "kind"} <= results[b].keys():
-                raise ValueError(f"{path} is not a suite report: its {b} entry on {name} lacks lr, final_mean, final_std or kind")
+            if not isinstance(results[b], dict) or not {"lr", "final_mean", "final_std", "kind"} <= results[b].keys() \
+                    or not all(is_number(results[b][key]) for key in ("lr", "final_mean", "final_std")):  # fmt: skip
+                raise ValueError(f"{path} is not a suite report: its {b} entry on {name} lacks lr, final_mean, final_std or kind "
+                                 "(the first three numbers)")  # fmt: skip
             if results[b].get("runs") != seeds:
                 raise ValueError(f"{path} ran {results[b].get('runs')} seeds on {name}, not {seeds}")
         if "eval_seeds" in entry and list(entry["eval_seeds"]) != list(range(seeds)):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NO_FINITE_BASELINE, fail, nan_note, read_json  # noqa: E402
 
-from learnedopt.evaluation import BASELINES, best_baseline, format_difference, paired_difference, seeds_below  # noqa: E402
+from learnedopt.evaluation import BASELINES, best_baseline, check_result, format_difference, paired_difference, seeds_below  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -166,6 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--against needs --difference")
     if args.against and args.against not in BASELINES:
         parser.error(f"--against must be one of {sorted(BASELINES)}; got {args.against!r}")
+    for name, problem in report["problems"].items():  # what the tables read: a traceback otherwise
+        results = problem.get("results") if isinstance(problem, dict) else None
+        if not isinstance(results, dict):
+            fail(parser, f"{args.report} is not a suite report: {name} has no results")
+        missing = [label for label in ("Adam", args.against, *(label for label, _ in columns)) if label and label not in results]
+        if missing:
+            fail(parser, f"{args.report} has no {', '.join(dict.fromkeys(missing))} result on {name}")
+        for label, result in results.items():
+            try:
+                check_result(result)
+            except ValueError as err:
+                fail(parser, f"{args.report} is not a suite report: its {label} result on {name}: {err}")
     if args.difference:
         print(difference_table(report, columns, args.against))
     else:

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -1340,6 +1341,46 @@ def test_reuse_refuses_a_report_of_other_settings_naming_the_setting(tmp_path: P
     path.write_text(json.dumps({"config": dataclasses.asdict(base), "problems": {}, "mnist_sha256": "f" * 64}))
     with pytest.raises(ValueError, match="ran on other MNIST files"):
         reusable_results(dataclasses.replace(base, reuse=str(path)), {}, None)
+
+
+def test_reuse_refuses_a_report_whose_entries_are_not_results_before_any_run(tmp_path: Path) -> None:
+    """A hand-edited or cut report: a reused entry that is null, lacks a number, has a string for
+    one, fewer finals than seeds or a short curve was a traceback after every other run (in the
+    log line, or in the tables when the report was written); its lrs of strings a bare
+    'could not convert string to float'."""
+    from learnedopt.evaluation import reusable_results
+
+    config = EvalConfig(problems=["quadratic-20"], seeds=2, tuning_seeds=1, lrs=(0.1,), steps=5, stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    good = json.loads(write_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first")[0].read_text())
+    path = tmp_path / "edited.json"
+
+    def refused(edit: Callable[[dict], object], message: str) -> None:
+        report = json.loads(json.dumps(good))
+        edit(report)
+        path.write_text(json.dumps(report))
+        with pytest.raises(ValueError, match=re.escape(f"cannot reuse {path}: {message}")):
+            reusable_results(dataclasses.replace(config, reuse=str(path)), {}, good["mnist_sha256"])
+
+    def adam(report: dict) -> dict:
+        return report["problems"]["quadratic-20"]["results"]["Adam"]
+
+    refused(lambda r: r["problems"]["quadratic-20"]["results"].update(Adam=None), "its Adam result on quadratic-20: it is a NoneType")
+    refused(lambda r: adam(r).pop("final_mean"), "its Adam result on quadratic-20: its final_mean is missing")
+    refused(lambda r: adam(r).update(final_std="0.1"), "its Adam result on quadratic-20: its final_std is missing or not a number")
+    refused(lambda r: adam(r).update(finals=[1.0]), "its Adam result on quadratic-20: its finals are not a list of 2 numbers (one per run)")
+    refused(lambda r: adam(r).update(curve_q1=[1.0]), "its Adam result on quadratic-20: its curve_median, curve_q1, curve_q3 are not lists of as many numbers")
+    refused(lambda r: r["config"].update(lrs=["0.1"]), "its lrs are ['0.1'], not a list of numbers")
+    # a preset's stability entry, read by the report's table
+    spec = DEFAULT_LEARNED[-1]
+    record = json.loads(json.dumps(spec.record()))
+    path.write_text(json.dumps({**good, "config": {**good["config"], "stability_steps": 3}, "learned": {spec.label: record},
+                                "stability": {"results": {spec.label: {"nonfinite": "no", "final_loss": 1.0}}}}))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(f"its {spec.label} stability result: its nonfinite, first_nonfinite_step")):
+        reusable_results(dataclasses.replace(config, reuse=str(path), stability_steps=3), {spec.label: record}, good["mnist_sha256"])
+    path.write_text(json.dumps(good))  # as written: taken
+    taken = reusable_results(dataclasses.replace(config, reuse=str(path)), {}, good["mnist_sha256"])
+    assert set(taken.problems["quadratic-20"][2]) == set(BASELINES)
 
 
 def test_reuse_skips_a_problem_whose_step_count_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,3 +166,13 @@ def test_a_missing_or_malformed_reference_is_a_one_line_error(tmp_path: Path, mo
         ref.write_text(content)
     err = refused(tmp_path, monkeypatch, capsys, "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref))
     assert str(ref) in err
+
+
+def test_a_reference_entry_with_a_string_for_a_number_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    # it was a traceback formatting the table, after every run
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    report = json.loads(ref.read_text())
+    report["problems"]["quadratic-20"]["results"]["Adam"]["final_mean"] = "1.0"
+    ref.write_text(json.dumps(report))
+    err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref))
+    assert "its Adam entry on quadratic-20 lacks lr, final_mean, final_std or kind (the first three numbers)" in err

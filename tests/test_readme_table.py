@@ -16,7 +16,9 @@ from readme_table import difference_table, main, paired_table, table  # noqa: E4
 def result(kind: str, final: float, mean: float, lr: float = 1.0, finals: tuple = ()) -> dict:
     """An entry as ``summarize()`` writes it: ``nonfinite`` counts the seeds whose run diverged."""
     return {"kind": kind, "final_mean": final, "mean_loss": mean, "lr": lr, "finals": list(finals),
-            "nonfinite": sum(not math.isfinite(f) for f in finals)}  # fmt: skip
+            "nonfinite": sum(not math.isfinite(f) for f in finals), "runs": len(finals), "final_std": 0.0,
+            "final_median": final, "final_q1": final, "final_q3": final, "curve_median": None, "curve_q1": None,
+            "curve_q3": None}  # fmt: skip
 
 
 REPORT = {
@@ -74,6 +76,25 @@ def test_unknown_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):  # a known label without its header
         main([str(path), "L (a)"])
     assert "columns must be LABEL=HEADER with LABEL one of ['L (a)', 'L (b)']; got ['L (a)']" in capsys.readouterr().err
+
+
+def test_a_report_whose_entries_are_not_results_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    # each was a traceback in the table (a null entry, a string for a number, finals shorter than
+    # the reference's, no Adam)
+    path = tmp_path / "report.json"
+    quadratic = REPORT["problems"]["quadratic-20"]["results"]
+    for results, message in (
+        ({**quadratic, "Adam": None}, "its Adam result on quadratic-20: it is a NoneType, not a result entry"),
+        ({**quadratic, "SGD": {**quadratic["SGD"], "final_mean": "2.0"}}, "its SGD result on quadratic-20: its final_mean is missing"),
+        ({**quadratic, "SGD": {**quadratic["SGD"], "finals": [1.0]}}, "its finals are not a list of 3 numbers"),
+        ({k: v for k, v in quadratic.items() if k != "Adam"}, "has no Adam result on quadratic-20"),
+    ):  # fmt: skip
+        path.write_text(json.dumps({**REPORT, "problems": {"quadratic-20": {"results": results}}}))
+        for mode in ([], ["--paired"], ["--difference"]):
+            with pytest.raises(SystemExit):
+                main([*mode, str(path), "L (a)=`a`"])
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, err
 
 
 def test_paired_counts_against_adam_and_the_best_baseline_per_seed() -> None:

@@ -21,9 +21,11 @@ import torch
 
 from ..data.idx import mnist_sha256
 from ..meta.loop import MAX_ELEMENTS
+from ..nn.base import is_number
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .records import RunRecords
+from .report import check_result, check_stability_result
 from .runs import (
     BASELINES,
     DEFAULT_LEARNED,
@@ -551,7 +553,9 @@ def _reusable_results(
         theirs = old_config.get(key, _SETTING_BEFORE.get(key))
         mine = ours[key]
         if key == "lrs":
-            theirs, mine = [float(x) for x in theirs or ()], [float(x) for x in mine]
+            if not (isinstance(theirs, list) and all(is_number(x) for x in theirs)):
+                raise ValueError(f"cannot reuse {path}: its lrs are {theirs!r}, not a list of numbers")
+            theirs, mine = [float(x) for x in theirs], [float(x) for x in mine]
         if theirs != mine:
             raise ValueError(f"cannot reuse {path}: its {key} is {theirs!r}, this run's is {mine!r}")
     preset_names = {spec.weights for spec in DEFAULT_LEARNED}  # a weight file's spec never names one
@@ -573,10 +577,20 @@ def _reusable_results(
     reused = ReusableResults(commit=old.get("machine", {}).get("commit"))
     for name, entry in old.get("problems", {}).items():
         taken = {k: v for k, v in entry["results"].items() if k in labels}
+        for label, result in taken.items():  # what this run's report will show as its own
+            try:
+                check_result(result, config.seeds)
+            except ValueError as err:
+                raise ValueError(f"cannot reuse {path}: its {label} result on {name}: {err}") from None
         reused.problems[name] = (entry["steps"], entry["description"], taken)
     stability = old.get("stability") or {}
     if old_config.get("stability_steps") == config.stability_steps and "results" in stability:
         reused.stability = {k: v for k, v in stability["results"].items() if k in presets}
+        for label, result in reused.stability.items():
+            try:
+                check_stability_result(result)
+            except ValueError as err:
+                raise ValueError(f"cannot reuse {path}: its {label} stability result: {err}") from None
     return reused
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..files import write_atomically
+from ..nn.base import is_integer, is_number
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
 _NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
@@ -162,6 +163,46 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
                 )
     lines += ["", f"Total time: {report['seconds']:.0f} s."]
     return "\n".join(lines)
+
+
+#: a result entry's numbers (NaN where no run stayed finite), and its per-step curves over seeds
+_RESULT_NUMBERS = ("lr", "final_mean", "final_std", "final_median", "final_q1", "final_q3", "mean_loss")
+_RESULT_CURVES = ("curve_median", "curve_q1", "curve_q3")
+
+
+def check_result(result: Any, runs: int | None = None) -> None:
+    """Raise ``ValueError`` (one line, naming the field) where ``result`` is not a problem's result
+    entry as :func:`~learnedopt.evaluation.harness.evaluate_optimizers` reports one, with the
+    fields the tables and the plot read (a report edited by hand, or cut and merged, failed there
+    with a traceback, after every run of a ``--reuse``). ``runs``: the seeds it must have run, if
+    known."""
+    if not isinstance(result, dict):
+        raise ValueError(f"it is a {type(result).__name__}, not a result entry")
+    if result.get("kind") not in ("baseline", "learned"):
+        raise ValueError(f"its kind is {result.get('kind')!r}, not 'baseline' or 'learned'")
+    bad = [key for key in _RESULT_NUMBERS if not is_number(result.get(key))]
+    bad += [key for key in ("runs", "nonfinite") if not (is_integer(result.get(key)) and result[key] >= 0)]
+    if bad:
+        raise ValueError(f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} missing or not a number of the right kind")
+    finals = result.get("finals")
+    if not (isinstance(finals, list) and len(finals) == result["runs"] and all(is_number(x) for x in finals)):
+        raise ValueError(f"its finals are not a list of {result['runs']} numbers (one per run)")
+    if runs is not None and result["runs"] != runs:
+        raise ValueError(f"it ran {result['runs']} seeds, not {runs}")
+    curves = [result.get(key) for key in _RESULT_CURVES]
+    lengths = {len(c) if isinstance(c, list) and all(is_number(x) for x in c) else None for c in curves}
+    if curves != [None] * 3 and (len(lengths) != 1 or None in lengths):
+        raise ValueError(f"its {', '.join(_RESULT_CURVES)} are not lists of as many numbers, nor all null")
+
+
+def check_stability_result(result: Any) -> None:
+    """Raise ``ValueError`` (one line) where ``result`` is not a learned optimizer's entry of the
+    stability check as :func:`~learnedopt.evaluation.harness.evaluate_optimizers` reports one."""
+    if not isinstance(result, dict):
+        raise ValueError(f"it is a {type(result).__name__}, not a stability entry")
+    if not (isinstance(result.get("nonfinite"), bool) and is_number(result.get("final_loss"))
+            and all(result.get(key) is None or is_number(result[key]) for key in ("first_nonfinite_step", "min_loss"))):  # fmt: skip
+        raise ValueError("its nonfinite, first_nonfinite_step, final_loss or min_loss is missing or of another type")
 
 
 def best_baseline(results: Mapping[str, Mapping[str, Any]]) -> str | None:
