@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
     if bad:
         fail(parser, f"--lrs must be positive and finite, got {' '.join(f'{lr:g}' for lr in bad)}")
+    if len(set(args.lrs)) < len(args.lrs):  # the table has a column per lr given, the results one per distinct lr
+        fail(parser, f"--lrs given more than once: {' '.join(sorted({f'{lr:g}' for lr in args.lrs if args.lrs.count(lr) > 1}))}")
     try:  # every input checked before any run
         check_report_name(RESULTS, args.name, ("json", "md"))
         spec = learned_from_file(args.weights) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)

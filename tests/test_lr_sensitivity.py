@@ -151,6 +151,8 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--lrs", "-1"], "--lrs must be positive and finite, got -1"),
         (["--lrs", "1", "nan"], "--lrs must be positive and finite, got nan"),
+        # ran 1 twice and wrote a table of more lr columns than cells
+        (["--lrs", "1", "2", "1.0"], "--lrs given more than once: 1"),
     ],
 )
 def test_bad_seeds_or_lrs_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args: list, message: str) -> None:
