@@ -946,6 +946,9 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         # a run's (steps,) loss curve: numpy failed allocating 22 GiB, or "Maximum allowed dimension exceeded"
         (["--out", str(tmp_path), "--stability-steps", "3000000000"], "--stability-steps must be <= 2,147,483,647 (2**31 - 1"),
         (["--out", str(tmp_path), "--weights", str(a_file)], "a_file"),
+        # a folder was "weight file not found" / "report to reuse not found", though it is there
+        (["--out", str(tmp_path), "--weights", str(tmp_path / "md_folder")], "md_folder is a folder, not a weight file"),
+        (["--out", str(tmp_path), "--reuse", str(tmp_path / "md_folder")], "md_folder is a folder, not a report"),
         (["--out", str(tmp_path), "--reuse", str(tmp_path / "odd.json")], "cannot reuse"),
         (["--out", str(tmp_path), "--data", str(tmp_path / "missing")], "does not exist"),
         # EvalConfig's own checks name the option, not the field

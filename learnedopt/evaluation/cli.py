@@ -159,9 +159,13 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     given["weights"] = list(args.weights)
     given["rules"] = list(args.rules)
     for path in given["weights"]:
+        if Path(path).is_dir():
+            raise ValueError(f"--weights {path} is a folder, not a weight file")
         if not Path(path).is_file():
             hint = " (a preset: give it to --presets)" if path in PRESETS else ""
             raise ValueError(f"weight file not found: {path}{hint}")
+    if args.reuse is not None and Path(args.reuse).is_dir():
+        raise ValueError(f"--reuse {args.reuse} is a folder, not a report (NAME.json)")
     if args.reuse is not None and not Path(args.reuse).is_file():
         raise ValueError(f"report to reuse not found: {args.reuse}")
     check_settings()  # LEARNEDOPT_COMPILE, LEARNEDOPT_CPU_KERNEL: read at the first step otherwise
