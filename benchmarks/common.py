@@ -19,6 +19,7 @@ import torch
 
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
 from learnedopt.evaluation.report import cpu_name, dumps_report
+from learnedopt.files import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
@@ -154,9 +155,12 @@ def write_results(name: str, payload: dict, table: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     # optimizee_eval.py --resume gives the report of the command without it
     payload = {"command": " ".join(["python", *(arg for arg in sys.argv if arg != "--resume")]), "machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(dumps_report(payload) + "\n")
+    # through a temporary file and a rename, as `learnedopt evaluate optimizers` writes its report: a
+    # kill or a full disk while a committed result is rewritten leaves it whole
+    text = dumps_report(payload) + "\n"
+    write_atomically(RESULTS / f"{name}.json", lambda tmp: tmp.write_text(text))
     header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
-    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 
 def through_nn_lstm(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):

@@ -184,3 +184,21 @@ def test_kernel_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
         run_main(kernel_ab, monkeypatch, "--against", "no-such-revision-xyz", "--task", "quadratic")
     assert exit_.value.code == 2
     assert "no kernels/lstm_layer_cpu.cpp at 'no-such-revision-xyz'" in capsys.readouterr().err
+
+
+def test_write_results_leaves_an_earlier_result_whole_when_a_write_is_cut_short(results: Path, monkeypatch) -> None:
+    # each file was written in place: a kill or a full disk while a committed result was rewritten
+    # (optimizee_eval.py's report, after an hour of runs) left it cut short
+    common.write_results("r", {"a": 1}, "table")
+    before = {p.name: p.read_text() for p in results.iterdir()}
+    real = Path.write_text
+
+    def cut_short(self: Path, text: str, *args, **kwargs) -> int:
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        common.write_results("r", {"a": 2}, "another table")
+    monkeypatch.setattr(Path, "write_text", real)
+    assert {p.name: p.read_text() for p in results.iterdir()} == before
