@@ -220,12 +220,19 @@ def test_a_damaged_record_is_refused_in_one_line(
     monkeypatch.setattr(harness, "run_optimizer", RUN_OPTIMIZER)
     folder = records_folder(tmp_path, "optimizee_eval")
     damaged = sorted(p for p in folder.glob("*.json") if p.name != "settings.json")[0]
-    damaged.write_text(damaged.read_text()[:50])
+    good = damaged.read_text()
+    damaged.write_text(good[:50])
     capsys.readouterr()
     assert evaluate([*ARGS, "--resume"], tmp_path) == 2
     err = capsys.readouterr().err
     assert f"error: {damaged} is not a run record (JSONDecodeError" in err and "remove it, and --resume runs it again" in err
     assert err.count("\n") == 2  # the --resume line and the error
+    # a curve of nulls was read as NaN, a diverged run in a report that looked whole; "0.5" as 0.5
+    steps = len(json.loads(good)["curve"])
+    for curve in ([None] * steps, ["0.5"] * steps):
+        damaged.write_text(json.dumps({**json.loads(good), "curve": curve}))
+        assert evaluate([*ARGS, "--resume"], tmp_path) == 2
+        assert f"error: {damaged} is not a run record (TypeError: its curve is not a list of numbers)" in capsys.readouterr().err
 
 
 KILLED = '''

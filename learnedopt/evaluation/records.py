@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomically
+from ..nn.base import is_number
 from .problems import Problem
 
 #: the layout of a records folder; another is refused on ``--resume``
@@ -82,6 +83,9 @@ class RunRecords:
             return None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(record["curve"], list) and all(is_number(x) for x in record["curve"])):
+                # numpy would read a null as NaN (a diverged run) and "0.5" or true as numbers
+                raise TypeError("its curve is not a list of numbers")
             curve = np.asarray(record["curve"], dtype=np.float64)
             same = record["key"] == _jsonable(dict(key)) and curve.shape == (key["steps"],)
         except (OSError, ValueError, KeyError, TypeError) as err:
