@@ -409,6 +409,9 @@ def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path, mon
     # a folder named explicitly must hold MNIST: an error before any run, not a skipped problem
     with pytest.raises(ValueError, match="t10k"):
         evaluate_optimizers(dataclasses.replace(config, data=str(tmp_path)), log=lambda _: None)
+    # every problem skipped: an empty report written as if the evaluation had run (exit code 0)
+    with pytest.raises(ValueError, match=r"no problem given can run: mnist-mlp-100, mnist-conv need MNIST, not found \(.*t10k"):
+        evaluate_optimizers(dataclasses.replace(config, problems=["mnist-mlp-100", "mnist-conv"]), log=lambda _: None)
 
 
 def test_mnist_problem_reads_only_the_held_out_part() -> None:

@@ -483,7 +483,8 @@ class RunSetup(NamedTuple):
 def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
     (``module:Class``, imported and registered here, their ``forward`` tried once), the weight files, the report to reuse, an
-    explicitly named data folder and your own problems (``module:Class``, built once here to see
+    explicitly named data folder, that some problem has its data (one without MNIST is skipped,
+    but not all), and your own problems (``module:Class``, built once here to see
     that they import, are problems and give a scalar loss with a gradient at seed 0, step 0); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
 
@@ -501,11 +502,25 @@ def check_config(config: EvalConfig) -> RunSetup:
         data_sha256 = mnist_sha256(config.data, required=config.data is not None)
     except FileNotFoundError as err:
         raise ValueError(f"data: {err}") from None
+    if data_sha256 is None and all(isinstance(p, str) and _missing_data(p, config.data) for p in config.problems):
+        # each would be skipped: a report of nothing, written as if the evaluation had run
+        raise ValueError(f"no problem given can run: {', '.join(map(str, config.problems))} "
+                         f"{'needs' if len(config.problems) == 1 else 'need'} MNIST, not found "
+                         f"({_missing_data(config.problems[0], config.data)})")  # fmt: skip
     for problem in config.problems:
         if isinstance(problem, str) and entry_point_path(problem) is not None:
             check_problem(make_problem(problem, config.data))
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return RunSetup(learned, records, data_sha256, reused)
+
+
+def _missing_data(name: str, data: str | None) -> str | None:
+    """Why the problem ``name`` cannot be built for want of its data (a one-line reason), or None."""
+    try:
+        make_problem(name, data)
+    except FileNotFoundError as err:
+        return str(err)
+    return None
 
 
 def reusable_results(
