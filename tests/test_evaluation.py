@@ -1686,6 +1686,10 @@ class NoSteps(LinearRegression):
     steps = 0
 
 
+class HugeSteps(LinearRegression):  # numpy's "Maximum allowed dimension exceeded" at the first run
+    steps = 10**20
+
+
 class BoolSteps(LinearRegression):
     steps = True
 
@@ -1748,9 +1752,11 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
     ("attribute", "message"),
     [
         ("not_a_problem", "{mod}:not_a_problem() gave a int, not a learnedopt.evaluation.Problem"),
-        ("NoSteps", "{mod}:NoSteps: a Problem needs steps (a positive integer) and description (a string), got 0"),
-        ("BoolSteps", "{mod}:BoolSteps: a Problem needs steps (a positive integer) and description (a string), got True"),
-        ("NoDescription", "{mod}:NoDescription: a Problem needs steps (a positive integer) and description (a string), "
+        ("NoSteps", "{mod}:NoSteps: a Problem needs steps (a positive integer, at most 2,147,483,647) and description (a string), got 0"),
+        ("HugeSteps", "{mod}:HugeSteps: a Problem needs steps (a positive integer, at most 2,147,483,647) and description "
+         "(a string), got 100000000000000000000"),
+        ("BoolSteps", "{mod}:BoolSteps: a Problem needs steps (a positive integer, at most 2,147,483,647) and description (a string), got True"),
+        ("NoDescription", "{mod}:NoDescription: a Problem needs steps (a positive integer, at most 2,147,483,647) and description (a string), "
          "got 6 and None"),
         ("Missing", "problem {mod}:Missing: module '{mod}' has no class or function 'Missing'"),
         ("broken", "problem {mod}:broken: {mod}:broken() raised RuntimeError: never built"),

@@ -29,6 +29,7 @@ from ..meta.tasks import (
     mlp_module,
     regression_draw,
 )
+from ..meta.loop import MAX_ELEMENTS
 from ..models import TinyTransformer, small_resnet
 from ..plugins import call_entry_point, entry_point_path, load_entry_point, takes_parameter
 
@@ -513,7 +514,7 @@ def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Probl
 
     Raises:
         ValueError: unknown name, or an own problem that does not import or is not a
-            :class:`Problem` with a positive integer ``steps`` and a ``description``.
+            :class:`Problem` with a positive integer ``steps`` (at most ``2**31 - 1``) and a ``description``.
         FileNotFoundError: a data-backed problem whose data is missing.
     """
     if entry_point_path(name) is not None:
@@ -526,9 +527,11 @@ def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Probl
         if not isinstance(problem, Problem):
             raise ValueError(f"{name}() gave a {type(problem).__name__}, not a learnedopt.evaluation.Problem")
         steps, description = getattr(problem, "steps", None), getattr(problem, "description", None)
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1) or not isinstance(description, str):
+        # at most MAX_ELEMENTS: a run's (steps,) loss curve is one array (10**20 was numpy's
+        # "Maximum allowed dimension exceeded" at the first run)
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_ELEMENTS) or not isinstance(description, str):
             raise ValueError(
-                f"{name}: a Problem needs steps (a positive integer) and description (a string), "
+                f"{name}: a Problem needs steps (a positive integer, at most {MAX_ELEMENTS:,}) and description (a string), "
                 f"got {steps!r} and {description!r}"
             )
         problem.name = name
