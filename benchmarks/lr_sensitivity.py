@@ -84,7 +84,7 @@ def check_reference(
                                  "(the first three numbers)")  # fmt: skip
             if results[b].get("runs") != seeds:
                 raise ValueError(f"{path} ran {results[b].get('runs')} seeds on {name}, not {seeds}")
-        if "eval_seeds" in entry and list(entry["eval_seeds"]) != list(range(seeds)):
+        if "eval_seeds" in entry and entry["eval_seeds"] != list(range(seeds)):  # a list as JSON reads one
             raise ValueError(f"{path} ran {name} on evaluation seeds {entry['eval_seeds']}, not 0..{seeds - 1}")
         tuned[name] = results
     return tuned

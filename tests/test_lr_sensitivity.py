@@ -88,6 +88,11 @@ def test_a_reference_that_ran_other_evaluation_seeds_is_refused(tmp_path: Path, 
     err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
                   "--reference", str(ref))  # fmt: skip
     assert "ran quadratic-20 on evaluation seeds [1, 2], not 0..1" in err
+    report["problems"]["quadratic-20"]["eval_seeds"] = 2  # was list(2): a TypeError traceback
+    ref.write_text(json.dumps(report))
+    err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
+                  "--reference", str(ref))  # fmt: skip
+    assert "ran quadratic-20 on evaluation seeds 2, not 0..1" in err
 
 
 @pytest.mark.parametrize(
