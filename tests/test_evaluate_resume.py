@@ -439,3 +439,27 @@ def test_a_process_that_asked_to_end_with_its_parent_ends_when_it_is_killed(tmp_
         parent.wait()
         if pid is not None and running(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_while_the_report_is_written_keeps_the_runs_for_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it was a KeyboardInterrupt traceback, which did not say that --resume writes the report
+    from learnedopt.evaluation import cli
+
+    real = cli.write_report
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - write_report's own
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "write_report", interrupted)
+    assert evaluate(ARGS, tmp_path) == 130
+    folder = records_folder(tmp_path, "optimizee_eval")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"learnedopt evaluate optimizers: interrupted while writing the report; every run is recorded in {folder}: "
+                   "--resume writes the report from them, running nothing")  # fmt: skip
+    assert RunRecords(folder).count() == RUNS
+    monkeypatch.setattr(cli, "write_report", real)
+    monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: pytest.fail("a recorded run ran again"))
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 0
+    assert (tmp_path / "optimizee_eval.json").is_file() and not folder.exists()

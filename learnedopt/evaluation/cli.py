@@ -239,7 +239,13 @@ def run_cli(
         except RecordError as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
-        for path in write_report(report, out_dir, name=args.name, write_results=write_results):
+        try:
+            paths = write_report(report, out_dir, name=args.name, write_results=write_results)
+        except KeyboardInterrupt:  # each file is whole, old or new (written atomically); the runs are kept
+            print(f"{prog}: interrupted while writing the report; every run is recorded in {records.folder}: "
+                  "--resume writes the report from them, running nothing", file=sys.stderr)  # fmt: skip
+            return 130
+        for path in paths:
             print(path)
         shutil.rmtree(records.folder)  # the report holds what they were kept for
     return 0
