@@ -179,7 +179,7 @@ static inline void forward_rows(int64_t row0, const float* x, const float* h, co
 #ifdef STREAMS
   // what the backward reads, and only it, steps later: written around the cache (no read of its
   // lines first, no eviction of what the next layer and step read), where whole aligned vectors
-  // cover it (a truncation of meta-training 1.05x faster: benchmarks/results/kernel_ab_stream.md)
+  // cover it (a truncation of meta-training 1.02x to 1.06x faster: benchmarks/results/kernel_ab_stream*.md)
   float* act_tile = act_out + row0 * G;
   float* tanh_c_tile = tanh_c_out + row0 * HID;
   if ((R * HID) % 16 == 0 && ((uintptr_t)act_tile % 64 | (uintptr_t)tanh_c_tile % 64) == 0) {
