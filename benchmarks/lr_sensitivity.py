@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(parser, f"--lrs given more than once: {' '.join(sorted({f'{lr:g}' for lr in args.lrs if args.lrs.count(lr) > 1}))}")
     try:  # every input checked before any run
         check_report_name(RESULTS, args.name, ("json", "md"))
-        spec = learned_from_file(args.weights) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
+        spec = learned_from_file(args.weights, rules_option=None) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
         spec.header()  # the weights load
         problems = {name: make_problem(name, args.data) for name in args.problems}
         reference = check_reference(read_json(args.reference), args.reference, problems, args.seeds, args.data)

@@ -183,3 +183,25 @@ def test_a_reference_entry_with_a_string_for_a_number_is_a_one_line_error(tmp_pa
     ref.write_text(json.dumps(report))
     err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref))
     assert "its Adam entry on quadratic-20 lacks lr, final_mean, final_std or kind (the first three numbers)" in err
+
+
+
+def test_a_weight_file_of_a_rule_of_ones_own_is_refused_without_naming_an_option_it_lacks(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The shared message said "give --rules module:Class", an option this script does not have."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from learnedopt.nn import CoordinateLSTM
+    from learnedopt.weights import save_weights
+
+    library, own = tmp_path / "library.safetensors", tmp_path / "own.safetensors"
+    save_weights(CoordinateLSTM(), library)
+    with safe_open(str(library), "pt") as f:
+        header = json.loads(f.metadata()["learnedopt"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    save_file(tensors, str(own), metadata={"learnedopt": json.dumps(dict(header, kind="MyOwnRule"))})
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    err = refused(tmp_path, monkeypatch, capsys, "--weights", str(own), "--lrs", "1", "--problems", "quadratic-20",
+                  "--seeds", "2", "--reference", str(ref))  # fmt: skip
+    assert "its update rule kind 'MyOwnRule' is your own; this command runs the library's rules only" in err
+    assert "--rules" not in err

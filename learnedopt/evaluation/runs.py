@@ -187,10 +187,12 @@ DEFAULT_LEARNED: tuple[LearnedSpec, ...] = (
 )
 
 
-def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) -> LearnedSpec:
+def learned_from_file(path: str | os.PathLike[str], label_path: bool = False, rules_option: str | None = "--rules") -> LearnedSpec:
     """A :class:`LearnedSpec` for a weight file, choosing the optimizer class from its header's kind.
     Its label names the file by its name, or by ``path`` as given when ``label_path`` or when the
-    name is a preset's (whose label it would take).
+    name is a preset's (whose label it would take). ``rules_option``: the caller's option that
+    imports rules of one's own, which the error for an unimported kind names (None: the caller
+    has none).
 
     A kind of your own must be registered (:func:`import_rules`); it runs in the
     ``LearnedOptimizer`` subclass for it that its rule's module defines, else in
@@ -213,8 +215,10 @@ def learned_from_file(path: str | os.PathLike[str], label_path: bool = False) ->
             return LearnedSpec(f"{cls.__name__} ({shown})", cls, weights)
     rule_class = RULES.get(kind)
     if rule_class is None:
+        if rules_option is None:
+            raise ValueError(f"{path}: its update rule kind {kind!r} is your own; this command runs the library's rules only")
         recorded = recorded_rule_class(header)
-        give = f"--rules {recorded} (as the file records it)" if recorded else "--rules module:Class naming its UpdateRule class"
+        give = f"{rules_option} {recorded} (as the file records it)" if recorded else f"{rules_option} module:Class naming its UpdateRule class"
         raise ValueError(f"{path}: its update rule kind {kind!r} is your own and not imported: give {give}")
     entry = class_path(rule_class)
     if entry is None:
