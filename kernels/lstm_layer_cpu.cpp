@@ -90,7 +90,7 @@ static inline v16 exp_reduced(v16 x, v16* n_out) {
 #ifdef __AVX512F__
 // vscalefps multiplies by 2^n with IEEE overflow to inf and underflow to 0 and lets NaN
 // through: the bits of the version below wherever that one does not clamp (|x| < 88.37), and
-// exact where it did, without its integer exponent arithmetic and overflow select
+// no clamp to the normal range, without its integer exponent arithmetic and overflow select
 // (benchmarks/results/kernel_ab_scalef.md)
 static inline v16 vexp(v16 x) {
   // past +-104, 2^n alone over- or underflows; max(-104, x) and min(104, x) keep NaN
