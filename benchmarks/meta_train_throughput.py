@@ -9,7 +9,8 @@ through it. A third row, all coordinates at once through ``torch.nn.LSTM``, sepa
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
 it kept the first call's shapes constant). For ``CoordinateLSTM``, a row with its linear head in
-torch operations after the LSTM step (before the head joined the fused kernel). Two more rows: the per-tensor baseline with its LSTM
+torch operations after the LSTM step (before the head joined the fused kernel), and one with its
+features gathered column by column into a contiguous ``(n, F)`` (before they came feature-major). Two more rows: the per-tensor baseline with its LSTM
 written as the textbook cell in plain torch ops under autograd (another reading of "a
 straightforward implementation"; on the Intel Xeon host as fast as the ``torch.nn.LSTM`` one,
 which stays the baseline), and the batched unroll
@@ -47,6 +48,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,7 +69,8 @@ from common import (  # noqa: E402
 )
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
-from learnedopt.nn import RULES, State, UpdateRule  # noqa: E402
+from learnedopt.nn import RULES, CoordinateLSTM, State, UpdateRule  # noqa: E402
+from learnedopt.nn.functional import bounded_square, preprocess, rms_denominator  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
 
@@ -100,6 +103,38 @@ def symbolic_shapes():
             yield
     finally:
         lstm_step._cell_forward, lstm_step._cell_backward = originals
+
+
+def features_gathered(self: CoordinateLSTM, grad: torch.Tensor, param: torch.Tensor, state: State):
+    """``CoordinateLSTM.features`` as the library had it before its features came feature-major:
+    the same values, gathered column by column into a contiguous ``(n, F)``."""
+    cfg = self.config
+    features = [preprocess(grad, cfg.preprocess_p)]
+    new_state: State = {}
+    if cfg.momentum_decays:
+        betas = grad.new_tensor(cfg.momentum_decays).unsqueeze(1)
+        m = torch.lerp(grad.unsqueeze(0), state["m"], betas)
+        new_state["m"] = m
+        features += [preprocess(row, cfg.preprocess_p) for row in m]
+    if cfg.rms_decays:
+        betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
+        v = torch.lerp(bounded_square(grad).unsqueeze(0), state["v"], betas)
+        new_state["v"] = v
+        features.append((grad / rms_denominator(v)).t())
+    if cfg.param_input:
+        features.append(param.unsqueeze(1))
+    return (features[0] if len(features) == 1 else torch.cat(features, dim=1)), new_state
+
+
+@contextlib.contextmanager
+def gathered_features() -> Iterator[None]:
+    """Runs ``CoordinateLSTM``'s features as :func:`features_gathered`."""
+    original = CoordinateLSTM.features
+    CoordinateLSTM.features = features_gathered
+    try:
+        yield
+    finally:
+        CoordinateLSTM.features = original
 
 
 class PerTensorRule(UpdateRule):
@@ -212,6 +247,7 @@ def profile_shares(rule: UpdateRule, family, args, top: int = 5) -> dict[str, fl
 IMPLEMENTATIONS = {
     "batched": "batched unroll, `lstm_step` (learnedopt)",
     "batched-torch-head": "batched unroll, `lstm_step` with the rule's linear head in torch operations (the library before the head joined the kernel)",
+    "batched-gathered-features": "batched unroll, `lstm_step`, the rule's features gathered column by column into a contiguous (n, F) (the library before they came feature-major)",
     "batched-products": "batched unroll, `lstm_step` as BLAS products and compiled pointwise code (the library before its fused CPU kernel)",
     "batched-symbolic": "the same, compiled with symbolic shapes",
     "batched-nn-lstm": "batched unroll, `torch.nn.LSTM`",
@@ -253,6 +289,7 @@ def main() -> None:
     runs = {"batched": (rule, contextlib.nullcontext)}
     if rule.kind == "CoordinateLSTM":  # the rule with a head
         runs["batched-torch-head"] = (rule, lambda: lstm_step_as(lstm_step.lstm_step))
+        runs["batched-gathered-features"] = (rule, gathered_features)
     runs["batched-products"] = (rule, without_cpu_kernel)
     if compile_enabled():
         runs["batched-symbolic"] = (rule, symbolic_shapes)

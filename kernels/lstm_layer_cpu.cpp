@@ -3,7 +3,8 @@
 // that a row's 4H gates never leave registers or L1. Compiled at first use by
 // lstm_layer_cpu.py with the layer's sizes as constants: -DIN=<inputs> -DHID=<hidden>.
 //
-// Shapes (float32, row-major, contiguous): x (n, IN), h and c (n, HID), activations (n, 4HID)
+// Shapes (float32, row-major, contiguous but for x): x (n, IN) at any strides (an update rule's
+// features come feature-major, (IN, n) transposed: benchmarks/results/README.md), h and c (n, HID), activations (n, 4HID)
 // in torch's gate order i, f, g, o, as sigmoid (i, f, o) and tanh (g) values; tanh_c (n, HID).
 // The forward reads the weight transposed, wt (IN + HID, 4HID); the backward reads it as torch
 // stores it, zero-padded to KP columns, w (4HID, KP). 4HID must be a multiple of 16 (one vector
@@ -40,6 +41,13 @@ static_assert(G % 16 == 0, "4 * hidden size must be a multiple of 16");
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+
+// The layer's input x (n, IN) with its strides in elements.
+struct Input {
+  const float* p;
+  int64_t row, col;
+  float at(int64_t r, int k) const { return p[r * row + k * col]; }
+};
 
 // Keeps a vector in a register. GCC folds a weight vector's loads into the multiply-adds that
 // use it, one load per row where the source loads it once per tile of rows; the input-gradient
@@ -131,7 +139,7 @@ static inline v16 gate_scale(int v) {
 }
 
 template <int R>
-static inline void forward_rows(int64_t row0, const float* x, const float* h, const float* c, const float* wt,
+static inline void forward_rows(int64_t row0, Input x, const float* h, const float* c, const float* wt,
                                 const float* bias, float* act_out, float* tanh_c_out, float* h_out, float* c_out,
                                 const float* head_w, const float* head_b, float* head_out) {
   v16 acc[R][NV];
@@ -141,7 +149,7 @@ static inline void forward_rows(int64_t row0, const float* x, const float* h, co
     v16 w[NV];
     for (int v = 0; v < NV; v++) w[v] = ld(wt + k * G + 16 * v);
     for (int r = 0; r < R; r++) {
-      v16 xk = bc(k < IN ? x[(row0 + r) * IN + k] : h[(row0 + r) * HID + (k - IN)]);
+      v16 xk = bc(k < IN ? x.at(row0 + r, k) : h[(row0 + r) * HID + (k - IN)]);
       for (int v = 0; v < NV; v++) acc[r][v] += xk * w[v];
     }
   }
@@ -204,12 +212,13 @@ static inline void part_rows(int64_t n, int parts, int p, int64_t* begin, int64_
 
 // n rows in `parts` parts, one OpenMP thread each. act_out and tanh_c_out may be null (no
 // backward to come); head_w, head_b and head_out too (no head).
-extern "C" void lstm_layer_forward(int64_t n, int parts, const float* x, const float* h, const float* c,
+extern "C" void lstm_layer_forward(int64_t n, int parts, const float* x_data, int64_t x_row, int64_t x_col, const float* h, const float* c,
                                    const float* wt, const float* bias, float* act_out, float* tanh_c_out,
                                    float* h_out, float* c_out, const float* head_w, const float* head_b,
                                    float* head_out) {
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
   for (int p = 0; p < parts; p++) {
+    const Input x{x_data, x_row, x_col};
     int64_t begin, end;
     part_rows(n, parts, p, &begin, &end);
     int64_t row = begin;
@@ -225,7 +234,7 @@ extern "C" void lstm_layer_forward(int64_t n, int parts, const float* x, const f
 
 // HEAD: h''s gradient has a head's part, grad_head[row] head_w[j].
 template <int R, bool HEAD>
-static inline void backward_rows(int64_t row0, const float* x, const float* h, const float* c, const float* act,
+static inline void backward_rows(int64_t row0, Input x, const float* h, const float* c, const float* act,
                                  const float* tanh_c, const float* grad_h, const float* grad_h_more,
                                  const float* grad_c, const float* grad_head, const float* head_w,
                                  const float* w, float* grad_wt, float* grad_sums, float* grad_x,
@@ -285,7 +294,7 @@ static inline void backward_rows(int64_t row0, const float* x, const float* h, c
     v16 acc[NV];
     for (int v = 0; v < NV; v++) acc[v] = ld(grad_wt + k * G + 16 * v);
     for (int r = 0; r < R; r++) {
-      v16 xk = bc(k < IN ? x[(row0 + r) * IN + k] : h[(row0 + r) * HID + (k - IN)]);
+      v16 xk = bc(k < IN ? x.at(row0 + r, k) : h[(row0 + r) * HID + (k - IN)]);
       for (int v = 0; v < NV; v++) acc[v] += xk * dg[r][v];
     }
     for (int v = 0; v < NV; v++) st(grad_wt + k * G + 16 * v, acc[v]);
@@ -323,13 +332,14 @@ static inline void backward_rows(int64_t row0, const float* x, const float* h, c
 // null too); grad_x and grad_h_prev may be null (not wanted). Part p accumulates (+=) its rows'
 // weight gradient into grad_wt + p K 4HID (a (K, 4HID) block) and the bias's, head weight's
 // and head bias's into grad_sums + p NSUM.
-extern "C" void lstm_layer_backward(int64_t n, int parts, const float* x, const float* h, const float* c,
+extern "C" void lstm_layer_backward(int64_t n, int parts, const float* x_data, int64_t x_row, int64_t x_col, const float* h, const float* c,
                                     const float* act, const float* tanh_c, const float* grad_h,
                                     const float* grad_h_more, const float* grad_c, const float* grad_head,
                                     const float* head_w, const float* w, float* grad_wt, float* grad_sums,
                                     float* grad_x, float* grad_h_prev, float* grad_c_prev) {
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
   for (int p = 0; p < parts; p++) {
+    const Input x{x_data, x_row, x_col};
     int64_t begin, end;
     part_rows(n, parts, p, &begin, &end);
     float* gw = grad_wt + (int64_t)p * K * G;

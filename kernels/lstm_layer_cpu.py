@@ -133,9 +133,10 @@ def _digest(path: Path) -> str:
 def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.lstm_layer_forward.argtypes = [size, ctypes.c_int] + [pointer] * 12
+    # n, parts, then x's pointer and its two strides, then the other tensors' pointers
+    library.lstm_layer_forward.argtypes = [size, ctypes.c_int, pointer, size, size] + [pointer] * 11
     library.lstm_layer_forward.restype = None
-    library.lstm_layer_backward.argtypes = [size, ctypes.c_int] + [pointer] * 16
+    library.lstm_layer_backward.argtypes = [size, ctypes.c_int, pointer, size, size] + [pointer] * 15
     library.lstm_layer_backward.restype = None
     return library
 
@@ -302,7 +303,8 @@ def lstm_layer_forward(
     and optionally a linear head on ``h'``.
 
     Args:
-        x: ``(n, in)``; h, c: ``(n, H)``.
+        x: ``(n, in)``, at any strides (read in place: an update rule's features, feature-major,
+            need no copy); h, c: ``(n, H)``.
         weight: ``(4H, in + H)``, ``[weight_ih, weight_hh]``; bias: ``(4H,)``.
         h_out, c_out: contiguous ``(n, H)`` outputs.
         save: also return what :func:`lstm_layer_backward` needs.
@@ -319,7 +321,7 @@ def lstm_layer_forward(
     n, inputs = x.shape
     hidden = h.shape[1]
     library = _built(inputs, hidden)
-    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    h, c = h.contiguous(), c.contiguous()
     for t, name in ((h, "h"), (c, "c"), (h_out, "h_out"), (c_out, "c_out")):
         _checked(t, (n, hidden), name)
     _checked(weight, (4 * hidden, inputs + hidden), "weight")
@@ -332,8 +334,8 @@ def lstm_layer_forward(
         head_weight = _checked(head_weight.detach().reshape(-1).contiguous(), (hidden,), "head_weight")
         head_bias = _checked(head_bias.detach().reshape(-1).contiguous(), (1,), "head_bias")
         head = x.new_empty(n)
-    tensors = (x, h, c, weight_t, bias, act, tanh_c, h_out, c_out, head_weight, head_bias, head)
-    library.lstm_layer_forward(n, _parts(n), *(_pointer(t) for t in tensors))
+    tensors = (h, c, weight_t, bias, act, tanh_c, h_out, c_out, head_weight, head_bias, head)
+    library.lstm_layer_forward(n, _parts(n), x.data_ptr(), *x.stride(), *(_pointer(t) for t in tensors))
     return act, tanh_c, head
 
 
@@ -390,9 +392,9 @@ def lstm_layer_backward(
     grad_weight_t = x.new_zeros(parts, width, gates)
     # per part: the bias's gradient (4H), the head weight's (H), the head bias's (1)
     grad_sums = x.new_zeros(parts, gates + hidden + 1)
-    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
-    tensors = (x, h, c, activations, tanh_c, *grads, grad_head, head_weight, weight_padded, grad_weight_t, grad_sums, grad_x, grad_h_out, grad_c_out)
-    library.lstm_layer_backward(n, parts, *(_pointer(t) for t in tensors))
+    h, c = h.contiguous(), c.contiguous()
+    tensors = (h, c, activations, tanh_c, *grads, grad_head, head_weight, weight_padded, grad_weight_t, grad_sums, grad_x, grad_h_out, grad_c_out)
+    library.lstm_layer_backward(n, parts, x.data_ptr(), *x.stride(), *(_pointer(t) for t in tensors))
     # summed in a fixed order, so the same bits for the same number of parts
     sums = grad_sums.sum(0)
     head_grads = (sums[gates:-1], sums[-1:]) if head_weight is not None else (None, None)

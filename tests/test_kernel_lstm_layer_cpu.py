@@ -138,6 +138,28 @@ def test_a_rows_results_do_not_depend_on_the_batch() -> None:
 
 
 @needs_compiler
+@pytest.mark.parametrize("layout", ["feature-major", "column slice", "every other row"])
+def test_x_at_any_strides_gives_the_bits_of_a_contiguous_x(layout: str) -> None:
+    """``x`` is read in place at its strides (an update rule's features come feature-major, the
+    transpose of ``(in, n)``): every output and gradient, head included, has the bits of the
+    same values in a contiguous ``x``. A kernel that read a strided ``x`` as contiguous would read
+    other values."""
+    n, inputs = 37, 10
+    cell, x, h, c, grads = _layer(inputs, 20, n)
+    head = _head(20, n)
+    strided = {
+        "feature-major": x.t().contiguous().t(),
+        "column slice": torch.cat((x, torch.randn(n, 3)), dim=1)[:, :inputs],
+        "every other row": torch.stack((x, torch.randn(n, inputs)), dim=1)[:, 0],
+    }[layout]
+    assert torch.equal(strided, x) and not strided.is_contiguous()
+    want = _kernel(cell, x, h, c, grads, head)
+    got = _kernel(cell, strided, h, c, grads, head)
+    for name, a, b in zip(["h'", "c'", "x grad", "h grad", "c grad", "weight grad", "bias grad", "head"], got, want):
+        assert torch.equal(a, b), name
+
+
+@needs_compiler
 def test_optional_gradients_and_no_saving() -> None:
     """Absent gradients count as zero; unwanted outputs are not written; ``save=False`` gives
     the same ``h'``, ``c'`` and nothing to save."""
@@ -214,8 +236,8 @@ def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> Non
     h_new, c_new = torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
     act, tanh_c, out = torch.full((n, 32), float("nan")), torch.full((n, 8), float("nan")), torch.full((n,), float("nan"))
     weight_t = weight.t().contiguous()
-    forward = (x, h, c, weight_t, bias, act, tanh_c, h_new, c_new, head_weight, head_bias, out)
-    library.lstm_layer_forward(n, parts, *(t.data_ptr() for t in forward))
+    forward = (h, c, weight_t, bias, act, tanh_c, h_new, c_new, head_weight, head_bias, out)
+    library.lstm_layer_forward(n, parts, x.data_ptr(), *x.stride(), *(t.data_ptr() for t in forward))
     head = (head_weight, head_bias, grad_head)
     whole = _kernel(cell, x, h, c, grads, head)  # one part
     assert torch.equal(h_new, whole[0]) and torch.equal(c_new, whole[1]) and torch.equal(out, whole[7])
@@ -224,8 +246,8 @@ def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> Non
     # per part: the weight gradient, and the bias's (32), head weight's (8), head bias's (1)
     grad_wt, grad_sums = torch.zeros(parts, 13, 32), torch.zeros(parts, 32 + 8 + 1)
     grad_x, grad_h, grad_c = torch.full((n, 5), float("nan")), torch.full((n, 8), float("nan")), torch.full((n, 8), float("nan"))
-    tensors = (x, h, c, act, tanh_c, *grads, grad_head, head_weight, padded, grad_wt, grad_sums, grad_x, grad_h, grad_c)
-    library.lstm_layer_backward(n, parts, *(t.data_ptr() for t in tensors))
+    tensors = (h, c, act, tanh_c, *grads, grad_head, head_weight, padded, grad_wt, grad_sums, grad_x, grad_h, grad_c)
+    library.lstm_layer_backward(n, parts, x.data_ptr(), *x.stride(), *(t.data_ptr() for t in tensors))
     assert torch.equal(grad_x, whole[2]) and torch.equal(grad_h, whole[3]) and torch.equal(grad_c, whole[4])
     step = -(-(-(-n // parts)) // 4) * 4
     for p in range(parts):

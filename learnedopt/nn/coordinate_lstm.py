@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import State, StateSpec, UpdateRule, check_positive_integer, check_preprocess_p, finite_in_float32, is_number
-from .functional import bounded_square, preprocess, rms_denominator
+from .functional import bounded_square, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -166,25 +166,29 @@ class CoordinateLSTM(UpdateRule):
         Returns:
             ``x`` ``(n, num_inputs)``: the preprocessed gradient (2 columns), each preprocessed
             momentum (2 each), each rms-normalised gradient, the parameter (``param_input``), in
-            that order; and ``{"m": (M, n), "v": (R, n)}`` for the feature sets that have them.
+            that order, feature-major (the transpose of a contiguous ``(num_inputs, n)``); and
+            ``{"m": (M, n), "v": (R, n)}`` for the feature sets that have them.
         """
         cfg = self.config
-        features = [preprocess(grad, cfg.preprocess_p)]
+        # each feature a contiguous row, stacked (a copy of whole rows): gathered into (n, F)
+        # rows instead (a strided write per feature), the default's features took 2.2x longer
+        # (benchmarks/results/README.md); the fused CPU kernel reads x at any strides
+        features = [*preprocess_parts(grad, cfg.preprocess_p)]
         new_state: State = {}
         if cfg.momentum_decays:
             betas = grad.new_tensor(cfg.momentum_decays).unsqueeze(1)
             m = torch.lerp(grad.unsqueeze(0), state["m"], betas)
             new_state["m"] = m
-            features += [preprocess(row, cfg.preprocess_p) for row in m]
+            for row in m:
+                features += preprocess_parts(row, cfg.preprocess_p)
         if cfg.rms_decays:
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
             v = torch.lerp(bounded_square(grad).unsqueeze(0), state["v"], betas)
             new_state["v"] = v
-            features.append((grad / rms_denominator(v)).t())
+            features += (grad / rms_denominator(v)).unbind()
         if cfg.param_input:
-            features.append(param.unsqueeze(1))
-        x = features[0] if len(features) == 1 else torch.cat(features, dim=1)
-        return x, new_state
+            features.append(param)
+        return torch.stack(features).t(), new_state
 
     def step_from_features(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The LSTM stack and the head on :meth:`features`' ``x`` ``(n, num_inputs)`` and the

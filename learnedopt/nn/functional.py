@@ -27,11 +27,16 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     Returns:
         ``(n, 2)`` features, in the dtype of ``x``.
     """
+    return torch.stack(preprocess_parts(x, p), dim=-1)
+
+
+def preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """:func:`preprocess`'s two features apart: ``(magnitude (n,), direction (n,))``."""
     if p <= 0:
         raise ValueError(f"preprocessing constant p must be positive, got {p}")
     magnitude = torch.log(x.abs().clamp_min(math.exp(-p))) / p
     direction = (x * math.exp(p)).clamp(-1.0, 1.0)
-    return torch.stack((magnitude, direction), dim=-1)
+    return magnitude, direction
 
 
 #: added to the root of the second moment wherever a gradient is RMS-normalised
