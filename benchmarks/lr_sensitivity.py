@@ -41,7 +41,7 @@ from learnedopt.evaluation import (  # noqa: E402
     summarize,
 )
 from learnedopt.evaluation.harness import mnist_sha256  # noqa: E402
-from learnedopt.nn.base import is_number  # noqa: E402
+from learnedopt.values import is_number  # noqa: E402
 
 
 def check_reference(

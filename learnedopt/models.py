@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .nn.base import check_positive_integer
+from .values import check_positive_integer
 
 
 def _check_sizes(owner: str, **sizes: int) -> None:

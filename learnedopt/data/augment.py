@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..nn.base import is_integer, is_number
+from ..values import is_integer, is_number
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..nn.base import is_integer
+from ..values import is_integer
 from .idx import _split
 
 

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from ..nn.base import is_integer, is_number
+from ..values import is_integer, is_number
 from .paths import resolve_data_dir
 
 _GZIP_MAGIC = b"\x1f\x8b"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..nn.base import is_integer
+from ..values import is_integer
 from .paths import resolve_data_dir
 
 DEFAULT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..nn.base import is_integer
+from ..values import is_integer
 
 
 def sinusoid(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomically
-from ..nn.base import is_number
+from ..values import is_number
 from .problems import Problem
 
 #: the layout of a records folder; another is refused on ``--resume``

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..files import write_atomically
-from ..nn.base import is_integer, is_number
+from ..values import is_integer, is_number
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
 _NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")

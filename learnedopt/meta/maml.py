@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..nn.base import check_positive_integer, is_number
+from ..values import check_positive_integer, is_number
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,

@@ -11,7 +11,7 @@ from typing import Any
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ..nn.base import is_integer
+from ..values import is_integer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: a model's inputs (or a loss's targets): one tensor, or a tuple or list (the model's positional
@@ -115,6 +115,6 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def check_steps(steps: object) -> None:
     """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0
-    (:func:`~learnedopt.nn.base.is_integer`)."""
+    (:func:`~learnedopt.values.is_integer`)."""
     if not is_integer(steps) or steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r} (an integer)")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..nn.base import check_positive_integer
+from ..values import check_positive_integer
 from .batchnorm import apply_batchnorm_policy_
 from .model_calls import Inputs, LossFn, check_inputs, check_steps, default_loss, model_arguments, outside_inference
 

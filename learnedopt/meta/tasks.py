@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..nn.base import check_positive_integer
+from ..values import check_positive_integer
 from ..plugins import (
     call_entry_point,
     entry_point_path,

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..nn.base import is_integer, is_number
+from ..values import is_integer, is_number
 from ..nn.precision import math_dtype, without_autocast
 from .tasks import TaskBatch
 

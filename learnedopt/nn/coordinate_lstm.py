@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_positive_integer, check_preprocess_p, finite_in_float32, is_number
+from .base import State, StateSpec, UpdateRule, check_preprocess_p
+
+from ..values import check_positive_integer, finite_in_float32, is_number
 from .functional import bounded_square, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
