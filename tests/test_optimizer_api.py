@@ -537,6 +537,55 @@ def test_init_state_gives_a_frozen_parameter_no_state(kind) -> None:
     assert int(opt.state[trained]["step"]) == 0
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("helper", ["get_optimizer_state_dict", "set_optimizer_state_dict"])
+def test_torch_checkpoint_helpers_give_a_fresh_optimizer_its_initial_state_without_a_step(kind, helper) -> None:
+    """``torch.distributed.checkpoint.state_dict``'s helpers give an optimizer without state its
+    state by a step at ``lr=0`` with zero gradients: it advanced LSTMOptimizer's recurrent states
+    (and the step count), and MetaLSTMOptimizer raised for want of a loss. Now the parameters
+    are unchanged, the states are those of ``init_state()``, ``lr`` and gradients are as they
+    were, and the next step equals a fresh optimizer's."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)  # frozen: no gradient, so no state, as torch gives it none
+    reference_model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    reference_model.load_state_dict(model.state_dict())
+    reference_model[0].bias.requires_grad_(False)
+    opt = OPTIMIZERS[kind](model.parameters(), lr=0.5)
+    reference = OPTIMIZERS[kind](reference_model.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    if helper == "get_optimizer_state_dict":
+        saved = dcp_state_dict.get_optimizer_state_dict(model, opt)
+        assert all(int(entry["step"]) == 0 for entry in saved["state"].values())
+    else:
+        dcp_state_dict.set_optimizer_state_dict(model, opt, dcp_state_dict.get_optimizer_state_dict(reference_model, reference))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters()) and opt.param_groups[0]["lr"] == 0.5
+    fresh = OPTIMIZERS[kind](reference_model.parameters(), lr=0.5)
+    fresh.init_state()
+    assert_same_params_and_states(list(model.parameters()), opt, list(reference_model.parameters()), fresh)
+    for seed in range(2):
+        for m in (model, reference_model):
+            torch.manual_seed(seed)
+            m(torch.randn(5, 3)).square().mean().backward()
+        step(opt)
+        step(reference)
+    assert_same_params_and_states(list(model.parameters()), opt, list(reference_model.parameters()), reference)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_first_step_at_lr_0_with_nonzero_gradients_still_advances_the_states(kind) -> None:
+    """Only the checkpoint helpers' zero-gradient step is taken as ``init_state()``: a warm-up
+    that starts at ``lr=0`` advances the states on its first step, as documented."""
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, lr=0.0)
+    set_grads(params, seed=0)
+    step(opt)
+    assert all(int(opt.state[p]["step"]) == 1 and opt.state[p]["h"].abs().sum() > 0 for p in params)
+
+
 @pytest.mark.parametrize("lr", [np.float32(0.5), np.float64(0.5), np.int64(1), torch.tensor(0.5)])
 def test_numpy_and_tensor_learning_rates_work_as_in_torch_optim(lr) -> None:
     """A scheduler's lambda may return a numpy scalar; torch.optim takes any real number."""

@@ -244,11 +244,12 @@ class LearnedOptimizer(Optimizer):
         """Create the initial state of every parameter that requires grad now (as its first
         step would), without changing any parameter or stepping any state.
 
-        ``torch.distributed.checkpoint`` loads into the tensors of an existing state dict, and
-        its state-dict helpers otherwise initialise an optimizer by a zero-gradient step at
-        ``lr=0``, which would advance a learned optimizer's recurrent states (and
-        ``MetaLSTMOptimizer``'s step needs a loss): call this on a fresh optimizer before loading
-        a distributed checkpoint into it. A frozen parameter (``requires_grad=False``) gets no
+        ``torch.distributed.checkpoint`` loads into the tensors of an existing state dict. Its
+        state-dict helpers initialise an optimizer without state by a zero-gradient step at
+        ``lr=0``; :meth:`step` takes that step as a call of this method (a learned rule's
+        recurrent states would advance on it, and ``MetaLSTMOptimizer`` has no loss there). They
+        take no such step where a parameter has a gradient: call this first there (the README's
+        recipe always does). A frozen parameter (``requires_grad=False``) gets no
         gradient, so no step gave it a state and no checkpoint holds one: it gets none here
         either (as with torch's own initialisation), else the loader would look for it.
         """
@@ -436,6 +437,11 @@ class LearnedOptimizer(Optimizer):
         Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
         graph break: it runs as it does eagerly, the closure too.
 
+        A step without closure or loss on an optimizer without state, at ``lr=0`` in every group,
+        where exactly the parameters that require grad have a gradient and all of these are zero
+        (how ``torch.distributed.checkpoint.state_dict``'s helpers initialise an optimizer's
+        state) runs :meth:`init_state` instead: it changes no parameter and advances no state.
+
         Returns:
             The closure's loss, or None.
         """
@@ -456,6 +462,9 @@ class LearnedOptimizer(Optimizer):
                 )
             seen |= ids
         self._check_group_fingerprints()
+        if closure is None and loss is None and self._is_state_initialisation():
+            self.init_state()
+            return None
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -520,19 +529,30 @@ class LearnedOptimizer(Optimizer):
                 )
             self._rule_jsons.add(text)
 
+    def _is_state_initialisation(self) -> bool:
+        """Whether this step (without closure or loss) is the one by which
+        ``torch.distributed.checkpoint.state_dict``'s helpers (``get_optimizer_state_dict``,
+        ``set_optimizer_state_dict``) give an optimizer without state its state: no parameter has
+        a state yet, every group's ``lr`` is 0, and exactly the parameters that require grad have
+        a gradient, all zeros. A learned rule's recurrent states would advance on it (and
+        ``MetaLSTMOptimizer`` would have no loss), so :meth:`step` takes it as :meth:`init_state`.
+        Reads the gradients' values only once the cheaper conditions hold."""
+        if any(self.state.values()) or any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any((p.grad is not None) != p.requires_grad for p in params):
+            return False
+        grads = [p.grad for p in params if p.grad is not None]
+        # agreed over the ranks holding parts of a sharded gradient, as the NaN/Inf verdict is
+        return all(sharding.agree_finite(grads, _all_zero(grads)))
+
     def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
         if not self.rule.needs_loss:
             return None
         if loss is None:
-            # torch.distributed.checkpoint's state_dict helpers step an optimizer with no state yet
-            # to give it one, with no loss
-            fresh = "" if self.state else (
-                "; to give a fresh optimizer its state without a step (as torch's checkpoint helpers "
-                "get_optimizer_state_dict and set_optimizer_state_dict need), call init_state() first"
-            )
             raise ValueError(
                 f"{type(self).__name__}.step needs the loss: call step(closure) with a closure that "
-                f"returns it, or step(loss=loss){fresh}"
+                "returns it, or step(loss=loss)"
             )
         # a Python number is a double: read in float64 (as_tensor would round it to float32), so
         # float64 parameters' math sees it exactly and a finite one is never called Inf; on the
@@ -783,17 +803,29 @@ class LearnedOptimizer(Optimizer):
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
     """Whether each tensor (the local part of a ``DTensor``) is free of NaN/Inf, with one host
     sync per device. ``meta`` tensors hold no values to check (shape-only runs)."""
+    return _per_tensor(tensors, lambda t: torch.isfinite(t).all())
+
+
+def _all_zero(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor (the local part of a ``DTensor``) holds only zeros, with one host sync
+    per device. ``meta`` tensors hold no values and count as zeros."""
+    return _per_tensor(tensors, lambda t: torch.count_nonzero(t) == 0)
+
+
+def _per_tensor(tensors: list[Tensor], check: Callable[[Tensor], Tensor]) -> list[bool]:
+    """``check`` (a one-element bool tensor) of each tensor's local part, read with one host sync
+    per device; True for ``meta`` tensors, which hold no values."""
     tensors = [sharding.local(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         if not t.is_meta:
             by_device.setdefault(t.device, []).append(i)
-    finite = [True] * len(tensors)
+    flags = [True] * len(tensors)
     for indices in by_device.values():
-        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).tolist()
-        for i, flag in zip(indices, flags, strict=True):
-            finite[i] = flag
-    return finite
+        values = torch.stack([check(tensors[i]) for i in indices]).tolist()
+        for i, flag in zip(indices, values, strict=True):
+            flags[i] = flag
+    return flags
 
 
 def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:

@@ -11,7 +11,9 @@ class MetaLSTMOptimizer(LearnedOptimizer):
     forget (decay) and input (step-size) gates.
 
     The rule reads the loss, so pass it: ``optimizer.step(closure)`` with a closure that returns
-    the loss, or ``optimizer.step(loss=loss)``; a step without either raises ValueError.
+    the loss, or ``optimizer.step(loss=loss)``; a step without either raises ValueError (but for the
+    zero-gradient one by which torch's checkpoint helpers initialise the state: see
+    :meth:`~learnedopt.optim.learned_optimizer.LearnedOptimizer.step`).
 
     Args:
         params: parameters or param groups.
