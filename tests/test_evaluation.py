@@ -522,6 +522,13 @@ def test_a_problem_given_twice_is_refused_before_any_run() -> None:
         EvalConfig(problems=["quadratic-20", "synthetic-mlp", "quadratic-20"])
 
 
+def test_an_lr_given_twice_is_refused_before_any_run() -> None:
+    """The baselines' grid ran a repeated lr twice and the report's config listed it twice."""
+    with pytest.raises(ValueError, match=r"^lrs given more than once: 0.01, 1$"):
+        EvalConfig(lrs=[1.0, 0.01, 0.1, 1, 0.01])
+    assert list(EvalConfig.quick_config(lrs=[0.01, 0.1]).lrs) == [0.01, 0.1]
+
+
 def test_workers_give_the_same_report_as_one_process() -> None:
     config = EvalConfig(
         problems=["quadratic-20", "synthetic-mlp"], seeds=2, tuning_seeds=1, lrs=(0.01, 0.1), steps=12, stability_steps=0
@@ -957,6 +964,8 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         # EvalConfig's own checks name the option, not the field
         (["--out", str(tmp_path), "--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--out", str(tmp_path), "--tuning-seeds", "0"], "--tuning-seeds must be >= 1, got 0"),
+        # ran and wrote the repeated lr twice (one spelling or two), as a repeated problem is refused
+        (["--out", str(tmp_path), "--lrs", "0.1", "1", "1e-1"], "--lrs given more than once: 0.1"),
     ]:
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err

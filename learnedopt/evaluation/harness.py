@@ -120,6 +120,10 @@ class EvalConfig:
             raise ValueError(
                 f"lrs must be a non-empty list of positive finite numbers, got {list(self.lrs)}"
             )
+        lrs = [float(lr) for lr in self.lrs]
+        repeated_lrs = sorted({lr for lr in lrs if lrs.count(lr) > 1})
+        if repeated_lrs:  # the grid's runs would be repeated for nothing, and the report list the lr twice
+            raise ValueError(f"lrs given more than once: {', '.join(f'{lr:g}' for lr in repeated_lrs)}")
         if not self.problems:
             raise ValueError("no problems given")
         for name in self.rules:
