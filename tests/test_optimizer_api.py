@@ -599,6 +599,31 @@ def test_numpy_and_tensor_learning_rates_work_as_in_torch_optim(lr) -> None:
     assert torch.equal(p, reference_p)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_tensor_lr_steps_meta_parameters_and_a_meta_lr_is_refused_by_name(kind, foreach) -> None:
+    """A CPU tensor ``lr`` steps a shape-only (``meta``) model as a number does. A ``meta`` one
+    (``torch.tensor(lr)`` under ``with torch.device("meta")``) holds no value: it raised torch's
+    "Tensor.item() cannot be called on meta tensors" from the option checks (at construction,
+    or at the step after it was set in ``param_groups``); now a ValueError says what is wrong."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+        meta_lr = torch.tensor(0.5)
+    opt = OPTIMIZERS[kind](model.parameters(), lr=torch.tensor(0.5, device="cpu"), foreach=foreach)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        step(opt)
+    assert all(int(opt.state[p]["step"]) == 2 and opt.state[p]["h"].shape[1] == p.numel() for p in model.parameters())
+    message = r"^Invalid lr: a tensor on the meta device, which holds no value to step with; give a number"
+    with pytest.raises(ValueError, match=message):
+        OPTIMIZERS[kind](model.parameters(), lr=meta_lr, foreach=foreach)
+    opt.param_groups[0]["lr"] = meta_lr
+    with pytest.raises(ValueError, match=message):
+        step(opt)
+    assert all(int(opt.state[p]["step"]) == 2 for p in model.parameters())
+
+
 @pytest.mark.parametrize("lr", [True, "0.1", torch.tensor([0.1, 0.2]), np.float32(-0.1), None])
 def test_invalid_learning_rates_are_rejected(lr) -> None:
     with pytest.raises(ValueError, match="Invalid lr"):

@@ -964,6 +964,11 @@ def _validate_options(options: dict[str, Any]) -> None:
     # any real number (numpy's too: a scheduler's lambda may return one), as torch.optim takes
     if not isinstance(lr, (numbers.Real, Tensor)) or isinstance(lr, bool) or (isinstance(lr, Tensor) and lr.numel() != 1):
         raise ValueError(f"Invalid lr: {lr!r} (expected a non-negative number)")  # noqa: TRY004 (as torch.optim)
+    if isinstance(lr, Tensor) and lr.is_meta:  # torch.tensor(lr) under torch.device("meta") is one
+        raise ValueError(
+            "Invalid lr: a tensor on the meta device, which holds no value to step with; give a number, "
+            "or a tensor with a value (torch.tensor(lr, device='cpu'))"
+        )
     if not (float(lr) >= 0.0 or _scheduler_rounding(float(lr), options)):
         raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0; it multiplies the learned step)")
     if not math.isfinite(float(lr)):
