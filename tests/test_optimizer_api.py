@@ -2,6 +2,7 @@
 
 import contextlib
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -498,6 +499,32 @@ def test_states_made_inside_inference_mode_keep_stepping_outside_it(kind, foreac
         step(reference)
     assert_same_params_and_states(params, opt, reference_params, reference)
     assert not any(value.is_inference() for p in params for value in opt.state[p].values())
+
+
+def test_repr_lists_the_groups_options_as_torch_optim_and_names_the_rule_once(tmp_path) -> None:
+    """``repr`` printed every group's JSON copy of the rule's fingerprint (kind, architecture and
+    SHA-256: a line of some 270 characters per group). Now it is torch.optim's form with the
+    rule named once: its preset, weight file, or (a module) the start of its SHA-256."""
+    from learnedopt import CoordinateLSTM, save_weights
+
+    a, b = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    options = "    backend: auto\n    foreach: None\n    lr: {}\n    maximize: False\n    nan_policy: raise\n" \
+        "    state_dtype: torch.float32\n    weight_decay: 0.0\n"  # fmt: skip
+    assert repr(opt) == (
+        f"LSTMOptimizer (\nRule: CoordinateLSTM, preset l2l-blend\nParameter Group 0\n{options.format(1.0)}\n"
+        f"Parameter Group 1\n{options.format(0.1)})"
+    )
+    adam = repr(torch.optim.Adam([a]))  # the same layout
+    assert adam.startswith("Adam (\nParameter Group 0\n    amsgrad: False\n") and adam.endswith("\n)")
+    assert repr(MetaLSTMOptimizer([a])).splitlines()[1] == "Rule: MetaLSTMCell, preset meta-lstm-adam-mnist"
+    rule = CoordinateLSTM(hidden_size=4)
+    save_weights(rule, tmp_path / "mine.safetensors", trained_on="test")
+    from_file = repr(LSTMOptimizer([a], weights=tmp_path / "mine.safetensors"))
+    assert from_file.splitlines()[1] == f"Rule: CoordinateLSTM, file {tmp_path / 'mine.safetensors'}"
+    from_module = repr(LSTMOptimizer([a], weights=rule))
+    assert re.fullmatch(r"Rule: CoordinateLSTM, sha256 [0-9a-f]{12}\.\.\.", from_module.splitlines()[1])
+    assert all("learned_rule" not in text for text in (repr(opt), from_file, from_module))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])

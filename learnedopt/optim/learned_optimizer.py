@@ -211,6 +211,26 @@ class LearnedOptimizer(Optimizer):
                 )
         return ids
 
+    def __repr__(self) -> str:
+        # torch.optim's form, less each group's JSON copy of the rule's fingerprint (a long line
+        # repeated per group): the rule is named once, briefly
+        text = f"{type(self).__name__} (\nRule: {self._rule_description()}\n"
+        for number, group in enumerate(self.param_groups):
+            text += ("\n" if number else "") + f"Parameter Group {number}\n"
+            text += "".join(f"    {key}: {group[key]}\n" for key in sorted(group) if key not in ("params", "learned_rule"))
+        return text + ")"
+
+    def _rule_description(self) -> str:
+        """The update rule in brief: its kind and the preset or weight file it was loaded from,
+        else (a module given as ``weights``) the start of its weights' SHA-256."""
+        name = _rule_name(self.rule)
+        preset = self.weights_header.get("preset")
+        if preset:
+            return f"{name}, preset {preset}"
+        if isinstance(self._weights_argument, (str, os.PathLike)):
+            return f"{name}, file {os.fspath(self._weights_argument)}"
+        return f"{name}, sha256 {fingerprint(self.rule)['sha256'][:12]}..."
+
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
         # rule. The caches (flat buffers indexed by parameter identity, rule copies) are rebuilt.
