@@ -808,6 +808,33 @@ def test_a_model_header_stating_a_far_larger_rule_than_its_tensors_is_refused_be
     assert all(torch.equal(v, trainer.learner.tensors()[k]) for k, v in learner.tensors().items())
 
 
+def test_load_learner_builds_a_rule_that_cannot_say_its_shapes_without_building_once(tmp_path: Path, monkeypatch) -> None:
+    """A rule of your own whose shapes are compared by building it (its ``weight_shapes`` fails:
+    it cannot be built on the meta device): ``check_rule_shapes`` built it on the CPU, and
+    ``load_learner`` dropped that rule and built another for the learner (and a third attempt
+    on the meta device for its shape probe). It now uses the rule the check built, as
+    ``load_weights`` does, and the learner's tensors are those saved."""
+    trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
+    save_learner(trainer.learner, tmp_path / MODEL_NAME)
+
+    def fails_on_meta(cls, values):
+        raise NotImplementedError("Cannot copy out of meta tensor")
+
+    built: list[str] = []
+    real_init = MetaLSTMCell.__init__
+
+    def counting_init(self, *args, **kwargs) -> None:
+        built.append(str(torch.get_default_device()))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetaLSTMCell, "weight_shapes", classmethod(fails_on_meta))
+    monkeypatch.setattr(MetaLSTMCell, "__init__", counting_init)
+    learner, _ = load_learner(tmp_path / MODEL_NAME)
+    assert built == ["cpu"]
+    assert learner.tensors().keys() == trainer.learner.tensors().keys()
+    assert all(torch.equal(v, trainer.learner.tensors()[k]) for k, v in learner.tensors().items())
+
+
 def test_reptile_outer_step_anneals_linearly_to_zero_over_the_meta_steps() -> None:
     trainer = FewShotTrainer(config("reptile", meta_steps=4, meta_lr=0.1, val_tasks=1))
     assert [trainer.step(s)["outer_stepsize"] for s in range(4)] == pytest.approx([0.1, 0.075, 0.05, 0.025])

@@ -167,13 +167,17 @@ class FewShotLearner:
         family: for a spec of your own family (architecture kind ``"own"``), the family whose
             ``model()`` and ``loss`` the learner uses; None imports it (``split="meta_train"``,
             no other arguments).
+        rule: meta-lstm: the update rule to use as it is (of ``spec.rule``'s kind and config,
+            its weights neither reset nor loaded from ``spec.rule_start``); None builds it.
 
     Raises:
         ValueError: an unknown algorithm or Reptile inner optimizer, or your own family that
             does not import or build (one line).
     """
 
-    def __init__(self, spec: LearnerSpec, seed: int | None = None, family: Any = None) -> None:
+    def __init__(
+        self, spec: LearnerSpec, seed: int | None = None, family: Any = None, rule: UpdateRule | None = None
+    ) -> None:
         if spec.algo not in FEWSHOT_ALGOS:  # e.g. a model file's header naming another algorithm
             raise ValueError(f"unknown few-shot algo {spec.algo!r}; this library adapts {', '.join(FEWSHOT_ALGOS)}")
         if spec.algo == "reptile" and spec.inner_optimizer not in ("sgd", "adam"):
@@ -201,6 +205,8 @@ class FewShotLearner:
                 zero_init=(output_layer_name(self.model),) if spec.zero_head else (),
                 adapt_only=(output_layer_name(self.model),) if spec.head_only else None,
             )
+        elif spec.algo == "meta-lstm" and rule is not None:
+            self.rule = rule
         elif spec.algo == "meta-lstm":
             self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
             self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
@@ -419,7 +425,8 @@ def load_learner(
     def build(device: str | None) -> FewShotLearner:
         try:
             with torch.device(device) if device else contextlib.nullcontext():
-                return FewShotLearner(LearnerSpec(**{k: v for k, v in header.items() if k in fields}), family=family)
+                spec = LearnerSpec(**{k: v for k, v in header.items() if k in fields})
+                return FewShotLearner(spec, family=family, rule=checked_rule)
         except (TypeError, KeyError, ValueError, AttributeError) as err:
             raise ValueError(
                 f"{path}: the few-shot model header does not describe a learner ({type(err).__name__}: {err})"
@@ -430,12 +437,15 @@ def load_learner(
     # header stating a rule of hidden size 100000 over small tensors made the learner allocate
     # 160 GB (a raw allocator error) before they were compared
     rule = header.get("rule")
+    checked_rule = None  # the rule where the check had to build it: the learner's, not built again
     if isinstance(rule, dict) and rule.get("kind") in RULES and isinstance(rule.get("config"), dict):
         found = {k.removeprefix("rule."): tuple(v.shape) for k, v in tensors.items() if k.startswith("rule.")}
         try:
-            check_rule_shapes(rule["kind"], rule["config"], found)
+            checked_rule = check_rule_shapes(rule["kind"], rule["config"], found)
         except ValueError as err:
             raise ValueError(f"{path}: its update rule: {err}") from None
+        if checked_rule is not None:  # built on the CPU in float32: where the learner's own build puts it
+            checked_rule.to(device=torch.get_default_device(), dtype=torch.get_default_dtype())
     try:
         probe = build("meta")
     except ValueError:
