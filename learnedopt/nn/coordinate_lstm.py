@@ -172,9 +172,10 @@ class CoordinateLSTM(UpdateRule):
             ``{"m": (M, n), "v": (R, n)}`` for the feature sets that have them.
         """
         cfg = self.config
-        # each feature a contiguous row, stacked (a copy of whole rows): gathered into (n, F)
-        # rows instead (a strided write per feature), the default's features took 2.2x longer
-        # (benchmarks/results/README.md); the fused CPU kernel reads x at any strides
+        # each feature a contiguous row, stacked (a copy of whole rows), x their transpose: the
+        # fused CPU kernel reads x at its strides. Gathered column by column into a contiguous
+        # (n, F) (a strided write per feature), the default's meta-training truncation took
+        # 1.02x-1.05x longer (benchmarks/results/meta_train_throughput_*featmajor*.md)
         features = [*preprocess_parts(grad, cfg.preprocess_p)]
         new_state: State = {}
         if cfg.momentum_decays:
