@@ -330,6 +330,9 @@ BAD = [
     # num_layers built layers for hours; a width too large for memory failed in torch with a traceback
     (["--rule-config", '{"num_layers": 100000000000}'], "--rule-config: num_layers must be at most 2,147,483,647 (2**31 - 1"),
     (["--rule-config", '{"hidden_size": 100000000}'], "--rule-config: CoordinateLSTM cannot be built: "),
+    # under 2**31 weights but 4 * 10**8 tensors: built for hours
+    (["--rule-config", '{"num_layers": 100000000, "hidden_size": 1}'],
+     "--rule-config: CoordinateLSTM {'num_layers': 100000000, 'hidden_size': 1} would have 400,000,002 weight tensors; a rule has at most 10,000"),
     (["--algo", "meta-lstm", "--rule-config", '{"hidden_size": 100000000000}'], "--rule-config: hidden_size must be at most 2,147,483,647"),
     (["--select-tasks", "8"], "--select-tasks sizes the selection episode of --select-every; give --select-every too"),
     (["--algo", "maml", "--select-tasks", "8"], "--select-tasks"),
