@@ -9,8 +9,9 @@ through it. A third row, all coordinates at once through ``torch.nn.LSTM``, sepa
 batching from the gain of the LSTM step, and a fourth runs the library's step with its
 pointwise functions compiled for symbolic shapes from the first call (what the library did before
 it kept the first call's shapes constant). For ``CoordinateLSTM``, a row with its linear head in
-torch operations after the LSTM step (before the head joined the fused kernel), and one with its
-features gathered column by column into a contiguous ``(n, F)`` (before they came feature-major). Two more rows: the per-tensor baseline with its LSTM
+torch operations after the LSTM step (before the head joined the fused kernel); for both rules,
+one with the features gathered column by column into a contiguous ``(n, F)`` (before they came
+feature-major). Two more rows: the per-tensor baseline with its LSTM
 written as the textbook cell in plain torch ops under autograd (another reading of "a
 straightforward implementation"; on the Intel Xeon host as fast as the ``torch.nn.LSTM`` one,
 which stays the baseline), and the batched unroll
@@ -69,7 +70,7 @@ from common import (  # noqa: E402
 )
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
-from learnedopt.nn import RULES, CoordinateLSTM, State, UpdateRule  # noqa: E402
+from learnedopt.nn import RULES, CoordinateLSTM, MetaLSTMCell, State, UpdateRule  # noqa: E402
 from learnedopt.nn.functional import bounded_square, preprocess, rms_denominator  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
@@ -126,15 +127,22 @@ def features_gathered(self: CoordinateLSTM, grad: torch.Tensor, param: torch.Ten
     return (features[0] if len(features) == 1 else torch.cat(features, dim=1)), new_state
 
 
+def meta_lstm_features_gathered(self: MetaLSTMCell, grad: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``MetaLSTMCell.features`` as the library had it before its features came feature-major."""
+    p = self.config.preprocess_p
+    loss_features = preprocess(loss.to(grad.dtype).reshape(-1), p)
+    return torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
+
+
 @contextlib.contextmanager
 def gathered_features() -> Iterator[None]:
-    """Runs ``CoordinateLSTM``'s features as :func:`features_gathered`."""
-    original = CoordinateLSTM.features
-    CoordinateLSTM.features = features_gathered
+    """Runs the rules' features as :func:`features_gathered` and :func:`meta_lstm_features_gathered`."""
+    originals = CoordinateLSTM.features, MetaLSTMCell.features
+    CoordinateLSTM.features, MetaLSTMCell.features = features_gathered, meta_lstm_features_gathered
     try:
         yield
     finally:
-        CoordinateLSTM.features = original
+        CoordinateLSTM.features, MetaLSTMCell.features = originals
 
 
 class PerTensorRule(UpdateRule):
@@ -289,7 +297,7 @@ def main() -> None:
     runs = {"batched": (rule, contextlib.nullcontext)}
     if rule.kind == "CoordinateLSTM":  # the rule with a head
         runs["batched-torch-head"] = (rule, lambda: lstm_step_as(lstm_step.lstm_step))
-        runs["batched-gathered-features"] = (rule, gathered_features)
+    runs["batched-gathered-features"] = (rule, gathered_features)
     runs["batched-products"] = (rule, without_cpu_kernel)
     if compile_enabled():
         runs["batched-symbolic"] = (rule, symbolic_shapes)

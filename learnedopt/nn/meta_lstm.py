@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import State, StateSpec, UpdateRule, check_preprocess_p
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_square, debiased_ema, preprocess, rms_denominator
+from .functional import bounded_square, debiased_ema, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -140,14 +140,17 @@ class MetaLSTMCell(UpdateRule):
         return spec
 
     def features(self, grad: Tensor, loss: Tensor) -> Tensor:
-        """The input LSTM's features ``(n, 4)``: the preprocessed gradient ``(n,)`` and loss.
+        """The input LSTM's features ``(n, 4)``: the preprocessed gradient ``(n,)`` and loss,
+        feature-major (the transpose of a contiguous ``(4, n)``, as
+        :meth:`CoordinateLSTM.features <learnedopt.nn.CoordinateLSTM.features>` gives its own).
 
         ``loss`` is one value for every coordinate (shape ``()`` or ``(1,)``) or one per
         coordinate ``(n,)`` (several tasks batched, each coordinate with its task's loss).
         """
         p = self.config.preprocess_p
-        loss_features = preprocess(loss.to(grad.dtype).reshape(-1), p)
-        return torch.cat((preprocess(grad, p), loss_features.expand(grad.shape[0], 2)), dim=1)
+        n = grad.shape[0]
+        loss_magnitude, loss_direction = preprocess_parts(loss.to(grad.dtype).reshape(-1), p)
+        return torch.stack((*preprocess_parts(grad, p), loss_magnitude.expand(n), loss_direction.expand(n))).t()
 
     def direction(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
         """What the input gate scales, ``d_t`` ``(n,)``, from the gradient ``(n,)``, and the
