@@ -116,6 +116,22 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps) -> None:
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
+def test_checkpointed_inner_loop_passes_the_meta_gradient_to_a_tensor_inner_lr() -> None:
+    # a learnable scalar inner_lr gets its meta-gradient on every path; the checkpointed step
+    # left it out of the step's inputs, so its gradient was silently None
+    data = episode()
+    grads = {}
+    for checkpoint in (False, True):
+        model = tiny_model()
+        lr = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        maml = MAML(model, inner_lr=lr, inner_steps=2, vectorize=False, checkpoint_steps=checkpoint)
+        maml(*data).backward()
+        assert lr.grad is not None, f"checkpoint_steps={checkpoint}: no meta-gradient reached inner_lr"
+        grads[checkpoint] = [lr.grad, *(p.grad for p in model.parameters())]
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-12)
+
+
 class RunningMean(nn.Module):
     """Centres by the batch mean and tracks a running mean and a call count in place, as
     BatchNorm does in training mode."""

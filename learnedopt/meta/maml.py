@@ -363,7 +363,8 @@ class MAML(nn.Module):
         parameters, learned step sizes and the support set) are kept for the meta-backward."""
         names = list(params)
         fixed = self._fixed_params()  # inputs of the step, so that their meta-gradient reaches them
-        lrs = [] if self.inner_lrs is None else [self._lr(k) for k in names]
+        # a tensor inner_lr too (it may be learned): only the step's inputs get a meta-gradient
+        lrs = [self._lr(k) for k in names] if self.inner_lrs is not None or isinstance(self.inner_lr, Tensor) else []
         data, layout = pytree.tree_flatten((x_s, y_s))  # the support set's tensors, each an input of the step
         # the buffers as the forward saw them: the rebuild in backward runs the model again on copies
         # of these, so it neither sees nor leaves their later values (a second running-statistics
