@@ -1154,6 +1154,47 @@ def test_meta_gradient_of_tied_weights_with_meta_sgd_matches_central_differences
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
 
 
+def shared_layer_reference(params, x):
+    """``nn.Sequential(shared, Tanh, shared, Tanh, Linear)`` written out by hand."""
+    w, b, w_out, b_out = params
+    hidden = torch.tanh(nn.functional.linear(torch.tanh(nn.functional.linear(x, w, b)), w, b))
+    return nn.functional.linear(hidden, w_out, b_out)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_layer_used_twice_keeps_its_parameters_and_gets_the_meta_gradient(vectorize, first_order) -> None:
+    """One module under two names (``nn.Sequential(shared, act, shared)``, a weight-shared block):
+    functional_call swapped in each task's weights under both names and restored only the first,
+    so after one meta-step the layer held a task's adapted tensor instead of its Parameter."""
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(3, 2).double())
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    xs, ys, xq, yq = episode()
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order, vectorize=vectorize)
+    maml(xs, ys, xq, yq).backward()
+    fast = maml.adapt(xs[0], ys[0])
+    aliased = {name.replace("0.", "2."): value for name, value in fast.items()}  # the layer's other name
+    torch.testing.assert_close(maml.predict(aliased, xq[0]), maml.predict(fast, xq[0]), rtol=0, atol=0)
+    for name, (p, value) in before.items():
+        assert dict(model.named_parameters())[name] is p, f"{name} is no longer the model's Parameter"
+        assert torch.equal(p, value)
+    assert model[2].weight is model[0].weight
+    params = [p.detach().requires_grad_() for p in model.parameters()]  # 0.weight, 0.bias, 4.weight, 4.bias
+    total = 0
+    for b in range(len(xs)):
+        fast = params
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(shared_layer_reference(fast, xs[b]), ys[b])
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            fast = [f - 0.5 * (g.detach() if first_order else g) for f, g in zip(fast, grads)]
+        total = total + nn.functional.cross_entropy(shared_layer_reference(fast, xq[b]), yq[b]) / len(xs)
+    expected = torch.autograd.grad(total, params)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
 def test_vmap_draws_each_tasks_own_dropout_masks() -> None:
     """``randomness="different"``: as in the loop, every task of a meta-batch draws its own
     dropout masks, so identical tasks get different query losses."""

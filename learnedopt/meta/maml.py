@@ -23,7 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -42,6 +42,7 @@ from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, 
 from .model_calls import (
     Inputs,
     LossFn,
+    call_model,
     check_inputs,
     check_steps,
     default_loss,
@@ -280,7 +281,7 @@ class MAML(nn.Module):
         ``model``, a trailing part of the model (:meth:`_fixed_body`'s head), where given."""
         model = self.model if model is None else model
         buffers = dict(model.named_buffers()) if buffers is None else buffers
-        return self.loss_fn(functional_call(model, (params, buffers), *model_arguments(x)), y)
+        return self.loss_fn(call_model(model, {**params, **buffers}, x), y)
 
     def _fixed_body(self) -> tuple[nn.Module, nn.Module] | None:
         """``(body, head)`` where the inner loop can run on the body's outputs, computed once per
@@ -582,7 +583,7 @@ class MAML(nn.Module):
         """The model's output at ``params`` (e.g. from :meth:`adapt`) for one task's inputs
         ``x`` ``(N, ...)``, or a tuple, list or dict of them (``model(*x)``, ``model(**x)``)."""
         x = check_inputs(x, "x", 1, "MAML")[0]
-        return functional_call(self.model, (params, self._model_buffers()), *model_arguments(x))
+        return call_model(self.model, {**params, **self._model_buffers()}, x)
 
 
 def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) -> list[float] | None:

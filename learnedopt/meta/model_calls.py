@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..values import is_integer
 
@@ -29,6 +30,36 @@ def model_arguments(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def call_model(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Inputs) -> Any:
+    """``model`` called on ``inputs`` (:func:`model_arguments`) with ``tensors`` (parameters and
+    buffers by name) in place of its own, as ``torch.func.functional_call`` does, which puts each
+    tensor under every name of the one it replaces (tied weights).
+
+    A module that the model holds under several names (``nn.Sequential(shared, act, shared)``)
+    holds each tensor once, in one attribute: ``functional_call`` swapped it in under every name
+    and restored the original under the first only, so the model kept the swapped-in tensor for
+    good. Here each attribute is swapped once; a name the model does not have goes to
+    ``functional_call`` as it is.
+    """
+    owner: dict[str, int] = {}  # every name of a tensor -> its id
+    slots: dict[int, list[str]] = {}  # id -> one name per attribute holding it
+    seen: set[tuple[int, str]] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            owner[name] = id(tensor)
+            if (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                slots.setdefault(id(tensor), []).append(name)
+    given: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        given.update(dict.fromkeys(slots[owner[name]], value) if name in owner else {name: value})
+    args, kwargs = model_arguments(inputs)
+    return functional_call(model, given, args, kwargs, tie_weights=False)
 
 
 def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs, Tensor, str]:
