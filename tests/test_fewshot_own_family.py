@@ -322,3 +322,38 @@ def test_the_python_api_takes_an_own_family_with_sinusoids_defaults(tmp_path: Pa
     result = meta_train_fewshot(config, tmp_path / "run", progress=False)
     assert result.finished and result.learner.spec.inner_optimizer == "sgd"
     assert header(tmp_path / "run" / MODEL_NAME)["architecture"] == {"kind": "own", "family": task}
+
+
+class SharedLayerLine:
+    """Lines through a network that runs one layer twice (one module under two names)."""
+
+    loss = "mse"
+
+    def model(self):
+        shared = torch.nn.Linear(1, 1)
+        return torch.nn.Sequential(shared, torch.nn.Tanh(), shared)
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_a_learner_whose_model_uses_a_layer_twice_keeps_its_parameters(algo: str) -> None:
+    """torch.func.functional_call restored a layer held under two names under one only: the
+    learner's predict (every algo) and meta-lstm's adapt left the model holding a task's weights."""
+    from learnedopt.meta.fewshot import FewShotLearner
+    from learnedopt.meta.fewshot.learner import LearnerSpec
+
+    spec = LearnerSpec(algo=algo, architecture={"kind": "own", "family": "shared:SharedLayerLine"}, loss="own",
+                       inner_steps=1, test_inner_steps=2, inner_lr=None if algo == "meta-lstm" else 0.1,
+                       inner_optimizer="sgd" if algo == "reptile" else None,
+                       rule={"kind": "MetaLSTMCell", "config": {}} if algo == "meta-lstm" else None)  # fmt: skip
+    learner = FewShotLearner(spec, seed=0, family=SharedLayerLine())
+    before = dict(learner.model.named_parameters())
+    values = {name: p.detach().clone() for name, p in before.items()}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, generator=g), torch.rand(6, 1, generator=g)
+    params = learner.adapt(x, y)
+    outputs = learner.predict(params, x)
+    for name, p in learner.model.named_parameters():
+        assert p is before[name], f"{name} is no longer the model's Parameter"
+        assert torch.equal(p, values[name])
+    w, b = params["0.weight"], params["0.bias"]
+    torch.testing.assert_close(outputs, torch.tanh(x @ w.T + b) @ w.T + b)

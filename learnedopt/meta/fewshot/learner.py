@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import replace_batchnorm_
 from ..maml import MAML
-from ..model_calls import outside_inference
+from ..model_calls import call_model, outside_inference
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -305,7 +305,7 @@ class FewShotLearner:
         """The model's outputs at ``params`` for ``x`` ``(N, ...)`` (normalised with x's own
         batch statistics)."""
         self._check_examples("x", x)
-        return functional_call(self.model, dict(params), (x,))
+        return call_model(self.model, params, x)
 
     def _check_examples(self, name: str, x: Tensor) -> None:
         """Refuse inputs the model would fail on with a shape or dtype error from deep inside it
@@ -361,7 +361,7 @@ class _SupportQueryBatch(TaskBatch):
         x, y = self.support if step_index < self.steps else self.query
 
         def one(p: Params, xb: Tensor, yb: Tensor) -> Tensor:
-            return self.loss_fn(functional_call(self.model, p, (xb,)), yb)
+            return self.loss_fn(call_model(self.model, p, xb), yb)
 
         return vmap(one)(dict(params), x, y)
 
