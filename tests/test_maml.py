@@ -1505,6 +1505,16 @@ def test_an_empty_support_or_query_set_is_refused_not_a_nan_meta_loss(vectorize:
     assert maml.adapt(x[0, :0], y[0, :0], steps=0).keys() == maml.adapt(x[0], y[0]).keys()  # no step: the initialisation
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_meta_batch_of_no_tasks_is_refused_not_a_nan_meta_loss(vectorize: bool) -> None:
+    """``(0, N, ...)`` tensors: the mean over no tasks was a NaN meta-loss under vmap without a
+    word, and the loop's "stack expects a non-empty TensorList" named nothing."""
+    maml = MAML(nn.Linear(4, 3), inner_lr=0.1, vectorize=vectorize)
+    x, y = torch.randn(0, 6, 4), torch.randint(0, 3, (0, 6))
+    with pytest.raises(ValueError, match=re.escape("MAML needs at least one task, got x_support (0, 6, 4), y_support (0, 6)")):
+        maml(x, y, x, y)
+
+
 @pytest.mark.parametrize("inner_lr", ["0.1", None, True])
 def test_an_inner_lr_that_is_not_a_number_is_a_value_error_naming_it(inner_lr) -> None:
     """A string was math.isfinite's TypeError "must be real number, not str", which named nothing."""

@@ -458,10 +458,13 @@ class MAML(nn.Module):
         checked = {name: check_inputs(value, name, 2, "MAML") for name, value in given.items()}
         inputs = {name: first for name, (_, first, _) in checked.items()}  # each one's first tensor
         labels = {name: label for name, (_, _, label) in checked.items()}
+        sizes = ", ".join(f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items())
         if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
             # vmap's message and the task loop's name none of them
-            sizes = ", ".join(f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items())
             raise ValueError(f"MAML takes (B, N, ...) tensors of the same B tasks, got {sizes}")
+        if inputs["y_support"].dim() and not len(inputs["y_support"]):
+            # vmap's mean over no tasks was a NaN meta-loss; the loop's torch.stack failed naming nothing
+            raise ValueError(f"MAML needs at least one task, got {sizes}")
         for name in ("y_support", "y_query"):
             if inputs[name].dim() < 2:
                 # one task's (N,) labels read as B = N tasks of one unbatched example each: the
