@@ -1515,8 +1515,21 @@ def test_a_meta_batch_of_no_tasks_is_refused_not_a_nan_meta_loss(vectorize: bool
         maml(x, y, x, y)
 
 
-@pytest.mark.parametrize("inner_lr", ["0.1", None, True])
+@pytest.mark.parametrize("inner_lr", ["0.1", None, True, torch.tensor([0.1, 0.2]), torch.tensor(0.1j)])
 def test_an_inner_lr_that_is_not_a_number_is_a_value_error_naming_it(inner_lr) -> None:
-    """A string was math.isfinite's TypeError "must be real number, not str", which named nothing."""
+    """A string was math.isfinite's TypeError "must be real number, not str", which named nothing;
+    a tensor of two step sizes "only one element tensors can be converted to Python scalars"."""
     with pytest.raises(ValueError, match=rf"^inner_lr must be >= 0 and finite, got {re.escape(repr(inner_lr))}$"):
         MAML(nn.Linear(2, 1), inner_lr=inner_lr)
+
+
+def test_a_learnable_tensor_inner_lr_is_taken_without_a_warning() -> None:
+    """Checking it read the value of a tensor that requires grad: PyTorch's "Converting a tensor
+    with requires_grad=True to a scalar may lead to unexpected behavior" at every build."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maml = MAML(nn.Linear(2, 1), inner_lr=nn.Parameter(torch.tensor(0.1)))
+        # Meta-SGD's step sizes start at its value (full_like refused it: "must be Number, not Parameter")
+        meta_sgd = MAML(nn.Linear(2, 1), inner_lr=nn.Parameter(torch.tensor(0.1)), learn_inner_lr=True)
+    assert maml.inner_lr.requires_grad
+    assert all(torch.equal(rate, torch.full_like(rate, 0.1)) for rate in meta_sgd.step_sizes().values())

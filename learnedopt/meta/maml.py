@@ -68,7 +68,8 @@ class MAML(nn.Module):
 
     Args:
         model: the network; its parameters are the meta-learned initialisation.
-        inner_lr: step size of the inner gradient steps (the initial value when learned).
+        inner_lr: step size of the inner gradient steps (the initial value when learned): a
+            number, or a one-element tensor, which gets a meta-gradient where it requires grad.
         inner_steps: inner gradient steps during meta-training. The defaults (0.01, 1 step) are
             Finn et al. (2017)'s sinusoid regression's; their Omniglot runs took 0.4 with 1 step
             (5-way) and 0.1 with 5 steps (20-way); ``learnedopt meta-train`` sets its own per task.
@@ -152,8 +153,11 @@ class MAML(nn.Module):
         adapt_only: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        # a string was math.isfinite's "must be real number, not str"; NaN fails every comparison
-        if not ((is_number(inner_lr) or isinstance(inner_lr, Tensor)) and math.isfinite(inner_lr) and inner_lr >= 0):
+        # a string was math.isfinite's "must be real number, not str"; NaN fails every comparison; a
+        # one-element tensor (maybe learnable) is read detached: PyTorch warns when one requiring grad is
+        real_scalar = isinstance(inner_lr, Tensor) and inner_lr.numel() == 1 and not (inner_lr.is_complex() or inner_lr.dtype == torch.bool)
+        value = inner_lr.detach().item() if real_scalar else inner_lr
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
         check_positive_integer("inner_steps", inner_steps)
         if vectorize not in (True, False, "auto"):
@@ -194,7 +198,7 @@ class MAML(nn.Module):
         # ParameterDict keys cannot contain dots; a complex parameter's step sizes are real (a complex
         # one, meta-learned, rotated the gradient: no longer a step along it)
         self.inner_lrs = nn.ParameterDict(
-            {n.replace(".", "/"): nn.Parameter(torch.full_like(p.real, inner_lr)) for n, p in model.named_parameters() if n in self._names()}
+            {n.replace(".", "/"): nn.Parameter(torch.full_like(p.real, value)) for n, p in model.named_parameters() if n in self._names()}
         ) if learn_inner_lr else None
         self.inner_lr = inner_lr
 
