@@ -977,6 +977,9 @@ def test_a_bad_call_raises_its_error_and_leaves_vmap_on(recwarn) -> None:
     assert not [w for w in recwarn if "vmap" in str(w.message)]
     with pytest.raises(ValueError, match="steps must be >= 1"):
         maml.query_losses(xs, ys, xq, yq, steps=0)
+    for steps in (2.5, True):  # "'float' object cannot be interpreted as an integer"; True ran one step
+        with pytest.raises(ValueError, match=re.escape(f"steps must be >= 1 (the query losses after each inner step), got {steps!r} (an integer)")):
+            maml.query_losses(xs, ys, xq, yq, steps=steps)
     with pytest.raises(ValueError, match="steps must be >= 0"):
         maml.adapt(xs[0], ys[0], steps=-1)
     initial = maml.adapt(xs[0], ys[0], steps=0)  # the initialisation itself

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..values import check_positive_integer, is_number
+from ..values import check_positive_integer, is_integer, is_number
 from .autograd_fixes import (
     AffineAfterNorm,
     PaddingRowWithoutGradient,
@@ -454,8 +454,8 @@ class MAML(nn.Module):
             initialisation (and the learned inner step sizes) unless run under ``torch.no_grad``.
         """
         steps = self.inner_steps if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps}")
+        if not is_integer(steps) or steps < 1:
+            raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps!r} (an integer)")
         given = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
         # a tuple, list or dict holds the model's arguments (or targets) batched over tasks, on every
         # path: vmap maps over its tensors, the task loop indexes each; it is never a list of tasks
