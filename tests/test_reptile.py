@@ -330,3 +330,17 @@ def test_reptile_refuses_what_maml_refuses_for_its_steps_and_a_frozen_model() ->
     model.requires_grad_(False)
     with pytest.raises(ValueError, match=r"^Reptile: no parameter of the model requires grad"):
         Reptile(model, 1, sgd, loss_fn=nn.functional.mse_loss).adapt(task)
+
+
+def test_a_batch_of_no_examples_is_refused_not_a_silent_step_of_zero() -> None:
+    """The mean loss over no examples is NaN, but its gradient is 0: an empty minibatch was an
+    inner step that moved nothing, so its task pulled the initialisation nowhere (MAML refuses
+    an empty support set)."""
+    reptile = Reptile(model(), inner_steps=2)
+    (x, y), _ = tasks(count=1)[0]
+    before = [p.clone() for p in reptile.model.parameters()]
+    with pytest.raises(ValueError, match=r"^Reptile \(batch 1\) needs at least one example, got inputs of shape \(0, 3\)$"):
+        reptile.meta_step([[(x, y)], [(x, y), (x[:0], y[:0])]])
+    assert all(torch.equal(a, b) for a, b in zip(before, reptile.model.parameters()))
+    with pytest.raises(ValueError, match=r"^Reptile \(batch 0\) needs at least one example, got inputs\[0\] of shape \(0, 1\)$"):
+        reptile.adapt([([x[:, :1][:0], x[:0]], y[:0])])

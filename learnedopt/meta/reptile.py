@@ -123,9 +123,13 @@ class Reptile:
                     "per task pass [(x, y)], and to meta_step a list of such tasks: [[(x1, y1)], [(x2, y2)], ...]"
                 )
             x, y = batch
+            first, label = x, "inputs"
             if isinstance(x, (tuple, list, Mapping)):  # any other input is the model's one argument
                 # a mapping as a plain dict (a UserDict, e.g. a tokenizer's output): outside_inference maps over it
-                x = check_inputs(x, "inputs", 1, f"Reptile (batch {i})")[0]
+                x, first, label = check_inputs(x, "inputs", 1, f"Reptile (batch {i})")
+            if isinstance(first, Tensor) and first.dim() and not len(first):
+                # the mean loss over no examples is NaN with a zero gradient: a step that moved nothing
+                raise ValueError(f"Reptile (batch {i}) needs at least one example, got {label} of shape {tuple(first.shape)}")
             checked.append((x, y))
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
