@@ -520,3 +520,18 @@ def test_a_state_saved_under_a_float64_default_dtype_loads_under_float32_and_ste
     assert_same_params_and_states(params, opt, other_params, other)
     fresh = OPTIMIZERS[kind](other_params, weights=weights)
     fresh.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_state_dict_of_a_resized_parameter_is_a_clear_error(kind) -> None:
+    """``p.data = bigger`` after a step: ``state_dict()`` raised torch's ``view`` error ("shape
+    '[2, 5, 20]' is invalid for input of size 80") where ``step()`` names the cause."""
+    p, q = make_params([(4,), (3,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([p, q])
+    set_grads([p, q], 0)
+    step(opt)
+    p.data = torch.randn(5)
+    with pytest.raises(ValueError, match=r"but its 5 element\(s\) need .*changed size since its state was created"):
+        opt.state_dict()
+    del opt.state[p]  # what the message advises
+    assert set(opt.state_dict()["state"]) == {1}

@@ -305,6 +305,10 @@ class LearnedOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             param = params[index]
+            # a parameter resized since its state was made: the reshape below would fail as torch's view
+            flat = dict(saved)  # saved is the live state dict: flattened as a copy
+            flatten_parameter_shaped(self.rule, flat, param)
+            check_state_shapes(self.rule, flat, sharding.local(param).numel())
             if sharding.is_sharded(param):
                 shaped = lambda value, s, param=param: sharding.to_global(value, param, s)  # noqa: E731
             else:
