@@ -323,6 +323,10 @@ def test_a_saved_step_of_another_type_loads_as_the_float32_count(saved_step) -> 
     ("step", True, "saved 'step' of parameter 0"),
     ("step", float("nan"), "saved 'step' of parameter 0"),
     ("h", [[0.0]], r"saved state \['h'\] of parameter 0 must be tensors"),
+    # cast in silence (a complex one with torch's warning only) to the state dtype at the next step
+    ("h", torch.ones(2, 4, 20, dtype=torch.int64), r"saved state \['h'\] of parameter 0 must be floating-point tensors, got int64"),
+    ("c", torch.ones(2, 4, 20, dtype=torch.complex64), r"saved state \['c'\] of parameter 0 must be floating-point tensors, got complex64"),
+    ("m", torch.ones(3, 4, dtype=torch.bool), r"saved state \['m'\] of parameter 0 must be floating-point tensors, got bool"),
 ])  # fmt: skip
 def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value, match) -> None:
     params = make_params([(4,)], dtype=torch.float32)

@@ -408,6 +408,11 @@ class LearnedOptimizer(Optimizer):
         not_tensors = sorted(name for name in spec if name in saved and not isinstance(saved[name], Tensor))
         if not_tensors:
             raise ValueError(f"saved state {not_tensors} of parameter {index} must be tensors")
+        # the step would cast them to the state dtype in silence (a complex one dropping its imaginary part)
+        not_float = sorted(name for name in spec if name in saved and not saved[name].is_floating_point())
+        if not_float:
+            dtype = str(saved[not_float[0]].dtype).removeprefix("torch.")
+            raise ValueError(f"saved state {not_float} of parameter {index} must be floating-point tensors, got {dtype}")
         if sharding.is_sharded(param):
             missing = sorted(set(spec) - set(saved))
             if missing:
