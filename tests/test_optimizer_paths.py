@@ -505,3 +505,27 @@ def test_property_grouping_order_and_chunking_do_not_change_a_step(kind, specs, 
         runs.append((params, opt))
     (params, opt), (others, other) = runs
     assert_same_params_and_states(params, opt, others, other)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_reshaped_parameter_of_the_same_size_is_rejected_before_any_group_is_updated(kind, foreach) -> None:
+    """``p.data = p.data.t().contiguous()`` after a step: Adam fails on its states' shape, and
+    ``load_state_dict`` refuses a (3, 2) parameter's states for a (2, 3) one; the step went on
+    with each element's states given to another element, and ``state_dict()`` saved them so."""
+    p, q = make_params([(4,), (3, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": [p]}, {"params": [q]}], foreach=foreach)
+    set_grads([p, q], seed=0)
+    step(opt)
+    q.data = q.data.t().contiguous()
+    set_grads([p, q], seed=1)
+    before, h = p.detach().clone(), opt.state[p]["h"].clone()
+    message = r"reshaped from \(3, 2\) to \(2, 3\) since its state was created"
+    with pytest.raises(ValueError, match=message):
+        step(opt)
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["h"], h) and opt.state[p]["step"] == 1
+    with pytest.raises(ValueError, match=message):
+        opt.state_dict()
+    del opt.state[q]  # what the message advises: a fresh state
+    step(opt)
+    assert opt.state[q]["step"] == 1 and opt.state_dict()["state"][1]["h"].shape[1:3] == (2, 3)

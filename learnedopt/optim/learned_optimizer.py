@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
 from ..errors import NonFiniteGradientError
@@ -137,6 +138,7 @@ class LearnedOptimizer(Optimizer):
         self.chunk = DEFAULT_CHUNK
         self._weights_argument = weights  # a group may name these again (see add_param_group)
         self._rule_jsons: set[str] = set()  # the fingerprints this optimizer wrote into its groups
+        self._state_shapes = WeakIdKeyDictionary()  # parameter -> its shape when its state was made
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- torch.optim protocol
@@ -253,6 +255,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
+        self.__dict__.setdefault("_state_shapes", WeakIdKeyDictionary())  # not pickled: the shapes now are taken
         for group in self.param_groups:  # pickled by an earlier version, without the key
             group.setdefault("learned_rule", self._rule_json())
         # this optimizer's own groups (pickled, or as load_state_dict checked them)
@@ -309,6 +312,7 @@ class LearnedOptimizer(Optimizer):
             flat = dict(saved)  # saved is the live state dict: flattened as a copy
             flatten_parameter_shaped(self.rule, flat, param)
             check_state_shapes(self.rule, flat, sharding.local(param).numel())
+            self._check_reshaped(param)
             if sharding.is_sharded(param):
                 shaped = lambda value, s, param=param: sharding.to_global(value, param, s)  # noqa: E731
             else:
@@ -390,6 +394,7 @@ class LearnedOptimizer(Optimizer):
                 saved_group["param_names"] = group["param_names"]
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
         self._flat_states.clear()
+        self._state_shapes = WeakIdKeyDictionary()  # the loaded states were checked against the shapes now
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -526,6 +531,7 @@ class LearnedOptimizer(Optimizer):
                     if p in self.state:
                         flatten_parameter_shaped(self.rule, self.state[p], p)
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
+                    self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
         progress = _StepProgress()
         with without_autocast({device.type for partitions in plans for device, _ in partitions}):
@@ -538,6 +544,23 @@ class LearnedOptimizer(Optimizer):
                 "it was finished on the PyTorch path, so every parameter and state took it once. Later steps try "
                 "the kernel again; backend='auto' falls back to the PyTorch path without raising"
             ) from progress.kernel_failures[0]
+
+    def _check_reshaped(self, p: Tensor) -> None:
+        """Raise ValueError where ``p`` has another shape than when its state was made, with as
+        many elements (``p.data = p.data.t().contiguous()``): its states are per element of the old
+        shape (Adam fails on its states' shape there). Records the shape of a parameter without a
+        state, whose state is made now, and of one whose state was made elsewhere (loaded, unpickled)."""
+        shape = tuple(p.shape)
+        made = self._state_shapes.get(p)
+        if made == shape:
+            return
+        if made is not None and self.state.get(p):
+            raise ValueError(
+                f"a parameter was reshaped from {made} to {shape} since its state was created (p.data = ...), "
+                "and its states are per element of the old shape; give it a fresh state (del optimizer.state[param]) "
+                "or a new optimizer"
+            )
+        self._state_shapes[p] = shape
 
     def _check_group_fingerprints(self) -> None:
         """Raise ValueError where a param group's ``"learned_rule"`` that this optimizer did not
