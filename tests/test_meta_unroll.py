@@ -229,6 +229,23 @@ def test_unrolls_refuse_no_steps_and_parameters_of_another_meta_batch() -> None:
             truncated_unroll(rule, tasks, params, state, horizon=horizon, truncation=truncation)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_unroll_refuses_states_made_for_other_parameters(kind: str) -> None:
+    # the learned_step check: a MetaLSTMCell unroll took the first rows of states made for more
+    # coordinates (a larger meta-batch) without a word; other rules failed deep in the LSTM
+    rule = random_rule(kind)
+    tasks, params = quadratic_setup(batch=2)  # 6 coordinates
+    for n in (3, 9):
+        state = rule.init_state(n, dtype=F64, device="cpu")
+        with pytest.raises(ValueError, match=rf"state '\w+' has shape \(\d+, {n}, \d+\), the 6 coordinates of params need .*init_rule_state"):
+            unroll(rule, tasks, params, state, 2)
+        with pytest.raises(ValueError, match=r"the 6 coordinates of params need"):
+            truncated_unroll(rule, tasks, params, state, horizon=2, truncation=1)
+    state = rule.init_state(6, dtype=F64, device="cpu")
+    state.pop("h")
+    with pytest.raises(ValueError, match=r"the state has .*, the \w+ rule's states are .*'h'"):
+        unroll(rule, tasks, params, state, 2)
+
 class DriftingTask(Task):
     """f_t(theta) = |theta - t c|^2: step index t's minibatch moves the minimum, as a data task's
     minibatches move its loss."""

@@ -399,6 +399,7 @@ def unroll(
     Raises:
         ValueError: on ``steps < 1``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params``, ``loss_weights`` of another shape, NaN, Inf or < 0,
+            states of other names or shapes than the rule's for ``B * P`` coordinates,
             parameters of more than one dtype, states or rule weights not in their math dtype,
             any of them on more than one device, a call under
             ``torch.no_grad()`` or ``torch.inference_mode()``, or task losses that are not
@@ -426,11 +427,12 @@ def unroll(
             raise ValueError(
                 f"params[{k!r}] has leading size {params[k].shape[0]}, expected B={batch}"
             )
+    sizes = [math.prod(s) for s in shapes]
+    per_task = sum(sizes)
+    _check_state(rule, rule_state, batch * per_task)  # a MetaLSTMCell took the first rows of larger states
     _check_one_dtype_and_device(rule, params, rule_state)
     dtype = next(iter(params.values())).dtype
     compute = math_dtype(dtype)
-    sizes = [math.prod(s) for s in shapes]
-    per_task = sum(sizes)
 
     # The first loss needs a graph to differentiate; detached starts become fresh leaves.
     current = {
