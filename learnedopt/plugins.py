@@ -111,6 +111,12 @@ def call_entry_point(name: str, factory: Callable[..., Any], kwargs: Mapping[str
         raise ValueError(f"{name}() raised {type(err).__name__}: {one_line(err)}") from None
 
 
+#: what a task family of one's own whose two draws from one seed differ is told (a global random
+#: state: ``--resume`` would draw other tasks than the run it continues)
+REPEATABLE_DRAWS = ("draw only from the generator it is given (not from torch's, numpy's or Python's global random "
+                    "state), so that --resume repeats the run")  # fmt: skip
+
+
 def one_line(err: BaseException) -> str:
     """``str(err)`` on one line (a traceback-free message for a one-line error)."""
     return " ".join(str(err).split())

@@ -1499,6 +1499,21 @@ class DrawnWidthFamily(Variant):
     task = DrawnWidth
 
 
+class GlobalRandomFamily(Variant):
+    def sample(self, generator):  # its data from torch's global random state: --resume drew other tasks
+        x = torch.randn(64, 5)
+        return Logistic(x, (x @ torch.randn(5) > 0).float())
+
+
+class GlobalInit(Logistic):
+    def init_params(self, generator):
+        return {"w": torch.randn(self.x.shape[1]), "b": torch.zeros(())}
+
+
+class GlobalInitFamily(Variant):
+    task = GlobalInit
+
+
 class NotATaskFamily(Variant):
     def sample(self, generator):
         return {"w": torch.zeros(5)}
@@ -1615,6 +1630,12 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
         ("{mod}:DrawnWidthFamily", (), "--task {mod}:DrawnWidthFamily: the first meta-training tasks: task 1's "
          "init_params gives 'w' of shape (5,), float32 on cpu, task 0's of shape (3,), float32 on cpu: the tasks of a "
          "batch are unrolled as one stack"),
+        # drawn from a global random state: a --resume drew other tasks, silently not the run it continued
+        ("{mod}:GlobalRandomFamily", (), "--task {mod}:GlobalRandomFamily: the first meta-training tasks: two draws "
+         "from the same seed differ (their losses or gradients at step 0): draw only from the generator it is given "
+         "(not from torch's, numpy's or Python's global random state), so that --resume repeats the run\n"),
+        ("{mod}:GlobalInitFamily", (), "--task {mod}:GlobalInitFamily: the first meta-training tasks: two draws from "
+         "the same seed differ (their initial params['w']): draw only from the generator it is given"),
         ("{mod}:NotATaskFamily", (), "--task {mod}:NotATaskFamily: the first meta-training tasks: sample gave a dict, "
          "not a learnedopt.meta.Task\n"),
         # the evaluation's tasks (split='meta_valid') are checked too: they are used only after the run

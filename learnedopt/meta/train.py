@@ -52,7 +52,7 @@ from torch import Tensor
 from ..data.idx import mnist_sha256
 from ..nn import RULES, UpdateRule
 from ..nn.base import check_rule_call
-from ..plugins import checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
+from ..plugins import REPEATABLE_DRAWS, checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
 from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -587,15 +587,18 @@ def _task_name(task: str, family: TaskFamily) -> str:
 def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
     """Raise :class:`ConfigError` unless ``family`` describes itself, the rule's coordinates of its
     meta-batch fit a tensor (:func:`_check_coordinates`), and the meta-batch drawn from
-    ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``.
+    ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``
+    and is drawn again the same from that generator's state (:func:`_check_repeatable`).
     Every rank checks the whole meta-batch, not its share, so that all fail or pass together."""
     stage = "describe()"
     try:
         checked_description(family, "paragraph")
         stage = f"the first {role} tasks"
         _check_coordinates(family, config, generator)
+        again = torch.Generator().set_state(generator.get_state())
         batch, params = _draw(family, config.meta_batch, generator)
         check_task_batch(batch, params, dtype=torch.float32)
+        _check_repeatable(family, config.meta_batch, again, batch, params)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
@@ -604,6 +607,32 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
         message = one_line(err)
         shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
         raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
+
+
+def _check_repeatable(
+    family: TaskFamily, count: int, generator: torch.Generator, batch: TaskBatch, params: Mapping[str, Tensor]
+) -> None:
+    """Raise ValueError unless ``count`` tasks of ``family`` drawn again from ``generator`` (in the
+    state that drew ``batch`` and its initial ``params``) have the same initial parameters and
+    losses and gradients at step 0: a family drawing from a global random state gave a
+    ``--resume`` other tasks than the run it continued, silently."""
+    batch_again, params_again = _draw(family, count, generator)
+    for k, v in params.items():
+        if k not in params_again or params_again[k].shape != v.shape or not torch.equal(params_again[k], v):
+            raise ValueError(f"two draws from the same seed differ (their initial params[{k!r}]): {REPEATABLE_DRAWS}")
+    first, second = _step_zero(batch, params), _step_zero(batch_again, params)
+    # a tolerance, not equality: a loss on a GPU may use atomics (e.g. an embedding's backward)
+    close = (torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())) if a.numel() else True
+             for a, b in zip(first, second, strict=True))  # fmt: skip
+    if not all(close):
+        raise ValueError(f"two draws from the same seed differ (their losses or gradients at step 0): {REPEATABLE_DRAWS}")
+
+
+def _step_zero(batch: TaskBatch, params: Mapping[str, Tensor]) -> list[Tensor]:
+    """The ``(B,)`` losses of ``batch`` at step 0 at ``params`` and their gradients, detached."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    loss = batch.loss(leaves, 0)
+    return [loss.detach(), *torch.autograd.grad(loss.sum(), list(leaves.values()))]
 
 
 def _check_coordinates(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator) -> None:

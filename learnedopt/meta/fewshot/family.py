@@ -14,7 +14,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ...plugins import call_entry_point, checked_description, entry_point_path, family_arguments, load_entry_point, one_line
+from ...plugins import (
+    REPEATABLE_DRAWS,
+    call_entry_point,
+    checked_description,
+    entry_point_path,
+    family_arguments,
+    load_entry_point,
+    one_line,
+)
 from ..tasks import TaskFamily
 
 #: the losses a learner names in its model file; a family's ``loss`` may name one of them
@@ -177,10 +185,7 @@ def check_family_source(
         # a resumed run draws its tasks again from their seeds: they must be the same
         again = source.batch(size, seed)
         if len(again) != 4 or not all(isinstance(t, Tensor) and a.shape == t.shape and torch.equal(a, t) for a, t in zip(batch, again)):
-            raise ValueError(
-                "two draws from the same seed differ: draw only from the generator it is given (not from torch's, "
-                "numpy's or Python's global random state), so that --resume repeats the run"
-            )
+            raise ValueError(f"two draws from the same seed differ: {REPEATABLE_DRAWS}")
         stage = f"the loss of the model on the first {role} task's support set"
         with torch.no_grad():  # on a copy: a forward may update buffers, which the run's first step must find as built
             loss = loss_fn(copy.deepcopy(model)(batch[0][0].to(device)), batch[1][0].to(device))
