@@ -763,6 +763,18 @@ def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_pat
     assert "meta-step 1:" in err and "the meta-parameters are still the initial ones" in err and "--lr" in err
 
 
+def test_divergence_after_a_meta_update_of_the_first_meta_step_does_not_say_none_was_taken(
+    tmp_path: Path, capsys, own_tasks: str
+) -> None:
+    # the loss is NaN from step 3: the second truncation of meta-step 1, after the first's
+    # meta-update, which the message said had not happened (and so blamed the optimizee alone)
+    args = ("--task", f"{own_tasks}:LaterNaNFamily", "--meta-steps", "2", "--unroll", "2", "--horizon", "4")
+    assert run(tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "meta-step 1: the meta-loss is nan (after 1 meta-update of this meta-step)" in err, err
+    assert "still the initial ones" not in err and "--meta-lr" in err
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert run(out, "--meta-steps", "2") == 0
@@ -1497,6 +1509,15 @@ class DrawnWidth(Logistic):
 
 class DrawnWidthFamily(Variant):
     task = DrawnWidth
+
+
+class LaterNaN(Logistic):
+    def loss(self, params, step_index):  # finite at step 0, where the run's checks look
+        return super().loss(params, step_index) * (float("nan") if step_index >= 3 else 1.0)
+
+
+class LaterNaNFamily(Variant):
+    task = LaterNaN
 
 
 class GlobalRandomFamily(Variant):

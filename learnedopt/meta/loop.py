@@ -126,6 +126,12 @@ def interrupted_message(out: Path, step: int, total: int, saved: int | None, sav
     return f"{where}; the checkpoint in {out} is at meta-step {saved}: continue with --resume{again}"
 
 
+class AfterMetaUpdates(FloatingPointError):
+    """A NaN or Inf met after some of a meta-step's meta-updates (truncations) were taken: the
+    meta-parameters are no longer those the meta-step began with, so a first meta-step's
+    divergence is not the optimizee settings' alone."""
+
+
 def clip_meta_gradient_(params: list[Tensor], clip: float | None) -> float:
     """Clip the meta-gradient of ``params`` to norm ``clip`` (None: measure only) in place.
 
@@ -586,7 +592,7 @@ def train_loop(
                 try:
                     fields = trainer.step(step)
                 except FloatingPointError as err:
-                    if step == 1:  # no meta-update yet: the task or the inner settings diverge
+                    if step == 1 and not isinstance(err, AfterMetaUpdates):  # no meta-update yet: the task or the inner settings diverge
                         raise ConfigError(
                             f"meta-step 1: {err}; the meta-parameters are still the initial ones, so lower the "
                             "optimizee's step size (--lr, --inner-lr) or check the task"

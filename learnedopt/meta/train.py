@@ -60,6 +60,7 @@ from .loop import (
     CARD_NAME,
     LOG_NAME,
     WEIGHTS_NAME,
+    AfterMetaUpdates,
     ConfigError,
     OutputLock,
     Selection,
@@ -358,11 +359,17 @@ def episode(
     grad_norms: list[float] = []
 
     def update(meta_loss: Tensor) -> None:
-        workers.require_finite("the meta-loss", meta_loss)
-        meta_optimizer.zero_grad(set_to_none=True)
-        meta_loss.backward()
-        workers.average_gradients_(list(rule.parameters()))
-        grad_norms.append(clip_meta_gradient_(list(rule.parameters()), config.clip))
+        try:
+            workers.require_finite("the meta-loss", meta_loss)
+            meta_optimizer.zero_grad(set_to_none=True)
+            meta_loss.backward()
+            workers.average_gradients_(list(rule.parameters()))
+            grad_norms.append(clip_meta_gradient_(list(rule.parameters()), config.clip))
+        except FloatingPointError as err:
+            if not grad_norms:
+                raise
+            taken = f"{len(grad_norms)} meta-update{'s' * (len(grad_norms) > 1)}"
+            raise AfterMetaUpdates(f"{err} (after {taken} of this meta-step)") from None
         meta_optimizer.step()
 
     losses = truncated_unroll(
