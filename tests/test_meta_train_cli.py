@@ -1388,7 +1388,7 @@ def test_a_bad_learnedopt_compile_is_a_one_line_error_before_the_run_writes(
 OWN_TASKS = '''
 import torch
 import torch.nn.functional as F
-from learnedopt.meta import Task, TaskFamily
+from learnedopt.meta import Task, TaskBatch, TaskFamily
 
 
 class Logistic(Task):
@@ -1518,6 +1518,20 @@ class LaterNaN(Logistic):
 
 class LaterNaNFamily(Variant):
     task = LaterNaN
+
+
+class ScaledBatch(TaskBatch):  # a batch of its own, whose constructor is not (tasks)
+    def __init__(self, tasks, scale):
+        super().__init__(tasks)
+        self.scale = scale
+
+    def loss(self, params, step_index):
+        return super().loss(params, step_index) * self.scale
+
+
+class ScaledBatchFamily(Variant):
+    def sample_batch(self, size, generator):
+        return ScaledBatch([self.sample(generator) for _ in range(size)], 2.0)
 
 
 class GlobalRandomFamily(Variant):
@@ -1681,6 +1695,33 @@ def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything
     err = capsys.readouterr().err
     assert err.startswith(f"learnedopt meta-train: error: {message.format(mod=own_tasks)}"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_an_own_task_batch_class_of_another_constructor_runs_on_one_process_and_is_checked_for_several(
+    tmp_path: Path, own_tasks: str
+) -> None:
+    """TaskBatch.subset rebuilds a batch as type(self)(tasks): on one process the meta-batch is
+    not split, so a batch class of another constructor (which truncated_unroll runs) was a
+    TypeError traceback at meta-step 1, after the log was begun; for several processes, which
+    split it, it is refused before the run, in one line."""
+    import importlib
+
+    from learnedopt.meta import train
+    from learnedopt.meta.distributed import Workers
+    from learnedopt.meta.loop import ConfigError
+    from learnedopt.meta.train import MetaTrainConfig
+
+    assert run(tmp_path / "run", "--task", f"{own_tasks}:ScaledBatchFamily", "--meta-steps", "1") == 0
+    module = importlib.import_module(own_tasks)
+    config = MetaTrainConfig(task=f"{own_tasks}:X", meta_batch=4)
+    with pytest.raises(ConfigError) as raised:
+        train._check_family(module.ScaledBatchFamily(), config, torch.Generator(), "meta-training",
+                            workers=Workers(rank=1, world_size=2))  # fmt: skip
+    assert str(raised.value).startswith(
+        f"--task {own_tasks}:X: the first meta-training tasks: ScaledBatch.subset() (a process's share of the meta-batch) "
+        "raised TypeError: "
+    ), raised.value
+    assert str(raised.value).endswith("a TaskBatch class whose constructor is not (tasks) must override subset")
 
 
 def test_the_device_hint_is_for_the_tasks_not_for_describe(own_tasks: str) -> None:

@@ -354,7 +354,8 @@ def episode(
     if config.random_horizon and meta_optimizer is not None:
         horizon = int(torch.randint(config.unroll, config.horizon + 1, (), generator=generator))
     part = workers.share(count)
-    batch, params = batch.subset(part), {k: v[part] for k, v in params.items()}
+    if workers.world_size > 1:  # one process runs the whole batch (subset would rebuild it as type(self)(tasks))
+        batch, params = batch.subset(part), {k: v[part] for k, v in params.items()}
     state = rule.init_state(num_coordinates(params), dtype=torch.float32, device=family.device)
     grad_norms: list[float] = []
 
@@ -426,8 +427,8 @@ class _RuleTrainer:
         self.eval_family = _family(config, "meta_valid")
         # the tasks of meta-step 1 and of the evaluation, tried now, so that a family that cannot be
         # unrolled is refused before the run writes anything rather than as a traceback in it
-        _check_family(self.family, config, generator_for(config.seed, _TRAIN_STREAM, 1), "meta-training")
-        _check_family(self.eval_family, config, generator_for(config.seed, _EVAL_STREAM), "evaluation")
+        _check_family(self.family, config, generator_for(config.seed, _TRAIN_STREAM, 1), "meta-training", workers=workers)
+        _check_family(self.eval_family, config, generator_for(config.seed, _EVAL_STREAM), "evaluation", workers=workers)
         self.rule = initial_rule(config).to(config.device)
         self.initial = copy.deepcopy(self.rule)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
@@ -591,11 +592,14 @@ def _task_name(task: str, family: TaskFamily) -> str:
     return f"{task} ({family.describe()})" if entry_point_path(task) is not None else task
 
 
-def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str) -> None:
+def _check_family(
+    family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator, role: str, *, workers: Workers = SINGLE
+) -> None:
     """Raise :class:`ConfigError` unless ``family`` describes itself, the rule's coordinates of its
     meta-batch fit a tensor (:func:`_check_coordinates`), and the meta-batch drawn from
     ``generator`` unrolls (:func:`~learnedopt.meta.unroll.check_task_batch`) on ``config.device``
-    and is drawn again the same from that generator's state (:func:`_check_repeatable`).
+    and is drawn again the same from that generator's state (:func:`_check_repeatable`), and on
+    several ``workers`` that it splits into their shares (:meth:`TaskBatch.subset`).
     Every rank checks the whole meta-batch, not its share, so that all fail or pass together."""
     stage = "describe()"
     try:
@@ -606,6 +610,8 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
         batch, params = _draw(family, config.meta_batch, generator)
         check_task_batch(batch, params, dtype=torch.float32)
         _check_repeatable(family, config.meta_batch, again, batch, params)
+        if workers.world_size > 1:
+            _check_subset(batch, workers.share(config.meta_batch))
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - the family may be the user's: any failure is one line
@@ -614,6 +620,18 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig, generator: torch.
         message = one_line(err)
         shown = message if isinstance(err, ValueError) else f"{type(err).__name__}: {message}"
         raise ConfigError(f"--task {config.task}: {stage}: {shown}{on_device}") from None
+
+
+def _check_subset(batch: TaskBatch, part: slice) -> None:
+    """Raise ValueError (one line) where ``batch.subset(part)`` fails: a batch class whose
+    constructor is not ``(tasks)`` and that does not override :meth:`TaskBatch.subset`."""
+    try:
+        batch.subset(part)
+    except Exception as err:  # noqa: BLE001 - the user's class: any failure is one line
+        raise ValueError(
+            f"{type(batch).__name__}.subset() (a process's share of the meta-batch) raised {type(err).__name__}: "
+            f"{one_line(err)}: a TaskBatch class whose constructor is not (tasks) must override subset"
+        ) from None
 
 
 def _check_repeatable(
