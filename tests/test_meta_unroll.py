@@ -300,6 +300,11 @@ def test_horizon_loss_weights() -> None:
     for weighting in ("uniform", "linear", "quadratic"):
         with pytest.raises(ValueError, match="horizon must be >= 1, got 0"):
             horizon_loss_weights(weighting, 0)
+        # 2.5 gave "linear" 3 weights of mean 8/7, not 1; True one weight
+        for horizon in (2.5, True):
+            with pytest.raises(ValueError, match=rf"horizon must be >= 1, got {horizon!r} \(an integer\)"):
+                horizon_loss_weights(weighting, horizon)
+    assert horizon_loss_weights("linear", np.int64(3)).shape == (3,)
 
 
 def test_truncated_unroll_gives_each_truncation_its_slice_of_the_weights() -> None:

@@ -63,8 +63,8 @@ def horizon_loss_weights(weighting: str, horizon: int) -> Tensor:
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if not is_integer(horizon) or horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon!r} (an integer)")
     if weighting == "uniform":
         return torch.ones(horizon)
     t = torch.arange(1, horizon + 1, dtype=torch.float64)
