@@ -7,7 +7,10 @@ truncation (the unroll of ``--unroll`` steps and its backward, as in
 timed truncation each (each right after an untimed one of its own), best of ``--rounds``: the
 shared machines these ran on have slow spells minutes long, which a run of one build and then a
 run of the other would put on one side. The script also says whether the two meta-gradients are
-the same bits (a change that only reorders the machine's work should keep them).
+the same bits (a change that only reorders the machine's work should keep them). Both builds
+run under the working tree's launcher (``lstm_layer_cpu.py``), so ``--against`` must name a
+revision whose kernel has the same C interface (the ``extern "C"`` parameters; they changed when
+the launcher began passing ``x``'s strides, commit 8d2e458): another is refused in one line.
 
     python benchmarks/kernel_ab.py --against REV [--preset NAME] [--meta-batch 2] [--unroll 20] [--threads 1] [--rounds 9] [--tag NAME]
 """
@@ -15,6 +18,7 @@ the same bits (a change that only reorders the machine's work should keep them).
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,11 @@ def source_at(revision: str) -> str:
     return done.stdout
 
 
+def c_interface(source: str) -> dict[str, str]:
+    """The kernel source's ``extern "C"`` functions: name -> parameter list, whitespace folded."""
+    return {name: " ".join(params.split()) for name, params in re.findall(r'extern "C" void (\w+)\(([^)]*)\)', source)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", required=True, help="git revision whose kernel source is the baseline")
@@ -67,6 +76,12 @@ def main() -> None:
             rule = RULES["CoordinateLSTM"]()
     except (OSError, ValueError) as err:
         fail(parser, str(err))
+    # both builds run under the working tree's launcher (lstm_layer_cpu.py): another calling
+    # convention would pass its pointers to the wrong parameters
+    if c_interface(baseline_source) != c_interface(lstm_layer_cpu.SOURCE.read_text()):
+        fail(parser, f"the kernel's C interface at {args.against!r} is not the working tree's (its extern \"C\" functions' "
+                     "parameters differ): both builds run under the working tree's launcher, so compare revisions of one "
+                     "interface")  # fmt: skip
     rule.requires_grad_(True)
     builds = {}
     with tempfile.TemporaryDirectory() as folder:

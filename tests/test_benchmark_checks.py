@@ -177,6 +177,23 @@ def test_kernel_ab_tells_same_bits_from_other_rounding(tmp_path: Path, monkeypat
     assert lstm_layer_cpu.SOURCE.read_text() == source  # the working tree's kernel is back in use
 
 
+def test_kernel_ab_refuses_a_revision_of_another_c_interface(monkeypatch, capsys) -> None:
+    """The working tree's launcher calls both builds: a baseline whose extern "C" parameters
+    differ (the source before x's strides were passed) would get its pointers shifted."""
+    import kernel_ab
+
+    from learnedopt.kernels import lstm_layer_cpu
+
+    source = lstm_layer_cpu.SOURCE.read_text()
+    strides = "const float* x, int64_t x_row, int64_t x_col,"
+    assert source.count(strides) == 2
+    monkeypatch.setattr(kernel_ab, "source_at", lambda revision: source.replace(strides, "const float* x,"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(kernel_ab, monkeypatch, "--against", "OLD", "--task", "quadratic")
+    assert exit_.value.code == 2
+    assert "the kernel's C interface at 'OLD' is not the working tree's" in capsys.readouterr().err
+
+
 def test_kernel_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
     import kernel_ab
 
