@@ -310,6 +310,9 @@ def _with_header_changes(source, target, **changes) -> None:
     (MetaLSTMCell, {"preprocess_p": float("nan")}, "preprocess_p must be in \\(0, 87.34\\]"),
     # finite in the header (a JSON double) but not in the rule's float32 math
     (CoordinateLSTM, {"output_scale": 1e300}, "output_scale must be finite in float32"),
+    # the untrained initialisation divides by it: a ZeroDivisionError, or a float32 overflow
+    (CoordinateLSTM, {"output_scale": 0.0}, "output_scale must be nonzero"),
+    (CoordinateLSTM, {"output_scale": 1e-45}, "output_scale must be nonzero"),
     (CoordinateLSTM, {"preprocess_p": 100.0}, "preprocess_p must be in \\(0, 87.34\\]"),
     (MetaLSTMCell, {"preprocess_p": 1e39}, "preprocess_p must be in \\(0, 87.34\\]"),
     (MetaLSTMCell, {"step_scale": 1e39}, "step_scale must be positive and finite in float32"),
@@ -318,8 +321,8 @@ def _with_header_changes(source, target, **changes) -> None:
 def test_a_header_with_an_architecture_constant_not_finite_in_float32_is_rejected(tmp_path, cls, change, message) -> None:
     """The weights are finite, but a NaN output scale in the header used to load and turn every
     step into NaN; an output scale of 1e300 set every float32 parameter to -Inf at the first
-    step, a bias range of 1e300 was a RuntimeError from the rule's initialisation, and p = 100
-    made a zero gradient's feature NaN."""
+    step, a bias range of 1e300 was a RuntimeError from the rule's initialisation, p = 100
+    made a zero gradient's feature NaN, and an output scale of 0 was a bare ZeroDivisionError."""
     good = tmp_path / "good.safetensors"
     save_weights(cls(), good)
     bad = tmp_path / "bad.safetensors"
@@ -704,3 +707,12 @@ def test_a_symbolic_link_that_leads_nowhere_says_so(tmp_path) -> None:
         with pytest.raises(FileNotFoundError, match=rf"{name}.safetensors is a symbolic link to .*{target}.safetensors, which does "
                            r"not resolve to a file\)$"):
             load_weights(tmp_path / f"{name}.safetensors")
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, 1e-40])
+def test_a_coordinate_lstm_with_an_output_scale_it_cannot_divide_by_is_refused_by_name(scale) -> None:
+    """Its initialisation sets the head to ``-lr / (output_scale * |h|)``: 0 was a bare
+    ZeroDivisionError, a subnormal scale torch's "cannot be converted to type float"."""
+    with pytest.raises(ValueError, match=r"output_scale must be nonzero"):
+        CoordinateLSTM(output_scale=scale)
+    CoordinateLSTM(output_scale=-0.1)  # a negative scale is a rule too

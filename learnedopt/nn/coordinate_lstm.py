@@ -25,7 +25,8 @@ class CoordinateLSTMConfig:
         hidden_size: LSTM hidden units per layer (20).
         num_layers: stacked LSTM layers (2).
         preprocess_p: gradient preprocessing constant ``p`` (10).
-        output_scale: the linear head's output is multiplied by this (0.1).
+        output_scale: the linear head's output is multiplied by this (0.1; nonzero, as the
+            initialisation divides by it).
         momentum_decays: extra inputs: the preprocessed exponential moving average of the
             gradient at each of these decays (none in the paper).
         rms_decays: extra inputs: the gradient divided by the root of its exponential moving
@@ -49,6 +50,11 @@ class CoordinateLSTMConfig:
         check_preprocess_p(self.preprocess_p)
         if not finite_in_float32(self.output_scale):
             raise ValueError(f"output_scale must be finite in float32, got {self.output_scale!r}")
+        # reset_parameters divides by it (0 was a ZeroDivisionError, a subnormal one a float32 overflow)
+        if abs(self.output_scale) < torch.finfo(torch.float32).tiny:
+            raise ValueError(
+                f"output_scale must be nonzero, at least {torch.finfo(torch.float32).tiny:.3g} in magnitude, got {self.output_scale!r}"
+            )
         for name in ("momentum_decays", "rms_decays"):
             decays = getattr(self, name)
             if not isinstance(decays, (tuple, list)):
