@@ -61,6 +61,9 @@ class Preset:
         file: file name in ``learnedopt/pretrained/``, or None for an untrained rule built by the
             class's deterministic initialisation (seeded with ``seed``).
         description: one line for ``learnedopt presets``.
+        sha256: for a shipped file, the SHA-256 of its weights (:func:`fingerprint`), checked at
+            each load: safetensors holds no checksum, so a file damaged on disk would load as
+            other, finite weights under the preset's name.
     """
 
     name: str
@@ -69,6 +72,7 @@ class Preset:
     description: str
     file: str | None = None
     seed: int = 0
+    sha256: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -105,6 +109,7 @@ PRESETS: dict[str, Preset] = {
             "linearly weighted meta-loss (--loss-weighting linear), then 100 more with a quadratically weighted "
             "one (--loss-weighting quadratic); model card: learnedopt/pretrained/l2l-mnist.md.",
             file="l2l-mnist.safetensors",
+            sha256="384957423785a38de0fa5742471b891267aa4e49762da17db55a0eac1299fea2",
         ),
         Preset(
             "l2l-random",
@@ -117,6 +122,7 @@ PRESETS: dict[str, Preset] = {
             "model card: learnedopt/pretrained/l2l-random.md. The default until l2l-blend, which averages it with "
             "l2l-short; opt-in now: it goes further than l2l-blend on a 10,000-step MNIST run and on the 20-dim quadratic.",
             file="l2l-random.safetensors",
+            sha256="9ae081f6128e6f7843b5086d1da1b87d9d4d66d037feeb89d5900ff8f02b4dcf",
         ),
         Preset(
             "l2l-blend",
@@ -131,6 +137,7 @@ PRESETS: dict[str, Preset] = {
             "(784-256-256-10 ReLU: 0.075 at lr 1, 0.00033 at lr 0.1, tuned Adam 0.00099); model card: "
             "learnedopt/pretrained/l2l-blend.md.",
             file="l2l-blend.safetensors",
+            sha256="26245555c2a864ff2fffdc7bcef2566e2ab1b42efa07bc6b426fff5f1b0f2a17",
         ),
         Preset(
             "l2l-mix",
@@ -142,6 +149,7 @@ PRESETS: dict[str, Preset] = {
             "6.6, but 2.3x higher than l2l-random on the ELU member of mlp-random; "
             "model card: learnedopt/pretrained/l2l-mix.md.",
             file="l2l-mix.safetensors",
+            sha256="e095d549fc777f799fe362be3b1dd2bfeb8c61a764ff57dddfe531deca717a56",
         ),
         Preset(
             "l2l-short",
@@ -153,6 +161,7 @@ PRESETS: dict[str, Preset] = {
             "100- and 200-step MNIST MLPs (l2l-random, the former default: level with Nesterov at 100, above it at 200), but 11x higher "
             "than l2l-random at 1000 steps; model card: learnedopt/pretrained/l2l-short.md.",
             file="l2l-short.safetensors",
+            sha256="fca6ecfe7672c52bae27d5966ac5927ca77f488270276588132daa46fddbebb5",
         ),
         Preset(
             "meta-lstm-adam-mnist",
@@ -161,6 +170,7 @@ PRESETS: dict[str, Preset] = {
             "meta-lstm-adam fine-tuned on the MNIST MLP task (meta-train split) for 150 meta-steps with a "
             "linearly weighted meta-loss (--loss-weighting linear); model card: learnedopt/pretrained/meta-lstm-adam-mnist.md.",
             file="meta-lstm-adam-mnist.safetensors",
+            sha256="389a6168670808660d5b523a98989083037bd7f2f17151223484ea2e287b288d",
         ),
         Preset(
             "meta-lstm-mnist",
@@ -169,6 +179,7 @@ PRESETS: dict[str, Preset] = {
             "meta-lstm-2017's architecture meta-trained on the MNIST MLP task (meta-train split); "
             "model card: learnedopt/pretrained/meta-lstm-mnist.md.",
             file="meta-lstm-mnist.safetensors",
+            sha256="5d0aac65e5a13b3f1999745a4c50fd4d8f92dd206616e12aba296edc08977094",
         ),
     )
 }
@@ -473,6 +484,12 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     if preset.file is not None:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
             rule, header = _load_file(path)
+            found = fingerprint(rule)["sha256"]
+            if preset.sha256 is not None and found != preset.sha256:
+                raise ValueError(
+                    f"preset {name!r}: {path} does not hold the weights it shipped with (SHA-256 {found[:12]}..., "
+                    f"expected {preset.sha256[:12]}...): damaged on disk; reinstall learnedopt"
+                )
         return rule, {**header, "preset": name}
     with _cpu_float32():
         rule = RULES[preset.kind].from_config_dict(preset.config)

@@ -716,3 +716,40 @@ def test_a_coordinate_lstm_with_an_output_scale_it_cannot_divide_by_is_refused_b
     with pytest.raises(ValueError, match=r"output_scale must be nonzero"):
         CoordinateLSTM(output_scale=scale)
     CoordinateLSTM(output_scale=-0.1)  # a negative scale is a rule too
+
+
+def _pretrained_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of ``learnedopt/pretrained`` that the presets load from, to damage."""
+    import contextlib
+    import shutil
+    import types
+    from importlib import resources
+
+    import learnedopt.weights
+
+    folder = tmp_path / "pretrained"
+    shutil.copytree(Path(str(resources.files("learnedopt.pretrained"))), folder)
+    monkeypatch.setattr(learnedopt.weights, "resources", types.SimpleNamespace(files=lambda _: folder, as_file=contextlib.nullcontext))
+    return folder
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+def test_a_shipped_preset_damaged_on_disk_is_refused_not_loaded_as_other_weights(cls, tmp_path, monkeypatch) -> None:
+    """safetensors has no checksum: a flipped bit in a tensor of a shipped preset (a bad disk,
+    a botched copy) loaded as finite, other weights, under the preset's name and without a word."""
+    preset = PRESETS[cls.default_preset]
+    path = _pretrained_copy(tmp_path, monkeypatch) / preset.file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the low mantissa bit of the last float32: still finite, just other weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"preset {cls.default_preset!r}: .*{preset.file} does not hold the weights "
+                                         r"it shipped with \(SHA-256 [0-9a-f]{12}\.\.\., expected [0-9a-f]{12}\.\.\.\)"):
+        cls([torch.zeros(2, requires_grad=True)])
+
+
+def test_every_shipped_preset_records_the_weights_it_ships() -> None:
+    from learnedopt.weights import fingerprint
+
+    for name, preset in PRESETS.items():
+        if preset.file is not None:
+            assert preset.sha256 == fingerprint(build_preset(name)[0])["sha256"], name
