@@ -483,7 +483,10 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
     preset = PRESETS[name]
     if preset.file is not None:
         with resources.as_file(resources.files("learnedopt.pretrained") / preset.file) as path:
-            rule, header = _load_file(path)
+            try:
+                rule, header = _load_file(path)
+            except (FileNotFoundError, ValueError) as err:  # the caller named a preset, maybe none at all
+                raise type(err)(f"preset {name!r}: {err}; reinstall learnedopt") from None
             found = fingerprint(rule)["sha256"]
             if preset.sha256 is not None and found != preset.sha256:
                 raise ValueError(

@@ -753,3 +753,15 @@ def test_every_shipped_preset_records_the_weights_it_ships() -> None:
     for name, preset in PRESETS.items():
         if preset.file is not None:
             assert preset.sha256 == fingerprint(build_preset(name)[0])["sha256"], name
+
+
+@pytest.mark.parametrize(("damage", "error"), [
+    (lambda path: path.unlink(), FileNotFoundError),
+    (lambda path: path.write_bytes(b""), ValueError),
+])  # fmt: skip
+def test_a_shipped_preset_missing_or_unreadable_names_the_preset_not_only_a_file(tmp_path, monkeypatch, damage, error) -> None:
+    """LSTMOptimizer(model.parameters()) names no file, yet said only "weight file not found:
+    .../l2l-blend.safetensors" where the package was installed without its data."""
+    damage(_pretrained_copy(tmp_path, monkeypatch) / PRESETS["l2l-blend"].file)
+    with pytest.raises(error, match=r"^preset 'l2l-blend': .*l2l-blend.safetensors.*; reinstall learnedopt$"):
+        LSTMOptimizer([torch.zeros(2, requires_grad=True)])
