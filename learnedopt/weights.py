@@ -427,7 +427,8 @@ def open_with_header(
         raise ValueError(f"{path}: {missing_header}" if other is None else f"{path}: not a {what} but {other}")
     try:
         header = json.loads(metadata[header_key])
-    except json.JSONDecodeError as err:
+    # ValueError: JSONDecodeError, or an integer past Python's digit limit; RecursionError: nesting
+    except (ValueError, RecursionError) as err:
         raise ValueError(f"{path}: learnedopt header is not valid JSON: {err}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: learnedopt header is a JSON {type(header).__name__}, not an object")

@@ -765,3 +765,20 @@ def test_a_shipped_preset_missing_or_unreadable_names_the_preset_not_only_a_file
     damage(_pretrained_copy(tmp_path, monkeypatch) / PRESETS["l2l-blend"].file)
     with pytest.raises(error, match=r"^preset 'l2l-blend': .*l2l-blend.safetensors.*; reinstall learnedopt$"):
         LSTMOptimizer([torch.zeros(2, requires_grad=True)])
+
+
+@pytest.mark.parametrize("edit", [
+    lambda raw: raw.replace('"hidden_size": 20', '"hidden_size": ' + "9" * 5000),  # past Python's int-digit limit
+    lambda raw: raw.replace('"trained_on": null', '"trained_on": ' + "[" * 100_000 + "]" * 100_000),  # past the recursion limit
+])  # fmt: skip
+def test_a_header_json_cannot_parse_is_a_value_error_naming_the_file(tmp_path, edit) -> None:
+    """json.loads raises a bare ValueError ("Exceeds the limit (4300 digits) for integer string
+    conversion") or a RecursionError for these, not the JSONDecodeError that was caught."""
+    good = tmp_path / "good.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    raw = json.dumps(read_header(good))
+    assert edit(raw) != raw
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_weights(good)[0].state_dict(), str(bad), metadata={"learnedopt": edit(raw)})
+    with pytest.raises(ValueError, match=r"bad.safetensors: learnedopt header is not valid JSON: "):
+        load_weights(bad)
