@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import reprlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -364,7 +365,7 @@ def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[
     except Exception:  # noqa: BLE001 - a rule of your own that cannot be built on the meta device
         expected = None
     if count is not None and count != len(found):
-        raise ValueError(f"tensors do not match the {kind} architecture {config}: it has {count} weight tensors, the file {len(found)}")
+        raise ValueError(f"tensors do not match the {kind} architecture {brief_config(config)}: it has {count} weight tensors, the file {len(found)}")
     if expected is None:  # compared once built, as before weight_shapes
         with _cpu_float32():
             rule = rule_class.from_config_dict(config)
@@ -374,10 +375,22 @@ def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[
         unexpected = sorted(set(found) - set(expected))
         wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
         raise ValueError(
-            f"tensors do not match the {kind} architecture {config}"
+            f"tensors do not match the {kind} architecture {brief_config(config)}"
             f" (missing {missing}, unexpected {unexpected}, wrong shape {wrong})"
         )
     return rule
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlist = _BRIEF.maxtuple = 8
+_BRIEF.maxlong = 40
+_BRIEF.maxstring = 80
+
+
+def brief_config(config: dict[str, Any]) -> str:
+    """A rule's config for a message, as its ``repr`` but with each value cut short (a list to
+    its first entries and ``...``): a hand-edited header's list of 10**6 decays printed 5 MB."""
+    return "{" + ", ".join(f"{key!r}: {_BRIEF.repr(value)}" for key, value in config.items()) + "}"
 
 
 def not_finite(rule: UpdateRule) -> list[str]:

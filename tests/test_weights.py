@@ -782,3 +782,17 @@ def test_a_header_json_cannot_parse_is_a_value_error_naming_the_file(tmp_path, e
     save_file(load_weights(good)[0].state_dict(), str(bad), metadata={"learnedopt": edit(raw)})
     with pytest.raises(ValueError, match=r"bad.safetensors: learnedopt header is not valid JSON: "):
         load_weights(bad)
+
+
+def test_a_header_with_a_huge_list_in_its_config_is_refused_in_a_short_message(tmp_path) -> None:
+    """momentum_decays of 10**6 entries over the tensors of three: the message printed the whole
+    config, 5 MB on one line."""
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_weights(CoordinateLSTM(momentum_decays=(0.5, 0.9, 0.99)), good)
+    _with_header_changes(good, bad, momentum_decays=[0.5] * 10**6)
+    with pytest.raises(ValueError) as caught:
+        load_weights(bad)
+    message = str(caught.value)
+    assert re.fullmatch(r".*bad.safetensors: tensors do not match the CoordinateLSTM architecture \{'hidden_size': 20, .*"
+                        r"'momentum_decays': \[0.5, 0.5, .*\.\.\.\], .*wrong shape \['lstm.weight_ih_l0'\]\)", message), message
+    assert len(message) < 1000
