@@ -589,8 +589,8 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
 
     Each tensor of the result is the mean of that tensor over the files, summed in float64 and
     stored in float32. The float64 sum of one element's float32 values is exact unless they
-    differ in scale by more than about 2**27, so the order of ``paths`` does not change the
-    result. Meaningful for runs fine-tuned from one starting point; the files are not otherwise
+    differ in scale by more than about 2**27; the files are summed in the order of their
+    weights' SHA-256, so the order of ``paths`` does not change a bit even then. Meaningful for runs fine-tuned from one starting point; the files are not otherwise
     checked for that.
 
     Args:
@@ -625,7 +625,8 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
         rules.append(rule)
         members.append({"path": str(path), "sha256": sha256,
                         "trained_on": header.get("trained_on"), "command": header.get("command")})  # fmt: skip
-    states = [r.state_dict() for r in rules]
+    # a canonical order: where the float64 sum rounds, another order would give other bits
+    states = [r.state_dict() for _, r in sorted(zip((m["sha256"] for m in members), rules), key=lambda pair: pair[0])]
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
     with torch.device("cpu"):  # see build_preset
         average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())

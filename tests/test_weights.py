@@ -796,3 +796,22 @@ def test_a_header_with_a_huge_list_in_its_config_is_refused_in_a_short_message(t
     assert re.fullmatch(r".*bad.safetensors: tensors do not match the CoordinateLSTM architecture \{'hidden_size': 20, .*"
                         r"'momentum_decays': \[0.5, 0.5, .*\.\.\.\], .*wrong shape \['lstm.weight_ih_l0'\]\)", message), message
     assert len(message) < 1000
+
+
+def test_average_weights_does_not_depend_on_the_file_order_even_where_the_float64_sum_rounds(tmp_path) -> None:
+    """Values 2**60 apart: (1 + 2**-60) - 1 is 0 in float64, (1 - 1) + 2**-60 is not, so the
+    mean depended on the order of the files the README says it does not depend on."""
+    from itertools import permutations
+
+    from learnedopt.weights import average_weights
+
+    paths = []
+    for i, value in enumerate((1.0, 2.0**-60, -1.0)):
+        rule = CoordinateLSTM(hidden_size=4)
+        with torch.no_grad():
+            rule.head.bias.fill_(value)
+            next(rule.parameters()).add_(i)  # else the same weights twice
+        paths.append(tmp_path / f"r{i}.safetensors")
+        save_weights(rule, paths[-1])
+    biases = {average_weights(list(order))[0].head.bias.item() for order in permutations(paths)}
+    assert len(biases) == 1, biases
