@@ -211,7 +211,8 @@ def save_weights(
     from (``rule_class``, ``module:Class``; not for a class of ``__main__`` or one nested in a
     function or class), which the messages about its unregistered kind name. Nothing imports it
     from there by itself: loading a file never runs code. ``extra`` adds header keys other than
-    :data:`RESERVED_HEADER_KEYS` (ValueError).
+    :data:`RESERVED_HEADER_KEYS` (ValueError). The weights are stored in float32; one that is
+    NaN or Inf there is refused with ValueError, as loading would refuse the file.
     """
     held = RULES.get(rule.kind)
     if held is not None and (held.__module__, held.__qualname__) != (type(rule).__module__, type(rule).__qualname__):
@@ -237,6 +238,10 @@ def save_weights(
         **(extra or {}),
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _weight_values(rule, "save").items()}
+    # checked in the file's float32, as _load_file checks them: a float64 1e300 is Inf there
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"cannot save the {rule.kind}: its weights {bad} are NaN or Inf in float32, which no load takes")
     save_with_header(path, _HEADER_KEY, header, tensors)
 
 

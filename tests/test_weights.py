@@ -176,10 +176,11 @@ def test_truncated_file_is_rejected(tmp_path) -> None:
 
 def test_nan_weights_are_rejected(tmp_path) -> None:
     rule = CoordinateLSTM()
+    header = {"format": 1, "kind": rule.kind, "config": rule.config_dict(), "trained": True}
     with torch.no_grad():
         rule.lstm.bias_ih_l1[3] = float("nan")
-    path = tmp_path / "w.safetensors"
-    save_weights(rule, path)
+    path = tmp_path / "w.safetensors"  # written by hand: save_weights refuses NaN weights
+    save_file(rule.state_dict(), str(path), metadata={"learnedopt": json.dumps(header)})
     with pytest.raises(ValueError, match=r"NaN or Inf \(in float32\) in \[.lstm.bias_ih_l1.\]"):
         load_weights(path)
 
@@ -815,3 +816,17 @@ def test_average_weights_does_not_depend_on_the_file_order_even_where_the_float6
         save_weights(rule, paths[-1])
     biases = {average_weights(list(order))[0].head.bias.item() for order in permutations(paths)}
     assert len(biases) == 1, biases
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float32, float("nan")), (torch.float64, 1e300)])
+def test_save_weights_refuses_weights_no_load_would_take(tmp_path, dtype, value) -> None:
+    """A NaN weight, or a float64 one past float32's range (Inf once stored in float32), was
+    written without a word into a file that load_weights then always refused."""
+    rule = CoordinateLSTM(hidden_size=4).to(dtype)
+    with torch.no_grad():
+        rule.head.bias.fill_(value)
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(ValueError, match=r"^cannot save the CoordinateLSTM: its weights \['head.bias'\] are NaN or Inf "
+                                         r"in float32, which no load takes$"):  # fmt: skip
+        save_weights(rule, path)
+    assert not path.exists()
