@@ -211,9 +211,15 @@ def save_weights(
     from (``rule_class``, ``module:Class``; not for a class of ``__main__`` or one nested in a
     function or class), which the messages about its unregistered kind name. Nothing imports it
     from there by itself: loading a file never runs code. ``extra`` adds header keys other than
-    :data:`RESERVED_HEADER_KEYS` (ValueError). The weights are stored in float32; one that is
+    :data:`RESERVED_HEADER_KEYS` (ValueError). A ``path`` string that is a preset's name is refused
+    with ValueError: that string loads the preset, not the file. The weights are stored in float32; one that is
     NaN or Inf there is refused with ValueError, as loading would refuse the file.
     """
+    if isinstance(path, str) and path in PRESETS:  # _preset_or_file reads that string as the preset
+        raise ValueError(
+            f"{path!r} is a preset's name: weights={path!r} loads the preset, not a file of that name; "
+            f"name the file {path}.safetensors"
+        )
     held = RULES.get(rule.kind)
     if held is not None and (held.__module__, held.__qualname__) != (type(rule).__module__, type(rule).__qualname__):
         raise ValueError(

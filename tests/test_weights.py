@@ -529,7 +529,7 @@ def test_read_header_takes_a_preset_name_as_load_weights_does(tmp_path, monkeypa
         assert read_header(name) == load_weights(name)[1]
     assert read_header("l2l-blend")["preset"] == "l2l-blend"
     monkeypatch.chdir(tmp_path)
-    save_weights(MetaLSTMCell(), "l2l-blend")
+    save_weights(MetaLSTMCell(), Path("l2l-blend"))  # the string is refused: it would read as the preset
     assert read_header("l2l-blend")["kind"] == "CoordinateLSTM"
     assert read_header(Path("l2l-blend"))["kind"] == "MetaLSTMCell"  # a path is a file
     with pytest.raises(ValueError, match=r"unknown preset 'l2l-blnd' and no such file; presets: \["):
@@ -830,3 +830,19 @@ def test_save_weights_refuses_weights_no_load_would_take(tmp_path, dtype, value)
                                          r"in float32, which no load takes$"):  # fmt: skip
         save_weights(rule, path)
     assert not path.exists()
+
+
+def test_a_weight_file_named_as_a_preset_is_refused_as_weights_of_that_name_load_the_preset(tmp_path, monkeypatch, capsys) -> None:
+    """``average-weights ... --out l2l-blend`` wrote ./l2l-blend, and weights="l2l-blend" then
+    loaded the shipped preset, not that file, without a word."""
+    from learnedopt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    message = r"'l2l-blend' is a preset's name: weights='l2l-blend' loads the preset, not a file of that name; name the file l2l-blend.safetensors"
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        save_weights(CoordinateLSTM(hidden_size=4), "l2l-blend")
+    assert main(["average-weights", "l2l-short", "l2l-random", "--out", "l2l-blend"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "l2l-blend").exists()
+    save_weights(CoordinateLSTM(hidden_size=4), "./l2l-blend")  # a path no preset is called: loads as the file
+    assert load_weights("./l2l-blend")[0].config.hidden_size == 4
