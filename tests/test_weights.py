@@ -846,3 +846,26 @@ def test_a_weight_file_named_as_a_preset_is_refused_as_weights_of_that_name_load
     assert not (tmp_path / "l2l-blend").exists()
     save_weights(CoordinateLSTM(hidden_size=4), "./l2l-blend")  # a path no preset is called: loads as the file
     assert load_weights("./l2l-blend")[0].config.hidden_size == 4
+
+
+@pytest.mark.parametrize("cls", [CoordinateLSTM, MetaLSTMCell])
+def test_a_preprocess_p_too_small_for_float32_is_refused_not_stepped_to_nan(tmp_path, cls) -> None:
+    """p = 1e-300 is positive, but 0 in float32: every step divided log|g| by it and turned the
+    parameters NaN without an error (p = 1e-40 did for a gradient of 10: log 10 / p is Inf)."""
+    for p in (1e-300, 1e-40):
+        with pytest.raises(ValueError, match=r"preprocess_p must be at least 2.61e-37 \(log\|g\| / p finite in float32\), got "):
+            cls(preprocess_p=p)
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_weights(cls(), good)
+    _with_header_changes(good, bad, preprocess_p=1e-300)
+    with pytest.raises(ValueError, match=rf"bad.safetensors: invalid {cls.kind} config in header: preprocess_p must be at least"):
+        load_weights(bad)
+    # the smallest p taken steps finitely on any finite gradient
+    from learnedopt.nn.base import MIN_PREPROCESS_P
+
+    optimizer = {CoordinateLSTM: LSTMOptimizer, MetaLSTMCell: MetaLSTMOptimizer}[cls]
+    param = torch.nn.Parameter(torch.zeros(4))
+    opt = optimizer([param], weights=cls(preprocess_p=MIN_PREPROCESS_P))
+    param.grad = torch.tensor([0.0, 1e-3, 10.0, torch.finfo(torch.float32).max])
+    opt.step(**({"loss": torch.tensor(1.0)} if cls is MetaLSTMCell else {}))
+    assert torch.isfinite(param).all()
