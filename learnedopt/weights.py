@@ -16,7 +16,7 @@ import json
 import os
 import reprlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -595,7 +595,7 @@ def describe_fingerprint(rule: dict[str, Any]) -> str:
     return f"{rule.get('kind')}, sha256 {str(rule.get('sha256'))[:12]}..."
 
 
-def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[dict[str, Any]]]:
+def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, list[dict[str, Any]]]:
     """The uniform average of several weight files of one architecture (a "model soup").
 
     Each tensor of the result is the mean of that tensor over the files, summed in float64 and
@@ -605,7 +605,7 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
     checked for that.
 
     Args:
-        paths: one or more weight files (see :func:`load_weights`) or preset names.
+        paths: one or more weight files (see :func:`load_weights`) or preset names (any iterable).
 
     Returns:
         ``(rule, members)``: the averaged rule, and for each file its path, SHA-256 (of the
@@ -617,6 +617,7 @@ def average_weights(paths: list[str | os.PathLike]) -> tuple[UpdateRule, list[di
     """
     if isinstance(paths, (str, os.PathLike)):  # else read as a list of its characters ("/" a folder)
         raise TypeError(f"average_weights takes a list of weight files or presets, got one {type(paths).__name__}: [{paths!r}]")
+    paths = list(paths)  # a generator, which the messages' paths[0] could not index
     if not paths:
         raise ValueError("average_weights needs at least one weight file")
     rules, members = [], []

@@ -869,3 +869,16 @@ def test_a_preprocess_p_too_small_for_float32_is_refused_not_stepped_to_nan(tmp_
     param.grad = torch.tensor([0.0, 1e-3, 10.0, torch.finfo(torch.float32).max])
     opt.step(**({"loss": torch.tensor(1.0)} if cls is MetaLSTMCell else {}))
     assert torch.isfinite(param).all()
+
+
+def test_average_weights_of_an_iterator_of_paths_refuses_as_a_list_does(tmp_path) -> None:
+    """The mismatch message indexed ``paths[0]``: a generator of paths got "'generator' object is
+    not subscriptable" instead, and an empty one an IndexError."""
+    from learnedopt.weights import average_weights
+
+    other = tmp_path / "other.safetensors"
+    save_weights(CoordinateLSTM(hidden_size=4), other)
+    with pytest.raises(ValueError, match=r"other.safetensors is a CoordinateLSTM .* but l2l-short is a CoordinateLSTM"):
+        average_weights(p for p in ["l2l-short", other])
+    with pytest.raises(ValueError, match=r"^average_weights needs at least one weight file$"):
+        average_weights(iter([]))
