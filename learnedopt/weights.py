@@ -212,8 +212,9 @@ def save_weights(
     function or class), which the messages about its unregistered kind name. Nothing imports it
     from there by itself: loading a file never runs code. ``extra`` adds header keys other than
     :data:`RESERVED_HEADER_KEYS` (ValueError). A ``path`` string that is a preset's name is refused
-    with ValueError: that string loads the preset, not the file. The weights are stored in float32; one that is
-    NaN or Inf there is refused with ValueError, as loading would refuse the file.
+    with ValueError: that string loads the preset, not the file. The weights are stored in
+    float32; one that is NaN or Inf there is refused with ValueError, as loading would refuse the
+    file.
     """
     if isinstance(path, str) and path in PRESETS:  # _preset_or_file reads that string as the preset
         raise ValueError(
@@ -601,8 +602,8 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
     Each tensor of the result is the mean of that tensor over the files, summed in float64 and
     stored in float32. The float64 sum of one element's float32 values is exact unless they
     differ in scale by more than about 2**27; the files are summed in the order of their
-    weights' SHA-256, so the order of ``paths`` does not change a bit even then. Meaningful for runs fine-tuned from one starting point; the files are not otherwise
-    checked for that.
+    weights' SHA-256, so the order of ``paths`` does not change a bit even then. Meaningful for
+    runs fine-tuned from one starting point; the files are not otherwise checked for that.
 
     Args:
         paths: one or more weight files (see :func:`load_weights`) or preset names (any iterable).
