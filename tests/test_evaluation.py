@@ -486,7 +486,8 @@ def test_a_weight_file_named_like_a_preset_runs_the_file_not_the_preset(tmp_path
     from learnedopt.evaluation.harness import check_config
 
     monkeypatch.chdir(tmp_path)
-    save_weights(CoordinateLSTM(), "l2l-random", trained_on="my file")
+    # as a Path: save_weights refuses the string "l2l-random", which names the preset
+    save_weights(CoordinateLSTM(), tmp_path / "l2l-random", trained_on="my file")
     (tmp_path / "sub").mkdir()
     save_weights(CoordinateLSTM(), tmp_path / "sub" / "l2l-mix", trained_on="my other file")
     spec = learned_from_file("l2l-random")
@@ -1138,7 +1139,8 @@ def test_reuse_reruns_weight_files_even_when_the_report_ran_them(
 
 def test_reuse_reruns_a_weight_file_named_like_a_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    save_weights(CoordinateLSTM(), "l2l-random", trained_on="my file")
+    # as a Path: save_weights refuses the string "l2l-random", which names the preset
+    save_weights(CoordinateLSTM(), tmp_path / "l2l-random", trained_on="my file")
     config = EvalConfig(problems=["quadratic-20"], weights=["l2l-random"], seeds=1, tuning_seeds=1, lrs=(0.1,),
                         steps=3, stability_steps=0, include_default_learned=False)  # fmt: skip
     reuse = save_report(evaluate_optimizers(config, log=lambda _: None), tmp_path / "first.json")
