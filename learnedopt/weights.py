@@ -246,7 +246,7 @@ def save_weights(
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _weight_values(rule, "save").items()}
     # checked in the file's float32, as _load_file checks them: a float64 1e300 is Inf there
-    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    bad = not_finite(tensors)
     if bad:
         raise ValueError(f"cannot save the {rule.kind}: its weights {bad} are NaN or Inf in float32, which no load takes")
     save_with_header(path, _HEADER_KEY, header, tensors)
@@ -405,10 +405,12 @@ def brief_config(config: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{key!r}: {_BRIEF.repr(value)}" for key, value in config.items()) + "}"
 
 
-def not_finite(rule: UpdateRule) -> list[str]:
-    """The names of ``rule``'s ``state_dict`` tensors holding a NaN or an Inf, sorted (none
-    checked on the meta device, where there are no values)."""
-    return sorted(k for k, v in rule.state_dict().items() if v.device.type != "meta" and not torch.isfinite(v).all())
+def not_finite(tensors: UpdateRule | dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors (a rule's ``state_dict``'s, for a rule) holding a NaN or an Inf,
+    sorted (none checked on the meta device, where there are no values)."""
+    if isinstance(tensors, UpdateRule):
+        tensors = tensors.state_dict()
+    return sorted(k for k, v in tensors.items() if v.device.type != "meta" and not torch.isfinite(v).all())
 
 
 def folder_note(path: str | os.PathLike) -> str:
