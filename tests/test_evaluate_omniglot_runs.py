@@ -151,6 +151,25 @@ def test_cli_refuses_steps_below_1(tmp_path: Path, checkpoints: dict, capsys) ->
     assert capsys.readouterr().err == "learnedopt evaluate omniglot-runs: error: --steps must be a positive integer, got 0\n"
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--support-copies", "100000000", r"--support-copies 100000000: run01's support set of 20 images and its distorted copies "
+                                      r"would have 1,568,000,015,680 elements"),
+    ("--query-copies", "100000000", r"--query-copies 100000000: run01's 20 test images and their distorted views "
+                                    r"would have 1,568,000,015,680 elements"),
+    ("--steps", "10000000000", r"--steps 10000000000: an inner loop's per-step losses would have 10,000,000,000 elements"),
+])  # fmt: skip
+def test_cli_refuses_copies_or_steps_beyond_a_tensors_size_in_one_line(tmp_path: Path, checkpoints: dict, capsys,
+                                                                       option: str, value: str, message: str) -> None:
+    """A count that sizes a tensor beyond 2**31 - 1 elements is refused before adapting, as meta-train
+    refuses its own (it failed in the allocator with a traceback, or ran for ever)."""
+    make_runs(tmp_path / "runs", runs=1)
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
+    assert main([*argv, option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(f"learnedopt evaluate omniglot-runs: error: {message}", err), err
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     ("image", "cannot read image .*class05.png"),
     ("seed", r"--seed must lie in torch.Generator's range, -2\*\*63 to 2\*\*64 - 1, got 99999999999999999999"),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..loop import check_elements
 from .learner import FewShotLearner, load_learner
 
 
@@ -112,6 +113,21 @@ def add_omniglot_runs_parser(evaluate_sub: argparse._SubParsersAction) -> argpar
     return parser
 
 
+def _check_sizes(args: argparse.Namespace, runs: list[Any]) -> None:
+    """Raise :class:`~learnedopt.meta.loop.ConfigError` where ``--steps``, ``--support-copies`` or
+    ``--query-copies`` would size a tensor beyond :data:`~learnedopt.meta.loop.MAX_ELEMENTS`, as
+    ``meta-train`` refuses its counts: the adapted support set ``(20 (K + 1), 1, S, S)`` and the
+    test images' views, all held at once, ``(K + 1)`` of ``(T, 1, S, S)``."""
+    if args.steps is not None:
+        check_elements(f"--steps {args.steps}", args.steps, "an inner loop's per-step losses")
+    for run in runs:
+        support, test = run.train_images, run.test_images
+        check_elements(f"--support-copies {args.support_copies}", (args.support_copies + 1) * support.numel(),
+                       f"{run.name}'s support set of {support.shape[0]} images and its distorted copies")  # fmt: skip
+        check_elements(f"--query-copies {args.query_copies}", (args.query_copies + 1) * test.numel(),
+                       f"{run.name}'s {test.shape[0]} test images and their distorted views")  # fmt: skip
+
+
 def run_omniglot_runs(args: argparse.Namespace) -> int:
     """Handler of ``learnedopt evaluate omniglot-runs``: 0, or 2 after a one-line error."""
     from ...data import load_runs, score_runs
@@ -141,6 +157,7 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
         wrong = [run.name for run in runs if run.train_images.shape[0] != 20]
         if wrong:
             raise ValueError(f"runs {wrong} do not have 20 training images")
+        _check_sizes(args, runs)
     except (OSError, ValueError, ImportError) as err:  # OSError: a missing or unreadable file; ImportError: no Pillow
         print(f"learnedopt evaluate omniglot-runs: error: {err}", file=sys.stderr)
         return 2
