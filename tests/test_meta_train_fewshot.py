@@ -263,7 +263,7 @@ BAD = [
     # the sinusoid tasks are generated: --data was ignored, yet recorded in the card's command
     (["--algo", "maml", "--data", "{tmp}"], "--data does not apply to --task sinusoid"),
     (["--algo", "reptile", "--clip", "1"], "--clip does not apply to --algo reptile (it has no meta-gradient)"),
-    (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm"),
+    (["--algo", "meta-lstm", "--inner-lr", "0.1"], "--inner-lr does not apply to --algo meta-lstm (its rule learns the step); it is an option of --algo maml, fomaml, reptile"),
     (["--algo", "reptile", "--learn-inner-lr"], "--learn-inner-lr does not apply to --algo reptile"),
     (["--algo", "meta-lstm", "--zero-head"], "--zero-head does not apply to --algo meta-lstm"),
     (["--algo", "reptile", "--head-only"], "--head-only does not apply to --algo reptile"),

@@ -316,7 +316,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     if algo == "reptile":
         refuse_options(args, ("clip",), "--algo reptile (it has no meta-gradient)", "--algo lstm, maml, fomaml, meta-lstm")
     if algo == "meta-lstm":
-        refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "maml, fomaml, reptile")
+        refuse_options(args, ("inner_lr",), "--algo meta-lstm (its rule learns the step)", "--algo maml, fomaml, reptile")
     if algo not in ("maml", "fomaml"):
         refuse_options(args, ("learn_inner_lr", "zero_head", "head_only", "multi_step_loss"), f"--algo {algo}", "--algo maml, fomaml")
     if algo != "maml":
