@@ -412,6 +412,23 @@ def test_too_few_omniglot_classes_for_the_ways(tmp_path: Path, omniglot_dir: Pat
                      r"for fewer --ways$", err.strip())
 
 
+@pytest.mark.parametrize(("extra", "ending"), [
+    (["--shots", "2", "--queries", "2"], "have fewer than k_shot + q_query = 4 examples (class 0 has 3, class 1 has 3, class 2 has 3, "
+                                         "class 6 has 3, class 7 has 3, ...); ask for fewer examples per class (--shots 2 plus --queries 2)"),
+    (["--algo", "reptile", "--shots", "1", "--train-shots", "3", "--queries", "1"],
+     "; ask for fewer examples per class (--train-shots 3 plus --queries 1)"),
+    # enough drawings, too few classes in any one alphabet: the ways are what to lower
+    (["--shots", "1", "--queries", "1", "--ways", "13", "--same-alphabet"], "Script8 12); ask for fewer --ways"),
+])  # fmt: skip
+def test_too_few_omniglot_drawings_for_the_shots_asks_for_fewer_shots(tmp_path: Path, omniglot_dir: Path, capsys,
+                                                                       extra: list[str], ending: str) -> None:
+    """Each generated character has 3 drawings: the fix is fewer examples per class, not fewer --ways."""
+    args = ["--algo", "maml", "--task", "omniglot", "--ways", "2", "--data", str(omniglot_dir), *extra]
+    assert train(tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--task omniglot, meta_train classes: " in err and err.endswith(ending), err
+
+
 def test_inner_minibatches_use_every_example_once_before_repeating() -> None:
     x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
     batches = inner_minibatches(x, y, 2, 6, torch.Generator().manual_seed(0))

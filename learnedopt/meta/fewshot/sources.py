@@ -50,11 +50,13 @@ class OmniglotSource:
 
     ``same_alphabet`` / ``same_rotation`` draw each episode's classes from one alphabet / one
     rotation (both: one rotated alphabet); ``augment`` distorts every image it returns by its own
-    random affine map, drawn from the batch's seed.
+    random affine map, drawn from the batch's seed. ``shots_option`` is the option that set
+    ``shots`` (``--shots`` or ``--train-shots``), named when the classes have too few drawings.
     """
 
     def __init__(self, data: Any, classes: Tensor, ways: int, shots: int, queries: int, same_alphabet: bool,
-                 part: str, same_rotation: bool = False, augment: bool = False) -> None:  # fmt: skip
+                 part: str, same_rotation: bool = False, augment: bool = False,
+                 shots_option: str = "--shots") -> None:  # fmt: skip
         from ...data import EpisodeSampler
 
         self.data, self.part, self.classes, self.same_alphabet = data, part, classes, same_alphabet
@@ -67,6 +69,10 @@ class OmniglotSource:
         except ValueError as err:
             counts = collections.Counter(data.alphabets[int(a)] for a in data.alphabet_of_class[classes])
             listed = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+            drawings = int(torch.bincount(data.labels)[classes].min()) if len(classes) else 0
+            if len(classes) >= ways and drawings < shots + queries:  # too few drawings per class, not too few classes
+                raise ConfigError(f"--task omniglot, {part} classes: {err}; ask for fewer examples per class "
+                                  f"({shots_option} {shots} plus --queries {queries})") from None  # fmt: skip
             option = {"meta_valid": "--valid-alphabets", "meta_test": "--test-alphabets"}.get(part)
             where = f"name other alphabets with {option} or ask" if option else "ask"
             raise ConfigError(
@@ -139,7 +145,8 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
     except ValueError as err:
         raise ConfigError(f"--task omniglot: {err}") from None
     train = OmniglotSource(data, parts["meta_train"], config.ways, train_shots, config.queries,
-                           config.same_alphabet, "meta_train", config.same_rotation, config.augment)  # fmt: skip
+                           config.same_alphabet, "meta_train", config.same_rotation, config.augment,
+                           "--train-shots" if config.train_shots is not None else "--shots")  # fmt: skip
     valid = OmniglotSource(data, parts["meta_valid"], config.ways, config.shots, config.queries,
                            config.same_alphabet, "meta_valid")  # fmt: skip
     split = {
