@@ -225,8 +225,8 @@ def check_elements(options: str, elements: int, tensor: str) -> None:
 
 #: The most weight tensors (``state_dict`` entries) a rule of ``--rule-config`` may have: a
 #: CoordinateLSTM of 10**8 one-unit layers has under 2**31 weights but 4 * 10**8 tensors, and
-#: building them took hours; its 9,998 tensors of 2,499 layers built in 0.6 s, 99,998 in 42 s
-#: (the time grows faster than the count).
+#: building them would take hours: its 9,998 tensors of 2,499 layers built in 0.6 s, 99,998 in 42 s
+#: (a dev timing, unrecorded; the time grows faster than the count).
 MAX_WEIGHT_TENSORS = 10_000
 
 
