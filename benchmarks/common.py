@@ -163,6 +163,19 @@ def write_results(name: str, payload: dict, table: str) -> None:
     write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 
+def ab_table(side: str, row: dict) -> str:
+    """The Markdown table and verdict of an A/B run (``kernel_ab.py``, ``revision_ab.py``): ``row``
+    holds ``best_seconds`` and ``median_seconds`` for ``"baseline"`` and ``"working tree"``,
+    ``speedup``, ``median_speedup`` and ``same_meta_gradient_bits``; ``side`` names what differs."""
+    return "\n".join([
+        f"\n| {side} | best s | median s |",
+        "|---|---:|---:|",
+        *(f"| {name} | {row['best_seconds'][name]:.3f} | {row['median_seconds'][name]:.3f} |" for name in row["best_seconds"]),
+        f"\nWorking tree faster by {row['speedup']:.2f}x (best), {row['median_speedup']:.2f}x (median); meta-gradients "
+        + ("the same bits." if row["same_meta_gradient_bits"] else "differ (other rounding)."),
+    ])  # fmt: skip
+
+
 def through_nn_lstm(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
     """:func:`learnedopt.nn.lstm_step.lstm_step`'s contract, run as ``torch.nn.LSTM`` (oneDNN's
     fused cell on CPU, with its own fused backward)."""

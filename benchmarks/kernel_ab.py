@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, write_results  # noqa: E402
-from meta_train_throughput import truncation  # noqa: E402
+from common import ab_table, fail, positive_int, write_results  # noqa: E402
+from truncation_worker import build_rule, truncation  # noqa: E402
 
 from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
 from learnedopt.meta import make_family  # noqa: E402
-from learnedopt.nn import RULES  # noqa: E402
 
 SOURCE_PATH = "kernels/lstm_layer_cpu.cpp"
 
@@ -67,13 +66,7 @@ def main() -> None:
     try:
         baseline_source = source_at(args.against)
         family = make_family(args.task, split="meta_train")
-        if args.preset:
-            from learnedopt.weights import build_preset
-
-            rule = build_preset(args.preset)[0]
-        else:
-            torch.manual_seed(0)
-            rule = RULES["CoordinateLSTM"]()
+        rule = build_rule(args.preset)
     except (OSError, ValueError) as err:
         fail(parser, str(err))
     # both builds run under the working tree's launcher (lstm_layer_cpu.py): another calling
@@ -82,7 +75,6 @@ def main() -> None:
         fail(parser, f"the kernel's C interface at {args.against!r} is not the working tree's (its extern \"C\" functions' "
                      "parameters differ): both builds run under the working tree's launcher, so compare revisions of one "
                      "interface")  # fmt: skip
-    rule.requires_grad_(True)
     builds = {}
     with tempfile.TemporaryDirectory() as folder:
         baseline_path = Path(folder) / "lstm_layer_cpu.cpp"
@@ -118,17 +110,12 @@ def main() -> None:
     )
     print(row)
     what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
-    lines = [
+    heading = (
         f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
         f"meta-batch {args.meta_batch}, {row['threads']} thread(s): the kernel source at `{args.against}` against the working "
-        f"tree's, loaded side by side and alternated, {args.rounds} rounds.\n",
-        "| kernel source | best s | median s |",
-        "|---|---:|---:|",
-        *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in builds),
-        f"\nWorking tree faster by {speedup:.2f}x (best), {row['median_speedup']:.2f}x (median); meta-gradients "
-        + ("the same bits." if same_bits else "differ (other rounding)."),
-    ]
-    write_results("kernel_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, "\n".join(lines))
+        f"tree's, loaded side by side and alternated, {args.rounds} rounds.\n"
+    )
+    write_results("kernel_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, heading + ab_table("kernel source", row))
 
 
 if __name__ == "__main__":

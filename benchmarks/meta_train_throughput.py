@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import math
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,8 +67,9 @@ from common import (  # noqa: E402
     without_cpu_kernel,
     write_results,
 )
+from truncation_worker import truncation  # noqa: E402
 
-from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
+from learnedopt.meta import generator_for, make_family  # noqa: E402
 from learnedopt.nn import RULES, CoordinateLSTM, MetaLSTMCell, State, UpdateRule  # noqa: E402
 from learnedopt.nn.functional import bounded_square, preprocess, rms_denominator  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
@@ -213,20 +213,6 @@ def meta_gradient_difference(grads: dict[str, list[torch.Tensor]], baseline: str
         for a, b in zip(grad, reference, strict=True)
     ]
     return max(diffs, default=0.0) if all(math.isfinite(d) for d in diffs) else math.nan
-
-
-def truncation(rule: UpdateRule, family, args) -> tuple[float, list[torch.Tensor]]:
-    """Seconds for one truncation (unroll + backward) and the meta-gradient."""
-    g = generator_for(args.seed, 1, 1)
-    tasks = family.sample_batch(args.meta_batch, g)
-    params = tasks.init_params(g)
-    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
-    weights = [p for p in rule.parameters()]
-    for p in weights:
-        p.grad = None
-    start = time.perf_counter()
-    unroll(rule, tasks, params, state, args.unroll).meta_loss.backward()
-    return time.perf_counter() - start, [p.grad.clone() for p in weights]
 
 
 def os_counters() -> tuple[int, float]:

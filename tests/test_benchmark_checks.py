@@ -105,6 +105,7 @@ BAD_OPTIONS = [
     ("distributed_scaling", ["--configs", "0x1"]),
     ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
     ("meta_train_throughput", ["--repeats", "0"]),
+    ("revision_ab", ["--against", "HEAD", "--rounds", "0"]),
     ("meta_train_throughput", ["--task", "bogus"]),
     ("fewshot", ["higher", "--repeats", "0"]),
     ("fewshot", ["higher", "--device", "bogus"]),
@@ -201,6 +202,46 @@ def test_kernel_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
         run_main(kernel_ab, monkeypatch, "--against", "no-such-revision-xyz", "--task", "quadratic")
     assert exit_.value.code == 2
     assert "no kernels/lstm_layer_cpu.cpp at 'no-such-revision-xyz'" in capsys.readouterr().err
+
+
+def copy_of_library(folder: Path, replace: tuple[str, str] | None = None) -> None:
+    """The working tree's library and kernels under ``folder``, with one text replaced in the
+    rule's module (a stand-in for another revision's tree)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "kernels", folder / "kernels")
+    shutil.copytree(root / "learnedopt", folder / "learnedopt", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if replace:
+        module = folder / "learnedopt" / "nn" / "coordinate_lstm.py"
+        text = module.read_text()
+        assert replace[0] in text
+        module.write_text(text.replace(*replace))
+
+
+def test_revision_ab_runs_each_side_in_its_own_library_and_tells_same_bits(results: Path, monkeypatch) -> None:
+    """``revision_ab.py`` runs each side in a process that imports that side's tree: the working
+    tree against a copy of itself gives the same meta-gradient bits; against a copy whose rule
+    scales its step by 1 + 2**-20, other bits (so the baseline really ran the other tree)."""
+    import revision_ab
+
+    scale = "head * self.config.output_scale"
+    for name, replace, same in (("same", None, True), ("other", (scale, f"{scale} * (1 + 2**-20)"), False)):
+        monkeypatch.setattr(revision_ab, "tree_at", lambda revision, folder, r=replace: copy_of_library(folder, r))
+        run_main(revision_ab, monkeypatch, "--against", "REV", "--task", "quadratic", "--unroll", "2", "--rounds", "2", "--tag", name)
+        row = json.loads((results / f"revision_ab_{name}.json").read_text())["rows"][0]
+        assert row["same_meta_gradient_bits"] is same
+        assert len(row["seconds"]["baseline"]) == len(row["seconds"]["working tree"]) == 2
+        assert ("the same bits" in (results / f"revision_ab_{name}.md").read_text()) is same
+
+
+def test_revision_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
+    import revision_ab
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(revision_ab, monkeypatch, "--against", "no-such-revision-xyz", "--task", "quadratic")
+    assert exit_.value.code == 2
+    assert "no revision 'no-such-revision-xyz'" in capsys.readouterr().err
 
 
 def test_write_results_leaves_an_earlier_result_whole_when_a_write_is_cut_short(results: Path, monkeypatch) -> None:

@@ -1,0 +1,131 @@
+"""A change to the library, measured: the library at another git revision against the working
+tree, on meta-training truncations, in two processes run in turn.
+
+Each side is a process of its own (``truncation_worker.py`` with that side's source tree first on
+``PYTHONPATH``; the revision's tree comes from ``git archive``), so any change is measured: Python,
+the kernels, their interfaces. The two processes run one at a time, in rounds of one timed
+truncation each (each right after an untimed one of its own), best and median of ``--rounds``:
+the shared machines these ran on have slow spells minutes long, which a run of one side and then
+a run of the other would put on one side. The script also says whether the two meta-gradients are
+the same bits (a change that only reorders work, or drops work whose result was not used, keeps
+them). ``kernel_ab.py`` measures a kernel change alone, both builds in one process.
+
+    python benchmarks/revision_ab.py --against REV [--preset NAME] [--task mnist-mlp] [--meta-batch 2] [--unroll 20] [--threads 1] [--rounds 9] [--tag NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ab_table, fail, positive_int, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "truncation_worker.py"
+
+
+def tree_at(revision: str, folder: Path) -> None:
+    """Write the repository's files at a git revision into ``folder`` (a one-line error where git
+    does not have the revision)."""
+    done = subprocess.run(["git", "archive", "--format=tar", revision], cwd=ROOT, capture_output=True)
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip().splitlines()
+        raise ValueError(f"no revision {revision!r} in {ROOT}: {message[-1] if message else 'git failed'}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
+        archive.extractall(folder, filter="tar")
+
+
+class Side:
+    """One worker process: the library of one source tree."""
+
+    def __init__(self, tree: Path, worker_args: list[str], threads: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), *worker_args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.library = self._reply()["library"]
+        if not Path(self.library).resolve().is_relative_to(tree.resolve()):
+            raise ValueError(f"the worker for {tree} imported the library at {self.library} (an installed copy?), not the tree's")
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise ValueError(f"a truncation worker ended (exit status {self.process.wait()}); its error is above")
+        return json.loads(line)
+
+    def run(self) -> dict:
+        """One untimed and one timed truncation: ``{"seconds", "meta_gradient_sha256"}``."""
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--against", required=True, help="git revision whose library is the baseline")
+    parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
+    parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--meta-batch", type=positive_int, default=2)
+    parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--tag", help="suffix of the results file name")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # the results' machine record says the workers' count
+    worker_args = ["--task", args.task, "--meta-batch", str(args.meta_batch), "--unroll", str(args.unroll),
+                   "--seed", str(args.seed), "--threads", str(args.threads), *(["--preset", args.preset] if args.preset else [])]  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        sides: dict[str, Side] = {}
+        try:
+            tree_at(args.against, Path(folder))
+            sides["baseline"] = Side(Path(folder), worker_args, args.threads)
+            sides["working tree"] = Side(ROOT, worker_args, args.threads)
+            results = {name: [] for name in sides}
+            for name, side in sides.items():
+                side.run()  # warm-up (and the kernel's build)
+            for _ in range(args.rounds):
+                for name, side in sides.items():
+                    results[name].append(side.run())
+        except ValueError as err:
+            fail(parser, str(err))
+        finally:
+            for side in sides.values():
+                side.close()
+    times = {name: [r["seconds"] for r in runs] for name, runs in results.items()}
+    hashes = {name: {r["meta_gradient_sha256"] for r in runs} for name, runs in results.items()}
+    same_bits = len(hashes["baseline"]) == 1 and hashes["baseline"] == hashes["working tree"]
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    row = dict(
+        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
+        threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,
+        speedup=best["baseline"] / best["working tree"], median_speedup=median["baseline"] / median["working tree"],
+        same_meta_gradient_bits=same_bits,
+    )  # fmt: skip
+    print(row)
+    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
+    heading = (
+        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
+        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the library at `{args.against}` against the working "
+        f"tree, each in a process of its own, alternated, {args.rounds} rounds.\n"
+    )
+    write_results("revision_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, heading + ab_table("library", row))
+
+
+if __name__ == "__main__":
+    main()
