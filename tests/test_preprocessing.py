@@ -66,6 +66,24 @@ def test_rms_denominator_equals_sqrt_plus_eps_and_is_differentiable_at_zero() ->
     torch.testing.assert_close(v.grad[2:4], 0.5 / v.detach()[2:4].sqrt())
 
 
+def test_rms_denominator_differentiable_at_zero_under_torch_func_transforms() -> None:
+    """Inside ``torch.func.jvp`` and ``grad`` a tensor does not say ``requires_grad`` to autograd
+    as it does outside: the masked form must still run there, not the plain ``sqrt`` the
+    no-derivative fast path takes (whose derivative at 0 is infinite, the tangent then NaN)."""
+    from learnedopt.nn.functional import RMS_EPS, rms_denominator
+
+    v = torch.tensor([0.0, 2.5, 4.0])
+    expected = torch.tensor([0.0, 0.5 / 2.5**0.5, 0.25])
+    value, tangent = torch.func.jvp(rms_denominator, (v,), (torch.ones(3),))
+    assert torch.equal(value, v.sqrt() + RMS_EPS)
+    torch.testing.assert_close(tangent, expected)
+    torch.testing.assert_close(torch.func.grad(lambda s: rms_denominator(s).sum())(v), expected)
+    # and the fast path (no derivative wanted) gives the masked form's bits
+    with torch.no_grad():
+        fast = rms_denominator(v.clone().requires_grad_(True))
+    assert torch.equal(fast, rms_denominator(v.clone().requires_grad_(True)).detach())
+
+
 def test_rms_denominator_of_a_nan_or_negative_second_moment_is_nan() -> None:
     """A corrupted state shows as NaN, as in the fused kernels, not as a denominator of 1e-8
     (which turned the normalised gradient into a huge finite number)."""

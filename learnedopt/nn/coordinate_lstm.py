@@ -182,14 +182,17 @@ class CoordinateLSTM(UpdateRule):
         # fused CPU kernel reads x at its strides. Gathered column by column into a contiguous
         # (n, F) (a strided write per feature), the default's meta-training truncation took
         # 1.02x-1.05x longer (benchmarks/results/meta_train_throughput_*featmajor*.md)
-        features = [*preprocess_parts(grad, cfg.preprocess_p)]
         new_state: State = {}
+        signed = grad.unsqueeze(0)  # (1 + M, n): the gradient, then each momentum
         if cfg.momentum_decays:
             betas = grad.new_tensor(cfg.momentum_decays).unsqueeze(1)
             m = torch.lerp(grad.unsqueeze(0), state["m"], betas)
             new_state["m"] = m
-            for row in m:
-                features += preprocess_parts(row, cfg.preprocess_p)
+            signed = torch.cat((signed, m))
+        # preprocessed in one pass per operation, not one per row, then interleaved: the
+        # magnitude and direction of each row (benchmarks/results/revision_ab_trims.md)
+        magnitude, direction = preprocess_parts(signed, cfg.preprocess_p)
+        features = [part for pair in zip(magnitude, direction, strict=True) for part in pair]
         if cfg.rms_decays:
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
             v = torch.lerp(bounded_square(grad).unsqueeze(0), state["v"], betas)

@@ -54,9 +54,19 @@ def rms_denominator(second_moment: Tensor) -> Tensor:
     derivative, 0, is the right one. A NaN or negative second moment (a corrupted state) gives
     NaN, as ``sqrt`` and the fused kernels do, rather than a silent ``1e-8``.
     """
+    if not _may_differentiate(second_moment):
+        # no derivative wanted (meta-training stops the optimizee's gradient by default): the
+        # same bits in two passes where the masked form takes six
+        return second_moment.sqrt() + RMS_EPS
     positive = second_moment != 0
     root = torch.where(positive, second_moment, torch.ones_like(second_moment)).sqrt()
     return torch.where(positive, root, torch.zeros_like(root)) + RMS_EPS
+
+
+def _may_differentiate(x: Tensor) -> bool:
+    """Whether a derivative through ``x`` may be taken: autograd records it, or ``x`` is inside a
+    ``torch.func`` transform (``grad``, ``jvp``, ``vmap``), whose tensors it cannot see into."""
+    return (x.requires_grad and torch.is_grad_enabled()) or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def bounded_square(x: Tensor) -> Tensor:

@@ -307,6 +307,9 @@ class LSTMStackStep(torch.autograd.Function):
         h_new, c_new, head_out, fused, products, activations, tanh_cs = _stack_forward(x, h, c, weights, save=True, head=head)
         ctx.layers = h.shape[0]
         ctx.fused = fused
+        # an output without a gradient (the last step's h' and c' in a truncation) comes to the
+        # backward as None, which it reads as zero, not as a tensor of zeros filled for it
+        ctx.set_materialize_grads(False)
         ctx.head_shapes = None if head is None else (head_weight.shape, head_bias.shape)
         ctx.save_for_backward(x, h, c, h_new, head_weight, *products, *activations, *tanh_cs)
         # a tensor of its own, not a view of h': a custom function's outputs must not alias
