@@ -106,6 +106,8 @@ BAD_OPTIONS = [
     ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
     ("meta_train_throughput", ["--repeats", "0"]),
     ("revision_ab", ["--against", "HEAD", "--rounds", "0"]),
+    ("freed_memory", ["--meta-steps", "1"]),  # its only meta-step would be left out
+    ("freed_memory", ["--task", "bogus", "--meta-steps", "2", "--rounds", "1"]),
     ("meta_train_throughput", ["--task", "bogus"]),
     ("fewshot", ["higher", "--repeats", "0"]),
     ("fewshot", ["higher", "--device", "bogus"]),
@@ -242,6 +244,16 @@ def test_revision_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
         run_main(revision_ab, monkeypatch, "--against", "no-such-revision-xyz", "--task", "quadratic")
     assert exit_.value.code == 2
     assert "no revision 'no-such-revision-xyz'" in capsys.readouterr().err
+
+
+def test_freed_memory_runs_both_settings_and_finds_the_same_metrics(results: Path, monkeypatch) -> None:
+    import freed_memory
+
+    run_main(freed_memory, monkeypatch, "--task", "quadratic", "--meta-steps", "2", "--rounds", "1", "--tag", "t")
+    payload = json.loads((results / "freed_memory_t.json").read_text())
+    assert set(payload["settings"]) == {"keep", "default malloc"} and payload["same_metrics"]
+    for side in payload["settings"].values():
+        assert len(side["seconds"]) == 1 and len(side["seconds"][0]) == 1  # the first meta-step left out
 
 
 def test_write_results_leaves_an_earlier_result_whole_when_a_write_is_cut_short(results: Path, monkeypatch) -> None:

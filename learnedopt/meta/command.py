@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..freed_memory import keep_freed_memory
 from ..nn import RULES
 from ..weights import PRESETS
 from . import distributed
@@ -236,6 +237,11 @@ def run_meta_train(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         print(f"learnedopt meta-train: error: --dist-timeout must be a positive number of seconds, "
               f"got {args.dist_timeout}", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        keep_freed_memory()  # before the first truncation allocates
+    except ValueError as err:
+        print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
         return 2
     try:
         workers = distributed.init_from_env(args.dist_timeout)
