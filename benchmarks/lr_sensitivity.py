@@ -7,6 +7,10 @@ result beside the tuned baselines of a committed suite report (same problems, sa
     python benchmarks/lr_sensitivity.py --weights l2l-random --lrs 0.5 1 2 4 10 \\
         --problems quadratic-20 mnist-mlp-relu synthetic-mlp --name lr_sensitivity_l2l_random
 
+``--loss-scales`` also runs each ``lr`` with the loss the optimizer sees multiplied by each factor
+(its gradient, and its value for a rule that reads it; the curves record the loss itself): a
+rule that reads the gradient's magnitude, as the default does, is not invariant to it.
+
 Writes ``results/NAME.json`` and ``results/NAME.md``. Before any run it checks that the reference
 report ran each problem for the same number of steps on the same number of seeds, with a constant
 lr (this script's schedule) and, where it records them, the same MNIST files (by content).
@@ -90,10 +94,22 @@ def check_reference(
     return tuned
 
 
+def run_key(lr: float, loss_scale: float) -> str:
+    """A run's key in the results: ``repr(lr)``, with the loss scale where it is not 1."""
+    return repr(lr) if loss_scale == 1.0 else f"{lr!r} loss_scale={loss_scale!r}"
+
+
+def run_label(lr: float, loss_scale: float) -> str:
+    """A run's column heading: ``lr 3``, or ``lr 3, loss x1e-05``."""
+    return f"lr {lr:g}" if loss_scale == 1.0 else f"lr {lr:g}, loss x{loss_scale:g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="l2l-random", help="an LSTMOptimizer preset or a weight file")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 10.0])
+    parser.add_argument("--loss-scales", type=float, nargs="+", default=[1.0],
+                        help="factors on the loss the optimizer sees (its gradient); each runs at every lr")
     parser.add_argument("--problems", nargs="+", required=True)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--reference", type=Path, default=RESULTS / "optimizee_eval.json",
@@ -106,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
     if bad:
         fail(parser, f"--lrs must be positive and finite, got {' '.join(f'{lr:g}' for lr in bad)}")
+    bad = [scale for scale in args.loss_scales if not (math.isfinite(scale) and scale > 0)]
+    if bad:
+        fail(parser, f"--loss-scales must be positive and finite, got {' '.join(f'{scale:g}' for scale in bad)}")
+    if len(set(args.loss_scales)) < len(args.loss_scales):
+        fail(parser, "--loss-scales given more than once")
     if len(set(args.lrs)) < len(args.lrs):  # the table has a column per lr given, the results one per distinct lr
         fail(parser, f"--lrs given more than once: {' '.join(sorted({f'{lr:g}' for lr in args.lrs if args.lrs.count(lr) > 1}))}")
     try:  # every input checked before any run
@@ -121,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     for name, problem in problems.items():
         runs = {}
-        for lr in args.lrs:
-            curves = np.stack([run_optimizer(problem, s, spec.factory(), lr) for s in range(args.seeds)])
+        for scale, lr in [(scale, lr) for scale in args.loss_scales for lr in args.lrs]:
+            curves = np.stack([run_optimizer(problem, s, spec.factory(), lr, loss_scale=scale) for s in range(args.seeds)])
             stats = summarize(curves)
-            runs[repr(lr)] = {k: stats[k] for k in ("final_mean", "final_std", "finals", "nonfinite")}
-            print(f"{name} lr {lr:g}: {stats['final_mean']:.4g}", flush=True)
+            # keyed by the lr alone at the loss's own scale, as before the option
+            runs[run_key(lr, scale)] = {"lr": lr, "loss_scale": scale, **{k: stats[k] for k in ("final_mean", "final_std", "finals", "nonfinite")}}
+            print(f"{name} {run_label(lr, scale)}: {stats['final_mean']:.4g}", flush=True)
         tuned = reference[name]
         best = best_baseline(tuned)
         rows[name] = {"learned": runs,
@@ -133,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                       "best_baseline": best}  # fmt: skip
     seconds = time.perf_counter() - start
     lines = [
-        f"`{spec.label}` at several `lr` (untuned default: 1), mean final loss +- std over "
+        f"`{spec.label}` at several `lr` (untuned default: 1)"
+        + (" and loss scales (the optimizer sees the loss times the factor; curves record the loss itself)" if args.loss_scales != [1.0] else "")
+        + f", mean final loss +- std over "
         f"{args.seeds} evaluation seeds of the held-out suite; tuned Adam and the best tuned baseline "
         f"from `{args.reference.name}` on the same seeds. {seconds / 60:.1f} minutes, 1 thread.",
         "",
-        "| problem | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | tuned Adam (lr) | best tuned baseline (lr) |",
-        "|---|" + "---:|" * (len(args.lrs) + 2),
+        "| problem | " + " | ".join(run_label(r["lr"], r["loss_scale"]) for r in next(iter(rows.values()))["learned"].values())
+        + " | tuned Adam (lr) | best tuned baseline (lr) |",
+        "|---|" + "---:|" * (len(args.lrs) * len(args.loss_scales) + 2),
     ]
     for name, row in rows.items():
         cells = [f"{r['final_mean']:.3g} +- {r['final_std']:.2g}{nan_note(r['nonfinite'])}" for r in row["learned"].values()]
@@ -146,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         best_cell = NO_FINITE_BASELINE if best is None else \
             f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g})"  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | {best_cell} |")
-    write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "seeds": args.seeds,
+    write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "loss_scales": args.loss_scales, "seeds": args.seeds,
                               "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines))  # fmt: skip
     print(f"wrote {RESULTS / args.name}.json and .md")
     return 0

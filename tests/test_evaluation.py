@@ -172,6 +172,18 @@ class LrRecorder(torch.optim.SGD):
         return super().step(closure)
 
 
+def test_loss_scale_scales_what_the_optimizer_sees_and_the_curve_records_the_loss() -> None:
+    """SGD at lr 0.25 on 4x the loss takes the same steps as at lr 1 on the loss (powers of two:
+    the same bits), and the curve holds the loss itself, not 4x it."""
+    problem = SquareProblem()
+    sgd = BASELINES["SGD"]
+    np.testing.assert_array_equal(run_optimizer(problem, 0, sgd, 0.25, loss_scale=4.0), run_optimizer(problem, 0, sgd, 1.0))
+    assert run_optimizer(problem, 0, sgd, 0.1, loss_scale=4.0)[0] == 14.0  # ||(1, -2, 3)||^2, unscaled
+    for bad in (0.0, -1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="loss_scale must be a positive finite number"):
+            run_optimizer(problem, 0, sgd, 0.1, loss_scale=bad)
+
+
 def test_cosine_schedule_scales_every_optimizers_lr_at_each_step() -> None:
     made: list[torch.optim.Optimizer] = []
 

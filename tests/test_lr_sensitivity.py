@@ -73,6 +73,26 @@ def test_each_lr_column_is_the_suite_run_at_that_lr(tmp_path: Path, monkeypatch)
     assert "| quadratic-20 |" in md and "tuned Adam (lr)" in md
 
 
+def test_each_loss_scale_column_is_the_run_on_the_scaled_loss(tmp_path: Path, monkeypatch) -> None:
+    """A column per (loss scale, lr); the scale-1 columns keep their keys (the lr alone) and
+    values; a scaled run is ``run_optimizer``'s with that ``loss_scale``, unlike the unscaled one
+    for a rule that reads the gradient's magnitude."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    assert lr_sensitivity.main(["--weights", "l2l-2016", "--lrs", "2", "--loss-scales", "1", "0.001", "--problems",
+                                "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", "out"]) == 0  # fmt: skip
+    learned = json.loads((tmp_path / "out.json").read_text())["problems"]["quadratic-20"]["learned"]
+    assert list(learned) == ["2.0", "2.0 loss_scale=0.001"]
+    problem = make_problem("quadratic-20")
+    factory = lambda p, lr: LSTMOptimizer(p, weights="l2l-2016", lr=lr)  # noqa: E731
+    for key, scale in (("2.0", 1.0), ("2.0 loss_scale=0.001", 0.001)):
+        expected = [run_optimizer(problem, s, factory, 2.0, loss_scale=scale)[-10:].mean() for s in range(2)]
+        assert learned[key]["finals"] == pytest.approx(expected, rel=1e-12)
+        assert learned[key]["loss_scale"] == scale
+    assert learned["2.0"]["finals"] != learned["2.0 loss_scale=0.001"]["finals"]
+    assert "| lr 2 | lr 2, loss x0.001 |" in (tmp_path / "out.md").read_text()
+
+
 def test_a_reference_with_other_seeds_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     ref = reference(tmp_path / "suite.json", seeds=10)
     err = refused(tmp_path, monkeypatch, capsys, "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
@@ -117,7 +137,7 @@ def test_a_reference_that_ran_something_else_is_refused_before_any_run(
 def test_a_reference_of_the_same_settings_is_taken(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(lr_sensitivity, "mnist_sha256", lambda data: "f" * 64)
-    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: np.full(problem.steps, 0.5))
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr, **options: np.full(problem.steps, 0.5))
     ref = reference(tmp_path / "suite.json", seeds=2, config={"lr_schedule": "constant"}, mnist_sha256="f" * 64)
     assert lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref),
                                 "--name", "out"]) == 0  # fmt: skip
@@ -127,7 +147,7 @@ def test_a_reference_of_the_same_settings_is_taken(tmp_path: Path, monkeypatch) 
 def test_a_baseline_that_diverged_on_every_seed_is_never_the_best(tmp_path: Path, monkeypatch) -> None:
     # the first baseline's statistics are NaN (no finite run), as summarize() writes them
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: np.full(problem.steps, 0.5))
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr, **options: np.full(problem.steps, 0.5))
     ref = reference(tmp_path / "suite.json", seeds=2)
     report = json.loads(ref.read_text())
     results = report["problems"]["quadratic-20"]["results"]
@@ -144,7 +164,7 @@ def test_a_baseline_that_diverged_on_every_seed_is_never_the_best(tmp_path: Path
 def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     curves = iter([np.full(100, np.nan), np.full(100, 0.5)])
-    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr: next(curves))
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr, **options: next(curves))
     ref = reference(tmp_path / "suite.json", seeds=2)
     lr_sensitivity.main(["--lrs", "1", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", "out"])
     assert "| quadratic-20 | 0.5 +- 0 (1 NaN) |" in (tmp_path / "out.md").read_text()
@@ -158,6 +178,8 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
         (["--lrs", "1", "nan"], "--lrs must be positive and finite, got nan"),
         # ran 1 twice and wrote a table of more lr columns than cells
         (["--lrs", "1", "2", "1.0"], "--lrs given more than once: 1"),
+        (["--loss-scales", "0"], "--loss-scales must be positive and finite, got 0"),
+        (["--loss-scales", "1", "1"], "--loss-scales given more than once"),
     ],
 )
 def test_bad_seeds_or_lrs_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args: list, message: str) -> None:

@@ -20,6 +20,7 @@ from ..nn import RULES, UpdateRule, register_rule
 from ..nn.base import check_rule_call
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 from ..plugins import load_entry_point, one_line
+from ..values import is_number
 from ..weights import PRESETS, UntrainedWeightsWarning, class_path, fingerprint, read_header, recorded_rule_class
 from .problems import Problem
 
@@ -253,11 +254,14 @@ def run_optimizer(
     lr: float,
     steps: int | None = None,
     schedule: str = "constant",
+    loss_scale: float = 1.0,
 ) -> np.ndarray:
     """Train ``problem.model(seed)`` with ``factory(params, lr)``.
 
     ``schedule`` (:data:`LR_SCHEDULES`) sets every param group's lr to ``lr`` times its factor
     before each step (for a learned optimizer, whose ``lr`` multiplies its learned step, too).
+    ``loss_scale`` (positive, finite) multiplies the loss the optimizer sees: its gradient and,
+    for a rule that reads it, its value; the curve records the loss itself.
 
     Returns:
         ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step
@@ -266,6 +270,8 @@ def run_optimizer(
         learned optimizers and baselines alike.
     """
     check_lr_schedule(schedule)
+    if not (is_number(loss_scale) and math.isfinite(loss_scale) and loss_scale > 0):
+        raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
     steps = problem.steps if steps is None else steps
     model = problem.model(seed)
     optimizer = factory(model.parameters(), lr)
@@ -282,6 +288,8 @@ def run_optimizer(
         losses[t] = value
         if not math.isfinite(value):
             break
+        if loss_scale != 1.0:
+            loss = loss * loss_scale
         loss.backward()
         try:
             if learned:
