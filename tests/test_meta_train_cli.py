@@ -624,6 +624,54 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     assert [r["step"] for r in log_lines(broken)] == [1, 2, 3, 4]
 
 
+def test_a_resume_whose_checkpoint_is_gone_after_the_run_wrote_one_is_refused(tmp_path: Path, capsys) -> None:
+    """A log that goes on past a checkpointed meta-step, or a finished run's results, prove that
+    the run wrote a checkpoint: without it (deleted or moved) ``--resume`` silently started the
+    run again from meta-step 0 and replaced its log, or (no log either) said to run the command
+    without --resume, which then refused the folder. Both are refused in one line, judged by what
+    the run's own log records (the ``checkpoint`` field of the steps it checkpointed), not by
+    this command's --checkpoint-every, which a resume may change."""
+    out = tmp_path / "run"
+    assert run(out, "--meta-steps", "4", "--checkpoint-every", "2", "--stop-after", "3") == 0
+    assert [r.get("checkpoint") for r in log_lines(out)] == [None, True, None]
+    (out / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for every in ("2", "1", "10"):
+        assert run(out, "--meta-steps", "4", "--checkpoint-every", every, "--resume") == 2
+        assert capsys.readouterr().err == (
+            f"learnedopt meta-train: error: --resume: {out / 'checkpoint.pt'} is missing, but the run wrote it "
+            f"({out / 'log.jsonl'} goes on past its checkpointed meta-step 2): put it back, or start over in "
+            "another --out without --resume\n"
+        )
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run(out, "--meta-steps", "4") == 2  # nor does the refusal without --resume say it starts again
+    assert capsys.readouterr().err.endswith("already holds a run (log.jsonl); pass --resume to continue it or choose another --out\n")
+    finished = tmp_path / "finished"
+    assert run(finished, "--meta-steps", "2") == 0
+    (finished / "checkpoint.pt").unlink()
+    for remove in ("", "log.jsonl"):  # with its log (its last step checkpointed), then without
+        if remove:
+            (finished / remove).unlink()
+        assert run(finished, "--meta-steps", "2", "--resume") == 2
+        assert capsys.readouterr().err == (
+            f"learnedopt meta-train: error: --resume: {finished / 'checkpoint.pt'} is missing, but the run wrote it "
+            "(its results are there: weights.safetensors, MODEL_CARD.md): put it back, or start over in "
+            "another --out without --resume\n"
+        )
+    # killed while writing its first checkpoint (its log line comes first): nothing to continue,
+    # started again from meta-step 0 and ends as an uninterrupted run
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(whole, *args) == 0
+    assert run(broken, *args, "--stop-after", "2") == 0
+    (broken / "checkpoint.pt").unlink()
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    untimed = [[{k: v for k, v in r.items() if k not in MACHINE_FIELDS} for r in log_lines(d)] for d in (whole, broken)]
+    assert untimed[0] == untimed[1] and [r.get("checkpoint") for r in untimed[0]] == [None, True, None, True]
+
+
 def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
     """A second run in the folder of one still running (a ``--resume`` of a run thought dead) is
     refused before it writes: unlocked, it rewrote the log under the first run, whose later lines

@@ -533,6 +533,8 @@ def train_loop(
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
+    if resume and not checkpoint_path.exists() and (lost := _lost_checkpoint(out)) is not None:
+        raise ConfigError(lost)
     started_only = resume and not checkpoint_path.exists() and log_path.is_file()
     if started_only:
         # killed before its first checkpoint: nothing to continue from, nothing to lose by
@@ -553,7 +555,7 @@ def train_loop(
         held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
         if held:
             how = (" (it stopped before its first checkpoint: --resume starts it again)"
-                   if held == [LOG_NAME] else "")  # fmt: skip
+                   if held == [LOG_NAME] and not _lost_checkpoint(out, quiet=True) else "")  # fmt: skip
             raise ConfigError(
                 f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it{how} or choose another --out"
             )
@@ -601,6 +603,12 @@ def train_loop(
                 record = {"step": step, **fields, "seconds": round(time.perf_counter() - began, 4)}
                 if (peak := peak_rss_mb()) is not None:
                     record["peak_rss_mb"] = peak
+                # the ranks stop together: a rank that stopped alone would leave the others waiting
+                # in a collective (one more per meta-step, under torchrun only)
+                terminating = workers.any(term.requested)
+                checkpointing = step % checkpoint_every == 0 or step == config.meta_steps or terminating
+                if checkpointing:  # written before the checkpoint: a later line proves it written
+                    record[CHECKPOINT_FIELD] = True
                 log.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
@@ -610,10 +618,7 @@ def train_loop(
                     else 0.9 * running + 0.1 * record["meta_loss"]
                 )
                 bar.update(record, running)
-                # the ranks stop together: a rank that stopped alone would leave the others waiting
-                # in a collective (one more per meta-step, under torchrun only)
-                terminating = workers.any(term.requested)
-                if workers.is_main and (step % checkpoint_every == 0 or step == config.meta_steps or terminating):
+                if workers.is_main and checkpointing:
                     saving = True
                     _save_checkpoint(checkpoint_path, config, trainer.state_dict(), step)
                     saved, saving = step, False
@@ -634,6 +639,39 @@ def train_loop(
 
 #: log fields that measure the machine, not the run (they differ between a run and its resumption)
 MACHINE_FIELDS: tuple[str, ...] = ("seconds", "peak_rss_mb")
+#: the log field (``true``, else absent) of a meta-step the run checkpointed: written before that
+#: checkpoint, so a record after it proves the checkpoint was written (:func:`_lost_checkpoint`)
+CHECKPOINT_FIELD = "checkpoint"
+
+
+def _lost_checkpoint(out: Path, *, quiet: bool = False) -> str | None:
+    """Why ``out``, which lacks its checkpoint, must have held one, as ``--resume``'s one-line
+    refusal (None: it need not have). Its run wrote one where its results are there (written
+    after the last checkpoint) or its log goes on past a meta-step it records as checkpointed
+    (:data:`CHECKPOINT_FIELD`: the run's own record, whatever ``--checkpoint-every`` the resume is
+    given); without it such a run could only start again from meta-step 0, replacing its log and
+    results. A log whose last record alone is checkpointed is a run killed while writing that
+    checkpoint, its first (the atomic write left none): nothing is lost by starting again.
+
+    Raises:
+        ConfigError: a damaged log (:func:`_read_log`), unless ``quiet`` (then None).
+    """
+    results = [name for name in RESULT_NAMES if (out / name).exists()]
+    if results:
+        evidence = f"its results are there: {', '.join(results)}"
+    else:
+        try:
+            records = _read_log(out / LOG_NAME)
+        except ConfigError:
+            if quiet:
+                return None
+            raise
+        checkpointed = [r["step"] for r in records[:-1] if r.get(CHECKPOINT_FIELD) is True]
+        if not checkpointed:
+            return None
+        evidence = f"{out / LOG_NAME} goes on past its checkpointed meta-step {max(checkpointed)}"
+    return (f"--resume: {out / CHECKPOINT_NAME} is missing, but the run wrote it ({evidence}): put it back, "
+            "or start over in another --out without --resume")  # fmt: skip
 
 
 def peak_rss_mb() -> float | None:
@@ -790,7 +828,7 @@ class _Progress:
             others = "  ".join(
                 f"{k} {v:.4g}"
                 for k, v in record.items()
-                if k not in ("step", "meta_loss", "seconds", "meta_updates")
+                if k not in ("step", "meta_loss", "seconds", "meta_updates", CHECKPOINT_FIELD)
             )
             print(
                 f"meta-step {record['step']}/{self.total}  meta-loss {record['meta_loss']:.4g}  "
