@@ -349,7 +349,7 @@ BAD = [
     # a number where a list belongs: it said "Value after * must be an iterable, not float"
     (["--rule-config", '{"momentum_decays": 0.9}'], "--rule-config: momentum_decays must be a list of decays, got 0.9"),
     (["--rule", "MetaLSTMCell", "--rule-config", '{"hidden_size": true}'], "hidden_size must be an integer >= 1, got True"),
-    (["--preset", "l2l-2016", "--rule-config", "{}"], "--rule-config sets the architecture of --rule"),
+    (["--preset", "l2l-2016", "--rule-config", '{"hidden_size": 20}'], "--rule-config sets the architecture of --rule"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
     (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),
     (["--algo", "maml", "--device", "mps"], "--device must be cpu or cuda[:N], got 'mps'"),
@@ -430,6 +430,33 @@ def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> 
                                        "another --out\n")  # fmt: skip
     assert run(out, "--meta-steps", "3", "--resume") == 0  # more steps is allowed
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+def test_an_empty_rule_config_is_the_default_architecture_on_resume_and_in_the_files(tmp_path: Path) -> None:
+    """``--rule-config '{}'`` sets no field, so it is the class's default architecture, as no
+    ``--rule-config``: a resume that gave one and not the other was refused as a changed
+    configuration (``--rule-config: None -> {}``), also for a checkpoint written before the two
+    were made equal, which recorded ``{}``."""
+    from learnedopt.meta.train import MetaTrainConfig
+
+    assert MetaTrainConfig(rule_config={}) == MetaTrainConfig()
+    MetaTrainConfig(rule=None, preset="l2l-2016", rule_config={}).validate()  # sets nothing a preset has
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    plain, given = tmp_path / "plain", tmp_path / "given"
+    assert run(plain, *args, "--stop-after", "1") == 0
+    assert run(plain, *args, "--stop-after", "2", "--resume", "--rule-config", "{}") == 0
+    assert run(given, *args, "--rule-config", "{}", "--stop-after", "1") == 0
+    path = given / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"]["rule_config"] is None
+    payload["config"]["rule_config"] = {}  # as a run given '{}' recorded it before
+    torch.save(payload, path)
+    assert run(given, *args, "--stop-after", "2", "--resume") == 0
+    assert run(given, *args, "--resume", "--rule-config", "{}") == 0
+    assert run(plain, *args, "--resume") == 0
+    assert tensors(plain / "weights.safetensors").keys() == tensors(given / "weights.safetensors").keys()
+    assert all(torch.equal(tensors(plain / "weights.safetensors")[k], v) for k, v in tensors(given / "weights.safetensors").items())
+    assert "--rule-config" not in read_header(given / "weights.safetensors")["command"]
 
 
 def test_linear_loss_weighting_changes_the_training_and_is_recorded(tmp_path: Path) -> None:

@@ -105,6 +105,17 @@ def test_maml_sinusoid_lowers_the_validation_loss_and_writes_its_files(tmp_path:
     assert learner.predict(params, x).shape == (10, 1)
 
 
+def test_meta_lstm_an_empty_rule_config_is_the_default_rule_on_resume(tmp_path: Path) -> None:
+    """``--rule-config '{}'`` sets no field of meta-lstm's rule: a resume that gave it to a run
+    started without it was refused as a changed configuration (``--rule-config: None -> {}``)."""
+    assert config("meta-lstm", rule_config={}) == config("meta-lstm")
+    out, args = tmp_path / "run", ["--algo", "meta-lstm", *SINE_TINY, "--inner-steps", "1", "--test-inner-steps", "1",
+                                   "--meta-steps", "3"]  # fmt: skip
+    assert train(out, *args, "--stop-after", "2") == 0
+    assert train(out, *args, "--resume", "--rule-config", "{}") == 0
+    assert "--rule-config" not in header(out / MODEL_NAME)["command"]
+
+
 @pytest.mark.parametrize(
     "algo_args",
     [
@@ -283,7 +294,7 @@ BAD = [
     (["--algo", "maml", "--inner-batch", "4"], "--inner-batch does not apply to --algo maml"),
     (["--algo", "maml", "--preset", "meta-lstm-adam"], "--preset does not apply to --algo maml; it is an option of --algo lstm, meta-lstm"),
     (["--algo", "meta-lstm", "--preset", "l2l-shrt"], "--preset: unknown preset 'l2l-shrt'"),
-    (["--algo", "meta-lstm", "--preset", "meta-lstm-adam", "--rule-config", "{}"], "--preset brings its rule's architecture and weights"),
+    (["--algo", "meta-lstm", "--preset", "meta-lstm-adam", "--rule-config", '{"hidden_size": 20}'], "--preset brings its rule's architecture and weights"),
     (["--algo", "reptile", "--multi-step-loss", "2"], "--multi-step-loss does not apply to --algo reptile"),
     (["--algo", "maml", "--multi-step-loss", "0"], "--multi-step-loss must be a positive integer, got 0"),
     (["--algo", "reptile", "--train-shots", "0"], "--train-shots must be a positive integer, got 0"),

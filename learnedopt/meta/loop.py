@@ -230,6 +230,13 @@ def check_elements(options: str, elements: int, tensor: str) -> None:
 MAX_WEIGHT_TENSORS = 10_000
 
 
+def default_rule_config(rule_config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``rule_config`` as a configuration records it: None for an empty one, which sets no field
+    (the rule class's defaults, as None does), so that ``--rule-config '{}'`` and no
+    ``--rule-config`` are the same run on ``--resume``, in its command and in its files."""
+    return None if isinstance(rule_config, Mapping) and not rule_config else rule_config
+
+
 def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``
     (a ``module:Class`` too: :func:`rule_class`): one the class refuses, a count (``hidden_size``,
@@ -763,6 +770,13 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
     }
     saved = {**defaults, **payload["config"]}
+    # read back through the config class, which makes equal what it takes as equal (a rule_config
+    # of {}, recorded so before it became None); fields the checkpoint lacks stay absent
+    try:
+        built = dataclasses.replace(config, **{k: v for k, v in saved.items() if k in current}).to_dict()
+    except (TypeError, ValueError):  # values no config holds: compared as recorded
+        built = {}
+    saved |= {k: v for k, v in built.items() if k in saved}
     # what changes no finished step: where the data is read, the device, and mostly the length
     resumable = ("data", "device") if config.meta_steps_shape_the_run else ("meta_steps", "data", "device")
     changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])

@@ -68,6 +68,7 @@ from .loop import (
     check_elements,
     check_rule_config,
     check_run,
+    default_rule_config,
     check_select_every,
     clip_meta_gradient_,
     last_record,
@@ -118,7 +119,8 @@ class MetaTrainConfig:
         rule: update rule class to start from its seeded initialisation, or None with ``preset``;
             with ``preset`` too only your own class (``module:Class``), of the preset file's kind.
         rule_config: architecture of ``rule`` (its config fields, e.g. ``{"momentum_decays":
-            [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults.
+            [0.9, 0.99]}`` for ``CoordinateLSTM``); None: the class's defaults (an empty one
+            becomes None).
         preset: preset name or weight file path whose weights (and architecture) to start from,
             or None with ``rule``; a file of your own rule's kind needs its class as ``rule``.
         unroll: truncation length T (optimizee steps per meta-update).
@@ -168,6 +170,9 @@ class MetaTrainConfig:
     select_tasks: int | None = None
     data: str | None = None
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule_config", default_rule_config(self.rule_config))
 
     @property
     def meta_steps_shape_the_run(self) -> bool:

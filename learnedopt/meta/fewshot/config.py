@@ -21,6 +21,7 @@ from ..loop import (
     check_elements,
     check_rule_config,
     check_select_every,
+    default_rule_config,
     refuse_options,
 )
 
@@ -90,7 +91,7 @@ class FewShotConfig:
             learned update starts from, instead of ``rule``'s seeded initialisation.
         rule_config: meta-lstm: the rule's config fields that differ from its class's defaults,
             e.g. ``{"input_bias_init": [-0.5, -0.3]}`` to start from a larger step (None: the
-            paper's); None for the other algorithms.
+            paper's; an empty one becomes None); None for the other algorithms.
         train_shots: support examples per class of the meta-training tasks (None: ``shots``);
             validation and evaluation use ``shots``.
         inner_batch: Reptile's examples per inner step, drawn from the support set without
@@ -142,6 +143,9 @@ class FewShotConfig:
     multi_step_loss: int | None = None
     first_order_until: int | None = None
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule_config", default_rule_config(self.rule_config))
 
     @property
     def meta_steps_shape_the_run(self) -> bool:
