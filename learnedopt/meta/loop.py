@@ -556,7 +556,8 @@ def train_loop(
         except ConfigError:  # the trainer's own one-line refusal
             raise
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-            raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: {err})") from None
+            raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: "
+                              f"{one_line(err)})") from None  # fmt: skip
         start = int(payload["step"])
     else:
         held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
