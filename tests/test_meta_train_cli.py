@@ -1201,6 +1201,28 @@ def test_a_resume_compares_with_the_rule_the_run_started_from(tmp_path: Path) ->
     assert (ha["eval_initial"], ha["eval_final"]) == (hb["eval_initial"], hb["eval_final"])
 
 
+def test_a_resume_whose_rule_class_builds_another_architecture_is_refused(tmp_path: Path, capsys) -> None:
+    """The checkpoint records the rule's architecture (its config): where the run now builds
+    another one of the same tensor shapes (a class of your own, or the library, whose default
+    changed since the run began), the resume loaded the old weights into the new rule and went
+    on silently as another run. It is refused in one line naming the fields."""
+    out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "1") == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert payload["rule_config"]["output_scale"] == 0.1
+    payload["rule_config"]["output_scale"] = 0.2  # as if the class's default had been 0.2
+    torch.save(payload, out / "checkpoint.pt")
+    assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (
+        "learnedopt meta-train: error: --resume: the checkpoint holds a CoordinateLSTM of another "
+        "architecture than this run builds (output_scale: 0.2 -> 0.1): its class or defaults changed since the run "
+        "began; resume it with them as they were, or start over in another --out without --resume\n"
+    )
+    del payload["rule_config"], payload["rule_kind"]  # a checkpoint that does not record it: not checked
+    torch.save(payload, out / "checkpoint.pt")
+    assert run(out, *args, "--resume") == 0
+
+
 def test_model_card_rows_keep_two_cells_when_a_value_holds_a_pipe() -> None:
     """A "|" in a setting (a data path) split its Markdown row into more cells."""
     import re
