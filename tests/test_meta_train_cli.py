@@ -692,6 +692,13 @@ def test_a_resume_whose_checkpoint_is_gone_after_the_run_wrote_one_is_refused(tm
     assert run(whole, *args) == 0
     assert run(broken, *args, "--stop-after", "2") == 0
     (broken / "checkpoint.pt").unlink()
+    log = (broken / "log.jsonl").read_text()
+    # but a line cut short after the checkpointed step's is the next step's, begun once that
+    # checkpoint was written: the log goes on past it
+    (broken / "log.jsonl").write_text(log + '{"step": 3, "meta_')
+    assert run(broken, *args, "--resume") == 2
+    assert "is missing, but the run wrote it" in capsys.readouterr().err
+    (broken / "log.jsonl").write_text(log)
     assert run(broken, *args, "--resume") == 0
     a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

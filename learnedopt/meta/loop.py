@@ -657,7 +657,7 @@ def _lost_checkpoint(out: Path, *, quiet: bool = False) -> str | None:
     refusal (None: it need not have). Its run wrote one where its results are there (written
     after the last checkpoint) or its log goes on past a meta-step it records as checkpointed
     (:data:`CHECKPOINT_FIELD`: the run's own record, whatever ``--checkpoint-every`` the resume is
-    given); without it such a run could only start again from meta-step 0, replacing its log and
+    given), a record or a line cut short after it; without it such a run could only start again from meta-step 0, replacing its log and
     results. A log whose last record alone is checkpointed is a run killed while writing that
     checkpoint, its first (the atomic write left none): nothing is lost by starting again.
 
@@ -669,12 +669,14 @@ def _lost_checkpoint(out: Path, *, quiet: bool = False) -> str | None:
         evidence = f"its results are there: {', '.join(results)}"
     else:
         try:
-            records = _read_log(out / LOG_NAME)
+            records, cut = _read_log_and_cut(out / LOG_NAME)
         except ConfigError:
             if quiet:
                 return None
             raise
-        checkpointed = [r["step"] for r in records[:-1] if r.get(CHECKPOINT_FIELD) is True]
+        # a line cut short is the next step's, begun after the checkpoint of the one before
+        followed = records if cut else records[:-1]
+        checkpointed = [r["step"] for r in followed if r.get(CHECKPOINT_FIELD) is True]
         if not checkpointed:
             return None
         evidence = f"{out / LOG_NAME} goes on past its checkpointed meta-step {max(checkpointed)}"
@@ -793,8 +795,13 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
 def _read_log(path: Path) -> list[dict[str, Any]]:
     """The log's records. A last line cut short (a run killed while writing it) is dropped: it
     is a meta-step after the last checkpoint, run again on resume."""
+    return _read_log_and_cut(path)[0]
+
+
+def _read_log_and_cut(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """:func:`_read_log`'s records, and whether a last line cut short was dropped."""
     if not path.is_file():
-        return []
+        return [], False
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -802,13 +809,13 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
-                break
+                return records, True
             raise ConfigError(f"{path}: line {number} is not a log record (the log is damaged)") from None
         # valid JSON but no meta-step's record: an edited log, never a kill's partial line
         if not (isinstance(record, dict) and type(record.get("step")) is int):
             raise ConfigError(f"{path}: line {number} is not a log record (no integer \"step\"; the log is damaged)")
         records.append(record)
-    return records
+    return records, False
 
 
 def _truncate_log(path: Path, step: int) -> None:
