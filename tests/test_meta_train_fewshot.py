@@ -116,6 +116,32 @@ def test_meta_lstm_an_empty_rule_config_is_the_default_rule_on_resume(tmp_path: 
     assert "--rule-config" not in header(out / MODEL_NAME)["command"]
 
 
+def test_a_resume_whose_learner_builds_another_architecture_is_refused(tmp_path: Path, capsys) -> None:
+    """The checkpoint records the learner's architecture (network and meta-lstm's rule): where
+    the run now builds another of the same tensor shapes (the library's or a class's default
+    changed since the run began, e.g. MetaLSTMCell's ``step_scale``), the resume loaded the old
+    tensors into it and went on silently as another run. It is refused in one line naming the
+    fields; a checkpoint that does not record it is not checked."""
+    out, args = tmp_path / "run", ["--algo", "meta-lstm", *SINE_TINY, "--inner-steps", "1", "--test-inner-steps", "1",
+                                   "--meta-steps", "3", "--checkpoint-every", "1"]  # fmt: skip
+    assert train(out, *args, "--stop-after", "1") == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert payload["architecture"]["rule"]["config"]["step_scale"] == 1.0
+    payload["architecture"]["rule"]["config"]["step_scale"] = 2.0
+    payload["architecture"]["network"]["activation"] = "tanh"
+    torch.save(payload, out / "checkpoint.pt")
+    assert train(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (
+        "learnedopt meta-train: error: --resume: the checkpoint holds a meta-lstm learner of another architecture than "
+        "this run builds (network.activation: 'tanh' -> 'relu', rule.config.step_scale: 2.0 -> 1.0): its class or "
+        "defaults changed since the run began; resume it with them as they were, or start over in another --out "
+        "without --resume\n"
+    )
+    del payload["architecture"]
+    torch.save(payload, out / "checkpoint.pt")
+    assert train(out, *args, "--resume") == 0
+
+
 @pytest.mark.parametrize(
     "algo_args",
     [

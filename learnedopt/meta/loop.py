@@ -66,6 +66,35 @@ def refuse_other_data(saved: str | None, current: str | None, what: str, data: s
         )
 
 
+def refuse_other_architecture(what: str, saved: Mapping[str, Any] | None, built: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` where the architecture a checkpoint records (``saved``, a dict
+    of settings, nested or not; None in a checkpoint that does not record it: not checked) is
+    not the one the resumed run built (``built``): a class's or the library's default changed
+    since the run began. With the same tensor shapes the checkpoint would load into the other
+    learner, and the run go on silently as another one. ``what`` names the learner, e.g. ``"a
+    CoordinateLSTM"``; the message names each differing setting (``a.b: old -> new``)."""
+    if not isinstance(saved, Mapping):
+        return
+    changed = _differences(saved, built)
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint holds {what} of another architecture than this run builds "
+                          f"({', '.join(changed)}): its class or defaults changed since the run began; resume it with "
+                          "them as they were, or start over in another --out without --resume")  # fmt: skip
+
+
+def _differences(saved: Mapping[str, Any], built: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key: saved -> built"`` for each setting that differs, nested dicts by dotted keys; equal
+    by value, or by repr where a value is not equal to itself (a NaN)."""
+    found = []
+    for key in sorted({*saved, *built}, key=str):
+        old, new = saved.get(key), built.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new and repr(old) != repr(new):
+            found.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return found
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) during the meta-steps; its message says where ``--resume`` continues from.
     A ``KeyboardInterrupt``, so a caller that stops on Ctrl-C still does; the CLI prints it on

@@ -74,6 +74,7 @@ from .loop import (
     last_record,
     model_card,
     processes_note,
+    refuse_other_architecture,
     refuse_other_data,
     resumable_config,
     rule_class,
@@ -482,31 +483,13 @@ class _RuleTrainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         refuse_other_data(state.get("data_sha256"), self.data_sha256, "MNIST files", self.config.data)
-        _refuse_other_architecture(state.get("rule_kind"), state.get("rule_config"), self.rule)
+        if isinstance(state.get("rule_config"), Mapping):  # recorded by every checkpoint of this format
+            refuse_other_architecture(f"a {state.get('rule_kind')}", {"kind": state.get("rule_kind"), **state["rule_config"]},
+                                      {"kind": self.rule.kind, **self.rule.config_dict()})  # fmt: skip
         self.rule.load_state_dict(state["rule"])
         self.initial.load_state_dict(state["initial_rule"])  # for the final evaluation
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.selection.load_state_dict(state.get("selection"))  # absent before selection existed
-
-
-def _refuse_other_architecture(kind: str | None, config: Mapping[str, Any] | None, rule: UpdateRule) -> None:
-    """Raise :class:`ConfigError` where a checkpoint's rule (its ``kind`` and ``config``, as
-    recorded; None in a checkpoint that does not record them: not checked) is not the
-    architecture ``rule`` the resumed run built: its class, or its defaults, changed since the run
-    began. With the same tensor shapes its weights would load into the other rule, and the run go
-    on silently as another one."""
-    if kind is None or not isinstance(config, Mapping):
-        return
-    built = rule.config_dict()
-    # by value, or by repr where a value is not equal to itself (a NaN of a config of your own)
-    fields = [k for k in sorted({*config, *built}) if config.get(k) != built.get(k) and repr(config.get(k)) != repr(built.get(k))]
-    if kind == rule.kind and not fields:
-        return
-    changed = (f"{kind} -> {rule.kind}" if kind != rule.kind
-               else ", ".join(f"{k}: {config.get(k)!r} -> {built.get(k)!r}" for k in fields))  # fmt: skip
-    raise ConfigError(f"--resume: the checkpoint holds a {kind} of another architecture than this run builds ({changed}): "
-                      "its class or defaults changed since the run began; resume it with them as they were, or start "
-                      "over in another --out without --resume")  # fmt: skip
 
 
 def meta_train(

@@ -27,6 +27,7 @@ from ..loop import (
     clip_meta_gradient_,
     last_record,
     processes_note,
+    refuse_other_architecture,
     refuse_other_data,
     resumable_config,
     model_card,
@@ -156,8 +157,14 @@ class FewShotTrainer:
     def _selected_after(self, step: int, record: dict[str, float]) -> dict[str, float]:
         return {**record, **self.selection.after_step(step, self.config.meta_steps, self.learner, self.initial_learner)}
 
+    def _architecture(self) -> dict[str, Any]:
+        """What the checkpoint records of the learner's architecture, for a resume to compare: its
+        network and meta-lstm's rule (``{"kind", "config"}``, with every field: the defaults too)."""
+        spec = self.learner.spec
+        return {"network": dict(spec.architecture), "rule": None if spec.rule is None else dict(spec.rule)}
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"algo": self.config.algo, "learner": self.learner.tensors()}
+        state: dict[str, Any] = {"algo": self.config.algo, "architecture": self._architecture(), "learner": self.learner.tensors()}
         if self.config.algo == "reptile":
             state["reptile"] = self.reptile.state_dict()
         else:
@@ -168,6 +175,7 @@ class FewShotTrainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         refuse_other_data(state.get("data_sha256"), self.data_sha256, "Omniglot images", self.config.data)
+        refuse_other_architecture(f"a {self.config.algo} learner", state.get("architecture"), self._architecture())
         self.learner.load_tensors(state["learner"])
         if self.config.algo == "reptile":
             self.reptile.load_state_dict(state["reptile"])
