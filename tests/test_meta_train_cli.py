@@ -1225,6 +1225,12 @@ def test_a_resume_whose_rule_class_builds_another_architecture_is_refused(tmp_pa
         "architecture than this run builds (output_scale: 0.2 -> 0.1): its class or defaults changed since the run "
         "began; resume it with them as they were, or start over in another --out without --resume\n"
     )
+    # a field the class gained since (its default the old behaviour) is not a change
+    payload["rule_config"]["output_scale"] = 0.1
+    del payload["rule_config"]["param_input"]
+    torch.save(payload, out / "checkpoint.pt")
+    assert run(out, *args, "--resume", "--stop-after", "2") == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
     del payload["rule_config"], payload["rule_kind"]  # a checkpoint that does not record it: not checked
     torch.save(payload, out / "checkpoint.pt")
     assert run(out, *args, "--resume") == 0

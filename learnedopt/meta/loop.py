@@ -83,10 +83,12 @@ def refuse_other_architecture(what: str, saved: Mapping[str, Any] | None, built:
 
 
 def _differences(saved: Mapping[str, Any], built: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``"key: saved -> built"`` for each setting that differs, nested dicts by dotted keys; equal
-    by value, or by repr where a value is not equal to itself (a NaN)."""
+    """``"key: saved -> built"`` for each setting of ``saved`` that differs, nested dicts by dotted
+    keys; equal by value, or by repr where a value is not equal to itself (a NaN). A setting
+    ``saved`` lacks is not compared: the class gained it since, its default keeping the old
+    behaviour (as :func:`_load_checkpoint` takes a run configuration's new field)."""
     found = []
-    for key in sorted({*saved, *built}, key=str):
+    for key in sorted(saved, key=str):
         old, new = saved.get(key), built.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             found += _differences(old, new, f"{prefix}{key}.")
