@@ -723,6 +723,14 @@ def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -
     assert run(out, *args, "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
     assert run(out, *args, "--resume") == 0  # the finished run released it
+    # one not checkpointed yet: the refusal alone, not first a notice that it starts again
+    fresh = tmp_path / "fresh"
+    assert run(fresh, "--meta-steps", "3", "--checkpoint-every", "3", "--stop-after", "1") == 0
+    capsys.readouterr()
+    with folder_locked_by_another_run(fresh):
+        assert run(fresh, "--meta-steps", "3", "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "in use by another meta-train process" in err, err
 
 
 def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path, capsys) -> None:

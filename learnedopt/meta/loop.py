@@ -573,14 +573,10 @@ def train_loop(
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     if resume and not checkpoint_path.exists() and (lost := _lost_checkpoint(out)) is not None:
         raise ConfigError(lost)
+    # killed before its first checkpoint: nothing to continue from, nothing to lose by running it
+    # again from the start (said once the folder is this run's, below)
     started_only = resume and not checkpoint_path.exists() and log_path.is_file()
-    if started_only:
-        # killed before its first checkpoint: nothing to continue from, nothing to lose by
-        # running it again from the start
-        if workers.is_main:
-            print(f"--resume: {out} has a log but no checkpoint yet (the run stopped before its first); "
-                  "starting it again from meta-step 0", file=sys.stderr)  # fmt: skip
-    elif resume:
+    if resume and not started_only:
         payload = _load_checkpoint(checkpoint_path, config)
         try:
             trainer.load_state_dict(payload)
@@ -590,7 +586,7 @@ def train_loop(
             raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: "
                               f"{one_line(err)})") from None  # fmt: skip
         start = int(payload["step"])
-    else:
+    elif not resume:
         held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
         if held:
             how = (" (it stopped before its first checkpoint: --resume starts it again)"
@@ -614,6 +610,9 @@ def train_loop(
             # read by --resume in place of the file, which may have moved by then
             write_atomically(out / START_NAME, lambda tmp: shutil.copyfile(start_file, tmp))
     workers.barrier()
+    if workers.is_main and started_only:
+        print(f"--resume: {out} has a log but no checkpoint yet (the run stopped before its first); "
+              "starting it again from meta-step 0", file=sys.stderr)  # fmt: skip
     if workers.is_main and resume:
         _truncate_log(log_path, start)
 
