@@ -135,6 +135,7 @@ class LearnedOptimizer(Optimizer):
         self._flat_states: dict[tuple[int, torch.device, torch.dtype], FlatState] = {}
         self._packed_weights: dict[torch.device, tuple[tuple[int, ...], object]] = {}
         self._fused_failed = False
+        self._partial_step: str | None = None  # why the last step stopped part-way, if it did
         self.chunk = DEFAULT_CHUNK
         self._weights_argument = weights  # a group may name these again (see add_param_group)
         self._rule_jsons: set[str] = set()  # the fingerprints this optimizer wrote into its groups
@@ -242,6 +243,7 @@ class LearnedOptimizer(Optimizer):
             "weights_header": self.weights_header,
             "chunk": self.chunk,
             "_weights_argument": self._weights_argument,
+            "_partial_step": self._partial_step,  # a copy holds the same half-stepped states
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -254,6 +256,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
+        self.__dict__.setdefault("_partial_step", None)
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
         self.__dict__.setdefault("_state_shapes", WeakIdKeyDictionary())  # not pickled: the shapes now are taken
         for group in self.param_groups:  # pickled by an earlier version, without the key
@@ -393,6 +396,7 @@ class LearnedOptimizer(Optimizer):
             if "param_names" in group and "param_names" not in saved_group:
                 saved_group["param_names"] = group["param_names"]
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
+        self._partial_step = None  # the loaded states are whole (or accepted as they are)
         self._flat_states.clear()
         self._state_shapes = WeakIdKeyDictionary()  # the loaded states were checked against the shapes now
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -476,6 +480,12 @@ class LearnedOptimizer(Optimizer):
         (how ``torch.distributed.checkpoint.state_dict``'s helpers initialise an optimizer's
         state) runs :meth:`init_state` instead: it changes no parameter and advances no state.
 
+        A step that raises after it has written a state or parameter (an out-of-memory error in
+        a later chunk or group) leaves the tensors before that point stepped and those after not;
+        every later step then raises ``RuntimeError``, as it would step those twice, until
+        :meth:`load_state_dict` loads a state (one saved before, or ``self.state_dict()`` to
+        accept the state as it is). One that raises before writing anything changed nothing.
+
         Returns:
             The closure's loss, or None.
         """
@@ -485,6 +495,8 @@ class LearnedOptimizer(Optimizer):
                 f"{type(closure).__name__}; "
                 + ("pass the loss as step(loss=loss)" if self.rule.needs_loss else "its rule reads no loss: call step()")
             )
+        if self._partial_step is not None:
+            raise RuntimeError(self._partial_step)
         seen: set[int] = set()
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
@@ -534,9 +546,23 @@ class LearnedOptimizer(Optimizer):
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
         progress = _StepProgress()
-        with without_autocast({device.type for partitions in plans for device, _ in partitions}):
-            for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                self._update_group(index, group, partitions, rule_loss, progress)
+        try:
+            with without_autocast({device.type for partitions in plans for device, _ in partitions}):
+                for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+                    self._update_group(index, group, partitions, rule_loss, progress)
+        except BaseException as err:  # an out-of-memory error in a later chunk or group, an interrupt
+            if progress.written:
+                # the states written so far cannot be taken back without a copy of them all (as
+                # much memory again as the states): refuse to step them a second time instead
+                total = sum(len(ps) for partitions in plans for ps, _ in partitions.values())
+                self._partial_step = (
+                    f"an earlier {type(self).__name__}.step() failed part-way through ({err!r}) after {progress.stepped} "
+                    f"of its {total} parameter tensor(s), with their states, had taken it, and the states (or values) of "
+                    "others in part: another step would step those twice. Load a state saved before that step "
+                    "(optimizer.load_state_dict(saved), with the parameters of then), or accept the parameters and "
+                    "states as they are: optimizer.load_state_dict(optimizer.state_dict())"
+                )
+            raise
         if progress.kernel_failures:
             # raised only now, so that the step is whole: no group left behind, no tensor stepped twice
             raise RuntimeError(
@@ -699,7 +725,9 @@ class LearnedOptimizer(Optimizer):
                         self.rule, *ordered, lr=lr, loss=loss_math, maximize=group["maximize"],
                         weights=self._fused_weights(device), block=_fused_block(), done=done,
                     )
+                    progress.written = True
                 except Exception as err:  # a kernel that fails to compile on this machine
+                    progress.written = progress.written or bool(done)
                     if group["backend"] == "triton":
                         if not done and not progress.updated:
                             raise RuntimeError(
@@ -714,15 +742,16 @@ class LearnedOptimizer(Optimizer):
                     rest = sorted(set(range(len(ordered_ps))) - set(done))
                     flat_update_(
                         rule, [ordered_ps[i] for i in rest], [ordered_gs[i] for i in rest], buffers,
-                        [offsets[i] for i in rest], chunk=self.chunk, **common,
+                        [offsets[i] for i in rest], chunk=self.chunk, before_write=progress.mark_written, **common,
                     )  # fmt: skip
             elif group["foreach"] is False:
                 states = [self._state_of(p, state_dtype) for p in ps]
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
-                single_tensor_update_(rule, local_ps, local_gs, states, **common)
+                single_tensor_update_(rule, local_ps, local_gs, states, before_write=progress.mark_written, **common)
             else:
                 flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
-                flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, **common)
+                flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, before_write=progress.mark_written, **common)
+            progress.written = True  # a partition of no coordinates (0-element tensors) counts its steps
             if group["weight_decay"] and lr:
                 # after the step, not before as AdamW: a kernel that fails at its first launch
                 # must leave every parameter as it was
@@ -731,6 +760,7 @@ class LearnedOptimizer(Optimizer):
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
             progress.updated = True
+            progress.stepped += len(ps)
 
     def _use_fused(
         self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype, foreach: bool | None = None
@@ -912,11 +942,18 @@ def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor])
 
 @dataclass
 class _StepProgress:
-    """How far one ``step()`` has gone: whether any partition was updated, and the errors of
-    ``backend="triton"`` kernels that failed after that (the step finished on the PyTorch path)."""
+    """How far one ``step()`` has gone: whether any partition was updated, whether anything (a
+    state, a parameter) was written, how many parameter tensors took the whole step, and the
+    errors of ``backend="triton"`` kernels that failed after that (the step finished on the
+    PyTorch path)."""
 
     updated: bool = False
+    written: bool = False
+    stepped: int = 0
     kernel_failures: list[Exception] = field(default_factory=list)
+
+    def mark_written(self) -> None:
+        self.written = True
 
 
 def _fused_rule(rule: UpdateRule) -> bool:

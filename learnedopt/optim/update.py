@@ -37,6 +37,7 @@ def single_tensor_update_(
     loss: Tensor | None,
     maximize: bool,
     compute_dtype: torch.dtype,
+    before_write: Callable[[], None] | None = None,
 ) -> None:
     """The plain reference: run the rule on each parameter tensor separately.
 
@@ -46,12 +47,16 @@ def single_tensor_update_(
             updated in place.
         lr: multiplier of the learned step (0 leaves the parameters unchanged).
         loss: scalar optimizee loss for rules that need it.
+        before_write: if given, called before each tensor's states and value are written, so
+            that a caller can tell an error before any write from one after some.
     """
     names = list(rule.state_spec())
     for param, grad, state in zip(params, grads, states, strict=True):
         g = _signed(grad, maximize).reshape(-1).to(compute_dtype)
         p = param.detach().reshape(-1).to(compute_dtype)
         step, new_state = rule(g, p, {k: state[k].to(compute_dtype) for k in names}, loss)
+        if before_write is not None:
+            before_write()
         for k in names:
             _store_(state[k], new_state[k])
         if lr != 0:  # lr 0 leaves the parameter as it is, even where the step is not finite
@@ -89,6 +94,7 @@ def flat_update_(
     maximize: bool,
     compute_dtype: torch.dtype,
     chunk: int = DEFAULT_CHUNK,
+    before_write: Callable[[], None] | None = None,
 ) -> None:
     """The batched path: run the rule over all coordinates of many tensors in cache-sized chunks.
 
@@ -103,6 +109,9 @@ def flat_update_(
             step) are left untouched.
         buffers, offsets: the flat states, updated in place.
         chunk: coordinates per chunk.
+        before_write: if given, called before each chunk's states (and each run's parameters)
+            are written: an error raised before its first call changed nothing, one after it left
+            earlier chunks stepped (their states, or whole tensors) and later ones not.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -122,10 +131,14 @@ def flat_update_(
             s, new_state = _padded_rule_call(
                 rule, g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss
             )
+            if before_write is not None:
+                before_write()
             for k, v in views.items():
                 _store_(v, new_state[k])
             step[a:b] = s
         if lr != 0:  # as in single_tensor_update_
+            if before_write is not None:
+                before_write()
             for i, piece in zip(run, step.split(sizes), strict=True):
                 params[i].add_(piece.view(params[i].shape), alpha=lr)
 

@@ -1,0 +1,112 @@
+"""A step that fails part-way through (an out-of-memory error in a later chunk or group): what it
+leaves, and that a retry can never step a tensor or state twice."""
+
+import copy
+
+import pytest
+import torch
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step
+
+
+class Exhausted(torch.OutOfMemoryError):
+    """A simulated out-of-memory error."""
+
+
+def failing_at_call(opt, n: int) -> list[int]:
+    """Make ``opt``'s rule raise :class:`Exhausted` at its ``n``-th call (a chunk of the batched
+    path, a tensor of the per-tensor one) from now; returns the call count."""
+    rule, calls = opt.rule, [0]
+    real = type(rule).forward
+
+    def forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Exhausted("simulated out of memory")
+        return real(rule, *args, **kwargs)
+
+    rule.forward = forward
+    return calls
+
+
+def build(kind, foreach, groups):
+    params = make_params([(40,), (30,), (50,), (20,)], dtype=torch.float32)
+    split = [{"params": params[:2]}, {"params": params[2:]}] if groups else params
+    opt = OPTIMIZERS[kind](split, foreach=foreach)
+    opt.chunk = 64  # the 120 coordinates of the first two tensors are two chunks
+    return params, opt
+
+
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kind, foreach, groups) -> None:
+    params, opt = build(kind, foreach, groups)
+    set_grads(params, seed=1)
+    step(opt)
+    saved = copy.deepcopy(opt.state_dict())  # as torch.optim's, its states are the live ones
+    saved_params = [p.detach().clone() for p in params]
+    failing_at_call(opt, 2)  # the second chunk (or tensor): the first one's states are written
+    set_grads(params, seed=2)
+    with pytest.raises(Exhausted):
+        step(opt)
+    del opt.rule.forward
+    with pytest.raises(RuntimeError, match=r"failed part-way.*Exhausted.*twice.*load_state_dict"):
+        step(opt)
+    with pytest.raises(RuntimeError, match="failed part-way"):  # not only once
+        step(opt)
+
+    # loading the state saved before the failed step (and the parameters of then) continues as
+    # a run that never failed
+    reference, ref_opt = build(kind, foreach, groups)
+    set_grads(reference, seed=1)
+    step(ref_opt)
+    with torch.no_grad():
+        for p, q in zip(params, saved_params, strict=True):
+            p.copy_(q)
+    opt.load_state_dict(saved)
+    for seed in (2, 3):
+        set_grads(params, seed=seed)
+        set_grads(reference, seed=seed)
+        step(opt)
+        step(ref_opt)
+    assert_same_params_and_states(params, opt, reference, ref_opt)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_the_state_as_the_failed_step_left_it_can_be_accepted_by_loading_it(kind) -> None:
+    params, opt = build(kind, None, groups=False)
+    set_grads(params, seed=1)
+    failing_at_call(opt, 2)
+    with pytest.raises(Exhausted):
+        step(opt)
+    del opt.rule.forward
+    opt.load_state_dict(opt.state_dict())
+    step(opt)  # runs
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_step_failing_before_it_changed_anything_can_be_retried(kind, foreach) -> None:
+    params, opt = build(kind, foreach, groups=True)
+    reference, ref_opt = build(kind, foreach, groups=True)
+    for seed in (1, 2):
+        set_grads(params, seed=seed)
+        set_grads(reference, seed=seed)
+        failing_at_call(opt, 1)  # the first chunk of the first group: nothing written yet
+        with pytest.raises(Exhausted):
+            step(opt)
+        del opt.rule.forward
+        step(opt)
+        step(ref_opt)
+    assert_same_params_and_states(params, opt, reference, ref_opt)
+
+
+def test_a_copy_of_an_optimizer_whose_step_failed_part_way_raises_too() -> None:
+    params, opt = build("lstm", None, groups=False)
+    set_grads(params, seed=1)
+    failing_at_call(opt, 2)
+    with pytest.raises(Exhausted):
+        step(opt)
+    del opt.rule.forward
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        step(copy.deepcopy(opt))
