@@ -110,3 +110,35 @@ def test_a_copy_of_an_optimizer_whose_step_failed_part_way_raises_too() -> None:
     del opt.rule.forward
     with pytest.raises(RuntimeError, match="failed part-way"):
         step(copy.deepcopy(opt))
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_running_out_of_memory_for_a_later_groups_new_states_changes_nothing(kind, foreach) -> None:
+    """The states of a group's new parameters (the flat buffers, the model's largest allocation)
+    are made for every group before any is updated: running out of memory for the second
+    group's leaves the first unstepped, so the step can be retried."""
+    params, opt = build(kind, foreach, groups=True)
+    reference, ref_opt = build(kind, foreach, groups=True)
+    rule, real, calls = opt.rule, type(opt.rule).init_state, [0]
+
+    def init_state(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # the first parameter of the second group
+            raise Exhausted("simulated out of memory")
+        return real(rule, *args, **kwargs)
+
+    rule.init_state = init_state
+    set_grads(params, seed=1)
+    set_grads(reference, seed=1)
+    with pytest.raises(Exhausted):
+        step(opt)
+    assert calls[0] == 3
+    del rule.init_state
+    step(opt)
+    step(ref_opt)
+    set_grads(params, seed=2)
+    set_grads(reference, seed=2)
+    step(opt)
+    step(ref_opt)
+    assert_same_params_and_states(params, opt, reference, ref_opt)

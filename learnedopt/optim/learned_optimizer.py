@@ -545,20 +545,28 @@ class LearnedOptimizer(Optimizer):
                     check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
+        # the allocations that grow with the model (the states of parameters stepped for the first
+        # time, a group's flat buffers rebuilt for them) are made for every group before any is
+        # updated: running out of memory there changes nothing, and the step can be retried
+        held = [
+            self._hold_states(index, group, partitions)
+            for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True))
+        ]
         progress = _StepProgress()
         try:
             with without_autocast({device.type for partitions in plans for device, _ in partitions}):
                 for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                    self._update_group(index, group, partitions, rule_loss, progress)
+                    self._update_group(index, group, partitions, held[index], rule_loss, progress)
         except BaseException as err:  # an out-of-memory error in a later chunk or group, an interrupt
             if progress.written:
                 # the states written so far cannot be taken back without a copy of them all (as
                 # much memory again as the states): refuse to step them a second time instead
                 total = sum(len(ps) for partitions in plans for ps, _ in partitions.values())
+                done = f"{progress.stepped} of its {total} parameter tensor(s), with their states"
                 self._partial_step = (
-                    f"an earlier {type(self).__name__}.step() failed part-way through ({err!r}) after {progress.stepped} "
-                    f"of its {total} parameter tensor(s), with their states, had taken it, and the states (or values) of "
-                    "others in part: another step would step those twice. Load a state saved before that step "
+                    f"an earlier {type(self).__name__}.step() failed part-way through ({err!r}) after it had stepped "
+                    + (f"some parameters or their states ({done} in full, others in part)" if progress.partial else done)
+                    + ": another step would step those twice. Load a state saved before that step "
                     "(optimizer.load_state_dict(saved), with the parameters of then), or accept the parameters and "
                     "states as they are: optimizer.load_state_dict(optimizer.state_dict())"
                 )
@@ -700,10 +708,34 @@ class LearnedOptimizer(Optimizer):
             return f"parameter {names[position]!r} (shape {shape})"
         return f"param_groups[{index}]['params'][{position}] (shape {shape})"
 
+    def _hold_states(
+        self, index: int, group: dict[str, Any], partitions: Partitions
+    ) -> dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]]:
+        """The states each of group ``index``'s partitions updates: its flat buffers (made or
+        rebuilt now, where parameters get their first state), or for the per-tensor path each
+        parameter's state. Changes no value: a parameter given its state now takes its first step
+        from it. Also copies the rule onto each partition's device and dtype."""
+        state_dtype = group["state_dtype"]
+        held: dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]] = {}
+        for (device, compute_dtype), (ps, _) in partitions.items():
+            self._rule_on(device, compute_dtype)
+            if group["foreach"] is False and not self._use_fused(group["backend"], device, compute_dtype, state_dtype, False):
+                held[device, compute_dtype] = [self._state_of(p, state_dtype) for p in ps]
+            else:
+                held[device, compute_dtype] = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
+        return held
+
     def _update_group(
-        self, index: int, group: dict[str, Any], partitions: Partitions, loss: Tensor | None, progress: _StepProgress
+        self,
+        index: int,
+        group: dict[str, Any],
+        partitions: Partitions,
+        held: dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]],
+        loss: Tensor | None,
+        progress: _StepProgress,
     ) -> None:
-        """Update group ``index``'s parameters, given as :func:`_partitions` of its plan. A fused
+        """Update group ``index``'s parameters, given as :func:`_partitions` of its plan, in
+        the states :meth:`_hold_states` gave them (``held``). A fused
         kernel that fails is replaced by the PyTorch path for the tensors it had not updated. Under
         ``backend="triton"`` a failure before anything of this step was updated raises at once;
         a later one is appended to ``progress.kernel_failures`` for the caller to raise once the
@@ -716,18 +748,19 @@ class LearnedOptimizer(Optimizer):
             # maximising f is minimising -f: the rule sees -grad (in the update) and -loss
             loss_here = None if loss_math is None else loss_math * (-1 if group["maximize"] else 1)
             common = {"lr": lr, "loss": loss_here, "maximize": group["maximize"], "compute_dtype": compute_dtype}
-            if self._use_fused(group["backend"], device, compute_dtype, state_dtype, group["foreach"]):
-                flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
-                ordered = _in_buffer_order(flat, ps, gs)
+            states = held[device, compute_dtype]
+            if isinstance(states, FlatState) and self._use_fused(group["backend"], device, compute_dtype, state_dtype, group["foreach"]):
+                ordered = _in_buffer_order(states, ps, gs)
                 done: list[int] = []
                 try:
                     fused_update_(
                         self.rule, *ordered, lr=lr, loss=loss_math, maximize=group["maximize"],
                         weights=self._fused_weights(device), block=_fused_block(), done=done,
                     )
-                    progress.written = True
+                    progress.mark_written()
                 except Exception as err:  # a kernel that fails to compile on this machine
-                    progress.written = progress.written or bool(done)
+                    if done:
+                        progress.mark_written()
                     if group["backend"] == "triton":
                         if not done and not progress.updated:
                             raise RuntimeError(
@@ -744,14 +777,12 @@ class LearnedOptimizer(Optimizer):
                         rule, [ordered_ps[i] for i in rest], [ordered_gs[i] for i in rest], buffers,
                         [offsets[i] for i in rest], chunk=self.chunk, before_write=progress.mark_written, **common,
                     )  # fmt: skip
-            elif group["foreach"] is False:
-                states = [self._state_of(p, state_dtype) for p in ps]
+            elif isinstance(states, FlatState):
+                flat_update_(rule, *_in_buffer_order(states, ps, gs), chunk=self.chunk, before_write=progress.mark_written, **common)
+            else:
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
                 single_tensor_update_(rule, local_ps, local_gs, states, before_write=progress.mark_written, **common)
-            else:
-                flat = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
-                flat_update_(rule, *_in_buffer_order(flat, ps, gs), chunk=self.chunk, before_write=progress.mark_written, **common)
-            progress.written = True  # a partition of no coordinates (0-element tensors) counts its steps
+            progress.mark_written()  # a partition of no coordinates (0-element tensors) counts its steps
             if group["weight_decay"] and lr:
                 # after the step, not before as AdamW: a kernel that fails at its first launch
                 # must leave every parameter as it was
@@ -760,6 +791,7 @@ class LearnedOptimizer(Optimizer):
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
             progress.updated = True
+            progress.partial = False
             progress.stepped += len(ps)
 
     def _use_fused(
@@ -812,8 +844,10 @@ class LearnedOptimizer(Optimizer):
     def _state_of(self, p: Tensor, state_dtype: torch.dtype) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
+            # made before "step" is set: a state whose making ran out of memory is made again
+            initial = self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device)
             state["step"] = _new_step()
-            state.update(self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device))
+            state.update(initial)
         flatten_parameter_shaped(self.rule, state, p)
         check_state_shapes(self.rule, state, sharding.local(p).numel())
         for name, spec in self.rule.state_spec().items():  # a group's state_dtype changed since: as the flat path does
@@ -949,11 +983,12 @@ class _StepProgress:
 
     updated: bool = False
     written: bool = False
+    partial: bool = False  # something of the partition being updated was written
     stepped: int = 0
     kernel_failures: list[Exception] = field(default_factory=list)
 
     def mark_written(self) -> None:
-        self.written = True
+        self.written = self.partial = True
 
 
 def _fused_rule(rule: UpdateRule) -> bool:
