@@ -853,3 +853,24 @@ def test_an_optimizer_pickled_without_the_groups_fingerprint_gets_it_back() -> N
     del opt.param_groups[0]["learned_rule"]
     restored = pickle.loads(pickle.dumps(opt))
     assert json.loads(restored.param_groups[0]["learned_rule"]) == fingerprint(restored.rule)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_under_torch_compile_with_fullgraph_the_step_is_refused_by_name_before_it_runs(kind) -> None:
+    """``fullgraph=True`` allows no graph break, and the step is one: Dynamo refuses it, naming
+    ``LearnedOptimizer.step``, before any parameter or state changes."""
+    from torch._dynamo.exc import Unsupported
+
+    torch.compiler.reset()
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    set_grads(params, seed=1)
+    before = [p.detach().clone() for p in params]
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def compiled_step():
+        return step(opt)
+
+    with pytest.raises(Unsupported, match=r"LearnedOptimizer\.step"):
+        compiled_step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)) and not opt.state
