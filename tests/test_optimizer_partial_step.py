@@ -142,3 +142,31 @@ def test_running_out_of_memory_for_a_later_groups_new_states_changes_nothing(kin
     step(opt)
     step(ref_opt)
     assert_same_params_and_states(params, opt, reference, ref_opt)
+
+
+@pytest.mark.skipif(
+    not __import__("learnedopt").kernels.FUSED_UPDATES_AVAILABLE or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton, run in interpreter mode (tests/conftest.py sets TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_fused_step_whose_fallback_fails_after_the_kernel_updated_a_tensor_makes_the_next_step_raise(monkeypatch, kind) -> None:
+    """The kernel updates the first tensor and fails; the PyTorch path that finishes the step runs
+    out of memory: the first tensor has taken the step, so the next step raises."""
+    from learnedopt.optim import learned_optimizer
+
+    real = learned_optimizer.fused_update_
+
+    def fused_update_(rule, params, grads, buffers, offsets, *, done, **kwargs):
+        real(rule, params[:1], grads[:1], buffers, offsets[:1], done=done, **kwargs)
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(learned_optimizer, "fused_update_", fused_update_)
+    params = make_params([(40,), (30,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params, backend="triton")
+    set_grads(params, seed=1)
+    failing_at_call(opt, 1)
+    with pytest.raises(Exhausted):
+        step(opt)
+    del opt.rule.forward
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        step(opt)
