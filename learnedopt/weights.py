@@ -347,7 +347,8 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
     if not_float:
         raise ValueError(f"{path}: weights {not_float} are not floating-point tensors")
-    rule.load_state_dict(tensors)
+    with _loading_by_copy():
+        rule.load_state_dict(tensors)
     # checked in the rule's float32: a float64 1e300 is finite in the file but Inf there
     bad = not_finite(rule)
     if bad:
@@ -485,6 +486,23 @@ def _open(path: Path, *, registered: bool = True) -> tuple[dict[str, Any], dict[
             + (f"; this file records its class as {recorded}" if recorded else "") + ")"
         )
     return header, tensors
+
+
+@contextlib.contextmanager
+def _loading_by_copy() -> Iterator[None]:
+    """Make ``Module.load_state_dict`` copy into the parameters, as it does by default, also
+    where the caller has set torch's opt-in ``torch.__future__.set_swap_module_params_on_conversion(True)``:
+    there it swaps each parameter for the loaded one, which an ``nn.LSTM``'s parameters refuse
+    ("Cannot swap t1 because it has weakref associated with it"), so that no rule could be loaded
+    and no optimizer built. The rules loaded here are new, so a copy is all a swap would do."""
+    if not torch.__future__.get_swap_module_params_on_conversion():
+        yield
+        return
+    torch.__future__.set_swap_module_params_on_conversion(False)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(True)
 
 
 @contextlib.contextmanager
@@ -645,5 +663,6 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
     with torch.device("cpu"):  # see build_preset
         average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
-    average.load_state_dict(mean)
+    with _loading_by_copy():
+        average.load_state_dict(mean)
     return average, members

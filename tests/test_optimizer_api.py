@@ -874,3 +874,31 @@ def test_under_torch_compile_with_fullgraph_the_step_is_refused_by_name_before_i
     with pytest.raises(Unsupported, match=r"LearnedOptimizer\.step"):
         compiled_step()
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)) and not opt.state
+
+
+@pytest.fixture
+def swapping_module_params():
+    """torch's opt-in ``set_swap_module_params_on_conversion(True)``, reset after the test."""
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_optimizers_build_and_step_alike_under_swapped_module_params(swapping_module_params, kind) -> None:
+    """Under ``torch.__future__.set_swap_module_params_on_conversion(True)`` no optimizer could
+    be built: loading its weights into the rule's ``nn.LSTM`` (``load_state_dict``, which swaps
+    each parameter then) raised "Cannot swap t1 because it has weakref associated with it"."""
+    params = make_params([(3,), (2, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](params)
+    torch.__future__.set_swap_module_params_on_conversion(False)
+    others = make_params([(3,), (2, 2)], dtype=torch.float32)
+    other = OPTIMIZERS[kind](others)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    for seed in (1, 2):
+        set_grads(params, seed=seed)
+        set_grads(others, seed=seed)
+        step(opt)
+        step(other)
+    assert_same_params_and_states(params, opt, others, other)
+    assert torch.__future__.get_swap_module_params_on_conversion()  # left as the caller set it

@@ -882,3 +882,17 @@ def test_average_weights_of_an_iterator_of_paths_refuses_as_a_list_does(tmp_path
         average_weights(p for p in ["l2l-short", other])
     with pytest.raises(ValueError, match=r"^average_weights needs at least one weight file$"):
         average_weights(iter([]))
+
+
+def test_average_weights_under_swapped_module_params_equals_the_average_without() -> None:
+    """``average_weights`` loads the mean into a fresh rule, which raised under torch's opt-in
+    ``set_swap_module_params_on_conversion(True)`` (an ``nn.LSTM``'s parameters refuse the swap)."""
+    from learnedopt.weights import average_weights, fingerprint
+
+    expected = fingerprint(average_weights(["l2l-short", "l2l-random"])[0])
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        got = fingerprint(average_weights(["l2l-short", "l2l-random"])[0])
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert got == expected
