@@ -902,3 +902,48 @@ def test_optimizers_build_and_step_alike_under_swapped_module_params(swapping_mo
         step(other)
     assert_same_params_and_states(params, opt, others, other)
     assert torch.__future__.get_swap_module_params_on_conversion()  # left as the caller set it
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_model_converted_under_swapped_module_params_keeps_stepping_as_without(swapping_module_params, kind, foreach) -> None:
+    """``model.double()`` after steps, under ``set_swap_module_params_on_conversion(True)``
+    (which swaps each parameter's contents so that an optimizer's references stay valid, as
+    torch.optim relies on), raised "Couldn't swap Linear.weight": the optimizer held a weak
+    reference to each parameter, which ``torch.utils.swap_tensors`` refuses."""
+    runs = []
+    for swap in (True, False):
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        opt = OPTIMIZERS[kind](model.parameters(), foreach=foreach)
+        x, y = torch.randn(8, 3), torch.randn(8, 1)
+        for dtype in (torch.float32, torch.float64, torch.float64):
+            model.to(dtype)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+            loss.backward()
+            opt.step(loss=loss) if kind == "meta" else opt.step()
+        runs.append((list(model.parameters()), opt))
+    (params, opt), (others, other) = runs
+    assert all(p.dtype == torch.float64 for p in params)
+    assert_same_params_and_states(params, opt, others, other)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_parameter_taken_out_of_the_optimizer_is_not_kept_alive_after_the_next_step(foreach) -> None:
+    import gc
+    import weakref
+
+    a, b = make_params([(3,), (4,)], dtype=torch.float32)
+    opt = LSTMOptimizer([a, b], foreach=foreach)
+    set_grads([a, b], seed=1)
+    opt.step()
+    opt.param_groups[0]["params"] = [a]
+    del opt.state[b]
+    gone = weakref.ref(b)
+    del b
+    set_grads([a], seed=2)
+    opt.step()
+    gc.collect()
+    assert gone() is None

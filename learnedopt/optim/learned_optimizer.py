@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
 from ..errors import NonFiniteGradientError
@@ -139,7 +138,11 @@ class LearnedOptimizer(Optimizer):
         self.chunk = DEFAULT_CHUNK
         self._weights_argument = weights  # a group may name these again (see add_param_group)
         self._rule_jsons: set[str] = set()  # the fingerprints this optimizer wrote into its groups
-        self._state_shapes = WeakIdKeyDictionary()  # parameter -> its shape when its state was made
+        # id(parameter) -> (the parameter, its shape when its state was made): not a weak reference to
+        # it, which torch.utils.swap_tensors refuses, so that model.to() failed under torch's
+        # set_swap_module_params_on_conversion(True); entries of parameters no group lists any more
+        # are dropped at the next step
+        self._state_shapes: dict[int, tuple[Tensor, tuple[int, ...]]] = {}
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- torch.optim protocol
@@ -258,7 +261,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__.setdefault("_partial_step", None)
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
-        self.__dict__.setdefault("_state_shapes", WeakIdKeyDictionary())  # not pickled: the shapes now are taken
+        self.__dict__.setdefault("_state_shapes", {})  # not pickled: the shapes now are taken
         for group in self.param_groups:  # pickled by an earlier version, without the key
             group.setdefault("learned_rule", self._rule_json())
         # this optimizer's own groups (pickled, or as load_state_dict checked them)
@@ -398,7 +401,7 @@ class LearnedOptimizer(Optimizer):
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
         self._partial_step = None  # the loaded states are whole (or accepted as they are)
         self._flat_states.clear()
-        self._state_shapes = WeakIdKeyDictionary()  # the loaded states were checked against the shapes now
+        self._state_shapes = {}  # the loaded states were checked against the shapes now
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -507,6 +510,8 @@ class LearnedOptimizer(Optimizer):
                     "parameter to one group. No parameter or state was changed by this step"
                 )
             seen |= ids
+        if not self._state_shapes.keys() <= seen:  # a parameter taken out of its group is not kept alive
+            self._state_shapes = {key: entry for key, entry in self._state_shapes.items() if key in seen}
         self._check_group_fingerprints()
         if closure is None and loss is None and self._is_state_initialisation():
             self.init_state()
@@ -585,7 +590,8 @@ class LearnedOptimizer(Optimizer):
         shape (Adam fails on its states' shape there). Records the shape of a parameter without a
         state, whose state is made now, and of one whose state was made elsewhere (loaded, unpickled)."""
         shape = tuple(p.shape)
-        made = self._state_shapes.get(p)
+        entry = self._state_shapes.get(id(p))
+        made = entry[1] if entry is not None and entry[0] is p else None
         if made == shape:
             return
         if made is not None and self.state.get(p):
@@ -594,7 +600,7 @@ class LearnedOptimizer(Optimizer):
                 "and its states are per element of the old shape; give it a fresh state (del optimizer.state[param]) "
                 "or a new optimizer"
             )
-        self._state_shapes[p] = shape
+        self._state_shapes[id(p)] = (p, shape)
 
     def _check_group_fingerprints(self) -> None:
         """Raise ValueError where a param group's ``"learned_rule"`` that this optimizer did not
