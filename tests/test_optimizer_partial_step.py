@@ -170,3 +170,32 @@ def test_a_fused_step_whose_fallback_fails_after_the_kernel_updated_a_tensor_mak
     del opt.rule.forward
     with pytest.raises(RuntimeError, match="failed part-way"):
         step(opt)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_step_failing_at_any_chunk_either_changed_nothing_or_makes_the_next_step_raise(kind, foreach) -> None:
+    """Fail the rule's ``n``-th call of a step, for every ``n``: only a failure at the first
+    (nothing written yet) leaves the optimizer to be stepped again, and then as if it had not failed."""
+    params, opt = build(kind, foreach, groups=True)
+    calls = failing_at_call(opt, 0)
+    set_grads(params, seed=1)
+    step(opt)
+    total = calls[0]
+    assert total == 4  # each group's 70 coordinates are two chunks of 64, or two tensors
+    for n in range(1, total + 1):
+        params, opt = build(kind, foreach, groups=True)
+        reference, ref_opt = build(kind, foreach, groups=True)
+        set_grads(params, seed=1)
+        set_grads(reference, seed=1)
+        failing_at_call(opt, n)
+        with pytest.raises(Exhausted):
+            step(opt)
+        del opt.rule.forward
+        if n > 1:
+            with pytest.raises(RuntimeError, match="failed part-way"):
+                step(opt)
+            continue
+        step(opt)
+        step(ref_opt)
+        assert_same_params_and_states(params, opt, reference, ref_opt)
