@@ -305,3 +305,75 @@ def test_integer_token_ids_adapt_and_predict_and_a_float_layer_fails_as_the_mode
         MAML(floats_only, vectorize=vectorize).adapt(ids, labels)
     with pytest.raises(RuntimeError, match=re.escape(str(alone.value))):
         Reptile(floats_only, inner_steps=1).adapt([(ids, labels)])
+
+
+class CountingLinear(nn.Linear):
+    """``nn.Linear(3, 2)`` in float64 that counts its forward calls."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(3, 2, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_inputs_and_targets_of_different_example_counts_are_refused_naming_the_set(path, first_order) -> None:
+    """Support or query inputs and targets with different numbers of examples: cross-entropy's
+    "Expected input batch_size (5) to match target batch_size (4)" named neither set, and MSE
+    broadcast a (1, 2) target over 5 outputs with only a warning, meta-training on a wrong loss.
+    Refused before the model runs, on every path, naming the set, tensors and both sizes."""
+    xs, ys, xq, yq = packed_episode(tasks=2)
+    options = {**PATHS[path], "first_order": first_order}
+    model = CountingLinear()
+    maml = MAML(model, inner_lr=0.5, **options)
+    x_s, x_q = xs[..., :3], xq[..., :3]
+    cases = [
+        ((x_s, ys[:, :4], x_q, yq), "MAML: the support set's inputs and targets hold different numbers of examples: "
+         "5 in x_support (2, 5, 3), 4 in y_support (2, 4)"),
+        ((x_s, ys, x_q, torch.zeros(2, 7, dtype=torch.long)), "MAML: the query set's inputs and targets hold different "
+         "numbers of examples: 5 in x_query (2, 5, 3), 7 in y_query (2, 7)"),
+        (((x_s,), {"label": ys[:, :1]}, x_q, yq), "MAML: the support set's inputs and targets hold different numbers of "
+         "examples: 5 in x_support[0] (2, 5, 3), 1 in y_support['label'] (2, 1)"),
+    ]  # fmt: skip
+    loss = lambda out, y: nn.functional.cross_entropy(out, y["label"] if isinstance(y, dict) else y)  # noqa: E731
+    maml.loss_fn = loss
+    for args, message in cases:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            maml(*args)
+    mse = MAML(model, inner_lr=0.5, loss_fn=nn.functional.mse_loss, **options)
+    with pytest.raises(ValueError, match=re.escape("2 in x_query (2, 2, 3), 1 in y_query (2, 1, 2)")):
+        mse(x_s, torch.zeros(2, 5, 2, dtype=torch.float64), x_q[:, :2], torch.zeros(2, 1, 2, dtype=torch.float64))
+    assert model.calls == 0  # refused before any compute
+    assert torch.isfinite(maml(x_s, ys, x_q[:, :2], yq[:, :2]))  # support and query sets may differ in size
+
+
+def test_adapt_and_reptile_refuse_inputs_and_targets_of_different_example_counts() -> None:
+    """One task's inputs and targets: ``adapt`` and every Reptile batch, before the model runs
+    (Reptile's MSE broadcast a (1, 2) target over the batch with a warning, and trained on it)."""
+    xs, ys, _, _ = packed_episode(tasks=1)
+    x, y = xs[0, :, :3], ys[0]
+    model = CountingLinear()
+    maml = MAML(model, inner_lr=0.5)
+    message = "MAML: the support set's inputs and targets hold different numbers of examples: 5 in x_support (5, 3), 3 in y_support (3,)"
+    for steps in (1, 0):  # no step reads the targets, but they are not the task's
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            maml.adapt(x, y[:3], steps=steps)
+    with pytest.raises(ValueError, match=re.escape("4 in x_support['features'] (4, 3), 5 in y_support (5,)")):
+        MAML(TwoInputs(), inner_lr=0.5).adapt(split(xs[0, :4], "dict"), y)
+    reptile = Reptile(model, inner_steps=2, loss_fn=nn.functional.mse_loss)
+    target = torch.zeros(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^" + re.escape("Reptile (batch 1): the inputs and targets hold different numbers of "
+                                                         "examples: 5 in inputs (5, 3), 1 in targets (1, 2)") + "$"):
+        reptile.meta_step([[(x, target), (x, target[:1])]])
+    with pytest.raises(ValueError, match=re.escape("Reptile (batch 0): the inputs and targets hold different numbers of "
+                                                   "examples: 4 in inputs['features'] (4, 3), 5 in targets (5,)")):
+        Reptile(TwoInputs(), inner_steps=1).adapt([(split(xs[0, :4], "dict"), y)])
+    assert model.calls == 0
+    # targets that are not one tensor go to loss_fn as they are, unchecked
+    picky = Reptile(model, inner_steps=1, loss_fn=lambda out, y: nn.functional.mse_loss(out, y["value"].expand_as(out)))
+    assert picky.adapt([(x, {"value": target[:1]})]).calls == 1  # the trained copy's

@@ -1153,3 +1153,28 @@ def test_resume_on_other_omniglot_images_is_refused_and_a_copy_of_them_resumes(
     moved = shutil.copytree(omniglot_dir, tmp_path / "moved")
     assert train(out, *argv, "--data", str(moved), "--resume") == 0
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_inputs_and_targets_of_different_example_counts_are_refused_by_every_algorithm(algo: str) -> None:
+    """MSE broadcast one query target over a task's outputs with only a warning (a wrong
+    meta-loss), and a short support set failed inside the loss naming neither set; evaluate
+    adapted every task before failing on a bad query set."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    mismatch = "inputs and targets hold different numbers of examples: "
+    with pytest.raises(ValueError, match=re.escape(mismatch) + r"10 in (x_support|inputs) \(10, 1\), 3 in (y_support|targets) \(3, 1\)$"):
+        learner.adapt(x_s[0], y_s[0, :3])
+    if algo != "reptile":
+        with pytest.raises(ValueError, match=re.escape(f"the query set's {mismatch}10 in x_query (2, 10, 1), 1 in y_query (2, 1, 1)")):
+            learner.meta_loss(x_s, y_s, x_q, y_q[:, :1])
+        with pytest.raises(ValueError, match=re.escape(f"the support set's {mismatch}10 in x_support (2, 10, 1), 4 in y_support (2, 4, 1)")):
+            learner.meta_loss(x_s, y_s[:, :4], x_q, y_q)
+    adapted = []
+    learner.adapt = lambda *args, **kwargs: adapted.append(args)  # evaluate refuses before adapting any task
+    with pytest.raises(ValueError, match=re.escape(f"the query set's {mismatch}10 in x_query (2, 10, 1), 1 in y_query (2, 1, 1)")):
+        learner.evaluate(x_s, y_s, x_q, y_q[:, :1])
+    with pytest.raises(ValueError, match=re.escape(f"the support set's {mismatch}10 in x_support (2, 10, 1), 4 in y_support (2, 4, 1)")):
+        learner.evaluate(x_s, y_s[:, :4], x_q, y_q)
+    assert adapted == []

@@ -44,6 +44,7 @@ from .model_calls import (
     LossFn,
     call_model,
     check_inputs,
+    check_same_examples,
     check_steps,
     default_loss,
     model_arguments,
@@ -485,6 +486,9 @@ class MAML(nn.Module):
                 f"MAML needs at least one support and one query example per task, got {', '.join(empty)} "
                 "(episodes drawn with q_query=0 have no query set)"
             )
+        for part in ("support", "query"):
+            x, y = f"x_{part}", f"y_{part}"
+            check_same_examples(inputs[x], labels[x], inputs[y], labels[y], 1, f"MAML: the {part} set's")
         with twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
             return self._query_losses(*(value for value, _, _ in checked.values()), steps, every_step)
 
@@ -571,7 +575,8 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
         x_support, first, label = check_inputs(x_support, "x_support", 1, "MAML")
-        y_support = check_inputs(y_support, "y_support", 1, "MAML")[0]
+        y_support, y_first, y_label = check_inputs(y_support, "y_support", 1, "MAML")
+        check_same_examples(first, label, y_first, y_label, 0, "MAML: the support set's")
         if steps and first.dim() and not len(first):
             raise ValueError(f"adapt needs at least one support example, got {label} of shape {tuple(first.shape)}")
         initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation

@@ -101,6 +101,26 @@ def check_inputs(inputs: Inputs, name: str, dims: int, who: str) -> tuple[Inputs
     return inputs, first, first_label
 
 
+def check_same_examples(x: Tensor, x_label: str, y: Any, y_label: str, dim: int, where: str) -> None:
+    """Raise ValueError unless inputs ``x`` and targets ``y`` hold the same number of examples,
+    their size at ``dim`` (1 for ``(B, N, ...)`` tasks, 0 for one task's ``(N, ...)``), naming
+    ``where`` (e.g. ``"MAML: the support set's"``), both tensors (their labels, as
+    :func:`check_inputs` gives them) and both sizes. Where ``x`` or ``y`` is not a tensor with
+    that dimension (targets that ``loss_fn`` reads as it likes), there is nothing to compare.
+
+    The one check of every algorithm: a mismatch failed deep in the loss naming neither set
+    (cross-entropy's "Expected input batch_size (5) to match target batch_size (4)"), or, with
+    MSE, broadcast a target of one example over the outputs with only a warning.
+    """
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() > dim and y.dim() > dim):
+        return
+    if x.shape[dim] != y.shape[dim]:
+        raise ValueError(
+            f"{where} inputs and targets hold different numbers of examples: {x.shape[dim]} in {x_label} "
+            f"{tuple(x.shape)}, {y.shape[dim]} in {y_label} {tuple(y.shape)}"
+        )
+
+
 def outside_inference(inputs: Any) -> Any:
     """``inputs`` (a tensor, or a tuple, list or mapping of them) with every ``inference_mode``
     tensor cloned into a normal one: autograd saves no inference tensors, so a differentiated

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from ..values import check_positive_integer
 from .batchnorm import apply_batchnorm_policy_
-from .model_calls import Inputs, LossFn, check_inputs, check_steps, default_loss, model_arguments, outside_inference
+from .model_calls import Inputs, LossFn, check_inputs, check_same_examples, check_steps, default_loss, model_arguments, outside_inference
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -130,6 +130,7 @@ class Reptile:
             if isinstance(first, Tensor) and first.dim() and not len(first):
                 # the mean loss over no examples is NaN with a zero gradient: a step that moved nothing
                 raise ValueError(f"Reptile (batch {i}) needs at least one example, got {label} of shape {tuple(first.shape)}")
+            check_same_examples(first, label, y, "targets", 0, f"Reptile (batch {i}): the")
             checked.append((x, y))
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
