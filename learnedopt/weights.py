@@ -298,7 +298,7 @@ def read_header(path: str | os.PathLike, *, registered: bool = True) -> dict[str
     raises ValueError naming what is wrong. ``registered=False`` takes a rule kind no class is
     registered for in this process (e.g. to read which class the file records,
     :func:`recorded_rule_class`)."""
-    source = _preset_or_file(path)
+    source = _preset_or_file(path, "read_header")
     return build_preset(source.name)[1] if isinstance(source, Preset) else _open(source, registered=registered)[0]
 
 
@@ -316,14 +316,28 @@ def load_weights(name: str | os.PathLike) -> tuple[UpdateRule, dict[str, Any]]:
             (no separator, no ``.safetensors``): most likely a misspelt preset, so the message
             lists the presets. Not a learnedopt safetensors file, truncated, an unknown kind,
             tensors that do not fit the stated architecture, or non-finite weights.
+        TypeError: ``name`` is neither a ``str`` nor an ``os.PathLike``: ``bytes`` are refused,
+            since Python reads them as a path where this could as well be a file's contents
+            (whose header a ``safe_open`` of the file reads; write them to a file first).
     """
-    source = _preset_or_file(name)
+    return _load_weights(name, "load_weights")
+
+
+def _load_weights(name: str | os.PathLike, who: str) -> tuple[UpdateRule, dict[str, Any]]:
+    """:func:`load_weights`, naming ``who`` (the public function called) in a TypeError."""
+    source = _preset_or_file(name, who)
     return build_preset(source.name) if isinstance(source, Preset) else _load_file(source)
 
 
-def _preset_or_file(name: str | os.PathLike) -> Preset | Path:
+def _preset_or_file(name: str | os.PathLike, who: str) -> Preset | Path:
     """The preset a ``str`` in :data:`PRESETS` names (before a file of that name), else the weight
-    file's path; raises ValueError as :func:`load_weights` does for a misspelt preset."""
+    file's path; raises ValueError as :func:`load_weights` does for a misspelt preset, and
+    TypeError naming ``who`` for anything but a ``str`` or ``os.PathLike``."""
+    if not isinstance(name, (str, os.PathLike)):
+        # pathlib's "argument should be a str or an os.PathLike object ..., not <class 'bytes'>" named no function
+        hint = (": a path in bytes: os.fsdecode(path); a file's contents: write them to a file first"
+                if isinstance(name, (bytes, bytearray, memoryview)) else "")  # fmt: skip
+        raise TypeError(f"{who} takes a preset's name or a weight file's path (a str or os.PathLike), got {type(name).__name__}{hint}")
     if isinstance(name, str) and name in PRESETS:
         return PRESETS[name]
     # "" is not the current folder (Path("") is ".")
@@ -643,7 +657,7 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
         raise ValueError("average_weights needs at least one weight file")
     rules, members = [], []
     for path in paths:
-        rule, header = load_weights(str(path))
+        rule, header = _load_weights(path, "average_weights")
         if header.get("trained") is False:
             raise ValueError(f"{path}: untrained weights (preset {header.get('preset')!r}); average trained runs")
         if rules and (rule.kind, rule.config_dict()) != (rules[0].kind, rules[0].config_dict()):

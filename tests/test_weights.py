@@ -896,3 +896,23 @@ def test_average_weights_under_swapped_module_params_equals_the_average_without(
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
     assert got == expected
+
+
+@pytest.mark.parametrize("given", [b"l2l-blend", bytearray(b"x"), 3, None, ["l2l-blend"]])
+def test_load_weights_of_anything_but_a_name_or_path_is_a_type_error_naming_what_it_takes(tmp_path, given) -> None:
+    """``load_weights(bytes)`` (a file's contents, or a path in bytes: Python's os takes both) was
+    pathlib's bare "argument should be a str or an os.PathLike object ..., not <class 'bytes'>",
+    an int or None "expected str, bytes or os.PathLike object". Refused in one line naming what
+    it takes, by ``read_header`` and ``average_weights`` too (which read ``b'x'`` as a preset)."""
+    from learnedopt.weights import average_weights
+
+    path = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    taken = "takes a preset's name or a weight file's path (a str or os.PathLike), got "
+    for call, who in ((load_weights, "load_weights"), (read_header, "read_header"), (lambda w: average_weights([path, w]), "average_weights")):
+        with pytest.raises(TypeError, match="^" + re.escape(f"{who} {taken}{type(given).__name__}")) as error:
+            call(given)
+        assert "\n" not in str(error.value)
+    with pytest.raises(TypeError, match=re.escape("a path in bytes: os.fsdecode(path); a file's contents: write them to a file first")):
+        load_weights(path.read_bytes())
+    assert load_weights(path)[1]["kind"] == "CoordinateLSTM"
