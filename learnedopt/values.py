@@ -9,6 +9,25 @@ from typing import Any
 
 import torch
 
+#: The most elements a tensor of learnedopt may have: 2**31 - 1, the largest 32-bit signed integer
+#: (the index type of many of torch's kernels and C interfaces). A float32 tensor of that many is
+#: 8 GiB and a run keeps several, so no run that fits a machine is refused; beyond it an option's
+#: count (or a data reader's ``image_size``) failed deep in torch, numpy or Pillow with a
+#: traceback, or tried to allocate terabytes before the first step. Counts of meta-steps
+#: (``--meta-steps``, ``--checkpoint-every``, ...) size no tensor and have no bound.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def check_elements(settings: str, elements: int, tensor: str, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` (a ValueError, or the command line's ``ConfigError``) where ``tensor``, which
+    ``settings`` size (e.g. ``"--horizon 100 and --meta-batch 8"``, ``"image_size 100000"``),
+    would have more than :data:`MAX_ELEMENTS` elements."""
+    if elements > MAX_ELEMENTS:
+        raise error(
+            f"{settings}: {tensor} would have {elements:,} elements; learnedopt's tensors have at most "
+            f"{MAX_ELEMENTS:,} (2**31 - 1)"
+        )
+
 
 def check_positive_integer(name: str, value: Any) -> None:
     """Raise ValueError unless ``value`` is an integer >= 1 (:func:`is_integer`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -449,3 +450,40 @@ def test_a_source_with_no_png_in_the_layout_names_one_it_found(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"up: no PNGs in the Omniglot layout <Alphabet>/<character>/\*\.png \(found "
                                          r"images_background/Alpha/character01/0901_01\.png and 8 more outside it\)"):
         load_omniglot(make_folder(tmp_path / "up", files))
+
+
+def test_an_image_size_too_large_for_a_tensor_is_refused_before_any_image_is_decoded(tmp_path: Path, monkeypatch) -> None:
+    """``image_size=10**6`` tried to allocate a 10**12-pixel image per PNG (a MemoryError, or
+    the machine's memory); the library's bound on a tensor's elements (2**31 - 1, as the command
+    line's ``--image-size``) refuses one image beyond it, and a dataset whose ``(N, 1, S, S)``
+    images would be, before any PNG is decoded (a decode here is the test's failure, not a 10 GB
+    allocation). The largest image within the bound is 46340x46340."""
+    from test_data_omniglot_runs import make_runs
+
+    from learnedopt.data import load_runs, omniglot
+
+    make_runs(tmp_path / "runs", runs=1, classes=2)  # 2 training images and 2 test items
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a PNG was decoded")
+
+    monkeypatch.setattr(omniglot, "_decode", no_decode)
+    source = make_zip(tmp_path / "s.zip", "top", character_files("A", "character01", 0))
+    png = make_folder(tmp_path / "folder", {"1.png": png_bytes(glyph_mask("A", "01", 1))}) / "1.png"
+    one = "image_size 1000000: an image would have 1,000,000,000,000 elements; learnedopt's tensors have at most 2,147,483,647 (2**31 - 1)"
+    for load in (lambda s: load_omniglot(source, image_size=s), lambda s: read_image(png, image_size=s),
+                 lambda s: load_runs(tmp_path / "runs", image_size=s)):  # fmt: skip
+        with pytest.raises(ValueError, match="^" + re.escape(one) + "$"):
+            load(10**6)
+    images = len(character_files("A", "character01", 0))
+    for rotations, count in ((False, images), (True, 4 * images)):
+        with pytest.raises(ValueError, match="^" + re.escape(
+            f"image_size 46340 and {count} images{' (with rotations)' if rotations else ''}: the (N, 1, S, S) images "
+            f"would have {count * 46340**2:,} elements; learnedopt's tensors have at most 2,147,483,647 (2**31 - 1)"
+        ) + "$"):  # fmt: skip
+            load_omniglot(source, image_size=46340, rotations=rotations)
+    with pytest.raises(ValueError, match="^" + re.escape(f"image_size 46340 and 4 images in {tmp_path / 'runs' / 'run01'}: its images "
+                                                         f"would have {4 * 46340**2:,} elements; ")):
+        load_runs(tmp_path / "runs", image_size=46340)
+    with pytest.raises(AssertionError, match="a PNG was decoded"):  # one such image is within the bound
+        read_image(png, image_size=46340)

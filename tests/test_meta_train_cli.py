@@ -319,7 +319,7 @@ BAD = [
     (["--algo", "maml", "--select-every", "-2"], "--select-every must be a non-negative integer"),
     (["--select-every", "1", "--select-tasks", "0"], "--select-tasks must be a positive integer, got 0"),
     # counts too large to ever run: a traceback from torch, or terabytes allocated before the first step
-    (["--horizon", "100000000000000000000"], "--horizon 100000000000000000000 and --meta-batch 8: an episode's (H, B) losses would have 800,000,000,000,000,000,000 elements; a run's tensors have at most 2,147,483,647 (2**31 - 1)"),
+    (["--horizon", "100000000000000000000"], "--horizon 100000000000000000000 and --meta-batch 8: an episode's (H, B) losses would have 800,000,000,000,000,000,000 elements; learnedopt's tensors have at most 2,147,483,647 (2**31 - 1)"),
     (["--meta-batch", "100000000000000000000000"], "--horizon 100 and --meta-batch 100000000000000000000000: an episode's (H, B) losses"),
     (["--horizon", "1000000000"], "--horizon 1000000000 and --meta-batch 8: an episode's (H, B) losses would have 8,000,000,000 elements"),
     (["--meta-batch", "300000000", "--horizon", "2", "--unroll", "1"],

@@ -327,7 +327,7 @@ BAD = [
     (["--algo", "reptile", "--inner-batch", "0"], "--inner-batch must be a positive integer, got 0"),
     # counts too large to ever run: a traceback from torch, or terabytes allocated before the first step
     (["--algo", "maml", "--shots", "10000000000000000000000"],
-     "--meta-batch 25 and --shots 10000000000000000000000: the tasks' examples would have 250,000,000,000,000,000,000,000 elements; a run's tensors have at most 2,147,483,647 (2**31 - 1)"),
+     "--meta-batch 25 and --shots 10000000000000000000000: the tasks' examples would have 250,000,000,000,000,000,000,000 elements; learnedopt's tensors have at most 2,147,483,647 (2**31 - 1)"),
     (["--algo", "fomaml", "--queries", "3000000000"], "--meta-batch 25 and --queries 3000000000: the tasks' examples"),
     (["--algo", "maml", "--meta-batch", "300000000"], "--meta-batch 300000000 and --shots 10: the tasks' examples would have 3,000,000,000 elements"),
     (["--algo", "maml", "--val-tasks", "30000000"], "--val-tasks 30000000 and validation queries 100: the tasks' examples would have 3,000,000,000 elements"),

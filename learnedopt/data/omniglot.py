@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..values import is_integer
+from ..values import check_elements, is_integer
 from .paths import resolve_data_dir
 
 DEFAULT_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
@@ -169,9 +169,20 @@ def _decode(data: bytes, image_size: int | None, Image: ModuleType, name: str) -
 
 def _check_image_size(image_size: Any) -> None:
     """ValueError unless ``image_size`` is None or an integer >= 1 (Pillow's own error for 0
-    reads as the image's fault, and a float passes until the first resize)."""
+    reads as the image's fault, and a float passes until the first resize) whose ``S x S`` image
+    has at most :data:`~learnedopt.values.MAX_ELEMENTS` elements (``10**6`` tried to allocate a
+    10**12-pixel image)."""
     if image_size is not None and (not is_integer(image_size) or image_size < 1):
         raise ValueError(f"image_size must be an integer >= 1 or None (keep the original size), got {image_size!r}")
+    _check_images(image_size, 1, "an image")
+
+
+def _check_images(image_size: int | None, count: int, tensor: str, settings: str = "") -> None:
+    """ValueError where ``count`` images of ``image_size`` (None: their own size, unknown before
+    decoding) would hold more than :data:`~learnedopt.values.MAX_ELEMENTS` elements, checked
+    before any is decoded; ``settings`` adds to the message's ``image_size S``."""
+    if image_size is not None:
+        check_elements(f"image_size {image_size}{settings}", count * image_size**2, tensor)
 
 
 def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> torch.Tensor:
@@ -247,6 +258,8 @@ def load_omniglot(
                 chosen.setdefault(character, (read, names, source))
 
         classes = sorted(chosen)
+        count = sum(len(names) for _, names, _ in chosen.values()) * (len(ROTATIONS) if rotations else 1)
+        _check_images(image_size, count, "the (N, 1, S, S) images", f" and {count} images{' (with rotations)' if rotations else ''}")
         arrays, labels = [], []
         for label, character in enumerate(classes):
             read, names, source = chosen[character]

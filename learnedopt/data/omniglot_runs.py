@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .omniglot import read_image
+from .omniglot import _check_image_size, _check_images, read_image
 
 
 @dataclass(frozen=True, repr=False, eq=False)  # the generated ones print every tensor, or fail comparing them
@@ -50,6 +50,7 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
             byte-order mark), one that labels a test item twice, or one that does not label
             every test item; with ``image_size=None``, images of different sizes in a run.
     """
+    _check_image_size(image_size)
     root = Path(root)
     expected = "the folder that holds run01 ... run20 (all_runs.zip unpacked)"
     if not root.exists():
@@ -91,6 +92,8 @@ def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
     missing = [test_files[i].name for i, label in enumerate(labels) if label < 0]
     if missing:
         raise ValueError(f"{folder}/class_labels.txt gives no label for {missing}")
+    count = len(train_files) + len(test_files)
+    _check_images(image_size, count, "its images", f" and {count} images in {folder}")
     images = {f: read_image(f, image_size) for f in train_files + test_files}
     # with image_size=None, a test item of another size than the training images was read as it
     # is (and one of another size than the other test items failed in torch.stack)

@@ -33,6 +33,8 @@ from ..files import write_atomically
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path, load_entry_point, one_line
+from ..values import MAX_ELEMENTS
+from ..values import check_elements as check_tensor_elements
 from ..weights import PRESETS
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -235,23 +237,11 @@ def rule_class(name: str) -> type[UpdateRule]:
         raise ConfigError(f"--rule {name}: {one_line(err)}") from None
 
 
-#: The most elements a tensor of a run may have: 2**31 - 1, the largest 32-bit signed integer (the
-#: index type of many of torch's kernels and C interfaces). A float32 tensor of that many is 8 GiB
-#: and a run keeps several, so no run that fits a machine is refused; beyond it an option's count
-#: failed deep in torch or numpy with a traceback, or tried to allocate terabytes before the first
-#: step. Counts of meta-steps (``--meta-steps``, ``--checkpoint-every``, ...) size no tensor and
-#: have no bound.
-MAX_ELEMENTS = 2**31 - 1
-
-
 def check_elements(options: str, elements: int, tensor: str) -> None:
     """Raise :class:`ConfigError` where ``tensor``, which the settings ``options`` size (e.g.
-    ``"--horizon 100 and --meta-batch 8"``), would have more than :data:`MAX_ELEMENTS` elements."""
-    if elements > MAX_ELEMENTS:
-        raise ConfigError(
-            f"{options}: {tensor} would have {elements:,} elements; a run's tensors have at most "
-            f"{MAX_ELEMENTS:,} (2**31 - 1)"
-        )
+    ``"--horizon 100 and --meta-batch 8"``), would have more than :data:`MAX_ELEMENTS` elements
+    (:func:`learnedopt.values.check_elements`, which the data readers' ``image_size`` meets too)."""
+    check_tensor_elements(options, elements, tensor, ConfigError)
 
 
 #: The most weight tensors (``state_dict`` entries) a rule of ``--rule-config`` may have: a

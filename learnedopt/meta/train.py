@@ -672,7 +672,7 @@ def _step_zero(batch: TaskBatch, params: Mapping[str, Tensor]) -> list[Tensor]:
 
 def _check_coordinates(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator) -> None:
     """Raise :class:`ConfigError` where the rule's ``(B * P,)`` coordinates of a meta-batch (and
-    of the selection episode's ``--select-tasks``) would exceed :data:`~learnedopt.meta.loop.MAX_ELEMENTS`,
+    of the selection episode's ``--select-tasks``) would exceed :data:`~learnedopt.values.MAX_ELEMENTS`,
     ``P`` being the parameter count of one task of the draw ``generator`` (a copy: it is not
     advanced), drawn alone so that a meta-batch too large to allocate is not."""
     probe = torch.Generator().set_state(generator.get_state())

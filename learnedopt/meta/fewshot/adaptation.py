@@ -115,7 +115,7 @@ def add_omniglot_runs_parser(evaluate_sub: argparse._SubParsersAction) -> argpar
 
 def _check_sizes(args: argparse.Namespace, runs: list[Any]) -> None:
     """Raise :class:`~learnedopt.meta.loop.ConfigError` where ``--steps``, ``--support-copies`` or
-    ``--query-copies`` would size a tensor beyond :data:`~learnedopt.meta.loop.MAX_ELEMENTS`, as
+    ``--query-copies`` would size a tensor beyond :data:`~learnedopt.values.MAX_ELEMENTS`, as
     ``meta-train`` refuses its counts: the adapted support set ``(20 (K + 1), 1, S, S)`` and the
     test images' views, all held at once, ``(K + 1)`` of ``(T, 1, S, S)``."""
     if args.steps is not None:

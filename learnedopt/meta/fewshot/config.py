@@ -227,7 +227,7 @@ class FewShotConfig:
 
     def _check_sizes(self) -> None:
         """Raise :class:`ConfigError` where the counts (positive already) would size a tensor of a
-        meta-step beyond :data:`~learnedopt.meta.loop.MAX_ELEMENTS`: the inner loops' per-step
+        meta-step beyond :data:`~learnedopt.values.MAX_ELEMENTS`: the inner loops' per-step
         losses and minibatches, a meta-batch's or the validation draw's examples (Omniglot:
         ``(tasks, ways * examples, 1, S, S)`` images), the conv-4's ``(hidden, hidden, 3, 3)``
         weights. Counts of meta-steps (``meta_steps``, ``multi_step_loss``, ...) size none."""
