@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .values import check_positive_integer
+from .values import check_elements, check_positive_integer
 
 
 def _check_sizes(owner: str, **sizes: int) -> None:
@@ -27,13 +27,19 @@ def conv4(in_channels: int = 1, n_way: int = 5, hidden: int = 64, image_size: in
 
     Raises:
         ValueError: an unknown ``pooling``, a size below 1, or, with ``"max"``, an ``image_size``
-            below 16 (a fourth 2x2 pooling of a 1x1 map leaves nothing).
+            below 16 (a fourth 2x2 pooling of a 1x1 map leaves nothing); sizes that would make a
+            weight of more than :data:`~learnedopt.values.MAX_ELEMENTS` elements.
     """
     if pooling not in ("stride", "max"):
         raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
     _check_sizes("conv4", in_channels=in_channels, n_way=n_way, hidden=hidden, image_size=image_size)
     if pooling == "max" and image_size < 16:
         raise ValueError(f"conv4: image_size {image_size} is too small for 4 halvings by max-pooling; it needs at least 16")
+    # before allocating: image_size=10**6 was the allocator's raw error for a 5 TB output layer
+    check_elements(f"conv4: hidden {hidden}", hidden**2 * 9, "a (hidden, hidden, 3, 3) convolution weight")
+    final = -(-image_size // 16) if pooling == "stride" else image_size // 16  # four halvings
+    check_elements(f"conv4: hidden {hidden}, image_size {image_size} and n_way {n_way}", hidden * final**2 * n_way,
+                   "the output layer's weight")  # fmt: skip
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
     for _ in range(4):

@@ -3,6 +3,8 @@ errors for inputs they cannot take."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -80,3 +82,18 @@ def test_tiny_transformer_refuses_what_it_cannot_read() -> None:
         TinyTransformer(heads=0)
     with pytest.raises(ValueError, match="width 30 is not a multiple of heads 4"):
         TinyTransformer(width=30, heads=4)
+
+
+@pytest.mark.parametrize("pooling", ["stride", "max"])
+def test_conv4_of_weights_beyond_the_element_bound_is_refused_before_allocating(pooling: str) -> None:
+    """``conv4(image_size=10**6)`` tried to allocate a 5 TB output layer (the allocator's raw
+    RuntimeError), ``hidden=10**5`` 360 GB of convolution weights; both are refused naming the
+    sizes, at the bound on a tensor's elements that meta-train's options meet."""
+    size = 62_500 if pooling == "stride" else 62_496  # the (hidden * S' * S', n_way) layer: S' = 3907 or 3906
+    flat = 64 * (-(-size // 16)) ** 2 if pooling == "stride" else 64 * (size // 16) ** 2
+    with pytest.raises(ValueError, match="^" + re.escape(
+        f"conv4: hidden 64, image_size {size} and n_way 5: the output layer's weight would have {flat * 5:,} elements; "
+        "learnedopt's tensors have at most 2,147,483,647 (2**31 - 1)") + "$"):  # fmt: skip
+        conv4(n_way=5, image_size=size, pooling=pooling)
+    with pytest.raises(ValueError, match=re.escape("conv4: hidden 100000: a (hidden, hidden, 3, 3) convolution weight would have 90,000,000,000 elements")):
+        conv4(hidden=100_000, pooling=pooling)
