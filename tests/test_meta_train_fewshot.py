@@ -1178,3 +1178,42 @@ def test_inputs_and_targets_of_different_example_counts_are_refused_by_every_alg
     with pytest.raises(ValueError, match=re.escape(f"the support set's {mismatch}10 in x_support (2, 10, 1), 4 in y_support (2, 4, 1)")):
         learner.evaluate(x_s, y_s[:, :4], x_q, y_q)
     assert adapted == []
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_every_algorithm_refuses_the_episodes_maml_refuses(algo: str) -> None:
+    """meta-lstm's ``meta_loss`` took an empty support or query set to a NaN meta-loss without a
+    word, failed on no tasks with "cannot reshape tensor of 0 elements" and on sets of different
+    task counts with vmap's "Expected all tensors to have the same size in the mapped
+    dimension"; its ``adapt`` of no example returned NaN parameters. ``evaluate`` (every
+    algorithm) divided by zero on no tasks and failed on an IndexError after adapting the
+    tasks it had. They refuse these as ``MAML`` does, in one line, before anything runs."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    cases = [
+        ((x_s[:, :0], y_s[:, :0], x_q, y_q), "needs at least one support and one query example per task, got x_support (2, 0, 1), y_support (2, 0, 1)"),
+        ((x_s, y_s, x_q[:, :0], y_q[:, :0]), "needs at least one support and one query example per task, got x_query (2, 0, 1), y_query (2, 0, 1)"),
+        ((x_s[:0], y_s[:0], x_q[:0], y_q[:0]), "needs at least one task, got x_support (0, 10, 1), y_support (0, 10, 1), x_query (0, 10, 1)"),
+        ((x_s, y_s, x_q[:1], y_q[:1]), "takes (B, N, ...) tensors of the same B tasks, got x_support (2, 10, 1), y_support (2, 10, 1), x_query (1, 10, 1)"),
+        ((x_s, y_s[:, 0, 0], x_q, y_q), "takes (B, N, ...) tensors of B tasks of N examples, got y_support of shape (2,): one target per task"),
+    ]  # fmt: skip
+    who = {"maml": "MAML", "fomaml": "MAML", "meta-lstm": "meta-lstm"}
+    adapt = learner.adapt
+    adapted = []
+
+    def spy(*args, **kwargs):
+        adapted.append(args)
+        raise RuntimeError("adapted a task")
+
+    for args, message in cases:
+        if algo in who:
+            with pytest.raises(ValueError, match="^" + re.escape(f"{who[algo]} {message}")):
+                learner.meta_loss(*args)
+        learner.adapt = spy  # evaluate refuses before adapting any task
+        with pytest.raises(ValueError, match="^" + re.escape(f"evaluate {message}")):
+            learner.evaluate(*args)
+        learner.adapt = adapt
+    assert adapted == []
+    with pytest.raises(ValueError, match=r"needs at least one (support )?example, got (x_support|inputs) of shape \(0, 1\)$"):
+        learner.adapt(x_s[0, :0], y_s[0, :0])

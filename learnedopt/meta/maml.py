@@ -43,9 +43,10 @@ from .model_calls import (
     Inputs,
     LossFn,
     call_model,
+    check_episode,
     check_inputs,
-    check_same_examples,
     check_steps,
+    check_task,
     default_loss,
     model_arguments,
     outside_inference,
@@ -457,40 +458,9 @@ class MAML(nn.Module):
         steps = self.inner_steps if steps is None else steps
         if not is_integer(steps) or steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps!r} (an integer)")
-        given = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
-        # a tuple, list or dict holds the model's arguments (or targets) batched over tasks, on every
-        # path: vmap maps over its tensors, the task loop indexes each; it is never a list of tasks
-        checked = {name: check_inputs(value, name, 2, "MAML") for name, value in given.items()}
-        inputs = {name: first for name, (_, first, _) in checked.items()}  # each one's first tensor
-        labels = {name: label for name, (_, _, label) in checked.items()}
-        sizes = ", ".join(f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items())
-        if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
-            # vmap's message and the task loop's name none of them
-            raise ValueError(f"MAML takes (B, N, ...) tensors of the same B tasks, got {sizes}")
-        if inputs["y_support"].dim() and not len(inputs["y_support"]):
-            # vmap's mean over no tasks was a NaN meta-loss; the loop's torch.stack failed naming nothing
-            raise ValueError(f"MAML needs at least one task, got {sizes}")
-        for name in ("y_support", "y_query"):
-            if inputs[name].dim() < 2:
-                # one task's (N,) labels read as B = N tasks of one unbatched example each: the
-                # loss would be finite and the meta-learning silently wrong
-                raise ValueError(
-                    f"MAML takes (B, N, ...) tensors of B tasks of N examples, got {name} of shape "
-                    f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
-                    "dimension (x[None], y[None]) or adapt it with adapt()"
-                )
-        empty = [f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
-        if empty:
-            # the mean loss over no examples is NaN: the inner step or the meta-loss went NaN in silence
-            raise ValueError(
-                f"MAML needs at least one support and one query example per task, got {', '.join(empty)} "
-                "(episodes drawn with q_query=0 have no query set)"
-            )
-        for part in ("support", "query"):
-            x, y = f"x_{part}", f"y_{part}"
-            check_same_examples(inputs[x], labels[x], inputs[y], labels[y], 1, f"MAML: the {part} set's")
+        checked = check_episode(x_support, y_support, x_query, y_query, "MAML")
         with twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
-            return self._query_losses(*(value for value, _, _ in checked.values()), steps, every_step)
+            return self._query_losses(*checked, steps, every_step)
 
     def _query_losses(
         self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs, steps: int, every_step: bool
@@ -574,11 +544,7 @@ class MAML(nn.Module):
         ``steps=0`` the initialisation."""
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
-        x_support, first, label = check_inputs(x_support, "x_support", 1, "MAML")
-        y_support, y_first, y_label = check_inputs(y_support, "y_support", 1, "MAML")
-        check_same_examples(first, label, y_first, y_label, 0, "MAML: the support set's")
-        if steps and first.dim() and not len(first):
-            raise ValueError(f"adapt needs at least one support example, got {label} of shape {tuple(first.shape)}")
+        x_support, y_support = check_task(x_support, y_support, "MAML", need_examples=steps > 0)
         initial = self._adaptable_params() if steps else self.initial_params()  # steps=0: the initialisation
         params = {k: v.detach() for k, v in initial.items()}
         split = self._fixed_body() if steps else None

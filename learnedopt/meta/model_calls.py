@@ -121,6 +121,67 @@ def check_same_examples(x: Tensor, x_label: str, y: Any, y_label: str, dim: int,
         )
 
 
+def check_episode(
+    x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs, who: str
+) -> tuple[Inputs, Inputs, Inputs, Inputs]:
+    """Check a meta-batch of ``B`` tasks, each input or target a ``(B, N, ...)`` tensor or a
+    tuple, list or dict of them (:func:`check_inputs`), as ``MAML`` and the few-shot learners
+    take it, before anything runs: the same ``B`` throughout, at least one task, targets with an
+    example dimension, at least one support and one query example, and inputs and targets of
+    each set with the same ``N`` (:func:`check_same_examples`).
+
+    Returns the four as :func:`check_inputs` returns them. Raises TypeError or ValueError in one
+    line that starts with ``who`` and names the tensors at fault with their shapes.
+    """
+    given = {"x_support": x_support, "y_support": y_support, "x_query": x_query, "y_query": y_query}
+    # a tuple, list or dict holds the model's arguments (or targets) batched over tasks, on every
+    # path: vmap maps over its tensors, the task loop indexes each; it is never a list of tasks
+    checked = {name: check_inputs(value, name, 2, who) for name, value in given.items()}
+    inputs = {name: first for name, (_, first, _) in checked.items()}  # each one's first tensor
+    labels = {name: label for name, (_, _, label) in checked.items()}
+    sizes = ", ".join(f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items())
+    if len({value.shape[0] if value.dim() else None for value in inputs.values()}) != 1:
+        # vmap's message and the task loop's name none of them
+        raise ValueError(f"{who} takes (B, N, ...) tensors of the same B tasks, got {sizes}")
+    if inputs["y_support"].dim() and not len(inputs["y_support"]):
+        # vmap's mean over no tasks was a NaN meta-loss; the loop's torch.stack failed naming nothing
+        raise ValueError(f"{who} needs at least one task, got {sizes}")
+    for name in ("y_support", "y_query"):
+        if inputs[name].dim() < 2:
+            # one task's (N,) labels read as B = N tasks of one unbatched example each: the
+            # loss would be finite and the meta-learning silently wrong
+            raise ValueError(
+                f"{who} takes (B, N, ...) tensors of B tasks of N examples, got {name} of shape "
+                f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
+                "dimension (x[None], y[None]) or adapt it with adapt()"
+            )
+    empty = [f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
+    if empty:
+        # the mean loss over no examples is NaN: the inner step or the meta-loss went NaN in silence
+        raise ValueError(
+            f"{who} needs at least one support and one query example per task, got {', '.join(empty)} "
+            "(episodes drawn with q_query=0 have no query set)"
+        )
+    for part in ("support", "query"):
+        x, y = f"x_{part}", f"y_{part}"
+        check_same_examples(inputs[x], labels[x], inputs[y], labels[y], 1, f"{who}: the {part} set's")
+    return tuple(value for value, _, _ in checked.values())  # type: ignore[return-value]
+
+
+def check_task(x_support: Inputs, y_support: Inputs, who: str, *, need_examples: bool = True) -> tuple[Inputs, Inputs]:
+    """Check ONE task's support set, ``(N, ...)`` inputs and targets (or tuples, lists or dicts
+    of them, :func:`check_inputs`), as an ``adapt`` takes it: at least one example where
+    ``need_examples`` (an adaptation of no step reads none), and inputs and targets of the same
+    ``N``. Returns both as :func:`check_inputs` returns them; raises in one line naming ``who``."""
+    x_support, first, label = check_inputs(x_support, "x_support", 1, who)
+    y_support, y_first, y_label = check_inputs(y_support, "y_support", 1, who)
+    check_same_examples(first, label, y_first, y_label, 0, f"{who}: the support set's")
+    if need_examples and first.dim() and not len(first):
+        # the mean loss over no examples is NaN: every adapted parameter was NaN
+        raise ValueError(f"adapt needs at least one support example, got {label} of shape {tuple(first.shape)}")
+    return x_support, y_support
+
+
 def outside_inference(inputs: Any) -> Any:
     """``inputs`` (a tensor, or a tuple, list or mapping of them) with every ``inference_mode``
     tensor cloned into a normal one: autograd saves no inference tensors, so a differentiated

@@ -20,7 +20,7 @@ from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import replace_batchnorm_
 from ..maml import MAML
-from ..model_calls import call_model, check_same_examples, outside_inference
+from ..model_calls import call_model, check_episode, check_steps, check_task, outside_inference
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -268,7 +268,7 @@ class FewShotLearner:
         if self.maml is not None:
             return self.maml(x_s, y_s, x_q, y_q)
         if self.rule is not None:
-            _check_episode_examples(x_s, y_s, x_q, y_q, "meta-lstm")
+            check_episode(x_s, y_s, x_q, y_q, "meta-lstm")
             return self._unroll(x_s, y_s, x_q, y_q, self.spec.inner_steps, self.rule).losses[-1].mean()
         raise ValueError(f"--algo {self.spec.algo} has no differentiable meta-loss")
 
@@ -294,7 +294,8 @@ class FewShotLearner:
         if self.maml is not None:
             return self.maml.adapt(x_support, y_support, steps=steps)
         if self.rule is not None:
-            check_same_examples(x_support, "x_support", y_support, "y_support", 0, "meta-lstm: the support set's")
+            check_steps(steps)
+            check_task(x_support, y_support, "meta-lstm", need_examples=steps > 0)
             # the unroll differentiates the support losses: outside no_grad and inference_mode
             with torch.inference_mode(False), torch.enable_grad():
                 x_support, y_support = outside_inference((x_support, y_support))
@@ -330,7 +331,7 @@ class FewShotLearner:
     def evaluate(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int | None = None) -> dict[str, float]:
         """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
         each on its support set. Inputs ``(B, N, ...)``."""
-        _check_episode_examples(x_s, y_s, x_q, y_q, "evaluate")
+        check_episode(x_s, y_s, x_q, y_q, "evaluate")
         losses, correct = [], []
         for b in range(x_s.shape[0]):
             params = self.adapt(x_s[b], y_s[b], steps)
@@ -343,13 +344,6 @@ class FewShotLearner:
         if correct:
             metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
         return metrics
-
-
-def _check_episode_examples(x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, who: str) -> None:
-    """:func:`~learnedopt.meta.model_calls.check_same_examples` on the support and query sets of
-    ``(B, N, ...)`` tasks, before anything runs."""
-    check_same_examples(x_s, "x_support", y_s, "y_support", 1, f"{who}: the support set's")
-    check_same_examples(x_q, "x_query", y_q, "y_query", 1, f"{who}: the query set's")
 
 
 class _SupportQueryBatch(TaskBatch):
