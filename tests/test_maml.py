@@ -1536,3 +1536,22 @@ def test_a_learnable_tensor_inner_lr_is_taken_without_a_warning() -> None:
         meta_sgd = MAML(nn.Linear(2, 1), inner_lr=nn.Parameter(torch.tensor(0.1)), learn_inner_lr=True)
     assert maml.inner_lr.requires_grad
     assert all(torch.equal(rate, torch.full_like(rate, 0.1)) for rate in meta_sgd.step_sizes().values())
+
+
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_meta_step_on_the_meta_device_runs_shapes_only_on_every_path(vectorize, first_order: bool) -> None:
+    """Shape-only runs on ``meta`` tensors, as ``Reptile`` and the learned optimizers take them:
+    under vmap ``torch.is_autocast_enabled("meta")`` raised "unknown device type for autocast",
+    so ``vectorize=True`` failed with that and ``"auto"`` fell back to the loop for good with a
+    warning that vmap had failed."""
+    model = tiny_model().to("meta")
+    maml = MAML(model, inner_lr=0.1, vectorize=vectorize, first_order=first_order)
+    xs, ys, xq, yq = (t.to("meta") for t in episode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = maml.query_losses(xs, ys, xq, yq)
+        maml(xs, ys, xq, yq).backward()
+    assert losses.shape == (3, 1) and losses.is_meta and maml.vectorize == vectorize
+    assert all(p.grad is not None and p.grad.is_meta and p.grad.shape == p.shape for p in model.parameters())
+    assert all(p.is_meta for p in maml.adapt(xs[0], ys[0]).values())

@@ -515,7 +515,7 @@ class MAML(nn.Module):
         second_order = not self.first_order and torch.is_grad_enabled()
         # under autocast the norms' batched backward fails at the first order too ("expected scalar
         # type BFloat16 but found Float": the low-precision input beside the float32 weight)
-        autocast = torch.is_autocast_enabled(pytree.tree_leaves(xs)[0].device.type)
+        autocast = _autocast_enabled(pytree.tree_leaves(xs)[0].device.type)
         padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
         norms = AffineAfterNorm() if second_order or autocast else contextlib.nullcontext()
         # torch._weight_norm has no batching rule: vmap ran it task by task, with PyTorch's
@@ -688,6 +688,16 @@ class _RecomputedStep(torch.autograd.Function):
             learning = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
         return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device autocast does not know,
+    such as ``meta`` (a shape-only run), where ``torch.is_autocast_enabled`` raised "unknown
+    device type for autocast"."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:
