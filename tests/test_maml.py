@@ -1555,3 +1555,34 @@ def test_a_meta_step_on_the_meta_device_runs_shapes_only_on_every_path(vectorize
     assert losses.shape == (3, 1) and losses.is_meta and maml.vectorize == vectorize
     assert all(p.grad is not None and p.grad.is_meta and p.grad.shape == p.shape for p in model.parameters())
     assert all(p.is_meta for p in maml.adapt(xs[0], ys[0]).values())
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_default_cross_entropy_takes_integer_labels_of_any_width_and_refuses_float_labels_on_every_path(vectorize: bool) -> None:
+    """int32 labels (numpy's default on some platforms) trained under vmap but failed in the task
+    loop ("expected target dtype to be Long or Byte, but got Int"), so ``vectorize="auto"`` took
+    them for an MLP and refused them for a conv net on CPU; labels stored as floats failed under
+    vmap with "gather(): Expected dtype int32/int64 for index". Integer labels of any width are
+    class indices on every path, and in Reptile; float labels of another shape than the outputs
+    are refused naming their dtype; class probabilities of the outputs' shape stay as they were."""
+    xs, ys, xq, yq = episode()
+    want = MAML(tiny_model(), inner_lr=0.5, vectorize=vectorize)(xs, ys, xq, yq)
+    reptile_data = [[(xs[0], ys[0])]]
+    reptile = Reptile(tiny_model(), inner_steps=2)
+    reptile.meta_step(reptile_data)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got = MAML(tiny_model(), inner_lr=0.5, vectorize=vectorize)(xs, ys.to(dtype), xq, yq.to(dtype))
+        assert torch.equal(got, want), dtype
+        other = Reptile(tiny_model(), inner_steps=2)
+        other.meta_step([[(xs[0], ys[0].to(dtype))]])
+        assert all(torch.equal(a, b) for a, b in zip(other.model.parameters(), reptile.model.parameters(), strict=True))
+    one_hot = nn.functional.one_hot  # probabilities of the outputs' shape: soft targets, as before
+    soft = MAML(tiny_model(), inner_lr=0.5, vectorize=vectorize)(xs, one_hot(ys).double(), xq, one_hot(yq).double())
+    torch.testing.assert_close(soft, want, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        message = (f"the default loss_fn, cross-entropy, takes class indices as integer targets or class probabilities of the "
+                   f"outputs' shape (5, 2), got {dtype} targets of shape (5,)")  # fmt: skip
+        with pytest.raises(TypeError, match="^" + re.escape(message)):
+            MAML(tiny_model(), inner_lr=0.5, vectorize=vectorize)(xs, ys.to(dtype), xq, yq.to(dtype))
+        with pytest.raises(TypeError, match="^" + re.escape(message)):
+            Reptile(tiny_model(), inner_steps=1).meta_step([[(xs[0], ys[0].to(dtype))]])

@@ -1217,3 +1217,26 @@ def test_every_algorithm_refuses_the_episodes_maml_refuses(algo: str) -> None:
     assert adapted == []
     with pytest.raises(ValueError, match=r"needs at least one (support )?example, got (x_support|inputs) of shape \(0, 1\)$"):
         learner.adapt(x_s[0, :0], y_s[0, :0])
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_classifiers_take_integer_labels_of_any_width_and_refuse_float_labels(algo: str) -> None:
+    """The few-shot classifiers' cross-entropy is MAML's default loss: int32 labels failed in
+    conv-4's task loop ("expected target dtype to be Long or Byte, but got Int") where an MLP
+    under vmap took them, and float labels failed with torch's messages, "gather(): Expected
+    dtype int32/int64 for index" under vmap."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, "omniglot", hidden=4, image_size=14, inner_steps=1,
+                                                           test_inner_steps=1)), seed=0)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 10, 1, 14, 14, generator=g)
+    y = torch.arange(5).repeat(2).expand(2, 10)
+    want = learner.evaluate(x, y, x, y)
+    assert learner.evaluate(x, y.int(), x, y.short()) == want
+    if algo != "reptile":
+        torch.testing.assert_close(learner.meta_loss(x, y.int(), x, y.int()), learner.meta_loss(x, y, x, y), rtol=0, atol=0)
+    message = re.escape("takes class indices as integer targets or class probabilities of the outputs' shape (10, 5), got torch.float32 targets")
+    with pytest.raises(TypeError, match=message):
+        learner.evaluate(x, y.float(), x, y.float())
+    if algo != "reptile":
+        with pytest.raises(TypeError, match=message):
+            learner.meta_loss(x, y.float(), x, y.float())

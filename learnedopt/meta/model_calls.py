@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -209,7 +210,13 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """``MAML``'s and ``Reptile``'s default ``loss_fn``: cross-entropy, refusing outputs of one
     class, over which it is 0 whatever the targets (a regression model given no ``loss_fn``
     meta-trained on a zero loss without a word), and outputs that are not one tensor of logits
-    (a model returning a tuple or dict needs a ``loss_fn`` that picks from it)."""
+    (a model returning a tuple or dict needs a ``loss_fn`` that picks from it).
+
+    Targets are class indices of any integer dtype (int32 labels trained under ``vmap`` but
+    failed in the task loop, "expected target dtype to be Long or Byte"), or class
+    probabilities of the outputs' shape; other targets (labels stored as floats, which failed
+    under ``vmap`` with "gather(): Expected dtype int32/int64 for index", or bool) are refused
+    with a TypeError naming their dtype and shape."""
     if not isinstance(outputs, Tensor):
         raise TypeError(
             f"the default loss_fn, cross-entropy, takes the model's output as one tensor of logits, got a "
@@ -222,6 +229,16 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
             "the default loss_fn, cross-entropy, is 0 over a model with one output whatever the targets: "
             "pass loss_fn, e.g. loss_fn=nn.functional.mse_loss for regression"
         )
+    if isinstance(targets, Tensor):
+        indices = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+        if not indices and not (targets.is_floating_point() and targets.shape == outputs.shape):
+            raise TypeError(
+                "the default loss_fn, cross-entropy, takes class indices as integer targets or class probabilities "
+                f"of the outputs' shape {tuple(outputs.shape)}, got {targets.dtype} targets of shape "
+                f"{tuple(targets.shape)}: for labels stored as floats pass y.long(), or pass your own loss_fn"
+            )
+        if indices and targets.dtype != torch.int64:
+            targets = targets.long()  # a lossless widening of the class indices
     return nn.functional.cross_entropy(outputs, targets)
 
 

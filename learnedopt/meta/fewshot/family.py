@@ -23,12 +23,14 @@ from ...plugins import (
     load_entry_point,
     one_line,
 )
+from ..model_calls import default_loss
 from ..tasks import TaskFamily
 
 #: the losses a learner names in its model file; a family's ``loss`` may name one of them
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": nn.functional.mse_loss,
-    "cross_entropy": nn.functional.cross_entropy,
+    # MAML's default: integer labels of any width, float labels refused in one line (as on every path)
+    "cross_entropy": default_loss,
 }
 #: a model file's ``architecture["kind"]`` for a learner whose network a family of your own builds
 OWN_KIND = "own"
