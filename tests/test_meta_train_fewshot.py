@@ -1240,3 +1240,46 @@ def test_classifiers_take_integer_labels_of_any_width_and_refuse_float_labels(al
     if algo != "reptile":
         with pytest.raises(TypeError, match=message):
             learner.meta_loss(x, y.float(), x, y.float())
+
+
+class BatchNormLines:
+    """A regression family of your own whose network holds a BatchNorm layer."""
+
+    loss = "mse"
+
+    def sample(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        slope = torch.randn(size, 1, 1, generator=generator)
+        x = torch.rand(size, 15, 1, generator=generator)
+        return x[:, :5], slope * x[:, :5], x[:, 5:], slope * x[:, 5:]
+
+    def model(self) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def describe(self) -> str:
+        return "lines through a BatchNorm network"
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_a_batchnorm_network_of_your_own_family_is_transductive_for_every_algorithm(tmp_path: Path, algo: str) -> None:
+    """MAML and Reptile replace BatchNorm by ``BatchStatNorm``; meta-lstm's learner kept the
+    family's ``nn.BatchNorm1d``, whose running statistics failed its vmapped inner loop ("Batch
+    norm got a batched tensor as input while the running_mean or running_var, which will be
+    updated in place, were not batched") in meta_loss, adapt and evaluate alike."""
+    from learnedopt.meta import BatchStatNorm
+
+    family = BatchNormLines()
+    spec = LearnerSpec.for_config(config(algo, "tests:BatchNormLines", inner_steps=1, test_inner_steps=2), family=family)
+    learner = FewShotLearner(spec, seed=0, family=family)
+    assert isinstance(learner.model[1], BatchStatNorm) and not list(learner.model.buffers())
+    x_s, y_s, x_q, y_q = family.sample(2, torch.Generator().manual_seed(0))
+    if algo != "reptile":
+        assert torch.isfinite(learner.meta_loss(x_s, y_s, x_q, y_q))
+    params = learner.adapt(x_s[0], y_s[0])
+    with torch.no_grad():  # the adapted network normalises with its own batch's statistics
+        outputs = learner.predict(params, x_q[0])
+        features = x_q[0] @ params["0.weight"].T + params["0.bias"]
+        normalised = (features - features.mean(0)) / torch.sqrt(features.var(0, unbiased=False) + 1e-5)
+        hidden = torch.relu(normalised * params["1.weight"] + params["1.bias"])
+        expected = hidden @ params["3.weight"].T + params["3.bias"]
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+    assert set(learner.evaluate(x_s, y_s, x_q, y_q)) == {"loss"}

@@ -18,7 +18,7 @@ from torch.func import vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
-from ..batchnorm import replace_batchnorm_
+from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import call_model, check_episode, check_steps, check_task, outside_inference
 from ..reptile import Reptile
@@ -190,6 +190,9 @@ class FewShotLearner:
             if seed is not None:
                 torch.manual_seed(derive_seed(seed, 0))
             self.model = family_model(spec.architecture["family"], family) if own else build_model(spec.architecture)
+        if own:  # transductive for every algorithm, as build_model's conv-4 (meta-lstm's vmapped inner
+            # loop failed on a BatchNorm layer's running statistics, which MAML and Reptile replace)
+            apply_batchnorm_policy_(self.model, "transductive")
         self.loss_fn = family_loss(family)[1] if own else LOSSES[spec.loss]
         self.maml: MAML | None = None
         self.rule: UpdateRule | None = None
