@@ -1283,3 +1283,18 @@ def test_a_batchnorm_network_of_your_own_family_is_transductive_for_every_algori
         expected = hidden @ params["3.weight"].T + params["3.bias"]
     torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
     assert set(learner.evaluate(x_s, y_s, x_q, y_q)) == {"loss"}
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_a_model_with_every_parameter_frozen_is_refused_alike_by_every_algorithm(algo: str) -> None:
+    """meta-lstm said "init_rule_state: params is empty", a function the user never called."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=2)), seed=0)
+    learner.model.requires_grad_(False)
+    x = torch.randn(2, 10, 1)
+    who = {"maml": "MAML", "reptile": "Reptile", "meta-lstm": "meta-lstm"}[algo]
+    message = f"^{who}: no parameter of the model requires grad, so an inner step has nothing to adapt$"
+    with pytest.raises(ValueError, match=message):
+        learner.adapt(x[0], x[0])
+    if algo != "reptile":
+        with pytest.raises(ValueError, match=message):
+            learner.meta_loss(x, x, x, x)

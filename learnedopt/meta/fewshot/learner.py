@@ -286,6 +286,8 @@ class FewShotLearner:
         params = {
             k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters() if p.requires_grad
         }
+        if not params:  # as MAML and Reptile say it (init_rule_state's "params is empty" named no setting)
+            raise ValueError("meta-lstm: no parameter of the model requires grad, so an inner step has nothing to adapt")
         # the parameters' dtype, not the inputs': token ids made int64 states (refused by the Triton path)
         return unroll(rule, batch, params, init_rule_state(rule, params), steps, stop_optimizee_grad=True)
 
