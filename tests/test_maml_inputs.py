@@ -377,3 +377,27 @@ def test_adapt_and_reptile_refuse_inputs_and_targets_of_different_example_counts
     # targets that are not one tensor go to loss_fn as they are, unchecked
     picky = Reptile(model, inner_steps=1, loss_fn=lambda out, y: nn.functional.mse_loss(out, y["value"].expand_as(out)))
     assert picky.adapt([(x, {"value": target[:1]})]).calls == 1  # the trained copy's
+
+
+def test_reptile_checks_every_tasks_batches_before_training_any() -> None:
+    """A bad batch of the meta-batch's last task was found only after the tasks before it had
+    been trained (all their inner steps, for nothing)."""
+    calls = []
+
+    class Counted(nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    reptile = Reptile(Counted(3, 2), inner_steps=2)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    for bad, error in (((x, y[:4]), "Reptile (batch 0): the inputs and targets hold different numbers of examples"),
+                       ((x[:0], y[:0]), "Reptile (batch 0) needs at least one example"),
+                       (x, "a task is a sequence of (inputs, targets) batches")):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+            reptile.meta_step([[(x, y)], [(x, y)], [bad]])
+        assert calls == []
+    with pytest.raises(ValueError, match="a task needs at least one"):
+        reptile.meta_step([[(x, y)], []])
+    assert calls == []

@@ -92,23 +92,9 @@ class Reptile:
         frac = min(self.step_count / self.total_steps, 1.0)
         return (1 - frac) * self.outer_stepsize + frac * self.final_outer_stepsize
 
-    def adapt(self, batches: Sequence[tuple[Inputs, Inputs]], steps: int | None = None) -> nn.Module:
-        """A copy of the model trained from the initialisation on one task.
-
-        Args:
-            batches: ``(inputs, targets)`` minibatches, used in turn (cycled if fewer than steps).
-                ``inputs`` is one tensor ``(N, ...)``, the model's one argument, or a tuple or
-                list (its positional arguments, ``model(*inputs)``) or dict (its keyword
-                arguments, ``model(**inputs)``) of tensors with the same ``N``, as in
-                :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>`; ``targets`` go
-                to ``loss_fn`` as they are.
-            steps: inner steps (default ``inner_steps``).
-
-        Returns:
-            A fresh copy of the model as it is now (its modules, their settings and its
-            initialisation), trained on the task; also under ``torch.no_grad`` or
-            ``inference_mode`` (evaluation), as :meth:`MAML.adapt <learnedopt.meta.MAML.adapt>`.
-        """
+    def _checked_batches(self, batches: Sequence[tuple[Inputs, Inputs]]) -> list[tuple[Inputs, Inputs]]:
+        """A task's ``(inputs, targets)`` batches checked (:meth:`adapt`), a mapping of inputs as a
+        plain dict; raises TypeError or ValueError naming the batch at fault."""
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
         checked = []
@@ -132,6 +118,26 @@ class Reptile:
                 raise ValueError(f"Reptile (batch {i}) needs at least one example, got {label} of shape {tuple(first.shape)}")
             check_same_examples(first, label, y, "targets", 0, f"Reptile (batch {i}): the")
             checked.append((x, y))
+        return checked
+
+    def adapt(self, batches: Sequence[tuple[Inputs, Inputs]], steps: int | None = None) -> nn.Module:
+        """A copy of the model trained from the initialisation on one task.
+
+        Args:
+            batches: ``(inputs, targets)`` minibatches, used in turn (cycled if fewer than steps).
+                ``inputs`` is one tensor ``(N, ...)``, the model's one argument, or a tuple or
+                list (its positional arguments, ``model(*inputs)``) or dict (its keyword
+                arguments, ``model(**inputs)``) of tensors with the same ``N``, as in
+                :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>`; ``targets`` go
+                to ``loss_fn`` as they are.
+            steps: inner steps (default ``inner_steps``).
+
+        Returns:
+            A fresh copy of the model as it is now (its modules, their settings and its
+            initialisation), trained on the task; also under ``torch.no_grad`` or
+            ``inference_mode`` (evaluation), as :meth:`MAML.adapt <learnedopt.meta.MAML.adapt>`.
+        """
+        checked = self._checked_batches(batches)
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
         if not any(p.requires_grad for p in self.model.parameters()):  # else an optimizer of no gradients
@@ -179,9 +185,10 @@ class Reptile:
         """
         if not tasks:
             raise ValueError("meta_step needs at least one task")
+        checked = [self._checked_batches(batches) for batches in tasks]  # every task before training any
         params = [p for p in self.model.parameters() if p.requires_grad]
         total = [torch.zeros_like(p) for p in params]
-        for batches in tasks:
+        for batches in checked:
             worker = self.adapt(batches)
             adapted = [q for q, p in zip(worker.parameters(), self.model.parameters(), strict=True) if p.requires_grad]
             for acc, phi, theta in zip(total, adapted, params, strict=True):
