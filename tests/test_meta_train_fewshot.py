@@ -1298,3 +1298,20 @@ def test_a_model_with_every_parameter_frozen_is_refused_alike_by_every_algorithm
     if algo != "reptile":
         with pytest.raises(ValueError, match=message):
             learner.meta_loss(x, x, x, x)
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_adapting_for_zero_steps_gives_the_initialisation_for_every_algorithm(algo: str) -> None:
+    """``adapt(..., steps=0)`` and ``evaluate(..., steps=0)`` (the score before adapting) gave the
+    initialisation in MAML and Reptile; meta-lstm's unroll refused them ("steps must be >= 1")."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=1, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 10, 1, generator=g) for _ in range(4))
+    params = learner.adapt(x_s[0], y_s[0], steps=0)
+    initial = dict(learner.model.named_parameters())
+    assert params.keys() == initial.keys() and all(torch.equal(v, initial[k]) and not v.requires_grad for k, v in params.items())
+    with torch.no_grad():
+        expected = sum(float(learner.loss_fn(learner.model(x_q[b]), y_q[b])) for b in range(2)) / 2
+    assert learner.evaluate(x_s, y_s, x_q, y_q, steps=0)["loss"] == pytest.approx(expected, rel=1e-6)
+    if algo != "reptile":  # no step reads the examples (Reptile checks its batches whatever the steps)
+        assert learner.adapt(x_s[0, :0], y_s[0, :0], steps=0).keys() == initial.keys()

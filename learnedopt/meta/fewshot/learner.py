@@ -301,6 +301,8 @@ class FewShotLearner:
         if self.rule is not None:
             check_steps(steps)
             check_task(x_support, y_support, "meta-lstm", need_examples=steps > 0)
+            if not steps:  # the initialisation, as MAML's and Reptile's (the unroll takes at least one step)
+                return {k: p.detach().clone() for k, p in self.model.named_parameters() if p.requires_grad}
             # the unroll differentiates the support losses: outside no_grad and inference_mode
             with torch.inference_mode(False), torch.enable_grad():
                 x_support, y_support = outside_inference((x_support, y_support))
