@@ -1315,3 +1315,69 @@ def test_adapting_for_zero_steps_gives_the_initialisation_for_every_algorithm(al
     assert learner.evaluate(x_s, y_s, x_q, y_q, steps=0)["loss"] == pytest.approx(expected, rel=1e-6)
     if algo != "reptile":  # no step reads the examples (Reptile checks its batches whatever the steps)
         assert learner.adapt(x_s[0, :0], y_s[0, :0], steps=0).keys() == initial.keys()
+
+
+class ScaledInputs:
+    """A regression family of your own whose network takes two inputs, ``model(x, scale)``."""
+
+    loss = "mse"
+
+    class Network(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(1, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.body(x)) * scale[..., None])
+
+    def sample(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.rand(size, 15, 1, generator=generator)
+        return x[:, :5], 2 * x[:, :5], x[:, 5:], 2 * x[:, 5:]
+
+    def model(self) -> torch.nn.Module:
+        return self.Network()
+
+    def describe(self) -> str:
+        return "lines through a network of two inputs"
+
+
+class PackedScaledInputs(ScaledInputs):
+    """:class:`ScaledInputs` with its network taking both inputs packed in one ``(N, 2)`` tensor."""
+
+    class Network(ScaledInputs.Network):
+        def forward(self, xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(xs[..., :1], xs[..., 1])
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_every_algorithm_takes_a_tuple_or_dict_of_inputs_as_maml_does(algo: str) -> None:
+    """MAML's learner took a network's several inputs as a tuple or dict in meta_loss and adapt,
+    but evaluate failed on them ("'tuple' object has no attribute 'shape'"), and so did
+    meta-lstm's meta_loss and adapt ("tuple indices must be integers or slices, not NoneType").
+    Each gives what the same inputs give through a network taking them packed in one tensor."""
+    family = ScaledInputs()
+    spec = LearnerSpec.for_config(config(algo, "tests:ScaledInputs", inner_steps=1, test_inner_steps=2), family=family)
+    learner = FewShotLearner(spec, seed=0, family=family)
+    x_s, y_s, x_q, y_q = family.sample(2, torch.Generator().manual_seed(0))
+    s_s, s_q = torch.rand(2, 5, generator=torch.Generator().manual_seed(1)), torch.ones(2, 10)
+    packed = FewShotLearner(spec, seed=0, family=PackedScaledInputs())  # the same initialisation
+    pack = lambda x, s: torch.cat([x, s[..., None]], -1)  # noqa: E731
+    for inputs in (lambda x, s: (x, s), lambda x, s: {"scale": s, "x": x}):
+        want = packed.evaluate(pack(x_s, s_s), y_s, pack(x_q, s_q), y_q)
+        assert learner.evaluate(inputs(x_s, s_s), y_s, inputs(x_q, s_q), y_q) == pytest.approx(want, rel=1e-6)
+        got, expected = learner.adapt(inputs(x_s[0], s_s[0]), y_s[0]), packed.adapt(pack(x_s[0], s_s[0]), y_s[0])
+        assert all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-7) for k in expected)
+        if algo != "reptile":
+            torch.testing.assert_close(learner.meta_loss(inputs(x_s, s_s), y_s, inputs(x_q, s_q), y_q),
+                                       packed.meta_loss(pack(x_s, s_s), y_s, pack(x_q, s_q), y_q), rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
+def test_a_library_network_refuses_a_tuple_of_inputs_naming_what_it_takes() -> None:
+    """The sinusoid MLP and conv-4 take one tensor: a tuple failed with "'tuple' object has no
+    attribute 'shape'"."""
+    learner = FewShotLearner(LearnerSpec.for_config(config("maml")), seed=0)
+    x = torch.randn(10, 1)
+    with pytest.raises(TypeError, match=re.escape("x_support is a tuple; this learner's model takes one (N, 1) tensor")):
+        learner.adapt((x, x), x)
+    with pytest.raises(TypeError, match=re.escape("x is a dict; this learner's model takes one (N, 1) tensor")):
+        learner.predict(learner.adapt(x, x), {"x": x})

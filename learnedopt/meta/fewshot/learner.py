@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -20,7 +21,7 @@ from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
-from ..model_calls import call_model, check_episode, check_steps, check_task, outside_inference
+from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -265,18 +266,20 @@ class FewShotLearner:
                 value.copy_(tensors[name])
 
     # ---------------------------------------------------------------- inner loops
-    def meta_loss(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+    def meta_loss(self, x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs) -> Tensor:
         """Mean query loss after ``inner_steps`` of adaptation, differentiable w.r.t. the
-        meta-parameters (MAML, meta-lstm). Inputs ``(B, N_support, ...)`` and ``(B, N_query, ...)``."""
+        meta-parameters (MAML, meta-lstm). Inputs ``(B, N_support, ...)`` and ``(B, N_query, ...)``,
+        or (a network of your own family taking several) a tuple, list or dict of such tensors,
+        as :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>` takes them."""
         if self.maml is not None:
             return self.maml(x_s, y_s, x_q, y_q)
         if self.rule is not None:
-            check_episode(x_s, y_s, x_q, y_q, "meta-lstm")
+            x_s, y_s, x_q, y_q = check_episode(x_s, y_s, x_q, y_q, "meta-lstm")
             return self._unroll(x_s, y_s, x_q, y_q, self.spec.inner_steps, self.rule).losses[-1].mean()
         raise ValueError(f"--algo {self.spec.algo} has no differentiable meta-loss")
 
     def _unroll(
-        self, x_s: Tensor, y_s: Tensor, x_q: Tensor | None, y_q: Tensor | None, steps: int, rule: UpdateRule
+        self, x_s: Inputs, y_s: Inputs, x_q: Inputs | None, y_q: Inputs | None, steps: int, rule: UpdateRule
     ) -> UnrollResult:
         """The meta-lstm inner loop on B tasks: ``steps`` rule updates on the support sets from
         the model's parameters that require grad (shared by the tasks, so the meta-gradient
@@ -291,38 +294,42 @@ class FewShotLearner:
         # the parameters' dtype, not the inputs': token ids made int64 states (refused by the Triton path)
         return unroll(rule, batch, params, init_rule_state(rule, params), steps, stop_optimizee_grad=True)
 
-    def adapt(self, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
-        """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)``, after ``steps``
-        (default ``test_inner_steps``) of the algorithm's inner loop."""
+    def adapt(self, x_support: Inputs, y_support: Inputs, steps: int | None = None) -> Params:
+        """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)`` (or a tuple, list
+        or dict of such tensors, as :meth:`meta_loss`), after ``steps`` (default
+        ``test_inner_steps``) of the algorithm's inner loop; at ``steps=0`` the initialisation."""
         self._check_examples("x_support", x_support)
         steps = self.spec.test_inner_steps if steps is None else steps
         if self.maml is not None:
             return self.maml.adapt(x_support, y_support, steps=steps)
         if self.rule is not None:
             check_steps(steps)
-            check_task(x_support, y_support, "meta-lstm", need_examples=steps > 0)
+            x_support, y_support = check_task(x_support, y_support, "meta-lstm", need_examples=steps > 0)
             if not steps:  # the initialisation, as MAML's and Reptile's (the unroll takes at least one step)
                 return {k: p.detach().clone() for k, p in self.model.named_parameters() if p.requires_grad}
             # the unroll differentiates the support losses: outside no_grad and inference_mode
             with torch.inference_mode(False), torch.enable_grad():
                 x_support, y_support = outside_inference((x_support, y_support))
-                result = self._unroll(x_support[None], y_support[None], None, None, steps, self.rule)
+                one_task = pytree.tree_map(lambda t: t[None], (x_support, y_support))  # a tuple or dict of inputs too
+                result = self._unroll(*one_task, None, None, steps, self.rule)
             return {k: v[0].detach() for k, v in result.params.items()}
         worker = self.reptile.adapt([(x_support, y_support)], steps=steps)
         return {k: v.detach().clone() for k, v in worker.named_parameters()}
 
-    def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def predict(self, params: Mapping[str, Tensor], x: Inputs) -> Any:
         """The model's outputs at ``params`` for ``x`` ``(N, ...)`` (normalised with x's own
         batch statistics)."""
         self._check_examples("x", x)
         return call_model(self.model, params, x)
 
-    def _check_examples(self, name: str, x: Tensor) -> None:
+    def _check_examples(self, name: str, x: Inputs) -> None:
         """Refuse inputs the model would fail on with a shape or dtype error from deep inside it
         (e.g. 105x105 Omniglot images for a learner meta-trained at 28x28)."""
         shape = self.spec.example_shape()
         if shape is None:  # your own family's network takes what it takes
             return
+        if not isinstance(x, Tensor):  # a tuple or dict: "'tuple' object has no attribute 'shape'"
+            raise TypeError(f"{name} is a {type(x).__name__}; this learner's model takes one (N, {', '.join(map(str, shape))}) tensor")
         if tuple(x.shape[1:]) != shape:
             hint = ""
             if self.spec.architecture["kind"] == "conv4":
@@ -335,18 +342,20 @@ class FewShotLearner:
             hint = " (images as floats in [0, 1], e.g. uint8 pixels / 255)" if self.spec.architecture["kind"] == "conv4" else ""
             raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
 
-    def evaluate(self, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor, steps: int | None = None) -> dict[str, float]:
+    def evaluate(self, x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs, steps: int | None = None) -> dict[str, float]:
         """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
-        each on its support set. Inputs ``(B, N, ...)``."""
-        check_episode(x_s, y_s, x_q, y_q, "evaluate")
+        each on its support set. Inputs ``(B, N, ...)``, as :meth:`meta_loss` takes them, checked
+        as it checks them before any task is adapted."""
+        episode = check_episode(x_s, y_s, x_q, y_q, "evaluate")
         losses, correct = [], []
-        for b in range(x_s.shape[0]):
-            params = self.adapt(x_s[b], y_s[b], steps)
+        for b in range(len(pytree.tree_leaves(episode[0])[0])):  # a tuple or dict of inputs: task b of each tensor
+            x_s, y_s, x_q, y_q = pytree.tree_map(lambda t: t[b], episode)  # noqa: B023 - used at once
+            params = self.adapt(x_s, y_s, steps)
             with torch.no_grad():
-                outputs = self.predict(params, x_q[b])
-                losses.append(float(self.loss_fn(outputs, y_q[b])))
+                outputs = self.predict(params, x_q)
+                losses.append(float(self.loss_fn(outputs, y_q)))
                 if self.spec.loss == "cross_entropy":
-                    correct.append(float((outputs.argmax(1) == y_q[b]).float().mean()))
+                    correct.append(float((outputs.argmax(1) == y_q).float().mean()))
         metrics = {"loss": sum(losses) / len(losses)}
         if correct:
             metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
@@ -358,20 +367,20 @@ class _SupportQueryBatch(TaskBatch):
     ``t < steps`` is each task's support loss, of step ``steps`` its query loss (one ``vmap`` of
     ``functional_call`` over the tasks)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor, y_s: Tensor,
-                 x_q: Tensor | None, y_q: Tensor | None, steps: int) -> None:  # fmt: skip
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_s: Inputs, y_s: Inputs,
+                 x_q: Inputs | None, y_q: Inputs | None, steps: int) -> None:  # fmt: skip
         # TaskBatch's per-task objects are not needed: the loss below is batched
         self.model, self.loss_fn, self.steps = model, loss_fn, steps
         self.support = (x_s, y_s)
         self.query = (x_s, y_s) if x_q is None else (x_q, y_q)
 
     def __len__(self) -> int:
-        return self.support[0].shape[0]
+        return len(pytree.tree_leaves(self.support[0])[0])  # a tuple or dict of inputs too
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
         x, y = self.support if step_index < self.steps else self.query
 
-        def one(p: Params, xb: Tensor, yb: Tensor) -> Tensor:
+        def one(p: Params, xb: Inputs, yb: Inputs) -> Tensor:
             return self.loss_fn(call_model(self.model, p, xb), yb)
 
         return vmap(one)(dict(params), x, y)
