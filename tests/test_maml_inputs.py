@@ -401,3 +401,15 @@ def test_reptile_checks_every_tasks_batches_before_training_any() -> None:
     with pytest.raises(ValueError, match="a task needs at least one"):
         reptile.meta_step([[(x, y)], []])
     assert calls == []
+
+
+def test_adapt_refuses_one_target_for_the_whole_task() -> None:
+    """``adapt(x, y)`` with a 0-dim target: MSE broadcast it over the task's outputs with only a
+    warning and adapted on that; ``query_losses`` refuses targets without an example dimension."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    maml = MAML(nn.Linear(3, 1, dtype=torch.float64), inner_lr=0.5, loss_fn=nn.functional.mse_loss)
+    message = "MAML takes (N, ...) targets, one per example, got y_support of shape () for x_support of shape (5, 3)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        maml.adapt(x, torch.tensor(1.0, dtype=torch.float64))
+    assert maml.adapt(x, torch.ones(5, 1, dtype=torch.float64)).keys() == {"weight", "bias"}

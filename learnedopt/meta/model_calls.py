@@ -173,9 +173,14 @@ def check_task(x_support: Inputs, y_support: Inputs, who: str, *, need_examples:
     """Check ONE task's support set, ``(N, ...)`` inputs and targets (or tuples, lists or dicts
     of them, :func:`check_inputs`), as an ``adapt`` takes it: at least one example where
     ``need_examples`` (an adaptation of no step reads none), and inputs and targets of the same
-    ``N``. Returns both as :func:`check_inputs` returns them; raises in one line naming ``who``."""
+    ``N`` (a 0-dim target for the whole task is refused). Returns both as :func:`check_inputs`
+    returns them; raises in one line naming ``who``."""
     x_support, first, label = check_inputs(x_support, "x_support", 1, who)
     y_support, y_first, y_label = check_inputs(y_support, "y_support", 1, who)
+    if first.dim() and not y_first.dim():  # MSE broadcast it over the outputs with only a warning
+        raise ValueError(
+            f"{who} takes (N, ...) targets, one per example, got {y_label} of shape () for {label} of shape {tuple(first.shape)}"
+        )
     check_same_examples(first, label, y_first, y_label, 0, f"{who}: the support set's")
     if need_examples and first.dim() and not len(first):
         # the mean loss over no examples is NaN: every adapted parameter was NaN
