@@ -1586,3 +1586,14 @@ def test_the_default_cross_entropy_takes_integer_labels_of_any_width_and_refuses
             MAML(tiny_model(), inner_lr=0.5, vectorize=vectorize)(xs, ys.to(dtype), xq, yq.to(dtype))
         with pytest.raises(TypeError, match="^" + re.escape(message)):
             Reptile(tiny_model(), inner_steps=1).meta_step([[(xs[0], ys[0].to(dtype))]])
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_inputs_without_an_example_dimension_are_refused_as_targets_are(vectorize: bool) -> None:
+    """``(B,)`` inputs (one scalar per task) reached the model as 0-dim tensors: "both arguments
+    to linear need to be at least 1D", naming no input; ``(B,)`` targets were already refused."""
+    maml = MAML(nn.Linear(1, 2), inner_lr=0.1, vectorize=vectorize)
+    x, y = torch.randn(2, 5, 1), torch.randint(0, 2, (2, 5))
+    with pytest.raises(ValueError, match=re.escape("MAML takes (B, N, ...) tensors of B tasks of N examples, got x_query of shape (2,): "
+                                                   "one input per task. For one task, add the task dimension")):
+        maml(x, y, x[:, 0, 0], y)

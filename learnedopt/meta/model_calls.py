@@ -147,14 +147,15 @@ def check_episode(
     if inputs["y_support"].dim() and not len(inputs["y_support"]):
         # vmap's mean over no tasks was a NaN meta-loss; the loop's torch.stack failed naming nothing
         raise ValueError(f"{who} needs at least one task, got {sizes}")
-    for name in ("y_support", "y_query"):
+    for name in ("x_support", "y_support", "x_query", "y_query"):
         if inputs[name].dim() < 2:
             # one task's (N,) labels read as B = N tasks of one unbatched example each: the
-            # loss would be finite and the meta-learning silently wrong
+            # loss would be finite and the meta-learning silently wrong (inputs: 0-dim
+            # examples, which the model failed on naming none)
             raise ValueError(
-                f"{who} takes (B, N, ...) tensors of B tasks of N examples, got {name} of shape "
-                f"{tuple(inputs[name].shape)}: one target per task. For one task, add the task "
-                "dimension (x[None], y[None]) or adapt it with adapt()"
+                f"{who} takes (B, N, ...) tensors of B tasks of N examples, got {labels[name]} of shape "
+                f"{tuple(inputs[name].shape)}: one {'input' if name[0] == 'x' else 'target'} per task. For one task, "
+                "add the task dimension (x[None], y[None]) or adapt it with adapt()"
             )
     empty = [f"{labels[name]} {tuple(value.shape)}" for name, value in inputs.items() if value.dim() >= 2 and not value.shape[1]]
     if empty:
