@@ -216,6 +216,7 @@ def save_weights(
     float32; one that is NaN or Inf there is refused with ValueError, as loading would refuse the
     file.
     """
+    check_path_type(path, "save_weights", "a weight file's path")
     if isinstance(path, str) and path in PRESETS:  # _preset_or_file reads that string as the preset
         raise ValueError(
             f"{path!r} is a preset's name: weights={path!r} loads the preset, not a file of that name; "
@@ -329,15 +330,22 @@ def _load_weights(name: str | os.PathLike, who: str) -> tuple[UpdateRule, dict[s
     return build_preset(source.name) if isinstance(source, Preset) else _load_file(source)
 
 
+def check_path_type(path: object, who: str, takes: str) -> None:
+    """Raise TypeError naming ``who`` (the public function called) and what it ``takes`` unless
+    ``path`` is a ``str`` or ``os.PathLike``: pathlib's "expected str, bytes or os.PathLike object,
+    not int" named no function, and bytes, which Python reads as a path, could as well be a
+    file's contents here (a safetensors file's header is read from the file)."""
+    if not isinstance(path, (str, os.PathLike)):
+        hint = (": a path in bytes: os.fsdecode(path); a file's contents: write them to a file first"
+                if isinstance(path, (bytes, bytearray, memoryview)) else "")  # fmt: skip
+        raise TypeError(f"{who} takes {takes} (a str or os.PathLike), got {type(path).__name__}{hint}")
+
+
 def _preset_or_file(name: str | os.PathLike, who: str) -> Preset | Path:
     """The preset a ``str`` in :data:`PRESETS` names (before a file of that name), else the weight
     file's path; raises ValueError as :func:`load_weights` does for a misspelt preset, and
     TypeError naming ``who`` for anything but a ``str`` or ``os.PathLike``."""
-    if not isinstance(name, (str, os.PathLike)):
-        # pathlib's "argument should be a str or an os.PathLike object ..., not <class 'bytes'>" named no function
-        hint = (": a path in bytes: os.fsdecode(path); a file's contents: write them to a file first"
-                if isinstance(name, (bytes, bytearray, memoryview)) else "")  # fmt: skip
-        raise TypeError(f"{who} takes a preset's name or a weight file's path (a str or os.PathLike), got {type(name).__name__}{hint}")
+    check_path_type(name, who, "a preset's name or a weight file's path")
     if isinstance(name, str) and name in PRESETS:
         return PRESETS[name]
     # "" is not the current folder (Path("") is ".")

@@ -916,3 +916,24 @@ def test_load_weights_of_anything_but_a_name_or_path_is_a_type_error_naming_what
     with pytest.raises(TypeError, match=re.escape("a path in bytes: os.fsdecode(path); a file's contents: write them to a file first")):
         load_weights(path.read_bytes())
     assert load_weights(path)[1]["kind"] == "CoordinateLSTM"
+
+
+@pytest.mark.parametrize("given", [b"rule.safetensors", 3, None])
+def test_the_other_file_functions_refuse_anything_but_a_path_as_load_weights_does(tmp_path, monkeypatch, given) -> None:
+    """``save_weights``, ``save_learner`` and ``load_learner`` said pathlib's "expected str, bytes or
+    os.PathLike object, not int" (bytes named as taken) or "argument should be a str object ...,
+    not <class 'bytes'>", naming no function."""
+    from learnedopt.meta.fewshot import FewShotLearner, LearnerSpec, load_learner, save_learner
+
+    monkeypatch.chdir(tmp_path)  # where a bytes path would have been written
+    spec = LearnerSpec(algo="maml", architecture={"kind": "mlp", "sizes": [1, 2, 1], "activation": "relu"},
+                       loss="mse", inner_steps=1, test_inner_steps=1, inner_lr=0.1)  # fmt: skip
+    calls = {
+        "save_weights": (lambda p: save_weights(CoordinateLSTM(), p), "a weight file's path"),
+        "save_learner": (lambda p: save_learner(FewShotLearner(spec, seed=0), p), "a few-shot model file's path"),
+        "load_learner": (load_learner, "a few-shot model file's path"),
+    }
+    for who, (call, takes) in calls.items():
+        with pytest.raises(TypeError, match="^" + re.escape(f"{who} takes {takes} (a str or os.PathLike), got {type(given).__name__}")):
+            call(given)
+    assert not list(tmp_path.iterdir())

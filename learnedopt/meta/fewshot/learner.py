@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import MODEL_HEADER_KEY, check_rule_shapes, load_weights, open_with_header, save_with_header
+from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
@@ -392,6 +392,7 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     as the JSON header; atomic (temporary file, then ``os.replace``)."""
     from ... import __version__
 
+    check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
@@ -416,7 +417,9 @@ def load_learner(
         ValueError: not a learnedopt few-shot model file, a format other than 1 and 2 (2: a
             ``head_only`` learner's), tensors that do not fit its header, or (a learner of your
             own family) a family that does not import or build.
+        TypeError: ``path`` is neither a ``str`` nor an ``os.PathLike`` (bytes too).
     """
+    check_path_type(path, "load_learner", "a few-shot model file's path")
     path = Path(path)
     header, tensors = open_with_header(
         path, MODEL_HEADER_KEY, "few-shot model file", "no learnedopt few-shot model header"
