@@ -447,7 +447,8 @@ class MAML(nn.Module):
                 Each may also be a tuple or list (the model's positional arguments, ``model(*x)``)
                 or dict (its keyword arguments, ``model(**x)``) of such tensors, which
                 ``loss_fn`` receives as they are for targets; all of one input share ``B`` and
-                ``N``.
+                ``N``, and a set's targets its inputs' ``N`` (checked before anything runs:
+                :func:`~learnedopt.meta.model_calls.check_episode`).
             steps: inner steps (default ``inner_steps``; more are fine at test time).
             every_step: False computes only the final query loss (no graph for the others).
 

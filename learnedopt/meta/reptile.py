@@ -129,7 +129,7 @@ class Reptile:
                 list (its positional arguments, ``model(*inputs)``) or dict (its keyword
                 arguments, ``model(**inputs)``) of tensors with the same ``N``, as in
                 :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>`; ``targets`` go
-                to ``loss_fn`` as they are.
+                to ``loss_fn`` as they are (one tensor of another ``N`` than the inputs is refused).
             steps: inner steps (default ``inner_steps``).
 
         Returns:
