@@ -24,7 +24,7 @@ from learnedopt.files import write_atomically
 RESULTS = Path(__file__).resolve().parent / "results"
 #: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
 #: tensors, this library's compile switch, OpenMP threads, glibc's allocator settings
-SPEED_ENV = ("THP_MEM_ALLOC_ENABLE", "LEARNEDOPT_COMPILE", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
+SPEED_ENV = ("THP_MEM_ALLOC_ENABLE", "LEARNEDOPT_COMPILE", "OMP_NUM_THREADS", "GLIBC_TUNABLES", "LEARNEDOPT_KEEP_FREED_MEMORY")
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 5, min_time: float = 0.2) -> float:

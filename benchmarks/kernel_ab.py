@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ab_table, fail, positive_int, write_results  # noqa: E402
 from truncation_worker import build_rule, truncation  # noqa: E402
 
+from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
 from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
 from learnedopt.meta import make_family  # noqa: E402
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--tag", help="suffix of the results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as learnedopt meta-train does
     try:
         baseline_source = source_at(args.against)
         family = make_family(args.task, split="meta_train")

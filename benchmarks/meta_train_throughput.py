@@ -35,6 +35,10 @@ products faster than a large square one).
 ``--preset`` times a preset's rule (its architecture and weights; e.g. the default ``l2l-blend``,
 whose LSTM also reads momenta and RMS-normalised gradients) instead of ``--rule``'s paper default.
 
+Freed memory is kept mapped, as ``learnedopt meta-train`` keeps it
+(:func:`learnedopt.freed_memory.keep_freed_memory`; ``LEARNEDOPT_KEEP_FREED_MEMORY=0`` runs
+without), for every implementation alike.
+
 With ``--rule MetaLSTMCell`` (called once per task with that task's loss) there is no per-tensor
 row, and the baseline is the batched unroll through ``torch.nn.LSTM``. Each row also records the
 truncation's minor page faults and system CPU time; ``--tag`` names the results file of a run
@@ -74,6 +78,7 @@ from learnedopt.nn import RULES, CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 from learnedopt.nn.functional import bounded_square, preprocess, rms_denominator  # noqa: E402
 from learnedopt.nn import lstm_step  # noqa: E402
 from learnedopt.nn.lstm_step import compile_enabled  # noqa: E402
+from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
 
 
 def _forward_symbolic(*args):
@@ -265,6 +270,7 @@ def main() -> None:
     parser.add_argument("--tag", help="suffix of the results file name (e.g. for a run under other settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as learnedopt meta-train does, for every implementation alike
     try:  # an unknown task or preset, or missing data: a one-line error
         family = make_family(args.task, split="meta_train")
         if args.preset:
@@ -337,7 +343,7 @@ def main() -> None:
         matmul_gflops=peak, floor_seconds=floor, speedup_bound=best[baseline] / floor,
         batched_gflops=gflop / best["batched"],
         free_lstm_bound=best[baseline] / best["without-lstm"] if "without-lstm" in best else None,
-        minor_page_faults=faults, system_seconds={k: round(v, 3) for k, v in system.items()},
+        minor_page_faults=faults, system_seconds={k: round(v, 3) for k, v in system.items()}, keep_freed_memory=kept,
     )
     print(row)
     lines = [
@@ -346,7 +352,8 @@ def main() -> None:
         + " meta-training on "
         f"`{args.task}`, meta-batch {args.meta_batch} ({row['coordinates']:,} coordinates in "
         f"{len(sizes) * args.meta_batch} tensors), best of {args.repeats} rounds (implementations alternated) after a warm-up, {row['threads']} "
-        f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}.\n",
+        f"threads, pointwise parts {'compiled' if row['compiled'] else 'eager (LEARNEDOPT_COMPILE=0)'}, freed memory "
+        + ("kept mapped (as `learnedopt meta-train`)" if kept else "returned to the OS as malloc chooses") + ".\n",
         "| implementation | seconds / truncation | truncations / s | speed-up vs baseline | minor page faults | system CPU s |",
         "|---|---:|---:|---:|---:|---:|",
     ]

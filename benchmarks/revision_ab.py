@@ -8,7 +8,9 @@ truncation each (each right after an untimed one of its own), best and median of
 the shared machines these ran on have slow spells minutes long, which a run of one side and then
 a run of the other would put on one side. The script also says whether the two meta-gradients are
 the same bits (a change that only reorders work, or drops work whose result was not used, keeps
-them). ``kernel_ab.py`` measures a kernel change alone, both builds in one process.
+them). Both processes keep freed memory mapped, as ``learnedopt meta-train`` does (glibc's
+malloc settings of :mod:`learnedopt.freed_memory`, given as ``GLIBC_TUNABLES``, so for any
+revision). ``kernel_ab.py`` measures a kernel change alone, both builds in one process.
 
     python benchmarks/revision_ab.py --against REV [--preset NAME] [--task mnist-mlp] [--meta-batch 2] [--unroll 20] [--threads 1] [--rounds 9] [--tag NAME]
 """
@@ -30,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ab_table, fail, positive_int, write_results  # noqa: E402
 
+from learnedopt.freed_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "truncation_worker.py"
 
@@ -49,7 +53,12 @@ class Side:
     """One worker process: the library of one source tree."""
 
     def __init__(self, tree: Path, worker_args: list[str], threads: int) -> None:
-        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+        # glibc keeps freed memory mapped in both, as learnedopt meta-train does (freed_memory.py),
+        # set here for any revision: where it hands memory back to the OS depends on a process's
+        # allocation history, and took one side's truncations 1.2x longer than the other's on
+        # the same code (tens of thousands of page faults each; benchmarks/results/README.md)
+        tunables = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "GLIBC_TUNABLES": tunables}
         self.process = subprocess.Popen(
             [sys.executable, str(WORKER), *worker_args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
