@@ -190,7 +190,8 @@ class CoordinateLSTM(UpdateRule):
             new_state["m"] = m
             signed = torch.cat((signed, m))
         # preprocessed in one pass per operation, not one per row, then interleaved: the
-        # magnitude and direction of each row (benchmarks/results/revision_ab_trims.md)
+        # magnitude and direction of each row (with the other trims of that commit, the default's
+        # truncation 1.01x-1.02x faster: benchmarks/results/revision_ab_trims_keep_l2l-blend.md)
         magnitude, direction = preprocess_parts(signed, cfg.preprocess_p)
         features = [part for pair in zip(magnitude, direction, strict=True) for part in pair]
         if cfg.rms_decays:
