@@ -163,6 +163,22 @@ def write_results(name: str, payload: dict, table: str) -> None:
     write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 
+def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
+    """The options of an A/B run of meta-training truncations (``kernel_ab.py``,
+    ``revision_ab.py``); ``against`` is the help of ``--against``, the baseline's revision."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--against", required=True, help=against)
+    parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
+    parser.add_argument("--task", default="mnist-mlp")
+    parser.add_argument("--meta-batch", type=positive_int, default=2)
+    parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--tag", help="suffix of the results file name")
+    return parser
+
+
 def ab_table(side: str, row: dict) -> str:
     """The Markdown table and verdict of an A/B run (``kernel_ab.py``, ``revision_ab.py``): ``row``
     holds ``best_seconds`` and ``median_seconds`` for ``"baseline"`` and ``"working tree"``,

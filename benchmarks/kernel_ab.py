@@ -17,7 +17,6 @@ the launcher began passing ``x``'s strides, commit 8d2e458): another is refused 
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_table, fail, positive_int, write_results  # noqa: E402
+from common import ab_parser, ab_table, fail, write_results  # noqa: E402
 from truncation_worker import build_rule, truncation  # noqa: E402
 
 from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
@@ -52,16 +51,7 @@ def c_interface(source: str) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", required=True, help="git revision whose kernel source is the baseline")
-    parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
-    parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--meta-batch", type=positive_int, default=2)
-    parser.add_argument("--unroll", type=positive_int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name")
+    parser = ab_parser(__doc__.split("\n")[0], "git revision whose kernel source is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as learnedopt meta-train does

@@ -17,7 +17,6 @@ revision). ``kernel_ab.py`` measures a kernel change alone, both builds in one p
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_table, fail, positive_int, write_results  # noqa: E402
+from common import ab_parser, ab_table, fail, write_results  # noqa: E402
 
 from learnedopt.freed_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
@@ -84,16 +83,7 @@ class Side:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", required=True, help="git revision whose library is the baseline")
-    parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
-    parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--meta-batch", type=positive_int, default=2)
-    parser.add_argument("--unroll", type=positive_int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name")
+    parser = ab_parser(__doc__.split("\n")[0], "git revision whose library is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # the results' machine record says the workers' count
     worker_args = ["--task", args.task, "--meta-batch", str(args.meta_batch), "--unroll", str(args.unroll),
