@@ -179,17 +179,30 @@ def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
     return parser
 
 
-def ab_table(side: str, row: dict) -> str:
-    """The Markdown table and verdict of an A/B run (``kernel_ab.py``, ``revision_ab.py``): ``row``
-    holds ``best_seconds`` and ``median_seconds`` for ``"baseline"`` and ``"working tree"``,
-    ``speedup``, ``median_speedup`` and ``same_meta_gradient_bits``; ``side`` names what differs."""
-    return "\n".join([
-        f"\n| {side} | best s | median s |",
+def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, list[float]], same_bits: bool, compared: str, side: str) -> None:
+    """Write an A/B run's results (``kernel_ab.py``, ``revision_ab.py``): ``times`` holds the
+    seconds of each round for ``"baseline"`` and ``"working tree"``; ``compared`` says what ran
+    against what (after "the ... at `REV`"), ``side`` names what differs (the table's heading)."""
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    row = dict(
+        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
+        threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,
+        speedup=best["baseline"] / best["working tree"], median_speedup=median["baseline"] / median["working tree"],
+        same_meta_gradient_bits=same_bits,
+    )  # fmt: skip
+    print(row)
+    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
+    lines = [
+        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
+        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the {side} at `{args.against}` {compared}, {args.rounds} rounds.\n",
+        f"| {side} | best s | median s |",
         "|---|---:|---:|",
-        *(f"| {name} | {row['best_seconds'][name]:.3f} | {row['median_seconds'][name]:.3f} |" for name in row["best_seconds"]),
+        *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in times),
         f"\nWorking tree faster by {row['speedup']:.2f}x (best), {row['median_speedup']:.2f}x (median); meta-gradients "
-        + ("the same bits." if row["same_meta_gradient_bits"] else "differ (other rounding)."),
-    ])  # fmt: skip
+        + ("the same bits." if same_bits else "differ (other rounding)."),
+    ]
+    write_results(script + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, "\n".join(lines))
 
 
 def through_nn_lstm(lstm: torch.nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_parser, ab_table, fail, write_results  # noqa: E402
+from common import ab_parser, fail, write_ab_results  # noqa: E402
 from truncation_worker import build_rule, truncation  # noqa: E402
 
 from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
@@ -92,22 +92,7 @@ def main() -> None:
     lstm_layer_cpu._libraries.clear()
     lstm_layer_cpu._libraries.update(builds["working tree"])
     same_bits = all(torch.equal(a, b) for a, b in zip(grads["baseline"], grads["working tree"], strict=True))
-    best = {name: min(t) for name, t in times.items()}
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    speedup = best["baseline"] / best["working tree"]
-    row = dict(
-        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
-        threads=torch.get_num_threads(), best_seconds=best, median_seconds=median, seconds=times,
-        speedup=speedup, median_speedup=median["baseline"] / median["working tree"], same_meta_gradient_bits=same_bits,
-    )
-    print(row)
-    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
-    heading = (
-        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
-        f"meta-batch {args.meta_batch}, {row['threads']} thread(s): the kernel source at `{args.against}` against the working "
-        f"tree's, loaded side by side and alternated, {args.rounds} rounds.\n"
-    )
-    write_results("kernel_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, heading + ab_table("kernel source", row))
+    write_ab_results("kernel_ab", args, times, same_bits, "against the working tree's, loaded side by side and alternated", "kernel source")
 
 
 if __name__ == "__main__":

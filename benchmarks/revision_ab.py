@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_parser, ab_table, fail, write_results  # noqa: E402
+from common import ab_parser, fail, write_ab_results  # noqa: E402
 
 from learnedopt.freed_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
@@ -108,22 +108,7 @@ def main() -> None:
     times = {name: [r["seconds"] for r in runs] for name, runs in results.items()}
     hashes = {name: {r["meta_gradient_sha256"] for r in runs} for name, runs in results.items()}
     same_bits = len(hashes["baseline"]) == 1 and hashes["baseline"] == hashes["working tree"]
-    best = {name: min(t) for name, t in times.items()}
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    row = dict(
-        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
-        threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,
-        speedup=best["baseline"] / best["working tree"], median_speedup=median["baseline"] / median["working tree"],
-        same_meta_gradient_bits=same_bits,
-    )  # fmt: skip
-    print(row)
-    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
-    heading = (
-        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
-        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the library at `{args.against}` against the working "
-        f"tree, each in a process of its own, alternated, {args.rounds} rounds.\n"
-    )
-    write_results("revision_ab" + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, heading + ab_table("library", row))
+    write_ab_results("revision_ab", args, times, same_bits, "against the working tree, each in a process of its own, alternated", "library")
 
 
 if __name__ == "__main__":
