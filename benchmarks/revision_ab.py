@@ -45,7 +45,8 @@ def tree_at(revision: str, folder: Path) -> None:
         message = done.stderr.decode(errors="replace").strip().splitlines()
         raise ValueError(f"no revision {revision!r} in {ROOT}: {message[-1] if message else 'git failed'}")
     with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
-        archive.extractall(folder, filter="tar")
+        # extraction filters came with Python 3.10.12 and 3.11.4; git's own archive needs none
+        archive.extractall(folder, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
 
 
 class Side:
