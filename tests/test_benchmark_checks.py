@@ -237,6 +237,16 @@ def test_revision_ab_runs_each_side_in_its_own_library_and_tells_same_bits(resul
         assert ("the same bits" in (results / f"revision_ab_{name}.md").read_text()) is same
 
 
+def test_revision_ab_tree_at_writes_the_revisions_library(tmp_path: Path) -> None:
+    """The baseline's tree from ``git archive``: the library and its kernels (``learnedopt/kernels``
+    is a symlink to ``../kernels``, kept as one)."""
+    import revision_ab
+
+    revision_ab.tree_at("HEAD", tmp_path)
+    assert (tmp_path / "learnedopt" / "__init__.py").is_file()
+    assert (tmp_path / "learnedopt" / "kernels" / "lstm_layer_cpu.py").is_file()
+
+
 def test_revision_ab_refuses_an_unknown_revision(monkeypatch, capsys) -> None:
     import revision_ab
 
