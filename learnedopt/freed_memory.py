@@ -1,6 +1,6 @@
 """Keeping freed memory mapped, for meta-training's long loops of same-sized allocations.
 
-A meta-training truncation allocates and frees about a gigabyte of tensors of a few megabytes
+A meta-training truncation allocates and frees several hundred MB of tensors of a few megabytes
 each (the LSTM's saved activations, one set per step). By default glibc's ``malloc`` hands the
 freed top of its heap back to the operating system once it passes a threshold, and serves large
 requests with fresh ``mmap``\\ s, so the next truncation touches new pages: in six meta-steps
