@@ -180,9 +180,10 @@ def _writable(folder: Path) -> bool:
 
 def _intact(path: Path) -> bool:
     """Whether ``path`` is a kernel this module built whole: loading a truncated or otherwise
-    damaged file (a crash before the disk had it, a partial copy) can kill the process (SIGBUS)."""
+    damaged file (a crash before the disk had it, a partial copy) can kill the process (SIGBUS).
+    The digest file is compared as bytes: damaged into bytes that are not text, it is a mismatch."""
     try:
-        return Path(f"{path}.sha256").read_text().strip() == _digest(path)
+        return Path(f"{path}.sha256").read_bytes().strip() == _digest(path).encode()
     except OSError:
         return False
 

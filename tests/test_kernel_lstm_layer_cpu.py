@@ -366,6 +366,25 @@ def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
     assert built.read_bytes() == whole
 
 
+@needs_compiler
+def test_a_digest_damaged_into_bytes_that_are_not_text_is_built_again(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A kernel's digest file damaged into bytes that do not decode as text (a partial copy, a
+    disk error) counts as a mismatch, as a wrong digest does, and the kernel is built again:
+    its UnicodeDecodeError escaped ready() and failed every step of a rule."""
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    assert lstm_layer_cpu.ready(7, 4)
+    (digest,) = tmp_path.glob("lstm_layer_cpu_7_4_*.so.sha256")
+    whole = digest.read_bytes()
+    digest.write_bytes(b"\xff\xfe\x00" + whole[3:])
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})  # a new process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built again, not turned off with a warning
+        assert lstm_layer_cpu.ready(7, 4)
+    assert digest.read_bytes() == whole
+
+
 def test_an_unwritable_cache_builds_into_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A cache folder that cannot be made (here: under a file; a read-only home) still gives the
     kernel, built for this process, with one warning naming the folder and the variable."""
