@@ -26,7 +26,8 @@ first step of a process with empty caches, building two, took 0.96 s:
 ``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
 partial copy) is built again, never loaded. Where that folder cannot be written, each process
 builds into a temporary folder, with one warning. If no compiler works, :func:`applies` is False
-from then on, with one warning.
+from then on, with one warning (:func:`failed`: the LSTM step then leaves torch.compile's failure
+on the CPU, which needs a working C++ compiler too, unwarned).
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
 
 Threads: rows are split into ``torch.get_num_threads()`` contiguous parts (at least
@@ -246,10 +247,17 @@ def ready(inputs: int, hidden: int) -> bool:
                 _failed = True
                 warnings.warn(
                     f"the fused CPU LSTM layer could not be built ({err}); the LSTM step runs as "
-                    "BLAS products and compiled pointwise code (slower; the same math, other rounding)",
+                    "BLAS products and pointwise code, compiled by torch.compile where it can be, else "
+                    "eagerly (slower; the same math, other rounding)",
                     stacklevel=4,
                 )
         return (inputs, hidden) in _libraries
+
+
+def failed() -> bool:
+    """Whether a build failed (no C++ compiler, or none that works) and :func:`ready` warned that
+    the LSTM step falls back."""
+    return _failed
 
 
 def _built(inputs: int, hidden: int) -> ctypes.CDLL:

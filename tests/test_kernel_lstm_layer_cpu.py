@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -427,6 +428,45 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lstm_step(lstm, x, h, c)[0].sum().backward()
+
+
+@pytest.mark.parametrize("compiler", ["none", "failing"])
+def test_no_working_compiler_for_the_kernel_nor_torch_compile_gives_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_path, compiler: str) -> None:
+    """No C++ compiler, or one that fails (``CXX=false``): the kernel cannot be built, and
+    torch.compile's CPU code cannot be either (Inductor's InvalidCxxCompiler, simulated here). A
+    meta-training step (forward and backward) falls back with one warning, the kernel's, naming
+    the problem, as the README says; it gave three (the kernel's, then one per compiled
+    pointwise function)."""
+    import learnedopt.nn.lstm_step as lstm_step_module
+
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_compiler", lambda: None if compiler == "none" else [shutil.which("false")])
+    monkeypatch.setattr(lstm_step_module, "_compile_warned", False)
+    for name in ("_cell_forward", "_cell_backward"):
+        monkeypatch.setattr(lstm_step_module, name, lstm_step_module._Compiled(getattr(lstm_step_module, name).fn))
+
+    def no_cxx(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_cxx)
+    lstm = torch.nn.LSTM(2, 20, 2)
+    x, h, c = torch.randn(5, 2), torch.randn(2, 5, 20, requires_grad=True), torch.randn(2, 5, 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            top, _, _ = lstm_step(lstm, x, h, c)
+            top.sum().backward()
+    messages = [str(w.message) for w in caught]
+    named = "no C++ compiler found" if compiler == "none" else "false failed: status 1"
+    assert len(messages) == 1 and named in messages[0], messages
+    assert lstm_step_module._cell_forward.failed and lstm_step_module._cell_backward.failed
+    torch.testing.assert_close(top, lstm(x[None], (h, c))[0][0], rtol=1e-5, atol=1e-6)
 
 
 @needs_compiler

@@ -24,7 +24,8 @@ about fifteen passes over memory) the first time they run, which takes seconds o
 and kind of input (device, dtype, hidden size), and once more when the batch size first changes
 (see :class:`_Compiled`); set ``LEARNEDOPT_COMPILE=0`` to run them eagerly (and not to build the
 fused kernel either). If compiling fails (no C++ compiler, an unsupported platform) they run
-eagerly, with one warning. Every way computes the same math as ``torch.nn.LSTM`` (torch's gate
+eagerly, with one warning for the process (none on CPU tensors where the fused kernel has
+already warned that it could not be built: without a working compiler, one warning in all). Every way computes the same math as ``torch.nn.LSTM`` (torch's gate
 order ``i, f, g, o``), equal to rounding; the optimizer's no-grad step and meta-training take the
 same way for the same inputs, so they give the same bits (one exception: a head that alone needs
 gradients, the LSTM frozen, runs in torch operations under autograd, so that it has derivatives
@@ -134,6 +135,7 @@ class _Compiled:
         self.failed = False
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+        global _compile_warned
         # meta tensors (shape-only runs) have nothing to compile for, and a failed compile would
         # turn compiling off for the real tensors too
         if self.failed or not compile_enabled() or args[0].is_meta:
@@ -152,6 +154,11 @@ class _Compiled:
             return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
             self.failed = True
+            # one warning for the toolchain, not one per function (the forward's, then the
+            # backward's), and none on the CPU where the kernel's build failed and said so
+            if _compile_warned or (lstm_layer_cpu.failed() and all(a.device.type == "cpu" for a in args)):
+                return self.fn(*args)
+            _compile_warned = True
             warnings.warn(
                 f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: {str(err)[:200]}); "
                 "the LSTM step runs eagerly (slower; the same math, other rounding)",
@@ -187,6 +194,8 @@ def cell_backward_into(
     return d_gates
 
 
+#: whether a failed compile has warned in this process (shared by every :class:`_Compiled`)
+_compile_warned = False
 _cell_forward = _Compiled(cell_forward_into)
 _cell_backward = _Compiled(cell_backward_into)
 
