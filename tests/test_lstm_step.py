@@ -323,6 +323,37 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
         _values_and_grads(lstm_step, lstm, x, h, c)
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_in_compiled_code_is_raised_and_compiling_stays_on(monkeypatch: pytest.MonkeyPatch, error: type) -> None:
+    """Running out of memory while the compiled pointwise function runs (a transient shortage, as
+    in a later chunk of a step on a GPU) is the step's error, raised as it is, not a compiler's
+    failure: it was taken for one, with a warning that torch.compile had failed, the function run
+    again eagerly, and compiling switched off for the rest of the process (slower, other rounding)."""
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    monkeypatch.setattr(lstm_step_module, "_compile_warned", False)
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*args):
+            calls.append(len(calls))
+            if len(calls) == 1:
+                raise error("simulated out of memory")
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fresh = lstm_step_module._Compiled(lambda x: (x + 1,))
+    x = torch.zeros(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(error, match="simulated out of memory"):
+            fresh(x)
+        assert not fresh.failed
+        assert torch.equal(fresh(x)[0], x + 1)
+    assert calls == [0, 1]  # both calls ran the compiled function, none an eager one
+
+
 def test_compiling_hides_only_torchs_own_deprecation_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """While a function is compiled (``torch.compile``, and its first call, where Dynamo and
     Inductor run) the DeprecationWarnings of torch's modules are ignored; a warning of another

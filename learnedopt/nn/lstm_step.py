@@ -152,6 +152,11 @@ class _Compiled:
                     compiled = self.compiled[kind] = torch.compile(_with_own_code(self.fn), dynamic=self.dynamic)
                     return compiled(*args)
             return compiled(*args)
+        except (torch.OutOfMemoryError, MemoryError):
+            # running out of memory while the compiled code runs is the step's error, not the
+            # compiler's: compiling stays on (CPU allocations that fail raise a plain RuntimeError,
+            # which cannot be told from a compiler's)
+            raise
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
             self.failed = True
             # one warning for the toolchain, not one per function (the forward's, then the
