@@ -2033,3 +2033,29 @@ def test_the_reports_command_is_quoted_for_the_shell(tmp_path, monkeypatch) -> N
     command = json.loads(path.read_text())["command"]
     assert shlex.split(command) == ["learnedopt", *argv[1:-1]]  # --resume left out, as before
     assert f"Command: `{command}`" in path.with_suffix(".md").read_text()
+
+
+def test_a_problem_whose_loss_is_not_positive_is_plotted_on_a_linear_scale(tmp_path: Path, monkeypatch) -> None:
+    """A problem of one's own may have a loss <= 0 (a log-likelihood, a loss minus a constant): on
+    the log y axis its curves were masked out, an empty subplot with a UserWarning; its subplot is
+    linear, the others stay log."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from learnedopt.evaluation.report import plot_curves
+
+    def result(curve: list[float]) -> dict:
+        return {"kind": "baseline", "curve_median": curve, "curve_q1": curve, "curve_q3": curve}
+
+    report = {"problems": {"positive": {"results": {"Adam": result([1.0, 0.5, 0.25])}},
+                           "negative": {"results": {"Adam": result([-1.0, -2.0, -3.0])}},
+                           "reaches zero": {"results": {"Adam": result([1.0, 0.5, 0.0])}}}}  # fmt: skip
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(report, tmp_path / "curves.png")
+    (figure,) = figures
+    assert [ax.get_yscale() for ax in figure.axes[:3]] == ["log", "linear", "linear"]
+    close(figure)

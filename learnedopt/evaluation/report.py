@@ -251,7 +251,8 @@ def format_difference(d: Mapping[str, float | int]) -> str:
 
 
 def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Loss curves: per-step median and quartile band over finite seeds, one subplot per problem, log y."""
+    """Loss curves: per-step median and quartile band over finite seeds, one subplot per problem, log y
+    (linear for a problem whose plotted losses are not all positive)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,6 +276,7 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, prob) in zip(axes.flat, problems.items()):
+        positive = True  # a loss <= 0 (a problem of one's own) has no place on a log axis
         for label, r in prob["results"].items():
             if r["curve_median"] is None:  # no finite run on this problem
                 continue
@@ -282,7 +284,8 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
             steps = np.arange(len(r["curve_median"]))
             ax.plot(steps, r["curve_median"], label=label, lw=1.2, **style[label])
             ax.fill_between(steps, r["curve_q1"], r["curve_q3"], color=style[label]["color"], alpha=0.2, lw=0)
-        ax.set_yscale("log")
+            positive = positive and min(min(r[key]) for key in ("curve_median", "curve_q1", "curve_q3")) > 0
+        ax.set_yscale("log" if positive else "linear")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
