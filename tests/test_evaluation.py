@@ -979,6 +979,8 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--tuning-seeds", "0"], "--tuning-seeds must be >= 1, got 0"),
         # ran and wrote the repeated lr twice (one spelling or two), as a repeated problem is refused
         (["--out", str(tmp_path), "--lrs", "0.1", "1", "1e-1"], "--lrs given more than once: 0.1"),
+        # SGD's param.add_(grad, alpha=-lr) raised "value cannot be converted to type float without overflow"
+        (["--out", str(tmp_path), "--lrs", "0.1", "1e308"], "--lrs must be at most 1e+37"),
     ]:
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
@@ -1456,6 +1458,8 @@ def test_eval_config_refuses_settings_that_would_run_nothing_or_nonsense() -> No
         ({"lrs": (0.1, 0.0)}, "lrs must be a non-empty list of positive finite numbers"),
         ({"lrs": ()}, "lrs must be a non-empty list"),
         ({"lrs": (0.1, math.inf)}, "lrs must be a non-empty list of positive finite numbers"),
+        # Adam's first step (about 10 lr) did not fit a float32 parameter: a RuntimeError traceback mid-run
+        ({"lrs": (0.1, 1e38)}, "lrs must be at most 1e\\+37 \\(Adam's first step, about 10 lr, must fit a float32 parameter\\), got 1e\\+38"),
         # evaluation seeds 0.., tuning seeds from 1,000,000, the stability seed 2,000,000: never shared
         ({"seeds": 1_000_001}, "seeds must be <= 1000000 \\(the tuning seeds start there\\), got 1000001"),
         ({"tuning_seeds": 1_000_001}, "tuning_seeds must be <= 1000000 \\(the stability seed follows\\)"),
@@ -2059,3 +2063,17 @@ def test_a_problem_whose_loss_is_not_positive_is_plotted_on_a_linear_scale(tmp_p
     (figure,) = figures
     assert [ax.get_yscale() for ax in figure.axes[:3]] == ["log", "linear", "linear"]
     close(figure)
+
+
+def test_every_baseline_runs_at_the_largest_lr_the_grid_takes() -> None:
+    """At :data:`~learnedopt.evaluation.harness.MAX_LR` each baseline's run diverges (a NaN or Inf
+    curve) instead of failing: the bound is where a float32 update stops fitting."""
+    from learnedopt.evaluation.harness import MAX_LR
+
+    problem = make_problem("quadratic-20")
+    for schedule in ("constant", "cosine"):
+        for label, factory in BASELINES.items():
+            curve = run_optimizer(problem, 0, factory, MAX_LR, steps=3, schedule=schedule)
+            assert not np.isfinite(curve).all(), (label, schedule)
+    with pytest.raises(RuntimeError, match="overflow"):  # float32's largest value / 10: what the bound keeps out
+        run_optimizer(problem, 0, BASELINES["Adam"], torch.finfo(torch.float32).max / 10, steps=3)

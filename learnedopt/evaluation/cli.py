@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs="+",
         default=None,
-        help="baseline lr grid (default 1e-4 .. 10 in half-decades, 11 values)",
+        help="baseline lr grid (default 1e-4 .. 10 in half-decades, 11 values; each positive, at most 1e37)",
     )
     parser.add_argument(
         "--stability-steps",

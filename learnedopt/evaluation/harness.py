@@ -46,6 +46,10 @@ from .runs import (
 #: the --quick grid
 QUICK_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 QUICK_STEPS = 20
+#: the largest lr of the baselines' grid: Adam's first step is lr / (1 - 0.9), about 10 lr, which
+#: torch converts to the parameters' dtype (float32 in the suite); from float32's largest value
+#: / 10 up, the step failed with "value cannot be converted to type float without overflow"
+MAX_LR = 1e37
 # Seed offsets: tuning seeds never coincide with evaluation seeds (0 .. seeds-1).
 TUNING_SEED_OFFSET = 1_000_000
 STABILITY_SEED = 2_000_000
@@ -120,6 +124,9 @@ class EvalConfig:
             raise ValueError(
                 f"lrs must be a non-empty list of positive finite numbers, got {list(self.lrs)}"
             )
+        if max(self.lrs) > MAX_LR:
+            raise ValueError(f"lrs must be at most {MAX_LR:g} (Adam's first step, about 10 lr, must fit a float32 parameter), "
+                             f"got {max(self.lrs):g}")  # fmt: skip
         lrs = [float(lr) for lr in self.lrs]
         repeated_lrs = sorted({lr for lr in lrs if lrs.count(lr) > 1})
         if repeated_lrs:  # the grid's runs would be repeated for nothing, and the report list the lr twice
