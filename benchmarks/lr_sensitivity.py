@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
     if bad:
         fail(parser, f"--lrs must be positive and finite, got {' '.join(f'{lr:g}' for lr in bad)}")
+    largest = torch.finfo(torch.float32).max
+    bad = [lr for lr in args.lrs if lr > largest]
+    if bad:  # the optimizer refused it when built, after the runs of every lr before it
+        fail(parser, f"--lrs must be at most float32's largest value ({largest:.4g}), the dtype of the problems' parameters, "
+                     f"got {' '.join(f'{lr:g}' for lr in bad)}")  # fmt: skip
     bad = [scale for scale in args.loss_scales if not (math.isfinite(scale) and scale > 0)]
     if bad:
         fail(parser, f"--loss-scales must be positive and finite, got {' '.join(f'{scale:g}' for scale in bad)}")

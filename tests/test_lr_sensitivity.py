@@ -176,6 +176,9 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--lrs", "-1"], "--lrs must be positive and finite, got -1"),
         (["--lrs", "1", "nan"], "--lrs must be positive and finite, got nan"),
+        # the optimizer refused it at its construction, a traceback after the runs of the lrs before it
+        (["--lrs", "1", "1e39"], "--lrs must be at most float32's largest value (3.403e+38), the dtype of the problems' "
+                                 "parameters, got 1e+39"),
         # ran 1 twice and wrote a table of more lr columns than cells
         (["--lrs", "1", "2", "1.0"], "--lrs given more than once: 1"),
         (["--loss-scales", "0"], "--loss-scales must be positive and finite, got 0"),
