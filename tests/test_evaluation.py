@@ -2077,3 +2077,25 @@ def test_every_baseline_runs_at_the_largest_lr_the_grid_takes() -> None:
             assert not np.isfinite(curve).all(), (label, schedule)
     with pytest.raises(RuntimeError, match="overflow"):  # float32's largest value / 10: what the bound keeps out
         run_optimizer(problem, 0, BASELINES["Adam"], torch.finfo(torch.float32).max / 10, steps=3)
+
+
+def test_an_output_folder_where_the_runs_cannot_be_recorded_is_a_one_line_error(tmp_path, capsys, monkeypatch) -> None:
+    """An existing --out whose runs folder cannot be created (read-only, or /sys, where even root's
+    os.access says writable) was a PermissionError traceback; now one line and exit code 2, before any run."""
+    from learnedopt.cli import main
+    from learnedopt.evaluation import harness
+
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a run started"))
+    mkdir = Path.mkdir
+
+    def refuse_runs_folder(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name.endswith(".runs"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_runs_folder)
+    args = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"learnedopt evaluate optimizers: error: --out {tmp_path}: cannot create {tmp_path / 'optimizee_eval.runs'}, "
+                   "where the runs are recorded (Operation not permitted)\n")  # fmt: skip

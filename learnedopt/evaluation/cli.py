@@ -213,7 +213,11 @@ def run_cli(
         report_path = Path(out_dir) / f"{args.name}.json"
         stale = records.check(settings, args.resume, report_path)
         create_output_folder(out_dir)  # after the checks, so that a refused run leaves no folder
-        records.folder.mkdir(exist_ok=True)
+        try:  # a folder that exists but cannot be written (read-only; /sys, where os.access says it can)
+            records.folder.mkdir(exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {out_dir}: cannot create {records.folder}, where the runs are recorded "
+                             f"({err.strerror or err})") from None  # fmt: skip
         lock.acquire(records.folder)  # two processes would run every run twice, writing the same files
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
