@@ -463,3 +463,28 @@ def test_ctrl_c_while_the_report_is_written_keeps_the_runs_for_resume(
     monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: pytest.fail("a recorded run ran again"))
     assert evaluate([*ARGS, "--resume"], tmp_path) == 0
     assert (tmp_path / "optimizee_eval.json").is_file() and not folder.exists()
+
+
+def test_a_report_that_cannot_be_written_keeps_the_runs_for_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a full disk when the report was written, after every run: an OSError traceback that did not
+    # say the runs are kept and --resume writes the report
+    from learnedopt.evaluation import cli
+
+    real = cli.write_report
+
+    def disk_full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - write_report's own
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_report", disk_full)
+    assert evaluate(ARGS, tmp_path) == 1
+    folder = records_folder(tmp_path, "optimizee_eval")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"learnedopt evaluate optimizers: error: cannot write the report in {tmp_path} (No space left on device); "
+                   f"every run is recorded in {folder}: --resume writes the report from them, running nothing")  # fmt: skip
+    assert RunRecords(folder).count() == RUNS
+    monkeypatch.setattr(cli, "write_report", real)
+    monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: pytest.fail("a recorded run ran again"))
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 0
+    assert (tmp_path / "optimizee_eval.json").is_file() and not folder.exists()

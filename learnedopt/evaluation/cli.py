@@ -249,6 +249,10 @@ def run_cli(
             print(f"{prog}: interrupted while writing the report; every run is recorded in {records.folder}: "
                   "--resume writes the report from them, running nothing", file=sys.stderr)  # fmt: skip
             return 130
+        except OSError as err:  # a full disk, a folder made read-only since: after every run, which are kept
+            print(f"{prog}: error: cannot write the report in {out_dir} ({err.strerror or err}); every run is recorded in "
+                  f"{records.folder}: --resume writes the report from them, running nothing", file=sys.stderr)  # fmt: skip
+            return 1
         for path in paths:
             print(path)
         shutil.rmtree(records.folder)  # the report holds what they were kept for
