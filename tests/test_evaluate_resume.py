@@ -488,3 +488,32 @@ def test_a_report_that_cannot_be_written_keeps_the_runs_for_resume(
     monkeypatch.setattr(harness, "run_optimizer", lambda *a, **k: pytest.fail("a recorded run ran again"))
     assert evaluate([*ARGS, "--resume"], tmp_path) == 0
     assert (tmp_path / "optimizee_eval.json").is_file() and not folder.exists()
+
+
+def test_a_run_that_cannot_be_recorded_is_one_line_and_resume_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a full disk while a run was recorded: an OSError traceback mid-evaluation
+    from learnedopt.evaluation import records as records_module
+
+    real = records_module.write_atomically
+    saved = [0]
+
+    def fills_up(path, write, **kwargs):  # noqa: ANN001, ANN003, ANN202 - write_atomically's own
+        if path.name != "settings.json":
+            if saved[0] == 5:
+                raise OSError(28, "No space left on device")
+            saved[0] += 1
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(records_module, "write_atomically", fills_up)
+    assert evaluate(ARGS, tmp_path) == 2
+    folder = records_folder(tmp_path, "optimizee_eval")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"learnedopt evaluate optimizers: error: cannot record a run in {folder} (No space left on device): "
+                              "the 5 runs finished before it are recorded; --resume continues from them"), err[-1]  # fmt: skip
+    assert RunRecords(folder).count() == 5
+    monkeypatch.setattr(records_module, "write_atomically", real)
+    ran = count_runs(monkeypatch)
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 0
+    assert ran[0] == RUNS - 5 and not folder.exists()

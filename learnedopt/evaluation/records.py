@@ -96,9 +96,18 @@ class RunRecords:
 
     def save(self, key: Mapping[str, Any], curve: np.ndarray) -> None:
         """Record ``curve``, the run of ``key``, atomically, through a temporary file of this
-        process's own: a worker of a killed evaluation may still be writing the same record."""
+        process's own: a worker of a killed evaluation may still be writing the same record.
+
+        Raises:
+            RecordError: the record cannot be written (a full disk: one line, which says that
+                ``--resume`` continues from the runs recorded before it).
+        """
         text = json.dumps({"key": dict(key), "curve": np.asarray(curve, dtype=np.float64).tolist()})
-        write_atomically(self.path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"), unique=True)
+        try:
+            write_atomically(self.path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"), unique=True)
+        except OSError as err:
+            raise RecordError(f"cannot record a run in {self.folder} ({err.strerror or err}): the {self.count()} runs "
+                              "finished before it are recorded; --resume continues from them") from None  # fmt: skip
 
     def count(self) -> int:
         """How many runs are recorded."""
