@@ -270,18 +270,18 @@ def test_an_evaluation_killed_by_sigkill_resumes_to_the_uninterrupted_report(tmp
     argv = ["--problems", f"{module}:Killed", "--seeds", "2", "--tuning-seeds", "1", "--lrs", "0.01", "0.1", "--presets"]
     runs = 4 * (2 + 2)  # 4 baselines x (2 lrs x 1 tuning seed + 2 seeds); no stability check for one's own problem
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "modules"), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "KILL_AT": "10"}  # fmt: skip
+           "KILL_AT": "11"}  # fmt: skip
     killed = subprocess.run(
         [sys.executable, "-m", "learnedopt", "evaluate", "optimizers", *argv, "--out", str(tmp_path / "resumed")],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    # the 10th model: the one its check builds, then 8 runs ended and recorded, the 9th killed
+    # the 11th model: the two its check builds, then 8 runs ended and recorded, the 9th killed
     folder = records_folder(tmp_path / "resumed", "optimizee_eval")
     assert RunRecords(folder).count() == 8 and not list(folder.glob("*.tmp"))
 
     assert evaluate([*argv, "--resume"], tmp_path / "resumed") == 0
-    assert sys.modules[module].Killed.built == 1 + runs - 8  # the check's model, and one per run not recorded
+    assert sys.modules[module].Killed.built == 2 + runs - 8  # the check's two models, and one per run not recorded
     assert evaluate(argv, tmp_path / "whole") == 0
     whole, resumed = (report_without_times(tmp_path / out / "optimizee_eval.json") for out in ("whole", "resumed"))
     assert resumed == whole

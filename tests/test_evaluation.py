@@ -1747,6 +1747,25 @@ class Detached(LinearRegression):  # a traceback from loss.backward()
 class NotAModule(LinearRegression):
     def model(self, seed):
         return torch.zeros(3, requires_grad=True)
+
+
+class Unseeded(LinearRegression):  # each optimizer started from other parameters, silently
+    def model(self, seed):
+        return nn.Linear(8, 1)
+
+
+class Cached(LinearRegression):  # each run went on training the model the run before it trained
+    def model(self, seed):
+        if not hasattr(self, "built"):
+            self.built = super().model(seed)
+        return self.built
+
+
+class SharedLayer(LinearRegression):  # the same, through a layer the fresh module holds
+    def model(self, seed):
+        if not hasattr(self, "layer"):
+            self.layer = super().model(seed)
+        return nn.Sequential(self.layer)
 '''
 
 
@@ -1791,6 +1810,11 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
          "torch.float32; it must be the minibatch's scalar floating-point loss (reduce per-example losses"),
         ("Detached", "{mod}:Detached: loss(model, 0, 0) has no gradient"),
         ("NotAModule", "{mod}:NotAModule: model(seed) must return an nn.Module, got a Tensor"),
+        ("Unseeded", "{mod}:Unseeded: model(0) called again gave other initial parameters or buffers (weight, bias); they must be "
+         "a function of the seed (draw them from a generator seeded by it), so that every optimizer starts alike"),
+        ("Cached", "{mod}:Cached: model(0) called again gave the parameters of the first call; model(seed) must build a "
+         "fresh module, as each run trains its own"),
+        ("SharedLayer", "{mod}:SharedLayer: model(0) called again gave the parameters of the first call"),
     ],
 )
 def test_an_own_problem_that_cannot_be_used_is_refused_before_any_run(
@@ -2099,3 +2123,24 @@ def test_an_output_folder_where_the_runs_cannot_be_recorded_is_a_one_line_error(
     err = capsys.readouterr().err
     assert err == (f"learnedopt evaluate optimizers: error: --out {tmp_path}: cannot create {tmp_path / 'optimizee_eval.runs'}, "
                    "where the runs are recorded (Operation not permitted)\n")  # fmt: skip
+
+
+class LazyProblem(SquareProblem):
+    """A seeded ``nn.LazyLinear``: its parameters exist once the first loss is computed."""
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.LazyLinear(1)
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        return model(torch.ones(4, 3)).square().mean()
+
+
+def test_a_problem_of_lazy_modules_passes_the_check_and_runs() -> None:
+    # a lazy module's parameters are uninitialized until its first forward: the check that model(0)
+    # called twice gives the same ones must not read them (their shape is a RuntimeError)
+    from learnedopt.evaluation.problems import check_problem
+
+    check_problem(LazyProblem())
+    curve = run_optimizer(LazyProblem(), 0, BASELINES["Adam"], 0.1)
+    assert np.isfinite(curve).all() and curve[-1] < curve[0]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ..meta.tasks import (
     META_TRAIN_ACTIVATIONS,
@@ -482,7 +483,8 @@ DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_
 
 def check_problem(problem: Problem) -> None:
     """Refuse, in one line, a problem whose runs would fail part-way with a traceback: its
-    ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, or its
+    ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, a second
+    ``model(0)`` shares parameters with it or holds others (a cached module, an unseeded init), or its
     ``loss(model, 0, 0)`` is not a one-element floating-point tensor with a gradient for them
     (e.g. per-example losses, left unreduced). Runs in a fork of the global RNG, so a problem
     that seeds it leaves the runs as they would be without the check.
@@ -497,6 +499,7 @@ def check_problem(problem: Problem) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or not all(p.is_floating_point() for p in params):
             raise ValueError(f"{problem.name}: model(0) has no trainable floating-point parameters to optimize")
+        _check_fresh_and_seeded(problem, model)
         loss = problem.loss(model, 0, 0)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
             raise ValueError(
@@ -505,6 +508,37 @@ def check_problem(problem: Problem) -> None:
             )
         if not loss.requires_grad:
             raise ValueError(f"{problem.name}: loss(model, 0, 0) has no gradient: compute it from model's parameters")
+
+
+def _check_fresh_and_seeded(problem: Problem, model: nn.Module) -> None:
+    """Raise ``ValueError`` where ``problem.model(0)`` called again shares a parameter with
+    ``model`` (its first call's: a cached module, which each run would go on training from where
+    the run before it stopped) or holds other parameters or buffers (drawn from an unseeded RNG:
+    every optimizer would start from other ones, the paired comparisons comparing nothing)."""
+    again = problem.model(0)
+    if not isinstance(again, nn.Module):
+        raise ValueError(f"{problem.name}: model(seed) must return an nn.Module, got a {type(again).__name__}")
+    if {id(p) for p in model.parameters()} & {id(p) for p in again.parameters()}:
+        raise ValueError(f"{problem.name}: model(0) called again gave the parameters of the first call; model(seed) must "
+                         "build a fresh module, as each run trains its own")  # fmt: skip
+    first, second = model.state_dict(), again.state_dict()
+    differ = sorted(set(first) ^ set(second)) + [
+        key for key in first if key in second and isinstance(first[key], Tensor)
+        and not (is_lazy(first[key]) or is_lazy(second[key]))  # a lazy module's: drawn at its first forward
+        and not _same_tensor(first[key], second[key])
+    ]  # fmt: skip
+    if differ:
+        raise ValueError(f"{problem.name}: model(0) called again gave other initial parameters or buffers ({', '.join(differ)}); "
+                         "they must be a function of the seed (draw them from a generator seeded by it), so that every "
+                         "optimizer starts alike")  # fmt: skip
+
+
+def _same_tensor(a: Tensor, b: Any) -> bool:
+    """Whether ``b`` is a tensor of ``a``'s shape, dtype and values (NaN equal to NaN)."""
+    if not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                      and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))))  # fmt: skip
 
 
 def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Problem:
