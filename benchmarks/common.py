@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def write_results(name: str, payload: dict, table: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
     RESULTS.mkdir(exist_ok=True)
     # optimizee_eval.py --resume gives the report of the command without it
-    payload = {"command": " ".join(["python", *(arg for arg in sys.argv if arg != "--resume")]), "machine": machine(), **payload}
+    payload = {"command": shlex.join(["python", *(arg for arg in sys.argv if arg != "--resume")]), "machine": machine(), **payload}
     # through a temporary file and a rename, as `learnedopt evaluate optimizers` writes its report: a
     # kill or a full disk while a committed result is rewritten leaves it whole
     text = dumps_report(payload) + "\n"

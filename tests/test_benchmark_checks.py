@@ -282,3 +282,16 @@ def test_write_results_leaves_an_earlier_result_whole_when_a_write_is_cut_short(
         common.write_results("r", {"a": 2}, "another table")
     monkeypatch.setattr(Path, "write_text", real)
     assert {p.name: p.read_text() for p in results.iterdir()} == before
+
+
+def test_write_results_quotes_the_command_for_the_shell(results: Path, monkeypatch) -> None:
+    # joined with spaces, optimizee_eval.py's --weights or --data with a space in it read back as two
+    # arguments (learnedopt evaluate optimizers quotes its report's command)
+    import shlex
+
+    argv = ["benchmarks/optimizee_eval.py", "--weights", "my weights.safetensors", "--name", "it's", "--resume"]
+    monkeypatch.setattr(sys, "argv", argv)
+    common.write_results("r", {"a": 1}, "table")
+    command = json.loads((results / "r.json").read_text())["command"]
+    assert shlex.split(command) == ["python", *argv[:-1]]  # --resume left out, as before
+    assert f"Command: `{command}`" in (results / "r.md").read_text()
