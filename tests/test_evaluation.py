@@ -2144,3 +2144,32 @@ def test_a_problem_of_lazy_modules_passes_the_check_and_runs() -> None:
     check_problem(LazyProblem())
     curve = run_optimizer(LazyProblem(), 0, BASELINES["Adam"], 0.1)
     assert np.isfinite(curve).all() and curve[-1] < curve[0]
+
+
+class WithFrozen(SquareProblem):
+    """:class:`SquareProblem` with frozen parameters (``requires_grad=False``): an integer one
+    (a count kept as a parameter) and a floating-point one, which its loss does not read."""
+
+    def model(self, seed: int) -> nn.Module:
+        m = super().model(seed)
+        m.count = nn.Parameter(torch.tensor([1, 2]), requires_grad=False)
+        m.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+        return m
+
+
+def test_a_run_optimizes_the_trainable_parameters_only() -> None:
+    """The optimizer is given the parameters that require grad, as one fine-tunes a model with
+    frozen parts: a frozen integer parameter failed every learned optimizer's run with a traceback
+    (it needs floating-point parameters), after the baselines had run."""
+    given: list[list[Tensor]] = []
+
+    def learned(params, lr):  # noqa: ANN001, ANN202 - an OptimizerFactory
+        params = list(params)
+        given.append(params)
+        return LSTMOptimizer(params, weights="l2l-blend", lr=lr)
+
+    curve = run_optimizer(WithFrozen(), 0, learned, 1.0)
+    assert [tuple(p.shape) for p in given[0]] == [(3,)] and all(p.requires_grad for p in given[0])
+    np.testing.assert_array_equal(curve, run_optimizer(SquareProblem(), 0, learned, 1.0))
+    np.testing.assert_array_equal(run_optimizer(WithFrozen(), 0, BASELINES["Adam"], 0.1),
+                                  run_optimizer(SquareProblem(), 0, BASELINES["Adam"], 0.1))  # fmt: skip

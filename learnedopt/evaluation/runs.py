@@ -256,7 +256,8 @@ def run_optimizer(
     schedule: str = "constant",
     loss_scale: float = 1.0,
 ) -> np.ndarray:
-    """Train ``problem.model(seed)`` with ``factory(params, lr)``.
+    """Train ``problem.model(seed)`` with ``factory(params, lr)``, ``params`` its parameters that
+    require grad (frozen ones, an integer count kept as a parameter too, are not the optimizer's).
 
     ``schedule`` (:data:`LR_SCHEDULES`) sets every param group's lr to ``lr`` times its factor
     before each step (for a learned optimizer, whose ``lr`` multiplies its learned step, too).
@@ -274,7 +275,7 @@ def run_optimizer(
         raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
     steps = problem.steps if steps is None else steps
     model = problem.model(seed)
-    optimizer = factory(model.parameters(), lr)
+    optimizer = factory([p for p in model.parameters() if p.requires_grad], lr)
     learned = isinstance(optimizer, LearnedOptimizer)
     factor = None if schedule == "constant" else LR_SCHEDULES[schedule].factor
     losses = np.full(steps, np.nan)
