@@ -1761,6 +1761,16 @@ class Cached(LinearRegression):  # each run went on training the model the run b
         return self.built
 
 
+class SparseGradient(LinearRegression):  # a NotImplementedError traceback at the first run's step
+    def model(self, seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Embedding(10, 1, sparse=True)
+
+    def loss(self, model, seed, step):
+        return model(torch.tensor([1, 2, 3])).square().mean()
+
+
 class SharedLayer(LinearRegression):  # the same, through a layer the fresh module holds
     def model(self, seed):
         if not hasattr(self, "layer"):
@@ -1815,6 +1825,8 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
         ("Cached", "{mod}:Cached: model(0) called again gave the parameters of the first call; model(seed) must build a "
          "fresh module, as each run trains its own"),
         ("SharedLayer", "{mod}:SharedLayer: model(0) called again gave the parameters of the first call"),
+        ("SparseGradient", "{mod}:SparseGradient: the gradient of weight is sparse (an nn.Embedding(sparse=True)?); Adam, "
+         "RMSprop and the learned optimizers take dense gradients"),
     ],
 )
 def test_an_own_problem_that_cannot_be_used_is_refused_before_any_run(

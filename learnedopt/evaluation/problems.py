@@ -486,8 +486,9 @@ def check_problem(problem: Problem) -> None:
     ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, a second
     ``model(0)`` shares parameters with it or holds others (a cached module, an unseeded init), or its
     ``loss(model, 0, 0)`` is not a one-element floating-point tensor with a gradient for them
-    (e.g. per-example losses, left unreduced). Runs in a fork of the global RNG, so a problem
-    that seeds it leaves the runs as they would be without the check.
+    (e.g. per-example losses, left unreduced), a dense gradient (not an
+    ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a problem that seeds it
+    leaves the runs as they would be without the check.
 
     Raises:
         ValueError: naming the problem and what is wrong.
@@ -508,6 +509,11 @@ def check_problem(problem: Problem) -> None:
             )
         if not loss.requires_grad:
             raise ValueError(f"{problem.name}: loss(model, 0, 0) has no gradient: compute it from model's parameters")
+        loss.backward()
+        sparse = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
+        if sparse:  # each run failed at its first step, in the check of its gradient or the optimizer's own
+            raise ValueError(f"{problem.name}: the gradient of {', '.join(sparse)} is sparse (an nn.Embedding(sparse=True)?); "
+                             "Adam, RMSprop and the learned optimizers take dense gradients")  # fmt: skip
 
 
 def _check_fresh_and_seeded(problem: Problem, model: nn.Module) -> None:
