@@ -1771,6 +1771,16 @@ class SparseGradient(LinearRegression):  # a NotImplementedError traceback at th
         return model(torch.tensor([1, 2, 3])).square().mean()
 
 
+class NaNLoss(LinearRegression):  # every run of every optimizer stopped at step 0: a report of NaN
+    def loss(self, model, seed, step):
+        return super().loss(model, seed, step) * float("nan")
+
+
+class NaNGradient(LinearRegression):  # the same, from the gradient: sqrt at 0
+    def loss(self, model, seed, step):
+        return super().loss(model, seed, step) + (model.weight * 0).sqrt().sum()
+
+
 class SharedLayer(LinearRegression):  # the same, through a layer the fresh module holds
     def model(self, seed):
         if not hasattr(self, "layer"):
@@ -1825,6 +1835,9 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
         ("Cached", "{mod}:Cached: model(0) called again gave the parameters of the first call; model(seed) must build a "
          "fresh module, as each run trains its own"),
         ("SharedLayer", "{mod}:SharedLayer: model(0) called again gave the parameters of the first call"),
+        ("NaNLoss", "{mod}:NaNLoss: loss(model(0), 0, 0) is nan, before any step: every optimizer's run would stop there"),
+        ("NaNGradient", "{mod}:NaNGradient: the gradient of weight at seed 0, step 0 holds NaN or Inf, before any step: every "
+         "optimizer's run would stop there"),
         ("SparseGradient", "{mod}:SparseGradient: the gradient of weight is sparse (an nn.Embedding(sparse=True)?); Adam, "
          "RMSprop and the learned optimizers take dense gradients"),
     ],

@@ -486,8 +486,8 @@ def check_problem(problem: Problem) -> None:
     ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, a second
     ``model(0)`` shares parameters with it or holds others (a cached module, an unseeded init), or its
     ``loss(model, 0, 0)`` is not a one-element floating-point tensor with a gradient for them
-    (e.g. per-example losses, left unreduced), a dense gradient (not an
-    ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a problem that seeds it
+    (e.g. per-example losses, left unreduced), finite with a finite gradient (else every run stops
+    at step 0) and a dense gradient (not an ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a problem that seeds it
     leaves the runs as they would be without the check.
 
     Raises:
@@ -509,7 +509,14 @@ def check_problem(problem: Problem) -> None:
             )
         if not loss.requires_grad:
             raise ValueError(f"{problem.name}: loss(model, 0, 0) has no gradient: compute it from model's parameters")
+        if not math.isfinite(value := loss.item()):
+            raise ValueError(f"{problem.name}: loss(model(0), 0, 0) is {value}, before any step: every optimizer's run would stop there")
         loss.backward()
+        nonfinite = [name for name, p in model.named_parameters()
+                     if p.grad is not None and not p.grad.is_sparse and not bool(torch.isfinite(p.grad).all())]  # fmt: skip
+        if nonfinite:
+            raise ValueError(f"{problem.name}: the gradient of {', '.join(nonfinite)} at seed 0, step 0 holds NaN or Inf, before any "
+                             "step: every optimizer's run would stop there")  # fmt: skip
         sparse = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
         if sparse:  # each run failed at its first step, in the check of its gradient or the optimizer's own
             raise ValueError(f"{problem.name}: the gradient of {', '.join(sparse)} is sparse (an nn.Embedding(sparse=True)?); "
