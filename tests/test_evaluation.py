@@ -406,7 +406,7 @@ def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path, mon
         tuning_seeds=1,
         lrs=(0.1,),
         stability_steps=5,
-        include_default_learned=False,
+        presets=["l2l-2016"],  # a learned optimizer, whose stability check is skipped
     )
     report = evaluate_optimizers(config, log=lambda _: None)
     assert (
@@ -2198,3 +2198,23 @@ def test_a_run_optimizes_the_trainable_parameters_only() -> None:
     np.testing.assert_array_equal(curve, run_optimizer(SquareProblem(), 0, learned, 1.0))
     np.testing.assert_array_equal(run_optimizer(WithFrozen(), 0, BASELINES["Adam"], 0.1),
                                   run_optimizer(SquareProblem(), 0, BASELINES["Adam"], 0.1))  # fmt: skip
+
+
+def test_no_stability_check_without_a_learned_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --presets with no name and no --weights: the check read MNIST and reported an empty table
+    # (or, without MNIST, that it was skipped for want of data)
+    from learnedopt.evaluation import harness
+
+    real = harness.make_problem
+    monkeypatch.setattr(harness, "make_problem",
+                        lambda name, data=None: pytest.fail("the stability check ran") if name == "mnist-mlp-100" else real(name, data))  # fmt: skip
+    config = EvalConfig(problems=[QuadraticProblem("quadratic-3", 3, 12)], seeds=1, tuning_seeds=1, lrs=(0.1,),
+                        stability_steps=5, presets=[])  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    assert report["stability"] is None and "Stability check" not in write_markdown(report)
+
+
+def write_markdown(report: dict) -> str:
+    from learnedopt.evaluation.report import markdown_tables
+
+    return markdown_tables(report)

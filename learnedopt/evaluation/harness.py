@@ -256,7 +256,8 @@ def evaluate_optimizers(
         (_evaluate_problem, (problem if workers == 1 else entry, config, learned, t, records))
         for problem, entry, t in zip(problems, entries, taken, strict=True)
     ]
-    if config.stability_steps:
+    stability = bool(config.stability_steps and learned)  # a check of no learned optimizer is an empty table
+    if stability:
         stable = reused.stability if reused else {}
         if reused is not None and stable:
             report["reused"]["results"]["stability"] = list(stable)
@@ -283,7 +284,7 @@ def evaluate_optimizers(
             outputs = [futures[i].result() for i in range(len(jobs))]
     for problem, output in zip(problems, outputs, strict=False):
         report["problems"][problem.name] = output
-    report["stability"] = outputs[-1] if config.stability_steps else None
+    report["stability"] = outputs[-1] if stability else None
     report["seconds"] = time.perf_counter() - start
     return report
 
