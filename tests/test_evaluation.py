@@ -2218,3 +2218,11 @@ def write_markdown(report: dict) -> str:
     from learnedopt.evaluation.report import markdown_tables
 
     return markdown_tables(report)
+
+
+def test_a_difference_of_no_finite_pair_reads_as_none_not_as_nan() -> None:
+    # a learned optimizer that diverged on every seed read "+nan [+nan, +nan]" in the report's
+    # column and readme_table.py --difference
+    nan = float("nan")
+    assert format_difference(paired_difference([nan, nan], [1.0, 2.0])) == "- (no seed where both stayed finite)"
+    assert format_difference(paired_difference([0.5, nan], [1.0, 2.0])) == "-0.5 [-0.5, -0.5]"

@@ -246,7 +246,10 @@ def paired_difference(
 
 
 def format_difference(d: Mapping[str, float | int]) -> str:
-    """A :func:`paired_difference` as ``"+0.0038 [+0.00024, +0.0073]"`` (two significant digits)."""
+    """A :func:`paired_difference` as ``"+0.0038 [+0.00024, +0.0073]"`` (two significant digits),
+    or ``"- (no seed where both stayed finite)"`` where it has no pair."""
+    if not d["n"]:
+        return "- (no seed where both stayed finite)"
     return f"{d['mean']:+.2g} [{d['lo']:+.2g}, {d['hi']:+.2g}]"
 
 
