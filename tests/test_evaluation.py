@@ -2226,3 +2226,25 @@ def test_a_difference_of_no_finite_pair_reads_as_none_not_as_nan() -> None:
     nan = float("nan")
     assert format_difference(paired_difference([nan, nan], [1.0, 2.0])) == "- (no seed where both stayed finite)"
     assert format_difference(paired_difference([0.5, nan], [1.0, 2.0])) == "-0.5 [-0.5, -0.5]"
+
+
+class SixMinibatches(QuadraticProblem):
+    """A quadratic of 6 steps whose loss exists for those steps only (as a problem of one's own
+    with that many minibatches prepared)."""
+
+    def __init__(self) -> None:
+        super().__init__("six-minibatches", 3, 6)
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        if step >= 6:
+            raise IndexError(f"no minibatch {step}")
+        return super().loss(model, seed, step)
+
+
+def test_a_step_override_never_lengthens_a_problem() -> None:
+    # --quick's 20 steps ran a 6-step problem for 20 (the README says it cuts every problem): a
+    # problem of one's own whose loss exists for its steps only failed with a traceback
+    config = EvalConfig.quick_config(problems=[SixMinibatches(), QuadraticProblem("quadratic-30", 3, 30)], lrs=(0.1,),
+                                     stability_steps=0, include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    assert {name: entry["steps"] for name, entry in report["problems"].items()} == {"six-minibatches": 6, "quadratic-30": 20}

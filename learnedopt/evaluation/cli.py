@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
+        help=f"smoke run: every problem cut to {QUICK_STEPS} steps, 2 seeds, 1 tuning seed, lrs {QUICK_LRS}",
     )
 
 

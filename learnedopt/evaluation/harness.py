@@ -69,7 +69,7 @@ class EvalConfig:
         long_tuning_seeds: tuning seeds for problems of >= ``long_steps`` steps (None: ``tuning_seeds``).
         lrs: the baselines' lr grid.
         stability_steps: steps of the learned optimizers' stability run on MNIST MLP 784-20-10 (0 skips).
-        steps: override every problem's step count (``--quick``), or None.
+        steps: cut every problem longer than this to this many steps (``--quick``), or None.
         include_default_learned: run the preset learned optimizers.
         presets: which of them, by preset name (None: all of :data:`DEFAULT_LEARNED`).
         lr_schedule: a name of :data:`~learnedopt.evaluation.runs.LR_SCHEDULES`, applied alike to
@@ -333,7 +333,8 @@ def _parent_death_signal(sig: int) -> bool:
 
 def _build_problem(entry: str | Problem, config: EvalConfig) -> Problem:
     problem = make_problem(entry, config.data) if isinstance(entry, str) else entry
-    return problem if config.steps is None else problem.with_steps(config.steps)
+    # cut, never lengthened: a problem of one's own may have a loss for its own steps only
+    return problem if config.steps is None or problem.steps <= config.steps else problem.with_steps(config.steps)
 
 
 def _run(

@@ -83,7 +83,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         ),
         "- every optimizer sees the same initial parameters and minibatch sequence for a given seed",
         f"- quick mode: {c['quick']}"
-        + (f" (every problem cut to {c['steps']} steps)" if c["steps"] else ""),
+        + (f" (every problem cut to at most {c['steps']} steps)" if c["steps"] else ""),
         "",
     ]
     for label, info in report["learned"].items():
