@@ -1761,6 +1761,16 @@ class Cached(LinearRegression):  # each run went on training the model the run b
         return self.built
 
 
+class SharedMemory(LinearRegression):  # nn.Parameter(t) keeps t's memory: each run began where the last ended
+    def __init__(self):
+        self.theta_0 = torch.zeros(1, 8)
+
+    def model(self, seed):
+        m = super().model(seed)
+        m.weight = nn.Parameter(self.theta_0)
+        return m
+
+
 class SparseGradient(LinearRegression):  # a NotImplementedError traceback at the first run's step
     def model(self, seed):
         with torch.random.fork_rng():
@@ -1832,9 +1842,10 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
         ("NotAModule", "{mod}:NotAModule: model(seed) must return an nn.Module, got a Tensor"),
         ("Unseeded", "{mod}:Unseeded: model(0) called again gave other initial parameters or buffers (weight, bias); they must be "
          "a function of the seed (draw them from a generator seeded by it), so that every optimizer starts alike"),
-        ("Cached", "{mod}:Cached: model(0) called again gave the parameters of the first call; model(seed) must build a "
-         "fresh module, as each run trains its own"),
-        ("SharedLayer", "{mod}:SharedLayer: model(0) called again gave the parameters of the first call"),
+        ("Cached", "{mod}:Cached: model(0) called again gave parameters in the memory of the first call's (weight, bias); "
+         "model(seed) must build a fresh module, as each run trains its own (nn.Parameter(t) keeps t's memory: clone t)"),
+        ("SharedLayer", "{mod}:SharedLayer: model(0) called again gave parameters in the memory of the first call's (0.weight, 0.bias)"),
+        ("SharedMemory", "{mod}:SharedMemory: model(0) called again gave parameters in the memory of the first call's (weight); "),
         ("NaNLoss", "{mod}:NaNLoss: loss(model(0), 0, 0) is nan, before any step: every optimizer's run would stop there"),
         ("NaNGradient", "{mod}:NaNGradient: the gradient of weight at seed 0, step 0 holds NaN or Inf, before any step: every "
          "optimizer's run would stop there"),
@@ -2159,6 +2170,24 @@ class LazyProblem(SquareProblem):
 
     def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
         return model(torch.ones(4, 3)).square().mean()
+
+
+class SharedFrozen(SquareProblem):
+    """:class:`SquareProblem` with a frozen parameter that every model shares (kept once, as a
+    pretrained embedding may be): no run changes it."""
+
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+
+    def model(self, seed: int) -> nn.Module:
+        m = super().model(seed)
+        m.frozen = self.frozen
+        return m
+
+
+def test_a_problem_whose_models_share_a_frozen_parameter_passes_the_check() -> None:
+    from learnedopt.evaluation.problems import check_problem
+
+    check_problem(SharedFrozen())
 
 
 def test_a_problem_of_lazy_modules_passes_the_check_and_runs() -> None:

@@ -524,16 +524,21 @@ def check_problem(problem: Problem) -> None:
 
 
 def _check_fresh_and_seeded(problem: Problem, model: nn.Module) -> None:
-    """Raise ``ValueError`` where ``problem.model(0)`` called again shares a parameter with
-    ``model`` (its first call's: a cached module, which each run would go on training from where
-    the run before it stopped) or holds other parameters or buffers (drawn from an unseeded RNG:
+    """Raise ``ValueError`` where ``problem.model(0)`` called again holds a parameter in the memory
+    of one of ``model``'s (its first call's: a cached module, or ``nn.Parameter(t)`` of a tensor
+    ``t`` the problem keeps, which each run would go on training from where the run before it
+    stopped) or holds other parameters or buffers (drawn from an unseeded RNG:
     every optimizer would start from other ones, the paired comparisons comparing nothing)."""
     again = problem.model(0)
     if not isinstance(again, nn.Module):
         raise ValueError(f"{problem.name}: model(seed) must return an nn.Module, got a {type(again).__name__}")
-    if {id(p) for p in model.parameters()} & {id(p) for p in again.parameters()}:
-        raise ValueError(f"{problem.name}: model(0) called again gave the parameters of the first call; model(seed) must "
-                         "build a fresh module, as each run trains its own")  # fmt: skip
+    # a frozen part (a pretrained embedding kept once) may be shared: no run changes it
+    first_memory = frozenset().union(*(_memory(q) for q in model.parameters() if q.requires_grad))
+    shared = [name for name, p in again.named_parameters() if p.requires_grad and _memory(p) & first_memory]
+    if shared:
+        raise ValueError(f"{problem.name}: model(0) called again gave parameters in the memory of the first call's "
+                         f"({', '.join(shared)}); model(seed) must build a fresh module, as each run trains its own "
+                         "(nn.Parameter(t) keeps t's memory: clone t)")  # fmt: skip
     first, second = model.state_dict(), again.state_dict()
     differ = sorted(set(first) ^ set(second)) + [
         key for key in first if key in second and isinstance(first[key], Tensor)
@@ -544,6 +549,15 @@ def _check_fresh_and_seeded(problem: Problem, model: nn.Module) -> None:
         raise ValueError(f"{problem.name}: model(0) called again gave other initial parameters or buffers ({', '.join(differ)}); "
                          "they must be a function of the seed (draw them from a generator seeded by it), so that every "
                          "optimizer starts alike")  # fmt: skip
+
+
+def _memory(p: Tensor) -> frozenset[int]:
+    """Where ``p``'s values are stored: the address of its storage, for the parameters of two
+    modules to be compared (the same object, or a view of the same memory); empty for a lazy
+    module's uninitialized parameter or one of no elements."""
+    if is_lazy(p) or p.untyped_storage().nbytes() == 0:
+        return frozenset()
+    return frozenset([p.untyped_storage().data_ptr()])
 
 
 def _same_tensor(a: Tensor, b: Any) -> bool:
