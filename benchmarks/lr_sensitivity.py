@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [scale for scale in args.loss_scales if not (math.isfinite(scale) and scale > 0)]
     if bad:
         fail(parser, f"--loss-scales must be positive and finite, got {' '.join(f'{scale:g}' for scale in bad)}")
+    tiny = torch.finfo(torch.float32).tiny
+    bad = [scale for scale in args.loss_scales if not tiny <= scale <= largest]
+    if bad:  # the scaled loss was Inf (every run NaN at step 0) or 0 (no run moved): no rule saw that scale
+        fail(parser, f"--loss-scales must lie in float32's normal range ({tiny:.4g} to {largest:.4g}), the dtype of the problems' "
+                     f"losses, got {' '.join(f'{scale:g}' for scale in bad)}")  # fmt: skip
     if len(set(args.loss_scales)) < len(args.loss_scales):
         fail(parser, "--loss-scales given more than once")
     if len(set(args.lrs)) < len(args.lrs):  # the table has a column per lr given, the results one per distinct lr

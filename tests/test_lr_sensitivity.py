@@ -182,6 +182,10 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
         # ran 1 twice and wrote a table of more lr columns than cells
         (["--lrs", "1", "2", "1.0"], "--lrs given more than once: 1"),
         (["--loss-scales", "0"], "--loss-scales must be positive and finite, got 0"),
+        # the scaled float32 loss was Inf (every run NaN at step 0) or 0 (no run moved): no rule saw the scale
+        (["--loss-scales", "1", "1e39"], "--loss-scales must lie in float32's normal range (1.175e-38 to 3.403e+38), the dtype "
+                                         "of the problems' losses, got 1e+39"),
+        (["--loss-scales", "1e-46"], "float32's normal range (1.175e-38 to 3.403e+38), the dtype of the problems' losses, got 1e-46"),
         (["--loss-scales", "1", "1"], "--loss-scales given more than once"),
     ],
 )
