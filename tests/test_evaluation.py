@@ -1771,6 +1771,18 @@ class SharedMemory(LinearRegression):  # nn.Parameter(t) keeps t's memory: each 
         return m
 
 
+class NameProperty(LinearRegression):  # an AttributeError traceback: the harness names it by its entry
+    @property
+    def name(self):
+        return "mine"
+
+
+class StepsProperty(LinearRegression):  # --quick ran it 30 steps and reported its 20-step cut
+    @property
+    def steps(self):
+        return 30
+
+
 class SparseGradient(LinearRegression):  # a NotImplementedError traceback at the first run's step
     def model(self, seed):
         with torch.random.fork_rng():
@@ -1849,6 +1861,8 @@ def test_an_own_problem_named_module_colon_class_runs_as_the_suites_do(tmp_path:
         ("NaNLoss", "{mod}:NaNLoss: loss(model(0), 0, 0) is nan, before any step: every optimizer's run would stop there"),
         ("NaNGradient", "{mod}:NaNGradient: the gradient of weight at seed 0, step 0 holds NaN or Inf, before any step: every "
          "optimizer's run would stop there"),
+        ("NameProperty", "{mod}:NameProperty: its name cannot be set (property 'name' of 'NameProperty' object has no setter): "
+         "the harness names a problem by its --problems entry; make name a plain attribute"),
         ("SparseGradient", "{mod}:SparseGradient: the gradient of weight is sparse (an nn.Embedding(sparse=True)?); Adam, "
          "RMSprop and the learned optimizers take dense gradients"),
     ],
@@ -2277,3 +2291,13 @@ def test_a_step_override_never_lengthens_a_problem() -> None:
                                      stability_steps=0, include_default_learned=False)  # fmt: skip
     report = evaluate_optimizers(config, log=lambda _: None)
     assert {name: entry["steps"] for name, entry in report["problems"].items()} == {"six-minibatches": 6, "quadratic-30": 20}
+
+
+def test_an_own_problem_whose_steps_cannot_be_cut_is_refused_under_quick(own_problems: str) -> None:
+    # a steps property: --quick ran it for its 30 steps, and the report said every problem was cut to 20
+    from learnedopt.evaluation.harness import check_config
+
+    name = f"{own_problems}:StepsProperty"
+    check_config(EvalConfig(problems=[name], lrs=(0.1,), stability_steps=0))  # runs as it is
+    with pytest.raises(ValueError, match=f"^{name}: its steps \\(30\\) cannot be cut to 20 \\(--quick\\): make steps a plain attribute$"):
+        check_config(EvalConfig.quick_config(problems=[name], lrs=(0.1,), stability_steps=0))

@@ -498,7 +498,8 @@ def check_config(config: EvalConfig) -> RunSetup:
     (``module:Class``, imported and registered here, their ``forward`` tried once), the weight files, the report to reuse, an
     explicitly named data folder, that some problem has its data (one without MNIST is skipped,
     but not all), and your own problems (``module:Class``, built once here to see
-    that they import, are problems and give a scalar loss with a gradient at seed 0, step 0); returns what they read, for
+    that they import, are problems, give a scalar loss with a gradient at seed 0, step 0 and can be cut to
+    ``config.steps``); returns what they read, for
     :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
@@ -520,9 +521,14 @@ def check_config(config: EvalConfig) -> RunSetup:
         raise ValueError(f"no problem given can run: {', '.join(map(str, config.problems))} "
                          f"{'needs' if len(config.problems) == 1 else 'need'} MNIST, not found "
                          f"({_missing_data(config.problems[0], config.data)})")  # fmt: skip
-    for problem in config.problems:
-        if isinstance(problem, str) and entry_point_path(problem) is not None:
-            check_problem(make_problem(problem, config.data))
+    for entry in config.problems:
+        if isinstance(entry, str) and entry_point_path(entry) is not None:
+            problem = make_problem(entry, config.data)
+            check_problem(problem)
+            if _build_problem(problem, config).steps != min(problem.steps, config.steps or problem.steps):
+                # a steps property: it ran uncut, in a report that said every problem was cut
+                raise ValueError(f"{entry}: its steps ({problem.steps}) cannot be cut to {config.steps} (--quick): "
+                                 "make steps a plain attribute")  # fmt: skip
     reused = reusable_results(config, records, data_sha256) if config.reuse else None
     return RunSetup(learned, records, data_sha256, reused)
 

@@ -595,7 +595,11 @@ def make_problem(name: str, data: str | os.PathLike[str] | None = None) -> Probl
                 f"{name}: a Problem needs steps (a positive integer, at most {MAX_ELEMENTS:,}) and description (a string), "
                 f"got {steps!r} and {description!r}"
             )
-        problem.name = name
+        try:
+            problem.name = name
+        except AttributeError as err:  # a read-only property
+            raise ValueError(f"{name}: its name cannot be set ({err}): the harness names a problem by its --problems entry; "
+                             "make name a plain attribute") from None  # fmt: skip
         return problem
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}, or your own as module:Class")
