@@ -517,3 +517,12 @@ def test_a_run_that_cannot_be_recorded_is_one_line_and_resume_continues(
     ran = count_runs(monkeypatch)
     assert evaluate([*ARGS, "--resume"], tmp_path) == 0
     assert ran[0] == RUNS - 5 and not folder.exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout")
+def test_the_runs_of_an_unfinished_benchmark_evaluation_are_ignored_by_git() -> None:
+    # benchmarks/optimizee_eval.py records its runs in benchmarks/results/NAME.runs/ (some 16 MB for
+    # the suite): a killed run left them untracked beside the committed results, one `git add` from a commit
+    folder = records_folder(REPO / "benchmarks" / "results", "optimizee_eval")
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(folder / "0123abcd.json")], check=False)
+    assert ignored.returncode == 0
