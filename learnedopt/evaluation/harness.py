@@ -495,12 +495,12 @@ class RunSetup(NamedTuple):
 
 def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
-    (``module:Class``, imported and registered here, their ``forward`` tried once), the weight files, the report to reuse, an
-    explicitly named data folder, that some problem has its data (one without MNIST is skipped,
-    but not all), and your own problems (``module:Class``, built once here to see
-    that they import, are problems, give a scalar loss with a gradient at seed 0, step 0 and can be cut to
-    ``config.steps``); returns what they read, for
-    :func:`evaluate_optimizers`'s ``setup``.
+    (``module:Class``, imported and registered here, their ``forward`` tried once), the weight
+    files, the report to reuse, an explicitly named data folder, that some problem has its data
+    (one without MNIST is skipped, but not all), and your own problems (``module:Class``, built
+    here to see that they import, are problems that pass
+    :func:`~learnedopt.evaluation.problems.check_problem` and can be cut to ``config.steps``);
+    returns what they read, for :func:`evaluate_optimizers`'s ``setup``.
 
     Raises:
         ValueError: the first problem found (a one-line message).

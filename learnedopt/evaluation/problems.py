@@ -482,13 +482,14 @@ DEFAULT_PROBLEMS: tuple[str, ...] = tuple(p for p in PROBLEMS if p not in EXTRA_
 
 
 def check_problem(problem: Problem) -> None:
-    """Refuse, in one line, a problem whose runs would fail part-way with a traceback: its
-    ``model(0)`` is not an ``nn.Module`` with trainable floating-point parameters, a second
-    ``model(0)`` shares parameters with it or holds others (a cached module, an unseeded init), or its
-    ``loss(model, 0, 0)`` is not a one-element floating-point tensor with a gradient for them
-    (e.g. per-example losses, left unreduced), finite with a finite gradient (else every run stops
-    at step 0) and a dense gradient (not an ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a problem that seeds it
-    leaves the runs as they would be without the check.
+    """Refuse, in one line, a problem whose runs would fail part-way with a traceback, or whose
+    report would mean nothing: its ``model(0)`` is not an ``nn.Module`` with trainable
+    floating-point parameters; a second ``model(0)`` holds trainable parameters in the first's
+    memory (a cached module) or other values (an unseeded init); its ``loss(model, 0, 0)`` is not
+    a one-element floating-point tensor with a gradient for them (e.g. per-example losses, left
+    unreduced), is not finite or has a non-finite gradient (every run would stop at step 0), or has
+    a sparse gradient (an ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a
+    problem that seeds it leaves the runs as they would be without the check.
 
     Raises:
         ValueError: naming the problem and what is wrong.
