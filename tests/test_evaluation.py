@@ -940,6 +940,16 @@ def test_reuse_compares_the_mnist_files_by_content_not_by_folder(tmp_path, monke
     other = write_fake_mnist(tmp_path / "b" / "mnist", seed=2)
     with pytest.raises(ValueError, match="ran on other MNIST files"):
         evaluate_optimizers(dataclasses.replace(config, data=str(other), reuse=str(first)), log=lambda _: None)
+    # a report made without MNIST read none of it (its MNIST problems and stability check were
+    # skipped): it was refused as having run on "other MNIST files (SHA-256 None, ...)"
+    (tmp_path / "none" / "mnist").mkdir(parents=True)
+    monkeypatch.setenv("LEARNEDOPT_DATA", str(tmp_path / "none"))
+    monkeypatch.setattr(harness, "tune_lr", tune_lr)
+    without = write_report(evaluate_optimizers(dataclasses.replace(config, data=None), log=lambda _: None), tmp_path / "without")[0]
+    assert json.loads(without.read_text())["mnist_sha256"] is None
+    monkeypatch.setattr(harness, "tune_lr", lambda *a, **k: pytest.fail("a reused baseline was tuned again"))
+    report = evaluate_optimizers(dataclasses.replace(config, reuse=str(without)), log=lambda _: None)
+    assert report["reused"]["results"] == {"quadratic-20": list(BASELINES)}
 
 
 def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypatch) -> None:

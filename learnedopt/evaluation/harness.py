@@ -558,7 +558,7 @@ def reusable_results(
 
     Raises:
         ValueError: the report is unreadable, or one of its settings (seeds, tuning seeds, lr
-            grid, step override, quick mode, the MNIST files by content: ``data_sha256`` against
+            grid, step override, quick mode, the MNIST files by content (where it read any): ``data_sha256`` against
             the report's; in a report from before that was recorded, the data folder's name)
             differs from ``config``'s (named in the message).
     """
@@ -579,7 +579,8 @@ def _reusable_results(
         raise ValueError(f"cannot reuse {path}: not a report of this harness ({type(err).__name__}: {err})") from None
     ours = asdict(config)
     if "mnist_sha256" in old:  # the files' content decides, not how the folder was named
-        if old["mnist_sha256"] != data_sha256:
+        # a report made without MNIST read none (its MNIST problems and stability check skipped)
+        if old["mnist_sha256"] is not None and old["mnist_sha256"] != data_sha256:
             raise ValueError(f"cannot reuse {path}: it ran on other MNIST files (SHA-256 {str(old['mnist_sha256'])[:12]}, these {str(data_sha256)[:12]})")
     for key in _SETTINGS:
         if key == "data" and "mnist_sha256" in old:
