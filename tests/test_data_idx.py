@@ -100,6 +100,9 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         (b"\x1f\x8b" + b"not a gzip stream at all", False, "corrupt gzip"),
         (gzip.compress(GOOD)[:-12], False, "corrupt gzip"),
         (bytes([0, 0, 8, 65]) + b"\x00\x00\x00\x01" * 65 + b"\x07", False, "65 dimensions in the IDX header"),
+        # no element, but dims whose product no array can hold (numpy's unnamed "array is too big")
+        (struct.pack(">4B3I", 0, 0, 8, 3, 0, 2**32 - 1, 2**32 - 1), False, "too large for an array"),
+        (struct.pack(">4B3I", 0, 0, 8, 3, 0, 2**32 - 1, 2**32 - 1), True, "too large for an array"),
     ],
     ids=[
         "empty",
@@ -116,6 +119,8 @@ GOOD = idx_bytes(np.arange(12, dtype=np.int16).reshape(3, 4))
         "garbage-gz",
         "truncated-gz-stream",
         "too-many-dims",
+        "no-element-dims-overflow",
+        "no-element-dims-overflow-gz",
     ],
 )
 def test_read_idx_errors(tmp_path: Path, data: bytes, compress: bool, message: str) -> None:

@@ -45,7 +45,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     Raises:
         ValueError: corrupt gzip stream, bad magic number, unknown type code, more dimensions
-            than numpy takes, or a payload that is shorter (truncated) or longer (trailing
+            than numpy takes, dims too large for an array (even of no element), or a payload that is shorter (truncated) or longer (trailing
             bytes) than the dimensions say.
     """
     path = Path(path)
@@ -85,6 +85,9 @@ def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> np.ndarr
     shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     dtype = _IDX_DTYPES[type_code]
     expected = math.prod(shape) * dtype.itemsize
+    # numpy bounds the product of the non-zero dims, even for an array of no element
+    if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise ValueError(f"{path}: IDX dims {shape} are too large for an array")
     if size is not None and size - header_len < expected:  # before reading (allocating) it
         raise ValueError(
             f"{path}: truncated payload ({size - header_len} bytes, {expected} expected for shape {shape})"
