@@ -487,3 +487,20 @@ def test_an_image_size_too_large_for_a_tensor_is_refused_before_any_image_is_dec
         load_runs(tmp_path / "runs", image_size=46340)
     with pytest.raises(AssertionError, match="a PNG was decoded"):  # one such image is within the bound
         read_image(png, image_size=46340)
+
+
+@pytest.mark.parametrize("transparent", [False, True], ids=["opaque", "transparent-white"])
+def test_a_16_bit_grayscale_png_reads_as_its_8_bit_copy(tmp_path: Path, transparent: bool) -> None:
+    """Pillow converts 16-bit grayscale ("I;16") to 8-bit by clipping at 255, so any ink lighter
+    than 255/65535 of white (a scanner's near-black, any antialiased edge) read as background."""
+    levels = np.random.default_rng(0).integers(0, 256, size=(SIZE, SIZE)).astype(np.uint8)
+    levels[:, :5] = 255  # a white margin, for the transparent copy
+    Image.fromarray(levels).save(tmp_path / "8bit.png")
+    wide = Image.fromarray(levels.astype(np.uint16) * 257)  # 0..65535, the same grays
+    assert wide.mode.startswith("I")
+    wide.save(tmp_path / "16bit.png", **({"transparency": 65535} if transparent else {}))
+    with Image.open(tmp_path / "16bit.png") as opened:  # the file is what the test means
+        assert opened.mode.startswith("I") and ("transparency" in opened.info) == transparent
+    for image_size in (None, 28):
+        expected = read_image(tmp_path / "8bit.png", image_size=image_size)
+        assert torch.equal(read_image(tmp_path / "16bit.png", image_size=image_size), expected)

@@ -152,7 +152,14 @@ def _decode(data: bytes, image_size: int | None, Image: ModuleType, name: str) -
     16-bit); transparent pixels are background (white)."""
     try:
         with Image.open(io.BytesIO(data)) as png:
-            if png.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in png.info:
+            if png.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" in older Pillow)
+                # convert("L") clips at 255 of 65535, reading all but the darkest ink as
+                # background: scale to 8 bits instead, transparent pixels white
+                wide = np.asarray(png, dtype=np.int64)
+                if "transparency" in png.info:
+                    wide = np.where(wide == png.info["transparency"], 65535, wide)
+                gray = Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8))
+            elif png.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in png.info:
                 # convert("L") drops the alpha channel, so a transparent background (often stored
                 # as black) would read as ink: lay the image on white first
                 rgba = png.convert("RGBA")
