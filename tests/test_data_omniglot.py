@@ -504,3 +504,20 @@ def test_a_16_bit_grayscale_png_reads_as_its_8_bit_copy(tmp_path: Path, transpar
     for image_size in (None, 28):
         expected = read_image(tmp_path / "8bit.png", image_size=image_size)
         assert torch.equal(read_image(tmp_path / "16bit.png", image_size=image_size), expected)
+
+
+def test_png_names_in_capitals_are_read_not_left_out(tmp_path: Path) -> None:
+    """Files named ``*.PNG`` (as some Windows and camera tools write them) were left out silently,
+    in a folder and in a zip, and a stray one was not named as outside the layout."""
+    files = layout(SPLIT1, variant=1)
+    upper = {str(Path(name).with_suffix(".PNG")) if "Greek" in name else name: data for name, data in files.items()}
+    expected = load_omniglot(make_folder(tmp_path / "lower", files), image_size=None)
+    for source in (make_folder(tmp_path / "upper", upper), make_zip(tmp_path / "upper.zip", "top", upper)):
+        data = load_omniglot(source, image_size=None)
+        assert data.classes == expected.classes == EXPECTED_CLASSES[:3]
+        assert torch.equal(data.images, expected.images) and torch.equal(data.labels, expected.labels)
+    stray = upper | {"Beta/0901_01.Png": next(iter(files.values()))}
+    with pytest.raises(ValueError, match=r"1 PNG is outside the Omniglot layout .* e\.g\. Beta/0901_01\.Png"):
+        load_omniglot(make_folder(tmp_path / "stray", stray))
+    with pytest.raises(ValueError, match=r"1 PNG is outside the Omniglot layout .* e\.g\. top/Beta/0901_01\.Png"):
+        load_omniglot(make_zip(tmp_path / "stray.zip", "top", stray))

@@ -92,6 +92,11 @@ def _hidden(parts: Sequence[str]) -> bool:
     return any(part.startswith(".") for part in parts)
 
 
+def _is_png(name: str) -> bool:
+    """Whether a file name ends in ``.png``, in any case (``.PNG`` from some Windows tools)."""
+    return name.lower().endswith(".png")
+
+
 def _scan(
     source: Path, stack: ExitStack
 ) -> tuple[dict[_Character, list[str]], Callable[[str], bytes]]:
@@ -99,17 +104,17 @@ def _scan(
 
     A folder holds ``<Alphabet>/<character>/*.png``; a zip holds the same under one top-level
     folder (``images_background_smallN/``). Hidden files and folders (names starting with ``.``)
-    are skipped.
+    are skipped; ``.png`` is matched in any case.
     """
     files: dict[_Character, list[str]] = {}
     stray: list[str] = []  # PNGs one level off the layout, which would be left out
     read: Callable[[str], bytes]
     if source.is_dir():
-        for png in sorted(source.glob("*/*/*.png")):
-            if not _hidden(png.parts[-3:]):
+        for png in sorted(source.glob("*/*/*")):
+            if _is_png(png.name) and not _hidden(png.parts[-3:]):
                 files.setdefault((png.parts[-3], png.parts[-2]), []).append(str(png))
-        for pattern in ("*.png", "*/*.png", "*/*/*/*.png"):
-            relative = (png.relative_to(source) for png in source.glob(pattern))
+        for pattern in ("*", "*/*", "*/*/*/*"):
+            relative = (png.relative_to(source) for png in source.glob(pattern) if _is_png(png.name))
             stray += sorted(str(r) for r in relative if not _hidden(r.parts) and r.parts[0] != "__MACOSX")
         read = _read_file
         layout = "<Alphabet>/<character>/*.png"
@@ -125,7 +130,7 @@ def _scan(
         for name in sorted(names):
             parts = name.split("/")
             # Skip the resource-fork copies that macOS zip tools add.
-            if not parts[-1].endswith(".png") or parts[0] == "__MACOSX" or _hidden(parts[1:]):
+            if not _is_png(parts[-1]) or parts[0] == "__MACOSX" or _hidden(parts[1:]):
                 continue
             if len(parts) == 4:
                 files.setdefault((parts[1], parts[2]), []).append(name)
