@@ -172,3 +172,17 @@ def test_images_of_different_sizes_in_a_run_are_named_at_their_original_size(tmp
     with pytest.raises(ValueError, match=rf"run01: test/{item} is 105x80, training/class01.png 105x105: pass image_size"):
         load_runs(tmp_path, image_size=None)
     assert load_runs(tmp_path, image_size=28)[0].test_images.shape == (2, 1, 28, 28)
+
+
+def test_png_names_in_capitals_are_read_as_the_omniglot_reader_reads_them(tmp_path: Path) -> None:
+    """A run's ``*.PNG`` files were left out: a test item of that name was dropped unlabelled,
+    silently, and a training image of that name made its label line 'not found in the run'."""
+    truth = make_runs(tmp_path, runs=1)
+    run = tmp_path / "run01"
+    for name in ("training/class02.png", "test/item03.png"):
+        (run / name).rename((run / name).with_suffix(".PNG"))
+    labels = run / "class_labels.txt"
+    labels.write_text(labels.read_text().replace("class02.png", "class02.PNG").replace("item03.png", "item03.PNG"))
+    (loaded,) = load_runs(tmp_path, image_size=None)
+    assert loaded.train_images.shape[0] == 4 and loaded.test_images.shape[0] == 4
+    assert torch.equal(loaded.test_labels, truth[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .omniglot import _check_image_size, _check_images, read_image
+from .omniglot import _check_image_size, _check_images, _is_png, read_image
 
 
 @dataclass(frozen=True, repr=False, eq=False)  # the generated ones print every tensor, or fail comparing them
@@ -41,8 +41,8 @@ class OneShotRun:
 
 def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list[OneShotRun]:
     """Read every ``run*`` folder under ``root`` (sorted by name). Hidden files (names starting
-    with ``.``, such as the ``._*.png`` copies macOS leaves) are skipped, as by
-    :func:`~learnedopt.data.load_omniglot`.
+    with ``.``, such as the ``._*.png`` copies macOS leaves) are skipped and ``.png`` is matched
+    in any case, as by :func:`~learnedopt.data.load_omniglot`.
 
     Raises:
         FileNotFoundError: no such folder, a file, no run folders in it, or a file named in ``class_labels.txt`` is missing.
@@ -64,8 +64,9 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
 
 
 def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
-    train_files = sorted(f for f in (folder / "training").glob("*.png") if not f.name.startswith("."))
-    test_files = sorted(f for f in (folder / "test").glob("*.png") if not f.name.startswith("."))
+    # .png in any case, hidden files skipped: as load_omniglot
+    train_files = sorted(f for f in (folder / "training").glob("*") if _is_png(f.name) and not f.name.startswith("."))
+    test_files = sorted(f for f in (folder / "test").glob("*") if _is_png(f.name) and not f.name.startswith("."))
     if not train_files or not test_files:
         raise FileNotFoundError(f"{folder}: needs training/*.png and test/*.png")
     train_index = {f.name: i for i, f in enumerate(train_files)}
