@@ -52,3 +52,19 @@ def finite_in_float32(value: Any) -> bool:
     dtype of the rules' math: a weight-file header's ``1e300`` is a finite JSON double, but an
     output scale of it set every float32 parameter to -Inf at the first step."""
     return is_number(value) and math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def seeded_generator(seed: Any) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``: an integer from -2**63 to 2**64 - 1 (the
+    range ``manual_seed`` takes; a negative one wraps modulo 2**64), numpy's and a 0-d integer
+    tensor's too; else a one-line ValueError naming the seed. ``manual_seed`` refused a
+    numpy integer with 'an integer is required', a float or a string with 'manual_seed expected a
+    long', and seeded ``True`` as 1."""
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype in _INTEGER_DTYPES:
+        seed = seed.item()
+    if not is_integer(seed) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
+    return torch.Generator().manual_seed(int(seed))

@@ -389,3 +389,35 @@ def test_a_count_that_is_not_a_non_negative_integer_is_named(n: object) -> None:
 def test_stack_episodes_of_no_episode_is_named() -> None:
     with pytest.raises(ValueError, match="stack_episodes needs at least one episode, got none"):
         stack_episodes(torch.zeros(3, 2), [])
+
+
+def _seeded_draws(seed: object) -> list[torch.Tensor]:
+    """What each seeded object of the data readers draws from ``seed``."""
+    from learnedopt.data import SinusoidTasks
+
+    episode = EpisodeSampler(make_labels([4] * 6), range(6), n_way=3, k_shot=1, q_query=1, seed=seed).sample()
+    return [
+        episode.support_idx, episode.query_idx,
+        *split_indices(20, {"a": 0.5, "b": 0.5}, seed=seed).values(),
+        *class_splits(20, {"a": 0.5, "b": 0.5}, seed=seed).values(),
+        SinusoidTasks(seed=seed).sample_tasks(2, 1, 1)[4],
+    ]  # fmt: skip
+
+
+def test_a_numpy_or_tensor_integer_seed_draws_as_the_int_does() -> None:
+    """A seed from numpy (``np.arange``, a config read by numpy) failed in manual_seed with 'an
+    integer is required', naming neither the seed nor the sampler."""
+    np = pytest.importorskip("numpy")
+    expected = _seeded_draws(7)
+    for seed in (np.int64(7), np.uint8(7), torch.tensor(7)):
+        assert all(torch.equal(a, b) for a, b in zip(_seeded_draws(seed), expected, strict=True)), seed
+    largest = _seeded_draws(2**64 - 1)  # torch's range of seeds: -2**63 .. 2**64 - 1, -1 the same as 2**64 - 1
+    assert all(torch.equal(a, b) for a, b in zip(_seeded_draws(-1), largest, strict=True))
+
+
+@pytest.mark.parametrize("seed", [1.5, 7.0, "7", None, True, 2**64, -(2**63) - 1, torch.tensor(7.0), torch.tensor([7])])
+def test_a_seed_that_is_not_an_integer_torch_takes_is_named_in_one_line(seed: object) -> None:
+    """manual_seed's own errors ('manual_seed expected a long, but got float', 'Overflow when
+    unpacking long long') named neither the seed nor what it was given to; True seeded as 1."""
+    with pytest.raises(ValueError, match=r"^seed must be an integer from -2\*\*63 to 2\*\*64 - 1, got "):
+        _seeded_draws(seed)

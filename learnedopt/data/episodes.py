@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..values import is_integer
+from ..values import is_integer, seeded_generator
 from .idx import _split
 
 
@@ -232,7 +232,7 @@ class EpisodeSampler:
         else:
             self._pools = [torch.arange(len(classes))]
 
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = seeded_generator(seed)
 
     def sample(self) -> Episode:
         """Draw the next episode (see :class:`Episode` for shapes and ordering)."""

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from ..values import is_integer, is_number
+from ..values import is_integer, is_number, seeded_generator
 from .paths import resolve_data_dir
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -213,7 +213,7 @@ def _split(
             f"(a fraction f gets at least one of n when f * n >= 1), or fraction 0 to be empty"
         )
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
     permutation = torch.randperm(n, generator=generator)
     parts = torch.split(permutation, sizes)
     return {name: part.sort().values for name, part in zip(fractions, parts)}

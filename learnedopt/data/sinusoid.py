@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..values import is_integer
+from ..values import is_integer, seeded_generator
 
 
 def sinusoid(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ class SinusoidTasks:
     X_RANGE = (-5.0, 5.0)
 
     def __init__(self, seed: int = 0) -> None:
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = seeded_generator(seed)
 
     def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(shape, generator=self._generator)
