@@ -353,6 +353,11 @@ class LabelledImages:
         (torch.eye(2).repeat(3, 1), ValueError, r"labels must be a 1-D tensor .* shape \(6, 2\) \(one-hot"),
         # cast to int64: 0.5 and 1.5 became classes 0 and 1 in silence
         (torch.tensor([0.5, 1.5] * 3), ValueError, r"labels must be integer ids, got the non-integral value 0.5"),
+        # cast to int64 as -2**63 (a class of its own, or 'class 1 has 0'), in silence
+        (torch.tensor([0.0, 1.0, float("inf")] * 2), ValueError, r"labels must be integer ids, got the non-integral value inf"),
+        (torch.tensor([0.0, 1.0, 1e30] * 2), ValueError, r"labels must be integer ids from -2\*\*63 to 2\*\*63 - 1, got 1e\+30"),
+        # cast with a warning, the imaginary part dropped
+        (torch.tensor([0, 1] * 3, dtype=torch.complex64), TypeError, r"labels must be integer ids, got complex"),
     ],
 )
 def test_labels_that_are_not_integer_class_ids_are_refused_in_one_line(labels, error, message) -> None:

@@ -54,8 +54,9 @@ def class_splits(
 
 def _class_ids(values: Any, name: str) -> torch.Tensor:
     """``values`` (a tensor, array-like or sequence of integer ids; a set is sorted) as an int64 1-D
-    tensor, or a one-line error naming ``name``: strings, a dataset object, one-hot rows or
-    non-integral floats are refused, not cast (``torch.as_tensor`` truncates 0.5 to class 0)."""
+    tensor, or a one-line error naming ``name``: strings, a dataset object, one-hot rows, complex
+    numbers or floats that are not integers within int64 (0.5, Inf, 1e30) are refused, not cast
+    (``.long()`` truncates 0.5 to class 0)."""
     if isinstance(values, (set, frozenset)):
         values = sorted(values)
     elif hasattr(values, "__array__") and not isinstance(values, torch.Tensor):  # e.g. a pandas column
@@ -79,9 +80,15 @@ def _class_ids(values: Any, name: str) -> torch.Tensor:
             + (" (one-hot labels? pass labels.argmax(1))" if name == "labels" else "")
         )
     ids = ids.flatten()
-    if ids.is_floating_point() and not bool((ids == ids.round()).all()):  # NaN too
-        bad = ids[ids != ids.round()][0].item()
-        raise ValueError(f"{name} must be integer ids, got the non-integral value {bad}")
+    if ids.is_complex():  # cast with only a warning, the imaginary part dropped
+        raise TypeError(f"{name} must be integer ids, got complex values ({ids.dtype})")
+    if ids.is_floating_point():
+        wrong = (ids != ids.round()) | ~ids.isfinite()  # NaN and Inf too: Inf was cast to -2**63
+        if bool(wrong.any()):
+            raise ValueError(f"{name} must be integer ids, got the non-integral value {ids[wrong][0].item()}")
+        outside = (ids < -(2.0**63)) | (ids >= 2.0**63)  # cast to int64 as whatever the cast gives
+        if bool(outside.any()):
+            raise ValueError(f"{name} must be integer ids from -2**63 to 2**63 - 1, got {ids[outside][0].item():g}")
     return ids.long()
 
 
