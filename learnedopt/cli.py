@@ -45,12 +45,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether the paths ``a`` and ``b`` both exist and are one file (through links, ``./``)."""
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one missing, or unreadable
+        return False
+
+
 def _average_weights(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
     from .weights import average_weights, save_weights
 
+    # --out naming a member would replace it with the soup, whose header lists that path with the
+    # member's SHA-256 (a preset's name is no file here: save_weights refuses that name itself)
+    member = next((f for f in args.files if _same_file(f, args.out)), None)
+    if member is not None:
+        print(f"learnedopt average-weights: error: --out {args.out} is the file {member}, one of those averaged", file=sys.stderr)
+        return 2
     try:
         rule, members = average_weights(args.files)
     except (ValueError, FileNotFoundError) as err:

@@ -289,6 +289,25 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
         assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_average_weights_refuses_to_write_over_one_of_its_files(tmp_path, capsys, monkeypatch) -> None:
+    """``--out`` naming one of the files (under any spelling) replaced that member with the soup,
+    whose header then listed the path with a SHA-256 it no longer held."""
+    from learnedopt.cli import main
+
+    _trained_file(tmp_path / "a.safetensors", 1, hidden_size=6)
+    _trained_file(tmp_path / "b.safetensors", 2, hidden_size=6)
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "b.safetensors")
+    before = {name: (tmp_path / name).read_bytes() for name in ("a.safetensors", "b.safetensors")}
+    monkeypatch.chdir(tmp_path)
+    for out, member in (("a.safetensors", "a.safetensors"), ("./a.safetensors", "a.safetensors"),
+                        (str(tmp_path / "b.safetensors"), "b.safetensors"), ("link.safetensors", "b.safetensors")):  # fmt: skip
+        assert main(["average-weights", "a.safetensors", "b.safetensors", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert err == f"learnedopt average-weights: error: --out {out} is the file {member}, one of those averaged\n"
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
+    assert main(["average-weights", "a.safetensors", "b.safetensors", "--out", "soup.safetensors"]) == 0
+
+
 def test_average_weights_of_no_files_is_refused() -> None:
     from learnedopt.weights import average_weights
 
