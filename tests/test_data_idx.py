@@ -260,6 +260,21 @@ def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         resolve_data_dir(None, "mnist")
 
 
+def test_a_wrong_data_env_var_is_named_with_its_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LEARNEDOPT_DATA naming a file, a missing folder or a folder without ``mnist/`` was reported
+    as "data directory '<it>/mnist' does not exist: set LEARNEDOPT_DATA ...", which the user had."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "empty").mkdir()
+    for value, problem in (("a_file", "is a file, not a folder"), ("missing", "does not exist"),
+                           ("empty", "holds no mnist/ folder")):  # fmt: skip
+        monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / value))
+        for load in (lambda: resolve_data_dir(None, "mnist"), load_mnist):
+            with pytest.raises(FileNotFoundError) as info:
+                load()
+            assert str(info.value).startswith(f"{DATA_ENV_VAR}={tmp_path / value} {problem}"), str(info.value)
+            assert "\n" not in str(info.value)
+
+
 def test_resolve_data_dir_prefers_the_subfolder_of_a_given_root(tmp_path: Path) -> None:
     (tmp_path / "mnist").mkdir()
     assert resolve_data_dir(tmp_path, "mnist") == tmp_path / "mnist"

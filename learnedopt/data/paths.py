@@ -41,7 +41,8 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
 
     Raises:
         FileNotFoundError: the directory is missing, or ``path`` is a file (the message names
-            where it looked and the ``LEARNEDOPT_DATA`` environment variable).
+            where it looked and the ``LEARNEDOPT_DATA`` environment variable, with its value and
+            what is wrong with it where it is set: a file, missing, or without ``subdir/``).
     """
     if path is not None:
         directory = Path(path).expanduser()
@@ -60,6 +61,14 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
             "working directory and shared/data next to the repository)"
         )
     directory = root / subdir
+    env = os.environ.get(DATA_ENV_VAR)
+    if env and not directory.is_dir():  # name the setting the user made, not only the folder it led to
+        problem = ("is a file, not a folder" if root.is_file() else "does not exist" if not root.is_dir()
+                   else f"holds no {subdir}/ folder")  # fmt: skip
+        raise FileNotFoundError(
+            f"{DATA_ENV_VAR}={env} {problem}: set {DATA_ENV_VAR} to a folder containing {subdir}/, "
+            "or pass the directory explicitly"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(
             f"data directory {str(directory)!r} does not exist: set {DATA_ENV_VAR} to a folder "
