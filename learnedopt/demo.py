@@ -57,12 +57,18 @@ def minibatch_problem(data: str | Path | None = None) -> Problem:
     ``LEARNEDOPT_DATA``, ``../shared/data``, ``shared/data`` beside the repository), else the suite's
     ``synthetic-mlp`` (an MLP on generated classification data, 200 steps). A ``data`` folder
     given explicitly must hold MNIST (FileNotFoundError otherwise)."""
+    return _minibatch_problem(data)[0]
+
+
+def _minibatch_problem(data: str | Path | None) -> tuple[Problem, str | None]:
+    """:func:`minibatch_problem`, and why MNIST was not found where it falls back (None where it
+    was): the loader's one line, which names where it looked."""
     try:
-        return make_suite_problem("mnist-mlp-200", data)
-    except FileNotFoundError:
+        return make_suite_problem("mnist-mlp-200", data), None
+    except FileNotFoundError as err:
         if data is not None:
             raise
-        return make_suite_problem("synthetic-mlp")
+        return make_suite_problem("synthetic-mlp"), str(err)
 
 
 def _row(name: str, losses: list[float], elapsed: float) -> str:
@@ -154,9 +160,9 @@ def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | P
             raise ValueError(f"{option} {too_few_steps(count)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        problem = minibatch_problem(data)
-        if problem.name != "mnist-mlp-200":
-            print("(MNIST not found: pass --data or set LEARNEDOPT_DATA; generated data instead)\n")
+        problem, missing = _minibatch_problem(data)
+        if missing is not None:  # where it looked: a LEARNEDOPT_DATA set wrong, a folder without the files
+            print(f"(MNIST not found: {missing}; generated data instead)\n")
         results = {"minibatch": run_minibatch(problem, minibatch_steps)}
         print()
         results["full-batch"] = run_regression(steps)

@@ -156,6 +156,25 @@ def test_demo_falls_back_to_generated_data_without_mnist(tmp_path, monkeypatch) 
         minibatch_problem(tmp_path)
 
 
+def test_demo_without_mnist_says_where_it_looked(tmp_path, monkeypatch, capsys) -> None:
+    """The note said only "pass --data or set LEARNEDOPT_DATA", also to a user whose
+    LEARNEDOPT_DATA was set, to a file or a folder without MNIST."""
+    from learnedopt import demo
+
+    shown = []
+    monkeypatch.setattr(demo, "run_minibatch", lambda problem, steps: shown.append(problem.name) or {})
+    monkeypatch.setattr(demo, "run_regression", lambda steps: {})
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    for root, reason in (("a_file", f"LEARNEDOPT_DATA={tmp_path / 'a_file'} is a file, not a folder"),
+                         ("data", "neither t10k-images-idx3-ubyte.gz nor t10k-images-idx3-ubyte found in")):  # fmt: skip
+        monkeypatch.setenv("LEARNEDOPT_DATA", str(tmp_path / root))
+        assert main(["demo"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith(f"(MNIST not found: {reason}") and first.endswith("; generated data instead)"), first
+    assert shown == ["synthetic-mlp"] * 2
+
+
 def test_demo_and_average_weights_refuse_bad_arguments_in_one_line(tmp_path, capsys) -> None:
 
     for value in ("0", "x"):  # not "invalid _positive_int value": argparse's message names the function
