@@ -185,3 +185,15 @@ def test_a_batch_of_no_image_or_no_pixel_comes_back_as_it_is(shape: tuple[int, .
 def test_ranges_that_are_not_affine_ranges_are_refused() -> None:
     with pytest.raises(TypeError, match="ranges must be an AffineRanges, got dict"):
         random_affine(torch.rand(1, 1, 4, 4), torch.Generator(), {"rotation": 5.0})
+
+
+@pytest.mark.parametrize("generator", [None, 0, "seed"])
+def test_a_generator_that_is_not_a_torch_generator_is_refused_in_one_line(generator: object) -> None:
+    """None drew from torch's global generator in silence, so a "seeded" run did not repeat; a
+    seed in its place failed in torch.rand with a many-line list of signatures."""
+    images, labels = blobs(2), torch.tensor([0, 1])
+    message = rf"generator must be a torch\.Generator \(e\.g\. torch\.Generator\(\)\.manual_seed\(0\)\), got {type(generator).__name__}$"
+    with pytest.raises(TypeError, match=message):
+        random_affine(images, generator)
+    with pytest.raises(TypeError, match=message):
+        augment_support(images, labels, 1, generator)

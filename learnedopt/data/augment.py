@@ -47,6 +47,15 @@ class AffineRanges:
             raise ValueError(f"AffineRanges.scale must be < 1 (1 +- scale stays positive), got {self.scale!r}")
 
 
+def _check_generator(generator: object) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator``: None drew from torch's global
+    generator in silence (a seeded run did not repeat), a seed failed in ``torch.rand``."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), got {type(generator).__name__}"
+        )
+
+
 def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRanges = AffineRanges()) -> Tensor:
     """Distort each image by its own random affine map, drawn from ``ranges``.
 
@@ -59,6 +68,7 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
     Returns:
         A new tensor of the shape, dtype and device of ``images``, bilinearly resampled.
     """
+    _check_generator(generator)
     if images.dim() < 3 or not images.is_floating_point():
         raise ValueError(f"random_affine needs floating images (..., C, H, W), got {tuple(images.shape)} {images.dtype}")
     if not isinstance(ranges, AffineRanges):
@@ -106,6 +116,7 @@ def augment_support(
     """
     if not is_integer(copies) or copies < 0:
         raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
+    _check_generator(generator)
     if images.dim() != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"augment_support needs images (N, C, H, W) and labels (N,), got {tuple(images.shape)} "
                          f"and {tuple(labels.shape)}")  # fmt: skip
