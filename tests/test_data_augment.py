@@ -197,3 +197,12 @@ def test_a_generator_that_is_not_a_torch_generator_is_refused_in_one_line(genera
         random_affine(images, generator)
     with pytest.raises(TypeError, match=message):
         augment_support(images, labels, 1, generator)
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_augment_support_names_images_that_are_not_floating_as_given(copies: int) -> None:
+    """uint8 images were refused by random_affine under the shape it had expanded them to
+    ((copies, N, C, H, W)), and passed through unchecked with no copy."""
+    images, labels = (blobs(2) * 255).to(torch.uint8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"augment_support needs floating images \(N, C, H, W\), got \(2, 1, 28, 28\) torch\.uint8$"):
+        augment_support(images, labels, copies, torch.Generator())

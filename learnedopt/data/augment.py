@@ -117,6 +117,8 @@ def augment_support(
     if not is_integer(copies) or copies < 0:
         raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
     _check_generator(generator)
+    if not images.is_floating_point():  # random_affine's message would show the expanded shape
+        raise ValueError(f"augment_support needs floating images (N, C, H, W), got {tuple(images.shape)} {images.dtype}")
     if images.dim() != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"augment_support needs images (N, C, H, W) and labels (N,), got {tuple(images.shape)} "
                          f"and {tuple(labels.shape)}")  # fmt: skip
