@@ -521,3 +521,19 @@ def test_png_names_in_capitals_are_read_not_left_out(tmp_path: Path) -> None:
         load_omniglot(make_folder(tmp_path / "stray", stray))
     with pytest.raises(ValueError, match=r"1 PNG is outside the Omniglot layout .* e\.g\. top/Beta/0901_01\.Png"):
         load_omniglot(make_zip(tmp_path / "stray.zip", "top", stray))
+
+
+def test_a_zip_of_both_splits_takes_each_character_once(zips: tuple[Path, Path], tmp_path: Path) -> None:
+    """One zip holding both small background splits as its top folders gave Greek and Latin
+    (in both) every drawing twice, in silence; it reads as the two zips do, the first top folder
+    (sorted) winning as the first source does."""
+    files = {f"images_background_small1/{name}": data for name, data in layout(SPLIT1, variant=1).items()}
+    files |= {f"images_background_small2/{name}": data for name, data in layout(SPLIT2, variant=2).items()}
+    with zipfile.ZipFile(tmp_path / "both.zip", "w") as archive:
+        for name in reversed(list(files)):  # the order of the members does not matter
+            archive.writestr(name, files[name])
+    both = load_omniglot(tmp_path / "both.zip", image_size=None)
+    expected = load_omniglot(list(zips), image_size=None)
+    assert both.classes == expected.classes == EXPECTED_CLASSES
+    assert len(both) == len(EXPECTED_CLASSES) * DRAWERS
+    assert torch.equal(both.images, expected.images) and torch.equal(both.labels, expected.labels)

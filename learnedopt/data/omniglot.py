@@ -102,8 +102,9 @@ def _scan(
 ) -> tuple[dict[_Character, list[str]], Callable[[str], bytes]]:
     """Character -> sorted file names in ``source``, and a function reading one file's bytes.
 
-    A folder holds ``<Alphabet>/<character>/*.png``; a zip holds the same under one top-level
-    folder (``images_background_smallN/``). Hidden files and folders (names starting with ``.``)
+    A folder holds ``<Alphabet>/<character>/*.png``; a zip holds the same under a top-level
+    folder (``images_background_smallN/``), or several (a character in more than one is taken
+    from the first, sorted). Hidden files and folders (names starting with ``.``)
     are skipped; ``.png`` is matched in any case.
     """
     files: dict[_Character, list[str]] = {}
@@ -127,13 +128,17 @@ def _scan(
         if len(set(names)) != len(names):  # archive.read would give the last copy for each of them
             duplicate = next(name for name in names if names.count(name) > 1)
             raise ValueError(f"{source}: the zip holds {duplicate} {names.count(duplicate)} times")
+        top_of: dict[_Character, str] = {}  # the top folder each character is taken from
         for name in sorted(names):
             parts = name.split("/")
             # Skip the resource-fork copies that macOS zip tools add.
             if not _is_png(parts[-1]) or parts[0] == "__MACOSX" or _hidden(parts[1:]):
                 continue
             if len(parts) == 4:
-                files.setdefault((parts[1], parts[2]), []).append(name)
+                # a zip of both small splits holds Greek and Latin twice: the first top folder
+                # (sorted) wins, as the first source does across sources
+                if top_of.setdefault((parts[1], parts[2]), parts[0]) == parts[0]:
+                    files.setdefault((parts[1], parts[2]), []).append(name)
             else:
                 stray.append(name)
         read = archive.read
@@ -228,7 +233,8 @@ def load_omniglot(
             (``images_background_small1.zip``, ``images_background_small2.zip``) stands for
             them, and one holding ``omniglot/`` (a data root) for that. Default: those zips in
             ``resolve_data_dir(None, "omniglot")``.
-            A character found in several sources is taken from the first one only.
+            A character found in several sources is taken from the first one only (and one
+            in several top folders of a zip from the first of them in sorted order).
         image_size: resize the 105x105 images to ``image_size`` x ``image_size`` with
             Pillow's LANCZOS filter on 8-bit grayscale (values then lie in [0, 1] in steps of
             1/255); None keeps the original size and the exact 0/1 values.
