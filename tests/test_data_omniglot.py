@@ -537,3 +537,19 @@ def test_a_zip_of_both_splits_takes_each_character_once(zips: tuple[Path, Path],
     assert both.classes == expected.classes == EXPECTED_CLASSES
     assert len(both) == len(EXPECTED_CLASSES) * DRAWERS
     assert torch.equal(both.images, expected.images) and torch.equal(both.labels, expected.labels)
+
+
+def test_images_of_different_sizes_are_named_with_their_source(tmp_path: Path) -> None:
+    """With ``image_size=None``, "images of different sizes [(50, 50), (105, 105)]" did not say
+    which of the thousands of files was the odd one."""
+    small = io.BytesIO()
+    Image.new("1", (50, 40), 1).save(small, format="PNG")
+    files = layout(SPLIT1, variant=1) | {"Greek/character02/0902_09.png": small.getvalue()}
+    folder, archive = make_folder(tmp_path / "folder", files), make_zip(tmp_path / "sizes.zip", "top", files)
+    for source, odd, first in (
+        (folder, folder / "Greek/character02/0902_09.png", folder / "Alpha/character01/0901_01.png"),
+        (archive, f"top/Greek/character02/0902_09.png in {archive}", f"top/Alpha/character01/0901_01.png in {archive}"),
+    ):
+        with pytest.raises(ValueError) as info:
+            load_omniglot(source, image_size=None)
+        assert str(info.value) == f"images of different sizes: {odd} is 50x40, {first} 105x105 (width x height): pass image_size"

@@ -278,7 +278,7 @@ def load_omniglot(
         classes = sorted(chosen)
         count = sum(len(names) for _, names, _ in chosen.values()) * (len(ROTATIONS) if rotations else 1)
         _check_images(image_size, count, "the (N, 1, S, S) images", f" and {count} images{' (with rotations)' if rotations else ''}")
-        arrays, labels = [], []
+        arrays, labels, where = [], [], []
         for label, character in enumerate(classes):
             read, names, source = chosen[character]
             for name in names:
@@ -293,11 +293,13 @@ def load_omniglot(
                 except ValueError as e:
                     raise ValueError(f"{source}: {e}") from e
                 labels.append(label)
+                where.append(name if source.is_dir() else f"{name} in {source}")
 
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"images of different sizes {sorted(shapes)}: pass image_size")
-    (height, width), = shapes
+    (height, width) = arrays[0].shape
+    odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+    if odd is not None:  # named, for one odd file among thousands
+        raise ValueError(f"images of different sizes: {where[odd]} is {arrays[odd].shape[1]}x{arrays[odd].shape[0]}, "
+                         f"{where[0]} {width}x{height} (width x height): pass image_size")  # fmt: skip
     if rotations and height != width:
         raise ValueError(f"rotations need square images, these are {height}x{width} (height x width): pass image_size")
     images = torch.from_numpy(np.stack(arrays)).unsqueeze(1)
