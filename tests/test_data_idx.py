@@ -148,6 +148,22 @@ def test_read_idx_checks_the_header_before_holding_the_payload(tmp_path: Path, c
         assert peak < 20_000_000, f"{name}: {peak} bytes held"
 
 
+def test_read_idx_refuses_a_gzip_file_too_small_to_inflate_to_its_header_claim(tmp_path: Path) -> None:
+    """A header claiming 10**9 bytes over a 0.1 MB gzip file (deflate inflates at most 1032:1)
+    was read until the stream ended, holding all it inflated to (here 100 MB) before refusing."""
+    data = struct.pack(">4BI", 0, 0, 8, 1, 10**9) + bytes(100_000_000)
+    path = write(tmp_path / "claims.gz", data, compress=True)
+    assert 1032 * path.stat().st_size < 10**9
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"claims\.gz: truncated payload: the header claims 1000000000 bytes"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak} bytes held"
+
+
 def make_mnist(directory: Path, n: int, n_labels: int | None = None, gz: bool = True) -> None:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)

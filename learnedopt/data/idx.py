@@ -20,6 +20,7 @@ from .paths import resolve_data_dir
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20  # bytes read at a time
 _MAX_NDIM = 64  # numpy's limit; an IDX header may claim up to 255
+_MAX_DEFLATE_RATIO = 1032  # deflate inflates at most 258 bytes per 2 bits
 
 # IDX type code -> big-endian element dtype.
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -56,16 +57,17 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             if not compressed:
                 return _read_idx_stream(raw, path, os.fstat(raw.fileno()).st_size)
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                return _read_idx_stream(stream, path, None)
+                return _read_idx_stream(stream, path, None, os.fstat(raw.fileno()).st_size)
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             if not compressed:
                 raise
             raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
 
 
-def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> np.ndarray:
+def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None, compressed: int | None = None) -> np.ndarray:
     """:func:`read_idx` of an open (possibly decompressing) ``stream``; ``size`` is its length in
-    bytes where known (a plain file), None for a gzip stream."""
+    bytes where known (a plain file), None for a gzip stream; ``compressed`` is a gzip file's
+    length (None for a plain file)."""
     magic = stream.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise ValueError(
@@ -88,6 +90,12 @@ def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> np.ndarr
     # numpy bounds the product of the non-zero dims, even for an array of no element
     if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:
         raise ValueError(f"{path}: IDX dims {shape} are too large for an array")
+    if compressed is not None and header_len + expected > _MAX_DEFLATE_RATIO * compressed:
+        # no gzip file inflates to more: refused before reading (holding) what it does inflate to
+        raise ValueError(
+            f"{path}: truncated payload: the header claims {expected} bytes for shape {shape}, more than a "
+            f"{compressed}-byte gzip file can inflate to ({_MAX_DEFLATE_RATIO}:1 at most)"
+        )
     if size is not None and size - header_len < expected:  # before reading (allocating) it
         raise ValueError(
             f"{path}: truncated payload ({size - header_len} bytes, {expected} expected for shape {shape})"
