@@ -79,7 +79,7 @@ def _average_weights(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - any unwritable --out (missing folder, a directory, ...) in one line
         print(f"learnedopt average-weights: error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: the mean of {len(members)} weight files")
+    print(f"wrote {args.out}: " + (f"the mean of {len(members)} weight files" if len(members) > 1 else "a copy of the one weight file given"))
     return 0
 
 

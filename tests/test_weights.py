@@ -255,7 +255,9 @@ def test_average_weights_is_the_mean_and_records_its_members(tmp_path, capsys) -
     assert main(["average-weights", *reversed(paths), "--out", str(tmp_path / "rev.safetensors")]) == 0
     reordered, _ = load_weights(tmp_path / "rev.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(soup.state_dict().values(), reordered.state_dict().values()))
+    capsys.readouterr()
     assert main(["average-weights", paths[0], "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'one.safetensors'}: a copy of the one weight file given\n"  # not "of 1 weight files"
     one, _ = load_weights(tmp_path / "one.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), rules[0].state_dict().values()))
     # the averaged file drives the optimizer like any weight file
