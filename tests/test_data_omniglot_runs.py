@@ -186,3 +186,12 @@ def test_png_names_in_capitals_are_read_as_the_omniglot_reader_reads_them(tmp_pa
     (loaded,) = load_runs(tmp_path, image_size=None)
     assert loaded.train_images.shape[0] == 4 and loaded.test_images.shape[0] == 4
     assert torch.equal(loaded.test_labels, truth[0])
+
+
+def test_class_labels_with_windows_path_separators(tmp_path: Path) -> None:
+    """A class_labels.txt written on Windows names ``run01\\test\\item01.png``; its items were
+    'not found in the run' (the whole line read as one file name)."""
+    truth = make_runs(tmp_path, runs=1)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    labels.write_text(labels.read_text().replace("/", "\\"))
+    assert torch.equal(load_runs(tmp_path)[0].test_labels, truth[0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 
@@ -84,7 +84,7 @@ def _load_run(folder: Path, image_size: int | None) -> OneShotRun:
         parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"{folder}/class_labels.txt line {number}: expected 'test_item training_image', got {line!r}")
-        item, target = Path(parts[0]).name, Path(parts[1]).name
+        item, target = PureWindowsPath(parts[0]).name, PureWindowsPath(parts[1]).name  # "/" or "\\"
         if item not in test_index or target not in train_index:
             raise FileNotFoundError(f"{folder}/class_labels.txt line {number}: {item} or {target} not found in the run")
         if labels[test_index[item]] >= 0:
