@@ -405,3 +405,15 @@ def test_real_mnist() -> None:
     assert torch.equal(labels.unique(), torch.arange(10))
     assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the well-known first labels
     assert images.max() == 255 and images[:, 0, 0].max() == 0  # white digits on black corners
+
+
+@pytest.mark.parametrize("fractions", [[0.6, 0.4], (("a", 0.6), ("b", 0.4)), 0.5, None])
+def test_split_indices_names_fractions_that_are_not_a_mapping(fractions: object) -> None:
+    """A list of fractions failed with AttributeError "'list' object has no attribute 'values'"
+    (None with "must name at least one part")."""
+    with pytest.raises(TypeError, match=r"^fractions must map part names to fractions, e\.g\. \{'meta_train': 0\.8, 'held_out': 0\.2\}, got "):
+        split_indices(10, fractions)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^fractions must map part names to fractions"):
+        from learnedopt.data import class_splits
+
+        class_splits(10, fractions)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ def class_splits(
         Part name -> sorted int64 tensor of class ids, in the order of ``fractions``.
 
     Raises:
+        TypeError: ``fractions`` that is not a mapping.
         ValueError: bad fractions or groups, or a part of a positive fraction that would get no
             class (no group, with ``groups``); the message names the part, its fraction and the
             number of classes (groups) split.

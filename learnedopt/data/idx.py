@@ -183,6 +183,7 @@ def split_indices(
         the parts cover ``range(n)`` exactly once.
 
     Raises:
+        TypeError: ``fractions`` that is not a mapping (a list of fractions names no part).
         ValueError: bad fractions, or (without ``allow_empty``) a part of a positive fraction
             that would get no item (``fraction * n`` rounds to 0: too few items for that
             fraction); the message names the part, its fraction and ``n``.
@@ -196,6 +197,10 @@ def _split(
     """:func:`split_indices`, its errors counting ``n`` in ``unit`` (``"items"``, ``"classes"``, ``"groups"``)."""
     if not is_integer(n) or n < 0:  # a float failed in torch.split, far from its cause
         raise ValueError(f"the number of {unit} must be an integer >= 0, got {n!r}")
+    if not isinstance(fractions, Mapping):  # a list failed with "'list' object has no attribute 'values'"
+        raise TypeError(
+            f"fractions must map part names to fractions, e.g. {{'meta_train': 0.8, 'held_out': 0.2}}, got {fractions!r}"
+        )
     if not fractions:
         raise ValueError("fractions must name at least one part")
     if any(not is_number(f) or f < 0 or not math.isfinite(f) for f in fractions.values()):  # "0.5" failed in "<"
