@@ -10,6 +10,9 @@ Modes:
     term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
     nan OUT: the same, rank 1's meta-loss is NaN at meta-step 3 (rank 0's is finite).
     resume OUT: the ``lstm`` run continued with ``--resume``.
+    elsewhere OUT: the same ``--resume``, but rank 1 is given ``OUT/../elsewhere`` as its
+        ``--out`` (an output folder not shared between machines: no checkpoint there).
+    seeds OUT: the ``lstm`` run with ``--seed 3`` on rank 0 and ``--seed 4`` on rank 1.
 
 Not collected by pytest (no ``test_`` prefix); it imports only the library and torch.
 """
@@ -453,6 +456,11 @@ def main() -> int:
         return run_cli([*meta_args("lstm", out), "--dist-timeout", "20"])
     if mode == "resume":
         return run_cli([*meta_args("lstm", out), "--resume"])
+    if mode == "elsewhere":
+        own = out.parent / "elsewhere" if int(os.environ["RANK"]) == 1 else out
+        return run_cli([*meta_args("lstm", own), "--resume", "--dist-timeout", "20"])
+    if mode == "seeds":
+        return run_cli([*meta_args("lstm", out), "--seed", str(3 + int(os.environ["RANK"])), "--dist-timeout", "20"])
     raise SystemExit(f"unknown mode {mode!r}")
 
 

@@ -291,6 +291,34 @@ def test_a_non_finite_meta_loss_on_one_rank_stops_every_rank_with_its_reason(tmp
 
 
 
+def test_a_check_that_fails_on_one_rank_only_is_reported_and_stops_every_rank(tmp_path: Path) -> None:
+    """``--resume`` where rank 1's ``--out`` holds no checkpoint (an output folder not shared
+    between machines): rank 1's own refusal is the job's error line, named by its rank, and both
+    ranks stop with code 2. Before, only rank 0 printed refusals, so the user saw just rank 0's
+    collective failing and the advice to ``--resume``, the command that had failed."""
+    out = tmp_path / "lstm"
+    assert main([*meta_args("lstm", out), "--stop-after", "2"]) == 0
+    result, seconds = torchrun("elsewhere", out)
+    assert result.returncode != 0, tail(result)
+    assert seconds < 60, f"the job took {seconds:.0f} s to fail"
+    assert f"error: rank 1 of 2: --resume: no checkpoint at {tmp_path / 'elsewhere' / 'checkpoint.pt'}" in result.stderr, tail(result)
+    assert "a collective failed" not in result.stderr, tail(result)
+    assert result.stderr.count("learnedopt meta-train: error:") == 1, tail(result)
+    assert "exitcode  : 1" not in result.stderr, tail(result)  # every rank ends as a refused configuration
+
+
+def test_ranks_given_different_options_are_refused_before_the_run(tmp_path: Path) -> None:
+    """Rank 0 is given ``--seed 3``, rank 1 ``--seed 4`` (a library caller's or a launcher's
+    slip): the ranks would start from other meta-parameters and draw other tasks, and their
+    averaged meta-gradients train neither run; before, such a job ran to the end and rank 0
+    wrote its weights as if nothing were wrong. Now it is refused before anything is written."""
+    out = tmp_path / "lstm"
+    result, _ = torchrun("seeds", out)
+    assert result.returncode != 0, tail(result)
+    assert "error: the ranks were given different options (--seed: 3 on rank 0, 4 on rank 1)" in result.stderr, tail(result)
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- in one process
 class _OtherRank:
     """Stands in for ``torch.distributed`` under a :class:`Workers` of 2 ranks in one process:

@@ -124,6 +124,15 @@ class Workers:
         elif self.mean(float(finite)) != 1.0:
             raise FloatingPointError(f"{what} is not finite on every rank (rank {self.rank}'s: {shown})")
 
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value`` (any picklable object), in rank order (one collective under
+        several ranks)."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[object] = [None] * self.world_size
+        self._collective(dist.all_gather_object, gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.world_size > 1:
@@ -132,7 +141,7 @@ class Workers:
     def _all_reduce(self, tensor: Tensor) -> None:
         self._collective(dist.all_reduce, tensor)
 
-    def _collective(self, fn: Callable[..., object], *args: Tensor) -> None:
+    def _collective(self, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
         except RuntimeError as err:  # gloo and NCCL raise subclasses of RuntimeError

@@ -306,6 +306,93 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Wo
     return workers
 
 
+#: the configuration fields the ranks of one job may be given differently: where each reads the
+#: data (compared by content instead, where the trainer reads data files) and the preset weight
+#: file, and the device (``cuda:N`` per rank)
+RANK_LOCAL_FIELDS: tuple[str, ...] = ("data", "preset", "device")
+
+
+def run_identity(config: RunConfig, trainer: Trainer) -> dict[str, Any]:
+    """What every rank of a job must run the same: the configuration but
+    :data:`RANK_LOCAL_FIELDS`, and the SHA-256 of the data files where the trainer reads some."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in RANK_LOCAL_FIELDS}
+    identity["data_sha256"] = getattr(trainer, "data_sha256", None)
+    return identity
+
+
+#: how a refusal names the entries of a run's identity that are no option
+_IDENTITY_NAMES = {"data_sha256": "the data files' SHA-256", "start": "the meta-step the checkpoint in --out is at"}
+
+
+def _ranks(ranks: Sequence[int], world_size: int) -> str:
+    return f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} of {world_size}"
+
+
+def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mapping[str, Any] | None = None) -> None:
+    """Make the ranks' checks of a run one verdict: a collective that every rank reaches once,
+    with the refusal its own checks ended in (``problem``), else what it runs (``identity``, see
+    :func:`run_identity`).
+
+    A check can fail on some ranks only (a checkpoint or data files missing where ``--out`` or
+    ``--data`` is not shared between machines), and rank 0 alone prints refusals: every rank
+    raises the same :class:`ConfigError`, whose message is that of every failing rank (named by
+    its ranks unless all failed alike), or names the options the ranks were given differently.
+    One process: ``problem`` is raised as it is.
+    """
+    if workers.world_size == 1:
+        if problem is not None:
+            raise problem
+        return
+    reports = workers.gather((None if problem is None else str(problem), identity))
+    failed: dict[str, list[int]] = {}
+    for rank, (message, _) in enumerate(reports):
+        if message is not None:
+            failed.setdefault(message, []).append(rank)
+    if failed:
+        if len(failed) == 1 and len(next(iter(failed.values()))) == workers.world_size:
+            message = next(iter(failed))
+        else:
+            message = "; ".join(f"{_ranks(ranks, workers.world_size)}: {m}" for m, ranks in failed.items())
+        raise _agreed(ConfigError(message))
+    identities = [dict(identity or {}) for _, identity in reports]
+    differing = sorted({k for i in identities for k in i if any(j.get(k) != i.get(k) for j in identities)})
+    if differing:
+        shown = []
+        for key in differing:
+            by_value: dict[str, list[int]] = {}
+            for rank, i in enumerate(identities):
+                value = i.get(key)
+                by_value.setdefault(value[:12] if key == "data_sha256" and value else repr(value), []).append(rank)
+            name = _IDENTITY_NAMES.get(key, f"--{key.replace('_', '-')}")
+            values = ", ".join(f"{v} on {_ranks(r, workers.world_size).removesuffix(f' of {workers.world_size}')}"
+                               for v, r in by_value.items())  # fmt: skip
+            shown.append(f"{name}: {values}")
+        raise _agreed(ConfigError(f"the ranks were given different options ({'; '.join(shown)}): every rank of a "
+                                  "job must run the same configuration on the same data"))  # fmt: skip
+
+
+def _agreed(err: ConfigError) -> ConfigError:
+    err.agreed = True  # type: ignore[attr-defined] - read by checks_agreed
+    return err
+
+
+@contextlib.contextmanager
+def checks_agreed(workers: Workers, identity: Callable[[], Mapping[str, Any]] | None = None) -> Iterator[None]:
+    """Run a run's checks; a :class:`ConfigError` they raise on any rank is agreed on
+    (:func:`agree_checks`) and raised on every rank. With ``identity``, checks that pass end in
+    the agreement too (with ``identity()``): the last checks before the run's first collective
+    pass it, the earlier ones not, so that every rank agrees exactly once."""
+    try:
+        yield
+    except ConfigError as err:
+        if getattr(err, "agreed", False):
+            raise
+        agree_checks(workers, err)
+        raise  # one process: agree_checks raised err already
+    if identity is not None:
+        agree_checks(workers, None, identity())
+
+
 def check_device(device: str) -> torch.device:
     """``device`` as a :class:`torch.device`; raises :class:`ConfigError` unless it is the CPU or
     a CUDA device this process can use."""
@@ -542,8 +629,9 @@ def train_loop(
 
     With several ``workers`` every rank runs the steps (the trainer shares the work out) and
     reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the
-    progress. The ranks meet at a barrier after the checks, so no rank sees files that another
-    rank has just started writing. Rank 0 acquires ``lock`` (an :class:`OutputLock` the caller
+    progress. The ranks agree on the checks (:func:`checks_agreed`: a refusal on any rank, or
+    ranks given different options, stops every rank), and meet at a barrier after them, so no rank
+    sees files that another rank has just started writing. Rank 0 acquires ``lock`` (an :class:`OutputLock` the caller
     releases after writing the final files) once ``out`` exists, before writing anything.
 
     Returns:
@@ -561,33 +649,35 @@ def train_loop(
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
-    if resume and not checkpoint_path.exists() and (lost := _lost_checkpoint(out)) is not None:
-        raise ConfigError(lost)
-    # killed before its first checkpoint: nothing to continue from, nothing to lose by running it
-    # again from the start (said once the folder is this run's, below)
-    started_only = resume and not checkpoint_path.exists() and log_path.is_file()
-    if resume and not started_only:
-        payload = _load_checkpoint(checkpoint_path, config)
-        try:
-            trainer.load_state_dict(payload)
-        except ConfigError:  # the trainer's own one-line refusal
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-            raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: "
-                              f"{one_line(err)})") from None  # fmt: skip
-        start = int(payload["step"])
-    elif not resume:
-        held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
-        if held:
-            how = (" (it stopped before its first checkpoint: --resume starts it again)"
-                   if held == [LOG_NAME] and not _lost_checkpoint(out, quiet=True) else "")  # fmt: skip
+    # every rank checks; a refusal on any rank stops every rank (its message printed by rank 0)
+    with checks_agreed(workers, lambda: {**run_identity(config, trainer), "start": start}):
+        if resume and not checkpoint_path.exists() and (lost := _lost_checkpoint(out)) is not None:
+            raise ConfigError(lost)
+        # killed before its first checkpoint: nothing to continue from, nothing to lose by running it
+        # again from the start (said once the folder is this run's, below)
+        started_only = resume and not checkpoint_path.exists() and log_path.is_file()
+        if resume and not started_only:
+            payload = _load_checkpoint(checkpoint_path, config)
+            try:
+                trainer.load_state_dict(payload)
+            except ConfigError:  # the trainer's own one-line refusal
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+                raise ConfigError(f"--resume: {checkpoint_path} does not hold this run's state ({type(err).__name__}: "
+                                  f"{one_line(err)})") from None  # fmt: skip
+            start = int(payload["step"])
+        elif not resume:
+            held = [name for name in (CHECKPOINT_NAME, LOG_NAME, *RESULT_NAMES) if (out / name).exists()]
+            if held:
+                how = (" (it stopped before its first checkpoint: --resume starts it again)"
+                       if held == [LOG_NAME] and not _lost_checkpoint(out, quiet=True) else "")  # fmt: skip
+                raise ConfigError(
+                    f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it{how} or choose another --out"
+                )
+        if start > config.meta_steps:
             raise ConfigError(
-                f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it{how} or choose another --out"
+                f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
             )
-    if start > config.meta_steps:
-        raise ConfigError(
-            f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
-        )
     if workers.is_main:
         try:
             create_output_folder(out)

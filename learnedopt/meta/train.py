@@ -68,6 +68,7 @@ from .loop import (
     check_elements,
     check_rule_config,
     check_run,
+    checks_agreed,
     check_select_every,
     clip_meta_gradient_,
     default_rule_config,
@@ -528,10 +529,12 @@ def meta_train(
             checkpoint holds the meta-step that was in progress.
     """
     out = Path(out)
-    built = resumable_config(config, out, resume)
-    workers = check_run(built, checkpoint_every, workers)
+    workers = distributed.current() if workers is None else workers
+    with checks_agreed(workers):  # a refusal on one rank stops every rank (train_loop ends the checks)
+        built = resumable_config(config, out, resume)
+        workers = check_run(built, checkpoint_every, workers)
+        trainer = _RuleTrainer(built, workers)
     command = command or "learnedopt.meta.train.meta_train(...)"
-    trainer = _RuleTrainer(built, workers)
     with OutputLock() as lock:  # held until the final files are written
         done, log = train_loop(
             config,

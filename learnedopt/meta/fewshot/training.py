@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...plugins import entry_point_path, load_entry_point, takes_parameter
+from .. import distributed
 from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
@@ -24,6 +25,7 @@ from ..loop import (
     OutputLock,
     Selection,
     check_run,
+    checks_agreed,
     clip_meta_gradient_,
     last_record,
     processes_note,
@@ -228,10 +230,12 @@ def meta_train_fewshot(
             checkpoint holds the meta-step that was in progress.
     """
     out = Path(out)
-    built = resumable_config(config, out, resume)
-    workers = check_run(built, checkpoint_every, workers)
+    workers = distributed.current() if workers is None else workers
+    with checks_agreed(workers):  # a refusal on one rank stops every rank (train_loop ends the checks)
+        built = resumable_config(config, out, resume)
+        workers = check_run(built, checkpoint_every, workers)
+        trainer = FewShotTrainer(built, workers)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
-    trainer = FewShotTrainer(built, workers)
     # the model file records --preset as given, not the copy a resumed run read it from
     trainer.learner.spec = dataclasses.replace(trainer.learner.spec, rule_start=config.preset)
     if config.algo == "reptile":
