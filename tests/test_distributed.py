@@ -9,6 +9,7 @@ last section tests the collectives' wrappers and the sharding helpers in this on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -317,6 +318,29 @@ def test_ranks_given_different_options_are_refused_before_the_run(tmp_path: Path
     assert result.returncode != 0, tail(result)
     assert "error: the ranks were given different options (--seed: 3 on rank 0, 4 on rank 1)" in result.stderr, tail(result)
     assert not out.exists()
+
+
+
+def test_a_resume_on_ranks_that_do_not_split_the_meta_batch_names_the_counts_that_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run's --meta-batch (and --select-tasks) is fixed once it began, so a ``--resume`` on 3
+    processes of a run with --meta-batch 4 is told the numbers of processes that can continue it;
+    it was told to "use a multiple of 3", which the resumed run then refused as another
+    configuration. A new run is still told to change --meta-batch."""
+    monkeypatch.setattr(dist, "all_gather_object", lambda into, value, *a, **k: into.__setitem__(slice(None), [value] * len(into)))
+    three = Workers(rank=0, world_size=3)
+    config = train.MetaTrainConfig(unroll=2, horizon=2, meta_steps=2, meta_batch=4)
+    with pytest.raises(loop.ConfigError, match=r"^--resume: the run's --meta-batch 4 does not split evenly over 3 "
+                       r"processes: continue it on 1, 2 or 4 processes$"):  # fmt: skip
+        train.meta_train(config, tmp_path / "run", resume=True, workers=three, progress=False)
+    selecting = dataclasses.replace(config, meta_batch=12, select_every=1, select_tasks=8)
+    with pytest.raises(loop.ConfigError, match=r"--select-tasks 8 does not split evenly over 3 processes: "
+                       r"continue it on 1, 2 or 4 processes$"):  # fmt: skip
+        train.meta_train(selecting, tmp_path / "run", resume=True, workers=three, progress=False)
+    with pytest.raises(loop.ConfigError, match=r"^--meta-batch 4 does not split evenly over 3 processes; use a multiple of 3$"):
+        train.meta_train(config, tmp_path / "new", workers=three, progress=False)
+
 
 
 # ----------------------------------------------------------------------------- in one process

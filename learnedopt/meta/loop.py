@@ -286,10 +286,12 @@ def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
         raise ConfigError(f"--rule-config: {rule} cannot be built: {one_line(err)}") from None
 
 
-def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Workers:
+def check_run(config: Any, checkpoint_every: int, workers: Workers | None, *, resume: bool = False) -> Workers:
     """The checks every algorithm's run starts with: the configuration (``config.validate()``),
-    ``checkpoint_every``, ``LEARNEDOPT_COMPILE``, and a meta-batch that splits over the workers (default:
-    :func:`learnedopt.meta.distributed.current`), which are returned.
+    ``checkpoint_every``, ``LEARNEDOPT_COMPILE``, and a meta-batch (and a selection episode of
+    ``select_tasks``, where the config has one) that splits over the workers (default:
+    :func:`learnedopt.meta.distributed.current`), which are returned. With ``resume`` those
+    sizes are the run's own, so a refusal names the numbers of processes that can continue it.
 
     Raises:
         ConfigError: the first problem found.
@@ -302,6 +304,16 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None) -> Wo
     except ValueError as err:
         raise ConfigError(str(err)) from None
     workers = distributed.current() if workers is None else workers
+    if resume:
+        sizes = {"--meta-batch": config.meta_batch}
+        if getattr(config, "select_every", 0) and getattr(config, "select_tasks", None) is not None:
+            sizes["--select-tasks"] = config.select_tasks
+        for option, size in sizes.items():
+            if size % workers.world_size:
+                counts = [n for n in range(1, min(sizes.values()) + 1) if all(s % n == 0 for s in sizes.values())]
+                shown = ", ".join(map(str, counts[:-1])) + f" or {counts[-1]}" if len(counts) > 1 else str(counts[0])
+                raise ConfigError(f"--resume: the run's {option} {size} does not split evenly over {workers.world_size} "
+                                  f"processes: continue it on {shown} processes")  # fmt: skip
     check_shares(config.meta_batch, workers)
     return workers
 

@@ -532,7 +532,7 @@ def meta_train(
     workers = distributed.current() if workers is None else workers
     with checks_agreed(workers):  # a refusal on one rank stops every rank (train_loop ends the checks)
         built = resumable_config(config, out, resume)
-        workers = check_run(built, checkpoint_every, workers)
+        workers = check_run(built, checkpoint_every, workers, resume=resume)
         trainer = _RuleTrainer(built, workers)
     command = command or "learnedopt.meta.train.meta_train(...)"
     with OutputLock() as lock:  # held until the final files are written

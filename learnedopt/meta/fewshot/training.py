@@ -233,7 +233,7 @@ def meta_train_fewshot(
     workers = distributed.current() if workers is None else workers
     with checks_agreed(workers):  # a refusal on one rank stops every rank (train_loop ends the checks)
         built = resumable_config(config, out, resume)
-        workers = check_run(built, checkpoint_every, workers)
+        workers = check_run(built, checkpoint_every, workers, resume=resume)
         trainer = FewShotTrainer(built, workers)
     command = command or "learnedopt.meta.fewshot.meta_train_fewshot(...)"
     # the model file records --preset as given, not the copy a resumed run read it from
