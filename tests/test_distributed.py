@@ -466,6 +466,34 @@ def test_a_failed_collective_names_the_rank_the_timeout_and_the_first_line_of_th
     assert str(raised.value) == expected.format("its timeout")
 
 
+def test_the_ranks_checks_become_one_verdict_naming_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``agree_checks`` on rank 0 of 4, the other ranks' reports stood in for: refusals grouped
+    by message and named by their ranks (not where every rank failed alike), and options that
+    differ named with each value's ranks; ranks that agree pass."""
+    others: list[tuple] = []
+
+    def gather(into: list, value: tuple, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        into[:] = [value, *others]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    four = Workers(rank=0, world_size=4)
+    others[:] = [("A", None), ("B", None), ("A", None)]
+    with pytest.raises(loop.ConfigError, match=r"^ranks 1, 3 of 4: A; rank 2 of 4: B$"):
+        loop.agree_checks(four, None, {"seed": 1})
+    with pytest.raises(loop.ConfigError, match=r"^ranks 0, 1, 3 of 4: A; rank 2 of 4: B$"):
+        loop.agree_checks(four, loop.ConfigError("A"))
+    others[:] = [("A", None)] * 3
+    with pytest.raises(loop.ConfigError, match=r"^A$"):  # every rank alike: said once, as one process says it
+        loop.agree_checks(four, loop.ConfigError("A"))
+    others[:] = [(None, {"seed": 1, "data_sha256": "f" * 64}), (None, {"seed": 2, "data_sha256": "f" * 64}),
+                 (None, {"seed": 2, "data_sha256": "e" * 64})]  # fmt: skip
+    with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(the data files' SHA-256: "
+                       r"f{12} on ranks 0, 1, 2, e{12} on rank 3; --seed: 1 on ranks 0, 1, 2 on ranks 2, 3\)"):  # fmt: skip
+        loop.agree_checks(four, None, {"seed": 1, "data_sha256": "f" * 64})
+    others[:] = [(None, {"seed": 1})] * 3
+    loop.agree_checks(four, None, {"seed": 1})
+
+
 def test_the_barrier_waits_for_the_other_ranks_only_when_there_are_some(monkeypatch: pytest.MonkeyPatch) -> None:
     other = _OtherRank(monkeypatch)
     SINGLE.barrier()
