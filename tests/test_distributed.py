@@ -308,6 +308,24 @@ def test_a_check_that_fails_on_one_rank_only_is_reported_and_stops_every_rank(tm
     assert "exitcode  : 1" not in result.stderr, tail(result)  # every rank ends as a refused configuration
 
 
+def test_ranks_resuming_checkpoints_of_other_content_are_refused(tmp_path: Path) -> None:
+    """Rank 1's ``--out`` holds a copy of the checkpoint at the same meta-step whose
+    meta-parameters differ (a stale or edited copy where ``--out`` is not shared): the ranks
+    would continue from other meta-parameters, so the job is refused; before, it ran, and rank
+    0 wrote its own weights."""
+    out = tmp_path / "lstm"
+    assert main([*meta_args("lstm", out), "--stop-after", "2"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    rule = payload["trainer"]["rule"] if "trainer" in payload else payload["rule"]
+    next(iter(rule.values())).add_(1e-3)
+    torch.save(payload, tmp_path / "elsewhere" / "checkpoint.pt")
+    result, _ = torchrun("elsewhere", out)
+    assert result.returncode != 0, tail(result)
+    assert "error: the ranks were given different options (the meta-parameters and meta-training state: " in result.stderr, tail(result)
+    assert "weights.safetensors" not in {p.name for p in out.iterdir()}
+
+
 def test_ranks_given_different_options_are_refused_before_the_run(tmp_path: Path) -> None:
     """Rank 0 is given ``--seed 3``, rank 1 ``--seed 4`` (a library caller's or a launcher's
     slip): the ranks would start from other meta-parameters and draw other tasks, and their

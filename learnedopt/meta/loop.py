@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -326,14 +327,49 @@ RANK_LOCAL_FIELDS: tuple[str, ...] = ("data", "preset", "device")
 
 def run_identity(config: RunConfig, trainer: Trainer) -> dict[str, Any]:
     """What every rank of a job must run the same: the configuration but
-    :data:`RANK_LOCAL_FIELDS`, and the SHA-256 of the data files where the trainer reads some."""
+    :data:`RANK_LOCAL_FIELDS`, the SHA-256 of the data files where the trainer reads some, and
+    a fingerprint of the trainer's state (the meta-parameters a ``--preset`` or the resumed
+    checkpoint gave it, and the meta-optimizer's state)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RANK_LOCAL_FIELDS}
     identity["data_sha256"] = getattr(trainer, "data_sha256", None)
+    identity["state"] = state_fingerprint(trainer.state_dict())
     return identity
 
 
+def state_fingerprint(state: Any) -> str:
+    """SHA-256 (hex) of a nested state (mappings, sequences, tensors, plain values): tensors by
+    dtype, shape and values wherever they are (so the same on CPU and any CUDA device)."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, Mapping):
+            digest.update(f"dict {len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                add(key)
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list {len(value)}:".encode())
+            for item in value:
+                add(item)
+        elif isinstance(value, torch.device):
+            digest.update(b"device")  # where a rank runs is its own (RANK_LOCAL_FIELDS)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    add(state)
+    return digest.hexdigest()
+
+
 #: how a refusal names the entries of a run's identity that are no option
-_IDENTITY_NAMES = {"data_sha256": "the data files' SHA-256", "start": "the meta-step the checkpoint in --out is at"}
+_IDENTITY_NAMES = {
+    "data_sha256": "the data files' SHA-256",
+    "start": "the meta-step the checkpoint in --out is at",
+    "state": "the meta-parameters and meta-training state: a --preset or checkpoint of other content",
+}
 
 
 def _ranks(ranks: Sequence[int], world_size: int) -> str:
@@ -368,13 +404,15 @@ def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mappin
         raise _agreed(ConfigError(message))
     identities = [dict(identity or {}) for _, identity in reports]
     differing = sorted({k for i in identities for k in i if any(j.get(k) != i.get(k) for j in identities)})
+    if len(differing) > 1 and "state" in differing:  # other options make another state: name the cause
+        differing.remove("state")
     if differing:
         shown = []
         for key in differing:
             by_value: dict[str, list[int]] = {}
             for rank, i in enumerate(identities):
                 value = i.get(key)
-                by_value.setdefault(value[:12] if key == "data_sha256" and value else repr(value), []).append(rank)
+                by_value.setdefault(value[:12] if key in ("data_sha256", "state") and value else repr(value), []).append(rank)
             name = _IDENTITY_NAMES.get(key, f"--{key.replace('_', '-')}")
             values = ", ".join(f"{v} on {_ranks(r, workers.world_size).removesuffix(f' of {workers.world_size}')}"
                                for v, r in by_value.items())  # fmt: skip
