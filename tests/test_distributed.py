@@ -595,6 +595,36 @@ def test_shutdown_leaves_only_the_group_init_from_env_created(monkeypatch: pytes
             dist.destroy_process_group()
 
 
+def test_more_processes_than_gpus_run_on_the_cpu_and_a_cuda_run_is_refused_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local rank 1 of a torchrun job on a machine with 1 CUDA device: joining the job pinned
+    the process to CUDA device 1, which does not exist, so a CPU run of 2 processes on a
+    1-GPU machine failed with "cannot join the torchrun job: ... invalid device ordinal". Now
+    only a rank with a GPU of its own is pinned to it, and a ``--device cuda`` run on a rank
+    without one is refused, naming it."""
+    from learnedopt.meta import distributed
+
+    pinned: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(distributed, "current", lambda: Workers(1, 2))
+    monkeypatch.setattr(distributed, "_owns_group", False)
+    monkeypatch.setattr(distributed, "_timeout_s", None)
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.init_from_env() == Workers(1, 2)
+    assert pinned == []
+    config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2, device="cuda")
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda: local rank 1 has no CUDA device of its own \(this "
+                       r"machine has 1 for 2 processes\): start at most 1 process per machine \(--nproc_per_node\) "
+                       r"or use --device cpu$"):  # fmt: skip
+        loop.check_run(config, 1, Workers(1, 2))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init_from_env() == Workers(1, 2)
+    assert pinned == [0]
+
+
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:
     """A state ``(*lead, *param.shape, *trail)`` is sharded on the parameter's dimension moved by
     ``len(lead)`` (not by ``len(trail)``); a replicated dimension stays replicated; a partial

@@ -190,8 +190,11 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Workers:
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = default_backend()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # each rank on its own GPU; more processes than GPUs (a CPU run on a 1-GPU machine) pin none,
+    # and a --device cuda run is refused there (loop.check_run)
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     global _timeout_s, _owns_group
     _timeout_s, _owns_group = timeout_s, True

@@ -298,13 +298,20 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None, *, re
         ConfigError: the first problem found.
     """
     config.validate()
-    check_device(config.device)
+    device = check_device(config.device)
+    workers = distributed.current() if workers is None else workers
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and workers.world_size > 1 and local_rank is not None:
+        if int(local_rank) >= torch.cuda.device_count():  # init_from_env pinned this rank to no GPU
+            count, processes = torch.cuda.device_count(), os.environ.get("LOCAL_WORLD_SIZE", "more")
+            raise ConfigError(f"--device {config.device}: local rank {local_rank} has no CUDA device of its own (this "
+                              f"machine has {count} for {processes} processes): start at most {count} "
+                              f"process{'es' * (count > 1)} per machine (--nproc_per_node) or use --device cpu")  # fmt: skip
     check_checkpoint_every(checkpoint_every)
     try:  # read at the first LSTM step: a bad value stopped meta-step 1 with a traceback, a log begun
         check_settings()
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    workers = distributed.current() if workers is None else workers
     if resume:
         sizes = {"--meta-batch": config.meta_batch}
         if getattr(config, "select_every", 0) and getattr(config, "select_tasks", None) is not None:
