@@ -446,7 +446,7 @@ def checks_agreed(workers: Workers, identity: Callable[[], Mapping[str, Any]] | 
             raise
         agree_checks(workers, err)
         raise  # one process: agree_checks raised err already
-    if identity is not None:
+    if identity is not None and workers.world_size > 1:  # one process agrees with itself: no fingerprint
         agree_checks(workers, None, identity())
 
 
