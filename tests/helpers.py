@@ -83,6 +83,17 @@ def assert_same_params_and_states(params, optimizer, others, other) -> None:
         assert all(torch.equal(value, other.state[q][name]) for name, value in optimizer.state[p].items())
 
 
+def step_alike(params, optimizer, others, other, seeds) -> None:
+    """Step ``optimizer`` on ``params`` and ``other`` on ``others`` with the same gradients, one
+    step per seed, then check both bit for bit (:func:`assert_same_params_and_states`)."""
+    for seed in seeds:
+        set_grads(params, seed=seed)
+        set_grads(others, seed=seed)
+        step(optimizer)
+        step(other)
+    assert_same_params_and_states(params, optimizer, others, other)
+
+
 def to_device_keeping_strides(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device`` with its strides: ``Tensor.to`` makes a non-contiguous view contiguous
     when it copies, which would hide the very layout a test passes on purpose."""

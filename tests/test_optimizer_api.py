@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step, step_alike
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, UntrainedWeightsWarning
 
@@ -492,12 +492,7 @@ def test_states_made_inside_inference_mode_keep_stepping_outside_it(kind, foreac
             opt.load_state_dict(opt.state_dict())
     if inside == "step":
         step(reference)
-    for seed in (2, 3):
-        set_grads(params, seed=seed)
-        set_grads(reference_params, seed=seed)
-        step(opt)
-        step(reference)
-    assert_same_params_and_states(params, opt, reference_params, reference)
+    step_alike(params, opt, reference_params, reference, (2, 3))
     assert not any(value.is_inference() for p in params for value in opt.state[p].values())
 
 
@@ -895,12 +890,7 @@ def test_optimizers_build_and_step_alike_under_swapped_module_params(swapping_mo
     others = make_params([(3,), (2, 2)], dtype=torch.float32)
     other = OPTIMIZERS[kind](others)
     torch.__future__.set_swap_module_params_on_conversion(True)
-    for seed in (1, 2):
-        set_grads(params, seed=seed)
-        set_grads(others, seed=seed)
-        step(opt)
-        step(other)
-    assert_same_params_and_states(params, opt, others, other)
+    step_alike(params, opt, others, other, (1, 2))
     assert torch.__future__.get_swap_module_params_on_conversion()  # left as the caller set it
 
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step, step_alike
 
 
 class Exhausted(torch.OutOfMemoryError):
@@ -64,12 +64,7 @@ def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kin
         for p, q in zip(params, saved_params, strict=True):
             p.copy_(q)
     opt.load_state_dict(saved)
-    for seed in (2, 3):
-        set_grads(params, seed=seed)
-        set_grads(reference, seed=seed)
-        step(opt)
-        step(ref_opt)
-    assert_same_params_and_states(params, opt, reference, ref_opt)
+    step_alike(params, opt, reference, ref_opt, (2, 3))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
