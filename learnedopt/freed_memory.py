@@ -4,7 +4,7 @@ A meta-training truncation allocates and frees several hundred MB of tensors of 
 each (the LSTM's saved activations, one set per step). By default glibc's ``malloc`` hands the
 freed top of its heap back to the operating system once it passes a threshold, and serves large
 requests with fresh ``mmap``\\ s, so the next truncation touches new pages: in six meta-steps
-of the default's MNIST meta-training, about 250,000 more page faults (twice the run's total kept
+of the default's MNIST meta-training, about 250,000 more page faults (nearly twice the run's total kept
 mapped) and each meta-step 1.04x slower (``benchmarks/freed_memory.py``,
 benchmarks/results/freed_memory.md). ``learnedopt meta-train`` calls :func:`keep_freed_memory`
 first; the library itself never changes how the process allocates (a program of your own can
