@@ -195,3 +195,17 @@ def test_class_labels_with_windows_path_separators(tmp_path: Path) -> None:
     labels = tmp_path / "run01" / "class_labels.txt"
     labels.write_text(labels.read_text().replace("/", "\\"))
     assert torch.equal(load_runs(tmp_path)[0].test_labels, truth[0])
+
+
+def test_only_run_and_digits_folders_are_runs(tmp_path: Path) -> None:
+    """all_runs.zip holds run01 ... run20; another folder beside them whose name starts with
+    "run" (a ``runs_old/`` backup, ``run_notes/``) was read as a run and failed with "needs
+    training/*.png". Such folders are not runs; with no runNN folder at all the error says so."""
+    make_runs(tmp_path, runs=2)
+    (tmp_path / "runs_old").mkdir()
+    (tmp_path / "run_notes").mkdir()
+    assert [run.name for run in load_runs(tmp_path)] == ["run01", "run02"]
+    only_others = tmp_path / "others"
+    (only_others / "runs_old").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no runNN folders"):
+        load_runs(only_others)

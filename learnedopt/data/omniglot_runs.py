@@ -40,7 +40,9 @@ class OneShotRun:
 
 
 def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list[OneShotRun]:
-    """Read every ``run*`` folder under ``root`` (sorted by name). Hidden files (names starting
+    """Read every ``runNN`` folder under ``root`` (``run`` and digits, as all_runs.zip's ``run01``
+    ... ``run20``, sorted by name; another folder whose name starts with ``run``, such as a
+    ``runs_old/`` backup, is not a run). Hidden files (names starting
     with ``.``, such as the ``._*.png`` copies macOS leaves) are skipped and ``.png`` is matched
     in any case, as by :func:`~learnedopt.data.load_omniglot`.
 
@@ -57,9 +59,9 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
         raise FileNotFoundError(f"no such folder: {root}; give {expected}")
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is a file, not a folder; give {expected}")
-    folders = sorted(p for p in root.glob("run*") if p.is_dir())
+    folders = sorted(p for p in root.glob("run*") if p.is_dir() and p.name[3:].isascii() and p.name[3:].isdigit())
     if not folders:
-        raise FileNotFoundError(f"no run* folders in {root}; give {expected}")
+        raise FileNotFoundError(f"no runNN folders (run01 ...) in {root}; give {expected}")
     return [_load_run(folder, image_size) for folder in folders]
 
 
