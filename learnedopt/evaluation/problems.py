@@ -165,6 +165,7 @@ class QuadraticModel(nn.Module):
         self.theta = nn.Parameter(theta)
 
     def forward(self) -> Tensor:
+        """The loss ``||W theta - y||^2`` at the current ``theta``, a 0-d tensor."""
         return (self.weight @ self.theta - self.target).square().sum()
 
 

@@ -87,6 +87,9 @@ class LearnedSpec:
         return self.optimizer
 
     def factory(self) -> OptimizerFactory:
+        """``build(params, lr)``: this optimizer with these weights and learning rate ``lr``
+        (:data:`OptimizerFactory`), the rule's class imported first (:meth:`optimizer_class`);
+        its untrained-weights warning is silenced (reports state it once, in their header)."""
         optimizer = self.optimizer_class()
 
         def build(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:

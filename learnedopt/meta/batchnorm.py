@@ -28,6 +28,10 @@ class BatchStatNorm(nn.Module):
         self.bias = source.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(N, C, *spatial)`` normalised per channel with the mean and (biased) variance
+        over its other dimensions, then scaled and shifted by ``weight`` and ``bias`` ``(C,)``
+        where the layer has them; the same shape as ``x``. Raises ValueError for an input of
+        fewer than 2 dimensions or of one value per channel."""
         if x.dim() < 2 or x.numel() == x.shape[1]:
             # the fused kernel refuses this; under vmap the plain ops would give 0 everywhere
             raise ValueError(
@@ -78,6 +82,10 @@ class RunningStatNorm(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(N, C, *spatial)`` normalised per channel with ``running_mean`` and
+        ``running_var`` ``(C,)`` (left unchanged), then scaled and shifted by ``weight`` and
+        ``bias`` where the layer has them; the same shape as ``x``. Raises ValueError for an
+        input of fewer than 2 dimensions."""
         if x.dim() < 2:
             raise ValueError(f"BatchNorm takes an input (N, C, *spatial), got shape {tuple(x.shape)}")
         shape = [1, -1] + [1] * (x.dim() - 2)

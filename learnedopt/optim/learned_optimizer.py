@@ -147,6 +147,20 @@ class LearnedOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- torch.optim protocol
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group`` does (missing options
+        from the defaults), checked as the constructor's groups are; the group records this
+        optimizer's rule (``"learned_rule"``).
+
+        A ``"weights"`` entry (as wrappers such as ``ZeroRedundancyOptimizer`` pass the
+        constructor's keyword arguments) is accepted when it names the constructor's weights and
+        dropped; one optimizer runs one update rule.
+
+        Raises:
+            ValueError: ``"weights"`` names other weights, or the group's options or parameters
+                are refused (e.g. ``backend="triton"`` for a rule without fused kernels, a
+                parameter listed twice, a complex or non-float parameter); a refused group is
+                not kept.
+        """
         if "weights" in param_group:
             # wrappers that build the optimizer from per-group options give a group the
             # constructor's weights again (ZeroRedundancyOptimizer adds every keyword argument)
