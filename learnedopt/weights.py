@@ -215,6 +215,16 @@ def save_weights(
     with ValueError: that string loads the preset, not the file. The weights are stored in
     float32; one that is NaN or Inf there is refused with ValueError, as loading would refuse the
     file.
+
+    Args:
+        rule: the update rule whose weights and ``config`` are saved.
+        path: the file to write.
+        preset: the header's ``preset``: the preset these weights are (None for your own).
+        trained_on: the header's ``trained_on``: a description of the tasks the rule was
+            meta-trained on (e.g. the task family's ``describe()``).
+        trained: the header's ``trained``; a file saved with ``False`` warns
+            :class:`UntrainedWeightsWarning` when an optimizer loads it.
+        extra: further header keys (JSON values).
     """
     check_path_type(path, "save_weights", "a weight file's path")
     if isinstance(path, str) and path in PRESETS:  # _preset_or_file reads that string as the preset

@@ -727,8 +727,10 @@ def truncated_unroll(
     step), then the parameters and rule states are detached, so no gradient crosses a truncation.
     With ``update=None`` this only evaluates the rule.
 
-    ``lr``, ``stop_optimizee_grad`` and ``backend`` (``"auto"``, ``"torch"`` or ``"triton"``: how
-    the rule is applied) are passed to :func:`unroll`, which documents them. ``loss_weights``:
+    ``task_batch`` (``B`` tasks), ``params`` (``(B, *shape)`` per name), ``rule_state``
+    (``(lead, B * P, *trail)`` per state name), ``lr``, ``stop_optimizee_grad`` and ``backend``
+    (``"auto"``, ``"torch"`` or ``"triton"``: how the rule is applied) are as for :func:`unroll`,
+    which documents them. ``loss_weights``:
     ``(horizon,)`` weight of each step's loss over the whole run (e.g.
     :func:`horizon_loss_weights`), finite and ``>= 0``, each truncation's meta-loss taking its
     slice; default all ones.

@@ -145,8 +145,8 @@ class UpdateRule(nn.Module):
         raise NotImplementedError
 
     def init_state(self, n: int, *, dtype: torch.dtype, device: torch.device | str) -> State:
-        """Fresh states for ``n`` coordinates (zeros), in ``dtype`` (moving averages in at least
-        float32: :class:`StateSpec`)."""
+        """Fresh states for ``n`` coordinates (zeros) on ``device``, in ``dtype`` (moving averages
+        in at least float32: :class:`StateSpec`); each of shape ``spec.shape(n)``."""
         return {
             name: torch.zeros(spec.shape(n), dtype=spec.dtype(dtype), device=device)
             for name, spec in self.state_spec().items()

@@ -47,6 +47,11 @@ def single_tensor_update_(
             updated in place.
         lr: multiplier of the learned step (0 leaves the parameters unchanged).
         loss: scalar optimizee loss for rules that need it.
+        maximize: step on the negated gradients (maximise the objective, as ``torch.optim``'s
+            ``maximize``).
+        compute_dtype: the dtype the rule's math runs in (:func:`learnedopt.nn.precision.math_dtype`
+            of the parameters'): gradients, parameters and states are read in it, and the new
+            states and parameters written back in their own dtypes.
         before_write: if given, called before each tensor's states and value are written, so
             that a caller can tell an error before any write from one after some.
     """
@@ -108,6 +113,7 @@ def flat_update_(
         params, grads: in increasing ``offsets`` order; gaps between them (parameters skipped this
             step) are left untouched.
         buffers, offsets: the flat states, updated in place.
+        lr, loss, maximize, compute_dtype: as for :func:`single_tensor_update_`.
         chunk: coordinates per chunk.
         before_write: if given, called before each chunk's states (and each run's parameters)
             are written: an error raised before its first call changed nothing, one after it left
