@@ -66,6 +66,7 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, channels, H, W)`` to the same shape: the block's output."""
         y = F.relu(self.norm1(self.conv1(x)))
         return F.relu(x + self.norm2(self.conv2(y)))
 
@@ -120,6 +121,9 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(width, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """``(B, L)`` token ids (``L`` at most ``seq_len``) to ``(B, vocab, L)`` next-token logits
+        (classes second, as ``cross_entropy`` takes them), each position attending to itself and
+        the ones before."""
         if tokens.dim() != 2:
             raise ValueError(f"TinyTransformer takes (B, L) tokens, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.position.num_embeddings:

@@ -16,7 +16,7 @@ import pytest
 #: the modules whose public names are the library's API; a package's are its ``__all__``,
 #: ``learnedopt.weights``'s (which has no ``__all__``) the functions and classes it defines
 MODULES = ("learnedopt", "learnedopt.meta", "learnedopt.nn", "learnedopt.optim",
-           "learnedopt.evaluation", "learnedopt.data", "learnedopt.weights")
+           "learnedopt.evaluation", "learnedopt.data", "learnedopt.weights", "learnedopt.meta.fewshot", "learnedopt.models")
 
 #: methods checked besides the public ones (``__init__``'s arguments are documented by its class)
 DUNDERS = ("__init__", "__call__")
@@ -75,6 +75,8 @@ def class_problems(cls: type) -> list[str]:
         elif inspect.isfunction(value):
             function, method = value, True
         else:
+            continue
+        if function.__module__ != cls.__module__:  # not written with the class: typing.Protocol's own __init__
             continue
         doc = function.__doc__ if _own_docstring_needed(cls, name) else inspect.getdoc(getattr(cls, name))
         problems += callable_problems(f"{qualname}.{name}", function, method=method, doc=doc)

@@ -252,6 +252,7 @@ class FewShotConfig:
             check_elements(f"--hidden {self.hidden}", self.hidden**2 * 9, "the conv-4's (hidden, hidden, 3, 3) weights")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as the checkpoint and the model card record the configuration."""
         return dataclasses.asdict(self)
 
 

@@ -149,6 +149,7 @@ class FamilySource:
         return tuple(self.family.sample(size, torch.Generator().manual_seed(seed)))  # type: ignore[return-value]
 
     def describe(self) -> str:
+        """The family's own description (:meth:`FewShotFamily.describe`), for the model card."""
         return self.family.describe()
 
 

@@ -103,6 +103,7 @@ class LearnerSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as the learner's model file records the spec."""
         return dataclasses.asdict(self)
 
     def example_shape(self) -> tuple[int, ...] | None:

@@ -38,6 +38,7 @@ class SinusoidSource:
         return SinusoidTasks(seed).sample_tasks(size, self.shots, self.queries)[:4]
 
     def describe(self) -> str:
+        """The tasks in a sentence (their distribution, support and query counts, loss), for the model card."""
         return (
             f"sinusoid regression y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]; "
             f"{self.shots} support and {self.queries} query points per task; MSE"
@@ -96,6 +97,7 @@ class OmniglotSource:
         return [self.data.alphabets[i] for i in torch.unique(self.data.alphabet_of_class[self.classes]).tolist()]
 
     def describe(self) -> str:
+        """The episodes in a sentence (ways, shots, queries, the alphabets' part, rotations), for the model card."""
         rotated = bool((self.data.rotation_of_class[self.classes] != 0).any())
         s = self.sampler
         return (

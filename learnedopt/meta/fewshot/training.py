@@ -166,6 +166,7 @@ class FewShotTrainer:
         return {"network": dict(spec.architecture), "rule": None if spec.rule is None else dict(spec.rule)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's state for the checkpoint: the algorithm, the learner's architecture and tensors, Reptile's or the meta-optimizer's state, the selection's, and the data's SHA-256."""
         state: dict[str, Any] = {"algo": self.config.algo, "architecture": self._architecture(), "learner": self.learner.tensors()}
         if self.config.algo == "reptile":
             state["reptile"] = self.reptile.state_dict()
@@ -176,6 +177,7 @@ class FewShotTrainer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`'s ``state``; raises ConfigError (one line) for other data or another architecture than this run's."""
         refuse_other_data(state.get("data_sha256"), self.data_sha256, "Omniglot images", self.config.data)
         refuse_other_architecture(f"a {self.config.algo} learner", state.get("architecture"), self._architecture())
         self.learner.load_tensors(state["learner"])
