@@ -23,12 +23,14 @@
 # exits nonzero when the meta-gradients differ) failed; every part runs either way.
 set -uo pipefail
 : "${OUT:?set OUT to a writable folder}"
-# absolute: the parts run from the repository root and from benchmarks/
+# absolute, as $PY below: the parts run from the repository root and from benchmarks/
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
-cd "$(dirname "$0")/.."
+# a PYTHON path relative to the caller's directory, absolute too (a bare name is looked up in PATH)
 PY=${PYTHON:-}
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") || exit 2 ;; esac
+cd "$(dirname "$0")/.."
 if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+    if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; fi
 fi
 mkdir -p "$OUT/results"
 export TRITON_INTERPRET=0

@@ -295,3 +295,33 @@ def test_write_results_quotes_the_command_for_the_shell(results: Path, monkeypat
     command = json.loads((results / "r.json").read_text())["command"]
     assert shlex.split(command) == ["python", *argv[:-1]]  # --resume left out, as before
     assert f"Command: `{command}`" in (results / "r.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["venv", "relative PYTHON"])
+def test_run_gpu_runs_every_part_with_a_relative_python(tmp_path: Path, where: str) -> None:
+    """The default ``.venv/bin/python`` (relative to the repository) and a ``PYTHON`` relative to
+    the caller's directory: the kernel benchmark and the comparison with higher run from
+    ``benchmarks/``, where a relative path named no file (exit 127, each part failed)."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh", repo / "benchmarks")
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    python = repo / ".venv" / "bin" / "python" if where == "venv" else caller / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(OUT=str(tmp_path / "out"), CALLS=str(calls), HIGHER_RC="0")
+    if where != "venv":
+        env["PYTHON"] = "bin/python"
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "run_gpu.sh")], cwd=caller, env=env, capture_output=True, text=True, timeout=60)
+    runs = calls.read_text().splitlines()
+    assert any("kernel_bench.py" in line for line in runs), done.stdout[-2000:]
+    assert any("fewshot.py higher" in line for line in runs), done.stdout[-2000:]
+    assert done.returncode == 0, done.stdout[-2000:]
