@@ -28,6 +28,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPEED_ENV = ("THP_MEM_ALLOC_ENABLE", "LEARNEDOPT_COMPILE", "OMP_NUM_THREADS", "GLIBC_TUNABLES", "LEARNEDOPT_KEEP_FREED_MEMORY")
 
 
+def power_of_two(least: int) -> Callable[[str], int]:
+    """``type=`` of a Triton launch option (a block size, a warp count): a power of two of at least
+    ``least``, else argparse's one-line error (the launchers refuse any other value mid-run)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < least or value & (value - 1):
+            raise argparse.ArgumentTypeError(f"must be a power of two >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
 def time_call(fn: Callable[[], object], *, repeats: int = 5, min_time: float = 0.2) -> float:
     """Median seconds per call over ``repeats`` measurements of at least ``min_time`` each."""
     fn()  # warm-up

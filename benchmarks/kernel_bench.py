@@ -67,7 +67,7 @@ from pathlib import Path
 
 import common
 import torch
-from common import write_results
+from common import positive_int, power_of_two, write_results
 
 from learnedopt import LSTMOptimizer
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
@@ -461,13 +461,13 @@ def meta_differentiable_columns(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="parameter counts")
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--hidden-size", type=int, default=20)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, help="parameter counts")
+    parser.add_argument("--num-layers", type=positive_int, default=2)
+    parser.add_argument("--hidden-size", type=positive_int, default=20)
     parser.add_argument("--param-dtype", choices=DTYPES, default="float32")
     parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--block", type=power_of_two(16), default=64)
+    parser.add_argument("--num-warps", type=power_of_two(1), default=4)
     parser.add_argument(
         "--precisions", nargs="*", default=["tf32x3"], help="extra tl.dot input precisions to time"
     )
@@ -480,11 +480,11 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument(
         "--backward-max-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="largest size for the backward columns (default 10^7 on CUDA, 10^6 on CPU)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--results-dir", type=Path, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -112,6 +112,12 @@ BAD_OPTIONS = [
     ("fewshot", ["higher", "--repeats", "0"]),
     ("fewshot", ["higher", "--device", "bogus"]),
     ("kernel_case_conditioning", ["--help-me"]),  # took no options: ran and overwrote its results
+    ("kernel_bench", ["--repeats", "0"]),  # a statistics traceback after the setup
+    ("kernel_bench", ["--sizes", "-5"]),  # a negative-dimension traceback
+    ("kernel_bench", ["--hidden-size", "0"]),
+    ("kernel_bench", ["--block", "48"]),  # the launcher's ValueError mid-run on a GPU
+    ("kernel_bench", ["--num-warps", "3"]),
+    ("kernel_bench", ["--backward-max-size", "0"]),  # read as "not given": the default's 10^6 ran
 ]
 
 
