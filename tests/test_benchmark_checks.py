@@ -331,3 +331,23 @@ def test_run_gpu_runs_every_part_with_a_relative_python(tmp_path: Path, where: s
     assert any("kernel_bench.py" in line for line in runs), done.stdout[-2000:]
     assert any("fewshot.py higher" in line for line in runs), done.stdout[-2000:]
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
+def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
+    """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
+    written over the results (exit 1); in a subprocess: the script does not import under
+    ``TRITON_INTERPRET=1``."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--no-differentiable", *argv, "--results-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("kernel_resources.py: error: argument "), done.stderr
+    assert list(tmp_path.iterdir()) == []
