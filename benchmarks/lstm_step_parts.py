@@ -21,7 +21,9 @@ for layer 0 (2 inputs, the paper's preprocessed gradient) and layer 1 (20 inputs
 - the whole two-layer step, forward and backward (the gradients of ``h``, ``c`` and every weight
   from a loss reading ``top``, ``h'`` and ``c'``): one autograd function per layer, the layers'
   ``h'`` and ``c'`` stacked into ``(2, n, H)`` states (before), against the library's
-  :class:`~learnedopt.nn.lstm_step.LSTMStackStep` (after), with whether the two give the same bits.
+  :class:`~learnedopt.nn.lstm_step.LSTMStackStep` (after; its products and compiled pointwise
+  functions, the fused CPU kernel off as ``LEARNEDOPT_CPU_KERNEL=0`` turns it off: that kernel is
+  ``lstm_layer_cpu.py``'s), with whether the two give the same bits.
 
     python benchmarks/lstm_step_parts.py [--coordinates 31820] [--threads 1]
 """
@@ -37,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, time_call, write_results  # noqa: E402
+from common import positive_int, time_call, without_cpu_kernel, write_results  # noqa: E402
 
 from learnedopt.nn.lstm_step import cell_backward, cell_forward, lstm_step  # noqa: E402
 
@@ -153,12 +155,15 @@ def main() -> None:
         return [*outputs, *torch.autograd.grad(loss, [h, c, *lstm.parameters()])]
 
     before_step = lambda *a: per_layer_lstm_step(*a, *compiled)  # noqa: E731
-    same_bits = all(
-        torch.equal(a, b)
-        for a, b in zip(step_and_gradients(before_step), step_and_gradients(lstm_step), strict=True)
-    )
-    add("two-layer step, forward and backward", "both",
-        lambda: step_and_gradients(before_step), lambda: step_and_gradients(lstm_step))  # fmt: skip
+    # 'after' is LSTMStackStep's products and compiled pointwise functions, not the fused CPU
+    # kernel (lstm_layer_cpu) that lstm_step runs by default since (lstm_layer_cpu.py times it)
+    with without_cpu_kernel():
+        same_bits = all(
+            torch.equal(a, b)
+            for a, b in zip(step_and_gradients(before_step), step_and_gradients(lstm_step), strict=True)
+        )
+        add("two-layer step, forward and backward", "both",
+            lambda: step_and_gradients(before_step), lambda: step_and_gradients(lstm_step))  # fmt: skip
 
     table = [
         f"Parts of one LSTM layer step at {n:,} coordinates, hidden size {hidden}, "

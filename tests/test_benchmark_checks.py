@@ -351,3 +351,18 @@ def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv:
     assert done.returncode == 2, done.stdout[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("kernel_resources.py: error: argument "), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lstm_step_parts_compares_the_step_it_names(results: Path, monkeypatch) -> None:
+    """The whole two-layer step's 'after' is ``LSTMStackStep``'s products and compiled pointwise
+    functions, which 'before' ran per layer with the same bits; with the fused CPU kernel on (the
+    library's default since), 'after' timed that kernel and the bits differed."""
+    import lstm_step_parts
+
+    monkeypatch.delenv("LEARNEDOPT_COMPILE")  # as the script runs: compiled, the kernel on
+    monkeypatch.delenv("LEARNEDOPT_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(lstm_step_parts, "time_call", lambda fn: (fn(), 1e-3)[1])
+    run_main(lstm_step_parts, monkeypatch, "--coordinates", "64")
+    payload = json.loads((results / "lstm_step_parts.json").read_text())
+    assert payload["two_layer_step_same_bits"] is True
+    assert "are bitwise equal before and after" in (results / "lstm_step_parts.md").read_text()
