@@ -1,7 +1,8 @@
 """A candidate not shipped: the meta-training LSTM step's gate product fused with its pointwise
 forward by Inductor's C++ GEMM template.
 
-The library's step (:class:`learnedopt.nn.lstm_step.LSTMStackStep`) runs each layer's forward as
+The library's step (:class:`learnedopt.nn.lstm_step.LSTMStackStep`), with its fused CPU kernel
+off (``LEARNEDOPT_CPU_KERNEL=0``, as here: the kernel came later), runs each layer's forward as
 one BLAS product of ``[x, h]`` with ``[W_ih, W_hh]`` into an ``(n, 4H)`` gates tensor, then one
 compiled pointwise function over it. A kernel that keeps a row block's gates in cache from the
 product to the activations would save writing and reading the gates. Inductor has one on x86
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, write_results  # noqa: E402
+from common import positive_int, without_cpu_kernel, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, lstm_step  # noqa: E402
@@ -69,16 +70,19 @@ def main() -> None:
 
     def truncation(fused: bool) -> tuple[float, list[torch.Tensor]]:
         lstm_step._layer_forward = _fused if fused else library_layer
+        # the step calls _layer_forward only where its fused CPU kernel (lstm_layer_cpu, on by
+        # default) does not run: with it off, both sides run the forwards described above
         try:
-            g = generator_for(0, 1, 1)
-            tasks = family.sample_batch(args.meta_batch, g)
-            params = tasks.init_params(g)
-            state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
-            for p in rule.parameters():
-                p.grad = None
-            start = time.perf_counter()
-            unroll(rule, tasks, params, state, args.unroll).meta_loss.backward()
-            return time.perf_counter() - start, [p.grad.clone() for p in rule.parameters()]
+            with without_cpu_kernel():
+                g = generator_for(0, 1, 1)
+                tasks = family.sample_batch(args.meta_batch, g)
+                params = tasks.init_params(g)
+                state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+                for p in rule.parameters():
+                    p.grad = None
+                start = time.perf_counter()
+                unroll(rule, tasks, params, state, args.unroll).meta_loss.backward()
+                return time.perf_counter() - start, [p.grad.clone() for p in rule.parameters()]
         finally:
             lstm_step._layer_forward = library_layer
 

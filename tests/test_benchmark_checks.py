@@ -366,3 +366,27 @@ def test_lstm_step_parts_compares_the_step_it_names(results: Path, monkeypatch) 
     payload = json.loads((results / "lstm_step_parts.json").read_text())
     assert payload["two_layer_step_same_bits"] is True
     assert "are bitwise equal before and after" in (results / "lstm_step_parts.md").read_text()
+
+
+def test_lstm_fused_gemm_runs_the_candidate_it_times(results: Path, monkeypatch) -> None:
+    """The candidate replaces ``lstm_step._layer_forward``, which the step calls only with the
+    fused CPU kernel off: with it on (the library's default since), both sides ran that kernel
+    and the candidate never ran."""
+    import lstm_fused_gemm
+
+    monkeypatch.delenv("LEARNEDOPT_COMPILE")  # as the script runs: compiled, the kernel on
+    monkeypatch.delenv("LEARNEDOPT_CPU_KERNEL", raising=False)
+    calls = []
+
+    def candidate(*args):  # the candidate's computation, eager (max_autotune compiles for minutes)
+        calls.append(1)
+        return lstm_fused_gemm.fused_layer(*args)
+
+    monkeypatch.setattr(lstm_fused_gemm, "_fused", candidate)
+    try:
+        run_main(lstm_fused_gemm, monkeypatch, "--meta-batch", "1", "--unroll", "1", "--repeats", "1", "--tag", "t")
+    except FileNotFoundError as err:  # no MNIST here
+        pytest.skip(str(err))
+    assert calls
+    payload = json.loads((results / "lstm_fused_gemm_t.json").read_text())
+    assert len(payload["seconds"]) == 2 and all(len(s) == 1 for s in payload["seconds"].values())
