@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, positive_int, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
-from learnedopt.meta.fewshot import omniglot_class_splits, parse_alphabets  # noqa: E402
+from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
 from learnedopt.meta.maml import MAML  # noqa: E402
 from learnedopt.meta.reptile import Reptile  # noqa: E402
 
@@ -496,9 +496,19 @@ def _table_rows(rows: list[dict]) -> list[str]:
 
 def _adaptation(text: str) -> tuple[int | None, int, int]:
     """``STEPS,COPIES[,QUERY_COPIES]`` (``model,...``: the model's test-time steps) ->
-    ``(steps, copies, query_copies)``."""
-    steps, copies, query_copies = (text.split(",") + ["0", "0"])[:3]
-    return (None if steps == "model" else int(steps)), int(copies or 0), int(query_copies or 0)
+    ``(steps, copies, query_copies)``;
+    ``type=`` of ``--adapt``: anything else is argparse's one-line error."""
+    parts = text.split(",")
+    try:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError
+        steps, copies, query_copies = (parts + ["0", "0"])[:3]
+        values = (None if steps == "model" else int(steps)), int(copies or 0), int(query_copies or 0)
+    except ValueError:
+        values = None
+    if values is None or any(v is not None and v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be STEPS,COPIES[,QUERY_COPIES] (STEPS a count or 'model', counts >= 0), got {text!r}")
+    return values
 
 
 def omniglot_model(args: argparse.Namespace) -> None:
@@ -520,7 +530,7 @@ def omniglot_model(args: argparse.Namespace) -> None:
     seconds = [r["seconds"] for r in records]
     peaks = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]
     rows = []
-    for steps, copies, query_copies in map(_adaptation, args.adapt):
+    for steps, copies, query_copies in args.adapt:
         steps = header["test_inner_steps"] if steps is None else steps
         start = time.perf_counter()
         cells = _test_cells(_adapter(learners, steps, copies, query_copies, args.seed), arch["ways"], args.test_episodes, args.seed,
@@ -594,9 +604,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     sin = sub.add_parser("sinusoid", help="MAML / FOMAML / Reptile / pretrained on sinusoid regression")
-    sin.add_argument("--iterations", type=int, default=20_000)
-    sin.add_argument("--test-tasks", type=int, default=600)
-    sin.add_argument("--shots", type=int, nargs="+", default=[5, 10])
+    sin.add_argument("--iterations", type=positive_int, default=20_000)
+    sin.add_argument("--test-tasks", type=positive_int, default=600)
+    sin.add_argument("--shots", type=positive_int, nargs="+", default=[5, 10])
     sin.add_argument("--seed", type=int, default=0)
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
@@ -607,31 +617,31 @@ def main() -> None:
     hig.add_argument("--results-dir", type=Path, default=None, help="where to write the results (default benchmarks/results)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
-    omn.add_argument("--methods", nargs="+", default=["maml", "fomaml", "reptile", "meta-lstm"])
-    omn.add_argument("--ways", type=int, nargs="+", default=[5, 20])
-    omn.add_argument("--iterations", type=int, default=1000)
-    omn.add_argument("--meta-batch", type=int, default=8)
-    omn.add_argument("--queries", type=int, default=5, help="query images per class in meta-training")
-    omn.add_argument("--hidden", type=int, default=64)
-    omn.add_argument("--test-episodes", type=int, default=600)
-    omn.add_argument("--val-tasks", type=int, default=20, help="validation tasks of the trainer's end-of-run metric")
-    omn.add_argument("--threads-per-job", type=int, default=2)
+    omn.add_argument("--methods", nargs="+", choices=FEWSHOT_ALGOS, default=list(FEWSHOT_ALGOS))
+    omn.add_argument("--ways", type=positive_int, nargs="+", default=[5, 20])
+    omn.add_argument("--iterations", type=positive_int, default=1000)
+    omn.add_argument("--meta-batch", type=positive_int, default=8)
+    omn.add_argument("--queries", type=positive_int, default=5, help="query images per class in meta-training")
+    omn.add_argument("--hidden", type=positive_int, default=64)
+    omn.add_argument("--test-episodes", type=positive_int, default=600)
+    omn.add_argument("--val-tasks", type=positive_int, default=20, help="validation tasks of the trainer's end-of-run metric")
+    omn.add_argument("--threads-per-job", type=positive_int, default=2)
     omn.add_argument("--seed", type=int, default=0)
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
     mod = sub.add_parser("omniglot-model", help="score a `learnedopt meta-train --task omniglot` learner on the held-out alphabets")
     mod.add_argument("model", nargs="+", help="the run's model.safetensors; several: an ensemble (softmax outputs averaged)")
     mod.add_argument("--tag", required=True, help="suffix of the results file name")
-    mod.add_argument("--test-episodes", type=int, default=600)
+    mod.add_argument("--test-episodes", type=positive_int, default=600)
     mod.add_argument("--seed", type=int, default=0)
-    mod.add_argument("--adapt", nargs="+", default=["model,0"], metavar="STEPS,COPIES[,QUERY_COPIES]",
+    mod.add_argument("--adapt", type=_adaptation, nargs="+", default=[(None, 0, 0)], metavar="STEPS,COPIES[,QUERY_COPIES]",
                      help="test-time settings, one row each: inner steps ('model': the model's), randomly "
                           "distorted copies of each support image to adapt on too, and distorted views of each "
                           "query image to average the predictions over (default: model,0,0)")  # fmt: skip
     mod.add_argument("--part", choices=["meta_test", "meta_valid"], default="meta_test",
                      help="alphabets to score on (meta_valid: for choosing test-time settings)")
     mod.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS), help="which cells to score (default all)")
-    mod.add_argument("--threads", type=int, default=1)
+    mod.add_argument("--threads", type=positive_int, default=1)
     mod.set_defaults(func=omniglot_model)
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
     plot.set_defaults(func=plot_omniglot, threads=None)

@@ -118,6 +118,15 @@ BAD_OPTIONS = [
     ("kernel_bench", ["--block", "48"]),  # the launcher's ValueError mid-run on a GPU
     ("kernel_bench", ["--num-warps", "3"]),
     ("kernel_bench", ["--backward-max-size", "0"]),  # read as "not given": the default's 10^6 ran
+    ("fewshot", ["sinusoid", "--iterations", "1", "--test-tasks", "0"]),  # a mean of no tasks
+    ("fewshot", ["sinusoid", "--iterations", "1", "--shots", "0"]),
+    ("fewshot", ["sinusoid", "--iterations", "0"]),
+    ("fewshot", ["omniglot", "--methods", "bogus"]),  # its job's process died; the parent waited for it forever
+    ("fewshot", ["omniglot", "--ways", "0"]),
+    ("fewshot", ["omniglot", "--threads-per-job", "0"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "x,1"]),  # a traceback after loading
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "5,-1"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--test-episodes", "0"]),
 ]
 
 
