@@ -427,6 +427,25 @@ def _omniglot_job(method: str, ways: int, args, queue) -> None:
                    config=adapt.config, **cells))
 
 
+def _job_row(job, queue, what: str) -> dict:
+    """The row that ``job`` (an :func:`_omniglot_job` process) puts on ``queue``; exits with a
+    one-line error when the job ends without one (its own error printed above), where a plain
+    ``queue.get()`` waited forever."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty:
+            if not job.is_alive():
+                try:  # a row put just before the job ended
+                    return queue.get(timeout=1)
+                except queues.Empty:
+                    raise SystemExit(
+                        f"fewshot.py: error: the {what} job exited (status {job.exitcode}) without a result; its error is above"
+                    ) from None
+
+
 def omniglot(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
@@ -437,7 +456,7 @@ def omniglot(args: argparse.Namespace) -> None:
             queue = ctx.Queue()
             job = ctx.Process(target=_omniglot_job, args=(method, ways, args, queue))
             job.start()
-            row = queue.get()
+            row = _job_row(job, queue, f"{method} {ways}-way")
             job.join()
             rows.append(row)
             print(row, flush=True)

@@ -399,3 +399,17 @@ def test_lstm_fused_gemm_runs_the_candidate_it_times(results: Path, monkeypatch)
     assert calls
     payload = json.loads((results / "lstm_fused_gemm_t.json").read_text())
     assert len(payload["seconds"]) == 2 and all(len(s) == 1 for s in payload["seconds"].values())
+
+
+def test_fewshot_omniglot_exits_when_a_job_fails(tmp_path: Path) -> None:
+    """Each method runs in its own process; one that failed (here: no Omniglot data) never put
+    its row, and the parent waited for it forever."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fewshot.py"
+    env = {**os.environ, "LEARNEDOPT_DATA": str(tmp_path)}
+    command = [sys.executable, str(script), "omniglot", "--methods", "maml", "--ways", "2", "--iterations", "1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("fewshot.py: error: the maml 2-way job exited"), done.stderr[-2000:]
