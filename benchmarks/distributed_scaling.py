@@ -9,7 +9,7 @@ and reads the per-meta-step wall times that rank 0 logs in ``log.jsonl`` (the fi
 dropped as warm-up). It reports meta-steps/s and the ratios against the 1-process runs.
 
     python benchmarks/distributed_scaling.py [--configs 1x1 1x2 2x1] [--task mnist-mlp] \
-        [--meta-batch 8] [--horizon 40] [--unroll 20] [--meta-steps 5]
+        [--meta-batch 8] [--horizon 40] [--unroll 20] [--meta-steps 5] [--tag NAME]
 
 ``PxT`` is P processes with T threads each; on a machine with more cores add e.g. ``4x1 8x1``.
 """
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--horizon", type=positive_int, default=40)
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--meta-steps", type=positive_int, default=5)
+    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     if len(set(args.configs)) < len(args.configs):
         parser.error(f"argument --configs: each configuration once, got {' '.join(args.configs)}")
@@ -99,7 +100,7 @@ def main() -> None:
     job = (f"--task {args.task} --meta-batch {args.meta_batch} (global) --horizon {args.horizon} "
            f"--unroll {args.unroll}, {args.meta_steps} meta-steps, first dropped; median")  # fmt: skip
     table = f"Job: {job}.\n\n" + "\n".join(lines)
-    write_results("distributed_scaling", {"job": job, "cpu_count": os.cpu_count(), "results": rows}, table)
+    write_results("distributed_scaling" + (f"_{args.tag}" if args.tag else ""), {"job": job, "cpu_count": os.cpu_count(), "results": rows}, table)
     print(table)
 
 

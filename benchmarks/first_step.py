@@ -13,7 +13,7 @@ Each measurement is a fresh Python process that builds a small model (``nn.Linea
   first step cost before the kernel;
 - eager: ``LEARNEDOPT_COMPILE=0``, nothing compiled.
 
-    python benchmarks/first_step.py [--threads 1]
+    python benchmarks/first_step.py [--threads 1] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def first_steps(env: dict[str, str], threads: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -82,7 +83,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *(f"| {r['case']} | {r['first_s']:.2f} | {r['second_ms']:.2f} | {r['third_ms']:.2f} |" for r in rows),
     ]
-    write_results("first_step", {"threads": args.threads, "rows": rows}, "\n".join(table))
+    write_results("first_step" + (f"_{args.tag}" if args.tag else ""), {"threads": args.threads, "rows": rows}, "\n".join(table))
 
 
 if __name__ == "__main__":

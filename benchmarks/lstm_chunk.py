@@ -8,7 +8,7 @@ with the paper's configuration (2 layers, hidden 20, 2 inputs), five ways, in on
 - those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels);
 - ``lstm_step``'s formulation compiled as one function (gate products included).
 
-    python benchmarks/lstm_chunk.py [--chunk 8192] [--threads N]
+    python benchmarks/lstm_chunk.py [--chunk 8192] [--threads N] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunk", type=positive_int, default=8192)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -96,7 +97,7 @@ def main() -> None:
         "|---|---:|---:|",
         *(f"| {r['variant']} | {r['ms']:.2f} | {r['gflops']:.1f} |" for r in rows),
     ]
-    write_results("lstm_chunk", {"chunk": n, "compile_seconds": compile_seconds, "rows": rows}, "\n".join(table))
+    write_results("lstm_chunk" + (f"_{args.tag}" if args.tag else ""), {"chunk": n, "compile_seconds": compile_seconds, "rows": rows}, "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ for layer 0 (2 inputs, the paper's preprocessed gradient) and layer 1 (20 inputs
   functions, the fused CPU kernel off as ``LEARNEDOPT_CPU_KERNEL=0`` turns it off: that kernel is
   ``lstm_layer_cpu.py``'s), with whether the two give the same bits.
 
-    python benchmarks/lstm_step_parts.py [--coordinates 31820] [--threads 1]
+    python benchmarks/lstm_step_parts.py [--coordinates 31820] [--hidden 20] [--threads 1] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--coordinates", type=positive_int, default=31820)
     parser.add_argument("--hidden", type=positive_int, default=20)
     parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, hidden = args.coordinates, args.hidden
@@ -178,7 +179,7 @@ def main() -> None:
         f"\nThe two-layer step's outputs and gradients are {'' if same_bits else 'not '}bitwise equal "
         "before and after.",
     ]
-    write_results("lstm_step_parts", {"coordinates": n, "hidden": hidden, "rows": rows, "float64_error": errors,
+    write_results("lstm_step_parts" + (f"_{args.tag}" if args.tag else ""), {"coordinates": n, "hidden": hidden, "rows": rows, "float64_error": errors,
                                       "two_layer_step_same_bits": same_bits}, "\n".join(table))  # fmt: skip
 
 

@@ -413,3 +413,27 @@ def test_fewshot_omniglot_exits_when_a_job_fails(tmp_path: Path) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("fewshot.py: error: the maml 2-way job exited"), done.stderr[-2000:]
+
+
+TAGGED = [
+    ("lstm_chunk", ["--chunk", "64", "--threads", "1"], "time_call"),
+    ("lstm_step_parts", ["--coordinates", "64"], "time_call"),
+    ("first_step", ["--threads", "1"], "first_steps"),
+    ("distributed_scaling", ["--configs", "1x1", "2x1", "--meta-steps", "2"], "run"),
+]
+
+
+@pytest.mark.parametrize("script, argv, slow", TAGGED, ids=[s for s, _, _ in TAGGED])
+def test_tag_names_the_results_files(script: str, argv: list[str], slow: str, results: Path, monkeypatch) -> None:
+    """Without ``--tag`` every run of these (a smaller ``--chunk``, another host) wrote over the
+    committed results; the timing itself is stubbed here."""
+    module = importlib.import_module(script)
+    stubs = {
+        "time_call": lambda fn, **kwargs: (fn(), 1e-3)[1],
+        "first_steps": lambda env, threads: [1.0, 2e-3, 1e-3],
+        "run": lambda procs, threads, args, out: {"seconds_per_meta_step": 1.0 / procs, "meta_steps_per_s": float(procs),
+                                                  "wall_s": 3.0, "per_step_seconds": [2.0, 1.0 / procs]},
+    }  # fmt: skip
+    monkeypatch.setattr(module, slow, stubs[slow])
+    run_main(module, monkeypatch, *argv, "--tag", "t")
+    assert sorted(p.name for p in results.iterdir()) == [f"{script}_t.json", f"{script}_t.md"]
