@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, without_cpu_kernel, write_results  # noqa: E402
+from common import fail, positive_int, without_cpu_kernel, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, lstm_step  # noqa: E402
@@ -59,13 +59,16 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="suffix of the results file name")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.preset:
-        from learnedopt.weights import build_preset
+    try:  # an unknown preset, or no MNIST data: a one-line error
+        if args.preset:
+            from learnedopt.weights import build_preset
 
-        rule = build_preset(args.preset)[0]
-    else:
-        rule = RULES["CoordinateLSTM"]()
-    family = make_family("mnist-mlp", split="meta_train")
+            rule = build_preset(args.preset)[0]
+        else:
+            rule = RULES["CoordinateLSTM"]()
+        family = make_family("mnist-mlp", split="meta_train")
+    except (OSError, ValueError) as err:
+        fail(parser, str(err))
     library_layer = lstm_step._layer_forward
 
     def truncation(fused: bool) -> tuple[float, list[torch.Tensor]]:
