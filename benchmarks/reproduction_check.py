@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -70,7 +71,8 @@ def max_seed_diff(a: Sequence[float], b: Sequence[float]) -> float:
     return max(diffs, default=math.nan)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("shipped")
     parser.add_argument("rerun")
@@ -78,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.seeds < 1:
         fail(parser, f"--seeds must be >= 1, got {args.seeds}")
@@ -88,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         fail(parser, str(err))
     torch.set_num_threads(1)
-    report: dict = {"command": "python benchmarks/reproduction_check.py " + " ".join(
-        [args.shipped, args.rerun, "--out", str(args.out), "--problems", *args.problems]),
+    # every option, quoted for the shell: the command reruns this check as it ran
+    command = [args.shipped, args.rerun, "--out", str(args.out), "--problems", *args.problems, "--seeds", str(args.seeds)]
+    command += ["--data", args.data] if args.data is not None else []
+    report: dict = {"command": shlex.join(["python", "benchmarks/reproduction_check.py", *command]),
         "machine": machine(), "weights": weights, "problems": {}}
     start = time.perf_counter()
     for name, problem in problems.items():

@@ -134,3 +134,21 @@ def test_a_plain_safetensors_file_is_not_a_weight_file(tmp_path: Path) -> None:
     a = weight_file(tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="not a learnedopt weight file"):
         weight_difference(a, str(tmp_path / "plain.safetensors"))
+
+
+def test_the_recorded_command_reruns_the_check(tmp_path: Path, monkeypatch) -> None:
+    # the command left out --seeds and --data, and joined the words with spaces: rerun as
+    # written, a 3-seed check ran on 10 seeds, and a path with a space read as two arguments
+    import shlex
+
+    a = weight_file(tmp_path / "a b.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=0.25)
+    monkeypatch.setattr(reproduction_check, "run_optimizer", lambda problem, seed, factory, lr: np.full(20, 1.0))
+    out = str(tmp_path / "out")
+    run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "3", "--out", out)
+    command = json.loads((tmp_path / "out" / "reproduction.json").read_text())["command"]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "benchmarks/reproduction_check.py"]
+    parsed = reproduction_check.build_parser().parse_args(words[2:])
+    assert (parsed.shipped, parsed.rerun, parsed.seeds, parsed.problems, str(parsed.out)) == (a, b, 3, ["quadratic-20"], out)
+    assert f"Command: `{command}`" in (tmp_path / "out" / "reproduction.md").read_text()
