@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--name", default="maml_memory", help="results file name (default maml_memory)")
     parser.add_argument("--cell", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if len(set(args.steps)) < len(args.steps):  # one result per step count: a repeat ran again for nothing
+        parser.error(f"argument --steps: each step count once, got {' '.join(map(str, args.steps))}")
     if args.cell:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.meta_batch, args.ways, args.shots)))
         return

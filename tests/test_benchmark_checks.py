@@ -101,6 +101,8 @@ BAD_OPTIONS = [
     ("lstm_layer_cpu", ["--threads", "0"]),
     ("first_step", ["--threads", "0"]),
     ("maml_memory", ["--steps", "0"]),
+    # ran twice; the JSON kept one, the table showed two rows
+    ("maml_memory", ["--steps", "1", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1"]),
     ("distributed_scaling", ["--configs", "1y1"]),
     ("distributed_scaling", ["--configs", "0x1"]),
     ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
