@@ -63,14 +63,26 @@ def gradient_sha256(grads: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def positive_int(text: str) -> int:
+    """``type=`` of a count: an int of at least 1, else argparse's one-line error (the worker
+    imports nothing but the library's public names, so not ``learnedopt.cli``'s twin)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default=None)
     parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--meta-batch", type=int, default=2)
-    parser.add_argument("--unroll", type=int, default=20)
+    parser.add_argument("--meta-batch", type=positive_int, default=2)
+    parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rule = build_rule(args.preset)

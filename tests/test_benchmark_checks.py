@@ -108,6 +108,8 @@ BAD_OPTIONS = [
     ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
     ("meta_train_throughput", ["--repeats", "0"]),
     ("revision_ab", ["--against", "HEAD", "--rounds", "0"]),
+    ("truncation_worker", ["--task", "quadratic", "--meta-batch", "0"]),  # ran, and timed empty meta-batches
+    ("truncation_worker", ["--task", "quadratic", "--threads", "0"]),
     ("freed_memory", ["--meta-steps", "1"]),  # its only meta-step would be left out
     ("freed_memory", ["--task", "bogus", "--meta-steps", "2", "--rounds", "1"]),
     ("meta_train_throughput", ["--task", "bogus"]),
