@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, write_results  # noqa: E402
+from common import fail, positive_int, write_results  # noqa: E402
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    """One meta-training job; its per-meta-step seconds (after the first) and wall time."""
+    """One meta-training job; its per-meta-step seconds (after the first) and wall time. Raises
+    ValueError with the meta-train command's one-line error when it refused the job."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
         "-m", "learnedopt.meta.train",
@@ -43,6 +44,11 @@ def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[s
     began = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
+        # the meta-train command's own one-line error (a bad --task, a missing data folder), as
+        # such; anything else with the end of its output
+        refused = [line for line in done.stderr.splitlines() if line.startswith("learnedopt meta-train: error: ")]
+        if refused:
+            raise ValueError(refused[0])
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     wall = time.perf_counter() - began
     seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -80,8 +86,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             procs, threads = (int(x) for x in config.split("x"))
-            rows[config] = {"processes": procs, "threads_per_process": threads,
-                            **run(procs, threads, args, Path(tmp) / config)}  # fmt: skip
+            try:
+                measured = run(procs, threads, args, Path(tmp) / config)
+            except ValueError as err:
+                fail(parser, f"the {config} run was refused: {err}")
+            rows[config] = {"processes": procs, "threads_per_process": threads, **measured}
             print(f"{config}: {rows[config]['meta_steps_per_s']:.4f} meta-steps/s", flush=True)
 
     base = {t: r for r in rows.values() if r["processes"] == 1 for t in [r["threads_per_process"]]}

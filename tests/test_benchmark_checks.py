@@ -106,6 +106,7 @@ BAD_OPTIONS = [
     ("distributed_scaling", ["--configs", "1y1"]),
     ("distributed_scaling", ["--configs", "0x1"]),
     ("distributed_scaling", ["--configs", "1x1", "1x1"]),  # the second run found the first's folder
+    ("distributed_scaling", ["--configs", "1x1", "--task", "bogus"]),  # torchrun's 40 lines of traceback
     ("meta_train_throughput", ["--repeats", "0"]),
     ("revision_ab", ["--against", "HEAD", "--rounds", "0"]),
     ("truncation_worker", ["--task", "quadratic", "--meta-batch", "0"]),  # ran, and timed empty meta-batches
