@@ -1,8 +1,10 @@
 """Ways to run the CPU optimizer step's LSTM: one 8,192-coordinate chunk of ``CoordinateLSTM``
 with the paper's configuration (2 layers, hidden 20, 2 inputs), five ways, in one run.
 
-- the rule as it runs: :func:`learnedopt.nn.lstm_step.lstm_step` (one gate product of ``[x, h]``
-  per layer, then :func:`~learnedopt.nn.lstm_step.cell_forward` compiled);
+- the rule as it runs: :func:`learnedopt.nn.lstm_step.lstm_step` (the fused CPU LSTM layer,
+  :mod:`learnedopt.kernels.lstm_layer_cpu`, where it builds; with ``LEARNEDOPT_CPU_KERNEL=0``, or
+  in results recorded before that kernel, one gate product of ``[x, h]`` per layer, then
+  :func:`~learnedopt.nn.lstm_step.cell_forward` compiled);
 - ``nn.LSTM`` (oneDNN's fused cell, what the optimizer's no-grad step ran before);
 - the same equations as separate PyTorch ops (addmm, sigmoid, tanh, ...);
 - those separate ops under ``torch.compile`` (Inductor's fused C++ element-wise kernels);
