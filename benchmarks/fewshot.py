@@ -1,7 +1,7 @@
 """Few-shot benchmarks: MAML, first-order MAML, Reptile (and on Omniglot meta-LSTM) against a
 pretrained baseline.
 
-    python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600]
+    python benchmarks/fewshot.py sinusoid [--iterations 20000] [--test-tasks 600] [--tag NAME]
     python benchmarks/fewshot.py higher [--tag NAME] [--device cuda]   # needs `pip install higher`
     python benchmarks/fewshot.py omniglot [--iterations 1000] [--ways 5 20] [--tag NAME]
     python benchmarks/fewshot.py omniglot-model RUN/model.safetensors [MORE.safetensors] --tag NAME \
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, positive_int, write_results  # noqa: E402
+import common  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -145,8 +146,9 @@ def sinusoid(args: argparse.Namespace) -> None:
             f"{r['mse_10_steps']:.3f} +- {r['ci_10_steps']:.3f} |"
         )
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    write_results("fewshot_sinusoid", {"config": config, "rows": rows, "curves": curves}, "\n".join(table))
-    _plot(curves, RESULTS / "fewshot_sinusoid.png")
+    name = "fewshot_sinusoid" + (f"_{args.tag}" if args.tag else "")
+    write_results(name, {"config": config, "rows": rows, "curves": curves}, "\n".join(table))
+    _plot(curves, common.RESULTS / f"{name}.png")
 
 
 def _plot(curves: dict[str, list[float]], path: Path) -> None:
@@ -247,7 +249,6 @@ def _meta_grad_difference(make_model, make_batch, lr: float, steps: int, loss_fn
 
 
 def against_higher(args: argparse.Namespace) -> None:
-    import common
     from common import gflop_count, matmul_gflops, require_equal_gradients, self_cpu_ms, time_call
 
     if args.results_dir is not None:
@@ -599,7 +600,7 @@ def plot_omniglot(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     bars = []
-    for path in sorted(RESULTS.glob("fewshot_omniglot*.json")):
+    for path in sorted(common.RESULTS.glob("fewshot_omniglot*.json")):
         run = path.stem.removeprefix("fewshot_omniglot").lstrip("_") or "default"  # the results file's tag
         payload = json.loads(path.read_text())
         for row in payload["rows"]:
@@ -616,7 +617,7 @@ def plot_omniglot(args: argparse.Namespace) -> None:
     ax.set_ylabel("test accuracy % (95% CI)")
     ax.set_title("Omniglot, held-out alphabets")
     fig.tight_layout()
-    fig.savefig(RESULTS / "fewshot_omniglot.png", dpi=120)
+    fig.savefig(common.RESULTS / "fewshot_omniglot.png", dpi=120)
 
 
 def main() -> None:
@@ -627,6 +628,7 @@ def main() -> None:
     sin.add_argument("--test-tasks", type=positive_int, default=600)
     sin.add_argument("--shots", type=positive_int, nargs="+", default=[5, 10])
     sin.add_argument("--seed", type=int, default=0)
+    sin.add_argument("--tag", default="", help="suffix of the results file names")
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
     hig.add_argument("--repeats", type=positive_int, default=5)

@@ -443,3 +443,12 @@ def test_tag_names_the_results_files(script: str, argv: list[str], slow: str, re
     monkeypatch.setattr(module, slow, stubs[slow])
     run_main(module, monkeypatch, *argv, "--tag", "t")
     assert sorted(p.name for p in results.iterdir()) == [f"{script}_t.json", f"{script}_t.md"]
+
+
+def test_fewshot_sinusoid_writes_every_file_under_results_with_its_tag(results: Path, monkeypatch) -> None:
+    """The plot went to the folder ``common.RESULTS`` named at import (the committed one) whatever
+    it was at the run, and without ``--tag`` a small run replaced the committed files."""
+    import fewshot
+
+    run_main(fewshot, monkeypatch, "sinusoid", "--iterations", "1", "--test-tasks", "1", "--shots", "1", "--tag", "t")
+    assert sorted(p.name for p in results.iterdir()) == [f"fewshot_sinusoid_t.{ext}" for ext in ("json", "md", "png")]
