@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
 
 from learnedopt import LSTMOptimizer  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.lrs)) < len(args.lrs):  # the table has a column per lr given, the results one per distinct lr
         fail(parser, f"--lrs given more than once: {' '.join(sorted({f'{lr:g}' for lr in args.lrs if args.lrs.count(lr) > 1}))}")
     try:  # every input checked before any run
-        check_report_name(RESULTS, args.name, ("json", "md"))
+        check_report_name(common.RESULTS, args.name, ("json", "md"))
         spec = learned_from_file(args.weights, rules_option=None) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
         spec.header()  # the weights load
         problems = {name: make_problem(name, args.data) for name in args.problems}
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | {best_cell} |")
     write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "loss_scales": args.loss_scales, "seeds": args.seeds,
                               "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines))  # fmt: skip
-    print(f"wrote {RESULTS / args.name}.json and .md")
+    print(f"wrote {common.RESULTS / args.name}.json and .md")
     return 0
 
 

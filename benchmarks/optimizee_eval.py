@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results
+import common
+from common import write_results
 
 from learnedopt.evaluation import add_arguments, run_cli
 
@@ -23,7 +24,8 @@ from learnedopt.evaluation import add_arguments, run_cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_arguments(parser)
-    return run_cli(parser.parse_args(), RESULTS, write_results=write_results, prog=parser.prog)
+    # the folder at the run, where write_results writes the report (its run records beside it)
+    return run_cli(parser.parse_args(), common.RESULTS, write_results=write_results, prog=parser.prog)
 
 
 if __name__ == "__main__":

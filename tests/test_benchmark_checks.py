@@ -16,7 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
+import lr_sensitivity  # noqa: E402 - imported before any test redirects common.RESULTS
 import meta_train_throughput  # noqa: E402
+import optimizee_eval  # noqa: E402
 
 TINY = ["--task", "quadratic", "--meta-batch", "1", "--unroll", "2", "--repeats", "1"]
 
@@ -452,3 +454,21 @@ def test_fewshot_sinusoid_writes_every_file_under_results_with_its_tag(results: 
 
     run_main(fewshot, monkeypatch, "sinusoid", "--iterations", "1", "--test-tasks", "1", "--shots", "1", "--tag", "t")
     assert sorted(p.name for p in results.iterdir()) == [f"fewshot_sinusoid_t.{ext}" for ext in ("json", "md", "png")]
+
+
+def test_lr_sensitivity_and_optimizee_eval_write_where_common_results_says(results: Path, monkeypatch, capsys) -> None:
+    """Both took the results folder that ``common.RESULTS`` named at import: ``optimizee_eval.py``
+    kept its run records there (and ``lr_sensitivity.py`` checked ``--name`` and said it wrote
+    there) while the report went to ``common.RESULTS`` at the run (both imported at the top of
+    this file, before ``results`` redirected it)."""
+    seen = []
+    monkeypatch.setattr(optimizee_eval, "run_cli", lambda args, out_dir, **kwargs: seen.append(Path(out_dir)) or 0)
+    monkeypatch.setattr(sys, "argv", ["optimizee_eval.py", "--problems", "quadratic-20"])
+    optimizee_eval.main()
+    assert seen == [results]
+
+    reference = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "optimizee_eval.json"
+    run_main(lr_sensitivity, monkeypatch, "--problems", "quadratic-20", "--seeds", "10", "--lrs", "1", "--name", "p",
+             "--reference", str(reference))  # fmt: skip
+    assert sorted(p.name for p in results.iterdir()) == ["p.json", "p.md"]
+    assert f"wrote {results / 'p'}.json and .md" in capsys.readouterr().out
