@@ -28,6 +28,15 @@ def failing_at_call(opt, n: int) -> list[int]:
     return calls
 
 
+def step_failing_at_call(opt, n: int) -> None:
+    """One ``step()`` whose rule raises :class:`Exhausted` at its ``n``-th call
+    (:func:`failing_at_call`), checked to raise it; the rule is whole again after."""
+    failing_at_call(opt, n)
+    with pytest.raises(Exhausted):
+        step(opt)
+    del opt.rule.forward
+
+
 def build(kind, foreach, groups):
     params = make_params([(40,), (30,), (50,), (20,)], dtype=torch.float32)
     split = [{"params": params[:2]}, {"params": params[2:]}] if groups else params
@@ -45,11 +54,8 @@ def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kin
     step(opt)
     saved = copy.deepcopy(opt.state_dict())  # as torch.optim's, its states are the live ones
     saved_params = [p.detach().clone() for p in params]
-    failing_at_call(opt, 2)  # the second chunk (or tensor): the first one's states are written
     set_grads(params, seed=2)
-    with pytest.raises(Exhausted):
-        step(opt)
-    del opt.rule.forward
+    step_failing_at_call(opt, 2)  # the second chunk (or tensor): the first one's states are written
     with pytest.raises(RuntimeError, match=r"failed part-way.*Exhausted.*twice.*load_state_dict"):
         step(opt)
     with pytest.raises(RuntimeError, match="failed part-way"):  # not only once
@@ -71,10 +77,7 @@ def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kin
 def test_the_state_as_the_failed_step_left_it_can_be_accepted_by_loading_it(kind) -> None:
     params, opt = build(kind, None, groups=False)
     set_grads(params, seed=1)
-    failing_at_call(opt, 2)
-    with pytest.raises(Exhausted):
-        step(opt)
-    del opt.rule.forward
+    step_failing_at_call(opt, 2)
     opt.load_state_dict(opt.state_dict())
     step(opt)  # runs
 
@@ -87,10 +90,7 @@ def test_a_step_failing_before_it_changed_anything_can_be_retried(kind, foreach)
     for seed in (1, 2):
         set_grads(params, seed=seed)
         set_grads(reference, seed=seed)
-        failing_at_call(opt, 1)  # the first chunk of the first group: nothing written yet
-        with pytest.raises(Exhausted):
-            step(opt)
-        del opt.rule.forward
+        step_failing_at_call(opt, 1)  # the first chunk of the first group: nothing written yet
         step(opt)
         step(ref_opt)
     assert_same_params_and_states(params, opt, reference, ref_opt)
@@ -99,10 +99,7 @@ def test_a_step_failing_before_it_changed_anything_can_be_retried(kind, foreach)
 def test_a_copy_of_an_optimizer_whose_step_failed_part_way_raises_too() -> None:
     params, opt = build("lstm", None, groups=False)
     set_grads(params, seed=1)
-    failing_at_call(opt, 2)
-    with pytest.raises(Exhausted):
-        step(opt)
-    del opt.rule.forward
+    step_failing_at_call(opt, 2)
     with pytest.raises(RuntimeError, match="failed part-way"):
         step(copy.deepcopy(opt))
 
@@ -159,10 +156,7 @@ def test_a_fused_step_whose_fallback_fails_after_the_kernel_updated_a_tensor_mak
     params = make_params([(40,), (30,)], dtype=torch.float32)
     opt = OPTIMIZERS[kind](params, backend="triton")
     set_grads(params, seed=1)
-    failing_at_call(opt, 1)
-    with pytest.raises(Exhausted):
-        step(opt)
-    del opt.rule.forward
+    step_failing_at_call(opt, 1)
     with pytest.raises(RuntimeError, match="failed part-way"):
         step(opt)
 
@@ -183,10 +177,7 @@ def test_a_step_failing_at_any_chunk_either_changed_nothing_or_makes_the_next_st
         reference, ref_opt = build(kind, foreach, groups=True)
         set_grads(params, seed=1)
         set_grads(reference, seed=1)
-        failing_at_call(opt, n)
-        with pytest.raises(Exhausted):
-            step(opt)
-        del opt.rule.forward
+        step_failing_at_call(opt, n)
         if n > 1:
             with pytest.raises(RuntimeError, match="failed part-way"):
                 step(opt)
