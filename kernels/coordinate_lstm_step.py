@@ -673,6 +673,14 @@ def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = Fals
     return device
 
 
+def mark_written(tensors: Sequence[Tensor]) -> None:
+    """Count ``tensors`` as modified in place, as a PyTorch in-place operation would: a kernel
+    writes them through their pointers, which autograd does not see, so a graph that saved one
+    before the launch would otherwise back-propagate silently with the new values where
+    PyTorch raises its "modified by an inplace operation" error."""
+    torch.autograd.graph.increment_version(list(tensors))
+
+
 def is_interpreted() -> bool:
     """Whether the kernel runs in the Triton interpreter (TRITON_INTERPRET set at import time)."""
     return isinstance(coordinate_lstm_step_kernel, InterpretedFunction)
@@ -730,7 +738,7 @@ def coordinate_lstm_step_(
     """One fused step of the coordinatewise LSTM rule over ``N`` flat coordinates.
 
     Writes the new states into ``h``, ``c`` (and ``m``, ``v``) and ``param + lr * step`` into
-    ``param_out``.
+    ``param_out``; autograd counts each as modified in place (:func:`mark_written`).
 
     Args:
         grad: ``(N,)`` contiguous gradient, float16/bfloat16/float32/float64 (read as fp32).
@@ -852,3 +860,4 @@ def coordinate_lstm_step_(
         BLOCK=block,
         num_warps=num_warps,
     )
+    mark_written([param_out, h, c, *moments.values()])

@@ -103,6 +103,7 @@ from .coordinate_lstm_step import (
     check_launch_device,
     check_no_overlap,
     check_step_arguments,
+    mark_written,
     padded_hidden_size,
 )
 
@@ -436,7 +437,8 @@ def meta_lstm_step_(
 
     Writes the new states into ``h``, ``c``, ``fi`` (and ``m``, ``v``) and ``param + lr * step``
     into ``param_out``, where ``step = (f - 1) * param - i * d`` and ``d`` is
-    :meth:`MetaLSTMCell.direction` (``grad`` in the paper's configuration).
+    :meth:`MetaLSTMCell.direction` (``grad`` in the paper's configuration). Autograd counts each
+    tensor written as modified in place (``coordinate_lstm_step.mark_written``).
 
     Args:
         grad: ``(N,)`` contiguous gradient, float16/bfloat16/float32/float64 (read as fp32).
@@ -559,3 +561,4 @@ def meta_lstm_step_(
         BLOCK=block,
         num_warps=num_warps,
     )
+    mark_written([param_out, h, c, fi, *moments.values()])

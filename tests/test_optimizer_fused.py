@@ -300,3 +300,25 @@ def test_meta_lstm_fused_under_maximize_matches_torch() -> None:
         results[backend] = params
     for p, q in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_graph_that_saved_a_parameter_refuses_the_stepped_one_as_on_the_torch_path(kind) -> None:
+    """The kernel updates a contiguous parameter (and its states) where it lies, through its
+    pointer, which autograd does not see: the version counters stayed put, so a graph that had
+    saved the parameter before the step (``backward(retain_graph=True)``, step, backward again)
+    back-propagated silently with the stepped values, where the PyTorch path's in-place update
+    raises PyTorch's error. Every tensor the kernel writes now counts as modified in place."""
+    from helpers import OPTIMIZERS
+
+    for backend in ("torch", "triton"):
+        w = torch.randn(3, 4, requires_grad=True)
+        loss = (w * w).sum()  # saves w
+        loss.backward(retain_graph=True)
+        opt = OPTIMIZERS[kind]([w], backend=backend)
+        opt.step(**({"loss": loss.detach()} if kind == "meta" else {}))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    versions = {name: state._version for name, state in opt.state[w].items() if name != "step"}
+    opt.step(**({"loss": loss.detach()} if kind == "meta" else {}))
+    assert all(opt.state[w][name]._version > version for name, version in versions.items()), versions
