@@ -28,7 +28,9 @@ Hessian-vector product through the rule) raises ``RuntimeError`` at once. (``onc
 alone would raise only when the incoming gradients require grad, and otherwise hand back
 gradients that silently lack this function's second-order terms.) Meta-training needs only one
 backward through each rule call; the optimizee's own ``create_graph`` gradients, taken
-w.r.t. the parameters the rule produced, never run this backward.
+w.r.t. the parameters the rule produced, never run this backward. For the same reason it
+refuses ``torch.func`` transforms (``grad``, ``vmap``, ...) and forward-mode dual tensors, each
+with a ``RuntimeError`` that names the step (use ``torch.autograd.grad``, and a loop for ``vmap``).
 
 Forward kernel. The LSTM math of :mod:`learnedopt.kernels.coordinate_lstm_step` (it reuses that
 module's ``_preactivations`` and ``_cell``, with the portable activations), but layer 0 reads the ``K``
@@ -89,7 +91,7 @@ untuned: profile on a GPU (``kernel_bench.py``) before relying on its speed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,6 +99,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
@@ -661,6 +664,24 @@ def _refuse_double_backward(step_name: str) -> None:
         )
 
 
+def _refuse_transforms(step_name: str, tensors: Sequence[object]) -> None:
+    """Raise ``RuntimeError`` under a ``torch.func`` transform or for a forward-mode dual among
+    ``tensors`` (other values are left to the input checks): the step is a classic
+    ``autograd.Function`` whose first-order backward is a kernel, and PyTorch's own errors there
+    address the function's author."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"the Triton {step_name} step does not run under torch.func transforms (grad, vmap, "
+            "jvp, jacrev): its backward is a first-order kernel in a classic "
+            "torch.autograd.Function; use torch.autograd.grad, and a loop instead of vmap"
+        )
+    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            f"the Triton {step_name} step has no forward-mode derivative "
+            "(torch.autograd.forward_ad dual tensors): use torch.autograd.grad"
+        )
+
+
 def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tuple[int, int]:
     """Validate; returns ``(L, H)``."""
     if not isinstance(x, Tensor) or x.dim() != 2:
@@ -928,6 +949,7 @@ def coordinate_lstm_step(
         ValueError: for a shape, dtype or device the kernels do not take (CPU without the
             interpreter), or weights that do not fit ``config``.
     """
+    _refuse_transforms("coordinate-LSTM", [x, h, c, *(weights if isinstance(weights, PackedWeights) else weights.values())])
     packed = (
         weights
         if isinstance(weights, PackedWeights)

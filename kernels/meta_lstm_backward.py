@@ -58,6 +58,7 @@ from .coordinate_lstm_backward import (
     _block,
     _input_layer_backward,
     _load_rows,
+    _refuse_transforms,
     _check_fp32_state,
     _refuse_double_backward,
 )
@@ -588,6 +589,9 @@ def meta_lstm_step(
         ValueError: for a shape, dtype or device the kernels do not take, or weights that do
             not fit ``config``.
     """
+    _refuse_transforms(
+        "meta-LSTM", [x, grad, param, h, c, fi, *(weights if isinstance(weights, MetaPackedWeights) else weights.values())]
+    )
     packed = (
         weights
         if isinstance(weights, MetaPackedWeights)
