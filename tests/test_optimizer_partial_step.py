@@ -56,7 +56,7 @@ def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kin
     saved_params = [p.detach().clone() for p in params]
     set_grads(params, seed=2)
     step_failing_at_call(opt, 2)  # the second chunk (or tensor): the first one's states are written
-    with pytest.raises(RuntimeError, match=r"failed part-way.*Exhausted.*twice.*load_state_dict"):
+    with pytest.raises(RuntimeError, match=r"failed part-way.*Exhausted.*twice.*load_state_dict.*accept_partial_step"):
         step(opt)
     with pytest.raises(RuntimeError, match="failed part-way"):  # not only once
         step(opt)
@@ -74,12 +74,39 @@ def test_a_step_failing_after_it_changed_something_makes_the_next_step_raise(kin
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
-def test_the_state_as_the_failed_step_left_it_can_be_accepted_by_loading_it(kind) -> None:
+def test_the_state_as_the_failed_step_left_it_can_be_accepted(kind) -> None:
     params, opt = build(kind, None, groups=False)
     set_grads(params, seed=1)
     step_failing_at_call(opt, 2)
-    opt.load_state_dict(opt.state_dict())
+    opt.accept_partial_step()
+    saved = copy.deepcopy(opt.state_dict())  # saving works again
     step(opt)  # runs
+    fresh = OPTIMIZERS[kind](params)
+    fresh.load_state_dict(saved)
+    step(fresh)  # and so does a run resumed from what was saved after accepting
+
+
+def test_accepting_when_no_step_failed_is_harmless() -> None:
+    params, opt = build("lstm", None, groups=False)
+    set_grads(params, seed=1)
+    opt.accept_partial_step()
+    step(opt)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_saving_the_state_a_step_left_part_way_raises(kind) -> None:
+    """The states a step left part-way are half-stepped: ``state_dict()`` saved them as if whole,
+    and loading that (into a fresh optimizer, or this one) resumed them in silence."""
+    params, opt = build(kind, None, groups=False)
+    set_grads(params, seed=1)
+    step_failing_at_call(opt, 2)
+    with pytest.raises(RuntimeError, match=r"state_dict.*failed part-way.*Exhausted.*accept_partial_step") as info:
+        opt.state_dict()
+    assert "\n" not in str(info.value)
+    with pytest.raises(RuntimeError, match="failed part-way"):  # the block is still there
+        step(opt)
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        copy.deepcopy(opt).state_dict()
 
 
 @pytest.mark.parametrize("foreach", [None, False])

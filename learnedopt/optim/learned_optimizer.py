@@ -316,7 +316,16 @@ class LearnedOptimizer(Optimizer):
         :mod:`learnedopt.optim.sharding`). So ``torch.distributed.checkpoint`` moves states
         between sharded and unsharded models, and any number of ranks. State-dict post-hooks
         see (and may replace) this finished dict, as in ``torch.optim``.
+
+        Raises:
+            RuntimeError: a :meth:`step` failed part-way through since the last load: the states
+                are half-stepped (see :meth:`step` and :meth:`accept_partial_step`).
         """
+        if self._partial_step is not None:  # saved, they would load as whole states (and did)
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict() refuses to save half-stepped states: {self._partial_step}. "
+                f"{self._partial_step_way_out()}"
+            )
         # torch.optim runs the post-hooks inside its state_dict(); they must see the finished dict
         post_hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = type(post_hooks)()
@@ -350,6 +359,22 @@ class LearnedOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def accept_partial_step(self) -> None:
+        """Accept the parameters and states as a :meth:`step` that failed part-way through left
+        them (some tensors stepped, or their states, and others not), so that :meth:`step` and
+        :meth:`state_dict` work again; does nothing where no step failed part-way. The other way
+        out is :meth:`load_state_dict` of a state saved before that step (with the parameters of
+        then)."""
+        self._partial_step = None
+
+    @staticmethod
+    def _partial_step_way_out() -> str:
+        """The ways out of a step that failed part-way, as its errors name them."""
+        return (
+            "Load a state saved before that step (optimizer.load_state_dict(saved), with the parameters of then), "
+            "or accept the parameters and states as they are: optimizer.accept_partial_step()"
+        )
 
     @_outside_inference_mode()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -413,7 +438,7 @@ class LearnedOptimizer(Optimizer):
             if "param_names" in group and "param_names" not in saved_group:
                 saved_group["param_names"] = group["param_names"]
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
-        self._partial_step = None  # the loaded states are whole (or accepted as they are)
+        self._partial_step = None  # the loaded states are whole (state_dict() saves no half-stepped ones)
         self._flat_states.clear()
         self._state_shapes = {}  # the loaded states were checked against the shapes now
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -499,9 +524,10 @@ class LearnedOptimizer(Optimizer):
 
         A step that raises after it has written a state or parameter (an out-of-memory error in
         a later chunk or group) leaves the tensors before that point stepped and those after not;
-        every later step then raises ``RuntimeError``, as it would step those twice, until
-        :meth:`load_state_dict` loads a state (one saved before, or ``self.state_dict()`` to
-        accept the state as it is). One that raises before writing anything changed nothing.
+        every later step then raises ``RuntimeError``, as it would step those twice, and so does
+        :meth:`state_dict` (its states are half-stepped), until :meth:`load_state_dict` loads a
+        state saved before that step, or :meth:`accept_partial_step` accepts the state as it is.
+        One that raises before writing anything changed nothing.
 
         Returns:
             The closure's loss, or None.
@@ -513,7 +539,7 @@ class LearnedOptimizer(Optimizer):
                 + ("pass the loss as step(loss=loss)" if self.rule.needs_loss else "its rule reads no loss: call step()")
             )
         if self._partial_step is not None:
-            raise RuntimeError(self._partial_step)
+            raise RuntimeError(f"{self._partial_step}: another step would step those twice. {self._partial_step_way_out()}")
         seen: set[int] = set()
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
@@ -585,9 +611,6 @@ class LearnedOptimizer(Optimizer):
                 self._partial_step = (
                     f"an earlier {type(self).__name__}.step() failed part-way through ({err!r}) after it had stepped "
                     + (f"some parameters or their states ({done} in full, others in part)" if progress.partial else done)
-                    + ": another step would step those twice. Load a state saved before that step "
-                    "(optimizer.load_state_dict(saved), with the parameters of then), or accept the parameters and "
-                    "states as they are: optimizer.load_state_dict(optimizer.state_dict())"
                 )
             raise
         if progress.kernel_failures:
