@@ -234,17 +234,17 @@ def validated_kernel_on_cpu(monkeypatch):
     return kernel
 
 
-def kernel_launch_fails(monkeypatch, failing: int) -> list[int]:  # noqa: ANN001 - pytest's fixture
+def kernel_launch_fails(monkeypatch, failing: int, error: Exception | None = None) -> list[int]:  # noqa: ANN001 - pytest's fixture
     """The real kernel in the interpreter (as :func:`validated_kernel_on_cpu`), whose launch
-    number ``failing`` raises as a variant that fails to compile; returns the list that counts
-    the launches."""
+    number ``failing`` raises ``error`` (by default as a variant that fails to compile); returns
+    the list that counts the launches."""
     kernel = validated_kernel_on_cpu(monkeypatch)
     real, launches = kernel.coordinate_lstm_step_, []
 
     def one_launch_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the kernel's
         launches.append(1)
         if len(launches) == failing:
-            raise RuntimeError("this variant failed to compile")
+            raise RuntimeError("this variant failed to compile") if error is None else error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernel, "coordinate_lstm_step_", one_launch_fails)
@@ -339,6 +339,52 @@ def test_an_explicit_triton_failure_leaves_auto_groups_on_the_kernel(monkeypatch
         else:
             opt.step()
     assert len(launches) == 4
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("simulated out of memory"), MemoryError("simulated out of memory")])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_running_out_of_memory_in_the_kernel_before_anything_changed_raises_it_as_it_is(monkeypatch, backend, error) -> None:
+    """An out-of-memory error at the kernel's first launch is the step's error, not the
+    kernel's: ``backend="triton"`` raised a plain RuntimeError ("the fused kernel failed") in its
+    place, so ``except torch.OutOfMemoryError`` missed it, and ``"auto"`` warned that the kernel
+    had failed and left it off for good. Nothing was changed, so the step can be retried, on the kernel."""
+    launches = kernel_launch_fails(monkeypatch, 1, error)
+    params = make_params([(5,), (3,)], dtype=torch.float32)
+    reference = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = OPTIMIZERS["lstm"](params, "l2l-2016", backend=backend)
+    ref = OPTIMIZERS["lstm"](reference, "l2l-2016", backend="torch")
+    set_grads(params, 0)
+    set_grads(reference, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error)) as raised:
+            opt.step()
+        assert raised.value is error
+        assert all(float(opt.state[p]["step"]) == 0 for p in params if p in opt.state)
+        opt.step()  # the retry
+    ref.step()
+    assert len(launches) == 2 and not opt._fused_failed
+    for p, q in zip(params, reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_running_out_of_memory_in_the_kernel_after_it_updated_a_run_raises_it_and_blocks_the_next_step(monkeypatch, backend) -> None:
+    """An out-of-memory error at a later launch (another group's run) leaves the runs before it
+    stepped: raised as it is, not as a kernel failure finished on the PyTorch path (whose
+    RuntimeError hid it, and which allocates more than the kernel); the next step raises, as after
+    an out-of-memory error on the PyTorch path."""
+    launches = kernel_launch_fails(monkeypatch, 2, torch.OutOfMemoryError("simulated out of memory"))
+    params = make_params([(5,), (3,)], dtype=torch.float32)
+    opt = OPTIMIZERS["lstm"]([{"params": [p]} for p in params], "l2l-2016", backend=backend)
+    set_grads(params, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(torch.OutOfMemoryError, match="simulated out of memory"):
+            opt.step()
+    assert len(launches) == 2 and not opt._fused_failed
+    with pytest.raises(RuntimeError, match=r"failed part-way through \(OutOfMemoryError\('simulated out of memory'\)\)"):
+        opt.step()
 
 
 @pytest.mark.parametrize("foreach", [None, False])

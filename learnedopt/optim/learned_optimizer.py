@@ -78,7 +78,8 @@ class LearnedOptimizer(Optimizer):
             :mod:`learnedopt.kernels.meta_lstm_step`, for MetaLSTMCell:
             float32/bfloat16 states, non-float64 parameters, on CUDA or under
             ``TRITON_INTERPRET=1``; a kernel that fails raises ``RuntimeError``: at once if
-            nothing of the step was updated, else once the PyTorch path has finished the step)
+            nothing of the step was updated, else once the PyTorch path has finished the step;
+            running out of memory raises that error as it is, as on the PyTorch path)
             or ``"auto"`` (the fused kernel on CUDA where it applies and
             works, once ``learnedopt.kernels.GPU_VALIDATED`` says its CUDA tests passed on real
             hardware; else torch. It never fails where the torch path works).
@@ -779,7 +780,8 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         """Update group ``index``'s parameters, given as :func:`_partitions` of its plan, in
         the states :meth:`_hold_states` gave them (``held``). A fused
-        kernel that fails is replaced by the PyTorch path for the tensors it had not updated. Under
+        kernel that fails is replaced by the PyTorch path for the tensors it had not updated (one
+        that runs out of memory is not: that error is raised as it is). Under
         ``backend="triton"`` a failure before anything of this step was updated raises at once;
         a later one is appended to ``progress.kernel_failures`` for the caller to raise once the
         step is finished."""
@@ -801,6 +803,13 @@ class LearnedOptimizer(Optimizer):
                         weights=self._fused_weights(device), block=_fused_block(), done=done,
                     )
                     progress.mark_written()
+                except (torch.OutOfMemoryError, MemoryError):
+                    # the step's error, not the kernel's (as in lstm_step's compiled code): raised as
+                    # it is, not wrapped as a kernel failure, nor finished on the PyTorch path (which
+                    # needs more memory than the kernel); runs updated before it block the next step
+                    if done:
+                        progress.mark_written()
+                    raise
                 except Exception as err:  # a kernel that fails to compile on this machine
                     if done:
                         progress.mark_written()
