@@ -1,5 +1,6 @@
 """The batched (flat, chunked) path against the per-tensor reference."""
 
+import copy
 import os
 import warnings
 
@@ -575,3 +576,32 @@ def test_a_reshaped_parameter_of_the_same_size_is_rejected_before_any_group_is_u
     del opt.state[q]  # what the message advises: a fresh state
     step(opt)
     assert opt.state[q]["step"] == 1 and opt.state_dict()["state"][1]["h"].shape[1:3] == (2, 3)
+
+
+@pytest.mark.parametrize("made", ["load_state_dict", "init_state", "deepcopy", "pickle"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_parameter_reshaped_after_its_state_was_loaded_or_made_without_a_step_is_rejected(made, foreach) -> None:
+    """A state loaded (``load_state_dict``), made by ``init_state()`` or copied with the optimizer
+    records its parameter's shape then: the shape was taken only at the next step, so a parameter
+    reshaped in between (same size) had its elements' states given to other elements in silence."""
+    import pickle
+
+    p, q = make_params([(4,), (3, 2)], dtype=torch.float32)
+    opt = OPTIMIZERS["lstm"]([p, q], foreach=foreach)
+    if made == "init_state":
+        opt.init_state()
+    else:
+        set_grads([p, q], seed=0)
+        step(opt)
+    if made == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    elif made in ("deepcopy", "pickle"):
+        opt = copy.deepcopy(opt) if made == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        p, q = opt.param_groups[0]["params"]
+    q.data = q.data.t().contiguous()
+    set_grads([p, q], seed=1)
+    message = r"reshaped from \(3, 2\) to \(2, 3\) since its state was created"
+    with pytest.raises(ValueError, match=message):
+        opt.state_dict()
+    with pytest.raises(ValueError, match=message):
+        step(opt)

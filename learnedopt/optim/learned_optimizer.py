@@ -255,6 +255,7 @@ class LearnedOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups; a learned optimizer also needs its
         # rule. The caches (flat buffers indexed by parameter identity, rule copies) are rebuilt.
+        listed = {id(p) for group in self.param_groups for p in group["params"]}
         return {
             **super().__getstate__(),
             "rule": self.rule,
@@ -262,6 +263,9 @@ class LearnedOptimizer(Optimizer):
             "chunk": self.chunk,
             "_weights_argument": self._weights_argument,
             "_partial_step": self._partial_step,  # a copy holds the same half-stepped states
+            # the shapes the states were made for (keyed by id() here, which a copy changes), of
+            # the parameters the groups list: one taken out is not copied with the optimizer
+            "_state_shapes": [entry for key, entry in self._state_shapes.items() if key in listed],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -276,7 +280,9 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__.setdefault("_partial_step", None)
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
-        self.__dict__.setdefault("_state_shapes", {})  # not pickled: the shapes now are taken
+        shapes = self.__dict__.setdefault("_state_shapes", {})  # pickled by an earlier version: the shapes now are taken
+        if isinstance(shapes, list):  # pickled as (parameter, shape) pairs
+            self._state_shapes = {id(param): (param, shape) for param, shape in shapes}
         for group in self.param_groups:  # pickled by an earlier version, without the key
             group.setdefault("learned_rule", self._rule_json())
         # this optimizer's own groups (pickled, or as load_state_dict checked them)
@@ -441,7 +447,8 @@ class LearnedOptimizer(Optimizer):
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
         self._partial_step = None  # the loaded states are whole (state_dict() saves no half-stepped ones)
         self._flat_states.clear()
-        self._state_shapes = {}  # the loaded states were checked against the shapes now
+        # the loaded states were checked against the shapes now: a reshape before the next step is one
+        self._state_shapes = {id(p): (p, tuple(p.shape)) for p, loaded in state.items() if loaded}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -626,7 +633,9 @@ class LearnedOptimizer(Optimizer):
         """Raise ValueError where ``p`` has another shape than when its state was made, with as
         many elements (``p.data = p.data.t().contiguous()``): its states are per element of the old
         shape (Adam fails on its states' shape there). Records the shape of a parameter without a
-        state, whose state is made now, and of one whose state was made elsewhere (loaded, unpickled)."""
+        state, whose state is made now, and of one whose state was made elsewhere (given by a wrapper
+        such as ``ZeroRedundancyOptimizer``); :meth:`load_state_dict` records the loaded states'
+        shapes, and a copy keeps the original's."""
         shape = tuple(p.shape)
         entry = self._state_shapes.get(id(p))
         made = entry[1] if entry is not None and entry[0] is p else None
@@ -902,6 +911,7 @@ class LearnedOptimizer(Optimizer):
             state.update(initial)
         flatten_parameter_shaped(self.rule, state, p)
         check_state_shapes(self.rule, state, sharding.local(p).numel())
+        self._check_reshaped(p)  # and records the shape of a state made now (init_state)
         for name, spec in self.rule.state_spec().items():  # a group's state_dtype changed since: as the flat path does
             value = state.get(name)
             if isinstance(value, Tensor) and value.dtype != spec.dtype(state_dtype):
