@@ -539,3 +539,34 @@ def test_state_dict_of_a_resized_parameter_is_a_clear_error(kind) -> None:
         opt.state_dict()
     del opt.state[p]  # what the message advises
     assert set(opt.state_dict()["state"]) == {1}
+
+
+def _without_fingerprints(saved: dict) -> dict:
+    """``saved`` as a distributed checkpoint of an earlier version holds it: no ``"learned_rule"``,
+    neither at the top nor in the param groups."""
+    saved = copy.deepcopy(saved)
+    saved.pop("learned_rule")
+    for group in saved["param_groups"]:
+        group.pop("learned_rule")
+    return saved
+
+
+@pytest.mark.parametrize("extra", ["architecture", "exp_avg"])
+def test_a_saved_state_holding_states_this_rule_has_not_is_rejected(extra) -> None:
+    """Without a fingerprint to tell, the states of another architecture whose LSTM states have
+    this one's shapes (the default l2l-blend's ``h``, ``c``, ``m``, ``v`` into the paper's
+    l2l-2016, which keeps only ``h`` and ``c``) loaded in silence, the others kept as unused
+    entries; so did an entry no learned rule writes (Adam's ``exp_avg``)."""
+    params = make_params([(4,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    set_grads(params, 0)
+    opt.step()
+    saved = _without_fingerprints(opt.state_dict())
+    if extra == "architecture":
+        into, names = LSTMOptimizer(params, "l2l-2016"), r"\['m', 'v'\]"
+    else:
+        saved["state"][0]["exp_avg"] = torch.zeros(4)
+        into, names = LSTMOptimizer(params), r"\['exp_avg'\]"
+    with pytest.raises(ValueError, match=rf"^saved state of parameter 0 holds {names}, which this CoordinateLSTM rule does not"):
+        into.load_state_dict(saved)
+    assert not into.state

@@ -502,6 +502,13 @@ class LearnedOptimizer(Optimizer):
                 f"saved state of parameter {index} has {got}, expected {expected} for a "
                 f"{tuple(param.shape)} parameter under {self.rule.kind} {self.rule.config_dict()}"
             )
+        unknown = sorted(str(name) for name in saved if name != "step" and name not in spec)
+        if unknown:  # another architecture's states (unused here, and kept), or another optimizer's
+            raise ValueError(
+                f"saved state of parameter {index} holds {unknown}, which this {self.rule.kind} rule does not "
+                f"(its states: {sorted(spec)}): it was saved by an optimizer of another architecture "
+                f"({self.rule.kind} {self.rule.config_dict()} here) or of another kind"
+            )
         return param, {
             name: value.detach().to(param.device).clone() if isinstance(value, Tensor) else value
             for name, value in saved.items()
