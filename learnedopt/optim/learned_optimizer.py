@@ -472,6 +472,12 @@ class LearnedOptimizer(Optimizer):
         if not_float:
             dtype = str(saved[not_float[0]].dtype).removeprefix("torch.")
             raise ValueError(f"saved state {not_float} of parameter {index} must be floating-point tensors, got {dtype}")
+        on_meta = sorted(name for name in spec if name in saved and saved[name].is_meta)
+        if on_meta and not sharding.local(param).is_meta:  # copying it to the parameter's device raised torch's NotImplementedError
+            raise ValueError(
+                f"saved state {on_meta} of parameter {index} is on the meta device, which holds no values: it was "
+                "saved by an optimizer of a model on the meta device (a shape-only run); save the states of a real one"
+            )
         if sharding.is_sharded(param):
             missing = sorted(set(spec) - set(saved))
             if missing:
