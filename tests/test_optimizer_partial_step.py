@@ -123,6 +123,25 @@ def test_a_step_failing_before_it_changed_anything_can_be_retried(kind, foreach)
     assert_same_params_and_states(params, opt, reference, ref_opt)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+def test_loading_a_state_dict_of_the_live_states_does_not_lift_the_block(foreach) -> None:
+    """A ``state_dict()`` taken before the failed step and not copied holds the live states (as
+    torch.optim's), which that step half-updated: loading it accepted them in silence, as if
+    it were the state of before."""
+    params, opt = build("lstm", foreach, groups=False)
+    set_grads(params, seed=1)
+    step(opt)
+    live = opt.state_dict()
+    set_grads(params, seed=2)
+    step_failing_at_call(opt, 2)
+    with pytest.raises(RuntimeError, match=r"^the state dict holds this optimizer's live states.*failed part-way.*deepcopy.*accept_partial_step\(\)$"):
+        opt.load_state_dict(live)
+    with pytest.raises(RuntimeError, match="failed part-way"):
+        step(opt)
+    opt.load_state_dict(copy.deepcopy(live) | {"state": {}})  # a state dict of other tensors loads (here: none)
+    step(opt)
+
+
 def test_a_copy_of_an_optimizer_whose_step_failed_part_way_raises_too() -> None:
     params, opt = build("lstm", None, groups=False)
     set_grads(params, seed=1)

@@ -407,6 +407,13 @@ class LearnedOptimizer(Optimizer):
                 f"this state was saved by an optimizer with other weights ({describe_fingerprint(saved_rule)}) than "
                 f"this one's ({describe_fingerprint(rule)}); construct it with the same weights"
             )
+        if self._partial_step is not None and self._holds_live_states(state_dict):
+            raise RuntimeError(
+                "the state dict holds this optimizer's live states (a state_dict() not copied, as in torch.optim), "
+                f"which the failed step half-updated: {self._partial_step}. Load a copy saved before that step "
+                "(copy.deepcopy(optimizer.state_dict()), torch.save), or accept the states as they are: "
+                "optimizer.accept_partial_step()"
+            )
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -451,6 +458,22 @@ class LearnedOptimizer(Optimizer):
         self._state_shapes = {id(p): (p, tuple(p.shape)) for p, loaded in state.items() if loaded}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _holds_live_states(self, state_dict: dict[str, Any]) -> bool:
+        """Whether a tensor of ``state_dict``'s states shares memory with a state of this optimizer."""
+
+        def storages(tensors: Iterable[Any]) -> set[int]:
+            return {
+                sharding.local(t).untyped_storage().data_ptr()
+                for t in tensors
+                if isinstance(t, Tensor) and not sharding.local(t).is_meta and sharding.local(t).numel()
+            }
+
+        saved = state_dict.get("state")
+        if not isinstance(saved, dict):
+            return False
+        live = storages(value for state in self.state.values() for value in state.values())
+        return not live.isdisjoint(storages(value for state in saved.values() if isinstance(state, dict) for value in state.values()))
 
     def _loaded_state(self, index: int, index_to_param: dict[int, Tensor], saved: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """``(param, state)`` for one parameter's saved state, checked against the update rule and
