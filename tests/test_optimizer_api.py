@@ -332,6 +332,32 @@ def test_float32_states_of_float64_parameters_saturate_instead_of_overflowing(ki
     assert torch.isfinite(param).all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_a_finite_float64_gradient_beyond_the_maths_range_saturates(kind, backend, foreach, param_dtype) -> None:
+    """``p.grad_dtype = None`` lets a float32 (or bfloat16) parameter have a float64 gradient; one
+    finite but over float32's largest value passed the NaN/Inf check and became Inf in the float32
+    math, turning the parameter and its states NaN or Inf. It saturates at that largest value, as a
+    float32 gradient there does (and a float64 loss beyond it)."""
+    results = {}
+    for grad_dtype, huge in ((torch.float64, 1e39), (torch.float32, torch.finfo(torch.float32).max)):
+        param = torch.tensor([0.5, -1.0, 2.0, 1.0], dtype=param_dtype, requires_grad=True)
+        param.grad_dtype = None
+        opt = OPTIMIZERS[kind]([param], backend=backend, foreach=foreach, lr=1e-3)
+        for grad in ([huge, -huge, 1e-3, 0.0], [1.0, 1.0, 1.0, 1.0]):
+            param.grad = torch.tensor(grad, dtype=torch.float64).to(grad_dtype)
+            step(opt)
+            assert all(torch.isfinite(s).all() for s in opt.state[param].values()), opt.state[param]
+        assert torch.isfinite(param).all(), param
+        results[grad_dtype] = param.detach().clone(), {k: v.clone() for k, v in opt.state[param].items()}
+    (got, got_state), (want, want_state) = results[torch.float64], results[torch.float32]
+    assert torch.equal(got, want)
+    for name, value in want_state.items():
+        assert torch.equal(got_state[name], value), name
+
+
 @pytest.mark.parametrize("option, value", [("lr", -1.0), ("lr", None), ("nan_policy", "bogus"), ("state_dtype", torch.int32)])
 def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, value) -> None:
     params = make_params([(3,)], dtype=torch.float32)

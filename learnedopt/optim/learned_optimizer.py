@@ -776,18 +776,18 @@ class LearnedOptimizer(Optimizer):
             # a rule that reads the parameter would carry a NaN/Inf value into its state
             finite = [a and b for a, b in zip(finite, _all_finite(params), strict=True)]
         finite = sharding.agree_finite(grads, finite)  # a sharded tensor is judged as a whole
-        if all(finite):
-            return params, grads
-        bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
-        if group["nan_policy"] == "raise":
-            what = "gradient or value" if self.rule.reads_param else "gradient"
-            raise NonFiniteGradientError(
-                f"the {what} of {self._param_name(index, group, bad[0])} contains NaN or Inf "
-                f"({len(bad)} parameter(s) affected); nan_policy='raise', so no parameter or state "
-                "was changed. Use nan_policy='skip' to skip such tensors."
-            )
-        keep = [i for i, ok in enumerate(finite) if ok]
-        return [params[i] for i in keep], [grads[i] for i in keep]
+        if not all(finite):
+            bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
+            if group["nan_policy"] == "raise":
+                what = "gradient or value" if self.rule.reads_param else "gradient"
+                raise NonFiniteGradientError(
+                    f"the {what} of {self._param_name(index, group, bad[0])} contains NaN or Inf "
+                    f"({len(bad)} parameter(s) affected); nan_policy='raise', so no parameter or state "
+                    "was changed. Use nan_policy='skip' to skip such tensors."
+                )
+            keep = [i for i, ok in enumerate(finite) if ok]
+            params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+        return params, [_in_math_range(g, math_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
 
     @staticmethod
     def _param_name(index: int, group: dict[str, Any], position: int) -> str:
@@ -1040,6 +1040,15 @@ def _per_tensor(tensors: list[Tensor], check: Callable[[Tensor], Tensor]) -> lis
         for i, flag in zip(indices, values, strict=True):
             flags[i] = flag
     return flags
+
+
+def _in_math_range(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad`` as it is, or, where its dtype reaches beyond ``dtype``'s range (a float64 gradient
+    of a float32 parameter, which ``p.grad_dtype = None`` allows), saturated into ``dtype``: a
+    finite value beyond it would be Inf in that math, and the parameter and its states NaN."""
+    if torch.finfo(grad.dtype).max <= torch.finfo(dtype).max:
+        return grad
+    return _saturated(grad, dtype)
 
 
 def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
