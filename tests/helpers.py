@@ -122,7 +122,7 @@ class Killed(BaseException):
 @contextlib.contextmanager
 def killed_at_write(n: int, cut: bool) -> Iterator[list[int]]:
     """Within the block, kill (raise :class:`Killed`) a meta-train run at its ``n``-th file write
-    (checkpoints, the log's truncation on resume, weights or model file, model card): with
+    (the configuration it began with, checkpoints, the log's truncation on resume, weights or model file, model card): with
     ``cut`` half-way through writing the temporary file, which is left behind as a kill leaves
     it; else just after the rename. Yields a list whose item counts the writes."""
     from learnedopt import files, weights

@@ -201,8 +201,8 @@ def test_resume_of_an_own_family_run_is_bit_identical(tmp_path: Path, families: 
 
 
 def test_an_own_family_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(tmp_path: Path, families: str) -> None:
-    # 4 writes: checkpoints at meta-steps 2 and 3, the model file, the card
-    assert_killed_at_any_write_resumes(tmp_path / "run", train, ["--algo", "maml", "--task", f"{families}:LineFamily", *TINY], writes=4)
+    # 5 writes: the configuration it began with, checkpoints at meta-steps 2 and 3, the model file, the card
+    assert_killed_at_any_write_resumes(tmp_path / "run", train, ["--algo", "maml", "--task", f"{families}:LineFamily", *TINY], writes=5)
 
 
 def test_resume_refuses_another_family(tmp_path: Path, families: str, capsys) -> None:

@@ -882,12 +882,12 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(tmp_path: Path, capsys) -> None:
-    """A kill during or after each write of a run (the checkpoints, with the best weights of
-    --select-every; the final weights and card) and, for the start-up, a kill that left only
+    """A kill during or after each write of a run (the configuration it began with, the
+    checkpoints, with the best weights of --select-every; the final weights and card) and, for the start-up, a kill that left only
     the folder: the run ends with the files of one never killed, and no temporary file."""
     out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "2", "--select-every", "2")
-    # 4 writes: checkpoints at meta-steps 2 and 3, the weights, the card
-    whole = assert_killed_at_any_write_resumes(out, run, args, writes=4)
+    # 5 writes: the configuration it began with, checkpoints at meta-steps 2 and 3, the weights, the card
+    whole = assert_killed_at_any_write_resumes(out, run, args, writes=5)
     assert run(out, *args, "--resume") == 0  # a finished run: its results written again, the same
     assert run_files(out) == whole
     shutil.rmtree(out)
@@ -2041,3 +2041,30 @@ def test_resume_on_other_mnist_files_is_refused_and_a_copy_of_them_resumes(tmp_p
     moved = shutil.copytree(first, tmp_path / "moved")
     assert main([*argv, "--data", str(moved), "--resume"]) == 0
     assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2]
+
+
+def test_a_resume_before_the_first_checkpoint_is_refused_with_other_options(tmp_path: Path, capsys) -> None:
+    """A run killed before its first checkpoint records its configuration (``config.json``), and
+    ``--resume`` compares with it as with a checkpoint's: it silently started the run again under
+    other options (another --seed, --meta-lr, --task, ...), replacing the log of the run the user
+    meant to continue. The options the run began with resume it; the free ones may change."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "3")
+    assert run(out, *args, "--stop-after", "2") == 0
+    assert not (out / "checkpoint.pt").exists()
+    begun = (out / "log.jsonl").read_text()
+    capsys.readouterr()
+    for changed, shown in ((("--seed", "1"), "--seed: 0 -> 1"), (("--meta-lr", "0.5"), "--meta-lr: 0.01 -> 0.5"),
+                           (("--unroll", "10"), "--unroll: 5 -> 10"), (("--task", "regression"), "--task: 'quadratic' -> 'regression'")):  # fmt: skip
+        assert run(out, *args, *changed, "--resume") == 2, changed
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"differs from the one the run in {out} began with ({shown})" in err, err
+        assert (out / "log.jsonl").read_text() == begun  # nothing replaced
+    recorded = (out / "config.json").read_bytes()
+    (out / "config.json").write_text('{"config": ')  # edited: a one-line refusal, not a traceback
+    assert run(out, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: cannot read {out / 'config.json'}: " in err, err
+    (out / "config.json").write_bytes(recorded)
+    assert run(out, *args, "--meta-steps", "5", "--resume") == 0  # the length is free, as after a checkpoint
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4, 5]

@@ -211,8 +211,24 @@ def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(
     --select-every and Reptile's annealing step), the model file or the card, the resumed run
     ends with the files of one never killed."""
     out, args = tmp_path / "run", [*SINE_TINY, "--algo", "reptile", "--meta-steps", "3", "--select-every", "2"]
-    # 4 writes: checkpoints at meta-steps 2 and 3, the model file, the card
-    assert_killed_at_any_write_resumes(out, train, args, writes=4)
+    # 5 writes: the configuration it began with, checkpoints at meta-steps 2 and 3, the model file, the card
+    assert_killed_at_any_write_resumes(out, train, args, writes=5)
+
+
+def test_a_resume_before_the_first_checkpoint_is_refused_with_other_options(tmp_path: Path, capsys) -> None:
+    """As for --algo lstm: a run killed before its first checkpoint resumes only as it began
+    (``config.json``); another --inner-lr or --algo was started again silently."""
+    out, args = tmp_path / "run", [*SINE_TINY, "--algo", "maml", "--meta-steps", "3"]
+    assert train(out, *args, "--stop-after", "1") == 0
+    assert not (out / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert train(out, *args, "--inner-lr", "0.5", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"differs from the one the run in {out} began with (--inner-lr: 0.01 -> 0.5)" in err, err
+    assert train(out, *args, "--algo", "fomaml", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: the run in {out} is one of --algo maml, not --algo fomaml" in err, err
+    assert train(out, *args, "--resume") == 0 and (out / MODEL_NAME).exists()
 
 
 def test_selection_keeps_the_best_validated_learner_and_resumes_exactly(tmp_path: Path) -> None:

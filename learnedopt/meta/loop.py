@@ -48,6 +48,9 @@ MODEL_NAME = "model.safetensors"  # a few-shot learner's run
 CARD_NAME = "MODEL_CARD.md"
 #: a copy of the run's ``--preset`` weight file, which ``--resume`` reads in its place
 START_NAME = "start.safetensors"
+#: the configuration a run began with, written before its first meta-step: what ``--resume``
+#: compares with while the run has no checkpoint yet
+CONFIG_NAME = "config.json"
 #: the files a finished run leaves
 RESULT_NAMES = (WEIGHTS_NAME, MODEL_NAME, CARD_NAME)
 
@@ -682,7 +685,10 @@ def train_loop(
     ``out`` is created only once the configuration has passed every check, so a refused run
     leaves nothing behind. A ``--preset`` weight file (``config.preset``, where the config has one)
     is copied into it (:data:`START_NAME`; see :func:`resumable_config`). With ``resume``, the trainer's state and the step come from
-    ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again).
+    ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again). A run
+    that starts from meta-step 0 records ``config`` (:data:`CONFIG_NAME`) once its log exists; a
+    ``resume`` of a run with a log and no checkpoint yet starts it again, once ``config`` is found
+    to be that record's but in the settings a resume may change.
 
     With several ``workers`` every rank runs the steps (the trainer shares the work out) and
     reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the
@@ -713,6 +719,8 @@ def train_loop(
         # killed before its first checkpoint: nothing to continue from, nothing to lose by running it
         # again from the start (said once the folder is this run's, below)
         started_only = resume and not checkpoint_path.exists() and log_path.is_file()
+        if started_only:  # started again, but as the run it continues
+            _check_begun_config(out, config)
         if resume and not started_only:
             payload = _load_checkpoint(checkpoint_path, config)
             try:
@@ -764,6 +772,8 @@ def train_loop(
     saved, saving, step = (start or None), False, start + 1
     try:
         with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file, _catch_sigterm() as term:
+            if workers.is_main and start == 0:  # after the log exists: a kill while writing it leaves a run to start again
+                _write_begun_config(out, config)
             for step in range(start + 1, stop + 1):
                 began = time.perf_counter()
                 try:
@@ -927,21 +937,32 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
         )
+    _refuse_other_config(payload["config"], config, f"{path} is a checkpoint", "the checkpoint's")
+    return payload
+
+
+def _refuse_other_config(saved_config: Mapping[str, Any], config: RunConfig, holder: str, whose: str, advice: str = "") -> None:
+    """Raise :class:`ConfigError` where ``config`` is not the configuration a run recorded
+    (``saved_config``, a checkpoint's or :data:`CONFIG_NAME`'s) but in the settings a resume may
+    change (the data folder, the device and, unless
+    :attr:`RunConfig.meta_steps_shape_the_run`, ``meta_steps``). ``holder`` names the record in
+    the refusal of another ``--algo`` (e.g. ``"PATH is a checkpoint"``), ``whose`` in that of
+    changed settings (e.g. ``"the checkpoint's"``); ``advice`` ends the latter."""
     current = config.to_dict()
     # another algorithm's checkpoint differs in most settings: name the one that matters
     # (MetaTrainConfig, the configuration of --algo lstm, has no "algo")
-    algos = payload["config"].get("algo", "lstm"), current.get("algo", "lstm")
+    algos = saved_config.get("algo", "lstm"), current.get("algo", "lstm")
     if algos[0] != algos[1]:
-        raise ConfigError(f"--resume: {path} is a checkpoint of --algo {algos[0]}, not --algo {algos[1]}: "
+        raise ConfigError(f"--resume: {holder} of --algo {algos[0]}, not --algo {algos[1]}: "
                           "resume it with its own --algo, or choose another --out")  # fmt: skip
-    # A field added to RunConfig after the checkpoint was written is absent from it; the old
+    # A field added to RunConfig after the record was written is absent from it; the old
     # run behaved as the field's default does, so the default is what it is compared with.
     defaults = {
         f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
     }
-    saved = {**defaults, **payload["config"]}
+    saved = {**defaults, **saved_config}
     # read back through the config class, which makes equal what it takes as equal (a rule_config
-    # of {}, recorded so before it became None); fields the checkpoint lacks stay absent
+    # of {}, recorded so before it became None); fields the record lacks stay absent
     try:
         built = dataclasses.replace(config, **{k: v for k, v in saved.items() if k in current}).to_dict()
     except (TypeError, ValueError):  # values no config holds: compared as recorded
@@ -955,8 +976,32 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         shown = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         why = ("; --meta-steps is fixed once a run anneals over it (reptile) or scores its last step (--select-every)"
                if "meta_steps" in changed else "")  # fmt: skip
-        raise ConfigError(f"--resume: the configuration differs from the checkpoint's ({shown}){why}")
-    return payload
+        raise ConfigError(f"--resume: the configuration differs from {whose} ({shown}){why}{advice}")
+
+
+def _write_begun_config(out: Path, config: RunConfig) -> None:
+    """Record ``config`` in ``out`` (:data:`CONFIG_NAME`, atomically), as the run begins."""
+    text = json.dumps({"format": CHECKPOINT_FORMAT, "config": config.to_dict()}, indent=1, sort_keys=True) + "\n"
+    write_text_atomic(out / CONFIG_NAME, text)
+
+
+def _check_begun_config(out: Path, config: RunConfig) -> None:
+    """Raise :class:`ConfigError` where ``config`` is not the configuration the run in ``out``,
+    which has no checkpoint yet, began with (:data:`CONFIG_NAME`; not checked for a run begun
+    before runs recorded it, or killed while writing it), but in the settings a resume may
+    change (:func:`_refuse_other_config`)."""
+    path = out / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--resume: cannot read {path}: {one_line(err)}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError(f"--resume: {path} is not a learnedopt meta-train configuration (no config)")
+    _refuse_other_config(record["config"], config, f"the run in {out} is one", f"the one the run in {out} began with",
+                         "; it stopped before its first checkpoint: resume it as it began, or start over in another "
+                         "--out without --resume")  # fmt: skip
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,8 @@ selects as an uninterrupted one does.
 Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metrics, with
 ``select_loss`` on selection steps; its wall-clock ``seconds``, selection included, and
 ``peak_rss_mb``, the process's peak resident memory so far; ``"checkpoint": true`` on the steps
-checkpointed), ``checkpoint.pt`` (atomic), and at
+checkpointed), ``config.json`` (the configuration the run began with, which ``--resume`` compares
+with before the first checkpoint), ``checkpoint.pt`` (atomic), and at
 the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 
 The command line (``learnedopt meta-train``, for this and every other algorithm) is

@@ -221,7 +221,7 @@ def meta_train_fewshot(
     workers: Workers | None = None,
 ) -> FewShotResult:
     """Meta-train a few-shot learner as ``learnedopt meta-train --algo ...`` does: ``log.jsonl``,
-    ``checkpoint.pt`` and at the end ``model.safetensors`` and ``MODEL_CARD.md`` in ``out``.
+    ``config.json``, ``checkpoint.pt`` and at the end ``model.safetensors`` and ``MODEL_CARD.md`` in ``out``.
     Arguments as :func:`learnedopt.meta.train.meta_train` (ranks other than 0 return without
     validation or files).
 
