@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -2068,3 +2069,38 @@ def test_a_resume_before_the_first_checkpoint_is_refused_with_other_options(tmp_
     (out / "config.json").write_bytes(recorded)
     assert run(out, *args, "--meta-steps", "5", "--resume") == 0  # the length is free, as after a checkpoint
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4, 5]
+
+
+def test_a_resume_accepts_the_settings_of_the_run_given_explicitly(tmp_path: Path, capsys) -> None:
+    """A setting given on ``--resume`` as the value the run used without it (``--select-tasks``
+    equal to ``--meta-batch``, a ``--rule-config`` of the class's defaults, a mixture member's
+    weight of 1) runs the same, and was refused as a change (``--select-tasks: None -> 4``);
+    real changes are still refused, naming both values as the run takes them."""
+    from learnedopt.meta.loop import ConfigError, _load_checkpoint, _save_checkpoint
+    from learnedopt.meta.train import MetaTrainConfig
+
+    path = tmp_path / "checkpoint.pt"
+    for begun, same in (
+        (MetaTrainConfig(select_every=2), {"select_tasks": 8}),
+        (MetaTrainConfig(select_every=2, select_tasks=8), {"select_tasks": None}),
+        (MetaTrainConfig(), {"rule_config": {"hidden_size": 20, "momentum_decays": []}}),
+        (MetaTrainConfig(rule_config={"hidden_size": 20, "num_layers": 3}), {"rule_config": {"num_layers": 3}}),
+        (MetaTrainConfig(task="mlp-random+quadratic"), {"task": "mlp-random:1+quadratic:01"}),
+    ):
+        _save_checkpoint(path, begun, {}, 1)
+        _load_checkpoint(path, dataclasses.replace(begun, **same))
+    for begun, other, shown in (
+        (MetaTrainConfig(select_every=2), {"select_tasks": 4}, "--select-tasks: 8 -> 4"),
+        (MetaTrainConfig(), {"rule_config": {"hidden_size": 8}}, "--rule-config: None -> {'hidden_size': 8}"),
+        (MetaTrainConfig(task="mlp-random+quadratic"), {"task": "mlp-random:2+quadratic"},
+         "--task: 'mlp-random+quadratic' -> 'mlp-random:2+quadratic'"),
+    ):
+        _save_checkpoint(path, begun, {}, 1)
+        with pytest.raises(ConfigError, match=re.escape(f"differs from the checkpoint's ({shown})") + "$"):
+            _load_checkpoint(path, dataclasses.replace(begun, **other))
+
+    out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "1", "--select-every", "1")
+    assert run(out, *args, "--stop-after", "1") == 0
+    assert run(out, *args, "--stop-after", "2", "--resume", "--select-tasks", "4", "--rule-config", '{"hidden_size": 20}') == 0
+    assert run(out, *args, "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3]

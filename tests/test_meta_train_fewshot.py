@@ -3,6 +3,7 @@ resume, Omniglot on a generated zip, configuration errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -229,6 +230,37 @@ def test_a_resume_before_the_first_checkpoint_is_refused_with_other_options(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--resume: the run in {out} is one of --algo maml, not --algo fomaml" in err, err
     assert train(out, *args, "--resume") == 0 and (out / MODEL_NAME).exists()
+
+
+def test_a_resume_accepts_the_settings_of_the_run_given_explicitly(tmp_path: Path, capsys) -> None:
+    """As for --algo lstm: a setting given on ``--resume`` as the value the run took without it
+    (``--train-shots`` equal to ``--shots``, meta-lstm's ``--rule MetaLSTMCell`` or a
+    ``--rule-config`` of its defaults, the Omniglot alphabets in another order) runs the same,
+    and was refused as a change; real changes are still refused, naming both values."""
+    from learnedopt.meta.loop import _load_checkpoint, _save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    omniglot = {"valid_alphabets": "Script1,Script2", "test_alphabets": "Script3"}
+    for begun, same in (
+        (config("maml"), {"train_shots": 10}),
+        (config("meta-lstm"), {"rule": "MetaLSTMCell", "rule_config": {"hidden_size": 20, "forget_bias_init": [4, 6]}}),
+        (config("maml", "omniglot", **omniglot), {"valid_alphabets": "Script2, Script1,", "test_alphabets": " Script3"}),
+    ):
+        _save_checkpoint(path, begun, {}, 1)
+        _load_checkpoint(path, dataclasses.replace(begun, **same))
+    for begun, other, shown in (
+        (config("maml"), {"train_shots": 5}, "--train-shots: 10 -> 5"),
+        (config("meta-lstm"), {"rule": "CoordinateLSTM"}, "--rule: 'MetaLSTMCell' -> 'CoordinateLSTM'"),
+        (config("maml", "omniglot", **omniglot), {"valid_alphabets": "Script1,Script4"},
+         "--valid-alphabets: 'Script1,Script2' -> 'Script1,Script4'"),
+    ):
+        _save_checkpoint(path, begun, {}, 1)
+        with pytest.raises(ConfigError, match=re.escape(f"differs from the checkpoint's ({shown})") + "$"):
+            _load_checkpoint(path, dataclasses.replace(begun, **other))
+
+    out, args = tmp_path / "run", [*SINE_TINY, "--algo", "meta-lstm", "--meta-steps", "3", "--shots", "4"]
+    assert train(out, *args, "--stop-after", "2") == 0
+    assert train(out, *args, "--resume", "--train-shots", "4", "--rule", "MetaLSTMCell") == 0, capsys.readouterr().err
 
 
 def test_selection_keeps_the_best_validated_learner_and_resumes_exactly(tmp_path: Path) -> None:

@@ -196,6 +196,12 @@ class RunConfig(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def same_run_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` in the form a resume compares with the run's: each setting that runs
+        as another value does (a value equal to what None stands for, another spelling of the
+        same task) in one form, so that it may be given either way."""
+        ...
+
     @property
     def meta_steps_shape_the_run(self) -> bool:
         """Whether ``meta_steps`` changes finished steps (an annealed outer step, a score of the
@@ -260,6 +266,25 @@ def default_rule_config(rule_config: Mapping[str, Any] | None) -> Mapping[str, A
     (the rule class's defaults, as None does), so that ``--rule-config '{}'`` and no
     ``--rule-config`` are the same run on ``--resume``, in its command and in its files."""
     return None if isinstance(rule_config, Mapping) and not rule_config else rule_config
+
+
+def rule_config_given(rule: str, rule_config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """``rule_config`` without the settings equal to the defaults of rule class ``rule`` (None
+    where none is left): the form a resume compares, since ``{"hidden_size": 20}`` builds the
+    rule that no ``--rule-config`` does where 20 is the default. As it is where the class is
+    unknown or has no defaults to compare with."""
+    if not rule_config:
+        return default_rule_config(rule_config)
+    try:
+        defaults = dataclasses.asdict(rule_class(rule).config_class())
+    except Exception:  # noqa: BLE001 - an unknown rule or one of your own without defaults: compared as given
+        return rule_config
+
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    given = {k: v for k, v in rule_config.items() if k not in defaults or plain(v) != plain(defaults[k])}
+    return given or None
 
 
 def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
@@ -962,12 +987,14 @@ def _refuse_other_config(saved_config: Mapping[str, Any], config: RunConfig, hol
     }
     saved = {**defaults, **saved_config}
     # read back through the config class, which makes equal what it takes as equal (a rule_config
-    # of {}, recorded so before it became None); fields the record lacks stay absent
+    # of {}, recorded so before it became None), both in the form that makes equal the settings
+    # that run the same (RunConfig.same_run_dict); fields the record lacks stay absent
     try:
-        built = dataclasses.replace(config, **{k: v for k, v in saved.items() if k in current}).to_dict()
+        built = dataclasses.replace(config, **{k: v for k, v in saved.items() if k in current}).same_run_dict()
     except (TypeError, ValueError):  # values no config holds: compared as recorded
         built = {}
     saved |= {k: v for k, v in built.items() if k in saved}
+    current = config.same_run_dict()
     # what changes no finished step: where the data is read, the device, and mostly the length
     resumable = ("data", "device") if config.meta_steps_shape_the_run else ("meta_steps", "data", "device")
     changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])

@@ -986,6 +986,16 @@ def parse_mixture(name: str) -> list[tuple[str, int]] | None:
     return members
 
 
+def canonical_task_name(name: str) -> str:
+    """``name`` as :class:`MixtureFamily` names the family it builds, where it is a mixture (no
+    weight of 1, no leading zeros: ``mlp-random:1+quadratic:02`` is ``mlp-random+quadratic:2``,
+    the same draws); any other name as it is."""
+    members = parse_mixture(name)
+    if members is None:
+        return name
+    return MIXTURE_SEPARATOR.join(f if w == 1 else f"{f}{WEIGHT_SEPARATOR}{w}" for f, w in members)
+
+
 def check_mixture_weights(weights: Sequence[int]) -> None:
     """Raise ValueError unless ``weights`` are positive integers summing to at most
     :data:`MAX_MIXTURE_WEIGHT`."""

@@ -80,6 +80,7 @@ from .loop import (
     refuse_other_data,
     resumable_config,
     rule_class,
+    rule_config_given,
     train_loop,
     write_text_atomic,
 )
@@ -91,6 +92,7 @@ from .tasks import (
     Task,
     TaskBatch,
     TaskFamily,
+    canonical_task_name,
     check_mixture_weights,
     derive_seed,
     generator_for,
@@ -246,6 +248,20 @@ class MetaTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def same_run_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as a resume compares it with the run's: a mixture by the name of the
+        family it builds (:func:`~learnedopt.meta.tasks.canonical_task_name`), the selection
+        episode's size as the run takes it (:func:`select_tasks`) and ``rule_config`` without the
+        rule class's defaults (:func:`~learnedopt.meta.loop.rule_config_given`), so that a
+        setting the run took by default may be given explicitly."""
+        d = self.to_dict()
+        d["task"] = canonical_task_name(self.task)
+        if self.select_every:
+            d["select_tasks"] = select_tasks(self)
+        if self.rule is not None:
+            d["rule_config"] = rule_config_given(self.rule, self.rule_config)
+        return d
 
 
 @dataclass

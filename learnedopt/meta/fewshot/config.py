@@ -23,6 +23,7 @@ from ..loop import (
     check_select_every,
     default_rule_config,
     refuse_options,
+    rule_config_given,
 )
 
 FEWSHOT_ALGOS: tuple[str, ...] = ("maml", "fomaml", "reptile", "meta-lstm")
@@ -254,6 +255,25 @@ class FewShotConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every field by name, as the checkpoint and the model card record the configuration."""
         return dataclasses.asdict(self)
+
+    def same_run_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as a resume compares it with the run's: ``train_shots`` as the run takes
+        it (``shots`` for None), meta-lstm's ``rule`` (``MetaLSTMCell`` for None) and its
+        ``rule_config`` without the class's defaults
+        (:func:`~learnedopt.meta.loop.rule_config_given`), the Omniglot alphabets as a sorted
+        list (the split takes them as a set), so that a setting the run took by default, or in
+        another spelling, may be given so."""
+        from .sources import parse_alphabets  # sources imports this module
+
+        d = self.to_dict()
+        d["train_shots"] = self.shots if self.train_shots is None else self.train_shots
+        if self.algo == "meta-lstm" and self.preset is None:
+            d["rule"] = self.rule or MetaLSTMCell.kind
+            d["rule_config"] = rule_config_given(d["rule"], self.rule_config)
+        for name in ("valid_alphabets", "test_alphabets"):
+            names = parse_alphabets(getattr(self, name))
+            d[name] = None if names is None else ",".join(sorted(names))
+        return d
 
 
 def fewshot_defaults(algo: str, task: str, ways: int | None) -> dict[str, Any]:
