@@ -2104,3 +2104,30 @@ def test_a_resume_accepts_the_settings_of_the_run_given_explicitly(tmp_path: Pat
     assert run(out, *args, "--stop-after", "2", "--resume", "--select-tasks", "4", "--rule-config", '{"hidden_size": 20}') == 0
     assert run(out, *args, "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+def test_a_resume_takes_the_preset_file_by_another_path_to_the_same_weights(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--preset`` given on ``--resume`` by another path to the file the run began from (absolute
+    for relative, ``./`` before it, a copy of it) starts the same run, and was refused as a change
+    of ``--preset``; a file of other weights is still refused, after a checkpoint or before one."""
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    monkeypatch.chdir(tmp_path)
+    save_weights(build_preset("l2l-2016")[0], tmp_path / "mine.safetensors")
+    shutil.copyfile(tmp_path / "mine.safetensors", tmp_path / "copy.safetensors")
+    rule, _ = build_preset("l2l-2016")
+    with torch.no_grad():
+        next(iter(rule.parameters())).add_(1.0)
+    save_weights(rule, tmp_path / "other.safetensors")
+    for stop, out in (("1", tmp_path / "early"), ("2", tmp_path / "late")):  # before and after the first checkpoint
+        args = ("--preset", "mine.safetensors", "--meta-steps", "4", "--checkpoint-every", "2")
+        assert run(out, *args, "--stop-after", stop) == 0
+        assert (out / "checkpoint.pt").exists() == (stop == "2")
+        capsys.readouterr()
+        assert run(out, *args, "--preset", "other.safetensors", "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "(--preset: 'mine.safetensors' -> 'other.safetensors')" in err, err
+        for same in (str(tmp_path / "mine.safetensors"), "./mine.safetensors", "copy.safetensors"):
+            assert run(out, *args, "--preset", same, "--stop-after", "3", "--resume") == 0, capsys.readouterr().err
+        assert run(out, *args, "--resume") == 0

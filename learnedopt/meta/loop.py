@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import filecmp
 import hashlib
 import json
 import math
@@ -962,15 +963,19 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
         )
-    _refuse_other_config(payload["config"], config, f"{path} is a checkpoint", "the checkpoint's")
+    _refuse_other_config(payload["config"], config, path.parent, f"{path} is a checkpoint", "the checkpoint's")
     return payload
 
 
-def _refuse_other_config(saved_config: Mapping[str, Any], config: RunConfig, holder: str, whose: str, advice: str = "") -> None:
-    """Raise :class:`ConfigError` where ``config`` is not the configuration a run recorded
-    (``saved_config``, a checkpoint's or :data:`CONFIG_NAME`'s) but in the settings a resume may
-    change (the data folder, the device and, unless
-    :attr:`RunConfig.meta_steps_shape_the_run`, ``meta_steps``). ``holder`` names the record in
+def _refuse_other_config(
+    saved_config: Mapping[str, Any], config: RunConfig, out: Path, holder: str, whose: str, advice: str = ""
+) -> None:
+    """Raise :class:`ConfigError` where ``config`` is not the configuration the run in ``out``
+    recorded (``saved_config``, a checkpoint's or :data:`CONFIG_NAME`'s) but in the settings a
+    resume may change (the data folder, the device and, unless
+    :attr:`RunConfig.meta_steps_shape_the_run`, ``meta_steps``), compared as
+    :meth:`RunConfig.same_run_dict` gives them, and a ``preset`` weight file named by another
+    path (:func:`_same_start`). ``holder`` names the record in
     the refusal of another ``--algo`` (e.g. ``"PATH is a checkpoint"``), ``whose`` in that of
     changed settings (e.g. ``"the checkpoint's"``); ``advice`` ends the latter."""
     current = config.to_dict()
@@ -998,12 +1003,32 @@ def _refuse_other_config(saved_config: Mapping[str, Any], config: RunConfig, hol
     # what changes no finished step: where the data is read, the device, and mostly the length
     resumable = ("data", "device") if config.meta_steps_shape_the_run else ("meta_steps", "data", "device")
     changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
+    if "preset" in changed and _same_start(out, saved.get("preset"), current["preset"]):
+        changed.remove("preset")
     if changed:
         # each field is the option of the same name
         shown = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         why = ("; --meta-steps is fixed once a run anneals over it (reptile) or scores its last step (--select-every)"
                if "meta_steps" in changed else "")  # fmt: skip
         raise ConfigError(f"--resume: the configuration differs from {whose} ({shown}){why}{advice}")
+
+
+def _same_start(out: Path, saved: Any, given: Any) -> bool:
+    """Whether ``--preset given`` on a resume names the weight file the run in ``out`` began from
+    as ``--preset saved`` by another path (absolute for relative, ``./`` before it, a copy of
+    it): ``given`` holds the bytes of the copy the run keeps (:data:`START_NAME`), or, for a run
+    begun before runs kept one, both are paths to one file."""
+    if not (isinstance(saved, str) and isinstance(given, str)) or PRESETS.keys() & {saved, given}:
+        return False
+    if not Path(given).is_file():
+        return False
+    kept = out / START_NAME
+    try:
+        if kept.is_file():
+            return filecmp.cmp(kept, given, shallow=False)
+        return Path(saved).is_file() and os.path.samefile(saved, given)
+    except OSError:
+        return False
 
 
 def _write_begun_config(out: Path, config: RunConfig) -> None:
@@ -1026,7 +1051,7 @@ def _check_begun_config(out: Path, config: RunConfig) -> None:
         raise ConfigError(f"--resume: cannot read {path}: {one_line(err)}") from None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ConfigError(f"--resume: {path} is not a learnedopt meta-train configuration (no config)")
-    _refuse_other_config(record["config"], config, f"the run in {out} is one", f"the one the run in {out} began with",
+    _refuse_other_config(record["config"], config, out, f"the run in {out} is one", f"the one the run in {out} began with",
                          "; it stopped before its first checkpoint: resume it as it began, or start over in another "
                          "--out without --resume")  # fmt: skip
 
