@@ -2131,3 +2131,22 @@ def test_a_resume_takes_the_preset_file_by_another_path_to_the_same_weights(tmp_
         for same in (str(tmp_path / "mine.safetensors"), "./mine.safetensors", "copy.safetensors"):
             assert run(out, *args, "--preset", same, "--stop-after", "3", "--resume") == 0, capsys.readouterr().err
         assert run(out, *args, "--resume") == 0
+
+
+def test_resume_before_the_first_checkpoint_on_other_mnist_files_is_refused(tmp_path: Path, capsys) -> None:
+    """As after a checkpoint: a run killed before its first one records the SHA-256 of the files
+    it read with its configuration, and ``--resume`` on other files was a silent run on them."""
+    first, other = write_fake_mnist(tmp_path / "a", n=60), write_fake_mnist(tmp_path / "b", n=60, seed=2)
+    out = tmp_path / "run"
+    argv = ["meta-train", "--task", "mnist-mlp", "--unroll", "2", "--horizon", "4", "--meta-batch", "2",
+            "--meta-steps", "2", "--checkpoint-every", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--data", str(first), "--stop-after", "1"]) == 0
+    assert not (out / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert main([*argv, "--data", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: the run in {out} read other MNIST files" in err, err
+    assert [r["step"] for r in log_lines(out)] == [1]  # nothing was run or written
+    moved = shutil.copytree(first, tmp_path / "moved")
+    assert main([*argv, "--data", str(moved), "--resume"]) == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2]

@@ -60,15 +60,18 @@ class ConfigError(ValueError):
     """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
 
 
-def refuse_other_data(saved: str | None, current: str | None, what: str, data: str | None) -> None:
+def refuse_other_data(
+    saved: str | None, current: str | None, what: str, data: str | None, whose: str = "the checkpoint's run"
+) -> None:
     """Raise ConfigError where a checkpoint's run read data of SHA-256 ``saved`` and ``--resume``
     finds other data (``current``): ``--data`` may name another folder on resume, not other
     files, since the steps before the checkpoint read the first ones. ``what``: e.g. "MNIST
-    files"; ``data``: the ``--data`` given. Not checked where either is None (a checkpoint from
-    before the hash was recorded, a run that reads no data files)."""
+    files"; ``data``: the ``--data`` given; ``whose``: the run as the refusal names it. Not
+    checked where either is None (a checkpoint from before the hash was recorded, a run that
+    reads no data files)."""
     if saved is not None and current is not None and saved != current:
         raise ConfigError(
-            f"--resume: the checkpoint's run read other {what} (SHA-256 {saved[:12]}) than those "
+            f"--resume: {whose} read other {what} (SHA-256 {saved[:12]}) than those "
             f"{'in --data ' + data if data else 'found'} (SHA-256 {current[:12]}): resume it on the files it began with"
         )
 
@@ -219,7 +222,9 @@ class Trainer(Protocol):
     ``step(s)`` runs meta-step ``s`` (1-based), drawing its randomness from ``(seed, stream, s)``
     only, and returns the log fields of that step (``meta_loss`` first; plain numbers). Its
     ``state_dict`` is everything a checkpoint must hold for a resumed run to repeat an
-    uninterrupted one bit for bit.
+    uninterrupted one bit for bit. A trainer that reads data files may say their SHA-256 as
+    ``data_sha256`` and what they are as ``data_kind`` (e.g. ``"MNIST files"``), which the run
+    records before its first checkpoint, so that a ``--resume`` on other files is refused then too.
     """
 
     def step(self, step: int) -> dict[str, float]: ...
@@ -746,7 +751,7 @@ def train_loop(
         # again from the start (said once the folder is this run's, below)
         started_only = resume and not checkpoint_path.exists() and log_path.is_file()
         if started_only:  # started again, but as the run it continues
-            _check_begun_config(out, config)
+            _check_begun_config(out, config, trainer)
         if resume and not started_only:
             payload = _load_checkpoint(checkpoint_path, config)
             try:
@@ -799,7 +804,7 @@ def train_loop(
     try:
         with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file, _catch_sigterm() as term:
             if workers.is_main and start == 0:  # after the log exists: a kill while writing it leaves a run to start again
-                _write_begun_config(out, config)
+                _write_begun_config(out, config, trainer)
             for step in range(start + 1, stop + 1):
                 began = time.perf_counter()
                 try:
@@ -1031,17 +1036,19 @@ def _same_start(out: Path, saved: Any, given: Any) -> bool:
         return False
 
 
-def _write_begun_config(out: Path, config: RunConfig) -> None:
-    """Record ``config`` in ``out`` (:data:`CONFIG_NAME`, atomically), as the run begins."""
-    text = json.dumps({"format": CHECKPOINT_FORMAT, "config": config.to_dict()}, indent=1, sort_keys=True) + "\n"
-    write_text_atomic(out / CONFIG_NAME, text)
+def _write_begun_config(out: Path, config: RunConfig, trainer: Trainer) -> None:
+    """Record ``config`` in ``out`` (:data:`CONFIG_NAME`, atomically), as the run begins, with
+    the SHA-256 of the data files ``trainer`` read (its ``data_sha256``, where it has one)."""
+    record = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "data_sha256": getattr(trainer, "data_sha256", None)}
+    write_text_atomic(out / CONFIG_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def _check_begun_config(out: Path, config: RunConfig) -> None:
+def _check_begun_config(out: Path, config: RunConfig, trainer: Trainer) -> None:
     """Raise :class:`ConfigError` where ``config`` is not the configuration the run in ``out``,
     which has no checkpoint yet, began with (:data:`CONFIG_NAME`; not checked for a run begun
     before runs recorded it, or killed while writing it), but in the settings a resume may
-    change (:func:`_refuse_other_config`)."""
+    change (:func:`_refuse_other_config`), or ``trainer`` read other data files than the run
+    (:func:`refuse_other_data`; ``trainer.data_kind`` names them)."""
     path = out / CONFIG_NAME
     if not path.is_file():
         return
@@ -1054,6 +1061,8 @@ def _check_begun_config(out: Path, config: RunConfig) -> None:
     _refuse_other_config(record["config"], config, out, f"the run in {out} is one", f"the one the run in {out} began with",
                          "; it stopped before its first checkpoint: resume it as it began, or start over in another "
                          "--out without --resume")  # fmt: skip
+    refuse_other_data(record.get("data_sha256"), getattr(trainer, "data_sha256", None),
+                      getattr(trainer, "data_kind", "data files"), getattr(config, "data", None), f"the run in {out}")  # fmt: skip
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

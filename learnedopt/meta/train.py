@@ -442,6 +442,9 @@ class _RuleTrainer:
     """``--algo lstm``: one :func:`episode` per meta-step (the
     :class:`~learnedopt.meta.loop.Trainer` of update rules)."""
 
+    #: what ``data_sha256`` hashes, as a refused ``--resume`` names it
+    data_kind = "MNIST files"
+
     def __init__(self, config: MetaTrainConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.family = _family(config, "meta_train")
@@ -500,7 +503,7 @@ class _RuleTrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        refuse_other_data(state.get("data_sha256"), self.data_sha256, "MNIST files", self.config.data)
+        refuse_other_data(state.get("data_sha256"), self.data_sha256, self.data_kind, self.config.data)
         if isinstance(state.get("rule_config"), Mapping):  # recorded by every checkpoint of this format
             refuse_other_architecture(f"a {state.get('rule_kind')}", {"kind": state.get("rule_kind"), **state["rule_config"]},
                                       {"kind": self.rule.kind, **self.rule.config_dict()})  # fmt: skip

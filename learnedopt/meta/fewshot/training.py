@@ -70,6 +70,9 @@ class FewShotTrainer:
     parameter moves, so each rank makes the update one process would make on the whole batch.
     """
 
+    #: what ``data_sha256`` hashes, as a refused ``--resume`` names it
+    data_kind = "Omniglot images"
+
     def __init__(self, config: FewShotConfig, workers: Workers = SINGLE) -> None:
         self.config, self.workers = config, workers
         self.source, self.valid_source, self.split = make_sources(config)
@@ -178,7 +181,7 @@ class FewShotTrainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`'s ``state``; raises ConfigError (one line) for other data or another architecture than this run's."""
-        refuse_other_data(state.get("data_sha256"), self.data_sha256, "Omniglot images", self.config.data)
+        refuse_other_data(state.get("data_sha256"), self.data_sha256, self.data_kind, self.config.data)
         refuse_other_architecture(f"a {self.config.algo} learner", state.get("architecture"), self._architecture())
         self.learner.load_tensors(state["learner"])
         if self.config.algo == "reptile":
