@@ -2150,3 +2150,19 @@ def test_resume_before_the_first_checkpoint_on_other_mnist_files_is_refused(tmp_
     moved = shutil.copytree(first, tmp_path / "moved")
     assert main([*argv, "--data", str(moved), "--resume"]) == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2]
+
+
+def test_the_configuration_a_run_began_with_reads_back_equal_through_json(tmp_path: Path) -> None:
+    """``config.json`` writes a tuple of a ``rule_config`` given through the API as a JSON list:
+    a resume of that run before its first checkpoint was refused as a change of it
+    (``--rule-config: {'momentum_decays': [0.9]} -> {'momentum_decays': (0.9,)}``)."""
+    from learnedopt.meta.loop import ConfigError, _check_begun_config, _write_begun_config
+    from learnedopt.meta.train import MetaTrainConfig
+
+    config = MetaTrainConfig(rule_config={"momentum_decays": (0.9,), "rms_decays": (0.999,)}, meta_lr=1e-3)
+    _write_begun_config(tmp_path, config, object())
+    _check_begun_config(tmp_path, config, object())
+    with pytest.raises(ConfigError, match=re.escape("(--rule-config: {'momentum_decays': [0.9], 'rms_decays': [0.999]} -> "
+                                                    "{'momentum_decays': [0.5], 'rms_decays': [0.999]})")):  # fmt: skip
+        _check_begun_config(tmp_path, dataclasses.replace(config, rule_config={"momentum_decays": (0.5,), "rms_decays": (0.999,)}),
+                            object())  # fmt: skip

@@ -276,21 +276,22 @@ def default_rule_config(rule_config: Mapping[str, Any] | None) -> Mapping[str, A
 
 def rule_config_given(rule: str, rule_config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """``rule_config`` without the settings equal to the defaults of rule class ``rule`` (None
-    where none is left): the form a resume compares, since ``{"hidden_size": 20}`` builds the
-    rule that no ``--rule-config`` does where 20 is the default. As it is where the class is
-    unknown or has no defaults to compare with."""
+    where none is left), its tuples as lists (as JSON and :meth:`UpdateRule.config_dict` give
+    them): the form a resume compares, since ``{"hidden_size": 20}`` builds the rule that no
+    ``--rule-config`` does where 20 is the default. Only the tuples made lists where the class
+    is unknown or has no defaults to compare with."""
     if not rule_config:
         return default_rule_config(rule_config)
-    try:
-        defaults = dataclasses.asdict(rule_class(rule).config_class())
-    except Exception:  # noqa: BLE001 - an unknown rule or one of your own without defaults: compared as given
-        return rule_config
 
     def plain(value: Any) -> Any:
         return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    given = {k: v for k, v in rule_config.items() if k not in defaults or plain(v) != plain(defaults[k])}
-    return given or None
+    try:
+        defaults = {k: plain(v) for k, v in dataclasses.asdict(rule_class(rule).config_class()).items()}
+    except Exception:  # noqa: BLE001 - an unknown rule or one of your own without defaults: compared as given
+        defaults = {}
+    given = {k: plain(v) for k, v in rule_config.items()}
+    return {k: v for k, v in given.items() if k not in defaults or v != defaults[k]} or None
 
 
 def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
