@@ -2166,3 +2166,24 @@ def test_the_configuration_a_run_began_with_reads_back_equal_through_json(tmp_pa
                                                     "{'momentum_decays': [0.5], 'rms_decays': [0.999]})")):  # fmt: skip
         _check_begun_config(tmp_path, dataclasses.replace(config, rule_config={"momentum_decays": (0.5,), "rms_decays": (0.999,)}),
                             object())  # fmt: skip
+
+
+def test_a_run_given_paths_as_path_objects_records_them_as_strings_and_resumes(tmp_path: Path) -> None:
+    """``data`` and ``preset`` given through the API as ``pathlib.Path``: the run recorded the
+    objects, and its checkpoint could not be read back (``torch.load(weights_only=True)``
+    refuses a ``PosixPath``), nor its configuration written as JSON; the configurations hold
+    them as strings."""
+    from learnedopt import save_weights
+    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults
+    from learnedopt.meta.train import MetaTrainConfig, meta_train
+    from learnedopt.weights import build_preset
+
+    start = tmp_path / "mine.safetensors"
+    save_weights(build_preset("l2l-2016")[0], start)
+    config = MetaTrainConfig(rule=None, preset=start, data=None, unroll=5, horizon=10, meta_batch=4, meta_steps=2)
+    assert config.preset == str(start) and MetaTrainConfig(data=tmp_path).data == str(tmp_path)
+    assert FewShotConfig(algo="maml", task="omniglot", **fewshot_defaults("maml", "omniglot", None), data=tmp_path).data == str(tmp_path)
+    assert FewShotConfig(algo="meta-lstm", task="sinusoid", **fewshot_defaults("meta-lstm", "sinusoid", None), preset=start).preset == str(start)
+    out = tmp_path / "run"
+    assert not meta_train(config, out, checkpoint_every=1, max_steps=1, progress=False).finished
+    assert meta_train(config, out, checkpoint_every=1, resume=True, progress=False).finished

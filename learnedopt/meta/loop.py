@@ -294,6 +294,17 @@ def rule_config_given(rule: str, rule_config: Mapping[str, Any] | None) -> Mappi
     return {k: v for k, v in given.items() if k not in defaults or v != defaults[k]} or None
 
 
+#: the configuration fields that name files or folders (``--data``, ``--preset``), held as strings
+PATH_FIELDS: tuple[str, ...] = ("data", "preset")
+
+
+def path_string(value: Any) -> Any:
+    """``value`` as a configuration holds a path: a ``pathlib.Path`` (or other ``os.PathLike``)
+    given through the API as its string, which the checkpoint (read with ``weights_only``), the
+    run's ``config.json`` and the weight file's header can record; anything else as it is."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` when ``rule_config`` is not a valid config of rule kind ``rule``
     (a ``module:Class`` too: :func:`rule_class`): one the class refuses, a count (``hidden_size``,

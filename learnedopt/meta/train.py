@@ -64,6 +64,7 @@ from .loop import (
     WEIGHTS_NAME,
     AfterMetaUpdates,
     ConfigError,
+    PATH_FIELDS,
     OutputLock,
     Selection,
     check_elements,
@@ -75,6 +76,7 @@ from .loop import (
     default_rule_config,
     last_record,
     model_card,
+    path_string,
     processes_note,
     refuse_other_architecture,
     refuse_other_data,
@@ -150,7 +152,8 @@ class MetaTrainConfig:
         select_tasks: tasks of that selection episode (None: ``meta_batch``); a small draw is a
             noisy score (``benchmarks/results/l2l_selection/``).
         data: MNIST folder of the tasks that read it (:data:`~learnedopt.meta.tasks.DATA_FAMILIES`;
-            None: the default search); refused for tasks that read none.
+            None: the default search); refused for tasks that read none. A ``pathlib.Path``
+            here or in ``preset`` is held as its string.
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
             CPU either way, so the device changes results only by rounding, and a run may be
             resumed on another device.
@@ -178,6 +181,8 @@ class MetaTrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule_config", default_rule_config(self.rule_config))
+        for name in PATH_FIELDS:  # a pathlib.Path of the API, which the checkpoint and config.json could not record
+            object.__setattr__(self, name, path_string(getattr(self, name)))
 
     @property
     def meta_steps_shape_the_run(self) -> bool:

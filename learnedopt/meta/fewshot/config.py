@@ -17,11 +17,13 @@ from ...nn import RULES, MetaLSTMCell
 from ...plugins import entry_point_path
 from ...weights import load_weights
 from ..loop import (
+    PATH_FIELDS,
     ConfigError,
     check_elements,
     check_rule_config,
     check_select_every,
     default_rule_config,
+    path_string,
     refuse_options,
     rule_config_given,
 )
@@ -85,7 +87,8 @@ class FewShotConfig:
             validation and evaluation images are never distorted.
         val_tasks: validation tasks (a fixed draw) for the end-of-run metric.
         seed: the root of every random draw.
-        data: folder of the Omniglot zips (None: the default search); omniglot only.
+        data: folder of the Omniglot zips (None: the default search); omniglot only. A
+            ``pathlib.Path`` here or in ``preset`` is held as its string.
         rule: meta-lstm's update rule, a key of :data:`learnedopt.nn.RULES` (None:
             ``MetaLSTMCell``); None for the other algorithms.
         preset: meta-lstm: a preset or weight file whose rule (architecture and weights) the
@@ -147,6 +150,8 @@ class FewShotConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule_config", default_rule_config(self.rule_config))
+        for name in PATH_FIELDS:  # a pathlib.Path of the API, which the checkpoint and config.json could not record
+            object.__setattr__(self, name, path_string(getattr(self, name)))
 
     @property
     def meta_steps_shape_the_run(self) -> bool:
