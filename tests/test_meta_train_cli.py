@@ -2102,7 +2102,7 @@ def test_a_resume_accepts_the_settings_of_the_run_given_explicitly(tmp_path: Pat
     out, args = tmp_path / "run", ("--meta-steps", "3", "--checkpoint-every", "1", "--select-every", "1")
     assert run(out, *args, "--stop-after", "1") == 0
     assert run(out, *args, "--stop-after", "2", "--resume", "--select-tasks", "4", "--rule-config", '{"hidden_size": 20}') == 0
-    assert run(out, *args, "--resume") == 0
+    assert run(out, *args, "--resume", "--meta-lr", "1e-2", "--unroll", "05", "--seed", "00") == 0  # other spellings of the numbers
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
 
 
