@@ -14,30 +14,20 @@ models with BatchNorm.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.func import grad, vmap
+from torch.func import grad
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..values import check_positive_integer, is_integer, is_number
-from .autograd_fixes import (
-    AffineAfterNorm,
-    PaddingRowWithoutGradient,
-    PlainWeightNorm,
-    compiled_eagerly,
-    may_embed,
-    may_normalise_weights,
-    twice_differentiable,
-)
+from .autograd_fixes import twice_differentiable
 from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, is_library_layer, replace_batchnorm_
 from .model_calls import (
     Inputs,
@@ -51,6 +41,7 @@ from .model_calls import (
     model_arguments,
     outside_inference,
 )
+from .over_tasks import vmap_or_loop, vmap_tasks
 
 __all__ = [
     "MAML",
@@ -470,29 +461,20 @@ class MAML(nn.Module):
         vectorize = self.vectorize is True or (
             self.vectorize == "auto" and not self.checkpoint_steps and self._vmap_pays(x_support)
         )
-        vmap_error = None
-        if vectorize:
-            # an attempt that fails part-way may have updated buffers in place (spectral_norm's power
-            # iteration at the first, shared, parameters): the loop starts from them as they were
-            buffers = {} if self.vectorize is True else {k: b.clone() for k, b in self._model_buffers().items()}
-            try:
-                return self._vmapped(params, x_support, y_support, x_query, y_query, steps, every_step)
-            except RuntimeError as err:
-                if self.vectorize is True:
-                    raise
-                vmap_error = err
-                with torch.no_grad():
-                    for name, value in self._model_buffers().items():
-                        if name in buffers:
-                            value.copy_(buffers[name])
-        # a bad input (mismatched shapes) fails here too, with its own message, and leaves vmap on
         data = (x_support, y_support, x_query, y_query)
-        losses = torch.stack([
-            self._adapt_one(params, *pytree.tree_map(lambda t: t[b], data), steps, batched=False, every_step=every_step)[1]
-            for b in range(len(pytree.tree_leaves(y_support)[0]))  # the B tasks (query_losses checked they agree)
-        ])  # fmt: skip
-        if vmap_error is not None:  # the model itself does not run under vmap: loop from now on
-            warnings.warn(f"MAML: vmap over tasks failed ({vmap_error}); looping over tasks", stacklevel=2)
+
+        def looped() -> Tensor:
+            # a bad input (mismatched shapes) fails here too, with its own message, and leaves vmap on
+            return torch.stack([
+                self._adapt_one(params, *pytree.tree_map(lambda t: t[b], data), steps, batched=False, every_step=every_step)[1]
+                for b in range(len(pytree.tree_leaves(y_support)[0]))  # the B tasks (query_losses checked they agree)
+            ])  # fmt: skip
+
+        def vmapped() -> Tensor:
+            return self._vmapped(params, *data, steps, every_step)
+
+        losses, vmapped_now = vmap_or_loop(self.model, vmapped, looped, self.vectorize if vectorize else False, "MAML")
+        if vectorize and not vmapped_now:  # the model itself does not run under vmap: loop from now on
             self.vectorize = False
         return losses
 
@@ -511,19 +493,8 @@ class MAML(nn.Module):
         def one(x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs) -> Tensor:
             return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True, every_step=every_step)[1]
 
-        # only second-order meta-gradients go through the faulty rule, and each mode costs a Python
-        # call per op of the vmapped forward (10-20% of a sinusoid MLP's meta-step for the padding one)
         second_order = not self.first_order and torch.is_grad_enabled()
-        # under autocast the norms' batched backward fails at the first order too ("expected scalar
-        # type BFloat16 but found Float": the low-precision input beside the float32 weight)
-        autocast = _autocast_enabled(pytree.tree_leaves(xs)[0].device.type)
-        padding = PaddingRowWithoutGradient() if may_embed(self.model) else contextlib.nullcontext()
-        norms = AffineAfterNorm() if second_order or autocast else contextlib.nullcontext()
-        # torch._weight_norm has no batching rule: vmap ran it task by task, with PyTorch's
-        # "performance drop" warning (second order has the plain ops already)
-        weight_norm = PlainWeightNorm() if not second_order and may_normalise_weights(self.model) else contextlib.nullcontext()
-        with norms, padding, weight_norm, compiled_eagerly(self.model):
-            return vmap(one, randomness="different")(xs, ys, xq, yq)
+        return vmap_tasks(self.model, one, (xs, ys, xq, yq), second_order=second_order)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
         """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
@@ -689,16 +660,6 @@ class _RecomputedStep(torch.autograd.Function):
             learning = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
         return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``; False for a device autocast does not know,
-    such as ``meta`` (a shape-only run), where ``torch.is_autocast_enabled`` raised "unknown
-    device type for autocast"."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:

@@ -22,6 +22,7 @@ from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, loa
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
+from ..over_tasks import vmap_or_loop
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -198,6 +199,7 @@ class FewShotLearner:
         self.loss_fn = family_loss(family)[1] if own else LOSSES[spec.loss]
         self.maml: MAML | None = None
         self.rule: UpdateRule | None = None
+        self._vectorize: bool | str = "auto"  # meta-lstm's tasks: vmap, or a loop where the model cannot run under it
         if spec.algo in ("maml", "fomaml"):
             self.maml = MAML(
                 self.model,
@@ -286,14 +288,17 @@ class FewShotLearner:
         the model's parameters that require grad (shared by the tasks, so the meta-gradient
         reaches them; a frozen layer keeps its values, as in MAML); the last entry of ``losses``
         is the query loss at the adapted parameters (the support loss when no query set is given)."""
-        batch = _SupportQueryBatch(self.model, self.loss_fn, x_s, y_s, x_q, y_q, steps)
+        batch = _SupportQueryBatch(self.model, self.loss_fn, x_s, y_s, x_q, y_q, steps, self._vectorize)
         params = {
             k: p.unsqueeze(0).expand(len(batch), *p.shape) for k, p in self.model.named_parameters() if p.requires_grad
         }
         if not params:  # as MAML and Reptile say it (init_rule_state's "params is empty" named no setting)
             raise ValueError("meta-lstm: no parameter of the model requires grad, so an inner step has nothing to adapt")
         # the parameters' dtype, not the inputs': token ids made int64 states (refused by the Triton path)
-        return unroll(rule, batch, params, init_rule_state(rule, params), steps, stop_optimizee_grad=True)
+        try:
+            return unroll(rule, batch, params, init_rule_state(rule, params), steps, stop_optimizee_grad=True)
+        finally:
+            self._vectorize = batch.vectorize  # False once the model failed under vmap: the loop from now on
 
     def adapt(self, x_support: Inputs, y_support: Inputs, steps: int | None = None) -> Params:
         """Adapted parameters (detached) for ONE task, ``x_support`` ``(N, ...)`` (or a tuple, list
@@ -366,12 +371,14 @@ class FewShotLearner:
 class _SupportQueryBatch(TaskBatch):
     """B few-shot tasks as a :class:`TaskBatch` for :func:`unroll`: the loss of step index
     ``t < steps`` is each task's support loss, of step ``steps`` its query loss (one ``vmap`` of
-    ``functional_call`` over the tasks)."""
+    ``functional_call`` over the tasks, or a loop over them for a model that cannot run under
+    ``vmap``, as ``MAML``'s: :func:`~learnedopt.meta.over_tasks.vmap_or_loop`)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_s: Inputs, y_s: Inputs,
-                 x_q: Inputs | None, y_q: Inputs | None, steps: int) -> None:  # fmt: skip
+                 x_q: Inputs | None, y_q: Inputs | None, steps: int, vectorize: bool | str = "auto") -> None:  # fmt: skip
         # TaskBatch's per-task objects are not needed: the loss below is batched
         self.model, self.loss_fn, self.steps = model, loss_fn, steps
+        self.vectorize = vectorize  # "auto": vmap, or the loop for a model that cannot run under it
         self.support = (x_s, y_s)
         self.query = (x_s, y_s) if x_q is None else (x_q, y_q)
 
@@ -380,11 +387,21 @@ class _SupportQueryBatch(TaskBatch):
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
         x, y = self.support if step_index < self.steps else self.query
+        inputs = (dict(params), x, y)
 
         def one(p: Params, xb: Inputs, yb: Inputs) -> Tensor:
             return self.loss_fn(call_model(self.model, p, xb), yb)
 
-        return vmap(one)(dict(params), x, y)
+        def looped() -> Tensor:
+            return torch.stack([one(*pytree.tree_map(lambda t: t[b], inputs)) for b in range(len(self))])
+
+        def vmapped() -> Tensor:
+            return vmap(one)(*inputs)
+
+        losses, vmapped_now = vmap_or_loop(self.model, vmapped, looped, self.vectorize, "meta-lstm")
+        if not vmapped_now:  # the model does not run under vmap: loop from now on, as MAML does
+            self.vectorize = False
+        return losses
 
 
 # ----------------------------------------------------------------------------- the model file
