@@ -87,3 +87,63 @@ def test_a_norm_layer_updating_running_stats_is_run_task_by_task_with_the_result
     for name in expected:
         torch.testing.assert_close(adapted[name], expected[name])
 
+
+def per_task_query_losses(learner: FewShotLearner, data) -> torch.Tensor:
+    """Each task's query loss after the inner loop, ``(B,)``."""
+    if learner.maml is not None:
+        return learner.maml.query_losses(*data, every_step=False)[:, -1]
+    return learner._unroll(*data, learner.spec.inner_steps, learner.rule).losses[-1]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_dropout_in_training_mode_draws_its_own_masks_for_each_task(algo: str) -> None:
+    """Dropout under vmap needs randomness="different" (MAML's): meta-lstm's vmap, in its
+    default "error" mode, failed with "vmap: called random operation while in randomness error
+    mode" (then, since its loop fallback, looped over the tasks with a warning). The same task repeated gives each copy its own masks, so its own query loss; a
+    meta-step's meta-loss and meta-gradient are finite, and ``eval()`` turns dropout off
+    (every copy's loss the same)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))  # noqa: E731
+    x_s, y_s, x_q, y_q = episode((6,), tasks=1, shots=8)
+    same = tuple(t.expand(4, *t.shape[1:]) for t in (x_s, y_s, x_q, y_q))
+    fewshot = learner(algo, make)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # under vmap, not a fallback to the loop
+        losses = per_task_query_losses(fewshot, same)
+        assert losses.shape == (4,) and len(set(losses.tolist())) == 4, losses
+        loss, grads = meta_grads(fewshot, same)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    fewshot.model.eval()
+    losses = per_task_query_losses(fewshot, same).detach()
+    torch.testing.assert_close(losses, losses[:1].expand(4))
+
+
+class Bag(nn.Module):
+    """Token ids (N, L) -> (N, 3): embedding with a padding index, mean over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_an_embeddings_padding_row_adapts_as_in_a_task_by_task_run(algo: str) -> None:
+    """Under vmap the embedding's batching rule gave the padding row of every task but the first
+    a gradient (MAML runs it with that row detached): meta-lstm's rule read it, so the tasks of
+    a meta-batch adapted otherwise than each alone (the embedding's meta-gradient 8% off). The
+    meta-loss and meta-gradient of B tasks are the mean of each task's alone."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 5, (3, 8, 6), generator=g)  # many padding tokens (id 0)
+    labels = torch.randint(0, 3, (3, 8), generator=g)
+    data = (ids[:, :4], labels[:, :4], ids[:, 4:], labels[:, 4:])
+    fewshot = learner(algo, Bag)
+    loss, grads = meta_grads(fewshot, data)
+    alone = [meta_grads(fewshot, tuple(t[b : b + 1] for t in data)) for b in range(3)]
+    torch.testing.assert_close(loss, sum(one[0] for one in alone) / 3)
+    for i, got in enumerate(grads):
+        torch.testing.assert_close(got, sum(one[1][i] for one in alone) / 3)

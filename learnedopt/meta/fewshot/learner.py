@@ -15,14 +15,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.func import vmap
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
-from ..over_tasks import vmap_or_loop
+from ..over_tasks import vmap_or_loop, vmap_tasks
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -396,7 +395,8 @@ class _SupportQueryBatch(TaskBatch):
             return torch.stack([one(*pytree.tree_map(lambda t: t[b], inputs)) for b in range(len(self))])
 
         def vmapped() -> Tensor:
-            return vmap(one)(*inputs)
+            # first order: the unroll detaches the gradients the rule reads
+            return vmap_tasks(self.model, one, inputs, second_order=False)
 
         losses, vmapped_now = vmap_or_loop(self.model, vmapped, looped, self.vectorize, "meta-lstm")
         if not vmapped_now:  # the model does not run under vmap: loop from now on, as MAML does
