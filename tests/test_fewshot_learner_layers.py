@@ -147,3 +147,33 @@ def test_an_embeddings_padding_row_adapts_as_in_a_task_by_task_run(algo: str) ->
     torch.testing.assert_close(loss, sum(one[0] for one in alone) / 3)
     for i, got in enumerate(grads):
         torch.testing.assert_close(got, sum(one[1][i] for one in alone) / 3)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_the_fallback_warning_names_the_layer_whose_running_statistics_vmap_cannot_batch(algo: str) -> None:
+    """The warning quoted vmap's three-line "Batch norm got a batched tensor as input while the
+    running_mean or running_var, which will be updated in place, were not batched. If you are
+    using a module ...", naming no layer (and no InstanceNorm: "Batch norm")."""
+    tracking = learner(algo, lambda: instance_norm_net(True))
+    with pytest.warns(UserWarning) as record:
+        tracking.meta_loss(*episode((8,)))
+    messages = [str(w.message) for w in record if "vmap" in str(w.message)]
+    who = "MAML" if algo == "maml" else "meta-lstm"
+    assert messages == [
+        f"{who}: vmap over tasks failed: layer '2' (InstanceNorm2d, track_running_stats=True) updates its running "
+        "statistics in place in training, which vmap cannot batch; looping over tasks"
+    ]
+
+
+def test_maml_with_vectorize_true_names_the_layer_whose_running_statistics_vmap_cannot_batch() -> None:
+    """vectorize=True let vmap's three-line error through, naming no layer."""
+    from learnedopt.meta import MAML
+
+    maml = MAML(instance_norm_net(True), inner_lr=0.1, vectorize=True)
+    with pytest.raises(RuntimeError) as info:
+        maml(*episode((8,)))
+    assert str(info.value) == (
+        "MAML(vectorize=True): layer '2' (InstanceNorm2d, track_running_stats=True) updates its running statistics in "
+        "place in training, which vmap cannot batch: use vectorize='auto' or False (a loop over the tasks), or "
+        "track_running_stats=False (the same outputs in training, no statistics kept)"
+    )

@@ -80,13 +80,39 @@ def vmap_or_loop(
     try:
         return vmapped(), True
     except RuntimeError as err:
+        running = _running_stats_failure(model, err)
         if vectorize is True:
-            raise
-        vmap_error = err
+            if running is None:
+                raise
+            raise RuntimeError(
+                f"{who}(vectorize=True): {running}: use vectorize='auto' or False (a loop over the tasks), or "
+                "track_running_stats=False (the same outputs in training, no statistics kept)"
+            ) from err
+        reason = f": {running}" if running is not None else f" ({err})"
     with torch.no_grad():
         for name, value in model.named_buffers():
             if name in buffers:
                 value.copy_(buffers[name])
     result = looped()
-    warnings.warn(f"{who}: vmap over tasks failed ({vmap_error}); looping over tasks", stacklevel=3)
+    warnings.warn(f"{who}: vmap over tasks failed{reason}; looping over tasks", stacklevel=3)
     return result, False
+
+
+def _running_stats_failure(model: nn.Module, err: RuntimeError) -> str | None:
+    """Where ``err`` is vmap's refusal of a norm layer updating its running statistics in place
+    ("Batch norm got a batched tensor as input while the running_mean or running_var, which will
+    be updated in place, were not batched. If you are using a module ...", three lines naming no
+    layer, and "Batch norm" for an InstanceNorm too), the layers of ``model`` that do so (norm
+    layers in training with ``track_running_stats=True``), named in one line; else None."""
+    if "running_mean or running_var" not in str(err):
+        return None
+    layers = [
+        f"{name!r} ({type(m).__name__}, track_running_stats=True)"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    if not layers:  # a function of the user's own calling F.batch_norm or F.instance_norm
+        return None
+    if len(layers) == 1:
+        return f"layer {layers[0]} updates its running statistics in place in training, which vmap cannot batch"
+    return f"layers {', '.join(layers)} update their running statistics in place in training, which vmap cannot batch"
