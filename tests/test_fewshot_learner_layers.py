@@ -177,3 +177,87 @@ def test_maml_with_vectorize_true_names_the_layer_whose_running_statistics_vmap_
         "place in training, which vmap cannot batch: use vectorize='auto' or False (a loop over the tasks), or "
         "track_running_stats=False (the same outputs in training, no statistics kept)"
     )
+
+
+class TiedLayers(nn.Module):
+    """Two layers holding one weight Parameter (tied), each with its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class ScaledByBuffer(nn.Module):
+    """Inputs scaled by a constant buffer (not a norm statistic) before a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.scale)
+
+
+class LogitsAndPenalty(nn.Module):
+    """Returns a tuple: the logits and a penalty, which the family's own loss reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.linear(x)
+        return logits, logits.pow(2).mean()
+
+
+class TupleLossFamily(Family):
+    def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs[0], targets) + 0.1 * outputs[1]
+
+
+MODELS = {
+    "group_norm": lambda: nn.Sequential(nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(8, 3)),
+    "layer_norm": lambda: nn.Sequential(nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)),
+    "rms_norm": lambda: nn.Sequential(nn.RMSNorm(8), nn.Tanh(), nn.Linear(8, 3)),
+    "affine_instance_norm": lambda: nn.Sequential(nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, affine=True), nn.Flatten(),
+                                                  nn.Linear(8, 3)),  # fmt: skip
+    # no bias before the norm: it cancels it, so its meta-gradient would be rounding noise alone
+    "batch_norm_1d": lambda: nn.Sequential(nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 3)),
+    "instance_norm_eval": lambda: instance_norm_net(True).eval(),  # normalises with the running statistics, unchanged
+    "tied": TiedLayers,
+    "constant_buffer": ScaledByBuffer,
+    "tuple_output": LogitsAndPenalty,
+}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("name", MODELS)
+def test_the_tasks_of_a_meta_batch_learn_as_each_alone(algo: str, name: str) -> None:
+    """Each task's inner loop sees its own data only, under vmap (no warning: no fallback to the
+    loop): the meta-loss and meta-gradient of B tasks are the mean of each task's alone, the
+    model's buffers are left as they were, and ``adapt`` moves the parameters to finite values."""
+    make = MODELS[name]
+    family = TupleLossFamily(make) if name == "tuple_output" else Family(make)
+    spec = learner(algo, make).spec
+    fewshot = FewShotLearner(spec, seed=0, family=family)
+    buffers = {k: b.clone() for k, b in fewshot.model.named_buffers()}
+    data = episode((8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grads = meta_grads(fewshot, data)
+        alone = [meta_grads(fewshot, tuple(t[b : b + 1] for t in data)) for b in range(3)]
+    torch.testing.assert_close(loss, sum(one[0] for one in alone) / 3)
+    for i, got in enumerate(grads):
+        torch.testing.assert_close(got, sum(one[1][i] for one in alone) / 3)
+    for k, b in fewshot.model.named_buffers():
+        assert torch.equal(b, buffers[k]), k
+    adapted = fewshot.adapt(data[0][0], data[1][0])
+    initial = dict(fewshot.model.named_parameters())
+    assert adapted.keys() == initial.keys()
+    assert all(torch.isfinite(v).all() for v in adapted.values())
+    assert any(not torch.equal(v, initial[k]) for k, v in adapted.items())
