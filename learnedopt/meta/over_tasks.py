@@ -70,49 +70,63 @@ def vmap_or_loop(
     cannot run under ``vmap``), puts ``model``'s buffers back as they were (an attempt that
     failed part-way may have updated some in place, as ``spectral_norm``'s power iteration does)
     and runs ``looped``, then warns, naming ``who`` and the error: a bad input fails in the loop
-    too, with its own message, before any warning. Where the second item is False after
-    ``"auto"``, the caller keeps to the loop from then on."""
+    too, with its own message, before any warning. A model with a layer known not to run under
+    ``vmap`` (:func:`unbatchable_layers`) is not tried: ``"auto"`` loops at once and warns
+    naming the layer, ``True`` raises a RuntimeError naming it, in one line. Where the second
+    item is False after ``"auto"``, the caller keeps to the loop from then on."""
     if vectorize not in (True, False, "auto"):
         raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
     if not vectorize:
         return looped(), False
+    known = unbatchable_layers(model)
+    if known is not None:
+        reason, remedy = known
+        if vectorize is True:
+            raise RuntimeError(f"{who}(vectorize=True): {reason}: use vectorize='auto' or False (a loop over the tasks), or {remedy}")
+        result = looped()
+        warnings.warn(f"{who}: {reason}; looping over tasks", stacklevel=3)
+        return result, False
     buffers = {name: b.clone() for name, b in model.named_buffers()} if vectorize == "auto" else {}
     try:
         return vmapped(), True
     except RuntimeError as err:
-        running = _running_stats_failure(model, err)
         if vectorize is True:
-            if running is None:
-                raise
-            raise RuntimeError(
-                f"{who}(vectorize=True): {running}: use vectorize='auto' or False (a loop over the tasks), or "
-                "track_running_stats=False (the same outputs in training, no statistics kept)"
-            ) from err
-        reason = f": {running}" if running is not None else f" ({err})"
+            raise
+        vmap_error = err
     with torch.no_grad():
         for name, value in model.named_buffers():
             if name in buffers:
                 value.copy_(buffers[name])
     result = looped()
-    warnings.warn(f"{who}: vmap over tasks failed{reason}; looping over tasks", stacklevel=3)
+    warnings.warn(f"{who}: vmap over tasks failed ({vmap_error}); looping over tasks", stacklevel=3)
     return result, False
 
 
-def _running_stats_failure(model: nn.Module, err: RuntimeError) -> str | None:
-    """Where ``err`` is vmap's refusal of a norm layer updating its running statistics in place
-    ("Batch norm got a batched tensor as input while the running_mean or running_var, which will
-    be updated in place, were not batched. If you are using a module ...", three lines naming no
-    layer, and "Batch norm" for an InstanceNorm too), the layers of ``model`` that do so (norm
-    layers in training with ``track_running_stats=True``), named in one line; else None."""
-    if "running_mean or running_var" not in str(err):
+def unbatchable_layers(model: nn.Module) -> tuple[str, str] | None:
+    """``(reason, remedy)`` naming the layers of ``model`` that cannot run under ``vmap`` as
+    they are, each phrase one line; None where there is none.
+
+    - A norm layer in training with ``track_running_stats=True`` (``nn.InstanceNorm2d``; MAML's
+      and the learners' BatchNorm layers are replaced before): it updates its running
+      statistics in place, which ``vmap`` refused in three lines naming no layer ("Batch norm
+      got a batched tensor as input while the running_mean or running_var, which will be
+      updated in place, were not batched. If you are using a module ...").
+    - An ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``max_norm``: it renormalises the rows it
+      looks up in place, which ``vmap`` refused ("aten::embedding_renorm_ ... is not possible")
+      after renormalising its inputs in place: the meta-lstm learner's per-task parameters,
+      whose loop then failed.
+    """
+    found: list[tuple[str, str, str]] = []  # (layer, what it does, remedy)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            found.append((f"{name!r} ({type(m).__name__}, track_running_stats=True)",
+                          "updates its running statistics in place in training, which vmap cannot batch",
+                          "track_running_stats=False (the same outputs in training, no statistics kept)"))  # fmt: skip
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+            found.append((f"{name!r} ({type(m).__name__}, max_norm={m.max_norm})",
+                          "renormalises its weight in place, which vmap cannot run", "max_norm=None"))  # fmt: skip
+    if not found:
         return None
-    layers = [
-        f"{name!r} ({type(m).__name__}, track_running_stats=True)"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
-    if not layers:  # a function of the user's own calling F.batch_norm or F.instance_norm
-        return None
-    if len(layers) == 1:
-        return f"layer {layers[0]} updates its running statistics in place in training, which vmap cannot batch"
-    return f"layers {', '.join(layers)} update their running statistics in place in training, which vmap cannot batch"
+    layer, does, remedy = found[0]
+    more = f" (and {len(found) - 1} more layer{'s' if len(found) > 2 else ''} that vmap cannot run)" if len(found) > 1 else ""
+    return f"layer {layer} {does}{more}", remedy

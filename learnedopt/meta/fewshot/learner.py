@@ -392,7 +392,13 @@ class _SupportQueryBatch(TaskBatch):
             return self.loss_fn(call_model(self.model, p, xb), yb)
 
         def looped() -> Tensor:
-            return torch.stack([one(*pytree.tree_map(lambda t: t[b], inputs)) for b in range(len(self))])
+            # each task's own copy of its parameters (a view of the unroll's): a layer changing its
+            # weight in place (an embedding's max_norm) then changes the copy, which the gradient
+            # passes through, not a view of the shared tensors (refused, or cut from the graph)
+            return torch.stack([
+                one({k: v[b].clone() for k, v in params.items()}, *pytree.tree_map(lambda t: t[b], (x, y)))
+                for b in range(len(self))
+            ])  # fmt: skip
 
         def vmapped() -> Tensor:
             # first order: the unroll detaches the gradients the rule reads
