@@ -32,8 +32,10 @@ meta-test alphabets are never read. Every BatchNorm is transductive
 
 Randomness: the model's initialisation comes from ``(seed, 0)`` (the meta-lstm rule's from
 ``(seed, 0, 1)``), meta-step ``s``'s tasks from ``(seed, 1, s)``, the validation tasks from
-``(seed, 2)`` and those that ``--select-every`` scores on from ``(seed, 4)``; nothing depends on
-the global RNG, so a resumed run repeats an uninterrupted one bit for bit.
+``(seed, 2)`` and those that ``--select-every`` scores on from ``(seed, 4)``; the network's own
+draws from the global RNG (dropout masks) from it seeded with ``(seed, 5, 0, s, the rank's first
+task)`` in meta-step ``s`` and ``(seed, 5, 1, stream)`` in a validation on stream 2 or 4, so a
+resumed run repeats an uninterrupted one bit for bit.
 
 The artefact of a run is ``model.safetensors``: the model's tensors (``model.*``), learned inner
 step sizes (``inner_lr.*``) and rule weights (``rule.*``), with a JSON header in the safetensors

@@ -4,10 +4,11 @@ the ``meta-train`` entry point :func:`run_fewshot`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,23 @@ from .learner import FewShotLearner, LearnerSpec, save_learner
 from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, OmniglotSource, make_sources, omniglot_sha256
 
 _TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
+#: the network's own random draws (dropout): (seed, 5, 0, step, first task) in a meta-step,
+#: (seed, 5, 1, stream) in a validation
+_DRAWS_STREAM = 5
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the global RNG (the CPU's, and ``device``'s where it is a CUDA device) seeded with
+    ``seed``; after: as it was. For the draws a network makes from the global RNG (dropout
+    masks), which a checkpoint does not hold."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def inner_minibatches(
@@ -130,7 +148,14 @@ class FewShotTrainer:
     def step(self, step: int) -> dict[str, float]:
         """Meta-step ``step``. Logged ``meta_loss``: the mean query loss after adaptation
         (MAML, meta-lstm); for Reptile, which has no meta-loss, the mean support loss at the
-        initialisation before the update."""
+        initialisation before the update. The network's random draws (dropout) come from the
+        global RNG seeded from ``(seed, step, the rank's first task)``, so that a resumed run
+        draws the masks of an uninterrupted one."""
+        part = self.workers.share(self.config.meta_batch)
+        with seeded_global_rng(derive_seed(self.config.seed, _DRAWS_STREAM, 0, step, part.start), self.device):
+            return self._step(step)
+
+    def _step(self, step: int) -> dict[str, float]:
         config, workers = self.config, self.workers
         batch = self.source.batch(config.meta_batch, derive_seed(config.seed, _TRAIN_STREAM, step))
         part = workers.share(config.meta_batch)
@@ -194,7 +219,9 @@ class FewShotTrainer:
         """Metrics of ``learner`` on a fixed draw of validation tasks (``(seed, stream)``; by
         default the card's), adapted with ``test_inner_steps``."""
         tasks = self.valid_source.batch(self.config.val_tasks, derive_seed(self.config.seed, stream))
-        return learner.evaluate(*(t.to(self.device) for t in tasks))
+        # the network's random draws (dropout) from (seed, stream), whatever ran before
+        with seeded_global_rng(derive_seed(self.config.seed, _DRAWS_STREAM, 1, stream), self.device):
+            return learner.evaluate(*(t.to(self.device) for t in tasks))
 
 
 @dataclass
