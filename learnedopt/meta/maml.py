@@ -80,7 +80,10 @@ class MAML(nn.Module):
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (:func:`default_loss`).
         vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
-            loop (with a warning) if the model cannot be vmapped.
+            loop (with a warning) if the model cannot be vmapped: at once, naming the layer, for a
+            layer known not to run under ``vmap`` (a norm layer updating running statistics, an
+            embedding with ``max_norm``: :func:`~learnedopt.meta.over_tasks.unbatchable_layers`),
+            which ``True`` refuses in one line (:func:`~learnedopt.meta.over_tasks.vmap_or_loop`).
         batchnorm: ``"transductive"`` (see the module docstring), ``"running"`` (each example
             normalised with the layer's running statistics, kept as they are: a pretrained
             network's) or ``"error"``.
