@@ -62,7 +62,7 @@ def instance_norm_net(track_running_stats: bool) -> nn.Module:
 @pytest.mark.parametrize("algo", ALGOS)
 def test_a_norm_layer_updating_running_stats_is_run_task_by_task_with_the_results_of_one_without(algo: str) -> None:
     """vmap cannot batch the in-place update of an InstanceNorm2d's running statistics: MAML
-    falls back to a loop over the tasks with a warning; meta-lstm failed with PyTorch's "Batch
+    loops over the tasks with a warning; meta-lstm failed with PyTorch's "Batch
     norm got a batched tensor as input while the running_mean or running_var, which will be
     updated in place, were not batched". In training mode the layer normalises with each
     input's own statistics, so the meta-loss, meta-gradient and adaptation are those of the same
@@ -99,9 +99,9 @@ def per_task_query_losses(learner: FewShotLearner, data) -> torch.Tensor:
 def test_dropout_in_training_mode_draws_its_own_masks_for_each_task(algo: str) -> None:
     """Dropout under vmap needs randomness="different" (MAML's): meta-lstm's vmap, in its
     default "error" mode, failed with "vmap: called random operation while in randomness error
-    mode" (then, since its loop fallback, looped over the tasks with a warning). The same task repeated gives each copy its own masks, so its own query loss; a
-    meta-step's meta-loss and meta-gradient are finite, and ``eval()`` turns dropout off
-    (every copy's loss the same)."""
+    mode" (then, since its loop fallback, looped over the tasks with a warning). The same task
+    repeated gives each copy its own masks, so its own query loss; a meta-step's meta-loss and
+    meta-gradient are finite, and ``eval()`` turns dropout off (every copy's loss the same)."""
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))  # noqa: E731
     x_s, y_s, x_q, y_q = episode((6,), tasks=1, shots=8)
