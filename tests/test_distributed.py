@@ -625,6 +625,43 @@ def test_more_processes_than_gpus_run_on_the_cpu_and_a_cuda_run_is_refused_per_r
     assert pinned == [0]
 
 
+def test_each_rank_resolves_cuda_to_the_gpu_of_its_local_rank_and_an_explicit_index_is_refused() -> None:
+    """The device a process runs on, for a given world size and local rank (no GPU needed: the
+    number of CUDA devices is given). Under several processes ``cuda`` is the local rank's GPU
+    and ``cuda:N`` is refused: ``torchrun`` gives every rank the same options, so every rank
+    ran on GPU N; before, that was accepted. One process keeps ``cuda:N``."""
+    check = loop.check_device
+    assert check("cuda", world_size=2, local_rank=1, cuda_count=2) == torch.device("cuda", 1)
+    assert check("cuda", world_size=8, local_rank=0, cuda_count=1) == torch.device("cuda", 0)  # 8 machines
+    assert check("cuda", world_size=2, cuda_count=2) == torch.device("cuda")  # a caller's group: its current device
+    assert check("cpu", world_size=2, local_rank=1, cuda_count=0) == torch.device("cpu")
+    for device, rank in (("cuda:0", 1), ("cuda:1", 1), ("cuda:0", None)):
+        with pytest.raises(loop.ConfigError, match=rf"^--device {device}: every one of the 2 processes would run on "
+                           rf"{device}; use --device cuda, which runs each process on the GPU of its local rank$"):  # fmt: skip
+            check(device, world_size=2, local_rank=rank, cuda_count=2)
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda: local rank 2 has no CUDA device of its own \(this "
+                       r"machine has 2 for 4 processes\): start at most 2 processes per machine"):  # fmt: skip
+        check("cuda", world_size=4, local_rank=2, local_world_size=4, cuda_count=2)
+    assert check("cuda:1", cuda_count=2) == torch.device("cuda", 1)
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)$"):
+        check("cuda:2", cuda_count=2)
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda: CUDA is not available to this torch"):
+        check("cuda", world_size=2, local_rank=0, cuda_count=0)
+
+
+def test_a_torchrun_job_given_an_explicit_cuda_index_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``learnedopt meta-train --device cuda:0`` on every rank of a 2-process job on a 2-GPU
+    machine: ``check_run`` refuses it on every rank (before, both ranks ran on GPU 0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2, device="cuda:0")
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda:0: every one of the 2 processes would run on cuda:0; "):
+        loop.check_run(config, 1, Workers(1, 2))
+    assert loop.check_run(dataclasses.replace(config, device="cuda"), 1, Workers(1, 2)) == Workers(1, 2)
+
+
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:
     """A state ``(*lead, *param.shape, *trail)`` is sharded on the parameter's dimension moved by
     ``len(lead)`` (not by ``len(trail)``); a replicated dimension stays replicated; a partial

@@ -191,7 +191,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         help=f"where meta-training runs: cpu or cuda[:N] (default {d.device}; under torchrun, cuda is "
-        "each rank's own GPU)",
+        "each rank's own GPU and cuda:N is refused)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(

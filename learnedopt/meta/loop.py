@@ -344,15 +344,11 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None, *, re
         ConfigError: the first problem found.
     """
     config.validate()
-    device = check_device(config.device)
     workers = distributed.current() if workers is None else workers
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device.type == "cuda" and device.index is None and workers.world_size > 1 and local_rank is not None:
-        if int(local_rank) >= torch.cuda.device_count():  # init_from_env pinned this rank to no GPU
-            count, processes = torch.cuda.device_count(), os.environ.get("LOCAL_WORLD_SIZE", "more")
-            raise ConfigError(f"--device {config.device}: local rank {local_rank} has no CUDA device of its own (this "
-                              f"machine has {count} for {processes} processes): start at most {count} "
-                              f"process{'es' * (count > 1)} per machine (--nproc_per_node) or use --device cpu")  # fmt: skip
+    local_rank, local_world_size = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    check_device(config.device, world_size=workers.world_size,
+                 local_rank=None if local_rank is None else int(local_rank),
+                 local_world_size=None if local_world_size is None else int(local_world_size))  # fmt: skip
     check_checkpoint_every(checkpoint_every)
     try:  # read at the first LSTM step: a bad value stopped meta-step 1 with a traceback, a log begun
         check_settings()
@@ -496,20 +492,58 @@ def checks_agreed(workers: Workers, identity: Callable[[], Mapping[str, Any]] | 
         agree_checks(workers, None, identity())
 
 
-def check_device(device: str) -> torch.device:
-    """``device`` as a :class:`torch.device`; raises :class:`ConfigError` unless it is the CPU or
-    a CUDA device this process can use."""
+def check_device(
+    device: str,
+    *,
+    world_size: int = 1,
+    local_rank: int | None = None,
+    local_world_size: int | None = None,
+    cuda_count: int | None = None,
+) -> torch.device:
+    """The device this process runs ``--device device`` on, one of ``world_size`` processes.
+
+    ``cpu`` is the CPU. One process runs ``cuda[:N]`` as given. Under several processes
+    ``cuda`` is the GPU of the process's ``local_rank`` (where
+    :func:`~learnedopt.meta.distributed.init_from_env` pinned it; with no local rank, as in a
+    caller's own process group, torch's current CUDA device), and ``cuda:N`` is refused:
+    ``torchrun`` gives every rank the same options, so every rank would run on GPU N.
+
+    Args:
+        device: the ``--device`` value.
+        world_size: number of processes of the job.
+        local_rank: this process's index on its machine (``torchrun``'s ``LOCAL_RANK``).
+        local_world_size: processes on this machine (``LOCAL_WORLD_SIZE``), for a refusal.
+        cuda_count: CUDA devices this process sees (default: torch's count, 0 without CUDA).
+
+    Raises:
+        ConfigError: ``device`` is neither the CPU nor a CUDA device this process can use.
+    """
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "cpu":
+        return parsed
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_count == 0:
+        raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+    if world_size > 1:
+        if parsed.index is not None:
+            raise ConfigError(f"--device {device}: every one of the {world_size} processes would run on {device}; use "
+                              "--device cuda, which runs each process on the GPU of its local rank")  # fmt: skip
+        if local_rank is None:
+            return parsed
+        if local_rank >= cuda_count:  # init_from_env pinned this rank to no GPU
+            processes = "more" if local_world_size is None else local_world_size
+            raise ConfigError(f"--device {device}: local rank {local_rank} has no CUDA device of its own (this "
+                              f"machine has {cuda_count} for {processes} processes): start at most {cuda_count} "
+                              f"process{'es' * (cuda_count > 1)} per machine (--nproc_per_node) or use --device cpu")  # fmt: skip
+        return torch.device("cuda", local_rank)
+    if parsed.index is not None and parsed.index >= cuda_count:
+        raise ConfigError(f"--device {device}: this machine has {cuda_count} CUDA device(s)")
     return parsed
 
 
