@@ -662,6 +662,28 @@ def test_a_torchrun_job_given_an_explicit_cuda_index_is_refused(monkeypatch: pyt
     assert loop.check_run(dataclasses.replace(config, device="cuda"), 1, Workers(1, 2)) == Workers(1, 2)
 
 
+def test_ranks_on_the_cpu_and_on_cuda_are_refused_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's job whose rank 0 is given ``device="cpu"`` and rank 1 ``"cuda"``: each
+    collective would run on gloo on one rank and NCCL on the other and hang until the timeout;
+    before, the ranks' checks agreed (the device was a rank's own). Now the kind of device is
+    part of what the ranks agree on; the data folder and ``cpu`` against ``cpu:0`` are not."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(state_dict=dict, data_sha256=None)
+    config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2)
+
+    def identity(**changes: str) -> dict:
+        return loop.run_identity(dataclasses.replace(config, **changes), trainer)
+
+    assert identity(device="cpu") == identity(device="cpu:0") == identity(data="/elsewhere")
+    assert identity(device="cpu") != identity(device="cuda")
+    monkeypatch.setattr(dist, "all_gather_object", lambda into, value: into.__setitem__(
+        slice(None), [value, (None, identity(device="cuda"))]))  # fmt: skip
+    with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(--device: 'cpu' on rank 0, "
+                       r"'cuda' on rank 1\): "):  # fmt: skip
+        loop.agree_checks(Workers(0, 2), None, identity(device="cpu"))
+
+
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:
     """A state ``(*lead, *param.shape, *trail)`` is sharded on the parameter's dimension moved by
     ``len(lead)`` (not by ``len(trail)``); a replicated dimension stays replicated; a partial

@@ -370,16 +370,19 @@ def check_run(config: Any, checkpoint_every: int, workers: Workers | None, *, re
 
 #: the configuration fields the ranks of one job may be given differently: where each reads the
 #: data (compared by content instead, where the trainer reads data files) and the preset weight
-#: file, and the device (``cuda:N`` per rank)
+#: file, and the device, of which only the kind (CPU or CUDA) must agree: collectives on CPU
+#: tensors run on gloo, on CUDA tensors on NCCL
 RANK_LOCAL_FIELDS: tuple[str, ...] = ("data", "preset", "device")
 
 
 def run_identity(config: RunConfig, trainer: Trainer) -> dict[str, Any]:
     """What every rank of a job must run the same: the configuration but
-    :data:`RANK_LOCAL_FIELDS`, the SHA-256 of the data files where the trainer reads some, and
-    a fingerprint of the trainer's state (the meta-parameters a ``--preset`` or the resumed
-    checkpoint gave it, and the meta-optimizer's state)."""
+    :data:`RANK_LOCAL_FIELDS`, the kind of device (``cpu`` or ``cuda``), the SHA-256 of the data
+    files where the trainer reads some, and a fingerprint of the trainer's state (the
+    meta-parameters a ``--preset`` or the resumed checkpoint gave it, and the meta-optimizer's
+    state)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RANK_LOCAL_FIELDS}
+    identity["device"] = torch.device(config.device).type
     identity["data_sha256"] = getattr(trainer, "data_sha256", None)
     identity["state"] = state_fingerprint(trainer.state_dict())
     return identity
