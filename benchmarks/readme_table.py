@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NO_FINITE_BASELINE, fail, nan_note, read_json  # noqa: E402
 
 from learnedopt.evaluation import BASELINES, best_baseline, check_result, format_difference, paired_difference, seeds_below  # noqa: E402
+from learnedopt.markdown import row as markdown_row  # noqa: E402
 
 #: row names of the suite's problems, in the README's order
 PROBLEM_NAMES: dict[str, str] = {
@@ -78,7 +79,7 @@ def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
     """Markdown table: one row per problem of ``report`` (the suite's JSON), one column per
     ``(label, header)`` of ``columns``."""
     head = ["problem", "best tuned baseline (lr)", "Adam (tuned)", *(h for _, h in columns)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for key, problem in report["problems"].items():
         results = problem["results"]
         baselines = {k: v for k, v in results.items() if v["kind"] == "baseline"}
@@ -93,7 +94,7 @@ def table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -> str:
             values(adam),
             *(cell(results[label], best_final, best_mean) for label, _ in columns),
         ]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown_row(row))
     return "\n".join(lines)
 
 
@@ -101,7 +102,7 @@ def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) 
     """Markdown table of paired counts (see the module docstring): one row per problem, one
     column per ``(label, header)``."""
     head = ["problem", "best tuned baseline", *(h for _, h in columns)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for key, problem in report["problems"].items():
         results = problem["results"]
         best = best_baseline(results)
@@ -111,7 +112,7 @@ def paired_table(report: Mapping[str, Any], columns: Sequence[tuple[str, str]]) 
             r = results[label]
             top = "-" if best is None else seeds_below(r["finals"], results[best]["finals"])
             cells.append(f"{seeds_below(r['finals'], adam)} / {top}{nan_note(r.get('nonfinite', 0))}")
-        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), best or "none", *cells]) + " |")
+        lines.append(markdown_row([PROBLEM_NAMES.get(key, key), best or "none", *cells]))
     return "\n".join(lines)
 
 
@@ -123,12 +124,12 @@ def difference_table(
     ``(label, header)``."""
     head = ["problem", f"{'best tuned baseline' if against is None else f'tuned {against}'} (final loss)",
             *(h for _, h in columns)]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for key, problem in report["problems"].items():
         results = problem["results"]
         best = best_baseline(results) if against is None else against
         if best is None:
-            lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), NO_FINITE_BASELINE, *("-" for _ in columns)]) + " |")
+            lines.append(markdown_row([PROBLEM_NAMES.get(key, key), NO_FINITE_BASELINE, *("-" for _ in columns)]))
             continue
         cells = []
         for label, _ in columns:
@@ -136,7 +137,7 @@ def difference_table(
             text = f"{format_difference(d)} (n={d['n']})"
             cells.append(f"**{text}**" if d["hi"] < 0 else text)
         name = f"{best} {fmt(results[best]['final_mean'])}"
-        lines.append("| " + " | ".join([PROBLEM_NAMES.get(key, key), name, *cells]) + " |")
+        lines.append(markdown_row([PROBLEM_NAMES.get(key, key), name, *cells]))
     return "\n".join(lines)
 
 

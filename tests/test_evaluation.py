@@ -2311,3 +2311,28 @@ def test_an_own_problem_whose_steps_cannot_be_cut_is_refused_under_quick(own_pro
     check_config(EvalConfig(problems=[name], lrs=(0.1,), stability_steps=0))  # runs as it is
     with pytest.raises(ValueError, match=f"^{name}: its steps \\(30\\) cannot be cut to 20 \\(--quick\\): make steps a plain attribute$"):
         check_config(EvalConfig.quick_config(problems=[name], lrs=(0.1,), stability_steps=0))
+
+
+def test_markdown_keeps_odd_labels_problem_names_and_paths_in_their_place() -> None:
+    """A learned optimizer's label with ``|`` or a line break (from a weight file's stem), a
+    problem named so (one's own ``module:Class`` problem) and a weight file path with a
+    backtick: a ``|`` split its table cell and shifted the row, a line break ended the row,
+    the heading or the bullet, and a backtick ended the path's code span. Now table cells
+    escape ``|``, line breaks are spaces, and a code span's fence is longer than any backtick
+    run inside it."""
+    from learnedopt.evaluation import markdown_tables
+
+    label = "my|rule\nv2"
+    learned = {label: {"header": {"kind": "CoordinateLSTM", "trained_on": "q"}, "weights": "runs/a`b/my|rule.safetensors"}}
+    report = hand_made_report({"Adam": hand_made_result("baseline", 0.5), label: hand_made_result("learned", 0.4)}, learned)
+    report["problems"] = {"odd|problem\nname": report["problems"]["p"]}
+    report["stability"] = {"problem": "P", "steps": 10, "seed": 7, "results": {
+        label: {"nonfinite": False, "first_nonfinite_step": None, "final_loss": 0.5, "min_loss": 0.125}}}  # fmt: skip
+    lines = markdown_tables(report).splitlines()
+    assert "- my|rule v2: weights ``runs/a`b/my|rule.safetensors`` (trained on 'q')" in lines
+    assert "## odd|problem name (10 steps, 1 s)" in lines
+    rows = [line for line in lines if line.startswith("|")]
+    assert len(rows) == 4 + 3, rows  # the results table (header, rule, Adam, the label), the stability table
+    columns = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+    assert columns == [10] * 4 + [6] * 3, rows
+    assert sum(row.startswith(r"| my\|rule v2 |") for row in rows) == 2, rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import sys
 from pathlib import Path
@@ -196,3 +197,23 @@ def test_a_missing_or_malformed_report_is_a_one_line_error(tmp_path: Path, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ": error: " in err and str(path) in err
+
+
+def unescaped_pipes(line: str) -> int:
+    """The ``|`` of a Markdown table row that separate cells (those not written ``\\|``)."""
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def test_labels_with_a_pipe_or_a_line_break_stay_in_their_cell() -> None:
+    """A preset name, weight file stem or problem name with ``|`` (or a line break) in it split
+    its cell in two and shifted the rest of the row (a line break ended the row); every cell
+    the script writes now has ``|`` as ``\\|`` and line breaks as spaces, in every table."""
+    odd = {"learned": {"L|a": {}}, "problems": {"odd|problem\nname": REPORT["problems"]["mnist-mlp-100"]}}
+    results = odd["problems"]["odd|problem\nname"]["results"] = dict(odd["problems"]["odd|problem\nname"]["results"])
+    results["L|a"] = results["L (a)"]
+    columns = [("L|a", "`a|b`")]
+    for lines in (table(odd, columns).splitlines(), paired_table(odd, columns).splitlines(),
+                  difference_table(odd, columns).splitlines()):  # fmt: skip
+        assert len(lines) == 3, lines
+        assert {unescaped_pipes(line) for line in lines} == {unescaped_pipes(lines[1])}, lines
+        assert lines[0].endswith(r"| `a\|b` |") and lines[2].startswith(r"| odd\|problem name |"), lines

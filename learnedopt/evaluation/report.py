@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..files import write_atomically
+from .. import markdown
 from ..values import is_integer, is_number
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
@@ -93,17 +94,17 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             if h.get("trained") is False
             else f"trained on {h.get('trained_on')!r}"
         )
-        rule = f", your own rule `{info['rule']}`" if info.get("rule") else ""
-        lines.append(f"- {label}: weights `{info['weights']}`{rule} ({state})")
+        rule = f", your own rule {markdown.code(info['rule'])}" if info.get("rule") else ""
+        lines.append(markdown.line(f"- {label}: weights {markdown.code(info['weights'])}{rule} ({state})"))
     for name, reason in report["skipped"].items():
-        lines.append(f"- skipped {name}: {reason}")
+        lines.append(markdown.line(f"- skipped {name}: {reason}"))
     reused = report.get("reused")
     if reused:
         lines.append(
-            f"- reused, not rerun: results taken from `{reused['from']}`"
-            + (f" (commit {reused['commit']})" if reused["commit"] else "")
-            + " for "
-            + ("; ".join(f"{name}: {', '.join(labels)}" for name, labels in reused["results"].items()) or "nothing")
+            markdown.line(f"- reused, not rerun: results taken from {markdown.code(reused['from'])}"
+                          + (f" (commit {reused['commit']})" if reused["commit"] else "")
+                          + " for "
+                          + ("; ".join(f"{name}: {', '.join(labels)}" for name, labels in reused["results"].items()) or "nothing"))
         )
     for name, prob in report["problems"].items():
         adam = prob["results"].get("Adam")
@@ -111,11 +112,11 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
         best = None if best_label is None else prob["results"][best_label]
         lines += [
             "",
-            f"## {name} ({prob['steps']} steps, {prob['seconds']:.0f} s)",
+            markdown.line(f"## {name} ({prob['steps']} steps, {prob['seconds']:.0f} s)"),
             "",
             prob["description"],
             "",
-            f"Best tuned baseline: {best_label or 'none (no baseline run stayed finite)'}.",
+            markdown.line(f"Best tuned baseline: {best_label or 'none (no baseline run stayed finite)'}."),
             "",
             "| optimizer | lr | final loss mean +- std | median [q1, q3] | mean loss | NaN | seeds below tuned Adam "
             "| seeds below the best tuned baseline | minus the best tuned baseline [95%] |",
@@ -127,14 +128,14 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
                 if r["kind"] == "baseline"
                 else "1 (untuned)"
             )
-            lines.append(
-                f"| {label} | {lr} | {_fmt(r['final_mean'])} +- {_fmt(r['final_std'])} | "
-                f"{_fmt(r['final_median'])} [{_fmt(r['final_q1'])}, {_fmt(r['final_q3'])}] | {_fmt(r['mean_loss'])} | "
-                f"{'yes' if r['nonfinite'] else 'no'} ({r['nonfinite']}/{r['runs']}) | "
-                f"{'-' if adam is None or r is adam else seeds_below(r['finals'], adam['finals'])} | "
-                f"{'-' if best is None or r is best else seeds_below(r['finals'], best['finals']) } | "
-                f"{'-' if best is None or r is best else format_difference(paired_difference(r['finals'], best['finals']))} |"
-            )
+            lines.append(markdown.row([
+                label, lr, f"{_fmt(r['final_mean'])} +- {_fmt(r['final_std'])}",
+                f"{_fmt(r['final_median'])} [{_fmt(r['final_q1'])}, {_fmt(r['final_q3'])}]", _fmt(r['mean_loss']),
+                f"{'yes' if r['nonfinite'] else 'no'} ({r['nonfinite']}/{r['runs']})",
+                '-' if adam is None or r is adam else seeds_below(r['finals'], adam['finals']),
+                '-' if best is None or r is best else seeds_below(r['finals'], best['finals']),
+                '-' if best is None or r is best else format_difference(paired_difference(r['finals'], best['finals'])),
+            ]))  # fmt: skip
     lines.append(
         "\nSeeds below tuned Adam: on how many evaluation seeds (of those where both runs stayed finite) "
         "a run's final loss is below tuned Adam's on the same seed, with the same initialisation and "
@@ -151,16 +152,15 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             lines.append(f"Skipped: {stab['skipped']}")
         else:
             lines += [
-                f"{stab['problem']}, {stab['steps']} steps, seed {stab['seed']}, lr 1.0.",
+                markdown.line(f"{stab['problem']}, {stab['steps']} steps, seed {stab['seed']}, lr 1.0."),
                 "",
                 "| optimizer | NaN/Inf | first NaN/Inf step | final loss | min loss |",
                 "|---|---|---:|---:|---:|",
             ]
             for label, r in stab["results"].items():
-                lines.append(
-                    f"| {label} | {'yes' if r['nonfinite'] else 'no'} | {r['first_nonfinite_step'] if r['nonfinite'] else '-'} "
-                    f"| {_fmt(r['final_loss'])} | {_fmt(r['min_loss'])} |"
-                )
+                lines.append(markdown.row([label, "yes" if r["nonfinite"] else "no",
+                                           r["first_nonfinite_step"] if r["nonfinite"] else "-",
+                                           _fmt(r["final_loss"]), _fmt(r["min_loss"])]))  # fmt: skip
     lines += ["", f"Total time: {report['seconds']:.0f} s."]
     return "\n".join(lines)
 
