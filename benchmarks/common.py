@@ -21,6 +21,7 @@ import torch
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
 from learnedopt.evaluation.report import cpu_name, dumps_report
 from learnedopt.files import write_atomically
+from learnedopt.markdown import code
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: environment variables that change a benchmark's speed: torch's 2 MiB pages for large CPU
@@ -176,7 +177,7 @@ def write_results(name: str, payload: dict, table: str) -> None:
     # kill or a full disk while a committed result is rewritten leaves it whole
     text = dumps_report(payload) + "\n"
     write_atomically(RESULTS / f"{name}.json", lambda tmp: tmp.write_text(text))
-    header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
+    header = f"# {name}\n\nCommand: {code(payload['command'])}  \nMachine: {payload['machine']}\n\n"
     write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 
@@ -209,10 +210,10 @@ def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, lis
         same_meta_gradient_bits=same_bits,
     )  # fmt: skip
     print(row)
-    what = f"preset `{args.preset}`" if args.preset else "the paper's `CoordinateLSTM`"
+    what = f"preset {code(args.preset)}" if args.preset else "the paper's `CoordinateLSTM`"
     lines = [
-        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on `{args.task}`, "
-        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the {side} at `{args.against}` {compared}, {args.rounds} rounds.\n",
+        f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on {code(args.task)}, "
+        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the {side} at {code(args.against)} {compared}, {args.rounds} rounds.\n",
         f"| {side} | best s | median s |",
         "|---|---:|---:|",
         *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in times),

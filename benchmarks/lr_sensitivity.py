@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
 
-from learnedopt import LSTMOptimizer  # noqa: E402
+from learnedopt import LSTMOptimizer, markdown  # noqa: E402
 from learnedopt.evaluation import (  # noqa: E402
     BASELINES,
     LearnedSpec,
@@ -166,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                       "best_baseline": best}  # fmt: skip
     seconds = time.perf_counter() - start
     lines = [
-        f"`{spec.label}` at several `lr` (untuned default: 1)"
+        f"{markdown.code(spec.label)} at several `lr` (untuned default: 1)"
         + (" and loss scales (the optimizer sees the loss times the factor; curves record the loss itself)" if args.loss_scales != [1.0] else "")
         + f", mean final loss +- std over "
         f"{args.seeds} evaluation seeds of the held-out suite; tuned Adam and the best tuned baseline "
-        f"from `{args.reference.name}` on the same seeds. {seconds / 60:.1f} minutes, 1 thread.",
+        f"from {markdown.code(args.reference.name)} on the same seeds. {seconds / 60:.1f} minutes, 1 thread.",
         "",
-        "| problem | " + " | ".join(run_label(r["lr"], r["loss_scale"]) for r in next(iter(rows.values()))["learned"].values())
-        + " | tuned Adam (lr) | best tuned baseline (lr) |",
+        markdown.row(["problem", *(run_label(r["lr"], r["loss_scale"]) for r in next(iter(rows.values()))["learned"].values()),
+                      "tuned Adam (lr)", "best tuned baseline (lr)"]),
         "|---|" + "---:|" * (len(args.lrs) * len(args.loss_scales) + 2),
     ]
     for name, row in rows.items():
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         adam, best = row["tuned"]["Adam"], row["tuned"].get(row["best_baseline"])
         best_cell = NO_FINITE_BASELINE if best is None else \
             f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g})"  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {adam['final_mean']:.3g} ({adam['lr']:.3g}) | {best_cell} |")
+        lines.append(markdown.row([name, *cells, f"{adam['final_mean']:.3g} ({adam['lr']:.3g})", best_cell]))
     write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "loss_scales": args.loss_scales, "seeds": args.seeds,
                               "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines))  # fmt: skip
     print(f"wrote {common.RESULTS / args.name}.json and .md")

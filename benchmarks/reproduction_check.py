@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fail, machine, nan_note  # noqa: E402
 
+from learnedopt import markdown  # noqa: E402
 from learnedopt.evaluation import DEFAULT_PROBLEMS, learned_from_file, make_problem, run_optimizer, summarize  # noqa: E402
 from learnedopt.weights import fingerprint, load_weights  # noqa: E402
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "reproduction.json").write_text(json.dumps(report, indent=1))
     w = report["weights"]
     lines = [
-        "# Reproduction check", "", f"Command: `{report['command']}`  ", f"Machine: {report['machine']}", "",
+        "# Reproduction check", "", f"Command: {markdown.code(report['command'])}  ", f"Machine: {report['machine']}", "",
         f"Weights: bitwise equal: {w['bitwise_equal']}"
         + ("" if w["same_config"] else " (the architecture configs differ)")
         + f"; largest absolute difference {w['max_abs_diff']:.3g} "
@@ -125,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for name, row in report["problems"].items():
         a, b = row["shipped"], row["rerun"]
-        lines.append(f"| {name} | {a['final_mean']:.4g} +- {a['final_std']:.2g}{nan_note(a['nonfinite'])} | "
-                     f"{b['final_mean']:.4g} +- {b['final_std']:.2g}{nan_note(b['nonfinite'])} | {row['max_seed_diff']:.2g} |")
+        lines.append(markdown.row([name, f"{a['final_mean']:.4g} +- {a['final_std']:.2g}{nan_note(a['nonfinite'])}",
+                                   f"{b['final_mean']:.4g} +- {b['final_std']:.2g}{nan_note(b['nonfinite'])}",
+                                   f"{row['max_seed_diff']:.2g}"]))
     (args.out / "reproduction.md").write_text("\n".join(lines) + "\n")
     return 0
 

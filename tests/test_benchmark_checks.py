@@ -472,3 +472,27 @@ def test_lr_sensitivity_and_optimizee_eval_write_where_common_results_says(resul
              "--reference", str(reference))  # fmt: skip
     assert sorted(p.name for p in results.iterdir()) == ["p.json", "p.md"]
     assert f"wrote {results / 'p'}.json and .md" in capsys.readouterr().out
+
+
+def test_write_results_keeps_a_command_with_a_backtick_in_one_code_span(results: Path, monkeypatch) -> None:
+    """An argument with a backtick (a weight file or ``--tag`` named so) ended the command's
+    inline code early, and the rest of the command showed as Markdown; the span's fence is
+    now longer than any backtick run in the command."""
+    argv = ["benchmarks/optimizee_eval.py", "--weights", "my`weights.safetensors", "--name", "r"]
+    monkeypatch.setattr(sys, "argv", argv)
+    common.write_results("r", {"a": 1}, "table")
+    command = json.loads((results / "r.json").read_text())["command"]
+    assert f"Command: ``{command}``  " in (results / "r.md").read_text().splitlines()
+
+
+def test_write_ab_results_keeps_a_revision_preset_and_task_with_backticks_in_their_code_spans(results: Path) -> None:
+    """``kernel_ab.py``/``revision_ab.py`` put ``--against``, ``--preset`` and ``--task`` (a
+    ``module:Class`` of one's own, a weight file) in inline code as given: a backtick ended it."""
+    import argparse
+
+    args = argparse.Namespace(against="rev`1", preset="my`rule.safetensors", task="quadratic", meta_batch=2, unroll=2,
+                              rounds=1, threads=1, tag=None)  # fmt: skip
+    common.write_ab_results("ab", args, {"baseline": [2.0], "working tree": [1.0]}, True, "against it", "source")
+    text = (results / "ab.md").read_text()
+    assert "of preset ``my`rule.safetensors`` meta-training on `quadratic`," in text, text
+    assert "the source at ``rev`1`` against it, 1 rounds." in text, text

@@ -234,3 +234,20 @@ def test_a_weight_file_of_a_rule_of_ones_own_is_refused_without_naming_an_option
                   "--seeds", "2", "--reference", str(ref))  # fmt: skip
     assert "its update rule kind 'MyOwnRule' is your own; this command runs the library's rules only" in err
     assert "--rules" not in err
+
+
+def test_a_weight_file_and_a_reference_named_with_backticks_stay_in_their_code_spans(tmp_path: Path, monkeypatch) -> None:
+    """The table's heading put the weights' label and the reference's file name in inline code
+    as they were: a backtick in either ended its span early."""
+    from learnedopt.weights import build_preset, save_weights
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", lambda problem, seed, factory, lr, **options: np.full(100, 0.5))
+    weights = tmp_path / "my`rule.safetensors"
+    save_weights(build_preset("l2l-2016")[0], weights)
+    ref = reference(tmp_path / "suite`1.json", seeds=2)
+    lr_sensitivity.main(["--weights", str(weights), "--lrs", "1", "--problems", "quadratic-20", "--seeds", "2",
+                         "--reference", str(ref), "--name", "out"])  # fmt: skip
+    heading = (tmp_path / "out.md").read_text().split("\n\n")[2]
+    assert heading.startswith("``LSTMOptimizer (my`rule.safetensors)`` at several `lr`"), heading
+    assert "from ``suite`1.json`` on the same seeds" in heading, heading

@@ -152,3 +152,13 @@ def test_the_recorded_command_reruns_the_check(tmp_path: Path, monkeypatch) -> N
     parsed = reproduction_check.build_parser().parse_args(words[2:])
     assert (parsed.shipped, parsed.rerun, parsed.seeds, parsed.problems, str(parsed.out)) == (a, b, 3, ["quadratic-20"], out)
     assert f"Command: `{command}`" in (tmp_path / "out" / "reproduction.md").read_text()
+
+
+def test_a_weight_file_named_with_a_backtick_keeps_the_command_in_one_code_span(tmp_path: Path, monkeypatch) -> None:
+    """A backtick in a weight file's path ended the report's inline code of the command early."""
+    a = weight_file(tmp_path / "a`b.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=0.25)
+    monkeypatch.setattr(reproduction_check, "run_optimizer", lambda problem, seed, factory, lr: np.full(20, 1.0))
+    run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "2", "--out", str(tmp_path / "out"))
+    command = json.loads((tmp_path / "out" / "reproduction.json").read_text())["command"]
+    assert f"Command: ``{command}``  " in (tmp_path / "out" / "reproduction.md").read_text().splitlines()
