@@ -1258,6 +1258,17 @@ def test_model_card_rows_keep_two_cells_when_a_value_holds_a_pipe() -> None:
     assert r"/d/a\|b" in rows[0]
 
 
+def test_model_card_rows_keep_a_value_with_a_backtick_in_its_code_span() -> None:
+    """A backtick in a setting (a data path, an ``--out`` folder) ended the value's inline code:
+    the rest showed as Markdown, and a "|" after it split the row. The model card now fences a
+    value with more backticks than it holds (learnedopt.markdown, as the reports do)."""
+    from learnedopt.meta.loop import model_card
+
+    card = model_card("t", "", "cmd", {"data": "/d/a`b|c", "steps": 3}, "", "", "")
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert rows == ["| `data` | ``'/d/a`b\\|c'`` |", "| `steps` | `3` |"], rows
+
+
 def at_meta_step(monkeypatch, at: int, action) -> None:  # noqa: ANN001 - pytest's fixture, a callable
     """Call ``action()`` when meta-step ``at`` of the next run begins."""
     from learnedopt.meta import train

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from .. import markdown
 from ..data.paths import create_output_folder
 from ..files import write_atomically
 from ..nn import RULES, UpdateRule, register_rule
@@ -1199,7 +1200,7 @@ def model_card(
     title: str, intro: str, command: str, settings: dict[str, Any], details: str, data: str, metrics: str
 ) -> str:
     """The Markdown model card every ``meta-train`` run writes (one layout for every algorithm)."""
-    rows = "\n".join(f"| `{_cell(k)}` | `{_cell(repr(v))}` |" for k, v in settings.items())
+    rows = "\n".join(markdown.row([markdown.code(k), markdown.code(repr(v))]) for k, v in settings.items())
     return f"""# {title}
 
 Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
@@ -1226,12 +1227,6 @@ Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
 
 {metrics}
 """
-
-
-def _cell(text: str) -> str:
-    """``text`` for a Markdown table's cell: a "|" ends the cell even inside a code span (a data
-    path such as ``/data/a|b`` split the card's row) unless escaped."""
-    return text.replace("|", "\\|")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
