@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import torch
 
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
-from learnedopt.evaluation.report import cpu_name, dumps_report
+from learnedopt.evaluation.report import cpu_name, dumps_report, results_header
 from learnedopt.files import write_atomically
 from learnedopt.markdown import code
 
@@ -177,7 +177,7 @@ def write_results(name: str, payload: dict, table: str) -> None:
     # kill or a full disk while a committed result is rewritten leaves it whole
     text = dumps_report(payload) + "\n"
     write_atomically(RESULTS / f"{name}.json", lambda tmp: tmp.write_text(text))
-    header = f"# {name}\n\nCommand: {code(payload['command'])}  \nMachine: {payload['machine']}\n\n"
+    header = results_header(name, payload["command"], payload["machine"])
     write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 

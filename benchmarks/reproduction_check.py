@@ -32,6 +32,7 @@ from common import fail, machine, nan_note  # noqa: E402
 
 from learnedopt import markdown  # noqa: E402
 from learnedopt.evaluation import DEFAULT_PROBLEMS, learned_from_file, make_problem, run_optimizer, summarize  # noqa: E402
+from learnedopt.evaluation.report import results_header  # noqa: E402
 from learnedopt.weights import fingerprint, load_weights  # noqa: E402
 
 
@@ -116,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "reproduction.json").write_text(json.dumps(report, indent=1))
     w = report["weights"]
     lines = [
-        "# Reproduction check", "", f"Command: {markdown.code(report['command'])}  ", f"Machine: {report['machine']}", "",
-        f"Weights: bitwise equal: {w['bitwise_equal']}"
+        results_header("Reproduction check", report["command"], report["machine"]) + f"Weights: bitwise equal: {w['bitwise_equal']}"
         + ("" if w["same_config"] else " (the architecture configs differ)")
         + f"; largest absolute difference {w['max_abs_diff']:.3g} "
         f"(largest entry {w['max_abs_value']:.3g}). Mean final loss over {args.seeds} evaluation seeds "

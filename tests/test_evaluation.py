@@ -2336,3 +2336,16 @@ def test_markdown_keeps_odd_labels_problem_names_and_paths_in_their_place() -> N
     columns = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
     assert columns == [10] * 4 + [6] * 3, rows
     assert sum(row.startswith(r"| my\|rule v2 |") for row in rows) == 2, rows
+
+
+def test_the_report_keeps_a_command_with_a_backtick_in_one_code_span(tmp_path: Path, monkeypatch) -> None:
+    """A backtick in an argument (a weight file, ``--out``) ended the report's inline code of the
+    command early, and the rest showed as Markdown."""
+    from learnedopt.evaluation import write_report
+
+    monkeypatch.setattr(sys, "argv", ["learnedopt", "evaluate", "optimizers", "--rules", "my`rule.safetensors"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = hand_made_report({"Adam": hand_made_result("baseline", 0.5)})
+    paths = write_report(report, tmp_path)
+    command = json.loads(paths[0].read_text())["command"]
+    assert "`" in command and f"Command: ``{command}``  " in paths[1].read_text().splitlines()

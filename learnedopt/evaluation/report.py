@@ -320,6 +320,13 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def results_header(name: str, command: str, machine: object) -> str:
+    """The head of a results Markdown file: its ``name`` as the title, then the ``command`` (as
+    inline code) and the ``machine`` it ran with (what :func:`write_report` and
+    ``benchmarks/common.write_results`` write above the tables)."""
+    return f"# {markdown.line(name)}\n\nCommand: {markdown.code(command)}  \nMachine: {markdown.line(machine)}\n\n"
+
+
 def write_report(
     report: dict[str, Any],
     out_dir: str | os.PathLike[str],
@@ -352,7 +359,7 @@ def write_report(
         # written over an earlier one (same --out and --name) leaves that one whole
         text = dumps_report(payload) + "\n"
         write_atomically(out / f"{name}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        header = f"# {name}\n\nCommand: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
+        header = results_header(name, payload["command"], payload["machine"])
         write_atomically(out / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n", encoding="utf-8"))
     else:
         write_results(name, report, table)
