@@ -354,6 +354,11 @@ BAD = [
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
     (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got 'cuda:x'"),
     (["--algo", "maml", "--device", "mps"], "--device must be cpu or cuda[:N], got 'mps'"),
+    # an empty --device ran the few-shot algorithms on the CPU (the default), where --algo lstm refused it
+    (["--device", ""], "--device must be cpu or cuda[:N], got ''"),
+    (["--algo", "maml", "--device", ""], "--device must be cpu or cuda[:N], got ''"),
+    (["--algo", "reptile", "--device", ""], "--device must be cpu or cuda[:N], got ''"),
+    (["--algo", "maml", "--task", ""], "--algo maml trains on --task sinusoid or omniglot, or your own few-shot family as module:attribute (e.g. mytasks:LineFamily), not ''"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
     (["--dist-timeout", "inf"], "--dist-timeout must be a positive number of seconds, got inf"),
     # an option of the other kind of algorithm is refused even at a value that reads as false

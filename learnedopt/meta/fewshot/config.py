@@ -335,7 +335,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
     apply to the chosen few-shot algorithm or task (:mod:`learnedopt.meta.command` has already
     refused the update-rule-only options)."""
     algo = args.algo
-    task = args.task or "sinusoid"
+    task = "sinusoid" if args.task is None else args.task
     own = entry_point_path(task) is not None
     if task not in FEWSHOT_TASKS and not own:
         raise ConfigError(f"--algo {algo} trains on --task {TASK_SYNTAX}, not {task!r}")
@@ -359,7 +359,7 @@ def config_from_args(args: argparse.Namespace) -> FewShotConfig:
          if getattr(args, k) is not None}
     )  # fmt: skip
     rule, rule_config, preset = (args.rule, args.rule_config, args.preset) if algo == "meta-lstm" else (None, None, None)
-    device = args.device or FewShotConfig.device
+    device = FewShotConfig.device if args.device is None else args.device
     return FewShotConfig(algo=algo, task=task, seed=args.seed, data=args.data, rule=rule, rule_config=rule_config, preset=preset,
                          device=device, select_every=args.select_every or 0, **values)  # fmt: skip
 
