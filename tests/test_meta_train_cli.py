@@ -358,6 +358,8 @@ BAD = [
     (["--device", ""], "--device must be cpu or cuda[:N], got ''"),
     (["--algo", "maml", "--device", ""], "--device must be cpu or cuda[:N], got ''"),
     (["--algo", "reptile", "--device", ""], "--device must be cpu or cuda[:N], got ''"),
+    # torch takes any index of the CPU as the CPU: a run "on cpu:1" ran on the one CPU device
+    (["--device", "cpu:1"], "--device cpu:1: the CPU is one device, cpu or cpu:0; use --device cpu"),
     (["--algo", "maml", "--task", ""], "--algo maml trains on --task sinusoid or omniglot, or your own few-shot family as module:attribute (e.g. mytasks:LineFamily), not ''"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
     (["--dist-timeout", "inf"], "--dist-timeout must be a positive number of seconds, got inf"),

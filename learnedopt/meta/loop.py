@@ -506,7 +506,7 @@ def check_device(
 ) -> torch.device:
     """The device this process runs ``--device device`` on, one of ``world_size`` processes.
 
-    ``cpu`` is the CPU. One process runs ``cuda[:N]`` as given. Under several processes
+    ``cpu`` (``cpu:0``) is the CPU. One process runs ``cuda[:N]`` as given. Under several processes
     ``cuda`` is the GPU of the process's ``local_rank`` (where
     :func:`~learnedopt.meta.distributed.init_from_env` pinned it; with no local rank, as in a
     caller's own process group, torch's current CUDA device), and ``cuda:N`` is refused:
@@ -529,6 +529,8 @@ def check_device(
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
     if parsed.type == "cpu":
+        if parsed.index not in (None, 0):  # torch runs any index on the one CPU device
+            raise ConfigError(f"--device {device}: the CPU is one device, cpu or cpu:0; use --device cpu")
         return parsed
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
