@@ -334,7 +334,7 @@ def test_ranks_given_different_options_are_refused_before_the_run(tmp_path: Path
     out = tmp_path / "lstm"
     result, _ = torchrun("seeds", out)
     assert result.returncode != 0, tail(result)
-    assert "error: the ranks were given different options (--seed: 3 on rank 0, 4 on rank 1)" in result.stderr, tail(result)
+    assert "error: the ranks were given different options (--seed: 3 on rank 0 vs 4 on rank 1)" in result.stderr, tail(result)
     assert not out.exists()
 
 
@@ -487,7 +487,9 @@ def test_a_failed_collective_names_the_rank_the_timeout_and_the_first_line_of_th
 def test_the_ranks_checks_become_one_verdict_naming_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     """``agree_checks`` on rank 0 of 4, the other ranks' reports stood in for: refusals grouped
     by message and named by their ranks (not where every rank failed alike), and options that
-    differ named with each value's ranks; ranks that agree pass."""
+    differ named with each value's ranks, the values apart by "vs" (joined by commas, as the
+    ranks are, "1 on ranks 0, 1, 2 on ranks 2, 3" read as rank 2 given both); ranks that agree
+    pass."""
     others: list[tuple] = []
 
     def gather(into: list, value: tuple, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -506,7 +508,7 @@ def test_the_ranks_checks_become_one_verdict_naming_the_ranks(monkeypatch: pytes
     others[:] = [(None, {"seed": 1, "data_sha256": "f" * 64}), (None, {"seed": 2, "data_sha256": "f" * 64}),
                  (None, {"seed": 2, "data_sha256": "e" * 64})]  # fmt: skip
     with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(the data files' SHA-256: "
-                       r"f{12} on ranks 0, 1, 2, e{12} on rank 3; --seed: 1 on ranks 0, 1, 2 on ranks 2, 3\)"):  # fmt: skip
+                       r"f{12} on ranks 0, 1, 2 vs e{12} on rank 3; --seed: 1 on ranks 0, 1 vs 2 on ranks 2, 3\)"):  # fmt: skip
         loop.agree_checks(four, None, {"seed": 1, "data_sha256": "f" * 64})
     others[:] = [(None, {"seed": 1})] * 3
     loop.agree_checks(four, None, {"seed": 1})
@@ -679,7 +681,7 @@ def test_ranks_on_the_cpu_and_on_cuda_are_refused_before_the_run(monkeypatch: py
     assert identity(device="cpu") != identity(device="cuda")
     monkeypatch.setattr(dist, "all_gather_object", lambda into, value: into.__setitem__(
         slice(None), [value, (None, identity(device="cuda"))]))  # fmt: skip
-    with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(--device: 'cpu' on rank 0, "
+    with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(--device: 'cpu' on rank 0 vs "
                        r"'cuda' on rank 1\): "):  # fmt: skip
         loop.agree_checks(Workers(0, 2), None, identity(device="cpu"))
 

@@ -467,7 +467,7 @@ def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mappin
                 value = i.get(key)
                 by_value.setdefault(value[:12] if key in ("data_sha256", "state") and value else repr(value), []).append(rank)
             name = _IDENTITY_NAMES.get(key, f"--{key.replace('_', '-')}")
-            values = ", ".join(f"{v} on {_ranks(r, workers.world_size).removesuffix(f' of {workers.world_size}')}"
+            values = " vs ".join(f"{v} on {_ranks(r, workers.world_size).removesuffix(f' of {workers.world_size}')}"
                                for v, r in by_value.items())  # fmt: skip
             shown.append(f"{name}: {values}")
         raise _agreed(ConfigError(f"the ranks were given different options ({'; '.join(shown)}): every rank of a "
