@@ -1926,6 +1926,18 @@ def test_meta_train_imports_an_update_rule_given_as_module_colon_class(tmp_path:
     assert read_header(tmp_path / "wide" / "weights.safetensors")["config"] == {"hidden": 6, "beta": 0.9}
 
 
+def test_the_card_keeps_an_own_rules_weight_file_with_a_backtick_in_one_code_span(tmp_path: Path, own_rule: str) -> None:
+    """The card named ``--preset FILE`` of an own rule in single-backtick inline code: a
+    backtick in the file's path ended it early."""
+    rule = f"{own_rule}:MomentumMLP"
+    first = tmp_path / "a`b"
+    assert run(first, "--rule", rule, "--rule-config", '{"hidden": 3}', "--meta-steps", "1") == 0
+    preset = str(first / "weights.safetensors")
+    assert run(tmp_path / "second", "--rule", rule, "--preset", preset, "--meta-steps", "1") == 0
+    card = (tmp_path / "second" / "MODEL_CARD.md").read_text()
+    assert f"started from the architecture and weights of ``{preset}``." in card
+
+
 def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly(tmp_path: Path, own_rule: str) -> None:
     """``--rule module:Class --preset FILE``: a run starts from the file's architecture and
     weights (a run of the rule's own), writes a file of its kind and a card that says so, and

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import markdown
 from ..data.idx import mnist_sha256
 from ..nn import RULES, UpdateRule
 from ..nn.base import check_rule_call
@@ -777,7 +778,7 @@ Evaluation tasks: {eval_family.describe()}."""
     own_rule = None if config.rule is None else entry_point_path(config.rule)
     if own_rule is not None:
         start = ("initialised by its constructor under the seed" if config.preset is None
-                 else f"started from the architecture and weights of `{config.preset}`")  # fmt: skip
+                 else f"started from the architecture and weights of {markdown.code(config.preset)}")  # fmt: skip
         details += (f"\n\nThe rule is your own `{config.rule}`, {start}. The command "
                     f"above needs its module `{own_rule[0]}` importable, and its weight file loads where the class is "
                     "registered (`learnedopt.nn.register_rule`).")  # fmt: skip
