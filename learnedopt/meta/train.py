@@ -155,8 +155,9 @@ class MetaTrainConfig:
         data: MNIST folder of the tasks that read it (:data:`~learnedopt.meta.tasks.DATA_FAMILIES`;
             None: the default search); refused for tasks that read none. A ``pathlib.Path``
             here or in ``preset`` is held as its string.
-        device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"``. Random draws are made on the
-            CPU either way, so the device changes results only by rounding, and a run may be
+        device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"`` (under several processes
+            ``"cuda"``, each rank's GPU: see :func:`~learnedopt.meta.loop.check_device`). Random
+            draws are made on the CPU either way, so the device changes results only by rounding, and a run may be
             resumed on another device.
     """
 

@@ -100,7 +100,8 @@ class FewShotConfig:
             validation and evaluation use ``shots``.
         inner_batch: Reptile's examples per inner step, drawn from the support set without
             replacement (None: the whole support set every step).
-        device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (tasks are drawn on the
+        device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (under several processes
+            ``"cuda"``, each rank's GPU; tasks are drawn on the
             CPU, so it changes results only by rounding; a run may resume on another device).
         valid_alphabets, test_alphabets: Omniglot: comma-separated alphabet names of the
             meta-valid and meta-test parts, the other alphabets meta-training's (both or
