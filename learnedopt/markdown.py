@@ -32,10 +32,12 @@ def row(cells: Iterable[object]) -> str:
 
 def code(text: object) -> str:
     """``text`` as inline code on one :func:`line`: fenced by one backtick more than its longest
-    run of backticks, and padded with a space where it starts or ends with one (CommonMark
-    strips one space from each side of such a span). Not escaped for a table: put it through
+    run of backticks, and padded with a space on each side where it starts or ends with a
+    backtick, or starts and ends with a space (CommonMark strips one space from each side of a
+    span that has both and is not all spaces). Not escaped for a table: put it through
     :func:`cell` there."""
     text = line(text)
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    spaced = text.startswith(" ") and text.endswith(" ") and text.strip(" ") != ""
+    pad = " " if text.startswith("`") or text.endswith("`") or spaced else ""
     return f"{fence}{pad}{text}{pad}{fence}"
