@@ -671,6 +671,8 @@ def test_ranks_on_the_cpu_and_on_cuda_are_refused_before_the_run(monkeypatch: py
     part of what the ranks agree on; the data folder and ``cpu`` against ``cpu:0`` are not."""
     from types import SimpleNamespace
 
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # CUDA stood in for
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"GPU-{i}"))
     trainer = SimpleNamespace(state_dict=dict, data_sha256=None)
     config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2)
 
@@ -684,6 +686,38 @@ def test_ranks_on_the_cpu_and_on_cuda_are_refused_before_the_run(monkeypatch: py
     with pytest.raises(loop.ConfigError, match=r"^the ranks were given different options \(--device: 'cpu' on rank 0 vs "
                        r"'cuda' on rank 1\): "):  # fmt: skip
         loop.agree_checks(Workers(0, 2), None, identity(device="cpu"))
+
+
+def test_ranks_that_would_share_one_gpu_are_refused_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's own process group whose ranks pass ``device="cuda"`` without
+    ``torch.cuda.set_device``: every rank ran on its current device, GPU 0, side by side (and
+    NCCL fails on a GPU shared by two ranks). Now the ranks compare the UUIDs of their GPUs
+    (CUDA stood in for) and refuse a GPU named by more than one rank; distinct GPUs (each
+    process seeing its own as ``cuda:0``, or other machines) and CPU runs pass."""
+    from types import SimpleNamespace
+
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=f"GPU-{i}"))
+    assert loop.gpu_identity("cuda") == "GPU-0" and loop.gpu_identity("cuda:1") == "GPU-1"
+    assert loop.gpu_identity("cpu") is None
+    trainer = SimpleNamespace(state_dict=dict, data_sha256=None)
+    config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2, device="cuda")
+    mine = loop.run_identity(config, trainer)
+    assert mine["gpu"] == "GPU-0"
+    others: list = []
+    monkeypatch.setattr(dist, "all_gather_object", lambda into, value: into.__setitem__(slice(None), [value, *others]))
+    three = Workers(0, 3)
+    others[:] = [(None, {**mine, "gpu": "GPU-1"}), (None, mine)]
+    with pytest.raises(loop.ConfigError, match=r"^ranks 0, 2 of 3 would run on one GPU \(GPU-0\): each rank needs a GPU "
+                       r"of its own; under torchrun give --device cuda with at most one process per GPU; in a process "
+                       r"group of your own call torch.cuda.set_device\(local_rank\) first$"):  # fmt: skip
+        loop.agree_checks(three, None, mine)
+    others[:] = [(None, {**mine, "gpu": "GPU-1"}), (None, {**mine, "gpu": "GPU-2"})]
+    loop.agree_checks(three, None, mine)
+    cpu = loop.run_identity(dataclasses.replace(config, device="cpu"), trainer)
+    others[:] = [(None, cpu)] * 2
+    loop.agree_checks(three, None, cpu)
 
 
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:

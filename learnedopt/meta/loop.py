@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -381,12 +382,26 @@ def run_identity(config: RunConfig, trainer: Trainer) -> dict[str, Any]:
     :data:`RANK_LOCAL_FIELDS`, the kind of device (``cpu`` or ``cuda``), the SHA-256 of the data
     files where the trainer reads some, and a fingerprint of the trainer's state (the
     meta-parameters a ``--preset`` or the resumed checkpoint gave it, and the meta-optimizer's
-    state)."""
+    state); and under ``"gpu"`` the GPU this rank runs on (:func:`gpu_identity`), which every rank
+    must have of its own instead (see :func:`agree_checks`)."""
     identity = {k: v for k, v in config.to_dict().items() if k not in RANK_LOCAL_FIELDS}
     identity["device"] = torch.device(config.device).type
+    identity["gpu"] = gpu_identity(config.device)
     identity["data_sha256"] = getattr(trainer, "data_sha256", None)
     identity["state"] = state_fingerprint(trainer.state_dict())
     return identity
+
+
+def gpu_identity(device: str) -> str | None:
+    """The UUID of the GPU that ``device`` (a checked ``--device``) runs on in this process
+    (``cuda``: torch's current CUDA device), the same whichever GPUs the process sees and on
+    whichever machine; None on the CPU."""
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if parsed.index is None else parsed.index
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)  # absent from some builds
+    return f"{socket.gethostname()}/cuda:{index}" if uuid is None else str(uuid)
 
 
 def state_fingerprint(state: Any) -> str:
@@ -437,7 +452,8 @@ def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mappin
     A check can fail on some ranks only (a checkpoint or data files missing where ``--out`` or
     ``--data`` is not shared between machines), and rank 0 alone prints refusals: every rank
     raises the same :class:`ConfigError`, whose message is that of every failing rank (named by
-    its ranks unless all failed alike), or names the options the ranks were given differently.
+    its ranks unless all failed alike), names the options the ranks were given differently, or
+    the ranks that would share a GPU.
     One process: ``problem`` is raised as it is.
     """
     if workers.world_size == 1:
@@ -456,6 +472,11 @@ def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mappin
             message = "; ".join(f"{_ranks(ranks, workers.world_size)}: {m}" for m, ranks in failed.items())
         raise _agreed(ConfigError(message))
     identities = [dict(identity or {}) for _, identity in reports]
+    by_gpu: dict[str, list[int]] = {}
+    for rank, i in enumerate(identities):
+        if i.get("gpu") is not None:
+            by_gpu.setdefault(i["gpu"], []).append(rank)
+        i.pop("gpu", None)  # a rank's own, unlike the rest
     differing = sorted({k for i in identities for k in i if any(j.get(k) != i.get(k) for j in identities)})
     if len(differing) > 1 and "state" in differing:  # other options make another state: name the cause
         differing.remove("state")
@@ -472,6 +493,12 @@ def agree_checks(workers: Workers, problem: ConfigError | None, identity: Mappin
             shown.append(f"{name}: {values}")
         raise _agreed(ConfigError(f"the ranks were given different options ({'; '.join(shown)}): every rank of a "
                                   "job must run the same configuration on the same data"))  # fmt: skip
+    shared = {gpu: ranks for gpu, ranks in by_gpu.items() if len(ranks) > 1}
+    if shared:
+        clashes = "; ".join(f"{_ranks(ranks, workers.world_size)} would run on one GPU ({gpu})" for gpu, ranks in shared.items())
+        raise _agreed(ConfigError(f"{clashes}: each rank needs a GPU of its own; under torchrun give --device cuda with "
+                                  "at most one process per GPU; in a process group of your own call "
+                                  "torch.cuda.set_device(local_rank) first"))  # fmt: skip
 
 
 def _agreed(err: ConfigError) -> ConfigError:
