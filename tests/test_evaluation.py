@@ -2349,3 +2349,25 @@ def test_the_report_keeps_a_command_with_a_backtick_in_one_code_span(tmp_path: P
     paths = write_report(report, tmp_path)
     command = json.loads(paths[0].read_text())["command"]
     assert "`" in command and f"Command: ``{command}``  " in paths[1].read_text().splitlines()
+
+
+def test_the_plot_shows_labels_and_problem_names_with_dollar_signs_as_written(tmp_path: Path, monkeypatch) -> None:
+    """Matplotlib reads text between two ``$`` as math: a label ``x$\\foo$`` (a weight file
+    named so) or a problem ``p$^$q`` stopped the plot with a ValueError after every run (the
+    JSON and Markdown written, the command ending in a traceback), and ``a$b$c`` showed ``b``
+    in italics. They are now shown as written."""
+    import matplotlib.pyplot as plt
+
+    from learnedopt.evaluation.report import plot_curves
+
+    curve = [1.0, 0.5, 0.25]
+    entry = {"kind": "learned", "curve_median": curve, "curve_q1": curve, "curve_q3": curve}
+    report = {"problems": {"p$^$q": {"results": {"x$\\foo$": entry, "a$b$c": entry}}}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_curves(report, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    (figure,) = figures
+    shown = [text for text in figure.legends[0].get_texts()] + [figure.axes[0].title]
+    assert [t.get_text() for t in shown] == ["x\\$\\foo\\$", "a\\$b\\$c", "p\\$^\\$q"]
+    assert [t._preprocess_math(t.get_text()) for t in shown] == [("x$\\foo$", False), ("a$b$c", False), ("p$^$q", False)]

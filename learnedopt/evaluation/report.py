@@ -253,6 +253,12 @@ def format_difference(d: Mapping[str, float | int]) -> str:
     return f"{d['mean']:+.2g} [{d['lo']:+.2g}, {d['hi']:+.2g}]"
 
 
+def _as_written(text: str) -> str:
+    """``text`` for matplotlib as it is: each ``$`` escaped, as matplotlib reads text between two
+    as math (a ValueError where that is no valid math, italics where it is)."""
+    return text.replace("$", "\\$")
+
+
 def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Loss curves: per-step median and quartile band over finite seeds, one subplot per problem, log y
     (linear for a problem whose plotted losses are not all positive)."""
@@ -285,17 +291,17 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
                 continue
             plotted.add(label)
             steps = np.arange(len(r["curve_median"]))
-            ax.plot(steps, r["curve_median"], label=label, lw=1.2, **style[label])
+            ax.plot(steps, r["curve_median"], label=_as_written(label), lw=1.2, **style[label])
             ax.fill_between(steps, r["curve_q1"], r["curve_q3"], color=style[label]["color"], alpha=0.2, lw=0)
             positive = positive and min(min(r[key]) for key in ("curve_median", "curve_q1", "curve_q3")) > 0
         ax.set_yscale("log" if positive else "linear")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(_as_written(name), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
     for ax in list(axes.flat)[len(problems) :]:
         ax.axis("off")
     handles = [
-        Line2D([], [], lw=1.2, label=label if label in plotted else f"{label} (no finite run)", **style[label])
+        Line2D([], [], lw=1.2, label=_as_written(label if label in plotted else f"{label} (no finite run)"), **style[label])
         for label in style
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3) or 1, fontsize=8)
