@@ -43,6 +43,7 @@ from common import positive_int, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
+from learnedopt.meta.loop import ConfigError, check_device  # noqa: E402
 from learnedopt.meta.maml import MAML  # noqa: E402
 from learnedopt.meta.reptile import Reptile  # noqa: E402
 
@@ -668,10 +669,10 @@ def main() -> None:
     plot.set_defaults(func=plot_omniglot, threads=None)
     args = parser.parse_args()
     if args.benchmark == "higher":
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            hig.error(f"argument --device: not a torch device: {args.device!r} (cpu or cuda[:N])")
+        try:  # as meta-train checks it: torch takes meta, mps, a missing GPU as devices, to fail once run
+            check_device(args.device)
+        except ConfigError as err:
+            hig.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     args.func(args)

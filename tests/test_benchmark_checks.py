@@ -118,6 +118,10 @@ BAD_OPTIONS = [
     ("meta_train_throughput", ["--task", "bogus"]),
     ("fewshot", ["higher", "--repeats", "0"]),
     ("fewshot", ["higher", "--device", "bogus"]),
+    # torch takes these as devices: each stopped the benchmark with a traceback once it ran
+    ("fewshot", ["higher", "--device", "meta"]),
+    ("fewshot", ["higher", "--device", "mps"]),
+    ("fewshot", ["higher", "--device", "cuda:99"]),
     ("kernel_case_conditioning", ["--help-me"]),  # took no options: ran and overwrote its results
     ("kernel_bench", ["--repeats", "0"]),  # a statistics traceback after the setup
     ("kernel_bench", ["--sizes", "-5"]),  # a negative-dimension traceback
