@@ -13,6 +13,8 @@ Modes:
     elsewhere OUT: the same ``--resume``, but rank 1 is given ``OUT/../elsewhere`` as its
         ``--out`` (an output folder not shared between machines: no checkpoint there).
     seeds OUT: the ``lstm`` run with ``--seed 3`` on rank 0 and ``--seed 4`` on rank 1.
+    cuda-index OUT: the ``lstm`` run with ``--device cuda:0`` on both ranks, on a machine with 2
+        CUDA devices stood in for (``torch.cuda.is_available`` and ``device_count``).
 
 Not collected by pytest (no ``test_`` prefix); it imports only the library and torch.
 """
@@ -459,6 +461,11 @@ def main() -> int:
     if mode == "elsewhere":
         own = out.parent / "elsewhere" if int(os.environ["RANK"]) == 1 else out
         return run_cli([*meta_args("lstm", own), "--resume", "--dist-timeout", "20"])
+    if mode == "cuda-index":  # a 2-GPU machine stood in for, after joining the job on gloo
+        dist.init_process_group("gloo")
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: 2
+        return run_cli([*meta_args("lstm", out), "--device", "cuda:0", "--dist-timeout", "20"])
     if mode == "seeds":
         return run_cli([*meta_args("lstm", out), "--seed", str(3 + int(os.environ["RANK"])), "--dist-timeout", "20"])
     raise SystemExit(f"unknown mode {mode!r}")

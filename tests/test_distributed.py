@@ -339,6 +339,19 @@ def test_ranks_given_different_options_are_refused_before_the_run(tmp_path: Path
 
 
 
+def test_a_torchrun_job_given_cuda_n_is_refused_on_every_rank_before_the_run(tmp_path: Path) -> None:
+    """``learnedopt meta-train --device cuda:0`` under ``torchrun`` (2 processes, 2 GPUs stood
+    in for): every rank would run on GPU 0; before, that was accepted. Now the job stops with
+    the one-line refusal, said once, before anything is written."""
+    out = tmp_path / "lstm"
+    result, _ = torchrun("cuda-index", out)
+    assert result.returncode != 0, tail(result)
+    message = ("learnedopt meta-train: error: --device cuda:0: every one of the 2 processes would run on cuda:0; use "
+               "--device cuda, which runs each process on the GPU of its local rank")  # fmt: skip
+    assert result.stderr.count(message) == 1, tail(result)
+    assert not out.exists()
+
+
 def test_a_resume_on_ranks_that_do_not_split_the_meta_batch_names_the_counts_that_do(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
