@@ -141,6 +141,17 @@ def difference_table(
     return "\n".join(lines)
 
 
+def split_column(given: str, labels: Iterable[str]) -> tuple[str, str] | None:
+    """``(label, header)`` of a ``LABEL=HEADER`` argument: split after the longest of ``labels``
+    that it starts with, followed by ``=`` (a label may hold ``=``, as a weight file's name may);
+    None where it starts with none."""
+    fits = [label for label in labels if given.startswith(label + "=")]
+    if not fits:
+        return None
+    label = max(fits, key=len)
+    return label, given[len(label) + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="an optimizee_eval.json")
@@ -158,11 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(parser, str(err))
     if not (isinstance(report, dict) and isinstance(report.get("learned"), dict) and isinstance(report.get("problems"), dict)):
         fail(parser, f"{args.report} is not a suite report (an optimizee_eval.json with 'learned' and 'problems')")
-    columns = [tuple(c.split("=", 1)) for c in args.columns]
     labels = set(report["learned"])
-    bad = [given for given, c in zip(args.columns, columns, strict=True) if len(c) != 2 or c[0] not in labels]
+    split = [split_column(given, labels) for given in args.columns]
+    bad = [given for given, c in zip(args.columns, split, strict=True) if c is None]
     if bad:
         parser.error(f"columns must be LABEL=HEADER with LABEL one of {sorted(labels)}; got {bad}")
+    columns = [c for c in split if c is not None]
     if args.against and not args.difference:
         parser.error("--against needs --difference")
     if args.against and args.against not in BASELINES:

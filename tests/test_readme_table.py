@@ -217,3 +217,20 @@ def test_labels_with_a_pipe_or_a_line_break_stay_in_their_cell() -> None:
         assert len(lines) == 3, lines
         assert {unescaped_pipes(line) for line in lines} == {unescaped_pipes(lines[1])}, lines
         assert lines[0].endswith(r"| `a\|b` |") and lines[2].startswith(r"| odd\|problem name |"), lines
+
+
+def test_a_label_with_an_equals_sign_can_be_a_column(tmp_path: Path, capsys) -> None:
+    """``LABEL=HEADER`` was split at its first ``=``, so a label with one (a weight file
+    ``lr=3.safetensors``) could not be named: the column was refused as unknown. The split is
+    now after the longest known label."""
+    label = "LSTMOptimizer (lr=3.safetensors)"
+    report = json.loads(json.dumps(REPORT))
+    report["learned"] = {label: {}, "LSTMOptimizer (lr": {}}
+    for problem in report["problems"].values():
+        problem["results"][label] = problem["results"]["L (a)"]
+        problem["results"]["LSTMOptimizer (lr"] = problem["results"]["L (b)"]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert main([str(path), f"{label}=`x=1`"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| `x=1` |") and lines[2].endswith("| **0.15** / 0.6 |"), lines
