@@ -544,11 +544,15 @@ def _cpu_float32() -> Iterator[None]:
     and the CPU generator cannot initialise another device's tensors; under
     ``torch.set_default_dtype(torch.float64)`` an untrained preset drew other weights (whose
     saved states a float32-default process refused as "other weights"), and a file's weights
-    were checked for finiteness in float64, not in the float32 the steps use."""
+    were checked for finiteness in float64, not in the float32 the steps use. The global CPU
+    generator is left as it was: the random initialisation a rule's constructor draws is replaced
+    by the file's or preset's weights, and drawing it from the global generator changed a seeded
+    script's later draws (data order, dropout) once ``torch.optim.Adam`` was replaced by a learned
+    optimizer, which ``Adam`` does not."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.device("cpu"):
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
             yield
     finally:
         torch.set_default_dtype(previous)
@@ -693,7 +697,7 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
     # a canonical order: where the float64 sum rounds, another order would give other bits
     states = [r.state_dict() for _, r in sorted(zip((m["sha256"] for m in members), rules), key=lambda pair: pair[0])]
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
-    with torch.device("cpu"):  # see build_preset
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # see build_preset and _cpu_float32
         average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
     with _loading_by_copy():
         average.load_state_dict(mean)

@@ -963,3 +963,26 @@ def test_a_parameter_taken_out_of_the_optimizer_is_not_kept_alive_after_the_next
     opt.step()
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("weights", [None, "untrained preset", "file"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_building_an_optimizer_leaves_the_global_rng_as_adam_does(kind, weights, tmp_path) -> None:
+    """A script seeded once that switches from Adam draws the same data order and dropout masks
+    after building the optimizer: building the rule (whose weights a file or preset then
+    replaces) drew its random initialisation from torch's global generator."""
+    from learnedopt import load_weights, save_weights
+
+    if weights == "untrained preset":
+        weights = {"lstm": "l2l-2016", "meta": "meta-lstm-adam"}[kind]
+    elif weights == "file":
+        rule, _ = load_weights({"lstm": "l2l-blend", "meta": "meta-lstm-adam-mnist"}[kind])
+        weights = tmp_path / "rule.safetensors"
+        save_weights(rule, weights)
+    params = make_params([(3,)], dtype=torch.float32)
+    draws = []
+    for make in (lambda: torch.optim.Adam(params), lambda: OPTIMIZERS[kind](params, weights=weights)):
+        torch.manual_seed(0)
+        make()
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])

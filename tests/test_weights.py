@@ -958,3 +958,24 @@ def test_the_other_file_functions_refuse_anything_but_a_path_as_load_weights_doe
         with pytest.raises(TypeError, match="^" + re.escape(f"{who} takes {takes} (a str or os.PathLike), got {type(given).__name__}")):
             call(given)
     assert not list(tmp_path.iterdir())
+
+
+def test_loading_and_averaging_weights_leave_the_global_rng_as_it_was(tmp_path) -> None:
+    """A rule built to hold loaded (or averaged) weights drew its discarded random
+    initialisation from torch's global generator, changing a seeded script's later draws."""
+    from learnedopt.weights import average_weights
+
+    for i in range(2):
+        save_weights(CoordinateLSTM(hidden_size=4), tmp_path / f"{i}.safetensors")
+    calls = [
+        lambda: load_weights("l2l-blend"),
+        lambda: load_weights("meta-lstm-2017"),
+        lambda: load_weights(tmp_path / "0.safetensors"),
+        lambda: average_weights([tmp_path / "0.safetensors", tmp_path / "1.safetensors"]),
+    ]
+    for call in calls:
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        call()
+        assert torch.equal(torch.rand(4), expected)
