@@ -572,3 +572,23 @@ def test_a_saved_state_holding_states_this_rule_has_not_is_rejected(extra) -> No
     with pytest.raises(ValueError, match=rf"^saved state of parameter 0 holds {names}, which this CoordinateLSTM rule does not"):
         into.load_state_dict(saved)
     assert not into.state
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_loaded_step_count_stays_on_the_cpu_as_adams_so_a_meta_run_saves_and_loads_again(kind, foreach) -> None:
+    """``load_state_dict`` moved every saved tensor, the step count too, to its parameter's
+    device, where a fresh state and ``torch.optim.Adam`` keep the count on the CPU: for a
+    ``meta`` parameter (a shape-only run) the count lost its value, so the next ``state_dict()``
+    held a count without value and loading that raised 'Tensor.item() cannot be called on meta
+    tensors'."""
+    params = [torch.nn.Parameter(torch.randn(3, device="meta")), torch.nn.Parameter(torch.randn(2))]
+    opt = OPTIMIZERS[kind](params, foreach=foreach)
+    for t in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        step(opt)
+        opt.load_state_dict(opt.state_dict())
+        for p in params:
+            assert opt.state[p]["step"].device.type == "cpu" and int(opt.state[p]["step"]) == t + 1
+    assert opt.state[params[0]]["h"].is_meta

@@ -538,8 +538,10 @@ class LearnedOptimizer(Optimizer):
                 f"(its states: {sorted(spec)}): it was saved by an optimizer of another architecture "
                 f"({self.rule.kind} {self.rule.config_dict()} here) or of another kind"
             )
+        # the count stays the CPU tensor _loaded_step made, as a fresh state's and Adam's: on the
+        # parameter's device it was a GPU scalar, and on ``meta`` it lost its value
         return param, {
-            name: value.detach().to(param.device).clone() if isinstance(value, Tensor) else value
+            name: value.detach().to(param.device).clone() if isinstance(value, Tensor) and name != "step" else value
             for name, value in saved.items()
         }
 
