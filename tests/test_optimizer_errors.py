@@ -605,3 +605,56 @@ def test_an_lr_beyond_the_dtype_of_a_parameter_not_stepped_now_is_accepted() -> 
     before = narrow.detach().clone()
     opt.step()
     assert torch.equal(narrow, before) and opt.state[wide]["step"] == 2 and opt.state[narrow]["step"] == 1
+
+
+@pytest.mark.parametrize("given", ["closure", "keyword"])
+@pytest.mark.parametrize("named", ["tuple", "dict", "list", "str", "bool", "complex", "complex64 tensor", "bool tensor"])
+def test_a_loss_that_is_not_a_real_number_or_tensor_is_a_clear_error(given, named) -> None:
+    """The loss MetaLSTMOptimizer reads, returned by the closure or given as ``loss=``, that is not
+    a real number or tensor: a closure returning ``(loss, outputs)`` (which torch.optim's
+    optimizers pass back as they are) failed with 'only one element tensors can be converted to
+    Python scalars', a dict or a complex number with 'must be real number', a string with
+    "new(): invalid data type 'str'", a complex tensor with clamp's NotImplementedError once
+    the states were made; ``True``, a bool tensor and a one-element list were read as losses."""
+    loss = {
+        "tuple": lambda out: (out.mean(), out),  # a closure returning (loss, outputs)
+        "dict": lambda out: {"loss": out.mean()},
+        "list": lambda out: [out.mean()],
+        "str": lambda out: "0.5",
+        "bool": lambda out: True,
+        "complex": lambda out: complex(0.5, 1.0),
+        "complex64 tensor": lambda out: torch.tensor(0.5 + 1j),
+        "bool tensor": lambda out: out.mean() > 0,
+    }[named]
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = MetaLSTMOptimizer([param])
+    before = param.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        out = param * 2
+        out.sum().backward()
+        return loss(out)
+
+    source = "the closure returned" if given == "closure" else "loss= is"
+    with pytest.raises(TypeError, match=rf"MetaLSTMOptimizer reads the loss .*number or a one-element real tensor; {source} an? {named}\b"):
+        if given == "closure":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step(loss=loss(param * 2))
+    assert torch.equal(param, before) and not opt.state
+
+
+def test_a_numpy_loss_is_read_as_the_number() -> None:
+    """A loss given as a numpy value (``loss.item()``'s float, ``loss.detach().numpy()``) steps as the tensor."""
+    import numpy as np
+
+    runs = []
+    for loss in (torch.tensor(0.5), np.float32(0.5), np.array(0.5, dtype=np.float32), 0.5):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = MetaLSTMOptimizer([param])
+        param.grad = torch.linspace(0.5, -0.5, 5)
+        opt.step(loss=loss)
+        runs.append(param.detach().clone())
+    assert all(torch.equal(run, runs[0]) for run in runs)

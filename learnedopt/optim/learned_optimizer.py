@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -27,6 +28,7 @@ from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..nn.precision import math_dtype, without_autocast
+from ..values import is_number
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
@@ -556,9 +558,10 @@ class LearnedOptimizer(Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
-            loss: the current loss, for rules that read it: a number (read in float64) or a
-                one-element tensor (a ``DTensor`` is read as its full value). Given with a
-                closure, the rule reads this one, and the closure's loss is still returned.
+            loss: the current loss, for rules that read it: a real number (read in float64) or a
+                one-element real tensor (a ``DTensor`` is read as its full value); else the
+                closure's value, which must be one of those. Given with a closure, the rule
+                reads this one, and the closure's loss is still returned.
 
         Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
         graph break: it runs as it does eagerly, the closure too.
@@ -606,7 +609,7 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-        rule_loss = self._rule_loss(loss if loss is not None else closure_loss)
+        rule_loss = self._rule_loss(*((loss, "loss= is") if loss is not None else (closure_loss, "the closure returned")))
         if rule_loss is not None and not self._loss_finite(rule_loss):
             if any(group["nan_policy"] == "raise" for group in self.param_groups):
                 raise NonFiniteGradientError(
@@ -723,13 +726,26 @@ class LearnedOptimizer(Optimizer):
         # agreed over the ranks holding parts of a sharded gradient, as the NaN/Inf verdict is
         return all(sharding.agree_finite(grads, _all_zero(grads)))
 
-    def _rule_loss(self, loss: Tensor | float | None) -> Tensor | None:
+    def _rule_loss(self, loss: Any, source: str) -> Tensor | None:
+        """The loss the rule reads, a 0-d tensor, from ``step``'s ``loss=`` or its closure's
+        return value (``source`` names which, for the messages); None where the rule reads none."""
         if not self.rule.needs_loss:
             return None
         if loss is None:
             raise ValueError(
                 f"{type(self).__name__}.step needs the loss: call step(closure) with a closure that "
                 "returns it, or step(loss=loss)"
+            )
+        # torch.optim passes a closure's value back as it is: a (loss, outputs) tuple, a bool or a
+        # complex number was read here, failing in torch's conversions or read as a loss (the
+        # functional learned_step refuses the same)
+        real_tensor = isinstance(loss, Tensor) and not loss.is_complex() and loss.dtype != torch.bool
+        real_array = isinstance(loss, np.ndarray) and loss.dtype.kind in "fiu"
+        if not (real_tensor or is_number(loss) or real_array):
+            what = f"{str(loss.dtype).removeprefix('torch.')} tensor" if isinstance(loss, Tensor) else type(loss).__name__
+            hint = ": return the loss alone" if source.startswith("the closure") and isinstance(loss, (tuple, list, dict)) else ""
+            raise TypeError(
+                f"{type(self).__name__} reads the loss as a real number or a one-element real tensor; {source} a {what}{hint}"
             )
         # a Python number is a double: read in float64 (as_tensor would round it to float32), so
         # float64 parameters' math sees it exactly and a finite one is never called Inf; on the
