@@ -1677,6 +1677,26 @@ class ScaledBatchFamily(Variant):
         return ScaledBatch([self.sample(generator) for _ in range(size)], 2.0)
 
 
+class Dropout(Logistic):
+    def loss(self, params, step_index):  # dropout on the inputs: masks from torch's global RNG at every step
+        x = F.dropout(self.x, 0.3, training=True)
+        return F.binary_cross_entropy_with_logits(x @ params["w"] + params["b"], self.y)
+
+
+class DropoutFamily(Variant):
+    task = Dropout
+
+
+class GlobalMinibatch(Logistic):
+    def loss(self, params, step_index):  # the whole data at step 0, then minibatches from torch's global RNG
+        pick = torch.randint(0, self.x.shape[0], (16,)) if step_index else slice(None)
+        return F.binary_cross_entropy_with_logits(self.x[pick] @ params["w"] + params["b"], self.y[pick])
+
+
+class GlobalMinibatchFamily(Variant):
+    task = GlobalMinibatch
+
+
 class GlobalRandomFamily(Variant):
     def sample(self, generator):  # its data from torch's global random state: --resume drew other tasks
         x = torch.randn(64, 5)
@@ -1838,6 +1858,30 @@ def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything
     err = capsys.readouterr().err
     assert err.startswith(f"learnedopt meta-train: error: {message.format(mod=own_tasks)}"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("family", ["DropoutFamily", "GlobalMinibatchFamily"])
+def test_a_loss_that_draws_from_torchs_global_rng_resumes_bit_identically(tmp_path: Path, own_tasks: str, family: str) -> None:
+    """A task's loss that draws from torch's global RNG during the unroll (dropout masks,
+    minibatches), which a checkpoint does not hold: a dropout family was refused at the start as
+    drawing its tasks from a global random state (the two step-0 losses of the family check drew
+    other masks), and one drawing minibatches after step 0 ran, but a resumed run drew other
+    minibatches (and evaluation and selection episodes) than the uninterrupted one. Each meta-step
+    and each evaluation now draws from the global RNG seeded from the run's seed."""
+    args = ("--task", f"{own_tasks}:{family}", "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1",
+            "--select-every", "1")  # fmt: skip
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    torch.manual_seed(1)  # the global RNG's state before a run does not matter
+    assert run(whole, *args) == 0
+    assert run(broken, *args, "--stop-after", "3") == 0  # checkpoint at 2
+    torch.manual_seed(2)
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    untimed = [[{k: v for k, v in r.items() if k not in MACHINE_FIELDS} for r in log_lines(d)] for d in (whole, broken)]
+    assert untimed[0] == untimed[1]  # the meta-losses and the selection scores
+    ha, hb = read_header(whole / "weights.safetensors"), read_header(broken / "weights.safetensors")
+    assert {k: v for k, v in ha.items() if k != "command"} == {k: v for k, v in hb.items() if k != "command"}
 
 
 def test_an_own_task_batch_class_of_another_constructor_runs_on_one_process_and_is_checked_for_several(

@@ -9,9 +9,12 @@ meta-updates, and checkpoints fall between episodes.
 Randomness: the rule's initialisation uses ``generator_for(seed, 0)``, meta-step ``s`` (1-based)
 draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the evaluation from
 ``generator_for(seed, 2)``, the selection episode (``--select-every``) from ``generator_for(seed,
-3)``; nothing reads the global RNG. A step's randomness therefore depends only on ``(seed, s)``,
-and resuming from a checkpoint (meta-parameters, Adam state, step) repeats an uninterrupted run
-bit for bit.
+3)``. What the tasks' losses or the rule draw from torch's global RNG during an episode (dropout
+masks, minibatches) comes from it seeded with ``(seed, 4, 0, s, the rank's first task)`` in
+meta-step ``s`` and ``(seed, 4, 1, stream, the rank's first task)`` in the evaluation and
+selection episodes (stream 2 and 3), and it is as it was after them. A step's randomness therefore depends only on ``(seed,
+s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats an uninterrupted
+run bit for bit.
 
 Selection (``--select-every N``): meta-training's loss is noisy from step to step and a run can
 end worse than it was some steps before (or than its start), so with ``N > 0`` the rule is scored
@@ -84,6 +87,7 @@ from .loop import (
     resumable_config,
     rule_class,
     rule_config_given,
+    seeded_global_rng,
     train_loop,
     write_text_atomic,
 )
@@ -114,6 +118,10 @@ from .unroll import (
 )
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
+#: the global RNG's draws during an episode (dropout, minibatches of a task's loss): seeded from
+#: (seed, 4, 0, step, the rank's first task) in a meta-step, (seed, 4, 1, stream, the rank's first
+#: task) in an evaluation
+_DRAWS_STREAM = 4
 
 
 @dataclass(frozen=True)
@@ -438,7 +446,10 @@ def evaluate(
     With several ``workers`` each unrolls its share of the tasks and all return the same mean.
     """
     frozen = copy.deepcopy(rule).requires_grad_(False)  # no graph through the meta-parameters
-    losses = episode(frozen, family, config, generator_for(config.seed, stream), workers=workers, tasks=tasks)[0]
+    part = workers.share(config.meta_batch if tasks is None else tasks)
+    # the global RNG's draws (dropout, a loss's minibatches) from (seed, stream), whatever ran before
+    with seeded_global_rng(derive_seed(config.seed, _DRAWS_STREAM, 1, stream, part.start), config.device):
+        losses = episode(frozen, family, config, generator_for(config.seed, stream), workers=workers, tasks=tasks)[0]
     if weighted:
         weights = horizon_loss_weights(config.loss_weighting, losses.shape[0]).to(losses.device)
         losses = weights[:, None] * losses
@@ -481,14 +492,19 @@ class _RuleTrainer:
         )
 
     def step(self, step: int) -> dict[str, float]:
-        losses, grad_norms = episode(
-            self.rule,
-            self.family,
-            self.config,
-            generator_for(self.config.seed, _TRAIN_STREAM, step),
-            self.meta_optimizer,
-            self.workers,
-        )
+        """Meta-step ``step``: one :func:`episode` with meta-updates; what it draws from the
+        global RNG (dropout, a loss's minibatches) comes from it seeded from ``(seed, step, the
+        rank's first task)``, so that a resumed run draws as an uninterrupted one."""
+        part = self.workers.share(self.config.meta_batch)
+        with seeded_global_rng(derive_seed(self.config.seed, _DRAWS_STREAM, 0, step, part.start), self.config.device):
+            losses, grad_norms = episode(
+                self.rule,
+                self.family,
+                self.config,
+                generator_for(self.config.seed, _TRAIN_STREAM, step),
+                self.meta_optimizer,
+                self.workers,
+            )
         record = {
             "meta_loss": self.workers.mean(float(losses.mean())),
             "final_loss": self.workers.mean(float(losses[-1].mean())),
@@ -680,12 +696,17 @@ def _check_repeatable(
     """Raise ValueError unless ``count`` tasks of ``family`` drawn again from ``generator`` (in the
     state that drew ``batch`` and its initial ``params``) have the same initial parameters and
     losses and gradients at step 0: a family drawing from a global random state gave a
-    ``--resume`` other tasks than the run it continued, silently."""
+    ``--resume`` other tasks than the run it continued, silently. Both losses are computed with
+    torch's global RNG seeded alike, as a meta-step seeds it: draws in the loss (dropout) repeat,
+    those made in sampling do not."""
     batch_again, params_again = _draw(family, count, generator)
     for k, v in params.items():
         if k not in params_again or params_again[k].shape != v.shape or not torch.equal(params_again[k], v):
             raise ValueError(f"two draws from the same seed differ (their initial params[{k!r}]): {REPEATABLE_DRAWS}")
-    first, second = _step_zero(batch, params), _step_zero(batch_again, params)
+    with seeded_global_rng(0, family.device):
+        first = _step_zero(batch, params)
+    with seeded_global_rng(0, family.device):
+        second = _step_zero(batch_again, params)
     # a tolerance, not equality: a loss on a GPU may use atomics (e.g. an embedding's backward)
     close = (torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())) if a.numel() else True
              for a, b in zip(first, second, strict=True))  # fmt: skip

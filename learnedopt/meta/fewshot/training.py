@@ -4,11 +4,10 @@ the ``meta-train`` entry point :func:`run_fewshot`."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ..loop import (
     refuse_other_data,
     resumable_config,
     model_card,
+    seeded_global_rng,
     train_loop,
     write_text_atomic,
 )
@@ -50,19 +50,6 @@ _TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
 #: (seed, 5, 1, stream) in a validation
 _DRAWS_STREAM = 5
 
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Inside: the global RNG (the CPU's, and ``device``'s where it is a CUDA device) seeded with
-    ``seed``; after: as it was. For the draws a network makes from the global RNG (dropout
-    masks), which a checkpoint does not hold."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def inner_minibatches(
