@@ -1982,6 +1982,42 @@ def test_the_card_keeps_an_own_rules_weight_file_with_a_backtick_in_one_code_spa
     assert f"started from the architecture and weights of ``{preset}``." in card
 
 
+DROPOUT_RULE = """
+
+class DropoutMLP(MomentumMLP):  # dropout in its step: masks from torch's global RNG at every update
+    kind = "CliDropoutMLP"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return torch.nn.functional.dropout(step, 0.2, training=True), new_state
+"""
+
+
+@pytest.fixture
+def own_dropout_rule(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
+    """:func:`own_rule` with ``DropoutMLP`` too."""
+    yield from own_rule_module(tmp_path, monkeypatch, OWN_RULE + DROPOUT_RULE)
+
+
+def test_an_own_rule_with_dropout_resumes_bit_identically(tmp_path: Path, own_dropout_rule: str) -> None:
+    """A rule of your own whose step draws from torch's global RNG (dropout), which a checkpoint
+    does not hold: after --resume its masks (and the selection's and evaluation's) were other
+    ones and the weights differed from the uninterrupted run's."""
+    module = own_dropout_rule
+    args = ("--rule", f"{module}:DropoutMLP", "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1",
+            "--select-every", "2")  # fmt: skip
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    torch.manual_seed(1)
+    assert run(whole, *args) == 0
+    assert run(broken, *args, "--stop-after", "3") == 0
+    torch.manual_seed(2)
+    assert run(broken, *args, "--resume") == 0
+    a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = read_header(whole / "weights.safetensors"), read_header(broken / "weights.safetensors")
+    assert {k: v for k, v in ha.items() if k != "command"} == {k: v for k, v in hb.items() if k != "command"}
+
+
 def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly(tmp_path: Path, own_rule: str) -> None:
     """``--rule module:Class --preset FILE``: a run starts from the file's architecture and
     weights (a run of the rule's own), writes a file of its kind and a card that says so, and
