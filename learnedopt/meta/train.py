@@ -165,8 +165,9 @@ class MetaTrainConfig:
             here or in ``preset`` is held as its string.
         device: where the unroll runs, ``"cpu"`` or ``"cuda[:N]"`` (under several processes
             ``"cuda"``, each rank's GPU: see :func:`~learnedopt.meta.loop.check_device`). Random
-            draws are made on the CPU either way, so the device changes results only by rounding, and a run may be
-            resumed on another device.
+            draws are made on the CPU either way, so the device changes results only by rounding
+            (but for what a task's loss or the rule draws from torch's global RNG, e.g. dropout: on
+            a GPU from its generator), and a run may be resumed on another device.
     """
 
     task: str = "quadratic"
