@@ -12,7 +12,7 @@ from helpers import central_difference, random_rule
 from torch.func import functional_call
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
-from learnedopt.meta import QuadraticFamily, generator_for, init_rule_state, learned_step, unroll
+from learnedopt.meta import QuadraticFamily, Task, TaskBatch, generator_for, init_rule_state, learned_step, unroll
 from learnedopt.meta.unroll import num_coordinates
 
 F64 = torch.float64
@@ -629,3 +629,46 @@ def test_learned_step_takes_params_and_grads_as_dicts_only() -> None:
         learned_step(rule, params, [torch.ones(3)], state)
     with pytest.raises(TypeError, match=r"^init_rule_state: params must be a dict"):
         init_rule_state(rule, [params["w"]])
+
+
+class _TwoTensorQuadratic(Task):
+    """``|w - c|^2 + (b - 1)^2 |w|^2``: three coordinates per task, in two tensors."""
+
+    def __init__(self, c: Tensor) -> None:
+        self.c = c
+
+    def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
+        return {"w": torch.randn(2, generator=generator, dtype=F64), "b": torch.randn(1, generator=generator, dtype=F64)}
+
+    def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
+        return (params["w"] - self.c).square().sum() + ((params["b"] - 1.0).square() * params["w"].square()).sum()
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
+def test_a_one_element_lr_tensor_of_any_shape_steps_as_its_number(shape: tuple[int, ...]) -> None:
+    """An ``lr`` tensor of one element is taken whatever its shape (it may be learned): a
+    ``(1, 1)`` one broadcast the step to ``(1, n)``, which ``learned_step`` then failed to split
+    ("split_with_sizes expects split_sizes to sum exactly to 1"), and a ``(1, 1, 1)`` one made
+    ``unroll``'s steps ``(1, B, P)``, split along the tasks: with as many tasks as coordinates
+    per task, task values went to other tasks' parameters, in silence."""
+    rule = random_rule("lstm", seed=1)
+    g = generator_for(2)
+    tasks = TaskBatch([_TwoTensorQuadratic(torch.randn(2, generator=g, dtype=F64)) for _ in range(3)])  # B = P = 3
+    start = tasks.init_params(g)
+    state = rule.init_state(num_coordinates(start), dtype=F64, device="cpu")
+    expected = unroll(rule, tasks, start, state, 2, lr=0.5)
+    lr = torch.full(shape, 0.5, dtype=F64, requires_grad=True)
+    got = unroll(rule, tasks, start, state, 2, lr=lr)
+    assert torch.equal(got.losses, expected.losses)
+    for k, v in expected.params.items():
+        assert torch.equal(got.params[k], v), k
+    (grad,) = torch.autograd.grad(got.meta_loss, [lr])
+    assert grad.shape == shape and grad.abs().item() > 0
+
+    params = {k: v[0] for k, v in start.items()}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    one_state = init_rule_state(rule, params)
+    reference, _ = learned_step(rule, params, grads, one_state, lr=0.5)
+    stepped, _ = learned_step(rule, params, grads, one_state, lr=lr)
+    for k, v in reference.items():
+        assert stepped[k].shape == v.shape and torch.equal(stepped[k], v), k

@@ -187,7 +187,7 @@ def learned_step(
         skip = " ('skip' is the optimizers': a functional step returns every parameter's update)" if nan_policy == "skip" else ""
         raise ValueError(f"nan_policy must be None or 'raise', got {nan_policy!r}{skip}")
     first = _check_params(params, "learned_step")
-    _check_lr(lr, "learned_step")
+    lr = _check_lr(lr, "learned_step")
     if not isinstance(grads, Mapping):
         raise TypeError(f"learned_step: grads must be a dict with the names of params, got a {type(grads).__name__}")
     names = list(params)
@@ -272,15 +272,18 @@ def _check_float_tensors(params: Mapping[str, Tensor], caller: str) -> None:
             raise ValueError(f"{caller}: params[{k!r}] is {got}: learned updates need floating-point tensors")
 
 
-def _check_lr(lr: float | Tensor, caller: str) -> None:
-    """Raise ValueError unless ``lr`` is a finite real number or a one-element floating-point
-    tensor (whose value is not checked: that would be a host sync)."""
+def _check_lr(lr: float | Tensor, caller: str) -> float | Tensor:
+    """``lr``, a one-element tensor as a 0-dim view of it (a ``(1, 1)`` one broadcast the step
+    to ``(1, n)``, split then along the wrong dimension), once checked; raises ValueError unless
+    ``lr`` is a finite real number or a one-element floating-point tensor (whose value is not
+    checked: that would be a host sync)."""
     if isinstance(lr, Tensor):
         ok = lr.is_floating_point() and lr.numel() == 1
     else:
         ok = is_number(lr) and math.isfinite(lr)
     if not ok:
         raise ValueError(f"{caller}: lr must be a finite real number or a one-element floating-point tensor, got {lr!r}")
+    return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
 def _check_loss_weights(loss_weights: Sequence[float] | Tensor | None, steps: int) -> Tensor | None:
@@ -413,7 +416,7 @@ def unroll(
     if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
     _check_float_tensors(params, "unroll")  # an integer tensor was torch's "only Tensors of floating point dtype can require gradients"
-    _check_lr(lr, "unroll")
+    lr = _check_lr(lr, "unroll")
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         # else every task would be blamed for a loss without a gradient (torch.enable_grad() inside
         # inference_mode turns grad mode on, but every tensor made there still has no graph)
