@@ -1538,6 +1538,34 @@ def test_a_learnable_tensor_inner_lr_is_taken_without_a_warning() -> None:
     assert all(torch.equal(rate, torch.full_like(rate, 0.1)) for rate in meta_sgd.step_sizes().values())
 
 
+@pytest.mark.parametrize("path", ["vmap", "loop", "checkpoint"])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (1, 1, 1)])
+def test_a_one_element_inner_lr_of_any_shape_steps_as_its_number(shape: tuple[int, ...], path: str) -> None:
+    """A one-element ``inner_lr`` tensor is taken whatever its shape: a ``(1, 1)`` one broadcast
+    every 1-d parameter's step to ``(1, d)``, so a bias came out of ``adapt`` (and every inner
+    step) as ``(1, d)``, and a ``(1, 1, 1)`` one failed inside the model ("t() expects a tensor
+    with <= 2 dimensions"). Meta-loss, meta-gradients and ``adapt`` are a number's."""
+    data = episode()
+    options = {"inner_steps": 2, "vectorize": path == "vmap", "checkpoint_steps": path == "checkpoint"}
+    plain_model = tiny_model()
+    plain = MAML(plain_model, inner_lr=0.3, **options)
+    expected = plain(*data)
+    expected.backward()
+    lr = nn.Parameter(torch.full(shape, 0.3, dtype=torch.float64))
+    model = tiny_model()
+    maml = MAML(model, inner_lr=lr, **options)
+    loss = maml(*data)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    for p, q in zip(model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+    assert lr.grad is not None and lr.grad.shape == shape
+    adapted, reference = maml.adapt(data[0][0], data[1][0]), plain.adapt(data[0][0], data[1][0])
+    for name, value in reference.items():
+        assert adapted[name].shape == value.shape, name
+        torch.testing.assert_close(adapted[name], value, rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("vectorize", [True, False, "auto"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_a_meta_step_on_the_meta_device_runs_shapes_only_on_every_path(vectorize, first_order: bool) -> None:

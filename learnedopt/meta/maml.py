@@ -312,7 +312,8 @@ class MAML(nn.Module):
         """The inner step size of each parameter the inner loop adapts, by its name in the model
         (as ``model.named_parameters()`` gives it): with ``learn_inner_lr``, the learned tensor of
         the parameter's shape (the one ``inner_lrs`` holds under the name with ``/`` for ``.``,
-        since ``nn.ParameterDict`` keys cannot hold dots), else ``inner_lr``.
+        since ``nn.ParameterDict`` keys cannot hold dots), else ``inner_lr`` (a tensor one as a
+        0-dim view of it).
 
         Raises:
             ValueError: a parameter adapts that had no step size made when MAML was built.
@@ -321,7 +322,8 @@ class MAML(nn.Module):
 
     def _lr(self, name: str) -> Tensor | float:
         if self.inner_lrs is None:
-            return self.inner_lr
+            # a one-element tensor as a 0-dim view of it: a (1, 1) one made a bias's step (1, d)
+            return self.inner_lr.reshape(()) if isinstance(self.inner_lr, Tensor) else self.inner_lr
         key = name.replace(".", "/")
         if key not in self.inner_lrs:
             raise ValueError(
