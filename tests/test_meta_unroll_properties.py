@@ -29,8 +29,9 @@ from learnedopt.weights import build_preset
 F64 = torch.float64
 FEW = settings(max_examples=12, deadline=None)
 
-#: the rules, float64: tiny random ones of each feature set, and the default preset itself
-RULE_KINDS = ["lstm", "lstm-moments", "lstm-param", "l2l-blend", "meta", "meta-adam"]
+#: the rules, float64: tiny random ones of each feature set (and other constants), and the default
+#: preset itself
+RULE_KINDS = ["lstm", "lstm-moments", "lstm-rms", "lstm-param", "l2l-blend", "meta", "meta-adam", "meta-momentum"]
 
 
 @functools.cache
@@ -41,8 +42,10 @@ def _rule(kind: str):
         return rule
     config = {
         "lstm-moments": {"momentum_decays": (0.5, 0.9), "rms_decays": (0.99,)},
+        "lstm-rms": {"rms_decays": (0.9, 0.999), "preprocess_p": 5.0, "output_scale": 0.3},
         "lstm-param": {"param_input": True, "momentum_decays": (0.9,)},
         "meta-adam": {"momentum_decay": 0.9, "rms_decay": 0.99},
+        "meta-momentum": {"momentum_decay": 0.5, "step_scale": 0.5, "preprocess_p": 5.0},
     }.get(kind, {})
     return random_rule("meta" if kind.startswith("meta") else "lstm", seed=3, **config)
 
