@@ -2,8 +2,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learnedopt.nn import preprocess
+from learnedopt.nn.functional import bounded_square, debiased_ema, rms_denominator
 
 
 def literal(g: torch.Tensor, p: float) -> torch.Tensor:
@@ -91,3 +94,67 @@ def test_rms_denominator_of_a_nan_or_negative_second_moment_is_nan() -> None:
 
     got = rms_denominator(torch.tensor([float("nan"), -1.0, 0.0, 4.0]))
     assert got[:2].isnan().all() and got[2:].isfinite().all()
+
+
+# ----------------------------------------------------------------------------- properties
+FLOATS = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(FLOATS.filter(lambda x: abs(x) < 1e150), min_size=1, max_size=8), p=st.floats(0.5, 30.0))
+def test_preprocess_is_the_papers_rule_for_any_value_and_constant(values: list[float], p: float) -> None:
+    g = torch.tensor(values, dtype=torch.float64)
+    torch.testing.assert_close(preprocess(g, p), literal(g, p), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), min_size=1, max_size=6),
+    decay=st.floats(0.01, 0.999),
+    starts=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+)
+def test_debiased_ema_is_adams_bias_corrected_average_counted_per_coordinate(rows, decay: float, starts: list[int]) -> None:
+    """``a_t / w_t`` is Adam's ``m_t / (1 - beta^t)``, ``t`` each coordinate's own count of values
+    (a coordinate that starts later, its state still zero, is at its first value), and the
+    average of a constant is that constant."""
+    state = torch.zeros(2, 3, dtype=torch.float64)
+    m, count = [0.0] * 3, [0] * 3
+    for t, row in enumerate(rows):
+        x = torch.tensor(row, dtype=torch.float64)
+        live = torch.tensor([t >= s for s in starts])
+        out, new_state = debiased_ema(x, state, decay)
+        state = torch.where(live, new_state, state)  # a coordinate not started keeps its zero state
+        for j in range(3):
+            if not live[j]:
+                continue
+            m[j] = decay * m[j] + (1 - decay) * row[j]
+            count[j] += 1
+            expected = m[j] / (1 - decay ** count[j])
+            assert out[j].item() == pytest.approx(expected, rel=1e-9, abs=1e-9 * max(1.0, abs(row[j])))
+    constant = torch.full((3,), 2.5, dtype=torch.float64)
+    state = torch.zeros(2, 3, dtype=torch.float64)
+    for _ in range(5):
+        out, state = debiased_ema(constant, state, decay)
+        torch.testing.assert_close(out, constant, rtol=1e-13, atol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.floats(min_value=0.0, allow_infinity=True, width=64), min_size=1, max_size=8))
+def test_rms_denominator_gives_the_same_bits_with_and_without_a_derivative(values: list[float]) -> None:
+    v = torch.tensor(values, dtype=torch.float64)
+    plain = rms_denominator(v)
+    masked = rms_denominator(v.clone().requires_grad_(True))
+    assert torch.equal(plain, masked.detach())
+    assert torch.equal(plain, v.sqrt() + 1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=8))
+def test_bounded_square_saturates_at_the_largest_float_and_keeps_nan(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    got = bounded_square(x)
+    largest = torch.finfo(torch.float32).max
+    exact = x.double().square()
+    assert torch.equal(got.isnan(), x.isnan())
+    fine = ~x.isnan()
+    assert torch.equal(got[fine], exact[fine].clamp_max(largest).float())
