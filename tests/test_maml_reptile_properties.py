@@ -110,22 +110,25 @@ def test_maml_meta_loss_and_meta_gradient_equal_a_hand_written_reference(
         torch.testing.assert_close(value, expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def partial_reference(model: nn.Module, data, steps: int, lr: float, adapted: set[str], zeroed: set[str]):
-    """:func:`reference`'s second-order meta-loss where only ``adapted`` take inner steps (the
-    rest enter every forward as the model holds them) and ``zeroed`` start every task at zero
-    (fresh zeros: no meta-gradient reaches the model's own)."""
+def partial_reference(model: nn.Module, data, steps: int, lrs: dict, adapted: set[str], zeroed: set[str], first_order: bool, weights):
+    """:func:`reference` where only ``adapted`` take inner steps (the rest enter every forward as
+    the model holds them) and ``zeroed`` start every task at zero (fresh zeros: no
+    meta-gradient reaches the model's own)."""
     xs, ys, xq, yq = data
     params = dict(model.named_parameters())
     per_task = []
     for b in range(xs.shape[0]):
         fast = {k: torch.zeros_like(v, requires_grad=True) if k in zeroed else v for k, v in params.items()}
+        query = []
         for _ in range(steps):
             support = mse(functional_call(model, fast, (xs[b],)), ys[b])
             names = [k for k in fast if k in adapted]
-            grads = torch.autograd.grad(support, [fast[k] for k in names], create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(support, [fast[k] for k in names], create_graph=not first_order, allow_unused=True)
             for k, g in zip(names, grads, strict=True):
-                fast[k] = fast[k] - lr * (torch.zeros_like(fast[k]) if g is None else g)
-        per_task.append(mse(functional_call(model, fast, (xq[b],)), yq[b]))
+                g = torch.zeros_like(fast[k]) if g is None else g
+                fast[k] = fast[k] - lrs[k] * (g.detach() if first_order else g)
+            query.append(mse(functional_call(model, fast, (xq[b],)), yq[b]))
+        per_task.append(query[-1] if weights is None else sum(w * q for w, q in zip(weights, query, strict=True)))
     return torch.stack(per_task).mean()
 
 
@@ -135,37 +138,59 @@ def partial_reference(model: nn.Module, data, steps: int, lr: float, adapted: se
     steps=st.integers(1, 3),
     adapt=st.sampled_from([None, ("2",), ("0",), ("2.bias", "0.weight")]),
     zero_head=st.booleans(),
+    first_order=st.booleans(),
+    meta_sgd=st.booleans(),
+    weighted=st.booleans(),
     path=st.sampled_from(["vmap", "loop", "checkpoint"]),
     seed=st.integers(0, 50),
 )
-def test_maml_with_adapt_only_and_zero_init_equals_a_hand_written_reference(tasks, steps, adapt, zero_head, path, seed) -> None:
+def test_maml_with_adapt_only_and_zero_init_equals_a_hand_written_reference(
+    tasks, steps, adapt, zero_head, first_order, meta_sgd, weighted, path, seed
+) -> None:
     """ANIL-style ``adapt_only`` (the head alone, the body alone, single tensors: held at the
     meta-learned values while a task adapts, and the body run once per task where it can) and
-    the zeroing trick (``zero_init``): the meta-loss and every parameter's meta-gradient are the
-    hand-written loop's, zero for a zeroed parameter."""
+    the zeroing trick (``zero_init``), with first order, Meta-SGD and MAML++ weights: the
+    meta-loss and every meta-gradient are the hand-written loop's, zero for a zeroed parameter."""
     if zero_head and adapt is not None and "2" not in adapt:
         adapt = (*adapt, "2")  # a zeroed layer must adapt
     data = regression_episode(tasks, 4, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = (torch.rand(steps, generator=g, dtype=F64) + 0.1).tolist() if weighted else None
     model = make_model("mlp")
-    maml = MAML(model, inner_lr=0.3, inner_steps=steps, loss_fn=mse, vectorize=path == "vmap",
-                checkpoint_steps=path == "checkpoint", adapt_only=adapt, zero_init=("2",) if zero_head else ())  # fmt: skip
+    maml = MAML(model, inner_lr=0.3, inner_steps=steps, loss_fn=mse, vectorize=path == "vmap", first_order=first_order,
+                checkpoint_steps=path == "checkpoint", adapt_only=adapt, zero_init=("2",) if zero_head else (),
+                learn_inner_lr=meta_sgd, step_loss_weights=weights)  # fmt: skip
+    if meta_sgd:
+        with torch.no_grad():
+            for rate in maml.inner_lrs.values():
+                rate.mul_(torch.rand(rate.shape, generator=g, dtype=F64) + 0.5)
     meta_loss = maml(*data)
-    got = torch.autograd.grad(meta_loss, list(model.parameters()), allow_unused=True)
+    learnable = dict(maml.named_parameters())
+    got = dict(zip(learnable, torch.autograd.grad(meta_loss, list(learnable.values()), allow_unused=True), strict=True))
 
     ref_model = make_model("mlp")
     names = [n for n, _ in ref_model.named_parameters()]
     under = lambda n, prefixes: any(n == p or n.startswith(p + ".") for p in prefixes)
     adapted = {n for n in names if adapt is None or under(n, adapt)}
     zeroed = {n for n in names if zero_head and under(n, ("2",))}
-    expected_loss = partial_reference(ref_model, data, steps, 0.3, adapted, zeroed)
-    expected = torch.autograd.grad(expected_loss, list(ref_model.parameters()), allow_unused=True)
+    if meta_sgd:
+        assert maml.step_sizes().keys() == adapted
+        lrs = {k: v.detach().clone().requires_grad_(True) for k, v in maml.step_sizes().items()}
+    else:
+        lrs = dict.fromkeys(adapted, 0.3)
+    expected_loss = partial_reference(ref_model, data, steps, lrs, adapted, zeroed, first_order, weights)
+    ref_learnable = {f"model.{k}": v for k, v in ref_model.named_parameters()}
+    if meta_sgd:
+        ref_learnable |= {f"inner_lrs.{k.replace('.', '/')}": v for k, v in lrs.items()}
+    expected = dict(zip(ref_learnable, torch.autograd.grad(expected_loss, list(ref_learnable.values()), allow_unused=True), strict=True))
     torch.testing.assert_close(meta_loss, expected_loss, rtol=1e-12, atol=1e-14)
-    for name, a, b in zip(names, got, expected, strict=True):
-        if name in zeroed:
-            assert a is None or not a.any(), name
-            assert not model.get_parameter(name).any()  # zeroed in the model too
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        if name.removeprefix("model.") in zeroed:
+            assert value is None or not value.any(), name
+            assert not model.get_parameter(name.removeprefix("model.")).any()  # zeroed in the model too
             continue
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(value, expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 @FEW
