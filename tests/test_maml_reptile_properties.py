@@ -194,6 +194,50 @@ def test_maml_with_adapt_only_and_zero_init_equals_a_hand_written_reference(
 
 
 @FEW
+@given(
+    batchnorm=st.sampled_from(["none", "transductive", "running"]),
+    tasks=st.integers(2, 4),
+    steps=st.integers(1, 3),
+    first_order=st.booleans(),
+    vectorize=st.booleans(),
+    seed=st.integers(0, 50),
+    data=st.data(),
+)
+def test_maml_gives_each_task_its_own_query_losses_and_permuting_tasks_permutes_them(
+    batchnorm, tasks, steps, first_order, vectorize, seed, data
+) -> None:
+    """Each task of a meta-batch adapts as it would alone (transductive BatchNorm's batch
+    statistics are that task's own under vmap too), and permuting the tasks permutes the query
+    losses and leaves the meta-gradient as it was."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(4) if batchnorm != "none" else nn.Identity()
+        model = nn.Sequential(nn.Linear(3, 4), norm, nn.Tanh(), nn.Linear(4, 2)).double()
+        if batchnorm == "running":
+            with torch.no_grad():
+                norm.running_mean.uniform_(-1, 1)
+                norm.running_var.uniform_(0.5, 2)
+        return model
+
+    episode = regression_episode(tasks, 5, seed)
+    kwargs = {"inner_lr": 0.3, "inner_steps": steps, "first_order": first_order, "loss_fn": mse, "vectorize": vectorize,
+              "batchnorm": "transductive" if batchnorm == "none" else batchnorm}  # fmt: skip
+    model = make()
+    maml = MAML(model, **kwargs)
+    together = maml.query_losses(*episode)
+    assert together.shape == (tasks, steps)
+    for b in range(tasks):
+        alone = maml.query_losses(*(t[b : b + 1] for t in episode))
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-12, atol=1e-14)
+    order = list(data.draw(st.permutations(range(tasks)), label="order"))
+    permuted = maml.query_losses(*(t[order] for t in episode))
+    torch.testing.assert_close(permuted, together[order], rtol=1e-12, atol=1e-14)
+    grads = [torch.autograd.grad(maml(*e), list(model.parameters())) for e in (episode, tuple(t[order] for t in episode))]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@FEW
 @given(steps=st.integers(1, 4), learned=st.booleans(), seed=st.integers(0, 50))
 def test_maml_adapt_takes_the_hand_written_inner_steps(steps: int, learned: bool, seed: int) -> None:
     """``adapt`` (one task, no graph) is ``steps`` plain gradient steps with the step sizes."""
