@@ -229,6 +229,23 @@ def test_unrolls_refuse_no_steps_and_parameters_of_another_meta_batch() -> None:
             truncated_unroll(rule, tasks, params, state, horizon=horizon, truncation=truncation)
 
 
+@pytest.mark.parametrize("start_step", [0.5, 1.0, -1, True, "2"])
+def test_unroll_refuses_a_start_step_that_is_not_an_integer_at_least_zero(start_step, tmp_path: Path) -> None:
+    """The step index selects the tasks' minibatches: a float one was cut to its integer part
+    when seeding them (``start_step=0.5`` drew the minibatches of steps 0, 1, ... as 0 does,
+    while a task of its own saw 0.5, 1.5, ...), and a negative one failed deep in numpy's
+    SeedSequence ("expected non-negative integer")."""
+    rule = random_rule("lstm")
+    family = MnistMLPFamily(write_fake_mnist(tmp_path), hidden=(3,), batch_size=4, dtype=F64)
+    g = generator_for(2)
+    tasks = family.sample_batch(2, g)
+    params = tasks.init_params(g)
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    with pytest.raises(ValueError, match=rf"^start_step must be an integer >= 0, got {re.escape(repr(start_step))}$"):
+        unroll(rule, tasks, params, state, 2, start_step=start_step)
+    unroll(rule, tasks, params, state, 2, start_step=np.int64(3))  # any integer type
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_unroll_refuses_states_made_for_other_parameters(kind: str) -> None:
     # the learned_step check: a MetaLSTMCell unroll took the first rows of states made for more

@@ -382,7 +382,8 @@ def unroll(
         rule_state: ``(lead, B * P, *trail)`` per state name, e.g.
             ``rule.init_state(num_coordinates(params), ...)``.
         steps: number of updates, >= 1.
-        start_step: step index of the first update (selects the tasks' minibatches).
+        start_step: step index of the first update (selects the tasks' minibatches), an
+            integer ``>= 0``.
         lr: multiplier of the rule's step.
         stop_optimizee_grad: detach the optimizee gradient (and loss) the rule reads.
         loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss,
@@ -400,7 +401,7 @@ def unroll(
         An :class:`UnrollResult`.
 
     Raises:
-        ValueError: on ``steps < 1``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
+        ValueError: on ``steps < 1``, a ``start_step`` that is not an integer ``>= 0``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params``, ``loss_weights`` of another shape, NaN, Inf or < 0,
             states of other names or shapes than the rule's for ``B * P`` coordinates,
             parameters of more than one dtype, states or rule weights not in their math dtype,
@@ -412,6 +413,9 @@ def unroll(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
+    if not is_integer(start_step) or start_step < 0:
+        # a float's integer part seeded the minibatches; a negative one failed in numpy's seeding
+        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
     weights = _check_loss_weights(loss_weights, steps)  # before the steps run, not after them
     if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
