@@ -1423,6 +1423,20 @@ def test_multi_step_loss_weights_anneal_as_maml_plus_plus() -> None:
     torch.testing.assert_close(maml(*data), losses[:, -1].mean())
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((2.0, 0.5), "steps must be >= 1, got 2.0 (an integer)"), ((True, 0.5), "steps must be >= 1, got True (an integer)"),
+     ((3, True), "progress must be a finite number >= 0, got True"), ((3, "0.5"), "progress must be a finite number >= 0, got '0.5'"),
+     ((3, 0.5, True), "floor must be in [0, 1], got True"), ((3, 0.5, "0"), "floor must be in [0, 1], got '0'")],
+)  # fmt: skip
+def test_multi_step_loss_weights_refuse_what_is_not_a_number_of_its_kind(args, message: str) -> None:
+    """A float number of steps was "can't multiply sequence by non-int of type 'float'", a string
+    progress math.isfinite's TypeError; a bool steps or progress was read as 1 (one weight; None,
+    as at the end of the annealing) and a bool floor as 1, in silence."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        multi_step_loss_weights(*args)
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_the_default_cross_entropy_refuses_a_one_output_model_instead_of_a_zero_meta_loss(vectorize: bool) -> None:
     """The README's sinusoid model without ``loss_fn=mse_loss``: cross-entropy over one output is

@@ -557,12 +557,13 @@ def multi_step_loss_weights(steps: int, progress: float, floor: float = 0.03) ->
         progress: the fraction of the annealing period done, ``>= 0``.
         floor: the non-final steps' smallest weight, in units of ``1 / steps``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (math.isfinite(progress) and progress >= 0):
-        raise ValueError(f"progress must be a finite number >= 0, got {progress}")
-    if not 0 <= floor <= 1:
-        raise ValueError(f"floor must be in [0, 1], got {floor}")
+    # a bool is no number here: True was read as 1 (one step, or the annealing's end)
+    if not is_integer(steps) or steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
+    if not (is_number(progress) and math.isfinite(progress) and progress >= 0):
+        raise ValueError(f"progress must be a finite number >= 0, got {progress!r}")
+    if not (is_number(floor) and 0 <= floor <= 1):
+        raise ValueError(f"floor must be in [0, 1], got {floor!r}")
     if progress >= 1:
         return None
     non_final = max((1 - progress) / steps, floor / steps)
