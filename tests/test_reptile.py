@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import re
 
 import pytest
 import torch
@@ -144,6 +145,12 @@ def test_bad_arguments() -> None:
             Reptile(model(), inner_steps=1, final_outer_stepsize=bad, total_steps=4)
     with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
         Reptile(model(), inner_steps=1, total_steps=0)
+    # a string was math.isfinite's "must be real number, not str"; a bool a step of 1 or one meta-step
+    for bad in ("0.1", True):
+        with pytest.raises(ValueError, match=rf"^outer step sizes must be >= 0 and finite, got {re.escape(repr(bad))} and 0.0$"):
+            Reptile(model(), inner_steps=1, outer_stepsize=bad)
+        with pytest.raises(ValueError, match=rf"^total_steps must be >= 1, got {re.escape(repr(bad))} \(an integer\)$"):
+            Reptile(model(), inner_steps=1, total_steps=bad)
     reptile = Reptile(model(), inner_steps=1)
     with pytest.raises(ValueError, match="at least one task"):
         reptile.meta_step([])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..values import check_positive_integer
+from ..values import check_positive_integer, is_integer, is_number
 from .batchnorm import apply_batchnorm_policy_
 from .model_calls import Inputs, LossFn, check_inputs, check_same_examples, check_steps, default_loss, model_arguments, outside_inference
 
@@ -72,10 +72,11 @@ class Reptile:
                 "inner_optimizer is a function of the parameters that returns an optimizer, e.g. "
                 f"lambda params: torch.optim.SGD(params, lr=0.02), got a {type(inner_optimizer).__name__}"
             )
-        if not all(math.isfinite(eps) and eps >= 0 for eps in (outer_stepsize, final_outer_stepsize)):
-            raise ValueError(f"outer step sizes must be >= 0 and finite, got {outer_stepsize} and {final_outer_stepsize}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        # a string was math.isfinite's TypeError; a bool read as a step of 1 or one meta-step
+        if not all(is_number(eps) and math.isfinite(eps) and eps >= 0 for eps in (outer_stepsize, final_outer_stepsize)):
+            raise ValueError(f"outer step sizes must be >= 0 and finite, got {outer_stepsize!r} and {final_outer_stepsize!r}")
+        if total_steps is not None and not (is_integer(total_steps) and total_steps >= 1):
+            raise ValueError(f"total_steps must be >= 1, got {total_steps!r} (an integer)")
         self.model = apply_batchnorm_policy_(model, batchnorm)
         self.inner_steps = inner_steps
         self.inner_optimizer = inner_optimizer or (lambda params: torch.optim.SGD(params, lr=0.02))
