@@ -792,6 +792,14 @@ def test_bad_arguments() -> None:
         MAML(tiny_model(), zero_init=("head",))
 
 
+@pytest.mark.parametrize("option", ["first_order", "learn_inner_lr", "checkpoint_steps"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_a_switch_that_is_not_true_or_false_is_refused(option: str, value) -> None:
+    """``first_order="false"`` (a config file's string) was true: first-order MAML, in silence."""
+    with pytest.raises(ValueError, match=rf"^{option} must be True or False, got {re.escape(repr(value))}$"):
+        MAML(tiny_model(), **{option: value})
+
+
 class WithUnusedHead(nn.Module):
     """A model with a parameter its output does not use (an auxiliary head)."""
 

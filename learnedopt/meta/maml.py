@@ -156,6 +156,9 @@ class MAML(nn.Module):
         if not (is_number(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
         check_positive_integer("inner_steps", inner_steps)
+        for name, switch in (("first_order", first_order), ("learn_inner_lr", learn_inner_lr), ("checkpoint_steps", checkpoint_steps)):
+            if type(switch) is not bool:  # "false" (a config file's string) was true
+                raise ValueError(f"{name} must be True or False, got {switch!r}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         if checkpoint_steps and vectorize is True:
