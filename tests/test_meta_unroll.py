@@ -229,6 +229,20 @@ def test_unrolls_refuse_no_steps_and_parameters_of_another_meta_batch() -> None:
             truncated_unroll(rule, tasks, params, state, horizon=horizon, truncation=truncation)
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_unrolls_refuse_a_stop_optimizee_grad_that_is_not_true_or_false(value) -> None:
+    """``stop_optimizee_grad="false"`` (a config file's string) was true: the second-order terms
+    dropped in silence."""
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup()
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    message = rf"^stop_optimizee_grad must be True or False, got {re.escape(repr(value))}$"
+    with pytest.raises(ValueError, match=message):
+        unroll(rule, tasks, params, state, 2, stop_optimizee_grad=value)
+    with pytest.raises(ValueError, match=message):
+        truncated_unroll(rule, tasks, params, state, horizon=2, truncation=1, stop_optimizee_grad=value)
+
+
 @pytest.mark.parametrize("start_step", [0.5, 1.0, -1, True, "2"])
 def test_unroll_refuses_a_start_step_that_is_not_an_integer_at_least_zero(start_step, tmp_path: Path) -> None:
     """The step index selects the tasks' minibatches: a float one was cut to its integer part

@@ -401,7 +401,8 @@ def unroll(
         An :class:`UnrollResult`.
 
     Raises:
-        ValueError: on ``steps < 1``, a ``start_step`` that is not an integer ``>= 0``, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
+        ValueError: on ``steps < 1``, a ``start_step`` that is not an integer ``>= 0``, a ``stop_optimizee_grad``
+            that is not True or False, a non-finite ``lr``, an unknown ``backend``, a ``"triton"`` backend that cannot
             run this rule or these tensors, malformed ``params``, ``loss_weights`` of another shape, NaN, Inf or < 0,
             states of other names or shapes than the rule's for ``B * P`` coordinates,
             parameters of more than one dtype, states or rule weights not in their math dtype,
@@ -413,6 +414,8 @@ def unroll(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
+    if type(stop_optimizee_grad) is not bool:  # "false" (a config file's string) was true
+        raise ValueError(f"stop_optimizee_grad must be True or False, got {stop_optimizee_grad!r}")
     if not is_integer(start_step) or start_step < 0:
         # a float's integer part seeded the minibatches; a negative one failed in numpy's seeding
         raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
