@@ -248,20 +248,28 @@ def test_second_order_meta_gradient_matches_central_differences(
 
 @FEW
 @given(kind=st.sampled_from(RULE_KINDS), stop=st.booleans(), seed=st.integers(0, 50))
-def test_meta_gradient_of_a_learned_lr_and_initialisation_matches_central_differences(kind: str, stop: bool, seed: int) -> None:
-    """A learnable tensor ``lr`` and initial parameters that require grad (learned together with
-    the rule) get the exact meta-gradient; also under ``stop_optimizee_grad``, whose rule reads
-    constant gradients but whose ``params + lr * step`` path to the losses stays whole: with the
-    rule's inputs held at their values, the differences only see that path when the gradient
-    stop cuts nothing the perturbation moves. So, stopped, only the ``lr`` is checked (the rule's
-    inputs do not depend on it at the first step, and the check uses one step)."""
+def test_meta_gradient_of_a_learned_lr_initialisation_and_initial_state_matches_central_differences(
+    kind: str, stop: bool, seed: int
+) -> None:
+    """A learnable tensor ``lr``, initial parameters and initial LSTM states (``h``, ``c``, and
+    MetaLSTMCell's gates ``fi``) that require grad, learned together with the rule, get the
+    exact meta-gradient. Under ``stop_optimizee_grad`` the rule reads constant gradients, which
+    a perturbation of these moves from the second step on (the differences would see that, the
+    meta-gradient by design does not), so there the check takes one step and leaves out the
+    initial parameters, whose gradient the first step's rule reads."""
     rule = rule_of(kind)
     tasks, params = make_tasks(2, seed)
+    g = torch.Generator().manual_seed(seed)
     lr = torch.tensor(0.4, dtype=F64, requires_grad=True)
     start = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    state = fresh_state(rule, params)
+    learned_state = {k: (0.3 * torch.rand(v.shape, generator=g, dtype=F64)).requires_grad_(True)
+                     for k, v in state.items() if k in ("h", "c", "fi")}  # fmt: skip
     steps = 1 if stop else 3
 
     def meta_loss() -> Tensor:
-        return unroll(rule, TaskBatch(tasks), start, fresh_state(rule, start), steps, lr=lr, stop_optimizee_grad=stop).meta_loss
+        return unroll(rule, TaskBatch(tasks), start, {**state, **learned_state}, steps, lr=lr,
+                      stop_optimizee_grad=stop).meta_loss  # fmt: skip
 
-    _directional_check(meta_loss, [lr] if stop else [lr, *start.values()], seed)
+    checked = [lr, *learned_state.values()] + ([] if stop else list(start.values()))
+    _directional_check(meta_loss, checked, seed)
