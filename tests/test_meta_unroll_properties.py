@@ -273,3 +273,56 @@ def test_meta_gradient_of_a_learned_lr_initialisation_and_initial_state_matches_
 
     checked = [lr, *learned_state.values()] + ([] if stop else list(start.values()))
     _directional_check(meta_loss, checked, seed)
+
+
+@FEW
+@given(kind=st.sampled_from(RULE_KINDS), steps=st.integers(1, 4), seed=st.integers(0, 50))
+def test_stopped_meta_gradient_is_the_derivative_with_the_rules_gradient_and_loss_inputs_held(
+    kind: str, steps: int, seed: int
+) -> None:
+    """Under ``stop_optimizee_grad`` the meta-gradient is that of the meta-loss as a function of
+    the rule's weights with the gradients and losses the rule reads held at their values: the
+    central difference of an unroll whose rule is handed the recorded ones, along a random
+    direction, whatever the rule and number of steps."""
+    rule = rule_of(kind)
+    tasks, params = make_tasks(2, seed)
+    recorded: list[tuple[Tensor, Tensor | None]] = []
+    replay: list[int] = []  # the next recorded call to hand out, when replaying
+    forward = rule.forward
+
+    def held(grad: Tensor, param: Tensor, state, loss: Tensor | None = None):
+        if replay:
+            grad, loss = recorded[replay[0]]
+            replay[0] += 1
+        else:
+            recorded.append((grad.detach().clone(), None if loss is None else loss.detach().clone()))
+        return forward(grad, param, state, loss)
+
+    def meta_loss() -> Tensor:
+        return unroll(rule, TaskBatch(tasks), params, fresh_state(rule, params), steps, lr=0.5).meta_loss
+
+    rule.forward = held
+    weights = list(rule.parameters())
+    try:
+        analytic = torch.autograd.grad(meta_loss(), weights)  # the real unroll's; records what the rule reads
+        assert len(recorded) == steps * (2 if rule.needs_loss else 1)  # a call per step (per task: MetaLSTMCell)
+        replay.append(0)
+        g = torch.Generator().manual_seed(seed)
+        directions = [torch.randn(w.shape, generator=g, dtype=F64) for w in weights]
+        values, eps = [], 1e-6
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                for w, d in zip(weights, directions, strict=True):
+                    w.add_(sign * eps * d)
+                replay[0] = 0
+                with torch.enable_grad():
+                    values.append(meta_loss().item())
+                assert replay[0] == len(recorded)
+                for w, d in zip(weights, directions, strict=True):
+                    w.sub_(sign * eps * d)
+    finally:
+        del rule.forward
+    along = sum((a * d).sum() for a, d in zip(analytic, directions, strict=True)).item()
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(along) > 1e-6, along
+    assert abs(along - numeric) <= 1e-5 * abs(numeric) + 1e-8, (along, numeric)
