@@ -81,6 +81,11 @@ def make_tasks(batch: int, seed: int) -> tuple[list[TwoTensorTask], dict[str, Te
     return tasks, TaskBatch(tasks).init_params(g)
 
 
+def same(a: Tensor, b: Tensor, msg: str = "") -> None:
+    """Bit for bit, NaN where NaN (a random rule at ``lr=1`` may diverge)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=msg or None)
+
+
 def fresh_state(rule, params: Mapping[str, Tensor]):
     return rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
 
@@ -124,12 +129,12 @@ def test_truncations_change_no_forward_value(kind: str, horizon: int, data, stop
         current, current_state = detach_all(piece.params), detach_all(piece.rule_state)
         losses.append(piece.losses.detach())
         meta_losses.append(piece.meta_loss.detach())
-    assert torch.equal(torch.cat(losses), whole.losses.detach())
+    same(torch.cat(losses), whole.losses.detach())
     for k, v in whole.params.items():
-        assert torch.equal(current[k], v.detach()), k
+        same(current[k], v.detach(), k)
     assert current_state.keys() == whole.rule_state.keys()
     for k, v in whole.rule_state.items():
-        assert torch.equal(current_state[k], v.detach()), k
+        same(current_state[k], v.detach(), k)
 
     seen = []
 
@@ -139,11 +144,12 @@ def test_truncations_change_no_forward_value(kind: str, horizon: int, data, stop
 
     by_function = truncated_unroll(rule, batch, params, state, horizon=horizon, truncation=truncation, update=update,
                                    lr=lr, stop_optimizee_grad=stop, loss_weights=weights)  # fmt: skip
-    assert torch.equal(by_function, whole.losses.detach())
-    assert torch.equal(torch.stack(seen), torch.stack(meta_losses))
+    same(by_function, whole.losses.detach())
+    same(torch.stack(seen), torch.stack(meta_losses))
     # and the pieces' weighted meta-losses, re-weighted by their lengths, are the whole one
     lengths = torch.tensor([len(p) for p in losses], dtype=F64)
-    torch.testing.assert_close((torch.stack(seen) * lengths).sum() / horizon, whole.meta_loss.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close((torch.stack(seen) * lengths).sum() / horizon, whole.meta_loss.detach(), rtol=1e-13, atol=0,
+                               equal_nan=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- meta-batch
@@ -169,7 +175,7 @@ def test_each_task_of_a_meta_batch_runs_as_if_alone_and_permuting_tasks_permutes
     weights = list(rule.parameters())
     together_grad = torch.autograd.grad(together.meta_loss, weights)
 
-    tol = {"rtol": 1e-12, "atol": 1e-14}
+    tol = {"rtol": 1e-12, "atol": 1e-14, "equal_nan": True}
     alone_grads = []
     for b in range(batch):
         own = {k: v[b : b + 1] for k, v in params.items()}
@@ -182,7 +188,7 @@ def test_each_task_of_a_meta_batch_runs_as_if_alone_and_permuting_tasks_permutes
         alone_grads.append(torch.autograd.grad(alone.meta_loss, weights))
     for w, got in enumerate(together_grad):
         expected = torch.stack([g[w] for g in alone_grads]).mean(0)
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13, equal_nan=True)
 
     order = data.draw(st.permutations(range(batch)), label="order")
     shuffled = {k: v[list(order)] for k, v in params.items()}
@@ -193,29 +199,42 @@ def test_each_task_of_a_meta_batch_runs_as_if_alone_and_permuting_tasks_permutes
         torch.testing.assert_close(v.detach(), together.params[k].detach()[list(order)], **tol)
     for k, v in state_of_tasks(rule, together.rule_state, per_task, list(order)).items():
         torch.testing.assert_close(permuted.rule_state[k].detach(), v.detach(), **tol, msg=k)
-    torch.testing.assert_close(permuted.meta_loss, together.meta_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(permuted.meta_loss, together.meta_loss, rtol=1e-13, atol=0, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- meta-gradients
-def _directional_check(value_of, tensors: list[Tensor], seed: int, eps: float = 1e-6) -> None:
+def central_difference_along(value_of, tensors: list[Tensor], directions: list[Tensor], eps: float = 1e-6) -> float:
+    """The derivative of ``value_of()`` along ``directions`` of ``tensors``: central differences
+    at ``eps`` and ``eps / 2``, Richardson-extrapolated (error ``O(eps^4)``: at one step of 1e-6
+    the curvature of an unroll of Adam's direction left a relative error of 2e-5)."""
+    kept = [t.detach().clone() for t in tensors]
+
+    def at(step: float) -> float:
+        with torch.no_grad():
+            for t, k, d in zip(tensors, kept, directions, strict=True):
+                t.copy_(k + step * d)
+        with torch.enable_grad():
+            return value_of().item()
+
+    try:
+        wide, narrow = ((at(h) - at(-h)) / (2 * h) for h in (eps, eps / 2))
+    finally:
+        with torch.no_grad():
+            for t, k in zip(tensors, kept, strict=True):
+                t.copy_(k)
+    return (4 * narrow - wide) / 3
+
+
+def _directional_check(value_of, tensors: list[Tensor], seed: int) -> None:
     """``d value / d tensors`` (autograd, through ``value_of()``) along a random direction equals
     the central difference along it."""
     g = torch.Generator().manual_seed(seed)
     directions = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in tensors]
     analytic = torch.autograd.grad(value_of(), tensors)
     along = sum((a * d).sum() for a, d in zip(analytic, directions, strict=True)).item()
-    values = []
-    with torch.no_grad():
-        for sign in (1.0, -1.0):
-            for t, d in zip(tensors, directions, strict=True):
-                t.add_(sign * eps * d)
-            with torch.enable_grad():
-                values.append(value_of().item())
-            for t, d in zip(tensors, directions, strict=True):
-                t.sub_(sign * eps * d)
-    numeric = (values[0] - values[1]) / (2 * eps)
+    numeric = central_difference_along(value_of, tensors, directions)
     assert abs(along) > 1e-6, along  # a real signal
-    assert abs(along - numeric) <= 1e-5 * abs(numeric) + 1e-8, (along, numeric)
+    assert abs(along - numeric) <= 1e-6 * abs(numeric) + 1e-9, (along, numeric)
 
 
 @settings(max_examples=16, deadline=None)
@@ -309,20 +328,16 @@ def test_stopped_meta_gradient_is_the_derivative_with_the_rules_gradient_and_los
         replay.append(0)
         g = torch.Generator().manual_seed(seed)
         directions = [torch.randn(w.shape, generator=g, dtype=F64) for w in weights]
-        values, eps = [], 1e-6
-        with torch.no_grad():
-            for sign in (1.0, -1.0):
-                for w, d in zip(weights, directions, strict=True):
-                    w.add_(sign * eps * d)
-                replay[0] = 0
-                with torch.enable_grad():
-                    values.append(meta_loss().item())
-                assert replay[0] == len(recorded)
-                for w, d in zip(weights, directions, strict=True):
-                    w.sub_(sign * eps * d)
+
+        def replayed() -> Tensor:
+            replay[0] = 0
+            value = meta_loss()
+            assert replay[0] == len(recorded)
+            return value
+
+        numeric = central_difference_along(replayed, weights, directions)
     finally:
         del rule.forward
     along = sum((a * d).sum() for a, d in zip(analytic, directions, strict=True)).item()
-    numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(along) > 1e-6, along
-    assert abs(along - numeric) <= 1e-5 * abs(numeric) + 1e-8, (along, numeric)
+    assert abs(along - numeric) <= 1e-6 * abs(numeric) + 1e-9, (along, numeric)
