@@ -19,6 +19,8 @@ from learnedopt.meta import (
     TaskBatch,
     generator_for,
     horizon_loss_weights,
+    init_rule_state,
+    learned_step,
     num_coordinates,
     truncated_unroll,
     unroll,
@@ -341,3 +343,37 @@ def test_stopped_meta_gradient_is_the_derivative_with_the_rules_gradient_and_los
     along = sum((a * d).sum() for a, d in zip(analytic, directions, strict=True)).item()
     assert abs(along) > 1e-6, along
     assert abs(along - numeric) <= 1e-6 * abs(numeric) + 1e-9, (along, numeric)
+
+
+@FEW
+@given(kind=st.sampled_from(RULE_KINDS), steps=st.integers(1, 4), stop=st.booleans(), seed=st.integers(0, 50))
+def test_learned_steps_of_each_task_are_its_share_of_the_unroll(kind: str, steps: int, stop: bool, seed: int) -> None:
+    """``learned_step`` in a loop of one's own over one task (its two tensors in one dict) takes
+    the steps that task takes in a meta-batch's unroll, bit for bit: parameters, losses and its
+    share of the states; and the meta-gradient of its losses is that task's."""
+    rule = rule_of(kind)
+    tasks, params = make_tasks(2, seed)
+    together = unroll(rule, TaskBatch(tasks), params, fresh_state(rule, params), steps, lr=0.5, stop_optimizee_grad=stop)
+    per_task = num_coordinates(params) // 2
+    weights = list(rule.parameters())
+    for b, task in enumerate(tasks):
+        current = {k: v[b].detach().requires_grad_(True) for k, v in params.items()}
+        state = init_rule_state(rule, current)
+        loss, losses = task.loss(current, 0), []
+        for t in range(steps):
+            grads = torch.autograd.grad(loss, list(current.values()), retain_graph=True, create_graph=not stop)
+            grads = dict(zip(current, grads, strict=True))
+            current, state = learned_step(rule, current, grads, state, loss=loss.detach() if stop else loss, lr=0.5)
+            loss = task.loss(current, t + 1)
+            losses.append(loss)
+        same(torch.stack(losses).detach(), together.losses.detach()[:, b])
+        for k, v in current.items():
+            same(v.detach(), together.params[k].detach()[b], k)
+        for k, v in state_of_tasks(rule, together.rule_state, per_task, [b]).items():
+            same(state[k].detach(), v.detach(), k)
+        alone = unroll(rule, TaskBatch([task]), {k: v[b : b + 1] for k, v in params.items()},
+                       fresh_state(rule, {k: v[b : b + 1] for k, v in params.items()}), steps, lr=0.5,
+                       stop_optimizee_grad=stop)  # fmt: skip
+        for got, expected in zip(torch.autograd.grad(torch.stack(losses).mean(), weights),
+                                 torch.autograd.grad(alone.meta_loss, weights), strict=True):  # fmt: skip
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15, equal_nan=True)
