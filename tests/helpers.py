@@ -254,6 +254,22 @@ def central_difference(f: Callable[[], float], tensor: torch.Tensor, eps: float 
     return numeric
 
 
+def assert_refuses_transforms(step: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, name: str) -> None:
+    """``step(x)`` (a Triton step named ``name`` in its errors, e.g. "coordinate-LSTM") raises its
+    one-line ``RuntimeError`` under ``torch.func.grad`` and ``vmap`` and for a forward-mode dual
+    ``x``, and runs outside them."""
+    import torch.autograd.forward_ad as fwAD
+
+    message = rf"^the Triton {name} step does not run under torch.func transforms"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.grad(lambda t: step(t).sum())(x)
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.vmap(step)(x.expand(2, *x.shape))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=rf"^the Triton {name} step has no forward-mode"):
+        step(fwAD.make_dual(x, torch.ones_like(x)))
+    assert torch.isfinite(step(x)).all()
+
+
 def random_rule(kind: str, seed: int = 0, **config) -> CoordinateLSTM | MetaLSTMCell:
     """A tiny float64 rule (``kind`` "lstm" or "meta") with every weight random, so its step
     depends on the gradient's size (the default inits read only sign(g) or are near-constant,

@@ -20,7 +20,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
-from helpers import record_options, strided_like  # noqa: E402
+from helpers import assert_refuses_transforms, record_options, strided_like  # noqa: E402
 from learnedopt.kernels import coordinate_lstm_backward as coordinate_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import (
     CoordinateLSTMStepFunction,
@@ -355,25 +355,11 @@ def test_torch_func_transforms_and_forward_mode_raise_a_clear_error() -> None:
     override the setup_context staticmethod"), and a forward-mode dual with "You must implement
     the jvp function"; both now say what does not run there and what to use, as the CPU path's
     LSTM step does (tests/test_lstm_step.py)."""
-    import torch.autograd.forward_ad as fwAD
-
     rule = make_rule(1, 8)
     grad, h, c, *_ = make_inputs(20, 1, 8)
     x = rule.features(grad, grad, {})[0].detach()
     weights = {k: v.detach() for k, v in rule.named_parameters()}
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        return coordinate_lstm_step(x, h, c, weights, rule.config)[0]
-
-    message = r"^the Triton coordinate-LSTM step does not run under torch.func transforms"
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.grad(lambda x: step(x).sum())(x)
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.vmap(step)(x.expand(2, *x.shape))
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"^the Triton coordinate-LSTM step has no forward-mode"):
-        step(fwAD.make_dual(x, torch.ones_like(x)))
-    # outside them it runs
-    assert torch.isfinite(step(x)).all()
+    assert_refuses_transforms(lambda x: coordinate_lstm_step(x, h, c, weights, rule.config)[0], x, "coordinate-LSTM")
 
 
 def test_deterministic_and_prepacked() -> None:

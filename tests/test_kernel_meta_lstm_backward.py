@@ -16,7 +16,7 @@ pytest.importorskip(
     "triton", reason="the fused kernels need Triton (Linux x86-64/aarch64 wheels only)"
 )
 
-from helpers import record_options, strided_like  # noqa: E402
+from helpers import assert_refuses_transforms, record_options, strided_like  # noqa: E402
 from learnedopt.kernels import meta_lstm_backward as meta_backward_module
 from learnedopt.kernels.coordinate_lstm_backward import KernelOptions
 from learnedopt.kernels.meta_lstm_backward import meta_lstm_backward, meta_lstm_forward, meta_lstm_step
@@ -167,23 +167,10 @@ def test_first_order_only_and_partial_outputs() -> None:
 def test_torch_func_transforms_and_forward_mode_raise_a_clear_error() -> None:
     """As for the coordinate-LSTM step: PyTorch's errors under ``torch.func`` and forward-mode
     duals spoke to the function's author; they now name the step and what to use instead."""
-    import torch.autograd.forward_ad as fwAD
-
     rule = make_rule(8)
     (x, grad, param, h, c, fi), _ = make_inputs(rule, 20)
     weights = {k: v.detach() for k, v in rule.named_parameters()}
-
-    def step(param: torch.Tensor) -> torch.Tensor:
-        return meta_lstm_step(x, grad, param, h, c, fi, weights, rule.config)[0]
-
-    message = r"^the Triton meta-LSTM step does not run under torch.func transforms"
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.grad(lambda p: step(p).sum())(param)
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.vmap(step)(param.expand(2, *param.shape))
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"^the Triton meta-LSTM step has no forward-mode"):
-        step(fwAD.make_dual(param, torch.ones_like(param)))
-    assert torch.isfinite(step(param)).all()
+    assert_refuses_transforms(lambda p: meta_lstm_step(x, grad, p, h, c, fi, weights, rule.config)[0], param, "meta-LSTM")
 
 
 def test_invalid_arguments() -> None:
