@@ -610,12 +610,18 @@ def test_shutdown_leaves_only_the_group_init_from_env_created(monkeypatch: pytes
             dist.destroy_process_group()
 
 
-def test_more_processes_than_gpus_run_on_the_cpu_and_a_cuda_run_is_refused_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_more_processes_than_gpus_run_on_the_cpu_and_a_process_seeing_one_gpu_runs_cuda_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Local rank 1 of a torchrun job on a machine with 1 CUDA device: joining the job pinned
     the process to CUDA device 1, which does not exist, so a CPU run of 2 processes on a
     1-GPU machine failed with "cannot join the torchrun job: ... invalid device ordinal". Now
-    only a rank with a GPU of its own is pinned to it, and a ``--device cuda`` run on a rank
-    without one is refused, naming it."""
+    only a rank with a GPU of its own is pinned to it. A ``--device cuda`` (or ``cuda:0``) run
+    of a process that sees one GPU runs on it whatever its local rank: a launcher that binds one
+    GPU to each process (``CUDA_VISIBLE_DEVICES``, SLURM's ``--gpus-per-task=1``) gives every
+    process one, and it was refused as "local rank 1 has no CUDA device of its own"; ranks that
+    share it are refused by their GPU agreement instead
+    (test_ranks_that_would_share_one_gpu_are_refused_before_the_run)."""
     from learnedopt.meta import distributed
 
     pinned: list[int] = []
@@ -631,10 +637,9 @@ def test_more_processes_than_gpus_run_on_the_cpu_and_a_cuda_run_is_refused_per_r
     assert distributed.init_from_env() == Workers(1, 2)
     assert pinned == []
     config = train.MetaTrainConfig(unroll=2, horizon=2, meta_batch=2, device="cuda")
-    with pytest.raises(loop.ConfigError, match=r"^--device cuda: local rank 1 has no CUDA device of its own \(this "
-                       r"machine has 1 for 2 processes\): start at most 1 process per machine \(--nproc_per_node\) "
-                       r"or use --device cpu$"):  # fmt: skip
-        loop.check_run(config, 1, Workers(1, 2))
+    for device in ("cuda", "cuda:0"):
+        assert loop.check_run(dataclasses.replace(config, device=device), 1, Workers(1, 2)) == Workers(1, 2)
+        assert loop.check_device(device, world_size=2, local_rank=1, cuda_count=1) == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert distributed.init_from_env() == Workers(1, 2)
     assert pinned == [0]
@@ -654,6 +659,8 @@ def test_each_rank_resolves_cuda_to_the_gpu_of_its_local_rank_and_an_explicit_in
         with pytest.raises(loop.ConfigError, match=rf"^--device {device}: every one of the 2 processes would run on "
                            rf"{device}; use --device cuda, which runs each process on the GPU of its local rank$"):  # fmt: skip
             check(device, world_size=2, local_rank=rank, cuda_count=2)
+    assert check("cuda", world_size=4, local_rank=3, cuda_count=1) == torch.device("cuda", 0)  # one GPU bound to each
+    assert check("cuda:0", world_size=4, local_rank=3, cuda_count=1) == torch.device("cuda", 0)
     with pytest.raises(loop.ConfigError, match=r"^--device cuda: local rank 2 has no CUDA device of its own \(this "
                        r"machine has 2 for 4 processes\): start at most 2 processes per machine"):  # fmt: skip
         check("cuda", world_size=4, local_rank=2, local_world_size=4, cuda_count=2)

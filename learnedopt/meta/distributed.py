@@ -191,8 +191,9 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Workers:
         raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = default_backend()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    # each rank on its own GPU; more processes than GPUs (a CPU run on a 1-GPU machine) pin none,
-    # and a --device cuda run is refused there (loop.check_run)
+    # each rank on its own GPU; more processes than GPUs (a CPU run on a 1-GPU machine, or one
+    # GPU bound to each process) pin none; a --device cuda run where ranks would share one is
+    # refused (loop.check_device, loop.agree_checks)
     if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -554,7 +554,11 @@ def check_device(
     ``cuda`` is the GPU of the process's ``local_rank`` (where
     :func:`~learnedopt.meta.distributed.init_from_env` pinned it; with no local rank, as in a
     caller's own process group, torch's current CUDA device), and ``cuda:N`` is refused:
-    ``torchrun`` gives every rank the same options, so every rank would run on GPU N.
+    ``torchrun`` gives every rank the same options, so every rank would run on GPU N. A process
+    that sees one GPU only (a launcher that binds a GPU to each process through
+    ``CUDA_VISIBLE_DEVICES``, as SLURM's ``--gpus-per-task=1``) runs ``cuda`` and ``cuda:0`` on it,
+    whatever its local rank: ranks that would share a GPU that way (several processes on a
+    one-GPU machine) are refused by :func:`agree_checks`, which compares the GPUs' UUIDs.
 
     Args:
         device: the ``--device`` value.
@@ -580,6 +584,8 @@ def check_device(
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cuda_count == 0:
         raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+    if world_size > 1 and cuda_count == 1 and parsed.index in (None, 0):  # a GPU of its own, or shared: agree_checks tells
+        return torch.device("cuda", 0)
     if world_size > 1:
         if parsed.index is not None:
             raise ConfigError(f"--device {device}: every one of the {world_size} processes would run on {device}; use "
