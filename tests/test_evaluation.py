@@ -1818,6 +1818,13 @@ class SharedLayer(LinearRegression):  # the same, through a layer the fresh modu
         if not hasattr(self, "layer"):
             self.layer = super().model(seed)
         return nn.Sequential(self.layer)
+
+
+class Dropout(LinearRegression):  # dropout on the inputs: masks from torch's global RNG at every step
+    def loss(self, model, seed, step):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 8, generator=g)
+        return F.mse_loss(model(F.dropout(x, 0.3, training=True)), x @ torch.randn(8, 1, generator=g))
 '''
 
 
@@ -2028,6 +2035,66 @@ def test_an_own_rule_whose_forward_breaks_its_contract_is_refused_before_any_run
     err = capsys.readouterr().err
     assert err == f"learnedopt evaluate optimizers: error: {weights}: its rule {own_rule}:{rule}: {message}\n", err
     assert not (tmp_path / "out").exists()
+
+
+#: a rule of one's own whose step draws from torch's global RNG (dropout) at every update
+DROPOUT_RULE = OWN_RULE + """
+
+class DropoutMLP(MomentumMLP):
+    kind = "CliDropoutMLP"
+
+    def forward(self, grad, param, state, loss=None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return torch.nn.functional.dropout(step - 0.05 * grad, 0.5, training=True), new_state
+"""
+
+
+@pytest.fixture
+def own_dropout_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module of :data:`DROPOUT_RULE` (in its own folder of ``tmp_path``, beside
+    ``own_problems``'s); returns its name."""
+    (tmp_path / "rule").mkdir()
+    yield from own_rule_module(tmp_path / "rule", monkeypatch, DROPOUT_RULE)
+
+
+def test_runs_that_draw_from_the_global_rng_are_those_of_a_run_alone(
+    tmp_path: Path, own_dropout_rule: str, own_problems: str
+) -> None:
+    """A rule (dropout in its step) or a problem (dropout on its inputs) of one's own that draws
+    from torch's global RNG: each run's draws were whatever the runs before it in its process had
+    left, so --workers 2 (or a --resume, which skips the recorded runs) reported other numbers than
+    one process. Each run now seeds the global RNG from its seed: the report's curves are those
+    of a run alone, whatever the caller's global RNG, which the run leaves as it was."""
+    import importlib
+
+    from learnedopt.cli import main
+    from learnedopt.evaluation import final_loss
+    from learnedopt.evaluation.runs import own_rule_optimizer
+
+    rule_module, problems = own_dropout_rule, own_problems
+    weights = tmp_path / "dropout.safetensors"
+    torch.manual_seed(0)
+    rule = importlib.import_module(rule_module).DropoutMLP(hidden=3)
+    save_weights(rule, weights, trained_on="nothing")
+    argv = ["evaluate", "optimizers", "--quick", "--problems", "quadratic-20", f"{problems}:Dropout", "--seeds", "2",
+            "--lrs", "0.1", "--stability-steps", "0", "--presets", "--weights", str(weights), "--rules", f"{rule_module}:DropoutMLP",
+            "--workers", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "optimizee_eval.json").read_text())["problems"]
+    optimizer = own_rule_optimizer(type(rule))
+    learned = "LearnedOptimizer[DropoutMLP] (dropout.safetensors)"
+    for name, factory, lr, label in [
+        ("quadratic-20", lambda p, lr: optimizer(p, weights=rule, lr=lr), 1.0, learned),
+        (f"{problems}:Dropout", BASELINES["Adam"], 0.1, "Adam"),
+        (f"{problems}:Dropout", lambda p, lr: optimizer(p, weights=rule, lr=lr), 1.0, learned),
+    ]:
+        problem = make_problem(name)
+        problem = problem.with_steps(20) if problem.steps > 20 else problem
+        torch.manual_seed(12345)  # another state of the global RNG than the workers started with
+        before = torch.get_rng_state()
+        direct = [final_loss(run_optimizer(problem, seed, factory, lr)) for seed in (0, 1)]
+        assert results[name]["results"][label]["finals"] == direct, (name, label)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's draws go on as they would have
 
 
 def test_a_registered_rule_class_that_cannot_be_imported_by_name_is_refused(tmp_path: Path, own_rule: str) -> None:

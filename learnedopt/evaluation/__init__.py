@@ -3,7 +3,9 @@
 A :class:`Problem` is one optimizee: a model built from a seed, the loss of minibatch ``t`` and a
 number of steps. Every run of every optimizer on ``(problem, seed)`` starts from the same initial
 parameters and sees the same minibatch sequence, because both are drawn from generators seeded by
-``(seed, ...)`` (:func:`learnedopt.meta.tasks.generator_for`), never from the global RNG.
+``(seed, ...)`` (:func:`learnedopt.meta.tasks.generator_for`), never from the global RNG. What a
+rule or problem of one's own draws from the global RNG (dropout) is seeded from the seed too, by
+each run (:func:`run_optimizer`), so it does not depend on the runs before it.
 
 Baselines (SGD, SGD with Nesterov momentum, RMSprop, Adam) get their learning rate tuned on a log
 grid over separate tuning seeds (criterion: mean final training loss, a NaN/Inf run counting as

@@ -3,6 +3,7 @@ lr tuning and the statistics over seeds of a set of runs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..meta.loop import seeded_global_rng
+from ..meta.tasks import derive_seed
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.base import check_rule_call
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
@@ -30,6 +33,10 @@ FINAL_WINDOW = 10
 DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+#: second key of the seed of a run's draws from torch's global RNG, ``derive_seed(seed, 3)``: the
+#: problems' own streams are ``(seed, 0..2, ...)`` (:mod:`.problems`)
+_DRAWS_STREAM = 3
 
 class LRSchedule(NamedTuple):
     """An lr schedule of a run: ``factor(t, steps)``, the factor on the run's lr at step ``t``
@@ -267,6 +274,11 @@ def run_optimizer(
     ``loss_scale`` (positive, finite) multiplies the loss the optimizer sees: its gradient and,
     for a rule that reads it, its value; the curve records the loss itself.
 
+    Draws from torch's global RNG during the run (a rule's or a problem's dropout) come from it
+    seeded from ``seed`` alone (on the CPU, and on the CUDA device of the model's parameters if
+    one), whatever ran before in the process (another run, a worker's other problems, the runs
+    a ``--resume`` skips); the caller's global RNG is left as it was.
+
     Returns:
         ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step
         ``t``'s update. A NaN/Inf loss or gradient at step ``t`` stops the run, no update taken:
@@ -277,7 +289,25 @@ def run_optimizer(
     if not (is_number(loss_scale) and math.isfinite(loss_scale) and loss_scale > 0):
         raise ValueError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
     steps = problem.steps if steps is None else steps
-    model = problem.model(seed)
+    draws = derive_seed(seed, _DRAWS_STREAM)
+    with seeded_global_rng(draws, "cpu"):
+        model = problem.model(seed)
+        cuda = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+        with seeded_global_rng(draws, cuda) if cuda is not None else contextlib.nullcontext():
+            return _train(problem, seed, model, factory, lr, steps, schedule, loss_scale)
+
+
+def _train(
+    problem: Problem,
+    seed: int,
+    model: nn.Module,
+    factory: OptimizerFactory,
+    lr: float,
+    steps: int,
+    schedule: str,
+    loss_scale: float,
+) -> np.ndarray:
+    """:func:`run_optimizer`'s run of ``model``, built and its global RNG seeded."""
     optimizer = factory([p for p in model.parameters() if p.requires_grad], lr)
     learned = isinstance(optimizer, LearnedOptimizer)
     factor = None if schedule == "constant" else LR_SCHEDULES[schedule].factor
