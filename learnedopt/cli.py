@@ -30,6 +30,9 @@ def _demo(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:  # a --data folder without (valid) MNIST
         print(f"learnedopt demo: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: it writes nothing but its tables, so there is nothing to keep
+        print("learnedopt demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -175,6 +175,22 @@ def test_demo_without_mnist_says_where_it_looked(tmp_path, monkeypatch, capsys) 
     assert shown == ["synthetic-mlp"] * 2
 
 
+def test_demo_stopped_with_ctrl_c_says_so_in_one_line(monkeypatch, capsys) -> None:
+    """Ctrl-C during the demo printed a traceback of whatever step it hit (the other commands
+    stop with one line and exit code 130); the tables printed so far stay."""
+    from learnedopt import demo
+
+    def interrupted(steps):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_minibatch", lambda problem, steps: print("a table") or {})
+    monkeypatch.setattr(demo, "run_regression", interrupted)
+    assert main(["demo"]) == 130
+    captured = capsys.readouterr()
+    assert "a table" in captured.out
+    assert captured.err == "learnedopt demo: interrupted\n"
+
+
 def test_demo_and_average_weights_refuse_bad_arguments_in_one_line(tmp_path, capsys) -> None:
 
     for value in ("0", "x"):  # not "invalid _positive_int value": argparse's message names the function
