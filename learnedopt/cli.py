@@ -19,11 +19,11 @@ def _presets(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import sys
 
-    from .demo import MIN_STEPS, run_demo, too_few_steps
+    from .demo import run_demo, steps_refused
 
     for flag, count in (("--steps", args.steps), ("--minibatch-steps", args.minibatch_steps)):
-        if count is not None and count < MIN_STEPS:  # run_demo's check would name its parameter
-            print(f"learnedopt demo: error: {flag} {too_few_steps(count)}", file=sys.stderr)
+        if count is not None and (refused := steps_refused(count)):  # run_demo's check would name its parameter
+            print(f"learnedopt demo: error: {flag} {refused}", file=sys.stderr)
             return 2
     try:
         run_demo(steps=args.steps, minibatch_steps=args.minibatch_steps, data=args.data)

@@ -16,6 +16,7 @@ from .evaluation.problems import Problem, regression_data
 from .evaluation.problems import make_problem as make_suite_problem
 from .evaluation.runs import BASELINES, OptimizerFactory, final_loss, run_optimizer
 from .optim import LSTMOptimizer, MetaLSTMOptimizer
+from .values import MAX_ELEMENTS
 
 #: the baselines' learning rates as the held-out suite tuned them (on its tuning seeds) for the
 #: demo's minibatch problems, from ``benchmarks/results/optimizee_eval_blend.json`` (a test
@@ -143,12 +144,18 @@ def run_regression(steps: int = 300) -> dict[str, list[float]]:
 #: the fewest steps of either problem: the tables show the loss at a tenth of the steps and the
 #: mean of the last 10
 MIN_STEPS = 10
+#: the most: a run's loss curve is one array (as ``evaluate optimizers`` bounds its steps)
+MAX_STEPS = MAX_ELEMENTS
 
 
-def too_few_steps(count: int) -> str:
-    """Why ``count`` steps are refused (the end of the message after the option's name)."""
-    return (f"must be at least {MIN_STEPS}, got {count}: the tables show the loss at a tenth of the steps "
-            f"and the mean of the last {MIN_STEPS}")  # fmt: skip
+def steps_refused(count: int) -> str | None:
+    """Why ``count`` steps are refused (the end of the message after the option's name), or None."""
+    if count < MIN_STEPS:
+        return (f"must be at least {MIN_STEPS}, got {count}: the tables show the loss at a tenth of the steps "
+                f"and the mean of the last {MIN_STEPS}")  # fmt: skip
+    if count > MAX_STEPS:
+        return f"must be at most {MAX_STEPS:,} (2**31 - 1, the most elements of a loss curve), got {count}"
+    return None
 
 
 def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | Path | None = None) -> dict[str, dict[str, list[float]]]:
@@ -156,8 +163,8 @@ def run_demo(steps: int = 300, minibatch_steps: int | None = None, data: str | P
     steps, default the problem's 200) and :func:`run_regression` (``steps``); learnedopt's own
     warnings (e.g. of untrained presets) are printed once at the end."""
     for option, count in (("steps", steps), ("minibatch_steps", minibatch_steps)):
-        if count is not None and count < MIN_STEPS:
-            raise ValueError(f"{option} {too_few_steps(count)}")
+        if count is not None and (refused := steps_refused(count)):
+            raise ValueError(f"{option} {refused}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         problem, missing = _minibatch_problem(data)

@@ -92,6 +92,23 @@ def test_demo_refuses_fewer_steps_than_its_table_reports(option, capsys) -> None
     assert err.startswith(f"learnedopt demo: error: {option} must be at least 10, got 9") and "\n" not in err
 
 
+@pytest.mark.parametrize("option", ["--steps", "--minibatch-steps"])
+def test_demo_refuses_more_steps_than_a_loss_curve_holds_before_it_runs(option, capsys, monkeypatch) -> None:
+    """--minibatch-steps 10**13 printed the first table's header, then stopped with numpy's
+    traceback (72.8 TiB for the loss curve), 10**20 with numpy's "Maximum allowed dimension
+    exceeded"; --steps of as many ran on. Both are bounded as evaluate optimizers' steps are."""
+    from learnedopt import demo
+
+    monkeypatch.setattr(demo, "run_minibatch", lambda *a, **k: pytest.fail("the demo ran"))
+    assert main(["demo", option, str(2**31)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"learnedopt demo: error: {option} must be at most 2,147,483,647 (2**31 - 1, the most "
+                            f"elements of a loss curve), got {2**31}\n")  # fmt: skip
+    with pytest.raises(ValueError, match="minibatch_steps must be at most 2,147,483,647"):
+        demo.run_demo(minibatch_steps=2**31)
+
+
 def test_kernels_are_installed_under_learnedopt_only() -> None:
     import learnedopt.kernels
 
