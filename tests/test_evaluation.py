@@ -2045,7 +2045,7 @@ class DropoutMLP(MomentumMLP):
 
     def forward(self, grad, param, state, loss=None):
         step, new_state = super().forward(grad, param, state, loss)
-        return torch.nn.functional.dropout(step - 0.05 * grad, 0.5, training=True), new_state
+        return torch.nn.functional.dropout(step, 0.5, training=True), new_state
 """
 
 
