@@ -2097,6 +2097,28 @@ def test_runs_that_draw_from_the_global_rng_are_those_of_a_run_alone(
         assert torch.equal(torch.get_rng_state(), before)  # the caller's draws go on as they would have
 
 
+def test_every_optimizer_on_a_seed_sees_the_same_global_rng_draws_of_its_loss() -> None:
+    """A loss's draws from torch's global RNG (here its minibatch noise) are a function of the
+    run's seed: alike for SGD and Adam on one seed, other on another seed."""
+
+    class GlobalNoise(SquareProblem):
+        steps = 5
+
+        def __init__(self) -> None:
+            self.draws: list[float] = []
+
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            self.draws.append(torch.rand(()).item())
+            return super().loss(model, seed, step)
+
+    seen = []
+    for factory, seed in ((BASELINES["SGD"], 0), (BASELINES["Adam"], 0), (BASELINES["SGD"], 1)):
+        problem = GlobalNoise()
+        run_optimizer(problem, seed, factory, 0.01)
+        seen.append(problem.draws)
+    assert seen[0] == seen[1] and seen[0] != seen[2]
+
+
 def test_a_registered_rule_class_that_cannot_be_imported_by_name_is_refused(tmp_path: Path, own_rule: str) -> None:
     """A class nested in a function runs here but not in a worker process, which imports the
     rule by name: its weight file is refused, naming the class."""
