@@ -989,6 +989,8 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--tuning-seeds", "0"], "--tuning-seeds must be >= 1, got 0"),
         # ran and wrote the repeated lr twice (one spelling or two), as a repeated problem is refused
         (["--out", str(tmp_path), "--lrs", "0.1", "1", "1e-1"], "--lrs given more than once: 0.1"),
+        # listed twice in the report's config, so a --resume naming it once was refused
+        (["--out", str(tmp_path), "--rules", "mine:Rule", "other:Rule", "mine:Rule"], "--rules given more than once: mine:Rule"),
         # SGD's param.add_(grad, alpha=-lr) raised "value cannot be converted to type float without overflow"
         (["--out", str(tmp_path), "--lrs", "0.1", "1e308"], "--lrs must be at most 1e+37"),
     ]:

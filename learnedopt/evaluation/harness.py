@@ -138,6 +138,9 @@ class EvalConfig:
                 raise ValueError(
                     f"rules takes your own UpdateRule classes as module:Class, got {name!r} (the library's rules need none)"
                 )
+        repeated_rules = sorted({name for name in self.rules if list(self.rules).count(name) > 1})
+        if repeated_rules:  # listed twice in the report's config: a --resume naming it once differed
+            raise ValueError(f"rules given more than once: {', '.join(repeated_rules)}")
         check_lr_schedule(self.lr_schedule)
         known = [spec.weights for spec in DEFAULT_LEARNED]
         unknown = [name for name in self.presets or () if name not in known]
