@@ -2121,6 +2121,28 @@ def test_every_optimizer_on_a_seed_sees_the_same_global_rng_draws_of_its_loss() 
     assert seen[0] == seen[1] and seen[0] != seen[2]
 
 
+def test_an_own_rules_weight_file_its_class_cannot_load_names_the_file_once(tmp_path: Path, own_rule: str, capsys) -> None:
+    """A file whose architecture the rule's class no longer has (a config field since removed):
+    the one line named the file twice ('FILE: its rule X: FILE: invalid ...')."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from learnedopt.cli import main
+
+    weights = tmp_path / "mine.safetensors"
+    _own_weights(own_rule, weights)
+    with safe_open(str(weights), "pt") as file:
+        header = json.loads(file.metadata()["learnedopt"])
+    header["config"]["width"] = 1  # a field the class's config does not have
+    save_file(load_file(str(weights)), str(weights), metadata={"learnedopt": json.dumps(header)})
+    argv = ["evaluate", "optimizers", "--problems", "quadratic-20", "--seeds", "1", "--stability-steps", "0",
+            "--weights", str(weights), "--rules", f"{own_rule}:MomentumMLP", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"learnedopt evaluate optimizers: error: {weights}: its rule {own_rule}:MomentumMLP: invalid CliMomentumMLP "
+                   "config in header: unknown CliMomentumMLP config keys: ['width']\n"), err  # fmt: skip
+
+
 def test_a_registered_rule_class_that_cannot_be_imported_by_name_is_refused(tmp_path: Path, own_rule: str) -> None:
     """A class nested in a function runs here but not in a worker process, which imports the
     rule by name: its weight file is refused, naming the class."""

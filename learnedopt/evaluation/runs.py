@@ -129,7 +129,9 @@ class LearnedSpec:
         try:
             check_rule_call(self._probe().rule)
         except ValueError as err:
-            raise ValueError(f"{self.weights}: its rule {self.rule}: {one_line(err)}") from None
+            # the weights' own errors (an architecture the class does not have) name the file too
+            reason = one_line(err).removeprefix(f"{self.weights}: ")
+            raise ValueError(f"{self.weights}: its rule {self.rule}: {reason}") from None
 
     def _probe(self) -> LearnedOptimizer:
         optimizer = self.optimizer_class()
