@@ -1,10 +1,13 @@
-"""Checks of plain values (numbers from a command line, a JSON header, a Python call) shared by
-every layer of the library: the networks, the data readers, meta-training and evaluation."""
+"""Checks of plain values (numbers from a command line, a JSON header, a Python call) and the
+seeding of random draws, shared by every layer of the library: the networks, the data readers,
+meta-training and evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -68,3 +71,20 @@ def seeded_generator(seed: Any) -> torch.Generator:
     if not is_integer(seed) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
     return torch.Generator().manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | str) -> Iterator[None]:
+    """Inside: torch's global RNG (the CPU's, and ``device``'s where it is a CUDA device) seeded
+    with ``seed``; after: as it was. For the draws a run's code makes from the global RNG during a
+    meta-step or an evaluation run (a network's or a task's dropout masks, a task's minibatches),
+    which a checkpoint does not hold: seeded from the run's seed and the step, they are the same
+    after ``--resume``, and in whichever process or order the runs go."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..meta.loop import seeded_global_rng
 from ..meta.tasks import derive_seed
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.base import check_rule_call
 from ..optim import LearnedOptimizer, LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
 from ..plugins import load_entry_point, one_line
-from ..values import is_number
+from ..values import is_number, seeded_global_rng
 from ..weights import PRESETS, UntrainedWeightsWarning, class_path, fingerprint, read_header, recorded_rule_class
 from .problems import Problem
 

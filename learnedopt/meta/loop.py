@@ -58,23 +58,6 @@ CONFIG_NAME = "config.json"
 RESULT_NAMES = (WEIGHTS_NAME, MODEL_NAME, CARD_NAME)
 
 
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device | str) -> Iterator[None]:
-    """Inside: torch's global RNG (the CPU's, and ``device``'s where it is a CUDA device) seeded
-    with ``seed``; after: as it was. For the draws a run's code makes from the global RNG during a
-    meta-step or an evaluation (a network's or a task's dropout masks, a task's minibatches),
-    which a checkpoint does not hold: seeded from the run's seed and the step, they are the same
-    after ``--resume``."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 class ConfigError(ValueError):
     """A bad meta-training configuration; the CLI prints it on one line and exits with code 2."""
 

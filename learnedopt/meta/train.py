@@ -58,24 +58,40 @@ from .. import markdown
 from ..data.idx import mnist_sha256
 from ..nn import RULES, UpdateRule
 from ..nn.base import check_rule_call
-from ..plugins import REPEATABLE_DRAWS, checked_description, entry_point_path, load_entry_point, one_line, takes_parameter
-from ..weights import PRESETS, build_preset, folder_note, load_weights, read_header, recorded_rule_class, save_weights
+from ..plugins import (
+    REPEATABLE_DRAWS,
+    checked_description,
+    entry_point_path,
+    load_entry_point,
+    one_line,
+    takes_parameter,
+)
+from ..values import seeded_global_rng
+from ..weights import (
+    PRESETS,
+    build_preset,
+    folder_note,
+    load_weights,
+    read_header,
+    recorded_rule_class,
+    save_weights,
+)
 from . import distributed
 from .distributed import SINGLE, Workers
 from .loop import (
     CARD_NAME,
     LOG_NAME,
+    PATH_FIELDS,
     WEIGHTS_NAME,
     AfterMetaUpdates,
     ConfigError,
-    PATH_FIELDS,
     OutputLock,
     Selection,
     check_elements,
     check_rule_config,
     check_run,
-    checks_agreed,
     check_select_every,
+    checks_agreed,
     clip_meta_gradient_,
     default_rule_config,
     last_record,
@@ -87,7 +103,6 @@ from .loop import (
     resumable_config,
     rule_class,
     rule_config_given,
-    seeded_global_rng,
     train_loop,
     write_text_atomic,
 )

@@ -16,24 +16,24 @@ import torch
 from torch import Tensor
 
 from ...plugins import entry_point_path, load_entry_point, takes_parameter
+from ...values import seeded_global_rng
 from .. import distributed
 from ..distributed import SINGLE, Workers
 from ..loop import (
     CARD_NAME,
-    ConfigError,
     MODEL_NAME,
+    ConfigError,
     OutputLock,
     Selection,
     check_run,
     checks_agreed,
     clip_meta_gradient_,
     last_record,
+    model_card,
     processes_note,
     refuse_other_architecture,
     refuse_other_data,
     resumable_config,
-    model_card,
-    seeded_global_rng,
     train_loop,
     write_text_atomic,
 )
@@ -43,7 +43,13 @@ from ..tasks import derive_seed, generator_for
 from .config import FewShotConfig, canonical_command, config_from_args
 from .family import FamilySource, check_family_source
 from .learner import FewShotLearner, LearnerSpec, save_learner
-from .sources import OMNIGLOT_SPLIT, OMNIGLOT_SPLIT_SEED, OmniglotSource, make_sources, omniglot_sha256
+from .sources import (
+    OMNIGLOT_SPLIT,
+    OMNIGLOT_SPLIT_SEED,
+    OmniglotSource,
+    make_sources,
+    omniglot_sha256,
+)
 
 _TRAIN_STREAM, _VALID_STREAM, _MINIBATCH_STREAM, _SELECT_STREAM = 1, 2, 3, 4
 #: the network's own random draws (dropout): (seed, 5, 0, step, first task) in a meta-step,
