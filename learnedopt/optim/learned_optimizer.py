@@ -32,7 +32,7 @@ from ..values import is_number
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
-from .update import DEFAULT_CHUNK, flat_update_, fused_update_, single_tensor_update_
+from .update import DEFAULT_CHUNK, DEFAULT_GROUP_BATCH, Segment, flat_update_, fused_update_, grouped_flat_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: the parameter dtypes a step can update (float8 ones: torch has no isfinite or promotion for them)
@@ -139,6 +139,8 @@ class LearnedOptimizer(Optimizer):
         self._fused_failed = False
         self._partial_step: str | None = None  # why the last step stopped part-way, if it did
         self.chunk = DEFAULT_CHUNK
+        #: param groups' partitions of at most this many coordinates stepped share their rule calls (0: none)
+        self.group_batch_limit = DEFAULT_GROUP_BATCH
         self._weights_argument = weights  # a group may name these again (see add_param_group)
         self._rule_jsons: set[str] = set()  # the fingerprints this optimizer wrote into its groups
         # id(parameter) -> (the parameter, its shape when its state was made): not a weak reference to
@@ -263,6 +265,7 @@ class LearnedOptimizer(Optimizer):
             "rule": self.rule,
             "weights_header": self.weights_header,
             "chunk": self.chunk,
+            "group_batch_limit": self.group_batch_limit,
             "_weights_argument": self._weights_argument,
             "_partial_step": self._partial_step,  # a copy holds the same half-stepped states
             # the shapes the states were made for (keyed by id() here, which a copy changes), of
@@ -278,6 +281,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_rule_copies", {})
         self.__dict__.setdefault("_flat_states", {})
         self.__dict__.setdefault("chunk", DEFAULT_CHUNK)
+        self.__dict__.setdefault("group_batch_limit", DEFAULT_GROUP_BATCH)
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__.setdefault("_partial_step", None)
@@ -646,11 +650,15 @@ class LearnedOptimizer(Optimizer):
             self._hold_states(index, group, partitions)
             for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True))
         ]
+        shared, sharing = self._shared_calls(plans, held)
         progress = _StepProgress()
         try:
             with without_autocast({device.type for partitions in plans for device, _ in partitions}):
                 for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                    self._update_group(index, group, partitions, held[index], rule_loss, progress)
+                    for members in shared.get(index, ()):  # the shared calls this group is the first of
+                        self._update_shared(members, plans, held, rule_loss, progress)
+                    own = {key: part for key, part in partitions.items() if (index, key) not in sharing}
+                    self._update_group(index, group, own, held[index], rule_loss, progress)
         except BaseException as err:  # an out-of-memory error in a later chunk or group, an interrupt
             if progress.written:
                 # the states written so far cannot be taken back without a copy of them all (as
@@ -669,6 +677,79 @@ class LearnedOptimizer(Optimizer):
                 "it was finished on the PyTorch path, so every parameter and state took it once. Later steps try "
                 "the kernel again; backend='auto' falls back to the PyTorch path without raising"
             ) from progress.kernel_failures[0]
+
+    def _shared_calls(
+        self,
+        plans: list[Partitions],
+        held: list[dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]]],
+    ) -> tuple[dict[int, list[list[_PartitionKey]]], set[_PartitionKey]]:
+        """The partitions of different param groups that share one stream of rule calls
+        (:func:`grouped_flat_update_`): those on the batched PyTorch path (not the per-tensor
+        reference, not a fused kernel) of at most :attr:`group_batch_limit` coordinates, with the
+        same device, compute dtype and ``state_dtype`` (and ``maximize``, for a rule that reads the
+        loss, which ``maximize`` negates). Returns, by the index of the group first in each shared
+        call, the lists of ``(group index, (device, compute dtype))`` of its calls; and the set of
+        every partition in one. A partition alone in its class runs by itself, as every partition
+        does with ``group_batch_limit`` 0."""
+        limit = self.group_batch_limit
+        classes: dict[tuple[Any, ...], list[_PartitionKey]] = {}
+        if limit > 0 and len(plans) > 1:
+            for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+                for key, (ps, _) in partitions.items():
+                    states = held[index][key]
+                    if not isinstance(states, FlatState) or sum(sharding.local(p).numel() for p in ps) > limit:
+                        continue
+                    if self._use_fused(group["backend"], *key, group["state_dtype"], group["foreach"]):
+                        continue
+                    maximize = group["maximize"] if self.rule.needs_loss else None
+                    classes.setdefault((*key, group["state_dtype"], maximize), []).append((index, key))
+        shared: dict[int, list[list[_PartitionKey]]] = {}
+        sharing: set[_PartitionKey] = set()
+        for members in classes.values():
+            if len(members) > 1:
+                shared.setdefault(members[0][0], []).append(members)
+                sharing.update(members)
+        return shared, sharing
+
+    def _update_shared(
+        self,
+        members: list[_PartitionKey],
+        plans: list[Partitions],
+        held: list[dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]]],
+        loss: Tensor | None,
+        progress: _StepProgress,
+    ) -> None:
+        """Update the partitions ``members`` (of several groups; see :meth:`_shared_calls`) in one
+        stream of rule calls, each with its group's ``lr``, ``maximize`` and ``weight_decay``."""
+        device, compute_dtype = members[0][1]
+        rule = self._rule_on(device, compute_dtype)
+        segments = []
+        for index, key in members:
+            group, (ps, gs) = self.param_groups[index], plans[index][key]
+            ordered_ps, ordered_gs, buffers, offsets = _in_buffer_order(held[index][key], ps, gs)
+            lr = max(float(group["lr"]), 0.0)  # as in _update_group
+            segments.append(Segment(ordered_ps, ordered_gs, buffers, offsets, lr=lr, maximize=group["maximize"]))
+        # one maximize for every member of a rule that reads the loss (see _shared_calls)
+        loss_here = None if loss is None else _saturated(loss.to(device), compute_dtype) * (-1 if segments[0].maximize else 1)
+        grouped_flat_update_(
+            rule, segments, loss=loss_here, compute_dtype=compute_dtype, chunk=self.chunk, before_write=progress.mark_written
+        )
+        progress.mark_written()
+        for (index, key), segment in zip(members, segments, strict=True):
+            self._finish_partition(self.param_groups[index], plans[index][key][0], segment.lr, progress)
+
+    def _finish_partition(self, group: dict[str, Any], ps: list[Tensor], lr: float, progress: _StepProgress) -> None:
+        """After a partition's update: its group's weight decay, its step counts, the progress."""
+        if group["weight_decay"] and lr:
+            # after the step, not before as AdamW: a kernel that fails at its first launch
+            # must leave every parameter as it was
+            with torch.no_grad():
+                torch._foreach_mul_([sharding.local(p) for p in ps], 1.0 - lr * float(group["weight_decay"]))
+        steps = [self.state[p]["step"] for p in ps]
+        torch._foreach_add_(steps, 1.0)
+        progress.updated = True
+        progress.partial = False
+        progress.stepped += len(ps)
 
     def _check_reshaped(self, p: Tensor) -> None:
         """Raise ValueError where ``p`` has another shape than when its state was made, with as
@@ -898,16 +979,7 @@ class LearnedOptimizer(Optimizer):
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
                 single_tensor_update_(rule, local_ps, local_gs, states, before_write=progress.mark_written, **common)
             progress.mark_written()  # a partition of no coordinates (0-element tensors) counts its steps
-            if group["weight_decay"] and lr:
-                # after the step, not before as AdamW: a kernel that fails at its first launch
-                # must leave every parameter as it was
-                with torch.no_grad():
-                    torch._foreach_mul_([sharding.local(p) for p in ps], 1.0 - lr * float(group["weight_decay"]))
-            steps = [self.state[p]["step"] for p in ps]
-            torch._foreach_add_(steps, 1.0)
-            progress.updated = True
-            progress.partial = False
-            progress.stepped += len(ps)
+            self._finish_partition(group, ps, lr, progress)
 
     def _use_fused(
         self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype, foreach: bool | None = None
@@ -1078,6 +1150,8 @@ def _saturated(value: Tensor, dtype: torch.dtype) -> Tensor:
 
 #: (device, compute dtype) -> (parameters, their gradients): the units of one step's update
 Partitions = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
+#: (param group index, (device, compute dtype)): one group's partition
+_PartitionKey = tuple[int, tuple[torch.device, torch.dtype]]
 
 
 def _partitions(params: list[Tensor], grads: list[Tensor]) -> Partitions:
