@@ -63,6 +63,17 @@ def test_meta_train_throughput_refuses_different_meta_gradients(results: Path, m
     assert list(results.iterdir()) == []
 
 
+def test_param_groups_writes_agreeing_json_and_markdown(results: Path, monkeypatch) -> None:
+    import param_groups
+
+    run_main(param_groups, monkeypatch, "--tensors", "4", "--sizes", "3", "--groups", "1", "4", "--repeats", "1", "--tag", "t")
+    rows = json.loads((results / "param_groups_t.json").read_text())["rows"]
+    md = (results / "param_groups_t.md").read_text()
+    assert [(r["optimizer"], r["groups"]) for r in rows] == [(name, g) for name in ("LSTMOptimizer", "MetaLSTMOptimizer") for g in (1, 4)]
+    speedups = [float(x) for x in re.findall(r"\| ([\d.]+)x \| [\d.]+x slower \|", md)]
+    assert speedups == [round(r["speedup_vs_per_group"], 2) for r in rows]
+
+
 def test_meta_gradient_difference_does_not_hide_a_nan() -> None:
     g = [torch.ones(3)]
     grads = {"per-tensor": g, "batched": [torch.full((3,), math.nan)], "batched-nn-lstm": [g[0] * (1 + 1e-7)]}
@@ -96,6 +107,8 @@ BAD_OPTIONS = [
     ("cpu_step", ["--layouts", "0"]),
     ("cpu_step", ["--repeats", "0"]),
     ("cpu_step", ["--sizes", "150", "--layouts", "1", "100"]),  # ran 100 parameters, reported 150
+    ("param_groups", ["--tensors", "300", "--groups", "7"]),  # 294 tensors timed, 300 reported
+    ("param_groups", ["--repeats", "0"]),
     ("lstm_chunk", ["--chunk", "0"]),  # wrote a table of 0 GFLOP/s over the committed one
     ("lstm_chunk", ["--threads", "0"]),
     ("lstm_step_parts", ["--coordinates", "0"]),
