@@ -194,6 +194,28 @@ def test_meta_lstm_needs_the_loss() -> None:
         opt.step()
 
 
+def test_meta_lstm_step_without_loss_and_without_gradients_does_nothing() -> None:
+    """As ``torch.optim.Adam``'s: nothing to update, so no loss is needed (before any step, after
+    ``zero_grad()``, or with a closure that returns none and computes no gradient); once a gradient
+    is there, the loss is needed again."""
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = MetaLSTMOptimizer([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.5}])
+    assert opt.step() is None
+    assert not any(opt.state.values())
+    set_grads(params, 0)
+    opt.step(loss=0.3)
+    values = [p.detach().clone() for p in params]
+    states = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    opt.zero_grad()
+    assert opt.step() is None
+    assert opt.step(lambda: None) is None
+    assert all(torch.equal(p, v) for p, v in zip(params, values, strict=True))
+    assert all(torch.equal(opt.state[p][k], v) for i, p in enumerate(params) for k, v in states[i].items())
+    params[1].grad = torch.ones(2)
+    with pytest.raises(ValueError, match=r"needs the loss"):
+        opt.step()
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("loss", [torch.tensor(0.5), 0.5])
 def test_a_loss_passed_as_the_closure_is_a_clear_error(kind, loss) -> None:

@@ -570,6 +570,9 @@ class LearnedOptimizer(Optimizer):
         Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
         graph break: it runs as it does eagerly, the closure too.
 
+        A step where no parameter has a gradient does nothing, as ``torch.optim``'s do; without a
+        loss too, even where the rule reads one (``MetaLSTMOptimizer``).
+
         A step without closure or loss on an optimizer without state, at ``lr=0`` in every group,
         where exactly the parameters that require grad have a gradient and all of these are zero
         (how ``torch.distributed.checkpoint.state_dict``'s helpers initialise an optimizer's
@@ -613,6 +616,8 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
+        if loss is None and closure_loss is None and not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            return None  # nothing to update: no loss needed (torch.optim.Adam's step does nothing too)
         rule_loss = self._rule_loss(*((loss, "loss= is") if loss is not None else (closure_loss, "the closure returned")))
         if rule_loss is not None and not self._loss_finite(rule_loss):
             if any(group["nan_policy"] == "raise" for group in self.param_groups):

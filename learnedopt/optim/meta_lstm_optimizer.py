@@ -11,9 +11,10 @@ class MetaLSTMOptimizer(LearnedOptimizer):
     forget (decay) and input (step-size) gates.
 
     The rule reads the loss, so pass it: ``optimizer.step(closure)`` with a closure that returns
-    the loss, or ``optimizer.step(loss=loss)``; a step without either raises ValueError (but for the
-    zero-gradient one by which torch's checkpoint helpers initialise the state: see
-    :meth:`~learnedopt.optim.learned_optimizer.LearnedOptimizer.step`).
+    the loss, or ``optimizer.step(loss=loss)``; a step without either raises ValueError where a
+    parameter has a gradient (but for the zero-gradient one by which torch's checkpoint helpers
+    initialise the state: see :meth:`~learnedopt.optim.learned_optimizer.LearnedOptimizer.step`),
+    and does nothing where none has one, as ``torch.optim.Adam``'s step.
 
     Args:
         params: parameters or param groups.
