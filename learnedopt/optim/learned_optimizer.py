@@ -633,7 +633,17 @@ class LearnedOptimizer(Optimizer):
     def _apply_step(self, rule_loss: Tensor | None) -> None:
         """The step after its input checks: every group's update, out of inference mode (see
         :func:`_outside_inference_mode`)."""
-        plans = [_partitions(*self._plan(index, group)) for index, group in enumerate(self.param_groups)]
+        gathered = [self._gradients(index, group) for index, group in enumerate(self.param_groups)]
+        # every group's NaN/Inf verdicts read with one host sync per device, not one per group
+        tensors = [t for params, grads, _ in gathered for t in (grads + params if self.rule.reads_param else grads)]
+        verdicts = iter(_all_finite(tensors))
+        plans = []
+        for index, (group, (params, grads, positions)) in enumerate(zip(self.param_groups, gathered, strict=True)):
+            finite = [next(verdicts) for _ in grads]
+            if self.rule.reads_param:  # a rule that reads the parameter would carry a NaN/Inf value into its state
+                values = [next(verdicts) for _ in params]
+                finite = [a and b for a, b in zip(finite, values, strict=True)]
+            plans.append(_partitions(*self._plan(index, group, params, grads, positions, finite)))
         # a backend='triton' group that cannot run, or a parameter resized since its state was
         # made, raises here, before any group is updated
         for group, partitions in zip(self.param_groups, plans, strict=True):
@@ -740,8 +750,20 @@ class LearnedOptimizer(Optimizer):
             rule, segments, loss=loss_here, compute_dtype=compute_dtype, chunk=self.chunk, before_write=progress.mark_written
         )
         progress.mark_written()
+        # each group's weight decay and step counts as _finish_partition's, in one foreach call each
+        decayed, factors, steps = [], [], []
         for (index, key), segment in zip(members, segments, strict=True):
-            self._finish_partition(self.param_groups[index], plans[index][key][0], segment.lr, progress)
+            group, ps = self.param_groups[index], plans[index][key][0]
+            if group["weight_decay"] and segment.lr:
+                decayed += [sharding.local(p) for p in ps]
+                factors += [1.0 - segment.lr * float(group["weight_decay"])] * len(ps)
+            steps += [self.state[p]["step"] for p in ps]
+        if decayed:
+            torch._foreach_mul_(decayed, factors)
+        torch._foreach_add_(steps, 1.0)
+        progress.updated = True
+        progress.partial = False
+        progress.stepped += len(steps)
 
     def _finish_partition(self, group: dict[str, Any], ps: list[Tensor], lr: float, progress: _StepProgress) -> None:
         """After a partition's update: its group's weight decay, its step counts, the progress."""
@@ -853,8 +875,9 @@ class LearnedOptimizer(Optimizer):
         finite = loss.is_meta or bool(torch.isfinite(loss))
         return all(sharding.agree_finite(params, [finite] * len(params)))
 
-    def _plan(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """The parameters to update in a group and their gradients, after every input check."""
+    def _gradients(self, index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """The parameters of a group that have a gradient, their gradients and their positions in
+        the group, after the checks of the gradients' kind (sparse, dtype)."""
         params, grads, positions = [], [], []
         for position, p in enumerate(group["params"]):
             if p.grad is None:
@@ -873,12 +896,16 @@ class LearnedOptimizer(Optimizer):
             params.append(p)
             grads.append(p.grad)
             positions.append(position)
+        return params, grads, positions
+
+    def _plan(
+        self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], positions: list[int], finite: list[bool]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters to update in a group and their gradients, after every input check:
+        :meth:`_gradients`' and ``finite``, this rank's verdict on each gradient (and, for a rule
+        that reads it, parameter) being free of NaN/Inf, applied under the group's ``nan_policy``."""
         if not grads:
             return params, grads
-        finite = _all_finite(grads)
-        if self.rule.reads_param:
-            # a rule that reads the parameter would carry a NaN/Inf value into its state
-            finite = [a and b for a, b in zip(finite, _all_finite(params), strict=True)]
         finite = sharding.agree_finite(grads, finite)  # a sharded tensor is judged as a whole
         if not all(finite):
             bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]

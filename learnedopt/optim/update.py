@@ -91,6 +91,16 @@ def _store_(target: Tensor, value: Tensor) -> None:
     target.copy_(value)
 
 
+def _store_all_(targets: list[Tensor], values: list[Tensor]) -> None:
+    """:func:`_store_` of each value into its target: one ``torch._foreach_copy_`` where none
+    needs saturating (the targets of one state share a dtype), not one copy per target."""
+    if len(targets) > 1 and all(_max_exponent(t.dtype) >= _max_exponent(v.dtype) for t, v in zip(targets, values, strict=True)):
+        torch._foreach_copy_(targets, values)
+        return
+    for target, value in zip(targets, values, strict=True):
+        _store_(target, value)
+
+
 @functools.cache
 def _max_exponent(dtype: torch.dtype) -> int:
     """The binary exponent of ``dtype``'s largest value (16 for float16, 128 for bfloat16 and
@@ -240,8 +250,7 @@ def grouped_flat_update_(
             before_write()
         for k in dims:
             parts = (new_state[k],) if len(views) == 1 else new_state[k].split(sizes, dim=dims[k])
-            for v, part in zip(views, parts, strict=True):
-                _store_(v[k], part)
+            _store_all_([v[k] for v in views], list(parts))
         step[a:b] = s
     if before_write is not None and any(segment.lr != 0 for segment in segments):
         before_write()
