@@ -215,10 +215,16 @@ def grouped_flat_update_(
     dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
     # (segment, run, first coordinate in the buffers, coordinates): the pieces of the stream in order
     pieces: list[tuple[Segment, list[int], int, int]] = []
+    # the pieces that are whole buffers (a group of one run, as one-tensor groups are), read and
+    # written as they are rather than through one narrowed view per state
+    whole: set[int] = set()
     for segment in segments:
+        length = next((buf.shape[dims[k]] for k, buf in segment.buffers.items()), None)
         for run in _runs(segment.params, segment.offsets):
             total = sum(segment.params[i].numel() for i in run)
             if total:
+                if segment.offsets[run[0]] == 0 and total == length:
+                    whole.add(len(pieces))
                 pieces.append((segment, run, segment.offsets[run[0]], total))
     if not pieces:
         return
@@ -238,8 +244,11 @@ def grouped_flat_update_(
             lo, hi = max(a, starts[number]), min(b, starts[number + 1])
             if lo >= hi:
                 break
-            here = start + lo - starts[number]
-            views.append({k: buf.narrow(dims[k], here, hi - lo) for k, buf in segment.buffers.items()})
+            if number in whole and lo == starts[number] and hi == starts[number + 1]:
+                views.append(segment.buffers)
+            else:
+                here = start + lo - starts[number]
+                views.append({k: buf.narrow(dims[k], here, hi - lo) for k, buf in segment.buffers.items()})
             sizes.append(hi - lo)
         state = {
             k: views[0][k].to(compute_dtype) if len(views) == 1 else torch.cat([v[k].to(compute_dtype) for v in views], dim=dims[k])
@@ -254,10 +263,10 @@ def grouped_flat_update_(
         step[a:b] = s
     if before_write is not None and any(segment.lr != 0 for segment in segments):
         before_write()
-    for (segment, run, _, size), piece in zip(pieces, step.split([size for *_, size in pieces]), strict=True):
+    stepped = [(segment, segment.params[i]) for segment, run, _, _ in pieces for i in run]
+    for (segment, param), part in zip(stepped, step.split([param.numel() for _, param in stepped]), strict=True):
         if segment.lr != 0:  # as in single_tensor_update_
-            for i, part in zip(run, piece.split([segment.params[i].numel() for i in run]), strict=True):
-                segment.params[i].add_(part.view(segment.params[i].shape), alpha=segment.lr)
+            param.add_(part.view(param.shape), alpha=segment.lr)
 
 
 #: Chunks are padded to a multiple of this many coordinates. PyTorch's CPU elementwise kernels
