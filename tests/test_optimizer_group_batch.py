@@ -17,8 +17,10 @@ GROUPS = [
     {"lr": 2.0, "state_dtype": torch.bfloat16},
     {"lr": 1.5, "state_dtype": torch.bfloat16, "maximize": True},
     {"lr": 0.9},
+    {"lr": 0.4, "state_dtype": torch.float16},  # states saturated into float16 as they are written
+    {"lr": 0.6, "state_dtype": torch.float16, "weight_decay": 0.2},
 ]
-SHAPES = [[(3,), (2, 5)], [(7,)], [(4, 4), ()], [(5,)], [(6,), (9,)], [(8,)], [(3, 3)], [(200,)]]
+SHAPES = [[(3,), (2, 5)], [(7,)], [(4, 4), ()], [(5,)], [(6,), (9,)], [(8,)], [(3, 3)], [(200,)], [(6,)], [(2, 2)]]
 
 
 def build(kind, limit, *, dtype=torch.float32, chunk=37):
@@ -43,7 +45,7 @@ def run(kind, limit, steps=3, **options):
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shared_rule_calls_step_as_each_group_alone(kind, dtype) -> None:
-    """Every option per group (lr, lr 0, maximize, weight decay, bfloat16 states, a skipped NaN
+    """Every option per group (lr, lr 0, maximize, weight decay, bfloat16 and float16 states, a skipped NaN
     tensor, gradients None), a group over the limit, chunks across groups: the same bits as each
     group stepped by itself, and the same state dict."""
     params, opt = run(kind, 64, dtype=dtype)
