@@ -19,8 +19,9 @@ GROUPS = [
     {"lr": 0.9},
     {"lr": 0.4, "state_dtype": torch.float16},  # states saturated into float16 as they are written
     {"lr": 0.6, "state_dtype": torch.float16, "weight_decay": 0.2},
+    {"lr": 0.8, "maximize": True},  # shares with group 2 under MetaLSTMOptimizer too (both read -loss)
 ]
-SHAPES = [[(3,), (2, 5)], [(7,)], [(4, 4), ()], [(5,)], [(6,), (9,)], [(8,)], [(3, 3)], [(200,)], [(6,)], [(2, 2)]]
+SHAPES = [[(3,), (2, 5)], [(7,)], [(4, 4), ()], [(5,)], [(6,), (9,)], [(8,)], [(3, 3)], [(200,)], [(6,)], [(2, 2)], [(4,)]]
 
 
 def build(kind, limit, *, dtype=torch.float32, chunk=37):
