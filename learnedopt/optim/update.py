@@ -127,8 +127,10 @@ def flat_update_(
     The states of all tensors live in flat buffers: ``buffers[name]`` has shape
     ``spec.shape(N)`` and parameter ``i``'s state is its slice ``offsets[i]:offsets[i] +
     params[i].numel()`` along the coordinate dimension ``len(spec.lead)`` (``buffers[name][:,
-    offsets[i]:offsets[i] + params[i].numel()]`` for one leading dimension). Parameters adjacent in the buffer are processed as one run, so each LSTM
-    layer is one matrix product per chunk however many tensors a chunk spans.
+    offsets[i]:offsets[i] + params[i].numel()]`` for one leading dimension). The coordinates of all tensors
+    stepped run through the rule as one stream of chunks, so each LSTM layer is one matrix
+    product per chunk however many tensors a chunk spans (:func:`grouped_flat_update_` of one
+    segment).
 
     Args:
         params, grads: in increasing ``offsets`` order; gaps between them (parameters skipped this
@@ -136,38 +138,12 @@ def flat_update_(
         buffers, offsets: the flat states, updated in place.
         lr, loss, maximize, compute_dtype: as for :func:`single_tensor_update_`.
         chunk: coordinates per chunk.
-        before_write: if given, called before each chunk's states (and each run's parameters)
-            are written: an error raised before its first call changed nothing, one after it left
-            earlier chunks stepped (their states, or whole tensors) and later ones not.
+        before_write: if given, called before each chunk's states (and, after the last chunk,
+            the parameters) are written: an error raised before its first call changed nothing,
+            one after it left earlier chunks' states stepped and later ones not.
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
-    for run in _runs(params, offsets):
-        start = offsets[run[0]]
-        sizes = [params[i].numel() for i in run]
-        total = sum(sizes)
-        if total == 0:
-            continue
-        g = _flatten([_signed(grads[i], maximize) for i in run], compute_dtype)
-        p = _flatten([params[i].detach() for i in run], compute_dtype)
-        step = torch.empty(total, dtype=compute_dtype, device=g.device)
-        for a in range(0, total, chunk):
-            b = min(a + chunk, total)
-            views = {k: buf.narrow(dims[k], start + a, b - a) for k, buf in buffers.items()}
-            s, new_state = _padded_rule_call(
-                rule, g[a:b], p[a:b], {k: v.to(compute_dtype) for k, v in views.items()}, loss
-            )
-            if before_write is not None:
-                before_write()
-            for k, v in views.items():
-                _store_(v, new_state[k])
-            step[a:b] = s
-        if lr != 0:  # as in single_tensor_update_
-            if before_write is not None:
-                before_write()
-            for i, piece in zip(run, step.split(sizes), strict=True):
-                params[i].add_(piece.view(params[i].shape), alpha=lr)
+    segment = Segment(params, grads, buffers, offsets, lr, maximize)
+    grouped_flat_update_(rule, [segment], loss=loss, compute_dtype=compute_dtype, chunk=chunk, before_write=before_write)
 
 
 @dataclass
