@@ -5,6 +5,8 @@ Modes:
     meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
         then :func:`fsdp_checks`, :func:`ddp_checks`, :func:`sharding_checks` and
         :func:`zero_checks` (results in ``OUT/optimizers.json``).
+    usage OUT: the optimizers as users of ``torch.distributed`` combine them, against
+        ``torch.optim.Adam`` or one process (see :func:`usage_checks`; results in ``OUT/usage.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
@@ -438,6 +440,55 @@ def zero_checks() -> dict[str, object]:
     return report
 
 
+def gradient_placement_checks() -> dict[str, bool]:
+    """For both optimizers and ``torch.optim.Adam``: a ``DTensor`` parameter whose gradient has
+    other placements than itself (a replicated parameter's ``Partial`` gradient, as tensor
+    parallelism leaves it; a sharded parameter's replicated one; a replicated parameter's
+    sharded one) steps like the full parameter on the full gradient, bit for bit (True on every
+    rank for a True)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    values, grad = torch.linspace(-1, 1, 8), torch.linspace(0.5, -0.3, 8)
+    cases = {
+        "partial grad, replicated param": ([Replicate()], [Partial()]),
+        "replicated grad, sharded param": ([Shard(0)], [Replicate()]),
+        "sharded grad, replicated param": ([Replicate()], [Shard(0)]),
+    }
+    mine: dict[str, bool] = {}
+    for cls in (LSTMOptimizer, MetaLSTMOptimizer, torch.optim.Adam):
+        for case, (param_placements, grad_placements) in cases.items():
+            param = torch.nn.Parameter(distribute_tensor(values.clone(), mesh, param_placements))
+            if grad_placements == [Partial()]:  # each rank's share of the sum (exact: halves of floats)
+                param.grad = DTensor.from_local(grad / dist.get_world_size(), mesh, grad_placements)
+            else:
+                param.grad = distribute_tensor(grad.clone(), mesh, grad_placements)
+            plain = torch.nn.Parameter(values.clone())
+            plain.grad = grad.clone()
+            for p in (param, plain):
+                optimizer = cls([p])
+                try:
+                    optimizer.step(loss=torch.tensor(0.5)) if cls is MetaLSTMOptimizer else optimizer.step()
+                except RuntimeError as err:  # reported, so that the other checks still run
+                    print(f"rank {dist.get_rank()}: {cls.__name__}, {case}: {err}", file=sys.stderr)
+            mine[f"{cls.__name__}: {case}"] = torch.equal(param.full_tensor(), plain) and not torch.equal(plain, values)
+    return mine
+
+
+def usage_checks(out: Path) -> dict[str, bool]:
+    """The checks of the ``usage`` mode, each True only where it holds on every rank."""
+    from learnedopt.weights import UntrainedWeightsWarning
+
+    warnings.simplefilter("ignore", UntrainedWeightsWarning)
+    mine = {**gradient_placement_checks()}
+    everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    return {key: all(r[key] for r in everyone) for key in mine}
+
+
 def main() -> int:
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "meta":
@@ -448,6 +499,13 @@ def main() -> int:
         report = {"fsdp": fsdp_checks(out), "ddp": ddp_checks(), "sharding": sharding_checks(), "zero": zero_checks()}
         if dist.get_rank() == 0:
             (out / "optimizers.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+        return 0
+    if mode == "usage":
+        dist.init_process_group("gloo")
+        report = usage_checks(out)
+        if dist.get_rank() == 0:
+            (out / "usage.json").write_text(json.dumps(report))
         dist.destroy_process_group()
         return 0
     if mode in ("kill", "hang", "term"):

@@ -227,6 +227,31 @@ def test_sharded_states_load_from_other_placements_and_nan_verdicts_follow_the_m
     }
 
 
+@pytest.fixture(scope="module")
+def usage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bool]:
+    """The worker's ``usage`` checks on 2 ranks (one launch, a few seconds)."""
+    out = tmp_path_factory.mktemp("usage")
+    result, _ = torchrun("usage", out, timeout=120)
+    assert result.returncode == 0, tail(result)
+    return json.loads((out / "usage.json").read_text())
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer", "Adam"])
+@pytest.mark.parametrize(
+    "case", ["partial grad, replicated param", "replicated grad, sharded param", "sharded grad, replicated param"]
+)
+def test_a_gradient_placed_otherwise_than_its_parameter_steps_on_the_full_gradient(
+    usage: dict[str, bool], optimizer: str, case: str
+) -> None:
+    """Tensor parallelism leaves a replicated parameter's gradient ``Partial`` (each rank holds a
+    part of the sum); the step read each rank's local part as the gradient, so the replicated
+    parameter took another step than the full gradient gives (and its copies could part),
+    and a gradient sharded where its parameter is replicated failed part-way through the step
+    with a size mismatch. ``torch.optim.Adam`` steps on the full gradient (DTensor's operations
+    redistribute it); the learned optimizers now too, bit for bit."""
+    assert usage[f"{optimizer}: {case}"]
+
+
 # ----------------------------------------------------------------------------- failures
 def test_a_killed_rank_fails_the_job_fast_and_resume_continues_exactly(two_ranks: Path, tmp_path: Path) -> None:
     """Rank 1 is SIGKILLed at meta-step 3 (the checkpoint is at step 2): the job ends at once

@@ -894,7 +894,8 @@ class LearnedOptimizer(Optimizer):
                     "would be read as its real part)"
                 )
             params.append(p)
-            grads.append(p.grad)
+            # the local part of a gradient placed otherwise (Partial) is not the local gradient
+            grads.append(sharding.placed_like(p.grad, p))
             positions.append(position)
         return params, grads, positions
 

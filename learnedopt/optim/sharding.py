@@ -4,8 +4,11 @@ A learned update is coordinatewise, so the optimizer runs it on each rank's loca
 the per-coordinate states of that shard kept beside it on the same rank: no communication in the
 step itself, and a sharded step equals the unsharded one coordinate for coordinate.
 
-Two things do need the other ranks:
+Three things do need the other ranks:
 
+- a gradient placed otherwise than its parameter (a replicated parameter's ``Partial`` gradient
+  under tensor parallelism) is redistributed to the parameter's placements first, as
+  ``torch.optim``'s DTensor operations do, so that each rank steps on its part of the full gradient;
 - the NaN/Inf check: a tensor is skipped or rejected as a whole (``nan_policy``), so the ranks
   agree on its verdict with one all-reduce per device mesh;
 - checkpoints: ``state_dict()`` gives each state of a sharded parameter as a ``DTensor`` of
@@ -54,6 +57,19 @@ def is_sharded(t: Tensor) -> bool:
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor`` (sharing its storage), else ``t`` itself."""
     return t.to_local() if is_sharded(t) else t
+
+
+def placed_like(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` placed as ``param`` is, so that its local part is the gradient of the parameter's
+    local part: as it is where the placements and meshes match (FSDP's gradients), else
+    redistributed, a collective over the mesh (under tensor parallelism a replicated
+    parameter's gradient may be ``Partial``, each rank holding a part of the sum). A plain
+    tensor, or the gradient of a plain parameter, is returned as it is."""
+    if not (is_sharded(grad) and is_sharded(param)):
+        return grad
+    if grad.device_mesh == param.device_mesh and tuple(grad.placements) == tuple(param.placements):
+        return grad
+    return grad.redistribute(param.device_mesh, param.placements)
 
 
 def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
