@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -478,12 +479,62 @@ def gradient_placement_checks() -> dict[str, bool]:
     return mine
 
 
+def uneven_list_checks() -> dict[str, bool]:
+    """For both optimizers and ``torch.optim.Adam``: rank 1 gives its optimizer only the FSDP
+    parameters whose shard is not empty there (4 of the 6; rank 0 all 6). 3 steps give the
+    unsharded parameters bit for bit; then (the learned optimizers, ``nan_policy="skip"``) a NaN
+    in rank 0's shard of a gradient that rank 1's optimizer does not list skips the sharded
+    parameters on every rank, which go on to step together (True on every rank for a True)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+
+    class Adam(torch.optim.Adam):  # as _train steps it: with the loss, which Adam does not read
+        def __init__(self, params: list[torch.Tensor], **options: object) -> None:
+            super().__init__(params, lr=0.01)
+
+        def step(self, closure: None = None, *, loss: object = None) -> None:  # noqa: ARG002
+            super().step()
+
+    adam = Adam
+
+    mine: dict[str, bool] = {}
+    for name, cls in (("LSTMOptimizer", LSTMOptimizer), ("MetaLSTMOptimizer", MetaLSTMOptimizer), ("Adam", adam)):
+        reference, sharded = _model(0), fully_shard(_model(0))
+        listed = [p for p in sharded.parameters() if p.to_local().numel()]
+        optimizer = cls(listed, nan_policy="skip")
+        try:
+            _train(reference, cls(reference.parameters()), 3, seed=1)
+            _train(sharded, optimizer, 3, seed=1)
+        except RuntimeError as err:  # reported, so that the other checks still run
+            print(f"rank {dist.get_rank()}: {name} with other parameter lists: {err}", file=sys.stderr)
+            mine[f"{name}: empty shards left out on one rank"] = False
+            continue
+        mine[f"{name}: empty shards left out on one rank"] = len(listed) == (6 if dist.get_rank() == 0 else 4) and all(
+            torch.equal(_full(p), q) for p, q in zip(sharded.parameters(), reference.parameters(), strict=True)
+        )
+        if cls is adam:
+            continue
+        before = [p.to_local().clone() for p in sharded.parameters()]
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(sharded(torch.ones(4, 6)), torch.zeros(4, 1))
+        loss.backward()
+        if dist.get_rank() == 0:
+            list(sharded.parameters())[-1].grad.to_local()[0] = float("nan")
+        optimizer.step(loss=loss.detach())
+        skipped = all(torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True))
+        _train(sharded, optimizer, 1, seed=2)
+        stepped = any(not torch.equal(p.to_local(), b) for p, b in zip(sharded.parameters(), before, strict=True))
+        mine[f"{name}: a NaN where the lists differ skips on every rank"] = skipped and stepped
+    return mine
+
+
 def usage_checks(out: Path) -> dict[str, bool]:
     """The checks of the ``usage`` mode, each True only where it holds on every rank."""
     from learnedopt.weights import UntrainedWeightsWarning
 
     warnings.simplefilter("ignore", UntrainedWeightsWarning)
-    mine = {**gradient_placement_checks()}
+    mine = {**gradient_placement_checks(), **uneven_list_checks()}
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return {key: all(r[key] for r in everyone) for key in mine}
@@ -502,7 +553,7 @@ def main() -> int:
         dist.destroy_process_group()
         return 0
     if mode == "usage":
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a check that hangs fails soon
         report = usage_checks(out)
         if dist.get_rank() == 0:
             (out / "usage.json").write_text(json.dumps(report))

@@ -75,7 +75,14 @@ def placed_like(grad: Tensor, param: Tensor) -> Tensor:
 def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     """``finite[i]`` (this rank's verdict on ``tensors[i]``'s local part) combined over the ranks
     holding the other parts of each ``DTensor``: finite only if finite everywhere. Plain tensors
-    keep their verdict. A collective: every rank of the meshes must call it with the same list."""
+    keep their verdict. A collective: every rank of each mesh of ``tensors`` must call it.
+
+    The ranks first agree on one summary per mesh of fixed size (how many of its tensors each
+    rank lists, and whether any verdict is False), so that ranks listing different numbers of
+    tensors (a rank leaving its empty shards out of its optimizer) still make collectives of one
+    size; where every verdict is True that is all. Otherwise the verdicts are combined tensor by
+    tensor, in the order each rank lists them, or, where the ranks list different numbers of
+    tensors and no tensor can be matched with its other parts, every tensor of that mesh is False."""
     by_mesh: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         if is_sharded(t):
@@ -83,12 +90,27 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     finite = list(finite)
     for indices in by_mesh.values():
         mesh = tensors[indices[0]].device_mesh
+        count = float(len(indices))
+        summary = torch.tensor([count, -count, float(not all(finite[i] for i in indices))], device=mesh.device_type)
+        _all_reduce_over(mesh, summary, dist.ReduceOp.MAX)
+        most, fewest, any_false = summary[0].item(), -summary[1].item(), summary[2].item()
+        if not any_false:
+            continue
+        if most != fewest:
+            for i in indices:
+                finite[i] = False
+            continue
         flags = torch.tensor([float(finite[i]) for i in indices], device=mesh.device_type)
-        for dim in range(mesh.ndim):
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+        _all_reduce_over(mesh, flags, dist.ReduceOp.MIN)
         for i, flag in zip(indices, flags.tolist(), strict=True):
             finite[i] = flag == 1.0
     return finite
+
+
+def _all_reduce_over(mesh: object, tensor: Tensor, op: object) -> None:
+    """All-reduce ``tensor`` in place over every rank of ``mesh`` (each of its dimensions in turn)."""
+    for dim in range(mesh.ndim):
+        dist.all_reduce(tensor, op=op, group=mesh.get_group(dim))
 
 
 def state_placements(param: Tensor, spec: StateSpec) -> tuple:
