@@ -441,6 +441,17 @@ def zero_checks() -> dict[str, object]:
     return report
 
 
+class _Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` (lr 0.01) as the checks step the learned optimizers: ``step(loss=...)``
+    (Adam reads no loss), and options such as ``nan_policy`` ignored."""
+
+    def __init__(self, params: list[torch.Tensor], **options: object) -> None:  # noqa: ARG002
+        super().__init__(params, lr=0.01)
+
+    def step(self, closure: None = None, *, loss: object = None) -> None:  # noqa: ARG002
+        super().step()
+
+
 def gradient_placement_checks() -> dict[str, bool]:
     """For both optimizers and ``torch.optim.Adam``: a ``DTensor`` parameter whose gradient has
     other placements than itself (a replicated parameter's ``Partial`` gradient, as tensor
@@ -489,14 +500,7 @@ def uneven_list_checks() -> dict[str, bool]:
 
     from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
 
-    class Adam(torch.optim.Adam):  # as _train steps it: with the loss, which Adam does not read
-        def __init__(self, params: list[torch.Tensor], **options: object) -> None:
-            super().__init__(params, lr=0.01)
-
-        def step(self, closure: None = None, *, loss: object = None) -> None:  # noqa: ARG002
-            super().step()
-
-    adam = Adam
+    adam = _Adam
 
     mine: dict[str, bool] = {}
     for name, cls in (("LSTMOptimizer", LSTMOptimizer), ("MetaLSTMOptimizer", MetaLSTMOptimizer), ("Adam", adam)):
@@ -529,12 +533,42 @@ def uneven_list_checks() -> dict[str, bool]:
     return mine
 
 
+def equal_mesh_checks() -> dict[str, bool]:
+    """Two sharded parameters on one mesh, which rank 0 holds as two equal ``DeviceMesh``
+    objects and rank 1 as one (DTensor's caches hand out an equal mesh object of an earlier
+    model, as they please on each rank): with ``nan_policy="skip"`` a step equals the unsharded
+    one bit for bit, and a NaN in rank 1's shard of the second gradient skips that parameter on
+    both ranks while the first steps (True on this rank for a True)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from learnedopt import LSTMOptimizer
+
+    first = init_device_mesh("cpu", (dist.get_world_size(),))
+    second = init_device_mesh("cpu", (dist.get_world_size(),)) if dist.get_rank() == 0 else first
+    values, grad = torch.linspace(-1, 1, 8), torch.linspace(0.5, -0.3, 8)
+    params = [torch.nn.Parameter(distribute_tensor(values.clone(), mesh, [Shard(0)])) for mesh in (first, second)]
+    plain = [torch.nn.Parameter(values.clone()) for _ in params]
+    optimizer, reference = LSTMOptimizer(params, nan_policy="skip"), LSTMOptimizer(plain)
+    for p, q, mesh in zip(params, plain, (first, second), strict=True):
+        p.grad, q.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)]), grad.clone()
+    optimizer.step()
+    reference.step()
+    stepped = all(torch.equal(p.full_tensor(), q) for p, q in zip(params, plain, strict=True))
+    before = [p.to_local().clone() for p in params]
+    if dist.get_rank() == 1:
+        params[1].grad.to_local()[0] = float("nan")
+    optimizer.step()
+    skipped = torch.equal(params[1].to_local(), before[1]) and not torch.equal(params[0].to_local(), before[0])
+    return {"LSTMOptimizer: equal meshes judged as one": stepped and skipped}
+
+
 def usage_checks(out: Path) -> dict[str, bool]:
     """The checks of the ``usage`` mode, each True only where it holds on every rank."""
     from learnedopt.weights import UntrainedWeightsWarning
 
     warnings.simplefilter("ignore", UntrainedWeightsWarning)
-    mine = {**gradient_placement_checks(), **uneven_list_checks()}
+    mine = {**gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return {key: all(r[key] for r in everyone) for key in mine}

@@ -268,6 +268,18 @@ def test_ranks_whose_optimizers_list_other_sharded_parameters_step_like_one_proc
         assert usage[f"{optimizer}: a NaN where the lists differ skips on every rank"]
 
 
+
+def test_parameters_on_equal_meshes_are_judged_together_whatever_mesh_objects_each_rank_holds(
+    usage: dict[str, bool],
+) -> None:
+    """The NaN/Inf verdict grouped sharded tensors by the identity of their ``DeviceMesh``
+    object, but DTensor's caches give equal meshes as other objects on each rank (an FSDP
+    model's parameters came out on one mesh object per layer on one rank): ranks holding
+    other numbers of mesh objects made other numbers of all-reduces, and the job hung. Tensors
+    are now grouped by equal meshes; see ``equal_mesh_checks`` in the worker."""
+    assert usage["LSTMOptimizer: equal meshes judged as one"]
+
+
 # ----------------------------------------------------------------------------- failures
 def test_a_killed_rank_fails_the_job_fast_and_resume_continues_exactly(two_ranks: Path, tmp_path: Path) -> None:
     """Rank 1 is SIGKILLed at meta-step 3 (the checkpoint is at step 2): the job ends at once

@@ -76,6 +76,8 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     """``finite[i]`` (this rank's verdict on ``tensors[i]``'s local part) combined over the ranks
     holding the other parts of each ``DTensor``: finite only if finite everywhere. Plain tensors
     keep their verdict. A collective: every rank of each mesh of ``tensors`` must call it.
+    Tensors on equal meshes (the same ranks and layout) are judged together, one mesh object or
+    several.
 
     The ranks first agree on one summary per mesh of fixed size (how many of its tensors each
     rank lists, and whether any verdict is False), so that ranks listing different numbers of
@@ -83,10 +85,12 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     size; where every verdict is True that is all. Otherwise the verdicts are combined tensor by
     tensor, in the order each rank lists them, or, where the ranks list different numbers of
     tensors and no tensor can be matched with its other parts, every tensor of that mesh is False."""
-    by_mesh: dict[int, list[int]] = {}
+    # by equal meshes, not by mesh object: DTensor's caches give an equal mesh as another object,
+    # as they please on each rank, and ranks grouping otherwise would make other collectives
+    by_mesh: dict[object, list[int]] = {}
     for i, t in enumerate(tensors):
         if is_sharded(t):
-            by_mesh.setdefault(id(t.device_mesh), []).append(i)
+            by_mesh.setdefault(t.device_mesh, []).append(i)
     finite = list(finite)
     for indices in by_mesh.values():
         mesh = tensors[indices[0]].device_mesh
