@@ -452,6 +452,113 @@ class _Adam(torch.optim.Adam):
         super().step()
 
 
+def wrapper_checks(out: Path) -> dict[str, bool]:
+    """For both optimizers and Adam, each True where it holds on this rank:
+
+    - ``nested fully_shard``: each Linear and the root ``fully_shard``-ed, with
+      ``reshard_after_forward`` True and False: 3 steps give the unsharded parameters bit for bit;
+    - ``full state dict resumes``: ``get_optimizer_state_dict`` with
+      ``StateDictOptions(full_state_dict=True, cpu_offload=True)`` (the full dict on rank 0 only),
+      loaded into a fresh sharded optimizer with ``broadcast_from_rank0=True``: the next 2 steps
+      equal the original's bit for bit;
+    - ``DDP bucket views and static graph``: ``gradient_as_bucket_view=True, static_graph=True``
+      gives plain DDP's parameters bit for bit;
+    - ``ZeRO with a rank owning nothing``: one parameter tensor (rank 1 owns none): 2 steps equal
+      the whole DDP model's optimizer, and ``consolidate_state_dict`` on rank 0, loaded on both
+      ranks, resumes exactly.
+    """
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def ddp_train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        x = torch.randn(16, model.module[0].in_features, generator=torch.Generator().manual_seed(100 * step + rank))
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        optimizer.step(loss=mean_loss / world)
+
+    mine: dict[str, bool] = {}
+    for name, cls in (("LSTMOptimizer", LSTMOptimizer), ("MetaLSTMOptimizer", MetaLSTMOptimizer), ("Adam", _Adam)):
+        reference = _model(0)
+        _train(reference, cls(reference.parameters()), 3, seed=1)
+        equal = []
+        for reshard in (True, False):
+            nested = _model(0)
+            for layer in nested:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, reshard_after_forward=reshard)
+            fully_shard(nested, reshard_after_forward=reshard)
+            _train(nested, cls(nested.parameters()), 3, seed=1)
+            equal.append(all(torch.equal(_full(p), q) for p, q in zip(nested.parameters(), reference.parameters(), strict=True)))
+        mine[f"{name}: nested fully_shard"] = all(equal)
+
+        models = [fully_shard(_model(0)) for _ in range(2)]
+        optimizer = cls(models[0].parameters())
+        _train(models[0], optimizer, 2, seed=1)
+        full = get_optimizer_state_dict(models[0], optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with torch.no_grad():
+            for p, q in zip(models[1].parameters(), models[0].parameters(), strict=True):
+                p.to_local().copy_(q.to_local())
+        restored = cls(models[1].parameters())
+        if cls is not _Adam:
+            restored.init_state()
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(models[1], restored, copy.deepcopy(full) if rank == 0 else {}, options=options)
+        _train(models[0], optimizer, 2, seed=5)
+        _train(models[1], restored, 2, seed=5)
+        mine[f"{name}: full state dict resumes"] = (rank != 0 or bool(full["state"])) and all(
+            torch.equal(p.to_local(), q.to_local()) for p, q in zip(models[1].parameters(), models[0].parameters(), strict=True)
+        )
+
+        plain = DistributedDataParallel(_model(0))
+        viewed = DistributedDataParallel(_model(0), gradient_as_bucket_view=True, static_graph=True)
+        optimizers = [cls(plain.parameters()), cls(viewed.parameters())]
+        for step in range(3):
+            ddp_train(plain, optimizers[0], step)
+            ddp_train(viewed, optimizers[1], step)
+        mine[f"{name}: DDP bucket views and static graph"] = all(
+            torch.equal(p, q) for p, q in zip(viewed.parameters(), plain.parameters(), strict=True)
+        )
+
+
+        def one_tensor() -> torch.nn.Module:
+            torch.manual_seed(0)
+            return DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False)))
+
+        zero_model, whole_model, restored_model = one_tensor(), one_tensor(), one_tensor()
+        zero = ZeroRedundancyOptimizer(zero_model.parameters(), optimizer_class=cls)
+        whole = cls(whole_model.parameters())
+        for step in range(2):
+            ddp_train(zero_model, zero, step)
+            ddp_train(whole_model, whole, step)
+        stepped_alike = torch.equal(zero_model.module[0].weight, whole_model.module[0].weight)
+        zero.consolidate_state_dict(to=0)
+        saved = [copy.deepcopy(zero.state_dict()) if rank == 0 else None]
+        dist.broadcast_object_list(saved, src=0)
+        with torch.no_grad():
+            restored_model.module[0].weight.copy_(zero_model.module[0].weight)
+        restored_zero = ZeroRedundancyOptimizer(restored_model.parameters(), optimizer_class=cls)
+        restored_zero.load_state_dict(saved[0])
+        ddp_train(zero_model, zero, 2)
+        ddp_train(restored_model, restored_zero, 2)
+        mine[f"{name}: ZeRO with a rank owning nothing"] = (
+            stepped_alike
+            and set(zero._param_to_rank.values()) == {0}
+            and torch.equal(restored_model.module[0].weight, zero_model.module[0].weight)
+        )
+    return mine
+
+
 def gradient_placement_checks() -> dict[str, bool]:
     """For both optimizers and ``torch.optim.Adam``: a ``DTensor`` parameter whose gradient has
     other placements than itself (a replicated parameter's ``Partial`` gradient, as tensor
@@ -568,7 +675,7 @@ def usage_checks(out: Path) -> dict[str, bool]:
     from learnedopt.weights import UntrainedWeightsWarning
 
     warnings.simplefilter("ignore", UntrainedWeightsWarning)
-    mine = {**gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
+    mine = {**wrapper_checks(out), **gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return {key: all(r[key] for r in everyone) for key in mine}

@@ -238,6 +238,22 @@ def usage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bool]:
 
 @pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer", "Adam"])
 @pytest.mark.parametrize(
+    "check",
+    ["nested fully_shard", "full state dict resumes", "DDP bucket views and static graph", "ZeRO with a rank owning nothing"],
+)
+def test_the_optimizers_under_torch_distributed_wrappers_as_users_combine_them(
+    usage: dict[str, bool], optimizer: str, check: str
+) -> None:
+    """See ``wrapper_checks`` in the worker: nested ``fully_shard`` (``reshard_after_forward``
+    True and False) steps like one process; the consolidated state (``full_state_dict=True,
+    cpu_offload=True``, on rank 0) loaded with ``broadcast_from_rank0`` resumes bit for bit; DDP
+    with gradient bucket views and a static graph steps like plain DDP; ZeRO where one rank owns
+    no parameter steps, consolidates and resumes. Adam alongside, as the behaviour to match."""
+    assert usage[f"{optimizer}: {check}"]
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer", "Adam"])
+@pytest.mark.parametrize(
     "case", ["partial grad, replicated param", "replicated grad, sharded param", "sharded grad, replicated param"]
 )
 def test_a_gradient_placed_otherwise_than_its_parameter_steps_on_the_full_gradient(
