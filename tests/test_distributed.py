@@ -1,7 +1,9 @@
 """Multi-process meta-training and the optimizers under FSDP, on 2 CPU processes (gloo) launched
 with ``torchrun`` (``python -m torch.distributed.run``); the per-rank program is
 ``distributed_worker.py``. One launch runs every algorithm and the FSDP checks (the
-module-scoped fixture), three more test a killed rank, the resumed run and a stalled rank. The
+module-scoped fixture), another (a few seconds) the optimizers as users combine them with
+``torch.distributed`` (the ``usage`` fixture), more test a killed rank, the resumed run and a
+stalled rank. The
 last section tests the collectives' wrappers and the sharding helpers in this one process (with
 ``torch.distributed``'s collectives stood in for, or a one-process group).
 """
