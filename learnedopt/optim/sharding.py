@@ -97,7 +97,8 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
         count = float(len(indices))
         summary = torch.tensor([count, -count, float(not all(finite[i] for i in indices))], device=mesh.device_type)
         _all_reduce_over(mesh, summary, dist.ReduceOp.MAX)
-        most, fewest, any_false = summary[0].item(), -summary[1].item(), summary[2].item()
+        most, negated_fewest, any_false = summary.tolist()  # one host sync
+        fewest = -negated_fewest
         if not any_false:
             continue
         if most != fewest:
