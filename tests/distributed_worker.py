@@ -452,7 +452,7 @@ class _Adam(torch.optim.Adam):
         super().step()
 
 
-def wrapper_checks(out: Path) -> dict[str, bool]:
+def wrapper_checks() -> dict[str, bool]:
     """For both optimizers and Adam, each True where it holds on this rank:
 
     - ``nested fully_shard``: each Linear and the root ``fully_shard``-ed, with
@@ -530,7 +530,6 @@ def wrapper_checks(out: Path) -> dict[str, bool]:
             torch.equal(p, q) for p, q in zip(viewed.parameters(), plain.parameters(), strict=True)
         )
 
-
         def one_tensor() -> torch.nn.Module:
             torch.manual_seed(0)
             return DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False)))
@@ -607,10 +606,8 @@ def uneven_list_checks() -> dict[str, bool]:
 
     from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
 
-    adam = _Adam
-
     mine: dict[str, bool] = {}
-    for name, cls in (("LSTMOptimizer", LSTMOptimizer), ("MetaLSTMOptimizer", MetaLSTMOptimizer), ("Adam", adam)):
+    for name, cls in (("LSTMOptimizer", LSTMOptimizer), ("MetaLSTMOptimizer", MetaLSTMOptimizer), ("Adam", _Adam)):
         reference, sharded = _model(0), fully_shard(_model(0))
         listed = [p for p in sharded.parameters() if p.to_local().numel()]
         optimizer = cls(listed, nan_policy="skip")
@@ -624,7 +621,7 @@ def uneven_list_checks() -> dict[str, bool]:
         mine[f"{name}: empty shards left out on one rank"] = len(listed) == (6 if dist.get_rank() == 0 else 4) and all(
             torch.equal(_full(p), q) for p, q in zip(sharded.parameters(), reference.parameters(), strict=True)
         )
-        if cls is adam:
+        if cls is _Adam:
             continue
         before = [p.to_local().clone() for p in sharded.parameters()]
         optimizer.zero_grad()
@@ -652,6 +649,7 @@ def equal_mesh_checks() -> dict[str, bool]:
     from learnedopt import LSTMOptimizer
 
     first = init_device_mesh("cpu", (dist.get_world_size(),))
+    # a 1-D mesh of every rank uses the default group, so rank 0 alone can build a second one
     second = init_device_mesh("cpu", (dist.get_world_size(),)) if dist.get_rank() == 0 else first
     values, grad = torch.linspace(-1, 1, 8), torch.linspace(0.5, -0.3, 8)
     params = [torch.nn.Parameter(distribute_tensor(values.clone(), mesh, [Shard(0)])) for mesh in (first, second)]
@@ -670,12 +668,12 @@ def equal_mesh_checks() -> dict[str, bool]:
     return {"LSTMOptimizer: equal meshes judged as one": stepped and skipped}
 
 
-def usage_checks(out: Path) -> dict[str, bool]:
+def usage_checks() -> dict[str, bool]:
     """The checks of the ``usage`` mode, each True only where it holds on every rank."""
     from learnedopt.weights import UntrainedWeightsWarning
 
     warnings.simplefilter("ignore", UntrainedWeightsWarning)
-    mine = {**wrapper_checks(out), **gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
+    mine = {**wrapper_checks(), **gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return {key: all(r[key] for r in everyone) for key in mine}
@@ -695,7 +693,7 @@ def main() -> int:
         return 0
     if mode == "usage":
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a check that hangs fails soon
-        report = usage_checks(out)
+        report = usage_checks()
         if dist.get_rank() == 0:
             (out / "usage.json").write_text(json.dumps(report))
         dist.destroy_process_group()
