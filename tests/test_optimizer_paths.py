@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step, step_alike
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -605,3 +605,25 @@ def test_a_parameter_reshaped_after_its_state_was_loaded_or_made_without_a_step_
         opt.state_dict()
     with pytest.raises(ValueError, match=message):
         step(opt)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_state_tensor_moved_in_place_is_read_at_the_next_step(kind, how) -> None:
+    """A state tensor left in its place in ``optimizer.state`` but pointed elsewhere (``.data =``,
+    ``set_``) no longer backs the flat buffers: the next step reads its values, as it reads a
+    state tensor replaced by another."""
+    params, others = make_params([(5,), (4,), (3,)]), make_params([(5,), (4,), (3,)])
+    opt, other = OPTIMIZERS[kind](params), OPTIMIZERS[kind](others)
+    step_alike(params, opt, others, other, seeds=[0])
+    g = torch.Generator().manual_seed(7)
+    for name, value in list(opt.state[params[1]].items()):
+        if name == "step":
+            continue
+        new = torch.rand(value.shape, generator=g, dtype=value.dtype)  # v, a mean square, is >= 0
+        if how == "data":
+            value.data = new.clone()
+        else:
+            value.set_(new.clone())
+        other.state[others[1]][name] = new.clone()
+    step_alike(params, opt, others, other, seeds=[1, 2])

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..nn import State, UpdateRule
-from .sharding import is_sharded, local
+from ..nn import State, StateSpec, UpdateRule
+from .sharding import is_sharded, local, local_all
 
 
 class FlatState:
@@ -46,16 +46,22 @@ class FlatState:
         self.buffers: State = {name: torch.empty(s.shape(total), dtype=s.dtype(dtype), device=device) for name, s in spec.items()}
         self.dims = {name: len(s.lead) for name, s in spec.items()}
         self.index = {id(p): i for i, p in enumerate(self.members)}
+        # what is_current's fast path compares: each member's state dict, the view objects put in
+        # it, and where those views point and their shape, as made here
+        self._made: list[tuple[dict[str, Any], int, list[tuple[str, Tensor, int, torch.Size]]]] = []
         for p, offset in zip(self.members, self.offsets, strict=True):
             previous = state[p]
             n = local(p).numel()
             initial = None if all(k in previous for k in self.buffers) else rule.init_state(n, dtype=dtype, device=device)
             if initial is None:
                 check_state_shapes(rule, previous, n)
+            made = []
             for name, buf in self.buffers.items():
                 view = buf.narrow(self.dims[name], offset, n)
                 view.copy_(previous[name] if initial is None else initial[name])
                 previous[name] = view
+                made.append((name, view, view.data_ptr(), view.shape))
+            self._made.append((previous, n, made))
 
     def is_current(
         self, members: Sequence[Tensor], state: MutableMapping[Tensor, dict[str, Any]], dtype: torch.dtype
@@ -63,12 +69,20 @@ class FlatState:
         """Whether these buffers still back exactly ``members``' states (nothing replaced them)."""
         if dtype != self.dtype or len(members) != len(self.members):
             return False
-        for p, q, offset in zip(members, self.members, self.offsets, strict=True):
+        for p, q, shard, offset, (entry_made, n, views) in zip(
+            members, self.members, local_all(members), self.offsets, self._made, strict=True
+        ):
             if p is not q:
                 return False
             entry = state.get(p)
             if entry is None:
                 return False
+            # the views made in __init__, still in place, pointing where they did with their shape
+            # (set_ or .data = would move them) and the parameter as large: nothing else to check
+            if entry is entry_made and shard.numel() == n and all(
+                entry.get(name) is view and view.data_ptr() == ptr and view.shape == shape for name, view, ptr, shape in views
+            ):
+                continue
             for name, buf in self.buffers.items():
                 view = entry.get(name)
                 dim = self.dims[name]
@@ -78,19 +92,22 @@ class FlatState:
                     and view.storage_offset() == offset * buf.stride(dim)
                     # not the slice's shape: a slice past the buffer's end is cut short, so a last
                     # member grown since (p.data = bigger) would pass with its old states
-                    and view.shape == (*buf.shape[:dim], local(p).numel(), *buf.shape[dim + 1 :])
+                    and view.shape == (*buf.shape[:dim], shard.numel(), *buf.shape[dim + 1 :])
                 ):
                     return False
         return True
 
 
-def flatten_parameter_shaped(rule: UpdateRule, state: dict[str, Any], param: Tensor) -> None:
+def flatten_parameter_shaped(
+    rule: UpdateRule, state: dict[str, Any], param: Tensor, *, specs: dict[str, StateSpec] | None = None
+) -> None:
     """Give the states in ``state`` that have the form ``state_dict()`` writes, ``(*lead,
     *param.shape, *trail)``, the flat form ``(*lead, param.numel(), *trail)`` the step keeps, in
     place (a view where it can be). Such states reach ``optimizer.state[param]`` without
-    ``load_state_dict`` where a wrapper loads them itself (``ZeroRedundancyOptimizer``)."""
+    ``load_state_dict`` where a wrapper loads them itself (``ZeroRedundancyOptimizer``).
+    ``specs``: the rule's ``state_spec()``, where the caller has it already."""
     shape = local(param).shape
-    for name, spec in rule.state_spec().items():
+    for name, spec in (rule.state_spec() if specs is None else specs).items():
         value = state.get(name)
         if (
             isinstance(value, Tensor)
@@ -101,10 +118,13 @@ def flatten_parameter_shaped(rule: UpdateRule, state: dict[str, Any], param: Ten
             state[name] = value.reshape(spec.shape(shape.numel()))
 
 
-def check_state_shapes(rule: UpdateRule, state: dict[str, Any], numel: int) -> None:
+def check_state_shapes(
+    rule: UpdateRule, state: dict[str, Any], numel: int, *, specs: dict[str, StateSpec] | None = None
+) -> None:
     """Raise ValueError if a parameter's states do not fit its ``numel`` coordinates: it was
-    resized (``p.data = ...``) since they were made (copying them would broadcast or fail)."""
-    for name, spec in rule.state_spec().items():
+    resized (``p.data = ...``) since they were made (copying them would broadcast or fail).
+    ``specs``: the rule's ``state_spec()``, where the caller has it already."""
+    for name, spec in (rule.state_spec() if specs is None else specs).items():
         value = state.get(name)
         if isinstance(value, Tensor) and tuple(value.shape) != spec.shape(numel):
             raise ValueError(

@@ -221,6 +221,8 @@ class LearnedOptimizer(Optimizer):
                 f"{type(self).__name__}: a parameter appears more than once in one parameter group; give each parameter once"
             )
         for p in group["params"]:
+            if p.dtype in PARAM_DTYPES:  # real floating point: none of the errors below
+                continue
             if p.is_complex():
                 raise ValueError(
                     f"{type(self).__name__} does not support complex parameters "
@@ -646,23 +648,35 @@ class LearnedOptimizer(Optimizer):
             plans.append(_partitions(*self._plan(index, group, params, grads, positions, finite)))
         # a backend='triton' group that cannot run, or a parameter resized since its state was
         # made, raises here, before any group is updated
-        for group, partitions in zip(self.param_groups, plans, strict=True):
+        flat_members: list[dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], bool]]] = []
+        for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+            flat_members.append({})
             for (device, compute_dtype), (ps, _) in partitions.items():
                 fused = self._use_fused(group["backend"], device, compute_dtype, group["state_dtype"], group["foreach"])
                 # the batched paths copy the states of every parameter with one into their flat
                 # buffers, a parameter without a gradient now too; the per-tensor path only ``ps``'
-                held = ps if group["foreach"] is False and not fused else self._flat_members(group, device, compute_dtype, ps)
-                for p in held:
-                    if p in self.state:
-                        flatten_parameter_shaped(self.rule, self.state[p], p)
-                    check_state_shapes(self.rule, self.state.get(p, {}), sharding.local(p).numel())
+                current = False
+                if group["foreach"] is False and not fused:
+                    held = ps
+                else:
+                    held = self._flat_members(group, device, compute_dtype, ps)
+                    flat = self._flat_states.get((index, device, compute_dtype))
+                    # states that still are their views into current buffers are flat and fit their parameters
+                    current = flat is not None and flat.is_current(held, self.state, group["state_dtype"])
+                    flat_members[index][device, compute_dtype] = (held, current)
+                specs = self.rule.state_spec()
+                for p, shard in zip(held, sharding.local_all(held), strict=True):
+                    if not current:
+                        if p in self.state:
+                            flatten_parameter_shaped(self.rule, self.state[p], p, specs=specs)
+                        check_state_shapes(self.rule, self.state.get(p, {}), shard.numel(), specs=specs)
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
         # the allocations that grow with the model (the states of parameters stepped for the first
         # time, a group's flat buffers rebuilt for them) are made for every group before any is
         # updated: running out of memory there changes nothing, and the step can be retried
         held = [
-            self._hold_states(index, group, partitions)
+            self._hold_states(index, group, partitions, flat_members[index])
             for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True))
         ]
         shared, sharing = self._shared_calls(plans, held)
@@ -930,12 +944,18 @@ class LearnedOptimizer(Optimizer):
         return f"param_groups[{index}]['params'][{position}] (shape {shape})"
 
     def _hold_states(
-        self, index: int, group: dict[str, Any], partitions: Partitions
+        self,
+        index: int,
+        group: dict[str, Any],
+        partitions: Partitions,
+        flat_members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], bool]] | None = None,
     ) -> dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]]:
         """The states each of group ``index``'s partitions updates: its flat buffers (made or
         rebuilt now, where parameters get their first state), or for the per-tensor path each
         parameter's state. Changes no value: a parameter given its state now takes its first step
-        from it. Also copies the rule onto each partition's device and dtype."""
+        from it. Also copies the rule onto each partition's device and dtype. ``flat_members``:
+        for a partition on a batched path, its :meth:`_flat_members` and whether its flat buffers
+        were current, as the step's checks found them just before."""
         state_dtype = group["state_dtype"]
         held: dict[tuple[torch.device, torch.dtype], FlatState | list[dict[str, Any]]] = {}
         for (device, compute_dtype), (ps, _) in partitions.items():
@@ -943,7 +963,8 @@ class LearnedOptimizer(Optimizer):
             if group["foreach"] is False and not self._use_fused(group["backend"], device, compute_dtype, state_dtype, False):
                 held[device, compute_dtype] = [self._state_of(p, state_dtype) for p in ps]
             else:
-                held[device, compute_dtype] = self._flat_state(index, group, device, compute_dtype, state_dtype, ps)
+                known = (flat_members or {}).get((device, compute_dtype))
+                held[device, compute_dtype] = self._flat_state(index, group, device, compute_dtype, state_dtype, ps, known)
         return held
 
     def _update_group(
@@ -1085,15 +1106,20 @@ class LearnedOptimizer(Optimizer):
         compute_dtype: torch.dtype,
         state_dtype: torch.dtype,
         stepping: list[Tensor],
+        known: tuple[list[Tensor], bool] | None = None,
     ) -> FlatState:
         """The group's flat buffers for one (device, compute dtype), rebuilt when stale: the
-        parameters with state and those ``stepping`` now (not one skipped for a NaN gradient)."""
-        members = self._flat_members(group, device, compute_dtype, stepping)
+        parameters with state and those ``stepping`` now (not one skipped for a NaN gradient).
+        ``known``: those parameters and whether the buffers were current, found since the
+        states last changed."""
+        members, current = known if known is not None else (self._flat_members(group, device, compute_dtype, stepping), False)
         for p in members:
-            self.state[p].setdefault("step", _new_step())
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = _new_step()
         key = (index, device, compute_dtype)
         flat = self._flat_states.get(key)
-        if flat is None or not flat.is_current(members, self.state, state_dtype):
+        if flat is None or not (current or flat.is_current(members, self.state, state_dtype)):
             flat = FlatState(self.rule, members, self.state, state_dtype, device)
             self._flat_states[key] = flat
             # buffers that no longer back their members' states would otherwise be kept alive

@@ -47,10 +47,14 @@ def _dtensor() -> ModuleType:
     return torch.distributed.tensor
 
 
+def _dtensor_class() -> type | None:
+    """``DTensor``, or None where no tensor can be one yet (its module not imported)."""
+    return getattr(sys.modules.get(_DTENSOR_MODULE), "DTensor", None)  # None too while the module is being imported
+
+
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a ``DTensor``."""
-    module = sys.modules.get(_DTENSOR_MODULE)
-    dtensor = getattr(module, "DTensor", None)  # None too while the module is being imported
+    dtensor = _dtensor_class()
     return dtensor is not None and isinstance(t, dtensor)
 
 
@@ -72,6 +76,14 @@ def placed_like(grad: Tensor, param: Tensor) -> Tensor:
     return grad.redistribute(param.device_mesh, param.placements)
 
 
+def local_all(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`local` of each tensor, looking ``DTensor`` up once for all of them."""
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
 def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     """``finite[i]`` (this rank's verdict on ``tensors[i]``'s local part) combined over the ranks
     holding the other parts of each ``DTensor``: finite only if finite everywhere. Plain tensors
@@ -87,9 +99,12 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     tensors and no tensor can be matched with its other parts, every tensor of that mesh is False."""
     # by equal meshes, not by mesh object: DTensor's caches give an equal mesh as another object,
     # as they please on each rank, and ranks grouping otherwise would make other collectives
+    dtensor = _dtensor_class()
+    if dtensor is None:
+        return list(finite)
     by_mesh: dict[object, list[int]] = {}
     for i, t in enumerate(tensors):
-        if is_sharded(t):
+        if isinstance(t, dtensor):
             by_mesh.setdefault(t.device_mesh, []).append(i)
     finite = list(finite)
     for indices in by_mesh.values():
