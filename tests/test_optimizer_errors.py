@@ -680,3 +680,30 @@ def test_a_numpy_loss_is_read_as_the_number() -> None:
         opt.step(loss=loss)
         runs.append(param.detach().clone())
     assert all(torch.equal(run, runs[0]) for run in runs)
+
+
+def test_the_non_finite_check_of_many_tensors_judges_each_as_isfinite_does() -> None:
+    """The step checks all gradients at once (one reduction per dtype, not two ops per tensor):
+    each verdict is still that tensor's own, for NaN, +Inf, -Inf, both, in every dtype, in a
+    long tensor, a non-contiguous or expanded one, a 0-dim or empty one and a ``meta`` one."""
+    from learnedopt.optim.learned_optimizer import _all_finite
+
+    g = torch.Generator().manual_seed(0)
+    tensors = []
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for bad in (None, float("nan"), float("inf"), -float("inf"), "both"):
+            for n in (1, 3, 70_000):
+                t = torch.randn(n, generator=g).to(dtype)
+                if bad == "both":
+                    t[0], t[-1] = float("inf"), float("nan")
+                elif bad is not None:
+                    t[n // 2] = bad
+                tensors.append(t)
+        tensors += [torch.empty(0, dtype=dtype), torch.tensor(float("nan"), dtype=dtype), torch.tensor(2.0, dtype=dtype)]
+    t = torch.randn(4, 6, generator=g)
+    t[3, 1] = float("nan")
+    tensors += [t.t(), torch.tensor([float("inf")]).expand(5), torch.ones(3).expand(2, 3)]
+    expected = [bool(torch.isfinite(t).all()) for t in tensors]
+    assert _all_finite(tensors) == expected
+    assert sum(expected) < len(expected) - 20  # the case above really holds bad tensors
+    assert _all_finite([torch.empty(3, device="meta"), tensors[1], torch.empty(2, device="meta")]) == [True, expected[1], True]

@@ -1166,7 +1166,21 @@ class LearnedOptimizer(Optimizer):
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
     """Whether each tensor (the local part of a ``DTensor``) is free of NaN/Inf, with one host
     sync per device. ``meta`` tensors hold no values to check (shape-only runs)."""
-    return _per_tensor(tensors, lambda t: torch.isfinite(t).all())
+    tensors = sharding.local_all(tensors)
+    by_device: dict[torch.device, dict[torch.dtype, list[int]]] = {}
+    for i, t in enumerate(tensors):
+        if not t.is_meta and t.numel():  # an empty tensor is finite (and has no infinity norm)
+            by_device.setdefault(t.device, {}).setdefault(t.dtype, []).append(i)
+    flags = [True] * len(tensors)
+    for by_dtype in by_device.values():
+        # the largest magnitude of each tensor, one foreach op per dtype rather than two ops per
+        # tensor: NaN where the tensor holds a NaN (the CPU and CUDA kernels propagate it), Inf
+        # where it holds an Inf
+        verdicts = [torch.isfinite(torch.stack(torch._foreach_norm([tensors[i] for i in indices], ord=math.inf))) for indices in by_dtype.values()]
+        values = (verdicts[0] if len(verdicts) == 1 else torch.cat(verdicts)).tolist()
+        for i, flag in zip((i for indices in by_dtype.values() for i in indices), values, strict=True):
+            flags[i] = flag
+    return flags
 
 
 def _all_zero(tensors: list[Tensor]) -> list[bool]:
