@@ -79,10 +79,12 @@ class FlatState:
                 return False
             # the views made in __init__, still in place, pointing where they did with their shape
             # (set_ or .data = would move them) and the parameter as large: nothing else to check
-            if entry is entry_made and shard.numel() == n and all(
-                entry.get(name) is view and view.data_ptr() == ptr and view.shape == shape for name, view, ptr, shape in views
-            ):
-                continue
+            if entry is entry_made and shard.numel() == n:
+                for name, view, ptr, shape in views:
+                    if entry.get(name) is not view or view.data_ptr() != ptr or view.shape != shape:
+                        break
+                else:
+                    continue
             for name, buf in self.buffers.items():
                 view = entry.get(name)
                 dim = self.dims[name]

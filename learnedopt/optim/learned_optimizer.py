@@ -1209,7 +1209,7 @@ def _in_math_range(grad: Tensor, dtype: torch.dtype) -> Tensor:
     """``grad`` as it is, or, where its dtype reaches beyond ``dtype``'s range (a float64 gradient
     of a float32 parameter, which ``p.grad_dtype = None`` allows), saturated into ``dtype``: a
     finite value beyond it would be Inf in that math, and the parameter and its states NaN."""
-    if torch.finfo(grad.dtype).max <= torch.finfo(dtype).max:
+    if grad.dtype == dtype or torch.finfo(grad.dtype).max <= torch.finfo(dtype).max:
         return grad
     return _saturated(grad, dtype)
 
@@ -1240,10 +1240,11 @@ def _partitions(params: list[Tensor], grads: list[Tensor]) -> Partitions:
 def _in_buffer_order(flat: FlatState, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Any, list[int]]:
     """``(params, grads, buffers, offsets)`` sorted by position in the flat buffers (the local
     shards of ``DTensor``s)."""
+    if len(params) == len(flat.members) and all(p is q for p, q in zip(params, flat.members)):  # every member, in order
+        return sharding.local_all(params), sharding.local_all(grads), flat.buffers, list(flat.offsets)
     order = sorted(range(len(params)), key=lambda i: flat.index[id(params[i])])
     offsets = [flat.offsets[flat.index[id(params[i])]] for i in order]
-    local = sharding.local
-    return [local(params[i]) for i in order], [local(grads[i]) for i in order], flat.buffers, offsets
+    return sharding.local_all([params[i] for i in order]), sharding.local_all([grads[i] for i in order]), flat.buffers, offsets
 
 
 @dataclass

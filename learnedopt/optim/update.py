@@ -304,7 +304,7 @@ def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """One contiguous ``(sum numel,)`` vector; a view (no copy) when there is nothing to gather."""
     if len(tensors) == 1:
         return tensors[0].reshape(-1).to(dtype)
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    return torch.cat([t.reshape(-1) if t.dtype == dtype else t.reshape(-1).to(dtype) for t in tensors])
 
 
 def fused_update_(
