@@ -707,3 +707,40 @@ def test_the_non_finite_check_of_many_tensors_judges_each_as_isfinite_does() -> 
     assert _all_finite(tensors) == expected
     assert sum(expected) < len(expected) - 20  # the case above really holds bad tensors
     assert _all_finite([torch.empty(3, device="meta"), tensors[1], torch.empty(2, device="meta")]) == [True, expected[1], True]
+
+
+def test_states_current_in_their_buffers_are_checked_against_a_changed_state_spec() -> None:
+    """The step skips the shape checks of states still in their flat buffers only while the
+    rule's ``state_spec()`` is the one the buffers were made for: a rule whose states changed
+    shape since is refused before anything is stepped."""
+    from learnedopt.nn import MetaLSTMConfig, StateSpec, UpdateRule
+    from learnedopt.optim import LearnedOptimizer
+
+    class Decaying(UpdateRule):
+        kind = "Decaying"
+        config_class = MetaLSTMConfig  # any config dataclass; unused
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+            self.width = 2
+
+        def state_spec(self):
+            return {"h": StateSpec((1,), (self.width,))}
+
+        def forward(self, grad, param, state, loss=None):
+            return -grad * self.scale, {"h": state["h"] * 0.5 + grad[None, :, None]}
+
+    class DecayingOptimizer(LearnedOptimizer):
+        rule_kind = "Decaying"
+
+    params = make_params([(5,), (3,)], dtype=torch.float32)
+    opt = DecayingOptimizer(params, Decaying())
+    set_grads(params, 0)
+    opt.step()
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    opt.rule.width = 3
+    with pytest.raises(ValueError, match=r"the state 'h' of a parameter has shape \(1, 5, 2\), but its 5 element\(s\) need \(1, 5, 3\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -25,6 +25,7 @@ class FlatState:
     state. Afterwards ``state[p][name]`` is the slice ``offset:offset + numel`` of
     ``buffers[name]`` along its coordinate dimension, ``dims[name]`` (``len(spec.lead)``:
     ``buffers[name][:, offset:offset + numel]`` for the library's rules' one leading dimension).
+    ``specs`` is the rule's ``state_spec()`` the buffers were made for.
     """
 
     def __init__(
@@ -42,7 +43,7 @@ class FlatState:
         for p in self.members:
             self.offsets.append(total)
             total += local(p).numel()
-        spec = rule.state_spec()
+        self.specs = spec = rule.state_spec()
         self.buffers: State = {name: torch.empty(s.shape(total), dtype=s.dtype(dtype), device=device) for name, s in spec.items()}
         self.dims = {name: len(s.lead) for name, s in spec.items()}
         self.index = {id(p): i for i, p in enumerate(self.members)}

@@ -656,15 +656,17 @@ class LearnedOptimizer(Optimizer):
                 # the batched paths copy the states of every parameter with one into their flat
                 # buffers, a parameter without a gradient now too; the per-tensor path only ``ps``'
                 current = False
+                specs = self.rule.state_spec()
                 if group["foreach"] is False and not fused:
                     held = ps
                 else:
                     held = self._flat_members(group, device, compute_dtype, ps)
                     flat = self._flat_states.get((index, device, compute_dtype))
-                    # states that still are their views into current buffers are flat and fit their parameters
+                    # states that still are their views into current buffers made for these specs are
+                    # flat and fit their parameters
                     current = flat is not None and flat.is_current(held, self.state, group["state_dtype"])
                     flat_members[index][device, compute_dtype] = (held, current)
-                specs = self.rule.state_spec()
+                    current = current and flat.specs == specs
                 for p, shard in zip(held, sharding.local_all(held), strict=True):
                     if not current:
                         if p in self.state:
