@@ -95,9 +95,10 @@ def main() -> None:
                     )
                 )
                 print(rows[-1], flush=True)
+    threads = torch.get_num_threads()  # the script sets none: OMP_NUM_THREADS=1 for one, else torch's default
     table = [
         f"{args.tensors} parameter tensors split evenly into param groups (each its own `lr`); steps per second, "
-        "one thread unless `OMP_NUM_THREADS` says otherwise. *shared*: small groups share their rule calls "
+        f"{threads} thread{'s' * (threads > 1)}. *shared*: small groups share their rule calls "
         "(`group_batch_limit`, the default); *per group*: `group_batch_limit = 0`, each group its own calls.\n",
         "| optimizer | elements per tensor | groups | shared steps/s | per group steps/s | Adam(foreach) steps/s | shared vs per group | vs Adam |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -74,6 +74,23 @@ def test_param_groups_writes_agreeing_json_and_markdown(results: Path, monkeypat
     assert speedups == [round(r["speedup_vs_per_group"], 2) for r in rows]
 
 
+def test_param_groups_table_names_the_threads_it_ran_on(results: Path, monkeypatch) -> None:
+    # the table said "one thread unless OMP_NUM_THREADS says otherwise", but the script sets no
+    # thread count: without OMP_NUM_THREADS torch runs on every core
+    import param_groups
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_main(param_groups, monkeypatch, "--tensors", "2", "--sizes", "3", "--groups", "1", "--optimizers", "lstm",
+                 "--repeats", "1", "--tag", "t")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    md = (results / "param_groups_t.md").read_text()
+    assert "one thread" not in md
+    assert "2 threads" in md
+
+
 def test_meta_gradient_difference_does_not_hide_a_nan() -> None:
     g = [torch.ones(3)]
     grads = {"per-tensor": g, "batched": [torch.full((3,), math.nan)], "batched-nn-lstm": [g[0] * (1 + 1e-7)]}
