@@ -65,12 +65,12 @@ class ConfigError(ValueError):
 def refuse_other_data(
     saved: str | None, current: str | None, what: str, data: str | None, whose: str = "the checkpoint's run"
 ) -> None:
-    """Raise ConfigError where a checkpoint's run read data of SHA-256 ``saved`` and ``--resume``
-    finds other data (``current``): ``--data`` may name another folder on resume, not other
-    files, since the steps before the checkpoint read the first ones. ``what``: e.g. "MNIST
-    files"; ``data``: the ``--data`` given; ``whose``: the run as the refusal names it. Not
-    checked where either is None (a checkpoint from before the hash was recorded, a run that
-    reads no data files)."""
+    """Raise ConfigError where a run read data of SHA-256 ``saved`` (as its checkpoint or, before
+    the first, :data:`CONFIG_NAME` records it) and ``--resume`` finds other data (``current``):
+    ``--data`` may name another folder on resume, not other files, since the steps before the
+    checkpoint read the first ones. ``what``: e.g. "MNIST files"; ``data``: the ``--data``
+    given; ``whose``: the run as the refusal names it. Not checked where either is None (a
+    record from before the hash was recorded, a run that reads no data files)."""
     if saved is not None and current is not None and saved != current:
         raise ConfigError(
             f"--resume: {whose} read other {what} (SHA-256 {saved[:12]}) than those "
@@ -337,7 +337,8 @@ def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
 
 def check_run(config: Any, checkpoint_every: int, workers: Workers | None, *, resume: bool = False) -> Workers:
     """The checks every algorithm's run starts with: the configuration (``config.validate()``),
-    ``checkpoint_every``, ``LEARNEDOPT_COMPILE``, and a meta-batch (and a selection episode of
+    its ``device`` for this process (:func:`check_device`, with torchrun's ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE``), ``checkpoint_every``, ``LEARNEDOPT_COMPILE``, and a meta-batch (and a selection episode of
     ``select_tasks``, where the config has one) that splits over the workers (default:
     :func:`learnedopt.meta.distributed.current`), which are returned. With ``resume`` those
     sizes are the run's own, so a refusal names the numbers of processes that can continue it.

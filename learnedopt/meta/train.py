@@ -569,8 +569,10 @@ def meta_train(
         config: the run's configuration (validated here).
         out: output folder (created).
         checkpoint_every: write ``checkpoint.pt`` every this many meta-steps (and at the end).
-        resume: continue from ``out/checkpoint.pt``; the config must match the checkpoint's
-            except for the data folder, the device and ``meta_steps`` (unless
+        resume: continue from ``out/checkpoint.pt`` (a run with a log but no checkpoint yet is
+            started again); the config must match the run's (the checkpoint's, before it
+            ``config.json``'s, as :meth:`MetaTrainConfig.same_run_dict` gives them) except for
+            the data folder, the device and ``meta_steps`` (unless
             :attr:`MetaTrainConfig.meta_steps_shape_the_run`).
         command: the command line, recorded in the weight file and model card (the CLI passes
             :func:`canonical_command`, which is the same for a run and its resumption).

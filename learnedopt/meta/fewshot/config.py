@@ -101,8 +101,9 @@ class FewShotConfig:
         inner_batch: Reptile's examples per inner step, drawn from the support set without
             replacement (None: the whole support set every step).
         device: where meta-training runs, ``"cpu"`` or ``"cuda[:N]"`` (under several processes
-            ``"cuda"``, each rank's GPU; tasks are drawn on the
-            CPU, so it changes results only by rounding; a run may resume on another device).
+            ``"cuda"``, each rank's GPU; tasks are drawn on the CPU, so it changes results only by
+            rounding, but for the network's draws from torch's global RNG, e.g. dropout: on a GPU
+            from its generator; a run may resume on another device).
         valid_alphabets, test_alphabets: Omniglot: comma-separated alphabet names of the
             meta-valid and meta-test parts, the other alphabets meta-training's (both or
             neither; None: the fixed split :data:`~learnedopt.meta.fewshot.sources.OMNIGLOT_SPLIT`,
