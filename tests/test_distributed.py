@@ -732,6 +732,8 @@ def test_each_rank_resolves_cuda_to_the_gpu_of_its_local_rank_and_an_explicit_in
             check(device, world_size=2, local_rank=rank, cuda_count=2)
     assert check("cuda", world_size=4, local_rank=3, cuda_count=1) == torch.device("cuda", 0)  # one GPU bound to each
     assert check("cuda:0", world_size=4, local_rank=3, cuda_count=1) == torch.device("cuda", 0)
+    with pytest.raises(loop.ConfigError, match=r"^--device cuda:1: this machine has 1 CUDA device\(s\)$"):
+        check("cuda:1", world_size=2, local_rank=1, cuda_count=1)  # not "every one of the 2 processes would run on cuda:1"
     with pytest.raises(loop.ConfigError, match=r"^--device cuda: local rank 2 has no CUDA device of its own \(this "
                        r"machine has 2 for 4 processes\): start at most 2 processes per machine"):  # fmt: skip
         check("cuda", world_size=4, local_rank=2, local_world_size=4, cuda_count=2)

@@ -568,7 +568,9 @@ def check_device(
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cuda_count == 0:
         raise ConfigError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
-    if world_size > 1 and cuda_count == 1 and parsed.index in (None, 0):  # a GPU of its own, or shared: agree_checks tells
+    if parsed.index is not None and parsed.index >= cuda_count:
+        raise ConfigError(f"--device {device}: this machine has {cuda_count} CUDA device(s)")
+    if world_size > 1 and cuda_count == 1:  # a GPU of its own, or shared: agree_checks tells
         return torch.device("cuda", 0)
     if world_size > 1:
         if parsed.index is not None:
@@ -582,8 +584,6 @@ def check_device(
                               f"machine has {cuda_count} for {processes} processes): start at most {cuda_count} "
                               f"process{'es' * (cuda_count > 1)} per machine (--nproc_per_node) or use --device cpu")  # fmt: skip
         return torch.device("cuda", local_rank)
-    if parsed.index is not None and parsed.index >= cuda_count:
-        raise ConfigError(f"--device {device}: this machine has {cuda_count} CUDA device(s)")
     return parsed
 
 
