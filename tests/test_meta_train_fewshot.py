@@ -1429,3 +1429,18 @@ def test_a_library_network_refuses_a_tuple_of_inputs_naming_what_it_takes() -> N
         learner.adapt((x, x), x)
     with pytest.raises(TypeError, match=re.escape("x is a dict; this learner's model takes one (N, 1) tensor")):
         learner.predict(learner.adapt(x, x), {"x": x})
+
+
+def test_building_a_seeded_learner_leaves_the_cuda_generators_alone(monkeypatch) -> None:  # noqa: ANN001
+    """``FewShotLearner(seed=...)`` built its model under ``torch.manual_seed`` inside a fork of
+    the CPU generator only, which also reseeded every CUDA generator for good (the caller's GPU
+    draws changed); the model is built on the CPU, and only the CPU generator is seeded now, and
+    restored. So is an own rule's constructor under ``meta-train --rule module:Class``."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    spec = LearnerSpec.for_config(config("maml"))
+    before = torch.get_rng_state()
+    a, b = FewShotLearner(spec, seed=3), FewShotLearner(spec, seed=3)
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters(), strict=True))

@@ -364,8 +364,7 @@ def initial_rule(config: MetaTrainConfig) -> UpdateRule:
         rule = RULES[config.rule].from_config_dict(dict(config.rule_config or {}))
         rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
     else:  # your own module:Class, initialised by its constructor under the run's seed
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.seed, _INIT_STREAM))
+        with seeded_global_rng(derive_seed(config.seed, _INIT_STREAM), "cpu"):
             cls = rule_class(config.rule)
             try:
                 rule = cls.from_config_dict(dict(config.rule_config or {}))

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, load_weights, open_with_header, save_with_header
+from ...values import seeded_global_rng
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
@@ -188,9 +189,9 @@ class FewShotLearner:
         own = spec.architecture["kind"] == OWN_KIND
         if own and family is None:
             family = import_fewshot_family(spec.architecture["family"])
-        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
-            if seed is not None:
-                torch.manual_seed(derive_seed(seed, 0))
+        # the global RNG is left as it was (torch.manual_seed here also reseeded every CUDA generator
+        # for good: the model is built on the CPU, whose generator alone is seeded)
+        with torch.random.fork_rng(devices=[]) if seed is None else seeded_global_rng(derive_seed(seed, 0), "cpu"):
             self.model = family_model(spec.architecture["family"], family) if own else build_model(spec.architecture)
         if own:  # transductive for every algorithm, as build_model's conv-4 (meta-lstm's vmapped inner
             # loop failed on a BatchNorm layer's running statistics, which MAML and Reptile replace)
