@@ -863,6 +863,38 @@ def test_a_sharded_parameter_refuses_a_saved_state_of_another_shape() -> None:
         dist.destroy_process_group()
 
 
+def test_the_nan_verdict_reduces_over_meshes_in_an_order_every_rank_shares(monkeypatch) -> None:
+    """``agree_finite`` makes its all-reduces mesh by mesh. A rank may leave a tensor whose shard
+    is empty out of its optimizer, so the mesh of its first tensor can be another than on the
+    other ranks: reduced in the order the tensors first name them, one rank would wait in one
+    mesh's all-reduce while another waits in the other's. The order is now the meshes' own (here
+    on one process: two meshes, listed either way round, are reduced in one order)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from learnedopt.optim import sharding
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        meshes = [init_device_mesh("cpu", (1,), mesh_dim_names=(name,)) for name in ("dp", "tp")]
+        first, second = (distribute_tensor(torch.randn(4), mesh, [Shard(0)]) for mesh in meshes)
+        reduced: list[tuple[str, ...]] = []
+        real = sharding._all_reduce_over
+        monkeypatch.setattr(
+            sharding, "_all_reduce_over", lambda mesh, tensor, op: (reduced.append(mesh.mesh_dim_names), real(mesh, tensor, op))
+        )
+        orders = []
+        for tensors, finite in (([first, second], [True, False]), ([second, first], [False, True])):
+            reduced.clear()
+            assert sharding.agree_finite(tensors, finite) == finite
+            orders.append(list(reduced))
+        # each mesh's summary, then the flags of the mesh holding the non-finite tensor
+        assert orders[0] == orders[1] and sorted(orders[0]) == [("dp",), ("tp",), ("tp",)]
+    finally:
+        dist.destroy_process_group()
+
+
 def _readme_checkpoint_round_trip(build, make_optimizer, folder: Path, planner=None) -> tuple:
     """The README's ``torch.distributed.checkpoint`` recipe in one process (no process group):
     2 steps, save, load (with ``planner``) into a fresh model and optimizer; returns both
