@@ -107,8 +107,9 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
         if isinstance(t, dtensor):
             by_mesh.setdefault(t.device_mesh, []).append(i)
     finite = list(finite)
-    for indices in by_mesh.values():
-        mesh = tensors[indices[0]].device_mesh
+    # in the meshes' own order, not the order the tensors first name them: a rank leaving a tensor
+    # out can name another mesh first, and would wait in one mesh's all-reduce, the others in another's
+    for mesh, indices in sorted(by_mesh.items(), key=lambda item: _mesh_order(item[0])):
         count = float(len(indices))
         summary = torch.tensor([count, -count, float(not all(finite[i] for i in indices))], device=mesh.device_type)
         _all_reduce_over(mesh, summary, dist.ReduceOp.MAX)
@@ -125,6 +126,11 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
         for i, flag in zip(indices, flags.tolist(), strict=True):
             finite[i] = flag == 1.0
     return finite
+
+
+def _mesh_order(mesh: object) -> tuple:
+    """A key that sorts device meshes alike on every rank: device type, shape, ranks, dim names."""
+    return (mesh.device_type, tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh_dim_names or ()))
 
 
 def _all_reduce_over(mesh: object, tensor: Tensor, op: object) -> None:
