@@ -10,7 +10,7 @@ Three things do need the other ranks:
   under tensor parallelism) is redistributed to the parameter's placements first, as
   ``torch.optim``'s DTensor operations do, so that each rank steps on its part of the full gradient;
 - the NaN/Inf check: a tensor is skipped or rejected as a whole (``nan_policy``), so the ranks
-  agree on its verdict with one all-reduce per device mesh;
+  agree on its verdict with one all-reduce per device mesh and param group (see :func:`agree_finite`);
 - checkpoints: ``state_dict()`` gives each state of a sharded parameter as a ``DTensor`` of
   global shape ``(*lead, *param.shape, *trail)``, sharded like the parameter (its placements
   shifted past the leading dimensions), so ``torch.distributed.checkpoint`` saves every shard

@@ -2,7 +2,7 @@
 ``_multi_tensor_adam`` / ``_fused_adam``: the optimizer classes own state and dispatch, these
 functions do the step.
 
-All three apply ``param += lr * step`` where ``step`` is the update rule's output, run the
+Each applies ``param += lr * step`` where ``step`` is the update rule's output, run the
 rule in ``compute_dtype`` whatever the parameter and state dtypes, and write the new states back
 in their storage dtype. They are meant to run under ``torch.no_grad()``.
 """
