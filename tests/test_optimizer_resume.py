@@ -329,6 +329,8 @@ def test_a_saved_step_of_another_type_loads_as_the_float32_count(saved_step) -> 
     ("m", torch.ones(3, 4, dtype=torch.bool), r"saved state \['m'\] of parameter 0 must be floating-point tensors, got bool"),
     # an optimizer of a model on the meta device saved it: torch's NotImplementedError named no state
     ("h", torch.ones(2, 4, 20, device="meta"), r"^saved state \['h'\] of parameter 0 is on the meta device, which holds no values"),
+    # a state dict read with torch.load(map_location="meta"): the count failed in torch's .item()
+    ("step", torch.tensor(3.0, device="meta"), r"^saved 'step' of parameter 0 is on the meta device, which holds no value"),
 ])  # fmt: skip
 def test_a_malformed_saved_state_is_rejected_before_anything_changes(name, value, match) -> None:
     params = make_params([(4,)], dtype=torch.float32)
