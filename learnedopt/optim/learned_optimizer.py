@@ -1310,6 +1310,11 @@ def _as_json(value: Any) -> Any:
 def _loaded_step(step: Any, index: int) -> Tensor:
     """A saved step count as the float32 scalar tensor a step increments (torch.optim's
     optimizers convert a number the same way); anything else is rejected before loading."""
+    if isinstance(step, Tensor) and step.is_meta:  # .item() raised torch's error, naming nothing
+        raise ValueError(
+            f"saved 'step' of parameter {index} is on the meta device, which holds no value (a state dict "
+            "read with torch.load(map_location='meta')?); load one whose counts hold their values"
+        )
     value = step.item() if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() else step
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"saved 'step' of parameter {index} must be a non-negative number, got {step!r}")
