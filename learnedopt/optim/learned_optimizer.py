@@ -766,13 +766,20 @@ class LearnedOptimizer(Optimizer):
             rule, segments, loss=loss_here, compute_dtype=compute_dtype, chunk=self.chunk, before_write=progress.mark_written
         )
         progress.mark_written()
-        # each group's weight decay and step counts as _finish_partition's, in one foreach call each
+        finished = [(self.param_groups[index], plans[index][key][0], segment.lr) for (index, key), segment in zip(members, segments, strict=True)]
+        self._finish_partitions(finished, progress)
+
+    def _finish_partitions(self, finished: list[tuple[dict[str, Any], list[Tensor], float]], progress: _StepProgress) -> None:
+        """After the update of partitions (one group's, or those sharing a rule call), given as
+        ``(group, parameters, lr)``: each group's weight decay, the step counts (one foreach op
+        each for all of them), the progress."""
         decayed, factors, steps = [], [], []
-        for (index, key), segment in zip(members, segments, strict=True):
-            group, ps = self.param_groups[index], plans[index][key][0]
-            if group["weight_decay"] and segment.lr:
+        for group, ps, lr in finished:
+            if group["weight_decay"] and lr:
+                # after the step, not before as AdamW: a kernel that fails at its first launch
+                # must leave every parameter as it was
                 decayed += [sharding.local(p) for p in ps]
-                factors += [1.0 - segment.lr * float(group["weight_decay"])] * len(ps)
+                factors += [1.0 - lr * float(group["weight_decay"])] * len(ps)
             steps += [self.state[p]["step"] for p in ps]
         if decayed:
             torch._foreach_mul_(decayed, factors)
@@ -780,19 +787,6 @@ class LearnedOptimizer(Optimizer):
         progress.updated = True
         progress.partial = False
         progress.stepped += len(steps)
-
-    def _finish_partition(self, group: dict[str, Any], ps: list[Tensor], lr: float, progress: _StepProgress) -> None:
-        """After a partition's update: its group's weight decay, its step counts, the progress."""
-        if group["weight_decay"] and lr:
-            # after the step, not before as AdamW: a kernel that fails at its first launch
-            # must leave every parameter as it was
-            with torch.no_grad():
-                torch._foreach_mul_([sharding.local(p) for p in ps], 1.0 - lr * float(group["weight_decay"]))
-        steps = [self.state[p]["step"] for p in ps]
-        torch._foreach_add_(steps, 1.0)
-        progress.updated = True
-        progress.partial = False
-        progress.stepped += len(ps)
 
     def _check_reshaped(self, p: Tensor) -> None:
         """Raise ValueError where ``p`` has another shape than when its state was made, with as
@@ -1035,7 +1029,7 @@ class LearnedOptimizer(Optimizer):
                 local_ps, local_gs = [sharding.local(p) for p in ps], [sharding.local(g) for g in gs]
                 single_tensor_update_(rule, local_ps, local_gs, states, before_write=progress.mark_written, **common)
             progress.mark_written()  # a partition of no coordinates (0-element tensors) counts its steps
-            self._finish_partition(group, ps, lr, progress)
+            self._finish_partitions([(group, ps, lr)], progress)
 
     def _use_fused(
         self, backend: str, device: torch.device, compute_dtype: torch.dtype, state_dtype: torch.dtype, foreach: bool | None = None
