@@ -572,8 +572,9 @@ class LearnedOptimizer(Optimizer):
         Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
         graph break: it runs as it does eagerly, the closure too.
 
-        A step where no parameter has a gradient does nothing, as ``torch.optim``'s do; without a
-        loss too, even where the rule reads one (``MetaLSTMOptimizer``).
+        A step where no parameter has a gradient changes nothing, as ``torch.optim``'s do, and needs
+        no loss, even where the rule reads one (``MetaLSTMOptimizer``); a loss given is still
+        checked (a NaN one raises under ``nan_policy="raise"``).
 
         A step without closure or loss on an optimizer without state, at ``lr=0`` in every group,
         where exactly the parameters that require grad have a gradient and all of these are zero
