@@ -66,12 +66,30 @@ def test_batched_path_leaves_a_skipped_one_element_tensor_between_two_others(kin
             torch.testing.assert_close(opt.state[p][name], ref.state[q][name], rtol=1e-12, atol=1e-12)
 
 
-def test_flat_update_rejects_a_chunk_below_one() -> None:
-    opt = LSTMOptimizer(make_params([(3,)], dtype=torch.float32))
-    opt.chunk = 0
-    set_grads(opt.param_groups[0]["params"], seed=0)
-    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("chunk", 0, r"^LSTMOptimizer.chunk must be an integer >= 1, got 0$"),
+        ("chunk", 2.5, r"^LSTMOptimizer.chunk must be an integer >= 1, got 2.5$"),
+        ("group_batch_limit", -1, r"^LSTMOptimizer.group_batch_limit must be an integer >= 0 \(0: no sharing\), got -1$"),
+        ("group_batch_limit", "8", r"^LSTMOptimizer.group_batch_limit must be an integer >= 0 \(0: no sharing\), got '8'$"),
+    ],
+)
+def test_a_bad_chunk_or_group_batch_limit_is_refused_before_anything_changes(name, value, message) -> None:
+    """The plain attributes ``chunk`` and ``group_batch_limit`` were checked only inside the
+    update (a chunk below one), after the groups before it (a fused one) had stepped; a float
+    chunk or a negative limit failed in torch or ran as no sharing. Both are checked first now."""
+    params = make_params([(3,), (2,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": params[:1]}, {"params": params[1:]}])
+    set_grads(params, seed=0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    states = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    setattr(opt, name, value)
+    with pytest.raises(ValueError, match=message):
         opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in states.items())
 
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])

@@ -28,7 +28,7 @@ from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..nn.precision import math_dtype, without_autocast
-from ..values import is_number
+from ..values import check_positive_integer, is_integer, is_number
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
@@ -599,6 +599,10 @@ class LearnedOptimizer(Optimizer):
             )
         if self._partial_step is not None:
             raise RuntimeError(f"{self._partial_step}: another step would step those twice. {self._partial_step_way_out()}")
+        # plain attributes a user may set: a bad one raised inside the update, after a fused group had stepped
+        check_positive_integer(f"{type(self).__name__}.chunk", self.chunk)
+        if not is_integer(self.group_batch_limit) or self.group_batch_limit < 0:
+            raise ValueError(f"{type(self).__name__}.group_batch_limit must be an integer >= 0 (0: no sharing), got {self.group_batch_limit!r}")
         seen: set[int] = set()
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
