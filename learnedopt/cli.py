@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -145,23 +145,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+class _OutputError(OSError):
+    """Writing the command's standard output failed (a full disk, ``> /dev/full``)."""
+
+
+class _GuardedOutput:
+    """Standard output whose write errors are :class:`_OutputError`, told apart from the
+    commands' own file errors; everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _OutputError(err.errno, err.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _OutputError(err.errno, err.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def run() -> NoReturn:
     """The ``learnedopt`` console script: :func:`main`, then the process exits with its status
     (see :func:`learnedopt.meta.distributed.exit_process` for how under ``torchrun``); status 1,
-    with no traceback, when the reader of its output closed the pipe early."""
+    with no traceback, when the reader of its output closed the pipe early, and with one line
+    when the output cannot be written (``> /dev/full``)."""
     import os
     import sys
 
     from .meta.distributed import exit_process
 
+    sys.stdout = _GuardedOutput(sys.stdout)
     try:
         status = main()
         sys.stdout.flush()  # here, so that a reader gone by now is caught below, not at exit
-    except BrokenPipeError:
+    except (BrokenPipeError, _OutputError) as err:
         # the reader of the output has gone (`learnedopt presets | head -3`): end quietly, as Unix
         # tools do, instead of a traceback; stdout goes to devnull so that the interpreter's final
         # flush of what is left does not raise again (the recipe of Python's `signal` docs)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(err, _OutputError):
+            print(f"learnedopt: cannot write the output: {err.strerror}", file=sys.stderr)
         status = 1
     exit_process(status)
 

@@ -51,6 +51,20 @@ def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback(bu
     assert stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_output_that_cannot_be_written_ends_in_one_line(buffered: bool) -> None:
+    """``learnedopt presets > /dev/full`` (a full disk): the write error ended in an OSError
+    traceback (or, buffered, Python's "Exception ignored" at exit); now one line and status 1."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "learnedopt", "presets"], stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert result.returncode == 1
+    assert result.stderr == "learnedopt: cannot write the output: No space left on device\n"
+
+
 def test_demo_runs_and_prints_each_optimizer_and_only_learnedopts_warnings(capsys, monkeypatch) -> None:
     import warnings
 
