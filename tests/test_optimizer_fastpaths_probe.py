@@ -111,7 +111,7 @@ class Twin:
 
     def touch(self, side: int, opt, what: str, a: int, b: int) -> None:
         ps = self.params[side]
-        with_state = [p for p in ps if opt.state.get(p)]
+        with_state = [p for p in ps if {"h", "c"} <= opt.state.get(p, {}).keys()]
         if what == "clear":
             opt.state.clear()
         elif what == "move":
