@@ -38,6 +38,13 @@ def check_positive_integer(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is ``True`` or ``False``: a switch given as a string
+    (``"false"``, a config file's) would be true, and ``1`` or ``None`` are not switches."""
+    if type(value) is not bool:
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def is_integer(value: Any) -> bool:
     """Whether ``value`` is an integer; a bool (JSON ``true``) is not one, though Python would
     count it as 1."""

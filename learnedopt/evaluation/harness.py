@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from ..data.idx import mnist_sha256
-from ..meta.loop import MAX_ELEMENTS
-from ..values import is_number
+from ..values import MAX_ELEMENTS, is_number
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .records import RunRecords

@@ -30,9 +30,9 @@ from ..meta.tasks import (
     mlp_module,
     regression_draw,
 )
-from ..meta.loop import MAX_ELEMENTS
 from ..models import TinyTransformer, small_resnet
 from ..plugins import call_entry_point, entry_point_path, load_entry_point, takes_parameter
+from ..values import MAX_ELEMENTS
 
 # Second key of generator_for: which stream of a seed a generator draws.
 _INIT_STREAM, _BATCH_STREAM, _TASK_STREAM = 0, 1, 2

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..values import check_positive_integer, is_integer, is_number
+from ..values import check_bool, check_positive_integer, is_integer, is_number
 from .autograd_fixes import twice_differentiable
 from .batchnorm import BatchStatNorm, RunningStatNorm, apply_batchnorm_policy_, is_library_layer, replace_batchnorm_
 from .model_calls import (
@@ -157,8 +157,7 @@ class MAML(nn.Module):
             raise ValueError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
         check_positive_integer("inner_steps", inner_steps)
         for name, switch in (("first_order", first_order), ("learn_inner_lr", learn_inner_lr), ("checkpoint_steps", checkpoint_steps)):
-            if type(switch) is not bool:  # "false" (a config file's string) was true
-                raise ValueError(f"{name} must be True or False, got {switch!r}")
+            check_bool(name, switch)
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         if checkpoint_steps and vectorize is True:

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..values import is_integer, is_number
+from ..values import check_bool, is_integer, is_number
 from ..nn.precision import math_dtype, without_autocast
 from .tasks import TaskBatch
 
@@ -414,8 +414,7 @@ def unroll(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r} (an integer)")
-    if type(stop_optimizee_grad) is not bool:  # "false" (a config file's string) was true
-        raise ValueError(f"stop_optimizee_grad must be True or False, got {stop_optimizee_grad!r}")
+    check_bool("stop_optimizee_grad", stop_optimizee_grad)
     if not is_integer(start_step) or start_step < 0:
         # a float's integer part seeded the minibatches; a negative one failed in numpy's seeding
         raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
