@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -811,6 +812,24 @@ def test_ranks_that_would_share_one_gpu_are_refused_before_the_run(monkeypatch: 
     cpu = loop.run_identity(dataclasses.replace(config, device="cpu"), trainer)
     others[:] = [(None, cpu)] * 2
     loop.agree_checks(three, None, cpu)
+
+
+def test_gpu_identity_without_a_uuid_names_the_gpu_by_its_pci_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch gives no GPU UUID, two processes each bound to a GPU of their own (each seeing
+    it as ``cuda:0`` through ``CUDA_VISIBLE_DEVICES``) were both named ``host/cuda:0`` and refused
+    as sharing one GPU. The PCI address names the GPU whichever index the process sees it at."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node7")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    bus = [0x41]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        uuid=None, pci_domain_id=0, pci_bus_id=bus[0], pci_device_id=0))  # fmt: skip
+    first = loop.gpu_identity("cuda")
+    bus[0] = 0x81  # the other process's GPU, also its cuda:0
+    assert first == "node7/pci:0000:41:00" and loop.gpu_identity("cuda") == "node7/pci:0000:81:00"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace())  # neither: as before
+    assert loop.gpu_identity("cuda:1") == "node7/cuda:1"
 
 
 def test_state_placements_shift_shards_past_the_leading_dimensions_and_keep_replicas() -> None:

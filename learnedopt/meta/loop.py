@@ -396,13 +396,20 @@ def run_identity(config: RunConfig, trainer: Trainer) -> dict[str, Any]:
 def gpu_identity(device: str) -> str | None:
     """The UUID of the GPU that ``device`` (a checked ``--device``) runs on in this process
     (``cuda``: torch's current CUDA device), the same whichever GPUs the process sees and on
-    whichever machine; None on the CPU."""
+    whichever machine; None on the CPU. Where torch gives no UUID: the host and the GPU's PCI
+    address (as unique), else the host and the index this process sees it at."""
     parsed = torch.device(device)
     if parsed.type != "cuda":
         return None
     index = torch.cuda.current_device() if parsed.index is None else parsed.index
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)  # absent from some builds
-    return f"{socket.gethostname()}/cuda:{index}" if uuid is None else str(uuid)
+    properties = torch.cuda.get_device_properties(index)
+    uuid = getattr(properties, "uuid", None)  # absent from some builds
+    if uuid is not None:
+        return str(uuid)
+    pci = [getattr(properties, f"pci_{part}_id", None) for part in ("domain", "bus", "device")]
+    if None not in pci:
+        return f"{socket.gethostname()}/pci:{pci[0]:04x}:{pci[1]:02x}:{pci[2]:02x}"
+    return f"{socket.gethostname()}/cuda:{index}"
 
 
 def state_fingerprint(state: Any) -> str:
