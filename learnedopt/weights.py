@@ -374,8 +374,7 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     if rule is None:
-        with _cpu_float32():
-            rule = rule_class.from_config_dict(header["config"])
+        rule = blank_rule(rule_class, header["config"])
     not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
     if not_float:
         raise ValueError(f"{path}: weights {not_float} are not floating-point tensors")
@@ -412,8 +411,7 @@ def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[
     if count is not None and count != len(found):
         raise ValueError(f"tensors do not match the {kind} architecture {brief_config(config)}: it has {count} weight tensors, the file {len(found)}")
     if expected is None:  # compared once built, as before weight_shapes
-        with _cpu_float32():
-            rule = rule_class.from_config_dict(config)
+        rule = blank_rule(rule_class, config)
         expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -544,18 +542,52 @@ def _cpu_float32() -> Iterator[None]:
     and the CPU generator cannot initialise another device's tensors; under
     ``torch.set_default_dtype(torch.float64)`` an untrained preset drew other weights (whose
     saved states a float32-default process refused as "other weights"), and a file's weights
-    were checked for finiteness in float64, not in the float32 the steps use. The global CPU
-    generator is left as it was: the random initialisation a rule's constructor draws is replaced
-    by the file's or preset's weights, and drawing it from the global generator changed a seeded
-    script's later draws (data order, dropout) once ``torch.optim.Adam`` was replaced by a learned
-    optimizer, which ``Adam`` does not."""
+    were checked for finiteness in float64, not in the float32 the steps use."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        with torch.device("cpu"):
             yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRule:
+    """A rule of ``rule_class`` and architecture ``config`` (as :meth:`UpdateRule.from_config_dict`,
+    raising as it does), on the CPU in float32, whose weights are allocated but hold no values:
+    for the caller to fill (``load_state_dict``, ``reset_parameters(generator=...)``).
+
+    Torch's global generator is neither read nor written: the rule is constructed on the meta
+    device, where its constructor's random initialisation draws nothing, and its tensors are then
+    allocated on the CPU (``to_empty``). That initialisation, from the global generator, changed
+    a seeded script's later draws (data order, dropout) once ``torch.optim.Adam`` was replaced by
+    a learned optimizer, which ``Adam`` does not; and saving the generator's state and restoring
+    it afterwards (``torch.random.fork_rng``) rolled back what another thread drew meanwhile, so
+    that its draws repeated.
+
+    A rule of your own that cannot be constructed on the meta device, or that holds tensors its
+    ``state_dict`` does not (a non-persistent buffer, a plain tensor attribute: they would hold
+    no values), is constructed on the CPU instead, under ``fork_rng``.
+    """
+    with _cpu_float32():
+        try:
+            with torch.device("meta"):
+                rule = rule_class.from_config_dict(config)
+        except Exception:  # noqa: BLE001 - built on the CPU below, which raises the rule's own error
+            rule = None
+        if rule is not None and _held_by_state_dict(rule):
+            return rule.to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            return rule_class.from_config_dict(config)
+
+
+def _held_by_state_dict(rule: UpdateRule) -> bool:
+    """Whether every tensor ``rule`` holds is one of its ``state_dict``'s (so that loading one
+    fills them all): no non-persistent buffer, no plain tensor attribute of a module."""
+    held = {name for name, _ in rule.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in rule.named_buffers(remove_duplicate=False)}
+    plain = any(isinstance(value, torch.Tensor) for module in rule.modules() for value in vars(module).values())
+    return not plain and held <= set(rule.state_dict(keep_vars=True))
 
 
 def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
@@ -576,8 +608,8 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
                     f"expected {preset.sha256[:12]}...): damaged on disk; reinstall learnedopt"
                 )
         return rule, {**header, "preset": name}
+    rule = blank_rule(RULES[preset.kind], preset.config)  # every weight set by reset_parameters
     with _cpu_float32():
-        rule = RULES[preset.kind].from_config_dict(preset.config)
         rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
     header = {
         "format": FORMAT_VERSION,
@@ -697,8 +729,7 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
     # a canonical order: where the float64 sum rounds, another order would give other bits
     states = [r.state_dict() for _, r in sorted(zip((m["sha256"] for m in members), rules), key=lambda pair: pair[0])]
     mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
-    with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # see build_preset and _cpu_float32
-        average = RULES[rules[0].kind].from_config_dict(rules[0].config_dict())
+    average = blank_rule(RULES[rules[0].kind], rules[0].config_dict())
     with _loading_by_copy():
         average.load_state_dict(mean)
     return average, members

@@ -329,3 +329,42 @@ def test_the_rules_of_the_library_and_these_pass_the_check_of_a_first_forward() 
     rules = [LearnedMomentum(lead=(2,), trail=(3,)), LossGatedSGD(), *(build_preset(name)[0] for name in sorted(PRESETS))]
     for rule in rules:
         check_rule_call(rule)
+
+
+class ScaledMomentum(LearnedMomentum):
+    """:class:`LearnedMomentum` holding tensors its ``state_dict`` does not: a non-persistent
+    buffer and a plain tensor attribute, both set by its constructor."""
+
+    kind = "TestScaledMomentum"
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.register_buffer("scale", torch.full((2,), 3.0), persistent=False)
+        self.offset = torch.tensor([0.5, 1.5])
+
+
+class MetaShy(LearnedMomentum):
+    """:class:`LearnedMomentum` whose constructor reads a value, which the meta device has not."""
+
+    kind = "TestMetaShy"
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.half = torch.ones(()).item() / 2
+
+
+def test_own_rules_that_hold_more_than_their_state_dict_or_shun_the_meta_device_load(tmp_path, rules_registry) -> None:  # noqa: ANN001
+    """A loaded rule is constructed on the meta device and its weights filled from the file; a
+    rule with tensors outside its ``state_dict`` (they would hold no values) or whose constructor
+    fails there is constructed on the CPU, with its constructor's values."""
+    for cls in (ScaledMomentum, MetaShy):
+        register_rule(cls)
+        rule = cls(beta=0.5)
+        with torch.no_grad():
+            rule.lr.fill_(0.25)
+        save_weights(rule, tmp_path / f"{cls.kind}.safetensors")
+        loaded, _ = load_weights(tmp_path / f"{cls.kind}.safetensors")
+        assert type(loaded) is cls and loaded.lr.item() == 0.25
+    assert torch.equal(loaded.lr, rule.lr) and loaded.half == 0.5
+    scaled, _ = load_weights(tmp_path / "TestScaledMomentum.safetensors")
+    assert torch.equal(scaled.scale, torch.full((2,), 3.0)) and torch.equal(scaled.offset, torch.tensor([0.5, 1.5]))

@@ -979,3 +979,75 @@ def test_loading_and_averaging_weights_leave_the_global_rng_as_it_was(tmp_path) 
         torch.manual_seed(0)
         call()
         assert torch.equal(torch.rand(4), expected)
+
+
+#: The SHA-256 (:func:`fingerprint`) of each untrained preset's weights, as built at commit
+#: 0f9a89c, when its rule was built on the CPU with a random initialisation and then reset
+#: from the preset's seed: building it otherwise must give the same bits.
+_UNTRAINED_PRESET_SHA256 = {
+    "l2l-2016": "3b7d95e725a2a1a69c441374716b698415506815a2373713ccff47a3f8db7549",
+    "meta-lstm-2017": "6b31c2cd964789e40b36d844a7210629c1816743d9cd4e6ffcc52cb2d106d3a8",
+    "meta-lstm-adam": "de2f124be5c0b32f949570555c6d4b416e1c4e1e559efc4902f50d91858ca5e1",
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_untrained_presets_keep_their_weights(dtype: torch.dtype) -> None:
+    from learnedopt.weights import fingerprint
+
+    assert sorted(_UNTRAINED_PRESET_SHA256) == sorted(name for name, p in PRESETS.items() if p.file is None)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        built = {name: fingerprint(build_preset(name)[0])["sha256"] for name in _UNTRAINED_PRESET_SHA256}
+    finally:
+        torch.set_default_dtype(previous)
+    assert built == _UNTRAINED_PRESET_SHA256
+
+
+def test_building_a_rule_leaves_another_threads_draws_from_the_global_rng_alone(tmp_path, monkeypatch) -> None:
+    """Building saved torch's global generator and restored it afterwards (``fork_rng``), so that
+    what another thread drew from it meanwhile was drawn again: its draws repeated. Here the
+    other thread draws while the rule is being constructed; its next draw must follow on."""
+    import threading
+
+    from learnedopt.weights import average_weights
+
+    for i in range(2):
+        save_weights(CoordinateLSTM(hidden_size=4), tmp_path / f"{i}.safetensors")
+    save_weights(MetaLSTMCell(hidden_size=3), tmp_path / "meta.safetensors")
+    draws: list[torch.Tensor] = []
+
+    def other_thread() -> None:
+        draws.append(torch.rand(4))
+
+    def constructing(init):
+        def wrapped(self, *args, **kwargs):
+            thread = threading.Thread(target=other_thread)  # draws while this thread builds
+            thread.start()
+            thread.join()
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    for cls in (CoordinateLSTM, MetaLSTMCell):
+        monkeypatch.setattr(cls, "__init__", constructing(cls.__init__))
+    calls = {
+        "load_weights(l2l-blend)": lambda: load_weights("l2l-blend"),
+        "load_weights(meta-lstm-mnist)": lambda: load_weights("meta-lstm-mnist"),
+        "build_preset(l2l-2016)": lambda: build_preset("l2l-2016"),
+        "build_preset(meta-lstm-2017)": lambda: build_preset("meta-lstm-2017"),
+        "load_weights(file)": lambda: load_weights(tmp_path / "meta.safetensors"),
+        "average_weights": lambda: average_weights([tmp_path / "0.safetensors", tmp_path / "1.safetensors"]),
+        "LSTMOptimizer": lambda: LSTMOptimizer([torch.zeros(2, requires_grad=True)]),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        expected = torch.rand(64).split(4)
+        torch.manual_seed(0)
+        draws.clear()
+        call()
+        assert draws, name
+        after = torch.rand(4)
+        assert all(torch.equal(a, b) for a, b in zip(draws, expected, strict=False)), name
+        assert torch.equal(after, expected[len(draws)]), f"{name}: the other thread's draws were rolled back"
