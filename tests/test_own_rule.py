@@ -331,6 +331,38 @@ def test_the_rules_of_the_library_and_these_pass_the_check_of_a_first_forward() 
         check_rule_call(rule)
 
 
+class SwitchedAverage(LearnedMomentum):
+    """:class:`LearnedMomentum` whose momentum is marked a moving average (stored in at least
+    float32) only while ``average`` is set: its ``state_spec`` changes a dtype, not a name or a shape."""
+
+    kind = "TestSwitchedAverage"
+    average = False
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"m": StateSpec(self.config.lead, self.config.trail, moving_average=self.average)}
+
+
+class SwitchedAverageOptimizer(LearnedOptimizer):
+    rule_kind = SwitchedAverage.kind
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_state_spec_that_changes_only_a_dtype_remakes_the_states(foreach) -> None:  # noqa: ANN001
+    """The flat buffers were kept while the states' names and shapes were the same, so a state
+    the rule's ``state_spec`` now stores in float32 (``moving_average``) stayed in the group's
+    bfloat16 (and back), unlike a state after a change of the group's ``state_dtype``."""
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    optimizer = SwitchedAverageOptimizer(model.parameters(), weights=SwitchedAverage(lead=()), foreach=foreach,
+                                         state_dtype=torch.bfloat16)  # fmt: skip
+    for average, expected in ((False, torch.bfloat16), (True, torch.float32), (False, torch.bfloat16)):
+        optimizer.rule.average = average
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+        assert {optimizer.state[p]["m"].dtype for p in model.parameters()} == {expected}, average
+
+
 class ScaledMomentum(LearnedMomentum):
     """:class:`LearnedMomentum` holding tensors its ``state_dict`` does not: a non-persistent
     buffer and a plain tensor attribute, both set by its constructor."""

@@ -65,10 +65,17 @@ class FlatState:
             self._made.append((previous, n, made))
 
     def is_current(
-        self, members: Sequence[Tensor], state: MutableMapping[Tensor, dict[str, Any]], dtype: torch.dtype
+        self,
+        members: Sequence[Tensor],
+        state: MutableMapping[Tensor, dict[str, Any]],
+        dtype: torch.dtype,
+        specs: dict[str, StateSpec] | None = None,
     ) -> bool:
-        """Whether these buffers still back exactly ``members``' states (nothing replaced them)."""
-        if dtype != self.dtype or len(members) != len(self.members):
+        """Whether these buffers still back exactly ``members``' states (nothing replaced them),
+        made for the group's state dtype ``dtype`` and, where given, the rule's ``state_spec()``
+        ``specs``: a spec changed since (a name, a shape, or only a dtype, its ``moving_average``)
+        needs buffers made for it, as a changed ``dtype`` does."""
+        if dtype != self.dtype or len(members) != len(self.members) or (specs is not None and specs != self.specs):
             return False
         for p, q, shard, offset, (entry_made, n, views) in zip(
             members, self.members, local_all(members), self.offsets, self._made, strict=True

@@ -669,9 +669,8 @@ class LearnedOptimizer(Optimizer):
                     flat = self._flat_states.get((index, device, compute_dtype))
                     # states that still are their views into current buffers made for these specs are
                     # flat and fit their parameters
-                    current = flat is not None and flat.is_current(held, self.state, group["state_dtype"])
+                    current = flat is not None and flat.is_current(held, self.state, group["state_dtype"], specs)
                     flat_members[index][device, compute_dtype] = (held, current)
-                    current = current and flat.specs == specs
                 for p, shard in zip(held, sharding.local_all(held), strict=True):
                     if not current:
                         if p in self.state:
@@ -1120,7 +1119,7 @@ class LearnedOptimizer(Optimizer):
                 state["step"] = _new_step()
         key = (index, device, compute_dtype)
         flat = self._flat_states.get(key)
-        if flat is None or not (current or flat.is_current(members, self.state, state_dtype)):
+        if flat is None or not (current or flat.is_current(members, self.state, state_dtype, self.rule.state_spec())):
             flat = FlatState(self.rule, members, self.state, state_dtype, device)
             self._flat_states[key] = flat
             # buffers that no longer back their members' states would otherwise be kept alive
