@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 #: The most elements a tensor of learnedopt may have: 2**31 - 1, the largest 32-bit signed integer
@@ -82,16 +84,27 @@ def seeded_generator(seed: Any) -> torch.Generator:
 
 @contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device | str) -> Iterator[None]:
-    """Inside: torch's global RNG (the CPU's, and ``device``'s where it is a CUDA device) seeded
-    with ``seed``; after: as it was. For the draws a run's code makes from the global RNG during a
-    meta-step or an evaluation run (a network's or a task's dropout masks, a task's minibatches),
-    which a checkpoint does not hold: seeded from the run's seed and the step, they are the same
-    after ``--resume``, and in whichever process or order the runs go."""
+    """Inside: the global random generators seeded with ``seed`` (an integer; modulo 2**64 for numpy):
+    torch's (the CPU's, and ``device``'s where it is a CUDA device), numpy's (``np.random.*``) and
+    Python's (``random.*``); after: each as it was, as ``torch.random.fork_rng`` leaves torch's.
+    For the draws a run's code makes from a global RNG during a meta-step or an evaluation run (a
+    network's or a task's dropout masks, a task's minibatches), which a checkpoint does not hold:
+    seeded from the run's seed and the step, they are the same after ``--resume``, and in
+    whichever process or order the runs go. A generator the code makes itself without a seed
+    (``np.random.default_rng()``) is not one of them."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+    word = int(seed) % 2**64
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            np.random.seed([word & 0xFFFFFFFF, word >> 32])  # numpy's legacy seed takes 32-bit words
+            random.seed(word)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)

@@ -1529,6 +1529,9 @@ def test_a_bad_learnedopt_compile_is_a_one_line_error_before_the_run_writes(
 
 # ----------------------------------------------------------------------------- --task module:Class
 OWN_TASKS = '''
+import random
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from learnedopt.meta import Task, TaskBatch, TaskFamily
@@ -1697,6 +1700,26 @@ class GlobalMinibatchFamily(Variant):
     task = GlobalMinibatch
 
 
+class NumpyMinibatch(Logistic):
+    def loss(self, params, step_index):  # the whole data at step 0, then minibatches from numpy's global RNG
+        pick = torch.from_numpy(np.random.randint(0, self.x.shape[0], 16)) if step_index else slice(None)
+        return F.binary_cross_entropy_with_logits(self.x[pick] @ params["w"] + params["b"], self.y[pick])
+
+
+class NumpyMinibatchFamily(Variant):
+    task = NumpyMinibatch
+
+
+class PythonDropout(Logistic):
+    def loss(self, params, step_index):  # dropout on the inputs: masks from Python's random at every step
+        keep = torch.tensor([random.random() > 0.3 for _ in range(self.x.shape[0])])
+        return F.binary_cross_entropy_with_logits((self.x * keep[:, None]) @ params["w"] + params["b"], self.y)
+
+
+class PythonDropoutFamily(Variant):
+    task = PythonDropout
+
+
 class GlobalRandomFamily(Variant):
     def sample(self, generator):  # its data from torch's global random state: --resume drew other tasks
         x = torch.randn(64, 5)
@@ -1860,21 +1883,34 @@ def test_an_imported_task_family_that_cannot_be_used_is_one_line_before_anything
     assert err.count("\n") == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("family", ["DropoutFamily", "GlobalMinibatchFamily"])
-def test_a_loss_that_draws_from_torchs_global_rng_resumes_bit_identically(tmp_path: Path, own_tasks: str, family: str) -> None:
-    """A task's loss that draws from torch's global RNG during the unroll (dropout masks,
-    minibatches), which a checkpoint does not hold: a dropout family was refused at the start as
-    drawing its tasks from a global random state (the two step-0 losses of the family check drew
-    other masks), and one drawing minibatches after step 0 ran, but a resumed run drew other
-    minibatches (and evaluation and selection episodes) than the uninterrupted one. Each meta-step
-    and each evaluation now draws from the global RNG seeded from the run's seed."""
+def _seed_every_global_rng(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@pytest.mark.parametrize(
+    "family", ["DropoutFamily", "GlobalMinibatchFamily", "NumpyMinibatchFamily", "PythonDropoutFamily"]
+)
+def test_a_loss_that_draws_from_a_global_rng_resumes_bit_identically(tmp_path: Path, own_tasks: str, family: str) -> None:
+    """A task's loss that draws from torch's, numpy's or Python's global RNG during the unroll
+    (dropout masks, minibatches), which a checkpoint does not hold: a dropout family was refused
+    at the start as drawing its tasks from a global random state (the two step-0 losses of the
+    family check drew other masks), and one drawing minibatches after step 0 ran, but a resumed
+    run drew other minibatches (and evaluation and selection episodes) than the uninterrupted one.
+    Each meta-step and each evaluation now draws from the three global RNGs seeded from the run's
+    seed (numpy's and Python's were not seeded until later: a resume differed for them)."""
     args = ("--task", f"{own_tasks}:{family}", "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1",
             "--select-every", "1")  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    torch.manual_seed(1)  # the global RNG's state before a run does not matter
+    _seed_every_global_rng(1)  # the global RNGs' states before a run do not matter
     assert run(whole, *args) == 0
     assert run(broken, *args, "--stop-after", "3") == 0  # checkpoint at 2
-    torch.manual_seed(2)
+    _seed_every_global_rng(2)
     assert run(broken, *args, "--resume") == 0
     a, b = tensors(whole / "weights.safetensors"), tensors(broken / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -1882,6 +1918,33 @@ def test_a_loss_that_draws_from_torchs_global_rng_resumes_bit_identically(tmp_pa
     assert untimed[0] == untimed[1]  # the meta-losses and the selection scores
     ha, hb = read_header(whole / "weights.safetensors"), read_header(broken / "weights.safetensors")
     assert {k: v for k, v in ha.items() if k != "command"} == {k: v for k, v in hb.items() if k != "command"}
+
+
+def test_seeded_global_rng_seeds_numpy_and_python_from_all_of_the_seed_and_restores_them() -> None:
+    """Inside, numpy's and Python's global RNGs draw as the seed says (from all of its 64 bits,
+    as torch's: seeds that differ above bit 32 draw differently); after, they go on as if nothing
+    had run inside."""
+    import random
+
+    import numpy as np
+
+    from learnedopt.values import seeded_global_rng
+
+    def inside(seed: int) -> tuple[list[float], float, float]:
+        with seeded_global_rng(seed, "cpu"):
+            return [float(torch.rand(())), float(np.random.rand())], float(np.random.rand()), random.random()
+
+    def outside() -> tuple[float, float, float]:
+        return float(torch.rand(())), float(np.random.rand()), random.random()
+
+    _seed_every_global_rng(5)
+    expected = [outside(), outside()]
+    _seed_every_global_rng(5)
+    first = outside()
+    drawn = inside(3 + 2**40)
+    assert inside(3 + 2**40) == drawn
+    assert inside(3)[1:] != drawn[1:]  # numpy's and Python's use the bits above 32 too
+    assert [first, outside()] == expected
 
 
 def test_an_own_task_batch_class_of_another_constructor_runs_on_one_process_and_is_checked_for_several(

@@ -33,7 +33,7 @@ DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-8, 3))
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
-#: second key of the seed of a run's draws from torch's global RNG, ``derive_seed(seed, 3)``: the
+#: second key of the seed of a run's draws from the global RNGs (torch's, numpy's, Python's), ``derive_seed(seed, 3)``: the
 #: problems' own streams are ``(seed, 0..2, ...)`` (:mod:`.problems`)
 _DRAWS_STREAM = 3
 
@@ -275,10 +275,11 @@ def run_optimizer(
     ``loss_scale`` (positive, finite) multiplies the loss the optimizer sees: its gradient and,
     for a rule that reads it, its value; the curve records the loss itself.
 
-    Draws from torch's global RNG during the run (a rule's or a problem's dropout) come from it
-    seeded from ``seed`` alone (on the CPU, and on the CUDA device of the model's parameters if
-    one), whatever ran before in the process (another run, a worker's other problems, the runs
-    a ``--resume`` skips); the caller's global RNG is left as it was.
+    Draws from torch's, numpy's or Python's global RNG during the run (a rule's or a problem's
+    dropout) come from it seeded from ``seed`` alone (torch's on the CPU, and on the CUDA device
+    of the model's parameters if one), whatever ran before in the process (another run, a
+    worker's other problems, the runs a ``--resume`` skips); the caller's global RNGs are left as
+    they were.
 
     Returns:
         ``(steps,)`` float64 training losses, entry ``t`` measured on minibatch ``t`` before step

@@ -9,10 +9,10 @@ meta-updates, and checkpoints fall between episodes.
 Randomness: the rule's initialisation uses ``generator_for(seed, 0)``, meta-step ``s`` (1-based)
 draws its tasks and initial parameters from ``generator_for(seed, 1, s)``, the evaluation from
 ``generator_for(seed, 2)``, the selection episode (``--select-every``) from ``generator_for(seed,
-3)``. What the tasks' losses or the rule draw from torch's global RNG during an episode (dropout
-masks, minibatches) comes from it seeded with ``(seed, 4, 0, s, the rank's first task)`` in
+3)``. What the tasks' losses or the rule draw from torch's, numpy's or Python's global RNG during an
+episode (dropout masks, minibatches) comes from it seeded with ``(seed, 4, 0, s, the rank's first task)`` in
 meta-step ``s`` and ``(seed, 4, 1, stream, the rank's first task)`` in the evaluation and
-selection episodes (stream 2 and 3), and it is as it was after them. A step's randomness therefore depends only on ``(seed,
+selection episodes (stream 2 and 3), and each is as it was after them. A step's randomness therefore depends only on ``(seed,
 s)``, and resuming from a checkpoint (meta-parameters, Adam state, step) repeats an uninterrupted
 run bit for bit.
 
@@ -133,7 +133,7 @@ from .unroll import (
 )
 
 _INIT_STREAM, _TRAIN_STREAM, _EVAL_STREAM, _SELECT_STREAM = 0, 1, 2, 3  # generator_for(seed, stream[, step])
-#: the global RNG's draws during an episode (dropout, minibatches of a task's loss): seeded from
+#: the global RNGs' draws during an episode (dropout, minibatches of a task's loss): seeded from
 #: (seed, 4, 0, step, the rank's first task) in a meta-step, (seed, 4, 1, stream, the rank's first
 #: task) in an evaluation
 _DRAWS_STREAM = 4
