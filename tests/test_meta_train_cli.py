@@ -1720,6 +1720,16 @@ class PythonDropoutFamily(Variant):
     task = PythonDropout
 
 
+class UnseededMinibatch(Logistic):
+    def loss(self, params, step_index):  # the whole data at step 0, then minibatches of a generator nothing seeds
+        pick = torch.from_numpy(np.random.default_rng().integers(0, self.x.shape[0], 16)) if step_index else slice(None)
+        return F.binary_cross_entropy_with_logits(self.x[pick] @ params["w"] + params["b"], self.y[pick])
+
+
+class UnseededMinibatchFamily(Variant):
+    task = UnseededMinibatch
+
+
 class GlobalRandomFamily(Variant):
     def sample(self, generator):  # its data from torch's global random state: --resume drew other tasks
         x = torch.randn(64, 5)
@@ -1857,6 +1867,11 @@ def test_meta_train_imports_a_task_family_given_as_module_colon_class(tmp_path: 
          "(not from torch's, numpy's or Python's global random state), so that --resume repeats the run\n"),
         ("{mod}:GlobalInitFamily", (), "--task {mod}:GlobalInitFamily: the first meta-training tasks: two draws from "
          "the same seed differ (their initial params['w']): draw only from the generator it is given"),
+        # a loss whose draws after step 0 come from a generator nothing seeds: a --resume drew other minibatches
+        ("{mod}:UnseededMinibatchFamily", (), "--task {mod}:UnseededMinibatchFamily: the first meta-training tasks: "
+         "two draws from the same seed differ (their losses or gradients at step 1, not at step 0): a task's loss may "
+         "draw from torch's, numpy's or Python's global random state, which each meta-step seeds, but not from a "
+         "generator of its own that nothing seeds, so that --resume repeats the run\n"),
         ("{mod}:NotATaskFamily", (), "--task {mod}:NotATaskFamily: the first meta-training tasks: sample gave a dict, "
          "not a learnedopt.meta.Task\n"),
         # the evaluation's tasks (split='meta_valid') are checked too: they are used only after the run

@@ -712,30 +712,46 @@ def _check_repeatable(
 ) -> None:
     """Raise ValueError unless ``count`` tasks of ``family`` drawn again from ``generator`` (in the
     state that drew ``batch`` and its initial ``params``) have the same initial parameters and
-    losses and gradients at step 0: a family drawing from a global random state gave a
-    ``--resume`` other tasks than the run it continued, silently. Both losses are computed with
-    torch's global RNG seeded alike, as a meta-step seeds it: draws in the loss (dropout) repeat,
-    those made in sampling do not."""
+    losses and gradients at steps 0 and 1 (at ``params``; every episode reaches step 1): a family
+    drawing from a global random state, or a loss drawing from a generator nothing seeds, gave a
+    ``--resume`` other tasks or draws than the run it continued, silently. Both batches' losses
+    are computed with the global RNGs seeded alike and in a meta-step's order (step 0, then 1), as
+    a meta-step seeds them: draws in the loss (dropout, minibatches) repeat, those made in
+    sampling do not."""
     batch_again, params_again = _draw(family, count, generator)
     for k, v in params.items():
         if k not in params_again or params_again[k].shape != v.shape or not torch.equal(params_again[k], v):
             raise ValueError(f"two draws from the same seed differ (their initial params[{k!r}]): {REPEATABLE_DRAWS}")
     with seeded_global_rng(0, family.device):
-        first = _step_zero(batch, params)
+        first = [_step_values(batch, params, step) for step in (0, 1)]
     with seeded_global_rng(0, family.device):
-        second = _step_zero(batch_again, params)
-    # a tolerance, not equality: a loss on a GPU may use atomics (e.g. an embedding's backward)
-    close = (torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())) if a.numel() else True
-             for a, b in zip(first, second, strict=True))  # fmt: skip
-    if not all(close):
+        second = [_step_values(batch_again, params, step) for step in (0, 1)]
+    close = [all(_close(a, b) for a, b in zip(x, y, strict=True)) for x, y in zip(first, second, strict=True)]
+    if not close[0]:
         raise ValueError(f"two draws from the same seed differ (their losses or gradients at step 0): {REPEATABLE_DRAWS}")
+    if not close[1]:  # the same tasks: the loss's own draws differ
+        raise ValueError(
+            "two draws from the same seed differ (their losses or gradients at step 1, not at step 0): a task's loss "
+            "may draw from torch's, numpy's or Python's global random state, which each meta-step seeds, but not from "
+            "a generator of its own that nothing seeds, so that --resume repeats the run"
+        )
 
 
-def _step_zero(batch: TaskBatch, params: Mapping[str, Tensor]) -> list[Tensor]:
-    """The ``(B,)`` losses of ``batch`` at step 0 at ``params`` and their gradients, detached."""
+def _step_values(batch: TaskBatch, params: Mapping[str, Tensor], step: int) -> list[Tensor]:
+    """The ``(B,)`` losses of ``batch`` at step ``step`` at ``params`` and their gradients, detached
+    (zeros for a parameter the loss does not use: the unroll, not this check, refuses that)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    loss = batch.loss(leaves, 0)
-    return [loss.detach(), *torch.autograd.grad(loss.sum(), list(leaves.values()))]
+    loss = batch.loss(leaves, step)
+    grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+    return [loss.detach(), *(torch.zeros_like(v) if g is None else g for v, g in zip(leaves.values(), grads, strict=True))]
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are equal up to rounding, NaN where the other is NaN: a tolerance,
+    not equality, as a loss on a GPU may use atomics (e.g. an embedding's backward)."""
+    finite = a[a.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6 * scale, equal_nan=True)
 
 
 def _check_coordinates(family: TaskFamily, config: MetaTrainConfig, generator: torch.Generator) -> None:
