@@ -1962,6 +1962,25 @@ def test_seeded_global_rng_seeds_numpy_and_python_from_all_of_the_seed_and_resto
     assert [first, outside()] == expected
 
 
+def test_a_meta_steps_draws_are_seeded_from_the_seed_the_step_and_the_ranks_first_task() -> None:
+    """The seed both trainers' meta-steps draw from (dropout, a loss's minibatches), which
+    :func:`~learnedopt.meta.loop.seeded_meta_step` derives for them: ``(seed, stream, 0, step, the
+    first task of the rank's share)``, as each trainer derived it itself before (another
+    derivation would change every finished run's draws)."""
+    from learnedopt.meta import train
+    from learnedopt.meta.distributed import Workers
+    from learnedopt.meta.fewshot import training
+    from learnedopt.meta.loop import seeded_meta_step
+    from learnedopt.meta.tasks import derive_seed
+    from learnedopt.values import seeded_global_rng
+
+    assert (train._DRAWS_STREAM, training._DRAWS_STREAM) == (4, 5)
+    with seeded_global_rng(derive_seed(7, 4, 0, 3, 6), "cpu"):
+        expected = torch.rand(4)
+    with seeded_meta_step(7, 4, 3, Workers(rank=1, world_size=2), 12, "cpu"):
+        assert torch.equal(torch.rand(4), expected)
+
+
 def test_an_own_task_batch_class_of_another_constructor_runs_on_one_process_and_is_checked_for_several(
     tmp_path: Path, own_tasks: str
 ) -> None:

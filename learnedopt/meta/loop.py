@@ -37,11 +37,12 @@ from ..files import write_atomically
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path, load_entry_point, one_line
-from ..values import MAX_ELEMENTS
+from ..values import MAX_ELEMENTS, seeded_global_rng
 from ..values import check_elements as check_tensor_elements
 from ..weights import PRESETS
 from . import distributed
 from .distributed import SINGLE, Workers
+from .tasks import derive_seed
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -218,15 +219,28 @@ class RunConfig(Protocol):
 C = TypeVar("C", bound=RunConfig)
 
 
+def seeded_meta_step(
+    seed: int, stream: int, step: int, workers: Workers, meta_batch: int, device: torch.device | str
+) -> contextlib.AbstractContextManager[None]:
+    """The global RNGs (:func:`~learnedopt.values.seeded_global_rng`) seeded for meta-step ``step``
+    of a :class:`Trainer` whose draws stream is ``stream``: from ``derive_seed(seed, stream, 0,
+    step, the first task of this rank's share of meta_batch)``, so that what a meta-step draws from
+    them (dropout, a loss's minibatches) is the same after ``--resume`` and depends on no other
+    rank's tasks. Each trainer's ``step`` enters it, so that the trainer called on its own (not
+    through :func:`train_loop`) draws the same."""
+    return seeded_global_rng(derive_seed(seed, stream, 0, step, workers.share(meta_batch).start), device)
+
+
 class Trainer(Protocol):
     """One algorithm's meta-training state, driven by :func:`train_loop`.
 
     ``step(s)`` runs meta-step ``s`` (1-based), drawing its randomness from ``(seed, stream, s)``
-    only, and returns the log fields of that step (``meta_loss`` first; plain numbers). Its
-    ``state_dict`` is everything a checkpoint must hold for a resumed run to repeat an
-    uninterrupted one bit for bit. A trainer that reads data files may say their SHA-256 as
-    ``data_sha256`` and what they are as ``data_kind`` (e.g. ``"MNIST files"``), which the run
-    records before its first checkpoint, so that a ``--resume`` on other files is refused then too.
+    only (what it draws from the global RNGs inside :func:`seeded_meta_step`), and returns the log
+    fields of that step (``meta_loss`` first; plain numbers). Its ``state_dict`` is everything a
+    checkpoint must hold for a resumed run to repeat an uninterrupted one bit for bit. A trainer
+    that reads data files may say their SHA-256 as ``data_sha256`` and what they are as
+    ``data_kind`` (e.g. ``"MNIST files"``), which the run records before its first checkpoint, so
+    that a ``--resume`` on other files is refused then too.
     """
 
     def step(self, step: int) -> dict[str, float]: ...

@@ -103,6 +103,7 @@ from .loop import (
     resumable_config,
     rule_class,
     rule_config_given,
+    seeded_meta_step,
     train_loop,
     write_text_atomic,
 )
@@ -510,8 +511,8 @@ class _RuleTrainer:
         """Meta-step ``step``: one :func:`episode` with meta-updates; what it draws from the
         global RNG (dropout, a loss's minibatches) comes from it seeded from ``(seed, step, the
         rank's first task)``, so that a resumed run draws as an uninterrupted one."""
-        part = self.workers.share(self.config.meta_batch)
-        with seeded_global_rng(derive_seed(self.config.seed, _DRAWS_STREAM, 0, step, part.start), self.config.device):
+        config = self.config
+        with seeded_meta_step(config.seed, _DRAWS_STREAM, step, self.workers, config.meta_batch, config.device):
             losses, grad_norms = episode(
                 self.rule,
                 self.family,

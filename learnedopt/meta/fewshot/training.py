@@ -34,6 +34,7 @@ from ..loop import (
     refuse_other_architecture,
     refuse_other_data,
     resumable_config,
+    seeded_meta_step,
     train_loop,
     write_text_atomic,
 )
@@ -144,8 +145,7 @@ class FewShotTrainer:
         initialisation before the update. The network's random draws (dropout) come from the
         global RNG seeded from ``(seed, step, the rank's first task)``, so that a resumed run
         draws the masks of an uninterrupted one."""
-        part = self.workers.share(self.config.meta_batch)
-        with seeded_global_rng(derive_seed(self.config.seed, _DRAWS_STREAM, 0, step, part.start), self.device):
+        with seeded_meta_step(self.config.seed, _DRAWS_STREAM, step, self.workers, self.config.meta_batch, self.device):
             return self._step(step)
 
     def _step(self, step: int) -> dict[str, float]:
