@@ -1,5 +1,5 @@
 """The per-rank program of ``test_distributed.py``, launched with
-``python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_worker.py MODE OUT``.
+``python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_worker.py MODE OUT`` (3 for ``verdicts``).
 
 Modes:
     meta OUT: ``learnedopt meta-train`` of every algorithm on 2 ranks (see :data:`META_RUNS`),
@@ -7,6 +7,8 @@ Modes:
         :func:`zero_checks` (results in ``OUT/optimizers.json``).
     usage OUT: the optimizers as users of ``torch.distributed`` combine them, against
         ``torch.optim.Adam`` or one process (see :func:`usage_checks`; results in ``OUT/usage.json``).
+    verdicts OUT: on 3 ranks, :func:`agree_finite`'s verdicts where the ranks list other tensors
+        of one mesh in equal numbers (see :func:`verdict_checks`; results in ``OUT/verdicts.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
@@ -668,6 +670,36 @@ def equal_mesh_checks() -> dict[str, bool]:
     return {"LSTMOptimizer: equal meshes judged as one": stepped and skipped}
 
 
+def verdict_checks() -> dict[str, object]:
+    """``agree_finite`` on a 1-D mesh of every rank (3), tensors ``A``..``D`` of distinct global
+    shapes. Each case lists, per rank, the tensors it holds and those whose shard is NaN there;
+    the result is, per case, rank and tensor, the verdict that rank got (``None``: not listed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from learnedopt.optim import sharding
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sizes = {"A": 2, "B": 3, "C": 4, "D": 5}  # local sizes: the global shapes differ
+    cases = {
+        # the same tensors on every rank: only the NaN one is skipped
+        "same lists": ({0: "ABC", 1: "ABC", 2: "ABC"}, {2: "B"}),
+        # equal counts, other tensors: rank 2 lists B where the others list A
+        "equal counts, other tensors": ({0: "ABC", 1: "ABC", 2: "BCD"}, {2: "B"}),
+        "equal counts, NaN on a rank listing the others": ({0: "ABC", 1: "ABC", 2: "BCD"}, {0: "C"}),
+    }
+    mine: dict[str, object] = {}
+    for case, (lists, nan) in cases.items():
+        names = lists[rank]
+        tensors = [
+            DTensor.from_local(torch.zeros(sizes[n]), mesh, [Shard(0)], run_check=False) for n in names
+        ]
+        finite = [n not in nan.get(rank, "") for n in names]
+        mine[case] = dict(zip(names, sharding.agree_finite(tensors, finite), strict=True))
+    return mine
+
+
 def usage_checks() -> dict[str, bool]:
     """The checks of the ``usage`` mode, each True only where it holds on every rank."""
     from learnedopt.weights import UntrainedWeightsWarning
@@ -696,6 +728,14 @@ def main() -> int:
         report = usage_checks()
         if dist.get_rank() == 0:
             (out / "usage.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+        return 0
+    if mode == "verdicts":
+        dist.init_process_group("gloo", timeout=timedelta(seconds=30))  # a check that hangs fails soon
+        everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, verdict_checks())
+        if dist.get_rank() == 0:
+            (out / "verdicts.json").write_text(json.dumps(everyone))
         dist.destroy_process_group()
         return 0
     if mode in ("kill", "hang", "term"):

@@ -1,4 +1,4 @@
-"""Multi-process meta-training and the optimizers under FSDP, on 2 CPU processes (gloo) launched
+"""Multi-process meta-training and the optimizers under FSDP, on 2 CPU processes (gloo; 3 for one check) launched
 with ``torchrun`` (``python -m torch.distributed.run``); the per-rank program is
 ``distributed_worker.py``. One launch runs every algorithm and the FSDP checks (the
 module-scoped fixture), another (a few seconds) the optimizers as users combine them with
@@ -40,9 +40,9 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def torchrun(mode: str, out: Path, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
-    """Run the worker on 2 processes; returns the finished process and its wall time in seconds."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(mode: str, out: Path, timeout: float = 300, processes: int = 2) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the worker on ``processes`` processes; returns the finished process and its wall time in seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(WORKER), mode, str(out)]  # fmt: skip
     began = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
@@ -286,6 +286,24 @@ def test_ranks_whose_optimizers_list_other_sharded_parameters_step_like_one_proc
     if optimizer != "Adam":
         assert usage[f"{optimizer}: a NaN where the lists differ skips on every rank"]
 
+
+
+def test_ranks_listing_other_tensors_of_a_mesh_in_equal_numbers_never_take_another_tensors_verdict(tmp_path: Path) -> None:
+    """3 ranks (see ``verdict_checks`` in the worker). Where the ranks list equal numbers of a
+    mesh's tensors, the verdicts were combined by position in each rank's list, so rank 2's
+    NaN in B (its first tensor) skipped A on ranks 0 and 1, which stepped B on a finite verdict:
+    B's shards parted. Now each rank's list of (global shape, placements) is compared as well,
+    and where the lists differ every tensor of the mesh is skipped on every rank (as where the
+    counts differ); where they agree, only the non-finite tensor is."""
+    result, _ = torchrun("verdicts", tmp_path, timeout=120, processes=3)
+    assert result.returncode == 0, tail(result)
+    everyone = json.loads((tmp_path / "verdicts.json").read_text())
+    # a tensor's verdict is the same on every rank that lists it, False where any shard is NaN
+    assert [r["same lists"] for r in everyone] == [{"A": True, "B": False, "C": True}] * 3
+    for case in ("equal counts, other tensors", "equal counts, NaN on a rank listing the others"):
+        assert [r[case] for r in everyone] == [{"A": False, "B": False, "C": False}] * 2 + [
+            {"B": False, "C": False, "D": False}
+        ], case
 
 
 def test_parameters_on_equal_meshes_are_judged_together_whatever_mesh_objects_each_rank_holds(

@@ -24,6 +24,7 @@ parameter's, so the batched and fused paths need not know about sharding.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -95,8 +96,10 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     rank lists, and whether any verdict is False), so that ranks listing different numbers of
     tensors (a rank leaving its empty shards out of its optimizer) still make collectives of one
     size; where every verdict is True that is all. Otherwise the verdicts are combined tensor by
-    tensor, in the order each rank lists them, or, where the ranks list different numbers of
-    tensors and no tensor can be matched with its other parts, every tensor of that mesh is False."""
+    tensor, in the order each rank lists them, where every rank lists the same tensors (the same
+    number of them and the same fingerprint of their global shapes and placements, compared in
+    the same all-reduce as the verdicts); where the ranks list different tensors, no tensor can
+    be matched with its other parts, and every tensor of that mesh is False."""
     # by equal meshes, not by mesh object: DTensor's caches give an equal mesh as another object,
     # as they please on each rank, and ranks grouping otherwise would make other collectives
     dtensor = _dtensor_class()
@@ -121,11 +124,25 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
             for i in indices:
                 finite[i] = False
             continue
-        flags = torch.tensor([float(finite[i]) for i in indices], device=mesh.device_type)
+        # the verdicts and the fingerprint of what this rank lists, in one all-reduce: equal counts
+        # need not be the same tensors (ranks leaving out others), and a verdict must reach only its own
+        key = _fingerprint([tensors[i] for i in indices])
+        flags = torch.tensor([int(finite[i]) for i in indices] + [key, -key], dtype=torch.int64, device=mesh.device_type)
         _all_reduce_over(mesh, flags, dist.ReduceOp.MIN)
-        for i, flag in zip(indices, flags.tolist(), strict=True):
-            finite[i] = flag == 1.0
+        *verdicts, fewest_key, negated_most_key = flags.tolist()
+        same_lists = fewest_key == -negated_most_key
+        for i, flag in zip(indices, verdicts, strict=True):
+            finite[i] = same_lists and flag == 1
     return finite
+
+
+def _fingerprint(tensors: Sequence[Tensor]) -> int:
+    """A 62-bit hash, alike on every rank, of the ordered (global shape, placements) of
+    ``tensors``: ranks listing the same tensors of a mesh in the same order give the same one.
+    Where a rank leaves out only tensors whose shard is empty there, tensors of equal shape and
+    placements are empty on the same ranks, so equal fingerprints mean equal lists."""
+    text = repr([(tuple(t.shape), tuple(map(repr, t.placements))) for t in tensors])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
 def _mesh_order(mesh: object) -> tuple:
