@@ -9,6 +9,8 @@ Modes:
         ``torch.optim.Adam`` or one process (see :func:`usage_checks`; results in ``OUT/usage.json``).
     verdicts OUT: on 3 ranks, :func:`agree_finite`'s verdicts where the ranks list other tensors
         of one mesh in equal numbers (see :func:`verdict_checks`; results in ``OUT/verdicts.json``).
+    groups OUT: on 3 ranks, param groups of which one holds no parameter of a mesh on one rank
+        (see :func:`group_mesh_checks`; results in ``OUT/groups.json``).
     kill OUT: the ``lstm`` run of :data:`META_RUNS`, with rank 1 killed by SIGKILL at meta-step 3.
     hang OUT: the same, rank 1 stalls at meta-step 3 (``--dist-timeout 4``).
     term OUT: the same, rank 1 alone gets SIGTERM during meta-step 3.
@@ -697,6 +699,46 @@ def verdict_checks() -> dict[str, object]:
         ]
         finite = [n not in nan.get(rank, "") for n in names]
         mine[case] = dict(zip(names, sharding.agree_finite(tensors, finite), strict=True))
+    # two lists (param groups) judged apart in one call: the first alike on every rank, the
+    # second longer on rank 0 (D left out elsewhere), a NaN in one list or the other
+    for case, nan in (("lists, NaN in the list alike", "A"), ("lists, NaN in the list that differs", "C")):
+        names = ["AB", "CD" if rank == 0 else "C"]
+        tensors = [[DTensor.from_local(torch.zeros(sizes[n]), mesh, [Shard(0)], run_check=False) for n in ns] for ns in names]
+        finite = [[not (rank == 1 and n == nan) for n in ns] for ns in names]
+        agreed = sharding.agree_finite_lists(tensors, finite)
+        mine[case] = {n: v for ns, vs in zip(names, agreed, strict=True) for n, v in zip(ns, vs, strict=True)}
+    return mine
+
+
+def group_mesh_checks() -> dict[str, object]:
+    """Two param groups of ``LSTMOptimizer`` (``nan_policy="skip"``) on a 1-D mesh of every
+    rank (3): group 0 holds ``A`` (a shard on every rank), group 1 holds ``B`` (global shape
+    (2,), its shard empty on rank 2, which leaves it out: its group 1 is empty). Two steps, the
+    second with a NaN in rank 0's shard of ``B``; the result is, per step, whether each tensor
+    this rank lists stepped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from learnedopt import LSTMOptimizer
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    a = torch.nn.Parameter(DTensor.from_local(torch.linspace(-1, 1, 2) + rank, mesh, [Shard(0)], run_check=False))
+    b_local = torch.tensor([0.5 - rank]) if rank < 2 else torch.zeros(0)
+    b = torch.nn.Parameter(DTensor.from_local(b_local, mesh, [Shard(0)], run_check=False, shape=torch.Size([2]), stride=(1,)))
+    listed = {"A": a, "B": b} if rank < 2 else {"A": a}
+    optimizer = LSTMOptimizer([{"params": [a]}, {"params": [b] if rank < 2 else []}], nan_policy="skip")
+    mine: dict[str, object] = {}
+    for step in range(2):
+        before = {n: p.to_local().clone() for n, p in listed.items()}
+        for n, p in listed.items():
+            p.grad = DTensor.from_local(
+                torch.full_like(p.to_local(), 0.25), mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
+            )
+        if step == 1 and rank == 0:
+            b.grad.to_local()[0] = float("nan")
+        optimizer.step()
+        mine[f"step {step}"] = {n: not torch.equal(p.to_local(), before[n]) for n, p in listed.items()}
     return mine
 
 
@@ -736,6 +778,14 @@ def main() -> int:
         dist.all_gather_object(everyone, verdict_checks())
         if dist.get_rank() == 0:
             (out / "verdicts.json").write_text(json.dumps(everyone))
+        dist.destroy_process_group()
+        return 0
+    if mode == "groups":
+        dist.init_process_group("gloo", timeout=timedelta(seconds=20))  # a rank left waiting fails soon
+        everyone = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, group_mesh_checks())
+        if dist.get_rank() == 0:
+            (out / "groups.json").write_text(json.dumps(everyone))
         dist.destroy_process_group()
         return 0
     if mode in ("kill", "hang", "term"):

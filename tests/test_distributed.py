@@ -304,6 +304,27 @@ def test_ranks_listing_other_tensors_of_a_mesh_in_equal_numbers_never_take_anoth
         assert [r[case] for r in everyone] == [{"A": False, "B": False, "C": False}] * 2 + [
             {"B": False, "C": False, "D": False}
         ], case
+    # lists judged apart: only the list holding the NaN is affected, all of it where it differs
+    assert [r["lists, NaN in the list alike"] for r in everyone] == [
+        {"A": False, "B": True, "C": True, "D": True}, {"A": False, "B": True, "C": True}, {"A": False, "B": True, "C": True}
+    ]
+    assert [r["lists, NaN in the list that differs"] for r in everyone] == [
+        {"A": True, "B": True, "C": False, "D": False}, {"A": True, "B": True, "C": False}, {"A": True, "B": True, "C": False}
+    ]
+
+
+def test_a_param_group_holding_no_parameter_of_a_mesh_on_one_rank_steps_with_the_others(tmp_path: Path) -> None:
+    """3 ranks (see ``group_mesh_checks`` in the worker): rank 2 leaves its empty shard of ``B``
+    out, so its second param group holds no parameter of the mesh. The NaN/Inf verdicts were
+    agreed group by group, and rank 2 made no all-reduce for that group: the others waited for
+    it (gloo's timeout, here 20 s, failed them) while rank 2 went on. The verdicts of every group
+    are now agreed together, over every mesh the optimizer holds on each rank: both steps run,
+    and the NaN in rank 0's shard of ``B`` skips ``B`` on ranks 0 and 1 while ``A`` steps."""
+    result, _ = torchrun("groups", tmp_path, timeout=150, processes=3)
+    assert result.returncode == 0, tail(result)
+    everyone = json.loads((tmp_path / "groups.json").read_text())
+    assert [r["step 0"] for r in everyone] == [{"A": True, "B": True}] * 2 + [{"A": True}]
+    assert [r["step 1"] for r in everyone] == [{"A": True, "B": False}] * 2 + [{"A": True}]
 
 
 def test_parameters_on_equal_meshes_are_judged_together_whatever_mesh_objects_each_rank_holds(

@@ -644,12 +644,20 @@ class LearnedOptimizer(Optimizer):
         # every group's NaN/Inf verdicts read with one host sync per device, not one per group
         tensors = [t for params, grads, _ in gathered for t in (grads + params if self.rule.reads_param else grads)]
         verdicts = iter(_all_finite(tensors))
-        plans = []
-        for index, (group, (params, grads, positions)) in enumerate(zip(self.param_groups, gathered, strict=True)):
+        finites = []
+        for params, grads, _ in gathered:
             finite = [next(verdicts) for _ in grads]
             if self.rule.reads_param:  # a rule that reads the parameter would carry a NaN/Inf value into its state
                 values = [next(verdicts) for _ in params]
                 finite = [a and b for a, b in zip(finite, values, strict=True)]
+            finites.append(finite)
+        # a sharded tensor is judged as a whole: every group's verdicts agreed at once, over every
+        # mesh of the optimizer's parameters (a rank whose group holds none of a mesh's still joins)
+        finites = sharding.agree_finite_lists(
+            [grads for _, grads, _ in gathered], finites, (p for group in self.param_groups for p in group["params"])
+        )
+        plans = []
+        for index, (group, (params, grads, positions), finite) in enumerate(zip(self.param_groups, gathered, finites, strict=True)):
             plans.append(_partitions(*self._plan(index, group, params, grads, positions, finite)))
         # a backend='triton' group that cannot run, or a parameter resized since its state was
         # made, raises here, before any group is updated
@@ -917,11 +925,11 @@ class LearnedOptimizer(Optimizer):
         self, index: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], positions: list[int], finite: list[bool]
     ) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters to update in a group and their gradients, after every input check:
-        :meth:`_gradients`' and ``finite``, this rank's verdict on each gradient (and, for a rule
-        that reads it, parameter) being free of NaN/Inf, applied under the group's ``nan_policy``."""
+        :meth:`_gradients`' and ``finite``, the verdict on each gradient (and, for a rule that
+        reads it, parameter) being free of NaN/Inf, agreed over the ranks holding parts of a
+        sharded one, applied under the group's ``nan_policy``."""
         if not grads:
             return params, grads
-        finite = sharding.agree_finite(grads, finite)  # a sharded tensor is judged as a whole
         if not all(finite):
             bad = [position for position, ok in zip(positions, finite, strict=True) if not ok]
             if group["nan_policy"] == "raise":

@@ -10,7 +10,7 @@ Three things do need the other ranks:
   under tensor parallelism) is redistributed to the parameter's placements first, as
   ``torch.optim``'s DTensor operations do, so that each rank steps on its part of the full gradient;
 - the NaN/Inf check: a tensor is skipped or rejected as a whole (``nan_policy``), so the ranks
-  agree on its verdict with one all-reduce per device mesh and param group (see :func:`agree_finite`);
+  agree on its verdict with one all-reduce per device mesh (see :func:`agree_finite_lists`);
 - checkpoints: ``state_dict()`` gives each state of a sharded parameter as a ``DTensor`` of
   global shape ``(*lead, *param.shape, *trail)``, sharded like the parameter (its placements
   shifted past the leading dimensions), so ``torch.distributed.checkpoint`` saves every shard
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 import torch
@@ -89,51 +89,99 @@ def agree_finite(tensors: Sequence[Tensor], finite: list[bool]) -> list[bool]:
     """``finite[i]`` (this rank's verdict on ``tensors[i]``'s local part) combined over the ranks
     holding the other parts of each ``DTensor``: finite only if finite everywhere. Plain tensors
     keep their verdict. A collective: every rank of each mesh of ``tensors`` must call it.
-    Tensors on equal meshes (the same ranks and layout) are judged together, one mesh object or
-    several.
+    :func:`agree_finite_lists` of the one list ``tensors``."""
+    return agree_finite_lists([tensors], [finite])[0]
 
-    The ranks first agree on one summary per mesh of fixed size (how many of its tensors each
-    rank lists, and whether any verdict is False), so that ranks listing different numbers of
-    tensors (a rank leaving its empty shards out of its optimizer) still make collectives of one
-    size; where every verdict is True that is all. Otherwise the verdicts are combined tensor by
-    tensor, in the order each rank lists them, where every rank lists the same tensors (the same
-    number of them and the same fingerprint of their global shapes and placements, compared in
-    the same all-reduce as the verdicts); where the ranks list different tensors, no tensor can
-    be matched with its other parts, and every tensor of that mesh is False."""
+
+def agree_finite_lists(
+    lists: Sequence[Sequence[Tensor]], finite: Sequence[Sequence[bool]], joined: Iterable[Tensor] = ()
+) -> list[list[bool]]:
+    """:func:`agree_finite` of several lists of tensors at once (an optimizer's param groups),
+    each judged apart, with one all-reduce per mesh for them all where every verdict is True.
+    A collective: every rank of each mesh of the tensors must call it, with as many lists. The
+    ranks also join the all-reduces of the meshes of ``joined`` (an optimizer's parameters), so
+    that a rank whose lists hold none of a mesh's tensors (its shards of a param group all empty
+    and left out, or without a gradient) still joins the ranks that hold some. Tensors on equal
+    meshes (the same ranks and layout) are judged together, one mesh object or several.
+
+    The ranks first agree on one summary per mesh of fixed size (how many lists each rank gives,
+    a hash of how many of the mesh's tensors each list holds, and whether any verdict is False),
+    so that ranks listing different tensors (a rank leaving its empty shards out of its
+    optimizer) still make collectives of one size; where every verdict is True that is all.
+    Otherwise (where the hashes differ, after one more all-reduce of each list's length) the
+    verdicts of the lists that every rank gives as long are combined tensor by tensor, in the
+    order each rank lists them, in one all-reduce that also compares a fingerprint of each
+    list's global shapes and placements; where a list holding a False differs between the ranks
+    in length or fingerprint, no tensor of it can be matched with its other parts, and every
+    tensor of that list on that mesh is False."""
     # by equal meshes, not by mesh object: DTensor's caches give an equal mesh as another object,
     # as they please on each rank, and ranks grouping otherwise would make other collectives
+    agreed = [list(verdicts) for verdicts in finite]
     dtensor = _dtensor_class()
     if dtensor is None:
-        return list(finite)
-    by_mesh: dict[object, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if isinstance(t, dtensor):
-            by_mesh.setdefault(t.device_mesh, []).append(i)
-    finite = list(finite)
+        return agreed
+    by_mesh: dict[object, list[list[int]]] = {}
+    for number, tensors in enumerate(lists):
+        for i, t in enumerate(tensors):
+            if isinstance(t, dtensor):
+                by_mesh.setdefault(t.device_mesh, [[] for _ in lists])[number].append(i)
+    for t in joined:
+        if isinstance(t, dtensor) and t.device_mesh not in by_mesh:
+            by_mesh[t.device_mesh] = [[] for _ in lists]
     # in the meshes' own order, not the order the tensors first name them: a rank leaving a tensor
     # out can name another mesh first, and would wait in one mesh's all-reduce, the others in another's
     for mesh, indices in sorted(by_mesh.items(), key=lambda item: _mesh_order(item[0])):
-        count = float(len(indices))
-        summary = torch.tensor([count, -count, float(not all(finite[i] for i in indices))], device=mesh.device_type)
+        any_false = not all(agreed[number][i] for number, listed in enumerate(indices) for i in listed)
+        counts = _hash(repr([len(listed) for listed in indices]))  # alike where every list is as long on every rank
+        summary = torch.tensor(
+            [len(lists), -len(lists), int(any_false), counts, -counts], dtype=torch.int64, device=mesh.device_type
+        )
         _all_reduce_over(mesh, summary, dist.ReduceOp.MAX)
-        most, negated_fewest, any_false = summary.tolist()  # one host sync
-        fewest = -negated_fewest
+        most_lists, negated_fewest_lists, any_false, most_counts, negated_fewest_counts = summary.tolist()  # one host sync
         if not any_false:
             continue
-        if most != fewest:
-            for i in indices:
-                finite[i] = False
+        if most_lists != -negated_fewest_lists:  # no list can be matched with another rank's
+            for number, listed in enumerate(indices):
+                for i in listed:
+                    agreed[number][i] = False
             continue
-        # the verdicts and the fingerprint of what this rank lists, in one all-reduce: equal counts
-        # need not be the same tensors (ranks leaving out others), and a verdict must reach only its own
-        key = _fingerprint([tensors[i] for i in indices])
-        flags = torch.tensor([int(finite[i]) for i in indices] + [key, -key], dtype=torch.int64, device=mesh.device_type)
-        _all_reduce_over(mesh, flags, dist.ReduceOp.MIN)
-        *verdicts, fewest_key, negated_most_key = flags.tolist()
-        same_lists = fewest_key == -negated_most_key
-        for i, flag in zip(indices, verdicts, strict=True):
-            finite[i] = same_lists and flag == 1
-    return finite
+        matched = list(range(len(lists)))
+        if most_counts != -negated_fewest_counts:  # which lists differ in length, and whether they hold a False
+            info = []
+            for number, listed in enumerate(indices):
+                info += [len(listed), -len(listed), -int(not all(agreed[number][i] for i in listed))]
+            reduced = torch.tensor(info, dtype=torch.int64, device=mesh.device_type)
+            _all_reduce_over(mesh, reduced, dist.ReduceOp.MIN)
+            reduced = reduced.tolist()
+            matched = []
+            for number, listed in enumerate(indices):
+                fewest, negated_most, negated_any_false = reduced[3 * number : 3 * number + 3]
+                if fewest == -negated_most:
+                    matched.append(number)
+                elif negated_any_false:  # no tensor of this list can be matched with its other parts
+                    for i in listed:
+                        agreed[number][i] = False
+            if not matched:
+                continue
+        # the verdicts of the lists every rank gives as long, with each list's fingerprint of what
+        # this rank lists (equal counts need not be the same tensors: ranks leaving out others) and
+        # whether it holds a False, in one all-reduce: a verdict must reach only its own tensor
+        flags = [int(agreed[number][i]) for number in matched for i in indices[number]]
+        for number in matched:
+            key = _fingerprint([lists[number][i] for i in indices[number]])
+            flags += [key, -key, -int(not all(agreed[number][i] for i in indices[number]))]
+        reduced = torch.tensor(flags, dtype=torch.int64, device=mesh.device_type)
+        _all_reduce_over(mesh, reduced, dist.ReduceOp.MIN)
+        reduced = reduced.tolist()
+        verdicts, tail = iter(reduced), len(reduced) - 3 * len(matched)
+        for place, number in enumerate(matched):
+            fewest_key, negated_most_key, negated_any_false = reduced[tail + 3 * place : tail + 3 * place + 3]
+            same_tensors = fewest_key == -negated_most_key
+            for i in indices[number]:
+                flag = next(verdicts)
+                if negated_any_false:  # where every verdict of the list is True, each stays True
+                    agreed[number][i] = same_tensors and flag == 1
+    return agreed
 
 
 def _fingerprint(tensors: Sequence[Tensor]) -> int:
@@ -141,7 +189,12 @@ def _fingerprint(tensors: Sequence[Tensor]) -> int:
     ``tensors``: ranks listing the same tensors of a mesh in the same order give the same one.
     Where a rank leaves out only tensors whose shard is empty there, tensors of equal shape and
     placements are empty on the same ranks, so equal fingerprints mean equal lists."""
-    text = repr([(tuple(t.shape), tuple(map(repr, t.placements))) for t in tensors])
+    return _hash(repr([(tuple(t.shape), tuple(map(repr, t.placements))) for t in tensors]))
+
+
+def _hash(text: str) -> int:
+    """A 62-bit hash of ``text``, alike in every process (``hash`` of a string is not); its
+    negation fits an int64 too."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
