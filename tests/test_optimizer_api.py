@@ -745,6 +745,28 @@ def test_a_step_inside_an_autocast_region_runs_the_rule_in_float32(kind, foreach
         assert torch.equal(opt0.state[p]["h"], opt1.state[q]["h"])
 
 
+@pytest.mark.parametrize(("autocast_dtype", "param_dtype"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_step_inside_an_autocast_region_of_another_half_dtype_than_the_parameters_steps_as_outside(
+    kind, foreach, autocast_dtype, param_dtype
+) -> None:
+    """A model holding bfloat16 parameters stepped inside a float16 autocast region (or float16
+    ones inside a bfloat16 region), as ``torch.optim.Adam`` steps there: the step's NaN/Inf check
+    ran under autocast and raised "Unexpected floating ScalarType in at::autocast::prioritize"."""
+    runs = []
+    for enabled in (False, True):
+        params = make_params([(30, 20), (20,), ()], dtype=param_dtype)
+        opt = OPTIMIZERS[kind](params, foreach=foreach)
+        for t in range(3):
+            set_grads(params, seed=t)
+            with torch.autocast("cpu", dtype=autocast_dtype, enabled=enabled):
+                step(opt)
+        runs.append((params, opt))
+    (p0, opt0), (p1, opt1) = runs
+    assert_same_params_and_states(p0, opt0, p1, opt1)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_grad_scaler_steps_as_unscaled_training_and_skips_overflowing_steps(kind) -> None:
     """Mixed-precision training's ``torch.amp.GradScaler``: ``scaler.step(opt, loss=...)``

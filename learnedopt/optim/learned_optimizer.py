@@ -639,7 +639,15 @@ class LearnedOptimizer(Optimizer):
     @_outside_inference_mode()
     def _apply_step(self, rule_loss: Tensor | None) -> None:
         """The step after its input checks: every group's update, out of inference mode (see
-        :func:`_outside_inference_mode`)."""
+        :func:`_outside_inference_mode`) and with autocast off on the parameters' devices: the
+        rule runs in its math dtype, and the NaN/Inf checks before it stack the gradients' norms,
+        which autocast refused for bfloat16 ones in a float16 region (or the reverse)."""
+        devices = {p.device.type for group in self.param_groups for p in group["params"]}
+        with without_autocast(devices):
+            self._apply_step_without_autocast(rule_loss)
+
+    def _apply_step_without_autocast(self, rule_loss: Tensor | None) -> None:
+        """:meth:`_apply_step`'s body."""
         gathered = [self._gradients(index, group) for index, group in enumerate(self.param_groups)]
         # every group's NaN/Inf verdicts read with one host sync per device, not one per group
         tensors = [t for params, grads, _ in gathered for t in (grads + params if self.rule.reads_param else grads)]
@@ -696,12 +704,11 @@ class LearnedOptimizer(Optimizer):
         shared, sharing = self._shared_calls(plans, held)
         progress = _StepProgress()
         try:
-            with without_autocast({device.type for partitions in plans for device, _ in partitions}):
-                for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
-                    for members in shared.get(index, ()):  # the shared calls this group is the first of
-                        self._update_shared(members, plans, held, rule_loss, progress)
-                    own = {key: part for key, part in partitions.items() if (index, key) not in sharing}
-                    self._update_group(index, group, own, held[index], rule_loss, progress)
+            for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
+                for members in shared.get(index, ()):  # the shared calls this group is the first of
+                    self._update_shared(members, plans, held, rule_loss, progress)
+                own = {key: part for key, part in partitions.items() if (index, key) not in sharing}
+                self._update_group(index, group, own, held[index], rule_loss, progress)
         except BaseException as err:  # an out-of-memory error in a later chunk or group, an interrupt
             if progress.written:
                 # the states written so far cannot be taken back without a copy of them all (as
