@@ -164,6 +164,30 @@ def test_an_autocast_region_does_not_change_the_step(kind: str, autocast_dtype: 
         assert torch.equal(state_in[k], v)
 
 
+@pytest.mark.parametrize(("autocast_dtype", "param_dtype"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_an_autocast_region_of_another_half_dtype_than_the_parameters_does_not_change_the_step(
+    kind: str, autocast_dtype: torch.dtype, param_dtype: torch.dtype
+) -> None:
+    """bfloat16 parameters inside a float16 autocast region (or float16 ones in a bfloat16 one),
+    where the optimizers step: concatenating them into the rule's coordinates ran under autocast
+    and raised "Unexpected floating ScalarType in at::autocast::prioritize"."""
+    rule = random_rule(kind, **MOVING_AVERAGES[kind]).float()
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 4, generator=g).to(param_dtype), "b": torch.randn(4, generator=g).to(param_dtype)}
+    grads = {k: torch.randn(v.shape, generator=g).to(param_dtype) for k, v in params.items()}
+    state = init_rule_state(rule, params)
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+            results.append(learned_step(rule, params, grads, state, loss=0.5, nan_policy="raise"))
+    (new, new_state), (new_in, state_in) = results
+    for k, v in new.items():
+        assert new_in[k].dtype == param_dtype and torch.equal(new_in[k], v)
+    for k, v in new_state.items():
+        assert torch.equal(state_in[k], v)
+
+
 def test_half_precision_parameters_need_a_float32_rule_and_states() -> None:
     """Beside bfloat16 parameters, a bfloat16 or float64 rule or states (init_rule_state made them
     bfloat16 before) are refused in one line that says the math is float32; so are mixed parameters."""

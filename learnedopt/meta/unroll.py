@@ -209,10 +209,13 @@ def learned_step(
         _require_finite(rule, params, grads, loss)
     shapes = [params[k].shape for k in names]
     sizes = [params[k].numel() for k in names]
-    flat_param = torch.cat([params[k].reshape(-1) for k in names]).to(compute)  # no copy or graph node for float32, float64
-    flat_grad = torch.cat([grads[k].reshape(-1) for k in names]).to(compute)
-    step, new_state = _apply_rule(rule, flat_grad, flat_param, dict(state), rule_loss, backend)
-    new_flat = (flat_param + lr * step).to(first.dtype)
+    # autocast off for the whole step, not only the rule: torch.cat of bfloat16 parameters inside
+    # a float16 region (or the reverse) raised autocast's "Unexpected floating ScalarType"
+    with without_autocast({first.device.type}):
+        flat_param = torch.cat([params[k].reshape(-1) for k in names]).to(compute)  # no copy or graph node for float32, float64
+        flat_grad = torch.cat([grads[k].reshape(-1) for k in names]).to(compute)
+        step, new_state = _apply_rule(rule, flat_grad, flat_param, dict(state), rule_loss, backend)
+        new_flat = (flat_param + lr * step).to(first.dtype)
     new_params = {
         k: piece.reshape(shape) for k, piece, shape in zip(names, new_flat.split(sizes), shapes, strict=True)
     }
