@@ -188,6 +188,29 @@ def test_an_autocast_region_of_another_half_dtype_than_the_parameters_does_not_c
         assert torch.equal(state_in[k], v)
 
 
+@pytest.mark.parametrize(("autocast_dtype", "param_dtype"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_an_unroll_inside_an_autocast_region_of_another_half_dtype_than_the_parameters_runs(
+    kind: str, autocast_dtype: torch.dtype, param_dtype: torch.dtype
+) -> None:
+    """``unroll`` of bfloat16 tasks inside a float16 autocast region (or the reverse): the tasks'
+    losses run in the caller's region, the update as outside it; concatenating the gradients
+    raised "Unexpected floating ScalarType in at::autocast::prioritize". The meta-loss is the one
+    outside the region but for the region's rounding of the tasks' losses."""
+    rule = random_rule(kind, **MOVING_AVERAGES[kind]).float()
+    results = []
+    for autocast in (False, True):
+        g = generator_for(3)
+        tasks = QuadraticFamily(dim=4, dtype=param_dtype).sample_batch(2, g)
+        params = tasks.init_params(g)
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+            result = unroll(rule, tasks, params, rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu"), 3)
+        assert {v.dtype for v in result.params.values()} == {param_dtype}
+        assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in result.rule_state.values())
+        results.append(result.meta_loss.detach().double())
+    assert torch.allclose(results[1], results[0], rtol=0.05)
+
+
 def test_half_precision_parameters_need_a_float32_rule_and_states() -> None:
     """Beside bfloat16 parameters, a bfloat16 or float64 rule or states (init_rule_state made them
     bfloat16 before) are refused in one line that says the math is float32; so are mixed parameters."""

@@ -444,6 +444,7 @@ def unroll(
     _check_state(rule, rule_state, batch * per_task)  # a MetaLSTMCell took the first rows of larger states
     _check_one_dtype_and_device(rule, params, rule_state)
     dtype = next(iter(params.values())).dtype
+    device_type = next(iter(params.values())).device.type
     compute = math_dtype(dtype)
 
     # The first loss needs a graph to differentiate; detached starts become fresh leaves.
@@ -461,13 +462,17 @@ def unroll(
             retain_graph=True,  # the meta-loss backward goes through these losses later
             create_graph=not stop_optimizee_grad,
         )
-        flat_grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1).to(compute)
-        flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1).to(compute)
-        rule_loss = (loss.detach() if stop_optimizee_grad else loss).to(compute)
-        step, state = _apply_rule(
-            rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss, backend
-        )
-        new_flat = (flat_param + lr * step.reshape(batch, per_task)).to(dtype)
+        # autocast off for the update (the tasks' losses stay in the caller's region): torch.cat of
+        # bfloat16 parameters inside a float16 region (or the reverse) raised autocast's
+        # "Unexpected floating ScalarType"
+        with without_autocast({device_type}):
+            flat_grad = torch.cat([g.reshape(batch, -1) for g in grads], dim=1).to(compute)
+            flat_param = torch.cat([current[k].reshape(batch, -1) for k in names], dim=1).to(compute)
+            rule_loss = (loss.detach() if stop_optimizee_grad else loss).to(compute)
+            step, state = _apply_rule(
+                rule, flat_grad.reshape(-1), flat_param.reshape(-1), state, rule_loss, backend
+            )
+            new_flat = (flat_param + lr * step.reshape(batch, per_task)).to(dtype)
         current = {
             k: piece.reshape(batch, *shape)
             for k, piece, shape in zip(names, new_flat.split(sizes, dim=1), shapes, strict=True)
