@@ -78,6 +78,26 @@ def test_rotations_stay_within_their_range_and_keep_the_ink() -> None:
     assert angle.max() <= 30.0 + 1.0 and angle.max() > 25.0
 
 
+@pytest.mark.parametrize("height, width", [(28, 56), (56, 28)])
+def test_rotations_of_images_that_are_not_square_are_rotations_in_pixels(height: int, width: int) -> None:
+    """The map was drawn in affine_grid's units, in which each axis runs over [-1, 1] whatever its
+    pixels: on a 28x56 image a rotation up to 30 degrees turned a bar by at most 15 and shortened it."""
+    images = torch.zeros(200, 1, height, width, dtype=torch.float64)
+    images[..., height // 2 - 1 : height // 2 + 1, width // 2 - 8 : width // 2 + 8] = 1.0  # a horizontal bar, 16 px
+    out = random_affine(images, torch.Generator().manual_seed(0), AffineRanges(rotation=30.0, shear=0.0, scale=0.0, shift=0.0))
+    torch.testing.assert_close(out.sum((-1, -2, -3)), images.sum((-1, -2, -3)), rtol=0.03, atol=0)
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    mass = out.sum((-1, -2, -3))
+    c = centroids(out)
+    dr, dc = rows - c[:, 0, None, None], cols - c[:, 1, None, None]
+    m_rr, m_cc, m_rc = ((out[:, 0] * m).sum((-1, -2)) / mass for m in (dr * dr, dc * dc, dr * dc))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * m_rc, m_cc - m_rr)).abs()
+    assert angle.max() <= 30.0 + 1.0 and angle.max() > 25.0
+    # the bar keeps its length: the variance of its ink along its long axis (16 px: 21.25 px^2)
+    long_axis = 0.5 * (m_rr + m_cc) + torch.sqrt(0.25 * (m_cc - m_rr) ** 2 + m_rc**2)
+    torch.testing.assert_close(long_axis, torch.full_like(long_axis, 21.25), rtol=0.03, atol=0)
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(28, 28), torch.zeros(2, 1, 28, 28, dtype=torch.long)])
 def test_bad_images_are_refused(bad: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"random_affine needs floating images \(\.\.\., C, H, W\)"):

@@ -59,6 +59,8 @@ def _check_generator(generator: object) -> None:
 def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRanges = AffineRanges()) -> Tensor:
     """Distort each image by its own random affine map, drawn from ``ranges``.
 
+    The rotation, shear and scale are those of the image's pixels, whatever its aspect ratio.
+
     Args:
         images: ``(..., C, H, W)`` floating images; the background is 0 (pixels moved in from
             outside the image are 0).
@@ -87,6 +89,11 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
     shear = torch.stack([torch.stack([torch.ones_like(shear_x), shear_x], -1),
                          torch.stack([shear_y, torch.ones_like(shear_y)], -1)], -2)  # fmt: skip
     linear = rotate @ shear @ torch.diag_embed(torch.stack([scale_x, scale_y], -1))
+    # The map is drawn in pixels; affine_grid's x runs over [-1, 1] across w pixels and its y across h, so
+    # in its units the map is diag(2/w, 2/h) @ linear @ diag(w/2, h/2) (the same matrix for a square
+    # image). Drawn in those units, a rotation of a 28x56 image turned its ink by half the angle and
+    # squashed it.
+    linear = linear * torch.tensor([[1.0, h / w], [w / h, 1.0]], dtype=linear.dtype)
     # affine_grid maps output coordinates in [-1, 1] to input coordinates; a shift of s image
     # sides is 2 s in those units.
     theta = torch.cat([linear, (u[:, 5:7] * 2 * ranges.shift).unsqueeze(-1)], -1)
