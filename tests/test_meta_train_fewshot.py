@@ -10,6 +10,7 @@ import shlex
 import shutil
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -449,6 +450,24 @@ def test_same_rotation_episodes_share_an_orientation_and_augment_distorts_them(o
     for x_plain, x_distorted in ((plain[0], distorted[0]), (plain[2], distorted[2])):
         changed = (x_distorted - x_plain).abs().amax((-1, -2, -3))
         assert bool((changed > 0.05).all())  # every image, support and query, is distorted
+
+
+def test_the_fixed_split_holds_out_the_alphabets_the_readme_names() -> None:
+    """The fixed split is drawn (seed OMNIGLOT_SPLIT_SEED) over the 8 alphabets of the two small
+    background sets: nothing pinned which ones it holds out, as the README says it does, so a torch
+    whose randperm draws otherwise would move an alphabet across the split in silence."""
+    names = ["Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean", "Latin", "Sanskrit", "Tagalog"]
+    data = SimpleNamespace(num_classes=4 * 8, alphabet_of_class=torch.arange(8).repeat(4),
+                           rotation_of_class=torch.tensor([0, 90, 180, 270]).repeat_interleave(8))  # fmt: skip
+    parts = omniglot_class_splits(data)
+    assert {part: sorted({names[i] for i in data.alphabet_of_class[ids].tolist()}) for part, ids in parts.items()} == {
+        "meta_train": ["Balinese", "Greek", "Japanese_(katakana)", "Korean", "Tagalog"],
+        "meta_valid": ["Latin"],
+        "meta_test": ["Early_Aramaic", "Sanskrit"],
+    }
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert ("meta-train Balinese, Greek, Japanese (katakana), Korean and Tagalog, with rotated classes added; "
+            "meta-valid Latin; meta-test Early Aramaic and Sanskrit.") in readme  # fmt: skip
 
 
 def test_named_held_out_alphabets_split_the_classes(tmp_path: Path, omniglot_dir: Path) -> None:
