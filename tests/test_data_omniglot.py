@@ -255,6 +255,22 @@ def test_a_folder_holding_the_official_zips_stands_for_them(zips: tuple[Path, Pa
     assert load_omniglot(layout_root.parent, image_size=None).classes == load_omniglot(layout_root, image_size=None).classes
 
 
+def test_a_path_from_the_home_folder_is_read_as_load_mnist_reads_it(
+    zips: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load_mnist("~/data")`` expanded the ``~`` (as ``LEARNEDOPT_DATA`` is); ``load_omniglot`` and
+    ``read_image`` did not, so ``--data=~/data`` (no shell expands a ``~`` after ``=``) read MNIST but
+    said the Omniglot folder did not exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").symlink_to(zips[0].parent)
+    expected = load_omniglot(list(zips), image_size=None)
+    for source in ("~/data", Path("~/data"), ["~/data/images_background_small1.zip", "~/data/images_background_small2.zip"]):
+        got = load_omniglot(source, image_size=None)
+        assert got.classes == expected.classes and torch.equal(got.images, expected.images)
+    make_folder(tmp_path / "folder", layout(SPLIT1, variant=1))
+    assert torch.equal(read_image("~/folder/Alpha/character01/0901_01.png", None), expected.images[0])
+
+
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.zip"):
         load_omniglot([tmp_path / "missing.zip"])

@@ -75,6 +75,14 @@ def test_scorer_means_the_runs_not_the_items(tmp_path) -> None:
     assert errors == [100.0, 0.0] and mean == 50.0  # pooled over the 6 items it would be 33.3
 
 
+def test_a_root_from_the_home_folder_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--runs=~/all_runs`` (no shell expands a ``~`` after ``=``) was "no such folder: ~/all_runs"."""
+    truth = make_runs(tmp_path / "all_runs")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    runs = load_runs("~/all_runs", image_size=None)
+    assert [r.name for r in runs] == ["run01", "run02"] and torch.equal(runs[1].test_labels, truth[1])
+
+
 def test_reader_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no run"):
         load_runs(tmp_path)

@@ -206,7 +206,8 @@ def read_image(path: str | os.PathLike[str], image_size: int | None = 28) -> tor
     """One Omniglot PNG as a float32 ``(1, S, S)`` tensor, 1.0 = ink, resized as in
     :func:`load_omniglot` (``image_size=None`` keeps 105x105)."""
     _check_image_size(image_size)
-    return torch.from_numpy(_decode(Path(path).read_bytes(), image_size, _import_pillow(), str(path))).unsqueeze(0)
+    data = Path(path).expanduser().read_bytes()  # "~" as load_mnist and LEARNEDOPT_DATA take it
+    return torch.from_numpy(_decode(data, image_size, _import_pillow(), str(path))).unsqueeze(0)
 
 
 def _official_zips_in(source: Path) -> list[Path]:
@@ -231,7 +232,8 @@ def load_omniglot(
         sources: zips (``images_background_smallN/<Alphabet>/characterNN/*.png`` inside) or
             folders (``<Alphabet>/characterNN/*.png``). A folder holding the official zips
             (``images_background_small1.zip``, ``images_background_small2.zip``) stands for
-            them, and one holding ``omniglot/`` (a data root) for that. Default: those zips in
+            them, and one holding ``omniglot/`` (a data root) for that. A leading ``~`` is the
+            home folder, as for ``load_mnist``. Default: those zips in
             ``resolve_data_dir(None, "omniglot")``.
             A character found in several sources is taken from the first one only (and one
             in several top folders of a zip from the first of them in sorted order).
@@ -266,7 +268,8 @@ def load_omniglot(
         raise TypeError(f"sources must be a path or a list of paths (str or os.PathLike), got {sources!r}")
     if not sources:
         raise ValueError("no Omniglot sources given")
-    sources = [path for source in sources for path in _official_zips_in(Path(source))]
+    # "~" expanded as load_mnist and LEARNEDOPT_DATA do: no shell expands it in --data=~/data
+    sources = [path for source in sources for path in _official_zips_in(Path(source).expanduser())]
 
     with ExitStack() as stack:
         chosen: dict[_Character, tuple[Callable[[str], bytes], list[str], Path]] = {}

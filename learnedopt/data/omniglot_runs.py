@@ -44,7 +44,8 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
     ... ``run20``, sorted by name; another folder whose name starts with ``run``, such as a
     ``runs_old/`` backup, is not a run). Hidden files (names starting
     with ``.``, such as the ``._*.png`` copies macOS leaves) are skipped and ``.png`` is matched
-    in any case, as by :func:`~learnedopt.data.load_omniglot`.
+    in any case, and a leading ``~`` of ``root`` is the home folder, as by
+    :func:`~learnedopt.data.load_omniglot`.
 
     Raises:
         FileNotFoundError: no such folder, a file, no run folders in it, or a file named in ``class_labels.txt`` is missing.
@@ -53,7 +54,7 @@ def load_runs(root: str | os.PathLike[str], image_size: int | None = 28) -> list
             every test item; with ``image_size=None``, images of different sizes in a run.
     """
     _check_image_size(image_size)
-    root = Path(root)
+    root = Path(root).expanduser()  # as load_omniglot: no shell expands the "~" of --runs=~/all_runs
     expected = "the folder that holds run01 ... run20 (all_runs.zip unpacked)"
     if not root.exists():
         raise FileNotFoundError(f"no such folder: {root}; give {expected}")
