@@ -395,15 +395,19 @@ CELLS = ("1-shot", "5-shot", "within")
 
 
 def _test_cells(adapt, ways: int, episodes: int, seed: int, image_size: int = 28, part: str = "meta_test",
-                cells: tuple[str, ...] = CELLS, config: dict | None = None) -> dict:  # fmt: skip
+                cells: tuple[str, ...] = CELLS, config: dict | None = None, split: dict | None = None) -> dict:  # fmt: skip
     """Accuracy (mean, 95% CI) on the alphabets of ``part`` (the meta-test ones by default) of
-    the split meta-training used (``config``'s named alphabets, else the library's fixed split):
-    ``ways``-way 1- and 5-shot episodes mixing alphabets, and for 20 ways also 1-shot episodes
-    within one alphabet (those of ``cells``); plus the alphabets."""
+    the split meta-training used (``split``, the alphabets a model file records, else
+    ``config``'s named alphabets, else the library's fixed split): ``ways``-way 1- and 5-shot
+    episodes mixing alphabets, and for 20 ways also 1-shot episodes within one alphabet (those of
+    ``cells``); plus the alphabets."""
     from learnedopt.data import load_omniglot
 
     data = load_omniglot(image_size=image_size, rotations=True)
-    named = [parse_alphabets((config or {}).get(k)) for k in ("valid_alphabets", "test_alphabets")]
+    if split:  # as recorded: the fixed split drawn again could move if torch's randperm changed
+        named = [split["meta_valid"], split["meta_test"]]
+    else:
+        named = [parse_alphabets((config or {}).get(k)) for k in ("valid_alphabets", "test_alphabets")]
     test = omniglot_class_splits(data, *named)[part]
     results = {}
     for shots in (1, 5):
@@ -555,7 +559,7 @@ def omniglot_model(args: argparse.Namespace) -> None:
         steps = header["test_inner_steps"] if steps is None else steps
         start = time.perf_counter()
         cells = _test_cells(_adapter(learners, steps, copies, query_copies, args.seed), arch["ways"], args.test_episodes, args.seed,
-                            arch["image_size"], args.part, tuple(args.cells), config)  # fmt: skip
+                            arch["image_size"], args.part, tuple(args.cells), config, header.get("omniglot_split"))  # fmt: skip
         rows.append(dict(method=header["algo"], ways=arch["ways"], config=config, command=header["command"],
                          seconds_per_meta_step=statistics.median(seconds) if seconds else None,
                          peak_rss_mb=max(peaks) if peaks else None, validation=header["validation"],

@@ -530,3 +530,37 @@ def test_write_ab_results_keeps_a_revision_preset_and_task_with_backticks_in_the
     text = (results / "ab.md").read_text()
     assert "of preset ``my`rule.safetensors`` meta-training on `quadratic`," in text, text
     assert "the source at ``rev`1`` against it, 1 rounds." in text, text
+
+
+def test_fewshot_omniglot_model_scores_on_the_alphabets_its_model_file_records(results: Path, monkeypatch) -> None:
+    """``fewshot.py omniglot-model`` drew the library's fixed split again (``torch.randperm`` with
+    its seed) instead of reading the alphabets the model file records: a torch whose randperm
+    changed would score a model on alphabets it was trained on. The recorded ones are used."""
+    from types import SimpleNamespace
+
+    import fewshot
+
+    import learnedopt.data
+    import learnedopt.meta.fewshot
+
+    recorded = {"meta_train": ["Greek"], "meta_valid": ["Latin"], "meta_test": ["Sanskrit"]}
+    header = dict(
+        architecture={"ways": 5, "image_size": 28, "hidden": 64},
+        meta_train_config={"meta_steps": 1, "meta_batch": 1, "same_alphabet": False, "val_tasks": 1},
+        omniglot_split=recorded, test_inner_steps=1, algo="maml", command="learnedopt meta-train ...",
+        validation={"initial": {}, "final": {}},
+    )  # fmt: skip
+    monkeypatch.setattr(learnedopt.meta.fewshot, "load_learner", lambda path: (object(), header))
+    monkeypatch.setattr(fewshot, "_adapter", lambda *args: None)
+    data = SimpleNamespace(alphabets=["Greek", "Latin", "Sanskrit"], alphabet_of_class=torch.tensor([0, 1, 2]))
+    monkeypatch.setattr(learnedopt.data, "load_omniglot", lambda **kwargs: data)
+    named = []
+
+    def splits(data, valid, test):
+        named.append((valid, test))
+        return {"meta_train": torch.tensor([0]), "meta_valid": torch.tensor([1]), "meta_test": torch.tensor([2])}
+
+    monkeypatch.setattr(fewshot, "omniglot_class_splits", splits)
+    monkeypatch.setattr(fewshot, "_evaluate_omniglot", lambda *args: (50.0, 1.0))
+    run_main(fewshot, monkeypatch, "omniglot-model", "model.safetensors", "--tag", "t", "--test-episodes", "1")
+    assert named == [(["Latin"], ["Sanskrit"])]
