@@ -85,6 +85,20 @@ static inline void stream(float* p, v16 v) {
 }
 #endif
 
+// Writes R rows of HID floats (side by side in `rows`, 64-byte aligned) to `out` by streamed
+// stores where whole aligned vectors cover them; false (nothing written) where they do not.
+template <int R>
+static inline bool stream_rows(float* out, const float* rows) {
+#ifdef STREAMS
+  if ((R * HID) % 16 == 0 && (uintptr_t)out % 64 == 0) {
+    for (int v = 0; v < R * HID / 16; v++) stream(out + 16 * v, ld(rows + 16 * v));
+    return true;
+  }
+#endif
+  (void)out, (void)rows;
+  return false;
+}
+
 // exp by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp over the
 // clamped range), branch-free so that it stays in vector registers: exp(x) = p 2^n, p returned.
 static inline v16 exp_reduced(v16 x, v16* n_out) {
@@ -174,13 +188,13 @@ static inline void forward_rows(int64_t row0, X x, const float* h, const float* 
       c_new[r * HID + j] = a[r][HID + j] * c[(row0 + r) * HID + j] + a[r][j] * a[r][2 * HID + j];
   float tanh_c[16 * CV] __attribute__((aligned(64)));
   for (int v = 0; v < CV; v++) st(tanh_c + 16 * v, bc(2.0f) * vsigmoid(bc(2.0f) * ld(c_new + 16 * v)) - bc(1.0f));
-  for (int r = 0; r < R; r++) {
-    const int64_t row = row0 + r;
-    for (int j = 0; j < HID; j++) {
-      c_out[row * HID + j] = c_new[r * HID + j];
-      h_out[row * HID + j] = a[r][3 * HID + j] * tanh_c[r * HID + j];
-    }
-  }
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < HID; j++) h_out[(row0 + r) * HID + j] = a[r][3 * HID + j] * tanh_c[r * HID + j];
+  // c' is read next by the next step's forward and backward, after the other layers' traffic
+  // has evicted it: written around the cache, as the saved activations below, where whole
+  // aligned vectors cover the tile
+  if (!stream_rows<R>(c_out + row0 * HID, c_new))
+    for (int r = 0; r < R; r++) memcpy(c_out + (row0 + r) * HID, c_new + r * HID, HID * sizeof(float));
   if (head_out) {
     // the R rows' sums side by side (independent chains of fused multiply-adds), each in the
     // order j = 0, 1, ...: a row's head does not depend on where its tile starts
@@ -261,6 +275,8 @@ static inline void backward_rows(int64_t row0, X x, const float* h, const float*
   // gradient was given (with grad_h_more null, as under a head, the backward took 1.2x longer in
   // an unrecorded A/B)
   float head_weight[HID], head_sum[HID + 1] = {0};
+  // the R rows' gradients of c side by side, written out together (see below)
+  float grad_c_rows[R * HID] __attribute__((aligned(64)));
   if (HEAD) memcpy(head_weight, head_w, sizeof head_weight);
   for (int r = 0; r < R; r++) {
     const int64_t row = row0 + r;
@@ -288,7 +304,7 @@ static inline void backward_rows(int64_t row0, X x, const float* h, const float*
       d_gates[r][HID + j] = dc * cr[j] * f * (1.0f - f);
       d_gates[r][2 * HID + j] = dc * i * (1.0f - g * g);
       d_gates[r][3 * HID + j] = dh[j] * t[j] * o * (1.0f - o);
-      grad_c_prev[row * HID + j] = dc * f;
+      grad_c_rows[r * HID + j] = dc * f;
     }
     if (HEAD) {  // the head's weight and bias gradients; o tanh(c') is h', as the forward computed it
       for (int j = 0; j < HID; j++) head_sum[j] += d_head * (a[3 * HID + j] * t[j]);
@@ -297,6 +313,10 @@ static inline void backward_rows(int64_t row0, X x, const float* h, const float*
   }
   if (HEAD)
     for (int j = 0; j <= HID; j++) grad_sums[G + j] += head_sum[j];
+  // the gradients of c and h are read next by the previous step's backward of this layer, after
+  // the other layers' traffic has evicted them: written around the cache where whole aligned
+  // vectors cover the tile, as the forward's saved activations
+  if (!stream_rows<R>(grad_c_prev + row0 * HID, grad_c_rows)) memcpy(grad_c_prev + row0 * HID, grad_c_rows, sizeof grad_c_rows);
   for (int v = 0; v < NV; v++) {
     v16 s = ld(grad_sums + 16 * v);
     for (int r = 0; r < R; r++) s += ld(&d_gates[r][16 * v]);
@@ -334,13 +354,16 @@ static inline void backward_rows(int64_t row0, X x, const float* h, const float*
       for (int v = 0; v < KX; v++) acc[r][v] += d * wj[v];
     }
   }
+  float grad_h_rows[R * HID] __attribute__((aligned(64)));
   for (int r = 0; r < R; r++) {
     const int64_t row = row0 + r;
     float out[KP] __attribute__((aligned(64)));
     for (int v = 0; v < KX; v++) *(vxu*)(out + XL * v) = acc[r][v];
     if (grad_x) memcpy(grad_x + row * IN, out, IN * sizeof(float));
-    if (grad_h_prev) memcpy(grad_h_prev + row * HID, out + IN, HID * sizeof(float));
+    memcpy(grad_h_rows + r * HID, out + IN, HID * sizeof(float));
   }
+  if (grad_h_prev && !stream_rows<R>(grad_h_prev + row0 * HID, grad_h_rows))
+    memcpy(grad_h_prev + row0 * HID, grad_h_rows, sizeof grad_h_rows);
 }
 
 template <class X>
@@ -379,6 +402,9 @@ static void backward_all(int64_t n, int parts, X x, const float* h, const float*
     memcpy(gw, total, sizeof(float) * K * G);
     memcpy(gb, total + K * G, sizeof(float) * NSUM);
     free(total);
+#ifdef STREAMS
+    _mm_sfence();  // the streamed stores ordered before whatever reads them next
+#endif
   }
 }
 

@@ -8,8 +8,9 @@ kernel does a layer's whole forward, or whole backward, for four rows at a time,
 vector registers: the forward reads ``x``, ``h``, ``c`` and writes ``h'``, ``c'`` (and, for the
 backward, the gate activations and ``tanh(c')``, by non-temporal stores on AVX and AVX-512: read
 only by the backward, steps later, they would otherwise fill the cache the next step reads
-from); the backward reads those and writes the
-gradients of ``x``, ``h`` and ``c``, accumulating the weight and bias gradients. Optionally the
+from; so is ``c'``, read next by the next step); the backward reads those and writes the
+gradients of ``x``, ``h`` and ``c``, accumulating the weight and bias gradients (those of ``h``
+and ``c`` by non-temporal stores too: read next by the previous step's backward). Optionally the
 forward also applies a linear head to ``h'`` (the update rule's output layer, one number per row)
 and the backward takes the head's gradient, so that the rule's output needs no pass of its own.
 

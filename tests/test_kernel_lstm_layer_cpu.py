@@ -161,6 +161,37 @@ def test_x_at_any_strides_gives_the_bits_of_a_contiguous_x(layout: str) -> None:
 
 
 @needs_compiler
+def test_outputs_at_any_alignment_get_the_same_bits_and_nothing_else() -> None:
+    """``h'``, ``c'`` and the gradients of ``c`` and ``h`` are written by streamed stores where a
+    tile's rows are whole aligned vectors and by ordinary ones elsewhere: outputs placed 0, 1 or 16
+    floats into a buffer (64-byte aligned at 0 and 16, not at 1) get the same bits, the values of
+    the float64 reference, and the floats around them stay as they were."""
+    n, hidden = 37, 20  # nine tiles of four rows and a row of its own
+    cell, x, h, c, grads = _layer(10, hidden, n)
+    head_weight, head_bias, grad_head = _head(hidden, n)
+    reference = _reference(cell, x, h, c, grads, (head_weight, head_bias, grad_head))
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    assert lstm_layer_cpu.ready(10, hidden)
+    results = []
+    for offset in (0, 1, 16):
+        buffers = [torch.full((offset + n * hidden + 16,), 7.0) for _ in range(4)]
+        h_new, c_new, dc, dh = (b[offset : offset + n * hidden].view(n, hidden) for b in buffers)
+        assert (h_new.data_ptr() % 64 == 0) == (offset != 1)
+        act, tanh_c, out = lstm_layer_cpu.lstm_layer_forward(
+            x, h, c, weight, bias, h_new, c_new, save=True, head_weight=head_weight, head_bias=head_bias
+        )
+        lstm_layer_cpu.lstm_layer_backward(x, h, c, weight, act, tanh_c, *grads, dc, dh, need_x=True, grad_head=grad_head, head_weight=head_weight)
+        for b in buffers:
+            assert (b[:offset] == 7.0).all() and (b[offset + n * hidden :] == 7.0).all()
+        results.append((h_new, c_new, dc, dh, out))
+    references = [*reference[:2], reference[4], reference[3], reference[7]]
+    for k, name in enumerate(["h'", "c'", "c grad", "h grad", "head"]):
+        torch.testing.assert_close(results[0][k].double(), references[k].detach(), rtol=1e-4, atol=1e-4, msg=name)
+        assert torch.equal(results[1][k], results[0][k]) and torch.equal(results[2][k], results[0][k]), name
+
+
+@needs_compiler
 def test_optional_gradients_and_no_saving() -> None:
     """Absent gradients count as zero; unwanted outputs are not written; ``save=False`` gives
     the same ``h'``, ``c'`` and nothing to save."""
