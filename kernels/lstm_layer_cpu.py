@@ -22,8 +22,8 @@ in another order than BLAS's. The library's step (:mod:`learnedopt.nn.lstm_step`
 Build: compiled at first use per ``(inputs, hidden)`` with the C++ compiler that
 ``torch.compile`` also needs (``$CXX``, which may carry a wrapper and arguments such as ``ccache
 g++``, else ``c++``, ``g++`` or ``clang++``) for this CPU
-(``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``~/.cache/learnedopt``; the
-first step of a process with empty caches, building two, took 0.96 s:
+(``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/learnedopt``, else
+``~/.cache/learnedopt``: :func:`cache_dir`; the first step of a process with empty caches, building two, took 0.96 s:
 ``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
 partial copy) is built again, never loaded. Where that folder cannot be written, each process
 builds into a temporary folder, with one warning. If no compiler works, :func:`applies` is False
