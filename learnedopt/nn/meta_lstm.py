@@ -33,7 +33,11 @@ class MetaLSTMConfig:
             see :func:`~learnedopt.nn.functional.debiased_ema`. With both, the input gate is a
             learned per-coordinate Adam step size, and the forget gate a learned weight decay.
         forget_bias_init, input_bias_init: the ranges ``(low, high)`` of the uniform
-            initialisation of the forget and input gate biases ((4, 6) and (-5, -4), the paper).
+            initialisation of the forget and input gate biases ((4, 6) and (-5, -4)). The paper
+            describes them qualitatively (a large forget bias, so ``f`` starts near 1; a small
+            input bias, so the step starts small); these ranges are those of the common PyTorch
+            port (markdtw/meta-learning-lstm-pytorch), while the authors' Lua code
+            (twitter-research/meta-learning-lstm) draws the forget bias from U(4, 5).
     """
 
     hidden_size: int = 20
@@ -81,11 +85,16 @@ class MetaLSTMCell(UpdateRule):
     :meth:`forward` returns ``step = theta_t - theta_{t-1}``. Per-coordinate state: ``h``, ``c``
     of shape ``(1, n, H)`` for the first LSTM, ``fi`` ``(2, n)`` holding ``f_{t-1}, i_{t-1}``,
     and with ``momentum_decay`` / ``rms_decay`` ``m`` / ``v`` ``(2, n)``, each a moving average
-    and its weight.
-    Initialised as in the paper so that it starts as plain gradient descent: forget bias
-    U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), cell weights U(-0.01, 0.01)
-    (the bias ranges are configurable); the input LSTM has PyTorch's usual LSTM initialisation,
-    U(-1/sqrt(H), 1/sqrt(H)).
+    and its weight. ``f_{t-1}`` and ``i_{t-1}`` are the previous gate *values* (in (0, 1); 0
+    before the first step), as in the paper's equations; the authors' Lua code (and the common
+    PyTorch port) feed back the gates' pre-sigmoid values instead. The shipped weights were
+    meta-trained with the gate values, so that stays.
+
+    Initialised by the paper's rule so that it starts as plain gradient descent with a small
+    step: forget bias U(4, 6) (f ~ 0.99), input bias U(-5, -4) (step size ~ 0.01), gate weights
+    ``weight_fi`` U(-0.01, 0.01) (the bias ranges are configurable; on where they come from, see
+    :class:`MetaLSTMConfig`); the input LSTM has PyTorch's usual LSTM initialisation,
+    U(-1/sqrt(H), 1/sqrt(H)), where the authors' code draws it from U(-0.01, 0.01) too.
     """
 
     kind = "MetaLSTMCell"
@@ -113,7 +122,8 @@ class MetaLSTMCell(UpdateRule):
                 "lstm.weight_hh_l0": (gates, hidden), "lstm.bias_ih_l0": (gates,), "lstm.bias_hh_l0": (gates,)}  # fmt: skip
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The paper's initialisation (see the class docstring). Deterministic for a generator."""
+        """The initialisation of the class docstring (the paper's rule: forget gate near 1, small
+        input gate). Deterministic for a generator."""
         bound = 1.0 / math.sqrt(self.config.hidden_size)
         with torch.no_grad():
             for param in self.lstm.parameters():
