@@ -28,7 +28,10 @@ Omniglot classes are split by whole alphabets (:data:`OMNIGLOT_SPLIT`, seed
 meta-valid and meta-test alphabets: ``--valid-alphabets``, ``--test-alphabets``); meta-training uses the
 meta-train alphabets with rotated classes, validation the meta-valid alphabets unrotated, and the
 meta-test alphabets are never read. Every BatchNorm is transductive
-(:class:`learnedopt.meta.batchnorm.BatchStatNorm`): a forward pass normalises with its own batch.
+(:class:`learnedopt.meta.batchnorm.BatchStatNorm`): a forward pass normalises with its own batch,
+when adapting and when predicting. For meta-lstm that departs from Ravi & Larochelle's code, which
+normalises a test episode's query set with running statistics collected on its support set (batch
+statistics only while meta-training).
 
 Randomness: the model's initialisation comes from ``(seed, 0)`` (the meta-lstm rule's from
 ``(seed, 0, 1)``), meta-step ``s``'s tasks from ``(seed, 1, s)``, the validation tasks from
