@@ -90,8 +90,9 @@ PRESETS: dict[str, Preset] = {
             "meta-lstm-2017",
             MetaLSTMCell.kind,
             {},
-            "Ravi & Larochelle 2017 meta-learner, hidden 20. Untrained: the paper's "
-            "initialisation, which acts as gradient descent with step ~0.01.",
+            "Ravi & Larochelle 2017 meta-learner, hidden 20. Untrained: initialised by the paper's rule "
+            "(forget gate near 1, small input gate; biases U(4, 6) and U(-5, -4), as the common PyTorch port), "
+            "which acts as gradient descent with step ~0.014 and weight decay ~0.009 per step.",
         ),
         Preset(
             "meta-lstm-adam",
