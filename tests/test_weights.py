@@ -1051,3 +1051,18 @@ def test_building_a_rule_leaves_another_threads_draws_from_the_global_rng_alone(
         after = torch.rand(4)
         assert all(torch.equal(a, b) for a, b in zip(draws, expected, strict=False)), name
         assert torch.equal(after, expected[len(draws)]), f"{name}: the other thread's draws were rolled back"
+
+
+def test_the_paper_presets_hold_the_papers_configurations() -> None:
+    """What the README says of ``l2l-2016`` (Andrychowicz et al. 2016: 2 layers of 20, the
+    gradient's two preprocessed features, p = 10, output x 0.1) and of ``meta-lstm-2017`` and the
+    trained ``meta-lstm-mnist`` (Ravi & Larochelle 2017: an input LSTM of 20 reading the
+    preprocessed gradient and loss, p = 10, the cell writing the gradient itself)."""
+    l2l, _ = load_weights("l2l-2016")
+    assert (l2l.config.num_layers, l2l.config.hidden_size, l2l.config.preprocess_p, l2l.config.output_scale) == (2, 20, 10.0, 0.1)
+    assert l2l.config.num_inputs == 2 and not l2l.reads_param
+    for name in ("meta-lstm-2017", "meta-lstm-mnist"):
+        rule, _ = load_weights(name)
+        cfg = rule.config
+        assert (cfg.hidden_size, cfg.preprocess_p, cfg.step_scale, cfg.momentum_decay, cfg.rms_decay) == (20, 10.0, 1.0, None, None), name
+        assert rule.lstm.input_size == 4 and rule.lstm.num_layers == 1 and rule.needs_loss, name
