@@ -1,10 +1,9 @@
 """learnedopt: learned optimizers for PyTorch."""
 
-__version__ = "0.1.0"
-
 from .meta import MAML, Reptile
 from .nn import CoordinateLSTM, CoordinateLSTMConfig, MetaLSTMCell, MetaLSTMConfig, UpdateRule
 from .optim import LSTMOptimizer, MetaLSTMOptimizer, NonFiniteGradientError
+from .version import __version__
 from .weights import PRESETS, UntrainedWeightsWarning, average_weights, load_weights, save_weights
 
 __all__ = [

@@ -88,7 +88,7 @@ def _average_weights(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``learnedopt`` argument parser with every subcommand registered."""
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="learnedopt",

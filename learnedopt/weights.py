@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from .files import write_atomically
 from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
 from .plugins import entry_point_path
+from .version import __version__
 
 FORMAT_VERSION = 1
 #: the library's rule kinds, whose classes every process has
@@ -189,8 +190,6 @@ PRESETS: dict[str, Preset] = {
 
 def library_version() -> str:
     """``learnedopt.__version__``, as weight-file headers record it."""
-    from . import __version__
-
     return __version__
 
 

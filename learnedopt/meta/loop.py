@@ -39,6 +39,7 @@ from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path, load_entry_point, one_line
 from ..values import MAX_ELEMENTS, seeded_global_rng
 from ..values import check_elements as check_tensor_elements
+from ..version import __version__
 from ..weights import PRESETS
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -1292,6 +1293,4 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ...nn import RULES, MetaLSTMCell, UpdateRule
 from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, load_weights, open_with_header, save_with_header
 from ...values import seeded_global_rng
+from ...version import __version__
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
@@ -415,8 +416,6 @@ class _SupportQueryBatch(TaskBatch):
 def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
     """Write ``learner`` to a safetensors file with its :class:`LearnerSpec` (plus ``extra``)
     as the JSON header; atomic (temporary file, then ``os.replace``)."""
-    from ... import __version__
-
     check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
