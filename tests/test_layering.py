@@ -48,6 +48,9 @@ EXCEPTIONS = {
         "`python -m learnedopt.meta.train` runs the meta-train command (README), under __main__ only",
 }
 
+#: Siblings in one layer that import neither each other (README: errors.py serves both for that).
+APART = (("learnedopt/optim/", "learnedopt/meta/unroll.py"),)
+
 
 def module_name(file: str) -> str:
     """The dotted name of the module in ``file`` (relative to the repository root): ``kernels/``
@@ -67,12 +70,17 @@ def module_files() -> dict[str, str]:
 MODULES = module_files()
 
 
+def holds(path: str, file: str) -> bool:
+    """Whether the path of :data:`LAYERS` or :data:`APART` holds ``file``."""
+    return file == path or (path.endswith("/") and file.startswith(path))
+
+
 def layer_of(file: str) -> int | None:
     """The index in :data:`LAYERS` of the layer that holds ``file``, or None."""
     best, layer = -1, None
     for index, (paths, _) in enumerate(LAYERS):
         for path in paths.split():
-            if (file == path or (path.endswith("/") and file.startswith(path))) and len(path) > best:
+            if holds(path, file) and len(path) > best:
                 best, layer = len(path), index
     return layer
 
@@ -127,6 +135,7 @@ def upward_imports(file: str, source: str) -> list[tuple[str, str, str]]:
 
 
 def all_upward_imports() -> list[tuple[str, str, str]]:
+    """:func:`upward_imports` of every module of the package."""
     return [found for file in MODULES.values() for found in upward_imports(file, (ROOT / file).read_text())]
 
 
@@ -147,6 +156,15 @@ def test_every_exception_is_still_an_import_against_the_flow() -> None:
     found = {(where.split(":")[0], name) for where, name, _ in all_upward_imports()}
     stale = [key for key in EXCEPTIONS if key not in found]
     assert not stale, f"EXCEPTIONS lists imports that are gone or no longer against the flow: {stale}"
+
+
+def test_the_siblings_kept_apart_import_neither_each_other() -> None:
+    crossing = [f"{file}:{line}: {name}"
+                for pair in APART for mine, theirs in (pair, pair[::-1])
+                for file in MODULES.values() if holds(mine, file)
+                for line, module, name in imports(file, (ROOT / file).read_text())
+                if holds(theirs, MODULES.get(module, ""))]
+    assert not crossing, "imports between siblings kept apart (APART):\n" + "\n".join(crossing)
 
 
 def test_each_top_level_module_sits_at_the_lowest_layer_its_imports_allow() -> None:
