@@ -772,20 +772,13 @@ def main() -> int:
             (out / "usage.json").write_text(json.dumps(report))
         dist.destroy_process_group()
         return 0
-    if mode == "verdicts":
-        dist.init_process_group("gloo", timeout=timedelta(seconds=30))  # a check that hangs fails soon
+    if mode in ("verdicts", "groups"):  # every rank's report, gathered into <mode>.json
+        checks, seconds = {"verdicts": (verdict_checks, 30), "groups": (group_mesh_checks, 20)}[mode]
+        dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))  # a rank left waiting fails soon
         everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(everyone, verdict_checks())
+        dist.all_gather_object(everyone, checks())
         if dist.get_rank() == 0:
-            (out / "verdicts.json").write_text(json.dumps(everyone))
-        dist.destroy_process_group()
-        return 0
-    if mode == "groups":
-        dist.init_process_group("gloo", timeout=timedelta(seconds=20))  # a rank left waiting fails soon
-        everyone = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(everyone, group_mesh_checks())
-        if dist.get_rank() == 0:
-            (out / "groups.json").write_text(json.dumps(everyone))
+            (out / f"{mode}.json").write_text(json.dumps(everyone))
         dist.destroy_process_group()
         return 0
     if mode in ("kill", "hang", "term"):
