@@ -40,7 +40,7 @@ from ..plugins import entry_point_path, load_entry_point, one_line
 from ..values import MAX_ELEMENTS, seeded_global_rng
 from ..values import check_elements as check_tensor_elements
 from ..version import __version__
-from ..weights import PRESETS
+from ..weights import PRESETS, blank_rule
 from . import distributed
 from .distributed import SINGLE, Workers
 from .tasks import derive_seed
@@ -328,7 +328,8 @@ def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
     ``num_layers``, ...) beyond :data:`MAX_ELEMENTS`, which built layers for hours or failed in
     torch with a traceback, more than :data:`MAX_WEIGHT_TENSORS` weight tensors (where the rule
     says its count, :meth:`~learnedopt.nn.UpdateRule.weight_count`, before it is built), or one
-    whose weights cannot be allocated."""
+    whose weights cannot be allocated. Draws nothing from torch's global generator (as
+    :func:`~learnedopt.weights.blank_rule`), so a seeded script's later draws are as without it."""
     for key, value in rule_config.items():
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_ELEMENTS:
             raise ConfigError(f"--rule-config: {key} must be at most {MAX_ELEMENTS:,} (2**31 - 1, the most elements of a "
@@ -342,8 +343,8 @@ def check_rule_config(rule: str, rule_config: Mapping[str, Any]) -> None:
             f"--rule-config: {rule} {dict(rule_config)} would have {count:,} weight tensors; a rule has at most "
             f"{MAX_WEIGHT_TENSORS:,}"
         )
-    try:
-        rule_class(rule).from_config_dict(dict(rule_config))
+    try:  # built blank (weights allocated, not initialised): a check draws nothing from torch's global generator
+        blank_rule(rule_class(rule), dict(rule_config))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--rule-config: {err}") from None
     except RuntimeError as err:  # torch's allocator: weights too large for this machine
