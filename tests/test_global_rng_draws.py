@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults
+from learnedopt.meta.fewshot import FewShotConfig, LearnerSpec, fewshot_defaults
 from learnedopt.meta.loop import check_rule_config
 from learnedopt.meta.train import MetaTrainConfig
+from learnedopt.nn import MetaLSTMCell
 
 
 def fewshot(algo: str, **changes: Any) -> FewShotConfig:
@@ -39,3 +40,9 @@ def test_checking_a_rule_config_draws_nothing(kind: str, rule_config: dict[str, 
     leaves_the_global_rng(lambda: MetaTrainConfig(rule=kind, rule_config=rule_config).validate())
     if kind == "MetaLSTMCell":
         leaves_the_global_rng(lambda: fewshot("meta-lstm", rule_config=rule_config).validate())
+
+
+def test_a_meta_lstm_learners_spec_draws_nothing() -> None:
+    """``LearnerSpec.for_config`` built the rule to read its config back (``_rule_spec``)."""
+    spec = leaves_the_global_rng(lambda: LearnerSpec.for_config(fewshot("meta-lstm", rule_config={"hidden_size": 3})))
+    assert spec.rule == {"kind": "MetaLSTMCell", "config": MetaLSTMCell(hidden_size=3).config_dict()}

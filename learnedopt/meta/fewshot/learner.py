@@ -17,7 +17,15 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ...nn import RULES, MetaLSTMCell, UpdateRule
-from ...weights import MODEL_HEADER_KEY, check_path_type, check_rule_shapes, load_weights, open_with_header, save_with_header
+from ...weights import (
+    MODEL_HEADER_KEY,
+    blank_rule,
+    check_path_type,
+    check_rule_shapes,
+    load_weights,
+    open_with_header,
+    save_with_header,
+)
 from ...values import seeded_global_rng
 from ...version import __version__
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
@@ -128,8 +136,10 @@ def _start_rule_spec(config: FewShotConfig) -> dict[str, Any]:
 
 
 def _rule_spec(rule_class: type[UpdateRule], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{"kind", "config"}`` of a rule class's architecture: its defaults with ``overrides``."""
-    return {"kind": rule_class.kind, "config": rule_class.from_config_dict(dict(overrides or {})).config_dict()}
+    """``{"kind", "config"}`` of a rule class's architecture: its defaults with ``overrides``. The
+    rule is built blank (:func:`~learnedopt.weights.blank_rule`): reading its config back draws
+    nothing from torch's global generator."""
+    return {"kind": rule_class.kind, "config": blank_rule(rule_class, dict(overrides or {})).config_dict()}
 
 
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:
