@@ -581,6 +581,46 @@ def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRu
             return rule_class.from_config_dict(config)
 
 
+def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator: torch.Generator) -> UpdateRule:
+    """``rule_class.from_config_dict(config)`` with ``reset_parameters(generator=generator)``
+    called on it (raising as they do), in torch's default dtype and on its default device, with
+    the same weights, but drawing nothing from torch's global generator.
+
+    Built so, the constructor's random initialisation came from the global generator and
+    advanced it (a seeded script's later draws changed), though ``reset_parameters`` replaced
+    it. The rule is constructed on the meta device and allocated (``to_empty``) instead; every
+    weight is filled with NaN before ``reset_parameters``, and where one is left NaN (a
+    ``reset_parameters`` of your own that leaves a constructor's weight, or scales it), or the
+    rule holds tensors its ``state_dict`` does not or cannot be constructed on the meta device,
+    it is constructed as before, in a fork of the global generator (``fork_rng``: not
+    thread-safe, see :func:`blank_rule`), so that its constructor's values are kept.
+    """
+    state = generator.get_state()  # the draws of a failed try below are undone
+    try:
+        with torch.device("meta"):
+            rule: UpdateRule | None = rule_class.from_config_dict(config)
+    except Exception:  # noqa: BLE001 - constructed as before below, which raises the rule's own error
+        rule = None
+    if rule is not None and _held_by_state_dict(rule):
+        rule = rule.to_empty(device=torch.get_default_device())
+        tensors = rule.state_dict().values()
+        if all(t.is_floating_point() for t in tensors):
+            with torch.no_grad():
+                for t in tensors:
+                    t.fill_(float("nan"))
+            try:
+                rule.reset_parameters(generator=generator)  # type: ignore[operator]
+            except Exception:  # noqa: BLE001 - called again below on the constructor's values, which raises its own error
+                pass
+            else:
+                if not any(bool(t.isnan().any()) for t in rule.state_dict().values()):
+                    return rule
+    with torch.random.fork_rng(devices=[]):
+        rule = rule_class.from_config_dict(config)
+    rule.reset_parameters(generator=generator.set_state(state))  # type: ignore[operator]
+    return rule
+
+
 def _held_by_state_dict(rule: UpdateRule) -> bool:
     """Whether every tensor ``rule`` holds is one of its ``state_dict``'s (so that loading one
     fills them all): no non-persistent buffer, no plain tensor attribute of a module."""

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from learnedopt.meta.fewshot import FewShotConfig, LearnerSpec, fewshot_defaults
+from learnedopt.meta.fewshot import FewShotConfig, FewShotLearner, LearnerSpec, fewshot_defaults
 from learnedopt.meta.loop import check_rule_config
-from learnedopt.meta.train import MetaTrainConfig
-from learnedopt.nn import MetaLSTMCell
+from learnedopt.meta.tasks import generator_for
+from learnedopt.meta.train import _INIT_STREAM, MetaTrainConfig, initial_rule
+from learnedopt.nn import RULES, CoordinateLSTM, MetaLSTMCell
 
 
 def fewshot(algo: str, **changes: Any) -> FewShotConfig:
@@ -46,3 +47,84 @@ def test_a_meta_lstm_learners_spec_draws_nothing() -> None:
     """``LearnerSpec.for_config`` built the rule to read its config back (``_rule_spec``)."""
     spec = leaves_the_global_rng(lambda: LearnerSpec.for_config(fewshot("meta-lstm", rule_config={"hidden_size": 3})))
     assert spec.rule == {"kind": "MetaLSTMCell", "config": MetaLSTMCell(hidden_size=3).config_dict()}
+
+
+def old_seeded_rule(kind: str, config: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The weights of a rule built as before (constructed on the CPU, then reset from ``generator``)."""
+    with torch.random.fork_rng(devices=[]):
+        rule = RULES[kind].from_config_dict(config)
+    rule.reset_parameters(generator=generator)
+    return rule.state_dict()
+
+
+@pytest.mark.parametrize(("kind", "rule_config"), [("CoordinateLSTM", None), ("MetaLSTMCell", {"hidden_size": 3})])
+def test_a_meta_train_runs_initial_rule_draws_nothing_and_keeps_its_weights(kind: str, rule_config: Any) -> None:
+    """``initial_rule`` built the library's rule on the CPU (a random initialisation from the
+    global generator) before resetting every weight from the run's seed."""
+    config = MetaTrainConfig(rule=kind, rule_config=rule_config, seed=7)
+    rule = leaves_the_global_rng(lambda: initial_rule(config))
+    expected = old_seeded_rule(kind, dict(rule_config or {}), generator_for(7, _INIT_STREAM))
+    assert rule.state_dict().keys() == expected.keys()
+    assert all(torch.equal(rule.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_seeded_meta_lstm_learner_draws_nothing_and_keeps_its_rules_weights() -> None:
+    """``FewShotLearner(seed=...)`` of meta-lstm built its rule on the CPU (a random
+    initialisation from the global generator) before resetting it from the seed."""
+    spec = LearnerSpec.for_config(fewshot("meta-lstm", rule_config={"hidden_size": 3}))
+    learner = leaves_the_global_rng(lambda: FewShotLearner(spec, seed=5))
+    expected = old_seeded_rule("MetaLSTMCell", spec.rule["config"], generator_for(5, 0, 1))
+    assert all(torch.equal(learner.rule.state_dict()[k], v) for k, v in expected.items())
+
+
+class ScaledCell(MetaLSTMCell):
+    """A rule whose ``reset_parameters`` leaves a weight its constructor drew (``scale``), and one
+    it scales rather than sets (``shift``)."""
+
+    kind = "TestScaledCell"
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.scale = torch.nn.Parameter(torch.randn(2))
+        self.shift = torch.nn.Parameter(torch.ones(2))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        if hasattr(self, "shift"):
+            with torch.no_grad():
+                self.shift.mul_(2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeded_rule_gives_the_weights_of_a_constructed_and_reset_rule(dtype: torch.dtype) -> None:
+    """In the default dtype; a weight ``reset_parameters`` leaves or scales keeps the
+    constructor's value (built so in a fork of the global generator), the others are drawn from
+    ``generator`` as before."""
+    from learnedopt.weights import seeded_rule
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for cls, config in ((MetaLSTMCell, {"hidden_size": 3}), (CoordinateLSTM, {}), (ScaledCell, {})):
+            rule = leaves_the_global_rng(lambda cls=cls, config=config: seeded_rule(cls, config, torch.Generator().manual_seed(9)))
+            torch.manual_seed(1234)  # the generator's state at the call
+            expected = cls.from_config_dict(config)
+            expected.reset_parameters(generator=torch.Generator().manual_seed(9))
+            assert type(rule) is cls and rule.state_dict().keys() == expected.state_dict().keys()
+            for name, value in expected.state_dict().items():
+                assert value.dtype == dtype and torch.equal(rule.state_dict()[name], value), (cls.kind, name)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_seeded_rule_of_the_librarys_rules_neither_saves_nor_restores_the_global_rng(monkeypatch) -> None:  # noqa: ANN001
+    """Saving and restoring the generator (``fork_rng``) would roll back another thread's draws:
+    the library's rules, whose ``reset_parameters`` sets every weight, are built without it."""
+    from learnedopt.weights import seeded_rule
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fork_rng")
+
+    monkeypatch.setattr(torch.random, "fork_rng", refused)
+    for cls in (CoordinateLSTM, MetaLSTMCell):
+        seeded_rule(cls, {}, torch.Generator().manual_seed(0))

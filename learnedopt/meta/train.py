@@ -75,6 +75,7 @@ from ..weights import (
     read_header,
     recorded_rule_class,
     save_weights,
+    seeded_rule,
 )
 from . import distributed
 from .distributed import SINGLE, Workers
@@ -362,8 +363,7 @@ def initial_rule(config: MetaTrainConfig) -> UpdateRule:
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"--preset {config.preset}: not a readable weight file ({err})") from None
     elif config.rule in RULES and entry_point_path(config.rule) is None:
-        rule = RULES[config.rule].from_config_dict(dict(config.rule_config or {}))
-        rule.reset_parameters(generator=generator_for(config.seed, _INIT_STREAM))
+        rule = seeded_rule(RULES[config.rule], dict(config.rule_config or {}), generator_for(config.seed, _INIT_STREAM))
     else:  # your own module:Class, initialised by its constructor under the run's seed
         with seeded_global_rng(derive_seed(config.seed, _INIT_STREAM), "cpu"):
             cls = rule_class(config.rule)

@@ -25,6 +25,7 @@ from ...weights import (
     load_weights,
     open_with_header,
     save_with_header,
+    seeded_rule,
 )
 from ...values import seeded_global_rng
 from ...version import __version__
@@ -226,8 +227,11 @@ class FewShotLearner:
         elif spec.algo == "meta-lstm" and rule is not None:
             self.rule = rule
         elif spec.algo == "meta-lstm":
-            self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
-            self.rule.reset_parameters(generator=None if seed is None else generator_for(seed, 0, 1))
+            if seed is None:
+                self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
+                self.rule.reset_parameters()
+            else:  # its weights from the seed alone: the global generator is not drawn from
+                self.rule = seeded_rule(RULES[spec.rule["kind"]], spec.rule["config"], generator_for(seed, 0, 1))
             if spec.rule_start is not None and seed is not None:
                 self.rule.load_state_dict(load_weights(spec.rule_start)[0].state_dict())
         elif spec.algo == "reptile":
