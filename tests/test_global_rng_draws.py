@@ -128,3 +128,22 @@ def test_seeded_rule_of_the_librarys_rules_neither_saves_nor_restores_the_global
     monkeypatch.setattr(torch.random, "fork_rng", refused)
     for cls in (CoordinateLSTM, MetaLSTMCell):
         seeded_rule(cls, {}, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("algo", ["maml", "meta-lstm", "reptile"])
+def test_an_unseeded_or_loaded_learner_leaves_the_global_rng_as_it_was(algo: str, tmp_path) -> None:  # noqa: ANN001
+    """An unseeded learner (e.g. to load tensors into, as ``load_learner`` does) draws PyTorch's
+    default initialisation, its model's in a fork of the global generator; meta-lstm's rule drew
+    from it for good. The rule is still the default initialisation from the generator's state."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+
+    spec = LearnerSpec.for_config(fewshot(algo))
+    save_learner(FewShotLearner(spec, seed=0), tmp_path / "model.safetensors")
+    loaded, _ = leaves_the_global_rng(lambda: load_learner(tmp_path / "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.tensors().values(), FewShotLearner(spec, seed=0).tensors().values(), strict=True))
+    learner = leaves_the_global_rng(lambda: FewShotLearner(spec))
+    if spec.rule is not None:
+        torch.manual_seed(1234)
+        fresh = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
+        fresh.reset_parameters()
+        assert all(torch.equal(a, b) for a, b in zip(learner.rule.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -178,7 +178,12 @@ class FewShotLearner:
         spec: what to build.
         seed: initialise the model from ``(seed, 0)`` and the rule from ``(seed, 0, 1)`` (or from
             ``spec.rule_start``'s weights); None leaves PyTorch's default initialisation (e.g.
-            before loading tensors).
+            before loading tensors), drawn from torch's global generator, whose state is then
+            restored (``fork_rng``: a seeded script's later draws are as without the learner,
+            but what another thread draws from the generator meanwhile is rolled back, so an
+            unseeded learner, and :func:`load_learner`, are not thread-safe). A seed draws
+            nothing from the global generator for the rule, and only inside a seeded fork of it
+            for the model.
         family: for a spec of your own family (architecture kind ``"own"``), the family whose
             ``model()`` and ``loss`` the learner uses; None imports it (``split="meta_train"``,
             no other arguments).
@@ -227,9 +232,10 @@ class FewShotLearner:
         elif spec.algo == "meta-lstm" and rule is not None:
             self.rule = rule
         elif spec.algo == "meta-lstm":
-            if seed is None:
-                self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
-                self.rule.reset_parameters()
+            if seed is None:  # PyTorch's default initialisation, in a fork of the global RNG as the model's
+                with torch.random.fork_rng(devices=[]):
+                    self.rule = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
+                    self.rule.reset_parameters()
             else:  # its weights from the seed alone: the global generator is not drawn from
                 self.rule = seeded_rule(RULES[spec.rule["kind"]], spec.rule["config"], generator_for(seed, 0, 1))
             if spec.rule_start is not None and seed is not None:

@@ -134,8 +134,8 @@ class FewShotTrainer:
     def initial_learner(self) -> FewShotLearner:
         """The learner before meta-training (kept from the start, so that a ``--preset`` file that
         has moved since is not read again)."""
-        with torch.random.fork_rng(devices=[]):  # an unseeded learner draws from the global RNG
-            learner = FewShotLearner(self.learner.spec, family=self.family).to(self.device)
+        # an unseeded learner restores the global RNG it draws its default initialisation from
+        learner = FewShotLearner(self.learner.spec, family=self.family).to(self.device)
         learner.load_tensors(self._initial_tensors)
         return learner
 
