@@ -934,7 +934,8 @@ def test_load_learner_builds_a_rule_that_cannot_say_its_shapes_without_building_
     it cannot be built on the meta device): ``check_rule_shapes`` built it on the CPU, and
     ``load_learner`` dropped that rule and built another for the learner (and a third attempt
     on the meta device for its shape probe). It now uses the rule the check built, as
-    ``load_weights`` does, and the learner's tensors are those saved."""
+    ``load_weights`` does, and the learner's tensors are those saved. The check builds it as
+    ``weights.blank_rule`` does: constructed once, on the meta device, then allocated on the CPU."""
     trainer = FewShotTrainer(config("meta-lstm", meta_batch=2, val_tasks=1, inner_steps=2, test_inner_steps=2))
     save_learner(trainer.learner, tmp_path / MODEL_NAME)
 
@@ -951,7 +952,8 @@ def test_load_learner_builds_a_rule_that_cannot_say_its_shapes_without_building_
     monkeypatch.setattr(MetaLSTMCell, "weight_shapes", classmethod(fails_on_meta))
     monkeypatch.setattr(MetaLSTMCell, "__init__", counting_init)
     learner, _ = load_learner(tmp_path / MODEL_NAME)
-    assert built == ["cpu"]
+    assert built == ["meta"]
+    assert {t.device.type for t in learner.rule.state_dict().values()} == {"cpu"}
     assert learner.tensors().keys() == trainer.learner.tensors().keys()
     assert all(torch.equal(v, trainer.learner.tensors()[k]) for k, v in learner.tensors().items())
 
