@@ -147,3 +147,19 @@ def test_an_unseeded_or_loaded_learner_leaves_the_global_rng_as_it_was(algo: str
         fresh = RULES[spec.rule["kind"]].from_config_dict(spec.rule["config"])
         fresh.reset_parameters()
         assert all(torch.equal(a, b) for a, b in zip(learner.rule.state_dict().values(), fresh.state_dict().values(), strict=True))
+
+
+def test_the_regression_problems_model_draws_nothing_and_keeps_its_weights() -> None:
+    """``regression-1000``'s ``model(seed)`` built its MLP on the CPU (PyTorch's initialisation
+    from the global generator), then drew every weight again from the seed's generator, as the
+    other problems do without the first draw."""
+    from torch import nn
+
+    from learnedopt.evaluation.problems import _INIT_STREAM as PROBLEM_INIT_STREAM
+    from learnedopt.evaluation.problems import _init_default_, make_problem
+
+    problem = make_problem("regression-1000")
+    model = leaves_the_global_rng(lambda: problem.model(3))
+    expected = _init_default_(nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1)), generator_for(3, PROBLEM_INIT_STREAM))
+    assert model.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())

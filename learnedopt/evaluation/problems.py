@@ -222,8 +222,9 @@ class RegressionProblem(Problem):
         return self._data[seed]
 
     def model(self, seed: int) -> nn.Module:
-        model = nn.Sequential(nn.Linear(self.dim, 64), nn.Tanh(), nn.Linear(64, 1))
-        return _init_default_(model, generator_for(seed, _INIT_STREAM))
+        with torch.device("meta"):  # every weight drawn from the seed below, none from the global RNG
+            model = nn.Sequential(nn.Linear(self.dim, 64), nn.Tanh(), nn.Linear(64, 1))
+        return _init_default_(model.to_empty(device="cpu"), generator_for(seed, _INIT_STREAM))
 
     def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
         x, y = self.data(seed)
