@@ -91,7 +91,11 @@ def seeded_global_rng(seed: int, device: torch.device | str) -> Iterator[None]:
     network's or a task's dropout masks, a task's minibatches), which a checkpoint does not hold:
     seeded from the run's seed and the step, they are the same after ``--resume``, and in
     whichever process or order the runs go. A generator the code makes itself without a seed
-    (``np.random.default_rng()``) is not one of them."""
+    (``np.random.default_rng()``) is not one of them.
+
+    Not thread-safe: the generators are process-wide, so another thread drawing from one of them
+    inside changes the seeded draws (and takes seeded ones), and what it draws is rolled back
+    when they are restored."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     word = int(seed) % 2**64

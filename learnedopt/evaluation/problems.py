@@ -491,7 +491,10 @@ def check_problem(problem: Problem) -> None:
     a one-element floating-point tensor with a gradient for them (e.g. per-example losses, left
     unreduced), is not finite or has a non-finite gradient (every run would stop at step 0), or has
     a sparse gradient (an ``nn.Embedding(sparse=True)``'s). Runs in a fork of the global RNG, so a
-    problem that seeds it leaves the runs as they would be without the check.
+    problem that seeds it leaves the runs as they would be without the check. Not thread-safe:
+    the problem's own code may draw from or seed torch's global generator, so its state is saved
+    and restored (``torch.random.fork_rng``), which rolls back what another thread draws from it
+    meanwhile.
 
     Raises:
         ValueError: naming the problem and what is wrong.

@@ -642,6 +642,11 @@ class _RecomputedStep(torch.autograd.Function):
     for the rebuild, so a model with dropout draws the same masks (as ``torch.utils.checkpoint``
     does). Gradients flow to ``inputs`` only: ``step`` must check that it reaches no other
     tensor that requires grad (:func:`_leaves_outside`), whose gradient would be lost.
+
+    Not thread-safe, as ``torch.utils.checkpoint``: the model's own draws come from torch's
+    global generators, so the backward sets them to the forward's states for the rebuild and
+    restores them after (``torch.random.fork_rng``), rolling back what another thread draws
+    from them meanwhile (and a thread drawing during the rebuild changes its masks).
     """
 
     @staticmethod

@@ -180,6 +180,11 @@ def check_rule_call(rule: UpdateRule, n: int = 3) -> None:
     For a rule of one's own, before a run: an integer step (every update rounded to zero), or
     a state of another shape that broadcasting hid, trained silently; a step of another shape
     failed deep in the unroll with a traceback.
+
+    The rule's forward may draw from torch's global generator (its own dropout): it runs in a
+    fork of the CPU generator (``torch.random.fork_rng``), so that the run's draws stay as they
+    were. Not thread-safe: restoring the generator rolls back what another thread draws from it
+    meanwhile.
     """
     if not any(True for _ in rule.parameters()):
         raise ValueError("it has no nn.Parameter to meta-train")
