@@ -163,3 +163,23 @@ def test_the_regression_problems_model_draws_nothing_and_keeps_its_weights() -> 
     expected = _init_default_(nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1)), generator_for(3, PROBLEM_INIT_STREAM))
     assert model.state_dict().keys() == expected.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--unroll", "2", "--horizon", "2", "--meta-batch", "2", "--rule-config", '{"hidden_size": 4}'],
+        ["--unroll", "2", "--horizon", "2", "--meta-batch", "2"],
+        ["--algo", "meta-lstm", "--meta-batch", "2", "--val-tasks", "1", "--rule-config", '{"hidden_size": 3}'],
+        ["--algo", "meta-lstm", "--meta-batch", "2", "--val-tasks", "1"],
+    ],
+    ids=["lstm-rule-config", "lstm", "meta-lstm-rule-config", "meta-lstm"],
+)
+def test_a_meta_train_run_leaves_the_callers_global_rng_as_it_was(args: list[str], tmp_path) -> None:  # noqa: ANN001
+    """``learnedopt meta-train`` called from a seeded script (``cli.main``): its checks and its
+    initial rule drew from the global generator, so the script's later draws changed; a run's
+    own draws are made in seeded forks of it."""
+    from learnedopt.cli import main
+
+    argv = ["meta-train", "--out", str(tmp_path / "run"), "--quiet", "--meta-steps", "1", *args]
+    assert leaves_the_global_rng(lambda: main(argv)) == 0
