@@ -73,7 +73,8 @@ class Workers:
         return slice(self.rank * part, (self.rank + 1) * part)
 
     def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Sum ``tensors`` over the ranks, in place (one collective for all of them)."""
+        """Sum ``tensors`` (each of any shape, the same on every rank) over the ranks, in place
+        (one collective for all of them)."""
         if self.world_size == 1 or not tensors:
             return
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -82,7 +83,8 @@ class Workers:
             t.copy_(piece.view_as(t))
 
     def average_gradients_(self, params: Sequence[Tensor]) -> None:
-        """Replace each parameter's ``.grad`` by its mean over the ranks (missing: zeros).
+        """Replace each parameter's ``.grad`` (of the parameter's shape) by its mean over the ranks
+        (missing: zeros).
 
         A frozen parameter (``requires_grad=False``, the same on every rank) is left out and keeps
         ``.grad is None``: a zero gradient would make a meta-optimizer with weight decay or
@@ -112,8 +114,9 @@ class Workers:
         return self.mean(float(flag)) > 0.0
 
     def require_finite(self, what: str, value: Tensor | float) -> None:
-        """Raise FloatingPointError on every rank where ``value`` holds NaN/Inf on any rank (one
-        collective, so that the ranks stop together), naming ``what`` and this rank's value."""
+        """Raise FloatingPointError on every rank where ``value`` (a number or a tensor of any shape,
+        e.g. a scalar loss) holds NaN/Inf on any rank (one collective, so that the ranks stop
+        together), naming ``what`` and this rank's value."""
         value = torch.as_tensor(value).detach()
         finite = bool(torch.isfinite(value).all())
         # a scalar as a number; a tensor of several values as torch prints it

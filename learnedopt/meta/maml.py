@@ -504,8 +504,10 @@ class MAML(nn.Module):
         return vmap_tasks(self.model, one, (xs, ys, xq, yq), second_order=second_order)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
-        """The meta-loss of a meta-batch: the mean over tasks of the final query loss, or of the
-        ``step_loss_weights``-weighted query losses (MAML++). Inputs as :meth:`query_losses`."""
+        """The meta-loss of a meta-batch, a scalar (0-d) tensor: the mean over tasks of the final
+        query loss, or of the ``step_loss_weights``-weighted query losses (MAML++). Inputs as
+        :meth:`query_losses`: ``x_support, y_support`` ``(B, N_support, ...)``, ``x_query,
+        y_query`` ``(B, N_query, ...)`` (or tuples, lists or dicts of such tensors)."""
         self._check_weights(self.inner_steps)
         multi_step = self.step_loss_weights is not None
         losses = self.query_losses(x_support, y_support, x_query, y_query, every_step=multi_step)
