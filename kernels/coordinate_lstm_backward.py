@@ -100,6 +100,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.autograd.function import FunctionCtx
 
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
@@ -872,7 +873,7 @@ class CoordinateLSTMStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: FunctionCtx,
         x: Tensor,
         h: Tensor,
         c: Tensor,
@@ -885,6 +886,9 @@ class CoordinateLSTMStepFunction(torch.autograd.Function):
         output_scale: float,
         options: KernelOptions,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """``step (N,)``, ``new_h, new_c (L, N, H)`` (float32) of :func:`coordinate_lstm_forward`
+        on ``x (N, K)``, ``h, c (L, N, H)`` and the six :class:`PackedWeights` tensors; saves the
+        inputs and ``new_h`` for :meth:`backward`."""
         packed = PackedWeights(w_ih0, w_ih, w_hh, bias, head_w, head_b)
         step, h_new, c_new = coordinate_lstm_forward(
             x, h, c, packed, output_scale=output_scale, options=options
@@ -894,7 +898,17 @@ class CoordinateLSTMStepFunction(torch.autograd.Function):
         return step, h_new, c_new
 
     @staticmethod
-    def backward(ctx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor) -> tuple:
+    def backward(
+        ctx: FunctionCtx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        """Gradients of :meth:`forward`'s inputs, in their order, from ``d_step (N,)`` and
+        ``d_h_new, d_c_new (L, N, H)`` (:func:`coordinate_lstm_backward`): ``d_x (N, K)`` (``None``
+        unless ``x`` needs it), ``d_h, d_c (L, N, H)``, the six weights' (each of its weight's
+        shape), and ``None`` for ``output_scale`` and ``options``.
+
+        Raises:
+            RuntimeError: under ``create_graph=True`` (first order only).
+        """
         _refuse_double_backward("coordinate-LSTM")  # create_graph=True: a double backward
         x, h, c, h_new, *weights = ctx.saved_tensors
         output_scale, options = ctx.constants

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from .coordinate_lstm_backward import (
     KernelOptions,
@@ -509,7 +510,7 @@ class MetaLSTMStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: FunctionCtx,
         x: Tensor,
         grad: Tensor,
         param: Tensor,
@@ -523,6 +524,10 @@ class MetaLSTMStepFunction(torch.autograd.Function):
         b_fi: Tensor,
         options: KernelOptions,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``step (N,)``, ``new_h, new_c (1, N, H)``, ``new_fi (2, N)`` (float32) of
+        :func:`meta_lstm_forward` on ``x (N, 4)``, ``grad, param (N,)``, ``h, c (1, N, H)``,
+        ``fi (2, N)`` and the five :class:`MetaPackedWeights` tensors; saves the inputs and
+        ``new_h`` for :meth:`backward`."""
         packed = MetaPackedWeights(w_ih, w_hh, bias, w_fi, b_fi)
         step, h_new, c_new, fi_new = meta_lstm_forward(
             x, grad, param, h, c, fi, packed, options=options
@@ -533,8 +538,17 @@ class MetaLSTMStepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(
-        ctx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor, d_fi_new: Tensor
-    ) -> tuple:
+        ctx: FunctionCtx, d_step: Tensor, d_h_new: Tensor, d_c_new: Tensor, d_fi_new: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        """Gradients of :meth:`forward`'s inputs, in their order, from ``d_step (N,)``,
+        ``d_h_new, d_c_new (1, N, H)`` and ``d_fi_new (2, N)`` (:func:`meta_lstm_backward`):
+        ``d_x (N, 4)`` (``None`` unless ``x`` needs it), ``d_grad, d_param (N,)``, ``d_h, d_c
+        (1, N, H)``, ``d_fi (2, N)``, the five weights' (each of its weight's shape), and
+        ``None`` for ``options``.
+
+        Raises:
+            RuntimeError: under ``create_graph=True`` (first order only).
+        """
         _refuse_double_backward("meta-LSTM")  # create_graph=True: a double backward
         x, grad, param, h, c, fi, h_new, *weights = ctx.saved_tensors
         d_x, d_grad, d_param, d_h, d_c, d_fi, d_weights = meta_lstm_backward(

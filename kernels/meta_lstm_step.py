@@ -363,7 +363,8 @@ def pack_weights(weights: Mapping[str, Tensor], *, hidden_size: int) -> MetaPack
 def loss_features(
     loss: Tensor | float, preprocess_p: float, *, maximize: bool = False
 ) -> tuple[float, float]:
-    """The two preprocessed loss features the rule sees, as Python floats (exact fp32 values).
+    """The two preprocessed loss features the rule sees, as Python floats (exact fp32 values), of
+    a scalar ``loss`` (a number or a one-element tensor, of any shape).
 
     Computed like :meth:`MetaLSTMCell.forward` does with ``compute_dtype=torch.float32``: the loss
     is rounded to fp32, negated under ``maximize``, and preprocessed in fp32. A CUDA tensor costs
