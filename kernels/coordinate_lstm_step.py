@@ -587,6 +587,10 @@ def check_step_arguments(
     """The checks a fused step launcher makes of its coordinate tensors and launch options;
     returns the number of coordinates ``n``.
 
+    ``grad`` and ``param`` must be contiguous 1-D tensors of ``n`` elements (``(N,)``), in a
+    gradient and a parameter dtype, and ``param_out`` a contiguous tensor of ``param``'s shape
+    and dtype (``param`` itself for an in-place update).
+
     Raises:
         ValueError: the first problem found.
     """
@@ -674,10 +678,10 @@ def check_launch_device(tensors: Mapping[str, Tensor], *, fast_tanh: bool = Fals
 
 
 def mark_written(tensors: Sequence[Tensor]) -> None:
-    """Count ``tensors`` as modified in place, as a PyTorch in-place operation would: a kernel
-    writes them through their pointers, which autograd does not see, so a graph that saved one
-    before the launch would otherwise back-propagate silently with the new values where
-    PyTorch raises its "modified by an inplace operation" error."""
+    """Count ``tensors`` (of any shape) as modified in place, as a PyTorch in-place operation
+    would: a kernel writes them through their pointers, which autograd does not see, so a graph
+    that saved one before the launch would otherwise back-propagate silently with the new values
+    where PyTorch raises its "modified by an inplace operation" error."""
     torch.autograd.graph.increment_version(list(tensors))
 
 

@@ -76,8 +76,9 @@ def enabled() -> bool:
 
 
 def applies(*tensors: Tensor, hidden: int) -> bool:
-    """Whether the kernel can run a layer of hidden size ``hidden`` on ``tensors``: all float32
-    CPU tensors, ``4 * hidden`` a multiple of 16, enabled and not failed to build."""
+    """Whether the kernel can run a layer of hidden size ``hidden`` on ``tensors`` (the layer's
+    inputs, states and weights, of any shape): all float32 CPU tensors, ``4 * hidden`` a multiple
+    of 16, enabled and not failed to build."""
     return (
         not _failed
         and (4 * hidden) % 16 == 0
