@@ -41,11 +41,12 @@ from torch import Tensor
 #: ``learnedopt.weights``'s (which has no ``__all__``) the functions and classes it defines
 MODULES = ("learnedopt", "learnedopt.meta", "learnedopt.nn", "learnedopt.optim",
            "learnedopt.evaluation", "learnedopt.data", "learnedopt.weights", "learnedopt.meta.fewshot", "learnedopt.models",
-           "learnedopt.meta.maml", "learnedopt.kernels")
+           "learnedopt.meta.maml", "learnedopt.kernels", "learnedopt.kernels.lstm_layer_cpu")
 
-#: the kernel modules with an ``__all__``; they import Triton, so they are checked where it is installed
+#: the Triton kernel modules (those with an ``__all__``, and ``coordinate_lstm_step``, whose public
+#: functions the others use); they import Triton, so they are checked where it is installed
 TRITON_MODULES = ("learnedopt.kernels.coordinate_lstm_backward", "learnedopt.kernels.meta_lstm_backward",
-                  "learnedopt.kernels.meta_lstm_step")
+                  "learnedopt.kernels.meta_lstm_step", "learnedopt.kernels.coordinate_lstm_step")
 
 #: annotations that say too little: a container's items must be named (``tuple[Tensor, ...]``)
 BARE_CONTAINERS = frozenset({"tuple", "list", "dict", "set", "frozenset", tuple, list, dict, set, frozenset})
