@@ -113,8 +113,10 @@ from .coordinate_lstm_step import (
     _tanh,
     _zero_padding,
     check_launch_device,
+    check_packed,
     is_interpreted,
     pack_weights,
+    packed_shapes,
     padded_hidden_size,
 )
 
@@ -691,12 +693,17 @@ def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tup
         )
     if x.dtype not in GRAD_DTYPES:
         raise ValueError(f"x dtype must be one of {GRAD_DTYPES}, got {x.dtype}")
+    if not isinstance(packed.w_hh, Tensor) or packed.w_hh.dim() != 3:
+        raise ValueError(
+            f"packed weights' w_hh must be (L, 4H, H), got {getattr(packed.w_hh, 'shape', type(packed.w_hh))}"
+        )
     num_layers, _, hidden = packed.w_hh.shape
     if x.shape[1] != packed.w_ih0.shape[1]:
         raise ValueError(
             f"x has {x.shape[1]} features per coordinate but the weights take "
             f"{packed.w_ih0.shape[1]} inputs (the rule's config.num_inputs)"
         )
+    check_packed(packed, packed_shapes(num_layers, hidden, x.shape[1]))
     for name, t in (("h", h), ("c", c)):
         _check_fp32_state(name, t, (num_layers, x.shape[0], hidden), "(L, N, H) = ")
     check_launch_device({"x": x, "h": h, "c": c, **packed._asdict()})

@@ -574,6 +574,42 @@ def pack_weights(
     )
 
 
+def packed_shapes(num_layers: int, hidden_size: int, num_inputs: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each :class:`PackedWeights` tensor for ``L`` layers of ``H`` units and ``K``
+    layer-0 inputs (what :func:`pack_weights` makes)."""
+    L, H = num_layers, hidden_size
+    return {
+        "w_ih0": (4 * H, num_inputs),
+        "w_ih": (max(L - 1, 1), 4 * H, H),
+        "w_hh": (L, 4 * H, H),
+        "bias": (L, 4 * H),
+        "head_w": (H,),
+        "head_b": (1,),
+    }
+
+
+def check_packed(packed: tuple, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ValueError unless every tensor of ``packed`` (a :class:`PackedWeights`, or the meta
+    kernel's ``MetaPackedWeights``) has its shape in ``shapes`` and is float32, contiguous and on
+    one device: the kernels index each by that layout, so a tensor of another shape would be
+    read past its end, and one of another dtype or strides misread. (:func:`pack_weights` makes
+    them so; this catches packed weights made or altered by hand.)"""
+    fields = packed._asdict()
+    for name, shape in shapes.items():
+        t = fields[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(
+                f"packed weights' {name} has shape {tuple(getattr(t, 'shape', ()))}, expected {shape}"
+            )
+        if t.dtype != torch.float32:
+            raise ValueError(f"packed weights' {name} must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"packed weights' {name} must be contiguous, got strides {t.stride()}")
+    devices = {t.device for t in fields.values()}
+    if len(devices) != 1:
+        raise ValueError(f"packed weights are on several devices: {sorted(map(str, devices))}")
+
+
 def check_step_arguments(
     grad: Tensor,
     param: Tensor,
@@ -810,6 +846,7 @@ def coordinate_lstm_step_(
         )
     if packed.w_ih0.shape[1] != k:
         raise _input_count_error(packed.w_ih0.shape[1], k)
+    check_packed(packed, packed_shapes(num_layers, hidden_size, k))
     tensors = {
         "grad": grad,
         "param": param,

@@ -69,9 +69,10 @@ from .coordinate_lstm_step import (
     _preactivations,
     _zero_padding,
     check_launch_device,
+    check_packed,
     padded_hidden_size,
 )
-from .meta_lstm_step import MetaPackedWeights, _meta_gate, pack_weights
+from .meta_lstm_step import MetaPackedWeights, _meta_gate, pack_weights, packed_shapes
 
 if TYPE_CHECKING:  # the configs are plain dataclasses; the kernels only read their fields
     from ..nn import MetaLSTMConfig
@@ -314,7 +315,12 @@ def _check_inputs(
     packed: MetaPackedWeights,
 ) -> int:
     """Validate; returns ``H``."""
+    if not isinstance(packed.w_hh, Tensor) or packed.w_hh.dim() != 2:
+        raise ValueError(
+            f"packed weights' w_hh must be (4H, H), got {getattr(packed.w_hh, 'shape', type(packed.w_hh))}"
+        )
     hidden = packed.w_hh.shape[1]
+    check_packed(packed, packed_shapes(hidden))
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != NUM_FEATURES:
         raise ValueError(
             f"x must be the (N, 4) features of MetaLSTMCell.features, got "

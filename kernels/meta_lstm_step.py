@@ -102,6 +102,7 @@ from .coordinate_lstm_step import (
     _zero_padding,
     check_launch_device,
     check_no_overlap,
+    check_packed,
     check_step_arguments,
     mark_written,
     padded_hidden_size,
@@ -312,6 +313,13 @@ def rule_weights(
     }
 
 
+def packed_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each :class:`MetaPackedWeights` tensor for ``H`` units (what
+    :func:`pack_weights` makes)."""
+    H = hidden_size
+    return {"w_ih": (4 * H, 4), "w_hh": (4 * H, H), "bias": (4 * H,), "w_fi": (2, H + 2), "b_fi": (2,)}
+
+
 def pack_weights(weights: Mapping[str, Tensor], *, hidden_size: int) -> MetaPackedWeights:
     """Validate a :class:`MetaLSTMCell` ``state_dict`` and pack it for the kernel.
 
@@ -502,6 +510,7 @@ def meta_lstm_step_(
     )
     if packed.w_hh.shape != (4 * hidden_size, hidden_size):
         raise ValueError(f"packed weights are for {tuple(packed.w_hh.shape)}, not H={hidden_size}")
+    check_packed(packed, packed_shapes(hidden_size))
     if isinstance(loss, tuple):
         if len(loss) != 2:
             raise ValueError(f"loss features must be two floats, got {loss!r}")

@@ -723,3 +723,31 @@ def test_huge_finite_gradients_saturate_the_second_moment_like_pytorch() -> None
     want = reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments)
     assert_matches(got, want, ("param", "h", "c", "v"))
     assert got[3].isfinite().all() and got[0].isfinite().all()
+
+
+#: Hand-made or altered packed weights, each wrong in one field the launcher did not check (it
+#: checked only ``w_hh``'s shape and ``w_ih0``'s column count): the kernel read past the short
+#: ones, read a column-major one as row-major, and failed deep in Triton on the others.
+BAD_PACKED = {
+    "short bias": (lambda pk: pk._replace(bias=pk.bias[:1].clone()), r"packed weights' bias has shape \(1, 32\), expected \(2, 32\)"),
+    "short w_ih": (lambda pk: pk._replace(w_ih=pk.w_ih[:, :4].clone()), r"packed weights' w_ih has shape \(1, 4, 8\), expected \(1, 32, 8\)"),
+    "short head_w": (lambda pk: pk._replace(head_w=pk.head_w[:1].clone()), r"packed weights' head_w has shape \(1,\), expected \(8,\)"),
+    "empty head_b": (lambda pk: pk._replace(head_b=pk.head_b[:0]), r"packed weights' head_b has shape \(0,\), expected \(1,\)"),
+    "float64 bias": (lambda pk: pk._replace(bias=pk.bias.double()), r"packed weights' bias must be float32, got torch.float64"),
+    "column-major w_ih0": (lambda pk: pk._replace(w_ih0=pk.w_ih0.t().contiguous().t()), r"packed weights' w_ih0 must be contiguous"),
+    "head_b elsewhere": (lambda pk: pk._replace(head_b=pk.head_b.to("meta")), r"packed weights are on several devices"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PACKED))
+def test_prepacked_weights_of_another_layout_are_refused(case: str) -> None:
+    alter, match = BAD_PACKED[case]
+    packed = alter(pack_weights(rule_weights(make_rule(2, 8)), num_layers=2, hidden_size=8))
+    grad, param, h, c = make_inputs(20, 2, 8)
+    before = (param.clone(), h.clone(), c.clone())
+    with pytest.raises(ValueError, match=match):
+        coordinate_lstm_step_(
+            grad, param, param, h, c, packed, num_layers=2, hidden_size=8, preprocess_p=P,
+            output_scale=SCALE, lr=0.1, maximize=False, block=16,
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip((param, h, c), before, strict=True))

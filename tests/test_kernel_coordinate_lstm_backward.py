@@ -565,3 +565,29 @@ def test_unroll_backend_dispatch() -> None:
     with pytest.raises(ValueError, match="only CoordinateLSTM and MetaLSTMCell, not PlainSGD"):
         unroll(sgd, tasks, params, {}, 2, backend="triton")
     unroll(sgd, tasks, params, {}, 2, backend="auto")
+
+
+@pytest.mark.parametrize(
+    "field, bad, match",
+    [
+        ("bias", lambda t: t[:1].clone(), r"packed weights' bias has shape \(1, 32\), expected \(2, 32\)"),
+        ("head_w", lambda t: t[:1].clone(), r"packed weights' head_w has shape \(1,\), expected \(8,\)"),
+        ("w_ih", lambda t: t.double(), r"packed weights' w_ih must be float32, got torch.float64"),
+        ("w_hh", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), r"packed weights' w_hh must be contiguous"),
+    ],
+)
+def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> None:
+    # the forward and the backward read every packed tensor by its expected layout: one of
+    # another shape was read past its end, one of another dtype or layout misread
+    rule = make_rule(2, 8)
+    grad, h, c, d_step, d_h, d_c = make_inputs(20, 2, 8)
+    x, _ = rule.features(grad, grad, {})
+    x = x.detach()
+    good = pack_weights({k: v.detach() for k, v in rule.named_parameters()}, num_layers=2, hidden_size=8)
+    packed = good._replace(**{field: bad(getattr(good, field))})
+    with pytest.raises(ValueError, match=match):
+        coordinate_lstm_step(x, h, c, packed, rule.config)
+    with pytest.raises(ValueError, match=match):
+        coordinate_lstm_forward(x, h, c, packed, output_scale=rule.config.output_scale)
+    with pytest.raises(ValueError, match=match):
+        coordinate_lstm_backward(x, h, c, h, packed, d_step, d_h, d_c, output_scale=rule.config.output_scale)

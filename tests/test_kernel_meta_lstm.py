@@ -656,3 +656,29 @@ def test_optimizer_triton_refuses_float64_clearly() -> None:
     opt = MetaLSTMOptimizer([param], backend="triton")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run this step: float64"):
         opt.step(loss=1.0)
+
+
+@pytest.mark.parametrize(
+    "field, bad, match",
+    [
+        ("bias", lambda t: t[:4].clone(), r"packed weights' bias has shape \(4,\), expected \(32,\)"),
+        ("w_fi", lambda t: t[:, :2].clone(), r"packed weights' w_fi has shape \(2, 2\), expected \(2, 10\)"),
+        ("b_fi", lambda t: t[:0], r"packed weights' b_fi has shape \(0,\), expected \(2,\)"),
+        ("w_ih", lambda t: t.double(), r"packed weights' w_ih must be float32, got torch.float64"),
+        ("w_ih", lambda t: t.t().contiguous().t(), r"packed weights' w_ih must be contiguous"),
+        ("b_fi", lambda t: t.to("meta"), r"packed weights are on several devices"),
+    ],
+)
+def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> None:
+    # only w_hh's shape was checked: a short tensor elsewhere was read past its end, one of
+    # another dtype or strides misread (or failed deep in Triton)
+    good = pack_weights(rule_weights(make_rule(8)), hidden_size=8)
+    packed = good._replace(**{field: bad(getattr(good, field))})
+    grad, param, h, c, fi = make_inputs(20, 8)
+    before = [t.clone() for t in (param, h, c, fi)]
+    with pytest.raises(ValueError, match=match):
+        meta_lstm_step_(
+            grad, param, param, h, c, fi, packed, loss=LOSS, hidden_size=8, preprocess_p=P,
+            lr=0.1, maximize=False, block=16,
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip((param, h, c, fi), before, strict=True))

@@ -265,3 +265,26 @@ def test_unroll_triton_matches_torch(stop_optimizee_grad: bool, config: dict) ->
     assert want.abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "field, bad, match",
+    [
+        ("bias", lambda t: t[:4].clone(), r"packed weights' bias has shape \(4,\), expected \(32,\)"),
+        ("w_fi", lambda t: t[:, :2].clone(), r"packed weights' w_fi has shape \(2, 2\), expected \(2, 10\)"),
+        ("w_ih", lambda t: t.double(), r"packed weights' w_ih must be float32, got torch.float64"),
+        ("w_hh", lambda t: t.t().contiguous().t(), r"packed weights' w_hh must be contiguous"),
+    ],
+)
+def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> None:
+    rule = make_rule(8)
+    inputs, (d_step, d_h, d_c, d_fi) = make_inputs(rule, 20)
+    good = pack_weights({k: v.detach() for k, v in rule.named_parameters()}, hidden_size=8)
+    packed = good._replace(**{field: bad(getattr(good, field))})
+    with pytest.raises(ValueError, match=match):
+        meta_lstm_step(*inputs, packed, rule.config)
+    with pytest.raises(ValueError, match=match):
+        meta_lstm_forward(*inputs, packed)
+    h = inputs[3]
+    with pytest.raises(ValueError, match=match):
+        meta_lstm_backward(*inputs, h, packed, d_step, d_h, d_c, d_fi)
