@@ -448,7 +448,9 @@ def meta_lstm_backward(
     ):
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    device = check_launch_device({"x": x, "h_new": h_new, "d_step": d_step})
+    device = check_launch_device(
+        {"x": x, "h_new": h_new, "d_step": d_step, "d_h_new": d_h_new, "d_c_new": d_c_new, "d_fi_new": d_fi_new}
+    )
     f32 = {"dtype": torch.float32, "device": device}
     x, grad, param = x.contiguous(), grad.contiguous(), param.contiguous()
     h, c, fi = h.contiguous(), c.contiguous(), fi.contiguous()

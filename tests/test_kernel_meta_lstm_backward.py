@@ -288,3 +288,17 @@ def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> N
     h = inputs[3]
     with pytest.raises(ValueError, match=match):
         meta_lstm_backward(*inputs, h, packed, d_step, d_h, d_c, d_fi)
+
+
+@pytest.mark.parametrize("which", ["d_step", "d_h_new", "d_c_new", "d_fi_new"])
+def test_backward_refuses_output_gradients_on_another_device(which: str) -> None:
+    # only d_step's device was checked: a gradient of new_h, new_c or new_fi elsewhere reached the
+    # launch (on a GPU, a host pointer the kernel would read); "meta" tensors stand for the other
+    # device on any machine
+    rule = make_rule(8)
+    inputs, cotangents = make_inputs(rule, 20)
+    packed = pack_weights({k: v.detach() for k, v in rule.named_parameters()}, hidden_size=8)
+    cotangents = dict(zip(["d_step", "d_h_new", "d_c_new", "d_fi_new"], cotangents, strict=True))
+    cotangents[which] = cotangents[which].to("meta")
+    with pytest.raises(ValueError, match=rf"all tensors must be on one device, got .*'{which}': 'meta'"):
+        meta_lstm_backward(*inputs, inputs[3], packed, *cotangents.values())
