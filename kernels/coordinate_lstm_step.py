@@ -77,6 +77,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
+from ..nn.base import check_preprocess_p
 from ..nn.functional import RMS_EPS
 
 #: Dtypes of the ``h``, ``c``, ``m`` and ``v`` state buffers the kernel reads and writes.
@@ -632,6 +633,9 @@ def check_step_arguments(
     """
     if not preprocess_p > 0:
         raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
+    # the rule's own bounds: e^p and log|g| / p must be finite in float32 (p = 100 made a zero
+    # gradient's direction feature 0 * Inf = NaN)
+    check_preprocess_p(preprocess_p)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     if num_warps < 1 or num_warps & (num_warps - 1):
@@ -791,7 +795,7 @@ def coordinate_lstm_step_(
         weights: a :class:`CoordinateLSTM` ``state_dict`` of fp32 contiguous tensors (see
             :func:`rule_weights`), or its :func:`pack_weights` result to skip re-stacking it.
         num_layers, hidden_size: ``L`` and ``H`` of the rule.
-        preprocess_p: the preprocessing constant ``p`` (> 0).
+        preprocess_p: the preprocessing constant ``p``, in the rule's bounds (``nn.base.check_preprocess_p``: about 2.6e-37 to 87.3).
         output_scale: the head's output multiplier.
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: negate the gradient first.

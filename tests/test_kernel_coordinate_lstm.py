@@ -569,6 +569,11 @@ def _call(features: str | dict = "paper", **overrides):
         (dict(block=8), r"block must be a power of two >= 16, got 8"),
         (dict(num_warps=3), r"num_warps must be a power of two, got 3"),
         (dict(preprocess_p=0.0), r"preprocess_p must be positive"),
+        # the rule's own bounds (e^p and log|g| / p finite in float32): p = 100 made a zero
+        # gradient's feature 0 * Inf = NaN, p = 1000 an OverflowError, p = 1e-300 every step NaN
+        (dict(preprocess_p=100.0), r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got 100.0"),
+        (dict(preprocess_p=1000.0), r"preprocess_p must be in \(0, 87.34\]"),
+        (dict(preprocess_p=1e-300), r"preprocess_p must be at least"),
         (dict(input_precision="bf16"), r"input_precision"),
         (dict(fast_tanh=True), r"fast_tanh"),
         (dict(weights={}), r"weights lack"),

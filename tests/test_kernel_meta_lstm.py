@@ -471,6 +471,8 @@ def _call(**overrides) -> None:
         ({"hidden_size": 8}, r"h has shape"),
         ({"block": 48}, r"power of two"),
         ({"preprocess_p": -1.0}, r"preprocess_p must be positive"),
+        ({"preprocess_p": 100.0}, r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got 100.0"),
+        ({"preprocess_p": 1e-300}, r"preprocess_p must be at least"),
         ({"fast_tanh": True}, r"fast_tanh"),
         ({"weights": {}}, r"weights lack"),
         ({"momentum_decay": 0.9}, r"m \(2, N\) is required with momentum_decay"),
