@@ -152,6 +152,9 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
         ({"input_bias_init": ("a", "b")}, "input_bias_init must be a range"),
         ({"forget_bias_init": (0.0, math.inf)}, "forget_bias_init must be a range"),
         ({"momentum_decay": "0.9"}, r"momentum_decay must be None or in \(0, 1\), got '0.9'"),
+        # 1.0 in float32: the bias correction's weight stayed 0, and every step turned the parameters NaN
+        ({"momentum_decay": 1 - 1e-9}, r"momentum_decay must be None or in \(0, 1\) in float32, got 0.999999999$"),
+        ({"rms_decay": 1 - 1e-9}, r"rms_decay must be None or in \(0, 1\) in float32, got 0.999999999$"),
         ({"step_scale": None}, "step_scale must be positive and finite in float32, got None"),
     ]:
         with pytest.raises(ValueError, match=match):

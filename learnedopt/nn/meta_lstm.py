@@ -57,6 +57,9 @@ class MetaLSTMConfig:
             decay = getattr(self, name)
             if decay is not None and not (is_number(decay) and 0.0 < decay < 1.0):
                 raise ValueError(f"{name} must be None or in (0, 1), got {decay!r}")
+            # a decay that rounds to 1 in float32 keeps the bias correction's weight at 0: 0/0
+            if decay is not None and float(torch.tensor(float(decay), dtype=torch.float32)) >= 1.0:
+                raise ValueError(f"{name} must be None or in (0, 1) in float32, got {decay!r}")
         for name in ("forget_bias_init", "input_bias_init"):
             low_high = getattr(self, name)
             if not (
