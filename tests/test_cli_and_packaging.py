@@ -130,28 +130,41 @@ def test_kernels_are_installed_under_learnedopt_only() -> None:
     assert importlib.util.find_spec("kernels") is None or "learnedopt" not in str(importlib.util.find_spec("kernels").origin)
 
 
-def test_the_wheel_holds_every_module_the_kernels_their_sources_the_weights_and_the_license(tmp_path) -> None:
-    # pyproject.toml lists the packages by hand: a subpackage left out of that list works in the
-    # editable install the tests run on and is missing from an installed wheel
+def _wheel_names(wheel: Path) -> set[str]:
     import zipfile
 
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def _pip_wheel(source: Path, out: Path) -> Path:
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("learnedopt-*.whl")
+    return wheel
+
+
+def test_the_wheel_and_the_sdist_hold_every_module_the_kernels_their_sources_the_weights_and_the_license(tmp_path) -> None:
+    # pyproject.toml lists the packages by hand: a subpackage left out of that list works in the
+    # editable install the tests run on and is missing from an installed wheel
     import shutil
+    import tarfile
+    import zipfile
 
     root = Path(__file__).resolve().parents[1]
     # built from a copy: setuptools reuses a build/ folder, whose stale files would hide a package left out
     source = tmp_path / "source"
-    ignore = shutil.ignore_patterns("__pycache__")
-    for folder in ("learnedopt", "kernels"):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("learnedopt", "kernels", "tests"):
         shutil.copytree(root / folder, source / folder, symlinks=True, ignore=ignore)
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(root / name, source / name)
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("learnedopt-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    shutil.copytree(root / "benchmarks", source / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile"):
+        if (root / name).exists():
+            shutil.copy(root / name, source / name)
+    wheel = _pip_wheel(source, tmp_path / "wheel")
+    names = _wheel_names(wheel)
     kernels = root / "kernels"
     expected = {
         *(p.relative_to(root).as_posix() for p in (root / "learnedopt").rglob("*.py") if kernels.resolve() not in p.resolve().parents),
@@ -163,6 +176,32 @@ def test_the_wheel_holds_every_module_the_kernels_their_sources_the_weights_and_
     assert any(n.startswith("learnedopt/kernels/") for n in names)
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # nothing beside the package and its metadata: no tests, benchmarks or build leftovers
+    dist_info = f"{wheel.name.split('-py3')[0]}.dist-info/"
+    assert {n for n in names if not n.startswith(("learnedopt/", dist_info))} == set()
+    entry_points = zipfile.ZipFile(wheel).read(dist_info + "entry_points.txt").decode()
+    assert "[console_scripts]\nlearnedopt = learnedopt.cli:run" in entry_points
+
+    # the sdist (as `python -m build --sdist` makes it, without its isolated environment): the
+    # package's sources and the build files only. setuptools added tests/test_*.py by default but
+    # not conftest.py or helpers.py, which 26 of them import: a test suite that could not run
+    built = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path / 'sdist')!r})"],
+        cwd=source, capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (sdist,) = (tmp_path / "sdist").glob("learnedopt-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        members = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile()}
+        archive.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    sources = {n.replace("learnedopt/kernels/", "kernels/", 1) for n in expected}
+    assert sources - members == set()
+    assert {n.split("/")[0] for n in members} - {"learnedopt", "kernels", "learnedopt.egg-info"} <= {
+        "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "PKG-INFO", "setup.cfg"
+    }
+    # and the wheel built from it holds the same files as the one built from the checkout
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    assert _wheel_names(_pip_wheel(unpacked, tmp_path / "from-sdist")) == names
 
 
 def test_demo_baselines_use_the_suites_tuned_learning_rates() -> None:
