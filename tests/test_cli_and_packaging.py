@@ -181,6 +181,11 @@ def test_the_wheel_and_the_sdist_hold_every_module_the_kernels_their_sources_the
     assert {n for n in names if not n.startswith(("learnedopt/", dist_info))} == set()
     entry_points = zipfile.ZipFile(wheel).read(dist_info + "entry_points.txt").decode()
     assert "[console_scripts]\nlearnedopt = learnedopt.cli:run" in entry_points
+    # pyproject.toml and learnedopt/__init__.py each hold the version: pip's and `learnedopt --version`'s
+    import learnedopt
+
+    metadata = zipfile.ZipFile(wheel).read(dist_info + "METADATA").decode()
+    assert f"\nVersion: {learnedopt.__version__}\n" in metadata
 
     # the sdist (as `python -m build --sdist` makes it, without its isolated environment): the
     # package's sources and the build files only. setuptools added tests/test_*.py by default but
