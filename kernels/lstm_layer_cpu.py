@@ -89,11 +89,11 @@ def applies(*tensors: Tensor, hidden: int) -> bool:
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$LEARNEDOPT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/learnedopt``, else ``~/.cache/learnedopt``."""
+    ``$XDG_CACHE_HOME/learnedopt``, else ``~/.cache/learnedopt`` (a leading ``~`` expanded)."""
     if os.environ.get("LEARNEDOPT_CACHE_DIR"):
-        return Path(os.environ["LEARNEDOPT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "learnedopt"
+        return Path(os.environ["LEARNEDOPT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "learnedopt"
 
 
 def _cpu_identity() -> str:

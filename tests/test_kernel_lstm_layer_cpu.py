@@ -336,6 +336,18 @@ def test_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> Non
         lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20)
 
 
+@pytest.mark.parametrize("variable", ["LEARNEDOPT_CACHE_DIR", "XDG_CACHE_HOME"])
+def test_the_cache_folder_expands_a_leading_tilde(monkeypatch: pytest.MonkeyPatch, tmp_path, variable) -> None:
+    """A ``~`` the shell did not expand (quoted, a Dockerfile's ENV, a .env file) was taken as a
+    folder named ``~`` in the working directory, made anew in each one the kernel was built from;
+    LEARNEDOPT_DATA expands it, as do torch's TORCH_HOME and pip's cache settings."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("LEARNEDOPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv(variable, "~/kernels")
+    expected = tmp_path / "kernels" if variable == "LEARNEDOPT_CACHE_DIR" else tmp_path / "kernels" / "learnedopt"
+    assert lstm_layer_cpu.cache_dir() == expected
+
+
 @needs_compiler
 def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
