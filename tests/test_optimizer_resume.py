@@ -594,3 +594,65 @@ def test_a_loaded_step_count_stays_on_the_cpu_as_adams_so_a_meta_run_saves_and_l
         for p in params:
             assert opt.state[p]["step"].device.type == "cpu" and int(opt.state[p]["step"]) == t + 1
     assert opt.state[params[0]]["h"].is_meta
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize(("value", "what"), [(float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")])
+def test_a_saved_state_holding_nan_or_inf_is_rejected_and_changes_nothing(kind, foreach, value, what) -> None:
+    """A rule state holding NaN (or Inf: no state of the library's rules can hold one, see
+    ``StateSpec.finite``) loaded in silence, and the next step turned its parameter NaN. Each
+    state of the rule, in any parameter of any group, is refused by name; the refused optimizer
+    steps as one never offered the dict, and a finite dict still resumes bit for bit."""
+    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}]
+    params = make_params([(4,), (3, 2), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](groups(params), foreach=foreach)
+    train(opt, params, 3, first=0)
+    saved = copy.deepcopy(opt.state_dict())
+    then = copy.deepcopy((params, opt))  # params and optimizer at the save, to resume against
+    train(opt, params, 2, first=3)  # opt's states now differ from the saved ones
+    untouched = copy.deepcopy((params, opt))  # never offered a bad dict
+    names = sorted(set(saved["state"][2]) - {"step"})
+    assert len(names) >= 4  # h, c, m, v (and MetaLSTMCell's fi)
+    for index, where in ((0, r"param_groups\[0\]\['params'\]\[0\], shape \(4,\)"),
+                         (2, r"param_groups\[1\]\['params'\]\[1\], shape \(5,\)")):  # fmt: skip
+        for name in names:
+            bad = copy.deepcopy(saved)
+            state = bad["state"][index][name]  # a view of the flat buffer on the batched path
+            state[tuple(size - 1 for size in state.shape)] = value
+            match = rf"^saved state \['{name}'\] of parameter {index} \({where}\) holds {what}"
+            with pytest.raises(ValueError, match=match):
+                opt.load_state_dict(bad)
+    train(opt, params, 2, first=5)
+    train(untouched[1], untouched[0], 2, first=5)
+    assert_same_params_and_states(params, opt, *untouched)
+    # the finite dict loads into the optimizer that refused the others, and resumes bit for bit
+    with torch.no_grad():
+        for p, q in zip(params, then[0], strict=True):
+            p.copy_(q)
+    opt.load_state_dict(saved)
+    train(opt, params, 3, first=3)
+    train(then[1], then[0], 3, first=3)
+    assert_same_params_and_states(params, opt, *then)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_finite_saved_state_whose_norm_overflows_its_dtype_loads(foreach) -> None:
+    """The NaN/Inf check of a loaded state reads a 2-norm, which overflows float16 for finite
+    values (60000 squared): such a state is looked at again, exactly, and loads; with one NaN,
+    or Inf, among those values it is refused."""
+    params = make_params([(4,), (50,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, state_dtype=torch.float16, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][1]["c"].fill_(60000.0)
+    assert saved["state"][1]["c"].dtype == torch.float16 and not torch.isfinite(torch._foreach_norm([saved["state"][1]["c"]])[0])
+    fresh = LSTMOptimizer(params, state_dtype=torch.float16, foreach=foreach)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state_dict()["state"][1]["c"], saved["state"][1]["c"])
+    for value, what in ((float("nan"), "NaN"), (float("inf"), "Inf")):
+        bad = copy.deepcopy(saved)
+        bad["state"][1]["c"][1, 3, 7] = value
+        with pytest.raises(ValueError, match=rf"^saved state \['c'\] of parameter 1 \(param_groups\[0\]\['params'\]\[1\], shape \(50,\)\) holds {what}"):
+            LSTMOptimizer(params, state_dtype=torch.float16, foreach=foreach).load_state_dict(bad)

@@ -400,3 +400,63 @@ def test_own_rules_that_hold_more_than_their_state_dict_or_shun_the_meta_device_
     assert torch.equal(loaded.lr, rule.lr) and loaded.half == 0.5
     scaled, _ = load_weights(tmp_path / "TestScaledMomentum.safetensors")
     assert torch.equal(scaled.scale, torch.full((2,), 3.0)) and torch.equal(scaled.offset, torch.tensor([0.5, 1.5]))
+
+
+class SmallestGradient(UpdateRule):
+    """``step = -lr * sign(g) * low`` with ``low`` the smallest ``|g|`` so far, started at +Inf:
+    a state that legitimately holds Inf (before a coordinate's first step), where it declares
+    so (``StateSpec(..., finite=False)``)."""
+
+    kind = "TestSmallestGradient"
+    config_class = MomentumConfig  # unused
+    finite = False
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.lr = nn.Parameter(torch.tensor(0.1))
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"low": StateSpec((), finite=self.finite)}
+
+    def init_state(self, n, *, dtype, device):  # noqa: ANN001, ANN201
+        return {"low": torch.full((n,), float("inf"), dtype=dtype, device=device)}
+
+    def forward(self, grad, param, state, loss=None):  # noqa: ANN001, ANN201
+        low = torch.minimum(state["low"], grad.abs())
+        return -self.lr * grad.sign() * low, {"low": low}
+
+
+class SmallestGradientOptimizer(LearnedOptimizer):
+    rule_kind = SmallestGradient.kind
+
+
+class SmallestGradientSaidFinite(SmallestGradient):  # keeps the kind, but says its state is finite
+    finite = True
+
+
+def test_own_rule_state_declared_not_finite_loads_inf_but_not_nan() -> None:
+    """``load_state_dict`` refuses NaN in any state, and Inf in a state the rule declares finite
+    (``StateSpec.finite``, True by default); a rule whose state may hold Inf declares it."""
+    params = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))]
+    opt = SmallestGradientOptimizer(params, weights=SmallestGradient())
+    opt.init_state()  # +Inf, as before a first step
+    params[0].grad = torch.randn(4)
+    opt.step()  # the first parameter's states are finite now, the second's still +Inf
+    saved = copy.deepcopy(opt.state_dict())
+    assert torch.isinf(saved["state"][1]["low"]).all()
+    others = [nn.Parameter(p.detach().clone()) for p in params]
+    loaded = SmallestGradientOptimizer(others, weights=SmallestGradient())
+    loaded.load_state_dict(saved)
+    for ps, o in ((params, opt), (others, loaded)):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, others, strict=True))
+    said_finite = SmallestGradientOptimizer(others, weights=SmallestGradientSaidFinite())
+    with pytest.raises(ValueError, match=r"^saved state \['low'\] of parameter 1 \(param_groups\[0\]\['params'\]\[1\], "
+                                         r"shape \(3,\)\) holds Inf, which .*finite=False"):  # fmt: skip
+        said_finite.load_state_dict(saved)
+    assert not said_finite.state
+    saved["state"][1]["low"][0] = float("nan")
+    with pytest.raises(ValueError, match=r"^saved state \['low'\] of parameter 1 \(.*\) holds NaN"):
+        SmallestGradientOptimizer(others, weights=SmallestGradient()).load_state_dict(saved)

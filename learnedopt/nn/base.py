@@ -28,11 +28,20 @@ class StateSpec:
     average ``x + (1 - decay) * (target - x)`` stops moving once its change is under half a unit
     in the last place of ``x`` (a decay of 0.999 holds a constant gradient's square at a fifth
     to a third of its value, depending on where the value falls within its power of two).
+
+    ``finite`` says the state never holds ``±Inf``: ``LearnedOptimizer.load_state_dict`` refuses
+    a saved one that does, as it refuses NaN in any state (its next step would turn the
+    parameter NaN). Every state of the library's rules is finite: ``h = o * tanh(c)`` and the
+    gates lie in ``[-1, 1]``, ``|c|`` grows by at most 1 a step from 0, and the moving averages
+    are convex combinations of finite values, their squares saturated (``bounded_square``), each
+    stored saturated into its dtype. A rule of one's own whose state may hold Inf (a running
+    minimum started at ``+Inf``) declares ``finite=False``.
     """
 
     lead: tuple[int, ...]
     trail: tuple[int, ...] = ()
     moving_average: bool = False
+    finite: bool = True
 
     def shape(self, n: int) -> tuple[int, ...]:
         """The state's shape for ``n`` coordinates, ``(*lead, n, *trail)``."""

@@ -397,7 +397,9 @@ class LearnedOptimizer(Optimizer):
 
         Unlike the base class, per-coordinate states keep their saved dtype (``state_dtype``) rather
         than being cast to the parameter dtype, and their names and shapes are checked against the
-        update rule. Each group keeps this optimizer's ``backend`` (the other options are the
+        update rule, and their values too: NaN in any of them, or Inf in one the rule's
+        ``StateSpec`` declares ``finite`` (every state of the library's rules), is refused, since
+        the next step would turn the parameter NaN. Each group keeps this optimizer's ``backend`` (the other options are the
         saved ones): a state saved under ``backend="triton"`` resumes on the PyTorch path of a
         machine without CUDA or Triton, equal to rounding. Everything is checked before anything is
         changed: a rejected state dict leaves the optimizer as it was. Load-state-dict pre-hooks see (and may replace) the whole
@@ -427,7 +429,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
-        index_to_param = {}
+        index_to_param, where = {}, {}
         for number, (saved_group, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved_group["params"]) != len(group["params"]):
                 raise ValueError(
@@ -435,6 +437,7 @@ class LearnedOptimizer(Optimizer):
                     f"parameters, this optimizer's {len(group['params'])}"
                 )
             index_to_param.update(zip(saved_group["params"], group["params"], strict=True))
+            where.update((index, (number, position)) for position, index in enumerate(saved_group["params"]))
             saved_group["learned_rule"] = rule_json  # checked above
             # the saved run decayed nothing; not this optimizer's decay, which changes the update
             saved_group.setdefault("weight_decay", 0.0)
@@ -444,7 +447,9 @@ class LearnedOptimizer(Optimizer):
             # written under backend='triton' on a GPU must resume where there is no CUDA or Triton
             saved_group["backend"] = group["backend"]
             _validate_options(saved_group)
-        state = dict(self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items())
+        loaded = {index: self._loaded_state(index, index_to_param, saved) for index, saved in state_dict["state"].items()}
+        self._check_loaded_finite(loaded, where)
+        state = dict(loaded.values())
         # every version wrote both; without them, and without states to tell (SGD's, or an unstepped
         # Adam's), another optimizer's lr (and weight_decay) were loaded in silence
         foreign = [number for number, group in enumerate(state_dict["param_groups"]) if "state_dtype" not in group]
@@ -466,6 +471,29 @@ class LearnedOptimizer(Optimizer):
         self._state_shapes = {id(p): (p, tuple(p.shape)) for p, loaded in state.items() if loaded}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _check_loaded_finite(self, loaded: dict[int, tuple[Tensor, dict[str, Any]]], where: dict[int, tuple[int, int]]) -> None:
+        """Raise ValueError unless every loaded rule state (``loaded``: saved index -> ``(param,
+        state)``, as :meth:`_loaded_state` copied them; ``where``: saved index -> ``(group,
+        position)``) is free of NaN, and of Inf where its ``StateSpec`` says ``finite``: the next
+        step would turn the parameter NaN, in silence (:func:`_non_finite`: one foreach reduction
+        per device and dtype)."""
+        spec = self.rule.state_spec()
+        named = [(index, name, value) for index, (_, state) in loaded.items() for name, value in state.items() if name in spec]
+        for (index, name, _), found in zip(named, _non_finite([value for _, _, value in named]), strict=True):
+            if found is None or (found == "Inf" and not spec[name].finite):
+                continue
+            number, position = where[index]
+            group = self.param_groups[number]
+            names = group.get("param_names")
+            param = f"{names[position]!r}" if names else f"param_groups[{number}]['params'][{position}]"
+            at = f"saved state [{name!r}] of parameter {index} ({param}, shape {tuple(group['params'][position].shape)})"
+            if found == "NaN":
+                raise ValueError(f"{at} holds NaN: its next step would turn the parameter NaN; load a state saved before it went NaN")
+            raise ValueError(
+                f"{at} holds Inf, which this {self.rule.kind} rule's state_spec() declares finite (a state that may "
+                "hold Inf declares StateSpec(..., finite=False)); load a state saved before it overflowed"
+            )
 
     def _holds_live_states(self, state_dict: dict[str, Any]) -> bool:
         """Whether a tensor of ``state_dict``'s states shares memory with a state of this optimizer."""
@@ -1196,6 +1224,36 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
         for i, flag in zip((i for indices in by_dtype.values() for i in indices), values, strict=True):
             flags[i] = flag
     return flags
+
+
+def _non_finite(tensors: list[Tensor]) -> list[str | None]:
+    """For each tensor (the local part of a ``DTensor``): ``"NaN"`` where it holds a NaN, else
+    ``"Inf"`` where it holds an Inf, else None (so for ``meta`` and empty tensors).
+
+    One ``torch._foreach_norm`` (the 2-norm: NaN or Inf wherever a tensor holds one) per device
+    and dtype, read with one host sync per device: no copy (a ``dtype=torch.float64`` norm makes
+    one), and on the CPU some 40 times faster than the infinity norm (``_all_finite``'s; PyTorch
+    2.13, 1M float32 values: 0.13 ms against 6 ms, a copy of them 1 ms). Its sum of squares may
+    also overflow where every value is finite (a large float16 state), so
+    each tensor it flags is looked at by its extremes (``aminmax``, NaN where it holds a NaN),
+    one host sync each: rare, and exact."""
+    tensors = sharding.local_all(tensors)
+    by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not t.is_meta and t.numel():
+            by_dtype.setdefault((t.device, t.dtype), []).append(i)
+    by_device: dict[torch.device, list[tuple[list[int], Tensor]]] = {}
+    for (device, _), indices in by_dtype.items():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in indices], ord=2))
+        by_device.setdefault(device, []).append((indices, torch.isfinite(norms)))
+    found: list[str | None] = [None] * len(tensors)
+    for pairs in by_device.values():
+        flags = torch.cat([flags for _, flags in pairs]).tolist()
+        for i, ok in zip((i for indices, _ in pairs for i in indices), flags, strict=True):
+            if not ok:
+                low, high = (float(v) for v in torch.aminmax(tensors[i]))
+                found[i] = "NaN" if math.isnan(low) or math.isnan(high) else "Inf" if math.isinf(low) or math.isinf(high) else None
+    return found
 
 
 def _all_zero(tensors: list[Tensor]) -> list[bool]:
