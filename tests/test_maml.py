@@ -1647,3 +1647,43 @@ def test_inputs_without_an_example_dimension_are_refused_as_targets_are(vectoriz
     with pytest.raises(ValueError, match=re.escape("MAML takes (B, N, ...) tensors of B tasks of N examples, got x_query of shape (2,): "
                                                    "one input per task. For one task, add the task dimension")):
         maml(x, y, x[:, 0, 0], y)
+
+
+@pytest.mark.parametrize("vectorize", [True, False, "auto"])
+def test_a_one_element_loss_runs_as_a_scalar_on_every_path(vectorize, recwarn) -> None:
+    """A ``loss_fn`` returning a ``(1,)`` tensor (``loss.reshape(1)``, a ``keepdim`` reduction)
+    is a scalar to ``backward()``: ``torch.func.grad`` refused it under ``vmap`` ("Expected
+    f(*args) to return a scalar Tensor"), so ``"auto"`` warned that the vmap over tasks failed
+    and looped for good, and the loop's ``query_losses`` were ``(B, steps, 1)``."""
+    data = episode()
+    model = tiny_model()
+    plain = MAML(copy.deepcopy(model), inner_lr=0.3, inner_steps=2, vectorize=vectorize)
+    one = MAML(model, inner_lr=0.3, inner_steps=2, vectorize=vectorize,
+               loss_fn=lambda out, y: nn.functional.cross_entropy(out, y).reshape(1))  # fmt: skip
+    losses = one.query_losses(*data)
+    assert losses.shape == (3, 2)
+    torch.testing.assert_close(losses, plain.query_losses(*data), rtol=0, atol=1e-12)
+    assert one.vectorize == vectorize and not [w for w in recwarn if "vmap" in str(w.message)]
+    meta_loss = one(*data)
+    assert meta_loss.shape == ()
+    grads = torch.autograd.grad(meta_loss, list(model.parameters()))
+    for g, r in zip(grads, torch.autograd.grad(plain(*data), list(plain.model.parameters())), strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("vectorize", "loss"), [(True, "per-example"), (False, "per-example"), ("auto", "per-example"),
+                                                  (False, "float"), ("auto", "float")])  # fmt: skip
+def test_a_loss_that_is_not_one_element_is_refused_naming_loss_fn(vectorize, loss) -> None:
+    """A per-example loss (``reduction="none"``) failed with PyTorch's "grad can be implicitly
+    created only for scalar outputs" (or vmap's "Expected f(*args) to return a scalar Tensor"),
+    naming neither ``loss_fn`` nor the shape; a Python number failed inside autograd. (Under
+    ``vmap``, ``float()`` of the loss fails in ``loss_fn`` itself, before it returns.)"""
+    loss_fn = {"per-example": lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
+               "float": lambda out, y: float(nn.functional.cross_entropy(out, y))}[loss]  # fmt: skip
+    maml = MAML(tiny_model(), inner_lr=0.3, vectorize=vectorize, loss_fn=loss_fn)
+    message = r"loss_fn must return a scalar tensor \(one element\), got " + ("a tensor of shape \\(5,\\)" if loss == "per-example" else "a float")
+    with pytest.raises(ValueError, match=message):
+        maml(*episode())
+    xs, ys, _, _ = episode()
+    with pytest.raises(ValueError, match=message):
+        maml.adapt(xs[0], ys[0])

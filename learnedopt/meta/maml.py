@@ -40,6 +40,7 @@ from .model_calls import (
     default_loss,
     model_arguments,
     outside_inference,
+    scalar_loss,
 )
 from .over_tasks import vmap_or_loop, vmap_tasks
 
@@ -77,7 +78,8 @@ class MAML(nn.Module):
             last step counts.
             An attribute, so it can change between meta-steps: :func:`multi_step_loss_weights`
             gives MAML++'s annealed weights.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (:func:`default_loss`).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (a tensor of one element); default
+            cross-entropy (:func:`default_loss`).
         vectorize: ``True`` runs the tasks under ``vmap``; ``False`` loops over them; ``"auto"``
             uses ``vmap`` where it pays (not for convolutional models on CPU) and falls back to the
             loop (with a warning) if the model cannot be vmapped: at once, naming the layer, for a
@@ -283,7 +285,7 @@ class MAML(nn.Module):
         ``model``, a trailing part of the model (:meth:`_fixed_body`'s head), where given."""
         model = self.model if model is None else model
         buffers = dict(model.named_buffers()) if buffers is None else buffers
-        return self.loss_fn(call_model(model, {**params, **buffers}, x), y)
+        return scalar_loss(self.loss_fn(call_model(model, {**params, **buffers}, x), y))
 
     def _fixed_body(self) -> tuple[nn.Module, nn.Module] | None:
         """``(body, head)`` where the inner loop can run on the body's outputs, computed once per

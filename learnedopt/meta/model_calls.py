@@ -248,6 +248,22 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets)
 
 
+def scalar_loss(loss: Any) -> Tensor:
+    """``loss_fn``'s result as a 0-dim tensor: one of one element (``(1,)``, a ``keepdim``
+    reduction's) reshaped, as ``backward()`` takes it, where ``torch.func.grad`` refused it under
+    ``vmap`` ("Expected f(*args) to return a scalar Tensor"); anything else (a per-example loss, a
+    Python number) raises ValueError in one line naming ``loss_fn`` and what it returned. Under
+    ``vmap`` the shape is one task's."""
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"loss_fn must return a scalar tensor (one element), got a {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar tensor (one element), got a tensor of shape {tuple(loss.shape)}: "
+            "reduce it, e.g. with reduction='mean'"
+        )
+    return loss.reshape(())
+
+
 def check_steps(steps: object) -> None:
     """Raise ValueError unless ``steps`` (an ``adapt``'s inner steps) is an integer >= 0
     (:func:`~learnedopt.values.is_integer`)."""
