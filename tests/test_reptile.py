@@ -351,3 +351,17 @@ def test_a_batch_of_no_examples_is_refused_not_a_silent_step_of_zero() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, reptile.model.parameters()))
     with pytest.raises(ValueError, match=r"^Reptile \(batch 0\) needs at least one example, got inputs\[0\] of shape \(0, 1\)$"):
         reptile.adapt([([x[:, :1][:0], x[:0]], y[:0])])
+
+
+@pytest.mark.parametrize("inner", ["sgd", "meta-lstm"])
+def test_a_per_example_loss_is_refused_naming_loss_fn_and_leaves_the_initialisation(inner) -> None:
+    """A per-example loss (``reduction="none"``) failed in ``backward()`` with PyTorch's "grad can
+    be implicitly created only for scalar outputs", naming neither ``loss_fn`` nor the shape."""
+    net = model()
+    before = copy.deepcopy(net.state_dict())
+    reptile = Reptile(net, 2, (lambda p: MetaLSTMOptimizer(p)) if inner == "meta-lstm" else None,
+                      loss_fn=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("loss_fn must return a scalar tensor (one element), got a tensor of shape (8,)")):
+        reptile.meta_step(tasks())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert reptile.step_count == 0

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from ..values import check_positive_integer, is_integer, is_number
 from .batchnorm import apply_batchnorm_policy_
-from .model_calls import Inputs, LossFn, check_inputs, check_same_examples, check_steps, default_loss, model_arguments, outside_inference
+from .model_calls import Inputs, LossFn, check_inputs, check_same_examples, check_steps, default_loss, model_arguments, outside_inference, scalar_loss
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -50,7 +50,7 @@ class Reptile:
         inner_optimizer: builds the inner optimizer from parameters; default SGD(lr=0.02).
         outer_stepsize, final_outer_stepsize, total_steps: the annealed outer step size; with
             ``total_steps=None`` it stays at ``outer_stepsize``.
-        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy (:func:`~learnedopt.meta.model_calls.default_loss`).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (a tensor of one element); default cross-entropy (:func:`~learnedopt.meta.model_calls.default_loss`).
         batchnorm: ``"transductive"`` (default), ``"running"`` or ``"error"``, as above.
     """
 
@@ -157,7 +157,7 @@ class Reptile:
 
                 def closure(args: tuple = args, kwargs: dict = kwargs, y: Inputs = y) -> Tensor:
                     optimizer.zero_grad()
-                    loss = self.loss_fn(worker(*args, **kwargs), y)
+                    loss = scalar_loss(self.loss_fn(worker(*args, **kwargs), y))
                     loss.backward()
                     return loss
 
