@@ -298,3 +298,47 @@ def test_an_embedding_with_max_norm_runs_task_by_task_naming_the_layer(algo: str
     for i, got in enumerate(grads):
         torch.testing.assert_close(got, sum(one[1][i] for one in alone) / 3)
     assert all(torch.isfinite(v).all() for v in fewshot.adapt(data[0][0], data[1][0]).values())
+
+
+class WithAuxiliaryHead(nn.Module):
+    """(N, 5) -> (N, 3) logits; ``aux``, built last, takes no part in the loss (a head kept for
+    another use)."""
+
+    def __init__(self, aux: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+        if aux:
+            self.aux = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_parameter_the_loss_does_not_use_gets_a_zero_inner_gradient(algo: str, loop: bool) -> None:
+    """As in MAML, a parameter the loss does not use gets a zero inner gradient: meta-lstm failed
+    with the unroll's "the task batch's loss at step 0 does not depend on params ['aux.weight',
+    'aux.bias']: every parameter init_params returns must take part in the loss", which a few-shot
+    run has no init_params to read by. The rule works coordinate by coordinate, so the used
+    parameters adapt, and the meta-loss and its meta-gradient are, as without that layer."""
+    data = episode((5,))
+    with_aux, without = learner(algo, WithAuxiliaryHead), learner(algo, lambda: WithAuxiliaryHead(aux=False))
+    if loop:  # the task loop, as for a model that cannot run under vmap
+        with_aux._vectorize = without._vectorize = False
+        for fewshot in (with_aux, without):
+            if fewshot.maml is not None:
+                fewshot.maml.vectorize = False
+    loss = with_aux.meta_loss(*data)
+    expected = without.meta_loss(*data)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    used = [p for name, p in with_aux.model.named_parameters() if not name.startswith("aux.")]
+    rest = [] if with_aux.rule is None else list(with_aux.rule.parameters())
+    grads = torch.autograd.grad(loss, used + rest)
+    for got, want in zip(grads, torch.autograd.grad(expected, without.meta_parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    adapted = with_aux.adapt(data[0][0], data[1][0])
+    alone = without.adapt(data[0][0], data[1][0])
+    for name, value in alone.items():
+        torch.testing.assert_close(adapted[name], value, rtol=0, atol=1e-6)

@@ -78,6 +78,12 @@ class Task(ABC):
 class TaskBatch:
     """``B`` tasks of one family, parameters stacked over a leading meta-batch dimension."""
 
+    #: whether :func:`~learnedopt.meta.unroll` gives a parameter that the loss does not use a zero
+    #: gradient (as ``MAML`` does, and the meta-lstm few-shot learner's batches) rather than
+    #: refusing it with a ValueError naming it (every parameter ``init_params`` returns is meant
+    #: to take part in the loss)
+    unused_params_get_zero_grad: bool = False
+
     def __init__(self, tasks: Sequence[Task]) -> None:
         if not tasks:
             raise ValueError("a task batch needs at least one task")

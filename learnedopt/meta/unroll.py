@@ -452,6 +452,7 @@ def unroll(
         k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()
     }
     state = dict(rule_state)
+    zero_unused = bool(getattr(task_batch, "unused_params_get_zero_grad", False))
     loss = _checked_loss(task_batch, current, start_step)
     losses = []
     for t in range(steps):
@@ -461,6 +462,7 @@ def unroll(
             start_step + t,
             retain_graph=True,  # the meta-loss backward goes through these losses later
             create_graph=not stop_optimizee_grad,
+            zero_unused=zero_unused,
         )
         # autocast off for the update (the tasks' losses stay in the caller's region): torch.cat of
         # bfloat16 parameters inside a float16 region (or the reverse) raised autocast's
@@ -522,13 +524,22 @@ def _checked_loss(task_batch: TaskBatch, params: Mapping[str, Tensor], step_inde
 
 
 def _optimizee_grads(
-    loss: Tensor, params: Mapping[str, Tensor], step_index: int, *, retain_graph: bool, create_graph: bool
+    loss: Tensor,
+    params: Mapping[str, Tensor],
+    step_index: int,
+    *,
+    retain_graph: bool,
+    create_graph: bool,
+    zero_unused: bool = False,
 ) -> list[Tensor]:
     """The gradient of ``loss.sum()`` for each of ``params`` (in their order); raises ValueError
-    naming a parameter the loss does not use (its gradient would be None)."""
+    naming a parameter the loss does not use (its gradient would be None), or, where
+    ``zero_unused``, gives it zeros (as ``MAML`` does)."""
     grads = torch.autograd.grad(
         loss.sum(), list(params.values()), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )
+    if zero_unused:
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), grads, strict=True)]
     unused = [k for k, g in zip(params, grads, strict=True) if g is None]
     if unused:
         raise ValueError(
@@ -559,7 +570,8 @@ def check_task_batch(task_batch: TaskBatch, params: Mapping[str, Tensor], *, dty
             raise ValueError(f"params[{k!r}] has shape {tuple(v.shape)}, expected (B={batch}, *shape)")
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     loss = _checked_loss(task_batch, leaves, 0)
-    _optimizee_grads(loss, leaves, 0, retain_graph=False, create_graph=False)
+    _optimizee_grads(loss, leaves, 0, retain_graph=False, create_graph=False,
+                     zero_unused=bool(getattr(task_batch, "unused_params_get_zero_grad", False)))
     loss = loss.detach()
     bad = (~torch.isfinite(loss)).nonzero().flatten().tolist()
     if bad:

@@ -393,7 +393,10 @@ class _SupportQueryBatch(TaskBatch):
     """B few-shot tasks as a :class:`TaskBatch` for :func:`unroll`: the loss of step index
     ``t < steps`` is each task's support loss, of step ``steps`` its query loss (one ``vmap`` of
     ``functional_call`` over the tasks, or a loop over them for a model that cannot run under
-    ``vmap``, as ``MAML``'s: :func:`~learnedopt.meta.over_tasks.vmap_or_loop`)."""
+    ``vmap``, as ``MAML``'s: :func:`~learnedopt.meta.over_tasks.vmap_or_loop`). A parameter the
+    loss does not use (a head kept for another use) gets a zero gradient, as in ``MAML``."""
+
+    unused_params_get_zero_grad = True
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_s: Inputs, y_s: Inputs,
                  x_q: Inputs | None, y_q: Inputs | None, steps: int, vectorize: bool | str = "auto") -> None:  # fmt: skip
