@@ -1687,3 +1687,31 @@ def test_a_loss_that_is_not_one_element_is_refused_naming_loss_fn(vectorize, los
     xs, ys, _, _ = episode()
     with pytest.raises(ValueError, match=message):
         maml.adapt(xs[0], ys[0])
+
+
+@pytest.mark.parametrize("batchnorm", ["transductive", "running"])
+@pytest.mark.parametrize("algo", ["MAML", "Reptile"])
+def test_a_lazy_batchnorm_not_yet_initialised_is_refused_leaving_the_model_to_initialise(algo, batchnorm) -> None:
+    """An uninitialised ``nn.LazyBatchNorm1d`` was replaced by a batch-norm replacement holding its
+    uninitialised parameters, without the lazy hook that would have initialised them: the model
+    failed for good ("Attempted to use an uninitialized parameter"), and MAML's "run the model
+    on one batch before meta-training" could not be followed. Now refused, by name, with the
+    model left as it was: run on one batch, it initialises, and then wraps and meta-trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(), nn.Linear(4, 2)).double()
+    wrap = (lambda: MAML(model, inner_lr=0.1, batchnorm=batchnorm, loss_fn=nn.functional.mse_loss)) if algo == "MAML" else (
+        lambda: Reptile(model, 1, batchnorm=batchnorm, loss_fn=nn.functional.mse_loss))  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(
+            "layer '1' (LazyBatchNorm1d) is not initialised yet (a lazy module): run the model on one batch before "
+            "wrapping it, e.g. model(x_support[0])")):  # fmt: skip
+        wrap()
+    assert isinstance(model[1], nn.LazyBatchNorm1d)
+    x, y = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64)
+    model(x[0])  # initialises the layer (a BatchNorm1d from now on)
+    wrapped = wrap()
+    assert type(model[1]).__name__ == ("BatchStatNorm" if batchnorm == "transductive" else "RunningStatNorm")
+    if algo == "MAML":
+        assert torch.isfinite(wrapped(x, y, x, y))
+    else:
+        wrapped.meta_step([[(x[0], y[0])]])
+        assert all(torch.isfinite(p).all() for p in model.parameters())

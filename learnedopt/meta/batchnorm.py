@@ -97,12 +97,36 @@ class RunningStatNorm(nn.Module):
 
 def replace_batchnorm_(model: nn.Module, by: type[nn.Module] = BatchStatNorm) -> nn.Module:
     """Replace every BatchNorm layer of ``model`` in place by ``by(layer)``
-    (:class:`BatchStatNorm` or :class:`RunningStatNorm`)."""
+    (:class:`BatchStatNorm` or :class:`RunningStatNorm`).
+
+    Raises:
+        ValueError: a lazy BatchNorm layer (``nn.LazyBatchNorm1d``) is not initialised yet, before
+            anything is replaced: its replacement would hold its uninitialised parameters without
+            the hook that initialises them, and the model would fail for good.
+    """
+    check_initialised_batchnorm(model)
+    return _replace(model, by)
+
+
+def check_initialised_batchnorm(model: nn.Module) -> None:
+    """Raise ValueError naming the first lazy BatchNorm layer of ``model`` whose parameters or
+    statistics are not initialised yet (run the model on one batch first)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            if m.has_uninitialized_params():
+                raise ValueError(
+                    f"layer {name!r} ({type(m).__name__}) is not initialised yet (a lazy module): run the model on one "
+                    "batch before wrapping it, e.g. model(x_support[0]); its batch-norm replacement would hold its "
+                    "uninitialised parameters for good"
+                )
+
+
+def _replace(model: nn.Module, by: type[nn.Module]) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(model, name, by(child))
         else:
-            replace_batchnorm_(child, by)
+            _replace(child, by)
     return model
 
 
