@@ -1715,3 +1715,25 @@ def test_a_lazy_batchnorm_not_yet_initialised_is_refused_leaving_the_model_to_in
     else:
         wrapped.meta_step([[(x[0], y[0])]])
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"zero_init": ("nope",)}, "zero_init: 'nope' names no trainable parameter"),
+    ({"adapt_only": ("nope",)}, "adapt_only: 'nope' names no trainable parameter"),
+    ({"adapt_only": ("2",), "zero_init": ("0",)}, "zero_init names parameters that adapt_only does not adapt"),
+    ({"step_loss_weights": [1.0, 1.0]}, "step_loss_weights needs 1 entries"),
+])  # fmt: skip
+def test_a_refused_maml_leaves_the_models_batchnorm_as_it_was(options, message) -> None:
+    """MAML replaced the model's BatchNorm layers (dropping their running statistics) before
+    checking its other arguments: a refused construction left the model transductive, its
+    checkpoint's running statistics gone, as a refused ``zero_init`` of a reparametrized layer
+    or ``batchnorm="running"`` without statistics do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[1].running_mean.fill_(0.5)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MAML(model, **options)
+    assert type(model[1]) is nn.BatchNorm1d
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

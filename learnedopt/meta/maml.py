@@ -164,7 +164,6 @@ class MAML(nn.Module):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         if checkpoint_steps and vectorize is True:
             raise ValueError("checkpoint_steps=True runs the tasks in a loop; use vectorize=False or 'auto'")
-        apply_batchnorm_policy_(model, batchnorm)
         self.model = model
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -191,6 +190,9 @@ class MAML(nn.Module):
                 "spectral_norm or torch.nn.utils.parametrize), which zero inputs need not make zero (weight_norm's "
                 "and spectral_norm's are NaN): leave that layer out of zero_init, or remove its reparametrization"
             )
+        # once every argument is checked, and before anything is zeroed: a refused MAML leaves the
+        # model's BatchNorm layers (and their running statistics) as they were
+        apply_batchnorm_policy_(model, batchnorm)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in self._zero_init:
