@@ -105,6 +105,14 @@ class PerExampleLoss(LineFamily):
         return (outputs - targets) ** 2
 
 
+class FlatTargets(LineFamily):
+    """Targets (size, N) for a network of (N, 1) outputs: mse_loss broadcast them to (N, N)."""
+
+    def sample(self, size, generator):
+        x_s, y_s, x_q, y_q = super().sample(size, generator)
+        return x_s, y_s[..., 0], x_q, y_q[..., 0]
+
+
 class WrongInputs(LineFamily):
     def model(self):
         return nn.Linear(3, 1)
@@ -261,6 +269,10 @@ BAD = [
      "from the generator it is given"),
     (["--task", "{m}:NanTargets"], "sample() of the first meta-training tasks: y_support holds 2 NaN or infinite values"),
     (["--task", "{m}:PerExampleLoss"], "the loss of the model on the first meta-training task's support set: it must be a scalar tensor"),
+    # torch's mse_loss broadcast (4, 1) outputs against (4,) targets to a (4, 4) loss, with only a
+    # warning: every prediction was pulled towards every target of its task, in silence
+    (["--task", "{m}:FlatTargets"], "the loss of the model on the first meta-training task's support set: the 'mse' loss "
+     "takes outputs and targets of one shape, got outputs (4, 1) and targets (4,)"),
     (["--task", "{m}:WrongInputs"], "the loss of the model on the first meta-training task's support set: RuntimeError: mat1 and mat2"),
     (["--task", "{m}:EmptyDescription"], "describe(): it must return a sentence for the model card, got ''"),
     (["--task", "{m}:NeedsPath"], "{m}:NeedsPath needs path, which it is not given"),

@@ -248,6 +248,19 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets)
 
 
+def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``nn.functional.mse_loss`` of outputs and targets of one shape, the few-shot learners'
+    ``"mse"``; raises ValueError naming both shapes where they differ: torch broadcast ``(N, 1)``
+    outputs against ``(N,)`` targets to an ``(N, N)`` loss with only a warning, pulling every
+    prediction towards every target of its task."""
+    if isinstance(outputs, Tensor) and isinstance(targets, Tensor) and outputs.shape != targets.shape:
+        raise ValueError(
+            f"the 'mse' loss takes outputs and targets of one shape, got outputs {tuple(outputs.shape)} and targets "
+            f"{tuple(targets.shape)}, which torch's mse_loss would broadcast"
+        )
+    return nn.functional.mse_loss(outputs, targets)
+
+
 def scalar_loss(loss: Any) -> Tensor:
     """``loss_fn``'s result as a 0-dim tensor: one of one element (``(1,)``, a ``keepdim``
     reduction's) reshaped, as ``backward()`` takes it, where ``torch.func.grad`` refused it under

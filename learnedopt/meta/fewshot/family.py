@@ -23,12 +23,13 @@ from ...plugins import (
     load_entry_point,
     one_line,
 )
-from ..model_calls import default_loss
+from ..model_calls import default_loss, mse_loss
 from ..tasks import TaskFamily
 
 #: the losses a learner names in its model file; a family's ``loss`` may name one of them
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": nn.functional.mse_loss,
+    # outputs and targets of one shape: torch's broadcast (N, 1) against (N,) with only a warning
+    "mse": mse_loss,
     # MAML's default: integer labels of any width, float labels refused in one line (as on every path)
     "cross_entropy": default_loss,
 }
