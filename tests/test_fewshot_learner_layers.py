@@ -5,6 +5,7 @@ loop over the tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -342,3 +343,19 @@ def test_a_parameter_the_loss_does_not_use_gets_a_zero_inner_gradient(algo: str,
     alone = without.adapt(data[0][0], data[1][0])
     for name, value in alone.items():
         torch.testing.assert_close(adapted[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_evaluate_scores_class_probability_targets_as_their_labels(algo: str) -> None:
+    """Cross-entropy takes class probabilities of the outputs' shape as targets, but evaluate's
+    accuracy compared ``outputs.argmax(1)`` ``(N,)`` with the ``(N, C)`` probabilities: broadcast
+    where N = C (3 queries of 3 classes here) to a meaningless score, else a shape error. One-hot
+    targets now score as their labels do."""
+    data = episode((5,), shots=3)
+    one_hot = tuple(nn.functional.one_hot(t, 3).float() if i % 2 else t for i, t in enumerate(data))
+    spec = dataclasses.replace(learner(algo, nn.Identity).spec, loss="cross_entropy")  # as a family naming it gets
+    fewshot = FewShotLearner(spec, seed=0, family=Family(lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))))
+    by_labels = fewshot.evaluate(*data)
+    by_probabilities = fewshot.evaluate(*one_hot)
+    assert by_probabilities["accuracy"] == by_labels["accuracy"]
+    assert by_probabilities["loss"] == pytest.approx(by_labels["loss"], rel=1e-6)

@@ -370,8 +370,9 @@ class FewShotLearner:
             raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
 
     def evaluate(self, x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs, steps: int | None = None) -> dict[str, float]:
-        """Mean query loss (and accuracy in %, for classification) over B tasks after adapting
-        each on its support set. Inputs ``(B, N, ...)``, as :meth:`meta_loss` takes them, checked
+        """Mean query loss (and accuracy in %, for classification: targets of class indices, or of
+        class probabilities of the outputs' shape scored by their most probable class) over B
+        tasks after adapting each on its support set. Inputs ``(B, N, ...)``, as :meth:`meta_loss` takes them, checked
         as it checks them before any task is adapted."""
         episode = check_episode(x_s, y_s, x_q, y_q, "evaluate")
         losses, correct = [], []
@@ -382,7 +383,11 @@ class FewShotLearner:
                 outputs = self.predict(params, x_q)
                 losses.append(float(self.loss_fn(outputs, y_q)))
                 if self.spec.loss == "cross_entropy":
-                    correct.append(float((outputs.argmax(1) == y_q).float().mean()))
+                    # class probabilities of the outputs' shape (which cross-entropy takes) by their
+                    # labels: compared as they were, (N,) against (N, C), they broadcast to nonsense
+                    probabilities = y_q.is_floating_point() and y_q.shape == outputs.shape
+                    labels = y_q.argmax(1) if probabilities else y_q
+                    correct.append(float((outputs.argmax(1) == labels).float().mean()))
         metrics = {"loss": sum(losses) / len(losses)}
         if correct:
             metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
