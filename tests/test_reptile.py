@@ -365,3 +365,22 @@ def test_a_per_example_loss_is_refused_naming_loss_fn_and_leaves_the_initialisat
         reptile.meta_step(tasks())
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert reptile.step_count == 0
+
+
+def test_a_meta_step_takes_its_tasks_from_any_iterable() -> None:
+    """``meta_step(draw() for _ in range(3))`` trained every task, then failed on ``len(tasks)``
+    ("object of type 'generator' has no len()"), its work lost; the tasks (and a task's
+    batches) are now read once into a list, and the update is the list's."""
+    from_list, from_generator = model(), model()
+    expected = Reptile(from_list, 3).meta_step(tasks())
+    assert Reptile(from_generator, 3).meta_step(batches for batches in tasks()) == expected
+    for a, b in zip(from_list.parameters(), from_generator.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="meta_step needs at least one task"):
+        Reptile(model(), 3).meta_step(iter([]))
+    # a task's batches too: an empty generator failed with "integer modulo by zero"
+    with pytest.raises(ValueError, match="a task needs at least one"):
+        Reptile(model(), 3).adapt(batch for batch in [])
+    adapted = Reptile(from_list, 3).adapt(batch for batch in tasks()[0])
+    for a, b in zip(adapted.parameters(), Reptile(from_list, 3).adapt(tasks()[0]).parameters(), strict=True):
+        assert torch.equal(a, b)

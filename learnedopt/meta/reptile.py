@@ -96,6 +96,7 @@ class Reptile:
     def _checked_batches(self, batches: Sequence[tuple[Inputs, Inputs]]) -> list[tuple[Inputs, Inputs]]:
         """A task's ``(inputs, targets)`` batches checked (:meth:`adapt`), a mapping of inputs as a
         plain dict; raises TypeError or ValueError naming the batch at fault."""
+        batches = list(batches)  # read once: an empty generator passed `not batches`, then divided by zero
         if not batches:
             raise ValueError("a task needs at least one (inputs, targets) batch")
         checked = []
@@ -166,14 +167,15 @@ class Reptile:
 
     def meta_step(
         self,
-        tasks: Sequence[Sequence[tuple[Inputs, Inputs]]],
+        tasks: Iterable[Sequence[tuple[Inputs, Inputs]]],
         *,
         all_reduce_sum_: Callable[[Sequence[Tensor]], None] | None = None,
     ) -> float:
         """One Reptile update of the initialisation from a meta-batch of tasks.
 
         Args:
-            tasks: for each task, its ``(inputs, targets)`` minibatches (see :meth:`adapt`).
+            tasks: for each task, its ``(inputs, targets)`` minibatches (see :meth:`adapt`); a list,
+                or any iterable (a generator), read once.
             all_reduce_sum_: for data-parallel meta-training, sums tensors over the processes in
                 place (e.g. :meth:`learnedopt.meta.distributed.Workers.all_reduce_sum_`); each
                 process passes its own tasks and the update averages over all of them.
@@ -184,6 +186,8 @@ class Reptile:
         Raises:
             FloatingPointError: a task's trained weights are not finite; nothing is changed.
         """
+        # read once: a generator of tasks was trained in full, then failed on len(tasks)
+        tasks = list(tasks)
         if not tasks:
             raise ValueError("meta_step needs at least one task")
         checked = [self._checked_batches(batches) for batches in tasks]  # every task before training any
