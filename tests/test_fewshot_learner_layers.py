@@ -6,6 +6,7 @@ loop over the tasks."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Callable
 
@@ -359,3 +360,37 @@ def test_evaluate_scores_class_probability_targets_as_their_labels(algo: str) ->
     by_probabilities = fewshot.evaluate(*one_hot)
     assert by_probabilities["accuracy"] == by_labels["accuracy"]
     assert by_probabilities["loss"] == pytest.approx(by_labels["loss"], rel=1e-6)
+
+
+class OneElementLossFamily(Family):
+    """:class:`Family` whose loss is cross-entropy as a ``(1,)`` tensor (a ``keepdim`` reduction)."""
+
+    @staticmethod
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets).reshape(1)
+
+
+class PerExampleLossFamily(Family):
+    @staticmethod
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_one_element_loss_is_a_scalar_and_a_per_example_one_is_refused_naming_loss_fn(algo: str, loop: bool) -> None:
+    """As in MAML: a family's loss of one element is read as a scalar (meta-lstm refused it with
+    the unroll's "the task batch's loss at step 0 has shape (3, 1) ...", naming no loss_fn), and a
+    per-example loss is refused in one line naming loss_fn."""
+    make = lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))  # noqa: E731
+    data = episode((5,))
+    learners = {name: FewShotLearner(learner(algo, make).spec, seed=0, family=family(make))
+                for name, family in (("plain", Family), ("one", OneElementLossFamily), ("per-example", PerExampleLossFamily))}  # fmt: skip
+    if loop:
+        for fewshot in learners.values():
+            fewshot._vectorize = False
+            if fewshot.maml is not None:
+                fewshot.maml.vectorize = False
+    torch.testing.assert_close(learners["one"].meta_loss(*data), learners["plain"].meta_loss(*data), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=re.escape("loss_fn must return a scalar tensor (one element), got a tensor of shape (4,)")):
+        learners["per-example"].meta_loss(*data)

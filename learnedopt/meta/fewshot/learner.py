@@ -31,7 +31,7 @@ from ...values import seeded_global_rng
 from ...version import __version__
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
-from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference
+from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference, scalar_loss
 from ..over_tasks import vmap_or_loop, vmap_tasks
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
@@ -419,7 +419,8 @@ class _SupportQueryBatch(TaskBatch):
         inputs = (dict(params), x, y)
 
         def one(p: Params, xb: Inputs, yb: Inputs) -> Tensor:
-            return self.loss_fn(call_model(self.model, p, xb), yb)
+            # one element read as a scalar, anything else refused naming loss_fn, as in MAML
+            return scalar_loss(self.loss_fn(call_model(self.model, p, xb), yb))
 
         def looped() -> Tensor:
             # each task's own copy of its parameters (a view of the unroll's): a layer changing its
