@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -77,8 +77,10 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
-from ..nn.base import check_preprocess_p
-from ..nn.functional import RMS_EPS
+from ..nn.functional import RMS_EPS, check_preprocess_p
+
+if TYPE_CHECKING:
+    from .meta_lstm_step import MetaPackedWeights
 
 #: Dtypes of the ``h``, ``c``, ``m`` and ``v`` state buffers the kernel reads and writes.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -589,7 +591,7 @@ def packed_shapes(num_layers: int, hidden_size: int, num_inputs: int) -> dict[st
     }
 
 
-def check_packed(packed: tuple, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_packed(packed: PackedWeights | MetaPackedWeights, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise ValueError unless every tensor of ``packed`` (a :class:`PackedWeights`, or the meta
     kernel's ``MetaPackedWeights``) has its shape in ``shapes`` and is float32, contiguous and on
     one device: the kernels index each by that layout, so a tensor of another shape would be
@@ -795,7 +797,7 @@ def coordinate_lstm_step_(
         weights: a :class:`CoordinateLSTM` ``state_dict`` of fp32 contiguous tensors (see
             :func:`rule_weights`), or its :func:`pack_weights` result to skip re-stacking it.
         num_layers, hidden_size: ``L`` and ``H`` of the rule.
-        preprocess_p: the preprocessing constant ``p``, in the rule's bounds (``nn.base.check_preprocess_p``: about 2.6e-37 to 87.3).
+        preprocess_p: the preprocessing constant ``p``, in the rule's bounds (``nn.functional.check_preprocess_p``: about 2.6e-37 to 87.3).
         output_scale: the head's output multiplier.
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: negate the gradient first.

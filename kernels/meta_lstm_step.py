@@ -464,7 +464,7 @@ def meta_lstm_step_(
             its two features from :func:`loss_features` (which then already include
             ``maximize``).
         hidden_size: ``H`` of the rule.
-        preprocess_p: the preprocessing constant ``p``, in the rule's bounds (``nn.base.check_preprocess_p``: about 2.6e-37 to 87.3).
+        preprocess_p: the preprocessing constant ``p``, in the rule's bounds (``nn.functional.check_preprocess_p``: about 2.6e-37 to 87.3).
         lr: multiplier of the step (0 leaves ``param_out`` equal to ``param`` bit for bit).
         maximize: the rule sees ``-grad`` and ``-loss`` (as ``MetaLSTMOptimizer(maximize=True)``).
         step_scale, momentum_decay, rms_decay: the rule's :class:`~learnedopt.nn.MetaLSTMConfig`

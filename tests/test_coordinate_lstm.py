@@ -156,7 +156,7 @@ def test_the_largest_preprocessing_constant_keeps_every_step_finite() -> None:
     """At p = MAX_PREPROCESS_P the features of a zero, a subnormal, a tiny and a large gradient are
     finite, and so is a step (p = 100, accepted before, gave a zero gradient the feature
     0 * e^100 = 0 * Inf = NaN; p = 1e6 raised OverflowError at the first step)."""
-    from learnedopt.nn.base import MAX_PREPROCESS_P
+    from learnedopt.nn.functional import MAX_PREPROCESS_P
 
     grad = torch.tensor([0.0, -1e-45, 1e-30, -3.0, 1e30])
     features = preprocess(grad, MAX_PREPROCESS_P)

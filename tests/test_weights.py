@@ -882,7 +882,7 @@ def test_a_preprocess_p_too_small_for_float32_is_refused_not_stepped_to_nan(tmp_
     with pytest.raises(ValueError, match=rf"bad.safetensors: invalid {cls.kind} config in header: preprocess_p must be at least"):
         load_weights(bad)
     # the smallest p taken steps finitely on any finite gradient
-    from learnedopt.nn.base import MIN_PREPROCESS_P
+    from learnedopt.nn.functional import MIN_PREPROCESS_P
 
     optimizer = {CoordinateLSTM: LSTMOptimizer, MetaLSTMCell: MetaLSTMOptimizer}[cls]
     param = torch.nn.Parameter(torch.zeros(4))

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import State, StateSpec, UpdateRule, check_preprocess_p
+from .base import State, StateSpec, UpdateRule
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_square, preprocess_parts, rms_denominator
+from .functional import bounded_square, check_preprocess_p, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 

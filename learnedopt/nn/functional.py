@@ -7,9 +7,29 @@ element. Nothing here holds state or knows about optimizers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..values import is_number
+
+#: The largest preprocessing constant ``p``: the gradient preprocessing (``nn.functional.preprocess``)
+#: multiplies by ``e^p`` and clamps at ``e^-p``, which must be a normal float32 number (a ``p`` of
+#: 100 made a zero gradient's feature ``0 * e^100 = 0 * Inf = NaN``).
+MAX_PREPROCESS_P = -math.log(torch.finfo(torch.float32).tiny)
+#: divides ``log|g|`` (at most log of float32's largest value, 88.7) by ``p``, which must keep it
+#: finite in float32 (``p = 1e-300`` is 0 there, and every step turned the parameters NaN)
+MIN_PREPROCESS_P = math.log(torch.finfo(torch.float32).max) / torch.finfo(torch.float32).max
+
+
+def check_preprocess_p(value: Any) -> None:
+    """Raise ValueError unless ``value`` is a preprocessing constant in ``[MIN_PREPROCESS_P,
+    MAX_PREPROCESS_P]`` (about 2.6e-37 to 87.3; the papers use 10)."""
+    if not (is_number(value) and 0 < value <= MAX_PREPROCESS_P):
+        raise ValueError(f"preprocess_p must be in (0, {MAX_PREPROCESS_P:.4g}] (e^p finite in float32), got {value!r}")
+    if value < MIN_PREPROCESS_P:
+        raise ValueError(f"preprocess_p must be at least {MIN_PREPROCESS_P:.3g} (log|g| / p finite in float32), got {value!r}")
 
 
 def preprocess(x: Tensor, p: float) -> Tensor:
