@@ -686,7 +686,7 @@ def test_the_non_finite_check_of_many_tensors_judges_each_as_isfinite_does() -> 
     """The step checks all gradients at once (one reduction per dtype, not two ops per tensor):
     each verdict is still that tensor's own, for NaN, +Inf, -Inf, both, in every dtype, in a
     long tensor, a non-contiguous or expanded one, a 0-dim or empty one and a ``meta`` one."""
-    from learnedopt.optim.learned_optimizer import _all_finite
+    from learnedopt.optim.learned_optimizer import _all_finite, _non_finite
 
     g = torch.Generator().manual_seed(0)
     tensors = []
@@ -705,8 +705,54 @@ def test_the_non_finite_check_of_many_tensors_judges_each_as_isfinite_does() -> 
     tensors += [t.t(), torch.tensor([float("inf")]).expand(5), torch.ones(3).expand(2, 3)]
     expected = [bool(torch.isfinite(t).all()) for t in tensors]
     assert _all_finite(tensors) == expected
+    kinds = ["NaN" if torch.isnan(t).any() else "Inf" if torch.isinf(t).any() else None for t in tensors]
+    assert _non_finite(tensors) == kinds
     assert sum(expected) < len(expected) - 20  # the case above really holds bad tensors
     assert _all_finite([torch.empty(3, device="meta"), tensors[1], torch.empty(2, device="meta")]) == [True, expected[1], True]
+
+
+def test_finite_tensors_whose_2_norm_overflows_are_finite_and_one_nan_or_inf_among_them_is_not() -> None:
+    """The NaN/Inf check reads each tensor's 2-norm, whose sum of squares overflows for finite
+    values (60000 in float16, 1e30 in bfloat16 and float32, 1e200 in float64): such a tensor is
+    looked at again, exactly, and judged finite; one NaN or Inf among those values is still found."""
+    from learnedopt.optim.learned_optimizer import _all_finite, _non_finite
+
+    huge = [torch.full((n,), v, dtype=d) for d, v in ((torch.float16, 6e4), (torch.bfloat16, 1e30), (torch.float32, 1e30), (torch.float64, 1e200)) for n in (2, 5000)]
+    huge += [-t for t in huge]
+    assert not any(torch.isfinite(n) for n in torch._foreach_norm(huge, ord=2)), "the case above really overflows the 2-norm"
+    bad = []
+    for t, value in zip(huge, [float("nan"), float("inf"), -float("inf")] * len(huge)):
+        t = t.clone()
+        t[1] = value
+        bad.append(t)
+    small = [torch.ones(3, dtype=t.dtype) for t in huge]
+    tensors = [t for triple in zip(huge, bad, small) for t in triple]
+    assert _all_finite(tensors) == [True, False, True] * len(huge)
+    assert _non_finite(tensors) == [x for t in bad for x in (None, "NaN" if torch.isnan(t).any() else "Inf", None)]
+
+
+@pytest.mark.parametrize("cls", [LSTMOptimizer, MetaLSTMOptimizer])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_finite_gradient_or_parameter_whose_2_norm_overflows_is_stepped_not_refused(cls, foreach) -> None:
+    """A float32 gradient of 1e30 values (its 2-norm overflows) is finite: nan_policy='raise'
+    steps it, and 'skip' does not skip it; likewise a parameter of such values for a rule that
+    reads the parameter (MetaLSTM's). One NaN in it is still refused."""
+    for policy in ("raise", "skip"):
+        params = make_params([(4,), (1000,)], dtype=torch.float32)
+        if cls is MetaLSTMOptimizer:
+            with torch.no_grad():
+                params[0].fill_(1e30)
+        opt = cls(params, nan_policy=policy, foreach=foreach)
+        set_grads(params, 0)
+        params[1].grad.fill_(1e30)
+        assert not torch.isfinite(torch._foreach_norm([params[1].grad], ord=2)[0]), "the 2-norm really overflows"
+        before = [p.detach().clone() for p in params]
+        step(opt)
+        assert all(opt.state[p] and any(v.any() for v in opt.state[p].values()) for p in params), "both were stepped"
+        assert not torch.equal(params[1], before[1])
+    params[1].grad[7] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"param_groups\[0\]\['params'\]\[1\]"):
+        step(cls(params, nan_policy="raise", foreach=foreach))
 
 
 def test_states_current_in_their_buffers_are_checked_against_a_changed_state_spec() -> None:
