@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .files import write_atomically
 from .nn import RULES, CoordinateLSTM, MetaLSTMCell, UpdateRule
@@ -281,8 +281,14 @@ def save_with_header(
     path: str | os.PathLike, header_key: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
     """Write ``tensors`` and the JSON ``header`` (metadata entry ``header_key``) as a safetensors
-    file, atomically: the writer of :func:`open_with_header`'s formats."""
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={header_key: json.dumps(header)}))
+    file, atomically: the writer of :func:`open_with_header`'s formats.
+
+    Raises:
+        OSError: the file cannot be written (a full disk: the OS's error, which safetensors' own
+            writer reports as a ``SafetensorError``; the bytes are the same).
+    """
+    data = save(tensors, metadata={header_key: json.dumps(header)})
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def class_path(cls: type) -> str | None:

@@ -115,6 +115,25 @@ def folder_locked_by_another_run(out: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Within the block, the OS refuses to write any file of this process past ``size`` bytes
+    (``RLIMIT_FSIZE``, SIGXFSZ ignored, so that the write fails with EFBIG "File too large"):
+    a real full disk for every writer, torch's and safetensors' native ones included. POSIX
+    only: callers skip without ``resource``."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 class Killed(BaseException):
     """A simulated SIGKILL of a run: nothing in the library catches it or cleans up after it."""
 

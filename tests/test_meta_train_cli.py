@@ -17,6 +17,7 @@ from safetensors import safe_open
 from helpers import (
     OWN_RULE,
     assert_killed_at_any_write_resumes,
+    file_size_limit,
     folder_locked_by_another_run,
     importable_module,
     own_rule_module,
@@ -1029,20 +1030,57 @@ def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_whole(tmp_path
     args = ("--meta-steps", "3", "--checkpoint-every", "1")
     assert run(out, *args, "--stop-after", "1") == 0
     before = (out / "checkpoint.pt").read_bytes()
-    save = torch.save
 
-    def full_disk(payload, file) -> None:  # noqa: ANN001 - torch.save's signature
-        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
+    def full_disk(self, data) -> None:  # noqa: ANN001 - Path.write_bytes's signature
+        with open(self, "wb") as file:
+            file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left on device"):
-        run(out, *args, "--resume")
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    assert run(out, *args, "--resume") == 1
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not list(out.glob("*.tmp"))
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.undo()
     assert run(out, *args, "--resume") == 0
     assert [r["step"] for r in log_lines(out)] == [1, 2, 3]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("fails", ["checkpoint.pt", "log.jsonl", "weights.safetensors"])
+def test_a_file_that_cannot_be_written_is_one_line_and_resume_ends_as_a_whole_run(
+    tmp_path: Path, capsys, fails: str
+) -> None:
+    """A full disk (here the OS's file size limit, which fails the write of every writer alike)
+    while the run wrote its checkpoint, a log line or its final weights was a traceback: torch's
+    "[enforce fail at inline_container.cc:672] . unexpected pos ..." for a checkpoint, and
+    safetensors' own error for the weights, neither naming the file. It is one line naming the
+    file and the OS's reason, exit code 1; the files written before are kept whole (no temporary
+    file left), and ``--resume`` once the disk has room ends as a run never stopped."""
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    whole, out = tmp_path / "a" / "run", tmp_path / "b" / "run"  # paths of one length, in the headers
+    assert run(whole, *args) == 0
+    if fails == "weights.safetensors":  # killed after the last checkpoint: --resume writes the results
+        assert run(out, *args) == 0
+        (out / "weights.safetensors").unlink()
+        (out / "MODEL_CARD.md").unlink()
+    else:
+        assert run(out, *args, "--stop-after", "2") == 0
+    checkpoint, log = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").stat().st_size
+    weights = (whole / "weights.safetensors").stat().st_size
+    # the file size that the next log line, the next checkpoint or the weights reaches first
+    limit = {"log.jsonl": log + 40, "checkpoint.pt": len(checkpoint) // 2, "weights.safetensors": weights // 2}[fails]
+    assert fails == "log.jsonl" or log + 1000 < limit
+    capsys.readouterr()
+    with file_size_limit(limit):
+        assert run(out, *args, "--resume") == 1
+    err = capsys.readouterr().err
+    assert err == (f"learnedopt meta-train: error: cannot write {out / fails} (File too large); the run's files written "
+                   "before it are kept whole: --resume continues the run once it can write\n"), err  # fmt: skip
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert not list(out.glob("*.tmp"))
+    assert run(out, *args, "--resume") == 0
+    assert run_files(out) == {k: v.replace(b"/a/run", b"/b/run") if isinstance(v, bytes) else v
+                              for k, v in run_files(whole).items()}, fails  # fmt: skip
 
 
 class ScriptedTrainer:

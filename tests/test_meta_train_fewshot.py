@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import assert_killed_at_any_write_resumes, folder_locked_by_another_run
+from helpers import assert_killed_at_any_write_resumes, file_size_limit, folder_locked_by_another_run, run_files
 from test_data_omniglot import glyph_mask, png_bytes
 
 from learnedopt.cli import main
@@ -215,6 +216,27 @@ def test_a_run_killed_at_any_file_write_resumes_to_the_uninterrupted_runs_files(
     out, args = tmp_path / "run", [*SINE_TINY, "--algo", "reptile", "--meta-steps", "3", "--select-every", "2"]
     # 5 writes: the configuration it began with, checkpoints at meta-steps 2 and 3, the model file, the card
     assert_killed_at_any_write_resumes(out, train, args, writes=5)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_model_file_that_cannot_be_written_is_one_line_and_resume_writes_it(tmp_path: Path, capsys) -> None:
+    """As for --algo lstm: a full disk while the model file was written was safetensors' own
+    traceback; it is one line naming the file, exit code 1, and ``--resume`` writes it."""
+    args = [*SINE_TINY, "--algo", "maml", "--meta-steps", "2"]
+    out = tmp_path / "run"
+    assert train(out, *args) == 0
+    whole = run_files(out)
+    (out / MODEL_NAME).unlink()  # killed after the last checkpoint
+    (out / "MODEL_CARD.md").unlink()
+    capsys.readouterr()
+    with file_size_limit(len(whole[MODEL_NAME]) // 2):
+        assert train(out, *args, "--resume") == 1
+    assert capsys.readouterr().err == (f"learnedopt meta-train: error: cannot write {out / MODEL_NAME} (File too large); the "
+                                       "run's files written before it are kept whole: --resume continues the run once it "
+                                       "can write\n")  # fmt: skip
+    assert not (out / MODEL_NAME).exists() and not list(out.glob("*.tmp"))
+    assert train(out, *args, "--resume") == 0
+    assert run_files(out) == whole
 
 
 def test_a_resume_before_the_first_checkpoint_is_refused_with_other_options(tmp_path: Path, capsys) -> None:

@@ -26,7 +26,17 @@ from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
 from .fewshot import FEWSHOT_ONLY, FEWSHOT_TASKS, add_fewshot_arguments, fewshot_defaults, run_fewshot
-from .loop import CARD_NAME, CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME, ConfigError, RunInterrupted, RunTerminated, refuse_options
+from .loop import (
+    CARD_NAME,
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    WEIGHTS_NAME,
+    ConfigError,
+    RunInterrupted,
+    RunTerminated,
+    RunWriteError,
+    refuse_options,
+)
 from .tasks import TASK_FAMILIES
 from .train import LSTM_ONLY, MetaTrainConfig, canonical_command, config_from_args, meta_train
 from .unroll import LOSS_WEIGHTINGS
@@ -227,7 +237,8 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``learnedopt meta-train``: returns 0, or 2 after a one-line error on stderr
-    (bad configuration), or 1 (another rank of a ``torchrun`` job failed), or 130 after Ctrl-C, with
+    (bad configuration), or 1 (another rank of a ``torchrun`` job failed, or a file of the run
+    cannot be written, a full disk: one line naming it), or 130 after Ctrl-C, with
     one line that says where ``--resume`` continues from, or 143 after SIGTERM, once the meta-step
     in progress is finished and checkpointed.
 
@@ -257,6 +268,9 @@ def run_meta_train(args: argparse.Namespace) -> int:
         if workers.is_main:  # every rank fails the same check; one line is enough
             print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
         return 2
+    except RunWriteError as err:  # a full disk: one line, not torch's or safetensors' traceback
+        print(f"learnedopt meta-train: error: {err}", file=sys.stderr)
+        return 1
     except DistributedError as err:
         print(f"learnedopt meta-train: error: {err}; continue the job from the last checkpoint "
               f"with --resume", file=sys.stderr)  # fmt: skip

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import filecmp
 import hashlib
+import io
 import json
 import math
 import os
@@ -121,6 +122,33 @@ class RunTerminated(RuntimeError):
     """SIGTERM (a scheduler's preemption, ``kill``, ``torchrun`` stopping its workers) during the
     meta-steps: the run finished the meta-step it was in, checkpointed it and stopped, so
     ``--resume`` runs nothing again. The CLI prints its message on one line and exits with code 143."""
+
+
+class RunWriteError(OSError):
+    """A file of the run could not be written (a full disk, a file size limit, a folder made
+    read-only): one line naming the file and the OS's reason. Every file written before it is
+    whole (each is written atomically, the log a line at a time), so ``--resume`` continues the
+    run once the file can be written. The CLI prints it and exits with code 1."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        super().__init__(err.errno, err.strerror or str(err), str(path))
+        self.path = path
+
+    def __str__(self) -> str:
+        return (f"cannot write {self.path} ({self.strerror}); the run's files written before it are kept whole: "
+                "--resume continues the run once it can write")  # fmt: skip
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Within the block, which writes ``path``, an ``OSError`` is a :class:`RunWriteError` naming
+    ``path`` (not the temporary file beside it, nor none, as a failed flush names)."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except OSError as err:
+        raise RunWriteError(path, err) from None
 
 
 def terminated_message(out: Path, step: int, total: int) -> str:
@@ -893,7 +921,8 @@ def train_loop(
         start_file = _start_file(config)
         if start_file is not None and not (resume and (out / START_NAME).is_file()):
             # read by --resume in place of the file, which may have moved by then
-            write_atomically(out / START_NAME, lambda tmp: shutil.copyfile(start_file, tmp))
+            with writing(out / START_NAME):
+                write_atomically(out / START_NAME, lambda tmp: shutil.copyfile(start_file, tmp))
     workers.barrier()
     if workers.is_main and started_only:
         print(f"--resume: {out} has a log but no checkpoint yet (the run stopped before its first); "
@@ -911,7 +940,9 @@ def train_loop(
     # the checkpoint on disk (None: none yet) and whether one is being written, for Ctrl-C's message
     saved, saving, step = (start or None), False, start + 1
     try:
-        with open(log_path if workers.is_main else os.devnull, "a", encoding="utf-8") as log_file, _catch_sigterm() as term:
+        # unbuffered: a line is on disk before the next meta-step, and a write that fails (a full
+        # disk) leaves nothing in a buffer for the file's close to fail on again
+        with open(log_path if workers.is_main else os.devnull, "ab", buffering=0) as log_file, _catch_sigterm() as term:
             if workers.is_main and start == 0:  # after the log exists: a kill while writing it leaves a run to start again
                 _write_begun_config(out, config, trainer)
             for step in range(start + 1, stop + 1):
@@ -935,8 +966,8 @@ def train_loop(
                 if checkpointing:  # written before the checkpoint: a later line proves it written
                     record[CHECKPOINT_FIELD] = True
                 log.append(record)
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                with writing(log_path):
+                    _write_all(log_file, (json.dumps(record) + "\n").encode())
                 running = (
                     record["meta_loss"]
                     if running is None
@@ -1050,7 +1081,19 @@ def _save_checkpoint(
             "seed": config.seed,
         },
     }
-    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    # serialised in memory, then written by Python: torch's own file writer reports a full disk
+    # as "[enforce fail at inline_container.cc:672] . unexpected pos ...", not the OS's error
+    data = io.BytesIO()
+    torch.save(payload, data)
+    with writing(path):
+        write_atomically(path, lambda tmp: tmp.write_bytes(data.getbuffer()))
+
+
+def _write_all(file: Any, data: bytes) -> None:
+    """Write ``data`` to the unbuffered binary ``file``, which may take part of it per call."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
 
 
 def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
@@ -1289,8 +1332,13 @@ Trained with `learnedopt meta-train` (learnedopt {_version()}).{intro}
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    Raises:
+        RunWriteError: it cannot be written.
+    """
+    with writing(path):
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _version() -> str:

@@ -107,6 +107,7 @@ from .loop import (
     seeded_meta_step,
     train_loop,
     write_text_atomic,
+    writing,
 )
 from .tasks import (
     DATA_FAMILIES,
@@ -626,16 +627,17 @@ def meta_train(
             "eval_final": scores["final"],
         }
         summary |= trainer.selection.header_fields()
-        save_weights(
-            rule,
-            out / WEIGHTS_NAME,
-            preset=None,
-            trained=True,
-            trained_on=f"{_task_name(config.task, family)}, {config.meta_steps} meta-steps, seed {config.seed}",
-            # not "config": that key of the header is the rule's architecture (load_weights reads it)
-            extra={"command": command, "meta_train_config": config.to_dict(),
-                   "processes": workers.world_size, **summary},  # fmt: skip
-        )
+        with writing(out / WEIGHTS_NAME):
+            save_weights(
+                rule,
+                out / WEIGHTS_NAME,
+                preset=None,
+                trained=True,
+                trained_on=f"{_task_name(config.task, family)}, {config.meta_steps} meta-steps, seed {config.seed}",
+                # not "config": that key of the header is the rule's architecture (load_weights reads it)
+                extra={"command": command, "meta_train_config": config.to_dict(),
+                       "processes": workers.world_size, **summary},  # fmt: skip
+            )
         _write_card(out / CARD_NAME, config, command, family, eval_family, rule, summary, workers.world_size, trainer.selection)
         return MetaTrainResult(rule, config.meta_steps, log, finished=True, eval=scores, selected_step=selected_step)
 

@@ -37,6 +37,7 @@ from ..loop import (
     seeded_meta_step,
     train_loop,
     write_text_atomic,
+    writing,
 )
 from ..maml import multi_step_loss_weights
 from ..reptile import Reptile
@@ -286,7 +287,8 @@ def meta_train_fewshot(
             "omniglot_split": trainer.split or None,
         }
         extra |= trainer.selection.header_fields()
-        save_learner(trainer.learner, out / MODEL_NAME, extra)
+        with writing(out / MODEL_NAME):
+            save_learner(trainer.learner, out / MODEL_NAME, extra)
         _write_card(out / CARD_NAME, config, command, trainer, extra)
         return FewShotResult(trainer.learner, config.meta_steps, log, finished=True, validation=validation,
                              selected_step=selected_step)  # fmt: skip
