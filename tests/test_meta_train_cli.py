@@ -753,6 +753,28 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path, capsys) -
     assert capsys.readouterr().err == ""  # nothing up to the checkpoint was missing
 
 
+def test_a_log_with_bytes_that_are_not_utf8_is_recovered_or_one_line(tmp_path: Path, capsys) -> None:
+    """A log whose last line was left as garbage bytes (an OS crash or power loss during its
+    write, a disk's damage) was a UnicodeDecodeError traceback: a last line that is not a record
+    is one cut short, dropped as any other; such a line before the last is a damaged log,
+    refused in one line naming the file and the line."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(tmp_path / "whole", *args) == 0
+    assert run(out, *args, "--stop-after", "3") == 0
+    lines = (out / "log.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "log.jsonl").write_bytes(b"".join([*lines[:2], b'{"step": 3, "meta_loss": \xff\xfe\x00\n', lines[2]]))
+    assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (f"learnedopt meta-train: error: {out / 'log.jsonl'}: line 3 is not a log record "
+                                       "(the log is damaged)\n")  # fmt: skip
+    (out / "log.jsonl").write_bytes(b"".join([*lines, b'{"step": 4, "meta_loss": \xff\xfe\x00']))
+    assert run(out, *args, "--resume") == 0
+    assert capsys.readouterr().err == ""
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+    a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_resume_warns_when_the_log_lacks_records_up_to_the_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     args = ("--meta-steps", "3", "--checkpoint-every", "2")

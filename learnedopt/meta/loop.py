@@ -1227,7 +1227,10 @@ def _read_log_and_cut(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """:func:`_read_log`'s records, and whether a last line cut short was dropped."""
     if not path.is_file():
         return [], False
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # bytes that are not UTF-8 (an OS crash's garbage in the last line) are a line that is not a
+    # record, like any other, not a UnicodeDecodeError
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
