@@ -235,6 +235,28 @@ def test_a_damaged_record_is_refused_in_one_line(
         assert f"error: {damaged} is not a run record (TypeError: its curve is not a list of numbers)" in capsys.readouterr().err
 
 
+def test_damaged_settings_of_the_runs_are_refused_in_one_line_naming_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings file of the recorded runs left as bytes that are not UTF-8 (an OS crash, a
+    disk's damage) was refused with Python's decoding error alone, naming no file; now as a cut one is."""
+    count_runs(monkeypatch, stop_after=2)
+    assert evaluate(ARGS, tmp_path) == 130
+    monkeypatch.setattr(harness, "run_optimizer", RUN_OPTIMIZER)
+    settings = records_folder(tmp_path, "optimizee_eval") / "settings.json"
+    good = settings.read_bytes()
+    capsys.readouterr()
+    for damaged, error in ((good[:30], "JSONDecodeError"), (b'{"format": \xff\xfe', "UnicodeDecodeError")):
+        settings.write_bytes(damaged)
+        assert evaluate([*ARGS, "--resume"], tmp_path) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"learnedopt evaluate optimizers: error: --resume: {settings} is not the settings of an "
+                              f"evaluation's runs ({error}: "), err  # fmt: skip
+        assert err.count("\n") == 1
+    settings.write_bytes(good)
+    assert evaluate([*ARGS, "--resume"], tmp_path) == 0
+
+
 KILLED = '''
 import os
 import signal

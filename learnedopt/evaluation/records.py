@@ -148,7 +148,8 @@ class RunRecords:
             try:
                 saved = json.loads(saved_path.read_text(encoding="utf-8"))
                 _check_settings(saved, _jsonable({"format": RECORDS_FORMAT, **settings}))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            # UnicodeDecodeError: bytes that are not text (an OS crash's), named as a cut file is
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(
                     f"--resume: {saved_path} is not the settings of an evaluation's runs ({type(err).__name__}: {err})"
                 ) from None
