@@ -541,6 +541,40 @@ def test_a_run_that_cannot_be_recorded_is_one_line_and_resume_continues(
     assert ran[0] == RUNS - 5 and not folder.exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_settings_that_cannot_be_recorded_are_one_line_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], resume: bool
+) -> None:
+    # a full disk as the settings were written, before the first run: an OSError traceback
+    from learnedopt.evaluation import records as records_module
+
+    if resume:
+        count_runs(monkeypatch, stop_after=3)
+        assert evaluate(ARGS, tmp_path) == 130
+    real = records_module.write_atomically
+
+    def full_disk(path, write, **kwargs):  # noqa: ANN001, ANN003, ANN202 - write_atomically's own
+        if path.name == "settings.json":
+            raise OSError(28, "No space left on device")
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(records_module, "write_atomically", full_disk)
+    ran = count_runs(monkeypatch)
+    capsys.readouterr()
+    assert evaluate([*ARGS, "--resume"] if resume else ARGS, tmp_path) == 2
+    folder = records_folder(tmp_path, "optimizee_eval")
+    kept = ("the 3 runs finished before it are recorded; --resume continues from them" if resume
+            else "no run has started: run the command again once it can write")  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"learnedopt evaluate optimizers: error: cannot record the settings of the runs in {folder} "
+        f"(No space left on device): {kept}"
+    )
+    assert ran == [0] and RunRecords(folder).count() == (3 if resume else 0)
+    monkeypatch.setattr(records_module, "write_atomically", real)
+    assert evaluate([*ARGS, "--resume"] if resume else ARGS, tmp_path) == 0
+    assert ran[0] == RUNS - (3 if resume else 0)
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout")
 def test_the_runs_of_an_unfinished_benchmark_evaluation_are_ignored_by_git() -> None:
     # benchmarks/optimizee_eval.py records its runs in benchmarks/results/NAME.runs/ (some 16 MB for

@@ -231,7 +231,11 @@ def run_cli(
             torch.set_num_threads(args.threads)
         if args.resume:
             print(f"--resume: continuing from the {records.count()} runs recorded in {records.folder}", file=sys.stderr)
-        records.begin(settings)
+        try:
+            records.begin(settings)
+        except RecordError as err:  # a full disk before the first run
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
         try:
             report = evaluate_optimizers(config, workers=args.workers, setup=setup, records=records)
         except KeyboardInterrupt:

@@ -177,10 +177,20 @@ class RunRecords:
             path.unlink()
 
     def begin(self, settings: Mapping[str, Any]) -> None:
-        """Create the folder and record ``settings`` (after :meth:`check`, before the first run)."""
+        """Create the folder and record ``settings`` (after :meth:`check`, before the first run).
+
+        Raises:
+            RecordError: they cannot be written (a full disk: one line, which says what the
+                runs recorded before, if any, are kept for).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": RECORDS_FORMAT, **settings}, indent=2) + "\n"
-        write_atomically(self.folder / SETTINGS_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        try:
+            write_atomically(self.folder / SETTINGS_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        except OSError as err:
+            kept = (f"the {self.count()} runs finished before it are recorded; --resume continues from them" if self.count()
+                    else "no run has started: run the command again once it can write")  # fmt: skip
+            raise RecordError(f"cannot record the settings of the runs in {self.folder} ({err.strerror or err}): {kept}") from None
 
 
 def _check_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
