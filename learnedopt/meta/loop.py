@@ -877,6 +877,7 @@ def train_loop(
             with ``hint``).
         RunTerminated: SIGTERM arrived; the checkpoint holds the last meta-step.
         RunInterrupted: Ctrl-C during the meta-steps.
+        RunWriteError: the log, a checkpoint or ``config.json`` cannot be written (a full disk).
     """
     start = 0
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME

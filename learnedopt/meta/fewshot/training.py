@@ -254,6 +254,8 @@ def meta_train_fewshot(
         DistributedError: another rank failed.
         RunTerminated: SIGTERM arrived (see :func:`~learnedopt.meta.loop.train_loop`); the
             checkpoint holds the meta-step that was in progress.
+        RunWriteError: a file of the run cannot be written (a full disk; an ``OSError``): the
+            files written before it are whole, and ``resume`` continues the run.
     """
     out = Path(out)
     workers = distributed.current() if workers is None else workers
