@@ -384,3 +384,27 @@ def test_a_meta_step_takes_its_tasks_from_any_iterable() -> None:
     adapted = Reptile(from_list, 3).adapt(batch for batch in tasks()[0])
     for a, b in zip(adapted.parameters(), Reptile(from_list, 3).adapt(tasks()[0]).parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_lazy_module_not_yet_initialised_is_refused_by_name_leaving_the_model() -> None:
+    """An uninitialised ``nn.LazyLinear``: ``meta_step`` failed in ``torch.zeros_like`` with
+    PyTorch's "Attempted to use an uninitialized parameter", and ``adapt`` trained a copy whose
+    layer each task drew afresh at random (not the initialisation). Now both refuse it by name,
+    as MAML does, with the model left as it was; run on one batch, it meta-trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LazyLinear(2)).double()
+    reptile = Reptile(net, inner_steps=2)
+    before = copy.deepcopy(net[0].state_dict())
+    batches = tasks(count=1)[0]
+    for call in (lambda: reptile.meta_step([batches]), lambda: reptile.adapt(batches)):
+        with pytest.raises(ValueError, match=re.escape(
+                "Reptile: parameter '2.weight' is not initialised yet (a lazy module): run the model on one batch "
+                "before meta-training, e.g. model(x_support[0])")):  # fmt: skip
+            call()
+    assert isinstance(net[2], nn.LazyLinear) and nn.parameter.is_lazy(net[2].weight)
+    assert all(torch.equal(v, before[k]) for k, v in net[0].state_dict().items())
+    assert reptile.step_count == 0
+    net(batches[0][0])  # initialised: Reptile runs
+    start = copy.deepcopy(net[2].weight.detach())
+    reptile.meta_step([batches])
+    assert reptile.step_count == 1 and not torch.equal(net[2].weight, start)

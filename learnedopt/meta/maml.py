@@ -34,6 +34,7 @@ from .model_calls import (
     LossFn,
     call_model,
     check_episode,
+    check_initialised,
     check_inputs,
     check_steps,
     check_task,
@@ -257,14 +258,9 @@ class MAML(nn.Module):
         if not params:
             what = "no parameter of adapt_only" if self._adapt_only is not None else "no parameter of the model"
             raise ValueError(f"MAML: {what} requires grad, so an inner step has nothing to adapt")
-        lazy = [name for name, p in params.items() if nn.parameter.is_lazy(p)]
-        if lazy:
-            # the lazy module's hook, run on the tensors functional_call swaps in, failed under vmap with
-            # "in_features inferred from input: 3 is not equal to in_features from self.weight: 0"
-            raise ValueError(
-                f"MAML: parameter {lazy[0]!r} is not initialised yet (a lazy module): run the model on one batch "
-                "before meta-training, e.g. model(x_support[0])"
-            )
+        # the lazy module's hook, run on the tensors functional_call swaps in, failed under vmap with
+        # "in_features inferred from input: 3 is not equal to in_features from self.weight: 0"
+        check_initialised(params, "MAML")
         for name, p in params.items() if self.inner_lrs is not None else ():
             rate = self._lr(name)
             if (rate.dtype, rate.device) != (p.real.dtype, p.device):

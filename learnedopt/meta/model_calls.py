@@ -282,3 +282,16 @@ def check_steps(steps: object) -> None:
     (:func:`~learnedopt.values.is_integer`)."""
     if not is_integer(steps) or steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r} (an integer)")
+
+
+def check_initialised(params: Mapping[str, Tensor], who: str) -> None:
+    """Raise ValueError naming the first of ``params`` (a name to parameter mapping) that a lazy
+    module (``nn.LazyLinear``) has not initialised yet; ``who`` (``"MAML"``) starts the message.
+    Meta-training cannot run from it: its shape is unknown, and each working copy would draw it
+    afresh at random rather than start from the initialisation."""
+    lazy = [name for name, p in params.items() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"{who}: parameter {lazy[0]!r} is not initialised yet (a lazy module): run the model on one batch "
+            "before meta-training, e.g. model(x_support[0])"
+        )

@@ -14,7 +14,18 @@ from torch.optim import Optimizer
 
 from ..values import check_positive_integer, is_integer, is_number
 from .batchnorm import apply_batchnorm_policy_
-from .model_calls import Inputs, LossFn, check_inputs, check_same_examples, check_steps, default_loss, model_arguments, outside_inference, scalar_loss
+from .model_calls import (
+    Inputs,
+    LossFn,
+    check_initialised,
+    check_inputs,
+    check_same_examples,
+    check_steps,
+    default_loss,
+    model_arguments,
+    outside_inference,
+    scalar_loss,
+)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
@@ -122,6 +133,14 @@ class Reptile:
             checked.append((x, y))
         return checked
 
+    def _check_model(self) -> None:
+        """Raise ValueError when no parameter of the model requires grad (an optimizer of no
+        gradients), or one is a lazy module's, not yet initialised (each task's copy drew it afresh
+        at random, and a meta-step failed in PyTorch's own error): before anything is trained."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("Reptile: no parameter of the model requires grad, so an inner step has nothing to adapt")
+        check_initialised(dict(self.model.named_parameters()), "Reptile")
+
     def adapt(self, batches: Sequence[tuple[Inputs, Inputs]], steps: int | None = None) -> nn.Module:
         """A copy of the model trained from the initialisation on one task.
 
@@ -142,8 +161,7 @@ class Reptile:
         checked = self._checked_batches(batches)
         steps = self.inner_steps if steps is None else steps
         check_steps(steps)
-        if not any(p.requires_grad for p in self.model.parameters()):  # else an optimizer of no gradients
-            raise ValueError("Reptile: no parameter of the model requires grad, so an inner step has nothing to adapt")
+        self._check_model()
         # inference_mode's tensors have no graph and autograd saves none of them: train outside it
         with torch.inference_mode(False), torch.enable_grad():
             # a copy per task, not one reused: it follows every later change to the model (a swapped
@@ -191,6 +209,7 @@ class Reptile:
         if not tasks:
             raise ValueError("meta_step needs at least one task")
         checked = [self._checked_batches(batches) for batches in tasks]  # every task before training any
+        self._check_model()
         params = [p for p in self.model.parameters() if p.requires_grad]
         total = [torch.zeros_like(p) for p in params]
         for batches in checked:
