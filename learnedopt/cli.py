@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="the MNIST folder, or a folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data, then shared/data "
-        "beside the repository; "
+        "beside the repository of a source checkout; "
         "where none is found, the minibatch problem is an MLP on generated data)",
     )
     demo.set_defaults(func=_demo)

@@ -55,7 +55,7 @@ def train(make_optimizer: Callable, x: torch.Tensor, y: torch.Tensor, steps: int
 def minibatch_problem(data: str | Path | None = None) -> Problem:
     """The paper's MNIST MLP for 200 steps (the suite's ``mnist-mlp-200``) when the MNIST files
     are found (``data``, else :func:`learnedopt.data.default_data_root`'s search:
-    ``LEARNEDOPT_DATA``, ``../shared/data``, ``shared/data`` beside the repository), else the suite's
+    ``LEARNEDOPT_DATA``, ``../shared/data``, ``shared/data`` beside the repository of a source checkout), else the suite's
     ``synthetic-mlp`` (an MLP on generated classification data, 200 steps). A ``data`` folder
     given explicitly must hold MNIST (FileNotFoundError otherwise)."""
     return _minibatch_problem(data)[0]

@@ -261,6 +261,40 @@ def test_data_root_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert default_data_root() == (tmp_path / "shared" / "data").resolve()
 
 
+def test_shared_data_beside_the_repository_is_searched_only_from_a_source_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback ``shared/data`` beside the repository was the package's folder three levels
+    up: for an installed package, a folder inside the virtual environment
+    (``<venv>/lib/python3.X/shared/data``), searched and used where it existed, while the help
+    texts and the error said "beside the repository". It is searched only from a source checkout
+    (``pyproject.toml`` beside the package), and the error names the folders it looked in."""
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)  # no ../shared/data from here
+    installed = tmp_path / "venv" / "lib" / "python3.12" / "site-packages" / "learnedopt" / "data" / "paths.py"
+    (tmp_path / "venv" / "lib" / "python3.12" / "shared" / "data" / "mnist").mkdir(parents=True)
+    monkeypatch.setattr(paths_module, "__file__", str(installed))
+    assert default_data_root() is None
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_data_dir(None, "mnist")
+    message = str(info.value)
+    assert str((tmp_path / "work" / "shared" / "data").resolve()) in message and "venv" not in message, message
+    assert "not a source checkout" in message and "\n" not in message, message
+
+    checkout = tmp_path / "src" / "learnedopt-repo"
+    (checkout / "learnedopt" / "data").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'learnedopt'\n")
+    monkeypatch.setattr(paths_module, "__file__", str(checkout / "learnedopt" / "data" / "paths.py"))
+    sibling = (tmp_path / "src" / "shared" / "data").resolve()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{sibling} (shared/data beside the source checkout)")):
+        resolve_data_dir(None, "mnist")
+    (sibling / "mnist").mkdir(parents=True)
+    assert default_data_root() == sibling
+    assert resolve_data_dir(None, "mnist") == sibling / "mnist"
+
+
 def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_data_dir(tmp_path, "mnist") == tmp_path
     (tmp_path / "mnist").mkdir()

@@ -10,9 +10,28 @@ DATA_ENV_VAR = "LEARNEDOPT_DATA"
 
 
 def _repo_sibling_root() -> Path | None:
-    # A source checkout at <dir>/<repo>/learnedopt/data/paths.py looks in <dir>/shared/data.
-    parents = Path(__file__).resolve().parents
-    return parents[3] / "shared" / "data" if len(parents) > 3 else None
+    """``<dir>/shared/data`` for a source checkout at ``<dir>/<repo>/learnedopt/`` (one with
+    ``pyproject.toml`` beside the package, as an editable install is), else None: an installed
+    package's ``<dir>`` is a folder of the Python installation or virtual environment
+    (``<venv>/lib/python3.X``), no place for data."""
+    package = Path(__file__).resolve().parent.parent  # .../learnedopt
+    if not (package.parent / "pyproject.toml").is_file():
+        return None
+    return package.parent.parent / "shared" / "data"
+
+
+def _cwd_root() -> Path:
+    """``../shared/data`` from the working directory, resolved."""
+    return (Path.cwd() / ".." / "shared" / "data").resolve()
+
+
+def _searched() -> str:
+    """The folders :func:`default_data_root` looks in after ``LEARNEDOPT_DATA``, each named by
+    its exact path, for error messages."""
+    repo_root = _repo_sibling_root()
+    beside = (f"{repo_root} (shared/data beside the source checkout)" if repo_root is not None
+              else "no shared/data beside the repository, since learnedopt is installed, not a source checkout")  # fmt: skip
+    return f"{_cwd_root()} (../shared/data from the working directory); {beside}"
 
 
 def default_data_root() -> Path | None:
@@ -20,13 +39,15 @@ def default_data_root() -> Path | None:
 
     In order: the directory named by the environment variable ``LEARNEDOPT_DATA`` (returned
     even if it does not exist, so that a wrong setting is reported rather than ignored);
-    ``../shared/data`` relative to the current working directory if it exists; the folder
-    ``shared/data`` next to the repository root if it exists.
+    ``../shared/data`` relative to the current working directory if it exists; for a source
+    checkout (``pyproject.toml`` beside the ``learnedopt`` package), the folder ``shared/data``
+    beside the repository (``<dir>/shared/data`` for ``<dir>/<repo>/``) if it exists. An
+    installed package has no repository, and so no such folder to look in.
     """
     env = os.environ.get(DATA_ENV_VAR)
     if env:
         return Path(env).expanduser()
-    cwd_root = (Path.cwd() / ".." / "shared" / "data").resolve()
+    cwd_root = _cwd_root()
     if cwd_root.is_dir():
         return cwd_root
     repo_root = _repo_sibling_root()
@@ -57,8 +78,7 @@ def resolve_data_dir(path: str | os.PathLike[str] | None, subdir: str) -> Path:
     if root is None:
         raise FileNotFoundError(
             f"no data root found for {subdir!r}: set {DATA_ENV_VAR} to a folder containing "
-            f"{subdir}/, or pass the directory explicitly (looked for ../shared/data from the "
-            "working directory and shared/data next to the repository)"
+            f"{subdir}/, or pass the directory explicitly (looked in {_searched()})"
         )
     directory = root / subdir
     env = os.environ.get(DATA_ENV_VAR)
