@@ -4,6 +4,7 @@ model file and card, exact resume, and the one-line refusals of a family that do
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ class OwnLossLine(LineFamily):
 
 class SteeperLine(LineFamily):
     pass
+
+
+class SharedLine(LineFamily):
+    """LineFamily on a network that uses one layer twice (its tensors under two names)."""
+
+    def model(self):
+        shared = nn.Linear(1, 1)
+        return nn.Sequential(shared, nn.Tanh(), shared)
 
 
 def line_without_split():
@@ -369,6 +378,26 @@ class SharedLayerLine:
     def model(self):
         shared = torch.nn.Linear(1, 1)
         return torch.nn.Sequential(shared, torch.nn.Tanh(), shared)
+
+
+@pytest.mark.parametrize("algo", ["maml", "meta-lstm"])
+def test_a_learner_whose_model_uses_a_layer_twice_is_saved_and_loads(tmp_path: Path, families: str, algo: str) -> None:
+    """save_learner failed in safetensors ("Some tensors share memory") for a network that uses
+    one layer under two names: its state dict holds the same tensor twice."""
+    from learnedopt.meta.fewshot import FewShotLearner, save_learner
+    from learnedopt.meta.fewshot.learner import LearnerSpec
+
+    spec = LearnerSpec(algo=algo, architecture={"kind": "own", "family": f"{families}:SharedLine"}, loss="mse",
+                       inner_steps=1, test_inner_steps=2, inner_lr=None if algo == "meta-lstm" else 0.1,
+                       rule={"kind": "MetaLSTMCell", "config": {}} if algo == "meta-lstm" else None)  # fmt: skip
+    learner = FewShotLearner(spec, seed=0, family=importlib.import_module(families).SharedLine())
+    with torch.no_grad():
+        learner.model[0].weight.fill_(0.75)
+    save_learner(learner, tmp_path / "model.safetensors")
+    loaded = load_learner(tmp_path / "model.safetensors")[0]
+    assert loaded.model[0] is loaded.model[2] and loaded.model[0].weight.item() == 0.75
+    for name, value in learner.tensors().items():
+        assert torch.equal(loaded.tensors()[name], value), name
 
 
 @pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])

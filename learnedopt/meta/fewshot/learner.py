@@ -448,7 +448,9 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in learner.tensors().items()}
+    # a copy of each: a layer used under two names has the same tensors twice, which safetensors
+    # refuses to write ("Some tensors share memory")
+    tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in learner.tensors().items()}
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
