@@ -5,6 +5,7 @@ model file and card, exact resume, and the one-line refusals of a family that do
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,29 @@ class SharedLine(LineFamily):
     def model(self):
         shared = nn.Linear(1, 1)
         return nn.Sequential(shared, nn.Tanh(), shared)
+
+
+class Counter(nn.Module):
+    """A layer of one's own with an int64 buffer (a count, as BatchNorm's num_batches_tracked)
+    and a bool one (a mask); it passes its input through."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mask", torch.tensor([True, False]))
+
+    def forward(self, x):
+        return x
+
+
+class Float64Line(LineFamily):
+    """LineFamily on a float64 network whose last layer is a Counter."""
+
+    def sample(self, size, generator):
+        return tuple(t.double() for t in super().sample(size, generator))
+
+    def model(self):
+        return nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1), Counter()).double()
 
 
 def line_without_split():
@@ -398,6 +422,51 @@ def test_a_learner_whose_model_uses_a_layer_twice_is_saved_and_loads(tmp_path: P
     assert loaded.model[0] is loaded.model[2] and loaded.model[0].weight.item() == 0.75
     for name, value in learner.tensors().items():
         assert torch.equal(loaded.tensors()[name], value), name
+
+
+@pytest.mark.parametrize("algo", ["maml", "meta-lstm"])
+def test_a_model_file_keeps_each_tensors_dtype_and_reads_older_float32_files(tmp_path: Path, families: str, algo: str) -> None:
+    """save_learner wrote every tensor as float32: an int64 buffer (a count, BatchNorm's
+    num_batches_tracked) above 2**24 lost its exact value (2**24 + 1 read back as 2**24), and a
+    float64 network of one's own was saved rounded to float32. Each tensor keeps its dtype now;
+    files written as float32 still load (into the network's own dtypes)."""
+    from safetensors import safe_open
+
+    from learnedopt.meta.fewshot import FewShotLearner, save_learner
+    from learnedopt.meta.fewshot.learner import LearnerSpec
+    from learnedopt.weights import MODEL_HEADER_KEY, save_with_header
+
+    family = importlib.import_module(families).Float64Line()
+    spec = LearnerSpec(algo=algo, architecture={"kind": "own", "family": f"{families}:Float64Line"}, loss="mse",
+                       inner_steps=1, test_inner_steps=2, inner_lr=None if algo == "meta-lstm" else 0.1,
+                       rule={"kind": "MetaLSTMCell", "config": {}} if algo == "meta-lstm" else None)  # fmt: skip
+    learner = FewShotLearner(spec, seed=0, family=family)
+    with torch.no_grad():
+        learner.model[3].seen.fill_(2**24 + 1)
+        learner.model[0].weight[0, 0] = 1 + 2**-40  # not a float32 value
+    expected = {k: v.detach().clone() for k, v in learner.tensors().items()}
+    path = tmp_path / "model.safetensors"
+    save_learner(learner, path)
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    assert {k: v.dtype for k, v in stored.items()} == {k: v.dtype for k, v in expected.items()}
+    assert stored["model.3.seen"].dtype == torch.int64 and stored["model.0.weight"].dtype == torch.float64
+    for name, value in expected.items():
+        assert torch.equal(stored[name], value), name
+    loaded = load_learner(path)[0]
+    for name, value in loaded.tensors().items():
+        assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name
+
+    # a file as save_learner wrote it before: every tensor float32
+    with safe_open(str(path), framework="pt") as f:
+        head = f.metadata()[MODEL_HEADER_KEY]
+    older = tmp_path / "older.safetensors"
+    save_with_header(older, MODEL_HEADER_KEY, json.loads(head), {k: v.float() for k, v in expected.items()})
+    loaded = load_learner(older)[0]
+    for name, value in loaded.tensors().items():
+        assert value.dtype == expected[name].dtype, name
+        assert torch.equal(value, expected[name].float().to(value.dtype)), name
+    assert loaded.model[3].seen == 2**24 and loaded.model[3].mask.tolist() == [True, False]
 
 
 @pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])

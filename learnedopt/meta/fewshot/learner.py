@@ -444,13 +444,19 @@ class _SupportQueryBatch(TaskBatch):
 # ----------------------------------------------------------------------------- the model file
 def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
     """Write ``learner`` to a safetensors file with its :class:`LearnerSpec` (plus ``extra``)
-    as the JSON header; atomic (temporary file, then ``os.replace``)."""
+    as the JSON header; atomic (temporary file, then ``os.replace``).
+
+    Each tensor is stored in its own dtype, exactly: a float64 network of your own stays
+    float64, and integer and bool buffers (BatchNorm's ``num_batches_tracked``) keep their
+    values (files of versions that stored every tensor as float32 still load, each tensor cast
+    to the dtype of the network it is loaded into)."""
     check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
-    # a copy of each: a layer used under two names has the same tensors twice, which safetensors
-    # refuses to write ("Some tensors share memory")
-    tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in learner.tensors().items()}
+    # in its own dtype (float32 for every tensor rounded an int64 count above 2**24, and a float64
+    # network's weights); a copy of each: a layer used under two names has the same tensors twice,
+    # which safetensors refuses to write ("Some tensors share memory")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in learner.tensors().items()}
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
