@@ -160,6 +160,55 @@ def test_a_nonfinite_gradient_in_any_parameter_stops_a_baseline() -> None:
     assert np.isfinite(curve[:1]).all() and np.isnan(curve[1:]).all(), curve
 
 
+def test_huge_finite_gradients_do_not_stop_a_baseline_but_one_nan_among_them_does() -> None:
+    """Gradients of 2e25 per coordinate (a float32 2-norm overflows past about 1.8e19) are finite:
+    the baseline's run goes on; a NaN in the same gradient stops it, at that step."""
+
+    class Huge(SquareProblem):
+        steps = 4
+
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            loss = super().loss(model, seed, step) * 1e25
+            return loss + model.theta[0].mul(0).abs().sqrt() if step == 2 and self.nan else loss
+
+    huge = Huge()
+    huge.nan = False
+    model = huge.model(0)
+    huge.loss(model, 0, 0).backward()
+    assert not torch.isfinite(torch.linalg.vector_norm(model.theta.grad)) and torch.isfinite(model.theta.grad).all()
+    curve = run_optimizer(huge, 0, BASELINES["SGD"], 1e-30)
+    assert np.isfinite(curve).all(), curve
+    huge.nan = True
+    curve = run_optimizer(huge, 0, BASELINES["SGD"], 1e-30)
+    assert np.isfinite(curve[:2]).all() and np.isnan(curve[2:]).all(), curve
+
+
+def test_a_baseline_for_sparse_gradients_runs_and_stops_at_a_nan_in_one() -> None:
+    """An ``nn.Embedding(sparse=True)`` under ``torch.optim.SparseAdam``: its sparse gradient is
+    checked by its values (it failed with NotImplementedError: ``isfinite`` takes no sparse
+    tensor), and a NaN among them stops the run at that step."""
+
+    class Sparse(SquareProblem):
+        steps = 4
+
+        def model(self, seed: int) -> nn.Module:
+            m = nn.Module()
+            m.embedding = nn.Embedding(5, 3, sparse=True)
+            return m
+
+        def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+            rows = model.embedding(torch.tensor([1, 3, 1]))  # row 1 twice: an uncoalesced gradient
+            loss = rows.square().sum()
+            return loss + rows[0, 0].mul(0).abs().sqrt() if step == self.nan_at else loss
+
+    sparse = Sparse()
+    for nan_at, finite in ((None, 4), (1, 1)):
+        sparse.nan_at = nan_at
+        curve = run_optimizer(sparse, 0, lambda params, lr: torch.optim.SparseAdam(params, lr=lr), 0.1)
+        assert np.isfinite(curve[:finite]).all() and np.isnan(curve[finite:]).all(), curve
+        assert nan_at is not None or curve[-1] < curve[0]  # the steps were taken
+
+
 class LrRecorder(torch.optim.SGD):
     """SGD that records its group's lr at every step."""
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from helpers import central_difference, random_rule
 from torch.func import functional_call
 
-from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer, NonFiniteGradientError
 from learnedopt.meta import QuadraticFamily, Task, TaskBatch, generator_for, init_rule_state, learned_step, unroll
 from learnedopt.meta.unroll import num_coordinates
 
@@ -583,6 +583,24 @@ def test_nan_policy_raise_passes_what_the_rule_does_not_read_and_changes_no_step
     nan_value = {**params, "b": _spoil(params["b"], NAN)}
     new, _ = learned_step(rule, nan_value, grads, state, nan_policy="raise")
     assert torch.isnan(new["b"][-1]) and torch.isfinite(new["w"]).all()
+
+
+def test_nan_policy_raise_passes_huge_finite_values_whose_2_norm_overflows() -> None:
+    """Gradients and parameter values of 1e200 are finite, though their float64 2-norm is Inf:
+    ``nan_policy="raise"`` steps them, as it steps without the check; one NaN among them is refused."""
+    rule = random_rule("lstm", param_input=True)
+    params = {"w": torch.full((2, 3), 1e200, dtype=F64), "b": torch.full((2,), -1e200, dtype=F64)}
+    grads = {k: v.clone() for k, v in params.items()}
+    assert not torch.isfinite(torch.linalg.vector_norm(grads["w"])), "the case really overflows the 2-norm"
+    state = init_rule_state(rule, params)
+    checked, _ = learned_step(rule, params, grads, state, nan_policy="raise")
+    unchecked, _ = learned_step(rule, params, grads, state)
+    assert all(torch.equal(checked[k], unchecked[k]) for k in params)
+    for spoilt in ({**grads, "w": _spoil(grads["w"], NAN)}, {**grads, "b": _spoil(grads["b"], -INF)}):
+        with pytest.raises(NonFiniteGradientError, match=r"\(1 tensor\(s\) affected\)"):
+            learned_step(rule, params, spoilt, state, nan_policy="raise")
+    with pytest.raises(NonFiniteGradientError, match=r"the value of params\['w'\]"):
+        learned_step(rule, {**params, "w": _spoil(params["w"], INF)}, grads, state, nan_policy="raise")
 
 
 @pytest.mark.parametrize(

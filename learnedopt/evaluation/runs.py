@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..finite import all_finite
 from ..meta.tasks import derive_seed
 from ..nn import RULES, UpdateRule, register_rule
 from ..nn.base import check_rule_call
@@ -344,7 +345,7 @@ def _require_finite_gradients(optimizer: torch.optim.Optimizer) -> None:
     baseline's run stops at the same step (its step would apply the NaN; after the last step,
     unseen by any loss)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if not all(all_finite(grads)):  # a sparse gradient judged by its (coalesced) values
         raise NonFiniteGradientError("a gradient holds NaN or Inf")
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..errors import NonFiniteGradientError
+from ..finite import all_finite
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 from ..values import check_bool, is_integer, is_number
 from ..nn.precision import math_dtype, without_autocast
@@ -229,14 +230,16 @@ def _require_finite(
     reads: the ``loss`` as given (checked by :func:`_step_loss`; before saturation, so an Inf is
     not read as the largest float, as the optimizers check it), the ``grads``, and the ``params``
     where the rule reads them; as the optimizers' ``nan_policy="raise"`` does."""
-    if rule.needs_loss:
-        value = loss if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
-        if not bool(torch.isfinite(value).all()):
-            raise NonFiniteGradientError(f"learned_step: the loss is {value.item()}; nan_policy='raise', so nothing was computed")
     checked = [(f"the gradient of params[{k!r}]", grads[k]) for k in params]
     if rule.reads_param:  # a rule that reads the parameter would carry a NaN/Inf value into its state
         checked += [(f"the value of params[{k!r}]", params[k]) for k in params]
-    flags = torch.stack([torch.isfinite(t).all() for _, t in checked]).tolist()
+    value = None
+    if rule.needs_loss:
+        value = loss if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+    # the loss and every tensor judged at once: one foreach 2-norm per dtype, one host sync
+    flags = all_finite(([] if value is None else [value]) + [t for _, t in checked])
+    if value is not None and not flags.pop(0):
+        raise NonFiniteGradientError(f"learned_step: the loss is {value.item()}; nan_policy='raise', so nothing was computed")
     bad = [(what, t) for (what, t), ok in zip(checked, flags, strict=True) if not ok]
     if bad:
         what, tensor = bad[0]

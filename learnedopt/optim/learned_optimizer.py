@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import kernels
+from .. import finite, kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..nn.precision import math_dtype, without_autocast
@@ -1215,47 +1215,10 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
 def _non_finite(tensors: list[Tensor]) -> list[str | None]:
     """For each tensor (the local part of a ``DTensor``): ``"NaN"`` where it holds a NaN, else
     ``"Inf"`` where it holds an Inf, else None (so for ``meta`` and empty tensors, which hold no
-    values to check). The step's check of its gradients (and parameters) and
-    ``load_state_dict``'s of the loaded states.
-
-    One ``torch._foreach_norm`` per device and dtype, read with one host sync per device: the
-    2-norm, NaN or Inf wherever a tensor holds a NaN or an Inf. It makes no copy (a
-    ``dtype=torch.float64`` norm would) and on the CPU is some 20 to 40 times faster than the
-    infinity norm or ``isfinite().all()`` (PyTorch 2.13, 1M float32 values on one thread: 0.13 ms
-    against 3 to 6 ms). Its sum of squares also overflows where every value is finite (float16
-    values whose norm passes 65504, float32 ones of 1e20), so each tensor it flags is looked at
-    again, exactly, by its extremes (``aminmax``: NaN where it holds a NaN, else ±Inf where it
-    holds an Inf), with one more host sync per device that has one: rare (a NaN or Inf, or such
-    large values), and about 0.3 ms per 1M values."""
-    tensors = sharding.local_all(tensors)
-    by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not t.is_meta and t.numel():
-            by_dtype.setdefault((t.device, t.dtype), []).append(i)
-    # every device's reductions are queued before the first is read
-    by_device: dict[torch.device, list[tuple[list[int], Tensor]]] = {}
-    for (device, _), indices in by_dtype.items():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in indices], ord=2))
-        by_device.setdefault(device, []).append((indices, torch.isfinite(norms)))
-    flagged = []
-    for pairs in by_device.values():
-        oks = (pairs[0][1] if len(pairs) == 1 else torch.cat([ok for _, ok in pairs])).tolist()
-        indices = [i for i, ok in zip((i for indices, _ in pairs for i in indices), oks, strict=True) if not ok]
-        if indices:
-            flagged.append((indices, torch.stack([_nan_inf(tensors[i]) for i in indices])))
-    found: list[str | None] = [None] * len(tensors)
-    for indices, verdicts in flagged:
-        for i, (nan, inf) in zip(indices, verdicts.tolist(), strict=True):
-            found[i] = "NaN" if nan else "Inf" if inf else None
-    return found
-
-
-def _nan_inf(t: Tensor) -> Tensor:
-    """Whether ``t`` holds a NaN and whether it holds an Inf, as a two-element bool tensor on its
-    device (no host sync), read from its extremes: ``aminmax`` propagates a NaN, and otherwise
-    one of them is ±Inf where ``t`` holds an Inf."""
-    low, high = torch.aminmax(t)
-    return torch.stack([low.isnan() | high.isnan(), low.isinf() | high.isinf()])
+    values to check): :func:`learnedopt.finite.non_finite`, one foreach 2-norm per device and
+    dtype and one host sync per device. The step's check of its gradients (and parameters) and
+    ``load_state_dict``'s of the loaded states."""
+    return finite.non_finite(sharding.local_all(tensors))
 
 
 def _all_zero(tensors: list[Tensor]) -> list[bool]:

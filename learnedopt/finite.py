@@ -1,0 +1,95 @@
+"""The NaN/Inf check of many tensors at once, shared by the optimizers' steps and
+``load_state_dict`` (:mod:`learnedopt.optim`), ``learned_step(nan_policy="raise")``
+(:mod:`learnedopt.meta.unroll`, which the optimizers do not import) and the evaluation's baseline
+runs (:mod:`learnedopt.evaluation.runs`).
+
+One ``torch._foreach_norm`` per device and dtype, read with one host sync per device: the 2-norm,
+NaN or Inf wherever a tensor holds a NaN or an Inf. It makes no copy (a ``dtype=torch.float64``
+norm would) and on the CPU is some 20 to 40 times faster than the infinity norm or
+``isfinite().all()`` (PyTorch 2.13, 1M float32 values on one thread: 0.13 ms against 3 to 6 ms).
+Its sum of squares also overflows where every value is finite (float16 values whose norm passes
+65504, float32 ones of 1e20), so each tensor it flags is looked at again, exactly, by its
+extremes (``aminmax``: NaN where it holds a NaN, else ±Inf where it holds an Inf), with one more
+host sync per device that has one: rare (a NaN or Inf, or such large values), and about 0.3 ms
+per 1M values. The verdicts are ``isfinite().all()``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def non_finite(tensors: Sequence[Tensor]) -> list[str | None]:
+    """For each tensor: ``"NaN"`` where it holds a NaN, else ``"Inf"`` where it holds an Inf,
+    else None; None too for a ``meta`` or empty tensor (no values to check) and for an integer or
+    bool one (never NaN or Inf). A sparse tensor is judged by its values (a COO tensor's
+    coalesced: duplicate entries summed, as an optimizer reads them). Plain tensors only: the
+    optimizers pass a ``DTensor``'s local part. Reads no gradient (under ``torch.no_grad``)."""
+    with torch.no_grad():
+        values = [_values(t) for t in tensors]
+        by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(values):
+            if not t.is_meta and t.numel() and (t.is_floating_point() or t.is_complex()):
+                by_dtype.setdefault((t.device, t.dtype), []).append(i)
+        with _without_autocast({device.type for device, _ in by_dtype}):
+            return _judge(values, by_dtype)
+
+
+def _judge(values: list[Tensor], by_dtype: dict[tuple[torch.device, torch.dtype], list[int]]) -> list[str | None]:
+    """:func:`non_finite`'s verdicts on ``values`` (strided tensors); ``by_dtype`` indexes those
+    with values to check (float or complex, not empty or ``meta``) by device and dtype."""
+    # every device's reductions are queued before the first is read
+    by_device: dict[torch.device, list[tuple[list[int], Tensor]]] = {}
+    for (device, _), indices in by_dtype.items():
+        norms = torch.stack(torch._foreach_norm([values[i] for i in indices], ord=2))
+        by_device.setdefault(device, []).append((indices, torch.isfinite(norms)))
+    flagged = []
+    for pairs in by_device.values():
+        oks = (pairs[0][1] if len(pairs) == 1 else torch.cat([ok for _, ok in pairs])).tolist()
+        indices = [i for i, ok in zip((i for indices, _ in pairs for i in indices), oks, strict=True) if not ok]
+        if indices:
+            flagged.append((indices, torch.stack([_nan_inf(values[i]) for i in indices])))
+    found: list[str | None] = [None] * len(values)
+    for indices, verdicts in flagged:
+        for i, (nan, inf) in zip(indices, verdicts.tolist(), strict=True):
+            found[i] = "NaN" if nan else "Inf" if inf else None
+    return found
+
+
+def _without_autocast(device_types: set[str]) -> contextlib.ExitStack:
+    """A context with autocast off for each of ``device_types`` (those autocast exists for):
+    ``torch.stack`` of one dtype's norms raised "Unexpected floating ScalarType" for bfloat16
+    ones in a float16 region (or the reverse)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted(device_types):
+        if torch.amp.is_autocast_available(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether each tensor is free of NaN/Inf (:func:`non_finite`), as ``bool(torch.isfinite(t).all())``
+    would say (which a sparse tensor does not support); True for ``meta`` and empty tensors."""
+    return [found is None for found in non_finite(tensors)]
+
+
+def _values(t: Tensor) -> Tensor:
+    """The values ``t`` holds: itself where it is strided; a sparse tensor's stored values (a COO
+    one's once coalesced, so that duplicate entries are summed as every reader of it sums them)."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()  # CSR, CSC, BSR, BSC
+
+
+def _nan_inf(t: Tensor) -> Tensor:
+    """Whether ``t`` holds a NaN and whether it holds an Inf, as a two-element bool tensor on its
+    device (no host sync), read from its extremes: ``aminmax`` propagates a NaN, and otherwise
+    one of them is ±Inf where ``t`` holds an Inf (a complex tensor's real and imaginary parts)."""
+    low, high = torch.aminmax(torch.view_as_real(t.resolve_conj()) if t.is_complex() else t)
+    return torch.stack([low.isnan() | high.isnan(), low.isinf() | high.isinf()])
