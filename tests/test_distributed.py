@@ -1109,6 +1109,44 @@ def test_meta_lstm_optimizer_takes_a_dtensor_loss_as_its_value() -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
+def test_zero_redundancy_optimizer_loading_a_nan_state_is_refused_by_the_next_step(optimizer: str) -> None:
+    """``ZeroRedundancyOptimizer.load_state_dict`` puts each saved state into its local
+    optimizer's ``state[p]`` itself, past ``load_state_dict``'s NaN/Inf check: a NaN state turned
+    its parameter NaN at the next step, in silence. That step refuses it, naming it as
+    ``load_state_dict`` does, and changes no parameter."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import learnedopt
+
+    cls = getattr(learnedopt, optimizer)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+    def train(zero: ZeroRedundancyOptimizer) -> None:
+        zero.zero_grad()
+        loss = model(torch.randn(5, 3, generator=torch.Generator().manual_seed(0))).square().mean()
+        loss.backward()
+        zero.step(loss=loss.detach())
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
+        train(zero)
+        zero.consolidate_state_dict()
+        saved = copy.deepcopy(zero.state_dict())
+        saved["state"][2]["c"][(0,) * saved["state"][2]["c"].dim()] = float("nan")
+        restored = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls)
+        restored.load_state_dict(saved)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"^state \['c'\] of parameter 2 \(param_groups\[0\]\['params'\]\[2\], shape \(1, 4\)\) holds NaN"):
+            train(restored)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["LSTMOptimizer", "MetaLSTMOptimizer"])
 def test_zero_redundancy_optimizer_resumes_exactly_from_its_consolidated_state_dict(optimizer: str) -> None:
     """``ZeroRedundancyOptimizer.load_state_dict`` puts each saved state into its local
     optimizer's ``state[p]`` itself, in the parameter's shape that ``state_dict()`` gives,

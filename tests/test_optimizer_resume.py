@@ -656,3 +656,68 @@ def test_a_finite_saved_state_whose_norm_overflows_its_dtype_loads(foreach) -> N
         bad["state"][1]["c"][1, 3, 7] = value
         with pytest.raises(ValueError, match=rf"^saved state \['c'\] of parameter 1 \(param_groups\[0\]\['params'\]\[1\], shape \(50,\)\) holds {what}"):
             LSTMOptimizer(params, state_dtype=torch.float16, foreach=foreach).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize(("value", "what"), [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_a_state_holding_nan_or_inf_put_in_optimizer_state_directly_is_refused_by_the_next_step(kind, value, what) -> None:
+    """States that reach ``optimizer.state[p]`` without ``load_state_dict`` (a wrapper that loads
+    them itself, as ``ZeroRedundancyOptimizer`` does, or an assignment) skipped its NaN/Inf check,
+    and the next step turned the parameter NaN in silence. The step that builds its flat buffers
+    from them refuses them as ``load_state_dict`` does, changing nothing; finite ones step as if
+    loaded."""
+    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}]
+    params = make_params([(4,), (3, 2), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind](groups(params))
+    train(opt, params, 2, first=0)
+    saved = copy.deepcopy(opt.state_dict())
+    then = [p.detach().clone() for p in params]
+    loaded = OPTIMIZERS[kind](groups(params))
+    loaded.load_state_dict(saved)
+    direct = OPTIMIZERS[kind](groups(params))
+    for index, p in enumerate(params):  # a whole state dict replaced
+        direct.state[p] = copy.deepcopy(saved["state"][index])
+    train(loaded, params, 1, first=2)
+    expected = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, q in zip(params, then, strict=True):
+            p.copy_(q)
+    train(direct, params, 1, first=2)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    with torch.no_grad():
+        for p, q in zip(params, then, strict=True):
+            p.copy_(q)
+    bad = copy.deepcopy(saved["state"][2])
+    bad["h"][(-1,) * bad["h"].dim()] = value
+    refused = OPTIMIZERS[kind](groups(params))
+    for index, p in enumerate(params):
+        refused.state[p] = copy.deepcopy(bad if index == 2 else saved["state"][index])
+    set_grads(params, 2)
+    with pytest.raises(ValueError, match=rf"^state \['h'\] of parameter 2 \(param_groups\[1\]\['params'\]\[1\], shape \(5,\)\) holds {what}"):
+        step(refused, 2)
+    assert all(torch.equal(p, q) for p, q in zip(params, then, strict=True))
+    # one state tensor replaced in an optimizer's own states, between two steps
+    train(opt, params, 1, first=2)
+    opt.state[params[0]]["c"] = torch.full_like(opt.state[params[0]]["c"], value)
+    with pytest.raises(ValueError, match=rf"^state \['c'\] of parameter 0 \(param_groups\[0\]\['params'\]\[0\], shape \(4,\)\) holds {what}"):
+        train(opt, params, 1, first=3)
+
+
+def test_the_step_checks_states_for_nan_only_where_they_were_replaced(monkeypatch) -> None:
+    """The check of states put in ``optimizer.state`` runs where the step rebuilds its flat
+    buffers from them, not at every step: a step whose states are its own reads one NaN/Inf
+    verdict list, its gradients'."""
+    from learnedopt import finite
+
+    params = make_params([(4,), (3, 2)], dtype=torch.float32)
+    opt = LSTMOptimizer(params)
+    train(opt, params, 2, first=0)
+    calls = []
+    real = finite.non_finite
+    monkeypatch.setattr(finite, "non_finite", lambda tensors: calls.append(len(tensors)) or real(tensors))
+    train(opt, params, 2, first=2)
+    assert calls == [2, 2]  # the two gradients, at each step
+    calls.clear()
+    opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    train(opt, params, 2, first=4)
+    assert calls[0] == 2 and calls[1] == len(opt.rule.state_spec()) and calls[2:] == [2], calls

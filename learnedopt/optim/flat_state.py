@@ -64,6 +64,18 @@ class FlatState:
                 made.append((name, view, view.data_ptr(), view.shape))
             self._made.append((previous, n, made))
 
+    def backs(self, p: Tensor, entry: dict[str, Any]) -> bool:
+        """Whether ``entry`` (``state[p]``) is the state dict these buffers were made for, its
+        states still the views made into them, pointing where they did with their shape: states
+        the buffers made or copied in, not put there since (:meth:`is_current`'s fast path)."""
+        i = self.index.get(id(p))
+        if i is None or self.members[i] is not p:
+            return False
+        entry_made, _, views = self._made[i]
+        return entry is entry_made and all(
+            entry.get(name) is view and view.data_ptr() == ptr and view.shape == shape for name, view, ptr, shape in views
+        )
+
     def is_current(
         self,
         members: Sequence[Tensor],

@@ -476,10 +476,18 @@ class LearnedOptimizer(Optimizer):
         """Raise ValueError unless every loaded rule state (``loaded``: saved index -> ``(param,
         state)``, as :meth:`_loaded_state` copied them; ``where``: saved index -> ``(group,
         position)``) is free of NaN, and of Inf where its ``StateSpec`` says ``finite``: the next
-        step would turn the parameter NaN, in silence (:func:`_non_finite`: one foreach reduction
-        per device and dtype)."""
+        step would turn the parameter NaN, in silence (:meth:`_check_states_finite`)."""
         spec = self.rule.state_spec()
         named = [(index, name, value) for index, (_, state) in loaded.items() for name, value in state.items() if name in spec]
+        self._check_states_finite(named, where, "saved state")
+
+    def _check_states_finite(self, named: list[tuple[int, str, Tensor]], where: dict[int, tuple[int, int]], what: str) -> None:
+        """Raise ValueError naming the first of the rule states ``named`` (``(index, name,
+        value)``: ``index`` the parameter's in ``state_dict()``, ``where[index]`` its ``(group,
+        position)``) that holds NaN, or Inf where its ``StateSpec`` says ``finite``, as ``what``
+        (``"saved state"``, ``"state"``): :func:`_non_finite`, one foreach reduction per device
+        and dtype."""
+        spec = self.rule.state_spec()
         for (index, name, _), found in zip(named, _non_finite([value for _, _, value in named]), strict=True):
             if found is None or (found == "Inf" and not spec[name].finite):
                 continue
@@ -487,13 +495,37 @@ class LearnedOptimizer(Optimizer):
             group = self.param_groups[number]
             names = group.get("param_names")
             param = f"{names[position]!r}" if names else f"param_groups[{number}]['params'][{position}]"
-            at = f"saved state [{name!r}] of parameter {index} ({param}, shape {tuple(group['params'][position].shape)})"
+            at = f"{what} [{name!r}] of parameter {index} ({param}, shape {tuple(group['params'][position].shape)})"
             if found == "NaN":
                 raise ValueError(f"{at} holds NaN: its next step would turn the parameter NaN; load a state saved before it went NaN")
             raise ValueError(
                 f"{at} holds Inf, which this {self.rule.kind} rule's state_spec() declares finite (a state that may "
                 "hold Inf declares StateSpec(..., finite=False)); load a state saved before it overflowed"
             )
+
+    def _check_put_states_finite(self, put: list[tuple[int, Tensor]]) -> None:
+        """Raise ValueError as ``load_state_dict`` does where a rule state of the parameters
+        ``put`` (``(group, param)``: states the step's flat buffers are to be rebuilt from, which
+        they did not make) holds NaN, or Inf where its ``StateSpec`` says ``finite``. Such states
+        reached ``optimizer.state[p]`` without ``load_state_dict``'s check (a wrapper that loads
+        them itself, ``ZeroRedundancyOptimizer``, or an assignment), or are the optimizer's own,
+        made outside the buffers (``init_state()``, a step on the per-tensor path, a load)."""
+        if not put:
+            return
+        spec = self.rule.state_spec()
+        where: dict[int, tuple[int, int]] = {}
+        positions: dict[tuple[int, int], int] = {}
+        for number, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                positions[number, id(p)] = len(where)
+                where[len(where)] = (number, position)
+        named = [
+            (positions[number, id(p)], name, value)
+            for number, p in put
+            for name, value in self.state[p].items()
+            if name in spec and isinstance(value, Tensor)
+        ]
+        self._check_states_finite(named, where, "state")
 
     def _holds_live_states(self, state_dict: dict[str, Any]) -> bool:
         """Whether a tensor of ``state_dict``'s states shares memory with a state of this optimizer."""
@@ -698,6 +730,7 @@ class LearnedOptimizer(Optimizer):
         # a backend='triton' group that cannot run, or a parameter resized since its state was
         # made, raises here, before any group is updated
         flat_members: list[dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], bool]]] = []
+        put: list[tuple[int, Tensor]] = []  # (group, parameter) whose states the flat buffers did not make
         for index, (group, partitions) in enumerate(zip(self.param_groups, plans, strict=True)):
             flat_members.append({})
             for (device, compute_dtype), (ps, _) in partitions.items():
@@ -715,6 +748,8 @@ class LearnedOptimizer(Optimizer):
                     # flat and fit their parameters
                     current = flat is not None and flat.is_current(held, self.state, group["state_dtype"], specs)
                     flat_members[index][device, compute_dtype] = (held, current)
+                    if not current:  # states put in self.state since the buffers were made are checked below
+                        put += [(index, p) for p in held if self.state.get(p) and (flat is None or not flat.backs(p, self.state[p]))]
                 for p, shard in zip(held, sharding.local_all(held), strict=True):
                     if not current:
                         if p in self.state:
@@ -722,6 +757,9 @@ class LearnedOptimizer(Optimizer):
                         check_state_shapes(self.rule, self.state.get(p, {}), shard.numel(), specs=specs)
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
+        # before any buffer is built from them: one reduction per device and dtype, only where
+        # states were replaced (a ZeroRedundancyOptimizer's load) or the buffers are made anew
+        self._check_put_states_finite(put)
         # the allocations that grow with the model (the states of parameters stepped for the first
         # time, a group's flat buffers rebuilt for them) are made for every group before any is
         # updated: running out of memory there changes nothing, and the step can be retried
