@@ -6,7 +6,8 @@ Each program takes ``BLOCK`` consecutive coordinates and, entirely in registers,
 1. loads the gradient (any float dtype, converted to fp32) and negates it under ``maximize``;
 2. preprocesses it into the two features ``(log(max(|g|, e^-p)) / p, clamp(e^p g, -1, 1))``;
    with ``momentum_decays`` / ``rms_decays``, it also advances each moving average
-   ``m_k = lerp(g, m_k, beta_k)`` and ``v_k = lerp(min(g^2, fp32 max), v_k, beta_k)`` (states ``(M, N)`` and
+   ``m_k = lerp(s, m_k, beta_k)`` and ``v_k = lerp(min(s^2, fp32 max), v_k, beta_k)``, ``s`` the gradient
+   saturated at ``+-fp32 max / 2`` (``bounded_gradient``; ``g`` itself in ordinary use) (states ``(M, N)`` and
    ``(R, N)``, float32 or bfloat16, stored back in place in their dtype) and appends the features
    ``preprocess(m_k)`` (two each) and then ``g / (sqrt(v_k) + 1e-8)``, in the order of
    :meth:`CoordinateLSTM.features`;
@@ -154,6 +155,14 @@ def _lerp(start, end, WEIGHT: tl.constexpr):
     else:
         y = end - (end - start) * (1.0 - WEIGHT)
     return y
+
+
+@triton.jit
+def _bounded_gradient(g):
+    """:func:`learnedopt.nn.functional.bounded_gradient` in fp32: ``g`` saturated at half fp32's
+    largest finite value, what the moving averages read (``where``s, so that NaN stays NaN)."""
+    g = tl.where(g > 1.7014117331926443e38, 1.7014117331926443e38, g)
+    return tl.where(g < -1.7014117331926443e38, -1.7014117331926443e38, g)
 
 
 @triton.jit
@@ -383,10 +392,13 @@ def coordinate_lstm_step_kernel(
     # beta_k), preprocessed (features 2 + 2k and 3 + 2k), then g / (sqrt(v_k) + eps) for each
     # second moment v_k = lerp(g^2, v_k, beta_k). The new moments are stored in place and the
     # features read their fp32 values, as on the PyTorch path.
+    # the averages read g saturated at +-fp32 max / 2, as CoordinateLSTM.features does (lerp's
+    # m - g cannot overflow)
+    g_avg = _bounded_gradient(g)
     m_base = m_ptr
     for k in tl.static_range(len(MOMENTUM_DECAYS)):
         m = tl.load(m_base + rows, mask=row_mask, other=0.0).to(tl.float32)
-        m = _lerp(g, m, MOMENTUM_DECAYS[k])
+        m = _lerp(g_avg, m, MOMENTUM_DECAYS[k])
         _store_rounded(m_base + rows, m, row_mask)
         m_mag, m_dir = _preprocess(m, mag_floor, p, dir_scale)
         pre_i, pre_f, pre_g, pre_o = _add_input(
@@ -399,7 +411,7 @@ def coordinate_lstm_step_kernel(
     v_base = v_ptr
     for k in tl.static_range(len(RMS_DECAYS)):
         v = tl.load(v_base + rows, mask=row_mask, other=0.0).to(tl.float32)
-        v = _lerp(_bounded_square(g), v, RMS_DECAYS[k])
+        v = _lerp(_bounded_square(g_avg), v, RMS_DECAYS[k])
         _store_rounded(v_base + rows, v, row_mask)
         # IEEE-rounded sqrt and division, as torch's (a GPU's default ones are approximate)
         x_rms = tl.div_rn(g, tl.sqrt_rn(v) + rms_eps)

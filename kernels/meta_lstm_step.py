@@ -91,6 +91,7 @@ from torch import Tensor
 from ..nn.functional import RMS_EPS, preprocess
 from .coordinate_lstm_step import (
     STATE_DTYPES,
+    _bounded_gradient,
     _bounded_square,
     _cell,
     _fp32_decays,
@@ -265,11 +266,13 @@ def meta_lstm_step_kernel(
     _store_rounded(fi_ptr + fi_row_stride + rows, input_gate, row_mask)
 
     # ---- what the input gate scales (MetaLSTMCell.direction), then the update
+    # the averages read g saturated at +-fp32 max / 2, as MetaLSTMCell.direction does
     d = g
+    g_avg = _bounded_gradient(g)
     for _ in tl.static_range(len(MOMENTUM_DECAY)):
-        d = _debiased_ema(g, m_ptr, rows, row_mask, m_row_stride, MOMENTUM_DECAY[0])
+        d = _debiased_ema(g_avg, m_ptr, rows, row_mask, m_row_stride, MOMENTUM_DECAY[0])
     for _ in tl.static_range(len(RMS_DECAY)):
-        second = _debiased_ema(_bounded_square(g), v_ptr, rows, row_mask, v_row_stride, RMS_DECAY[0])
+        second = _debiased_ema(_bounded_square(g_avg), v_ptr, rows, row_mask, v_row_stride, RMS_DECAY[0])
         d = tl.div_rn(d, tl.sqrt_rn(second) + rms_eps)
     if SCALED:
         d = d * step_scale

@@ -737,3 +737,26 @@ def test_a_one_element_lr_tensor_of_any_shape_steps_as_its_number(shape: tuple[i
     stepped, _ = learned_step(rule, params, grads, one_state, lr=lr)
     for k, v in reference.items():
         assert stepped[k].shape == v.shape and torch.equal(stepped[k], v), k
+
+
+# ----------------------------------------------------------------------------- huge gradients
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_huge_finite_gradients_of_alternating_sign_keep_the_step_finite(kind: str, backend: str, dtype: torch.dtype) -> None:
+    """As in the optimizers: ``lerp(g, m, beta)``'s ``m - g`` overflowed for moving averages and
+    gradients near the largest value of opposite signs, the state turning Inf and the parameters
+    NaN. learned_step (and the unroll, which shares its rule call) saturates the gradient the
+    moving averages read at half that largest value."""
+    if backend == "triton" and dtype == F64:
+        pytest.skip("the Triton kernels run float32 math")
+    rule = random_rule(kind, **MOVING_AVERAGES[kind]).to(dtype)
+    huge = 0.9 * torch.finfo(dtype).max
+    params = {"w": torch.tensor([0.5, -1.0, 2.0], dtype=dtype)}
+    state = init_rule_state(rule, params)
+    for sign in (1, 1, -1, 1, -1, -1, 0):
+        grads = {"w": torch.tensor([huge, -huge, 1e-3], dtype=dtype) * sign}
+        params, state = learned_step(rule, params, grads, state, loss=torch.tensor(0.5, dtype=dtype), lr=1e-3, backend=backend)
+        assert all(torch.isfinite(s).all() for s in state.values()), state
+        assert torch.isfinite(params["w"]).all(), params

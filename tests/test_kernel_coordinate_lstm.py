@@ -730,6 +730,27 @@ def test_huge_finite_gradients_saturate_the_second_moment_like_pytorch() -> None
     assert got[3].isfinite().all() and got[0].isfinite().all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("maximize", [False, True])
+def test_huge_opposite_gradients_keep_the_moments_finite_like_pytorch(maximize: bool) -> None:
+    # lerp(g, m, beta) computes m - g, which overflowed fp32 for |m|, |g| near its largest value
+    # and opposite signs: m became -Inf and the next step NaN. Both sides saturate the gradient
+    # the moments read at +-fp32 max / 2 (learnedopt.nn.functional.bounded_gradient).
+    big = torch.finfo(torch.float32).max
+    rule = make_rule(1, 8, momentum_decays=(0.3, 0.99), rms_decays=(0.9,))
+    grad, param, h, c = make_inputs(64, 1, 8)
+    moments = make_moments(rule, 64)
+    grad[[3, 10, 20, 30]] = torch.tensor([-3e38, big, 1e38, -big], device=DEVICE)
+    # momenta the rule itself could have written (it keeps |m| <= max / 2), of the other sign
+    moments["m"][:, [3, 10, 20, 30]] = torch.tensor([1.7e38, -1.7e38, -1.7e38, 1.7e38], device=DEVICE)
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=maximize, **moments)
+    want = reference(rule, grad, param, h, c, lr=0.3, maximize=maximize, **moments)
+    assert_matches(got, want, ("param", "h", "c", "m", "v"))
+    for name, value in zip(("param", "h", "c", "m", "v"), got, strict=True):
+        assert value.isfinite().all(), name
+    assert got[3].abs().max() <= big / 2  # each a convex combination of m and the saturated gradient
+
+
 #: Hand-made or altered packed weights, each wrong in one field the launcher did not check (it
 #: checked only ``w_hh``'s shape and ``w_ih0``'s column count): the kernel read past the short
 #: ones, read a column-major one as row-major, and failed deep in Triton on the others.

@@ -257,6 +257,26 @@ def test_huge_finite_gradients_saturate_the_second_moment_like_pytorch() -> None
     assert got["v"].isfinite().all() and got["param"].isfinite().all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # numpy, in the interpreter
+def test_huge_opposite_gradients_keep_the_moments_finite_like_pytorch() -> None:
+    # the moving average's lerp computes a - g, which overflowed fp32 for an average near its
+    # largest value and a gradient of the other sign: the average became Inf and the parameter
+    # NaN. Both sides saturate the gradient the averages read at +-fp32 max / 2.
+    big = torch.finfo(torch.float32).max
+    rule = make_rule(**DIRECTIONS["adam"])
+    n = 16
+    grad, param, h, c, fi = make_inputs(n)
+    moments = _moments(n, rule, torch.float32)
+    grad[[3, 7, 11]] = torch.tensor([-3e38, big, 1e38], device=DEVICE)
+    # averages the rule itself could have written (it keeps |a| <= max / 2), of the other sign
+    moments["m"][:, [3, 7, 11]] = torch.tensor([[1.7e38, -1.7e38, -1.7e38], [1.0, 1.0, 1.0]], device=DEVICE)
+    moments["v"][:, [3, 7, 11]] = torch.tensor([[big, big, 1.0], [1.0, 1.0, 1.0]], device=DEVICE)
+    got, ref = _step_both_ways(rule, grad, param, h, c, fi, moments)
+    for name, want in ref.items():
+        torch.testing.assert_close(got[name], want, **FP32_TOL, msg=lambda m, k=name: f"{k}: {m}")
+        assert got[name].isfinite().all(), name
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_adam_direction_matches_the_optimizer_path_over_steps(

@@ -358,6 +358,27 @@ def test_a_finite_float64_gradient_beyond_the_maths_range_saturates(kind, backen
         assert torch.equal(got_state[name], value), name
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_finite_gradients_of_alternating_sign_keep_parameters_and_states_finite(kind, backend, foreach, dtype) -> None:
+    """A moving average's ``lerp(g, m, beta)`` computes ``m - g``, which overflowed for ``|m|`` and
+    ``|g|`` near the math dtype's largest value and of opposite signs: with the default weights
+    ``m`` became Inf after gradients of +3e38 then -3e38 (float32) and the parameter NaN at the
+    next step. The moving averages read the gradient saturated at half that largest value."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the fused kernels run float32 math")
+    huge = 0.9 * torch.finfo(dtype).max
+    param = torch.tensor([0.5, -1.0, 2.0, 1.0], dtype=dtype, requires_grad=True)
+    opt = OPTIMIZERS[kind]([param], backend=backend, foreach=foreach, lr=1e-3, state_dtype=dtype)
+    for sign in (1, 1, -1, 1, -1, -1, 1, -1, 0):
+        param.grad = torch.tensor([huge, -huge, huge, 1.0], dtype=dtype) * sign + torch.tensor([0.0, 0.0, 0.0, 1e-3], dtype=dtype)
+        step(opt)
+        assert all(torch.isfinite(s).all() for s in opt.state[param].values()), opt.state[param]
+        assert torch.isfinite(param).all(), param
+
+
 @pytest.mark.parametrize("option, value", [("lr", -1.0), ("lr", None), ("nan_policy", "bogus"), ("state_dtype", torch.int32)])
 def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, value) -> None:
     params = make_params([(3,)], dtype=torch.float32)

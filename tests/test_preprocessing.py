@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learnedopt.nn import preprocess
-from learnedopt.nn.functional import bounded_square, debiased_ema, rms_denominator
+from learnedopt.nn.functional import bounded_gradient, bounded_square, debiased_ema, rms_denominator
 
 
 def literal(g: torch.Tensor, p: float) -> torch.Tensor:
@@ -158,3 +158,23 @@ def test_bounded_square_saturates_at_the_largest_float_and_keeps_nan(values: lis
     assert torch.equal(got.isnan(), x.isnan())
     fine = ~x.isnan()
     assert torch.equal(got[fine], exact[fine].clamp_max(largest).float())
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_gradient_saturates_at_half_the_largest_float_and_keeps_the_rest(values: list[float], dtype: torch.dtype) -> None:
+    """What the moving averages read: every value of at most half the largest finite value in
+    magnitude bit for bit, larger ones (and infinities) that half with their sign, NaN as NaN."""
+    x = torch.tensor(values, dtype=dtype)
+    half = torch.finfo(dtype).max / 2
+    got = bounded_gradient(x)
+    assert got.dtype == dtype
+    assert torch.equal(got.isnan(), x.isnan())
+    fine = ~x.isnan()
+    inside = fine & (x.abs() <= half)
+    assert torch.equal(got[inside], x[inside])
+    beyond = fine & (x.abs() > half)
+    assert torch.equal(got[beyond], x[beyond].sign() * half)
+    # the sum and the difference of any two of them are finite: lerp's m - g cannot overflow
+    assert (got[fine].unsqueeze(0) - got[fine].unsqueeze(1)).isfinite().all()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import State, StateSpec, UpdateRule
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_square, check_preprocess_p, preprocess_parts, rms_denominator
+from .functional import bounded_gradient, bounded_square, check_preprocess_p, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -184,9 +184,12 @@ class CoordinateLSTM(UpdateRule):
         # 1.02x-1.05x longer (benchmarks/results/meta_train_throughput_*featmajor*.md)
         new_state: State = {}
         signed = grad.unsqueeze(0)  # (1 + M, n): the gradient, then each momentum
+        # what the moving averages read: the gradient saturated at half the largest value, so
+        # that lerp's m - g cannot overflow (bounded_gradient); the same values in ordinary use
+        averaged = bounded_gradient(grad) if cfg.momentum_decays or cfg.rms_decays else grad
         if cfg.momentum_decays:
             betas = grad.new_tensor(cfg.momentum_decays).unsqueeze(1)
-            m = torch.lerp(grad.unsqueeze(0), state["m"], betas)
+            m = torch.lerp(averaged.unsqueeze(0), state["m"], betas)
             new_state["m"] = m
             signed = torch.cat((signed, m))
         # preprocessed in one pass per operation, not one per row, then interleaved: the
@@ -196,7 +199,7 @@ class CoordinateLSTM(UpdateRule):
         features = [part for pair in zip(magnitude, direction, strict=True) for part in pair]
         if cfg.rms_decays:
             betas = grad.new_tensor(cfg.rms_decays).unsqueeze(1)
-            v = torch.lerp(bounded_square(grad).unsqueeze(0), state["v"], betas)
+            v = torch.lerp(bounded_square(averaged).unsqueeze(0), state["v"], betas)
             new_state["v"] = v
             features += (grad / rms_denominator(v)).unbind()
         if cfg.param_input:

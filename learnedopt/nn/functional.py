@@ -89,6 +89,20 @@ def _may_differentiate(x: Tensor) -> bool:
     return (x.requires_grad and torch.is_grad_enabled()) or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
+def bounded_gradient(x: Tensor) -> Tensor:
+    """``x`` ``(n,)`` saturated at ``±`` half its dtype's largest finite value (about ``±1.7e38``
+    in float32): the gradient a moving average (``lerp(g, m, beta)``) reads.
+
+    ``lerp`` computes ``m - g``, which overflowed for a finite ``g`` and an average ``m`` near the
+    largest value of opposite signs (``+3e38`` then ``-3e38`` made ``m`` Inf, and the parameter
+    NaN at the next step). Saturated, ``|m - g| <= max`` wherever ``|m| <= max / 2``, and every
+    average is a convex combination of such gradients, so that holds at every step. Values of
+    ordinary size pass unchanged, bit for bit; NaN stays NaN.
+    """
+    bound = torch.finfo(x.dtype).max / 2
+    return x.clamp(-bound, bound)
+
+
 def bounded_square(x: Tensor) -> Tensor:
     """``x ** 2`` ``(n,)``, saturated at the dtype's largest finite value.
 

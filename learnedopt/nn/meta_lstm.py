@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .base import State, StateSpec, UpdateRule
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_square, check_preprocess_p, debiased_ema, preprocess_parts, rms_denominator
+from .functional import bounded_gradient, bounded_square, check_preprocess_p, debiased_ema, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -173,10 +173,13 @@ class MetaLSTMCell(UpdateRule):
         cfg = self.config
         new_state: State = {}
         direction = grad
+        # the moving averages read the gradient saturated at half the largest value, so that
+        # lerp's a - g cannot overflow (bounded_gradient); the same values in ordinary use
+        averaged = bounded_gradient(grad) if cfg.momentum_decay is not None or cfg.rms_decay is not None else grad
         if cfg.momentum_decay is not None:
-            direction, new_state["m"] = debiased_ema(grad, state["m"], cfg.momentum_decay)
+            direction, new_state["m"] = debiased_ema(averaged, state["m"], cfg.momentum_decay)
         if cfg.rms_decay is not None:
-            second, new_state["v"] = debiased_ema(bounded_square(grad), state["v"], cfg.rms_decay)
+            second, new_state["v"] = debiased_ema(bounded_square(averaged), state["v"], cfg.rms_decay)
             direction = direction / rms_denominator(second)
         if cfg.step_scale != 1.0:
             direction = direction * cfg.step_scale
