@@ -179,14 +179,17 @@ def _meta_gate(
 @triton.jit
 def _debiased_ema(x, ptr, rows, row_mask, row_stride, DECAY: tl.constexpr):
     """:func:`learnedopt.nn.functional.debiased_ema` of ``x`` on the ``(2, N)`` state at ``ptr``
-    (average, weight), stored back in place: the bias-corrected average."""
+    (average, weight), stored back in place: the bias-corrected average, saturated at fp32's
+    largest finite value as there (``where``s, so that NaN stays NaN)."""
     average = tl.load(ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     weight = tl.load(ptr + row_stride + rows, mask=row_mask, other=0.0).to(tl.float32)
     average = _lerp(x, average, DECAY)
     weight = _lerp(1.0, weight, DECAY)
     _store_rounded(ptr + rows, average, row_mask)
     _store_rounded(ptr + row_stride + rows, weight, row_mask)
-    return tl.div_rn(average, weight)
+    corrected = tl.div_rn(average, weight)
+    corrected = tl.where(corrected > 3.4028234663852886e38, 3.4028234663852886e38, corrected)
+    return tl.where(corrected < -3.4028234663852886e38, -3.4028234663852886e38, corrected)
 
 
 @triton.jit

@@ -277,6 +277,32 @@ def test_huge_opposite_gradients_keep_the_moments_finite_like_pytorch() -> None:
         assert got[name].isfinite().all(), name
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # numpy, in the interpreter
+def test_a_saturated_second_moment_keeps_the_adam_direction_like_pytorch() -> None:
+    # gradients over ~1.8e19 square to fp32's largest value; their bias-corrected average
+    # rounded past it, to Inf, within 16 steps at rms_decay 0.999 (the shipped weights'), and the
+    # direction m / (sqrt(Inf) + eps) was 0: the step ignored the gradient. Both sides saturate
+    # the bias-corrected averages at the largest value.
+    rule = make_rule(**DIRECTIONS["adam"])
+    n = 16
+    _, param, h, c, fi = make_inputs(n)
+    moments = _moments(n, rule, torch.float32)
+    got = {"param": param, "h": h, "c": c, "fi": fi, **moments}
+    ref = {k: v.clone() for k, v in got.items()}
+    grad = torch.full((n,), 1e20, device=DEVICE)
+    grad[1::2] = -3e38
+    for _ in range(20):
+        with torch.no_grad():
+            direction, _ = rule.direction(grad, {k: ref[k] for k in moments})
+        assert direction.isfinite().all() and (direction != 0).all(), direction
+        # each step from the same parameters: one of 1e18 would make the comparison of (f - 1) * theta
+        # ill-conditioned, the gates' last-ulp differences multiplied by it
+        got, _ = _step_both_ways(rule, grad, param, got["h"], got["c"], got["fi"], {k: got[k] for k in moments})
+        _, ref = _step_both_ways(rule, grad, param, ref["h"], ref["c"], ref["fi"], {k: ref[k] for k in moments})
+        for name, want in ref.items():
+            torch.testing.assert_close(got[name], want, **FP32_TOL, msg=lambda m, k=name: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_adam_direction_matches_the_optimizer_path_over_steps(

@@ -178,3 +178,19 @@ def test_bounded_gradient_saturates_at_half_the_largest_float_and_keeps_the_rest
     assert torch.equal(got[beyond], x[beyond].sign() * half)
     # the sum and the difference of any two of them are finite: lerp's m - g cannot overflow
     assert (got[fine].unsqueeze(0) - got[fine].unsqueeze(1)).isfinite().all()
+
+
+@pytest.mark.parametrize("decay", [0.3, 0.7, 0.99, 0.999, 0.9999])
+def test_debiased_ema_of_the_largest_float_stays_finite(decay: float) -> None:
+    """The average of squared gradients saturated at float32's largest value (bounded_square):
+    ``a_t / w_t`` rounded past it, to Inf (at decay 0.7 at the second value, 0.999 at the 16th),
+    and the Adam direction ``m / (sqrt(Inf) + eps)`` was 0 however large the gradient. The
+    quotient saturates at that largest value; NaN stays NaN."""
+    largest = torch.finfo(torch.float32).max
+    x = torch.tensor([largest, -largest, 1.0, float("nan")])
+    state = torch.zeros(2, 4)
+    for _ in range(40):
+        out, state = debiased_ema(x, state, decay)
+        assert out[:3].isfinite().all(), out
+        assert out[3].isnan()
+        assert out[:2].abs().max() <= largest and out[2] == pytest.approx(1.0, rel=1e-5)

@@ -124,8 +124,13 @@ def debiased_ema(x: Tensor, state: Tensor, decay: float) -> tuple[Tensor, Tensor
         decay: ``beta`` in (0, 1).
 
     Returns:
-        ``a_t / w_t`` ``(n,)`` (``x`` itself at the first step), and the new state ``(2, n)``:
-        ``a_t = beta a_{t-1} + (1 - beta) x``, ``w_t = beta w_{t-1} + (1 - beta)``.
+        ``a_t / w_t`` ``(n,)`` (``x`` itself at the first step), saturated at the dtype's largest
+        finite value, and the new state ``(2, n)``: ``a_t = beta a_{t-1} + (1 - beta) x``,
+        ``w_t = beta w_{t-1} + (1 - beta)``. An average of values at that largest value (squared
+        gradients, ``bounded_square``) is that value only up to rounding, and ``a_t / w_t``
+        rounded past it to Inf (at ``decay`` 0.999 within 16 steps), making the Adam direction
+        ``m / (sqrt(v) + eps)`` 0 however large the gradient; saturated, it is finite. NaN stays NaN.
     """
     state = torch.lerp(torch.stack((x, torch.ones_like(x))), state, decay)
-    return state[0] / state[1], state
+    largest = torch.finfo(state.dtype).max
+    return (state[0] / state[1]).clamp(-largest, largest), state
