@@ -765,7 +765,10 @@ def _fp32_decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
     takes them as constants, and ``1 - beta`` is then exact in Python as in fp32)."""
     if not all(0.0 <= beta < 1.0 for beta in decays):
         raise ValueError(f"{name} must be in [0, 1), got {tuple(decays)}")
-    return tuple(torch.tensor(decays, dtype=torch.float32, device="cpu").tolist())
+    rounded = tuple(torch.tensor(decays, dtype=torch.float32, device="cpu").tolist())
+    if any(beta >= 1.0 for beta in rounded):  # the moment would never move (v / 1e-8 overflowing)
+        raise ValueError(f"{name} must be below 1 in fp32, got {tuple(decays)}")
+    return rounded
 
 
 def coordinate_lstm_step_(

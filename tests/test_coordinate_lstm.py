@@ -137,6 +137,10 @@ def test_config_validation() -> None:
     ({"preprocess_p": 88.0}, r"preprocess_p must be in \(0, 87.34\] \(e\^p finite in float32\), got 88.0"),
     ({"output_scale": 1e39}, "output_scale must be finite in float32, got 1e"),
     ({"rms_decays": (0.9, 1.0)}, r"rms_decays: decays must be in \[0, 1\)"),
+    # 1 in float32: v stayed 0 and the RMS feature g / 1e-8 overflowed for a finite gradient of
+    # 1e31 (the parameters NaN); m stayed 0
+    ({"rms_decays": (0.9, 0.99999999)}, r"rms_decays: decays must be below 1 in float32, got 0.99999999"),
+    ({"momentum_decays": (1 - 2**-26,)}, r"momentum_decays: decays must be below 1 in float32, got 0.99999998"),
     # values of the wrong type, as a hand-edited weight-file header has them: a ValueError naming
     # the field, not a TypeError from inside the checks ("Value after * must be an iterable")
     ({"momentum_decays": 0.9}, "momentum_decays must be a list of decays, got 0.9"),

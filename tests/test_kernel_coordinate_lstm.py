@@ -597,6 +597,7 @@ def test_invalid_arguments(overrides: dict, match: str) -> None:
         ("l2l-random", dict(m=torch.zeros(3, 32, dtype=torch.float16)), r"m must be one of"),
         ("l2l-random", dict(m=torch.zeros(32, 3).t()), r"contiguous \(N,\) row per decay"),
         ("l2l-random", dict(rms_decays=(0.99, 1.0)), r"rms_decays must be in \[0, 1\)"),
+        ("l2l-random", dict(rms_decays=(0.99, 0.99999999)), r"rms_decays must be below 1 in fp32"),
         ("paper", dict(m=torch.zeros(1, 32)), r"m is given, but its decays are empty"),
         # the weights of 2 + 6 + 2 inputs, the feature set of 2 + 6
         ("l2l-random", dict(rms_decays=(), v=None), r"10 layer-0 inputs.* has 8"),

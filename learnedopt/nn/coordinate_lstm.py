@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,10 @@ class CoordinateLSTMConfig:
             for beta in decays:
                 if not (is_number(beta) and 0.0 <= beta < 1.0):
                     raise ValueError(f"{name}: decays must be in [0, 1), got {beta!r}")
+                # the math rounds it to float32 (also the kernels): at 1 there, v stayed 0 and the
+                # RMS feature g / 1e-8 overflowed for a finite gradient of 1e31; m stayed 0
+                if struct.unpack("f", struct.pack("f", beta))[0] >= 1.0:
+                    raise ValueError(f"{name}: decays must be below 1 in float32, got {beta!r}")
 
     @property
     def num_inputs(self) -> int:
