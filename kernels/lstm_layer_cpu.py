@@ -134,7 +134,9 @@ def _digest(path: Path) -> str:
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
+    # absolute: a path without a "/" (the cache folder ".") is searched for in the system's
+    # library folders, not the working directory
+    library = ctypes.CDLL(os.path.abspath(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     # n, parts, then x's pointer and its two strides, then the other tensors' pointers
     library.lstm_layer_forward.argtypes = [size, ctypes.c_int, pointer, size, size] + [pointer] * 11

@@ -671,3 +671,21 @@ def test_avx512_exp_gives_the_generic_versions_bits(tmp_path, monkeypatch: pytes
     monkeypatch.setitem(lstm_layer_cpu._libraries, (inputs, hidden), generic)
     for a, b in zip(native, _kernel(cell, x, h, c, grads), strict=True):
         assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_a_cache_folder_given_as_dot_loads_its_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``LEARNEDOPT_CACHE_DIR=.`` (the working directory): the kernel built there is loaded. Its
+    path had no ``/``, so ``dlopen`` searched the system's library folders instead of the working
+    directory, failed, and turned the kernel off with a warning that it could not be built."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", ".")
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lstm_layer_cpu.ready(7, 4)
+    assert len(list(tmp_path.glob("lstm_layer_cpu_7_4_*.so"))) == 1
+    cell, x, h, c, grads = _layer(7, 4, 6)
+    for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
