@@ -279,9 +279,12 @@ def _parts(n: int) -> int:
 
 def _after_fork_in_child() -> None:
     # GNU OpenMP's threads do not survive fork(): a parallel region in a child of a process
-    # that had started them waits for them forever (Hogwild training, a forked DataLoader worker)
-    global _forked
+    # that had started them waits for them forever (Hogwild training, a forked DataLoader worker).
+    # The build lock is new too: one held by another thread of the parent at the fork (building
+    # a kernel) would be held in the child forever, by a thread the child does not have
+    global _forked, _lock
     _forked = True
+    _lock = threading.Lock()
 
 
 _forked = False

@@ -689,3 +689,36 @@ def test_a_cache_folder_given_as_dot_loads_its_kernel(monkeypatch: pytest.Monkey
     cell, x, h, c, grads = _layer(7, 4, 6)
     for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+_FORKED_WHILE_BUILDING = """
+import os, sys
+from learnedopt.kernels import lstm_layer_cpu as k
+k._lock.acquire()  # another thread is building a kernel when the main thread forks
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if k.ready(3, 4) else 3)
+k._lock.release()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_a_thread_builds_builds_its_own(tmp_path) -> None:
+    """A fork while another thread of the parent holds the build lock (a DataLoader worker
+    forked while a thread's first step compiles): the child's copy of the lock stayed held by a
+    thread it does not have, and its first ready() waited forever; the child builds its own."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LEARNEDOPT_CACHE_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FORKED_WHILE_BUILDING], env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the hung child too
+        process.communicate()
+        pytest.fail("the forked child hung on the build lock")
+    assert process.returncode == 0, output[-2000:]
