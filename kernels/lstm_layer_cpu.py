@@ -149,27 +149,25 @@ def _load(path: Path) -> ctypes.CDLL:
 def _compile(compiler: list[str], flags: list[str], folder: Path, path: Path) -> str | None:
     """Compile into ``path`` (in ``folder``) with its digest beside it, ``path.sha256``; returns
     the compiler's first error line, or None when built."""
-    # compiled beside its final name, then renamed: processes building it at once each rename a
-    # complete file; the digest, renamed last, vouches for it
-    fd, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
+    # compiled in a folder of its own beside its final name, then renamed: processes building it
+    # at once each rename a complete file; the digest, renamed last, vouches for it. Both files
+    # are made there by their writers, so with the modes the umask gives (the cache may be shared)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder))
     try:
-        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", temporary], capture_output=True, text=True)
+        temporary = building / path.name
+        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(temporary)], capture_output=True, text=True)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines()
             return next((line for line in lines if "error" in line), f"status {done.returncode}")
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
-        digest = _digest(Path(temporary))
+        digest = building / f"{path.name}.sha256"
+        digest.write_text(_digest(temporary))
         os.replace(temporary, path)
-        fd, temporary = tempfile.mkstemp(suffix=".sha256", dir=folder)
-        with os.fdopen(fd, "w") as file:
-            file.write(digest)
-        os.replace(temporary, f"{path}.sha256")
+        os.replace(digest, f"{path}.sha256")
         return None
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def _writable(folder: Path) -> bool:

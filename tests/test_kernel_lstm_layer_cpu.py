@@ -722,3 +722,24 @@ def test_a_child_forked_while_a_thread_builds_builds_its_own(tmp_path) -> None:
         process.communicate()
         pytest.fail("the forked child hung on the build lock")
     assert process.returncode == 0, output[-2000:]
+
+
+@needs_compiler
+def test_built_files_get_the_modes_the_umask_gives(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The kernel and its digest get the modes a compiler's output and a written file get under
+    the process's umask, readable by the group and others where it allows: made from owner-only
+    temporary files, they were not (``rwx--x--x``, ``rw-------``), so a cache filled by another
+    user (a container image's, a team's shared folder) could not be read, and every process
+    built again, or ran without the kernel where no compiler was installed."""
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    umask = os.umask(0o002)
+    try:
+        assert lstm_layer_cpu.ready(7, 4)
+    finally:
+        os.umask(umask)
+    (built,) = tmp_path.glob("lstm_layer_cpu_7_4_*.so")
+    assert oct(built.stat().st_mode & 0o777) == oct(0o775)
+    assert oct(Path(f"{built}.sha256").stat().st_mode & 0o777) == oct(0o664)
+    assert sorted(tmp_path.iterdir()) == [built, tmp_path / f"{built.name}.sha256"]
