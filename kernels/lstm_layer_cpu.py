@@ -25,8 +25,9 @@ g++``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 (``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/learnedopt``, else
 ``~/.cache/learnedopt``: :func:`cache_dir`; the first step of a process with empty caches, building two, took 0.96 s:
 ``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
-partial copy) is built again, never loaded. Where that folder cannot be written, each process
-builds into a temporary folder, with one warning. If no compiler works, :func:`applies` is False
+partial copy) is built again, never loaded. Each is compiled in a temporary folder, then copied
+there; where that folder cannot be written (read-only, or a full disk), each process builds into
+a temporary folder, with one warning naming why. If no compiler works, :func:`applies` is False
 from then on, with one warning (:func:`failed`: the LSTM step then leaves torch.compile's failure
 on the CPU, which needs a working C++ compiler too, unwarned).
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
@@ -146,39 +147,35 @@ def _load(path: Path) -> ctypes.CDLL:
     return library
 
 
-def _compile(compiler: list[str], flags: list[str], folder: Path, path: Path) -> str | None:
-    """Compile into ``path`` (in ``folder``) with its digest beside it, ``path.sha256``; returns
-    the compiler's first error line, or None when built."""
-    # compiled in a folder of its own beside its final name, then renamed: processes building it
-    # at once each rename a complete file; the digest, renamed last, vouches for it. Both files
-    # are made there by their writers, so with the modes the umask gives (the cache may be shared)
-    building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder))
+def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
+    """Compile into ``path``; returns the compiler's first error line, or None when built."""
+    done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return next((line for line in lines if "error" in line), f"status {done.returncode}")
+    return None
+
+
+def _store(built: Path, path: Path) -> None:
+    """Copy the kernel ``built`` to ``path`` in the cache, with its digest beside it,
+    ``path.sha256``; raises OSError where the cache cannot be written (a read-only or full disk).
+
+    Both are written in a folder of their own beside their final names, then renamed: processes
+    storing it at once each rename a complete file, and the digest, renamed last, vouches for it.
+    They are made by ``open``, so with the modes the umask gives (the cache may be shared)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storing = Path(tempfile.mkdtemp(prefix=".storing-", dir=path.parent))
     try:
-        temporary = building / path.name
-        done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(temporary)], capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
-            return next((line for line in lines if "error" in line), f"status {done.returncode}")
+        temporary, digest = storing / path.name, storing / f"{path.name}.sha256"
+        shutil.copyfile(built, temporary)
+        os.chmod(temporary, os.stat(built).st_mode & 0o777)  # the compiler's: executable
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
-        digest = building / f"{path.name}.sha256"
         digest.write_text(_digest(temporary))
         os.replace(temporary, path)
         os.replace(digest, f"{path}.sha256")
-        return None
     finally:
-        shutil.rmtree(building, ignore_errors=True)
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(probe)
-    return True
+        shutil.rmtree(storing, ignore_errors=True)
 
 
 def _intact(path: Path) -> bool:
@@ -203,8 +200,10 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     source = SOURCE.read_bytes()
     errors = []
-    folder, scratch = cache_dir(), None
-    try:
+    folder = cache_dir()
+    # compiled in a temporary folder (where the compiler writes its own intermediate files),
+    # removed once loaded: the loaded library stays mapped
+    with tempfile.TemporaryDirectory(prefix="learnedopt-") as scratch:
         # -march=native where the compiler takes it (gcc, clang on x86), else the default
         # target; OpenMP where it builds
         variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
@@ -212,29 +211,29 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
             flags = _flags(inputs, hidden, variant)
             key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
             name = f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
-            if not _intact(folder / name):
-                if scratch is None and not _writable(folder):
-                    # an unwritable cache (a read-only home, HOME unset in a container): built
-                    # for this process only, in a folder removed once loaded
-                    if not _warned_unwritable:
-                        _warned_unwritable = True
-                        warnings.warn(
-                            f"lstm_layer_cpu: cannot write the kernel cache {folder}; building into a "
-                            "temporary folder, again in every process: set LEARNEDOPT_CACHE_DIR to a "
-                            "writable folder to keep the build",
-                            stacklevel=5,
-                        )
-                    scratch = tempfile.TemporaryDirectory(prefix="learnedopt-")
-                    folder = Path(scratch.name)
-                error = _compile(compiler, flags, folder, folder / name)
-                if error is not None:
-                    errors.append(error)
-                    continue
+            if _intact(folder / name):
+                return _load(folder / name)
+            built = Path(scratch) / name
+            error = _compile(compiler, flags, built)
+            if error is not None:
+                errors.append(error)
+                continue
+            try:
+                _store(built, folder / name)
+            except OSError as err:
+                # an unwritable cache (a read-only or full disk, HOME unset in a container):
+                # built for this process only
+                if not _warned_unwritable:
+                    _warned_unwritable = True
+                    warnings.warn(
+                        f"lstm_layer_cpu: cannot write the kernel cache {folder} ({err.strerror or err}); "
+                        "building into a temporary folder, again in every process: set "
+                        "LEARNEDOPT_CACHE_DIR to a writable folder to keep the build",
+                        stacklevel=5,
+                    )
+                return _load(built)
             return _load(folder / name)
         raise RuntimeError(f"{' '.join(compiler)} failed: {errors[0]}")
-    finally:
-        if scratch is not None:
-            scratch.cleanup()  # the loaded library stays mapped
 
 
 def ready(inputs: int, hidden: int) -> bool:

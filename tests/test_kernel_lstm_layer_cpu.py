@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -662,7 +663,7 @@ def test_avx512_exp_gives_the_generic_versions_bits(tmp_path, monkeypatch: pytes
     inputs, hidden = 2, 20
     path = tmp_path / "generic.so"
     flags = lstm_layer_cpu._flags(inputs, hidden, ["-march=native", "-mno-avx512f"])
-    assert lstm_layer_cpu._compile(lstm_layer_cpu._compiler(), flags, tmp_path, path) is None
+    assert lstm_layer_cpu._compile(lstm_layer_cpu._compiler(), flags, path) is None
     generic = lstm_layer_cpu._load(path)
     assert lstm_layer_cpu.ready(inputs, hidden)
     cell, x, h, c, grads = _layer(inputs, hidden, 37)
@@ -743,3 +744,53 @@ def test_built_files_get_the_modes_the_umask_gives(monkeypatch: pytest.MonkeyPat
     assert oct(built.stat().st_mode & 0o777) == oct(0o775)
     assert oct(Path(f"{built}.sha256").stat().st_mode & 0o777) == oct(0o664)
     assert sorted(tmp_path.iterdir()) == [built, tmp_path / f"{built.name}.sha256"]
+
+
+@needs_compiler
+def test_a_full_cache_disk_builds_into_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A cache folder on a full disk (ENOSPC on every write there, simulated: the linker and
+    Python fail writing into it, as they do on a full file system) gives the kernel, built for
+    this process, with one warning naming the folder and the full disk, and leaves nothing
+    there. The linker's failure was taken for the compiler's: each of the six flag variants was
+    compiled (23 s on a full tmpfs here), and the kernel was turned off with a warning naming
+    ``collect2: error: ld returned 1 exit status``."""
+    import errno
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real = lstm_layer_cpu._compiler()
+    linker = tmp_path / "full-disk-c++"  # fails as ld does when its output is on the full disk
+    linker.write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *"-o {cache}/"*) echo "/usr/bin/ld: final link failed: No space left on device" >&2;\n'
+        '  echo "collect2: error: ld returned 1 exit status" >&2; exit 1;; esac\n'
+        f'exec {shlex.join(real)} "$@"\n'
+    )
+    linker.chmod(0o755)
+    monkeypatch.setenv("CXX", str(linker))
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    real_copy = shutil.copyfile
+
+    def full_disk_copy(source, destination, *args, **kwargs):
+        if str(destination).startswith(str(cache)):
+            Path(destination).touch()  # made, but no room for its bytes
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+        return real_copy(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk_copy)
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_warned_unwritable", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lstm_layer_cpu.ready(3, 4) and lstm_layer_cpu.ready(4, 4)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert str(cache) in messages[0] and "No space left on device" in messages[0], messages
+    assert list(cache.iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+    cell, x, h, c, grads = _layer(3, 4, 6)
+    for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
