@@ -98,12 +98,17 @@ def cache_dir() -> Path:
 
 
 def _cpu_identity() -> str:
-    """What ``-march=native`` compiles for: the CPU's model and flags where Linux says them."""
+    """What ``-march=native`` compiles for: the CPU's model and instruction set where Linux
+    says them (x86: ``vendor_id``, ``model name``, ``flags``; ARM: the implementer, part, variant
+    and ``Features``; POWER: ``cpu``; RISC-V: ``isa`` and ``uarch``; s390: ``features``)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.machine() + platform.processor()
-    wanted = ("vendor_id", "model name", "flags", "Features", "CPU part")
+    wanted = (
+        "vendor_id", "model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant",
+        "CPU part", "cpu", "isa", "uarch", "features",
+    )  # fmt: skip
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 

@@ -794,3 +794,31 @@ def test_a_full_cache_disk_builds_into_a_temporary_folder(monkeypatch: pytest.Mo
     cell, x, h, c, grads = _layer(3, 4, 6)
     for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+_POWER = "processor\t: {n}\ncpu\t\t: {cpu}, altivec supported\nclock\t\t: {mhz}MHz\nrevision\t: 2.2 (pvr 004e 1202)\n\ntimebase\t: 512000000\nplatform\t: PowerNV\n"
+_ARM = "processor\t: {n}\nBogoMIPS\t: {mhz}\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics\nCPU implementer\t: {implementer}\nCPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: 0xd0c\nCPU revision\t: 1\n"
+_RISCV = "processor\t: {n}\nhart\t\t: {n}\nisa\t\t: {cpu}\nmmu\t\t: sv39\nuarch\t\t: sifive,u74-mc\n"
+
+
+@pytest.mark.parametrize(
+    ("template", "one", "other"),
+    [(_POWER, {"cpu": "POWER8"}, {"cpu": "POWER9"}),
+     (_ARM, {"implementer": "0x41"}, {"implementer": "0x51"}),
+     (_RISCV, {"cpu": "rv64imafdc"}, {"cpu": "rv64imafdcv"})],
+)  # fmt: skip
+def test_the_cpu_identity_tells_apart_what_native_compiles_for(monkeypatch: pytest.MonkeyPatch, template, one, other) -> None:
+    """The cache key's CPU identity differs between CPUs that ``-mcpu=native`` compiles for
+    differently, so that a cache shared by several machines (a home folder on NFS) never loads a
+    kernel built for another one's instructions: on POWER (its ``cpu`` line), on ARM (the
+    implementer, besides the part) and RISC-V (its ``isa``) it did not, and POWER8 and POWER9
+    machines shared one kernel. Per-core lines (numbers, clocks) do not change it."""
+    real_read_text = Path.read_text
+
+    def identity(fields: dict[str, str], cores: int = 4, mhz: int = 1000) -> str:
+        text = "\n".join(template.format(n=n, mhz=mhz + 7 * n, **fields) for n in range(cores))
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text if str(self) == "/proc/cpuinfo" else real_read_text(self, *a, **k))
+        return lstm_layer_cpu._cpu_identity()
+
+    assert identity(one) != identity(other)
+    assert identity(one) == identity(one, cores=2, mhz=2000)
