@@ -49,6 +49,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -156,9 +157,19 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
     """Compile into ``path``; returns the compiler's first error line, or None when built."""
     done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return next((line for line in lines if "error" in line), f"status {done.returncode}")
+        return _first_error(done.stderr) or f"status {done.returncode}"
     return None
+
+
+#: A linker's own diagnostic (``/usr/bin/ld: final link failed: No space left on device``,
+#: ``ld.lld: error: ...``), which comes before the compiler driver's summary of it
+_LINKER_LINE = re.compile(r"^(?:\S*/)?(?:ld|ld\.\w+|ld64(?:\.\w+)?|lld|mold): (?!warning)")
+
+
+def _first_error(stderr: str) -> str | None:
+    """The compiler's first line naming an error, or the linker's, whichever comes first (the
+    driver's summary, ``collect2: error: ld returned 1 exit status``, says nothing of why)."""
+    return next((line for line in stderr.strip().splitlines() if "error" in line or _LINKER_LINE.match(line)), None)
 
 
 def _store(built: Path, path: Path) -> None:

@@ -822,3 +822,27 @@ def test_the_cpu_identity_tells_apart_what_native_compiles_for(monkeypatch: pyte
 
     assert identity(one) != identity(other)
     assert identity(one) == identity(one, cores=2, mhz=2000)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "named"),
+    [("/usr/bin/ld: final link failed: No space left on device\ncollect2: error: ld returned 1 exit status", "No space left on device"),
+     ("/usr/bin/ld: cannot find -lgomp: No such file or directory\nclang: error: linker command failed with exit code 1 (use -v to see invocation)", "cannot find -lgomp"),
+     ("x.cpp: In function 'int f()':\nx.cpp:1:1: error: 'y' was not declared in this scope\n    1 | y\n", "'y' was not declared")],
+)  # fmt: skip
+def test_the_warning_names_the_linkers_own_error(monkeypatch: pytest.MonkeyPatch, tmp_path, stderr: str, named: str) -> None:
+    """A build that fails in the linker (its output's disk full, a missing library) is named by
+    the linker's line, not by the compiler driver's summary after it (``collect2: error: ld
+    returned 1 exit status``), which says nothing of why; a compile error by its own line."""
+    compiler = tmp_path / "c++"
+    (tmp_path / "stderr").write_text(stderr + "\n")
+    compiler.write_text(f"#!/bin/sh\ncat {tmp_path / 'stderr'} >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with pytest.warns(UserWarning, match="could not be built") as caught:
+        assert not lstm_layer_cpu.ready(7, 4)
+    (message,) = [str(w.message) for w in caught]
+    assert named in message and "collect2" not in message and "linker command failed" not in message, message
