@@ -223,12 +223,17 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
         # -march=native where the compiler takes it (gcc, clang on x86), else the default
         # target; OpenMP where it builds
         variants = [[*arch, *openmp] for openmp in (["-fopenmp"], []) for arch in (["-march=native"], ["-mcpu=native"], [])]
+        builds, identity = [], _cpu_identity().encode()
         for variant in variants:
             flags = _flags(inputs, hidden, variant)
-            key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
-            name = f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"
+            key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(), identity]))
+            builds.append((flags, f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"))
+        # the first variant in the cache, before compiling any: one that does not build here
+        # (OpenMP without its library) would otherwise be compiled again by every process
+        for _, name in builds:
             if _intact(folder / name):
                 return _load(folder / name)
+        for flags, name in builds:
             built = Path(scratch) / name
             error = _compile(compiler, flags, built)
             if error is not None:

@@ -846,3 +846,27 @@ def test_the_warning_names_the_linkers_own_error(monkeypatch: pytest.MonkeyPatch
         assert not lstm_layer_cpu.ready(7, 4)
     (message,) = [str(w.message) for w in caught]
     assert named in message and "collect2" not in message and "linker command failed" not in message, message
+
+
+@needs_compiler
+def test_a_kernel_built_without_openmp_is_loaded_from_the_cache_without_compiling(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Where OpenMP does not link (clang without libomp), the kernel is built without it, once:
+    a later process loads it from the cache. Each process compiled the OpenMP variants first
+    again (a whole compile each before the link failed), as their builds were not in the cache,
+    before looking there for the one that had been built."""
+    real = lstm_layer_cpu._compiler()
+    no_openmp = tmp_path / "c++-without-libomp"  # links no OpenMP library, as clang without libomp
+    no_openmp.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) exec {shlex.join(real)} "$@" -lno-such-openmp;; esac\nexec {shlex.join(real)} "$@"\n')
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CXX", str(no_openmp))
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    assert lstm_layer_cpu.ready(7, 4)
+    (built,) = (tmp_path / "cache").glob("lstm_layer_cpu_7_4_*.so")  # the one without OpenMP
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})  # a new process
+    monkeypatch.setattr(lstm_layer_cpu.subprocess, "run", lambda *a, **k: pytest.fail(f"compiled again: {a[0][-3:]}"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lstm_layer_cpu.ready(7, 4)
+    assert list((tmp_path / "cache").glob("lstm_layer_cpu_7_4_*.so")) == [built]
