@@ -46,6 +46,7 @@ operations do, unless the child calls ``torch.set_num_threads(1)``, as DataLoade
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import platform
@@ -179,7 +180,10 @@ def _store(built: Path, path: Path) -> None:
     Both are written in a folder of their own beside their final names, then renamed: processes
     storing it at once each rename a complete file, and the digest, renamed last, vouches for it.
     They are made by ``open``, so with the modes the umask gives (the cache may be shared)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file of that name
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
     storing = Path(tempfile.mkdtemp(prefix=".storing-", dir=path.parent))
     try:
         temporary, digest = storing / path.name, storing / f"{path.name}.sha256"

@@ -870,3 +870,20 @@ def test_a_kernel_built_without_openmp_is_loaded_from_the_cache_without_compilin
         warnings.simplefilter("error")
         assert lstm_layer_cpu.ready(7, 4)
     assert list((tmp_path / "cache").glob("lstm_layer_cpu_7_4_*.so")) == [built]
+
+
+def test_a_cache_folder_that_is_a_file_is_named_so(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``LEARNEDOPT_CACHE_DIR`` naming a file: the kernel is built for this process, and the one
+    warning says the cache is not a directory; it said ``File exists``, which reads as if the
+    kernel's file were in the way."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_warned_unwritable", False)
+    with pytest.warns(UserWarning, match="cannot write the kernel cache") as caught:
+        assert lstm_layer_cpu.ready(3, 4)
+    (message,) = [str(w.message) for w in caught]
+    assert f"{blocker} (Not a directory)" in message and "File exists" not in message, message
+    assert blocker.read_text() == ""
