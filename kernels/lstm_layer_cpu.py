@@ -159,6 +159,8 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
     done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         return _first_error(done.stderr) or f"status {done.returncode}"
+    if not path.is_file() or path.stat().st_size == 0:  # a wrapper that exits 0 without compiling
+        return f"wrote no library to {path}"
     return None
 
 

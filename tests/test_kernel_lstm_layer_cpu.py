@@ -887,3 +887,18 @@ def test_a_cache_folder_that_is_a_file_is_named_so(monkeypatch: pytest.MonkeyPat
     (message,) = [str(w.message) for w in caught]
     assert f"{blocker} (Not a directory)" in message and "File exists" not in message, message
     assert blocker.read_text() == ""
+
+
+def test_a_compiler_that_succeeds_without_output_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A compiler command that exits 0 but writes no library (``CXX=true``, a broken wrapper) is
+    a failed build, with one warning naming it, not a cache that cannot be written (a second,
+    wrong warning) and a library that cannot be opened."""
+    monkeypatch.setenv("CXX", shutil.which("true"))
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    monkeypatch.setattr(lstm_layer_cpu, "_warned_unwritable", False)
+    with pytest.warns(UserWarning) as caught:
+        assert not lstm_layer_cpu.ready(3, 4)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "could not be built" in messages[0] and "true failed: wrote no library" in messages[0], messages
