@@ -25,8 +25,8 @@ g++``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 (``-march=native``), into ``$LEARNEDOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/learnedopt``, else
 ``~/.cache/learnedopt``: :func:`cache_dir`; the first step of a process with empty caches, building two, took 0.96 s:
 ``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
-partial copy) is built again, never loaded. Each is compiled in a temporary folder, then copied
-there; where that folder cannot be written (read-only, or a full disk), each process builds into
+partial copy) is built again, never loaded. A kernel is compiled in a temporary folder, then
+copied there; where that folder cannot be written (read-only, or a full disk), each process builds into
 a temporary folder, with one warning naming why. If no compiler works, :func:`applies` is False
 from then on, with one warning (:func:`failed`: the LSTM step then leaves torch.compile's failure
 on the CPU, which needs a working C++ compiler too, unwarned).
