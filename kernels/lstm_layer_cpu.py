@@ -26,8 +26,9 @@ g++``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 ``~/.cache/learnedopt``: :func:`cache_dir`; the first step of a process with empty caches, building two, took 0.96 s:
 ``benchmarks/results/first_step.md``), with its SHA-256 beside it: a file that does not match (truncated by a crash, a
 partial copy) is built again, never loaded. A kernel is compiled in a temporary folder, then
-copied there; where that folder cannot be written (read-only, or a full disk), each process builds into
-a temporary folder, with one warning naming why. If no compiler works, :func:`applies` is False
+copied there; where that folder cannot be written (read-only, or a full disk) or its libraries
+cannot be loaded (mounted ``noexec``), each process builds into a temporary folder, with one
+warning naming why. If no compiler works, :func:`applies` is False
 from then on, with one warning (:func:`failed`: the LSTM step then leaves torch.compile's failure
 on the CPU, which needs a working C++ compiler too, unwarned).
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
@@ -216,7 +217,6 @@ def _flags(inputs: int, hidden: int, variant: list[str]) -> list[str]:
 
 
 def _build(inputs: int, hidden: int) -> ctypes.CDLL:
-    global _warned_unwritable
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
@@ -236,31 +236,45 @@ def _build(inputs: int, hidden: int) -> ctypes.CDLL:
             builds.append((flags, f"lstm_layer_cpu_{inputs}_{hidden}_{key.hexdigest()[:16]}.so"))
         # the first variant in the cache, before compiling any: one that does not build here
         # (OpenMP without its library) would otherwise be compiled again by every process
+        unloadable = None  # the cache's libraries cannot be loaded (a file system mounted noexec)
         for _, name in builds:
             if _intact(folder / name):
-                return _load(folder / name)
+                try:
+                    return _load(folder / name)
+                except OSError as err:
+                    unloadable = err
+                    break
         for flags, name in builds:
             built = Path(scratch) / name
             error = _compile(compiler, flags, built)
             if error is not None:
                 errors.append(error)
                 continue
-            try:
-                _store(built, folder / name)
-            except OSError as err:
-                # an unwritable cache (a read-only or full disk, HOME unset in a container):
-                # built for this process only
-                if not _warned_unwritable:
-                    _warned_unwritable = True
-                    warnings.warn(
-                        f"lstm_layer_cpu: cannot write the kernel cache {folder} ({err.strerror or err}); "
-                        "building into a temporary folder, again in every process: set "
-                        "LEARNEDOPT_CACHE_DIR to a writable folder to keep the build",
-                        stacklevel=5,
-                    )
-                return _load(built)
-            return _load(folder / name)
+            if unloadable is None:
+                try:
+                    _store(built, folder / name)
+                except OSError as err:  # a read-only or full disk, HOME unset in a container
+                    _warn_cache(f"cannot write the kernel cache {folder} ({err.strerror or err})")
+                    return _load(built)
+                try:
+                    return _load(folder / name)
+                except OSError as err:
+                    unloadable = err
+            _warn_cache(f"cannot load kernels from the cache {folder} ({unloadable})")
+            return _load(built)
         raise RuntimeError(f"{' '.join(compiler)} failed: {errors[0]}")
+
+
+def _warn_cache(problem: str) -> None:
+    """Warn, once per process, that the kernel is built for this process only."""
+    global _warned_unwritable
+    if not _warned_unwritable:
+        _warned_unwritable = True
+        warnings.warn(
+            f"lstm_layer_cpu: {problem}; building into a temporary folder, again in every process: set "
+            "LEARNEDOPT_CACHE_DIR to a writable folder whose libraries can be loaded (not mounted noexec) to keep the build",
+            stacklevel=6,
+        )
 
 
 def ready(inputs: int, hidden: int) -> bool:

@@ -902,3 +902,38 @@ def test_a_compiler_that_succeeds_without_output_is_named(monkeypatch: pytest.Mo
         assert not lstm_layer_cpu.ready(3, 4)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "could not be built" in messages[0] and "true failed: wrote no library" in messages[0], messages
+
+
+@needs_compiler
+def test_a_cache_whose_libraries_cannot_be_loaded_builds_into_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A cache folder on a file system mounted ``noexec`` (simulated: loading a library from it
+    fails as ``dlopen`` does there) gives the kernel, built for this process, with one warning
+    naming the folder and why, in the process that built it and in a later one that finds it
+    in the cache. The kernel was turned off, with a warning that it could not be built."""
+    import ctypes
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    real_cdll = ctypes.CDLL
+
+    def noexec(path, *args, **kwargs):
+        if str(path).startswith(str(cache)):
+            raise OSError(f"{path}: failed to map segment from shared object")
+        return real_cdll(path, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", noexec)
+    for _ in range(2):  # building it, then finding it in the cache (a new process)
+        monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+        monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+        monkeypatch.setattr(lstm_layer_cpu, "_warned_unwritable", False)
+        with pytest.warns(UserWarning) as caught:
+            assert lstm_layer_cpu.ready(3, 4)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and f"cannot load kernels from the cache {cache}" in messages[0] and "failed to map segment" in messages[0], messages
+        assert list((tmp_path / "tmp").iterdir()) == []
+    cell, x, h, c, grads = _layer(3, 4, 6)
+    for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
