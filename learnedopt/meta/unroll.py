@@ -681,16 +681,10 @@ def _apply_rule(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """The rule's ``(B * P,)`` step and new states; ``loss`` is ``(B,)`` (None: a rule without
-    ``needs_loss``, which does not read it). The rule runs in the dtype of its inputs (the
-    math dtype) also inside an autocast region, as in the optimizers."""
-    with without_autocast({grad.device.type}):
-        return _apply_rule_in_math_dtype(rule, grad, param, state, loss, backend)
-
-
-def _apply_rule_in_math_dtype(
-    rule: UpdateRule, grad: Tensor, param: Tensor, state: State, loss: Tensor | None, backend: str
-) -> tuple[Tensor, State]:
-    """:func:`_apply_rule` with autocast off: the Triton kernels or the rule's module."""
+    ``needs_loss``, which does not read it): the Triton kernels or the rule's module. Called with
+    autocast off (:func:`learned_step` and the unroll's loop turn it off for the whole update), so
+    that the rule runs in the dtype of its inputs (the math dtype) also inside an autocast region,
+    as in the optimizers."""
     if _use_triton(rule, grad, param, state, backend):
         return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:
