@@ -576,14 +576,10 @@ def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRu
     no values), is constructed on the CPU instead, under ``fork_rng``.
     """
     with _cpu_float32():
-        try:
-            with torch.device("meta"):
-                rule = rule_class.from_config_dict(config)
-        except Exception:  # noqa: BLE001 - built on the CPU below, which raises the rule's own error
-            rule = None
-        if rule is not None and _held_by_state_dict(rule):
-            return rule.to_empty(device="cpu")
-        with torch.random.fork_rng(devices=[]):
+        rule = _allocated_from_meta(rule_class, config, torch.device("cpu"))
+        if rule is not None:
+            return rule
+        with torch.random.fork_rng(devices=[]):  # built on the CPU, raising the rule's own error
             return rule_class.from_config_dict(config)
 
 
@@ -602,13 +598,8 @@ def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator:
     thread-safe, see :func:`blank_rule`), so that its constructor's values are kept.
     """
     state = generator.get_state()  # the draws of a failed try below are undone
-    try:
-        with torch.device("meta"):
-            rule: UpdateRule | None = rule_class.from_config_dict(config)
-    except Exception:  # noqa: BLE001 - constructed as before below, which raises the rule's own error
-        rule = None
-    if rule is not None and _held_by_state_dict(rule):
-        rule = rule.to_empty(device=torch.get_default_device())
+    rule = _allocated_from_meta(rule_class, config, torch.get_default_device())
+    if rule is not None:
         tensors = rule.state_dict().values()
         if all(t.is_floating_point() for t in tensors):
             with torch.no_grad():
@@ -625,6 +616,21 @@ def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator:
         rule = rule_class.from_config_dict(config)
     rule.reset_parameters(generator=generator.set_state(state))  # type: ignore[operator]
     return rule
+
+
+def _allocated_from_meta(rule_class: type[UpdateRule], config: dict[str, Any], device: torch.device) -> UpdateRule | None:
+    """``rule_class.from_config_dict(config)`` constructed on the meta device (drawing nothing
+    from torch's global generator) and allocated on ``device`` (``to_empty``: its weights hold no
+    values), in torch's default dtype; None where it cannot be constructed there or holds tensors
+    its ``state_dict`` does not (:func:`_held_by_state_dict`), for the caller to construct it as
+    before (which raises the rule's own error). :func:`blank_rule`'s and :func:`seeded_rule`'s
+    first try."""
+    try:
+        with torch.device("meta"):
+            rule = rule_class.from_config_dict(config)
+    except Exception:  # noqa: BLE001 - the caller constructs it as before, which raises the rule's own error
+        return None
+    return rule.to_empty(device=device) if _held_by_state_dict(rule) else None
 
 
 def _held_by_state_dict(rule: UpdateRule) -> bool:
