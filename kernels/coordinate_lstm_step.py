@@ -562,15 +562,7 @@ def pack_weights(
             f"(the rule's config.num_inputs)"
         )
     for name, shape in expected.items():
-        t = weights[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"weights[{name!r}] has shape {tuple(t.shape)}, expected {shape} (L={L}, H={H})"
-            )
-        if t.dtype != torch.float32:
-            raise ValueError(f"weights[{name!r}] must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"weights[{name!r}] must be contiguous")
+        check_kernel_tensor(f"weights[{name!r}]", weights[name], shape, f" (L={L}, H={H})")
     w_hh = torch.stack([weights[f"lstm.weight_hh_l{k}"] for k in range(L)])
     if L > 1:
         w_ih = torch.stack([weights[f"lstm.weight_ih_l{k}"] for k in range(1, L)])
@@ -611,18 +603,23 @@ def check_packed(packed: PackedWeights | MetaPackedWeights, shapes: Mapping[str,
     them so; this catches packed weights made or altered by hand.)"""
     fields = packed._asdict()
     for name, shape in shapes.items():
-        t = fields[name]
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            raise ValueError(
-                f"packed weights' {name} has shape {tuple(getattr(t, 'shape', ()))}, expected {shape}"
-            )
-        if t.dtype != torch.float32:
-            raise ValueError(f"packed weights' {name} must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"packed weights' {name} must be contiguous, got strides {t.stride()}")
+        check_kernel_tensor(f"packed weights' {name}", fields[name], shape)
     devices = {t.device for t in fields.values()}
     if len(devices) != 1:
         raise ValueError(f"packed weights are on several devices: {sorted(map(str, devices))}")
+
+
+def check_kernel_tensor(label: str, t: object, shape: tuple[int, ...], context: str = "") -> None:
+    """Raise ValueError, naming ``label`` (and ``context`` after an unexpected shape), unless ``t``
+    is a float32 contiguous tensor of ``shape``, the layout by which a kernel indexes a weight
+    tensor: the check of :func:`pack_weights`'s inputs and :func:`check_packed`'s fields (the meta
+    kernel's too)."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"{label} has shape {tuple(getattr(t, 'shape', ()))}, expected {shape}{context}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{label} must be float32, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{label} must be contiguous, got strides {t.stride()}")
 
 
 def check_step_arguments(

@@ -102,6 +102,7 @@ from .coordinate_lstm_step import (
     _store_rounded,
     _zero_padding,
     check_launch_device,
+    check_kernel_tensor,
     check_no_overlap,
     check_packed,
     check_step_arguments,
@@ -356,15 +357,7 @@ def pack_weights(weights: Mapping[str, Tensor], *, hidden_size: int) -> MetaPack
     if len(devices) != 1:
         raise ValueError(f"weights are on several devices: {sorted(map(str, devices))}")
     for name, shape in expected.items():
-        t = weights[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"weights[{name!r}] has shape {tuple(t.shape)}, expected {shape} (H={H})"
-            )
-        if t.dtype != torch.float32:
-            raise ValueError(f"weights[{name!r}] must be float32, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"weights[{name!r}] must be contiguous")
+        check_kernel_tensor(f"weights[{name!r}]", weights[name], shape, f" (H={H})")
     return MetaPackedWeights(
         w_ih=weights["lstm.weight_ih_l0"],
         w_hh=weights["lstm.weight_hh_l0"],
