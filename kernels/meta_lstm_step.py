@@ -88,7 +88,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
-from ..nn.functional import RMS_EPS, preprocess
+from ..nn.functional import RMS_EPS, below_one_in_float32, preprocess
 from .coordinate_lstm_step import (
     STATE_DTYPES,
     _bounded_gradient,
@@ -496,6 +496,8 @@ def meta_lstm_step_(
             continue
         if not 0.0 < decay < 1.0:
             raise ValueError(f"{option} must be in (0, 1), got {decay}")
+        if not below_one_in_float32(decay):  # as MetaLSTMConfig: the bias correction would divide 0 by 0
+            raise ValueError(f"{option} must be in (0, 1) in float32, got {decay}")
         if state is None:
             raise ValueError(f"{name} (2, N) is required with {option}")
         _check_state(name, state, (2, n), slab=False)

@@ -525,6 +525,10 @@ def _call(**overrides) -> None:
         ({"rms_decay": 0.999, "v": torch.zeros(2, 31)}, r"v has shape"),
         ({"rms_decay": 1.0, "v": torch.zeros(2, 32)}, r"rms_decay must be in \(0, 1\)"),
         ({"momentum_decay": 0.0, "m": torch.zeros(2, 32)}, r"momentum_decay must be in \(0, 1\)"),
+        # below 1, but 1.0 in float32: the bias correction's weight stayed 0, every step NaN (the
+        # rule refuses it, MetaLSTMConfig; the launcher took it)
+        ({"momentum_decay": 1 - 1e-9, "m": torch.zeros(2, 32)}, r"momentum_decay must be in \(0, 1\) in float32, got 0.999999999$"),
+        ({"rms_decay": 1 - 1e-9, "v": torch.zeros(2, 32)}, r"rms_decay must be in \(0, 1\) in float32, got 0.999999999$"),
         ({"step_scale": 0.0}, r"step_scale must be positive"),
         ({"step_scale": float("inf")}, r"step_scale must be positive and finite"),
     ],

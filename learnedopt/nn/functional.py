@@ -7,6 +7,7 @@ element. Nothing here holds state or knows about optimizers.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import torch
@@ -112,6 +113,14 @@ def bounded_square(x: Tensor) -> Tensor:
     moment stays finite and the normalised gradient of that step is ``g / sqrt(max)``. NaN stays NaN.
     """
     return x.square().clamp_max(torch.finfo(x.dtype).max)
+
+
+def below_one_in_float32(decay: float) -> bool:
+    """Whether ``decay`` (a number in (0, 1)) is still below 1 rounded to float32, the dtype of
+    the rules' math (rounded without torch, so that a rule built on the meta device can check
+    it): a :func:`debiased_ema` decay of ``1 - 1e-9`` is 1.0 there, which keeps the bias
+    correction's weight at 0, and every step divides 0 by 0."""
+    return struct.unpack("f", struct.pack("f", decay))[0] < 1.0
 
 
 def debiased_ema(x: Tensor, state: Tensor, decay: float) -> tuple[Tensor, Tensor]:

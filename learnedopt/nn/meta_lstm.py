@@ -4,7 +4,6 @@ Learning": an LSTM whose cell state is the parameter itself."""
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from .base import State, StateSpec, UpdateRule
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_gradient, bounded_square, check_preprocess_p, debiased_ema, preprocess_parts, rms_denominator
+from .functional import below_one_in_float32, bounded_gradient, bounded_square, check_preprocess_p, debiased_ema, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -59,7 +58,7 @@ class MetaLSTMConfig:
             if decay is not None and not (is_number(decay) and 0.0 < decay < 1.0):
                 raise ValueError(f"{name} must be None or in (0, 1), got {decay!r}")
             # a decay that rounds to 1 in float32 keeps the bias correction's weight at 0: 0/0
-            if decay is not None and struct.unpack("f", struct.pack("f", decay))[0] >= 1.0:
+            if decay is not None and not below_one_in_float32(decay):
                 raise ValueError(f"{name} must be None or in (0, 1) in float32, got {decay!r}")
         for name in ("forget_bias_init", "input_bias_init"):
             low_high = getattr(self, name)
