@@ -38,7 +38,8 @@ _OPTIONS = {"problems", "weights", "rules", "seeds", "tuning_seeds", "long_tunin
 
 
 class RecordError(ValueError):
-    """A run record that cannot be read (found during a resumed run); the CLI prints it on one line."""
+    """A run record that cannot be read (found during a resumed run), or a record or the runs'
+    settings that cannot be written (a full disk); the CLI prints it on one line (exit code 2)."""
 
 
 def records_folder(out: str | os.PathLike[str], name: str) -> Path:
