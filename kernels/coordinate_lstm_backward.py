@@ -698,7 +698,8 @@ def _check_inputs(x: Tensor, h: Tensor, c: Tensor, packed: PackedWeights) -> tup
             f"packed weights' w_hh must be (L, 4H, H), got {getattr(packed.w_hh, 'shape', type(packed.w_hh))}"
         )
     num_layers, _, hidden = packed.w_hh.shape
-    if x.shape[1] != packed.w_ih0.shape[1]:
+    # the friendlier error for a 2-D w_ih0 of other columns; check_packed refuses every other shape
+    if isinstance(packed.w_ih0, Tensor) and packed.w_ih0.dim() == 2 and x.shape[1] != packed.w_ih0.shape[1]:
         raise ValueError(
             f"x has {x.shape[1]} features per coordinate but the weights take "
             f"{packed.w_ih0.shape[1]} inputs (the rule's config.num_inputs)"
@@ -982,7 +983,9 @@ def coordinate_lstm_step(
         )
     )
     expected = (config.num_layers, 4 * config.hidden_size, config.hidden_size)
-    if packed.w_hh.shape != expected or packed.w_ih0.shape[1] != config.num_inputs:
+    # weights of other sizes named here; of another rank, refused by the forward's check_packed
+    ranked = all(isinstance(t, Tensor) and t.dim() == d for t, d in ((packed.w_hh, 3), (packed.w_ih0, 2)))
+    if ranked and (packed.w_hh.shape != expected or packed.w_ih0.shape[1] != config.num_inputs):
         raise ValueError(
             f"packed weights are for L={packed.w_hh.shape[0]}, H={packed.w_hh.shape[2]}, "
             f"K={packed.w_ih0.shape[1]} inputs, not L={config.num_layers}, "

@@ -862,7 +862,8 @@ def coordinate_lstm_step_(
         raise ValueError(
             f"packed weights are for {tuple(packed.w_hh.shape)}, not L={num_layers}, H={hidden_size}"
         )
-    if packed.w_ih0.shape[1] != k:
+    # the friendlier error for a 2-D w_ih0 of other columns; check_packed refuses every other shape
+    if isinstance(packed.w_ih0, Tensor) and packed.w_ih0.dim() == 2 and packed.w_ih0.shape[1] != k:
         raise _input_count_error(packed.w_ih0.shape[1], k)
     check_packed(packed, packed_shapes(num_layers, hidden_size, k))
     tensors = {

@@ -619,7 +619,9 @@ def meta_lstm_step(
         if isinstance(weights, MetaPackedWeights)
         else pack_weights(weights, hidden_size=config.hidden_size)
     )
-    if packed.w_hh.shape != (4 * config.hidden_size, config.hidden_size):
+    # weights of another H named here; of another rank, refused by the forward's check
+    ranked = isinstance(packed.w_hh, Tensor) and packed.w_hh.dim() == 2
+    if ranked and packed.w_hh.shape != (4 * config.hidden_size, config.hidden_size):
         raise ValueError(
             f"packed weights are for H={packed.w_hh.shape[1]}, not H={config.hidden_size}"
         )

@@ -763,6 +763,8 @@ BAD_PACKED = {
     "float64 bias": (lambda pk: pk._replace(bias=pk.bias.double()), r"packed weights' bias must be float32, got torch.float64"),
     "column-major w_ih0": (lambda pk: pk._replace(w_ih0=pk.w_ih0.t().contiguous().t()), r"packed weights' w_ih0 must be contiguous"),
     "head_b elsewhere": (lambda pk: pk._replace(head_b=pk.head_b.to("meta")), r"packed weights are on several devices"),
+    # its column count was read before any check: an IndexError
+    "1-D w_ih0": (lambda pk: pk._replace(w_ih0=pk.w_ih0[0].clone()), r"packed weights' w_ih0 has shape \(\d+,\), expected \(32, \d+\)"),
 }
 
 

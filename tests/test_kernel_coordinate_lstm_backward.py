@@ -574,6 +574,8 @@ def test_unroll_backend_dispatch() -> None:
         ("head_w", lambda t: t[:1].clone(), r"packed weights' head_w has shape \(1,\), expected \(8,\)"),
         ("w_ih", lambda t: t.double(), r"packed weights' w_ih must be float32, got torch.float64"),
         ("w_hh", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), r"packed weights' w_hh must be contiguous"),
+        # its column count was read before any check: an IndexError
+        ("w_ih0", lambda t: t[0].clone(), r"packed weights' w_ih0 has shape \(\d+,\), expected \(32, \d+\)"),
     ],
 )
 def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> None:

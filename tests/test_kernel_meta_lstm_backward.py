@@ -274,6 +274,8 @@ def test_unroll_triton_matches_torch(stop_optimizee_grad: bool, config: dict) ->
         ("w_fi", lambda t: t[:, :2].clone(), r"packed weights' w_fi has shape \(2, 2\), expected \(2, 10\)"),
         ("w_ih", lambda t: t.double(), r"packed weights' w_ih must be float32, got torch.float64"),
         ("w_hh", lambda t: t.t().contiguous().t(), r"packed weights' w_hh must be contiguous"),
+        # meta_lstm_step named its H by shape[1]: an IndexError
+        ("w_hh", lambda t: t[0].clone(), r"packed weights' w_hh must be \(4H, H\), got torch.Size\(\[8\]\)"),
     ],
 )
 def test_prepacked_weights_of_another_layout_are_refused(field, bad, match) -> None:
