@@ -571,9 +571,10 @@ def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRu
     it afterwards (``torch.random.fork_rng``) rolled back what another thread drew meanwhile, so
     that its draws repeated.
 
-    A rule of your own that cannot be constructed on the meta device, or that holds tensors its
+    A rule of your own that cannot be constructed on the meta device, that holds tensors its
     ``state_dict`` does not (a non-persistent buffer, a plain tensor attribute: they would hold
-    no values), is constructed on the CPU instead, under ``fork_rng``.
+    no values), or that shares a tensor between layers (allocated, it would be untied) is
+    constructed on the CPU instead, under ``fork_rng``.
     """
     with _cpu_float32():
         rule = _allocated_from_meta(rule_class, config, torch.device("cpu"))
@@ -593,7 +594,8 @@ def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator:
     it. The rule is constructed on the meta device and allocated (``to_empty``) instead; every
     weight is filled with NaN before ``reset_parameters``, and where one is left NaN (a
     ``reset_parameters`` of your own that leaves a constructor's weight, or scales it), or the
-    rule holds tensors its ``state_dict`` does not or cannot be constructed on the meta device,
+    rule holds tensors its ``state_dict`` does not, shares one between layers or cannot be
+    constructed on the meta device,
     it is constructed as before, in a fork of the global generator (``fork_rng``: not
     thread-safe, see :func:`blank_rule`), so that its constructor's values are kept.
     """
@@ -635,11 +637,14 @@ def _allocated_from_meta(rule_class: type[UpdateRule], config: dict[str, Any], d
 
 def _held_by_state_dict(rule: UpdateRule) -> bool:
     """Whether every tensor ``rule`` holds is one of its ``state_dict``'s (so that loading one
-    fills them all): no non-persistent buffer, no plain tensor attribute of a module."""
-    held = {name for name, _ in rule.named_parameters(remove_duplicate=False)}
-    held |= {name for name, _ in rule.named_buffers(remove_duplicate=False)}
+    fills them all), each under one name: no non-persistent buffer, no plain tensor attribute of
+    a module, and no tensor shared by two layers (``to_empty`` would give each layer its own,
+    untying a tied weight)."""
+    named = [*rule.named_parameters(remove_duplicate=False), *rule.named_buffers(remove_duplicate=False)]
+    held = {name for name, _ in named}
     plain = any(isinstance(value, torch.Tensor) for module in rule.modules() for value in vars(module).values())
-    return not plain and held <= set(rule.state_dict(keep_vars=True))
+    shared = len({id(t) for _, t in named}) != len(named)
+    return not plain and not shared and held <= set(rule.state_dict(keep_vars=True))
 
 
 def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:

@@ -460,3 +460,39 @@ def test_own_rule_state_declared_not_finite_loads_inf_but_not_nan() -> None:
     saved["state"][1]["low"][0] = float("nan")
     with pytest.raises(ValueError, match=r"^saved state \['low'\] of parameter 1 \(.*\) holds NaN"):
         SmallestGradientOptimizer(others, weights=SmallestGradient()).load_state_dict(saved)
+
+
+class TiedMomentum(LearnedMomentum):
+    """:class:`LearnedMomentum` with a weight shared by two layers (one ``nn.Parameter`` under two
+    names, as a tied embedding is), which its step reads through both."""
+
+    kind = "TestTiedMomentum"
+
+    def __init__(self, config: MomentumConfig | None = None, **overrides) -> None:  # noqa: ANN003
+        super().__init__(config, **overrides)
+        self.first = nn.Linear(1, 1, bias=False)
+        self.second = nn.Linear(1, 1, bias=False)
+        self.second.weight = self.first.weight
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.lr.fill_(0.1)
+            self.first.weight.uniform_(0.5, 1.0, generator=generator)
+
+
+def test_an_own_rule_with_a_weight_shared_by_two_layers_keeps_it_shared(rules_registry) -> None:  # noqa: ANN001
+    """Built on the meta device and allocated (``to_empty``), a rule's tied weight became two
+    independent ones (``Module._apply`` makes a new parameter per module): built blank (a
+    ``--rule-config`` check, a loaded file) or seeded as meta-train's initial rule, it was
+    meta-trained as two weights, one more than its author's. (``save_weights`` refuses such a
+    rule: safetensors writes no tensor twice.)"""
+    from learnedopt.weights import blank_rule, seeded_rule
+
+    register_rule(TiedMomentum)
+    rule = TiedMomentum(beta=0.5)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    seeded = seeded_rule(TiedMomentum, {"beta": 0.5}, torch.Generator().manual_seed(0))
+    for built in (blank_rule(TiedMomentum, {"beta": 0.5}), seeded):
+        assert built.second.weight is built.first.weight
+        assert len(list(built.parameters())) == len(list(rule.parameters()))
+    assert torch.equal(seeded.first.weight, rule.first.weight)
