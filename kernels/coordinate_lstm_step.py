@@ -78,7 +78,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
-from ..nn.functional import RMS_EPS, check_preprocess_p
+from ..nn.functional import RMS_EPS, below_one_in_float32, check_preprocess_p
 
 if TYPE_CHECKING:
     from .meta_lstm_step import MetaPackedWeights
@@ -762,10 +762,9 @@ def _fp32_decays(name: str, decays: Sequence[float]) -> tuple[float, ...]:
     takes them as constants, and ``1 - beta`` is then exact in Python as in fp32)."""
     if not all(0.0 <= beta < 1.0 for beta in decays):
         raise ValueError(f"{name} must be in [0, 1), got {tuple(decays)}")
-    rounded = tuple(torch.tensor(decays, dtype=torch.float32, device="cpu").tolist())
-    if any(beta >= 1.0 for beta in rounded):  # the moment would never move (v / 1e-8 overflowing)
+    if not all(below_one_in_float32(beta) for beta in decays):  # the moment would never move (v / 1e-8 overflowing)
         raise ValueError(f"{name} must be below 1 in fp32, got {tuple(decays)}")
-    return rounded
+    return tuple(torch.tensor(decays, dtype=torch.float32, device="cpu").tolist())
 
 
 def coordinate_lstm_step_(

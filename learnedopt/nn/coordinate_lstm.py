@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from .base import State, StateSpec, UpdateRule
 
 from ..values import check_positive_integer, finite_in_float32, is_number
-from .functional import bounded_gradient, bounded_square, check_preprocess_p, preprocess_parts, rms_denominator
+from .functional import below_one_in_float32, bounded_gradient, bounded_square, check_preprocess_p, preprocess_parts, rms_denominator
 from .lstm_step import lstm_step
 
 
@@ -65,7 +64,7 @@ class CoordinateLSTMConfig:
                     raise ValueError(f"{name}: decays must be in [0, 1), got {beta!r}")
                 # the math rounds it to float32 (also the kernels): at 1 there, v stayed 0 and the
                 # RMS feature g / 1e-8 overflowed for a finite gradient of 1e31; m stayed 0
-                if struct.unpack("f", struct.pack("f", beta))[0] >= 1.0:
+                if not below_one_in_float32(beta):
                     raise ValueError(f"{name}: decays must be below 1 in float32, got {beta!r}")
 
     @property
