@@ -17,7 +17,7 @@ from ..plugins import entry_point_path
 from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers, run_settings
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
-from .records import RecordError, RunRecords, records_folder
+from .records import RecordError, RecordWriteError, RunRecords, records_folder
 from .report import WriteResults, check_report_name, write_report
 from .runs import LR_SCHEDULES
 
@@ -233,9 +233,9 @@ def run_cli(
             print(f"--resume: continuing from the {records.count()} runs recorded in {records.folder}", file=sys.stderr)
         try:
             records.begin(settings)
-        except RecordError as err:  # a full disk before the first run
+        except RecordWriteError as err:  # a full disk before the first run
             print(f"{prog}: error: {err}", file=sys.stderr)
-            return 2
+            return 1
         try:
             report = evaluate_optimizers(config, workers=args.workers, setup=setup, records=records)
         except KeyboardInterrupt:
@@ -244,9 +244,9 @@ def run_cli(
                     else "no run had finished")  # fmt: skip
             print(f"{prog}: interrupted; no report was written (it is written once every run is done); {kept}", file=sys.stderr)
             return 130
-        except RecordError as err:
+        except RecordError as err:  # a damaged record (2), or one that cannot be written (1)
             print(f"{prog}: error: {err}", file=sys.stderr)
-            return 2
+            return 1 if isinstance(err, RecordWriteError) else 2
         try:
             paths = write_report(report, out_dir, name=args.name, write_results=write_results)
         except KeyboardInterrupt:  # each file is whole, old or new (written atomically); the runs are kept

@@ -38,8 +38,13 @@ _OPTIONS = {"problems", "weights", "rules", "seeds", "tuning_seeds", "long_tunin
 
 
 class RecordError(ValueError):
-    """A run record that cannot be read (found during a resumed run), or a record or the runs'
-    settings that cannot be written (a full disk); the CLI prints it on one line (exit code 2)."""
+    """A run record that cannot be read (found during a resumed run): the CLI prints it on one
+    line (exit code 2)."""
+
+
+class RecordWriteError(RecordError):
+    """A record or the runs' settings that cannot be written (a full disk): the CLI prints it on
+    one line (exit code 1, as for a report or a meta-train file that cannot be written)."""
 
 
 def records_folder(out: str | os.PathLike[str], name: str) -> Path:
@@ -100,14 +105,14 @@ class RunRecords:
         process's own: a worker of a killed evaluation may still be writing the same record.
 
         Raises:
-            RecordError: the record cannot be written (a full disk: one line, which says that
+            RecordWriteError: the record cannot be written (a full disk: one line, which says that
                 ``--resume`` continues from the runs recorded before it).
         """
         text = json.dumps({"key": dict(key), "curve": np.asarray(curve, dtype=np.float64).tolist()})
         try:
             write_atomically(self.path(key), lambda tmp: tmp.write_text(text, encoding="utf-8"), unique=True)
         except OSError as err:
-            raise RecordError(f"cannot record a run in {self.folder} ({err.strerror or err}): the {self.count()} runs "
+            raise RecordWriteError(f"cannot record a run in {self.folder} ({err.strerror or err}): the {self.count()} runs "
                               "finished before it are recorded; --resume continues from them") from None  # fmt: skip
 
     def count(self) -> int:
@@ -181,17 +186,17 @@ class RunRecords:
         """Create the folder and record ``settings`` (after :meth:`check`, before the first run).
 
         Raises:
-            RecordError: they cannot be written (a full disk: one line, which says what the
+            RecordWriteError: they cannot be written (a full disk: one line, which says what the
                 runs recorded before, if any, are kept for).
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": RECORDS_FORMAT, **settings}, indent=2) + "\n"
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             write_atomically(self.folder / SETTINGS_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except OSError as err:
             kept = (f"the {self.count()} runs finished before it are recorded; --resume continues from them" if self.count()
                     else "no run has started: run the command again once it can write")  # fmt: skip
-            raise RecordError(f"cannot record the settings of the runs in {self.folder} ({err.strerror or err}): {kept}") from None
+            raise RecordWriteError(f"cannot record the settings of the runs in {self.folder} ({err.strerror or err}): {kept}") from None
 
 
 def _check_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
