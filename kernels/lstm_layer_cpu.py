@@ -28,7 +28,8 @@ g++``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 partial copy) is built again, never loaded. A kernel is compiled in a temporary folder, then
 copied there; where that folder cannot be written (read-only, or a full disk) or its libraries
 cannot be loaded (mounted ``noexec``), each process builds into a temporary folder, with one
-warning naming why. If no compiler works, :func:`applies` is False
+warning naming why. A compile that does not finish within ``$LEARNEDOPT_CXX_TIMEOUT`` seconds
+(default 300: :func:`compiler_timeout`) is killed and fails the build. If no compiler works, :func:`applies` is False
 from then on, with one warning (:func:`failed`: the LSTM step then leaves torch.compile's failure
 on the CPU, which needs a working C++ compiler too, unwarned).
 ``LEARNEDOPT_CPU_KERNEL=0`` turns it off.
@@ -49,11 +50,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import math
 import os
 import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -68,6 +71,8 @@ from ..switches import env_switch
 SOURCE = Path(__file__).with_name("lstm_layer_cpu.cpp")
 #: Rows per part below which a call is not split over threads.
 MIN_ROWS_PER_THREAD = 4096
+#: Seconds one compile may take, unless ``LEARNEDOPT_CXX_TIMEOUT`` says otherwise (:func:`compiler_timeout`).
+COMPILER_TIMEOUT = 300.0
 _libraries: dict[tuple[int, int], ctypes.CDLL] = {}
 _failed = False
 _warned_unwritable = False
@@ -155,11 +160,56 @@ def _load(path: Path) -> ctypes.CDLL:
     return library
 
 
+def compiler_timeout() -> float:
+    """``LEARNEDOPT_CXX_TIMEOUT``: the seconds one compile of a kernel may take before the build
+    counts as failed (:data:`COMPILER_TIMEOUT` where unset or empty); a value that is not a
+    number above 0 raises ValueError."""
+    value = os.environ.get("LEARNEDOPT_CXX_TIMEOUT", "").strip()
+    if not value:
+        return COMPILER_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(
+            f"LEARNEDOPT_CXX_TIMEOUT={value!r}: use the seconds one compile of the CPU LSTM kernel may take, "
+            f"a number above 0 (default {COMPILER_TIMEOUT:g})"
+        )
+    return seconds
+
+
 def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
-    """Compile into ``path``; returns the compiler's first error line, or None when built."""
-    done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        return _first_error(done.stderr) or f"status {done.returncode}"
+    """Compile into ``path``; returns the compiler's first error line, or None when built.
+
+    Raises:
+        RuntimeError: the compiler did not finish within :func:`compiler_timeout` seconds (a
+            ``ccache`` on a stuck network mount, a wrapper waiting for a licence): it is killed,
+            with all it started (it runs in a session of its own), and reaped.
+    """
+    timeout = compiler_timeout()
+    command = [*compiler, *flags, str(SOURCE), "-o", str(path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            # (capped at what poll() takes, 24 days)
+            _, stderr = process.communicate(timeout=min(timeout, 2_000_000))
+        except BaseException as err:  # the timeout, or Ctrl-C while it compiles
+            try:
+                if hasattr(os, "killpg"):
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:  # no process groups (Windows): the compiler alone
+                    process.kill()
+            except ProcessLookupError:  # all of its session has exited
+                pass
+            process.wait()  # reaped (leaving the with block closes its pipes)
+            if isinstance(err, subprocess.TimeoutExpired):
+                raise RuntimeError(
+                    f"{' '.join(compiler)} did not finish within {timeout:g} s; set LEARNEDOPT_CXX_TIMEOUT "
+                    "to the seconds a compile may take"
+                ) from None
+            raise
+    if process.returncode != 0:
+        return _first_error(stderr) or f"status {process.returncode}"
     if not path.is_file() or path.stat().st_size == 0:  # a wrapper that exits 0 without compiling
         return f"wrote no library to {path}"
     return None
@@ -217,6 +267,7 @@ def _flags(inputs: int, hidden: int, variant: list[str]) -> list[str]:
 
 
 def _build(inputs: int, hidden: int) -> ctypes.CDLL:
+    compiler_timeout()  # a bad value is an error, found or built
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
@@ -279,7 +330,11 @@ def _warn_cache(problem: str) -> None:
 
 def ready(inputs: int, hidden: int) -> bool:
     """Whether the kernel for a layer of these sizes is built, building it if need be. If it
-    cannot be built: False, and :func:`applies` False from then on, with one warning."""
+    cannot be built: False, and :func:`applies` False from then on, with one warning.
+
+    Raises:
+        ValueError: ``LEARNEDOPT_CXX_TIMEOUT`` is not a number of seconds (:func:`compiler_timeout`).
+    """
     global _failed
     with _lock:
         if (inputs, hidden) not in _libraries and not _failed:

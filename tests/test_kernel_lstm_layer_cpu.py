@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -358,7 +359,7 @@ def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch: pytest.Monkey
     assert len(built) == 1
     # a new process (here: an empty in-memory table) loads the file without compiling
     monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
-    monkeypatch.setattr(lstm_layer_cpu.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(lstm_layer_cpu.subprocess, "Popen", lambda *a, **k: pytest.fail("compiled again"))
     assert lstm_layer_cpu.ready(7, 4)
     # no temporary file left; the digest that vouches for the build beside it
     assert sorted(tmp_path.iterdir()) == [built[0], tmp_path / f"{built[0].name}.sha256"]
@@ -865,7 +866,7 @@ def test_a_kernel_built_without_openmp_is_loaded_from_the_cache_without_compilin
     assert lstm_layer_cpu.ready(7, 4)
     (built,) = (tmp_path / "cache").glob("lstm_layer_cpu_7_4_*.so")  # the one without OpenMP
     monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})  # a new process
-    monkeypatch.setattr(lstm_layer_cpu.subprocess, "run", lambda *a, **k: pytest.fail(f"compiled again: {a[0][-3:]}"))
+    monkeypatch.setattr(lstm_layer_cpu.subprocess, "Popen", lambda *a, **k: pytest.fail(f"compiled again: {a[0][-3:]}"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lstm_layer_cpu.ready(7, 4)
@@ -937,3 +938,77 @@ def test_a_cache_whose_libraries_cannot_be_loaded_builds_into_a_temporary_folder
     cell, x, h, c, grads = _layer(3, 4, 6)
     for a, b in zip(_kernel(cell, x, h, c, grads), _reference(cell, x, h, c, grads), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` no longer runs: reaped, or dead and waiting for its parent (an
+    orphan's new parent, maybe a container's init that never reaps, is not this process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see the compiler's processes")
+def test_a_hung_compiler_times_out_with_one_warning_and_is_killed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A compiler that never finishes (``ccache`` on a stuck NFS mount, a wrapper waiting for a
+    licence) hung the first step forever, without a word. After ``LEARNEDOPT_CXX_TIMEOUT``
+    seconds the build fails, at once (not once per flag variant), with one warning naming the
+    compiler, the timeout and the variable; the compiler and what it started are killed, the
+    compiler reaped; the step runs as with ``LEARNEDOPT_CPU_KERNEL=0``, bit for bit."""
+    hung = tmp_path / "hung-c++"
+    hung.write_text(f"#!/bin/sh\necho $$ >> {tmp_path / 'compilers'}\nsleep 600 &\necho $! >> {tmp_path / 'children'}\nwait\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("CXX", str(hung))
+    monkeypatch.setenv("LEARNEDOPT_CXX_TIMEOUT", "0.5")
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not lstm_layer_cpu.ready(2, 20)
+        assert not lstm_layer_cpu.ready(3, 20)  # no second try
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "could not be built" in messages[0], messages
+    assert f"{hung} did not finish within 0.5 s" in messages[0] and "LEARNEDOPT_CXX_TIMEOUT" in messages[0], messages
+    (compiler,) = map(int, (tmp_path / "compilers").read_text().split())
+    (child,) = map(int, (tmp_path / "children").read_text().split())
+    assert not Path(f"/proc/{compiler}").exists()  # killed and reaped: no zombie
+    for _ in range(100):  # the orphaned child, killed, is reaped by its new parent
+        if _gone(child):
+            break
+        time.sleep(0.05)
+    assert _gone(child), "the compiler's own child still runs"
+    assert not lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20)
+    monkeypatch.delenv("CXX")  # torch.compile's pointwise code uses $CXX too
+    lstm = torch.nn.LSTM(2, 20, 2)
+    x, h, c = torch.randn(5, 2), torch.randn(2, 5, 20, requires_grad=True), torch.randn(2, 5, 20)
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", switch)
+        top, h_new, c_new = lstm_step(lstm, x, h, c)
+        results[switch] = (top, h_new, c_new, *torch.autograd.grad(top.sum(), (h, *lstm.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(results["1"], results["0"], strict=True))
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf"])
+def test_a_compiler_timeout_that_is_not_a_positive_number_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """An error naming the variable, from ready() too (the kernel not turned off with a warning),
+    whether or not the kernel is in the cache."""
+    monkeypatch.setenv("LEARNEDOPT_CXX_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"^LEARNEDOPT_CXX_TIMEOUT={value!r}: "):
+        lstm_layer_cpu.compiler_timeout()
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with pytest.raises(ValueError, match=f"^LEARNEDOPT_CXX_TIMEOUT={value!r}: "):
+        lstm_layer_cpu.ready(7, 4)
+    assert not lstm_layer_cpu.failed()
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 300.0), ("", 300.0), (" 42 ", 42.0), ("0.5", 0.5)])
+def test_the_compiler_timeout_defaults_to_five_minutes(monkeypatch: pytest.MonkeyPatch, value, seconds: float) -> None:
+    if value is None:
+        monkeypatch.delenv("LEARNEDOPT_CXX_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("LEARNEDOPT_CXX_TIMEOUT", value)
+    assert lstm_layer_cpu.compiler_timeout() == seconds
