@@ -189,7 +189,10 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
     """
     timeout = compiler_timeout()
     command = [*compiler, *flags, str(SOURCE), "-o", str(path)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+    # in the C locale: gcc translates its messages otherwise (``Fehler:``), and the line naming
+    # the error, found by the word "error", would not be found
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as process:
         try:
             # (capped at what poll() takes, 24 days)
             _, stderr = process.communicate(timeout=min(timeout, 2_000_000))
@@ -222,7 +225,8 @@ _LINKER_LINE = re.compile(r"^(?:\S*/)?(?:ld|ld\.\w+|ld64(?:\.\w+)?|lld|mold): (?
 
 def _first_error(stderr: str) -> str | None:
     """The compiler's first line naming an error, or the linker's, whichever comes first (the
-    driver's summary, ``collect2: error: ld returned 1 exit status``, says nothing of why)."""
+    driver's summary, ``collect2: error: ld returned 1 exit status``, says nothing of why), in
+    English: :func:`_compile` runs the compiler in the C locale."""
     return next((line for line in stderr.strip().splitlines() if "error" in line or _LINKER_LINE.match(line)), None)
 
 

@@ -1012,3 +1012,29 @@ def test_the_compiler_timeout_defaults_to_five_minutes(monkeypatch: pytest.Monke
     else:
         monkeypatch.setenv("LEARNEDOPT_CXX_TIMEOUT", value)
     assert lstm_layer_cpu.compiler_timeout() == seconds
+
+
+def test_the_compiler_runs_in_the_c_locale_so_its_error_line_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Under a non-English locale gcc translates its messages (``Fehler:``, ``erreur :``), and
+    the line naming the error, found by the word ``error``, was not found: the warning said only
+    ``status 1``. The compiler runs with ``LC_ALL=C`` and ``LANG=C`` (simulated: a compiler that
+    prints its error in English only there), and the warning names the error."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'if [ "$LC_ALL" = C ] && [ "$LANG" = C ]; then echo "x.cpp:1:1: error: \'y\' was not declared in this scope" >&2\n'
+        'else echo "x.cpp:1:1: Fehler: >>y<< wurde in diesem Gueltigkeitsbereich nicht definiert" >&2; fi\n'
+        "exit 1\n"
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with pytest.warns(UserWarning, match="could not be built") as caught:
+        assert not lstm_layer_cpu.ready(7, 4)
+    (message,) = [str(w.message) for w in caught]
+    assert "error: 'y' was not declared in this scope" in message, message
+    assert os.environ["LC_ALL"] == "de_DE.UTF-8"  # the process's own locale untouched
