@@ -192,7 +192,10 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
     # in the C locale: gcc translates its messages otherwise (``Fehler:``), and the line naming
     # the error, found by the word "error", would not be found
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as process:
+    # its messages as UTF-8, any other byte (a path in a Latin-1 file name) replaced: an error
+    # decoding them would escape ready() from every step
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "encoding": "utf-8", "errors": "replace"}
+    with subprocess.Popen(command, **pipes, env=env, start_new_session=True) as process:
         try:
             # (capped at what poll() takes, 24 days)
             _, stderr = process.communicate(timeout=min(timeout, 2_000_000))

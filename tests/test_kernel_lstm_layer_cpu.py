@@ -1038,3 +1038,20 @@ def test_the_compiler_runs_in_the_c_locale_so_its_error_line_is_found(monkeypatc
     (message,) = [str(w.message) for w in caught]
     assert "error: 'y' was not declared in this scope" in message, message
     assert os.environ["LC_ALL"] == "de_DE.UTF-8"  # the process's own locale untouched
+
+
+def test_compiler_output_that_is_not_utf8_is_named_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A compiler whose messages hold bytes that are not UTF-8 (a path in a Latin-1 file name, a
+    wrapper's own output): its UnicodeDecodeError escaped ready() and failed every step, instead
+    of the one warning naming the error, the byte replaced."""
+    compiler = tmp_path / "c++"
+    compiler.write_text("#!/bin/sh\nprintf 'x.cpp:1:1: error: no such file /home/j\\374rgen/y.h\\n' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
+    with pytest.warns(UserWarning, match="could not be built") as caught:
+        assert not lstm_layer_cpu.ready(7, 4)
+    (message,) = [str(w.message) for w in caught]
+    assert "error: no such file /home/j\ufffdrgen/y.h" in message, message
