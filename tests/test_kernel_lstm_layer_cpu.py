@@ -242,6 +242,38 @@ def test_threads_split_rows_deterministically(monkeypatch: pytest.MonkeyPatch) -
     assert all(torch.equal(a, b) for a, b in zip(split, again, strict=True))
 
 
+@needs_compiler
+@pytest.mark.parametrize("n", [203, 37, 16])
+def test_forward_outputs_head_included_do_not_depend_on_the_threads(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Each row's forward outputs, the head included (summed for 16 rows at a time where a part
+    has them, else per tile of four or per row), are the same bits over one, two and three
+    threads, whose parts start at other rows (203: parts of 104 and 99 rows, or 68, 68, 67)."""
+    cell, x, h, c, _ = _layer(2, 20, n)
+    head_weight, head_bias, _ = _head(20, n)
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1).detach()
+    bias = (cell.bias_ih + cell.bias_hh).detach()
+    assert lstm_layer_cpu.ready(2, 20)
+    monkeypatch.setattr(lstm_layer_cpu, "MIN_ROWS_PER_THREAD", 4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            assert lstm_layer_cpu._parts(n) == count
+            h_new, c_new = torch.empty(n, 20), torch.empty(n, 20)
+            saved = lstm_layer_cpu.lstm_layer_forward(
+                x, h, c, weight, bias, h_new, c_new, save=True, head_weight=head_weight, head_bias=head_bias
+            )
+            results.append((h_new, c_new, *saved))
+    finally:
+        torch.set_num_threads(threads)
+    want = h_new.double() @ head_weight[0].double() + head_bias.double()
+    torch.testing.assert_close(results[0][-1].double(), want, rtol=1e-5, atol=1e-5)
+    for got in results[1:]:
+        for name, a, b in zip(["h'", "c'", "activations", "tanh(c')", "head"], got, results[0], strict=True):
+            assert torch.equal(a, b), (name, n)
+
+
 def test_threads_only_for_enough_rows_per_thread() -> None:
     """Rows are split over torch's threads only in parts of at least MIN_ROWS_PER_THREAD (a
     thread's start costs more than a few rows), never over more parts than threads."""
