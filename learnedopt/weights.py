@@ -283,12 +283,30 @@ def save_with_header(
     """Write ``tensors`` and the JSON ``header`` (metadata entry ``header_key``) as a safetensors
     file, atomically: the writer of :func:`open_with_header`'s formats.
 
+    A tensor that shares its memory with one before it (a weight tied between two layers, a
+    layer used under two names: one tensor under two keys) is written from a copy, as safetensors
+    refuses tensors that share memory ("Some tensors share memory"); each key holds its own
+    tensor in the file, and loading it (``load_state_dict`` copies into the module's own
+    tensors) keeps the tie. The bytes of a file without such a tensor are as before.
+
     Raises:
         OSError: the file cannot be written (a full disk: the OS's error, which safetensors' own
             writer reports as a ``SafetensorError``; the bytes are the same).
     """
-    data = save(tensors, metadata={header_key: json.dumps(header)})
+    data = save(_unshared(tensors), metadata={header_key: json.dumps(header)})
     write_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, each one whose memory (storage) is that of a tensor before it replaced by a
+    copy (contiguous, as safetensors writes it): :func:`save_with_header`'s files."""
+    seen: set[tuple[torch.device, int]] = set()
+    unshared = {}
+    for name, tensor in tensors.items():
+        memory = (tensor.device, tensor.untyped_storage().data_ptr())
+        unshared[name] = tensor.clone(memory_format=torch.contiguous_format) if memory in seen else tensor
+        seen.add(memory)
+    return unshared
 
 
 def class_path(cls: type) -> str | None:

@@ -2175,6 +2175,41 @@ def test_an_own_rule_with_dropout_resumes_bit_identically(tmp_path: Path, own_dr
     assert {k: v for k, v in ha.items() if k != "command"} == {k: v for k, v in hb.items() if k != "command"}
 
 
+TIED_RULE = """
+
+class TiedMLP(MomentumMLP):  # a hidden layer's weight tied to another's: one tensor under two names
+    kind = "CliTiedMLP"
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        hidden = self.config.hidden
+        first, last = self.mlp[0], self.mlp[2]
+        self.mlp = torch.nn.Sequential(first, torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), last)
+        self.mlp[4].weight = self.mlp[2].weight
+"""
+
+
+@pytest.fixture
+def own_tied_rule(tmp_path: Path, monkeypatch) -> str:  # noqa: ANN001 - pytest's fixture
+    """:func:`own_rule` with ``TiedMLP`` too."""
+    yield from own_rule_module(tmp_path, monkeypatch, OWN_RULE + TIED_RULE)
+
+
+def test_an_own_rule_with_a_tied_weight_writes_its_weights_and_resumes_exactly(tmp_path: Path, own_tied_rule: str) -> None:
+    """``--rule module:Class`` of a rule whose weight is one tensor under two names: the run's
+    weight file failed in safetensors ("Some tensors share memory") at the end of the run. It is
+    written, loads with the weight tied, and --resume continues the run bit for bit."""
+    rule = f"{own_tied_rule}:TiedMLP"
+    args = ("--rule", rule, "--meta-steps", "4", "--checkpoint-every", "2", "--seed", "1")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run(whole, *args) == 0
+    loaded, header = load_weights(whole / "weights.safetensors")
+    assert header["kind"] == "CliTiedMLP" and loaded.mlp[4].weight is loaded.mlp[2].weight
+    a = resumed_equals_whole(whole, broken, args)
+    assert torch.equal(a["mlp.2.weight"], a["mlp.4.weight"]) and not torch.equal(a["mlp.2.bias"], a["mlp.4.bias"])
+
+
 def test_meta_train_starts_from_a_weight_file_of_an_own_rule_and_resumes_exactly(tmp_path: Path, own_rule: str) -> None:
     """``--rule module:Class --preset FILE``: a run starts from the file's architecture and
     weights (a run of the rule's own), writes a file of its kind and a card that says so, and

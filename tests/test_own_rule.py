@@ -479,13 +479,16 @@ class TiedMomentum(LearnedMomentum):
             self.lr.fill_(0.1)
             self.first.weight.uniform_(0.5, 1.0, generator=generator)
 
+    def forward(self, grad, param, state, loss=None):  # noqa: ANN001, ANN201
+        step, new_state = super().forward(grad, param, state, loss)
+        return self.second(self.first(step.reshape(-1, 1))).reshape(step.shape), new_state
+
 
 def test_an_own_rule_with_a_weight_shared_by_two_layers_keeps_it_shared(rules_registry) -> None:  # noqa: ANN001
     """Built on the meta device and allocated (``to_empty``), a rule's tied weight became two
     independent ones (``Module._apply`` makes a new parameter per module): built blank (a
     ``--rule-config`` check, a loaded file) or seeded as meta-train's initial rule, it was
-    meta-trained as two weights, one more than its author's. (``save_weights`` refuses such a
-    rule: safetensors writes no tensor twice.)"""
+    meta-trained as two weights, one more than its author's."""
     from learnedopt.weights import blank_rule, seeded_rule
 
     register_rule(TiedMomentum)
@@ -496,3 +499,38 @@ def test_an_own_rule_with_a_weight_shared_by_two_layers_keeps_it_shared(rules_re
         assert built.second.weight is built.first.weight
         assert len(list(built.parameters())) == len(list(rule.parameters()))
     assert torch.equal(seeded.first.weight, rule.first.weight)
+
+
+def test_an_own_rule_with_a_weight_shared_by_two_layers_is_saved_loaded_and_averaged(tmp_path, rules_registry) -> None:  # noqa: ANN001
+    """save_weights failed in safetensors ("Some tensors share memory") for a rule whose weight
+    is one tensor under two state_dict names: no file of it could be written (nor meta-train's
+    weights). Saved, it loads with the weight shared and steps bit for bit as it did; its
+    SHA-256 is that of the rule saved; two such files average."""
+    from learnedopt.weights import average_weights, fingerprint
+
+    register_rule(TiedMomentum)
+    rules = []
+    for seed in (0, 1):
+        rule = TiedMomentum(beta=0.5)
+        rule.reset_parameters(torch.Generator().manual_seed(seed))
+        save_weights(rule, tmp_path / f"tied{seed}.safetensors")
+        rules.append(rule)
+    loaded, _ = load_weights(tmp_path / "tied0.safetensors")
+    assert loaded.second.weight is loaded.first.weight and len(list(loaded.parameters())) == 2
+    state = loaded.state_dict()
+    assert state["first.weight"].data_ptr() == state["second.weight"].data_ptr()
+    assert fingerprint(loaded) == fingerprint(rules[0])
+    grad, param = torch.randn(5, generator=torch.Generator().manual_seed(2)), torch.zeros(5)
+    m = {"m": torch.randn(1, 5, generator=torch.Generator().manual_seed(3))}
+    for got, want in zip(loaded(grad, param, m), rules[0](grad, param, m), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(pytree_leaves(got), pytree_leaves(want), strict=True))
+    average, members = average_weights([tmp_path / "tied0.safetensors", tmp_path / "tied1.safetensors"])
+    assert average.second.weight is average.first.weight
+    mean = (rules[0].first.weight.double() + rules[1].first.weight.double()) / 2
+    assert torch.equal(average.first.weight, mean.float())
+    assert sorted(m["sha256"] for m in members) == sorted(fingerprint(r)["sha256"] for r in rules)
+
+
+def pytree_leaves(value):  # noqa: ANN001, ANN201
+    """The tensors of a rule's output (a step, a dict of states)."""
+    return [value] if isinstance(value, torch.Tensor) else [value[k] for k in sorted(value)]

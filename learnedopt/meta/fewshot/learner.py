@@ -454,9 +454,9 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
     # in its own dtype (float32 for every tensor rounded an int64 count above 2**24, and a float64
-    # network's weights); a copy of each: a layer used under two names has the same tensors twice,
-    # which safetensors refuses to write ("Some tensors share memory")
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in learner.tensors().items()}
+    # network's weights); a layer used under two names has the same tensors twice, which
+    # save_with_header writes from a copy (safetensors refuses tensors that share memory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in learner.tensors().items()}
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
