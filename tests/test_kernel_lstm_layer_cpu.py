@@ -644,10 +644,16 @@ def test_a_forked_child_runs_the_kernel_on_one_thread() -> None:
     """A process that ran the kernel on two threads, then forked (Hogwild training, a forked
     DataLoader worker): the child's kernel call waited forever for OpenMP threads that do not
     exist in the child; now it runs on one thread, with one thread's results."""
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    _run_without_hanging(_FORKED_CHILD.format(tests=str(Path(__file__).parent)), {}, "the forked child hung in the kernel")
+
+
+def _run_without_hanging(code: str, env: dict[str, str], hung: str) -> None:
+    """Run ``code`` in a Python process of its own session (with ``env`` added and the repository
+    importable); fail with ``hung`` if it (or a child it forked) is still running after 60 s, else
+    unless it exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **env}
     process = subprocess.Popen(
-        [sys.executable, "-c", _FORKED_CHILD.format(tests=tests)], env=env, start_new_session=True,
+        [sys.executable, "-c", code], env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -655,7 +661,7 @@ def test_a_forked_child_runs_the_kernel_on_one_thread() -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)  # the hung child too
         process.communicate()
-        pytest.fail("the forked child hung in the kernel")
+        pytest.fail(hung)
     assert process.returncode == 0, output[-2000:]
 
 
@@ -744,18 +750,7 @@ def test_a_child_forked_while_a_thread_builds_builds_its_own(tmp_path) -> None:
     """A fork while another thread of the parent holds the build lock (a DataLoader worker
     forked while a thread's first step compiles): the child's copy of the lock stayed held by a
     thread it does not have, and its first ready() waited forever; the child builds its own."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LEARNEDOPT_CACHE_DIR": str(tmp_path)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _FORKED_WHILE_BUILDING], env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the hung child too
-        process.communicate()
-        pytest.fail("the forked child hung on the build lock")
-    assert process.returncode == 0, output[-2000:]
+    _run_without_hanging(_FORKED_WHILE_BUILDING, {"LEARNEDOPT_CACHE_DIR": str(tmp_path)}, "the forked child hung on the build lock")
 
 
 @needs_compiler
@@ -867,17 +862,8 @@ def test_the_warning_names_the_linkers_own_error(monkeypatch: pytest.MonkeyPatch
     """A build that fails in the linker (its output's disk full, a missing library) is named by
     the linker's line, not by the compiler driver's summary after it (``collect2: error: ld
     returned 1 exit status``), which says nothing of why; a compile error by its own line."""
-    compiler = tmp_path / "c++"
     (tmp_path / "stderr").write_text(stderr + "\n")
-    compiler.write_text(f"#!/bin/sh\ncat {tmp_path / 'stderr'} >&2\nexit 1\n")
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CXX", str(compiler))
-    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
-    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
-    with pytest.warns(UserWarning, match="could not be built") as caught:
-        assert not lstm_layer_cpu.ready(7, 4)
-    (message,) = [str(w.message) for w in caught]
+    message = _warning_of_failing_compiler(monkeypatch, tmp_path, f"cat {tmp_path / 'stderr'} >&2\nexit 1\n")
     assert named in message and "collect2" not in message and "linker command failed" not in message, message
 
 
@@ -1051,23 +1037,14 @@ def test_the_compiler_runs_in_the_c_locale_so_its_error_line_is_found(monkeypatc
     the line naming the error, found by the word ``error``, was not found: the warning said only
     ``status 1``. The compiler runs with ``LC_ALL=C`` and ``LANG=C`` (simulated: a compiler that
     prints its error in English only there), and the warning names the error."""
-    compiler = tmp_path / "c++"
-    compiler.write_text(
-        "#!/bin/sh\n"
-        'if [ "$LC_ALL" = C ] && [ "$LANG" = C ]; then echo "x.cpp:1:1: error: \'y\' was not declared in this scope" >&2\n'
-        'else echo "x.cpp:1:1: Fehler: >>y<< wurde in diesem Gueltigkeitsbereich nicht definiert" >&2; fi\n'
-        "exit 1\n"
-    )
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
     monkeypatch.setenv("LANG", "de_DE.UTF-8")
-    monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(lstm_layer_cpu, "_libraries", {})
-    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)
-    with pytest.warns(UserWarning, match="could not be built") as caught:
-        assert not lstm_layer_cpu.ready(7, 4)
-    (message,) = [str(w.message) for w in caught]
+    message = _warning_of_failing_compiler(
+        monkeypatch, tmp_path,
+        'if [ "$LC_ALL" = C ] && [ "$LANG" = C ]; then echo "x.cpp:1:1: error: \'y\' was not declared in this scope" >&2\n'
+        'else echo "x.cpp:1:1: Fehler: >>y<< wurde in diesem Gueltigkeitsbereich nicht definiert" >&2; fi\n'
+        "exit 1\n",
+    )  # fmt: skip
     assert "error: 'y' was not declared in this scope" in message, message
     assert os.environ["LC_ALL"] == "de_DE.UTF-8"  # the process's own locale untouched
 
@@ -1076,8 +1053,17 @@ def test_compiler_output_that_is_not_utf8_is_named_not_raised(monkeypatch: pytes
     """A compiler whose messages hold bytes that are not UTF-8 (a path in a Latin-1 file name, a
     wrapper's own output): its UnicodeDecodeError escaped ready() and failed every step, instead
     of the one warning naming the error, the byte replaced."""
+    message = _warning_of_failing_compiler(
+        monkeypatch, tmp_path, "printf 'x.cpp:1:1: error: no such file /home/j\\374rgen/y.h\\n' >&2\nexit 1\n"
+    )
+    assert "error: no such file /home/j\ufffdrgen/y.h" in message, message
+
+
+def _warning_of_failing_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: str) -> str:
+    """The one warning of a first build, in a fresh cache under ``tmp_path``, by a compiler that
+    is the shell script ``script`` (which fails it)."""
     compiler = tmp_path / "c++"
-    compiler.write_text("#!/bin/sh\nprintf 'x.cpp:1:1: error: no such file /home/j\\374rgen/y.h\\n' >&2\nexit 1\n")
+    compiler.write_text("#!/bin/sh\n" + script)
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("LEARNEDOPT_CACHE_DIR", str(tmp_path / "cache"))
@@ -1086,4 +1072,4 @@ def test_compiler_output_that_is_not_utf8_is_named_not_raised(monkeypatch: pytes
     with pytest.warns(UserWarning, match="could not be built") as caught:
         assert not lstm_layer_cpu.ready(7, 4)
     (message,) = [str(w.message) for w in caught]
-    assert "error: no such file /home/j\ufffdrgen/y.h" in message, message
+    return message
