@@ -16,11 +16,12 @@ per 1M values. The verdicts are ``isfinite().all()``'s.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .autocast import without_autocast
 
 
 def non_finite(tensors: Sequence[Tensor]) -> list[str | None]:
@@ -35,7 +36,7 @@ def non_finite(tensors: Sequence[Tensor]) -> list[str | None]:
         for i, t in enumerate(values):
             if not t.is_meta and t.numel() and (t.is_floating_point() or t.is_complex()):
                 by_dtype.setdefault((t.device, t.dtype), []).append(i)
-        with _without_autocast({device.type for device, _ in by_dtype}):
+        with without_autocast({device.type for device, _ in by_dtype}):
             return _judge(values, by_dtype)
 
 
@@ -58,17 +59,6 @@ def _judge(values: list[Tensor], by_dtype: dict[tuple[torch.device, torch.dtype]
         for i, (nan, inf) in zip(indices, verdicts.tolist(), strict=True):
             found[i] = "NaN" if nan else "Inf" if inf else None
     return found
-
-
-def _without_autocast(device_types: set[str]) -> contextlib.ExitStack:
-    """A context with autocast off for each of ``device_types`` (those autocast exists for):
-    ``torch.stack`` of one dtype's norms raised "Unexpected floating ScalarType" for bfloat16
-    ones in a float16 region (or the reverse)."""
-    stack = contextlib.ExitStack()
-    for device_type in sorted(device_types):
-        if torch.amp.is_autocast_available(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
 
 
 def all_finite(tensors: Sequence[Tensor]) -> list[bool]:

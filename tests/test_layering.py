@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The layers, lowest first: the paths each holds (a path ending in ``/`` holds its folder; the
 #: longest path that matches places a module), and what it is ("name: explanation").
 LAYERS = (
-    ("learnedopt/values.py learnedopt/errors.py learnedopt/finite.py learnedopt/files.py learnedopt/switches.py "
+    ("learnedopt/values.py learnedopt/errors.py learnedopt/finite.py learnedopt/autocast.py learnedopt/files.py learnedopt/switches.py "
      "learnedopt/markdown.py learnedopt/plugins.py learnedopt/version.py learnedopt/freed_memory.py "
      "learnedopt/models.py learnedopt/pretrained/",
-     "helpers: value checks, errors, the NaN/Inf check, files, switches, plug-ins, version, models; shared by all"),
+     "helpers: value checks, errors, the NaN/Inf check, autocast off, files, switches, plug-ins, version, models; shared by all"),
     ("learnedopt/data/ learnedopt/meta/tasks.py",
      "data: data readers and task families, what the optimizees are; they know no update rule"),
     ("learnedopt/nn/functional.py",

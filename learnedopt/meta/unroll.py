@@ -38,7 +38,8 @@ from ..errors import NonFiniteGradientError
 from ..finite import all_finite
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
 from ..values import check_bool, is_integer, is_number
-from ..nn.precision import math_dtype, without_autocast
+from ..autocast import without_autocast
+from ..nn.precision import math_dtype
 from .tasks import TaskBatch
 
 Params = dict[str, Tensor]

@@ -27,7 +27,8 @@ from torch.optim import Optimizer
 from .. import finite, kernels
 from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
-from ..nn.precision import math_dtype, without_autocast
+from ..autocast import without_autocast
+from ..nn.precision import math_dtype
 from ..values import check_positive_integer, is_integer, is_number
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
