@@ -683,9 +683,8 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
                     f"expected {preset.sha256[:12]}...): damaged on disk; reinstall learnedopt"
                 )
         return rule, {**header, "preset": name}
-    rule = blank_rule(RULES[preset.kind], preset.config)  # every weight set by reset_parameters
     with _cpu_float32():
-        rule.reset_parameters(generator=torch.Generator().manual_seed(preset.seed))
+        rule = seeded_rule(RULES[preset.kind], preset.config, torch.Generator().manual_seed(preset.seed))
     header = {
         "format": FORMAT_VERSION,
         "kind": preset.kind,
