@@ -408,7 +408,32 @@ def _load_file(path: Path) -> tuple[UpdateRule, dict[str, Any]]:
     bad = not_finite(rule)
     if bad:
         raise ValueError(f"{path}: weights contain NaN or Inf (in float32) in {bad}")
+    differing = _tied_keys_differing(rule, tensors)
+    if differing:
+        raise ValueError(
+            f"{path}: keys {differing} are one tensor in the {header['kind']} (a tied weight) but hold different "
+            "values in the file, so loading would keep only the last; save_weights writes them equal"
+        )
     return rule, header
+
+
+def _tied_keys_differing(rule: UpdateRule, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The first group of ``rule.state_dict()`` keys that share one tensor (a weight tied between
+    two layers) whose values in ``tensors`` (a file's, compared in the rule's dtype) differ, sorted;
+    empty where every such group agrees. ``load_state_dict`` copies each key in turn into the one
+    tensor, so only the last key's value would survive."""
+    state = rule.state_dict()
+    groups: dict[tuple[torch.device, int, tuple[int, ...]], list[str]] = {}
+    for key, value in state.items():
+        if value.device.type != "meta":  # no memory there: every data_ptr is 0
+            groups.setdefault((value.device, value.data_ptr(), tuple(value.shape)), []).append(key)
+    for keys in groups.values():
+        if len(keys) > 1:
+            dtype = state[keys[0]].dtype
+            first = tensors[keys[0]].to(dtype)
+            if any(not torch.equal(first, tensors[k].to(dtype)) for k in keys[1:]):
+                return sorted(keys)
+    return []
 
 
 def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[int, ...]]) -> UpdateRule | None:

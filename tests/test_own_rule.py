@@ -531,6 +531,32 @@ def test_an_own_rule_with_a_weight_shared_by_two_layers_is_saved_loaded_and_aver
     assert sorted(m["sha256"] for m in members) == sorted(fingerprint(r)["sha256"] for r in rules)
 
 
+def test_a_file_whose_tied_keys_hold_different_values_is_refused(tmp_path, rules_registry) -> None:  # noqa: ANN001
+    """A file (edited, or written by other means) whose two keys of one tied tensor hold
+    different values loaded silently with the last key's value; it is refused, naming the keys.
+    A file whose tied keys agree loads as before."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    register_rule(TiedMomentum)
+    rule = TiedMomentum(beta=0.5)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    path = tmp_path / "tied.safetensors"
+    save_weights(rule, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["second.weight"] = tensors["first.weight"] + 1.0
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match=r"^\S*tied\.safetensors: .*'first\.weight'.*'second\.weight'.*different values") as err:
+        load_weights(path)
+    assert "\n" not in str(err.value)
+    tensors["second.weight"] = tensors["first.weight"].clone()
+    save_file(tensors, path, metadata=metadata)
+    loaded, _ = load_weights(path)
+    assert torch.equal(loaded.first.weight, rule.first.weight) and loaded.second.weight is loaded.first.weight
+
+
 def pytree_leaves(value):  # noqa: ANN001, ANN201
     """The tensors of a rule's output (a step, a dict of states)."""
     return [value] if isinstance(value, torch.Tensor) else [value[k] for k in sorted(value)]
