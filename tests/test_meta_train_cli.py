@@ -855,6 +855,28 @@ def test_malformed_checkpoints_and_a_damaged_log_are_one_line_errors(tmp_path: P
     assert run(out, *args, "--resume") == 0
 
 
+def test_a_checkpoint_whose_step_no_run_writes_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    """A hand-edited checkpoint's step of 0, negative, not an int (True passed as 1) or beyond
+    --meta-steps resumed from there with the checkpoint's weights: wrong final weights. Each is
+    refused in one line naming the checkpoint, and nothing in the run changes."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    path = out / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
+    log = (out / "log.jsonl").read_bytes()
+    for step, message in ((0, "records meta-step 0"), (-1, "records meta-step -1"), (True, "records meta-step True"),
+                          (2.0, "records meta-step 2.0"), ("2", "records meta-step '2'"),
+                          (4, "is at meta-step 4, beyond --meta-steps 3")):  # fmt: skip
+        torch.save({**good, "step": step}, path)
+        assert run(out, *args, "--resume") == 2, step
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--resume: {path} {message}" in err, err
+        assert (out / "log.jsonl").read_bytes() == log and not (out / "weights.safetensors").exists()
+    torch.save(good, path)
+    assert run(out, *args, "--resume") == 0
+
+
 def test_a_damaged_or_cut_checkpoint_is_a_one_line_error_not_a_silent_resume(tmp_path: Path, capsys) -> None:
     """torch.load does not check the zip archive's CRC-32s: a checkpoint with a flipped bit in a
     tensor resumed silently from the damaged values, and a cut one gave torch's messages

@@ -908,10 +908,6 @@ def train_loop(
                 raise ConfigError(
                     f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it{how} or choose another --out"
                 )
-        if start > config.meta_steps:
-            raise ConfigError(
-                f"the checkpoint is at meta-step {start}, beyond --meta-steps {config.meta_steps}"
-            )
     if workers.is_main:
         try:
             create_output_folder(out)
@@ -1115,13 +1111,21 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line report
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"--resume: cannot read {path}: {first_line}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict) or not isinstance(payload.get("step"), int):
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict) or "step" not in payload:
         raise ConfigError(f"--resume: {path} is not a learnedopt meta-train checkpoint (no config and step)")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(
             f"--resume: {path} has checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}"
         )
+    # a run checkpoints after a meta-step, 1 the first: another step (an edited file) resumed from
+    # there with the checkpoint's weights, and True as meta-step 1
+    step = payload["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ConfigError(f"--resume: {path} records meta-step {step!r}, which no run checkpoints (a whole number "
+                          "from 1): the checkpoint is damaged or edited")  # fmt: skip
     _refuse_other_config(payload["config"], config, path.parent, f"{path} is a checkpoint", "the checkpoint's")
+    if step > config.meta_steps:
+        raise ConfigError(f"--resume: {path} is at meta-step {step}, beyond --meta-steps {config.meta_steps}")
     return payload
 
 
