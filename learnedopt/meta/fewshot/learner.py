@@ -449,7 +449,8 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     Each tensor is stored in its own dtype, exactly: a float64 network of your own stays
     float64, and integer and bool buffers (BatchNorm's ``num_batches_tracked``) keep their
     values (files of versions that stored every tensor as float32 still load, each tensor cast
-    to the dtype of the network it is loaded into)."""
+    to the dtype of the network it is loaded into). A complex tensor of a dtype safetensors does
+    not store (any but ``torch.complex64``) is refused with ValueError, before anything is written."""
     check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
     header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
@@ -457,6 +458,16 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     # network's weights); a layer used under two names has the same tensors twice, which
     # save_with_header writes from a copy (safetensors refuses tensors that share memory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in learner.tensors().items()}
+    # safetensors stores complex64 but no other complex dtype: its own bare KeyError (torch.complex128)
+    unstorable = [k for k, v in tensors.items() if v.is_complex() and v.dtype != torch.complex64]
+    if unstorable:
+        first = tensors[unstorable[0]]
+        more = f", and {len(unstorable) - 1} more" if len(unstorable) > 1 else ""
+        raise ValueError(
+            f"save_learner does not support {first.dtype} tensors, which safetensors cannot store (got {unstorable[0]}, "
+            f"a {first.dtype} tensor of shape {tuple(first.shape)}{more}); use torch.complex64, or hold "
+            "torch.view_as_real(param) as a real parameter instead"
+        )
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
 
 
