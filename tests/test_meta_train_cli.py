@@ -877,6 +877,22 @@ def test_a_checkpoint_whose_step_no_run_writes_is_refused_naming_it(tmp_path: Pa
     assert run(out, *args, "--resume") == 0
 
 
+def test_a_checkpoint_path_that_is_a_folder_is_named_as_not_a_file(tmp_path: Path, capsys) -> None:
+    """--resume where checkpoint.pt is a folder said "no checkpoint at ..., nor a log" beside the
+    run's log; it says the checkpoint's path is not a file, and nothing in the run changes."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    path = out / "checkpoint.pt"
+    path.unlink()
+    path.mkdir()
+    log = (out / "log.jsonl").read_bytes()
+    assert run(out, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: {path} is not a file (a folder)" in err and "nor a log" not in err, err
+    assert (out / "log.jsonl").read_bytes() == log and path.is_dir() and not any(path.iterdir())
+
+
 def test_a_damaged_or_cut_checkpoint_is_a_one_line_error_not_a_silent_resume(tmp_path: Path, capsys) -> None:
     """torch.load does not check the zip archive's CRC-32s: a checkpoint with a flipped bit in a
     tensor resumed silently from the damaged values, and a cut one gave torch's messages

@@ -1095,6 +1095,10 @@ def _write_all(file: Any, data: bytes) -> None:
 
 def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     """The checkpoint's payload, once its format and config are checked against ``config``."""
+    if path.exists() and not path.is_file():  # a folder (or a device, a pipe) under the checkpoint's name
+        kind = "a folder" if path.is_dir() else "a device, pipe or socket"
+        raise ConfigError(f"--resume: {path} is not a file ({kind}), so it holds no checkpoint to continue from: "
+                          "move it away and put the run's checkpoint there")  # fmt: skip
     if not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {path}, nor a log: nothing to continue; run the command without --resume")
     # torch.save writes a zip archive with a CRC-32 per entry, which torch.load does not check:
