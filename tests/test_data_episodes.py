@@ -426,3 +426,25 @@ def test_a_seed_that_is_not_an_integer_torch_takes_is_named_in_one_line(seed: ob
     unpacking long long') named neither the seed nor what it was given to; True seeded as 1."""
     with pytest.raises(ValueError, match=r"^seed must be an integer from -2\*\*63 to 2\*\*64 - 1, got "):
         _seeded_draws(seed)
+
+
+def test_labels_classes_and_groups_on_cuda_draw_the_cpu_episodes() -> None:
+    """Labels, classes and groups on a GPU (here CUDA's device checks faked on the CPU): the
+    sampler compared them with CPU index tensors (``torch.searchsorted`` raised "Expected all
+    tensors to be on the same device"); it reads them on the CPU and draws the episodes a CPU
+    copy draws, as CPU index tensors (which index images on any device)."""
+    from fake_cuda import fake_cuda
+
+    labels, groups = make_labels([4] * 6), torch.tensor([0, 0, 0, 1, 1, 1])
+    expected = EpisodeSampler(labels, [0, 1, 3, 4], n_way=2, k_shot=1, q_query=1, seed=3, groups=groups, same_group=True)
+    with fake_cuda():
+        for classes in ([0, 1, 3, 4], torch.tensor([0, 1, 3, 4], device="cuda")):
+            sampler = EpisodeSampler(labels.cuda(), classes, n_way=2, k_shot=1, q_query=1, seed=3,
+                                     groups=groups.cuda(), same_group=True)  # fmt: skip
+            parts = class_splits(6, {"a": 0.5, "b": 0.5}, seed=0, groups=groups.cuda())
+            for _ in range(3):
+                got, want = vars(sampler.sample()), vars(expected.sample())
+                assert all(t.device.type == "cpu" and torch.equal(t, want[k]) for k, t in got.items())
+            assert all(p.device.type == "cpu" for p in parts.values())
+            expected.load_state_dict({"generator": torch.Generator().manual_seed(3).get_state()})
+

@@ -32,7 +32,8 @@ def class_splits(
             no group has classes in two parts.
 
     Returns:
-        Part name -> sorted int64 tensor of class ids, in the order of ``fractions``.
+        Part name -> sorted int64 CPU tensor of class ids (with ``groups`` on any device), in the
+        order of ``fractions``.
 
     Raises:
         TypeError: ``fractions`` that is not a mapping.
@@ -55,7 +56,7 @@ def class_splits(
 
 def _class_ids(values: Any, name: str) -> torch.Tensor:
     """``values`` (a tensor, array-like or sequence of integer ids; a set is sorted) as an int64 1-D
-    tensor, or a one-line error naming ``name``: strings, a dataset object, one-hot rows, complex
+    tensor on the CPU (from any device), or a one-line error naming ``name``: strings, a dataset object, one-hot rows, complex
     numbers or floats that are not integers within int64 (0.5, Inf, 1e30) are refused, not cast
     (``.long()`` truncates 0.5 to class 0)."""
     if isinstance(values, (set, frozenset)):
@@ -75,6 +76,8 @@ def _class_ids(values: Any, name: str) -> torch.Tensor:
             f"{name} must be integer ids, but torch cannot read this {type(values).__name__} as numbers ({e}); map "
             "string labels to ids first, e.g. by {c: i for i, c in enumerate(sorted(set(names)))}"
         ) from None
+    # read on the CPU: on a GPU they met the CPU index tensors of the draws (searchsorted raised)
+    ids = ids.cpu()
     if sum(size != 1 for size in ids.shape) > 1:
         raise ValueError(
             f"{name} must be a 1-D tensor of ids, one per entry, got shape {tuple(ids.shape)}"
@@ -95,7 +98,8 @@ def _class_ids(values: Any, name: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Episode:
-    """One few-shot task. Examples are grouped by way: way ``j`` is class ``classes[j]``.
+    """One few-shot task. Examples are grouped by way: way ``j`` is class ``classes[j]``. All five
+    tensors are on the CPU.
 
     Attributes:
         support_idx: int64 (n_way * k_shot,) dataset indices of the support set.
@@ -153,7 +157,7 @@ class EpisodeSampler:
 
     Args:
         labels: int64 (num_examples,) class id of each example, any integers (gaps allowed), as a
-            tensor, array or list; map string labels to integer ids first.
+            tensor (on any device: read on the CPU), array or list; map string labels to integer ids first.
         classes: the class ids episodes may use (e.g. one part of :func:`class_splits`); a set is
             taken in sorted order.
         n_way: classes per episode.
