@@ -448,3 +448,17 @@ def test_labels_classes_and_groups_on_cuda_draw_the_cpu_episodes() -> None:
             assert all(p.device.type == "cpu" for p in parts.values())
             expected.load_state_dict({"generator": torch.Generator().manual_seed(3).get_state()})
 
+
+def test_stack_episodes_keeps_the_meta_batch_on_the_images_device() -> None:
+    """Images on a GPU (faked on the CPU): the episodes' labels, made on the CPU, stayed there
+    beside the images on the GPU, so a loss of the two raised; all four tensors now follow the images."""
+    from fake_cuda import fake_cuda
+
+    labels = make_labels([3] * 4)
+    episodes = [EpisodeSampler(labels, range(4), n_way=2, k_shot=2, q_query=1, seed=s).sample() for s in range(3)]
+    images = torch.randn(len(labels), 1, 2, 2)
+    expected = stack_episodes(images, episodes)
+    with fake_cuda():
+        got = stack_episodes(images.cuda(), episodes)
+        assert [t.device.type for t in got] == ["cuda"] * 4
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, expected, strict=True))

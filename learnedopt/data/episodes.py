@@ -99,7 +99,7 @@ def _class_ids(values: Any, name: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class Episode:
     """One few-shot task. Examples are grouped by way: way ``j`` is class ``classes[j]``. All five
-    tensors are on the CPU.
+    tensors are on the CPU (:func:`stack_episodes` moves the labels to the images' device).
 
     Attributes:
         support_idx: int64 (n_way * k_shot,) dataset indices of the support set.
@@ -125,7 +125,8 @@ def stack_episodes(
         images: ``(num_examples, *shape)`` examples indexed by the episodes.
 
     Returns:
-        ``(x_support (B, N*K, *shape), y_support (B, N*K), x_query (B, N*Q, *shape), y_query (B, N*Q))``.
+        ``(x_support (B, N*K, *shape), y_support (B, N*K), x_query (B, N*Q, *shape), y_query (B, N*Q))``,
+        all four on the device of ``images``.
 
     Raises:
         ValueError: no episodes, or episodes that differ in their numbers of support or query examples.
@@ -140,9 +141,9 @@ def stack_episodes(
         )
     return (
         torch.stack([images[e.support_idx] for e in episodes]),
-        torch.stack([e.support_y for e in episodes]),
+        torch.stack([e.support_y for e in episodes]).to(images.device),  # the episodes' labels are CPU tensors
         torch.stack([images[e.query_idx] for e in episodes]),
-        torch.stack([e.query_y for e in episodes]),
+        torch.stack([e.query_y for e in episodes]).to(images.device),
     )
 
 
