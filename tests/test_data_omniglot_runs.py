@@ -65,6 +65,18 @@ def test_scorer_known_answers(tmp_path) -> None:
         score_runs([], [])
 
 
+def test_scorer_takes_predictions_on_a_gpu(tmp_path) -> None:
+    """Predictions on a GPU (a model's argmax there; CUDA's device checks faked on the CPU) were
+    compared with the runs' CPU labels, which raised "Expected all tensors to be on the same device"."""
+    from fake_cuda import fake_cuda
+
+    make_runs(tmp_path)
+    runs = load_runs(tmp_path, image_size=28)
+    wrong = (runs[1].test_labels + 1) % 4
+    with fake_cuda():
+        assert score_runs(runs, [runs[0].test_labels.cuda(), wrong.cuda()]) == ([0.0, 100.0], 50.0)
+
+
 def test_scorer_means_the_runs_not_the_items(tmp_path) -> None:
     """The benchmark's mean is over runs: a run of 2 items weighs as much as one of 4."""
     make_runs(tmp_path / "a", runs=1, classes=2)

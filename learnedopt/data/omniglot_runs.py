@@ -119,7 +119,8 @@ def score_runs(runs: Sequence[OneShotRun], predictions: Sequence[torch.Tensor]) 
     """Error rate of each run in percent and their mean.
 
     Args:
-        predictions: for each run, int64 ``(T,)`` predicted training-image index of each test item.
+        predictions: for each run, int64 ``(T,)`` predicted training-image index of each test item,
+            on any device (compared on the device of the run's ``test_labels``).
     """
     if len(runs) != len(predictions):
         raise ValueError(f"{len(runs)} runs but {len(predictions)} prediction sets")
@@ -127,7 +128,7 @@ def score_runs(runs: Sequence[OneShotRun], predictions: Sequence[torch.Tensor]) 
         raise ValueError("no runs to score: the mean error of zero runs is undefined")
     errors = []
     for run, predicted in zip(runs, predictions, strict=True):
-        predicted = torch.as_tensor(predicted)
+        predicted = torch.as_tensor(predicted).to(run.test_labels.device)  # e.g. a model's argmax on a GPU
         if predicted.shape != run.test_labels.shape:
             raise ValueError(f"{run.name}: predictions of shape {tuple(predicted.shape)}, expected {tuple(run.test_labels.shape)}")
         errors.append(100.0 * (predicted != run.test_labels).float().mean().item())
