@@ -143,6 +143,27 @@ def test_predict_runs_draws_every_runs_distortions_from_one_generator(tmp_path: 
     assert not torch.equal(seen[0][0][20:], seen[1][0][20:])  # the same run, distorted anew
 
 
+def test_predict_runs_gives_the_support_labels_on_the_images_device(monkeypatch) -> None:
+    """Runs whose images are on a GPU (CUDA's device checks faked on the CPU): the support labels
+    0..C-1 were made on the CPU, so adapting on them beside the images raised a device mismatch."""
+    from fake_cuda import fake_cuda
+
+    import learnedopt.meta.fewshot.adaptation as adaptation
+    from learnedopt.data import OneShotRun
+
+    seen = []
+
+    def classify(learners, x_support, y_support, x_query, *rest):
+        seen.append((x_support.device.type, y_support.device.type, y_support.tolist()))
+        return torch.zeros(x_query.shape[0], x_support.shape[0], device=x_query.device)
+
+    monkeypatch.setattr(adaptation, "classify_task", classify)
+    with fake_cuda():
+        run = OneShotRun("run01", torch.zeros(3, 1, 2, 2).cuda(), torch.zeros(2, 1, 2, 2).cuda(), torch.tensor([0, 2]))
+        predicted = predict_runs([], [run])
+    assert seen == [("cuda", "cuda", [0, 1, 2])] and predicted[0].tolist() == [0, 0]
+
+
 def test_cli_refuses_steps_below_1(tmp_path: Path, checkpoints: dict, capsys) -> None:
     make_runs(tmp_path / "runs", runs=1)
     capsys.readouterr()

@@ -85,7 +85,7 @@ def predict_runs(
     ensemble); returns int64 ``(T,)`` predicted training-image indices per run."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        classify_task(learners, run.train_images, torch.arange(run.train_images.shape[0]), run.test_images, steps,
+        classify_task(learners, run.train_images, torch.arange(run.train_images.shape[0], device=run.train_images.device), run.test_images, steps,
                       support_copies, query_copies, generator).argmax(1)  # fmt: skip
         for run in runs
     ]
