@@ -492,6 +492,25 @@ def test_the_fixed_split_holds_out_the_alphabets_the_readme_names() -> None:
             "meta-valid Latin; meta-test Early Aramaic and Sanskrit.") in readme  # fmt: skip
 
 
+def test_the_split_of_data_on_a_gpu_is_the_cpu_split() -> None:
+    """Class tables on a GPU (CUDA's device checks faked on the CPU): the named split compared
+    them with a CPU tensor of alphabet ids (torch.isin raised a device mismatch), and the drawn one
+    gave CPU meta-train ids beside meta-valid and meta-test ids on the GPU; every part is now the
+    CPU ids the split of a CPU copy gives, as class_splits and EpisodeSampler take them."""
+    from fake_cuda import fake_cuda
+
+    names = [f"A{i}" for i in range(8)]
+    data = SimpleNamespace(num_classes=4 * 8, alphabets=names, alphabet_of_class=torch.arange(8).repeat(4),
+                           rotation_of_class=torch.tensor([0, 90, 180, 270]).repeat_interleave(8))  # fmt: skip
+    expected = [omniglot_class_splits(data), omniglot_class_splits(data, ["A1"], ["A2", "A5"])]
+    with fake_cuda():
+        on_gpu = SimpleNamespace(num_classes=data.num_classes, alphabets=names, alphabet_of_class=data.alphabet_of_class.cuda(),
+                                 rotation_of_class=data.rotation_of_class.cuda())  # fmt: skip
+        got = [omniglot_class_splits(on_gpu), omniglot_class_splits(on_gpu, ["A1"], ["A2", "A5"])]
+        for parts, want in zip(got, expected, strict=True):
+            assert {k: (v.device.type, v.tolist()) for k, v in parts.items()} == {k: ("cpu", v.tolist()) for k, v in want.items()}
+
+
 def test_named_held_out_alphabets_split_the_classes(tmp_path: Path, omniglot_dir: Path) -> None:
     data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
     parts = omniglot_class_splits(data, ["Script2"], ["Script5", "Script7"])

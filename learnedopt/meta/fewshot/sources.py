@@ -166,7 +166,8 @@ def parse_alphabets(text: str | None) -> list[str] | None:
 def omniglot_class_splits(
     data: Any, valid_alphabets: Sequence[str] | None = None, test_alphabets: Sequence[str] | None = None
 ) -> dict[str, Tensor]:
-    """The class ids of the ``meta_train``, ``meta_valid`` and ``meta_test`` parts, split by whole
+    """The class ids (CPU int64 tensors, whatever the device of ``data``'s tables) of the ``meta_train``,
+    ``meta_valid`` and ``meta_test`` parts, split by whole
     alphabets: those named, or (both None) :data:`OMNIGLOT_SPLIT` drawn with seed
     :data:`OMNIGLOT_SPLIT_SEED`. ``meta_train`` (every alphabet not named) keeps the rotated
     classes, ``meta_valid`` and ``meta_test`` only the unrotated characters.
@@ -183,7 +184,7 @@ def omniglot_class_splits(
         parts = class_splits(data.num_classes, OMNIGLOT_SPLIT, seed=OMNIGLOT_SPLIT_SEED, groups=data.alphabet_of_class)
     else:
         parts = _named_split(data, list(valid_alphabets), list(test_alphabets))
-    unrotated = data.rotation_of_class == 0
+    unrotated = (data.rotation_of_class == 0).cpu()  # the parts are CPU ids (class_splits'), whatever the data's device
     return {name: ids if name == "meta_train" else ids[unrotated[ids]] for name, ids in parts.items()}
 
 
@@ -202,7 +203,7 @@ def _named_split(data: Any, valid: list[str], test: list[str]) -> dict[str, Tens
     index = {name: i for i, name in enumerate(data.alphabets)}
 
     def classes(names: list[str]) -> Tensor:
-        return torch.isin(data.alphabet_of_class, torch.tensor([index[n] for n in names])).nonzero().flatten()
+        return torch.isin(data.alphabet_of_class.cpu(), torch.tensor([index[n] for n in names])).nonzero().flatten()
 
     train = [name for name in data.alphabets if name not in named]
     return {"meta_train": classes(train), "meta_valid": classes(valid), "meta_test": classes(test)}
