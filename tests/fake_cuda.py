@@ -6,7 +6,8 @@ Under :func:`fake_cuda`, a tensor made on ``"cuda"`` (``device="cuda"``, ``.to("
 whose ``.device`` says ``cuda``; an op on a marked tensor gives marked tensors, and one that mixes
 a marked tensor with an unmarked one of one dimension or more raises, as CUDA does. As on CUDA, a
 0-dim CPU tensor mixes with marked ones, a marked tensor may be indexed by a CPU index tensor,
-and an unmarked tensor indexed by a marked index raises. The values are real, so ``.tolist()``,
+and an unmarked tensor indexed by a marked index raises; a marked tensor says ``is_cpu`` False and,
+as on CUDA, has no NumPy view (``.numpy()``, ``np.asarray`` raise TypeError). The values are real, so ``.tolist()``,
 ``.item()`` and data-dependent code run (unlike on the ``meta`` device).
 """
 
@@ -49,6 +50,10 @@ class FakeCuda(TorchFunctionMode):
             return _device_of(args[0])
         if func == Tensor.is_cuda.__get__:
             return isinstance(args[0], FakeCudaTensor)
+        if func == Tensor.is_cpu.__get__:
+            return not isinstance(args[0], FakeCudaTensor) and args[0].device.type == "cpu"
+        if func in (Tensor.numpy, Tensor.__array__) and isinstance(args[0], FakeCudaTensor):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first.")
         target = None  # the device the call moves to or makes its result on
         if func is Tensor.cpu:
             target = CPU

@@ -28,3 +28,18 @@ def test_fake_cuda_marks_and_follows_devices() -> None:
 def test_fake_cuda_refuses_mixed_devices(op) -> None:
     with fake_cuda(), pytest.raises(RuntimeError, match="same device"):
         op(torch.arange(5, device="cuda"))
+
+
+def test_fake_cuda_tensors_are_not_cpu_tensors_to_numpy_or_is_cpu() -> None:
+    """A CUDA tensor says ``is_cpu`` False and has no NumPy view (``.numpy()``, ``np.asarray``
+    raise TypeError): a faked one said ``is_cpu`` True and converted, so code that would fail on a
+    GPU passed here. Its CPU copy converts, as on CUDA."""
+    import numpy as np
+
+    with fake_cuda():
+        x = torch.arange(3, device="cuda")
+        assert not x.is_cpu and torch.arange(3).is_cpu and x.cpu().is_cpu
+        for convert in (lambda t: t.numpy(), np.asarray):
+            with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
+                convert(x)
+        assert x.cpu().numpy().tolist() == [0, 1, 2] and np.asarray(torch.arange(2)).tolist() == [0, 1]
