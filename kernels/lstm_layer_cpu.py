@@ -185,7 +185,7 @@ def _compile(compiler: list[str], flags: list[str], path: Path) -> str | None:
     Raises:
         RuntimeError: the compiler did not finish within :func:`compiler_timeout` seconds (a
             ``ccache`` on a stuck network mount, a wrapper waiting for a licence): it is killed,
-            with all it started (it runs in a session of its own), and reaped.
+            with all it started (it runs in a session of its own), and the compiler reaped.
     """
     timeout = compiler_timeout()
     command = [*compiler, *flags, str(SOURCE), "-o", str(path)]

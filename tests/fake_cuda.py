@@ -4,7 +4,9 @@ the device of its inputs.
 Under :func:`fake_cuda`, a tensor made on ``"cuda"`` (``device="cuda"``, ``.to("cuda")``,
 ``.to(t.device)`` of such a tensor, ``.cuda()``) is a CPU tensor marked as a :class:`FakeCudaTensor`
 whose ``.device`` says ``cuda``; an op on a marked tensor gives marked tensors, and one that mixes
-a marked tensor with an unmarked one of one dimension or more raises, as CUDA does. As on CUDA, a
+a marked tensor with an unmarked one of one dimension or more raises, as CUDA does (stricter in
+places: ``cpu.copy_(cuda)``, which CUDA allows, raises, and ``.device`` is ``cuda``, not
+``cuda:0``; and it is a stand-in, not CUDA: a run on a GPU remains the test). As on CUDA, a
 0-dim CPU tensor mixes with marked ones, a marked tensor may be indexed by a CPU index tensor,
 and an unmarked tensor indexed by a marked index raises; a marked tensor says ``is_cpu`` False and,
 as on CUDA, has no NumPy view (``.numpy()``, ``np.asarray`` raise TypeError). The values are real, so ``.tolist()``,
