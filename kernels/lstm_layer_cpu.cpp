@@ -265,8 +265,8 @@ static void forward_all(int64_t n, int parts, X x, const float* h, const float* 
     int64_t row = begin;
     // the heads of HEAD_TILES tiles' rows summed side by side after those tiles: a tile's own
     // four rows were four chains of HID dependent multiply-adds that the rest of the tile's work
-    // did not hide (a meta-training truncation ran about 3% faster with no head sum at all, and
-    // 2% faster this way, the same bits; unrecorded)
+    // did not hide (kernel_ab.py with the streamed stores: benchmarks/results/kernel_ab_s23.md;
+    // each row still sums in the order j = 0, 1, ..., so the bits are the same)
     if (head_out)
       for (; row + HEAD_TILES * TILE <= end; row += HEAD_TILES * TILE) {
         for (int t = 0; t < HEAD_TILES; t++)
