@@ -1195,6 +1195,31 @@ def test_reuse_skips_a_problem_whose_description_changed(
     assert set(reused["reused"]["results"]["quadratic-20"]) == set(BASELINES) and seen["eval"] == []
 
 
+class BracketedDescription(SquareProblem):
+    """:class:`SquareProblem` whose description holds a list of numbers, as text."""
+
+    name, steps, description = "bracketed", 4, "||theta||^2, theta_0 in [1,-2,3]"
+
+
+def test_the_report_json_keeps_strings_that_look_like_number_lists(tmp_path: Path) -> None:
+    """dumps_report put each list of numbers on one line by a regex over the JSON text, which also
+    rewrote such a list inside a string ("[1,-2,3]" became "[1, -2, 3]"): a description or label
+    changed in the report, and --reuse, which compares descriptions, silently reran the problem."""
+    from learnedopt.evaluation.report import dumps_report
+
+    payload = {"description": "U[0,1]", "w[1,2].safetensors": {"finals": [1.0, 2.0]}, "s": "[1,\n 2]", "curve": [0.5, 0.25]}
+    text = dumps_report(payload)
+    assert json.loads(text) == payload
+    assert '"curve": [0.5, 0.25]' in text and '"finals": [1.0, 2.0]' in text  # lists still on one line
+    config = EvalConfig(problems=[BracketedDescription()], seeds=1, tuning_seeds=1, lrs=(0.1,),
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    saved = save_report(report, tmp_path / "report.json")
+    assert json.loads(Path(saved).read_text())["problems"]["bracketed"]["description"] == BracketedDescription.description
+    reused = evaluate_optimizers(dataclasses.replace(config, reuse=saved), log=lambda _: None)
+    assert set(reused["reused"]["results"]["bracketed"]) == set(BASELINES)
+
+
 def test_reuse_reruns_weight_files_even_when_the_report_ran_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,14 +21,20 @@ from .. import markdown
 from ..values import is_integer, is_number
 
 _NUMBER = r"-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Infinity|null)"
-_NUMBER_LIST = re.compile(r"\[\s*(" + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
+#: a JSON string (matched whole, so that the text inside one is left as it is), or a list of numbers
+_STRING_OR_NUMBER_LIST = re.compile(r'"(?:[^"\\]|\\.)*"|\[\s*(' + _NUMBER + r"(?:,\s*" + _NUMBER + r")*)\s*\]")
+
+
+def _one_line(match: re.Match[str]) -> str:
+    if match.group(1) is None:  # a string: "U[0,1]" in a description or label stays as written
+        return match.group(0)
+    return "[" + ", ".join(re.split(r",\s*", match.group(1))) + "]"
 
 
 def dumps_report(payload: Mapping[str, Any]) -> str:
     """Indented JSON with every list of plain numbers on one line (loss curves would otherwise
-    take a line per value, more than doubling a suite report's size)."""
-    text = json.dumps(payload, indent=2)
-    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+    take a line per value, more than doubling a suite report's size); strings are left as they are."""
+    return _STRING_OR_NUMBER_LIST.sub(_one_line, json.dumps(payload, indent=2))
 
 
 #: the suffixes of a report's files (the PNG only with matplotlib), and the longest name one is
