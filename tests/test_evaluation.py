@@ -1362,6 +1362,27 @@ def test_summary_counts_a_run_that_ends_in_inf_as_nonfinite_and_leaves_it_out() 
     assert s["final_mean"] == pytest.approx(2.0) and s["final_std"] == pytest.approx(math.sqrt(2.0))
 
 
+def test_a_run_shorter_than_the_final_window_has_the_mean_of_all_its_steps_as_final_loss() -> None:
+    """A problem of fewer than FINAL_WINDOW steps: each run's final loss (in the tuning and the
+    statistics) is the mean of all its steps, and the report's definition says so, where it said
+    "the last 10 steps" of a 4-step run."""
+    from learnedopt.evaluation import final_loss, markdown_tables
+
+    problem = TwoParameters()
+    assert problem.steps < FINAL_WINDOW
+    config = EvalConfig(problems=[problem], seeds=2, tuning_seeds=1, lrs=(0.1, 0.3), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    sgd = report["problems"]["square"]["results"]["SGD"]
+    curves = {lr: run_optimizer(problem, 0, BASELINES["SGD"], lr) for lr in (0.1, 0.3)}
+    assert final_loss(curves[0.1]) == pytest.approx(curves[0.1].mean(), rel=1e-12)
+    assert sgd["tuning_scores"] == {repr(lr): pytest.approx(c.mean(), rel=1e-12) for lr, c in curves.items()}
+    assert sgd["lr"] == 0.3 and sgd["finals"][0] == pytest.approx(curves[0.3].mean(), rel=1e-12)
+    assert sgd["final_mean"] == pytest.approx(sgd["mean_loss"], rel=1e-12)
+    assert report["definitions"]["final_loss"].endswith("(over all its steps where it has fewer)")
+    assert "(over all its steps where it has fewer)" in markdown_tables(report)
+
+
 def test_the_cosine_schedule_reaches_the_tuning_and_every_run_of_the_harness() -> None:
     """With ``lr_schedule="cosine"`` the baselines are tuned and evaluated under it and the
     learned optimizers run under it: every number is that of run_optimizer(..., schedule="cosine")."""
@@ -1373,7 +1394,9 @@ def test_the_cosine_schedule_reaches_the_tuning_and_every_run_of_the_harness() -
                         presets=["l2l-blend"], lr_schedule="cosine")  # fmt: skip
     report = evaluate_optimizers(config, log=lambda _: None)
     results = report["problems"]["tiny"]["results"]
-    assert report["definitions"]["final_loss"] == f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run"
+    assert report["definitions"]["final_loss"] == (
+        f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run (over all its steps where it has fewer)"
+    )
     assert report["definitions"]["lr_schedule"].endswith("(1 + cos(pi t / T)) / 2")
     assert report["stability"] is None  # stability_steps=0: no check ran
 

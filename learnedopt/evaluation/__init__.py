@@ -14,7 +14,8 @@ untuned (``lr=1.0``) on the same evaluation seeds.
 
 Definitions used in every report:
 
-- *final loss* of a run: mean training (minibatch) loss over its last 10 steps;
+- *final loss* of a run: mean training (minibatch) loss over its last 10 steps (over all its
+  steps for a run of fewer);
 - *mean loss* of a run: mean training loss over all its steps;
 - statistics over seeds (mean, sample std, median, quartiles) are over the runs that stayed
   finite; ``nonfinite`` counts the runs in which a NaN/Inf loss or gradient appeared (a run stops

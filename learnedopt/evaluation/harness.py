@@ -221,7 +221,8 @@ def evaluate_optimizers(
     report: dict[str, Any] = {
         "config": report_config(config),
         "definitions": {
-            "final_loss": f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run",
+            "final_loss": f"mean training (minibatch) loss over the last {FINAL_WINDOW} steps of a run "
+            "(over all its steps where it has fewer)",
             "mean_loss": "mean training loss over all steps of a run, averaged over seeds",
             "statistics": "over the evaluation seeds whose run stayed finite; final_std is the sample std",
             "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf); "

@@ -350,7 +350,8 @@ def _require_finite_gradients(optimizer: torch.optim.Optimizer) -> None:
 
 
 def final_loss(curve: np.ndarray, window: int = FINAL_WINDOW) -> float:
-    """Mean of the last ``window`` entries of a ``(steps,)`` curve (NaN if any is NaN)."""
+    """Mean of the last ``window`` entries of a ``(steps,)`` curve, of all of them for a curve of
+    fewer steps (NaN if any is NaN)."""
     return float(np.mean(curve[-window:]))
 
 
