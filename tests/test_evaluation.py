@@ -1362,6 +1362,25 @@ def test_summary_counts_a_run_that_ends_in_inf_as_nonfinite_and_leaves_it_out() 
     assert s["final_mean"] == pytest.approx(2.0) and s["final_std"] == pytest.approx(math.sqrt(2.0))
 
 
+def test_eval_config_takes_numpy_lrs_and_counts_and_reports_them_as_json_numbers(tmp_path: Path) -> None:
+    """``lrs=np.logspace(...)`` was refused with numpy's "truth value of an array ... is ambiguous";
+    a list of np.float32 (or an np.int64 seed count) was taken, ran every run, and then failed
+    writing the report ("Object of type float32 is not JSON serializable")."""
+    grid = np.array([0.1, 0.3], dtype=np.float32)
+    config = EvalConfig(problems=[TwoParameters()], seeds=np.int64(2), tuning_seeds=np.int64(1), lrs=grid,
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    assert config.lrs == (float(grid[0]), float(grid[1])) and all(type(lr) is float for lr in config.lrs)
+    assert type(config.seeds) is int and type(config.tuning_seeds) is int
+    report = evaluate_optimizers(config, log=lambda _: None)
+    data = json.loads(write_report(report, tmp_path)[0].read_text())
+    assert data["config"]["lrs"] == [float(grid[0]), float(grid[1])] and data["config"]["seeds"] == 2
+    assert data["problems"]["square"]["eval_seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="lrs must be"):
+        EvalConfig(problems=["quadratic-20"], lrs=["0.1"])
+    with pytest.raises(ValueError, match="seeds must be an integer"):
+        EvalConfig(problems=["quadratic-20"], seeds=2.5)
+
+
 def test_a_run_shorter_than_the_final_window_has_the_mean_of_all_its_steps_as_final_loss() -> None:
     """A problem of fewer than FINAL_WINDOW steps: each run's final loss (in the tuning and the
     statistics) is the mean of all its steps, and the report's definition says so, where it said

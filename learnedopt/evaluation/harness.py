@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.idx import mnist_sha256
-from ..values import MAX_ELEMENTS, is_number
+from ..values import MAX_ELEMENTS, is_integer, is_number
 from ..plugins import entry_point_path
 from .problems import DEFAULT_PROBLEMS, PROBLEMS, Problem, check_problem, make_problem
 from .records import RunRecords
@@ -66,7 +66,8 @@ class EvalConfig:
         seeds: evaluation seeds per problem (seeds ``0 .. seeds-1``).
         tuning_seeds: lr-tuning seeds per problem (disjoint from the evaluation seeds).
         long_tuning_seeds: tuning seeds for problems of >= ``long_steps`` steps (None: ``tuning_seeds``).
-        lrs: the baselines' lr grid.
+        lrs: the baselines' lr grid (a sequence or array of real numbers, kept as Python floats;
+            numpy's counts for the integer fields are kept as ints, for the JSON report).
         stability_steps: steps of the learned optimizers' stability run on MNIST MLP 784-20-10 (0 skips).
         steps: cut every problem longer than this to this many steps (``--quick``), or None.
         include_default_learned: run the preset learned optimizers.
@@ -98,6 +99,17 @@ class EvalConfig:
     reuse: str | None = None
 
     def __post_init__(self) -> None:
+        # numpy's numbers (a grid from np.logspace, an np.int64 count) as Python's: the report is
+        # JSON, which took none of them, and failed to be written after every run
+        for key in ("seeds", "tuning_seeds", "long_tuning_seeds", "long_steps", "stability_steps", "steps"):
+            value = getattr(self, key)
+            if value is not None:
+                if not is_integer(value):
+                    raise ValueError(f"{key} must be an integer, got {value!r}")
+                setattr(self, key, int(value))
+        lrs = tuple(self.lrs) if isinstance(self.lrs, Iterable) and not isinstance(self.lrs, (str, bytes)) else None
+        if lrs is not None and all(is_number(lr) for lr in lrs):
+            self.lrs = tuple(float(lr) for lr in lrs)
         for key in ("seeds", "tuning_seeds"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -119,9 +131,9 @@ class EvalConfig:
             if (getattr(self, key) or 0) > MAX_ELEMENTS:
                 raise ValueError(f"{key} must be <= {MAX_ELEMENTS:,} (2**31 - 1, the most elements of a run's loss curve), "
                                  f"got {getattr(self, key)}")  # fmt: skip
-        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+        if lrs is None or not lrs or any(not (is_number(lr) and lr > 0 and math.isfinite(lr)) for lr in lrs):
             raise ValueError(
-                f"lrs must be a non-empty list of positive finite numbers, got {list(self.lrs)}"
+                f"lrs must be a non-empty list of positive finite numbers, got {list(lrs) if lrs is not None else self.lrs!r}"
             )
         if max(self.lrs) > MAX_LR:
             raise ValueError(f"lrs must be at most {MAX_LR:g} (Adam's first step, about 10 lr, must fit a float32 parameter), "
