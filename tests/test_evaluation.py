@@ -446,6 +446,22 @@ def test_harness_end_to_end_writes_json_md_png(tmp_path) -> None:
     assert (tmp_path / "other" / "optimizee_eval.png").is_file()
 
 
+def test_a_report_written_without_matplotlib_leaves_no_plot_of_an_earlier_report_beside_it(tmp_path: Path, capsys) -> None:
+    """Without matplotlib the JSON and Markdown were rewritten and the PNG of an earlier report of
+    the same --name stayed beside them, a plot of other runs read as this report's."""
+    problem = TwoParameters()
+    config = EvalConfig(problems=[problem], seeds=1, tuning_seeds=1, lrs=(0.1,), stability_steps=0,
+                        include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    assert (tmp_path / "optimizee_eval.png") in write_report(report, tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)
+        paths = write_report(report, tmp_path)
+    assert [p.name for p in paths] == ["optimizee_eval.json", "optimizee_eval.md"]
+    assert not (tmp_path / "optimizee_eval.png").exists()
+    assert "removed the earlier optimizee_eval.png" in capsys.readouterr().err
+
+
 def test_mnist_problems_skip_with_a_reason_when_the_data_is_absent(tmp_path, monkeypatch) -> None:
     (tmp_path / "mnist").mkdir()
     monkeypatch.setenv("LEARNEDOPT_DATA", str(tmp_path))  # the default search finds no MNIST files

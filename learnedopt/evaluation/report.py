@@ -346,7 +346,8 @@ def write_report(
     write_results: WriteResults | None = None,
 ) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` (the last only with matplotlib
-    installed) into ``out_dir``; returns the paths written.
+    installed; without it a ``<name>.png`` of an earlier report is removed) into ``out_dir``;
+    returns the paths written.
 
     ``write_results(name, payload, table)`` writes the JSON and Markdown (the benchmark passes
     ``benchmarks/common.write_results``, which writes into its results folder); by default they are
@@ -378,6 +379,12 @@ def write_report(
     try:
         write_atomically(out / f"{name}.png", lambda tmp: plot_curves(report, tmp))
     except ImportError:  # matplotlib is the optional `plots` extra: the tables do not need it
-        print(f"note: matplotlib is not installed, so {name}.png was not drawn (pip install matplotlib)", file=sys.stderr)
+        # an earlier report's plot of the same name would be read as this one's
+        stale = out / f"{name}.png"
+        removed = stale.is_file()
+        if removed:
+            stale.unlink()
+        print(f"note: matplotlib is not installed, so {name}.png was not drawn (pip install matplotlib)"
+              + (f"; removed the earlier {name}.png, a plot of another report" if removed else ""), file=sys.stderr)  # fmt: skip
         return [out / f"{name}.{ext}" for ext in ("json", "md")]
     return [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
