@@ -738,6 +738,35 @@ def hand_made_result(kind: str, mean: float, lr: float = 1.0, edge: bool = False
             "finals": [mean, mean], **stats}  # fmt: skip
 
 
+class DivergesAtStep2(SquareProblem):
+    """:class:`SquareProblem` whose loss is NaN from step 2 on: every run of every lr diverges."""
+
+    name, steps, description = "diverges", 4, "NaN from step 2"
+
+    def loss(self, model: nn.Module, seed: int, step: int) -> Tensor:
+        loss = model.theta.square().sum()
+        return loss * math.nan if step >= 2 else loss
+
+
+def test_a_baseline_whose_every_lr_diverged_in_tuning_is_run_at_the_smallest_and_marked() -> None:
+    """Every lr of the grid diverging on the tuning seeds is a tie at +inf, which goes to the
+    smallest lr, whatever the grid's order; the table showed it as a tuned lr at the grid's edge,
+    as if the tuning had chosen it, and the report's criterion did not say how ties are broken."""
+    from learnedopt.evaluation import markdown_tables
+
+    config = EvalConfig(problems=[DivergesAtStep2(), TwoParameters()], seeds=2, tuning_seeds=1, lrs=(0.3, 0.01, 0.1),
+                        stability_steps=0, include_default_learned=False)  # fmt: skip
+    report = evaluate_optimizers(config, log=lambda _: None)
+    for label, r in report["problems"]["diverges"]["results"].items():
+        assert r["lr"] == 0.01 and set(r["tuning_scores"].values()) == {math.inf} and r["nonfinite"] == 2, label
+    assert "ties, every lr diverging among them, go to the smallest lr" in report["definitions"]["tuning"]
+    table = markdown_tables(report)
+    diverged = table[table.index("## diverges"):table.index("## square")]
+    square = table[table.index("## square"):]
+    assert diverged.count("| 0.01 (grid edge; every lr diverged in tuning) |") == len(BASELINES)
+    assert "diverged in tuning" not in square
+
+
 def test_markdown_calls_untrained_only_the_headers_that_say_so() -> None:
     from learnedopt.evaluation import markdown_tables
 

@@ -237,8 +237,8 @@ def evaluate_optimizers(
             "(over all its steps where it has fewer)",
             "mean_loss": "mean training loss over all steps of a run, averaged over seeds",
             "statistics": "over the evaluation seeds whose run stayed finite; final_std is the sample std",
-            "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf); "
-            "learned optimizers: untuned, lr=1.0",
+            "tuning": "baselines: lr with the lowest mean final loss over the tuning seeds (a NaN/Inf run = +inf; "
+            "ties, every lr diverging among them, go to the smallest lr); learned optimizers: untuned, lr=1.0",
             "lr_schedule": "constant lr"
             if config.lr_schedule == "constant"
             else f"{config.lr_schedule}: at step t of a T-step run every optimizer's lr (the learned ones' 1.0) is multiplied by "

@@ -129,11 +129,13 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for label, r in prob["results"].items():
-            lr = (
-                f"{r['lr']:.3g}" + (" (grid edge)" if r.get("lr_at_grid_edge") else "")
-                if r["kind"] == "baseline"
-                else "1 (untuned)"
-            )
+            if r["kind"] == "baseline":
+                # the smallest lr by the tie rule, not a choice: the grid needs smaller lrs
+                diverged = bool(r.get("tuning_scores")) and not any(math.isfinite(v) for v in r["tuning_scores"].values())
+                notes = [note for note, on in (("grid edge", r.get("lr_at_grid_edge")), ("every lr diverged in tuning", diverged)) if on]
+                lr = f"{r['lr']:.3g}" + (f" ({'; '.join(notes)})" if notes else "")
+            else:
+                lr = "1 (untuned)"
             lines.append(markdown.row([
                 label, lr, f"{_fmt(r['final_mean'])} +- {_fmt(r['final_std'])}",
                 f"{_fmt(r['final_median'])} [{_fmt(r['final_q1'])}, {_fmt(r['final_q3'])}]", _fmt(r['mean_loss']),

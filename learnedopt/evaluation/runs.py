@@ -363,7 +363,8 @@ def tuning_score(curves: Sequence[np.ndarray]) -> float:
 
 
 def select_lr(scores: Mapping[float, float]) -> float:
-    """The lr with the lowest score (NaN counts as +inf; ties go to the smaller lr)."""
+    """The lr with the lowest score (NaN counts as +inf; ties go to the smaller lr, so where every
+    lr diverged, +inf each, the smallest)."""
     if not scores:
         raise ValueError("select_lr needs at least one lr")
     return min(sorted(scores), key=lambda lr: math.inf if math.isnan(scores[lr]) else scores[lr])
