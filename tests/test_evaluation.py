@@ -1368,6 +1368,35 @@ def test_loss_curve_plot_keeps_one_colour_per_optimizer_and_a_legend_of_all(tmp_
     close(figure)
 
 
+def test_loss_curve_plot_says_which_runs_it_leaves_out_and_where_none_stayed_finite(tmp_path: Path, monkeypatch) -> None:
+    """The plot's quartile bands are over the finite runs only, as the tables' statistics are, but
+    it did not say so: a median of 2 runs of 5 looked like one of 5, and a problem where no run
+    stayed finite was an empty log axis."""
+    import matplotlib.pyplot as plt
+
+    from learnedopt.evaluation.report import plot_curves
+
+    def result(kind: str, curve: list[float] | None, nonfinite: int) -> dict:
+        return {"kind": kind, "curve_median": curve, "curve_q1": curve, "curve_q3": curve, "nonfinite": nonfinite, "runs": 5}
+
+    curve = [1.0, 0.5, 0.25]
+    report = {"problems": {
+        "some": {"results": {"SGD": result("baseline", curve, 3), "Adam": result("baseline", curve, 0),
+                             "learned": result("learned", None, 5)}},
+        "none": {"results": {"SGD": result("baseline", None, 5), "Adam": result("baseline", None, 5),
+                             "learned": result("learned", None, 5)}},
+        "all": {"results": {"SGD": result("baseline", curve, 0), "Adam": result("baseline", curve, 0),
+                            "learned": result("learned", curve, 0)}},
+    }}  # fmt: skip
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_curves(report, tmp_path / "curves.png")
+    (figure,) = figures
+    texts = [[t.get_text() for t in ax.texts] for ax in figure.axes[:3]]
+    assert texts == [["runs with a NaN/Inf, left out: SGD 3/5, learned 5/5"], ["no run stayed finite"], []]
+    close(figure)
+
+
 def test_tuning_score_is_the_mean_final_loss_over_the_tuning_seeds() -> None:
     """The criterion is the mean over seeds (not the median, not one seed) of each run's final
     loss, the mean of its last FINAL_WINDOW steps; tune_lr scores each lr by it and picks the lowest."""

@@ -269,7 +269,9 @@ def _as_written(text: str) -> str:
 
 def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Loss curves: per-step median and quartile band over finite seeds, one subplot per problem, log y
-    (linear for a problem whose plotted losses are not all positive)."""
+    (linear for a problem whose plotted losses are not all positive); each subplot names the
+    optimizers whose runs with a NaN/Inf it leaves out, with their count, or says that no run
+    stayed finite."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,6 +304,13 @@ def plot_curves(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
             ax.plot(steps, r["curve_median"], label=_as_written(label), lw=1.2, **style[label])
             ax.fill_between(steps, r["curve_q1"], r["curve_q3"], color=style[label]["color"], alpha=0.2, lw=0)
             positive = positive and min(min(r[key]) for key in ("curve_median", "curve_q1", "curve_q3")) > 0
+        # the bands are over the finite runs only, as the tables' statistics: say which are left out
+        left_out = [f"{label} {r['nonfinite']}/{r['runs']}" for label, r in prob["results"].items() if r.get("nonfinite")]
+        if not any(r["curve_median"] is not None for r in prob["results"].values()):
+            ax.text(0.5, 0.5, "no run stayed finite", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+        elif left_out:
+            ax.text(0.01, 0.01, _as_written(f"runs with a NaN/Inf, left out: {', '.join(left_out)}"), transform=ax.transAxes,
+                    ha="left", va="bottom", fontsize=6, wrap=True)  # fmt: skip
         ax.set_yscale("log" if positive else "linear")
         ax.set_title(_as_written(name), fontsize=10)
         ax.set_xlabel("step")
