@@ -835,6 +835,26 @@ def test_query_losses_under_no_grad_equal_the_graph_ones_on_the_loop_path() -> N
         torch.testing.assert_close(losses, with_graph.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["vmap", "loop", "checkpoint"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "inference_mode+enable_grad"])
+def test_query_losses_in_evaluation_contexts_equal_the_graph_ones_on_every_path(path: str, context: str) -> None:
+    """Evaluation under ``no_grad`` or ``inference_mode``, also with ``enable_grad`` inside
+    (grad mode on, yet under ``inference_mode`` every tensor made has no graph): the query losses
+    of the graph-building call, on every path. The checkpointed path, taken where grad mode was
+    on, ran its inner step under ``inference_mode`` with ``enable_grad`` inside and failed in
+    autograd: 'element 0 of tensors does not require grad and does not have a grad_fn'."""
+    maml = MAML(tiny_model(), inner_lr=0.5, inner_steps=2, vectorize=path == "vmap", checkpoint_steps=path == "checkpoint")
+    with_graph = maml.query_losses(*episode())
+    outer = torch.inference_mode() if context.startswith("inference_mode") else torch.no_grad()
+    with outer, torch.enable_grad() if context.endswith("+enable_grad") else torch.no_grad():
+        losses = maml.query_losses(*episode())
+        adapted = maml.adapt(*(t[0] for t in episode()[:2]))
+    assert not losses.requires_grad
+    torch.testing.assert_close(losses, with_graph.detach(), rtol=1e-12, atol=1e-14)
+    for name, value in maml.adapt(*(t[0] for t in episode()[:2])).items():
+        torch.testing.assert_close(adapted[name], value, rtol=1e-12, atol=1e-14)
+
+
 def test_checkpointed_steps_pass_the_meta_gradient_to_the_support_inputs_and_keep_dropout_masks() -> None:
     grads = {}
     for ckpt in (False, True):

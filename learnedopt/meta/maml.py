@@ -341,7 +341,7 @@ class MAML(nn.Module):
 
         Under ``torch.no_grad`` or ``inference_mode`` (evaluation) the step's own gradient is
         still taken, on detached copies: the result then carries no graph."""
-        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        if _builds_graph():
             values = torch.autograd.grad(
                 self._loss(params, x_s, y_s, model=model), list(params.values()), create_graph=create_graph, allow_unused=True
             )
@@ -413,7 +413,7 @@ class MAML(nn.Module):
         """Adapt one task; returns the adapted params and the query loss after each step
         ``(steps,)``, or after the last one only ``(1,)`` unless ``every_step``."""
         query_losses = []
-        use_checkpoint = self.checkpoint_steps and not batched and not self.first_order and torch.is_grad_enabled()
+        use_checkpoint = self.checkpoint_steps and not batched and not self.first_order and _builds_graph()
         split = None if use_checkpoint else self._fixed_body()
         head = None
         if split is not None:  # the body's outputs once, then the inner loop on the head alone
@@ -458,7 +458,7 @@ class MAML(nn.Module):
         if not is_integer(steps) or steps < 1:
             raise ValueError(f"steps must be >= 1 (the query losses after each inner step), got {steps!r} (an integer)")
         checked = check_episode(x_support, y_support, x_query, y_query, "MAML")
-        with twice_differentiable(self.model, not self.first_order and torch.is_grad_enabled()):
+        with twice_differentiable(self.model, not self.first_order and _builds_graph()):
             return self._query_losses(*checked, steps, every_step)
 
     def _query_losses(
@@ -500,7 +500,7 @@ class MAML(nn.Module):
         def one(x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs) -> Tensor:
             return self._adapt_one(params, x_s, y_s, x_q, y_q, steps, batched=True, every_step=every_step)[1]
 
-        second_order = not self.first_order and torch.is_grad_enabled()
+        second_order = not self.first_order and _builds_graph()
         return vmap_tasks(self.model, one, (xs, ys, xq, yq), second_order=second_order)
 
     def forward(self, x_support: Inputs, y_support: Inputs, x_query: Inputs, y_query: Inputs) -> Tensor:
@@ -675,6 +675,14 @@ class _RecomputedStep(torch.autograd.Function):
             learning = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(outputs, learning, grad_outputs, allow_unused=True))
         return (None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))
+
+
+def _builds_graph() -> bool:
+    """Whether autograd records what runs now: grad mode on and not under ``inference_mode``,
+    where ``torch.enable_grad()`` turns grad mode on, yet no tensor made gets a graph (the
+    checkpointed inner step then failed in ``autograd.grad``: 'element 0 of tensors does not
+    require grad')."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def _zero_filled(params: Params, grads: Sequence[Tensor | None]) -> Params:
