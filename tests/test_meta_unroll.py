@@ -199,6 +199,26 @@ def test_loss_weights_and_result_shapes() -> None:
     assert plain.losses[-1].mean().item() != pytest.approx(plain.losses.mean().item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("form", ["list", "tuple", "numpy"])
+def test_loss_weights_given_as_numbers_weigh_a_float64_unroll_exactly(form: str) -> None:
+    """Weights given as Python floats (or a float64 array) are not rounded to float32 on the way:
+    ``torch.as_tensor([0.1, 0.3, 0.7])`` made float32 weights, and a float64 unroll's meta-loss
+    (and truncated_unroll's pieces) came out ~3e-10 relative off the weighted mean of its own
+    losses, as MAML's ``step_loss_weights`` (``new_tensor``, in the losses' dtype) are not."""
+    rule = random_rule("lstm")
+    tasks, params = quadratic_setup(batch=2)
+    state = rule.init_state(num_coordinates(params), dtype=F64, device="cpu")
+    numbers = [0.1, 0.3, 0.7]
+    given = {"list": numbers, "tuple": tuple(numbers), "numpy": np.array(numbers)}[form]
+    result = unroll(rule, tasks, params, state, 3, loss_weights=given)
+    exact = (torch.tensor(numbers, dtype=F64)[:, None] * result.losses).mean()
+    torch.testing.assert_close(result.meta_loss, exact, rtol=1e-15, atol=0)
+    pieces = []
+    truncated_unroll(rule, tasks, params, state, horizon=3, truncation=2, loss_weights=given,
+                     update=lambda meta_loss: pieces.append(meta_loss.detach()))  # fmt: skip
+    torch.testing.assert_close(pieces[1], numbers[2] * result.losses[2].detach().mean(), rtol=1e-15, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_unroll_refuses_a_rule_parameters_and_states_of_different_dtypes_or_devices(kind: str) -> None:
     # each raised torch's "expected m1 and m2 to have the same dtype" or "expected dtype double

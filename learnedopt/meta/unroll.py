@@ -300,6 +300,10 @@ def _check_loss_weights(loss_weights: Sequence[float] | Tensor | None, steps: in
     if loss_weights is None:
         return None
     weights = torch.as_tensor(loss_weights)
+    if not isinstance(loss_weights, Tensor) and weights.is_floating_point():
+        # Python floats as float64, not the default float32: a float64 unroll's meta-loss used
+        # weights rounded to float32 (the unroll casts them to its losses' dtype)
+        weights = torch.as_tensor(loss_weights, dtype=torch.float64)
     if tuple(weights.shape) != (steps,):
         raise ValueError(f"loss_weights must have shape ({steps},), got {tuple(weights.shape)}")
     if weights.is_complex():
