@@ -1228,6 +1228,50 @@ def test_meta_lstm_meta_gradient_reads_detached_support_gradients() -> None:
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(got, exact, strict=True))
 
 
+@pytest.mark.parametrize("rule", [None, "CoordinateLSTM"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_lstm_meta_loss_and_meta_gradient_equal_a_hand_written_float64_loop(rule: str | None, steps: int) -> None:
+    """The learned initialisation and the learned update rule together, against a loop written
+    without the unroll (float64): each task starts from the model's parameters and the rule's
+    fresh states, takes ``steps`` rule steps ``theta + rule(grad, theta, state[, loss])`` on its
+    support loss (the gradient and the loss the rule reads detached), and scores the query loss;
+    the meta-loss is their mean, and its gradient for every meta-parameter (the model's and the
+    rule's) is the learner's."""
+    from torch.func import functional_call
+
+    changes = {"inner_steps": steps, "test_inner_steps": steps, **({} if rule is None else {"rule": rule})}
+    learner = FewShotLearner(LearnerSpec.for_config(config("meta-lstm", **changes)), seed=0)
+    learner.model.double()
+    learner.rule.double()
+    g = torch.Generator().manual_seed(1)
+    x_s, y_s, x_q, y_q = (torch.randn(2, 6, 1, generator=g, dtype=torch.float64) for _ in range(4))
+    meta_parameters = learner.meta_parameters()
+    meta_loss = learner.meta_loss(x_s, y_s, x_q, y_q)
+    got = torch.autograd.grad(meta_loss, meta_parameters)
+
+    model, cell = learner.model, learner.rule
+    per_task = []
+    for b in range(2):
+        fast = dict(model.named_parameters())
+        sizes = [v.numel() for v in fast.values()]
+        state = cell.init_state(sum(sizes), dtype=torch.float64, device="cpu")
+        for _ in range(steps):
+            loss = learner.loss_fn(functional_call(model, fast, (x_s[b],)), y_s[b])
+            grads = torch.autograd.grad(loss, list(fast.values()), retain_graph=True)
+            flat_grad = torch.cat([v.reshape(-1) for v in grads])  # no graph: detached
+            flat = torch.cat([v.reshape(-1) for v in fast.values()])
+            reads = (loss.detach().reshape(1),) if cell.needs_loss else ()
+            step, state = cell(flat_grad, flat, state, *reads)
+            fast = {k: piece.view_as(v) for (k, v), piece in zip(fast.items(), (flat + step).split(sizes), strict=True)}
+        per_task.append(learner.loss_fn(functional_call(model, fast, (x_q[b],)), y_q[b]))
+    expected_loss = torch.stack(per_task).mean()
+    expected = torch.autograd.grad(expected_loss, meta_parameters)
+    torch.testing.assert_close(meta_loss, expected_loss, rtol=1e-13, atol=0)
+    assert all(e.abs().max() > 0 for e in expected[-2:])  # the rule's output layer learns
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-14)
+
+
 def test_same_alphabet_and_same_rotation_keep_every_rotated_alphabet_apart_with_50_alphabets() -> None:
     """Omniglot's 50 alphabets, each rotated 4 ways: a group per (alphabet, rotation). Rotations
     in degrees rather than quarter turns in the group id made alphabet a at 180 degrees and

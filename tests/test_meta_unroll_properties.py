@@ -1,5 +1,5 @@
 """Property-based checks of the functional unroll (hypothesis, a few tiny float64 examples each):
-truncations change no forward value, each task of a meta-batch runs as if alone (and permuting
+truncations change no forward value and pass no gradient across their cut, each task of a meta-batch runs as if alone (and permuting
 the tasks permutes the results), and the second-order meta-gradient of the options the other
 tests leave out equals a central difference along a random direction."""
 
@@ -152,6 +152,50 @@ def test_truncations_change_no_forward_value(kind: str, horizon: int, data, stop
     lengths = torch.tensor([len(p) for p in losses], dtype=F64)
     torch.testing.assert_close((torch.stack(seen) * lengths).sum() / horizon, whole.meta_loss.detach(), rtol=1e-13, atol=0,
                                equal_nan=True)  # fmt: skip
+
+
+@FEW
+@given(
+    kind=st.sampled_from(RULE_KINDS),
+    horizon=st.integers(2, 8),
+    data=st.data(),
+    stop=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_each_truncations_meta_gradient_is_that_of_an_unroll_from_constants(
+    kind: str, horizon: int, data, stop: bool, seed: int
+) -> None:
+    """No gradient crosses a truncation: the meta-gradient ``update`` gets from each truncation
+    (of the rule's weights, a learnable ``lr``, and the initial parameters) is that of a fresh
+    unroll from the previous truncation's parameters and states taken as constants, with its
+    slice of the weights; the initial parameters get one only from the first truncation."""
+    truncation = data.draw(st.integers(1, horizon - 1), label="truncation")
+    rule = rule_of(kind)
+    tasks, params = make_tasks(2, seed)
+    batch = TaskBatch(tasks)
+    start = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    lr = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    state = fresh_state(rule, params)
+    weights = torch.rand(horizon, generator=torch.Generator().manual_seed(seed), dtype=F64) * 2
+    learnable = [*rule.parameters(), lr, *start.values()]
+    seen = []
+    truncated_unroll(rule, batch, start, state, horizon=horizon, truncation=truncation, lr=lr, stop_optimizee_grad=stop,
+                     loss_weights=weights,
+                     update=lambda meta_loss: seen.append(torch.autograd.grad(meta_loss, learnable, allow_unused=True)))  # fmt: skip
+    assert len(seen) == -(-horizon // truncation)
+    current, current_state = dict(start), dict(state)
+    for i, begin in enumerate(range(0, horizon, truncation)):
+        steps = min(truncation, horizon - begin)
+        piece = unroll(rule, batch, current, current_state, steps, start_step=begin, lr=lr, stop_optimizee_grad=stop,
+                       loss_weights=weights[begin : begin + steps])  # fmt: skip
+        expected = torch.autograd.grad(piece.meta_loss, learnable, allow_unused=True)
+        for got, want in zip(seen[i], expected, strict=True):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, equal_nan=True)
+        assert all((g is None) == (i > 0) for g in seen[i][-len(start) :])  # the start: the first truncation only
+        current = {k: v.detach().clone() for k, v in piece.params.items()}  # constants, not views of the graph
+        current_state = {k: v.detach().clone() for k, v in piece.rule_state.items()}
 
 
 # ----------------------------------------------------------------------------- meta-batch

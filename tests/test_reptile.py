@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from helpers import random_rule
 from torch import nn
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
@@ -118,6 +119,57 @@ def test_learned_inner_optimizers_work(make) -> None:
     Reptile(net, inner_steps=3, inner_optimizer=make).meta_step(data)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_update_with_a_learned_inner_rule_is_the_mean_of_hand_written_learned_steps(kind: str, tied: bool) -> None:
+    """With a learned optimizer inside (a random float64 rule, ``lr`` 0.5, its states float64),
+    each task's trained weights are ``learned_step`` run by hand from the initialisation on the
+    task's batches in turn (the loss the rule reads too), and the update is
+    ``theta + eps * mean_i(phi_i - theta)``; also for a weight shared by two layers, which moves
+    once per step with the sum of its two gradients."""
+    from torch.func import functional_call
+
+    from learnedopt.meta import init_rule_state, learned_step
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+        if tied:
+            m[2].weight = m[0].weight
+        return m
+
+    def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets).square().mean()
+
+    rule = random_rule(kind, seed=3)
+    make = LSTMOptimizer if kind == "lstm" else MetaLSTMOptimizer
+    model = net()
+    reptile = Reptile(model, inner_steps=3, inner_optimizer=lambda p: make(p, weights=rule, lr=0.5, state_dtype=torch.float64),
+                      outer_stepsize=0.5, loss_fn=mse)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = [[tuple(torch.randn(5, n, generator=g, dtype=torch.float64) for n in (3, 2)) for _ in range(2)] for _ in range(2)]
+    reference = net()
+    theta = {k: v.detach().clone() for k, v in reference.named_parameters()}
+    phis = []
+    for batches in data:
+        current = dict(theta)
+        state = init_rule_state(rule, current)
+        for t in range(3):
+            x, y = batches[t % len(batches)]
+            leaves = {k: v.detach().requires_grad_(True) for k, v in current.items()}
+            loss = mse(functional_call(reference, leaves, (x,)), y)
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+            with torch.no_grad():
+                current, state = learned_step(rule, leaves, grads, state, loss=loss.detach(), lr=0.5)
+        phis.append(current)
+    reptile.meta_step(data)
+    assert list(dict(model.named_parameters())) == list(theta)
+    for name, p in model.named_parameters():
+        moves = torch.stack([phi[name] - theta[name] for phi in phis])
+        assert moves.abs().max() > 1e-3, name  # the rule moves every tensor
+        torch.testing.assert_close(p.detach(), theta[name] + 0.5 * moves.mean(0), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("make", [None, lambda p: LSTMOptimizer(p), lambda p: MetaLSTMOptimizer(p)], ids=["sgd", "lstm", "meta-lstm"])
