@@ -1,11 +1,13 @@
 """Property-based checks of MAML and Reptile against hand-written float64 references
 (hypothesis, a few tiny examples each): MAML's meta-loss and meta-gradient (second order, first
 order, several inner steps, Meta-SGD's learned step sizes, a learnable scalar inner_lr, MAML++'s
-step weights, on every path: vmap, loop, checkpointed steps), its ``adapt``, and Reptile's update
+step weights, on every path: vmap, loop, checkpointed steps; also through BatchNorm's batch or
+running statistics and a shared weight), its ``adapt``, and Reptile's update
 over several meta-steps with its annealed outer step size."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -306,3 +308,69 @@ def test_reptile_update_is_the_mean_of_adapted_minus_initial_times_its_step(
         theta = [t + eps * torch.stack([phi[i] - t for phi in phis]).mean(0) for i, t in enumerate(theta)]
         for p, expected in zip(model.parameters(), theta, strict=True):
             torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- buffers and a shared weight
+class SharedWeightWithBatchNorm(nn.Module):
+    """A BatchNorm layer (its running statistics away from 0 and 1, its affine parameters from 1
+    and 0) and one weight in two layers."""
+
+    def __init__(self, track_running_stats: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=track_running_stats)
+        self.mid, self.tied, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.tied.weight = self.mid.weight
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+            if track_running_stats:
+                self.norm.running_mean.uniform_(-1, 1)
+                self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.tanh(self.norm(self.inp(x)))
+        return self.out(torch.tanh(self.tied(torch.tanh(self.mid(z)))))
+
+
+@pytest.mark.parametrize("batchnorm", ["transductive", "running"])
+@pytest.mark.parametrize("path", ["vmap", "loop", "checkpoint"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_with_batchnorm_buffers_and_a_shared_weight_equals_a_hand_written_reference(
+    batchnorm: str, path: str, first_order: bool
+) -> None:
+    """BatchNorm with the batch's statistics or the kept running ones, a weight shared by two
+    layers, Meta-SGD's step sizes and MAML++'s weights, on every path: the meta-loss and every
+    meta-gradient are those of :func:`reference` through PyTorch's own BatchNorm (without
+    running statistics, or in ``eval()`` mode), and the running statistics stay as they were."""
+    data = regression_episode(3, 5, 7)
+    model = SharedWeightWithBatchNorm().double()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    maml = MAML(model, inner_lr=0.2, inner_steps=2, first_order=first_order, learn_inner_lr=True, loss_fn=mse,
+                step_loss_weights=[0.3, 0.7], vectorize=path == "vmap", checkpoint_steps=path == "checkpoint",
+                batchnorm=batchnorm)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for rate in maml.inner_lrs.values():
+            rate.mul_(torch.rand(rate.shape, generator=g, dtype=F64) + 0.5)
+    meta_loss = maml(*data)
+    learnable = dict(maml.named_parameters())
+    got = dict(zip(learnable, torch.autograd.grad(meta_loss, list(learnable.values())), strict=True))
+
+    ref_model = SharedWeightWithBatchNorm(track_running_stats=batchnorm == "running").double()
+    if batchnorm == "running":
+        ref_model.eval()
+    lrs = {k: v.detach().clone().requires_grad_(True) for k, v in maml.step_sizes().items()}
+    assert lrs.keys() == dict(ref_model.named_parameters()).keys()  # the shared weight once
+    expected_loss = reference(ref_model, data, 2, lrs, first_order, [0.3, 0.7])
+    ref_learnable = {f"model.{k}": v for k, v in ref_model.named_parameters()}
+    ref_learnable |= {f"inner_lrs.{k.replace('.', '/')}": v for k, v in lrs.items()}
+    expected = dict(zip(ref_learnable, torch.autograd.grad(expected_loss, list(ref_learnable.values())), strict=True))
+    torch.testing.assert_close(meta_loss, expected_loss, rtol=1e-12, atol=1e-14)
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    kept = dict(model.named_buffers())  # transductive: the layer's replacement keeps none
+    assert kept.keys() == (buffers.keys() if batchnorm == "running" else set())
+    for name, value in kept.items():
+        assert torch.equal(value, buffers[name]), name
