@@ -1067,6 +1067,26 @@ def test_adaptation_under_no_grad_and_inference_mode_is_the_one_outside(algo: st
             assert learner.evaluate(*inside) == expected
 
 
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "meta-lstm"])
+def test_the_meta_loss_under_no_grad_and_inference_mode_is_the_one_outside(algo: str) -> None:
+    """An evaluation of the meta-loss (a validation meta-loss) under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` gives the value of the differentiable one, without a graph, for
+    every algorithm that has one: MAML's did, meta-lstm's raised the unroll's "call it with
+    autograd enabled" instead (its adaptation already ran there)."""
+    learner = FewShotLearner(LearnerSpec.for_config(config(algo, inner_steps=2, test_inner_steps=2)), seed=0)
+    g = torch.Generator().manual_seed(0)
+    episode = [torch.randn(2, 6, 1, generator=g) for _ in range(4)]
+    expected = learner.meta_loss(*episode)
+    assert expected.requires_grad
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            inside = [t.clone() for t in episode]  # inference tensors, under inference_mode
+            loss = learner.meta_loss(*inside)
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=0)
+    assert all(p.grad is None for p in learner.meta_parameters())
+
+
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
 def test_a_frozen_layer_is_neither_adapted_nor_meta_trained(algo: str) -> None:
     """A layer with requires_grad=False (head-only adaptation) stays as it is, as in MAML and

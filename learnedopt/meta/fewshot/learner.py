@@ -294,12 +294,19 @@ class FewShotLearner:
         """Mean query loss after ``inner_steps`` of adaptation, differentiable w.r.t. the
         meta-parameters (MAML, meta-lstm). Inputs ``(B, N_support, ...)`` and ``(B, N_query, ...)``,
         or (a network of your own family taking several) a tuple, list or dict of such tensors,
-        as :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>` takes them."""
+        as :meth:`MAML.query_losses <learnedopt.meta.MAML.query_losses>` takes them. Under
+        ``torch.no_grad`` or ``inference_mode`` (evaluation) its value, without a graph."""
         if self.maml is not None:
             return self.maml(x_s, y_s, x_q, y_q)
         if self.rule is not None:
             x_s, y_s, x_q, y_q = check_episode(x_s, y_s, x_q, y_q, "meta-lstm")
-            return self._unroll(x_s, y_s, x_q, y_q, self.spec.inner_steps, self.rule).losses[-1].mean()
+            if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+                return self._unroll(x_s, y_s, x_q, y_q, self.spec.inner_steps, self.rule).losses[-1].mean()
+            # the unroll differentiates the support losses (the unroll refused no_grad and
+            # inference_mode, where MAML's meta-loss and every adaptation run): outside them, detached
+            with torch.inference_mode(False), torch.enable_grad():
+                episode = outside_inference((x_s, y_s, x_q, y_q))
+                return self._unroll(*episode, self.spec.inner_steps, self.rule).losses[-1].mean().detach()
         raise ValueError(f"--algo {self.spec.algo} has no differentiable meta-loss")
 
     def _unroll(
