@@ -7,10 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_cuda import fake_cuda
 from safetensors.torch import load_file
+from test_meta_unroll import write_fake_mnist
 
 from learnedopt.cli import main
-from learnedopt.meta.tasks import QuadraticFamily, RandomMLPFamily
+from learnedopt.meta.tasks import (
+    MixtureFamily,
+    MnistMLPFamily,
+    QuadraticFamily,
+    RandomMLPFamily,
+    RegressionFamily,
+    TaskFamily,
+    generator_for,
+)
 
 
 def test_task_families_keep_their_data_on_their_device_and_draw_the_same_tasks() -> None:
@@ -28,9 +38,47 @@ def test_task_families_keep_their_data_on_their_device_and_draw_the_same_tasks()
         assert (a.seed, a.input_scale, a.init_scale) == (b.seed, b.input_scale, b.init_scale)
         (xa, ya), (xb, yb) = a.minibatch(7), b.minibatch(7)
         assert xa.device.type == ya.device.type == "meta" and xa.shape == xb.shape and ya.shape == yb.shape
-        # initial parameters are drawn on the CPU wherever the data lives
+        # initial parameters are drawn on the CPU and made where the data lives
         pa, pb = a.init_params(torch.Generator().manual_seed(1)), b.init_params(torch.Generator().manual_seed(1))
-        assert all(torch.equal(pa[k], pb[k]) for k in pb)
+        assert pa.keys() == pb.keys()
+        assert all(pa[k].device.type == "meta" and pa[k].shape == pb[k].shape for k in pb)
+
+
+def _families(tmp_path: Path) -> dict[str, TaskFamily]:
+    """Each built-in family (small, float64), and a mixture: built afresh per call."""
+    mnist = write_fake_mnist(tmp_path / "mnist")
+    return {
+        "quadratic": QuadraticFamily(dim=3, dtype=torch.float64),
+        "mnist-mlp": MnistMLPFamily(mnist, hidden=(3,), batch_size=4, dtype=torch.float64),
+        "mlp-random": RandomMLPFamily(source="synthetic", width=(2, 4), batch_size=(3, 5), dtype=torch.float64),
+        "regression": RegressionFamily(points=6, width=(2, 4), dtype=torch.float64),
+        "mixture": MixtureFamily([QuadraticFamily(dim=2, dtype=torch.float64), RegressionFamily(points=5, dtype=torch.float64)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["quadratic", "mnist-mlp", "mlp-random", "regression", "mixture"])
+def test_init_params_are_made_on_the_family_device_in_the_loss_dtype(tmp_path: Path, name: str) -> None:
+    """``family.to("cuda")`` moves everything the tasks own, as a module's ``.to`` does: their
+    initial parameters were CPU tensors beside the data on the GPU, so ``task.loss(task.init_params(g), t)``
+    raised (only the trainer moved them). They are the CPU family's draws, on its device."""
+    cpu = _families(tmp_path)[name]
+    want_batch = cpu.sample_batch(2, generator_for(3))
+    want = want_batch.init_params(generator_for(4))
+    with fake_cuda():
+        family = _families(tmp_path)[name].to("cuda")
+        batch = family.sample_batch(2, generator_for(3))
+        params = batch.init_params(generator_for(4))
+        assert params.keys() == want.keys()
+        for k, v in params.items():
+            assert (v.device.type, v.dtype) == ("cuda", torch.float64), k
+            assert torch.equal(v.cpu(), want[k]), k
+        # (not batch.loss: vmap's results lose fake_cuda's mark, so it sees them as CPU tensors)
+        for task, want_task in zip(batch.tasks, want_batch.tasks, strict=True):
+            own = task.init_params(generator_for(5))
+            assert all((v.device.type, v.dtype) == ("cuda", torch.float64) for v in own.values())
+            loss = task.loss(own, 2)  # raised: cpu parameters beside cuda data
+            assert loss.device.type == "cuda"
+            torch.testing.assert_close(loss.cpu(), want_task.loss(want_task.init_params(generator_for(5)), 2))
 
 
 RUNS = {

@@ -68,7 +68,9 @@ class Task(ABC):
 
     @abstractmethod
     def init_params(self, generator: torch.Generator) -> Params:
-        """Fresh initial parameters, drawn from ``generator``."""
+        """Fresh initial parameters, drawn from ``generator``, on the device and in the dtype of
+        the task's data (those :meth:`loss` computes with). The built-in tasks draw them from a
+        CPU generator whatever the device, so every device starts from the same values."""
 
     @abstractmethod
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
@@ -178,11 +180,12 @@ class TaskFamily(ABC):
 
     #: the name ``--task`` accepts
     name: str
-    #: where the tasks' data tensors live (initial parameters are drawn on the CPU)
+    #: where the tasks' data tensors and initial parameters live (both are drawn on the CPU)
     device: torch.device = torch.device("cpu")
 
     def to(self, device: torch.device | str) -> TaskFamily:
-        """Keep the tasks' data on ``device`` from now on; returns ``self``."""
+        """Keep the tasks' data, and the initial parameters their :meth:`Task.init_params` gives,
+        on ``device`` from now on (as a module's ``.to`` moves all it owns); returns ``self``."""
         self.device = torch.device(device)
         return self
 
@@ -214,7 +217,8 @@ class QuadraticTask(Task):
 
     def init_params(self, generator: torch.Generator) -> Params:
         d = self.target.shape[0]
-        return {"theta": torch.randn(d, generator=generator, dtype=self.target.dtype)}
+        theta = torch.randn(d, generator=generator, dtype=self.target.dtype)
+        return {"theta": theta.to(self.target.device)}
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
         return (self.weight @ params["theta"] - self.target).square().sum()
@@ -314,7 +318,12 @@ class MLPTask(Task):
         self.batch_size, self.seed = batch_size, seed
 
     def init_params(self, generator: torch.Generator) -> Params:
-        """PyTorch's default ``nn.Linear`` init (:func:`default_linear_init`)."""
+        """PyTorch's default ``nn.Linear`` init (:func:`default_linear_init`), drawn on the CPU
+        and moved to the inputs' device."""
+        return {k: v.to(self.inputs.device) for k, v in self._cpu_init_params(generator).items()}
+
+    def _cpu_init_params(self, generator: torch.Generator) -> Params:
+        """:meth:`init_params`' values, on the CPU (where ``generator`` draws them)."""
         return default_linear_init(self.module, generator, self.inputs.dtype)
 
     def minibatch(self, step_index: int) -> tuple[Tensor, Tensor]:
@@ -499,8 +508,8 @@ class RandomMLPTask(MLPTask):
         super().__init__(module, inputs, labels, pool, architecture.batch_size, seed)
         self.architecture, self.input_scale, self.init_scale = architecture, input_scale, init_scale
 
-    def init_params(self, generator: torch.Generator) -> Params:
-        return {k: v * self.init_scale for k, v in super().init_params(generator).items()}
+    def _cpu_init_params(self, generator: torch.Generator) -> Params:
+        return {k: v * self.init_scale for k, v in super()._cpu_init_params(generator).items()}
 
     def minibatch(self, step_index: int) -> tuple[Tensor, Tensor]:
         x, y = super().minibatch(step_index)
@@ -772,8 +781,10 @@ class RegressionTask(Task):
         self.module, self.inputs, self.targets, self.init_scale = module, inputs, targets, init_scale
 
     def init_params(self, generator: torch.Generator) -> Params:
+        """The default init (:func:`default_linear_init`) times ``init_scale``, drawn on the CPU
+        and moved to the inputs' device."""
         init = default_linear_init(self.module, generator, self.inputs.dtype)
-        return {k: v * self.init_scale for k, v in init.items()}
+        return {k: (v * self.init_scale).to(self.inputs.device) for k, v in init.items()}
 
     def loss(self, params: Mapping[str, Tensor], step_index: int) -> Tensor:
         return F.mse_loss(functional_call(self.module, dict(params), (self.inputs,)), self.targets)
