@@ -107,3 +107,19 @@ def test_a_cuda_run_matches_the_cpu_run_and_resumes_on_the_cpu(tmp_path: Path, a
     resumed = load_file(broken / weights)
     for name in cpu:
         torch.testing.assert_close(resumed[name], cpu[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["quadratic", "mnist-mlp", "mlp-random", "regression", "mixture"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_to_a_dtype_is_refused_naming_the_dtype_argument(tmp_path: Path, name: str, dtype: torch.dtype) -> None:
+    """A family's dtype is a constructor argument (its data is made in it); ``family.to(torch.float64)``,
+    as a module takes it, raised torch.device's "received an invalid combination of arguments"."""
+    family = _families(tmp_path)[name]
+    want = family.sample_batch(2, generator_for(3)).init_params(generator_for(4))
+    cls = type(family).__name__  # a mixture's, not its first member's
+    with pytest.raises(TypeError, match=rf"^{cls}\.to\(\) takes a device, got the dtype torch\.float(64|32): .*dtype=") as err:
+        family.to(dtype)
+    assert "\n" not in str(err.value)
+    assert family.device == torch.device("cpu")  # unchanged, and it still draws the same
+    got = family.sample_batch(2, generator_for(3)).init_params(generator_for(4))
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -185,7 +185,17 @@ class TaskFamily(ABC):
 
     def to(self, device: torch.device | str) -> TaskFamily:
         """Keep the tasks' data, and the initial parameters their :meth:`Task.init_params` gives,
-        on ``device`` from now on (as a module's ``.to`` moves all it owns); returns ``self``."""
+        on ``device`` from now on (as a module's ``.to`` moves all it owns); returns ``self``.
+
+        Raises:
+            TypeError: ``device`` is a dtype: a family's dtype is given when it is built (its data
+                is made in it), e.g. ``QuadraticFamily(dtype=torch.float64)``.
+        """
+        if isinstance(device, torch.dtype):
+            raise TypeError(
+                f"{type(self).__name__}.to() takes a device, got the dtype {device}: a family's data is made in its "
+                f"dtype, so give it when building the family (dtype={device}, as make_family and the built-in families take)"
+            )
         self.device = torch.device(device)
         return self
 
@@ -909,9 +919,10 @@ class MixtureFamily(TaskFamily):
         )
 
     def to(self, device: torch.device | str) -> MixtureFamily:
+        super().to(device)  # first: it refuses a dtype in the mixture's name
         for member in self.members:
             member.to(device)
-        return super().to(device)
+        return self
 
     def sample(self, generator: torch.Generator) -> Task:
         return self._draw(generator).sample(generator)
