@@ -44,7 +44,7 @@ def test_task_families_keep_their_data_on_their_device_and_draw_the_same_tasks()
         assert all(pa[k].device.type == "meta" and pa[k].shape == pb[k].shape for k in pb)
 
 
-def _families(tmp_path: Path) -> dict[str, TaskFamily]:
+def small_families(tmp_path: Path) -> dict[str, TaskFamily]:
     """Each built-in family (small, float64), and a mixture: built afresh per call."""
     mnist = write_fake_mnist(tmp_path / "mnist")
     return {
@@ -61,11 +61,11 @@ def test_init_params_are_made_on_the_family_device_in_the_loss_dtype(tmp_path: P
     """``family.to("cuda")`` moves everything the tasks own, as a module's ``.to`` does: their
     initial parameters were CPU tensors beside the data on the GPU, so ``task.loss(task.init_params(g), t)``
     raised (only the trainer moved them). They are the CPU family's draws, on its device."""
-    cpu = _families(tmp_path)[name]
+    cpu = small_families(tmp_path)[name]
     want_batch = cpu.sample_batch(2, generator_for(3))
     want = want_batch.init_params(generator_for(4))
     with fake_cuda():
-        family = _families(tmp_path)[name].to("cuda")
+        family = small_families(tmp_path)[name].to("cuda")
         batch = family.sample_batch(2, generator_for(3))
         params = batch.init_params(generator_for(4))
         assert params.keys() == want.keys()
@@ -114,7 +114,7 @@ def test_a_cuda_run_matches_the_cpu_run_and_resumes_on_the_cpu(tmp_path: Path, a
 def test_to_a_dtype_is_refused_naming_the_dtype_argument(tmp_path: Path, name: str, dtype: torch.dtype) -> None:
     """A family's dtype is a constructor argument (its data is made in it); ``family.to(torch.float64)``,
     as a module takes it, raised torch.device's "received an invalid combination of arguments"."""
-    family = _families(tmp_path)[name]
+    family = small_families(tmp_path)[name]
     want = family.sample_batch(2, generator_for(3)).init_params(generator_for(4))
     cls = type(family).__name__  # a mixture's, not its first member's
     with pytest.raises(TypeError, match=rf"^{cls}\.to\(\) takes a device, got the dtype torch\.float(64|32): .*dtype=") as err:

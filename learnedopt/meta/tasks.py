@@ -56,6 +56,28 @@ def generator_for(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
+def check_generator(owner: str, generator: object) -> None:
+    """Raise unless ``generator`` is a ``torch.Generator`` on the CPU, the one the built-in families
+    and their tasks draw from (``owner``, e.g. ``"QuadraticFamily.sample"``, names the caller).
+
+    Raises:
+        TypeError: it is not a generator: ``None`` would draw from the global RNG, so the tasks
+            would be those of no seed.
+        ValueError: it is on another device: the draws are made on the CPU whatever the family's
+            device, so that every device draws the same tasks.
+    """
+    if not isinstance(generator, torch.Generator):
+        got = "None (the global RNG, which no seed given here fixes)" if generator is None else f"a {type(generator).__name__}"
+        raise TypeError(
+            f"{owner}: generator must be a torch.Generator on the CPU, e.g. learnedopt.meta.generator_for(seed), got {got}"
+        )
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"{owner}: generator must be on the CPU, got one on {generator.device}: tasks and initial parameters are "
+            "drawn on the CPU whatever the family's device (its .to(device) moves them), so every device draws the same"
+        )
+
+
 def _check_float_dtype(owner: str, dtype: torch.dtype) -> None:
     """Raise ValueError unless ``dtype``, that of a family's data and parameters, is a floating-point
     dtype (an integer one has no random normal draws, and MNIST's pixels / 255 come out float32)."""
@@ -176,7 +198,9 @@ def _checked_params(params: object, index: int) -> Params:
 
 class TaskFamily(ABC):
     """A distribution over tasks. Random draws use CPU generators whatever the device, so a
-    family gives the same tasks on every device; :meth:`to` moves where their data lives."""
+    family gives the same tasks on every device; :meth:`to` moves where their data lives. The
+    built-in families and their tasks refuse any other generator, ``None`` included
+    (:func:`check_generator`)."""
 
     #: the name ``--task`` accepts
     name: str
@@ -226,6 +250,7 @@ class QuadraticTask(Task):
         self.weight, self.target = weight, target
 
     def init_params(self, generator: torch.Generator) -> Params:
+        check_generator(f"{type(self).__name__}.init_params", generator)
         d = self.target.shape[0]
         theta = torch.randn(d, generator=generator, dtype=self.target.dtype)
         return {"theta": theta.to(self.target.device)}
@@ -258,6 +283,7 @@ class QuadraticFamily(TaskFamily):
         self.dim, self.dtype = dim, dtype
 
     def sample(self, generator: torch.Generator) -> QuadraticTask:
+        check_generator(f"{type(self).__name__}.sample", generator)
         weight = torch.randn(self.dim, self.dim, generator=generator, dtype=self.dtype)
         target = torch.randn(self.dim, generator=generator, dtype=self.dtype)
         return QuadraticTask(weight.to(self.device), target.to(self.device))
@@ -330,6 +356,7 @@ class MLPTask(Task):
     def init_params(self, generator: torch.Generator) -> Params:
         """PyTorch's default ``nn.Linear`` init (:func:`default_linear_init`), drawn on the CPU
         and moved to the inputs' device."""
+        check_generator(f"{type(self).__name__}.init_params", generator)
         return {k: v.to(self.inputs.device) for k, v in self._cpu_init_params(generator).items()}
 
     def _cpu_init_params(self, generator: torch.Generator) -> Params:
@@ -429,6 +456,7 @@ class MnistMLPFamily(ExampleFamily):
         self.batch_size = batch_size
 
     def sample(self, generator: torch.Generator) -> MLPTask:
+        check_generator(f"{type(self).__name__}.sample", generator)
         seed = int(torch.randint(2**62, (), generator=generator))
         return MLPTask(self.module, self.inputs, self.labels, self.pool, self.batch_size, seed)
 
@@ -697,6 +725,7 @@ class RandomMLPFamily(ExampleFamily):
 
     def sample_architecture(self, generator: torch.Generator) -> MLPArchitecture:
         """Draw depth, then each width, then the activation, then the minibatch size."""
+        check_generator(f"{type(self).__name__}.sample_architecture", generator)
         depth = int(torch.randint(self.depth[0], self.depth[1] + 1, (), generator=generator))
         hidden = tuple(_log_uniform_int(*self.width, generator) for _ in range(depth))
         activation = self.activations[
@@ -709,6 +738,7 @@ class RandomMLPFamily(ExampleFamily):
     ) -> RandomMLPBatch:
         """``size`` tasks of ``architecture``: per task, input scale, init scale, then seed."""
         check_positive_integer("size", size)
+        check_generator(f"{type(self).__name__}.sample_tasks", generator)
         if architecture.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {architecture.activation!r}")
         module = architecture.module(self.inputs.shape[1], self.classes)
@@ -793,6 +823,7 @@ class RegressionTask(Task):
     def init_params(self, generator: torch.Generator) -> Params:
         """The default init (:func:`default_linear_init`) times ``init_scale``, drawn on the CPU
         and moved to the inputs' device."""
+        check_generator(f"{type(self).__name__}.init_params", generator)
         init = default_linear_init(self.module, generator, self.inputs.dtype)
         return {k: (v * self.init_scale).to(self.inputs.device) for k, v in init.items()}
 
@@ -863,6 +894,7 @@ class RegressionFamily(TaskFamily):
 
     def sample_batch(self, size: int, generator: torch.Generator) -> RegressionBatch:
         check_positive_integer("size", size)
+        check_generator(f"{type(self).__name__}.sample_batch", generator)
         features = _log_uniform_int(*self.features, generator)
         depth = int(torch.randint(self.depth[0], self.depth[1] + 1, (), generator=generator))
         hidden = tuple(_log_uniform_int(*self.width, generator) for _ in range(depth))
@@ -931,6 +963,7 @@ class MixtureFamily(TaskFamily):
         return self._draw(generator).sample_batch(size, generator)
 
     def _draw(self, generator: torch.Generator) -> TaskFamily:
+        check_generator(f"{type(self).__name__}.sample", generator)
         ticket = int(torch.randint(sum(self.weights), (), generator=generator))
         for member, weight in zip(self.members, self.weights):
             if ticket < weight:
