@@ -336,3 +336,29 @@ def test_bad_mixture_arguments_are_refused() -> None:
         MixtureFamily([make_family("quadratic"), make_family("quadratic")], [10**6, 1])
     with pytest.raises(ValueError, match="a mixture needs a weight per member, got 1 for 2"):
         MixtureFamily([make_family("quadratic"), make_family("quadratic")], [1])
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-53], ids=["lowest", "highest"])
+def test_the_extreme_uniform_draws_stay_in_the_documented_ranges(monkeypatch: pytest.MonkeyPatch, u: float) -> None:
+    """A log-uniform integer is the floor of exp(U(log low, log (high + 1))): at U's lowest value, 0,
+    exp(log(8)) rounds to 7.999999999999998, and the width of an mlp-random (8-64) or regression
+    (16-128) layer was 7 or 15, below its range (once in 2**53 draws, but a range is a range)."""
+    from learnedopt.meta.tasks import RegressionFamily, _log_uniform, _log_uniform_int
+
+    real_rand = torch.rand
+
+    def extreme(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.full_like(real_rand(*args, **kwargs), u)
+
+    monkeypatch.setattr(torch, "rand", extreme)
+    g = generator_for(0)
+    for low, high in ((8, 64), (16, 128), (5, 5), (7, 20), (32, 256), (1, 3)):
+        k = _log_uniform_int(low, high, g)
+        assert k == (low if u == 0 else high), (low, high, k)
+    for low, high in ((0.1, 10.0), (0.5, 2.0), (1.0, 4.0), (8.0, 16.0)):
+        assert low <= _log_uniform(low, high, g) <= high
+    arch = RandomMLPFamily(source="synthetic").sample_architecture(g)
+    assert all(8 <= w <= 64 for w in arch.hidden) and 32 <= arch.batch_size <= 256
+    batch = RegressionFamily(points=4).sample_batch(1, g)
+    widths = [v.shape[0] for k, v in batch.tasks[0].module.named_parameters() if k.endswith("bias")][:-1]
+    assert widths and all(16 <= w <= 128 for w in widths), widths

@@ -618,16 +618,16 @@ def _range(
 
 
 def _log_uniform(low: float, high: float, generator: torch.Generator) -> float:
-    """``exp(U(log low, log high))``."""
+    """``exp(U(log low, log high))``, kept in ``[low, high]`` (``exp(log(8))`` rounds below 8)."""
     u = float(torch.rand((), generator=generator, dtype=torch.float64))
-    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    return min(high, max(low, math.exp(math.log(low) + u * (math.log(high) - math.log(low)))))
 
 
 def _log_uniform_int(low: int, high: int, generator: torch.Generator) -> int:
     """An integer in ``[low, high]`` with ``P(k)`` proportional to ``log((k + 1) / k)``
     (the floor of a log-uniform draw on ``[low, high + 1)``, so both ends are as likely as
     their neighbours)."""
-    return min(high, int(_log_uniform(low, high + 1, generator)))
+    return min(high, int(_log_uniform(low, high + 1, generator)))  # >= low: _log_uniform keeps to its range
 
 
 class RandomMLPFamily(ExampleFamily):
