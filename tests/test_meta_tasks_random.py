@@ -362,3 +362,31 @@ def test_the_extreme_uniform_draws_stay_in_the_documented_ranges(monkeypatch: py
     batch = RegressionFamily(points=4).sample_batch(1, g)
     widths = [v.shape[0] for k, v in batch.tasks[0].module.named_parameters() if k.endswith("bias")][:-1]
     assert widths and all(16 <= w <= 128 for w in widths), widths
+
+
+@pytest.mark.parametrize(
+    ("hidden", "activation", "batch_size", "message"),
+    [
+        ((0,), "relu", 32, r"hidden widths must be integers >= 1, got \(0,\)"),  # was ZeroDivisionError in the init
+        ((4, -1), "relu", 8, r"hidden widths must be integers >= 1, got \(4, -1\)"),  # torch's negative dimension
+        ((True,), "relu", 8, r"hidden widths must be integers >= 1, got \(True,\)"),
+        ("48", "relu", 8, r"hidden must be a sequence of widths, got '48'"),
+        ((4,), "relu", 0, r"batch_size must be an integer >= 1, got 0"),  # a NaN loss at every step
+        ((4,), "relu", 8.5, r"batch_size must be an integer >= 1, got 8\.5"),
+        ((4,), "swish", 8, r"unknown activation 'swish'; choose from sigmoid, tanh"),
+    ],
+)
+def test_degenerate_architectures_are_refused(small64, hidden, activation, batch_size, message) -> None:
+    """``MLPArchitecture`` is public and ``sample_tasks`` takes one of the caller's (the evaluation's
+    held-out member is one): zero-width layers and empty minibatches gave a ZeroDivisionError or a NaN loss."""
+    with pytest.raises(ValueError, match=rf"^MLPArchitecture: {message}"):
+        MLPArchitecture(hidden, activation, batch_size)
+
+
+def test_an_architecture_takes_its_widths_as_any_sequence(small64) -> None:
+    """A list of widths gave an architecture that a batch could not hash ("unhashable type: 'list'")."""
+    arch = MLPArchitecture([4, 3], "tanh", 6)
+    assert arch == MLPArchitecture((4, 3), "tanh", 6) and arch.hidden == (4, 3)
+    batch = small64.sample_tasks(arch, 2, generator_for(0))
+    assert batch.architecture == arch and batch.loss(batch.init_params(generator_for(1)), 0).isfinite().all()
+    assert MLPArchitecture((), "relu", 1).hidden == ()  # no hidden layer: a linear classifier

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..values import check_positive_integer
+from ..values import check_positive_integer, is_integer
 from ..plugins import (
     call_entry_point,
     entry_point_path,
@@ -502,14 +502,30 @@ class MLPArchitecture:
     """What every task of one ``mlp-random`` meta-batch shares (so their parameters stack).
 
     Attributes:
-        hidden: widths of the hidden layers, input side first.
+        hidden: widths of the hidden layers, input side first, integers >= 1 (any sequence of
+            them is kept as a tuple; none: a linear classifier).
         activation: a key of :data:`ACTIVATIONS`, between every two linear layers.
-        batch_size: examples per minibatch.
+        batch_size: examples per minibatch, an integer >= 1.
+
+    Raises:
+        ValueError: a width or batch size below 1 or not an integer (a zero-width layer has no
+            init, an empty minibatch a NaN loss), or an unknown activation.
     """
 
     hidden: tuple[int, ...]
     activation: str
     batch_size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden, str) or not isinstance(self.hidden, Sequence):
+            raise ValueError(f"MLPArchitecture: hidden must be a sequence of widths, got {self.hidden!r}")
+        hidden = tuple(self.hidden)
+        if not all(is_integer(w) and w >= 1 for w in hidden):
+            raise ValueError(f"MLPArchitecture: hidden widths must be integers >= 1, got {hidden!r}")
+        object.__setattr__(self, "hidden", hidden)  # hashable, so a batch can compare architectures
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MLPArchitecture: unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        check_positive_integer("MLPArchitecture: batch_size", self.batch_size)
 
     def module(self, features: int, classes: int) -> nn.Sequential:
         """The MLP ``features-hidden...-classes`` on the meta device (see :func:`mlp_module`)."""
@@ -739,8 +755,6 @@ class RandomMLPFamily(ExampleFamily):
         """``size`` tasks of ``architecture``: per task, input scale, init scale, then seed."""
         check_positive_integer("size", size)
         check_generator(f"{type(self).__name__}.sample_tasks", generator)
-        if architecture.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {architecture.activation!r}")
         module = architecture.module(self.inputs.shape[1], self.classes)
         tasks = []
         for _ in range(size):
