@@ -162,3 +162,16 @@ def test_mixtures_and_bad_arguments() -> None:
             RegressionFamily(**kwargs)
     with pytest.raises(ValueError, match="size must be an integer >= 1"):
         RegressionFamily().sample_batch(0, generator_for(0))
+
+
+def test_init_scales_are_log_uniform_and_scale_the_default_init() -> None:
+    family = RegressionFamily(points=2, width=(3, 3), dtype=F64)
+    g = generator_for(5)
+    tasks = [t for _ in range(100) for t in family.sample_batch(4, g).tasks]
+    scales = [t.init_scale for t in tasks]
+    assert 0.5 <= min(scales) < 0.55 and 1.85 < max(scales) <= 2.0
+    assert 0.4 < sum(s < 1 for s in scales) / len(scales) < 0.6  # log-uniform in [0.5, 2]: half below 1
+    task = tasks[0]
+    default = tasks_module.default_linear_init(task.module, generator_for(6), F64)
+    scaled = task.init_params(generator_for(6))
+    assert all(torch.equal(scaled[k], default[k] * task.init_scale) for k in default)

@@ -77,7 +77,7 @@ def test_init_params_are_made_on_the_family_device_in_the_loss_dtype(tmp_path: P
             own = task.init_params(generator_for(5))
             assert all((v.device.type, v.dtype) == ("cuda", torch.float64) for v in own.values())
             loss = task.loss(own, 2)  # raised: cpu parameters beside cuda data
-            assert loss.device.type == "cuda"
+            assert (loss.device.type, loss.dtype) == ("cuda", torch.float64)
             torch.testing.assert_close(loss.cpu(), want_task.loss(want_task.init_params(generator_for(5)), 2))
 
 
