@@ -214,6 +214,12 @@ def test_describe_states_the_ranges(family) -> None:
         ({"activations": ()}, "activations must be a non-empty sequence"),
         ({"activations": "relu"}, "activations must be a non-empty sequence"),
         ({"activations": ("relu", "swish")}, "unknown activation\\(s\\) \\['swish'\\]"),
+        # these raised TypeErrors of their own ("object of type 'int' has no len()", "must be real number, not str")
+        ({"width": 64}, "width must be a \\(low, high\\) pair, got 64"),
+        ({"input_scale": (0.1, "10")}, "input_scale must be a \\(low, high\\) pair of numbers, got \\(0.1, '10'\\)"),
+        ({"init_scale": (None, 2.0)}, "init_scale must be a \\(low, high\\) pair of numbers"),
+        ({"activations": 5}, "activations must be a non-empty sequence of names, got 5"),
+        ({"activations": None}, "activations must be a non-empty sequence of names, got None"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message) -> None:

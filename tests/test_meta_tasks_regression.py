@@ -157,6 +157,10 @@ def test_mixtures_and_bad_arguments() -> None:
         (dict(frequency=(2.0, 1.0)), "frequency must be finite with low <= high"),
         (dict(activations=("tanh", "nope")), "activations must be a non-empty sequence"),
         (dict(activations="tanh"), "activations must be a non-empty sequence"),
+        # these raised TypeErrors of their own ("'NoneType' object is not iterable", "must be real number")
+        (dict(activations=None), "activations must be a non-empty sequence.*got None"),
+        (dict(width=128), "width must be a \\(low, high\\) pair, got 128"),
+        (dict(frequency=("1", 4.0)), "frequency must be a \\(low, high\\) pair of numbers"),
     ):
         with pytest.raises(ValueError, match=message):
             RegressionFamily(**kwargs)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..values import check_positive_integer, is_integer
+from ..values import check_positive_integer, is_integer, is_number
 from ..plugins import (
     call_entry_point,
     entry_point_path,
@@ -617,12 +617,19 @@ def synthetic_classification_data(
     return inputs.to(dtype), labels
 
 
+def _is_sequence(value: object) -> bool:
+    """Whether ``value`` is a sequence other than a string (whose characters would be its items)."""
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
 def _range(
     name: str, bounds: Sequence[float], *, integer: bool, positive: bool
 ) -> tuple[float, float]:
     """``bounds`` as a checked ``(low, high)`` pair (integers >= 1, or positive finite floats)."""
-    if len(bounds) != 2:
+    if not (_is_sequence(bounds) or isinstance(bounds, np.ndarray)) or len(bounds) != 2:
         raise ValueError(f"{name} must be a (low, high) pair, got {bounds!r}")
+    if not all(is_number(b) for b in bounds):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {bounds!r}")
     low, high = bounds
     if integer and not all(isinstance(b, int) and not isinstance(b, bool) for b in (low, high)):
         raise ValueError(f"{name} must be integers, got {bounds!r}")
@@ -713,7 +720,7 @@ class RandomMLPFamily(ExampleFamily):
         self.batch_size = _range("batch_size", batch_size, integer=True, positive=True)
         self.input_scale = _range("input_scale", input_scale, integer=False, positive=True)
         self.init_scale = _range("init_scale", init_scale, integer=False, positive=True)
-        if isinstance(activations, str) or not activations:
+        if not _is_sequence(activations) or not activations:
             raise ValueError(
                 f"activations must be a non-empty sequence of names, got {activations!r}"
             )
@@ -897,8 +904,8 @@ class RegressionFamily(TaskFamily):
         self.width = _range("width", width, integer=True, positive=True)
         self.frequency = _range("frequency", frequency, integer=False, positive=True)
         self.init_scale = _range("init_scale", init_scale, integer=False, positive=True)
-        unknown = [a for a in activations if a not in ACTIVATIONS]
-        if isinstance(activations, str) or not activations or unknown:
+        unknown = [a for a in activations if a not in ACTIVATIONS] if _is_sequence(activations) else None
+        if not _is_sequence(activations) or not activations or unknown:
             raise ValueError(f"activations must be a non-empty sequence of {', '.join(ACTIVATIONS)}, got {activations!r}")
         self.activations = tuple(activations)
 
