@@ -342,6 +342,14 @@ def test_bad_mixture_arguments_are_refused() -> None:
         MixtureFamily([make_family("quadratic"), make_family("quadratic")], [10**6, 1])
     with pytest.raises(ValueError, match="a mixture needs a weight per member, got 1 for 2"):
         MixtureFamily([make_family("quadratic"), make_family("quadratic")], [1])
+    # a bool is no weight (True was taken as 1), and a member that is not a family raised
+    # AttributeError "'str' object has no attribute 'name'"
+    with pytest.raises(ValueError, match="a positive integer weight per member, got \\[True, 2\\]"):
+        MixtureFamily([make_family("quadratic"), make_family("quadratic")], [True, 2])
+    with pytest.raises(ValueError, match="^a mixture's members must be TaskFamily instances, got member 1: a str$"):
+        MixtureFamily([make_family("quadratic"), "regression"])
+    with pytest.raises(ValueError, match="got member 0: the class RandomMLPFamily, not one built$"):
+        MixtureFamily([RandomMLPFamily, make_family("quadratic")])
 
 
 @pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-53], ids=["lowest", "highest"])

@@ -966,6 +966,10 @@ class MixtureFamily(TaskFamily):
         if len(weights) != len(members):
             raise ValueError(f"a mixture needs a weight per member, got {len(weights)} for {len(members)}")
         check_mixture_weights(weights)
+        for i, member in enumerate(members):
+            if not isinstance(member, TaskFamily):
+                what = f"the class {member.__name__}, not one built" if inspect.isclass(member) else f"a {type(member).__name__}"
+                raise ValueError(f"a mixture's members must be TaskFamily instances, got member {i}: {what}")
         self.members, self.weights = list(members), weights
         self.name = MIXTURE_SEPARATOR.join(
             m.name if w == 1 else f"{m.name}{WEIGHT_SEPARATOR}{w}" for m, w in zip(self.members, weights)
@@ -1081,7 +1085,7 @@ def canonical_task_name(name: str) -> str:
 def check_mixture_weights(weights: Sequence[int]) -> None:
     """Raise ValueError unless ``weights`` are positive integers summing to at most
     :data:`MAX_MIXTURE_WEIGHT`."""
-    if any(not isinstance(w, int) or w < 1 for w in weights):
+    if any(not is_integer(w) or w < 1 for w in weights):
         raise ValueError(f"a mixture needs a positive integer weight per member, got {list(weights)}")
     if sum(weights) > MAX_MIXTURE_WEIGHT:
         raise ValueError(f"a mixture's weights must sum to at most {MAX_MIXTURE_WEIGHT:,}, got {list(weights)}")
