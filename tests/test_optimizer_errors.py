@@ -790,3 +790,24 @@ def test_states_current_in_their_buffers_are_checked_against_a_changed_state_spe
     with pytest.raises(ValueError, match=r"the state 'h' of a parameter has shape \(1, 5, 2\), but its 5 element\(s\) need \(1, 5, 3\)"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_an_expanded_parameter_is_refused_before_anything_changes(kind, foreach) -> None:
+    """A parameter with stride 0 in a dimension of size > 1 (``nn.Parameter(t.expand(...))``) has
+    elements that share memory, which no in-place step can update apart: torch's ``add_`` raised
+    part-way through the step, after its states (and the tensors before it) had been written, so
+    every later step refused to run until ``accept_partial_step()``."""
+    first = torch.nn.Parameter(torch.randn(4))
+    expanded = torch.nn.Parameter(torch.randn(1, 3).expand(5, 3))
+    opt = OPTIMIZERS[kind]([first, expanded], foreach=foreach)
+    first.grad, expanded.grad = torch.randn(4), torch.randn(5, 3)
+    before = [first.detach().clone(), expanded.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\] .*shape \(5, 3\).* stride 0"):
+        step(opt)
+    assert all(torch.equal(a, b) for a, b in zip((first, expanded), before))
+    assert not opt.state
+    expanded.grad = None  # without it the optimizer steps as it would have
+    step(opt)
+    assert not torch.equal(first, before[0])

@@ -989,6 +989,14 @@ class LearnedOptimizer(Optimizer):
                     f"{type(self).__name__} reads {_PARAM_DTYPE_NAMES} gradients (a complex one "
                     "would be read as its real part)"
                 )
+            if not p.is_contiguous() and _expanded(sharding.local(p)):
+                # torch's in-place update refuses it, part-way through the step
+                raise RuntimeError(
+                    f"{self._param_name(index, group, position)}, of strides {sharding.local(p).stride()}, has stride 0"
+                    " in a dimension of size > 1 (an expanded tensor): its elements share memory, so no "
+                    "step can update them apart; make it a parameter with memory of its own "
+                    "(torch.nn.Parameter(t.clone())). No parameter or state was changed by this step"
+                )
             params.append(p)
             # the local part of a gradient placed otherwise (Partial) is not the local gradient
             grads.append(sharding.placed_like(p.grad, p))
@@ -1258,6 +1266,12 @@ def _non_finite(tensors: list[Tensor]) -> list[str | None]:
     dtype and one host sync per device. The step's check of its gradients (and parameters) and
     ``load_state_dict``'s of the loaded states."""
     return finite.non_finite(sharding.local_all(tensors))
+
+
+def _expanded(t: Tensor) -> bool:
+    """Whether ``t`` has stride 0 in a dimension of size > 1 (``expand``'s views): elements that
+    share memory, which torch's in-place operations refuse to write."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 def _all_zero(tensors: list[Tensor]) -> list[bool]:
