@@ -721,3 +721,31 @@ def test_the_step_checks_states_for_nan_only_where_they_were_replaced(monkeypatc
     opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
     train(opt, params, 2, first=4)
     assert calls[0] == 2 and calls[1] == len(opt.rule.state_spec()) and calls[2:] == [2], calls
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_state_dict_with_numpy_options_loads_with_weights_only(kind) -> None:
+    """An LR schedule written with NumPy (``LambdaLR`` with ``np.cos``) leaves a NumPy scalar as
+    each group's ``lr`` (``base_lr * np.float64``), as may an ``lr`` or ``weight_decay`` given as
+    one: ``torch.save(optimizer.state_dict())`` wrote them pickled as NumPy objects, which
+    ``torch.load``'s default ``weights_only=True`` refused. They are saved as Python numbers."""
+    np = pytest.importorskip("numpy")
+    params = make_params([(4, 3), (5,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": params[:1], "weight_decay": np.float32(0.01)}, {"params": params[1:]}], lr=np.float64(0.5))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + np.cos(np.pi * t / 10)))
+    train(opt, params, 3, first=0)
+    schedule.step()
+    assert isinstance(opt.param_groups[0]["lr"], np.generic)  # what the schedule left
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    train(opt, params, 3, first=3)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = [p.clone().requires_grad_(True) for p in saved["params"]]
+    other = OPTIMIZERS[kind]([{"params": resumed[:1]}, {"params": resumed[1:]}])
+    other.load_state_dict(saved["opt"])
+    assert [g["lr"] for g in other.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert other.param_groups[0]["weight_decay"] == opt.param_groups[0]["weight_decay"]
+    train(other, resumed, 3, first=3)
+    assert_same_params_and_states(params, opt, resumed, other)

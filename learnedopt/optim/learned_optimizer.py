@@ -368,6 +368,9 @@ class LearnedOptimizer(Optimizer):
         rule_json = self._rule_json()  # the weights now, which a caller may have changed in place
         for group in state_dict["param_groups"]:  # new dicts: the optimizer's groups keep the dtype
             group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
+            # a NumPy scalar (the lr a LambdaLR of np.cos leaves, base_lr * np.float64) is pickled
+            # as a NumPy object, which torch.load's default weights_only=True refuses
+            group.update([(key, value.item()) for key, value in group.items() if isinstance(value, np.generic)])
             group["learned_rule"] = rule_json
         state_dict["learned_rule"] = json.loads(rule_json)
         for post_hook in post_hooks.values():
