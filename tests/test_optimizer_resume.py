@@ -660,13 +660,15 @@ def test_a_finite_saved_state_whose_norm_overflows_its_dtype_loads(foreach) -> N
 
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize(("value", "what"), [(float("nan"), "NaN"), (float("inf"), "Inf")])
-def test_a_state_holding_nan_or_inf_put_in_optimizer_state_directly_is_refused_by_the_next_step(kind, value, what) -> None:
+@pytest.mark.parametrize("options", [{}, {"foreach": False}, {"foreach": False, "backend": "torch"}], ids=["batched", "per-tensor", "per-tensor-torch"])
+def test_a_state_holding_nan_or_inf_put_in_optimizer_state_directly_is_refused_by_the_next_step(kind, value, what, options) -> None:
     """States that reach ``optimizer.state[p]`` without ``load_state_dict`` (a wrapper that loads
     them itself, as ``ZeroRedundancyOptimizer`` does, or an assignment) skipped its NaN/Inf check,
     and the next step turned the parameter NaN in silence. The step that builds its flat buffers
     from them refuses them as ``load_state_dict`` does, changing nothing; finite ones step as if
-    loaded."""
-    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}]
+    loaded. The per-tensor path (``foreach=False``), which keeps no buffers, stepped them in silence:
+    it refuses them alike."""
+    groups = lambda ps: [{"params": ps[:1], **options}, {"params": ps[1:], "lr": 0.5, **options}]
     params = make_params([(4,), (3, 2), (5,)], dtype=torch.float32)
     opt = OPTIMIZERS[kind](groups(params))
     train(opt, params, 2, first=0)
@@ -703,14 +705,15 @@ def test_a_state_holding_nan_or_inf_put_in_optimizer_state_directly_is_refused_b
         train(opt, params, 1, first=3)
 
 
-def test_the_step_checks_states_for_nan_only_where_they_were_replaced(monkeypatch) -> None:
+@pytest.mark.parametrize("foreach", [None, False])
+def test_the_step_checks_states_for_nan_only_where_they_were_replaced(monkeypatch, foreach) -> None:
     """The check of states put in ``optimizer.state`` runs where the step rebuilds its flat
-    buffers from them, not at every step: a step whose states are its own reads one NaN/Inf
-    verdict list, its gradients'."""
+    buffers from them (on the per-tensor path: where they are not the states it stepped), not at
+    every step: a step whose states are its own reads one NaN/Inf verdict list, its gradients'."""
     from learnedopt import finite
 
     params = make_params([(4,), (3, 2)], dtype=torch.float32)
-    opt = LSTMOptimizer(params)
+    opt = LSTMOptimizer(params, foreach=foreach)
     train(opt, params, 2, first=0)
     calls = []
     real = finite.non_finite
@@ -720,6 +723,10 @@ def test_the_step_checks_states_for_nan_only_where_they_were_replaced(monkeypatc
     calls.clear()
     opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
     train(opt, params, 2, first=4)
+    assert calls[0] == 2 and calls[1] == len(opt.rule.state_spec()) and calls[2:] == [2], calls
+    calls.clear()
+    opt.state[params[0]]["h"] = opt.state[params[0]]["h"].clone()  # one state tensor replaced
+    train(opt, params, 2, first=6)
     assert calls[0] == 2 and calls[1] == len(opt.rule.state_spec()) and calls[2:] == [2], calls
 
 

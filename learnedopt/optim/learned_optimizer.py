@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ class LearnedOptimizer(Optimizer):
         # set_swap_module_params_on_conversion(True); entries of parameters no group lists any more
         # are dropped at the next step
         self._state_shapes: dict[int, tuple[Tensor, tuple[int, ...]]] = {}
+        # id(parameter) -> the rule states the per-tensor path last held for it, as (name, weak
+        # reference, data_ptr, shape): states not put in self.state since (see _holds_own_states)
+        self._own_states: dict[int, list[tuple[str, weakref.ref[Tensor], int, torch.Size]]] = {}
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- torch.optim protocol
@@ -288,6 +292,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_packed_weights", {})
         self.__dict__.setdefault("_fused_failed", False)
         self.__dict__.setdefault("_partial_step", None)
+        self.__dict__.setdefault("_own_states", {})  # not pickled: a copy's states are checked once
         self.__dict__.setdefault("_weights_argument", None)  # pickled by an earlier version
         shapes = self.__dict__.setdefault("_state_shapes", {})  # pickled by an earlier version: the shapes now are taken
         if isinstance(shapes, list):  # pickled as (parameter, shape) pairs
@@ -471,6 +476,7 @@ class LearnedOptimizer(Optimizer):
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
         self._partial_step = None  # the loaded states are whole (state_dict() saves no half-stepped ones)
         self._flat_states.clear()
+        self._own_states.clear()
         # the loaded states were checked against the shapes now: a reshape before the next step is one
         self._state_shapes = {id(p): (p, tuple(p.shape)) for p, loaded in state.items() if loaded}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -510,10 +516,11 @@ class LearnedOptimizer(Optimizer):
     def _check_put_states_finite(self, put: list[tuple[int, Tensor]]) -> None:
         """Raise ValueError as ``load_state_dict`` does where a rule state of the parameters
         ``put`` (``(group, param)``: states the step's flat buffers are to be rebuilt from, which
-        they did not make) holds NaN, or Inf where its ``StateSpec`` says ``finite``. Such states
-        reached ``optimizer.state[p]`` without ``load_state_dict``'s check (a wrapper that loads
-        them itself, ``ZeroRedundancyOptimizer``, or an assignment), or are the optimizer's own,
-        made outside the buffers (``init_state()``, a step on the per-tensor path, a load)."""
+        they did not make, or that the per-tensor path is to step and did not step last) holds NaN,
+        or Inf where its ``StateSpec`` says ``finite``. Such states reached ``optimizer.state[p]``
+        without ``load_state_dict``'s check (a wrapper that loads them itself,
+        ``ZeroRedundancyOptimizer``, or an assignment), or are the optimizer's own, made outside
+        that path (``init_state()``, a step on the other path, a load)."""
         if not put:
             return
         spec = self.rule.state_spec()
@@ -679,6 +686,8 @@ class LearnedOptimizer(Optimizer):
             seen |= ids
         if not self._state_shapes.keys() <= seen:  # a parameter taken out of its group is not kept alive
             self._state_shapes = {key: entry for key, entry in self._state_shapes.items() if key in seen}
+        if not self._own_states.keys() <= seen:
+            self._own_states = {key: entry for key, entry in self._own_states.items() if key in seen}
         self._check_group_fingerprints()
         if closure is None and loss is None and self._is_state_initialisation():
             self.init_state()
@@ -745,6 +754,8 @@ class LearnedOptimizer(Optimizer):
                 specs = self.rule.state_spec()
                 if group["foreach"] is False and not fused:
                     held = ps
+                    # states the per-tensor path did not step last (assigned, loaded, made by init_state)
+                    put += [(index, p) for p in ps if self.state.get(p) and not self._holds_own_states(p)]
                 else:
                     held = self._flat_members(group, device, compute_dtype, ps)
                     flat = self._flat_states.get((index, device, compute_dtype))
@@ -1054,7 +1065,9 @@ class LearnedOptimizer(Optimizer):
         for (device, compute_dtype), (ps, _) in partitions.items():
             self._rule_on(device, compute_dtype)
             if group["foreach"] is False and not self._use_fused(group["backend"], device, compute_dtype, state_dtype, False):
-                held[device, compute_dtype] = [self._state_of(p, state_dtype) for p in ps]
+                held[device, compute_dtype] = states = [self._state_of(p, state_dtype) for p in ps]
+                for p, state in zip(ps, states, strict=True):  # checked (the step's checks) or made now
+                    self._record_own_states(p, state)
             else:
                 known = (flat_members or {}).get((device, compute_dtype))
                 held[device, compute_dtype] = self._flat_state(index, group, device, compute_dtype, state_dtype, ps, known)
@@ -1190,6 +1203,30 @@ class LearnedOptimizer(Optimizer):
             if isinstance(value, Tensor) and value.dtype != spec.dtype(state_dtype):
                 state[name] = value.to(spec.dtype(state_dtype))
         return state
+
+    def _record_own_states(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Record ``state``'s rule states as those the per-tensor path holds for ``p``: checked or
+        made by the optimizer, so that the next step need not check them for NaN/Inf again. Weak
+        references: a state deleted or replaced since is not kept alive here."""
+        self._own_states[id(p)] = [
+            (name, weakref.ref(value), value.data_ptr(), value.shape)
+            for name in self.rule.state_spec()
+            if isinstance(value := state.get(name), Tensor)
+        ]
+
+    def _holds_own_states(self, p: Tensor) -> bool:
+        """Whether ``self.state[p]``'s rule states are those :meth:`_record_own_states` recorded,
+        the same tensors pointing where they did with their shape: none assigned since (``.data =``
+        or ``set_`` moves one). As :meth:`FlatState.backs` tells for the batched path, values
+        written in place into them are not seen."""
+        made, entry = self._own_states.get(id(p)), self.state.get(p)
+        if made is None or entry is None or len(made) != len(self.rule.state_spec()):
+            return False
+        for name, ref, ptr, shape in made:
+            value = ref()
+            if value is None or entry.get(name) is not value or value.data_ptr() != ptr or value.shape != shape:
+                return False
+        return True
 
     def _flat_state(
         self,
