@@ -787,7 +787,7 @@ def test_states_current_in_their_buffers_are_checked_against_a_changed_state_spe
     opt.step()
     before = [p.detach().clone() for p in params]
     opt.rule.width = 3
-    with pytest.raises(ValueError, match=r"the state 'h' of a parameter has shape \(1, 5, 2\), but its 5 element\(s\) need \(1, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"the state 'h' of param_groups\[0\]\['params'\]\[0\] \(shape \(5,\)\) has shape \(1, 5, 2\), but its 5 element\(s\) need \(1, 5, 3\)"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 

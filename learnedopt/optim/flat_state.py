@@ -8,7 +8,7 @@ without gathering. ``optimizer.state[p][name]`` stays the per-parameter tensor t
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ class FlatState:
             n = local(p).numel()
             initial = None if all(k in previous for k in self.buffers) else rule.init_state(n, dtype=dtype, device=device)
             if initial is None:
-                check_state_shapes(rule, previous, n)
+                check_states(rule, previous, p, specs=spec)
             made = []
             for name, buf in self.buffers.items():
                 view = buf.narrow(self.dims[name], offset, n)
@@ -140,17 +140,46 @@ def flatten_parameter_shaped(
             state[name] = value.reshape(spec.shape(shape.numel()))
 
 
-def check_state_shapes(
-    rule: UpdateRule, state: dict[str, Any], numel: int, *, specs: dict[str, StateSpec] | None = None
+def check_states(
+    rule: UpdateRule,
+    state: dict[str, Any],
+    param: Tensor,
+    *,
+    specs: dict[str, StateSpec] | None = None,
+    name: Callable[[], str] | None = None,
 ) -> None:
-    """Raise ValueError if a parameter's states do not fit its ``numel`` coordinates: it was
-    resized (``p.data = ...``) since they were made (copying them would broadcast or fail).
-    ``specs``: the rule's ``state_spec()``, where the caller has it already."""
-    for name, spec in (rule.state_spec() if specs is None else specs).items():
-        value = state.get(name)
-        if isinstance(value, Tensor) and tuple(value.shape) != spec.shape(numel):
+    """Raise ValueError naming the state and the parameter (``name()``: its name with shape, as
+    the step's errors name it; else "a parameter") where a rule state in ``state`` is not a
+    tensor, is not floating-point (a step would cast it in silence, a complex one dropping its
+    imaginary part), is on the ``meta`` device while ``param`` is not (it holds no values), or
+    does not fit ``param``'s (local part's) ``numel`` coordinates: put there with another shape,
+    or ``param`` was resized (``p.data = ...``) since its state was made (copying it would
+    broadcast or fail). ``specs``: the rule's ``state_spec()``, where the caller has it already."""
+    local_param = local(param)
+    numel = local_param.numel()
+    for state_name, spec in (rule.state_spec() if specs is None else specs).items():
+        value = state.get(state_name)
+        if value is None:
+            continue
+        what = f"the state {state_name!r} of {'a parameter' if name is None else name()}"
+        if not isinstance(value, Tensor):
             raise ValueError(
-                f"the state {name!r} of a parameter has shape {tuple(value.shape)}, but its {numel} "
-                f"element(s) need {spec.shape(numel)}: the parameter changed size since its state was "
-                "created; give it a fresh state (del optimizer.state[param]) or a new optimizer"
+                f"{what} is a {type(value).__name__}, not a tensor; put the rule's states in optimizer.state as "
+                "tensors, or give it a fresh state (del optimizer.state[param])"
+            )
+        if not value.is_floating_point():
+            raise ValueError(
+                f"{what} is a {str(value.dtype).removeprefix('torch.')} tensor: rule states are floating-point (a step "
+                "would cast it in silence); give it a floating-point one or a fresh state (del optimizer.state[param])"
+            )
+        if value.is_meta and not local_param.is_meta:
+            raise ValueError(
+                f"{what} is on the meta device, which holds no values (the parameter is on {local_param.device}); "
+                "give it one with values or a fresh state (del optimizer.state[param])"
+            )
+        if tuple(value.shape) != spec.shape(numel):
+            raise ValueError(
+                f"{what} has shape {tuple(value.shape)}, but its {numel} element(s) need {spec.shape(numel)}: it "
+                "was put there with another shape, or the parameter changed size since its state was created; give it "
+                "a fresh state (del optimizer.state[param]) or a new optimizer"
             )

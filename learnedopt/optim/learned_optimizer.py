@@ -33,7 +33,7 @@ from ..nn.precision import math_dtype
 from ..values import check_positive_integer, is_integer, is_number
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
-from .flat_state import FlatState, check_state_shapes, flatten_parameter_shaped
+from .flat_state import FlatState, check_states, flatten_parameter_shaped
 from .update import DEFAULT_CHUNK, DEFAULT_GROUP_BATCH, Segment, flat_update_, fused_update_, grouped_flat_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -361,7 +361,7 @@ class LearnedOptimizer(Optimizer):
             # a parameter resized since its state was made: the reshape below would fail as torch's view
             flat = dict(saved)  # saved is the live state dict: flattened as a copy
             flatten_parameter_shaped(self.rule, flat, param)
-            check_state_shapes(self.rule, flat, sharding.local(param).numel())
+            check_states(self.rule, flat, param, name=lambda param=param, index=index: f"parameter {index} (shape {tuple(param.shape)})")
             self._check_reshaped(param)
             if sharding.is_sharded(param):
                 shaped = lambda value, s, param=param: sharding.to_global(value, param, s)  # noqa: E731
@@ -765,11 +765,10 @@ class LearnedOptimizer(Optimizer):
                     flat_members[index][device, compute_dtype] = (held, current)
                     if not current:  # states put in self.state since the buffers were made are checked below
                         put += [(index, p) for p in held if self.state.get(p) and (flat is None or not flat.backs(p, self.state[p]))]
-                for p, shard in zip(held, sharding.local_all(held), strict=True):
-                    if not current:
-                        if p in self.state:
-                            flatten_parameter_shaped(self.rule, self.state[p], p, specs=specs)
-                        check_state_shapes(self.rule, self.state.get(p, {}), shard.numel(), specs=specs)
+                for p in held:
+                    if not current and p in self.state:
+                        flatten_parameter_shaped(self.rule, self.state[p], p, specs=specs)
+                        check_states(self.rule, self.state[p], p, specs=specs, name=lambda p=p: self._name_of(index, group, p))
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
         # before any buffer is built from them: one reduction per device and dtype, only where
@@ -1039,6 +1038,11 @@ class LearnedOptimizer(Optimizer):
             params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         return params, [_in_math_range(g, math_dtype(p.dtype)) for p, g in zip(params, grads, strict=True)]
 
+    def _name_of(self, index: int, group: dict[str, Any], p: Tensor) -> str:
+        """:meth:`_param_name` of ``p``, a parameter of group ``index`` (found by identity: for an
+        error message)."""
+        return self._param_name(index, group, next(i for i, q in enumerate(group["params"]) if q is p))
+
     @staticmethod
     def _param_name(index: int, group: dict[str, Any], position: int) -> str:
         names = group.get("param_names")
@@ -1196,12 +1200,14 @@ class LearnedOptimizer(Optimizer):
             state["step"] = _new_step()
             state.update(initial)
         flatten_parameter_shaped(self.rule, state, p)
-        check_state_shapes(self.rule, state, sharding.local(p).numel())
+        check_states(self.rule, state, p)
         self._check_reshaped(p)  # and records the shape of a state made now (init_state)
-        for name, spec in self.rule.state_spec().items():  # a group's state_dtype changed since: as the flat path does
+        # a group's state_dtype changed since, or a state put there on another device: as the flat path copies it
+        device = sharding.local(p).device
+        for name, spec in self.rule.state_spec().items():
             value = state.get(name)
-            if isinstance(value, Tensor) and value.dtype != spec.dtype(state_dtype):
-                state[name] = value.to(spec.dtype(state_dtype))
+            if isinstance(value, Tensor) and (value.dtype != spec.dtype(state_dtype) or value.device != device):
+                state[name] = value.to(device=device, dtype=spec.dtype(state_dtype))
         return state
 
     def _record_own_states(self, p: Tensor, state: dict[str, Any]) -> None:

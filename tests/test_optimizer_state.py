@@ -1,0 +1,81 @@
+"""States a torch user puts in ``optimizer.state`` by hand (an assignment, a wrapper's own load),
+and the manipulations of it ``torch.optim`` allows: checked as ``load_state_dict`` checks saved
+ones, alike on the batched and the per-tensor path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_params, set_grads
+
+from learnedopt import LSTMOptimizer
+
+PATHS = pytest.mark.parametrize("foreach", [None, False], ids=["batched", "per-tensor"])
+
+
+def stepped(foreach, *, names=False):
+    """Two parameters, an optimizer of them stepped once, and the parameters' values after it."""
+    params = make_params([(4,), (3, 2)], dtype=torch.float32)
+    if names:
+        opt = LSTMOptimizer([{"params": params, "param_names": ["w", "b"]}], foreach=foreach)
+    else:
+        opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    return params, opt, [p.detach().clone() for p in params]
+
+
+@PATHS
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda h: torch.zeros(*h.shape[:-1], h.shape[-1] + 1), r"has shape \(2, 6, 21\), but its 6 element\(s\) need \(2, 6, 20\)"),
+        # broadcastable into the right shape: copied as it is, it spread one coordinate's state over all
+        (lambda h: torch.zeros(h.shape[0], 1, h.shape[2]), r"has shape \(2, 1, 20\), but its 6 element\(s\) need \(2, 6, 20\)"),
+        (lambda h: h.tolist(), r"is a list, not a tensor"),
+        (lambda h: h.numpy().copy(), r"is a ndarray, not a tensor"),
+        # cast in silence (a complex one dropping its imaginary part), as load_state_dict refuses
+        (lambda h: h.to(torch.int64), r"is a int64 tensor: rule states are floating-point"),
+        (lambda h: h.to(torch.complex64), r"is a complex64 tensor: rule states are floating-point"),
+        (lambda h: h.to(torch.bool), r"is a bool tensor: rule states are floating-point"),
+        (lambda h: h.to("meta"), r"is on the meta device, which holds no values"),
+    ],
+    ids=["shape", "broadcastable", "list", "ndarray", "int64", "complex", "bool", "meta"],
+)
+def test_a_bad_state_put_by_hand_is_refused_naming_parameter_and_state(foreach, make, message) -> None:
+    """A rule state of the wrong shape, kind or dtype assigned to ``optimizer.state[p]`` raised a
+    cryptic error of torch's (``copy_()``'s, a missing ``.to``, a device mismatch inside the rule),
+    blamed a resize, or was cast in silence; now both paths raise ValueError naming the state and
+    the parameter, before anything changes."""
+    params, opt, before = stepped(foreach)
+    opt.state[params[1]]["h"] = make(opt.state[params[1]]["h"])
+    with pytest.raises(ValueError, match=r"^the state 'h' of param_groups\[0\]\['params'\]\[1\] \(shape \(3, 2\)\) " + message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+@PATHS
+def test_a_bad_state_put_by_hand_is_named_by_the_parameter_name(foreach) -> None:
+    params, opt, _ = stepped(foreach, names=True)
+    opt.state[params[0]]["c"] = opt.state[params[0]]["c"][:, :2]
+    with pytest.raises(ValueError, match=r"^the state 'c' of parameter 'w' \(shape \(4,\)\) has shape \(2, 2, 20\), but its 4 element"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"^the state 'c' of parameter 0 \(shape \(4,\)\) has shape"):
+        opt.state_dict()
+
+
+@PATHS
+def test_a_state_on_another_device_than_its_parameter_is_moved_to_it(foreach) -> None:
+    """The batched path copies a state put on another device into its buffers, on the
+    parameter's; the per-tensor path stepped it where it was (mixing devices inside the rule:
+    torch's device error). It moves it to the parameter's device, as it converts its dtype.
+    (Parameters on ``meta``: the CPU's only other device.)"""
+    params = [torch.nn.Parameter(torch.zeros(4, device="meta"))]
+    opt = LSTMOptimizer(params, foreach=foreach)
+    params[0].grad = torch.zeros(4, device="meta")
+    opt.step()
+    opt.state[params[0]] = {name: torch.zeros(value.shape) if name != "step" else value for name, value in opt.state[params[0]].items()}
+    opt.step()
+    assert {value.device.type for name, value in opt.state[params[0]].items() if name != "step"} == {"meta"}
+    assert float(opt.state[params[0]]["step"]) == 2
