@@ -79,3 +79,32 @@ def test_a_state_on_another_device_than_its_parameter_is_moved_to_it(foreach) ->
     opt.step()
     assert {value.device.type for name, value in opt.state[params[0]].items() if name != "step"} == {"meta"}
     assert float(opt.state[params[0]]["step"]) == 2
+
+
+@PATHS
+def test_a_step_count_put_by_hand_as_a_number_is_taken_as_load_state_dict_takes_it(foreach) -> None:
+    """``optimizer.state[p]["step"] = 1`` (a number, as torch.optim's load converts one) failed in
+    the step count's ``_foreach_add_`` after every parameter had been updated: a half-finished
+    step, refused by every later one. It is converted as ``load_state_dict`` converts a saved one,
+    before anything changes; one that is no non-negative number is refused naming the parameter,
+    changing nothing, and the optimizer steps once it is put right."""
+    params, opt, before = stepped(foreach)
+    reference = LSTMOptimizer(make_params([(4,), (3, 2)], dtype=torch.float32), foreach=foreach)
+    reference.load_state_dict(opt.state_dict())
+    for bad, message in [(-1, "got -1"), ("3", "got '3'"), (torch.tensor(1.0, device="meta"), "meta device")]:
+        opt.state[params[1]]["step"] = bad
+        with pytest.raises(ValueError, match=r"^the state 'step' of param_groups\[0\]\['params'\]\[1\] \(shape \(3, 2\)\) .*" + message):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    opt.state[params[1]]["step"] = 1
+    opt.step()
+    expected = reference.param_groups[0]["params"]
+    for p, q in zip(expected, before, strict=True):
+        with torch.no_grad():
+            p.copy_(q)
+        p.grad = None
+    for p, q in zip(expected, params, strict=True):
+        p.grad = q.grad.clone()
+    reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert opt.state[params[1]]["step"].dtype == torch.float32 and float(opt.state[params[1]]["step"]) == 2

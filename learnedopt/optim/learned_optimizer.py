@@ -766,9 +766,15 @@ class LearnedOptimizer(Optimizer):
                     if not current:  # states put in self.state since the buffers were made are checked below
                         put += [(index, p) for p in held if self.state.get(p) and (flat is None or not flat.backs(p, self.state[p]))]
                 for p in held:
-                    if not current and p in self.state:
-                        flatten_parameter_shaped(self.rule, self.state[p], p, specs=specs)
-                        check_states(self.rule, self.state[p], p, specs=specs, name=lambda p=p: self._name_of(index, group, p))
+                    entry = self.state.get(p)
+                    if not current and entry is not None:
+                        flatten_parameter_shaped(self.rule, entry, p, specs=specs)
+                        check_states(self.rule, entry, p, specs=specs, name=lambda p=p: self._name_of(index, group, p))
+                    if entry and "step" in entry and not _is_step_count(entry["step"]):
+                        # a count put by hand (a number): converted as a load converts it, not
+                        # failing in the count's increment after every parameter was updated
+                        what = f"the state 'step' of {self._name_of(index, group, p)}"
+                        entry["step"] = _loaded_step(entry["step"], None, what=what)
                     self._check_reshaped(p)
                 _check_lr_fits(float(group["lr"]), ps)
         # before any buffer is built from them: one reduction per device and dtype, only where
@@ -1442,18 +1448,27 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _loaded_step(step: Any, index: int) -> Tensor:
+def _loaded_step(step: Any, index: int | None, *, what: str | None = None) -> Tensor:
     """A saved step count as the float32 scalar tensor a step increments (torch.optim's
-    optimizers convert a number the same way); anything else is rejected before loading."""
+    optimizers convert a number the same way); anything else is rejected before loading.
+    ``what`` names the count in the errors where it is not the saved one of parameter ``index``
+    (one put in ``optimizer.state`` by hand)."""
+    what = f"saved 'step' of parameter {index}" if what is None else what
     if isinstance(step, Tensor) and step.is_meta:  # .item() raised torch's error, naming nothing
         raise ValueError(
-            f"saved 'step' of parameter {index} is on the meta device, which holds no value (a state dict "
+            f"{what} is on the meta device, which holds no value (a state dict "
             "read with torch.load(map_location='meta')?); load one whose counts hold their values"
         )
     value = step.item() if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex() else step
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"saved 'step' of parameter {index} must be a non-negative number, got {step!r}")
+        raise ValueError(f"{what} must be a non-negative number, got {step!r}")
     return torch.tensor(float(value), dtype=torch.float32, device="cpu")
+
+
+def _is_step_count(step: Any) -> bool:
+    """Whether ``step`` has the form of the counts the optimizer makes and loads (a float32
+    scalar tensor with a value), which a step increments in place."""
+    return isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0 and not step.is_meta
 
 
 def _new_step() -> Tensor:
