@@ -108,3 +108,41 @@ def test_a_step_count_put_by_hand_as_a_number_is_taken_as_load_state_dict_takes_
     reference.step()
     assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
     assert opt.state[params[1]]["step"].dtype == torch.float32 and float(opt.state[params[1]]["step"]) == 2
+
+
+@PATHS
+def test_a_state_lacking_some_of_the_rule_states_is_refused(foreach) -> None:
+    """A state holding some of the rule's states but not all (``del optimizer.state[p]["h"]``, or
+    an assignment of too few) raised ``KeyError: 'h'`` on the per-tensor path, after the
+    parameters before it had been updated (a half-finished step, refused by every later one), and
+    the batched path replaced the states it did hold by fresh ones in silence. Both refuse it
+    naming the parameter and the missing states, changing nothing (``torch.optim.Adam`` raises
+    ``KeyError`` before changing anything)."""
+    params, opt, before = stepped(foreach)
+    del opt.state[params[1]]["h"]
+    with pytest.raises(ValueError, match=r"^the state of param_groups\[0\]\['params'\]\[1\] \(shape \(3, 2\)\) lacks \['h'\] of this CoordinateLSTM rule's"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    del opt.state[params[1]]  # what the message advises: a fresh state
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 2 and float(opt.state[params[1]]["step"]) == 1
+
+
+@PATHS
+def test_a_state_lacking_only_its_step_count_keeps_its_rule_states(foreach) -> None:
+    """A state put by hand with every rule state but no ``"step"``: the batched path stepped from
+    those states, counting from 0, while the per-tensor path replaced them by fresh ones in
+    silence. Both step from them now (the count does not enter the update)."""
+    params, opt, before = stepped(foreach)
+    reference = LSTMOptimizer(make_params([(4,), (3, 2)], dtype=torch.float32), foreach=foreach)
+    reference.load_state_dict(opt.state_dict())
+    del opt.state[params[1]]["step"]
+    opt.step()
+    expected = reference.param_groups[0]["params"]
+    with torch.no_grad():
+        for p, q, b in zip(expected, params, before, strict=True):
+            p.copy_(b)
+            p.grad = q.grad.clone()
+    reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
+    assert float(opt.state[params[1]]["step"]) == 1

@@ -149,15 +149,23 @@ def check_states(
     name: Callable[[], str] | None = None,
 ) -> None:
     """Raise ValueError naming the state and the parameter (``name()``: its name with shape, as
-    the step's errors name it; else "a parameter") where a rule state in ``state`` is not a
-    tensor, is not floating-point (a step would cast it in silence, a complex one dropping its
+    the step's errors name it; else "a parameter") where ``state`` holds some of the rule's states
+    but not all (a step would fail, or replace those it holds by fresh ones), or a rule state in it
+    is not a tensor, is not floating-point (a step would cast it in silence, a complex one dropping its
     imaginary part), is on the ``meta`` device while ``param`` is not (it holds no values), or
     does not fit ``param``'s (local part's) ``numel`` coordinates: put there with another shape,
     or ``param`` was resized (``p.data = ...``) since its state was made (copying it would
     broadcast or fail). ``specs``: the rule's ``state_spec()``, where the caller has it already."""
     local_param = local(param)
     numel = local_param.numel()
-    for state_name, spec in (rule.state_spec() if specs is None else specs).items():
+    specs = rule.state_spec() if specs is None else specs
+    missing = [state_name for state_name in specs if state_name not in state]
+    if missing and len(missing) < len(specs):
+        raise ValueError(
+            f"the state of {'a parameter' if name is None else name()} lacks {missing} of this {rule.kind} rule's "
+            f"states {sorted(specs)}: give it all of them, or a fresh state (del optimizer.state[param])"
+        )
+    for state_name, spec in specs.items():
         value = state.get(state_name)
         if value is None:
             continue

@@ -1201,8 +1201,11 @@ class LearnedOptimizer(Optimizer):
     def _state_of(self, p: Tensor, state_dtype: torch.dtype) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            # made before "step" is set: a state whose making ran out of memory is made again
-            initial = self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device)
+            # made before "step" is set: a state whose making ran out of memory is made again; one
+            # put with every rule state but no count is kept, counting from 0, as the batched path keeps it
+            specs = self.rule.state_spec()
+            whole = all(name in state for name in specs)
+            initial = {} if whole else self.rule.init_state(sharding.local(p).numel(), dtype=state_dtype, device=p.device)
             state["step"] = _new_step()
             state.update(initial)
         flatten_parameter_shaped(self.rule, state, p)
