@@ -146,3 +146,21 @@ def test_a_state_lacking_only_its_step_count_keeps_its_rule_states(foreach) -> N
     reference.step()
     assert all(torch.equal(p, q) for p, q in zip(params, expected, strict=True))
     assert float(opt.state[params[1]]["step"]) == 1
+
+
+@PATHS
+def test_state_dict_names_the_state_of_a_parameter_taken_out_of_the_param_groups(foreach) -> None:
+    """A param group removed from ``param_groups`` (or a parameter from its group) leaves its
+    parameters' states in ``optimizer.state``; ``state_dict()`` then raised torch's bare
+    ``KeyError: <id>`` (``torch.optim.Adam`` raises it too), naming nothing. It raises ValueError
+    saying what holds the state and how to drop it."""
+    params = make_params([(4,), (3, 2)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": params[:1]}, {"params": params[1:]}], foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    del opt.param_groups[0]
+    opt.step()
+    with pytest.raises(ValueError, match=r"^optimizer.state holds the state of a parameter of shape \(4,\) that no param group lists"):
+        opt.state_dict()
+    del opt.state[params[0]]
+    assert list(opt.state_dict()["state"]) == [0]

@@ -341,11 +341,21 @@ class LearnedOptimizer(Optimizer):
         Raises:
             RuntimeError: a :meth:`step` failed part-way through since the last load: the states
                 are half-stepped (see :meth:`step` and :meth:`accept_partial_step`).
+            ValueError: ``optimizer.state`` holds the state of a parameter that no param group
+                lists (taken out of ``param_groups``), or a state that does not fit its parameter.
         """
         if self._partial_step is not None:  # saved, they would load as whole states (and did)
             raise RuntimeError(
                 f"{type(self).__name__}.state_dict() refuses to save half-stepped states: {self._partial_step}. "
                 f"{self._partial_step_way_out()}"
+            )
+        listed = {id(p) for group in self.param_groups for p in group["params"]}
+        orphan = next((p for p in self.state if isinstance(p, Tensor) and id(p) not in listed), None)
+        if orphan is not None:  # torch.optim's state_dict() raised a bare KeyError of its id()
+            raise ValueError(
+                f"optimizer.state holds the state of a parameter of shape {tuple(orphan.shape)} that no param group "
+                "lists (a group or parameter taken out of param_groups), which a state dict cannot index; drop it "
+                "(del optimizer.state[param]) or put the parameter back in a group"
             )
         # torch.optim runs the post-hooks inside its state_dict(); they must see the finished dict
         post_hooks = self._optimizer_state_dict_post_hooks
