@@ -164,3 +164,30 @@ def test_state_dict_names_the_state_of_a_parameter_taken_out_of_the_param_groups
         opt.state_dict()
     del opt.state[params[0]]
     assert list(opt.state_dict()["state"]) == [0]
+
+
+@PATHS
+@pytest.mark.parametrize("shared", ["dict", "tensor"])
+def test_a_state_put_by_hand_that_is_another_parameters_is_refused(foreach, shared) -> None:
+    """``optimizer.state[q] = optimizer.state[p]`` for two parameters of one shape made both
+    step (and count) the one state, once per parameter, in silence (``torch.optim.Adam`` does
+    too), and a state tensor of ``p``'s given to ``q`` was stepped twice by the per-tensor path.
+    The step that finds states put by hand refuses a state shared with another parameter,
+    changing nothing."""
+    params = make_params([(4,), (4,), (2,)], dtype=torch.float32)
+    opt = LSTMOptimizer(params, foreach=foreach)
+    set_grads(params, 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    if shared == "dict":
+        opt.state[params[1]] = opt.state[params[0]]
+        message = r"^the state of param_groups\[0\]\['params'\]\[1\] \(shape \(4,\)\) is the state of param_groups\[0\]\['params'\]\[0\] \(shape \(4,\)\) too"
+    else:
+        opt.state[params[1]]["c"] = opt.state[params[0]]["c"]
+        message = r"^the state 'c' of param_groups\[0\]\['params'\]\[1\] \(shape \(4,\)\) is the state 'c' of param_groups\[0\]\['params'\]\[0\] \(shape \(4,\)\) too"
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    opt.state[params[1]] = {name: value.clone() for name, value in opt.state[params[0]].items()}  # a copy: taken
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2, 2, 2]

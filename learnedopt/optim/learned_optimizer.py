@@ -548,6 +548,44 @@ class LearnedOptimizer(Optimizer):
         ]
         self._check_states_finite(named, where, "state")
 
+    def _check_put_states_unshared(self, put: list[tuple[int, Tensor]]) -> None:
+        """Raise ValueError where the state of a parameter of ``put`` (``(group, param)``, as for
+        :meth:`_check_put_states_finite`) is another parameter's state dict, or one of its tensors
+        (a rule state or the count, starting at the same address) is another parameter's:
+        ``optimizer.state[q] = optimizer.state[p]``. Each step would step (and count) the shared
+        states once per parameter. Reads every parameter's states, only where states were put."""
+        if not put:
+            return
+        names = {*self.rule.state_spec(), "step"}
+        dicts: dict[int, tuple[int, Tensor]] = {}
+        tensors: dict[tuple[torch.device, int], tuple[int, Tensor, str]] = {}
+        put_ids = {id(p) for _, p in put}
+        for number, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if not entry:
+                    continue
+                other = dicts.setdefault(id(entry), (number, p))
+                if other[1] is not p and (id(p) in put_ids or id(other[1]) in put_ids):
+                    raise ValueError(
+                        f"the state of {self._name_of(number, group, p)} is the state of "
+                        f"{self._name_of(other[0], self.param_groups[other[0]], other[1])} too (optimizer.state[q] = "
+                        "optimizer.state[p]): each step would step it once per parameter; give each parameter its own "
+                        "(a copy: copy.deepcopy(optimizer.state[p]))"
+                    )
+                for name, value in entry.items():
+                    if name not in names or not isinstance(value, Tensor) or value.is_meta or not value.numel():
+                        continue
+                    local_value = sharding.local(value)
+                    key = (local_value.device, local_value.data_ptr())
+                    found = tensors.setdefault(key, (number, p, name))
+                    if found[1] is not p and (id(p) in put_ids or id(found[1]) in put_ids):
+                        raise ValueError(
+                            f"the state {name!r} of {self._name_of(number, group, p)} is the state {found[2]!r} of "
+                            f"{self._name_of(found[0], self.param_groups[found[0]], found[1])} too (the same tensor): "
+                            "each step would step it once per parameter; give each parameter its own (a copy: .clone())"
+                        )
+
     def _holds_live_states(self, state_dict: dict[str, Any]) -> bool:
         """Whether a tensor of ``state_dict``'s states shares memory with a state of this optimizer."""
 
@@ -790,6 +828,7 @@ class LearnedOptimizer(Optimizer):
         # before any buffer is built from them: one reduction per device and dtype, only where
         # states were replaced (a ZeroRedundancyOptimizer's load) or the buffers are made anew
         self._check_put_states_finite(put)
+        self._check_put_states_unshared(put)
         # the allocations that grow with the model (the states of parameters stepped for the first
         # time, a group's flat buffers rebuilt for them) are made for every group before any is
         # updated: running out of memory there changes nothing, and the step can be retried
