@@ -1519,8 +1519,9 @@ def _loaded_step(step: Any, index: int | None, *, what: str | None = None) -> Te
 
 def _is_step_count(step: Any) -> bool:
     """Whether ``step`` has the form of the counts the optimizer makes and loads (a float32
-    scalar tensor with a value), which a step increments in place."""
-    return isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0 and not step.is_meta
+    scalar tensor with a value), which a step increments in place. Read for every parameter at
+    every step: its cheapest form (a subclass of Tensor is converted, as a number is)."""
+    return type(step) is Tensor and step.dtype is torch.float32 and step.dim() == 0 and not step.is_meta
 
 
 def _new_step() -> Tensor:
