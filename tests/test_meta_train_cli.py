@@ -715,6 +715,39 @@ def test_a_resume_whose_checkpoint_is_gone_after_the_run_wrote_one_is_refused(tm
     assert untimed[0] == untimed[1] and [r.get("checkpoint") for r in untimed[0]] == [None, True, None, True]
 
 
+def test_a_checkpoint_that_is_a_dangling_symlink_is_refused_not_started_again(tmp_path: Path, capsys) -> None:
+    """A ``checkpoint.pt`` that is a symlink to a file that is gone (a checkpoint kept on another
+    disk, unmounted) looked like no checkpoint at all: beside a log whose last record is the
+    checkpointed one, ``--resume`` started the run again from meta-step 0 and replaced the
+    symlink, the log and the work silently, and the refusal without ``--resume`` said that
+    ``--resume`` would start it again. Both name the symlink and its target in one line."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(out, *args, "--stop-after", "2") == 0
+    target = tmp_path / "elsewhere" / "checkpoint.pt"
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.pt").symlink_to(target)
+    before = {p.name: (p.is_symlink(), p.read_bytes() if not p.is_symlink() else None) for p in out.iterdir()}
+    message = (f"{out / 'checkpoint.pt'} is a symlink to {target}, which does not exist: put the checkpoint "
+               "back there and --resume, or start over in another --out\n")  # fmt: skip
+    assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == f"learnedopt meta-train: error: --resume: {message}"
+    assert run(out, *args) == 2
+    assert capsys.readouterr().err == f"learnedopt meta-train: error: {message}"
+    assert {p.name: (p.is_symlink(), p.read_bytes() if not p.is_symlink() else None) for p in out.iterdir()} == before
+    assert (out / "checkpoint.pt").is_symlink() and not target.exists()
+    # with the checkpoint back where the symlink points, the run continues from meta-step 2
+    whole = tmp_path / "whole"
+    assert run(whole, *args) == 0
+    target.parent.mkdir()
+    assert run(tmp_path / "source", *args, "--stop-after", "2") == 0
+    shutil.copyfile(tmp_path / "source" / "checkpoint.pt", target)
+    assert run(out, *args, "--resume") == 0
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+    a, b = tensors(whole / "weights.safetensors"), tensors(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
     """A second run in the folder of one still running (a ``--resume`` of a run thought dead) is
     refused before it writes: unlocked, it rewrote the log under the first run, whose later lines
