@@ -235,6 +235,37 @@ def test_resume_needs_no_preset_file_the_run_keeps_a_copy(tmp_path: Path, capsys
     assert err.count("\n") == 1 and f"--preset {start} is gone and {old} keeps no copy of it" in err, err
 
 
+def test_a_resume_given_a_missing_preset_the_run_never_had_does_not_say_the_runs_file_is_gone(
+    tmp_path: Path, capsys
+) -> None:
+    """A ``--resume`` given a ``--preset`` that names no preset and no file (a typo, or a path
+    that is gone) said "the run's --preset X is gone and DIR keeps no copy of it (the run began
+    before runs kept one)" for a run begun with no ``--preset`` or another one: false on both
+    counts. Such a resume is refused as any unknown preset is, the folder untouched."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(out, *args, "--stop-after", "3") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    missing = tmp_path / "mine.safetensors"
+    for preset in ("l2l-typo", str(missing)):
+        assert run(out, *args, "--preset", preset, "--resume") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"unknown preset {preset!r} and no such weight file" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # begun from a preset file: another missing path is not the run's file either
+    from learnedopt import save_weights
+    from learnedopt.weights import build_preset
+
+    start = tmp_path / "start.safetensors"
+    save_weights(build_preset("l2l-2016")[0], start)
+    other = tmp_path / "other"
+    assert run(other, *args, "--preset", str(start), "--stop-after", "3") == 0
+    (other / "start.safetensors").unlink()
+    assert run(other, *args, "--preset", str(missing), "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unknown preset {str(missing)!r} and no such weight file" in err, err
+
+
 def test_rule_config_sets_the_architecture_and_is_recorded(tmp_path: Path) -> None:
     arch = '{"momentum_decays": [0.9, 0.99], "rms_decays": [0.999], "hidden_size": 8}'
     out = tmp_path / "rich"

@@ -818,7 +818,7 @@ def resumable_config(config: C, out: Path, resume: bool) -> C:
 
     Raises:
         ConfigError: ``--resume`` of a run that keeps no copy (begun before runs kept one) whose
-            ``--preset`` file is gone.
+            ``--preset`` file, the one the run recorded, is gone.
     """
     start = _start_file(config)
     if not resume or start is None:
@@ -826,12 +826,28 @@ def resumable_config(config: C, out: Path, resume: bool) -> C:
     copy = out / START_NAME
     if copy.is_file():
         return dataclasses.replace(config, preset=str(copy))
-    if not Path(start).is_file() and (out / CHECKPOINT_NAME).is_file():
+    if not Path(start).is_file() and (out / CHECKPOINT_NAME).is_file() and _began_from(out, start):
         raise ConfigError(
             f"--resume: the run's --preset {start} is gone and {out} keeps no copy of it (the run began before "
             "runs kept one): put the file back at that path"
         )
     return config
+
+
+def _began_from(out: Path, preset: str) -> bool:
+    """Whether the run in ``out`` recorded ``--preset preset`` (the same path, relative or
+    absolute): in :data:`CONFIG_NAME`, else in its checkpoint; True where neither can be read
+    (the later checks say what is wrong with them). Another ``--preset`` that names nothing is
+    not the run's file gone, but an unknown preset, refused as such when the rule is built."""
+    try:
+        record = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))["config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+        try:
+            record = _load(out / CHECKPOINT_NAME)["config"]
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is reported when it is loaded
+            return True
+    recorded = record.get("preset") if isinstance(record, dict) else None
+    return isinstance(recorded, str) and os.path.abspath(recorded) == os.path.abspath(preset)
 
 
 def train_loop(
