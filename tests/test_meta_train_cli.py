@@ -779,6 +779,35 @@ def test_a_checkpoint_that_is_a_dangling_symlink_is_refused_not_started_again(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_copied_from_another_runs_folder_is_refused(tmp_path: Path, capsys) -> None:
+    """A checkpoint of another run (another --seed) put in a run's folder resumed when the
+    command was that other run's: the folder's log then held the first run's meta-steps up to
+    the checkpoint and the other run's after it, and its config.json the first run's settings,
+    with no word. The configuration the folder's run began with (config.json) is compared too,
+    naming the settings; a resume that changes only what a resume may change still continues."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(mine, *args, "--seed", "1", "--stop-after", "3") == 0
+    assert run(theirs, *args, "--seed", "0", "--stop-after", "3") == 0
+    own = (mine / "checkpoint.pt").read_bytes()
+    shutil.copyfile(theirs / "checkpoint.pt", mine / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert run(mine, *args, "--seed", "1", "--resume") == 2  # the checkpoint's own check
+    assert "differs from the checkpoint's (--seed: 0 -> 1)" in capsys.readouterr().err
+    assert run(mine, *args, "--seed", "0", "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: error: --resume: the configuration differs from the one the run in {mine} began "
+        f"with (--seed: 1 -> 0); {mine / 'checkpoint.pt'} is another run's: put this run's back, or continue that "
+        "run in its own --out\n"
+    )
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    # its own checkpoint back: it continues, and may run longer (the checkpoint then records 6)
+    (mine / "checkpoint.pt").write_bytes(own)
+    assert run(mine, "--meta-steps", "6", "--checkpoint-every", "2", "--seed", "1", "--stop-after", "4", "--resume") == 0
+    assert run(mine, "--meta-steps", "6", "--checkpoint-every", "2", "--seed", "1", "--resume") == 0
+    assert [r["step"] for r in log_lines(mine)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_folder_another_run_is_writing_to_is_refused(tmp_path: Path, capsys) -> None:
     """A second run in the folder of one still running (a ``--resume`` of a run thought dead) is
     refused before it writes: unlocked, it rewrote the log under the first run, whose later lines

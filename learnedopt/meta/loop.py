@@ -914,6 +914,7 @@ def train_loop(
             _check_begun_config(out, config, trainer)
         if resume and not started_only:
             payload = _load_checkpoint(checkpoint_path, config)
+            _check_checkpoint_is_the_runs(out, config)
             try:
                 trainer.load_state_dict(payload)
             except ConfigError:  # the trainer's own one-line refusal
@@ -1246,6 +1247,24 @@ def _check_begun_config(out: Path, config: RunConfig, trainer: Trainer) -> None:
                          "--out without --resume")  # fmt: skip
     refuse_other_data(record.get("data_sha256"), getattr(trainer, "data_sha256", None),
                       getattr(trainer, "data_kind", "data files"), getattr(config, "data", None), f"the run in {out}")  # fmt: skip
+
+
+def _check_checkpoint_is_the_runs(out: Path, config: RunConfig) -> None:
+    """Raise :class:`ConfigError` where the run in ``out`` began (:data:`CONFIG_NAME`) with other
+    settings than ``config``, which its checkpoint was found to hold, but in those a resume may
+    change: the checkpoint is another run's, copied in, and resuming it would append that run's
+    meta-steps to this one's log. Not checked where the record is missing or unreadable (a run
+    begun before runs recorded it): the checkpoint, whole and of this command, is resumed."""
+    path = out / CONFIG_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return
+    _refuse_other_config(record["config"], config, out, f"the run in {out} is one", f"the one the run in {out} began with",
+                         f"; {out / CHECKPOINT_NAME} is another run's: put this run's back, or continue that run in "
+                         "its own --out")  # fmt: skip
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
