@@ -1236,6 +1236,45 @@ def test_a_file_that_cannot_be_written_is_one_line_and_resume_ends_as_a_whole_ru
                               for k, v in run_files(whole).items()}, fails  # fmt: skip
 
 
+def test_a_log_that_cannot_be_created_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run into a folder where its log cannot be created (an existing folder made read-only,
+    a ``log.jsonl`` symlink into a folder that is gone) stopped with the PermissionError's (or
+    FileNotFoundError's) traceback from opening the log, the only write of a run not under
+    :class:`RunWriteError`'s one line. It is that line, exit code 1, naming the log; the run
+    once it can write ends as an uninterrupted one. (The OS's refusal is simulated: as root,
+    a read-only folder does not refuse.)"""
+    import builtins
+    import errno
+
+    from learnedopt.meta import loop
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def read_only(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - open's signature
+        if Path(file) == out / "log.jsonl" and mode != "r":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "open", read_only, raising=False)
+        assert run(out, *args) == 1
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: error: cannot write {out / 'log.jsonl'} (Permission denied); the run's files written "
+        "before it are kept whole: --resume continues the run once it can write\n"
+    )
+    assert list(out.iterdir()) == []
+    (out / "log.jsonl").symlink_to(tmp_path / "gone" / "log.jsonl")
+    assert run(out, *args) == 1
+    assert capsys.readouterr().err.startswith(f"learnedopt meta-train: error: cannot write {out / 'log.jsonl'} (No such file")
+    (out / "log.jsonl").unlink()
+    assert run(out, *args) == 0
+    assert run(tmp_path / "whole", *args) == 0
+    a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class ScriptedTrainer:
     """A :class:`~learnedopt.meta.loop.Trainer` whose meta-step ``s`` reports ``losses[s - 1]``
     (a float, or an exception to raise) and records the steps already in ``out``'s log."""

@@ -961,8 +961,11 @@ def train_loop(
     saved, saving, step = (start or None), False, start + 1
     try:
         # unbuffered: a line is on disk before the next meta-step, and a write that fails (a full
-        # disk) leaves nothing in a buffer for the file's close to fail on again
-        with open(log_path if workers.is_main else os.devnull, "ab", buffering=0) as log_file, _catch_sigterm() as term:
+        # disk) leaves nothing in a buffer for the file's close to fail on again; a log that cannot
+        # be created (a read-only folder) is the one line of any file that cannot be written
+        with writing(log_path):
+            log_file = open(log_path if workers.is_main else os.devnull, "ab", buffering=0)  # noqa: SIM115 - closed below
+        with log_file, _catch_sigterm() as term:
             if workers.is_main and start == 0:  # after the log exists: a kill while writing it leaves a run to start again
                 _write_begun_config(out, config, trainer)
             for step in range(start + 1, stop + 1):
