@@ -871,8 +871,9 @@ def train_loop(
     is copied into it (:data:`START_NAME`; see :func:`resumable_config`). With ``resume``, the trainer's state and the step come from
     ``out/checkpoint.pt`` and log lines after that step are dropped (they are run again). A run
     that starts from meta-step 0 records ``config`` (:data:`CONFIG_NAME`) once its log exists; a
-    ``resume`` of a run with a log and no checkpoint yet starts it again, once ``config`` is found
-    to be that record's but in the settings a resume may change.
+    ``resume`` is refused unless ``config`` is found to be that record's (and the checkpoint's)
+    but in the settings a resume may change, and of a run with a log and no checkpoint yet it
+    starts the run again.
 
     With several ``workers`` every rank runs the steps (the trainer shares the work out) and
     reads the checkpoint on resume; rank 0 alone writes the log, the checkpoints and the

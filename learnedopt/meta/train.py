@@ -29,7 +29,7 @@ Files in ``--out``: ``log.jsonl`` (one JSON line per meta-step: the step's metri
 ``select_loss`` on selection steps; its wall-clock ``seconds``, selection included, and
 ``peak_rss_mb``, the process's peak resident memory so far; ``"checkpoint": true`` on the steps
 checkpointed), ``config.json`` (the configuration the run began with, which ``--resume`` compares
-with before the first checkpoint), ``checkpoint.pt`` (atomic), and at
+with, as it does the checkpoint's), ``checkpoint.pt`` (atomic), and at
 the end ``weights.safetensors`` and ``MODEL_CARD.md``.
 
 The command line (``learnedopt meta-train``, for this and every other algorithm) is
@@ -571,8 +571,8 @@ def meta_train(
         out: output folder (created).
         checkpoint_every: write ``checkpoint.pt`` every this many meta-steps (and at the end).
         resume: continue from ``out/checkpoint.pt`` (a run with a log but no checkpoint yet is
-            started again); the config must match the run's (the checkpoint's, before it
-            ``config.json``'s, as :meth:`MetaTrainConfig.same_run_dict` gives them) except for
+            started again); the config must match the run's (``config.json``'s and the
+            checkpoint's, as :meth:`MetaTrainConfig.same_run_dict` gives them) except for
             the data folder, the device and ``meta_steps`` (unless
             :attr:`MetaTrainConfig.meta_steps_shape_the_run`).
         command: the command line, recorded in the weight file and model card (the CLI passes
