@@ -779,6 +779,37 @@ def test_a_checkpoint_that_is_a_dangling_symlink_is_refused_not_started_again(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_whose_log_is_a_dangling_symlink_is_refused_not_continued_without_it(tmp_path: Path, capsys) -> None:
+    """A ``log.jsonl`` that is a symlink to a file that is gone (kept on a disk not mounted) was
+    read as no log: ``--resume`` warned that records were missing, replaced the symlink with a
+    new log of the meta-steps after the checkpoint alone, and the records up to it were no longer
+    the run's. It is refused in one line naming the symlink and its target; with the log back
+    there the run resumes as an uninterrupted one."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    assert run(out, *args, "--stop-after", "3") == 0
+    target = tmp_path / "elsewhere" / "log.jsonl"
+    kept = (out / "log.jsonl").read_bytes()
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").symlink_to(target)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()}
+    assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: error: --resume: {out / 'log.jsonl'} is a symlink to {target}, which does not exist: "
+        "put the log back there and --resume, or start over in another --out\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before
+    assert (out / "log.jsonl").is_symlink()
+    target.parent.mkdir()
+    target.write_bytes(kept)
+    assert run(out, *args, "--resume") == 0
+    assert capsys.readouterr().err == ""
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+    assert run(tmp_path / "whole", *args) == 0
+    a, b = tensors(tmp_path / "whole" / "weights.safetensors"), tensors(out / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_copied_from_another_runs_folder_is_refused(tmp_path: Path, capsys) -> None:
     """A checkpoint of another run (another --seed) put in a run's folder resumed when the
     command was that other run's: the folder's log then held the first run's meta-steps up to

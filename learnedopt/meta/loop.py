@@ -900,12 +900,13 @@ def train_loop(
     checkpoint_path, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
     # every rank checks; a refusal on any rank stops every rank (its message printed by rank 0)
     with checks_agreed(workers, lambda: {**run_identity(config, trainer), "start": start}):
-        # a symlink to a checkpoint that is gone (kept on another disk, unmounted) is not "no
-        # checkpoint yet": --resume started such a run again from meta-step 0, replacing its work
-        if checkpoint_path.is_symlink() and not checkpoint_path.exists():
-            raise ConfigError(f"{'--resume: ' if resume else ''}{checkpoint_path} is a symlink to "
-                              f"{os.readlink(checkpoint_path)}, which does not exist: put the checkpoint back there and "
-                              "--resume, or start over in another --out")  # fmt: skip
+        # a symlink to a checkpoint or log that is gone (kept on another disk, unmounted) is not
+        # "no checkpoint yet" or "no log": --resume started such a run again from meta-step 0, or
+        # replaced its log with the meta-steps after the checkpoint alone
+        for path, what in ((checkpoint_path, "checkpoint"), *([(log_path, "log")] if resume else [])):
+            if path.is_symlink() and not path.exists():
+                raise ConfigError(f"{'--resume: ' if resume else ''}{path} is a symlink to {os.readlink(path)}, which does "
+                                  f"not exist: put the {what} back there and --resume, or start over in another --out")  # fmt: skip
         if resume and not checkpoint_path.exists() and (lost := _lost_checkpoint(out)) is not None:
             raise ConfigError(lost)
         # killed before its first checkpoint: nothing to continue from, nothing to lose by running it
