@@ -1046,6 +1046,40 @@ def test_a_damaged_or_cut_checkpoint_is_a_one_line_error_not_a_silent_resume(tmp
     assert run(out, *args, "--resume") == 0
 
 
+def unreadable(monkeypatch, path: Path) -> None:  # noqa: ANN001 - pytest's fixture
+    """Make opening ``path`` fail as a file of another user's without read access does: as root
+    (these tests' usual user) ``chmod`` keeps nothing from being read, so ``io.open``, which
+    ``zipfile``, ``Path.read_bytes`` and ``open`` call, refuses it."""
+    import errno
+    import io
+
+    real = io.open
+
+    def refusing(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - io.open's signature
+        if isinstance(file, (str, Path)) and Path(file).absolute() == path.absolute():
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", refusing)
+
+
+def test_a_checkpoint_this_user_cannot_read_is_not_called_damaged(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A checkpoint without read access (written under another user's account) was refused as
+    "not a complete checkpoint (cut short or damaged: [Errno 13] Permission denied ...)", which
+    invites deleting a whole checkpoint. The refusal says it cannot be read and why."""
+    out = tmp_path / "run"
+    args = ("--meta-steps", "3", "--checkpoint-every", "1")
+    assert run(out, *args, "--stop-after", "2") == 0
+    with monkeypatch.context() as m:
+        unreadable(m, out / "checkpoint.pt")
+        assert run(out, *args, "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"learnedopt meta-train: error: --resume: cannot read {out / 'checkpoint.pt'} (Permission denied): give "
+        "this user read access to it, then --resume\n"
+    )
+    assert run(out, *args, "--resume") == 0
+
+
 def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_path: Path, capsys) -> None:
     assert run(tmp_path / "run", "--meta-steps", "2", "--lr", "1e30") == 2
     err = capsys.readouterr().err

@@ -1134,6 +1134,9 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+    except PermissionError as err:  # whole, perhaps: "damaged" would invite deleting it
+        raise ConfigError(f"--resume: cannot read {path} ({err.strerror}): give this user read access to it, "
+                          "then --resume") from None  # fmt: skip
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ConfigError(f"--resume: cannot read {path}: not a complete checkpoint (cut short or damaged: {err})") from None
     if damaged is not None:
