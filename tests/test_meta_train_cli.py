@@ -1080,6 +1080,28 @@ def test_a_checkpoint_this_user_cannot_read_is_not_called_damaged(tmp_path: Path
     assert run(out, *args, "--resume") == 0
 
 
+def test_a_log_this_user_cannot_read_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A log without read access stopped ``--resume`` with the PermissionError's traceback
+    (reading it to drop the meta-steps after the checkpoint, or, with no checkpoint, to see
+    whether the run wrote one). It is one line naming it, the folder untouched."""
+    args = ("--meta-steps", "4", "--checkpoint-every", "2")
+    checkpointed, early = tmp_path / "checkpointed", tmp_path / "early"
+    assert run(checkpointed, *args, "--stop-after", "3") == 0
+    assert run(early, *args, "--stop-after", "1") == 0
+    for out in (checkpointed, early):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with monkeypatch.context() as m:
+            unreadable(m, out / "log.jsonl")
+            assert run(out, *args, "--resume") == 2
+        assert capsys.readouterr().err == (
+            f"learnedopt meta-train: error: --resume: cannot read {out / 'log.jsonl'} (Permission denied): give "
+            "this user read access to it, then --resume\n"
+        ), out
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert run(out, *args, "--resume") == 0
+        assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+
+
 def test_divergence_at_the_first_meta_step_blames_the_optimizee_settings(tmp_path: Path, capsys) -> None:
     assert run(tmp_path / "run", "--meta-steps", "2", "--lr", "1e30") == 2
     err = capsys.readouterr().err

@@ -1282,12 +1282,21 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_log_and_cut(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """:func:`_read_log`'s records, and whether a last line cut short was dropped."""
+    """:func:`_read_log`'s records, and whether a last line cut short was dropped.
+
+    Raises:
+        ConfigError: the log cannot be read (no read access), or a line before the last is not a record.
+    """
     if not path.is_file():
         return [], False
     # bytes that are not UTF-8 (an OS crash's garbage in the last line) are a line that is not a
     # record, like any other, not a UnicodeDecodeError
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # read by --resume alone
+        advice = ": give this user read access to it, then --resume" if isinstance(err, PermissionError) else ""
+        raise ConfigError(f"--resume: cannot read {path} ({err.strerror or one_line(err)}){advice}") from None
+    text = data.decode("utf-8", errors="replace")
     lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
