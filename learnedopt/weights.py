@@ -368,11 +368,21 @@ def check_path_type(path: object, who: str, takes: str) -> None:
     """Raise TypeError naming ``who`` (the public function called) and what it ``takes`` unless
     ``path`` is a ``str`` or ``os.PathLike``: pathlib's "expected str, bytes or os.PathLike object,
     not int" named no function, and bytes, which Python reads as a path, could as well be a
-    file's contents here (a safetensors file's header is read from the file)."""
+    file's contents here (a safetensors file's header is read from the file). An ``os.PathLike``
+    whose ``__fspath__`` gives bytes (``os.DirEntry`` of a bytes scan) is refused as bytes are:
+    pathlib's own error named no function."""
     if not isinstance(path, (str, os.PathLike)):
         hint = (": a path in bytes: os.fsdecode(path); a file's contents: write them to a file first"
                 if isinstance(path, (bytes, bytearray, memoryview)) else "")  # fmt: skip
         raise TypeError(f"{who} takes {takes} (a str or os.PathLike), got {type(path).__name__}{hint}")
+    if isinstance(path, os.PathLike) and not isinstance(path, Path):
+        try:
+            given = os.fspath(path)
+        except TypeError:  # __fspath__ returned neither str nor bytes
+            given = None
+        if not isinstance(given, str):
+            gives = "bytes: a path in bytes: os.fsdecode(path)" if isinstance(given, bytes) else "neither str nor bytes"
+            raise TypeError(f"{who} takes {takes} (a str or os.PathLike), got {type(path).__name__} whose __fspath__ gives {gives}")
 
 
 def _preset_or_file(name: str | os.PathLike, who: str) -> Preset | Path:

@@ -1066,3 +1066,42 @@ def test_the_paper_presets_hold_the_papers_configurations() -> None:
         cfg = rule.config
         assert (cfg.hidden_size, cfg.preprocess_p, cfg.step_scale, cfg.momentum_decay, cfg.rms_decay) == (20, 10.0, 1.0, None, None), name
         assert rule.lstm.input_size == 4 and rule.lstm.num_layers == 1 and rule.needs_loss, name
+
+
+class _BytesPathLike:
+    """An ``os.PathLike`` whose ``__fspath__`` gives bytes (as ``os.DirEntry(bytes)`` does)."""
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+    def __fspath__(self) -> bytes:
+        return self.path
+
+
+def test_an_os_pathlike_of_bytes_is_refused_naming_the_function_as_bytes_are(tmp_path, monkeypatch) -> None:
+    """An ``os.PathLike`` passed the type check, then pathlib raised its bare "argument should be
+    a str or an os.PathLike object where __fspath__ returns a str, not 'bytes'", naming no
+    function (a bytes path is refused by name; this is one)."""
+    from learnedopt.meta.fewshot import FewShotLearner, LearnerSpec, load_learner, save_learner
+    from learnedopt.weights import average_weights
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "rule.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    given = _BytesPathLike(b"rule.safetensors")
+    spec = LearnerSpec(algo="maml", architecture={"kind": "mlp", "sizes": [1, 2, 1], "activation": "relu"},
+                       loss="mse", inner_steps=1, test_inner_steps=1, inner_lr=0.1)  # fmt: skip
+    calls = {
+        "load_weights": load_weights,
+        "read_header": read_header,
+        "average_weights": lambda p: average_weights([path, p]),
+        "save_weights": lambda p: save_weights(CoordinateLSTM(), p),
+        "save_learner": lambda p: save_learner(FewShotLearner(spec, seed=0), p),
+        "load_learner": load_learner,
+    }
+    for who, call in calls.items():
+        with pytest.raises(TypeError, match="^" + re.escape(f"{who} takes ") + r".*got _BytesPathLike whose __fspath__ gives bytes"
+                           + re.escape(": a path in bytes: os.fsdecode(path)")) as error:  # fmt: skip
+            call(given)
+        assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rule.safetensors"]
