@@ -538,6 +538,13 @@ def open_with_header(
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError, RuntimeError) as err:
+        pickled = _pickle_format(path)
+        if pickled is not None:
+            saver = _SAVERS.get(header_key, "the library's save function")
+            raise ValueError(
+                f"{path}: not a readable safetensors {what} but {pickled} (a .pt/.pth checkpoint?), never unpickled here, "
+                f"since unpickling can run code; convert one you trust: torch.load(path, weights_only=True), then {saver}"
+            ) from None
         raise ValueError(f"{path}: not a readable safetensors {what} (truncated or corrupt?): {err}") from None
     if header_key not in metadata:
         other = next((kind for key, kind in FILE_FORMATS.items() if key != header_key and key in metadata), None)
@@ -550,6 +557,32 @@ def open_with_header(
     if not isinstance(header, dict):
         raise ValueError(f"{path}: learnedopt header is a JSON {type(header).__name__}, not an object")
     return header, tensors
+
+
+#: the function that writes each of the library's file formats, by its header key, for a message
+_SAVERS = {_HEADER_KEY: "load_state_dict into the rule and save_weights", MODEL_HEADER_KEY: "save_learner"}
+
+
+def _pickle_format(path: Path) -> str | None:
+    """What pickle-based format ``path`` starts as (``torch.save``'s zip archive, or a plain
+    pickle of protocol 2 or later, as ``torch.save`` wrote before PyTorch 1.6), from its first
+    bytes alone (nothing is unpickled); None for any other file or one that cannot be read.
+
+    A safetensors file starts with its header's length (8 bytes), which can start as a pickle
+    does (a header of 0x480 bytes: 0x80, 0x04), then the header, a JSON object: where byte 8 is
+    ``{`` the file is taken for a damaged safetensors file, not a pickle."""
+    try:
+        with path.open("rb") as f:
+            start = f.read(9)
+    except OSError:
+        return None
+    if start[8:9] == b"{":
+        return None
+    if start.startswith(b"PK\x03\x04"):
+        return "a zip archive, as torch.save writes"
+    if len(start) >= 2 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        return "a pickle, as torch.save wrote before PyTorch 1.6 (or pickle.dump)"
+    return None
 
 
 def _open(path: Path, *, registered: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -1105,3 +1105,44 @@ def test_an_os_pathlike_of_bytes_is_refused_naming_the_function_as_bytes_are(tmp
             call(given)
         assert "\n" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rule.safetensors"]
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_torch_save_checkpoint_is_named_as_one_and_never_unpickled(tmp_path, zipped) -> None:
+    """A ``.pt`` checkpoint (``torch.save``'s zip archive, or its older plain pickle) given as a
+    weight file or a few-shot model file was "not a readable safetensors weight file (truncated or
+    corrupt?): ... header too large": the file is whole, of another format. Named as a pickle, and
+    still never unpickled (its code does not run)."""
+    from learnedopt.meta.fewshot import load_learner
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle code ran')",))
+
+    path = tmp_path / "rule.pt"
+    torch.save({"state": CoordinateLSTM().state_dict(), "boom": Boom()}, path, _use_new_zipfile_serialization=zipped)
+    found = "a zip archive, as torch.save writes" if zipped else "a pickle, as torch.save wrote before PyTorch 1.6"
+    for call, saver in ((load_weights, "save_weights"), (read_header, "save_weights"), (load_learner, "save_learner")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path}: not a readable safetensors ") + ".* file but " + re.escape(
+                found) + r".*never unpickled here.*torch\.load\(path, weights_only=True\).*" + saver) as error:  # fmt: skip
+            call(path)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("length", [0x480, 0x580, 0x10280, 0x20380])
+def test_a_truncated_weight_file_whose_header_length_starts_as_a_pickle_is_still_truncated(tmp_path, length) -> None:
+    """A safetensors header of 1152 (0x480), 1408 (0x580), 66176 (0x10280) or 132992 (0x20380)
+    bytes starts the file with the bytes of a pickle's protocol opcode (0x80, then 2 to 5); cut
+    short, the file is a truncated safetensors file, not a pickle: its header (from byte 8)
+    starts with '{'."""
+    path = tmp_path / "w.safetensors"
+    save_weights(CoordinateLSTM(), path)
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].rstrip(b" ")
+    assert len(header) <= length
+    path.write_bytes(length.to_bytes(8, "little") + header + b" " * (length - len(header)) + data[8 + size:])
+    assert load_weights(path)[1]["kind"] == "CoordinateLSTM"  # the file as written, whole
+    path.write_bytes(path.read_bytes()[: length // 2])
+    with pytest.raises(ValueError, match=r"not a readable safetensors weight file \(truncated or corrupt\?\)"):
+        load_weights(path)
