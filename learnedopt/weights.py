@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import reprlib
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -506,10 +507,16 @@ def not_finite(tensors: UpdateRule | dict[str, torch.Tensor]) -> list[str]:
 def folder_note(path: str | os.PathLike) -> str:
     """For a message about a file that ``path`` should name: where it is a folder (a run's
     ``--out``), that, with the ``.safetensors`` files it holds; where it is a symbolic link that
-    leads nowhere (a loop, or a missing target: it "exists" as a link), that; else empty."""
+    leads nowhere (a loop, or a missing target: it "exists" as a link), that; where it is no
+    regular file (a named pipe, as a shell's ``<(...)`` gives; a device), what it is; else empty."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         return f" ({path} is a symbolic link to {os.readlink(path)}, which does not resolve to a file)"
+    if path.exists() and not path.is_dir() and not path.is_file():
+        mode = path.stat().st_mode
+        what = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")  # fmt: skip
+        return f" ({path} is {what}, not a regular file: a safetensors file is read in place, so write it to a file first)"
     if not path.is_dir():
         return ""
     inside = sorted(f.name for f in path.glob("*.safetensors"))

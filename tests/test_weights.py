@@ -1146,3 +1146,24 @@ def test_a_truncated_weight_file_whose_header_length_starts_as_a_pickle_is_still
     path.write_bytes(path.read_bytes()[: length // 2])
     with pytest.raises(ValueError, match=r"not a readable safetensors weight file \(truncated or corrupt\?\)"):
         load_weights(path)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_given_as_a_weight_file_says_what_it_is_not_that_it_is_missing(tmp_path, capsys) -> None:
+    """A shell's process substitution (``average-weights <(cat a.safetensors) ...``, a pipe at
+    /dev/fd/63) said only "weight file not found: /dev/fd/63", though it exists."""
+    import os
+
+    from learnedopt.cli import main
+
+    pipe = tmp_path / "piped.safetensors"
+    os.mkfifo(pipe)
+    other = tmp_path / "other.safetensors"
+    save_weights(CoordinateLSTM(), other)
+    message = re.escape(f"weight file not found: {pipe} ({pipe} is a named pipe, not a regular file: ") + r".*\)$"
+    for call in (load_weights, read_header):
+        with pytest.raises(FileNotFoundError, match=message):
+            call(pipe)
+    assert main(["average-weights", str(other), str(pipe), "--out", str(tmp_path / "soup.safetensors")]) == 2
+    assert re.search(message, capsys.readouterr().err.strip().removeprefix("learnedopt average-weights: error: "))
+    assert not (tmp_path / "soup.safetensors").exists()
