@@ -212,8 +212,10 @@ def save_weights(
     from (``rule_class``, ``module:Class``; not for a class of ``__main__`` or one nested in a
     function or class), which the messages about its unregistered kind name. Nothing imports it
     from there by itself: loading a file never runs code. ``extra`` adds header keys other than
-    :data:`RESERVED_HEADER_KEYS` (ValueError). A ``path`` string that is a preset's name is refused
-    with ValueError: that string loads the preset, not the file. The weights are stored in
+    :data:`RESERVED_HEADER_KEYS` (ValueError). A ``preset`` other than a ``str`` or None, or a
+    ``trained`` other than a ``bool``, is refused with TypeError: no load would take the file. A
+    ``path`` string that is a preset's name is refused with ValueError: that string loads the
+    preset, not the file. The weights are stored in
     float32; one that is NaN or Inf there is refused with ValueError, as loading would refuse the
     file.
 
@@ -228,6 +230,11 @@ def save_weights(
         extra: further header keys (JSON values).
     """
     check_path_type(path, "save_weights", "a weight file's path")
+    # as _open reads them: a file with preset=123 or trained="yes" was written, then never loaded
+    if preset is not None and not isinstance(preset, str):
+        raise TypeError(f"save_weights: preset must be a preset's name (a str) or None, got {type(preset).__name__}")
+    if trained is not None and not isinstance(trained, bool):  # None: the header's null, which loads
+        raise TypeError(f"save_weights: trained must be True or False, got {type(trained).__name__}")
     if isinstance(path, str) and path in PRESETS:  # _preset_or_file reads that string as the preset
         raise ValueError(
             f"{path!r} is a preset's name: weights={path!r} loads the preset, not a file of that name; "

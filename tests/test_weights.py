@@ -1167,3 +1167,20 @@ def test_a_named_pipe_given_as_a_weight_file_says_what_it_is_not_that_it_is_miss
     assert main(["average-weights", str(other), str(pipe), "--out", str(tmp_path / "soup.safetensors")]) == 2
     assert re.search(message, capsys.readouterr().err.strip().removeprefix("learnedopt average-weights: error: "))
     assert not (tmp_path / "soup.safetensors").exists()
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"preset": 123}, "save_weights: preset must be a preset's name (a str) or None, got int"),
+    ({"preset": ["l2l-2016"]}, "save_weights: preset must be a preset's name (a str) or None, got list"),
+    ({"trained": "yes"}, "save_weights: trained must be True or False, got str"),
+    ({"trained": 1}, "save_weights: trained must be True or False, got int"),
+])  # fmt: skip
+def test_save_weights_refuses_header_values_that_no_load_would_take(tmp_path, given, message) -> None:
+    """``save_weights(preset=123)`` or ``trained="yes"`` wrote a file that every load refused
+    ("header's 'preset' must be a preset's name or null"), as NaN weights would have been."""
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+        save_weights(CoordinateLSTM(), path, **given)
+    assert not path.exists()
+    save_weights(CoordinateLSTM(), path, preset="l2l-2016", trained=False)  # what it takes
+    assert load_weights(path)[1]["preset"] == "l2l-2016"
