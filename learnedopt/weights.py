@@ -300,9 +300,25 @@ def save_with_header(
     Raises:
         OSError: the file cannot be written (a full disk: the OS's error, which safetensors' own
             writer reports as a ``SafetensorError``; the bytes are the same).
+        TypeError: a header value JSON cannot store (a ``Path``), naming its key; nothing is written.
     """
-    data = save(_unshared(tensors), metadata={header_key: json.dumps(header)})
+    try:
+        text = json.dumps(header)
+    # TypeError: a value JSON has no type for (a Path); ValueError: a circular reference
+    except (TypeError, ValueError) as err:
+        key = next((k for k, v in header.items() if not _json_storable(v)), None)
+        raise TypeError(f"cannot write {path}: the header" + (f"'s {key!r}" if key is not None else "") + f" is not JSON: {err}") from None
+    data = save(_unshared(tensors), metadata={header_key: text})
     write_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _json_storable(value: Any) -> bool:
+    """Whether ``json.dumps`` takes ``value``."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1184,3 +1184,22 @@ def test_save_weights_refuses_header_values_that_no_load_would_take(tmp_path, gi
     assert not path.exists()
     save_weights(CoordinateLSTM(), path, preset="l2l-2016", trained=False)  # what it takes
     assert load_weights(path)[1]["preset"] == "l2l-2016"
+
+
+def test_a_header_value_json_cannot_store_is_refused_naming_its_key_and_the_file(tmp_path) -> None:
+    """``save_weights(extra={"data": Path(...)})`` (or ``trained_on=Path(...)``) raised json's bare
+    "Object of type PosixPath is not JSON serializable", naming neither the key nor the file."""
+    from learnedopt.meta.fewshot import FewShotLearner, LearnerSpec, save_learner
+
+    path = tmp_path / "w.safetensors"
+    spec = LearnerSpec(algo="maml", architecture={"kind": "mlp", "sizes": [1, 2, 1], "activation": "relu"},
+                       loss="mse", inner_steps=1, test_inner_steps=1, inner_lr=0.1)  # fmt: skip
+    for key, save in (
+        ("data", lambda: save_weights(CoordinateLSTM(), path, extra={"command": "x", "data": tmp_path})),
+        ("trained_on", lambda: save_weights(CoordinateLSTM(), path, trained_on=tmp_path)),
+        ("data", lambda: save_learner(FewShotLearner(spec, seed=0), path, extra={"data": tmp_path})),
+    ):
+        with pytest.raises(TypeError, match="^" + re.escape(f"cannot write {path}: the header's {key!r} is not JSON: ")
+                           + f"Object of type {type(tmp_path).__name__} is not JSON serializable$"):  # fmt: skip
+            save()
+        assert not list(tmp_path.iterdir())
