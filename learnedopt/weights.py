@@ -213,7 +213,8 @@ def save_weights(
     function or class), which the messages about its unregistered kind name. Nothing imports it
     from there by itself: loading a file never runs code. ``extra`` adds header keys other than
     :data:`RESERVED_HEADER_KEYS` (ValueError). A ``preset`` other than a ``str`` or None, or a
-    ``trained`` other than a ``bool``, is refused with TypeError: no load would take the file. A
+    ``trained`` other than a ``bool``, is refused with TypeError: no load would take the file; a
+    ``preset`` of :data:`PRESETS` whose kind or architecture is not the rule's, with ValueError. A
     ``path`` string that is a preset's name is refused with ValueError: that string loads the
     preset, not the file. The weights are stored in
     float32; one that is NaN or Inf there is refused with ValueError, as loading would refuse the
@@ -222,7 +223,8 @@ def save_weights(
     Args:
         rule: the update rule whose weights and ``config`` are saved.
         path: the file to write.
-        preset: the header's ``preset``: the preset these weights are (None for your own).
+        preset: the header's ``preset``: the preset these weights are (None for your own); one of
+            :data:`PRESETS` must have the rule's kind and architecture.
         trained_on: the header's ``trained_on``: a description of the tasks the rule was
             meta-trained on (e.g. the task family's ``describe()``).
         trained: the header's ``trained``; a file saved with ``False`` warns
@@ -246,6 +248,13 @@ def save_weights(
             f"{type(rule).__name__} has the kind {rule.kind!r} of {held.__qualname__}, so its file would load as a "
             f"{held.__qualname__}: give {type(rule).__name__} a kind of its own (and learnedopt.nn.register_rule it)"
         )
+    if preset in PRESETS:  # else the file loaded as that preset (its name, its untrained warning's description)
+        named = build_preset(preset)[0]
+        if (named.kind, named.config_dict()) != (rule.kind, rule.config_dict()):
+            raise ValueError(
+                f"save_weights: preset {preset!r} is a {named.kind} {brief_config(named.config_dict())}, but the rule is a "
+                f"{rule.kind} {brief_config(rule.config_dict())}: give preset=None for weights of your own"
+            )
     importable = class_path(type(rule)) if rule.kind not in LIBRARY_KINDS else None
     # extra came last and replaced these: extra={"config": ...} wrote a file that loads as
     # another architecture or not at all

@@ -1203,3 +1203,23 @@ def test_a_header_value_json_cannot_store_is_refused_naming_its_key_and_the_file
                            + f"Object of type {type(tmp_path).__name__} is not JSON serializable$"):  # fmt: skip
             save()
         assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("rule", "preset", "kind"), [
+    (CoordinateLSTM(), "meta-lstm-2017", "MetaLSTMCell"),
+    (CoordinateLSTM(hidden_size=4), "l2l-2016", "CoordinateLSTM"),
+    (CoordinateLSTM(), "l2l-blend", "CoordinateLSTM"),
+])  # fmt: skip
+def test_save_weights_refuses_a_preset_of_another_architecture_than_the_rule(tmp_path, recwarn, rule, preset, kind) -> None:
+    """``save_weights(CoordinateLSTM(), path, preset="meta-lstm-2017", trained=False)`` wrote a file
+    that loaded as that preset: the optimizer said it runs "CoordinateLSTM, preset meta-lstm-2017"
+    and warned with the MetaLSTMCell preset's description (hidden 20) for a rule of another
+    architecture."""
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(ValueError, match="^" + re.escape(f"save_weights: preset {preset!r} is a {kind} {{")
+                       + r".*\}, but the rule is a CoordinateLSTM \{.*\}: give preset=None for weights of your own$"):  # fmt: skip
+        save_weights(rule, path, preset=preset, trained=False)
+    assert not path.exists()
+    save_weights(CoordinateLSTM(), path, preset="l2l-2016", trained=False)  # its architecture
+    save_weights(CoordinateLSTM(hidden_size=4), path, preset="a-preset-of-a-later-version")
+    assert load_weights(path)[1]["preset"] == "a-preset-of-a-later-version"
