@@ -497,7 +497,7 @@ def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[
             with _cpu_float32():
                 expected = rule_class.weight_shapes(config)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"invalid {kind} config in header: {err}") from None
+        raise ValueError(f"invalid {kind} config in header: {shortened(str(err))}") from None
     except Exception:  # noqa: BLE001 - a rule of your own that cannot be built on the meta device
         expected = None
     if count is not None and count != len(found):
@@ -520,6 +520,13 @@ _BRIEF = reprlib.Repr()
 _BRIEF.maxlist = _BRIEF.maxtuple = 8
 _BRIEF.maxlong = 40
 _BRIEF.maxstring = 80
+
+
+def shortened(text: str, limit: int = 300) -> str:
+    """``text`` for a message, cut to its first ``limit`` characters (and its length) where
+    longer: a rule's own message about a header's value quotes it whole (a 'hidden_size' of a
+    million characters)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def brief_config(config: dict[str, Any]) -> str:
@@ -631,20 +638,20 @@ def _open(path: Path, *, registered: bool = True) -> tuple[dict[str, Any], dict[
     if not isinstance(header.get("config"), dict):
         raise ValueError(f"{path}: learnedopt header has no architecture config (a 'config' object)")
     if header.get("format") != FORMAT_VERSION or isinstance(header.get("format"), bool):
-        raise ValueError(f"{path}: unsupported weight format {header.get('format')!r} (this library reads {FORMAT_VERSION})")
+        raise ValueError(f"{path}: unsupported weight format {_BRIEF.repr(header.get('format'))} (this library reads {FORMAT_VERSION})")
     if not isinstance(header.get("kind"), str):
         raise ValueError(f"{path}: learnedopt header has no rule kind (a 'kind' string)")
     # read by the untrained-weights warning, which took "trained": "no" as trained and failed on
     # a list as the preset with a bare "unhashable type" TypeError
     for key, kind, want in (("trained", bool, "true or false"), ("preset", str, "a preset's name")):
         if header.get(key) is not None and not isinstance(header[key], kind):
-            raise ValueError(f"{path}: learnedopt header's {key!r} must be {want} or null, got {header[key]!r}")
+            raise ValueError(f"{path}: learnedopt header's {key!r} must be {want} or null, got {_BRIEF.repr(header[key])}")
     if registered and header["kind"] not in RULES:
         recorded = recorded_rule_class(header)
         raise ValueError(
-            f"{path}: unknown update rule kind {header.get('kind')!r}; known: {sorted(RULES)} (a rule class of your "
+            f"{path}: unknown update rule kind {_BRIEF.repr(header['kind'])}; known: {sorted(RULES)} (a rule class of your "
             "own loads once registered: learnedopt.nn.register_rule(YourRule)"
-            + (f"; this file records its class as {recorded}" if recorded else "") + ")"
+            + (f"; this file records its class as {shortened(recorded)}" if recorded else "") + ")"
         )
     return header, tensors
 

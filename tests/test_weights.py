@@ -1223,3 +1223,29 @@ def test_save_weights_refuses_a_preset_of_another_architecture_than_the_rule(tmp
     save_weights(CoordinateLSTM(), path, preset="l2l-2016", trained=False)  # its architecture
     save_weights(CoordinateLSTM(hidden_size=4), path, preset="a-preset-of-a-later-version")
     assert load_weights(path)[1]["preset"] == "a-preset-of-a-later-version"
+
+
+_LONG = "x" * 10**6
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trained": list(range(10**5))}, r"header's 'trained' must be true or false or null, got \[0, 1, 2, .*\.\.\.\]$"),
+    ({"preset": {str(i): i for i in range(10**5)}}, r"header's 'preset' must be a preset's name or null, got \{.*\.\.\.\}$"),
+    ({"format": _LONG}, r"unsupported weight format 'x+\.\.\.x+' \(this library reads 1\)$"),
+    ({"kind": _LONG}, r"unknown update rule kind 'x+\.\.\.x+'; known: "),
+    ({"config": {_LONG: 1}}, r"invalid CoordinateLSTM config in header: unknown CoordinateLSTM config keys: \['x+.*\(1000\d\d\d characters\)$"),
+    ({"config": {"hidden_size": _LONG}}, r"invalid CoordinateLSTM config in header: hidden_size must be an integer >= 1, got 'x+.*characters\)$"),
+])  # fmt: skip
+def test_a_header_field_far_too_long_is_refused_in_a_short_message(tmp_path, change, message) -> None:
+    """A header whose 'kind' or 'format' was a string of 10**6 characters, or whose 'trained' a
+    list of 10**5 entries, printed the whole value: an error of megabytes on one line (a huge
+    config list was cut short already)."""
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_weights(CoordinateLSTM(), good)
+    tensors = dict(load_weights(good)[0].state_dict())
+    save_file(tensors, str(bad), metadata={"learnedopt": json.dumps({**read_header(good), **change})})
+    with pytest.raises(ValueError) as caught:
+        load_weights(bad)
+    text = str(caught.value)
+    assert len(text) < 1000, text[:200]  # before the pattern, which would take long over megabytes
+    assert re.search("^" + re.escape(f"{bad}: ") + ".*" + message, text), text
