@@ -494,7 +494,7 @@ def check_rule_shapes(kind: str, config: dict[str, Any], found: dict[str, tuple[
     try:
         count = rule_class.weight_count(config)
         if count is None or count == len(found):
-            with _cpu_float32():
+            with torch.device("cpu"):  # shapes: no dtype to set (a default all threads share)
                 expected = rule_class.weight_shapes(config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"invalid {kind} config in header: {shortened(str(err))}") from None
@@ -680,14 +680,28 @@ def _cpu_float32() -> Iterator[None]:
     and the CPU generator cannot initialise another device's tensors; under
     ``torch.set_default_dtype(torch.float64)`` an untrained preset drew other weights (whose
     saved states a float32-default process refused as "other weights"), and a file's weights
-    were checked for finiteness in float64, not in the float32 the steps use."""
+    were checked for finiteness in float64, not in the float32 the steps use.
+
+    Torch's default dtype is one for all threads, so while it is set here another thread's new
+    tensors are float32 too: only the rules that cannot be built on the meta device are built
+    under it (:func:`_allocated_from_meta` takes the dtype instead)."""
+    with _defaults(torch.float32, torch.device("cpu")):
+        yield
+
+
+@contextlib.contextmanager
+def _defaults(dtype: torch.dtype | None, device: torch.device | None) -> Iterator[None]:
+    """Torch's default dtype and device set to ``dtype`` and ``device`` (each None: left as it
+    is); the dtype is set only where it differs (a setting all threads share)."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
+    if dtype is not None and dtype != previous:
+        torch.set_default_dtype(dtype)
     try:
-        with torch.device("cpu"):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             yield
     finally:
-        torch.set_default_dtype(previous)
+        if dtype is not None and dtype != previous:
+            torch.set_default_dtype(previous)
 
 
 def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRule:
@@ -708,18 +722,26 @@ def blank_rule(rule_class: type[UpdateRule], config: dict[str, Any]) -> UpdateRu
     no values), or that shares a tensor between layers (allocated, it would be untied) is
     constructed on the CPU instead, under ``fork_rng``.
     """
-    with _cpu_float32():
-        rule = _allocated_from_meta(rule_class, config, torch.device("cpu"))
-        if rule is not None:
-            return rule
-        with torch.random.fork_rng(devices=[]):  # built on the CPU, raising the rule's own error
-            return rule_class.from_config_dict(config)
+    rule = _allocated_from_meta(rule_class, config, torch.device("cpu"), torch.float32)
+    if rule is not None:
+        return rule
+    with _cpu_float32(), torch.random.fork_rng(devices=[]):  # built on the CPU, raising the rule's own error
+        return rule_class.from_config_dict(config)
 
 
-def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator: torch.Generator) -> UpdateRule:
+def seeded_rule(
+    rule_class: type[UpdateRule],
+    config: dict[str, Any],
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> UpdateRule:
     """``rule_class.from_config_dict(config)`` with ``reset_parameters(generator=generator)``
-    called on it (raising as they do), in torch's default dtype and on its default device, with
-    the same weights, but drawing nothing from torch's global generator.
+    called on it (raising as they do), in ``dtype`` and on ``device`` (None: torch's default
+    dtype, its default device), with the same weights as built under those defaults, but drawing
+    nothing from torch's global generator (nor, where it can be built on the meta device,
+    setting the default dtype, which all threads share).
 
     Built so, the constructor's random initialisation came from the global generator and
     advanced it (a seeded script's later draws changed), though ``reset_parameters`` replaced
@@ -732,7 +754,7 @@ def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator:
     thread-safe, see :func:`blank_rule`), so that its constructor's values are kept.
     """
     state = generator.get_state()  # the draws of a failed try below are undone
-    rule = _allocated_from_meta(rule_class, config, torch.get_default_device())
+    rule = _allocated_from_meta(rule_class, config, device if device is not None else torch.get_default_device(), dtype)
     if rule is not None:
         tensors = rule.state_dict().values()
         if all(t.is_floating_point() for t in tensors):
@@ -746,16 +768,20 @@ def seeded_rule(rule_class: type[UpdateRule], config: dict[str, Any], generator:
             else:
                 if not any(bool(t.isnan().any()) for t in rule.state_dict().values()):
                     return rule
-    with torch.random.fork_rng(devices=[]):
-        rule = rule_class.from_config_dict(config)
-    rule.reset_parameters(generator=generator.set_state(state))  # type: ignore[operator]
+    with _defaults(dtype, device):
+        with torch.random.fork_rng(devices=[]):
+            rule = rule_class.from_config_dict(config)
+        rule.reset_parameters(generator=generator.set_state(state))  # type: ignore[operator]
     return rule
 
 
-def _allocated_from_meta(rule_class: type[UpdateRule], config: dict[str, Any], device: torch.device) -> UpdateRule | None:
+def _allocated_from_meta(
+    rule_class: type[UpdateRule], config: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
+) -> UpdateRule | None:
     """``rule_class.from_config_dict(config)`` constructed on the meta device (drawing nothing
     from torch's global generator) and allocated on ``device`` (``to_empty``: its weights hold no
-    values), in torch's default dtype; None where it cannot be constructed there or holds tensors
+    values), its floating-point tensors in ``dtype`` (None: torch's default dtype; converted on
+    the meta device, without setting the default, which all threads share); None where it cannot be constructed there or holds tensors
     its ``state_dict`` does not (:func:`_held_by_state_dict`), for the caller to construct it as
     before (which raises the rule's own error). :func:`blank_rule`'s and :func:`seeded_rule`'s
     first try."""
@@ -764,7 +790,12 @@ def _allocated_from_meta(rule_class: type[UpdateRule], config: dict[str, Any], d
             rule = rule_class.from_config_dict(config)
     except Exception:  # noqa: BLE001 - the caller constructs it as before, which raises the rule's own error
         return None
-    return rule.to_empty(device=device) if _held_by_state_dict(rule) else None
+    if not _held_by_state_dict(rule):
+        return None
+    with _loading_by_copy():  # a swap of an nn.LSTM's parameters fails (see there)
+        if dtype is not None:
+            rule = rule.to(dtype)
+        return rule.to_empty(device=device)
 
 
 def _held_by_state_dict(rule: UpdateRule) -> bool:
@@ -797,8 +828,9 @@ def build_preset(name: str) -> tuple[UpdateRule, dict[str, Any]]:
                     f"expected {preset.sha256[:12]}...): damaged on disk; reinstall learnedopt"
                 )
         return rule, {**header, "preset": name}
-    with _cpu_float32():
-        rule = seeded_rule(RULES[preset.kind], preset.config, torch.Generator().manual_seed(preset.seed))
+    rule = seeded_rule(
+        RULES[preset.kind], preset.config, torch.Generator().manual_seed(preset.seed), dtype=torch.float32, device=torch.device("cpu")
+    )
     header = {
         "format": FORMAT_VERSION,
         "kind": preset.kind,

@@ -1249,3 +1249,47 @@ def test_a_header_field_far_too_long_is_refused_in_a_short_message(tmp_path, cha
     text = str(caught.value)
     assert len(text) < 1000, text[:200]  # before the pattern, which would take long over megabytes
     assert re.search("^" + re.escape(f"{bad}: ") + ".*" + message, text), text
+
+
+def test_building_a_rule_leaves_another_threads_default_dtype_alone(tmp_path, monkeypatch) -> None:
+    """Rules were built in float32 by setting torch's default dtype (global, not per thread) for
+    the while: in a float64 program, a tensor another thread made meanwhile (``torch.zeros(2)``)
+    came out float32. Here the other thread makes one while the rule is being constructed."""
+    import threading
+
+    from learnedopt.weights import average_weights, fingerprint
+
+    for i in range(2):
+        save_weights(CoordinateLSTM(hidden_size=4), tmp_path / f"{i}.safetensors")
+    expected = {name: fingerprint(build_preset(name)[0])["sha256"] for name in ("l2l-2016", "meta-lstm-2017", "meta-lstm-adam")}
+    made: list[torch.dtype] = []
+
+    def constructing(init):
+        def wrapped(self, *args, **kwargs):
+            thread = threading.Thread(target=lambda: made.append(torch.zeros(2).dtype))
+            thread.start()
+            thread.join()
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    for cls in (CoordinateLSTM, MetaLSTMCell):
+        monkeypatch.setattr(cls, "__init__", constructing(cls.__init__))
+    calls = {
+        "load_weights(l2l-blend)": lambda: load_weights("l2l-blend"),
+        "load_weights(file)": lambda: load_weights(tmp_path / "0.safetensors"),
+        "average_weights": lambda: average_weights([tmp_path / "0.safetensors", tmp_path / "1.safetensors"]),
+        **{f"build_preset({name})": (lambda name=name: build_preset(name)) for name in expected},
+    }
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name, call in calls.items():
+            made.clear()
+            rule = call()[0]
+            assert made and set(made) == {torch.float64}, name
+            assert {v.dtype for v in rule.state_dict().values()} == {torch.float32}, name
+            if name.startswith("build_preset"):  # the same weights as in a float32 program
+                assert fingerprint(rule)["sha256"] == expected[name.removeprefix("build_preset(")[:-1]], name
+    finally:
+        torch.set_default_dtype(previous)
