@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from pathlib import Path
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None], *, unique: bool = False) -> None:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``.
 
-    The temporary file is ``<name>.tmp``, so that the next write replaces what a killed one left.
+    The temporary file is ``<name>.tmp``, so that the next write replaces what a killed one left
+    (``.<hash of name>.tmp`` where that name would be too long for the file system).
     With ``unique`` it is ``<name>.<pid>-<random>.tmp``, for a file that several processes may
     write at once (an evaluation's worker processes, a stale one among them): each renames a whole
     file of its own, where with one name a writer would rename a file another is still writing.
@@ -32,7 +34,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
         raise FileNotFoundError(f"no such folder: {path.parent} (to write {path.name} in)")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a file")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if unique else f"{path.name}.tmp")
+    tmp = path.with_name(_temporary_name(path, unique))
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -42,6 +44,21 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
         tmp.unlink(missing_ok=True)
         raise
     _sync(path.parent, getattr(os, "O_DIRECTORY", 0), required=False)
+
+
+def _temporary_name(path: Path, unique: bool) -> str:
+    """The name of :func:`write_atomically`'s temporary file for ``path``: ``<name>.tmp`` (or
+    ``<name>.<pid>-<random>.tmp``), or where that is longer than the folder's file system takes
+    (a legal name within a few bytes of its limit, which then could not be written at all),
+    ``.<hash of name>.tmp`` (likewise): as fixed for a name as the long form."""
+    suffix = f".{os.getpid()}-{secrets.token_hex(4)}.tmp" if unique else ".tmp"
+    try:
+        most = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit
+        most = 255
+    if len(os.fsencode(path.name + suffix)) <= most:
+        return path.name + suffix
+    return "." + hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16] + suffix
 
 
 def _sync(path: Path, flags: int, required: bool = True) -> None:

@@ -1293,3 +1293,22 @@ def test_building_a_rule_leaves_another_threads_default_dtype_alone(tmp_path, mo
                 assert fingerprint(rule)["sha256"] == expected[name.removeprefix("build_preset(")[:-1]], name
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_a_file_name_as_long_as_the_file_system_takes_is_written(tmp_path) -> None:
+    """A legal name within 4 bytes of the file system's longest (255 bytes here) failed to save:
+    its temporary file ``<name>.tmp`` was too long, and the error named that file, not the one
+    asked for. The temporary file of such a name is a short one (as unique, evaluation records')."""
+    import os
+
+    from learnedopt.files import write_atomically
+
+    try:
+        most = os.pathconf(tmp_path, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        pytest.skip("no limit on a file name's length to be read here")
+    path = tmp_path / ("w" * (most - len(".safetensors")) + ".safetensors")
+    save_weights(CoordinateLSTM(hidden_size=3), path)
+    assert load_weights(path)[0].config.hidden_size == 3
+    write_atomically(path, lambda tmp: tmp.write_bytes(b"x"), unique=True)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == b"x"
