@@ -1005,12 +1005,28 @@ def test_untrained_presets_keep_their_weights(dtype: torch.dtype) -> None:
     assert built == _UNTRAINED_PRESET_SHA256
 
 
+def _run_in_another_thread_while_building_rules(monkeypatch, target) -> None:
+    """Make every ``CoordinateLSTM`` and ``MetaLSTMCell`` construction first run ``target`` in
+    another thread (to its end), so that it acts while a rule is being built."""
+    import threading
+
+    def constructing(init):
+        def wrapped(self, *args, **kwargs):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    for cls in (CoordinateLSTM, MetaLSTMCell):
+        monkeypatch.setattr(cls, "__init__", constructing(cls.__init__))
+
+
 def test_building_a_rule_leaves_another_threads_draws_from_the_global_rng_alone(tmp_path, monkeypatch) -> None:
     """Building saved torch's global generator and restored it afterwards (``fork_rng``), so that
     what another thread drew from it meanwhile was drawn again: its draws repeated. Here the
     other thread draws while the rule is being constructed; its next draw must follow on."""
-    import threading
-
     from learnedopt.weights import average_weights
 
     for i in range(2):
@@ -1021,17 +1037,7 @@ def test_building_a_rule_leaves_another_threads_draws_from_the_global_rng_alone(
     def other_thread() -> None:
         draws.append(torch.rand(4))
 
-    def constructing(init):
-        def wrapped(self, *args, **kwargs):
-            thread = threading.Thread(target=other_thread)  # draws while this thread builds
-            thread.start()
-            thread.join()
-            init(self, *args, **kwargs)
-
-        return wrapped
-
-    for cls in (CoordinateLSTM, MetaLSTMCell):
-        monkeypatch.setattr(cls, "__init__", constructing(cls.__init__))
+    _run_in_another_thread_while_building_rules(monkeypatch, other_thread)  # draws while this thread builds
     calls = {
         "load_weights(l2l-blend)": lambda: load_weights("l2l-blend"),
         "load_weights(meta-lstm-mnist)": lambda: load_weights("meta-lstm-mnist"),
@@ -1255,8 +1261,6 @@ def test_building_a_rule_leaves_another_threads_default_dtype_alone(tmp_path, mo
     """Rules were built in float32 by setting torch's default dtype (global, not per thread) for
     the while: in a float64 program, a tensor another thread made meanwhile (``torch.zeros(2)``)
     came out float32. Here the other thread makes one while the rule is being constructed."""
-    import threading
-
     from learnedopt.weights import average_weights, fingerprint
 
     for i in range(2):
@@ -1264,17 +1268,7 @@ def test_building_a_rule_leaves_another_threads_default_dtype_alone(tmp_path, mo
     expected = {name: fingerprint(build_preset(name)[0])["sha256"] for name in ("l2l-2016", "meta-lstm-2017", "meta-lstm-adam")}
     made: list[torch.dtype] = []
 
-    def constructing(init):
-        def wrapped(self, *args, **kwargs):
-            thread = threading.Thread(target=lambda: made.append(torch.zeros(2).dtype))
-            thread.start()
-            thread.join()
-            init(self, *args, **kwargs)
-
-        return wrapped
-
-    for cls in (CoordinateLSTM, MetaLSTMCell):
-        monkeypatch.setattr(cls, "__init__", constructing(cls.__init__))
+    _run_in_another_thread_while_building_rules(monkeypatch, lambda: made.append(torch.zeros(2).dtype))
     calls = {
         "load_weights(l2l-blend)": lambda: load_weights("l2l-blend"),
         "load_weights(file)": lambda: load_weights(tmp_path / "0.safetensors"),
