@@ -58,6 +58,20 @@ def reference(model: nn.Module, data, steps: int, lrs: dict[str, Tensor | float]
     return torch.stack(per_task).mean()
 
 
+def spread_step_sizes(maml: MAML, g: torch.Generator) -> None:
+    """Move Meta-SGD's step sizes off ``inner_lr``, each element its own (times U[0.5, 1.5))."""
+    with torch.no_grad():
+        for rate in maml.inner_lrs.values():
+            rate.mul_(torch.rand(rate.shape, generator=g, dtype=F64) + 0.5)
+
+
+def meta_loss_and_gradients(maml: MAML, data) -> tuple[Tensor, dict[str, Tensor]]:
+    """``maml``'s meta-loss on ``data`` and its gradient for each of its parameters, by name."""
+    meta_loss = maml(*data)
+    learnable = dict(maml.named_parameters())
+    return meta_loss, dict(zip(learnable, torch.autograd.grad(meta_loss, list(learnable.values())), strict=True))
+
+
 @FEW
 @given(
     model_kind=st.sampled_from(["linear", "mlp"]),
@@ -81,15 +95,11 @@ def test_maml_meta_loss_and_meta_gradient_equal_a_hand_written_reference(
     maml = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, learn_inner_lr=learned == "meta-sgd",
                 step_loss_weights=weights, loss_fn=mse, vectorize=path == "vmap",
                 checkpoint_steps=path == "checkpoint")  # fmt: skip
-    if learned == "meta-sgd":  # step sizes moved off inner_lr, each element its own
-        with torch.no_grad():
-            for rate in maml.inner_lrs.values():
-                rate.mul_(torch.rand(rate.shape, generator=g, dtype=F64) + 0.5)
-    meta_loss = maml(*data)
+    if learned == "meta-sgd":
+        spread_step_sizes(maml, g)
     # by name: MAML's parameters are the model's, a tensor inner_lr given as an nn.Parameter
     # (registered as MAML's own) and Meta-SGD's step sizes (inner_lrs, keys sorted)
-    learnable = dict(maml.named_parameters())
-    got = dict(zip(learnable, torch.autograd.grad(meta_loss, list(learnable.values())), strict=True))
+    meta_loss, got = meta_loss_and_gradients(maml, data)
 
     ref_model = make_model(model_kind)
     if learned == "meta-sgd":
@@ -349,13 +359,8 @@ def test_maml_with_batchnorm_buffers_and_a_shared_weight_equals_a_hand_written_r
     maml = MAML(model, inner_lr=0.2, inner_steps=2, first_order=first_order, learn_inner_lr=True, loss_fn=mse,
                 step_loss_weights=[0.3, 0.7], vectorize=path == "vmap", checkpoint_steps=path == "checkpoint",
                 batchnorm=batchnorm)  # fmt: skip
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for rate in maml.inner_lrs.values():
-            rate.mul_(torch.rand(rate.shape, generator=g, dtype=F64) + 0.5)
-    meta_loss = maml(*data)
-    learnable = dict(maml.named_parameters())
-    got = dict(zip(learnable, torch.autograd.grad(meta_loss, list(learnable.values())), strict=True))
+    spread_step_sizes(maml, torch.Generator().manual_seed(5))
+    meta_loss, got = meta_loss_and_gradients(maml, data)
 
     ref_model = SharedWeightWithBatchNorm(track_running_stats=batchnorm == "running").double()
     if batchnorm == "running":
