@@ -933,7 +933,8 @@ def average_weights(paths: Iterable[str | os.PathLike]) -> tuple[UpdateRule, lis
     for path in paths:
         rule, header = _load_weights(path, "average_weights")
         if header.get("trained") is False:
-            raise ValueError(f"{path}: untrained weights (preset {header.get('preset')!r}); average trained runs")
+            origin = f"preset {header['preset']!r}" if header.get("preset") else "saved with trained=False"
+            raise ValueError(f"{path}: untrained weights ({origin}); average trained runs")
         if rules and (rule.kind, rule.config_dict()) != (rules[0].kind, rules[0].config_dict()):
             raise ValueError(
                 f"{path} is a {rule.kind} {rule.config_dict()}, but {paths[0]} is a {rules[0].kind} "

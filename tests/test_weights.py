@@ -273,9 +273,13 @@ def test_average_weights_rejects_mixed_architectures_untrained_and_missing(tmp_p
     _trained_file(tmp_path / "a.safetensors", 1, hidden_size=6)
     _trained_file(tmp_path / "b.safetensors", 2, hidden_size=8)
     (tmp_path / "copy.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    save_weights(CoordinateLSTM(hidden_size=6), tmp_path / "untrained.safetensors", trained=False)
     cases = [
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], "only weights of one architecture"),
         ([str(tmp_path / "a.safetensors"), "l2l-2016"], "untrained weights (preset 'l2l-2016')"),
+        # a file of no preset, saved with trained=False, was named "untrained weights (preset None)"
+        ([str(tmp_path / "a.safetensors"), str(tmp_path / "untrained.safetensors")],
+         f"{tmp_path / 'untrained.safetensors'}: untrained weights (saved with trained=False); average trained runs"),
         ([str(tmp_path / "a.safetensors"), str(tmp_path / "missing.safetensors")], "weight file not found"),
         # a misspelt preset said only "weight file not found: l2l-shrt"
         ([str(tmp_path / "a.safetensors"), "l2l-shrt"], "unknown preset 'l2l-shrt' and no such file; presets: ["),
