@@ -453,6 +453,20 @@ def test_checkpoint_every_defaults_to_the_documented_10() -> None:
     assert parser.parse_args(["--out", "run"]).checkpoint_every == 10
 
 
+def test_the_data_help_names_every_task_that_reads_it() -> None:
+    """--data goes to a task family of your own that takes ``data`` (both kinds of algorithm, as
+    the README says); the help named only MNIST and Omniglot."""
+    import argparse
+
+    from learnedopt.meta.command import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    data_help = next(a.help for a in parser._actions if "--data" in a.option_strings)
+    assert "mnist-mlp" in data_help and "omniglot" in data_help
+    assert "given as data= to your own family (--task module:Class or module:attribute) where it takes one" in data_help
+
+
 def test_existing_run_and_changed_resume_are_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert run(out, "--meta-steps", "2", "--checkpoint-every", "1", "--stop-after", "1") == 0

@@ -188,7 +188,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="PATH",
         help="MNIST folder (or a folder holding mnist/) for --task mnist-mlp and mlp-random (and mixtures with them), folder of the Omniglot zips (or a folder holding omniglot/) for --task omniglot "
-        "(default: LEARNEDOPT_DATA, then ../shared/data, then shared/data beside the repository of a source checkout)",
+        "(default: LEARNEDOPT_DATA, then ../shared/data, then shared/data beside the repository of a source checkout); "
+        "given as data= to your own family (--task module:Class or module:attribute) where it takes one",
     )
     parser.add_argument(
         "--dist-timeout",
