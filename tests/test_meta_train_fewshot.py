@@ -377,6 +377,13 @@ BAD = [
     (["--algo", "reptile", "--head-only"], "--head-only does not apply to --algo reptile"),
     (["--algo", "fomaml", "--first-order-until", "3"], "--first-order-until does not apply to --algo fomaml"),
     (["--algo", "maml", "--first-order-until", "0"], "--first-order-until must be a positive integer, got 0"),
+    # --first-order was argparse's abbreviation of --first-order-until: "expected one argument", and
+    # "--algo maml --first-order 100" ran second-order MAML after 100 first-order meta-steps
+    (["--algo", "maml", "--first-order"], "--first-order is not an option: first-order MAML is --algo fomaml"),
+    (["--algo", "fomaml", "--first-order"], "--first-order is not an option: --algo fomaml is first-order MAML already"),
+    (["--algo", "reptile", "--first-order"], "--first-order is not an option: --algo reptile is first-order by construction"),
+    (["--algo", "meta-lstm", "--first-order"], "--first-order is not an option: --algo meta-lstm is first-order already"),
+    (["--first-order"], "--first-order is not an option of --algo lstm"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "maml", "--task", "omniglot", "--ways", "1", "--data", "{tmp}/no-such-dir"], "--ways must be at least 2, got 1"),
     (["--algo", "reptile", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),
@@ -423,6 +430,15 @@ def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path: Path, capsys, e
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: ")
     assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_first_order_followed_by_a_number_is_not_read_as_first_order_until(tmp_path: Path, capsys) -> None:
+    """argparse took ``--first-order`` for its abbreviation ``--first-order-until``: ``--algo maml
+    --first-order 3`` ran, second-order after 3 first-order meta-steps, with no word said."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet", "--algo", "maml", "--first-order", "3"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: 3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

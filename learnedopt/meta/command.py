@@ -208,6 +208,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop-after", type=int, default=None, help=argparse.SUPPRESS
     )  # tests: simulated kill
+    # not an option, refused by _run in one line: argparse took it for its abbreviation
+    # --first-order-until ("expected one argument"; "--first-order 100" ran that silently)
+    parser.add_argument("--first-order", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=run_meta_train)
 
 
@@ -298,9 +301,21 @@ def _interrupted(err: KeyboardInterrupt, out: Path) -> str:
     return f"interrupted before the run wrote anything to {out}: run the command again, without --resume"
 
 
+#: the refusal of ``--first-order`` (no option: first-order MAML is an algorithm of its own) by ``--algo``
+_FIRST_ORDER = {
+    "maml": "--first-order is not an option: first-order MAML is --algo fomaml "
+            "(--first-order-until STEPS makes --algo maml first-order for its first STEPS meta-steps)",
+    "fomaml": "--first-order is not an option: --algo fomaml is first-order MAML already",
+    "reptile": "--first-order is not an option: --algo reptile is first-order by construction (it has no meta-gradient)",
+    "meta-lstm": "--first-order is not an option: --algo meta-lstm is first-order already (its rule reads detached gradients)",
+}
+
+
 def _run(args: argparse.Namespace, workers: Workers) -> int:
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
+    if args.first_order:
+        raise ConfigError(_FIRST_ORDER.get(args.algo, f"--first-order is not an option of --algo {args.algo}; first-order MAML is --algo fomaml"))
     if args.algo != "lstm":
         # meta-lstm's inner loop is an update rule: --rule and --rule-config are its options too
         rule_options = ("rule", "rule_config", "preset")
