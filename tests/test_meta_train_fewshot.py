@@ -462,6 +462,29 @@ def test_fewshot_counts_up_to_the_element_limit_are_accepted() -> None:
         config(task="omniglot", image_size=3277, val_tasks=1).validate()
 
 
+@pytest.mark.parametrize(("task", "field", "value", "message"), [
+    # refused deep in the run as "need integers n_way >= 1, k_shot >= 1 ... ask for fewer --ways"
+    ("omniglot", "shots", 2.5, "--shots must be a positive integer, got 2.5"),
+    ("omniglot", "ways", 3.0, "--ways must be a positive integer, got 3.0"),
+    # "'<' not supported between instances of 'NoneType' and 'int'"
+    ("omniglot", "image_size", None, "--image-size must be a positive integer, got None"),
+    ("omniglot", "hidden", None, "--hidden must be a positive integer, got None"),
+    ("sinusoid", "meta_batch", 2.0, "--meta-batch must be a positive integer, got 2.0"),  # a ValueError from the tasks
+    ("sinusoid", "meta_steps", True, "--meta-steps must be a positive integer, got True"),
+    ("sinusoid", "inner_batch", 1.5, "--inner-batch must be a positive integer, got 1.5"),
+    # derive_seed took int(0.5): seed 0.5 drew every task of seed 0
+    ("sinusoid", "seed", 0.5, "--seed must be a non-negative integer, got 0.5"),
+])  # fmt: skip
+def test_the_api_configuration_refuses_counts_that_are_not_integers(task: str, field: str, value: Any, message: str) -> None:
+    """``FewShotConfig`` from Python (the command line gives integers) took a float or None for a
+    count, and the run failed later, naming another option, or with a TypeError."""
+    algo = "reptile" if field == "inner_batch" else "maml"
+    values = {**fewshot_defaults(algo, task, None), field: value}
+    seed = values.pop("seed", 0)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        FewShotConfig(algo=algo, task=task, seed=seed, **values).validate()
+
+
 def test_same_rotation_episodes_share_an_orientation_and_augment_distorts_them(omniglot_dir: Path) -> None:
     data = load_omniglot(omniglot_dir / "images_background_small1.zip", rotations=True)
     classes = torch.arange(data.num_classes)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...nn import RULES, MetaLSTMCell
 from ...plugins import entry_point_path
+from ...values import is_integer
 from ...weights import load_weights
 from ..loop import (
     PATH_FIELDS,
@@ -174,12 +175,13 @@ class FewShotConfig:
         if not own and (self.shots is None or self.queries is None):
             raise ConfigError(f"--task {self.task} needs --shots and --queries, got {self.shots} and {self.queries}")
         for name in names:
-            if getattr(self, name) < 1:
+            # the API's float or None (the command line gives integers) failed later, naming another option
+            if not is_integer(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.task == "omniglot" and self.ways < 2:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
         self._check_sizes()
-        if self.seed < 0:
+        if not is_integer(self.seed) or self.seed < 0:  # derive_seed took int(0.5): seed 0's draws
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
         check_select_every(self.select_every)
         if self.inner_batch is not None and self.algo != "reptile":
