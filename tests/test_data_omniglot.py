@@ -569,3 +569,39 @@ def test_images_of_different_sizes_are_named_with_their_source(tmp_path: Path) -
         with pytest.raises(ValueError) as info:
             load_omniglot(source, image_size=None)
         assert str(info.value) == f"images of different sizes: {odd} is 50x40, {first} 105x105 (width x height): pass image_size"
+
+
+@pytest.mark.skipif(
+    _OMNIGLOT is None or not all((_OMNIGLOT / z).is_file() for z in _REAL_ZIPS),
+    reason=f"real Omniglot zips {_REAL_ZIPS} not found (looked in {_OMNIGLOT}; set {DATA_ENV_VAR})",
+)
+def test_real_omniglot_episodes_keep_to_their_part_of_the_split() -> None:
+    """``meta-train --task omniglot`` on the real zips: the README's fixed split by alphabets,
+    rotated classes in meta-training only, and 5-way 2-shot 3-query episodes of classes of their
+    own part, with labels 0..4 going to the classes in a new order in each episode."""
+    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults
+    from learnedopt.meta.fewshot.sources import make_sources
+
+    values = {**fewshot_defaults("maml", "omniglot", 5), "shots": 2, "queries": 3}
+    train, valid, split = make_sources(FewShotConfig(algo="maml", task="omniglot", **values))
+    assert split == {"meta_train": ["Balinese", "Greek", "Japanese_(katakana)", "Korean", "Tagalog"],
+                     "meta_valid": ["Latin"], "meta_test": ["Early_Aramaic", "Sanskrit"]}  # fmt: skip
+    data = train.data
+    for source, part, rotations in ((train, "meta_train", {0, 90, 180, 270}), (valid, "meta_valid", {0})):
+        source.sampler.load_state_dict({"generator": torch.Generator().manual_seed(7).get_state()})
+        episodes = [source.sampler.sample() for _ in range(40)]
+        classes = torch.stack([e.classes for e in episodes])
+        assert {data.alphabets[a] for a in data.alphabet_of_class[classes].flatten().tolist()} <= set(split[part])
+        assert set(data.rotation_of_class[classes].flatten().tolist()) == rotations
+        assert all(len(set(c.tolist())) == 5 for c in classes)
+        if part == "meta_train":  # label 0 is another of its 608 classes in (almost) every episode (39 of 40 here)
+            assert len(set(classes[:, 0].tolist())) > 30
+        for e in episodes:
+            assert e.support_y.tolist() == [w for w in range(5) for _ in range(2)]
+            assert e.query_y.tolist() == [w for w in range(5) for _ in range(3)]
+            assert not set(e.support_idx.tolist()) & set(e.query_idx.tolist())
+            assert torch.equal(data.labels[e.support_idx], e.classes.repeat_interleave(2))
+            assert torch.equal(data.labels[e.query_idx], e.classes.repeat_interleave(3))
+        x_s, y_s, x_q, y_q = source.batch(2, 7)  # the batch is those episodes' images
+        assert torch.equal(x_s[1], data.images[episodes[1].support_idx]) and torch.equal(y_q[0], episodes[0].query_y)
+        assert x_s.shape == (2, 10, 1, 28, 28) and x_q.shape == (2, 15, 1, 28, 28)
