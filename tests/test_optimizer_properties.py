@@ -4,7 +4,8 @@ permuted, reshaped, laid out, split into parameters or spread over param groups 
 a state dict saved mid-run under random group structures and per-group options resumes bit for
 bit; a ``None`` gradient is the parameter left out of that step (no state made or advanced), as
 in ``torch.optim``; ``lr=0`` changes no parameter but advances the states as any ``lr`` does;
-and an update rule's rows are independent coordinates."""
+``weight_decay`` is the multiplication the README documents, after the learned step; and an
+update rule's rows are independent coordinates."""
 
 from __future__ import annotations
 
@@ -272,6 +273,39 @@ def test_property_lr_zero_changes_no_parameter_and_advances_the_states_as_any_lr
             assert torch.equal(p, old if at_zero else q)
             if initialisation:
                 assert int(opt.state[p]["step"]) == 0 and int(other.state[q]["step"]) == 1
+
+
+@FEW
+@given(
+    kind=KINDS,
+    specs=param_specs(5),
+    chunk=st.integers(1, 24),
+    limit=st.sampled_from([0, 2048]),
+    data=st.data(),
+)
+def test_property_weight_decay_multiplies_each_stepped_parameter_after_its_step(kind, specs, chunk, limit, data) -> None:
+    """The README's decoupled weight decay under drawn groups, options and paths: bit for bit the
+    same optimizer without it, each parameter that took a step (a gradient not None) then
+    multiplied by ``1 - lr * weight_decay`` of its group, in its own dtype; the states equal too,
+    and the rule reads the decayed values at the next step."""
+    n, steps = len(specs), 3
+    options = GROUP_OPTIONS.map(lambda o: {**o, "weight_decay": 0.0 if o["weight_decay"] == 0 else 0.2})
+    groups = random_groups(data, n, options=options)
+    skips = data.draw(st.lists(st.sets(st.integers(0, n - 1)), min_size=steps, max_size=steps))
+    params, others = make_mixed_params(specs), make_mixed_params(specs)
+    opt = build(kind, params, groups, chunk=chunk, limit=limit)
+    other = build(kind, others, [(indices, {**opts, "weight_decay": 0.0}) for indices, opts in groups], chunk=chunk, limit=limit)
+    for t in range(steps):
+        set_grads(params, seed=t, skip=skips[t])
+        set_grads(others, seed=t, skip=skips[t])
+        step(opt, 0.5 + t)
+        step(other, 0.5 + t)
+        with torch.no_grad():
+            for indices, opts in groups:
+                for i in indices:
+                    if i not in skips[t] and opts["lr"] * opts["weight_decay"]:
+                        others[i].mul_(1.0 - opts["lr"] * opts["weight_decay"])
+    assert_same_params_and_states(params, opt, others, other)
 
 
 #: the update rules of the rule-level property: tiny random float64 ones of each feature set, and

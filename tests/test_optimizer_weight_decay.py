@@ -123,3 +123,29 @@ def test_a_bad_weight_decay_is_refused(bad) -> None:
     opt.param_groups[0]["weight_decay"] = bad
     with pytest.raises(ValueError, match="Invalid weight_decay"):
         opt.step()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_multiplied_by_the_unrounded_factor(kind, foreach, dtype) -> None:
+    """A bfloat16 or float16 parameter is multiplied by ``1 - lr * weight_decay`` as
+    ``p.mul_(1 - lr * weight_decay)`` (and AdamW's per-tensor step) multiplies it: in float32,
+    rounded once. ``torch._foreach_mul_`` on CPU rounded the factor to the parameter's dtype
+    first (0.997 to bfloat16's 0.99609375: a third more decay than asked for)."""
+    shapes = [(1000,), (7, 3)]
+    decay = 0.003
+    params = make_params(shapes, dtype=dtype)
+    others = make_params(shapes, dtype=dtype)
+    opt = OPTIMIZERS[kind](params, foreach=foreach, weight_decay=decay)
+    other = OPTIMIZERS[kind](others, foreach=foreach)
+    for t in range(2):
+        set_grads(params, seed=t)
+        set_grads(others, seed=t)
+        step(opt, 0.5 + t)
+        step(other, 0.5 + t)
+        with torch.no_grad():
+            for q in others:
+                q.mul_(1.0 - decay)
+    for p, q in zip(params, others, strict=True):
+        assert torch.equal(p, q)
