@@ -811,3 +811,45 @@ def test_an_expanded_parameter_is_refused_before_anything_changes(kind, foreach)
     expanded.grad = None  # without it the optimizer steps as it would have
     step(opt)
     assert not torch.equal(first, before[0])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("lr nan", r"Invalid lr: nan"),
+        ("lr negative", r"Invalid lr: -1.0"),
+        ("maximize string", r"Invalid maximize: 'yes'"),
+        ("parameter in an earlier group", r"a parameter of param_groups\[1\] appears in an earlier parameter group"),
+    ],
+)
+def test_a_group_changed_by_the_closure_is_checked_before_the_update(kind, change, message) -> None:
+    """``step(closure)`` checked the groups before it ran the closure, so what the closure changed
+    was never checked: an ``lr`` of NaN turned every parameter NaN, a negative one stepped as 0, a
+    parameter appended to a second group was stepped twice. The checks now read the groups as the
+    closure left them, and refuse before anything changes."""
+    a, b = make_params([(3,), (4,)], dtype=torch.float32)
+    opt = OPTIMIZERS[kind]([{"params": [a]}, {"params": [b]}])
+    set_grads([a, b], seed=0)
+    step(opt)
+    reference = [p.detach().clone() for p in (a, b)]
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in (a, b)}
+
+    def closure():
+        group = opt.param_groups[1]
+        if change == "lr nan":
+            group["lr"] = float("nan")
+        elif change == "lr negative":
+            group["lr"] = -1.0
+        elif change == "maximize string":
+            group["maximize"] = "yes"
+        else:
+            group["params"].append(a)
+        set_grads([a, b], seed=1)
+        return torch.tensor(0.5)
+
+    with pytest.raises(ValueError, match=message):
+        opt.step(closure)
+    for p, before in zip((a, b), reference, strict=True):
+        assert torch.equal(p, before)
+        assert all(torch.equal(v, states[id(p)][k]) for k, v in opt.state[p].items())

@@ -718,6 +718,13 @@ class LearnedOptimizer(Optimizer):
             )
         if self._partial_step is not None:
             raise RuntimeError(f"{self._partial_step}: another step would step those twice. {self._partial_step_way_out()}")
+        # the closure runs before the checks below, which read the groups as it left them: one that
+        # changed an option or appended a parameter was never checked (an lr of NaN stepped every
+        # parameter to NaN, a parameter appended to a second group was stepped twice)
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
         # plain attributes a user may set: a bad one raised inside the update, after a fused group had stepped
         check_positive_integer(f"{type(self).__name__}.chunk", self.chunk)
         if not is_integer(self.group_batch_limit) or self.group_batch_limit < 0:
@@ -740,10 +747,6 @@ class LearnedOptimizer(Optimizer):
         if closure is None and loss is None and self._is_state_initialisation():
             self.init_state()
             return None
-        closure_loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                closure_loss = closure()
         if loss is None and closure_loss is None and not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             return None  # nothing to update: no loss needed (torch.optim.Adam's step does nothing too)
         rule_loss = self._rule_loss(*((loss, "loss= is") if loss is not None else (closure_loss, "the closure returned")))
