@@ -853,3 +853,19 @@ def test_a_group_changed_by_the_closure_is_checked_before_the_update(kind, chang
     for p, before in zip((a, b), reference, strict=True):
         assert torch.equal(p, before)
         assert all(torch.equal(v, states[id(p)][k]) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_loss_is_read_as_its_value(dtype) -> None:
+    """A one-element float8 tensor is a real loss, but torch has no ``isfinite`` or promotion for
+    float8: the step failed with ``NotImplementedError`` (e4m3fn) or a promotion ``RuntimeError``
+    (e5m2). It is read as its value, exactly, as the float32 tensor of that value."""
+    runs = []
+    for loss in (torch.tensor(0.5), torch.tensor(0.5).to(dtype)):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = MetaLSTMOptimizer([param])
+        param.grad = torch.linspace(0.5, -0.5, 5)
+        opt.step(loss=loss)
+        runs.append(param.detach().clone())
+    assert torch.equal(runs[1], runs[0])
+    assert not torch.equal(runs[0], torch.linspace(-1, 1, 5))

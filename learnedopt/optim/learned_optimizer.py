@@ -1035,6 +1035,9 @@ class LearnedOptimizer(Optimizer):
         # CPU, not the default device (``with torch.device("meta")`` would drop its value)
         if isinstance(loss, Tensor):
             loss = loss.detach()
+            if loss.is_floating_point() and loss.dtype.itemsize == 1:
+                # float8: torch has no isfinite or promotion for it (the step failed in them); float32 holds it exactly
+                loss = loss.float()
         else:
             loss = torch.as_tensor(loss, dtype=torch.float64, device="cpu")
         if sharding.is_sharded(loss):  # a DTensor loss (tensor parallelism): the same value on every rank
