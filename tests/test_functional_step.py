@@ -760,3 +760,22 @@ def test_huge_finite_gradients_of_alternating_sign_keep_the_step_finite(kind: st
         params, state = learned_step(rule, params, grads, state, loss=torch.tensor(0.5, dtype=dtype), lr=1e-3, backend=backend)
         assert all(torch.isfinite(s).all() for s in state.values()), state
         assert torch.isfinite(params["w"]).all(), params
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_loss_is_read_as_its_value(dtype: torch.dtype) -> None:
+    """A one-element float8 loss is a real number: learned_step failed on it in torch's dtype
+    promotion (which float8 lacks), and under nan_policy="raise" in the NaN/Inf check; it reads
+    it as its value, as the float32 tensor of it."""
+    torch.manual_seed(0)
+    rule = MetaLSTMCell()
+    params = {"w": torch.linspace(-1, 1, 5)}
+    grads = {"w": torch.linspace(0.5, -0.5, 5)}
+    runs = [
+        learned_step(rule, params, grads, init_rule_state(rule, params), loss=loss)[0]["w"]
+        for loss in (torch.tensor(0.5), torch.tensor(0.5).to(dtype))
+    ]
+    assert torch.equal(runs[1], runs[0])
+    # and nan_policy="raise" judges it as its value (its NaN/Inf check failed on float8 too)
+    with pytest.raises(NonFiniteGradientError, match="the loss is nan"):
+        learned_step(rule, params, grads, init_rule_state(rule, params), loss=torch.tensor(float("nan")).to(dtype), nan_policy="raise")

@@ -236,7 +236,7 @@ def _require_finite(
         checked += [(f"the value of params[{k!r}]", params[k]) for k in params]
     value = None
     if rule.needs_loss:
-        value = loss if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+        value = _without_float8(loss) if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
     # the loss and every tensor judged at once: one foreach 2-norm per dtype, one host sync
     flags = all_finite(([] if value is None else [value]) + [t for _, t in checked])
     if value is not None and not flags.pop(0):
@@ -336,6 +336,12 @@ def _check_state(rule: UpdateRule, state: State, n: int) -> None:
             )
 
 
+def _without_float8(loss: Tensor) -> Tensor:
+    """``loss`` as it is, or in float32 (which holds it exactly) where it is float8: torch has no
+    dtype promotion or NaN/Inf check for float8, and both failed on a float8 loss."""
+    return loss.float() if loss.is_floating_point() and loss.dtype.itemsize == 1 else loss
+
+
 def _step_loss(rule: UpdateRule, loss: Tensor | float | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
     """The ``(1,)`` loss the rule reads, on ``device`` in ``dtype`` (the math's), saturated at
     its largest value (a float64 loss over 3.4e38 is Inf in float32, as the optimizers'
@@ -353,6 +359,7 @@ def _step_loss(rule: UpdateRule, loss: Tensor | float | None, device: torch.devi
         raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
     if loss.device != device:
         raise ValueError(f"the loss is on {loss.device}, the parameters on {device}")
+    loss = _without_float8(loss)
     largest = torch.finfo(dtype).max
     loss = loss.to(torch.promote_types(loss.dtype, dtype)).clamp(-largest, largest)
     return loss.to(dtype).reshape(1)
