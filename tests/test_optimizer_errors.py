@@ -869,3 +869,18 @@ def test_a_float8_loss_is_read_as_its_value(dtype) -> None:
         runs.append(param.detach().clone())
     assert torch.equal(runs[1], runs[0])
     assert not torch.equal(runs[0], torch.linspace(-1, 1, 5))
+
+
+def test_a_loss_on_the_meta_device_beside_real_parameters_is_a_clear_error() -> None:
+    """A meta tensor holds no value: given as the loss of real parameters (made under a leftover
+    ``with torch.device("meta")``) the step failed with torch's bare "Cannot copy out of meta
+    tensor; no data!". It is refused in one line naming the loss, before anything changes."""
+    a, b = make_params([(3,), (4,)], dtype=torch.float32)
+    opt = MetaLSTMOptimizer([{"params": [a]}, {"params": [b], "lr": 0.5}])
+    set_grads([a, b], seed=0)
+    before = [p.detach().clone() for p in (a, b)]
+    with pytest.raises(ValueError, match=r"^the loss given to MetaLSTMOptimizer.step is a tensor on the meta device"):
+        opt.step(loss=torch.tensor(1.0, device="meta"))
+    assert all(torch.equal(p, q) for p, q in zip((a, b), before, strict=True))
+    opt.step(loss=torch.tensor(1.0))
+    assert int(opt.state[a]["step"]) == 1

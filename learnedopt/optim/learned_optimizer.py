@@ -1044,6 +1044,13 @@ class LearnedOptimizer(Optimizer):
             loss = loss.full_tensor()
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+        if loss.is_meta and not all(p.is_meta for group in self.param_groups for p in group["params"]):
+            # (a shape-only run of meta parameters reads one: see _loss_finite); torch's "Cannot copy
+            # out of meta tensor; no data!" named no loss
+            raise ValueError(
+                f"the loss given to {type(self).__name__}.step is a tensor on the meta device, which holds no value, "
+                "and the parameters are not; give the loss with its value (a CPU tensor, or loss.item())"
+            )
         return loss.reshape(())
 
     def _loss_finite(self, loss: Tensor) -> bool:
