@@ -168,3 +168,76 @@ def test_configurable_gate_initialisation_and_bad_configs() -> None:
 def test_a_gate_bias_range_of_one_value_is_that_value() -> None:
     rule = MetaLSTMCell(forget_bias_init=(5.0, 5.0))
     assert rule.bias_fi[0].item() == 5.0
+
+
+def _numpy_preprocess(x, p: float = 10.0):
+    """Andrychowicz et al. (2016), appendix A: ``(log|x| / p, sign x)`` where ``|x| >= e^-p``,
+    else ``(-1, e^p x)``; in NumPy, apart from the library's :func:`preprocess`."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    big = np.abs(x) >= math.exp(-p)
+    return np.where(big, np.log(np.where(big, np.abs(x), 1.0)) / p, -1.0), np.where(big, np.sign(x), math.exp(p) * x)
+
+
+@pytest.mark.parametrize(("preset", "lr", "maximize"), [("meta-lstm-mnist", 1.0, False), ("meta-lstm-mnist", 0.5, False),
+                                                        ("meta-lstm-adam-mnist", 0.7, False), ("meta-lstm-adam", 1.0, True)])  # fmt: skip
+def test_the_optimizer_follows_a_numpy_transcription_of_the_paper_over_steps(preset, lr, maximize) -> None:
+    """MetaLSTMOptimizer (float64 parameters and states) against Ravi & Larochelle's equations
+    written out in NumPy, the preprocessing of Andrychowicz et al. included, each run on its own
+    trajectory of a small non-convex problem for 20 steps: the input LSTM on (preprocessed
+    gradient, preprocessed loss), ``f_t = sigmoid(W_f [h_t, theta, f_{t-1}] + b_f)``, ``i_t``
+    likewise, ``theta_t = theta + lr * (f_t theta - i_t d_t - theta)``, with ``d_t`` the gradient or
+    Adam's bias-corrected direction, and ``-grad``, ``-loss`` under ``maximize``. One coordinate's
+    gradient stays below e^-10, in the preprocessing's linear branch."""
+    import numpy as np
+
+    from learnedopt import MetaLSTMOptimizer
+    from learnedopt.weights import load_weights
+
+    rule, _ = load_weights(preset)
+    w = {k: v.double().numpy() for k, v in rule.state_dict().items()}
+    hidden, cfg = rule.config.hidden_size, rule.config
+    generator = torch.Generator().manual_seed(5)
+    a, b = torch.randn(8, 6, generator=generator, dtype=torch.float64), torch.randn(8, generator=generator, dtype=torch.float64)
+
+    def loss_and_grad(theta):
+        t = torch.tensor(theta, requires_grad=True)
+        loss = (torch.tanh(a @ t[:6]) - b).square().sum() * 0.5 + (t[6:11] ** 2).sum() * 1e-3 + t[11] * 1e-6
+        loss.backward()
+        return loss.item() * (-1e-2 if maximize else 1.0), t.grad.numpy() * (-1e-2 if maximize else 1.0)
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    theta0 = torch.randn(12, generator=generator, dtype=torch.float64).numpy() * 0.7
+    n = theta0.size
+    theta, h, c, f, i, m, v = theta0.copy(), np.zeros((n, hidden)), np.zeros((n, hidden)), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    param = torch.nn.Parameter(torch.tensor(theta0))
+    optimizer = MetaLSTMOptimizer([param], weights=preset, lr=lr, maximize=maximize, state_dtype=torch.float64)
+    for t in range(1, 21):
+        loss, grad = loss_and_grad(theta)
+        if maximize:
+            loss, grad = -loss, -grad
+        (gm, gd), (lm, ld) = _numpy_preprocess(grad), _numpy_preprocess(loss)
+        x = np.stack([gm, gd, np.full(n, lm), np.full(n, ld)], 1)
+        z = x @ w["lstm.weight_ih_l0"].T + h @ w["lstm.weight_hh_l0"].T + w["lstm.bias_ih_l0"] + w["lstm.bias_hh_l0"]
+        gi, gf, gg, go = sigmoid(z[:, :hidden]), sigmoid(z[:, hidden:2 * hidden]), np.tanh(z[:, 2 * hidden:3 * hidden]), sigmoid(z[:, 3 * hidden:])
+        c = gf * c + gi * gg
+        h = go * np.tanh(c)
+        wf, wi = w["weight_fi"]
+        f = sigmoid(h @ wf[:hidden] + theta * wf[hidden] + f * wf[hidden + 1] + w["bias_fi"][0])
+        i = sigmoid(h @ wi[:hidden] + theta * wi[hidden] + i * wi[hidden + 1] + w["bias_fi"][1])
+        d = grad
+        if cfg.momentum_decay is not None:
+            b1, b2 = cfg.momentum_decay, cfg.rms_decay
+            m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
+            d = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + 1e-8)
+        theta = theta + lr * (f * theta - i * d - theta)
+
+        loss, grad = loss_and_grad(param.detach().numpy())
+        param.grad = torch.tensor(grad)
+        optimizer.step(loss=loss)
+        np.testing.assert_allclose(param.detach().numpy(), theta, rtol=1e-10, atol=1e-11)
+    assert abs(float(theta[11] - theta0[11])) > 0
+    np.testing.assert_allclose(optimizer.state[param]["fi"].numpy(), np.stack([f, i]), rtol=1e-10, atol=1e-12)
