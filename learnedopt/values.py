@@ -8,6 +8,7 @@ import contextlib
 import math
 import numbers
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,16 @@ def is_number(value: Any) -> bool:
     """Whether ``value`` is a real number; a bool (JSON ``true``) or a string (``"0.9"`` in a
     hand-edited weight-file header) is not one."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def real_as_float(value: numbers.Real) -> float:
+    """``float(value)`` of a real number (see :func:`is_number`), where one beyond float64's
+    range (a Python int or ``Fraction`` over 1.8e308, finite: ``float`` raises OverflowError on
+    it) is saturated at the largest float64 of its sign."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.copysign(sys.float_info.max, 1.0 if value > 0 else -1.0)
 
 
 def finite_in_float32(value: Any) -> bool:

@@ -779,3 +779,21 @@ def test_a_float8_loss_is_read_as_its_value(dtype: torch.dtype) -> None:
     # and nan_policy="raise" judges it as its value (its NaN/Inf check failed on float8 too)
     with pytest.raises(NonFiniteGradientError, match="the loss is nan"):
         learned_step(rule, params, grads, init_rule_state(rule, params), loss=torch.tensor(float("nan")).to(dtype), nan_policy="raise")
+
+
+@pytest.mark.parametrize("nan_policy", [None, "raise"])
+@pytest.mark.parametrize("huge", [10**400, -(10**400)], ids=["int", "negative int"])
+def test_a_number_loss_beyond_float64_saturates(huge: int, nan_policy: str | None) -> None:
+    """A Python int beyond float64's range is a finite loss: learned_step failed on it with a bare
+    ``OverflowError``; it reads it saturated at the largest float64 of its sign, as a finite
+    tensor loss beyond the math dtype's range is read."""
+    torch.manual_seed(0)
+    rule = MetaLSTMCell()
+    params = {"w": torch.linspace(-1, 1, 5)}
+    grads = {"w": torch.linspace(0.5, -0.5, 5)}
+    largest = torch.finfo(torch.float64).max
+    runs = [
+        learned_step(rule, params, grads, init_rule_state(rule, params), loss=loss, nan_policy=nan_policy)[0]["w"]
+        for loss in (huge, largest if huge > 0 else -largest)
+    ]
+    assert torch.equal(runs[0], runs[1])

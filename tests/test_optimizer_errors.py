@@ -884,3 +884,20 @@ def test_a_loss_on_the_meta_device_beside_real_parameters_is_a_clear_error() -> 
     assert all(torch.equal(p, q) for p, q in zip((a, b), before, strict=True))
     opt.step(loss=torch.tensor(1.0))
     assert int(opt.state[a]["step"]) == 1
+
+
+@pytest.mark.parametrize("huge", [10**400, -(10**400), __import__("fractions").Fraction(10**400, 3)], ids=["int", "negative int", "Fraction"])
+def test_a_number_loss_beyond_float64_saturates_as_a_finite_loss_does(huge) -> None:
+    """A finite loss beyond the math dtype's range saturates at its largest value (README,
+    ``state_dtype``); a Python int or Fraction beyond float64's failed with a bare
+    ``OverflowError`` ("int too large to convert to float"). It steps as the largest float64 of
+    its sign."""
+    largest = torch.finfo(torch.float64).max
+    runs = []
+    for loss in (huge, largest if huge > 0 else -largest):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = MetaLSTMOptimizer([param])
+        param.grad = torch.linspace(0.5, -0.5, 5)
+        opt.step(loss=loss)
+        runs.append(param.detach().clone())
+    assert torch.equal(runs[0], runs[1]) and bool(runs[0].isfinite().all())

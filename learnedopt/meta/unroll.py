@@ -37,7 +37,7 @@ from .. import kernels
 from ..errors import NonFiniteGradientError
 from ..finite import all_finite
 from ..nn import CoordinateLSTM, MetaLSTMCell, State, UpdateRule
-from ..values import check_bool, is_integer, is_number
+from ..values import check_bool, is_integer, is_number, real_as_float
 from ..autocast import without_autocast
 from ..nn.precision import math_dtype
 from .tasks import TaskBatch
@@ -236,7 +236,7 @@ def _require_finite(
         checked += [(f"the value of params[{k!r}]", params[k]) for k in params]
     value = None
     if rule.needs_loss:
-        value = _without_float8(loss) if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)
+        value = _without_float8(loss) if isinstance(loss, Tensor) else torch.tensor(real_as_float(loss), dtype=torch.float64)
     # the loss and every tensor judged at once: one foreach 2-norm per dtype, one host sync
     flags = all_finite(([] if value is None else [value]) + [t for _, t in checked])
     if value is not None and not flags.pop(0):
@@ -352,7 +352,7 @@ def _step_loss(rule: UpdateRule, loss: Tensor | float | None, device: torch.devi
     if loss is None:
         raise ValueError(f"{type(rule).__name__} reads the optimizee's loss: pass learned_step(..., loss=loss)")
     if is_number(loss):
-        loss = torch.tensor(float(loss), dtype=torch.float64, device=device)
+        loss = torch.tensor(real_as_float(loss), dtype=torch.float64, device=device)
     elif not isinstance(loss, Tensor) or loss.is_complex() or loss.dtype == torch.bool:
         raise ValueError(f"the loss must be a real number or a one-element tensor, got {loss!r}")
     if loss.numel() != 1:

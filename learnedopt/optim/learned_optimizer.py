@@ -30,7 +30,7 @@ from ..errors import NonFiniteGradientError
 from ..nn import CoordinateLSTM, MetaLSTMCell, UpdateRule
 from ..autocast import without_autocast
 from ..nn.precision import math_dtype
-from ..values import check_positive_integer, is_integer, is_number
+from ..values import check_positive_integer, is_integer, is_number, real_as_float
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
 from .flat_state import FlatState, check_states, flatten_parameter_shaped
@@ -1039,7 +1039,8 @@ class LearnedOptimizer(Optimizer):
                 # float8: torch has no isfinite or promotion for it (the step failed in them); float32 holds it exactly
                 loss = loss.float()
         else:
-            loss = torch.as_tensor(loss, dtype=torch.float64, device="cpu")
+            # a Python int or Fraction beyond float64's range is finite: saturated (as_tensor's OverflowError named no loss)
+            loss = torch.as_tensor(real_as_float(loss) if is_number(loss) else loss, dtype=torch.float64, device="cpu")
         if sharding.is_sharded(loss):  # a DTensor loss (tensor parallelism): the same value on every rank
             loss = loss.full_tensor()
         if loss.numel() != 1:
