@@ -691,6 +691,9 @@ class LearnedOptimizer(Optimizer):
         Under ``torch.compile`` (of a training step, or of ``optimizer.step``) the step is a
         graph break: it runs as it does eagerly, the closure too.
 
+        The closure runs first (under ``torch.enable_grad``), before the step's checks of the
+        param groups' options and parameters, which read them as the closure left them.
+
         A step where no parameter has a gradient changes nothing, as ``torch.optim``'s do, and needs
         no loss, even where the rule reads one (``MetaLSTMOptimizer``); a loss given is still
         checked (a NaN one raises under ``nan_policy="raise"``).
