@@ -202,7 +202,7 @@ def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, lis
     seconds of each round for ``"baseline"`` and ``"working tree"``; ``compared`` says what ran
     against what (after "the ... at `REV`"), ``side`` names what differs (the table's heading)."""
     best = {name: min(t) for name, t in times.items()}
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}  # of an even count: the mean of the middle two
     row = dict(
         against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
         threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,

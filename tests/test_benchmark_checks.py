@@ -564,3 +564,19 @@ def test_fewshot_omniglot_model_scores_on_the_alphabets_its_model_file_records(r
     monkeypatch.setattr(fewshot, "_evaluate_omniglot", lambda *args: (50.0, 1.0))
     run_main(fewshot, monkeypatch, "omniglot-model", "model.safetensors", "--tag", "t", "--test-episodes", "1")
     assert named == [(["Latin"], ["Sanskrit"])]
+
+
+def test_write_ab_results_median_of_an_even_number_of_rounds(results: Path) -> None:
+    """The median of each side's rounds was ``sorted(t)[len(t) // 2]``: for an even ``--rounds``
+    the upper of the two middle values (for 2 rounds, the slower), not the median."""
+    import argparse
+
+    args = argparse.Namespace(against="REV", preset=None, task="quadratic", meta_batch=2, unroll=2, rounds=4, threads=1, tag=None)
+    times = {"baseline": [4.0, 1.0, 2.0, 3.0], "working tree": [1.0, 2.0, 1.0, 2.0]}
+    common.write_ab_results("ab", args, times, True, "against it", "source")
+    row = json.loads((results / "ab.json").read_text())["rows"][0]
+    assert row["median_seconds"] == {"baseline": 2.5, "working tree": 1.5}
+    assert row["median_speedup"] == 2.5 / 1.5
+    text = (results / "ab.md").read_text()
+    assert "| baseline | 1.000 | 2.500 |" in text and "| working tree | 1.000 | 1.500 |" in text
+    assert f"{2.5 / 1.5:.2f}x (median)" in text
