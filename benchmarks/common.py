@@ -116,10 +116,14 @@ def machine() -> dict[str, object]:
 
 
 def _git_commit() -> str | None:
-    """The short commit hash, with ``+dirty`` when tracked files differ from it."""
+    """The short commit hash of the repository these scripts are in, with ``+dirty`` when tracked
+    files differ from it (asked there, not in the current directory: a run started elsewhere
+    recorded no commit, or another repository's)."""
+    here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -580,3 +580,21 @@ def test_write_ab_results_median_of_an_even_number_of_rounds(results: Path) -> N
     text = (results / "ab.md").read_text()
     assert "| baseline | 1.000 | 2.500 |" in text and "| working tree | 1.000 | 1.500 |" in text
     assert f"{2.5 / 1.5:.2f}x (median)" in text
+
+
+def test_machine_records_the_commit_of_the_benchmarks_repository_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    """``git`` ran in the current directory: a benchmark started from outside the repository
+    (``python /path/to/benchmarks/X.py``) recorded no commit, and one started from another
+    repository recorded that repository's commit (and its dirt) as the code that ran."""
+    import subprocess
+
+    root = Path(common.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    here = common.machine()["commit"]
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    for folder in (tmp_path, other):
+        monkeypatch.chdir(folder)
+        commit = common.machine()["commit"]
+        assert commit == here and commit.split("+")[0] == head, (folder, commit)
