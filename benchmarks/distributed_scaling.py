@@ -52,7 +52,7 @@ def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[s
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     wall = time.perf_counter() - began
     seconds = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
-    steady = seconds[1:] or seconds
+    steady = seconds[1:]  # the first meta-step dropped as warm-up (--meta-steps is at least 2)
     return {
         "seconds_per_meta_step": statistics.median(steady),
         "meta_steps_per_s": 1.0 / statistics.median(steady),
@@ -81,6 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.configs)) < len(args.configs):
         parser.error(f"argument --configs: each configuration once, got {' '.join(args.configs)}")
+    if args.meta_steps < 2:  # the first is dropped as warm-up: with one, the warm-up was reported
+        fail(parser, "--meta-steps must be at least 2 (the first meta-step of each run is dropped as warm-up)")
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -598,3 +598,15 @@ def test_machine_records_the_commit_of_the_benchmarks_repository_from_any_direct
         monkeypatch.chdir(folder)
         commit = common.machine()["commit"]
         assert commit == here and commit.split("+")[0] == head, (folder, commit)
+
+
+def test_distributed_scaling_refuses_a_single_meta_step(results: Path, monkeypatch, capsys) -> None:
+    """The first meta-step (warm-up) is dropped, but with ``--meta-steps 1`` there was nothing
+    else: the warm-up was reported as the steady meta-step under a table saying 'first dropped'."""
+    import distributed_scaling
+
+    monkeypatch.setattr(distributed_scaling, "run", lambda *args: pytest.fail("ran a job"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(distributed_scaling, monkeypatch, "--configs", "1x1", "--meta-steps", "1")
+    assert exit_.value.code == 2
+    assert "--meta-steps must be at least 2" in capsys.readouterr().err
