@@ -456,6 +456,9 @@ def omniglot(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    # the jobs train and test on --threads-per-job threads; this process only waits for them, and
+    # its count is what the results' machine record says (torch's default here: every core)
+    torch.set_num_threads(args.threads_per_job)
     rows = []
     for ways in args.ways:
         for method in args.methods:

@@ -610,3 +610,43 @@ def test_distributed_scaling_refuses_a_single_meta_step(results: Path, monkeypat
         run_main(distributed_scaling, monkeypatch, "--configs", "1x1", "--meta-steps", "1")
     assert exit_.value.code == 2
     assert "--meta-steps must be at least 2" in capsys.readouterr().err
+
+
+def test_fewshot_omniglot_records_the_threads_its_jobs_ran_on(results: Path, monkeypatch) -> None:
+    """Each method trains and is tested in a job process of ``--threads-per-job`` threads; the
+    results' machine record took the parent's count (torch's default: every core), so a run of
+    1-thread jobs on a 2-core host was recorded as run on 2 threads."""
+    import multiprocessing
+    import queue as queues
+    from types import SimpleNamespace
+
+    import fewshot
+
+    class InProcess:  # the job runs here, at once; it sets no thread count of its own
+        def __init__(self, target, args):
+            self.target, self.args, self.exitcode = target, args, 0
+
+        def start(self):
+            self.target(*self.args)
+
+        def is_alive(self):
+            return False
+
+        def join(self):
+            pass
+
+    def job(method, ways, args, queue):
+        queue.put(dict(method=method, ways=ways, seconds_per_meta_step=1.0, peak_rss_mb=1.0, config={},
+                       accuracy={f"{ways}-way 1-shot": {"mean": 50.0, "ci95": 1.0}}, test_alphabets=["Latin"]))  # fmt: skip
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: SimpleNamespace(Queue=queues.Queue, Process=InProcess))
+    monkeypatch.setattr(fewshot, "_omniglot_job", job)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_main(fewshot, monkeypatch, "omniglot", "--methods", "maml", "--ways", "5", "--threads-per-job", "1", "--tag", "t")
+    finally:
+        torch.set_num_threads(before)
+    payload = json.loads((results / "fewshot_omniglot_t.json").read_text())
+    assert payload["machine"]["threads"] == 1
+    assert "'threads': 1" in (results / "fewshot_omniglot_t.md").read_text()
