@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -12,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -157,6 +158,21 @@ def require_equal_gradients(what: str, rel_diff: float, tolerance: float) -> Non
         )
 
 
+#: largest relative meta-gradient difference (2-norm, per rule weight) of an A/B run's two sides
+#: (``kernel_ab.py``, ``revision_ab.py``) that counts as other rounding of the same meta-gradient,
+#: as ``meta_train_throughput.TOLERANCE``: reordered float32 work gives 1e-5 and less, a side that
+#: computes something else 1e-2 and more
+AB_TOLERANCE = 1e-3
+
+
+def relative_difference(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """Largest ``|a - b| / |b|`` (2-norms) over the paired tensors of ``grads`` and ``reference``
+    (one per rule weight, in the same order): 0 where a pair is equal (a weight without a
+    gradient on both sides), NaN when any is not finite."""
+    diffs = [0.0 if torch.equal(a, b) else ((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference, strict=True)]
+    return max(diffs, default=0.0) if all(math.isfinite(d) for d in diffs) else math.nan
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """The JSON value in the file at ``path``.
 
@@ -201,17 +217,20 @@ def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
     return parser
 
 
-def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, list[float]], same_bits: bool, compared: str, side: str) -> None:
+def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, list[float]], same_bits: bool, compared: str, side: str,
+                     rel_diff: float | None = None) -> None:  # fmt: skip
     """Write an A/B run's results (``kernel_ab.py``, ``revision_ab.py``): ``times`` holds the
     seconds of each round for ``"baseline"`` and ``"working tree"``; ``compared`` says what ran
-    against what (after "the ... at `REV`"), ``side`` names what differs (the table's heading)."""
+    against what (after "the ... at `REV`"), ``side`` names what differs (the table's heading);
+    ``rel_diff``: the largest relative difference of the two meta-gradients (checked by the
+    caller against :data:`AB_TOLERANCE`), where known."""
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}  # of an even count: the mean of the middle two
     row = dict(
         against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
         threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,
         speedup=best["baseline"] / best["working tree"], median_speedup=median["baseline"] / median["working tree"],
-        same_meta_gradient_bits=same_bits,
+        same_meta_gradient_bits=same_bits, meta_grad_rel_diff=rel_diff,
     )  # fmt: skip
     print(row)
     what = f"preset {code(args.preset)}" if args.preset else "the paper's `CoordinateLSTM`"
@@ -222,7 +241,8 @@ def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, lis
         "|---|---:|---:|",
         *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in times),
         f"\nWorking tree faster by {row['speedup']:.2f}x (best), {row['median_speedup']:.2f}x (median); meta-gradients "
-        + ("the same bits." if same_bits else "differ (other rounding)."),
+        + ("the same bits." if same_bits else "differ (other rounding"
+           + ("" if rel_diff is None else f": largest relative difference {rel_diff:.1e}") + ")."),
     ]
     write_results(script + (f"_{args.tag}" if args.tag else ""), {"rows": [row]}, "\n".join(lines))
 

@@ -7,7 +7,9 @@ truncation (the unroll of ``--unroll`` steps and its backward, as in
 timed truncation each (each right after an untimed one of its own), best of ``--rounds``: the
 shared machines these ran on have slow spells minutes long, which a run of one build and then a
 run of the other would put on one side. The script also says whether the two meta-gradients are
-the same bits (a change that only reorders the machine's work should keep them). Both builds
+the same bits (a change that only reorders the machine's work should keep them); where they are
+not, their largest relative difference, and it exits with an error, writing nothing, when that
+is above ``common.AB_TOLERANCE`` (the builds compute different things). Both builds
 run under the working tree's launcher (``lstm_layer_cpu.py``), so ``--against`` must name a
 revision whose kernel has the same C interface (the ``extern "C"`` parameters; they changed when
 the launcher began passing ``x``'s strides, commit 8d2e458): another is refused in one line.
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_parser, fail, write_ab_results  # noqa: E402
+from common import AB_TOLERANCE, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
 from truncation_worker import build_rule, truncation  # noqa: E402
 
 from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
@@ -92,7 +94,11 @@ def main() -> None:
     lstm_layer_cpu._libraries.clear()
     lstm_layer_cpu._libraries.update(builds["working tree"])
     same_bits = all(torch.equal(a, b) for a, b in zip(grads["baseline"], grads["working tree"], strict=True))
-    write_ab_results("kernel_ab", args, times, same_bits, "against the working tree's, loaded side by side and alternated", "kernel source")
+    # other bits may be other rounding (reordered work); a larger difference is other work, not to be timed as the same
+    diff = relative_difference(grads["working tree"], grads["baseline"])
+    require_equal_gradients(f"the kernel at {args.against!r} against the working tree's", diff, AB_TOLERANCE)
+    write_ab_results("kernel_ab", args, times, same_bits, "against the working tree's, loaded side by side and alternated", "kernel source",
+                     rel_diff=diff)  # fmt: skip
 
 
 if __name__ == "__main__":

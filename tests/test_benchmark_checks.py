@@ -650,3 +650,24 @@ def test_fewshot_omniglot_records_the_threads_its_jobs_ran_on(results: Path, mon
     payload = json.loads((results / "fewshot_omniglot_t.json").read_text())
     assert payload["machine"]["threads"] == 1
     assert "'threads': 1" in (results / "fewshot_omniglot_t.md").read_text()
+
+
+def test_kernel_ab_refuses_a_baseline_that_computes_another_meta_gradient(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Any difference in the meta-gradients' bits was reported as "differ (other rounding)" and
+    both builds timed as the same work, however large: a baseline kernel whose sigmoid is off by
+    0.1 computes another meta-gradient, and nothing is written."""
+    import kernel_ab
+
+    from learnedopt.kernels import lstm_layer_cpu
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.delenv("LEARNEDOPT_COMPILE", raising=False)
+    source = lstm_layer_cpu.SOURCE.read_text()
+    sigmoid = "bc(1.0f) / (bc(1.0f) + vexp(-z))"
+    monkeypatch.setattr(kernel_ab, "source_at", lambda revision: source.replace(sigmoid, f"({sigmoid} + bc(0.1f))"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(kernel_ab, monkeypatch, "--against", "REV", "--task", "quadratic", "--unroll", "2", "--rounds", "1")
+    assert exit_.value.code not in (0, None)
+    assert "do not compute the same meta-gradient; nothing written" in str(exit_.value.code)
+    assert list(tmp_path.iterdir()) == []
+    assert lstm_layer_cpu.SOURCE.read_text() == source
