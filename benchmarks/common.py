@@ -168,7 +168,10 @@ AB_TOLERANCE = 1e-3
 def relative_difference(grads: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
     """Largest ``|a - b| / |b|`` (2-norms) over the paired tensors of ``grads`` and ``reference``
     (one per rule weight, in the same order): 0 where a pair is equal (a weight without a
-    gradient on both sides), NaN when any is not finite."""
+    gradient on both sides), NaN when any is not finite, infinite where the two are not of one
+    rule (other counts or shapes of weights: not the same meta-gradient either)."""
+    if len(grads) != len(reference) or any(a.shape != b.shape for a, b in zip(grads, reference)):
+        return math.inf
     diffs = [0.0 if torch.equal(a, b) else ((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference, strict=True)]
     return max(diffs, default=0.0) if all(math.isfinite(d) for d in diffs) else math.nan
 

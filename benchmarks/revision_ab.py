@@ -8,7 +8,8 @@ truncation each (each right after an untimed one of its own), best and median of
 the shared machines these ran on have slow spells minutes long, which a run of one side and then
 a run of the other would put on one side. The script also says whether the two meta-gradients are
 the same bits (a change that only reorders work, or drops work whose result was not used, keeps
-them). Both processes keep freed memory mapped, as ``learnedopt meta-train`` does (glibc's
+them); where they are not, their largest relative difference, and it exits with an error,
+writing nothing, when that is above ``common.AB_TOLERANCE`` (the sides compute different things). Both processes keep freed memory mapped, as ``learnedopt meta-train`` does (glibc's
 malloc settings of :mod:`learnedopt.freed_memory`, given as ``GLIBC_TUNABLES``, so for any
 revision). ``kernel_ab.py`` measures a kernel change alone, both builds in one process.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ab_parser, fail, write_ab_results  # noqa: E402
+from common import AB_TOLERANCE, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
 
 from learnedopt.freed_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
@@ -73,7 +74,7 @@ class Side:
         return json.loads(line)
 
     def run(self) -> dict:
-        """One untimed and one timed truncation: ``{"seconds", "meta_gradient_sha256"}``."""
+        """One untimed and one timed truncation: ``{"seconds", "meta_gradient_sha256", "meta_gradient"}``."""
         self.process.stdin.write("run\n")
         self.process.stdin.flush()
         return self._reply()
@@ -109,7 +110,12 @@ def main() -> None:
     times = {name: [r["seconds"] for r in runs] for name, runs in results.items()}
     hashes = {name: {r["meta_gradient_sha256"] for r in runs} for name, runs in results.items()}
     same_bits = len(hashes["baseline"]) == 1 and hashes["baseline"] == hashes["working tree"]
-    write_ab_results("revision_ab", args, times, same_bits, "against the working tree, each in a process of its own, alternated", "library")
+    # other bits may be other rounding (reordered work); a larger difference is other work, not to be timed as the same
+    grads = {name: [torch.tensor(values) for values in runs[-1]["meta_gradient"]] for name, runs in results.items()}
+    diff = relative_difference(grads["working tree"], grads["baseline"])
+    require_equal_gradients(f"the library at {args.against!r} against the working tree", diff, AB_TOLERANCE)
+    write_ab_results("revision_ab", args, times, same_bits, "against the working tree, each in a process of its own, alternated", "library",
+                     rel_diff=diff)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 ``kernel_ab.py``). Run as a script, this file is one side of ``revision_ab.py``: with a source tree
 first on ``PYTHONPATH`` it imports that tree's library, then for every line ``run`` on its stdin
 runs an untimed truncation and a timed one and prints one JSON line ``{"seconds": s,
-"meta_gradient_sha256": hex}``; it ends at end of input. It imports nothing but the library's
+"meta_gradient_sha256": hex, "meta_gradient": [[...], ...]}`` (the values, one list per rule
+weight, for the coordinator to compare the sides by); it ends at end of input. It imports nothing but the library's
 public names below (and torch), so that it runs any revision of the library that has them.
 
     PYTHONPATH=TREE python benchmarks/truncation_worker.py [--preset NAME] [--task mnist-mlp] [--meta-batch 2] [--unroll 20] [--seed 0] [--threads 1]
@@ -94,7 +95,8 @@ def main() -> None:
             raise SystemExit(f"truncation_worker: expected 'run', got {line.strip()!r}")
         truncation(rule, family, args)
         seconds, grads = truncation(rule, family, args)
-        print(json.dumps({"seconds": seconds, "meta_gradient_sha256": gradient_sha256(grads)}), flush=True)
+        values = [grad.flatten().tolist() for grad in grads]  # float32 to JSON and back: exact
+        print(json.dumps({"seconds": seconds, "meta_gradient_sha256": gradient_sha256(grads), "meta_gradient": values}), flush=True)
 
 
 if __name__ == "__main__":

@@ -671,3 +671,27 @@ def test_kernel_ab_refuses_a_baseline_that_computes_another_meta_gradient(tmp_pa
     assert "do not compute the same meta-gradient; nothing written" in str(exit_.value.code)
     assert list(tmp_path.iterdir()) == []
     assert lstm_layer_cpu.SOURCE.read_text() == source
+
+
+def test_revision_ab_refuses_a_baseline_that_computes_another_meta_gradient(results: Path, monkeypatch) -> None:
+    """Any difference in the meta-gradients' bits was reported as "differ (other rounding)" and
+    both sides timed as the same work, however large: a baseline whose rule scales its step by
+    1.1 computes another meta-gradient, and nothing is written."""
+    import revision_ab
+
+    scale = "head * self.config.output_scale"
+    monkeypatch.setattr(revision_ab, "tree_at", lambda revision, folder: copy_of_library(folder, (scale, f"{scale} * 1.1")))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(revision_ab, monkeypatch, "--against", "REV", "--task", "quadratic", "--unroll", "2", "--rounds", "1")
+    assert "do not compute the same meta-gradient; nothing written" in str(exit_.value.code)
+    assert list(results.iterdir()) == []
+
+
+def test_relative_difference_of_meta_gradients() -> None:
+    """Rounding passes, a NaN or weights of another rule do not (``kernel_ab``/``revision_ab``)."""
+    a = [torch.tensor([1.0, 2.0]), torch.zeros(3)]
+    assert common.relative_difference(a, a) == 0.0  # a weight without a gradient on both sides
+    assert 0 < common.relative_difference([a[0] * (1 + 1e-6), a[1]], a) <= common.AB_TOLERANCE
+    assert math.isnan(common.relative_difference([a[0] * math.nan, a[1]], a))
+    assert common.relative_difference([a[0]], a) == math.inf
+    assert common.relative_difference([a[0], torch.zeros(4)], a) == math.inf
