@@ -112,6 +112,27 @@ def test_fewshot_higher_refuses_different_meta_gradients(results: Path, monkeypa
     assert list(results.iterdir()) == []
 
 
+def test_fewshot_higher_checks_the_forced_vmap_and_loop_it_times_too(results: Path, monkeypatch) -> None:
+    """The table times learnedopt's MAML with vectorize 'auto' and forced to vmap and to a loop,
+    but only 'auto' (vmap for the MLP, a loop for conv-4 on CPU) was checked against higher: a
+    wrong meta-gradient of the other path was timed and reported."""
+    pytest.importorskip("higher")
+    import fewshot
+
+    original = fewshot._ours_meta_grad
+
+    def loop_wrong(model, batch, lr, steps, loss_fn, vectorize="auto"):
+        return original(model, batch, lr * (1.05 if vectorize is False else 1), steps, loss_fn, vectorize)
+
+    monkeypatch.setattr(fewshot, "_ours_meta_grad", loop_wrong)
+    monkeypatch.setattr(common, "time_call", lambda *a, **k: pytest.fail("timed before the meta-gradients were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fewshot, monkeypatch, "higher", "--repeats", "1", "--threads", "1", "--results-dir", str(results))
+    assert "do not compute the same meta-gradient" in str(exit_.value.code)
+    assert "vectorize=False" in str(exit_.value.code)
+    assert list(results.iterdir()) == []
+
+
 def test_fewshot_higher_meta_gradients_agree() -> None:
     pytest.importorskip("higher")
     import fewshot
