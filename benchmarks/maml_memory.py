@@ -114,6 +114,11 @@ def main() -> None:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.meta_batch, args.ways, args.shots)))
         return
 
+    import torch
+
+    # the cells run on one thread each (cell()); this process only waits for them, and its count
+    # is what the results' machine record says (torch's default here: every core)
+    torch.set_num_threads(1)
     results: dict[str, dict[int, dict[str, float]]] = {}
     modes = list(dict.fromkeys(args.modes))
     for mode in modes:

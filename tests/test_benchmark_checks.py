@@ -716,3 +716,23 @@ def test_relative_difference_of_meta_gradients() -> None:
     assert math.isnan(common.relative_difference([a[0] * math.nan, a[1]], a))
     assert common.relative_difference([a[0]], a) == math.inf
     assert common.relative_difference([a[0], torch.zeros(4)], a) == math.inf
+
+
+def test_maml_memory_records_the_one_thread_its_cells_ran_on(results: Path, monkeypatch) -> None:
+    """Each cell runs in a process of one thread; the results' machine record took the parent's
+    count (torch's default without OMP_NUM_THREADS: every core)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import maml_memory
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(stdout='{"peak_rise_mb": 1.0, "seconds": 0.5}\n'))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_main(maml_memory, monkeypatch, "--steps", "1", "--modes", "first-order", "--name", "m")
+    finally:
+        torch.set_num_threads(before)
+    payload = json.loads((results / "m.json").read_text())
+    assert payload["results"] == {"first-order": {"1": {"peak_rise_mb": 1.0, "seconds": 0.5}}}
+    assert payload["machine"]["threads"] == 1
