@@ -130,6 +130,17 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def revision_commit(revision: str) -> str | None:
+    """The short hash of the commit a git revision (``HEAD~1``, a branch, a hash) names now in the
+    repository these scripts are in; None where git does not know it."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--short", f"{revision}^{{commit}}"],
+                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 #: what a results cell names as the best tuned baseline when none of them stayed finite
 NO_FINITE_BASELINE = "none (no baseline run stayed finite)"
 
@@ -228,9 +239,11 @@ def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, lis
     ``rel_diff``: the largest relative difference of the two meta-gradients (checked by the
     caller against :data:`AB_TOLERANCE`), where known."""
     best = {name: min(t) for name, t in times.items()}
-    median = {name: statistics.median(t) for name, t in times.items()}  # of an even count: the mean of the middle two
+    median = {name: statistics.median(t) for name, t in times.items()}
+    # the commit --against names: a branch or HEAD~1, recorded as given, names another once it moves
+    commit = revision_commit(args.against)  # of an even count: the mean of the middle two
     row = dict(
-        against=args.against, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
+        against=args.against, against_commit=commit, preset=args.preset, task=args.task, meta_batch=args.meta_batch, unroll=args.unroll, rounds=args.rounds,
         threads=args.threads, best_seconds=best, median_seconds=median, seconds=times,
         speedup=best["baseline"] / best["working tree"], median_speedup=median["baseline"] / median["working tree"],
         same_meta_gradient_bits=same_bits, meta_grad_rel_diff=rel_diff,
@@ -239,7 +252,7 @@ def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, lis
     what = f"preset {code(args.preset)}" if args.preset else "the paper's `CoordinateLSTM`"
     lines = [
         f"One truncation (unroll of T={args.unroll} steps + backward) of {what} meta-training on {code(args.task)}, "
-        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the {side} at {code(args.against)} {compared}, {args.rounds} rounds.\n",
+        f"meta-batch {args.meta_batch}, {args.threads} thread(s): the {side} at {code(args.against)}{'' if commit is None else f' ({code(commit)})'} {compared}, {args.rounds} rounds.\n",
         f"| {side} | best s | median s |",
         "|---|---:|---:|",
         *(f"| {name} | {best[name]:.3f} | {median[name]:.3f} |" for name in times),

@@ -736,3 +736,19 @@ def test_maml_memory_records_the_one_thread_its_cells_ran_on(results: Path, monk
     payload = json.loads((results / "m.json").read_text())
     assert payload["results"] == {"first-order": {"1": {"peak_rise_mb": 1.0, "seconds": 0.5}}}
     assert payload["machine"]["threads"] == 1
+
+
+def test_write_ab_results_records_the_commit_the_baseline_revision_named(results: Path) -> None:
+    """``--against`` was recorded as given: a branch name or ``HEAD~1`` named another commit once
+    the branch moved, and the results no longer said which code was the baseline."""
+    import argparse
+    import subprocess
+
+    root = Path(common.__file__).resolve().parents[1]
+    parent = subprocess.run(["git", "rev-parse", "--short", "HEAD~1"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    for against, commit in (("HEAD~1", parent), ("no-such-revision-xyz", None)):
+        args = argparse.Namespace(against=against, preset=None, task="quadratic", meta_batch=2, unroll=2, rounds=1, threads=1, tag=None)
+        common.write_ab_results("ab", args, {"baseline": [2.0], "working tree": [1.0]}, True, "against it", "source")
+        row = json.loads((results / "ab.json").read_text())["rows"][0]
+        assert row["against"] == against and row["against_commit"] == commit
+        assert (f"at `{against}` (`{commit}`)" in (results / "ab.md").read_text()) is (commit is not None)
