@@ -202,11 +202,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{path} is not a JSON file: {err}") from None
 
 
-def write_results(name: str, payload: dict, table: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload)."""
+def write_results(name: str, payload: dict, table: str, argv: Sequence[str] | None = None) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload:
+    ``python`` and ``argv``, the script and its arguments, by default ``sys.argv``; a script
+    whose ``main(argv)`` ran other arguments passes them)."""
     RESULTS.mkdir(exist_ok=True)
     # optimizee_eval.py --resume gives the report of the command without it
-    payload = {"command": shlex.join(["python", *(arg for arg in sys.argv if arg != "--resume")]), "machine": machine(), **payload}
+    words = sys.argv if argv is None else argv
+    payload = {"command": shlex.join(["python", *(arg for arg in words if arg != "--resume")]), "machine": machine(), **payload}
     # through a temporary file and a rename, as `learnedopt evaluate optimizers` writes its report: a
     # kill or a full disk while a committed result is rewritten leaves it whole
     text = dumps_report(payload) + "\n"

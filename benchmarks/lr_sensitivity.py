@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['best_baseline']} {best['final_mean']:.3g} ({best['lr']:.3g})"  # fmt: skip
         lines.append(markdown.row([name, *cells, f"{adam['final_mean']:.3g} ({adam['lr']:.3g})", best_cell]))
     write_results(args.name, {"weights": args.weights, "lrs": args.lrs, "loss_scales": args.loss_scales, "seeds": args.seeds,
-                              "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines))  # fmt: skip
+                              "reference": str(args.reference), "seconds": seconds, "problems": rows}, "\n".join(lines),
+                  argv=None if argv is None else ["benchmarks/lr_sensitivity.py", *argv])  # the command that ran: main's argv where given  # fmt: skip
     print(f"wrote {common.RESULTS / args.name}.json and .md")
     return 0
 

@@ -251,3 +251,18 @@ def test_a_weight_file_and_a_reference_named_with_backticks_stay_in_their_code_s
     heading = (tmp_path / "out.md").read_text().split("\n\n")[2]
     assert heading.startswith("``LSTMOptimizer (my`rule.safetensors)`` at several `lr`"), heading
     assert "from ``suite`1.json`` on the same seeds" in heading, heading
+
+
+def test_the_recorded_command_is_the_one_main_was_given(tmp_path: Path, monkeypatch) -> None:
+    """``main(argv)`` ran ``argv`` but recorded ``sys.argv`` as the command (here: pytest's), so a
+    run from Python recorded a command that does not rerun it."""
+    import shlex
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["pytest", "-k", "something"])
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    argv = ["--weights", "l2l-2016", "--lrs", "2", "--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), "--name", "out"]
+    assert lr_sensitivity.main(argv) == 0
+    command = json.loads((tmp_path / "out.json").read_text())["command"]
+    assert shlex.split(command)[2:] == argv and shlex.split(command)[1].endswith("lr_sensitivity.py"), command
+    assert command in (tmp_path / "out.md").read_text()
