@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from learnedopt.cli import path_arg as path_arg  # the scripts take paths as the CLI does
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
 from learnedopt.evaluation.report import cpu_name, dumps_report, results_header
 from learnedopt.files import write_atomically

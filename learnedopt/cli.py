@@ -48,6 +48,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def path_arg(text: str) -> str:
+    """``type=`` of an argparse option that names a file or folder: the text as given, unless it
+    is empty (``--out "$DIR"`` with ``DIR`` unset), which ``Path("")`` would take as the current
+    folder; then argparse's one-line ``argument --X: must be a non-empty path`` error."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return text
+
+
 def _same_file(a: str, b: str) -> bool:
     """Whether the paths ``a`` and ``b`` both exist and are one file (through links, ``./``)."""
     import os
@@ -118,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the uniform average of weight files of one architecture (runs fine-tuned from one start)",
     )
     average.add_argument("files", nargs="+", metavar="FILE", help="weight files (.safetensors) or trained preset names")
-    average.add_argument("--out", required=True, help="the averaged weight file to write")
+    average.add_argument("--out", type=path_arg, required=True, help="the averaged weight file to write")
     average.set_defaults(func=_average_weights)
     from .meta.command import add_meta_train_parser
 

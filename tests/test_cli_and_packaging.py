@@ -292,3 +292,25 @@ def test_importing_the_library_leaves_dtensor_for_when_a_parameter_is_sharded() 
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1500:]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["meta-train", "--task", "quadratic", "--unroll", "1", "--horizon", "2", "--meta-batch", "1", "--meta-steps", "1",
+         "--quiet", "--stop-after", "0", "--out", ""],
+        ["evaluate", "optimizers", "--quick", "--presets", "--problems", "quadratic-20", "--out", ""],
+        ["average-weights", "l2l-short", "--out", ""],
+    ],
+    ids=["meta-train", "evaluate-optimizers", "average-weights"],
+)
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(argv, tmp_path, monkeypatch, capsys) -> None:
+    """``--out "$DIR"`` with ``DIR`` unset: meta-train wrote its run (config.json, log.jsonl,
+    checkpoints) and evaluate optimizers its report into the current folder, as ``Path("")`` is
+    ``.``; average-weights said ``cannot write : . is a folder``. Now argparse's one line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error: argument --out: must be a non-empty path, got ''" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -162,3 +162,18 @@ def test_a_weight_file_named_with_a_backtick_keeps_the_command_in_one_code_span(
     run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "2", "--out", str(tmp_path / "out"))
     command = json.loads((tmp_path / "out" / "reproduction.json").read_text())["command"]
     assert f"Command: ``{command}``  " in (tmp_path / "out" / "reproduction.md").read_text().splitlines()
+
+
+def test_an_empty_out_is_refused_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--out ""`` (an unset shell variable) wrote reproduction.json and .md into the current
+    folder after every run, as ``Path("")`` is ``.``; now argparse's error, as the CLI's ``--out``."""
+    a = weight_file(tmp_path / "a.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=1.0)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "1", "--out", "")
+    assert exit_.value.code == 2
+    assert "argument --out: must be a non-empty path, got ''" in capsys.readouterr().err
+    assert list(work.iterdir()) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import path_arg
 from ..data.paths import create_output_folder
 from ..meta.loop import OutputLock
 from ..nn.lstm_step import check_settings
@@ -271,7 +272,7 @@ def add_evaluate_optimizers_parser(sub: argparse._SubParsersAction) -> argparse.
     )
     add_arguments(parser)
     parser.add_argument(
-        "--out", default=".", help="output folder (default: the current directory)"
+        "--out", type=path_arg, default=".", help="output folder (default: the current directory)"
     )
     parser.set_defaults(func=lambda args: run_cli(args, args.out))
     return parser

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli import path_arg
 from ..freed_memory import keep_freed_memory
 from ..nn import RULES
 from ..weights import PRESETS
@@ -172,6 +173,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
+        type=path_arg,
         required=True,
         metavar="DIR",
         help="output folder (log, checkpoints, weights, model card)",
