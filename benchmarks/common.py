@@ -152,6 +152,12 @@ def nan_note(nonfinite: int) -> str:
     return f" ({nonfinite} NaN)" if nonfinite else ""
 
 
+def path_option(text: str) -> Path:
+    """``type=`` of an option that names a file or folder, as a :class:`~pathlib.Path`: an empty
+    one is argparse's one-line error (:func:`~learnedopt.values.path_arg`), not the current folder."""
+    return Path(path_arg(text))
+
+
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 and the one-line ``PROG: error: MESSAGE`` on stderr (as argparse's own
     errors, without the usage lines)."""

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import positive_int, write_results  # noqa: E402
+from common import path_arg, path_option, positive_int, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -651,7 +651,7 @@ def main() -> None:
     hig.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     hig.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     hig.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu; on CUDA no convolution shares)")
-    hig.add_argument("--results-dir", type=Path, default=None, help="where to write the results (default benchmarks/results)")
+    hig.add_argument("--results-dir", type=path_option, default=None, help="where to write the results (default benchmarks/results)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
     omn.add_argument("--methods", nargs="+", choices=FEWSHOT_ALGOS, default=list(FEWSHOT_ALGOS))
@@ -667,7 +667,7 @@ def main() -> None:
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
     mod = sub.add_parser("omniglot-model", help="score a `learnedopt meta-train --task omniglot` learner on the held-out alphabets")
-    mod.add_argument("model", nargs="+", help="the run's model.safetensors; several: an ensemble (softmax outputs averaged)")
+    mod.add_argument("model", type=path_arg, nargs="+", help="the run's model.safetensors; several: an ensemble (softmax outputs averaged)")
     mod.add_argument("--tag", required=True, help="suffix of the results file name")
     mod.add_argument("--test-episodes", type=positive_int, default=600)
     mod.add_argument("--seed", type=int, default=0)

@@ -63,11 +63,10 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import common
 import torch
-from common import positive_int, power_of_two, write_results
+from common import path_option, positive_int, power_of_two, write_results
 
 from learnedopt import LSTMOptimizer
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
@@ -485,7 +484,7 @@ def main() -> None:
         help="largest size for the backward columns (default 10^7 on CUDA, 10^6 on CPU)",
     )
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--results-dir", type=Path, default=None, help=f"default {common.RESULTS}")
+    parser.add_argument("--results-dir", type=path_option, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.results_dir is not None:

@@ -38,12 +38,11 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import common  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import positive_int, power_of_two, write_results  # noqa: E402
+from common import path_option, positive_int, power_of_two, write_results  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -204,7 +203,7 @@ def main() -> int:
         action="store_true",
         help="skip the forward and backward kernels of meta-training (about a minute each)",
     )
-    parser.add_argument("--results-dir", type=Path, default=None, help=f"default {common.RESULTS}")
+    parser.add_argument("--results-dir", type=path_option, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
     if args.results_dir is not None:
         common.RESULTS = args.results_dir

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, read_json, write_results  # noqa: E402
+from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, path_arg, path_option, read_json, write_results  # noqa: E402
 
 from learnedopt import LSTMOptimizer, markdown  # noqa: E402
 from learnedopt.evaluation import (  # noqa: E402
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="factors on the loss the optimizer sees (its gradient); each runs at every lr")
     parser.add_argument("--problems", nargs="+", required=True)
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--reference", type=Path, default=RESULTS / "optimizee_eval.json",
+    parser.add_argument("--reference", type=path_option, default=RESULTS / "optimizee_eval.json",
                         help="suite report whose tuned baselines are shown beside (same seeds)")
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--data", type=path_arg, default=None)
     parser.add_argument("--name", required=True)
     args = parser.parse_args(argv)
     if args.seeds < 1:

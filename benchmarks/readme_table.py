@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NO_FINITE_BASELINE, fail, nan_note, read_json  # noqa: E402
+from common import NO_FINITE_BASELINE, fail, nan_note, path_arg, read_json  # noqa: E402
 
 from learnedopt.evaluation import BASELINES, best_baseline, check_result, format_difference, paired_difference, seeds_below  # noqa: E402
 from learnedopt.markdown import row as markdown_row  # noqa: E402
@@ -154,7 +154,7 @@ def split_column(given: str, labels: Iterable[str]) -> tuple[str, str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("report", help="an optimizee_eval.json")
+    parser.add_argument("report", type=path_arg, help="an optimizee_eval.json")
     parser.add_argument("columns", nargs="+", metavar="LABEL=HEADER")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--paired", action="store_true", help="print the paired seed counts instead")

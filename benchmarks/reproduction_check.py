@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, machine, nan_note, path_arg  # noqa: E402
+from common import fail, machine, nan_note, path_arg, path_option  # noqa: E402
 
 from learnedopt import markdown  # noqa: E402
 from learnedopt.evaluation import DEFAULT_PROBLEMS, learned_from_file, make_problem, run_optimizer, summarize  # noqa: E402
@@ -76,12 +76,12 @@ def max_seed_diff(a: Sequence[float], b: Sequence[float]) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The script's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("shipped")
-    parser.add_argument("rerun")
+    parser.add_argument("shipped", type=path_arg)
+    parser.add_argument("rerun", type=path_arg)
     parser.add_argument("--problems", nargs="+", default=list(DEFAULT_PROBLEMS))
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--out", type=lambda text: Path(path_arg(text)), required=True)  # "" would be the current folder
+    parser.add_argument("--data", type=path_arg, default=None)
+    parser.add_argument("--out", type=path_option, required=True)  # "" would be the current folder
     return parser
 
 

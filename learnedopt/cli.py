@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .values import path_arg as path_arg  # the options that name a file or folder (here, meta-train, evaluate)
+
 
 def _presets(args: argparse.Namespace) -> int:
     from .weights import PRESETS
@@ -46,15 +48,6 @@ def positive_int(text: str) -> int:
     if value is None or value < 1:  # argparse would name the function in its own message
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-def path_arg(text: str) -> str:
-    """``type=`` of an argparse option that names a file or folder: the text as given, unless it
-    is empty (``--out "$DIR"`` with ``DIR`` unset), which ``Path("")`` would take as the current
-    folder; then argparse's one-line ``argument --X: must be a non-empty path`` error."""
-    if not text:
-        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
-    return text
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -116,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--data",
+        type=path_arg,
         default=None,
         help="the MNIST folder, or a folder with mnist/ (default: LEARNEDOPT_DATA, then ../shared/data, then shared/data "
         "beside the repository of a source checkout; "

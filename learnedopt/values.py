@@ -4,6 +4,7 @@ meta-training and evaluation."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import numbers
@@ -33,6 +34,15 @@ def check_elements(settings: str, elements: int, tensor: str, error: type[ValueE
             f"{settings}: {tensor} would have {elements:,} elements; learnedopt's tensors have at most "
             f"{MAX_ELEMENTS:,} (2**31 - 1)"
         )
+
+
+def path_arg(text: str) -> str:
+    """``type=`` of an argparse option that names a file or folder: the text as given, unless it
+    is empty (``--out "$DIR"`` with ``DIR`` unset), which ``Path("")`` would take as the current
+    folder; then argparse's one-line ``argument --X: must be a non-empty path`` error."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return text
 
 
 def check_positive_integer(name: str, value: Any) -> None:

@@ -204,6 +204,29 @@ def test_bad_option_is_refused_in_one_line(script: str, argv: list[str], results
     assert error.startswith(f"{script}.py") and "error: " in error, error
 
 
+EMPTY_PATHS = [
+    ("fewshot", ["higher", "--results-dir", ""], "--results-dir"),  # wrote its results into the current folder
+    ("kernel_bench", ["--results-dir", ""], "--results-dir"),
+    ("fewshot", ["omniglot-model", "", "--tag", "t"], "model"),
+    ("lr_sensitivity", ["--problems", "quadratic-20", "--name", "x", "--reference", ""], "--reference"),  # "cannot read ."
+    ("lr_sensitivity", ["--problems", "quadratic-20", "--name", "x", "--data", ""], "--data"),
+    ("reproduction_check", ["a.safetensors", "", "--out", "out"], "rerun"),
+    ("reproduction_check", ["a.safetensors", "b.safetensors", "--out", "out", "--data", ""], "--data"),
+    ("readme_table", ["", "Adam=Adam"], "report"),
+]
+
+
+@pytest.mark.parametrize("script, argv, option", EMPTY_PATHS, ids=[f"{s} {o}" for s, _, o in EMPTY_PATHS])
+def test_an_empty_path_is_refused_naming_its_option(script: str, argv: list[str], option: str, results: Path, monkeypatch, capsys) -> None:
+    """As the CLI's options that name a file or folder (learnedopt.values.path_arg): ``""`` is not ``.``."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "write_results", lambda *a, **k: pytest.fail("wrote results"), raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module, monkeypatch, *argv)
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: must be a non-empty path, got ''" in capsys.readouterr().err
+
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 # every check passes (CUDA, the kernels, xdist, higher); each run is recorded with its directory
 echo "$PWD :: $*" >> "$CALLS"

@@ -314,3 +314,30 @@ def test_an_empty_out_is_refused_not_taken_as_the_current_folder(argv, tmp_path,
     assert exit_info.value.code == 2
     assert "error: argument --out: must be a non-empty path, got ''" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--data", ""],
+        ["meta-train", "--task", "mnist-mlp", "--out", "run", "--data", ""],
+        ["evaluate", "optimizers", "--data", ""],
+        ["evaluate", "optimizers", "--weights", ""],
+        ["evaluate", "optimizers", "--reuse", ""],
+        ["evaluate", "omniglot-runs", "--runs", "", "--checkpoint", "model.safetensors"],
+        ["evaluate", "omniglot-runs", "--runs", "runs", "--checkpoint", ""],
+    ],
+    ids=["demo --data", "meta-train --data", "optimizers --data", "optimizers --weights", "optimizers --reuse",
+         "omniglot-runs --runs", "omniglot-runs --checkpoint"],
+)
+def test_an_empty_path_is_refused_naming_its_option(argv, tmp_path, monkeypatch, capsys) -> None:
+    """An empty file or folder option was ``.``, and the error named that instead of the option
+    (``neither t10k-images-idx3-ubyte.gz ... found in '.'``, ``--weights  is a folder``,
+    ``few-shot model file not found: . (. is a folder)``); now argparse's one line."""
+    monkeypatch.chdir(tmp_path)
+    option = argv[argv.index("") - 1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"error: argument {option}: must be a non-empty path, got ''" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

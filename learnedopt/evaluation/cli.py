@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli import path_arg
 from ..data.paths import create_output_folder
 from ..meta.loop import OutputLock
 from ..nn.lstm_step import check_settings
 from ..plugins import entry_point_path
+from ..values import path_arg
 from ..weights import PRESETS
 from .harness import QUICK_LRS, QUICK_STEPS, EvalConfig, check_config, evaluate_optimizers, run_settings
 from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weights",
+        type=path_arg,
         nargs="+",
         default=[],
         metavar="FILE",
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"constant (default) or cosine, {LR_SCHEDULES['cosine'].formula} at step t of T",
     )
     parser.add_argument(
-        "--data", default=None, help="the MNIST folder, or a folder with mnist/ (default: the LEARNEDOPT_DATA search)"
+        "--data", type=path_arg, default=None, help="the MNIST folder, or a folder with mnist/ (default: the LEARNEDOPT_DATA search)"
     )
     # The models are tiny: more threads only add synchronisation (measured 2-10x slower with 2 threads on a busy 2-core machine).
     parser.add_argument(
@@ -117,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reuse",
+        type=path_arg,
         default=None,
         metavar="REPORT",
         help="take the baselines' and presets' results from this earlier report (JSON) of the same "

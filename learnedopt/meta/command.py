@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cli import path_arg
 from ..freed_memory import keep_freed_memory
 from ..nn import RULES
+from ..values import path_arg
 from ..weights import PRESETS
 from . import distributed
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, Workers
@@ -188,6 +188,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument(
         "--data",
+        type=path_arg,
         metavar="PATH",
         help="MNIST folder (or a folder holding mnist/) for --task mnist-mlp and mlp-random (and mixtures with them), folder of the Omniglot zips (or a folder holding omniglot/) for --task omniglot "
         "(default: LEARNEDOPT_DATA, then ../shared/data, then shared/data beside the repository of a source checkout); "

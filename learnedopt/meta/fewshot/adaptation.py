@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...values import path_arg
 from ..loop import check_elements
 from .learner import FewShotLearner, load_learner
 
@@ -100,8 +101,8 @@ def add_omniglot_runs_parser(evaluate_sub: argparse._SubParsersAction) -> argpar
         "--task omniglot --ways 20) on each official one-shot run's 20 training images and "
         "classify its 20 test images; prints each run's error rate and the mean.",
     )
-    parser.add_argument("--runs", required=True, metavar="DIR", help="folder holding run01 ... run20 (all_runs.zip, unpacked)")
-    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+    parser.add_argument("--runs", type=path_arg, required=True, metavar="DIR", help="folder holding run01 ... run20 (all_runs.zip, unpacked)")
+    parser.add_argument("--checkpoint", type=path_arg, required=True, nargs="+", metavar="CKPT",
                         help="model.safetensors of a meta-train run; several: an ensemble (softmax outputs averaged)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="inner steps of adaptation (default: the model's test-time steps)")
     parser.add_argument("--support-copies", type=int, default=0, metavar="K",
