@@ -21,6 +21,7 @@ import torch
 
 from learnedopt.cli import path_arg as path_arg  # the scripts take paths as the CLI does
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
+from learnedopt.cli import thread_count as thread_count  # and bound their threads as it does
 from learnedopt.evaluation.report import cpu_name, dumps_report, results_header
 from learnedopt.files import write_atomically
 from learnedopt.markdown import code
@@ -236,7 +237,7 @@ def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--tag", help="suffix of the results file name")
     return parser
 

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import path_arg, path_option, positive_int, write_results  # noqa: E402
+from common import path_arg, path_option, positive_int, thread_count, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -648,7 +648,7 @@ def main() -> None:
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
     hig.add_argument("--repeats", type=positive_int, default=5)
-    hig.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    hig.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     hig.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
     hig.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu; on CUDA no convolution shares)")
     hig.add_argument("--results-dir", type=path_option, default=None, help="where to write the results (default benchmarks/results)")
@@ -662,7 +662,7 @@ def main() -> None:
     omn.add_argument("--hidden", type=positive_int, default=64)
     omn.add_argument("--test-episodes", type=positive_int, default=600)
     omn.add_argument("--val-tasks", type=positive_int, default=20, help="validation tasks of the trainer's end-of-run metric")
-    omn.add_argument("--threads-per-job", type=positive_int, default=2)
+    omn.add_argument("--threads-per-job", type=thread_count, default=2)
     omn.add_argument("--seed", type=int, default=0)
     omn.add_argument("--tag", default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
@@ -678,7 +678,7 @@ def main() -> None:
     mod.add_argument("--part", choices=["meta_test", "meta_valid"], default="meta_test",
                      help="alphabets to score on (meta_valid: for choosing test-time settings)")
     mod.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS), help="which cells to score (default all)")
-    mod.add_argument("--threads", type=positive_int, default=1)
+    mod.add_argument("--threads", type=thread_count, default=1)
     mod.set_defaults(func=omniglot_model)
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")
     plot.set_defaults(func=plot_omniglot, threads=None)

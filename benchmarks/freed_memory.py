@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, write_results  # noqa: E402
+from common import fail, positive_int, thread_count, write_results  # noqa: E402
 
 from learnedopt.freed_memory import SWITCH  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=positive_int, default=2)
     parser.add_argument("--meta-steps", type=positive_int, default=6)
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--tag", help="suffix of the results file name")
     args = parser.parse_args()
     if args.meta_steps < 2:

@@ -50,6 +50,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: The most threads a ``--threads`` option takes where the machine has fewer CPUs: more than that
+#: many on fewer cores only oversubscribe (allowed, so that a run recorded on a larger machine
+#: reruns), and each thread reserves a stack (10**5 exhausted memory; past 2**63 torch's
+#: ``set_num_threads`` raised an overflow)
+MAX_THREADS = 1024
+
+
+def most_threads() -> int:
+    """The largest thread count a command takes: :data:`MAX_THREADS`, or the CPU count if larger."""
+    import os
+
+    return max(MAX_THREADS, os.cpu_count() or 1)
+
+
+def thread_count(text: str) -> int:
+    """``type=`` of an argparse option that sets torch's CPU threads: an int from 1 to
+    :func:`most_threads`, else argparse's one-line ``argument --X: must be a thread count`` error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= most_threads():
+        raise argparse.ArgumentTypeError(f"must be a thread count from 1 to {most_threads()}, got {text!r}")
+    return value
+
+
 def _same_file(a: str, b: str) -> bool:
     """Whether the paths ``a`` and ``b`` both exist and are one file (through links, ``./``)."""
     import os

@@ -190,6 +190,17 @@ BAD_OPTIONS = [
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "x,1"]),  # a traceback after loading
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "5,-1"]),
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--test-episodes", "0"]),
+    # torch.set_num_threads' "Overflow when unpacking long long" traceback (10**5 exhausted memory)
+    ("first_step", ["--threads", "10000000000000000000000"]),
+    ("lstm_chunk", ["--threads", "10000000000000000000000"]),
+    ("lstm_layer_cpu", ["--threads", "10000000000000000000000"]),
+    ("lstm_step_parts", ["--threads", "10000000000000000000000"]),
+    ("meta_train_throughput", ["--threads", "10000000000000000000000"]),
+    ("freed_memory", ["--threads", "10000000000000000000000"]),
+    ("revision_ab", ["--against", "HEAD", "--threads", "10000000000000000000000"]),
+    ("fewshot", ["higher", "--threads", "10000000000000000000000"]),
+    ("fewshot", ["omniglot", "--threads-per-job", "10000000000000000000000"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--threads", "10000000000000000000000"]),
 ]
 
 

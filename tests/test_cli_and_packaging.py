@@ -341,3 +341,19 @@ def test_an_empty_path_is_refused_naming_its_option(argv, tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     assert f"error: argument {option}: must be a non-empty path, got ''" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_thread_count_is_bounded_as_evaluate_optimizers_bounds_its_threads() -> None:
+    """The benchmarks' ``--threads`` (positive_int) took any count: torch.set_num_threads raised
+    'Overflow when unpacking long long' past 2**63, and 10**5 threads exhausted memory, where
+    ``evaluate optimizers --threads`` stops at max(1024, the CPU count)."""
+    import argparse
+    import os
+
+    from learnedopt.cli import most_threads, thread_count
+
+    assert most_threads() == max(1024, os.cpu_count() or 1)
+    assert thread_count("1") == 1 and thread_count(str(most_threads())) == most_threads()
+    for text in ("0", "-1", "x", "", str(most_threads() + 1), "10000000000000000000000"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be a thread count from 1 to {most_threads()}, got '{text}'"):
+            thread_count(text)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import MAX_THREADS, most_threads
 from ..data.paths import create_output_folder
 from ..meta.loop import OutputLock
 from ..nn.lstm_step import check_settings
@@ -21,12 +22,6 @@ from .problems import DEFAULT_PROBLEMS, EXTRA_PROBLEMS
 from .records import RecordError, RecordWriteError, RunRecords, records_folder
 from .report import WriteResults, check_report_name, write_report
 from .runs import LR_SCHEDULES
-
-#: ``--threads``' bound where the machine has fewer CPUs: more than that many threads on fewer
-#: cores only oversubscribe (allowed, so that a run recorded on a larger machine reruns), and each
-#: thread reserves a stack (10**5 exhausted memory)
-MAX_THREADS = 1024
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``evaluate optimizers`` arguments (shared with ``benchmarks/optimizee_eval.py``)."""
@@ -207,7 +202,7 @@ def run_cli(
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if args.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0 keeps torch's choice), got {args.threads}")
-        if args.threads > (most := max(MAX_THREADS, os.cpu_count() or 1)):  # each thread reserves a stack: 10**5 exhausted memory
+        if args.threads > (most := most_threads()):  # as learnedopt.cli.thread_count bounds the benchmarks' threads
             raise ValueError(f"--threads must be <= {most}, got {args.threads}")
         check_report_name(out_dir, args.name)
         setup = check_config(config)
