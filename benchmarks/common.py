@@ -22,7 +22,7 @@ import torch
 from learnedopt.cli import path_arg as path_arg  # the scripts take paths as the CLI does
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
 from learnedopt.cli import thread_count as thread_count  # and bound their threads as it does
-from learnedopt.evaluation.report import cpu_name, dumps_report, results_header
+from learnedopt.evaluation.report import check_report_name, cpu_name, dumps_report, results_header
 from learnedopt.files import write_atomically
 from learnedopt.markdown import code
 
@@ -153,6 +153,26 @@ def nan_note(nonfinite: int) -> str:
     return f" ({nonfinite} NaN)" if nonfinite else ""
 
 
+def results_tag(script: str) -> Callable[[str], str]:
+    """``type=`` of ``--tag``, the suffix of the results file name ``<script>_<tag>`` (``""``: none):
+    a tag that is a path, or makes a name too long for :data:`RESULTS`' file system, is argparse's
+    one-line error when the options are parsed, not a traceback when the results are written
+    after the run (:func:`~learnedopt.evaluation.check_report_name`)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            return text
+        if Path(text).name != text or text in (".", ".."):
+            raise argparse.ArgumentTypeError(f"must be a suffix of the results file name, not a path: {text!r}")
+        try:
+            check_report_name(RESULTS, f"{script}_{text}", ("json", "md"), option="the results file name")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return parse
+
+
 def path_option(text: str) -> Path:
     """``type=`` of an option that names a file or folder, as a :class:`~pathlib.Path`: an empty
     one is argparse's one-line error (:func:`~learnedopt.values.path_arg`), not the current folder."""
@@ -226,9 +246,10 @@ def write_results(name: str, payload: dict, table: str, argv: Sequence[str] | No
     write_atomically(RESULTS / f"{name}.md", lambda tmp: tmp.write_text(header + table + "\n"))
 
 
-def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
+def ab_parser(script: str, description: str, against: str) -> argparse.ArgumentParser:
     """The options of an A/B run of meta-training truncations (``kernel_ab.py``,
-    ``revision_ab.py``); ``against`` is the help of ``--against``, the baseline's revision."""
+    ``revision_ab.py``, named ``script`` in the results file name); ``against`` is the help of
+    ``--against``, the baseline's revision."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--against", required=True, help=against)
     parser.add_argument("--preset", default=None, help="time this preset's rule instead of the paper's CoordinateLSTM")
@@ -238,7 +259,7 @@ def ab_parser(description: str, against: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--threads", type=thread_count, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name")
+    parser.add_argument("--tag", type=results_tag(script), help="suffix of the results file name")
     return parser
 
 

@@ -21,7 +21,7 @@ import argparse
 import warnings
 
 import torch
-from common import fail, matmul_gflops, positive_int, time_call, torch_lstm, without_cpu_kernel, write_results
+from common import fail, matmul_gflops, positive_int, results_tag, time_call, torch_lstm, without_cpu_kernel, write_results
 
 from learnedopt import LSTMOptimizer
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--layouts", type=positive_int, nargs="+", default=[1, 100], help="tensors per model")
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
+    parser.add_argument("--tag", type=results_tag("cpu_step"), default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()
     uneven = [(total, tensors) for total in args.sizes for tensors in args.layouts if total % tensors]
     if uneven:

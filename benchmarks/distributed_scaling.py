@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, write_results  # noqa: E402
+from common import fail, positive_int, results_tag, write_results  # noqa: E402
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--horizon", type=positive_int, default=40)
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--meta-steps", type=positive_int, default=5)
-    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
+    parser.add_argument("--tag", type=results_tag("distributed_scaling"), help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     if len(set(args.configs)) < len(args.configs):
         parser.error(f"argument --configs: each configuration once, got {' '.join(args.configs)}")

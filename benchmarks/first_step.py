@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import thread_count, write_results  # noqa: E402
+from common import results_tag, thread_count, write_results  # noqa: E402
 
 CHILD = """
 import json, time, torch
@@ -58,7 +58,7 @@ def first_steps(env: dict[str, str], threads: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=thread_count, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
+    parser.add_argument("--tag", type=results_tag("first_step"), help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

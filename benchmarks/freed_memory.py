@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, thread_count, write_results  # noqa: E402
+from common import fail, positive_int, results_tag, thread_count, write_results  # noqa: E402
 
 from learnedopt.freed_memory import SWITCH  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=positive_int, default=6)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=thread_count, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name")
+    parser.add_argument("--tag", type=results_tag("freed_memory"), help="suffix of the results file name")
     args = parser.parse_args()
     if args.meta_steps < 2:
         fail(parser, "--meta-steps must be at least 2 (the first of each run is left out)")

@@ -53,7 +53,7 @@ def c_interface(source: str) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = ab_parser(__doc__.split("\n")[0], "git revision whose kernel source is the baseline")
+    parser = ab_parser("kernel_ab", __doc__.split("\n")[0], "git revision whose kernel source is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as learnedopt meta-train does

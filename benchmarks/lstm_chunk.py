@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, thread_count, time_call, torch_lstm, write_results  # noqa: E402
+from common import positive_int, results_tag, thread_count, time_call, torch_lstm, write_results  # noqa: E402
 
 from learnedopt.nn import CoordinateLSTM, preprocess  # noqa: E402
 from learnedopt.nn.lstm_step import cell_forward  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunk", type=positive_int, default=8192)
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
+    parser.add_argument("--tag", type=results_tag("lstm_chunk"), help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

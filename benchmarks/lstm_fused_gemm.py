@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, without_cpu_kernel, write_results  # noqa: E402
+from common import fail, positive_int, results_tag, without_cpu_kernel, write_results  # noqa: E402
 
 from learnedopt.meta import generator_for, make_family, num_coordinates, unroll  # noqa: E402
 from learnedopt.nn import RULES, lstm_step  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=positive_int, default=2)
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--repeats", type=positive_int, default=6)
-    parser.add_argument("--tag", default=None, help="suffix of the results file name")
+    parser.add_argument("--tag", type=results_tag("lstm_fused_gemm"), default=None, help="suffix of the results file name")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:  # an unknown preset, or no MNIST data: a one-line error

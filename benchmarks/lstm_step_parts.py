@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, thread_count, time_call, without_cpu_kernel, write_results  # noqa: E402
+from common import positive_int, results_tag, thread_count, time_call, without_cpu_kernel, write_results  # noqa: E402
 
 from learnedopt.nn.lstm_step import cell_backward, cell_forward, lstm_step  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--coordinates", type=positive_int, default=31820)
     parser.add_argument("--hidden", type=positive_int, default=20)
     parser.add_argument("--threads", type=thread_count, default=1)
-    parser.add_argument("--tag", help="suffix of the results file name (a run that should not replace the committed one)")
+    parser.add_argument("--tag", type=results_tag("lstm_step_parts"), help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, hidden = args.coordinates, args.hidden

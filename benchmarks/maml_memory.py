@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import positive_int, write_results  # noqa: E402
+import common  # noqa: E402
+from common import fail, positive_int, write_results  # noqa: E402
+
+from learnedopt.evaluation import check_report_name  # noqa: E402
 
 MODES = {
     "second-order": {"first_order": False, "checkpoint_steps": False},
@@ -110,6 +113,10 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.steps)) < len(args.steps):  # one result per step count: a repeat ran again for nothing
         parser.error(f"argument --steps: each step count once, got {' '.join(map(str, args.steps))}")
+    try:  # before the runs: a name that is a path was a traceback once they had run
+        check_report_name(common.RESULTS, args.name, ("json", "md"))
+    except ValueError as err:
+        fail(parser, str(err))
     if args.cell:
         print(json.dumps(cell(args.cell[0], int(args.cell[1]), args.meta_batch, args.ways, args.shots)))
         return

@@ -65,6 +65,7 @@ from common import (  # noqa: E402
     matmul_gflops,
     positive_int,
     require_equal_gradients,
+    results_tag,
     self_cpu_ms,
     thread_count,
     through_cell_ops,
@@ -268,7 +269,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=thread_count, default=1, help="torch threads (default 1)")
-    parser.add_argument("--tag", help="suffix of the results file name (e.g. for a run under other settings)")
+    parser.add_argument("--tag", type=results_tag("meta_train_throughput"), help="suffix of the results file name (e.g. for a run under other settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory()  # as learnedopt meta-train does, for every implementation alike

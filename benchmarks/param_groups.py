@@ -19,7 +19,7 @@ import argparse
 import warnings
 
 import torch
-from common import fail, positive_int, time_call, write_results
+from common import fail, positive_int, results_tag, time_call, write_results
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--groups", type=positive_int, nargs="+", default=[1, 30, 300], help="param group counts")
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["lstm", "meta"])
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. for another host)")
+    parser.add_argument("--tag", type=results_tag("param_groups"), default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()
     uneven = [groups for groups in args.groups if args.tensors % groups]
     if uneven:

@@ -85,7 +85,7 @@ class Side:
 
 
 def main() -> None:
-    parser = ab_parser(__doc__.split("\n")[0], "git revision whose library is the baseline")
+    parser = ab_parser("revision_ab", __doc__.split("\n")[0], "git revision whose library is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # the results' machine record says the workers' count
     worker_args = ["--task", args.task, "--meta-batch", str(args.meta_batch), "--unroll", str(args.unroll),

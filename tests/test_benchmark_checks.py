@@ -190,6 +190,12 @@ BAD_OPTIONS = [
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "x,1"]),  # a traceback after loading
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "5,-1"]),
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--test-episodes", "0"]),
+    # a results name that is a path or too long: a FileNotFoundError / "File name too long" traceback
+    # once the benchmark had run, its results lost
+    ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "--tag", "a/b"]),
+    ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "--tag", "x" * 300]),
+    ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", "a/b"]),
+    ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", ""]),
     # torch.set_num_threads' "Overflow when unpacking long long" traceback (10**5 exhausted memory)
     ("first_step", ["--threads", "10000000000000000000000"]),
     ("lstm_chunk", ["--threads", "10000000000000000000000"]),
@@ -786,3 +792,17 @@ def test_write_ab_results_records_the_commit_the_baseline_revision_named(results
         row = json.loads((results / "ab.json").read_text())["rows"][0]
         assert row["against"] == against and row["against_commit"] == commit
         assert (f"at `{against}` (`{commit}`)" in (results / "ab.md").read_text()) is (commit is not None)
+
+
+def test_results_tag_refuses_what_cannot_end_a_results_file_name(results: Path) -> None:
+    """``--tag`` is checked when parsed, not when the results are written after the run."""
+    import argparse
+
+    parse = common.results_tag("cpu_step")
+    assert parse("") == "" and parse("host2") == "host2"
+    for tag, message in (("a/b", "a suffix of the results file name, not a path: 'a/b'"),
+                         ("x" * 300, "the results file name is too long: 309 bytes"),  # with the prefix cpu_step_
+                         ("dir", "is a folder, where the report's json file would be written")):  # fmt: skip
+        (results / "cpu_step_dir.json").mkdir(exist_ok=True)
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(tag)

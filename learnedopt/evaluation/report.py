@@ -43,13 +43,16 @@ REPORT_SUFFIXES = ("json", "md", "png")
 _LONGEST_SUFFIX = ".json.tmp"
 
 
-def check_report_name(out_dir: str | os.PathLike[str], name: str, suffixes: Sequence[str] = REPORT_SUFFIXES) -> None:
-    """Raise ``ValueError`` (one line, naming ``--name``) where the report ``name`` could not be
-    written in ``out_dir`` (which need not exist yet) as ``<name>.<suffix>`` files: a name that is
-    a path, empty, or too long for the file system, or one of those files a folder. Checked
-    before any run, as these were found only when the report was written, after every run."""
+def check_report_name(
+    out_dir: str | os.PathLike[str], name: str, suffixes: Sequence[str] = REPORT_SUFFIXES, option: str = "--name"
+) -> None:
+    """Raise ``ValueError`` (one line, naming ``option``, the command's option that gave ``name``
+    or a part of it) where the report ``name`` could not be written in ``out_dir`` (which need not
+    exist yet) as ``<name>.<suffix>`` files: a name that is a path, empty, or too long for the file
+    system, or one of those files a folder. Checked before any run, as these were found only when
+    the report was written, after every run."""
     if Path(name).name != name or name in ("", ".", ".."):
-        raise ValueError(f"--name is a file name stem, not a path: {name!r}")
+        raise ValueError(f"{option} is a file name stem, not a path: {name!r}")
     folder = Path(out_dir).absolute()
     while not folder.is_dir() and folder != folder.parent:  # the nearest folder that exists
         folder = folder.parent
@@ -58,12 +61,12 @@ def check_report_name(out_dir: str | os.PathLike[str], name: str, suffixes: Sequ
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit
         most = 255
     if len(os.fsencode(name + _LONGEST_SUFFIX)) > most:
-        raise ValueError(f"--name is too long: {len(os.fsencode(name))} bytes, over {most} (the longest file name there) "
+        raise ValueError(f"{option} is too long: {len(os.fsencode(name))} bytes, over {most} (the longest file name there) "
                          f"with the suffix {_LONGEST_SUFFIX!r} of the report's files")  # fmt: skip
     for suffix in suffixes:
         path = Path(out_dir) / f"{name}.{suffix}"
         if path.is_dir():
-            raise ValueError(f"--name {name}: {path} is a folder, where the report's {suffix} file would be written")
+            raise ValueError(f"{option} {name}: {path} is a folder, where the report's {suffix} file would be written")
 
 
 def _fmt(x: float) -> str:
