@@ -21,6 +21,7 @@ import torch
 
 from learnedopt.cli import path_arg as path_arg  # the scripts take paths as the CLI does
 from learnedopt.cli import positive_int as positive_int  # the scripts count things as the CLI does
+from learnedopt.cli import seed_arg as seed_arg  # and take seeds
 from learnedopt.cli import thread_count as thread_count  # and bound their threads as it does
 from learnedopt.evaluation.report import check_report_name, cpu_name, dumps_report, results_header
 from learnedopt.files import write_atomically
@@ -256,7 +257,7 @@ def ab_parser(script: str, description: str, against: str) -> argparse.ArgumentP
     parser.add_argument("--task", default="mnist-mlp")
     parser.add_argument("--meta-batch", type=positive_int, default=2)
     parser.add_argument("--unroll", type=positive_int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--tag", type=results_tag(script), help="suffix of the results file name")

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import path_arg, path_option, positive_int, results_tag, thread_count, write_results  # noqa: E402
+from common import path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -643,7 +643,7 @@ def main() -> None:
     sin.add_argument("--iterations", type=positive_int, default=20_000)
     sin.add_argument("--test-tasks", type=positive_int, default=600)
     sin.add_argument("--shots", type=positive_int, nargs="+", default=[5, 10])
-    sin.add_argument("--seed", type=int, default=0)
+    sin.add_argument("--seed", type=seed_arg, default=0)
     sin.add_argument("--tag", type=results_tag("fewshot_sinusoid"), default="", help="suffix of the results file names")
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
     hig = sub.add_parser("higher", help="MAML meta-step throughput and meta-gradients against `higher` (pip install higher)")
@@ -663,14 +663,14 @@ def main() -> None:
     omn.add_argument("--test-episodes", type=positive_int, default=600)
     omn.add_argument("--val-tasks", type=positive_int, default=20, help="validation tasks of the trainer's end-of-run metric")
     omn.add_argument("--threads-per-job", type=thread_count, default=2)
-    omn.add_argument("--seed", type=int, default=0)
+    omn.add_argument("--seed", type=seed_arg, default=0)
     omn.add_argument("--tag", type=results_tag("fewshot_omniglot"), default="", help="suffix of the results file name")
     omn.set_defaults(func=omniglot, threads=None)
     mod = sub.add_parser("omniglot-model", help="score a `learnedopt meta-train --task omniglot` learner on the held-out alphabets")
     mod.add_argument("model", type=path_arg, nargs="+", help="the run's model.safetensors; several: an ensemble (softmax outputs averaged)")
     mod.add_argument("--tag", type=results_tag("fewshot_omniglot"), required=True, help="suffix of the results file name")
     mod.add_argument("--test-episodes", type=positive_int, default=600)
-    mod.add_argument("--seed", type=int, default=0)
+    mod.add_argument("--seed", type=seed_arg, default=0)
     mod.add_argument("--adapt", type=_adaptation, nargs="+", default=[(None, 0, 0)], metavar="STEPS,COPIES[,QUERY_COPIES]",
                      help="test-time settings, one row each: inner steps ('model': the model's), randomly "
                           "distorted copies of each support image to adapt on too, and distorted views of each "

@@ -66,6 +66,7 @@ from common import (  # noqa: E402
     positive_int,
     require_equal_gradients,
     results_tag,
+    seed_arg,
     self_cpu_ms,
     thread_count,
     through_cell_ops,
@@ -267,7 +268,7 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=positive_int, default=2)
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--threads", type=thread_count, default=1, help="torch threads (default 1)")
     parser.add_argument("--tag", type=results_tag("meta_train_throughput"), help="suffix of the results file name (e.g. for a run under other settings)")
     args = parser.parse_args()

@@ -76,6 +76,19 @@ def thread_count(text: str) -> int:
     return value
 
 
+def seed_arg(text: str) -> int:
+    """``type=`` of a ``--seed`` option: an int from 0 to 2**64 - 1, what both ``torch.manual_seed``
+    and numpy's ``SeedSequence`` (the library's ``generator_for``) take, else argparse's one-line
+    ``argument --seed: must be an integer from 0 to 2**64 - 1`` error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
 def _same_file(a: str, b: str) -> bool:
     """Whether the paths ``a`` and ``b`` both exist and are one file (through links, ``./``)."""
     import os

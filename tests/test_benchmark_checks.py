@@ -196,6 +196,13 @@ BAD_OPTIONS = [
     ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "--tag", "x" * 300]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", "a/b"]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", ""]),
+    # numpy's SeedSequence refused a negative seed ("expected non-negative integer"), torch.manual_seed one
+    # past 2**64 ("Overflow when unpacking long long"): tracebacks, the second after the training
+    ("meta_train_throughput", [*TINY, "--seed", "-1"]),
+    ("fewshot", ["sinusoid", "--iterations", "1", "--test-tasks", "1", "--shots", "1", "--seed", "100000000000000000000000000"]),
+    ("fewshot", ["omniglot", "--seed", "-1"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--seed", "-1"]),
+    ("revision_ab", ["--against", "HEAD", "--seed", "-1"]),
     # torch.set_num_threads' "Overflow when unpacking long long" traceback (10**5 exhausted memory)
     ("first_step", ["--threads", "10000000000000000000000"]),
     ("lstm_chunk", ["--threads", "10000000000000000000000"]),

@@ -357,3 +357,23 @@ def test_thread_count_is_bounded_as_evaluate_optimizers_bounds_its_threads() -> 
     for text in ("0", "-1", "x", "", str(most_threads() + 1), "10000000000000000000000"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be a thread count from 1 to {most_threads()}, got '{text}'"):
             thread_count(text)
+
+
+def test_seed_arg_takes_what_torch_and_numpy_seeds_both_take() -> None:
+    """The benchmarks' ``--seed`` (``type=int``) took a negative seed, which numpy's SeedSequence
+    (the library's ``generator_for``) refuses, and one past 2**64 - 1, which ``torch.manual_seed``
+    refuses: tracebacks, some only after the training had run."""
+    import argparse
+
+    import numpy as np
+    import torch
+
+    from learnedopt.cli import seed_arg
+
+    for text in ("0", "7", str(2**64 - 1)):
+        seed = seed_arg(text)
+        torch.Generator().manual_seed(seed)
+        np.random.SeedSequence(seed)
+    for text in ("-1", str(2**64), "1.5", "", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be an integer from 0 to 2\\*\\*64 - 1, got '{text}'"):
+            seed_arg(text)
