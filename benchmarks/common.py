@@ -264,6 +264,20 @@ def ab_parser(script: str, description: str, against: str) -> argparse.ArgumentP
     return parser
 
 
+def ab_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The working tree's task family of an A/B run's ``--task`` (its meta-train split) and rule of
+    its ``--preset`` (``truncation_worker.build_rule``); a bad one is the parser's one-line error
+    before any build or worker starts (a worker's was a traceback)."""
+    from truncation_worker import build_rule
+
+    from learnedopt.meta import make_family
+
+    try:
+        return make_family(args.task, split="meta_train"), build_rule(args.preset)
+    except (OSError, ValueError) as err:
+        fail(parser, str(err))
+
+
 def write_ab_results(script: str, args: argparse.Namespace, times: dict[str, list[float]], same_bits: bool, compared: str, side: str,
                      rel_diff: float | None = None) -> None:  # fmt: skip
     """Write an A/B run's results (``kernel_ab.py``, ``revision_ab.py``): ``times`` holds the

@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AB_TOLERANCE, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
-from truncation_worker import build_rule, truncation  # noqa: E402
+from common import AB_TOLERANCE, ab_inputs, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
+from truncation_worker import truncation  # noqa: E402
 
 from learnedopt.freed_memory import keep_freed_memory  # noqa: E402
 from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
-from learnedopt.meta import make_family  # noqa: E402
 
 SOURCE_PATH = "kernels/lstm_layer_cpu.cpp"
 
@@ -59,10 +58,9 @@ def main() -> None:
     keep_freed_memory()  # as learnedopt meta-train does
     try:
         baseline_source = source_at(args.against)
-        family = make_family(args.task, split="meta_train")
-        rule = build_rule(args.preset)
     except (OSError, ValueError) as err:
         fail(parser, str(err))
+    family, rule = ab_inputs(parser, args)
     # both builds run under the working tree's launcher (lstm_layer_cpu.py): another calling
     # convention would pass its pointers to the wrong parameters
     if c_interface(baseline_source) != c_interface(lstm_layer_cpu.SOURCE.read_text()):

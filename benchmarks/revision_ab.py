@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AB_TOLERANCE, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
+from common import AB_TOLERANCE, ab_inputs, ab_parser, fail, relative_difference, require_equal_gradients, write_ab_results  # noqa: E402
 
 from learnedopt.freed_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
@@ -88,6 +88,7 @@ def main() -> None:
     parser = ab_parser("revision_ab", __doc__.split("\n")[0], "git revision whose library is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # the results' machine record says the workers' count
+    ab_inputs(parser, args)  # the working tree's verdict on --task and --preset, before the workers
     worker_args = ["--task", args.task, "--meta-batch", str(args.meta_batch), "--unroll", str(args.unroll),
                    "--seed", str(args.seed), "--threads", str(args.threads), *(["--preset", args.preset] if args.preset else [])]  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:

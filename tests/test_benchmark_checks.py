@@ -813,3 +813,20 @@ def test_results_tag_refuses_what_cannot_end_a_results_file_name(results: Path) 
         (results / "cpu_step_dir.json").mkdir(exist_ok=True)
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
             parse(tag)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "bogus"], "unknown task 'bogus'; choose from quadratic"),
+    (["--task", "quadratic", "--preset", "bogus"], "unknown preset 'bogus'"),
+])
+def test_revision_ab_refuses_a_bad_task_or_preset_before_a_worker_starts(argv: list[str], message: str, results: Path, monkeypatch, capsys) -> None:
+    """They were found in the workers, each ending in a traceback above 'a truncation worker ended'."""
+    import revision_ab
+
+    monkeypatch.setattr(revision_ab, "tree_at", lambda *a: pytest.fail("checked out the baseline"))
+    monkeypatch.setattr(revision_ab, "Side", lambda *a: pytest.fail("started a worker"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(revision_ab, monkeypatch, "--against", "HEAD", *argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("revision_ab.py: error: ") and message in err, err
