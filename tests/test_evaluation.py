@@ -1085,6 +1085,8 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--lrs", "0.1", "1", "1e-1"], "--lrs given more than once: 0.1"),
         # listed twice in the report's config, so a --resume naming it once was refused
         (["--out", str(tmp_path), "--rules", "mine:Rule", "other:Rule", "mine:Rule"], "--rules given more than once: mine:Rule"),
+        # ran it once, but listed it twice in the report's config, as --rules did
+        (["--out", str(tmp_path), "--presets", "l2l-mnist", "l2l-short", "l2l-mnist"], "--presets given more than once: l2l-mnist"),
         # SGD's param.add_(grad, alpha=-lr) raised "value cannot be converted to type float without overflow"
         (["--out", str(tmp_path), "--lrs", "0.1", "1e308"], "--lrs must be at most 1e+37"),
     ]:

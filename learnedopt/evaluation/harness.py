@@ -54,6 +54,14 @@ TUNING_SEED_OFFSET = 1_000_000
 STABILITY_SEED = 2_000_000
 
 
+def _check_given_once(field: str, values: Sequence[Any], show: Callable[[Any], str] = str) -> None:
+    """Raise ValueError naming ``field`` and the values (written by ``show``) that ``values``
+    holds more than once, in sorted order."""
+    repeated = sorted({value for value in values if list(values).count(value) > 1})
+    if repeated:
+        raise ValueError(f"{field} given more than once: {', '.join(map(show, repeated))}")
+
+
 @dataclass
 class EvalConfig:
     """What :func:`evaluate_optimizers` runs.
@@ -138,10 +146,8 @@ class EvalConfig:
         if max(self.lrs) > MAX_LR:
             raise ValueError(f"lrs must be at most {MAX_LR:g} (Adam's first step, about 10 lr, must fit a float32 parameter), "
                              f"got {max(self.lrs):g}")  # fmt: skip
-        lrs = [float(lr) for lr in self.lrs]
-        repeated_lrs = sorted({lr for lr in lrs if lrs.count(lr) > 1})
-        if repeated_lrs:  # the grid's runs would be repeated for nothing, and the report list the lr twice
-            raise ValueError(f"lrs given more than once: {', '.join(f'{lr:g}' for lr in repeated_lrs)}")
+        # the grid's runs would be repeated for nothing, and the report list the lr twice
+        _check_given_once("lrs", [float(lr) for lr in self.lrs], lambda lr: f"{lr:g}")
         if not self.problems:
             raise ValueError("no problems given")
         for name in self.rules:
@@ -149,21 +155,18 @@ class EvalConfig:
                 raise ValueError(
                     f"rules takes your own UpdateRule classes as module:Class, got {name!r} (the library's rules need none)"
                 )
-        repeated_rules = sorted({name for name in self.rules if list(self.rules).count(name) > 1})
-        if repeated_rules:  # listed twice in the report's config: a --resume naming it once differed
-            raise ValueError(f"rules given more than once: {', '.join(repeated_rules)}")
+        _check_given_once("rules", self.rules)  # listed twice in the report's config: a --resume naming it once differed
         check_lr_schedule(self.lr_schedule)
         known = [spec.weights for spec in DEFAULT_LEARNED]
         unknown = [name for name in self.presets or () if name not in known]
         if unknown:
             raise ValueError(f"unknown preset {', '.join(unknown)}; the suite's presets are {', '.join(known)}")
+        _check_given_once("presets", self.presets or ())  # run once, but listed twice in the config, as rules
         for p in self.problems:
             if isinstance(p, str) and p not in PROBLEMS and entry_point_path(p) is None:
                 raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}, or your own as module:Class")
-        names = [p if isinstance(p, str) else p.name for p in self.problems]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:  # a report keys results by problem name: the second would run for nothing
-            raise ValueError(f"problem given more than once: {', '.join(repeated)}")
+        # a report keys results by problem name: the second would run for nothing
+        _check_given_once("problem", [p if isinstance(p, str) else p.name for p in self.problems])
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> EvalConfig:
