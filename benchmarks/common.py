@@ -154,6 +154,20 @@ def nan_note(nonfinite: int) -> str:
     return f" ({nonfinite} NaN)" if nonfinite else ""
 
 
+class Distinct(argparse.Action):
+    """``action=`` of a list option (``nargs="+"``) whose every value is a run, a row or a column
+    of the results: a value given more than once (which ran again for nothing, and showed twice in
+    a table keyed once in the JSON) is argparse's one-line error naming it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        repeated = [value for i, value in enumerate(values) if values.count(value) > 1 and values.index(value) == i]
+        if repeated:
+            shown = ", ".join(sorted(map(str, repeated)))
+            parser.error(f"argument {option_string or self.metavar or self.dest}: each value once, got {shown} more than once")
+        setattr(namespace, self.dest, values)
+
+
 def results_tag(script: str) -> Callable[[str], str]:
     """``type=`` of ``--tag``, the suffix of the results file name ``<script>_<tag>`` (``""``: none):
     a tag that is a path, or makes a name too long for :data:`RESULTS`' file system, is argparse's

@@ -21,7 +21,7 @@ import argparse
 import warnings
 
 import torch
-from common import fail, matmul_gflops, positive_int, results_tag, time_call, torch_lstm, without_cpu_kernel, write_results
+from common import Distinct, fail, matmul_gflops, positive_int, results_tag, time_call, torch_lstm, without_cpu_kernel, write_results
 
 from learnedopt import LSTMOptimizer
 
@@ -52,8 +52,8 @@ def time_step(make_optimizer, total: int, tensors: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--layouts", type=positive_int, nargs="+", default=[1, 100], help="tensors per model")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", action=Distinct, default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--layouts", type=positive_int, nargs="+", action=Distinct, default=[1, 100], help="tensors per model")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--tag", type=results_tag("cpu_step"), default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()

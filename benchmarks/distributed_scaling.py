@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, positive_int, results_tag, write_results  # noqa: E402
+from common import Distinct, fail, positive_int, results_tag, write_results  # noqa: E402
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -71,7 +71,7 @@ def pxt(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=pxt, nargs="+", default=["1x1", "1x2", "2x1"], help="PxT: P processes of T threads")
+    parser.add_argument("--configs", type=pxt, nargs="+", action=Distinct, default=["1x1", "1x2", "2x1"], help="PxT: P processes of T threads")
     parser.add_argument("--task", default="mnist-mlp")
     parser.add_argument("--meta-batch", type=positive_int, default=8)
     parser.add_argument("--horizon", type=positive_int, default=40)
@@ -79,8 +79,6 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=positive_int, default=5)
     parser.add_argument("--tag", type=results_tag("distributed_scaling"), help="suffix of the results file name (a run that should not replace the committed one)")
     args = parser.parse_args()
-    if len(set(args.configs)) < len(args.configs):
-        parser.error(f"argument --configs: each configuration once, got {' '.join(args.configs)}")
     if args.meta_steps < 2:  # the first is dropped as warm-up: with one, the warm-up was reported
         fail(parser, "--meta-steps must be at least 2 (the first meta-step of each run is dropped as warm-up)")
 

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
+from common import Distinct, path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -642,7 +642,7 @@ def main() -> None:
     sin = sub.add_parser("sinusoid", help="MAML / FOMAML / Reptile / pretrained on sinusoid regression")
     sin.add_argument("--iterations", type=positive_int, default=20_000)
     sin.add_argument("--test-tasks", type=positive_int, default=600)
-    sin.add_argument("--shots", type=positive_int, nargs="+", default=[5, 10])
+    sin.add_argument("--shots", type=positive_int, nargs="+", action=Distinct, default=[5, 10])
     sin.add_argument("--seed", type=seed_arg, default=0)
     sin.add_argument("--tag", type=results_tag("fewshot_sinusoid"), default="", help="suffix of the results file names")
     sin.set_defaults(func=sinusoid, threads=1)  # tiny models: threads cost more than they give
@@ -654,8 +654,8 @@ def main() -> None:
     hig.add_argument("--results-dir", type=path_option, default=None, help="where to write the results (default benchmarks/results)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
-    omn.add_argument("--methods", nargs="+", choices=FEWSHOT_ALGOS, default=list(FEWSHOT_ALGOS))
-    omn.add_argument("--ways", type=positive_int, nargs="+", default=[5, 20])
+    omn.add_argument("--methods", nargs="+", action=Distinct, choices=FEWSHOT_ALGOS, default=list(FEWSHOT_ALGOS))
+    omn.add_argument("--ways", type=positive_int, nargs="+", action=Distinct, default=[5, 20])
     omn.add_argument("--iterations", type=positive_int, default=1000)
     omn.add_argument("--meta-batch", type=positive_int, default=8)
     omn.add_argument("--queries", type=positive_int, default=5, help="query images per class in meta-training")
@@ -671,13 +671,13 @@ def main() -> None:
     mod.add_argument("--tag", type=results_tag("fewshot_omniglot"), required=True, help="suffix of the results file name")
     mod.add_argument("--test-episodes", type=positive_int, default=600)
     mod.add_argument("--seed", type=seed_arg, default=0)
-    mod.add_argument("--adapt", type=_adaptation, nargs="+", default=[(None, 0, 0)], metavar="STEPS,COPIES[,QUERY_COPIES]",
+    mod.add_argument("--adapt", type=_adaptation, nargs="+", action=Distinct, default=[(None, 0, 0)], metavar="STEPS,COPIES[,QUERY_COPIES]",
                      help="test-time settings, one row each: inner steps ('model': the model's), randomly "
                           "distorted copies of each support image to adapt on too, and distorted views of each "
                           "query image to average the predictions over (default: model,0,0)")  # fmt: skip
     mod.add_argument("--part", choices=["meta_test", "meta_valid"], default="meta_test",
                      help="alphabets to score on (meta_valid: for choosing test-time settings)")
-    mod.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS), help="which cells to score (default all)")
+    mod.add_argument("--cells", nargs="+", action=Distinct, choices=CELLS, default=list(CELLS), help="which cells to score (default all)")
     mod.add_argument("--threads", type=thread_count, default=1)
     mod.set_defaults(func=omniglot_model)
     plot = sub.add_parser("plot-omniglot", help="bar chart of the Omniglot results files")

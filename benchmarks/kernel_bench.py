@@ -66,7 +66,7 @@ from collections.abc import Callable
 
 import common
 import torch
-from common import path_option, positive_int, power_of_two, write_results
+from common import Distinct, path_option, positive_int, power_of_two, write_results
 
 from learnedopt import LSTMOptimizer
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
@@ -460,7 +460,7 @@ def meta_differentiable_columns(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None, help="parameter counts")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", action=Distinct, default=None, help="parameter counts")
     parser.add_argument("--num-layers", type=positive_int, default=2)
     parser.add_argument("--hidden-size", type=positive_int, default=20)
     parser.add_argument("--param-dtype", choices=DTYPES, default="float32")

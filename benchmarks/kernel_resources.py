@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import path_option, positive_int, power_of_two, write_results  # noqa: E402
+from common import Distinct, path_option, positive_int, power_of_two, write_results  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -191,8 +191,8 @@ def meta_launches(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=positive_int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--blocks", type=power_of_two(16), nargs="+", default=[32, 64, 128])
-    parser.add_argument("--warps", type=power_of_two(1), nargs="+", default=[2, 4, 8])
+    parser.add_argument("--blocks", type=power_of_two(16), nargs="+", action=Distinct, default=[32, 64, 128])
+    parser.add_argument("--warps", type=power_of_two(1), nargs="+", action=Distinct, default=[2, 4, 8])
     parser.add_argument(
         "--defaults",
         action="store_true",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, matmul_gflops, positive_int, results_tag, thread_count, time_call, write_results  # noqa: E402
+from common import Distinct, fail, matmul_gflops, positive_int, results_tag, thread_count, time_call, write_results  # noqa: E402
 
 from learnedopt.kernels import lstm_layer_cpu  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coordinates", type=positive_int, default=31_820)
     parser.add_argument("--hidden", type=positive_int, default=20)
-    parser.add_argument("--inputs", type=positive_int, nargs="+", default=[2, 20], help="each layer's inputs")
+    parser.add_argument("--inputs", type=positive_int, nargs="+", action=Distinct, default=[2, 20], help="each layer's inputs")
     parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--tag", type=results_tag("lstm_layer_cpu"), help="suffix of the results file name (e.g. for a run on 2 threads)")

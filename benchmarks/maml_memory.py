@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import fail, positive_int, write_results  # noqa: E402
+from common import Distinct, fail, positive_int, write_results  # noqa: E402
 
 from learnedopt.evaluation import check_report_name  # noqa: E402
 
@@ -102,17 +102,15 @@ def _Wrapped(model):  # noqa: N802 - a class made on demand, so that the module 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--steps", type=positive_int, nargs="+", action=Distinct, default=[1, 2, 5, 10])
     parser.add_argument("--meta-batch", type=positive_int, default=4)
     parser.add_argument("--ways", type=positive_int, default=5)
     parser.add_argument("--shots", type=positive_int, default=5)
-    parser.add_argument("--modes", nargs="+", choices=sorted(ALL_MODES), default=list(MODES), metavar="MODE",
+    parser.add_argument("--modes", nargs="+", action=Distinct, choices=sorted(ALL_MODES), default=list(MODES), metavar="MODE",
                         help=f"modes to run (default: {', '.join(MODES)}; also {', '.join(EXTRA_MODES)})")
     parser.add_argument("--name", default="maml_memory", help="results file name (default maml_memory)")
     parser.add_argument("--cell", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if len(set(args.steps)) < len(args.steps):  # one result per step count: a repeat ran again for nothing
-        parser.error(f"argument --steps: each step count once, got {' '.join(map(str, args.steps))}")
     try:  # before the runs: a name that is a path was a traceback once they had run
         check_report_name(common.RESULTS, args.name, ("json", "md"))
     except ValueError as err:
@@ -127,7 +125,7 @@ def main() -> None:
     # is what the results' machine record says (torch's default here: every core)
     torch.set_num_threads(1)
     results: dict[str, dict[int, dict[str, float]]] = {}
-    modes = list(dict.fromkeys(args.modes))
+    modes = args.modes
     for mode in modes:
         for steps in args.steps:
             command = [sys.executable, __file__, "--cell", mode, str(steps),

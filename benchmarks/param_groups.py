@@ -19,7 +19,7 @@ import argparse
 import warnings
 
 import torch
-from common import fail, positive_int, results_tag, time_call, write_results
+from common import Distinct, fail, positive_int, results_tag, time_call, write_results
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer
 
@@ -61,9 +61,9 @@ def learned(cls, limit: int | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tensors", type=positive_int, default=300, help="parameter tensors in all")
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10, 1000], help="elements per tensor")
-    parser.add_argument("--groups", type=positive_int, nargs="+", default=[1, 30, 300], help="param group counts")
-    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), default=["lstm", "meta"])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", action=Distinct, default=[10, 1000], help="elements per tensor")
+    parser.add_argument("--groups", type=positive_int, nargs="+", action=Distinct, default=[1, 30, 300], help="param group counts")
+    parser.add_argument("--optimizers", nargs="+", action=Distinct, choices=sorted(OPTIMIZERS), default=["lstm", "meta"])
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--tag", type=results_tag("param_groups"), default="", help="suffix of the results file name (e.g. for another host)")
     args = parser.parse_args()

@@ -196,6 +196,17 @@ BAD_OPTIONS = [
     ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "--tag", "x" * 300]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", "a/b"]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", ""]),
+    # a value given twice ran (or scored) twice: rows repeated in the table, one kept in the JSON where keyed
+    ("cpu_step", ["--sizes", "100", "100", "--layouts", "1", "--repeats", "1"]),
+    ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "1", "--repeats", "1", "--optimizers", "lstm"]),
+    ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "lstm"]),
+    ("fewshot", ["sinusoid", "--iterations", "1", "--test-tasks", "1", "--shots", "1", "1"]),
+    ("fewshot", ["omniglot", "--ways", "5", "5"]),
+    ("fewshot", ["omniglot", "--methods", "maml", "maml"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--adapt", "5,1", "5,1,0"]),
+    ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--cells", "1-shot", "1-shot"]),
+    ("lstm_layer_cpu", ["--inputs", "2", "2"]),
+    ("kernel_bench", ["--sizes", "100", "100"]),
     # numpy's SeedSequence refused a negative seed ("expected non-negative integer"), torch.manual_seed one
     # past 2**64 ("Overflow when unpacking long long"): tracebacks, the second after the training
     ("meta_train_throughput", [*TINY, "--seed", "-1"]),
@@ -830,3 +841,15 @@ def test_revision_ab_refuses_a_bad_task_or_preset_before_a_worker_starts(argv: l
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("revision_ab.py: error: ") and message in err, err
+
+
+def test_distinct_names_the_values_given_more_than_once(capsys) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench.py")
+    parser.add_argument("--sizes", type=int, nargs="+", action=common.Distinct)
+    assert parser.parse_args(["--sizes", "3", "1", "2"]).sizes == [3, 1, 2]
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--sizes", "3", "1", "3", "1", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "bench.py: error: argument --sizes: each value once, got 1, 3 more than once"
