@@ -29,17 +29,19 @@ with a 95% confidence interval (1.96 standard errors).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import Distinct, path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
+from common import Distinct, fail, path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -547,15 +549,13 @@ def _adaptation(text: str) -> tuple[int | None, int, int]:
     return values
 
 
-def omniglot_model(args: argparse.Namespace) -> None:
+def omniglot_model(args: argparse.Namespace, loaded: list[tuple[Any, dict]]) -> None:
     """Score a ``learnedopt meta-train --task omniglot`` learner on the meta-test alphabets (or,
-    for choosing test-time settings, the meta-validation one), once per ``--adapt`` setting."""
+    for choosing test-time settings, the meta-validation one), once per ``--adapt`` setting;
+    ``loaded``: ``load_learner`` of each of ``args.model`` (several: an ensemble, described by the first)."""
     import json
     import statistics
 
-    from learnedopt.meta.fewshot import load_learner
-
-    loaded = [load_learner(path) for path in args.model]  # several: an ensemble, described by the first
     learners, (_, header) = [learner for learner, _ in loaded], loaded[0]
     arch, config = header["architecture"], header["meta_train_config"]
     for path, (_, other) in zip(args.model[1:], loaded[1:]):
@@ -688,6 +688,14 @@ def main() -> None:
             check_device(args.device)
         except ConfigError as err:
             hig.error(str(err))
+    if args.benchmark == "omniglot-model":
+        from learnedopt.meta.fewshot import load_learner
+
+        try:  # before the run, in one line: a missing file, or one of another kind, was a traceback
+            loaded = [load_learner(path) for path in args.model]
+        except (OSError, ValueError) as err:
+            fail(mod, str(err))
+        args.func = functools.partial(omniglot_model, loaded=loaded)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.func(args)

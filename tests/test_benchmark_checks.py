@@ -196,6 +196,9 @@ BAD_OPTIONS = [
     ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "--repeats", "1", "--optimizers", "lstm", "--tag", "x" * 300]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", "a/b"]),
     ("maml_memory", ["--steps", "1", "--modes", "first-order", "--meta-batch", "1", "--ways", "2", "--shots", "1", "--name", ""]),
+    # a missing model, or a weight file of another kind, was load_learner's traceback
+    ("fewshot", ["omniglot-model", "missing.safetensors", "--tag", "t"]),
+    ("fewshot", ["omniglot-model", str(Path(__file__).resolve().parents[1] / "learnedopt/pretrained/l2l-mnist.safetensors"), "--tag", "t"]),
     # a value given twice ran (or scored) twice: rows repeated in the table, one kept in the JSON where keyed
     ("cpu_step", ["--sizes", "100", "100", "--layouts", "1", "--repeats", "1"]),
     ("param_groups", ["--tensors", "2", "--sizes", "10", "--groups", "1", "1", "--repeats", "1", "--optimizers", "lstm"]),
