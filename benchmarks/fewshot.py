@@ -690,9 +690,11 @@ def main() -> None:
             hig.error(str(err))
     if args.benchmark == "omniglot-model":
         from learnedopt.meta.fewshot import load_learner
+        from learnedopt.meta.fewshot.learner import check_ensemble
 
         try:  # before the run, in one line: a missing file, or one of another kind, was a traceback
             loaded = [load_learner(path) for path in args.model]
+            check_ensemble(args.model, [learner for learner, _ in loaded])
         except (OSError, ValueError) as err:
             fail(mod, str(err))
         args.func = functools.partial(omniglot_model, loaded=loaded)

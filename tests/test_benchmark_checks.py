@@ -856,3 +856,21 @@ def test_distinct_names_the_values_given_more_than_once(capsys) -> None:
         parser.parse_args(["--sizes", "3", "1", "3", "1", "2"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "bench.py: error: argument --sizes: each value once, got 1, 3 more than once"
+
+
+def test_fewshot_omniglot_model_refuses_an_ensemble_holding_one_model_twice(tmp_path: Path, results: Path, monkeypatch, capsys) -> None:
+    """As ``learnedopt evaluate omniglot-runs``: the ensemble's average would weigh it double."""
+    import fewshot
+
+    from learnedopt.meta.fewshot import FewShotLearner, LearnerSpec, save_learner
+
+    spec = LearnerSpec(algo="maml", architecture={"kind": "conv4", "in_channels": 1, "ways": 5, "hidden": 4, "image_size": 28},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    model = tmp_path / "model.safetensors"
+    save_learner(FewShotLearner(spec, seed=0), model)
+    monkeypatch.setattr(fewshot, "omniglot_model", lambda *a, **k: pytest.fail("scored the ensemble"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fewshot, monkeypatch, "omniglot-model", str(model), str(model), "--tag", "t")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{model} holds the same model as {model}: given twice, it would weigh double" in err, err

@@ -392,3 +392,22 @@ def test_learner_names_inputs_of_another_shape_or_dtype() -> None:
     with pytest.raises(ValueError, match=re.escape("x_support has examples of shape (); this learner's model takes (1,), as (N, 1)") + "$"):
         mlp.adapt(torch.rand(10), torch.rand(10, 1))
     assert mlp.predict(mlp.adapt(torch.rand(10, 1), torch.rand(10, 1)), torch.rand(4, 1)).shape == (4, 1)
+
+
+def test_cli_refuses_an_ensemble_holding_one_model_twice(tmp_path: Path, capsys) -> None:
+    """An ensemble averages its models' softmax outputs: one model given twice (one path twice, or
+    a copy) weighed double, as average-weights refuses for weight files."""
+    spec = LearnerSpec(algo="maml", architecture={"kind": "conv4", "in_channels": 1, "ways": 20, "hidden": 4, "image_size": 28},
+                       loss="cross_entropy", inner_steps=1, test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    for name, seed in (("a", 0), ("copy_of_a", 0), ("b", 1)):
+        save_learner(FewShotLearner(spec, seed=seed), tmp_path / f"{name}.safetensors")
+    make_runs(tmp_path / "runs", runs=1)
+    capsys.readouterr()
+    argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint"]
+    for models, twin in ((["a", "b", "a"], "a"), (["a", "b", "copy_of_a"], "copy_of_a")):
+        assert main([*argv, *(str(tmp_path / f"{m}.safetensors") for m in models)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert (f"{tmp_path / twin}.safetensors holds the same model as {tmp_path / 'a'}.safetensors: given twice, "
+                "it would weigh double in the ensemble") in err, err  # fmt: skip
+    assert main([*argv, str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...values import path_arg
 from ..loop import check_elements
-from .learner import FewShotLearner, load_learner
+from .learner import FewShotLearner, check_ensemble, load_learner
 
 
 def classify_task(
@@ -142,6 +142,7 @@ def run_omniglot_runs(args: argparse.Namespace) -> int:
             if getattr(args, flag) < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
         learners = [load_learner(checkpoint)[0] for checkpoint in args.checkpoint]
+        check_ensemble(args.checkpoint, learners)
         for checkpoint, learner in zip(args.checkpoint, learners, strict=True):
             arch = learner.spec.architecture
             if arch["kind"] != "conv4" or arch["ways"] != 20:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -476,6 +476,21 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
             "torch.view_as_real(param) as a real parameter instead"
         )
     save_with_header(path, MODEL_HEADER_KEY, header, tensors)
+
+
+def check_ensemble(paths: Sequence[str | os.PathLike[str]], learners: Sequence[FewShotLearner]) -> None:
+    """Raise ValueError where two of ``learners``, loaded from ``paths``, are one model (the same
+    spec and every tensor equal: one file given twice, or a copy): an ensemble averages its
+    models' predictions, so it would weigh that one double (as ``average_weights`` refuses)."""
+    for i, learner in enumerate(learners):
+        for j in range(i):
+            other = learners[j]
+            mine, theirs = learner.tensors(), other.tensors()
+            if learner.spec.to_dict() == other.spec.to_dict() and mine.keys() == theirs.keys() and all(
+                mine[k].dtype == theirs[k].dtype and mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k])
+                for k in mine
+            ):
+                raise ValueError(f"{paths[i]} holds the same model as {paths[j]}: given twice, it would weigh double in the ensemble")
 
 
 def load_learner(
