@@ -2760,3 +2760,19 @@ def test_a_run_given_paths_as_path_objects_records_them_as_strings_and_resumes(t
     out = tmp_path / "run"
     assert not meta_train(config, out, checkpoint_every=1, max_steps=1, progress=False).finished
     assert meta_train(config, out, checkpoint_every=1, resume=True, progress=False).finished
+
+
+@pytest.mark.parametrize("command", ["meta-train", "evaluate"])
+def test_a_bad_compiler_timeout_is_refused_before_the_run(command: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``LEARNEDOPT_CXX_TIMEOUT=nan`` was read at the first step's kernel build: meta-train stopped
+    there with a 68-line traceback (exit 1), as LEARNEDOPT_COMPILE and LEARNEDOPT_CPU_KERNEL no longer do."""
+    monkeypatch.setenv("LEARNEDOPT_CXX_TIMEOUT", "nan")
+    monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", "1")
+    if command == "meta-train":
+        argv = ["meta-train", *FAST, "--meta-steps", "1", "--out", str(tmp_path / "run")]
+    else:
+        argv = ["evaluate", "optimizers", "--quick", "--problems", "quadratic-20", "--stability-steps", "0", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: LEARNEDOPT_CXX_TIMEOUT='nan': use the seconds one compile" in err, err
+    assert not (tmp_path / "run").exists()

@@ -105,10 +105,12 @@ def compile_enabled() -> bool:
 
 
 def check_settings() -> None:
-    """Read the step's switches now (``LEARNEDOPT_COMPILE``, ``LEARNEDOPT_CPU_KERNEL``), so that
-    a bad value is refused before a run starts; raises ValueError naming it."""
+    """Read the step's switches now (``LEARNEDOPT_COMPILE``, ``LEARNEDOPT_CPU_KERNEL`` and, where
+    that kernel is on, ``LEARNEDOPT_CXX_TIMEOUT``, read at its first build), so that a bad value
+    is refused before a run starts; raises ValueError naming it."""
     compile_enabled()
-    lstm_layer_cpu.enabled()
+    if lstm_layer_cpu.enabled():
+        lstm_layer_cpu.compiler_timeout()
 
 
 class _Compiled:
