@@ -45,7 +45,7 @@ from learnedopt.evaluation import (  # noqa: E402
     run_optimizer,
     summarize,
 )
-from learnedopt.evaluation.harness import mnist_sha256  # noqa: E402
+from learnedopt.evaluation.harness import data_mnist_sha256, mnist_sha256  # noqa: E402
 from learnedopt.values import is_number  # noqa: E402
 
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         check_report_name(common.RESULTS, args.name, ("json", "md"))
         spec = learned_from_file(args.weights, rules_option=None) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)
         spec.header()  # the weights load
+        data_mnist_sha256(args.data)  # a --data of no MNIST, where no problem reads it, was ignored
         problems = {name: make_problem(name, args.data) for name in args.problems}
         reference = check_reference(read_json(args.reference), args.reference, problems, args.seeds, args.data)
     except (OSError, ValueError) as err:

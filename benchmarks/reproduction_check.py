@@ -32,6 +32,7 @@ from common import fail, machine, nan_note, path_arg, path_option  # noqa: E402
 
 from learnedopt import markdown  # noqa: E402
 from learnedopt.evaluation import DEFAULT_PROBLEMS, learned_from_file, make_problem, run_optimizer, summarize  # noqa: E402
+from learnedopt.evaluation.harness import data_mnist_sha256  # noqa: E402
 from learnedopt.evaluation.report import results_header  # noqa: E402
 from learnedopt.weights import fingerprint, load_weights  # noqa: E402
 
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # every input checked before any run
         weights = weight_difference(args.shipped, args.rerun)
         specs = {"shipped": learned_from_file(args.shipped), "rerun": learned_from_file(args.rerun)}
+        data_mnist_sha256(args.data)  # a --data of no MNIST, where no problem reads it, was ignored
         problems = {name: make_problem(name, args.data) for name in args.problems}
     except (OSError, ValueError) as err:
         fail(parser, str(err))

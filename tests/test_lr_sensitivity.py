@@ -187,6 +187,8 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
                                          "of the problems' losses, got 1e+39"),
         (["--loss-scales", "1e-46"], "float32's normal range (1.175e-38 to 3.403e+38), the dtype of the problems' losses, got 1e-46"),
         (["--loss-scales", "1", "1"], "--loss-scales given more than once"),
+        # read only by MNIST problems: a --data of no MNIST was ignored where no problem read it
+        (["--data", "/nonexistent/mnist-folder"], "data: data directory '/nonexistent/mnist-folder' does not exist"),
     ],
 )
 def test_bad_seeds_or_lrs_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args: list, message: str) -> None:

@@ -177,3 +177,17 @@ def test_an_empty_out_is_refused_before_any_run(tmp_path: Path, monkeypatch, cap
     assert exit_.value.code == 2
     assert "argument --out: must be a non-empty path, got ''" in capsys.readouterr().err
     assert list(work.iterdir()) == []
+
+
+def test_a_data_folder_without_mnist_is_refused_though_no_problem_reads_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """As evaluate optimizers --data: a folder named explicitly must hold MNIST (it was ignored
+    where every problem given needs none, and the report's command recorded it)."""
+    a = weight_file(tmp_path / "a.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=1.0)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "1", "--out", str(tmp_path / "out"),
+                 "--data", str(tmp_path / "none"))  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data: data directory '{tmp_path / 'none'}' does not exist" in err, err
+    assert not (tmp_path / "out").exists()

@@ -511,6 +511,17 @@ class RunSetup(NamedTuple):
     reused: ReusableResults | None
 
 
+def data_mnist_sha256(data: str | None) -> str | None:
+    """:func:`~learnedopt.data.idx.mnist_sha256` of the MNIST files that ``data`` (a ``--data``
+    option; None: the ``LEARNEDOPT_DATA`` search) names; a folder named explicitly must hold MNIST,
+    whether or not a problem reads it (no silent skipping, no ignored option): else ValueError
+    ``data: ...``."""
+    try:
+        return mnist_sha256(data, required=data is not None)
+    except FileNotFoundError as err:
+        raise ValueError(f"data: {err}") from None
+
+
 def check_config(config: EvalConfig) -> RunSetup:
     """The checks :func:`evaluate_optimizers` starts with, before any run: your own rules
     (``module:Class``, imported and registered here, their ``forward`` tried once), the weight
@@ -530,10 +541,7 @@ def check_config(config: EvalConfig) -> RunSetup:
     for spec in learned:
         spec.check_rule()
     records = {spec.label: spec.record() for spec in learned}
-    try:  # a folder named explicitly must hold MNIST: no silent skipping
-        data_sha256 = mnist_sha256(config.data, required=config.data is not None)
-    except FileNotFoundError as err:
-        raise ValueError(f"data: {err}") from None
+    data_sha256 = data_mnist_sha256(config.data)
     if data_sha256 is None and all(isinstance(p, str) and _missing_data(p, config.data) for p in config.problems):
         # each would be skipped: a report of nothing, written as if the evaluation had run
         raise ValueError(f"no problem given can run: {', '.join(map(str, config.problems))} "
