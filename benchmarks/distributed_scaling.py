@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Distinct, fail, positive_int, results_tag, write_results  # noqa: E402
+from common import Distinct, fail, positive_int, results_tag, thread_count, write_results  # noqa: E402
+
+from learnedopt.cli import most_threads  # noqa: E402
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -62,11 +64,19 @@ def run(procs: int, threads: int, args: argparse.Namespace, out: Path) -> dict[s
 
 
 def pxt(text: str) -> str:
-    """``type=`` of ``--configs``: ``PxT`` with P processes and T threads each, both >= 1."""
+    """``type=`` of ``--configs``: ``PxT`` with P processes and T threads each, both thread counts
+    (:func:`~learnedopt.cli.thread_count`: from 1 to the most a command takes), written without
+    leading zeros so that one config has one spelling (``01x1`` is ``1x1``)."""
     parts = text.split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not PxT (P processes of T threads, both >= 1, e.g. 2x1)")
-    return text
+    try:
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError
+        procs, threads = (thread_count(p) for p in parts)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not PxT (P processes of T threads, each from 1 to {most_threads()}, e.g. 2x1)"
+        ) from None
+    return f"{procs}x{threads}"
 
 
 def main() -> None:

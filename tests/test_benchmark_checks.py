@@ -874,3 +874,18 @@ def test_fewshot_omniglot_model_refuses_an_ensemble_holding_one_model_twice(tmp_
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{model} holds the same model as {model}: given twice, it would weigh double" in err, err
+
+
+def test_distributed_scaling_configs_are_bounded_thread_counts_in_one_spelling() -> None:
+    """``--configs PxT``: P processes (torchrun's --nproc_per_node) and T threads (OMP_NUM_THREADS)
+    took any count, 10**20 processes included, and ``1x01`` ran ``1x1`` again as another config."""
+    import argparse
+
+    import distributed_scaling
+
+    from learnedopt.cli import most_threads
+
+    assert distributed_scaling.pxt("2x1") == "2x1" and distributed_scaling.pxt("01x002") == "1x2"
+    for text in ("0x1", "1x0", "1y1", "x1", f"{most_threads() + 1}x1", "1x100000000000000000000"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not PxT"):
+            distributed_scaling.pxt(text)
