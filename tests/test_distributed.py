@@ -1250,3 +1250,18 @@ def test_zero_redundancy_optimizer_refuses_a_state_of_other_weights_at_the_next_
                 assert not torch.equal(param, before)
     finally:
         dist.destroy_process_group()
+
+
+def test_init_from_env_refuses_a_timeout_no_timedelta_holds(monkeypatch) -> None:
+    """``init_from_env(timeout_s=1e14)`` under torchrun raised OverflowError from
+    ``datetime.timedelta`` (a traceback past the CLI's ValueError catch); now ValueError, before
+    any process group is made."""
+    import torch.distributed as dist
+
+    from learnedopt.meta import distributed
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("made a process group"))
+    for timeout in (1e14, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="^timeout_s must be"):
+            distributed.init_from_env(timeout_s=timeout)

@@ -395,6 +395,9 @@ BAD = [
     (["--algo", "maml", "--task", ""], "--algo maml trains on --task sinusoid or omniglot, or your own few-shot family as module:attribute (e.g. mytasks:LineFamily), not ''"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds, got 0.0"),
     (["--dist-timeout", "inf"], "--dist-timeout must be a positive number of seconds, got inf"),
+    # finite, but more than a datetime.timedelta holds: torchrun's ranks each stopped with an
+    # OverflowError traceback in init_process_group (a single process ran, ignoring it)
+    (["--dist-timeout", "1e14"], "--dist-timeout must be at most 8.64e+13 seconds (the longest datetime.timedelta), got 1e+14"),
     # an option of the other kind of algorithm is refused even at a value that reads as false
     (["--algo", "maml", "--horizon", "0"], "--horizon does not apply to --algo maml; it is an option of --algo lstm"),
 ]

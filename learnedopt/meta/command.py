@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,9 +251,10 @@ def run_meta_train(args: argparse.Namespace) -> int:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on CPU, see
     :mod:`learnedopt.meta.distributed`) and leaves it at the end.
     """
-    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
-        print(f"learnedopt meta-train: error: --dist-timeout must be a positive number of seconds, "
-              f"got {args.dist_timeout}", file=sys.stderr)  # fmt: skip
+    try:  # in a single process too, where it is not used: a value no torchrun job could take
+        distributed.check_timeout(args.dist_timeout)
+    except ValueError as err:
+        print(f"learnedopt meta-train: error: --dist-timeout {err}", file=sys.stderr)
         return 2
     try:
         keep_freed_memory()  # before the first truncation allocates

@@ -20,6 +20,7 @@ that set up ``torch.distributed`` themselves get distributed meta-training from 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +33,9 @@ from torch import Tensor
 
 #: seconds a collective waits for the other ranks before the job fails (``--dist-timeout``)
 DEFAULT_TIMEOUT_S = 300.0
+#: the longest collective timeout: what a ``datetime.timedelta`` holds (999,999,999 days), which
+#: ``init_process_group`` takes it as
+MAX_TIMEOUT_S = datetime.timedelta.max.total_seconds()
 
 
 class DistributedError(RuntimeError):
@@ -179,6 +183,15 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+def check_timeout(timeout_s: float) -> None:
+    """Raise ValueError (``must be ...``, to follow the option's name) unless ``timeout_s`` is a
+    number of seconds above 0 and at most :data:`MAX_TIMEOUT_S`."""
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"must be a positive number of seconds, got {timeout_s}")
+    if timeout_s > MAX_TIMEOUT_S:
+        raise ValueError(f"must be at most {MAX_TIMEOUT_S:g} seconds (the longest datetime.timedelta), got {timeout_s:g}")
+
+
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Workers:
     """Join the job ``torchrun`` described in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``), with the backend of :func:`default_backend` and
@@ -190,6 +203,10 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Workers:
         return current()
     if not launched_by_torchrun():
         return SINGLE
+    try:
+        check_timeout(timeout_s)
+    except ValueError as err:
+        raise ValueError(f"timeout_s {err}") from None
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = default_backend()
