@@ -194,6 +194,16 @@ def path_option(text: str) -> Path:
     return Path(path_arg(text))
 
 
+def results_dir(text: str) -> Path:
+    """``type=`` of ``--results-dir``: a folder, made with its parents when the results are
+    written (:func:`write_results`); an empty path or an existing file is argparse's one-line
+    error when parsed, not a traceback after the run."""
+    path = path_option(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with status 2 and the one-line ``PROG: error: MESSAGE`` on stderr (as argparse's own
     errors, without the usage lines)."""
@@ -249,7 +259,7 @@ def write_results(name: str, payload: dict, table: str, argv: Sequence[str] | No
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the command is in the payload:
     ``python`` and ``argv``, the script and its arguments, by default ``sys.argv``; a script
     whose ``main(argv)`` ran other arguments passes them)."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     # optimizee_eval.py --resume gives the report of the command without it
     words = sys.argv if argv is None else argv
     payload = {"command": shlex.join(["python", *(arg for arg in words if arg != "--resume")]), "machine": machine(), **payload}

@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import Distinct, fail, path_arg, path_option, positive_int, results_tag, seed_arg, thread_count, write_results  # noqa: E402
+from common import Distinct, fail, path_arg, positive_int, results_dir, results_tag, seed_arg, thread_count, write_results  # noqa: E402
 
 from learnedopt.data import SinusoidTasks, stack_episodes  # noqa: E402
 from learnedopt.meta.fewshot import FEWSHOT_ALGOS, omniglot_class_splits, parse_alphabets  # noqa: E402
@@ -651,7 +651,7 @@ def main() -> None:
     hig.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     hig.add_argument("--tag", type=results_tag("fewshot_vs_higher"), default="", help="suffix of the results file name (e.g. for another host)")
     hig.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu; on CUDA no convolution shares)")
-    hig.add_argument("--results-dir", type=path_option, default=None, help="where to write the results (default benchmarks/results)")
+    hig.add_argument("--results-dir", type=results_dir, default=None, help="where to write the results (default benchmarks/results)")
     hig.set_defaults(func=against_higher)
     omn = sub.add_parser("omniglot", help="MAML / FOMAML / Reptile / meta-LSTM on Omniglot with held-out alphabets")
     omn.add_argument("--methods", nargs="+", action=Distinct, choices=FEWSHOT_ALGOS, default=list(FEWSHOT_ALGOS))

@@ -66,7 +66,7 @@ from collections.abc import Callable
 
 import common
 import torch
-from common import Distinct, path_option, positive_int, power_of_two, write_results
+from common import Distinct, positive_int, power_of_two, results_dir, write_results
 
 from learnedopt import LSTMOptimizer
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
@@ -484,7 +484,7 @@ def main() -> None:
         help="largest size for the backward columns (default 10^7 on CUDA, 10^6 on CPU)",
     )
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--results-dir", type=path_option, default=None, help=f"default {common.RESULTS}")
+    parser.add_argument("--results-dir", type=results_dir, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.results_dir is not None:

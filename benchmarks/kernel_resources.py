@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import Distinct, path_option, positive_int, power_of_two, write_results  # noqa: E402
+from common import Distinct, positive_int, power_of_two, results_dir, write_results  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -203,7 +203,7 @@ def main() -> int:
         action="store_true",
         help="skip the forward and backward kernels of meta-training (about a minute each)",
     )
-    parser.add_argument("--results-dir", type=path_option, default=None, help=f"default {common.RESULTS}")
+    parser.add_argument("--results-dir", type=results_dir, default=None, help=f"default {common.RESULTS}")
     args = parser.parse_args()
     if args.results_dir is not None:
         common.RESULTS = args.results_dir

@@ -210,6 +210,8 @@ BAD_OPTIONS = [
     ("fewshot", ["omniglot-model", "m.safetensors", "--tag", "t", "--cells", "1-shot", "1-shot"]),
     ("lstm_layer_cpu", ["--inputs", "2", "2"]),
     ("kernel_bench", ["--sizes", "100", "100"]),
+    ("kernel_bench", ["--results-dir", __file__]),  # a file: FileExistsError once the results were written
+    ("fewshot", ["higher", "--results-dir", __file__]),
     # numpy's SeedSequence refused a negative seed ("expected non-negative integer"), torch.manual_seed one
     # past 2**64 ("Overflow when unpacking long long"): tracebacks, the second after the training
     ("meta_train_throughput", [*TINY, "--seed", "-1"]),
@@ -889,3 +891,20 @@ def test_distributed_scaling_configs_are_bounded_thread_counts_in_one_spelling()
     for text in ("0x1", "1x0", "1y1", "x1", f"{most_threads() + 1}x1", "1x100000000000000000000"):
         with pytest.raises(argparse.ArgumentTypeError, match="is not PxT"):
             distributed_scaling.pxt(text)
+
+
+def test_results_dir_is_a_folder_made_with_its_parents(tmp_path: Path, monkeypatch) -> None:
+    """``--results-dir`` (fewshot.py higher, kernel_bench.py, kernel_resources.py) was first used
+    when the results were written, after the run: a file there stopped it with FileExistsError, a
+    folder in a missing one with FileNotFoundError. A file is refused when parsed; missing folders
+    are made."""
+    import argparse
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="a_file is a file, not a folder"):
+        common.results_dir(str(a_file))
+    assert common.results_dir(str(tmp_path / "new" / "results")) == tmp_path / "new" / "results"
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "new" / "results")
+    common.write_results("x", {}, "table")
+    assert (tmp_path / "new" / "results" / "x.json").is_file()
