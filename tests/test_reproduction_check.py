@@ -191,3 +191,17 @@ def test_a_data_folder_without_mnist_is_refused_though_no_problem_reads_it(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"data: data directory '{tmp_path / 'none'}' does not exist" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--out`` was first used after every run: a file there stopped the check with
+    FileExistsError from mkdir, the runs lost."""
+    a = weight_file(tmp_path / "a.safetensors")
+    b = weight_file(tmp_path / "b.safetensors", shift=1.0)
+    out = tmp_path / "out"
+    out.write_text("")
+    monkeypatch.setattr(reproduction_check, "run_optimizer", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "1", "--out", str(out))
+    assert exit_.value.code == 2
+    assert f"argument --out: {out} is a file, not a folder" in capsys.readouterr().err
