@@ -353,19 +353,28 @@ def _episode_batch(data, sampler, batch: int):
     return stack_episodes(data.images, [sampler.sample() for _ in range(batch)])
 
 
-def _train_omniglot(method: str, ways: int, args):
-    """Meta-train one method with the library's trainer (what ``learnedopt meta-train --algo
-    METHOD --task omniglot`` runs, with its paper defaults: ``fewshot_defaults``); returns an
-    ``adapt(x_s, y_s) -> predict`` function of the trained learner."""
-    import dataclasses
-    import tempfile
-
-    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults, meta_train_fewshot
+def _omniglot_config(method: str, ways: int, args):
+    """The ``FewShotConfig`` a job meta-trains ``method`` on ``ways``-way Omniglot with: the
+    paper defaults of ``learnedopt meta-train --algo METHOD --task omniglot``
+    (``fewshot_defaults``) and the benchmark's options."""
+    from learnedopt.meta.fewshot import FewShotConfig, fewshot_defaults
 
     values = fewshot_defaults(method, "omniglot", ways)
     values.update(ways=ways, meta_steps=args.iterations, meta_batch=args.meta_batch, queries=args.queries,
                   hidden=args.hidden, val_tasks=args.val_tasks)  # fmt: skip
-    config = FewShotConfig(algo=method, task="omniglot", seed=args.seed, **values)
+    return FewShotConfig(algo=method, task="omniglot", seed=args.seed, **values)
+
+
+def _train_omniglot(method: str, ways: int, args):
+    """Meta-train one method with the library's trainer (what ``learnedopt meta-train --algo
+    METHOD --task omniglot`` runs, :func:`_omniglot_config`); returns an ``adapt(x_s, y_s) ->
+    predict`` function of the trained learner."""
+    import dataclasses
+    import tempfile
+
+    from learnedopt.meta.fewshot import meta_train_fewshot
+
+    config = _omniglot_config(method, ways, args)
     with tempfile.TemporaryDirectory() as out:
         learner = meta_train_fewshot(config, out, checkpoint_every=max(1, args.iterations // 10), progress=False).learner
     adapt = _adapter(learner)
@@ -688,6 +697,13 @@ def main() -> None:
             check_device(args.device)
         except ConfigError as err:
             hig.error(str(err))
+    if args.benchmark == "omniglot":
+        try:  # each job's settings, before any starts: a job's ConfigError was a traceback above "exited without a result"
+            for ways in args.ways:
+                for method in args.methods:
+                    _omniglot_config(method, ways, args).validate()
+        except ValueError as err:  # ConfigError too
+            fail(omn, str(err))
     if args.benchmark == "omniglot-model":
         from learnedopt.meta.fewshot import load_learner
         from learnedopt.meta.fewshot.learner import check_ensemble

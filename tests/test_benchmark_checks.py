@@ -908,3 +908,20 @@ def test_results_dir_is_a_folder_made_with_its_parents(tmp_path: Path, monkeypat
     monkeypatch.setattr(common, "RESULTS", tmp_path / "new" / "results")
     common.write_results("x", {}, "table")
     assert (tmp_path / "new" / "results" / "x.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "1000000000"], "--hidden 1000000000: the conv-4's (hidden, hidden, 3, 3) weights would have"),
+    (["--meta-batch", "1000000000000000000000"], "--meta-batch 1000000000000000000000 and --shots 1"),
+])
+def test_fewshot_omniglot_refuses_a_bad_setting_before_a_job_starts(argv: list[str], message: str, results: Path, monkeypatch, capsys) -> None:
+    """Each (method, ways) job validated its settings itself: a bad one ended the job in a
+    ConfigError traceback, then 'the job exited without a result'. They are validated first."""
+    import fewshot
+
+    monkeypatch.setattr(fewshot, "_omniglot_job", lambda *a: pytest.fail("started a job"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fewshot, monkeypatch, "omniglot", "--methods", "maml", "--ways", "5", *argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fewshot.py omniglot: error: ") and message in err, err
