@@ -102,6 +102,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 
+from ..values import check_bool, check_positive_integer, is_integer
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
     INPUT_PRECISIONS,
@@ -613,18 +614,21 @@ class KernelOptions:
     max_programs: int | None = None
 
     def __post_init__(self) -> None:
+        # integers, not bools or floats: 32.0 failed the power-of-two test with a TypeError, and
+        # max_programs=2.5 passed here and failed at the first backward
+        check_bool("use_dot", self.use_dot)
         for name in ("block", "backward_block"):
             b = getattr(self, name)
-            if b is not None and (b < 16 or b & (b - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+            if b is not None and (not is_integer(b) or b < 16 or b & (b - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+        if not is_integer(self.num_warps) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps!r}")
         if self.input_precision not in INPUT_PRECISIONS:
             raise ValueError(
                 f"input_precision must be one of {INPUT_PRECISIONS}, got {self.input_precision!r}"
             )
-        if self.max_programs is not None and self.max_programs < 1:
-            raise ValueError(f"max_programs must be >= 1, got {self.max_programs}")
+        if self.max_programs is not None:
+            check_positive_integer("max_programs", self.max_programs)
 
 
 def _block(requested: int | None, gpu_default: int, n: int) -> int:

@@ -419,6 +419,27 @@ def test_invalid_arguments() -> None:
         KernelOptions(input_precision="fp8")
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        # accepted, then the backward's partial-sum buffers failed in torch.zeros (2.5 programs),
+        # after the forward had run: in meta-training, at the first backward
+        (dict(max_programs=2.5), r"max_programs must be an integer >= 1, got 2.5"),
+        (dict(max_programs=True), r"max_programs must be an integer >= 1, got True"),
+        # a TypeError of the power-of-two check ("unsupported operand type(s) for &")
+        (dict(block=32.0), r"block must be a power of two >= 16, got 32.0"),
+        (dict(backward_block=64.0), r"backward_block must be a power of two >= 16, got 64.0"),
+        (dict(num_warps=4.0), r"num_warps must be a power of two, got 4.0"),
+        (dict(num_warps=True), r"num_warps must be a power of two, got True"),  # ran as 1 warp
+        # a switch given as a string was taken as true
+        (dict(use_dot="no"), r"use_dot must be True or False, got 'no'"),
+    ],
+)
+def test_kernel_options_of_another_type_are_refused(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        KernelOptions(**options)
+
+
 def test_backward_programs_are_bounded_by_max_programs() -> None:
     # (BLOCK, P): P programs walk the tiles, at most max_programs of them and at most one per tile
     cpu = torch.device("cpu")
