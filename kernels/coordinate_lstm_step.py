@@ -79,6 +79,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from torch import Tensor
 
 from ..nn.functional import RMS_EPS, below_one_in_float32, check_preprocess_p
+from ..values import is_integer
 
 if TYPE_CHECKING:
     from .meta_lstm_step import MetaPackedWeights
@@ -631,26 +632,33 @@ def check_step_arguments(
     block: int,
     num_warps: int,
     input_precision: str,
+    switches: Mapping[str, object] | None = None,
 ) -> int:
     """The checks a fused step launcher makes of its coordinate tensors and launch options;
     returns the number of coordinates ``n``.
 
     ``grad`` and ``param`` must be contiguous 1-D tensors of ``n`` elements (``(N,)``), in a
     gradient and a parameter dtype, and ``param_out`` a contiguous tensor of ``param``'s shape
-    and dtype (``param`` itself for an in-place update).
+    and dtype (``param`` itself for an in-place update). ``block`` and ``num_warps`` must be
+    integers (not bools), and each of ``switches`` (name: value) True or False, as the
+    optimizers take ``maximize``: a string such as ``"no"`` would otherwise count as true.
 
     Raises:
         ValueError: the first problem found.
     """
+    for name, value in (switches or {}).items():
+        if isinstance(value, Tensor) or value not in (True, False):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     if not preprocess_p > 0:
         raise ValueError(f"preprocess_p must be positive, got {preprocess_p}")
     # the rule's own bounds: e^p and log|g| / p must be finite in float32 (p = 100 made a zero
     # gradient's direction feature 0 * Inf = NaN)
     check_preprocess_p(preprocess_p)
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
-    if num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+    # integers, not floats (a TypeError of the test below) nor bools (True ran as one warp)
+    if not is_integer(block) or block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block!r}")
+    if not is_integer(num_warps) or num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(
             f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
@@ -834,6 +842,7 @@ def coordinate_lstm_step_(
     n = check_step_arguments(
         grad, param, param_out, preprocess_p=preprocess_p, block=block, num_warps=num_warps,
         input_precision=input_precision,
+        switches={"maximize": maximize, "use_dot": use_dot, "param_input": param_input, "fast_tanh": fast_tanh},
     )
     for name, t in (("h", h), ("c", c)):
         _check_states(name, t, (num_layers, n, hidden_size), "(L, N, H)", "(N, H) slab per layer")

@@ -486,6 +486,7 @@ def meta_lstm_step_(
     n = check_step_arguments(
         grad, param, param_out, preprocess_p=preprocess_p, block=block, num_warps=num_warps,
         input_precision=input_precision,
+        switches={"maximize": maximize, "use_dot": use_dot, "fast_tanh": fast_tanh},
     )
     _check_state("h", h, (1, n, hidden_size), slab=True)
     _check_state("c", c, (1, n, hidden_size), slab=True)

@@ -577,6 +577,15 @@ def _call(features: str | dict = "paper", **overrides):
         (dict(input_precision="bf16"), r"input_precision"),
         (dict(fast_tanh=True), r"fast_tanh"),
         (dict(weights={}), r"weights lack"),
+        # integers and switches of another type: a TypeError of the power-of-two test, one warp
+        # for True, and a string switch taken as true ("no" maximized)
+        (dict(block=32.0), r"block must be a power of two >= 16, got 32.0"),
+        (dict(num_warps=4.0), r"num_warps must be a power of two, got 4.0"),
+        (dict(num_warps=True), r"num_warps must be a power of two, got True"),
+        (dict(maximize="no"), r"maximize must be True or False, got 'no'"),
+        (dict(use_dot="no"), r"use_dot must be True or False, got 'no'"),
+        (dict(param_input="no"), r"param_input must be True or False, got 'no'"),
+        (dict(fast_tanh="no"), r"fast_tanh must be True or False, got 'no'"),
     ],
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:

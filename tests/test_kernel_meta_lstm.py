@@ -531,6 +531,11 @@ def _call(**overrides) -> None:
         ({"rms_decay": 1 - 1e-9, "v": torch.zeros(2, 32)}, r"rms_decay must be in \(0, 1\) in float32, got 0.999999999$"),
         ({"step_scale": 0.0}, r"step_scale must be positive"),
         ({"step_scale": float("inf")}, r"step_scale must be positive and finite"),
+        # integers and switches of another type, as for the coordinate kernel
+        ({"block": 32.0}, r"block must be a power of two >= 16, got 32.0"),
+        ({"num_warps": True}, r"num_warps must be a power of two, got True"),
+        ({"maximize": "no"}, r"maximize must be True or False, got 'no'"),
+        ({"use_dot": "no"}, r"use_dot must be True or False, got 'no'"),
     ],
 )
 def test_invalid_arguments(overrides: dict, match: str) -> None:
