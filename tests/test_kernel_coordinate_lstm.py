@@ -329,6 +329,32 @@ def test_state_and_param_dtypes(state_dtype: torch.dtype, param_dtype: torch.dty
     assert (got[0] != inputs[1]).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_gradients_of_another_dtype_than_the_parameters(grad_dtype: torch.dtype) -> None:
+    # the kernel reads any gradient dtype as fp32, as the PyTorch path converts it
+    rule = make_rule(2, 20, **FEATURES["l2l-random"])
+    grad, param, h, c = make_inputs(40, 2, 20)
+    grad = grad.to(grad_dtype)
+    moments = make_moments(rule, 40)
+    assert_matches(
+        fused(rule, grad, param, h, c, lr=0.3, maximize=False, block=16, **moments),
+        reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments),
+        ("param", "h", "c", *moments),
+    )
+
+
+def test_each_state_in_its_own_dtype() -> None:
+    # h, c, m and v are each read and stored in their own dtype: float32 h and v beside
+    # bfloat16 c and m give what the PyTorch path writes into the same buffers
+    rule = make_rule(2, 20, **FEATURES["l2l-random"])
+    grad, param, h, c = make_inputs(40, 2, 20)
+    moments = make_moments(rule, 40)
+    c, moments["m"] = c.to(torch.bfloat16), moments["m"].to(torch.bfloat16)
+    got = fused(rule, grad, param, h, c, lr=0.3, maximize=False, block=16, **moments)
+    assert [t.dtype for t in got] == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    assert_matches(got, reference(rule, grad, param, h, c, lr=0.3, maximize=False, **moments), ("param", "h", "c", *moments))
+
+
 def test_bfloat16_stores_round_to_nearest_even() -> None:
     # Same bf16-exact inputs into fp32 and bf16 state buffers: the kernel computes identical fp32
     # values, so the bf16 run must hold exactly torch's rounding of the fp32 run.
@@ -374,7 +400,7 @@ def test_lr_zero_leaves_param_bitwise(param_dtype: torch.dtype) -> None:
     assert_matches((p_out, hk, ck), (param, hr, cr))  # the states still advance
 
 
-@pytest.mark.parametrize("n, block", [(100, 16), (64, 64), (1000, 256), (4096, 1024)])
+@pytest.mark.parametrize("n, block", [(100, 16), (15, 16), (17, 16), (64, 64), (1000, 256), (4096, 1024)])
 def test_blocks_and_tails(n: int, block: int) -> None:
     # several programs with a partial last block, and exact multiples of the block
     rule = make_rule(2, 20)

@@ -229,6 +229,25 @@ def _step_both_ways(rule, grad, param, h, c, fi, moments) -> tuple[dict, dict]:
     return got, ref
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_each_state_in_its_own_dtype_and_any_gradient_dtype(grad_dtype: torch.dtype) -> None:
+    # h, c, fi, m and v are each read and stored in their own dtype (float32 h and v beside
+    # bfloat16 c, fi and m), and the gradient in any float dtype is read as fp32, as the
+    # optimizer's PyTorch path does with the same buffers
+    rule = make_rule(**DIRECTIONS["adam"])
+    grad, param, h, c, fi = make_inputs(40)
+    moments = _moments(40, rule, torch.float32)
+    c, fi, moments["m"] = c.to(torch.bfloat16), fi.to(torch.bfloat16), moments["m"].to(torch.bfloat16)
+    got, ref = _step_both_ways(rule, grad.to(grad_dtype), param, h, c, fi, moments)
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in ref.items()}
+    assert got["c"].dtype == got["fi"].dtype == got["m"].dtype == torch.bfloat16 and got["v"].dtype == torch.float32
+    for name, want in ref.items():
+        if want.dtype == torch.float32:
+            torch.testing.assert_close(got[name], want, **FP32_TOL, msg=lambda m, k=name: f"{k}: {m}")
+        else:
+            assert_within_one_ulp(got[name], want)
+
+
 def test_a_nan_or_negative_second_moment_propagates_like_pytorch() -> None:
     """The kernel's sqrt gives NaN there; the optimizer's PyTorch path used to divide by its
     epsilon instead, a huge finite step."""
@@ -430,7 +449,7 @@ def test_lr_zero_leaves_param_bitwise(param_dtype: torch.dtype) -> None:
     assert_matches((param, *got[1:]), (param, *want[1:]))  # the states still advance
 
 
-@pytest.mark.parametrize("n, block", [(100, 16), (64, 64), (1000, 256)])
+@pytest.mark.parametrize("n, block", [(100, 16), (15, 16), (17, 16), (64, 64), (1000, 256)])
 def test_blocks_and_tails(n: int, block: int) -> None:
     rule = make_rule()
     inputs = make_inputs(n)
