@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -266,6 +270,18 @@ def test_tiles_tails_and_programs(n, num_layers, hidden_size, momenta, block, ma
     check_kernel(rule, got, kernel_reference(rule, x, h, c, d_step, d_h, d_c))
 
 
+def test_no_coordinates() -> None:
+    # N = 0: empty outputs and input gradients, zero weight gradients, no launch
+    rule = make_rule(2, 8, **FEATURES["rich"])
+    _, h, c, d_step, d_h, d_c = make_inputs(0, 2, 8)
+    x = make_features(0, rule.config.num_inputs)
+    got = kernel_step(rule, x, h, c, d_step, d_h, d_c)
+    want = kernel_reference(rule, x, h, c, d_step, d_h, d_c)
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert not a.any()
+
+
 def test_directional_derivative_of_its_own_forward() -> None:
     # gradcheck-style, kernels only: the backward's directional derivative equals central
     # differences of the Triton forward along a random direction in every input and weight.
@@ -304,6 +320,27 @@ def test_directional_derivative_of_its_own_forward() -> None:
     )
     assert abs(numeric) > 1.0
     assert abs(analytic - numeric) <= 2e-3 * abs(numeric)
+
+
+def test_gradcheck_against_its_own_forward() -> None:
+    # torch.autograd.gradcheck of the Function on a few coordinates of two layers, every input and
+    # packed weight (w_ih of the second layer too): the backward kernel's Jacobian (random
+    # projections, fast mode) against central differences of the forward kernel, in fp32, hence
+    # eps = 1e-2; the bounds are those of the meta-learner's test (test_kernel_meta_lstm_backward).
+    rule = make_rule(2, 3, seed=5, **FEATURES["param"])
+    _, h, c, *_ = make_inputs(3, 2, 3, seed=5)
+    x = make_features(3, rule.config.num_inputs, seed=5)
+    packed = pack_weights(
+        {k: v.detach() for k, v in rule.named_parameters()}, num_layers=2, hidden_size=3, num_inputs=rule.config.num_inputs
+    )
+    leaves = [t.clone().requires_grad_(True) for t in (x, h, c, *packed)]
+    options = KernelOptions(block=16, backward_block=16)
+    scale = rule.config.output_scale
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Input #", UserWarning)  # float32 inputs, on purpose
+        assert torch.autograd.gradcheck(
+            lambda *args: CoordinateLSTMStepFunction.apply(*args, scale, options), leaves, eps=1e-2, atol=1e-5, rtol=1e-3, fast_mode=True
+        )
 
 
 def test_options_reach_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -586,6 +623,34 @@ def test_unroll_backend_dispatch() -> None:
     with pytest.raises(ValueError, match="only CoordinateLSTM and MetaLSTMCell, not PlainSGD"):
         unroll(sgd, tasks, params, {}, 2, backend="triton")
     unroll(sgd, tasks, params, {}, 2, backend="auto")
+
+
+def test_unroll_triton_on_cpu_without_the_interpreter_is_refused_clearly() -> None:
+    # without TRITON_INTERPRET (a user's CPU machine), backend="triton" names what is missing for
+    # either rule before any step, and "auto" runs the PyTorch path
+    script = """
+import torch
+from learnedopt.meta import QuadraticFamily, generator_for, num_coordinates, unroll
+from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
+tasks = QuadraticFamily(dim=3, dtype=torch.float32).sample_batch(2, generator_for(0))
+params = tasks.init_params(generator_for(1))
+for rule in (CoordinateLSTM(), MetaLSTMCell()):
+    state = rule.init_state(num_coordinates(params), dtype=torch.float32, device="cpu")
+    try:
+        unroll(rule, tasks, params, state, 2, backend="triton")
+    except ValueError as err:
+        print("raised:", err)
+    result = unroll(rule, tasks, params, state, 2, backend="auto")
+    print("auto:", bool(torch.isfinite(result.meta_loss)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    refusal = (
+        "raised: backend='triton' cannot run this update: CPU tensors need the Triton interpreter "
+        "(TRITON_INTERPRET=1 set before Triton is imported); otherwise use CUDA tensors"
+    )
+    assert out.stdout.splitlines() == [refusal, "auto: True"] * 2, out.stdout
 
 
 @pytest.mark.parametrize(
