@@ -327,6 +327,9 @@ def _check_inputs(
             f"{getattr(x, 'shape', type(x))}"
         )
     n = x.shape[0]
+    for name, t in (("grad", grad), ("param", param)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor of shape (N,) = ({n},), got {type(t)}")
     for name, t in (("x", x), ("grad", grad), ("param", param)):
         if t.dtype not in GRAD_DTYPES:
             raise ValueError(f"{name} dtype must be one of {GRAD_DTYPES}, got {t.dtype}")

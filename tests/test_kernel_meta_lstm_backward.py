@@ -225,6 +225,12 @@ def test_invalid_arguments() -> None:
         meta_lstm_step(x, grad, param, h.bfloat16(), c, fi, weights, cfg)
     with pytest.raises(ValueError, match="not H=20"):
         meta_lstm_step(x, grad, param, h, c, fi, pack_weights(weights, hidden_size=8), MetaLSTMCell().config)
+    # not tensors: an AttributeError of the dtype check ("'float' object has no attribute 'dtype'"),
+    # where x, h, c and fi got a ValueError
+    with pytest.raises(ValueError, match=r"grad must be a tensor of shape \(N,\) = \(32,\), got <class 'NoneType'>"):
+        meta_lstm_step(x, None, param, h, c, fi, weights, cfg)
+    with pytest.raises(ValueError, match=r"param must be a tensor of shape \(N,\) = \(32,\), got <class 'float'>"):
+        meta_lstm_step(x, grad, 0.5, h, c, fi, weights, cfg)
 
 
 def test_backward_refuses_output_gradients_of_another_shape() -> None:
