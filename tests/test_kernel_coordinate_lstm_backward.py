@@ -64,6 +64,8 @@ P = 10.0
 # output and gradient against float64. The bound is 2e-5, 12x that and 50x below 1e-3. On GPUs
 # FMA contraction and approximate exp/div add a few ulps; tf32 is not used ("ieee" products).
 REL_TOL = 2e-5 if INTERPRETED else 1e-4
+#: torch.autograd.gradcheck's bounds in fp32 (see test_gradcheck_against_its_own_forward)
+GRADCHECK_TOL = {"atol": 1e-5, "rtol": 1e-3} if INTERPRETED else {"atol": 1e-4, "rtol": 1e-2}
 
 
 #: feature sets: the paper's (2 inputs), the default preset's kind (momenta and rms), and one
@@ -327,6 +329,7 @@ def test_gradcheck_against_its_own_forward() -> None:
     # packed weight (w_ih of the second layer too): the backward kernel's Jacobian (random
     # projections, fast mode) against central differences of the forward kernel, in fp32, hence
     # eps = 1e-2; the bounds are those of the meta-learner's test (test_kernel_meta_lstm_backward).
+    # On GPUs (FMA contraction, approximate exp/div; not measured there) bounds 10x wider.
     rule = make_rule(2, 3, seed=5, **FEATURES["param"])
     _, h, c, *_ = make_inputs(3, 2, 3, seed=5)
     x = make_features(3, rule.config.num_inputs, seed=5)
@@ -339,7 +342,7 @@ def test_gradcheck_against_its_own_forward() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Input #", UserWarning)  # float32 inputs, on purpose
         assert torch.autograd.gradcheck(
-            lambda *args: CoordinateLSTMStepFunction.apply(*args, scale, options), leaves, eps=1e-2, atol=1e-5, rtol=1e-3, fast_mode=True
+            lambda *args: CoordinateLSTMStepFunction.apply(*args, scale, options), leaves, eps=1e-2, fast_mode=True, **GRADCHECK_TOL
         )
 
 

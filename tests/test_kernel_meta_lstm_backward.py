@@ -46,6 +46,8 @@ P = 10.0
 # gradients sum over N coordinates). Measured in the interpreter: at most 1.8e-6 against float64.
 # The bound is 2e-5; on GPUs FMA contraction and approximate exp/div add a few ulps.
 REL_TOL = 2e-5 if INTERPRETED else 1e-4
+#: torch.autograd.gradcheck's bounds in fp32 (see test_gradcheck_against_its_own_forward)
+GRADCHECK_TOL = {"atol": 1e-5, "rtol": 1e-3} if INTERPRETED else {"atol": 1e-4, "rtol": 1e-2}
 NAMES = ["x", "grad", "param", "h", "c", "fi"]
 
 
@@ -128,6 +130,7 @@ def test_gradcheck_against_its_own_forward() -> None:
     # the forward kernel. Both run in fp32, hence eps = 1e-2 rather than float64's 1e-6. Measured
     # (seeds 5-7): it passes at atol 1e-6, rtol 1e-4; at the bounds here, 10x that, any one of the
     # eleven gradients scaled by 1.02 fails it.
+    # On GPUs (FMA contraction, approximate exp/div; not measured there) bounds 10x wider.
     rule = make_rule(3, seed=5)
     inputs, _ = make_inputs(rule, 3, seed=5)
     packed = pack_weights({k: v.detach() for k, v in rule.named_parameters()}, hidden_size=3)
@@ -136,7 +139,7 @@ def test_gradcheck_against_its_own_forward() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Input #", UserWarning)  # float32 inputs, on purpose
         assert torch.autograd.gradcheck(
-            lambda *args: MetaLSTMStepFunction.apply(*args, options), leaves, eps=1e-2, atol=1e-5, rtol=1e-3, fast_mode=True
+            lambda *args: MetaLSTMStepFunction.apply(*args, options), leaves, eps=1e-2, fast_mode=True, **GRADCHECK_TOL
         )
 
 
