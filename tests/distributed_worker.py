@@ -742,12 +742,53 @@ def group_mesh_checks() -> dict[str, object]:
     return mine
 
 
+def no_gradient_checks() -> dict[str, bool]:
+    """``LSTMOptimizer`` (``nan_policy="skip"``) on a 1-D mesh of both ranks: ``A`` has a shard
+    on each rank, ``B`` (global shape (1,)) only on rank 0, and rank 1 leaves its empty shard of
+    ``B`` out, so that in steps where only ``B`` has a gradient no parameter of rank 1's optimizer
+    has one. Step 0: ``B``'s gradient is finite, and ``B`` steps on rank 0; step 1: it is NaN, and
+    ``B`` is skipped; step 2: only ``A`` has a gradient, and it steps on both ranks as the full
+    tensor steps in one process, bit for bit (True on this rank for a True)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from learnedopt import LSTMOptimizer
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    values = torch.linspace(-1, 1, 2 * dist.get_world_size())
+    a = torch.nn.Parameter(DTensor.from_local(values.chunk(dist.get_world_size())[rank].clone(), mesh, [Shard(0)], run_check=False))
+    b_local = torch.tensor([0.5]) if rank == 0 else torch.zeros(0)
+    b = torch.nn.Parameter(DTensor.from_local(b_local, mesh, [Shard(0)], run_check=False, shape=torch.Size([1]), stride=(1,)))
+    optimizer = LSTMOptimizer([a, b] if rank == 0 else [a], nan_policy="skip")
+
+    def sharded_like(p: torch.Tensor, value: float) -> torch.Tensor:
+        return DTensor.from_local(torch.full_like(p.to_local(), value), mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+
+    stepped = []
+    for step, (b_grad, a_grad) in enumerate(((0.25, None), (float("nan"), None), (None, 0.25))):
+        before = (a.to_local().clone(), b.to_local().clone())
+        a.grad = None if a_grad is None else sharded_like(a, a_grad)
+        b.grad = None if b_grad is None else sharded_like(b, b_grad)
+        try:
+            optimizer.step()
+        except RuntimeError as err:  # a rank left waiting (gloo's timeout): reported, so that the other checks still run
+            print(f"rank {rank}: step {step} with gradients only rank 0's optimizer lists: {err}", file=sys.stderr)
+            return {"LSTMOptimizer: a rank without gradients joins the others' step": False}
+        stepped.append((not torch.equal(a.to_local(), before[0]), not torch.equal(b.to_local(), before[1])))
+    plain = torch.nn.Parameter(values.clone())
+    plain.grad = torch.full_like(plain, 0.25)
+    LSTMOptimizer([plain]).step()
+    expected = [(False, True), (False, False), (True, False)] if rank == 0 else [(False, False)] * 2 + [(True, False)]
+    return {"LSTMOptimizer: a rank without gradients joins the others' step": stepped == expected and torch.equal(a.full_tensor(), plain)}
+
+
 def usage_checks() -> dict[str, bool]:
     """The checks of the ``usage`` mode, each True only where it holds on every rank."""
     from learnedopt.weights import UntrainedWeightsWarning
 
     warnings.simplefilter("ignore", UntrainedWeightsWarning)
-    mine = {**wrapper_checks(), **gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
+    mine = {**no_gradient_checks(), **wrapper_checks(), **gradient_placement_checks(), **uneven_list_checks(), **equal_mesh_checks()}
     everyone: list[dict[str, bool]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
     return {key: all(r[key] for r in everyone) for key in mine}

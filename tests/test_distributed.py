@@ -338,6 +338,16 @@ def test_parameters_on_equal_meshes_are_judged_together_whatever_mesh_objects_ea
     assert usage["LSTMOptimizer: equal meshes judged as one"]
 
 
+def test_a_rank_on_which_no_parameter_has_a_gradient_joins_the_others_nan_verdict(usage: dict[str, bool]) -> None:
+    """Rank 1 leaves its empty shard of ``B`` out of its optimizer; in a step where only ``B``
+    has a gradient no parameter of rank 1's optimizer has one. That step returned at once, as
+    ``torch.optim``'s do, while rank 0 waited for it in the NaN/Inf verdict's all-reduce (gloo's
+    timeout failed it; a later collective of rank 1 could have been taken for it). A rank without
+    gradients now joins the verdict: ``B`` steps on rank 0, is skipped where its gradient is NaN,
+    and ``A`` then steps on both ranks like the full tensor. See ``no_gradient_checks`` in the worker."""
+    assert usage["LSTMOptimizer: a rank without gradients joins the others' step"]
+
+
 # ----------------------------------------------------------------------------- failures
 def test_a_killed_rank_fails_the_job_fast_and_resume_continues_exactly(two_ranks: Path, tmp_path: Path) -> None:
     """Rank 1 is SIGKILLed at meta-step 3 (the checkpoint is at step 2): the job ends at once

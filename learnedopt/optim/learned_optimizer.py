@@ -696,7 +696,9 @@ class LearnedOptimizer(Optimizer):
 
         A step where no parameter has a gradient changes nothing, as ``torch.optim``'s do, and needs
         no loss, even where the rule reads one (``MetaLSTMOptimizer``); a loss given is still
-        checked (a NaN one raises under ``nan_policy="raise"``).
+        checked (a NaN one raises under ``nan_policy="raise"``). With sharded (``DTensor``)
+        parameters it still joins the NaN/Inf verdict of the mesh's other ranks, a collective,
+        since their optimizers may hold gradients that this rank's leaves out.
 
         A step without closure or loss on an optimizer without state, at ``lr=0`` in every group,
         where exactly the parameters that require grad have a gradient and all of these are zero
@@ -751,7 +753,13 @@ class LearnedOptimizer(Optimizer):
             self.init_state()
             return None
         if loss is None and closure_loss is None and not any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            return None  # nothing to update: no loss needed (torch.optim.Adam's step does nothing too)
+            # nothing to update here: no loss needed (torch.optim.Adam's step does nothing too); but
+            # the other ranks of a sharded parameter's mesh may have gradients (those this rank's
+            # optimizer leaves out), and they wait for this rank in their NaN/Inf verdict: join it
+            # (no collective where no parameter is sharded)
+            params = [p for group in self.param_groups for p in group["params"]]
+            sharding.agree_finite_lists([[] for _ in self.param_groups], [[] for _ in self.param_groups], params)
+            return None
         rule_loss = self._rule_loss(*((loss, "loss= is") if loss is not None else (closure_loss, "the closure returned")))
         if rule_loss is not None and not self._loss_finite(rule_loss):
             if any(group["nan_policy"] == "raise" for group in self.param_groups):
