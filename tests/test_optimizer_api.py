@@ -1008,6 +1008,42 @@ def test_a_parameter_taken_out_of_the_optimizer_is_not_kept_alive_after_the_next
     assert gone() is None
 
 
+@pytest.mark.parametrize("taken", ["last group", "parameter of a group not stepped"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_a_parameter_taken_out_with_its_group_or_from_an_idle_group_is_not_kept_alive(foreach, taken) -> None:
+    """The flat buffers of a param group were dropped only when another group's buffers were
+    rebuilt: after ``param_groups.pop()`` of the last group, or a parameter taken out of a group
+    none of whose parameters steps any more, the group's old buffers kept the parameter and its
+    states alive for the optimizer's life (``del optimizer.state[p]`` done)."""
+    import gc
+    import weakref
+
+    a, b, c = make_params([(3,), (4,), (5,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b, c]}], foreach=foreach)
+    set_grads([a, b, c], seed=1)
+    opt.step()
+    if taken == "last group":
+        opt.param_groups.pop()
+        del opt.state[c]
+    else:
+        opt.param_groups[1]["params"] = [b]
+        del opt.state[c]
+        b.grad = None
+    del opt.state[b]
+    gone = [weakref.ref(b), weakref.ref(c)]
+    b.grad = c.grad = None
+    if taken == "last group":
+        del b
+    del c
+    for seed in (2, 3):
+        set_grads([a], seed=seed)
+        opt.step()
+    gc.collect()
+    assert gone[1]() is None
+    if taken == "last group":
+        assert gone[0]() is None
+
+
 @pytest.mark.parametrize("weights", [None, "untrained preset", "file"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_building_an_optimizer_leaves_the_global_rng_as_adam_does(kind, weights, tmp_path) -> None:

@@ -735,9 +735,11 @@ class LearnedOptimizer(Optimizer):
         if not is_integer(self.group_batch_limit) or self.group_batch_limit < 0:
             raise ValueError(f"{type(self).__name__}.group_batch_limit must be an integer >= 0 (0: no sharing), got {self.group_batch_limit!r}")
         seen: set[int] = set()
+        group_ids: list[set[int]] = []
         for number, group in enumerate(self.param_groups):  # options and params may have been changed since
             _validate_options(group)
             ids = self._check_params(group)
+            group_ids.append(ids)
             if not seen.isdisjoint(ids):  # torch.optim checks this only in add_param_group
                 raise ValueError(
                     f"a parameter of param_groups[{number}] appears in an earlier parameter group too; give each "
@@ -748,6 +750,7 @@ class LearnedOptimizer(Optimizer):
             self._state_shapes = {key: entry for key, entry in self._state_shapes.items() if key in seen}
         if not self._own_states.keys() <= seen:
             self._own_states = {key: entry for key, entry in self._own_states.items() if key in seen}
+        self._drop_stale_flat_states(group_ids)
         self._check_group_fingerprints()
         if closure is None and loss is None and self._is_state_initialisation():
             self.init_state()
@@ -1357,6 +1360,19 @@ class LearnedOptimizer(Optimizer):
                 if not stale.is_current(stale.members, self.state, stale.dtype):
                     del self._flat_states[other]
         return flat
+
+    def _drop_stale_flat_states(self, group_ids: list[set[int]]) -> None:
+        """Drop the flat buffers of a param group taken out of ``param_groups`` and those holding a
+        parameter its group no longer lists (``group_ids``: each group's parameter ids): a group
+        that steps rebuilds its buffers anyway, but one popped, or none of whose parameters steps
+        any more, kept the parameters taken out and their states alive for the optimizer's life.
+        The states stay in ``self.state`` (views into the old buffers), as ``torch.optim`` keeps them."""
+        for key in [
+            key
+            for key, flat in self._flat_states.items()
+            if key[0] >= len(group_ids) or not all(id(p) in group_ids[key[0]] for p in flat.members)
+        ]:
+            del self._flat_states[key]
 
     def _flat_members(
         self, group: dict[str, Any], device: torch.device, compute_dtype: torch.dtype, stepping: list[Tensor]
