@@ -388,6 +388,55 @@ def test_compiling_hides_only_torchs_own_deprecation_warnings(monkeypatch: pytes
     assert not fresh.failed
 
 
+def test_two_threads_compiling_at_once_leave_the_warning_filters_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads whose first calls compile at once (two optimizers stepping in two threads,
+    float64 models) each entered ``warnings.catch_warnings``, which saves and restores the
+    process's filters: where the first to enter left first, the second restored the filters it
+    had found, the first's "ignore torch's DeprecationWarnings" among them, for good. Compiles
+    are one at a time: the filters end as they were, and both results are right."""
+    import threading
+    import time
+
+    monkeypatch.setenv("LEARNEDOPT_COMPILE", "1")
+    compiling, both = [], threading.Event()
+
+    def fake_compile(fn, **kwargs):
+        # the first to compile waits (a second at most) for the other to compile meanwhile, as
+        # two real compiles overlap for seconds; it leaves first, the other 0.2 s later
+        compiling.append(threading.get_ident())
+        first = len(compiling) == 1
+        if first:
+            both.wait(timeout=1.0)
+        else:
+            both.set()
+
+        def compiled(*args):
+            if not first:
+                time.sleep(0.2)
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fresh = lstm_step_module._Compiled(lambda x: (x + 1,))
+    before = list(warnings.filters)
+    results: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(2)
+
+    def call(number: int) -> None:
+        start.wait()
+        results[number] = fresh(torch.full((2, 3), float(number)))[0]
+
+    threads = [threading.Thread(target=call, args=(number,)) for number in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before
+    assert [results[number].tolist() for number in (1, 2)] == [[[2.0] * 3] * 2, [[3.0] * 3] * 2]
+    assert not fresh.failed
+
+
 @pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
 def test_no_grad_step_and_meta_training_step_are_the_same_bits(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """The optimizer's no-grad step and meta-training (weights requiring grad) both go through

@@ -40,6 +40,8 @@ weights (a head's tangents are kept: :func:`lstm_step` then runs the head in tor
 
 from __future__ import annotations
 
+import os
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -146,13 +148,25 @@ class _Compiled:
         compiled = self.compiled.get(kind)
         try:
             if compiled is None:
-                # compiling imports parts of torch that warn of torch's own deprecated APIs (torch
-                # 2.13: torch.jit.script_method, from torch.utils.mkldnn), which under warnings
-                # as errors (``-W error``, pytest's ``filterwarnings = error``) failed the step
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                    compiled = self.compiled[kind] = torch.compile(_with_own_code(self.fn), dynamic=self.dynamic)
-                    return compiled(*args)
+                # one compile at a time in the process: catch_warnings saves the process's warning
+                # filters and restores them on leaving, so two threads compiling at once (two
+                # optimizers stepping in two threads) left the ignore filter below in place for
+                # good; a compiled function is published once its first call (the compile) is over
+                with _compile_lock:
+                    compiled = self.compiled.get(kind)
+                    if compiled is None:
+                        try:
+                            # compiling imports parts of torch that warn of torch's own deprecated
+                            # APIs (torch 2.13: torch.jit.script_method, from torch.utils.mkldnn),
+                            # which under warnings as errors (``-W error``, pytest's
+                            # ``filterwarnings = error``) failed the step
+                            with warnings.catch_warnings():
+                                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                                compiled = torch.compile(_with_own_code(self.fn), dynamic=self.dynamic)
+                                return compiled(*args)
+                        finally:
+                            if compiled is not None:
+                                self.compiled[kind] = compiled
             return compiled(*args)
         except (torch.OutOfMemoryError, MemoryError):
             # running out of memory while the compiled code runs is the step's error, not the
@@ -203,6 +217,19 @@ def cell_backward_into(
 
 #: whether a failed compile has warned in this process (shared by every :class:`_Compiled`)
 _compile_warned = False
+#: held while a :class:`_Compiled` compiles (its first call for a kind of input): one at a time
+_compile_lock = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    # a lock held by another thread of the parent at the fork (compiling) would be held in the
+    # child forever, by a thread the child does not have
+    global _compile_lock
+    _compile_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _cell_forward = _Compiled(cell_forward_into)
 _cell_backward = _Compiled(cell_backward_into)
 
