@@ -1044,6 +1044,42 @@ def test_a_parameter_taken_out_with_its_group_or_from_an_idle_group_is_not_kept_
         assert gone[0]() is None
 
 
+def test_the_state_left_of_a_parameter_taken_out_of_its_group_holds_only_its_own_memory() -> None:
+    """A parameter taken out of its group keeps its state in ``optimizer.state`` (as in
+    ``torch.optim``), but on the batched path that state was views into the group's flat
+    buffers: once the group's buffers were rebuilt without it, its few numbers kept the whole
+    old buffers of every parameter of the group alive (a 10-element bias pinned the 18 MB of a
+    100,000-element weight's states), once more at each parameter taken out. Its states become
+    tensors of their own, with their values; put back, it steps on from them as if never taken
+    out."""
+    a, b = make_params([(5_000,), (10,)], dtype=torch.float32)
+    other = [p.detach().clone().requires_grad_() for p in (a, b)]
+    opt, reference = LSTMOptimizer([a, b]), LSTMOptimizer(other)
+
+    def step(seed, params):
+        set_grads(params, seed=seed)
+        for p, q in zip((a, b), other, strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        reference.step()
+
+    for seed in (1, 2):
+        step(seed, [a, b])
+    before = {name: value.clone() for name, value in opt.state[b].items()}
+    opt.param_groups[0]["params"] = [a]
+    b.grad = None
+    step(3, [a])
+    for name, value in opt.state[b].items():
+        assert torch.equal(value, before[name])
+        assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), name
+    opt.param_groups[0]["params"] = [a, b]
+    step(4, [a, b])
+    assert torch.equal(a, other[0]) and torch.equal(b, other[1])
+    for p, q in zip((a, b), other, strict=True):
+        for name, value in opt.state[p].items():
+            assert torch.equal(value, reference.state[q][name]), name
+
+
 @pytest.mark.parametrize("weights", [None, "untrained preset", "file"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_building_an_optimizer_leaves_the_global_rng_as_adam_does(kind, weights, tmp_path) -> None:

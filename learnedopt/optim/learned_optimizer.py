@@ -1366,13 +1366,25 @@ class LearnedOptimizer(Optimizer):
         parameter its group no longer lists (``group_ids``: each group's parameter ids): a group
         that steps rebuilds its buffers anyway, but one popped, or none of whose parameters steps
         any more, kept the parameters taken out and their states alive for the optimizer's life.
-        The states stay in ``self.state`` (views into the old buffers), as ``torch.optim`` keeps them."""
+
+        The states of a parameter taken out of its group stay in ``self.state``, as ``torch.optim``
+        keeps them, as copies of their own: views into the old buffers kept all of them alive,
+        every other parameter's states too, once more at each parameter taken out."""
         for key in [
             key
             for key, flat in self._flat_states.items()
             if key[0] >= len(group_ids) or not all(id(p) in group_ids[key[0]] for p in flat.members)
         ]:
-            del self._flat_states[key]
+            flat = self._flat_states.pop(key)
+            listed = group_ids[key[0]] if key[0] < len(group_ids) else set()
+            for p in flat.members:
+                entry = self.state.get(p)
+                if id(p) in listed or not entry:
+                    continue
+                for name, buffer in flat.buffers.items():
+                    value = entry.get(name)
+                    if isinstance(value, Tensor) and _shares_storage(sharding.local(value), buffer):
+                        entry[name] = value.clone()
 
     def _flat_members(
         self, group: dict[str, Any], device: torch.device, compute_dtype: torch.dtype, stepping: list[Tensor]
@@ -1419,6 +1431,11 @@ def _non_finite(tensors: list[Tensor]) -> list[str | None]:
     dtype and one host sync per device. The step's check of its gradients (and parameters) and
     ``load_state_dict``'s of the loaded states."""
     return finite.non_finite(sharding.local_all(tensors))
+
+
+def _shares_storage(value: Tensor, buffer: Tensor) -> bool:
+    """Whether ``value`` is a view into ``buffer``'s memory (its storage)."""
+    return not value.is_meta and value.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _expanded(t: Tensor) -> bool:
