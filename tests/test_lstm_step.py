@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -435,6 +436,54 @@ def test_two_threads_compiling_at_once_leave_the_warning_filters_as_they_were(mo
     assert warnings.filters == before
     assert [results[number].tolist() for number in (1, 2)] == [[[2.0] * 3] * 2, [[3.0] * 3] * 2]
     assert not fresh.failed
+
+
+_FORKED_WHILE_COMPILING = """
+import os, sys, threading
+import torch
+from learnedopt.nn import lstm_step as s
+held, release = threading.Event(), threading.Event()
+def compiling():  # another thread compiles when the main thread forks
+    with s._compile_lock:
+        held.set()
+        release.wait()
+thread = threading.Thread(target=compiling)
+thread.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    torch.compile = lambda fn, **kwargs: fn
+    ok = s._Compiled(lambda x: (x + 1,))(torch.zeros(2))[0].tolist() == [1.0, 1.0]
+    os._exit(0 if ok else 3)
+release.set()
+thread.join()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_a_thread_compiles_compiles_its_own() -> None:
+    """A fork while another thread of the parent holds the compile lock (a DataLoader worker
+    forked while a thread's first step compiles): the child's copy of the lock would stay held
+    by a thread it does not have, and its first compile wait forever; the child has a lock of
+    its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LEARNEDOPT_COMPILE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FORKED_WHILE_COMPILING], env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the hung child too
+        process.communicate()
+        pytest.fail("the forked child hung on the compile lock")
+    assert process.returncode == 0, output[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
