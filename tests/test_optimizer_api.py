@@ -1080,6 +1080,28 @@ def test_the_state_left_of_a_parameter_taken_out_of_its_group_holds_only_its_own
             assert torch.equal(value, reference.state[q][name]), name
 
 
+def test_repeated_loads_of_a_rule_trained_meanwhile_keep_one_fingerprint() -> None:
+    """An optimizer whose rule is trained in place between steps (``weights=`` a module being
+    meta-trained), its state saved and loaded each time, kept the JSON fingerprint of every
+    weights it had ever loaded under (a few hundred bytes each, without end); it keeps those
+    its param groups hold, and still takes a state saved under the weights it runs now."""
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM()
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = LSTMOptimizer([p], weights=rule)
+    for _ in range(20):
+        with torch.no_grad():
+            next(rule.parameters()).add_(1e-3)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+    assert len(opt._rule_jsons) == 1
+    opt.step()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    opt.step()
+
+
 @pytest.mark.parametrize("weights", [None, "untrained preset", "file"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_building_an_optimizer_leaves_the_global_rng_as_adam_does(kind, weights, tmp_path) -> None:

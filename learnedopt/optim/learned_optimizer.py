@@ -484,6 +484,9 @@ class LearnedOptimizer(Optimizer):
             if "param_names" in group and "param_names" not in saved_group:
                 saved_group["param_names"] = group["param_names"]
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
+        # every group now holds the fingerprint of the weights now: those of weights loaded under
+        # before (a rule trained in place between loads) would be kept without end
+        self._rule_jsons = {rule_json}
         self._partial_step = None  # the loaded states are whole (state_dict() saves no half-stepped ones)
         self._flat_states.clear()
         self._own_states.clear()
