@@ -1,6 +1,7 @@
 """The torch.optim protocol: groups, closures, schedulers, dtypes, skipping, maximize."""
 
 import contextlib
+import json
 import pickle
 import re
 import warnings
@@ -1100,6 +1101,29 @@ def test_repeated_loads_of_a_rule_trained_meanwhile_keep_one_fingerprint() -> No
     opt.step()
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
     opt.step()
+
+
+def test_repeated_loads_around_load_state_dict_of_a_rule_trained_meanwhile_keep_the_groups_fingerprints() -> None:
+    """As :func:`test_repeated_loads_of_a_rule_trained_meanwhile_keep_one_fingerprint`, for a
+    wrapper that loads the groups' options itself (``ZeroRedundancyOptimizer``): each fingerprint
+    its step accepted was kept without end; it keeps those its param groups hold."""
+    from learnedopt.nn import CoordinateLSTM
+
+    rule = CoordinateLSTM()
+    p, q = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(3))
+    opt = LSTMOptimizer([{"params": [p]}, {"params": [q]}], weights=rule)
+    for _ in range(20):
+        with torch.no_grad():
+            next(rule.parameters()).add_(1e-3)
+        saved = opt.state_dict()
+        for group, saved_group in zip(opt.param_groups, saved["param_groups"], strict=True):
+            group["learned_rule"] = saved_group["learned_rule"]  # as the wrapper copies the saved options
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+    assert len(opt._rule_jsons) <= 2
+    opt.param_groups[1]["learned_rule"] = json.dumps({"kind": "other", "config": {}, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match=r"^param group 1 holds the state of an optimizer with other weights"):
+        opt.step()
 
 
 @pytest.mark.parametrize("weights", [None, "untrained preset", "file"])

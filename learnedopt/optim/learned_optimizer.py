@@ -1008,6 +1008,9 @@ class LearnedOptimizer(Optimizer):
                     "changed by this step"
                 )
             self._rule_jsons.add(text)
+        if len(self._rule_jsons) > len(self.param_groups):
+            # those no group holds any more (weights changed in place between such loads) would be kept without end
+            self._rule_jsons = {text for group in self.param_groups if isinstance(text := group.get("learned_rule"), str)}
 
     def _is_state_initialisation(self) -> bool:
         """Whether this step (without closure or loss) is the one by which
