@@ -1126,6 +1126,45 @@ def test_repeated_loads_around_load_state_dict_of_a_rule_trained_meanwhile_keep_
         opt.step()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fused kernel", "compiled step"])
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_two_optimizers_stepping_in_two_threads_at_once_step_as_one_after_the_other(kind, dtype) -> None:
+    """Two optimizers, each of its own model, stepped in two threads in lockstep (each step of
+    one while the other's runs: the CPU kernel's library cache, the compiled pointwise step's
+    variants, the module-level state they share) give the bits they give one after the other."""
+    import threading
+
+    cls = LSTMOptimizer if kind == "lstm" else MetaLSTMOptimizer
+
+    def train(seed, barrier=None):
+        g = torch.Generator().manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+        x, y = torch.randn(16, 4, generator=g, dtype=dtype), torch.randn(16, 1, generator=g, dtype=dtype)
+        opt = cls(model.parameters())
+        for _ in range(8):
+            if barrier is not None:
+                barrier.wait(timeout=60)
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            opt.step(loss=loss) if kind == "meta" else opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    together: dict[int, list[torch.Tensor]] = {}
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=lambda seed=seed: together.update({seed: train(seed, barrier)})) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (1, 2):
+        alone = train(seed)
+        assert all(torch.equal(p, q) for p, q in zip(together[seed], alone, strict=True))
+
+
 @pytest.mark.parametrize("weights", [None, "untrained preset", "file"])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_building_an_optimizer_leaves_the_global_rng_as_adam_does(kind, weights, tmp_path) -> None:
