@@ -1045,6 +1045,31 @@ def test_a_parameter_taken_out_with_its_group_or_from_an_idle_group_is_not_kept_
         assert gone[0]() is None
 
 
+def test_the_states_of_a_frozen_group_deleted_by_hand_are_freed() -> None:
+    """Freezing a param group's parameters (``requires_grad_(False)``) and deleting their states
+    (``del optimizer.state[p]``), as one frees ``torch.optim.Adam``'s memory for them, left the
+    group's flat buffers, every state of the group, alive in the optimizer's cache for good: a
+    group that never steps again was never rebuilt. They are freed at the next step."""
+    import gc
+    import weakref
+
+    frozen, trained = make_params([(1_000,), (10,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [frozen]}, {"params": [trained]}])
+    set_grads([frozen, trained], seed=1)
+    opt.step()
+    buffer = opt.state[frozen]["h"]._base  # the group's flat buffer the state is a view into
+    assert buffer is not None
+    gone = weakref.ref(buffer)
+    del buffer
+    frozen.requires_grad_(False)
+    frozen.grad = None
+    del opt.state[frozen]
+    set_grads([trained], seed=2)
+    opt.step()
+    gc.collect()
+    assert gone() is None
+
+
 def test_the_state_left_of_a_parameter_taken_out_of_its_group_holds_only_its_own_memory() -> None:
     """A parameter taken out of its group keeps its state in ``optimizer.state`` (as in
     ``torch.optim``), but on the batched path that state was views into the group's flat

@@ -1368,10 +1368,12 @@ class LearnedOptimizer(Optimizer):
         return flat
 
     def _drop_stale_flat_states(self, group_ids: list[set[int]]) -> None:
-        """Drop the flat buffers of a param group taken out of ``param_groups`` and those holding a
-        parameter its group no longer lists (``group_ids``: each group's parameter ids): a group
-        that steps rebuilds its buffers anyway, but one popped, or none of whose parameters steps
-        any more, kept the parameters taken out and their states alive for the optimizer's life.
+        """Drop the flat buffers of a param group taken out of ``param_groups``, those holding a
+        parameter its group no longer lists (``group_ids``: each group's parameter ids), and those
+        none of whose parameters has a state any more (``del optimizer.state[p]`` of a frozen
+        group's, as one frees Adam's memory): a group that steps rebuilds its buffers anyway, but
+        one popped, or none of whose parameters steps any more, kept the parameters taken out and
+        the states for the optimizer's life.
 
         The states of a parameter taken out of its group stay in ``self.state``, as ``torch.optim``
         keeps them, as copies of their own: views into the old buffers kept all of them alive,
@@ -1379,7 +1381,9 @@ class LearnedOptimizer(Optimizer):
         for key in [
             key
             for key, flat in self._flat_states.items()
-            if key[0] >= len(group_ids) or not all(id(p) in group_ids[key[0]] for p in flat.members)
+            if key[0] >= len(group_ids)
+            or not all(id(p) in group_ids[key[0]] for p in flat.members)
+            or not any(self.state.get(p) for p in flat.members)
         ]:
             flat = self._flat_states.pop(key)
             listed = group_ids[key[0]] if key[0] < len(group_ids) else set()
