@@ -1045,6 +1045,22 @@ def test_a_parameter_taken_out_with_its_group_or_from_an_idle_group_is_not_kept_
         assert gone[0]() is None
 
 
+def test_the_states_of_a_group_taken_out_whole_are_kept_as_they_are() -> None:
+    """A param group popped with its states kept holds exactly its old flat buffers: its states
+    stay the tensors they were (no copy of them all, which would need as much memory again for
+    a moment); only a parameter taken out of a group whose other parameters stay is given
+    states of its own (:func:`test_the_state_left_of_a_parameter_taken_out_of_its_group_holds_only_its_own_memory`)."""
+    a, b, c = make_params([(30,), (4,), (5,)], dtype=torch.float32)
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b, c]}])
+    set_grads([a, b, c], seed=1)
+    opt.step()
+    before = {p: dict(opt.state[p]) for p in (b, c)}
+    opt.param_groups.pop()
+    set_grads([a], seed=2)
+    opt.step()
+    assert all(opt.state[p][name] is value for p in (b, c) for name, value in before[p].items())
+
+
 def test_the_states_of_a_frozen_group_deleted_by_hand_are_freed() -> None:
     """Freezing a param group's parameters (``requires_grad_(False)``) and deleting their states
     (``del optimizer.state[p]``), as one frees ``torch.optim.Adam``'s memory for them, left the

@@ -1376,8 +1376,9 @@ class LearnedOptimizer(Optimizer):
         the states for the optimizer's life.
 
         The states of a parameter taken out of its group stay in ``self.state``, as ``torch.optim``
-        keeps them, as copies of their own: views into the old buffers kept all of them alive,
-        every other parameter's states too, once more at each parameter taken out."""
+        keeps them, as copies of their own where the buffers held other states too: views into
+        the old buffers kept all of them alive, every other parameter's states too, once more at
+        each parameter taken out. Those of a group taken out whole stay the views they were."""
         for key in [
             key
             for key, flat in self._flat_states.items()
@@ -1387,10 +1388,11 @@ class LearnedOptimizer(Optimizer):
         ]:
             flat = self._flat_states.pop(key)
             listed = group_ids[key[0]] if key[0] < len(group_ids) else set()
-            for p in flat.members:
-                entry = self.state.get(p)
-                if id(p) in listed or not entry:
-                    continue
+            taken = [p for p in flat.members if id(p) not in listed and self.state.get(p)]
+            if len(taken) == len(flat.members):
+                continue  # their views hold exactly these buffers: a copy of them all would gain nothing
+            for p in taken:
+                entry = self.state[p]
                 for name, buffer in flat.buffers.items():
                     value = entry.get(name)
                     if isinstance(value, Tensor) and _shares_storage(sharding.local(value), buffer):
