@@ -1252,6 +1252,76 @@ def test_an_episode_takes_one_clipped_step_per_truncation_on_that_truncations_me
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"unroll": 3, "horizon": 7, "loss_weighting": "linear", "clip": 0.05},  # every meta-gradient clipped
+     {"unroll": 3, "horizon": 7, "loss_weighting": "linear", "clip": 1000.0},  # none
+     {"unroll": 2, "horizon": 5, "loss_weighting": "quadratic", "second_order": True, "clip": 0.05},
+     {"unroll": 3, "horizon": 9, "random_horizon": True, "clip": 1000.0}],
+)  # fmt: skip
+def test_a_meta_step_is_the_documented_procedure_written_out_independently(options: dict) -> None:
+    """Two meta-steps of ``--algo lstm`` on quadratics against the README's procedure written out
+    without the library's unroll: tasks and initial parameters drawn from ``(seed, 1, step)``, the
+    horizon (``--random-horizon``) drawn uniformly from [T, H] after them; truncations of T steps
+    (the last shorter), states and parameters detached between them; each truncation's meta-loss
+    its steps' weighted losses summed over T times the meta-batch (so the mean over the tasks),
+    backward, the meta-gradient's global norm over all the rule's weights clipped to ``--clip``,
+    then one step of ``torch.optim.Adam`` at ``--meta-lr`` and torch's defaults. The log's
+    ``meta_loss`` and ``final_loss`` are the unweighted means over the episode and its last step."""
+    import copy
+
+    from learnedopt.meta.tasks import generator_for
+    from learnedopt.meta.train import MetaTrainConfig, _RuleTrainer
+
+    config = MetaTrainConfig(meta_batch=3, meta_steps=2, meta_lr=0.01, lr=0.5, seed=1, **options)
+    trainer = _RuleTrainer(config)
+    rule = copy.deepcopy(trainer.rule)
+    adam = torch.optim.Adam(rule.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for step in (1, 2):
+        record = trainer.step(step)
+        generator = generator_for(1, 1, step)
+        tasks = [trainer.family.sample(generator) for _ in range(3)]
+        theta = torch.stack([task.init_params(generator)["theta"] for task in tasks])
+        horizon = int(torch.randint(config.unroll, config.horizon + 1, (), generator=generator)) if config.random_horizon else config.horizon
+        W, y = torch.stack([task.weight for task in tasks]), torch.stack([task.target for task in tasks])
+        f = lambda th: ((W @ th.unsqueeze(-1)).squeeze(-1) - y).square().sum(1)  # noqa: E731
+        t = torch.arange(1, horizon + 1, dtype=torch.float64)
+        weights = {"uniform": torch.ones(horizon, dtype=torch.float64), "linear": 2 * t / (horizon + 1),
+                   "quadratic": 6 * t**2 / ((horizon + 1) * (2 * horizon + 1))}[config.loss_weighting].float()  # fmt: skip
+        state = rule.init_state(theta.numel(), dtype=torch.float32, device="cpu")
+        losses, norms = [], []
+        for begin in range(0, horizon, config.unroll):
+            th = theta.detach().requires_grad_(True)
+            state = {k: v.detach() for k, v in state.items()}
+            loss, piece = f(th), []
+            for _ in range(min(config.unroll, horizon - begin)):
+                (grad,) = torch.autograd.grad(loss.sum(), th, retain_graph=True, create_graph=config.second_order)
+                update, state = rule(grad.reshape(-1), th.reshape(-1), state)
+                th = th + config.lr * update.reshape(th.shape)
+                loss = f(th)
+                piece.append(loss)
+            piece = torch.stack(piece)
+            meta_loss = (weights[begin : begin + len(piece), None] * piece).sum() / (config.unroll * 3)
+            adam.zero_grad()
+            meta_loss.backward()
+            norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in rule.parameters()]))
+            norms.append(float(norm))
+            with torch.no_grad():
+                for p in rule.parameters():
+                    p.grad *= min(1.0, config.clip / float(norm))
+            adam.step()
+            losses.append(piece.detach())
+            theta = th.detach()
+        losses = torch.cat(losses)
+        assert record["horizon"] == horizon and record["meta_updates"] == -(-horizon // config.unroll)
+        assert record["meta_loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+        assert record["final_loss"] == pytest.approx(float(losses[-1].mean()), rel=1e-5)
+        assert record["grad_norm"] == pytest.approx(max(norms), rel=1e-4)
+        assert min(norms) > config.clip if config.clip < 1 else max(norms) < config.clip
+        for got, want in zip(trainer.rule.parameters(), rule.parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", [False, True])
 def test_the_recorded_command_runs_the_same_configuration(preset: bool) -> None:
     """The command a weight file and a model card record (``canonical_command``), parsed as
