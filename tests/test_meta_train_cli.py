@@ -1264,7 +1264,8 @@ def test_a_meta_step_is_the_documented_procedure_written_out_independently(optio
     without the library's unroll: tasks and initial parameters drawn from ``(seed, 1, step)``, the
     horizon (``--random-horizon``) drawn uniformly from [T, H] after them; truncations of T steps
     (the last shorter), states and parameters detached between them; each truncation's meta-loss
-    its steps' weighted losses summed over T times the meta-batch (so the mean over the tasks),
+    its steps' weighted losses averaged over its own steps and the meta-batch (a shorter last
+    truncation's too: each truncation is one Adam step of the same weight),
     backward, the meta-gradient's global norm over all the rule's weights clipped to ``--clip``,
     then one step of ``torch.optim.Adam`` at ``--meta-lr`` and torch's defaults. The log's
     ``meta_loss`` and ``final_loss`` are the unweighted means over the episode and its last step."""
@@ -1301,7 +1302,7 @@ def test_a_meta_step_is_the_documented_procedure_written_out_independently(optio
                 loss = f(th)
                 piece.append(loss)
             piece = torch.stack(piece)
-            meta_loss = (weights[begin : begin + len(piece), None] * piece).sum() / (config.unroll * 3)
+            meta_loss = (weights[begin : begin + len(piece), None] * piece).sum() / (len(piece) * 3)
             adam.zero_grad()
             meta_loss.backward()
             norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in rule.parameters()]))

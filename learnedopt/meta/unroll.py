@@ -763,6 +763,8 @@ def truncated_unroll(
 
     After each truncation ``update(meta_loss)`` is called (typically: backward, clip, meta-optimizer
     step), then the parameters and rule states are detached, so no gradient crosses a truncation.
+    ``meta_loss`` is that truncation's :attr:`UnrollResult.meta_loss`, the mean over its own steps
+    (and tasks), a shorter last truncation's too: each truncation is one update of the same weight.
     With ``update=None`` this only evaluates the rule.
 
     ``task_batch`` (``B`` tasks), ``params`` (``(B, *shape)`` per name), ``rule_state``
