@@ -4,6 +4,7 @@ optimizee's parameter dict, against the optimizers, the unroll and central diffe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from torch import Tensor
 from helpers import central_difference, random_rule
 from torch.func import functional_call
 
-from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer, NonFiniteGradientError
+from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer, NonFiniteGradientError, UpdateRule
 from learnedopt.meta import QuadraticFamily, Task, TaskBatch, generator_for, init_rule_state, learned_step, unroll
 from learnedopt.meta.unroll import num_coordinates
+from learnedopt.nn import StateSpec
 
 F64 = torch.float64
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
@@ -797,3 +799,126 @@ def test_a_number_loss_beyond_float64_saturates(huge: int, nan_policy: str | Non
         for loss in (huge, largest if huge > 0 else -largest)
     ]
     assert torch.equal(runs[0], runs[1])
+
+
+
+# ----------------------------------------------------------------------------- torch.func transforms
+@dataclass(frozen=True)
+class _PlainMomentumConfig:
+    beta: float = 0.9
+
+
+class _PlainMomentum(UpdateRule):
+    """A rule of plain torch operations (no hand-written backward), reading the loss:
+    ``step = -loss * (a * m + b * tanh(grad))``, ``m`` a momentum; ``torch.func`` sees into it."""
+
+    kind = "TestPlainMomentum"
+    config_class = _PlainMomentumConfig
+    needs_loss = True
+
+    def __init__(self, config: _PlainMomentumConfig | None = None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=F64))
+        self.b = torch.nn.Parameter(torch.tensor(0.7, dtype=F64))
+
+    def state_spec(self) -> dict[str, StateSpec]:
+        return {"m": StateSpec((1,), moving_average=True)}
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], loss: Tensor | None = None):
+        m = torch.lerp(grad, state["m"], self.config.beta)
+        return -loss * (self.a * m[0] + self.b * grad.tanh()), {"m": m}
+
+
+def _batched_problem(tasks: int = 3) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """``tasks`` tasks' float64 parameters, gradients, momenta and losses, stacked on dim 0."""
+    g = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(tasks, 2, 3, generator=g, dtype=F64), "b": torch.randn(tasks, 2, generator=g, dtype=F64)}
+    grads = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
+    state = {"m": torch.randn(tasks, 1, 8, generator=g, dtype=F64)}
+    return params, grads, state, torch.rand(tasks, generator=g, dtype=F64)
+
+
+def _task(tree: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
+    return {k: v[i] for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_the_library_rules_refuse_torch_func_transforms_over_learned_step_in_one_line(kind: str) -> None:
+    """As the README says: ``grad``, ``jacrev``, ``jvp`` and ``vmap`` over ``learned_step`` with
+    ``CoordinateLSTM`` or ``MetaLSTMCell`` (whose LSTM's backward is hand-written) raise one
+    clear error, naming what to use instead, rather than a wrong or an obscure result."""
+    rule, params, grads, state = _setup(kind)
+    total = lambda g: sum(v.sum() for v in learned_step(rule, params, g, state, loss=0.5)[0].values())  # noqa: E731
+    message = r"^learnedopt\.nn\.lstm_step .* does not run under torch\.func transforms .*use torch\.autograd\.grad, and a loop instead of vmap$"
+    ones = {k: torch.ones_like(v) for k, v in grads.items()}
+    for transform in (lambda: torch.func.grad(total)(grads), lambda: torch.func.jacrev(total)(grads),
+                      lambda: torch.func.jvp(total, (grads,), (ones,))):  # fmt: skip
+        with pytest.raises(RuntimeError, match=message):
+            transform()
+    stacked = [{k: torch.stack([v, v]) for k, v in tree.items()} for tree in (params, grads, state)]
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.vmap(lambda p, g, s: learned_step(rule, p, g, s, loss=0.5))(*stacked)
+
+
+def test_a_rule_of_plain_operations_runs_under_vmap_over_tasks_as_in_a_loop() -> None:
+    """A rule of one's own without a hand-written backward steps a meta-batch of tasks under
+    ``vmap`` (parameters, gradients, states, losses and learning rates batched) as one
+    ``learned_step`` per task does; ``init_rule_state`` runs there too."""
+    rule = _PlainMomentum()
+    params, grads, state, losses = _batched_problem()
+    lrs = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    new, new_state = torch.func.vmap(lambda p, g, s, loss, lr: learned_step(rule, p, g, s, loss=loss, lr=lr))(params, grads, state, losses, lrs)
+    for i in range(3):
+        one, one_state = learned_step(rule, _task(params, i), _task(grads, i), _task(state, i), loss=losses[i], lr=lrs[i])
+        for k in params:
+            torch.testing.assert_close(new[k][i], one[k], rtol=1e-15, atol=1e-15)
+        torch.testing.assert_close(new_state["m"][i], one_state["m"], rtol=1e-15, atol=1e-15)
+    assert not torch.equal(new["w"][0], params["w"][0])
+    zeros = torch.func.vmap(lambda p: init_rule_state(rule, p))(params)
+    assert zeros["m"].shape == (3, 1, 8) and not zeros["m"].any()
+
+
+def test_a_rule_of_plain_operations_has_torch_func_derivatives_equal_to_autograd() -> None:
+    """``torch.func.grad`` over every input of ``learned_step`` (parameters, gradients, states,
+    loss, lr), ``jacrev`` and ``jvp`` equal ``torch.autograd``'s derivatives of the same step,
+    and the rule's weights swapped in by ``functional_call`` get the same gradient as the rule's
+    own parameters under autograd."""
+    rule = _PlainMomentum()
+    params, grads, state, losses = (_task(t, 0) if isinstance(t, dict) else t[0] for t in _batched_problem())
+    lr = torch.tensor(0.4, dtype=F64)
+
+    def objective(p, g, s, loss, lr):
+        new, new_state = learned_step(rule, p, g, s, loss=loss, lr=lr)
+        return sum(v.square().sum() for v in new.values()) + new_state["m"].square().sum()
+
+    got = torch.func.grad(objective, argnums=(0, 1, 2, 3, 4))(params, grads, state, losses, lr)
+    leaves = [{k: v.clone().requires_grad_(True) for k, v in t.items()} for t in (params, grads, state)]
+    scalars = [losses.clone().requires_grad_(True), lr.clone().requires_grad_(True)]
+    inputs = [*leaves[0].values(), *leaves[1].values(), *leaves[2].values(), *scalars]
+    expected = torch.autograd.grad(objective(*leaves, *scalars), inputs)
+    flat = [*got[0].values(), *got[1].values(), *got[2].values(), got[3], got[4]]
+    for a, b in zip(flat, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+    step_of_grads = lambda g: learned_step(rule, params, g, state, loss=losses, lr=lr)[0]  # noqa: E731
+    jacobian = torch.func.jacrev(step_of_grads)(grads)
+    tangent = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(9), dtype=F64) for k, v in grads.items()}
+    _, jvp_out = torch.func.jvp(step_of_grads, (grads,), (tangent,))
+    for k in params:  # jvp = sum over inputs of jacobian @ tangent
+        by_jacobian = sum((jacobian[k][j].reshape(params[k].numel(), -1) @ tangent[j].reshape(-1)).reshape(params[k].shape) for j in grads)
+        torch.testing.assert_close(jvp_out[k], by_jacobian, rtol=1e-14, atol=1e-14)
+
+    class Stepper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rule = rule
+
+        def forward(self) -> Tensor:
+            return objective(params, grads, state, losses, lr)
+
+    weights = {f"rule.{k}": v.detach() for k, v in rule.named_parameters()}
+    by_func = torch.func.grad(lambda w: torch.func.functional_call(Stepper(), w, ()))(weights)
+    by_autograd = torch.autograd.grad(objective(params, grads, state, losses, lr), list(rule.parameters()))
+    for (name, _), b in zip(rule.named_parameters(), by_autograd, strict=True):
+        torch.testing.assert_close(by_func[f"rule.{name}"], b, rtol=1e-14, atol=1e-14)
+
