@@ -922,3 +922,23 @@ def test_a_rule_of_plain_operations_has_torch_func_derivatives_equal_to_autograd
     for (name, _), b in zip(rule.named_parameters(), by_autograd, strict=True):
         torch.testing.assert_close(by_func[f"rule.{name}"], b, rtol=1e-14, atol=1e-14)
 
+
+def test_nan_policy_raise_refuses_vmap_in_one_line() -> None:
+    """Under ``vmap`` over tasks, ``nan_policy="raise"``'s check (read on the host; one task's NaN
+    cannot stop the others) cannot run: it is refused in one line naming ``vmap``, also beneath a
+    ``grad`` (per-task gradients). It failed
+    inside the check with torch's "Batching rule not implemented for aten::_foreach_norm.Scalar".
+    Under ``grad`` it runs, and still stops a NaN."""
+    rule = _PlainMomentum()
+    params, grads, state, losses = _batched_problem()
+    with pytest.raises(RuntimeError, match=r"^learned_step: nan_policy='raise' does not run under torch\.func\.vmap .*nan_policy=None[^\n]*$"):
+        torch.func.vmap(lambda p, g, s, loss: learned_step(rule, p, g, s, loss=loss, nan_policy="raise"))(params, grads, state, losses)
+    per_task = lambda g, p, s, loss: sum(v.sum() for v in learned_step(rule, p, g, s, loss=loss, nan_policy="raise")[0].values())  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"^learned_step: nan_policy='raise' does not run under torch\.func\.vmap"):
+        torch.func.vmap(torch.func.grad(per_task))(grads, params, state, losses)  # batched beneath grad's wrapper
+    one = [_task(t, 0) for t in (params, grads, state)]
+    total = lambda g: sum(v.sum() for v in learned_step(rule, one[0], g, one[2], loss=losses[0], nan_policy="raise")[0].values())  # noqa: E731
+    torch.func.grad(total)(one[1])
+    with pytest.raises(NonFiniteGradientError, match=r"the gradient of params\['w'\]"):
+        torch.func.grad(total)({**one[1], "w": _spoil(one[1]["w"], NAN)})
+

@@ -182,6 +182,7 @@ def learned_step(
         TypeError: ``params`` or ``grads`` not a dict (a mapping) of names to tensors.
         NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
             rule), gradient or (read by the rule) parameter value; nothing is computed.
+        RuntimeError: ``nan_policy="raise"`` on tensors batched by ``torch.func.vmap``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -237,6 +238,12 @@ def _require_finite(
     value = None
     if rule.needs_loss:
         value = _without_float8(loss) if isinstance(loss, Tensor) else torch.tensor(real_as_float(loss), dtype=torch.float64)
+    if any(_is_vmapped(t) for t in ([] if value is None else [value]) + [t for _, t in checked]):
+        # the check failed inside torch: "Batching rule not implemented for aten::_foreach_norm"
+        raise RuntimeError(
+            "learned_step: nan_policy='raise' does not run under torch.func.vmap (its check reads the values on the "
+            "host, and one task's NaN cannot stop the others): check the tasks outside vmap, or pass nan_policy=None"
+        )
     # the loss and every tensor judged at once: one foreach 2-norm per dtype, one host sync
     flags = all_finite(([] if value is None else [value]) + [t for _, t in checked])
     if value is not None and not flags.pop(0):
@@ -248,6 +255,17 @@ def _require_finite(
             f"learned_step: {what} (shape {tuple(tensor.shape)}) contains NaN or Inf ({len(bad)} tensor(s) affected); "
             "nan_policy='raise', so nothing was computed"
         )
+
+
+def _is_vmapped(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is batched by a ``torch.func.vmap``, at any level of nested transforms
+    (a ``grad`` inside a ``vmap`` wraps the batched tensor in one of its own)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 def _check_params(params: Mapping[str, Tensor], caller: str) -> Tensor:
