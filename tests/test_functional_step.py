@@ -377,6 +377,34 @@ def test_maml_style_gradient_of_the_initial_parameters_matches_central_differenc
         torch.testing.assert_close(got, numeric, rtol=1e-5, atol=1e-7, msg=name)
 
 
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_second_order_steps_with_moving_averages_of_an_always_zero_gradient_match_central_differences(kind: str) -> None:
+    """With RMS and momentum states, a weight whose gradient is always exactly zero (on an input
+    feature that is always 0: ``sqrt``'s infinite derivative at 0, which made ``meta-train``'s
+    second-order meta-gradients NaN) leaves the second-order gradient of the query loss with
+    respect to the initial parameters and the rule's weights finite, and the former equal to
+    central differences."""
+    rule = random_rule(kind, seed=3, **MOVING_AVERAGES[kind])
+    model = torch.nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(4)
+    x_s, y_s, x_q, y_q = (torch.randn(6, n, generator=g, dtype=F64) for n in (3, 2, 3, 2))
+    x_s[:, 0] = 0  # weight[:, 0]'s gradient: exactly 0 at every step
+    init = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+
+    def query_loss(params: Mapping[str, Tensor]) -> Tensor:
+        state = init_rule_state(rule, params)
+        for _ in range(2):
+            loss = torch.nn.functional.mse_loss(functional_call(model, params, (x_s,)), y_s)
+            params, state = learned_step(rule, params, grads_of(loss, params, create_graph=True), state, loss=loss, lr=0.5)
+        return torch.nn.functional.mse_loss(functional_call(model, params, (x_q,)), y_q)
+
+    analytic = torch.autograd.grad(query_loss(init), [*init.values(), *rule.parameters()])
+    assert all(torch.isfinite(a).all() for a in analytic)
+    for (name, tensor), got in zip(init.items(), analytic, strict=False):
+        numeric = central_difference(lambda: query_loss(init).item(), tensor)
+        torch.testing.assert_close(got, numeric, rtol=1e-5, atol=1e-7, msg=name)
+
 def test_gradients_reach_the_given_gradients_and_states() -> None:
     """Nothing is detached: the new parameters depend on the gradients and the states given."""
     rule = random_rule("lstm")
