@@ -28,9 +28,13 @@ def non_finite(tensors: Sequence[Tensor]) -> list[str | None]:
     else None; None too for a ``meta`` or empty tensor (no values to check) and for an integer or
     bool one (never NaN or Inf). A sparse tensor is judged by its values (a COO tensor's
     coalesced: duplicate entries summed, as an optimizer reads them). Plain tensors only: the
-    optimizers pass a ``DTensor``'s local part. Reads no gradient (under ``torch.no_grad``)."""
+    optimizers pass a ``DTensor``'s local part. Reads no gradient (under ``torch.no_grad``) and no
+    forward-mode tangent (``torch.func.jvp``, ``forward_ad`` duals): the tensors are detached."""
     with torch.no_grad():
-        values = [_values(t) for t in tensors]
+        # detached: no_grad stops no forward-mode derivative, and _foreach_norm's failed under
+        # torch.func.jvp and forward_ad duals ("Trying to set a forward gradient that has a
+        # different size"); the values, not their tangents, are judged
+        values = [_values(t.detach()) for t in tensors]
         by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, t in enumerate(values):
             if not t.is_meta and t.numel() and (t.is_floating_point() or t.is_complex()):

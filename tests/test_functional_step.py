@@ -970,3 +970,28 @@ def test_nan_policy_raise_refuses_vmap_in_one_line() -> None:
     with pytest.raises(NonFiniteGradientError, match=r"the gradient of params\['w'\]"):
         torch.func.grad(total)({**one[1], "w": _spoil(one[1]["w"], NAN)})
 
+
+
+def test_nan_policy_raise_runs_under_forward_mode_derivatives() -> None:
+    """``nan_policy="raise"`` checks the values, not their tangents: under ``torch.func.jvp``,
+    ``jacfwd`` and ``torch.autograd.forward_ad`` duals the step and its tangents are those without
+    the check, and a NaN gradient still raises ``NonFiniteGradientError``. Each failed inside the
+    check with torch's "Trying to set a forward gradient that has a different size than that of
+    the original Tensor" (the forward derivative of its ``_foreach_norm``)."""
+    rule = _PlainMomentum()
+    params, grads, state, losses = (_task(t, 0) if isinstance(t, dict) else t[0] for t in _batched_problem())
+    tangent = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(9), dtype=F64) for k, v in grads.items()}
+
+    def step(policy: str | None) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        return lambda g: learned_step(rule, params, g, state, loss=losses, nan_policy=policy)[0]["w"]
+
+    checked, unchecked = (torch.func.jvp(step(policy), (grads,), (tangent,)) for policy in ("raise", None))
+    for a, b in zip(checked, unchecked, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.func.jacfwd(step("raise"))(grads)["w"], torch.func.jacfwd(step(None))(grads)["w"])
+    with torch.autograd.forward_ad.dual_level():
+        duals = {k: torch.autograd.forward_ad.make_dual(v, tangent[k]) for k, v in grads.items()}
+        primal, dual_tangent = torch.autograd.forward_ad.unpack_dual(step("raise")(duals))
+    assert torch.equal(primal, unchecked[0]) and torch.equal(dual_tangent, unchecked[1])
+    with pytest.raises(NonFiniteGradientError, match=r"the gradient of params\['b'\]"):
+        torch.func.jvp(step("raise"), ({**grads, "b": _spoil(grads["b"], NAN)},), (tangent,))
