@@ -739,6 +739,23 @@ class _TwoTensorQuadratic(Task):
         return (params["w"] - self.c).square().sum() + ((params["b"] - 1.0).square() * params["w"].square()).sum()
 
 
+@pytest.mark.parametrize("state", [lambda s: tuple(s.values()), lambda s: list(s.values()), lambda s: s["h"], lambda s: None],
+                         ids=["tuple", "list", "tensor", "none"])  # fmt: skip
+def test_learned_step_and_unroll_take_the_state_as_a_dict_only(state: Callable) -> None:
+    """States given as a tuple or list of tensors (as ``nn.LSTM`` takes ``(h, c)``) failed with
+    torch's "Boolean value of Tensor with more than one value is ambiguous", a lone tensor with a
+    ValueError printing its values over many lines, None with "'NoneType' object is not
+    iterable": each is a one-line TypeError naming the rule's states."""
+    rule, params, grads, good = _setup()
+    message = r"^the state must be a dict of the CoordinateLSTM rule's states \['c', 'h'\] \(name -> tensor\), got a \w+$"
+    with pytest.raises(TypeError, match=message):
+        learned_step(rule, params, grads, state(good))
+    tasks = TaskBatch([_TwoTensorQuadratic(torch.tensor([1.0, 2.0], dtype=F64))])
+    start = tasks.init_params(torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=message):
+        unroll(rule, tasks, start, state(rule.init_state(num_coordinates(start), dtype=F64, device="cpu")), 1)
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
 def test_a_one_element_lr_tensor_of_any_shape_steps_as_its_number(shape: tuple[int, ...]) -> None:
     """An ``lr`` tensor of one element is taken whatever its shape (it may be learned): a

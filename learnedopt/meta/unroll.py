@@ -179,7 +179,7 @@ def learned_step(
             loss for a rule that needs it, or a loss that is not one real number on the
             parameters' device; a ``nan_policy`` other than None and ``"raise"``; an ``lr`` that
             is not a finite number or a one-element floating-point tensor.
-        TypeError: ``params`` or ``grads`` not a dict (a mapping) of names to tensors.
+        TypeError: ``params``, ``grads`` or ``state`` not a dict (a mapping) of names to tensors.
         NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
             rule), gradient or (read by the rule) parameter value; nothing is computed.
         RuntimeError: ``nan_policy="raise"`` on tensors batched by ``torch.func.vmap``.
@@ -336,9 +336,17 @@ def _check_loss_weights(loss_weights: Sequence[float] | Tensor | None, steps: in
 
 
 def _check_state(rule: UpdateRule, state: State, n: int) -> None:
-    """Raise ValueError unless ``state`` has the rule's state names, each of its shape for ``n``
-    coordinates (states made for other parameters would broadcast or fail deep in the rule)."""
+    """Raise TypeError unless ``state`` is a mapping, ValueError unless it has the rule's state
+    names, each of its shape for ``n`` coordinates (states made for other parameters would
+    broadcast or fail deep in the rule)."""
     spec = rule.state_spec()
+    if not isinstance(state, Mapping):
+        # a tuple of tensors (as nn.LSTM takes (h, c)) failed in set(state) != set(spec) with torch's
+        # "Boolean value of Tensor with more than one value is ambiguous"
+        raise TypeError(
+            f"the state must be a dict of the {type(rule).__name__} rule's states {sorted(spec)} (name -> tensor), "
+            f"got a {type(state).__name__}"
+        )
     if set(state) != set(spec):
         raise ValueError(
             f"the state has {sorted(state)}, the {type(rule).__name__} rule's states are {sorted(spec)}: "
@@ -445,6 +453,7 @@ def unroll(
             any of them on more than one device, a call under
             ``torch.no_grad()`` or ``torch.inference_mode()``, or task losses that are not
             ``(B,)`` on the parameters' device with a gradient for every parameter.
+        TypeError: ``rule_state`` not a dict (a mapping) of state names to tensors.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
