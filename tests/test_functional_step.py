@@ -756,6 +756,23 @@ def test_learned_step_and_unroll_take_the_state_as_a_dict_only(state: Callable) 
         unroll(rule, tasks, start, state(rule.init_state(num_coordinates(start), dtype=F64, device="cpu")), 1)
 
 
+
+def test_learned_step_and_unroll_refuse_an_lr_tensor_on_another_device_in_one_line() -> None:
+    """An lr tensor on another device than the parameters (a learned step size kept on the GPU,
+    CPU parameters; here ``meta``) failed in the step with torch's "Tensor on device cpu is not
+    on the expected device meta!". It is refused naming both devices; a one-element CPU tensor
+    with parameters elsewhere is torch's CPU scalar, which works (not checked here: no second
+    device)."""
+    rule, params, grads, state = _setup()
+    lr = torch.tensor(0.5, dtype=F64, device="meta")
+    message = r"lr is a tensor on meta, the parameters on cpu: put it on their device, or give a number$"
+    with pytest.raises(ValueError, match=rf"^learned_step: {message}"):
+        learned_step(rule, params, grads, state, lr=lr)
+    tasks = TaskBatch([_TwoTensorQuadratic(torch.tensor([1.0, 2.0], dtype=F64))])
+    start = tasks.init_params(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=rf"^unroll: {message}"):
+        unroll(rule, tasks, start, rule.init_state(num_coordinates(start), dtype=F64, device="cpu"), 1, lr=lr)
+
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
 def test_a_one_element_lr_tensor_of_any_shape_steps_as_its_number(shape: tuple[int, ...]) -> None:
     """An ``lr`` tensor of one element is taken whatever its shape (it may be learned): a

@@ -157,7 +157,8 @@ def learned_step(
         loss: the optimizee's loss, for rules with ``needs_loss`` (MetaLSTMCell): a number or a
             one-element tensor on the parameters' device (the rule reads it in the math dtype,
             saturated at its largest value, as the optimizers do); ignored by other rules.
-        lr: multiplier of the rule's step.
+        lr: multiplier of the rule's step: a number, or a one-element tensor (differentiable:
+            a learned step size) on the parameters' device or the CPU.
         backend: ``"torch"``, ``"triton"`` or ``"auto"``, as for :func:`unroll`.
         nan_policy: None (default): no check, as in :func:`unroll`, whose NaN or Inf reaches the
             meta-loss and its gradient (which ``meta-train`` refuses to step on). ``"raise"``:
@@ -178,7 +179,8 @@ def learned_step(
             or rule weights not in the math dtype, or any of them on more than one device; no
             loss for a rule that needs it, or a loss that is not one real number on the
             parameters' device; a ``nan_policy`` other than None and ``"raise"``; an ``lr`` that
-            is not a finite number or a one-element floating-point tensor.
+            is not a finite number or a one-element floating-point tensor on the parameters'
+            device or the CPU.
         TypeError: ``params``, ``grads`` or ``state`` not a dict (a mapping) of names to tensors.
         NonFiniteGradientError: under ``nan_policy="raise"``, a NaN or Inf loss (read by the
             rule), gradient or (read by the rule) parameter value; nothing is computed.
@@ -190,7 +192,7 @@ def learned_step(
         skip = " ('skip' is the optimizers': a functional step returns every parameter's update)" if nan_policy == "skip" else ""
         raise ValueError(f"nan_policy must be None or 'raise', got {nan_policy!r}{skip}")
     first = _check_params(params, "learned_step")
-    lr = _check_lr(lr, "learned_step")
+    lr = _check_lr(lr, "learned_step", first.device)
     if not isinstance(grads, Mapping):
         raise TypeError(f"learned_step: grads must be a dict with the names of params, got a {type(grads).__name__}")
     names = list(params)
@@ -297,17 +299,21 @@ def _check_float_tensors(params: Mapping[str, Tensor], caller: str) -> None:
             raise ValueError(f"{caller}: params[{k!r}] is {got}: learned updates need floating-point tensors")
 
 
-def _check_lr(lr: float | Tensor, caller: str) -> float | Tensor:
+def _check_lr(lr: float | Tensor, caller: str, device: torch.device) -> float | Tensor:
     """``lr``, a one-element tensor as a 0-dim view of it (a ``(1, 1)`` one broadcast the step
     to ``(1, n)``, split then along the wrong dimension), once checked; raises ValueError unless
     ``lr`` is a finite real number or a one-element floating-point tensor (whose value is not
-    checked: that would be a host sync)."""
+    checked: that would be a host sync) on ``device`` (the parameters') or the CPU (torch's CPU
+    scalar, which any device's tensors take)."""
     if isinstance(lr, Tensor):
         ok = lr.is_floating_point() and lr.numel() == 1
     else:
         ok = is_number(lr) and math.isfinite(lr)
     if not ok:
         raise ValueError(f"{caller}: lr must be a finite real number or a one-element floating-point tensor, got {lr!r}")
+    if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
+        # the step failed with torch's "Tensor on device cpu is not on the expected device meta!"
+        raise ValueError(f"{caller}: lr is a tensor on {lr.device}, the parameters on {device}: put it on their device, or give a number")
     return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
@@ -428,7 +434,8 @@ def unroll(
         steps: number of updates, >= 1.
         start_step: step index of the first update (selects the tasks' minibatches), an
             integer ``>= 0``.
-        lr: multiplier of the rule's step.
+        lr: multiplier of the rule's step: a number, or a one-element tensor (differentiable:
+            a learned step size) on the parameters' device or the CPU.
         stop_optimizee_grad: detach the optimizee gradient (and loss) the rule reads.
         loss_weights: ``(steps,)`` weight ``w_t`` of each post-update loss in the meta-loss,
             finite and ``>= 0``; default all ones.
@@ -467,7 +474,7 @@ def unroll(
     if isinstance(params, Mapping) and not params:
         raise ValueError("params is empty: the tasks need at least one parameter tensor")
     _check_float_tensors(params, "unroll")  # an integer tensor was torch's "only Tensors of floating point dtype can require gradients"
-    lr = _check_lr(lr, "unroll")
+    lr = _check_lr(lr, "unroll", next(iter(params.values())).device)
     if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         # else every task would be blamed for a loss without a gradient (torch.enable_grad() inside
         # inference_mode turns grad mode on, but every tensor made there still has no graph)
