@@ -322,7 +322,7 @@ def quadratic_problem(
     return start, loss_fn
 
 
-def inner_loop(rule, params: Mapping[str, Tensor], loss_fn, steps: int, *, lr: float = 0.5) -> Tensor:
+def inner_loop(rule, params: Mapping[str, Tensor], loss_fn, steps: int, *, lr: float | Tensor = 0.5) -> Tensor:
     """The mean loss after each of ``steps`` learned steps from ``params``, the gradients built
     with ``create_graph=True`` and the loss passed with its graph: every second-order term kept."""
     params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves to differentiate
@@ -404,6 +404,20 @@ def test_second_order_steps_with_moving_averages_of_an_always_zero_gradient_matc
     for (name, tensor), got in zip(init.items(), analytic, strict=False):
         numeric = central_difference(lambda: query_loss(init).item(), tensor)
         torch.testing.assert_close(got, numeric, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_gradient_of_a_learned_step_size_matches_central_differences(kind: str) -> None:
+    """A one-element ``lr`` tensor is a meta-parameter as the rule's weights are (a learned step
+    size, as in Meta-SGD): the meta-loss's gradient with respect to it, second order, equals
+    central differences."""
+    rule = random_rule(kind, seed=5)
+    start, loss_fn = quadratic_problem(seed=1)
+    lr = torch.tensor(0.4, dtype=F64, requires_grad=True)
+    (analytic,) = torch.autograd.grad(inner_loop(rule, start, loss_fn, 3, lr=lr), lr)
+    numeric = central_difference(lambda: inner_loop(rule, start, loss_fn, 3, lr=lr).item(), lr)
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 def test_gradients_reach_the_given_gradients_and_states() -> None:
     """Nothing is detached: the new parameters depend on the gradients and the states given."""
