@@ -1043,3 +1043,61 @@ def test_nan_policy_raise_runs_under_forward_mode_derivatives() -> None:
     assert torch.equal(primal, unchecked[0]) and torch.equal(dual_tangent, unchecked[1])
     with pytest.raises(NonFiniteGradientError, match=r"the gradient of params\['b'\]"):
         torch.func.jvp(step("raise"), ({**grads, "b": _spoil(grads["b"], NAN)},), (tangent,))
+
+
+class _OneStepForAll(_PlainMomentum):
+    """A faulty rule of one's own: one step for all coordinates, ``(1,)``, not ``(n,)``."""
+
+    kind = "TestOneStepForAll"
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], loss: Tensor | None = None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step.mean().reshape(1), new_state
+
+
+class _ColumnStep(_PlainMomentum):
+    """A faulty rule of one's own: its step is a column, ``(n, 1)``."""
+
+    kind = "TestColumnStep"
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], loss: Tensor | None = None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step[:, None], new_state
+
+
+class _SharedMomentum(_PlainMomentum):
+    """A faulty rule of one's own: its momentum comes back ``(1, 1)``, one for all coordinates."""
+
+    kind = "TestSharedMomentum"
+
+    def forward(self, grad: Tensor, param: Tensor, state: Mapping[str, Tensor], loss: Tensor | None = None):
+        step, new_state = super().forward(grad, param, state, loss)
+        return step, {"m": new_state["m"].mean().reshape(1, 1)}
+
+
+@pytest.mark.parametrize(
+    ("rule_class", "message"),
+    [
+        (_OneStepForAll, r"the _OneStepForAll rule's forward returned a step of shape \(1,\) for {n} coordinates: it must be \({n},\)$"),
+        (_ColumnStep, r"the _ColumnStep rule's forward returned a step of shape \({n}, 1\) for {n} coordinates: it must be \({n},\)$"),
+        (_SharedMomentum, r"the _SharedMomentum rule's forward returned its state 'm' of shape \(1, 1\) for {n} coordinates: "
+                          r"it must be \(1, {n}\) \(state_spec\)$"),
+    ],
+    ids=["one-step", "column", "state-shape"],
+)  # fmt: skip
+def test_a_rules_step_or_state_of_another_shape_is_refused_in_one_line(rule_class: type, message: str) -> None:
+    """A rule of one's own whose step is not ``(n,)`` or whose new state has not its
+    ``state_spec`` shape (as ``meta-train --rule`` refuses it before a run): ``learned_step``
+    broadcast a ``(1,)`` step over every coordinate and returned a ``(1, 1)`` momentum, silently,
+    and an ``(n, 1)`` step failed in a reshape ("shape '[2, 3]' is invalid for input of size
+    48"); ``unroll`` failed in a reshape or a ``narrow`` ("start (0) + length (3) exceeds
+    dimension size (2)"), naming no rule, and took an ``(n, 1)`` step. Each is a ValueError
+    naming the rule and the shapes, in both, at the rule call."""
+    rule = rule_class()
+    params, grads, state, losses = (_task(t, 0) if isinstance(t, dict) else t[0] for t in _batched_problem())
+    with pytest.raises(ValueError, match=rf"^{message.format(n=8)}"):
+        learned_step(rule, params, grads, state, loss=losses)
+    tasks = TaskBatch([_TwoTensorQuadratic(torch.tensor([1.0, 2.0], dtype=F64)) for _ in range(2)])
+    start = tasks.init_params(torch.Generator().manual_seed(0))  # 3 coordinates per task, the rule called per task
+    with pytest.raises(ValueError, match=rf"^{message.format(n=3)}"):
+        unroll(rule, tasks, start, rule.init_state(num_coordinates(start), dtype=F64, device="cpu"), 2)

@@ -734,7 +734,7 @@ def _apply_rule(
     if _use_triton(rule, grad, param, state, backend):
         return _apply_rule_triton(rule, grad, param, state, loss)
     if not rule.needs_loss:
-        return rule(grad, param, state)
+        return _checked_rule_call(rule, grad, param, state)
     batch = loss.shape[0]
     per_task = grad.shape[0] // batch
     dims = {k: len(spec.lead) for k, spec in rule.state_spec().items()}
@@ -742,10 +742,36 @@ def _apply_rule(
     for b in range(batch):
         sl = slice(b * per_task, (b + 1) * per_task)
         task_state = {k: v.narrow(dims[k], b * per_task, per_task) for k, v in state.items()}
-        step, new_state = rule(grad[sl], param[sl], task_state, loss[b])
+        step, new_state = _checked_rule_call(rule, grad[sl], param[sl], task_state, loss[b])
         steps.append(step)
         new_states.append(new_state)
     return torch.cat(steps), {k: torch.cat([s[k] for s in new_states], dim=dims[k]) for k in state}
+
+
+def _checked_rule_call(rule: UpdateRule, grad: Tensor, param: Tensor, state: State, *loss: Tensor) -> tuple[Tensor, State]:
+    """``rule(grad, param, state, *loss)``, its step checked to be ``(n,)`` and its new states to
+    have :meth:`UpdateRule.state_spec`'s names and shapes for the ``n`` coordinates of ``grad``
+    (a shape check, no sync); raises ValueError naming the rule. A rule of one's own that broke
+    this had a ``(1,)`` step broadcast over every coordinate by :func:`learned_step`, or a
+    ``(1, 1)`` state taken on, silently, or failed in a reshape deep in :func:`unroll`."""
+    step, new_state = rule(grad, param, state, *loss)
+    n = grad.shape[0]
+    name = type(rule).__name__
+    if not isinstance(step, Tensor) or tuple(step.shape) != (n,):
+        got = f"shape {tuple(step.shape)}" if isinstance(step, Tensor) else f"a {type(step).__name__}"
+        raise ValueError(f"the {name} rule's forward returned a step of {got} for {n} coordinates: it must be ({n},)")
+    spec = rule.state_spec()
+    if not isinstance(new_state, Mapping) or set(new_state) != set(spec):
+        got = sorted(new_state) if isinstance(new_state, Mapping) else f"a {type(new_state).__name__}"
+        raise ValueError(f"the {name} rule's forward returned the states {got}: its state_spec() names {sorted(spec)}")
+    for k, s in spec.items():
+        value = new_state[k]
+        if not isinstance(value, Tensor) or tuple(value.shape) != s.shape(n):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+            raise ValueError(
+                f"the {name} rule's forward returned its state {k!r} of {got} for {n} coordinates: it must be {s.shape(n)} (state_spec)"
+            )
+    return step, new_state
 
 
 def _apply_rule_triton(
