@@ -470,6 +470,29 @@ def test_a_step_is_pure_and_keeps_names_shapes_and_order() -> None:
     assert set(plain) == set(params)
 
 
+
+@pytest.mark.parametrize("kind", ["lstm", "meta"])
+def test_a_step_leaves_the_rule_and_the_global_random_state_as_they_were(kind: str) -> None:
+    """No hidden state: a step (with its graph, and its backward) draws nothing from torch's
+    global generator, changes none of the rule's weights, its mode or its inputs'
+    ``requires_grad``, and two calls on the same inputs give the same bits."""
+    rule = random_rule(kind, **MOVING_AVERAGES[kind])
+    _, params, grads, _ = _setup(kind)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    weights = {k: v.clone() for k, v in rule.state_dict().items()}
+    generator = torch.get_rng_state()
+    for mode in (True, False):
+        rule.train(mode)
+        new, new_state = learned_step(rule, params, grads, init_rule_state(rule, params), loss=torch.tensor(0.3, dtype=F64), lr=0.5)
+        sum(v.sum() for v in new.values()).backward()
+        again, again_state = learned_step(rule, params, grads, init_rule_state(rule, params), loss=torch.tensor(0.3, dtype=F64), lr=0.5)
+        assert rule.training is mode
+        assert all(torch.equal(again[k], v) for k, v in new.items())
+        assert all(torch.equal(again_state[k], v) for k, v in new_state.items())
+    assert torch.equal(torch.get_rng_state(), generator)
+    assert all(torch.equal(v, weights[k]) for k, v in rule.state_dict().items())
+    assert all(v.requires_grad for v in params.values()) and not any(v.requires_grad for v in grads.values())
+
 def test_a_huge_loss_is_saturated_as_the_optimizer_reads_it() -> None:
     """A float64 loss over float32's range is read as float32's largest value, as
     ``MetaLSTMOptimizer.step(loss=...)`` reads it (not Inf)."""
