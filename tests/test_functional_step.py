@@ -554,6 +554,22 @@ def test_learned_step_refuses_in_one_line(change, message: str, nan_policy: str 
     assert "\n" not in str(info.value)
 
 
+
+@pytest.mark.parametrize("nan_policy", [None, "raise"])
+def test_learned_step_refuses_a_sparse_gradient_in_one_line(nan_policy: str | None) -> None:
+    """``nn.Embedding(sparse=True)``'s gradient, as ``torch.autograd.grad`` gives it, failed in the
+    step with torch's "reshape is not implemented for sparse tensors"; it is refused naming the
+    parameter, as the optimizers refuse it."""
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    params = dict(embedding.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(embedding(torch.tensor([1, 2])).sum(), list(params.values())), strict=True))
+    assert grads["weight"].is_sparse
+    rule = CoordinateLSTM()
+    with pytest.raises(ValueError, match=r"^learned_step: grads\['weight'\] is sparse \(torch\.sparse_coo\): learned updates need dense "
+                                         r"gradients \(grads\['weight'\]\.to_dense\(\)\)$"):  # fmt: skip
+        learned_step(rule, params, grads, init_rule_state(rule, params), nan_policy=nan_policy)
+    learned_step(rule, params, {"weight": grads["weight"].to_dense()}, init_rule_state(rule, params), nan_policy=nan_policy)
+
 @pytest.mark.parametrize(
     ("loss", "message"),
     [

@@ -175,7 +175,7 @@ def learned_step(
     Raises:
         ValueError: an unknown ``backend``; ``params`` empty or not floating-point; ``grads``
             whose names or shapes are not ``params``'; states of other names or shapes than the
-            rule's for ``P`` coordinates; parameters and gradients of more than one dtype, states
+            rule's for ``P`` coordinates; sparse gradients; parameters and gradients of more than one dtype, states
             or rule weights not in the math dtype, or any of them on more than one device; no
             loss for a rule that needs it, or a loss that is not one real number on the
             parameters' device; a ``nan_policy`` other than None and ``"raise"``; an ``lr`` that
@@ -203,6 +203,11 @@ def learned_step(
         grad = grads[k]
         if not isinstance(grad, Tensor):
             raise ValueError(f"grads[{k!r}] is {grad!r}, not a tensor (a parameter the loss does not use has no gradient)")  # noqa: TRY004 (one error for every malformed input)
+        if grad.layout != torch.strided:  # torch.cat/reshape failed: "reshape is not implemented for sparse tensors"
+            raise ValueError(
+                f"learned_step: grads[{k!r}] is sparse ({grad.layout}): learned updates need dense gradients "
+                f"(grads[{k!r}].to_dense())"
+            )
         if grad.shape != params[k].shape:
             raise ValueError(f"grads[{k!r}] has shape {tuple(grad.shape)}, params[{k!r}] {tuple(params[k].shape)}")
     n = num_coordinates(params)
