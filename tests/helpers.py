@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import torch
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
 
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
+
+#: For a test (or a parameter: ``pytest.param("triton", marks=needs_triton)``) that runs the fused
+#: kernels: Triton is a dependency only where it has wheels (Linux x86-64 and aarch64), so elsewhere
+#: (macOS, Windows) the test is skipped, not failed with "Triton is not installed".
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs Triton (wheels for Linux x86-64/aarch64 only)"
+)
 
 
 def make_params(shapes, dtype=torch.float64, *, noncontiguous=(), seed=0) -> list[torch.Tensor]:

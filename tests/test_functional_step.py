@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import Tensor
-from helpers import central_difference, random_rule
+from helpers import central_difference, needs_triton, random_rule
 from torch.func import functional_call
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer, NonFiniteGradientError, UpdateRule
@@ -858,7 +858,7 @@ def test_a_one_element_lr_tensor_of_any_shape_steps_as_its_number(shape: tuple[i
 
 # ----------------------------------------------------------------------------- huge gradients
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_huge_finite_gradients_of_alternating_sign_keep_the_step_finite(kind: str, backend: str, dtype: torch.dtype) -> None:

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, set_grads, step, step_alike
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_params, needs_triton, set_grads, step, step_alike
 
 from learnedopt import LSTMOptimizer, MetaLSTMOptimizer, UntrainedWeightsWarning
 
@@ -299,7 +299,7 @@ def test_float16_states_saturate_instead_of_overflowing() -> None:
     assert torch.isfinite(params[0]).all() and params[0].abs().max() < 10
 
 
-@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), pytest.param("triton", None, marks=needs_triton)])
 @pytest.mark.parametrize("loss", [1e39, torch.tensor(-1e300, dtype=torch.float64)])
 def test_a_finite_loss_beyond_float32_saturates_for_float32_math(loss, backend, foreach) -> None:
     """A finite float64 loss over float32's largest value became Inf in the float32 math, and a
@@ -334,7 +334,7 @@ def test_float32_states_of_float64_parameters_saturate_instead_of_overflowing(ki
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
-@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), pytest.param("triton", None, marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_a_finite_float64_gradient_beyond_the_maths_range_saturates(kind, backend, foreach, param_dtype) -> None:
@@ -360,7 +360,7 @@ def test_a_finite_float64_gradient_beyond_the_maths_range_saturates(kind, backen
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
-@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize(("backend", "foreach"), [("torch", None), ("torch", False), pytest.param("triton", None, marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_huge_finite_gradients_of_alternating_sign_keep_parameters_and_states_finite(kind, backend, foreach, dtype) -> None:
@@ -393,7 +393,7 @@ def test_options_changed_in_param_groups_are_checked_at_the_next_step(option, va
     assert torch.equal(params[0], before)
 
 
-@pytest.mark.parametrize("backend, foreach", [("torch", None), ("torch", False), ("triton", None)])
+@pytest.mark.parametrize("backend, foreach", [("torch", None), ("torch", False), pytest.param("triton", None, marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_lr_zero_leaves_parameters_even_where_the_step_overflows(kind, backend, foreach) -> None:
     """lr=0 keeps every parameter bit for bit (-0.0 too), even where the step is Inf or NaN."""
@@ -414,7 +414,7 @@ def test_lr_zero_leaves_parameters_even_where_the_step_overflows(kind, backend, 
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_a_finite_gradient_whose_square_overflows_leaves_the_states_finite(kind, backend) -> None:
     """A float32 gradient over sqrt(max) ~ 1.8e19 squares to Inf; the second moments must saturate
@@ -488,6 +488,7 @@ def test_an_optimizer_built_and_stepped_under_a_default_meta_device_works_as_ada
         assert opt.state[p]["step"].device.type == "cpu" and int(opt.state[p]["step"]) == 2
 
 
+@needs_triton
 @pytest.mark.parametrize("kind", ["lstm", "meta"])
 def test_the_triton_step_under_a_default_meta_device_works(kind) -> None:
     """The same under ``backend="triton"`` (Triton's interpreter here): its launchers read the

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, param_specs, set_grads, step
+from helpers import OPTIMIZERS, assert_same_params_and_states, make_mixed_params, make_params, needs_triton, param_specs, set_grads, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +67,7 @@ def test_a_learning_rate_given_where_the_weights_go_is_a_clear_error(cls, lr) ->
         cls([torch.zeros(2, requires_grad=True)], lr)
 
 
+@needs_triton
 def test_triton_backend_for_a_rule_without_kernel_is_a_clear_error() -> None:
     p = [torch.zeros(2, requires_grad=True)]
     MetaLSTMOptimizer(p, backend="triton")  # has a kernel (tests/test_kernel_meta_lstm.py)

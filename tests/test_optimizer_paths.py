@@ -211,6 +211,8 @@ def test_auto_backend_falls_back_to_torch_once_the_fused_update_fails(monkeypatc
         lo.LearnedOptimizer, "_use_fused", lambda self, backend, device, *a: original(self, backend, torch.device("cuda"), *a)
     )
     monkeypatch.setattr(lo.LearnedOptimizer, "_fused_weights", lambda self, device: None)
+    # the kernel's block size, read from the kernel module, would import Triton, absent on macOS
+    monkeypatch.setattr(lo, "_fused_block", lambda: 64)
     calls = []
 
     def failing_fused_update(*args, **kwargs):
