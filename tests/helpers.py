@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
+from learnedopt.kernels import lstm_layer_cpu
 
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
 
@@ -19,6 +20,13 @@ OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
 #: (macOS, Windows) the test is skipped, not failed with "Triton is not installed".
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="needs Triton (wheels for Linux x86-64/aarch64 only)"
+)
+
+#: For a test that builds the CPU kernel (``learnedopt.kernels.lstm_layer_cpu``) or runs
+#: ``torch.compile``'s C++ code: the library falls back without a C++ compiler (``$CXX``, ``c++``,
+#: ``g++``, ``clang++``), with one warning, so on such a machine the test is skipped.
+needs_compiler = pytest.mark.skipif(
+    lstm_layer_cpu._compiler() is None, reason="no C++ compiler ($CXX, c++, g++, clang++): the kernel cannot be built here"
 )
 
 

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_compiler
 
 from learnedopt.kernels import lstm_layer_cpu
 from learnedopt.nn.lstm_step import lstm_step
 
 # the library falls back without a compiler (tested below with the compiler hidden); the kernel's
-# own tests need one, as torch.compile's do
-needs_compiler = pytest.mark.skipif(
-    lstm_layer_cpu._compiler() is None, reason="no C++ compiler ($CXX, c++, g++, clang++): the kernel cannot be built here"
-)
+# own tests need one, as torch.compile's do (needs_compiler: skipped where there is none)
 
 
 def _layer(inputs: int, hidden: int, n: int, seed: int = 0):
@@ -287,6 +285,7 @@ def test_threads_only_for_enough_rows_per_thread() -> None:
     assert got == [1, 1, 1, 1, 1, 2, 3, 4]
 
 
+@needs_compiler
 @pytest.mark.parametrize(("n", "parts"), [(13, 3), (9, 2), (17, 4), (5, 4), (1, 3), (33, 4)])
 def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> None:
     """Split into ``parts`` (each a multiple of 4 rows but the last), every row is computed once
@@ -325,6 +324,7 @@ def test_each_part_holds_its_own_rows_weight_gradient(n: int, parts: int) -> Non
         assert torch.equal(grad_wt[p].t(), own[5]) and torch.equal(grad_sums[p], torch.cat((own[6], own[8][0], own[9]))), p
 
 
+@needs_compiler
 def test_activations_are_torchs_to_a_few_ulp() -> None:
     """The gates' sigmoid and tanh (through the kernel's polynomial exp) over the whole float
     range, to a few float32 ulp of float64 (pre-activations exact: one input of weight 1): the
@@ -353,18 +353,21 @@ def test_activations_are_torchs_to_a_few_ulp() -> None:
     [(torch.float32, 20, "cpu", True), (torch.float64, 20, "cpu", False), (torch.float32, 10, "cpu", False),
      (torch.bfloat16, 20, "cpu", False), (torch.float32, 20, "meta", False)],
 )  # fmt: skip
-def test_applies_to_float32_cpu_tensors_of_a_hidden_size_divisible_by_4(dtype, hidden, device, applies) -> None:
+def test_applies_to_float32_cpu_tensors_of_a_hidden_size_divisible_by_4(monkeypatch: pytest.MonkeyPatch, dtype, hidden, device, applies) -> None:
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)  # not an earlier failed build's (no compiler)
     t = torch.empty(3, hidden, dtype=dtype, device=device)
     assert lstm_layer_cpu.applies(t, hidden=hidden) is applies
 
 
 @pytest.mark.parametrize(("value", "on"), [("0", False), ("off", False), ("1", True), ("", True)])
 def test_switch(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)  # not an earlier failed build's (no compiler)
     monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", value)
     assert lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20) is on
 
 
 def test_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lstm_layer_cpu, "_failed", False)  # not an earlier failed build's (no compiler)
     monkeypatch.setenv("LEARNEDOPT_CPU_KERNEL", "fast")
     with pytest.raises(ValueError, match="LEARNEDOPT_CPU_KERNEL='fast'"):
         lstm_layer_cpu.applies(torch.empty(2, 20), hidden=20)
@@ -426,6 +429,7 @@ def test_a_cxx_that_is_not_a_command_line_is_passed_over(monkeypatch: pytest.Mon
     assert lstm_layer_cpu.ready(7, 4)
 
 
+@needs_compiler
 def test_a_damaged_build_in_the_cache_is_built_again(tmp_path) -> None:
     """A truncated kernel under its final name (a crash before the disk had it, a partial copy
     of a cache) is built again, not loaded: loading it killed every process (SIGBUS)."""
@@ -463,6 +467,7 @@ def test_a_digest_damaged_into_bytes_that_are_not_text_is_built_again(monkeypatc
     assert digest.read_bytes() == whole
 
 
+@needs_compiler
 def test_an_unwritable_cache_builds_into_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A cache folder that cannot be made (here: under a file; a read-only home) still gives the
     kernel, built for this process, with one warning naming the folder and the variable."""
@@ -602,6 +607,7 @@ def test_non_finite_inputs_give_what_torch_gives() -> None:
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
 
 
+@needs_compiler
 def test_a_saturated_gate_is_exactly_zero_as_in_torch() -> None:
     """A gate whose pre-activation is past exp's float32 range is 0, as torch's sigmoid gives:
     with an infinite ``c`` the forget gate times ``c`` is NaN in torch, so in the kernel too (a
@@ -639,6 +645,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+@needs_compiler
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_runs_the_kernel_on_one_thread() -> None:
     """A process that ran the kernel on two threads, then forked (Hogwild training, a forked
@@ -665,6 +672,7 @@ def _run_without_hanging(code: str, env: dict[str, str], hung: str) -> None:
     assert process.returncode == 0, output[-2000:]
 
 
+@needs_compiler
 def test_weight_gradient_sums_many_rows_as_precisely_as_blas() -> None:
     """The weight and bias gradients are sums over all rows (coordinates: up to millions): summed
     in blocks, to about BLAS's precision. A single running float32 sum was 1e-4 off at 131,072
@@ -891,6 +899,7 @@ def test_a_kernel_built_without_openmp_is_loaded_from_the_cache_without_compilin
     assert list((tmp_path / "cache").glob("lstm_layer_cpu_7_4_*.so")) == [built]
 
 
+@needs_compiler
 def test_a_cache_folder_that_is_a_file_is_named_so(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """``LEARNEDOPT_CACHE_DIR`` naming a file: the kernel is built for this process, and the one
     warning says the cache is not a directory; it said ``File exists``, which reads as if the

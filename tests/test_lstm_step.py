@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import needs_compiler
 
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 from learnedopt.nn import lstm_step as lstm_step_module
@@ -107,6 +108,7 @@ def test_gradients_of_one_trainable_weight_among_frozen_ones(monkeypatch: pytest
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
 
+@needs_compiler  # torch.compile's C++ code
 def test_constant_and_symbolic_shape_code_agree_bitwise() -> None:
     """The step's pointwise functions compile with constant shapes first and symbolic ones after a
     shape change. A resumed run may compute a shape with the other variant than the run it
@@ -570,6 +572,7 @@ def test_compile_switch_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch
         compile_enabled()
 
 
+@needs_compiler  # torch.compile's C++ code; the library's own fallback warns (an error under -W error)
 def test_steps_and_meta_training_run_with_warnings_as_errors() -> None:
     # a fresh process, where the first compile imports the parts of torch that warn of torch's own
     # deprecations: under `-W error` (pytest's `filterwarnings = error`) that failed every step
