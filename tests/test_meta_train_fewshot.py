@@ -433,6 +433,21 @@ def test_bad_configuration_is_one_line_and_exit_code_2(tmp_path: Path, capsys, e
     assert not (tmp_path / "run").exists()
 
 
+def test_omniglot_without_pillow_names_pillow_not_the_zips(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Pillow (the ``data`` extra) missing, with the Omniglot zips in place: the one line said
+    ``--task omniglot needs the Omniglot zips: reading Omniglot needs Pillow``, sending the user
+    to look for files that were there."""
+    data = make_omniglot_zip(tmp_path / "omniglot")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    args = ["--algo", "maml", "--task", "omniglot", "--ways", "2", "--shots", "1", "--data", str(data)]
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--meta-steps", "1", "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("learnedopt meta-train: error: --task omniglot: reading Omniglot needs Pillow"), err
+    assert "zips" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_first_order_followed_by_a_number_is_not_read_as_first_order_until(tmp_path: Path, capsys) -> None:
     """argparse took ``--first-order`` for its abbreviation ``--first-order-until``: ``--algo maml
     --first-order 3`` ran, second-order after 3 first-order meta-steps, with no word said."""

@@ -140,7 +140,9 @@ def make_sources(config: FewShotConfig) -> tuple[Any, Any, dict[str, list[str]]]
 
     try:
         data = load_omniglot(config.data, image_size=config.image_size, rotations=True)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except ImportError as err:  # Pillow (the data extra), not the files: the message says which
+        raise ConfigError(f"--task omniglot: {err}") from None
+    except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--task omniglot needs the Omniglot zips: {err}") from None
     try:
         parts = omniglot_class_splits(data, parse_alphabets(config.valid_alphabets), parse_alphabets(config.test_alphabets))
