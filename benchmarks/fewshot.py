@@ -161,7 +161,7 @@ def _plot(curves: dict[str, list[float]], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot (pip install learnedopt[plots])")
+        print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():

@@ -7,7 +7,7 @@ import torch
 
 from learnedopt.data import load_runs, score_runs
 
-Image = pytest.importorskip("PIL.Image", reason="Pillow is needed to write PNGs (pip install learnedopt[data])")
+Image = pytest.importorskip("PIL.Image", reason="Pillow is needed to write PNGs (pip install Pillow)")
 
 
 def write_png(path, ink_rows) -> None:

@@ -218,7 +218,7 @@ def test_cli_without_pillow_says_so_in_one_line(tmp_path: Path, checkpoints: dic
     argv = ["evaluate", "omniglot-runs", "--runs", str(tmp_path / "runs"), "--checkpoint", str(checkpoints["maml20"])]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == "learnedopt evaluate omniglot-runs: error: reading Omniglot needs Pillow: pip install learnedopt[data]\n"
+    assert err == "learnedopt evaluate omniglot-runs: error: reading Omniglot needs Pillow (learnedopt's data extra): pip install Pillow\n"
 
 
 def test_cli_refuses_an_ensemble_of_image_sizes(tmp_path: Path, checkpoints: dict, capsys) -> None:

@@ -77,7 +77,7 @@ def _import_pillow() -> ModuleType:
     try:
         from PIL import Image
     except ImportError as e:
-        raise ImportError("reading Omniglot needs Pillow: pip install learnedopt[data]") from e
+        raise ImportError("reading Omniglot needs Pillow (learnedopt's data extra): pip install Pillow") from e
     return Image
 
 
