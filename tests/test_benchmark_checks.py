@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_compiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
@@ -298,6 +299,7 @@ def test_run_gpu_writes_under_a_relative_out_and_fails_with_higher(tmp_path: Pat
     assert (done.returncode != 0) == bool(higher_rc), done.stdout[-2000:]
 
 
+@needs_compiler  # the fused CPU kernel, or torch.compile's C++ code
 def test_kernel_ab_tells_same_bits_from_other_rounding(tmp_path: Path, monkeypatch) -> None:
     """``kernel_ab.py`` loads two kernel builds side by side: the working tree's source against
     itself gives the same meta-gradient bits; a source whose sigmoid is off by 1e-7 does not."""
@@ -321,6 +323,7 @@ def test_kernel_ab_tells_same_bits_from_other_rounding(tmp_path: Path, monkeypat
     assert lstm_layer_cpu.SOURCE.read_text() == source  # the working tree's kernel is back in use
 
 
+@needs_compiler  # the fused CPU kernel, or torch.compile's C++ code
 def test_kernel_ab_refuses_a_revision_of_another_c_interface(monkeypatch, capsys) -> None:
     """The working tree's launcher calls both builds: a baseline whose extern "C" parameters
     differ (the source before x's strides were passed) would get its pointers shifted."""
@@ -488,6 +491,7 @@ def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv:
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_compiler  # the fused CPU kernel, or torch.compile's C++ code
 def test_lstm_step_parts_compares_the_step_it_names(results: Path, monkeypatch) -> None:
     """The whole two-layer step's 'after' is ``LSTMStackStep``'s products and compiled pointwise
     functions, which 'before' ran per layer with the same bits; with the fused CPU kernel on (the
@@ -549,7 +553,12 @@ TAGGED = [
 ]
 
 
-@pytest.mark.parametrize("script, argv, slow", TAGGED, ids=[s for s, _, _ in TAGGED])
+COMPILED = {"lstm_chunk", "lstm_step_parts"}  # they time torch.compile's C++ code or the fused CPU kernel
+
+
+@pytest.mark.parametrize(
+    "script, argv, slow", [pytest.param(*t, id=t[0], marks=needs_compiler if t[0] in COMPILED else ()) for t in TAGGED]
+)
 def test_tag_names_the_results_files(script: str, argv: list[str], slow: str, results: Path, monkeypatch) -> None:
     """Without ``--tag`` every run of these (a smaller ``--chunk``, another host) wrote over the
     committed results; the timing itself is stubbed here."""
