@@ -9,7 +9,7 @@ import functools
 from collections.abc import Mapping
 
 import torch
-from helpers import random_rule
+from helpers import needs_compiled_step, random_rule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -389,6 +389,7 @@ def test_stopped_meta_gradient_is_the_derivative_with_the_rules_gradient_and_los
     assert abs(along - numeric) <= 1e-6 * abs(numeric) + 1e-9, (along, numeric)
 
 
+@needs_compiled_step
 @FEW
 @given(kind=st.sampled_from(RULE_KINDS), steps=st.integers(1, 4), stop=st.booleans(), seed=st.integers(0, 50))
 def test_learned_steps_of_each_task_are_its_share_of_the_unroll(kind: str, steps: int, stop: bool, seed: int) -> None:
