@@ -383,7 +383,10 @@ BAD = [
     (["--algo", "fomaml", "--first-order"], "--first-order is not an option: --algo fomaml is first-order MAML already"),
     (["--algo", "reptile", "--first-order"], "--first-order is not an option: --algo reptile is first-order by construction"),
     (["--algo", "meta-lstm", "--first-order"], "--first-order is not an option: --algo meta-lstm is first-order already"),
-    (["--first-order"], "--first-order is not an option of --algo lstm"),
+    # lstm's truncated unrolls are first order unless --second-order: not a pointer to --algo fomaml
+    (["--first-order"], "--first-order is not an option: --algo lstm is first-order already (the optimizee's gradients are "
+                        "detached; --second-order keeps their second-order terms)"),
+    (["--algo", "lstm", "--first-order"], "--first-order is not an option: --algo lstm is first-order already"),
     (["--algo", "maml", "--shots", "0"], "--shots must be a positive integer, got 0"),
     (["--algo", "maml", "--task", "omniglot", "--ways", "1", "--data", "{tmp}/no-such-dir"], "--ways must be at least 2, got 1"),
     (["--algo", "reptile", "--seed", "-1"], "--seed must be a non-negative integer, got -1"),

@@ -306,6 +306,8 @@ def _interrupted(err: KeyboardInterrupt, out: Path) -> str:
 
 #: the refusal of ``--first-order`` (no option: first-order MAML is an algorithm of its own) by ``--algo``
 _FIRST_ORDER = {
+    "lstm": "--first-order is not an option: --algo lstm is first-order already (the optimizee's gradients are detached; "
+            "--second-order keeps their second-order terms)",
     "maml": "--first-order is not an option: first-order MAML is --algo fomaml "
             "(--first-order-until STEPS makes --algo maml first-order for its first STEPS meta-steps)",
     "fomaml": "--first-order is not an option: --algo fomaml is first-order MAML already",
@@ -318,7 +320,7 @@ def _run(args: argparse.Namespace, workers: Workers) -> int:
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
     if args.first_order:
-        raise ConfigError(_FIRST_ORDER.get(args.algo, f"--first-order is not an option of --algo {args.algo}; first-order MAML is --algo fomaml"))
+        raise ConfigError(_FIRST_ORDER[args.algo])  # every algo has its line
     if args.algo != "lstm":
         # meta-lstm's inner loop is an update rule: --rule and --rule-config are its options too
         rule_options = ("rule", "rule_config", "preset")
