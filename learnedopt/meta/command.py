@@ -211,8 +211,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--stop-after", type=int, default=None, help=argparse.SUPPRESS
     )  # tests: simulated kill
     # not an option, refused by _run in one line: argparse took it for its abbreviation
-    # --first-order-until ("expected one argument"; "--first-order 100" ran that silently)
-    parser.add_argument("--first-order", action="store_true", help=argparse.SUPPRESS)
+    # --first-order-until ("expected one argument"; "--first-order 100" ran that silently); a
+    # value given it is taken too, so that the refusal says why, not "unrecognized arguments: 100"
+    parser.add_argument("--first-order", nargs="?", const=True, default=None, help=argparse.SUPPRESS)  # given at all: refused
     parser.set_defaults(func=run_meta_train)
 
 
@@ -319,7 +320,7 @@ _FIRST_ORDER = {
 def _run(args: argparse.Namespace, workers: Workers) -> int:
     if args.algo not in ALGOS:
         raise ConfigError(f"unknown algo {args.algo!r}; choose from {', '.join(ALGOS)}")
-    if args.first_order:
+    if args.first_order is not None:  # with any value, "" (--first-order=) too
         raise ConfigError(_FIRST_ORDER[args.algo])  # every algo has its line
     if args.algo != "lstm":
         # meta-lstm's inner loop is an update rule: --rule and --rule-config are its options too
