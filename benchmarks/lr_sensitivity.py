@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import NO_FINITE_BASELINE, RESULTS, fail, nan_note, path_arg, path_option, read_json, write_results  # noqa: E402
+from common import NO_FINITE_BASELINE, RESULTS, Distinct, fail, nan_note, path_arg, path_option, read_json, write_results  # noqa: E402
 
 from learnedopt import LSTMOptimizer, markdown  # noqa: E402
 from learnedopt.evaluation import (  # noqa: E402
@@ -108,10 +108,11 @@ def run_label(lr: float, loss_scale: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="l2l-random", help="an LSTMOptimizer preset or a weight file")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 10.0])
-    parser.add_argument("--loss-scales", type=float, nargs="+", default=[1.0],
+    # each value once (common.Distinct): the table has a column per lr given, the results one per distinct lr
+    parser.add_argument("--lrs", type=float, nargs="+", action=Distinct, default=[0.5, 1.0, 2.0, 4.0, 10.0])
+    parser.add_argument("--loss-scales", type=float, nargs="+", action=Distinct, default=[1.0],
                         help="factors on the loss the optimizer sees (its gradient); each runs at every lr")
-    parser.add_argument("--problems", nargs="+", required=True)
+    parser.add_argument("--problems", nargs="+", action=Distinct, required=True)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--reference", type=path_option, default=RESULTS / "optimizee_eval.json",
                         help="suite report whose tuned baselines are shown beside (same seeds)")
@@ -136,10 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad:  # the scaled loss was Inf (every run NaN at step 0) or 0 (no run moved): no rule saw that scale
         fail(parser, f"--loss-scales must lie in float32's normal range ({tiny:.4g} to {largest:.4g}), the dtype of the problems' "
                      f"losses, got {' '.join(f'{scale:g}' for scale in bad)}")  # fmt: skip
-    if len(set(args.loss_scales)) < len(args.loss_scales):
-        fail(parser, "--loss-scales given more than once")
-    if len(set(args.lrs)) < len(args.lrs):  # the table has a column per lr given, the results one per distinct lr
-        fail(parser, f"--lrs given more than once: {' '.join(sorted({f'{lr:g}' for lr in args.lrs if args.lrs.count(lr) > 1}))}")
     try:  # every input checked before any run
         check_report_name(common.RESULTS, args.name, ("json", "md"))
         spec = learned_from_file(args.weights, rules_option=None) if Path(args.weights).is_file() else LearnedSpec(args.weights, LSTMOptimizer, args.weights)

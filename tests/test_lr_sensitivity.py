@@ -179,14 +179,11 @@ def test_diverged_runs_are_counted_in_the_table(tmp_path: Path, monkeypatch) -> 
         # the optimizer refused it at its construction, a traceback after the runs of the lrs before it
         (["--lrs", "1", "1e39"], "--lrs must be at most float32's largest value (3.403e+38), the dtype of the problems' "
                                  "parameters, got 1e+39"),
-        # ran 1 twice and wrote a table of more lr columns than cells
-        (["--lrs", "1", "2", "1.0"], "--lrs given more than once: 1"),
         (["--loss-scales", "0"], "--loss-scales must be positive and finite, got 0"),
         # the scaled float32 loss was Inf (every run NaN at step 0) or 0 (no run moved): no rule saw the scale
         (["--loss-scales", "1", "1e39"], "--loss-scales must lie in float32's normal range (1.175e-38 to 3.403e+38), the dtype "
                                          "of the problems' losses, got 1e+39"),
         (["--loss-scales", "1e-46"], "float32's normal range (1.175e-38 to 3.403e+38), the dtype of the problems' losses, got 1e-46"),
-        (["--loss-scales", "1", "1"], "--loss-scales given more than once"),
         # read only by MNIST problems: a --data of no MNIST was ignored where no problem read it
         (["--data", "/nonexistent/mnist-folder"], "data: data directory '/nonexistent/mnist-folder' does not exist"),
     ],
@@ -195,6 +192,30 @@ def test_bad_seeds_or_lrs_are_one_line_errors(tmp_path: Path, monkeypatch, capsy
     ref = reference(tmp_path / "suite.json", seeds=2)
     err = refused(tmp_path, monkeypatch, capsys, "--problems", "quadratic-20", "--reference", str(ref), *args)
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # ran 1 twice and wrote a table of more lr columns than cells
+        (["--lrs", "1", "2", "1.0", "2"], "argument --lrs: each value once, got 1.0, 2.0 more than once"),
+        # the scale's runs twice; its own check named no value
+        (["--loss-scales", "1", "1e-3", "0.001"], "argument --loss-scales: each value once, got 0.001 more than once"),
+        # run once (the results keyed by problem), yet the recorded command named it twice
+        (["--problems", "quadratic-20", "quadratic-20"], "argument --problems: each value once, got quadratic-20 more than once"),
+    ],
+)
+def test_a_value_given_twice_is_refused_as_every_benchmark_list_option(tmp_path: Path, monkeypatch, capsys, args: list, message: str) -> None:
+    """common.Distinct's refusal, as the other benchmarks' list options (not checks of the script's own)."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(lr_sensitivity, "run_optimizer", no_run)
+    ref = reference(tmp_path / "suite.json", seeds=2)
+    argv = ["--problems", "quadratic-20", "--seeds", "2", "--reference", str(ref), *args, "--name", "out"]
+    with pytest.raises(SystemExit) as exit_:
+        lr_sensitivity.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("content", [None, "{not json", "[]"])
