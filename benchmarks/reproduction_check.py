@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, machine, nan_note, path_arg, results_dir  # noqa: E402
+from common import Distinct, fail, machine, nan_note, path_arg, results_dir  # noqa: E402
 
 from learnedopt import markdown  # noqa: E402
 from learnedopt.evaluation import DEFAULT_PROBLEMS, learned_from_file, make_problem, run_optimizer, summarize  # noqa: E402
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("shipped", type=path_arg)
     parser.add_argument("rerun", type=path_arg)
-    parser.add_argument("--problems", nargs="+", default=list(DEFAULT_PROBLEMS))
+    parser.add_argument("--problems", nargs="+", action=Distinct, default=list(DEFAULT_PROBLEMS))  # results keyed by problem
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--data", type=path_arg, default=None)
     parser.add_argument("--out", type=results_dir, required=True)  # a folder (not a file, nor "")

@@ -205,3 +205,15 @@ def test_an_out_that_is_a_file_is_refused_before_any_run(tmp_path: Path, monkeyp
         run_main(monkeypatch, a, b, "--problems", "quadratic-20", "--seeds", "1", "--out", str(out))
     assert exit_.value.code == 2
     assert f"argument --out: {out} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_problem_given_twice_is_refused_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """It ran once (the results are keyed by problem) while the recorded command named it twice;
+    common.Distinct refuses it, as every benchmark list option and evaluate optimizers --problems."""
+    a = weight_file(tmp_path / "a.safetensors")
+    monkeypatch.setattr(reproduction_check, "run_optimizer", lambda *args, **kwargs: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(monkeypatch, a, a, "--problems", "quadratic-20", "quadratic-20", "--seeds", "1", "--out", str(tmp_path / "out"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --problems: each value once, got quadratic-20 more than once")
+    assert not (tmp_path / "out").exists()
