@@ -596,7 +596,7 @@ def test_weight_files_of_one_name_get_distinct_labels_and_a_repeated_path_is_ref
 
 def test_a_problem_given_twice_is_refused_before_any_run() -> None:
     """A report keys its results by problem name: the second run would be lost."""
-    with pytest.raises(ValueError, match="problem given more than once: quadratic-20"):
+    with pytest.raises(ValueError, match="^problems given more than once: quadratic-20$"):
         EvalConfig(problems=["quadratic-20", "synthetic-mlp", "quadratic-20"])
 
 
@@ -1087,6 +1087,9 @@ def test_evaluate_refuses_bad_settings_before_any_run(tmp_path, capsys, monkeypa
         (["--out", str(tmp_path), "--rules", "mine:Rule", "other:Rule", "mine:Rule"], "--rules given more than once: mine:Rule"),
         # ran it once, but listed it twice in the report's config, as --rules did
         (["--out", str(tmp_path), "--presets", "l2l-mnist", "l2l-short", "l2l-mnist"], "--presets given more than once: l2l-mnist"),
+        # said "problem given more than once", naming no option, where the other list options are named
+        (["--out", str(tmp_path), "--problems", "quadratic-20", "synthetic-mlp", "quadratic-20"],
+         "--problems given more than once: quadratic-20"),
         # SGD's param.add_(grad, alpha=-lr) raised "value cannot be converted to type float without overflow"
         (["--out", str(tmp_path), "--lrs", "0.1", "1e308"], "--lrs must be at most 1e+37"),
     ]:

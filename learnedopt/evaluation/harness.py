@@ -166,7 +166,7 @@ class EvalConfig:
             if isinstance(p, str) and p not in PROBLEMS and entry_point_path(p) is None:
                 raise ValueError(f"unknown problem {p!r}; choose from {', '.join(PROBLEMS)}, or your own as module:Class")
         # a report keys results by problem name: the second would run for nothing
-        _check_given_once("problem", [p if isinstance(p, str) else p.name for p in self.problems])
+        _check_given_once("problems", [p if isinstance(p, str) else p.name for p in self.problems])
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> EvalConfig:
