@@ -934,3 +934,31 @@ def test_fewshot_omniglot_refuses_a_bad_setting_before_a_job_starts(argv: list[s
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fewshot.py omniglot: error: ") and message in err, err
+
+
+@pytest.mark.parametrize(("seed", "cell_seeds"), [(0, [1, 1, 2]), (2**64 - 2, [2**64 - 1, 2**64 - 1, 0]), (2**64 - 1, [0, 0, 1])])
+def test_fewshot_omniglot_test_cells_take_every_seed_the_option_takes(monkeypatch, seed: int, cell_seeds: list[int]) -> None:
+    """``--seed`` (common.seed_arg) takes 0 .. 2**64 - 1, but the test cells sampled episodes with
+    ``seed + 1`` and ``seed + 2``: 2**64 - 1 or 2**64 - 2 stopped ``fewshot.py omniglot`` in
+    EpisodeSampler ('seed must be an integer from -2**63 to 2**64 - 1') after the whole training
+    (``omniglot-model`` in its first cell). The cells' seeds wrap modulo 2**64; others are unchanged."""
+    from types import SimpleNamespace
+
+    import fewshot
+
+    import learnedopt.data
+    from learnedopt.values import seeded_generator
+
+    data = SimpleNamespace(alphabets=["Greek"], alphabet_of_class=torch.tensor([0, 0]))
+    monkeypatch.setattr(learnedopt.data, "load_omniglot", lambda **kwargs: data)
+    monkeypatch.setattr(fewshot, "omniglot_class_splits", lambda data, *named: {"meta_test": torch.tensor([0, 1])})
+    seen = []
+
+    def evaluate(adapt, data, classes, ways, shots, episodes, seed, same_alphabet):
+        seeded_generator(seed)  # what EpisodeSampler seeds its generator with: refuses a seed out of range
+        seen.append(seed)
+        return 50.0, 1.0
+
+    monkeypatch.setattr(fewshot, "_evaluate_omniglot", evaluate)
+    fewshot._test_cells(None, 20, 1, seed)
+    assert seen == cell_seeds
