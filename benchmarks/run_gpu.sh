@@ -34,6 +34,10 @@ if [ -z "$PY" ]; then
 fi
 mkdir -p "$OUT/results"
 export TRITON_INTERPRET=0
+# learnedopt from this checkout (learnedopt/kernels is a link to kernels/), also for the parts run
+# from benchmarks/: the device machine's python3 has no learnedopt, and the check below, run from
+# here where the checkout is on sys.path anyway, skipped the install
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # each failing test's report as it happens (tests/conftest.py), kept if a time limit kills pytest
 export LEARNEDOPT_FAILURE_LOG="$OUT/failures.log"
 
@@ -44,7 +48,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 if ! "$PY" -c "import learnedopt.kernels.coordinate_lstm_step" 2>/dev/null; then
-    # learnedopt.kernels maps to kernels/ only through the (editable) install; offline is fine
+    # a checkout without the link: the (editable) install maps learnedopt.kernels to kernels/; offline is fine
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/nvidia-smi.txt" 2>&1
 fi
 

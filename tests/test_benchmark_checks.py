@@ -471,6 +471,40 @@ def test_run_gpu_runs_every_part_with_a_relative_python(tmp_path: Path, where: s
     assert done.returncode == 0, done.stdout[-2000:]
 
 
+def test_run_gpu_benchmarks_import_learnedopt_where_it_is_not_installed(tmp_path: Path) -> None:
+    """The device machine's python3 has torch but not learnedopt: the import check ran from the
+    repository root (on ``sys.path`` there) and skipped the install, so ``kernel_bench.py`` and
+    ``fewshot.py``, run from ``benchmarks/``, failed at ``from learnedopt.cli import ...``. Here
+    a virtual environment sees this one's packages but not its (editable) install of learnedopt,
+    and each benchmark part runs its script's imports as the script would."""
+    import os
+    import subprocess
+    import sysconfig
+    import venv
+
+    bare = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(bare)
+    real = bare / "bin" / "python"
+    site = subprocess.run([str(real), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True)
+    Path(site.stdout.strip(), "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # a plain path: its .pth files are not run
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    if subprocess.run([str(real), "-c", "import learnedopt"], cwd=tmp_path, env=env, capture_output=True).returncode == 0:
+        pytest.skip("learnedopt is installed into site-packages itself here")
+    python = tmp_path / "python"
+    python.write_text(
+        '#!/usr/bin/env bash\n'
+        'case "$*" in *kernel_bench.py*|*fewshot.py*) exec "$REAL" -c "import common, learnedopt.kernels.coordinate_lstm_step" ;; esac\n'
+        'exit 0\n'
+    )
+    python.chmod(0o755)
+    env.update(PYTHON=str(python), REAL=str(real), OUT=str(tmp_path / "out"))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "benchmark rc=0" in summary and "MAML against higher rc=0" in summary, (tmp_path / "out" / "run.log").read_text()[-2000:]
+    assert done.returncode == 0
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
 def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
