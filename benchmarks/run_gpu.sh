@@ -8,7 +8,8 @@
 # .git/info/exclude, and name `.whl` in the device call's carry; the script installs it). Logs and
 # results go under $OUT:
 #   $OUT/nvidia-smi.txt (with the installs' output), $OUT/run.log (every part's output, in
-#   order), $OUT/failures.log, $OUT/results/kernel_bench.{json,md},
+#   order; pytest -v names each test as it finishes, so a part cut short still says which
+#   passed), $OUT/failures.log, $OUT/results/kernel_bench.{json,md},
 #   $OUT/results/fewshot_vs_higher_gpu.{json,md}, $OUT/summary.txt (8 files: the device tool
 #   brings back at most 8)
 # Needs a CUDA build of torch and triton in $PYTHON (default: .venv/bin/python if present, else
@@ -62,10 +63,10 @@ KERNEL_TESTS=(tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_
 # that a lease cut short still answers them; then every other kernel test
 PRIORITY="momentum_and_rms_inputs or sum"
 echo "== kernel tests on CUDA: those that failed on the H200" | tee "$LOG"
-timeout "${PRIORITY_TIMEOUT:-90}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -q -ra --durations=5 2>&1 | tee -a "$LOG"
+timeout "${PRIORITY_TIMEOUT:-90}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -v -ra --durations=5 2>&1 | tee -a "$LOG"
 priority_rc=${PIPESTATUS[0]}
 echo "== kernel tests on CUDA: the others" | tee -a "$LOG"
-timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "not ($PRIORITY)" -q -ra --durations=10 2>&1 | tee -a "$LOG"
+timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "not ($PRIORITY)" -v -ra --durations=10 2>&1 | tee -a "$LOG"
 test_rc=${PIPESTATUS[0]}
 [ "$priority_rc" -eq 0 ] || test_rc=$priority_rc
 
@@ -74,7 +75,7 @@ echo "== kernel benchmark" | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== meta-train on CUDA against CPU" | tee -a "$LOG"
-timeout "${META_TIMEOUT:-80}" "$PY" -m pytest tests/test_meta_train_device.py -q -ra --durations=5 2>&1 | tee -a "$LOG"
+timeout "${META_TIMEOUT:-80}" "$PY" -m pytest tests/test_meta_train_device.py -v -ra --durations=5 2>&1 | tee -a "$LOG"
 meta_rc=${PIPESTATUS[0]}
 
 echo "== MAML against higher on CUDA" | tee -a "$LOG"

@@ -505,6 +505,39 @@ def test_run_gpu_benchmarks_import_learnedopt_where_it_is_not_installed(tmp_path
     assert done.returncode == 0
 
 
+def test_run_gpu_names_each_test_as_it_finishes(tmp_path: Path) -> None:
+    """A lease cuts the tests short: ``-q`` logged dots, so run.log did not say which tests had
+    passed and which had not finished (the H200 runs, ``gpu_tests_h200.md``). Each finished test
+    is named in run.log even when its part is killed."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh", repo / "benchmarks")
+    (repo / "tests" / "test_kernel_coordinate_lstm.py").write_text(
+        "import time\n\ndef test_sum_passes():\n    pass\n\ndef test_momentum_and_rms_inputs_hangs():\n    time.sleep(600)\n"
+    )
+    for name in ("kernel_coordinate_lstm_backward", "kernel_meta_lstm", "kernel_meta_lstm_backward", "meta_train_device"):
+        (repo / "tests" / f"test_{name}.py").write_text("def test_other_passes():\n    pass\n")
+    python = tmp_path / "python"  # CUDA and the kernels are there; no xdist; the tests really run
+    python.write_text(
+        '#!/usr/bin/env bash\n'
+        'case "$*" in *"import xdist"*) exit 1 ;; "-m pytest"*) exec "$REAL" "$@" ;; esac\n'
+        'exit 0\n'
+    )
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
+    env.update(PYTHON=str(python), REAL=sys.executable, OUT=str(tmp_path / "out"), PRIORITY_TIMEOUT="15")
+    subprocess.run(["bash", str(repo / "benchmarks" / "run_gpu.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "test_kernel_coordinate_lstm.py::test_sum_passes PASSED" in log, log[-2000:]
+    for name in ("kernel_coordinate_lstm_backward", "kernel_meta_lstm", "kernel_meta_lstm_backward", "meta_train_device"):
+        assert f"test_{name}.py::test_other_passes PASSED" in log, log[-2000:]
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
 def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
