@@ -18,11 +18,23 @@
 # The kernel tests run on PYTEST_WORKERS processes (default 12) where pytest-xdist is installed:
 # they are dominated by Triton's compilations (a backward kernel takes tens of seconds).
 # PRIORITY_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT, META_TIMEOUT, HIGHER_TIMEOUT (seconds) bound the
-# five parts (the kernel tests that failed on the H200 run first, alone), so that the whole script
-# fits one device call of at most 600 s (default 90 + 170 + 170 + 80 + 60 = 570).
+# five parts (the kernel tests that failed on the H200 run first, alone; default 90 + 170 + 170 +
+# 80 + 60 = 570), and TOTAL_TIMEOUT (default 570) the whole script, the checks and installs around
+# the parts included (each a Python start importing torch, slow on a fresh machine), so that it
+# ends and writes its summary within one device call of at most 600 s: a part gets its own limit
+# or what is left of the total, whichever is less (the last parts are the ones cut).
 # Exit status: nonzero if the tests, the benchmark or the comparison with higher (when it ran: it
 # exits nonzero when the meta-gradients differ) failed; every part runs either way.
 set -uo pipefail
+SECONDS=0
+# the limit of a part given its own: no more than what is left of TOTAL_TIMEOUT, and at least 1 s
+# (timeout 0 would mean none)
+limit() {
+    local left=$(( ${TOTAL_TIMEOUT:-570} - SECONDS ))
+    if [ "$left" -gt "$1" ]; then left=$1; fi
+    if [ "$left" -lt 1 ]; then left=1; fi
+    echo "$left"
+}
 : "${OUT:?set OUT to a writable folder}"
 # absolute, as $PY below: the parts run from the repository root and from benchmarks/
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
@@ -63,19 +75,19 @@ KERNEL_TESTS=(tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_
 # that a lease cut short still answers them; then every other kernel test
 PRIORITY="momentum_and_rms_inputs or sum"
 echo "== kernel tests on CUDA: those that failed on the H200" | tee "$LOG"
-timeout "${PRIORITY_TIMEOUT:-90}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -v -ra --durations=5 2>&1 | tee -a "$LOG"
+timeout -k 5 "$(limit "${PRIORITY_TIMEOUT:-90}")" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -v -ra --durations=5 2>&1 | tee -a "$LOG"
 priority_rc=${PIPESTATUS[0]}
 echo "== kernel tests on CUDA: the others" | tee -a "$LOG"
-timeout "${TEST_TIMEOUT:-170}" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "not ($PRIORITY)" -v -ra --durations=10 2>&1 | tee -a "$LOG"
+timeout -k 5 "$(limit "${TEST_TIMEOUT:-170}")" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "not ($PRIORITY)" -v -ra --durations=10 2>&1 | tee -a "$LOG"
 test_rc=${PIPESTATUS[0]}
 [ "$priority_rc" -eq 0 ] || test_rc=$priority_rc
 
 echo "== kernel benchmark" | tee -a "$LOG"
-(cd benchmarks && timeout "${BENCH_TIMEOUT:-170}" "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:---no-compile --tune}) 2>&1 | tee -a "$LOG"
+(cd benchmarks && timeout -k 5 "$(limit "${BENCH_TIMEOUT:-170}")" "$PY" kernel_bench.py --results-dir "$OUT/results" ${BENCH_ARGS:---no-compile --tune}) 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== meta-train on CUDA against CPU" | tee -a "$LOG"
-timeout "${META_TIMEOUT:-80}" "$PY" -m pytest tests/test_meta_train_device.py -v -ra --durations=5 2>&1 | tee -a "$LOG"
+timeout -k 5 "$(limit "${META_TIMEOUT:-80}")" "$PY" -m pytest tests/test_meta_train_device.py -v -ra --durations=5 2>&1 | tee -a "$LOG"
 meta_rc=${PIPESTATUS[0]}
 
 echo "== MAML against higher on CUDA" | tee -a "$LOG"
@@ -84,7 +96,7 @@ if ! "$PY" -c "import higher" 2>/dev/null && ls .whl/higher-*.whl >/dev/null 2>&
     export PYTHONPATH="/tmp/site-higher${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if "$PY" -c "import higher" 2>/dev/null; then
-    (cd benchmarks && timeout "${HIGHER_TIMEOUT:-60}" "$PY" fewshot.py higher --device cuda --repeats 3 --tag gpu --results-dir "$OUT/results") 2>&1 | tee -a "$LOG"
+    (cd benchmarks && timeout -k 5 "$(limit "${HIGHER_TIMEOUT:-60}")" "$PY" fewshot.py higher --device cuda --repeats 3 --tag gpu --results-dir "$OUT/results") 2>&1 | tee -a "$LOG"
     higher_rc=${PIPESTATUS[0]}
 else
     echo "higher is not installed: skipped (see this script's header)" | tee -a "$LOG"

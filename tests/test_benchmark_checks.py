@@ -538,6 +538,30 @@ def test_run_gpu_names_each_test_as_it_finishes(tmp_path: Path) -> None:
         assert f"test_{name}.py::test_other_passes PASSED" in log, log[-2000:]
 
 
+def test_run_gpu_ends_within_its_total_time_and_writes_its_summary(tmp_path: Path) -> None:
+    """The parts' limits (570 s) left nothing for the checks and installs around them (each a
+    Python start importing torch, slow on a fresh machine): the device tool's 600 s could kill the
+    script before its last part and its summary. TOTAL_TIMEOUT bounds the whole script; a part
+    gets its own limit or what is left, whichever is less. Here every part would hang."""
+    import os
+    import subprocess
+    import time
+
+    python = tmp_path / "python"  # the checks pass at once; every part hangs
+    python.write_text('#!/usr/bin/env bash\ncase "$*" in -c*) exit 0 ;; esac\nexec sleep 600\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "out"), "TOTAL_TIMEOUT": "6"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    start = time.monotonic()
+    try:
+        done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("run_gpu.sh ran past 60 s with TOTAL_TIMEOUT=6")
+    assert time.monotonic() - start < 30
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "kernel tests rc=124" in summary and done.returncode != 0, summary
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
 def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
