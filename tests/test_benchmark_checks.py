@@ -596,6 +596,28 @@ def test_run_gpu_runs_first_the_tests_that_failed_on_the_h200_and_their_float64_
     assert len(near) == 2, collected.stdout[-2000:]
 
 
+def test_run_gpu_times_short_sizes_without_the_sweep_by_default(tmp_path: Path) -> None:
+    """The benchmark part's default (``--no-compile --tune``, sizes up to 10^7) did not fit its
+    170 s: the H200 run was cut during 10^7 with 200 s, so that size was never written, and the
+    block x warps sweep alone compiles 54 kernels (a step kernel compiled here for sm_90 in 3 to
+    19 s). By default it now times 10^5 and 10^6 coordinates without the sweep; BENCH_ARGS still
+    replaces the options."""
+    import os
+    import subprocess
+
+    python = tmp_path / "python"  # records each call's arguments, one a line
+    python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" "--" >> "$CALLS"\nexit 0\n')
+    python.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    for bench_args, want in ((None, ["--no-compile", "--sizes", "100000", "1000000"]), ("--tune --repeats 2", ["--tune", "--repeats", "2"])):
+        calls = tmp_path / f"calls{bool(bench_args)}"
+        env = {k: v for k, v in os.environ.items() if k != "BENCH_ARGS"}
+        env.update(PYTHON=str(python), OUT=str(tmp_path / "out"), CALLS=str(calls), **({"BENCH_ARGS": bench_args} if bench_args else {}))
+        subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=60)
+        bench = next(c for c in calls.read_text().split("\n--\n") if c.startswith("kernel_bench.py")).split("\n")
+        assert bench[bench.index("--results-dir") + 2:] == want, bench
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
 def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
