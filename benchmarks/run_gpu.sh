@@ -10,8 +10,8 @@
 #   $OUT/nvidia-smi.txt (with the installs' output), $OUT/run.log (every part's output, in
 #   order; pytest -v names each test as it finishes, so a part cut short still says which
 #   passed), $OUT/failures.log, $OUT/results/kernel_bench.{json,md},
-#   $OUT/results/fewshot_vs_higher_gpu.{json,md}, $OUT/summary.txt (8 files: the device tool
-#   brings back at most 8)
+#   $OUT/results/fewshot_vs_higher_gpu.{json,md}, $OUT/summary.txt (the card, and each part's exit
+#   status; 8 files: the device tool brings back at most 8)
 # Needs a CUDA build of torch and triton in $PYTHON (default: .venv/bin/python if present, else
 # python3). BENCH_ARGS replaces the benchmark options (default "--no-compile --sizes 100000
 # 1000000": no torch.compile columns, whose compilation costs minutes; no block x warps sweep
@@ -59,8 +59,12 @@ export LEARNEDOPT_FAILURE_LOG="$OUT/failures.log"
 
 { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('triton', triton.__version__)"; } \
     > "$OUT/nvidia-smi.txt" 2>&1
+# the card, first in run.log and in the summary: a lent machine may be an H100 or an H200, and
+# timings compare only on the same card
+CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | paste -sd ';' -)
+CARD=${CARD:-unknown (nvidia-smi named none)}
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "torch in $PY sees no CUDA device: see $OUT/nvidia-smi.txt" | tee "$OUT/summary.txt"
+    echo "card: $CARD; torch in $PY sees no CUDA device: see $OUT/nvidia-smi.txt" | tee "$OUT/summary.txt"
     exit 2
 fi
 if ! "$PY" -c "import learnedopt.kernels.coordinate_lstm_step" 2>/dev/null; then
@@ -78,7 +82,8 @@ KERNEL_TESTS=(tests/test_kernel_coordinate_lstm.py tests/test_kernel_coordinate_
 # the PyTorch path against float64 on that case (which side of those failures is off), so that a
 # lease cut short still answers them; then every other kernel test
 PRIORITY="momentum_and_rms_inputs or sum or pytorch_path_is_near_float64"
-echo "== kernel tests on CUDA: those that failed on the H200" | tee "$LOG"
+echo "== card: $CARD" | tee "$LOG"
+echo "== kernel tests on CUDA: those that failed on the H200" | tee -a "$LOG"
 timeout -k 5 "$(limit "${PRIORITY_TIMEOUT:-90}")" "$PY" -m pytest "${workers[@]}" -p no:benchmark "${KERNEL_TESTS[@]}" -k "$PRIORITY" -v -ra --durations=5 2>&1 | tee -a "$LOG"
 priority_rc=${PIPESTATUS[0]}
 echo "== kernel tests on CUDA: the others" | tee -a "$LOG"
@@ -107,5 +112,5 @@ else
     higher_rc=skipped
 fi
 
-echo "kernel tests rc=$test_rc, benchmark rc=$bench_rc, meta-train on CUDA tests rc=$meta_rc, MAML against higher rc=$higher_rc" | tee "$OUT/summary.txt"
+echo "card: $CARD; kernel tests rc=$test_rc, benchmark rc=$bench_rc, meta-train on CUDA tests rc=$meta_rc, MAML against higher rc=$higher_rc" | tee "$OUT/summary.txt"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$meta_rc" -eq 0 ] && { [ "$higher_rc" = skipped ] || [ "$higher_rc" -eq 0 ]; }

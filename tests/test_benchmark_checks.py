@@ -618,6 +618,28 @@ def test_run_gpu_times_short_sizes_without_the_sweep_by_default(tmp_path: Path) 
         assert bench[bench.index("--results-dir") + 2:] == want, bench
 
 
+def test_run_gpu_names_the_card_in_its_log_and_summary(tmp_path: Path) -> None:
+    """Timings compare only on the same card, and a lent machine may be an H100 or an H200: the
+    card was named only in nvidia-smi.txt, not in run.log or the summary the device tool's reply
+    ends with."""
+    import os
+    import subprocess
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    smi = bin_ / "nvidia-smi"
+    smi.write_text('#!/usr/bin/env bash\ncase "$*" in *--query-gpu*) echo "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB" ;; *) echo table ;; esac\n')
+    smi.chmod(0o755)
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\nexit 0\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": str(python), "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    card = "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"
+    assert card in (tmp_path / "out" / "run.log").read_text().splitlines()[0]
+    assert card in (tmp_path / "out" / "summary.txt").read_text() and card in done.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "48"], ["--warps", "0"], ["--arch", "0"]])
 def test_kernel_resources_refuses_a_bad_option_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     """A block or warp count the launchers refuse was compiled, reported as "did not compile" and
