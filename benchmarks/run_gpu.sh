@@ -4,8 +4,8 @@
 # momentum and rms inputs), then `learnedopt meta-train --device cuda` against the CPU run for
 # every algorithm, then MAML's meta-step against `higher` on CUDA (`fewshot.py higher --device
 # cuda`; skipped when `higher` is missing: the GPU image has no `higher`, so carry its wheel,
-# `python3 -m pip download --no-deps higher==0.2.1 -d .whl` here with `/.whl/` in
-# .git/info/exclude, and name `.whl` in the device call's carry; the script installs it). Logs and
+# `python3 -m pip download --no-deps higher==0.2.1 -d .whl` here (a py3-none-any wheel; `/.whl/`
+# is in .gitignore), and name `.whl` in the device call's carry; the script installs it). Logs and
 # results go under $OUT:
 #   $OUT/nvidia-smi.txt (with the installs' output), $OUT/run.log (every part's output, in
 #   order; pytest -v names each test as it finishes, so a part cut short still says which
