@@ -191,3 +191,19 @@ def test_a_state_put_by_hand_that_is_another_parameters_is_refused(foreach, shar
     opt.state[params[1]] = {name: value.clone() for name, value in opt.state[params[0]].items()}  # a copy: taken
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params] == [2, 2, 2]
+
+
+@PATHS
+def test_a_step_of_valid_states_names_no_parameter(foreach, monkeypatch) -> None:
+    """The name of a parameter (``_name_of``: a search of its group's list) is for an error
+    message: check_states built it for every state of every parameter at every step of the
+    per-tensor path, whether it refused or not, a cost quadratic in a group's parameters."""
+    params, opt, before = stepped(foreach)
+
+    def no_name(*args):
+        raise AssertionError("a parameter was named for an error that was not raised")
+
+    monkeypatch.setattr(opt, "_name_of", no_name)
+    opt.step()
+    opt.step()
+    assert not all(torch.equal(p, b) for p, b in zip(params, before, strict=True))

@@ -159,35 +159,41 @@ def check_states(
     local_param = local(param)
     numel = local_param.numel()
     specs = rule.state_spec() if specs is None else specs
+
+    def of() -> str:  # the parameter's name: built only for an error (name() searches its group's list)
+        return "a parameter" if name is None else name()
+
+    def what(state_name: str) -> str:
+        return f"the state {state_name!r} of {of()}"
+
     missing = [state_name for state_name in specs if state_name not in state]
     if missing and len(missing) < len(specs):
         raise ValueError(
-            f"the state of {'a parameter' if name is None else name()} lacks {missing} of this {rule.kind} rule's "
+            f"the state of {of()} lacks {missing} of this {rule.kind} rule's "
             f"states {sorted(specs)}: give it all of them, or a fresh state (del optimizer.state[param])"
         )
     for state_name, spec in specs.items():
         value = state.get(state_name)
         if value is None:
             continue
-        what = f"the state {state_name!r} of {'a parameter' if name is None else name()}"
         if not isinstance(value, Tensor):
             raise ValueError(
-                f"{what} is a {type(value).__name__}, not a tensor; put the rule's states in optimizer.state as "
+                f"{what(state_name)} is a {type(value).__name__}, not a tensor; put the rule's states in optimizer.state as "
                 "tensors, or give it a fresh state (del optimizer.state[param])"
             )
         if not value.is_floating_point():
             raise ValueError(
-                f"{what} is a {str(value.dtype).removeprefix('torch.')} tensor: rule states are floating-point (a step "
+                f"{what(state_name)} is a {str(value.dtype).removeprefix('torch.')} tensor: rule states are floating-point (a step "
                 "would cast it in silence); give it a floating-point one or a fresh state (del optimizer.state[param])"
             )
         if value.is_meta and not local_param.is_meta:
             raise ValueError(
-                f"{what} is on the meta device, which holds no values (the parameter is on {local_param.device}); "
+                f"{what(state_name)} is on the meta device, which holds no values (the parameter is on {local_param.device}); "
                 "give it one with values or a fresh state (del optimizer.state[param])"
             )
         if tuple(value.shape) != spec.shape(numel):
             raise ValueError(
-                f"{what} has shape {tuple(value.shape)}, but its {numel} element(s) need {spec.shape(numel)}: it "
+                f"{what(state_name)} has shape {tuple(value.shape)}, but its {numel} element(s) need {spec.shape(numel)}: it "
                 "was put there with another shape, or the parameter changed size since its state was created; give it "
                 "a fresh state (del optimizer.state[param]) or a new optimizer"
             )
