@@ -8,7 +8,7 @@ without gathering. ``optimizer.state[p][name]`` stays the per-parameter tensor t
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -72,9 +72,7 @@ class FlatState:
         if i is None or self.members[i] is not p:
             return False
         entry_made, _, views = self._made[i]
-        return entry is entry_made and all(
-            entry.get(name) is view and view.data_ptr() == ptr and view.shape == shape for name, view, ptr, shape in views
-        )
+        return entry is entry_made and still_in_place(entry, views)
 
     def is_current(
         self,
@@ -100,6 +98,7 @@ class FlatState:
             # the views made in __init__, still in place, pointing where they did with their shape
             # (set_ or .data = would move them) and the parameter as large: nothing else to check
             if entry is entry_made and shard.numel() == n:
+                # still_in_place(entry, views), inlined: this loop runs for every parameter at every step
                 for name, view, ptr, shape in views:
                     if entry.get(name) is not view or view.data_ptr() != ptr or view.shape != shape:
                         break
@@ -118,6 +117,17 @@ class FlatState:
                 ):
                     return False
         return True
+
+
+def still_in_place(entry: dict[str, Any], made: Iterable[tuple[str, Tensor | None, int, torch.Size]]) -> bool:
+    """Whether each ``(name, tensor, data_ptr, shape)`` of ``made`` (the states a path made or
+    checked for a parameter; a tensor None: freed since) is still ``entry[name]``, pointing where it
+    did with that shape: none put in ``entry`` since, nor moved (``.data =``, ``set_``). Values
+    written in place into them are not seen."""
+    return all(
+        view is not None and entry.get(name) is view and view.data_ptr() == ptr and view.shape == shape
+        for name, view, ptr, shape in made
+    )
 
 
 def flatten_parameter_shaped(

@@ -33,7 +33,7 @@ from ..nn.precision import math_dtype
 from ..values import check_positive_integer, is_integer, is_number, real_as_float
 from ..weights import describe_fingerprint, fingerprint, resolve_weights
 from . import sharding
-from .flat_state import FlatState, check_states, flatten_parameter_shaped
+from .flat_state import FlatState, check_states, flatten_parameter_shaped, still_in_place
 from .update import DEFAULT_CHUNK, DEFAULT_GROUP_BATCH, Segment, flat_update_, fused_update_, grouped_flat_update_, single_tensor_update_
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -1328,11 +1328,7 @@ class LearnedOptimizer(Optimizer):
         made, entry = self._own_states.get(id(p)), self.state.get(p)
         if made is None or entry is None or len(made) != len(self.rule.state_spec()):
             return False
-        for name, ref, ptr, shape in made:
-            value = ref()
-            if value is None or entry.get(name) is not value or value.data_ptr() != ptr or value.shape != shape:
-                return False
-        return True
+        return still_in_place(entry, ((name, ref(), ptr, shape) for name, ref, ptr, shape in made))
 
     def _flat_state(
         self,
