@@ -102,7 +102,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 
-from ..values import check_bool, check_positive_integer, is_integer
+from ..values import check_bool, check_positive_integer
 from .coordinate_lstm_step import (
     GRAD_DTYPES,
     INPUT_PRECISIONS,
@@ -115,6 +115,7 @@ from .coordinate_lstm_step import (
     _zero_padding,
     check_launch_device,
     check_packed,
+    check_power_of_two,
     is_interpreted,
     pack_weights,
     packed_shapes,
@@ -618,11 +619,9 @@ class KernelOptions:
         # max_programs=2.5 passed here and failed at the first backward
         check_bool("use_dot", self.use_dot)
         for name in ("block", "backward_block"):
-            b = getattr(self, name)
-            if b is not None and (not is_integer(b) or b < 16 or b & (b - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
-        if not is_integer(self.num_warps) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {self.num_warps!r}")
+            if getattr(self, name) is not None:
+                check_power_of_two(name, getattr(self, name), 16)
+        check_power_of_two("num_warps", self.num_warps)
         if self.input_precision not in INPUT_PRECISIONS:
             raise ValueError(
                 f"input_precision must be one of {INPUT_PRECISIONS}, got {self.input_precision!r}"

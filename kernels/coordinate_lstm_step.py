@@ -623,6 +623,16 @@ def check_kernel_tensor(label: str, t: object, shape: tuple[int, ...], context: 
         raise ValueError(f"{label} must be contiguous, got strides {t.stride()}")
 
 
+def check_power_of_two(name: str, value: object, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an integer power of two ``>= minimum``: an integer
+    (:func:`~learnedopt.values.is_integer`), not a float (``32.0`` failed the bit test with a
+    TypeError) nor a bool (``num_warps=True`` ran as one warp). A launch option's check
+    (``block``, ``num_warps``; :class:`KernelOptions`'s too)."""
+    if not is_integer(value) or value < minimum or value & (value - 1):  # type: ignore[operator]
+        at_least = f" >= {minimum}" if minimum > 1 else ""
+        raise ValueError(f"{name} must be an integer power of two{at_least}, got {value!r}")
+
+
 def check_step_arguments(
     grad: Tensor,
     param: Tensor,
@@ -654,11 +664,8 @@ def check_step_arguments(
     # the rule's own bounds: e^p and log|g| / p must be finite in float32 (p = 100 made a zero
     # gradient's direction feature 0 * Inf = NaN)
     check_preprocess_p(preprocess_p)
-    # integers, not floats (a TypeError of the test below) nor bools (True ran as one warp)
-    if not is_integer(block) or block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block!r}")
-    if not is_integer(num_warps) or num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
+    check_power_of_two("block", block, 16)
+    check_power_of_two("num_warps", num_warps)
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(
             f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"

@@ -592,8 +592,8 @@ def _call(features: str | dict = "paper", **overrides):
         (dict(param_out=torch.zeros(64)[:31]), r"param_out must be a contiguous tensor of shape \(32,\)"),
         (dict(num_layers=1), r"h has shape"),
         (dict(block=48), r"power of two"),
-        (dict(block=8), r"block must be a power of two >= 16, got 8"),
-        (dict(num_warps=3), r"num_warps must be a power of two, got 3"),
+        (dict(block=8), r"block must be an integer power of two >= 16, got 8"),
+        (dict(num_warps=3), r"num_warps must be an integer power of two, got 3"),
         (dict(preprocess_p=0.0), r"preprocess_p must be positive"),
         # the rule's own bounds (e^p and log|g| / p finite in float32): p = 100 made a zero
         # gradient's feature 0 * Inf = NaN, p = 1000 an OverflowError, p = 1e-300 every step NaN
@@ -605,9 +605,9 @@ def _call(features: str | dict = "paper", **overrides):
         (dict(weights={}), r"weights lack"),
         # integers and switches of another type: a TypeError of the power-of-two test, one warp
         # for True, and a string switch taken as true ("no" maximized)
-        (dict(block=32.0), r"block must be a power of two >= 16, got 32.0"),
-        (dict(num_warps=4.0), r"num_warps must be a power of two, got 4.0"),
-        (dict(num_warps=True), r"num_warps must be a power of two, got True"),
+        (dict(block=32.0), r"block must be an integer power of two >= 16, got 32.0"),
+        (dict(num_warps=4.0), r"num_warps must be an integer power of two, got 4.0"),
+        (dict(num_warps=True), r"num_warps must be an integer power of two, got True"),
         (dict(maximize="no"), r"maximize must be True or False, got 'no'"),
         (dict(use_dot="no"), r"use_dot must be True or False, got 'no'"),
         (dict(param_input="no"), r"param_input must be True or False, got 'no'"),

@@ -449,11 +449,11 @@ def test_invalid_arguments() -> None:
         coordinate_lstm_step(x, h, c, packed, rule.config)
     with pytest.raises(ValueError, match="power of two"):
         KernelOptions(backward_block=48)
-    with pytest.raises(ValueError, match="block must be a power of two >= 16, got 8"):
+    with pytest.raises(ValueError, match="block must be an integer power of two >= 16, got 8"):
         KernelOptions(block=8)
     with pytest.raises(ValueError, match="max_programs"):
         KernelOptions(max_programs=0)
-    with pytest.raises(ValueError, match="num_warps must be a power of two, got 3"):
+    with pytest.raises(ValueError, match="num_warps must be an integer power of two, got 3"):
         KernelOptions(num_warps=3)
     with pytest.raises(ValueError, match="input_precision must be one of .*got 'fp8'"):
         KernelOptions(input_precision="fp8")
@@ -467,10 +467,10 @@ def test_invalid_arguments() -> None:
         (dict(max_programs=2.5), r"max_programs must be an integer >= 1, got 2.5"),
         (dict(max_programs=True), r"max_programs must be an integer >= 1, got True"),
         # a TypeError of the power-of-two check ("unsupported operand type(s) for &")
-        (dict(block=32.0), r"block must be a power of two >= 16, got 32.0"),
-        (dict(backward_block=64.0), r"backward_block must be a power of two >= 16, got 64.0"),
-        (dict(num_warps=4.0), r"num_warps must be a power of two, got 4.0"),
-        (dict(num_warps=True), r"num_warps must be a power of two, got True"),  # ran as 1 warp
+        (dict(block=32.0), r"block must be an integer power of two >= 16, got 32.0"),
+        (dict(backward_block=64.0), r"backward_block must be an integer power of two >= 16, got 64.0"),
+        (dict(num_warps=4.0), r"num_warps must be an integer power of two, got 4.0"),
+        (dict(num_warps=True), r"num_warps must be an integer power of two, got True"),  # ran as 1 warp
         # a switch given as a string was taken as true
         (dict(use_dot="no"), r"use_dot must be True or False, got 'no'"),
     ],

@@ -551,8 +551,8 @@ def _call(**overrides) -> None:
         ({"step_scale": 0.0}, r"step_scale must be positive"),
         ({"step_scale": float("inf")}, r"step_scale must be positive and finite"),
         # integers and switches of another type, as for the coordinate kernel
-        ({"block": 32.0}, r"block must be a power of two >= 16, got 32.0"),
-        ({"num_warps": True}, r"num_warps must be a power of two, got True"),
+        ({"block": 32.0}, r"block must be an integer power of two >= 16, got 32.0"),
+        ({"num_warps": True}, r"num_warps must be an integer power of two, got True"),
         ({"maximize": "no"}, r"maximize must be True or False, got 'no'"),
         ({"use_dot": "no"}, r"use_dot must be True or False, got 'no'"),
     ],
