@@ -39,6 +39,10 @@ def classify_task(
     Distortions are drawn from ``generator`` (default: seeded 0) in this order: the first
     learner's support copies, its query views, then the next learner's. With one learner and no
     copies this is the softmax of :meth:`FewShotLearner.predict` after :meth:`FewShotLearner.adapt`.
+
+    Raises:
+        ValueError: no learner, no support example, support labels other than 0..N-1 with each
+            class present, or a learner of other ways than the task's N.
     """
     from ...data import augment_support, random_affine
 
@@ -47,7 +51,18 @@ def classify_task(
         raise ValueError("classify_task needs at least one learner")
     if query_copies < 0:
         raise ValueError(f"query_copies must be >= 0, got {query_copies}")
-    task_ways = int(y_support.max()) + 1 if y_support.numel() else 0
+    if not y_support.numel():  # "a task of 0 classes (support labels 0..-1)" said nothing useful
+        raise ValueError(f"classify_task needs at least one support example, got x_support of shape {tuple(x_support.shape)}")
+    task_ways = int(y_support.max()) + 1
+    if not y_support.is_floating_point() and y_support.dtype != torch.bool:
+        classes = torch.unique(y_support)
+        if int(classes[0]) != 0 or len(classes) != task_ways:
+            # labels 1..N were read as N + 1 classes, a missing class's unit (not adapted) could win
+            # the argmax, and a negative label failed in cross-entropy
+            raise ValueError(
+                f"classify_task takes support labels 0..N-1, each class at least once, got labels {classes.tolist()}: "
+                "number the task's classes 0..N-1"
+            )
     for learner in learners:
         ways = learner.spec.architecture.get("ways")
         if ways is not None and ways != task_ways:

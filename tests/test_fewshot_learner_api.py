@@ -1,0 +1,32 @@
+"""A trained few-shot learner's user API: classify_task, adapt, predict, save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learnedopt.meta.fewshot import FewShotLearner, classify_task
+from learnedopt.meta.fewshot.learner import LearnerSpec
+
+
+def conv4_learner(ways: int = 3) -> FewShotLearner:
+    architecture = {"kind": "conv4", "in_channels": 1, "ways": ways, "hidden": 4, "image_size": 28}
+    spec = LearnerSpec(algo="maml", architecture=architecture, loss="cross_entropy", inner_steps=1,
+                       test_inner_steps=1, inner_lr=0.4)  # fmt: skip
+    return FewShotLearner(spec, seed=0)
+
+
+def test_classify_task_refuses_labels_other_than_0_to_n_minus_1() -> None:
+    learner = conv4_learner(3)
+    x, xq = torch.rand(6, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    assert classify_task(learner, x, torch.tensor([0, 0, 1, 1, 2, 2]), xq).shape == (4, 3)
+    # three classes labelled 1..3 (not "a task of 4 classes"), a class missing (its unit is not
+    # adapted, and the argmax may pick it), negative labels (cross-entropy's IndexError)
+    for labels in ([1, 1, 2, 2, 3, 3], [0, 0, 2, 2, 2, 2], [-1, 0, 1, 1, 2, 2]):
+        with pytest.raises(ValueError, match=r"support labels 0\.\.N-1, each class at least once"):
+            classify_task(learner, x, torch.tensor(labels), xq)
+    with pytest.raises(ValueError, match=r"a 3-way learner cannot classify a task of 2 classes"):
+        classify_task(learner, x[:4], torch.tensor([0, 0, 1, 1]), xq)
+    # no support examples: "a task of 0 classes ... --ways 0" said nothing useful
+    with pytest.raises(ValueError, match=r"classify_task needs at least one support example, got x_support of shape \(0, 1, 28, 28\)"):
+        classify_task(learner, x[:0], torch.zeros(0, dtype=torch.long), xq)
