@@ -30,3 +30,27 @@ def test_classify_task_refuses_labels_other_than_0_to_n_minus_1() -> None:
     # no support examples: "a task of 0 classes ... --ways 0" said nothing useful
     with pytest.raises(ValueError, match=r"classify_task needs at least one support example, got x_support of shape \(0, 1, 28, 28\)"):
         classify_task(learner, x[:0], torch.zeros(0, dtype=torch.long), xq)
+
+
+def mlp_learner(algo: str) -> FewShotLearner:
+    spec = LearnerSpec(algo=algo, architecture={"kind": "mlp", "sizes": [1, 8, 1], "activation": "relu"}, loss="mse",
+                       inner_steps=1, test_inner_steps=2, inner_lr=None if algo == "meta-lstm" else 0.01,
+                       inner_optimizer="sgd" if algo == "reptile" else None,
+                       rule={"kind": "MetaLSTMCell", "config": {}} if algo == "meta-lstm" else None)  # fmt: skip
+    return FewShotLearner(spec, seed=0)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+def test_adapt_and_predict_refuse_inputs_of_another_dtype_or_device(algo: str) -> None:
+    learner = mlp_learner(algo)
+    x, y = torch.rand(5, 1), torch.rand(5, 1)
+    params = learner.adapt(x, y)
+    # "mat1 and mat2 must have the same dtype, but got Double and Float" from deep inside the model
+    with pytest.raises(TypeError, match=r"x is torch.float64; this learner's model is torch.float32"):
+        learner.predict(params, x.double())
+    with pytest.raises(TypeError, match=r"x_support is torch.float64; this learner's model is torch.float32"):
+        learner.adapt(x.double(), y.double())
+    with pytest.raises(ValueError, match=r"x is on meta; this learner's model is on cpu"):
+        learner.predict(params, x.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+        assert learner.predict(params, x.bfloat16()).shape == (5, 1)

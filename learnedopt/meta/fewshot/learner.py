@@ -375,6 +375,17 @@ class FewShotLearner:
         if not x.is_floating_point():
             hint = " (images as floats in [0, 1], e.g. uint8 pixels / 255)" if self.spec.architecture["kind"] == "conv4" else ""
             raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
+        # other than the weights': "mat1 and mat2 must have the same dtype, but got Double and
+        # Float" (or a device mismatch) from deep inside the model, naming neither
+        weight = next(self.model.parameters(), None)
+        if weight is None:
+            return
+        if x.device != weight.device:
+            raise ValueError(f"{name} is on {x.device}; this learner's model is on {weight.device}: move the inputs "
+                             f"(x.to({str(weight.device)!r})) or the learner (learner.to(...))")  # fmt: skip
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} is {x.dtype}; this learner's model is {weight.dtype}: convert the inputs "
+                            f"(x.to({weight.dtype}))")  # fmt: skip
 
     def evaluate(self, x_s: Inputs, y_s: Inputs, x_q: Inputs, y_q: Inputs, steps: int | None = None) -> dict[str, float]:
         """Mean query loss (and accuracy in %, for classification: targets of class indices, or of
