@@ -54,3 +54,31 @@ def test_adapt_and_predict_refuse_inputs_of_another_dtype_or_device(algo: str) -
         learner.predict(params, x.to("meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
         assert learner.predict(params, x.bfloat16()).shape == (5, 1)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_saved_learner_loads_in_its_own_dtype_whatever_the_default(tmp_path, algo: str, dtype: torch.dtype) -> None:
+    """A float64 learner (converted as README says: the MAML module, or the model and the rule)
+    loaded as float32, rounded, and a float32 file loaded under a float64 default dtype as
+    float64: neither predicted as the saved learner did. Each loads in the file's dtype now, as
+    load_weights does, and predicts bit for bit as the saved learner."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+
+    learner = mlp_learner(algo)
+    for module in (learner.maml if learner.maml is not None else learner.model, learner.rule):
+        if module is not None:
+            module.to(dtype)
+    x, y, xq = (torch.rand(5, 1, dtype=dtype) for _ in range(3))
+    expected = learner.predict(learner.adapt(x, y), xq)
+    path = tmp_path / "model.safetensors"
+    save_learner(learner, path)
+    for default in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            loaded = load_learner(path)[0]
+        finally:
+            torch.set_default_dtype(previous)
+        assert {v.dtype for v in loaded.tensors().values()} == {dtype}, (default, loaded.tensors())
+        assert torch.equal(loaded.predict(loaded.adapt(x, y), xq), expected), default

@@ -504,6 +504,25 @@ def check_ensemble(paths: Sequence[str | os.PathLike[str]], learners: Sequence[F
                 raise ValueError(f"{paths[i]} holds the same model as {paths[j]}: given twice, it would weigh double in the ensemble")
 
 
+def _adopt_stored_dtypes(learner: FewShotLearner, tensors: Mapping[str, Tensor]) -> None:
+    """Convert each of ``learner``'s modules (model, learned step sizes, rule) that was built in
+    the default dtype to the one floating dtype its stored tensors hold, as :func:`load_weights`
+    keeps a file's dtype: a float64 learner loaded as float32 (rounded), and a float32 file under
+    a float64 default dtype as float64, predicting otherwise than the saved learner. A module built
+    in a dtype of its own (your family's float64 network) keeps it, and takes older files' float32
+    tensors cast to it."""
+    default = torch.get_default_dtype()
+    modules = {"model.": learner.model, "inner_lr.": learner.maml.inner_lrs if learner.maml is not None else None,
+               "rule.": learner.rule}  # fmt: skip
+    for prefix, module in modules.items():
+        if module is None:
+            continue
+        stored = {v.dtype for k, v in tensors.items() if k.startswith(prefix) and v.is_floating_point()}
+        built = {v.dtype for v in module.state_dict().values() if v.is_floating_point()}
+        if len(stored) == 1 and built == {default} and stored != built:
+            module.to(stored.pop())
+
+
 def load_learner(
     path: str | os.PathLike[str], *, data: str | os.PathLike[str] | None = None
 ) -> tuple[FewShotLearner, dict[str, Any]]:
@@ -584,6 +603,7 @@ def load_learner(
         if probe is not None:
             probe.load_tensors(tensors)  # the comparison; meta tensors take no values
         learner = build(None)
+        _adopt_stored_dtypes(learner, tensors)
         learner.load_tensors(tensors)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
