@@ -82,3 +82,9 @@ def test_a_saved_learner_loads_in_its_own_dtype_whatever_the_default(tmp_path, a
             torch.set_default_dtype(previous)
         assert {v.dtype for v in loaded.tensors().values()} == {dtype}, (default, loaded.tensors())
         assert torch.equal(loaded.predict(loaded.adapt(x, y), xq), expected), default
+
+
+def test_classify_task_refuses_a_regression_learner() -> None:
+    """A sinusoid (mse) learner failed in augment_support's "needs images (N, C, H, W)"."""
+    with pytest.raises(ValueError, match=r"classify_task classifies; learner 0 is a regression learner \(loss 'mse'\)"):
+        classify_task(mlp_learner("maml"), torch.rand(6, 1), torch.tensor([0, 0, 1, 1, 2, 2]), torch.rand(4, 1))

@@ -41,7 +41,7 @@ def classify_task(
     copies this is the softmax of :meth:`FewShotLearner.predict` after :meth:`FewShotLearner.adapt`.
 
     Raises:
-        ValueError: no learner, no support example, support labels other than 0..N-1 with each
+        ValueError: no learner, a regression learner, no support example, support labels other than 0..N-1 with each
             class present, or a learner of other ways than the task's N.
     """
     from ...data import augment_support, random_affine
@@ -51,6 +51,10 @@ def classify_task(
         raise ValueError("classify_task needs at least one learner")
     if query_copies < 0:
         raise ValueError(f"query_copies must be >= 0, got {query_copies}")
+    for i, learner in enumerate(learners):
+        if learner.spec.loss == "mse":  # failed in augment_support's "needs images (N, C, H, W)"
+            raise ValueError(f"classify_task classifies; learner {i} is a regression learner (loss 'mse'): "
+                             "use learner.adapt and learner.predict")  # fmt: skip
     if not y_support.numel():  # "a task of 0 classes (support labels 0..-1)" said nothing useful
         raise ValueError(f"classify_task needs at least one support example, got x_support of shape {tuple(x_support.shape)}")
     task_ways = int(y_support.max()) + 1
