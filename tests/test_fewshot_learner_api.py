@@ -88,3 +88,20 @@ def test_classify_task_refuses_a_regression_learner() -> None:
     """A sinusoid (mse) learner failed in augment_support's "needs images (N, C, H, W)"."""
     with pytest.raises(ValueError, match=r"classify_task classifies; learner 0 is a regression learner \(loss 'mse'\)"):
         classify_task(mlp_learner("maml"), torch.rand(6, 1), torch.tensor([0, 0, 1, 1, 2, 2]), torch.rand(4, 1))
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_load_learner_loads_on_the_cpu_whatever_the_default_device(tmp_path, algo: str) -> None:
+    """Under ``with torch.device("meta")`` the learner was built on the meta device and its
+    tensors' values dropped without a word (load_weights loads on the CPU, as documented)."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+
+    learner = mlp_learner(algo)
+    path = tmp_path / "model.safetensors"
+    save_learner(learner, path)
+    with torch.device("meta"):
+        loaded = load_learner(path)[0]
+    for name, value in learner.tensors().items():
+        assert loaded.tensors()[name].device.type == "cpu" and torch.equal(loaded.tensors()[name], value), name
+    x = torch.rand(5, 1)
+    assert torch.equal(loaded.predict(loaded.adapt(x, x), x), learner.predict(learner.adapt(x, x), x))

@@ -4,7 +4,6 @@ to rebuild and adapt it. Loading never unpickles."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -534,7 +533,8 @@ def load_learner(
     the run's folder (moved, or on another machine).
 
     Returns:
-        ``(learner, header)``.
+        ``(learner, header)``: the learner on the CPU whatever the default device (move it with
+        :meth:`FewShotLearner.to`), in the file's dtype whatever the default dtype.
 
     Raises:
         FileNotFoundError: no such file.
@@ -571,7 +571,9 @@ def load_learner(
 
     def build(device: str | None) -> FewShotLearner:
         try:
-            with torch.device(device) if device else contextlib.nullcontext():
+            # on the CPU whatever the default device, as load_weights (under torch.device("meta")
+            # the learner was built there, and the file's values dropped without a word)
+            with torch.device(device or "cpu"):
                 spec = LearnerSpec(**{k: v for k, v in header.items() if k in fields})
                 return FewShotLearner(spec, family=family, rule=checked_rule)
         except (TypeError, KeyError, ValueError, AttributeError) as err:
@@ -592,7 +594,7 @@ def load_learner(
         except ValueError as err:
             raise ValueError(f"{path}: its update rule: {err}") from None
         if checked_rule is not None:  # built on the CPU in float32: where the learner's own build puts it
-            checked_rule.to(device=torch.get_default_device(), dtype=torch.get_default_dtype())
+            checked_rule.to(dtype=torch.get_default_dtype())
     try:
         probe = build("meta")
     except ValueError:
