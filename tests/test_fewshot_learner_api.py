@@ -105,3 +105,26 @@ def test_load_learner_loads_on_the_cpu_whatever_the_default_device(tmp_path, alg
         assert loaded.tensors()[name].device.type == "cpu" and torch.equal(loaded.tensors()[name], value), name
     x = torch.rand(5, 1)
     assert torch.equal(loaded.predict(loaded.adapt(x, x), x), learner.predict(learner.adapt(x, x), x))
+
+
+def test_save_learner_extra_cannot_rewrite_the_learners_spec(tmp_path) -> None:
+    """``extra`` was merged over the header: ``save_learner(learner, path, header)`` with another
+    learner's header (say a CLI run's, kept for its metadata) wrote that learner's algorithm and
+    test-time steps over this one's, and the file adapted otherwise than the learner it holds."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+    from learnedopt.version import __version__
+
+    learner = mlp_learner("maml")
+    path = tmp_path / "model.safetensors"
+    for extra in ({"test_inner_steps": 99}, {"algo": "fomaml"}):
+        with pytest.raises(ValueError, match=rf"extra's {next(iter(extra))!r} .* differs from the learner's"):
+            save_learner(learner, path, extra)
+        assert not path.exists()
+    save_learner(learner, path, {"note": "kept"})
+    header = load_learner(path)[1]
+    # its own header, as load_learner returns it (the run's metadata kept), saves again; the
+    # format and version are the writer's
+    save_learner(learner, path, {**header, "library_version": "0.0.1", "format": 7})
+    loaded, again = load_learner(path)
+    assert again["note"] == "kept" and again["library_version"] == __version__ and again["format"] == 1
+    assert loaded.spec == learner.spec

@@ -5,6 +5,7 @@ to rebuild and adapt it. Loading never unpickles."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -459,6 +460,9 @@ class _SupportQueryBatch(TaskBatch):
 
 
 # ----------------------------------------------------------------------------- the model file
+_NOT_JSON = object()
+
+
 def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
     """Write ``learner`` to a safetensors file with its :class:`LearnerSpec` (plus ``extra``)
     as the JSON header; atomic (temporary file, then ``os.replace``).
@@ -467,10 +471,26 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
     float64, and integer and bool buffers (BatchNorm's ``num_batches_tracked``) keep their
     values (files of versions that stored every tensor as float32 still load, each tensor cast
     to the dtype of the network it is loaded into). A complex tensor of a dtype safetensors does
-    not store (any but ``torch.complex64``) is refused with ValueError, before anything is written."""
+    not store (any but ``torch.complex64``) is refused with ValueError, before anything is written,
+    and so is an ``extra`` holding a spec field of another value than the learner's (its
+    ``format`` and ``library_version`` are replaced by the writer's)."""
     check_path_type(path, "save_learner", "a few-shot model file's path")
     file_format = MODEL_FORMAT if learner.spec.head_only else 1  # the oldest that describes it
-    header = {"format": file_format, **learner.spec.to_dict(), "library_version": __version__, **(extra or {})}
+    spec = learner.spec.to_dict()
+    # extra was merged over the spec: another learner's header (kept for its metadata) wrote its
+    # algorithm and test-time steps over this one's, and the file adapted otherwise
+    def as_json(value: Any) -> Any:
+        try:
+            return json.loads(json.dumps(value))
+        except (TypeError, ValueError):  # not JSON: not the spec's value (json's own error follows it in writing)
+            return _NOT_JSON
+
+    for key, value in (extra or {}).items():
+        if key in spec and as_json(value) != as_json(spec[key]):
+            raise ValueError(f"save_learner: extra's {key!r} ({value!r}) differs from the learner's ({spec[key]!r}); "
+                             "the header's spec fields describe the learner saved")  # fmt: skip
+    # the format and version are the writer's (a loaded header's older ones are kept no longer)
+    header = {**(extra or {}), "format": file_format, **spec, "library_version": __version__}
     # in its own dtype (float32 for every tensor rounded an int64 count above 2**24, and a float64
     # network's weights); a layer used under two names has the same tensors twice, which
     # save_with_header writes from a copy (safetensors refuses tensors that share memory)
