@@ -8,6 +8,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -166,7 +167,8 @@ def split_indices(
     """Split ``range(n)`` into disjoint parts by a seeded random permutation.
 
     Part sizes are ``fraction * n`` rounded by the largest-remainder method, so they add up to
-    ``n`` exactly. The same ``(n, fractions, seed)`` always gives the same split.
+    ``n`` exactly (computed exactly, each fraction taken as the nearest ratio of integers to its
+    float, so equal fractions round alike; of equal remainders the earlier part wins). The same ``(n, fractions, seed)`` always gives the same split.
 
     Args:
         n: number of items.
@@ -209,7 +211,11 @@ def _split(
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must sum to 1, got {total} from {dict(fractions)}")
 
-    exact = [f / total * n for f in fractions.values()]
+    # In exact arithmetic, each fraction the nearest ratio of integers to its float (1/9 for
+    # 0.111...): in floats, 7/9 * 6 came to 4.666...67 and won the leftover item over an equal
+    # remainder of an earlier part, 1/9 * 6, leaving that part empty and the split refused.
+    ratios = [Fraction(float(f)).limit_denominator(10**9) for f in fractions.values()]
+    exact = [r / sum(ratios) * n for r in ratios]
     sizes = [math.floor(x) for x in exact]
     # Hand the leftover items to the largest remainders (earlier part wins a tie).
     by_remainder = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])

@@ -1,0 +1,258 @@
+"""Property tests of the data readers on small generated data: IDX round trips and refusals,
+exact largest-remainder splits, resumable episode streams and the identity affine map."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from learnedopt.data import AffineRanges, EpisodeSampler, class_splits, random_affine, read_idx, split_indices
+
+FAST = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# IDX type code -> element type, from the format description (big-endian on disk)
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def idx_file(path: Path, code: int, array: np.ndarray, compress: bool) -> Path:
+    """Write ``array`` as an IDX file of type ``code``, byte by byte from the format description."""
+    header = bytes([0, 0, code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(IDX_TYPES[code]).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+@st.composite
+def idx_arrays(draw: st.DrawFn) -> tuple[int, np.ndarray]:
+    code = draw(st.sampled_from(sorted(IDX_TYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=4)))
+    dtype = np.dtype(IDX_TYPES[code]).newbyteorder("=")
+    size = math.prod(shape)
+    if dtype.kind == "f":
+        values = draw(st.lists(st.floats(width=8 * dtype.itemsize, allow_nan=False), min_size=size, max_size=size))
+    else:
+        info = np.iinfo(dtype)
+        values = draw(st.lists(st.integers(int(info.min), int(info.max)), min_size=size, max_size=size))
+    return code, np.array(values, dtype=dtype).reshape(shape)
+
+
+@FAST
+@given(case=idx_arrays(), compress=st.booleans())
+def test_idx_round_trip_of_every_type_and_1_to_4_dims(tmp_path: Path, case: tuple[int, np.ndarray], compress: bool) -> None:
+    code, array = case
+    result = read_idx(idx_file(tmp_path / "a.idx", code, array, compress))
+    assert result.shape == array.shape
+    assert result.dtype == array.dtype and result.dtype.isnative  # big-endian on disk, native in memory
+    assert result.flags.writeable
+    np.testing.assert_array_equal(result, array)
+
+
+def test_idx_reads_the_bytes_big_endian(tmp_path: Path) -> None:
+    # 0x0102 as int16 and 1.0 as float32, written out by hand
+    (tmp_path / "i").write_bytes(bytes([0, 0, 0x0B, 1, 0, 0, 0, 1, 1, 2]))
+    (tmp_path / "f").write_bytes(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0x3F, 0x80, 0, 0]))
+    assert read_idx(tmp_path / "i").tolist() == [0x0102]
+    assert read_idx(tmp_path / "f").tolist() == [1.0]
+
+
+@FAST
+@given(case=idx_arrays(), compress=st.booleans(), cut=st.floats(0, 1, exclude_max=True))
+def test_a_truncated_idx_file_is_refused_in_one_line_naming_it(
+    tmp_path: Path, case: tuple[int, np.ndarray], compress: bool, cut: float
+) -> None:
+    code, array = case
+    path = idx_file(tmp_path / "cut-me.idx", code, array, compress=False)
+    data = path.read_bytes()
+    data = data[: int(cut * len(data))]
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    with pytest.raises(ValueError) as info:
+        read_idx(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert any(word in message for word in ("truncated", "bad IDX magic")), message
+
+
+@FAST
+@given(case=idx_arrays(), cut=st.integers(1, 40))
+def test_a_truncated_gzip_stream_is_refused_naming_the_file(tmp_path: Path, case: tuple[int, np.ndarray], cut: int) -> None:
+    code, array = case
+    path = idx_file(tmp_path / "cut.gz", code, array, compress=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: max(2, len(data) - cut)])
+    with pytest.raises(ValueError, match=r"cut\.gz: (corrupt gzip stream|truncated)") as info:
+        read_idx(path)
+    assert "\n" not in str(info.value)
+
+
+@FAST
+@given(case=idx_arrays(), compress=st.booleans(), extra=st.integers(1, 2**20), dim=st.integers(0, 3))
+def test_a_header_claiming_more_than_the_file_holds_is_refused(
+    tmp_path: Path, case: tuple[int, np.ndarray], compress: bool, extra: int, dim: int
+) -> None:
+    code, array = case
+    data = bytearray(idx_file(tmp_path / "x", code, array, compress=False).read_bytes())
+    dim %= array.ndim
+    assume(all(array.shape[:dim] + array.shape[dim + 1 :]))  # else it still claims no element
+    data[4 + 4 * dim : 8 + 4 * dim] = (array.shape[dim] + extra).to_bytes(4, "big")
+    path = tmp_path / "claims-more.idx"
+    path.write_bytes(gzip.compress(bytes(data), mtime=0) if compress else bytes(data))
+    with pytest.raises(ValueError, match=r"claims-more\.idx: (truncated payload|\d+ trailing bytes)"):
+        read_idx(path)
+
+
+@FAST
+@given(
+    case=idx_arrays(),
+    compress=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3),
+)
+def test_a_corrupt_idx_file_is_read_or_refused_naming_it(
+    tmp_path: Path, case: tuple[int, np.ndarray], compress: bool, flips: list[tuple[int, int]]
+) -> None:
+    """Flipped bits anywhere: a ValueError naming the file, or (in the payload, which IDX does not
+    check) an array of the header's shape; never another exception."""
+    code, array = case
+    path = idx_file(tmp_path / "flipped.idx", code, array, compress)
+    data = bytearray(path.read_bytes())
+    for at, bits in flips:
+        data[at % len(data)] ^= bits
+    path.write_bytes(bytes(data))
+    try:
+        result = read_idx(path)
+    except ValueError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+    else:
+        assert isinstance(result, np.ndarray) and result.dtype.isnative
+
+
+# split_indices / class_splits ----------------------------------------------------------------
+
+
+def largest_remainder(n: int, weights: list[int]) -> list[int]:
+    """Sizes of ``weights / sum(weights) * n`` by largest remainders in exact arithmetic, an
+    earlier part winning a tie."""
+    exact = [Fraction(w, sum(weights)) * n for w in weights]
+    sizes = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: sizes[i] - exact[i])
+    for i in by_remainder[: n - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    n=st.integers(0, 200),
+    weights=st.lists(st.integers(0, 9), min_size=1, max_size=5).filter(any),
+    seed=st.integers(0, 2**31),
+)
+def test_split_sizes_are_the_exact_largest_remainders(n: int, weights: list[int], seed: int) -> None:
+    fractions = {f"part{i}": w / sum(weights) for i, w in enumerate(weights)}
+    parts = split_indices(n, fractions, seed, allow_empty=True)
+    assert [len(p) for p in parts.values()] == largest_remainder(n, weights)
+    assert torch.equal(torch.cat(list(parts.values())).sort().values, torch.arange(n))  # no overlap, full cover
+    again = split_indices(n, fractions, seed, allow_empty=True)
+    assert all(torch.equal(parts[k], again[k]) for k in parts)
+
+
+def test_equal_fractions_round_alike_and_valid_splits_are_not_refused() -> None:
+    """1/9 beside 1/9 and 7/9 of 6 items is 2/3, 2/3 and 14/3: one each, and four; the third
+    ninth of a float (7/9 * 6 = 4.666...67) won the leftover over the second part's equal
+    remainder, which was left empty and the split refused."""
+    fractions = {"a": 1 / 9, "b": 1 / 9, "c": 7 / 9}
+    assert [len(p) for p in split_indices(6, fractions).values()] == [1, 1, 4]
+    assert [len(p) for p in class_splits(6, fractions).values()] == [1, 1, 4]
+
+
+@FAST
+@given(
+    num_classes=st.integers(1, 40),
+    weights=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    n_groups=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+    data=st.data(),
+)
+def test_class_splits_never_overlap(num_classes: int, weights: list[int], n_groups: int, seed: int, data: st.DataObject) -> None:
+    fractions = {f"part{i}": w / sum(weights) for i, w in enumerate(weights)}
+    groups = torch.tensor(data.draw(st.lists(st.integers(0, n_groups - 1), min_size=num_classes, max_size=num_classes)))
+    for kwargs in ({}, {"groups": groups}):
+        try:
+            parts = class_splits(num_classes, fractions, seed, **kwargs)
+        except ValueError as e:
+            assert "empty" in str(e)
+            continue
+        assert all(len(p) for p in parts.values())
+        assert torch.equal(torch.cat(list(parts.values())).sort().values, torch.arange(num_classes))
+        if kwargs:
+            held = [set(groups[p].tolist()) for p in parts.values()]
+            assert sum(map(len, held)) == len(set().union(*held))  # no group in two parts
+
+
+# EpisodeSampler --------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    counts=st.lists(st.integers(3, 6), min_size=3, max_size=8),
+    n_way=st.integers(1, 3),
+    k_shot=st.integers(1, 2),
+    q_query=st.integers(0, 1),
+    seed=st.integers(0, 2**31),
+    before=st.integers(0, 5),
+    after=st.integers(1, 5),
+    same_group=st.booleans(),
+)
+def test_a_resumed_sampler_continues_the_identical_episode_stream(
+    counts: list[int], n_way: int, k_shot: int, q_query: int, seed: int, before: int, after: int, same_group: bool
+) -> None:
+    labels = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    groups = torch.arange(len(counts)) % 2
+    kwargs = dict(n_way=n_way, k_shot=k_shot, q_query=q_query, groups=groups, same_group=same_group)
+    if same_group and n_way > (len(counts) + 1) // 2:
+        return
+    sampler = EpisodeSampler(labels, range(len(counts)), seed=seed, **kwargs)
+    for _ in range(before):
+        sampler.sample()
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)  # as a checkpoint holds it
+    expected = [sampler.sample() for _ in range(after)]
+
+    buffer.seek(0)
+    resumed = EpisodeSampler(labels, range(len(counts)), seed=seed + 1, **kwargs)
+    resumed.sample()  # mid-stream of its own
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for want, got in zip(expected, (resumed.sample() for _ in range(after)), strict=True):
+        for field in ("support_idx", "support_y", "query_idx", "query_y", "classes"):
+            assert torch.equal(getattr(want, field), getattr(got, field)), field
+
+
+# random_affine ---------------------------------------------------------------------------------
+
+NONE = AffineRanges(rotation=0.0, shear=0.0, scale=0.0, shift=0.0)
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+@FAST
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    dtype=st.sampled_from(sorted(TOLERANCE, key=str)),
+    seed=st.integers(0, 2**31),
+)
+def test_the_zero_affine_map_is_the_identity_of_any_shape_and_dtype(
+    lead: list[int], c: int, h: int, w: int, dtype: torch.dtype, seed: int
+) -> None:
+    images = torch.rand(*lead, c, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    out = random_affine(images, torch.Generator().manual_seed(seed), NONE)
+    assert out.shape == images.shape and out.dtype == images.dtype and out.device == images.device
+    torch.testing.assert_close(out.double(), images.double(), rtol=0, atol=TOLERANCE[dtype])
