@@ -256,3 +256,10 @@ def test_the_zero_affine_map_is_the_identity_of_any_shape_and_dtype(
     out = random_affine(images, torch.Generator().manual_seed(seed), NONE)
     assert out.shape == images.shape and out.dtype == images.dtype and out.device == images.device
     torch.testing.assert_close(out.double(), images.double(), rtol=0, atol=TOLERANCE[dtype])
+
+
+def test_a_tie_goes_to_the_earlier_part_as_the_readme_says() -> None:
+    """0.05 of 10 items after 0.95 is refused (9.5 and 0.5: the tie goes to 0.95); before it, one item."""
+    with pytest.raises(ValueError, match=r"leaves part 'b' \(fraction 0.05\) empty"):
+        split_indices(10, {"a": 0.95, "b": 0.05})
+    assert [len(p) for p in split_indices(10, {"b": 0.05, "a": 0.95}).values()] == [1, 9]
