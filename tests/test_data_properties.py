@@ -237,7 +237,9 @@ def test_a_resumed_sampler_continues_the_identical_episode_stream(
 # random_affine ---------------------------------------------------------------------------------
 
 NONE = AffineRanges(rotation=0.0, shear=0.0, scale=0.0, shift=0.0)
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+# half and bfloat16 images with a side of 1 failed in affine_grid on the CPU ('"tensor_cpu" not
+# implemented for 'Half''), and their grids lost precision in those dtypes
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @FAST

@@ -68,7 +68,8 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
         ranges: the ranges of the distortion.
 
     Returns:
-        A new tensor of the shape, dtype and device of ``images``, bilinearly resampled.
+        A new tensor of the shape, dtype and device of ``images``, bilinearly resampled (half
+        and bfloat16 images in float32).
     """
     _check_generator(generator)
     if images.dim() < 3 or not images.is_floating_point():
@@ -97,9 +98,12 @@ def random_affine(images: Tensor, generator: torch.Generator, ranges: AffineRang
     # affine_grid maps output coordinates in [-1, 1] to input coordinates; a shift of s image
     # sides is 2 s in those units.
     theta = torch.cat([linear, (u[:, 5:7] * 2 * ranges.shift).unsqueeze(-1)], -1)
-    grid = torch.nn.functional.affine_grid(theta.to(flat), [n, c, h, w], align_corners=False)
-    out = torch.nn.functional.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.reshape(*lead, c, h, w)
+    # half and bfloat16 images are resampled in float32: affine_grid of a side of 1 is not
+    # implemented for them on the CPU, and their grid coordinates would lose precision
+    work = flat if flat.element_size() >= 4 else flat.float()
+    grid = torch.nn.functional.affine_grid(theta.to(work), [n, c, h, w], align_corners=False)
+    out = torch.nn.functional.grid_sample(work, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(images.dtype).reshape(*lead, c, h, w)
 
 
 def augment_support(
