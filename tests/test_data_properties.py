@@ -324,3 +324,10 @@ def test_load_omniglot_reads_any_layout_in_order(
     assert data.alphabet_of_class.tolist() == [data.alphabets.index(a) for a, _ in classes] * copies
     assert data.base_class_of_class.tolist() == list(range(base)) * copies
     assert data.rotation_of_class.tolist() == [90 * k for k in range(copies) for _ in range(base)]
+
+
+def test_a_fraction_is_taken_as_a_ratio_only_where_it_is_that_float() -> None:
+    """0.5 + 1e-12 is not 1/2: of one item, the larger fraction gets it, wherever it is listed."""
+    for fractions in ({"a": 0.5 - 1e-12, "b": 0.5 + 1e-12}, {"b": 0.5 + 1e-12, "a": 0.5 - 1e-12}):
+        parts = split_indices(1, fractions, allow_empty=True)
+        assert (len(parts["a"]), len(parts["b"])) == (0, 1)

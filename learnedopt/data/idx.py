@@ -167,8 +167,8 @@ def split_indices(
     """Split ``range(n)`` into disjoint parts by a seeded random permutation.
 
     Part sizes are ``fraction * n`` rounded by the largest-remainder method, so they add up to
-    ``n`` exactly (computed exactly, each fraction taken as the nearest ratio of integers to its
-    float, so equal fractions round alike; of equal remainders the earlier part wins). The same ``(n, fractions, seed)`` always gives the same split.
+    ``n`` exactly (computed exactly, each fraction taken as the ratio of small integers that is
+    its float, so equal fractions round alike; of equal remainders the earlier part wins). The same ``(n, fractions, seed)`` always gives the same split.
 
     Args:
         n: number of items.
@@ -211,10 +211,11 @@ def _split(
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must sum to 1, got {total} from {dict(fractions)}")
 
-    # In exact arithmetic, each fraction the nearest ratio of integers to its float (1/9 for
-    # 0.111...): in floats, 7/9 * 6 came to 4.666...67 and won the leftover item over an equal
-    # remainder of an earlier part, 1/9 * 6, leaving that part empty and the split refused.
-    ratios = [Fraction(float(f)).limit_denominator(10**9) for f in fractions.values()]
+    # In exact arithmetic, each fraction the ratio of small integers that is its float (1/9 for
+    # 0.111...), else the float's exact value: in floats, 7/9 * 6 came to 4.666...67 and won the
+    # leftover item over an equal remainder of an earlier part, 1/9 * 6, leaving that part
+    # empty and the split refused.
+    ratios = [_ratio(float(f)) for f in fractions.values()]
     exact = [r / sum(ratios) * n for r in ratios]
     sizes = [math.floor(x) for x in exact]
     # Hand the leftover items to the largest remainders (earlier part wins a tie).
@@ -236,6 +237,13 @@ def _split(
     permutation = torch.randperm(n, generator=generator)
     parts = torch.split(permutation, sizes)
     return {name: part.sort().values for name, part in zip(fractions, parts)}
+
+
+def _ratio(f: float) -> Fraction:
+    """``f`` as the ratio of integers up to 10**9 that rounds to it (1/9 for 0.111...), else as
+    its exact value (0.5 + 1e-12 is not 1/2)."""
+    ratio = Fraction(f).limit_denominator(10**9)
+    return ratio if float(ratio) == f else Fraction(f)
 
 
 def mnist_sha256(data: str | os.PathLike[str] | None, *, required: bool = False) -> str | None:
