@@ -331,3 +331,35 @@ def test_a_fraction_is_taken_as_a_ratio_only_where_it_is_that_float() -> None:
     for fractions in ({"a": 0.5 - 1e-12, "b": 0.5 + 1e-12}, {"b": 0.5 + 1e-12, "a": 0.5 - 1e-12}):
         parts = split_indices(1, fractions, allow_empty=True)
         assert (len(parts["a"]), len(parts["b"])) == (0, 1)
+
+
+@FAST
+@given(
+    ids=st.lists(st.integers(-5, 50), min_size=2, max_size=8, unique=True),
+    per_class=st.integers(2, 5),
+    n_way=st.integers(1, 4),
+    k_shot=st.integers(1, 2),
+    seed=st.integers(0, 2**31),
+    same_group=st.booleans(),
+)
+def test_every_episode_is_well_formed(ids: list[int], per_class: int, n_way: int, k_shot: int, seed: int, same_group: bool) -> None:
+    """Class ids with gaps (and negative ones without groups): each episode's examples are of its
+    classes, in their ways, distinct, support apart from query, the classes allowed and distinct."""
+    if same_group:
+        ids = [abs(i) for i in ids]
+        assume(len(set(ids)) == len(ids))
+    evens = sum(i % 2 == 0 for i in ids)
+    assume(n_way <= len(ids) and (not same_group or n_way <= max(evens, len(ids) - evens)))
+    labels = torch.tensor(ids).repeat(per_class)[torch.randperm(len(ids) * per_class, generator=torch.Generator().manual_seed(seed))]
+    groups = torch.arange(max(ids) + 1) % 2 if same_group else None
+    order = sorted(ids, key=lambda i: (i % 2, i))  # so that, with groups, each group holds its classes
+    sampler = EpisodeSampler(labels, order, n_way, k_shot, per_class - k_shot, seed=seed, groups=groups, same_group=same_group)
+    for _ in range(3):
+        e = sampler.sample()
+        assert len(set(e.classes.tolist())) == n_way and set(e.classes.tolist()) <= set(ids)
+        assert torch.equal(labels[e.support_idx], e.classes[e.support_y])
+        assert torch.equal(labels[e.query_idx], e.classes[e.query_y])
+        everything = torch.cat([e.support_idx, e.query_idx]).tolist()
+        assert len(set(everything)) == len(everything) == n_way * per_class
+        if same_group:
+            assert len({c % 2 for c in e.classes.tolist()}) == 1
