@@ -48,3 +48,30 @@ def test_complex_integer_and_gradient_tracking_tensors_are_judged_as_isfinite_do
     assert non_finite(tensors)[1:3] == ["NaN", "Inf"]
     leaf = torch.tensor([1.0, NAN], requires_grad=True)
     assert non_finite([leaf * 2, torch.ones(2, requires_grad=True)]) == ["NaN", None]
+
+
+def test_plain_tensors_outside_forward_mode_ad_are_read_without_a_detach_each() -> None:
+    """The optimizers check every gradient at every step (``nan_policy="raise"``, their default),
+    so the check adds no per-tensor op where none is needed: it detaches (so that a forward-mode
+    tangent is not differentiated through ``_foreach_norm``) only under forward-mode AD
+    (``torch.func.jvp``, ``forward_ad`` duals). A detach per tensor at every step made the check
+    of 1500 gradients about a fifth slower on the CPU; the verdicts are the same either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    tensors = [torch.ones(3), torch.tensor([1.0, NAN]), torch.ones(2, requires_grad=True)]
+    with Count() as count:
+        found = non_finite(tensors)
+    assert found == [None, "NaN", None]
+    assert "aten.detach" not in count.ops, count.ops
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(torch.tensor([1.0, INF]), torch.ones(2))
+        assert non_finite([dual, torch.ones(2)]) == ["Inf", None]
