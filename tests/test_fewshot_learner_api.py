@@ -56,6 +56,18 @@ def test_adapt_and_predict_refuse_inputs_of_another_dtype_or_device(algo: str) -
         assert learner.predict(params, x.bfloat16()).shape == (5, 1)
 
 
+def test_predict_on_the_meta_device_refuses_another_dtype_as_elsewhere() -> None:
+    """A shape-only run (learner and inputs on ``meta``) with inputs of another dtype than the
+    model's gets the same one-line TypeError as on the CPU, not torch's "unknown device type for
+    autocast" (``torch.is_autocast_enabled("meta")`` raises; ``over_tasks.autocast_enabled`` is the
+    library's one reading of it)."""
+    learner = mlp_learner("maml").to("meta")
+    params = {k: p.detach() for k, p in learner.model.named_parameters()}
+    with pytest.raises(TypeError, match=r"x is torch.float64; this learner's model is torch.float32"):
+        learner.predict(params, torch.zeros(5, 1, dtype=torch.float64, device="meta"))
+    assert learner.predict(params, torch.zeros(5, 1, device="meta")).shape == (5, 1)
+
+
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "meta-lstm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_saved_learner_loads_in_its_own_dtype_whatever_the_default(tmp_path, algo: str, dtype: torch.dtype) -> None:

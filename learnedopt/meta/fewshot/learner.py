@@ -32,7 +32,7 @@ from ...version import __version__
 from ..batchnorm import apply_batchnorm_policy_, replace_batchnorm_
 from ..maml import MAML
 from ..model_calls import Inputs, call_model, check_episode, check_steps, check_task, outside_inference, scalar_loss
-from ..over_tasks import vmap_or_loop, vmap_tasks
+from ..over_tasks import autocast_enabled, vmap_or_loop, vmap_tasks
 from ..reptile import Reptile
 from ..tasks import TaskBatch, derive_seed, generator_for
 from ..unroll import UnrollResult, init_rule_state, unroll
@@ -383,7 +383,7 @@ class FewShotLearner:
         if x.device != weight.device:
             raise ValueError(f"{name} is on {x.device}; this learner's model is on {weight.device}: move the inputs "
                              f"(x.to({str(weight.device)!r})) or the learner (learner.to(...))")  # fmt: skip
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not autocast_enabled(x.device.type):  # meta: no autocast, no error
             raise TypeError(f"{name} is {x.dtype}; this learner's model is {weight.dtype}: convert the inputs "
                             f"(x.to({weight.dtype}))")  # fmt: skip
 
