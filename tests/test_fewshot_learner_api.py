@@ -140,3 +140,18 @@ def test_save_learner_extra_cannot_rewrite_the_learners_spec(tmp_path) -> None:
     loaded, again = load_learner(path)
     assert again["note"] == "kept" and again["library_version"] == __version__ and again["format"] == 1
     assert loaded.spec == learner.spec
+
+
+def test_save_learner_writes_the_spec_first_and_extra_after_it(tmp_path) -> None:
+    """The header reads as before extra's check (aa56143): ``format``, the spec's fields, the
+    library version, then ``extra``'s other keys (a run's task, command, validation); that change
+    had put extra's keys first, so a meta-train run's model file was no longer the same bytes as
+    before for the same run."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+
+    learner = mlp_learner("maml")
+    path = tmp_path / "model.safetensors"
+    save_learner(learner, path, {"task": "sinusoid", "format": 1, "algo": "maml", "command": "c"})
+    keys = list(load_learner(path)[1])
+    spec = list(learner.spec.to_dict())
+    assert keys == ["format", *spec, "library_version", "task", "command"]

@@ -489,8 +489,10 @@ def save_learner(learner: FewShotLearner, path: str | os.PathLike[str], extra: M
         if key in spec and as_json(value) != as_json(spec[key]):
             raise ValueError(f"save_learner: extra's {key!r} ({value!r}) differs from the learner's ({spec[key]!r}); "
                              "the header's spec fields describe the learner saved")  # fmt: skip
-    # the format and version are the writer's (a loaded header's older ones are kept no longer)
-    header = {**(extra or {}), "format": file_format, **spec, "library_version": __version__}
+    # the format and version are the writer's (a loaded header's older ones are kept no longer);
+    # the spec first and extra's other keys after it, in the order of files written before
+    header = {"format": file_format, **spec, "library_version": __version__}
+    header.update({k: v for k, v in (extra or {}).items() if k not in header})
     # in its own dtype (float32 for every tensor rounded an int64 count above 2**24, and a float64
     # network's weights); a layer used under two names has the same tensors twice, which
     # save_with_header writes from a copy (safetensors refuses tensors that share memory)
