@@ -155,3 +155,20 @@ def test_save_learner_writes_the_spec_first_and_extra_after_it(tmp_path) -> None
     keys = list(load_learner(path)[1])
     spec = list(learner.spec.to_dict())
     assert keys == ["format", *spec, "library_version", "task", "command"]
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "meta-lstm"])
+def test_predict_takes_inputs_of_the_dtype_of_the_params_given(algo: str) -> None:
+    """``predict(params, x)`` runs the model at ``params``: adapted parameters converted to
+    float64 with float64 inputs predicted before (as the float32 ones, to rounding); the dtype
+    check (7990a1e) compared ``x`` with the model's own weights and refused them. Inputs of
+    another dtype than the params given are still refused in one line."""
+    learner = mlp_learner(algo)
+    x, y = torch.rand(5, 1), torch.rand(5, 1)
+    params = learner.adapt(x, y)
+    as_double = {k: v.double() for k, v in params.items()}
+    out = learner.predict(as_double, x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), learner.predict(params, x))
+    with pytest.raises(TypeError, match=r"x is torch.float32; .* torch.float64"):
+        learner.predict(as_double, x)

@@ -353,12 +353,16 @@ class FewShotLearner:
     def predict(self, params: Mapping[str, Tensor], x: Inputs) -> Any:
         """The model's outputs at ``params`` for ``x`` ``(N, ...)`` (normalised with x's own
         batch statistics)."""
-        self._check_examples("x", x)
+        # judged against the params the model runs at (adapted ones converted to float64, or
+        # moved, run as such), not the model's own weights
+        given = next((v for v in params.values() if isinstance(v, Tensor) and v.is_floating_point()), None)
+        self._check_examples("x", x, given)
         return call_model(self.model, params, x)
 
-    def _check_examples(self, name: str, x: Inputs) -> None:
+    def _check_examples(self, name: str, x: Inputs, weight: Tensor | None = None) -> None:
         """Refuse inputs the model would fail on with a shape or dtype error from deep inside it
-        (e.g. 105x105 Omniglot images for a learner meta-trained at 28x28)."""
+        (e.g. 105x105 Omniglot images for a learner meta-trained at 28x28), or of another dtype or
+        device than ``weight`` (default: the model's first parameter)."""
         shape = self.spec.example_shape()
         if shape is None:  # your own family's network takes what it takes
             return
@@ -377,7 +381,8 @@ class FewShotLearner:
             raise TypeError(f"{name} is {x.dtype}; the model takes floating-point inputs{hint}")
         # other than the weights': "mat1 and mat2 must have the same dtype, but got Double and
         # Float" (or a device mismatch) from deep inside the model, naming neither
-        weight = next(self.model.parameters(), None)
+        if weight is None:
+            weight = next(self.model.parameters(), None)
         if weight is None:
             return
         if x.device != weight.device:
