@@ -172,3 +172,27 @@ def test_predict_takes_inputs_of_the_dtype_of_the_params_given(algo: str) -> Non
     torch.testing.assert_close(out.float(), learner.predict(params, x))
     with pytest.raises(TypeError, match=r"x is torch.float32; .* torch.float64"):
         learner.predict(as_double, x)
+
+
+def test_classify_task_runs_a_float64_learner_on_float32_images(tmp_path) -> None:
+    """A float64 model file loads as float64 now (cfe3428; it loaded as float32 under the default
+    dtype before), while images come as float32 (``load_omniglot``, ``load_runs``): classify_task
+    (and ``evaluate omniglot-runs`` through it) then failed with the inputs' dtype TypeError. It
+    gives each learner the images in its model's dtype, after drawing the distortions from them."""
+    from learnedopt.meta.fewshot import load_learner, save_learner
+
+    with torch.device("cpu"):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            learner = conv4_learner(3)
+        finally:
+            torch.set_default_dtype(previous)
+    save_learner(learner, tmp_path / "model.safetensors")
+    loaded = load_learner(tmp_path / "model.safetensors")[0]
+    assert next(loaded.model.parameters()).dtype == torch.float64
+    x, xq, y = torch.rand(6, 1, 28, 28), torch.rand(4, 1, 28, 28), torch.tensor([0, 0, 1, 1, 2, 2])
+    got = classify_task([loaded, conv4_learner(3)], x, y, xq, support_copies=1, query_copies=1)
+    assert got.shape == (4, 3) and torch.isfinite(got).all()
+    one = classify_task([loaded], x, y, xq)
+    assert torch.equal(one, classify_task([loaded], x.double(), y, xq.double()))

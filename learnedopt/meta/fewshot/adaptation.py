@@ -39,6 +39,8 @@ def classify_task(
     Distortions are drawn from ``generator`` (default: seeded 0) in this order: the first
     learner's support copies, its query views, then the next learner's. With one learner and no
     copies this is the softmax of :meth:`FewShotLearner.predict` after :meth:`FewShotLearner.adapt`.
+    Each learner takes the images (and their distortions) in its model's floating dtype: a float64
+    model file loads as float64, and images come as float32.
 
     Raises:
         ValueError: no learner, a regression learner, no support example, support labels other than 0..N-1 with each
@@ -79,11 +81,19 @@ def classify_task(
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     total = None
     for learner in learners:
+        # in the model's dtype (a float64 model file loads as float64; images come as float32),
+        # converted after the distortions are drawn, so that they are the same draws either way
+        weight = next(learner.model.parameters(), None)
+
+        def as_model(x: Tensor, weight: Tensor | None = weight) -> Tensor:
+            return x.to(weight.dtype) if weight is not None and x.is_floating_point() else x
+
         with torch.enable_grad():
-            params = learner.adapt(*augment_support(x_support, y_support, support_copies, generator), steps)
+            xs, ys = augment_support(x_support, y_support, support_copies, generator)
+            params = learner.adapt(as_model(xs), ys, steps)
         with torch.no_grad():
             views = [x_query] + [random_affine(x_query, generator) for _ in range(query_copies)]
-            probabilities = sum(learner.predict(params, view).softmax(-1) for view in views) / len(views)
+            probabilities = sum(learner.predict(params, as_model(view)).softmax(-1) for view in views) / len(views)
         if total is not None and total.shape != probabilities.shape:
             raise ValueError(f"the learners disagree on the output shape: {tuple(total.shape)} and {tuple(probabilities.shape)}")
         total = probabilities if total is None else total + probabilities
