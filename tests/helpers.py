@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from learnedopt import CoordinateLSTM, LSTMOptimizer, MetaLSTMCell, MetaLSTMOptimizer
 from learnedopt.kernels import lstm_layer_cpu
+from learnedopt.nn.lstm_step import compile_enabled
 
 OPTIMIZERS = {"lstm": LSTMOptimizer, "meta": MetaLSTMOptimizer}
 
@@ -36,8 +36,7 @@ needs_compiler = pytest.mark.skipif(
 #: length (its vector loop and scalar tail), which ``LEARNEDOPT_COMPILE=0`` or a machine without a
 #: C++ compiler runs.
 needs_compiled_step = pytest.mark.skipif(
-    os.environ.get("LEARNEDOPT_COMPILE", "1").strip().lower() in ("0", "false", "off", "no")
-    or lstm_layer_cpu._compiler() is None,
+    not compile_enabled() or lstm_layer_cpu._compiler() is None,
     reason="the LSTM step runs eagerly here (LEARNEDOPT_COMPILE=0 or no C++ compiler), which is batch-invariant only to rounding",
 )
 
