@@ -131,14 +131,15 @@ def build(kind, params, groups, *, chunk, limit, with_options=True):
     return opt
 
 
-@FEW
-@given(
-    kind=KINDS,
-    specs=param_specs(5),
-    chunk=st.integers(1, 24),
-    limit=st.sampled_from([0, 2048]),
-    data=st.data(),
-)
+def grouped_cases(**more: st.SearchStrategy):
+    """Run the test on drawn ``kind``, ``specs`` (up to 5 parameters), ``chunk``, ``limit`` (the
+    group batch limit), ``data`` (for further draws) and the strategies ``more``, under
+    :data:`FEW`'s settings."""
+    strategies = dict(kind=KINDS, specs=param_specs(5), chunk=st.integers(1, 24), limit=st.sampled_from([0, 2048]))
+    return lambda test: FEW(given(**strategies, **more, data=st.data())(test))
+
+
+@grouped_cases()
 def test_property_resume_under_random_groups_and_options_is_bit_identical(kind, specs, chunk, limit, data) -> None:
     """Saved with ``torch.save`` after any step, under up to four param groups of drawn options
     (``lr`` 0 included, ``maximize``, ``weight_decay``, every ``state_dtype``, every ``foreach``),
@@ -177,14 +178,7 @@ def test_property_resume_under_random_groups_and_options_is_bit_identical(kind, 
         assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in other.items() if k != "params"}
 
 
-@FEW
-@given(
-    kind=KINDS,
-    specs=param_specs(5),
-    chunk=st.integers(1, 24),
-    limit=st.sampled_from([0, 2048]),
-    data=st.data(),
-)
+@grouped_cases()
 def test_property_a_none_gradient_is_the_parameter_left_out_of_the_step(kind, specs, chunk, limit, data) -> None:
     """As in ``torch.optim``: under drawn groups, options and paths, with each parameter's
     gradient drawn per step as None, zero or random, every parameter ends as if it alone were
@@ -224,15 +218,7 @@ def test_property_a_none_gradient_is_the_parameter_left_out_of_the_step(kind, sp
             assert int(opt.state[p]["step"]) == stepped
 
 
-@FEW
-@given(
-    kind=KINDS,
-    specs=param_specs(5),
-    chunk=st.integers(1, 24),
-    limit=st.sampled_from([0, 2048]),
-    lr=st.sampled_from([0.3, 1.0, 2.5]),
-    data=st.data(),
-)
+@grouped_cases(lr=st.sampled_from([0.3, 1.0, 2.5]))
 def test_property_lr_zero_changes_no_parameter_and_advances_the_states_as_any_lr(kind, specs, chunk, limit, lr, data) -> None:
     """After drawn steps, under drawn groups and options, one step with ``lr`` 0 in some groups
     (weight decay or not): those groups' parameters do not change, not even by their weight
@@ -275,14 +261,7 @@ def test_property_lr_zero_changes_no_parameter_and_advances_the_states_as_any_lr
                 assert int(opt.state[p]["step"]) == 0 and int(other.state[q]["step"]) == 1
 
 
-@FEW
-@given(
-    kind=KINDS,
-    specs=param_specs(5),
-    chunk=st.integers(1, 24),
-    limit=st.sampled_from([0, 2048]),
-    data=st.data(),
-)
+@grouped_cases()
 def test_property_weight_decay_multiplies_each_stepped_parameter_after_its_step(kind, specs, chunk, limit, data) -> None:
     """The README's decoupled weight decay under drawn groups, options and paths: bit for bit the
     same optimizer without it, each parameter that took a step (a gradient not None) then
