@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -436,3 +439,21 @@ class ConstructorRaises(MomentumMLP):
     def __init__(self, config=None, **overrides):
         raise RuntimeError("no such\\nlayer")
 '''
+
+
+def run_without_hanging(code: str, env: dict[str, str], hung: str) -> None:
+    """Run ``code`` in a Python process of its own session (with ``env`` added and the repository
+    importable); fail with ``hung`` if it (or a child it forked) is still running after 60 s, else
+    unless it exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **env}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the hung child too
+        process.communicate()
+        pytest.fail(hung)
+    assert process.returncode == 0, output[-2000:]

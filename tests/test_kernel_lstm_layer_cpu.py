@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import needs_compiler, run_without_hanging
 
 from learnedopt.kernels import lstm_layer_cpu
 from learnedopt.nn.lstm_step import lstm_step
@@ -651,25 +651,8 @@ def test_a_forked_child_runs_the_kernel_on_one_thread() -> None:
     """A process that ran the kernel on two threads, then forked (Hogwild training, a forked
     DataLoader worker): the child's kernel call waited forever for OpenMP threads that do not
     exist in the child; now it runs on one thread, with one thread's results."""
-    _run_without_hanging(_FORKED_CHILD.format(tests=str(Path(__file__).parent)), {}, "the forked child hung in the kernel")
+    run_without_hanging(_FORKED_CHILD.format(tests=str(Path(__file__).parent)), {}, "the forked child hung in the kernel")
 
-
-def _run_without_hanging(code: str, env: dict[str, str], hung: str) -> None:
-    """Run ``code`` in a Python process of its own session (with ``env`` added and the repository
-    importable); fail with ``hung`` if it (or a child it forked) is still running after 60 s, else
-    unless it exits 0."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **env}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the hung child too
-        process.communicate()
-        pytest.fail(hung)
-    assert process.returncode == 0, output[-2000:]
 
 
 @needs_compiler
@@ -758,7 +741,7 @@ def test_a_child_forked_while_a_thread_builds_builds_its_own(tmp_path) -> None:
     """A fork while another thread of the parent holds the build lock (a DataLoader worker
     forked while a thread's first step compiles): the child's copy of the lock stayed held by a
     thread it does not have, and its first ready() waited forever; the child builds its own."""
-    _run_without_hanging(_FORKED_WHILE_BUILDING, {"LEARNEDOPT_CACHE_DIR": str(tmp_path)}, "the forked child hung on the build lock")
+    run_without_hanging(_FORKED_WHILE_BUILDING, {"LEARNEDOPT_CACHE_DIR": str(tmp_path)}, "the forked child hung on the build lock")
 
 
 @needs_compiler

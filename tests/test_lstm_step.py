@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import needs_compiler, run_without_hanging
 
 from learnedopt.nn import CoordinateLSTM, MetaLSTMCell
 from learnedopt.nn import lstm_step as lstm_step_module
@@ -470,22 +470,7 @@ def test_a_child_forked_while_a_thread_compiles_compiles_its_own() -> None:
     forked while a thread's first step compiles): the child's copy of the lock would stay held
     by a thread it does not have, and its first compile wait forever; the child has a lock of
     its own."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LEARNEDOPT_COMPILE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _FORKED_WHILE_COMPILING], env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the hung child too
-        process.communicate()
-        pytest.fail("the forked child hung on the compile lock")
-    assert process.returncode == 0, output[-2000:]
+    run_without_hanging(_FORKED_WHILE_COMPILING, {"LEARNEDOPT_COMPILE": "1"}, "the forked child hung on the compile lock")
 
 
 @pytest.mark.parametrize("kind", ["CoordinateLSTM", "MetaLSTMCell"])
